@@ -1,0 +1,357 @@
+//! The layer that touches the kernel: loads the eBPF object with the agent's settings, pins its
+//! maps under the pin directory, attaches programs to interfaces, and implements [`MapWriter`]
+//! over the pinned maps.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    counters, globals, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
+    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
+    MAP_LB_COUNTERS,
+};
+
+use crate::sync::MapWriter;
+
+/// The datapath object, built by `build.rs` from `lb-ebpf`.
+pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// No-op TC and XDP programs, the baseline for per-packet cost.
+pub static NOOP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-noop"));
+
+pub const PROG_TC_FORWARD: &str = "lb4_tc_forward";
+pub const PROG_TC_REPLY: &str = "lb4_tc_reply";
+pub const PROG_XDP_FORWARD: &str = "lb4_xdp_forward";
+
+/// Where the forward (pod → service) direction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// TC ingress of the pod's host-side interface.
+    Tc,
+    /// XDP on the pod's host-side interface (replies still use TC egress).
+    Xdp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pin_dir: PathBuf,
+    pub services: u32,
+    pub backends: u32,
+    pub maglev_slots: u32,
+    pub ct_entries: u32,
+    pub ct_timeout_tcp_syn_secs: u64,
+    pub ct_timeout_tcp_established_secs: u64,
+    pub ct_timeout_tcp_close_secs: u64,
+    pub ct_timeout_udp_secs: u64,
+    pub flow_hash_seed: u32,
+    /// Kernel-side aya-log on (true) or compiled in but silent (false).
+    pub bpf_log: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("loading the eBPF object (pinned maps under {pin_dir}): {source}")]
+    Load { pin_dir: PathBuf, source: aya::EbpfError },
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: ProgramError },
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach { program: &'static str, interface: String, source: ProgramError },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// Typed handles to every datapath map.
+pub struct Maps {
+    pub services: HashMap<MapData, Lb4ServiceKey, Lb4Service>,
+    pub backends: Array<MapData, Lb4Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+            let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            services: take(ebpf, MAP_LB4_SERVICES)?,
+            backends: take(ebpf, MAP_LB4_BACKENDS)?,
+            maglev: take(ebpf, MAP_LB4_MAGLEV)?,
+            ct: take(ebpf, MAP_LB4_CT)?,
+            counters: take(ebpf, MAP_LB_COUNTERS)?,
+            svc_stats: take(ebpf, MAP_LB4_SVC_STATS)?,
+        })
+    }
+
+    /// Opens the maps pinned under `pin_dir` (read-side tools, tests).
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, DatapathError> {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+            let map = Map::from_map_data(data).map_err(map_err(name))?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        Ok(Self {
+            services: open(pin_dir, MAP_LB4_SERVICES)?,
+            backends: open(pin_dir, MAP_LB4_BACKENDS)?,
+            maglev: open(pin_dir, MAP_LB4_MAGLEV)?,
+            ct: open(pin_dir, MAP_LB4_CT)?,
+            counters: open(pin_dir, MAP_LB_COUNTERS)?,
+            svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
+        })
+    }
+
+    /// Every frontend in the map.
+    pub fn read_services(&self) -> Result<Vec<(Lb4ServiceKey, Lb4Service)>, DatapathError> {
+        self.services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))
+    }
+
+    /// Every backend slot that is in use.
+    pub fn read_backends(&self) -> Result<Vec<(u32, Lb4Backend)>, DatapathError> {
+        let mut out = Vec::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(map_err(MAP_LB4_BACKENDS))?;
+            if b.state != lb_common::BACKEND_STATE_FREE {
+                out.push((id as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Global counters summed over CPUs, indexed as `lb_common::counters`.
+    pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
+        (0..counters::COUNT)
+            .map(|i| {
+                self.counters
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_err(MAP_LB_COUNTERS))
+            })
+            .collect()
+    }
+
+    /// Per-frontend statistics summed over CPUs.
+    pub fn read_svc_stats(&self, id: u32) -> Result<Lb4SvcStats, DatapathError> {
+        let per_cpu = self.svc_stats.get(&id, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
+        Ok(per_cpu.iter().fold(Lb4SvcStats::default(), |mut acc, s| {
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.new_flows += s.new_flows;
+            acc.drops += s.drops;
+            acc
+        }))
+    }
+}
+
+impl MapWriter for Maps {
+    type Error = MapError;
+
+    fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), MapError> {
+        self.backends.set(id, backend, 0)
+    }
+
+    fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
+        for (i, id) in table.iter().enumerate() {
+            self.maglev.set(offset + i as u32, id, 0)?;
+        }
+        Ok(())
+    }
+
+    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
+        self.services.insert(key, svc, 0)
+    }
+
+    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+enum Link {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
+}
+
+/// The loaded programs and their attachments.
+pub struct Datapath {
+    ebpf: Ebpf,
+    mode: Mode,
+    /// Interface name → links this agent attached.
+    attached: StdHashMap<String, Vec<(&'static str, Link)>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Datapath {
+    /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
+    /// created and pinned there.
+    pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
+        std::fs::create_dir_all(&cfg.pin_dir)
+            .map_err(|source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source })?;
+        let secs = |s: u64| s.saturating_mul(1_000_000_000);
+        let (syn, est, close, udp) = (
+            secs(cfg.ct_timeout_tcp_syn_secs),
+            secs(cfg.ct_timeout_tcp_established_secs),
+            secs(cfg.ct_timeout_tcp_close_secs),
+            secs(cfg.ct_timeout_udp_secs),
+        );
+        let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .map_max_entries(MAP_LB4_SERVICES, cfg.services)
+            .map_max_entries(MAP_LB4_SVC_STATS, cfg.services)
+            .map_max_entries(MAP_LB4_BACKENDS, cfg.backends)
+            .map_max_entries(MAP_LB4_MAGLEV, cfg.maglev_slots)
+            .map_max_entries(MAP_LB4_CT, cfg.ct_entries)
+            .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
+            .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
+            .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)
+            .override_global(globals::CT_TIMEOUT_UDP_NS, &udp, true)
+            .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
+            .override_global(aya_log::LEVEL, &log_level, true)
+            .load(LB_OBJECT)
+            .map_err(|source| DatapathError::Load { pin_dir: cfg.pin_dir.clone(), source })?;
+        let logger = if cfg.bpf_log { aya_log::EbpfLogger::init(&mut ebpf).ok() } else { None };
+        let maps = Maps::take(&mut ebpf)?;
+        for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
+        if mode == Mode::Xdp {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROG_XDP_FORWARD)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
+            prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
+        }
+        Ok((Self { ebpf, mode, attached: StdHashMap::new(), logger }, maps))
+    }
+
+    /// The loaded program, for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    pub fn xdp_program(&self) -> Option<&Xdp> {
+        self.ebpf.program(PROG_XDP_FORWARD).and_then(|p| p.try_into().ok())
+    }
+
+    /// Forwards pending kernel-side log records (only with `bpf_log`).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn is_attached(&self, interface: &str) -> bool {
+        self.attached.contains_key(interface)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress).
+    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self.is_attached(interface) {
+            return Ok(());
+        }
+        let mut links = Vec::new();
+        let attach_err = |program, source| DatapathError::Attach { program, interface: interface.to_string(), source };
+        let tc = |ebpf: &mut Ebpf, name: &'static str, at: TcAttachType| -> Result<Link, DatapathError> {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("object has the program").try_into().map_err(|e| attach_err(name, e))?;
+            prog.attach(interface, at).map(Link::Tc).map_err(|e| attach_err(name, e))
+        };
+        let forward = match self.mode {
+            Mode::Tc => tc(&mut self.ebpf, PROG_TC_FORWARD, TcAttachType::Ingress).map(|l| (PROG_TC_FORWARD, l)),
+            Mode::Xdp => {
+                let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP_FORWARD).expect("object has the program").try_into().map_err(|e| attach_err(PROG_XDP_FORWARD, e))?;
+                prog.attach(interface, XdpMode::Default)
+                    .map(|l| (PROG_XDP_FORWARD, Link::Xdp(l)))
+                    .map_err(|e| attach_err(PROG_XDP_FORWARD, e))
+            }
+        };
+        links.push(forward?);
+        match tc(&mut self.ebpf, PROG_TC_REPLY, TcAttachType::Egress) {
+            Ok(l) => links.push((PROG_TC_REPLY, l)),
+            Err(e) => {
+                self.detach_links(links);
+                return Err(e);
+            }
+        }
+        self.attached.insert(interface.to_string(), links);
+        Ok(())
+    }
+
+    /// Forgets an interface that went away (its attachments went with it).
+    pub fn forget(&mut self, interface: &str) {
+        if let Some(links) = self.attached.remove(interface) {
+            self.detach_links(links);
+        }
+    }
+
+    fn detach_links(&mut self, links: Vec<(&'static str, Link)>) {
+        for (name, link) in links {
+            // Errors are expected when the interface is already gone.
+            let _ = match link {
+                Link::Tc(id) => self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                    .map(|p| p.detach(id)),
+                Link::Xdp(id) => self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut Xdp>::try_from(p).ok())
+                    .map(|p| p.detach(id)),
+            };
+        }
+    }
+}
+
+/// Interfaces of the current network namespace (through netlink, not /sys, which may show another
+/// namespace).
+pub fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            if let Ok(name) = std::ffi::CStr::from_ptr((*p).if_name).to_str() {
+                out.push(name.to_string());
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}

@@ -1,0 +1,12 @@
+//! lb-agent: turns Services and EndpointSlices into the lb datapath's maps.
+//!
+//! Pure cores: [`model`] (Kubernetes objects → frontends), [`maglev`] (tables), [`sync`]
+//! (desired state → map writes), [`alloc`]. Layers that touch the outside: [`manifests`] (files),
+//! [`datapath`] (the kernel).
+
+pub mod alloc;
+pub mod datapath;
+pub mod maglev;
+pub mod manifests;
+pub mod model;
+pub mod sync;

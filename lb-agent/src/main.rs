@@ -1,0 +1,152 @@
+//! lb-agent: the per-node agent.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use lb_agent::{
+    datapath::{self, Datapath, Mode},
+    maglev, manifests, model,
+    sync::{Capacities, Options, Reconciler},
+};
+use lb_common::{capacity, default_timeouts, hash::DEFAULT_FLOW_HASH_SEED};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
+struct Args {
+    /// Standalone mode: read Services and EndpointSlices from the YAML/JSON files in DIR.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// Interfaces to attach to (pods' host-side interfaces), as comma-separated globs.
+    #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',', required = true)]
+    interfaces: Vec<glob::Pattern>,
+    /// Directory on bpffs where maps are pinned; one per agent.
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pin_dir: PathBuf,
+    /// Where the pod → service direction runs.
+    #[arg(long, value_enum, default_value = "tc")]
+    datapath: Mode,
+    /// This node's name (for node-local semantics).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Capacity of the service (frontend) map.
+    #[arg(long, default_value_t = capacity::SERVICES)]
+    max_services: u32,
+    /// Capacity of the backend map.
+    #[arg(long, default_value_t = capacity::BACKENDS)]
+    max_backends: u32,
+    /// Maglev slots for all frontends together.
+    #[arg(long, default_value_t = capacity::MAGLEV_SLOTS)]
+    maglev_slots: u32,
+    /// Largest Maglev table of one frontend (a prime from the built-in list is used).
+    #[arg(long, default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE)]
+    maglev_max_table_size: u32,
+    /// Conntrack entries (two per flow).
+    #[arg(long, default_value_t = capacity::CT)]
+    ct_entries: u32,
+    #[arg(long, default_value_t = default_timeouts::TCP_SYN_SECS)]
+    ct_timeout_tcp_syn: u64,
+    #[arg(long, default_value_t = default_timeouts::TCP_ESTABLISHED_SECS)]
+    ct_timeout_tcp_established: u64,
+    #[arg(long, default_value_t = default_timeouts::TCP_CLOSE_SECS)]
+    ct_timeout_tcp_close: u64,
+    #[arg(long, default_value_t = default_timeouts::UDP_SECS)]
+    ct_timeout_udp: u64,
+    /// Turn on kernel-side logging of rare datapath events (aya-log).
+    #[arg(long)]
+    bpf_log: bool,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
+        .with_target(false)
+        .init();
+
+    let cfg = datapath::Config {
+        pin_dir: args.pin_dir.clone(),
+        services: args.max_services,
+        backends: args.max_backends,
+        maglev_slots: args.maglev_slots,
+        ct_entries: args.ct_entries,
+        ct_timeout_tcp_syn_secs: args.ct_timeout_tcp_syn,
+        ct_timeout_tcp_established_secs: args.ct_timeout_tcp_established,
+        ct_timeout_tcp_close_secs: args.ct_timeout_tcp_close,
+        ct_timeout_udp_secs: args.ct_timeout_udp,
+        flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
+        bpf_log: args.bpf_log,
+    };
+    let (mut dp, mut maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
+    let caps = Capacities { services: args.max_services, backends: args.max_backends, maglev_slots: args.maglev_slots };
+    let opts = Options { max_table_size: args.maglev_max_table_size, maglev_seed: 0 };
+    let mut reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?);
+
+    let started = Instant::now();
+    let objects = manifests::read_dir(&args.manifests)
+        .with_context(|| format!("reading --manifests {}", args.manifests.display()))?;
+    for e in &objects.errors {
+        error!(reason = e.reason_label(), "{e}");
+    }
+    let model = model::build(&objects.services, &objects.slices);
+    for e in &model.errors {
+        error!(reason = e.reason_label(), "{e}");
+    }
+    let (stats, errors) = reconciler.sync(&model.frontends, &mut maps);
+    for e in &errors {
+        error!(reason = e.reason_label(), "{e}");
+    }
+    info!(
+        frontends = model.frontends.len(),
+        written = stats.frontends_written,
+        removed = stats.frontends_removed,
+        backends_written = stats.backends_written,
+        backends_removed = stats.backends_removed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "maps synced"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                attach_matching(&mut dp, &args.interfaces);
+                dp.flush_logs();
+            }
+        }
+    }
+    info!("stopping; pinned maps stay in {}", args.pin_dir.display());
+    Ok(())
+}
+
+/// Attaches to interfaces that match and are new; forgets those that vanished.
+fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
+    let present = datapath::interfaces();
+    let gone: Vec<String> = dp.attached().filter(|a| !present.iter().any(|p| p == a)).map(String::from).collect();
+    for name in gone {
+        info!(interface = %name, "interface gone");
+        dp.forget(&name);
+    }
+    for name in present {
+        if dp.is_attached(&name) || !globs.iter().any(|g| g.matches(&name)) {
+            continue;
+        }
+        match dp.attach(&name) {
+            Ok(()) => info!(interface = %name, "attached"),
+            Err(e) => warn!(interface = %name, "{e}"),
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The Kubernetes model: Services and EndpointSlices in, load-balancer frontends out. Pure: no
+//! kernel, no API server. It follows what kube-proxy programs for ClusterIP traffic.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        })
+    }
+}
+
+/// A backend: where a frontend's traffic may go. Its display form, `IP:port/protocol`, is the
+/// stable name Maglev hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+    }
+}
+
+/// A frontend address: VIP:port/protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendAddr {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for FrontendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)
+    }
+}
+
+/// What the datapath should do for one VIP:port/protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub addr: FrontendAddr,
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// The Service port's name ("" when unnamed).
+    pub port_name: String,
+    /// Backends for new flows, sorted and without duplicates.
+    pub backends: Vec<BackendAddr>,
+}
+
+/// Why an object (or part of it) was not programmed. Each names the object and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("{kind} {object}: field {field}: {reason}")]
+    Invalid { kind: &'static str, object: String, field: String, reason: String },
+    #[error("{kind} {object}: field {field}: {what} is not supported yet")]
+    Unsupported { kind: &'static str, object: String, field: String, what: String },
+}
+
+impl ModelError {
+    fn invalid(kind: &'static str, object: &str, field: String, reason: impl Into<String>) -> Self {
+        Self::Invalid { kind, object: object.to_string(), field, reason: reason.into() }
+    }
+
+    fn unsupported(kind: &'static str, object: &str, field: String, what: impl Into<String>) -> Self {
+        Self::Unsupported { kind, object: object.to_string(), field, what: what.into() }
+    }
+
+    /// The metric label for this error.
+    pub const fn reason_label(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } => "invalid",
+            Self::Unsupported { .. } => "unsupported",
+        }
+    }
+}
+
+/// The result of translating a set of objects.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Model {
+    /// Frontends by address; an address claimed twice keeps the first Service (by name).
+    pub frontends: BTreeMap<FrontendAddr, Frontend>,
+    pub errors: Vec<ModelError>,
+}
+
+fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
+    format!("{}/{}", ns.map_or("default", String::as_str), name.map_or("<unnamed>", String::as_str))
+}
+
+fn parse_protocol(
+    kind: &'static str,
+    object: &str,
+    field: impl Fn() -> String,
+    p: Option<&String>,
+) -> Result<Protocol, ModelError> {
+    match p.map_or("TCP", String::as_str) {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err(ModelError::unsupported(kind, object, field(), "protocol SCTP")),
+        other => Err(ModelError::invalid(kind, object, field(), format!("unknown protocol {other:?}"))),
+    }
+}
+
+fn parse_port(kind: &'static str, object: &str, field: String, port: i32) -> Result<u16, ModelError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ModelError::invalid(kind, object, field, format!("port {port} is not in 1-65535")))
+}
+
+/// A Service port after validation.
+struct SvcPort {
+    name: String,
+    port: u16,
+    proto: Protocol,
+}
+
+/// The ClusterIP addresses and ports of one Service. `None` when it has no frontend, either on
+/// purpose (headless, ExternalName) or because of errors, which go to `errors`. Partial problems
+/// (one bad port, an IPv6 address) are reported and the rest is kept.
+fn service_frontends(
+    svc: &Service,
+    object: &str,
+    errors: &mut Vec<ModelError>,
+) -> Option<(Vec<Ipv4Addr>, Vec<SvcPort>)> {
+    const KIND: &str = "Service";
+    let Some(spec) = svc.spec.as_ref() else {
+        errors.push(ModelError::invalid(KIND, object, "spec".into(), "missing"));
+        return None;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    if ips.is_empty() {
+        errors.push(ModelError::invalid(KIND, object, "spec.clusterIP".into(), "missing"));
+        return None;
+    }
+    if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
+        return None; // headless
+    }
+    let mut vips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => vips.push(v4),
+            Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
+            Err(_) => errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address"))),
+        }
+    }
+    let mut ports = Vec::new();
+    let svc_ports = spec.ports.as_deref().unwrap_or_default();
+    if svc_ports.is_empty() {
+        errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
+    }
+    for (i, p) in svc_ports.iter().enumerate() {
+        let proto = parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref());
+        let port = parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port);
+        match (proto, port) {
+            (Ok(proto), Ok(port)) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
+            (proto, port) => errors.extend(proto.err().into_iter().chain(port.err())),
+        }
+    }
+    (!vips.is_empty() && !ports.is_empty()).then_some((vips, ports))
+}
+
+/// An endpoint's address and the port it serves, for one Service port.
+struct EndpointPort {
+    ip: Ipv4Addr,
+    port: u16,
+    ready: bool,
+    serving_terminating: bool,
+}
+
+/// Endpoints of the slices of one Service, per Service port name and protocol.
+fn slice_endpoints(
+    slice: &EndpointSlice,
+    object: &str,
+    out: &mut BTreeMap<(String, Protocol), Vec<EndpointPort>>,
+    errors: &mut Vec<ModelError>,
+) {
+    const KIND: &str = "EndpointSlice";
+    if slice.address_type != "IPv4" {
+        if slice.address_type != "IPv6" && slice.address_type != "FQDN" {
+            errors.push(ModelError::invalid(KIND, object, "addressType".into(), format!("unknown address type {:?}", slice.address_type)));
+        }
+        return;
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref()) {
+            Ok(proto) => proto,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let Some(port) = p.port else { continue };
+        match parse_port(KIND, object, format!("ports[{i}].port"), port) {
+            Ok(port) => ports.push((p.name.clone().unwrap_or_default(), proto, port)),
+            Err(e) => errors.push(e),
+        }
+    }
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        // A missing `ready` counts as ready; `serving` defaults to `ready`.
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        // Kubernetes uses only the first address of an endpoint.
+        let Some(addr) = ep.addresses.first() else {
+            errors.push(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
+            continue;
+        };
+        let ip = match addr.parse::<Ipv4Addr>() {
+            Ok(ip) => ip,
+            Err(_) => {
+                errors.push(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses[0]"), format!("{addr:?} is not an IPv4 address")));
+                continue;
+            }
+        };
+        for (name, proto, port) in &ports {
+            out.entry((name.clone(), *proto)).or_default().push(EndpointPort {
+                ip,
+                port: *port,
+                ready,
+                serving_terminating: serving && terminating,
+            });
+        }
+    }
+}
+
+/// Translates Services and EndpointSlices into frontends. Invalid objects are reported in
+/// `Model::errors` and left out; everything else is translated.
+pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
+    let mut model = Model::default();
+    // EndpointSlices by (namespace, service name).
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let ns = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+            by_service.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    let mut services: Vec<&Service> = services.iter().collect();
+    services.sort_by_key(|s| object_name(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()));
+    for svc in services {
+        let object = object_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());
+        let Some((vips, ports)) = service_frontends(svc, &object, &mut model.errors) else {
+            continue;
+        };
+        let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let mut endpoints = BTreeMap::new();
+        for slice in by_service.get(&(ns, name)).into_iter().flatten() {
+            let slice_object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
+            slice_endpoints(slice, &slice_object, &mut endpoints, &mut model.errors);
+        }
+        for p in &ports {
+            let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
+            let to_backend = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto: p.proto };
+            let mut backends: BTreeSet<BackendAddr> = eps.iter().filter(|e| e.ready).map(to_backend).collect();
+            if backends.is_empty() {
+                // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
+                backends = eps.iter().filter(|e| e.serving_terminating).map(to_backend).collect();
+            }
+            for vip in &vips {
+                let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
+                if let Some(existing) = model.frontends.get(&addr) {
+                    model.errors.push(ModelError::invalid("Service", &object, "spec.clusterIP".into(), format!("{addr} is already used by Service {}", existing.service)));
+                    continue;
+                }
+                model.frontends.insert(addr, Frontend {
+                    addr,
+                    service: object.clone(),
+                    port_name: p.name.clone(),
+                    backends: backends.iter().copied().collect(),
+                });
+            }
+        }
+    }
+    model
+}

@@ -1,0 +1,87 @@
+//! Datapath counters: indices into the per-CPU `LB_COUNTERS` array.
+//!
+//! One list for everything the datapath counts, drop reasons included; the agent's metrics and
+//! `lbctl stats` use [`NAMES`] so that a counter has one name everywhere. Every packet a program
+//! sees increments exactly one outcome counter (a `PASS_*`, `FWD_*`, `REV_*` or `DROP_*`), so the
+//! outcomes add up to `RX_*`.
+
+/// Packets seen by the forward (pod → service) programs, TC or XDP.
+pub const RX_FORWARD: u32 = 0;
+/// Packets seen by the reply program (egress towards pods).
+pub const RX_REPLY: u32 = 1;
+
+/// Not IPv4 and not IPv6 (ARP, LLDP, ...): passed untouched.
+pub const PASS_NON_IP: u32 = 2;
+/// IPv6: passed untouched (not load-balanced yet).
+pub const PASS_IPV6: u32 = 3;
+/// A non-first IPv4 fragment: no ports to match, passed untouched.
+pub const PASS_FRAGMENT: u32 = 4;
+/// IPv4 with a protocol other than TCP and UDP: passed untouched.
+pub const PASS_OTHER_PROTO: u32 = 5;
+/// IPv4 TCP/UDP whose destination is no service frontend: passed untouched.
+pub const PASS_NON_VIP: u32 = 6;
+/// Reply direction: no reverse-NAT conntrack entry for the tuple (ordinary traffic).
+pub const PASS_NO_REPLY_CT: u32 = 7;
+
+/// New flow to a service: backend chosen by Maglev, conntrack entry created, packet DNATed.
+pub const FWD_NEW_FLOW: u32 = 8;
+/// Packet of a tracked flow to a service: DNATed to the flow's backend.
+pub const FWD_ESTABLISHED: u32 = 9;
+/// Reply of a tracked flow: source rewritten back to the service address.
+pub const REV_NAT: u32 = 10;
+
+/// Service frontend with no usable backend.
+pub const DROP_NO_BACKEND: u32 = 11;
+/// Truncated or invalid Ethernet, IPv4, TCP or UDP header.
+pub const DROP_MALFORMED: u32 = 12;
+/// The packet could not be rewritten (a helper failed).
+pub const DROP_REWRITE_FAILED: u32 = 13;
+
+/// A new flow was forwarded but its conntrack entry could not be stored (informational: the flow
+/// stays on its backend for as long as the Maglev table does not change).
+pub const CT_INSERT_FAILED: u32 = 14;
+/// A first IPv4 fragment to a service (counted in addition to its outcome).
+pub const FIRST_FRAGMENT: u32 = 15;
+/// A tracked flow whose backend is gone or changed was given a new backend.
+pub const CT_RESELECTED: u32 = 16;
+
+/// Number of counters; the size of `LB_COUNTERS`.
+pub const COUNT: u32 = 17;
+
+/// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
+pub const NAMES: [&str; COUNT as usize] = [
+    "rx_forward",
+    "rx_reply",
+    "pass_non_ip",
+    "pass_ipv6",
+    "pass_fragment",
+    "pass_other_proto",
+    "pass_non_vip",
+    "pass_no_reply_ct",
+    "fwd_new_flow",
+    "fwd_established",
+    "rev_nat",
+    "drop_no_backend",
+    "drop_malformed",
+    "drop_rewrite_failed",
+    "ct_insert_failed",
+    "first_fragment",
+    "ct_reselected",
+];
+
+/// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
+/// their sum equals `RX_FORWARD + RX_REPLY`.
+pub const OUTCOMES: [u32; 12] = [
+    PASS_NON_IP,
+    PASS_IPV6,
+    PASS_FRAGMENT,
+    PASS_OTHER_PROTO,
+    PASS_NON_VIP,
+    PASS_NO_REPLY_CT,
+    FWD_NEW_FLOW,
+    FWD_ESTABLISHED,
+    REV_NAT,
+    DROP_NO_BACKEND,
+    DROP_MALFORMED,
+    DROP_REWRITE_FAILED,
+];

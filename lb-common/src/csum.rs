@@ -1,0 +1,93 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3), for the paths that rewrite packet
+//! bytes directly (XDP). The TC path uses the kernel's `bpf_l3/l4_csum_replace` helpers instead,
+//! which also handle `CHECKSUM_PARTIAL` and `CHECKSUM_COMPLETE` socket buffers.
+//!
+//! Values are raw 16/32-bit words as read from the packet: one's-complement sums do not depend on
+//! byte order as long as every word is read the same way.
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum after a 16-bit word of the covered data changed from `old` to `new`.
+#[inline(always)]
+pub fn replace2(check: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    !fold(sum)
+}
+
+/// The checksum after a 32-bit word of the covered data changed from `old` to `new`.
+#[inline(always)]
+pub fn replace4(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    !fold(sum)
+}
+
+/// UDP over IPv4: a zero checksum means "none" and must stay zero; a computed zero is sent as
+/// 0xffff (RFC 768).
+#[inline(always)]
+pub fn udp_fixup(original: u16, updated: u16) -> u16 {
+    if original == 0 {
+        0
+    } else if updated == 0 {
+        0xffff
+    } else {
+        updated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Full checksum over 16-bit words, computed from scratch.
+    fn full(words: &[u16]) -> u16 {
+        let mut sum: u32 = 0;
+        for w in words {
+            sum += u32::from(*w);
+        }
+        !fold(sum)
+    }
+
+    #[test]
+    fn incremental_updates_match_full_recomputation() {
+        let mut state = 0x1234_5678u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        for _ in 0..10_000 {
+            let mut words: [u16; 10] = core::array::from_fn(|_| next() as u16);
+            let check = full(&words);
+            let (old, new) = (u32::from(words[2]) | (u32::from(words[3]) << 16), next());
+            words[2] = new as u16;
+            words[3] = (new >> 16) as u16;
+            let want = full(&words);
+            let got = replace4(check, old, new);
+            // 0x0000 and 0xffff are the same value in one's complement.
+            assert!(got == want || (got == 0xffff && want == 0) || (got == 0 && want == 0xffff));
+
+            let (old16, new16) = (words[7], next() as u16);
+            words[7] = new16;
+            let want = full(&words);
+            let got2 = replace2(got, old16, new16);
+            assert!(got2 == want || (got2 == 0xffff && want == 0) || (got2 == 0 && want == 0xffff));
+        }
+    }
+
+    #[test]
+    fn udp_zero_checksum_stays_zero() {
+        assert_eq!(udp_fixup(0, replace4(0, 1, 2)), 0);
+        assert_eq!(udp_fixup(5, 0), 0xffff);
+        assert_eq!(udp_fixup(5, 7), 7);
+    }
+}

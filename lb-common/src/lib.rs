@@ -1,0 +1,14 @@
+//! Types shared by the lb datapath (`lb-ebpf`) and the agent (`lb-agent`).
+//!
+//! Every map key and value is `#[repr(C)]`, has explicit padding fields and a size assertion, and
+//! holds only integers: the kernel and userspace read the same bytes. Addresses and ports are kept
+//! in network byte order exactly as they appear in packets, so the datapath never converts them.
+//! Names follow Cilium's `lb4_*`/`lb6_*` convention so that IPv6 types can sit beside these.
+#![no_std]
+
+pub mod counters;
+pub mod csum;
+pub mod hash;
+pub mod maps;
+
+pub use maps::*;

@@ -1,0 +1,246 @@
+//! Map names, keys and values.
+//!
+//! Each map's full documentation (writer, reader, pinning, type and capacity) is at its
+//! declaration in `lb-ebpf/src/maps.rs`; the names below are the single source of the names both
+//! sides use.
+
+use core::mem::size_of;
+
+/// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
+pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
+pub const MAP_LB4_MAGLEV: &str = "LB4_MAGLEV";
+pub const MAP_LB4_CT: &str = "LB4_CT";
+pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
+pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
+
+/// Every map the agent pins, in a fixed order.
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_LB4_SERVICES,
+    MAP_LB4_BACKENDS,
+    MAP_LB4_MAGLEV,
+    MAP_LB4_CT,
+    MAP_LB_COUNTERS,
+    MAP_LB4_SVC_STATS,
+];
+
+/// Names of the load-time settings (global variables) of the datapath.
+pub mod globals {
+    /// `u64`, nanoseconds: a TCP flow that has sent only its SYN.
+    pub const CT_TIMEOUT_TCP_SYN_NS: &str = "CT_TIMEOUT_TCP_SYN_NS";
+    /// `u64`, nanoseconds: an established TCP flow.
+    pub const CT_TIMEOUT_TCP_EST_NS: &str = "CT_TIMEOUT_TCP_EST_NS";
+    /// `u64`, nanoseconds: a TCP flow after FIN or RST.
+    pub const CT_TIMEOUT_TCP_CLOSE_NS: &str = "CT_TIMEOUT_TCP_CLOSE_NS";
+    /// `u64`, nanoseconds: an idle UDP flow.
+    pub const CT_TIMEOUT_UDP_NS: &str = "CT_TIMEOUT_UDP_NS";
+    /// `u32`: seed of the flow hash; must be equal on every node.
+    pub const FLOW_HASH_SEED: &str = "FLOW_HASH_SEED";
+}
+
+/// Default conntrack timeouts, in seconds (the values Cilium uses).
+pub mod default_timeouts {
+    pub const TCP_SYN_SECS: u64 = 60;
+    pub const TCP_ESTABLISHED_SECS: u64 = 21_600;
+    pub const TCP_CLOSE_SECS: u64 = 10;
+    pub const UDP_SECS: u64 = 60;
+}
+
+/// How often (at most) the datapath refreshes a flow's `last_seen_ns`: refreshing on every packet
+/// would write a shared cache line per packet.
+pub const CT_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of `LB4_SERVICES`: a frontend, VIP:port/protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4ServiceKey {
+    /// Service IPv4 address, network byte order.
+    pub addr: u32,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Lb4ServiceKey>() == 8);
+
+/// Value of `LB4_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Service {
+    /// Frontend id: index into `LB4_SVC_STATS`; never 0.
+    pub id: u32,
+    /// Backends that new flows may use; 0 means new flows are dropped (no backend).
+    pub backend_count: u32,
+    /// First slot of this frontend's Maglev table in `LB4_MAGLEV`.
+    pub maglev_offset: u32,
+    /// Number of slots of the table (a prime); 0 when there is no table.
+    pub maglev_size: u32,
+    /// ClientIP session affinity timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_secs: u32,
+    /// `SVC_FLAG_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<Lb4Service>() == 24);
+
+/// Value of `LB4_BACKENDS`, indexed by backend id (0 is never a backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Backend {
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+}
+const _: () = assert!(size_of::<Lb4Backend>() == 8);
+
+/// The slot is unused (also what a zeroed array entry reads as).
+pub const BACKEND_STATE_FREE: u8 = 0;
+/// Takes new flows.
+pub const BACKEND_STATE_ACTIVE: u8 = 1;
+/// Keeps its established flows but takes no new ones.
+pub const BACKEND_STATE_TERMINATING: u8 = 2;
+
+/// Key of `LB4_CT`. A load-balanced flow has two entries: `CT_DIR_FORWARD` keyed by the client's
+/// tuple towards the VIP, and `CT_DIR_REPLY` keyed by the backend's tuple towards the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4CtKey {
+    /// Source address, network byte order.
+    pub saddr: u32,
+    /// Destination address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    /// Padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Lb4CtKey>() == 16);
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Value of `LB4_CT`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4CtEntry {
+    /// `bpf_ktime_get_ns()` when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` when a packet of the flow was last seen (refreshed at most every
+    /// `CT_REFRESH_INTERVAL_NS`).
+    pub last_seen_ns: u64,
+    /// Forward entries: the backend address the flow is DNATed to. Reply entries: the service
+    /// address replies are rewritten back to (kept here rather than looked up by frontend id, so a
+    /// reply costs one lookup and flows still drain after their frontend is removed). Network
+    /// byte order.
+    pub nat_addr: u32,
+    /// Forward entries: the backend port. Reply entries: the service port. Network byte order.
+    pub nat_port: u16,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+    /// Backend id chosen for the flow.
+    pub backend_id: u32,
+    /// Frontend id of the service.
+    pub svc_id: u32,
+}
+const _: () = assert!(size_of::<Lb4CtEntry>() == 32);
+
+/// TCP: only the client's SYN seen.
+pub const CT_STATE_SYN: u8 = 1;
+/// TCP past the handshake, or any UDP flow.
+pub const CT_STATE_ESTABLISHED: u8 = 2;
+/// TCP after FIN or RST in either direction.
+pub const CT_STATE_CLOSING: u8 = 3;
+
+/// Value of `LB4_SVC_STATS` (per CPU), indexed by frontend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4SvcStats {
+    /// Packets forwarded to a backend (new and established).
+    pub packets: u64,
+    /// Bytes of those packets (layer 2 length).
+    pub bytes: u64,
+    /// New flows created.
+    pub new_flows: u64,
+    /// Packets dropped for this frontend (no backend).
+    pub drops: u64,
+}
+const _: () = assert!(size_of::<Lb4SvcStats>() == 32);
+
+impl Lb4ServiceKey {
+    /// Builds a key from host-order values.
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
+        Self { addr: u32::from_ne_bytes(addr), port: port.to_be(), proto, _pad: 0 }
+    }
+}
+
+impl Lb4Backend {
+    /// Builds a backend from host-order values.
+    pub const fn new(addr: [u8; 4], port: u16, proto: u8, state: u8) -> Self {
+        Self { addr: u32::from_ne_bytes(addr), port: port.to_be(), proto, state }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding, so every
+    // bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for Lb4ServiceKey {}
+    unsafe impl aya::Pod for Lb4Service {}
+    unsafe impl aya::Pod for Lb4Backend {}
+    unsafe impl aya::Pod for Lb4CtKey {}
+    unsafe impl aya::Pod for Lb4CtEntry {}
+    unsafe impl aya::Pod for Lb4SvcStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_key_holds_network_order_bytes() {
+        let key = Lb4ServiceKey::new([10, 96, 0, 10], 8080, IPPROTO_TCP);
+        assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(key.port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(key.proto, 6);
+    }
+
+    #[test]
+    fn backend_holds_network_order_bytes() {
+        let be = Lb4Backend::new([10, 244, 1, 3], 53, IPPROTO_UDP, BACKEND_STATE_ACTIVE);
+        assert_eq!(be.addr.to_ne_bytes(), [10, 244, 1, 3]);
+        assert_eq!(be.port.to_ne_bytes(), [0, 53]);
+    }
+}
+
+/// Default capacities. The agent sets the real ones at load time from its flags, whose defaults
+/// are these; the eBPF object declares the same values so it also loads as it is.
+pub mod capacity {
+    /// Frontends (VIP:port/protocol). Frontend ids run from 1 to `SERVICES - 1`.
+    pub const SERVICES: u32 = 65_536;
+    /// Backends. Backend ids run from 1 to `BACKENDS - 1`.
+    pub const BACKENDS: u32 = 65_536;
+    /// Maglev slots for all frontends together (u32 each: 16 MiB).
+    pub const MAGLEV_SLOTS: u32 = 4_194_304;
+    /// Conntrack entries (two per load-balanced flow).
+    pub const CT: u32 = 524_288;
+}

@@ -1,0 +1,36 @@
+//! Load-time settings (`lb_common::globals`), patched by the agent through
+//! `EbpfLoader::override_global`. The defaults below apply when nothing is patched.
+
+use aya_ebpf::Global;
+use lb_common::{default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, IPPROTO_UDP};
+
+const NS: u64 = 1_000_000_000;
+
+#[unsafe(no_mangle)]
+static CT_TIMEOUT_TCP_SYN_NS: Global<u64> = Global::new(d::TCP_SYN_SECS * NS);
+#[unsafe(no_mangle)]
+static CT_TIMEOUT_TCP_EST_NS: Global<u64> = Global::new(d::TCP_ESTABLISHED_SECS * NS);
+#[unsafe(no_mangle)]
+static CT_TIMEOUT_TCP_CLOSE_NS: Global<u64> = Global::new(d::TCP_CLOSE_SECS * NS);
+#[unsafe(no_mangle)]
+static CT_TIMEOUT_UDP_NS: Global<u64> = Global::new(d::UDP_SECS * NS);
+#[unsafe(no_mangle)]
+static FLOW_HASH_SEED: Global<u32> = Global::new(DEFAULT_FLOW_HASH_SEED);
+
+/// How long a flow in `state` may stay idle before a new packet starts a new flow.
+#[inline(always)]
+pub fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+    if proto == IPPROTO_UDP {
+        return CT_TIMEOUT_UDP_NS.load();
+    }
+    match state {
+        lb_common::CT_STATE_SYN => CT_TIMEOUT_TCP_SYN_NS.load(),
+        lb_common::CT_STATE_ESTABLISHED => CT_TIMEOUT_TCP_EST_NS.load(),
+        _ => CT_TIMEOUT_TCP_CLOSE_NS.load(),
+    }
+}
+
+#[inline(always)]
+pub fn flow_hash_seed() -> u32 {
+    FLOW_HASH_SEED.load()
+}

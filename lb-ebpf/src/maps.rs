@@ -1,0 +1,50 @@
+//! Every map of the datapath, with who writes it, who reads it, and why it has its shape.
+//! Capacities here are the defaults from `lb_common::capacity`; the agent sets the real ones at
+//! load time. All maps are pinned by name under the agent's `--pin-dir`, so they outlive the
+//! agent and a restarted agent reuses them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    capacity, counters, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
+};
+
+/// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
+/// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key, read-mostly,
+/// preallocated so the agent's updates never fail for lack of memory at run time.
+#[map(name = "LB4_SERVICES")]
+pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> =
+    HashMap::pinned(capacity::SERVICES, 0);
+
+/// Backends by id. Written by the agent only; read by the forward programs (new flows, and to
+/// check that a tracked flow's backend still exists). An array: ids are dense and allocated by
+/// the agent, and an array lookup is the cheapest there is.
+#[map(name = "LB4_BACKENDS")]
+pub static LB4_BACKENDS: Array<Lb4Backend> = Array::pinned(capacity::BACKENDS, 0);
+
+/// All Maglev tables, one region per frontend (`maglev_offset .. + maglev_size`), each slot a
+/// backend id. Written by the agent only, into a free region before the frontend is pointed at
+/// it, so a packet never sees a half-written table; read by the forward programs for new flows.
+/// One flat array costs one lookup per new flow, where a map of maps would cost two.
+#[map(name = "LB4_MAGLEV")]
+pub static LB4_MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV_SLOTS, 0);
+
+/// Connection tracking: two entries per flow (forward and reply). Written by the datapath
+/// (create, state, last-seen) and by the agent (removal of flows whose backend left); read by
+/// both directions. LRU, so that under a flood the least recently used flows are evicted instead
+/// of new flows failing; an evicted flow that is still alive is re-hashed onto the same backend
+/// while its service's Maglev table is unchanged.
+#[map(name = "LB4_CT")]
+pub static LB4_CT: LruHashMap<Lb4CtKey, Lb4CtEntry> = LruHashMap::pinned(capacity::CT, 0);
+
+/// Datapath counters (`lb_common::counters`). Written by the datapath; read by the agent's
+/// metrics and `lbctl stats`. Per CPU, so counting needs no atomic operation.
+#[map(name = "LB_COUNTERS")]
+pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 0);
+
+/// Per-frontend packets, bytes, new flows and drops, indexed by frontend id. Written by the
+/// datapath; read by the agent's metrics and `lbctl stats`. Per CPU for the same reason.
+#[map(name = "LB4_SVC_STATS")]
+pub static LB4_SVC_STATS: PerCpuArray<Lb4SvcStats> = PerCpuArray::pinned(capacity::SERVICES, 0);

@@ -1,0 +1,162 @@
+//! Header parsing with a bounds check before every access. IPv4 header length is taken from IHL
+//! (options allowed); fragments, truncated headers and other protocols get a defined outcome.
+
+use core::mem::size_of;
+
+use lb_common::{counters, IPPROTO_TCP, IPPROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
+/// The fixed TCP header.
+#[repr(C)]
+pub struct TcpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+/// Offsets of fields the rewriters touch.
+pub const IP_CHECK_OFF: usize = 10;
+pub const IP_SADDR_OFF: usize = 12;
+pub const IP_DADDR_OFF: usize = 16;
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_CHECK_OFF: usize = 6;
+
+/// An IPv4 TCP or UDP packet, as far as lb needs to know it.
+pub struct Flow {
+    pub l4_off: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub first_fragment: bool,
+}
+
+impl Flow {
+    #[inline(always)]
+    pub fn l4_check_off(&self) -> usize {
+        self.l4_off + if self.proto == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
+    }
+}
+
+pub enum Parsed {
+    Flow(Flow),
+    /// Not for lb: pass untouched and count.
+    Pass(u32),
+    /// Malformed: drop and count.
+    Drop(u32),
+}
+
+/// A pointer to a `T` at `off`, if the whole `T` lies inside the packet.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    let start = data + off;
+    if start + size_of::<T>() > data_end {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+#[inline(always)]
+pub fn parse(data: usize, data_end: usize) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
+        return Parsed::Drop(counters::DROP_MALFORMED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let eth_proto = u16::from_be(unsafe { (*eth).proto });
+    if eth_proto == ETH_P_IPV6 {
+        return Parsed::Pass(counters::PASS_IPV6);
+    }
+    if eth_proto != ETH_P_IP {
+        return Parsed::Pass(counters::PASS_NON_IP);
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, ETH_HLEN) else {
+        return Parsed::Drop(counters::DROP_MALFORMED);
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (version_ihl, frag_off, proto, saddr, daddr) = unsafe {
+        ((*ip).version_ihl, u16::from_be((*ip).frag_off), (*ip).proto, (*ip).saddr, (*ip).daddr)
+    };
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
+        return Parsed::Drop(counters::DROP_MALFORMED);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    if data + l4_off > data_end {
+        return Parsed::Drop(counters::DROP_MALFORMED);
+    }
+    if frag_off & IP_OFFSET != 0 {
+        return Parsed::Pass(counters::PASS_FRAGMENT);
+    }
+    // Each header is read through the one pointer that was bounds-checked for it: the verifier
+    // loses track of a check made on a recomputed pointer.
+    let (sport, dport, tcp_flags) = match proto {
+        IPPROTO_TCP => match ptr_at::<TcpHdr>(data, data_end, l4_off) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(t) => unsafe { ((*t).source, (*t).dest, (*t).flags) },
+            None => return Parsed::Drop(counters::DROP_MALFORMED),
+        },
+        IPPROTO_UDP => match ptr_at::<UdpHdr>(data, data_end, l4_off) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(u) => unsafe { ((*u).source, (*u).dest, 0) },
+            None => return Parsed::Drop(counters::DROP_MALFORMED),
+        },
+        _ => return Parsed::Pass(counters::PASS_OTHER_PROTO),
+    };
+    Parsed::Flow(Flow {
+        l4_off,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
+        tcp_flags,
+        first_fragment: frag_off & IP_MF != 0,
+    })
+}
