@@ -322,3 +322,168 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
     }
     model
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifests::{read_bytes, Objects};
+
+    fn model(yaml: &str) -> (Model, Objects) {
+        let mut objects = Objects::default();
+        read_bytes(Path::new("test.yaml"), yaml.as_bytes(), &mut objects);
+        (build(&objects.services, &objects.slices), objects)
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.1.2]
+- addresses: [10.244.1.3]
+  conditions: {ready: true}
+- addresses: [10.244.1.4]
+  conditions: {ready: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 9090, protocol: TCP}
+endpoints:
+- addresses: [10.244.2.5]
+"#;
+
+    fn addr(vip: [u8; 4], port: u16, proto: Protocol) -> FrontendAddr {
+        FrontendAddr { vip: vip.into(), port, proto }
+    }
+
+    fn be(ip: [u8; 4], port: u16, proto: Protocol) -> BackendAddr {
+        BackendAddr { ip: ip.into(), port, proto }
+    }
+
+    #[test]
+    fn ports_are_matched_by_name_per_slice_and_only_ready_endpoints_count() {
+        let (m, o) = model(WEB);
+        assert!(o.errors.is_empty() && m.errors.is_empty(), "{:?} {:?}", o.errors, m.errors);
+        let http = &m.frontends[&addr([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(http.service, "shop/web");
+        assert_eq!(
+            http.backends,
+            vec![be([10, 244, 1, 2], 8080, Protocol::Tcp), be([10, 244, 1, 3], 8080, Protocol::Tcp), be([10, 244, 2, 5], 9090, Protocol::Tcp)]
+        );
+        let dns = &m.frontends[&addr([10, 96, 0, 10], 53, Protocol::Udp)];
+        assert_eq!(dns.backends, vec![be([10, 244, 1, 2], 5353, Protocol::Udp), be([10, 244, 1, 3], 5353, Protocol::Udp)]);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_used_only_when_none_is_ready() {
+        let (m, _) = model(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.7]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.1.8]
+  conditions: {ready: false, serving: false, terminating: true}
+"#);
+        assert_eq!(m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)].backends, vec![be([10, 244, 1, 7], 8080, Protocol::Tcp)]);
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_skipped() {
+        let (m, o) = model(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.org}
+"#);
+        assert!(m.frontends.is_empty() && m.errors.is_empty() && o.errors.is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named_and_the_rest_still_loads() {
+        let (m, o) = model(&format!("{WEB}{}", r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badport}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 0}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badip}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sctp}
+spec: {clusterIP: 10.96.0.31, ports: [{port: 80, protocol: SCTP}, {name: b, port: 81}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wrongtype}
+spec: {clusterIP: 10.96.0.32, ports: [{port: "eighty"}]}
+"#));
+        let msgs: Vec<String> = m.errors.iter().map(ToString::to_string).chain(o.errors.iter().map(ToString::to_string)).collect();
+        let has = |s: &str| msgs.iter().any(|m| m.contains(s));
+        assert!(has("Service default/badport: field spec.ports[0].port: port 0 is not in 1-65535"), "{msgs:#?}");
+        assert!(has("Service default/badip: field spec.clusterIP: \"10.96.0.300\" is not an IP address"), "{msgs:#?}");
+        assert!(has("Service default/sctp: field spec.ports[0].protocol: protocol SCTP is not supported yet"), "{msgs:#?}");
+        assert!(has("test.yaml: Service default/wrongtype: field spec.ports[0].port:"), "{msgs:#?}");
+        // The valid Service, and the valid port of the SCTP one, are still programmed.
+        assert!(m.frontends.contains_key(&addr([10, 96, 0, 10], 80, Protocol::Tcp)));
+        assert!(m.frontends.contains_key(&addr([10, 96, 0, 31], 81, Protocol::Tcp)));
+        assert_eq!(m.frontends.len(), 3);
+    }
+
+    #[test]
+    fn lists_json_and_other_kinds() {
+        let mut o = Objects::default();
+        read_bytes(Path::new("a.json"), br#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Service","metadata":{"name":"j"},"spec":{"clusterIP":"10.96.0.40","ports":[{"port":80}]}},{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"d"}}]}"#, &mut o);
+        read_bytes(Path::new("b.yaml"), b"\xff\xfe not utf8", &mut o);
+        read_bytes(Path::new("c.yaml"), b"kind: Service\nmetadata: {name: x}\n", &mut o);
+        assert_eq!(o.services.len(), 1);
+        let msgs: Vec<String> = o.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:?}");
+        assert!(msgs[0].starts_with("b.yaml: cannot read: not UTF-8"), "{msgs:?}");
+        assert_eq!(msgs[1], "c.yaml: Service default/x: field apiVersion: missing");
+    }
+
+    #[test]
+    fn duplicate_endpoints_across_slices_are_merged() {
+        let dup = WEB.replace("- addresses: [10.244.2.5]", "- addresses: [10.244.2.5]\n- addresses: [10.244.1.2]").replace("port: 9090", "port: 8080");
+        let (m, _) = model(&dup);
+        let http = &m.frontends[&addr([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(http.backends.len(), 3, "{:?}", http.backends);
+    }
+}

@@ -321,3 +321,144 @@ impl Reconciler {
 fn write_err(frontend: String, what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> SyncError {
     SyncError::Write { frontend, what, source: Box::new(e) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, convert::Infallible, net::Ipv4Addr};
+
+    use super::*;
+    use crate::model::Frontend;
+
+    /// Maps in memory, with a log of the writes in order.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+        backends: BTreeMap<u32, Lb4Backend>,
+        maglev: BTreeMap<u32, u32>,
+        log: Vec<String>,
+    }
+
+    impl MapWriter for FakeMaps {
+        type Error = Infallible;
+        fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Infallible> {
+            self.log.push(format!("backend {id} state {}", b.state));
+            self.backends.insert(id, *b);
+            Ok(())
+        }
+        fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Infallible> {
+            self.log.push(format!("maglev {offset}+{}", table.len()));
+            for (i, id) in table.iter().enumerate() {
+                self.maglev.insert(offset + i as u32, *id);
+            }
+            Ok(())
+        }
+        fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Infallible> {
+            self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
+            self.services.insert(*key, *svc);
+            Ok(())
+        }
+        fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Infallible> {
+            self.log.push("remove service".into());
+            self.services.remove(key);
+            Ok(())
+        }
+    }
+
+    impl FakeMaps {
+        /// Every slot of every published table names an active backend.
+        fn assert_consistent(&self) {
+            for svc in self.services.values() {
+                for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
+                    let id = self.maglev[&slot];
+                    assert_eq!(self.backends[&id].state, BACKEND_STATE_ACTIVE, "slot {slot} -> {id}");
+                }
+            }
+        }
+    }
+
+    const CAPS: Capacities = Capacities { services: 16, backends: 16, maglev_slots: 2048 };
+    const OPTS: Options = Options { max_table_size: 65_537, maglev_seed: 0 };
+
+    fn fe(last: &[u8]) -> BTreeMap<FrontendAddr, Frontend> {
+        let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
+        let backends = last.iter().map(|l| BackendAddr { ip: Ipv4Addr::new(10, 244, 0, *l), port: 8080, proto: Protocol::Tcp }).collect();
+        BTreeMap::from([(addr, Frontend { addr, service: "default/s".into(), port_name: String::new(), backends })])
+    }
+
+    #[test]
+    fn tables_are_written_before_they_are_published_and_regions_are_reused() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        let (s, e) = r.sync(&fe(&[1, 2, 3]), &mut maps);
+        assert!(e.is_empty());
+        assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 509));
+        assert_eq!(maps.log, ["backend 1 state 1", "backend 2 state 1", "backend 3 state 1", "maglev 0+509", "service 1 at 0+509"]);
+        maps.assert_consistent();
+
+        // Unchanged: nothing is written.
+        maps.log.clear();
+        assert_eq!(r.sync(&fe(&[1, 2, 3]), &mut maps).0, SyncStats::default());
+        assert!(maps.log.is_empty());
+
+        // One backend leaves: the new table goes to a free region, then the entry moves, then the
+        // backend is freed.
+        let (s, _) = r.sync(&fe(&[1, 3]), &mut maps);
+        assert_eq!((s.frontends_written, s.backends_removed), (1, 1));
+        assert_eq!(maps.log, ["maglev 509+251", "service 1 at 509+251", "backend 2 state 0"]);
+        maps.assert_consistent();
+
+        // The first region is free again and is reused.
+        maps.log.clear();
+        r.sync(&fe(&[1, 3, 4]), &mut maps);
+        // A fresh id (4), not the one just freed (2): flows still tracked to 2 must not land on 4.
+        assert_eq!(maps.log, ["backend 4 state 1", "maglev 0+509", "service 1 at 0+509"]);
+        maps.assert_consistent();
+        assert_eq!(r.slots_used(), 509);
+    }
+
+    #[test]
+    fn restore_keeps_ids_and_removes_what_is_no_longer_wanted() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        r.sync(&fe(&[1, 2, 3]), &mut maps);
+        let ids_before = maps.backends.clone();
+
+        let mut r2 = Reconciler::restore(
+            CAPS,
+            OPTS,
+            maps.services.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+        );
+        maps.log.clear();
+        r2.sync(&fe(&[1, 2, 3]), &mut maps);
+        // Same ids for the same backends; the table is rewritten once into a new region.
+        assert_eq!(maps.backends, ids_before);
+        assert_eq!(maps.log, ["maglev 509+509", "service 1 at 509+509"]);
+        maps.assert_consistent();
+
+        maps.log.clear();
+        let (s, _) = r2.sync(&BTreeMap::new(), &mut maps);
+        assert_eq!((s.frontends_removed, s.backends_removed), (1, 3));
+        assert!(maps.services.is_empty());
+        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_FREE));
+        assert_eq!(r2.slots_used(), 0);
+    }
+
+    #[test]
+    fn a_full_map_fails_that_frontend_only() {
+        let mut maps = FakeMaps::default();
+        let caps = Capacities { services: 16, backends: 3, maglev_slots: 2048 };
+        let mut r = Reconciler::new(caps, OPTS);
+        let mut desired = fe(&[1]);
+        let mut second = fe(&[2, 3, 4]);
+        let (addr, mut f) = second.pop_first().expect("one");
+        let addr2 = FrontendAddr { port: 81, ..addr };
+        f.addr = addr2;
+        desired.insert(addr2, f);
+        let (_, errors) = r.sync(&desired, &mut maps);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("backend map is full"), "{}", errors[0]);
+        assert_eq!(maps.services.len(), 1, "the frontend that fits is programmed");
+        maps.assert_consistent();
+    }
+}

@@ -1,0 +1,188 @@
+//! Helpers shared by the integration tests: a unique pin directory that is removed on drop, a
+//! datapath configuration sized for tests, and a packet builder.
+#![allow(dead_code, reason = "each test binary uses a different subset of these helpers")]
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use etherparse::{IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader};
+use lb_agent::datapath::Config;
+
+/// A directory on bpffs, unique to this test, removed (with its pins) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(test: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/lb-test/{}-{}-{}",
+            test,
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn test_config(pin_dir: &Path) -> Config {
+    Config {
+        pin_dir: pin_dir.to_path_buf(),
+        services: 1024,
+        backends: 1024,
+        maglev_slots: 65_536,
+        ct_entries: 16_384,
+        ct_timeout_tcp_syn_secs: 60,
+        ct_timeout_tcp_established_secs: 3600,
+        ct_timeout_tcp_close_secs: 10,
+        ct_timeout_udp_secs: 60,
+        flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
+        bpf_log: false,
+    }
+}
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+/// Layer 4 of a test packet.
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    /// TCP with these flags (etherparse names).
+    Tcp { syn: bool, ack: bool, fin: bool, rst: bool },
+    /// UDP; `zero_checksum` sends 0 ("no checksum").
+    Udp { zero_checksum: bool },
+}
+
+pub const SYN: L4 = L4::Tcp { syn: true, ack: false, fin: false, rst: false };
+pub const ACK: L4 = L4::Tcp { syn: false, ack: true, fin: false, rst: false };
+pub const SYN_ACK: L4 = L4::Tcp { syn: true, ack: true, fin: false, rst: false };
+pub const UDP: L4 = L4::Udp { zero_checksum: false };
+pub const UDP_NOCSUM: L4 = L4::Udp { zero_checksum: true };
+
+/// An Ethernet + IPv4 + TCP/UDP packet with valid checksums.
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    pub l4: L4,
+    pub ip_options: Vec<u8>,
+    pub more_fragments: bool,
+    pub fragment_offset: u16,
+    pub payload: Vec<u8>,
+}
+
+impl Pkt {
+    pub fn new(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), l4: L4) -> Self {
+        Self {
+            src,
+            dst,
+            l4,
+            ip_options: Vec::new(),
+            more_fragments: false,
+            fragment_offset: 0,
+            payload: b"hello, lb".to_vec(),
+        }
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&GW_MAC);
+        out.extend_from_slice(&CLIENT_MAC);
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        let (proto, l4_len) = match self.l4 {
+            L4::Tcp { .. } => (IpNumber::TCP, 20),
+            L4::Udp { .. } => (IpNumber::UDP, 8),
+        };
+        let mut ip = Ipv4Header::new(
+            (l4_len + self.payload.len()) as u16,
+            64,
+            proto,
+            self.src.0.octets(),
+            self.dst.0.octets(),
+        )
+        .expect("ipv4 header");
+        ip.options = Ipv4Options::try_from(self.ip_options.as_slice()).expect("ipv4 options");
+        ip.total_len += self.ip_options.len() as u16;
+        ip.dont_fragment = false;
+        ip.more_fragments = self.more_fragments;
+        ip.fragment_offset = self.fragment_offset.try_into().expect("fragment offset");
+        ip.header_checksum = ip.calc_header_checksum();
+        out.extend_from_slice(&ip.to_bytes());
+        match self.l4 {
+            L4::Tcp { syn, ack, fin, rst } => {
+                let mut tcp = TcpHeader::new(self.src.1, self.dst.1, 1000, 64240);
+                (tcp.syn, tcp.ack, tcp.fin, tcp.rst) = (syn, ack, fin, rst);
+                tcp.checksum = tcp.calc_checksum_ipv4(&ip, &self.payload).expect("tcp checksum");
+                out.extend_from_slice(&tcp.to_bytes());
+            }
+            L4::Udp { zero_checksum } => {
+                let mut udp = UdpHeader {
+                    source_port: self.src.1,
+                    destination_port: self.dst.1,
+                    length: (8 + self.payload.len()) as u16,
+                    checksum: 0,
+                };
+                if !zero_checksum {
+                    udp.checksum = udp.calc_checksum_ipv4(&ip, &self.payload).expect("udp checksum");
+                }
+                out.extend_from_slice(&udp.to_bytes());
+            }
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// What a packet out of the datapath says, after checking every checksum from scratch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: (Ipv4Addr, u16),
+    pub dst: (Ipv4Addr, u16),
+    /// The UDP checksum field (0 = none); TCP: None.
+    pub udp_checksum: Option<u16>,
+}
+
+/// Parses an Ethernet/IPv4/TCP|UDP packet and panics unless the IPv4 header checksum and the L4
+/// checksum are right (computed from scratch by etherparse, not incrementally).
+pub fn check_packet(bytes: &[u8]) -> Seen {
+    let (ip, rest) = Ipv4Header::from_slice(&bytes[14..]).expect("ipv4 header out");
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+    let src = Ipv4Addr::from(ip.source);
+    let dst = Ipv4Addr::from(ip.destination);
+    match ip.protocol {
+        IpNumber::TCP => {
+            let (tcp, payload) = TcpHeader::from_slice(rest).expect("tcp header out");
+            let want = tcp.calc_checksum_ipv4(&ip, payload).expect("tcp checksum");
+            assert_eq!(tcp.checksum, want, "TCP checksum");
+            Seen { src: (src, tcp.source_port), dst: (dst, tcp.destination_port), udp_checksum: None }
+        }
+        IpNumber::UDP => {
+            let (udp, payload) = UdpHeader::from_slice(rest).expect("udp header out");
+            if udp.checksum != 0 {
+                let want = udp.calc_checksum_ipv4(&ip, payload).expect("udp checksum");
+                // A computed 0 is sent as 0xffff.
+                let want = if want == 0 { 0xffff } else { want };
+                assert_eq!(udp.checksum, want, "UDP checksum");
+            }
+            Seen {
+                src: (src, udp.source_port),
+                dst: (dst, udp.destination_port),
+                udp_checksum: Some(udp.checksum),
+            }
+        }
+        other => panic!("unexpected protocol {other:?}"),
+    }
+}
