@@ -10,3 +10,4 @@ pub mod maglev;
 pub mod manifests;
 pub mod model;
 pub mod sync;
+pub mod testbed;

@@ -1,0 +1,400 @@
+//! A lab of network namespaces for end-to-end tests, the demo and benchmarks: nodes, pods on veth
+//! pairs routed the way a simple routed CNI (Calico) does it, an underlay between nodes, servers
+//! that say who they are, and agents running inside node namespaces. Everything it creates is
+//! removed when the [`Lab`] is dropped, on failure too.
+//!
+//! Addressing: pod `k` on node `n` is `10.244.n.k/32`, reached from its node through the host-side
+//! veth; the pod's default route points at `169.254.1.1`, which every host-side veth carries.
+//! Nodes share the underlay `172.31.0.0/24` (node `n` is `172.31.0.n`).
+
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::datapath::Mode;
+
+/// Gateway address of every pod (carried by each host-side veth).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Host-side interfaces are named `lxc<pod>`; agents attach to this glob.
+pub const POD_IF_GLOB: &str = "lxc*";
+
+/// Runs `f` on a thread that has joined network namespace `netns`. Sockets created there stay in
+/// that namespace wherever they are used later.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    let file = File::open(format!("/run/netns/{netns}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| io::Error::other("thread in netns panicked"))?
+}
+
+fn run(cmd: &str, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(cmd).args(args).stdin(Stdio::null()).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    run("ip", args)
+}
+
+fn sysctl(netns: &str, setting: &str) -> io::Result<()> {
+    run("ip", &["netns", "exec", netns, "sysctl", "-qw", setting])
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub index: u8,
+    pub netns: String,
+    pub pin_dir: PathBuf,
+}
+
+impl Node {
+    pub fn underlay_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(172, 31, 0, self.index)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub node: u8,
+    /// Host-side interface in the node's namespace.
+    pub host_if: String,
+}
+
+/// Servers in a pod that answer with the pod's name: TCP (one line per line received) and UDP
+/// (one datagram per datagram).
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    pin_root: PathBuf,
+    scratch: PathBuf,
+    agents: Vec<(String, Child)>,
+    servers: Vec<Servers>,
+}
+
+impl Lab {
+    /// A new, empty lab. `tag` keeps parallel labs apart (namespace and pin names).
+    pub fn new(tag: &str) -> io::Result<Self> {
+        let prefix = format!("lb{tag}{}", std::process::id());
+        let scratch = std::env::temp_dir().join(format!("lab-{prefix}"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)?;
+        Ok(Self {
+            pin_root: PathBuf::from(format!("/sys/fs/bpf/lb-lab/{prefix}")),
+            prefix,
+            namespaces: Vec::new(),
+            scratch,
+            agents: Vec::new(),
+            servers: Vec::new(),
+        })
+    }
+
+    /// A directory that lives as long as the lab (manifests, logs).
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    fn netns(&mut self, name: &str) -> io::Result<String> {
+        let ns = format!("{}-{name}", self.prefix);
+        let _ = ip(&["netns", "del", &ns]);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn node(&mut self, index: u8) -> io::Result<Node> {
+        let netns = self.netns(&format!("n{index}"))?;
+        sysctl(&netns, "net.ipv4.ip_forward=1")?;
+        Ok(Node { index, netns, pin_dir: self.pin_root.join(format!("n{index}")) })
+    }
+
+    /// A pod on `node` with address `10.244.<node>.<host>`. `tx_csum_offload: false` makes the pod
+    /// send full checksums (as a physical NIC delivers them) instead of partial ones.
+    pub fn pod(&mut self, node: &Node, name: &str, host: u8, tx_csum_offload: bool) -> io::Result<Pod> {
+        let netns = self.netns(name)?;
+        let host_if = format!("lxc{name}");
+        let ip_addr = Ipv4Addr::new(10, 244, node.index, host);
+        let (pod_ip, gw) = (format!("{ip_addr}/32"), POD_GATEWAY.to_string());
+        ip(&["-n", &node.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &node.netns, "addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
+        ip(&["-n", &node.netns, "link", "set", &host_if, "up"])?;
+        ip(&["-n", &node.netns, "route", "add", &pod_ip, "dev", &host_if])?;
+        ip(&["-n", &netns, "addr", "add", &pod_ip, "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "route", "add", &gw, "dev", "eth0", "scope", "link"])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &gw, "dev", "eth0"])?;
+        if !tx_csum_offload {
+            run("ip", &["netns", "exec", &netns, "ethtool", "-K", "eth0", "tx", "off"])?;
+        }
+        Ok(Pod { name: name.into(), netns, ip: ip_addr, node: node.index, host_if })
+    }
+
+    /// Joins two nodes with an underlay veth and routes each node's pod range over it.
+    pub fn link_nodes(&mut self, a: &Node, b: &Node) -> io::Result<()> {
+        ip(&["-n", &a.netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.netns])?;
+        for (n, peer) in [(a, b), (b, a)] {
+            ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.underlay_ip()), "dev", "ul0"])?;
+            ip(&["-n", &n.netns, "link", "set", "ul0", "up"])?;
+            let range = format!("10.244.{}.0/24", peer.index);
+            ip(&["-n", &n.netns, "route", "add", &range, "via", &peer.underlay_ip().to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Starts TCP and UDP servers in `pod` that answer with the pod's name.
+    pub fn serve(&mut self, pod: &Pod, tcp_port: u16, udp_port: u16) -> io::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = pod.name.clone();
+        let addr = pod.ip;
+        let (tcp, udp) = in_netns(&pod.netns, move || -> io::Result<_> {
+            Ok((TcpListener::bind((addr, tcp_port))?, UdpSocket::bind((addr, udp_port))?))
+        })??;
+        let mut threads = Vec::new();
+        let (s, n) = (stop.clone(), name.clone());
+        threads.push(std::thread::spawn(move || tcp_server(tcp, &n, &s)));
+        let (s, n) = (stop.clone(), name);
+        threads.push(std::thread::spawn(move || udp_server(udp, &n, &s)));
+        self.servers.push(Servers { stop, threads });
+        Ok(())
+    }
+
+    /// Starts `lb-agent` (the binary at `agent`) inside `node`'s namespace in standalone mode.
+    pub fn start_agent(&mut self, node: &Node, agent: &Path, manifests: &Path, mode: Mode, extra: &[&str]) -> io::Result<()> {
+        let netns = File::open(format!("/run/netns/{}", node.netns))?;
+        let log = File::create(self.agent_log_path(node))?;
+        let mode = match mode {
+            Mode::Tc => "tc",
+            Mode::Xdp => "xdp",
+        };
+        let mut cmd = Command::new(agent);
+        cmd.arg("--manifests")
+            .arg(manifests)
+            .args(["--interfaces", POD_IF_GLOB, "--datapath", mode, "--node-name", &format!("node{}", node.index)])
+            .arg("--pin-dir")
+            .arg(&node.pin_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let fd = netns.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (setns) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(netns);
+        self.agents.push((node.netns.clone(), child));
+        Ok(())
+    }
+
+    pub fn agent_log_path(&self, node: &Node) -> PathBuf {
+        self.scratch.join(format!("agent-n{}.log", node.index))
+    }
+
+    pub fn agent_log(&self, node: &Node) -> String {
+        std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// Stops the agents (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop_agents(&mut self) {
+        for (_, child) in &mut self.agents {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, mut child) in self.agents.drain(..) {
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop_agents();
+        for s in &self.servers {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        for s in self.servers.drain(..) {
+            for t in s.threads {
+                let _ = t.join();
+            }
+        }
+        // Deleting a namespace removes its interfaces, and with them the attachments.
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Waits up to 100 ms for `fd` to be readable.
+fn readable(fd: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, 100) > 0 }
+}
+
+fn tcp_server(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd()) {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else { continue };
+        let (name, stop) = (name.to_string(), stop.clone());
+        conns.push(std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+            let mut w = stream.try_clone().expect("clone tcp stream");
+            let mut r = BufReader::new(stream);
+            let mut line = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                match r.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                    Err(_) => break,
+                }
+            }
+        }));
+        conns.retain(|t| !t.is_finished());
+    }
+    for t in conns {
+        let _ = t.join();
+    }
+}
+
+fn udp_server(sock: UdpSocket, name: &str, stop: &Arc<AtomicBool>) {
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(name.as_bytes(), peer);
+        }
+    }
+}
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A TCP connection from a pod, kept open across questions.
+pub struct Session {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Session {
+    pub fn open(pod: &Pod, to: SocketAddrV4) -> io::Result<Self> {
+        let stream = in_netns(&pod.netns, move || TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT))??;
+        stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+        Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
+    }
+
+    /// Asks who answers; returns the backend's name.
+    pub fn ask(&mut self) -> io::Result<String> {
+        self.writer.write_all(b"who\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Runs `count` one-question TCP connections (each from a new source port) from `pod` to `to`;
+/// returns each answer.
+pub fn tcp_asks(pod: &Pod, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
+    in_netns(&pod.netns, move || {
+        (0..count)
+            .map(|_| {
+                let stream = TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT)?;
+                stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+                let mut s = Session { writer: stream.try_clone()?, reader: BufReader::new(stream) };
+                s.ask()
+            })
+            .collect()
+    })
+}
+
+/// Source ports for [`udp_asks`]: below the kernel's ephemeral range, so they never collide with
+/// ports the kernel picks.
+pub const UDP_CLIENT_PORTS: std::ops::Range<u16> = 10_000..30_000;
+
+/// Runs `count` UDP exchanges from `pod` to `to`, each from a different source port (the kernel
+/// would reuse ephemeral ports, which makes the same flow twice). `first_port` is the port of
+/// the first exchange; the others follow it.
+pub fn udp_asks(pod: &Pod, to: SocketAddrV4, first_port: u16, count: usize) -> io::Result<Vec<io::Result<String>>> {
+    in_netns(&pod.netns, move || {
+        (0..count)
+            .map(|i| {
+                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, first_port + i as u16))?;
+                sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+                sock.send_to(b"who", to)?;
+                let mut buf = [0u8; 256];
+                let (n, from) = sock.recv_from(&mut buf)?;
+                if from != to.into() {
+                    return Err(io::Error::other(format!("answer came from {from}, not {to}")));
+                }
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            })
+            .collect()
+    })
+}
+
+/// Retries `f` until it succeeds or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
