@@ -10,15 +10,13 @@ use std::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
-        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        XdpMode,
+        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
     counters, globals, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
-    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
-    MAP_LB_COUNTERS,
+    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
 };
 
 use crate::sync::MapWriter;
@@ -62,7 +60,7 @@ pub enum DatapathError {
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
     #[error("loading the eBPF object (pinned maps under {pin_dir}): {source}")]
-    Load { pin_dir: PathBuf, source: aya::EbpfError },
+    Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
     #[error("program {program}: {source}")]
     Program { program: &'static str, source: ProgramError },
     #[error("attaching {program} to {interface}: {source}")]
@@ -89,7 +87,10 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
 
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        fn take<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError> {
+        fn take<T: TryFrom<Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
             let map = ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))?;
             T::try_from(map).map_err(map_err(name))
         }
@@ -105,7 +106,10 @@ impl Maps {
 
     /// Opens the maps pinned under `pin_dir` (read-side tools, tests).
     pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
-        fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, DatapathError> {
+        fn open<T: TryFrom<Map, Error = MapError>>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
             let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
             let map = Map::from_map_data(data).map_err(map_err(name))?;
             T::try_from(map).map_err(map_err(name))
@@ -140,12 +144,7 @@ impl Maps {
     /// Global counters summed over CPUs, indexed as `lb_common::counters`.
     pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
         (0..counters::COUNT)
-            .map(|i| {
-                self.counters
-                    .get(&i, 0)
-                    .map(|v| v.iter().sum())
-                    .map_err(map_err(MAP_LB_COUNTERS))
-            })
+            .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(MAP_LB_COUNTERS)))
             .collect()
     }
 
@@ -230,7 +229,10 @@ impl Datapath {
             .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
-            .map_err(|source| DatapathError::Load { pin_dir: cfg.pin_dir.clone(), source })?;
+            .map_err(|source| DatapathError::Load {
+                pin_dir: cfg.pin_dir.clone(),
+                source: Box::new(source),
+            })?;
         let logger = if cfg.bpf_log { aya_log::EbpfLogger::init(&mut ebpf).ok() } else { None };
         let maps = Maps::take(&mut ebpf)?;
         for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
@@ -282,15 +284,27 @@ impl Datapath {
             return Ok(());
         }
         let mut links = Vec::new();
-        let attach_err = |program, source| DatapathError::Attach { program, interface: interface.to_string(), source };
+        let attach_err =
+            |program, source| DatapathError::Attach { program, interface: interface.to_string(), source };
         let tc = |ebpf: &mut Ebpf, name: &'static str, at: TcAttachType| -> Result<Link, DatapathError> {
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("object has the program").try_into().map_err(|e| attach_err(name, e))?;
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|e| attach_err(name, e))?;
             prog.attach(interface, at).map(Link::Tc).map_err(|e| attach_err(name, e))
         };
         let forward = match self.mode {
-            Mode::Tc => tc(&mut self.ebpf, PROG_TC_FORWARD, TcAttachType::Ingress).map(|l| (PROG_TC_FORWARD, l)),
+            Mode::Tc => {
+                tc(&mut self.ebpf, PROG_TC_FORWARD, TcAttachType::Ingress).map(|l| (PROG_TC_FORWARD, l))
+            }
             Mode::Xdp => {
-                let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP_FORWARD).expect("object has the program").try_into().map_err(|e| attach_err(PROG_XDP_FORWARD, e))?;
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(PROG_XDP_FORWARD)
+                    .expect("object has the program")
+                    .try_into()
+                    .map_err(|e| attach_err(PROG_XDP_FORWARD, e))?;
                 prog.attach(interface, XdpMode::Default)
                     .map(|l| (PROG_XDP_FORWARD, Link::Xdp(l)))
                     .map_err(|e| attach_err(PROG_XDP_FORWARD, e))

@@ -19,7 +19,7 @@ const SLOTS_PER_BACKEND: u64 = 100;
 /// (rounded down to a listed prime, and never below the smallest).
 pub fn table_size(backends: usize, max: u32) -> u32 {
     let want = (backends as u64).saturating_mul(SLOTS_PER_BACKEND);
-    let cap = TABLE_SIZES.iter().copied().filter(|s| *s <= max).last().unwrap_or(TABLE_SIZES[0]);
+    let cap = TABLE_SIZES.iter().copied().rev().find(|s| *s <= max).unwrap_or(TABLE_SIZES[0]);
     TABLE_SIZES.iter().copied().find(|s| u64::from(*s) >= want).unwrap_or(cap).min(cap)
 }
 

@@ -87,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
         bpf_log: args.bpf_log,
     };
     let (mut dp, mut maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
-    let caps = Capacities { services: args.max_services, backends: args.max_backends, maglev_slots: args.maglev_slots };
+    let caps = Capacities {
+        services: args.max_services,
+        backends: args.max_backends,
+        maglev_slots: args.maglev_slots,
+    };
     let opts = Options { max_table_size: args.maglev_max_table_size, maglev_seed: 0 };
     let mut reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?);
 
@@ -135,7 +139,8 @@ async fn main() -> anyhow::Result<()> {
 /// Attaches to interfaces that match and are new; forgets those that vanished.
 fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
     let present = datapath::interfaces();
-    let gone: Vec<String> = dp.attached().filter(|a| !present.iter().any(|p| p == a)).map(String::from).collect();
+    let gone: Vec<String> =
+        dp.attached().filter(|a| !present.iter().any(|p| p == a)).map(String::from).collect();
     for name in gone {
         info!(interface = %name, "interface gone");
         dp.forget(&name);

@@ -73,7 +73,7 @@ pub fn read_bytes(path: &Path, bytes: &[u8], out: &mut Objects) {
     for (doc, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         match Value::deserialize(de) {
             Ok(Value::Null) => {}
-            Ok(v) => read_value(path, doc, v, out),
+            Ok(v) => read_value(path, v, out),
             Err(e) => {
                 out.errors.push(ManifestError::Syntax { path: path.into(), doc, reason: e.to_string() });
                 // A syntax error ends the stream: later documents cannot be located reliably.
@@ -87,7 +87,7 @@ fn str_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
     keys.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_str)
 }
 
-fn read_value(path: &Path, doc: usize, v: Value, out: &mut Objects) {
+fn read_value(path: &Path, v: Value, out: &mut Objects) {
     let kind = str_at(&v, &["kind"]).unwrap_or("").to_string();
     let api = str_at(&v, &["apiVersion"]).unwrap_or("").to_string();
     let object = format!(
@@ -106,7 +106,7 @@ fn read_value(path: &Path, doc: usize, v: Value, out: &mut Objects) {
         ("v1", "List") => match v.get("items").and_then(Value::as_sequence) {
             Some(items) => {
                 for item in items.clone() {
-                    read_value(path, doc, item, out);
+                    read_value(path, item, out);
                 }
             }
             None => out.errors.push(err("items".into(), "missing or not a list".into())),
@@ -121,10 +121,9 @@ fn read_value(path: &Path, doc: usize, v: Value, out: &mut Objects) {
         },
         // Other kinds (Deployments, ConfigMaps, ...) may share the files; they are not ours.
         (_, k) if !k.is_empty() && !api.is_empty() => {}
-        _ => out.errors.push(err(
-            if api.is_empty() { "apiVersion".into() } else { "kind".into() },
-            "missing".into(),
-        )),
+        _ => out
+            .errors
+            .push(err(if api.is_empty() { "apiVersion".into() } else { "kind".into() }, "missing".into())),
     }
 }
 

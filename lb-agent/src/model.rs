@@ -182,11 +182,17 @@ fn service_frontends(
     }
     let mut vips = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
-        let field = if spec.cluster_ips.is_some() { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
+        let field = if spec.cluster_ips.is_some() {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".into()
+        };
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) => vips.push(v4),
             Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
-            Err(_) => errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address"))),
+            Err(_) => {
+                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")))
+            }
         }
     }
     let mut ports = Vec::new();
@@ -198,7 +204,9 @@ fn service_frontends(
         let proto = parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref());
         let port = parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port);
         match (proto, port) {
-            (Ok(proto), Ok(port)) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
+            (Ok(proto), Ok(port)) => {
+                ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto })
+            }
             (proto, port) => errors.extend(proto.err().into_iter().chain(port.err())),
         }
     }
@@ -223,13 +231,19 @@ fn slice_endpoints(
     const KIND: &str = "EndpointSlice";
     if slice.address_type != "IPv4" {
         if slice.address_type != "IPv6" && slice.address_type != "FQDN" {
-            errors.push(ModelError::invalid(KIND, object, "addressType".into(), format!("unknown address type {:?}", slice.address_type)));
+            errors.push(ModelError::invalid(
+                KIND,
+                object,
+                "addressType".into(),
+                format!("unknown address type {:?}", slice.address_type),
+            ));
         }
         return;
     }
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref()) {
+        let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref())
+        {
             Ok(proto) => proto,
             Err(e) => {
                 errors.push(e);
@@ -256,7 +270,12 @@ fn slice_endpoints(
         let ip = match addr.parse::<Ipv4Addr>() {
             Ok(ip) => ip,
             Err(_) => {
-                errors.push(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses[0]"), format!("{addr:?} is not an IPv4 address")));
+                errors.push(ModelError::invalid(
+                    KIND,
+                    object,
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{addr:?} is not an IPv4 address"),
+                ));
                 continue;
             }
         };
@@ -300,7 +319,8 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
         for p in &ports {
             let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
             let to_backend = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto: p.proto };
-            let mut backends: BTreeSet<BackendAddr> = eps.iter().filter(|e| e.ready).map(to_backend).collect();
+            let mut backends: BTreeSet<BackendAddr> =
+                eps.iter().filter(|e| e.ready).map(to_backend).collect();
             if backends.is_empty() {
                 // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
                 backends = eps.iter().filter(|e| e.serving_terminating).map(to_backend).collect();
@@ -308,15 +328,23 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
             for vip in &vips {
                 let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
                 if let Some(existing) = model.frontends.get(&addr) {
-                    model.errors.push(ModelError::invalid("Service", &object, "spec.clusterIP".into(), format!("{addr} is already used by Service {}", existing.service)));
+                    model.errors.push(ModelError::invalid(
+                        "Service",
+                        &object,
+                        "spec.clusterIP".into(),
+                        format!("{addr} is already used by Service {}", existing.service),
+                    ));
                     continue;
                 }
-                model.frontends.insert(addr, Frontend {
+                model.frontends.insert(
                     addr,
-                    service: object.clone(),
-                    port_name: p.name.clone(),
-                    backends: backends.iter().copied().collect(),
-                });
+                    Frontend {
+                        addr,
+                        service: object.clone(),
+                        port_name: p.name.clone(),
+                        backends: backends.iter().copied().collect(),
+                    },
+                );
             }
         }
     }
@@ -386,15 +414,23 @@ endpoints:
         assert_eq!(http.service, "shop/web");
         assert_eq!(
             http.backends,
-            vec![be([10, 244, 1, 2], 8080, Protocol::Tcp), be([10, 244, 1, 3], 8080, Protocol::Tcp), be([10, 244, 2, 5], 9090, Protocol::Tcp)]
+            vec![
+                be([10, 244, 1, 2], 8080, Protocol::Tcp),
+                be([10, 244, 1, 3], 8080, Protocol::Tcp),
+                be([10, 244, 2, 5], 9090, Protocol::Tcp)
+            ]
         );
         let dns = &m.frontends[&addr([10, 96, 0, 10], 53, Protocol::Udp)];
-        assert_eq!(dns.backends, vec![be([10, 244, 1, 2], 5353, Protocol::Udp), be([10, 244, 1, 3], 5353, Protocol::Udp)]);
+        assert_eq!(
+            dns.backends,
+            vec![be([10, 244, 1, 2], 5353, Protocol::Udp), be([10, 244, 1, 3], 5353, Protocol::Udp)]
+        );
     }
 
     #[test]
     fn terminating_endpoints_are_used_only_when_none_is_ready() {
-        let (m, _) = model(r#"
+        let (m, _) = model(
+            r#"
 apiVersion: v1
 kind: Service
 metadata: {name: s}
@@ -410,13 +446,18 @@ endpoints:
   conditions: {ready: false, serving: true, terminating: true}
 - addresses: [10.244.1.8]
   conditions: {ready: false, serving: false, terminating: true}
-"#);
-        assert_eq!(m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)].backends, vec![be([10, 244, 1, 7], 8080, Protocol::Tcp)]);
+"#,
+        );
+        assert_eq!(
+            m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)].backends,
+            vec![be([10, 244, 1, 7], 8080, Protocol::Tcp)]
+        );
     }
 
     #[test]
     fn headless_and_external_name_services_are_skipped() {
-        let (m, o) = model(r#"
+        let (m, o) = model(
+            r#"
 apiVersion: v1
 kind: Service
 metadata: {name: headless}
@@ -426,13 +467,16 @@ apiVersion: v1
 kind: Service
 metadata: {name: ext}
 spec: {type: ExternalName, externalName: example.org}
-"#);
+"#,
+        );
         assert!(m.frontends.is_empty() && m.errors.is_empty() && o.errors.is_empty());
     }
 
     #[test]
     fn bad_fields_are_named_and_the_rest_still_loads() {
-        let (m, o) = model(&format!("{WEB}{}", r#"
+        let (m, o) = model(&format!(
+            "{WEB}{}",
+            r#"
 ---
 apiVersion: v1
 kind: Service
@@ -453,12 +497,27 @@ apiVersion: v1
 kind: Service
 metadata: {name: wrongtype}
 spec: {clusterIP: 10.96.0.32, ports: [{port: "eighty"}]}
-"#));
-        let msgs: Vec<String> = m.errors.iter().map(ToString::to_string).chain(o.errors.iter().map(ToString::to_string)).collect();
+"#
+        ));
+        let msgs: Vec<String> = m
+            .errors
+            .iter()
+            .map(ToString::to_string)
+            .chain(o.errors.iter().map(ToString::to_string))
+            .collect();
         let has = |s: &str| msgs.iter().any(|m| m.contains(s));
-        assert!(has("Service default/badport: field spec.ports[0].port: port 0 is not in 1-65535"), "{msgs:#?}");
-        assert!(has("Service default/badip: field spec.clusterIP: \"10.96.0.300\" is not an IP address"), "{msgs:#?}");
-        assert!(has("Service default/sctp: field spec.ports[0].protocol: protocol SCTP is not supported yet"), "{msgs:#?}");
+        assert!(
+            has("Service default/badport: field spec.ports[0].port: port 0 is not in 1-65535"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("Service default/badip: field spec.clusterIP: \"10.96.0.300\" is not an IP address"),
+            "{msgs:#?}"
+        );
+        assert!(
+            has("Service default/sctp: field spec.ports[0].protocol: protocol SCTP is not supported yet"),
+            "{msgs:#?}"
+        );
         assert!(has("test.yaml: Service default/wrongtype: field spec.ports[0].port:"), "{msgs:#?}");
         // The valid Service, and the valid port of the SCTP one, are still programmed.
         assert!(m.frontends.contains_key(&addr([10, 96, 0, 10], 80, Protocol::Tcp)));
@@ -481,7 +540,9 @@ spec: {clusterIP: 10.96.0.32, ports: [{port: "eighty"}]}
 
     #[test]
     fn duplicate_endpoints_across_slices_are_merged() {
-        let dup = WEB.replace("- addresses: [10.244.2.5]", "- addresses: [10.244.2.5]\n- addresses: [10.244.1.2]").replace("port: 9090", "port: 8080");
+        let dup = WEB
+            .replace("- addresses: [10.244.2.5]", "- addresses: [10.244.2.5]\n- addresses: [10.244.1.2]")
+            .replace("port: 9090", "port: 8080");
         let (m, _) = model(&dup);
         let http = &m.frontends[&addr([10, 96, 0, 10], 80, Protocol::Tcp)];
         assert_eq!(http.backends.len(), 3, "{:?}", http.backends);

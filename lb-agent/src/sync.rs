@@ -9,9 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-};
+use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE};
 
 use crate::{
     alloc::{IdAllocator, Region, RegionAllocator},
@@ -126,18 +124,15 @@ impl Reconciler {
             if b.state == BACKEND_STATE_FREE {
                 continue;
             }
-            let addr = BackendAddr {
-                ip: b.addr.to_ne_bytes().into(),
-                port: u16::from_be(b.port),
-                proto,
-            };
+            let addr = BackendAddr { ip: b.addr.to_ne_bytes().into(), port: u16::from_be(b.port), proto };
             if !r.backends.contains_key(&addr) && r.backend_ids.reserve(id) {
                 r.backends.insert(addr, id);
             }
         }
         for (key, svc) in services {
             let Some(proto) = Protocol::from_number(key.proto) else { continue };
-            let addr = FrontendAddr { vip: key.addr.to_ne_bytes().into(), port: u16::from_be(key.port), proto };
+            let addr =
+                FrontendAddr { vip: key.addr.to_ne_bytes().into(), port: u16::from_be(key.port), proto };
             if !r.frontend_ids.reserve(svc.id) {
                 continue;
             }
@@ -207,19 +202,18 @@ impl Reconciler {
                 return Ok(());
             }
         }
-        let full = |what, capacity| SyncError::Full {
-            frontend: *addr,
-            service: fe.service.clone(),
-            what,
-            capacity,
-        };
+        let full =
+            |what, capacity| SyncError::Full { frontend: *addr, service: fe.service.clone(), what, capacity };
         // Backends first, so the table never names one that is not there yet.
         let mut ids = Vec::with_capacity(fe.backends.len());
         for b in &fe.backends {
             let id = match self.backends.get(b) {
                 Some(id) => *id,
                 None => {
-                    let id = self.backend_ids.alloc().ok_or_else(|| full("backend map", self.backend_ids.in_use() as u32))?;
+                    let id = self
+                        .backend_ids
+                        .alloc()
+                        .ok_or_else(|| full("backend map", self.backend_ids.in_use() as u32))?;
                     if let Err(e) = w.set_backend(id, &backend_value(b)) {
                         self.backend_ids.release(id);
                         return Err(write_err(addr.to_string(), "backend", e));
@@ -236,12 +230,14 @@ impl Reconciler {
         } else {
             let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
             let names: Vec<String> = fe.backends.iter().map(ToString::to_string).collect();
-            let mb: Vec<maglev::Backend<'_>> = names.iter().map(|n| maglev::Backend { name: n, weight: 1 }).collect();
+            let mb: Vec<maglev::Backend<'_>> =
+                names.iter().map(|n| maglev::Backend { name: n, weight: 1 }).collect();
             let table: Vec<u32> = maglev::build(&mb, size, self.opts.maglev_seed)
                 .into_iter()
                 .map(|i| ids[i as usize])
                 .collect();
-            let region = self.regions.alloc(size).ok_or_else(|| full("maglev slot array", self.regions.used()))?;
+            let region =
+                self.regions.alloc(size).ok_or_else(|| full("maglev slot array", self.regions.used()))?;
             if let Err(e) = w.set_maglev(region.offset, &table) {
                 self.regions.release(region);
                 return Err(write_err(addr.to_string(), "maglev table", e));
@@ -279,7 +275,8 @@ impl Reconciler {
             }
             return Err(write_err(addr.to_string(), "service entry", e));
         }
-        let old = self.frontends.insert(*addr, Programmed { id, backends: Some(fe.backends.clone()), region });
+        let old =
+            self.frontends.insert(*addr, Programmed { id, backends: Some(fe.backends.clone()), region });
         if let Some(r) = old.and_then(|o| o.region) {
             self.regions.release(r);
         }
@@ -318,7 +315,11 @@ impl Reconciler {
     }
 }
 
-fn write_err(frontend: String, what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> SyncError {
+fn write_err(
+    frontend: String,
+    what: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> SyncError {
     SyncError::Write { frontend, what, source: Box::new(e) }
 }
 
@@ -381,8 +382,14 @@ mod tests {
 
     fn fe(last: &[u8]) -> BTreeMap<FrontendAddr, Frontend> {
         let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
-        let backends = last.iter().map(|l| BackendAddr { ip: Ipv4Addr::new(10, 244, 0, *l), port: 8080, proto: Protocol::Tcp }).collect();
-        BTreeMap::from([(addr, Frontend { addr, service: "default/s".into(), port_name: String::new(), backends })])
+        let backends = last
+            .iter()
+            .map(|l| BackendAddr { ip: Ipv4Addr::new(10, 244, 0, *l), port: 8080, proto: Protocol::Tcp })
+            .collect();
+        BTreeMap::from([(
+            addr,
+            Frontend { addr, service: "default/s".into(), port_name: String::new(), backends },
+        )])
     }
 
     #[test]
@@ -392,7 +399,16 @@ mod tests {
         let (s, e) = r.sync(&fe(&[1, 2, 3]), &mut maps);
         assert!(e.is_empty());
         assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 509));
-        assert_eq!(maps.log, ["backend 1 state 1", "backend 2 state 1", "backend 3 state 1", "maglev 0+509", "service 1 at 0+509"]);
+        assert_eq!(
+            maps.log,
+            [
+                "backend 1 state 1",
+                "backend 2 state 1",
+                "backend 3 state 1",
+                "maglev 0+509",
+                "service 1 at 0+509"
+            ]
+        );
         maps.assert_consistent();
 
         // Unchanged: nothing is written.

@@ -148,7 +148,20 @@ impl Lab {
         let host_if = format!("lxc{name}");
         let ip_addr = Ipv4Addr::new(10, 244, node.index, host);
         let (pod_ip, gw) = (format!("{ip_addr}/32"), POD_GATEWAY.to_string());
-        ip(&["-n", &node.netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "-n",
+            &node.netns,
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
         ip(&["-n", &node.netns, "addr", "add", &format!("{gw}/32"), "dev", &host_if])?;
         ip(&["-n", &node.netns, "link", "set", &host_if, "up"])?;
         ip(&["-n", &node.netns, "route", "add", &pod_ip, "dev", &host_if])?;
@@ -164,7 +177,9 @@ impl Lab {
 
     /// Joins two nodes with an underlay veth and routes each node's pod range over it.
     pub fn link_nodes(&mut self, a: &Node, b: &Node) -> io::Result<()> {
-        ip(&["-n", &a.netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.netns])?;
+        ip(&[
+            "-n", &a.netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.netns,
+        ])?;
         for (n, peer) in [(a, b), (b, a)] {
             ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.underlay_ip()), "dev", "ul0"])?;
             ip(&["-n", &n.netns, "link", "set", "ul0", "up"])?;
@@ -192,7 +207,14 @@ impl Lab {
     }
 
     /// Starts `lb-agent` (the binary at `agent`) inside `node`'s namespace in standalone mode.
-    pub fn start_agent(&mut self, node: &Node, agent: &Path, manifests: &Path, mode: Mode, extra: &[&str]) -> io::Result<()> {
+    pub fn start_agent(
+        &mut self,
+        node: &Node,
+        agent: &Path,
+        manifests: &Path,
+        mode: Mode,
+        extra: &[&str],
+    ) -> io::Result<()> {
         let netns = File::open(format!("/run/netns/{}", node.netns))?;
         let log = File::create(self.agent_log_path(node))?;
         let mode = match mode {
@@ -202,7 +224,14 @@ impl Lab {
         let mut cmd = Command::new(agent);
         cmd.arg("--manifests")
             .arg(manifests)
-            .args(["--interfaces", POD_IF_GLOB, "--datapath", mode, "--node-name", &format!("node{}", node.index)])
+            .args([
+                "--interfaces",
+                POD_IF_GLOB,
+                "--datapath",
+                mode,
+                "--node-name",
+                &format!("node{}", node.index),
+            ])
             .arg("--pin-dir")
             .arg(&node.pin_dir)
             .args(extra)
@@ -369,7 +398,12 @@ pub const UDP_CLIENT_PORTS: std::ops::Range<u16> = 10_000..30_000;
 /// Runs `count` UDP exchanges from `pod` to `to`, each from a different source port (the kernel
 /// would reuse ephemeral ports, which makes the same flow twice). `first_port` is the port of
 /// the first exchange; the others follow it.
-pub fn udp_asks(pod: &Pod, to: SocketAddrV4, first_port: u16, count: usize) -> io::Result<Vec<io::Result<String>>> {
+pub fn udp_asks(
+    pod: &Pod,
+    to: SocketAddrV4,
+    first_port: u16,
+    count: usize,
+) -> io::Result<Vec<io::Result<String>>> {
     in_netns(&pod.netns, move || {
         (0..count)
             .map(|i| {

@@ -133,23 +133,142 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
     let mut later_frag = Pkt::new(cl(3), (VIP, 53), UDP);
     later_frag.fragment_offset = 185;
     vec![
-        Row { desc: "TCP SYN to a VIP: new flow, DNAT to the Maglev choice", prog, bytes: syn.bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)] },
-        Row { desc: "next packet of that flow: conntrack hit, same backend", prog, bytes: Pkt::new(cl(1), (VIP, 80), ACK).bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)] },
-        Row { desc: "UDP with a checksum to a VIP", prog, bytes: Pkt::new(cl(4), (VIP, 53), UDP).bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)] },
-        Row { desc: "UDP without a checksum to a VIP: stays 0", prog, bytes: Pkt::new(cl(5), (VIP, 53), UDP_NOCSUM).bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)] },
-        Row { desc: "IPv4 with options to a VIP: IHL honoured", prog, bytes: options.bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)] },
-        Row { desc: "first fragment to a VIP: load-balanced and counted", prog, bytes: first_frag.bytes(), verdict: ok, out: Out::DnatByMaglev, counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::FIRST_FRAGMENT, 1)] },
-        Row { desc: "non-first fragment: passed untouched", prog, bytes: later_frag.bytes(), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_FRAGMENT, 1)] },
-        Row { desc: "VIP with no backends: dropped", prog, bytes: Pkt::new(cl(6), (VIP_EMPTY, 80), SYN).bytes(), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_BACKEND, 1)] },
-        Row { desc: "VIP address, port not in the service: passed", prog, bytes: Pkt::new(cl(7), (VIP, 81), SYN).bytes(), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)] },
-        Row { desc: "VIP:port with another protocol: passed", prog, bytes: Pkt::new(cl(8), (VIP, 80), UDP).bytes(), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)] },
-        Row { desc: "non-VIP destination: passed untouched", prog, bytes: Pkt::new(cl(9), (Ipv4Addr::new(10, 244, 1, 5), 80), SYN).bytes(), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)] },
-        Row { desc: "ICMP to a VIP: passed untouched", prog, bytes: icmp_echo_to(VIP), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_OTHER_PROTO, 1)] },
-        Row { desc: "ARP: passed untouched", prog, bytes: ether(0x0806, &[0u8; 28]), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_IP, 1)] },
-        Row { desc: "IPv6: passed untouched", prog, bytes: ether(0x86dd, &[0x60; 48]), verdict: ok, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::PASS_IPV6, 1)] },
-        Row { desc: "truncated inside the TCP header: dropped", prog, bytes: truncated(&syn, 14 + 20 + 12), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)] },
-        Row { desc: "truncated inside the UDP header: dropped", prog, bytes: truncated(&Pkt::new(cl(10), (VIP, 53), UDP), 14 + 20 + 5), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)] },
-        Row { desc: "IHL below 5: dropped", prog, bytes: with_ihl(&syn, 4), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)] },
+        Row {
+            desc: "TCP SYN to a VIP: new flow, DNAT to the Maglev choice",
+            prog,
+            bytes: syn.bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "next packet of that flow: conntrack hit, same backend",
+            prog,
+            bytes: Pkt::new(cl(1), (VIP, 80), ACK).bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
+        },
+        Row {
+            desc: "UDP with a checksum to a VIP",
+            prog,
+            bytes: Pkt::new(cl(4), (VIP, 53), UDP).bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "UDP without a checksum to a VIP: stays 0",
+            prog,
+            bytes: Pkt::new(cl(5), (VIP, 53), UDP_NOCSUM).bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "IPv4 with options to a VIP: IHL honoured",
+            prog,
+            bytes: options.bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "first fragment to a VIP: load-balanced and counted",
+            prog,
+            bytes: first_frag.bytes(),
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::FIRST_FRAGMENT, 1)],
+        },
+        Row {
+            desc: "non-first fragment: passed untouched",
+            prog,
+            bytes: later_frag.bytes(),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_FRAGMENT, 1)],
+        },
+        Row {
+            desc: "VIP with no backends: dropped",
+            prog,
+            bytes: Pkt::new(cl(6), (VIP_EMPTY, 80), SYN).bytes(),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_BACKEND, 1)],
+        },
+        Row {
+            desc: "VIP address, port not in the service: passed",
+            prog,
+            bytes: Pkt::new(cl(7), (VIP, 81), SYN).bytes(),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)],
+        },
+        Row {
+            desc: "VIP:port with another protocol: passed",
+            prog,
+            bytes: Pkt::new(cl(8), (VIP, 80), UDP).bytes(),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)],
+        },
+        Row {
+            desc: "non-VIP destination: passed untouched",
+            prog,
+            bytes: Pkt::new(cl(9), (Ipv4Addr::new(10, 244, 1, 5), 80), SYN).bytes(),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)],
+        },
+        Row {
+            desc: "ICMP to a VIP: passed untouched",
+            prog,
+            bytes: icmp_echo_to(VIP),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_OTHER_PROTO, 1)],
+        },
+        Row {
+            desc: "ARP: passed untouched",
+            prog,
+            bytes: ether(0x0806, &[0u8; 28]),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_IP, 1)],
+        },
+        Row {
+            desc: "IPv6: passed untouched",
+            prog,
+            bytes: ether(0x86dd, &[0x60; 48]),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_IPV6, 1)],
+        },
+        Row {
+            desc: "truncated inside the TCP header: dropped",
+            prog,
+            bytes: truncated(&syn, 14 + 20 + 12),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+        },
+        Row {
+            desc: "truncated inside the UDP header: dropped",
+            prog,
+            bytes: truncated(&Pkt::new(cl(10), (VIP, 53), UDP), 14 + 20 + 5),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+        },
+        Row {
+            desc: "IHL below 5: dropped",
+            prog,
+            bytes: with_ihl(&syn, 4),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+        },
     ]
     .into_iter()
     .chain((prog == Prog::Xdp).then(|| short_ipv4_rows(prog, &syn, &options, drop)).into_iter().flatten())
@@ -161,8 +280,22 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
 /// XDP only, which shares the parser with TC.
 fn short_ipv4_rows(prog: Prog, syn: &Pkt, options: &Pkt, drop: u32) -> Vec<Row> {
     vec![
-        Row { desc: "truncated inside the IPv4 header: dropped", prog, bytes: truncated(syn, 14 + 10), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)] },
-        Row { desc: "IPv4 options longer than the packet: dropped", prog, bytes: truncated(options, 14 + 22), verdict: drop, out: Out::Unchanged, counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)] },
+        Row {
+            desc: "truncated inside the IPv4 header: dropped",
+            prog,
+            bytes: truncated(syn, 14 + 10),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+        },
+        Row {
+            desc: "IPv4 options longer than the packet: dropped",
+            prog,
+            bytes: truncated(options, 14 + 22),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+        },
     ]
 }
 
@@ -235,11 +368,46 @@ fn tc_forward_and_reply_table() {
     let backend = maglev_choice(&maps, syn.src, syn.dst, 6);
     let udp_backend = maglev_choice(&maps, (CLIENT, 40_004), (VIP, 53), 17);
     let replies = vec![
-        Row { desc: "TCP reply from the backend: source back to the VIP", prog: Prog::TcReply, bytes: Pkt::new(backend, (CLIENT, 40_001), SYN_ACK).bytes(), verdict: TC_OK, out: Out::Snat(VIP, 80), counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)] },
-        Row { desc: "UDP reply from the backend: source back to the VIP", prog: Prog::TcReply, bytes: Pkt::new(udp_backend, (CLIENT, 40_004), UDP).bytes(), verdict: TC_OK, out: Out::Snat(VIP, 53), counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)] },
-        Row { desc: "traffic to a pod that is no reply: passed untouched", prog: Prog::TcReply, bytes: Pkt::new((Ipv4Addr::new(10, 244, 1, 99), 8080), (CLIENT, 40_001), ACK).bytes(), verdict: TC_OK, out: Out::Unchanged, counters: &[(c::RX_REPLY, 1), (c::PASS_NO_REPLY_CT, 1)] },
-        Row { desc: "reply direction, ARP: passed", prog: Prog::TcReply, bytes: ether(0x0806, &[0u8; 28]), verdict: TC_OK, out: Out::Unchanged, counters: &[(c::RX_REPLY, 1), (c::PASS_NON_IP, 1)] },
-        Row { desc: "reply direction, truncated TCP: dropped", prog: Prog::TcReply, bytes: truncated(&Pkt::new(backend, (CLIENT, 40_001), ACK), 14 + 20 + 3), verdict: TC_SHOT, out: Out::Unchanged, counters: &[(c::RX_REPLY, 1), (c::DROP_MALFORMED, 1)] },
+        Row {
+            desc: "TCP reply from the backend: source back to the VIP",
+            prog: Prog::TcReply,
+            bytes: Pkt::new(backend, (CLIENT, 40_001), SYN_ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Snat(VIP, 80),
+            counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
+        },
+        Row {
+            desc: "UDP reply from the backend: source back to the VIP",
+            prog: Prog::TcReply,
+            bytes: Pkt::new(udp_backend, (CLIENT, 40_004), UDP).bytes(),
+            verdict: TC_OK,
+            out: Out::Snat(VIP, 53),
+            counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
+        },
+        Row {
+            desc: "traffic to a pod that is no reply: passed untouched",
+            prog: Prog::TcReply,
+            bytes: Pkt::new((Ipv4Addr::new(10, 244, 1, 99), 8080), (CLIENT, 40_001), ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Unchanged,
+            counters: &[(c::RX_REPLY, 1), (c::PASS_NO_REPLY_CT, 1)],
+        },
+        Row {
+            desc: "reply direction, ARP: passed",
+            prog: Prog::TcReply,
+            bytes: ether(0x0806, &[0u8; 28]),
+            verdict: TC_OK,
+            out: Out::Unchanged,
+            counters: &[(c::RX_REPLY, 1), (c::PASS_NON_IP, 1)],
+        },
+        Row {
+            desc: "reply direction, truncated TCP: dropped",
+            prog: Prog::TcReply,
+            bytes: truncated(&Pkt::new(backend, (CLIENT, 40_001), ACK), 14 + 20 + 3),
+            verdict: TC_SHOT,
+            out: Out::Unchanged,
+            counters: &[(c::RX_REPLY, 1), (c::DROP_MALFORMED, 1)],
+        },
     ];
     for row in &replies {
         check_row(&dp, &maps, row);
@@ -254,21 +422,29 @@ fn xdp_forward_table() {
     }
     // XDP forwards, TC egress translates the reply: the two share the conntrack map.
     let backend = maglev_choice(&maps, (CLIENT, 50_001), (VIP, 80), 6);
-    let reply = Row { desc: "reply to an XDP-forwarded flow", prog: Prog::TcReply, bytes: Pkt::new(backend, (CLIENT, 50_001), SYN_ACK).bytes(), verdict: TC_OK, out: Out::Snat(VIP, 80), counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)] };
+    let reply = Row {
+        desc: "reply to an XDP-forwarded flow",
+        prog: Prog::TcReply,
+        bytes: Pkt::new(backend, (CLIENT, 50_001), SYN_ACK).bytes(),
+        verdict: TC_OK,
+        out: Out::Snat(VIP, 80),
+        counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
+    };
     check_row(&dp, &maps, &reply);
 }
 
 #[test]
 fn flows_spread_over_backends_and_stick() {
     // Many source ports: every backend is used, and a repeated tuple always gets its backend.
-    let (_pins, dp, maps) = load("spread", Mode::Tc);
+    let (_pins, dp, _maps) = load("spread", Mode::Tc);
     let mut seen = BTreeMap::new();
     for port in 0..600u16 {
         let p = Pkt::new((CLIENT, 20_000 + port * 2), (VIP, 80), SYN).bytes();
         let (v, out) = run(&dp, Prog::TcForward, &p);
         assert_eq!(v, TC_OK);
         let first = check_packet(&out).dst;
-        let (_, again) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 20_000 + port * 2), (VIP, 80), ACK).bytes());
+        let (_, again) =
+            run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 20_000 + port * 2), (VIP, 80), ACK).bytes());
         assert_eq!(check_packet(&again).dst, first, "flow moved");
         *seen.entry(first).or_insert(0u32) += 1;
     }

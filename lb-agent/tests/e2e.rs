@@ -27,7 +27,9 @@ const FLOWS: usize = 3_600;
 fn manifests(dir: &Path, backends: &[&Pod]) {
     let endpoints: String = backends
         .iter()
-        .map(|p| format!("- addresses: [{}]\n  nodeName: node{}\n  conditions: {{ready: true}}\n", p.ip, p.node))
+        .map(|p| {
+            format!("- addresses: [{}]\n  nodeName: node{}\n  conditions: {{ready: true}}\n", p.ip, p.node)
+        })
         .collect();
     let yaml = format!(
         r#"apiVersion: v1
@@ -86,7 +88,12 @@ fn cluster(tag: &str, mode: Mode, tx_csum_offload: bool) -> Cluster {
         let ready = wait_until(Duration::from_secs(15), || {
             tcp_asks(client, SocketAddrV4::new(VIP, 80), 1)?.pop().expect("one answer")
         });
-        assert!(ready.is_ok(), "service not reachable from {}: {ready:?}\nagent log:\n{}", client.name, c.lab.agent_log(node));
+        assert!(
+            ready.is_ok(),
+            "service not reachable from {}: {ready:?}\nagent log:\n{}",
+            client.name,
+            c.lab.agent_log(node)
+        );
     }
     c
 }
@@ -101,7 +108,11 @@ fn tally(answers: Vec<std::io::Result<String>>, what: &str) -> BTreeMap<String, 
 }
 
 fn assert_fair(t: &BTreeMap<String, usize>, total: usize, what: &str) {
-    assert_eq!(t.keys().map(String::as_str).collect::<Vec<_>>(), ["b1", "b2", "b3"], "{what}: every backend answers: {t:?}");
+    assert_eq!(
+        t.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["b1", "b2", "b3"],
+        "{what}: every backend answers: {t:?}"
+    );
     let fair = total as f64 / 3.0;
     for (b, n) in t {
         let off = (*n as f64 - fair).abs() / fair;

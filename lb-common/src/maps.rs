@@ -17,14 +17,8 @@ pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 6] = [
-    MAP_LB4_SERVICES,
-    MAP_LB4_BACKENDS,
-    MAP_LB4_MAGLEV,
-    MAP_LB4_CT,
-    MAP_LB_COUNTERS,
-    MAP_LB4_SVC_STATS,
-];
+pub const PINNED_MAPS: [&str; 6] =
+    [MAP_LB4_SERVICES, MAP_LB4_BACKENDS, MAP_LB4_MAGLEV, MAP_LB4_CT, MAP_LB_COUNTERS, MAP_LB4_SVC_STATS];
 
 /// Names of the load-time settings (global variables) of the datapath.
 pub mod globals {
@@ -202,13 +196,18 @@ impl Lb4Backend {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding, so every
-    // bit pattern is valid and there are no uninitialised bytes.
+    // SAFETY: #[repr(C)], made only of integers, with explicit padding fields, so every bit
+    // pattern is valid and no byte is uninitialised. The same holds for the five types below.
     unsafe impl aya::Pod for Lb4ServiceKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Service {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Backend {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Lb4CtKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Lb4CtEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Lb4SvcStats {}
 }
 

@@ -87,7 +87,8 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, now: u64) -> Lookup {
     };
     // SAFETY: a valid map value pointer; concurrent updates of these plain fields are benign.
     let e = unsafe { &mut *entry };
-    if now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(f.proto, e.state) {
+    // Idle for at least its timeout: expired (a timeout of 0 never reuses an entry).
+    if now.saturating_sub(e.last_seen_ns) >= ct_timeout_ns(f.proto, e.state) {
         return Lookup::Miss;
     }
     let syn_only = f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -98,8 +99,7 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, now: u64) -> Lookup {
     let Some(backend) = LB4_BACKENDS.get(e.backend_id) else {
         return Lookup::BackendGone;
     };
-    if backend.state == BACKEND_STATE_FREE || backend.addr != e.nat_addr || backend.port != e.nat_port
-    {
+    if backend.state == BACKEND_STATE_FREE || backend.addr != e.nat_addr || backend.port != e.nat_port {
         return Lookup::BackendGone;
     }
     let state = next_state(f.proto, e.state, f.tcp_flags);

@@ -1,7 +1,7 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
 //! Maglev selection. It only decides; the caller rewrites the packet.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, EbpfContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::warn;
 use lb_common::{counters, hash::lb4_flow_hash, Lb4ServiceKey, BACKEND_STATE_ACTIVE};
 
@@ -34,7 +34,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         count(counters::FIRST_FRAGMENT);
     }
     // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ct_key = conntrack::forward_key(f);
     match conntrack::lookup_forward(&ct_key, f, now) {
         Lookup::Hit(t) => {
@@ -55,8 +55,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     let hash = lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed());
     let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
     let backend = LB4_MAGLEV.get(slot).and_then(|id| LB4_BACKENDS.get(*id).map(|b| (*id, *b)));
-    let Some((backend_id, backend)) = backend.filter(|(_, b)| b.state == BACKEND_STATE_ACTIVE)
-    else {
+    let Some((backend_id, backend)) = backend.filter(|(_, b)| b.state == BACKEND_STATE_ACTIVE) else {
         // The agent never publishes a table that points at a missing backend.
         warn!(ctx, "lb: maglev slot {} of frontend {} has no active backend", slot, svc.id);
         svc_update(svc.id, |s| s.drops += 1);
@@ -78,7 +77,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
 #[inline(always)]
 pub fn lb4_reply(f: &Flow) -> Action {
     // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     match conntrack::lookup_reply(f, now) {
         Some((addr, port)) => Action::Rewrite { addr, port, counter: counters::REV_NAT },
         None => Action::Pass(counters::PASS_NO_REPLY_CT),

@@ -15,8 +15,7 @@ use lb_common::{
 /// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key, read-mostly,
 /// preallocated so the agent's updates never fail for lack of memory at run time.
 #[map(name = "LB4_SERVICES")]
-pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> =
-    HashMap::pinned(capacity::SERVICES, 0);
+pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> = HashMap::pinned(capacity::SERVICES, 0);
 
 /// Backends by id. Written by the agent only; read by the forward programs (new flows, and to
 /// check that a tracked flow's backend still exists). An array: ids are dense and allocated by

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use lb_common::{csum, IPPROTO_UDP};
 
-use crate::parse::{ptr_at, Flow, Ipv4Hdr, ETH_HLEN, IP_CHECK_OFF, IP_DADDR_OFF, IP_SADDR_OFF};
+use crate::parse::{ptr_at, Flow, Ipv4Hdr, ETH_HLEN, IP_DADDR_OFF, IP_SADDR_OFF};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,27 +46,37 @@ fn target(f: &Flow, side: Side) -> Target {
     }
 }
 
+/// TC: addresses, ports and the IPv4 header checksum are written directly; the L4 checksum goes
+/// through `bpf_l4_csum_replace`, which knows whether the socket buffer's checksum is partial
+/// (only pseudo-header changes apply), complete (`skb->csum` follows) or absent. Two helper calls
+/// instead of five.
+#[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
     let t = target(f, side);
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
+    let addr_p = ptr_at::<u32>(data, end, t.addr_off).ok_or(-1i64)?;
+    let port_p = ptr_at::<u16>(data, end, t.port_off).ok_or(-1i64)?;
+    // SAFETY: every pointer was bounds-checked against data_end just above; helpers that may move
+    // packet data are called only after the last direct access.
+    unsafe {
+        (*ip).check = csum::replace4((*ip).check, t.old_addr, addr);
+        *addr_p = addr;
+        *port_p = port;
+    }
     let l4_check = f.l4_check_off();
     let mangled0 = if f.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
-    if t.old_addr != addr {
-        ctx.l4_csum_replace(
-            l4_check,
-            u64::from(t.old_addr),
-            u64::from(addr),
-            mangled0 | u64::from(BPF_F_PSEUDO_HDR) | 4,
-        )?;
-        ctx.l3_csum_replace(ETH_HLEN + IP_CHECK_OFF, u64::from(t.old_addr), u64::from(addr), 4)?;
-        ctx.store(t.addr_off, &addr, 0)?;
-    }
-    if t.old_port != port {
-        ctx.l4_csum_replace(l4_check, u64::from(t.old_port), u64::from(port), mangled0 | 2)?;
-        ctx.store(t.port_off, &port, 0)?;
-    }
+    ctx.l4_csum_replace(
+        l4_check,
+        u64::from(t.old_addr),
+        u64::from(addr),
+        mangled0 | u64::from(BPF_F_PSEUDO_HDR) | 4,
+    )?;
+    ctx.l4_csum_replace(l4_check, u64::from(t.old_port), u64::from(port), mangled0 | 2)?;
     Ok(())
 }
 
+#[inline(always)]
 pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let t = target(f, side);

@@ -60,7 +60,6 @@ pub struct UdpHdr {
 }
 
 /// Offsets of fields the rewriters touch.
-pub const IP_CHECK_OFF: usize = 10;
 pub const IP_SADDR_OFF: usize = 12;
 pub const IP_DADDR_OFF: usize = 16;
 pub const TCP_CHECK_OFF: usize = 16;
@@ -120,9 +119,8 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         return Parsed::Drop(counters::DROP_MALFORMED);
     };
     // SAFETY: bounds checked by ptr_at.
-    let (version_ihl, frag_off, proto, saddr, daddr) = unsafe {
-        ((*ip).version_ihl, u16::from_be((*ip).frag_off), (*ip).proto, (*ip).saddr, (*ip).daddr)
-    };
+    let (version_ihl, frag_off, proto, saddr, daddr) =
+        unsafe { ((*ip).version_ihl, u16::from_be((*ip).frag_off), (*ip).proto, (*ip).saddr, (*ip).daddr) };
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
         return Parsed::Drop(counters::DROP_MALFORMED);

@@ -1,1 +1,42 @@
-fn main(){}
+//! Build, set-up, test, demo and benchmark entry points: `cargo xtask <command>`.
+
+mod bench;
+mod demo;
+mod setup;
+mod test;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "lb development tasks")]
+enum Command {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Set up, then run the whole test suite.
+    Test(test::Options),
+    /// Set up, build, and run the demo cluster in network namespaces.
+    Demo(demo::Options),
+    /// Set up, build, and run the benchmarks; writes BENCHMARKS.md.
+    Bench(bench::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Command::parse() {
+        Command::Setup => setup::run(),
+        Command::Test(o) => test::run(&o),
+        Command::Demo(o) => demo::run(&o),
+        Command::Bench(o) => bench::run(&o),
+    }
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub(crate) fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("{cmd:?}: {e}"))?;
+    anyhow::ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}

@@ -1,0 +1,290 @@
+//! Per-packet cost of the datapath through BPF_PROG_TEST_RUN, beside no-op TC and XDP programs
+//! measured in the same run. Run by `cargo xtask bench`.
+//!
+//! BPF_PROG_TEST_RUN reuses one packet buffer across `repeat` runs, so a program that rewrites the
+//! packet would leave its path after the first run. Each path is therefore built to stay on it:
+//! - established: two services point at each other (A → B, B → A); a packet to A is rewritten to
+//!   B, then to A, ..., each run a conntrack hit with a real rewrite;
+//! - new flow: the same, loaded with every conntrack timeout at 0, so each run misses, hashes,
+//!   reads the Maglev table, writes both conntrack entries and rewrites;
+//! - reply: two reply entries whose translations alternate (X → C becomes V → C and back);
+//! - non-VIP: a packet to no service, left as it is.
+
+use std::{
+    collections::BTreeMap,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    EbpfLoader,
+};
+use clap::Parser;
+use lb_agent::{
+    datapath::{Config, Datapath, Maps, Mode, NOOP_OBJECT, PROG_TC_FORWARD, PROG_TC_REPLY},
+    model::{BackendAddr, Frontend, FrontendAddr, Protocol},
+    sync::{Capacities, Options, Reconciler},
+};
+use lb_common::{Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, CT_DIR_REPLY, CT_STATE_ESTABLISHED};
+
+#[derive(Parser)]
+struct Args {
+    /// Fewer repetitions.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results into this Markdown file (replacing the per-packet section).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Service counts to measure the established path with.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
+    services: Vec<u32>,
+}
+
+const A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+const B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+
+fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    // Ethernet + IPv4 + TCP (ACK) + 8 bytes; checksums are not checked by the programs.
+    let mut p = vec![0u8; 14 + 20 + 20 + 8];
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&48u16.to_be_bytes());
+    p[22] = 64;
+    p[23] = 6;
+    p[26..30].copy_from_slice(&src.0.octets());
+    p[30..34].copy_from_slice(&dst.0.octets());
+    p[34..36].copy_from_slice(&src.1.to_be_bytes());
+    p[36..38].copy_from_slice(&dst.1.to_be_bytes());
+    p[46] = 0x50;
+    p[47] = 0x10; // ACK
+    p
+}
+
+struct Pins(PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(pin_dir: &Path, ct_timeouts_secs: u64) -> Config {
+    Config {
+        pin_dir: pin_dir.to_path_buf(),
+        services: 131_072,
+        backends: 1024,
+        maglev_slots: 65_536,
+        ct_entries: 65_536,
+        ct_timeout_tcp_syn_secs: ct_timeouts_secs,
+        ct_timeout_tcp_established_secs: ct_timeouts_secs,
+        ct_timeout_tcp_close_secs: ct_timeouts_secs,
+        ct_timeout_udp_secs: ct_timeouts_secs,
+        flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
+        bpf_log: false,
+    }
+}
+
+/// A → B:80 and B → A:80, so that rewrites ping-pong between two established flows.
+fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
+    let fe = |vip: Ipv4Addr, to: Ipv4Addr| Frontend {
+        addr: FrontendAddr { vip, port: 80, proto: Protocol::Tcp },
+        service: format!("bench/{vip}"),
+        port_name: String::new(),
+        backends: vec![BackendAddr { ip: to, port: 80, proto: Protocol::Tcp }],
+    };
+    let desired: BTreeMap<_, _> = [fe(A, B), fe(B, A)].into_iter().map(|f| (f.addr, f)).collect();
+    let caps = Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536 };
+    let mut r = Reconciler::new(caps, Options { max_table_size: 65_537, maglev_seed: 0 });
+    let (_, errors) = r.sync(&desired, maps);
+    anyhow::ensure!(errors.is_empty(), "{errors:?}");
+    Ok(())
+}
+
+/// Adds filler services until the map holds `total` (sharing A's table; never matched).
+fn fill_services(maps: &mut Maps, total: u32) -> anyhow::Result<()> {
+    let a = maps.services.get(&Lb4ServiceKey::new(A.octets(), 80, 6), 0)?;
+    let have = maps.read_services()?.len() as u32;
+    for i in have..total {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
+        let svc = Lb4Service { id: 3 + i, ..a };
+        maps.services.insert(Lb4ServiceKey::new(ip.octets(), 443, 6), svc, 0)?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Stat {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn measure(
+    rounds: usize,
+    repeat: u32,
+    mut run: impl FnMut(u32) -> anyhow::Result<f64>,
+) -> anyhow::Result<Stat> {
+    run(2)?; // warm-up, and the first runs that create the ping-pong flows
+    let mut v: Vec<f64> = (0..rounds).map(|_| run(repeat)).collect::<Result<_, _>>()?;
+    v.sort_by(f64::total_cmp);
+    Ok(Stat { min: v[0], median: v[v.len() / 2], max: v[v.len() - 1] })
+}
+
+fn tc_run(p: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let r = p.test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+fn xdp_run(p: &Xdp, pkt: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let r = p.test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (rounds, repeat) = if args.quick { (3, 100_000) } else { (7, 1_000_000) };
+    let base = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
+    let _pins = Pins(base.clone());
+
+    // No-op baselines.
+    let mut noop = EbpfLoader::new().load(NOOP_OBJECT).context("loading no-op programs")?;
+    let noop_tc: &mut SchedClassifier = noop.program_mut("noop_tc").context("noop_tc")?.try_into()?;
+    noop_tc.load()?;
+    let noop_xdp: &mut Xdp = noop.program_mut("noop_xdp").context("noop_xdp")?.try_into()?;
+    noop_xdp.load()?;
+    let noop_tc: &SchedClassifier = noop.program("noop_tc").context("noop_tc")?.try_into()?;
+    let noop_xdp: &Xdp = noop.program("noop_xdp").context("noop_xdp")?.try_into()?;
+
+    let (dp, mut maps) = Datapath::load(&config(&base.join("est"), 3600), Mode::Xdp)?;
+    ping_pong(&mut maps)?;
+    let (dp_new, mut maps_new) = Datapath::load(&config(&base.join("new"), 0), Mode::Xdp)?;
+    ping_pong(&mut maps_new)?;
+    // Reply entries that alternate: X → C becomes A → C, and A → C becomes X → C.
+    let x = (Ipv4Addr::new(10, 244, 2, 4), 8080u16);
+    let c = (CLIENT, 40_000u16);
+    for (from, to) in [(x, (A, 80)), ((A, 80), x)] {
+        let key = Lb4CtKey {
+            saddr: u32::from_ne_bytes(from.0.octets()),
+            daddr: u32::from_ne_bytes(c.0.octets()),
+            sport: from.1.to_be(),
+            dport: c.1.to_be(),
+            proto: 6,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let e = Lb4CtEntry {
+            nat_addr: u32::from_ne_bytes(to.0.octets()),
+            nat_port: to.1.to_be(),
+            state: CT_STATE_ESTABLISHED,
+            backend_id: 1,
+            svc_id: 1,
+            ..Default::default()
+        };
+        maps.ct.insert(key, e, 0)?;
+    }
+
+    let to_a = packet(c, (A, 80));
+    let non_vip = packet(c, (Ipv4Addr::new(10, 244, 1, 5), 80));
+    let reply = packet(x, c);
+    let tc_fwd = dp.tc_program(PROG_TC_FORWARD).context("tc forward")?;
+    let tc_rep = dp.tc_program(PROG_TC_REPLY).context("tc reply")?;
+    let xdp = dp.xdp_program().context("xdp")?;
+    let tc_fwd_new = dp_new.tc_program(PROG_TC_FORWARD).context("tc forward")?;
+    let xdp_new = dp_new.xdp_program().context("xdp")?;
+
+    println!("per-packet cost, ns (BPF_PROG_TEST_RUN, repeat {repeat}, {rounds} rounds: min / median / max)");
+    let mut rows: Vec<(String, &str, Stat)> = Vec::new();
+    let mut add = |path: &str, prog: &'static str, s: Stat| {
+        println!("  {path:<34} {prog:<4} {:7.1} {:7.1} {:7.1}", s.min, s.median, s.max);
+        rows.push((path.to_string(), prog, s));
+    };
+    add("no-op program", "TC", measure(rounds, repeat, |r| tc_run(noop_tc, &to_a, r))?);
+    add("no-op program", "XDP", measure(rounds, repeat, |r| xdp_run(noop_xdp, &to_a, r))?);
+    add("non-VIP packet", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &non_vip, r))?);
+    add("non-VIP packet", "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &non_vip, r))?);
+    add("new flow", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd_new, &to_a, r))?);
+    add("new flow", "XDP", measure(rounds, repeat, |r| xdp_run(xdp_new, &to_a, r))?);
+    add("reply (reverse NAT)", "TC", measure(rounds, repeat, |r| tc_run(tc_rep, &reply, r))?);
+    for n in &args.services {
+        fill_services(&mut maps, *n)?;
+        let label = format!("established flow, {n} services");
+        add(&label, "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &to_a, r))?);
+        add(&label, "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &to_a, r))?);
+    }
+    drop(maps_new);
+
+    if let Some(path) = args.markdown {
+        write_markdown(&path, &rows, repeat, rounds, args.quick)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, kernel {kernel}")
+}
+
+fn write_markdown(
+    path: &Path,
+    rows: &[(String, &str, Stat)],
+    repeat: u32,
+    rounds: usize,
+    quick: bool,
+) -> anyhow::Result<()> {
+    const BEGIN: &str = "<!-- per-packet:begin -->";
+    const END: &str = "<!-- per-packet:end -->";
+    let noop = |prog: &str| {
+        rows.iter().find(|(p, g, _)| p == "no-op program" && *g == prog).map_or(0.0, |r| r.2.median)
+    };
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut s = String::new();
+    s.push_str(&format!("{BEGIN}\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n"));
+    s.push_str(&format!(
+        "Command: `cargo xtask bench{}` · date: {date} · machine: {}\n\n",
+        if quick { " --quick" } else { "" },
+        machine()
+    ));
+    s.push_str(&format!("Each figure is the kernel's average over `repeat` = {repeat} runs; {rounds} rounds give min / median / max. \"Over no-op\" is the median minus the no-op program's median of the same type, measured in the same run.\n\n"));
+    s.push_str(
+        "| path | program | min ns | median ns | max ns | over no-op |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for (p, g, st) in rows {
+        s.push_str(&format!(
+            "| {p} | {g} | {:.1} | {:.1} | {:.1} | {:+.1} |\n",
+            st.min,
+            st.median,
+            st.max,
+            st.median - noop(g)
+        ));
+    }
+    s.push_str(&format!("\n{END}\n"));
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) => format!("{}{}{}", &old[..b], s, &old[e + END.len()..].trim_start_matches('\n')),
+        _ => format!("{}\n{}", old.trim_end(), s),
+    };
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(new.as_bytes())?;
+    Ok(())
+}

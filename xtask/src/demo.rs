@@ -1,0 +1,38 @@
+//! `cargo xtask demo`: sets up, builds in release mode, and runs the demo cluster.
+
+use std::process::Command;
+
+use crate::{root, run_cmd, setup};
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Tear down as soon as the demo has shown its results.
+    #[arg(long)]
+    once: bool,
+    /// Where the pod → service direction runs.
+    #[arg(long, default_value = "tc", value_parser = ["tc", "xdp"])]
+    datapath: String,
+}
+
+pub fn run(o: &Options) -> anyhow::Result<()> {
+    setup::run()?;
+    println!("demo: building lb-agent and the demo (release)");
+    run_cmd(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "lb-agent",
+        "--bins",
+        "--example",
+        "demo",
+    ]))?;
+    let target = root().join("target/release");
+    let mut cmd = Command::new(target.join("examples/demo"));
+    cmd.arg("--agent").arg(target.join("lb-agent"));
+    cmd.args(["--datapath", &o.datapath]).arg("--examples").arg(root().join("deploy/examples"));
+    if o.once {
+        cmd.arg("--once");
+    }
+    run_cmd(&mut cmd)
+}

@@ -1,0 +1,133 @@
+//! `cargo xtask setup`: installs, idempotently, what building and testing lb need. A second run
+//! only checks, in a few seconds. Anything that cannot be installed is reported on one line with
+//! what is missing and how to get it.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+/// The LLVM major that bpf-linker is built against; the eBPF nightly must use the same one.
+const LLVM_MAJOR: &str = "22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain that builds the eBPF crate (see lb-agent/build.rs and shared TOOLCHAIN notes).
+pub const EBPF_TOOLCHAIN: &str = "nightly";
+
+/// Debian packages: what needs them.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker builds and runs against LLVM 22"),
+    ("iproute2", "ip: namespaces, veth pairs and routes in tests and the demo"),
+    ("bpftool", "inspecting programs and maps"),
+    ("ethtool", "turning checksum offload off in tests"),
+];
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<&'static str>) -> anyhow::Result<()> {
+    match f() {
+        Ok(what) => {
+            println!("setup: {name}: {what}");
+            Ok(())
+        }
+        Err(e) => bail!("setup: {name}: {e:#}"),
+    }
+}
+
+fn apt_packages() -> anyhow::Result<&'static str> {
+    let installed = |p: &str| {
+        output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.trim() == "install ok installed")
+    };
+    let missing: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok("present");
+    }
+    let why: Vec<String> =
+        APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)).map(|(p, w)| format!("{p} ({w})")).collect();
+    println!("setup: installing {}", why.join(", "));
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("apt-get not found")?;
+        anyhow::ensure!(status.success(), "apt-get {} failed", args.join(" "));
+        Ok(())
+    };
+    apt(&["update", "-qq"])
+        .and_then(|()| apt(&[&["install", "-y", "-qq", "--no-install-recommends"][..], &missing].concat()))
+        .with_context(|| {
+            format!("missing {}: run as root, or `apt-get install {}`", missing.join(" "), missing.join(" "))
+        })?;
+    Ok("installed")
+}
+
+fn nightly() -> anyhow::Result<&'static str> {
+    let v = output("rustc", &[&format!("+{EBPF_TOOLCHAIN}"), "-vV"]).with_context(|| {
+        format!("no `{EBPF_TOOLCHAIN}` toolchain: `rustup toolchain install {EBPF_TOOLCHAIN}` (one with LLVM {LLVM_MAJOR})")
+    })?;
+    let llvm = v.lines().find_map(|l| l.strip_prefix("LLVM version: ")).unwrap_or("unknown");
+    anyhow::ensure!(
+        llvm.split('.').next() == Some(LLVM_MAJOR),
+        "`{EBPF_TOOLCHAIN}` uses LLVM {llvm}, bpf-linker needs LLVM {LLVM_MAJOR}: install a nightly with LLVM {LLVM_MAJOR} (2026-05-19 has 22.1) and do not `rustup update nightly`"
+    );
+    let components = output("rustup", &["component", "list", "--toolchain", EBPF_TOOLCHAIN, "--installed"])
+        .unwrap_or_default();
+    if components.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok("LLVM 22, rust-src present");
+    }
+    let status = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN])
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "could not add rust-src: `rustup component add rust-src --toolchain {EBPF_TOOLCHAIN}`"
+    );
+    Ok("rust-src installed")
+}
+
+fn bpf_linker() -> anyhow::Result<&'static str> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok("present");
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)");
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{LLVM_MAJOR}"))
+        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"))
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo install bpf-linker failed: needs llvm-{LLVM_MAJOR}-dev and crates.io"
+    );
+    Ok("installed")
+}
+
+fn bpffs() -> anyhow::Result<&'static str> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok("mounted");
+    }
+    let status = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status()?;
+    anyhow::ensure!(status.success(), "could not mount bpffs: `mount -t bpf bpf /sys/fs/bpf` as root");
+    Ok("mounted now")
+}
+
+pub fn run() -> anyhow::Result<()> {
+    step("apt packages", apt_packages)?;
+    step("eBPF toolchain", nightly)?;
+    step("bpf-linker", bpf_linker)?;
+    step("bpffs", bpffs)?;
+    Ok(())
+}
