@@ -295,6 +295,10 @@ impl Drop for Lab {
             let _ = ip(&["netns", "del", &ns]);
         }
         let _ = std::fs::remove_dir_all(&self.pin_root);
+        // The shared parent goes too once no other lab uses it (fails harmlessly otherwise).
+        if let Some(parent) = self.pin_root.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
