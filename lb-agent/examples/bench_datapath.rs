@@ -78,11 +78,13 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64) -> Config {
         backends: 1024,
         maglev_slots: 65_536,
         ct_entries: 65_536,
+        affinity_entries: 1024,
         ct_timeout_tcp_syn_secs: ct_timeouts_secs,
         ct_timeout_tcp_established_secs: ct_timeouts_secs,
         ct_timeout_tcp_close_secs: ct_timeouts_secs,
         ct_timeout_udp_secs: ct_timeouts_secs,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
+        hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
         bpf_log: false,
     }
 }
@@ -94,11 +96,17 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
         service: format!("bench/{vip}"),
         port_name: String::new(),
         backends: vec![BackendAddr { ip: to, port: 80, proto: Protocol::Tcp }],
+        kept: Vec::new(),
+        affinity_timeout_secs: 0,
+        local_only: false,
     };
     let desired: BTreeMap<_, _> = [fe(A, B), fe(B, A)].into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536 };
-    let mut r = Reconciler::new(caps, Options { max_table_size: 65_537, maglev_seed: 0 });
-    let (_, errors) = r.sync(&desired, maps);
+    let mut r = Reconciler::new(
+        caps,
+        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
+    );
+    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     Ok(())
 }

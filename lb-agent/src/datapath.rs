@@ -15,8 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counters, globals, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
-    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
+    counters, globals, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service,
+    Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV,
+    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
 };
 
 use crate::sync::MapWriter;
@@ -46,11 +47,14 @@ pub struct Config {
     pub backends: u32,
     pub maglev_slots: u32,
     pub ct_entries: u32,
+    pub affinity_entries: u32,
     pub ct_timeout_tcp_syn_secs: u64,
     pub ct_timeout_tcp_established_secs: u64,
     pub ct_timeout_tcp_close_secs: u64,
     pub ct_timeout_udp_secs: u64,
     pub flow_hash_seed: u32,
+    /// Source address of hairpinned flows.
+    pub hairpin_addr: std::net::Ipv4Addr,
     /// Kernel-side aya-log on (true) or compiled in but silent (false).
     pub bpf_log: bool,
 }
@@ -79,6 +83,7 @@ pub struct Maps {
     pub ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
     pub counters: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
+    pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -101,6 +106,7 @@ impl Maps {
             ct: take(ebpf, MAP_LB4_CT)?,
             counters: take(ebpf, MAP_LB_COUNTERS)?,
             svc_stats: take(ebpf, MAP_LB4_SVC_STATS)?,
+            affinity: take(ebpf, MAP_LB4_AFFINITY)?,
         })
     }
 
@@ -121,6 +127,7 @@ impl Maps {
             ct: open(pin_dir, MAP_LB4_CT)?,
             counters: open(pin_dir, MAP_LB_COUNTERS)?,
             svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
+            affinity: open(pin_dir, MAP_LB4_AFFINITY)?,
         })
     }
 
@@ -185,6 +192,24 @@ impl MapWriter for Maps {
             other => other,
         }
     }
+
+    fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), MapError> {
+        // One pass over the (LRU-bounded) affinity map; entries of other frontends are untouched.
+        let stale: Vec<Lb4AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.svc_id == svc_id && backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            match self.affinity.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 enum Link {
@@ -215,6 +240,7 @@ impl Datapath {
             secs(cfg.ct_timeout_udp_secs),
         );
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
+        let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.pin_dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.services)
@@ -222,11 +248,13 @@ impl Datapath {
             .map_max_entries(MAP_LB4_BACKENDS, cfg.backends)
             .map_max_entries(MAP_LB4_MAGLEV, cfg.maglev_slots)
             .map_max_entries(MAP_LB4_CT, cfg.ct_entries)
+            .map_max_entries(MAP_LB4_AFFINITY, cfg.affinity_entries)
             .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
             .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
             .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)
             .override_global(globals::CT_TIMEOUT_UDP_NS, &udp, true)
             .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
+            .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {

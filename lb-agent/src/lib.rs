@@ -4,6 +4,7 @@
 //! (desired state → map writes), [`alloc`]. Layers that touch the outside: [`manifests`] (files),
 //! [`datapath`] (the kernel).
 
+pub mod agent;
 pub mod alloc;
 pub mod datapath;
 pub mod maglev;

@@ -5,9 +5,12 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Table sizes to choose from: primes, each about twice the previous one.
-pub const TABLE_SIZES: [u32; 13] =
-    [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65537, 131071, 262139, 524287, 1048573];
+/// Table sizes to choose from: primes about 20 % apart, so a table is never much larger than 100
+/// slots per backend asks for.
+pub const TABLE_SIZES: [u32; 33] = [
+    251, 307, 367, 443, 541, 653, 787, 947, 1129, 1361, 1637, 1973, 2371, 2851, 3413, 4099, 4919, 5903, 7079,
+    8501, 10211, 12251, 14699, 17627, 21149, 25391, 30467, 36563, 43867, 52639, 65537, 131071, 262139,
+];
 
 /// Default upper bound of a table's size.
 pub const DEFAULT_MAX_TABLE_SIZE: u32 = 65_537;
@@ -162,9 +165,14 @@ mod tests {
     fn table_size_follows_backend_count() {
         assert_eq!(table_size(0, DEFAULT_MAX_TABLE_SIZE), 251);
         assert_eq!(table_size(2, DEFAULT_MAX_TABLE_SIZE), 251);
-        assert_eq!(table_size(3, DEFAULT_MAX_TABLE_SIZE), 509);
-        assert_eq!(table_size(100, DEFAULT_MAX_TABLE_SIZE), 16381);
+        assert_eq!(table_size(3, DEFAULT_MAX_TABLE_SIZE), 307);
+        assert_eq!(table_size(100, DEFAULT_MAX_TABLE_SIZE), 10211);
         assert_eq!(table_size(1000, DEFAULT_MAX_TABLE_SIZE), 65537);
-        assert_eq!(table_size(5000, 16381), 16381);
+        assert_eq!(table_size(5000, 17627), 17627);
+        assert!(
+            TABLE_SIZES.iter().all(|p| (2..*p).take_while(|d| d * d <= *p).all(|d| p % d != 0)),
+            "all prime"
+        );
+        assert!(TABLE_SIZES.windows(2).all(|w| w[0] < w[1]));
     }
 }

@@ -8,13 +8,14 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use lb_agent::{
+    agent::Agent,
     datapath::{self, Datapath, Mode},
     maglev, manifests, model,
     sync::{Capacities, Options, Reconciler},
 };
 use lb_common::{capacity, default_timeouts, hash::DEFAULT_FLOW_HASH_SEED};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
@@ -31,9 +32,24 @@ struct Args {
     /// Where the pod → service direction runs.
     #[arg(long, value_enum, default_value = "tc")]
     datapath: Mode,
-    /// This node's name (for node-local semantics).
+    /// This node's name (internalTrafficPolicy Local, node topology hints).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// This node's zone (zone topology hints).
+    #[arg(long)]
+    zone: Option<String>,
+    /// Also handle Services labelled service.kubernetes.io/service-proxy-name with this value.
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Reject Services with more endpoints than this.
+    #[arg(long, default_value_t = model::DEFAULT_MAX_ENDPOINTS)]
+    max_endpoints_per_service: usize,
+    /// Seconds a backend that left every Service keeps its established TCP flows.
+    #[arg(long, default_value_t = Options::DEFAULT_DRAIN_TIMEOUT.as_secs())]
+    drain_timeout: u64,
+    /// Source address for hairpinned flows (a pod reaching itself through a Service).
+    #[arg(long, default_value_t = std::net::Ipv4Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR))]
+    hairpin_addr: std::net::Ipv4Addr,
     /// Capacity of the service (frontend) map.
     #[arg(long, default_value_t = capacity::SERVICES)]
     max_services: u32,
@@ -49,6 +65,9 @@ struct Args {
     /// Conntrack entries (two per flow).
     #[arg(long, default_value_t = capacity::CT)]
     ct_entries: u32,
+    /// ClientIP session affinity entries.
+    #[arg(long, default_value_t = capacity::AFFINITY)]
+    affinity_entries: u32,
     #[arg(long, default_value_t = default_timeouts::TCP_SYN_SECS)]
     ct_timeout_tcp_syn: u64,
     #[arg(long, default_value_t = default_timeouts::TCP_ESTABLISHED_SECS)]
@@ -79,45 +98,52 @@ async fn main() -> anyhow::Result<()> {
         backends: args.max_backends,
         maglev_slots: args.maglev_slots,
         ct_entries: args.ct_entries,
+        affinity_entries: args.affinity_entries,
         ct_timeout_tcp_syn_secs: args.ct_timeout_tcp_syn,
         ct_timeout_tcp_established_secs: args.ct_timeout_tcp_established,
         ct_timeout_tcp_close_secs: args.ct_timeout_tcp_close,
         ct_timeout_udp_secs: args.ct_timeout_udp,
         flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
+        hairpin_addr: args.hairpin_addr,
         bpf_log: args.bpf_log,
     };
-    let (mut dp, mut maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
+    let (mut dp, maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,
         maglev_slots: args.maglev_slots,
     };
-    let opts = Options { max_table_size: args.maglev_max_table_size, maglev_seed: 0 };
-    let mut reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?);
+    let opts = Options {
+        max_table_size: args.maglev_max_table_size,
+        maglev_seed: 0,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    };
+    let reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?);
+    let ctx = model::Context {
+        node_name: args.node_name.clone(),
+        zone: args.zone.clone(),
+        service_proxy_name: args.service_proxy_name.clone(),
+        max_endpoints_per_service: args.max_endpoints_per_service,
+    };
+    let mut agent = Agent::new(maps, reconciler, ctx);
 
-    let started = Instant::now();
-    let objects = manifests::read_dir(&args.manifests)
-        .with_context(|| format!("reading --manifests {}", args.manifests.display()))?;
-    for e in &objects.errors {
-        error!(reason = e.reason_label(), "{e}");
-    }
-    let model = model::build(&objects.services, &objects.slices);
-    for e in &model.errors {
-        error!(reason = e.reason_label(), "{e}");
-    }
-    let (stats, errors) = reconciler.sync(&model.frontends, &mut maps);
-    for e in &errors {
-        error!(reason = e.reason_label(), "{e}");
-    }
-    info!(
-        frontends = model.frontends.len(),
-        written = stats.frontends_written,
-        removed = stats.frontends_removed,
-        backends_written = stats.backends_written,
-        backends_removed = stats.backends_removed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "maps synced"
-    );
+    // Watch the directory before the first read, so that no change slips between them.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev {
+            if ev.paths.iter().any(|p| manifests::is_manifest(p)) {
+                let _ = tx.send(Instant::now());
+            }
+        }
+    })
+    .context("file watcher")?;
+    notify::Watcher::watch(&mut watcher, &args.manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching --manifests {}", args.manifests.display()))?;
+    let read = |dir: &std::path::Path| {
+        manifests::read_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))
+    };
+    agent.apply(read(&args.manifests)?);
+    attach_matching(&mut dp, &args.interfaces);
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -126,8 +152,23 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Some(seen) = changes.recv() => {
+                // Editors write in bursts: take what else arrives within 50 ms in the same read.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while changes.try_recv().is_ok() {}
+                match read(&args.manifests) {
+                    Ok(objects) => {
+                        let report = agent.apply(objects);
+                        debug!(latency_us = seen.elapsed().as_micros() as u64, "change applied");
+                        let _ = report;
+                    }
+                    // The directory itself is unreadable: keep serving the last good state.
+                    Err(e) => error!("{e:#}"),
+                }
+            }
             _ = tick.tick() => {
                 attach_matching(&mut dp, &args.interfaces);
+                agent.tick(Instant::now());
                 dp.flush_logs();
             }
         }

@@ -26,10 +26,26 @@ pub enum ManifestError {
     #[error("{path}: document {doc}: not valid YAML/JSON: {reason}")]
     Syntax { path: PathBuf, doc: usize, reason: String },
     #[error("{path}: {kind} {object}: field {field}: {reason}")]
-    Object { path: PathBuf, kind: String, object: String, field: String, reason: String },
+    Object {
+        path: PathBuf,
+        kind: String,
+        object: String,
+        field: String,
+        reason: String,
+        /// The Service (`namespace/name`) the object belongs to, when it can be told.
+        service: Option<String>,
+    },
 }
 
 impl ManifestError {
+    /// The Service this bad object belongs to: it keeps what it had until the object is fixed.
+    pub fn service(&self) -> Option<String> {
+        match self {
+            Self::Object { service, .. } => service.clone(),
+            _ => None,
+        }
+    }
+
     pub const fn reason_label(&self) -> &'static str {
         match self {
             Self::Read { .. } => "read",
@@ -90,17 +106,22 @@ fn str_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
 fn read_value(path: &Path, v: Value, out: &mut Objects) {
     let kind = str_at(&v, &["kind"]).unwrap_or("").to_string();
     let api = str_at(&v, &["apiVersion"]).unwrap_or("").to_string();
-    let object = format!(
-        "{}/{}",
-        str_at(&v, &["metadata", "namespace"]).unwrap_or("default"),
-        str_at(&v, &["metadata", "name"]).unwrap_or("<unnamed>")
-    );
+    let namespace = str_at(&v, &["metadata", "namespace"]).unwrap_or("default");
+    let name = str_at(&v, &["metadata", "name"]);
+    let object = format!("{namespace}/{}", name.unwrap_or("<unnamed>"));
+    let service = match kind.as_str() {
+        "Service" => name.map(|n| format!("{namespace}/{n}")),
+        "EndpointSlice" => str_at(&v, &["metadata", "labels", crate::model::LABEL_SERVICE_NAME])
+            .map(|s| format!("{namespace}/{s}")),
+        _ => None,
+    };
     let err = |field: String, reason: String| ManifestError::Object {
         path: path.into(),
         kind: if kind.is_empty() { "object".into() } else { kind.clone() },
         object: object.clone(),
         field,
         reason,
+        service: service.clone(),
     };
     match (api.as_str(), kind.as_str()) {
         ("v1", "List") => match v.get("items").and_then(Value::as_sequence) {

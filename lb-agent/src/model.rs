@@ -74,6 +74,15 @@ impl fmt::Display for FrontendAddr {
     }
 }
 
+/// What a backend may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendState {
+    /// Ready: may take new flows where it is in a table.
+    Active,
+    /// Not ready or terminating: keeps its established flows, takes no new ones.
+    Terminating,
+}
+
 /// What the datapath should do for one VIP:port/protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
@@ -82,9 +91,48 @@ pub struct Frontend {
     pub service: String,
     /// The Service port's name ("" when unnamed).
     pub port_name: String,
-    /// Backends for new flows, sorted and without duplicates.
+    /// Backends for new flows (the Maglev table), sorted and without duplicates.
     pub backends: Vec<BackendAddr>,
+    /// Endpoints still listed but not used for new flows (not ready, terminating, or left out by
+    /// topology or locality). Their established flows are kept.
+    pub kept: Vec<(BackendAddr, BackendState)>,
+    /// ClientIP session affinity timeout; 0 = none.
+    pub affinity_timeout_secs: u32,
+    /// `internalTrafficPolicy: Local`.
+    pub local_only: bool,
 }
+
+/// Where this agent runs and what it answers for.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// This node's name (`internalTrafficPolicy: Local`, node hints).
+    pub node_name: Option<String>,
+    /// This node's zone (zone hints).
+    pub zone: Option<String>,
+    /// Services labelled `service.kubernetes.io/service-proxy-name` are ours only with this value.
+    pub service_proxy_name: Option<String>,
+    /// A Service with more endpoints than this is rejected.
+    pub max_endpoints_per_service: usize,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Self {
+            node_name: None,
+            zone: None,
+            service_proxy_name: None,
+            max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+/// Default for [`Context::max_endpoints_per_service`].
+pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+
+const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 /// Why an object (or part of it) was not programmed. Each names the object and the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,6 +167,9 @@ pub struct Model {
     /// Frontends by address; an address claimed twice keeps the first Service (by name).
     pub frontends: BTreeMap<FrontendAddr, Frontend>,
     pub errors: Vec<ModelError>,
+    /// Services (`namespace/name`) whose current objects were rejected: whatever they had
+    /// programmed stays as it was until they are valid again.
+    pub held: BTreeSet<String>,
 }
 
 fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
@@ -153,21 +204,40 @@ struct SvcPort {
     proto: Protocol,
 }
 
-/// The ClusterIP addresses and ports of one Service. `None` when it has no frontend, either on
-/// purpose (headless, ExternalName) or because of errors, which go to `errors`. Partial problems
-/// (one bad port, an IPv6 address) are reported and the rest is kept.
-fn service_frontends(
-    svc: &Service,
-    object: &str,
-    errors: &mut Vec<ModelError>,
-) -> Option<(Vec<Ipv4Addr>, Vec<SvcPort>)> {
+/// What a valid Service asks for.
+struct SvcSpec {
+    vips: Vec<Ipv4Addr>,
+    ports: Vec<SvcPort>,
+    affinity_timeout_secs: u32,
+    local_only: bool,
+}
+
+enum SvcOutcome {
+    /// Not ours (headless, ExternalName, another proxy's).
+    Skip,
+    /// Valid, possibly with parts left out (reported in `errors`).
+    Use(SvcSpec),
+    /// Rejected: reported in `errors`; what it had stays programmed.
+    Reject,
+}
+
+fn service_spec(svc: &Service, object: &str, ctx: &Context, errors: &mut Vec<ModelError>) -> SvcOutcome {
     const KIND: &str = "Service";
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return SvcOutcome::Skip;
+    }
+    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
+        if ctx.service_proxy_name.as_deref() != Some(proxy.as_str()) {
+            return SvcOutcome::Skip;
+        }
+    }
     let Some(spec) = svc.spec.as_ref() else {
         errors.push(ModelError::invalid(KIND, object, "spec".into(), "missing"));
-        return None;
+        return SvcOutcome::Reject;
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return None;
+        return SvcOutcome::Skip;
     }
     let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
     if ips.is_empty() {
@@ -175,10 +245,10 @@ fn service_frontends(
     }
     if ips.is_empty() {
         errors.push(ModelError::invalid(KIND, object, "spec.clusterIP".into(), "missing"));
-        return None;
+        return SvcOutcome::Reject;
     }
     if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
-        return None; // headless
+        return SvcOutcome::Skip; // headless
     }
     let mut vips = Vec::new();
     for (i, ip) in ips.iter().enumerate() {
@@ -191,70 +261,112 @@ fn service_frontends(
             Ok(IpAddr::V4(v4)) => vips.push(v4),
             Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
             Err(_) => {
-                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")))
+                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")));
+                return SvcOutcome::Reject;
             }
         }
     }
-    let mut ports = Vec::new();
     let svc_ports = spec.ports.as_deref().unwrap_or_default();
     if svc_ports.is_empty() {
         errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
+        return SvcOutcome::Reject;
     }
+    let mut ports = Vec::new();
     for (i, p) in svc_ports.iter().enumerate() {
-        let proto = parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref());
-        let port = parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port);
-        match (proto, port) {
-            (Ok(proto), Ok(port)) => {
-                ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto })
+        let port = match parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port) {
+            Ok(port) => port,
+            Err(e) => {
+                errors.push(e);
+                return SvcOutcome::Reject;
             }
-            (proto, port) => errors.extend(proto.err().into_iter().chain(port.err())),
+        };
+        match parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref()) {
+            Ok(proto) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
+            // SCTP: that port is left out and reported; the others work.
+            Err(e @ ModelError::Unsupported { .. }) => errors.push(e),
+            Err(e) => {
+                errors.push(e);
+                return SvcOutcome::Reject;
+            }
         }
     }
-    (!vips.is_empty() && !ports.is_empty()).then_some((vips, ports))
+    let affinity_timeout_secs = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS as i32);
+            match u32::try_from(t).ok().filter(|t| (1..=86_400).contains(t)) {
+                Some(t) => t,
+                None => {
+                    let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into();
+                    errors.push(ModelError::invalid(KIND, object, field, format!("{t} is not in 1-86400")));
+                    return SvcOutcome::Reject;
+                }
+            }
+        }
+        None | Some("None") => 0,
+        Some(other) => {
+            let field = "spec.sessionAffinity".into();
+            errors.push(ModelError::invalid(KIND, object, field, format!("unknown value {other:?}")));
+            return SvcOutcome::Reject;
+        }
+    };
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    if vips.is_empty() || ports.is_empty() {
+        return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
+    }
+    SvcOutcome::Use(SvcSpec { vips, ports, affinity_timeout_secs, local_only })
 }
 
-/// An endpoint's address and the port it serves, for one Service port.
+/// One endpoint serving one Service port.
+#[derive(Clone)]
 struct EndpointPort {
     ip: Ipv4Addr,
     port: u16,
     ready: bool,
-    serving_terminating: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
 }
 
-/// Endpoints of the slices of one Service, per Service port name and protocol.
-fn slice_endpoints(
-    slice: &EndpointSlice,
-    object: &str,
-    out: &mut BTreeMap<(String, Protocol), Vec<EndpointPort>>,
-    errors: &mut Vec<ModelError>,
-) {
+type EndpointsByPort = BTreeMap<(String, Protocol), Vec<EndpointPort>>;
+
+/// The endpoints of one EndpointSlice, per Service port name and protocol. A slice with a bad
+/// field is rejected whole.
+fn slice_endpoints(slice: &EndpointSlice, object: &str, out: &mut EndpointsByPort) -> Result<(), ModelError> {
     const KIND: &str = "EndpointSlice";
-    if slice.address_type != "IPv4" {
-        if slice.address_type != "IPv6" && slice.address_type != "FQDN" {
-            errors.push(ModelError::invalid(
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return Ok(()),
+        other => {
+            return Err(ModelError::invalid(
                 KIND,
                 object,
                 "addressType".into(),
-                format!("unknown address type {:?}", slice.address_type),
+                format!("unknown address type {other:?}"),
             ));
         }
-        return;
     }
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref())
         {
             Ok(proto) => proto,
-            Err(e) => {
-                errors.push(e);
-                continue;
-            }
+            Err(ModelError::Unsupported { .. }) => continue,
+            Err(e) => return Err(e),
         };
+        // A port without a number means "all ports": only meaningful for selector-less use.
         let Some(port) = p.port else { continue };
-        match parse_port(KIND, object, format!("ports[{i}].port"), port) {
-            Ok(port) => ports.push((p.name.clone().unwrap_or_default(), proto, port)),
-            Err(e) => errors.push(e),
-        }
+        ports.push((
+            p.name.clone().unwrap_or_default(),
+            proto,
+            parse_port(KIND, object, format!("ports[{i}].port"), port)?,
+        ));
     }
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let cond = ep.conditions.as_ref();
@@ -264,35 +376,119 @@ fn slice_endpoints(
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         // Kubernetes uses only the first address of an endpoint.
         let Some(addr) = ep.addresses.first() else {
-            errors.push(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
-            continue;
+            return Err(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
         };
-        let ip = match addr.parse::<Ipv4Addr>() {
-            Ok(ip) => ip,
-            Err(_) => {
-                errors.push(ModelError::invalid(
-                    KIND,
-                    object,
-                    format!("endpoints[{i}].addresses[0]"),
-                    format!("{addr:?} is not an IPv4 address"),
-                ));
-                continue;
-            }
-        };
+        let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
+            ModelError::invalid(
+                KIND,
+                object,
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{addr:?} is not an IPv4 address"),
+            )
+        })?;
+        let hints = ep.hints.as_ref();
+        let zone_hints =
+            hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
+        let node_hints =
+            hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
         for (name, proto, port) in &ports {
             out.entry((name.clone(), *proto)).or_default().push(EndpointPort {
                 ip,
                 port: *port,
                 ready,
-                serving_terminating: serving && terminating,
+                serving,
+                terminating,
+                node: ep.node_name.clone(),
+                zone_hints: BTreeSet::clone(&zone_hints),
+                node_hints: BTreeSet::clone(&node_hints),
             });
         }
     }
+    Ok(())
+}
+
+/// kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint carries
+/// them and some endpoint is hinted for this node (node hints) or zone (zone hints).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    All,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(eps: &[EndpointPort], ctx: &Context) -> Topology {
+    let ready: Vec<&EndpointPort> = eps.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    if let Some(node) = &ctx.node_name {
+        if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(node))
+        {
+            return Topology::SameNode;
+        }
+    }
+    if let Some(zone) = &ctx.zone {
+        if ready.iter().all(|e| !e.zone_hints.is_empty()) && ready.iter().any(|e| e.zone_hints.contains(zone))
+        {
+            return Topology::SameZone;
+        }
+    }
+    Topology::All
+}
+
+fn available(e: &EndpointPort, mode: Topology, ctx: &Context) -> bool {
+    match mode {
+        Topology::All => true,
+        Topology::SameNode => ctx.node_name.as_ref().is_some_and(|n| e.node_hints.contains(n)),
+        Topology::SameZone => ctx.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+    }
+}
+
+/// Picks the endpoints for new flows as kube-proxy's `CategorizeEndpoints` does; the other listed
+/// endpoints are kept for their established flows.
+fn select(
+    eps: &[EndpointPort],
+    proto: Protocol,
+    local_only: bool,
+    ctx: &Context,
+) -> (Vec<BackendAddr>, Vec<(BackendAddr, BackendState)>) {
+    // Merge duplicates (the same address and port in two slices): ready if any copy is.
+    let mut merged: BTreeMap<(Ipv4Addr, u16), EndpointPort> = BTreeMap::new();
+    for e in eps {
+        merged
+            .entry((e.ip, e.port))
+            .and_modify(|m| {
+                m.ready |= e.ready;
+                m.serving |= e.serving;
+                m.terminating &= e.terminating;
+            })
+            .or_insert_with(|| e.clone());
+    }
+    let eps: Vec<EndpointPort> = merged.into_values().collect();
+    let candidates: Vec<&EndpointPort> = if local_only {
+        eps.iter().filter(|e| ctx.node_name.is_some() && e.node == ctx.node_name).collect()
+    } else {
+        let mode = topology_mode(&eps, ctx);
+        eps.iter().filter(|e| available(e, mode, ctx)).collect()
+    };
+    let mut chosen: Vec<&EndpointPort> = candidates.iter().copied().filter(|e| e.ready).collect();
+    if chosen.is_empty() {
+        // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
+        chosen = candidates.iter().copied().filter(|e| e.serving && e.terminating).collect();
+    }
+    let addr = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto };
+    let backends: BTreeSet<BackendAddr> = chosen.iter().map(|e| addr(e)).collect();
+    let kept = eps
+        .iter()
+        .filter(|e| !backends.contains(&addr(e)))
+        .map(|e| (addr(e), if e.ready { BackendState::Active } else { BackendState::Terminating }))
+        .collect();
+    (backends.into_iter().collect(), kept)
 }
 
 /// Translates Services and EndpointSlices into frontends. Invalid objects are reported in
-/// `Model::errors` and left out; everything else is translated.
-pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
+/// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`.
+pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
     let mut model = Model::default();
     // EndpointSlices by (namespace, service name).
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -306,26 +502,45 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
     services.sort_by_key(|s| object_name(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()));
     for svc in services {
         let object = object_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());
-        let Some((vips, ports)) = service_frontends(svc, &object, &mut model.errors) else {
-            continue;
+        let spec = match service_spec(svc, &object, ctx, &mut model.errors) {
+            SvcOutcome::Use(spec) => spec,
+            SvcOutcome::Skip => continue,
+            SvcOutcome::Reject => {
+                model.held.insert(object);
+                continue;
+            }
         };
         let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
-        let mut endpoints = BTreeMap::new();
-        for slice in by_service.get(&(ns, name)).into_iter().flatten() {
+        let mut endpoints = EndpointsByPort::new();
+        let mut rejected = false;
+        let mut slices: Vec<&&EndpointSlice> = by_service.get(&(ns, name)).into_iter().flatten().collect();
+        slices.sort_by_key(|s| s.metadata.name.clone());
+        for slice in slices {
             let slice_object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
-            slice_endpoints(slice, &slice_object, &mut endpoints, &mut model.errors);
-        }
-        for p in &ports {
-            let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
-            let to_backend = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto: p.proto };
-            let mut backends: BTreeSet<BackendAddr> =
-                eps.iter().filter(|e| e.ready).map(to_backend).collect();
-            if backends.is_empty() {
-                // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
-                backends = eps.iter().filter(|e| e.serving_terminating).map(to_backend).collect();
+            if let Err(e) = slice_endpoints(slice, &slice_object, &mut endpoints) {
+                model.errors.push(e);
+                rejected = true;
             }
-            for vip in &vips {
+        }
+        let total: usize = endpoints.values().map(Vec::len).max().unwrap_or(0);
+        if total > ctx.max_endpoints_per_service {
+            model.errors.push(ModelError::invalid(
+                "Service",
+                &object,
+                "endpoints".into(),
+                format!("{total} endpoints, more than the maximum of {}", ctx.max_endpoints_per_service),
+            ));
+            rejected = true;
+        }
+        if rejected {
+            model.held.insert(object);
+            continue;
+        }
+        for p in &spec.ports {
+            let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
+            let (backends, kept) = select(eps, p.proto, spec.local_only, ctx);
+            for vip in &spec.vips {
                 let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
                 if let Some(existing) = model.frontends.get(&addr) {
                     model.errors.push(ModelError::invalid(
@@ -342,7 +557,10 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
                         addr,
                         service: object.clone(),
                         port_name: p.name.clone(),
-                        backends: backends.iter().copied().collect(),
+                        backends: backends.clone(),
+                        kept: kept.clone(),
+                        affinity_timeout_secs: spec.affinity_timeout_secs,
+                        local_only: spec.local_only,
                     },
                 );
             }
@@ -361,7 +579,7 @@ mod tests {
     fn model(yaml: &str) -> (Model, Objects) {
         let mut objects = Objects::default();
         read_bytes(Path::new("test.yaml"), yaml.as_bytes(), &mut objects);
-        (build(&objects.services, &objects.slices), objects)
+        (build(&objects.services, &objects.slices, &Context::default()), objects)
     }
 
     const WEB: &str = r#"

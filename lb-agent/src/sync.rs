@@ -4,17 +4,30 @@
 //!
 //! Order of writes, so that no packet ever sees an inconsistent state: new backends first; then
 //! each changed frontend's Maglev table into a free region; then the frontend entry, which
-//! publishes the table in one map update; only then old regions, removed frontends and backends no
-//! longer used are released.
+//! publishes the table in one map update; only then old regions, removed frontends and backend
+//! state changes.
+//!
+//! Backends (shared by address between frontends) are `ACTIVE` while some frontend may use them
+//! for new flows or lists them as ready; `TERMINATING` while they are only listed as not ready or
+//! terminating; and, once no frontend lists them, `TERMINATING` for the drain timeout and then
+//! freed. A TCP flow keeps its backend for as long as the entry exists; a UDP flow moves as soon
+//! as its backend is terminating; a flow whose backend was freed picks a new one (for TCP the new
+//! backend answers with a reset: the connection's server is gone).
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
-use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE};
+use lb_common::{
+    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
+    BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
+};
 
 use crate::{
     alloc::{IdAllocator, Region, RegionAllocator},
     maglev,
-    model::{BackendAddr, Frontend, FrontendAddr, Protocol},
+    model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
 };
 
 /// Writes to the datapath maps.
@@ -24,15 +37,17 @@ pub trait MapWriter {
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error>;
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error>;
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error>;
+    /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it).
+    fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("frontend {frontend} ({service}): {what} is full (capacity {capacity})")]
     Full { frontend: FrontendAddr, service: String, what: &'static str, capacity: u32 },
-    #[error("frontend {frontend}: writing {what} failed: {source}")]
+    #[error("{object}: writing {what} failed: {source}")]
     Write {
-        frontend: String,
+        object: String,
         what: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -59,6 +74,12 @@ pub struct Capacities {
 pub struct Options {
     pub max_table_size: u32,
     pub maglev_seed: u64,
+    /// How long a backend that no frontend lists any more keeps its established flows.
+    pub drain_timeout: Duration,
+}
+
+impl Options {
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// What one frontend has in the maps.
@@ -66,7 +87,7 @@ pub struct Options {
 struct Programmed {
     id: u32,
     /// `None` after a restore: unknown, so the table is rewritten on the first sync.
-    backends: Option<Vec<BackendAddr>>,
+    frontend: Option<Frontend>,
     region: Option<Region>,
 }
 
@@ -83,7 +104,10 @@ pub struct SyncStats {
 pub struct Reconciler {
     opts: Options,
     frontends: HashMap<FrontendAddr, Programmed>,
-    backends: HashMap<BackendAddr, u32>,
+    /// Backend address → (id, state written).
+    backends: HashMap<BackendAddr, (u32, u8)>,
+    /// Backends no frontend lists any more, and when they are freed.
+    draining: HashMap<BackendAddr, Instant>,
     frontend_ids: IdAllocator,
     backend_ids: IdAllocator,
     regions: RegionAllocator,
@@ -93,8 +117,16 @@ pub fn service_key(a: &FrontendAddr) -> Lb4ServiceKey {
     Lb4ServiceKey::new(a.vip.octets(), a.port, a.proto.number())
 }
 
-fn backend_value(b: &BackendAddr) -> Lb4Backend {
-    Lb4Backend::new(b.ip.octets(), b.port, b.proto.number(), BACKEND_STATE_ACTIVE)
+fn backend_value(b: &BackendAddr, state: u8) -> Lb4Backend {
+    Lb4Backend::new(b.ip.octets(), b.port, b.proto.number(), state)
+}
+
+/// Whether the frontend's entry or table must be rewritten (the `kept` list only changes backend
+/// states, written separately).
+fn same_entry(a: &Frontend, b: &Frontend) -> bool {
+    a.backends == b.backends
+        && a.affinity_timeout_secs == b.affinity_timeout_secs
+        && a.local_only == b.local_only
 }
 
 impl Reconciler {
@@ -103,6 +135,7 @@ impl Reconciler {
             opts,
             frontends: HashMap::new(),
             backends: HashMap::new(),
+            draining: HashMap::new(),
             frontend_ids: IdAllocator::new(caps.services),
             backend_ids: IdAllocator::new(caps.backends),
             regions: RegionAllocator::new(caps.maglev_slots),
@@ -126,7 +159,7 @@ impl Reconciler {
             }
             let addr = BackendAddr { ip: b.addr.to_ne_bytes().into(), port: u16::from_be(b.port), proto };
             if !r.backends.contains_key(&addr) && r.backend_ids.reserve(id) {
-                r.backends.insert(addr, id);
+                r.backends.insert(addr, (id, b.state));
             }
         }
         for (key, svc) in services {
@@ -138,7 +171,7 @@ impl Reconciler {
             }
             let region = Region { offset: svc.maglev_offset, size: svc.maglev_size };
             let region = (svc.maglev_size > 0 && r.regions.reserve(region)).then_some(region);
-            r.frontends.insert(addr, Programmed { id: svc.id, backends: None, region });
+            r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region });
         }
         r
     }
@@ -149,30 +182,51 @@ impl Reconciler {
     }
 
     pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
-        self.backends.get(addr).copied()
+        self.backends.get(addr).map(|(id, _)| *id)
     }
 
     pub fn slots_used(&self) -> u32 {
         self.regions.used()
     }
 
-    /// Brings the maps to `desired`. Frontends that fail are reported and keep what they had;
-    /// the others are still written.
+    pub fn frontends_programmed(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn backends_programmed(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// The earliest time a draining backend is due to be freed (the agent syncs again then).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.draining.values().min().copied()
+    }
+
+    /// Brings the maps to `desired`. Frontends of the Services in `held` that are not in
+    /// `desired` keep what they have (their objects were rejected). Frontends that fail are
+    /// reported and keep what they had; the others are still written.
     pub fn sync<W: MapWriter>(
         &mut self,
         desired: &BTreeMap<FrontendAddr, Frontend>,
+        held: &BTreeSet<String>,
+        now: Instant,
         w: &mut W,
     ) -> (SyncStats, Vec<SyncError>) {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
         for (addr, fe) in desired {
-            match self.sync_frontend(addr, fe, w, &mut stats) {
-                Ok(()) => {}
-                Err(e) => errors.push(e),
+            if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
+                errors.push(e);
             }
         }
-        let gone: Vec<FrontendAddr> =
-            self.frontends.keys().filter(|a| !desired.contains_key(a)).copied().collect();
+        let gone: Vec<FrontendAddr> = self
+            .frontends
+            .iter()
+            .filter(|(a, p)| {
+                !desired.contains_key(a) && !p.frontend.as_ref().is_some_and(|f| held.contains(&f.service))
+            })
+            .map(|(a, _)| *a)
+            .collect();
         for addr in gone {
             match w.remove_service(&service_key(&addr)) {
                 Ok(()) => {
@@ -186,8 +240,34 @@ impl Reconciler {
                 Err(e) => errors.push(write_err(addr.to_string(), "service entry", e)),
             }
         }
-        self.release_unused_backends(w, &mut stats, &mut errors);
+        self.sync_backend_states(now, w, &mut stats, &mut errors);
         (stats, errors)
+    }
+
+    fn backend_id_for<W: MapWriter>(
+        &mut self,
+        b: &BackendAddr,
+        w: &mut W,
+        stats: &mut SyncStats,
+    ) -> Result<Option<u32>, W::Error> {
+        if let Some((id, state)) = self.backends.get(b).copied() {
+            if state != BACKEND_STATE_ACTIVE {
+                // Back in a table: active again before the table names it.
+                w.set_backend(id, &backend_value(b, BACKEND_STATE_ACTIVE))?;
+                self.backends.insert(*b, (id, BACKEND_STATE_ACTIVE));
+                self.draining.remove(b);
+                stats.backends_written += 1;
+            }
+            return Ok(Some(id));
+        }
+        let Some(id) = self.backend_ids.alloc() else { return Ok(None) };
+        if let Err(e) = w.set_backend(id, &backend_value(b, BACKEND_STATE_ACTIVE)) {
+            self.backend_ids.release(id);
+            return Err(e);
+        }
+        self.backends.insert(*b, (id, BACKEND_STATE_ACTIVE));
+        stats.backends_written += 1;
+        Ok(Some(id))
     }
 
     fn sync_frontend<W: MapWriter>(
@@ -197,8 +277,10 @@ impl Reconciler {
         w: &mut W,
         stats: &mut SyncStats,
     ) -> Result<(), SyncError> {
-        if let Some(p) = self.frontends.get(addr) {
-            if p.backends.as_ref() == Some(&fe.backends) {
+        let old = self.frontends.get(addr).and_then(|p| p.frontend.clone());
+        if let Some(old) = &old {
+            if same_entry(old, fe) {
+                self.frontends.get_mut(addr).expect("present").frontend = Some(fe.clone());
                 return Ok(());
             }
         }
@@ -207,23 +289,11 @@ impl Reconciler {
         // Backends first, so the table never names one that is not there yet.
         let mut ids = Vec::with_capacity(fe.backends.len());
         for b in &fe.backends {
-            let id = match self.backends.get(b) {
-                Some(id) => *id,
-                None => {
-                    let id = self
-                        .backend_ids
-                        .alloc()
-                        .ok_or_else(|| full("backend map", self.backend_ids.in_use() as u32))?;
-                    if let Err(e) = w.set_backend(id, &backend_value(b)) {
-                        self.backend_ids.release(id);
-                        return Err(write_err(addr.to_string(), "backend", e));
-                    }
-                    self.backends.insert(*b, id);
-                    stats.backends_written += 1;
-                    id
-                }
-            };
-            ids.push(id);
+            match self.backend_id_for(b, w, stats) {
+                Ok(Some(id)) => ids.push(id),
+                Ok(None) => return Err(full("backend map", self.backend_ids.in_use() as u32)),
+                Err(e) => return Err(write_err(addr.to_string(), "backend", e)),
+            }
         }
         let region = if fe.backends.is_empty() {
             None
@@ -246,25 +316,22 @@ impl Reconciler {
             Some(region)
         };
         let existing = self.frontends.get(addr).map(|p| p.id);
-        let id = match existing {
+        let id = match existing.or_else(|| self.frontend_ids.alloc()) {
             Some(id) => id,
-            None => match self.frontend_ids.alloc() {
-                Some(id) => id,
-                None => {
-                    if let Some(r) = region {
-                        self.regions.release(r);
-                    }
-                    return Err(full("service map", self.frontend_ids.in_use() as u32));
+            None => {
+                if let Some(r) = region {
+                    self.regions.release(r);
                 }
-            },
+                return Err(full("service map", self.frontend_ids.in_use() as u32));
+            }
         };
         let svc = Lb4Service {
             id,
             backend_count: fe.backends.len() as u32,
             maglev_offset: region.map_or(0, |r| r.offset),
             maglev_size: region.map_or(0, |r| r.size),
-            affinity_timeout_secs: 0,
-            flags: 0,
+            affinity_timeout_secs: fe.affinity_timeout_secs,
+            flags: if fe.local_only { SVC_FLAG_LOCAL_ONLY } else { 0 },
         };
         if let Err(e) = w.set_service(&service_key(addr), &svc) {
             if let Some(r) = region {
@@ -275,52 +342,101 @@ impl Reconciler {
             }
             return Err(write_err(addr.to_string(), "service entry", e));
         }
-        let old =
-            self.frontends.insert(*addr, Programmed { id, backends: Some(fe.backends.clone()), region });
-        if let Some(r) = old.and_then(|o| o.region) {
+        // Clients pinned by affinity to a backend that left this frontend pick again.
+        if fe.affinity_timeout_secs > 0 {
+            let left: Vec<u32> = old
+                .iter()
+                .flat_map(|o| o.backends.iter())
+                .filter(|b| !fe.backends.contains(b))
+                .filter_map(|b| self.backends.get(b).map(|(id, _)| *id))
+                .collect();
+            if !left.is_empty() {
+                if let Err(e) = w.remove_affinity(id, &left) {
+                    return Err(write_err(addr.to_string(), "affinity entries", e));
+                }
+            }
+        }
+        let previous = self.frontends.insert(*addr, Programmed { id, frontend: Some(fe.clone()), region });
+        if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r);
         }
         stats.frontends_written += 1;
         Ok(())
     }
 
-    /// Backends that no frontend uses any more are freed: flows still tracked to them pick a
-    /// new backend on their next packet.
-    fn release_unused_backends<W: MapWriter>(
+    /// Writes each backend's state from what the frontends list; frees backends whose drain
+    /// timeout passed.
+    fn sync_backend_states<W: MapWriter>(
         &mut self,
+        now: Instant,
         w: &mut W,
         stats: &mut SyncStats,
         errors: &mut Vec<SyncError>,
     ) {
-        let mut used: std::collections::HashSet<BackendAddr> = std::collections::HashSet::new();
+        let mut want: HashMap<BackendAddr, u8> = HashMap::new();
         for p in self.frontends.values() {
-            match &p.backends {
-                Some(bs) => used.extend(bs.iter().copied()),
-                // Unknown after a restore and not yet rewritten: keep everything.
-                None => return,
+            // Unknown after a restore and not yet rewritten: keep every backend as it is.
+            let Some(fe) = &p.frontend else { return };
+            for b in &fe.backends {
+                want.insert(*b, BACKEND_STATE_ACTIVE);
+            }
+            for (b, s) in &fe.kept {
+                let s = match s {
+                    BackendState::Active => BACKEND_STATE_ACTIVE,
+                    BackendState::Terminating => BACKEND_STATE_TERMINATING,
+                };
+                let e = want.entry(*b).or_insert(s);
+                if s == BACKEND_STATE_ACTIVE {
+                    *e = s;
+                }
             }
         }
-        let unused: Vec<(BackendAddr, u32)> =
-            self.backends.iter().filter(|(a, _)| !used.contains(a)).map(|(a, id)| (*a, *id)).collect();
-        for (addr, id) in unused {
-            match w.set_backend(id, &Lb4Backend::default()) {
-                Ok(()) => {
+        let known: Vec<(BackendAddr, u32, u8)> =
+            self.backends.iter().map(|(a, (id, s))| (*a, *id, *s)).collect();
+        let listed: HashSet<BackendAddr> = want.keys().copied().collect();
+        for (addr, id, state) in known {
+            let (target, free) = match want.get(&addr) {
+                Some(s) => {
+                    self.draining.remove(&addr);
+                    (*s, false)
+                }
+                None => {
+                    let deadline = *self.draining.entry(addr).or_insert(now + self.opts.drain_timeout);
+                    if now >= deadline {
+                        (BACKEND_STATE_FREE, true)
+                    } else {
+                        (BACKEND_STATE_TERMINATING, false)
+                    }
+                }
+            };
+            if target == state {
+                continue;
+            }
+            let value = if free { Lb4Backend::default() } else { backend_value(&addr, target) };
+            match w.set_backend(id, &value) {
+                Ok(()) if free => {
                     self.backends.remove(&addr);
+                    self.draining.remove(&addr);
                     self.backend_ids.release(id);
                     stats.backends_removed += 1;
+                }
+                Ok(()) => {
+                    self.backends.insert(addr, (id, target));
+                    stats.backends_written += 1;
                 }
                 Err(e) => errors.push(write_err(addr.to_string(), "backend", e)),
             }
         }
+        debug_assert!(self.draining.keys().all(|a| !listed.contains(a)));
     }
 }
 
 fn write_err(
-    frontend: String,
+    object: String,
     what: &'static str,
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> SyncError {
-    SyncError::Write { frontend, what, source: Box::new(e) }
+    SyncError::Write { object, what, source: Box::new(e) }
 }
 
 #[cfg(test)]
@@ -363,6 +479,10 @@ mod tests {
             self.services.remove(key);
             Ok(())
         }
+        fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Infallible> {
+            self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
+            Ok(())
+        }
     }
 
     impl FakeMaps {
@@ -378,65 +498,158 @@ mod tests {
     }
 
     const CAPS: Capacities = Capacities { services: 16, backends: 16, maglev_slots: 2048 };
-    const OPTS: Options = Options { max_table_size: 65_537, maglev_seed: 0 };
+    const OPTS: Options =
+        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+
+    fn be(last: u8) -> BackendAddr {
+        BackendAddr { ip: Ipv4Addr::new(10, 244, 0, last), port: 8080, proto: Protocol::Tcp }
+    }
+
+    fn frontend(port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
+        let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp };
+        Frontend {
+            addr,
+            service: "default/s".into(),
+            port_name: String::new(),
+            backends: last.iter().map(|l| be(*l)).collect(),
+            kept: kept.iter().map(|(l, s)| (be(*l), *s)).collect(),
+            affinity_timeout_secs: affinity,
+            local_only: false,
+        }
+    }
 
     fn fe(last: &[u8]) -> BTreeMap<FrontendAddr, Frontend> {
-        let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port: 80, proto: Protocol::Tcp };
-        let backends = last
-            .iter()
-            .map(|l| BackendAddr { ip: Ipv4Addr::new(10, 244, 0, *l), port: 8080, proto: Protocol::Tcp })
-            .collect();
-        BTreeMap::from([(
-            addr,
-            Frontend { addr, service: "default/s".into(), port_name: String::new(), backends },
-        )])
+        one(frontend(80, last, &[], 0))
+    }
+
+    fn one(f: Frontend) -> BTreeMap<FrontendAddr, Frontend> {
+        BTreeMap::from([(f.addr, f)])
+    }
+
+    fn sync(
+        r: &mut Reconciler,
+        d: &BTreeMap<FrontendAddr, Frontend>,
+        m: &mut FakeMaps,
+    ) -> (SyncStats, Vec<SyncError>) {
+        r.sync(d, &BTreeSet::new(), Instant::now(), m)
     }
 
     #[test]
     fn tables_are_written_before_they_are_published_and_regions_are_reused() {
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
-        let (s, e) = r.sync(&fe(&[1, 2, 3]), &mut maps);
+        let (s, e) = sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         assert!(e.is_empty());
-        assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 509));
+        assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 307));
         assert_eq!(
             maps.log,
             [
                 "backend 1 state 1",
                 "backend 2 state 1",
                 "backend 3 state 1",
-                "maglev 0+509",
-                "service 1 at 0+509"
+                "maglev 0+307",
+                "service 1 at 0+307"
             ]
         );
         maps.assert_consistent();
 
         // Unchanged: nothing is written.
         maps.log.clear();
-        assert_eq!(r.sync(&fe(&[1, 2, 3]), &mut maps).0, SyncStats::default());
+        assert_eq!(sync(&mut r, &fe(&[1, 2, 3]), &mut maps).0, SyncStats::default());
         assert!(maps.log.is_empty());
 
         // One backend leaves: the new table goes to a free region, then the entry moves, then the
-        // backend is freed.
-        let (s, _) = r.sync(&fe(&[1, 3]), &mut maps);
-        assert_eq!((s.frontends_written, s.backends_removed), (1, 1));
-        assert_eq!(maps.log, ["maglev 509+251", "service 1 at 509+251", "backend 2 state 0"]);
+        // backend drains (terminating: established flows stay).
+        let (s, _) = sync(&mut r, &fe(&[1, 3]), &mut maps);
+        assert_eq!((s.frontends_written, s.backends_written), (1, 1));
+        assert_eq!(maps.log, ["maglev 307+251", "service 1 at 307+251", "backend 2 state 2"]);
         maps.assert_consistent();
 
-        // The first region is free again and is reused.
+        // The first region is free again and is reused. A fresh backend id (4), not the draining 2.
         maps.log.clear();
-        r.sync(&fe(&[1, 3, 4]), &mut maps);
-        // A fresh id (4), not the one just freed (2): flows still tracked to 2 must not land on 4.
-        assert_eq!(maps.log, ["backend 4 state 1", "maglev 0+509", "service 1 at 0+509"]);
+        sync(&mut r, &fe(&[1, 3, 4]), &mut maps);
+        assert_eq!(maps.log, ["backend 4 state 1", "maglev 0+307", "service 1 at 0+307"]);
         maps.assert_consistent();
-        assert_eq!(r.slots_used(), 509);
+        assert_eq!(r.slots_used(), 307);
+    }
+
+    #[test]
+    fn removed_backends_drain_then_are_freed_and_can_come_back() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        let t0 = Instant::now();
+        r.sync(&fe(&[1, 2]), &BTreeSet::new(), t0, &mut maps);
+        r.sync(&fe(&[1]), &BTreeSet::new(), t0, &mut maps);
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
+        assert_eq!(r.next_deadline(), Some(t0 + OPTS.drain_timeout));
+        maps.log.clear();
+        r.sync(&fe(&[1]), &BTreeSet::new(), t0 + Duration::from_secs(59), &mut maps);
+        assert!(maps.log.is_empty(), "still draining: {:?}", maps.log);
+        let (s, _) = r.sync(&fe(&[1]), &BTreeSet::new(), t0 + Duration::from_secs(60), &mut maps);
+        assert_eq!(s.backends_removed, 1);
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
+        assert_eq!(r.next_deadline(), None);
+
+        // A draining backend that comes back is active again before any table names it.
+        r.sync(&fe(&[1]), &BTreeSet::new(), t0, &mut maps);
+        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut maps = FakeMaps::default();
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        sync(&mut r, &fe(&[1]), &mut maps);
+        maps.log.clear();
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        assert_eq!(maps.log, ["backend 2 state 1", "maglev 0+251", "service 1 at 0+251"]);
+        maps.assert_consistent();
+    }
+
+    #[test]
+    fn listed_endpoints_keep_their_state() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        // 2 is terminating (still listed): its flows stay, no drain deadline.
+        sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Terminating)], 0)), &mut maps);
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
+        assert_eq!(r.next_deadline(), None);
+        // Another frontend uses 2 for new flows: active wins.
+        let mut both = one(frontend(80, &[1], &[(2, BackendState::Terminating)], 0));
+        both.extend(one(frontend(81, &[2], &[], 0)));
+        sync(&mut r, &both, &mut maps);
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_ACTIVE);
+        maps.assert_consistent();
+    }
+
+    #[test]
+    fn affinity_to_a_backend_that_left_is_forgotten() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &one(frontend(80, &[1, 2, 3], &[], 30)), &mut maps);
+        assert_eq!(maps.services.values().next().expect("one").affinity_timeout_secs, 30);
+        maps.log.clear();
+        sync(&mut r, &one(frontend(80, &[1, 3], &[], 30)), &mut maps);
+        assert!(maps.log.contains(&"forget affinity of 1 to [2]".to_string()), "{:?}", maps.log);
+    }
+
+    #[test]
+    fn held_services_keep_what_they_had() {
+        let mut maps = FakeMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        maps.log.clear();
+        let held = BTreeSet::from(["default/s".to_string()]);
+        r.sync(&BTreeMap::new(), &held, Instant::now(), &mut maps);
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
+        assert_eq!(maps.services.len(), 1);
+        // Once it is no longer held and still absent, it goes.
+        let (s, _) = sync(&mut r, &BTreeMap::new(), &mut maps);
+        assert_eq!(s.frontends_removed, 1);
     }
 
     #[test]
     fn restore_keeps_ids_and_removes_what_is_no_longer_wanted() {
         let mut maps = FakeMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
-        r.sync(&fe(&[1, 2, 3]), &mut maps);
+        sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         let ids_before = maps.backends.clone();
 
         let mut r2 = Reconciler::restore(
@@ -446,17 +659,17 @@ mod tests {
             maps.backends.iter().map(|(k, v)| (*k, *v)),
         );
         maps.log.clear();
-        r2.sync(&fe(&[1, 2, 3]), &mut maps);
+        sync(&mut r2, &fe(&[1, 2, 3]), &mut maps);
         // Same ids for the same backends; the table is rewritten once into a new region.
         assert_eq!(maps.backends, ids_before);
-        assert_eq!(maps.log, ["maglev 509+509", "service 1 at 509+509"]);
+        assert_eq!(maps.log, ["maglev 307+307", "service 1 at 307+307"]);
         maps.assert_consistent();
 
         maps.log.clear();
-        let (s, _) = r2.sync(&BTreeMap::new(), &mut maps);
-        assert_eq!((s.frontends_removed, s.backends_removed), (1, 3));
+        let (s, _) = sync(&mut r2, &BTreeMap::new(), &mut maps);
+        assert_eq!(s.frontends_removed, 1);
         assert!(maps.services.is_empty());
-        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_FREE));
+        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_TERMINATING), "draining");
         assert_eq!(r2.slots_used(), 0);
     }
 
@@ -465,13 +678,9 @@ mod tests {
         let mut maps = FakeMaps::default();
         let caps = Capacities { services: 16, backends: 3, maglev_slots: 2048 };
         let mut r = Reconciler::new(caps, OPTS);
-        let mut desired = fe(&[1]);
-        let mut second = fe(&[2, 3, 4]);
-        let (addr, mut f) = second.pop_first().expect("one");
-        let addr2 = FrontendAddr { port: 81, ..addr };
-        f.addr = addr2;
-        desired.insert(addr2, f);
-        let (_, errors) = r.sync(&desired, &mut maps);
+        let mut desired = one(frontend(80, &[1], &[], 0));
+        desired.extend(one(frontend(81, &[2, 3, 4], &[], 0)));
+        let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(errors.len(), 1);
         assert!(errors[0].to_string().contains("backend map is full"), "{}", errors[0]);
         assert_eq!(maps.services.len(), 1, "the frontend that fits is programmed");

@@ -58,6 +58,9 @@ fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol, backends: &[(Ipv4Addr, u1
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
         backends: backends.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),
+        kept: Vec::new(),
+        affinity_timeout_secs: 0,
+        local_only: false,
     }
 }
 
@@ -70,8 +73,11 @@ fn program_state(maps: &mut Maps) {
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536 };
-    let mut r = Reconciler::new(caps, Options { max_table_size: 65_537, maglev_seed: 0 });
-    let (_, errors) = r.sync(&desired, maps);
+    let mut r = Reconciler::new(
+        caps,
+        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
+    );
+    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
     assert!(errors.is_empty(), "sync errors: {errors:?}");
 }
 

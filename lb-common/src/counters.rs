@@ -45,8 +45,15 @@ pub const FIRST_FRAGMENT: u32 = 15;
 /// A tracked flow whose backend is gone or changed was given a new backend.
 pub const CT_RESELECTED: u32 = 16;
 
+/// `internalTrafficPolicy: Local` frontend with no endpoint on this node (kube-proxy drops too).
+pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
+/// A new flow took its backend from ClientIP session affinity (counted in addition).
+pub const AFFINITY_HIT: u32 = 18;
+/// A pod reached itself through a service: the flow is also SNATed (counted in addition).
+pub const HAIRPIN: u32 = 19;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 17;
+pub const COUNT: u32 = 20;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -67,11 +74,14 @@ pub const NAMES: [&str; COUNT as usize] = [
     "ct_insert_failed",
     "first_fragment",
     "ct_reselected",
+    "drop_no_local_backend",
+    "affinity_hit",
+    "hairpin",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY`.
-pub const OUTCOMES: [u32; 12] = [
+pub const OUTCOMES: [u32; 13] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -84,4 +94,5 @@ pub const OUTCOMES: [u32; 12] = [
     DROP_NO_BACKEND,
     DROP_MALFORMED,
     DROP_REWRITE_FAILED,
+    DROP_NO_LOCAL_BACKEND,
 ];

@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -15,10 +15,18 @@ pub const MAP_LB4_MAGLEV: &str = "LB4_MAGLEV";
 pub const MAP_LB4_CT: &str = "LB4_CT";
 pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
+pub const MAP_LB4_AFFINITY: &str = "LB4_AFFINITY";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 6] =
-    [MAP_LB4_SERVICES, MAP_LB4_BACKENDS, MAP_LB4_MAGLEV, MAP_LB4_CT, MAP_LB_COUNTERS, MAP_LB4_SVC_STATS];
+pub const PINNED_MAPS: [&str; 7] = [
+    MAP_LB4_SERVICES,
+    MAP_LB4_BACKENDS,
+    MAP_LB4_MAGLEV,
+    MAP_LB4_CT,
+    MAP_LB_COUNTERS,
+    MAP_LB4_SVC_STATS,
+    MAP_LB4_AFFINITY,
+];
 
 /// Names of the load-time settings (global variables) of the datapath.
 pub mod globals {
@@ -32,7 +40,13 @@ pub mod globals {
     pub const CT_TIMEOUT_UDP_NS: &str = "CT_TIMEOUT_UDP_NS";
     /// `u32`: seed of the flow hash; must be equal on every node.
     pub const FLOW_HASH_SEED: &str = "FLOW_HASH_SEED";
+    /// `u32`, network byte order: source address of hairpinned flows (a pod reaching itself
+    /// through a service is SNATed to it, so its reply comes back through lb).
+    pub const HAIRPIN_ADDR: &str = "HAIRPIN_ADDR";
 }
+
+/// Default hairpin source address (Cilium uses the same link-local address).
+pub const DEFAULT_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
 
 /// Default conntrack timeouts, in seconds (the values Cilium uses).
 pub mod default_timeouts {
@@ -82,6 +96,10 @@ pub struct Lb4Service {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<Lb4Service>() == 24);
+
+/// `internalTrafficPolicy: Local`: when `backend_count` is 0 the drop is counted as
+/// `DROP_NO_LOCAL_BACKEND`.
+pub const SVC_FLAG_LOCAL_ONLY: u32 = 1;
 
 /// Value of `LB4_BACKENDS`, indexed by backend id (0 is never a backend).
 #[repr(C)]
@@ -148,8 +166,8 @@ pub struct Lb4CtEntry {
     pub nat_port: u16,
     /// `CT_STATE_*`.
     pub state: u8,
-    /// Padding, always zero.
-    pub _pad: u8,
+    /// `CT_FLAG_*` bits.
+    pub flags: u8,
     /// Backend id chosen for the flow.
     pub backend_id: u32,
     /// Frontend id of the service.
@@ -157,12 +175,40 @@ pub struct Lb4CtEntry {
 }
 const _: () = assert!(size_of::<Lb4CtEntry>() == 32);
 
+/// The client is its own backend: its packets are also SNATed to the hairpin address, and the
+/// reply entry is keyed by that address.
+pub const CT_FLAG_HAIRPIN: u8 = 1;
+
 /// TCP: only the client's SYN seen.
 pub const CT_STATE_SYN: u8 = 1;
 /// TCP past the handshake, or any UDP flow.
 pub const CT_STATE_ESTABLISHED: u8 = 2;
 /// TCP after FIN or RST in either direction.
 pub const CT_STATE_CLOSING: u8 = 3;
+
+/// Key of `LB4_AFFINITY`: ClientIP session affinity, per client address and frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4AffinityKey {
+    /// Client IPv4 address, network byte order.
+    pub client: u32,
+    /// Frontend id.
+    pub svc_id: u32,
+}
+const _: () = assert!(size_of::<Lb4AffinityKey>() == 8);
+
+/// Value of `LB4_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Affinity {
+    /// When the client last opened a flow to the frontend (coarse monotonic ns).
+    pub last_used_ns: u64,
+    /// The backend it was given.
+    pub backend_id: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Lb4Affinity>() == 16);
 
 /// Value of `LB4_SVC_STATS` (per CPU), indexed by frontend id.
 #[repr(C)]
@@ -197,7 +243,7 @@ impl Lb4Backend {
 mod pod {
     use super::*;
     // SAFETY: #[repr(C)], made only of integers, with explicit padding fields, so every bit
-    // pattern is valid and no byte is uninitialised. The same holds for the five types below.
+    // pattern is valid and no byte is uninitialised. The same holds for the types below.
     unsafe impl aya::Pod for Lb4ServiceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Service {}
@@ -209,6 +255,10 @@ mod pod {
     unsafe impl aya::Pod for Lb4CtEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4SvcStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4Affinity {}
 }
 
 #[cfg(test)]
@@ -242,4 +292,6 @@ pub mod capacity {
     pub const MAGLEV_SLOTS: u32 = 4_194_304;
     /// Conntrack entries (two per load-balanced flow).
     pub const CT: u32 = 524_288;
+    /// ClientIP session affinity entries (client, frontend).
+    pub const AFFINITY: u32 = 65_536;
 }

@@ -2,7 +2,7 @@
 //! `EbpfLoader::override_global`. The defaults below apply when nothing is patched.
 
 use aya_ebpf::Global;
-use lb_common::{default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, IPPROTO_UDP};
+use lb_common::{default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, IPPROTO_UDP};
 
 const NS: u64 = 1_000_000_000;
 
@@ -16,6 +16,8 @@ static CT_TIMEOUT_TCP_CLOSE_NS: Global<u64> = Global::new(d::TCP_CLOSE_SECS * NS
 static CT_TIMEOUT_UDP_NS: Global<u64> = Global::new(d::UDP_SECS * NS);
 #[unsafe(no_mangle)]
 static FLOW_HASH_SEED: Global<u32> = Global::new(DEFAULT_FLOW_HASH_SEED);
+#[unsafe(no_mangle)]
+static HAIRPIN_ADDR: Global<u32> = Global::new(u32::from_ne_bytes(DEFAULT_HAIRPIN_ADDR));
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -33,4 +35,10 @@ pub fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
 #[inline(always)]
 pub fn flow_hash_seed() -> u32 {
     FLOW_HASH_SEED.load()
+}
+
+/// Source address of hairpinned flows, network byte order.
+#[inline(always)]
+pub fn hairpin_addr() -> u32 {
+    HAIRPIN_ADDR.load()
 }

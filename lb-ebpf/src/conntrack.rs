@@ -2,8 +2,9 @@
 //! backend, and the reply entries that reverse NAT uses.
 
 use lb_common::{
-    Lb4CtEntry, Lb4CtKey, BACKEND_STATE_FREE, CT_DIR_FORWARD, CT_DIR_REPLY, CT_REFRESH_INTERVAL_NS,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP,
+    Lb4CtEntry, Lb4CtKey, BACKEND_STATE_FREE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -25,12 +26,13 @@ pub fn forward_key(f: &Flow) -> Lb4CtKey {
     }
 }
 
-/// The key under which the backend's replies are found.
+/// The key under which the backend's replies are found: they are addressed to the client, or to
+/// the hairpin address when the client is its own backend.
 #[inline(always)]
-pub fn reply_key(f: &Flow, backend_addr: u32, backend_port: u16) -> Lb4CtKey {
+pub fn reply_key(f: &Flow, backend_addr: u32, backend_port: u16, client_addr: u32) -> Lb4CtKey {
     Lb4CtKey {
         saddr: backend_addr,
-        daddr: f.saddr,
+        daddr: client_addr,
         sport: backend_port,
         dport: f.sport,
         proto: f.proto,
@@ -68,6 +70,7 @@ pub struct Tracked {
     pub addr: u32,
     pub port: u16,
     pub svc_id: u32,
+    pub hairpin: bool,
 }
 
 pub enum Lookup {
@@ -99,7 +102,13 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, now: u64) -> Lookup {
     let Some(backend) = LB4_BACKENDS.get(e.backend_id) else {
         return Lookup::BackendGone;
     };
-    if backend.state == BACKEND_STATE_FREE || backend.addr != e.nat_addr || backend.port != e.nat_port {
+    // A TCP flow keeps a terminating backend (it drains); a UDP flow has nothing to drain and
+    // moves at once, as kube-proxy flushes UDP conntrack entries of endpoints that leave.
+    let gone = backend.state == BACKEND_STATE_FREE
+        || (backend.state == BACKEND_STATE_TERMINATING && f.proto == IPPROTO_UDP)
+        || backend.addr != e.nat_addr
+        || backend.port != e.nat_port;
+    if gone {
         return Lookup::BackendGone;
     }
     let state = next_state(f.proto, e.state, f.tcp_flags);
@@ -107,41 +116,55 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, now: u64) -> Lookup {
         e.state = state;
         e.last_seen_ns = now;
     }
-    Lookup::Hit(Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id })
+    Lookup::Hit(Tracked {
+        addr: e.nat_addr,
+        port: e.nat_port,
+        svc_id: e.svc_id,
+        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
+    })
+}
+
+/// The backend chosen for a new flow.
+pub struct Chosen {
+    pub id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub svc_id: u32,
+    /// `Some(hairpin address)` when the client is its own backend.
+    pub hairpin: Option<u32>,
 }
 
 /// Records a new flow: the forward entry (client → VIP, DNAT to the backend) and the reply entry
 /// (backend → client, SNAT back to the VIP). Returns false if either could not be stored.
 #[inline(always)]
-pub fn create(
-    fwd_key: &Lb4CtKey,
-    f: &Flow,
-    backend_id: u32,
-    backend_addr: u32,
-    backend_port: u16,
-    svc_id: u32,
-    now: u64,
-) -> bool {
+pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> bool {
     let state = initial_state(f);
     let fwd = Lb4CtEntry {
         created_ns: now,
         last_seen_ns: now,
-        nat_addr: backend_addr,
-        nat_port: backend_port,
+        nat_addr: c.addr,
+        nat_port: c.port,
         state,
-        _pad: 0,
-        backend_id,
-        svc_id,
+        flags: if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 },
+        backend_id: c.id,
+        svc_id: c.svc_id,
     };
     let rev = Lb4CtEntry { nat_addr: f.daddr, nat_port: f.dport, ..fwd };
-    let rev_key = reply_key(f, backend_addr, backend_port);
+    let rev_key = reply_key(f, c.addr, c.port, c.hairpin.unwrap_or(f.saddr));
     LB4_CT.insert(&rev_key, &rev, 0).is_ok() && LB4_CT.insert(fwd_key, &fwd, 0).is_ok()
 }
 
-/// Looks up a reply packet (backend → client). Returns the service address to rewrite the source
-/// to. FIN and RST from the backend move the flow to closing.
+/// A tracked reply: the service address to rewrite the source to.
+pub struct Reply {
+    pub vip: u32,
+    pub vport: u16,
+    pub hairpin: bool,
+}
+
+/// Looks up a reply packet (backend → client). FIN and RST from the backend move the flow to
+/// closing.
 #[inline(always)]
-pub fn lookup_reply(f: &Flow, now: u64) -> Option<(u32, u16)> {
+pub fn lookup_reply(f: &Flow, now: u64) -> Option<Reply> {
     let key = Lb4CtKey {
         saddr: f.saddr,
         daddr: f.daddr,
@@ -154,14 +177,16 @@ pub fn lookup_reply(f: &Flow, now: u64) -> Option<(u32, u16)> {
     let entry = LB4_CT.get_ptr_mut(&key)?;
     // SAFETY: as in lookup_forward.
     let e = unsafe { &mut *entry };
-    let (vip, vport) = (e.nat_addr, e.nat_port);
+    let (vip, vport, hairpin) = (e.nat_addr, e.nat_port, e.flags & CT_FLAG_HAIRPIN != 0);
     if now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
         e.last_seen_ns = now;
     }
     if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         e.state = CT_STATE_CLOSING;
+        // The forward entry is keyed by the client's address, which a hairpinned reply carries as
+        // its source (the client is the backend).
         let fwd_key = Lb4CtKey {
-            saddr: f.daddr,
+            saddr: if hairpin { f.saddr } else { f.daddr },
             daddr: vip,
             sport: f.dport,
             dport: vport,
@@ -177,5 +202,5 @@ pub fn lookup_reply(f: &Flow, now: u64) -> Option<(u32, u16)> {
             }
         }
     }
-    Some((vip, vport))
+    Some(Reply { vip, vport, hairpin })
 }

@@ -1,40 +1,86 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
-//! Maglev selection. It only decides; the caller rewrites the packet.
+//! session affinity, Maglev selection, hairpin. It only decides; the caller rewrites the packet.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::warn;
-use lb_common::{counters, hash::lb4_flow_hash, Lb4ServiceKey, BACKEND_STATE_ACTIVE};
+use lb_common::{
+    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service, Lb4ServiceKey,
+    BACKEND_STATE_ACTIVE, SVC_FLAG_LOCAL_ONLY,
+};
 
 use crate::{
-    config::flow_hash_seed,
-    conntrack::{self, Lookup},
-    maps::{LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
+    config::{flow_hash_seed, hairpin_addr},
+    conntrack::{self, Chosen, Lookup},
+    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
     parse::Flow,
     stats::{count, svc_update},
 };
+
+/// Addresses and ports to write into a packet.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    pub src: Option<(u32, u16)>,
+    pub dst: Option<(u32, u16)>,
+}
 
 pub enum Action {
     /// Leave the packet as it is; the counter says why.
     Pass(u32),
     /// Drop the packet; the counter is the drop reason.
     Drop(u32),
-    /// Rewrite the destination to the backend (forward) or the source to the service (reply).
-    Rewrite { addr: u32, port: u16, counter: u32 },
+    /// Rewrite the packet, then count `counter`.
+    Rewrite { nat: Nat, counter: u32 },
 }
 
-/// Forward direction (pod → anything): load-balance packets addressed to a service frontend.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no preconditions. The coarse clock (a tick's resolution) is plenty for timeouts of
+    // seconds and costs a fraction of bpf_ktime_get_ns.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn active_backend(id: u32) -> Option<Lb4Backend> {
+    LB4_BACKENDS.get(id).copied().filter(|b| b.state == BACKEND_STATE_ACTIVE)
+}
+
+/// ClientIP session affinity: the backend this client used recently, if still active.
+#[inline(always)]
+fn affinity_backend(svc: &Lb4Service, client: u32, now: u64) -> Option<(u32, Lb4Backend)> {
+    let key = Lb4AffinityKey { client, svc_id: svc.id };
+    // SAFETY: the value is copied out at once.
+    let a = unsafe { LB4_AFFINITY.get(&key) }.copied()?;
+    let timeout = u64::from(svc.affinity_timeout_secs) * 1_000_000_000;
+    if now.saturating_sub(a.last_used_ns) >= timeout {
+        return None;
+    }
+    active_backend(a.backend_id).map(|b| (a.backend_id, b))
+}
+
+#[inline(always)]
+fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
+    let hash = lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed());
+    let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
+    let id = *LB4_MAGLEV.get(slot)?;
+    active_backend(id).map(|b| (id, b))
+}
+
+/// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
+/// translate hairpinned replies (addressed to the hairpin address).
 #[inline(always)]
 pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     let svc_key = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, _pad: 0 };
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
+        if f.daddr == hairpin_addr() {
+            return hairpin_reply(f);
+        }
         return Action::Pass(counters::PASS_NON_VIP);
     };
     if f.first_fragment {
         count(counters::FIRST_FRAGMENT);
     }
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now_ns();
     let ct_key = conntrack::forward_key(f);
     match conntrack::lookup_forward(&ct_key, f, now) {
         Lookup::Hit(t) => {
@@ -42,7 +88,9 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
                 s.packets += 1;
                 s.bytes += u64::from(pkt_len);
             });
-            return Action::Rewrite { addr: t.addr, port: t.port, counter: counters::FWD_ESTABLISHED };
+            let src = if t.hairpin { Some((hairpin_addr(), f.sport)) } else { None };
+            let nat = Nat { src, dst: Some((t.addr, t.port)) };
+            return Action::Rewrite { nat, counter: counters::FWD_ESTABLISHED };
         }
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
@@ -50,18 +98,36 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
 
     if svc.backend_count == 0 || svc.maglev_size == 0 {
         svc_update(svc.id, |s| s.drops += 1);
-        return Action::Drop(counters::DROP_NO_BACKEND);
+        let reason = if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
+            counters::DROP_NO_LOCAL_BACKEND
+        } else {
+            counters::DROP_NO_BACKEND
+        };
+        return Action::Drop(reason);
     }
-    let hash = lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed());
-    let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
-    let backend = LB4_MAGLEV.get(slot).and_then(|id| LB4_BACKENDS.get(*id).map(|b| (*id, *b)));
-    let Some((backend_id, backend)) = backend.filter(|(_, b)| b.state == BACKEND_STATE_ACTIVE) else {
+    let sticky = if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, now) } else { None };
+    if sticky.is_some() {
+        count(counters::AFFINITY_HIT);
+    }
+    let Some((id, backend)) = sticky.or_else(|| maglev_backend(&svc, f)) else {
         // The agent never publishes a table that points at a missing backend.
-        warn!(ctx, "lb: maglev slot {} of frontend {} has no active backend", slot, svc.id);
+        warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
         svc_update(svc.id, |s| s.drops += 1);
         return Action::Drop(counters::DROP_NO_BACKEND);
     };
-    if !conntrack::create(&ct_key, f, backend_id, backend.addr, backend.port, svc.id, now) {
+    if svc.affinity_timeout_secs != 0 {
+        let key = Lb4AffinityKey { client: f.saddr, svc_id: svc.id };
+        let value = Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 };
+        let _ = LB4_AFFINITY.insert(&key, &value, 0);
+    }
+    let hairpin = if backend.addr == f.saddr {
+        count(counters::HAIRPIN);
+        Some(hairpin_addr())
+    } else {
+        None
+    };
+    let chosen = Chosen { id, addr: backend.addr, port: backend.port, svc_id: svc.id, hairpin };
+    if !conntrack::create(&ct_key, f, &chosen, now) {
         warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
         count(counters::CT_INSERT_FAILED);
     }
@@ -70,16 +136,31 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         s.bytes += u64::from(pkt_len);
         s.new_flows += 1;
     });
-    Action::Rewrite { addr: backend.addr, port: backend.port, counter: counters::FWD_NEW_FLOW }
+    let nat = Nat { src: hairpin.map(|a| (a, f.sport)), dst: Some((backend.addr, backend.port)) };
+    Action::Rewrite { nat, counter: counters::FWD_NEW_FLOW }
+}
+
+/// A pod's reply to itself through a service comes back addressed to the hairpin address: its
+/// source goes back to the service, its destination back to the pod.
+#[inline(always)]
+fn hairpin_reply(f: &Flow) -> Action {
+    match conntrack::lookup_reply(f, now_ns()) {
+        Some(r) if r.hairpin => Action::Rewrite {
+            nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, f.dport)) },
+            counter: counters::REV_NAT,
+        },
+        _ => Action::Pass(counters::PASS_NON_VIP),
+    }
 }
 
 /// Reply direction (anything → pod): translate replies of load-balanced flows back to the service.
 #[inline(always)]
 pub fn lb4_reply(f: &Flow) -> Action {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    match conntrack::lookup_reply(f, now) {
-        Some((addr, port)) => Action::Rewrite { addr, port, counter: counters::REV_NAT },
+    match conntrack::lookup_reply(f, now_ns()) {
+        Some(r) => Action::Rewrite {
+            nat: Nat { src: Some((r.vip, r.vport)), dst: None },
+            counter: counters::REV_NAT,
+        },
         None => Action::Pass(counters::PASS_NO_REPLY_CT),
     }
 }

@@ -22,7 +22,7 @@ use aya_ebpf::{
 use lb_common::counters;
 
 use crate::{
-    lb::Action,
+    lb::{Action, Nat},
     nat::Side,
     parse::{parse, Parsed},
     stats::count,
@@ -41,25 +41,47 @@ fn tc_linearise(ctx: &TcContext) {
 }
 
 #[inline(always)]
-fn tc_verdict(ctx: &TcContext, action: Action, f: Option<&parse::Flow>, side: Side) -> i32 {
-    match (action, f) {
-        (Action::Rewrite { addr, port, counter }, Some(f)) => {
-            match nat::rewrite_tc(ctx, f, side, addr, port) {
-                Ok(()) => {
-                    count(counter);
-                    TC_ACT_OK as i32
-                }
-                Err(_) => {
-                    count(counters::DROP_REWRITE_FAILED);
-                    TC_ACT_SHOT as i32
-                }
-            }
-        }
-        (Action::Drop(c), _) => {
+fn tc_rewrite(ctx: &TcContext, f: &parse::Flow, nat: Nat) -> Result<(), i64> {
+    if let Some((addr, port)) = nat.dst {
+        nat::rewrite_tc(ctx, f, Side::Destination, addr, port)?;
+    }
+    if let Some((addr, port)) = nat.src {
+        nat::rewrite_tc(ctx, f, Side::Source, addr, port)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn xdp_rewrite(ctx: &XdpContext, f: &parse::Flow, nat: Nat) -> Result<(), ()> {
+    if let Some((addr, port)) = nat.dst {
+        nat::rewrite_xdp(ctx, f, Side::Destination, addr, port)?;
+    }
+    if let Some((addr, port)) = nat.src {
+        nat::rewrite_xdp(ctx, f, Side::Source, addr, port)?;
+    }
+    Ok(())
+}
+
+/// Counts the outcome and turns it into a TC verdict.
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, parsed: Parsed, decide: impl FnOnce(&parse::Flow) -> Action) -> i32 {
+    let action = match parsed {
+        Parsed::Flow(f) => match decide(&f) {
+            Action::Rewrite { nat, counter } => match tc_rewrite(ctx, &f, nat) {
+                Ok(()) => Action::Pass(counter),
+                Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+            },
+            other => other,
+        },
+        Parsed::Pass(c) => Action::Pass(c),
+        Parsed::Drop(c) => Action::Drop(c),
+    };
+    match action {
+        Action::Drop(c) => {
             count(c);
             TC_ACT_SHOT as i32
         }
-        (Action::Pass(c), _) | (Action::Rewrite { counter: c, .. }, None) => {
+        Action::Pass(c) | Action::Rewrite { counter: c, .. } => {
             count(c);
             TC_ACT_OK as i32
         }
@@ -70,28 +92,16 @@ fn tc_verdict(ctx: &TcContext, action: Action, f: Option<&parse::Flow>, side: Si
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
     count(counters::RX_FORWARD);
     tc_linearise(&ctx);
-    match parse(ctx.data(), ctx.data_end()) {
-        Parsed::Flow(f) => {
-            let action = lb::lb4_forward(&ctx, &f, ctx.len());
-            tc_verdict(&ctx, action, Some(&f), Side::Destination)
-        }
-        Parsed::Pass(c) => tc_verdict(&ctx, Action::Pass(c), None, Side::Destination),
-        Parsed::Drop(c) => tc_verdict(&ctx, Action::Drop(c), None, Side::Destination),
-    }
+    let parsed = parse(ctx.data(), ctx.data_end());
+    tc_verdict(&ctx, parsed, |f| lb::lb4_forward(&ctx, f, ctx.len()))
 }
 
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
     tc_linearise(&ctx);
-    match parse(ctx.data(), ctx.data_end()) {
-        Parsed::Flow(f) => {
-            let action = lb::lb4_reply(&f);
-            tc_verdict(&ctx, action, Some(&f), Side::Source)
-        }
-        Parsed::Pass(c) => tc_verdict(&ctx, Action::Pass(c), None, Side::Source),
-        Parsed::Drop(c) => tc_verdict(&ctx, Action::Drop(c), None, Side::Source),
-    }
+    let parsed = parse(ctx.data(), ctx.data_end());
+    tc_verdict(&ctx, parsed, lb::lb4_reply)
 }
 
 #[xdp]
@@ -99,12 +109,10 @@ pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
     let action = match parse(ctx.data(), ctx.data_end()) {
         Parsed::Flow(f) => match lb::lb4_forward(&ctx, &f, (ctx.data_end() - ctx.data()) as u32) {
-            Action::Rewrite { addr, port, counter } => {
-                match nat::rewrite_xdp(&ctx, &f, Side::Destination, addr, port) {
-                    Ok(()) => Action::Pass(counter),
-                    Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
-                }
-            }
+            Action::Rewrite { nat, counter } => match xdp_rewrite(&ctx, &f, nat) {
+                Ok(()) => Action::Pass(counter),
+                Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+            },
             other => other,
         },
         Parsed::Pass(c) => Action::Pass(c),

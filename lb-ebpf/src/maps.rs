@@ -8,7 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, counters, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
+    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service,
+    Lb4ServiceKey, Lb4SvcStats,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -47,3 +48,10 @@ pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counters::COUNT, 
 /// datapath; read by the agent's metrics and `lbctl stats`. Per CPU for the same reason.
 #[map(name = "LB4_SVC_STATS")]
 pub static LB4_SVC_STATS: PerCpuArray<Lb4SvcStats> = PerCpuArray::pinned(capacity::SERVICES, 0);
+
+/// ClientIP session affinity: (client, frontend) → backend and when it was last given. Written by
+/// the datapath on new flows of frontends with affinity, and by the agent (it removes entries whose
+/// backend left the frontend); read by the datapath on new flows. LRU, like kube-proxy's `recent`
+/// lists, which forget the oldest clients first.
+#[map(name = "LB4_AFFINITY")]
+pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4Affinity> = LruHashMap::pinned(capacity::AFFINITY, 0);

@@ -9,9 +9,9 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{csum, IPPROTO_UDP};
+use lb_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::{ptr_at, Flow, Ipv4Hdr, ETH_HLEN, IP_DADDR_OFF, IP_SADDR_OFF};
+use crate::parse::{ptr_at, Flow, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -20,29 +20,33 @@ pub enum Side {
     Destination,
 }
 
-/// Where the address and port to rewrite are, and their current values.
-struct Target {
-    addr_off: usize,
-    port_off: usize,
-    old_addr: u32,
-    old_port: u16,
+/// Pointers to the fields a rewrite touches. All of them are derived, at constant offsets, from
+/// the IPv4 and L4 header pointers checked once here: the verifier does not carry a bounds check
+/// over to a pointer the compiler recomputed.
+struct Fields {
+    ip: *mut Ipv4Hdr,
+    addr: *mut u32,
+    port: *mut u16,
+    l4_check: *mut u16,
 }
 
 #[inline(always)]
-fn target(f: &Flow, side: Side) -> Target {
-    match side {
-        Side::Source => Target {
-            addr_off: ETH_HLEN + IP_SADDR_OFF,
-            port_off: f.l4_off,
-            old_addr: f.saddr,
-            old_port: f.sport,
-        },
-        Side::Destination => Target {
-            addr_off: ETH_HLEN + IP_DADDR_OFF,
-            port_off: f.l4_off + 2,
-            old_addr: f.daddr,
-            old_port: f.dport,
-        },
+fn fields(data: usize, end: usize, f: &Flow, side: Side) -> Option<Fields> {
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN)?;
+    let l4: *mut u8 = if f.proto == IPPROTO_TCP {
+        ptr_at::<TcpHdr>(data, end, f.l4_off)?.cast()
+    } else {
+        ptr_at::<UdpHdr>(data, end, f.l4_off)?.cast()
+    };
+    let check_off = if f.proto == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF };
+    // SAFETY: offsets inside the headers checked above (ports at 0 and 2, the checksum at 6 or
+    // 16, addresses at 12 and 16 of the IPv4 header).
+    unsafe {
+        let (addr, port) = match side {
+            Side::Source => (core::ptr::addr_of_mut!((*ip).saddr), l4.cast::<u16>()),
+            Side::Destination => (core::ptr::addr_of_mut!((*ip).daddr), l4.add(2).cast::<u16>()),
+        };
+        Some(Fields { ip, addr, port, l4_check: l4.add(check_off).cast() })
     }
 }
 
@@ -52,50 +56,45 @@ fn target(f: &Flow, side: Side) -> Target {
 /// instead of five.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
-    let t = target(f, side);
-    let (data, end) = (ctx.data(), ctx.data_end());
-    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
-    let addr_p = ptr_at::<u32>(data, end, t.addr_off).ok_or(-1i64)?;
-    let port_p = ptr_at::<u16>(data, end, t.port_off).ok_or(-1i64)?;
-    // SAFETY: every pointer was bounds-checked against data_end just above; helpers that may move
-    // packet data are called only after the last direct access.
-    unsafe {
-        (*ip).check = csum::replace4((*ip).check, t.old_addr, addr);
-        *addr_p = addr;
-        *port_p = port;
-    }
+    let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(-1i64)?;
+    // SAFETY: pointers from `fields`; helpers that may move packet data are called only after the
+    // last direct access.
+    let (old_addr, old_port) = unsafe {
+        let old = (*x.addr, *x.port);
+        (*x.ip).check = csum::replace4((*x.ip).check, old.0, addr);
+        *x.addr = addr;
+        *x.port = port;
+        old
+    };
     let l4_check = f.l4_check_off();
     let mangled0 = if f.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     ctx.l4_csum_replace(
         l4_check,
-        u64::from(t.old_addr),
+        u64::from(old_addr),
         u64::from(addr),
         mangled0 | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )?;
-    ctx.l4_csum_replace(l4_check, u64::from(t.old_port), u64::from(port), mangled0 | 2)?;
+    ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
     Ok(())
 }
 
+/// XDP: everything is written directly, the checksums updated incrementally.
 #[inline(always)]
 pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
-    let (data, end) = (ctx.data(), ctx.data_end());
-    let t = target(f, side);
-    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(())?;
-    let l4_check = ptr_at::<u16>(data, end, f.l4_check_off()).ok_or(())?;
-    let addr_p = ptr_at::<u32>(data, end, t.addr_off).ok_or(())?;
-    let port_p = ptr_at::<u16>(data, end, t.port_off).ok_or(())?;
-    // SAFETY: every pointer was bounds-checked against data_end just above.
+    let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(())?;
+    // SAFETY: pointers from `fields`, inside the packet.
     unsafe {
-        let old_l4 = *l4_check;
-        let mut l4 = csum::replace4(old_l4, t.old_addr, addr);
-        l4 = csum::replace2(l4, t.old_port, port);
+        let (old_addr, old_port) = (*x.addr, *x.port);
+        let old_l4 = *x.l4_check;
+        let mut l4 = csum::replace4(old_l4, old_addr, addr);
+        l4 = csum::replace2(l4, old_port, port);
         if f.proto == IPPROTO_UDP {
             l4 = csum::udp_fixup(old_l4, l4);
         }
-        (*ip).check = csum::replace4((*ip).check, t.old_addr, addr);
-        *l4_check = l4;
-        *addr_p = addr;
-        *port_p = port;
+        (*x.ip).check = csum::replace4((*x.ip).check, old_addr, addr);
+        *x.l4_check = l4;
+        *x.addr = addr;
+        *x.port = port;
     }
     Ok(())
 }

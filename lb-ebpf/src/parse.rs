@@ -60,8 +60,6 @@ pub struct UdpHdr {
 }
 
 /// Offsets of fields the rewriters touch.
-pub const IP_SADDR_OFF: usize = 12;
-pub const IP_DADDR_OFF: usize = 16;
 pub const TCP_CHECK_OFF: usize = 16;
 pub const UDP_CHECK_OFF: usize = 6;
 

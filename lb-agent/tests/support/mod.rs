@@ -49,11 +49,13 @@ pub fn test_config(pin_dir: &Path) -> Config {
         backends: 1024,
         maglev_slots: 65_536,
         ct_entries: 16_384,
+        affinity_entries: 1024,
         ct_timeout_tcp_syn_secs: 60,
         ct_timeout_tcp_established_secs: 3600,
         ct_timeout_tcp_close_secs: 10,
         ct_timeout_udp_secs: 60,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
+        hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
         bpf_log: false,
     }
 }
