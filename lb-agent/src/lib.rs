@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod alloc;
 pub mod datapath;
+pub mod dump;
 pub mod maglev;
 pub mod manifests;
 pub mod model;

@@ -161,6 +161,33 @@ mod tests {
         assert!((ratio - 3.0).abs() < 0.03, "ratio {ratio}");
     }
 
+    /// Run-length encoding: `index*count` per run, space-separated.
+    fn rle(table: &[u32]) -> String {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < table.len() {
+            let j = table[i..].iter().position(|v| *v != table[i]).map_or(table.len(), |n| i + n);
+            out.push(format!("{}*{}", table[i], j - i));
+            i = j;
+        }
+        out.join(" ")
+    }
+
+    /// The table every node must compute for these backends. Changing the hash, the seed handling
+    /// or the fill order changes it, and would make nodes of different versions disagree.
+    #[test]
+    fn reproducible_table_matches_the_checked_in_one() {
+        let names: Vec<String> =
+            ["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP", "10.244.2.4:8080/TCP"].map(String::from).to_vec();
+        let got = rle(&build(&backends(&names), 307, 0));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/maglev/three-backends-307.rle");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, format!("{got}\n")).expect("write rle");
+        }
+        let want = std::fs::read_to_string(path).expect("checked-in table");
+        assert_eq!(got, want.trim());
+    }
+
     #[test]
     fn table_size_follows_backend_count() {
         assert_eq!(table_size(0, DEFAULT_MAX_TABLE_SIZE), 251);

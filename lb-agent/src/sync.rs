@@ -439,53 +439,54 @@ fn write_err(
     SyncError::Write { object, what, source: Box::new(e) }
 }
 
+/// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
+/// writes in order.
+#[derive(Debug, Default)]
+pub struct MemoryMaps {
+    pub services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+    pub backends: BTreeMap<u32, Lb4Backend>,
+    pub maglev: BTreeMap<u32, u32>,
+    pub log: Vec<String>,
+}
+
+impl MapWriter for MemoryMaps {
+    type Error = std::convert::Infallible;
+    fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Self::Error> {
+        self.log.push(format!("backend {id} state {}", b.state));
+        self.backends.insert(id, *b);
+        Ok(())
+    }
+    fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error> {
+        self.log.push(format!("maglev {offset}+{}", table.len()));
+        for (i, id) in table.iter().enumerate() {
+            self.maglev.insert(offset + i as u32, *id);
+        }
+        Ok(())
+    }
+    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
+        self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
+        self.services.insert(*key, *svc);
+        Ok(())
+    }
+    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error> {
+        self.log.push("remove service".into());
+        self.services.remove(key);
+        Ok(())
+    }
+    fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Self::Error> {
+        self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, convert::Infallible, net::Ipv4Addr};
+    use std::{collections::BTreeMap, net::Ipv4Addr};
 
     use super::*;
     use crate::model::Frontend;
 
-    /// Maps in memory, with a log of the writes in order.
-    #[derive(Default)]
-    struct FakeMaps {
-        services: BTreeMap<Lb4ServiceKey, Lb4Service>,
-        backends: BTreeMap<u32, Lb4Backend>,
-        maglev: BTreeMap<u32, u32>,
-        log: Vec<String>,
-    }
-
-    impl MapWriter for FakeMaps {
-        type Error = Infallible;
-        fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Infallible> {
-            self.log.push(format!("backend {id} state {}", b.state));
-            self.backends.insert(id, *b);
-            Ok(())
-        }
-        fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Infallible> {
-            self.log.push(format!("maglev {offset}+{}", table.len()));
-            for (i, id) in table.iter().enumerate() {
-                self.maglev.insert(offset + i as u32, *id);
-            }
-            Ok(())
-        }
-        fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Infallible> {
-            self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
-            self.services.insert(*key, *svc);
-            Ok(())
-        }
-        fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Infallible> {
-            self.log.push("remove service".into());
-            self.services.remove(key);
-            Ok(())
-        }
-        fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Infallible> {
-            self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
-            Ok(())
-        }
-    }
-
-    impl FakeMaps {
+    impl MemoryMaps {
         /// Every slot of every published table names an active backend.
         fn assert_consistent(&self) {
             for svc in self.services.values() {
@@ -529,14 +530,14 @@ mod tests {
     fn sync(
         r: &mut Reconciler,
         d: &BTreeMap<FrontendAddr, Frontend>,
-        m: &mut FakeMaps,
+        m: &mut MemoryMaps,
     ) -> (SyncStats, Vec<SyncError>) {
         r.sync(d, &BTreeSet::new(), Instant::now(), m)
     }
 
     #[test]
     fn tables_are_written_before_they_are_published_and_regions_are_reused() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         let (s, e) = sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         assert!(e.is_empty());
@@ -575,7 +576,7 @@ mod tests {
 
     #[test]
     fn removed_backends_drain_then_are_freed_and_can_come_back() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         let t0 = Instant::now();
         r.sync(&fe(&[1, 2]), &BTreeSet::new(), t0, &mut maps);
@@ -593,7 +594,7 @@ mod tests {
         // A draining backend that comes back is active again before any table names it.
         r.sync(&fe(&[1]), &BTreeSet::new(), t0, &mut maps);
         let mut r = Reconciler::new(CAPS, OPTS);
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         sync(&mut r, &fe(&[1]), &mut maps);
         maps.log.clear();
@@ -604,7 +605,7 @@ mod tests {
 
     #[test]
     fn listed_endpoints_keep_their_state() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         // 2 is terminating (still listed): its flows stay, no drain deadline.
@@ -621,7 +622,7 @@ mod tests {
 
     #[test]
     fn affinity_to_a_backend_that_left_is_forgotten() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &one(frontend(80, &[1, 2, 3], &[], 30)), &mut maps);
         assert_eq!(maps.services.values().next().expect("one").affinity_timeout_secs, 30);
@@ -632,7 +633,7 @@ mod tests {
 
     #[test]
     fn held_services_keep_what_they_had() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.log.clear();
@@ -647,7 +648,7 @@ mod tests {
 
     #[test]
     fn restore_keeps_ids_and_removes_what_is_no_longer_wanted() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         let ids_before = maps.backends.clone();
@@ -675,7 +676,7 @@ mod tests {
 
     #[test]
     fn a_full_map_fails_that_frontend_only() {
-        let mut maps = FakeMaps::default();
+        let mut maps = MemoryMaps::default();
         let caps = Capacities { services: 16, backends: 3, maglev_slots: 2048 };
         let mut r = Reconciler::new(caps, OPTS);
         let mut desired = one(frontend(80, &[1], &[], 0));

@@ -206,6 +206,17 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts only a TCP server in `pod` on `port` (answering with the pod's name).
+    pub fn serve_tcp(&mut self, pod: &Pod, port: u16) -> io::Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (name, addr) = (pod.name.clone(), pod.ip);
+        let tcp = in_netns(&pod.netns, move || TcpListener::bind((addr, port)))??;
+        let s = stop.clone();
+        let threads = vec![std::thread::spawn(move || tcp_server(tcp, &name, &s))];
+        self.servers.push(Servers { stop, threads });
+        Ok(())
+    }
+
     /// Starts `lb-agent` (the binary at `agent`) inside `node`'s namespace in standalone mode.
     pub fn start_agent(
         &mut self,

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
-    model::{BackendAddr, Frontend, FrontendAddr, Protocol},
+    model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
     sync::{Capacities, Options, Reconciler},
 };
 use lb_common::{counters as c, hash::lb4_flow_hash, Lb4ServiceKey};
@@ -41,6 +41,8 @@ enum Out {
     DnatByMaglev,
     /// Source rewritten to this service address.
     Snat(Ipv4Addr, u16),
+    /// Exactly these addresses out (checksums verified).
+    Exact { src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16) },
 }
 
 struct Row {
@@ -53,14 +55,27 @@ struct Row {
 }
 
 fn frontend(vip: Ipv4Addr, port: u16, proto: Protocol, backends: &[(Ipv4Addr, u16)]) -> Frontend {
+    frontend_with(vip, port, proto, backends, &[], 0, false)
+}
+
+fn frontend_with(
+    vip: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    backends: &[(Ipv4Addr, u16)],
+    kept: &[(Ipv4Addr, u16)],
+    affinity_timeout_secs: u32,
+    local_only: bool,
+) -> Frontend {
+    let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
     Frontend {
         addr: FrontendAddr { vip, port, proto },
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
-        backends: backends.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),
-        kept: Vec::new(),
-        affinity_timeout_secs: 0,
-        local_only: false,
+        backends: backends.iter().map(be).collect(),
+        kept: kept.iter().map(|b| (be(b), BackendState::Terminating)).collect(),
+        affinity_timeout_secs,
+        local_only,
     }
 }
 
@@ -346,6 +361,10 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
             }
             assert_eq!(out[..14], row.bytes[..14], "{}: Ethernet header kept", row.desc);
         }
+        Out::Exact { src, dst } => {
+            let seen = check_packet(&out);
+            assert_eq!((seen.src, seen.dst), (src, dst), "{}: addresses out", row.desc);
+        }
         Out::Snat(addr, port) => {
             let inp = check_packet(&row.bytes);
             let seen = check_packet(&out);
@@ -468,4 +487,251 @@ fn counters_add_up() {
     let v = maps.read_counters().expect("counters");
     let outcomes: u64 = c::OUTCOMES.iter().map(|i| v[*i as usize]).sum();
     assert_eq!(outcomes, v[c::RX_FORWARD as usize] + v[c::RX_REPLY as usize]);
+}
+
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+fn sync_all(r: &mut Reconciler, maps: &mut Maps, fes: Vec<Frontend>) {
+    let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
+    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+}
+
+#[test]
+fn service_semantics_table() {
+    let pins = PinDir::new("semantics");
+    let (dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
+    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536 };
+    let opts =
+        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
+    let mut r = Reconciler::new(caps, opts);
+    let b = |last| (Ipv4Addr::new(10, 244, 1, last), 8080);
+    let (vip_aff, vip_local, vip_hair, vip_udp, vip_tcp) = (
+        Ipv4Addr::new(10, 96, 0, 20),
+        Ipv4Addr::new(10, 96, 0, 21),
+        Ipv4Addr::new(10, 96, 0, 22),
+        Ipv4Addr::new(10, 96, 0, 23),
+        Ipv4Addr::new(10, 96, 0, 24),
+    );
+    let base = vec![
+        frontend_with(vip_aff, 80, Protocol::Tcp, &[b(2), b(3), b(4)], &[], 30, false),
+        frontend_with(vip_local, 80, Protocol::Tcp, &[], &[], 0, true),
+        frontend_with(vip_hair, 80, Protocol::Tcp, &[(CLIENT, 8080)], &[], 0, false),
+        frontend_with(vip_udp, 53, Protocol::Udp, &[(Ipv4Addr::new(10, 244, 1, 2), 5353)], &[], 0, false),
+        frontend_with(vip_tcp, 80, Protocol::Tcp, &[b(2)], &[], 0, false),
+        frontend_with(vip_tcp, 81, Protocol::Tcp, &[b(2)], &[], 30, false),
+    ];
+    sync_all(&mut r, &mut maps, base.clone());
+
+    // ClientIP affinity: every connection from the client, whatever its source port, goes where
+    // the first one went.
+    let first = check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "affinity: first connection, Maglev picks",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 1000), (vip_aff, 80), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+    let chosen = check_packet(&first).dst;
+    for port in (1002..1100).step_by(2) {
+        let p = Pkt::new((CLIENT, port), (vip_aff, 80), SYN);
+        check_row(
+            &dp,
+            &maps,
+            &Row {
+                desc: "affinity: later connection, same backend",
+                prog: Prog::TcForward,
+                bytes: p.bytes(),
+                verdict: TC_OK,
+                out: Out::Exact { src: (CLIENT, port), dst: chosen },
+                counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::AFFINITY_HIT, 1)],
+            },
+        );
+    }
+    // Another client is not pinned by the first one's affinity.
+    let other = Ipv4Addr::new(10, 244, 1, 77);
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "affinity: another client, Maglev picks",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((other, 1000), (vip_aff, 80), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "internalTrafficPolicy Local with no local endpoint: dropped",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 2000), (vip_local, 80), SYN).bytes(),
+            verdict: TC_SHOT,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_LOCAL_BACKEND, 1)],
+        },
+    );
+
+    // Hairpin: the client is the backend. Out goes to itself from the hairpin address; the reply,
+    // which comes back into the forward program addressed to the hairpin address, goes back to
+    // the client from the service address.
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "hairpin: to itself via the service, SNATed",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 3000), (vip_hair, 80), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::HAIRPIN, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "hairpin: the reply, translated both ways",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 8080), (HAIRPIN, 3000), SYN_ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (vip_hair, 80), dst: (CLIENT, 3000) },
+            counters: &[(c::RX_FORWARD, 1), (c::REV_NAT, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "hairpin: next packet of the flow",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 3000), (vip_hair, 80), ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "to the hairpin address without a flow: passed",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 8080), (HAIRPIN, 3999), ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)],
+        },
+    );
+
+    // Draining: flows to a backend that becomes terminating. TCP keeps it; UDP moves at once.
+    let udp_flow = Pkt::new((CLIENT, 4000), (vip_udp, 53), UDP);
+    let tcp_flow = Pkt::new((CLIENT, 4002), (vip_tcp, 80), SYN);
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "affinity to b2 (its only backend)",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 4006), (vip_tcp, 81), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4006), dst: b(2) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "UDP flow to b2",
+            prog: Prog::TcForward,
+            bytes: udp_flow.bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4000), dst: (Ipv4Addr::new(10, 244, 1, 2), 5353) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "TCP flow to b2",
+            prog: Prog::TcForward,
+            bytes: tcp_flow.bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4002), dst: b(2) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+    let mut drained = base.clone();
+    drained[0] = frontend_with(vip_aff, 80, Protocol::Tcp, &[b(3), b(4)], &[b(2)], 30, false);
+    drained[3] = frontend_with(
+        vip_udp,
+        53,
+        Protocol::Udp,
+        &[(Ipv4Addr::new(10, 244, 1, 3), 5353)],
+        &[(Ipv4Addr::new(10, 244, 1, 2), 5353)],
+        0,
+        false,
+    );
+    drained[4] = frontend_with(vip_tcp, 80, Protocol::Tcp, &[b(3)], &[b(2)], 0, false);
+    drained[5] = frontend_with(vip_tcp, 81, Protocol::Tcp, &[b(3)], &[b(2)], 30, false);
+    sync_all(&mut r, &mut maps, drained);
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "UDP flow whose backend is terminating: moves",
+            prog: Prog::TcForward,
+            bytes: udp_flow.bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4000), dst: (Ipv4Addr::new(10, 244, 1, 3), 5353) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::CT_RESELECTED, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "TCP flow whose backend is terminating: stays",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 4002), (vip_tcp, 80), ACK).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4002), dst: b(2) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "new TCP flow avoids the terminating backend",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 4004), (vip_tcp, 80), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4004), dst: b(3) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
+    check_row(
+        &dp,
+        &maps,
+        &Row {
+            desc: "affinity to a terminating backend: Maglev picks again",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((CLIENT, 4008), (vip_tcp, 81), SYN).bytes(),
+            verdict: TC_OK,
+            out: Out::Exact { src: (CLIENT, 4008), dst: b(3) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+    );
 }

@@ -9,7 +9,10 @@ use std::{
 };
 
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader};
-use lb_agent::datapath::Config;
+use lb_agent::{
+    datapath::{Config, Maps, Mode},
+    testbed::{tcp_asks, wait_until, Lab, Node, Pod},
+};
 
 /// A directory on bpffs, unique to this test, removed (with its pins) on drop.
 pub struct PinDir(pub PathBuf);
@@ -191,4 +194,135 @@ pub fn check_packet(bytes: &[u8]) -> Seen {
         }
         other => panic!("unexpected protocol {other:?}"),
     }
+}
+
+/// The service address the end-to-end tests use.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+
+/// Two nodes joined by an underlay, each with an agent; a client on each (c1, c2); backends b1
+/// and b2 on node 1 and b3 on node 2, each serving TCP 8080 and UDP 5353 (and b3 also TCP 9090).
+pub struct Cluster {
+    pub lab: Lab,
+    pub nodes: [Node; 2],
+    pub client1: Pod,
+    pub client2: Pod,
+    pub backends: [Pod; 3],
+    pub manifests: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(
+        tag: &str,
+        mode: Mode,
+        tx_csum_offload: bool,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+    ) -> Self {
+        let mut lab = Lab::new(tag).expect("lab");
+        let n1 = lab.node(1).expect("node 1");
+        let n2 = lab.node(2).expect("node 2");
+        lab.link_nodes(&n1, &n2).expect("underlay");
+        let client1 = lab.pod(&n1, "c1", 10, tx_csum_offload).expect("client 1");
+        let client2 = lab.pod(&n2, "c2", 10, tx_csum_offload).expect("client 2");
+        let b1 = lab.pod(&n1, "b1", 2, tx_csum_offload).expect("b1");
+        let b2 = lab.pod(&n1, "b2", 3, tx_csum_offload).expect("b2");
+        let b3 = lab.pod(&n2, "b3", 4, tx_csum_offload).expect("b3");
+        for b in [&b1, &b2, &b3] {
+            lab.serve(b, 8080, 5353).expect("servers");
+        }
+        lab.serve_tcp(&b3, 9090).expect("b3 on 9090");
+        let manifests = lab.scratch().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("manifest dir");
+        let backends = [b1, b2, b3];
+        std::fs::write(manifests.join("objects.yaml"), yaml(&backends)).expect("write manifests");
+        for n in [&n1, &n2] {
+            lab.start_agent(n, Path::new(AGENT), &manifests, mode, agent_args).expect("agent");
+        }
+        Self { lab, nodes: [n1, n2], client1, client2, backends, manifests }
+    }
+
+    /// Waits until `client` gets an answer from `VIP:port`.
+    pub fn wait_reachable(&self, client: &Pod, port: u16) {
+        let node = &self.nodes[usize::from(client.node) - 1];
+        let ready = wait_until(std::time::Duration::from_secs(15), || {
+            tcp_asks(client, std::net::SocketAddrV4::new(VIP, port), 1)?.pop().expect("one answer")
+        });
+        assert!(
+            ready.is_ok(),
+            "service unreachable from {}: {ready:?}\nagent log:\n{}",
+            client.name,
+            self.lab.agent_log(node)
+        );
+    }
+
+    /// Replaces the manifests (the agents pick the change up live).
+    pub fn write(&self, yaml: &str) {
+        let tmp = self.manifests.join(".objects.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write manifests");
+        std::fs::rename(&tmp, self.manifests.join("objects.yaml")).expect("replace manifests");
+    }
+
+    pub fn maps(&self, node: usize) -> Maps {
+        Maps::from_pins(&self.nodes[node - 1].pin_dir).expect("pinned maps")
+    }
+
+    /// Waits until node `node`'s backend map holds `ip:port` in `state` (`None`: not at all).
+    pub fn wait_backend(&self, node: usize, ip: Ipv4Addr, port: u16, state: Option<u8>) {
+        let found = wait_until(std::time::Duration::from_secs(5), || {
+            let got = self
+                .maps(node)
+                .read_backends()
+                .map_err(std::io::Error::other)?
+                .into_iter()
+                .find(|(_, b)| b.addr.to_ne_bytes() == ip.octets() && u16::from_be(b.port) == port)
+                .map(|(_, b)| b.state);
+            if got == state {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!("state {got:?}")))
+            }
+        });
+        assert!(
+            found.is_ok(),
+            "node {node}: backend {ip}:{port} never reached {state:?}: {found:?}\nagent log:\n{}",
+            self.lab.agent_log(&self.nodes[node - 1])
+        );
+    }
+}
+
+/// A Service `who` (TCP 80 → 8080 as "tcp", UDP 53 → 5353 as "udp") with `spec_extra` appended
+/// to its spec, and one EndpointSlice with `endpoints` (YAML list items, each starting "- ").
+pub fn who(spec_extra: &str, endpoints: &[String]) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: who, namespace: demo}}
+spec:
+  clusterIP: {VIP}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}
+{spec_extra}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: who-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: who}}
+addressType: IPv4
+ports:
+- {{name: tcp, port: 8080, protocol: TCP}}
+- {{name: udp, port: 5353, protocol: UDP}}
+endpoints:
+{}
+"#,
+        endpoints.join("\n")
+    )
+}
+
+/// One endpoint item for [`who`].
+pub fn endpoint(pod: &Pod, conditions: &str) -> String {
+    format!("- addresses: [{}]\n  nodeName: node{}\n  conditions: {{{conditions}}}", pod.ip, pod.node)
 }
