@@ -224,10 +224,82 @@ fn main() -> anyhow::Result<()> {
     }
     drop(maps_new);
 
+    let maglev = maglev_figures(if args.quick { 3 } else { 11 });
     if let Some(path) = args.markdown {
         write_markdown(&path, &rows, repeat, rounds, args.quick)?;
+        write_section(&path, "maglev", &maglev)?;
         println!("results written to {}", path.display());
     }
+    Ok(())
+}
+
+/// Maglev table memory against fixed sizes, build time, and balance; returns a Markdown section.
+fn maglev_figures(rounds: usize) -> String {
+    use lb_agent::maglev::{build, table_size, Backend, DEFAULT_MAX_TABLE_SIZE};
+    let mib = |slots: u64| slots as f64 * 4.0 / (1024.0 * 1024.0);
+    let mut md = String::from("## Maglev tables\n\nCommand: `cargo xtask bench` (pure computation, no kernel).\n\n");
+    md.push_str("| services × backends | lb table size | lb memory | fixed 16,381 slots | fixed 65,537 slots |\n|---|---:|---:|---:|---:|\n");
+    println!("maglev table memory (4 bytes a slot):");
+    for (services, backends) in [(10_000u64, 3usize), (1_000, 100), (100_000, 3)] {
+        let m = u64::from(table_size(backends, DEFAULT_MAX_TABLE_SIZE));
+        let line = format!(
+            "| {services} × {backends} | {m} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+            mib(services * m),
+            mib(services * 16_381),
+            mib(services * 65_537)
+        );
+        println!("  {line}");
+        md.push_str(&line);
+        md.push('\n');
+    }
+    let names: Vec<String> = (0..1000).map(|i| format!("10.244.{}.{}:8080/TCP", i / 250, i % 250 + 1)).collect();
+    let bs: Vec<Backend<'_>> = names.iter().map(|n| Backend { name: n, weight: 1 }).collect();
+    let mut times: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(build(&bs, 65_537, 0));
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let line = format!(
+        "Build of one 65,537-slot table for 1,000 backends: min {:.2} ms, median {:.2} ms, max {:.2} ms ({rounds} runs, release build).",
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    println!("  {line}");
+    md.push_str(&format!("\n{line}\n\n"));
+    md.push_str("Balance (slots per backend, max − min, and max/min − 1):\n\n| backends | lb table | lb spread | 65,537-slot spread |\n|---:|---:|---:|---:|\n");
+    for n in [3usize, 10, 100, 1000] {
+        let spread = |m: u32| {
+            let t = build(&bs[..n], m, 0);
+            let mut c = vec![0u32; n];
+            for i in t {
+                c[i as usize] += 1;
+            }
+            let (lo, hi) = (*c.iter().min().expect("n > 0"), *c.iter().max().expect("n > 0"));
+            format!("{} ({:.2} %)", hi - lo, (f64::from(hi) / f64::from(lo) - 1.0) * 100.0)
+        };
+        let m = table_size(n, DEFAULT_MAX_TABLE_SIZE);
+        let line = format!("| {n} | {m} | {} | {} |", spread(m), spread(65_537));
+        println!("  {line}");
+        md.push_str(&line);
+        md.push('\n');
+    }
+    md
+}
+
+/// Replaces (or appends) the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+fn write_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
+    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
+    let section = format!("{begin}\n{body}\n{end}\n");
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(b), Some(e)) => format!("{}{}{}", &old[..b], section, old[e + end.len()..].trim_start_matches('\n')),
+        _ => format!("{}\n\n{}", old.trim_end(), section),
+    };
+    std::fs::write(path, new)?;
     Ok(())
 }
 
