@@ -237,7 +237,8 @@ fn main() -> anyhow::Result<()> {
 fn maglev_figures(rounds: usize) -> String {
     use lb_agent::maglev::{build, table_size, Backend, DEFAULT_MAX_TABLE_SIZE};
     let mib = |slots: u64| slots as f64 * 4.0 / (1024.0 * 1024.0);
-    let mut md = String::from("## Maglev tables\n\nCommand: `cargo xtask bench` (pure computation, no kernel).\n\n");
+    let mut md =
+        String::from("## Maglev tables\n\nCommand: `cargo xtask bench` (pure computation, no kernel).\n\n");
     md.push_str("| services × backends | lb table size | lb memory | fixed 16,381 slots | fixed 65,537 slots |\n|---|---:|---:|---:|---:|\n");
     println!("maglev table memory (4 bytes a slot):");
     for (services, backends) in [(10_000u64, 3usize), (1_000, 100), (100_000, 3)] {
@@ -252,7 +253,8 @@ fn maglev_figures(rounds: usize) -> String {
         md.push_str(&line);
         md.push('\n');
     }
-    let names: Vec<String> = (0..1000).map(|i| format!("10.244.{}.{}:8080/TCP", i / 250, i % 250 + 1)).collect();
+    let names: Vec<String> =
+        (0..1000).map(|i| format!("10.244.{}.{}:8080/TCP", i / 250, i % 250 + 1)).collect();
     let bs: Vec<Backend<'_>> = names.iter().map(|n| Backend { name: n, weight: 1 }).collect();
     let mut times: Vec<f64> = (0..rounds)
         .map(|_| {
@@ -296,7 +298,9 @@ fn write_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
     let section = format!("{begin}\n{body}\n{end}\n");
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
     let new = match (old.find(&begin), old.find(&end)) {
-        (Some(b), Some(e)) => format!("{}{}{}", &old[..b], section, old[e + end.len()..].trim_start_matches('\n')),
+        (Some(b), Some(e)) => {
+            format!("{}{}{}", &old[..b], section, old[e + end.len()..].trim_start_matches('\n'))
+        }
         _ => format!("{}\n\n{}", old.trim_end(), section),
     };
     std::fs::write(path, new)?;

@@ -139,8 +139,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("\ndemo ready in {:.1} s. Explore while it runs:", started.elapsed().as_secs_f64());
-    println!("  bpftool map dump pinned {}/LB4_SERVICES", n1.pin_dir.display());
-    println!("  bpftool map dump pinned {}/LB4_CT | head -40", n1.pin_dir.display());
+    let pins = lb_agent::datapath::layout_dir(&n1.pin_dir);
+    println!("  bpftool map dump pinned {}/LB4_SERVICES", pins.display());
+    println!("  bpftool map dump pinned {}/LB4_CT | head -40", pins.display());
     println!(
         "  ip netns exec {} bash -c 'exec 3<>/dev/tcp/10.96.0.10/80; echo hi >&3; head -1 <&3'",
         c1.netns

@@ -10,14 +10,17 @@ use std::{
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
-        tc::SchedClassifierLinkId, xdp::XdpLinkId, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counters, globals, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service,
-    Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV,
-    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
+    counters, globals, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
+    Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
+    MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, PIN_LAYOUT_VERSION,
 };
 
 use crate::sync::MapWriter;
@@ -59,10 +62,60 @@ pub struct Config {
     pub bpf_log: bool,
 }
 
+/// Where this version's pins live: `<pin-dir>/v<PIN_LAYOUT_VERSION>`; maps directly in it, program
+/// links under `links/`. bpffs holds only BPF objects and directories, so the layout version is
+/// carried by the directory name.
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{PIN_LAYOUT_VERSION}"))
+}
+
+/// Other layout versions pinned under `pin_dir`.
+fn other_layouts(pin_dir: &Path) -> Vec<String> {
+    let ours = format!("v{PIN_LAYOUT_VERSION}");
+    std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok() && *n != ours)
+        .collect()
+}
+
+/// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the programs;
+/// removing the maps drops them (and with them every tracked flow).
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(0) };
+    for layout in entries.flatten() {
+        let links = layout.path().join("links");
+        for l in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            std::fs::remove_file(l.path())?;
+            removed += 1;
+        }
+        let _ = std::fs::remove_dir(&links);
+        for m in std::fs::read_dir(layout.path()).into_iter().flatten().flatten() {
+            std::fs::remove_file(m.path())?;
+            removed += 1;
+        }
+        std::fs::remove_dir(layout.path())?;
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{pin_dir} holds pinned layout {found:?}, this agent uses v{ours}: run the matching agent, or \
+         `lb-agent --cleanup --pin-dir {pin_dir}` (detaches lb and drops tracked flows)",
+        ours = PIN_LAYOUT_VERSION
+    )]
+    OtherLayout { pin_dir: PathBuf, found: Vec<String> },
+    #[error("nothing pinned at {0}: is lb-agent running with this --pin-dir?")]
+    NotPinned(PathBuf),
+    #[error("pinning the link of {program} on {interface} at {path}: {reason}")]
+    PinLink { program: &'static str, interface: String, path: PathBuf, reason: String },
     #[error("loading the eBPF object (pinned maps under {pin_dir}): {source}")]
     Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
     #[error("program {program}: {source}")]
@@ -84,6 +137,7 @@ pub struct Maps {
     pub counters: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    pub meta: Array<MapData, Lb4FrontendMeta>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -107,11 +161,23 @@ impl Maps {
             counters: take(ebpf, MAP_LB_COUNTERS)?,
             svc_stats: take(ebpf, MAP_LB4_SVC_STATS)?,
             affinity: take(ebpf, MAP_LB4_AFFINITY)?,
+            meta: take(ebpf, MAP_LB4_FE_META)?,
         })
     }
 
     /// Opens the maps pinned under `pin_dir` (read-side tools, tests).
     pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let others = other_layouts(pin_dir);
+        let pin_dir = &layout_dir(pin_dir);
+        if !pin_dir.join(MAP_LB4_SERVICES).exists() {
+            if !others.is_empty() {
+                return Err(DatapathError::OtherLayout {
+                    pin_dir: pin_dir.parent().unwrap_or(pin_dir).into(),
+                    found: others,
+                });
+            }
+            return Err(DatapathError::NotPinned(pin_dir.parent().unwrap_or(pin_dir).into()));
+        }
         fn open<T: TryFrom<Map, Error = MapError>>(
             dir: &Path,
             name: &'static str,
@@ -128,12 +194,18 @@ impl Maps {
             counters: open(pin_dir, MAP_LB_COUNTERS)?,
             svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
             affinity: open(pin_dir, MAP_LB4_AFFINITY)?,
+            meta: open(pin_dir, MAP_LB4_FE_META)?,
         })
     }
 
     /// Every frontend in the map.
     pub fn read_services(&self) -> Result<Vec<(Lb4ServiceKey, Lb4Service)>, DatapathError> {
         self.services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))
+    }
+
+    /// What the agent recorded for frontend `id`.
+    pub fn read_meta(&self, id: u32) -> Option<Lb4FrontendMeta> {
+        self.meta.get(&id, 0).ok()
     }
 
     /// Every backend slot that is in use.
@@ -186,6 +258,10 @@ impl MapWriter for Maps {
         self.services.insert(key, svc, 0)
     }
 
+    fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), MapError> {
+        self.meta.set(id, meta, 0)
+    }
+
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), MapError> {
         match self.services.remove(key) {
             Err(MapError::KeyNotFound) => Ok(()),
@@ -212,17 +288,13 @@ impl MapWriter for Maps {
     }
 }
 
-enum Link {
-    Tc(SchedClassifierLinkId),
-    Xdp(XdpLinkId),
-}
-
 /// The loaded programs and their attachments.
 pub struct Datapath {
     ebpf: Ebpf,
     mode: Mode,
-    /// Interface name → links this agent attached.
-    attached: StdHashMap<String, Vec<(&'static str, Link)>>,
+    links_dir: PathBuf,
+    /// Interface name → the pins of the links this agent attached (or took over) there.
+    attached: StdHashMap<String, Vec<PathBuf>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -230,8 +302,19 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
-        std::fs::create_dir_all(&cfg.pin_dir)
-            .map_err(|source| DatapathError::PinDir { path: cfg.pin_dir.clone(), source })?;
+        let others = other_layouts(&cfg.pin_dir);
+        if !others.is_empty() {
+            return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });
+        }
+        let dir = layout_dir(&cfg.pin_dir);
+        let links_dir = dir.join("links");
+        std::fs::create_dir_all(&links_dir)
+            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+        // Pins are root's only.
+        for d in [&cfg.pin_dir, &dir, &links_dir] {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
         let secs = |s: u64| s.saturating_mul(1_000_000_000);
         let (syn, est, close, udp) = (
             secs(cfg.ct_timeout_tcp_syn_secs),
@@ -242,7 +325,7 @@ impl Datapath {
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&cfg.pin_dir)
+            .default_map_pin_directory(&dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.services)
             .map_max_entries(MAP_LB4_SVC_STATS, cfg.services)
             .map_max_entries(MAP_LB4_BACKENDS, cfg.backends)
@@ -279,7 +362,7 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
             prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
         }
-        Ok((Self { ebpf, mode, attached: StdHashMap::new(), logger }, maps))
+        Ok((Self { ebpf, mode, links_dir, attached: StdHashMap::new(), logger }, maps))
     }
 
     /// The loaded program, for BPF_PROG_TEST_RUN.
@@ -306,72 +389,111 @@ impl Datapath {
         self.attached.keys().map(String::as_str)
     }
 
-    /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress).
+    /// The programs attached on each interface in the current mode.
+    fn wanted(&self) -> [&'static str; 2] {
+        match self.mode {
+            Mode::Tc => [PROG_TC_FORWARD, PROG_TC_REPLY],
+            Mode::Xdp => [PROG_XDP_FORWARD, PROG_TC_REPLY],
+        }
+    }
+
+    /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress), each
+    /// through a link pinned under `links/`, so it stays attached while the agent is away. A link
+    /// pinned by an earlier agent is taken over: the new program replaces the old one in it
+    /// atomically, and no packet goes unhandled.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         if self.is_attached(interface) {
             return Ok(());
         }
-        let mut links = Vec::new();
-        let attach_err =
-            |program, source| DatapathError::Attach { program, interface: interface.to_string(), source };
-        let tc = |ebpf: &mut Ebpf, name: &'static str, at: TcAttachType| -> Result<Link, DatapathError> {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|e| attach_err(name, e))?;
-            prog.attach(interface, at).map(Link::Tc).map_err(|e| attach_err(name, e))
-        };
-        let forward = match self.mode {
-            Mode::Tc => {
-                tc(&mut self.ebpf, PROG_TC_FORWARD, TcAttachType::Ingress).map(|l| (PROG_TC_FORWARD, l))
-            }
-            Mode::Xdp => {
-                let prog: &mut Xdp = self
-                    .ebpf
-                    .program_mut(PROG_XDP_FORWARD)
-                    .expect("object has the program")
-                    .try_into()
-                    .map_err(|e| attach_err(PROG_XDP_FORWARD, e))?;
-                prog.attach(interface, XdpMode::Default)
-                    .map(|l| (PROG_XDP_FORWARD, Link::Xdp(l)))
-                    .map_err(|e| attach_err(PROG_XDP_FORWARD, e))
-            }
-        };
-        links.push(forward?);
-        match tc(&mut self.ebpf, PROG_TC_REPLY, TcAttachType::Egress) {
-            Ok(l) => links.push((PROG_TC_REPLY, l)),
-            Err(e) => {
-                self.detach_links(links);
-                return Err(e);
+        // Links of programs this mode does not use (the other --datapath) are removed.
+        for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
+            if !self.wanted().contains(&prog) {
+                let _ = std::fs::remove_file(self.link_pin(interface, prog));
             }
         }
-        self.attached.insert(interface.to_string(), links);
+        let mut pins = Vec::new();
+        for prog in self.wanted() {
+            let pin = self.link_pin(interface, prog);
+            if !self.take_over(prog, &pin) {
+                // Not pinned, or pinned but defunct (its interface was recreated): attach anew.
+                let _ = std::fs::remove_file(&pin);
+                if let Err(e) = self.attach_new(interface, prog, &pin) {
+                    for p in &pins {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(e);
+                }
+            }
+            pins.push(pin);
+        }
+        self.attached.insert(interface.to_string(), pins);
         Ok(())
     }
 
-    /// Forgets an interface that went away (its attachments went with it).
+    /// bpffs refuses names with a '.', which interface names may have (VLANs); ':' is one
+    /// character an interface name never has, so it stands in for it.
+    fn link_pin(&self, interface: &str, prog: &str) -> PathBuf {
+        self.links_dir.join(format!("{}@{prog}", interface.replace('.', ":")))
+    }
+
+    /// Puts our program into the link pinned at `pin`. False if there is none or it is defunct.
+    fn take_over(&mut self, prog: &'static str, pin: &Path) -> bool {
+        let Ok(pinned) = PinnedLink::from_pin(pin) else { return false };
+        let fd = FdLink::from(pinned);
+        let program = self.ebpf.program_mut(prog).expect("object has the program");
+        let id = if prog == PROG_XDP_FORWARD {
+            let Ok(link) = XdpLink::try_from(fd) else { return false };
+            let Ok(p) = <&mut Xdp>::try_from(program) else { return false };
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+        } else {
+            let Ok(link) = SchedClassifierLink::try_from(fd) else { return false };
+            let Ok(p) = <&mut SchedClassifier>::try_from(program) else { return false };
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+        };
+        // Dropping our handle leaves the link to its pin.
+        id.unwrap_or(false)
+    }
+
+    fn attach_new(&mut self, interface: &str, prog: &'static str, pin: &Path) -> Result<(), DatapathError> {
+        let attach_err =
+            |source| DatapathError::Attach { program: prog, interface: interface.to_string(), source };
+        let pin_err = |reason: String| DatapathError::PinLink {
+            program: prog,
+            interface: interface.to_string(),
+            path: pin.to_path_buf(),
+            reason,
+        };
+        let program = self.ebpf.program_mut(prog).expect("object has the program");
+        let fd: FdLink = if prog == PROG_XDP_FORWARD {
+            let p: &mut Xdp = program.try_into().map_err(attach_err)?;
+            let id = p.attach(interface, XdpMode::Default).map_err(attach_err)?;
+            p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
+        } else {
+            let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;
+            let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let id = p.attach(interface, at).map_err(attach_err)?;
+            p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
+        };
+        fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Forgets an interface that went away (its links went with it; their pins are removed).
     pub fn forget(&mut self, interface: &str) {
-        if let Some(links) = self.attached.remove(interface) {
-            self.detach_links(links);
+        for pin in self.attached.remove(interface).unwrap_or_default() {
+            let _ = std::fs::remove_file(pin);
         }
     }
 
-    fn detach_links(&mut self, links: Vec<(&'static str, Link)>) {
-        for (name, link) in links {
-            // Errors are expected when the interface is already gone.
-            let _ = match link {
-                Link::Tc(id) => self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
-                    .map(|p| p.detach(id)),
-                Link::Xdp(id) => self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut Xdp>::try_from(p).ok())
-                    .map(|p| p.detach(id)),
-            };
+    /// Removes pins of links on interfaces that no longer exist (left by an agent that was away
+    /// while they went).
+    pub fn prune_links(&mut self, present: &[String]) {
+        for e in std::fs::read_dir(&self.links_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let iface = name.rsplit_once('@').map_or(name.as_str(), |(i, _)| i).replace(':', ".");
+            if !present.contains(&iface) {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
 }

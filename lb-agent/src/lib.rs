@@ -11,5 +11,6 @@ pub mod dump;
 pub mod maglev;
 pub mod manifests;
 pub mod model;
+pub mod netlink;
 pub mod sync;
 pub mod testbed;

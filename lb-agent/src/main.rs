@@ -21,11 +21,15 @@ use tracing::{debug, error, info, warn};
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
 struct Args {
     /// Standalone mode: read Services and EndpointSlices from the YAML/JSON files in DIR.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
+    manifests: Option<PathBuf>,
     /// Interfaces to attach to (pods' host-side interfaces), as comma-separated globs.
-    #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',', required = true)]
+    #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',', required_unless_present = "cleanup")]
     interfaces: Vec<glob::Pattern>,
+    /// Remove everything lb installed under --pin-dir (detaches the programs, drops tracked
+    /// flows) and exit.
+    #[arg(long)]
+    cleanup: bool,
     /// Directory on bpffs where maps are pinned; one per agent.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
@@ -92,6 +96,13 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
 
+    if args.cleanup {
+        let n = datapath::cleanup(&args.pin_dir)
+            .with_context(|| format!("removing pins under {}", args.pin_dir.display()))?;
+        info!("removed {n} pinned objects under {}", args.pin_dir.display());
+        return Ok(());
+    }
+    let manifests_dir = args.manifests.clone().context("--manifests is required")?;
     let cfg = datapath::Config {
         pin_dir: args.pin_dir.clone(),
         services: args.max_services,
@@ -118,7 +129,9 @@ async fn main() -> anyhow::Result<()> {
         maglev_seed: 0,
         drain_timeout: Duration::from_secs(args.drain_timeout),
     };
-    let reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?);
+    let reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?, |id| {
+        maps.read_meta(id)
+    });
     let ctx = model::Context {
         node_name: args.node_name.clone(),
         zone: args.zone.clone(),
@@ -137,13 +150,17 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .context("file watcher")?;
-    notify::Watcher::watch(&mut watcher, &args.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching --manifests {}", args.manifests.display()))?;
+    notify::Watcher::watch(&mut watcher, &manifests_dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching --manifests {}", manifests_dir.display()))?;
     let read = |dir: &std::path::Path| {
         manifests::read_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))
     };
-    agent.apply(read(&args.manifests)?);
+    // Our view is rebuilt from the source before anything is reconciled: entries that are still
+    // wanted are adopted, not rewritten.
+    agent.apply(read(&manifests_dir)?);
+    dp.prune_links(&datapath::interfaces());
     attach_matching(&mut dp, &args.interfaces);
+    let mut links = lb_agent::netlink::LinkEvents::new().context("netlink link notifications")?;
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -156,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
                 // Editors write in bursts: take what else arrives within 50 ms in the same read.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changes.try_recv().is_ok() {}
-                match read(&args.manifests) {
+                match read(&manifests_dir) {
                     Ok(objects) => {
                         let report = agent.apply(objects);
                         debug!(latency_us = seen.elapsed().as_micros() as u64, "change applied");
@@ -166,6 +183,12 @@ async fn main() -> anyhow::Result<()> {
                     Err(e) => error!("{e:#}"),
                 }
             }
+            r = links.changed() => {
+                if let Err(e) = r {
+                    warn!("netlink: {e}");
+                }
+                attach_matching(&mut dp, &args.interfaces);
+            }
             _ = tick.tick() => {
                 attach_matching(&mut dp, &args.interfaces);
                 agent.tick(Instant::now());
@@ -173,7 +196,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    info!("stopping; pinned maps stay in {}", args.pin_dir.display());
+    info!("stopping; the datapath stays in place (pins under {})", args.pin_dir.display());
     Ok(())
 }
 

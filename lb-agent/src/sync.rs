@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
+    Lb4Backend, Lb4FrontendMeta, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
     BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
 };
 
@@ -36,6 +36,8 @@ pub trait MapWriter {
     fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), Self::Error>;
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error>;
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error>;
+    /// Records what frontend `id` was built from (its name, a digest), before it is published.
+    fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error>;
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error>;
     /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it).
     fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), Self::Error>;
@@ -86,9 +88,12 @@ impl Options {
 #[derive(Debug, Clone)]
 struct Programmed {
     id: u32,
-    /// `None` after a restore: unknown, so the table is rewritten on the first sync.
+    /// `None` after a restore until the first sync: then the frontend is adopted as it is if
+    /// its digest matches, or rewritten.
     frontend: Option<Frontend>,
     region: Option<Region>,
+    /// After a restore: the digest recorded beside the maps.
+    restored_digest: Option<u64>,
 }
 
 /// Counts of what a sync wrote.
@@ -121,6 +126,26 @@ fn backend_value(b: &BackendAddr, state: u8) -> Lb4Backend {
     Lb4Backend::new(b.ip.octets(), b.port, b.proto.number(), state)
 }
 
+/// A digest of everything a frontend's entry and table are built from.
+fn digest(fe: &Frontend, table_size: u32, seed: u64) -> u64 {
+    let mut text =
+        format!("v1 {} {table_size} {seed} {} {}", fe.addr, fe.affinity_timeout_secs, fe.local_only);
+    for b in &fe.backends {
+        text.push(' ');
+        text.push_str(&b.to_string());
+    }
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// The name recorded for a frontend: `namespace/name:port`.
+pub fn frontend_name(fe: &Frontend) -> String {
+    if fe.port_name.is_empty() {
+        fe.service.clone()
+    } else {
+        format!("{}:{}", fe.service, fe.port_name)
+    }
+}
+
 /// Whether the frontend's entry or table must be rewritten (the `kept` list only changes backend
 /// states, written separately).
 fn same_entry(a: &Frontend, b: &Frontend) -> bool {
@@ -150,6 +175,7 @@ impl Reconciler {
         opts: Options,
         services: impl IntoIterator<Item = (Lb4ServiceKey, Lb4Service)>,
         backends: impl IntoIterator<Item = (u32, Lb4Backend)>,
+        meta: impl Fn(u32) -> Option<Lb4FrontendMeta>,
     ) -> Self {
         let mut r = Self::new(caps, opts);
         for (id, b) in backends {
@@ -171,7 +197,8 @@ impl Reconciler {
             }
             let region = Region { offset: svc.maglev_offset, size: svc.maglev_size };
             let region = (svc.maglev_size > 0 && r.regions.reserve(region)).then_some(region);
-            r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region });
+            let restored_digest = meta(svc.id).map(|m| m.digest).filter(|d| *d != 0);
+            r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region, restored_digest });
         }
         r
     }
@@ -284,6 +311,18 @@ impl Reconciler {
                 return Ok(());
             }
         }
+        let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
+        let digest = digest(fe, size, self.opts.maglev_seed);
+        if let Some(p) = self.frontends.get_mut(addr) {
+            // Restored from pinned maps, built from the same inputs: adopt it as it is, so a
+            // restart rewrites nothing (and needs no spare table space).
+            let backends_known = fe.backends.iter().all(|b| self.backends.contains_key(b));
+            if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known {
+                p.frontend = Some(fe.clone());
+                p.restored_digest = None;
+                return Ok(());
+            }
+        }
         let full =
             |what, capacity| SyncError::Full { frontend: *addr, service: fe.service.clone(), what, capacity };
         // Backends first, so the table never names one that is not there yet.
@@ -298,7 +337,6 @@ impl Reconciler {
         let region = if fe.backends.is_empty() {
             None
         } else {
-            let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
             let names: Vec<String> = fe.backends.iter().map(ToString::to_string).collect();
             let mb: Vec<maglev::Backend<'_>> =
                 names.iter().map(|n| maglev::Backend { name: n, weight: 1 }).collect();
@@ -333,7 +371,10 @@ impl Reconciler {
             affinity_timeout_secs: fe.affinity_timeout_secs,
             flags: if fe.local_only { SVC_FLAG_LOCAL_ONLY } else { 0 },
         };
-        if let Err(e) = w.set_service(&service_key(addr), &svc) {
+        let published = w
+            .set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
+            .and_then(|()| w.set_service(&service_key(addr), &svc));
+        if let Err(e) = published {
             if let Some(r) = region {
                 self.regions.release(r);
             }
@@ -356,7 +397,9 @@ impl Reconciler {
                 }
             }
         }
-        let previous = self.frontends.insert(*addr, Programmed { id, frontend: Some(fe.clone()), region });
+        let previous = self
+            .frontends
+            .insert(*addr, Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None });
         if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r);
         }
@@ -444,6 +487,7 @@ fn write_err(
 #[derive(Debug, Default)]
 pub struct MemoryMaps {
     pub services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+    pub meta: BTreeMap<u32, Lb4FrontendMeta>,
     pub backends: BTreeMap<u32, Lb4Backend>,
     pub maglev: BTreeMap<u32, u32>,
     pub log: Vec<String>,
@@ -466,6 +510,10 @@ impl MapWriter for MemoryMaps {
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
         self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
         self.services.insert(*key, *svc);
+        Ok(())
+    }
+    fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error> {
+        self.meta.insert(id, *meta);
         Ok(())
     }
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error> {
@@ -653,18 +701,35 @@ mod tests {
         sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         let ids_before = maps.backends.clone();
 
+        let meta = maps.meta.clone();
         let mut r2 = Reconciler::restore(
             CAPS,
             OPTS,
             maps.services.iter().map(|(k, v)| (*k, *v)),
             maps.backends.iter().map(|(k, v)| (*k, *v)),
+            |id| meta.get(&id).copied(),
         );
         maps.log.clear();
         sync(&mut r2, &fe(&[1, 2, 3]), &mut maps);
-        // Same ids for the same backends; the table is rewritten once into a new region.
+        // Same ids for the same backends, and the table is adopted: nothing is written.
         assert_eq!(maps.backends, ids_before);
-        assert_eq!(maps.log, ["maglev 307+307", "service 1 at 307+307"]);
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
         maps.assert_consistent();
+        assert_eq!(maps.meta[&1].name(), "default/s");
+
+        // Without the recorded digest the table is rewritten once, into a new region.
+        let mut r3 = Reconciler::restore(
+            CAPS,
+            OPTS,
+            maps.services.iter().map(|(k, v)| (*k, *v)),
+            maps.backends.iter().map(|(k, v)| (*k, *v)),
+            |_| None,
+        );
+        sync(&mut r3, &fe(&[1, 2, 3]), &mut maps);
+        assert_eq!(maps.log, ["maglev 307+307", "service 1 at 307+307"]);
+        assert_eq!(maps.backends, ids_before);
+        maps.assert_consistent();
+        let mut r2 = r3;
 
         maps.log.clear();
         let (s, _) = sync(&mut r2, &BTreeMap::new(), &mut maps);

@@ -101,7 +101,18 @@ pub struct Lab {
     pin_root: PathBuf,
     scratch: PathBuf,
     agents: Vec<(String, Child)>,
+    /// How each node's agent was started, for restarts.
+    agent_specs: Vec<AgentSpec>,
     servers: Vec<Servers>,
+}
+
+#[derive(Clone)]
+struct AgentSpec {
+    node: Node,
+    agent: PathBuf,
+    manifests: PathBuf,
+    mode: Mode,
+    extra: Vec<String>,
 }
 
 impl Lab {
@@ -117,6 +128,7 @@ impl Lab {
             namespaces: Vec::new(),
             scratch,
             agents: Vec::new(),
+            agent_specs: Vec::new(),
             servers: Vec::new(),
         })
     }
@@ -226,8 +238,16 @@ impl Lab {
         mode: Mode,
         extra: &[&str],
     ) -> io::Result<()> {
+        self.agent_specs.retain(|s| s.node.netns != node.netns);
+        self.agent_specs.push(AgentSpec {
+            node: node.clone(),
+            agent: agent.into(),
+            manifests: manifests.into(),
+            mode,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        });
         let netns = File::open(format!("/run/netns/{}", node.netns))?;
-        let log = File::create(self.agent_log_path(node))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.agent_log_path(node))?;
         let mode = match mode {
             Mode::Tc => "tc",
             Mode::Xdp => "xdp",
@@ -271,6 +291,32 @@ impl Lab {
 
     pub fn agent_log(&self, node: &Node) -> String {
         std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// Sends `signal` to `node`'s agent and waits for it to exit (SIGKILL after 5 s).
+    pub fn stop_agent(&mut self, node: &Node, signal: i32) {
+        let Some(i) = self.agents.iter().position(|(ns, _)| *ns == node.netns) else { return };
+        let (_, mut child) = self.agents.remove(i);
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts `node`'s agent again, as it was started before.
+    pub fn restart_agent(&mut self, node: &Node) -> io::Result<()> {
+        let spec = self
+            .agent_specs
+            .iter()
+            .find(|s| s.node.netns == node.netns)
+            .cloned()
+            .ok_or_else(|| io::Error::other("no agent started on that node"))?;
+        let extra: Vec<&str> = spec.extra.iter().map(String::as_str).collect();
+        self.start_agent(&spec.node, &spec.agent, &spec.manifests, spec.mode, &extra)
     }
 
     /// Stops the agents (SIGTERM, then SIGKILL after 5 s).

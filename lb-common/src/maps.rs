@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 2;
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -16,9 +16,10 @@ pub const MAP_LB4_CT: &str = "LB4_CT";
 pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
 pub const MAP_LB4_AFFINITY: &str = "LB4_AFFINITY";
+pub const MAP_LB4_FE_META: &str = "LB4_FE_META";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -26,6 +27,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_LB_COUNTERS,
     MAP_LB4_SVC_STATS,
     MAP_LB4_AFFINITY,
+    MAP_LB4_FE_META,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -210,6 +212,48 @@ pub struct Lb4Affinity {
 }
 const _: () = assert!(size_of::<Lb4Affinity>() == 16);
 
+/// Value of `LB4_FE_META`, indexed by frontend id: what the agent knows of a frontend, kept beside
+/// the maps for `lbctl` and for a restarted agent. Never read by the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lb4FrontendMeta {
+    /// Digest of everything the frontend's entry and table were built from; a restarted agent
+    /// whose desired frontend has the same digest adopts the table instead of rewriting it.
+    pub digest: u64,
+    /// Bytes used in `name`.
+    pub name_len: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// `namespace/name:port` of the Service, UTF-8, truncated to fit.
+    pub name: [u8; 112],
+}
+const _: () = assert!(size_of::<Lb4FrontendMeta>() == 128);
+
+impl Default for Lb4FrontendMeta {
+    fn default() -> Self {
+        Self { digest: 0, name_len: 0, _pad: 0, name: [0; 112] }
+    }
+}
+
+impl Lb4FrontendMeta {
+    pub fn new(digest: u64, name: &str) -> Self {
+        let mut m = Self { digest, ..Self::default() };
+        // Truncate on a character boundary.
+        let mut n = name.len().min(m.name.len());
+        while !name.is_char_boundary(n) {
+            n -= 1;
+        }
+        m.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        m.name_len = n as u32;
+        m
+    }
+
+    pub fn name(&self) -> &str {
+        let n = (self.name_len as usize).min(self.name.len());
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
+}
+
 /// Value of `LB4_SVC_STATS` (per CPU), indexed by frontend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -259,6 +303,8 @@ mod pod {
     unsafe impl aya::Pod for Lb4AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Affinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4FrontendMeta {}
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4Service,
-    Lb4ServiceKey, Lb4SvcStats,
+    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
+    Lb4Service, Lb4ServiceKey, Lb4SvcStats,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -55,3 +55,9 @@ pub static LB4_SVC_STATS: PerCpuArray<Lb4SvcStats> = PerCpuArray::pinned(capacit
 /// lists, which forget the oldest clients first.
 #[map(name = "LB4_AFFINITY")]
 pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4Affinity> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// What the agent knows of each frontend (its Service's name, a digest of what it was built from),
+/// indexed by frontend id. Written by the agent; read by `lbctl` and by a restarted agent. The
+/// programs never touch it: it is declared here so that it is created and pinned with the rest.
+#[map(name = "LB4_FE_META")]
+pub static LB4_FE_META: Array<Lb4FrontendMeta> = Array::pinned(capacity::SERVICES, 0);
