@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use std::sync::Arc;
+
 use crate::{
     datapath::Maps,
     manifests::Objects,
+    metrics::{Health, Metrics},
     model::{self, Context},
     sync::{Reconciler, SyncStats},
 };
@@ -21,6 +24,8 @@ pub struct Agent {
     last: Option<Objects>,
     /// Error messages already logged, so that a bad object is reported once, not on every sync.
     reported: std::collections::BTreeSet<String>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
 /// What one sync did.
@@ -34,7 +39,15 @@ pub struct Report {
 
 impl Agent {
     pub fn new(maps: Maps, reconciler: Reconciler, ctx: Context) -> Self {
-        Self { maps, reconciler, ctx, last: None, reported: Default::default() }
+        Self {
+            maps,
+            reconciler,
+            ctx,
+            last: None,
+            reported: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::new()),
+        }
     }
 
     /// Programs `objects` (the whole desired state of the source).
@@ -44,16 +57,23 @@ impl Agent {
         let mut messages: Vec<(String, &'static str)> = Vec::new();
         messages.extend(objects.errors.iter().map(|e| (e.to_string(), e.reason_label())));
         messages.extend(model.errors.iter().map(|e| (e.to_string(), e.reason_label())));
+        let config_errors = messages.len();
         // Objects the files could not express are held too: their Services keep what they had.
         let mut held = model.held.clone();
         held.extend(objects.errors.iter().filter_map(|e| e.service()));
         let (stats, sync_errors) =
             self.reconciler.sync(&model.frontends, &held, Instant::now(), &mut self.maps);
+        for e in &sync_errors {
+            self.metrics.sync_error(e.reason_label());
+        }
         messages.extend(sync_errors.iter().map(|e| (e.to_string(), e.reason_label())));
         let current: std::collections::BTreeSet<String> = messages.iter().map(|(m, _)| m.clone()).collect();
-        for (m, reason) in &messages {
+        for (i, (m, reason)) in messages.iter().enumerate() {
             if !self.reported.contains(m) {
                 error!(reason, "{m}");
+                if i < config_errors {
+                    self.metrics.config_error(reason);
+                }
             }
         }
         self.reported = current;
@@ -63,6 +83,13 @@ impl Agent {
             errors: messages.len(),
             elapsed: started.elapsed(),
         };
+        let m = &self.metrics;
+        m.syncs.inc();
+        m.sync_duration.observe(report.elapsed.as_secs_f64());
+        m.frontends.set(self.reconciler.frontends_programmed() as i64);
+        m.backends.set(self.reconciler.backends_programmed() as i64);
+        m.maglev_slots_used.set(i64::from(self.reconciler.slots_used()));
+        self.health.synced();
         if stats != SyncStats::default() {
             info!(
                 frontends = report.frontends,

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod dump;
 pub mod maglev;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod sync;

@@ -10,7 +10,7 @@ use clap::Parser;
 use lb_agent::{
     agent::Agent,
     datapath::{self, Datapath, Mode},
-    maglev, manifests, model,
+    maglev, manifests, metrics, model,
     sync::{Capacities, Options, Reconciler},
 };
 use lb_common::{capacity, default_timeouts, hash::DEFAULT_FLOW_HASH_SEED};
@@ -83,6 +83,12 @@ struct Args {
     /// Turn on kernel-side logging of rare datapath events (aya-log).
     #[arg(long)]
     bpf_log: bool,
+    /// Where /metrics is served (Prometheus).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: std::net::SocketAddr,
+    /// Where /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: std::net::SocketAddr,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -139,6 +145,18 @@ async fn main() -> anyhow::Result<()> {
         max_endpoints_per_service: args.max_endpoints_per_service,
     };
     let mut agent = Agent::new(maps, reconciler, ctx);
+    let caps = metrics::Capacities {
+        services: args.max_services,
+        backends: args.max_backends,
+        maglev_slots: args.maglev_slots,
+        ct: args.ct_entries,
+        affinity: args.affinity_entries,
+    };
+    let collector = metrics::DatapathCollector::new(args.pin_dir.clone(), caps, agent.metrics.clone());
+    let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
+    metrics::serve(args.metrics_bind_address, args.healthz_bind_address, registry, agent.health.clone())
+        .await
+        .context("serving metrics and health")?;
 
     // Watch the directory before the first read, so that no change slips between them.
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
@@ -170,14 +188,16 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             Some(seen) = changes.recv() => {
+                agent.health.change_seen();
                 // Editors write in bursts: take what else arrives within 50 ms in the same read.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 while changes.try_recv().is_ok() {}
                 match read(&manifests_dir) {
                     Ok(objects) => {
-                        let report = agent.apply(objects);
-                        debug!(latency_us = seen.elapsed().as_micros() as u64, "change applied");
-                        let _ = report;
+                        agent.apply(objects);
+                        let latency = seen.elapsed();
+                        agent.metrics.programming_latency.observe(latency.as_secs_f64());
+                        debug!(latency_us = latency.as_micros() as u64, "change applied");
                     }
                     // The directory itself is unreadable: keep serving the last good state.
                     Err(e) => error!("{e:#}"),
@@ -190,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 attach_matching(&mut dp, &args.interfaces);
             }
             _ = tick.tick() => {
+                agent.health.tick();
                 attach_matching(&mut dp, &args.interfaces);
                 agent.tick(Instant::now());
                 dp.flush_logs();

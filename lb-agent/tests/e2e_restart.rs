@@ -17,7 +17,7 @@ use std::{
 
 use lb_agent::{
     datapath::{layout_dir, Mode},
-    testbed::{in_netns, tcp_asks, Pod, Session},
+    testbed::{http_get, in_netns, tcp_asks, Pod, Session},
 };
 use support::{endpoint, who, Cluster, VIP};
 
@@ -149,6 +149,31 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
     assert_clean(&o, "20 endpoint updates");
     let log = c.lab.agent_log(&c.nodes[0]);
     assert!(log.matches("maps synced").count() >= 15, "the updates reached the maps:\n{log}");
+
+    // The metrics endpoint shows the updates, their latency, and the traffic.
+    let ns = &c.nodes[0].netns;
+    let (status, body) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    let value = |prefix: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
+    };
+    assert!(value("lb_syncs_total ") >= 20.0);
+    assert!(value("lb_network_programming_duration_seconds_count ") >= 15.0);
+    assert!(value("lb_datapath_packets_total{event=\"fwd_new_flow\"}") >= o.new_ok as f64);
+    assert!(
+        value("lb_service_new_flows_total{frontend=\"10.96.0.10:80/TCP\",service=\"demo/who:tcp\"}")
+            >= o.new_ok as f64
+    );
+    assert_eq!(value("lb_services_programmed "), 2.0);
+    assert!(value("lb_map_capacity{map=\"conntrack\"}") > 0.0);
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(ns, "127.0.0.1:10256".parse().expect("addr"), path).expect("health");
+        assert_eq!((status, body.trim()), (200, "ok"), "{path}");
+    }
 }
 
 #[test]

@@ -1,0 +1,384 @@
+//! Prometheus metrics and health endpoints.
+//!
+//! Agent-side metrics are updated as the agent works: sync duration and network programming
+//! latency (histograms in the spirit of kube-proxy's `sync_proxy_rules_duration_seconds` and
+//! `network_programming_duration_seconds`), what is programmed, and configuration errors by
+//! reason. Datapath metrics are read at scrape time from the pinned per-CPU maps (counters by
+//! outcome and drop reason, per-frontend packets, bytes, new flows and drops) and map occupancy,
+//! so nothing is added to the packet path or the sync loop.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use lb_common::counters;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::{datapath::Maps, dump::state_name, model::Protocol};
+
+type Labels = Vec<(String, String)>;
+
+/// Metrics the agent updates.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Seconds from a change being seen (file event, watch event) to the maps being written.
+    pub programming_latency: Histogram,
+    /// Seconds one sync takes (model, diff, map writes).
+    pub sync_duration: Histogram,
+    pub syncs: Counter,
+    /// Configuration errors, counted once each when first seen, by reason and kind.
+    pub config_errors: Family<Labels, Counter>,
+    /// Map write failures by reason (map full, write failed).
+    pub sync_errors: Family<Labels, Counter>,
+    pub frontends: Gauge,
+    pub backends: Gauge,
+    pub maglev_slots_used: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            // 100 µs to about 13 s.
+            programming_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            sync_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            syncs: Counter::default(),
+            config_errors: Family::default(),
+            sync_errors: Family::default(),
+            frontends: Gauge::default(),
+            backends: Gauge::default(),
+            maglev_slots_used: Gauge::default(),
+        }
+    }
+
+    pub fn config_error(&self, reason: &str) {
+        self.config_errors.get_or_create(&vec![("reason".into(), reason.into())]).inc();
+    }
+
+    pub fn sync_error(&self, reason: &str) {
+        self.sync_errors.get_or_create(&vec![("reason".into(), reason.into())]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Map capacities, for occupancy.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacities {
+    pub services: u32,
+    pub backends: u32,
+    pub maglev_slots: u32,
+    pub ct: u32,
+    pub affinity: u32,
+}
+
+/// Reads the datapath's counters from the pinned maps on each scrape.
+#[derive(Debug)]
+pub struct DatapathCollector {
+    pin_dir: PathBuf,
+    caps: Capacities,
+    metrics: Arc<Metrics>,
+    /// Counting conntrack entries walks the map: done at most every 30 s.
+    ct_count: Mutex<Option<(Instant, u64, u64)>>,
+}
+
+impl DatapathCollector {
+    pub fn new(pin_dir: PathBuf, caps: Capacities, metrics: Arc<Metrics>) -> Self {
+        Self { pin_dir, caps, metrics, ct_count: Mutex::new(None) }
+    }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: Vec<(Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    for (labels, v) in values {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: Vec<(Labels, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+    for (labels, v) in values {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn label(k: &str, v: impl Into<String>) -> Labels {
+    vec![(k.to_string(), v.into())]
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(maps) = Maps::from_pins(&self.pin_dir) else {
+            return Ok(()); // nothing pinned yet
+        };
+        if let Ok(v) = maps.read_counters() {
+            let events = (0..counters::COUNT as usize)
+                .filter(|i| !counters::NAMES[*i].starts_with("drop_"))
+                .map(|i| (label("event", counters::NAMES[i]), v[i]))
+                .collect();
+            counter(
+                &mut encoder,
+                "lb_datapath_packets",
+                "Packets seen by the datapath, by event (rx, pass reasons, forward, reverse NAT)",
+                events,
+            )?;
+            let drops = (0..counters::COUNT as usize)
+                .filter_map(|i| counters::NAMES[i].strip_prefix("drop_").map(|r| (label("reason", r), v[i])))
+                .collect();
+            counter(&mut encoder, "lb_datapath_drops", "Packets dropped by the datapath, by reason", drops)?;
+        }
+        let services = maps.read_services().unwrap_or_default();
+        let mut per = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for (key, svc) in &services {
+            let Ok(s) = maps.read_svc_stats(svc.id) else { continue };
+            let proto = Protocol::from_number(key.proto).map_or("?".to_string(), |p| p.to_string());
+            let frontend = format!(
+                "{}:{}/{proto}",
+                std::net::Ipv4Addr::from(key.addr.to_ne_bytes()),
+                u16::from_be(key.port)
+            );
+            let name = maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default();
+            let l: Labels = vec![("frontend".into(), frontend), ("service".into(), name)];
+            per[0].push((l.clone(), s.packets));
+            per[1].push((l.clone(), s.bytes));
+            per[2].push((l.clone(), s.new_flows));
+            per[3].push((l, s.drops));
+        }
+        let [packets, bytes, flows, drops] = per;
+        counter(&mut encoder, "lb_service_packets", "Packets forwarded to a backend, per frontend", packets)?;
+        counter(&mut encoder, "lb_service_bytes", "Bytes forwarded to a backend, per frontend", bytes)?;
+        counter(&mut encoder, "lb_service_new_flows", "New flows, per frontend", flows)?;
+        counter(&mut encoder, "lb_service_drops", "Packets dropped for a frontend (no backend)", drops)?;
+
+        let backends = maps.read_backends().unwrap_or_default();
+        let mut by_state = std::collections::BTreeMap::<&str, i64>::new();
+        for (_, b) in &backends {
+            *by_state.entry(state_name(b.state)).or_default() += 1;
+        }
+        gauge(
+            &mut encoder,
+            "lb_backends_by_state",
+            "Backend entries by state",
+            by_state.into_iter().map(|(s, n)| (label("state", s), n)).collect(),
+        )?;
+
+        let (ct, affinity) = {
+            let mut cache = self.ct_count.lock().expect("ct count lock");
+            match *cache {
+                Some((at, ct, aff)) if at.elapsed() < Duration::from_secs(30) => (ct, aff),
+                _ => {
+                    let ct = maps.ct.keys().count() as u64;
+                    let aff = maps.affinity.keys().count() as u64;
+                    *cache = Some((Instant::now(), ct, aff));
+                    (ct, aff)
+                }
+            }
+        };
+        let m = &self.metrics;
+        let occupancy = vec![
+            (label("map", "services"), services.len() as i64),
+            (label("map", "backends"), backends.len() as i64),
+            (label("map", "maglev_slots"), m.maglev_slots_used.get()),
+            (label("map", "conntrack"), ct as i64),
+            (label("map", "affinity"), affinity as i64),
+        ];
+        gauge(
+            &mut encoder,
+            "lb_map_entries",
+            "Entries in use per map (conntrack and affinity counted at most every 30 s)",
+            occupancy,
+        )?;
+        let c = self.caps;
+        let capacity = vec![
+            (label("map", "services"), i64::from(c.services)),
+            (label("map", "backends"), i64::from(c.backends)),
+            (label("map", "maglev_slots"), i64::from(c.maglev_slots)),
+            (label("map", "conntrack"), i64::from(c.ct)),
+            (label("map", "affinity"), i64::from(c.affinity)),
+        ];
+        gauge(&mut encoder, "lb_map_capacity", "Capacity of each map", capacity)?;
+        Ok(())
+    }
+}
+
+/// Builds the registry: the agent's metrics and the datapath collector.
+pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "lb_network_programming_duration_seconds",
+        "From a change seen (file or watch event) to the maps written",
+        metrics.programming_latency.clone(),
+    );
+    r.register(
+        "lb_sync_duration_seconds",
+        "Duration of one sync (model, diff, map writes)",
+        metrics.sync_duration.clone(),
+    );
+    r.register("lb_syncs", "Syncs run", metrics.syncs.clone());
+    r.register(
+        "lb_config_errors",
+        "Invalid or unsupported objects, counted once each, by reason",
+        metrics.config_errors.clone(),
+    );
+    r.register("lb_sync_errors", "Map writes that failed, by reason", metrics.sync_errors.clone());
+    r.register(
+        "lb_services_programmed",
+        "Frontends (VIP:port/protocol) in the maps",
+        metrics.frontends.clone(),
+    );
+    r.register("lb_backends_programmed", "Backends in the maps", metrics.backends.clone());
+    r.register_collector(Box::new(collector));
+    r
+}
+
+/// What `/healthz` and `/readyz` answer from.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    synced_once: AtomicBool,
+    /// Milliseconds since `started` of the main loop's last turn.
+    last_tick_ms: AtomicU64,
+    /// Milliseconds since `started` when an unapplied change was first seen; 0 = none.
+    pending_since_ms: AtomicU64,
+}
+
+/// A change not applied within this long makes the agent unhealthy.
+const MAX_PENDING: Duration = Duration::from_secs(30);
+/// The main loop not turning for this long makes the agent unhealthy.
+const MAX_STALL: Duration = Duration::from_secs(10);
+
+impl Health {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            synced_once: AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
+            pending_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn tick(&self) {
+        self.last_tick_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn change_seen(&self) {
+        let _ =
+            self.pending_since_ms.compare_exchange(0, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn synced(&self) {
+        self.synced_once.store(true, Ordering::Relaxed);
+        self.pending_since_ms.store(0, Ordering::Relaxed);
+        self.tick();
+    }
+
+    /// `Ok` while the loop turns and no change waits too long.
+    pub fn healthy(&self) -> Result<(), String> {
+        let now = self.now_ms();
+        let tick = self.last_tick_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(tick) > MAX_STALL.as_millis() as u64 {
+            return Err(format!("main loop stalled for {} ms", now - tick));
+        }
+        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        if pending != 0 && now.saturating_sub(pending) > MAX_PENDING.as_millis() as u64 {
+            return Err(format!("a change has waited {} ms to be applied", now - pending));
+        }
+        Ok(())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.synced_once.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+async fn metrics_handler(
+    State(r): State<Arc<Registry>>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &r) {
+        Ok(()) => (
+            StatusCode::OK,
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], "encoding failed\n".into())
+        }
+    }
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    match h.healthy() {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
+    if h.ready() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no full sync yet\n")
+    }
+}
+
+/// Serves `/metrics` on `metrics_addr` and `/healthz`, `/readyz` on `health_addr`.
+pub async fn serve(
+    metrics_addr: SocketAddr,
+    health_addr: SocketAddr,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
+    let m = tokio::net::TcpListener::bind(metrics_addr).await?;
+    let h = tokio::net::TcpListener::bind(health_addr).await?;
+    let metrics = Router::new().route("/metrics", get(metrics_handler)).with_state(registry);
+    let health =
+        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health);
+    tokio::spawn(async move { axum::serve(m, metrics).await });
+    tokio::spawn(async move { axum::serve(h, health).await });
+    Ok(())
+}
