@@ -13,11 +13,11 @@ use crate::{
     manifests::Objects,
     metrics::{Health, Metrics},
     model::{self, Context},
-    sync::{Reconciler, SyncStats},
+    sync::{MapWriter, Reconciler, SyncStats},
 };
 
-pub struct Agent {
-    pub maps: Maps,
+pub struct Agent<W: MapWriter = Maps> {
+    pub maps: W,
     pub reconciler: Reconciler,
     pub ctx: Context,
     /// The last objects applied, for re-syncs that only advance time (drain deadlines).
@@ -37,8 +37,8 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
-impl Agent {
-    pub fn new(maps: Maps, reconciler: Reconciler, ctx: Context) -> Self {
+impl<W: MapWriter> Agent<W> {
+    pub fn new(maps: W, reconciler: Reconciler, ctx: Context) -> Self {
         Self {
             maps,
             reconciler,

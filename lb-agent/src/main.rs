@@ -20,9 +20,14 @@ use tracing::{debug, error, info, warn};
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
 struct Args {
-    /// Standalone mode: read Services and EndpointSlices from the YAML/JSON files in DIR.
-    #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
+    /// Standalone mode: read Services and EndpointSlices from the YAML/JSON files in DIR, and
+    /// follow changes. Without it, the agent watches the API server.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Kubeconfig for the API server; by default kube's inference (in-cluster service account,
+    /// then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
     /// Interfaces to attach to (pods' host-side interfaces), as comma-separated globs.
     #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',', required_unless_present = "cleanup")]
     interfaces: Vec<glob::Pattern>,
@@ -108,7 +113,6 @@ async fn main() -> anyhow::Result<()> {
         info!("removed {n} pinned objects under {}", args.pin_dir.display());
         return Ok(());
     }
-    let manifests_dir = args.manifests.clone().context("--manifests is required")?;
     let cfg = datapath::Config {
         pin_dir: args.pin_dir.clone(),
         services: args.max_services,
@@ -158,24 +162,19 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("serving metrics and health")?;
 
-    // Watch the directory before the first read, so that no change slips between them.
+    // Changes from either source arrive here, with the time they were seen.
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev {
-            if ev.paths.iter().any(|p| manifests::is_manifest(p)) {
-                let _ = tx.send(Instant::now());
-            }
-        }
-    })
-    .context("file watcher")?;
-    notify::Watcher::watch(&mut watcher, &manifests_dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching --manifests {}", manifests_dir.display()))?;
-    let read = |dir: &std::path::Path| {
-        manifests::read_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))
+    let source = match &args.manifests {
+        Some(dir) => Source::files(dir, tx)?,
+        None => Source::kube(&args, tx).await?,
     };
+    if let Some(zone) = source.zone().filter(|_| args.zone.is_none()) {
+        agent.ctx.zone = Some(zone);
+    }
     // Our view is rebuilt from the source before anything is reconciled: entries that are still
     // wanted are adopted, not rewritten.
-    agent.apply(read(&manifests_dir)?);
+    agent.apply(source.objects()?);
+    info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
     attach_matching(&mut dp, &args.interfaces);
     let mut links = lb_agent::netlink::LinkEvents::new().context("netlink link notifications")?;
@@ -189,10 +188,14 @@ async fn main() -> anyhow::Result<()> {
             _ = int.recv() => break,
             Some(seen) = changes.recv() => {
                 agent.health.change_seen();
-                // Editors write in bursts: take what else arrives within 50 ms in the same read.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Changes come in bursts (an editor's writes, a relist): take what else arrives
+                // within the debounce in the same sync.
+                tokio::time::sleep(source.debounce()).await;
                 while changes.try_recv().is_ok() {}
-                match read(&manifests_dir) {
+                if let Some(zone) = source.zone().filter(|_| args.zone.is_none()) {
+                    agent.ctx.zone = Some(zone);
+                }
+                match source.objects() {
                     Ok(objects) => {
                         agent.apply(objects);
                         let latency = seen.elapsed();
@@ -237,6 +240,78 @@ fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
         match dp.attach(&name) {
             Ok(()) => info!(interface = %name, "attached"),
             Err(e) => warn!(interface = %name, "{e}"),
+        }
+    }
+}
+
+/// Where the Services and EndpointSlices come from.
+enum Source {
+    Files { dir: PathBuf, _watcher: notify::RecommendedWatcher },
+    Kube(lb_agent::kube_source::KubeSource),
+}
+
+impl Source {
+    fn files(dir: &std::path::Path, tx: tokio::sync::mpsc::UnboundedSender<Instant>) -> anyhow::Result<Self> {
+        // Watch the directory before the first read, so that no change slips between them.
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if ev.paths.iter().any(|p| manifests::is_manifest(p)) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        })
+        .context("file watcher")?;
+        notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching --manifests {}", dir.display()))?;
+        Ok(Self::Files { dir: dir.to_path_buf(), _watcher: watcher })
+    }
+
+    async fn kube(args: &Args, tx: tokio::sync::mpsc::UnboundedSender<Instant>) -> anyhow::Result<Self> {
+        let config = match &args.kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("--kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.context("--kubeconfig")?
+            }
+            None => kube::Config::infer().await.context(
+                "no API server configuration (in-cluster or kubeconfig); use --manifests for standalone mode",
+            )?,
+        };
+        let client = kube::Client::try_from(config).context("API client")?;
+        let source = lb_agent::kube_source::KubeSource::start(client, args.node_name.as_deref(), tx);
+        info!("waiting for the first complete list of Services, EndpointSlices and this Node");
+        source.wait_ready().await;
+        Ok(Self::Kube(source))
+    }
+
+    fn objects(&self) -> anyhow::Result<manifests::Objects> {
+        match self {
+            Self::Files { dir, .. } => {
+                manifests::read_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))
+            }
+            Self::Kube(k) => Ok(k.objects()),
+        }
+    }
+
+    fn zone(&self) -> Option<String> {
+        match self {
+            Self::Files { .. } => None,
+            Self::Kube(k) => k.zone(),
+        }
+    }
+
+    fn debounce(&self) -> Duration {
+        match self {
+            // Editors write a file in several steps.
+            Self::Files { .. } => Duration::from_millis(50),
+            Self::Kube(_) => Duration::from_millis(5),
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Files { .. } => "manifests",
+            Self::Kube(_) => "api-server",
         }
     }
 }

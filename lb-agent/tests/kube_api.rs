@@ -1,0 +1,196 @@
+//! The Kubernetes source against an in-process API server speaking the real list and watch
+//! protocol, through kube's real client. Each scenario asserts what the maps hold afterwards.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use lb_agent::{
+    agent::Agent,
+    dump,
+    kube_source::KubeSource,
+    mock_api::MockApi,
+    model::Context,
+    sync::{Capacities, MemoryMaps, Options, Reconciler},
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn service(name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}})
+}
+
+fn slice(name: &str, service: &str, ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node1"}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints})
+}
+
+fn node(zone: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1", "labels": {"topology.kubernetes.io/zone": zone}}})
+}
+
+struct Harness {
+    api: MockApi,
+    source: KubeSource,
+    agent: Agent<MemoryMaps>,
+    changes: UnboundedReceiver<Instant>,
+}
+
+impl Harness {
+    async fn start(api: MockApi) -> Self {
+        let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
+        let source = KubeSource::start(api.client(), Some("node1"), tx);
+        tokio::time::timeout(Duration::from_secs(20), source.wait_ready()).await.expect("stores ready");
+        let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 1 << 20 };
+        let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+        let ctx = Context { node_name: Some("node1".into()), ..Context::default() };
+        let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
+        agent.ctx.zone = source.zone();
+        agent.apply(source.objects());
+        Self { api, source, agent, changes }
+    }
+
+    fn dump(&self) -> String {
+        dump::render(&self.agent.maps, &BTreeMap::new())
+    }
+
+    /// Applies changes as they arrive until `done(dump)` holds; panics after 10 s.
+    async fn settle(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&self.dump()) {
+            assert!(Instant::now() < deadline, "{what}: maps never got there:\n{}", self.dump());
+            if tokio::time::timeout(Duration::from_millis(100), self.changes.recv()).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                while self.changes.try_recv().is_ok() {}
+                self.agent.ctx.zone = self.source.zone();
+                self.agent.apply(self.source.objects());
+            }
+        }
+    }
+}
+
+fn backends_of(dump: &str, vip: &str) -> Option<usize> {
+    dump.lines()
+        .find(|l| l.starts_with(&format!("frontend {vip}:80/TCP")))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("backends=")))
+        .and_then(|n| n.parse().ok())
+}
+
+async fn api_with_web() -> MockApi {
+    let api = MockApi::start().await;
+    api.apply(node("zone-a"));
+    api.apply(service("web", "10.96.0.10"));
+    api.apply(slice("web-1", "web", &["10.244.1.2", "10.244.1.3"]));
+    api
+}
+
+#[tokio::test]
+async fn initial_list_then_add_modify_delete_events() {
+    let mut h = Harness::start(api_with_web().await).await;
+    assert_eq!(backends_of(&h.dump(), "10.96.0.10"), Some(2), "initial list:\n{}", h.dump());
+    assert_eq!(h.agent.ctx.zone.as_deref(), Some("zone-a"), "zone from this node's label");
+
+    h.api.apply(slice("web-1", "web", &["10.244.1.2", "10.244.1.3", "10.244.1.4"]));
+    h.settle("modified slice", |d| backends_of(d, "10.96.0.10") == Some(3)).await;
+
+    h.api.apply(service("api", "10.96.0.11"));
+    h.api.apply(slice("api-1", "api", &["10.244.2.2"]));
+    h.settle("added service", |d| backends_of(d, "10.96.0.11") == Some(1)).await;
+
+    h.api.delete(service("api", "10.96.0.11"));
+    h.settle("deleted service", |d| backends_of(d, "10.96.0.11").is_none()).await;
+    assert_eq!(backends_of(&h.dump(), "10.96.0.10"), Some(3));
+
+    // Cached objects carry no managed fields.
+    assert!(h.source.objects().services.iter().all(|s| s
+        .metadata
+        .managed_fields
+        .as_ref()
+        .is_none_or(Vec::is_empty)));
+
+    h.api.apply(node("zone-b"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.source.zone().as_deref() != Some("zone-b") {
+        assert!(Instant::now() < deadline, "the node's new zone never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn bookmarks_and_a_dropped_watch_lose_nothing() {
+    let mut h = Harness::start(api_with_web().await).await;
+    let (_, watches_before) = h.api.requests();
+    h.api.bookmark();
+    h.api.drop_watches();
+    // A change made right after the drop arrives through the reconnected watch (from its
+    // resourceVersion), not through a relist.
+    h.api.apply(slice("web-1", "web", &["10.244.1.9"]));
+    h.settle("change after a dropped watch", |d| {
+        backends_of(d, "10.96.0.10") == Some(1) && d.contains("10.244.1.9:8080/TCP 251/251")
+    })
+    .await;
+    let (lists, watches) = h.api.requests();
+    assert!(watches > watches_before, "the watches reconnected");
+    assert_eq!(lists, 3, "no relist was needed: one list per resource");
+}
+
+#[tokio::test]
+async fn gone_410_relists_and_objects_deleted_meanwhile_go() {
+    let mut h = Harness::start(api_with_web().await).await;
+    h.api.apply(service("old", "10.96.0.12"));
+    h.api.apply(slice("old-1", "old", &["10.244.3.3"]));
+    h.settle("old service", |d| backends_of(d, "10.96.0.12") == Some(1)).await;
+
+    // The agent is cut off; meanwhile `old` is deleted and the history compacted, so its
+    // deletion is never delivered as an event: only the relist after 410 Gone shows it.
+    h.api.hold_watches(true);
+    h.api.drop_watches();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.api.delete(slice("old-1", "old", &["10.244.3.3"]));
+    h.api.delete(service("old", "10.96.0.12"));
+    h.api.compact();
+    h.api.hold_watches(false);
+    h.settle("relist after 410", |d| backends_of(d, "10.96.0.12").is_none()).await;
+    let d = h.dump();
+    assert_eq!(backends_of(&d, "10.96.0.10"), Some(2), "the rest stays:\n{d}");
+    assert!(
+        d.contains("backend 10.244.3.3:8080/TCP terminating"),
+        "the vanished backend drains, then goes:\n{d}"
+    );
+}
+
+#[tokio::test]
+async fn slow_and_failing_lists_never_yield_a_partial_view() {
+    let api = api_with_web().await;
+    api.set_slow_lists(Duration::from_millis(1_500));
+    let started = Instant::now();
+    let mut h = Harness::start(api).await;
+    assert!(started.elapsed() >= Duration::from_millis(1_400), "ready only after the slow lists");
+    assert_eq!(backends_of(&h.dump(), "10.96.0.10"), Some(2));
+
+    // A relist that fails twice and is slow: until it completes the last good view stays whole.
+    h.api.set_slow_lists(Duration::from_millis(300));
+    h.api.fail_lists(2);
+    h.api.hold_watches(true);
+    h.api.drop_watches();
+    h.api.apply(slice("web-1", "web", &["10.244.1.2", "10.244.1.3", "10.244.1.5"]));
+    h.api.compact();
+    h.api.hold_watches(false);
+    let deadline = Instant::now() + Duration::from_millis(400);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), h.changes.recv()).await {
+            h.agent.apply(h.source.objects());
+        }
+        let n = backends_of(&h.dump(), "10.96.0.10");
+        assert!(n == Some(2) || n == Some(3), "a partial view was programmed:\n{}", h.dump());
+    }
+    h.settle("relist done", |d| backends_of(d, "10.96.0.10") == Some(3)).await;
+}
