@@ -128,11 +128,91 @@ pub enum DatapathError {
     MissingMap(&'static str),
 }
 
+/// The Maglev slot array, memory-mapped: tables are written as plain memory. The datapath reads
+/// a region only after its frontend entry points at it, which is written afterwards through a
+/// syscall (a full barrier), so a packet never sees a half-written table.
+pub struct MaglevSlots {
+    _data: MapData,
+    ptr: std::ptr::NonNull<u32>,
+    len: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only written through `&mut self`.
+unsafe impl Send for MaglevSlots {}
+// SAFETY: shared access only reads (volatile) from the mapping.
+unsafe impl Sync for MaglevSlots {}
+
+impl MaglevSlots {
+    fn map(data: MapData) -> Result<Self, DatapathError> {
+        // Two u32 slots per element (see the map's declaration).
+        let len = data.info().map_err(map_err(MAP_LB4_MAGLEV))?.max_entries() * 2;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (len as usize * 4).div_ceil(page) * page;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `len` u32 values, shared, page-rounded.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DatapathError::Map {
+                map: MAP_LB4_MAGLEV,
+                source: MapError::IoError(std::io::Error::last_os_error()),
+            });
+        }
+        let ptr = std::ptr::NonNull::new(p.cast::<u32>()).expect("mmap returned non-null");
+        Ok(Self { _data: data, ptr, len, bytes })
+    }
+
+    /// The backend id in `slot`.
+    pub fn get(&self, slot: u32) -> Option<u32> {
+        // SAFETY: in bounds of the mapping; volatile because the kernel shares it.
+        (slot < self.len).then(|| unsafe { self.ptr.as_ptr().add(slot as usize).read_volatile() })
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn write(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
+        let end = offset as usize + table.len();
+        if end > self.len as usize {
+            return Err(MapError::OutOfBounds { index: end as u32, max_entries: self.len });
+        }
+        // SAFETY: in bounds (checked above); the region is free, so no packet reads it yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.as_ptr().add(offset as usize), table.len())
+        };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MaglevSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
 /// Typed handles to every datapath map.
 pub struct Maps {
     pub services: HashMap<MapData, Lb4ServiceKey, Lb4Service>,
     pub backends: Array<MapData, Lb4Backend>,
-    pub maglev: Array<MapData, u32>,
+    pub maglev: MaglevSlots,
     pub ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
     pub counters: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
@@ -156,7 +236,10 @@ impl Maps {
         Ok(Self {
             services: take(ebpf, MAP_LB4_SERVICES)?,
             backends: take(ebpf, MAP_LB4_BACKENDS)?,
-            maglev: take(ebpf, MAP_LB4_MAGLEV)?,
+            maglev: match ebpf.take_map(MAP_LB4_MAGLEV).ok_or(DatapathError::MissingMap(MAP_LB4_MAGLEV))? {
+                Map::Array(data) => MaglevSlots::map(data)?,
+                _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
+            },
             ct: take(ebpf, MAP_LB4_CT)?,
             counters: take(ebpf, MAP_LB_COUNTERS)?,
             svc_stats: take(ebpf, MAP_LB4_SVC_STATS)?,
@@ -189,7 +272,9 @@ impl Maps {
         Ok(Self {
             services: open(pin_dir, MAP_LB4_SERVICES)?,
             backends: open(pin_dir, MAP_LB4_BACKENDS)?,
-            maglev: open(pin_dir, MAP_LB4_MAGLEV)?,
+            maglev: MaglevSlots::map(
+                MapData::from_pin(pin_dir.join(MAP_LB4_MAGLEV)).map_err(map_err(MAP_LB4_MAGLEV))?,
+            )?,
             ct: open(pin_dir, MAP_LB4_CT)?,
             counters: open(pin_dir, MAP_LB_COUNTERS)?,
             svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
@@ -248,10 +333,7 @@ impl MapWriter for Maps {
     }
 
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
-        for (i, id) in table.iter().enumerate() {
-            self.maglev.set(offset + i as u32, id, 0)?;
-        }
-        Ok(())
+        self.maglev.write(offset, table)
     }
 
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
@@ -329,7 +411,7 @@ impl Datapath {
             .map_max_entries(MAP_LB4_SERVICES, cfg.services)
             .map_max_entries(MAP_LB4_SVC_STATS, cfg.services)
             .map_max_entries(MAP_LB4_BACKENDS, cfg.backends)
-            .map_max_entries(MAP_LB4_MAGLEV, cfg.maglev_slots)
+            .map_max_entries(MAP_LB4_MAGLEV, cfg.maglev_slots.div_ceil(2))
             .map_max_entries(MAP_LB4_CT, cfg.ct_entries)
             .map_max_entries(MAP_LB4_AFFINITY, cfg.affinity_entries)
             .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)

@@ -108,7 +108,7 @@ fn maglev_choice(maps: &Maps, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto:
         proto,
         lb_common::hash::DEFAULT_FLOW_HASH_SEED,
     );
-    let id = maps.maglev.get(&(svc.maglev_offset + h % svc.maglev_size), 0).expect("maglev slot");
+    let id = maps.maglev.get(svc.maglev_offset + h % svc.maglev_size).expect("maglev slot");
     let be = maps.backends.get(&id, 0).expect("backend");
     (Ipv4Addr::from(be.addr.to_ne_bytes()), u16::from_be(be.port))
 }

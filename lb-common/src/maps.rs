@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";

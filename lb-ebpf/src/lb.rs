@@ -61,7 +61,7 @@ fn affinity_backend(svc: &Lb4Service, client: u32, now: u64) -> Option<(u32, Lb4
 fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
     let hash = lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed());
     let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
-    let id = *LB4_MAGLEV.get(slot)?;
+    let id = LB4_MAGLEV.get(slot >> 1)?[(slot & 1) as usize];
     active_backend(id).map(|b| (id, b))
 }
 

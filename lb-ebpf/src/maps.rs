@@ -4,6 +4,7 @@
 //! agent and a restarted agent reuses them.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -27,9 +28,13 @@ pub static LB4_BACKENDS: Array<Lb4Backend> = Array::pinned(capacity::BACKENDS, 0
 /// All Maglev tables, one region per frontend (`maglev_offset .. + maglev_size`), each slot a
 /// backend id. Written by the agent only, into a free region before the frontend is pointed at
 /// it, so a packet never sees a half-written table; read by the forward programs for new flows.
-/// One flat array costs one lookup per new flow, where a map of maps would cost two.
+/// One flat array costs one lookup per new flow, where a map of maps would cost two. Memory-mapped
+/// (`BPF_F_MMAPABLE`) so that the agent writes tables as plain memory instead of one syscall per
+/// slot. Two slots per element: the kernel aligns array elements to 8 bytes, so a single u32 per
+/// element would take 8; as pairs, slot `i` is `LB4_MAGLEV[i / 2][i % 2]`, the memory is 4 bytes a
+/// slot, and the mapping reads as one dense u32 array.
 #[map(name = "LB4_MAGLEV")]
-pub static LB4_MAGLEV: Array<u32> = Array::pinned(capacity::MAGLEV_SLOTS, 0);
+pub static LB4_MAGLEV: Array<[u32; 2]> = Array::pinned(capacity::MAGLEV_SLOTS / 2, BPF_F_MMAPABLE);
 
 /// Connection tracking: two entries per flow (forward and reply). Written by the datapath
 /// (create, state, last-seen) and by the agent (removal of flows whose backend left); read by
