@@ -10,6 +10,7 @@ use clap::Parser;
 use lb_agent::{
     agent::Agent,
     datapath::{self, Datapath, Mode},
+    kube_source::Change,
     maglev, manifests, metrics, model,
     sync::{Capacities, Options, Reconciler},
 };
@@ -174,6 +175,10 @@ async fn main() -> anyhow::Result<()> {
     // Our view is rebuilt from the source before anything is reconciled: entries that are still
     // wanted are adopted, not rewritten.
     agent.apply(source.objects()?);
+    if let Source::Kube(k) = &source {
+        // Included in the full sync above.
+        k.take_dirty();
+    }
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
     attach_matching(&mut dp, &args.interfaces);
@@ -190,14 +195,23 @@ async fn main() -> anyhow::Result<()> {
                 agent.health.change_seen();
                 // Changes come in bursts (an editor's writes, a relist): take what else arrives
                 // within the debounce in the same sync.
-                tokio::time::sleep(source.debounce()).await;
+                let debounce = source.debounce();
+                if !debounce.is_zero() {
+                    tokio::time::sleep(debounce).await;
+                }
                 while changes.try_recv().is_ok() {}
                 if let Some(zone) = source.zone().filter(|_| args.zone.is_none()) {
                     agent.ctx.zone = Some(zone);
                 }
-                match source.objects() {
-                    Ok(objects) => {
+                match source.changes() {
+                    Ok(Change::All(objects)) => {
                         agent.apply(objects);
+                        let latency = seen.elapsed();
+                        agent.metrics.programming_latency.observe(latency.as_secs_f64());
+                        debug!(latency_us = latency.as_micros() as u64, "change applied");
+                    }
+                    Ok(Change::Services(changed)) => {
+                        agent.apply_services(changed);
                         let latency = seen.elapsed();
                         agent.metrics.programming_latency.observe(latency.as_secs_f64());
                         debug!(latency_us = latency.as_micros() as u64, "change applied");
@@ -284,6 +298,14 @@ impl Source {
         Ok(Self::Kube(source))
     }
 
+    /// What to apply for the changes seen: everything, or only the Services an event touched.
+    fn changes(&self) -> anyhow::Result<Change> {
+        match self {
+            Self::Kube(k) => Ok(k.changes()),
+            Self::Files { .. } => Ok(Change::All(self.objects()?)),
+        }
+    }
+
     fn objects(&self) -> anyhow::Result<manifests::Objects> {
         match self {
             Self::Files { dir, .. } => {
@@ -302,9 +324,10 @@ impl Source {
 
     fn debounce(&self) -> Duration {
         match self {
-            // Editors write a file in several steps.
-            Self::Files { .. } => Duration::from_millis(50),
-            Self::Kube(_) => Duration::from_millis(5),
+            // Editors may write a file in several steps.
+            Self::Files { .. } => Duration::from_millis(10),
+            // Bursts (a relist) are coalesced by the dirty set; nothing to wait for.
+            Self::Kube(_) => Duration::ZERO,
         }
     }
 

@@ -113,6 +113,15 @@ pub struct Reconciler {
     backends: HashMap<BackendAddr, (u32, u8)>,
     /// Backends no frontend lists any more, and when they are freed.
     draining: HashMap<BackendAddr, Instant>,
+    /// Backend → the frontends that list it, with the state each asks for (ACTIVE wins).
+    users: HashMap<BackendAddr, HashMap<FrontendAddr, u8>>,
+    /// Backends whose wanted state may have changed since states were last written.
+    touched: HashSet<BackendAddr>,
+    /// Frontends restored from the maps that no sync has named yet: until there are none, a
+    /// backend with no known user is kept as it is.
+    unknown: usize,
+    /// Set by a restore; cleared once its backends have been checked for users.
+    restore_pending: bool,
     frontend_ids: IdAllocator,
     backend_ids: IdAllocator,
     regions: RegionAllocator,
@@ -161,6 +170,10 @@ impl Reconciler {
             frontends: HashMap::new(),
             backends: HashMap::new(),
             draining: HashMap::new(),
+            users: HashMap::new(),
+            touched: HashSet::new(),
+            unknown: 0,
+            restore_pending: false,
             frontend_ids: IdAllocator::new(caps.services),
             backend_ids: IdAllocator::new(caps.backends),
             regions: RegionAllocator::new(caps.maglev_slots),
@@ -178,6 +191,7 @@ impl Reconciler {
         meta: impl Fn(u32) -> Option<Lb4FrontendMeta>,
     ) -> Self {
         let mut r = Self::new(caps, opts);
+        r.restore_pending = true;
         for (id, b) in backends {
             let Some(proto) = Protocol::from_number(b.proto) else { continue };
             if b.state == BACKEND_STATE_FREE {
@@ -199,8 +213,50 @@ impl Reconciler {
             let region = (svc.maglev_size > 0 && r.regions.reserve(region)).then_some(region);
             let restored_digest = meta(svc.id).map(|m| m.digest).filter(|d| *d != 0);
             r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region, restored_digest });
+            r.unknown += 1;
         }
         r
+    }
+
+    /// Records which backends `addr` lists, replacing what `old` listed.
+    fn set_users(&mut self, addr: FrontendAddr, old: Option<&Frontend>, new: Option<&Frontend>) {
+        if let Some(old) = old {
+            for b in old.backends.iter().chain(old.kept.iter().map(|(b, _)| b)) {
+                if let Some(u) = self.users.get_mut(b) {
+                    u.remove(&addr);
+                    if u.is_empty() {
+                        self.users.remove(b);
+                    }
+                }
+                self.touched.insert(*b);
+            }
+        }
+        if let Some(new) = new {
+            for (b, s) in new.kept.iter() {
+                let s = match s {
+                    BackendState::Active => BACKEND_STATE_ACTIVE,
+                    BackendState::Terminating => BACKEND_STATE_TERMINATING,
+                };
+                self.users.entry(*b).or_default().insert(addr, s);
+                self.touched.insert(*b);
+            }
+            for b in &new.backends {
+                self.users.entry(*b).or_default().insert(addr, BACKEND_STATE_ACTIVE);
+                self.touched.insert(*b);
+            }
+        }
+    }
+
+    /// Stores what `addr` now holds, keeping the backend index in step.
+    fn set_programmed(&mut self, addr: FrontendAddr, p: Programmed) -> Option<Programmed> {
+        let new = p.frontend.clone();
+        let previous = self.frontends.insert(addr, p);
+        let old = previous.as_ref().and_then(|p| p.frontend.clone());
+        if previous.as_ref().is_some_and(|p| p.frontend.is_none()) && new.is_some() {
+            self.unknown -= 1;
+        }
+        self.set_users(addr, old.as_ref(), new.as_ref());
+        previous
     }
 
     /// Frontend id of `addr`, if programmed.
@@ -239,13 +295,6 @@ impl Reconciler {
         now: Instant,
         w: &mut W,
     ) -> (SyncStats, Vec<SyncError>) {
-        let mut stats = SyncStats::default();
-        let mut errors = Vec::new();
-        for (addr, fe) in desired {
-            if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
-                errors.push(e);
-            }
-        }
         let gone: Vec<FrontendAddr> = self
             .frontends
             .iter()
@@ -254,10 +303,36 @@ impl Reconciler {
             })
             .map(|(a, _)| *a)
             .collect();
-        for addr in gone {
-            match w.remove_service(&service_key(&addr)) {
+        self.apply(desired.iter(), &gone, now, w)
+    }
+
+    /// Writes only what changed: `changed` frontends (new or different) and `removed` ones. The
+    /// agent uses this when it knows which Services an event touched.
+    pub fn apply<'a, W: MapWriter>(
+        &mut self,
+        changed: impl IntoIterator<Item = (&'a FrontendAddr, &'a Frontend)>,
+        removed: &[FrontendAddr],
+        now: Instant,
+        w: &mut W,
+    ) -> (SyncStats, Vec<SyncError>) {
+        let mut stats = SyncStats::default();
+        let mut errors = Vec::new();
+        for (addr, fe) in changed {
+            if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
+                errors.push(e);
+            }
+        }
+        for addr in removed {
+            if !self.frontends.contains_key(addr) {
+                continue;
+            }
+            match w.remove_service(&service_key(addr)) {
                 Ok(()) => {
-                    let p = self.frontends.remove(&addr).expect("listed above");
+                    let p = self.frontends.remove(addr).expect("checked above");
+                    if p.frontend.is_none() {
+                        self.unknown -= 1;
+                    }
+                    self.set_users(*addr, p.frontend.as_ref(), None);
                     if let Some(r) = p.region {
                         self.regions.release(r);
                     }
@@ -306,20 +381,26 @@ impl Reconciler {
     ) -> Result<(), SyncError> {
         let old = self.frontends.get(addr).and_then(|p| p.frontend.clone());
         if let Some(old) = &old {
+            if old == fe {
+                return Ok(());
+            }
             if same_entry(old, fe) {
-                self.frontends.get_mut(addr).expect("present").frontend = Some(fe.clone());
+                // Only the kept endpoints changed: backend states, written afterwards.
+                let p = self.frontends.get(addr).expect("present");
+                let p = Programmed { frontend: Some(fe.clone()), ..p.clone() };
+                self.set_programmed(*addr, p);
                 return Ok(());
             }
         }
         let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
         let digest = digest(fe, size, self.opts.maglev_seed);
-        if let Some(p) = self.frontends.get_mut(addr) {
+        if let Some(p) = self.frontends.get(addr) {
             // Restored from pinned maps, built from the same inputs: adopt it as it is, so a
             // restart rewrites nothing (and needs no spare table space).
             let backends_known = fe.backends.iter().all(|b| self.backends.contains_key(b));
             if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known {
-                p.frontend = Some(fe.clone());
-                p.restored_digest = None;
+                let p = Programmed { frontend: Some(fe.clone()), restored_digest: None, ..p.clone() };
+                self.set_programmed(*addr, p);
                 return Ok(());
             }
         }
@@ -397,9 +478,10 @@ impl Reconciler {
                 }
             }
         }
-        let previous = self
-            .frontends
-            .insert(*addr, Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None });
+        let previous = self.set_programmed(
+            *addr,
+            Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None },
+        );
         if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r);
         }
@@ -407,8 +489,8 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Writes each backend's state from what the frontends list; frees backends whose drain
-    /// timeout passed.
+    /// Writes the state of each backend whose users changed, from what its frontends list, and
+    /// frees backends whose drain timeout passed.
     fn sync_backend_states<W: MapWriter>(
         &mut self,
         now: Instant,
@@ -416,32 +498,26 @@ impl Reconciler {
         stats: &mut SyncStats,
         errors: &mut Vec<SyncError>,
     ) {
-        let mut want: HashMap<BackendAddr, u8> = HashMap::new();
-        for p in self.frontends.values() {
-            // Unknown after a restore and not yet rewritten: keep every backend as it is.
-            let Some(fe) = &p.frontend else { return };
-            for b in &fe.backends {
-                want.insert(*b, BACKEND_STATE_ACTIVE);
-            }
-            for (b, s) in &fe.kept {
-                let s = match s {
-                    BackendState::Active => BACKEND_STATE_ACTIVE,
-                    BackendState::Terminating => BACKEND_STATE_TERMINATING,
-                };
-                let e = want.entry(*b).or_insert(s);
-                if s == BACKEND_STATE_ACTIVE {
-                    *e = s;
-                }
-            }
+        if self.unknown > 0 {
+            // Restored frontends not named yet: their backends' users are unknown.
+            return;
         }
-        let known: Vec<(BackendAddr, u32, u8)> =
-            self.backends.iter().map(|(a, (id, s))| (*a, *id, *s)).collect();
-        let listed: HashSet<BackendAddr> = want.keys().copied().collect();
-        for (addr, id, state) in known {
-            let (target, free) = match want.get(&addr) {
+        let mut todo: HashSet<BackendAddr> = std::mem::take(&mut self.touched);
+        todo.extend(self.draining.iter().filter(|(_, d)| **d <= now).map(|(a, _)| *a));
+        if std::mem::take(&mut self.restore_pending) {
+            // Backends restored from the maps that no frontend has named: they drain.
+            todo.extend(self.backends.keys().filter(|a| !self.users.contains_key(a)));
+        }
+        for addr in todo {
+            let Some((id, state)) = self.backends.get(&addr).copied() else { continue };
+            let want = self
+                .users
+                .get(&addr)
+                .and_then(|u| u.values().copied().min_by_key(|s| u8::from(*s != BACKEND_STATE_ACTIVE)));
+            let (target, free) = match want {
                 Some(s) => {
                     self.draining.remove(&addr);
-                    (*s, false)
+                    (s, false)
                 }
                 None => {
                     let deadline = *self.draining.entry(addr).or_insert(now + self.opts.drain_timeout);
@@ -452,7 +528,7 @@ impl Reconciler {
                     }
                 }
             };
-            if target == state {
+            if target == state && !free {
                 continue;
             }
             let value = if free { Lb4Backend::default() } else { backend_value(&addr, target) };
@@ -467,10 +543,12 @@ impl Reconciler {
                     self.backends.insert(addr, (id, target));
                     stats.backends_written += 1;
                 }
-                Err(e) => errors.push(write_err(addr.to_string(), "backend", e)),
+                Err(e) => {
+                    self.touched.insert(addr);
+                    errors.push(write_err(addr.to_string(), "backend", e));
+                }
             }
         }
-        debug_assert!(self.draining.keys().all(|a| !listed.contains(a)));
     }
 }
 

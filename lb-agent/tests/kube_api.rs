@@ -9,7 +9,7 @@ use std::{
 use lb_agent::{
     agent::Agent,
     dump,
-    kube_source::KubeSource,
+    kube_source::{Change, KubeSource},
     mock_api::MockApi,
     model::Context,
     sync::{Capacities, MemoryMaps, Options, Reconciler},
@@ -55,6 +55,7 @@ impl Harness {
         let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
         agent.ctx.zone = source.zone();
         agent.apply(source.objects());
+        source.take_dirty();
         Self { api, source, agent, changes }
     }
 
@@ -71,7 +72,11 @@ impl Harness {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 while self.changes.try_recv().is_ok() {}
                 self.agent.ctx.zone = self.source.zone();
-                self.agent.apply(self.source.objects());
+                // The agent's path: only the touched Services, unless a relist calls for all.
+                match self.source.changes() {
+                    Change::All(objects) => self.agent.apply(objects),
+                    Change::Services(changed) => self.agent.apply_services(changed),
+                };
             }
         }
     }

@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: per-packet cost through BPF_PROG_TEST_RUN, beside no-op programs measured
-//! in the same run; the results go to BENCHMARKS.md.
+//! `cargo xtask bench`: per-packet cost through BPF_PROG_TEST_RUN beside no-op programs measured
+//! in the same run, Maglev table figures, and control-plane figures of the agent binary (cold
+//! start, change latency); the results go to BENCHMARKS.md.
 
 use std::process::Command;
 
