@@ -8,7 +8,7 @@ use crate::{root, run_cmd, setup};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// Fewer repetitions (a quick look, not for BENCHMARKS.md).
+    /// Fewer repetitions and a smaller control-plane load (a quick look, not for BENCHMARKS.md).
     #[arg(long)]
     quick: bool,
 }
@@ -22,13 +22,25 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         "--locked",
         "-p",
         "lb-agent",
+        "--bins",
         "--example",
         "bench_datapath",
+        "--example",
+        "bench_control",
     ]))?;
-    let mut cmd = Command::new(root().join("target/release/examples/bench_datapath"));
-    cmd.arg("--markdown").arg(root().join("BENCHMARKS.md"));
+    let release = root().join("target/release");
+    let markdown = root().join("BENCHMARKS.md");
+    let mut cmd = Command::new(release.join("examples/bench_datapath"));
+    cmd.arg("--markdown").arg(&markdown);
     if o.quick {
         cmd.arg("--quick");
+    }
+    run_cmd(&mut cmd)?;
+    println!("bench: control plane (the agent binary with 10,000 Services x 10 endpoints)");
+    let mut cmd = Command::new(release.join("examples/bench_control"));
+    cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
+    if o.quick {
+        cmd.args(["--services", "1000", "--changes", "20"]);
     }
     run_cmd(&mut cmd)
 }
