@@ -114,6 +114,8 @@ pub enum DatapathError {
     OtherLayout { pin_dir: PathBuf, found: Vec<String> },
     #[error("nothing pinned at {0}: is lb-agent running with this --pin-dir?")]
     NotPinned(PathBuf),
+    #[error("the maps kept changing while they were read; try again")]
+    Unstable,
     #[error("pinning the link of {program} on {interface} at {path}: {reason}")]
     PinLink { program: &'static str, interface: String, path: PathBuf, reason: String },
     #[error("loading the eBPF object (pinned maps under {pin_dir}): {source}")]

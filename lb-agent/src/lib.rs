@@ -8,6 +8,7 @@ pub mod agent;
 pub mod alloc;
 pub mod datapath;
 pub mod dump;
+pub mod inspect;
 pub mod kube_source;
 pub mod maglev;
 pub mod manifests;

@@ -1,0 +1,220 @@
+//! lbctl: shows what the lb datapath will do, read from the pinned maps. Read-only; works while
+//! the agent is down and needs no API access.
+
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use lb_agent::{
+    datapath::{DatapathError, Maps},
+    inspect,
+};
+
+#[derive(Parser)]
+#[command(name = "lbctl", version, about = "Inspect the lb datapath (read-only)")]
+struct Args {
+    /// The agent's --pin-dir.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/lb")]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every frontend (VIP:port/protocol) with its Service, backends, affinity and table size.
+    Services,
+    /// Every backend entry and its state.
+    Backends,
+    /// One frontend's Maglev table: each backend's share (and the slots with --raw).
+    Maglev {
+        /// `VIP:port/PROTO`, `VIP:port`, `namespace/name:port` or `namespace/name`.
+        service: String,
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Tracked flows: client, VIP, backend, protocol, state, age.
+    Conntrack {
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        backend: Option<Ipv4Addr>,
+    },
+    /// Datapath counters and drop reasons, and per-Service statistics.
+    Stats,
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(header.to_vec());
+    t
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let maps = Maps::from_pins(&args.pin_dir).map_err(|e| match e {
+        DatapathError::Map { source: aya::maps::MapError::SyscallError(s), .. }
+            if s.io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            anyhow::anyhow!(
+                "permission denied reading {}: run lbctl as root (it needs CAP_BPF)",
+                args.pin_dir.display()
+            )
+        }
+        other => other.into(),
+    })?;
+    let json = matches!(args.output, Output::Json);
+    match &args.command {
+        Cmd::Services => {
+            let v = inspect::services(&maps)?;
+            if json {
+                return print_json(&v);
+            }
+            let mut t = table(&["FRONTEND", "SERVICE", "BACKENDS", "TABLE", "AFFINITY", "POLICY"]);
+            for s in &v {
+                let backends: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}:{} {} ({} slots)", b.ip, b.port, b.state, b.slots.unwrap_or(0)))
+                    .collect();
+                t.add_row(vec![
+                    format!("{}:{}/{}", s.vip, s.port, s.protocol),
+                    s.service.clone(),
+                    if backends.is_empty() {
+                        "(none: new flows dropped)".into()
+                    } else {
+                        backends.join("\n")
+                    },
+                    s.table_size.to_string(),
+                    if s.affinity_timeout_seconds > 0 {
+                        format!("ClientIP {}s", s.affinity_timeout_seconds)
+                    } else {
+                        "-".into()
+                    },
+                    if s.internal_traffic_local { "Local".into() } else { "Cluster".into() },
+                ]);
+            }
+            println!("{t}");
+        }
+        Cmd::Backends => {
+            let v = inspect::backends(&maps)?;
+            if json {
+                return print_json(&v);
+            }
+            let mut t = table(&["ID", "BACKEND", "STATE"]);
+            for b in &v {
+                t.add_row(vec![
+                    b.id.to_string(),
+                    format!("{}:{}/{}", b.ip, b.port, b.protocol),
+                    b.state.clone(),
+                ]);
+            }
+            println!("{t}");
+        }
+        Cmd::Maglev { service, raw } => {
+            let Some((view, slots)) = inspect::maglev(&maps, service)? else {
+                anyhow::bail!("no frontend matches {service:?} (see `lbctl services`)");
+            };
+            if json {
+                #[derive(serde::Serialize)]
+                struct Out<'a> {
+                    service: &'a inspect::ServiceView,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    slots: Option<&'a [u32]>,
+                }
+                return print_json(&Out { service: &view, slots: raw.then_some(&slots[..]) });
+            }
+            println!(
+                "{}:{}/{} {} ({} slots)",
+                view.vip, view.port, view.protocol, view.service, view.table_size
+            );
+            let mut t = table(&["BACKEND", "ID", "STATE", "SLOTS", "SHARE"]);
+            for b in &view.backends {
+                let n = b.slots.unwrap_or(0);
+                t.add_row(vec![
+                    format!("{}:{}", b.ip, b.port),
+                    b.id.to_string(),
+                    b.state.clone(),
+                    n.to_string(),
+                    format!("{:.2}%", f64::from(n) * 100.0 / f64::from(view.table_size.max(1))),
+                ]);
+            }
+            println!("{t}");
+            if *raw {
+                let ids: Vec<String> = slots.iter().map(u32::to_string).collect();
+                println!("slots (backend ids): {}", ids.join(" "));
+            }
+        }
+        Cmd::Conntrack { service, backend } => {
+            let v = inspect::conntrack(&maps, service.as_deref(), *backend)?;
+            if json {
+                return print_json(&v);
+            }
+            let mut t = table(&["CLIENT", "VIP", "BACKEND", "PROTO", "STATE", "AGE", "IDLE", "SERVICE"]);
+            for f in &v {
+                t.add_row(vec![
+                    f.client.clone(),
+                    f.vip.clone(),
+                    f.backend.clone(),
+                    f.protocol.clone(),
+                    f.state.clone(),
+                    format!("{:.1}s", f.age_seconds),
+                    format!("{:.1}s", f.idle_seconds),
+                    f.service.clone(),
+                ]);
+            }
+            println!("{t}");
+            println!("{} flows", v.len());
+        }
+        Cmd::Stats => {
+            let v = inspect::stats(&maps)?;
+            if json {
+                return print_json(&v);
+            }
+            let mut t = table(&["COUNTER", "VALUE"]);
+            for (name, value) in &v.counters {
+                if *value != 0 {
+                    t.add_row(vec![name.clone(), value.to_string()]);
+                }
+            }
+            println!("{t}");
+            let mut t = table(&["FRONTEND", "SERVICE", "PACKETS", "BYTES", "NEW FLOWS", "DROPS"]);
+            for s in &v.services {
+                t.add_row(vec![
+                    s.frontend.clone(),
+                    s.service.clone(),
+                    s.packets.to_string(),
+                    s.bytes.to_string(),
+                    s.new_flows.to_string(),
+                    s.drops.to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! What the kernel will do, read from the pinned maps: the views `lbctl` prints. Read-only; works
+//! while the agent is down. Field names are stable: `lbctl -o json` prints these structs.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use lb_common::{
+    counters, Lb4CtEntry, Lb4Service, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
+    SVC_FLAG_LOCAL_ONLY,
+};
+use serde::Serialize;
+
+use crate::{
+    datapath::{DatapathError, Maps},
+    dump::state_name,
+    model::Protocol,
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: u32,
+    pub ip: String,
+    pub port: u16,
+    pub protocol: String,
+    /// `active`, `terminating`.
+    pub state: String,
+    /// Slots of the frontend's Maglev table (in `services` and `maglev` views).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceView {
+    pub id: u32,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    /// `namespace/name:port` of the Service, as the agent recorded it.
+    pub service: String,
+    pub table_size: u32,
+    /// 0 when the Service has no session affinity.
+    pub affinity_timeout_seconds: u32,
+    pub internal_traffic_local: bool,
+    /// Backends new flows go to, with their share of the table.
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FlowView {
+    pub client: String,
+    pub vip: String,
+    pub backend: String,
+    pub protocol: String,
+    /// `syn`, `established`, `closing`.
+    pub state: String,
+    pub service: String,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub frontend: String,
+    pub service: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub drops: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct StatsView {
+    /// Every datapath counter by name (`lb_common::counters::NAMES`).
+    pub counters: BTreeMap<String, u64>,
+    pub services: Vec<ServiceStats>,
+}
+
+fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| format!("proto{p}"), |p| p.to_string())
+}
+
+fn ip(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// Reads a frontend's table consistently: if the agent republished the frontend while it was
+/// read (another region), read again.
+fn table_of(
+    maps: &Maps,
+    key: &lb_common::Lb4ServiceKey,
+    mut svc: Lb4Service,
+) -> Result<(Lb4Service, Vec<u32>), DatapathError> {
+    for _ in 0..10 {
+        let table: Vec<u32> = (svc.maglev_offset..svc.maglev_offset + svc.maglev_size)
+            .filter_map(|s| maps.maglev.get(s))
+            .collect();
+        match maps.services.get(key, 0) {
+            Ok(now) if now == svc => return Ok((svc, table)),
+            Ok(now) => svc = now,
+            // Removed meanwhile: what was read is what was there.
+            Err(_) => return Ok((svc, table)),
+        }
+    }
+    Err(DatapathError::Unstable)
+}
+
+/// Every frontend with its backends and their shares.
+pub fn services(maps: &Maps) -> Result<Vec<ServiceView>, DatapathError> {
+    let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
+    let mut out = Vec::new();
+    for (key, svc) in maps.read_services()? {
+        let (svc, table) = table_of(maps, &key, svc)?;
+        let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in table {
+            *shares.entry(id).or_default() += 1;
+        }
+        let backends = shares
+            .into_iter()
+            .map(|(id, n)| {
+                let b = backends.get(&id).copied().unwrap_or_default();
+                BackendView {
+                    id,
+                    ip: ip(b.addr).to_string(),
+                    port: u16::from_be(b.port),
+                    protocol: proto_name(b.proto),
+                    state: state_name(b.state).into(),
+                    slots: Some(n),
+                }
+            })
+            .collect();
+        out.push(ServiceView {
+            id: svc.id,
+            vip: ip(key.addr).to_string(),
+            port: u16::from_be(key.port),
+            protocol: proto_name(key.proto),
+            service: maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default(),
+            table_size: svc.maglev_size,
+            affinity_timeout_seconds: svc.affinity_timeout_secs,
+            internal_traffic_local: svc.flags & SVC_FLAG_LOCAL_ONLY != 0,
+            backends,
+        });
+    }
+    out.sort_by(|a, b| {
+        (a.vip.parse::<Ipv4Addr>().ok(), a.port, &a.protocol).cmp(&(b.vip.parse().ok(), b.port, &b.protocol))
+    });
+    Ok(out)
+}
+
+/// Every backend entry in use.
+pub fn backends(maps: &Maps) -> Result<Vec<BackendView>, DatapathError> {
+    Ok(maps
+        .read_backends()?
+        .into_iter()
+        .map(|(id, b)| BackendView {
+            id,
+            ip: ip(b.addr).to_string(),
+            port: u16::from_be(b.port),
+            protocol: proto_name(b.proto),
+            state: state_name(b.state).into(),
+            slots: None,
+        })
+        .collect())
+}
+
+/// Whether `query` names this frontend: `VIP:port/PROTO`, `VIP:port`, `namespace/name:port` or
+/// `namespace/name`.
+pub fn matches(s: &ServiceView, query: &str) -> bool {
+    let addr = format!("{}:{}", s.vip, s.port);
+    query == format!("{addr}/{}", s.protocol)
+        || query == addr
+        || query == s.service
+        || s.service.split(':').next() == Some(query)
+}
+
+/// One frontend's table: its backends' shares, and the slots.
+pub fn maglev(maps: &Maps, query: &str) -> Result<Option<(ServiceView, Vec<u32>)>, DatapathError> {
+    let Some(view) = services(maps)?.into_iter().find(|s| matches(s, query)) else { return Ok(None) };
+    let key = lb_common::Lb4ServiceKey::new(
+        view.vip.parse::<Ipv4Addr>().map(|a| a.octets()).unwrap_or_default(),
+        view.port,
+        if view.protocol == "UDP" { 17 } else { 6 },
+    );
+    let svc = maps
+        .services
+        .get(&key, 0)
+        .map_err(|source| DatapathError::Map { map: lb_common::MAP_LB4_SERVICES, source })?;
+    let (_, table) = table_of(maps, &key, svc)?;
+    Ok(Some((view, table)))
+}
+
+/// CLOCK_MONOTONIC_COARSE, the datapath's clock, in ns.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ct_state(e: &Lb4CtEntry) -> &'static str {
+    match e.state {
+        CT_STATE_SYN => "syn",
+        CT_STATE_ESTABLISHED => "established",
+        CT_STATE_CLOSING => "closing",
+        _ => "unknown",
+    }
+}
+
+/// Tracked flows (their forward entries), optionally only those of a frontend or to a backend.
+pub fn conntrack(
+    maps: &Maps,
+    service: Option<&str>,
+    backend: Option<Ipv4Addr>,
+) -> Result<Vec<FlowView>, DatapathError> {
+    let names: BTreeMap<u32, (String, String)> = services(maps)?
+        .into_iter()
+        .map(|s| (s.id, (format!("{}:{}/{}", s.vip, s.port, s.protocol), s.service)))
+        .collect();
+    let now = coarse_now_ns();
+    let mut out = Vec::new();
+    for entry in maps.ct.iter() {
+        let Ok((k, e)) = entry else { continue };
+        if k.dir != CT_DIR_FORWARD {
+            continue;
+        }
+        if backend.is_some_and(|b| b != ip(e.nat_addr)) {
+            continue;
+        }
+        let (frontend, name) = names.get(&e.svc_id).cloned().unwrap_or_default();
+        let protocol = proto_name(k.proto);
+        let vip = format!("{}:{}", ip(k.daddr), u16::from_be(k.dport));
+        if let Some(q) = service {
+            let view_match = frontend == q || vip == q || name == q || name.split(':').next() == Some(q);
+            if !view_match {
+                continue;
+            }
+        }
+        out.push(FlowView {
+            client: format!("{}:{}", ip(k.saddr), u16::from_be(k.sport)),
+            vip,
+            backend: format!("{}:{}", ip(e.nat_addr), u16::from_be(e.nat_port)),
+            protocol,
+            state: ct_state(&e).into(),
+            service: name,
+            age_seconds: now.saturating_sub(e.created_ns) as f64 / 1e9,
+            idle_seconds: now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
+        });
+    }
+    out.sort_by(|a, b| a.vip.cmp(&b.vip).then(a.client.cmp(&b.client)));
+    Ok(out)
+}
+
+/// Datapath counters and per-frontend statistics.
+pub fn stats(maps: &Maps) -> Result<StatsView, DatapathError> {
+    let v = maps.read_counters()?;
+    let counters = counters::NAMES.iter().zip(v).map(|(n, v)| (n.to_string(), v)).collect();
+    let mut services = Vec::new();
+    for s in self::services(maps)? {
+        let st = maps.read_svc_stats(s.id)?;
+        services.push(ServiceStats {
+            frontend: format!("{}:{}/{}", s.vip, s.port, s.protocol),
+            service: s.service,
+            packets: st.packets,
+            bytes: st.bytes,
+            new_flows: st.new_flows,
+            drops: st.drops,
+        });
+    }
+    Ok(StatsView { counters, services })
+}

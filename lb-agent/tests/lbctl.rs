@@ -1,0 +1,117 @@
+//! lbctl against maps written by the real agent: every command, both output formats, and its
+//! errors.
+
+mod support;
+
+use std::{net::SocketAddrV4, process::Command};
+
+use lb_agent::{datapath::Mode, testbed::tcp_asks};
+use serde_json::Value;
+use support::{endpoint, who, Cluster, VIP};
+
+const LBCTL: &str = env!("CARGO_BIN_EXE_lbctl");
+
+fn lbctl(pin_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(LBCTL).arg("--pin-dir").arg(pin_dir).args(args).output().expect("run lbctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(pin_dir: &std::path::Path, args: &[&str]) -> Value {
+    let mut a = vec!["-o", "json"];
+    a.extend_from_slice(args);
+    let (ok, out, err) = lbctl(pin_dir, &a);
+    assert!(ok, "lbctl {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("lbctl {args:?}: not JSON ({e}):\n{out}"))
+}
+
+#[test]
+fn lbctl_shows_what_the_agent_programmed() {
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}";
+    let c = Cluster::new(
+        "ctl",
+        Mode::Tc,
+        true,
+        |b| who(spec, &b.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>()),
+        &[],
+    );
+    c.wait_reachable(&c.client1, 80);
+    let answers = tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 20).expect("traffic");
+    assert!(answers.iter().all(Result::is_ok));
+    let pins = &c.nodes[0].pin_dir;
+
+    // services: the documented JSON fields.
+    let v = json(pins, &["services"]);
+    let list = v.as_array().expect("array of frontends");
+    assert_eq!(list.len(), 2, "{v:#}");
+    let tcp = list.iter().find(|s| s["protocol"] == "TCP").expect("TCP frontend");
+    assert_eq!((tcp["vip"].as_str(), tcp["port"].as_u64()), (Some("10.96.0.10"), Some(80)));
+    assert_eq!(tcp["service"], "demo/who:tcp");
+    assert_eq!(tcp["affinity_timeout_seconds"], 30);
+    let backends = tcp["backends"].as_array().expect("backends");
+    let mut ips: Vec<&str> = backends.iter().map(|b| b["ip"].as_str().expect("ip")).collect();
+    ips.sort();
+    assert_eq!(ips, ["10.244.1.2", "10.244.1.3", "10.244.2.4"]);
+    assert!(backends.iter().all(|b| b["port"] == 8080 && b["state"] == "active"));
+    let slots: u64 = backends.iter().map(|b| b["slots"].as_u64().expect("slots")).sum();
+    assert_eq!(slots, tcp["table_size"].as_u64().expect("table size"));
+
+    // The table form says the same.
+    let (ok, out, _) = lbctl(pins, &["services"]);
+    assert!(
+        ok && out.contains("10.96.0.10:80/TCP")
+            && out.contains("demo/who:tcp")
+            && out.contains("ClientIP 30s"),
+        "{out}"
+    );
+
+    let v = json(pins, &["backends"]);
+    assert_eq!(v.as_array().expect("backends").len(), 6, "3 pods x 2 ports: {v:#}");
+
+    let v = json(pins, &["maglev", "demo/who:tcp", "--raw"]);
+    assert_eq!(
+        v["slots"].as_array().expect("raw slots").len() as u64,
+        v["service"]["table_size"].as_u64().expect("size")
+    );
+    let (ok, out, _) = lbctl(pins, &["maglev", "10.96.0.10:80/TCP"]);
+    assert!(ok && out.contains("SHARE"), "{out}");
+
+    // conntrack: the client's flows, all to the backend affinity chose.
+    let v = json(pins, &["conntrack", "--service", "demo/who:tcp"]);
+    let flows = v.as_array().expect("flows");
+    assert!(flows.len() >= 20, "{v:#}");
+    assert!(flows.iter().all(|f| f["client"].as_str().is_some_and(|c| c.starts_with("10.244.1.10:"))
+        && f["vip"] == "10.96.0.10:80"));
+    let backend = flows[0]["backend"].as_str().expect("backend");
+    assert!(flows.iter().all(|f| f["backend"] == backend), "affinity: one backend");
+    let only = json(pins, &["conntrack", "--backend", backend.split(':').next().expect("ip")]);
+    assert_eq!(only.as_array().expect("flows").len(), flows.len());
+
+    let v = json(pins, &["stats"]);
+    assert!(v["counters"]["fwd_new_flow"].as_u64().expect("counter") >= 20);
+    assert!(v["services"]
+        .as_array()
+        .expect("per service")
+        .iter()
+        .any(|s| s["service"] == "demo/who:tcp" && s["new_flows"].as_u64() >= Some(20)));
+
+    // lbctl works while the agent is down.
+    let mut c = c;
+    let n1 = c.nodes[0].clone();
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    assert_eq!(json(&n1.pin_dir, &["services"]).as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn lbctl_errors_are_clear() {
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lbctl-test-{}", std::process::id()));
+    let (ok, _, err) = lbctl(&dir, &["services"]);
+    assert!(!ok && err.contains("nothing pinned at") && err.contains("--pin-dir"), "{err}");
+    std::fs::create_dir_all(dir.join("v1")).expect("old layout");
+    let (ok, _, err) = lbctl(&dir, &["services"]);
+    assert!(!ok && err.contains("holds pinned layout [\"v1\"]"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
