@@ -112,6 +112,24 @@ fn bpf_linker() -> anyhow::Result<&'static str> {
     Ok("installed")
 }
 
+/// kubernetes-validate (PyPI) checks the deploy manifests against the Kubernetes schemas offline.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+fn kubernetes_validate() -> anyhow::Result<&'static str> {
+    if output("kubernetes-validate", &["--version"]).is_some() {
+        return Ok("present");
+    }
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE])
+        .status()
+        .context("python3 not found")?;
+    anyhow::ensure!(
+        status.success(),
+        "could not install {KUBERNETES_VALIDATE}: `python3 -m pip install {KUBERNETES_VALIDATE}`"
+    );
+    Ok("installed")
+}
+
 fn bpffs() -> anyhow::Result<&'static str> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if mounts.lines().any(|l| {
@@ -129,5 +147,6 @@ pub fn run() -> anyhow::Result<()> {
     step("eBPF toolchain", nightly)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
+    step("kubernetes-validate", kubernetes_validate)?;
     Ok(())
 }
