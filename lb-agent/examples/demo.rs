@@ -14,10 +14,9 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use lb_agent::{
-    datapath::{Maps, Mode},
+    datapath::Mode,
     testbed::{tcp_asks, udp_asks, wait_until, Lab, Pod, Session},
 };
-use lb_common::counters;
 
 #[derive(Parser)]
 struct Args {
@@ -27,6 +26,9 @@ struct Args {
     /// Directory of Service and EndpointSlice manifests.
     #[arg(long)]
     examples: PathBuf,
+    /// The lbctl binary (its output is shown).
+    #[arg(long)]
+    lbctl: PathBuf,
     #[arg(long, value_enum, default_value = "tc")]
     datapath: Mode,
     /// Tear down right after showing the results.
@@ -115,33 +117,43 @@ fn main() -> anyhow::Result<()> {
         "      one long-lived connection from c1: 21 requests, answered by {first} every time: {}",
         sticky.iter().all(|s| *s == first)
     );
+    let sticky_vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 11), 80);
+    spread(
+        &format!("TCP {sticky_vip} (sessionAffinity: ClientIP) from c1: one backend for every connection"),
+        tcp_asks(&c1, sticky_vip, 300)?,
+    )?;
+    let local_vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 12), 80);
+    spread(
+        &format!("TCP {local_vip} (internalTrafficPolicy: Local) from c1 on node1: node1's endpoints only"),
+        tcp_asks(&c1, local_vip, 300)?,
+    )?;
+    spread(
+        &format!("TCP {local_vip} (internalTrafficPolicy: Local) from c2 on node2: node2's endpoint only"),
+        tcp_asks(&c2, local_vip, 300)?,
+    )?;
 
-    step(6, "what the kernel counted on node1 (pinned maps)");
-    let maps = Maps::from_pins(&n1.pin_dir)?;
-    let v = maps.read_counters()?;
-    for (i, name) in counters::NAMES.iter().enumerate() {
-        if v[i] != 0 {
-            println!("        {name:<18} {:>8}", v[i]);
-        }
-    }
-    for (key, svc) in maps.read_services()? {
-        let s = maps.read_svc_stats(svc.id)?;
-        let proto = if key.proto == 6 { "TCP" } else { "UDP" };
-        println!(
-            "      frontend {}:{}/{proto}: {} backends, Maglev table {} slots; {} packets, {} new flows, {} drops",
-            Ipv4Addr::from(key.addr.to_ne_bytes()),
-            u16::from_be(key.port),
-            svc.backend_count,
-            svc.maglev_size,
-            s.packets,
-            s.new_flows,
-            s.drops
-        );
+    step(6, "what node1's kernel holds and counted, as lbctl shows it (read from the pinned maps)");
+    for cmd in [&["services"][..], &["stats"][..]] {
+        println!("\n$ lbctl --pin-dir {} {}", n1.pin_dir.display(), cmd.join(" "));
+        let out = std::process::Command::new(&args.lbctl)
+            .arg("--pin-dir")
+            .arg(&n1.pin_dir)
+            .args(cmd)
+            .output()
+            .context("running lbctl")?;
+        anyhow::ensure!(out.status.success(), "lbctl failed: {}", String::from_utf8_lossy(&out.stderr));
+        print!("{}", String::from_utf8_lossy(&out.stdout));
     }
     println!("\ndemo ready in {:.1} s. Explore while it runs:", started.elapsed().as_secs_f64());
     let pins = lb_agent::datapath::layout_dir(&n1.pin_dir);
+    println!(
+        "  {} --pin-dir {} conntrack --service demo/who:tcp | head",
+        args.lbctl.display(),
+        n1.pin_dir.display()
+    );
+    println!("  {} --pin-dir {} maglev 10.96.0.10:80/TCP", args.lbctl.display(), n1.pin_dir.display());
+    println!("  {} --pin-dir {} services -o json", args.lbctl.display(), n1.pin_dir.display());
     println!("  bpftool map dump pinned {}/LB4_SERVICES", pins.display());
-    println!("  bpftool map dump pinned {}/LB4_CT | head -40", pins.display());
     println!(
         "  ip netns exec {} bash -c 'exec 3<>/dev/tcp/10.96.0.10/80; echo hi >&3; head -1 <&3'",
         c1.netns

@@ -29,7 +29,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     ]))?;
     let target = root().join("target/release");
     let mut cmd = Command::new(target.join("examples/demo"));
-    cmd.arg("--agent").arg(target.join("lb-agent"));
+    cmd.arg("--agent").arg(target.join("lb-agent")).arg("--lbctl").arg(target.join("lbctl"));
     cmd.args(["--datapath", &o.datapath]).arg("--examples").arg(root().join("deploy/examples"));
     if o.once {
         cmd.arg("--once");
