@@ -20,7 +20,8 @@ use aya::{
 use lb_common::{
     counters, globals, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
     Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
-    MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, PIN_LAYOUT_VERSION,
+    MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR,
+    PIN_LAYOUT_VERSION,
 };
 
 use crate::sync::MapWriter;
@@ -220,6 +221,8 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub meta: Array<MapData, Lb4FrontendMeta>,
+    /// `[0]`: how many `lbctl monitor` listen.
+    pub monitor: Array<MapData, u32>,
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -247,6 +250,7 @@ impl Maps {
             svc_stats: take(ebpf, MAP_LB4_SVC_STATS)?,
             affinity: take(ebpf, MAP_LB4_AFFINITY)?,
             meta: take(ebpf, MAP_LB4_FE_META)?,
+            monitor: take(ebpf, MAP_LB_MONITOR)?,
         })
     }
 
@@ -282,12 +286,29 @@ impl Maps {
             svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
             affinity: open(pin_dir, MAP_LB4_AFFINITY)?,
             meta: open(pin_dir, MAP_LB4_FE_META)?,
+            monitor: open(pin_dir, MAP_LB_MONITOR)?,
         })
     }
 
     /// Every frontend in the map.
     pub fn read_services(&self) -> Result<Vec<(Lb4ServiceKey, Lb4Service)>, DatapathError> {
         self.services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))
+    }
+
+    /// Opens the pinned event ring buffer (for `lbctl monitor`).
+    pub fn events(pin_dir: &Path) -> Result<aya::maps::RingBuf<MapData>, DatapathError> {
+        let data =
+            MapData::from_pin(layout_dir(pin_dir).join(MAP_LB_EVENTS)).map_err(map_err(MAP_LB_EVENTS))?;
+        aya::maps::RingBuf::try_from(Map::from_map_data(data).map_err(map_err(MAP_LB_EVENTS))?)
+            .map_err(map_err(MAP_LB_EVENTS))
+    }
+
+    /// Adds `delta` to the number of listening monitors.
+    pub fn add_listener(&mut self, delta: i32) -> Result<u32, DatapathError> {
+        let n = self.monitor.get(&0, 0).map_err(map_err(MAP_LB_MONITOR))?;
+        let n = n.saturating_add_signed(delta);
+        self.monitor.set(0, n, 0).map_err(map_err(MAP_LB_MONITOR))?;
+        Ok(n)
     }
 
     /// What the agent recorded for frontend `id`.

@@ -266,3 +266,44 @@ pub fn stats(maps: &Maps) -> Result<StatsView, DatapathError> {
     }
     Ok(StatsView { counters, services })
 }
+
+/// One `lbctl monitor` event.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventView {
+    /// `new-flow` or `drop`.
+    pub kind: String,
+    /// For drops: the reason (`no_backend`, `no_local_backend`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub client: String,
+    pub vip: String,
+    pub protocol: String,
+    /// For new flows: the backend chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    pub service: String,
+}
+
+/// Decodes an event from the ring buffer; `names` maps frontend ids to Service names.
+pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
+    if bytes.len() < std::mem::size_of::<lb_common::LbEvent>() {
+        return None;
+    }
+    // SAFETY: the length was checked; LbEvent is plain integers, any bit pattern is valid.
+    let e: lb_common::LbEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let new_flow = e.kind == lb_common::EVENT_NEW_FLOW;
+    Some(EventView {
+        kind: if new_flow { "new-flow" } else { "drop" }.into(),
+        reason: (!new_flow).then(|| {
+            counters::NAMES
+                .get(e.reason as usize)
+                .map_or("unknown", |n| n.trim_start_matches("drop_"))
+                .to_string()
+        }),
+        client: format!("{}:{}", ip(e.saddr), u16::from_be(e.sport)),
+        vip: format!("{}:{}", ip(e.daddr), u16::from_be(e.dport)),
+        protocol: proto_name(e.proto),
+        backend: new_flow.then(|| format!("{}:{}", ip(e.backend_addr), u16::from_be(e.backend_port))),
+        service: names.get(&e.svc_id).cloned().unwrap_or_default(),
+    })
+}

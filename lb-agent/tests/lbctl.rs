@@ -98,11 +98,58 @@ fn lbctl_shows_what_the_agent_programmed() {
         .iter()
         .any(|s| s["service"] == "demo/who:tcp" && s["new_flows"].as_u64() >= Some(20)));
 
+    // monitor: events appear while it listens (new flows, and drops with their reason), and
+    // the listener count goes back to 0 when it ends.
+    // A Service with no endpoints, for a drop.
+    let empty = "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: demo}\nspec: {clusterIP: 10.96.0.20, ports: [{name: tcp, port: 80}]}\n";
+    let eps: Vec<String> = c.backends.iter().map(|p| endpoint(p, "ready: true")).collect();
+    c.write(&format!("{}{empty}", who(spec, &eps)));
+    lb_agent::testbed::wait_until(std::time::Duration::from_secs(5), || {
+        let v = json(pins, &["services"]);
+        if v.as_array().is_some_and(|a| a.len() == 3) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not yet"))
+        }
+    })
+    .expect("the empty Service programmed");
+    let monitor = Command::new(LBCTL)
+        .arg("--pin-dir")
+        .arg(pins)
+        .args(["-o", "json", "monitor", "--count", "4", "--timeout", "10"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl monitor");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 3).expect("traffic");
+    let dropped =
+        tcp_asks(&c.client1, SocketAddrV4::new("10.96.0.20".parse().expect("ip"), 80), 1).expect("attempt");
+    assert!(dropped[0].is_err());
+    let out = monitor.wait_with_output().expect("monitor output");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 4, "events: {lines:?}");
+    assert!(
+        lines[..3].iter().all(|e| e["kind"] == "new-flow"
+            && e["vip"] == "10.96.0.10:80"
+            && e["service"] == "demo/who:tcp"
+            && e["backend"].is_string()),
+        "{lines:?}"
+    );
+    assert_eq!(
+        (&lines[3]["kind"], &lines[3]["reason"], &lines[3]["vip"]),
+        (&Value::from("drop"), &Value::from("no_backend"), &Value::from("10.96.0.20:80")),
+        "{lines:?}"
+    );
+    assert_eq!(c.maps(1).monitor.get(&0, 0).expect("listeners"), 0, "the monitor deregistered");
+
     // lbctl works while the agent is down.
     let mut c = c;
     let n1 = c.nodes[0].clone();
     c.lab.stop_agent(&n1, libc::SIGTERM);
-    assert_eq!(json(&n1.pin_dir, &["services"]).as_array().map(Vec::len), Some(2));
+    assert_eq!(json(&n1.pin_dir, &["services"]).as_array().map(Vec::len), Some(3));
 }
 
 #[test]

@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 4;
+pub const PIN_LAYOUT_VERSION: u32 = 5;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -17,9 +17,12 @@ pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
 pub const MAP_LB4_AFFINITY: &str = "LB4_AFFINITY";
 pub const MAP_LB4_FE_META: &str = "LB4_FE_META";
+pub const MAP_LB_EVENTS: &str = "LB_EVENTS";
+pub const MAP_LB_MONITOR: &str = "LB_MONITOR";
+pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -28,6 +31,9 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_LB4_SVC_STATS,
     MAP_LB4_AFFINITY,
     MAP_LB4_FE_META,
+    MAP_LB_EVENTS,
+    MAP_LB_MONITOR,
+    MAP_LB_MON_RATE,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -254,6 +260,48 @@ impl Lb4FrontendMeta {
     }
 }
 
+/// A datapath event for `lbctl monitor`, sent through `LB_EVENTS` while someone listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbEvent {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// For drops, the counter index of the reason (`counters::DROP_*`).
+    pub reason: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    /// New flows: the backend chosen.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad2: u16,
+    /// Frontend id (0 when unknown).
+    pub svc_id: u32,
+    pub _pad3: u32,
+    /// Coarse monotonic time of the event.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<LbEvent>() == 48);
+
+pub const EVENT_NEW_FLOW: u32 = 1;
+pub const EVENT_DROP: u32 = 2;
+
+/// Events per second each CPU may send to `lbctl monitor`, and the burst allowed.
+pub const MONITOR_RATE_PER_SEC: u64 = 2_000;
+pub const MONITOR_BURST: u64 = 200;
+
+/// Value of `LB_MON_RATE` (per CPU): the monitor's token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbMonitorBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<LbMonitorBucket>() == 16);
+
 /// Value of `LB4_SVC_STATS` (per CPU), indexed by frontend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -305,6 +353,10 @@ mod pod {
     unsafe impl aya::Pod for Lb4Affinity {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4FrontendMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbMonitorBucket {}
 }
 
 #[cfg(test)]

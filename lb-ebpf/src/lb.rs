@@ -5,13 +5,14 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::warn;
 use lb_common::{
     counters, hash::lb4_flow_hash, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service, Lb4ServiceKey,
-    BACKEND_STATE_ACTIVE, SVC_FLAG_LOCAL_ONLY,
+    BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, SVC_FLAG_LOCAL_ONLY,
 };
 
 use crate::{
     config::{flow_hash_seed, hairpin_addr},
     conntrack::{self, Chosen, Lookup},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
+    monitor,
     parse::Flow,
     stats::{count, svc_update},
 };
@@ -103,6 +104,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         } else {
             counters::DROP_NO_BACKEND
         };
+        monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
         return Action::Drop(reason);
     }
     let sticky = if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, now) } else { None };
@@ -113,6 +115,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         // The agent never publishes a table that points at a missing backend.
         warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
         svc_update(svc.id, |s| s.drops += 1);
+        monitor::emit(f, EVENT_DROP, counters::DROP_NO_BACKEND, (0, 0), svc.id, now);
         return Action::Drop(counters::DROP_NO_BACKEND);
     };
     if svc.affinity_timeout_secs != 0 {
@@ -136,6 +139,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         s.bytes += u64::from(pkt_len);
         s.new_flows += 1;
     });
+    monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
     let nat = Nat { src: hairpin.map(|a| (a, f.sport)), dst: Some((backend.addr, backend.port)) };
     Action::Rewrite { nat, counter: counters::FWD_NEW_FLOW }
 }

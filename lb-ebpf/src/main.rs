@@ -10,6 +10,7 @@ mod config;
 mod conntrack;
 mod lb;
 mod maps;
+mod monitor;
 mod nat;
 mod parse;
 mod stats;

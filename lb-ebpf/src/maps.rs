@@ -6,11 +6,11 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
-    Lb4Service, Lb4ServiceKey, Lb4SvcStats,
+    Lb4Service, Lb4ServiceKey, Lb4SvcStats, LbMonitorBucket,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -66,3 +66,18 @@ pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4Affinity> = LruHashMap::p
 /// programs never touch it: it is declared here so that it is created and pinned with the rest.
 #[map(name = "LB4_FE_META")]
 pub static LB4_FE_META: Array<Lb4FrontendMeta> = Array::pinned(capacity::SERVICES, 0);
+
+/// Events for `lbctl monitor` (new flows, drops). Written by the datapath only while
+/// `LB_MONITOR[0]` (listeners) is non-zero, at most `MONITOR_RATE_PER_SEC` per CPU; read by
+/// `lbctl monitor`. A ring buffer: one buffer for all CPUs, in order, with no per-CPU set-up.
+#[map(name = "LB_EVENTS")]
+pub static LB_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+
+/// `[0]`: how many `lbctl monitor` are listening. Written by `lbctl monitor` (and reset by the
+/// agent at start, in case a monitor was killed); read by the datapath before sending an event.
+#[map(name = "LB_MONITOR")]
+pub static LB_MONITOR: Array<u32> = Array::pinned(1, 0);
+
+/// The monitor's token bucket per CPU. Written and read by the datapath.
+#[map(name = "LB_MON_RATE")]
+pub static LB_MON_RATE: PerCpuArray<LbMonitorBucket> = PerCpuArray::pinned(1, 0);

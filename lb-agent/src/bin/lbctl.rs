@@ -51,6 +51,81 @@ enum Cmd {
     },
     /// Datapath counters and drop reasons, and per-Service statistics.
     Stats,
+    /// Streams datapath events (new flows, drops with their reason) as they happen. The datapath
+    /// sends them only while a monitor listens, at most 2,000 a second per CPU.
+    Monitor {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Streams events until stopped; the listener count is raised for as long as this runs.
+fn monitor(args: &Args, maps: &mut Maps, count: Option<usize>, timeout: Option<f64>) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut events = Maps::events(&args.pin_dir)?;
+    let names: std::collections::BTreeMap<u32, String> =
+        inspect::services(maps)?.into_iter().map(|s| (s.id, s.service)).collect();
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    maps.add_listener(1)?;
+    let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
+    let json = matches!(args.output, Output::Json);
+    if !json {
+        eprintln!("listening for datapath events (Ctrl-C to stop)");
+    }
+    let mut seen = 0usize;
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            while let Some(item) = events.next() {
+                let Some(e) = inspect::event(&item, &names) else { continue };
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    match (&e.backend, &e.reason) {
+                        (Some(b), _) => println!(
+                            "new-flow  {:<21} -> {:<21} {} => {b}  {}",
+                            e.client, e.vip, e.protocol, e.service
+                        ),
+                        (None, r) => println!(
+                            "drop      {:<21} -> {:<21} {} ({})  {}",
+                            e.client,
+                            e.vip,
+                            e.protocol,
+                            r.as_deref().unwrap_or("?"),
+                            e.service
+                        ),
+                    }
+                }
+                seen += 1;
+                if count.is_some_and(|c| seen >= c) {
+                    return Ok(());
+                }
+            }
+            if STOP.load(std::sync::atomic::Ordering::Relaxed)
+                || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                return Ok(());
+            }
+            let mut p = libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, 100) };
+        }
+    })();
+    maps.add_listener(-1)?;
+    result
 }
 
 fn table(header: &[&str]) -> Table {
@@ -65,7 +140,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    let maps = Maps::from_pins(&args.pin_dir).map_err(|e| match e {
+    let mut maps = Maps::from_pins(&args.pin_dir).map_err(|e| match e {
         DatapathError::Map { source: aya::maps::MapError::SyscallError(s), .. }
             if s.io_error.kind() == std::io::ErrorKind::PermissionDenied =>
         {
@@ -179,6 +254,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             println!("{t}");
             println!("{} flows", v.len());
         }
+        Cmd::Monitor { count, timeout } => return monitor(args, &mut maps, *count, *timeout),
         Cmd::Stats => {
             let v = inspect::stats(&maps)?;
             if json {

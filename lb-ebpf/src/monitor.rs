@@ -1,0 +1,61 @@
+//! Events for `lbctl monitor`: sent only while a monitor listens, and rate-limited per CPU, so
+//! that with nobody listening the cost is one array read on new flows and drops (nothing on
+//! established packets).
+
+use lb_common::{LbEvent, MONITOR_BURST, MONITOR_RATE_PER_SEC};
+
+use crate::{
+    maps::{LB_EVENTS, LB_MONITOR, LB_MON_RATE},
+    parse::Flow,
+};
+
+#[inline(always)]
+fn listening() -> bool {
+    LB_MONITOR.get(0).is_some_and(|n| *n != 0)
+}
+
+/// Takes a token from this CPU's bucket.
+#[inline(always)]
+fn allowed(now: u64) -> bool {
+    let Some(b) = LB_MON_RATE.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+    let b = unsafe { &mut *b };
+    // At most a second counts (a full bucket), which also keeps the product far from overflow:
+    // BPF has no 128-bit multiply for a saturating one.
+    let elapsed = now.saturating_sub(b.last_ns).min(1_000_000_000);
+    let refill = elapsed * MONITOR_RATE_PER_SEC / 1_000_000_000;
+    if refill > 0 {
+        b.tokens = (b.tokens + refill).min(MONITOR_BURST);
+        b.last_ns = now;
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
+
+/// Sends an event about `f` if someone listens and the rate allows.
+#[inline(always)]
+pub fn emit(f: &Flow, kind: u32, reason: u32, backend: (u32, u16), svc_id: u32, now: u64) {
+    if !listening() || !allowed(now) {
+        return;
+    }
+    let e = LbEvent {
+        kind,
+        reason,
+        saddr: f.saddr,
+        daddr: f.daddr,
+        sport: f.sport,
+        dport: f.dport,
+        proto: f.proto,
+        _pad: [0; 3],
+        backend_addr: backend.0,
+        backend_port: backend.1,
+        _pad2: 0,
+        svc_id,
+        _pad3: 0,
+        ts_ns: now,
+    };
+    let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
+}
