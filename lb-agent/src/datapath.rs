@@ -115,6 +115,8 @@ pub enum DatapathError {
     OtherLayout { pin_dir: PathBuf, found: Vec<String> },
     #[error("nothing pinned at {0}: is lb-agent running with this --pin-dir?")]
     NotPinned(PathBuf),
+    #[error("permission denied reading {0}: run as root (the pins are root's only, and reading them needs CAP_BPF)")]
+    PermissionDenied(PathBuf),
     #[error("the maps kept changing while they were read; try again")]
     Unstable,
     #[error("pinning the link of {program} on {interface} at {path}: {reason}")]
@@ -256,6 +258,11 @@ impl Maps {
 
     /// Opens the maps pinned under `pin_dir` (read-side tools, tests).
     pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        if let Err(e) = std::fs::read_dir(pin_dir) {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(DatapathError::PermissionDenied(pin_dir.to_path_buf()));
+            }
+        }
         let others = other_layouts(pin_dir);
         let pin_dir = &layout_dir(pin_dir);
         if !pin_dir.join(MAP_LB4_SERVICES).exists() {

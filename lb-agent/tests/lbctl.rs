@@ -160,5 +160,19 @@ fn lbctl_errors_are_clear() {
     std::fs::create_dir_all(dir.join("v1")).expect("old layout");
     let (ok, _, err) = lbctl(&dir, &["services"]);
     assert!(!ok && err.contains("holds pinned layout [\"v1\"]"), "{err}");
+    // Not root: the pins are root's only.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", LBCTL, "--pin-dir"])
+        .arg(&dir)
+        .arg("services")
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("permission denied") && err.contains("run as root"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
