@@ -184,14 +184,6 @@ impl MaglevSlots {
         (slot < self.len).then(|| unsafe { self.ptr.as_ptr().add(slot as usize).read_volatile() })
     }
 
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn write(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
         let end = offset as usize + table.len();
         if end > self.len as usize {

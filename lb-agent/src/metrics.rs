@@ -108,18 +108,29 @@ impl DatapathCollector {
     }
 }
 
+/// Encodes one metric family from values computed at scrape time.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: Vec<(Labels, M)>,
+    metric_type: prometheus_client::metrics::MetricType,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, m) in values {
+        m.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     values: Vec<(Labels, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut family =
-        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
-    for (labels, v) in values {
-        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let values = values.into_iter().map(|(l, v)| (l, ConstCounter::new(v))).collect();
+    family(encoder, name, help, values, prometheus_client::metrics::MetricType::Counter)
 }
 
 fn gauge(
@@ -128,12 +139,8 @@ fn gauge(
     help: &str,
     values: Vec<(Labels, i64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut family =
-        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
-    for (labels, v) in values {
-        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let values = values.into_iter().map(|(l, v)| (l, ConstGauge::new(v))).collect();
+    family(encoder, name, help, values, prometheus_client::metrics::MetricType::Gauge)
 }
 
 fn label(k: &str, v: impl Into<String>) -> Labels {

@@ -259,15 +259,6 @@ impl Reconciler {
         previous
     }
 
-    /// Frontend id of `addr`, if programmed.
-    pub fn frontend_id(&self, addr: &FrontendAddr) -> Option<u32> {
-        self.frontends.get(addr).map(|p| p.id)
-    }
-
-    pub fn backend_id(&self, addr: &BackendAddr) -> Option<u32> {
-        self.backends.get(addr).map(|(id, _)| *id)
-    }
-
     pub fn slots_used(&self) -> u32 {
         self.regions.used()
     }

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::{root, run_cmd, setup};
+use crate::{root, run_cmd, setup_and_build_release};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -14,21 +14,7 @@ pub struct Options {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
-    setup::run()?;
-    println!("bench: building (release)");
-    run_cmd(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "lb-agent",
-        "--bins",
-        "--example",
-        "bench_datapath",
-        "--example",
-        "bench_control",
-    ]))?;
-    let release = root().join("target/release");
+    let release = setup_and_build_release("bench", &["bench_datapath", "bench_control"])?;
     let markdown = root().join("BENCHMARKS.md");
     let mut cmd = Command::new(release.join("examples/bench_datapath"));
     cmd.arg("--markdown").arg(&markdown);

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::{root, run_cmd, setup};
+use crate::{root, run_cmd, setup_and_build_release};
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -15,19 +15,7 @@ pub struct Options {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
-    setup::run()?;
-    println!("demo: building lb-agent and the demo (release)");
-    run_cmd(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "lb-agent",
-        "--bins",
-        "--example",
-        "demo",
-    ]))?;
-    let target = root().join("target/release");
+    let target = setup_and_build_release("demo", &["demo"])?;
     let mut cmd = Command::new(target.join("examples/demo"));
     cmd.arg("--agent").arg(target.join("lb-agent")).arg("--lbctl").arg(target.join("lbctl"));
     cmd.args(["--datapath", &o.datapath]).arg("--examples").arg(root().join("deploy/examples"));

@@ -40,3 +40,17 @@ pub(crate) fn run_cmd(cmd: &mut std::process::Command) -> anyhow::Result<()> {
 pub(crate) fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
+
+/// Runs the set-up, then builds lb-agent's binaries and the given examples in release mode;
+/// returns the directory they are in.
+pub(crate) fn setup_and_build_release(what: &str, examples: &[&str]) -> anyhow::Result<std::path::PathBuf> {
+    setup::run()?;
+    println!("{what}: building (release)");
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(root()).args(["build", "--release", "--locked", "-p", "lb-agent", "--bins"]);
+    for e in examples {
+        cmd.args(["--example", e]);
+    }
+    run_cmd(&mut cmd)?;
+    Ok(root().join("target/release"))
+}
