@@ -77,11 +77,11 @@ fn main() -> anyhow::Result<()> {
     for b in &backends {
         lab.serve(b, 8080, 5353)?;
     }
+    let mode = if args.datapath == Mode::Xdp { "xdp" } else { "tc" };
     step(
         3,
         &format!(
-            "starting lb-agent on node1 and node2 (--datapath {:?}, --manifests {})",
-            args.datapath,
+            "starting lb-agent on node1 and node2 (--datapath {mode}, --manifests {})",
             args.examples.display()
         ),
     );
