@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -18,6 +19,8 @@ enum Command {
     Demo(demo::Options),
     /// Set up, build, and run the benchmarks; writes BENCHMARKS.md.
     Bench(bench::Options),
+    /// A long run of the hostile-packet fuzzer (the test suite runs a short one).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(o) => test::run(&o),
         Command::Demo(o) => demo::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::Fuzz(o) => fuzz::run(&o),
     }
 }
 
