@@ -130,6 +130,24 @@ fn kubernetes_validate() -> anyhow::Result<&'static str> {
     Ok("installed")
 }
 
+/// cargo-deny checks the dependency policy (`deny.toml`) in the test command.
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+fn cargo_deny() -> anyhow::Result<&'static str> {
+    if output("cargo", &["deny", "--version"]).is_some_and(|v| v.contains(CARGO_DENY_VERSION)) {
+        return Ok("present");
+    }
+    println!("setup: building cargo-deny {CARGO_DENY_VERSION} (about three minutes)");
+    let status = Command::new("cargo")
+        .args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION])
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "could not install cargo-deny: `cargo install cargo-deny --locked --version {CARGO_DENY_VERSION}`"
+    );
+    Ok("installed")
+}
+
 fn bpffs() -> anyhow::Result<&'static str> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if mounts.lines().any(|l| {
@@ -148,5 +166,6 @@ pub fn run() -> anyhow::Result<()> {
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
     step("kubernetes-validate", kubernetes_validate)?;
+    step("cargo-deny", cargo_deny)?;
     Ok(())
 }

@@ -19,5 +19,17 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the tests load eBPF programs and create network namespaces: run them as root"
     );
+    // The dependency policy (deny.toml): licenses, banned crates, sources. Advisories need the
+    // RustSec database from the network, which these machines do not reach.
+    run_cmd(Command::new("cargo").current_dir(root()).args([
+        "deny",
+        "--log-level",
+        "error",
+        "--offline",
+        "check",
+        "licenses",
+        "bans",
+        "sources",
+    ]))?;
     run_cmd(Command::new("cargo").current_dir(root()).args(["test", "--locked"]).args(&o.args))
 }
