@@ -103,31 +103,39 @@ fn table_of(
     Err(DatapathError::Unstable)
 }
 
-/// Every frontend with its backends and their shares.
-pub fn services(maps: &Maps) -> Result<Vec<ServiceView>, DatapathError> {
+/// Each frontend's `VIP:port/PROTO` and Service name, by frontend id: the services map and the
+/// recorded names only, no tables.
+pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, DatapathError> {
+    Ok(maps
+        .read_services()?
+        .into_iter()
+        .map(|(key, svc)| {
+            let frontend = format!("{}:{}/{}", ip(key.addr), u16::from_be(key.port), proto_name(key.proto));
+            (svc.id, (frontend, maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default()))
+        })
+        .collect())
+}
+
+/// Every frontend with its table, in address order.
+fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, DatapathError> {
     let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
+    let mut services = maps.read_services()?;
+    services.sort_by_key(|(k, _)| (ip(k.addr), u16::from_be(k.port), k.proto));
     let mut out = Vec::new();
-    for (key, svc) in maps.read_services()? {
+    for (key, svc) in services {
         let (svc, table) = table_of(maps, &key, svc)?;
         let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
-        for id in table {
-            *shares.entry(id).or_default() += 1;
+        for id in &table {
+            *shares.entry(*id).or_default() += 1;
         }
         let backends = shares
             .into_iter()
-            .map(|(id, n)| {
-                let b = backends.get(&id).copied().unwrap_or_default();
-                BackendView {
-                    id,
-                    ip: ip(b.addr).to_string(),
-                    port: u16::from_be(b.port),
-                    protocol: proto_name(b.proto),
-                    state: state_name(b.state).into(),
-                    slots: Some(n),
-                }
+            .map(|(id, n)| BackendView {
+                slots: Some(n),
+                ..backend_view(id, backends.get(&id).copied().unwrap_or_default())
             })
             .collect();
-        out.push(ServiceView {
+        let view = ServiceView {
             id: svc.id,
             vip: ip(key.addr).to_string(),
             port: u16::from_be(key.port),
@@ -137,54 +145,50 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>, DatapathError> {
             affinity_timeout_seconds: svc.affinity_timeout_secs,
             internal_traffic_local: svc.flags & SVC_FLAG_LOCAL_ONLY != 0,
             backends,
-        });
+        };
+        out.push((view, table));
     }
-    out.sort_by(|a, b| {
-        (a.vip.parse::<Ipv4Addr>().ok(), a.port, &a.protocol).cmp(&(b.vip.parse().ok(), b.port, &b.protocol))
-    });
     Ok(out)
+}
+
+/// Every frontend with its backends and their shares.
+pub fn services(maps: &Maps) -> Result<Vec<ServiceView>, DatapathError> {
+    Ok(services_with_tables(maps)?.into_iter().map(|(v, _)| v).collect())
+}
+
+fn backend_view(id: u32, b: lb_common::Lb4Backend) -> BackendView {
+    BackendView {
+        id,
+        ip: ip(b.addr).to_string(),
+        port: u16::from_be(b.port),
+        protocol: proto_name(b.proto),
+        state: state_name(b.state).into(),
+        slots: None,
+    }
 }
 
 /// Every backend entry in use.
 pub fn backends(maps: &Maps) -> Result<Vec<BackendView>, DatapathError> {
-    Ok(maps
-        .read_backends()?
-        .into_iter()
-        .map(|(id, b)| BackendView {
-            id,
-            ip: ip(b.addr).to_string(),
-            port: u16::from_be(b.port),
-            protocol: proto_name(b.proto),
-            state: state_name(b.state).into(),
-            slots: None,
-        })
-        .collect())
+    Ok(maps.read_backends()?.into_iter().map(|(id, b)| backend_view(id, b)).collect())
 }
 
-/// Whether `query` names this frontend: `VIP:port/PROTO`, `VIP:port`, `namespace/name:port` or
-/// `namespace/name`.
+/// Whether `query` names a frontend (`VIP:port/PROTO`) or its Service (`namespace/name:port`):
+/// it may be either of those, `VIP:port`, or `namespace/name`.
+pub fn query_matches(frontend: &str, service: &str, query: &str) -> bool {
+    query == frontend
+        || frontend.split('/').next() == Some(query)
+        || query == service
+        || service.split(':').next() == Some(query)
+}
+
+/// Whether `query` names this frontend (see [`query_matches`]).
 pub fn matches(s: &ServiceView, query: &str) -> bool {
-    let addr = format!("{}:{}", s.vip, s.port);
-    query == format!("{addr}/{}", s.protocol)
-        || query == addr
-        || query == s.service
-        || s.service.split(':').next() == Some(query)
+    query_matches(&format!("{}:{}/{}", s.vip, s.port, s.protocol), &s.service, query)
 }
 
 /// One frontend's table: its backends' shares, and the slots.
 pub fn maglev(maps: &Maps, query: &str) -> Result<Option<(ServiceView, Vec<u32>)>, DatapathError> {
-    let Some(view) = services(maps)?.into_iter().find(|s| matches(s, query)) else { return Ok(None) };
-    let key = lb_common::Lb4ServiceKey::new(
-        view.vip.parse::<Ipv4Addr>().map(|a| a.octets()).unwrap_or_default(),
-        view.port,
-        if view.protocol == "UDP" { 17 } else { 6 },
-    );
-    let svc = maps
-        .services
-        .get(&key, 0)
-        .map_err(|source| DatapathError::Map { map: lb_common::MAP_LB4_SERVICES, source })?;
-    let (_, table) = table_of(maps, &key, svc)?;
-    Ok(Some((view, table)))
+    Ok(services_with_tables(maps)?.into_iter().find(|(v, _)| matches(v, query)))
 }
 
 /// CLOCK_MONOTONIC_COARSE, the datapath's clock, in ns.
@@ -210,10 +214,7 @@ pub fn conntrack(
     service: Option<&str>,
     backend: Option<Ipv4Addr>,
 ) -> Result<Vec<FlowView>, DatapathError> {
-    let names: BTreeMap<u32, (String, String)> = services(maps)?
-        .into_iter()
-        .map(|s| (s.id, (format!("{}:{}/{}", s.vip, s.port, s.protocol), s.service)))
-        .collect();
+    let names = frontend_names(maps)?;
     let now = coarse_now_ns();
     let mut out = Vec::new();
     for entry in maps.ct.iter() {
@@ -227,11 +228,8 @@ pub fn conntrack(
         let (frontend, name) = names.get(&e.svc_id).cloned().unwrap_or_default();
         let protocol = proto_name(k.proto);
         let vip = format!("{}:{}", ip(k.daddr), u16::from_be(k.dport));
-        if let Some(q) = service {
-            let view_match = frontend == q || vip == q || name == q || name.split(':').next() == Some(q);
-            if !view_match {
-                continue;
-            }
+        if service.is_some_and(|q| !query_matches(&frontend, &name, q)) {
+            continue;
         }
         out.push(FlowView {
             client: format!("{}:{}", ip(k.saddr), u16::from_be(k.sport)),
@@ -253,11 +251,11 @@ pub fn stats(maps: &Maps) -> Result<StatsView, DatapathError> {
     let v = maps.read_counters()?;
     let counters = counters::NAMES.iter().zip(v).map(|(n, v)| (n.to_string(), v)).collect();
     let mut services = Vec::new();
-    for s in self::services(maps)? {
-        let st = maps.read_svc_stats(s.id)?;
+    for (id, (frontend, service)) in frontend_names(maps)? {
+        let st = maps.read_svc_stats(id)?;
         services.push(ServiceStats {
-            frontend: format!("{}:{}/{}", s.vip, s.port, s.protocol),
-            service: s.service,
+            frontend,
+            service,
             packets: st.packets,
             bytes: st.bytes,
             new_flows: st.new_flows,

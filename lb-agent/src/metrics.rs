@@ -18,7 +18,6 @@ use std::{
 };
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
-use lb_common::counters;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -31,7 +30,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::Maps, dump::state_name, model::Protocol};
+use crate::{datapath::Maps, dump::state_name};
 
 type Labels = Vec<(String, String)>;
 
@@ -152,34 +151,28 @@ impl Collector for DatapathCollector {
         let Ok(maps) = Maps::from_pins(&self.pin_dir) else {
             return Ok(()); // nothing pinned yet
         };
-        if let Ok(v) = maps.read_counters() {
-            let events = (0..counters::COUNT as usize)
-                .filter(|i| !counters::NAMES[*i].starts_with("drop_"))
-                .map(|i| (label("event", counters::NAMES[i]), v[i]))
-                .collect();
-            counter(
-                &mut encoder,
-                "lb_datapath_packets",
-                "Packets seen by the datapath, by event (rx, pass reasons, forward, reverse NAT)",
-                events,
-            )?;
-            let drops = (0..counters::COUNT as usize)
-                .filter_map(|i| counters::NAMES[i].strip_prefix("drop_").map(|r| (label("reason", r), v[i])))
-                .collect();
-            counter(&mut encoder, "lb_datapath_drops", "Packets dropped by the datapath, by reason", drops)?;
-        }
-        let services = maps.read_services().unwrap_or_default();
+        // The same view `lbctl stats` prints.
+        let stats = crate::inspect::stats(&maps).ok();
+        let counters = stats.as_ref().map(|s| s.counters.clone()).unwrap_or_default();
+        let events = counters
+            .iter()
+            .filter(|(n, _)| !n.starts_with("drop_"))
+            .map(|(n, v)| (label("event", n.as_str()), *v))
+            .collect();
+        counter(
+            &mut encoder,
+            "lb_datapath_packets",
+            "Packets seen by the datapath, by event (rx, pass reasons, forward, reverse NAT)",
+            events,
+        )?;
+        let drops = counters
+            .iter()
+            .filter_map(|(n, v)| n.strip_prefix("drop_").map(|r| (label("reason", r), *v)))
+            .collect();
+        counter(&mut encoder, "lb_datapath_drops", "Packets dropped by the datapath, by reason", drops)?;
         let mut per = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        for (key, svc) in &services {
-            let Ok(s) = maps.read_svc_stats(svc.id) else { continue };
-            let proto = Protocol::from_number(key.proto).map_or("?".to_string(), |p| p.to_string());
-            let frontend = format!(
-                "{}:{}/{proto}",
-                std::net::Ipv4Addr::from(key.addr.to_ne_bytes()),
-                u16::from_be(key.port)
-            );
-            let name = maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default();
-            let l: Labels = vec![("frontend".into(), frontend), ("service".into(), name)];
+        for s in stats.map(|s| s.services).unwrap_or_default() {
+            let l: Labels = vec![("frontend".into(), s.frontend), ("service".into(), s.service)];
             per[0].push((l.clone(), s.packets));
             per[1].push((l.clone(), s.bytes));
             per[2].push((l.clone(), s.new_flows));
@@ -217,7 +210,7 @@ impl Collector for DatapathCollector {
         };
         let m = &self.metrics;
         let occupancy = vec![
-            (label("map", "services"), services.len() as i64),
+            (label("map", "services"), maps.read_services().map_or(0, |s| s.len() as i64)),
             (label("map", "backends"), backends.len() as i64),
             (label("map", "maglev_slots"), m.maglev_slots_used.get()),
             (label("map", "conntrack"), ct as i64),

@@ -296,15 +296,8 @@ impl Lab {
     /// Sends `signal` to `node`'s agent and waits for it to exit (SIGKILL after 5 s).
     pub fn stop_agent(&mut self, node: &Node, signal: i32) {
         let Some(i) = self.agents.iter().position(|(ns, _)| *ns == node.netns) else { return };
-        let (_, mut child) = self.agents.remove(i);
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        let agent = self.agents.remove(i);
+        stop_children(vec![agent], signal);
     }
 
     /// Starts `node`'s agent again, as it was started before.
@@ -321,18 +314,23 @@ impl Lab {
 
     /// Stops the agents (SIGTERM, then SIGKILL after 5 s).
     pub fn stop_agents(&mut self) {
-        for (_, child) in &mut self.agents {
-            // SAFETY: plain kill(2) of our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        stop_children(self.agents.drain(..).collect(), libc::SIGTERM);
+    }
+}
+
+/// Sends `signal` to every child, then waits for them all (SIGKILL after 5 s).
+fn stop_children(children: Vec<(String, Child)>, signal: i32) {
+    for (_, child) in &children {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (_, mut child) in children {
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, mut child) in self.agents.drain(..) {
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -421,7 +419,12 @@ pub struct Session {
 
 impl Session {
     pub fn open(pod: &Pod, to: SocketAddrV4) -> io::Result<Self> {
-        let stream = in_netns(&pod.netns, move || TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT))??;
+        in_netns(&pod.netns, move || Self::connect(to))?
+    }
+
+    /// Connects from the calling thread's network namespace.
+    pub fn connect(to: SocketAddrV4) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT)?;
         stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
     }
@@ -440,16 +443,7 @@ impl Session {
 /// Runs `count` one-question TCP connections (each from a new source port) from `pod` to `to`;
 /// returns each answer.
 pub fn tcp_asks(pod: &Pod, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
-    in_netns(&pod.netns, move || {
-        (0..count)
-            .map(|_| {
-                let stream = TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT)?;
-                stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-                let mut s = Session { writer: stream.try_clone()?, reader: BufReader::new(stream) };
-                s.ask()
-            })
-            .collect()
-    })
+    in_netns(&pod.netns, move || (0..count).map(|_| Session::connect(to)?.ask()).collect())
 }
 
 /// Source ports for [`udp_asks`]: below the kernel's ephemeral range, so they never collide with

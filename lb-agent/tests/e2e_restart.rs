@@ -45,7 +45,7 @@ impl Traffic {
                 let mut o = Outcome::default();
                 let to = SocketAddrV4::new(VIP, 80);
                 while !s.load(Ordering::Relaxed) {
-                    match tcp_asks_here(to) {
+                    match Session::connect(to).and_then(|mut s| s.ask()) {
                         Ok(_) => o.new_ok += 1,
                         Err(e) => o.failures.push(format!("new connection: {e}")),
                     }
@@ -66,20 +66,6 @@ impl Traffic {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().expect("traffic thread")
     }
-}
-
-/// One question on a new connection, from the calling thread's namespace.
-fn tcp_asks_here(to: SocketAddrV4) -> std::io::Result<String> {
-    use std::io::{BufRead as _, Write as _};
-    let s = std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    (&s).write_all(b"who\n")?;
-    let mut line = String::new();
-    std::io::BufReader::new(&s).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::other("closed without an answer"));
-    }
-    Ok(line.trim().to_string())
 }
 
 fn all_ready(c: &[Pod; 3]) -> String {

@@ -74,7 +74,7 @@ fn monitor(args: &Args, maps: &mut Maps, count: Option<usize>, timeout: Option<f
     use std::os::fd::AsRawFd as _;
     let mut events = Maps::events(&args.pin_dir)?;
     let names: std::collections::BTreeMap<u32, String> =
-        inspect::services(maps)?.into_iter().map(|s| (s.id, s.service)).collect();
+        inspect::frontend_names(maps)?.into_iter().map(|(id, (_, service))| (id, service)).collect();
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
