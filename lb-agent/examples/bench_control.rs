@@ -3,6 +3,9 @@
 //! change (a file edit, a watch event) to the maps written, seen from outside through the pinned
 //! maps. Run by `cargo xtask bench`.
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
@@ -239,16 +242,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&pins);
     if let Some(path) = args.markdown {
-        let (begin, end) = ("<!-- control-plane:begin -->", "<!-- control-plane:end -->");
-        let section = format!("{begin}\n{md}\n{end}\n");
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(begin), old.find(end)) {
-            (Some(b), Some(x)) => {
-                format!("{}{}{}", &old[..b], section, old[x + end.len()..].trim_start_matches('\n'))
-            }
-            _ => format!("{}\n\n{}", old.trim_end(), section),
-        };
-        std::fs::write(&path, new)?;
+        report::write_section(&path, "control-plane", &md)?;
     }
     Ok(())
 }

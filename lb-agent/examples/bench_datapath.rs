@@ -10,9 +10,11 @@
 //! - reply: two reply entries whose translations alternate (X → C becomes V → C and back);
 //! - non-VIP: a packet to no service, left as it is.
 
+#[path = "common/report.rs"]
+mod report;
+
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -227,7 +229,7 @@ fn main() -> anyhow::Result<()> {
     let maglev = maglev_figures(if args.quick { 3 } else { 11 });
     if let Some(path) = args.markdown {
         write_markdown(&path, &rows, repeat, rounds, args.quick)?;
-        write_section(&path, "maglev", &maglev)?;
+        report::write_section(&path, "maglev", &maglev)?;
         println!("results written to {}", path.display());
     }
     Ok(())
@@ -292,21 +294,6 @@ fn maglev_figures(rounds: usize) -> String {
     md
 }
 
-/// Replaces (or appends) the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
-fn write_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> {
-    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
-    let section = format!("{begin}\n{body}\n{end}\n");
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let new = match (old.find(&begin), old.find(&end)) {
-        (Some(b), Some(e)) => {
-            format!("{}{}{}", &old[..b], section, old[e + end.len()..].trim_start_matches('\n'))
-        }
-        _ => format!("{}\n\n{}", old.trim_end(), section),
-    };
-    std::fs::write(path, new)?;
-    Ok(())
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -332,8 +319,6 @@ fn write_markdown(
     rounds: usize,
     quick: bool,
 ) -> anyhow::Result<()> {
-    const BEGIN: &str = "<!-- per-packet:begin -->";
-    const END: &str = "<!-- per-packet:end -->";
     let noop = |prog: &str| {
         rows.iter().find(|(p, g, _)| p == "no-op program" && *g == prog).map_or(0.0, |r| r.2.median)
     };
@@ -343,7 +328,7 @@ fn write_markdown(
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let mut s = String::new();
-    s.push_str(&format!("{BEGIN}\n## Per-packet cost (BPF_PROG_TEST_RUN)\n\n"));
+    s.push_str("## Per-packet cost (BPF_PROG_TEST_RUN)\n\n");
     s.push_str(&format!(
         "Command: `cargo xtask bench{}` · date: {date} · machine: {}\n\n",
         if quick { " --quick" } else { "" },
@@ -362,13 +347,5 @@ fn write_markdown(
             st.median - noop(g)
         ));
     }
-    s.push_str(&format!("\n{END}\n"));
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) => format!("{}{}{}", &old[..b], s, &old[e + END.len()..].trim_start_matches('\n')),
-        _ => format!("{}\n{}", old.trim_end(), s),
-    };
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(new.as_bytes())?;
-    Ok(())
+    report::write_section(path, "per-packet", &s)
 }

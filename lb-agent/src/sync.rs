@@ -218,45 +218,14 @@ impl Reconciler {
         r
     }
 
-    /// Records which backends `addr` lists, replacing what `old` listed.
-    fn set_users(&mut self, addr: FrontendAddr, old: Option<&Frontend>, new: Option<&Frontend>) {
-        if let Some(old) = old {
-            for b in old.backends.iter().chain(old.kept.iter().map(|(b, _)| b)) {
-                if let Some(u) = self.users.get_mut(b) {
-                    u.remove(&addr);
-                    if u.is_empty() {
-                        self.users.remove(b);
-                    }
-                }
-                self.touched.insert(*b);
-            }
-        }
-        if let Some(new) = new {
-            for (b, s) in new.kept.iter() {
-                let s = match s {
-                    BackendState::Active => BACKEND_STATE_ACTIVE,
-                    BackendState::Terminating => BACKEND_STATE_TERMINATING,
-                };
-                self.users.entry(*b).or_default().insert(addr, s);
-                self.touched.insert(*b);
-            }
-            for b in &new.backends {
-                self.users.entry(*b).or_default().insert(addr, BACKEND_STATE_ACTIVE);
-                self.touched.insert(*b);
-            }
-        }
-    }
-
     /// Stores what `addr` now holds, keeping the backend index in step.
     fn set_programmed(&mut self, addr: FrontendAddr, p: Programmed) -> Option<Programmed> {
-        let new = p.frontend.clone();
-        let previous = self.frontends.insert(addr, p);
-        let old = previous.as_ref().and_then(|p| p.frontend.clone());
-        if previous.as_ref().is_some_and(|p| p.frontend.is_none()) && new.is_some() {
+        let old = self.frontends.get(&addr).and_then(|o| o.frontend.as_ref());
+        if self.frontends.get(&addr).is_some_and(|o| o.frontend.is_none()) && p.frontend.is_some() {
             self.unknown -= 1;
         }
-        self.set_users(addr, old.as_ref(), new.as_ref());
-        previous
+        set_users(&mut self.users, &mut self.touched, addr, old, p.frontend.as_ref());
+        self.frontends.insert(addr, p)
     }
 
     pub fn slots_used(&self) -> u32 {
@@ -323,7 +292,7 @@ impl Reconciler {
                     if p.frontend.is_none() {
                         self.unknown -= 1;
                     }
-                    self.set_users(*addr, p.frontend.as_ref(), None);
+                    set_users(&mut self.users, &mut self.touched, *addr, p.frontend.as_ref(), None);
                     if let Some(r) = p.region {
                         self.regions.release(r);
                     }
@@ -378,7 +347,12 @@ impl Reconciler {
             if same_entry(old, fe) {
                 // Only the kept endpoints changed: backend states, written afterwards.
                 let p = self.frontends.get(addr).expect("present");
-                let p = Programmed { frontend: Some(fe.clone()), ..p.clone() };
+                let p = Programmed {
+                    id: p.id,
+                    region: p.region,
+                    restored_digest: p.restored_digest,
+                    frontend: Some(fe.clone()),
+                };
                 self.set_programmed(*addr, p);
                 return Ok(());
             }
@@ -390,7 +364,12 @@ impl Reconciler {
             // restart rewrites nothing (and needs no spare table space).
             let backends_known = fe.backends.iter().all(|b| self.backends.contains_key(b));
             if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known {
-                let p = Programmed { frontend: Some(fe.clone()), restored_digest: None, ..p.clone() };
+                let p = Programmed {
+                    id: p.id,
+                    region: p.region,
+                    restored_digest: None,
+                    frontend: Some(fe.clone()),
+                };
                 self.set_programmed(*addr, p);
                 return Ok(());
             }
@@ -540,6 +519,40 @@ impl Reconciler {
                 }
             }
         }
+    }
+}
+
+/// Records in the backend index which backends `addr` lists, replacing what `old` listed; every
+/// backend concerned is marked for a state check.
+fn set_users(
+    users: &mut HashMap<BackendAddr, HashMap<FrontendAddr, u8>>,
+    touched: &mut HashSet<BackendAddr>,
+    addr: FrontendAddr,
+    old: Option<&Frontend>,
+    new: Option<&Frontend>,
+) {
+    for b in old.into_iter().flat_map(|o| o.backends.iter().chain(o.kept.iter().map(|(b, _)| b))) {
+        if let Some(u) = users.get_mut(b) {
+            u.remove(&addr);
+            if u.is_empty() {
+                users.remove(b);
+            }
+        }
+        touched.insert(*b);
+    }
+    let Some(new) = new else { return };
+    for (b, s) in &new.kept {
+        let s = match s {
+            BackendState::Active => BACKEND_STATE_ACTIVE,
+            BackendState::Terminating => BACKEND_STATE_TERMINATING,
+        };
+        users.entry(*b).or_default().insert(addr, s);
+        touched.insert(*b);
+    }
+    // Table backends last: a backend both kept and in the table is active.
+    for b in &new.backends {
+        users.entry(*b).or_default().insert(addr, BACKEND_STATE_ACTIVE);
+        touched.insert(*b);
     }
 }
 

@@ -87,65 +87,72 @@ fn nightly() -> anyhow::Result<&'static str> {
     Ok("rust-src installed")
 }
 
-fn bpf_linker() -> anyhow::Result<&'static str> {
-    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+/// Runs `install` unless `present`; on failure, says how to install by hand.
+fn install_unless(present: bool, install: &mut Command, how: &str) -> anyhow::Result<&'static str> {
+    if present {
         return Ok("present");
     }
-    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)");
-    let status = Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--no-default-features",
-            "--features",
-        ])
-        .arg(format!("llvm-{LLVM_MAJOR}"))
-        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}"))
-        .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "cargo install bpf-linker failed: needs llvm-{LLVM_MAJOR}-dev and crates.io"
-    );
+    let status = install.status().with_context(|| format!("running {install:?}"))?;
+    anyhow::ensure!(status.success(), "could not install it: {how}");
     Ok("installed")
+}
+
+fn bpf_linker() -> anyhow::Result<&'static str> {
+    let present = output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !present {
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about a minute)"
+        );
+    }
+    let llvm = format!("llvm-{LLVM_MAJOR}");
+    install_unless(
+        present,
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", &llvm])
+            .env("LLVM_PREFIX", format!("/usr/lib/{llvm}")),
+        &format!("it needs {llvm}-dev and crates.io"),
+    )
 }
 
 /// kubernetes-validate (PyPI) checks the deploy manifests against the Kubernetes schemas offline.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
 fn kubernetes_validate() -> anyhow::Result<&'static str> {
-    if output("kubernetes-validate", &["--version"]).is_some() {
-        return Ok("present");
-    }
-    let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE])
-        .status()
-        .context("python3 not found")?;
-    anyhow::ensure!(
-        status.success(),
-        "could not install {KUBERNETES_VALIDATE}: `python3 -m pip install {KUBERNETES_VALIDATE}`"
-    );
-    Ok("installed")
+    install_unless(
+        output("kubernetes-validate", &["--version"]).is_some(),
+        Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            KUBERNETES_VALIDATE,
+        ]),
+        &format!("`python3 -m pip install {KUBERNETES_VALIDATE}`"),
+    )
 }
 
 /// cargo-deny checks the dependency policy (`deny.toml`) in the test command.
 const CARGO_DENY_VERSION: &str = "0.20.2";
 
 fn cargo_deny() -> anyhow::Result<&'static str> {
-    if output("cargo", &["deny", "--version"]).is_some_and(|v| v.contains(CARGO_DENY_VERSION)) {
-        return Ok("present");
+    let present = output("cargo", &["deny", "--version"]).is_some_and(|v| v.contains(CARGO_DENY_VERSION));
+    if !present {
+        println!("setup: building cargo-deny {CARGO_DENY_VERSION} (about three minutes)");
     }
-    println!("setup: building cargo-deny {CARGO_DENY_VERSION} (about three minutes)");
-    let status = Command::new("cargo")
-        .args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION])
-        .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "could not install cargo-deny: `cargo install cargo-deny --locked --version {CARGO_DENY_VERSION}`"
-    );
-    Ok("installed")
+    install_unless(
+        present,
+        Command::new("cargo").args(["install", "cargo-deny", "--locked", "--version", CARGO_DENY_VERSION]),
+        &format!("`cargo install cargo-deny --locked --version {CARGO_DENY_VERSION}`"),
+    )
 }
 
 fn bpffs() -> anyhow::Result<&'static str> {
