@@ -13,14 +13,27 @@ use crate::{
     sync::MemoryMaps,
 };
 
+/// `TCP`, `UDP`, or `protoN` for a protocol number lb does not handle.
+pub fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| format!("proto{p}"), |p| p.to_string())
+}
+
+/// An address as the maps hold it (network byte order).
+pub fn ipv4(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// `IP:port/PROTO` from map fields (network byte order).
+pub fn endpoint(addr: u32, port: u16, proto: u8) -> String {
+    format!("{}:{}/{}", ipv4(addr), u16::from_be(port), proto_name(proto))
+}
+
 fn frontend_addr(k: &Lb4ServiceKey) -> String {
-    let proto = Protocol::from_number(k.proto).map_or_else(|| format!("proto{}", k.proto), |p| p.to_string());
-    format!("{}:{}/{proto}", Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port))
+    endpoint(k.addr, k.port, k.proto)
 }
 
 fn backend_addr(b: &Lb4Backend) -> String {
-    let proto = Protocol::from_number(b.proto).map_or_else(|| format!("proto{}", b.proto), |p| p.to_string());
-    format!("{}:{}/{proto}", Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port))
+    endpoint(b.addr, b.port, b.proto)
 }
 
 pub fn state_name(state: u8) -> &'static str {

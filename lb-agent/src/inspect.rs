@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, Maps},
-    dump::state_name,
+    dump::{endpoint, ipv4 as ip, proto_name, state_name},
     model::Protocol,
 };
 
@@ -74,14 +74,6 @@ pub struct StatsView {
     pub services: Vec<ServiceStats>,
 }
 
-fn proto_name(p: u8) -> String {
-    Protocol::from_number(p).map_or_else(|| format!("proto{p}"), |p| p.to_string())
-}
-
-fn ip(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(be.to_ne_bytes())
-}
-
 /// Reads a frontend's table consistently: if the agent republished the frontend while it was
 /// read (another region), read again.
 fn table_of(
@@ -110,7 +102,7 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
         .read_services()?
         .into_iter()
         .map(|(key, svc)| {
-            let frontend = format!("{}:{}/{}", ip(key.addr), u16::from_be(key.port), proto_name(key.proto));
+            let frontend = endpoint(key.addr, key.port, key.proto);
             (svc.id, (frontend, maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default()))
         })
         .collect())
