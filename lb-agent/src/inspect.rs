@@ -12,7 +12,6 @@ use serde::Serialize;
 use crate::{
     datapath::{DatapathError, Maps},
     dump::{endpoint, ipv4 as ip, proto_name, state_name},
-    model::Protocol,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

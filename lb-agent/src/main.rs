@@ -231,7 +231,7 @@ async fn main() -> anyhow::Result<()> {
                 agent.health.tick();
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
-                if ticks % 20 == 0 {
+                if ticks.is_multiple_of(20) {
                     attach_matching(&mut dp, &args.interfaces);
                 }
                 agent.tick(Instant::now());
