@@ -274,7 +274,10 @@ impl Source {
         // Watch the directory before the first read, so that no change slips between them.
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
-                if ev.paths.iter().any(|p| manifests::is_manifest(p)) {
+                // Reads (the agent's own included) raise open/close events: only writes,
+                // creations, renames and removals are changes.
+                let change = !matches!(ev.kind, notify::EventKind::Access(_));
+                if change && ev.paths.iter().any(|p| manifests::is_manifest(p)) {
                     let _ = tx.send(Instant::now());
                 }
             }

@@ -148,6 +148,14 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
             .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
     };
     assert!(value("lb_syncs_total ") >= 20.0);
+    // An idle agent does not sync (its own reads of the manifests are not changes).
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, again) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
+    let syncs = |body: &str| body.lines().find(|l| l.starts_with("lb_syncs_total ")).map(str::to_string);
+    let settled = syncs(&again);
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, later) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
+    assert_eq!(settled, syncs(&later), "syncs while nothing changed");
     assert!(value("lb_network_programming_duration_seconds_count ") >= 15.0);
     assert!(value("lb_datapath_packets_total{event=\"fwd_new_flow\"}") >= o.new_ok as f64);
     assert!(
