@@ -50,7 +50,8 @@ fn service(i: u32) -> Value {
 fn slice(i: u32, endpoints: u32, version: u32) -> Value {
     let eps: Vec<Value> = (0..endpoints)
         .map(|j| {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 16 + j + version);
+            let stride = (endpoints + 1).next_power_of_two().max(16);
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * stride + j + version);
             json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})
         })
         .collect();
@@ -231,9 +232,37 @@ async fn main() -> anyhow::Result<()> {
     let (ap50, ap99, amax) = percentiles(api_lat);
     println!("watch event -> maps written ({} changes, {n} services loaded): p50 {ap50:.2} ms, p99 {ap99:.2} ms, max {amax:.2} ms", args.changes);
 
+    // Cold start with fewer, larger Services.
+    let (n2, e2) = (args.services / 10, args.endpoints * 10);
+    let api2 = MockApi::start().await;
+    api2.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}));
+    for i in 0..n2 {
+        api2.apply(service(i));
+        api2.apply(slice(i, e2, 0));
+    }
+    let kubeconfig2 = tmp.join("kubeconfig2");
+    std::fs::write(
+        &kubeconfig2,
+        std::fs::read_to_string(&kubeconfig)?.replace(&api.addr.to_string(), &api2.addr.to_string()),
+    )?;
+    let source2 = vec![
+        "--kubeconfig".to_string(),
+        kubeconfig2.display().to_string(),
+        "--node-name".into(),
+        "node1".into(),
+    ];
+    let mut agent = Agent::start(&args.agent, &pins, &source2)?;
+    let (t_api2, rss_api2) = tokio::task::block_in_place(|| agent.wait_first_sync())?;
+    drop(agent);
+    println!(
+        "cold start, {n2} services x {e2} endpoints, from the API server: {:.2} s, peak RSS {rss_api2:.0} MiB",
+        t_api2.as_secs_f64()
+    );
+
     md.push_str("| figure | value |\n|---|---|\n");
     md.push_str(&format!("| cold start, {n} Services × {e} endpoints, from manifests (one JSON List) | {:.2} s to the first full sync, peak RSS {rss_files:.0} MiB |\n", t_files.as_secs_f64()));
     md.push_str(&format!("| cold start, {n} Services × {e} endpoints, from the in-process API server | {:.2} s to the first full sync, peak RSS {rss_api:.0} MiB |\n", t_api.as_secs_f64()));
+    md.push_str(&format!("| cold start, {n2} Services × {e2} endpoints, from the in-process API server | {:.2} s to the first full sync, peak RSS {rss_api2:.0} MiB |\n", t_api2.as_secs_f64()));
     md.push_str(&format!(
         "| file edit → maps written, {} changes | p50 {fp50:.2} ms, p99 {fp99:.2} ms, max {fmax:.2} ms |\n",
         args.changes

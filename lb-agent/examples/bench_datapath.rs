@@ -30,7 +30,9 @@ use lb_agent::{
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
     sync::{Capacities, Options, Reconciler},
 };
-use lb_common::{Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, CT_DIR_REPLY, CT_STATE_ESTABLISHED};
+use lb_common::{
+    Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_ESTABLISHED,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -43,11 +45,17 @@ struct Args {
     /// Service counts to measure the established path with.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,100000")]
     services: Vec<u32>,
+    /// Other flows in the conntrack map while measuring (default 1,000,000; 100,000 with --quick).
+    #[arg(long)]
+    ct_entries: Option<u32>,
 }
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 const B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+/// A second pair whose rewrites change the port too (C:80 → D:8080 → C:80).
+const C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 3);
+const D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 4);
 
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     // Ethernet + IPv4 + TCP (ACK) + 8 bytes; checksums are not checked by the programs.
@@ -73,13 +81,13 @@ impl Drop for Pins {
     }
 }
 
-fn config(pin_dir: &Path, ct_timeouts_secs: u64) -> Config {
+fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
     Config {
         pin_dir: pin_dir.to_path_buf(),
         services: 131_072,
         backends: 1024,
         maglev_slots: 65_536,
-        ct_entries: 65_536,
+        ct_entries: ct_fill + 65_536,
         affinity_entries: 1024,
         ct_timeout_tcp_syn_secs: ct_timeouts_secs,
         ct_timeout_tcp_established_secs: ct_timeouts_secs,
@@ -91,18 +99,53 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64) -> Config {
     }
 }
 
-/// A → B:80 and B → A:80, so that rewrites ping-pong between two established flows.
+/// `count` unrelated established flows (both entries of each), as a busy node holds them.
+fn fill_conntrack(maps: &mut Maps, count: u32) -> anyhow::Result<()> {
+    for i in 0..count / 2 {
+        let client = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + i / 50_000;
+        let sport = (10_000 + i % 50_000) as u16;
+        let backend = u32::from(Ipv4Addr::new(10, 244, 9, 0)) + i % 200;
+        let entry = |nat: u32, port: u16| Lb4CtEntry {
+            nat_addr: nat.to_be(),
+            nat_port: port.to_be(),
+            state: CT_STATE_ESTABLISHED,
+            backend_id: 1,
+            svc_id: 1,
+            ..Default::default()
+        };
+        let key = |s: u32, d: u32, sp: u16, dp: u16, dir: u8| Lb4CtKey {
+            saddr: s.to_be(),
+            daddr: d.to_be(),
+            sport: sp.to_be(),
+            dport: dp.to_be(),
+            proto: 6,
+            dir,
+            _pad: 0,
+        };
+        let vip = u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i % 1000;
+        maps.ct.insert(key(client, vip, sport, 80, CT_DIR_FORWARD), entry(backend, 8080), 0)?;
+        maps.ct.insert(key(backend, client, 8080, sport, CT_DIR_REPLY), entry(vip, 80), 0)?;
+    }
+    Ok(())
+}
+
+/// A:80 → B:80 and B:80 → A:80, so that rewrites ping-pong between two established flows; and
+/// C:80 → D:8080, D:8080 → C:80, the same with the port rewritten too.
 fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
-    let fe = |vip: Ipv4Addr, to: Ipv4Addr| Frontend {
-        addr: FrontendAddr { vip, port: 80, proto: Protocol::Tcp },
+    let fe = |(vip, port): (Ipv4Addr, u16), (to, to_port): (Ipv4Addr, u16)| Frontend {
+        addr: FrontendAddr { vip, port, proto: Protocol::Tcp },
         service: format!("bench/{vip}"),
         port_name: String::new(),
-        backends: vec![BackendAddr { ip: to, port: 80, proto: Protocol::Tcp }],
+        backends: vec![BackendAddr { ip: to, port: to_port, proto: Protocol::Tcp }],
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
     };
-    let desired: BTreeMap<_, _> = [fe(A, B), fe(B, A)].into_iter().map(|f| (f.addr, f)).collect();
+    let desired: BTreeMap<_, _> =
+        [fe((A, 80), (B, 80)), fe((B, 80), (A, 80)), fe((C, 80), (D, 8080)), fe((D, 8080), (C, 80))]
+            .into_iter()
+            .map(|f| (f.addr, f))
+            .collect();
     let caps = Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536 };
     let mut r = Reconciler::new(
         caps,
@@ -119,7 +162,7 @@ fn fill_services(maps: &mut Maps, total: u32) -> anyhow::Result<()> {
     let have = maps.read_services()?.len() as u32;
     for i in have..total {
         let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
-        let svc = Lb4Service { id: 3 + i, ..a };
+        let svc = Lb4Service { id: 5 + i, ..a };
         maps.services.insert(Lb4ServiceKey::new(ip.octets(), 443, 6), svc, 0)?;
     }
     Ok(())
@@ -168,9 +211,13 @@ fn main() -> anyhow::Result<()> {
     let noop_tc: &SchedClassifier = noop.program("noop_tc").context("noop_tc")?.try_into()?;
     let noop_xdp: &Xdp = noop.program("noop_xdp").context("noop_xdp")?.try_into()?;
 
-    let (dp, mut maps) = Datapath::load(&config(&base.join("est"), 3600), Mode::Xdp)?;
+    let ct_fill = args.ct_entries.unwrap_or(if args.quick { 100_000 } else { 1_000_000 });
+    println!("filling both conntrack maps with {ct_fill} entries");
+    let (dp, mut maps) = Datapath::load(&config(&base.join("est"), 3600, ct_fill), Mode::Xdp)?;
+    fill_conntrack(&mut maps, ct_fill)?;
     ping_pong(&mut maps)?;
-    let (dp_new, mut maps_new) = Datapath::load(&config(&base.join("new"), 0), Mode::Xdp)?;
+    let (dp_new, mut maps_new) = Datapath::load(&config(&base.join("new"), 0, ct_fill), Mode::Xdp)?;
+    fill_conntrack(&mut maps_new, ct_fill)?;
     ping_pong(&mut maps_new)?;
     // Reply entries that alternate: X → C becomes A → C, and A → C becomes X → C.
     let x = (Ipv4Addr::new(10, 244, 2, 4), 8080u16);
@@ -197,6 +244,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let to_a = packet(c, (A, 80));
+    let to_c = packet(c, (C, 80));
     let non_vip = packet(c, (Ipv4Addr::new(10, 244, 1, 5), 80));
     let reply = packet(x, c);
     let tc_fwd = dp.tc_program(PROG_TC_FORWARD).context("tc forward")?;
@@ -224,6 +272,10 @@ fn main() -> anyhow::Result<()> {
         add(&label, "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &to_a, r))?);
         add(&label, "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &to_a, r))?);
     }
+    let label =
+        format!("established flow, port rewritten too, {} services", args.services.last().unwrap_or(&1));
+    add(&label, "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &to_c, r))?);
+    add(&label, "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &to_c, r))?);
     drop(maps_new);
 
     let maglev = maglev_figures(if args.quick { 3 } else { 11 });

@@ -61,6 +61,9 @@ fn program(maps: &mut Maps) {
     let desired: BTreeMap<_, _> = [
         fe(VIP, 80, Protocol::Tcp, &BACKENDS),
         fe(VIP, 53, Protocol::Udp, &BACKENDS),
+        // Port kept by the translation (the TC rewrite skips the port checksum update).
+        fe(VIP, 8080, Protocol::Tcp, &BACKENDS),
+        fe(VIP, 8080, Protocol::Udp, &BACKENDS),
         fe(EMPTY_VIP, 80, Protocol::Tcp, &[]),
     ]
     .into_iter()
@@ -89,7 +92,14 @@ fn template(r: &mut Rng) -> Pkt {
     let (src, dst) = match r.below(4) {
         0 | 1 => (
             (CLIENT, port),
-            (if r.chance(8) { EMPTY_VIP } else { VIP }, if matches!(l4, L4::Tcp { .. }) { 80 } else { 53 }),
+            (
+                if r.chance(8) { EMPTY_VIP } else { VIP },
+                match (r.chance(2), matches!(l4, L4::Tcp { .. })) {
+                    (true, _) => 8080,
+                    (false, true) => 80,
+                    (false, false) => 53,
+                },
+            ),
         ),
         2 => (BACKENDS[r.below(2) as usize], (CLIENT, port)),
         _ => {

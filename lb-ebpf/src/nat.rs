@@ -53,7 +53,7 @@ fn fields(data: usize, end: usize, f: &Flow, side: Side) -> Option<Fields> {
 /// TC: addresses, ports and the IPv4 header checksum are written directly; the L4 checksum goes
 /// through `bpf_l4_csum_replace`, which knows whether the socket buffer's checksum is partial
 /// (only pseudo-header changes apply), complete (`skb->csum` follows) or absent. Two helper calls
-/// instead of five.
+/// instead of five, one when the port stays.
 #[inline(always)]
 pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
     let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(-1i64)?;
@@ -74,7 +74,10 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -
         u64::from(addr),
         mangled0 | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )?;
-    ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
+    // A Service whose targetPort is its port keeps the port: no second helper call.
+    if old_port != port {
+        ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
+    }
     Ok(())
 }
 

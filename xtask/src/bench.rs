@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: per-packet cost through BPF_PROG_TEST_RUN beside no-op programs measured
-//! in the same run, Maglev table figures, and control-plane figures of the agent binary (cold
-//! start, change latency); the results go to BENCHMARKS.md.
+//! in the same run, Maglev table figures, control-plane figures of the agent binary (cold start,
+//! change latency), and real traffic through namespaces against kube-proxy's iptables and
+//! nftables dataplanes with their ruleset load times; the results go to BENCHMARKS.md.
 
 use std::process::Command;
 
@@ -14,7 +15,8 @@ pub struct Options {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
-    let release = setup_and_build_release("bench", &["bench_datapath", "bench_control"])?;
+    let release = setup_and_build_release("bench", &["bench_datapath", "bench_control", "bench_traffic"])?;
+    crate::setup::bench()?;
     let markdown = root().join("BENCHMARKS.md");
     let mut cmd = Command::new(release.join("examples/bench_datapath"));
     cmd.arg("--markdown").arg(&markdown);
@@ -27,6 +29,13 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
     if o.quick {
         cmd.args(["--services", "1000", "--changes", "20"]);
+    }
+    run_cmd(&mut cmd)?;
+    println!("bench: real traffic (wrk, nginx) against kube-proxy's dataplanes, and their ruleset loads");
+    let mut cmd = Command::new(release.join("examples/bench_traffic"));
+    cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
+    if o.quick {
+        cmd.args(["--services", "1,1000", "--reps", "1", "--seconds", "2", "--ruleset-services", "1000"]);
     }
     run_cmd(&mut cmd)
 }

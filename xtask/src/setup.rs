@@ -20,6 +20,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "turning checksum offload off in tests"),
 ];
 
+/// Debian packages only the benchmarks need: the load generator, the backends and kube-proxy's
+/// dataplanes to compare with.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "the load generator of the traffic benchmarks"),
+    ("nginx", "the backends of the traffic benchmarks"),
+    ("iptables", "kube-proxy's iptables mode (nf_tables and legacy backends)"),
+    ("nftables", "kube-proxy's nftables mode"),
+];
+
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -36,15 +45,19 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<&'static str>) -> anyhow:
 }
 
 fn apt_packages() -> anyhow::Result<&'static str> {
+    apt_install(APT_PACKAGES)
+}
+
+fn apt_install(packages: &[(&str, &str)]) -> anyhow::Result<&'static str> {
     let installed = |p: &str| {
         output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.trim() == "install ok installed")
     };
-    let missing: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = packages.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok("present");
     }
     let why: Vec<String> =
-        APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)).map(|(p, w)| format!("{p} ({w})")).collect();
+        packages.iter().filter(|(p, _)| missing.contains(p)).map(|(p, w)| format!("{p} ({w})")).collect();
     println!("setup: installing {}", why.join(", "));
     let apt = |args: &[&str]| -> anyhow::Result<()> {
         let status = Command::new("apt-get")
@@ -175,4 +188,9 @@ pub fn run() -> anyhow::Result<()> {
     step("kubernetes-validate", kubernetes_validate)?;
     step("cargo-deny", cargo_deny)?;
     Ok(())
+}
+
+/// What the benchmarks need beyond the set-up.
+pub fn bench() -> anyhow::Result<()> {
+    step("benchmark packages", || apt_install(BENCH_PACKAGES))
 }

@@ -1,0 +1,663 @@
+//! Real traffic through network namespaces, lb against kube-proxy's dataplanes, and the time
+//! kube-proxy's rulesets take to load. Run by `cargo xtask bench`.
+//!
+//! Topology (the same for every contender): one node namespace; a client pod and three backend pods
+//! on veth pairs (lb-agent's lab). The client runs `wrk` pinned to CPU 0; each backend runs nginx
+//! (one worker) pinned to CPU 1. The Service measured is the last of N (1, 1,000, 10,000), each
+//! with 3 endpoints, and comes last in every chain. Contenders, each in a fresh lab:
+//!
+//! - `direct`: the client connects to a backend's address (no load balancer: the floor);
+//! - `lb-tc`, `lb-xdp`: lb-agent (release build) in standalone mode, TC or XDP forward path;
+//! - `iptables-nft`, `iptables-legacy`: kube-proxy's iptables-mode rules (see `kube_proxy.rs`)
+//!   loaded with iptables-restore, with the nf_tables and the legacy backend;
+//! - `nftables`: kube-proxy's nftables-mode ruleset loaded with `nft -f`.
+//!
+//! Each contender and Service count runs three loads, each a warm-up then `--reps` runs of
+//! `--seconds`: new connections (`wrk -t1 -c50`, `Connection: close`), kept-alive requests
+//! (`wrk -t1 -c50 --latency`) and one bulk stream (`wrk -t1 -c1` fetching a 64 MiB file). CPU
+//! time per request comes from /proc/stat (all CPUs, user + system + softirq) over each run.
+//! Netfilter's TIME_WAIT timeout is 1 s in the node namespace, or its table fills at these rates.
+
+#[path = "common/kube_proxy.rs"]
+mod kube_proxy;
+#[path = "common/report.rs"]
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use kube_proxy::ServicePort;
+use lb_agent::{
+    datapath::Mode,
+    testbed::{http_get, wait_until, Lab, Node, Pod},
+};
+
+#[derive(Parser)]
+struct Args {
+    /// The lb-agent binary.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Service counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    services: Vec<u32>,
+    /// Measured runs per load (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3)]
+    seconds: u32,
+    /// Contenders to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Services × endpoints for the ruleset load times (0 skips them).
+    #[arg(long, default_value_t = 10_000)]
+    ruleset_services: u32,
+    #[arg(long, default_value_t = 10)]
+    ruleset_endpoints: u32,
+    /// Write the results into this Markdown file (replacing the traffic and ruleset sections).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Contender {
+    Direct,
+    LbTc,
+    LbXdp,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+}
+
+impl Contender {
+    const ALL: [Contender; 6] = [
+        Contender::Direct,
+        Contender::LbTc,
+        Contender::LbXdp,
+        Contender::Nftables,
+        Contender::IptablesNft,
+        Contender::IptablesLegacy,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::LbTc => "lb-tc",
+            Contender::LbXdp => "lb-xdp",
+            Contender::IptablesNft => "iptables-nft",
+            Contender::IptablesLegacy => "iptables-legacy",
+            Contender::Nftables => "nftables",
+        }
+    }
+}
+
+/// Runs `program` inside `netns` (pinned to `cpu` if given) and returns its standard output.
+fn netns_cmd(netns: &str, cpu: Option<u32>, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]);
+    if let Some(cpu) = cpu {
+        cmd.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    cmd.arg(program);
+    cmd
+}
+
+fn run_with_input(mut cmd: Command, input: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).lines().take(5).collect::<Vec<_>>().join("; ")
+        );
+    }
+    Ok(took)
+}
+
+fn sysctl(netns: &str, setting: &str) -> anyhow::Result<()> {
+    let st = netns_cmd(netns, None, "sysctl").args(["-qw", setting]).status()?;
+    anyhow::ensure!(st.success(), "sysctl {setting} in {netns} failed");
+    Ok(())
+}
+
+/// nginx processes, stopped when dropped.
+struct Nginx(Vec<Child>);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for c in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+const BIG_FILE_MIB: usize = 64;
+
+fn start_nginx(scratch: &Path, pods: &[Pod]) -> anyhow::Result<Nginx> {
+    let www = scratch.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), "hello from a backend\n")?;
+    std::fs::write(www.join("big"), vec![0x5au8; BIG_FILE_MIB << 20])?;
+    let mut children = Nginx(Vec::new());
+    for p in pods {
+        sysctl(&p.netns, "net.core.somaxconn=4096")?;
+        let conf = scratch.join(format!("nginx-{}.conf", p.name));
+        let tmp = scratch.join(format!("nginx-tmp-{}", p.name));
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::write(
+            &conf,
+            format!(
+                "user root;\nworker_processes 1;\ndaemon off;\npid {s}/nginx-{n}.pid;\nerror_log {s}/nginx-{n}.err warn;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n keepalive_requests 1000000000;\n\
+                 client_body_temp_path {t}/body;\n proxy_temp_path {t}/proxy;\n fastcgi_temp_path {t}/fcgi;\n\
+                 uwsgi_temp_path {t}/uwsgi;\n scgi_temp_path {t}/scgi;\n\
+                 server {{ listen {ip}:80 backlog=4096 reuseport; root {www}; }}\n}}\n",
+                s = scratch.display(),
+                n = p.name,
+                t = tmp.display(),
+                ip = p.ip,
+                www = www.display()
+            ),
+        )?;
+        let child = netns_cmd(&p.netns, Some(1), "nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(scratch.join(format!("nginx-{}.err", p.name)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        children.0.push(child);
+    }
+    for p in pods {
+        let to = SocketAddr::from((p.ip, 80));
+        let ns = p.netns.clone();
+        wait_until(Duration::from_secs(10), || match http_get(&ns, to, "/")? {
+            (200, _) => Ok(()),
+            (code, _) => Err(std::io::Error::other(format!("nginx answered {code}"))),
+        })
+        .with_context(|| format!("nginx in {} never answered", p.name))?;
+    }
+    Ok(children)
+}
+
+/// Busy and softirq time of all CPUs so far, in clock ticks.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 7 {
+        return (0, 0);
+    }
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v.get(7).copied().unwrap_or(0);
+    (busy, v[6])
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// What one wrk run reported.
+#[derive(Clone, Copy, Debug, Default)]
+struct WrkResult {
+    requests: u64,
+    rps: f64,
+    /// Bytes per second.
+    transfer: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    cpu_us_per_req: f64,
+    softirq_us_per_req: f64,
+}
+
+fn parse_duration_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1e3,
+        "ms" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        _ => return None,
+    })
+}
+
+fn parse_bytes(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    let k = match unit {
+        "B" => 1.0,
+        "KB" => 1024.0,
+        "MB" => 1024.0 * 1024.0,
+        "GB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(n * k)
+}
+
+fn parse_wrk(out: &str) -> anyhow::Result<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in out.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse()?,
+            ["Transfer/sec:", v] => r.transfer = parse_bytes(v).context("transfer")?,
+            ["50%", v] => r.p50_ms = parse_duration_ms(v).context("p50")?,
+            ["99%", v] => r.p99_ms = parse_duration_ms(v).context("p99")?,
+            [n, "requests", "in", ..] => r.requests = n.parse()?,
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors +=
+                    rest.iter().filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok()).sum::<u64>();
+            }
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>()?,
+            _ => {}
+        }
+    }
+    anyhow::ensure!(r.requests > 0, "wrk made no requests:\n{out}");
+    Ok(r)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Load {
+    NewConnections,
+    KeptAlive,
+    Bulk,
+}
+
+fn wrk(client: &Pod, url: &str, load: Load, seconds: u32) -> anyhow::Result<WrkResult> {
+    let mut cmd = netns_cmd(&client.netns, Some(0), "wrk");
+    cmd.args(["-t1", "--timeout", "5s", "-d", &format!("{seconds}s")]);
+    match load {
+        Load::NewConnections => cmd.args(["-c50", "-H", "Connection: close", url]),
+        Load::KeptAlive => cmd.args(["-c50", "--latency", url]),
+        Load::Bulk => cmd.args(["-c1", &format!("{url}big")]),
+    };
+    let before = cpu_ticks();
+    let out = cmd.output().context("running wrk")?;
+    let after = cpu_ticks();
+    anyhow::ensure!(out.status.success(), "wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut r = parse_wrk(&String::from_utf8_lossy(&out.stdout))?;
+    let us = 1e6 / ticks_per_sec() / r.requests as f64;
+    r.cpu_us_per_req = (after.0 - before.0) as f64 * us;
+    r.softirq_us_per_req = (after.1 - before.1) as f64 * us;
+    Ok(r)
+}
+
+/// Min, median and max of one figure over the runs.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stat {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return Stat::default();
+    }
+    Stat { min: v[0], median: v[v.len() / 2], max: v[v.len() - 1] }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Measured {
+    runs: Vec<WrkResult>,
+}
+
+impl Measured {
+    fn of(&self, f: impl Fn(&WrkResult) -> f64) -> Stat {
+        stat(self.runs.iter().map(f).collect())
+    }
+    fn errors(&self) -> u64 {
+        self.runs.iter().map(|r| r.errors).sum()
+    }
+}
+
+/// The lab of one contender: a node, a client and three backends running nginx.
+struct Bed {
+    // Field order is drop order: nginx stops before the lab removes the namespaces.
+    _nginx: Nginx,
+    client: Pod,
+    backends: Vec<Pod>,
+    node: Node,
+    lab: Lab,
+}
+
+fn bed(tag: &str) -> anyhow::Result<Bed> {
+    let mut lab = Lab::new(tag)?;
+    let node = lab.node(1)?;
+    let client = lab.pod(&node, "client", 100, true)?;
+    sysctl(&client.netns, "net.ipv4.ip_local_port_range=1024 65535")?;
+    sysctl(&client.netns, "net.ipv4.tcp_tw_reuse=1")?;
+    let backends =
+        (1..=3).map(|i| lab.pod(&node, &format!("be{i}"), i, true)).collect::<Result<Vec<_>, _>>()?;
+    let nginx = start_nginx(lab.scratch(), &backends)?;
+    Ok(Bed { _nginx: nginx, client, backends, node, lab })
+}
+
+/// Loads kube-proxy's rules for `services` into the node (replacing what is there); returns the
+/// time the load took.
+fn load_rules(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Result<Duration> {
+    match c {
+        Contender::IptablesNft | Contender::IptablesLegacy => {
+            let program =
+                if c == Contender::IptablesNft { "iptables-nft-restore" } else { "iptables-legacy-restore" };
+            run_with_input(netns_cmd(&node.netns, None, program), &kube_proxy::iptables_full(services))
+        }
+        Contender::Nftables => {
+            let _ =
+                netns_cmd(&node.netns, None, "nft").args(["delete", "table", "ip", "kube-proxy"]).output();
+            let mut cmd = netns_cmd(&node.netns, None, "nft");
+            cmd.args(["-f", "-"]);
+            run_with_input(cmd, &kube_proxy::nft_full(services))
+        }
+        _ => bail!("{} has no kube-proxy rules", c.name()),
+    }
+}
+
+/// Starts lb-agent on the node with `services`; returns when its first full sync
+/// is done.
+fn start_lb(
+    b: &mut Bed,
+    agent: &Path,
+    mode: Mode,
+    services: &[ServicePort],
+    n: u32,
+) -> anyhow::Result<Duration> {
+    let dir = b.lab.scratch().join(format!("manifests-{n}"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("services.json"), serde_json::to_vec(&kube_proxy::manifests(services))?)?;
+    let syncs = |lab: &Lab, node: &Node| lab.agent_log(node).matches("first full sync done").count();
+    let before = syncs(&b.lab, &b.node);
+    let started = Instant::now();
+    b.lab.start_agent(&b.node, agent, &dir, mode, &["--metrics-bind-address", "127.0.0.1:0"])?;
+    let (lab, node) = (&b.lab, &b.node);
+    wait_until(Duration::from_secs(60), || {
+        if syncs(lab, node) > before {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("agent not synced"))
+        }
+    })
+    .with_context(|| format!("lb-agent never synced; log:\n{}", b.lab.agent_log(&b.node)))?;
+    Ok(started.elapsed())
+}
+
+/// One contender at one Service count: three loads, each a warm-up and `reps` runs.
+fn measure(b: &Bed, url: &str, reps: usize, seconds: u32) -> anyhow::Result<BTreeMap<Load, Measured>> {
+    let mut out = BTreeMap::new();
+    for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
+        wrk(&b.client, url, load, 1)?;
+        let mut m = Measured::default();
+        for _ in 0..reps {
+            // Let the previous run's TIME_WAIT sockets and conntrack entries go.
+            std::thread::sleep(Duration::from_millis(1200));
+            m.runs.push(wrk(&b.client, url, load, seconds)?);
+        }
+        out.insert(load, m);
+    }
+    Ok(out)
+}
+
+type Results = BTreeMap<(u32, Contender), BTreeMap<Load, Measured>>;
+
+fn run_contender(
+    c: Contender,
+    args: &Args,
+    results: &mut Results,
+    loads: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let counts: Vec<u32> = if c == Contender::Direct { vec![0] } else { args.services.clone() };
+    for &n in &counts {
+        // A fresh lab for every configuration: the backends' TIME_WAIT sockets of an earlier
+        // configuration (another VIP, so other TCP timestamp offsets) would reject new SYNs.
+        let mut b = bed(&format!("bt{}", c as u8))?;
+        let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
+        let services = kube_proxy::services(n.max(1), 3, &backends);
+        let vip = services.last().context("no service")?.vip;
+        let target = if c == Contender::Direct { backends[0].0 } else { vip };
+        let took = match c {
+            Contender::Direct => Duration::ZERO,
+            Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n)?,
+            Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n)?,
+            _ => {
+                let took = load_rules(c, &b.node, &services)?;
+                sysctl(&b.node.netns, "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")?;
+                took
+            }
+        };
+        if c != Contender::Direct {
+            loads.push(format!("| {} | {n} × 3 | {:.2} s |", c.name(), took.as_secs_f64()));
+        }
+        let (ns, to) = (b.client.netns.clone(), SocketAddr::from((target, 80)));
+        wait_until(Duration::from_secs(30), || match http_get(&ns, to, "/")? {
+            (200, _) => Ok(()),
+            (code, _) => Err(std::io::Error::other(format!("answered {code}"))),
+        })
+        .with_context(|| format!("{}: {to} never answered", c.name()))?;
+        println!("  {} with {n} services ({:.2} s to set up)", c.name(), took.as_secs_f64());
+        let m = measure(&b, &format!("http://{target}/"), args.reps, args.seconds)?;
+        for (load, m) in &m {
+            let rps = m.of(|r| r.rps);
+            println!(
+                "    {load:?}: {:.0} req/s (min {:.0}, max {:.0}), {:.2} MB/s, p50 {:.3} ms, p99 {:.3} ms, cpu {:.1} us/req, errors {}",
+                rps.median,
+                rps.min,
+                rps.max,
+                m.of(|r| r.transfer).median / 1e6,
+                m.of(|r| r.p50_ms).median,
+                m.of(|r| r.p99_ms).median,
+                m.of(|r| r.cpu_us_per_req).median,
+                m.errors()
+            );
+        }
+        results.insert((n, c), m);
+        b.lab.stop_agents();
+    }
+    Ok(())
+}
+
+/// The ruleset load times of kube-proxy's dataplanes at `n` Services × `e` endpoints: a full load
+/// and one Service's change, in a namespace of their own.
+fn ruleset_times(n: u32, e: u32) -> anyhow::Result<String> {
+    let mut lab = Lab::new("rs")?;
+    let node = lab.node(1)?;
+    let services = kube_proxy::services(n, e, &[(Ipv4Addr::new(10, 244, 1, 1), 80)]);
+    let mid = (n / 2) as usize;
+    let old = services[mid].clone();
+    let mut new = old.clone();
+    new.endpoints.pop();
+    let large = n * e > 1000;
+    let mut md = format!(
+        "\nkube-proxy's rulesets for {n} Services × {e} endpoints (`kube_proxy.rs`), loaded into an empty network namespace, in the same run:\n\n| ruleset | full load | one Service's endpoints changed (one removed, then back) |\n|---|---:|---:|\n"
+    );
+    for c in [Contender::IptablesNft, Contender::IptablesLegacy, Contender::Nftables] {
+        let full = load_rules(c, &node, &services)?;
+        let mut changes = Vec::new();
+        for (from, to) in [(&old, &new), (&new, &old)] {
+            let took = match c {
+                Contender::Nftables => {
+                    let mut cmd = netns_cmd(&node.netns, None, "nft");
+                    cmd.args(["-f", "-"]);
+                    run_with_input(cmd, &kube_proxy::nft_change(from, to))?
+                }
+                _ => {
+                    let program = if c == Contender::IptablesNft {
+                        "iptables-nft-restore"
+                    } else {
+                        "iptables-legacy-restore"
+                    };
+                    let mut cmd = netns_cmd(&node.netns, None, program);
+                    cmd.arg("--noflush");
+                    run_with_input(cmd, &kube_proxy::iptables_change(from, to, large))?
+                }
+            };
+            changes.push(took.as_secs_f64());
+        }
+        println!(
+            "  {}: full load {:.2} s, one change {:.3} s / {:.3} s",
+            c.name(),
+            full.as_secs_f64(),
+            changes[0],
+            changes[1]
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} s | {:.3} s, {:.3} s |",
+            c.name(),
+            full.as_secs_f64(),
+            changes[0],
+            changes[1]
+        );
+    }
+    Ok(md)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = format!(
+        "## Real traffic (network namespaces)\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
+         load generator: wrk 4.1 (Debian), `-t1`, pinned to CPU 0; backends: nginx, one worker each, pinned to CPU 1; \
+         3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max).\n\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        host.trim(),
+        args.reps,
+        args.seconds
+    );
+    let direct = results.get(&(0, Contender::Direct));
+    let get = |n: u32, c: Contender, load: Load| results.get(&(n, c)).and_then(|m| m.get(&load));
+    let cell = |s: Stat, digits: usize| {
+        format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max)
+    };
+    type Figure = (&'static str, Load, fn(&WrkResult) -> f64, usize, bool);
+    let figures: [Figure; 5] = [
+        ("new connections/s (`-c50`, Connection: close)", Load::NewConnections, |r| r.rps, 0, true),
+        ("kept-alive requests/s (`-c50`)", Load::KeptAlive, |r| r.rps, 0, true),
+        ("kept-alive p50 latency, ms", Load::KeptAlive, |r| r.p50_ms, 3, false),
+        ("kept-alive p99 latency, ms", Load::KeptAlive, |r| r.p99_ms, 3, false),
+        ("one bulk TCP stream, Gbit/s", Load::Bulk, |r| r.transfer * 8.0 / 1e9, 2, true),
+    ];
+    for (title, load, f, digits, _) in figures {
+        let _ = writeln!(
+            md,
+            "### {title}\n\n| Services | contender | value | ÷ direct | ÷ nftables | ÷ iptables-nft | ÷ iptables-legacy | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+        );
+        if let Some(d) = direct.and_then(|m| m.get(&load)) {
+            let _ = writeln!(md, "| – | direct | {} | 1.00 | | | | {} |", cell(d.of(f), digits), d.errors());
+        }
+        for &n in &args.services {
+            for c in Contender::ALL.into_iter().filter(|c| *c != Contender::Direct) {
+                let Some(m) = get(n, c, load) else { continue };
+                let v = m.of(f).median;
+                let base = |c: Contender| get(n, c, load).map_or(0.0, |m| m.of(f).median);
+                let _ = writeln!(
+                    md,
+                    "| {n} | {} | {} | {} | {} | {} | {} | {} |",
+                    c.name(),
+                    cell(m.of(f), digits),
+                    ratio(v, direct.and_then(|m| m.get(&load)).map_or(0.0, |m| m.of(f).median)),
+                    ratio(v, base(Contender::Nftables)),
+                    ratio(v, base(Contender::IptablesNft)),
+                    ratio(v, base(Contender::IptablesLegacy)),
+                    m.errors()
+                );
+            }
+        }
+        md.push('\n');
+    }
+    md.push_str("### CPU time per request (all CPUs: user + system + softirq, from /proc/stat), µs\n\n| Services | contender | new connection | of which softirq | kept-alive request | of which softirq |\n|---:|---|---:|---:|---:|---:|\n");
+    let cpu_row = |label: String, name: &str, m: &BTreeMap<Load, Measured>| {
+        let g = |load: Load, f: fn(&WrkResult) -> f64| m.get(&load).map_or(0.0, |m| m.of(f).median);
+        format!(
+            "| {label} | {name} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            g(Load::NewConnections, |r| r.cpu_us_per_req),
+            g(Load::NewConnections, |r| r.softirq_us_per_req),
+            g(Load::KeptAlive, |r| r.cpu_us_per_req),
+            g(Load::KeptAlive, |r| r.softirq_us_per_req)
+        )
+    };
+    if let Some(d) = direct {
+        md.push_str(&cpu_row("–".into(), "direct", d));
+    }
+    for &n in &args.services {
+        for c in Contender::ALL.into_iter().filter(|c| *c != Contender::Direct) {
+            if let Some(m) = results.get(&(n, c)) {
+                md.push_str(&cpu_row(n.to_string(), c.name(), m));
+            }
+        }
+    }
+    md.push_str("\nSet-up time of each contender in the traffic runs (lb: agent start to its first full sync; kube-proxy modes: the ruleset load):\n\n| contender | Services × endpoints | time |\n|---|---:|---:|\n");
+    for l in loads {
+        md.push_str(l);
+        md.push('\n');
+    }
+    md.push_str(rulesets);
+    md
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut results = Results::new();
+    let mut loads = Vec::new();
+    for c in Contender::ALL {
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == c.name()) {
+            continue;
+        }
+        println!("traffic: {}", c.name());
+        run_contender(c, &args, &mut results, &mut loads)?;
+    }
+    let rulesets = if args.ruleset_services > 0 {
+        println!("rulesets: {} services x {} endpoints", args.ruleset_services, args.ruleset_endpoints);
+        ruleset_times(args.ruleset_services, args.ruleset_endpoints)?
+    } else {
+        String::new()
+    };
+    let md = report(&args, &results, &loads, &rulesets);
+    if let Some(path) = &args.markdown {
+        report::write_section(path, "traffic", &md)?;
+        println!("results written to {}", path.display());
+    } else {
+        println!("{md}");
+    }
+    Ok(())
+}
