@@ -53,13 +53,14 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Seconds per run.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     seconds: u32,
     /// Contenders to run (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Services × endpoints for the ruleset load times (0 skips them).
-    #[arg(long, default_value_t = 10_000)]
+    /// Services × endpoints for separate ruleset load times (0, the default, skips them; the
+    /// traffic runs time their own ruleset loads and one change).
+    #[arg(long, default_value_t = 0)]
     ruleset_services: u32,
     #[arg(long, default_value_t = 10)]
     ruleset_endpoints: u32,
@@ -410,64 +411,111 @@ fn start_lb(
     Ok(started.elapsed())
 }
 
-/// One contender at one Service count: three loads, each a warm-up and `reps` runs.
-fn measure(b: &Bed, url: &str, reps: usize, seconds: u32) -> anyhow::Result<BTreeMap<Load, Measured>> {
-    let mut out = BTreeMap::new();
-    for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
-        wrk(&b.client, url, load, 1)?;
-        let mut m = Measured::default();
-        for _ in 0..reps {
-            // Let the previous run's TIME_WAIT sockets and conntrack entries go.
-            std::thread::sleep(Duration::from_millis(1200));
-            m.runs.push(wrk(&b.client, url, load, seconds)?);
-        }
-        out.insert(load, m);
-    }
-    Ok(out)
-}
-
 type Results = BTreeMap<(u32, Contender), BTreeMap<Load, Measured>>;
 
-fn run_contender(
+/// Sets up contender `c` with `n` Services in a fresh lab; returns the lab and the URL to load.
+/// A fresh lab for every configuration: the backends' TIME_WAIT sockets of an earlier
+/// configuration (another VIP, so other TCP timestamp offsets) would reject new SYNs.
+fn set_up(
     c: Contender,
+    n: u32,
+    args: &Args,
+    loads: &mut Vec<String>,
+) -> anyhow::Result<(Bed, String, Vec<ServicePort>)> {
+    let mut b = bed(&format!("bt{}", c as u8))?;
+    let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
+    let services = kube_proxy::services(n.max(1), 3, &backends);
+    let vip = services.last().context("no service")?.vip;
+    let target = if c == Contender::Direct { backends[0].0 } else { vip };
+    let took = match c {
+        Contender::Direct => Duration::ZERO,
+        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n)?,
+        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n)?,
+        _ => {
+            let took = load_rules(c, &b.node, &services)?;
+            sysctl(&b.node.netns, "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")?;
+            took
+        }
+    };
+    if c != Contender::Direct {
+        loads.push(format!("| {} | {n} × 3 | {:.2} s |", c.name(), took.as_secs_f64()));
+    }
+    let (ns, to) = (b.client.netns.clone(), SocketAddr::from((target, 80)));
+    wait_until(Duration::from_secs(30), || match http_get(&ns, to, "/")? {
+        (200, _) => Ok(()),
+        (code, _) => Err(std::io::Error::other(format!("answered {code}"))),
+    })
+    .with_context(|| format!("{}: {to} never answered", c.name()))?;
+    println!("  {} with {n} services ({:.2} s to set up)", c.name(), took.as_secs_f64());
+    Ok((b, format!("http://{target}/"), services))
+}
+
+/// The time kube-proxy's dataplane `c` takes to apply one Service's change (one endpoint removed,
+/// then put back), as kube-proxy writes it: iptables-restore `--noflush` of the Service's chains
+/// (its partial sync), or one nft transaction.
+fn change_times(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Result<Option<(f64, f64)>> {
+    let old = services[services.len() / 2].clone();
+    let mut new = old.clone();
+    new.endpoints.pop();
+    let large = services.iter().map(|s| s.endpoints.len()).sum::<usize>() > 1000;
+    let mut took = Vec::new();
+    for (from, to) in [(&old, &new), (&new, &old)] {
+        let t = match c {
+            Contender::Nftables => {
+                let mut cmd = netns_cmd(&node.netns, None, "nft");
+                cmd.args(["-f", "-"]);
+                run_with_input(cmd, &kube_proxy::nft_change(from, to))?
+            }
+            Contender::IptablesNft | Contender::IptablesLegacy => {
+                let program = if c == Contender::IptablesNft {
+                    "iptables-nft-restore"
+                } else {
+                    "iptables-legacy-restore"
+                };
+                let mut cmd = netns_cmd(&node.netns, None, program);
+                cmd.arg("--noflush");
+                run_with_input(cmd, &kube_proxy::iptables_change(from, to, large))?
+            }
+            _ => return Ok(None),
+        };
+        took.push(t.as_secs_f64());
+    }
+    Ok(Some((took[0], took[1])))
+}
+
+/// One Service count: every contender in a lab of its own, all at once; each repetition of a load
+/// runs them one after the other, so the slow drifts of a shared machine hit them all alike.
+fn run_count(
+    n: u32,
+    contenders: &[Contender],
     args: &Args,
     results: &mut Results,
     loads: &mut Vec<String>,
+    changes: &mut Vec<String>,
 ) -> anyhow::Result<()> {
-    let counts: Vec<u32> = if c == Contender::Direct { vec![0] } else { args.services.clone() };
-    for &n in &counts {
-        // A fresh lab for every configuration: the backends' TIME_WAIT sockets of an earlier
-        // configuration (another VIP, so other TCP timestamp offsets) would reject new SYNs.
-        let mut b = bed(&format!("bt{}", c as u8))?;
-        let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
-        let services = kube_proxy::services(n.max(1), 3, &backends);
-        let vip = services.last().context("no service")?.vip;
-        let target = if c == Contender::Direct { backends[0].0 } else { vip };
-        let took = match c {
-            Contender::Direct => Duration::ZERO,
-            Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n)?,
-            Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n)?,
-            _ => {
-                let took = load_rules(c, &b.node, &services)?;
-                sysctl(&b.node.netns, "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")?;
-                took
-            }
-        };
-        if c != Contender::Direct {
-            loads.push(format!("| {} | {n} × 3 | {:.2} s |", c.name(), took.as_secs_f64()));
+    let mut beds = Vec::new();
+    for &c in contenders {
+        beds.push((c, set_up(c, n, args, loads)?));
+    }
+    for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
+        for (_, (b, url, _)) in &beds {
+            wrk(&b.client, url, load, 1)?;
         }
-        let (ns, to) = (b.client.netns.clone(), SocketAddr::from((target, 80)));
-        wait_until(Duration::from_secs(30), || match http_get(&ns, to, "/")? {
-            (200, _) => Ok(()),
-            (code, _) => Err(std::io::Error::other(format!("answered {code}"))),
-        })
-        .with_context(|| format!("{}: {to} never answered", c.name()))?;
-        println!("  {} with {n} services ({:.2} s to set up)", c.name(), took.as_secs_f64());
-        let m = measure(&b, &format!("http://{target}/"), args.reps, args.seconds)?;
-        for (load, m) in &m {
+        for _ in 0..args.reps {
+            for (c, (b, url, _)) in &beds {
+                // Let the previous run's TIME_WAIT sockets and conntrack entries go.
+                std::thread::sleep(Duration::from_millis(1200));
+                let r = wrk(&b.client, url, load, args.seconds)?;
+                results.entry((n, *c)).or_default().entry(load).or_default().runs.push(r);
+            }
+        }
+    }
+    for (c, _) in &beds {
+        for (load, m) in &results[&(n, *c)] {
             let rps = m.of(|r| r.rps);
             println!(
-                "    {load:?}: {:.0} req/s (min {:.0}, max {:.0}), {:.2} MB/s, p50 {:.3} ms, p99 {:.3} ms, cpu {:.1} us/req, errors {}",
+                "    {} {n} {load:?}: {:.0} req/s (min {:.0}, max {:.0}), {:.2} MB/s, p50 {:.3} ms, p99 {:.3} ms, cpu {:.1} us/req, errors {}",
+                c.name(),
                 rps.median,
                 rps.min,
                 rps.max,
@@ -478,7 +526,12 @@ fn run_contender(
                 m.errors()
             );
         }
-        results.insert((n, c), m);
+    }
+    for (c, (b, _, services)) in &mut beds {
+        if let Some((remove, add)) = change_times(*c, &b.node, services)? {
+            println!("    {} {n}: one Service's change {remove:.3} s, {add:.3} s", c.name());
+            changes.push(format!("| {} | {n} × 3 | {remove:.3} s, {add:.3} s |", c.name()));
+        }
         b.lab.stop_agents();
     }
     Ok(())
@@ -548,7 +601,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> String {
+fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], rulesets: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let date = Command::new("date")
         .arg("+%Y-%m-%d")
@@ -558,13 +611,14 @@ fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> S
     let mut md = format!(
         "## Real traffic (network namespaces)\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
          load generator: wrk 4.1 (Debian), `-t1`, pinned to CPU 0; backends: nginx, one worker each, pinned to CPU 1; \
-         3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max).\n\n",
+         3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max). \
+         Every contender has a lab of its own, set up at once for each Service count; the runs of a load take the contenders in turn, \
+         so drifts of the shared machine hit all alike. `direct` (no load balancer) is measured beside them each time; ratios are to the same Service count's figures.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         host.trim(),
         args.reps,
         args.seconds
     );
-    let direct = results.get(&(0, Contender::Direct));
     let get = |n: u32, c: Contender, load: Load| results.get(&(n, c)).and_then(|m| m.get(&load));
     let cell = |s: Stat, digits: usize| {
         format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max)
@@ -582,11 +636,8 @@ fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> S
             md,
             "### {title}\n\n| Services | contender | value | ÷ direct | ÷ nftables | ÷ iptables-nft | ÷ iptables-legacy | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
         );
-        if let Some(d) = direct.and_then(|m| m.get(&load)) {
-            let _ = writeln!(md, "| – | direct | {} | 1.00 | | | | {} |", cell(d.of(f), digits), d.errors());
-        }
         for &n in &args.services {
-            for c in Contender::ALL.into_iter().filter(|c| *c != Contender::Direct) {
+            for c in Contender::ALL {
                 let Some(m) = get(n, c, load) else { continue };
                 let v = m.of(f).median;
                 let base = |c: Contender| get(n, c, load).map_or(0.0, |m| m.of(f).median);
@@ -595,7 +646,7 @@ fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> S
                     "| {n} | {} | {} | {} | {} | {} | {} | {} |",
                     c.name(),
                     cell(m.of(f), digits),
-                    ratio(v, direct.and_then(|m| m.get(&load)).map_or(0.0, |m| m.of(f).median)),
+                    ratio(v, base(Contender::Direct)),
                     ratio(v, base(Contender::Nftables)),
                     ratio(v, base(Contender::IptablesNft)),
                     ratio(v, base(Contender::IptablesLegacy)),
@@ -616,11 +667,8 @@ fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> S
             g(Load::KeptAlive, |r| r.softirq_us_per_req)
         )
     };
-    if let Some(d) = direct {
-        md.push_str(&cpu_row("–".into(), "direct", d));
-    }
     for &n in &args.services {
-        for c in Contender::ALL.into_iter().filter(|c| *c != Contender::Direct) {
+        for c in Contender::ALL {
             if let Some(m) = results.get(&(n, c)) {
                 md.push_str(&cpu_row(n.to_string(), c.name(), m));
             }
@@ -628,6 +676,11 @@ fn report(args: &Args, results: &Results, loads: &[String], rulesets: &str) -> S
     }
     md.push_str("\nSet-up time of each contender in the traffic runs (lb: agent start to its first full sync; kube-proxy modes: the ruleset load):\n\n| contender | Services × endpoints | time |\n|---|---:|---:|\n");
     for l in loads {
+        md.push_str(l);
+        md.push('\n');
+    }
+    md.push_str("\nOne Service's endpoints changed in those rulesets (one endpoint removed, then put back), as kube-proxy applies it (iptables: `iptables-restore --noflush` of the Service's chains, its partial sync; nftables: one `nft -f` transaction). lb's equivalent, an EndpointSlice event to the maps written, is in the control-plane section.\n\n| contender | Services × endpoints | removed, put back |\n|---|---:|---:|\n");
+    for l in changes {
         md.push_str(l);
         md.push('\n');
     }
@@ -639,12 +692,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut results = Results::new();
     let mut loads = Vec::new();
-    for c in Contender::ALL {
-        if !args.only.is_empty() && !args.only.iter().any(|o| o == c.name()) {
-            continue;
-        }
-        println!("traffic: {}", c.name());
-        run_contender(c, &args, &mut results, &mut loads)?;
+    let mut changes = Vec::new();
+    let contenders: Vec<Contender> = Contender::ALL
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c.name()))
+        .collect();
+    for &n in &args.services {
+        println!("traffic: {n} services");
+        run_count(n, &contenders, &args, &mut results, &mut loads, &mut changes)?;
     }
     let rulesets = if args.ruleset_services > 0 {
         println!("rulesets: {} services x {} endpoints", args.ruleset_services, args.ruleset_endpoints);
@@ -652,7 +707,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         String::new()
     };
-    let md = report(&args, &results, &loads, &rulesets);
+    let md = report(&args, &results, &loads, &changes, &rulesets);
     if let Some(path) = &args.markdown {
         report::write_section(path, "traffic", &md)?;
         println!("results written to {}", path.display());

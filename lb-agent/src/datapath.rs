@@ -137,10 +137,13 @@ pub enum DatapathError {
 /// a region only after its frontend entry points at it, which is written afterwards through a
 /// syscall (a full barrier), so a packet never sees a half-written table.
 pub struct MaglevSlots {
-    _data: MapData,
+    /// The map's file descriptor, kept for writers; a read-only mapping drops it (the mapping
+    /// outlives it), so no writable handle stays open.
+    _data: Option<MapData>,
     ptr: std::ptr::NonNull<u32>,
     len: u32,
     bytes: usize,
+    writable: bool,
 }
 
 // SAFETY: the mapping is owned by this value and only written through `&mut self`.
@@ -149,7 +152,7 @@ unsafe impl Send for MaglevSlots {}
 unsafe impl Sync for MaglevSlots {}
 
 impl MaglevSlots {
-    fn map(data: MapData) -> Result<Self, DatapathError> {
+    fn map(data: MapData, writable: bool) -> Result<Self, DatapathError> {
         // Two u32 slots per element (see the map's declaration).
         let len = data.info().map_err(map_err(MAP_LB4_MAGLEV))?.max_entries() * 2;
         // SAFETY: sysconf has no preconditions.
@@ -162,7 +165,7 @@ impl MaglevSlots {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
+                if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ },
                 libc::MAP_SHARED,
                 fd,
                 0,
@@ -175,7 +178,9 @@ impl MaglevSlots {
             });
         }
         let ptr = std::ptr::NonNull::new(p.cast::<u32>()).expect("mmap returned non-null");
-        Ok(Self { _data: data, ptr, len, bytes })
+        // A read-only mapping has no VM_MAYWRITE (the kernel clears it): it cannot be made
+        // writable later, and with the descriptor closed nothing writable remains.
+        Ok(Self { _data: writable.then_some(data), ptr, len, bytes, writable })
     }
 
     /// The backend id in `slot`.
@@ -186,6 +191,9 @@ impl MaglevSlots {
 
     fn write(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
         let end = offset as usize + table.len();
+        if !self.writable {
+            return Err(MapError::IoError(std::io::Error::from_raw_os_error(libc::EPERM)));
+        }
         if end > self.len as usize {
             return Err(MapError::OutOfBounds { index: end as u32, max_entries: self.len });
         }
@@ -215,7 +223,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub meta: Array<MapData, Lb4FrontendMeta>,
-    /// `[0]`: how many `lbctl monitor` listen.
+    /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
 }
 
@@ -236,7 +244,7 @@ impl Maps {
             services: take(ebpf, MAP_LB4_SERVICES)?,
             backends: take(ebpf, MAP_LB4_BACKENDS)?,
             maglev: match ebpf.take_map(MAP_LB4_MAGLEV).ok_or(DatapathError::MissingMap(MAP_LB4_MAGLEV))? {
-                Map::Array(data) => MaglevSlots::map(data)?,
+                Map::Array(data) => MaglevSlots::map(data, true)?,
                 _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
             },
             ct: take(ebpf, MAP_LB4_CT)?,
@@ -248,8 +256,18 @@ impl Maps {
         })
     }
 
-    /// Opens the maps pinned under `pin_dir` (read-side tools, tests).
+    /// Opens the maps pinned under `pin_dir` for reading and writing (tests, benchmarks).
     pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::open_pins(pin_dir, false)
+    }
+
+    /// Opens the maps pinned under `pin_dir` read-only (`lbctl`, the metrics collector): the
+    /// kernel refuses every write through these handles.
+    pub fn from_pins_read_only(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::open_pins(pin_dir, true)
+    }
+
+    fn open_pins(pin_dir: &Path, read_only: bool) -> Result<Self, DatapathError> {
         if let Err(e) = std::fs::read_dir(pin_dir) {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 return Err(DatapathError::PermissionDenied(pin_dir.to_path_buf()));
@@ -266,26 +284,40 @@ impl Maps {
             }
             return Err(DatapathError::NotPinned(pin_dir.parent().unwrap_or(pin_dir).into()));
         }
-        fn open<T: TryFrom<Map, Error = MapError>>(
-            dir: &Path,
+        let open_data = |dir: &Path, name: &'static str| -> Result<MapData, DatapathError> {
+            if read_only {
+                let fd =
+                    obj_get_read_only(&dir.join(name)).map_err(|e| map_err(name)(MapError::IoError(e)))?;
+                MapData::from_fd(fd).map_err(map_err(name))
+            } else {
+                MapData::from_pin(dir.join(name)).map_err(map_err(name))
+            }
+        };
+        let open = |dir: &Path, name: &'static str| -> Result<Map, DatapathError> {
+            Map::from_map_data(open_data(dir, name)?).map_err(map_err(name))
+        };
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            map: Result<Map, DatapathError>,
             name: &'static str,
         ) -> Result<T, DatapathError> {
-            let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
-            let map = Map::from_map_data(data).map_err(map_err(name))?;
-            T::try_from(map).map_err(map_err(name))
+            T::try_from(map?).map_err(map_err(name))
         }
+        let o = |name: &'static str| open(pin_dir, name);
         Ok(Self {
-            services: open(pin_dir, MAP_LB4_SERVICES)?,
-            backends: open(pin_dir, MAP_LB4_BACKENDS)?,
+            services: typed(o(MAP_LB4_SERVICES), MAP_LB4_SERVICES)?,
+            backends: typed(o(MAP_LB4_BACKENDS), MAP_LB4_BACKENDS)?,
+            // mmap needs a descriptor opened for writing (the kernel refuses to share-map a
+            // read-only one); the read-only mapping then drops it.
             maglev: MaglevSlots::map(
                 MapData::from_pin(pin_dir.join(MAP_LB4_MAGLEV)).map_err(map_err(MAP_LB4_MAGLEV))?,
+                !read_only,
             )?,
-            ct: open(pin_dir, MAP_LB4_CT)?,
-            counters: open(pin_dir, MAP_LB_COUNTERS)?,
-            svc_stats: open(pin_dir, MAP_LB4_SVC_STATS)?,
-            affinity: open(pin_dir, MAP_LB4_AFFINITY)?,
-            meta: open(pin_dir, MAP_LB4_FE_META)?,
-            monitor: open(pin_dir, MAP_LB_MONITOR)?,
+            ct: typed(o(MAP_LB4_CT), MAP_LB4_CT)?,
+            counters: typed(o(MAP_LB_COUNTERS), MAP_LB_COUNTERS)?,
+            svc_stats: typed(o(MAP_LB4_SVC_STATS), MAP_LB4_SVC_STATS)?,
+            affinity: typed(o(MAP_LB4_AFFINITY), MAP_LB4_AFFINITY)?,
+            meta: typed(o(MAP_LB4_FE_META), MAP_LB4_FE_META)?,
+            monitor: typed(o(MAP_LB_MONITOR), MAP_LB_MONITOR)?,
         })
     }
 
@@ -302,12 +334,14 @@ impl Maps {
             .map_err(map_err(MAP_LB_EVENTS))
     }
 
-    /// Adds `delta` to the number of listening monitors.
-    pub fn add_listener(&mut self, delta: i32) -> Result<u32, DatapathError> {
-        let n = self.monitor.get(&0, 0).map_err(map_err(MAP_LB_MONITOR))?;
-        let n = n.saturating_add_signed(delta);
-        self.monitor.set(0, n, 0).map_err(map_err(MAP_LB_MONITOR))?;
-        Ok(n)
+    /// Turns the datapath's flow events (for `lbctl monitor`) on or off.
+    pub fn set_flow_events(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.monitor.set(0, u32::from(on), 0).map_err(map_err(MAP_LB_MONITOR))
+    }
+
+    /// Whether the datapath sends flow events.
+    pub fn flow_events(&self) -> bool {
+        self.monitor.get(&0, 0).is_ok_and(|n| n != 0)
     }
 
     /// What the agent recorded for frontend `id`.
@@ -622,4 +656,43 @@ pub fn interfaces() -> Vec<String> {
         libc::if_freenameindex(list);
     }
     out
+}
+
+/// BPF_OBJ_GET with BPF_F_RDONLY: a read-only handle on a pinned map (aya opens pins read-write).
+fn obj_get_read_only(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // union bpf_attr, BPF_OBJ_GET variant: pathname (u64), bpf_fd (u32), file_flags (u32),
+    // path_fd (s32); the rest zero.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _rest: [u8; 108],
+    }
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+        _rest: [0; 108],
+    };
+    // SAFETY: a valid bpf_attr of the size passed; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -89,6 +89,10 @@ struct Args {
     /// Turn on kernel-side logging of rare datapath events (aya-log).
     #[arg(long)]
     bpf_log: bool,
+    /// Have the datapath send flow events (new flows, drops; at most 2,000 a second per CPU) for
+    /// `lbctl monitor`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    flow_events: bool,
     /// Where /metrics is served (Prometheus).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: std::net::SocketAddr,
@@ -129,7 +133,8 @@ async fn main() -> anyhow::Result<()> {
         hairpin_addr: args.hairpin_addr,
         bpf_log: args.bpf_log,
     };
-    let (mut dp, maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
+    let (mut dp, mut maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
+    maps.set_flow_events(args.flow_events).context("--flow-events")?;
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,

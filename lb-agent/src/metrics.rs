@@ -148,7 +148,7 @@ fn label(k: &str, v: impl Into<String>) -> Labels {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(maps) = Maps::from_pins(&self.pin_dir) else {
+        let Ok(maps) = Maps::from_pins_read_only(&self.pin_dir) else {
             return Ok(()); // nothing pinned yet
         };
         // The same view `lbctl stats` prints.

@@ -2,7 +2,7 @@
 //! protocol for Services, EndpointSlices and Nodes (JSON lists with a resourceVersion, chunked
 //! watch streams of `{"type", "object"}` lines, replay from a resourceVersion, bookmarks, `410
 //! Gone` for a compacted history), and lets a test misbehave on purpose: drop every watch, hold
-//! reconnecting watches back, make lists slow or fail.
+//! reconnecting watches back, make lists slow or fail, or go away altogether.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -73,6 +73,7 @@ struct ApiState {
     events: broadcast::Sender<Event>,
     drops: broadcast::Sender<()>,
     hold_watches: AtomicBool,
+    down: AtomicBool,
     slow_list_ms: AtomicU64,
     failing_lists: AtomicU32,
     lists: AtomicU32,
@@ -99,6 +100,7 @@ impl MockApi {
             events,
             drops,
             hold_watches: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             slow_list_ms: AtomicU64::new(0),
             failing_lists: AtomicU32::new(0),
             lists: AtomicU32::new(0),
@@ -185,6 +187,14 @@ impl MockApi {
         self.state.hold_watches.store(hold, Ordering::SeqCst);
     }
 
+    /// Takes the server away (every request answered 503, open watches ended) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+        if down {
+            self.drop_watches();
+        }
+    }
+
     /// Forgets the event history: watches from an older resourceVersion get 410 Gone.
     pub fn compact(&self) {
         let mut inner = self.state.inner.lock().expect("state");
@@ -218,6 +228,9 @@ async fn handle(
     Query(q): Query<HashMap<String, String>>,
     resource: Resource,
 ) -> Response {
+    if state.down.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the API server is away").into_response();
+    }
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         state.watches.fetch_add(1, Ordering::SeqCst);
         while state.hold_watches.load(Ordering::SeqCst) {

@@ -735,3 +735,82 @@ fn service_semantics_table() {
         },
     );
 }
+
+#[test]
+fn read_only_handles_read_everything_and_the_kernel_refuses_their_writes() {
+    let (pins, _dp, maps) = load("read-only", Mode::Tc);
+    let mut ro = Maps::from_pins_read_only(pins.path()).expect("read-only maps");
+    let services = ro.read_services().expect("read");
+    assert_eq!(services.len(), maps.read_services().expect("read").len());
+    let (key, value) = services[0];
+    assert_eq!(
+        ro.maglev.get(value.maglev_offset),
+        maps.maglev.get(value.maglev_offset),
+        "Maglev slots readable"
+    );
+    let err = ro.services.insert(key, value, 0).expect_err("a write through a read-only handle");
+    assert!(
+        format!("{err:?}").contains("PermissionDenied") || format!("{err:?}").contains("EPERM"),
+        "{err:?}"
+    );
+    assert!(ro.set_flow_events(false).is_err(), "the flow-events switch is not writable either");
+    assert!(ro.ct.remove(&lb_common::Lb4CtKey::default()).is_err());
+}
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_back_to_the_vip() {
+    let (_pins, dp, maps) = load("icmp", Mode::Tc);
+    let node = Ipv4Addr::new(169, 254, 1, 1);
+    let rev_nat = |maps: &Maps| maps.read_counters().expect("counters")[c::REV_NAT as usize];
+    let other = |maps: &Maps| maps.read_counters().expect("counters")[c::PASS_OTHER_PROTO as usize];
+
+    // A TCP flow, DNATed; a router on the way (the node) says "fragmentation needed" about it,
+    // quoting the packet whole: the quote goes back to client → VIP:80, the router stays.
+    let (_, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 41_000), (VIP, 80), SYN).bytes());
+    let backend = check_packet(&out).dst;
+    let frag_needed = icmp_error(node, CLIENT, 3, 4, 1200, &out[14..]);
+    let before = (rev_nat(&maps), other(&maps));
+    let (v, got) = run(&dp, Prog::TcReply, &frag_needed);
+    assert_eq!(v, TC_OK);
+    let seen = check_icmp_error(&got);
+    assert_eq!((seen.src, seen.dst), (node, CLIENT), "the router's own address stays");
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((CLIENT, 41_000), (VIP, 80)), "quote back to the VIP");
+    assert_eq!((rev_nat(&maps), other(&maps)), (before.0 + 1, before.1), "counted as reverse NAT");
+    assert_eq!(got[got.len() - 4..], frag_needed[frag_needed.len() - 4..], "the rest of the quote untouched");
+
+    // A UDP flow; the backend itself says "port unreachable", quoting 8 bytes of UDP as a
+    // minimal quote: its source becomes the VIP too, and the quoted UDP checksum follows.
+    let (_, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 41_001), (VIP, 53), UDP).bytes());
+    let udp_backend = check_packet(&out).dst;
+    let port_unreach = icmp_error(udp_backend.0, CLIENT, 3, 3, 0, &out[14..]);
+    let (_, got) = run(&dp, Prog::TcReply, &port_unreach);
+    let seen = check_icmp_error(&got);
+    assert_eq!((seen.src, seen.dst), (VIP, CLIENT), "the backend's error comes from the VIP");
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((CLIENT, 41_001), (VIP, 53)));
+    let minimal = icmp_error(udp_backend.0, CLIENT, 3, 3, 0, &out[14..14 + 28]);
+    let (_, got) = run(&dp, Prog::TcReply, &minimal);
+    let (ip, icmp) = etherparse::Ipv4Header::from_slice(&got[14..]).expect("ipv4");
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!(internet_checksum(icmp), 0, "ICMP checksum with a minimal quote");
+    assert_eq!(icmp[8 + 16..8 + 20], VIP.octets(), "quoted destination");
+    assert_eq!(icmp[8 + 22..8 + 24], 53u16.to_be_bytes(), "quoted destination port");
+
+    // Errors that are not about a tracked flow, or not to its client, or too short to say:
+    // passed untouched and counted as another protocol.
+    let untracked = Pkt::new((CLIENT, 41_002), backend, SYN).bytes();
+    let wrong_client = Pkt::new((Ipv4Addr::new(10, 244, 1, 77), 41_000), backend, SYN).bytes();
+    for (what, pkt) in [
+        ("untracked flow", icmp_error(node, CLIENT, 3, 4, 1200, &untracked[14..])),
+        ("another client's tuple", icmp_error(node, CLIENT, 3, 4, 1200, &wrong_client[14..])),
+        ("quote without ports", icmp_error(node, CLIENT, 3, 4, 1200, &out[14..14 + 24])),
+        ("echo reply", icmp_error(node, CLIENT, 0, 0, 0, &out[14..])),
+    ] {
+        let before = other(&maps);
+        let (v, got) = run(&dp, Prog::TcReply, &pkt);
+        assert_eq!((v, &got), (TC_OK, &pkt), "{what}: passed untouched");
+        assert_eq!(other(&maps), before + 1, "{what}: counted");
+    }
+    // The forward program leaves ICMP errors alone.
+    let (v, got) = run(&dp, Prog::TcForward, &frag_needed);
+    assert_eq!((v, &got), (TC_OK, &frag_needed));
+}

@@ -1,9 +1,11 @@
 //! Hostile packets through BPF_PROG_TEST_RUN: random and mutated packets (truncated at every
-//! offset, bogus IHL, IP options, fragments, every TCP flag combination, random bytes) through the
-//! TC forward, TC reply and XDP programs. Asserted for every packet:
+//! offset, bogus IHL, IP options, fragments, every TCP flag combination, random bytes, ICMP errors
+//! quoting load-balanced flows) through the TC forward, TC reply and XDP programs. Asserted for
+//! every packet:
 //!
-//! - nothing is rewritten unless it is addressed to a frontend with backends (forward) or is the
-//!   reply of a tracked flow (reply);
+//! - nothing is rewritten unless it is addressed to a frontend with backends (forward), is the
+//!   reply of a tracked flow (reply), or is an ICMP error to a client quoting its packet to a
+//!   backend (reply);
 //! - a rewritten packet differs from its input only in addresses, ports and checksums, and its
 //!   checksums are valid whenever the input's were.
 //!
@@ -118,6 +120,20 @@ fn template(r: &mut Rng) -> Pkt {
     p
 }
 
+/// An ICMP error (unreachable, time exceeded, parameter problem, or another type) from a backend
+/// or a router to the client, quoting the client's packet to a backend (tracked or not), whole or
+/// cut short.
+fn icmp_template(r: &mut Rng) -> Vec<u8> {
+    let mut quoted = template(r);
+    quoted.src = (CLIENT, 30_000 + r.below(64) as u16);
+    quoted.dst = BACKENDS[r.below(2) as usize];
+    let q = quoted.bytes();
+    let cut = if r.chance(2) { q.len() } else { 14 + 20 + r.below(q.len() as u64 - 33) as usize };
+    let from = if r.chance(2) { quoted.dst.0 } else { Ipv4Addr::new(169, 254, 1, 1) };
+    let kind = [3u8, 3, 11, 12, 0, 8][r.below(6) as usize];
+    icmp_error(from, CLIENT, kind, r.below(16) as u8, r.next() as u32, &q[14..cut.max(34)])
+}
+
 /// Breaks a packet in one of the ways real input breaks.
 fn mutate(r: &mut Rng, mut b: Vec<u8>) -> Vec<u8> {
     match r.below(6) {
@@ -176,9 +192,10 @@ fn hostile_packets() {
     let before = maps.read_counters().expect("counters");
     let mut r = Rng(seed | 1);
     let mut rewritten = 0u64;
+    let mut icmp_rewritten = 0u64;
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
     for i in 0..count {
-        let base = template(&mut r).bytes();
+        let base = if r.chance(5) { icmp_template(&mut r) } else { template(&mut r).bytes() };
         let input = mutate(&mut r, base);
         for (name, ret_ok) in [("tc-forward", 0u32), ("tc-reply", 0), ("xdp", 2)] {
             let mut out = vec![0u8; input.len() + 256];
@@ -199,6 +216,12 @@ fn hostile_packets() {
             rewritten += 1;
             let ctx =
                 || format!("packet #{i} (seed {seed}) through {name}:\n in {input:02x?}\nout {out:02x?}");
+            if input.len() > 23 && input[23] == 1 {
+                assert_eq!(name, "tc-reply", "only the reply program translates ICMP: {}", ctx());
+                check_icmp_rewrite(&input, &out, &ctx);
+                icmp_rewritten += 1;
+                continue;
+            }
             let (ip, l4_off, proto, frag) = parsed(&input)
                 .unwrap_or_else(|| panic!("rewrote a packet that is not whole IPv4 TCP/UDP: {}", ctx()));
             assert!(!frag, "rewrote a non-first fragment: {}", ctx());
@@ -241,5 +264,54 @@ fn hostile_packets() {
         "outcome counters add up to packets seen"
     );
     assert!(rewritten > count / 20, "the mix exercises rewriting: {rewritten} of {count}");
-    eprintln!("fuzz: {count} packets x 3 programs, seed {seed}: {rewritten} rewritten, {outcomes:?}");
+    assert!(icmp_rewritten > count / 200, "the mix exercises ICMP translation: {icmp_rewritten} of {count}");
+    eprintln!(
+        "fuzz: {count} packets x 3 programs, seed {seed}: {rewritten} rewritten ({icmp_rewritten} ICMP errors), {outcomes:?}"
+    );
+}
+
+/// An ICMP error the reply program rewrote: it quotes a client's packet to a backend, only the
+/// translated fields changed, and the checksums that were right still are.
+fn check_icmp_rewrite(input: &[u8], out: &[u8], ctx: &dyn Fn() -> String) {
+    let (ip, icmp) = Ipv4Header::from_slice(&input[14..]).unwrap_or_else(|_| panic!("not IPv4: {}", ctx()));
+    let icmp_off = input.len() - icmp.len();
+    assert!([3, 11, 12].contains(&icmp[0]), "rewrote an ICMP message that is not an error: {}", ctx());
+    let (inner, inner_l4) = Ipv4Header::from_slice(&icmp[8..])
+        .unwrap_or_else(|_| panic!("no whole quoted IPv4 header: {}", ctx()));
+    let inner_off = icmp_off + 8;
+    let inner_l4_off = input.len() - inner_l4.len();
+    assert!(inner_l4.len() >= 8, "quote without ports: {}", ctx());
+    assert!([6, 17].contains(&inner.protocol.0), "quote of another protocol: {}", ctx());
+    assert_eq!(Ipv4Addr::from(inner.source), CLIENT, "quote not from the client: {}", ctx());
+    assert_eq!(ip.destination, inner.source, "error not to the quoted packet's sender: {}", ctx());
+    assert!(
+        BACKENDS.iter().any(|(b, _)| b.octets() == inner.destination),
+        "quote not to a backend: {}",
+        ctx()
+    );
+    assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
+    let l4_check = inner_l4_off + if inner.protocol.0 == 6 { 16 } else { 6 };
+    for (j, (a, b)) in input.iter().zip(out).enumerate() {
+        let allowed = (24..26).contains(&j)
+            || (26..30).contains(&j)
+            || (icmp_off + 2..icmp_off + 4).contains(&j)
+            || (inner_off + 10..inner_off + 12).contains(&j)
+            || (inner_off + 16..inner_off + 20).contains(&j)
+            || (inner_l4_off + 2..inner_l4_off + 4).contains(&j)
+            || (l4_check..l4_check + 2).contains(&j);
+        assert!(a == b || allowed, "byte {j} changed: {}", ctx());
+    }
+    assert_eq!(
+        &out[inner_off + 16..inner_off + 20],
+        &VIP.octets(),
+        "quote not translated to the VIP: {}",
+        ctx()
+    );
+    let out_ip = Ipv4Header::from_slice(&out[14..]).expect("ipv4 out").0;
+    if ip.header_checksum == ip.calc_header_checksum() {
+        assert_eq!(out_ip.header_checksum, out_ip.calc_header_checksum(), "outer IPv4 checksum: {}", ctx());
+    }
+    if internet_checksum(icmp) == 0 {
+        assert_eq!(internet_checksum(&out[icmp_off..]), 0, "ICMP checksum broken: {}", ctx());
+    }
 }

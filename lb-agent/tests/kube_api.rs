@@ -65,7 +65,11 @@ impl Harness {
 
     /// Applies changes as they arrive until `done(dump)` holds; panics after 10 s.
     async fn settle(&mut self, what: &str, done: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.settle_within(Duration::from_secs(10), what, done).await;
+    }
+
+    async fn settle_within(&mut self, within: Duration, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + within;
         while !done(&self.dump()) {
             assert!(Instant::now() < deadline, "{what}: maps never got there:\n{}", self.dump());
             if tokio::time::timeout(Duration::from_millis(100), self.changes.recv()).await.is_ok() {
@@ -198,4 +202,55 @@ async fn slow_and_failing_lists_never_yield_a_partial_view() {
         assert!(n == Some(2) || n == Some(3), "a partial view was programmed:\n{}", h.dump());
     }
     h.settle("relist done", |d| backends_of(d, "10.96.0.10") == Some(3)).await;
+}
+
+#[tokio::test]
+async fn api_server_away_for_a_minute_then_back_converges_with_no_stale_backend() {
+    let mut h = Harness::start(api_with_web().await).await;
+    h.api.apply(service("old", "10.96.0.12"));
+    h.api.apply(slice("old-1", "old", &["10.244.3.3"]));
+    h.settle("old service", |d| backends_of(d, "10.96.0.12") == Some(1)).await;
+    let before = h.dump();
+
+    // The API server goes away; meanwhile web's endpoints change, `old` is deleted, `new` is
+    // created, and the history is compacted (the agent will have to relist).
+    h.api.set_down(true);
+    // Let the open watches end before anything changes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.api.apply(slice("web-1", "web", &["10.244.1.7"]));
+    h.api.delete(slice("old-1", "old", &["10.244.3.3"]));
+    h.api.delete(service("old", "10.96.0.12"));
+    h.api.apply(service("new", "10.96.0.13"));
+    h.api.apply(slice("new-1", "new", &["10.244.4.4"]));
+    h.api.compact();
+    // For 60 s the agent keeps serving the last good state, whatever its source reports.
+    let away = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < away {
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), h.changes.recv()).await {
+            match h.source.changes() {
+                Change::All(objects) => h.agent.apply(objects),
+                Change::Services(changed) => h.agent.apply_services(changed),
+            };
+        }
+        assert_eq!(h.dump(), before, "the state changed while the API server was away");
+    }
+    let (lists_before, _) = h.api.requests();
+
+    h.api.set_down(false);
+    // The client backs off while the server is away (at most 30 s between attempts).
+    h.settle_within(Duration::from_secs(45), "back after 60 s away", |d| {
+        backends_of(d, "10.96.0.10") == Some(1)
+            && backends_of(d, "10.96.0.12").is_none()
+            && backends_of(d, "10.96.0.13") == Some(1)
+    })
+    .await;
+    let d = h.dump();
+    assert!(d.contains("10.244.1.7:8080/TCP"), "web's new endpoint:\n{d}");
+    for stale in ["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP", "10.244.3.3:8080/TCP"] {
+        assert!(
+            d.lines().all(|l| !l.contains(stale) || l.contains("terminating")),
+            "{stale} is only draining, in no frontend:\n{d}"
+        );
+    }
+    assert!(h.api.requests().0 > lists_before, "the agent relisted");
 }

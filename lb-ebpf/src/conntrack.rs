@@ -204,3 +204,13 @@ pub fn lookup_reply(f: &Flow, now: u64) -> Option<Reply> {
     }
     Some(Reply { vip, vport, hairpin })
 }
+
+/// The reply entry of backend `saddr:sport` → client `daddr:dport`, read without touching it (an
+/// ICMP error is no sign of life).
+#[inline(always)]
+pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Option<Reply> {
+    let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let e = unsafe { LB4_CT.get(&key) }?;
+    Some(Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 })
+}

@@ -13,7 +13,7 @@ use crate::{
     conntrack::{self, Chosen, Lookup},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
     monitor,
-    parse::Flow,
+    parse::{Flow, IcmpError},
     stats::{count, svc_update},
 };
 
@@ -167,4 +167,16 @@ pub fn lb4_reply(f: &Flow) -> Action {
         },
         None => Action::Pass(counters::PASS_NO_REPLY_CT),
     }
+}
+
+/// Reply direction, ICMP errors: the VIP and port of the load-balanced flow the quoted packet
+/// belongs to (the quote is client → backend; its reply entry is backend → client), if the error
+/// goes to that client. Hairpinned flows are left alone.
+#[inline(always)]
+pub fn lb4_reply_icmp(e: &IcmpError) -> Option<(u32, u16)> {
+    if e.outer_daddr != e.saddr {
+        return None;
+    }
+    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto)?;
+    (!r.hairpin).then_some((r.vip, r.vport))
 }

@@ -29,16 +29,36 @@ use crate::{
     stats::count,
 };
 
-/// Enough linear bytes for Ethernet, the largest IPv4 header and a TCP header.
-const MAX_HEADERS: u32 = 14 + 60 + 20;
+/// Linear bytes that hold the headers of almost every packet: Ethernet, IPv4 without options and
+/// a TCP header (a UDP header is shorter).
+const COMMON_HEADERS: u32 = 14 + 20 + 20;
+/// Linear bytes for the largest headers lb reads: Ethernet, IPv4 with options, and an ICMP error
+/// quoting an IPv4 header with options and a TCP header.
+const MAX_HEADERS: u32 = 14 + 60 + 8 + 60 + 20;
 
-/// Makes the headers readable through direct packet access (they may sit in paged data).
+/// Makes the first `want` bytes (or the whole packet) readable through direct packet access (they
+/// may sit in paged data). Returns whether it pulled.
 #[inline(always)]
-fn tc_linearise(ctx: &TcContext) {
-    let want = if ctx.len() < MAX_HEADERS { ctx.len() } else { MAX_HEADERS };
+fn tc_linearise(ctx: &TcContext, want: u32) -> bool {
+    let want = if ctx.len() < want { ctx.len() } else { want };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
+        return true;
     }
+    false
+}
+
+/// Parses with the common headers linear (no copy for the usual packet), and again with up to
+/// [`MAX_HEADERS`] linear when that was not enough (IP options, ICMP errors in paged data).
+#[inline(always)]
+fn tc_parse(ctx: &TcContext) -> Parsed {
+    tc_linearise(ctx, COMMON_HEADERS);
+    let parsed = parse(ctx.data(), ctx.data_end());
+    let short = matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO));
+    if short && tc_linearise(ctx, MAX_HEADERS) {
+        return parse(ctx.data(), ctx.data_end());
+    }
+    parsed
 }
 
 #[inline(always)]
@@ -74,9 +94,15 @@ fn tc_verdict(ctx: &TcContext, parsed: Parsed, decide: impl FnOnce(&parse::Flow)
             },
             other => other,
         },
+        Parsed::IcmpError(_) => Action::Pass(counters::PASS_OTHER_PROTO),
         Parsed::Pass(c) => Action::Pass(c),
         Parsed::Drop(c) => Action::Drop(c),
     };
+    tc_finish(action)
+}
+
+#[inline(always)]
+fn tc_finish(action: Action) -> i32 {
     match action {
         Action::Drop(c) => {
             count(c);
@@ -92,16 +118,26 @@ fn tc_verdict(ctx: &TcContext, parsed: Parsed, decide: impl FnOnce(&parse::Flow)
 #[classifier]
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
     count(counters::RX_FORWARD);
-    tc_linearise(&ctx);
-    let parsed = parse(ctx.data(), ctx.data_end());
+    let parsed = tc_parse(&ctx);
     tc_verdict(&ctx, parsed, |f| lb::lb4_forward(&ctx, f, ctx.len()))
 }
 
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
-    tc_linearise(&ctx);
-    let parsed = parse(ctx.data(), ctx.data_end());
+    let parsed = tc_parse(&ctx);
+    if let Parsed::IcmpError(e) = &parsed {
+        // An ICMP error about a load-balanced flow goes to the client as if about its packet to
+        // the VIP (counted as reverse NAT); any other ICMP passes.
+        let action = match lb::lb4_reply_icmp(e) {
+            Some((vip, vport)) => match nat::rewrite_icmp_error(&ctx, e, vip, vport) {
+                Ok(()) => Action::Pass(counters::REV_NAT),
+                Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+            },
+            None => Action::Pass(counters::PASS_OTHER_PROTO),
+        };
+        return tc_finish(action);
+    }
     tc_verdict(&ctx, parsed, lb::lb4_reply)
 }
 
@@ -116,6 +152,7 @@ pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
             },
             other => other,
         },
+        Parsed::IcmpError(_) => Action::Pass(counters::PASS_OTHER_PROTO),
         Parsed::Pass(c) => Action::Pass(c),
         Parsed::Drop(c) => Action::Drop(c),
     };

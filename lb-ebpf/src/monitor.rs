@@ -1,6 +1,6 @@
-//! Events for `lbctl monitor`: sent only while a monitor listens, and rate-limited per CPU, so
-//! that with nobody listening the cost is one array read on new flows and drops (nothing on
-//! established packets).
+//! Events for `lbctl monitor`: sent while the agent turns them on (`--flow-events`, the default)
+//! and rate-limited per CPU, so that the cost is bounded on new flows and drops (and nothing on
+//! established packets); with events off it is one array read.
 
 use lb_common::{LbEvent, MONITOR_BURST, MONITOR_RATE_PER_SEC};
 
@@ -35,7 +35,7 @@ fn allowed(now: u64) -> bool {
     true
 }
 
-/// Sends an event about `f` if someone listens and the rate allows.
+/// Sends an event about `f` if events are on and the rate allows.
 #[inline(always)]
 pub fn emit(f: &Flow, kind: u32, reason: u32, backend: (u32, u16), svc_id: u32, now: u64) {
     if !listening() || !allowed(now) {

@@ -11,7 +11,9 @@ use aya_ebpf::{
 };
 use lb_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::{ptr_at, Flow, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF};
+use crate::parse::{
+    ptr_at, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF,
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -98,6 +100,57 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16)
         *x.l4_check = l4;
         *x.addr = addr;
         *x.port = port;
+    }
+    Ok(())
+}
+
+/// An ICMP error about a load-balanced flow, on its way to the client: the quoted packet (client →
+/// backend) becomes client → VIP again, with its IPv4 and L4 checksums and the ICMP checksum
+/// updated; when the backend itself sent the error, its source becomes the VIP too. ICMP's
+/// checksum covers no pseudo-header, so every change is a plain incremental update, right for
+/// any socket-buffer checksum state (the covered bytes' sum does not change).
+#[inline(always)]
+pub fn rewrite_icmp_error(ctx: &TcContext, e: &IcmpError, vip: u32, vport: u16) -> Result<(), i64> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
+    let icmp = ptr_at::<IcmpHdr>(data, end, e.icmp_off).ok_or(-1i64)?;
+    let inner = ptr_at::<Ipv4Hdr>(data, end, e.inner_off).ok_or(-1i64)?;
+    let ports = ptr_at::<UdpHdr>(data, end, e.inner_l4_off).ok_or(-1i64)?;
+    let tcp = if e.proto == IPPROTO_TCP { ptr_at::<TcpHdr>(data, end, e.inner_l4_off) } else { None };
+    // SAFETY: every pointer was bounds-checked above; no helper runs in between.
+    unsafe {
+        let (old_addr, old_port) = ((*inner).daddr, (*ports).dest);
+        let mut check = (*icmp).check;
+        let old_ip_check = (*inner).check;
+        let ip_check = csum::replace4(old_ip_check, old_addr, vip);
+        (*inner).daddr = vip;
+        (*inner).check = ip_check;
+        check = csum::replace4(check, old_addr, vip);
+        check = csum::replace2(check, old_ip_check, ip_check);
+        (*ports).dest = vport;
+        check = csum::replace2(check, old_port, vport);
+        // The quoted L4 checksum (pseudo-header and port), when it is in the quote.
+        let l4_check: Option<*mut u16> = match tcp {
+            Some(t) => Some(core::ptr::addr_of_mut!((*t).check)),
+            None if e.proto == IPPROTO_UDP && (*ports).check != 0 => {
+                Some(core::ptr::addr_of_mut!((*ports).check))
+            }
+            None => None,
+        };
+        if let Some(p) = l4_check {
+            let old = *p;
+            let mut new = csum::replace2(csum::replace4(old, old_addr, vip), old_port, vport);
+            if e.proto == IPPROTO_UDP {
+                new = csum::udp_fixup(old, new);
+            }
+            *p = new;
+            check = csum::replace2(check, old, new);
+        }
+        (*icmp).check = check;
+        if e.outer_saddr == old_addr {
+            (*ip).check = csum::replace4((*ip).check, old_addr, vip);
+            (*ip).saddr = vip;
+        }
     }
     Ok(())
 }

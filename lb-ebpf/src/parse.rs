@@ -1,5 +1,7 @@
 //! Header parsing with a bounds check before every access. IPv4 header length is taken from IHL
 //! (options allowed); fragments, truncated headers and other protocols get a defined outcome.
+//! ICMP errors (destination unreachable, time exceeded, parameter problem) that quote a TCP or
+//! UDP packet are parsed down to the quoted tuple, for the reply program to translate.
 
 use core::mem::size_of;
 
@@ -10,6 +12,10 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -52,6 +58,14 @@ pub struct TcpHdr {
 }
 
 #[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+#[repr(C)]
 pub struct UdpHdr {
     pub source: u16,
     pub dest: u16,
@@ -82,8 +96,27 @@ impl Flow {
     }
 }
 
+/// An ICMP error about a TCP or UDP packet: where its parts are and the quoted packet's tuple.
+pub struct IcmpError {
+    /// The ICMP header.
+    pub icmp_off: usize,
+    /// The quoted IPv4 header.
+    pub inner_off: usize,
+    /// The quoted TCP or UDP header, of which at least 8 bytes (ports; UDP's checksum) are there.
+    pub inner_l4_off: usize,
+    pub outer_saddr: u32,
+    pub outer_daddr: u32,
+    /// The quoted packet: source, destination, protocol.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
 pub enum Parsed {
     Flow(Flow),
+    IcmpError(IcmpError),
     /// Not for lb: pass untouched and count.
     Pass(u32),
     /// Malformed: drop and count.
@@ -143,6 +176,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
             Some(u) => unsafe { ((*u).source, (*u).dest, 0) },
             None => return Parsed::Drop(counters::DROP_MALFORMED),
         },
+        IPPROTO_ICMP => return parse_icmp_error(data, data_end, l4_off, saddr, daddr),
         _ => return Parsed::Pass(counters::PASS_OTHER_PROTO),
     };
     Parsed::Flow(Flow {
@@ -154,5 +188,50 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         proto,
         tcp_flags,
         first_fragment: frag_off & IP_MF != 0,
+    })
+}
+
+/// An ICMP error quoting TCP or UDP, or (anything else, a quote too short) another protocol to
+/// pass: ICMP is not lb's to drop.
+#[inline(always)]
+fn parse_icmp_error(
+    data: usize,
+    data_end: usize,
+    icmp_off: usize,
+    outer_saddr: u32,
+    outer_daddr: u32,
+) -> Parsed {
+    let other = Parsed::Pass(counters::PASS_OTHER_PROTO);
+    let Some(icmp) = ptr_at::<IcmpHdr>(data, data_end, icmp_off) else { return other };
+    // SAFETY: bounds checked by ptr_at.
+    let kind = unsafe { (*icmp).kind };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED && kind != ICMP_PARAMETERPROB {
+        return other;
+    }
+    let inner_off = icmp_off + size_of::<IcmpHdr>();
+    let Some(inner) = ptr_at::<Ipv4Hdr>(data, data_end, inner_off) else { return other };
+    // SAFETY: bounds checked by ptr_at.
+    let (version_ihl, proto, saddr, daddr) =
+        unsafe { ((*inner).version_ihl, (*inner).proto, (*inner).saddr, (*inner).daddr) };
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return other;
+    }
+    let inner_l4_off = inner_off + ihl;
+    // The first 8 bytes of the quoted header: the ports (and UDP's length and checksum).
+    let Some(ports) = ptr_at::<UdpHdr>(data, data_end, inner_l4_off) else { return other };
+    // SAFETY: bounds checked by ptr_at.
+    let (sport, dport) = unsafe { ((*ports).source, (*ports).dest) };
+    Parsed::IcmpError(IcmpError {
+        icmp_off,
+        inner_off,
+        inner_l4_off,
+        outer_saddr,
+        outer_daddr,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        proto,
     })
 }

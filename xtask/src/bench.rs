@@ -35,7 +35,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     let mut cmd = Command::new(release.join("examples/bench_traffic"));
     cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
     if o.quick {
-        cmd.args(["--services", "1,1000", "--reps", "1", "--seconds", "2", "--ruleset-services", "1000"]);
+        cmd.args(["--services", "1,1000", "--reps", "1", "--seconds", "2"]);
     }
     run_cmd(&mut cmd)
 }

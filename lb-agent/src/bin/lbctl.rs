@@ -52,7 +52,8 @@ enum Cmd {
     /// Datapath counters and drop reasons, and per-Service statistics.
     Stats,
     /// Streams datapath events (new flows, drops with their reason) as they happen. The datapath
-    /// sends them only while a monitor listens, at most 2,000 a second per CPU.
+    /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
+    /// default).
     Monitor {
         /// Stop after this many events.
         #[arg(long)]
@@ -69,10 +70,13 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Streams events until stopped; the listener count is raised for as long as this runs.
-fn monitor(args: &Args, maps: &mut Maps, count: Option<usize>, timeout: Option<f64>) -> anyhow::Result<()> {
+/// Streams events until stopped. Only the ring buffer's read position moves; no map is written.
+fn monitor(args: &Args, maps: &Maps, count: Option<usize>, timeout: Option<f64>) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
+    anyhow::ensure!(maps.flow_events(), "flow events are off: the agent runs with --flow-events=false");
     let mut events = Maps::events(&args.pin_dir)?;
+    // Events sent before this monitor started are history: skip them.
+    while events.next().is_some() {}
     let names: std::collections::BTreeMap<u32, String> =
         inspect::frontend_names(maps)?.into_iter().map(|(id, (_, service))| (id, service)).collect();
     // SAFETY: installing a handler that only stores to an atomic.
@@ -80,7 +84,6 @@ fn monitor(args: &Args, maps: &mut Maps, count: Option<usize>, timeout: Option<f
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    maps.add_listener(1)?;
     let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
     let json = matches!(args.output, Output::Json);
     if !json {
@@ -124,7 +127,6 @@ fn monitor(args: &Args, maps: &mut Maps, count: Option<usize>, timeout: Option<f
             unsafe { libc::poll(&mut p, 1, 100) };
         }
     })();
-    maps.add_listener(-1)?;
     result
 }
 
@@ -140,9 +142,9 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    let mut maps = Maps::from_pins(&args.pin_dir).map_err(|e| match e {
-        DatapathError::Map { source: aya::maps::MapError::SyscallError(s), .. }
-            if s.io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+    let maps = Maps::from_pins_read_only(&args.pin_dir).map_err(|e| match e {
+        DatapathError::Map { source: aya::maps::MapError::IoError(ref io), .. }
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
         {
             anyhow::anyhow!(
                 "permission denied reading {}: run lbctl as root (it needs CAP_BPF)",
@@ -254,7 +256,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             println!("{t}");
             println!("{} flows", v.len());
         }
-        Cmd::Monitor { count, timeout } => return monitor(args, &mut maps, *count, *timeout),
+        Cmd::Monitor { count, timeout } => return monitor(args, &maps, *count, *timeout),
         Cmd::Stats => {
             let v = inspect::stats(&maps)?;
             if json {

@@ -326,3 +326,57 @@ endpoints:
 pub fn endpoint(pod: &Pod, conditions: &str) -> String {
     format!("- addresses: [{}]\n  nodeName: node{}\n  conditions: {{{conditions}}}", pod.ip, pod.node)
 }
+
+/// The Internet checksum of `bytes` (0 when `bytes` carries a right checksum).
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 =
+        bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet/IPv4/ICMP error from `src` to `dst` of `kind`/`code`, its second word `rest`
+/// (the next-hop MTU of "fragmentation needed"), quoting `quoted` (an IPv4 packet).
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip =
+        Ipv4Header::new(icmp.len() as u16, 64, IpNumber::ICMP, src.octets(), dst.octets()).expect("ipv4");
+    ip.header_checksum = ip.calc_header_checksum();
+    let mut out = Vec::new();
+    out.extend_from_slice(&GW_MAC);
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp);
+    out
+}
+
+/// What an ICMP error out of the datapath says, after checking the outer IPv4 and the ICMP
+/// checksums, and the quoted packet's IPv4 and (when it is quoted whole) L4 checksums.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeenIcmp {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub quoted: Seen,
+}
+
+pub fn check_icmp_error(bytes: &[u8]) -> SeenIcmp {
+    let (ip, icmp) = Ipv4Header::from_slice(&bytes[14..]).expect("ipv4 header out");
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "outer IPv4 header checksum");
+    assert_eq!(ip.protocol, IpNumber::ICMP);
+    assert_eq!(internet_checksum(icmp), 0, "ICMP checksum");
+    // The quote, as a packet of its own (check_packet verifies its checksums).
+    let mut quoted = bytes[..14].to_vec();
+    quoted.extend_from_slice(&icmp[8..]);
+    SeenIcmp {
+        src: Ipv4Addr::from(ip.source),
+        dst: Ipv4Addr::from(ip.destination),
+        quoted: check_packet(&quoted),
+    }
+}
