@@ -93,6 +93,12 @@ fn key(obj: &Value) -> String {
 
 impl MockApi {
     pub async fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind mock API server");
+        Self::start_on(listener).await
+    }
+
+    /// Serves on `listener` (bound, say, inside a network namespace where an agent runs).
+    pub async fn start_on(listener: std::net::TcpListener) -> Self {
         let (events, _) = broadcast::channel(4096);
         let (drops, _) = broadcast::channel(16);
         let state = Arc::new(ApiState {
@@ -114,7 +120,8 @@ impl MockApi {
             )
             .route("/api/v1/nodes", get(|s, q| handle(s, q, Resource::Nodes)))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock API server");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let addr = listener.local_addr().expect("local addr");
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

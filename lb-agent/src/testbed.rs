@@ -110,7 +110,8 @@ pub struct Lab {
 struct AgentSpec {
     node: Node,
     agent: PathBuf,
-    manifests: PathBuf,
+    /// `--manifests DIR` or `--kubeconfig PATH ...`.
+    source: Vec<String>,
     mode: Mode,
     extra: Vec<String>,
 }
@@ -238,11 +239,24 @@ impl Lab {
         mode: Mode,
         extra: &[&str],
     ) -> io::Result<()> {
+        let source = ["--manifests".to_string(), manifests.display().to_string()];
+        self.start_agent_with(node, agent, &source, mode, extra)
+    }
+
+    /// Starts `lb-agent` inside `node`'s namespace with another source (`--kubeconfig PATH`).
+    pub fn start_agent_with(
+        &mut self,
+        node: &Node,
+        agent: &Path,
+        source: &[String],
+        mode: Mode,
+        extra: &[&str],
+    ) -> io::Result<()> {
         self.agent_specs.retain(|s| s.node.netns != node.netns);
         self.agent_specs.push(AgentSpec {
             node: node.clone(),
             agent: agent.into(),
-            manifests: manifests.into(),
+            source: source.to_vec(),
             mode,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         });
@@ -253,8 +267,7 @@ impl Lab {
             Mode::Xdp => "xdp",
         };
         let mut cmd = Command::new(agent);
-        cmd.arg("--manifests")
-            .arg(manifests)
+        cmd.args(source)
             .args([
                 "--interfaces",
                 POD_IF_GLOB,
@@ -285,6 +298,11 @@ impl Lab {
         Ok(())
     }
 
+    /// The process id of `node`'s agent, while it runs.
+    pub fn agent_pid(&self, node: &Node) -> Option<u32> {
+        self.agents.iter().find(|(ns, _)| *ns == node.netns).map(|(_, c)| c.id())
+    }
+
     pub fn agent_log_path(&self, node: &Node) -> PathBuf {
         self.scratch.join(format!("agent-n{}.log", node.index))
     }
@@ -309,7 +327,7 @@ impl Lab {
             .cloned()
             .ok_or_else(|| io::Error::other("no agent started on that node"))?;
         let extra: Vec<&str> = spec.extra.iter().map(String::as_str).collect();
-        self.start_agent(&spec.node, &spec.agent, &spec.manifests, spec.mode, &extra)
+        self.start_agent_with(&spec.node, &spec.agent, &spec.source, spec.mode, &extra)
     }
 
     /// Stops the agents (SIGTERM, then SIGKILL after 5 s).

@@ -384,10 +384,12 @@ mod tests {
 pub mod capacity {
     /// Frontends (VIP:port/protocol). Frontend ids run from 1 to `SERVICES - 1`.
     pub const SERVICES: u32 = 65_536;
-    /// Backends. Backend ids run from 1 to `BACKENDS - 1`.
-    pub const BACKENDS: u32 = 65_536;
-    /// Maglev slots for all frontends together (u32 each: 16 MiB).
-    pub const MAGLEV_SLOTS: u32 = 4_194_304;
+    /// Backends. Backend ids run from 1 to `BACKENDS - 1`. Room for 10,000 Services × 10
+    /// endpoints and more (each distinct endpoint address, port and protocol is one backend).
+    pub const BACKENDS: u32 = 262_144;
+    /// Maglev slots for all frontends together (u32 each: 64 MiB). 10,000 Services × 10 endpoints
+    /// take 11.3 million (1,129 slots each), with room for churn.
+    pub const MAGLEV_SLOTS: u32 = 16_777_216;
     /// Conntrack entries (two per load-balanced flow).
     pub const CT: u32 = 524_288;
     /// ClientIP session affinity entries (client, frontend).

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 
 use clap::Parser;
@@ -21,6 +22,8 @@ enum Command {
     Bench(bench::Options),
     /// A long run of the hostile-packet fuzzer (the test suite runs a short one).
     Fuzz(fuzz::Options),
+    /// A long run of the load test: 10,000 Services and 100 endpoint changes a second under traffic.
+    Soak(soak::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(o) => demo::run(&o),
         Command::Bench(o) => bench::run(&o),
         Command::Fuzz(o) => fuzz::run(&o),
+        Command::Soak(o) => soak::run(&o),
     }
 }
 
