@@ -49,7 +49,7 @@ impl Harness {
         let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
         let source = KubeSource::start(api.client(), Some("node1"), tx);
         tokio::time::timeout(Duration::from_secs(20), source.wait_ready()).await.expect("stores ready");
-        let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 1 << 20 };
+        let caps = Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24 };
         let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
         let ctx = Context { node_name: Some("node1".into()), ..Context::default() };
         let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
@@ -253,4 +253,32 @@ async fn api_server_away_for_a_minute_then_back_converges_with_no_stale_backend(
         );
     }
     assert!(h.api.requests().0 > lists_before, "the agent relisted");
+}
+
+#[tokio::test]
+async fn hostile_objects_from_the_api_are_rejected_one_by_one() {
+    let api = api_with_web().await;
+    // Objects an API server would store: 10,000 endpoints in one slice, a thousand ports, a
+    // slice of another address type, a slice for no Service, and a ClusterIP that is no IPv4
+    // address (older servers, or a hand-edited etcd).
+    let big: Vec<String> = (0..10_000).map(|i| format!("10.250.{}.{}", i / 250, i % 250 + 1)).collect();
+    let big_refs: Vec<&str> = big.iter().map(String::as_str).collect();
+    api.apply(service("big", "10.96.0.20"));
+    api.apply(slice("big-1", "big", &big_refs));
+    let mut ports = service("ports", "10.96.0.21");
+    ports["spec"]["ports"] = (0..1000)
+        .map(|p| json!({"name": format!("p{p}"), "port": 1000 + p, "targetPort": 8080, "protocol": "TCP"}))
+        .collect();
+    api.apply(ports);
+    let mut fqdn = slice("fqdn-1", "web", &["example.com"]);
+    fqdn["addressType"] = json!("FQDN");
+    api.apply(fqdn);
+    api.apply(slice("orphan-1", "nobody", &["10.244.9.9"]));
+    api.apply(service("badip", "10.96.0.300"));
+    let mut h = Harness::start(api).await;
+    h.settle("hostile objects", |d| backends_of(d, "10.96.0.20") == Some(10_000)).await;
+    let d = h.dump();
+    assert_eq!(backends_of(&d, "10.96.0.10"), Some(2), "web untouched by the FQDN slice:\n{d}");
+    assert_eq!(d.lines().filter(|l| l.starts_with("frontend 10.96.0.21:")).count(), 1000, "a thousand ports");
+    assert!(!d.contains("10.96.0.300") && !d.contains("10.244.9.9"), "nothing from the bad ones:\n{d}");
 }
