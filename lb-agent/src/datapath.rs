@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
@@ -21,7 +21,7 @@ use lb_common::{
     counters, globals, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
     Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
     MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR,
-    PIN_LAYOUT_VERSION,
+    MAP_LB_MON_RATE, PIN_LAYOUT_VERSION,
 };
 
 use crate::sync::MapWriter;
@@ -107,6 +107,8 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
 pub enum DatapathError {
     #[error("creating pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: std::io::Error },
+    #[error("pinning map {map} at {path}: {reason}")]
+    PinMap { map: &'static str, path: PathBuf, reason: String },
     #[error(
         "{pin_dir} holds pinned layout {found:?}, this agent uses v{ours}: run the matching agent, or \
          `lb-agent --cleanup --pin-dir {pin_dir}` (detaches lb and drops tracked flows)",
@@ -613,6 +615,57 @@ impl Datapath {
             p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
         };
         fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Whether this agent's pins are all in place: the pin directory can be removed, or bpffs
+    /// unmounted, under a running agent. The links live only in their pins, so the programs are
+    /// detached then; the maps live on in this agent's handles.
+    pub fn pins_present(&self) -> bool {
+        self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
+            && self.attached.values().flatten().all(|p| p.exists())
+    }
+
+    /// Pins every map again where it was and forgets every attachment (its link went with its
+    /// pin), for the caller to attach afresh. Tracked flows, Maglev tables and counters are kept:
+    /// the maps never went away.
+    pub fn repin(&mut self, maps: &Maps) -> Result<(), DatapathError> {
+        let dir = self.links_dir.parent().expect("the layout directory").to_path_buf();
+        std::fs::create_dir_all(&self.links_dir)
+            .map_err(|source| DatapathError::PinDir { path: self.links_dir.clone(), source })?;
+        for d in [dir.parent().unwrap_or(&dir), &dir, &self.links_dir] {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+        let pin = |name: &'static str, data: &MapData| -> Result<(), DatapathError> {
+            let path = dir.join(name);
+            if path.exists() {
+                return Ok(());
+            }
+            data.pin(&path).map_err(|e| DatapathError::PinMap { map: name, path, reason: e.to_string() })
+        };
+        pin(MAP_LB4_SERVICES, maps.services.map())?;
+        pin(MAP_LB4_BACKENDS, maps.backends.map())?;
+        if let Some(data) = &maps.maglev._data {
+            pin(MAP_LB4_MAGLEV, data)?;
+        }
+        pin(MAP_LB4_CT, maps.ct.map())?;
+        pin(MAP_LB_COUNTERS, maps.counters.map())?;
+        pin(MAP_LB4_SVC_STATS, maps.svc_stats.map())?;
+        pin(MAP_LB4_AFFINITY, maps.affinity.map())?;
+        pin(MAP_LB4_FE_META, maps.meta.map())?;
+        pin(MAP_LB_MONITOR, maps.monitor.map())?;
+        for name in [MAP_LB_EVENTS, MAP_LB_MON_RATE] {
+            let path = dir.join(name);
+            if let (Some(map), false) = (self.ebpf.map(name), path.exists()) {
+                map.pin(&path).map_err(|e| DatapathError::PinMap {
+                    map: name,
+                    path,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        self.attached.clear();
         Ok(())
     }
 

@@ -234,6 +234,23 @@ async fn main() -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 agent.health.tick();
+                if !dp.pins_present() {
+                    // Someone removed the pin directory or unmounted bpffs: the links (and so the
+                    // programs' attachments) went with their pins; the maps live on here.
+                    error!(
+                        pin_dir = %args.pin_dir.display(),
+                        "pins are gone (directory removed, or bpffs unmounted): pinning the maps again and \
+                         re-attaching; tracked flows are kept"
+                    );
+                    dp.repin(&agent.maps).with_context(|| {
+                        format!(
+                            "cannot restore the pins under {}; exiting (is bpffs mounted at /sys/fs/bpf?)",
+                            args.pin_dir.display()
+                        )
+                    })?;
+                    attach_matching(&mut dp, &args.interfaces);
+                    info!("pins restored");
+                }
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
