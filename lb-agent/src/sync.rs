@@ -834,4 +834,33 @@ mod tests {
         assert_eq!(maps.services.len(), 1, "the frontend that fits is programmed");
         maps.assert_consistent();
     }
+
+    #[test]
+    fn full_service_and_slot_maps_fail_the_frontends_that_do_not_fit_and_keep_the_rest() {
+        // Frontend ids run from 1, so a 3-entry service map holds two frontends.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(Capacities { services: 3, backends: 64, maglev_slots: 1 << 16 }, OPTS);
+        let desired: BTreeMap<_, _> = (80..84).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
+        let (_, errors) = sync(&mut r, &desired, &mut maps);
+        assert_eq!(maps.services.len(), 2, "two fit");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors
+            .iter()
+            .all(|e| e.to_string().contains("service map is full") && e.reason_label() == "map_full"));
+        maps.assert_consistent();
+        // A second sync of the same state changes nothing that works and fails the same way.
+        let before = maps.services.clone();
+        let (_, errors) = sync(&mut r, &desired, &mut maps);
+        assert_eq!((maps.services.clone(), errors.len()), (before, 2));
+
+        // Maglev slots for one 251-slot table only.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(Capacities { services: 16, backends: 64, maglev_slots: 300 }, OPTS);
+        let desired: BTreeMap<_, _> = (80..82).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
+        let (_, errors) = sync(&mut r, &desired, &mut maps);
+        assert_eq!(maps.services.len(), 1, "the table that fits is programmed");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].to_string().contains("maglev slot array is full"), "{}", errors[0]);
+        maps.assert_consistent();
+    }
 }
