@@ -363,15 +363,23 @@ fn bed(tag: &str) -> anyhow::Result<Bed> {
     Ok(Bed { _nginx: nginx, client, backends, node, lab })
 }
 
+/// The iptables-restore of contender `c`'s backend.
+fn restore_program(c: Contender) -> &'static str {
+    if c == Contender::IptablesLegacy {
+        "iptables-legacy-restore"
+    } else {
+        "iptables-nft-restore"
+    }
+}
+
 /// Loads kube-proxy's rules for `services` into the node (replacing what is there); returns the
 /// time the load took.
 fn load_rules(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Result<Duration> {
     match c {
-        Contender::IptablesNft | Contender::IptablesLegacy => {
-            let program =
-                if c == Contender::IptablesNft { "iptables-nft-restore" } else { "iptables-legacy-restore" };
-            run_with_input(netns_cmd(&node.netns, None, program), &kube_proxy::iptables_full(services))
-        }
+        Contender::IptablesNft | Contender::IptablesLegacy => run_with_input(
+            netns_cmd(&node.netns, None, restore_program(c)),
+            &kube_proxy::iptables_full(services),
+        ),
         Contender::Nftables => {
             let _ =
                 netns_cmd(&node.netns, None, "nft").args(["delete", "table", "ip", "kube-proxy"]).output();
@@ -467,12 +475,7 @@ fn change_times(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::
                 run_with_input(cmd, &kube_proxy::nft_change(from, to))?
             }
             Contender::IptablesNft | Contender::IptablesLegacy => {
-                let program = if c == Contender::IptablesNft {
-                    "iptables-nft-restore"
-                } else {
-                    "iptables-legacy-restore"
-                };
-                let mut cmd = netns_cmd(&node.netns, None, program);
+                let mut cmd = netns_cmd(&node.netns, None, restore_program(c));
                 cmd.arg("--noflush");
                 run_with_input(cmd, &kube_proxy::iptables_change(from, to, large))?
             }
@@ -543,37 +546,13 @@ fn ruleset_times(n: u32, e: u32) -> anyhow::Result<String> {
     let mut lab = Lab::new("rs")?;
     let node = lab.node(1)?;
     let services = kube_proxy::services(n, e, &[(Ipv4Addr::new(10, 244, 1, 1), 80)]);
-    let mid = (n / 2) as usize;
-    let old = services[mid].clone();
-    let mut new = old.clone();
-    new.endpoints.pop();
-    let large = n * e > 1000;
     let mut md = format!(
         "\nkube-proxy's rulesets for {n} Services × {e} endpoints (`kube_proxy.rs`), loaded into an empty network namespace, in the same run:\n\n| ruleset | full load | one Service's endpoints changed (one removed, then back) |\n|---|---:|---:|\n"
     );
     for c in [Contender::IptablesNft, Contender::IptablesLegacy, Contender::Nftables] {
         let full = load_rules(c, &node, &services)?;
-        let mut changes = Vec::new();
-        for (from, to) in [(&old, &new), (&new, &old)] {
-            let took = match c {
-                Contender::Nftables => {
-                    let mut cmd = netns_cmd(&node.netns, None, "nft");
-                    cmd.args(["-f", "-"]);
-                    run_with_input(cmd, &kube_proxy::nft_change(from, to))?
-                }
-                _ => {
-                    let program = if c == Contender::IptablesNft {
-                        "iptables-nft-restore"
-                    } else {
-                        "iptables-legacy-restore"
-                    };
-                    let mut cmd = netns_cmd(&node.netns, None, program);
-                    cmd.arg("--noflush");
-                    run_with_input(cmd, &kube_proxy::iptables_change(from, to, large))?
-                }
-            };
-            changes.push(took.as_secs_f64());
-        }
+        let (removed, added) = change_times(c, &node, &services)?.context("a kube-proxy ruleset")?;
+        let changes = [removed, added];
         println!(
             "  {}: full load {:.2} s, one change {:.3} s / {:.3} s",
             c.name(),
