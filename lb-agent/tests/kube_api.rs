@@ -237,8 +237,9 @@ async fn api_server_away_for_a_minute_then_back_converges_with_no_stale_backend(
     let (lists_before, _) = h.api.requests();
 
     h.api.set_down(false);
-    // The client backs off while the server is away (at most 30 s between attempts).
-    h.settle_within(Duration::from_secs(45), "back after 60 s away", |d| {
+    // The client backs off while the server is away as client-go (and so kube-proxy) does: up to
+    // 30 s between attempts, doubled at most by jitter.
+    h.settle_within(Duration::from_secs(75), "back after 60 s away", |d| {
         backends_of(d, "10.96.0.10") == Some(1)
             && backends_of(d, "10.96.0.12").is_none()
             && backends_of(d, "10.96.0.13") == Some(1)
