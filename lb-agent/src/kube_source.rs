@@ -134,13 +134,31 @@ impl KubeSource {
         if dirty.all {
             return Change::All(self.objects());
         }
-        // One pass over the slices for the whole batch, whatever its size.
-        let mut slices: std::collections::HashMap<String, Vec<EndpointSlice>> =
-            dirty.services.iter().map(|key| (key.clone(), Vec::new())).collect();
+        // A few Services: each looks its slices up (the quickest for single changes). A burst
+        // (a relist's worth of events): one pass over the slices for the whole batch, not one
+        // per Service.
+        if dirty.services.len() <= 16 {
+            return Change::Services(
+                dirty
+                    .services
+                    .into_iter()
+                    .map(|key| {
+                        let (svc, slices) = self.service_objects(&key);
+                        (key, svc, slices)
+                    })
+                    .collect(),
+            );
+        }
+        use std::collections::HashMap;
+        let mut slices: HashMap<String, HashMap<String, Vec<EndpointSlice>>> = HashMap::new();
+        for key in &dirty.services {
+            let (ns, name) = key.split_once('/').unwrap_or(("", key));
+            slices.entry(ns.to_string()).or_default().insert(name.to_string(), Vec::new());
+        }
         for s in self.slices.state() {
             let Some(service) = s.labels().get(crate::model::LABEL_SERVICE_NAME) else { continue };
-            let key = format!("{}/{service}", s.namespace().unwrap_or_default());
-            if let Some(v) = slices.get_mut(&key) {
+            let ns = s.metadata.namespace.as_deref().unwrap_or_default();
+            if let Some(v) = slices.get_mut(ns).and_then(|m| m.get_mut(service.as_str())) {
                 v.push(EndpointSlice::clone(&s));
             }
         }
@@ -151,7 +169,7 @@ impl KubeSource {
                 .map(|key| {
                     let (ns, name) = key.split_once('/').unwrap_or(("", &key));
                     let svc = self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
-                    let mine = slices.remove(&key).unwrap_or_default();
+                    let mine = slices.get_mut(ns).and_then(|m| m.remove(name)).unwrap_or_default();
                     (key, svc, mine)
                 })
                 .collect(),
@@ -161,6 +179,23 @@ impl KubeSource {
     /// What changed since the last call.
     pub fn take_dirty(&self) -> Dirty {
         std::mem::take(&mut *self.dirty.lock().expect("dirty set"))
+    }
+
+    /// One Service (if it exists) and its EndpointSlices, as the stores hold them now.
+    pub fn service_objects(&self, key: &str) -> (Option<Service>, Vec<EndpointSlice>) {
+        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+        let svc = self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
+        let slices = self
+            .slices
+            .state()
+            .iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(ns)
+                    && s.labels().get(crate::model::LABEL_SERVICE_NAME).map(String::as_str) == Some(name)
+            })
+            .map(|s| EndpointSlice::clone(s))
+            .collect();
+        (svc, slices)
     }
 
     /// This node's zone, from its `topology.kubernetes.io/zone` label.
