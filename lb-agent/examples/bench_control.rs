@@ -124,6 +124,12 @@ fn wait_backends(maps: &Maps, i: u32, backends: u32) -> anyhow::Result<()> {
     }
 }
 
+/// Agent arguments that make it watch `api` (through a kubeconfig written at `path`).
+fn api_source(api: &MockApi, path: &Path) -> anyhow::Result<Vec<String>> {
+    std::fs::write(path, api.kubeconfig())?;
+    Ok(vec!["--kubeconfig".into(), path.display().to_string(), "--node-name".into(), "node1".into()])
+}
+
 fn percentiles(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
@@ -198,20 +204,7 @@ async fn main() -> anyhow::Result<()> {
         api.apply(service(i));
         api.apply(slice(i, e, 0));
     }
-    let kubeconfig = tmp.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: mock, cluster: {{server: \"http://{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: mock, user: u}}}}]\ncurrent-context: c\n",
-            api.addr
-        ),
-    )?;
-    let source = vec![
-        "--kubeconfig".to_string(),
-        kubeconfig.display().to_string(),
-        "--node-name".into(),
-        "node1".into(),
-    ];
+    let source = api_source(&api, &tmp.join("kubeconfig"))?;
     let mut agent = Agent::start(&args.agent, &pins, &source)?;
     let (t_api, rss_api) = tokio::task::block_in_place(|| agent.wait_first_sync())?;
     println!(
@@ -240,17 +233,7 @@ async fn main() -> anyhow::Result<()> {
         api2.apply(service(i));
         api2.apply(slice(i, e2, 0));
     }
-    let kubeconfig2 = tmp.join("kubeconfig2");
-    std::fs::write(
-        &kubeconfig2,
-        std::fs::read_to_string(&kubeconfig)?.replace(&api.addr.to_string(), &api2.addr.to_string()),
-    )?;
-    let source2 = vec![
-        "--kubeconfig".to_string(),
-        kubeconfig2.display().to_string(),
-        "--node-name".into(),
-        "node1".into(),
-    ];
+    let source2 = api_source(&api2, &tmp.join("kubeconfig2"))?;
     let mut agent = Agent::start(&args.agent, &pins, &source2)?;
     let (t_api2, rss_api2) = tokio::task::block_in_place(|| agent.wait_first_sync())?;
     drop(agent);

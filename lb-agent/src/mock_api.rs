@@ -129,6 +129,14 @@ impl MockApi {
         Self { addr, state, server }
     }
 
+    /// A kubeconfig file's contents that point at this server (for an agent run as a process).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: mock, cluster: {{server: \"http://{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: mock, user: u}}}}]\ncurrent-context: c\n",
+            self.addr
+        )
+    }
+
     /// A kube client for this server.
     pub fn client(&self) -> kube::Client {
         let url = format!("http://{}", self.addr).parse().expect("url");

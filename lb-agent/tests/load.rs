@@ -92,14 +92,7 @@ async fn ten_thousand_services_and_churn_under_traffic_lose_no_connection() {
     api.apply(service("web", VIP, 8080));
     api.apply(slice("web", 8080, &ips));
     let kubeconfig = lab.scratch().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: mock, cluster: {{server: \"http://{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: mock, user: u}}}}]\ncurrent-context: c\n",
-            api.addr
-        ),
-    )
-    .expect("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
     let source = ["--kubeconfig".to_string(), kubeconfig.display().to_string()];
     // Default capacities: they hold 10,000 Services × 10 endpoints.
     lab.start_agent_with(&n1, std::path::Path::new(AGENT), &source, Mode::Tc, &[]).expect("agent");
