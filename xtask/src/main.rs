@@ -26,14 +26,23 @@ enum Command {
     Soak(soak::Options),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Command::parse() {
+fn main() -> std::process::ExitCode {
+    let result = match Command::parse() {
         Command::Setup => setup::run(),
         Command::Test(o) => test::run(&o),
         Command::Demo(o) => demo::run(&o),
         Command::Bench(o) => bench::run(&o),
         Command::Fuzz(o) => fuzz::run(&o),
         Command::Soak(o) => soak::run(&o),
+    };
+    // The error and its causes on one line; never a backtrace, whatever RUST_BACKTRACE says
+    // (returning the error from main would print one when it is set).
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
