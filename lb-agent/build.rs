@@ -16,5 +16,9 @@ fn main() -> anyhow::Result<()> {
     aya_build::build_ebpf(
         [Package { name: "lb-ebpf", root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::Custom(EBPF_TOOLCHAIN),
-    )
+    )?;
+    // For dependents' build scripts (`links = "lb_ebpf"`): where the objects are. The test kit
+    // embeds the no-op programs from there, so that the product does not carry them.
+    println!("cargo:out_dir={}", std::env::var("OUT_DIR").context("OUT_DIR")?);
+    Ok(())
 }

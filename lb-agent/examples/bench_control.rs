@@ -16,8 +16,9 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use lb_agent::{datapath::Maps, mock_api::MockApi};
+use lb_agent::datapath::Maps;
 use lb_common::Lb4ServiceKey;
+use lb_testkit::api::MockApi;
 use serde_json::{json, Value};
 
 #[derive(Parser)]

@@ -26,13 +26,14 @@ use aya::{
 };
 use clap::Parser;
 use lb_agent::{
-    datapath::{Config, Datapath, Maps, Mode, NOOP_OBJECT, PROG_TC_FORWARD, PROG_TC_REPLY},
+    datapath::{Config, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
-    sync::{Capacities, Options, Reconciler},
+    reconcile::{Capacities, Options, Reconciler},
 };
 use lb_common::{
     Lb4CtEntry, Lb4CtKey, Lb4Service, Lb4ServiceKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_ESTABLISHED,
 };
+use lb_testkit::NOOP_OBJECT;
 
 #[derive(Parser)]
 struct Args {
@@ -84,11 +85,13 @@ impl Drop for Pins {
 fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
     Config {
         pin_dir: pin_dir.to_path_buf(),
-        services: 131_072,
-        backends: 1024,
-        maglev_slots: 65_536,
-        ct_entries: ct_fill + 65_536,
-        affinity_entries: 1024,
+        caps: Capacities {
+            services: 131_072,
+            backends: 1024,
+            maglev_slots: 65_536,
+            ct: ct_fill + 65_536,
+            affinity: 1024,
+        },
         ct_timeout_tcp_syn_secs: ct_timeouts_secs,
         ct_timeout_tcp_established_secs: ct_timeouts_secs,
         ct_timeout_tcp_close_secs: ct_timeouts_secs,
@@ -146,7 +149,8 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
             .into_iter()
             .map(|f| (f.addr, f))
             .collect();
-    let caps = Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536 };
+    let caps =
+        Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
     let mut r = Reconciler::new(
         caps,
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
@@ -289,7 +293,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Maglev table memory against fixed sizes, build time, and balance; returns a Markdown section.
 fn maglev_figures(rounds: usize) -> String {
-    use lb_agent::maglev::{build, table_size, Backend, DEFAULT_MAX_TABLE_SIZE};
+    use lb_agent::model::maglev::{build, table_size, Backend, DEFAULT_MAX_TABLE_SIZE};
     let mib = |slots: u64| slots as f64 * 4.0 / (1024.0 * 1024.0);
     let mut md =
         String::from("## Maglev tables\n\nCommand: `cargo xtask bench` (pure computation, no kernel).\n\n");

@@ -36,10 +36,8 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use kube_proxy::ServicePort;
-use lb_agent::{
-    datapath::Mode,
-    testbed::{http_get, wait_until, Lab, Node, Pod},
-};
+use lb_agent::datapath::Mode;
+use lb_testkit::lab::{http_get, wait_until, Lab, Node, Pod};
 
 #[derive(Parser)]
 struct Args {

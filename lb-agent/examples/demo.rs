@@ -13,10 +13,8 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use lb_agent::{
-    datapath::Mode,
-    testbed::{tcp_asks, udp_asks, wait_until, Lab, Pod, Session},
-};
+use lb_agent::datapath::Mode;
+use lb_testkit::lab::{tcp_asks, udp_asks, wait_until, Lab, Pod, Session};
 
 #[derive(Parser)]
 struct Args {
@@ -29,8 +27,9 @@ struct Args {
     /// The lbctl binary (its output is shown).
     #[arg(long)]
     lbctl: PathBuf,
-    #[arg(long, value_enum, default_value = "tc")]
-    datapath: Mode,
+    /// Where the pod → service direction runs: `tc` or `xdp`.
+    #[arg(long, default_value = "tc", value_parser = ["tc", "xdp"])]
+    datapath: String,
     /// Tear down right after showing the results.
     #[arg(long)]
     once: bool,
@@ -65,7 +64,8 @@ fn main() -> anyhow::Result<()> {
     let n1 = lab.node(1)?;
     let n2 = lab.node(2)?;
     lab.link_nodes(&n1, &n2)?;
-    let offload = args.datapath == Mode::Tc;
+    let datapath = if args.datapath == "xdp" { Mode::Xdp } else { Mode::Tc };
+    let offload = datapath == Mode::Tc;
     let c1 = lab.pod(&n1, "c1", 10, offload)?;
     let c2 = lab.pod(&n2, "c2", 10, offload)?;
     let backends: Vec<Pod> = vec![
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     for b in &backends {
         lab.serve(b, 8080, 5353)?;
     }
-    let mode = if args.datapath == Mode::Xdp { "xdp" } else { "tc" };
+    let mode = args.datapath.as_str();
     step(
         3,
         &format!(
@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         ),
     );
     for n in [&n1, &n2] {
-        lab.start_agent(n, &args.agent, &args.examples, args.datapath, &[])?;
+        lab.start_agent(n, &args.agent, &args.examples, datapath, &[])?;
     }
     step(4, "waiting for the service 10.96.0.10 to answer from both nodes");
     for (c, n) in [(&c1, &n1), (&c2, &n2)] {

@@ -1,7 +1,6 @@
-//! The agent's core: from objects to the maps, through the model and the reconciler. Sources
-//! (the manifest directory, the API server) call [`Agent::apply`] with everything they know, or
-//! [`Agent::apply_services`] with just the Services an event touched; the reconciler writes only
-//! what changed either way.
+//! The agent's core: a [`Change`] from a source goes through the model and the reconciler to the
+//! maps. [`Agent::apply`] is the only way in: with everything the source knows, or with just the
+//! Services an event touched; the reconciler writes only what changed either way.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,37 +8,43 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::Maps,
-    manifests::Objects,
     metrics::{Health, Metrics},
-    model::{self, Context, FrontendAddr},
-    sync::{MapWriter, Reconciler, SyncStats},
+    model::{self, Addresses, Context},
+    reconcile::{MapWriter, Reconciler, SyncStats},
+    source::{Change, Objects, ServiceObjects, What},
 };
 
 pub struct Agent<W: MapWriter = Maps> {
     pub maps: W,
     pub reconciler: Reconciler,
     pub ctx: Context,
+    /// The zone given by `--zone`; without it, the zone comes from this node's label.
+    zone_flag: Option<String>,
     /// Error messages already logged, so that a bad object is reported once, not on every sync.
     reported: BTreeSet<String>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Frontend addresses of each Service as last programmed, for incremental updates.
-    by_service: BTreeMap<String, Vec<FrontendAddr>>,
-    /// The Service that owns each frontend address.
-    owner: std::collections::HashMap<FrontendAddr, String>,
+    /// Which Service holds each frontend address, as last programmed.
+    addresses: Addresses,
+    /// Whether the first change (the whole state at start) was applied: it is a cold start, not
+    /// a change to measure programming latency by.
+    started: bool,
 }
 
-/// What one sync did.
-#[derive(Debug, Clone, Copy)]
+/// What one change did.
+#[derive(Debug, Clone)]
 pub struct Report {
     pub stats: SyncStats,
     pub frontends: usize,
-    pub errors: usize,
+    /// Every configuration and write error of this change, in the order they were found: what the
+    /// source could not read, then what the model rejected, then failed writes.
+    pub errors: Vec<String>,
+    /// Services whose objects were rejected: they keep what they had.
+    pub held: BTreeSet<String>,
     pub elapsed: Duration,
 }
 
@@ -48,18 +53,36 @@ impl<W: MapWriter> Agent<W> {
         Self {
             maps,
             reconciler,
+            zone_flag: ctx.zone.clone(),
             ctx,
             reported: BTreeSet::new(),
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new()),
-            by_service: BTreeMap::new(),
-            owner: std::collections::HashMap::new(),
+            addresses: Addresses::default(),
+            started: false,
         }
     }
 
+    /// Programs a change.
+    pub fn apply(&mut self, change: Change) -> Report {
+        let report = match change.what {
+            What::All(objects) => self.apply_all(objects),
+            What::Services(changed) => self.apply_services(changed),
+        };
+        if std::mem::replace(&mut self.started, true) {
+            let latency = change.seen.elapsed();
+            self.metrics.programming_latency.observe(latency.as_secs_f64());
+            debug!(latency_us = latency.as_micros() as u64, "change applied");
+        }
+        report
+    }
+
     /// Programs `objects`, the whole desired state of the source.
-    pub fn apply(&mut self, objects: Objects) -> Report {
+    fn apply_all(&mut self, objects: Objects) -> Report {
         let started = Instant::now();
+        if let Some(node) = &objects.node {
+            self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
+        }
         let model = model::build(&objects.services, &objects.slices, &self.ctx);
         let mut messages: Vec<(String, &'static str)> = Vec::new();
         messages.extend(objects.errors.iter().map(|e| (e.to_string(), e.reason_label())));
@@ -84,52 +107,29 @@ impl<W: MapWriter> Agent<W> {
             }
         }
         self.reported = current;
-        self.by_service.clear();
-        self.owner.clear();
-        for (addr, fe) in &model.frontends {
-            self.by_service.entry(fe.service.clone()).or_default().push(*addr);
-            self.owner.insert(*addr, fe.service.clone());
-        }
-        self.finish(stats, model.frontends.len(), messages.len(), started)
+        self.addresses = model.addresses;
+        let errors = messages.into_iter().map(|(m, _)| m).collect();
+        self.finish(stats, model.frontends.len(), errors, held, started)
     }
 
-    /// Recomputes only the listed Services (each with its current objects; `None`: deleted) and
-    /// writes what changed.
-    pub fn apply_services(&mut self, changed: Vec<(String, Option<Service>, Vec<EndpointSlice>)>) -> Report {
+    /// Recomputes only the listed Services (each with its current objects) and writes what
+    /// changed.
+    fn apply_services(&mut self, changed: Vec<ServiceObjects>) -> Report {
         let started = Instant::now();
         let mut upsert = BTreeMap::new();
         let mut removed = Vec::new();
         let mut errors = Vec::new();
-        for (key, svc, slices) in changed {
-            let m = model::build(svc.as_slice(), &slices, &self.ctx);
+        let mut held = BTreeSet::new();
+        for ServiceObjects { key, service, slices } in changed {
+            let m = model::build(service.as_slice(), &slices, &self.ctx);
             errors.extend(m.errors);
             if m.held.contains(&key) {
+                held.insert(key);
                 continue; // rejected: it keeps what it had
             }
-            let old = self.by_service.remove(&key).unwrap_or_default();
-            for a in &old {
-                self.owner.remove(a);
-            }
-            let mut mine = Vec::new();
-            for (addr, fe) in m.frontends {
-                // An address another Service already holds stays with it.
-                if let Some(other) = self.owner.get(&addr) {
-                    errors.push(model::ModelError::Invalid {
-                        kind: "Service",
-                        object: key.clone(),
-                        field: "spec.clusterIP".into(),
-                        reason: format!("{addr} is already used by Service {other}"),
-                    });
-                    continue;
-                }
-                mine.push(addr);
-                self.owner.insert(addr, key.clone());
-                upsert.insert(addr, fe);
-            }
-            removed.extend(old.into_iter().filter(|a| !mine.contains(a)));
-            if !mine.is_empty() {
-                self.by_service.insert(key, mine);
-            }
+            let (claimed, released) = self.addresses.reassign(&key, m.frontends, &mut errors);
+            upsert.extend(claimed);
+            removed.extend(released);
         }
         let (stats, sync_errors) =
             self.reconciler.apply(upsert.iter(), &removed, Instant::now(), &mut self.maps);
@@ -144,11 +144,23 @@ impl<W: MapWriter> Agent<W> {
             self.metrics.sync_error(e.reason_label());
             error!(reason = e.reason_label(), "{e}");
         }
-        self.finish(stats, upsert.len(), errors.len() + sync_errors.len(), started)
+        let messages = errors
+            .iter()
+            .map(ToString::to_string)
+            .chain(sync_errors.iter().map(ToString::to_string))
+            .collect();
+        self.finish(stats, upsert.len(), messages, held, started)
     }
 
-    fn finish(&mut self, stats: SyncStats, frontends: usize, errors: usize, started: Instant) -> Report {
-        let report = Report { stats, frontends, errors, elapsed: started.elapsed() };
+    fn finish(
+        &mut self,
+        stats: SyncStats,
+        frontends: usize,
+        errors: Vec<String>,
+        held: BTreeSet<String>,
+        started: Instant,
+    ) -> Report {
+        let report = Report { stats, frontends, errors, held, elapsed: started.elapsed() };
         let m = &self.metrics;
         m.syncs.inc();
         m.sync_duration.observe(report.elapsed.as_secs_f64());
@@ -178,7 +190,8 @@ impl<W: MapWriter> Agent<W> {
             for e in &errors {
                 warn!("{e}");
             }
-            self.finish(stats, 0, errors.len(), started);
+            let errors = errors.iter().map(ToString::to_string).collect();
+            self.finish(stats, 0, errors, BTreeSet::new(), started);
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, Maps},
-    dump::{endpoint, ipv4 as ip, proto_name, state_name},
+    reconcile::encode::{endpoint, ipv4 as ip, port, proto_name, socket, state_name},
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -111,7 +111,7 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
 fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, DatapathError> {
     let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
     let mut services = maps.read_services()?;
-    services.sort_by_key(|(k, _)| (ip(k.addr), u16::from_be(k.port), k.proto));
+    services.sort_by_key(|(k, _)| (ip(k.addr), port(k.port), k.proto));
     let mut out = Vec::new();
     for (key, svc) in services {
         let (svc, table) = table_of(maps, &key, svc)?;
@@ -129,7 +129,7 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
         let view = ServiceView {
             id: svc.id,
             vip: ip(key.addr).to_string(),
-            port: u16::from_be(key.port),
+            port: port(key.port),
             protocol: proto_name(key.proto),
             service: maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default(),
             table_size: svc.maglev_size,
@@ -151,7 +151,7 @@ fn backend_view(id: u32, b: lb_common::Lb4Backend) -> BackendView {
     BackendView {
         id,
         ip: ip(b.addr).to_string(),
-        port: u16::from_be(b.port),
+        port: port(b.port),
         protocol: proto_name(b.proto),
         state: state_name(b.state).into(),
         slots: None,
@@ -218,14 +218,14 @@ pub fn conntrack(
         }
         let (frontend, name) = names.get(&e.svc_id).cloned().unwrap_or_default();
         let protocol = proto_name(k.proto);
-        let vip = format!("{}:{}", ip(k.daddr), u16::from_be(k.dport));
+        let vip = socket(k.daddr, k.dport);
         if service.is_some_and(|q| !query_matches(&frontend, &name, q)) {
             continue;
         }
         out.push(FlowView {
-            client: format!("{}:{}", ip(k.saddr), u16::from_be(k.sport)),
+            client: socket(k.saddr, k.sport),
             vip,
-            backend: format!("{}:{}", ip(e.nat_addr), u16::from_be(e.nat_port)),
+            backend: socket(e.nat_addr, e.nat_port),
             protocol,
             state: ct_state(&e).into(),
             service: name,
@@ -289,10 +289,10 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
                 .map_or("unknown", |n| n.trim_start_matches("drop_"))
                 .to_string()
         }),
-        client: format!("{}:{}", ip(e.saddr), u16::from_be(e.sport)),
-        vip: format!("{}:{}", ip(e.daddr), u16::from_be(e.dport)),
+        client: socket(e.saddr, e.sport),
+        vip: socket(e.daddr, e.dport),
         protocol: proto_name(e.proto),
-        backend: new_flow.then(|| format!("{}:{}", ip(e.backend_addr), u16::from_be(e.backend_port))),
+        backend: new_flow.then(|| socket(e.backend_addr, e.backend_port)),
         service: names.get(&e.svc_id).cloned().unwrap_or_default(),
     })
 }

@@ -1,20 +1,21 @@
-//! lb-agent: turns Services and EndpointSlices into the lb datapath's maps.
+//! lb-agent: turns Services, EndpointSlices and this node into the lb datapath's maps.
 //!
-//! Pure cores: [`model`] (Kubernetes objects → frontends), [`maglev`] (tables), [`sync`]
-//! (desired state → map writes), [`alloc`]. Layers that touch the outside: [`manifests`] (files),
-//! [`datapath`] (the kernel).
+//! A change travels one way: [`source`] (the API server or a folder of manifests) → [`agent`] →
+//! [`model`] (pure: Kubernetes objects → frontends and Maglev tables) → [`reconcile`] (pure:
+//! desired state → ordered map writes, and the one encoder between model and map types) →
+//! [`datapath`] (the kernel: load, attach, pins, the maps). [`inspect`] reads the pinned maps for
+//! `lbctl` and the metrics; [`metrics`] serves them with the health endpoints.
+//!
+//! Without the `agent` feature (lbctl's build) the library has no source, agent or HTTP server:
+//! no Kubernetes client and no axum.
 
+#[cfg(feature = "agent")]
 pub mod agent;
-pub mod alloc;
 pub mod datapath;
-pub mod dump;
 pub mod inspect;
-pub mod kube_source;
-pub mod maglev;
-pub mod manifests;
+#[cfg(feature = "agent")]
 pub mod metrics;
-pub mod mock_api;
 pub mod model;
-pub mod netlink;
-pub mod sync;
-pub mod testbed;
+pub mod reconcile;
+#[cfg(feature = "agent")]
+pub mod source;

@@ -9,14 +9,28 @@ use anyhow::Context as _;
 use clap::Parser;
 use lb_agent::{
     agent::Agent,
-    datapath::{self, Datapath, Mode},
-    kube_source::Change,
-    maglev, manifests, metrics, model,
-    sync::{Capacities, Options, Reconciler},
+    datapath::{self, netlink::LinkEvents, Datapath, Mode},
+    metrics,
+    model::{self, maglev},
+    reconcile::{Options, Reconciler},
+    source::{self, Source},
 };
-use lb_common::{capacity, default_timeouts, hash::DEFAULT_FLOW_HASH_SEED};
+use lb_common::{
+    capacity::{self, Capacities},
+    default_timeouts,
+    hash::DEFAULT_FLOW_HASH_SEED,
+};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
+
+/// `--datapath`: the flag's spelling of [`Mode`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DatapathMode {
+    /// TC ingress of the pod's host-side interface.
+    Tc,
+    /// XDP on the pod's host-side interface (replies still use TC egress).
+    Xdp,
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
@@ -41,7 +55,7 @@ struct Args {
     pin_dir: PathBuf,
     /// Where the pod → service direction runs.
     #[arg(long, value_enum, default_value = "tc")]
-    datapath: Mode,
+    datapath: DatapathMode,
     /// This node's name (internalTrafficPolicy Local, node topology hints).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -104,6 +118,67 @@ struct Args {
     log_level: String,
 }
 
+/// Everything the flags say, by the part that uses it.
+struct Config {
+    datapath: datapath::Config,
+    mode: Mode,
+    interfaces: Vec<glob::Pattern>,
+    source: source::Config,
+    reconcile: Options,
+    model: model::Context,
+    flow_events: bool,
+    metrics_addr: std::net::SocketAddr,
+    healthz_addr: std::net::SocketAddr,
+}
+
+impl From<Args> for Config {
+    fn from(a: Args) -> Self {
+        let caps = Capacities {
+            services: a.max_services,
+            backends: a.max_backends,
+            maglev_slots: a.maglev_slots,
+            ct: a.ct_entries,
+            affinity: a.affinity_entries,
+        };
+        Self {
+            datapath: datapath::Config {
+                pin_dir: a.pin_dir,
+                caps,
+                ct_timeout_tcp_syn_secs: a.ct_timeout_tcp_syn,
+                ct_timeout_tcp_established_secs: a.ct_timeout_tcp_established,
+                ct_timeout_tcp_close_secs: a.ct_timeout_tcp_close,
+                ct_timeout_udp_secs: a.ct_timeout_udp,
+                flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
+                hairpin_addr: a.hairpin_addr,
+                bpf_log: a.bpf_log,
+            },
+            mode: match a.datapath {
+                DatapathMode::Tc => Mode::Tc,
+                DatapathMode::Xdp => Mode::Xdp,
+            },
+            interfaces: a.interfaces,
+            source: match a.manifests {
+                Some(dir) => source::Config::Files(dir),
+                None => source::Config::Kube { kubeconfig: a.kubeconfig, node_name: a.node_name.clone() },
+            },
+            reconcile: Options {
+                max_table_size: a.maglev_max_table_size,
+                maglev_seed: 0,
+                drain_timeout: Duration::from_secs(a.drain_timeout),
+            },
+            model: model::Context {
+                node_name: a.node_name,
+                zone: a.zone,
+                service_proxy_name: a.service_proxy_name,
+                max_endpoints_per_service: a.max_endpoints_per_service,
+            },
+            flow_events: a.flow_events,
+            metrics_addr: a.metrics_bind_address,
+            healthz_addr: a.healthz_bind_address,
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -118,76 +193,33 @@ async fn main() -> anyhow::Result<()> {
         info!("removed {n} pinned objects under {}", args.pin_dir.display());
         return Ok(());
     }
-    let cfg = datapath::Config {
-        pin_dir: args.pin_dir.clone(),
-        services: args.max_services,
-        backends: args.max_backends,
-        maglev_slots: args.maglev_slots,
-        ct_entries: args.ct_entries,
-        affinity_entries: args.affinity_entries,
-        ct_timeout_tcp_syn_secs: args.ct_timeout_tcp_syn,
-        ct_timeout_tcp_established_secs: args.ct_timeout_tcp_established,
-        ct_timeout_tcp_close_secs: args.ct_timeout_tcp_close,
-        ct_timeout_udp_secs: args.ct_timeout_udp,
-        flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
-        hairpin_addr: args.hairpin_addr,
-        bpf_log: args.bpf_log,
-    };
-    let (mut dp, mut maps) = Datapath::load(&cfg, args.datapath).context("loading the datapath")?;
-    maps.set_flow_events(args.flow_events).context("--flow-events")?;
-    let caps = Capacities {
-        services: args.max_services,
-        backends: args.max_backends,
-        maglev_slots: args.maglev_slots,
-    };
-    let opts = Options {
-        max_table_size: args.maglev_max_table_size,
-        maglev_seed: 0,
-        drain_timeout: Duration::from_secs(args.drain_timeout),
-    };
-    let reconciler = Reconciler::restore(caps, opts, maps.read_services()?, maps.read_backends()?, |id| {
-        maps.read_meta(id)
-    });
-    let ctx = model::Context {
-        node_name: args.node_name.clone(),
-        zone: args.zone.clone(),
-        service_proxy_name: args.service_proxy_name.clone(),
-        max_endpoints_per_service: args.max_endpoints_per_service,
-    };
-    let mut agent = Agent::new(maps, reconciler, ctx);
-    let caps = metrics::Capacities {
-        services: args.max_services,
-        backends: args.max_backends,
-        maglev_slots: args.maglev_slots,
-        ct: args.ct_entries,
-        affinity: args.affinity_entries,
-    };
-    let collector = metrics::DatapathCollector::new(args.pin_dir.clone(), caps, agent.metrics.clone());
+    let cfg = Config::from(args);
+    let pin_dir = cfg.datapath.pin_dir.clone();
+    let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
+    maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
+    let caps = cfg.datapath.caps;
+    let reconciler =
+        Reconciler::restore(caps, cfg.reconcile, maps.read_services()?, maps.read_backends()?, |id| {
+            maps.read_meta(id)
+        });
+    let mut agent = Agent::new(maps, reconciler, cfg.model);
+    let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
     let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
-    metrics::serve(args.metrics_bind_address, args.healthz_bind_address, registry, agent.health.clone())
+    metrics::serve(cfg.metrics_addr, cfg.healthz_addr, registry, agent.health.clone())
         .await
         .context("serving metrics and health")?;
 
-    // Changes from either source arrive here, with the time they were seen.
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let source = match &args.manifests {
-        Some(dir) => Source::files(dir, tx)?,
-        None => Source::kube(&args, tx).await?,
-    };
-    if let Some(zone) = source.zone().filter(|_| args.zone.is_none()) {
-        agent.ctx.zone = Some(zone);
-    }
+    // Changes from the source arrive here; the first holds everything it knows.
+    let (tx, mut changes) = source::channel();
+    let source = Source::start(&cfg.source, tx).await?;
     // Our view is rebuilt from the source before anything is reconciled: entries that are still
     // wanted are adopted, not rewritten.
-    agent.apply(source.objects()?);
-    if let Source::Kube(k) = &source {
-        // Included in the full sync above.
-        k.take_dirty();
-    }
+    let first = changes.recv().await.context("the source ended before its first change")?;
+    agent.apply(first);
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
-    attach_matching(&mut dp, &args.interfaces);
-    let mut links = lb_agent::netlink::LinkEvents::new().context("netlink link notifications")?;
+    attach_matching(&mut dp, &cfg.interfaces);
+    let mut links = LinkEvents::new().context("netlink link notifications")?;
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -197,40 +229,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            Some(seen) = changes.recv() => {
+            Some(change) = changes.recv() => {
                 agent.health.change_seen();
-                // Changes come in bursts (an editor's writes, a relist): take what else arrives
-                // within the debounce in the same sync.
-                let debounce = source.debounce();
-                if !debounce.is_zero() {
-                    tokio::time::sleep(debounce).await;
-                }
-                while changes.try_recv().is_ok() {}
-                if let Some(zone) = source.zone().filter(|_| args.zone.is_none()) {
-                    agent.ctx.zone = Some(zone);
-                }
-                match source.changes() {
-                    Ok(Change::All(objects)) => {
-                        agent.apply(objects);
-                        let latency = seen.elapsed();
-                        agent.metrics.programming_latency.observe(latency.as_secs_f64());
-                        debug!(latency_us = latency.as_micros() as u64, "change applied");
-                    }
-                    Ok(Change::Services(changed)) => {
-                        agent.apply_services(changed);
-                        let latency = seen.elapsed();
-                        agent.metrics.programming_latency.observe(latency.as_secs_f64());
-                        debug!(latency_us = latency.as_micros() as u64, "change applied");
-                    }
-                    // The directory itself is unreadable: keep serving the last good state.
-                    Err(e) => error!("{e:#}"),
-                }
+                agent.apply(change);
             }
             r = links.changed() => {
                 if let Err(e) = r {
                     warn!("netlink: {e}");
                 }
-                attach_matching(&mut dp, &args.interfaces);
+                attach_matching(&mut dp, &cfg.interfaces);
             }
             _ = tick.tick() => {
                 agent.health.tick();
@@ -238,30 +245,31 @@ async fn main() -> anyhow::Result<()> {
                     // Someone removed the pin directory or unmounted bpffs: the links (and so the
                     // programs' attachments) went with their pins; the maps live on here.
                     error!(
-                        pin_dir = %args.pin_dir.display(),
+                        pin_dir = %pin_dir.display(),
                         "pins are gone (directory removed, or bpffs unmounted): pinning the maps again and \
                          re-attaching; tracked flows are kept"
                     );
                     dp.repin(&agent.maps).with_context(|| {
                         format!(
                             "cannot restore the pins under {}; exiting (is bpffs mounted at /sys/fs/bpf?)",
-                            args.pin_dir.display()
+                            pin_dir.display()
                         )
                     })?;
-                    attach_matching(&mut dp, &args.interfaces);
+                    attach_matching(&mut dp, &cfg.interfaces);
                     info!("pins restored");
                 }
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
-                    attach_matching(&mut dp, &args.interfaces);
+                    attach_matching(&mut dp, &cfg.interfaces);
                 }
                 agent.tick(Instant::now());
                 dp.flush_logs();
             }
         }
     }
-    info!("stopping; the datapath stays in place (pins under {})", args.pin_dir.display());
+    drop(source);
+    info!("stopping; the datapath stays in place (pins under {})", pin_dir.display());
     Ok(())
 }
 
@@ -281,90 +289,6 @@ fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
         match dp.attach(&name) {
             Ok(()) => info!(interface = %name, "attached"),
             Err(e) => warn!(interface = %name, "{e}"),
-        }
-    }
-}
-
-/// Where the Services and EndpointSlices come from.
-enum Source {
-    Files { dir: PathBuf, _watcher: notify::RecommendedWatcher },
-    Kube(lb_agent::kube_source::KubeSource),
-}
-
-impl Source {
-    fn files(dir: &std::path::Path, tx: tokio::sync::mpsc::UnboundedSender<Instant>) -> anyhow::Result<Self> {
-        // Watch the directory before the first read, so that no change slips between them.
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                // Reads (the agent's own included) raise open/close events: only writes,
-                // creations, renames and removals are changes.
-                let change = !matches!(ev.kind, notify::EventKind::Access(_));
-                if change && ev.paths.iter().any(|p| manifests::is_manifest(p)) {
-                    let _ = tx.send(Instant::now());
-                }
-            }
-        })
-        .context("file watcher")?;
-        notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching --manifests {}", dir.display()))?;
-        Ok(Self::Files { dir: dir.to_path_buf(), _watcher: watcher })
-    }
-
-    async fn kube(args: &Args, tx: tokio::sync::mpsc::UnboundedSender<Instant>) -> anyhow::Result<Self> {
-        let config = match &args.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("--kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.context("--kubeconfig")?
-            }
-            None => kube::Config::infer().await.context(
-                "no API server configuration (in-cluster or kubeconfig); use --manifests for standalone mode",
-            )?,
-        };
-        let client = kube::Client::try_from(config).context("API client")?;
-        let source = lb_agent::kube_source::KubeSource::start(client, args.node_name.as_deref(), tx);
-        info!("waiting for the first complete list of Services, EndpointSlices and this Node");
-        source.wait_ready().await;
-        Ok(Self::Kube(source))
-    }
-
-    /// What to apply for the changes seen: everything, or only the Services an event touched.
-    fn changes(&self) -> anyhow::Result<Change> {
-        match self {
-            Self::Kube(k) => Ok(k.changes()),
-            Self::Files { .. } => Ok(Change::All(self.objects()?)),
-        }
-    }
-
-    fn objects(&self) -> anyhow::Result<manifests::Objects> {
-        match self {
-            Self::Files { dir, .. } => {
-                manifests::read_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))
-            }
-            Self::Kube(k) => Ok(k.objects()),
-        }
-    }
-
-    fn zone(&self) -> Option<String> {
-        match self {
-            Self::Files { .. } => None,
-            Self::Kube(k) => k.zone(),
-        }
-    }
-
-    fn debounce(&self) -> Duration {
-        match self {
-            // Editors may write a file in several steps.
-            Self::Files { .. } => Duration::from_millis(10),
-            // Bursts (a relist) are coalesced by the dirty set; nothing to wait for.
-            Self::Kube(_) => Duration::ZERO,
-        }
-    }
-
-    fn describe(&self) -> &'static str {
-        match self {
-            Self::Files { .. } => "manifests",
-            Self::Kube(_) => "api-server",
         }
     }
 }

@@ -30,7 +30,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{datapath::Maps, dump::state_name};
+use lb_common::capacity::Capacities;
+
+use crate::{datapath::Maps, reconcile::encode::state_name};
 
 type Labels = Vec<(String, String)>;
 
@@ -79,16 +81,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Map capacities, for occupancy.
-#[derive(Debug, Clone, Copy)]
-pub struct Capacities {
-    pub services: u32,
-    pub backends: u32,
-    pub maglev_slots: u32,
-    pub ct: u32,
-    pub affinity: u32,
 }
 
 /// Reads the datapath's counters from the pinned maps on each scrape.

@@ -12,9 +12,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
-    datapath::{Config, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
+    datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
-    sync::{Capacities, Options, Reconciler},
+    reconcile::{Capacities, Options, Reconciler},
 };
 use lb_common::counters as c;
 use support::*;
@@ -25,7 +25,8 @@ const FIN_ACK: L4 = L4::Tcp { syn: false, ack: true, fin: true, rst: false };
 
 fn setup(test: &str) -> (PinDir, Datapath, Maps) {
     let pins = PinDir::new(test);
-    let config = Config { ct_entries: TABLE, ..test_config(pins.path()) };
+    let mut config = test_config(pins.path());
+    config.caps.ct = TABLE;
     let (dp, mut maps) = Datapath::load(&config, Mode::Tc).expect("load datapath");
     let backends =
         (2..5).map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, proto: Protocol::Tcp });
@@ -38,7 +39,7 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
         affinity_timeout_secs: 0,
         local_only: false,
     };
-    let caps = Capacities { services: 64, backends: 64, maglev_slots: 65_536 };
+    let caps = Capacities { services: 64, backends: 64, maglev_slots: 65_536, ..Capacities::default() };
     let opts =
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
     let desired: BTreeMap<_, _> = [(fe.addr, fe)].into_iter().collect();

@@ -11,7 +11,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
-    sync::{Capacities, Options, Reconciler},
+    reconcile::{Capacities, Options, Reconciler},
 };
 use lb_common::{counters as c, hash::lb4_flow_hash, Lb4ServiceKey};
 use support::*;
@@ -87,7 +87,7 @@ fn program_state(maps: &mut Maps) {
         frontend(VIP_EMPTY, 80, Protocol::Tcp, &[]),
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
-    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536 };
+    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
     let mut r = Reconciler::new(
         caps,
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
@@ -501,7 +501,7 @@ fn sync_all(r: &mut Reconciler, maps: &mut Maps, fes: Vec<Frontend>) {
 fn service_semantics_table() {
     let pins = PinDir::new("semantics");
     let (dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
-    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536 };
+    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
     let opts =
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
     let mut r = Reconciler::new(caps, opts);

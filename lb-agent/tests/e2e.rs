@@ -5,11 +5,9 @@ mod support;
 
 use std::{collections::BTreeMap, net::SocketAddrV4};
 
-use lb_agent::{
-    datapath::Mode,
-    testbed::{tcp_asks, udp_asks, Session},
-};
+use lb_agent::datapath::Mode;
 use lb_common::counters as c;
+use lb_testkit::lab::{tcp_asks, udp_asks, Session};
 use support::{endpoint, who, Cluster, VIP};
 
 /// With 3 backends, each should get a third. 3,600 flows: a third is 1,200 with a standard

@@ -10,7 +10,8 @@ use std::{
     time::Duration,
 };
 
-use lb_agent::{datapath::Mode, testbed::in_netns};
+use lb_agent::datapath::Mode;
+use lb_testkit::lab::in_netns;
 use support::{endpoint, who, Cluster, VIP};
 
 #[test]
@@ -18,7 +19,7 @@ fn port_unreachable_from_a_backend_reaches_the_udp_client() {
     // Only b1, and its UDP endpoint port has no listener: b1's kernel answers "port unreachable"
     // about the packet client → b1:5399, which the client's socket (connected to VIP:53) only
     // recognises once it is translated back.
-    let yaml = |b: &[lb_agent::testbed::Pod; 3]| {
+    let yaml = |b: &[lb_testkit::lab::Pod; 3]| {
         who("", &[endpoint(&b[0], "ready: true")])
             .replace("- {name: udp, port: 5353, protocol: UDP}", "- {name: udp, port: 5399, protocol: UDP}")
     };
@@ -51,7 +52,7 @@ fn path_mtu_discovery_works_through_a_vip() {
     // Only b1, behind a 1200-byte MTU on its node-side link: the node answers the client's
     // full-sized segments (to b1 after DNAT) with "fragmentation needed". Translated, the client
     // lowers its path MTU to the VIP and resends; untranslated, the connection stalls.
-    let yaml = |b: &[lb_agent::testbed::Pod; 3]| who("", &[endpoint(&b[0], "ready: true")]);
+    let yaml = |b: &[lb_testkit::lab::Pod; 3]| who("", &[endpoint(&b[0], "ready: true")]);
     let c = Cluster::new("pmtu", Mode::Tc, true, yaml, &[]);
     c.wait_reachable(&c.client1, 80);
     let status = std::process::Command::new("ip")

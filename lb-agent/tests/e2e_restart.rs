@@ -15,10 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::{
-    datapath::{layout_dir, Mode},
-    testbed::{http_get, in_netns, tcp_asks, Pod, Session},
-};
+use lb_agent::datapath::{layout_dir, Mode};
+use lb_testkit::lab::{http_get, in_netns, tcp_asks, Pod, Session};
 use support::{endpoint, who, Cluster, VIP};
 
 /// Traffic from a pod until stopped: new connections one after another, and a long-lived
@@ -204,7 +202,7 @@ fn cleanup_removes_everything_and_other_layouts_are_refused() {
     assert!(!n1.pin_dir.exists(), "pins removed");
     // The links went with their pins (the kernel releases an unpinned link from a workqueue, so
     // shortly after): nothing translates the service address any more.
-    let detached = lb_agent::testbed::wait_until(Duration::from_secs(3), || {
+    let detached = lb_testkit::lab::wait_until(Duration::from_secs(3), || {
         match tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 1)?.pop().expect("one") {
             Ok(_) => Err(std::io::Error::other("still answered")),
             Err(_) => Ok(()),

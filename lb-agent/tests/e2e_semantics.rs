@@ -6,11 +6,9 @@ mod support;
 
 use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
-use lb_agent::{
-    datapath::Mode,
-    testbed::{tcp_asks, udp_asks, Session},
-};
+use lb_agent::datapath::Mode;
 use lb_common::{counters as c, BACKEND_STATE_TERMINATING};
+use lb_testkit::lab::{tcp_asks, udp_asks, Session};
 use support::{endpoint, who, Cluster, VIP};
 
 fn answers(v: Vec<std::io::Result<String>>) -> Vec<String> {
@@ -23,8 +21,7 @@ fn names(v: &[String]) -> BTreeSet<&str> {
 
 #[test]
 fn draining_keeps_established_connections_and_avoids_the_backend() {
-    let ready =
-        |b: &[lb_agent::testbed::Pod]| b.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>();
+    let ready = |b: &[lb_testkit::lab::Pod]| b.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>();
     let c = Cluster::new("drain", Mode::Tc, true, |b| who("", &ready(b)), &[]);
     c.wait_reachable(&c.client1, 80);
     let tcp = SocketAddrV4::new(VIP, 80);
@@ -176,7 +173,7 @@ fn hairpin_a_pod_reaches_itself_through_its_service() {
 #[test]
 fn named_target_port_that_differs_per_endpoint() {
     // b1 and b2 serve "tcp" on 8080, b3 on 9090: one Service port, two target numbers.
-    let yaml = |b: &[lb_agent::testbed::Pod; 3]| {
+    let yaml = |b: &[lb_testkit::lab::Pod; 3]| {
         let mut y = who("", &[endpoint(&b[0], "ready: true"), endpoint(&b[1], "ready: true")]);
         y.push_str(&format!(
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-2\n  namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: IPv4\nports:\n- {{name: tcp, port: 9090, protocol: TCP}}\nendpoints:\n{}\n",

@@ -21,7 +21,7 @@ use etherparse::{IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use lb_agent::{
     datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
-    sync::{Capacities, Options, Reconciler},
+    reconcile::{Capacities, Options, Reconciler},
 };
 use lb_common::counters as c;
 use support::*;
@@ -71,7 +71,7 @@ fn program(maps: &mut Maps) {
     .into_iter()
     .map(|f| (f.addr, f))
     .collect();
-    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536 };
+    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
     let opts =
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
     let (_, errors) =

@@ -1,20 +1,20 @@
-//! Golden tests for the Kubernetes model: each folder under `testdata/golden` holds Services and
+//! Golden tests for the Kubernetes model, through the real agent and reconciler: each folder under `testdata/golden` holds Services and
 //! EndpointSlices (`objects.yaml`, optionally `before.yaml` applied first), the node's context
 //! (`node.yaml`), and the expected dump of the maps (`expected.txt`). Run with
 //! `UPDATE_GOLDEN=1` to rewrite the expected files, then review the diff.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_agent::{
-    dump,
-    manifests::{read_bytes, Objects},
+    agent::Agent,
     model::{self, Context},
-    sync::{Capacities, MemoryMaps, Options, Reconciler},
+    reconcile::{Capacities, MemoryMaps, Options, Reconciler},
+    source::{files::read_bytes, Change, Objects},
 };
+use lb_testkit::dump;
 
 #[derive(serde::Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -43,41 +43,27 @@ fn run_case(dir: &Path) -> String {
         service_proxy_name: node.service_proxy_name,
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
     };
-    let caps = Capacities { services: 4096, backends: 4096, maglev_slots: 1 << 20 };
+    let caps = Capacities { services: 4096, backends: 4096, maglev_slots: 1 << 20, ..Capacities::default() };
     let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
-    let mut r = Reconciler::new(caps, opts);
-    let mut maps = MemoryMaps::default();
-    let mut names = BTreeMap::new();
+    // The real agent, as the binary drives it, over maps in memory.
+    let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
     let mut out = String::new();
     let mut steps = vec![];
     if dir.join("before.yaml").exists() {
         steps.push(dir.join("before.yaml"));
     }
     steps.push(dir.join("objects.yaml"));
-    let now = Instant::now();
     for path in steps {
-        let objects = read_objects(&path);
-        let m = model::build(&objects.services, &objects.slices, &ctx);
-        let mut held = m.held.clone();
-        held.extend(objects.errors.iter().filter_map(|e| e.service()));
-        let (_, sync_errors) = r.sync(&m.frontends, &held, now, &mut maps);
-        assert!(sync_errors.is_empty(), "{sync_errors:?}");
-        for f in m.frontends.values() {
-            let port = if f.port_name.is_empty() { String::new() } else { format!(":{}", f.port_name) };
-            names.insert(f.addr, format!("{}{port}", f.service));
-        }
+        let report = agent.apply(Change::all(read_objects(&path)));
         out.clear();
-        for e in &objects.errors {
+        for e in &report.errors {
             out.push_str(&format!("error {e}\n"));
         }
-        for e in &m.errors {
-            out.push_str(&format!("error {e}\n"));
-        }
-        for h in &held {
+        for h in &report.held {
             out.push_str(&format!("held {h}\n"));
         }
     }
-    out.push_str(&dump::render(&maps, &names));
+    out.push_str(&dump::render(&agent.maps));
     out
 }
 

@@ -4,17 +4,19 @@
 //! rejected with an error naming it; nothing else is lost; a Service whose object turns bad keeps
 //! what it had.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use lb_agent::{
     agent::Agent,
-    dump, manifests,
     model::Context,
-    sync::{Capacities, MemoryMaps, Options, Reconciler},
+    reconcile::{Capacities, MemoryMaps, Options, Reconciler},
+    source::{files as manifests, Change},
 };
+use lb_testkit::dump;
 
 fn agent() -> Agent<MemoryMaps> {
-    let caps = Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24 };
+    let caps =
+        Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24, ..Capacities::default() };
     let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
     Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), Context::default())
 }
@@ -68,8 +70,8 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         format!("{}---\n{}", service_yaml("victim", "10.96.0.11", PORT), slice_yaml("victim", &ips(2, 2))),
     );
     let mut a = agent();
-    a.apply(manifests::read_dir(&dir).expect("read"));
-    let before = dump::render(&a.maps, &BTreeMap::new());
+    a.apply(Change::all(manifests::read_dir(&dir).expect("read")));
+    let before = dump::render(&a.maps);
     assert_eq!(backends_of(&before, "10.96.0.11:80/TCP"), Some(2), "{before}");
 
     // The corpus.
@@ -145,8 +147,8 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         errors.iter().all(|e| !e.contains("empty.yaml") && !e.contains("separators.yaml")),
         "{errors:#?}"
     );
-    let report = a.apply(objects);
-    let after = dump::render(&a.maps, &BTreeMap::new());
+    let report = a.apply(Change::all(objects));
+    let after = dump::render(&a.maps);
     assert_eq!(backends_of(&after, "10.96.0.10:80/TCP"), Some(2), "good is untouched:\n{after}");
     assert_eq!(backends_of(&after, "10.96.0.11:80/TCP"), Some(2), "victim keeps what it had:\n{after}");
     assert_eq!(backends_of(&after, "10.96.0.14:80/TCP"), Some(10_000), "10,000 endpoints in one slice");
@@ -155,6 +157,6 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         1000,
         "a thousand ports, a frontend each (no endpoints)"
     );
-    assert!(report.errors >= 12, "errors counted: {}", report.errors);
+    assert!(report.errors.len() >= 12, "errors counted: {}", report.errors.len());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,21 +1,17 @@
 //! The Kubernetes source against an in-process API server speaking the real list and watch
 //! protocol, through kube's real client. Each scenario asserts what the maps hold afterwards.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lb_agent::{
     agent::Agent,
-    dump,
-    kube_source::{Change, KubeSource},
-    mock_api::MockApi,
     model::Context,
-    sync::{Capacities, MemoryMaps, Options, Reconciler},
+    reconcile::{Capacities, MemoryMaps, Options, Reconciler},
+    source::{kube::KubeSource, Change, What},
 };
+use lb_testkit::{api::MockApi, dump};
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 fn service(name: &str, ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
@@ -41,26 +37,41 @@ struct Harness {
     api: MockApi,
     source: KubeSource,
     agent: Agent<MemoryMaps>,
-    changes: UnboundedReceiver<Instant>,
+    changes: Receiver<Change>,
 }
 
 impl Harness {
     async fn start(api: MockApi) -> Self {
-        let (tx, changes) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, mut changes) = lb_agent::source::channel();
         let source = KubeSource::start(api.client(), Some("node1"), tx);
-        tokio::time::timeout(Duration::from_secs(20), source.wait_ready()).await.expect("stores ready");
-        let caps = Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24 };
+        // The first change holds everything, once every store has a complete list.
+        let first = tokio::time::timeout(Duration::from_secs(20), changes.recv())
+            .await
+            .expect("stores ready")
+            .expect("a first change");
+        let caps =
+            Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24, ..Capacities::default() };
         let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
         let ctx = Context { node_name: Some("node1".into()), ..Context::default() };
         let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
-        agent.ctx.zone = source.zone();
-        agent.apply(source.objects());
-        source.take_dirty();
+        assert!(matches!(first.what, What::All(_)), "the first change holds everything");
+        agent.apply(first);
         Self { api, source, agent, changes }
     }
 
     fn dump(&self) -> String {
-        dump::render(&self.agent.maps, &BTreeMap::new())
+        dump::render(&self.agent.maps)
+    }
+
+    /// Applies, as the agent does, the changes that arrive within `wait` (and any right behind
+    /// them). Returns whether one did.
+    async fn apply_arrivals(&mut self, wait: Duration) -> bool {
+        let Ok(Some(change)) = tokio::time::timeout(wait, self.changes.recv()).await else { return false };
+        self.agent.apply(change);
+        while let Ok(change) = self.changes.try_recv() {
+            self.agent.apply(change);
+        }
+        true
     }
 
     /// Applies changes as they arrive until `done(dump)` holds; panics after 10 s.
@@ -72,16 +83,7 @@ impl Harness {
         let deadline = Instant::now() + within;
         while !done(&self.dump()) {
             assert!(Instant::now() < deadline, "{what}: maps never got there:\n{}", self.dump());
-            if tokio::time::timeout(Duration::from_millis(100), self.changes.recv()).await.is_ok() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                while self.changes.try_recv().is_ok() {}
-                self.agent.ctx.zone = self.source.zone();
-                // The agent's path: only the touched Services, unless a relist calls for all.
-                match self.source.changes() {
-                    Change::All(objects) => self.agent.apply(objects),
-                    Change::Services(changed) => self.agent.apply_services(changed),
-                };
-            }
+            self.apply_arrivals(Duration::from_millis(100)).await;
         }
     }
 }
@@ -127,9 +129,9 @@ async fn initial_list_then_add_modify_delete_events() {
 
     h.api.apply(node("zone-b"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while h.source.zone().as_deref() != Some("zone-b") {
+    while h.agent.ctx.zone.as_deref() != Some("zone-b") {
         assert!(Instant::now() < deadline, "the node's new zone never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        h.apply_arrivals(Duration::from_millis(100)).await;
     }
 }
 
@@ -195,9 +197,7 @@ async fn slow_and_failing_lists_never_yield_a_partial_view() {
     h.api.hold_watches(false);
     let deadline = Instant::now() + Duration::from_millis(400);
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), h.changes.recv()).await {
-            h.agent.apply(h.source.objects());
-        }
+        h.apply_arrivals(Duration::from_millis(50)).await;
         let n = backends_of(&h.dump(), "10.96.0.10");
         assert!(n == Some(2) || n == Some(3), "a partial view was programmed:\n{}", h.dump());
     }
@@ -226,12 +226,7 @@ async fn api_server_away_for_a_minute_then_back_converges_with_no_stale_backend(
     // For 60 s the agent keeps serving the last good state, whatever its source reports.
     let away = Instant::now() + Duration::from_secs(60);
     while Instant::now() < away {
-        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), h.changes.recv()).await {
-            match h.source.changes() {
-                Change::All(objects) => h.agent.apply(objects),
-                Change::Services(changed) => h.agent.apply_services(changed),
-            };
-        }
+        h.apply_arrivals(Duration::from_millis(500)).await;
         assert_eq!(h.dump(), before, "the state changed while the API server was away");
     }
     let (lists_before, _) = h.api.requests();

@@ -14,12 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_agent::{
-    datapath::{Maps, Mode},
-    mock_api::MockApi,
-    testbed::{http_get, in_netns, wait_until, Lab, Session},
-};
+use lb_agent::datapath::{Maps, Mode};
 use lb_common::Lb4ServiceKey;
+use lb_testkit::{
+    api::MockApi,
+    lab::{http_get, in_netns, wait_until, Lab, Session},
+};
 use serde_json::{json, Value};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -99,9 +99,7 @@ async fn ten_thousand_services_and_churn_under_traffic_lose_no_connection() {
     let to = SocketAddrV4::new(VIP, 80);
     let (ns, log) = (client.netns.clone(), lab.agent_log_path(&n1));
     tokio::task::block_in_place(|| {
-        wait_until(Duration::from_secs(20), || {
-            lb_agent::testbed::tcp_asks(&client, to, 1)?.pop().expect("one")
-        })
+        wait_until(Duration::from_secs(20), || lb_testkit::lab::tcp_asks(&client, to, 1)?.pop().expect("one"))
     })
     .unwrap_or_else(|e| {
         panic!("web unreachable: {e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())

@@ -17,7 +17,10 @@ pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
 pub const MAP_LB4_AFFINITY: &str = "LB4_AFFINITY";
 pub const MAP_LB4_FE_META: &str = "LB4_FE_META";
+/// The datapath's events, read by `lbctl monitor` (which only moves the ring's read position).
 pub const MAP_LB_EVENTS: &str = "LB_EVENTS";
+/// `[0]`: non-zero while the datapath sends events. Written by the agent at start from
+/// `--flow-events` (on by default), never by `lbctl monitor`.
 pub const MAP_LB_MONITOR: &str = "LB_MONITOR";
 pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 
@@ -260,7 +263,8 @@ impl Lb4FrontendMeta {
     }
 }
 
-/// A datapath event for `lbctl monitor`, sent through `LB_EVENTS` while someone listens.
+/// A datapath event for `lbctl monitor`, sent through `LB_EVENTS` while the agent has events on
+/// (`LB_MONITOR[0]`, from `--flow-events`), whether or not a monitor is reading.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbEvent {
@@ -394,4 +398,27 @@ pub mod capacity {
     pub const CT: u32 = 524_288;
     /// ClientIP session affinity entries (client, frontend).
     pub const AFFINITY: u32 = 65_536;
+
+    /// Every capacity the agent sets at load time, in one place: the flags fill it, the loader,
+    /// the reconciler's allocators and the occupancy metrics read it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Capacities {
+        pub services: u32,
+        pub backends: u32,
+        pub maglev_slots: u32,
+        pub ct: u32,
+        pub affinity: u32,
+    }
+
+    impl Default for Capacities {
+        fn default() -> Self {
+            Self {
+                services: SERVICES,
+                backends: BACKENDS,
+                maglev_slots: MAGLEV_SLOTS,
+                ct: CT,
+                affinity: AFFINITY,
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
-//! session affinity, Maglev selection, hairpin. It only decides; the caller rewrites the packet.
+//! session affinity, Maglev selection, hairpin. It only decides; the pipeline rewrites the packet.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::warn;

@@ -68,13 +68,17 @@ pub static LB4_AFFINITY: LruHashMap<Lb4AffinityKey, Lb4Affinity> = LruHashMap::p
 pub static LB4_FE_META: Array<Lb4FrontendMeta> = Array::pinned(capacity::SERVICES, 0);
 
 /// Events for `lbctl monitor` (new flows, drops). Written by the datapath only while
-/// `LB_MONITOR[0]` (listeners) is non-zero, at most `MONITOR_RATE_PER_SEC` per CPU; read by
-/// `lbctl monitor`. A ring buffer: one buffer for all CPUs, in order, with no per-CPU set-up.
+/// `LB_MONITOR[0]` is non-zero (the agent's `--flow-events`, on by default), at most
+/// `MONITOR_RATE_PER_SEC` per CPU; read by `lbctl monitor`, which only moves the ring buffer's
+/// read position (it skips the events it finds at start). While nobody reads, the ring fills and
+/// further events are lost. A ring buffer: one buffer for all CPUs, in order, with no per-CPU
+/// set-up.
 #[map(name = "LB_EVENTS")]
 pub static LB_EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 
-/// `[0]`: how many `lbctl monitor` are listening. Written by `lbctl monitor` (and reset by the
-/// agent at start, in case a monitor was killed); read by the datapath before sending an event.
+/// `[0]`: non-zero while the datapath sends events to `LB_EVENTS`. Written by the agent only, at
+/// start, from `--flow-events` (on by default); read by the datapath before sending an event, and
+/// by `lbctl monitor`, which refuses to run while events are off and never writes it.
 #[map(name = "LB_MONITOR")]
 pub static LB_MONITOR: Array<u32> = Array::pinned(1, 0);
 

@@ -9,8 +9,9 @@ use crate::{
     parse::Flow,
 };
 
+/// Whether the agent has events on (`LB_MONITOR[0]`).
 #[inline(always)]
-fn listening() -> bool {
+fn events_on() -> bool {
     LB_MONITOR.get(0).is_some_and(|n| *n != 0)
 }
 
@@ -38,7 +39,7 @@ fn allowed(now: u64) -> bool {
 /// Sends an event about `f` if events are on and the rate allows.
 #[inline(always)]
 pub fn emit(f: &Flow, kind: u32, reason: u32, backend: (u32, u16), svc_id: u32, now: u64) {
-    if !listening() || !allowed(now) {
+    if !events_on() || !allowed(now) {
         return;
     }
     let e = LbEvent {

@@ -11,8 +11,11 @@ use aya_ebpf::{
 };
 use lb_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::parse::{
-    ptr_at, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF,
+use crate::{
+    ctx::PacketCtx,
+    parse::{
+        ptr_at, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF,
+    },
 };
 
 /// Which end of the packet to rewrite.
@@ -108,9 +111,10 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16)
 /// backend) becomes client → VIP again, with its IPv4 and L4 checksums and the ICMP checksum
 /// updated; when the backend itself sent the error, its source becomes the VIP too. ICMP's
 /// checksum covers no pseudo-header, so every change is a plain incremental update, right for
-/// any socket-buffer checksum state (the covered bytes' sum does not change).
+/// any socket-buffer checksum state (the covered bytes' sum does not change) and for XDP frames
+/// alike: no helper is needed, hence any [`PacketCtx`].
 #[inline(always)]
-pub fn rewrite_icmp_error(ctx: &TcContext, e: &IcmpError, vip: u32, vport: u16) -> Result<(), i64> {
+pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, vip: u32, vport: u16) -> Result<(), i64> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
     let icmp = ptr_at::<IcmpHdr>(data, end, e.icmp_off).ok_or(-1i64)?;

@@ -64,7 +64,16 @@ pub(crate) fn setup_and_build_release(what: &str, examples: &[&str]) -> anyhow::
     setup::run()?;
     println!("{what}: building (release)");
     let mut cmd = std::process::Command::new("cargo");
-    cmd.current_dir(root()).args(["build", "--release", "--locked", "-p", "lb-agent", "--bins"]);
+    cmd.current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "lb-agent",
+        "-p",
+        "lbctl",
+        "--bins",
+    ]);
     for e in examples {
         cmd.args(["--example", e]);
     }

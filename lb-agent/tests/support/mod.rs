@@ -9,10 +9,9 @@ use std::{
 };
 
 use etherparse::{IpNumber, Ipv4Header, Ipv4Options, TcpHeader, UdpHeader};
-use lb_agent::{
-    datapath::{Config, Maps, Mode},
-    testbed::{tcp_asks, wait_until, Lab, Node, Pod},
-};
+use lb_agent::datapath::{Config, Maps, Mode};
+use lb_common::capacity::Capacities;
+use lb_testkit::lab::{tcp_asks, wait_until, Lab, Node, Pod};
 
 /// A directory on bpffs, unique to this test, removed (with its pins) on drop.
 pub struct PinDir(pub PathBuf);
@@ -48,11 +47,7 @@ impl Drop for PinDir {
 pub fn test_config(pin_dir: &Path) -> Config {
     Config {
         pin_dir: pin_dir.to_path_buf(),
-        services: 1024,
-        backends: 1024,
-        maglev_slots: 65_536,
-        ct_entries: 16_384,
-        affinity_entries: 1024,
+        caps: Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ct: 16_384, affinity: 1024 },
         ct_timeout_tcp_syn_secs: 60,
         ct_timeout_tcp_established_secs: 3600,
         ct_timeout_tcp_close_secs: 10,

@@ -1,17 +1,39 @@
-//! The Kubernetes model: Services and EndpointSlices in, load-balancer frontends out. Pure: no
-//! kernel, no API server. It follows what kube-proxy programs for ClusterIP traffic.
+//! The Kubernetes model: Services, EndpointSlices and this node in, load-balancer frontends
+//! out. Pure: no kernel, no API server. It follows what kube-proxy programs, and each of its
+//! rules lives here once: which Services are ours and what they ask for ([`service`]), which
+//! endpoints take new flows ([`endpoints`]), who holds an address ([`Addresses`]), and the
+//! Maglev tables ([`maglev`]).
+
+mod endpoints;
+pub mod maglev;
+mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use self::{
+    endpoints::{select, slice_endpoints, EndpointsByPort},
+    service::{object_name, service_spec, SvcOutcome},
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The node label that names its zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// This node's zone, from its `topology.kubernetes.io/zone` label.
+pub fn node_zone(node: &Node) -> Option<String> {
+    node.metadata.labels.as_ref()?.get(LABEL_ZONE).cloned()
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -131,9 +153,6 @@ pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 
-const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-
 /// Why an object (or part of it) was not programmed. Each names the object and the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
@@ -170,320 +189,61 @@ pub struct Model {
     /// Services (`namespace/name`) whose current objects were rejected: whatever they had
     /// programmed stays as it was until they are valid again.
     pub held: BTreeSet<String>,
+    /// Which Service holds each address of `frontends`.
+    pub addresses: Addresses,
 }
 
-fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
-    format!("{}/{}", ns.map_or("default", String::as_str), name.map_or("<unnamed>", String::as_str))
+/// Which Service holds each frontend address: the one rule for two Services asking for the same
+/// address. The address stays with the Service that holds it (in a whole build, the first by
+/// name); the other is told which Service has it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Addresses {
+    owner: HashMap<FrontendAddr, String>,
+    by_service: BTreeMap<String, Vec<FrontendAddr>>,
 }
 
-fn parse_protocol(
-    kind: &'static str,
-    object: &str,
-    field: impl Fn() -> String,
-    p: Option<&String>,
-) -> Result<Protocol, ModelError> {
-    match p.map_or("TCP", String::as_str) {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Err(ModelError::unsupported(kind, object, field(), "protocol SCTP")),
-        other => Err(ModelError::invalid(kind, object, field(), format!("unknown protocol {other:?}"))),
-    }
-}
-
-fn parse_port(kind: &'static str, object: &str, field: String, port: i32) -> Result<u16, ModelError> {
-    u16::try_from(port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| ModelError::invalid(kind, object, field, format!("port {port} is not in 1-65535")))
-}
-
-/// A Service port after validation.
-struct SvcPort {
-    name: String,
-    port: u16,
-    proto: Protocol,
-}
-
-/// What a valid Service asks for.
-struct SvcSpec {
-    vips: Vec<Ipv4Addr>,
-    ports: Vec<SvcPort>,
-    affinity_timeout_secs: u32,
-    local_only: bool,
-}
-
-enum SvcOutcome {
-    /// Not ours (headless, ExternalName, another proxy's).
-    Skip,
-    /// Valid, possibly with parts left out (reported in `errors`).
-    Use(SvcSpec),
-    /// Rejected: reported in `errors`; what it had stays programmed.
-    Reject,
-}
-
-fn service_spec(svc: &Service, object: &str, ctx: &Context, errors: &mut Vec<ModelError>) -> SvcOutcome {
-    const KIND: &str = "Service";
-    let labels = svc.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-        return SvcOutcome::Skip;
-    }
-    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
-        if ctx.service_proxy_name.as_deref() != Some(proxy.as_str()) {
-            return SvcOutcome::Skip;
-        }
-    }
-    let Some(spec) = svc.spec.as_ref() else {
-        errors.push(ModelError::invalid(KIND, object, "spec".into(), "missing"));
-        return SvcOutcome::Reject;
-    };
-    if spec.type_.as_deref() == Some("ExternalName") {
-        return SvcOutcome::Skip;
-    }
-    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
-    if ips.is_empty() {
-        ips.extend(spec.cluster_ip.iter());
-    }
-    if ips.is_empty() {
-        errors.push(ModelError::invalid(KIND, object, "spec.clusterIP".into(), "missing"));
-        return SvcOutcome::Reject;
-    }
-    if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
-        return SvcOutcome::Skip; // headless
-    }
-    let mut vips = Vec::new();
-    for (i, ip) in ips.iter().enumerate() {
-        let field = if spec.cluster_ips.is_some() {
-            format!("spec.clusterIPs[{i}]")
-        } else {
-            "spec.clusterIP".into()
-        };
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
-            Err(_) => {
-                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")));
-                return SvcOutcome::Reject;
+impl Addresses {
+    /// Gives `addr` to `service`, unless a Service holds it already.
+    pub fn claim(&mut self, addr: FrontendAddr, service: &str) -> Result<(), ModelError> {
+        match self.owner.get(&addr) {
+            // Held already, even by this Service (a port or address listed twice).
+            Some(other) => Err(ModelError::invalid(
+                "Service",
+                service,
+                "spec.clusterIP".into(),
+                format!("{addr} is already used by Service {other}"),
+            )),
+            None => {
+                self.owner.insert(addr, service.to_string());
+                self.by_service.entry(service.to_string()).or_default().push(addr);
+                Ok(())
             }
         }
     }
-    let svc_ports = spec.ports.as_deref().unwrap_or_default();
-    if svc_ports.is_empty() {
-        errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
-        return SvcOutcome::Reject;
-    }
-    let mut ports = Vec::new();
-    for (i, p) in svc_ports.iter().enumerate() {
-        let port = match parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port) {
-            Ok(port) => port,
-            Err(e) => {
-                errors.push(e);
-                return SvcOutcome::Reject;
-            }
-        };
-        match parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref()) {
-            Ok(proto) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
-            // SCTP: that port is left out and reported; the others work.
-            Err(e @ ModelError::Unsupported { .. }) => errors.push(e),
-            Err(e) => {
-                errors.push(e);
-                return SvcOutcome::Reject;
+
+    /// Replaces what `service` holds by the addresses of `frontends` (its whole new set), keeping
+    /// addresses other Services hold with them (reported in `errors`). Returns the frontends it
+    /// now holds and the addresses it held before and no longer does.
+    pub fn reassign(
+        &mut self,
+        service: &str,
+        frontends: BTreeMap<FrontendAddr, Frontend>,
+        errors: &mut Vec<ModelError>,
+    ) -> (Vec<(FrontendAddr, Frontend)>, Vec<FrontendAddr>) {
+        let old = self.by_service.remove(service).unwrap_or_default();
+        for a in &old {
+            self.owner.remove(a);
+        }
+        let mut claimed = Vec::new();
+        for (addr, fe) in frontends {
+            match self.claim(addr, service) {
+                Ok(()) => claimed.push((addr, fe)),
+                Err(e) => errors.push(e),
             }
         }
+        let released = old.into_iter().filter(|a| self.owner.get(a).map(String::as_str) != Some(service));
+        (claimed, released.collect())
     }
-    let affinity_timeout_secs = match spec.session_affinity.as_deref() {
-        Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS as i32);
-            match u32::try_from(t).ok().filter(|t| (1..=86_400).contains(t)) {
-                Some(t) => t,
-                None => {
-                    let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into();
-                    errors.push(ModelError::invalid(KIND, object, field, format!("{t} is not in 1-86400")));
-                    return SvcOutcome::Reject;
-                }
-            }
-        }
-        None | Some("None") => 0,
-        Some(other) => {
-            let field = "spec.sessionAffinity".into();
-            errors.push(ModelError::invalid(KIND, object, field, format!("unknown value {other:?}")));
-            return SvcOutcome::Reject;
-        }
-    };
-    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-    if vips.is_empty() || ports.is_empty() {
-        return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
-    }
-    SvcOutcome::Use(SvcSpec { vips, ports, affinity_timeout_secs, local_only })
-}
-
-/// One endpoint serving one Service port.
-#[derive(Clone)]
-struct EndpointPort {
-    ip: Ipv4Addr,
-    port: u16,
-    ready: bool,
-    serving: bool,
-    terminating: bool,
-    node: Option<String>,
-    zone_hints: BTreeSet<String>,
-    node_hints: BTreeSet<String>,
-}
-
-type EndpointsByPort = BTreeMap<(String, Protocol), Vec<EndpointPort>>;
-
-/// The endpoints of one EndpointSlice, per Service port name and protocol. A slice with a bad
-/// field is rejected whole.
-fn slice_endpoints(slice: &EndpointSlice, object: &str, out: &mut EndpointsByPort) -> Result<(), ModelError> {
-    const KIND: &str = "EndpointSlice";
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => return Ok(()),
-        other => {
-            return Err(ModelError::invalid(
-                KIND,
-                object,
-                "addressType".into(),
-                format!("unknown address type {other:?}"),
-            ));
-        }
-    }
-    let mut ports = Vec::new();
-    for (i, p) in slice.ports.iter().flatten().enumerate() {
-        let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref())
-        {
-            Ok(proto) => proto,
-            Err(ModelError::Unsupported { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        // A port without a number means "all ports": only meaningful for selector-less use.
-        let Some(port) = p.port else { continue };
-        ports.push((
-            p.name.clone().unwrap_or_default(),
-            proto,
-            parse_port(KIND, object, format!("ports[{i}].port"), port)?,
-        ));
-    }
-    for (i, ep) in slice.endpoints.iter().enumerate() {
-        let cond = ep.conditions.as_ref();
-        // A missing `ready` counts as ready; `serving` defaults to `ready`.
-        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-        // Kubernetes uses only the first address of an endpoint.
-        let Some(addr) = ep.addresses.first() else {
-            return Err(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
-        };
-        let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
-            ModelError::invalid(
-                KIND,
-                object,
-                format!("endpoints[{i}].addresses[0]"),
-                format!("{addr:?} is not an IPv4 address"),
-            )
-        })?;
-        let hints = ep.hints.as_ref();
-        let zone_hints =
-            hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
-        let node_hints =
-            hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
-        for (name, proto, port) in &ports {
-            out.entry((name.clone(), *proto)).or_default().push(EndpointPort {
-                ip,
-                port: *port,
-                ready,
-                serving,
-                terminating,
-                node: ep.node_name.clone(),
-                zone_hints: BTreeSet::clone(&zone_hints),
-                node_hints: BTreeSet::clone(&node_hints),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint carries
-/// them and some endpoint is hinted for this node (node hints) or zone (zone hints).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Topology {
-    All,
-    SameNode,
-    SameZone,
-}
-
-fn topology_mode(eps: &[EndpointPort], ctx: &Context) -> Topology {
-    let ready: Vec<&EndpointPort> = eps.iter().filter(|e| e.ready).collect();
-    if ready.is_empty() {
-        return Topology::All;
-    }
-    if let Some(node) = &ctx.node_name {
-        if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(node))
-        {
-            return Topology::SameNode;
-        }
-    }
-    if let Some(zone) = &ctx.zone {
-        if ready.iter().all(|e| !e.zone_hints.is_empty()) && ready.iter().any(|e| e.zone_hints.contains(zone))
-        {
-            return Topology::SameZone;
-        }
-    }
-    Topology::All
-}
-
-fn available(e: &EndpointPort, mode: Topology, ctx: &Context) -> bool {
-    match mode {
-        Topology::All => true,
-        Topology::SameNode => ctx.node_name.as_ref().is_some_and(|n| e.node_hints.contains(n)),
-        Topology::SameZone => ctx.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
-    }
-}
-
-/// Picks the endpoints for new flows as kube-proxy's `CategorizeEndpoints` does; the other listed
-/// endpoints are kept for their established flows.
-fn select(
-    eps: &[EndpointPort],
-    proto: Protocol,
-    local_only: bool,
-    ctx: &Context,
-) -> (Vec<BackendAddr>, Vec<(BackendAddr, BackendState)>) {
-    // Merge duplicates (the same address and port in two slices): ready if any copy is.
-    let mut merged: BTreeMap<(Ipv4Addr, u16), EndpointPort> = BTreeMap::new();
-    for e in eps {
-        merged
-            .entry((e.ip, e.port))
-            .and_modify(|m| {
-                m.ready |= e.ready;
-                m.serving |= e.serving;
-                m.terminating &= e.terminating;
-            })
-            .or_insert_with(|| e.clone());
-    }
-    let eps: Vec<EndpointPort> = merged.into_values().collect();
-    let candidates: Vec<&EndpointPort> = if local_only {
-        eps.iter().filter(|e| ctx.node_name.is_some() && e.node == ctx.node_name).collect()
-    } else {
-        let mode = topology_mode(&eps, ctx);
-        eps.iter().filter(|e| available(e, mode, ctx)).collect()
-    };
-    let mut chosen: Vec<&EndpointPort> = candidates.iter().copied().filter(|e| e.ready).collect();
-    if chosen.is_empty() {
-        // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
-        chosen = candidates.iter().copied().filter(|e| e.serving && e.terminating).collect();
-    }
-    let addr = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto };
-    let backends: BTreeSet<BackendAddr> = chosen.iter().map(|e| addr(e)).collect();
-    let kept = eps
-        .iter()
-        .filter(|e| !backends.contains(&addr(e)))
-        .map(|e| (addr(e), if e.ready { BackendState::Active } else { BackendState::Terminating }))
-        .collect();
-    (backends.into_iter().collect(), kept)
 }
 
 /// Translates Services and EndpointSlices into frontends. Invalid objects are reported in
@@ -542,13 +302,8 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> M
             let (backends, kept) = select(eps, p.proto, spec.local_only, ctx);
             for vip in &spec.vips {
                 let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
-                if let Some(existing) = model.frontends.get(&addr) {
-                    model.errors.push(ModelError::invalid(
-                        "Service",
-                        &object,
-                        "spec.clusterIP".into(),
-                        format!("{addr} is already used by Service {}", existing.service),
-                    ));
+                if let Err(e) = model.addresses.claim(addr, &object) {
+                    model.errors.push(e);
                     continue;
                 }
                 model.frontends.insert(
@@ -574,7 +329,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::manifests::{read_bytes, Objects};
+    use crate::source::{files::read_bytes, Objects};
 
     fn model(yaml: &str) -> (Model, Objects) {
         let mut objects = Objects::default();

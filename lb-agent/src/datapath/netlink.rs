@@ -1,18 +1,23 @@
-//! Wakes the agent when network interfaces change: a netlink socket subscribed to link
-//! notifications (RTMGRP_LINK) in the agent's network namespace. The agent then lists the
-//! interfaces again; the messages themselves are only a signal.
+//! Network interfaces: the list of this namespace's interfaces, and a netlink socket subscribed to
+//! link notifications (RTMGRP_LINK) that wakes the agent when they change. The agent then lists
+//! the interfaces again; the messages themselves are only a signal.
 
+#[cfg(feature = "agent")]
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+#[cfg(feature = "agent")]
 use tokio::io::unix::AsyncFd;
 
+/// Link notifications of the agent's network namespace.
+#[cfg(feature = "agent")]
 pub struct LinkEvents {
     fd: AsyncFd<OwnedFd>,
 }
 
+#[cfg(feature = "agent")]
 impl LinkEvents {
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain socket(2); the result is checked and owned at once.
@@ -70,4 +75,26 @@ impl LinkEvents {
             }
         }
     }
+}
+
+/// Interfaces of the current network namespace (through netlink, not /sys, which may show another
+/// namespace).
+pub fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            if let Ok(name) = std::ffi::CStr::from_ptr((*p).if_name).to_str() {
+                out.push(name.to_string());
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
 }

@@ -1,32 +1,13 @@
 //! A readable dump of what the maps hold: one line per frontend (with each backend's share of
 //! its Maglev table) and one per backend. Golden tests compare it; people read it.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _};
 
-use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
+use lb_agent::reconcile::{
+    encode::{endpoint, ipv4, port, state_name},
+    MemoryMaps,
 };
-
-use crate::{
-    model::{FrontendAddr, Protocol},
-    sync::MemoryMaps,
-};
-
-/// `TCP`, `UDP`, or `protoN` for a protocol number lb does not handle.
-pub fn proto_name(p: u8) -> String {
-    Protocol::from_number(p).map_or_else(|| format!("proto{p}"), |p| p.to_string())
-}
-
-/// An address as the maps hold it (network byte order).
-pub fn ipv4(be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(be.to_ne_bytes())
-}
-
-/// `IP:port/PROTO` from map fields (network byte order).
-pub fn endpoint(addr: u32, port: u16, proto: u8) -> String {
-    format!("{}:{}/{}", ipv4(addr), u16::from_be(port), proto_name(proto))
-}
+use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_LOCAL_ONLY};
 
 fn frontend_addr(k: &Lb4ServiceKey) -> String {
     endpoint(k.addr, k.port, k.proto)
@@ -36,27 +17,13 @@ fn backend_addr(b: &Lb4Backend) -> String {
     endpoint(b.addr, b.port, b.proto)
 }
 
-pub fn state_name(state: u8) -> &'static str {
-    match state {
-        BACKEND_STATE_ACTIVE => "active",
-        BACKEND_STATE_TERMINATING => "terminating",
-        BACKEND_STATE_FREE => "free",
-        _ => "unknown",
-    }
-}
-
-/// Renders `maps`. `names` gives each frontend's `namespace/name:port` (what the agent knows).
-pub fn render(maps: &MemoryMaps, names: &BTreeMap<FrontendAddr, String>) -> String {
+/// Renders `maps`, each frontend with the `namespace/name:port` the agent recorded beside it.
+pub fn render(maps: &MemoryMaps) -> String {
     let mut out = String::new();
     let mut services: Vec<(&Lb4ServiceKey, &Lb4Service)> = maps.services.iter().collect();
-    services.sort_by_key(|(k, _)| (Ipv4Addr::from(k.addr.to_ne_bytes()), u16::from_be(k.port), k.proto));
+    services.sort_by_key(|(k, _)| (ipv4(k.addr), port(k.port), k.proto));
     for (key, svc) in services {
-        let addr = FrontendAddr {
-            vip: key.addr.to_ne_bytes().into(),
-            port: u16::from_be(key.port),
-            proto: Protocol::from_number(key.proto).unwrap_or(Protocol::Tcp),
-        };
-        let name = names.get(&addr).map_or("?", String::as_str);
+        let name = maps.meta.get(&svc.id).map_or("?", |m| m.name());
         let mut flags = Vec::new();
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             flags.push("local-only".to_string());

@@ -19,16 +19,24 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod alloc;
+pub mod encode;
+mod memory;
+
+pub use lb_common::capacity::Capacities;
 use lb_common::{
     Lb4Backend, Lb4FrontendMeta, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
+    BACKEND_STATE_TERMINATING,
 };
 
-use crate::{
+pub use self::memory::MemoryMaps;
+use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
-    maglev,
-    model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
+    encode::{
+        backend_addr, backend_state, backend_value, frontend_addr, service_key, service_region, service_value,
+    },
 };
+use crate::model::{maglev, BackendAddr, Frontend, FrontendAddr};
 
 /// Writes to the datapath maps.
 pub trait MapWriter {
@@ -63,13 +71,6 @@ impl SyncError {
             Self::Write { .. } => "write_failed",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Capacities {
-    pub services: u32,
-    pub backends: u32,
-    pub maglev_slots: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -125,14 +126,6 @@ pub struct Reconciler {
     frontend_ids: IdAllocator,
     backend_ids: IdAllocator,
     regions: RegionAllocator,
-}
-
-pub fn service_key(a: &FrontendAddr) -> Lb4ServiceKey {
-    Lb4ServiceKey::new(a.vip.octets(), a.port, a.proto.number())
-}
-
-fn backend_value(b: &BackendAddr, state: u8) -> Lb4Backend {
-    Lb4Backend::new(b.ip.octets(), b.port, b.proto.number(), state)
 }
 
 /// A digest of everything a frontend's entry and table are built from.
@@ -193,24 +186,17 @@ impl Reconciler {
         let mut r = Self::new(caps, opts);
         r.restore_pending = true;
         for (id, b) in backends {
-            let Some(proto) = Protocol::from_number(b.proto) else { continue };
-            if b.state == BACKEND_STATE_FREE {
-                continue;
-            }
-            let addr = BackendAddr { ip: b.addr.to_ne_bytes().into(), port: u16::from_be(b.port), proto };
+            let Some(addr) = backend_addr(&b) else { continue };
             if !r.backends.contains_key(&addr) && r.backend_ids.reserve(id) {
                 r.backends.insert(addr, (id, b.state));
             }
         }
         for (key, svc) in services {
-            let Some(proto) = Protocol::from_number(key.proto) else { continue };
-            let addr =
-                FrontendAddr { vip: key.addr.to_ne_bytes().into(), port: u16::from_be(key.port), proto };
+            let Some(addr) = frontend_addr(&key) else { continue };
             if !r.frontend_ids.reserve(svc.id) {
                 continue;
             }
-            let region = Region { offset: svc.maglev_offset, size: svc.maglev_size };
-            let region = (svc.maglev_size > 0 && r.regions.reserve(region)).then_some(region);
+            let region = service_region(&svc).filter(|r2| r.regions.reserve(*r2));
             let restored_digest = meta(svc.id).map(|m| m.digest).filter(|d| *d != 0);
             r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region, restored_digest });
             r.unknown += 1;
@@ -414,14 +400,7 @@ impl Reconciler {
                 return Err(full("service map", self.frontend_ids.in_use() as u32));
             }
         };
-        let svc = Lb4Service {
-            id,
-            backend_count: fe.backends.len() as u32,
-            maglev_offset: region.map_or(0, |r| r.offset),
-            maglev_size: region.map_or(0, |r| r.size),
-            affinity_timeout_secs: fe.affinity_timeout_secs,
-            flags: if fe.local_only { SVC_FLAG_LOCAL_ONLY } else { 0 },
-        };
+        let svc = service_value(id, fe, region);
         let published = w
             .set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
             .and_then(|()| w.set_service(&service_key(addr), &svc));
@@ -542,11 +521,7 @@ fn set_users(
     }
     let Some(new) = new else { return };
     for (b, s) in &new.kept {
-        let s = match s {
-            BackendState::Active => BACKEND_STATE_ACTIVE,
-            BackendState::Terminating => BACKEND_STATE_TERMINATING,
-        };
-        users.entry(*b).or_default().insert(addr, s);
+        users.entry(*b).or_default().insert(addr, backend_state(*s));
         touched.insert(*b);
     }
     // Table backends last: a backend both kept and in the table is active.
@@ -564,57 +539,16 @@ fn write_err(
     SyncError::Write { object, what, source: Box::new(e) }
 }
 
-/// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
-/// writes in order.
-#[derive(Debug, Default)]
-pub struct MemoryMaps {
-    pub services: BTreeMap<Lb4ServiceKey, Lb4Service>,
-    pub meta: BTreeMap<u32, Lb4FrontendMeta>,
-    pub backends: BTreeMap<u32, Lb4Backend>,
-    pub maglev: BTreeMap<u32, u32>,
-    pub log: Vec<String>,
-}
-
-impl MapWriter for MemoryMaps {
-    type Error = std::convert::Infallible;
-    fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Self::Error> {
-        self.log.push(format!("backend {id} state {}", b.state));
-        self.backends.insert(id, *b);
-        Ok(())
-    }
-    fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error> {
-        self.log.push(format!("maglev {offset}+{}", table.len()));
-        for (i, id) in table.iter().enumerate() {
-            self.maglev.insert(offset + i as u32, *id);
-        }
-        Ok(())
-    }
-    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
-        self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
-        self.services.insert(*key, *svc);
-        Ok(())
-    }
-    fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error> {
-        self.meta.insert(id, *meta);
-        Ok(())
-    }
-    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error> {
-        self.log.push("remove service".into());
-        self.services.remove(key);
-        Ok(())
-    }
-    fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Self::Error> {
-        self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{collections::BTreeMap, net::Ipv4Addr};
 
     use super::*;
-    use crate::model::Frontend;
+    use crate::model::{BackendState, Frontend, Protocol};
+
+    const fn caps(services: u32, backends: u32, maglev_slots: u32) -> Capacities {
+        Capacities { services, backends, maglev_slots, ct: 0, affinity: 0 }
+    }
 
     impl MemoryMaps {
         /// Every slot of every published table names an active backend.
@@ -628,7 +562,7 @@ mod tests {
         }
     }
 
-    const CAPS: Capacities = Capacities { services: 16, backends: 16, maglev_slots: 2048 };
+    const CAPS: Capacities = caps(16, 16, 2048);
     const OPTS: Options =
         Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
 
@@ -824,7 +758,7 @@ mod tests {
     #[test]
     fn a_full_map_fails_that_frontend_only() {
         let mut maps = MemoryMaps::default();
-        let caps = Capacities { services: 16, backends: 3, maglev_slots: 2048 };
+        let caps = caps(16, 3, 2048);
         let mut r = Reconciler::new(caps, OPTS);
         let mut desired = one(frontend(80, &[1], &[], 0));
         desired.extend(one(frontend(81, &[2, 3, 4], &[], 0)));
@@ -839,7 +773,7 @@ mod tests {
     fn full_service_and_slot_maps_fail_the_frontends_that_do_not_fit_and_keep_the_rest() {
         // Frontend ids run from 1, so a 3-entry service map holds two frontends.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(Capacities { services: 3, backends: 64, maglev_slots: 1 << 16 }, OPTS);
+        let mut r = Reconciler::new(caps(3, 64, 1 << 16), OPTS);
         let desired: BTreeMap<_, _> = (80..84).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(maps.services.len(), 2, "two fit");
@@ -855,7 +789,7 @@ mod tests {
 
         // Maglev slots for one 251-slot table only.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(Capacities { services: 16, backends: 64, maglev_slots: 300 }, OPTS);
+        let mut r = Reconciler::new(caps(16, 64, 300), OPTS);
         let desired: BTreeMap<_, _> = (80..82).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(maps.services.len(), 1, "the table that fits is programmed");

@@ -1,57 +1,70 @@
 //! Standalone source: Services and EndpointSlices read from a directory of YAML and JSON files,
-//! the same objects an API server would serve.
+//! the same objects an API server would serve, followed live.
 
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 use serde_yaml::Value;
+use tokio::sync::mpsc::Sender;
+use tracing::error;
 
-/// Objects read from a directory, and what could not be read. One bad object never hides the
-/// others.
-#[derive(Debug, Default, Clone)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub errors: Vec<ManifestError>,
+use super::{Change, ManifestError, Objects, Pending, SourceError, What};
+
+/// Editors may write a file in several steps: changes within this long are read once.
+const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// Follows a directory of manifests.
+pub struct FileSource {
+    _watcher: notify::RecommendedWatcher,
+    sender: tokio::task::JoinHandle<()>,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ManifestError {
-    #[error("{path}: cannot read: {reason}")]
-    Read { path: PathBuf, reason: String },
-    #[error("{path}: document {doc}: not valid YAML/JSON: {reason}")]
-    Syntax { path: PathBuf, doc: usize, reason: String },
-    #[error("{path}: {kind} {object}: field {field}: {reason}")]
-    Object {
-        path: PathBuf,
-        kind: String,
-        object: String,
-        field: String,
-        reason: String,
-        /// The Service (`namespace/name`) the object belongs to, when it can be told.
-        service: Option<String>,
-    },
-}
-
-impl ManifestError {
-    /// The Service this bad object belongs to: it keeps what it had until the object is fixed.
-    pub fn service(&self) -> Option<String> {
-        match self {
-            Self::Object { service, .. } => service.clone(),
-            _ => None,
-        }
+impl FileSource {
+    /// Reads `dir` (sending everything it holds as the first change), then follows it: each
+    /// write, creation, rename or removal of a manifest sends the whole directory again.
+    pub fn start(dir: &Path, tx: Sender<Change>) -> Result<Self, SourceError> {
+        let pending = Arc::new(Pending::default());
+        // Watch the directory before the first read, so that no change slips between them.
+        let p = pending.clone();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                // Reads (the agent's own included) raise open/close events: only writes,
+                // creations, renames and removals are changes.
+                let change = !matches!(ev.kind, notify::EventKind::Access(_));
+                if change && ev.paths.iter().any(|p| is_manifest(p)) {
+                    p.mark_all();
+                }
+            }
+        })
+        .map_err(|e| SourceError::Watch { dir: dir.to_path_buf(), reason: e.to_string() })?;
+        notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|e| SourceError::Watch { dir: dir.to_path_buf(), reason: e.to_string() })?;
+        let objects =
+            read_dir(dir).map_err(|source| SourceError::ReadDir { dir: dir.to_path_buf(), source })?;
+        // The channel is new and has room for this one.
+        let _ = tx.try_send(Change::now(What::All(objects)));
+        let d = dir.to_path_buf();
+        let sender = tokio::spawn(pending.send_changes(DEBOUNCE, tx, move |_| match read_dir(&d) {
+            Ok(objects) => Some(What::All(objects)),
+            // The directory itself is unreadable: keep serving the last good state.
+            Err(e) => {
+                error!("reading --manifests {}: {e}", d.display());
+                None
+            }
+        }));
+        Ok(Self { _watcher: watcher, sender })
     }
+}
 
-    pub const fn reason_label(&self) -> &'static str {
-        match self {
-            Self::Read { .. } => "read",
-            Self::Syntax { .. } => "syntax",
-            Self::Object { .. } => "object",
-        }
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        self.sender.abort();
     }
 }
 

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::datapath::Mode;
+use lb_agent::datapath::Mode;
 
 /// Gateway address of every pod (carried by each host-side veth).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

@@ -4,11 +4,7 @@
 //! 410 Gone or a reconnect) is buffered by the reflector and swapped in whole when it completes,
 //! so a partial list is never taken for the whole; while a relist fails, the last good view stays.
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
@@ -23,36 +19,40 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt as _,
 };
-use tokio::{sync::mpsc::UnboundedSender, task::JoinHandle};
-use tracing::{debug, warn};
+use tokio::{sync::mpsc::Sender, task::JoinHandle};
+use tracing::{debug, info, warn};
 
-use crate::manifests::Objects;
+use super::{Change, Dirty, Objects, Pending, ServiceObjects, SourceError, What};
+use crate::model::LABEL_SERVICE_NAME;
 
-/// The node label that names its zone.
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// A client for the API server: from `kubeconfig`, or kube's inference (in-cluster service
+/// account, then `$KUBECONFIG`, then `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |e: &dyn std::fmt::Display| SourceError::Kubeconfig {
+                path: path.into(),
+                reason: e.to_string(),
+            };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| err(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| SourceError::NoConfig(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
+}
 
-pub struct KubeSource {
+/// The stores the watchers keep: the agent's whole view of the API server.
+#[derive(Clone)]
+pub struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Option<Store<Node>>,
+}
+
+pub struct KubeSource {
+    stores: Stores,
     tasks: Vec<JoinHandle<()>>,
-    dirty: Arc<Mutex<Dirty>>,
-}
-
-/// What changed since the agent last looked.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Dirty {
-    /// Everything must be recomputed (a (re)list completed, the node changed).
-    pub all: bool,
-    /// Services (`namespace/name`) whose Service or EndpointSlices changed.
-    pub services: BTreeSet<String>,
-}
-
-/// What a sync must look at.
-pub enum Change {
-    All(Objects),
-    /// Each touched Service's key, its object (`None`: deleted) and its EndpointSlices.
-    Services(Vec<(String, Option<Service>, Vec<EndpointSlice>)>),
 }
 
 /// Which Service an event is about.
@@ -63,54 +63,50 @@ fn service_key(s: &Service) -> Option<String> {
 }
 
 fn slice_key(s: &EndpointSlice) -> Option<String> {
-    let svc = s.labels().get(crate::model::LABEL_SERVICE_NAME)?;
+    let svc = s.labels().get(LABEL_SERVICE_NAME)?;
     Some(format!("{}/{svc}", s.namespace().unwrap_or_default()))
 }
 
 impl KubeSource {
-    /// Starts the watches. Each event is signalled on `changes` with the time it was seen.
-    pub fn start(client: Client, node_name: Option<&str>, changes: UnboundedSender<Instant>) -> Self {
+    /// Starts the watches. Once every store holds a complete first list, everything is sent on
+    /// `tx`; after that, each batch of events sends what it touched.
+    pub fn start(client: Client, node_name: Option<&str>, tx: Sender<Change>) -> Self {
         let mut tasks = Vec::new();
-        let dirty = Arc::new(Mutex::new(Dirty { all: true, ..Dirty::default() }));
+        let pending = Arc::new(Pending::default());
+        pending.mark_all();
         let (services, w) = reflector::store();
         let api = Api::<Service>::all(client.clone());
-        tasks.push(tokio::spawn(follow(
-            api,
-            watcher::Config::default(),
-            w,
-            changes.clone(),
-            dirty.clone(),
-            service_key,
-        )));
+        tasks.push(tokio::spawn(follow(api, watcher::Config::default(), w, pending.clone(), service_key)));
         let (slices, w) = reflector::store();
         let api = Api::<EndpointSlice>::all(client.clone());
-        tasks.push(tokio::spawn(follow(
-            api,
-            watcher::Config::default(),
-            w,
-            changes.clone(),
-            dirty.clone(),
-            slice_key,
-        )));
+        tasks.push(tokio::spawn(follow(api, watcher::Config::default(), w, pending.clone(), slice_key)));
         let node = node_name.map(|name| {
             let (node, w) = reflector::store();
             let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
             // A node change (its zone) can change every Service's endpoints.
-            tasks.push(tokio::spawn(follow(
-                Api::<Node>::all(client),
-                cfg,
-                w,
-                changes,
-                dirty.clone(),
-                |_| None,
-            )));
+            tasks.push(tokio::spawn(follow(Api::<Node>::all(client), cfg, w, pending.clone(), |_| None)));
             node
         });
-        Self { services, slices, node, tasks, dirty }
+        let stores = Stores { services, slices, node };
+        let s = stores.clone();
+        tasks.push(tokio::spawn(async move {
+            info!("waiting for the first complete list of Services, EndpointSlices and this Node");
+            s.wait_ready().await;
+            // Bursts (a relist) are coalesced by the dirty set; there is nothing to wait for.
+            pending.send_changes(Duration::ZERO, tx, move |dirty| Some(s.changes(dirty))).await;
+        }));
+        Self { stores, tasks }
     }
 
+    /// Everything the stores hold now (for tests that look at the cache).
+    pub fn objects(&self) -> Objects {
+        self.stores.objects()
+    }
+}
+
+impl Stores {
     /// Waits until every store holds a complete first list.
-    pub async fn wait_ready(&self) {
+    async fn wait_ready(&self) {
         let _ = self.services.wait_until_ready().await;
         let _ = self.slices.wait_until_ready().await;
         if let Some(n) = &self.node {
@@ -119,71 +115,57 @@ impl KubeSource {
     }
 
     /// Everything the stores hold now.
-    pub fn objects(&self) -> Objects {
+    fn objects(&self) -> Objects {
         Objects {
             services: self.services.state().iter().map(|s| Service::clone(s)).collect(),
             slices: self.slices.state().iter().map(|s| EndpointSlice::clone(s)).collect(),
+            node: self.node.as_ref().and_then(|n| n.state().first().map(|n| Box::new(Node::clone(n)))),
             errors: Vec::new(),
         }
     }
 
-    /// What to apply for the changes seen since the last call: everything (after a (re)list or a
-    /// node change), or only the Services the events touched.
-    pub fn changes(&self) -> Change {
-        let dirty = self.take_dirty();
+    /// What to send for what changed: everything (after a (re)list or a node change), or only the
+    /// Services the events touched.
+    fn changes(&self, dirty: Dirty) -> What {
         if dirty.all {
-            return Change::All(self.objects());
+            return What::All(self.objects());
         }
         // A few Services: each looks its slices up (the quickest for single changes). A burst
         // (a relist's worth of events): one pass over the slices for the whole batch, not one
         // per Service.
         if dirty.services.len() <= 16 {
-            return Change::Services(
-                dirty
-                    .services
-                    .into_iter()
-                    .map(|key| {
-                        let (svc, slices) = self.service_objects(&key);
-                        (key, svc, slices)
-                    })
-                    .collect(),
-            );
+            return What::Services(dirty.services.into_iter().map(|key| self.service_objects(key)).collect());
         }
-        use std::collections::HashMap;
         let mut slices: HashMap<String, HashMap<String, Vec<EndpointSlice>>> = HashMap::new();
         for key in &dirty.services {
             let (ns, name) = key.split_once('/').unwrap_or(("", key));
             slices.entry(ns.to_string()).or_default().insert(name.to_string(), Vec::new());
         }
         for s in self.slices.state() {
-            let Some(service) = s.labels().get(crate::model::LABEL_SERVICE_NAME) else { continue };
+            let Some(service) = s.labels().get(LABEL_SERVICE_NAME) else { continue };
             let ns = s.metadata.namespace.as_deref().unwrap_or_default();
             if let Some(v) = slices.get_mut(ns).and_then(|m| m.get_mut(service.as_str())) {
                 v.push(EndpointSlice::clone(&s));
             }
         }
-        Change::Services(
+        What::Services(
             dirty
                 .services
                 .into_iter()
                 .map(|key| {
                     let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-                    let svc = self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
-                    let mine = slices.get_mut(ns).and_then(|m| m.remove(name)).unwrap_or_default();
-                    (key, svc, mine)
+                    let service =
+                        self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
+                    let slices = slices.get_mut(ns).and_then(|m| m.remove(name)).unwrap_or_default();
+                    ServiceObjects { key, service, slices }
                 })
                 .collect(),
         )
     }
 
-    /// What changed since the last call.
-    pub fn take_dirty(&self) -> Dirty {
-        std::mem::take(&mut *self.dirty.lock().expect("dirty set"))
-    }
-
     /// One Service (if it exists) and its EndpointSlices, as the stores hold them now.
-    pub fn service_objects(&self, key: &str) -> (Option<Service>, Vec<EndpointSlice>) {
-        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+    fn service_objects(&self, key: String) -> ServiceObjects {
+        let (ns, name) = key.split_once('/').unwrap_or(("", &key));
         let svc = self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
         let slices = self
             .slices
@@ -191,16 +173,11 @@ impl KubeSource {
             .iter()
             .filter(|s| {
                 s.namespace().as_deref() == Some(ns)
-                    && s.labels().get(crate::model::LABEL_SERVICE_NAME).map(String::as_str) == Some(name)
+                    && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name)
             })
             .map(|s| EndpointSlice::clone(s))
             .collect();
-        (svc, slices)
-    }
-
-    /// This node's zone, from its `topology.kubernetes.io/zone` label.
-    pub fn zone(&self) -> Option<String> {
-        self.node.as_ref()?.state().first().and_then(|n| n.labels().get(LABEL_ZONE).cloned())
+        ServiceObjects { key, service: svc, slices }
     }
 }
 
@@ -217,8 +194,7 @@ async fn follow<K>(
     api: Api<K>,
     cfg: watcher::Config,
     writer: reflector::store::Writer<K>,
-    changes: UnboundedSender<Instant>,
-    dirty: Arc<Mutex<Dirty>>,
+    pending: Arc<Pending>,
     key_of: KeyOf<K>,
 ) where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
@@ -232,22 +208,11 @@ async fn follow<K>(
     while let Some(ev) = stream.next().await {
         match ev {
             // Applies and deletes change the store now; InitDone swaps in a complete (re)list.
-            Ok(Event::Apply(o) | Event::Delete(o)) => {
-                {
-                    let mut d = dirty.lock().expect("dirty set");
-                    match key_of(&o) {
-                        Some(k) => {
-                            d.services.insert(k);
-                        }
-                        None => d.all = true,
-                    }
-                }
-                let _ = changes.send(Instant::now());
-            }
-            Ok(Event::InitDone) => {
-                dirty.lock().expect("dirty set").all = true;
-                let _ = changes.send(Instant::now());
-            }
+            Ok(Event::Apply(o) | Event::Delete(o)) => match key_of(&o) {
+                Some(k) => pending.mark_service(k),
+                None => pending.mark_all(),
+            },
+            Ok(Event::InitDone) => pending.mark_all(),
             Ok(Event::Init) => debug!(kind, "listing"),
             Ok(Event::InitApply(_)) => {}
             Err(e) => warn!(kind, "watch: {e}; retrying with backoff, keeping the last good view"),

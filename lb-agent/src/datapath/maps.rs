@@ -1,0 +1,254 @@
+//! Typed handles on every datapath map, the readers `lbctl` and the metrics use, and the
+//! [`MapWriter`] the reconciler writes through.
+//!
+//! One table of the pinned maps: `lb_common::PINNED_MAPS`. The handles are made from it whether
+//! the maps come from the loaded object or from their pins, and they are pinned again from it.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use lb_common::{
+    counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Service,
+    Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
+    MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR,
+    PINNED_MAPS,
+};
+
+use super::{
+    maglev_slots::MaglevSlots,
+    pins::{layout_dir, obj_get_read_only, other_layouts},
+    DatapathError,
+};
+use crate::reconcile::MapWriter;
+
+/// Typed handles to every datapath map.
+pub struct Maps {
+    pub services: HashMap<MapData, Lb4ServiceKey, Lb4Service>,
+    pub backends: Array<MapData, Lb4Backend>,
+    pub maglev: MaglevSlots,
+    pub ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
+    pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    pub meta: Array<MapData, Lb4FrontendMeta>,
+    /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
+    pub monitor: Array<MapData, u32>,
+    /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets),
+    /// kept so that they can be pinned again.
+    others: Vec<(&'static str, Map)>,
+}
+
+pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+impl Maps {
+    /// Makes the handles from every map of `PINNED_MAPS`, each got by `get`. The Maglev slots are
+    /// mapped writable or read-only.
+    pub(super) fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+        writable: bool,
+    ) -> Result<Self, DatapathError> {
+        let mut all = BTreeMap::new();
+        for name in PINNED_MAPS {
+            all.insert(name, get(name)?);
+        }
+        let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            map: Result<Map, DatapathError>,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            T::try_from(map?).map_err(map_err(name))
+        }
+        let maglev = match take(MAP_LB4_MAGLEV)? {
+            Map::Array(data) => MaglevSlots::map(data, writable)?,
+            _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
+        };
+        let maps = Self {
+            services: typed(take(MAP_LB4_SERVICES), MAP_LB4_SERVICES)?,
+            backends: typed(take(MAP_LB4_BACKENDS), MAP_LB4_BACKENDS)?,
+            maglev,
+            ct: typed(take(MAP_LB4_CT), MAP_LB4_CT)?,
+            counters: typed(take(MAP_LB_COUNTERS), MAP_LB_COUNTERS)?,
+            svc_stats: typed(take(MAP_LB4_SVC_STATS), MAP_LB4_SVC_STATS)?,
+            affinity: typed(take(MAP_LB4_AFFINITY), MAP_LB4_AFFINITY)?,
+            meta: typed(take(MAP_LB4_FE_META), MAP_LB4_FE_META)?,
+            monitor: typed(take(MAP_LB_MONITOR), MAP_LB_MONITOR)?,
+            others: Vec::new(),
+        };
+        Ok(Self { others: all.into_iter().collect(), ..maps })
+    }
+
+    /// Pins every map that is not pinned in `dir` (the pins were removed under the agent). A
+    /// read-only handle keeps no Maglev descriptor and cannot pin that map.
+    pub(super) fn pin_missing(&self, dir: &Path) -> Result<(), DatapathError> {
+        let pin = |name: &'static str, pin: &dyn Fn(&Path) -> Result<(), aya::pin::PinError>| {
+            let path = dir.join(name);
+            if path.exists() {
+                return Ok(());
+            }
+            pin(&path).map_err(|e| DatapathError::PinMap { map: name, path, reason: e.to_string() })
+        };
+        let data: [(&'static str, &MapData); 8] = [
+            (MAP_LB4_SERVICES, self.services.map()),
+            (MAP_LB4_BACKENDS, self.backends.map()),
+            (MAP_LB4_CT, self.ct.map()),
+            (MAP_LB_COUNTERS, self.counters.map()),
+            (MAP_LB4_SVC_STATS, self.svc_stats.map()),
+            (MAP_LB4_AFFINITY, self.affinity.map()),
+            (MAP_LB4_FE_META, self.meta.map()),
+            (MAP_LB_MONITOR, self.monitor.map()),
+        ];
+        for (name, d) in data.into_iter().chain(self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d))) {
+            pin(name, &|p| d.pin(p))?;
+        }
+        for (name, m) in &self.others {
+            pin(name, &|p| m.pin(p))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the maps pinned under `pin_dir` for reading and writing (tests, benchmarks).
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::open_pins(pin_dir, false)
+    }
+
+    /// Opens the maps pinned under `pin_dir` read-only (`lbctl`, the metrics collector): the
+    /// kernel refuses every write through these handles.
+    pub fn from_pins_read_only(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::open_pins(pin_dir, true)
+    }
+
+    fn open_pins(pin_dir: &Path, read_only: bool) -> Result<Self, DatapathError> {
+        if let Err(e) = std::fs::read_dir(pin_dir) {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(DatapathError::PermissionDenied(pin_dir.to_path_buf()));
+            }
+        }
+        let others = other_layouts(pin_dir);
+        let dir = &layout_dir(pin_dir);
+        if !dir.join(MAP_LB4_SERVICES).exists() {
+            if !others.is_empty() {
+                return Err(DatapathError::OtherLayout { pin_dir: pin_dir.into(), found: others });
+            }
+            return Err(DatapathError::NotPinned(pin_dir.into()));
+        }
+        let open = |name: &'static str| -> Result<Map, DatapathError> {
+            // mmap needs a descriptor opened for writing (the kernel refuses to share-map a
+            // read-only one); the read-only mapping then drops it.
+            let data = if read_only && name != MAP_LB4_MAGLEV {
+                let fd =
+                    obj_get_read_only(&dir.join(name)).map_err(|e| map_err(name)(MapError::IoError(e)))?;
+                MapData::from_fd(fd).map_err(map_err(name))?
+            } else {
+                MapData::from_pin(dir.join(name)).map_err(map_err(name))?
+            };
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        Self::from_maps(open, !read_only)
+    }
+
+    /// Every frontend in the map.
+    pub fn read_services(&self) -> Result<Vec<(Lb4ServiceKey, Lb4Service)>, DatapathError> {
+        self.services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))
+    }
+
+    /// Opens the pinned event ring buffer (for `lbctl monitor`).
+    pub fn events(pin_dir: &Path) -> Result<aya::maps::RingBuf<MapData>, DatapathError> {
+        let data =
+            MapData::from_pin(layout_dir(pin_dir).join(MAP_LB_EVENTS)).map_err(map_err(MAP_LB_EVENTS))?;
+        aya::maps::RingBuf::try_from(Map::from_map_data(data).map_err(map_err(MAP_LB_EVENTS))?)
+            .map_err(map_err(MAP_LB_EVENTS))
+    }
+
+    /// Turns the datapath's flow events (for `lbctl monitor`) on or off.
+    pub fn set_flow_events(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.monitor.set(0, u32::from(on), 0).map_err(map_err(MAP_LB_MONITOR))
+    }
+
+    /// Whether the datapath sends flow events.
+    pub fn flow_events(&self) -> bool {
+        self.monitor.get(&0, 0).is_ok_and(|n| n != 0)
+    }
+
+    /// What the agent recorded for frontend `id`.
+    pub fn read_meta(&self, id: u32) -> Option<Lb4FrontendMeta> {
+        self.meta.get(&id, 0).ok()
+    }
+
+    /// Every backend slot that is in use.
+    pub fn read_backends(&self) -> Result<Vec<(u32, Lb4Backend)>, DatapathError> {
+        let mut out = Vec::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(map_err(MAP_LB4_BACKENDS))?;
+            if b.state != lb_common::BACKEND_STATE_FREE {
+                out.push((id as u32, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Global counters summed over CPUs, indexed as `lb_common::counters`.
+    pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
+        (0..counters::COUNT)
+            .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(MAP_LB_COUNTERS)))
+            .collect()
+    }
+
+    /// Per-frontend statistics summed over CPUs.
+    pub fn read_svc_stats(&self, id: u32) -> Result<Lb4SvcStats, DatapathError> {
+        let per_cpu = self.svc_stats.get(&id, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
+        Ok(per_cpu.iter().fold(Lb4SvcStats::default(), |mut acc, s| {
+            acc.packets += s.packets;
+            acc.bytes += s.bytes;
+            acc.new_flows += s.new_flows;
+            acc.drops += s.drops;
+            acc
+        }))
+    }
+}
+
+impl MapWriter for Maps {
+    type Error = MapError;
+
+    fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), MapError> {
+        self.backends.set(id, backend, 0)
+    }
+
+    fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
+        self.maglev.write(offset, table)
+    }
+
+    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
+        self.services.insert(key, svc, 0)
+    }
+
+    fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), MapError> {
+        self.meta.set(id, meta, 0)
+    }
+
+    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), MapError> {
+        // One pass over the (LRU-bounded) affinity map; entries of other frontends are untouched.
+        let stale: Vec<Lb4AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.svc_id == svc_id && backend_ids.contains(&v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            match self.affinity.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! The layer that touches the kernel: loads the eBPF object with the agent's settings, pins its
+//! maps under the pin directory ([`pins`]), attaches programs to interfaces, and gives typed
+//! handles on the maps ([`maps`], with the [`MapWriter`](crate::reconcile::MapWriter) over them).
+
+mod maglev_slots;
+pub mod maps;
+pub mod netlink;
+pub mod pins;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::MapError,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV,
+    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
+};
+
+use self::pins::other_layouts;
+pub use self::{
+    maglev_slots::MaglevSlots,
+    maps::Maps,
+    netlink::interfaces,
+    pins::{cleanup, layout_dir},
+};
+
+/// The datapath object, built by `build.rs` from `lb-ebpf`.
+pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+pub const PROG_TC_FORWARD: &str = "lb4_tc_forward";
+pub const PROG_TC_REPLY: &str = "lb4_tc_reply";
+pub const PROG_XDP_FORWARD: &str = "lb4_xdp_forward";
+
+/// Where the forward (pod → service) direction runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// TC ingress of the pod's host-side interface.
+    Tc,
+    /// XDP on the pod's host-side interface (replies still use TC egress).
+    Xdp,
+}
+
+/// What the datapath is loaded with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pin_dir: PathBuf,
+    pub caps: Capacities,
+    pub ct_timeout_tcp_syn_secs: u64,
+    pub ct_timeout_tcp_established_secs: u64,
+    pub ct_timeout_tcp_close_secs: u64,
+    pub ct_timeout_udp_secs: u64,
+    pub flow_hash_seed: u32,
+    /// Source address of hairpinned flows.
+    pub hairpin_addr: std::net::Ipv4Addr,
+    /// Kernel-side aya-log on (true) or compiled in but silent (false).
+    pub bpf_log: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("creating pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("pinning map {map} at {path}: {reason}")]
+    PinMap { map: &'static str, path: PathBuf, reason: String },
+    #[error(
+        "{pin_dir} holds pinned layout {found:?}, this agent uses v{ours}: run the matching agent, or \
+         `lb-agent --cleanup --pin-dir {pin_dir}` (detaches lb and drops tracked flows)",
+        ours = PIN_LAYOUT_VERSION
+    )]
+    OtherLayout { pin_dir: PathBuf, found: Vec<String> },
+    #[error("nothing pinned at {0}: is lb-agent running with this --pin-dir?")]
+    NotPinned(PathBuf),
+    #[error("permission denied reading {0}: run as root (the pins are root's only, and reading them needs CAP_BPF)")]
+    PermissionDenied(PathBuf),
+    #[error("the maps kept changing while they were read; try again")]
+    Unstable,
+    #[error("pinning the link of {program} on {interface} at {path}: {reason}")]
+    PinLink { program: &'static str, interface: String, path: PathBuf, reason: String },
+    #[error("loading the eBPF object (pinned maps under {pin_dir}): {source}")]
+    Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: ProgramError },
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach { program: &'static str, interface: String, source: ProgramError },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+}
+
+/// The loaded programs and their attachments.
+pub struct Datapath {
+    ebpf: Ebpf,
+    mode: Mode,
+    links_dir: PathBuf,
+    /// Interface name → the pins of the links this agent attached (or took over) there.
+    attached: StdHashMap<String, Vec<PathBuf>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Datapath {
+    /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
+    /// created and pinned there.
+    pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
+        let others = other_layouts(&cfg.pin_dir);
+        if !others.is_empty() {
+            return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });
+        }
+        let dir = layout_dir(&cfg.pin_dir);
+        let links_dir = dir.join("links");
+        std::fs::create_dir_all(&links_dir)
+            .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
+        // Pins are root's only.
+        for d in [&cfg.pin_dir, &dir, &links_dir] {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+        let secs = |s: u64| s.saturating_mul(1_000_000_000);
+        let (syn, est, close, udp) = (
+            secs(cfg.ct_timeout_tcp_syn_secs),
+            secs(cfg.ct_timeout_tcp_established_secs),
+            secs(cfg.ct_timeout_tcp_close_secs),
+            secs(cfg.ct_timeout_udp_secs),
+        );
+        let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
+        let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .map_max_entries(MAP_LB4_SERVICES, cfg.caps.services)
+            .map_max_entries(MAP_LB4_SVC_STATS, cfg.caps.services)
+            .map_max_entries(MAP_LB4_BACKENDS, cfg.caps.backends)
+            .map_max_entries(MAP_LB4_MAGLEV, cfg.caps.maglev_slots.div_ceil(2))
+            .map_max_entries(MAP_LB4_CT, cfg.caps.ct)
+            .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
+            .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
+            .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
+            .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)
+            .override_global(globals::CT_TIMEOUT_UDP_NS, &udp, true)
+            .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
+            .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
+            .override_global(aya_log::LEVEL, &log_level, true)
+            .load(LB_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: cfg.pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+        let logger = if cfg.bpf_log { aya_log::EbpfLogger::init(&mut ebpf).ok() } else { None };
+        let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
+        if mode == Mode::Xdp {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROG_XDP_FORWARD)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
+            prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
+        }
+        Ok((Self { ebpf, mode, links_dir, attached: StdHashMap::new(), logger }, maps))
+    }
+
+    /// The loaded program, for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
+    }
+
+    pub fn xdp_program(&self) -> Option<&Xdp> {
+        self.ebpf.program(PROG_XDP_FORWARD).and_then(|p| p.try_into().ok())
+    }
+
+    /// Forwards pending kernel-side log records (only with `bpf_log`).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn is_attached(&self, interface: &str) -> bool {
+        self.attached.contains_key(interface)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.keys().map(String::as_str)
+    }
+
+    /// The programs attached on each interface in the current mode.
+    fn wanted(&self) -> [&'static str; 2] {
+        match self.mode {
+            Mode::Tc => [PROG_TC_FORWARD, PROG_TC_REPLY],
+            Mode::Xdp => [PROG_XDP_FORWARD, PROG_TC_REPLY],
+        }
+    }
+
+    /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress), each
+    /// through a link pinned under `links/`, so it stays attached while the agent is away. A link
+    /// pinned by an earlier agent is taken over: the new program replaces the old one in it
+    /// atomically, and no packet goes unhandled.
+    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self.is_attached(interface) {
+            return Ok(());
+        }
+        // Links of programs this mode does not use (the other --datapath) are removed.
+        for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
+            if !self.wanted().contains(&prog) {
+                let _ = std::fs::remove_file(self.link_pin(interface, prog));
+            }
+        }
+        let mut pins = Vec::new();
+        for prog in self.wanted() {
+            let pin = self.link_pin(interface, prog);
+            if !self.take_over(prog, &pin) {
+                // Not pinned, or pinned but defunct (its interface was recreated): attach anew.
+                let _ = std::fs::remove_file(&pin);
+                if let Err(e) = self.attach_new(interface, prog, &pin) {
+                    for p in &pins {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    return Err(e);
+                }
+            }
+            pins.push(pin);
+        }
+        self.attached.insert(interface.to_string(), pins);
+        Ok(())
+    }
+
+    /// bpffs refuses names with a '.', which interface names may have (VLANs); ':' is one
+    /// character an interface name never has, so it stands in for it.
+    fn link_pin(&self, interface: &str, prog: &str) -> PathBuf {
+        self.links_dir.join(format!("{}@{prog}", interface.replace('.', ":")))
+    }
+
+    /// Puts our program into the link pinned at `pin`. False if there is none or it is defunct.
+    fn take_over(&mut self, prog: &'static str, pin: &Path) -> bool {
+        let Ok(pinned) = PinnedLink::from_pin(pin) else { return false };
+        let fd = FdLink::from(pinned);
+        let program = self.ebpf.program_mut(prog).expect("object has the program");
+        let id = if prog == PROG_XDP_FORWARD {
+            let Ok(link) = XdpLink::try_from(fd) else { return false };
+            let Ok(p) = <&mut Xdp>::try_from(program) else { return false };
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+        } else {
+            let Ok(link) = SchedClassifierLink::try_from(fd) else { return false };
+            let Ok(p) = <&mut SchedClassifier>::try_from(program) else { return false };
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+        };
+        // Dropping our handle leaves the link to its pin.
+        id.unwrap_or(false)
+    }
+
+    fn attach_new(&mut self, interface: &str, prog: &'static str, pin: &Path) -> Result<(), DatapathError> {
+        let attach_err =
+            |source| DatapathError::Attach { program: prog, interface: interface.to_string(), source };
+        let pin_err = |reason: String| DatapathError::PinLink {
+            program: prog,
+            interface: interface.to_string(),
+            path: pin.to_path_buf(),
+            reason,
+        };
+        let program = self.ebpf.program_mut(prog).expect("object has the program");
+        let fd: FdLink = if prog == PROG_XDP_FORWARD {
+            let p: &mut Xdp = program.try_into().map_err(attach_err)?;
+            let id = p.attach(interface, XdpMode::Default).map_err(attach_err)?;
+            p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
+        } else {
+            let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;
+            let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let id = p.attach(interface, at).map_err(attach_err)?;
+            p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
+        };
+        fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Whether this agent's pins are all in place: the pin directory can be removed, or bpffs
+    /// unmounted, under a running agent. The links live only in their pins, so the programs are
+    /// detached then; the maps live on in this agent's handles.
+    pub fn pins_present(&self) -> bool {
+        self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
+            && self.attached.values().flatten().all(|p| p.exists())
+    }
+
+    /// Pins every map again where it was and forgets every attachment (its link went with its
+    /// pin), for the caller to attach afresh. Tracked flows, Maglev tables and counters are kept:
+    /// the maps never went away.
+    pub fn repin(&mut self, maps: &Maps) -> Result<(), DatapathError> {
+        let dir = self.links_dir.parent().expect("the layout directory").to_path_buf();
+        std::fs::create_dir_all(&self.links_dir)
+            .map_err(|source| DatapathError::PinDir { path: self.links_dir.clone(), source })?;
+        for d in [dir.parent().unwrap_or(&dir), &dir, &self.links_dir] {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+        }
+        maps.pin_missing(&dir)?;
+        self.attached.clear();
+        Ok(())
+    }
+
+    /// Forgets an interface that went away (its links went with it; their pins are removed).
+    pub fn forget(&mut self, interface: &str) {
+        for pin in self.attached.remove(interface).unwrap_or_default() {
+            let _ = std::fs::remove_file(pin);
+        }
+    }
+
+    /// Removes pins of links on interfaces that no longer exist (left by an agent that was away
+    /// while they went).
+    pub fn prune_links(&mut self, present: &[String]) {
+        for e in std::fs::read_dir(&self.links_dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let iface = name.rsplit_once('@').map_or(name.as_str(), |(i, _)| i).replace(':', ".");
+            if !present.contains(&iface) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Where the datapath's objects are pinned: the layout directory (its version in its name),
+//! other layouts left by other agent versions, read-only handles on pins, and `--cleanup`.
+
+use std::path::{Path, PathBuf};
+
+use lb_common::PIN_LAYOUT_VERSION;
+
+/// Where this version's pins live: `<pin-dir>/v<PIN_LAYOUT_VERSION>`; maps directly in it, program
+/// links under `links/`. bpffs holds only BPF objects and directories, so the layout version is
+/// carried by the directory name.
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{PIN_LAYOUT_VERSION}"))
+}
+
+/// Other layout versions pinned under `pin_dir`.
+pub(super) fn other_layouts(pin_dir: &Path) -> Vec<String> {
+    let ours = format!("v{PIN_LAYOUT_VERSION}");
+    std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok() && *n != ours)
+        .collect()
+}
+
+/// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the programs;
+/// removing the maps drops them (and with them every tracked flow).
+pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(0) };
+    for layout in entries.flatten() {
+        let links = layout.path().join("links");
+        for l in std::fs::read_dir(&links).into_iter().flatten().flatten() {
+            std::fs::remove_file(l.path())?;
+            removed += 1;
+        }
+        let _ = std::fs::remove_dir(&links);
+        for m in std::fs::read_dir(layout.path()).into_iter().flatten().flatten() {
+            std::fs::remove_file(m.path())?;
+            removed += 1;
+        }
+        std::fs::remove_dir(layout.path())?;
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(removed)
+}
+
+/// BPF_OBJ_GET with BPF_F_RDONLY: a read-only handle on a pinned map (aya opens pins read-write).
+pub(super) fn obj_get_read_only(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // union bpf_attr, BPF_OBJ_GET variant: pathname (u64), bpf_fd (u32), file_flags (u32),
+    // path_fd (s32); the rest zero.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _rest: [u8; 108],
+    }
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+        _rest: [0; 108],
+    };
+    // SAFETY: a valid bpf_attr of the size passed; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,184 @@
+//! EndpointSlices: which endpoints serve each Service port, and which of them take new flows
+//! (readiness, terminating fallback, topology hints, internalTrafficPolicy), as kube-proxy's
+//! `CategorizeEndpoints` decides.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{
+    service::{parse_port, parse_protocol},
+    BackendAddr, BackendState, Context, ModelError, Protocol,
+};
+
+/// One endpoint serving one Service port.
+#[derive(Clone)]
+pub(super) struct EndpointPort {
+    ip: Ipv4Addr,
+    port: u16,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+    zone_hints: BTreeSet<String>,
+    node_hints: BTreeSet<String>,
+}
+
+pub(super) type EndpointsByPort = BTreeMap<(String, Protocol), Vec<EndpointPort>>;
+
+/// The endpoints of one EndpointSlice, per Service port name and protocol. A slice with a bad
+/// field is rejected whole.
+pub(super) fn slice_endpoints(
+    slice: &EndpointSlice,
+    object: &str,
+    out: &mut EndpointsByPort,
+) -> Result<(), ModelError> {
+    const KIND: &str = "EndpointSlice";
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return Ok(()),
+        other => {
+            return Err(ModelError::invalid(
+                KIND,
+                object,
+                "addressType".into(),
+                format!("unknown address type {other:?}"),
+            ));
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref())
+        {
+            Ok(proto) => proto,
+            Err(ModelError::Unsupported { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        // A port without a number means "all ports": only meaningful for selector-less use.
+        let Some(port) = p.port else { continue };
+        ports.push((
+            p.name.clone().unwrap_or_default(),
+            proto,
+            parse_port(KIND, object, format!("ports[{i}].port"), port)?,
+        ));
+    }
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        let cond = ep.conditions.as_ref();
+        // A missing `ready` counts as ready; `serving` defaults to `ready`.
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        // Kubernetes uses only the first address of an endpoint.
+        let Some(addr) = ep.addresses.first() else {
+            return Err(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
+        };
+        let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
+            ModelError::invalid(
+                KIND,
+                object,
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{addr:?} is not an IPv4 address"),
+            )
+        })?;
+        let hints = ep.hints.as_ref();
+        let zone_hints =
+            hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
+        let node_hints =
+            hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect();
+        for (name, proto, port) in &ports {
+            out.entry((name.clone(), *proto)).or_default().push(EndpointPort {
+                ip,
+                port: *port,
+                ready,
+                serving,
+                terminating,
+                node: ep.node_name.clone(),
+                zone_hints: BTreeSet::clone(&zone_hints),
+                node_hints: BTreeSet::clone(&node_hints),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// kube-proxy's `topologyModeFromHints`: hints are used only when every ready endpoint carries
+/// them and some endpoint is hinted for this node (node hints) or zone (zone hints).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    All,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(eps: &[EndpointPort], ctx: &Context) -> Topology {
+    let ready: Vec<&EndpointPort> = eps.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    if let Some(node) = &ctx.node_name {
+        if ready.iter().all(|e| !e.node_hints.is_empty()) && ready.iter().any(|e| e.node_hints.contains(node))
+        {
+            return Topology::SameNode;
+        }
+    }
+    if let Some(zone) = &ctx.zone {
+        if ready.iter().all(|e| !e.zone_hints.is_empty()) && ready.iter().any(|e| e.zone_hints.contains(zone))
+        {
+            return Topology::SameZone;
+        }
+    }
+    Topology::All
+}
+
+fn available(e: &EndpointPort, mode: Topology, ctx: &Context) -> bool {
+    match mode {
+        Topology::All => true,
+        Topology::SameNode => ctx.node_name.as_ref().is_some_and(|n| e.node_hints.contains(n)),
+        Topology::SameZone => ctx.zone.as_ref().is_some_and(|z| e.zone_hints.contains(z)),
+    }
+}
+
+/// Picks the endpoints for new flows as kube-proxy's `CategorizeEndpoints` does; the other listed
+/// endpoints are kept for their established flows.
+pub(super) fn select(
+    eps: &[EndpointPort],
+    proto: Protocol,
+    local_only: bool,
+    ctx: &Context,
+) -> (Vec<BackendAddr>, Vec<(BackendAddr, BackendState)>) {
+    // Merge duplicates (the same address and port in two slices): ready if any copy is.
+    let mut merged: BTreeMap<(Ipv4Addr, u16), EndpointPort> = BTreeMap::new();
+    for e in eps {
+        merged
+            .entry((e.ip, e.port))
+            .and_modify(|m| {
+                m.ready |= e.ready;
+                m.serving |= e.serving;
+                m.terminating &= e.terminating;
+            })
+            .or_insert_with(|| e.clone());
+    }
+    let eps: Vec<EndpointPort> = merged.into_values().collect();
+    let candidates: Vec<&EndpointPort> = if local_only {
+        eps.iter().filter(|e| ctx.node_name.is_some() && e.node == ctx.node_name).collect()
+    } else {
+        let mode = topology_mode(&eps, ctx);
+        eps.iter().filter(|e| available(e, mode, ctx)).collect()
+    };
+    let mut chosen: Vec<&EndpointPort> = candidates.iter().copied().filter(|e| e.ready).collect();
+    if chosen.is_empty() {
+        // KEP-1669: with no ready endpoint, use the serving ones that are terminating.
+        chosen = candidates.iter().copied().filter(|e| e.serving && e.terminating).collect();
+    }
+    let addr = |e: &EndpointPort| BackendAddr { ip: e.ip, port: e.port, proto };
+    let backends: BTreeSet<BackendAddr> = chosen.iter().map(|e| addr(e)).collect();
+    let kept = eps
+        .iter()
+        .filter(|e| !backends.contains(&addr(e)))
+        .map(|e| (addr(e), if e.ready { BackendState::Active } else { BackendState::Terminating }))
+        .collect();
+    (backends.into_iter().collect(), kept)
+}

@@ -1,0 +1,170 @@
+//! Services: which ones lb answers for, and what each asks for (addresses, ports, affinity,
+//! traffic policy). kube-proxy's rules for skipping a Service live here.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::{Context, ModelError, Protocol, DEFAULT_AFFINITY_TIMEOUT_SECS};
+
+const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+
+pub(super) fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
+    format!("{}/{}", ns.map_or("default", String::as_str), name.map_or("<unnamed>", String::as_str))
+}
+
+pub(super) fn parse_protocol(
+    kind: &'static str,
+    object: &str,
+    field: impl Fn() -> String,
+    p: Option<&String>,
+) -> Result<Protocol, ModelError> {
+    match p.map_or("TCP", String::as_str) {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err(ModelError::unsupported(kind, object, field(), "protocol SCTP")),
+        other => Err(ModelError::invalid(kind, object, field(), format!("unknown protocol {other:?}"))),
+    }
+}
+
+pub(super) fn parse_port(
+    kind: &'static str,
+    object: &str,
+    field: String,
+    port: i32,
+) -> Result<u16, ModelError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ModelError::invalid(kind, object, field, format!("port {port} is not in 1-65535")))
+}
+
+/// A Service port after validation.
+pub(super) struct SvcPort {
+    pub(super) name: String,
+    pub(super) port: u16,
+    pub(super) proto: Protocol,
+}
+
+/// What a valid Service asks for.
+pub(super) struct SvcSpec {
+    pub(super) vips: Vec<Ipv4Addr>,
+    pub(super) ports: Vec<SvcPort>,
+    pub(super) affinity_timeout_secs: u32,
+    pub(super) local_only: bool,
+}
+
+pub(super) enum SvcOutcome {
+    /// Not ours (headless, ExternalName, another proxy's).
+    Skip,
+    /// Valid, possibly with parts left out (reported in `errors`).
+    Use(SvcSpec),
+    /// Rejected: reported in `errors`; what it had stays programmed.
+    Reject,
+}
+
+pub(super) fn service_spec(
+    svc: &Service,
+    object: &str,
+    ctx: &Context,
+    errors: &mut Vec<ModelError>,
+) -> SvcOutcome {
+    const KIND: &str = "Service";
+    let labels = svc.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+        return SvcOutcome::Skip;
+    }
+    if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
+        if ctx.service_proxy_name.as_deref() != Some(proxy.as_str()) {
+            return SvcOutcome::Skip;
+        }
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        errors.push(ModelError::invalid(KIND, object, "spec".into(), "missing"));
+        return SvcOutcome::Reject;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return SvcOutcome::Skip;
+    }
+    let mut ips: Vec<&String> = spec.cluster_ips.iter().flatten().collect();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.iter());
+    }
+    if ips.is_empty() {
+        errors.push(ModelError::invalid(KIND, object, "spec.clusterIP".into(), "missing"));
+        return SvcOutcome::Reject;
+    }
+    if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
+        return SvcOutcome::Skip; // headless
+    }
+    let mut vips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let field = if spec.cluster_ips.is_some() {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".into()
+        };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => vips.push(v4),
+            Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
+            Err(_) => {
+                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")));
+                return SvcOutcome::Reject;
+            }
+        }
+    }
+    let svc_ports = spec.ports.as_deref().unwrap_or_default();
+    if svc_ports.is_empty() {
+        errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
+        return SvcOutcome::Reject;
+    }
+    let mut ports = Vec::new();
+    for (i, p) in svc_ports.iter().enumerate() {
+        let port = match parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port) {
+            Ok(port) => port,
+            Err(e) => {
+                errors.push(e);
+                return SvcOutcome::Reject;
+            }
+        };
+        match parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref()) {
+            Ok(proto) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
+            // SCTP: that port is left out and reported; the others work.
+            Err(e @ ModelError::Unsupported { .. }) => errors.push(e),
+            Err(e) => {
+                errors.push(e);
+                return SvcOutcome::Reject;
+            }
+        }
+    }
+    let affinity_timeout_secs = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS as i32);
+            match u32::try_from(t).ok().filter(|t| (1..=86_400).contains(t)) {
+                Some(t) => t,
+                None => {
+                    let field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into();
+                    errors.push(ModelError::invalid(KIND, object, field, format!("{t} is not in 1-86400")));
+                    return SvcOutcome::Reject;
+                }
+            }
+        }
+        None | Some("None") => 0,
+        Some(other) => {
+            let field = "spec.sessionAffinity".into();
+            errors.push(ModelError::invalid(KIND, object, field, format!("unknown value {other:?}")));
+            return SvcOutcome::Reject;
+        }
+    };
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    if vips.is_empty() || ports.is_empty() {
+        return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
+    }
+    SvcOutcome::Use(SvcSpec { vips, ports, affinity_timeout_secs, local_only })
+}

@@ -1,0 +1,120 @@
+//! The one encoder between model types and map types, both ways. The reconciler writes with it,
+//! a restarted agent reads the maps back with it, and `lbctl`, the metrics and the golden dumps
+//! print with it; it is the only code that knows how an address, a port or a state is laid out in
+//! a map (and so, later, the only code that tells lb4 from lb6).
+
+use std::net::Ipv4Addr;
+
+use lb_common::{
+    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
+    BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
+};
+
+use super::alloc::Region;
+use crate::model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol};
+
+/// The services-map key of a frontend.
+pub fn service_key(a: &FrontendAddr) -> Lb4ServiceKey {
+    Lb4ServiceKey::new(a.vip.octets(), a.port, a.proto.number())
+}
+
+/// The frontend a services-map key names (`None` for a protocol lb does not program).
+pub fn frontend_addr(k: &Lb4ServiceKey) -> Option<FrontendAddr> {
+    let proto = Protocol::from_number(k.proto)?;
+    Some(FrontendAddr { vip: ipv4(k.addr), port: u16::from_be(k.port), proto })
+}
+
+/// The services-map value that publishes frontend `id` with its table in `region`.
+pub fn service_value(id: u32, fe: &Frontend, region: Option<Region>) -> Lb4Service {
+    Lb4Service {
+        id,
+        backend_count: fe.backends.len() as u32,
+        maglev_offset: region.map_or(0, |r| r.offset),
+        maglev_size: region.map_or(0, |r| r.size),
+        affinity_timeout_secs: fe.affinity_timeout_secs,
+        flags: if fe.local_only { SVC_FLAG_LOCAL_ONLY } else { 0 },
+    }
+}
+
+/// The table region a services-map value points at (`None` when it has no table).
+pub fn service_region(svc: &Lb4Service) -> Option<Region> {
+    (svc.maglev_size > 0).then_some(Region { offset: svc.maglev_offset, size: svc.maglev_size })
+}
+
+/// The backends-map value of `b` in `state` (`BACKEND_STATE_*`).
+pub fn backend_value(b: &BackendAddr, state: u8) -> Lb4Backend {
+    Lb4Backend::new(b.ip.octets(), b.port, b.proto.number(), state)
+}
+
+/// The backend a backends-map value holds (`None` for a free slot or another protocol).
+pub fn backend_addr(b: &Lb4Backend) -> Option<BackendAddr> {
+    if b.state == BACKEND_STATE_FREE {
+        return None;
+    }
+    let proto = Protocol::from_number(b.proto)?;
+    Some(BackendAddr { ip: ipv4(b.addr), port: u16::from_be(b.port), proto })
+}
+
+/// The map state of a backend the model lists.
+pub fn backend_state(s: BackendState) -> u8 {
+    match s {
+        BackendState::Active => BACKEND_STATE_ACTIVE,
+        BackendState::Terminating => BACKEND_STATE_TERMINATING,
+    }
+}
+
+/// `active`, `terminating`, `free`: a backend state as people read it.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        BACKEND_STATE_ACTIVE => "active",
+        BACKEND_STATE_TERMINATING => "terminating",
+        BACKEND_STATE_FREE => "free",
+        _ => "unknown",
+    }
+}
+
+/// An address as the maps hold it (network byte order).
+pub fn ipv4(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+/// `TCP`, `UDP`, or `protoN` for a protocol number lb does not handle.
+pub fn proto_name(p: u8) -> String {
+    Protocol::from_number(p).map_or_else(|| format!("proto{p}"), |p| p.to_string())
+}
+
+/// A port as the maps hold it (network byte order).
+pub fn port(be: u16) -> u16 {
+    u16::from_be(be)
+}
+
+/// `IP:port` from map fields (network byte order).
+pub fn socket(addr: u32, be_port: u16) -> String {
+    format!("{}:{}", ipv4(addr), port(be_port))
+}
+
+/// `IP:port/PROTO` from map fields (network byte order).
+pub fn endpoint(addr: u32, be_port: u16, proto: u8) -> String {
+    format!("{}/{}", socket(addr, be_port), proto_name(proto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_and_map_types_round_trip() {
+        let fe = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 10), port: 8080, proto: Protocol::Udp };
+        let key = service_key(&fe);
+        assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(key.port.to_ne_bytes(), [0x1f, 0x90]);
+        assert_eq!(frontend_addr(&key), Some(fe));
+        let be = BackendAddr { ip: Ipv4Addr::new(10, 244, 1, 2), port: 53, proto: Protocol::Tcp };
+        let v = backend_value(&be, BACKEND_STATE_TERMINATING);
+        assert_eq!(backend_addr(&v), Some(be));
+        assert_eq!(backend_addr(&Lb4Backend::default()), None, "a free slot holds no backend");
+        assert_eq!(endpoint(v.addr, v.port, v.proto), "10.244.1.2:53/TCP");
+        assert_eq!(state_name(v.state), "terminating");
+        assert_eq!(proto_name(132), "proto132");
+    }
+}

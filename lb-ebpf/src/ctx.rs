@@ -1,0 +1,130 @@
+//! The packet context the pipeline runs on: everything that differs between the TC and XDP hooks,
+//! behind one trait. Where the packet is and how long it is, how its headers are made readable,
+//! how one side of a flow is rewritten (TC: the kernel's checksum helpers; XDP: incremental
+//! checksums) and which return values pass and drop a packet. The pipeline (`crate::pipeline`) is
+//! generic over it, so each program is the same steps compiled for its hook.
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use lb_common::counters;
+
+use crate::{
+    nat::{self, Side},
+    parse::{self, Flow, Parsed},
+};
+
+/// Linear bytes that hold the headers of almost every packet: Ethernet, IPv4 without options and
+/// a TCP header (a UDP header is shorter).
+const COMMON_HEADERS: u32 = 14 + 20 + 20;
+/// Linear bytes for the largest headers lb reads: Ethernet, IPv4 with options, and an ICMP error
+/// quoting an IPv4 header with options and a TCP header.
+const MAX_HEADERS: u32 = 14 + 60 + 8 + 60 + 20;
+
+/// A packet as a program hook presents it.
+pub trait PacketCtx: EbpfContext {
+    /// The program's return value.
+    type Ret;
+    /// The return value that lets the packet go on.
+    const PASS: Self::Ret;
+    /// The return value that drops the packet.
+    const DROP: Self::Ret;
+
+    /// Start of the directly accessible packet data.
+    fn data(&self) -> usize;
+    /// End of the directly accessible packet data.
+    fn data_end(&self) -> usize;
+    /// The packet's length, as counted in per-frontend bytes (layer 2).
+    fn len(&self) -> u32;
+
+    /// Parses the packet. By default its headers are readable as they are (all of an XDP frame
+    /// is); a hook whose packet may be partly non-linear makes them readable first.
+    #[inline(always)]
+    fn parse(&self) -> Parsed {
+        parse::parse(self.data(), self.data_end())
+    }
+
+    /// Writes `addr` and `port` into one side of `f`, keeping the IPv4 and L4 checksums right.
+    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
+}
+
+impl PacketCtx for TcContext {
+    type Ret = i32;
+    const PASS: i32 = TC_ACT_OK as i32;
+    const DROP: i32 = TC_ACT_SHOT as i32;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    /// The socket buffer's length, paged data included.
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+
+    /// Parses with the common headers linear (no copy for the usual packet), and again with up to
+    /// [`MAX_HEADERS`] linear when that was not enough (IP options, ICMP errors in paged data).
+    #[inline(always)]
+    fn parse(&self) -> Parsed {
+        tc_linearise(self, COMMON_HEADERS);
+        let parsed = parse::parse(TcContext::data(self), TcContext::data_end(self));
+        let short = matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO));
+        if short && tc_linearise(self, MAX_HEADERS) {
+            return parse::parse(TcContext::data(self), TcContext::data_end(self));
+        }
+        parsed
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+        nat::rewrite_tc(self, f, side, addr, port).map_err(|_| ())
+    }
+}
+
+/// Makes the first `want` bytes (or the whole packet) readable through direct packet access (they
+/// may sit in paged data). Returns whether it pulled.
+#[inline(always)]
+fn tc_linearise(ctx: &TcContext, want: u32) -> bool {
+    let want = if ctx.len() < want { ctx.len() } else { want };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+        return true;
+    }
+    false
+}
+
+impl PacketCtx for XdpContext {
+    type Ret = u32;
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    /// The frame's length: all of it is linear.
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+    }
+
+    #[inline(always)]
+    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+        nat::rewrite_xdp(self, f, side, addr, port)
+    }
+}
