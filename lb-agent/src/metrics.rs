@@ -140,8 +140,14 @@ fn label(k: &str, v: impl Into<String>) -> Labels {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(maps) = Maps::from_pins_read_only(&self.pin_dir) else {
-            return Ok(()); // nothing pinned yet
+        let maps = match Maps::from_pins_read_only(&self.pin_dir) {
+            Ok(maps) => maps,
+            // Nothing pinned yet: no datapath figures.
+            Err(crate::datapath::DatapathError::NotPinned(_)) => return Ok(()),
+            Err(e) => {
+                tracing::warn!("metrics: the datapath's maps cannot be read: {e}");
+                return Ok(());
+            }
         };
         // The same view `lbctl stats` prints.
         let stats = crate::inspect::stats(&maps).ok();

@@ -10,13 +10,14 @@ use lb_testkit::lab::tcp_asks;
 use serde_json::Value;
 use support::{endpoint, who, Cluster, VIP};
 
-/// lbctl is its own package: `cargo test` builds its binary (for its own tests) beside the
-/// agent's.
+/// lbctl is its own package: a workspace `cargo test` (the README's test command) builds its
+/// binary beside the agent's. `cargo test -p lb-agent` alone does not (cargo has no stable way for
+/// one package's tests to depend on another's binary), so run `cargo build -p lbctl` first then.
 fn lbctl_bin() -> std::path::PathBuf {
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_lb-agent")).with_file_name("lbctl");
     assert!(
         bin.exists(),
-        "{} is not built: run `cargo build -p lbctl` (cargo test builds it)",
+        "{} is not built: run `cargo build -p lbctl` (a workspace `cargo test` builds it)",
         bin.display()
     );
     bin

@@ -11,7 +11,7 @@ use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Service,
     Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
     MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR,
-    PINNED_MAPS,
+    MAP_LB_MON_RATE, PINNED_MAPS,
 };
 
 use super::{
@@ -34,9 +34,12 @@ pub struct Maps {
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets),
-    /// kept so that they can be pinned again.
+    /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
+
+/// The maps without a typed handle here (see `Maps::others`).
+const UNTYPED_MAPS: [&str; 2] = [MAP_LB_EVENTS, MAP_LB_MON_RATE];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
@@ -44,14 +47,17 @@ pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
 
 impl Maps {
     /// Makes the handles from every map of `PINNED_MAPS`, each got by `get`. The Maglev slots are
-    /// mapped writable or read-only.
+    /// mapped writable or read-only; read-only handles (readers) skip the maps kept only for
+    /// pinning, so a reader never depends on them.
     pub(super) fn from_maps(
         mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
         writable: bool,
     ) -> Result<Self, DatapathError> {
         let mut all = BTreeMap::new();
         for name in PINNED_MAPS {
-            all.insert(name, get(name)?);
+            if writable || !UNTYPED_MAPS.contains(&name) {
+                all.insert(name, get(name)?);
+            }
         }
         let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
         fn typed<T: TryFrom<Map, Error = MapError>>(
