@@ -7,7 +7,8 @@
 //!   B, then to A, ..., each run a conntrack hit with a real rewrite;
 //! - new flow: the same, loaded with every conntrack timeout at 0, so each run misses, hashes,
 //!   reads the Maglev table, writes both conntrack entries and rewrites;
-//! - reply: two reply entries whose translations alternate (X → C becomes V → C and back);
+//! - reply: two reply entries whose translations alternate (X → C becomes V → C and back), each
+//!   with the live forward entry of its flow (a reply is translated only while its flow lives);
 //! - non-VIP: a packet to no service, left as it is.
 
 #[path = "common/report.rs"]
@@ -91,6 +92,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
             maglev_slots: 65_536,
             ct: ct_fill + 65_536,
             affinity: 1024,
+            members: 1024,
         },
         ct_timeout_tcp_syn_secs: ct_timeouts_secs,
         ct_timeout_tcp_established_secs: ct_timeouts_secs,
@@ -151,11 +153,8 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
             .collect();
     let caps =
         Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-    let mut r = Reconciler::new(
-        caps,
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
-    );
-    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
+    let mut r = Reconciler::new(caps, Options::default());
+    let (_, errors) = r.sync(&desired, &Default::default(), maps);
     anyhow::ensure!(errors.is_empty(), "{errors:?}");
     Ok(())
 }
@@ -226,12 +225,14 @@ fn main() -> anyhow::Result<()> {
     // Reply entries that alternate: X → C becomes A → C, and A → C becomes X → C.
     let x = (Ipv4Addr::new(10, 244, 2, 4), 8080u16);
     let c = (CLIENT, 40_000u16);
+    // Another client port than the forward paths', whose flows would clash with these.
+    let rc = (CLIENT, 41_000u16);
     for (from, to) in [(x, (A, 80)), ((A, 80), x)] {
         let key = Lb4CtKey {
             saddr: u32::from_ne_bytes(from.0.octets()),
-            daddr: u32::from_ne_bytes(c.0.octets()),
+            daddr: u32::from_ne_bytes(rc.0.octets()),
             sport: from.1.to_be(),
-            dport: c.1.to_be(),
+            dport: rc.1.to_be(),
             proto: 6,
             dir: CT_DIR_REPLY,
             _pad: 0,
@@ -245,12 +246,29 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         maps.ct.insert(key, e, 0)?;
+        // A reply is translated only while its flow is alive: the forward entry of each.
+        let fwd_key = Lb4CtKey {
+            saddr: key.daddr,
+            daddr: e.nat_addr,
+            sport: key.dport,
+            dport: e.nat_port,
+            proto: 6,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let fwd = Lb4CtEntry {
+            nat_addr: key.saddr,
+            nat_port: key.sport,
+            last_seen_ns: lb_agent::datapath::monotonic_ns(),
+            ..e
+        };
+        maps.ct.insert(fwd_key, fwd, 0)?;
     }
 
     let to_a = packet(c, (A, 80));
     let to_c = packet(c, (C, 80));
     let non_vip = packet(c, (Ipv4Addr::new(10, 244, 1, 5), 80));
-    let reply = packet(x, c);
+    let reply = packet(x, rc);
     let tc_fwd = dp.tc_program(PROG_TC_FORWARD).context("tc forward")?;
     let tc_rep = dp.tc_program(PROG_TC_REPLY).context("tc reply")?;
     let xdp = dp.xdp_program().context("xdp")?;

@@ -14,7 +14,7 @@ use crate::{
     datapath::Maps,
     metrics::{Health, Metrics},
     model::{self, Addresses, Context},
-    reconcile::{MapWriter, Reconciler, SyncStats},
+    reconcile::{FlowTable, MapWriter, Reconciler, Sweeper, SyncStats},
     source::{Change, Objects, ServiceObjects, What},
 };
 
@@ -33,6 +33,8 @@ pub struct Agent<W: MapWriter = Maps> {
     /// Whether the first change (the whole state at start) was applied: it is a cold start, not
     /// a change to measure programming latency by.
     started: bool,
+    /// The flow sweep, when the agent runs one (see [`Agent::with_sweep`]).
+    sweeper: Option<Sweeper>,
 }
 
 /// What one change did.
@@ -50,6 +52,10 @@ pub struct Report {
 
 impl<W: MapWriter> Agent<W> {
     pub fn new(maps: W, reconciler: Reconciler, ctx: Context) -> Self {
+        let mut addresses = Addresses::default();
+        for (addr, service) in reconciler.holders() {
+            addresses.seed(addr, service);
+        }
         Self {
             maps,
             reconciler,
@@ -58,9 +64,18 @@ impl<W: MapWriter> Agent<W> {
             reported: BTreeSet::new(),
             metrics: Arc::new(Metrics::new()),
             health: Arc::new(Health::new()),
-            addresses: Addresses::default(),
+            addresses,
             started: false,
+            sweeper: None,
         }
+    }
+
+    /// Runs `sweeper` from [`Agent::sweep`]: expired flows are removed, and tombstones and
+    /// departed members go once no flow uses them.
+    pub fn with_sweep(mut self, sweeper: Sweeper) -> Self {
+        self.reconciler.begin_pass(sweeper.pass());
+        self.sweeper = Some(sweeper);
+        self
     }
 
     /// Programs a change.
@@ -83,7 +98,7 @@ impl<W: MapWriter> Agent<W> {
         if let Some(node) = &objects.node {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
         }
-        let model = model::build(&objects.services, &objects.slices, &self.ctx);
+        let model = model::build_claiming(&objects.services, &objects.slices, &self.ctx, &self.addresses);
         let mut messages: Vec<(String, &'static str)> = Vec::new();
         messages.extend(objects.errors.iter().map(|e| (e.to_string(), e.reason_label())));
         messages.extend(model.errors.iter().map(|e| (e.to_string(), e.reason_label())));
@@ -91,8 +106,7 @@ impl<W: MapWriter> Agent<W> {
         // Objects the files could not express are held too: their Services keep what they had.
         let mut held = model.held.clone();
         held.extend(objects.errors.iter().filter_map(|e| e.service()));
-        let (stats, sync_errors) =
-            self.reconciler.sync(&model.frontends, &held, Instant::now(), &mut self.maps);
+        let (stats, sync_errors) = self.reconciler.sync(&model.frontends, &held, &mut self.maps);
         for e in &sync_errors {
             self.metrics.sync_error(e.reason_label());
         }
@@ -113,13 +127,14 @@ impl<W: MapWriter> Agent<W> {
     }
 
     /// Recomputes only the listed Services (each with its current objects) and writes what
-    /// changed.
+    /// changed. Every listed Service lets go of its addresses before any claims them again, so
+    /// that one batch can move an address from one Service to another whatever their names; an
+    /// address let go that a Service was refused earlier goes to that Service.
     fn apply_services(&mut self, changed: Vec<ServiceObjects>) -> Report {
         let started = Instant::now();
-        let mut upsert = BTreeMap::new();
-        let mut removed = Vec::new();
         let mut errors = Vec::new();
         let mut held = BTreeSet::new();
+        let mut built = Vec::new();
         for ServiceObjects { key, service, slices } in changed {
             let m = model::build(service.as_slice(), &slices, &self.ctx);
             errors.extend(m.errors);
@@ -127,12 +142,31 @@ impl<W: MapWriter> Agent<W> {
                 held.insert(key);
                 continue; // rejected: it keeps what it had
             }
-            let (claimed, released) = self.addresses.reassign(&key, m.frontends, &mut errors);
-            upsert.extend(claimed);
-            removed.extend(released);
+            built.push((key, m.frontends));
         }
-        let (stats, sync_errors) =
-            self.reconciler.apply(upsert.iter(), &removed, Instant::now(), &mut self.maps);
+        let mut released = Vec::new();
+        let mut before = BTreeSet::new();
+        for (key, _) in &built {
+            let gone = self.addresses.release(key);
+            before.extend(gone.iter().map(|a| (key.clone(), *a)));
+            released.extend(gone);
+        }
+        // An address goes back first to the Service that held it, whatever the order of the
+        // batch; then new claims, by name; then what is left to those that waited.
+        let mut upsert = BTreeMap::new();
+        let mut rest = Vec::new();
+        for (key, frontends) in built {
+            let (again, others) =
+                frontends.into_iter().partition(|(a, _)| before.contains(&(key.clone(), *a)));
+            upsert.extend(self.addresses.claim_all(again, &mut errors));
+            rest.push(others);
+        }
+        for others in rest {
+            upsert.extend(self.addresses.claim_all(others, &mut errors));
+        }
+        upsert.extend(self.addresses.hand_over(&released, &held));
+        let removed: Vec<_> = released.into_iter().filter(|a| !upsert.contains_key(a)).collect();
+        let (stats, sync_errors) = self.reconciler.apply(upsert.iter(), &removed, &mut self.maps);
         for e in &errors {
             let m = e.to_string();
             if self.reported.insert(m.clone()) {
@@ -152,6 +186,11 @@ impl<W: MapWriter> Agent<W> {
         self.finish(stats, upsert.len(), messages, held, started)
     }
 
+    fn update_gauges(&self) {
+        self.metrics.tombstones.set(self.reconciler.tombstones() as i64);
+        self.metrics.departed_members.set(self.reconciler.departed() as i64);
+    }
+
     fn finish(
         &mut self,
         stats: SyncStats,
@@ -167,6 +206,7 @@ impl<W: MapWriter> Agent<W> {
         m.frontends.set(self.reconciler.frontends_programmed() as i64);
         m.backends.set(self.reconciler.backends_programmed() as i64);
         m.maglev_slots_used.set(i64::from(self.reconciler.slots_used()));
+        self.update_gauges();
         self.health.synced();
         if stats != SyncStats::default() {
             info!(
@@ -181,17 +221,178 @@ impl<W: MapWriter> Agent<W> {
         }
         report
     }
+}
 
-    /// Frees drained backends whose deadline has passed.
-    pub fn tick(&mut self, now: Instant) {
-        if self.reconciler.next_deadline().is_some_and(|d| d <= now) {
-            let started = Instant::now();
-            let (stats, errors) = self.reconciler.apply(std::iter::empty(), &[], now, &mut self.maps);
-            for e in &errors {
-                warn!("{e}");
+impl<W: MapWriter + FlowTable> Agent<W> {
+    /// One bounded step of the flow sweep at monotonic time `now_ns` (the datapath's clock). At
+    /// the end of a pass, tombstones and departed members it found no flow of are let go.
+    pub fn sweep(&mut self, now_ns: u64) {
+        let Some(sweeper) = &mut self.sweeper else { return };
+        let before = sweeper.stats;
+        let r = &self.reconciler;
+        let timeouts = if sweeper.in_affinity_phase() { r.affinity_timeouts() } else { Default::default() };
+        let step = sweeper.step(&mut self.maps, now_ns, |id| timeouts.get(&id).copied());
+        let after = sweeper.stats;
+        let m = &self.metrics;
+        for (what, n) in [
+            ("expired", after.expired - before.expired),
+            ("stale_reply", after.stale_replies - before.stale_replies),
+            ("affinity", after.affinity - before.affinity),
+        ] {
+            if n > 0 {
+                m.swept.get_or_create(&vec![("what".into(), what.into())]).inc_by(n);
             }
+        }
+        let census = match step {
+            Ok(Some(census)) => census,
+            Ok(None) => return,
+            Err(e) => {
+                m.sweep_errors.inc();
+                warn!("flow sweep: {e}");
+                return;
+            }
+        };
+        let next = sweeper.pass();
+        m.sweep_passes.inc();
+        m.live_flows.set(census.flows() as i64);
+        let started = Instant::now();
+        let (stats, errors) = self.reconciler.release_idle(&census, &mut self.maps);
+        self.reconciler.begin_pass(next);
+        for e in &errors {
+            self.metrics.sync_error(e.reason_label());
+            warn!("{e}");
+        }
+        if stats != SyncStats::default() || !errors.is_empty() {
             let errors = errors.iter().map(ToString::to_string).collect();
             self.finish(stats, 0, errors, BTreeSet::new(), started);
+        } else {
+            self.update_gauges();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use lb_common::{Lb4ServiceKey, IPPROTO_TCP, SVC_FLAG_TOMBSTONE};
+
+    use super::*;
+    use crate::{
+        reconcile::{Capacities, MemoryMaps, Options},
+        source::files::read_bytes,
+    };
+
+    fn objects(yaml: &str) -> Objects {
+        let mut o = Objects::default();
+        read_bytes(Path::new("test.yaml"), yaml.as_bytes(), &mut o);
+        assert!(o.errors.is_empty(), "{:?}", o.errors);
+        o
+    }
+
+    /// Service `name` at 10.96.5.1:80 with one endpoint 10.244.5.`last`:8080.
+    fn service(name: &str, last: u8) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.5.1, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.244.5.{last}]}}]\n"
+        )
+    }
+
+    fn change(key: &str, yaml: Option<String>) -> ServiceObjects {
+        let o = yaml.map(|y| objects(&y)).unwrap_or_default();
+        ServiceObjects { key: key.into(), service: o.services.into_iter().next(), slices: o.slices }
+    }
+
+    fn agent() -> Agent<MemoryMaps> {
+        let caps = Capacities { services: 64, backends: 64, maglev_slots: 4096, ..Capacities::default() };
+        Agent::new(MemoryMaps::default(), Reconciler::new(caps, Options::default()), Context::default())
+    }
+
+    /// The backend new flows to 10.96.5.1:80 go to (the last octet), and the frontend's id.
+    fn programmed(a: &Agent<MemoryMaps>) -> Option<(u8, u32)> {
+        let svc = a.maps.services.get(&Lb4ServiceKey::new([10, 96, 5, 1], 80, IPPROTO_TCP))?;
+        if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
+            return None;
+        }
+        let id = a.maps.maglev[&svc.maglev_offset];
+        Some((a.maps.backends[&id].addr.to_ne_bytes()[3], svc.id))
+    }
+
+    #[test]
+    fn one_batch_moves_an_address_from_a_deleted_service_to_a_new_one_whatever_their_names() {
+        for (old, new) in [("zz-old", "aa-new"), ("aa-old", "zz-new")] {
+            let mut a = agent();
+            a.apply(Change::all(objects(&service(old, 2))));
+            let (_, old_id) = programmed(&a).expect("old programmed");
+            let report = a.apply(Change::now(What::Services(vec![
+                change(&format!("default/{old}"), None),
+                change(&format!("default/{new}"), Some(service(new, 3))),
+            ])));
+            assert!(report.errors.is_empty(), "{old} → {new}: {:?}", report.errors);
+            let (backend, id) =
+                programmed(&a).unwrap_or_else(|| panic!("{old} → {new}: the address is lost"));
+            assert_eq!(backend, 3, "{old} → {new}: the new Service's endpoint");
+            assert_ne!(id, old_id, "{old} → {new}: a new frontend id, so old flows are not inherited");
+        }
+    }
+
+    #[test]
+    fn an_address_stays_with_its_holder_whatever_the_batch_or_a_resync() {
+        // zz holds the address; aa asks for it later, in a batch where zz changes too.
+        let mut a = agent();
+        a.apply(Change::all(objects(&service("zz", 2))));
+        let (_, id) = programmed(&a).expect("zz programmed");
+        let report = a.apply(Change::now(What::Services(vec![
+            change("default/aa", Some(service("aa", 3))),
+            change("default/zz", Some(service("zz", 4))),
+        ])));
+        assert_eq!(report.errors.len(), 1, "aa is refused: {:?}", report.errors);
+        assert_eq!(programmed(&a), Some((4, id)), "zz keeps the address (its new endpoint)");
+        // A whole resync (a relist) moves nothing either, although aa comes first by name.
+        let both = format!("{}---\n{}", service("aa", 3), service("zz", 4));
+        let report = a.apply(Change::all(objects(&both)));
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_eq!(programmed(&a), Some((4, id)));
+        // Once zz lets go, aa gets it.
+        a.apply(Change::now(What::Services(vec![change("default/zz", None)])));
+        assert_eq!(programmed(&a).map(|p| p.0), Some(3));
+    }
+
+    #[test]
+    fn a_restarted_agent_leaves_an_address_with_its_holder() {
+        let mut a = agent();
+        a.apply(Change::all(objects(&service("zz", 4))));
+        let (_, id) = programmed(&a).expect("zz programmed");
+        // The agent restarts with the maps as they are; aa now asks for zz's address too.
+        let maps = std::mem::take(&mut a.maps);
+        let meta = maps.meta.clone();
+        let caps = Capacities { services: 64, backends: 64, maglev_slots: 4096, ..Capacities::default() };
+        let restored = crate::reconcile::Restored {
+            services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            members: maps.members.iter().map(|(k, v)| (*k, *v)).collect(),
+            meta: &|id| meta.get(&id).copied(),
+        };
+        let r = Reconciler::restore(caps, Options::default(), restored);
+        let mut b = Agent::new(maps, r, Context::default());
+        let both = format!("{}---\n{}", service("aa", 3), service("zz", 4));
+        let report = b.apply(Change::all(objects(&both)));
+        assert_eq!(report.errors.len(), 1, "aa is refused: {:?}", report.errors);
+        assert_eq!(programmed(&b), Some((4, id)), "zz keeps the address and its id");
+    }
+
+    #[test]
+    fn a_refused_service_gets_the_address_when_its_holder_lets_it_go() {
+        let mut a = agent();
+        let both = format!("{}---\n{}", service("aa", 2), service("bb", 3));
+        let report = a.apply(Change::all(objects(&both)));
+        assert_eq!(report.errors.len(), 1, "bb is refused: {:?}", report.errors);
+        assert_eq!(programmed(&a).map(|p| p.0), Some(2));
+        // Only aa is in this batch (deleted): bb, refused before, takes the address.
+        a.apply(Change::now(What::Services(vec![change("default/aa", None)])));
+        assert_eq!(programmed(&a).map(|p| p.0), Some(3), "bb got the address");
     }
 }

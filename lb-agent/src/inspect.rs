@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use lb_common::{
     counters, Lb4CtEntry, Lb4Service, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
-    SVC_FLAG_LOCAL_ONLY,
+    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
 };
 use serde::Serialize;
 
@@ -39,6 +39,9 @@ pub struct ServiceView {
     /// 0 when the Service has no session affinity.
     pub affinity_timeout_seconds: u32,
     pub internal_traffic_local: bool,
+    /// The Service is gone (deleted, or its address or port changed): the entry stays, with no
+    /// backend, until the established flows made for it end.
+    pub deleted: bool,
     /// Backends new flows go to, with their share of the table.
     pub backends: Vec<BackendView>,
 }
@@ -135,6 +138,7 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
             table_size: svc.maglev_size,
             affinity_timeout_seconds: svc.affinity_timeout_secs,
             internal_traffic_local: svc.flags & SVC_FLAG_LOCAL_ONLY != 0,
+            deleted: svc.flags & SVC_FLAG_TOMBSTONE != 0,
             backends,
         };
         out.push((view, table));

@@ -1,9 +1,6 @@
 //! lb-agent: the per-node agent.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -12,7 +9,7 @@ use lb_agent::{
     datapath::{self, netlink::LinkEvents, Datapath, Mode},
     metrics,
     model::{self, maglev},
-    reconcile::{Options, Reconciler},
+    reconcile::{Options, Reconciler, Restored, Sweeper, Timeouts},
     source::{self, Source},
 };
 use lb_common::{
@@ -68,9 +65,6 @@ struct Args {
     /// Reject Services with more endpoints than this.
     #[arg(long, default_value_t = model::DEFAULT_MAX_ENDPOINTS)]
     max_endpoints_per_service: usize,
-    /// Seconds a backend that left every Service keeps its established TCP flows.
-    #[arg(long, default_value_t = Options::DEFAULT_DRAIN_TIMEOUT.as_secs())]
-    drain_timeout: u64,
     /// Source address for hairpinned flows (a pod reaching itself through a Service).
     #[arg(long, default_value_t = std::net::Ipv4Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR))]
     hairpin_addr: std::net::Ipv4Addr,
@@ -92,6 +86,9 @@ struct Args {
     /// ClientIP session affinity entries.
     #[arg(long, default_value_t = capacity::AFFINITY)]
     affinity_entries: u32,
+    /// (Service port, endpoint) pairs, those kept for the flows of Services gone included.
+    #[arg(long, default_value_t = capacity::MEMBERS)]
+    member_entries: u32,
     #[arg(long, default_value_t = default_timeouts::TCP_SYN_SECS)]
     ct_timeout_tcp_syn: u64,
     #[arg(long, default_value_t = default_timeouts::TCP_ESTABLISHED_SECS)]
@@ -139,6 +136,7 @@ impl From<Args> for Config {
             maglev_slots: a.maglev_slots,
             ct: a.ct_entries,
             affinity: a.affinity_entries,
+            members: a.member_entries,
         };
         Self {
             datapath: datapath::Config {
@@ -161,11 +159,7 @@ impl From<Args> for Config {
                 Some(dir) => source::Config::Files(dir),
                 None => source::Config::Kube { kubeconfig: a.kubeconfig, node_name: a.node_name.clone() },
             },
-            reconcile: Options {
-                max_table_size: a.maglev_max_table_size,
-                maglev_seed: 0,
-                drain_timeout: Duration::from_secs(a.drain_timeout),
-            },
+            reconcile: Options { max_table_size: a.maglev_max_table_size, maglev_seed: 0 },
             model: model::Context {
                 node_name: a.node_name,
                 zone: a.zone,
@@ -178,6 +172,10 @@ impl From<Args> for Config {
         }
     }
 }
+
+/// Conntrack and affinity entries the flow sweep reads per tick (250 ms): the default 524,288
+/// conntrack entries take about 32 s a pass, with one batched read per tick.
+const SWEEP_BATCH: u32 = 4096;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -198,11 +196,21 @@ async fn main() -> anyhow::Result<()> {
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
     let caps = cfg.datapath.caps;
-    let reconciler =
-        Reconciler::restore(caps, cfg.reconcile, maps.read_services()?, maps.read_backends()?, |id| {
-            maps.read_meta(id)
-        });
-    let mut agent = Agent::new(maps, reconciler, cfg.model);
+    let restored = Restored {
+        services: maps.read_services()?,
+        backends: maps.read_backends()?,
+        members: maps.read_members()?,
+        meta: &|id| maps.read_meta(id),
+    };
+    let reconciler = Reconciler::restore(caps, cfg.reconcile, restored);
+    let d = &cfg.datapath;
+    let timeouts = Timeouts::from_secs(
+        d.ct_timeout_tcp_syn_secs,
+        d.ct_timeout_tcp_established_secs,
+        d.ct_timeout_tcp_close_secs,
+        d.ct_timeout_udp_secs,
+    );
+    let mut agent = Agent::new(maps, reconciler, cfg.model).with_sweep(Sweeper::new(timeouts, SWEEP_BATCH));
     let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
     let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
     metrics::serve(cfg.metrics_addr, cfg.healthz_addr, registry, agent.health.clone())
@@ -263,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
                 if ticks.is_multiple_of(20) {
                     attach_matching(&mut dp, &cfg.interfaces);
                 }
-                agent.tick(Instant::now());
+                agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
             }
         }

@@ -51,6 +51,17 @@ pub struct Metrics {
     pub frontends: Gauge,
     pub backends: Gauge,
     pub maglev_slots_used: Gauge,
+    /// Frontends whose Service is gone, kept for their established flows.
+    pub tombstones: Gauge,
+    /// Members that left their frontend, kept for their established flows.
+    pub departed_members: Gauge,
+    /// Live flows the last complete sweep pass counted.
+    pub live_flows: Gauge,
+    pub sweep_passes: Counter,
+    /// Entries the sweep removed, by what they were (`expired`, `stale_reply`, `affinity`).
+    pub swept: Family<Labels, Counter>,
+    /// Sweep steps that failed (a map could not be read or written); the next step tries again.
+    pub sweep_errors: Counter,
 }
 
 impl Metrics {
@@ -65,6 +76,12 @@ impl Metrics {
             frontends: Gauge::default(),
             backends: Gauge::default(),
             maglev_slots_used: Gauge::default(),
+            tombstones: Gauge::default(),
+            departed_members: Gauge::default(),
+            live_flows: Gauge::default(),
+            sweep_passes: Counter::default(),
+            swept: Family::default(),
+            sweep_errors: Counter::default(),
         }
     }
 
@@ -259,6 +276,28 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
         metrics.frontends.clone(),
     );
     r.register("lb_backends_programmed", "Backends in the maps", metrics.backends.clone());
+    r.register(
+        "lb_frontends_tombstoned",
+        "Frontends whose Service is gone, kept while their established flows live",
+        metrics.tombstones.clone(),
+    );
+    r.register(
+        "lb_members_departed",
+        "Endpoints that left their Service, kept while their established flows live",
+        metrics.departed_members.clone(),
+    );
+    r.register(
+        "lb_flows_live",
+        "Live flows counted by the last complete sweep pass",
+        metrics.live_flows.clone(),
+    );
+    r.register("lb_flow_sweep_passes", "Complete passes of the flow sweep", metrics.sweep_passes.clone());
+    r.register(
+        "lb_flow_sweep_removed",
+        "Entries the flow sweep removed, by kind (expired, stale_reply, affinity)",
+        metrics.swept.clone(),
+    );
+    r.register("lb_flow_sweep_errors", "Flow sweep steps that failed", metrics.sweep_errors.clone());
     r.register_collector(Box::new(collector));
     r
 }

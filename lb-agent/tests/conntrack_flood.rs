@@ -40,11 +40,9 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
         local_only: false,
     };
     let caps = Capacities { services: 64, backends: 64, maglev_slots: 65_536, ..Capacities::default() };
-    let opts =
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
+    let opts = Options::default();
     let desired: BTreeMap<_, _> = [(fe.addr, fe)].into_iter().collect();
-    let (_, errors) =
-        Reconciler::new(caps, opts).sync(&desired, &Default::default(), std::time::Instant::now(), &mut maps);
+    let (_, errors) = Reconciler::new(caps, opts).sync(&desired, &Default::default(), &mut maps);
     assert!(errors.is_empty(), "{errors:?}");
     (pins, dp, maps)
 }

@@ -73,7 +73,7 @@ fn frontend_with(
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
         backends: backends.iter().map(be).collect(),
-        kept: kept.iter().map(|b| (be(b), BackendState::Terminating)).collect(),
+        kept: kept.iter().map(|b| (be(b), BackendState::Draining)).collect(),
         affinity_timeout_secs,
         local_only,
     }
@@ -88,11 +88,8 @@ fn program_state(maps: &mut Maps) {
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-    let mut r = Reconciler::new(
-        caps,
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT },
-    );
-    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
+    let mut r = Reconciler::new(caps, Options::default());
+    let (_, errors) = r.sync(&desired, &Default::default(), maps);
     assert!(errors.is_empty(), "sync errors: {errors:?}");
 }
 
@@ -493,7 +490,7 @@ const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 fn sync_all(r: &mut Reconciler, maps: &mut Maps, fes: Vec<Frontend>) {
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
-    let (_, errors) = r.sync(&desired, &Default::default(), std::time::Instant::now(), maps);
+    let (_, errors) = r.sync(&desired, &Default::default(), maps);
     assert!(errors.is_empty(), "sync errors: {errors:?}");
 }
 
@@ -502,8 +499,7 @@ fn service_semantics_table() {
     let pins = PinDir::new("semantics");
     let (dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-    let opts =
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
+    let opts = Options::default();
     let mut r = Reconciler::new(caps, opts);
     let b = |last| (Ipv4Addr::new(10, 244, 1, last), 8080);
     let (vip_aff, vip_local, vip_hair, vip_udp, vip_tcp) = (

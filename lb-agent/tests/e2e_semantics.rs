@@ -69,19 +69,27 @@ fn draining_keeps_established_connections_and_avoids_the_backend() {
 }
 
 #[test]
-fn drained_backend_is_freed_after_the_drain_timeout() {
+fn a_backend_that_left_is_freed_once_no_flow_uses_it() {
     let c = Cluster::new(
         "free",
         Mode::Tc,
         true,
         |b| who("", &[endpoint(&b[0], "ready: true"), endpoint(&b[1], "ready: true")]),
-        &["--drain-timeout", "1"],
+        &["--ct-timeout-tcp-close", "1"],
     );
     c.wait_reachable(&c.client1, 80);
-    let b1 = c.backends[0].clone();
-    c.write(&who("", &[endpoint(&c.backends[1], "ready: true")]));
-    c.wait_backend(1, b1.ip, 8080, Some(BACKEND_STATE_TERMINATING));
-    c.wait_backend(1, b1.ip, 8080, None);
+    let mut session = Session::open(&c.client1, SocketAddrV4::new(VIP, 80)).expect("connection");
+    let pinned = session.ask().expect("answer");
+    let (gone, stays) = if c.backends[0].name == pinned { (0, 1) } else { (1, 0) };
+    let gone = c.backends[gone].clone();
+    c.write(&who("", &[endpoint(&c.backends[stays], "ready: true")]));
+    c.wait_backend(1, gone.ip, 8080, Some(BACKEND_STATE_TERMINATING));
+    // Kept while its connection lives (several sweep passes), freed once it ended.
+    std::thread::sleep(Duration::from_secs(2));
+    c.wait_backend(1, gone.ip, 8080, Some(BACKEND_STATE_TERMINATING));
+    assert_eq!(session.ask().expect("still served"), pinned);
+    drop(session);
+    c.wait_backend(1, gone.ip, 8080, None);
 }
 
 #[test]

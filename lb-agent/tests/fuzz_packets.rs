@@ -72,10 +72,8 @@ fn program(maps: &mut Maps) {
     .map(|f| (f.addr, f))
     .collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-    let opts =
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Options::DEFAULT_DRAIN_TIMEOUT };
-    let (_, errors) =
-        Reconciler::new(caps, opts).sync(&desired, &Default::default(), std::time::Instant::now(), maps);
+    let opts = Options::default();
+    let (_, errors) = Reconciler::new(caps, opts).sync(&desired, &Default::default(), maps);
     assert!(errors.is_empty());
 }
 

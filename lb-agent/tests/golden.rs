@@ -3,10 +3,7 @@
 //! (`node.yaml`), and the expected dump of the maps (`expected.txt`). Run with
 //! `UPDATE_GOLDEN=1` to rewrite the expected files, then review the diff.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use lb_agent::{
     agent::Agent,
@@ -44,7 +41,7 @@ fn run_case(dir: &Path) -> String {
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
     };
     let caps = Capacities { services: 4096, backends: 4096, maglev_slots: 1 << 20, ..Capacities::default() };
-    let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+    let opts = Options::default();
     // The real agent, as the binary drives it, over maps in memory.
     let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
     let mut out = String::new();

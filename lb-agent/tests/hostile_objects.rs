@@ -4,7 +4,7 @@
 //! rejected with an error naming it; nothing else is lost; a Service whose object turns bad keeps
 //! what it had.
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
 use lb_agent::{
     agent::Agent,
@@ -17,7 +17,7 @@ use lb_testkit::dump;
 fn agent() -> Agent<MemoryMaps> {
     let caps =
         Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24, ..Capacities::default() };
-    let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+    let opts = Options::default();
     Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), Context::default())
 }
 

@@ -51,7 +51,7 @@ impl Harness {
             .expect("a first change");
         let caps =
             Capacities { services: 4096, backends: 65_536, maglev_slots: 1 << 24, ..Capacities::default() };
-        let opts = Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+        let opts = Options::default();
         let ctx = Context { node_name: Some("node1".into()), ..Context::default() };
         let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
         assert!(matches!(first.what, What::All(_)), "the first change holds everything");
@@ -133,6 +133,21 @@ async fn initial_list_then_add_modify_delete_events() {
         assert!(Instant::now() < deadline, "the node's new zone never arrived");
         h.apply_arrivals(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_slice_relabelled_to_another_service_updates_both() {
+    let mut h = Harness::start(api_with_web().await).await;
+    h.api.apply(service("api", "10.96.0.11"));
+    h.api.apply(slice("api-1", "api", &["10.244.2.2"]));
+    h.settle("api programmed", |d| backends_of(d, "10.96.0.11") == Some(1)).await;
+    // web-1 now belongs to api: web has no endpoint left, api has both slices' (one watch event,
+    // which names only the new Service).
+    h.api.apply(slice("web-1", "api", &["10.244.1.2", "10.244.1.3"]));
+    h.settle("both Services updated", |d| {
+        backends_of(d, "10.96.0.10") == Some(0) && backends_of(d, "10.96.0.11") == Some(3)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -52,8 +52,15 @@ pub const AFFINITY_HIT: u32 = 18;
 /// A pod reached itself through a service: the flow is also SNATed (counted in addition).
 pub const HAIRPIN: u32 = 19;
 
+/// A TCP RST to a service frontend that matches no tracked flow: dropped, never a new flow
+/// (netfilter sees it as INVALID, and kube-proxy drops those).
+pub const DROP_RST_NO_FLOW: u32 = 20;
+/// Reply direction: a reply entry whose flow is gone (its forward entry expired, was removed or
+/// now names another backend): removed, and the packet passed untranslated.
+pub const PASS_STALE_REPLY_CT: u32 = 21;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 22;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -77,11 +84,13 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_no_local_backend",
     "affinity_hit",
     "hairpin",
+    "drop_rst_no_flow",
+    "pass_stale_reply_ct",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY`.
-pub const OUTCOMES: [u32; 13] = [
+pub const OUTCOMES: [u32; 15] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -95,4 +104,6 @@ pub const OUTCOMES: [u32; 13] = [
     DROP_MALFORMED,
     DROP_REWRITE_FAILED,
     DROP_NO_LOCAL_BACKEND,
+    DROP_RST_NO_FLOW,
+    PASS_STALE_REPLY_CT,
 ];

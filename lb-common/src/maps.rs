@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 5;
+pub const PIN_LAYOUT_VERSION: u32 = 6;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -17,6 +17,7 @@ pub const MAP_LB_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_LB4_SVC_STATS: &str = "LB4_SVC_STATS";
 pub const MAP_LB4_AFFINITY: &str = "LB4_AFFINITY";
 pub const MAP_LB4_FE_META: &str = "LB4_FE_META";
+pub const MAP_LB4_MEMBERS: &str = "LB4_MEMBERS";
 /// The datapath's events, read by `lbctl monitor` (which only moves the ring's read position).
 pub const MAP_LB_EVENTS: &str = "LB_EVENTS";
 /// `[0]`: non-zero while the datapath sends events. Written by the agent at start from
@@ -25,7 +26,7 @@ pub const MAP_LB_MONITOR: &str = "LB_MONITOR";
 pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -34,6 +35,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_LB4_SVC_STATS,
     MAP_LB4_AFFINITY,
     MAP_LB4_FE_META,
+    MAP_LB4_MEMBERS,
     MAP_LB_EVENTS,
     MAP_LB_MONITOR,
     MAP_LB_MON_RATE,
@@ -111,6 +113,10 @@ const _: () = assert!(size_of::<Lb4Service>() == 24);
 /// `internalTrafficPolicy: Local`: when `backend_count` is 0 the drop is counted as
 /// `DROP_NO_LOCAL_BACKEND`.
 pub const SVC_FLAG_LOCAL_ONLY: u32 = 1;
+/// The Service is gone (deleted, or its address or port changed): the entry stays, with no
+/// backend and no table, only while tracked flows made for it are alive, so that they keep their
+/// backends as under netfilter conntrack. New flows get the no-backend answer.
+pub const SVC_FLAG_TOMBSTONE: u32 = 2;
 
 /// Value of `LB4_BACKENDS`, indexed by backend id (0 is never a backend).
 #[repr(C)]
@@ -134,8 +140,50 @@ pub const BACKEND_STATE_ACTIVE: u8 = 1;
 /// Keeps its established flows but takes no new ones.
 pub const BACKEND_STATE_TERMINATING: u8 = 2;
 
+/// Key of `LB4_MEMBERS`: a backend as a member of one frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4MemberKey {
+    /// Frontend id.
+    pub svc_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<Lb4MemberKey>() == 8);
+
+/// Value of `LB4_MEMBERS`: what a tracked flow or an affinity entry of the frontend may still do
+/// with the backend. A flow or affinity entry is honoured only while its (frontend, backend) pair
+/// is a member with the same address and port, so a backend id or a frontend address that is
+/// reused never inherits another Service's flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Member {
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `MEMBER_*`.
+    pub state: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Lb4Member>() == 8);
+
+/// Ready: takes new flows (from the Maglev table or from affinity) and keeps its flows.
+pub const MEMBER_ACTIVE: u8 = 1;
+/// Not ready but serving (terminating): no new flow, no SYN; keeps its TCP and UDP flows
+/// (kube-proxy's conntrack cleanup spares serving endpoints).
+pub const MEMBER_SERVING: u8 = 2;
+/// Not serving, or no longer listed by the Service: no new flow, no SYN; keeps its TCP flows
+/// until they end; its UDP flows pick again.
+pub const MEMBER_DRAINING: u8 = 3;
+
 /// Key of `LB4_CT`. A load-balanced flow has two entries: `CT_DIR_FORWARD` keyed by the client's
-/// tuple towards the VIP, and `CT_DIR_REPLY` keyed by the backend's tuple towards the client.
+/// tuple towards the VIP, and `CT_DIR_REPLY` keyed by the backend's tuple towards the client. The
+/// forward entry is the flow: packets in both directions refresh it, its state and timeout decide
+/// whether the flow is alive, and a reply entry is honoured only while its forward entry is alive
+/// and names the same backend (else the datapath removes it). A forward entry whose reply entry
+/// was evicted rebuilds it when it is refreshed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lb4CtKey {
@@ -158,6 +206,25 @@ const _: () = assert!(size_of::<Lb4CtKey>() == 16);
 
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
+
+impl Lb4CtKey {
+    /// The key of the forward entry of the flow that reply entry `self` (holding `e`) belongs
+    /// to: the client's tuple towards the service address. The client is the reply's
+    /// destination, or its source when the flow is hairpinned (the client is its own backend and
+    /// the reply goes to the hairpin address).
+    #[inline(always)]
+    pub fn forward_of_reply(&self, e: &Lb4CtEntry) -> Self {
+        Self {
+            saddr: if e.flags & CT_FLAG_HAIRPIN != 0 { self.saddr } else { self.daddr },
+            daddr: e.nat_addr,
+            sport: self.dport,
+            dport: e.nat_port,
+            proto: self.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+}
 
 /// Value of `LB4_CT`.
 #[repr(C)]
@@ -189,12 +256,16 @@ const _: () = assert!(size_of::<Lb4CtEntry>() == 32);
 /// The client is its own backend: its packets are also SNATed to the hairpin address, and the
 /// reply entry is keyed by that address.
 pub const CT_FLAG_HAIRPIN: u8 = 1;
+/// TCP: the client sent a FIN (forward entries).
+pub const CT_FLAG_FIN_CLIENT: u8 = 2;
+/// TCP: the backend sent a FIN (forward entries).
+pub const CT_FLAG_FIN_BACKEND: u8 = 4;
 
 /// TCP: only the client's SYN seen.
 pub const CT_STATE_SYN: u8 = 1;
-/// TCP past the handshake, or any UDP flow.
+/// TCP past the handshake (also half-closed: a FIN one way only), or any UDP flow.
 pub const CT_STATE_ESTABLISHED: u8 = 2;
-/// TCP after FIN or RST in either direction.
+/// TCP after a FIN each way, or an RST.
 pub const CT_STATE_CLOSING: u8 = 3;
 
 /// Key of `LB4_AFFINITY`: ClientIP session affinity, per client address and frontend.
@@ -361,6 +432,10 @@ mod pod {
     unsafe impl aya::Pod for LbEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LbMonitorBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4Member {}
 }
 
 #[cfg(test)]
@@ -381,6 +456,44 @@ mod tests {
         assert_eq!(be.addr.to_ne_bytes(), [10, 244, 1, 3]);
         assert_eq!(be.port.to_ne_bytes(), [0, 53]);
     }
+
+    /// The forward key found from a reply entry is the one the flow was created under, for a
+    /// plain flow and for a hairpinned one (the client is its own backend, replies go to the
+    /// hairpin address).
+    #[test]
+    fn forward_of_reply_inverts_the_reply_key() {
+        let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let (client, vip, backend, hairpin) =
+            (ip([10, 244, 0, 5]), ip([10, 96, 0, 10]), ip([10, 244, 0, 9]), ip([169, 254, 42, 1]));
+        for (proto, hairpinned) in [(IPPROTO_TCP, false), (IPPROTO_UDP, false), (IPPROTO_TCP, true)] {
+            let client = if hairpinned { backend } else { client };
+            let fwd = Lb4CtKey {
+                saddr: client,
+                daddr: vip,
+                sport: 41_000u16.to_be(),
+                dport: 80u16.to_be(),
+                proto,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let entry = Lb4CtEntry {
+                nat_addr: vip,
+                nat_port: 80u16.to_be(),
+                flags: if hairpinned { CT_FLAG_HAIRPIN | CT_FLAG_FIN_CLIENT } else { CT_FLAG_FIN_BACKEND },
+                ..Lb4CtEntry::default()
+            };
+            let reply = Lb4CtKey {
+                saddr: backend,
+                daddr: if hairpinned { hairpin } else { client },
+                sport: 8080u16.to_be(),
+                dport: fwd.sport,
+                proto,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            };
+            assert_eq!(reply.forward_of_reply(&entry), fwd, "proto {proto} hairpin {hairpinned}");
+        }
+    }
 }
 
 /// Default capacities. The agent sets the real ones at load time from its flags, whose defaults
@@ -398,6 +511,8 @@ pub mod capacity {
     pub const CT: u32 = 524_288;
     /// ClientIP session affinity entries (client, frontend).
     pub const AFFINITY: u32 = 65_536;
+    /// (frontend, backend) memberships, those of Services gone but with live flows included.
+    pub const MEMBERS: u32 = 262_144;
 
     /// Every capacity the agent sets at load time, in one place: the flags fill it, the loader,
     /// the reconciler's allocators and the occupancy metrics read it.
@@ -408,6 +523,7 @@ pub mod capacity {
         pub maglev_slots: u32,
         pub ct: u32,
         pub affinity: u32,
+        pub members: u32,
     }
 
     impl Default for Capacities {
@@ -418,6 +534,7 @@ pub mod capacity {
                 maglev_slots: MAGLEV_SLOTS,
                 ct: CT,
                 affinity: AFFINITY,
+                members: MEMBERS,
             }
         }
     }

@@ -2,14 +2,17 @@
 //! backend, and the reply entries that reverse NAT uses.
 
 use lb_common::{
-    Lb4CtEntry, Lb4CtKey, BACKEND_STATE_FREE, BACKEND_STATE_TERMINATING, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
-    IPPROTO_TCP, IPPROTO_UDP,
+    Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_FIN_BACKEND,
+    CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
 };
 
+/// `BPF_NOEXIST`: insert only where no entry is.
+const BPF_NOEXIST: u64 = 1;
+
 use crate::{
-    config::ct_timeout_ns,
-    maps::{LB4_BACKENDS, LB4_CT},
+    config::{ct_timeout_ns, hairpin_addr},
+    maps::{LB4_CT, LB4_MEMBERS},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -41,28 +44,84 @@ pub fn reply_key(f: &Flow, backend_addr: u32, backend_port: u16, client_addr: u3
     }
 }
 
+/// A TCP packet that opens a connection: SYN without ACK.
+#[inline(always)]
+pub fn syn_only(f: &Flow) -> bool {
+    f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// The state a new flow starts in.
 #[inline(always)]
 fn initial_state(f: &Flow) -> u8 {
-    if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if syn_only(f) {
         CT_STATE_SYN
     } else {
         CT_STATE_ESTABLISHED
     }
 }
 
-/// The state after a packet with `flags` (TCP) in either direction.
+/// Moves forward entry `e` on after a packet with TCP `flags`, sent by the client (`fin_bit` is
+/// `CT_FLAG_FIN_CLIENT`) or by the backend (`CT_FLAG_FIN_BACKEND`), and marks it seen. A FIN one
+/// way half-closes the connection and keeps the established timeout (the other side may still
+/// send for long, as after `shutdown(SHUT_WR)`); a FIN each way or an RST closes it. The time is
+/// written at most every `CT_REFRESH_INTERVAL_NS` unless the state changed.
 #[inline(always)]
-fn next_state(proto: u8, state: u8, flags: u8) -> u8 {
+fn advance(e: &mut Lb4CtEntry, proto: u8, flags: u8, fin_bit: u8, now: u64) {
+    let mut state = e.state;
+    let mut bits = e.flags;
     if proto != IPPROTO_TCP {
-        return CT_STATE_ESTABLISHED;
-    }
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        CT_STATE_CLOSING
-    } else if state == CT_STATE_SYN && flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
-        CT_STATE_ESTABLISHED
+        state = CT_STATE_ESTABLISHED;
+    } else if flags & TCP_RST != 0 {
+        state = CT_STATE_CLOSING;
     } else {
-        state
+        if flags & TCP_FIN != 0 {
+            bits |= fin_bit;
+        }
+        if bits & FIN_BOTH == FIN_BOTH {
+            state = CT_STATE_CLOSING;
+        } else if state == CT_STATE_SYN && flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
+            state = CT_STATE_ESTABLISHED;
+        }
+    }
+    if state != e.state || bits != e.flags || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
+        e.state = state;
+        e.flags = bits;
+        e.last_seen_ns = now;
+    }
+}
+
+const FIN_BOTH: u8 = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND;
+
+/// Idle for at least its timeout (a timeout of 0 never keeps an entry).
+#[inline(always)]
+fn expired(e: &Lb4CtEntry, proto: u8, now: u64) -> bool {
+    now.saturating_sub(e.last_seen_ns) >= ct_timeout_ns(proto, e.state)
+}
+
+/// Backend `backend_id` as a member of frontend `svc_id`, if it is one.
+#[inline(always)]
+pub fn member(svc_id: u32, backend_id: u32) -> Option<Lb4Member> {
+    let key = Lb4MemberKey { svc_id, backend_id };
+    // SAFETY: the value is copied out at once.
+    unsafe { LB4_MEMBERS.get(&key) }.copied()
+}
+
+/// Whether a tracked flow of frontend `svc_id` to backend `backend_id` at `addr:port` may go on:
+/// the pair is still a member with that address; a SYN (a new connection on an old tuple) only to
+/// an active member; UDP only to a serving one (kube-proxy's conntrack cleanup), TCP to any.
+#[inline(always)]
+fn flow_allowed(svc_id: u32, backend_id: u32, addr: u32, port: u16, proto: u8, syn: bool) -> bool {
+    let Some(m) = member(svc_id, backend_id) else {
+        return false;
+    };
+    if m.addr != addr || m.port != port {
+        return false;
+    }
+    match m.state {
+        MEMBER_ACTIVE => true,
+        MEMBER_SERVING => !syn,
+        MEMBER_DRAINING => !syn && proto == IPPROTO_TCP,
+        _ => false,
     }
 }
 
@@ -74,54 +133,63 @@ pub struct Tracked {
 }
 
 pub enum Lookup {
-    /// No usable entry: the flow is new (or its entry expired, or a SYN reuses a closed tuple).
+    /// No usable entry: the flow is new (or its entry expired, or a SYN starts a new connection
+    /// on a tuple that was closed or made for another frontend).
     Miss,
-    /// The flow is tracked and its backend is still there.
+    /// The flow is tracked and may stay on its backend.
     Hit(Tracked),
-    /// The flow is tracked but its backend was removed or replaced: pick again.
+    /// The flow is tracked but its backend left its frontend (or is not active, for a SYN; or
+    /// not serving, for UDP): pick again.
     BackendGone,
 }
 
-/// Looks up a forward packet's flow, and advances its state and last-seen time.
+/// Looks up a forward packet's flow towards frontend `svc_id`, and advances its state and
+/// last-seen time. A refresh also rebuilds the flow's reply entry if it was evicted.
 #[inline(always)]
-pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, now: u64) -> Lookup {
+pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup {
     let Some(entry) = LB4_CT.get_ptr_mut(key) else {
         return Lookup::Miss;
     };
     // SAFETY: a valid map value pointer; concurrent updates of these plain fields are benign.
     let e = unsafe { &mut *entry };
-    // Idle for at least its timeout: expired (a timeout of 0 never reuses an entry).
-    if now.saturating_sub(e.last_seen_ns) >= ct_timeout_ns(f.proto, e.state) {
+    if expired(e, f.proto, now) {
         return Lookup::Miss;
     }
-    let syn_only = f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn_only && e.state == CT_STATE_CLOSING {
-        // The client reuses the tuple of a finished connection: a new flow.
+    let syn = syn_only(f);
+    if syn && (e.state == CT_STATE_CLOSING || e.flags & FIN_BOTH != 0 || e.svc_id != svc_id) {
+        // The client reuses the tuple of a finished (or half-closed) connection, or of a flow
+        // made for the Service that had this address before: a new flow.
         return Lookup::Miss;
     }
-    let Some(backend) = LB4_BACKENDS.get(e.backend_id) else {
-        return Lookup::BackendGone;
-    };
-    // A TCP flow keeps a terminating backend (it drains); a UDP flow has nothing to drain and
-    // moves at once, as kube-proxy flushes UDP conntrack entries of endpoints that leave.
-    let gone = backend.state == BACKEND_STATE_FREE
-        || (backend.state == BACKEND_STATE_TERMINATING && f.proto == IPPROTO_UDP)
-        || backend.addr != e.nat_addr
-        || backend.port != e.nat_port;
-    if gone {
+    if !flow_allowed(e.svc_id, e.backend_id, e.nat_addr, e.nat_port, f.proto, syn) {
         return Lookup::BackendGone;
     }
-    let state = next_state(f.proto, e.state, f.tcp_flags);
-    if state != e.state || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
-        e.state = state;
-        e.last_seen_ns = now;
+    let (refresh, state, bits) =
+        (now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS, e.state, e.flags);
+    advance(e, f.proto, f.tcp_flags, CT_FLAG_FIN_CLIENT, now);
+    let hairpin = e.flags & CT_FLAG_HAIRPIN != 0;
+    if refresh || e.state != state || e.flags != bits {
+        // The reply entry's time, state and FIN bits follow the flow's, so that it never outlives its
+        // forward entry by more than a refresh interval (a reply entry past its own timeout is
+        // never used to rebuild the flow). Under table pressure it may have been evicted: put it
+        // back, so the flow keeps working both ways. A lookup first: inserting into a full LRU
+        // map evicts.
+        let rev_key = reply_key(f, e.nat_addr, e.nat_port, if hairpin { hairpin_addr() } else { f.saddr });
+        match LB4_CT.get_ptr_mut(&rev_key) {
+            Some(rev) => {
+                // SAFETY: a valid map value pointer.
+                let rev = unsafe { &mut *rev };
+                rev.last_seen_ns = now;
+                rev.state = e.state;
+                rev.flags = e.flags;
+            }
+            None => {
+                let rev = Lb4CtEntry { nat_addr: f.daddr, nat_port: f.dport, ..*e };
+                let _ = LB4_CT.insert(&rev_key, &rev, 0);
+            }
+        }
     }
-    Lookup::Hit(Tracked {
-        addr: e.nat_addr,
-        port: e.nat_port,
-        svc_id: e.svc_id,
-        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
-    })
+    Lookup::Hit(Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin })
 }
 
 /// The backend chosen for a new flow.
@@ -161,10 +229,28 @@ pub struct Reply {
     pub hairpin: bool,
 }
 
-/// Looks up a reply packet (backend → client). FIN and RST from the backend move the flow to
-/// closing.
+pub enum ReplyLookup {
+    /// No reply entry: not a load-balanced flow.
+    None,
+    /// A reply entry whose flow is gone (removed now).
+    Stale,
+    Found(Reply),
+}
+
+/// Whether forward entry `fwd` is alive and names backend `key.saddr:key.sport` of reply `key`.
 #[inline(always)]
-pub fn lookup_reply(f: &Flow, now: u64) -> Option<Reply> {
+fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, now: u64) -> bool {
+    !expired(fwd, key.proto, now) && fwd.nat_addr == key.saddr && fwd.nat_port == key.sport
+}
+
+/// Looks up a reply packet (backend → client). The reply entry is honoured only while its flow's
+/// forward entry is alive and names this backend; replies keep the flow alive (they refresh the
+/// forward entry, as netfilter's timeouts count both directions) and move its TCP state. A
+/// forward entry evicted from a full table is rebuilt from the reply entry while that is within
+/// its timeout and the backend is still a member that may keep the flow, so a server that
+/// streams to a silent client is not cut off.
+#[inline(always)]
+pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     let key = Lb4CtKey {
         saddr: f.saddr,
         daddr: f.daddr,
@@ -174,43 +260,70 @@ pub fn lookup_reply(f: &Flow, now: u64) -> Option<Reply> {
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let entry = LB4_CT.get_ptr_mut(&key)?;
+    let Some(entry) = LB4_CT.get_ptr_mut(&key) else {
+        return ReplyLookup::None;
+    };
     // SAFETY: as in lookup_forward.
     let e = unsafe { &mut *entry };
-    let (vip, vport, hairpin) = (e.nat_addr, e.nat_port, e.flags & CT_FLAG_HAIRPIN != 0);
-    if now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS {
-        e.last_seen_ns = now;
-    }
-    if f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        e.state = CT_STATE_CLOSING;
-        // The forward entry is keyed by the client's address, which a hairpinned reply carries as
-        // its source (the client is the backend).
-        let fwd_key = Lb4CtKey {
-            saddr: if hairpin { f.saddr } else { f.daddr },
-            daddr: vip,
-            sport: f.dport,
-            dport: vport,
-            proto: f.proto,
-            dir: CT_DIR_FORWARD,
-            _pad: 0,
-        };
-        if let Some(fwd) = LB4_CT.get_ptr_mut(&fwd_key) {
-            // SAFETY: as above.
-            unsafe {
-                (*fwd).state = CT_STATE_CLOSING;
-                (*fwd).last_seen_ns = now;
+    let r = Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 };
+    let fwd_key = key.forward_of_reply(e);
+    let fwd = match LB4_CT.get_ptr_mut(&fwd_key) {
+        Some(fwd) => fwd,
+        None => {
+            if expired(e, f.proto, now)
+                || !flow_allowed(e.svc_id, e.backend_id, key.saddr, key.sport, f.proto, false)
+            {
+                let _ = LB4_CT.remove(&key);
+                return ReplyLookup::Stale;
+            }
+            let rebuilt = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, ..*e };
+            // Only where no entry is: a new flow may have taken the tuple meanwhile.
+            let _ = LB4_CT.insert(&fwd_key, &rebuilt, BPF_NOEXIST);
+            match LB4_CT.get_ptr_mut(&fwd_key) {
+                Some(fwd) => fwd,
+                None => return ReplyLookup::Found(r),
             }
         }
+    };
+    // SAFETY: as above.
+    let fwd = unsafe { &mut *fwd };
+    // A SYN-ACK answers a new connection: on the tuple of a connection that is closing, it is a
+    // direct one to the pod from the same client port, not the Service's.
+    let reopened = f.tcp_flags & TCP_SYN != 0 && (fwd.state == CT_STATE_CLOSING || fwd.flags & FIN_BOTH != 0);
+    if reopened || !serves_reply(fwd, &key, now) {
+        let _ = LB4_CT.remove(&key);
+        return ReplyLookup::Stale;
     }
-    Some(Reply { vip, vport, hairpin })
+    advance(fwd, f.proto, f.tcp_flags, CT_FLAG_FIN_BACKEND, now);
+    // The reply entry's own time, state and FIN bits tell the sweep (and a rebuild) how the flow
+    // was when last used.
+    if fwd.state != e.state
+        || fwd.flags != e.flags
+        || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS
+    {
+        e.state = fwd.state;
+        e.flags = fwd.flags;
+        e.last_seen_ns = now;
+    }
+    ReplyLookup::Found(r)
 }
 
-/// The reply entry of backend `saddr:sport` → client `daddr:dport`, read without touching it (an
-/// ICMP error is no sign of life).
+/// The reply entry of backend `saddr:sport` → client `daddr:dport`, if its flow is alive, read
+/// without touching either entry (an ICMP error is no sign of life).
 #[inline(always)]
-pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Option<Reply> {
+pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, now: u64) -> Option<Reply> {
     let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
-    // SAFETY: the value is copied out at once.
+    // SAFETY: the values are copied out at once.
     let e = unsafe { LB4_CT.get(&key) }?;
-    Some(Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 })
+    let r = Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 };
+    // SAFETY: as above.
+    let fwd = unsafe { LB4_CT.get(&key.forward_of_reply(e)) }?;
+    serves_reply(fwd, &key, now).then_some(r)
+}
+
+/// Backend `backend_id` of frontend `svc_id`, if a new flow may take it from an affinity entry:
+/// it must still be an active member.
+#[inline(always)]
+pub fn affinity_allowed(svc_id: u32, backend_id: u32) -> Option<Lb4Member> {
+    member(svc_id, backend_id).filter(|m| m.state == MEMBER_ACTIVE)
 }

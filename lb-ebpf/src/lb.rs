@@ -5,15 +5,15 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
 use aya_log_ebpf::warn;
 use lb_common::{
     counters, hash::lb4_flow_hash, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service, Lb4ServiceKey,
-    BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, SVC_FLAG_LOCAL_ONLY,
+    BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SVC_FLAG_LOCAL_ONLY,
 };
 
 use crate::{
     config::{flow_hash_seed, hairpin_addr},
-    conntrack::{self, Chosen, Lookup},
+    conntrack::{self, Chosen, Lookup, ReplyLookup},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
     monitor,
-    parse::{Flow, IcmpError},
+    parse::{Flow, IcmpError, TCP_RST},
     stats::{count, svc_update},
 };
 
@@ -45,9 +45,10 @@ fn active_backend(id: u32) -> Option<Lb4Backend> {
     LB4_BACKENDS.get(id).copied().filter(|b| b.state == BACKEND_STATE_ACTIVE)
 }
 
-/// ClientIP session affinity: the backend this client used recently, if still active.
+/// ClientIP session affinity: the backend this client used recently, if still an active member
+/// of the frontend.
 #[inline(always)]
-fn affinity_backend(svc: &Lb4Service, client: u32, now: u64) -> Option<(u32, Lb4Backend)> {
+fn affinity_backend(svc: &Lb4Service, client: u32, proto: u8, now: u64) -> Option<(u32, Lb4Backend)> {
     let key = Lb4AffinityKey { client, svc_id: svc.id };
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_AFFINITY.get(&key) }.copied()?;
@@ -55,7 +56,8 @@ fn affinity_backend(svc: &Lb4Service, client: u32, now: u64) -> Option<(u32, Lb4
     if now.saturating_sub(a.last_used_ns) >= timeout {
         return None;
     }
-    active_backend(a.backend_id).map(|b| (a.backend_id, b))
+    let m = conntrack::affinity_allowed(svc.id, a.backend_id)?;
+    Some((a.backend_id, Lb4Backend { addr: m.addr, port: m.port, proto, state: BACKEND_STATE_ACTIVE }))
 }
 
 #[inline(always)]
@@ -83,7 +85,7 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     }
     let now = now_ns();
     let ct_key = conntrack::forward_key(f);
-    match conntrack::lookup_forward(&ct_key, f, now) {
+    match conntrack::lookup_forward(&ct_key, f, svc.id, now) {
         Lookup::Hit(t) => {
             svc_update(t.svc_id, |s| {
                 s.packets += 1;
@@ -96,6 +98,11 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }
+    if f.proto == IPPROTO_TCP && f.tcp_flags & TCP_RST != 0 {
+        // A reset of no tracked flow (or of one whose backend left) never opens a flow.
+        monitor::emit(f, EVENT_DROP, counters::DROP_RST_NO_FLOW, (0, 0), svc.id, now);
+        return Action::Drop(counters::DROP_RST_NO_FLOW);
+    }
 
     if svc.backend_count == 0 || svc.maglev_size == 0 {
         svc_update(svc.id, |s| s.drops += 1);
@@ -107,7 +114,8 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
         return Action::Drop(reason);
     }
-    let sticky = if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, now) } else { None };
+    let sticky =
+        if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, f.proto, now) } else { None };
     if sticky.is_some() {
         count(counters::AFFINITY_HIT);
     }
@@ -149,10 +157,11 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
 #[inline(always)]
 fn hairpin_reply(f: &Flow) -> Action {
     match conntrack::lookup_reply(f, now_ns()) {
-        Some(r) if r.hairpin => Action::Rewrite {
+        ReplyLookup::Found(r) if r.hairpin => Action::Rewrite {
             nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, f.dport)) },
             counter: counters::REV_NAT,
         },
+        ReplyLookup::Stale => Action::Pass(counters::PASS_STALE_REPLY_CT),
         _ => Action::Pass(counters::PASS_NON_VIP),
     }
 }
@@ -161,11 +170,12 @@ fn hairpin_reply(f: &Flow) -> Action {
 #[inline(always)]
 pub fn lb4_reply(f: &Flow) -> Action {
     match conntrack::lookup_reply(f, now_ns()) {
-        Some(r) => Action::Rewrite {
+        ReplyLookup::Found(r) => Action::Rewrite {
             nat: Nat { src: Some((r.vip, r.vport)), dst: None },
             counter: counters::REV_NAT,
         },
-        None => Action::Pass(counters::PASS_NO_REPLY_CT),
+        ReplyLookup::Stale => Action::Pass(counters::PASS_STALE_REPLY_CT),
+        ReplyLookup::None => Action::Pass(counters::PASS_NO_REPLY_CT),
     }
 }
 
@@ -177,6 +187,6 @@ pub fn lb4_reply_icmp(e: &IcmpError) -> Option<(u32, u16)> {
     if e.outer_daddr != e.saddr {
         return None;
     }
-    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto)?;
+    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, now_ns())?;
     (!r.hairpin).then_some((r.vip, r.vport))
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
-    Lb4Service, Lb4ServiceKey, Lb4SvcStats, LbMonitorBucket,
+    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, LbMonitorBucket,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -36,9 +36,19 @@ pub static LB4_BACKENDS: Array<Lb4Backend> = Array::pinned(capacity::BACKENDS, 0
 #[map(name = "LB4_MAGLEV")]
 pub static LB4_MAGLEV: Array<[u32; 2]> = Array::pinned(capacity::MAGLEV_SLOTS / 2, BPF_F_MMAPABLE);
 
+/// (Frontend id, backend id) → the backend's address and what the frontend's flows may still do
+/// with it (`MEMBER_*`). Written by the agent only: a frontend's members are its endpoints, those
+/// that left it while flows to them live, and, for a Service that is gone, its last endpoints
+/// until its flows end. Read by the forward programs for every tracked flow and affinity entry,
+/// which are honoured only while their pair is a member (the check Cilium makes with its
+/// reverse-NAT index and affinity-match map). A hash: pairs are sparse; preallocated like the
+/// service map.
+#[map(name = "LB4_MEMBERS")]
+pub static LB4_MEMBERS: HashMap<Lb4MemberKey, Lb4Member> = HashMap::pinned(capacity::MEMBERS, 0);
+
 /// Connection tracking: two entries per flow (forward and reply). Written by the datapath
-/// (create, state, last-seen) and by the agent (removal of flows whose backend left); read by
-/// both directions. LRU, so that under a flood the least recently used flows are evicted instead
+/// (create, state, last-seen; it removes a reply entry whose flow is gone) and by the agent (its
+/// sweep removes expired entries); read by both directions. LRU, so that under a flood the least recently used flows are evicted instead
 /// of new flows failing; an evicted flow that is still alive is re-hashed onto the same backend
 /// while its service's Maglev table is unchanged.
 #[map(name = "LB4_CT")]

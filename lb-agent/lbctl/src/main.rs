@@ -170,7 +170,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 t.add_row(vec![
                     format!("{}:{}/{}", s.vip, s.port, s.protocol),
                     s.service.clone(),
-                    if backends.is_empty() {
+                    if s.deleted {
+                        "(Service deleted: kept until its flows end; new flows dropped)".into()
+                    } else if backends.is_empty() {
                         "(none: new flows dropped)".into()
                     } else {
                         backends.join("\n")

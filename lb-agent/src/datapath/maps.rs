@@ -8,10 +8,10 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Service,
-    Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
-    MAP_LB4_MAGLEV, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR,
-    MAP_LB_MON_RATE, PINNED_MAPS,
+    counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
+    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
+    MAP_LB4_FE_META, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
+    MAP_LB_EVENTS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
 };
 
 use super::{
@@ -19,7 +19,7 @@ use super::{
     pins::{layout_dir, obj_get_read_only, other_layouts},
     DatapathError,
 };
-use crate::reconcile::MapWriter;
+use crate::reconcile::{FlowTable, MapWriter};
 
 /// Typed handles to every datapath map.
 pub struct Maps {
@@ -31,6 +31,7 @@ pub struct Maps {
     pub svc_stats: PerCpuArray<MapData, Lb4SvcStats>,
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     pub meta: Array<MapData, Lb4FrontendMeta>,
+    pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets),
@@ -79,6 +80,7 @@ impl Maps {
             svc_stats: typed(take(MAP_LB4_SVC_STATS), MAP_LB4_SVC_STATS)?,
             affinity: typed(take(MAP_LB4_AFFINITY), MAP_LB4_AFFINITY)?,
             meta: typed(take(MAP_LB4_FE_META), MAP_LB4_FE_META)?,
+            members: typed(take(MAP_LB4_MEMBERS), MAP_LB4_MEMBERS)?,
             monitor: typed(take(MAP_LB_MONITOR), MAP_LB_MONITOR)?,
             others: Vec::new(),
         };
@@ -95,7 +97,7 @@ impl Maps {
             }
             pin(&path).map_err(|e| DatapathError::PinMap { map: name, path, reason: e.to_string() })
         };
-        let data: [(&'static str, &MapData); 8] = [
+        let data: [(&'static str, &MapData); 9] = [
             (MAP_LB4_SERVICES, self.services.map()),
             (MAP_LB4_BACKENDS, self.backends.map()),
             (MAP_LB4_CT, self.ct.map()),
@@ -103,6 +105,7 @@ impl Maps {
             (MAP_LB4_SVC_STATS, self.svc_stats.map()),
             (MAP_LB4_AFFINITY, self.affinity.map()),
             (MAP_LB4_FE_META, self.meta.map()),
+            (MAP_LB4_MEMBERS, self.members.map()),
             (MAP_LB_MONITOR, self.monitor.map()),
         ];
         for (name, d) in data.into_iter().chain(self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d))) {
@@ -194,6 +197,11 @@ impl Maps {
         Ok(out)
     }
 
+    /// Every member row.
+    pub fn read_members(&self) -> Result<Vec<(Lb4MemberKey, Lb4Member)>, DatapathError> {
+        self.members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_MEMBERS))
+    }
+
     /// Global counters summed over CPUs, indexed as `lb_common::counters`.
     pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
         (0..counters::COUNT)
@@ -234,10 +242,7 @@ impl MapWriter for Maps {
     }
 
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(key) {
-            Err(MapError::KeyNotFound) => Ok(()),
-            other => other,
-        }
+        absent_ok(self.services.remove(key))
     }
 
     fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), MapError> {
@@ -250,11 +255,153 @@ impl MapWriter for Maps {
             .map(|(k, _)| k)
             .collect();
         for k in stale {
-            match self.affinity.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e),
-            }
+            absent_ok(self.affinity.remove(&k))?;
         }
         Ok(())
     }
+
+    fn set_member(&mut self, key: &Lb4MemberKey, member: &Lb4Member) -> Result<(), MapError> {
+        self.members.insert(key, member, 0)
+    }
+
+    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), MapError> {
+        absent_ok(self.members.remove(key))
+    }
+}
+
+/// A removal of an entry that is not there (aya reports the kernel's ENOENT as a failed system
+/// call) is no failure: the datapath or the LRU may have removed it first.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl FlowTable for Maps {
+    type Error = DatapathError;
+
+    fn ct_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4CtKey, Lb4CtEntry)>,
+    ) -> Result<Option<u32>, DatapathError> {
+        lookup_batch(self.ct.map(), cursor, max, out).map_err(|e| map_err(MAP_LB4_CT)(MapError::IoError(e)))
+    }
+
+    fn ct_get(&self, key: &Lb4CtKey) -> Result<Option<Lb4CtEntry>, DatapathError> {
+        match self.ct.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_LB4_CT)(e)),
+        }
+    }
+
+    fn ct_remove(&mut self, key: &Lb4CtKey) -> Result<(), DatapathError> {
+        absent_ok(self.ct.remove(key)).map_err(map_err(MAP_LB4_CT))
+    }
+
+    fn affinity_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4AffinityKey, Lb4Affinity)>,
+    ) -> Result<Option<u32>, DatapathError> {
+        lookup_batch(self.affinity.map(), cursor, max, out)
+            .map_err(|e| map_err(MAP_LB4_AFFINITY)(MapError::IoError(e)))
+    }
+
+    fn affinity_remove(&mut self, key: &Lb4AffinityKey) -> Result<(), DatapathError> {
+        absent_ok(self.affinity.remove(key)).map_err(map_err(MAP_LB4_AFFINITY))
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+, hash and LRU hash maps): up to `max` entries in one
+/// system call, from bucket `cursor` on. The kernel's cursor is a bucket index, so entries added
+/// or removed meanwhile never make a pass start over (as `get_next_key` does when its key is
+/// gone). aya has no batch operations yet. The kernel copies whole buckets: one that holds more
+/// than `max` entries fails with ENOSPC, and the read is tried again with room for more.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    cursor: Option<u32>,
+    max: u32,
+    out: &mut Vec<(K, V)>,
+) -> std::io::Result<Option<u32>> {
+    /// Far more than any bucket of a hash table holds.
+    const MOST: u32 = 1 << 16;
+    let mut room = max.max(1);
+    loop {
+        match lookup_batch_once(map, cursor, room, out) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && room < MOST => room = (room * 2).min(MOST),
+            r => return r,
+        }
+    }
+}
+
+fn lookup_batch_once<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    cursor: Option<u32>,
+    max: u32,
+    out: &mut Vec<(K, V)>,
+) -> std::io::Result<Option<u32>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let n = max as usize;
+    let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(n);
+    let mut values: Vec<std::mem::MaybeUninit<V>> = Vec::with_capacity(n);
+    let in_batch = cursor.unwrap_or(0);
+    let mut out_batch: u32 = 0;
+    let mut attr = Batch {
+        in_batch: if cursor.is_some() { &in_batch as *const u32 as u64 } else { 0 },
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: max,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix of the size passed; the buffers hold `max` keys and values
+    // of the map's sizes (K and V are its key and value types), and outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_BATCH,
+            &mut attr as *mut Batch,
+            std::mem::size_of::<Batch>() as u32,
+        )
+    };
+    let done = if ret < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        true
+    } else {
+        false
+    };
+    let got = (attr.count as usize).min(n);
+    // SAFETY: the kernel filled the first `count` keys and values.
+    unsafe {
+        keys.set_len(got);
+        values.set_len(got);
+    }
+    out.extend(keys.into_iter().zip(values).map(|(k, v)| {
+        // SAFETY: filled, and any bit pattern is a valid K or V (Pod).
+        unsafe { (k.assume_init(), v.assume_init()) }
+    }));
+    Ok((!done).then_some(out_batch))
 }

@@ -24,7 +24,7 @@ use aya::{
 };
 use lb_common::{
     capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV,
-    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
+    MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
 };
 
 use self::pins::other_layouts;
@@ -41,6 +41,14 @@ pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub const PROG_TC_FORWARD: &str = "lb4_tc_forward";
 pub const PROG_TC_REPLY: &str = "lb4_tc_reply";
 pub const PROG_XDP_FORWARD: &str = "lb4_xdp_forward";
+
+/// The datapath's clock (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
 
 /// Where the forward (pod → service) direction runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +151,7 @@ impl Datapath {
             .map_max_entries(MAP_LB4_MAGLEV, cfg.caps.maglev_slots.div_ceil(2))
             .map_max_entries(MAP_LB4_CT, cfg.caps.ct)
             .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
+            .map_max_entries(MAP_LB4_MEMBERS, cfg.caps.members)
             .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
             .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
             .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)

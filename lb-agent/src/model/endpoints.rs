@@ -67,9 +67,9 @@ pub(super) fn slice_endpoints(
     }
     for (i, ep) in slice.endpoints.iter().enumerate() {
         let cond = ep.conditions.as_ref();
-        // A missing `ready` counts as ready; `serving` defaults to `ready`.
+        // A missing `ready` or `serving` counts as true (kube-proxy's `addEndpoints`).
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         // Kubernetes uses only the first address of an endpoint.
         let Some(addr) = ep.addresses.first() else {
@@ -178,7 +178,16 @@ pub(super) fn select(
     let kept = eps
         .iter()
         .filter(|e| !backends.contains(&addr(e)))
-        .map(|e| (addr(e), if e.ready { BackendState::Active } else { BackendState::Terminating }))
+        .map(|e| {
+            let state = if e.ready {
+                BackendState::Active
+            } else if e.serving {
+                BackendState::Serving
+            } else {
+                BackendState::Draining
+            };
+            (addr(e), state)
+        })
         .collect();
     (backends.into_iter().collect(), kept)
 }

@@ -96,13 +96,15 @@ impl fmt::Display for FrontendAddr {
     }
 }
 
-/// What a backend may do.
+/// What a frontend's flows may do with one of its endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BackendState {
     /// Ready: may take new flows where it is in a table.
     Active,
-    /// Not ready or terminating: keeps its established flows, takes no new ones.
-    Terminating,
+    /// Not ready but serving (terminating): takes no new flows, keeps its TCP and UDP flows.
+    Serving,
+    /// Not serving: takes no new flows, keeps its TCP flows; its UDP flows pick again.
+    Draining,
 }
 
 /// What the datapath should do for one VIP:port/protocol.
@@ -195,61 +197,131 @@ pub struct Model {
 
 /// Which Service holds each frontend address: the one rule for two Services asking for the same
 /// address. The address stays with the Service that holds it (in a whole build, the first by
-/// name); the other is told which Service has it.
+/// name); the other is told which Service has it, and waits: when the holder lets the address go,
+/// the first waiting Service (by name) gets it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Addresses {
     owner: HashMap<FrontendAddr, String>,
     by_service: BTreeMap<String, Vec<FrontendAddr>>,
+    /// Frontends refused because another Service held their address.
+    waiting: BTreeMap<FrontendAddr, BTreeMap<String, Frontend>>,
 }
 
 impl Addresses {
-    /// Gives `addr` to `service`, unless a Service holds it already.
-    pub fn claim(&mut self, addr: FrontendAddr, service: &str) -> Result<(), ModelError> {
+    /// Gives `fe.addr` to `fe.service`, unless a Service holds it already: then `fe` waits for
+    /// the address and the error says who holds it.
+    pub fn offer(&mut self, fe: Frontend) -> Result<Frontend, ModelError> {
+        let addr = fe.addr;
         match self.owner.get(&addr) {
             // Held already, even by this Service (a port or address listed twice).
-            Some(other) => Err(ModelError::invalid(
-                "Service",
-                service,
-                "spec.clusterIP".into(),
-                format!("{addr} is already used by Service {other}"),
-            )),
+            Some(other) => {
+                let e = ModelError::invalid(
+                    "Service",
+                    &fe.service,
+                    "spec.clusterIP".into(),
+                    format!("{addr} is already used by Service {other}"),
+                );
+                if *other != fe.service {
+                    self.waiting.entry(addr).or_default().insert(fe.service.clone(), fe);
+                }
+                Err(e)
+            }
             None => {
-                self.owner.insert(addr, service.to_string());
-                self.by_service.entry(service.to_string()).or_default().push(addr);
-                Ok(())
+                self.owner.insert(addr, fe.service.clone());
+                self.by_service.entry(fe.service.clone()).or_default().push(addr);
+                Ok(fe)
             }
         }
     }
 
-    /// Replaces what `service` holds by the addresses of `frontends` (its whole new set), keeping
-    /// addresses other Services hold with them (reported in `errors`). Returns the frontends it
-    /// now holds and the addresses it held before and no longer does.
-    pub fn reassign(
-        &mut self,
-        service: &str,
-        frontends: BTreeMap<FrontendAddr, Frontend>,
-        errors: &mut Vec<ModelError>,
-    ) -> (Vec<(FrontendAddr, Frontend)>, Vec<FrontendAddr>) {
+    /// Records that `service` holds `addr` (as found in the maps at start).
+    pub fn seed(&mut self, addr: FrontendAddr, service: String) {
+        if !self.owner.contains_key(&addr) {
+            self.by_service.entry(service.clone()).or_default().push(addr);
+            self.owner.insert(addr, service);
+        }
+    }
+
+    /// The Service holding `addr`.
+    pub fn holder(&self, addr: &FrontendAddr) -> Option<&str> {
+        self.owner.get(addr).map(String::as_str)
+    }
+
+    /// Lets go of every address `service` holds or waits for; returns those it held.
+    pub fn release(&mut self, service: &str) -> Vec<FrontendAddr> {
+        self.waiting.retain(|_, w| {
+            w.remove(service);
+            !w.is_empty()
+        });
         let old = self.by_service.remove(service).unwrap_or_default();
         for a in &old {
             self.owner.remove(a);
         }
+        old
+    }
+
+    /// Offers each of `frontends` (all of one Service); returns those it now holds, and reports
+    /// the refused ones in `errors`.
+    pub fn claim_all(
+        &mut self,
+        frontends: BTreeMap<FrontendAddr, Frontend>,
+        errors: &mut Vec<ModelError>,
+    ) -> Vec<(FrontendAddr, Frontend)> {
         let mut claimed = Vec::new();
-        for (addr, fe) in frontends {
-            match self.claim(addr, service) {
-                Ok(()) => claimed.push((addr, fe)),
+        for fe in frontends.into_values() {
+            match self.offer(fe) {
+                Ok(fe) => claimed.push((fe.addr, fe)),
                 Err(e) => errors.push(e),
             }
         }
-        let released = old.into_iter().filter(|a| self.owner.get(a).map(String::as_str) != Some(service));
-        (claimed, released.collect())
+        claimed
+    }
+
+    /// Gives each of `released` that nobody holds now to the first Service waiting for it, except
+    /// those in `skip` (their objects were just rejected: they keep what they had); returns their
+    /// frontends.
+    pub fn hand_over(
+        &mut self,
+        released: &[FrontendAddr],
+        skip: &BTreeSet<String>,
+    ) -> Vec<(FrontendAddr, Frontend)> {
+        let mut out = Vec::new();
+        for addr in released {
+            if self.owner.contains_key(addr) {
+                continue;
+            }
+            let Some(w) = self.waiting.get_mut(addr) else { continue };
+            let Some(first) = w.keys().find(|s| !skip.contains(*s)).cloned() else { continue };
+            let fe = w.remove(&first).expect("listed");
+            if w.is_empty() {
+                self.waiting.remove(addr);
+            }
+            if let Ok(fe) = self.offer(fe) {
+                out.push((*addr, fe));
+            }
+        }
+        out
     }
 }
 
 /// Translates Services and EndpointSlices into frontends. Invalid objects are reported in
-/// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`.
+/// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`. Two Services
+/// asking for one address: the first by name gets it.
 pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
+    build_claiming(services, slices, ctx, &Addresses::default())
+}
+
+/// As [`build`], but an address `prior` gives to a Service that still asks for it, or whose
+/// objects are rejected now, stays with it, whatever the names: a full resync moves no address
+/// that changes one by one would not.
+pub fn build_claiming(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    ctx: &Context,
+    prior: &Addresses,
+) -> Model {
     let mut model = Model::default();
+    let mut wanted = Vec::new();
     // EndpointSlices by (namespace, service name).
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
@@ -302,23 +374,34 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> M
             let (backends, kept) = select(eps, p.proto, spec.local_only, ctx);
             for vip in &spec.vips {
                 let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
-                if let Err(e) = model.addresses.claim(addr, &object) {
-                    model.errors.push(e);
-                    continue;
-                }
-                model.frontends.insert(
+                let fe = Frontend {
                     addr,
-                    Frontend {
-                        addr,
-                        service: object.clone(),
-                        port_name: p.name.clone(),
-                        backends: backends.clone(),
-                        kept: kept.clone(),
-                        affinity_timeout_secs: spec.affinity_timeout_secs,
-                        local_only: spec.local_only,
-                    },
-                );
+                    service: object.clone(),
+                    port_name: p.name.clone(),
+                    backends: backends.clone(),
+                    kept: kept.clone(),
+                    affinity_timeout_secs: spec.affinity_timeout_secs,
+                    local_only: spec.local_only,
+                };
+                wanted.push(fe);
             }
+        }
+    }
+    // Services whose objects were rejected keep what they had, their addresses included.
+    for service in &model.held {
+        for addr in prior.by_service.get(service).into_iter().flatten() {
+            model.addresses.owner.insert(*addr, service.clone());
+            model.addresses.by_service.entry(service.clone()).or_default().push(*addr);
+        }
+    }
+    let (again, others): (Vec<Frontend>, Vec<Frontend>) =
+        wanted.into_iter().partition(|fe| prior.holder(&fe.addr) == Some(fe.service.as_str()));
+    for fe in again.into_iter().chain(others) {
+        match model.addresses.offer(fe) {
+            Ok(fe) => {
+                model.frontends.insert(fe.addr, fe);
+            }
+            Err(e) => model.errors.push(e),
         }
     }
     model
@@ -424,6 +507,48 @@ endpoints:
         assert_eq!(
             m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)].backends,
             vec![be([10, 244, 1, 7], 8080, Protocol::Tcp)]
+        );
+    }
+
+    #[test]
+    fn kept_endpoints_say_whether_they_still_serve() {
+        // kube-proxy's rules: a missing `serving` counts as true whatever `ready` says; serving
+        // endpoints keep UDP flows, the others only TCP flows.
+        let (m, _) = model(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.6]
+- addresses: [10.244.1.7]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.1.8]
+  conditions: {ready: false, serving: false, terminating: true}
+- addresses: [10.244.1.9]
+  conditions: {ready: false}
+- addresses: [10.244.1.10]
+  conditions: {ready: false, serving: false}
+"#,
+        );
+        let fe = &m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)];
+        assert_eq!(fe.backends, vec![be([10, 244, 1, 6], 8080, Protocol::Tcp)]);
+        let kept: BTreeMap<Ipv4Addr, BackendState> = fe.kept.iter().map(|(b, s)| (b.ip, *s)).collect();
+        assert_eq!(
+            kept,
+            BTreeMap::from([
+                (Ipv4Addr::new(10, 244, 1, 7), BackendState::Serving),
+                (Ipv4Addr::new(10, 244, 1, 8), BackendState::Draining),
+                (Ipv4Addr::new(10, 244, 1, 9), BackendState::Serving),
+                (Ipv4Addr::new(10, 244, 1, 10), BackendState::Draining),
+            ])
         );
     }
 

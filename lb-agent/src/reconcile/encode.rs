@@ -6,8 +6,9 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING, SVC_FLAG_LOCAL_ONLY,
+    Lb4Backend, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
+    BACKEND_STATE_TERMINATING, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING, SVC_FLAG_LOCAL_ONLY,
+    SVC_FLAG_TOMBSTONE,
 };
 
 use super::alloc::Region;
@@ -36,6 +37,12 @@ pub fn service_value(id: u32, fe: &Frontend, region: Option<Region>) -> Lb4Servi
     }
 }
 
+/// The services-map value of frontend `id` once its Service is gone: no backend, no table, kept
+/// for the flows made for it.
+pub fn tombstone_value(id: u32) -> Lb4Service {
+    Lb4Service { id, flags: SVC_FLAG_TOMBSTONE, ..Lb4Service::default() }
+}
+
 /// The table region a services-map value points at (`None` when it has no table).
 pub fn service_region(svc: &Lb4Service) -> Option<Region> {
     (svc.maglev_size > 0).then_some(Region { offset: svc.maglev_offset, size: svc.maglev_size })
@@ -55,11 +62,49 @@ pub fn backend_addr(b: &Lb4Backend) -> Option<BackendAddr> {
     Some(BackendAddr { ip: ipv4(b.addr), port: u16::from_be(b.port), proto })
 }
 
-/// The map state of a backend the model lists.
+/// The backends-map state of a backend the model lists (the most any frontend allows wins).
 pub fn backend_state(s: BackendState) -> u8 {
     match s {
         BackendState::Active => BACKEND_STATE_ACTIVE,
-        BackendState::Terminating => BACKEND_STATE_TERMINATING,
+        BackendState::Serving | BackendState::Draining => BACKEND_STATE_TERMINATING,
+    }
+}
+
+/// The members-map state of an endpoint of a frontend.
+pub fn member_state(s: BackendState) -> u8 {
+    match s {
+        BackendState::Active => MEMBER_ACTIVE,
+        BackendState::Serving => MEMBER_SERVING,
+        BackendState::Draining => MEMBER_DRAINING,
+    }
+}
+
+/// The model state a members-map state stands for (`None` for an unknown value).
+pub fn member_backend_state(state: u8) -> Option<BackendState> {
+    match state {
+        MEMBER_ACTIVE => Some(BackendState::Active),
+        MEMBER_SERVING => Some(BackendState::Serving),
+        MEMBER_DRAINING => Some(BackendState::Draining),
+        _ => None,
+    }
+}
+
+/// The members-map key and value of backend `backend_id` (`b`) of frontend `svc_id`.
+pub fn member(svc_id: u32, backend_id: u32, b: &BackendAddr, s: BackendState) -> (Lb4MemberKey, Lb4Member) {
+    let v = backend_value(b, 0);
+    (
+        Lb4MemberKey { svc_id, backend_id },
+        Lb4Member { addr: v.addr, port: v.port, state: member_state(s), _pad: 0 },
+    )
+}
+
+/// `active`, `serving`, `draining`: a member state as people read it.
+pub fn member_state_name(state: u8) -> &'static str {
+    match state {
+        MEMBER_ACTIVE => "active",
+        MEMBER_SERVING => "serving",
+        MEMBER_DRAINING => "draining",
+        _ => "unknown",
     }
 }
 

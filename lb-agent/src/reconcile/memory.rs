@@ -1,11 +1,14 @@
-//! Maps in memory: a [`MapWriter`] for tests, golden dumps and anything that wants to see what
-//! the reconciler would write without a kernel.
+//! Maps in memory: a [`MapWriter`] and [`FlowTable`] for tests, golden dumps and anything that
+//! wants to see what the reconciler would write without a kernel.
 
 use std::collections::BTreeMap;
 
-use lb_common::{Lb4Backend, Lb4FrontendMeta, Lb4Service, Lb4ServiceKey};
+use lb_common::{
+    Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member, Lb4MemberKey,
+    Lb4Service, Lb4ServiceKey,
+};
 
-use super::MapWriter;
+use super::{FlowTable, MapWriter};
 
 /// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
 /// writes in order.
@@ -15,11 +18,29 @@ pub struct MemoryMaps {
     pub meta: BTreeMap<u32, Lb4FrontendMeta>,
     pub backends: BTreeMap<u32, Lb4Backend>,
     pub maglev: BTreeMap<u32, u32>,
+    pub members: BTreeMap<Lb4MemberKey, Lb4Member>,
+    pub ct: BTreeMap<Lb4CtKey, Lb4CtEntry>,
+    pub affinity: BTreeMap<Lb4AffinityKey, Lb4Affinity>,
     pub log: Vec<String>,
+    /// Tests: `ct_get` sees every entry as last seen at this time (a packet refreshed it between
+    /// the sweep's batch read and its removal).
+    pub refresh_on_get: Option<u64>,
+    /// Tests: service entry writes fail (a frontend cannot be published).
+    pub fail_services: bool,
+    /// Tests: member row writes fail.
+    pub fail_members: bool,
+    /// Where the batches go on: after these keys (entries removed meanwhile move nothing).
+    ct_after: Option<Lb4CtKey>,
+    affinity_after: Option<Lb4AffinityKey>,
 }
 
+/// A write refused because the test asked for it (`MemoryMaps::fail_services`, `fail_members`).
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the test")]
+pub struct Refused;
+
 impl MapWriter for MemoryMaps {
-    type Error = std::convert::Infallible;
+    type Error = Refused;
     fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Self::Error> {
         self.log.push(format!("backend {id} state {}", b.state));
         self.backends.insert(id, *b);
@@ -33,7 +54,15 @@ impl MapWriter for MemoryMaps {
         Ok(())
     }
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
-        self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
+        if self.fail_services {
+            self.log.push(format!("refused service {}", svc.id));
+            return Err(Refused);
+        }
+        if svc.flags & lb_common::SVC_FLAG_TOMBSTONE != 0 {
+            self.log.push(format!("tombstone {}", svc.id));
+        } else {
+            self.log.push(format!("service {} at {}+{}", svc.id, svc.maglev_offset, svc.maglev_size));
+        }
         self.services.insert(*key, *svc);
         Ok(())
     }
@@ -48,6 +77,75 @@ impl MapWriter for MemoryMaps {
     }
     fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Self::Error> {
         self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
+        self.affinity.retain(|k, v| k.svc_id != svc_id || !ids.contains(&v.backend_id));
+        Ok(())
+    }
+    fn set_member(&mut self, key: &Lb4MemberKey, m: &Lb4Member) -> Result<(), Self::Error> {
+        if self.fail_members {
+            self.log.push(format!("refused member {}/{}", key.svc_id, key.backend_id));
+            return Err(Refused);
+        }
+        self.log.push(format!("member {}/{} state {}", key.svc_id, key.backend_id, m.state));
+        self.members.insert(*key, *m);
+        Ok(())
+    }
+    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error> {
+        self.log.push(format!("remove member {}/{}", key.svc_id, key.backend_id));
+        self.members.remove(key);
+        Ok(())
+    }
+}
+
+/// A batch of `max` entries of `map` after `*after` (from the start when `cursor` is `None`).
+fn batch<K: Copy + Ord, V: Copy>(
+    map: &BTreeMap<K, V>,
+    after: &mut Option<K>,
+    cursor: Option<u32>,
+    max: u32,
+    out: &mut Vec<(K, V)>,
+) -> Option<u32> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let from = match (cursor, *after) {
+        (Some(_), Some(k)) => Excluded(k),
+        _ => Unbounded,
+    };
+    let got: Vec<(K, V)> = map.range((from, Unbounded)).take(max as usize).map(|(k, v)| (*k, *v)).collect();
+    *after = got.last().map(|(k, _)| *k);
+    let more = after.is_some_and(|k| map.range((Excluded(k), Unbounded)).next().is_some());
+    out.extend(got);
+    more.then_some(1)
+}
+
+impl FlowTable for MemoryMaps {
+    type Error = std::convert::Infallible;
+    fn ct_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4CtKey, Lb4CtEntry)>,
+    ) -> Result<Option<u32>, Self::Error> {
+        Ok(batch(&self.ct, &mut self.ct_after, cursor, max, out))
+    }
+    fn ct_get(&self, key: &Lb4CtKey) -> Result<Option<Lb4CtEntry>, Self::Error> {
+        Ok(self.ct.get(key).map(|e| match self.refresh_on_get {
+            Some(t) => Lb4CtEntry { last_seen_ns: t, ..*e },
+            None => *e,
+        }))
+    }
+    fn ct_remove(&mut self, key: &Lb4CtKey) -> Result<(), Self::Error> {
+        self.ct.remove(key);
+        Ok(())
+    }
+    fn affinity_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4AffinityKey, Lb4Affinity)>,
+    ) -> Result<Option<u32>, Self::Error> {
+        Ok(batch(&self.affinity, &mut self.affinity_after, cursor, max, out))
+    }
+    fn affinity_remove(&mut self, key: &Lb4AffinityKey) -> Result<(), Self::Error> {
+        self.affinity.remove(key);
         Ok(())
     }
 }

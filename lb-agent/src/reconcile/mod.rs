@@ -3,40 +3,44 @@
 //! tested without one.
 //!
 //! Order of writes, so that no packet ever sees an inconsistent state: new backends first; then
-//! each changed frontend's Maglev table into a free region; then the frontend entry, which
-//! publishes the table in one map update; only then old regions, removed frontends and backend
-//! state changes.
+//! each changed frontend's Maglev table into a free region and its member rows; then the frontend
+//! entry, which publishes the table in one map update; only then old regions and backend state
+//! changes.
 //!
-//! Backends (shared by address between frontends) are `ACTIVE` while some frontend may use them
-//! for new flows or lists them as ready; `TERMINATING` while they are only listed as not ready or
-//! terminating; and, once no frontend lists them, `TERMINATING` for the drain timeout and then
-//! freed. A TCP flow keeps its backend for as long as the entry exists; a UDP flow moves as soon
-//! as its backend is terminating; a flow whose backend was freed picks a new one (for TCP the new
-//! backend answers with a reset: the connection's server is gone).
-
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    time::{Duration, Instant},
-};
+//! Flows live as under netfilter conntrack. Each frontend has member rows (frontend id, backend
+//! id) saying what its flows may still do with each backend: `Active` (in the table or ready),
+//! `Serving` (terminating but serving: TCP and UDP flows stay), `Draining` (not serving, or no
+//! longer listed: TCP flows stay, UDP flows pick again). A frontend whose Service is gone becomes a
+//! tombstone (an entry with no backend, its members draining) and keeps its id; a member that
+//! leaves stays as a draining row. Both go only when a pass of the flow sweep ([`flows`]) that
+//! began after they were made finds no flow using them; a backend is freed when no row names it.
+//! So an established connection keeps its backend after its Service is deleted or its address
+//! changes, and a recycled address or backend id never inherits another Service's flows.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 pub mod alloc;
 pub mod encode;
+pub mod flows;
 mod memory;
 
 pub use lb_common::capacity::Capacities;
 use lb_common::{
-    Lb4Backend, Lb4FrontendMeta, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING,
+    Lb4Backend, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE,
 };
 
-pub use self::memory::MemoryMaps;
 use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
     encode::{
-        backend_addr, backend_state, backend_value, frontend_addr, service_key, service_region, service_value,
+        backend_addr, backend_state, backend_value, frontend_addr, member_backend_state, service_key,
+        service_region, service_value, tombstone_value,
     },
 };
-use crate::model::{maglev, BackendAddr, Frontend, FrontendAddr};
+pub use self::{
+    flows::{FlowCensus, FlowTable, Sweeper, Timeouts},
+    memory::MemoryMaps,
+};
+use crate::model::{maglev, BackendAddr, BackendState, Frontend, FrontendAddr};
 
 /// Writes to the datapath maps.
 pub trait MapWriter {
@@ -49,6 +53,10 @@ pub trait MapWriter {
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error>;
     /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it).
     fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), Self::Error>;
+    /// Writes a (frontend, backend) member row.
+    fn set_member(&mut self, key: &Lb4MemberKey, member: &Lb4Member) -> Result<(), Self::Error>;
+    /// Removes a member row (absent is fine).
+    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,12 +85,12 @@ impl SyncError {
 pub struct Options {
     pub max_table_size: u32,
     pub maglev_seed: u64,
-    /// How long a backend that no frontend lists any more keeps its established flows.
-    pub drain_timeout: Duration,
 }
 
-impl Options {
-    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+impl Default for Options {
+    fn default() -> Self {
+        Self { max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE, maglev_seed: 0 }
+    }
 }
 
 /// What one frontend has in the maps.
@@ -95,6 +103,37 @@ struct Programmed {
     region: Option<Region>,
     /// After a restore: the digest recorded beside the maps.
     restored_digest: Option<u64>,
+    /// After a restore: the name recorded beside the maps (`namespace/name:port`, maybe cut).
+    restored_name: Option<String>,
+    /// Member rows to write after its entry was published failed: the next sync writes them
+    /// even if the frontend is unchanged.
+    rows_pending: bool,
+}
+
+impl Programmed {
+    /// The Service it is of: named by the last sync, or recorded beside the maps.
+    fn service(&self) -> Option<&str> {
+        match (&self.frontend, &self.restored_name) {
+            (Some(fe), _) => Some(&fe.service),
+            (None, Some(n)) => Some(service_part(n)),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A frontend whose Service is gone (deleted, or its address, port or owner changed), kept while
+/// flows made for it may be alive.
+#[derive(Debug, Clone, Copy)]
+struct Tombstone {
+    /// Where its tombstone entry is in the services map; `None` once another frontend took the
+    /// address (or after a restore that found only its members).
+    addr: Option<FrontendAddr>,
+    /// The address it was made at (`None` if it never had an entry): while it lives, a packet
+    /// of its flows must still find an entry there.
+    origin: Option<FrontendAddr>,
+    /// The sweep pass during which it was made: it goes at the end of a later pass that found no
+    /// flow of it.
+    since: u64,
 }
 
 /// Counts of what a sync wrote.
@@ -112,10 +151,15 @@ pub struct Reconciler {
     frontends: HashMap<FrontendAddr, Programmed>,
     /// Backend address → (id, state written).
     backends: HashMap<BackendAddr, (u32, u8)>,
-    /// Backends no frontend lists any more, and when they are freed.
-    draining: HashMap<BackendAddr, Instant>,
-    /// Backend → the frontends that list it, with the state each asks for (ACTIVE wins).
-    users: HashMap<BackendAddr, HashMap<FrontendAddr, u8>>,
+    /// The members written, by frontend id (live frontends and tombstones): backend → state.
+    members: HashMap<u32, BTreeMap<BackendAddr, BackendState>>,
+    /// Members that left their (live) frontend, and the sweep pass during which they left: they
+    /// stay, draining, while flows to them may be alive.
+    departed: HashMap<(u32, BackendAddr), u64>,
+    tombstones: HashMap<u32, Tombstone>,
+    /// Backend → the frontend ids it is a member of, with the backends-map state each asks for
+    /// (ACTIVE wins). A backend with no member row is freed.
+    users: HashMap<BackendAddr, HashMap<u32, u8>>,
     /// Backends whose wanted state may have changed since states were last written.
     touched: HashSet<BackendAddr>,
     /// Frontends restored from the maps that no sync has named yet: until there are none, a
@@ -123,6 +167,8 @@ pub struct Reconciler {
     unknown: usize,
     /// Set by a restore; cleared once its backends have been checked for users.
     restore_pending: bool,
+    /// The flow sweep's current pass (see [`flows`]).
+    pass: u64,
     frontend_ids: IdAllocator,
     backend_ids: IdAllocator,
     regions: RegionAllocator,
@@ -148,8 +194,20 @@ pub fn frontend_name(fe: &Frontend) -> String {
     }
 }
 
-/// Whether the frontend's entry or table must be rewritten (the `kept` list only changes backend
-/// states, written separately).
+/// Whether `recorded`, the name recorded beside the maps for a frontend (cut to fit), is one of
+/// `fe`'s Service.
+fn recorded_for_service(recorded: &str, fe: &Frontend) -> bool {
+    let ours = Lb4FrontendMeta::new(0, &frontend_name(fe));
+    service_part(recorded) == service_part(ours.name())
+}
+
+/// The `namespace/name` of a recorded `namespace/name:port` (names hold no `:`).
+fn service_part(name: &str) -> &str {
+    name.split_once(':').map_or(name, |(s, _)| s)
+}
+
+/// Whether the frontend's entry or table must be rewritten (the `kept` list only changes member
+/// rows and backend states, written separately).
 fn same_entry(a: &Frontend, b: &Frontend) -> bool {
     a.backends == b.backends
         && a.affinity_timeout_secs == b.affinity_timeout_secs
@@ -162,11 +220,14 @@ impl Reconciler {
             opts,
             frontends: HashMap::new(),
             backends: HashMap::new(),
-            draining: HashMap::new(),
+            members: HashMap::new(),
+            departed: HashMap::new(),
+            tombstones: HashMap::new(),
             users: HashMap::new(),
             touched: HashSet::new(),
             unknown: 0,
             restore_pending: false,
+            pass: 0,
             frontend_ids: IdAllocator::new(caps.services),
             backend_ids: IdAllocator::new(caps.backends),
             regions: RegionAllocator::new(caps.maglev_slots),
@@ -175,43 +236,61 @@ impl Reconciler {
 
     /// Adopts what pinned maps already hold, so that ids stay stable across agent restarts and
     /// tracked flows keep their backends. Entries that do not fit are left for the first sync to
-    /// overwrite or remove.
-    pub fn restore(
-        caps: Capacities,
-        opts: Options,
-        services: impl IntoIterator<Item = (Lb4ServiceKey, Lb4Service)>,
-        backends: impl IntoIterator<Item = (u32, Lb4Backend)>,
-        meta: impl Fn(u32) -> Option<Lb4FrontendMeta>,
-    ) -> Self {
+    /// overwrite or remove. Tombstones come back as tombstones, and member rows of frontend ids
+    /// no entry names any more as tombstones without an address.
+    pub fn restore(caps: Capacities, opts: Options, maps: Restored<'_>) -> Self {
         let mut r = Self::new(caps, opts);
         r.restore_pending = true;
-        for (id, b) in backends {
+        let mut by_id = HashMap::new();
+        for (id, b) in maps.backends {
             let Some(addr) = backend_addr(&b) else { continue };
             if !r.backends.contains_key(&addr) && r.backend_ids.reserve(id) {
                 r.backends.insert(addr, (id, b.state));
+                by_id.insert(id, addr);
             }
         }
-        for (key, svc) in services {
+        for (key, svc) in maps.services {
             let Some(addr) = frontend_addr(&key) else { continue };
             if !r.frontend_ids.reserve(svc.id) {
                 continue;
             }
+            if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
+                r.tombstones.insert(svc.id, Tombstone { addr: Some(addr), origin: Some(addr), since: 0 });
+                continue;
+            }
             let region = service_region(&svc).filter(|r2| r.regions.reserve(*r2));
-            let restored_digest = meta(svc.id).map(|m| m.digest).filter(|d| *d != 0);
-            r.frontends.insert(addr, Programmed { id: svc.id, frontend: None, region, restored_digest });
+            let meta = (maps.meta)(svc.id);
+            let restored_digest = meta.map(|m| m.digest).filter(|d| *d != 0);
+            let restored_name = meta.map(|m| m.name().to_string()).filter(|n| !n.is_empty());
+            r.frontends.insert(
+                addr,
+                Programmed {
+                    id: svc.id,
+                    frontend: None,
+                    region,
+                    restored_digest,
+                    restored_name,
+                    rows_pending: false,
+                },
+            );
             r.unknown += 1;
         }
-        r
-    }
-
-    /// Stores what `addr` now holds, keeping the backend index in step.
-    fn set_programmed(&mut self, addr: FrontendAddr, p: Programmed) -> Option<Programmed> {
-        let old = self.frontends.get(&addr).and_then(|o| o.frontend.as_ref());
-        if self.frontends.get(&addr).is_some_and(|o| o.frontend.is_none()) && p.frontend.is_some() {
-            self.unknown -= 1;
+        let live: HashSet<u32> = r.frontends.values().map(|p| p.id).collect();
+        for (key, m) in maps.members {
+            let (Some(addr), Some(state)) = (by_id.get(&key.backend_id), member_backend_state(m.state))
+            else {
+                continue;
+            };
+            if !live.contains(&key.svc_id) && !r.tombstones.contains_key(&key.svc_id) {
+                if !r.frontend_ids.reserve(key.svc_id) {
+                    continue;
+                }
+                r.tombstones.insert(key.svc_id, Tombstone { addr: None, origin: None, since: 0 });
+            }
+            r.members.entry(key.svc_id).or_default().insert(*addr, state);
+            r.users.entry(*addr).or_default().insert(key.svc_id, backend_state(state));
         }
-        set_users(&mut self.users, &mut self.touched, addr, old, p.frontend.as_ref());
-        self.frontends.insert(addr, p)
+        r
     }
 
     pub fn slots_used(&self) -> u32 {
@@ -226,9 +305,30 @@ impl Reconciler {
         self.backends.len()
     }
 
-    /// The earliest time a draining backend is due to be freed (the agent syncs again then).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.draining.values().min().copied()
+    /// Which Service holds each programmed address (restored ones by the name recorded beside
+    /// the maps), so that a restarted agent settles two Services asking for one address as the
+    /// one before it did.
+    pub fn holders(&self) -> Vec<(FrontendAddr, String)> {
+        self.frontends.iter().filter_map(|(a, p)| Some((*a, p.service()?.to_string()))).collect()
+    }
+
+    /// Frontends kept only for their flows.
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Members kept only for their flows (they left a live frontend).
+    pub fn departed(&self) -> usize {
+        self.departed.len()
+    }
+
+    /// The ClientIP affinity timeout (seconds) of each live frontend, by id; an affinity entry of
+    /// an id not listed is stale. Restored frontends not named yet keep theirs.
+    pub fn affinity_timeouts(&self) -> HashMap<u32, u32> {
+        self.frontends
+            .values()
+            .map(|p| (p.id, p.frontend.as_ref().map_or(u32::MAX, |f| f.affinity_timeout_secs)))
+            .collect()
     }
 
     /// Brings the maps to `desired`. Frontends of the Services in `held` that are not in
@@ -238,58 +338,139 @@ impl Reconciler {
         &mut self,
         desired: &BTreeMap<FrontendAddr, Frontend>,
         held: &BTreeSet<String>,
-        now: Instant,
         w: &mut W,
     ) -> (SyncStats, Vec<SyncError>) {
         let gone: Vec<FrontendAddr> = self
             .frontends
             .iter()
-            .filter(|(a, p)| {
-                !desired.contains_key(a) && !p.frontend.as_ref().is_some_and(|f| held.contains(&f.service))
-            })
+            .filter(|(a, p)| !desired.contains_key(a) && !p.service().is_some_and(|s| held.contains(s)))
             .map(|(a, _)| *a)
             .collect();
-        self.apply(desired.iter(), &gone, now, w)
+        self.apply(desired.iter(), &gone, w)
     }
 
-    /// Writes only what changed: `changed` frontends (new or different) and `removed` ones. The
-    /// agent uses this when it knows which Services an event touched.
+    /// Writes only what changed: `removed` frontends first (their addresses may be taken by
+    /// `changed` ones in the same batch), then `changed` ones (new or different). The agent uses
+    /// this when it knows which Services an event touched.
     pub fn apply<'a, W: MapWriter>(
         &mut self,
         changed: impl IntoIterator<Item = (&'a FrontendAddr, &'a Frontend)>,
         removed: &[FrontendAddr],
-        now: Instant,
         w: &mut W,
     ) -> (SyncStats, Vec<SyncError>) {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
+        for addr in removed {
+            if let Err(e) = self.bury(addr, w, &mut stats) {
+                errors.push(e);
+            }
+        }
         for (addr, fe) in changed {
             if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
                 errors.push(e);
             }
         }
-        for addr in removed {
-            if !self.frontends.contains_key(addr) {
+        self.sync_backend_states(w, &mut stats, &mut errors);
+        (stats, errors)
+    }
+
+    /// The frontend at `addr` is no longer wanted: its entry becomes a tombstone (no backend, no
+    /// table) and its members drain, so its established TCP flows keep their backends until they
+    /// end, as under netfilter (UDP flows pick again, as kube-proxy's cleanup deletes them, and
+    /// find no backend). The sweep removes it once no flow of it is left.
+    fn bury<W: MapWriter>(
+        &mut self,
+        addr: &FrontendAddr,
+        w: &mut W,
+        stats: &mut SyncStats,
+    ) -> Result<(), SyncError> {
+        let Some(p) = self.frontends.get(addr) else { return Ok(()) };
+        let id = p.id;
+        let object =
+            p.frontend.as_ref().map_or_else(|| addr.to_string(), |f| format!("{addr} ({})", f.service));
+        // Members drain first, so no new flow or SYN reaches them once the entry has no table.
+        let rows: BTreeMap<BackendAddr, BackendState> = self
+            .members
+            .get(&id)
+            .map(|m| m.keys().map(|b| (*b, BackendState::Draining)).collect())
+            .unwrap_or_default();
+        self.write_rows(id, rows, w).map_err(|e| write_err(object.clone(), "member", e))?;
+        w.set_service(&service_key(addr), &tombstone_value(id))
+            .map_err(|e| write_err(object, "service entry", e))?;
+        let p = self.frontends.remove(addr).expect("checked above");
+        if p.frontend.is_none() {
+            self.unknown -= 1;
+        }
+        if let Some(r) = p.region {
+            self.regions.release(r);
+        }
+        // Its members are no longer departures of a live frontend: they go with the tombstone.
+        self.departed.retain(|(fid, _), _| *fid != id);
+        self.tombstones.insert(id, Tombstone { addr: Some(*addr), origin: Some(*addr), since: self.pass });
+        stats.frontends_removed += 1;
+        Ok(())
+    }
+
+    /// Writes frontend `id`'s member rows to be `rows`, removing none (rows go only when the
+    /// sweep finds no flow using them). Backends without an id get no row: no flow can name them.
+    fn write_rows<W: MapWriter>(
+        &mut self,
+        id: u32,
+        rows: BTreeMap<BackendAddr, BackendState>,
+        w: &mut W,
+    ) -> Result<(), W::Error> {
+        for (b, state) in rows {
+            let Some((bid, _)) = self.backends.get(&b).copied() else { continue };
+            let current = self.members.get(&id).and_then(|m| m.get(&b)).copied();
+            if current == Some(state) {
                 continue;
             }
-            match w.remove_service(&service_key(addr)) {
-                Ok(()) => {
-                    let p = self.frontends.remove(addr).expect("checked above");
-                    if p.frontend.is_none() {
-                        self.unknown -= 1;
-                    }
-                    set_users(&mut self.users, &mut self.touched, *addr, p.frontend.as_ref(), None);
-                    if let Some(r) = p.region {
-                        self.regions.release(r);
-                    }
-                    self.frontend_ids.release(p.id);
-                    stats.frontends_removed += 1;
-                }
-                Err(e) => errors.push(write_err(addr.to_string(), "service entry", e)),
-            }
+            let (key, value) = encode::member(id, bid, &b, state);
+            w.set_member(&key, &value)?;
+            self.members.entry(id).or_default().insert(b, state);
+            self.users.entry(b).or_default().insert(id, backend_state(state));
+            self.touched.insert(b);
         }
-        self.sync_backend_states(now, w, &mut stats, &mut errors);
-        (stats, errors)
+        Ok(())
+    }
+
+    /// The member rows frontend `id` should have for `fe` (its table's backends active, its other
+    /// endpoints in their state), and the members it had that are in neither (they depart).
+    fn rows_for(&self, id: u32, fe: &Frontend) -> (BTreeMap<BackendAddr, BackendState>, Vec<BackendAddr>) {
+        let mut rows: BTreeMap<BackendAddr, BackendState> = fe.kept.iter().copied().collect();
+        for b in &fe.backends {
+            rows.insert(*b, BackendState::Active);
+        }
+        let departures = self
+            .members
+            .get(&id)
+            .into_iter()
+            .flat_map(BTreeMap::keys)
+            .filter(|b| !rows.contains_key(b))
+            .copied()
+            .collect();
+        (rows, departures)
+    }
+
+    /// Once frontend `id`'s table without them is published: its members in `rows` are no longer
+    /// departures, and `departures` drain (TCP flows stay, UDP flows pick again) and are recorded
+    /// as departed, to go when no flow uses them. Recorded one by one, as each row is written.
+    fn settle_departures<W: MapWriter>(
+        &mut self,
+        id: u32,
+        rows: &BTreeMap<BackendAddr, BackendState>,
+        departures: Vec<BackendAddr>,
+        w: &mut W,
+    ) -> Result<(), W::Error> {
+        for b in rows.keys() {
+            self.departed.remove(&(id, *b));
+        }
+        let pass = self.pass;
+        for b in departures {
+            self.write_rows(id, BTreeMap::from([(b, BackendState::Draining)]), w)?;
+            self.departed.entry((id, b)).or_insert(pass);
+        }
+        Ok(())
     }
 
     fn backend_id_for<W: MapWriter>(
@@ -303,7 +484,6 @@ impl Reconciler {
                 // Back in a table: active again before the table names it.
                 w.set_backend(id, &backend_value(b, BACKEND_STATE_ACTIVE))?;
                 self.backends.insert(*b, (id, BACKEND_STATE_ACTIVE));
-                self.draining.remove(b);
                 stats.backends_written += 1;
             }
             return Ok(Some(id));
@@ -325,21 +505,35 @@ impl Reconciler {
         w: &mut W,
         stats: &mut SyncStats,
     ) -> Result<(), SyncError> {
+        // Another Service takes the address: the old one's flows keep their frontend id (and
+        // backends), new flows get a new id, so neither inherits the other's flows.
+        let other_owner = self.frontends.get(addr).is_some_and(|p| match (&p.frontend, &p.restored_name) {
+            (Some(old), _) => old.service != fe.service,
+            // Restored and not named yet: the name recorded beside the maps tells.
+            (None, Some(recorded)) => !recorded_for_service(recorded, fe),
+            (None, None) => false,
+        });
+        if other_owner {
+            self.bury(addr, w, stats)?;
+        }
+        let object = || addr.to_string();
         let old = self.frontends.get(addr).and_then(|p| p.frontend.clone());
         if let Some(old) = &old {
-            if old == fe {
+            let pending = self.frontends.get(addr).is_some_and(|p| p.rows_pending);
+            if old == fe && !pending {
                 return Ok(());
             }
             if same_entry(old, fe) {
-                // Only the kept endpoints changed: backend states, written afterwards.
-                let p = self.frontends.get(addr).expect("present");
-                let p = Programmed {
-                    id: p.id,
-                    region: p.region,
-                    restored_digest: p.restored_digest,
-                    frontend: Some(fe.clone()),
-                };
-                self.set_programmed(*addr, p);
+                // Only the kept endpoints changed (or rows failed before): member rows, and
+                // backend states afterwards. Recorded once they are written.
+                let id = self.frontends[addr].id;
+                let (rows, departures) = self.rows_for(id, fe);
+                self.write_rows(id, rows.clone(), w)
+                    .and_then(|()| self.settle_departures(id, &rows, departures, w))
+                    .map_err(|e| write_err(object(), "member", e))?;
+                let p = self.frontends.get_mut(addr).expect("present");
+                p.frontend = Some(fe.clone());
+                p.rows_pending = false;
                 return Ok(());
             }
         }
@@ -350,13 +544,15 @@ impl Reconciler {
             // restart rewrites nothing (and needs no spare table space).
             let backends_known = fe.backends.iter().all(|b| self.backends.contains_key(b));
             if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known {
-                let p = Programmed {
-                    id: p.id,
-                    region: p.region,
-                    restored_digest: None,
-                    frontend: Some(fe.clone()),
-                };
-                self.set_programmed(*addr, p);
+                let id = p.id;
+                let (rows, departures) = self.rows_for(id, fe);
+                self.write_rows(id, rows.clone(), w)
+                    .and_then(|()| self.settle_departures(id, &rows, departures, w))
+                    .map_err(|e| write_err(object(), "member", e))?;
+                let p = self.frontends.get_mut(addr).expect("present");
+                p.frontend = Some(fe.clone());
+                p.restored_digest = None;
+                self.unknown -= 1;
                 return Ok(());
             }
         }
@@ -368,7 +564,7 @@ impl Reconciler {
             match self.backend_id_for(b, w, stats) {
                 Ok(Some(id)) => ids.push(id),
                 Ok(None) => return Err(full("backend map", self.backend_ids.in_use() as u32)),
-                Err(e) => return Err(write_err(addr.to_string(), "backend", e)),
+                Err(e) => return Err(write_err(object(), "backend", e)),
             }
         }
         let region = if fe.backends.is_empty() {
@@ -385,7 +581,7 @@ impl Reconciler {
                 self.regions.alloc(size).ok_or_else(|| full("maglev slot array", self.regions.used()))?;
             if let Err(e) = w.set_maglev(region.offset, &table) {
                 self.regions.release(region);
-                return Err(write_err(addr.to_string(), "maglev table", e));
+                return Err(write_err(object(), "maglev table", e));
             }
             stats.slots_written += table.len();
             Some(region)
@@ -400,20 +596,57 @@ impl Reconciler {
                 return Err(full("service map", self.frontend_ids.in_use() as u32));
             }
         };
-        let svc = service_value(id, fe, region);
-        let published = w
-            .set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
-            .and_then(|()| w.set_service(&service_key(addr), &svc));
+        // Members before the entry: the first packet after a new flow checks its member row.
+        // Members that are downgraded (no longer active) or leave change only once the table
+        // without them is published: until then the old table may still give them new flows.
+        let (rows, departures) = self.rows_for(id, fe);
+        let (before, after) = self.split_downgrades(id, &rows);
+        let published =
+            self.write_rows(id, before, w).map_err(|e| write_err(object(), "member", e)).and_then(|()| {
+                w.set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
+                    .and_then(|()| w.set_service(&service_key(addr), &service_value(id, fe, region)))
+                    .map_err(|e| write_err(object(), "service entry", e))
+            });
         if let Err(e) = published {
             if let Some(r) = region {
                 self.regions.release(r);
             }
-            if existing.is_none() {
+            if existing.is_none() && !self.members.contains_key(&id) {
                 self.frontend_ids.release(id);
+            } else if existing.is_none() {
+                // Rows were written for the new id: keep it as a tombstone until they go.
+                self.tombstones.insert(id, Tombstone { addr: None, origin: None, since: self.pass });
             }
-            return Err(write_err(addr.to_string(), "service entry", e));
+            return Err(e);
         }
-        // Clients pinned by affinity to a backend that left this frontend pick again.
+        // The address was a tombstone's: that entry is overwritten now.
+        for t in self.tombstones.values_mut().filter(|t| t.addr == Some(*addr)) {
+            t.addr = None;
+        }
+        let previous = self.frontends.insert(
+            *addr,
+            Programmed {
+                id,
+                frontend: Some(fe.clone()),
+                region,
+                restored_digest: None,
+                restored_name: None,
+                rows_pending: true,
+            },
+        );
+        if previous.as_ref().is_some_and(|p| p.frontend.is_none()) {
+            self.unknown -= 1;
+        }
+        if let Some(r) = previous.and_then(|o| o.region) {
+            self.regions.release(r);
+        }
+        stats.frontends_written += 1;
+        self.write_rows(id, after, w)
+            .and_then(|()| self.settle_departures(id, &rows, departures, w))
+            .map_err(|e| write_err(object(), "member", e))?;
+        self.frontends.get_mut(addr).expect("inserted").rows_pending = false;
+        // Clients pinned by affinity to a backend that left this frontend pick again (the
+        // datapath honours affinity only to active members meanwhile).
         if fe.affinity_timeout_secs > 0 {
             let left: Vec<u32> = old
                 .iter()
@@ -422,27 +655,138 @@ impl Reconciler {
                 .filter_map(|b| self.backends.get(b).map(|(id, _)| *id))
                 .collect();
             if !left.is_empty() {
-                if let Err(e) = w.remove_affinity(id, &left) {
-                    return Err(write_err(addr.to_string(), "affinity entries", e));
-                }
+                w.remove_affinity(id, &left).map_err(|e| write_err(object(), "affinity entries", e))?;
             }
         }
-        let previous = self.set_programmed(
-            *addr,
-            Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None },
-        );
-        if let Some(r) = previous.and_then(|o| o.region) {
-            self.regions.release(r);
-        }
-        stats.frontends_written += 1;
         Ok(())
     }
 
-    /// Writes the state of each backend whose users changed, from what its frontends list, and
-    /// frees backends whose drain timeout passed.
+    /// Splits `rows` of frontend `id` into those that may be written before its new table is
+    /// published (new rows, and rows that become active) and the downgrades of rows it has.
+    #[allow(clippy::type_complexity)]
+    fn split_downgrades(
+        &self,
+        id: u32,
+        rows: &BTreeMap<BackendAddr, BackendState>,
+    ) -> (BTreeMap<BackendAddr, BackendState>, BTreeMap<BackendAddr, BackendState>) {
+        let current = self.members.get(&id);
+        rows.iter().map(|(b, s)| (*b, *s)).partition(|(b, s)| {
+            *s == BackendState::Active
+                || current.and_then(|m| m.get(b)).is_none_or(|c| *c != BackendState::Active)
+        })
+    }
+
+    /// Starts sweep pass `pass`: tombstones and departures made from now on wait for the pass
+    /// after it.
+    pub fn begin_pass(&mut self, pass: u64) {
+        self.pass = pass;
+    }
+
+    /// Ends a sweep pass with what it found: tombstones and departed members made before the pass
+    /// began whose flows it did not see are removed, then backends no member row names are freed.
+    pub fn release_idle<W: MapWriter>(
+        &mut self,
+        census: &FlowCensus,
+        w: &mut W,
+    ) -> (SyncStats, Vec<SyncError>) {
+        let mut stats = SyncStats::default();
+        let mut errors = Vec::new();
+        let idle = |since: u64| since < census.pass;
+        // Never a member the frontend's published state still lists.
+        let listed: HashSet<(u32, BackendAddr)> = self
+            .frontends
+            .values()
+            .filter_map(|p| Some((p.id, p.frontend.as_ref()?)))
+            .flat_map(|(id, fe)| {
+                fe.backends.iter().chain(fe.kept.iter().map(|(b, _)| b)).map(move |b| (id, *b))
+            })
+            .collect();
+        let departed: Vec<(u32, BackendAddr)> = self
+            .departed
+            .iter()
+            .filter(|(k, since)| {
+                idle(**since) && !listed.contains(k) && !self.member_has_flows(census, k.0, &k.1)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for (id, b) in departed {
+            match self.remove_row(id, &b, w) {
+                Ok(()) => {
+                    self.departed.remove(&(id, b));
+                }
+                Err(e) => errors.push(write_err(format!("{b} of frontend {id}"), "member", e)),
+            }
+        }
+        let buried: Vec<(u32, Tombstone)> = self
+            .tombstones
+            .iter()
+            .filter(|(id, t)| idle(t.since) && census.frontend_flows(**id) == 0)
+            .map(|(id, t)| (*id, *t))
+            .collect();
+        let going: HashSet<u32> = buried.iter().map(|(id, _)| *id).collect();
+        'tomb: for (id, t) in buried {
+            let rows: Vec<BackendAddr> =
+                self.members.get(&id).into_iter().flat_map(|m| m.keys().copied()).collect();
+            for b in rows {
+                if let Err(e) = self.remove_row(id, &b, w) {
+                    errors.push(write_err(format!("{b} of frontend {id}"), "member", e));
+                    continue 'tomb;
+                }
+            }
+            if let Some(addr) = t.addr {
+                // An older tombstone made at this address still has flows: its packets must find
+                // an entry there, so the entry becomes its.
+                let heir = self
+                    .tombstones
+                    .iter()
+                    .filter(|(h, ht)| !going.contains(h) && ht.origin == Some(addr) && ht.addr.is_none())
+                    .map(|(h, _)| *h)
+                    .min();
+                let done = match heir {
+                    Some(h) => w.set_service(&service_key(&addr), &tombstone_value(h)),
+                    None => w.remove_service(&service_key(&addr)),
+                };
+                if let Err(e) = done {
+                    errors.push(write_err(addr.to_string(), "service entry", e));
+                    continue;
+                }
+                if let Some(h) = heir.and_then(|h| self.tombstones.get_mut(&h)) {
+                    h.addr = Some(addr);
+                }
+            }
+            self.members.remove(&id);
+            self.tombstones.remove(&id);
+            self.frontend_ids.release(id);
+        }
+        self.sync_backend_states(w, &mut stats, &mut errors);
+        (stats, errors)
+    }
+
+    fn member_has_flows(&self, census: &FlowCensus, id: u32, b: &BackendAddr) -> bool {
+        self.backends.get(b).is_some_and(|(bid, _)| census.member_flows(id, *bid) > 0)
+    }
+
+    fn remove_row<W: MapWriter>(&mut self, id: u32, b: &BackendAddr, w: &mut W) -> Result<(), W::Error> {
+        if let Some((bid, _)) = self.backends.get(b).copied() {
+            w.remove_member(&Lb4MemberKey { svc_id: id, backend_id: bid })?;
+        }
+        if let Some(m) = self.members.get_mut(&id) {
+            m.remove(b);
+        }
+        if let Some(u) = self.users.get_mut(b) {
+            u.remove(&id);
+            if u.is_empty() {
+                self.users.remove(b);
+            }
+        }
+        self.touched.insert(*b);
+        Ok(())
+    }
+
+    /// Writes the state of each backend whose member rows changed (ACTIVE if some frontend may
+    /// give it new flows, else TERMINATING), and frees backends no row names.
     fn sync_backend_states<W: MapWriter>(
         &mut self,
-        now: Instant,
         w: &mut W,
         stats: &mut SyncStats,
         errors: &mut Vec<SyncError>,
@@ -452,11 +796,13 @@ impl Reconciler {
             return;
         }
         let mut todo: HashSet<BackendAddr> = std::mem::take(&mut self.touched);
-        todo.extend(self.draining.iter().filter(|(_, d)| **d <= now).map(|(a, _)| *a));
         if std::mem::take(&mut self.restore_pending) {
-            // Backends restored from the maps that no frontend has named: they drain.
+            // Backends restored from the maps that no member row names: no flow can use them.
             todo.extend(self.backends.keys().filter(|a| !self.users.contains_key(a)));
         }
+        // In address order: the writes are the same whatever order the rows changed in.
+        let mut todo: Vec<BackendAddr> = todo.into_iter().collect();
+        todo.sort_unstable();
         for addr in todo {
             let Some((id, state)) = self.backends.get(&addr).copied() else { continue };
             let want = self
@@ -464,18 +810,8 @@ impl Reconciler {
                 .get(&addr)
                 .and_then(|u| u.values().copied().min_by_key(|s| u8::from(*s != BACKEND_STATE_ACTIVE)));
             let (target, free) = match want {
-                Some(s) => {
-                    self.draining.remove(&addr);
-                    (s, false)
-                }
-                None => {
-                    let deadline = *self.draining.entry(addr).or_insert(now + self.opts.drain_timeout);
-                    if now >= deadline {
-                        (BACKEND_STATE_FREE, true)
-                    } else {
-                        (BACKEND_STATE_TERMINATING, false)
-                    }
-                }
+                Some(s) => (s, false),
+                None => (BACKEND_STATE_FREE, true),
             };
             if target == state && !free {
                 continue;
@@ -484,7 +820,6 @@ impl Reconciler {
             match w.set_backend(id, &value) {
                 Ok(()) if free => {
                     self.backends.remove(&addr);
-                    self.draining.remove(&addr);
                     self.backend_ids.release(id);
                     stats.backends_removed += 1;
                 }
@@ -501,34 +836,12 @@ impl Reconciler {
     }
 }
 
-/// Records in the backend index which backends `addr` lists, replacing what `old` listed; every
-/// backend concerned is marked for a state check.
-fn set_users(
-    users: &mut HashMap<BackendAddr, HashMap<FrontendAddr, u8>>,
-    touched: &mut HashSet<BackendAddr>,
-    addr: FrontendAddr,
-    old: Option<&Frontend>,
-    new: Option<&Frontend>,
-) {
-    for b in old.into_iter().flat_map(|o| o.backends.iter().chain(o.kept.iter().map(|(b, _)| b))) {
-        if let Some(u) = users.get_mut(b) {
-            u.remove(&addr);
-            if u.is_empty() {
-                users.remove(b);
-            }
-        }
-        touched.insert(*b);
-    }
-    let Some(new) = new else { return };
-    for (b, s) in &new.kept {
-        users.entry(*b).or_default().insert(addr, backend_state(*s));
-        touched.insert(*b);
-    }
-    // Table backends last: a backend both kept and in the table is active.
-    for b in &new.backends {
-        users.entry(*b).or_default().insert(addr, BACKEND_STATE_ACTIVE);
-        touched.insert(*b);
-    }
+/// What a restarted agent reads back from the pinned maps.
+pub struct Restored<'a> {
+    pub services: Vec<(Lb4ServiceKey, Lb4Service)>,
+    pub backends: Vec<(u32, Lb4Backend)>,
+    pub members: Vec<(Lb4MemberKey, Lb4Member)>,
+    pub meta: &'a dyn Fn(u32) -> Option<Lb4FrontendMeta>,
 }
 
 fn write_err(
@@ -543,28 +856,36 @@ fn write_err(
 mod tests {
     use std::{collections::BTreeMap, net::Ipv4Addr};
 
+    use lb_common::{BACKEND_STATE_TERMINATING, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING};
+
     use super::*;
     use crate::model::{BackendState, Frontend, Protocol};
 
     const fn caps(services: u32, backends: u32, maglev_slots: u32) -> Capacities {
-        Capacities { services, backends, maglev_slots, ct: 0, affinity: 0 }
+        Capacities { services, backends, maglev_slots, ct: 0, affinity: 0, members: 0 }
     }
 
     impl MemoryMaps {
-        /// Every slot of every published table names an active backend.
+        /// Every slot of every published table names an active backend that is an active member
+        /// of the frontend.
         fn assert_consistent(&self) {
             for svc in self.services.values() {
                 for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
                     let id = self.maglev[&slot];
                     assert_eq!(self.backends[&id].state, BACKEND_STATE_ACTIVE, "slot {slot} -> {id}");
+                    let m = self.members[&Lb4MemberKey { svc_id: svc.id, backend_id: id }];
+                    assert_eq!(m.state, MEMBER_ACTIVE, "member {}/{id}", svc.id);
                 }
             }
+        }
+
+        fn member_state(&self, svc_id: u32, backend_id: u32) -> Option<u8> {
+            self.members.get(&Lb4MemberKey { svc_id, backend_id }).map(|m| m.state)
         }
     }
 
     const CAPS: Capacities = caps(16, 16, 2048);
-    const OPTS: Options =
-        Options { max_table_size: 65_537, maglev_seed: 0, drain_timeout: Duration::from_secs(60) };
+    const OPTS: Options = Options { max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE, maglev_seed: 0 };
 
     fn be(last: u8) -> BackendAddr {
         BackendAddr { ip: Ipv4Addr::new(10, 244, 0, last), port: 8080, proto: Protocol::Tcp }
@@ -596,11 +917,20 @@ mod tests {
         d: &BTreeMap<FrontendAddr, Frontend>,
         m: &mut MemoryMaps,
     ) -> (SyncStats, Vec<SyncError>) {
-        r.sync(d, &BTreeSet::new(), Instant::now(), m)
+        r.sync(d, &BTreeSet::new(), m)
+    }
+
+    /// A census of pass `pass` that saw the listed (frontend, backend) flows.
+    fn census(pass: u64, flows: &[(u32, u32)]) -> FlowCensus {
+        let mut c = FlowCensus::new(pass);
+        for (f, b) in flows {
+            c.record(*f, *b);
+        }
+        c
     }
 
     #[test]
-    fn tables_are_written_before_they_are_published_and_regions_are_reused() {
+    fn tables_and_members_are_written_before_they_are_published_and_regions_are_reused() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         let (s, e) = sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
@@ -613,6 +943,9 @@ mod tests {
                 "backend 2 state 1",
                 "backend 3 state 1",
                 "maglev 0+307",
+                "member 1/1 state 1",
+                "member 1/2 state 1",
+                "member 1/3 state 1",
                 "service 1 at 0+307"
             ]
         );
@@ -623,48 +956,158 @@ mod tests {
         assert_eq!(sync(&mut r, &fe(&[1, 2, 3]), &mut maps).0, SyncStats::default());
         assert!(maps.log.is_empty());
 
-        // One backend leaves: the new table goes to a free region, then the entry moves, then the
-        // backend drains (terminating: established flows stay).
+        // One backend leaves: the new table goes to a free region, the member drains, then the
+        // entry moves, then the backend is terminating (its established TCP flows stay).
         let (s, _) = sync(&mut r, &fe(&[1, 3]), &mut maps);
         assert_eq!((s.frontends_written, s.backends_written), (1, 1));
-        assert_eq!(maps.log, ["maglev 307+251", "service 1 at 307+251", "backend 2 state 2"]);
+        assert_eq!(
+            maps.log,
+            ["maglev 307+251", "service 1 at 307+251", "member 1/2 state 3", "backend 2 state 2"]
+        );
         maps.assert_consistent();
 
         // The first region is free again and is reused. A fresh backend id (4), not the draining 2.
         maps.log.clear();
         sync(&mut r, &fe(&[1, 3, 4]), &mut maps);
-        assert_eq!(maps.log, ["backend 4 state 1", "maglev 0+307", "service 1 at 0+307"]);
+        assert_eq!(
+            maps.log,
+            ["backend 4 state 1", "maglev 0+307", "member 1/4 state 1", "service 1 at 0+307"]
+        );
         maps.assert_consistent();
         assert_eq!(r.slots_used(), 307);
     }
 
     #[test]
-    fn removed_backends_drain_then_are_freed_and_can_come_back() {
+    fn a_departed_member_goes_after_a_whole_pass_without_its_flows() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
-        let t0 = Instant::now();
-        r.sync(&fe(&[1, 2]), &BTreeSet::new(), t0, &mut maps);
-        r.sync(&fe(&[1]), &BTreeSet::new(), t0, &mut maps);
+        r.begin_pass(1);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        sync(&mut r, &fe(&[1]), &mut maps);
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_DRAINING));
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
-        assert_eq!(r.next_deadline(), Some(t0 + OPTS.drain_timeout));
+        assert_eq!(r.departed(), 1);
+        // Pass 1 began before it left: it proves nothing, even with no flow seen.
         maps.log.clear();
-        r.sync(&fe(&[1]), &BTreeSet::new(), t0 + Duration::from_secs(59), &mut maps);
-        assert!(maps.log.is_empty(), "still draining: {:?}", maps.log);
-        let (s, _) = r.sync(&fe(&[1]), &BTreeSet::new(), t0 + Duration::from_secs(60), &mut maps);
-        assert_eq!(s.backends_removed, 1);
+        r.release_idle(&census(1, &[]), &mut maps);
+        r.begin_pass(2);
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
+        // Pass 2 saw a flow of it: it stays.
+        r.release_idle(&census(2, &[(1, 2)]), &mut maps);
+        r.begin_pass(3);
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
+        // Pass 3 saw none: the row goes, then the backend (no row names it).
+        let (s, _) = r.release_idle(&census(3, &[(1, 1)]), &mut maps);
+        assert_eq!(maps.log, ["remove member 1/2", "backend 2 state 0"]);
+        assert_eq!((s.backends_removed, r.departed()), (1, 0));
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
-        assert_eq!(r.next_deadline(), None);
 
-        // A draining backend that comes back is active again before any table names it.
-        r.sync(&fe(&[1]), &BTreeSet::new(), t0, &mut maps);
+        // A departed member that comes back is active again before any table names it.
         let mut r = Reconciler::new(CAPS, OPTS);
         let mut maps = MemoryMaps::default();
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         sync(&mut r, &fe(&[1]), &mut maps);
         maps.log.clear();
         sync(&mut r, &fe(&[1, 2]), &mut maps);
-        assert_eq!(maps.log, ["backend 2 state 1", "maglev 0+251", "service 1 at 0+251"]);
+        assert_eq!(
+            maps.log,
+            ["backend 2 state 1", "maglev 0+251", "member 1/2 state 1", "service 1 at 0+251"]
+        );
+        assert_eq!(r.departed(), 0);
         maps.assert_consistent();
+    }
+
+    #[test]
+    fn a_member_departs_only_once_the_table_without_it_is_published() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        r.begin_pass(1);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        // The new table cannot be published: the old one (with 2) stays in use, so 2 stays an
+        // active member and is no departure.
+        maps.fail_services = true;
+        let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((maps.member_state(1, 2), r.departed()), (Some(MEMBER_ACTIVE), 0));
+        r.begin_pass(2);
+        r.release_idle(&census(2, &[]), &mut maps);
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_ACTIVE), "a pass without flows frees nothing in use");
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_ACTIVE);
+        maps.assert_consistent();
+        // Once it is published, 2 departs.
+        maps.fail_services = false;
+        let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((maps.member_state(1, 2), r.departed()), (Some(MEMBER_DRAINING), 1));
+        maps.assert_consistent();
+    }
+
+    #[test]
+    fn rows_that_fail_after_publishing_are_written_by_the_next_sync() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        maps.fail_members = true;
+        let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((maps.member_state(1, 2), r.departed()), (Some(MEMBER_ACTIVE), 0));
+        // The same state again: the row is written now, though the frontend did not change.
+        maps.fail_members = false;
+        let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((maps.member_state(1, 2), r.departed()), (Some(MEMBER_DRAINING), 1));
+        maps.log.clear();
+        sync(&mut r, &fe(&[1]), &mut maps);
+        assert!(maps.log.is_empty(), "then nothing: {:?}", maps.log);
+    }
+
+    #[test]
+    fn a_member_leaving_the_table_is_downgraded_only_after_the_table_without_it() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        maps.log.clear();
+        // 2 turns terminating but serving and 3 joins: 3's row before the table, 2's after.
+        sync(&mut r, &one(frontend(80, &[1, 3], &[(2, BackendState::Serving)], 0)), &mut maps);
+        assert_eq!(
+            maps.log,
+            [
+                "backend 3 state 1",
+                "maglev 251+251",
+                "member 1/3 state 1",
+                "service 1 at 251+251",
+                "member 1/2 state 2",
+                "backend 2 state 2"
+            ]
+        );
+        maps.assert_consistent();
+    }
+
+    #[test]
+    fn an_older_tombstone_at_the_address_keeps_an_entry_there() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        r.begin_pass(1);
+        let key = service_key(&frontend(80, &[], &[], 0).addr);
+        // s moves from port 80 to 81 (tombstone 1 at :80 keeps a flow), back to 80 (id 3), and
+        // to 81 again (tombstone 3 at :80, no flow).
+        sync(&mut r, &fe(&[1]), &mut maps);
+        sync(&mut r, &one(frontend(81, &[1], &[], 0)), &mut maps);
+        sync(&mut r, &fe(&[1]), &mut maps);
+        sync(&mut r, &one(frontend(81, &[1], &[], 0)), &mut maps);
+        assert_eq!((maps.services[&key].id, maps.services[&key].flags), (3, SVC_FLAG_TOMBSTONE));
+        assert_eq!(r.tombstones(), 3, "1 and 3 made at :80, 2 at :81");
+        // A pass finds tombstone 1's flow, none of 3's: 3 goes, and the entry at :80 becomes 1's,
+        // so the flow's packets still find it.
+        r.begin_pass(2);
+        r.release_idle(&census(2, &[(1, 1)]), &mut maps);
+        assert_eq!((maps.services[&key].id, maps.services[&key].flags), (1, SVC_FLAG_TOMBSTONE));
+        assert_eq!(r.tombstones(), 1);
+        // Once its flow is gone too, the entry goes.
+        r.begin_pass(3);
+        r.release_idle(&census(3, &[]), &mut maps);
+        assert!(!maps.services.contains_key(&key));
+        assert_eq!(r.tombstones(), 0);
     }
 
     #[test]
@@ -672,15 +1115,115 @@ mod tests {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
-        // 2 is terminating (still listed): its flows stay, no drain deadline.
-        sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Terminating)], 0)), &mut maps);
+        // 2 is terminating but serving (still listed): its flows stay, it is no departure.
+        sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Serving)], 0)), &mut maps);
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
-        assert_eq!(r.next_deadline(), None);
-        // Another frontend uses 2 for new flows: active wins.
-        let mut both = one(frontend(80, &[1], &[(2, BackendState::Terminating)], 0));
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_SERVING));
+        assert_eq!(r.departed(), 0);
+        // Then not serving.
+        sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Draining)], 0)), &mut maps);
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_DRAINING));
+        // Another frontend uses 2 for new flows: active wins for the backend; each frontend's
+        // member row says what its own flows may do.
+        let mut both = one(frontend(80, &[1], &[(2, BackendState::Draining)], 0));
         both.extend(one(frontend(81, &[2], &[], 0)));
         sync(&mut r, &both, &mut maps);
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_ACTIVE);
+        assert_eq!(
+            (maps.member_state(1, 2), maps.member_state(2, 2)),
+            (Some(MEMBER_DRAINING), Some(MEMBER_ACTIVE))
+        );
+        maps.assert_consistent();
+    }
+
+    #[test]
+    fn a_removed_frontend_is_a_tombstone_until_a_pass_finds_no_flow_of_it() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        r.begin_pass(1);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        maps.log.clear();
+        let (s, _) = sync(&mut r, &BTreeMap::new(), &mut maps);
+        assert_eq!(s.frontends_removed, 1);
+        // Members drain before the entry loses its table.
+        assert_eq!(
+            maps.log,
+            [
+                "member 1/1 state 3",
+                "member 1/2 state 3",
+                "tombstone 1",
+                "backend 1 state 2",
+                "backend 2 state 2"
+            ]
+        );
+        let entry = maps.services.values().next().expect("the tombstone entry");
+        assert_eq!(
+            (entry.id, entry.backend_count, entry.maglev_size, entry.flags),
+            (1, 0, 0, SVC_FLAG_TOMBSTONE)
+        );
+        assert_eq!((r.tombstones(), r.frontends_programmed(), r.slots_used()), (1, 0, 0));
+        r.begin_pass(2);
+        r.release_idle(&census(2, &[(1, 2)]), &mut maps);
+        r.begin_pass(3);
+        assert_eq!(r.tombstones(), 1, "a flow of it is alive");
+        maps.log.clear();
+        r.release_idle(&census(3, &[]), &mut maps);
+        assert_eq!(
+            maps.log,
+            [
+                "remove member 1/1",
+                "remove member 1/2",
+                "remove service",
+                "backend 1 state 0",
+                "backend 2 state 0"
+            ]
+        );
+        assert!(maps.services.is_empty() && maps.members.is_empty());
+        assert_eq!(r.tombstones(), 0);
+        // Its id is free again (fresh ids go first: freed ones come back last).
+        let (mut r, mut maps) = (Reconciler::new(caps(3, 16, 2048), OPTS), MemoryMaps::default());
+        sync(&mut r, &fe(&[1]), &mut maps);
+        sync(&mut r, &BTreeMap::new(), &mut maps);
+        r.release_idle(&census(1, &[]), &mut maps);
+        sync(&mut r, &one(frontend(81, &[1], &[], 0)), &mut maps);
+        let (_, errors) = sync(&mut r, &one(frontend(82, &[1], &[], 0)), &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        let key = service_key(&frontend(82, &[], &[], 0).addr);
+        assert_eq!(maps.services[&key].id, 1, "id 1 again, while id 2 (port 81) is a tombstone");
+    }
+
+    #[test]
+    fn an_address_taken_by_another_service_gets_a_new_id_and_the_old_flows_keep_theirs() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        // Service t takes the address in one batch, with s's removal listed too (the agent's
+        // batches list both): removals first, so t is programmed in this batch.
+        let mut t = frontend(80, &[2, 3], &[], 0);
+        t.service = "default/t".into();
+        let addr = t.addr;
+        maps.log.clear();
+        let (_, errors) = r.apply([(&addr, &t)], &[addr], &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        let entry = maps.services[&service_key(&addr)];
+        assert_eq!((entry.id, entry.flags), (2, 0), "a new id; the entry is t's");
+        // s's flows: frontend 1's members drain; t's: frontend 2's are active. Backend 2 is in
+        // both, with each frontend's own row.
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_DRAINING));
+        assert_eq!(maps.member_state(2, 2), Some(MEMBER_ACTIVE));
+        maps.assert_consistent();
+        // The same without the removal listed (a whole sync): the same outcome.
+        let mut maps2 = MemoryMaps::default();
+        let mut r2 = Reconciler::new(CAPS, OPTS);
+        sync(&mut r2, &fe(&[1, 2]), &mut maps2);
+        sync(&mut r2, &one(t.clone()), &mut maps2);
+        assert_eq!(maps2.services[&service_key(&addr)].id, 2);
+        // When s's flows are gone its tombstone goes, and the entry (t's now) stays.
+        maps.log.clear();
+        r.begin_pass(5);
+        r.release_idle(&census(6, &[(2, 2)]), &mut maps);
+        assert_eq!(maps.log, ["remove member 1/1", "remove member 1/2", "backend 1 state 0"]);
+        assert_eq!(maps.services[&service_key(&addr)].id, 2);
         maps.assert_consistent();
     }
 
@@ -690,6 +1233,7 @@ mod tests {
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &one(frontend(80, &[1, 2, 3], &[], 30)), &mut maps);
         assert_eq!(maps.services.values().next().expect("one").affinity_timeout_secs, 30);
+        assert_eq!(r.affinity_timeouts(), HashMap::from([(1, 30)]));
         maps.log.clear();
         sync(&mut r, &one(frontend(80, &[1, 3], &[], 30)), &mut maps);
         assert!(maps.log.contains(&"forget affinity of 1 to [2]".to_string()), "{:?}", maps.log);
@@ -702,7 +1246,7 @@ mod tests {
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.log.clear();
         let held = BTreeSet::from(["default/s".to_string()]);
-        r.sync(&BTreeMap::new(), &held, Instant::now(), &mut maps);
+        r.sync(&BTreeMap::new(), &held, &mut maps);
         assert!(maps.log.is_empty(), "{:?}", maps.log);
         assert_eq!(maps.services.len(), 1);
         // Once it is no longer held and still absent, it goes.
@@ -710,21 +1254,28 @@ mod tests {
         assert_eq!(s.frontends_removed, 1);
     }
 
+    fn restore(maps: &MemoryMaps, with_meta: bool) -> Reconciler {
+        let meta = maps.meta.clone();
+        Reconciler::restore(
+            CAPS,
+            OPTS,
+            Restored {
+                services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+                members: maps.members.iter().map(|(k, v)| (*k, *v)).collect(),
+                meta: &|id| if with_meta { meta.get(&id).copied() } else { None },
+            },
+        )
+    }
+
     #[test]
-    fn restore_keeps_ids_and_removes_what_is_no_longer_wanted() {
+    fn restore_keeps_ids_and_buries_what_is_no_longer_wanted() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         let ids_before = maps.backends.clone();
 
-        let meta = maps.meta.clone();
-        let mut r2 = Reconciler::restore(
-            CAPS,
-            OPTS,
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            |id| meta.get(&id).copied(),
-        );
+        let mut r2 = restore(&maps, true);
         maps.log.clear();
         sync(&mut r2, &fe(&[1, 2, 3]), &mut maps);
         // Same ids for the same backends, and the table is adopted: nothing is written.
@@ -734,25 +1285,58 @@ mod tests {
         assert_eq!(maps.meta[&1].name(), "default/s");
 
         // Without the recorded digest the table is rewritten once, into a new region.
-        let mut r3 = Reconciler::restore(
-            CAPS,
-            OPTS,
-            maps.services.iter().map(|(k, v)| (*k, *v)),
-            maps.backends.iter().map(|(k, v)| (*k, *v)),
-            |_| None,
-        );
+        let mut r3 = restore(&maps, false);
         sync(&mut r3, &fe(&[1, 2, 3]), &mut maps);
         assert_eq!(maps.log, ["maglev 307+307", "service 1 at 307+307"]);
         assert_eq!(maps.backends, ids_before);
         maps.assert_consistent();
-        let mut r2 = r3;
 
+        // No longer wanted: a tombstone, its backends terminating (its flows may be alive).
         maps.log.clear();
-        let (s, _) = sync(&mut r2, &BTreeMap::new(), &mut maps);
+        let (s, _) = sync(&mut r3, &BTreeMap::new(), &mut maps);
         assert_eq!(s.frontends_removed, 1);
-        assert!(maps.services.is_empty());
+        assert!(maps.services.values().all(|s| s.flags == SVC_FLAG_TOMBSTONE));
         assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_TERMINATING), "draining");
-        assert_eq!(r2.slots_used(), 0);
+        assert_eq!(r3.slots_used(), 0);
+
+        // A restart finds the tombstone as it was, and lets it go after a pass without flows.
+        let mut r4 = restore(&maps, true);
+        sync(&mut r4, &BTreeMap::new(), &mut maps);
+        assert_eq!(r4.tombstones(), 1);
+        r4.begin_pass(1);
+        r4.release_idle(&census(1, &[]), &mut maps);
+        assert!(maps.services.is_empty() && maps.members.is_empty());
+        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_FREE));
+    }
+
+    #[test]
+    fn after_a_restore_another_service_at_the_address_gets_a_new_id() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        let addr = frontend(80, &[], &[], 0).addr;
+        // The agent restarts while Service s was replaced by t at the same address.
+        let mut t = frontend(80, &[2, 3], &[], 0);
+        t.service = "default/t".into();
+        let mut r2 = restore(&maps, true);
+        let (_, errors) = sync(&mut r2, &one(t.clone()), &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(maps.services[&service_key(&addr)].id, 2, "t's flows do not inherit s's id");
+        assert_eq!(
+            (maps.member_state(1, 2), maps.member_state(2, 2)),
+            (Some(MEMBER_DRAINING), Some(MEMBER_ACTIVE))
+        );
+        assert_eq!(r2.tombstones(), 1);
+        maps.assert_consistent();
+        // The same Service under another port name keeps its id.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        let mut renamed = frontend(80, &[1, 2], &[], 0);
+        renamed.port_name = "http".into();
+        let mut r2 = restore(&maps, true);
+        sync(&mut r2, &one(renamed), &mut maps);
+        assert_eq!((maps.services[&service_key(&addr)].id, r2.tombstones()), (1, 0));
     }
 
     #[test]

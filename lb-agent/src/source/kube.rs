@@ -205,17 +205,48 @@ async fn follow<K>(
     let stream = watcher::watcher(api, cfg).default_backoff().modify(|o| o.managed_fields_mut().clear());
     let stream = reflector::reflector(writer, stream);
     futures::pin_mut!(stream);
+    // The Service each object was last about, so that an object moved to another Service (a
+    // relabelled EndpointSlice) updates both.
+    let mut last: HashMap<String, Option<String>> = HashMap::new();
+    let mut relist: HashMap<String, Option<String>> = HashMap::new();
+    let id = |o: &K| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
     while let Some(ev) = stream.next().await {
         match ev {
             // Applies and deletes change the store now; InitDone swaps in a complete (re)list.
-            Ok(Event::Apply(o) | Event::Delete(o)) => match key_of(&o) {
-                Some(k) => pending.mark_service(k),
-                None => pending.mark_all(),
-            },
-            Ok(Event::InitDone) => pending.mark_all(),
-            Ok(Event::Init) => debug!(kind, "listing"),
-            Ok(Event::InitApply(_)) => {}
+            Ok(Event::Apply(o)) => {
+                let key = key_of(&o);
+                let before = last.insert(id(&o), key.clone());
+                mark(&pending, key, before);
+            }
+            Ok(Event::Delete(o)) => {
+                let before = last.remove(&id(&o));
+                mark(&pending, key_of(&o), before);
+            }
+            Ok(Event::InitDone) => {
+                last = std::mem::take(&mut relist);
+                pending.mark_all();
+            }
+            Ok(Event::Init) => {
+                relist.clear();
+                debug!(kind, "listing");
+            }
+            Ok(Event::InitApply(o)) => {
+                relist.insert(id(&o), key_of(&o));
+            }
             Err(e) => warn!(kind, "watch: {e}; retrying with backoff, keeping the last good view"),
+        }
+    }
+}
+
+/// Marks the Service an event is about, and the one the object was about before if it moved.
+fn mark(pending: &Pending, key: Option<String>, before: Option<Option<String>>) {
+    match key.clone() {
+        Some(k) => pending.mark_service(k),
+        None => pending.mark_all(),
+    }
+    if let Some(Some(b)) = before {
+        if Some(&b) != key.as_ref() {
+            pending.mark_service(b);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A readable dump of what the maps hold: one line per frontend (with each backend's share of
-//! its Maglev table) and one per backend. Golden tests compare it; people read it.
+//! its Maglev table; a Service deleted but kept for its flows on a `deleted` line) and one per
+//! backend. Golden tests compare it; people read it.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -7,7 +8,9 @@ use lb_agent::reconcile::{
     encode::{endpoint, ipv4, port, state_name},
     MemoryMaps,
 };
-use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_LOCAL_ONLY};
+use lb_common::{
+    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
+};
 
 fn frontend_addr(k: &Lb4ServiceKey) -> String {
     endpoint(k.addr, k.port, k.proto)
@@ -24,6 +27,10 @@ pub fn render(maps: &MemoryMaps) -> String {
     services.sort_by_key(|(k, _)| (ipv4(k.addr), port(k.port), k.proto));
     for (key, svc) in services {
         let name = maps.meta.get(&svc.id).map_or("?", |m| m.name());
+        if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
+            let _ = writeln!(out, "deleted {} {name} (kept for its established flows)", frontend_addr(key));
+            continue;
+        }
         let mut flags = Vec::new();
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             flags.push("local-only".to_string());

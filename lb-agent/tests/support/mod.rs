@@ -47,7 +47,14 @@ impl Drop for PinDir {
 pub fn test_config(pin_dir: &Path) -> Config {
     Config {
         pin_dir: pin_dir.to_path_buf(),
-        caps: Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ct: 16_384, affinity: 1024 },
+        caps: Capacities {
+            services: 1024,
+            backends: 1024,
+            maglev_slots: 65_536,
+            ct: 16_384,
+            affinity: 1024,
+            members: 4096,
+        },
         ct_timeout_tcp_syn_secs: 60,
         ct_timeout_tcp_established_secs: 3600,
         ct_timeout_tcp_close_secs: 10,

@@ -1,0 +1,471 @@
+//! The flow sweep: a bounded background pass over the conntrack and affinity maps that removes
+//! what has expired and counts the live flows of each frontend and member, so that the
+//! reconciler can let tombstones and departed members go once nothing uses them.
+//!
+//! Who removes what: the datapath overwrites an expired forward entry when its tuple comes back,
+//! and removes a reply entry it meets whose flow is gone. The sweep removes the rest: forward
+//! entries idle past their timeout; reply entries whose forward entry is expired or names another
+//! backend, or is gone while the reply entry is idle past its timeout (a reply entry is never
+//! removed for its own idleness while its flow lives); and affinity entries past their Service's
+//! timeout or of a frontend that is no longer live. Each step reads at most `budget` entries with
+//! one batched
+//! read and removes what it found (an entry is read again just before it is removed, so a packet
+//! that refreshed it in between keeps it). Pure: the maps are reached through [`FlowTable`].
+
+use std::collections::HashMap;
+
+use lb_common::{
+    Lb4Affinity, Lb4AffinityKey, Lb4CtEntry, Lb4CtKey, CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_SYN,
+    IPPROTO_UDP,
+};
+
+/// Batched access to the flow maps.
+pub trait FlowTable {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Appends up to `max` conntrack entries to `out`, starting at `cursor` (`None`: the start).
+    /// Returns where to go on, or `None` once the end of the table was read.
+    fn ct_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4CtKey, Lb4CtEntry)>,
+    ) -> Result<Option<u32>, Self::Error>;
+    fn ct_get(&self, key: &Lb4CtKey) -> Result<Option<Lb4CtEntry>, Self::Error>;
+    /// Removes an entry (absent is fine).
+    fn ct_remove(&mut self, key: &Lb4CtKey) -> Result<(), Self::Error>;
+    /// As `ct_batch`, for the affinity map.
+    fn affinity_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb4AffinityKey, Lb4Affinity)>,
+    ) -> Result<Option<u32>, Self::Error>;
+    /// Removes an entry (absent is fine).
+    fn affinity_remove(&mut self, key: &Lb4AffinityKey) -> Result<(), Self::Error>;
+}
+
+/// The datapath's conntrack timeouts, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    pub tcp_close: u64,
+    pub udp: u64,
+}
+
+impl Timeouts {
+    pub fn from_secs(tcp_syn: u64, tcp_established: u64, tcp_close: u64, udp: u64) -> Self {
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        Self {
+            tcp_syn: ns(tcp_syn),
+            tcp_established: ns(tcp_established),
+            tcp_close: ns(tcp_close),
+            udp: ns(udp),
+        }
+    }
+
+    /// The datapath's rule (`ct_timeout_ns` in lb-ebpf).
+    pub fn of(&self, proto: u8, state: u8) -> u64 {
+        if proto == IPPROTO_UDP {
+            return self.udp;
+        }
+        match state {
+            CT_STATE_SYN => self.tcp_syn,
+            CT_STATE_ESTABLISHED => self.tcp_established,
+            _ => self.tcp_close,
+        }
+    }
+
+    fn expired(&self, key: &Lb4CtKey, e: &Lb4CtEntry, now: u64) -> bool {
+        now.saturating_sub(e.last_seen_ns) >= self.of(key.proto, e.state)
+    }
+}
+
+/// The live flows one whole pass saw, by frontend and by (frontend, backend).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlowCensus {
+    /// The pass it is of.
+    pub pass: u64,
+    frontends: HashMap<u32, u64>,
+    members: HashMap<(u32, u32), u64>,
+    /// Flows, by their forward entries.
+    flows: u64,
+}
+
+impl FlowCensus {
+    pub fn new(pass: u64) -> Self {
+        Self { pass, ..Self::default() }
+    }
+
+    /// Counts a live flow of frontend `id` to backend `backend_id` (its forward entry).
+    pub fn record(&mut self, id: u32, backend_id: u32) {
+        self.flows += 1;
+        self.record_use(id, backend_id);
+    }
+
+    /// Notes that a live reply entry uses frontend `id` and backend `backend_id`: its forward
+    /// entry may have been evicted, or rebuilt where the pass had already read.
+    pub fn record_use(&mut self, id: u32, backend_id: u32) {
+        *self.frontends.entry(id).or_default() += 1;
+        *self.members.entry((id, backend_id)).or_default() += 1;
+    }
+
+    pub fn frontend_flows(&self, id: u32) -> u64 {
+        self.frontends.get(&id).copied().unwrap_or(0)
+    }
+
+    pub fn member_flows(&self, id: u32, backend_id: u32) -> u64 {
+        self.members.get(&(id, backend_id)).copied().unwrap_or(0)
+    }
+
+    /// Live flows in all.
+    pub fn flows(&self) -> u64 {
+        self.flows
+    }
+}
+
+/// What the sweep did, since it started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepStats {
+    pub passes: u64,
+    pub visited: u64,
+    /// Conntrack entries idle past their timeout.
+    pub expired: u64,
+    /// Reply entries whose flow is gone (counted apart from `expired`).
+    pub stale_replies: u64,
+    /// Affinity entries past their timeout or of a frontend that is gone.
+    pub affinity: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Ct,
+    Affinity,
+}
+
+/// A reply entry idle this long is checked against its forward entry (a lookup each): most reply
+/// entries are refreshed by their replies and never cost one.
+pub const REPLY_CHECK_AFTER_NS: u64 = 30_000_000_000;
+
+pub struct Sweeper {
+    timeouts: Timeouts,
+    budget: u32,
+    pass: u64,
+    phase: Phase,
+    cursor: Option<u32>,
+    census: FlowCensus,
+    ct: Vec<(Lb4CtKey, Lb4CtEntry)>,
+    affinity: Vec<(Lb4AffinityKey, Lb4Affinity)>,
+    pub stats: SweepStats,
+}
+
+impl Sweeper {
+    /// A sweep that reads at most `budget` entries a step, starting pass 1.
+    pub fn new(timeouts: Timeouts, budget: u32) -> Self {
+        Self {
+            timeouts,
+            budget: budget.max(1),
+            pass: 1,
+            phase: Phase::Ct,
+            cursor: None,
+            census: FlowCensus::new(1),
+            ct: Vec::new(),
+            affinity: Vec::new(),
+            stats: SweepStats::default(),
+        }
+    }
+
+    /// The pass in progress.
+    pub fn pass(&self) -> u64 {
+        self.pass
+    }
+
+    /// Whether the next step reads the affinity map (and so needs the affinity timeouts).
+    pub fn in_affinity_phase(&self) -> bool {
+        self.phase == Phase::Affinity
+    }
+
+    /// One bounded step at monotonic time `now` (ns, the clock of `bpf_ktime_get_ns`);
+    /// `affinity_timeout` gives a live frontend's affinity timeout in seconds. Returns the census
+    /// of the pass when this step ended it (the next pass starts with the next step).
+    pub fn step<T: FlowTable>(
+        &mut self,
+        t: &mut T,
+        now: u64,
+        affinity_timeout: impl Fn(u32) -> Option<u32>,
+    ) -> Result<Option<FlowCensus>, T::Error> {
+        match self.phase {
+            Phase::Ct => {
+                self.ct.clear();
+                let next = t.ct_batch(self.cursor, self.budget, &mut self.ct)?;
+                let batch = std::mem::take(&mut self.ct);
+                for (key, e) in &batch {
+                    self.visit_ct(t, key, e, now)?;
+                }
+                self.ct = batch;
+                self.cursor = next;
+                if next.is_none() {
+                    self.phase = Phase::Affinity;
+                }
+                Ok(None)
+            }
+            Phase::Affinity => {
+                self.affinity.clear();
+                let next = t.affinity_batch(self.cursor, self.budget, &mut self.affinity)?;
+                for (key, a) in &self.affinity {
+                    self.stats.visited += 1;
+                    let live = affinity_timeout(key.svc_id).is_some_and(|secs| {
+                        now.saturating_sub(a.last_used_ns) < u64::from(secs).saturating_mul(1_000_000_000)
+                    });
+                    if !live {
+                        t.affinity_remove(key)?;
+                        self.stats.affinity += 1;
+                    }
+                }
+                self.cursor = next;
+                if next.is_some() {
+                    return Ok(None);
+                }
+                self.phase = Phase::Ct;
+                self.stats.passes += 1;
+                self.pass += 1;
+                let done = std::mem::replace(
+                    &mut self.census,
+                    FlowCensus { pass: self.pass, ..FlowCensus::default() },
+                );
+                Ok(Some(done))
+            }
+        }
+    }
+
+    fn visit_ct<T: FlowTable>(
+        &mut self,
+        t: &mut T,
+        key: &Lb4CtKey,
+        e: &Lb4CtEntry,
+        now: u64,
+    ) -> Result<(), T::Error> {
+        self.stats.visited += 1;
+        if key.dir == CT_DIR_FORWARD {
+            // Read again before removing: a packet may have refreshed it since the batch was read,
+            // or a new flow taken the tuple.
+            if self.timeouts.expired(key, e, now)
+                && t.ct_get(key)?.is_none_or(|e| self.timeouts.expired(key, &e, now))
+            {
+                t.ct_remove(key)?;
+                self.stats.expired += 1;
+            } else {
+                self.census.record(e.svc_id, e.backend_id);
+            }
+            return Ok(());
+        }
+        // A reply entry lives by its flow, never by its own clock alone: a client that streams to
+        // a silent server keeps both. Most are refreshed with their flow and never cost a lookup.
+        if now.saturating_sub(e.last_seen_ns) < REPLY_CHECK_AFTER_NS {
+            if !self.timeouts.expired(key, e, now) {
+                self.census.record_use(e.svc_id, e.backend_id);
+            }
+            return Ok(());
+        }
+        let fwd_key = key.forward_of_reply(e);
+        let garbage = match t.ct_get(&fwd_key)? {
+            // The datapath honours a reply entry only while its forward entry is alive and names
+            // its backend.
+            Some(f) => {
+                self.timeouts.expired(&fwd_key, &f, now) || f.nat_addr != key.saddr || f.nat_port != key.sport
+            }
+            // Evicted (the datapath rebuilds it from a reply within the timeout), or gone.
+            None => self.timeouts.expired(key, e, now),
+        };
+        if !garbage {
+            self.census.record_use(e.svc_id, e.backend_id);
+            return Ok(());
+        }
+        // Only the entry that was judged: a new flow on the same tuple has another creation time.
+        if t.ct_get(key)?
+            .is_some_and(|now_e| now_e.created_ns == e.created_ns && now_e.last_seen_ns == e.last_seen_ns)
+        {
+            t.ct_remove(key)?;
+            self.stats.stale_replies += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use lb_common::{CT_DIR_REPLY, CT_STATE_CLOSING, IPPROTO_TCP};
+
+    use super::*;
+    use crate::reconcile::MemoryMaps;
+
+    const S: u64 = 1_000_000_000;
+
+    fn timeouts() -> Timeouts {
+        Timeouts::from_secs(60, 21_600, 10, 60)
+    }
+
+    /// A flow client 10.0.0.1:1000 → VIP 10.96.0.1:80 on backend 10.244.0.2:8080 (id 7) of
+    /// frontend 3, last seen at `seen` in `state`: its forward and reply entries.
+    fn flow(proto: u8, state: u8, seen: u64) -> [(Lb4CtKey, Lb4CtEntry); 2] {
+        let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let fwd_key = Lb4CtKey {
+            saddr: ip([10, 0, 0, 1]),
+            daddr: ip([10, 96, 0, 1]),
+            sport: 1000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let fwd = Lb4CtEntry {
+            created_ns: 0,
+            last_seen_ns: seen,
+            nat_addr: ip([10, 244, 0, 2]),
+            nat_port: 8080u16.to_be(),
+            state,
+            flags: 0,
+            backend_id: 7,
+            svc_id: 3,
+        };
+        let rev_key = Lb4CtKey {
+            saddr: fwd.nat_addr,
+            daddr: fwd_key.saddr,
+            sport: fwd.nat_port,
+            dport: fwd_key.sport,
+            proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let rev = Lb4CtEntry { nat_addr: fwd_key.daddr, nat_port: fwd_key.dport, ..fwd };
+        [(fwd_key, fwd), (rev_key, rev)]
+    }
+
+    fn run_pass(s: &mut Sweeper, m: &mut MemoryMaps, now: u64) -> FlowCensus {
+        for _ in 0..1000 {
+            if let Some(c) = s.step(m, now, |id| (id == 3).then_some(100)).expect("in memory") {
+                return c;
+            }
+        }
+        panic!("the pass never ended");
+    }
+
+    #[test]
+    fn expired_entries_go_live_ones_are_counted_per_frontend_and_member() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        // Live TCP, expired UDP (idle 61 s), a closing TCP flow idle 11 s.
+        let live = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 1000 * S);
+        let mut udp = flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 61 * S);
+        udp[0].0.sport = 2000u16.to_be();
+        udp[1].0.dport = 2000u16.to_be();
+        let mut closing = flow(IPPROTO_TCP, CT_STATE_CLOSING, now - 11 * S);
+        closing[0].0.sport = 3000u16.to_be();
+        closing[1].0.dport = 3000u16.to_be();
+        for (k, v) in live.iter().chain(&udp).chain(&closing) {
+            m.ct.insert(*k, *v);
+        }
+        // Budget 1: one entry a step, the pass still covers everything.
+        let mut s = Sweeper::new(timeouts(), 1);
+        let c = run_pass(&mut s, &mut m, now);
+        assert_eq!(c.pass, 1);
+        // One live flow; its forward and reply entries both count as uses of frontend 3 and
+        // backend 7.
+        assert_eq!(c.flows(), 1);
+        assert_eq!((c.frontend_flows(3), c.member_flows(3, 7), c.member_flows(3, 8)), (2, 2, 0));
+        // The closing flow's reply entry, idle only 11 s, is not looked at yet.
+        let left: BTreeSet<_> = m.ct.keys().copied().collect();
+        assert_eq!(left, BTreeSet::from([live[0].0, live[1].0, closing[1].0]));
+        assert_eq!((s.stats.expired, s.stats.stale_replies), (2, 1));
+        assert_eq!(s.pass(), 2);
+        // 30 s on, it goes with the next pass: its forward entry is gone and it is past its own
+        // timeout. The live flow's reply entry, idle 1,030 s but with a live flow, stays.
+        let c = run_pass(&mut s, &mut m, now + 30 * S);
+        let left: BTreeSet<_> = m.ct.keys().copied().collect();
+        assert_eq!(left, BTreeSet::from([live[0].0, live[1].0]));
+        assert_eq!((c.pass, c.flows()), (2, 1));
+    }
+
+    #[test]
+    fn a_reply_entry_goes_only_when_its_flow_is_gone() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        let port = |k: Lb4CtKey, p: u16| {
+            if k.dir == CT_DIR_FORWARD {
+                Lb4CtKey { sport: p.to_be(), ..k }
+            } else {
+                Lb4CtKey { dport: p.to_be(), ..k }
+            }
+        };
+        // 1. The forward entry names another backend now: stale.
+        let [(fk1, mut fv1), (rk1, rv1)] = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S);
+        let (fk1, rk1) = (port(fk1, 1), port(rk1, 1));
+        fv1.nat_port = 9090u16.to_be();
+        // 2. The forward entry expired (UDP idle 61 s) and the reply entry with it: stale.
+        let [(fk2, fv2), (rk2, rv2)] = flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 61 * S);
+        let (fk2, rk2) = (port(fk2, 2), port(rk2, 2));
+        // 3. The server has said nothing for an hour while the client streams: both stay.
+        let [(fk3, mut fv3), (rk3, rv3)] = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 3600 * S);
+        let (fk3, rk3) = (port(fk3, 3), port(rk3, 3));
+        fv3.last_seen_ns = now - S;
+        // 4. The forward entry was evicted; the reply entry is within its timeout (the datapath
+        // rebuilds the forward entry from the next reply): it stays and its member counts.
+        let [_, (rk4, rv4)] = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S);
+        let rk4 = port(rk4, 4);
+        // 5. Gone and idle past its timeout: stale.
+        let [_, (rk5, rv5)] = flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 61 * S);
+        let rk5 = port(rk5, 5);
+        for (k, v) in
+            [(fk1, fv1), (rk1, rv1), (fk2, fv2), (rk2, rv2), (fk3, fv3), (rk3, rv3), (rk4, rv4), (rk5, rv5)]
+        {
+            m.ct.insert(k, v);
+        }
+        let mut s = Sweeper::new(timeouts(), 16);
+        let c = run_pass(&mut s, &mut m, now);
+        let left: BTreeSet<_> = m.ct.keys().copied().collect();
+        assert_eq!(left, BTreeSet::from([fk1, fk3, rk3, rk4]));
+        assert_eq!(s.stats.stale_replies, 3);
+        // Flows 1 and 3 by their forward entries (and 3 by its reply entry), flow 4 by its reply
+        // entry alone.
+        assert_eq!((c.flows(), c.member_flows(3, 7)), (2, 4));
+    }
+
+    #[test]
+    fn an_entry_changed_between_the_batch_and_its_removal_stays() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        // Seen again (or made anew on the same tuple) after the batch was read.
+        m.refresh_on_get = Some(now);
+        let [(fk, fv), _] = flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 61 * S);
+        m.ct.insert(fk, fv);
+        let [(fk2, mut fv2), (rk2, rv2)] = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S);
+        let fk2 = Lb4CtKey { sport: 9u16.to_be(), ..fk2 };
+        let rk2 = Lb4CtKey { dport: 9u16.to_be(), ..rk2 };
+        fv2.nat_port = 9090u16.to_be();
+        m.ct.insert(fk2, fv2);
+        m.ct.insert(rk2, rv2);
+        let mut s = Sweeper::new(timeouts(), 16);
+        run_pass(&mut s, &mut m, now);
+        assert!(m.ct.contains_key(&fk) && m.ct.contains_key(&rk2), "{:?}", m.ct);
+        assert_eq!((s.stats.expired, s.stats.stale_replies), (0, 0));
+    }
+
+    #[test]
+    fn affinity_goes_after_its_timeout_or_with_its_frontend() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        let a = |svc_id, client, used| {
+            (Lb4AffinityKey { client, svc_id }, Lb4Affinity { last_used_ns: used, backend_id: 7, _pad: 0 })
+        };
+        for (k, v) in [a(3, 1, now - 10 * S), a(3, 2, now - 100 * S), a(4, 1, now)] {
+            m.affinity.insert(k, v);
+        }
+        let mut s = Sweeper::new(timeouts(), 2);
+        run_pass(&mut s, &mut m, now);
+        let left: Vec<_> = m.affinity.keys().map(|k| (k.svc_id, k.client)).collect();
+        assert_eq!(left, [(3, 1)], "frontend 3's timeout is 100 s; frontend 4 is not live");
+        assert_eq!(s.stats.affinity, 2);
+    }
+}
