@@ -98,14 +98,22 @@ impl<W: MapWriter> Agent<W> {
         if let Some(node) = &objects.node {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
         }
-        let model = model::build_claiming(&objects.services, &objects.slices, &self.ctx, &self.addresses);
+        // Objects the source could not read are held too: their Services keep what they had,
+        // their addresses included.
+        let held_by_source: BTreeSet<String> = objects.errors.iter().filter_map(|e| e.service()).collect();
+        let model = model::build_claiming(
+            &objects.services,
+            &objects.slices,
+            &self.ctx,
+            &self.addresses,
+            &held_by_source,
+        );
         let mut messages: Vec<(String, &'static str)> = Vec::new();
         messages.extend(objects.errors.iter().map(|e| (e.to_string(), e.reason_label())));
         messages.extend(model.errors.iter().map(|e| (e.to_string(), e.reason_label())));
         let config_errors = messages.len();
-        // Objects the files could not express are held too: their Services keep what they had.
         let mut held = model.held.clone();
-        held.extend(objects.errors.iter().filter_map(|e| e.service()));
+        held.extend(held_by_source);
         let (stats, sync_errors) = self.reconciler.sync(&model.frontends, &held, &mut self.maps);
         for e in &sync_errors {
             self.metrics.sync_error(e.reason_label());
@@ -139,8 +147,10 @@ impl<W: MapWriter> Agent<W> {
             let m = model::build(service.as_slice(), &slices, &self.ctx);
             errors.extend(m.errors);
             if m.held.contains(&key) {
+                // Rejected: it keeps what it had, and waits for nothing more.
+                self.addresses.stop_waiting(&key);
                 held.insert(key);
-                continue; // rejected: it keeps what it had
+                continue;
             }
             built.push((key, m.frontends));
         }
@@ -227,6 +237,17 @@ impl<W: MapWriter + FlowTable> Agent<W> {
     /// One bounded step of the flow sweep at monotonic time `now_ns` (the datapath's clock). At
     /// the end of a pass, tombstones and departed members it found no flow of are let go.
     pub fn sweep(&mut self, now_ns: u64) {
+        if self.reconciler.has_pending() {
+            // Writes that failed after a table was published are tried again here, not only
+            // when the Service changes.
+            let (_, errors) = self.reconciler.retry(&mut self.maps);
+            for e in &errors {
+                self.metrics.sync_error(e.reason_label());
+                if self.reported.insert(e.to_string()) {
+                    warn!(reason = e.reason_label(), "{e}");
+                }
+            }
+        }
         let Some(sweeper) = &mut self.sweeper else { return };
         let before = sweeper.stats;
         let r = &self.reconciler;
@@ -359,6 +380,27 @@ mod tests {
         // Once zz lets go, aa gets it.
         a.apply(Change::now(What::Services(vec![change("default/zz", None)])));
         assert_eq!(programmed(&a).map(|p| p.0), Some(3));
+    }
+
+    #[test]
+    fn a_service_the_source_cannot_read_keeps_its_address() {
+        let mut a = agent();
+        a.apply(Change::all(objects(&service("zz", 4))));
+        let (_, id) = programmed(&a).expect("zz programmed");
+        // zz's object turns unreadable (the source reports it, naming zz) while aa asks for
+        // its address: zz keeps it, aa is refused.
+        let mut o = objects(&service("aa", 3));
+        o.errors.push(crate::source::ManifestError::Object {
+            path: "zz.yaml".into(),
+            kind: "Service".into(),
+            object: "default/zz".into(),
+            field: "spec.ports".into(),
+            reason: "not a list".into(),
+            service: Some("default/zz".into()),
+        });
+        let report = a.apply(Change::all(o));
+        assert_eq!(report.errors.len(), 2, "zz's object and aa's refusal: {:?}", report.errors);
+        assert_eq!(programmed(&a), Some((4, id)));
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
         (now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS, e.state, e.flags);
     advance(e, f.proto, f.tcp_flags, CT_FLAG_FIN_CLIENT, now);
     let hairpin = e.flags & CT_FLAG_HAIRPIN != 0;
+    // Copied out before any insert: an LRU map reuses an evicted element's memory at once.
+    let tracked = Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin };
     if refresh || e.state != state || e.flags != bits {
         // The reply entry's time, state and FIN bits follow the flow's, so that it never outlives its
         // forward entry by more than a refresh interval (a reply entry past its own timeout is
@@ -179,9 +181,13 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
             Some(rev) => {
                 // SAFETY: a valid map value pointer.
                 let rev = unsafe { &mut *rev };
-                rev.last_seen_ns = now;
-                rev.state = e.state;
-                rev.flags = e.flags;
+                // Only this flow's: another flow's reply entry may sit under the same key (two
+                // Service addresses with one backend, one client port).
+                if rev.nat_addr == f.daddr && rev.nat_port == f.dport {
+                    rev.last_seen_ns = now;
+                    rev.state = e.state;
+                    rev.flags = e.flags;
+                }
             }
             None => {
                 let rev = Lb4CtEntry { nat_addr: f.daddr, nat_port: f.dport, ..*e };
@@ -189,7 +195,7 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
             }
         }
     }
-    Lookup::Hit(Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin })
+    Lookup::Hit(tracked)
 }
 
 /// The backend chosen for a new flow.
@@ -267,6 +273,7 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     let e = unsafe { &mut *entry };
     let r = Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 };
     let fwd_key = key.forward_of_reply(e);
+    let mut rebuilt = false;
     let fwd = match LB4_CT.get_ptr_mut(&fwd_key) {
         Some(fwd) => fwd,
         None => {
@@ -276,9 +283,12 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
                 let _ = LB4_CT.remove(&key);
                 return ReplyLookup::Stale;
             }
-            let rebuilt = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, ..*e };
+            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, ..*e };
             // Only where no entry is: a new flow may have taken the tuple meanwhile.
-            let _ = LB4_CT.insert(&fwd_key, &rebuilt, BPF_NOEXIST);
+            let _ = LB4_CT.insert(&fwd_key, &entry, BPF_NOEXIST);
+            // The insert may have evicted the reply entry and reused its memory: `e` is not
+            // written again in this call (the next reply refreshes it).
+            rebuilt = true;
             match LB4_CT.get_ptr_mut(&fwd_key) {
                 Some(fwd) => fwd,
                 None => return ReplyLookup::Found(r),
@@ -297,9 +307,10 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     advance(fwd, f.proto, f.tcp_flags, CT_FLAG_FIN_BACKEND, now);
     // The reply entry's own time, state and FIN bits tell the sweep (and a rebuild) how the flow
     // was when last used.
-    if fwd.state != e.state
-        || fwd.flags != e.flags
-        || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS
+    if !rebuilt
+        && (fwd.state != e.state
+            || fwd.flags != e.flags
+            || now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_INTERVAL_NS)
     {
         e.state = fwd.state;
         e.flags = fwd.flags;

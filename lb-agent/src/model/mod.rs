@@ -234,6 +234,15 @@ impl Addresses {
         }
     }
 
+    /// Stops `service` waiting for addresses (its objects were rejected: what it asked for is no
+    /// longer known to be valid).
+    pub fn stop_waiting(&mut self, service: &str) {
+        self.waiting.retain(|_, w| {
+            w.remove(service);
+            !w.is_empty()
+        });
+    }
+
     /// Records that `service` holds `addr` (as found in the maps at start).
     pub fn seed(&mut self, addr: FrontendAddr, service: String) {
         if !self.owner.contains_key(&addr) {
@@ -308,17 +317,18 @@ impl Addresses {
 /// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`. Two Services
 /// asking for one address: the first by name gets it.
 pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
-    build_claiming(services, slices, ctx, &Addresses::default())
+    build_claiming(services, slices, ctx, &Addresses::default(), &BTreeSet::new())
 }
 
 /// As [`build`], but an address `prior` gives to a Service that still asks for it, or whose
-/// objects are rejected now, stays with it, whatever the names: a full resync moves no address
-/// that changes one by one would not.
+/// objects are rejected now (here, or by the source: `held_by_source`), stays with it, whatever
+/// the names: a full resync moves no address that changes one by one would not.
 pub fn build_claiming(
     services: &[Service],
     slices: &[EndpointSlice],
     ctx: &Context,
     prior: &Addresses,
+    held_by_source: &BTreeSet<String>,
 ) -> Model {
     let mut model = Model::default();
     let mut wanted = Vec::new();
@@ -388,7 +398,7 @@ pub fn build_claiming(
         }
     }
     // Services whose objects were rejected keep what they had, their addresses included.
-    for service in &model.held {
+    for service in model.held.iter().chain(held_by_source) {
         for addr in prior.by_service.get(service).into_iter().flatten() {
             model.addresses.owner.insert(*addr, service.clone());
             model.addresses.by_service.entry(service.clone()).or_default().push(*addr);

@@ -48,7 +48,7 @@ pub trait MapWriter {
     fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), Self::Error>;
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error>;
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error>;
-    /// Records what frontend `id` was built from (its name, a digest), before it is published.
+    /// Records what frontend `id` was built from (its name, a digest), once it is published.
     fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error>;
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error>;
     /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it).
@@ -111,13 +111,37 @@ struct Programmed {
 }
 
 impl Programmed {
-    /// The Service it is of: named by the last sync, or recorded beside the maps.
+    /// The Service it is of, if known whole: named by the last sync, or recorded beside the maps
+    /// (unless the record was cut inside the Service's name).
     fn service(&self) -> Option<&str> {
         match (&self.frontend, &self.restored_name) {
             (Some(fe), _) => Some(&fe.service),
-            (None, Some(n)) => Some(service_part(n)),
+            (None, Some(n)) => {
+                n.split_once(':').map(|(s, _)| s).or((n.len() < NAME_MAX).then_some(n.as_str()))
+            }
             (None, None) => None,
         }
+    }
+
+    /// Whether it is of Service `service` (a record cut inside the name: its prefix).
+    fn is_of(&self, service: &str) -> bool {
+        match (&self.frontend, &self.restored_name) {
+            (Some(fe), _) => fe.service == service,
+            (None, Some(n)) => recorded_is(n, service),
+            (None, None) => false,
+        }
+    }
+}
+
+/// The longest name recorded beside the maps, in bytes (the size of `Lb4FrontendMeta::name`).
+const NAME_MAX: usize = 112;
+
+/// Whether `recorded` (`namespace/name:port` cut to [`NAME_MAX`] bytes) names Service `service`.
+fn recorded_is(recorded: &str, service: &str) -> bool {
+    match recorded.split_once(':') {
+        Some((s, _)) => s == service,
+        None if recorded.len() >= NAME_MAX => service.starts_with(recorded),
+        None => recorded == service,
     }
 }
 
@@ -162,9 +186,9 @@ pub struct Reconciler {
     users: HashMap<BackendAddr, HashMap<u32, u8>>,
     /// Backends whose wanted state may have changed since states were last written.
     touched: HashSet<BackendAddr>,
-    /// Frontends restored from the maps that no sync has named yet: until there are none, a
-    /// backend with no known user is kept as it is.
-    unknown: usize,
+    /// Frontends whose member rows are not yet those of their published table (a write failed):
+    /// [`Reconciler::retry`] tries them again.
+    pending: BTreeSet<FrontendAddr>,
     /// Set by a restore; cleared once its backends have been checked for users.
     restore_pending: bool,
     /// The flow sweep's current pass (see [`flows`]).
@@ -197,13 +221,7 @@ pub fn frontend_name(fe: &Frontend) -> String {
 /// Whether `recorded`, the name recorded beside the maps for a frontend (cut to fit), is one of
 /// `fe`'s Service.
 fn recorded_for_service(recorded: &str, fe: &Frontend) -> bool {
-    let ours = Lb4FrontendMeta::new(0, &frontend_name(fe));
-    service_part(recorded) == service_part(ours.name())
-}
-
-/// The `namespace/name` of a recorded `namespace/name:port` (names hold no `:`).
-fn service_part(name: &str) -> &str {
-    name.split_once(':').map_or(name, |(s, _)| s)
+    recorded_is(recorded, &fe.service)
 }
 
 /// Whether the frontend's entry or table must be rewritten (the `kept` list only changes member
@@ -225,7 +243,7 @@ impl Reconciler {
             tombstones: HashMap::new(),
             users: HashMap::new(),
             touched: HashSet::new(),
-            unknown: 0,
+            pending: BTreeSet::new(),
             restore_pending: false,
             pass: 0,
             frontend_ids: IdAllocator::new(caps.services),
@@ -273,7 +291,6 @@ impl Reconciler {
                     rows_pending: false,
                 },
             );
-            r.unknown += 1;
         }
         let live: HashSet<u32> = r.frontends.values().map(|p| p.id).collect();
         for (key, m) in maps.members {
@@ -343,7 +360,7 @@ impl Reconciler {
         let gone: Vec<FrontendAddr> = self
             .frontends
             .iter()
-            .filter(|(a, p)| !desired.contains_key(a) && !p.service().is_some_and(|s| held.contains(s)))
+            .filter(|(a, p)| !desired.contains_key(a) && !held.iter().any(|s| p.is_of(s)))
             .map(|(a, _)| *a)
             .collect();
         self.apply(desired.iter(), &gone, w)
@@ -398,9 +415,6 @@ impl Reconciler {
         w.set_service(&service_key(addr), &tombstone_value(id))
             .map_err(|e| write_err(object, "service entry", e))?;
         let p = self.frontends.remove(addr).expect("checked above");
-        if p.frontend.is_none() {
-            self.unknown -= 1;
-        }
         if let Some(r) = p.region {
             self.regions.release(r);
         }
@@ -435,9 +449,15 @@ impl Reconciler {
     }
 
     /// The member rows frontend `id` should have for `fe` (its table's backends active, its other
-    /// endpoints in their state), and the members it had that are in neither (they depart).
+    /// endpoints in their state), and the members it had that are in neither (they depart). Only
+    /// a table's backends are active members: a ready endpoint left out (by topology or
+    /// locality) keeps its flows as a serving one does, and gets no SYN and no affinity here.
     fn rows_for(&self, id: u32, fe: &Frontend) -> (BTreeMap<BackendAddr, BackendState>, Vec<BackendAddr>) {
-        let mut rows: BTreeMap<BackendAddr, BackendState> = fe.kept.iter().copied().collect();
+        let mut rows: BTreeMap<BackendAddr, BackendState> = fe
+            .kept
+            .iter()
+            .map(|(b, s)| (*b, if *s == BackendState::Active { BackendState::Serving } else { *s }))
+            .collect();
         for b in &fe.backends {
             rows.insert(*b, BackendState::Active);
         }
@@ -527,6 +547,12 @@ impl Reconciler {
                 // Only the kept endpoints changed (or rows failed before): member rows, and
                 // backend states afterwards. Recorded once they are written.
                 let id = self.frontends[addr].id;
+                if pending {
+                    let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
+                    let meta =
+                        Lb4FrontendMeta::new(digest(fe, size, self.opts.maglev_seed), &frontend_name(fe));
+                    w.set_frontend_meta(id, &meta).map_err(|e| write_err(object(), "frontend name", e))?;
+                }
                 let (rows, departures) = self.rows_for(id, fe);
                 self.write_rows(id, rows.clone(), w)
                     .and_then(|()| self.settle_departures(id, &rows, departures, w))
@@ -534,6 +560,7 @@ impl Reconciler {
                 let p = self.frontends.get_mut(addr).expect("present");
                 p.frontend = Some(fe.clone());
                 p.rows_pending = false;
+                self.pending.remove(addr);
                 return Ok(());
             }
         }
@@ -552,7 +579,6 @@ impl Reconciler {
                 let p = self.frontends.get_mut(addr).expect("present");
                 p.frontend = Some(fe.clone());
                 p.restored_digest = None;
-                self.unknown -= 1;
                 return Ok(());
             }
         }
@@ -603,17 +629,21 @@ impl Reconciler {
         let (before, after) = self.split_downgrades(id, &rows);
         let published =
             self.write_rows(id, before, w).map_err(|e| write_err(object(), "member", e)).and_then(|()| {
-                w.set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
-                    .and_then(|()| w.set_service(&service_key(addr), &service_value(id, fe, region)))
+                w.set_service(&service_key(addr), &service_value(id, fe, region))
                     .map_err(|e| write_err(object(), "service entry", e))
             });
         if let Err(e) = published {
             if let Some(r) = region {
                 self.regions.release(r);
             }
-            if existing.is_none() && !self.members.contains_key(&id) {
+            if let Some(p) = self.frontends.get_mut(addr) {
+                // Rows for the table that was not published may have been written: the next
+                // sync (or retry) brings them back to the published frontend's.
+                p.rows_pending = true;
+                self.pending.insert(*addr);
+            } else if !self.members.contains_key(&id) {
                 self.frontend_ids.release(id);
-            } else if existing.is_none() {
+            } else {
                 // Rows were written for the new id: keep it as a tombstone until they go.
                 self.tombstones.insert(id, Tombstone { addr: None, origin: None, since: self.pass });
             }
@@ -634,17 +664,20 @@ impl Reconciler {
                 rows_pending: true,
             },
         );
-        if previous.as_ref().is_some_and(|p| p.frontend.is_none()) {
-            self.unknown -= 1;
-        }
         if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r);
         }
         stats.frontends_written += 1;
+        self.pending.insert(*addr);
+        // What the published table was built from, once it is published: a restart adopts a
+        // table only if this says it was built from the same inputs.
+        w.set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
+            .map_err(|e| write_err(object(), "frontend name", e))?;
         self.write_rows(id, after, w)
             .and_then(|()| self.settle_departures(id, &rows, departures, w))
             .map_err(|e| write_err(object(), "member", e))?;
         self.frontends.get_mut(addr).expect("inserted").rows_pending = false;
+        self.pending.remove(addr);
         // Clients pinned by affinity to a backend that left this frontend pick again (the
         // datapath honours affinity only to active members meanwhile).
         if fe.affinity_timeout_secs > 0 {
@@ -674,6 +707,24 @@ impl Reconciler {
             *s == BackendState::Active
                 || current.and_then(|m| m.get(b)).is_none_or(|c| *c != BackendState::Active)
         })
+    }
+
+    /// Whether some writes wait for [`Reconciler::retry`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes again what failed to be written after a table was published (member rows, the
+    /// recorded name), without waiting for the Service to change. The agent calls it on its
+    /// sweep tick.
+    pub fn retry<W: MapWriter>(&mut self, w: &mut W) -> (SyncStats, Vec<SyncError>) {
+        let todo: Vec<(FrontendAddr, Frontend)> = self
+            .pending
+            .iter()
+            .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
+            .collect();
+        self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
+        self.apply(todo.iter().map(|(a, f)| (a, f)), &[], w)
     }
 
     /// Starts sweep pass `pass`: tombstones and departures made from now on wait for the pass
@@ -736,12 +787,15 @@ impl Reconciler {
             if let Some(addr) = t.addr {
                 // An older tombstone made at this address still has flows: its packets must find
                 // an entry there, so the entry becomes its.
-                let heir = self
-                    .tombstones
-                    .iter()
-                    .filter(|(h, ht)| !going.contains(h) && ht.origin == Some(addr) && ht.addr.is_none())
-                    .map(|(h, _)| *h)
-                    .min();
+                // One whose address is unknown (restored from member rows alone) may be one too.
+                let heir = |origin: Option<FrontendAddr>| {
+                    self.tombstones
+                        .iter()
+                        .filter(|(h, ht)| !going.contains(h) && ht.origin == origin && ht.addr.is_none())
+                        .map(|(h, _)| *h)
+                        .min()
+                };
+                let heir = heir(Some(addr)).or_else(|| heir(None));
                 let done = match heir {
                     Some(h) => w.set_service(&service_key(&addr), &tombstone_value(h)),
                     None => w.remove_service(&service_key(&addr)),
@@ -791,10 +845,6 @@ impl Reconciler {
         stats: &mut SyncStats,
         errors: &mut Vec<SyncError>,
     ) {
-        if self.unknown > 0 {
-            // Restored frontends not named yet: their backends' users are unknown.
-            return;
-        }
         let mut todo: HashSet<BackendAddr> = std::mem::take(&mut self.touched);
         if std::mem::take(&mut self.restore_pending) {
             // Backends restored from the maps that no member row names: no flow can use them.
@@ -1059,6 +1109,40 @@ mod tests {
         maps.log.clear();
         sync(&mut r, &fe(&[1]), &mut maps);
         assert!(maps.log.is_empty(), "then nothing: {:?}", maps.log);
+
+        // Without a sync: the agent's retry writes them.
+        sync(&mut r, &fe(&[1, 3]), &mut maps);
+        maps.fail_members = true;
+        sync(&mut r, &fe(&[1]), &mut maps);
+        assert_eq!(maps.member_state(1, 3), Some(MEMBER_ACTIVE));
+        assert!(r.has_pending());
+        maps.fail_members = false;
+        let (_, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(maps.member_state(1, 3), Some(MEMBER_DRAINING));
+        assert!(!r.has_pending());
+    }
+
+    #[test]
+    fn rows_written_for_a_table_that_was_not_published_are_undone() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS);
+        r.begin_pass(1);
+        sync(&mut r, &fe(&[1]), &mut maps);
+        // 2 joins, but the table with it is never published; then 2 is gone again.
+        maps.fail_services = true;
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_ACTIVE), "written before the entry");
+        maps.fail_services = false;
+        let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        // Its row drains and goes after a pass without flows; the backend is freed.
+        assert_eq!((maps.member_state(1, 2), r.departed()), (Some(MEMBER_DRAINING), 1));
+        r.begin_pass(2);
+        r.release_idle(&census(2, &[]), &mut maps);
+        assert_eq!(maps.member_state(1, 2), None);
+        assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
+        maps.assert_consistent();
     }
 
     #[test]
@@ -1115,6 +1199,12 @@ mod tests {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(CAPS, OPTS);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
+        // 2 is ready but left out of the table (topology, locality): its flows stay, as a
+        // serving endpoint's do; no SYN and no affinity reach it here (only table backends are
+        // active members).
+        sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Active)], 0)), &mut maps);
+        assert_eq!(maps.member_state(1, 2), Some(MEMBER_SERVING));
+        maps.assert_consistent();
         // 2 is terminating but serving (still listed): its flows stay, it is no departure.
         sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Serving)], 0)), &mut maps);
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
