@@ -101,6 +101,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
         bpf_log: false,
+        tc_order: Default::default(),
     }
 }
 

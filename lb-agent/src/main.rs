@@ -29,6 +29,15 @@ enum DatapathMode {
     Xdp,
 }
 
+/// `--tc-position`: the flag's spelling of [`datapath::TcOrder`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TcPosition {
+    /// Before the TCX programs already on the interface.
+    First,
+    /// After them.
+    Last,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
 struct Args {
@@ -53,6 +62,11 @@ struct Args {
     /// Where the pod → service direction runs.
     #[arg(long, value_enum, default_value = "tc")]
     datapath: DatapathMode,
+    /// Where lb's TC programs go among the TCX programs already on an interface when it attaches
+    /// (a CNI's policy, observability tools). Either way, packets lb does not drop go on to the
+    /// programs after it, then to classic clsact filters.
+    #[arg(long, value_enum, default_value = "first")]
+    tc_position: TcPosition,
     /// This node's name (internalTrafficPolicy Local, node topology hints).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -149,6 +163,10 @@ impl From<Args> for Config {
                 flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
                 hairpin_addr: a.hairpin_addr,
                 bpf_log: a.bpf_log,
+                tc_order: match a.tc_position {
+                    TcPosition::First => datapath::TcOrder::First,
+                    TcPosition::Last => datapath::TcOrder::Last,
+                },
             },
             mode: match a.datapath {
                 DatapathMode::Tc => Mode::Tc,

@@ -20,7 +20,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 
-const TC_OK: u32 = 0;
+/// `TCX_NEXT` (-1): the packet goes on to the programs after lb.
+const TC_OK: u32 = u32::MAX;
 const TC_SHOT: u32 = 2;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -22,7 +22,8 @@ use support::*;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const B2: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 const B3: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
-const TC_OK: u32 = 0;
+/// `TCX_NEXT` (-1): the packet goes on to the programs after lb.
+const TC_OK: u32 = u32::MAX;
 const TC_SHOT: u32 = 2;
 const RST: L4 = L4::Tcp { syn: false, ack: false, fin: false, rst: true };
 

@@ -195,7 +195,7 @@ fn hostile_packets() {
     for i in 0..count {
         let base = if r.chance(5) { icmp_template(&mut r) } else { template(&mut r).bytes() };
         let input = mutate(&mut r, base);
-        for (name, ret_ok) in [("tc-forward", 0u32), ("tc-reply", 0), ("xdp", 2)] {
+        for (name, ret_ok) in [("tc-forward", u32::MAX), ("tc-reply", u32::MAX), ("xdp", 2)] {
             let mut out = vec![0u8; input.len() + 256];
             let opts =
                 TestRunOptions { data_in: Some(&input), data_out: Some(&mut out), ..Default::default() };
@@ -207,6 +207,12 @@ fn hostile_packets() {
             // The skb test-run refuses some malformed packets outright (EINVAL): nothing ran.
             let Ok(res) = res else { continue };
             out.truncate(res.data_size_out as usize);
+            let ret_drop = if name == "xdp" { 1 } else { 2 }; // XDP_DROP, TC_ACT_SHOT
+            assert!(
+                res.return_value == ret_ok || res.return_value == ret_drop,
+                "{name}: verdict {} is neither pass-on nor drop",
+                res.return_value
+            );
             *outcomes.entry(if res.return_value == ret_ok { "passed" } else { "dropped" }).or_default() += 1;
             if out == input || res.return_value != ret_ok {
                 continue;

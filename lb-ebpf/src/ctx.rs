@@ -5,7 +5,7 @@
 //! generic over it, so each program is the same steps compiled for its hook.
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action, TC_ACT_SHOT},
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -50,9 +50,15 @@ pub trait PacketCtx: EbpfContext {
     fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
 }
 
+/// `TCX_NEXT` (= `TC_ACT_UNSPEC`): no verdict, the next program (or filter) decides; after the
+/// last one the packet passes.
+pub const TC_NEXT: i32 = -1;
+
 impl PacketCtx for TcContext {
     type Ret = i32;
-    const PASS: i32 = TC_ACT_OK as i32;
+    /// A packet lb does not own, or has rewritten, goes on to the TCX programs after lb, then to
+    /// any classic clsact filters (`TCX_NEXT`); with none, it passes.
+    const PASS: i32 = TC_NEXT;
     const DROP: i32 = TC_ACT_SHOT as i32;
 
     #[inline(always)]

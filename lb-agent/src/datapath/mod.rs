@@ -15,8 +15,8 @@ use std::{
 use aya::{
     maps::MapError,
     programs::{
-        links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -73,6 +73,20 @@ pub struct Config {
     pub hairpin_addr: std::net::Ipv4Addr,
     /// Kernel-side aya-log on (true) or compiled in but silent (false).
     pub bpf_log: bool,
+    /// Where the TC programs go among the TCX programs already on an interface.
+    pub tc_order: TcOrder,
+}
+
+/// Where lb's TC programs are attached among other TCX programs on an interface. lb passes every
+/// packet it does not drop on to the programs after it (`TCX_NEXT`), rewritten or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcOrder {
+    /// Before all others: lb translates before a CNI's policy or an observability program sees
+    /// the packet (what kube-proxy's DNAT in PREROUTING gives them).
+    #[default]
+    First,
+    /// After all others present when it attaches.
+    Last,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +129,7 @@ pub struct Datapath {
     /// Interface name → the pins of the links this agent attached (or took over) there.
     attached: StdHashMap<String, Vec<PathBuf>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    tc_order: TcOrder,
 }
 
 impl Datapath {
@@ -182,7 +197,8 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
             prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
         }
-        Ok((Self { ebpf, mode, links_dir, attached: StdHashMap::new(), logger }, maps))
+        let tc_order = cfg.tc_order;
+        Ok((Self { ebpf, mode, links_dir, attached: StdHashMap::new(), logger, tc_order }, maps))
     }
 
     /// The loaded program, for BPF_PROG_TEST_RUN.
@@ -291,7 +307,12 @@ impl Datapath {
         } else {
             let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;
             let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
-            let id = p.attach(interface, at).map_err(attach_err)?;
+            let order = match self.tc_order {
+                TcOrder::First => LinkOrder::first(),
+                TcOrder::Last => LinkOrder::last(),
+            };
+            let id =
+                p.attach_with_options(interface, at, TcAttachOptions::TcxOrder(order)).map_err(attach_err)?;
             p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
         };
         fd.pin(pin).map_err(|e| pin_err(e.to_string()))?;

@@ -62,6 +62,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
         bpf_log: false,
+        tc_order: Default::default(),
     }
 }
 
