@@ -3,7 +3,7 @@
 //! Services an event touched; the reconciler writes only what changed either way.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -135,9 +135,7 @@ impl<W: MapWriter> Agent<W> {
     }
 
     /// Recomputes only the listed Services (each with its current objects) and writes what
-    /// changed. Every listed Service lets go of its addresses before any claims them again, so
-    /// that one batch can move an address from one Service to another whatever their names; an
-    /// address let go that a Service was refused earlier goes to that Service.
+    /// changed; who gets a contested address is [`Addresses::reassign`]'s rule.
     fn apply_services(&mut self, changed: Vec<ServiceObjects>) -> Report {
         let started = Instant::now();
         let mut errors = Vec::new();
@@ -154,28 +152,7 @@ impl<W: MapWriter> Agent<W> {
             }
             built.push((key, m.frontends));
         }
-        let mut released = Vec::new();
-        let mut before = BTreeSet::new();
-        for (key, _) in &built {
-            let gone = self.addresses.release(key);
-            before.extend(gone.iter().map(|a| (key.clone(), *a)));
-            released.extend(gone);
-        }
-        // An address goes back first to the Service that held it, whatever the order of the
-        // batch; then new claims, by name; then what is left to those that waited.
-        let mut upsert = BTreeMap::new();
-        let mut rest = Vec::new();
-        for (key, frontends) in built {
-            let (again, others) =
-                frontends.into_iter().partition(|(a, _)| before.contains(&(key.clone(), *a)));
-            upsert.extend(self.addresses.claim_all(again, &mut errors));
-            rest.push(others);
-        }
-        for others in rest {
-            upsert.extend(self.addresses.claim_all(others, &mut errors));
-        }
-        upsert.extend(self.addresses.hand_over(&released, &held));
-        let removed: Vec<_> = released.into_iter().filter(|a| !upsert.contains_key(a)).collect();
+        let (upsert, removed) = self.addresses.reassign(built, &held, &mut errors);
         let (stats, sync_errors) = self.reconciler.apply(upsert.iter(), &removed, &mut self.maps);
         for e in &errors {
             let m = e.to_string();
@@ -410,15 +387,8 @@ mod tests {
         let (_, id) = programmed(&a).expect("zz programmed");
         // The agent restarts with the maps as they are; aa now asks for zz's address too.
         let maps = std::mem::take(&mut a.maps);
-        let meta = maps.meta.clone();
         let caps = Capacities { services: 64, backends: 64, maglev_slots: 4096, ..Capacities::default() };
-        let restored = crate::reconcile::Restored {
-            services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
-            backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-            members: maps.members.iter().map(|(k, v)| (*k, *v)).collect(),
-            meta: &|id| meta.get(&id).copied(),
-        };
-        let r = Reconciler::restore(caps, Options::default(), restored);
+        let r = Reconciler::restore(caps, Options::default(), maps.restored());
         let mut b = Agent::new(maps, r, Context::default());
         let both = format!("{}---\n{}", service("aa", 3), service("zz", 4));
         let report = b.apply(Change::all(objects(&both)));

@@ -218,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         services: maps.read_services()?,
         backends: maps.read_backends()?,
         members: maps.read_members()?,
-        meta: &|id| maps.read_meta(id),
+        meta: Box::new(|id| maps.read_meta(id)),
     };
     let reconciler = Reconciler::restore(caps, cfg.reconcile, restored);
     let d = &cfg.datapath;

@@ -257,7 +257,7 @@ impl Addresses {
     }
 
     /// Lets go of every address `service` holds or waits for; returns those it held.
-    pub fn release(&mut self, service: &str) -> Vec<FrontendAddr> {
+    fn release(&mut self, service: &str) -> Vec<FrontendAddr> {
         self.waiting.retain(|_, w| {
             w.remove(service);
             !w.is_empty()
@@ -269,9 +269,44 @@ impl Addresses {
         old
     }
 
+    /// One batch of Services, each with all its frontends now. Every listed Service lets go of
+    /// its addresses before any claims them again, so that one batch can move an address from one
+    /// Service to another whatever their names. An address goes back first to the Service that
+    /// held it, whatever the order of the batch; then to new claims, by name; what is left goes to
+    /// the Services that waited for it (except those in `held`, rejected now). Returns the
+    /// frontends to write and the addresses no Service holds any more; refusals go to `errors`.
+    pub fn reassign(
+        &mut self,
+        batch: Vec<(String, BTreeMap<FrontendAddr, Frontend>)>,
+        held: &BTreeSet<String>,
+        errors: &mut Vec<ModelError>,
+    ) -> (BTreeMap<FrontendAddr, Frontend>, Vec<FrontendAddr>) {
+        let mut released = Vec::new();
+        let mut before = BTreeSet::new();
+        for (service, _) in &batch {
+            let gone = self.release(service);
+            before.extend(gone.iter().map(|a| (service.clone(), *a)));
+            released.extend(gone);
+        }
+        let mut claimed = BTreeMap::new();
+        let mut rest = Vec::new();
+        for (service, frontends) in batch {
+            let (again, others) =
+                frontends.into_iter().partition(|(a, _)| before.contains(&(service.clone(), *a)));
+            claimed.extend(self.claim_all(again, errors));
+            rest.push(others);
+        }
+        for others in rest {
+            claimed.extend(self.claim_all(others, errors));
+        }
+        claimed.extend(self.hand_over(&released, held));
+        let freed = released.into_iter().filter(|a| !claimed.contains_key(a)).collect();
+        (claimed, freed)
+    }
+
     /// Offers each of `frontends` (all of one Service); returns those it now holds, and reports
     /// the refused ones in `errors`.
-    pub fn claim_all(
+    fn claim_all(
         &mut self,
         frontends: BTreeMap<FrontendAddr, Frontend>,
         errors: &mut Vec<ModelError>,
@@ -289,7 +324,7 @@ impl Addresses {
     /// Gives each of `released` that nobody holds now to the first Service waiting for it, except
     /// those in `skip` (their objects were just rejected: they keep what they had); returns their
     /// frontends.
-    pub fn hand_over(
+    fn hand_over(
         &mut self,
         released: &[FrontendAddr],
         skip: &BTreeSet<String>,

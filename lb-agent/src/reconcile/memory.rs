@@ -8,7 +8,7 @@ use lb_common::{
     Lb4Service, Lb4ServiceKey,
 };
 
-use super::{FlowTable, MapWriter};
+use super::{FlowTable, MapWriter, Restored};
 
 /// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
 /// writes in order.
@@ -32,6 +32,18 @@ pub struct MemoryMaps {
     /// Where the batches go on: after these keys (entries removed meanwhile move nothing).
     ct_after: Option<Lb4CtKey>,
     affinity_after: Option<Lb4AffinityKey>,
+}
+
+impl MemoryMaps {
+    /// What a restarted agent would read back from these maps.
+    pub fn restored(&self) -> Restored<'_> {
+        Restored {
+            services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            members: self.members.iter().map(|(k, v)| (*k, *v)).collect(),
+            meta: Box::new(|id| self.meta.get(&id).copied()),
+        }
+    }
 }
 
 /// A write refused because the test asked for it (`MemoryMaps::fail_services`, `fail_members`).

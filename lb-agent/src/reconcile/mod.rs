@@ -93,6 +93,9 @@ impl Default for Options {
     }
 }
 
+/// Member rows of one frontend: backend → what its flows may do there.
+type Rows = BTreeMap<BackendAddr, BackendState>;
+
 /// What one frontend has in the maps.
 #[derive(Debug, Clone)]
 struct Programmed {
@@ -105,9 +108,6 @@ struct Programmed {
     restored_digest: Option<u64>,
     /// After a restore: the name recorded beside the maps (`namespace/name:port`, maybe cut).
     restored_name: Option<String>,
-    /// Member rows to write after its entry was published failed: the next sync writes them
-    /// even if the frontend is unchanged.
-    rows_pending: bool,
 }
 
 impl Programmed {
@@ -176,7 +176,7 @@ pub struct Reconciler {
     /// Backend address → (id, state written).
     backends: HashMap<BackendAddr, (u32, u8)>,
     /// The members written, by frontend id (live frontends and tombstones): backend → state.
-    members: HashMap<u32, BTreeMap<BackendAddr, BackendState>>,
+    members: HashMap<u32, Rows>,
     /// Members that left their (live) frontend, and the sweep pass during which they left: they
     /// stay, draining, while flows to them may be alive.
     departed: HashMap<(u32, BackendAddr), u64>,
@@ -216,12 +216,6 @@ pub fn frontend_name(fe: &Frontend) -> String {
     } else {
         format!("{}:{}", fe.service, fe.port_name)
     }
-}
-
-/// Whether `recorded`, the name recorded beside the maps for a frontend (cut to fit), is one of
-/// `fe`'s Service.
-fn recorded_for_service(recorded: &str, fe: &Frontend) -> bool {
-    recorded_is(recorded, &fe.service)
 }
 
 /// Whether the frontend's entry or table must be rewritten (the `kept` list only changes member
@@ -282,14 +276,7 @@ impl Reconciler {
             let restored_name = meta.map(|m| m.name().to_string()).filter(|n| !n.is_empty());
             r.frontends.insert(
                 addr,
-                Programmed {
-                    id: svc.id,
-                    frontend: None,
-                    region,
-                    restored_digest,
-                    restored_name,
-                    rows_pending: false,
-                },
+                Programmed { id: svc.id, frontend: None, region, restored_digest, restored_name },
             );
         }
         let live: HashSet<u32> = r.frontends.values().map(|p| p.id).collect();
@@ -406,7 +393,7 @@ impl Reconciler {
         let object =
             p.frontend.as_ref().map_or_else(|| addr.to_string(), |f| format!("{addr} ({})", f.service));
         // Members drain first, so no new flow or SYN reaches them once the entry has no table.
-        let rows: BTreeMap<BackendAddr, BackendState> = self
+        let rows: Rows = self
             .members
             .get(&id)
             .map(|m| m.keys().map(|b| (*b, BackendState::Draining)).collect())
@@ -427,12 +414,7 @@ impl Reconciler {
 
     /// Writes frontend `id`'s member rows to be `rows`, removing none (rows go only when the
     /// sweep finds no flow using them). Backends without an id get no row: no flow can name them.
-    fn write_rows<W: MapWriter>(
-        &mut self,
-        id: u32,
-        rows: BTreeMap<BackendAddr, BackendState>,
-        w: &mut W,
-    ) -> Result<(), W::Error> {
+    fn write_rows<W: MapWriter>(&mut self, id: u32, rows: Rows, w: &mut W) -> Result<(), W::Error> {
         for (b, state) in rows {
             let Some((bid, _)) = self.backends.get(&b).copied() else { continue };
             let current = self.members.get(&id).and_then(|m| m.get(&b)).copied();
@@ -452,8 +434,8 @@ impl Reconciler {
     /// endpoints in their state), and the members it had that are in neither (they depart). Only
     /// a table's backends are active members: a ready endpoint left out (by topology or
     /// locality) keeps its flows as a serving one does, and gets no SYN and no affinity here.
-    fn rows_for(&self, id: u32, fe: &Frontend) -> (BTreeMap<BackendAddr, BackendState>, Vec<BackendAddr>) {
-        let mut rows: BTreeMap<BackendAddr, BackendState> = fe
+    fn rows_for(&self, id: u32, fe: &Frontend) -> (Rows, Vec<BackendAddr>) {
+        let mut rows: Rows = fe
             .kept
             .iter()
             .map(|(b, s)| (*b, if *s == BackendState::Active { BackendState::Serving } else { *s }))
@@ -478,7 +460,7 @@ impl Reconciler {
     fn settle_departures<W: MapWriter>(
         &mut self,
         id: u32,
-        rows: &BTreeMap<BackendAddr, BackendState>,
+        rows: &Rows,
         departures: Vec<BackendAddr>,
         w: &mut W,
     ) -> Result<(), W::Error> {
@@ -527,19 +509,19 @@ impl Reconciler {
     ) -> Result<(), SyncError> {
         // Another Service takes the address: the old one's flows keep their frontend id (and
         // backends), new flows get a new id, so neither inherits the other's flows.
-        let other_owner = self.frontends.get(addr).is_some_and(|p| match (&p.frontend, &p.restored_name) {
-            (Some(old), _) => old.service != fe.service,
-            // Restored and not named yet: the name recorded beside the maps tells.
-            (None, Some(recorded)) => !recorded_for_service(recorded, fe),
-            (None, None) => false,
-        });
+        // (Restored and not named yet: the name recorded beside the maps tells; with none, it is
+        // taken to be the same Service.)
+        let other_owner = self
+            .frontends
+            .get(addr)
+            .is_some_and(|p| (p.frontend.is_some() || p.restored_name.is_some()) && !p.is_of(&fe.service));
         if other_owner {
             self.bury(addr, w, stats)?;
         }
         let object = || addr.to_string();
         let old = self.frontends.get(addr).and_then(|p| p.frontend.clone());
         if let Some(old) = &old {
-            let pending = self.frontends.get(addr).is_some_and(|p| p.rows_pending);
+            let pending = self.pending.contains(addr);
             if old == fe && !pending {
                 return Ok(());
             }
@@ -557,9 +539,7 @@ impl Reconciler {
                 self.write_rows(id, rows.clone(), w)
                     .and_then(|()| self.settle_departures(id, &rows, departures, w))
                     .map_err(|e| write_err(object(), "member", e))?;
-                let p = self.frontends.get_mut(addr).expect("present");
-                p.frontend = Some(fe.clone());
-                p.rows_pending = false;
+                self.frontends.get_mut(addr).expect("present").frontend = Some(fe.clone());
                 self.pending.remove(addr);
                 return Ok(());
             }
@@ -636,10 +616,9 @@ impl Reconciler {
             if let Some(r) = region {
                 self.regions.release(r);
             }
-            if let Some(p) = self.frontends.get_mut(addr) {
+            if self.frontends.contains_key(addr) {
                 // Rows for the table that was not published may have been written: the next
                 // sync (or retry) brings them back to the published frontend's.
-                p.rows_pending = true;
                 self.pending.insert(*addr);
             } else if !self.members.contains_key(&id) {
                 self.frontend_ids.release(id);
@@ -655,14 +634,7 @@ impl Reconciler {
         }
         let previous = self.frontends.insert(
             *addr,
-            Programmed {
-                id,
-                frontend: Some(fe.clone()),
-                region,
-                restored_digest: None,
-                restored_name: None,
-                rows_pending: true,
-            },
+            Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None, restored_name: None },
         );
         if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r);
@@ -676,7 +648,6 @@ impl Reconciler {
         self.write_rows(id, after, w)
             .and_then(|()| self.settle_departures(id, &rows, departures, w))
             .map_err(|e| write_err(object(), "member", e))?;
-        self.frontends.get_mut(addr).expect("inserted").rows_pending = false;
         self.pending.remove(addr);
         // Clients pinned by affinity to a backend that left this frontend pick again (the
         // datapath honours affinity only to active members meanwhile).
@@ -696,12 +667,7 @@ impl Reconciler {
 
     /// Splits `rows` of frontend `id` into those that may be written before its new table is
     /// published (new rows, and rows that become active) and the downgrades of rows it has.
-    #[allow(clippy::type_complexity)]
-    fn split_downgrades(
-        &self,
-        id: u32,
-        rows: &BTreeMap<BackendAddr, BackendState>,
-    ) -> (BTreeMap<BackendAddr, BackendState>, BTreeMap<BackendAddr, BackendState>) {
+    fn split_downgrades(&self, id: u32, rows: &Rows) -> (Rows, Rows) {
         let current = self.members.get(&id);
         rows.iter().map(|(b, s)| (*b, *s)).partition(|(b, s)| {
             *s == BackendState::Active
@@ -891,7 +857,7 @@ pub struct Restored<'a> {
     pub services: Vec<(Lb4ServiceKey, Lb4Service)>,
     pub backends: Vec<(u32, Lb4Backend)>,
     pub members: Vec<(Lb4MemberKey, Lb4Member)>,
-    pub meta: &'a dyn Fn(u32) -> Option<Lb4FrontendMeta>,
+    pub meta: Box<dyn Fn(u32) -> Option<Lb4FrontendMeta> + 'a>,
 }
 
 fn write_err(
@@ -1345,17 +1311,9 @@ mod tests {
     }
 
     fn restore(maps: &MemoryMaps, with_meta: bool) -> Reconciler {
-        let meta = maps.meta.clone();
-        Reconciler::restore(
-            CAPS,
-            OPTS,
-            Restored {
-                services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
-                backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-                members: maps.members.iter().map(|(k, v)| (*k, *v)).collect(),
-                meta: &|id| if with_meta { meta.get(&id).copied() } else { None },
-            },
-        )
+        let restored = maps.restored();
+        let restored = if with_meta { restored } else { Restored { meta: Box::new(|_| None), ..restored } };
+        Reconciler::restore(CAPS, OPTS, restored)
     }
 
     #[test]
