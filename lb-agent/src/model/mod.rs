@@ -272,8 +272,9 @@ impl Addresses {
     /// One batch of Services, each with all its frontends now. Every listed Service lets go of
     /// its addresses before any claims them again, so that one batch can move an address from one
     /// Service to another whatever their names. An address goes back first to the Service that
-    /// held it, whatever the order of the batch; then to new claims, by name; what is left goes to
-    /// the Services that waited for it (except those in `held`, rejected now). Returns the
+    /// held it, whatever the order of the batch; then to new claims, in the batch's order; what
+    /// is left goes to the Services that waited for it (except those in `held`, rejected now).
+    /// Returns the
     /// frontends to write and the addresses no Service holds any more; refusals go to `errors`.
     pub fn reassign(
         &mut self,
