@@ -49,6 +49,10 @@ pub struct ServiceView {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FlowView {
     pub client: String,
+    /// The source port the backend sees, when the flow's tuple clashed with another flow's and it
+    /// was given another one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_port: Option<u16>,
     pub vip: String,
     pub backend: String,
     pub protocol: String,
@@ -228,12 +232,13 @@ pub fn conntrack(
         }
         out.push(FlowView {
             client: socket(k.saddr, k.sport),
+            snat_port: (e.snat_port != 0).then(|| u16::from_be(e.snat_port)),
             vip,
             backend: socket(e.nat_addr, e.nat_port),
             protocol,
             state: ct_state(&e).into(),
             service: name,
-            age_seconds: now.saturating_sub(e.created_ns) as f64 / 1e9,
+            age_seconds: (now / 1_000_000_000).saturating_sub(u64::from(e.created_s)) as f64,
             idle_seconds: now.saturating_sub(e.last_seen_ns) as f64 / 1e9,
         });
     }
@@ -263,9 +268,9 @@ pub fn stats(maps: &Maps) -> Result<StatsView, DatapathError> {
 /// One `lbctl monitor` event.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EventView {
-    /// `new-flow` or `drop`.
+    /// `new-flow`, `drop`, or `reject` (answered with an ICMP port unreachable).
     pub kind: String,
-    /// For drops: the reason (`no_backend`, `no_local_backend`, ...).
+    /// For drops and rejects: the reason (`no_backend`, `no_local_backend`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub client: String,
@@ -285,14 +290,16 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
     // SAFETY: the length was checked; LbEvent is plain integers, any bit pattern is valid.
     let e: lb_common::LbEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let new_flow = e.kind == lb_common::EVENT_NEW_FLOW;
+    let reason = counters::NAMES.get(e.reason as usize).copied().unwrap_or("unknown");
+    let kind = match (new_flow, reason.strip_prefix("reject_")) {
+        (true, _) => "new-flow",
+        (false, Some(_)) => "reject",
+        (false, None) => "drop",
+    };
     Some(EventView {
-        kind: if new_flow { "new-flow" } else { "drop" }.into(),
-        reason: (!new_flow).then(|| {
-            counters::NAMES
-                .get(e.reason as usize)
-                .map_or("unknown", |n| n.trim_start_matches("drop_"))
-                .to_string()
-        }),
+        kind: kind.into(),
+        reason: (!new_flow)
+            .then(|| reason.trim_start_matches("drop_").trim_start_matches("reject_").to_string()),
         client: socket(e.saddr, e.sport),
         vip: socket(e.daddr, e.dport),
         protocol: proto_name(e.proto),

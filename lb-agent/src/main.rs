@@ -82,6 +82,13 @@ struct Args {
     /// Source address for hairpinned flows (a pod reaching itself through a Service).
     #[arg(long, default_value_t = std::net::Ipv4Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR))]
     hairpin_addr: std::net::Ipv4Addr,
+    /// Source ports given to a new flow whose reply tuple belongs to another live flow (the same
+    /// client port to another Service address with the same backend), as netfilter's NAT does:
+    /// FIRST-LAST, outside this node's net.ipv4.ip_local_port_range (checked at start). Default:
+    /// 61000-65535, or where that meets the node's range, the largest run of at least 1,000 ports
+    /// outside it and the NodePort range.
+    #[arg(long, value_parser = port_range)]
+    snat_ports: Option<(u16, u16)>,
     /// Capacity of the service (frontend) map.
     #[arg(long, default_value_t = capacity::SERVICES)]
     max_services: u32,
@@ -129,6 +136,13 @@ struct Args {
     log_level: String,
 }
 
+/// `FIRST-LAST`, two ports.
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: want FIRST-LAST"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    Ok((port(a)?, port(b)?))
+}
+
 /// Everything the flags say, by the part that uses it.
 struct Config {
     datapath: datapath::Config,
@@ -162,6 +176,7 @@ impl From<Args> for Config {
                 ct_timeout_udp_secs: a.ct_timeout_udp,
                 flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
                 hairpin_addr: a.hairpin_addr,
+                snat_ports: a.snat_ports.unwrap_or(lb_common::DEFAULT_SNAT_PORTS),
                 bpf_log: a.bpf_log,
                 tc_order: match a.tc_position {
                     TcPosition::First => datapath::TcOrder::First,
@@ -209,7 +224,15 @@ async fn main() -> anyhow::Result<()> {
         info!("removed {n} pinned objects under {}", args.pin_dir.display());
         return Ok(());
     }
-    let cfg = Config::from(args);
+    let explicit_snat = args.snat_ports;
+    let mut cfg = Config::from(args);
+    let local = datapath::local_port_range().context("reading net.ipv4.ip_local_port_range")?;
+    cfg.datapath.snat_ports =
+        datapath::choose_snat_ports(explicit_snat, local).map_err(anyhow::Error::msg)?;
+    info!(
+        "source ports for clashing flows: {}-{} (this node's ip_local_port_range: {}-{})",
+        cfg.datapath.snat_ports.0, cfg.datapath.snat_ports.1, local.0, local.1
+    );
     let pin_dir = cfg.datapath.pin_dir.clone();
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;

@@ -8,21 +8,29 @@ mod support;
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
+use etherparse::Ipv4Header;
 use lb_agent::{
     datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
-use lb_common::{counters as c, hash::lb4_flow_hash, Lb4ServiceKey};
+use lb_common::{counters as c, hash::lb4_flow_hash, Lb4CtKey, Lb4ServiceKey};
 use support::*;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+/// A Service whose only backend is `CLIENT`: its flows from `CLIENT` are hairpinned.
+const VIP_SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+/// Services whose only backend is `CLIENT`:8080, for hairpinned tuple clashes.
+const SELF_VIPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 96, 0, 30), Ipv4Addr::new(10, 96, 0, 31)];
 
 /// `TCX_NEXT` (-1): the packet goes on to the programs after lb.
 const TC_OK: u32 = u32::MAX;
 const TC_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: sent back out of the interface the packet came in on.
+const TC_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
@@ -44,6 +52,16 @@ enum Out {
     Snat(Ipv4Addr, u16),
     /// Exactly these addresses out (checksums verified).
     Exact { src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16) },
+    /// As `Exact`, and the Ethernet addresses swapped (sent back to the pod it came from).
+    Bounced { src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16) },
+    /// A non-first fragment: only its IPv4 addresses changed, to these (header checksum verified);
+    /// everything after the IPv4 header left as it was.
+    Fragment { src: Ipv4Addr, dst: Ipv4Addr },
+    /// A non-first fragment to the backend Maglev picks for this tuple (its datagram's ports).
+    FragmentByMaglev { src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16) },
+    /// An ICMP port unreachable back to the sender, from the address it sent to, quoting its
+    /// IPv4 header and first 8 bytes; Ethernet addresses swapped.
+    Rejected,
 }
 
 struct Row {
@@ -86,6 +104,8 @@ fn program_state(maps: &mut Maps) {
         frontend(VIP, 80, Protocol::Tcp, &[(b(2), 8080), (b(3), 8080), (Ipv4Addr::new(10, 244, 2, 4), 8080)]),
         frontend(VIP, 53, Protocol::Udp, &[(b(2), 5353), (b(3), 5353)]),
         frontend(VIP_EMPTY, 80, Protocol::Tcp, &[]),
+        frontend(VIP_EMPTY, 53, Protocol::Udp, &[]),
+        frontend(VIP_SELF, 80, Protocol::Tcp, &[(CLIENT, 8080)]),
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
@@ -109,6 +129,18 @@ fn maglev_choice(maps: &Maps, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto:
     let id = maps.maglev.get(svc.maglev_offset + h % svc.maglev_size).expect("maglev slot");
     let be = maps.backends.get(&id, 0).expect("backend");
     (Ipv4Addr::from(be.addr.to_ne_bytes()), u16::from_be(be.port))
+}
+
+/// `p` as the first fragment of a datagram (more fragments follow).
+fn first_fragment(mut p: Pkt) -> Vec<u8> {
+    p.more_fragments = true;
+    p.bytes()
+}
+
+/// `p`'s bytes as a later fragment (offset 1,480 bytes): what follows the IPv4 header is data.
+fn later_fragment(mut p: Pkt) -> Vec<u8> {
+    p.fragment_offset = 185;
+    p.bytes()
 }
 
 fn truncated(p: &Pkt, len: usize) -> Vec<u8> {
@@ -201,20 +233,39 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
             counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::FIRST_FRAGMENT, 1)],
         },
         Row {
-            desc: "non-first fragment: passed untouched",
+            desc: "non-first fragment of that datagram: translated as its first fragment was",
             prog,
             bytes: later_frag.bytes(),
+            verdict: ok,
+            out: Out::FragmentByMaglev { src: cl(3), dst: (VIP, 53) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1), (c::LATER_FRAGMENT, 1)],
+        },
+        Row {
+            desc: "non-first fragment of a datagram not seen (another IPv4 id): passed untouched",
+            prog,
+            bytes: with_ip_id(later_frag.bytes(), 77),
             verdict: ok,
             out: Out::Unchanged,
             counters: &[(c::RX_FORWARD, 1), (c::PASS_FRAGMENT, 1)],
         },
-        Row {
-            desc: "VIP with no backends: dropped",
-            prog,
-            bytes: Pkt::new(cl(6), (VIP_EMPTY, 80), SYN).bytes(),
-            verdict: drop,
-            out: Out::Unchanged,
-            counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_BACKEND, 1)],
+        if prog == Prog::Xdp {
+            Row {
+                desc: "VIP with no backends: left to TC, which rejects",
+                prog,
+                bytes: Pkt::new(cl(6), (VIP_EMPTY, 80), SYN).bytes(),
+                verdict: ok,
+                out: Out::Unchanged,
+                counters: &[(c::RX_FORWARD, 1), (c::XDP_TO_TC, 1)],
+            }
+        } else {
+            Row {
+                desc: "TCP to a VIP with no backends: rejected (ICMP port unreachable)",
+                prog,
+                bytes: Pkt::new(cl(6), (VIP_EMPTY, 80), SYN).bytes(),
+                verdict: TC_REDIRECT,
+                out: Out::Rejected,
+                counters: &[(c::RX_FORWARD, 1), (c::REJECT_NO_BACKEND, 1)],
+            }
         },
         Row {
             desc: "VIP address, port not in the service: passed",
@@ -291,7 +342,125 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
     ]
     .into_iter()
     .chain((prog == Prog::Xdp).then(|| short_ipv4_rows(prog, &syn, &options, drop)).into_iter().flatten())
+    .chain((prog == Prog::Xdp).then(|| xdp_leaves_to_tc_rows(port_base)).into_iter().flatten())
+    .chain((prog == Prog::TcForward).then(|| reject_rows(port_base)).into_iter().flatten())
     .collect()
+}
+
+/// TC answers new flows to a frontend without backends with an ICMP port unreachable, unless the
+/// packet gets no answer.
+fn reject_rows(port_base: u16) -> Vec<Row> {
+    let cl = |port| (CLIENT, port_base + port);
+    let mut options = Pkt::new(cl(21), (VIP_EMPTY, 80), SYN);
+    options.ip_options = vec![1, 1, 1, 0];
+    let rst = L4::Tcp { syn: false, ack: false, fin: false, rst: true };
+    vec![
+        Row {
+            desc: "UDP to a VIP with no backends: rejected",
+            prog: Prog::TcForward,
+            bytes: Pkt::new(cl(20), (VIP_EMPTY, 53), UDP).bytes(),
+            verdict: TC_REDIRECT,
+            out: Out::Rejected,
+            counters: &[(c::RX_FORWARD, 1), (c::REJECT_NO_BACKEND, 1)],
+        },
+        Row {
+            desc: "TCP ACK (no tracked flow) to a VIP with no backends: rejected",
+            prog: Prog::TcForward,
+            bytes: Pkt::new(cl(22), (VIP_EMPTY, 80), ACK).bytes(),
+            verdict: TC_REDIRECT,
+            out: Out::Rejected,
+            counters: &[(c::RX_FORWARD, 1), (c::REJECT_NO_BACKEND, 1)],
+        },
+        Row {
+            desc: "no backends, IPv4 options (not quoted): dropped",
+            prog: Prog::TcForward,
+            bytes: options.bytes(),
+            verdict: TC_SHOT,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_BACKEND, 1)],
+        },
+        Row {
+            desc: "no backends, from a source that is not unicast: dropped",
+            prog: Prog::TcForward,
+            bytes: Pkt::new((Ipv4Addr::UNSPECIFIED, 68), (VIP_EMPTY, 53), UDP).bytes(),
+            verdict: TC_SHOT,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_NO_BACKEND, 1)],
+        },
+        Row {
+            desc: "RST to a VIP with no backends: dropped, never answered",
+            prog: Prog::TcForward,
+            bytes: Pkt::new(cl(23), (VIP_EMPTY, 80), rst).bytes(),
+            verdict: TC_SHOT,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_RST_NO_FLOW, 1)],
+        },
+        Row {
+            desc: "hairpin in TC: to itself via the service, sent straight back",
+            prog: Prog::TcForward,
+            bytes: Pkt::new(cl(24), (VIP_SELF, 80), SYN).bytes(),
+            verdict: TC_REDIRECT,
+            out: Out::Bounced { src: (HAIRPIN, port_base + 24), dst: (CLIENT, 8080) },
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::HAIRPIN, 1)],
+        },
+    ]
+}
+
+/// XDP never rewrites a checksum that may be partial, and leaves what only TC can do to TC,
+/// untouched and before anything is stored for it.
+fn xdp_leaves_to_tc_rows(port_base: u16) -> Vec<Row> {
+    let cl = |port| (CLIENT, port_base + port);
+    let to_tc = &[(c::RX_FORWARD, 1), (c::XDP_TO_TC, 1)];
+    vec![
+        Row {
+            desc: "TCP with a partial checksum to a VIP: left to TC",
+            prog: Prog::Xdp,
+            bytes: partial(&Pkt::new(cl(30), (VIP, 80), SYN)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::XDP_PARTIAL_CSUM, 1)],
+        },
+        Row {
+            desc: "UDP with a partial checksum to a VIP: left to TC",
+            prog: Prog::Xdp,
+            bytes: partial(&Pkt::new(cl(31), (VIP, 53), UDP)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::XDP_PARTIAL_CSUM, 1)],
+        },
+        Row {
+            desc: "the same TCP tuple with a full checksum: XDP makes the flow (none was made before)",
+            prog: Prog::Xdp,
+            bytes: Pkt::new(cl(30), (VIP, 80), SYN).bytes(),
+            verdict: XDP_PASS,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "partial checksum to no VIP: passed as any other",
+            prog: Prog::Xdp,
+            bytes: partial(&Pkt::new(cl(32), (Ipv4Addr::new(10, 244, 1, 5), 80), SYN)),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_VIP, 1)],
+        },
+        Row {
+            desc: "hairpin (the client is the backend): left to TC",
+            prog: Prog::Xdp,
+            bytes: Pkt::new(cl(33), (VIP_SELF, 80), SYN).bytes(),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counters: to_tc,
+        },
+        Row {
+            desc: "to the hairpin address: left to TC",
+            prog: Prog::Xdp,
+            bytes: Pkt::new((CLIENT, 8080), (HAIRPIN, port_base + 33), SYN_ACK).bytes(),
+            verdict: XDP_PASS,
+            out: Out::Unchanged,
+            counters: to_tc,
+        },
+    ]
 }
 
 /// Packets that end inside the IPv4 header. BPF_PROG_TEST_RUN for socket-buffer programs refuses
@@ -331,9 +500,29 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     (res.return_value, out)
 }
 
+/// The mark the XDP program leaves in the metadata of a packet it decided, for the TC forward
+/// program behind it (a native-endian u32, "LBXD").
+const XDP_DECIDED: [u8; 4] = 0x4c42_5844u32.to_ne_bytes();
+
+/// Runs `input` through `prog`; for XDP, the test run hands back the metadata in front of the
+/// packet: it is taken off, and whether it is the "decided" mark returned beside.
+fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, bool) {
+    let (v, mut out) = run(dp, prog, input);
+    let marked = prog == Prog::Xdp && out.len() == input.len() + 4 && out[..4] == XDP_DECIDED;
+    if marked {
+        out.drain(..4);
+    }
+    (v, out, marked)
+}
+
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     let before = maps.read_counters().expect("counters");
-    let (verdict, out) = run(dp, row.prog, &row.bytes);
+    let (verdict, out, marked) = run_marked(dp, row.prog, &row.bytes);
+    if row.prog == Prog::Xdp {
+        // Passed and decided: marked, so that TC leaves it alone; left to TC or dropped: not.
+        let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
+        assert_eq!(marked, verdict == XDP_PASS && !to_tc, "{}: marked decided for TC", row.desc);
+    }
     let after = maps.read_counters().expect("counters");
     assert_eq!(verdict, row.verdict, "{}: verdict", row.desc);
     let mut want = vec![0u64; before.len()];
@@ -363,6 +552,17 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
             let seen = check_packet(&out);
             assert_eq!((seen.src, seen.dst), (src, dst), "{}: addresses out", row.desc);
         }
+        Out::Bounced { src, dst } => {
+            let seen = check_packet(&out);
+            assert_eq!((seen.src, seen.dst), (src, dst), "{}: addresses out", row.desc);
+            assert_eq!((&out[..6], &out[6..12]), (&row.bytes[6..12], &row.bytes[..6]), "{}: MACs", row.desc);
+        }
+        Out::Rejected => check_reject(&row.bytes, &out, row.desc),
+        Out::Fragment { src, dst } => check_fragment(&row.bytes, &out, src, dst, row.desc),
+        Out::FragmentByMaglev { src, dst } => {
+            let to = maglev_choice(maps, src, dst, row.bytes[14 + 9]).0;
+            check_fragment(&row.bytes, &out, src.0, to, row.desc);
+        }
         Out::Snat(addr, port) => {
             let inp = check_packet(&row.bytes);
             let seen = check_packet(&out);
@@ -371,6 +571,53 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `out` is non-first fragment `input` with only its IPv4 addresses changed, to `src` and `dst`.
+fn check_fragment(input: &[u8], out: &[u8], src: Ipv4Addr, dst: Ipv4Addr, desc: &str) {
+    let (ip, _) = Ipv4Header::from_slice(&out[14..]).expect("ipv4 header out");
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{desc}: IPv4 header checksum");
+    assert_eq!((Ipv4Addr::from(ip.source), Ipv4Addr::from(ip.destination)), (src, dst), "{desc}: addresses");
+    assert_eq!(out.len(), input.len(), "{desc}: length");
+    assert_eq!(&out[..24], &input[..24], "{desc}: Ethernet and IPv4 up to the checksum");
+    assert_eq!(&out[34..], &input[34..], "{desc}: everything after the IPv4 header");
+}
+
+/// `bytes` with IPv4 identification `id` (the header checksum made right again).
+fn with_ip_id(mut bytes: Vec<u8>, id: u16) -> Vec<u8> {
+    bytes[18..20].copy_from_slice(&id.to_be_bytes());
+    bytes[24..26].copy_from_slice(&[0, 0]);
+    let c = internet_checksum(&bytes[14..34]);
+    bytes[24..26].copy_from_slice(&c.to_be_bytes());
+    bytes
+}
+
+/// `out` is the ICMP port unreachable that answers `input`.
+fn check_reject(input: &[u8], out: &[u8], desc: &str) {
+    assert_eq!(out.len(), 70, "{desc}: length");
+    assert_eq!((&out[..6], &out[6..12]), (&input[6..12], &input[..6]), "{desc}: MACs swapped");
+    assert_eq!(internet_checksum(&out[14..34]), 0, "{desc}: IPv4 header checksum");
+    assert_eq!(internet_checksum(&out[34..]), 0, "{desc}: ICMP checksum");
+    assert_eq!(out[14 + 9], 1, "{desc}: ICMP");
+    assert_eq!(&out[26..30], &input[30..34], "{desc}: from the address the client sent to");
+    assert_eq!(&out[30..34], &input[26..30], "{desc}: to the client");
+    assert_eq!((out[34], out[35]), (3, 3), "{desc}: port unreachable");
+    assert_eq!(&out[42..], &input[14..42], "{desc}: quotes the IPv4 header and the ports");
+}
+
+/// `p` with its L4 checksum replaced by the pseudo-header sum, as a sender that leaves the
+/// checksum to the device (`CHECKSUM_PARTIAL`) hands it over.
+fn partial(p: &Pkt) -> Vec<u8> {
+    let mut b = p.bytes();
+    let l4 = 14 + usize::from(b[14] & 0x0f) * 4;
+    let len = (b.len() - l4) as u16;
+    let mut pseudo = b[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, b[14 + 9]]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let seed = !internet_checksum(&pseudo);
+    let at = l4 + if b[14 + 9] == 6 { 16 } else { 6 };
+    b[at..at + 2].copy_from_slice(&seed.to_be_bytes());
+    b
 }
 
 fn load(test: &str, mode: Mode) -> (PinDir, Datapath, Maps) {
@@ -406,6 +653,30 @@ fn tc_forward_and_reply_table() {
             verdict: TC_OK,
             out: Out::Snat(VIP, 53),
             counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
+        },
+        Row {
+            desc: "UDP reply in fragments, the first: source back to the VIP",
+            prog: Prog::TcReply,
+            bytes: with_ip_id(first_fragment(Pkt::new(udp_backend, (CLIENT, 40_004), UDP)), 0x4242),
+            verdict: TC_OK,
+            out: Out::Snat(VIP, 53),
+            counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
+        },
+        Row {
+            desc: "UDP reply in fragments, a later one: source back to the VIP",
+            prog: Prog::TcReply,
+            bytes: with_ip_id(later_fragment(Pkt::new(udp_backend, (CLIENT, 40_004), UDP)), 0x4242),
+            verdict: TC_OK,
+            out: Out::Fragment { src: VIP, dst: CLIENT },
+            counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1), (c::LATER_FRAGMENT, 1)],
+        },
+        Row {
+            desc: "a later fragment of a datagram from a pod that is no reply: passed untouched",
+            prog: Prog::TcReply,
+            bytes: later_fragment(Pkt::new((Ipv4Addr::new(10, 244, 1, 99), 5353), (CLIENT, 40_004), UDP)),
+            verdict: TC_OK,
+            out: Out::Unchanged,
+            counters: &[(c::RX_REPLY, 1), (c::PASS_FRAGMENT, 1)],
         },
         Row {
             desc: "traffic to a pod that is no reply: passed untouched",
@@ -486,8 +757,6 @@ fn counters_add_up() {
     let outcomes: u64 = c::OUTCOMES.iter().map(|i| v[*i as usize]).sum();
     assert_eq!(outcomes, v[c::RX_FORWARD as usize] + v[c::RX_REPLY as usize]);
 }
-
-const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 fn sync_all(r: &mut Reconciler, maps: &mut Maps, fes: Vec<Frontend>) {
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
@@ -585,11 +854,11 @@ fn service_semantics_table() {
         &dp,
         &maps,
         &Row {
-            desc: "hairpin: to itself via the service, SNATed",
+            desc: "hairpin: to itself via the service, SNATed, sent straight back",
             prog: Prog::TcForward,
             bytes: Pkt::new((CLIENT, 3000), (vip_hair, 80), SYN).bytes(),
-            verdict: TC_OK,
-            out: Out::Exact { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
+            verdict: TC_REDIRECT,
+            out: Out::Bounced { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
             counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::HAIRPIN, 1)],
         },
     );
@@ -600,8 +869,8 @@ fn service_semantics_table() {
             desc: "hairpin: the reply, translated both ways",
             prog: Prog::TcForward,
             bytes: Pkt::new((CLIENT, 8080), (HAIRPIN, 3000), SYN_ACK).bytes(),
-            verdict: TC_OK,
-            out: Out::Exact { src: (vip_hair, 80), dst: (CLIENT, 3000) },
+            verdict: TC_REDIRECT,
+            out: Out::Bounced { src: (vip_hair, 80), dst: (CLIENT, 3000) },
             counters: &[(c::RX_FORWARD, 1), (c::REV_NAT, 1)],
         },
     );
@@ -612,8 +881,8 @@ fn service_semantics_table() {
             desc: "hairpin: next packet of the flow",
             prog: Prog::TcForward,
             bytes: Pkt::new((CLIENT, 3000), (vip_hair, 80), ACK).bytes(),
-            verdict: TC_OK,
-            out: Out::Exact { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
+            verdict: TC_REDIRECT,
+            out: Out::Bounced { src: (HAIRPIN, 3000), dst: (CLIENT, 8080) },
             counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
         },
     );
@@ -810,4 +1079,145 @@ fn icmp_errors_about_a_flow_are_translated_back_to_the_vip() {
     // The forward program leaves ICMP errors alone.
     let (v, got) = run(&dp, Prog::TcForward, &frag_needed);
     assert_eq!((v, &got), (TC_OK, &frag_needed));
+}
+
+/// Rule: tuple clashes are resolved, never overwritten. One client port to two Service addresses
+/// whose only backend is the same: the second flow's reply tuple would be the first one's, so it
+/// is given another source port from the SNAT range, and both flows work both ways (ICMP errors
+/// included). With the range used up, the next clashing flow is dropped and counted, and the
+/// flows that hold the ports keep them.
+#[test]
+fn tuple_clashes_get_another_source_port() {
+    let b = (Ipv4Addr::new(10, 244, 1, 2), 8080);
+    let vips: Vec<Ipv4Addr> = (20..24).map(|i| Ipv4Addr::new(10, 96, 0, i)).collect();
+    let load_clash = |tag: &str, ports: (u16, u16)| {
+        let pins = PinDir::new(tag);
+        let mut cfg = test_config(pins.path());
+        cfg.snat_ports = ports;
+        let (dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load datapath");
+        let mut fes: Vec<Frontend> = vips.iter().map(|v| frontend(*v, 80, Protocol::Tcp, &[b])).collect();
+        fes.extend(vips.iter().map(|v| frontend(*v, 53, Protocol::Udp, &[(b.0, 5353)])));
+        // Two Services whose only backend is the client itself: hairpin and a clash together.
+        fes.extend(SELF_VIPS.iter().map(|v| frontend(*v, 80, Protocol::Tcp, &[(CLIENT, 8080)])));
+        let caps =
+            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
+        sync_all(&mut Reconciler::new(caps, Options::default()), &mut maps, fes);
+        (pins, dp, maps)
+    };
+    let counter = |maps: &Maps, i: u32| maps.read_counters().expect("counters")[i as usize];
+    let (_pins, dp, mut maps) = load_clash("clash", lb_common::DEFAULT_SNAT_PORTS);
+    let snat_range = lb_common::DEFAULT_SNAT_PORTS.0..=lb_common::DEFAULT_SNAT_PORTS.1;
+
+    for (proto, l4, client, port, backend) in
+        [(6u8, SYN, (CLIENT, 5000), 80, b), (17, UDP, (CLIENT, 6000), 53, (b.0, 5353))]
+    {
+        let (a, second) = ((vips[0], port), (vips[1], port));
+        let (v, out) = run(&dp, Prog::TcForward, &Pkt::new(client, a, l4).bytes());
+        assert_eq!(v, TC_OK);
+        let first = check_packet(&out);
+        assert_eq!((first.src, first.dst), (client, backend), "proto {proto}: the first flow keeps its port");
+
+        let snat_before = counter(&maps, c::SNAT_PORT);
+        let (v, out) = run(&dp, Prog::TcForward, &Pkt::new(client, second, l4).bytes());
+        assert_eq!(v, TC_OK);
+        let seen = check_packet(&out);
+        assert_eq!(seen.dst, backend, "proto {proto}: same backend");
+        assert_eq!(seen.src.0, CLIENT, "proto {proto}: the client's address stays");
+        let p = seen.src.1;
+        assert!(snat_range.contains(&p), "proto {proto}: port {p} from the SNAT range");
+        assert_eq!(counter(&maps, c::SNAT_PORT), snat_before + 1, "proto {proto}: counted");
+
+        let next = if proto == 6 { ACK } else { UDP };
+        let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, second, next).bytes());
+        assert_eq!(check_packet(&out).src, (CLIENT, p), "proto {proto}: the flow keeps its port");
+        let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, a, next).bytes());
+        assert_eq!(check_packet(&out).src, client, "proto {proto}: and the first flow its own");
+
+        let reply = if proto == 6 { SYN_ACK } else { UDP };
+        let (v, out) = run(&dp, Prog::TcReply, &Pkt::new(backend, (CLIENT, p), reply).bytes());
+        assert_eq!(v, TC_OK);
+        let seen = check_packet(&out);
+        assert_eq!((seen.src, seen.dst), (second, client), "proto {proto}: the second flow's reply");
+        let (_, out) = run(&dp, Prog::TcReply, &Pkt::new(backend, client, reply).bytes());
+        let seen = check_packet(&out);
+        assert_eq!(
+            (seen.src, seen.dst),
+            (a, client),
+            "proto {proto}: the first flow's reply, untouched by the second"
+        );
+
+        // An ICMP error from the backend about the second flow's packet: the quote goes back to
+        // the client's own port and the Service address.
+        let quoted = Pkt::new((CLIENT, p), backend, l4).bytes();
+        let (_, got) = run(&dp, Prog::TcReply, &icmp_error(backend.0, CLIENT, 3, 3, 0, &quoted[14..]));
+        let seen = check_icmp_error(&got);
+        assert_eq!((seen.src, seen.dst), (second.0, CLIENT), "proto {proto}: ICMP error from the VIP");
+        assert_eq!((seen.quoted.src, seen.quoted.dst), (client, second), "proto {proto}: quote");
+
+        // The second flow's forward entry is evicted; the client speaks first again: it is picked
+        // up on the same source port (TCP mid-stream; UDP by the same sequence of ports), and
+        // its replies still go back to it.
+        let fwd_key = Lb4CtKey {
+            saddr: u32::from_ne_bytes(CLIENT.octets()),
+            daddr: u32::from_ne_bytes(second.0.octets()),
+            sport: client.1.to_be(),
+            dport: second.1.to_be(),
+            proto,
+            dir: lb_common::CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        maps.ct.remove(&fwd_key).expect("evict the forward entry");
+        let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, second, next).bytes());
+        assert_eq!(check_packet(&out).src, (CLIENT, p), "proto {proto}: picked up on its port");
+        let (_, out) = run(&dp, Prog::TcReply, &Pkt::new(backend, (CLIENT, p), next).bytes());
+        assert_eq!(check_packet(&out).src, second, "proto {proto}: and its replies translated");
+    }
+
+    // Hairpin and a clash together: the pod reaches itself through two Services from one port.
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 7000), (SELF_VIPS[0], 80), SYN).bytes());
+    assert_eq!((v, check_packet(&out).src), (TC_REDIRECT, (HAIRPIN, 7000)));
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 7000), (SELF_VIPS[1], 80), SYN).bytes());
+    let seen = check_packet(&out);
+    assert_eq!((v, seen.src.0, seen.dst), (TC_REDIRECT, HAIRPIN, (CLIENT, 8080)));
+    let p = seen.src.1;
+    assert!(snat_range.contains(&p), "hairpin clash: port {p} from the range");
+    for (port, vip) in [(p, SELF_VIPS[1]), (7000, SELF_VIPS[0])] {
+        let (v, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 8080), (HAIRPIN, port), SYN_ACK).bytes());
+        let seen = check_packet(&out);
+        assert_eq!(
+            (v, seen.src, seen.dst),
+            (TC_REDIRECT, (vip, 80), (CLIENT, 7000)),
+            "hairpin reply to :{port}"
+        );
+    }
+
+    // Another client port: a different sequence of ports, each flow of it its own port.
+    let mut seen_ports = std::collections::BTreeSet::new();
+    for vip in &vips {
+        let (_, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 5001), (*vip, 80), SYN).bytes());
+        assert!(seen_ports.insert(check_packet(&out).src.1), "every live flow its own source port");
+    }
+
+    // A range of two ports: the third clashing flow takes the other port; the fourth finds none.
+    drop((dp, maps));
+    let (_pins, dp, maps) = load_clash("clash-small", (61_000, 61_001));
+    let snat_range = 61_000..=61_001;
+    let client = (CLIENT, 5000);
+    for vip in &vips[..2] {
+        run(&dp, Prog::TcForward, &Pkt::new(client, (*vip, 80), SYN).bytes());
+    }
+    let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, (vips[2], 80), SYN).bytes());
+    let p3 = check_packet(&out).src.1;
+    assert!(snat_range.contains(&p3));
+    let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, (vips[1], 80), ACK).bytes());
+    assert_ne!(check_packet(&out).src.1, p3, "two live flows never share a port");
+    let dropped = counter(&maps, c::DROP_SNAT_NO_PORT);
+    let input = Pkt::new(client, (vips[3], 80), SYN).bytes();
+    let (v, out) = run(&dp, Prog::TcForward, &input);
+    assert_eq!((v, out), (TC_SHOT, input), "no port left: dropped");
+    assert_eq!(counter(&maps, c::DROP_SNAT_NO_PORT), dropped + 1, "counted");
+    for (vip, port) in [(vips[0], 5000), (vips[2], p3)] {
+        let (_, out) = run(&dp, Prog::TcForward, &Pkt::new(client, (vip, 80), ACK).bytes());
+        assert_eq!(check_packet(&out).src, (CLIENT, port), "the flows holding the ports keep them");
+    }
 }

@@ -25,6 +25,8 @@ const B3: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 /// `TCX_NEXT` (-1): the packet goes on to the programs after lb.
 const TC_OK: u32 = u32::MAX;
 const TC_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: a reject, sent back to the client.
+const TC_REDIRECT: u32 = 7;
 const RST: L4 = L4::Tcp { syn: false, ack: false, fin: false, rst: true };
 
 struct Lab {
@@ -256,14 +258,22 @@ fn deleted_or_moved_services_keep_their_established_flows() {
         &[c::FWD_ESTABLISHED],
     );
     lab.reply("and its replies", &Pkt::new((B2, 8080), tcp, ACK), (vd, 80));
-    lab.dropped(
-        "s deleted: a new connection gets the no-backend answer",
+    lab.send(
+        "s deleted: a new connection is rejected (ICMP port unreachable)",
+        false,
         &Pkt::new((CLIENT, 3006), (vd, 80), SYN),
-        c::DROP_NO_BACKEND,
+        TC_REDIRECT,
+        &[c::REJECT_NO_BACKEND],
     );
     // kube-proxy deletes the UDP conntrack entries of a deleted Service.
     let u = Pkt::new(udp, (vd, 53), UDP);
-    lab.send("s deleted: its UDP flow ends", false, &u, TC_SHOT, &[c::CT_RESELECTED, c::DROP_NO_BACKEND]);
+    lab.send(
+        "s deleted: its UDP flow ends",
+        false,
+        &u,
+        TC_REDIRECT,
+        &[c::CT_RESELECTED, c::REJECT_NO_BACKEND],
+    );
     lab.forward(
         "address taken by new: old's flow keeps old's backend",
         &Pkt::new(moved, (vr, 80), ACK),
@@ -555,14 +565,14 @@ fn the_sweep_reads_and_cleans_the_real_maps() {
         let fwd = key(client, (vip, 53), UDP_P, CT_DIR_FORWARD);
         let rev = key((B2, 5353), client, UDP_P, CT_DIR_REPLY);
         let e = lb_common::Lb4CtEntry {
-            created_ns: seen,
             last_seen_ns: seen,
+            created_s: (seen / 1_000_000_000) as u32,
             nat_addr: u32::from_ne_bytes(B2.octets()),
             nat_port: 5353u16.to_be(),
             state: lb_common::CT_STATE_ESTABLISHED,
-            flags: 0,
             backend_id: 7,
             svc_id: 3,
+            ..Default::default()
         };
         lab.maps.ct.insert(fwd, e, 0).expect("forward entry");
         let r = lb_common::Lb4CtEntry {

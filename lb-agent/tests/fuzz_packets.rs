@@ -151,7 +151,8 @@ fn mutate(r: &mut Rng, mut b: Vec<u8>) -> Vec<u8> {
 }
 
 /// Parses what lb may rewrite; `None` when the packet is not IPv4 TCP/UDP with a whole IPv4 header
-/// (options included) and a whole fixed TCP (20 bytes) or UDP (8 bytes) header. That is lb's
+/// (options included) and, unless it is a non-first fragment, a whole fixed TCP (20 bytes) or UDP
+/// (8 bytes) header. That is lb's
 /// contract: it translates addresses and ports; TCP options are the receiving stack's to check
 /// (it drops a segment whose data offset runs past its end, translated or not).
 fn parsed(b: &[u8]) -> Option<(Ipv4Header, usize, u8, bool)> {
@@ -162,6 +163,8 @@ fn parsed(b: &[u8]) -> Option<(Ipv4Header, usize, u8, bool)> {
     let l4_off = b.len() - rest.len();
     let frag = u16::from(ip.fragment_offset) != 0;
     let ok = match ip.protocol {
+        // A non-first fragment carries no L4 header: its addresses are all there is to translate.
+        IpNumber::TCP | IpNumber::UDP if frag => true,
         IpNumber::TCP => rest.len() >= TcpHeader::MIN_LEN,
         IpNumber::UDP => rest.len() >= UdpHeader::LEN,
         _ => false,
@@ -207,12 +210,24 @@ fn hostile_packets() {
             // The skb test-run refuses some malformed packets outright (EINVAL): nothing ran.
             let Ok(res) = res else { continue };
             out.truncate(res.data_size_out as usize);
+            // XDP hands back the metadata in front of a packet it decided: its mark for TC.
+            if name == "xdp" && out.len() == input.len() + 4 && out[..4] == 0x4c42_5844u32.to_ne_bytes() {
+                out.drain(..4);
+            }
             let ret_drop = if name == "xdp" { 1 } else { 2 }; // XDP_DROP, TC_ACT_SHOT
+            let redirected = name == "tc-forward" && res.return_value == TC_REDIRECT;
             assert!(
-                res.return_value == ret_ok || res.return_value == ret_drop,
-                "{name}: verdict {} is neither pass-on nor drop",
+                res.return_value == ret_ok || res.return_value == ret_drop || redirected,
+                "{name}: verdict {} is neither pass-on nor drop (nor, from the forward program, a redirect)",
                 res.return_value
             );
+            if redirected {
+                *outcomes.entry("redirected").or_default() += 1;
+                let ctx =
+                    || format!("packet #{i} (seed {seed}) through {name}:\n in {input:02x?}\nout {out:02x?}");
+                check_redirect(&input, &out, &ctx);
+                continue;
+            }
             *outcomes.entry(if res.return_value == ret_ok { "passed" } else { "dropped" }).or_default() += 1;
             if out == input || res.return_value != ret_ok {
                 continue;
@@ -228,10 +243,34 @@ fn hostile_packets() {
             }
             let (ip, l4_off, proto, frag) = parsed(&input)
                 .unwrap_or_else(|| panic!("rewrote a packet that is not whole IPv4 TCP/UDP: {}", ctx()));
-            assert!(!frag, "rewrote a non-first fragment: {}", ctx());
             assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
             let dst = Ipv4Addr::from(ip.destination);
             let src = Ipv4Addr::from(ip.source);
+            if frag {
+                // A non-first fragment follows a first fragment translated earlier (same
+                // addresses, protocol and IPv4 id): only its addresses and header checksum change.
+                match name {
+                    "tc-reply" => assert!(
+                        BACKENDS.iter().any(|(b, _)| *b == src),
+                        "fragment from a non-backend: {}",
+                        ctx()
+                    ),
+                    _ => assert_eq!(dst, VIP, "fragment not to a frontend: {}", ctx()),
+                }
+                for (j, (a, b)) in input.iter().zip(&out).enumerate() {
+                    assert!(a == b || (24..34).contains(&j), "fragment byte {j} changed: {}", ctx());
+                }
+                let out_ip = Ipv4Header::from_slice(&out[14..]).expect("ipv4 out").0;
+                if ip.header_checksum == ip.calc_header_checksum() {
+                    assert_eq!(
+                        out_ip.header_checksum,
+                        out_ip.calc_header_checksum(),
+                        "fragment's IPv4 checksum: {}",
+                        ctx()
+                    );
+                }
+                continue;
+            }
             match name {
                 "tc-reply" => assert!(
                     BACKENDS.iter().any(|(b, _)| *b == src),
@@ -272,6 +311,38 @@ fn hostile_packets() {
     eprintln!(
         "fuzz: {count} packets x 3 programs, seed {seed}: {rewritten} rewritten ({icmp_rewritten} ICMP errors), {outcomes:?}"
     );
+}
+
+/// `TC_ACT_REDIRECT`: sent back out of the interface the packet came in on.
+const TC_REDIRECT: u32 = 7;
+
+/// A packet the forward program sent back where it came from: either the ICMP port unreachable
+/// answering a whole TCP/UDP packet to the frontend without backends, or a hairpinned packet (its
+/// source is a backend) with its Ethernet addresses swapped.
+fn check_redirect(input: &[u8], out: &[u8], ctx: &dyn Fn() -> String) {
+    let (ip, _, proto, frag) = parsed(input)
+        .unwrap_or_else(|| panic!("redirected a packet that is not whole IPv4 TCP/UDP: {}", ctx()));
+    assert!(!frag, "redirected a non-first fragment: {}", ctx());
+    assert_eq!((&out[..6], &out[6..12]), (&input[6..12], &input[..6]), "MACs not swapped: {}", ctx());
+    if out.len() == 70 && out[23] == 1 {
+        assert_eq!(
+            Ipv4Addr::from(ip.destination),
+            EMPTY_VIP,
+            "rejected a packet to a frontend with backends: {}",
+            ctx()
+        );
+        assert!(proto == 6 || proto == 17, "rejected another protocol: {}", ctx());
+        assert_eq!(internet_checksum(&out[14..34]), 0, "reject's IPv4 checksum: {}", ctx());
+        assert_eq!(internet_checksum(&out[34..]), 0, "reject's ICMP checksum: {}", ctx());
+        assert_eq!(&out[42..], &input[14..42], "reject's quote: {}", ctx());
+        return;
+    }
+    assert!(
+        BACKENDS.iter().any(|(b, _)| b.octets() == ip.source),
+        "bounced a packet that is not hairpinned: {}",
+        ctx()
+    );
+    assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
 }
 
 /// An ICMP error the reply program rewrote: it quotes a client's packet to a backend, only the

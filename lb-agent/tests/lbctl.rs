@@ -112,7 +112,7 @@ fn lbctl_shows_what_the_agent_programmed() {
 
     // monitor: events appear while it listens (new flows, and drops with their reason), and
     // lbctl only moved its read position.
-    // A Service with no endpoints, for a drop.
+    // A Service with no endpoints, for a reject.
     let empty = "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: demo}\nspec: {clusterIP: 10.96.0.20, ports: [{name: tcp, port: 80}]}\n";
     let eps: Vec<String> = c.backends.iter().map(|p| endpoint(p, "ready: true")).collect();
     c.write(&format!("{}{empty}", who(spec, &eps)));
@@ -152,7 +152,7 @@ fn lbctl_shows_what_the_agent_programmed() {
     );
     assert_eq!(
         (&lines[3]["kind"], &lines[3]["reason"], &lines[3]["vip"]),
-        (&Value::from("drop"), &Value::from("no_backend"), &Value::from("10.96.0.20:80")),
+        (&Value::from("reject"), &Value::from("no_backend"), &Value::from("10.96.0.20:80")),
         "{lines:?}"
     );
     // Events stay on (the agent's switch); lbctl wrote nothing (its maps are read-only handles).

@@ -14,7 +14,8 @@ pub const RX_REPLY: u32 = 1;
 pub const PASS_NON_IP: u32 = 2;
 /// IPv6: passed untouched (not load-balanced yet).
 pub const PASS_IPV6: u32 = 3;
-/// A non-first IPv4 fragment: no ports to match, passed untouched.
+/// A non-first IPv4 fragment of no datagram lb translated (or whose first fragment it has not
+/// seen, or whose flow is gone): passed untouched.
 pub const PASS_FRAGMENT: u32 = 4;
 /// IPv4 with a protocol other than TCP and UDP: passed untouched.
 pub const PASS_OTHER_PROTO: u32 = 5;
@@ -59,8 +60,30 @@ pub const DROP_RST_NO_FLOW: u32 = 20;
 /// now names another backend): removed, and the packet passed untranslated.
 pub const PASS_STALE_REPLY_CT: u32 = 21;
 
+/// A new flow to a frontend whose Service has no endpoints (or is gone): answered with an ICMP
+/// port unreachable sent back to the client (kube-proxy's REJECT), so it fails at once. Packets
+/// that cannot be answered (IPv4 options, a source that is not unicast) are dropped as
+/// `DROP_NO_BACKEND` instead.
+pub const REJECT_NO_BACKEND: u32 = 22;
+/// XDP: a packet to a frontend whose L4 checksum may be partial (the field holds the
+/// pseudo-header sum, as every partial checksum does): XDP cannot tell, so it leaves the packet
+/// untouched to the TC program, whose helpers rewrite either kind right.
+pub const XDP_PARTIAL_CSUM: u32 = 23;
+/// XDP: a packet that needs what only TC can do (a hairpinned flow, which goes back out of the
+/// interface it came in on; a reject): left untouched to the TC program.
+pub const XDP_TO_TC: u32 = 24;
+/// A non-first IPv4 fragment translated as its datagram's first fragment was (its ports found in
+/// `LB4_FRAGS`; counted in addition to its outcome).
+pub const LATER_FRAGMENT: u32 = 25;
+/// A new flow whose reply tuple belonged to another live flow (the same client port to another
+/// Service address with the same backend) was given another source port (counted in addition).
+pub const SNAT_PORT: u32 = 26;
+/// A new flow whose reply tuple clashed found no free source port in the SNAT range: dropped (the
+/// live flow keeps its tuple). The client's retransmission tries again.
+pub const DROP_SNAT_NO_PORT: u32 = 27;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 22;
+pub const COUNT: u32 = 28;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -86,11 +109,17 @@ pub const NAMES: [&str; COUNT as usize] = [
     "hairpin",
     "drop_rst_no_flow",
     "pass_stale_reply_ct",
+    "reject_no_backend",
+    "xdp_partial_csum",
+    "xdp_to_tc",
+    "later_fragment",
+    "snat_port",
+    "drop_snat_no_port",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY`.
-pub const OUTCOMES: [u32; 15] = [
+pub const OUTCOMES: [u32; 19] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -106,4 +135,8 @@ pub const OUTCOMES: [u32; 15] = [
     DROP_NO_LOCAL_BACKEND,
     DROP_RST_NO_FLOW,
     PASS_STALE_REPLY_CT,
+    REJECT_NO_BACKEND,
+    XDP_PARTIAL_CSUM,
+    XDP_TO_TC,
+    DROP_SNAT_NO_PORT,
 ];

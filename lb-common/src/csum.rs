@@ -43,6 +43,42 @@ pub fn udp_fixup(original: u16, updated: u16) -> u16 {
     }
 }
 
+/// The folded, uncomplemented sum of the IPv4 pseudo-header of a TCP or UDP packet: what the
+/// kernel stores in the L4 checksum field of a packet whose checksum is still partial
+/// (`CHECKSUM_PARTIAL`: the device, or whoever completes it, adds the segment's sum). `saddr`
+/// and `daddr` are raw words as read from the packet; `len` is the L4 length in host order.
+/// The result compares with the raw checksum field.
+#[inline(always)]
+pub fn pseudo_sum4(saddr: u32, daddr: u32, proto: u8, len: u16) -> u16 {
+    let sum = u32::from(saddr as u16)
+        + u32::from((saddr >> 16) as u16)
+        + u32::from(daddr as u16)
+        + u32::from((daddr >> 16) as u16)
+        + u32::from(u16::from_ne_bytes([0, proto]))
+        + u32::from(u16::from_ne_bytes(len.to_be_bytes()));
+    fold(sum)
+}
+
+/// Whether L4 checksum field `check` may be a partial checksum of a packet whose pseudo-header
+/// sums to `pseudo` ([`pseudo_sum4`]). A full checksum equals it only by chance (about one packet
+/// in 65,536), so a caller that cannot tell the two apart treats a match as partial.
+#[inline(always)]
+pub fn maybe_partial(check: u16, pseudo: u16) -> bool {
+    check == pseudo || (check == 0 && pseudo == 0xffff) || (check == 0xffff && pseudo == 0)
+}
+
+/// The Internet checksum of `bytes` (an even number of them), as a raw word to store.
+#[inline(always)]
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_ne_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    !fold(sum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +117,25 @@ mod tests {
             let want = full(&words);
             let got2 = replace2(got, old16, new16);
             assert!(got2 == want || (got2 == 0xffff && want == 0) || (got2 == 0 && want == 0xffff));
+        }
+    }
+
+    /// The partial-checksum seed is what Linux stores (`~csum_tcpudp_magic(saddr, daddr, len,
+    /// proto, 0)`), computed here from the RFC 793 pseudo-header laid out as bytes.
+    #[test]
+    fn pseudo_sum_is_the_partial_checksum_seed() {
+        let (s, d) = ([10u8, 244, 1, 10], [10u8, 96, 0, 10]);
+        for (proto, len) in [(6u8, 20u16), (17, 8), (6, 1480), (17, 65_515)] {
+            let mut bytes = [0u8; 12];
+            bytes[..4].copy_from_slice(&s);
+            bytes[4..8].copy_from_slice(&d);
+            bytes[9] = proto;
+            bytes[10..].copy_from_slice(&len.to_be_bytes());
+            let seed = !checksum(&bytes);
+            let got = pseudo_sum4(u32::from_ne_bytes(s), u32::from_ne_bytes(d), proto, len);
+            assert_eq!(got, seed, "proto {proto} len {len}");
+            assert!(maybe_partial(seed, got));
+            assert!(!maybe_partial(!seed, got));
         }
     }
 

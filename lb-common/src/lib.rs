@@ -10,5 +10,6 @@ pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod reject;
 
 pub use maps::*;

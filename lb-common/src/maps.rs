@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 6;
+pub const PIN_LAYOUT_VERSION: u32 = 7;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -24,9 +24,11 @@ pub const MAP_LB_EVENTS: &str = "LB_EVENTS";
 /// `--flow-events` (on by default), never by `lbctl monitor`.
 pub const MAP_LB_MONITOR: &str = "LB_MONITOR";
 pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
+/// Non-first IPv4 fragments → the ports of their datagram's first fragment.
+pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -39,6 +41,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_LB_EVENTS,
     MAP_LB_MONITOR,
     MAP_LB_MON_RATE,
+    MAP_LB4_FRAGS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -56,7 +59,15 @@ pub mod globals {
     /// `u32`, network byte order: source address of hairpinned flows (a pod reaching itself
     /// through a service is SNATed to it, so its reply comes back through lb).
     pub const HAIRPIN_ADDR: &str = "HAIRPIN_ADDR";
+    /// `u32`, host order: the first and last source port given to a flow whose tuple clashed
+    /// (`Lb4CtEntry::snat_port`). Outside the node's `ip_local_port_range`.
+    pub const SNAT_PORT_MIN: &str = "SNAT_PORT_MIN";
+    pub const SNAT_PORT_MAX: &str = "SNAT_PORT_MAX";
 }
+
+/// Default SNAT port range: above the kernel's default `ip_local_port_range` (32768-60999) and
+/// the default NodePort range (30000-32767).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
 
 /// Default hairpin source address (Cilium uses the same link-local address).
 pub const DEFAULT_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
@@ -97,7 +108,8 @@ const _: () = assert!(size_of::<Lb4ServiceKey>() == 8);
 pub struct Lb4Service {
     /// Frontend id: index into `LB4_SVC_STATS`; never 0.
     pub id: u32,
-    /// Backends that new flows may use; 0 means new flows are dropped (no backend).
+    /// Backends that new flows may use; 0 means new flows are rejected (or dropped, see
+    /// `SVC_FLAG_LOCAL_ONLY`).
     pub backend_count: u32,
     /// First slot of this frontend's Maglev table in `LB4_MAGLEV`.
     pub maglev_offset: u32,
@@ -110,12 +122,14 @@ pub struct Lb4Service {
 }
 const _: () = assert!(size_of::<Lb4Service>() == 24);
 
-/// `internalTrafficPolicy: Local`: when `backend_count` is 0 the drop is counted as
-/// `DROP_NO_LOCAL_BACKEND`.
+/// `internalTrafficPolicy: Local` with usable endpoints on other nodes: when `backend_count` is 0,
+/// new flows are dropped (`DROP_NO_LOCAL_BACKEND`), as kube-proxy does. Without the flag, a
+/// frontend with no backend rejects new flows (ICMP port unreachable, `REJECT_NO_BACKEND`).
 pub const SVC_FLAG_LOCAL_ONLY: u32 = 1;
 /// The Service is gone (deleted, or its address or port changed): the entry stays, with no
 /// backend and no table, only while tracked flows made for it are alive, so that they keep their
-/// backends as under netfilter conntrack. New flows get the no-backend answer.
+/// backends as under netfilter conntrack. New flows are rejected, as to a Service without
+/// endpoints.
 pub const SVC_FLAG_TOMBSTONE: u32 = 2;
 
 /// Value of `LB4_BACKENDS`, indexed by backend id (0 is never a backend).
@@ -184,6 +198,11 @@ pub const MEMBER_DRAINING: u8 = 3;
 /// whether the flow is alive, and a reply entry is honoured only while its forward entry is alive
 /// and names the same backend (else the datapath removes it). A forward entry whose reply entry
 /// was evicted rebuilds it when it is refreshed.
+///
+/// Two flows from one client port to two Service addresses whose backends are the same would
+/// share one reply key (a tuple clash). The second one is given another source port
+/// (`Lb4CtEntry::snat_port`, from the datapath's SNAT port range), as netfilter's NAT does, so
+/// that every live flow has its own reply key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lb4CtKey {
@@ -211,13 +230,14 @@ impl Lb4CtKey {
     /// The key of the forward entry of the flow that reply entry `self` (holding `e`) belongs
     /// to: the client's tuple towards the service address. The client is the reply's
     /// destination, or its source when the flow is hairpinned (the client is its own backend and
-    /// the reply goes to the hairpin address).
+    /// the reply goes to the hairpin address); its port is the reply's destination port, or the
+    /// one the entry keeps when the flow was given another source port.
     #[inline(always)]
     pub fn forward_of_reply(&self, e: &Lb4CtEntry) -> Self {
         Self {
             saddr: if e.flags & CT_FLAG_HAIRPIN != 0 { self.saddr } else { self.daddr },
             daddr: e.nat_addr,
-            sport: self.dport,
+            sport: if e.snat_port != 0 { e.snat_port } else { self.dport },
             dport: e.nat_port,
             proto: self.proto,
             dir: CT_DIR_FORWARD,
@@ -230,11 +250,18 @@ impl Lb4CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Lb4CtEntry {
-    /// `bpf_ktime_get_ns()` when the flow was created.
-    pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` when a packet of the flow was last seen (refreshed at most every
-    /// `CT_REFRESH_INTERVAL_NS`).
+    /// `bpf_ktime_get_coarse_ns()` when a packet of the flow was last seen (refreshed at most
+    /// every `CT_REFRESH_INTERVAL_NS`).
     pub last_seen_ns: u64,
+    /// When the flow was created, in whole seconds of the same clock.
+    pub created_s: u32,
+    /// A flow whose tuple clashed (see `Lb4CtKey`) and was given another source port. Forward
+    /// entries: the source port the client's packets are rewritten to. Reply entries: the
+    /// client's own port, which replies are rewritten back to. 0: the client's port is kept.
+    /// Network byte order.
+    pub snat_port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
     /// Forward entries: the backend address the flow is DNATed to. Reply entries: the service
     /// address replies are rewritten back to (kept here rather than looked up by frontend id, so a
     /// reply costs one lookup and flows still drain after their frontend is removed). Network
@@ -267,6 +294,35 @@ pub const CT_STATE_SYN: u8 = 1;
 pub const CT_STATE_ESTABLISHED: u8 = 2;
 /// TCP after a FIN each way, or an RST.
 pub const CT_STATE_CLOSING: u8 = 3;
+
+/// Key of `LB4_FRAGS`: one IPv4 datagram in fragments, as its fragments all carry it (RFC 791:
+/// source, destination, protocol and identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4FragKey {
+    /// Source address, network byte order.
+    pub saddr: u32,
+    /// Destination address, network byte order.
+    pub daddr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Lb4FragKey>() == 12);
+
+/// Value of `LB4_FRAGS`: the ports of the datagram, read from its first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4FragPorts {
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+}
+const _: () = assert!(size_of::<Lb4FragPorts>() == 4);
 
 /// Key of `LB4_AFFINITY`: ClientIP session affinity, per client address and frontend.
 #[repr(C)]
@@ -436,6 +492,10 @@ mod pod {
     unsafe impl aya::Pod for Lb4MemberKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Member {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4FragPorts {}
 }
 
 #[cfg(test)]
@@ -465,7 +525,13 @@ mod tests {
         let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
         let (client, vip, backend, hairpin) =
             (ip([10, 244, 0, 5]), ip([10, 96, 0, 10]), ip([10, 244, 0, 9]), ip([169, 254, 42, 1]));
-        for (proto, hairpinned) in [(IPPROTO_TCP, false), (IPPROTO_UDP, false), (IPPROTO_TCP, true)] {
+        for (proto, hairpinned, snat) in [
+            (IPPROTO_TCP, false, 0u16),
+            (IPPROTO_UDP, false, 0),
+            (IPPROTO_TCP, true, 0),
+            (IPPROTO_TCP, false, 61_234),
+            (IPPROTO_UDP, true, 65_000),
+        ] {
             let client = if hairpinned { backend } else { client };
             let fwd = Lb4CtKey {
                 saddr: client,
@@ -480,18 +546,20 @@ mod tests {
                 nat_addr: vip,
                 nat_port: 80u16.to_be(),
                 flags: if hairpinned { CT_FLAG_HAIRPIN | CT_FLAG_FIN_CLIENT } else { CT_FLAG_FIN_BACKEND },
+                // A reply entry keeps the client's own port when the flow was given another one.
+                snat_port: if snat != 0 { fwd.sport } else { 0 },
                 ..Lb4CtEntry::default()
             };
             let reply = Lb4CtKey {
                 saddr: backend,
                 daddr: if hairpinned { hairpin } else { client },
                 sport: 8080u16.to_be(),
-                dport: fwd.sport,
+                dport: if snat != 0 { snat.to_be() } else { fwd.sport },
                 proto,
                 dir: CT_DIR_REPLY,
                 _pad: 0,
             };
-            assert_eq!(reply.forward_of_reply(&entry), fwd, "proto {proto} hairpin {hairpinned}");
+            assert_eq!(reply.forward_of_reply(&entry), fwd, "proto {proto} hairpin {hairpinned} snat {snat}");
         }
     }
 }
@@ -513,6 +581,10 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// (frontend, backend) memberships, those of Services gone but with live flows included.
     pub const MEMBERS: u32 = 262_144;
+    /// IPv4 datagrams in fragments being translated at once (Cilium's default too). Fixed: an
+    /// entry lives only while its datagram's fragments pass, so this bounds datagrams in flight,
+    /// not flows.
+    pub const FRAGS: u32 = 8_192;
 
     /// Every capacity the agent sets at load time, in one place: the flags fill it, the loader,
     /// the reconciler's allocators and the occupancy metrics read it.

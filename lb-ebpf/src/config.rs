@@ -2,7 +2,10 @@
 //! `EbpfLoader::override_global`. The defaults below apply when nothing is patched.
 
 use aya_ebpf::Global;
-use lb_common::{default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, IPPROTO_UDP};
+use lb_common::{
+    default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, DEFAULT_SNAT_PORTS,
+    IPPROTO_UDP,
+};
 
 const NS: u64 = 1_000_000_000;
 
@@ -18,6 +21,10 @@ static CT_TIMEOUT_UDP_NS: Global<u64> = Global::new(d::UDP_SECS * NS);
 static FLOW_HASH_SEED: Global<u32> = Global::new(DEFAULT_FLOW_HASH_SEED);
 #[unsafe(no_mangle)]
 static HAIRPIN_ADDR: Global<u32> = Global::new(u32::from_ne_bytes(DEFAULT_HAIRPIN_ADDR));
+#[unsafe(no_mangle)]
+static SNAT_PORT_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
+#[unsafe(no_mangle)]
+static SNAT_PORT_MAX: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.1 as u32);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -41,4 +48,10 @@ pub fn flow_hash_seed() -> u32 {
 #[inline(always)]
 pub fn hairpin_addr() -> u32 {
     HAIRPIN_ADDR.load()
+}
+
+/// The source ports given to flows whose tuple clashed: first and last, host order.
+#[inline(always)]
+pub fn snat_ports() -> (u32, u32) {
+    (SNAT_PORT_MIN.load(), SNAT_PORT_MAX.load())
 }

@@ -2,16 +2,16 @@
 //! backend, and the reply entries that reverse NAT uses.
 
 use lb_common::{
-    Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_FIN_BACKEND,
-    CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
+    hash::lb4_flow_hash, Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD, CT_DIR_REPLY,
+    CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
 };
 
 /// `BPF_NOEXIST`: insert only where no entry is.
 const BPF_NOEXIST: u64 = 1;
 
 use crate::{
-    config::{ct_timeout_ns, hairpin_addr},
+    config::{ct_timeout_ns, hairpin_addr, snat_ports},
     maps::{LB4_CT, LB4_MEMBERS},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -29,15 +29,22 @@ pub fn forward_key(f: &Flow) -> Lb4CtKey {
     }
 }
 
-/// The key under which the backend's replies are found: they are addressed to the client, or to
-/// the hairpin address when the client is its own backend.
+/// The key under which the backend's replies are found: they are addressed to the client (or to
+/// the hairpin address when the client is its own backend), at the client's port (or the one the
+/// flow was given when its tuple clashed).
 #[inline(always)]
-pub fn reply_key(f: &Flow, backend_addr: u32, backend_port: u16, client_addr: u32) -> Lb4CtKey {
+pub fn reply_key(
+    f: &Flow,
+    backend_addr: u32,
+    backend_port: u16,
+    client_addr: u32,
+    client_port: u16,
+) -> Lb4CtKey {
     Lb4CtKey {
         saddr: backend_addr,
         daddr: client_addr,
         sport: backend_port,
-        dport: f.sport,
+        dport: client_port,
         proto: f.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
@@ -130,6 +137,8 @@ pub struct Tracked {
     pub port: u16,
     pub svc_id: u32,
     pub hairpin: bool,
+    /// The source port the flow was given (its tuple clashed); 0: kept.
+    pub snat_port: u16,
 }
 
 pub enum Lookup {
@@ -169,33 +178,56 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
     advance(e, f.proto, f.tcp_flags, CT_FLAG_FIN_CLIENT, now);
     let hairpin = e.flags & CT_FLAG_HAIRPIN != 0;
     // Copied out before any insert: an LRU map reuses an evicted element's memory at once.
-    let tracked = Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin };
+    let tracked =
+        Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin, snat_port: e.snat_port };
     if refresh || e.state != state || e.flags != bits {
         // The reply entry's time, state and FIN bits follow the flow's, so that it never outlives its
         // forward entry by more than a refresh interval (a reply entry past its own timeout is
         // never used to rebuild the flow). Under table pressure it may have been evicted: put it
         // back, so the flow keeps working both ways. A lookup first: inserting into a full LRU
         // map evicts.
-        let rev_key = reply_key(f, e.nat_addr, e.nat_port, if hairpin { hairpin_addr() } else { f.saddr });
+        let client = if hairpin { hairpin_addr() } else { f.saddr };
+        let rev_key = reply_key(f, e.nat_addr, e.nat_port, client, client_port(e, f));
         match LB4_CT.get_ptr_mut(&rev_key) {
             Some(rev) => {
                 // SAFETY: a valid map value pointer.
                 let rev = unsafe { &mut *rev };
-                // Only this flow's: another flow's reply entry may sit under the same key (two
-                // Service addresses with one backend, one client port).
-                if rev.nat_addr == f.daddr && rev.nat_port == f.dport {
+                // Only this flow's (a stale one of another flow may still sit there).
+                let snat = if e.snat_port != 0 { f.sport } else { 0 };
+                if rev.nat_addr == f.daddr && rev.nat_port == f.dport && rev.snat_port == snat {
                     rev.last_seen_ns = now;
                     rev.state = e.state;
                     rev.flags = e.flags;
                 }
             }
             None => {
-                let rev = Lb4CtEntry { nat_addr: f.daddr, nat_port: f.dport, ..*e };
+                let rev = reply_entry(e, f);
                 let _ = LB4_CT.insert(&rev_key, &rev, 0);
             }
         }
     }
     Lookup::Hit(tracked)
+}
+
+/// The port the client of forward entry `e` (for packet `f`) is seen with by its backend.
+#[inline(always)]
+fn client_port(e: &Lb4CtEntry, f: &Flow) -> u16 {
+    if e.snat_port != 0 {
+        e.snat_port
+    } else {
+        f.sport
+    }
+}
+
+/// The reply entry of forward entry `e`, made by packet `f` (client → service).
+#[inline(always)]
+fn reply_entry(e: &Lb4CtEntry, f: &Flow) -> Lb4CtEntry {
+    Lb4CtEntry {
+        nat_addr: f.daddr,
+        nat_port: f.dport,
+        snat_port: if e.snat_port != 0 { f.sport } else { 0 },
+        ..*e
+    }
 }
 
 /// The backend chosen for a new flow.
@@ -208,24 +240,147 @@ pub struct Chosen {
     pub hairpin: Option<u32>,
 }
 
-/// Records a new flow: the forward entry (client → VIP, DNAT to the backend) and the reply entry
-/// (backend → client, SNAT back to the VIP). Returns false if either could not be stored.
+/// Why a new flow could not be recorded.
+pub enum CreateError {
+    /// Its reply tuple belongs to a live flow and no other source port was free: the flow must
+    /// not go on (its replies would reach the other flow's client).
+    NoPort,
+    /// The forward entry could not be stored: the flow goes on untracked, from this source port
+    /// (0: the client's), whose reply entry is stored.
+    Insert(u16),
+}
+
+/// What a reply key holds, for a new flow of forward key `fwd_key`.
+#[derive(PartialEq, Eq)]
+enum Slot {
+    /// Nothing: taken with an insert that fails if another CPU takes it first.
+    Empty,
+    /// An entry of this very flow (its forward entry was evicted, or it is created again).
+    Own,
+    /// An entry whose flow is gone: overwritten.
+    Stale,
+    /// An entry of another live flow: never overwritten.
+    Taken,
+}
+
 #[inline(always)]
-pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> bool {
-    let state = initial_state(f);
-    let fwd = Lb4CtEntry {
-        created_ns: now,
+fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
+    // SAFETY: the values are copied out at once.
+    let Some(e) = (unsafe { LB4_CT.get(key) }).copied() else {
+        return Slot::Empty;
+    };
+    let owner = key.forward_of_reply(&e);
+    if owner == *fwd_key {
+        return Slot::Own;
+    }
+    // SAFETY: as above.
+    let live = match unsafe { LB4_CT.get(&owner) } {
+        Some(fwd) => serves_reply(fwd, key, e.snat_port, now),
+        // Evicted: the datapath rebuilds it from a reply while the reply entry is in time.
+        None => !expired(&e, key.proto, now),
+    };
+    if live {
+        Slot::Taken
+    } else {
+        Slot::Stale
+    }
+}
+
+/// Stores reply entry `rev` under `key` unless the key belongs to another live flow; an empty
+/// key only if no other CPU took it meanwhile.
+#[inline(always)]
+fn claim(key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
+    match slot(key, fwd_key, now) {
+        Slot::Empty => LB4_CT.insert(key, rev, BPF_NOEXIST).is_ok(),
+        Slot::Own | Slot::Stale => LB4_CT.insert(key, rev, 0).is_ok(),
+        Slot::Taken => false,
+    }
+}
+
+/// Source ports tried for a flow whose reply tuple clashed, before it is dropped.
+const SNAT_TRIES: u32 = 8;
+
+/// The `i`-th source port tried for the flow of forward key `fwd_key`: a sequence through the SNAT
+/// range that depends only on the flow's tuple, so that every CPU, and the flow again after its
+/// forward entry was evicted, tries the same ports in the same order.
+#[inline(always)]
+fn snat_candidate(fwd_key: &Lb4CtKey, i: u32) -> Option<u16> {
+    let (min, max) = snat_ports();
+    if max < min || max > 65_535 {
+        return None;
+    }
+    // At least 1 (checked: a division by zero would be a panic, which BPF cannot have).
+    let span = max - min + 1;
+    if span == 0 {
+        return None;
+    }
+    let h = lb4_flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17);
+    Some(((min + (h % span + i) % span) as u16).to_be())
+}
+
+/// The source-port allocator for flows whose reply tuple clashed (the NodePort SNAT path is to
+/// use it too): the first port of the flow's sequence ([`snat_candidate`]) under which no other
+/// live flow's reply entry lies, claimed with reply entry `rev` (its `snat_port` set). Ports come
+/// from the range the agent set, outside the node's `ip_local_port_range`. With `own_only`, only
+/// a port this flow already holds is taken (a flow picked up again mid-stream keeps its port).
+#[inline(always)]
+fn alloc_port(
+    rev_key: &Lb4CtKey,
+    fwd_key: &Lb4CtKey,
+    rev: &Lb4CtEntry,
+    now: u64,
+    own_only: bool,
+) -> Option<u16> {
+    let mut key = *rev_key;
+    for i in 0..SNAT_TRIES {
+        key.dport = snat_candidate(fwd_key, i)?;
+        if own_only {
+            if slot(&key, fwd_key, now) == Slot::Own && LB4_CT.insert(&key, rev, 0).is_ok() {
+                return Some(key.dport);
+            }
+        } else if claim(&key, fwd_key, rev, now) {
+            return Some(key.dport);
+        }
+    }
+    None
+}
+
+/// Records a new flow: the forward entry (client → VIP, DNAT to the backend) and the reply entry
+/// (backend → client, SNAT back to the VIP). A reply key that belongs to another live flow is
+/// never overwritten: the new flow is given another source port. A TCP flow picked up mid-stream
+/// (its forward entry was evicted) first looks for the port it had. Returns the source port
+/// given (0: the client's is kept).
+#[inline(always)]
+pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16, CreateError> {
+    let mut fwd = Lb4CtEntry {
         last_seen_ns: now,
+        created_s: (now / 1_000_000_000) as u32,
+        snat_port: 0,
+        _pad: 0,
         nat_addr: c.addr,
         nat_port: c.port,
-        state,
+        state: initial_state(f),
         flags: if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 },
         backend_id: c.id,
         svc_id: c.svc_id,
     };
-    let rev = Lb4CtEntry { nat_addr: f.daddr, nat_port: f.dport, ..fwd };
-    let rev_key = reply_key(f, c.addr, c.port, c.hairpin.unwrap_or(f.saddr));
-    LB4_CT.insert(&rev_key, &rev, 0).is_ok() && LB4_CT.insert(fwd_key, &fwd, 0).is_ok()
+    let rev_key = reply_key(f, c.addr, c.port, c.hairpin.unwrap_or(f.saddr), f.sport);
+    let plain = reply_entry(&fwd, f);
+    // Reply entries of an SNATed flow keep the client's own port.
+    let snat_rev = Lb4CtEntry { snat_port: f.sport, ..plain };
+    let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
+    let own = if pickup { alloc_port(&rev_key, fwd_key, &snat_rev, now, true) } else { None };
+    let port = match own {
+        Some(p) => p,
+        None if claim(&rev_key, fwd_key, &plain, now) => 0,
+        None => alloc_port(&rev_key, fwd_key, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+    };
+    fwd.snat_port = port;
+    if LB4_CT.insert(fwd_key, &fwd, 0).is_ok() {
+        Ok(port)
+    } else {
+        Err(CreateError::Insert(port))
+    }
 }
 
 /// A tracked reply: the service address to rewrite the source to.
@@ -233,6 +388,8 @@ pub struct Reply {
     pub vip: u32,
     pub vport: u16,
     pub hairpin: bool,
+    /// The client's own port, when the flow was given another source port; 0: none.
+    pub client_port: u16,
 }
 
 pub enum ReplyLookup {
@@ -243,10 +400,15 @@ pub enum ReplyLookup {
     Found(Reply),
 }
 
-/// Whether forward entry `fwd` is alive and names backend `key.saddr:key.sport` of reply `key`.
+/// Whether forward entry `fwd` is alive and names backend `key.saddr:key.sport` of reply `key`,
+/// and the client port the reply goes to (`rev_snat` is the reply entry's `snat_port`).
 #[inline(always)]
-fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, now: u64) -> bool {
-    !expired(fwd, key.proto, now) && fwd.nat_addr == key.saddr && fwd.nat_port == key.sport
+fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, rev_snat: u16, now: u64) -> bool {
+    let port = if rev_snat != 0 { key.dport } else { 0 };
+    !expired(fwd, key.proto, now)
+        && fwd.nat_addr == key.saddr
+        && fwd.nat_port == key.sport
+        && fwd.snat_port == port
 }
 
 /// Looks up a reply packet (backend → client). The reply entry is honoured only while its flow's
@@ -271,7 +433,13 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     };
     // SAFETY: as in lookup_forward.
     let e = unsafe { &mut *entry };
-    let r = Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 };
+    let r = Reply {
+        vip: e.nat_addr,
+        vport: e.nat_port,
+        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
+        client_port: e.snat_port,
+    };
+    let rev_snat = e.snat_port;
     let fwd_key = key.forward_of_reply(e);
     let mut rebuilt = false;
     let fwd = match LB4_CT.get_ptr_mut(&fwd_key) {
@@ -283,7 +451,8 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
                 let _ = LB4_CT.remove(&key);
                 return ReplyLookup::Stale;
             }
-            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, ..*e };
+            let snat_port = if e.snat_port != 0 { key.dport } else { 0 };
+            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, snat_port, ..*e };
             // Only where no entry is: a new flow may have taken the tuple meanwhile.
             let _ = LB4_CT.insert(&fwd_key, &entry, BPF_NOEXIST);
             // The insert may have evicted the reply entry and reused its memory: `e` is not
@@ -300,7 +469,7 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     // A SYN-ACK answers a new connection: on the tuple of a connection that is closing, it is a
     // direct one to the pod from the same client port, not the Service's.
     let reopened = f.tcp_flags & TCP_SYN != 0 && (fwd.state == CT_STATE_CLOSING || fwd.flags & FIN_BOTH != 0);
-    if reopened || !serves_reply(fwd, &key, now) {
+    if reopened || !serves_reply(fwd, &key, rev_snat, now) {
         let _ = LB4_CT.remove(&key);
         return ReplyLookup::Stale;
     }
@@ -326,10 +495,15 @@ pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, now
     let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
     // SAFETY: the values are copied out at once.
     let e = unsafe { LB4_CT.get(&key) }?;
-    let r = Reply { vip: e.nat_addr, vport: e.nat_port, hairpin: e.flags & CT_FLAG_HAIRPIN != 0 };
+    let r = Reply {
+        vip: e.nat_addr,
+        vport: e.nat_port,
+        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
+        client_port: e.snat_port,
+    };
     // SAFETY: as above.
     let fwd = unsafe { LB4_CT.get(&key.forward_of_reply(e)) }?;
-    serves_reply(fwd, &key, now).then_some(r)
+    serves_reply(fwd, &key, e.snat_port, now).then_some(r)
 }
 
 /// Backend `backend_id` of frontend `svc_id`, if a new flow may take it from an affinity entry:

@@ -6,6 +6,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
+    helpers::bpf_xdp_adjust_meta,
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -48,6 +49,44 @@ pub trait PacketCtx: EbpfContext {
 
     /// Writes `addr` and `port` into one side of `f`, keeping the IPv4 and L4 checksums right.
     fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
+
+    /// Whether this hook can send a packet back out of the interface it came in on and rebuild
+    /// packets (TC). XDP leaves packets that need either to the TC program (`XDP_TO_TC`).
+    const TC: bool;
+
+    /// Whether the L4 checksum of `f` may be partial, which a hook that rewrites checksums
+    /// incrementally cannot tell from a full one (XDP); false where the kernel's helpers know.
+    fn csum_maybe_partial(&self, f: &Flow) -> bool;
+
+    /// Sends the (rewritten) packet back out of the interface it came in on, to the pod that sent
+    /// it, its Ethernet addresses swapped: hairpinned packets go from a pod to itself without
+    /// the node's stack (and its netfilter) seeing half a translation. TC only.
+    fn bounce(&self) -> Self::Ret;
+
+    /// Replaces the packet `f` by an ICMP port unreachable to its sender and bounces it; `Err`
+    /// when it gets no answer (see `lb_common::reject`). TC only.
+    fn reject(&self, f: &Flow) -> Result<Self::Ret, ()>;
+
+    /// XDP: marks a packet it let pass as decided (in the metadata in front of it, which the
+    /// kernel hands on to the socket buffer), so that the TC forward program behind it leaves it
+    /// alone. A no-op where nothing runs behind (TC).
+    fn mark_decided(&self) {}
+}
+
+/// The mark XDP leaves in a packet's metadata ("LBXD").
+pub const XDP_DECIDED: u32 = 0x4c42_5844;
+
+/// TC: whether the XDP program in front already decided this packet (see
+/// [`PacketCtx::mark_decided`]); the TC forward program then lets it go on uncounted.
+#[inline(always)]
+pub fn decided_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: reading context fields.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    match parse::ptr_at::<u32>(meta, data, 0) {
+        // SAFETY: bounds checked against the start of the packet by ptr_at.
+        Some(p) => unsafe { *p == XDP_DECIDED },
+        None => false,
+    }
 }
 
 /// `TCX_NEXT` (= `TC_ACT_UNSPEC`): no verdict, the next program (or filter) decides; after the
@@ -94,6 +133,24 @@ impl PacketCtx for TcContext {
     fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
         nat::rewrite_tc(self, f, side, addr, port).map_err(|_| ())
     }
+
+    const TC: bool = true;
+
+    /// The helpers know the socket buffer's checksum state.
+    #[inline(always)]
+    fn csum_maybe_partial(&self, _f: &Flow) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn bounce(&self) -> i32 {
+        nat::bounce_tc(self)
+    }
+
+    #[inline(always)]
+    fn reject(&self, _f: &Flow) -> Result<i32, ()> {
+        nat::reject_tc(self)
+    }
 }
 
 /// Makes the first `want` bytes (or the whole packet) readable through direct packet access (they
@@ -132,5 +189,37 @@ impl PacketCtx for XdpContext {
     #[inline(always)]
     fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
         nat::rewrite_xdp(self, f, side, addr, port)
+    }
+
+    const TC: bool = false;
+
+    #[inline(always)]
+    fn csum_maybe_partial(&self, f: &Flow) -> bool {
+        nat::csum_maybe_partial(XdpContext::data(self), XdpContext::data_end(self), f)
+    }
+
+    /// Never called: the pipeline leaves such packets to TC.
+    #[inline(always)]
+    fn bounce(&self) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    /// Never called: the pipeline leaves such packets to TC.
+    #[inline(always)]
+    fn reject(&self, _f: &Flow) -> Result<u32, ()> {
+        Err(())
+    }
+
+    #[inline(always)]
+    fn mark_decided(&self) {
+        // SAFETY: a valid XDP context; the helper only moves the metadata's start.
+        if unsafe { bpf_xdp_adjust_meta(self.ctx, -4) } != 0 {
+            // No room or no metadata support in this driver: TC looks at the packet again.
+            return;
+        }
+        if let Some(p) = parse::ptr_at::<u32>(self.metadata(), XdpContext::data(self), 0) {
+            // SAFETY: bounds checked against the start of the packet by ptr_at.
+            unsafe { *p = XDP_DECIDED };
+        }
     }
 }

@@ -1,19 +1,20 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
 //! session affinity, Maglev selection, hairpin. It only decides; the pipeline rewrites the packet.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, EbpfContext};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_log_ebpf::warn;
 use lb_common::{
-    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service, Lb4ServiceKey,
-    BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SVC_FLAG_LOCAL_ONLY,
+    counters, hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service,
+    Lb4ServiceKey, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SVC_FLAG_LOCAL_ONLY,
 };
 
 use crate::{
     config::{flow_hash_seed, hairpin_addr},
-    conntrack::{self, Chosen, Lookup, ReplyLookup},
+    conntrack::{self, Chosen, CreateError, Lookup, ReplyLookup},
+    ctx::PacketCtx,
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
     monitor,
-    parse::{Flow, IcmpError, TCP_RST},
+    parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
     stats::{count, svc_update},
 };
 
@@ -31,6 +32,11 @@ pub enum Action {
     Drop(u32),
     /// Rewrite the packet, then count `counter`.
     Rewrite { nat: Nat, counter: u32 },
+    /// Rewrite the packet and send it back out of the interface it came in on (a hairpinned
+    /// flow: the pod is its own backend), then count `counter`. TC only.
+    Bounce { nat: Nat, counter: u32 },
+    /// Answer with an ICMP port unreachable, then count `counter`. TC only.
+    Reject(u32),
 }
 
 #[inline(always)]
@@ -69,17 +75,25 @@ fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
 }
 
 /// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
-/// translate hairpinned replies (addressed to the hairpin address).
+/// translate hairpinned replies (addressed to the hairpin address). A hook that cannot bounce or
+/// reject packets, or cannot tell a partial checksum (XDP), leaves the packets that need it to
+/// TC untouched, before anything is counted or stored for them.
 #[inline(always)]
-pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
+pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     let svc_key = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, _pad: 0 };
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
         if f.daddr == hairpin_addr() {
+            if !C::TC {
+                return Action::Pass(counters::XDP_TO_TC);
+            }
             return hairpin_reply(f);
         }
         return Action::Pass(counters::PASS_NON_VIP);
     };
+    if !f.later_fragment && ctx.csum_maybe_partial(f) {
+        return Action::Pass(counters::XDP_PARTIAL_CSUM);
+    }
     if f.first_fragment {
         count(counters::FIRST_FRAGMENT);
     }
@@ -87,14 +101,22 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     let ct_key = conntrack::forward_key(f);
     match conntrack::lookup_forward(&ct_key, f, svc.id, now) {
         Lookup::Hit(t) => {
+            if t.hairpin && !C::TC {
+                return Action::Pass(counters::XDP_TO_TC);
+            }
             svc_update(t.svc_id, |s| {
                 s.packets += 1;
                 s.bytes += u64::from(pkt_len);
             });
-            let src = if t.hairpin { Some((hairpin_addr(), f.sport)) } else { None };
-            let nat = Nat { src, dst: Some((t.addr, t.port)) };
-            return Action::Rewrite { nat, counter: counters::FWD_ESTABLISHED };
+            let nat = Nat { src: client_nat(f, t.hairpin, t.snat_port), dst: Some((t.addr, t.port)) };
+            let counter = counters::FWD_ESTABLISHED;
+            if t.hairpin {
+                return Action::Bounce { nat, counter };
+            }
+            return Action::Rewrite { nat, counter };
         }
+        // A later fragment only follows its first one's flow; it never makes one.
+        _ if f.later_fragment => return Action::Pass(counters::PASS_FRAGMENT),
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }
@@ -105,20 +127,28 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     }
 
     if svc.backend_count == 0 || svc.maglev_size == 0 {
+        // internalTrafficPolicy Local with endpoints on other nodes only: dropped, as kube-proxy
+        // does. No endpoints at all (or a Service that is gone): rejected, as kube-proxy does.
+        let local_only = svc.flags & SVC_FLAG_LOCAL_ONLY != 0;
+        if !local_only && !C::TC {
+            return Action::Pass(counters::XDP_TO_TC);
+        }
         svc_update(svc.id, |s| s.drops += 1);
-        let reason = if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
-            counters::DROP_NO_LOCAL_BACKEND
-        } else {
-            counters::DROP_NO_BACKEND
+        // An answer only where RFC 1122 allows one, and for headers the reject quotes whole.
+        let answerable = f.l4_off == ETH_HLEN + 20 && reject::answerable(0x45, f.saddr.to_ne_bytes());
+        let reason = match (local_only, answerable) {
+            (true, _) => counters::DROP_NO_LOCAL_BACKEND,
+            (false, true) => counters::REJECT_NO_BACKEND,
+            (false, false) => counters::DROP_NO_BACKEND,
         };
         monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
+        if reason == counters::REJECT_NO_BACKEND {
+            return Action::Reject(reason);
+        }
         return Action::Drop(reason);
     }
     let sticky =
         if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, f.proto, now) } else { None };
-    if sticky.is_some() {
-        count(counters::AFFINITY_HIT);
-    }
     let Some((id, backend)) = sticky.or_else(|| maglev_backend(&svc, f)) else {
         // The agent never publishes a table that points at a missing backend.
         warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
@@ -126,39 +156,89 @@ pub fn lb4_forward<C: EbpfContext>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         monitor::emit(f, EVENT_DROP, counters::DROP_NO_BACKEND, (0, 0), svc.id, now);
         return Action::Drop(counters::DROP_NO_BACKEND);
     };
+    let hairpinned = backend.addr == f.saddr;
+    if hairpinned && !C::TC {
+        return Action::Pass(counters::XDP_TO_TC);
+    }
+    if sticky.is_some() {
+        count(counters::AFFINITY_HIT);
+    }
     if svc.affinity_timeout_secs != 0 {
         let key = Lb4AffinityKey { client: f.saddr, svc_id: svc.id };
         let value = Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 };
         let _ = LB4_AFFINITY.insert(&key, &value, 0);
     }
-    let hairpin = if backend.addr == f.saddr {
+    let hairpin = if hairpinned {
         count(counters::HAIRPIN);
         Some(hairpin_addr())
     } else {
         None
     };
     let chosen = Chosen { id, addr: backend.addr, port: backend.port, svc_id: svc.id, hairpin };
-    if !conntrack::create(&ct_key, f, &chosen, now) {
-        warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
-        count(counters::CT_INSERT_FAILED);
-    }
+    let snat_port = match conntrack::create(&ct_key, f, &chosen, now) {
+        Ok(port) => {
+            if port != 0 {
+                count(counters::SNAT_PORT);
+            }
+            port
+        }
+        Err(CreateError::NoPort) => {
+            svc_update(svc.id, |s| s.drops += 1);
+            monitor::emit(f, EVENT_DROP, counters::DROP_SNAT_NO_PORT, (0, 0), svc.id, now);
+            return Action::Drop(counters::DROP_SNAT_NO_PORT);
+        }
+        Err(CreateError::Insert(port)) => {
+            warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
+            count(counters::CT_INSERT_FAILED);
+            if port != 0 {
+                count(counters::SNAT_PORT);
+            }
+            port
+        }
+    };
     svc_update(svc.id, |s| {
         s.packets += 1;
         s.bytes += u64::from(pkt_len);
         s.new_flows += 1;
     });
     monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
-    let nat = Nat { src: hairpin.map(|a| (a, f.sport)), dst: Some((backend.addr, backend.port)) };
-    Action::Rewrite { nat, counter: counters::FWD_NEW_FLOW }
+    let nat = Nat { src: client_nat(f, hairpinned, snat_port), dst: Some((backend.addr, backend.port)) };
+    let counter = counters::FWD_NEW_FLOW;
+    if hairpinned {
+        return Action::Bounce { nat, counter };
+    }
+    Action::Rewrite { nat, counter }
+}
+
+/// The source a flow's packets leave with: the hairpin address when the client is its own
+/// backend, and the port the flow was given when its tuple clashed (`snat_port`, 0: none).
+#[inline(always)]
+fn client_nat(f: &Flow, hairpin: bool, snat_port: u16) -> Option<(u32, u16)> {
+    if !hairpin && snat_port == 0 {
+        return None;
+    }
+    let addr = if hairpin { hairpin_addr() } else { f.saddr };
+    Some((addr, if snat_port != 0 { snat_port } else { f.sport }))
+}
+
+/// The client port a reply goes back to: its own, where the flow was given another.
+#[inline(always)]
+fn reply_port(f: &Flow, client_port: u16) -> u16 {
+    if client_port != 0 {
+        client_port
+    } else {
+        f.dport
+    }
 }
 
 /// A pod's reply to itself through a service comes back addressed to the hairpin address: its
-/// source goes back to the service, its destination back to the pod.
+/// source goes back to the service, its destination back to the pod, and it goes straight back
+/// to the pod.
 #[inline(always)]
 fn hairpin_reply(f: &Flow) -> Action {
     match conntrack::lookup_reply(f, now_ns()) {
-        ReplyLookup::Found(r) if r.hairpin => Action::Rewrite {
-            nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, f.dport)) },
+        ReplyLookup::Found(r) if r.hairpin => Action::Bounce {
+            nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, reply_port(f, r.client_port))) },
             counter: counters::REV_NAT,
         },
         ReplyLookup::Stale => Action::Pass(counters::PASS_STALE_REPLY_CT),
@@ -171,7 +251,10 @@ fn hairpin_reply(f: &Flow) -> Action {
 pub fn lb4_reply(f: &Flow) -> Action {
     match conntrack::lookup_reply(f, now_ns()) {
         ReplyLookup::Found(r) => Action::Rewrite {
-            nat: Nat { src: Some((r.vip, r.vport)), dst: None },
+            nat: Nat {
+                src: Some((r.vip, r.vport)),
+                dst: (r.client_port != 0).then(|| (f.daddr, r.client_port)),
+            },
             counter: counters::REV_NAT,
         },
         ReplyLookup::Stale => Action::Pass(counters::PASS_STALE_REPLY_CT),
@@ -180,13 +263,14 @@ pub fn lb4_reply(f: &Flow) -> Action {
 }
 
 /// Reply direction, ICMP errors: the VIP and port of the load-balanced flow the quoted packet
-/// belongs to (the quote is client → backend; its reply entry is backend → client), if the error
-/// goes to that client. Hairpinned flows are left alone.
+/// belongs to (the quote is client → backend; its reply entry is backend → client), and the
+/// client's own port where the flow was given another (0: none), if the error goes to that
+/// client. Hairpinned flows are left alone.
 #[inline(always)]
-pub fn lb4_reply_icmp(e: &IcmpError) -> Option<(u32, u16)> {
+pub fn lb4_reply_icmp(e: &IcmpError) -> Option<(u32, u16, u16)> {
     if e.outer_daddr != e.saddr {
         return None;
     }
     let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, now_ns())?;
-    (!r.hairpin).then_some((r.vip, r.vport))
+    (!r.hairpin).then_some((r.vip, r.vport, r.client_port))
 }

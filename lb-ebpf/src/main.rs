@@ -2,7 +2,8 @@
 //! (`pipeline`: parse, decide (`lb`), rewrite (`nat`), count) for its hook (`ctx`).
 //!
 //! - `lb4_tc_forward`: TC ingress of a pod's host-side interface (traffic leaving the pod).
-//! - `lb4_xdp_forward`: the same decision as an XDP program (`--datapath xdp`).
+//! - `lb4_xdp_forward`: the same decision as an XDP program (`--datapath xdp`), in front of
+//!   `lb4_tc_forward`, which takes what XDP leaves to it and lets the rest go on.
 //! - `lb4_tc_reply`: TC egress of a pod's host-side interface (traffic towards the pod).
 #![no_std]
 #![no_main]
@@ -10,6 +11,7 @@
 mod config;
 mod conntrack;
 mod ctx;
+mod frags;
 mod lb;
 mod maps;
 mod monitor;
@@ -28,6 +30,10 @@ use crate::stats::count;
 
 #[classifier]
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
+    // In XDP mode, behind the XDP program: what it decided goes on, uncounted here.
+    if ctx::decided_by_xdp(&ctx) {
+        return ctx::TC_NEXT;
+    }
     count(counters::RX_FORWARD);
     pipeline::lb4_forward(&ctx)
 }

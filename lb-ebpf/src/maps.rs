@@ -9,8 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta,
-    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, LbMonitorBucket,
+    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
+    Lb4FragPorts, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
+    LbMonitorBucket,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -95,3 +96,12 @@ pub static LB_MONITOR: Array<u32> = Array::pinned(1, 0);
 /// The monitor's token bucket per CPU. Written and read by the datapath.
 #[map(name = "LB_MON_RATE")]
 pub static LB_MON_RATE: PerCpuArray<LbMonitorBucket> = PerCpuArray::pinned(1, 0);
+
+/// IPv4 datagrams in fragments: (addresses, protocol, identification) → the ports of the first
+/// fragment, which alone carries them. Written by every program when it translates a first
+/// fragment; read for the non-first fragments of the same datagram, which are then translated
+/// the same way (addresses only: they carry no L4 header), as Cilium's `ENABLE_IPV4_FRAGMENTS`
+/// does. LRU: entries are never removed, a datagram's fragments pass within moments, and the
+/// first fragment of a later datagram with the same identification overwrites the entry.
+#[map(name = "LB4_FRAGS")]
+pub static LB4_FRAGS: LruHashMap<Lb4FragKey, Lb4FragPorts> = LruHashMap::pinned(capacity::FRAGS, 0);

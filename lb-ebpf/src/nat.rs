@@ -6,15 +6,21 @@
 //! carry full checksums, updated here incrementally (RFC 1624).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    csum,
+    reject::{port_unreachable, REJECT_IN, REJECT_OUT},
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
     ctx::PacketCtx,
     parse::{
-        ptr_at, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF,
+        ptr_at, EthHdr, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF,
+        UDP_CHECK_OFF,
     },
 };
 
@@ -86,6 +92,101 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -
     Ok(())
 }
 
+/// XDP: whether the L4 checksum field of `f` holds its pseudo-header sum, as a partial checksum
+/// does (a veth whose peer offloads transmit checksums, the default, delivers those). Rewriting
+/// it incrementally as if it were full would make a checksum that is wrong once completed, which
+/// only a receiver behind a device that completes it (a NIC, or a device without checksum
+/// offload) notices. UDP without a checksum (0) is never partial.
+#[inline(always)]
+pub fn csum_maybe_partial(data: usize, end: usize, f: &Flow) -> bool {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN) else { return true };
+    let check = if f.proto == IPPROTO_TCP {
+        match ptr_at::<TcpHdr>(data, end, f.l4_off) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(t) => unsafe { (*t).check },
+            None => return true,
+        }
+    } else {
+        match ptr_at::<UdpHdr>(data, end, f.l4_off) {
+            // SAFETY: bounds checked by ptr_at.
+            Some(u) => unsafe { (*u).check },
+            None => return true,
+        }
+    };
+    if f.proto == IPPROTO_UDP && check == 0 {
+        return false;
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let tot_len = u16::from_be(unsafe { (*ip).tot_len });
+    let l4_len = tot_len.wrapping_sub((f.l4_off - ETH_HLEN) as u16);
+    csum::maybe_partial(check, csum::pseudo_sum4(f.saddr, f.daddr, f.proto, l4_len))
+}
+
+/// TC: sends the packet back out of the interface it came in on, its Ethernet source and
+/// destination swapped (the pod's own address becomes the destination). Returns the verdict.
+#[inline(always)]
+pub fn bounce_tc(ctx: &TcContext) -> i32 {
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // SAFETY: bounds checked by ptr_at; no helper ran since.
+    unsafe {
+        let dst = (*eth).dst;
+        (*eth).dst = (*eth).src;
+        (*eth).src = dst;
+    }
+    // SAFETY: no preconditions; the context's ifindex is the interface the packet came in on.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// TC: turns the packet into the ICMP port unreachable that answers it and bounces it to its
+/// sender. `Err` when it gets no answer (the packet is to be dropped). The socket buffer keeps its
+/// checksum state: a partial checksum's offsets then point into the answer, which the pod's stack
+/// accepts as it is (a device without checksum offload that the pod forwarded it through would
+/// write into the quote).
+#[inline(always)]
+pub fn reject_tc(ctx: &TcContext) -> Result<i32, ()> {
+    let mut frame = [0u8; REJECT_IN];
+    // SAFETY: a valid socket buffer and a stack buffer of exactly the length asked for (the
+    // helper fails, leaving it untouched, when the packet is shorter).
+    let loaded = unsafe {
+        bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, frame.as_mut_ptr().cast(), REJECT_IN as u32)
+    };
+    if loaded != 0 {
+        return Err(());
+    }
+    let mut out = [0u8; REJECT_OUT];
+    if !port_unreachable(&frame, &mut out) {
+        return Err(());
+    }
+    // SAFETY: a valid socket buffer; the helper sets the packet's length, trimming or growing it.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, REJECT_OUT as u32, 0) } != 0 {
+        return Err(());
+    }
+    // From here the packet is the answer or nothing: a failed store drops it (counted as a drop).
+    ctx.store(0, &out, 0).map_err(|_| ())?;
+    // SAFETY: as in bounce_tc.
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
+}
+
+/// A non-first fragment: writes `addr` into one side of its IPv4 header, the header checksum
+/// updated incrementally (it carries no L4 header; its datagram's L4 checksum is in the first
+/// fragment). Direct writes, right for TC and XDP alike: the header's sum does not change.
+#[inline(always)]
+pub fn rewrite_ip(data: usize, end: usize, side: Side, addr: u32) -> Result<(), ()> {
+    let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        let field = match side {
+            Side::Source => core::ptr::addr_of_mut!((*ip).saddr),
+            Side::Destination => core::ptr::addr_of_mut!((*ip).daddr),
+        };
+        (*ip).check = csum::replace4((*ip).check, *field, addr);
+        *field = addr;
+    }
+    Ok(())
+}
+
 /// XDP: everything is written directly, the checksums updated incrementally.
 #[inline(always)]
 pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
@@ -108,13 +209,20 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16)
 }
 
 /// An ICMP error about a load-balanced flow, on its way to the client: the quoted packet (client →
-/// backend) becomes client → VIP again, with its IPv4 and L4 checksums and the ICMP checksum
+/// backend) becomes client → VIP again (from the client's own port, where the flow was given
+/// another), with its IPv4 and L4 checksums and the ICMP checksum
 /// updated; when the backend itself sent the error, its source becomes the VIP too. ICMP's
 /// checksum covers no pseudo-header, so every change is a plain incremental update, right for
 /// any socket-buffer checksum state (the covered bytes' sum does not change) and for XDP frames
 /// alike: no helper is needed, hence any [`PacketCtx`].
 #[inline(always)]
-pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, vip: u32, vport: u16) -> Result<(), i64> {
+pub fn rewrite_icmp_error<C: PacketCtx>(
+    ctx: &C,
+    e: &IcmpError,
+    vip: u32,
+    vport: u16,
+    client_port: u16,
+) -> Result<(), i64> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
     let icmp = ptr_at::<IcmpHdr>(data, end, e.icmp_off).ok_or(-1i64)?;
@@ -133,7 +241,12 @@ pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, vip: u32, vport:
         check = csum::replace2(check, old_ip_check, ip_check);
         (*ports).dest = vport;
         check = csum::replace2(check, old_port, vport);
-        // The quoted L4 checksum (pseudo-header and port), when it is in the quote.
+        // The client's own port, where the flow was given another source port.
+        let old_sport = (*ports).source;
+        let sport = if client_port != 0 { client_port } else { old_sport };
+        (*ports).source = sport;
+        check = csum::replace2(check, old_sport, sport);
+        // The quoted L4 checksum (pseudo-header and ports), when it is in the quote.
         let l4_check: Option<*mut u16> = match tcp {
             Some(t) => Some(core::ptr::addr_of_mut!((*t).check)),
             None if e.proto == IPPROTO_UDP && (*ports).check != 0 => {
@@ -144,6 +257,7 @@ pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, vip: u32, vport:
         if let Some(p) = l4_check {
             let old = *p;
             let mut new = csum::replace2(csum::replace4(old, old_addr, vip), old_port, vport);
+            new = csum::replace2(new, old_sport, sport);
             if e.proto == IPPROTO_UDP {
                 new = csum::udp_fixup(old, new);
             }

@@ -86,7 +86,13 @@ pub struct Flow {
     pub dport: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// The first fragment of a datagram in fragments (it carries the L4 header).
     pub first_fragment: bool,
+    /// A non-first fragment: no L4 header; the ports are its first fragment's (`LB4_FRAGS`).
+    /// Only addresses are rewritten.
+    pub later_fragment: bool,
+    /// IPv4 identification, network byte order (fragments of one datagram share it).
+    pub ip_id: u16,
 }
 
 impl Flow {
@@ -114,8 +120,38 @@ pub struct IcmpError {
     pub proto: u8,
 }
 
+/// A non-first IPv4 fragment of a TCP or UDP datagram: what finds its first fragment's ports.
+pub struct Fragment {
+    pub l4_off: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub ip_id: u16,
+}
+
+impl Fragment {
+    /// The fragment as a flow, with its first fragment's ports.
+    #[inline(always)]
+    pub fn flow(&self, sport: u16, dport: u16) -> Flow {
+        Flow {
+            l4_off: self.l4_off,
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport,
+            dport,
+            proto: self.proto,
+            tcp_flags: 0,
+            first_fragment: false,
+            later_fragment: true,
+            ip_id: self.ip_id,
+        }
+    }
+}
+
 pub enum Parsed {
     Flow(Flow),
+    /// A non-first fragment of a TCP or UDP datagram.
+    Fragment(Fragment),
     IcmpError(IcmpError),
     /// Not for lb: pass untouched and count.
     Pass(u32),
@@ -150,8 +186,9 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         return Parsed::Drop(counters::DROP_MALFORMED);
     };
     // SAFETY: bounds checked by ptr_at.
-    let (version_ihl, frag_off, proto, saddr, daddr) =
-        unsafe { ((*ip).version_ihl, u16::from_be((*ip).frag_off), (*ip).proto, (*ip).saddr, (*ip).daddr) };
+    let (version_ihl, frag_off, proto, saddr, daddr, ip_id) = unsafe {
+        ((*ip).version_ihl, u16::from_be((*ip).frag_off), (*ip).proto, (*ip).saddr, (*ip).daddr, (*ip).id)
+    };
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
         return Parsed::Drop(counters::DROP_MALFORMED);
@@ -161,7 +198,10 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         return Parsed::Drop(counters::DROP_MALFORMED);
     }
     if frag_off & IP_OFFSET != 0 {
-        return Parsed::Pass(counters::PASS_FRAGMENT);
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Parsed::Pass(counters::PASS_FRAGMENT);
+        }
+        return Parsed::Fragment(Fragment { l4_off, saddr, daddr, proto, ip_id });
     }
     // Each header is read through the one pointer that was bounds-checked for it: the verifier
     // loses track of a check made on a recomputed pointer.
@@ -188,6 +228,8 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         proto,
         tcp_flags,
         first_fragment: frag_off & IP_MF != 0,
+        later_fragment: false,
+        ip_id,
     })
 }
 

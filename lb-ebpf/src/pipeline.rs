@@ -7,6 +7,7 @@ use lb_common::counters;
 
 use crate::{
     ctx::PacketCtx,
+    frags,
     lb::{self, Action, Nat},
     nat::{self, Side},
     parse::{Flow, Parsed},
@@ -29,7 +30,8 @@ pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
         // An ICMP error about a load-balanced flow goes to the client as if about its packet to
         // the VIP (counted as reverse NAT); any other ICMP passes.
         let action = match lb::lb4_reply_icmp(e) {
-            Some((vip, vport)) => match nat::rewrite_icmp_error(ctx, e, vip, vport) {
+            Some((vip, vport, client_port)) => match nat::rewrite_icmp_error(ctx, e, vip, vport, client_port)
+            {
                 Ok(()) => Action::Pass(counters::REV_NAT),
                 Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
             },
@@ -41,27 +43,61 @@ pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
 }
 
 /// Decides what to do with a parsed packet, carries it out, counts the outcome and turns it into
-/// the hook's verdict.
+/// the hook's verdict. A non-first fragment is decided as its datagram's first fragment was, with
+/// the ports that fragment left in `LB4_FRAGS`.
 #[inline(always)]
 fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> Action) -> C::Ret {
-    let action = match parsed {
-        Parsed::Flow(f) => match decide(&f) {
-            Action::Rewrite { nat, counter } => match rewrite(ctx, &f, nat) {
-                Ok(()) => Action::Pass(counter),
-                Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
-            },
-            other => other,
+    let f = match parsed {
+        Parsed::Flow(f) => f,
+        Parsed::Fragment(frag) => match frags::ports(&frag) {
+            Some(p) => frag.flow(p.sport, p.dport),
+            None => return finish_marked(ctx, Action::Pass(counters::PASS_FRAGMENT)),
         },
-        Parsed::IcmpError(_) => Action::Pass(counters::PASS_OTHER_PROTO),
-        Parsed::Pass(c) => Action::Pass(c),
-        Parsed::Drop(c) => Action::Drop(c),
+        Parsed::IcmpError(_) => return finish_marked(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
+        Parsed::Pass(c) => return finish_marked(ctx, Action::Pass(c)),
+        Parsed::Drop(c) => return finish_marked(ctx, Action::Drop(c)),
     };
-    finish::<C>(action)
+    let action = match decide(&f) {
+        Action::Rewrite { nat, counter } => match rewrite(ctx, &f, nat) {
+            Ok(()) => {
+                frags::translated(&f);
+                Action::Pass(counter)
+            }
+            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+        },
+        Action::Bounce { nat, counter } => match rewrite(ctx, &f, nat) {
+            Ok(()) => {
+                frags::translated(&f);
+                count(counter);
+                return ctx.bounce();
+            }
+            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+        },
+        Action::Reject(counter) => match ctx.reject(&f) {
+            Ok(ret) => {
+                count(counter);
+                return ret;
+            }
+            Err(()) => Action::Drop(counters::DROP_NO_BACKEND),
+        },
+        other => other,
+    };
+    finish_marked(ctx, action)
 }
 
-/// Rewrites the destination, then the source; stops at the first failure.
+/// Rewrites the destination, then the source; stops at the first failure. A non-first fragment
+/// has no L4 header: only its addresses change.
 #[inline(always)]
 fn rewrite<C: PacketCtx>(ctx: &C, f: &Flow, nat: Nat) -> Result<(), ()> {
+    if f.later_fragment {
+        if let Some((addr, _)) = nat.dst {
+            nat::rewrite_ip(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+        }
+        if let Some((addr, _)) = nat.src {
+            nat::rewrite_ip(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+        }
+        return Ok(());
+    }
     if let Some((addr, port)) = nat.dst {
         ctx.rewrite(f, Side::Destination, addr, port)?;
     }
@@ -69,6 +105,18 @@ fn rewrite<C: PacketCtx>(ctx: &C, f: &Flow, nat: Nat) -> Result<(), ()> {
         ctx.rewrite(f, Side::Source, addr, port)?;
     }
     Ok(())
+}
+
+/// Counts the outcome and returns the hook's verdict for it. A packet XDP lets pass, other than
+/// one it leaves to TC, is marked decided.
+#[inline(always)]
+fn finish_marked<C: PacketCtx>(ctx: &C, action: Action) -> C::Ret {
+    if let Action::Pass(c) = action {
+        if c != counters::XDP_TO_TC && c != counters::XDP_PARTIAL_CSUM {
+            ctx.mark_decided();
+        }
+    }
+    finish::<C>(action)
 }
 
 /// Counts the outcome and returns the hook's verdict for it.
@@ -79,9 +127,13 @@ fn finish<C: PacketCtx>(action: Action) -> C::Ret {
             count(c);
             C::DROP
         }
-        Action::Pass(c) | Action::Rewrite { counter: c, .. } => {
+        Action::Pass(c) | Action::Rewrite { counter: c, .. } | Action::Bounce { counter: c, .. } => {
             count(c);
             C::PASS
+        }
+        Action::Reject(_) => {
+            count(counters::DROP_NO_BACKEND);
+            C::DROP
         }
     }
 }

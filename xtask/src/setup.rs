@@ -18,6 +18,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: namespaces, veth pairs and routes in tests and the demo"),
     ("bpftool", "inspecting programs and maps"),
     ("ethtool", "turning checksum offload off in tests"),
+    ("iptables", "the hairpin test's ctstate INVALID rule; kube-proxy's iptables mode in the benchmarks"),
 ];
 
 /// Debian packages only the benchmarks need: the load generator, the backends and kube-proxy's
@@ -25,7 +26,6 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("wrk", "the load generator of the traffic benchmarks"),
     ("nginx", "the backends of the traffic benchmarks"),
-    ("iptables", "kube-proxy's iptables mode (nf_tables and legacy backends)"),
     ("nftables", "kube-proxy's nftables mode"),
 ];
 

@@ -51,7 +51,7 @@ enum Cmd {
     },
     /// Datapath counters and drop reasons, and per-Service statistics.
     Stats,
-    /// Streams datapath events (new flows, drops with their reason) as they happen. The datapath
+    /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
     /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
     /// default).
     Monitor {
@@ -103,7 +103,8 @@ fn monitor(args: &Args, maps: &Maps, count: Option<usize>, timeout: Option<f64>)
                             e.client, e.vip, e.protocol, e.service
                         ),
                         (None, r) => println!(
-                            "drop      {:<21} -> {:<21} {} ({})  {}",
+                            "{:<9} {:<21} -> {:<21} {} ({})  {}",
+                            e.kind,
                             e.client,
                             e.vip,
                             e.protocol,
@@ -171,9 +172,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     format!("{}:{}/{}", s.vip, s.port, s.protocol),
                     s.service.clone(),
                     if s.deleted {
-                        "(Service deleted: kept until its flows end; new flows dropped)".into()
+                        "(Service deleted: kept until its flows end; new flows rejected)".into()
                     } else if backends.is_empty() {
-                        "(none: new flows dropped)".into()
+                        "(none: new flows rejected, or dropped under internalTrafficPolicy Local)".into()
                     } else {
                         backends.join("\n")
                     },
@@ -245,7 +246,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
             let mut t = table(&["CLIENT", "VIP", "BACKEND", "PROTO", "STATE", "AGE", "IDLE", "SERVICE"]);
             for f in &v {
                 t.add_row(vec![
-                    f.client.clone(),
+                    match f.snat_port {
+                        Some(p) => format!("{} (as :{p})", f.client),
+                        None => f.client.clone(),
+                    },
                     f.vip.clone(),
                     f.backend.clone(),
                     f.protocol.clone(),

@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpu
 use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
     Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
-    MAP_LB4_FE_META, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS,
-    MAP_LB_EVENTS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
+    MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
+    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
 };
 
 use super::{
@@ -34,13 +34,14 @@ pub struct Maps {
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
-    /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets),
+    /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
+    /// the fragment map),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 2] = [MAP_LB_EVENTS, MAP_LB_MON_RATE];
+const UNTYPED_MAPS: [&str; 3] = [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }

@@ -55,7 +55,9 @@ pub fn monotonic_ns() -> u64 {
 pub enum Mode {
     /// TC ingress of the pod's host-side interface.
     Tc,
-    /// XDP on the pod's host-side interface (replies still use TC egress).
+    /// XDP on the pod's host-side interface, in front of the TC ingress program, to which it
+    /// leaves what XDP cannot do right (packets whose checksum may be partial, hairpinned flows,
+    /// rejects); replies use TC egress.
     Xdp,
 }
 
@@ -75,6 +77,68 @@ pub struct Config {
     pub bpf_log: bool,
     /// Where the TC programs go among the TCX programs already on an interface.
     pub tc_order: TcOrder,
+    /// First and last source port given to a flow whose tuple clashed (see `lb_common::Lb4CtKey`).
+    pub snat_ports: (u16, u16),
+}
+
+/// Checks SNAT port range `snat` against `local`, the node's `net.ipv4.ip_local_port_range`
+/// (the ports the node's own sockets take): the two must not meet, or a port given to a flow
+/// could be the one a local connection to the same backend uses.
+pub fn check_snat_ports(snat: (u16, u16), local: (u16, u16)) -> Result<(), String> {
+    if snat.0 == 0 || snat.1 < snat.0 {
+        return Err(format!("--snat-ports {}-{}: want FIRST-LAST, 1 <= FIRST <= LAST", snat.0, snat.1));
+    }
+    if snat.0 <= local.1 && local.0 <= snat.1 {
+        return Err(format!(
+            "--snat-ports {}-{} overlaps this node's net.ipv4.ip_local_port_range {}-{}: choose ports outside it",
+            snat.0, snat.1, local.0, local.1
+        ));
+    }
+    Ok(())
+}
+
+/// The SNAT port range: `explicit` (`--snat-ports`), which must not meet `local` (the node's
+/// `ip_local_port_range`); or, by default, [`lb_common::DEFAULT_SNAT_PORTS`] where that lies
+/// outside `local`, else the largest run of ports above 1023 outside both `local` and the default
+/// NodePort range (30000-32767), if it holds at least 1,000 ports.
+pub fn choose_snat_ports(explicit: Option<(u16, u16)>, local: (u16, u16)) -> Result<(u16, u16), String> {
+    if let Some(range) = explicit {
+        check_snat_ports(range, local)?;
+        return Ok(range);
+    }
+    if check_snat_ports(lb_common::DEFAULT_SNAT_PORTS, local).is_ok() {
+        return Ok(lb_common::DEFAULT_SNAT_PORTS);
+    }
+    let taken = [(local.0.min(local.1), local.1.max(local.0)), (30_000, 32_767)];
+    let mut best: Option<(u16, u16)> = None;
+    let mut start: u32 = 1024;
+    for port in 1024u32..=65_536 {
+        let used =
+            port == 65_536 || taken.iter().any(|(a, b)| (u32::from(*a)..=u32::from(*b)).contains(&port));
+        if used {
+            if port > start && best.is_none_or(|(a, b)| port - start > u32::from(b - a) + 1) {
+                best = Some((start as u16, (port - 1) as u16));
+            }
+            start = port + 1;
+        }
+    }
+    match best {
+        Some((a, b)) if u32::from(b - a) + 1 >= 1_000 => Ok((a, b)),
+        _ => Err(format!(
+            "no range of 1,000 ports outside this node's net.ipv4.ip_local_port_range {}-{} and the NodePort range: set --snat-ports",
+            local.0, local.1
+        )),
+    }
+}
+
+/// This network namespace's `net.ipv4.ip_local_port_range`.
+pub fn local_port_range() -> std::io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+        _ => Err(std::io::Error::other(format!("ip_local_port_range: cannot read {text:?}"))),
+    }
 }
 
 /// Where lb's TC programs are attached among other TCX programs on an interface. lb passes every
@@ -87,6 +151,39 @@ pub enum TcOrder {
     First,
     /// After all others present when it attaches.
     Last,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_snat_ports;
+
+    #[test]
+    fn snat_ports_stay_outside_the_local_port_range() {
+        let local = (32_768, 60_999);
+        assert!(check_snat_ports((61_000, 65_535), local).is_ok());
+        assert!(check_snat_ports((20_000, 29_999), local).is_ok());
+        for bad in [(60_999, 65_535), (30_000, 40_000), (1, 65_535), (40_000, 50_000)] {
+            let e = check_snat_ports(bad, local).expect_err("overlap");
+            assert!(e.contains("ip_local_port_range 32768-60999"), "{e}");
+        }
+        assert!(check_snat_ports((0, 10), local).is_err());
+        assert!(check_snat_ports((65_000, 64_000), local).is_err());
+    }
+
+    #[test]
+    fn the_default_snat_range_moves_out_of_a_wide_local_range() {
+        use super::choose_snat_ports as choose;
+        assert_eq!(choose(None, (32_768, 60_999)), Ok((61_000, 65_535)));
+        // 1024-64000: what is left above it, 64001-65535, is enough; with 1024-65000 it is not.
+        assert_eq!(choose(None, (1_024, 64_000)), Ok((64_001, 65_535)));
+        assert!(choose(None, (1_024, 65_000)).is_err());
+        // 10000-65535 (common tuning): 1024-9999 is the largest free run.
+        assert_eq!(choose(None, (10_000, 65_535)), Ok((1_024, 9_999)));
+        // 32768-65535: 1024-29999 (the NodePort range is skipped).
+        assert_eq!(choose(None, (32_768, 65_535)), Ok((1_024, 29_999)));
+        assert_eq!(choose(Some((20_000, 20_999)), (32_768, 65_535)), Ok((20_000, 20_999)));
+        assert!(choose(Some((40_000, 40_999)), (32_768, 65_535)).is_err());
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +214,8 @@ pub enum DatapathError {
     Attach { program: &'static str, interface: String, source: ProgramError },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("{0}")]
+    SnatPorts(String),
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
 }
@@ -136,6 +235,8 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
+        let local = local_port_range().map_err(|e| DatapathError::SnatPorts(e.to_string()))?;
+        check_snat_ports(cfg.snat_ports, local).map_err(DatapathError::SnatPorts)?;
         let others = other_layouts(&cfg.pin_dir);
         if !others.is_empty() {
             return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });
@@ -158,6 +259,7 @@ impl Datapath {
         );
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
+        let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.caps.services)
@@ -173,6 +275,8 @@ impl Datapath {
             .override_global(globals::CT_TIMEOUT_UDP_NS, &udp, true)
             .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
             .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
+            .override_global(globals::SNAT_PORT_MIN, &snat_min, true)
+            .override_global(globals::SNAT_PORT_MAX, &snat_max, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -226,10 +330,10 @@ impl Datapath {
     }
 
     /// The programs attached on each interface in the current mode.
-    fn wanted(&self) -> [&'static str; 2] {
+    fn wanted(&self) -> &'static [&'static str] {
         match self.mode {
-            Mode::Tc => [PROG_TC_FORWARD, PROG_TC_REPLY],
-            Mode::Xdp => [PROG_XDP_FORWARD, PROG_TC_REPLY],
+            Mode::Tc => &[PROG_TC_FORWARD, PROG_TC_REPLY],
+            Mode::Xdp => &[PROG_XDP_FORWARD, PROG_TC_FORWARD, PROG_TC_REPLY],
         }
     }
 
@@ -248,7 +352,7 @@ impl Datapath {
             }
         }
         let mut pins = Vec::new();
-        for prog in self.wanted() {
+        for &prog in self.wanted() {
             let pin = self.link_pin(interface, prog);
             if !self.take_over(prog, &pin) {
                 // Not pinned, or pinned but defunct (its interface was recreated): attach anew.

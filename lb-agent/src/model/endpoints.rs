@@ -141,6 +141,13 @@ fn available(e: &EndpointPort, mode: Topology, ctx: &Context) -> bool {
     }
 }
 
+/// Whether any endpoint, on any node, could take new flows (ready, or serving while terminating):
+/// kube-proxy's `hasAnyEndpoints`, which decides between dropping (internalTrafficPolicy Local
+/// without a local one) and rejecting (none at all).
+pub(super) fn any_usable(eps: &[EndpointPort]) -> bool {
+    eps.iter().any(|e| e.ready || (e.serving && e.terminating))
+}
+
 /// Picks the endpoints for new flows as kube-proxy's `CategorizeEndpoints` does; the other listed
 /// endpoints are kept for their established flows.
 pub(super) fn select(

@@ -122,7 +122,9 @@ pub struct Frontend {
     pub kept: Vec<(BackendAddr, BackendState)>,
     /// ClientIP session affinity timeout; 0 = none.
     pub affinity_timeout_secs: u32,
-    /// `internalTrafficPolicy: Local`.
+    /// `internalTrafficPolicy: Local` with usable endpoints somewhere (this node or another):
+    /// with none here, new flows are dropped. With none anywhere it is false, and new flows are
+    /// rejected like those of any Service without endpoints (kube-proxy's REJECT).
     pub local_only: bool,
 }
 
@@ -418,6 +420,9 @@ pub fn build_claiming(
         for p in &spec.ports {
             let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
             let (backends, kept) = select(eps, p.proto, spec.local_only, ctx);
+            // kube-proxy drops traffic of an internalTrafficPolicy Local Service that has usable
+            // endpoints only on other nodes, and rejects it when it has none anywhere.
+            let local_only = spec.local_only && endpoints::any_usable(eps);
             for vip in &spec.vips {
                 let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
                 let fe = Frontend {
@@ -427,7 +432,7 @@ pub fn build_claiming(
                     backends: backends.clone(),
                     kept: kept.clone(),
                     affinity_timeout_secs: spec.affinity_timeout_secs,
-                    local_only: spec.local_only,
+                    local_only,
                 };
                 wanted.push(fe);
             }

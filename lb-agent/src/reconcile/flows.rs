@@ -270,9 +270,13 @@ impl Sweeper {
         let fwd_key = key.forward_of_reply(e);
         let garbage = match t.ct_get(&fwd_key)? {
             // The datapath honours a reply entry only while its forward entry is alive and names
-            // its backend.
+            // its backend and the client port it goes to.
             Some(f) => {
-                self.timeouts.expired(&fwd_key, &f, now) || f.nat_addr != key.saddr || f.nat_port != key.sport
+                let snat_port = if e.snat_port != 0 { key.dport } else { 0 };
+                self.timeouts.expired(&fwd_key, &f, now)
+                    || f.nat_addr != key.saddr
+                    || f.nat_port != key.sport
+                    || f.snat_port != snat_port
             }
             // Evicted (the datapath rebuilds it from a reply within the timeout), or gone.
             None => self.timeouts.expired(key, e, now),
@@ -283,7 +287,7 @@ impl Sweeper {
         }
         // Only the entry that was judged: a new flow on the same tuple has another creation time.
         if t.ct_get(key)?
-            .is_some_and(|now_e| now_e.created_ns == e.created_ns && now_e.last_seen_ns == e.last_seen_ns)
+            .is_some_and(|now_e| now_e.created_s == e.created_s && now_e.last_seen_ns == e.last_seen_ns)
         {
             t.ct_remove(key)?;
             self.stats.stale_replies += 1;
@@ -321,14 +325,13 @@ mod tests {
             _pad: 0,
         };
         let fwd = Lb4CtEntry {
-            created_ns: 0,
             last_seen_ns: seen,
             nat_addr: ip([10, 244, 0, 2]),
             nat_port: 8080u16.to_be(),
             state,
-            flags: 0,
             backend_id: 7,
             svc_id: 3,
+            ..Lb4CtEntry::default()
         };
         let rev_key = Lb4CtKey {
             saddr: fwd.nat_addr,
@@ -430,6 +433,40 @@ mod tests {
         // Flows 1 and 3 by their forward entries (and 3 by its reply entry), flow 4 by its reply
         // entry alone.
         assert_eq!((c.flows(), c.member_flows(3, 7)), (2, 4));
+    }
+
+    /// A flow given another source port (its tuple clashed): its reply entry, keyed by that
+    /// port and keeping the client's own, lives by its flow; a reply entry whose flow now has
+    /// another source port (or none) is stale, as the datapath judges it.
+    #[test]
+    fn reply_entries_of_flows_with_another_source_port() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        let snat = |[(fk, mut fv), (rk, mut rv)]: [(Lb4CtKey, Lb4CtEntry); 2], client: u16, given: u16| {
+            let fk = Lb4CtKey { sport: client.to_be(), ..fk };
+            fv.snat_port = given.to_be();
+            rv.snat_port = client.to_be();
+            ((fk, fv), (Lb4CtKey { dport: given.to_be(), ..rk }, rv))
+        };
+        // 1. Alive and consistent: both stay.
+        let ((fk1, fv1), (rk1, rv1)) = snat(flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S), 1, 61_001);
+        // 2. The flow now has port 61,003: the entry under 61,002 is stale.
+        let ((fk2, mut fv2), (rk2, rv2)) =
+            snat(flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S), 2, 61_002);
+        fv2.snat_port = 61_003u16.to_be();
+        // 3. The flow was made again without another port: the old entry is stale.
+        let ((fk3, mut fv3), (rk3, rv3)) =
+            snat(flow(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 40 * S), 3, 61_004);
+        fv3.snat_port = 0;
+        assert_eq!(rk1.forward_of_reply(&rv1), fk1, "the reply entry leads to its flow");
+        for (k, v) in [(fk1, fv1), (rk1, rv1), (fk2, fv2), (rk2, rv2), (fk3, fv3), (rk3, rv3)] {
+            m.ct.insert(k, v);
+        }
+        let mut s = Sweeper::new(timeouts(), 16);
+        run_pass(&mut s, &mut m, now);
+        let left: BTreeSet<_> = m.ct.keys().copied().collect();
+        assert_eq!(left, BTreeSet::from([fk1, rk1, fk2, fk3]));
+        assert_eq!(s.stats.stale_replies, 2);
     }
 
     #[test]

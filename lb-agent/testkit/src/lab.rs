@@ -417,15 +417,25 @@ fn tcp_server(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
     }
 }
 
+/// Answers each datagram with the pod's name; a datagram starting with [`ECHO`] is answered with
+/// the name followed by the rest of it, so that a large question gets an answer as large.
 fn udp_server(sock: UdpSocket, name: &str, stop: &Arc<AtomicBool>) {
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-    let mut buf = [0u8; 1500];
+    let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, peer)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(name.as_bytes(), peer);
+        if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let mut answer = name.as_bytes().to_vec();
+            if let Some(rest) = buf[..n].strip_prefix(ECHO) {
+                answer.push(b':');
+                answer.extend_from_slice(rest);
+            }
+            let _ = sock.send_to(&answer, peer);
         }
     }
 }
+
+/// A UDP question that the lab's servers echo after their name (see `udp_server`).
+pub const ECHO: &[u8] = b"echo:";
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
