@@ -84,9 +84,9 @@ struct Args {
     hairpin_addr: std::net::Ipv4Addr,
     /// Source ports given to a new flow whose reply tuple belongs to another live flow (the same
     /// client port to another Service address with the same backend), as netfilter's NAT does:
-    /// FIRST-LAST, outside this node's net.ipv4.ip_local_port_range (checked at start). Default:
-    /// 61000-65535, or where that meets the node's range, the largest run of at least 1,000 ports
-    /// outside it and the NodePort range.
+    /// FIRST-LAST, best outside this node's net.ipv4.ip_local_port_range (a warning otherwise).
+    /// Default: 61000-65535, or where that meets the node's range, the largest run of at least
+    /// 1,000 ports outside it and the NodePort range.
     #[arg(long, value_parser = port_range)]
     snat_ports: Option<(u16, u16)>,
     /// Capacity of the service (frontend) map.
@@ -227,8 +227,12 @@ async fn main() -> anyhow::Result<()> {
     let explicit_snat = args.snat_ports;
     let mut cfg = Config::from(args);
     let local = datapath::local_port_range().context("reading net.ipv4.ip_local_port_range")?;
-    cfg.datapath.snat_ports =
+    let (snat_ports, warning) =
         datapath::choose_snat_ports(explicit_snat, local).map_err(anyhow::Error::msg)?;
+    if let Some(w) = warning {
+        warn!("{w}");
+    }
+    cfg.datapath.snat_ports = snat_ports;
     info!(
         "source ports for clashing flows: {}-{} (this node's ip_local_port_range: {}-{})",
         cfg.datapath.snat_ports.0, cfg.datapath.snat_ports.1, local.0, local.1

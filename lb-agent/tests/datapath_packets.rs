@@ -500,28 +500,49 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     (res.return_value, out)
 }
 
-/// The mark the XDP program leaves in the metadata of a packet it decided, for the TC forward
-/// program behind it (a native-endian u32, "LBXD").
-const XDP_DECIDED: [u8; 4] = 0x4c42_5844u32.to_ne_bytes();
+/// The marks the XDP program leaves in the metadata in front of a packet it lets pass, for the
+/// TC forward program behind it: decided ("LBXD") or left to TC ("LBXT"), each followed by the
+/// interface index (native-endian u32s).
+const XDP_DECIDED: u32 = 0x4c42_5844;
+const XDP_LEFT: u32 = 0x4c42_5854;
+
+/// What the XDP program marked a packet it let pass.
+#[derive(Debug, PartialEq, Eq)]
+enum Mark {
+    None,
+    Decided,
+    Left,
+}
 
 /// Runs `input` through `prog`; for XDP, the test run hands back the metadata in front of the
-/// packet: it is taken off, and whether it is the "decided" mark returned beside.
-fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, bool) {
+/// packet: it is taken off, and the mark it holds returned beside.
+fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
     let (v, mut out) = run(dp, prog, input);
-    let marked = prog == Prog::Xdp && out.len() == input.len() + 4 && out[..4] == XDP_DECIDED;
-    if marked {
-        out.drain(..4);
+    if prog != Prog::Xdp || out.len() != input.len() + 8 {
+        return (v, out, Mark::None);
     }
-    (v, out, marked)
+    let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
+    out.drain(..8);
+    let mark = match magic {
+        XDP_DECIDED => Mark::Decided,
+        XDP_LEFT => Mark::Left,
+        other => panic!("unknown XDP mark {other:#x}"),
+    };
+    (v, out, mark)
 }
 
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     let before = maps.read_counters().expect("counters");
-    let (verdict, out, marked) = run_marked(dp, row.prog, &row.bytes);
+    let (verdict, out, mark) = run_marked(dp, row.prog, &row.bytes);
     if row.prog == Prog::Xdp {
-        // Passed and decided: marked, so that TC leaves it alone; left to TC or dropped: not.
+        // Passed: marked decided (TC leaves it alone) or left to TC; dropped: no mark.
         let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
-        assert_eq!(marked, verdict == XDP_PASS && !to_tc, "{}: marked decided for TC", row.desc);
+        let want = match (verdict == XDP_PASS, to_tc) {
+            (false, _) => Mark::None,
+            (true, false) => Mark::Decided,
+            (true, true) => Mark::Left,
+        };
+        assert_eq!(mark, want, "{}: XDP's mark for TC", row.desc);
     }
     let after = maps.read_counters().expect("counters");
     assert_eq!(verdict, row.verdict, "{}: verdict", row.desc);

@@ -185,7 +185,8 @@ fn a_service_without_endpoints_refuses_connections_in_xdp_mode() {
 
 fn refuses_connections(mode: Mode) {
     let tag = if mode == Mode::Tc { "reject" } else { "rejectx" };
-    let c = Cluster::new(tag, mode, true, |_| who("", &[]), &[]);
+    // XDP mode with full checksums, so that XDP itself meets the Service and leaves it to TC.
+    let c = Cluster::new(tag, mode, mode == Mode::Tc, |_| who("", &[]), &[]);
     let (tcp, udp) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
     for client in [&c.client1, &c.client2] {
         // The agent may still be starting: wait for the answer the rule wants, then ask again.
@@ -206,6 +207,9 @@ fn refuses_connections(mode: Mode) {
             "node {node}: rejects counted: {}",
             v[c::REJECT_NO_BACKEND as usize]
         );
+        if mode == Mode::Xdp {
+            assert!(v[c::XDP_TO_TC as usize] >= 11, "node {node}: XDP left them to TC");
+        }
     }
     c.write(&who("", &[endpoint(&c.backends[0], "ready: true")]));
     c.wait_reachable(&c.client1, 80);

@@ -210,9 +210,14 @@ fn hostile_packets() {
             // The skb test-run refuses some malformed packets outright (EINVAL): nothing ran.
             let Ok(res) = res else { continue };
             out.truncate(res.data_size_out as usize);
-            // XDP hands back the metadata in front of a packet it decided: its mark for TC.
-            if name == "xdp" && out.len() == input.len() + 4 && out[..4] == 0x4c42_5844u32.to_ne_bytes() {
-                out.drain(..4);
+            // XDP hands back the metadata in front of a packet it lets pass: its mark for TC.
+            if name == "xdp" && res.return_value == 2 {
+                let marks = [0x4c42_5844u32.to_ne_bytes(), 0x4c42_5854u32.to_ne_bytes()];
+                assert!(
+                    out.len() == input.len() + 8 && marks.iter().any(|m| out[..4] == *m),
+                    "xdp: a passed packet without its mark for TC"
+                );
+                out.drain(..8);
             }
             let ret_drop = if name == "xdp" { 1 } else { 2 }; // XDP_DROP, TC_ACT_SHOT
             let redirected = name == "tc-forward" && res.return_value == TC_REDIRECT;

@@ -2,9 +2,10 @@
 //! backend, and the reply entries that reverse NAT uses.
 
 use lb_common::{
-    hash::lb4_flow_hash, Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
+    counters, hash::lb4_flow_hash, Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD,
+    CT_DIR_REPLY, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING,
+    MEMBER_SERVING,
 };
 
 /// `BPF_NOEXIST`: insert only where no entry is.
@@ -14,6 +15,7 @@ use crate::{
     config::{ct_timeout_ns, hairpin_addr, snat_ports},
     maps::{LB4_CT, LB4_MEMBERS},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::count,
 };
 
 #[inline(always)]
@@ -271,7 +273,8 @@ fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
     };
     let owner = key.forward_of_reply(&e);
     if owner == *fwd_key {
-        return Slot::Own;
+        // An expired one is a connection of this tuple that ended: no port to keep.
+        return if expired(&e, key.proto, now) { Slot::Stale } else { Slot::Own };
     }
     // SAFETY: as above.
     let live = match unsafe { LB4_CT.get(&owner) } {
@@ -291,7 +294,8 @@ fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
 #[inline(always)]
 fn claim(key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
     match slot(key, fwd_key, now) {
-        Slot::Empty => LB4_CT.insert(key, rev, BPF_NOEXIST).is_ok(),
+        // Lost to another CPU: fine if that CPU made this very flow.
+        Slot::Empty => LB4_CT.insert(key, rev, BPF_NOEXIST).is_ok() || slot(key, fwd_key, now) == Slot::Own,
         Slot::Own | Slot::Stale => LB4_CT.insert(key, rev, 0).is_ok(),
         Slot::Taken => false,
     }
@@ -300,11 +304,11 @@ fn claim(key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool
 /// Source ports tried for a flow whose reply tuple clashed, before it is dropped.
 const SNAT_TRIES: u32 = 8;
 
-/// The `i`-th source port tried for the flow of forward key `fwd_key`: a sequence through the SNAT
+/// The `i`-th source port tried for the flow whose hash is `h` ([`snat_hash`]): a sequence through the SNAT
 /// range that depends only on the flow's tuple, so that every CPU, and the flow again after its
 /// forward entry was evicted, tries the same ports in the same order.
 #[inline(always)]
-fn snat_candidate(fwd_key: &Lb4CtKey, i: u32) -> Option<u16> {
+fn snat_candidate(h: u32, i: u32) -> Option<u16> {
     let (min, max) = snat_ports();
     if max < min || max > 65_535 {
         return None;
@@ -314,8 +318,13 @@ fn snat_candidate(fwd_key: &Lb4CtKey, i: u32) -> Option<u16> {
     if span == 0 {
         return None;
     }
-    let h = lb4_flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17);
     Some(((min + (h % span + i) % span) as u16).to_be())
+}
+
+/// The hash that orders a flow's SNAT candidates (seeded apart from the Maglev hash).
+#[inline(always)]
+fn snat_hash(fwd_key: &Lb4CtKey) -> u32 {
+    lb4_flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17)
 }
 
 /// The source-port allocator for flows whose reply tuple clashed (the NodePort SNAT path is to
@@ -327,18 +336,20 @@ fn snat_candidate(fwd_key: &Lb4CtKey, i: u32) -> Option<u16> {
 fn alloc_port(
     rev_key: &Lb4CtKey,
     fwd_key: &Lb4CtKey,
+    h: u32,
     rev: &Lb4CtEntry,
     now: u64,
     own_only: bool,
 ) -> Option<u16> {
     let mut key = *rev_key;
     for i in 0..SNAT_TRIES {
-        key.dport = snat_candidate(fwd_key, i)?;
+        key.dport = snat_candidate(h, i)?;
         if own_only {
             if slot(&key, fwd_key, now) == Slot::Own && LB4_CT.insert(&key, rev, 0).is_ok() {
                 return Some(key.dport);
             }
         } else if claim(&key, fwd_key, rev, now) {
+            count(counters::SNAT_PORT);
             return Some(key.dport);
         }
     }
@@ -347,9 +358,10 @@ fn alloc_port(
 
 /// Records a new flow: the forward entry (client → VIP, DNAT to the backend) and the reply entry
 /// (backend → client, SNAT back to the VIP). A reply key that belongs to another live flow is
-/// never overwritten: the new flow is given another source port. A TCP flow picked up mid-stream
-/// (its forward entry was evicted) first looks for the port it had. Returns the source port
-/// given (0: the client's is kept).
+/// never overwritten: the new flow is given another source port (counted as `SNAT_PORT`). A TCP
+/// flow picked up mid-stream (its forward entry was evicted) first looks for the port it had; a
+/// UDP flow does not (every new UDP flow would pay for the search), and may come back on another
+/// port, which UDP tolerates. Returns the source port given (0: the client's is kept).
 #[inline(always)]
 pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16, CreateError> {
     let mut fwd = Lb4CtEntry {
@@ -369,11 +381,12 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
     // Reply entries of an SNATed flow keep the client's own port.
     let snat_rev = Lb4CtEntry { snat_port: f.sport, ..plain };
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
-    let own = if pickup { alloc_port(&rev_key, fwd_key, &snat_rev, now, true) } else { None };
+    let h = snat_hash(fwd_key);
+    let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
     let port = match own {
         Some(p) => p,
         None if claim(&rev_key, fwd_key, &plain, now) => 0,
-        None => alloc_port(&rev_key, fwd_key, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+        None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
     };
     fwd.snat_port = port;
     if LB4_CT.insert(fwd_key, &fwd, 0).is_ok() {

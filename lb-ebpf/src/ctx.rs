@@ -4,6 +4,8 @@
 //! checksums) and which return values pass and drop a packet. The pipeline (`crate::pipeline`) is
 //! generic over it, so each program is the same steps compiled for its hook.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_SHOT},
     helpers::bpf_xdp_adjust_meta,
@@ -67,24 +69,38 @@ pub trait PacketCtx: EbpfContext {
     /// when it gets no answer (see `lb_common::reject`). TC only.
     fn reject(&self, f: &Flow) -> Result<Self::Ret, ()>;
 
-    /// XDP: marks a packet it let pass as decided (in the metadata in front of it, which the
-    /// kernel hands on to the socket buffer), so that the TC forward program behind it leaves it
-    /// alone. A no-op where nothing runs behind (TC).
-    fn mark_decided(&self) {}
+    /// XDP: marks a packet it lets pass, in the metadata in front of it (which the kernel hands
+    /// on to the socket buffer), as `decided` (the TC forward program behind it leaves it alone)
+    /// or as left to TC. Every passed packet is marked, so that no mark left by an earlier hop
+    /// (metadata stays with a reused buffer) is read as this one's. A no-op where nothing runs
+    /// behind (TC).
+    fn mark(&self, _decided: bool) {}
 }
 
-/// The mark XDP leaves in a packet's metadata ("LBXD").
+/// The mark XDP leaves in the metadata of a packet it decided ("LBXD"), followed by the index of
+/// the interface it came in on.
 pub const XDP_DECIDED: u32 = 0x4c42_5844;
+/// The mark of a packet XDP left to TC ("LBXT").
+pub const XDP_LEFT: u32 = 0x4c42_5854;
 
-/// TC: whether the XDP program in front already decided this packet (see
-/// [`PacketCtx::mark_decided`]); the TC forward program then lets it go on uncounted.
+/// The metadata XDP writes in front of a packet.
+#[repr(C)]
+pub struct XdpMark {
+    pub magic: u32,
+    pub ifindex: u32,
+}
+
+/// TC: whether the XDP program in front already decided this packet, on this interface (see
+/// [`PacketCtx::mark`]); the TC forward program then lets it go on uncounted.
 #[inline(always)]
 pub fn decided_by_xdp(ctx: &TcContext) -> bool {
     // SAFETY: reading context fields.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
-    match parse::ptr_at::<u32>(meta, data, 0) {
+    let (meta, data, ifindex) = unsafe {
+        ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize, (*ctx.skb.skb).ingress_ifindex)
+    };
+    match parse::ptr_at::<XdpMark>(meta, data, 0) {
         // SAFETY: bounds checked against the start of the packet by ptr_at.
-        Some(p) => unsafe { *p == XDP_DECIDED },
+        Some(m) => unsafe { (*m).magic == XDP_DECIDED && (*m).ifindex == ifindex },
         None => false,
     }
 }
@@ -211,15 +227,22 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn mark_decided(&self) {
-        // SAFETY: a valid XDP context; the helper only moves the metadata's start.
-        if unsafe { bpf_xdp_adjust_meta(self.ctx, -4) } != 0 {
+    fn mark(&self, decided: bool) {
+        let len = size_of::<XdpMark>();
+        // Room made once: a test run that repeats the program on one buffer reuses it.
+        if XdpContext::data(self) - self.metadata() < len
+            // SAFETY: a valid XDP context; the helper only moves the metadata's start.
+            && unsafe { bpf_xdp_adjust_meta(self.ctx, -(len as i32)) } != 0
+        {
             // No room or no metadata support in this driver: TC looks at the packet again.
             return;
         }
-        if let Some(p) = parse::ptr_at::<u32>(self.metadata(), XdpContext::data(self), 0) {
-            // SAFETY: bounds checked against the start of the packet by ptr_at.
-            unsafe { *p = XDP_DECIDED };
+        if let Some(m) = parse::ptr_at::<XdpMark>(self.metadata(), XdpContext::data(self), 0) {
+            // SAFETY: bounds checked against the start of the packet by ptr_at; a valid context.
+            unsafe {
+                (*m).magic = if decided { XDP_DECIDED } else { XDP_LEFT };
+                (*m).ifindex = (*self.ctx).ingress_ifindex;
+            }
         }
     }
 }

@@ -35,12 +35,13 @@ pub enum Action {
     /// Rewrite the packet and send it back out of the interface it came in on (a hairpinned
     /// flow: the pod is its own backend), then count `counter`. TC only.
     Bounce { nat: Nat, counter: u32 },
-    /// Answer with an ICMP port unreachable, then count `counter`. TC only.
-    Reject(u32),
+    /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
+    /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
+    Reject { svc_id: u32 },
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     // SAFETY: no preconditions. The coarse clock (a tick's resolution) is plenty for timeouts of
     // seconds and costs a fraction of bpf_ktime_get_ns.
     unsafe { bpf_ktime_get_coarse_ns() }
@@ -141,10 +142,11 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
             (false, true) => counters::REJECT_NO_BACKEND,
             (false, false) => counters::DROP_NO_BACKEND,
         };
-        monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
         if reason == counters::REJECT_NO_BACKEND {
-            return Action::Reject(reason);
+            // Its event follows once the answer is made (or not).
+            return Action::Reject { svc_id: svc.id };
         }
+        monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
         return Action::Drop(reason);
     }
     let sticky =
@@ -176,12 +178,7 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     };
     let chosen = Chosen { id, addr: backend.addr, port: backend.port, svc_id: svc.id, hairpin };
     let snat_port = match conntrack::create(&ct_key, f, &chosen, now) {
-        Ok(port) => {
-            if port != 0 {
-                count(counters::SNAT_PORT);
-            }
-            port
-        }
+        Ok(port) => port,
         Err(CreateError::NoPort) => {
             svc_update(svc.id, |s| s.drops += 1);
             monitor::emit(f, EVENT_DROP, counters::DROP_SNAT_NO_PORT, (0, 0), svc.id, now);
@@ -190,9 +187,6 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         Err(CreateError::Insert(port)) => {
             warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
             count(counters::CT_INSERT_FAILED);
-            if port != 0 {
-                count(counters::SNAT_PORT);
-            }
             port
         }
     };

@@ -3,12 +3,13 @@
 //! hook's [`PacketCtx`] and inlined into each entry point (no BPF-to-BPF calls), so each program
 //! is compiled for its own hook.
 
-use lb_common::counters;
+use lb_common::{counters, EVENT_DROP};
 
 use crate::{
     ctx::PacketCtx,
     frags,
     lb::{self, Action, Nat},
+    monitor,
     nat::{self, Side},
     parse::{Flow, Parsed},
     stats::count,
@@ -73,13 +74,18 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             }
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
-        Action::Reject(counter) => match ctx.reject(&f) {
-            Ok(ret) => {
-                count(counter);
-                return ret;
+        Action::Reject { svc_id } => {
+            let made = ctx.reject(&f);
+            let reason = if made.is_ok() { counters::REJECT_NO_BACKEND } else { counters::DROP_NO_BACKEND };
+            monitor::emit(&f, EVENT_DROP, reason, (0, 0), svc_id, lb::now_ns());
+            match made {
+                Ok(ret) => {
+                    count(reason);
+                    return ret;
+                }
+                Err(()) => Action::Drop(reason),
             }
-            Err(()) => Action::Drop(counters::DROP_NO_BACKEND),
-        },
+        }
         other => other,
     };
     finish_marked(ctx, action)
@@ -107,14 +113,12 @@ fn rewrite<C: PacketCtx>(ctx: &C, f: &Flow, nat: Nat) -> Result<(), ()> {
     Ok(())
 }
 
-/// Counts the outcome and returns the hook's verdict for it. A packet XDP lets pass, other than
-/// one it leaves to TC, is marked decided.
+/// Counts the outcome and returns the hook's verdict for it. A packet XDP lets pass is marked:
+/// decided, or left to TC.
 #[inline(always)]
 fn finish_marked<C: PacketCtx>(ctx: &C, action: Action) -> C::Ret {
     if let Action::Pass(c) = action {
-        if c != counters::XDP_TO_TC && c != counters::XDP_PARTIAL_CSUM {
-            ctx.mark_decided();
-        }
+        ctx.mark(c != counters::XDP_TO_TC && c != counters::XDP_PARTIAL_CSUM);
     }
     finish::<C>(action)
 }
@@ -131,7 +135,7 @@ fn finish<C: PacketCtx>(action: Action) -> C::Ret {
             count(c);
             C::PASS
         }
-        Action::Reject(_) => {
+        Action::Reject { .. } => {
             count(counters::DROP_NO_BACKEND);
             C::DROP
         }

@@ -82,32 +82,39 @@ pub struct Config {
 }
 
 /// Checks SNAT port range `snat` against `local`, the node's `net.ipv4.ip_local_port_range`
-/// (the ports the node's own sockets take): the two must not meet, or a port given to a flow
-/// could be the one a local connection to the same backend uses.
-pub fn check_snat_ports(snat: (u16, u16), local: (u16, u16)) -> Result<(), String> {
+/// (the ports the node's own sockets take): `Err` when the range is no range, and a warning when
+/// the two meet, for then a port given to a flow could be one a local connection to the same
+/// backend uses. (Flows from pods carry the pod's address, so for them it is each pod's own range
+/// that counts, 32768-60999 unless the pod sets it; the node's matters for SNAT to the node's
+/// addresses.)
+pub fn check_snat_ports(snat: (u16, u16), local: (u16, u16)) -> Result<Option<String>, String> {
     if snat.0 == 0 || snat.1 < snat.0 {
         return Err(format!("--snat-ports {}-{}: want FIRST-LAST, 1 <= FIRST <= LAST", snat.0, snat.1));
     }
     if snat.0 <= local.1 && local.0 <= snat.1 {
-        return Err(format!(
-            "--snat-ports {}-{} overlaps this node's net.ipv4.ip_local_port_range {}-{}: choose ports outside it",
+        return Ok(Some(format!(
+            "--snat-ports {}-{} overlaps this node's net.ipv4.ip_local_port_range {}-{}",
             snat.0, snat.1, local.0, local.1
-        ));
+        )));
     }
-    Ok(())
+    Ok(None)
 }
 
-/// The SNAT port range: `explicit` (`--snat-ports`), which must not meet `local` (the node's
-/// `ip_local_port_range`); or, by default, [`lb_common::DEFAULT_SNAT_PORTS`] where that lies
-/// outside `local`, else the largest run of ports above 1023 outside both `local` and the default
-/// NodePort range (30000-32767), if it holds at least 1,000 ports.
-pub fn choose_snat_ports(explicit: Option<(u16, u16)>, local: (u16, u16)) -> Result<(u16, u16), String> {
+/// The SNAT port range and a warning to log, if any: `explicit` (`--snat-ports`); or, by default,
+/// [`lb_common::DEFAULT_SNAT_PORTS`] where that lies outside `local` (the node's
+/// `ip_local_port_range`), else the largest run of ports above 1023 outside both `local` and the
+/// default NodePort range (30000-32767) if it holds at least 1,000 ports, else the default anyway
+/// (with a warning).
+pub fn choose_snat_ports(
+    explicit: Option<(u16, u16)>,
+    local: (u16, u16),
+) -> Result<((u16, u16), Option<String>), String> {
     if let Some(range) = explicit {
-        check_snat_ports(range, local)?;
-        return Ok(range);
+        return check_snat_ports(range, local).map(|w| (range, w));
     }
-    if check_snat_ports(lb_common::DEFAULT_SNAT_PORTS, local).is_ok() {
-        return Ok(lb_common::DEFAULT_SNAT_PORTS);
+    let default = lb_common::DEFAULT_SNAT_PORTS;
+    if check_snat_ports(default, local)?.is_none() {
+        return Ok((default, None));
     }
     let taken = [(local.0.min(local.1), local.1.max(local.0)), (30_000, 32_767)];
     let mut best: Option<(u16, u16)> = None;
@@ -123,10 +130,13 @@ pub fn choose_snat_ports(explicit: Option<(u16, u16)>, local: (u16, u16)) -> Res
         }
     }
     match best {
-        Some((a, b)) if u32::from(b - a) + 1 >= 1_000 => Ok((a, b)),
-        _ => Err(format!(
-            "no range of 1,000 ports outside this node's net.ipv4.ip_local_port_range {}-{} and the NodePort range: set --snat-ports",
-            local.0, local.1
+        Some((a, b)) if u32::from(b - a) + 1 >= 1_000 => Ok(((a, b), None)),
+        _ => Ok((
+            default,
+            Some(format!(
+                "no run of 1,000 ports outside this node's net.ipv4.ip_local_port_range {}-{} and the NodePort range: using {}-{}; set --snat-ports",
+                local.0, local.1, default.0, default.1
+            )),
         )),
     }
 }
@@ -160,11 +170,11 @@ mod tests {
     #[test]
     fn snat_ports_stay_outside_the_local_port_range() {
         let local = (32_768, 60_999);
-        assert!(check_snat_ports((61_000, 65_535), local).is_ok());
-        assert!(check_snat_ports((20_000, 29_999), local).is_ok());
-        for bad in [(60_999, 65_535), (30_000, 40_000), (1, 65_535), (40_000, 50_000)] {
-            let e = check_snat_ports(bad, local).expect_err("overlap");
-            assert!(e.contains("ip_local_port_range 32768-60999"), "{e}");
+        assert_eq!(check_snat_ports((61_000, 65_535), local), Ok(None));
+        assert_eq!(check_snat_ports((20_000, 29_999), local), Ok(None));
+        for meets in [(60_999, 65_535), (30_000, 40_000), (1, 65_535), (40_000, 50_000)] {
+            let w = check_snat_ports(meets, local).expect("a range").expect("a warning");
+            assert!(w.contains("ip_local_port_range 32768-60999"), "{w}");
         }
         assert!(check_snat_ports((0, 10), local).is_err());
         assert!(check_snat_ports((65_000, 64_000), local).is_err());
@@ -173,16 +183,24 @@ mod tests {
     #[test]
     fn the_default_snat_range_moves_out_of_a_wide_local_range() {
         use super::choose_snat_ports as choose;
-        assert_eq!(choose(None, (32_768, 60_999)), Ok((61_000, 65_535)));
-        // 1024-64000: what is left above it, 64001-65535, is enough; with 1024-65000 it is not.
-        assert_eq!(choose(None, (1_024, 64_000)), Ok((64_001, 65_535)));
-        assert!(choose(None, (1_024, 65_000)).is_err());
+        let range = |explicit, local| choose(explicit, local).expect("a range");
+        assert_eq!(range(None, (32_768, 60_999)), ((61_000, 65_535), None));
+        // 1024-64000: what is left above it, 64001-65535, is enough.
+        assert_eq!(range(None, (1_024, 64_000)), ((64_001, 65_535), None));
+        // 1024-65000: nothing is: the default, with a warning.
+        let (r, w) = range(None, (1_024, 65_000));
+        assert_eq!(r, (61_000, 65_535));
+        assert!(w.expect("a warning").contains("set --snat-ports"));
         // 10000-65535 (common tuning): 1024-9999 is the largest free run.
-        assert_eq!(choose(None, (10_000, 65_535)), Ok((1_024, 9_999)));
+        assert_eq!(range(None, (10_000, 65_535)), ((1_024, 9_999), None));
         // 32768-65535: 1024-29999 (the NodePort range is skipped).
-        assert_eq!(choose(None, (32_768, 65_535)), Ok((1_024, 29_999)));
-        assert_eq!(choose(Some((20_000, 20_999)), (32_768, 65_535)), Ok((20_000, 20_999)));
-        assert!(choose(Some((40_000, 40_999)), (32_768, 65_535)).is_err());
+        assert_eq!(range(None, (32_768, 65_535)), ((1_024, 29_999), None));
+        // Explicit: taken as given, with a warning where it meets the node's range.
+        assert_eq!(range(Some((20_000, 20_999)), (32_768, 65_535)), ((20_000, 20_999), None));
+        let (r, w) = range(Some((40_000, 40_999)), (32_768, 65_535));
+        assert_eq!(r, (40_000, 40_999));
+        assert!(w.is_some());
+        assert!(choose(Some((5, 4)), (32_768, 65_535)).is_err());
     }
 }
 
@@ -235,8 +253,7 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
-        let local = local_port_range().map_err(|e| DatapathError::SnatPorts(e.to_string()))?;
-        check_snat_ports(cfg.snat_ports, local).map_err(DatapathError::SnatPorts)?;
+        check_snat_ports(cfg.snat_ports, (0, 0)).map_err(DatapathError::SnatPorts)?;
         let others = other_layouts(&cfg.pin_dir);
         if !others.is_empty() {
             return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });
