@@ -6,7 +6,9 @@
 //! - established: two services point at each other (A → B, B → A); a packet to A is rewritten to
 //!   B, then to A, ..., each run a conntrack hit with a real rewrite;
 //! - new flow: the same, loaded with every conntrack timeout at 0, so each run misses, hashes,
-//!   reads the Maglev table, writes both conntrack entries and rewrites;
+//!   reads the Maglev table, writes both conntrack entries and rewrites: for a SYN, and for an ACK
+//!   (a TCP flow picked up mid-stream, which first looks for a source port it may hold from a
+//!   tuple clash: up to 8 more lookups);
 //! - reply: two reply entries whose translations alternate (X → C becomes V → C and back), each
 //!   with the live forward entry of its flow (a reply is translated only while its flow lives);
 //! - non-VIP: a packet to no service, left as it is.
@@ -287,8 +289,22 @@ fn main() -> anyhow::Result<()> {
     add("no-op program", "XDP", measure(rounds, repeat, |r| xdp_run(noop_xdp, &to_a, r))?);
     add("non-VIP packet", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &non_vip, r))?);
     add("non-VIP packet", "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &non_vip, r))?);
-    add("new flow", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd_new, &to_a, r))?);
-    add("new flow", "XDP", measure(rounds, repeat, |r| xdp_run(xdp_new, &to_a, r))?);
+    // A connection's first packet (SYN), and a TCP flow picked up mid-stream (an ACK of no live
+    // flow, after its entry expired or was evicted), which looks for a source port it may hold.
+    let mut syn_a = to_a.clone();
+    syn_a[47] = 0x02;
+    add("new flow (SYN)", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd_new, &syn_a, r))?);
+    add("new flow (SYN)", "XDP", measure(rounds, repeat, |r| xdp_run(xdp_new, &syn_a, r))?);
+    add(
+        "new flow, TCP picked up mid-stream (ACK)",
+        "TC",
+        measure(rounds, repeat, |r| tc_run(tc_fwd_new, &to_a, r))?,
+    );
+    add(
+        "new flow, TCP picked up mid-stream (ACK)",
+        "XDP",
+        measure(rounds, repeat, |r| xdp_run(xdp_new, &to_a, r))?,
+    );
     add("reply (reverse NAT)", "TC", measure(rounds, repeat, |r| tc_run(tc_rep, &reply, r))?);
     for n in &args.services {
         fill_services(&mut maps, *n)?;

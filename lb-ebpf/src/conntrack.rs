@@ -381,12 +381,25 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
     // Reply entries of an SNATed flow keep the client's own port.
     let snat_rev = Lb4CtEntry { snat_port: f.sport, ..plain };
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
-    let h = snat_hash(fwd_key);
-    let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
-    let port = match own {
-        Some(p) => p,
-        None if claim(&rev_key, fwd_key, &plain, now) => 0,
-        None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+    // The usual new flow: its reply key is free, taken by one insert (no lookup first).
+    let port = if !pickup && LB4_CT.insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
+        0
+    } else {
+        let natural = slot(&rev_key, fwd_key, now);
+        // This flow's own (made again, or picked up without another port), or a dead flow's
+        // that a new connection may take over at once.
+        if natural == Slot::Own || (natural == Slot::Stale && !pickup) {
+            let _ = LB4_CT.insert(&rev_key, &plain, 0);
+            0
+        } else {
+            let h = snat_hash(fwd_key);
+            let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+            match own {
+                Some(p) => p,
+                None if natural != Slot::Taken && claim(&rev_key, fwd_key, &plain, now) => 0,
+                None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+            }
+        }
     };
     fwd.snat_port = port;
     if LB4_CT.insert(fwd_key, &fwd, 0).is_ok() {
