@@ -16,7 +16,7 @@ use lb_common::{
 
 use super::{
     maglev_slots::MaglevSlots,
-    pins::{layout_dir, obj_get_read_only, other_layouts},
+    pins::{layout_dir, not_on_bpffs, obj_get_read_only, other_layouts},
     DatapathError,
 };
 use crate::reconcile::{FlowTable, MapWriter};
@@ -140,6 +140,9 @@ impl Maps {
         if !dir.join(MAP_LB4_SERVICES).exists() {
             if !others.is_empty() {
                 return Err(DatapathError::OtherLayout { pin_dir: pin_dir.into(), found: others });
+            }
+            if let Some((dir, kind)) = not_on_bpffs(pin_dir) {
+                return Err(DatapathError::NotBpffs { pin_dir: pin_dir.into(), dir, kind });
             }
             return Err(DatapathError::NotPinned(pin_dir.into()));
         }

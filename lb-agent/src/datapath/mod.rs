@@ -234,6 +234,12 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error("{0}")]
     SnatPorts(String),
+    #[error(
+        "--pin-dir {pin_dir} is not on bpffs ({dir} is on a file system of type {kind:#x}): mount bpffs there \
+         (`mount -t bpf bpf /sys/fs/bpf`; in a pod, mount the host's /sys/fs/bpf), or choose a directory under one. \
+         `ip netns exec` remounts /sys without bpffs: enter a network namespace with `nsenter --net=` instead"
+    )]
+    NotBpffs { pin_dir: PathBuf, dir: PathBuf, kind: i64 },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
 }
@@ -254,6 +260,9 @@ impl Datapath {
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
         check_snat_ports(cfg.snat_ports, (0, 0)).map_err(DatapathError::SnatPorts)?;
+        if let Some((dir, kind)) = pins::not_on_bpffs(&cfg.pin_dir) {
+            return Err(DatapathError::NotBpffs { pin_dir: cfg.pin_dir.clone(), dir, kind });
+        }
         let others = other_layouts(&cfg.pin_dir);
         if !others.is_empty() {
             return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });

@@ -12,6 +12,30 @@ pub fn layout_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("v{PIN_LAYOUT_VERSION}"))
 }
 
+/// `BPF_FS_MAGIC`: the file system type of a bpffs mount.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where `pin_dir` would live, if not on bpffs: the nearest existing directory at or above it and
+/// its file system type. `None` when that directory is on bpffs (or cannot be looked at: the
+/// caller's own error then says what went wrong).
+pub(super) fn not_on_bpffs(pin_dir: &Path) -> Option<(PathBuf, i64)> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut dir = pin_dir;
+    while !dir.exists() {
+        dir = dir.parent()?;
+    }
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs is plain integers, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statfs buffer to fill.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast, reason = "f_type's type differs between C libraries")]
+    let kind = st.f_type as i64;
+    (kind != BPF_FS_MAGIC).then(|| (dir.to_path_buf(), kind))
+}
+
 /// Other layout versions pinned under `pin_dir`.
 pub(super) fn other_layouts(pin_dir: &Path) -> Vec<String> {
     let ours = format!("v{PIN_LAYOUT_VERSION}");

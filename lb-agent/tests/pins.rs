@@ -1,0 +1,90 @@
+//! Pinning problems explain themselves: a `--pin-dir` that is not on bpffs (a plain directory, or
+//! /sys/fs/bpf under `ip netns exec`, which remounts /sys without bpffs) gets an error that says
+//! so and what to do, from the agent and from lbctl, and nothing is left behind.
+
+use std::{path::PathBuf, process::Command};
+
+use lb_testkit::lab::Lab;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+
+/// lbctl is built beside the agent (the workspace builds both).
+fn lbctl_bin() -> PathBuf {
+    let bin = std::path::Path::new(AGENT).with_file_name("lbctl");
+    assert!(bin.exists(), "lbctl not built at {}: run `cargo build` first", bin.display());
+    bin
+}
+
+/// A scratch directory on the machine's ordinary file system, removed on drop.
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("lb-pins-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).expect("scratch dir");
+    Scratch(dir)
+}
+
+fn agent_args(pin_dir: &std::path::Path, manifests: &std::path::Path) -> Vec<String> {
+    [
+        "--pin-dir",
+        &pin_dir.to_string_lossy(),
+        "--manifests",
+        &manifests.to_string_lossy(),
+        "--interfaces",
+        "lxc*",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The error names the pin directory, says it is not on bpffs and what to do.
+fn assert_explains(stderr: &str, pin_dir: &std::path::Path) {
+    let named = format!("--pin-dir {} is not on bpffs", pin_dir.display());
+    for want in [named.as_str(), "mount -t bpf bpf /sys/fs/bpf", "nsenter --net="] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_pin_dir_that_is_not_on_bpffs_is_explained() {
+    let s = scratch("plain");
+    let pin_dir = s.0.join("pins");
+    let out = Command::new(AGENT)
+        .args(agent_args(&pin_dir, &s.0.join("manifests")))
+        .output()
+        .expect("run the agent");
+    assert!(!out.status.success(), "the agent must not start");
+    assert_explains(&String::from_utf8_lossy(&out.stderr), &pin_dir);
+    assert!(!pin_dir.exists(), "nothing is made under a pin directory that is not on bpffs");
+
+    let out =
+        Command::new(lbctl_bin()).arg("--pin-dir").arg(&pin_dir).arg("services").output().expect("run lbctl");
+    assert!(!out.status.success());
+    assert_explains(&String::from_utf8_lossy(&out.stderr), &pin_dir);
+}
+
+#[test]
+fn ip_netns_exec_hides_bpffs_and_the_agent_says_so() {
+    let mut lab = Lab::new("pins").expect("lab");
+    let node = lab.node(1).expect("a network namespace");
+    let s = scratch("netns");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test/netnsexec-{}", std::process::id()));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node.netns, AGENT])
+        .args(agent_args(&pin_dir, &s.0.join("manifests")))
+        .output()
+        .expect("run the agent under ip netns exec");
+    assert!(!out.status.success(), "the agent must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_explains(&stderr, &pin_dir);
+    // /sys/fs/bpf exists there, but as a directory of the namespace's own sysfs.
+    assert!(stderr.contains("(/sys/fs/bpf is on a file system of type 0x62656572)"), "{stderr}");
+    assert!(!pin_dir.exists(), "nothing pinned on the machine's bpffs either");
+}
