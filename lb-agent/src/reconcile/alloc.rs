@@ -61,11 +61,22 @@ pub struct Region {
     pub size: u32,
 }
 
-/// First-fit allocator over `0..capacity` slots, coalescing freed neighbours.
+/// How long a region that held a published table stays out of use once freed. A packet reads a
+/// frontend's entry, then a slot of its table, within one run of a program (microseconds, under
+/// RCU); a CPU that read the entry just before it was moved may still read the old table's slots.
+/// Were the region reused at once, it could read a slot of another Service's new table and send
+/// the flow to a backend outside its Service.
+pub const REGION_GRACE_MS: u64 = 1_000;
+
+/// First-fit allocator over `0..capacity` slots, coalescing freed neighbours. Regions that held a
+/// published table are freed only [`REGION_GRACE_MS`] after their release (times in milliseconds
+/// of a monotonic clock, given by the caller, so that tests can inject one).
 #[derive(Debug)]
 pub struct RegionAllocator {
     /// Free extents: offset → size.
     free: BTreeMap<u32, u32>,
+    /// Released regions that may still be read, each with the time it becomes free.
+    cooling: VecDeque<(Region, u64)>,
     capacity: u32,
 }
 
@@ -75,10 +86,16 @@ impl RegionAllocator {
         if capacity > 0 {
             free.insert(0, capacity);
         }
-        Self { free, capacity }
+        Self { free, cooling: VecDeque::new(), capacity }
     }
 
-    pub fn alloc(&mut self, size: u32) -> Option<Region> {
+    /// A free region of `size` slots at time `now`, first fit; regions released at least
+    /// [`REGION_GRACE_MS`] ago count as free.
+    pub fn alloc(&mut self, size: u32, now: u64) -> Option<Region> {
+        while self.cooling.front().is_some_and(|(_, at)| *at <= now) {
+            let (r, _) = self.cooling.pop_front().expect("checked");
+            self.free_now(r);
+        }
         let (&offset, &len) = self.free.iter().find(|(_, len)| **len >= size)?;
         self.free.remove(&offset);
         if len > size {
@@ -106,7 +123,18 @@ impl RegionAllocator {
         true
     }
 
-    pub fn release(&mut self, r: Region) {
+    /// Releases a region that held a published table, at time `now`: it is free from
+    /// `now + REGION_GRACE_MS` on.
+    pub fn release(&mut self, r: Region, now: u64) {
+        self.cooling.push_back((r, now.saturating_add(REGION_GRACE_MS)));
+    }
+
+    /// Releases a region no packet can have read (its table was never published): free at once.
+    pub fn release_unread(&mut self, r: Region) {
+        self.free_now(r);
+    }
+
+    fn free_now(&mut self, r: Region) {
         let mut offset = r.offset;
         let mut size = r.size;
         if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {
@@ -123,8 +151,20 @@ impl RegionAllocator {
         self.free.insert(offset, size);
     }
 
+    /// Slots released but not yet free again.
+    pub fn cooling(&self) -> u32 {
+        self.cooling.iter().map(|(r, _)| r.size).sum()
+    }
+
+    /// Slots not free (regions in use, and released ones still in their grace period).
     pub fn used(&self) -> u32 {
         self.capacity - self.free.values().sum::<u32>()
+    }
+
+    /// Slots in use at time `now`: released regions whose grace has passed count as free.
+    pub fn used_at(&self, now: u64) -> u32 {
+        let cooled: u32 = self.cooling.iter().filter(|(_, at)| *at <= now).map(|(r, _)| r.size).sum();
+        self.used() - cooled
     }
 }
 
@@ -155,17 +195,50 @@ mod tests {
     #[test]
     fn regions_coalesce_and_reuse() {
         let mut r = RegionAllocator::new(100);
-        let a = r.alloc(30).expect("a");
-        let b = r.alloc(30).expect("b");
-        let c = r.alloc(40).expect("c");
-        assert!(r.alloc(1).is_none());
-        r.release(a);
-        r.release(b);
-        assert_eq!(r.alloc(60), Some(Region { offset: 0, size: 60 }));
-        r.release(c);
+        let a = r.alloc(30, 0).expect("a");
+        let b = r.alloc(30, 0).expect("b");
+        let c = r.alloc(40, 0).expect("c");
+        assert!(r.alloc(1, 0).is_none());
+        r.release_unread(a);
+        r.release_unread(b);
+        assert_eq!(r.alloc(60, 0), Some(Region { offset: 0, size: 60 }));
+        r.release_unread(c);
         assert_eq!(r.used(), 60);
         assert!(r.reserve(Region { offset: 70, size: 10 }));
         assert!(!r.reserve(Region { offset: 65, size: 10 }));
-        assert_eq!(r.alloc(10), Some(Region { offset: 60, size: 10 }));
+        assert_eq!(r.alloc(10, 0), Some(Region { offset: 60, size: 10 }));
+    }
+
+    /// A region freed at t is not handed out before t + grace, whatever is asked for meanwhile;
+    /// from then on it is (and coalesces with its free neighbours). Never-published regions are
+    /// free at once.
+    #[test]
+    fn a_published_region_is_not_reused_before_the_grace_period() {
+        let mut r = RegionAllocator::new(100);
+        let a = r.alloc(50, 0).expect("a");
+        let b = r.alloc(50, 0).expect("b");
+        let t = 5_000;
+        r.release(a, t);
+        assert_eq!(r.used(), 100, "a cooling region is not free");
+        assert_eq!(r.cooling(), 50);
+        for now in [t, t + 1, t + REGION_GRACE_MS / 2, t + REGION_GRACE_MS - 1] {
+            assert_eq!(r.alloc(1, now), None, "handed out at {now}, before {t} + grace");
+        }
+        assert_eq!(r.alloc(50, t + REGION_GRACE_MS), Some(a), "free once the grace has passed");
+        // Released in order, freed in order; each after its own grace.
+        r.release(a, 10_000);
+        r.release(b, 10_400);
+        assert_eq!(r.alloc(50, 10_000 + REGION_GRACE_MS), Some(a));
+        assert_eq!(r.alloc(50, 10_399 + REGION_GRACE_MS), None);
+        r.release(a, 12_000);
+        assert_eq!(
+            r.alloc(100, 12_000 + REGION_GRACE_MS),
+            Some(Region { offset: 0, size: 100 }),
+            "coalesced"
+        );
+        // Never published: at once.
+        let whole = Region { offset: 0, size: 100 };
+        r.release_unread(whole);
+        assert_eq!(r.alloc(100, 0), Some(whole));
     }
 }

@@ -5,7 +5,8 @@
 //! Order of writes, so that no packet ever sees an inconsistent state: new backends first; then
 //! each changed frontend's Maglev table into a free region and its member rows; then the frontend
 //! entry, which publishes the table in one map update; only then old regions and backend state
-//! changes.
+//! changes. A region that held a published table is written again only after a grace period
+//! (`alloc::REGION_GRACE_MS`): a CPU that read the old entry may still be reading its table.
 //!
 //! Flows live as under netfilter conntrack. Each frontend has member rows (frontend id, backend
 //! id) saying what its flows may still do with each backend: `Active` (in the table or ready),
@@ -196,6 +197,17 @@ pub struct Reconciler {
     frontend_ids: IdAllocator,
     backend_ids: IdAllocator,
     regions: RegionAllocator,
+    /// Milliseconds of a monotonic clock: when a freed table region may be written again.
+    clock: Clock,
+}
+
+/// A monotonic clock in milliseconds (injected in tests).
+pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// Milliseconds since the clock was made.
+fn monotonic_clock() -> Clock {
+    let start = std::time::Instant::now();
+    Box::new(move || start.elapsed().as_millis() as u64)
 }
 
 /// A digest of everything a frontend's entry and table are built from.
@@ -243,7 +255,14 @@ impl Reconciler {
             frontend_ids: IdAllocator::new(caps.services),
             backend_ids: IdAllocator::new(caps.backends),
             regions: RegionAllocator::new(caps.maglev_slots),
+            clock: monotonic_clock(),
         }
+    }
+
+    /// The same reconciler with another clock for the regions' grace period (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Adopts what pinned maps already hold, so that ids stay stable across agent restarts and
@@ -298,7 +317,7 @@ impl Reconciler {
     }
 
     pub fn slots_used(&self) -> u32 {
-        self.regions.used()
+        self.regions.used_at((self.clock)())
     }
 
     pub fn frontends_programmed(&self) -> usize {
@@ -403,7 +422,7 @@ impl Reconciler {
             .map_err(|e| write_err(object, "service entry", e))?;
         let p = self.frontends.remove(addr).expect("checked above");
         if let Some(r) = p.region {
-            self.regions.release(r);
+            self.regions.release(r, (self.clock)());
         }
         // Its members are no longer departures of a live frontend: they go with the tombstone.
         self.departed.retain(|(fid, _), _| *fid != id);
@@ -583,10 +602,12 @@ impl Reconciler {
                 .into_iter()
                 .map(|i| ids[i as usize])
                 .collect();
-            let region =
-                self.regions.alloc(size).ok_or_else(|| full("maglev slot array", self.regions.used()))?;
+            let region = self
+                .regions
+                .alloc(size, (self.clock)())
+                .ok_or_else(|| full("maglev slot array", self.regions.used()))?;
             if let Err(e) = w.set_maglev(region.offset, &table) {
-                self.regions.release(region);
+                self.regions.release_unread(region);
                 return Err(write_err(object(), "maglev table", e));
             }
             stats.slots_written += table.len();
@@ -597,7 +618,7 @@ impl Reconciler {
             Some(id) => id,
             None => {
                 if let Some(r) = region {
-                    self.regions.release(r);
+                    self.regions.release_unread(r);
                 }
                 return Err(full("service map", self.frontend_ids.in_use() as u32));
             }
@@ -613,8 +634,9 @@ impl Reconciler {
                     .map_err(|e| write_err(object(), "service entry", e))
             });
         if let Err(e) = published {
+            // The entry was not written: no packet can have read the new table.
             if let Some(r) = region {
-                self.regions.release(r);
+                self.regions.release_unread(r);
             }
             if self.frontends.contains_key(addr) {
                 // Rows for the table that was not published may have been written: the next
@@ -637,7 +659,7 @@ impl Reconciler {
             Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None, restored_name: None },
         );
         if let Some(r) = previous.and_then(|o| o.region) {
-            self.regions.release(r);
+            self.regions.release(r, (self.clock)());
         }
         stats.frontends_written += 1;
         self.pending.insert(*addr);
@@ -877,6 +899,15 @@ mod tests {
     use super::*;
     use crate::model::{BackendState, Frontend, Protocol};
 
+    /// A clock that moves on by a whole grace period each time it is read: a region released
+    /// in one sync is free again by the next, as if syncs were seconds apart. The grace period
+    /// itself is tested with a clock that stands still (`alloc`'s tests and
+    /// `a_republished_table_does_not_reuse_its_old_region_within_the_grace`).
+    fn leaping_clock() -> Clock {
+        let t = std::sync::atomic::AtomicU64::new(0);
+        Box::new(move || t.fetch_add(alloc::REGION_GRACE_MS, std::sync::atomic::Ordering::Relaxed))
+    }
+
     const fn caps(services: u32, backends: u32, maglev_slots: u32) -> Capacities {
         Capacities { services, backends, maglev_slots, ct: 0, affinity: 0, members: 0 }
     }
@@ -948,7 +979,7 @@ mod tests {
     #[test]
     fn tables_and_members_are_written_before_they_are_published_and_regions_are_reused() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         let (s, e) = sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         assert!(e.is_empty());
         assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 307));
@@ -993,10 +1024,51 @@ mod tests {
         assert_eq!(r.slots_used(), 307);
     }
 
+    /// A table's old region is not written again while a CPU may still read it: republished
+    /// tables, of this frontend or another, go elsewhere until the grace has passed since the
+    /// old one was unpublished; then the region is reused.
+    #[test]
+    fn a_republished_table_does_not_reuse_its_old_region_within_the_grace() {
+        use std::sync::{
+            atomic::{AtomicU64, Ordering},
+            Arc,
+        };
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let t = now.clone();
+        let caps = Capacities { maglev_slots: 1 << 16, ..CAPS };
+        let mut r = Reconciler::new(caps, OPTS).with_clock(Box::new(move || t.load(Ordering::Relaxed)));
+        let mut maps = MemoryMaps::default();
+        sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
+        let mut seen = BTreeSet::new();
+        // Ten republications within one grace period: every table in a region of its own, none
+        // where a table unpublished less than the grace ago was.
+        for i in 0..10u64 {
+            now.fetch_add(alloc::REGION_GRACE_MS / 20, Ordering::Relaxed);
+            maps.log.clear();
+            let backends: &[u8] = if i % 2 == 0 { &[1, 3] } else { &[1, 2, 3] };
+            sync(&mut r, &fe(backends), &mut maps);
+            let at = maps
+                .log
+                .iter()
+                .find(|l| l.starts_with("maglev "))
+                .unwrap_or_else(|| panic!("no table written at {i}: {:?}", maps.log))
+                .clone();
+            let offset: u32 =
+                at["maglev ".len()..].split('+').next().expect("offset").parse().expect("number");
+            assert!(seen.insert(offset), "region at {offset} written again within the grace: {:?}", maps.log);
+            maps.assert_consistent();
+        }
+        // A grace later, the first freed region (slot 0) is reused.
+        now.fetch_add(alloc::REGION_GRACE_MS, Ordering::Relaxed);
+        maps.log.clear();
+        sync(&mut r, &fe(&[1, 2, 3, 4]), &mut maps);
+        assert!(maps.log.iter().any(|l| l.starts_with("maglev 0+")), "{:?}", maps.log);
+    }
+
     #[test]
     fn a_departed_member_goes_after_a_whole_pass_without_its_flows() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         r.begin_pass(1);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         sync(&mut r, &fe(&[1]), &mut maps);
@@ -1019,7 +1091,7 @@ mod tests {
         assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
 
         // A departed member that comes back is active again before any table names it.
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         let mut maps = MemoryMaps::default();
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         sync(&mut r, &fe(&[1]), &mut maps);
@@ -1036,7 +1108,7 @@ mod tests {
     #[test]
     fn a_member_departs_only_once_the_table_without_it_is_published() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         r.begin_pass(1);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         // The new table cannot be published: the old one (with 2) stays in use, so 2 stays an
@@ -1061,7 +1133,7 @@ mod tests {
     #[test]
     fn rows_that_fail_after_publishing_are_written_by_the_next_sync() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.fail_members = true;
         let (_, errors) = sync(&mut r, &fe(&[1]), &mut maps);
@@ -1092,7 +1164,7 @@ mod tests {
     #[test]
     fn rows_written_for_a_table_that_was_not_published_are_undone() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         r.begin_pass(1);
         sync(&mut r, &fe(&[1]), &mut maps);
         // 2 joins, but the table with it is never published; then 2 is gone again.
@@ -1114,7 +1186,7 @@ mod tests {
     #[test]
     fn a_member_leaving_the_table_is_downgraded_only_after_the_table_without_it() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.log.clear();
         // 2 turns terminating but serving and 3 joins: 3's row before the table, 2's after.
@@ -1136,7 +1208,7 @@ mod tests {
     #[test]
     fn an_older_tombstone_at_the_address_keeps_an_entry_there() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         r.begin_pass(1);
         let key = service_key(&frontend(80, &[], &[], 0).addr);
         // s moves from port 80 to 81 (tombstone 1 at :80 keeps a flow), back to 80 (id 3), and
@@ -1163,7 +1235,7 @@ mod tests {
     #[test]
     fn listed_endpoints_keep_their_state() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         // 2 is ready but left out of the table (topology, locality): its flows stay, as a
         // serving endpoint's do; no SYN and no affinity reach it here (only table backends are
@@ -1195,7 +1267,7 @@ mod tests {
     #[test]
     fn a_removed_frontend_is_a_tombstone_until_a_pass_finds_no_flow_of_it() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         r.begin_pass(1);
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.log.clear();
@@ -1237,7 +1309,8 @@ mod tests {
         assert!(maps.services.is_empty() && maps.members.is_empty());
         assert_eq!(r.tombstones(), 0);
         // Its id is free again (fresh ids go first: freed ones come back last).
-        let (mut r, mut maps) = (Reconciler::new(caps(3, 16, 2048), OPTS), MemoryMaps::default());
+        let (mut r, mut maps) =
+            (Reconciler::new(caps(3, 16, 2048), OPTS).with_clock(leaping_clock()), MemoryMaps::default());
         sync(&mut r, &fe(&[1]), &mut maps);
         sync(&mut r, &BTreeMap::new(), &mut maps);
         r.release_idle(&census(1, &[]), &mut maps);
@@ -1251,7 +1324,7 @@ mod tests {
     #[test]
     fn an_address_taken_by_another_service_gets_a_new_id_and_the_old_flows_keep_theirs() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         // Service t takes the address in one batch, with s's removal listed too (the agent's
         // batches list both): removals first, so t is programmed in this batch.
@@ -1270,7 +1343,7 @@ mod tests {
         maps.assert_consistent();
         // The same without the removal listed (a whole sync): the same outcome.
         let mut maps2 = MemoryMaps::default();
-        let mut r2 = Reconciler::new(CAPS, OPTS);
+        let mut r2 = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r2, &fe(&[1, 2]), &mut maps2);
         sync(&mut r2, &one(t.clone()), &mut maps2);
         assert_eq!(maps2.services[&service_key(&addr)].id, 2);
@@ -1286,7 +1359,7 @@ mod tests {
     #[test]
     fn affinity_to_a_backend_that_left_is_forgotten() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &one(frontend(80, &[1, 2, 3], &[], 30)), &mut maps);
         assert_eq!(maps.services.values().next().expect("one").affinity_timeout_secs, 30);
         assert_eq!(r.affinity_timeouts(), HashMap::from([(1, 30)]));
@@ -1298,7 +1371,7 @@ mod tests {
     #[test]
     fn held_services_keep_what_they_had() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         maps.log.clear();
         let held = BTreeSet::from(["default/s".to_string()]);
@@ -1313,13 +1386,13 @@ mod tests {
     fn restore(maps: &MemoryMaps, with_meta: bool) -> Reconciler {
         let restored = maps.restored();
         let restored = if with_meta { restored } else { Restored { meta: Box::new(|_| None), ..restored } };
-        Reconciler::restore(CAPS, OPTS, restored)
+        Reconciler::restore(CAPS, OPTS, restored).with_clock(leaping_clock())
     }
 
     #[test]
     fn restore_keeps_ids_and_buries_what_is_no_longer_wanted() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         let ids_before = maps.backends.clone();
 
@@ -1360,7 +1433,7 @@ mod tests {
     #[test]
     fn after_a_restore_another_service_at_the_address_gets_a_new_id() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         let addr = frontend(80, &[], &[], 0).addr;
         // The agent restarts while Service s was replaced by t at the same address.
@@ -1378,7 +1451,7 @@ mod tests {
         maps.assert_consistent();
         // The same Service under another port name keeps its id.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(CAPS, OPTS);
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         let mut renamed = frontend(80, &[1, 2], &[], 0);
         renamed.port_name = "http".into();
@@ -1391,7 +1464,7 @@ mod tests {
     fn a_full_map_fails_that_frontend_only() {
         let mut maps = MemoryMaps::default();
         let caps = caps(16, 3, 2048);
-        let mut r = Reconciler::new(caps, OPTS);
+        let mut r = Reconciler::new(caps, OPTS).with_clock(leaping_clock());
         let mut desired = one(frontend(80, &[1], &[], 0));
         desired.extend(one(frontend(81, &[2, 3, 4], &[], 0)));
         let (_, errors) = sync(&mut r, &desired, &mut maps);
@@ -1405,7 +1478,7 @@ mod tests {
     fn full_service_and_slot_maps_fail_the_frontends_that_do_not_fit_and_keep_the_rest() {
         // Frontend ids run from 1, so a 3-entry service map holds two frontends.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(caps(3, 64, 1 << 16), OPTS);
+        let mut r = Reconciler::new(caps(3, 64, 1 << 16), OPTS).with_clock(leaping_clock());
         let desired: BTreeMap<_, _> = (80..84).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(maps.services.len(), 2, "two fit");
@@ -1421,7 +1494,7 @@ mod tests {
 
         // Maglev slots for one 251-slot table only.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(caps(16, 64, 300), OPTS);
+        let mut r = Reconciler::new(caps(16, 64, 300), OPTS).with_clock(leaping_clock());
         let desired: BTreeMap<_, _> = (80..82).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(maps.services.len(), 1, "the table that fits is programmed");
