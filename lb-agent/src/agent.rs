@@ -35,6 +35,8 @@ pub struct Agent<W: MapWriter = Maps> {
     started: bool,
     /// The flow sweep, when the agent runs one (see [`Agent::with_sweep`]).
     sweeper: Option<Sweeper>,
+    /// The EndpointSlices' last good endpoints: a slice that turns bad is served as it was.
+    last_good: model::LastGood,
 }
 
 /// What one change did.
@@ -67,6 +69,7 @@ impl<W: MapWriter> Agent<W> {
             addresses,
             started: false,
             sweeper: None,
+            last_good: model::LastGood::default(),
         }
     }
 
@@ -107,7 +110,14 @@ impl<W: MapWriter> Agent<W> {
             &self.ctx,
             &self.addresses,
             &held_by_source,
+            &mut self.last_good,
         );
+        let present: BTreeSet<String> = objects
+            .services
+            .iter()
+            .map(|s| model::object_name(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()))
+            .collect();
+        self.last_good.keep_services(&present);
         let mut messages: Vec<(String, &'static str)> = Vec::new();
         messages.extend(objects.errors.iter().map(|e| (e.to_string(), e.reason_label())));
         messages.extend(model.errors.iter().map(|e| (e.to_string(), e.reason_label())));
@@ -142,7 +152,7 @@ impl<W: MapWriter> Agent<W> {
         let mut held = BTreeSet::new();
         let mut built = Vec::new();
         for ServiceObjects { key, service, slices } in changed {
-            let m = model::build(service.as_slice(), &slices, &self.ctx);
+            let m = model::build_with(service.as_slice(), &slices, &self.ctx, &mut self.last_good);
             errors.extend(m.errors);
             if m.held.contains(&key) {
                 // Rejected: it keeps what it had, and waits for nothing more.

@@ -20,9 +20,10 @@ use k8s_openapi::api::{
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
+pub use self::service::object_name;
 use self::{
     endpoints::{select, slice_endpoints, EndpointsByPort},
-    service::{object_name, service_spec, SvcOutcome},
+    service::{service_spec, SvcOutcome},
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -355,7 +356,34 @@ impl Addresses {
 /// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`. Two Services
 /// asking for one address: the first by name gets it.
 pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
-    build_claiming(services, slices, ctx, &Addresses::default(), &BTreeSet::new())
+    build_with(services, slices, ctx, &mut LastGood::default())
+}
+
+/// As [`build`], with the EndpointSlices' last good endpoints kept in `last_good` (see
+/// [`LastGood`]).
+pub fn build_with(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    ctx: &Context,
+    last_good: &mut LastGood,
+) -> Model {
+    build_claiming(services, slices, ctx, &Addresses::default(), &BTreeSet::new(), last_good)
+}
+
+/// The last good endpoints of each EndpointSlice, by slice. A bad slice is rejected alone: its
+/// Service is served from its other slices, and from the bad one's last good version if it had
+/// one (so a slice that turns bad loses nothing); a slice that was never good adds nothing.
+#[derive(Default)]
+pub struct LastGood {
+    /// Slice object → (its Service object, its endpoints).
+    slices: HashMap<String, (String, EndpointsByPort)>,
+}
+
+impl LastGood {
+    /// Forgets the slices of Services not in `services` (gone from the source).
+    pub fn keep_services(&mut self, services: &BTreeSet<String>) {
+        self.slices.retain(|_, (svc, _)| services.contains(svc));
+    }
 }
 
 /// As [`build`], but an address `prior` gives to a Service that still asks for it, or whose
@@ -367,6 +395,7 @@ pub fn build_claiming(
     ctx: &Context,
     prior: &Addresses,
     held_by_source: &BTreeSet<String>,
+    last_good: &mut LastGood,
 ) -> Model {
     let mut model = Model::default();
     let mut wanted = Vec::new();
@@ -396,13 +425,28 @@ pub fn build_claiming(
         let mut rejected = false;
         let mut slices: Vec<&&EndpointSlice> = by_service.get(&(ns, name)).into_iter().flatten().collect();
         slices.sort_by_key(|s| s.metadata.name.clone());
+        let mut present = BTreeSet::new();
         for slice in slices {
             let slice_object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
-            if let Err(e) = slice_endpoints(slice, &slice_object, &mut endpoints) {
-                model.errors.push(e);
-                rejected = true;
+            let mut parsed = EndpointsByPort::new();
+            let got = match slice_endpoints(slice, &slice_object, &mut parsed) {
+                Ok(()) => {
+                    last_good.slices.insert(slice_object.clone(), (object.clone(), parsed.clone()));
+                    Some(parsed)
+                }
+                // Rejected alone: the Service goes on with its other slices, and with this one as
+                // it last was good.
+                Err(e) => {
+                    model.errors.push(e);
+                    last_good.slices.get(&slice_object).map(|(_, eps)| eps.clone())
+                }
+            };
+            for (port, eps) in got.into_iter().flatten() {
+                endpoints.entry(port).or_default().extend(eps);
             }
+            present.insert(slice_object);
         }
+        last_good.slices.retain(|slice, (svc, _)| *svc != object || present.contains(slice));
         let total: usize = endpoints.values().map(Vec::len).max().unwrap_or(0);
         if total > ctx.max_endpoints_per_service {
             model.errors.push(ModelError::invalid(

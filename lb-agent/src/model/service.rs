@@ -10,7 +10,7 @@ use super::{Context, ModelError, Protocol, DEFAULT_AFFINITY_TIMEOUT_SECS};
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
-pub(super) fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
+pub fn object_name(ns: Option<&String>, name: Option<&String>) -> String {
     format!("{}/{}", ns.map_or("default", String::as_str), name.map_or("<unnamed>", String::as_str))
 }
 
