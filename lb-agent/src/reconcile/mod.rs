@@ -982,18 +982,18 @@ mod tests {
         let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
         let (s, e) = sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
         assert!(e.is_empty());
-        assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 307));
+        assert_eq!((s.frontends_written, s.backends_written, s.slots_written), (1, 3, 1021));
         assert_eq!(
             maps.log,
             [
                 "backend 1 state 1",
                 "backend 2 state 1",
                 "backend 3 state 1",
-                "maglev 0+307",
+                "maglev 0+1021",
                 "member 1/1 state 1",
                 "member 1/2 state 1",
                 "member 1/3 state 1",
-                "service 1 at 0+307"
+                "service 1 at 0+1021"
             ]
         );
         maps.assert_consistent();
@@ -1009,7 +1009,7 @@ mod tests {
         assert_eq!((s.frontends_written, s.backends_written), (1, 1));
         assert_eq!(
             maps.log,
-            ["maglev 307+251", "service 1 at 307+251", "member 1/2 state 3", "backend 2 state 2"]
+            ["maglev 1021+1021", "service 1 at 1021+1021", "member 1/2 state 3", "backend 2 state 2"]
         );
         maps.assert_consistent();
 
@@ -1018,10 +1018,10 @@ mod tests {
         sync(&mut r, &fe(&[1, 3, 4]), &mut maps);
         assert_eq!(
             maps.log,
-            ["backend 4 state 1", "maglev 0+307", "member 1/4 state 1", "service 1 at 0+307"]
+            ["backend 4 state 1", "maglev 0+1021", "member 1/4 state 1", "service 1 at 0+1021"]
         );
         maps.assert_consistent();
-        assert_eq!(r.slots_used(), 307);
+        assert_eq!(r.slots_used(), 1021);
     }
 
     /// A table's old region is not written again while a CPU may still read it: republished
@@ -1099,7 +1099,7 @@ mod tests {
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         assert_eq!(
             maps.log,
-            ["backend 2 state 1", "maglev 0+251", "member 1/2 state 1", "service 1 at 0+251"]
+            ["backend 2 state 1", "maglev 0+1021", "member 1/2 state 1", "service 1 at 0+1021"]
         );
         assert_eq!(r.departed(), 0);
         maps.assert_consistent();
@@ -1195,9 +1195,9 @@ mod tests {
             maps.log,
             [
                 "backend 3 state 1",
-                "maglev 251+251",
+                "maglev 1021+1021",
                 "member 1/3 state 1",
-                "service 1 at 251+251",
+                "service 1 at 1021+1021",
                 "member 1/2 state 2",
                 "backend 2 state 2"
             ]
@@ -1408,7 +1408,7 @@ mod tests {
         // Without the recorded digest the table is rewritten once, into a new region.
         let mut r3 = restore(&maps, false);
         sync(&mut r3, &fe(&[1, 2, 3]), &mut maps);
-        assert_eq!(maps.log, ["maglev 307+307", "service 1 at 307+307"]);
+        assert_eq!(maps.log, ["maglev 1021+1021", "service 1 at 1021+1021"]);
         assert_eq!(maps.backends, ids_before);
         maps.assert_consistent();
 
@@ -1492,9 +1492,9 @@ mod tests {
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!((maps.services.clone(), errors.len()), (before, 2));
 
-        // Maglev slots for one 251-slot table only.
+        // Maglev slots for one 1,021-slot table only.
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(caps(16, 64, 300), OPTS).with_clock(leaping_clock());
+        let mut r = Reconciler::new(caps(16, 64, 1100), OPTS).with_clock(leaping_clock());
         let desired: BTreeMap<_, _> = (80..82).flat_map(|p| one(frontend(p, &[1, 2], &[], 0))).collect();
         let (_, errors) = sync(&mut r, &desired, &mut maps);
         assert_eq!(maps.services.len(), 1, "the table that fits is programmed");
