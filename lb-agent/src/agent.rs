@@ -152,7 +152,16 @@ impl<W: MapWriter> Agent<W> {
         let mut held = BTreeSet::new();
         let mut built = Vec::new();
         for ServiceObjects { key, service, slices } in changed {
-            let m = model::build_with(service.as_slice(), &slices, &self.ctx, &mut self.last_good);
+            if service.is_none() {
+                self.last_good.forget(&key);
+            }
+            let m = model::build_with(
+                service.as_slice(),
+                &slices,
+                &self.ctx,
+                &self.addresses,
+                &mut self.last_good,
+            );
             errors.extend(m.errors);
             if m.held.contains(&key) {
                 // Rejected: it keeps what it had, and waits for nothing more.

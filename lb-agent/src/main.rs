@@ -237,6 +237,13 @@ async fn main() -> anyhow::Result<()> {
         "source ports for clashing flows: {}-{} (this node's ip_local_port_range: {}-{})",
         cfg.datapath.snat_ports.0, cfg.datapath.snat_ports.1, local.0, local.1
     );
+    let smallest = model::maglev::TABLE_SIZES[0];
+    if cfg.reconcile.max_table_size < smallest {
+        warn!(
+            "--maglev-max-table-size {} is below the smallest table, {smallest} slots: tables of {smallest} are used",
+            cfg.reconcile.max_table_size
+        );
+    }
     let pin_dir = cfg.datapath.pin_dir.clone();
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;

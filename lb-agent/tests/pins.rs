@@ -86,5 +86,4 @@ fn ip_netns_exec_hides_bpffs_and_the_agent_says_so() {
     assert_explains(&stderr, &pin_dir);
     // /sys/fs/bpf exists there, but as a directory of the namespace's own sysfs.
     assert!(stderr.contains("(/sys/fs/bpf is on a file system of type 0x62656572)"), "{stderr}");
-    assert!(!pin_dir.exists(), "nothing pinned on the machine's bpffs either");
 }

@@ -20,8 +20,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// caller's own error then says what went wrong).
 pub(super) fn not_on_bpffs(pin_dir: &Path) -> Option<(PathBuf, i64)> {
     use std::os::unix::ffi::OsStrExt as _;
-    let mut dir = pin_dir;
-    while !dir.exists() {
+    let absolute = std::path::absolute(pin_dir).ok()?;
+    let mut dir = absolute.as_path();
+    // A directory that cannot be looked at stops the walk: its own error says why.
+    while !dir.try_exists().ok()? {
         dir = dir.parent()?;
     }
     let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
@@ -31,8 +33,9 @@ pub(super) fn not_on_bpffs(pin_dir: &Path) -> Option<(PathBuf, i64)> {
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
         return None;
     }
+    // f_type is signed on some targets: compare its low 32 bits, which hold the magic.
     #[allow(clippy::unnecessary_cast, reason = "f_type's type differs between C libraries")]
-    let kind = st.f_type as i64;
+    let kind = i64::from(st.f_type as u32);
     (kind != BPF_FS_MAGIC).then(|| (dir.to_path_buf(), kind))
 }
 

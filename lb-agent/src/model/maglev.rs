@@ -5,26 +5,28 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Table sizes, one per tier of backend counts: tier `k` holds up to 4^(k+1) backends (1–4,
-/// 5–16, 17–64, 65–256, ...), and its size (a prime) gives at least 100 slots per backend at the
-/// top of the tier (the first tier more: 255, cheap at that size). A Service changes table size only
-/// when its backend count crosses a tier (at most once per 4× growth), because Maglev moves few
-/// flows between tables of one size but nearly all between tables of different sizes.
-pub const TABLE_SIZES: [u32; 6] = [1_021, 1_637, 6_421, 25_601, 102_407, 409_609];
+/// Table sizes, one per tier of backend counts: tier `k` holds up to 5 × 4^k backends (1–5,
+/// 6–20, 21–80, 81–320, ...), and its size (a prime) gives at least 80 slots per backend at the
+/// top of the tier (the first tier more: 204, cheap at that size). A Service changes table size
+/// only when its backend count crosses a tier (at most once per 4× growth), because Maglev moves
+/// few flows between tables of one size but nearly all between tables of different sizes. The
+/// tops sit a quarter above the powers of 4 that replica counts like (4, 16, 64): a rolling
+/// update with the default 25 % surge stays within its tier.
+pub const TABLE_SIZES: [u32; 6] = [1_021, 1_601, 6_421, 25_601, 102_407, 409_609];
 
 /// Default upper bound of a table's size.
 pub const DEFAULT_MAX_TABLE_SIZE: u32 = 65_537;
 
 /// Sizes a cap (`--maglev-max-table-size`) is rounded down to: the tier sizes and the default.
-const CAP_SIZES: [u32; 7] = [1_021, 1_637, 6_421, 25_601, 65_537, 102_407, 409_609];
+const CAP_SIZES: [u32; 7] = [1_021, 1_601, 6_421, 25_601, 65_537, 102_407, 409_609];
 
-/// The table size for `backends` backends: the size of their tier (1–4 backends: 1,021 slots,
-/// 5–16: 1,637, 17–64: 6,421, 65–256: 25,601, and so on), capped at `max` (rounded down to a
+/// The table size for `backends` backends: the size of their tier (1–5 backends: 1,021 slots,
+/// 6–20: 1,601, 21–80: 6,421, 81–320: 25,601, and so on), capped at `max` (rounded down to a
 /// listed prime, and never below the smallest). A pure function of the count, so every node
 /// builds the same table.
 pub fn table_size(backends: usize, max: u32) -> u32 {
     let cap = CAP_SIZES.iter().copied().rev().find(|s| *s <= max).unwrap_or(CAP_SIZES[0]);
-    let mut top = 4usize;
+    let mut top = 5usize;
     for size in TABLE_SIZES {
         if backends <= top {
             return size.min(cap);
@@ -191,8 +193,8 @@ mod tests {
 
     /// Scaling a Service from 1 to 30 backends and back, one at a time, moves about as few flows
     /// on surviving backends as Maglev at a fixed 16,381 slots does (at most 3 points more: a
-    /// smaller table disrupts a little more, 2.7 % against 0.6 % at worst here), but at the tier
-    /// steps (4 ↔ 5 and 16 ↔ 17 backends), where the size changes and most flows move.
+    /// smaller table disrupts a little more), but at the tier steps (5 ↔ 6 and 20 ↔ 21 backends),
+    /// where the size changes and most flows move.
     #[test]
     fn scaling_one_at_a_time_moves_flows_only_at_tier_steps() {
         let all = names(30);
@@ -224,7 +226,7 @@ mod tests {
                 fixed * 100.0
             );
         }
-        assert_eq!(steps_with_a_new_size, 4, "4 -> 5, 16 -> 17 and back");
+        assert_eq!(steps_with_a_new_size, 4, "5 -> 6, 20 -> 21 and back");
     }
 
     /// Run-length encoding: `index*count` per run, space-separated.
@@ -258,19 +260,19 @@ mod tests {
     fn table_size_follows_backend_count_in_tiers() {
         let size = |n| table_size(n, DEFAULT_MAX_TABLE_SIZE);
         for (n, want) in
-            [(0, 1_021), (1, 1_021), (4, 1_021), (5, 1_637), (16, 1_637), (17, 6_421), (64, 6_421)]
+            [(0, 1_021), (1, 1_021), (5, 1_021), (6, 1_601), (20, 1_601), (21, 6_421), (80, 6_421)]
         {
             assert_eq!(size(n), want, "{n} backends");
         }
-        assert_eq!((size(65), size(256)), (25_601, 25_601));
+        assert_eq!((size(81), size(320)), (25_601, 25_601));
         assert_eq!(size(1000), 65_537, "capped at the default maximum");
         assert_eq!(table_size(1000, 1 << 20), 102_407);
         assert_eq!(table_size(5000, 17_627), 6_421, "a maximum between sizes rounds down");
         assert_eq!(table_size(3, 500), 1_021, "never below the smallest");
-        // Every tier has at least 100 slots per backend at its top.
-        let mut top = 4u64;
+        // Every tier has at least 80 slots per backend at its top.
+        let mut top = 5u64;
         for s in TABLE_SIZES {
-            assert!(u64::from(s) >= 100 * top, "{s} slots for {top} backends");
+            assert!(u64::from(s) >= 80 * top, "{s} slots for {top} backends");
             top *= 4;
         }
         assert!(

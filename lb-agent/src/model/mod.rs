@@ -9,7 +9,7 @@ pub mod maglev;
 mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
 };
@@ -356,33 +356,50 @@ impl Addresses {
 /// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`. Two Services
 /// asking for one address: the first by name gets it.
 pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
-    build_with(services, slices, ctx, &mut LastGood::default())
+    build_with(services, slices, ctx, &Addresses::default(), &mut LastGood::default())
 }
 
-/// As [`build`], with the EndpointSlices' last good endpoints kept in `last_good` (see
-/// [`LastGood`]).
+/// As [`build`], with what is programmed (`prior`) and the EndpointSlices' last good endpoints
+/// (`last_good`, see [`LastGood`]).
 pub fn build_with(
     services: &[Service],
     slices: &[EndpointSlice],
     ctx: &Context,
+    prior: &Addresses,
     last_good: &mut LastGood,
 ) -> Model {
-    build_claiming(services, slices, ctx, &Addresses::default(), &BTreeSet::new(), last_good)
+    build_claiming(services, slices, ctx, prior, &BTreeSet::new(), last_good)
 }
 
 /// The last good endpoints of each EndpointSlice, by slice. A bad slice is rejected alone: its
 /// Service is served from its other slices, and from the bad one's last good version if it had
-/// one (so a slice that turns bad loses nothing); a slice that was never good adds nothing.
+/// one under the same Service (so a slice that turns bad loses nothing). A bad slice without one
+/// adds nothing; but a Service programmed by an earlier agent (restored from the pins) and not yet
+/// built by this one is held instead, keeping what it had: its bad slice may have been good then.
 #[derive(Default)]
 pub struct LastGood {
-    /// Slice object → (its Service object, its endpoints).
+    /// Slice object → (its Service object, its endpoints). Slices without a name are not kept.
     slices: HashMap<String, (String, EndpointsByPort)>,
+    /// Services built by this agent (their slices' good versions are known from then on).
+    built: HashSet<String>,
 }
 
 impl LastGood {
     /// Forgets the slices of Services not in `services` (gone from the source).
     pub fn keep_services(&mut self, services: &BTreeSet<String>) {
         self.slices.retain(|_, (svc, _)| services.contains(svc));
+        self.built.retain(|svc| services.contains(svc));
+    }
+
+    /// Forgets the slices of `service` (deleted, or not served).
+    pub fn forget(&mut self, service: &str) {
+        self.slices.retain(|_, (svc, _)| svc != service);
+        self.built.remove(service);
+    }
+
+    /// The last good endpoints of `slice` under `service`.
+    fn get(&self, slice: &str, service: &str) -> Option<&EndpointsByPort> {
+        self.slices.get(slice).filter(|(svc, _)| svc == service).map(|(_, eps)| eps)
     }
 }
 
@@ -413,7 +430,10 @@ pub fn build_claiming(
         let object = object_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());
         let spec = match service_spec(svc, &object, ctx, &mut model.errors) {
             SvcOutcome::Use(spec) => spec,
-            SvcOutcome::Skip => continue,
+            SvcOutcome::Skip => {
+                last_good.forget(&object);
+                continue;
+            }
             SvcOutcome::Reject => {
                 model.held.insert(object);
                 continue;
@@ -422,23 +442,35 @@ pub fn build_claiming(
         let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
         let name = svc.metadata.name.clone().unwrap_or_default();
         let mut endpoints = EndpointsByPort::new();
-        let mut rejected = false;
+        // Programmed already: a Service that has objects the source could not read keeps what it
+        // had; so does one restored from the pins and not yet built by this agent whose bad
+        // slice has no good version to stand in (it may have had one before the restart).
+        let programmed = prior.by_service.contains_key(&object);
+        let restored_only = programmed && !last_good.built.contains(&object);
+        let mut rejected = programmed && held_by_source.contains(&object);
         let mut slices: Vec<&&EndpointSlice> = by_service.get(&(ns, name)).into_iter().flatten().collect();
         slices.sort_by_key(|s| s.metadata.name.clone());
         let mut present = BTreeSet::new();
         for slice in slices {
             let slice_object = object_name(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
+            let named = slice.metadata.name.is_some();
             let mut parsed = EndpointsByPort::new();
             let got = match slice_endpoints(slice, &slice_object, &mut parsed) {
                 Ok(()) => {
-                    last_good.slices.insert(slice_object.clone(), (object.clone(), parsed.clone()));
+                    if named {
+                        last_good.slices.insert(slice_object.clone(), (object.clone(), parsed.clone()));
+                    }
                     Some(parsed)
                 }
                 // Rejected alone: the Service goes on with its other slices, and with this one as
                 // it last was good.
                 Err(e) => {
                     model.errors.push(e);
-                    last_good.slices.get(&slice_object).map(|(_, eps)| eps.clone())
+                    let last = last_good.get(&slice_object, &object).filter(|_| named).cloned();
+                    if last.is_none() && restored_only {
+                        rejected = true;
+                    }
+                    last
                 }
             };
             for (port, eps) in got.into_iter().flatten() {
@@ -446,7 +478,10 @@ pub fn build_claiming(
             }
             present.insert(slice_object);
         }
-        last_good.slices.retain(|slice, (svc, _)| *svc != object || present.contains(slice));
+        if !rejected {
+            last_good.slices.retain(|slice, (svc, _)| *svc != object || present.contains(slice));
+            last_good.built.insert(object.clone());
+        }
         let total: usize = endpoints.values().map(Vec::len).max().unwrap_or(0);
         if total > ctx.max_endpoints_per_service {
             model.errors.push(ModelError::invalid(
@@ -739,5 +774,107 @@ spec: {clusterIP: 10.96.0.32, ports: [{port: "eighty"}]}
         let (m, _) = model(&dup);
         let http = &m.frontends[&addr([10, 96, 0, 10], 80, Protocol::Tcp)];
         assert_eq!(http.backends.len(), 3, "{:?}", http.backends);
+    }
+}
+
+#[cfg(test)]
+mod last_good_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::source::{files::read_bytes, Objects};
+
+    fn objects(yaml: &str) -> Objects {
+        let mut o = Objects::default();
+        read_bytes(Path::new("test.yaml"), yaml.as_bytes(), &mut o);
+        o
+    }
+
+    fn service(name: &str, vip: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: d}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80}}]\n---\n")
+    }
+
+    fn slice(name: &str, service: &str, addr: &str) -> String {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: d, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [{addr}]\n---\n")
+    }
+
+    fn backends(m: &Model, vip: [u8; 4]) -> Vec<String> {
+        let a = FrontendAddr { vip: vip.into(), port: 80, proto: Protocol::Tcp };
+        m.frontends.get(&a).map(|f| f.backends.iter().map(|b| b.ip.to_string()).collect()).unwrap_or_default()
+    }
+
+    fn run(yaml: &str, prior: &Addresses, lg: &mut LastGood) -> Model {
+        let o = objects(yaml);
+        build_claiming(&o.services, &o.slices, &Context::default(), prior, &BTreeSet::new(), lg)
+    }
+
+    /// A slice good under Service a, then relabelled to b and bad: b never gets a's endpoints.
+    #[test]
+    fn a_last_good_slice_stands_in_only_for_its_own_service() {
+        let mut lg = LastGood::default();
+        let m = run(
+            &format!(
+                "{}{}{}",
+                service("a", "10.96.0.1"),
+                service("b", "10.96.0.2"),
+                slice("s", "a", "10.244.0.1")
+            ),
+            &Addresses::default(),
+            &mut lg,
+        );
+        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.1"]);
+        let m = run(
+            &format!(
+                "{}{}{}",
+                service("a", "10.96.0.1"),
+                service("b", "10.96.0.2"),
+                slice("s", "b", "10.244.0.999")
+            ),
+            &m.addresses,
+            &mut lg,
+        );
+        assert!(
+            backends(&m, [10, 96, 0, 2]).is_empty(),
+            "b took a's endpoints: {:?}",
+            backends(&m, [10, 96, 0, 2])
+        );
+    }
+
+    /// After a restart the cache is empty: a Service restored from the pins whose slice is bad is
+    /// held (it keeps what it had), until this agent has built it once; a slice that is bad and
+    /// was never good during this run then adds nothing and the others are served.
+    #[test]
+    fn a_restored_service_with_a_bad_slice_is_held_until_built() {
+        let good = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.1"));
+        let fresh = run(&good, &Addresses::default(), &mut LastGood::default());
+        let restored = fresh.addresses.clone();
+        let bad = format!("{good}{}", slice("web-2", "web", "10.244.0.999"));
+        let mut lg = LastGood::default();
+        let m = run(&bad, &restored, &mut lg);
+        assert!(m.held.contains("d/web"), "restored and never built: held");
+        // Built once this run (the bad slice gone), then a bad slice that never was good: the
+        // Service is served from its other slices.
+        let m = run(&good, &restored, &mut lg);
+        assert!(!m.held.contains("d/web"));
+        let m = run(&bad, &m.addresses, &mut lg);
+        assert!(!m.held.contains("d/web"));
+        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.1"]);
+        // On a fresh start (nothing programmed), the same objects serve what is valid.
+        let m = run(&bad, &Addresses::default(), &mut LastGood::default());
+        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.1"]);
+    }
+
+    /// A Service that is skipped (here: headless) forgets its slices' good versions, so that they
+    /// never stand in for endpoints that changed meanwhile.
+    #[test]
+    fn a_skipped_service_forgets_its_slices() {
+        let mut lg = LastGood::default();
+        let good = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.1"));
+        run(&good, &Addresses::default(), &mut lg);
+        let headless = good.replace("clusterIP: 10.96.0.1", "clusterIP: None");
+        run(&headless, &Addresses::default(), &mut lg);
+        let bad = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.999"));
+        let m = run(&bad, &Addresses::default(), &mut lg);
+        assert!(backends(&m, [10, 96, 0, 1]).is_empty(), "an old good version stood in");
     }
 }

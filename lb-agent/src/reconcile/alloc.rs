@@ -151,6 +151,16 @@ impl RegionAllocator {
         self.free.insert(offset, size);
     }
 
+    /// All slots.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// When the earliest released region is free again, if one is cooling.
+    pub fn next_free_at(&self) -> Option<u64> {
+        self.cooling.front().map(|(_, at)| *at)
+    }
+
     /// Slots released but not yet free again.
     pub fn cooling(&self) -> u32 {
         self.cooling.iter().map(|(r, _)| r.size).sum()

@@ -190,6 +190,9 @@ pub struct Reconciler {
     /// Frontends whose member rows are not yet those of their published table (a write failed):
     /// [`Reconciler::retry`] tries them again.
     pending: BTreeSet<FrontendAddr>,
+    /// Frontends whose new table found no free region while freed regions were still in their
+    /// grace period: [`Reconciler::retry`] tries them again once those are free.
+    deferred: BTreeMap<FrontendAddr, Frontend>,
     /// Set by a restore; cleared once its backends have been checked for users.
     restore_pending: bool,
     /// The flow sweep's current pass (see [`flows`]).
@@ -200,6 +203,9 @@ pub struct Reconciler {
     /// Milliseconds of a monotonic clock: when a freed table region may be written again.
     clock: Clock,
 }
+
+/// What a frontend's table is written into.
+const SLOTS: &str = "maglev slot array";
 
 /// A monotonic clock in milliseconds (injected in tests).
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
@@ -250,6 +256,7 @@ impl Reconciler {
             users: HashMap::new(),
             touched: HashSet::new(),
             pending: BTreeSet::new(),
+            deferred: BTreeMap::new(),
             restore_pending: false,
             pass: 0,
             frontend_ids: IdAllocator::new(caps.services),
@@ -389,8 +396,20 @@ impl Reconciler {
             }
         }
         for (addr, fe) in changed {
-            if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
-                errors.push(e);
+            match self.sync_frontend(addr, fe, w, &mut stats) {
+                Ok(()) => {
+                    self.deferred.remove(addr);
+                }
+                Err(e) => {
+                    let waits =
+                        matches!(e, SyncError::Full { what: SLOTS, .. }) && self.regions.cooling() > 0;
+                    if waits {
+                        self.deferred.insert(*addr, fe.clone());
+                    } else {
+                        self.deferred.remove(addr);
+                    }
+                    errors.push(e);
+                }
             }
         }
         self.sync_backend_states(w, &mut stats, &mut errors);
@@ -407,6 +426,7 @@ impl Reconciler {
         w: &mut W,
         stats: &mut SyncStats,
     ) -> Result<(), SyncError> {
+        self.deferred.remove(addr);
         let Some(p) = self.frontends.get(addr) else { return Ok(()) };
         let id = p.id;
         let object =
@@ -569,7 +589,10 @@ impl Reconciler {
             // Restored from pinned maps, built from the same inputs: adopt it as it is, so a
             // restart rewrites nothing (and needs no spare table space).
             let backends_known = fe.backends.iter().all(|b| self.backends.contains_key(b));
-            if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known {
+            // Its table's region must be ours: one that could not be reserved on restore (it
+            // overlapped another) may be handed out again, so that table is rewritten.
+            let region_held = p.region.is_some() || fe.backends.is_empty();
+            if p.frontend.is_none() && p.restored_digest == Some(digest) && backends_known && region_held {
                 let id = p.id;
                 let (rows, departures) = self.rows_for(id, fe);
                 self.write_rows(id, rows.clone(), w)
@@ -605,7 +628,7 @@ impl Reconciler {
             let region = self
                 .regions
                 .alloc(size, (self.clock)())
-                .ok_or_else(|| full("maglev slot array", self.regions.used()))?;
+                .ok_or_else(|| full(SLOTS, self.regions.capacity()))?;
             if let Err(e) = w.set_maglev(region.offset, &table) {
                 self.regions.release_unread(region);
                 return Err(write_err(object(), "maglev table", e));
@@ -699,7 +722,7 @@ impl Reconciler {
 
     /// Whether some writes wait for [`Reconciler::retry`].
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || !self.deferred.is_empty()
     }
 
     /// Writes again what failed to be written after a table was published (member rows, the
@@ -712,6 +735,14 @@ impl Reconciler {
             .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
             .collect();
         self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
+        let mut todo = todo;
+        if self.regions.cooling() == 0 || self.deferred.is_empty() {
+            // Deferred frontends wait for a cooling region to free; with none left cooling, what
+            // does not fit now is full for good (reported, tried again with its next change).
+            todo.extend(std::mem::take(&mut self.deferred));
+        } else if self.regions.next_free_at().is_some_and(|at| at <= (self.clock)()) {
+            todo.extend(self.deferred.clone());
+        }
         self.apply(todo.iter().map(|(a, f)| (a, f)), &[], w)
     }
 
@@ -1063,6 +1094,45 @@ mod tests {
         maps.log.clear();
         sync(&mut r, &fe(&[1, 2, 3, 4]), &mut maps);
         assert!(maps.log.iter().any(|l| l.starts_with("maglev 0+")), "{:?}", maps.log);
+    }
+
+    /// A table that finds no free region only because freed ones are still in their grace is
+    /// not lost: the frontend keeps its published table, and `retry` writes the new one once a
+    /// region is free again.
+    #[test]
+    fn a_table_waiting_for_a_cooling_region_is_written_once_it_is_free() {
+        use std::sync::{
+            atomic::{AtomicU64, Ordering},
+            Arc,
+        };
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let t = now.clone();
+        // Room for two 1,021-slot tables.
+        let mut r = Reconciler::new(caps(16, 16, 2_100), OPTS)
+            .with_clock(Box::new(move || t.load(Ordering::Relaxed)));
+        let mut maps = MemoryMaps::default();
+        sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        assert!(!r.has_pending());
+        // The third table: the first region still cools, the second is in use.
+        let (_, errors) = sync(&mut r, &fe(&[1, 2, 4]), &mut maps);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("maglev slot array is full (capacity 2100)"), "{}", errors[0]);
+        assert!(r.has_pending(), "deferred, not dropped");
+        let before = maps.services.clone();
+        // Still cooling: nothing is tried.
+        maps.log.clear();
+        let (_, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty() && maps.log.is_empty(), "{errors:?} {:?}", maps.log);
+        assert_eq!(maps.services, before, "the published table stays");
+        // A grace later the new table goes in, and nothing waits any more.
+        now.fetch_add(alloc::REGION_GRACE_MS, Ordering::Relaxed);
+        let (s, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(s.frontends_written, 1);
+        assert!(maps.log.iter().any(|l| l == "maglev 0+1021"), "{:?}", maps.log);
+        assert!(!r.has_pending());
+        maps.assert_consistent();
     }
 
     #[test]
