@@ -4,7 +4,7 @@
 //! agent and a restarted agent reuses them.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -15,16 +15,13 @@ use lb_common::{
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
-/// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key,
-/// read-mostly. Not preallocated (`BPF_F_NO_PREALLOC`): a preallocated hash map hands the element
-/// an update replaced to the next update at once, so a CPU still copying it could read half of
-/// one Service's entry and half of another's (a table offset with another table's size). Without
-/// preallocation a replaced element is freed only after every reader is done (RCU), which is
-/// what publishing a table by one update relies on. An update may then fail for lack of memory;
-/// the reconciler reports and retries it.
+/// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key, read-mostly,
+/// preallocated so the agent's updates never fail for lack of memory at run time. (A hash map
+/// may hand the element an update replaced to the next update at once, preallocated or not since
+/// Linux 6.1, so a CPU copying an entry while two updates land could read parts of both: a known
+/// gap, to be closed by checking the table's choice against the member rows.)
 #[map(name = "LB4_SERVICES")]
-pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> =
-    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
+pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> = HashMap::pinned(capacity::SERVICES, 0);
 
 /// Backends by id. Written by the agent only; read by the forward programs (new flows, and to
 /// check that a tracked flow's backend still exists). An array: ids are dense and allocated by
@@ -48,11 +45,10 @@ pub static LB4_MAGLEV: Array<[u32; 2]> = Array::pinned(capacity::MAGLEV_SLOTS / 
 /// that left it while flows to them live, and, for a Service that is gone, its last endpoints
 /// until its flows end. Read by the forward programs for every tracked flow and affinity entry,
 /// which are honoured only while their pair is a member (the check Cilium makes with its
-/// reverse-NAT index and affinity-match map). A hash: pairs are sparse; not preallocated, like
-/// the service map and for the same reason (a member's state changes by replacing its value).
+/// reverse-NAT index and affinity-match map). A hash: pairs are sparse; preallocated like the
+/// service map.
 #[map(name = "LB4_MEMBERS")]
-pub static LB4_MEMBERS: HashMap<Lb4MemberKey, Lb4Member> =
-    HashMap::pinned(capacity::MEMBERS, BPF_F_NO_PREALLOC);
+pub static LB4_MEMBERS: HashMap<Lb4MemberKey, Lb4Member> = HashMap::pinned(capacity::MEMBERS, 0);
 
 /// Connection tracking: two entries per flow (forward and reply). Written by the datapath
 /// (create, state, last-seen; it removes a reply entry whose flow is gone) and by the agent (its

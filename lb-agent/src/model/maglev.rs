@@ -10,8 +10,8 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// top of the tier (the first tier more: 204, cheap at that size). A Service changes table size
 /// only when its backend count crosses a tier (at most once per 4× growth), because Maglev moves
 /// few flows between tables of one size but nearly all between tables of different sizes. The
-/// tops sit a quarter above the powers of 4 that replica counts like (4, 16, 64): a rolling
-/// update with the default 25 % surge stays within its tier.
+/// tops sit a quarter above the powers of 4 that replica counts like (4, 16, 64): a Service of
+/// that many replicas stays within its tier during a rolling update with the default 25 % surge.
 pub const TABLE_SIZES: [u32; 6] = [1_021, 1_601, 6_421, 25_601, 102_407, 409_609];
 
 /// Default upper bound of a table's size.

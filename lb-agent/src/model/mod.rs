@@ -9,7 +9,7 @@ pub mod maglev;
 mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
 };
@@ -373,28 +373,24 @@ pub fn build_with(
 
 /// The last good endpoints of each EndpointSlice, by slice. A bad slice is rejected alone: its
 /// Service is served from its other slices, and from the bad one's last good version if it had
-/// one under the same Service (so a slice that turns bad loses nothing). A bad slice without one
-/// adds nothing; but a Service programmed by an earlier agent (restored from the pins) and not yet
-/// built by this one is held instead, keeping what it had: its bad slice may have been good then.
+/// one under the same Service (so a slice that turns bad loses nothing while the agent runs). A
+/// bad slice without one adds nothing, also after a restart (the cache is not kept across one):
+/// its endpoints then leave the table, their established flows draining.
 #[derive(Default)]
 pub struct LastGood {
     /// Slice object → (its Service object, its endpoints). Slices without a name are not kept.
     slices: HashMap<String, (String, EndpointsByPort)>,
-    /// Services built by this agent (their slices' good versions are known from then on).
-    built: HashSet<String>,
 }
 
 impl LastGood {
     /// Forgets the slices of Services not in `services` (gone from the source).
     pub fn keep_services(&mut self, services: &BTreeSet<String>) {
         self.slices.retain(|_, (svc, _)| services.contains(svc));
-        self.built.retain(|svc| services.contains(svc));
     }
 
     /// Forgets the slices of `service` (deleted, or not served).
     pub fn forget(&mut self, service: &str) {
         self.slices.retain(|_, (svc, _)| svc != service);
-        self.built.remove(service);
     }
 
     /// The last good endpoints of `slice` under `service`.
@@ -443,10 +439,8 @@ pub fn build_claiming(
         let name = svc.metadata.name.clone().unwrap_or_default();
         let mut endpoints = EndpointsByPort::new();
         // Programmed already: a Service that has objects the source could not read keeps what it
-        // had; so does one restored from the pins and not yet built by this agent whose bad
-        // slice has no good version to stand in (it may have had one before the restart).
+        // had (which of its objects is missing is unknown).
         let programmed = prior.by_service.contains_key(&object);
-        let restored_only = programmed && !last_good.built.contains(&object);
         let mut rejected = programmed && held_by_source.contains(&object);
         let mut slices: Vec<&&EndpointSlice> = by_service.get(&(ns, name)).into_iter().flatten().collect();
         slices.sort_by_key(|s| s.metadata.name.clone());
@@ -466,11 +460,7 @@ pub fn build_claiming(
                 // it last was good.
                 Err(e) => {
                     model.errors.push(e);
-                    let last = last_good.get(&slice_object, &object).filter(|_| named).cloned();
-                    if last.is_none() && restored_only {
-                        rejected = true;
-                    }
-                    last
+                    last_good.get(&slice_object, &object).filter(|_| named).cloned()
                 }
             };
             for (port, eps) in got.into_iter().flatten() {
@@ -480,7 +470,6 @@ pub fn build_claiming(
         }
         if !rejected {
             last_good.slices.retain(|slice, (svc, _)| *svc != object || present.contains(slice));
-            last_good.built.insert(object.clone());
         }
         let total: usize = endpoints.values().map(Vec::len).max().unwrap_or(0);
         if total > ctx.max_endpoints_per_service {
@@ -517,8 +506,9 @@ pub fn build_claiming(
             }
         }
     }
-    // Services whose objects were rejected keep what they had, their addresses included.
-    for service in model.held.iter().chain(held_by_source) {
+    // Services whose objects were rejected keep what they had, their addresses included (each
+    // once: a Service may be held for both reasons).
+    for service in model.held.union(held_by_source) {
         for addr in prior.by_service.get(service).into_iter().flatten() {
             model.addresses.owner.insert(*addr, service.clone());
             model.addresses.by_service.entry(service.clone()).or_default().push(*addr);
@@ -840,28 +830,52 @@ mod last_good_tests {
         );
     }
 
-    /// After a restart the cache is empty: a Service restored from the pins whose slice is bad is
-    /// held (it keeps what it had), until this agent has built it once; a slice that is bad and
-    /// was never good during this run then adds nothing and the others are served.
+    /// A bad slice that never was good adds nothing, whether the Service is programmed (here, or
+    /// restored from the pins: the cache is empty after a restart) or not: the other slices are
+    /// served, and a good slice's change still applies.
     #[test]
-    fn a_restored_service_with_a_bad_slice_is_held_until_built() {
+    fn a_bad_slice_without_a_good_version_adds_nothing() {
         let good = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.1"));
-        let fresh = run(&good, &Addresses::default(), &mut LastGood::default());
-        let restored = fresh.addresses.clone();
-        let bad = format!("{good}{}", slice("web-2", "web", "10.244.0.999"));
-        let mut lg = LastGood::default();
-        let m = run(&bad, &restored, &mut lg);
-        assert!(m.held.contains("d/web"), "restored and never built: held");
-        // Built once this run (the bad slice gone), then a bad slice that never was good: the
-        // Service is served from its other slices.
-        let m = run(&good, &restored, &mut lg);
-        assert!(!m.held.contains("d/web"));
-        let m = run(&bad, &m.addresses, &mut lg);
-        assert!(!m.held.contains("d/web"));
-        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.1"]);
-        // On a fresh start (nothing programmed), the same objects serve what is valid.
-        let m = run(&bad, &Addresses::default(), &mut LastGood::default());
-        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.1"]);
+        let programmed = run(&good, &Addresses::default(), &mut LastGood::default()).addresses;
+        let bad = format!(
+            "{}{}{}",
+            service("web", "10.96.0.1"),
+            slice("web-1", "web", "10.244.0.2"),
+            slice("web-2", "web", "10.244.0.999")
+        );
+        for prior in [Addresses::default(), programmed] {
+            let m = run(&bad, &prior, &mut LastGood::default());
+            assert!(!m.held.contains("d/web"));
+            assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.2"]);
+        }
+    }
+
+    /// A Service held for an object the source could not read keeps its addresses, listed once
+    /// however many full syncs run (it is held for two reasons at once).
+    #[test]
+    fn a_held_service_keeps_its_addresses_once() {
+        let good = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.1"));
+        let mut prior = run(&good, &Addresses::default(), &mut LastGood::default()).addresses;
+        let o = objects(&good);
+        let held = BTreeSet::from(["d/web".to_string()]);
+        for _ in 0..5 {
+            let m = build_claiming(
+                &o.services,
+                &o.slices,
+                &Context::default(),
+                &prior,
+                &held,
+                &mut LastGood::default(),
+            );
+            assert!(m.held.contains("d/web"));
+            assert_eq!(
+                m.addresses.by_service.get("d/web").map(Vec::len),
+                Some(1),
+                "{:?}",
+                m.addresses.by_service
+            );
+            prior = m.addresses;
+        }
     }
 
     /// A Service that is skipped (here: headless) forgets its slices' good versions, so that they

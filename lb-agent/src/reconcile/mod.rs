@@ -376,6 +376,8 @@ impl Reconciler {
             .filter(|(a, p)| !desired.contains_key(a) && !held.iter().any(|s| p.is_of(s)))
             .map(|(a, _)| *a)
             .collect();
+        // A table waiting for a free region is wanted no more if its address is not.
+        self.deferred.retain(|a, _| desired.contains_key(a));
         self.apply(desired.iter(), &gone, w)
     }
 
@@ -729,9 +731,11 @@ impl Reconciler {
     /// recorded name), without waiting for the Service to change. The agent calls it on its
     /// sweep tick.
     pub fn retry<W: MapWriter>(&mut self, w: &mut W) -> (SyncStats, Vec<SyncError>) {
+        // A pending address with a table waiting is done by that table (its rows come with it).
         let todo: Vec<(FrontendAddr, Frontend)> = self
             .pending
             .iter()
+            .filter(|a| !self.deferred.contains_key(a))
             .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
             .collect();
         self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
