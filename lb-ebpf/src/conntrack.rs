@@ -293,7 +293,13 @@ fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
 /// key only if no other CPU took it meanwhile.
 #[inline(always)]
 fn claim(key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
-    match slot(key, fwd_key, now) {
+    claim_slot(slot(key, fwd_key, now), key, fwd_key, rev, now)
+}
+
+/// [`claim`] where what `key` holds (`s`) is already known.
+#[inline(always)]
+fn claim_slot(s: Slot, key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
+    match s {
         // Lost to another CPU: fine if that CPU made this very flow.
         Slot::Empty => LB4_CT.insert(key, rev, BPF_NOEXIST).is_ok() || slot(key, fwd_key, now) == Slot::Own,
         Slot::Own | Slot::Stale => LB4_CT.insert(key, rev, 0).is_ok(),
@@ -308,17 +314,20 @@ const SNAT_TRIES: u32 = 8;
 /// range that depends only on the flow's tuple, so that every CPU, and the flow again after its
 /// forward entry was evicted, tries the same ports in the same order.
 #[inline(always)]
-fn snat_candidate(h: u32, i: u32) -> Option<u16> {
+fn snat_candidate(h: u32, i: u32, (min, span): (u32, u32)) -> u16 {
+    ((min + (h % span + i) % span) as u16).to_be()
+}
+
+/// The SNAT range as its first port and its number of ports (at least 1), if it is one.
+#[inline(always)]
+fn snat_range() -> Option<(u32, u32)> {
     let (min, max) = snat_ports();
     if max < min || max > 65_535 {
         return None;
     }
     // At least 1 (checked: a division by zero would be a panic, which BPF cannot have).
     let span = max - min + 1;
-    if span == 0 {
-        return None;
-    }
-    Some(((min + (h % span + i) % span) as u16).to_be())
+    (span != 0).then_some((min, span))
 }
 
 /// The hash that orders a flow's SNAT candidates (seeded apart from the Maglev hash).
@@ -341,9 +350,10 @@ fn alloc_port(
     now: u64,
     own_only: bool,
 ) -> Option<u16> {
+    let range = snat_range()?;
     let mut key = *rev_key;
     for i in 0..SNAT_TRIES {
-        key.dport = snat_candidate(h, i)?;
+        key.dport = snat_candidate(h, i, range);
         if own_only {
             if slot(&key, fwd_key, now) == Slot::Own && LB4_CT.insert(&key, rev, 0).is_ok() {
                 return Some(key.dport);
@@ -396,7 +406,7 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
             let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
             match own {
                 Some(p) => p,
-                None if natural != Slot::Taken && claim(&rev_key, fwd_key, &plain, now) => 0,
+                None if claim_slot(natural, &rev_key, fwd_key, &plain, now) => 0,
                 None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
             }
         }

@@ -88,9 +88,7 @@ pub struct Config {
 /// that counts, 32768-60999 unless the pod sets it; the node's matters for SNAT to the node's
 /// addresses.)
 pub fn check_snat_ports(snat: (u16, u16), local: (u16, u16)) -> Result<Option<String>, String> {
-    if snat.0 == 0 || snat.1 < snat.0 {
-        return Err(format!("--snat-ports {}-{}: want FIRST-LAST, 1 <= FIRST <= LAST", snat.0, snat.1));
-    }
+    valid_snat_ports(snat)?;
     if snat.0 <= local.1 && local.0 <= snat.1 {
         return Ok(Some(format!(
             "--snat-ports {}-{} overlaps this node's net.ipv4.ip_local_port_range {}-{}",
@@ -139,6 +137,14 @@ pub fn choose_snat_ports(
             )),
         )),
     }
+}
+
+/// `Err` unless `snat` is a range of ports: 1 <= first <= last.
+pub fn valid_snat_ports(snat: (u16, u16)) -> Result<(), String> {
+    if snat.0 == 0 || snat.1 < snat.0 {
+        return Err(format!("--snat-ports {}-{}: want FIRST-LAST, 1 <= FIRST <= LAST", snat.0, snat.1));
+    }
+    Ok(())
 }
 
 /// This network namespace's `net.ipv4.ip_local_port_range`.
@@ -259,7 +265,7 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
-        check_snat_ports(cfg.snat_ports, (0, 0)).map_err(DatapathError::SnatPorts)?;
+        valid_snat_ports(cfg.snat_ports).map_err(DatapathError::SnatPorts)?;
         if let Some((dir, kind)) = pins::not_on_bpffs(&cfg.pin_dir) {
             return Err(DatapathError::NotBpffs { pin_dir: cfg.pin_dir.clone(), dir, kind });
         }

@@ -732,14 +732,13 @@ impl Reconciler {
     /// sweep tick.
     pub fn retry<W: MapWriter>(&mut self, w: &mut W) -> (SyncStats, Vec<SyncError>) {
         // A pending address with a table waiting is done by that table (its rows come with it).
-        let todo: Vec<(FrontendAddr, Frontend)> = self
+        let mut todo: Vec<(FrontendAddr, Frontend)> = self
             .pending
             .iter()
             .filter(|a| !self.deferred.contains_key(a))
             .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
             .collect();
         self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
-        let mut todo = todo;
         if self.regions.cooling() == 0 || self.deferred.is_empty() {
             // Deferred frontends wait for a cooling region to free; with none left cooling, what
             // does not fit now is full for good (reported, tried again with its next change).
