@@ -376,8 +376,9 @@ impl Reconciler {
             .filter(|(a, p)| !desired.contains_key(a) && !held.iter().any(|s| p.is_of(s)))
             .map(|(a, _)| *a)
             .collect();
-        // A table waiting for a free region is wanted no more if its address is not.
-        self.deferred.retain(|a, _| desired.contains_key(a));
+        // A table waiting for a free region is wanted no more if its address is not (unless its
+        // Service is held: as through `apply`, it is published once a region is free).
+        self.deferred.retain(|a, f| desired.contains_key(a) || held.contains(&f.service));
         self.apply(desired.iter(), &gone, w)
     }
 
@@ -731,22 +732,29 @@ impl Reconciler {
     /// recorded name), without waiting for the Service to change. The agent calls it on its
     /// sweep tick.
     pub fn retry<W: MapWriter>(&mut self, w: &mut W) -> (SyncStats, Vec<SyncError>) {
-        // A pending address with a table waiting is done by that table (its rows come with it).
         let mut todo: Vec<(FrontendAddr, Frontend)> = self
             .pending
             .iter()
-            .filter(|a| !self.deferred.contains_key(a))
             .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
             .collect();
         self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
+        // Rows of a published table do not settle a table still waiting for a region: the ones
+        // not tried now are kept whatever the pending rows' outcome.
+        let mut waiting = BTreeMap::new();
         if self.regions.cooling() == 0 || self.deferred.is_empty() {
             // Deferred frontends wait for a cooling region to free; with none left cooling, what
             // does not fit now is full for good (reported, tried again with its next change).
             todo.extend(std::mem::take(&mut self.deferred));
         } else if self.regions.next_free_at().is_some_and(|at| at <= (self.clock)()) {
             todo.extend(self.deferred.clone());
+        } else {
+            waiting = self.deferred.clone();
         }
-        self.apply(todo.iter().map(|(a, f)| (a, f)), &[], w)
+        let out = self.apply(todo.iter().map(|(a, f)| (a, f)), &[], w);
+        for (a, f) in waiting {
+            self.deferred.entry(a).or_insert(f);
+        }
+        out
     }
 
     /// Starts sweep pass `pass`: tombstones and departures made from now on wait for the pass
@@ -1134,6 +1142,38 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(s.frontends_written, 1);
         assert!(maps.log.iter().any(|l| l == "maglev 0+1021"), "{:?}", maps.log);
+        assert!(!r.has_pending());
+        maps.assert_consistent();
+    }
+
+    /// Rows that failed after a table was published are written by `retry` even while a newer
+    /// table for the same address still waits for a region, and that table keeps waiting.
+    #[test]
+    fn pending_rows_are_retried_while_a_newer_table_waits() {
+        use std::sync::{
+            atomic::{AtomicU64, Ordering},
+            Arc,
+        };
+        let now = Arc::new(AtomicU64::new(1_000_000));
+        let t = now.clone();
+        let mut r = Reconciler::new(caps(16, 16, 2_100), OPTS)
+            .with_clock(Box::new(move || t.load(Ordering::Relaxed)));
+        let mut maps = MemoryMaps::default();
+        sync(&mut r, &fe(&[1, 2, 3]), &mut maps);
+        maps.fail_members = true;
+        sync(&mut r, &fe(&[1, 2]), &mut maps);
+        assert_eq!(maps.member_state(1, 3), Some(MEMBER_ACTIVE), "the downgrade failed");
+        maps.fail_members = false;
+        let (_, errors) = sync(&mut r, &fe(&[1, 2, 4]), &mut maps);
+        assert!(errors.iter().any(|e| e.to_string().contains("maglev slot array is full")), "{errors:?}");
+        let (_, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(maps.member_state(1, 3), Some(MEMBER_DRAINING), "the rows were written");
+        assert!(r.has_pending(), "the newer table still waits");
+        now.fetch_add(alloc::REGION_GRACE_MS, Ordering::Relaxed);
+        let (s, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(s.frontends_written, 1);
         assert!(!r.has_pending());
         maps.assert_consistent();
     }
