@@ -415,6 +415,68 @@ mod tests {
         assert_eq!(programmed(&b), Some((4, id)), "zz keeps the address and its id");
     }
 
+    fn restart(a: &mut Agent<MemoryMaps>) -> Agent<MemoryMaps> {
+        let maps = std::mem::take(&mut a.maps);
+        let caps = Capacities { services: 64, backends: 64, maglev_slots: 4096, ..Capacities::default() };
+        let r = Reconciler::restore(caps, Options::default(), maps.restored());
+        Agent::new(maps, r, Context::default())
+    }
+
+    /// A Service held after a rejected update keeps its frontend, its id and its backend across
+    /// restarts, in full syncs and in changes, until its objects are good again: rejected by the
+    /// model (its Service object), by the source (unreadable), or for an EndpointSlice that turned
+    /// bad (served from its last good version before the restart, which a restart forgets).
+    #[test]
+    fn a_held_service_keeps_its_frontends_across_a_restart() {
+        let bad_service = service("zz", 5).replace("spec: {", "spec: {sessionAffinity: Bogus, ");
+        let bad_slice = service("zz", 4).replace("[10.244.5.4]", "[10.244.5.999]");
+        for how in ["service", "source", "slice"] {
+            let rejected = || match how {
+                "service" => objects(&bad_service),
+                "slice" => objects(&bad_slice),
+                _ => {
+                    let mut o = Objects::default();
+                    o.errors.push(crate::source::ManifestError::Object {
+                        path: "zz.yaml".into(),
+                        kind: "Service".into(),
+                        object: "default/zz".into(),
+                        field: "spec.ports".into(),
+                        reason: "not a list".into(),
+                        service: Some("default/zz".into()),
+                    });
+                    o
+                }
+            };
+            let mut a = agent();
+            a.apply(Change::all(objects(&service("zz", 4))));
+            let (_, id) = programmed(&a).expect("zz programmed");
+            let report = a.apply(Change::all(rejected()));
+            assert!(!report.errors.is_empty(), "{how}: rejected");
+            assert_eq!(programmed(&a), Some((4, id)), "{how}: held while running");
+            for round in 0..2 {
+                let mut b = restart(&mut a);
+                let report = b.apply(Change::all(rejected()));
+                assert!(report.held.contains("default/zz"), "{how}, restart {round}: {report:?}");
+                assert_eq!(programmed(&b), Some((4, id)), "{how}, restart {round}: held across it");
+                // A change (kube mode) that is still bad holds it too.
+                if how != "source" {
+                    let o = rejected();
+                    let change = ServiceObjects {
+                        key: "default/zz".into(),
+                        service: o.services.into_iter().next(),
+                        slices: o.slices,
+                    };
+                    b.apply(Change::now(What::Services(vec![change])));
+                    assert_eq!(programmed(&b), Some((4, id)), "{how}, restart {round}: after a change");
+                }
+                a = b;
+            }
+            // Good again: its new endpoint, the same frontend id.
+            a.apply(Change::all(objects(&service("zz", 6))));
+            assert_eq!(programmed(&a), Some((6, id)), "{how}: good again");
+        }
+    }
+
     #[test]
     fn a_refused_service_gets_the_address_when_its_holder_lets_it_go() {
         let mut a = agent();

@@ -29,6 +29,12 @@ pub struct MemoryMaps {
     pub fail_services: bool,
     /// Tests: member row writes fail.
     pub fail_members: bool,
+    /// Tests: the writes (of any kind) made so far, counted from 0.
+    pub writes: usize,
+    /// Tests: write number `n` fails (counted in `writes`), or every write from it on if
+    /// `fail_from` is set.
+    pub fail_write: Option<usize>,
+    pub fail_from: bool,
     /// Where the batches go on: after these keys (entries removed meanwhile move nothing).
     ct_after: Option<Lb4CtKey>,
     affinity_after: Option<Lb4AffinityKey>,
@@ -46,19 +52,36 @@ impl MemoryMaps {
     }
 }
 
-/// A write refused because the test asked for it (`MemoryMaps::fail_services`, `fail_members`).
+/// A write refused because the test asked for it (`MemoryMaps::fail_services`, `fail_members`,
+/// `fail_write`).
 #[derive(Debug, thiserror::Error)]
 #[error("refused by the test")]
 pub struct Refused;
 
+impl MemoryMaps {
+    /// Counts a write of `what`; refuses it if the test asked for that.
+    fn write(&mut self, what: &str, refuse: bool) -> Result<(), Refused> {
+        let n = self.writes;
+        self.writes += 1;
+        let chosen = self.fail_write.is_some_and(|f| n == f || (self.fail_from && n > f));
+        if refuse || chosen {
+            self.log.push(format!("refused {what}"));
+            return Err(Refused);
+        }
+        Ok(())
+    }
+}
+
 impl MapWriter for MemoryMaps {
     type Error = Refused;
     fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Self::Error> {
+        self.write(&format!("backend {id}"), false)?;
         self.log.push(format!("backend {id} state {}", b.state));
         self.backends.insert(id, *b);
         Ok(())
     }
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error> {
+        self.write(&format!("maglev {offset}"), false)?;
         self.log.push(format!("maglev {offset}+{}", table.len()));
         for (i, id) in table.iter().enumerate() {
             self.maglev.insert(offset + i as u32, *id);
@@ -66,10 +89,7 @@ impl MapWriter for MemoryMaps {
         Ok(())
     }
     fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
-        if self.fail_services {
-            self.log.push(format!("refused service {}", svc.id));
-            return Err(Refused);
-        }
+        self.write(&format!("service {}", svc.id), self.fail_services)?;
         if svc.flags & lb_common::SVC_FLAG_TOMBSTONE != 0 {
             self.log.push(format!("tombstone {}", svc.id));
         } else {
@@ -79,29 +99,30 @@ impl MapWriter for MemoryMaps {
         Ok(())
     }
     fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error> {
+        self.write(&format!("meta {id}"), false)?;
         self.meta.insert(id, *meta);
         Ok(())
     }
     fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error> {
+        self.write("service removal", false)?;
         self.log.push("remove service".into());
         self.services.remove(key);
         Ok(())
     }
     fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Self::Error> {
+        self.write(&format!("affinity of {svc_id}"), false)?;
         self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
         self.affinity.retain(|k, v| k.svc_id != svc_id || !ids.contains(&v.backend_id));
         Ok(())
     }
     fn set_member(&mut self, key: &Lb4MemberKey, m: &Lb4Member) -> Result<(), Self::Error> {
-        if self.fail_members {
-            self.log.push(format!("refused member {}/{}", key.svc_id, key.backend_id));
-            return Err(Refused);
-        }
+        self.write(&format!("member {}/{}", key.svc_id, key.backend_id), self.fail_members)?;
         self.log.push(format!("member {}/{} state {}", key.svc_id, key.backend_id, m.state));
         self.members.insert(*key, *m);
         Ok(())
     }
     fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error> {
+        self.write(&format!("member removal {}/{}", key.svc_id, key.backend_id), false)?;
         self.log.push(format!("remove member {}/{}", key.svc_id, key.backend_id));
         self.members.remove(key);
         Ok(())

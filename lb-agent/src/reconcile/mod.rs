@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 pub mod alloc;
 pub mod encode;
+#[cfg(test)]
+mod faults;
 pub mod flows;
 mod memory;
 
@@ -193,6 +195,11 @@ pub struct Reconciler {
     /// Frontends whose new table found no free region while freed regions were still in their
     /// grace period: [`Reconciler::retry`] tries them again once those are free.
     deferred: BTreeMap<FrontendAddr, Frontend>,
+    /// Frontends whose writes failed before their table was published (they keep what they
+    /// had): [`Reconciler::retry`] tries them again.
+    unwritten: BTreeMap<FrontendAddr, Frontend>,
+    /// Frontends no longer wanted whose removal failed: [`Reconciler::retry`] tries it again.
+    removals: BTreeSet<FrontendAddr>,
     /// Set by a restore; cleared once its backends have been checked for users.
     restore_pending: bool,
     /// The flow sweep's current pass (see [`flows`]).
@@ -257,6 +264,8 @@ impl Reconciler {
             touched: HashSet::new(),
             pending: BTreeSet::new(),
             deferred: BTreeMap::new(),
+            unwritten: BTreeMap::new(),
+            removals: BTreeSet::new(),
             restore_pending: false,
             pass: 0,
             frontend_ids: IdAllocator::new(caps.services),
@@ -379,6 +388,9 @@ impl Reconciler {
         // A table waiting for a free region is wanted no more if its address is not (unless its
         // Service is held: as through `apply`, it is published once a region is free).
         self.deferred.retain(|a, f| desired.contains_key(a) || held.contains(&f.service));
+        self.unwritten.retain(|a, f| desired.contains_key(a) || held.contains(&f.service));
+        // What goes is listed whole here; failures are recorded again.
+        self.removals.clear();
         self.apply(desired.iter(), &gone, w)
     }
 
@@ -394,25 +406,33 @@ impl Reconciler {
         let mut stats = SyncStats::default();
         let mut errors = Vec::new();
         for addr in removed {
-            if let Err(e) = self.bury(addr, w, &mut stats) {
-                errors.push(e);
+            match self.bury(addr, w, &mut stats) {
+                Ok(()) => {
+                    self.removals.remove(addr);
+                }
+                Err(e) => {
+                    self.removals.insert(*addr);
+                    errors.push(e);
+                }
             }
         }
         for (addr, fe) in changed {
-            match self.sync_frontend(addr, fe, w, &mut stats) {
-                Ok(()) => {
-                    self.deferred.remove(addr);
-                }
-                Err(e) => {
-                    let waits =
-                        matches!(e, SyncError::Full { what: SLOTS, .. }) && self.regions.cooling() > 0;
-                    if waits {
+            // Wanted again: not to be removed.
+            self.removals.remove(addr);
+            self.deferred.remove(addr);
+            self.unwritten.remove(addr);
+            if let Err(e) = self.sync_frontend(addr, fe, w, &mut stats) {
+                match &e {
+                    SyncError::Full { what: SLOTS, .. } if self.regions.cooling() > 0 => {
                         self.deferred.insert(*addr, fe.clone());
-                    } else {
-                        self.deferred.remove(addr);
                     }
-                    errors.push(e);
+                    // Full for good: reported, tried again with its next change.
+                    SyncError::Full { .. } => {}
+                    SyncError::Write { .. } => {
+                        self.unwritten.insert(*addr, fe.clone());
+                    }
                 }
+                errors.push(e);
             }
         }
         self.sync_backend_states(w, &mut stats, &mut errors);
@@ -430,6 +450,7 @@ impl Reconciler {
         stats: &mut SyncStats,
     ) -> Result<(), SyncError> {
         self.deferred.remove(addr);
+        self.unwritten.remove(addr);
         let Some(p) = self.frontends.get(addr) else { return Ok(()) };
         let id = p.id;
         let object =
@@ -440,10 +461,19 @@ impl Reconciler {
             .get(&id)
             .map(|m| m.keys().map(|b| (*b, BackendState::Draining)).collect())
             .unwrap_or_default();
-        self.write_rows(id, rows, w).map_err(|e| write_err(object.clone(), "member", e))?;
-        w.set_service(&service_key(addr), &tombstone_value(id))
-            .map_err(|e| write_err(object, "service entry", e))?;
+        let buried =
+            self.write_rows(id, rows, w).map_err(|e| write_err(object.clone(), "member", e)).and_then(|()| {
+                w.set_service(&service_key(addr), &tombstone_value(id))
+                    .map_err(|e| write_err(object, "service entry", e))
+            });
+        if let Err(e) = buried {
+            // Still published, but its rows may drain: should it be wanted again as it is, its
+            // rows are written again.
+            self.pending.insert(*addr);
+            return Err(e);
+        }
         let p = self.frontends.remove(addr).expect("checked above");
+        self.pending.remove(addr);
         if let Some(r) = p.region {
             self.regions.release(r, (self.clock)());
         }
@@ -525,9 +555,11 @@ impl Reconciler {
     ) -> Result<Option<u32>, W::Error> {
         if let Some((id, state)) = self.backends.get(b).copied() {
             if state != BACKEND_STATE_ACTIVE {
-                // Back in a table: active again before the table names it.
+                // Back in a table: active again before the table names it. Should the table not
+                // be published, its state is written back from its rows.
                 w.set_backend(id, &backend_value(b, BACKEND_STATE_ACTIVE))?;
                 self.backends.insert(*b, (id, BACKEND_STATE_ACTIVE));
+                self.touched.insert(*b);
                 stats.backends_written += 1;
             }
             return Ok(Some(id));
@@ -538,6 +570,8 @@ impl Reconciler {
             return Err(e);
         }
         self.backends.insert(*b, (id, BACKEND_STATE_ACTIVE));
+        // Freed again if no row comes to name it (its table was not published).
+        self.touched.insert(*b);
         stats.backends_written += 1;
         Ok(Some(id))
     }
@@ -725,19 +759,27 @@ impl Reconciler {
 
     /// Whether some writes wait for [`Reconciler::retry`].
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.deferred.is_empty()
+        !self.pending.is_empty()
+            || !self.deferred.is_empty()
+            || !self.unwritten.is_empty()
+            || !self.removals.is_empty()
+            || !self.touched.is_empty()
     }
 
-    /// Writes again what failed to be written after a table was published (member rows, the
-    /// recorded name), without waiting for the Service to change. The agent calls it on its
-    /// sweep tick.
+    /// Writes again what failed: member rows and recorded names of published tables, tables that
+    /// were not published, removals, backend states; and tables that waited for a region once
+    /// one may be free. The agent calls it on its sweep tick, so nothing waits for the Service
+    /// to change.
     pub fn retry<W: MapWriter>(&mut self, w: &mut W) -> (SyncStats, Vec<SyncError>) {
-        let mut todo: Vec<(FrontendAddr, Frontend)> = self
+        // Rows of a frontend whose removal failed are not brought back: it goes.
+        let mut todo: BTreeMap<FrontendAddr, Frontend> = self
             .pending
             .iter()
+            .filter(|a| !self.removals.contains(a))
             .filter_map(|a| Some((*a, self.frontends.get(a)?.frontend.clone()?)))
             .collect();
         self.pending.retain(|a| self.frontends.get(a).is_some_and(|p| p.frontend.is_some()));
+        todo.extend(std::mem::take(&mut self.unwritten));
         // Rows of a published table do not settle a table still waiting for a region: the ones
         // not tried now are kept whatever the pending rows' outcome.
         let mut waiting = BTreeMap::new();
@@ -750,7 +792,8 @@ impl Reconciler {
         } else {
             waiting = self.deferred.clone();
         }
-        let out = self.apply(todo.iter().map(|(a, f)| (a, f)), &[], w);
+        let removals: Vec<FrontendAddr> = self.removals.iter().copied().collect();
+        let out = self.apply(todo.iter(), &removals, w);
         for (a, f) in waiting {
             self.deferred.entry(a).or_insert(f);
         }
@@ -957,7 +1000,7 @@ mod tests {
     impl MemoryMaps {
         /// Every slot of every published table names an active backend that is an active member
         /// of the frontend.
-        fn assert_consistent(&self) {
+        pub(super) fn assert_consistent(&self) {
             for svc in self.services.values() {
                 for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
                     let id = self.maglev[&slot];
@@ -1479,6 +1522,36 @@ mod tests {
         maps.log.clear();
         sync(&mut r, &one(frontend(80, &[1, 3], &[], 30)), &mut maps);
         assert!(maps.log.contains(&"forget affinity of 1 to [2]".to_string()), "{:?}", maps.log);
+    }
+
+    /// A removal (an incremental change, as in kube mode) whose write fails is tried again by
+    /// `retry`, with no other change to bring it; so is a new frontend whose entry could not be
+    /// written.
+    #[test]
+    fn failed_removals_and_writes_are_retried_without_another_change() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+        let a = frontend(80, &[1, 2], &[], 0);
+        r.apply([(&a.addr, &a)], &[], &mut maps);
+        maps.fail_services = true;
+        let (_, errors) = r.apply([], &[a.addr], &mut maps);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let b = frontend(81, &[3], &[], 0);
+        let (_, errors) = r.apply([(&b.addr, &b)], &[], &mut maps);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(r.has_pending());
+        // Still failing: tried, and still waiting.
+        let (_, errors) = r.retry(&mut maps);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        maps.fail_services = false;
+        let (stats, errors) = r.retry(&mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!((stats.frontends_removed, stats.frontends_written), (1, 1));
+        assert!(!r.has_pending());
+        let at = |port| maps.services.get(&service_key(&frontend(port, &[], &[], 0).addr)).copied();
+        assert_eq!(at(80).map(|s| s.flags), Some(SVC_FLAG_TOMBSTONE));
+        assert_eq!(at(81).map(|s| s.flags), Some(0));
+        maps.assert_consistent();
     }
 
     #[test]

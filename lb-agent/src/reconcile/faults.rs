@@ -1,0 +1,257 @@
+//! Every write the reconciler makes may fail. Whichever does, the reconciler's view stays equal to
+//! the maps (no region, id or backend leaked, no table believed live that is not), and what failed
+//! is written by [`Reconciler::retry`] without waiting for another change: the maps end as they
+//! would have with no failure.
+use std::collections::{BTreeMap, BTreeSet};
+
+use lb_common::{Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE};
+
+use super::{
+    alloc::REGION_GRACE_MS,
+    encode::{self, backend_addr, backend_state, backend_value, frontend_addr, service_key},
+    *,
+};
+use crate::model::Protocol;
+
+fn be(last: u8) -> BackendAddr {
+    BackendAddr { ip: std::net::Ipv4Addr::new(10, 244, 0, last), port: 8080, proto: Protocol::Tcp }
+}
+
+fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
+    Frontend {
+        addr: FrontendAddr { vip: std::net::Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp },
+        service: format!("default/{service}"),
+        port_name: String::new(),
+        backends: last.iter().map(|l| be(*l)).collect(),
+        kept: kept.iter().map(|(l, s)| (be(*l), *s)).collect(),
+        affinity_timeout_secs: affinity,
+        local_only: false,
+    }
+}
+
+fn addr(port: u16) -> FrontendAddr {
+    frontend("x", port, &[], &[], 0).addr
+}
+
+enum Step {
+    /// A full sync (files mode, a relist) with these Services held.
+    Sync(Vec<Frontend>, &'static [&'static str]),
+    /// An incremental change (kube mode): changed frontends, removed addresses.
+    Apply(Vec<Frontend>, Vec<u16>),
+    /// The end of a sweep pass that found no flow.
+    Sweep(u64),
+}
+
+/// New Services, a table change with a new backend, a removal, a change of kept endpoints only,
+/// members departing, affinity forgotten, an address taken by a tombstone and then by another
+/// Service, a held Service, tombstones and departures swept, everything removed but one new one.
+fn scenario() -> Vec<Step> {
+    use BackendState::Serving;
+    vec![
+        Step::Sync(
+            vec![
+                frontend("a", 80, &[1, 2, 3], &[], 0),
+                frontend("b", 81, &[2, 4], &[], 0),
+                frontend("c", 82, &[5], &[], 30),
+            ],
+            &[],
+        ),
+        Step::Apply(vec![frontend("a", 80, &[1, 2, 3, 6], &[], 0)], vec![81]),
+        Step::Apply(vec![frontend("a", 80, &[1, 2, 3, 6], &[(4, Serving)], 0)], vec![]),
+        Step::Sync(
+            vec![
+                frontend("a", 80, &[1, 6], &[], 0),
+                frontend("c", 82, &[7], &[], 30),
+                frontend("d", 81, &[8], &[], 0),
+            ],
+            &[],
+        ),
+        Step::Sync(
+            vec![frontend("e", 80, &[9, 1], &[], 0), frontend("d", 81, &[8, 2], &[], 0)],
+            &["default/c"],
+        ),
+        Step::Sweep(1),
+        Step::Apply(vec![frontend("f", 83, &[1, 2], &[], 0)], vec![80, 81, 82]),
+        Step::Sweep(2),
+    ]
+}
+
+/// Runs the scenario with `maps` failing as set, retrying after each step as the agent's sweep
+/// tick does, and checking the view after every call. Then lets every write succeed and retries
+/// until nothing is pending.
+fn run(maps: &mut MemoryMaps, case: &str) -> Reconciler {
+    let caps = Capacities { services: 32, backends: 32, maglev_slots: 1 << 14, ..Capacities::default() };
+    let clock = std::sync::atomic::AtomicU64::new(0);
+    let mut r = Reconciler::new(caps, Options::default())
+        .with_clock(Box::new(move || clock.fetch_add(REGION_GRACE_MS, std::sync::atomic::Ordering::Relaxed)));
+    for (i, step) in scenario().into_iter().enumerate() {
+        let case = format!("{case}, step {i}");
+        match step {
+            Step::Sync(fes, held) => {
+                let desired = fes.into_iter().map(|f| (f.addr, f)).collect();
+                let held = held.iter().map(ToString::to_string).collect();
+                r.sync(&desired, &held, maps);
+            }
+            Step::Apply(fes, removed) => {
+                let changed: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
+                let removed: Vec<FrontendAddr> = removed.into_iter().map(addr).collect();
+                r.apply(changed.iter(), &removed, maps);
+            }
+            Step::Sweep(pass) => {
+                r.begin_pass(pass);
+                r.release_idle(&FlowCensus::new(pass), maps);
+            }
+        }
+        assert_view(&r, maps, &case);
+        if r.has_pending() {
+            r.retry(maps);
+            assert_view(&r, maps, &format!("{case}, retried"));
+        }
+    }
+    maps.fail_write = None;
+    for _ in 0..3 {
+        if r.has_pending() {
+            r.retry(maps);
+        }
+    }
+    assert!(!r.has_pending(), "{case}: still pending after the writes work again");
+    // Tombstones made by the retries go with the next pass.
+    r.begin_pass(3);
+    r.release_idle(&FlowCensus::new(3), maps);
+    assert_view(&r, maps, &format!("{case}, recovered"));
+    r
+}
+
+/// The reconciler's view equals the maps.
+fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
+    // Service entries: live frontends and the tombstones that have an address, nothing else.
+    let mut want: BTreeMap<Lb4ServiceKey, (u32, bool, Option<Region>)> = BTreeMap::new();
+    for (a, p) in &r.frontends {
+        want.insert(service_key(a), (p.id, false, p.region));
+    }
+    for (id, t) in &r.tombstones {
+        if let Some(a) = t.addr {
+            let clash = want.insert(service_key(&a), (*id, true, None));
+            assert!(clash.is_none(), "{case}: tombstone {id} and {clash:?} at {a}");
+        }
+    }
+    let have: BTreeMap<Lb4ServiceKey, (u32, bool, Option<Region>)> = maps
+        .services
+        .iter()
+        .map(|(k, s)| {
+            let tomb = s.flags & SVC_FLAG_TOMBSTONE != 0;
+            (*k, (s.id, tomb, encode::service_region(s)))
+        })
+        .collect();
+    assert_eq!(want, have, "{case}: service entries (id, tombstone, region)");
+    // Frontend ids: each live frontend's and tombstone's, once.
+    let ids: BTreeSet<u32> = r.frontends.values().map(|p| p.id).chain(r.tombstones.keys().copied()).collect();
+    assert_eq!(ids.len(), r.frontends.len() + r.tombstones.len(), "{case}: an id used twice");
+    assert_eq!(r.frontend_ids.in_use(), ids.len(), "{case}: frontend ids leaked or lost");
+    // Regions: the live tables' and the cooling ones, no other.
+    let live: u32 = r.frontends.values().filter_map(|p| p.region).map(|g| g.size).sum();
+    assert_eq!(r.regions.used(), live + r.regions.cooling(), "{case}: table regions leaked or lost");
+    // Backends: the ones with an id, in the state believed written; the others free.
+    let want: BTreeMap<u32, (BackendAddr, u8)> =
+        r.backends.iter().map(|(b, (id, s))| (*id, (*b, *s))).collect();
+    let have: BTreeMap<u32, (BackendAddr, u8)> = maps
+        .backends
+        .iter()
+        .filter(|(_, b)| b.state != BACKEND_STATE_FREE)
+        .map(|(id, b)| (*id, (backend_addr(b).expect("an address"), b.state)))
+        .collect();
+    assert_eq!(want, have, "{case}: backends");
+    assert_eq!(r.backend_ids.in_use(), r.backends.len(), "{case}: backend ids leaked or lost");
+    for (b, (id, s)) in &r.backends {
+        assert_eq!(maps.backends[id], backend_value(b, *s), "{case}: backend {id}");
+    }
+    // Member rows, and who uses each backend.
+    let mut want = BTreeMap::new();
+    let mut users: HashMap<BackendAddr, HashMap<u32, u8>> = HashMap::new();
+    for (id, rows) in &r.members {
+        for (b, state) in rows {
+            let bid = r.backends[b].0;
+            want.insert(
+                Lb4MemberKey { svc_id: *id, backend_id: bid },
+                encode::member(*id, bid, b, *state).1.state,
+            );
+            users.entry(*b).or_default().insert(*id, backend_state(*state));
+        }
+    }
+    let have: BTreeMap<_, _> = maps.members.iter().map(|(k, m)| (*k, m.state)).collect();
+    assert_eq!(want, have, "{case}: member rows");
+    assert_eq!(users, r.users, "{case}: users of backends");
+    // Each live frontend not waiting for a retry has the rows and the record of its table.
+    for (a, p) in &r.frontends {
+        let Some(fe) = &p.frontend else { continue };
+        if r.pending.contains(a) {
+            continue;
+        }
+        let (rows, _) = r.rows_for(p.id, fe);
+        for (b, s) in &rows {
+            assert_eq!(r.members[&p.id].get(b), Some(s), "{case}: {a}: row of {b}");
+        }
+        let size = maglev::table_size(fe.backends.len(), r.opts.max_table_size);
+        let meta = maps.meta.get(&p.id).expect("recorded");
+        assert_eq!(meta.digest, digest(fe, size, r.opts.maglev_seed), "{case}: {a}: digest");
+        assert_eq!(meta.name(), frontend_name(fe), "{case}: {a}: name");
+    }
+}
+
+/// What the maps say, by address rather than id (ids may differ after a failure): each entry's
+/// table as backend addresses, member rows, backend states.
+type Decoded = (
+    BTreeMap<FrontendAddr, (bool, Vec<BackendAddr>)>,
+    BTreeSet<(Option<FrontendAddr>, BackendAddr, u8)>,
+    BTreeSet<(BackendAddr, u8)>,
+);
+
+fn decoded(maps: &MemoryMaps) -> Decoded {
+    let backend = |id: &u32| backend_addr(&maps.backends[id]).expect("a backend");
+    let mut at = BTreeMap::new();
+    let services = maps
+        .services
+        .iter()
+        .map(|(k, s)| {
+            let a = frontend_addr(k).expect("an address");
+            at.insert(s.id, a);
+            let table = (s.maglev_offset..s.maglev_offset + s.maglev_size)
+                .map(|i| backend(&maps.maglev[&i]))
+                .collect();
+            (a, (s.flags & SVC_FLAG_TOMBSTONE != 0, table))
+        })
+        .collect();
+    let members = maps
+        .members
+        .iter()
+        .map(|(k, m)| (at.get(&k.svc_id).copied(), backend(&k.backend_id), m.state))
+        .collect();
+    let backends = maps
+        .backends
+        .values()
+        .filter(|b| b.state != BACKEND_STATE_FREE)
+        .map(|b| (backend_addr(b).expect("a backend"), b.state))
+        .collect();
+    (services, members, backends)
+}
+
+#[test]
+fn whichever_write_fails_the_view_equals_the_maps_and_a_retry_completes_the_change() {
+    let mut clean = MemoryMaps::default();
+    run(&mut clean, "no failure");
+    let want = decoded(&clean);
+    assert_eq!(want.0.len(), 1, "the scenario ends with one Service: {:?}", want.0);
+    clean.assert_consistent();
+    let writes = clean.writes;
+    assert!(writes > 50, "the scenario writes {writes} times");
+    for fail_from in [false, true] {
+        for n in 0..writes {
+            let case = if fail_from { format!("writes {n}.. fail") } else { format!("write {n} fails") };
+            let mut maps = MemoryMaps::default();
+            (maps.fail_write, maps.fail_from) = (Some(n), fail_from);
+            run(&mut maps, &case);
+            assert_eq!(decoded(&maps), want, "{case}: the maps after recovery");
+            maps.assert_consistent();
+        }
+    }
+}
