@@ -208,9 +208,6 @@ pub struct Addresses {
     by_service: BTreeMap<String, Vec<FrontendAddr>>,
     /// Frontends refused because another Service held their address.
     waiting: BTreeMap<FrontendAddr, BTreeMap<String, Frontend>>,
-    /// Services whose addresses were found in the maps at start ([`Addresses::seed`]) and that
-    /// have not been built whole since: what they have is what the maps hold.
-    restored: BTreeSet<String>,
 }
 
 impl Addresses {
@@ -253,14 +250,8 @@ impl Addresses {
     pub fn seed(&mut self, addr: FrontendAddr, service: String) {
         if !self.owner.contains_key(&addr) {
             self.by_service.entry(service.clone()).or_default().push(addr);
-            self.restored.insert(service.clone());
             self.owner.insert(addr, service);
         }
-    }
-
-    /// Whether `service` has what the maps held at start, not built since.
-    pub fn is_restored(&self, service: &str) -> bool {
-        self.restored.contains(service)
     }
 
     /// The Service holding `addr`.
@@ -274,7 +265,6 @@ impl Addresses {
             w.remove(service);
             !w.is_empty()
         });
-        self.restored.remove(service);
         let old = self.by_service.remove(service).unwrap_or_default();
         for a in &old {
             self.owner.remove(a);
@@ -467,16 +457,10 @@ pub fn build_claiming(
                     Some(parsed)
                 }
                 // Rejected alone: the Service goes on with its other slices, and with this one as
-                // it last was good. With no good version known, a Service restored from the maps
-                // keeps what they hold (this slice's endpoints as they were may be there) until
-                // the slice is good or gone; any other goes on without it.
+                // it last was good.
                 Err(e) => {
                     model.errors.push(e);
-                    let good = last_good.get(&slice_object, &object).filter(|_| named).cloned();
-                    if good.is_none() && prior.is_restored(&object) {
-                        rejected = true;
-                    }
-                    good
+                    last_good.get(&slice_object, &object).filter(|_| named).cloned()
                 }
             };
             for (port, eps) in got.into_iter().flatten() {
@@ -528,9 +512,6 @@ pub fn build_claiming(
         for addr in prior.by_service.get(service).into_iter().flatten() {
             model.addresses.owner.insert(*addr, service.clone());
             model.addresses.by_service.entry(service.clone()).or_default().push(*addr);
-        }
-        if prior.is_restored(service) {
-            model.addresses.restored.insert(service.clone());
         }
     }
     let (again, others): (Vec<Frontend>, Vec<Frontend>) =
@@ -849,10 +830,9 @@ mod last_good_tests {
         );
     }
 
-    /// A bad slice that never was good adds nothing, whether the Service is programmed or not:
-    /// the other slices are served, and a good slice's change still applies. A Service restored
-    /// from the pins (the cache is empty after a restart) is held instead, keeping what the maps
-    /// hold, until its bad slice is good or gone.
+    /// A bad slice that never was good adds nothing, whether the Service is programmed (here, or
+    /// restored from the pins: the cache is empty after a restart) or not: the other slices are
+    /// served, and a good slice's change still applies.
     #[test]
     fn a_bad_slice_without_a_good_version_adds_nothing() {
         let good = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.1"));
@@ -863,29 +843,11 @@ mod last_good_tests {
             slice("web-1", "web", "10.244.0.2"),
             slice("web-2", "web", "10.244.0.999")
         );
-        for prior in [Addresses::default(), programmed.clone()] {
+        for prior in [Addresses::default(), programmed] {
             let m = run(&bad, &prior, &mut LastGood::default());
             assert!(!m.held.contains("d/web"));
             assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.2"]);
         }
-        let mut restored = Addresses::default();
-        for addrs in programmed.by_service.values() {
-            for a in addrs {
-                restored.seed(*a, "d/web".into());
-            }
-        }
-        let mut lg = LastGood::default();
-        for _ in 0..2 {
-            let m = run(&bad, &restored, &mut lg);
-            assert!(m.held.contains("d/web"), "a restored Service is held while its slice is bad");
-            assert!(m.addresses.is_restored("d/web"));
-            restored = m.addresses;
-        }
-        // Once the slice is good (or gone), the Service is built from its slices again.
-        let fixed = bad.replace("10.244.0.999", "10.244.0.3");
-        let m = run(&fixed, &restored, &mut lg);
-        assert_eq!(backends(&m, [10, 96, 0, 1]), ["10.244.0.2", "10.244.0.3"]);
-        assert!(!m.addresses.is_restored("d/web"));
     }
 
     /// A Service held for an object the source could not read keeps its addresses, listed once

@@ -4,7 +4,7 @@
 //! would have with no failure.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE};
+use lb_common::{Lb4Affinity, Lb4AffinityKey, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE};
 
 use super::{
     alloc::REGION_GRACE_MS,
@@ -40,24 +40,30 @@ enum Step {
     Apply(Vec<Frontend>, Vec<u16>),
     /// The end of a sweep pass that found no flow.
     Sweep(u64),
+    /// The agent restarts: a new reconciler restored from the maps.
+    Restart,
+    /// A client gets ClientIP affinity to backend `.0` of the frontend at port `.1` (the datapath
+    /// writes it).
+    Affinity(u8, u16),
 }
 
 /// New Services, a table change with a new backend, a removal, a change of kept endpoints only,
-/// members departing, affinity forgotten, an address taken by a tombstone and then by another
-/// Service, a held Service, tombstones and departures swept, everything removed but one new one.
+/// a restart, members departing, affinity forgotten, an address taken by a tombstone and then by
+/// another Service, a held Service, tombstones and departures swept, everything removed but one
+/// new one.
 fn scenario() -> Vec<Step> {
     use BackendState::Serving;
+    let (a1, c1) = (frontend("a", 80, &[1, 2, 3, 6], &[(4, Serving)], 0), frontend("c", 82, &[5], &[], 30));
     vec![
         Step::Sync(
-            vec![
-                frontend("a", 80, &[1, 2, 3], &[], 0),
-                frontend("b", 81, &[2, 4], &[], 0),
-                frontend("c", 82, &[5], &[], 30),
-            ],
+            vec![frontend("a", 80, &[1, 2, 3], &[], 0), frontend("b", 81, &[2, 4], &[], 0), c1.clone()],
             &[],
         ),
         Step::Apply(vec![frontend("a", 80, &[1, 2, 3, 6], &[], 0)], vec![81]),
-        Step::Apply(vec![frontend("a", 80, &[1, 2, 3, 6], &[(4, Serving)], 0)], vec![]),
+        Step::Restart,
+        Step::Apply(vec![a1.clone()], vec![]),
+        Step::Sync(vec![a1, c1, frontend("d", 81, &[8], &[], 0)], &[]),
+        Step::Affinity(5, 82),
         Step::Sync(
             vec![
                 frontend("a", 80, &[1, 6], &[], 0),
@@ -71,19 +77,21 @@ fn scenario() -> Vec<Step> {
             &["default/c"],
         ),
         Step::Sweep(1),
-        Step::Apply(vec![frontend("f", 83, &[1, 2], &[], 0)], vec![80, 81, 82]),
+        Step::Apply(vec![frontend("f", 83, &[1, 2], &[], 0)], vec![80, 81]),
         Step::Sweep(2),
     ]
 }
 
-/// Runs the scenario with `maps` failing as set, retrying after each step as the agent's sweep
-/// tick does, and checking the view after every call. Then lets every write succeed and retries
-/// until nothing is pending.
+/// Runs the scenario with `maps` failing as set, retrying after every other step as the agent's
+/// sweep tick does (so a failure also meets the next change before its retry), and checking the
+/// view after every call. Then lets every write succeed and retries until nothing is pending.
 fn run(maps: &mut MemoryMaps, case: &str) -> Reconciler {
     let caps = Capacities { services: 32, backends: 32, maglev_slots: 1 << 14, ..Capacities::default() };
-    let clock = std::sync::atomic::AtomicU64::new(0);
-    let mut r = Reconciler::new(caps, Options::default())
-        .with_clock(Box::new(move || clock.fetch_add(REGION_GRACE_MS, std::sync::atomic::Ordering::Relaxed)));
+    let clock = || {
+        let t = std::sync::atomic::AtomicU64::new(0);
+        Box::new(move || t.fetch_add(REGION_GRACE_MS, std::sync::atomic::Ordering::Relaxed)) as Clock
+    };
+    let mut r = Reconciler::new(caps, Options::default()).with_clock(clock());
     for (i, step) in scenario().into_iter().enumerate() {
         let case = format!("{case}, step {i}");
         match step {
@@ -101,9 +109,19 @@ fn run(maps: &mut MemoryMaps, case: &str) -> Reconciler {
                 r.begin_pass(pass);
                 r.release_idle(&FlowCensus::new(pass), maps);
             }
+            Step::Restart => {
+                r = Reconciler::restore(caps, Options::default(), maps.restored()).with_clock(clock());
+            }
+            Step::Affinity(backend, port) => {
+                let svc = maps.services.get(&service_key(&addr(port))).copied();
+                if let (Some(svc), Some((bid, _))) = (svc, r.backends.get(&be(backend))) {
+                    let value = Lb4Affinity { last_used_ns: 1, backend_id: *bid, _pad: 0 };
+                    maps.affinity.insert(Lb4AffinityKey { client: 1, svc_id: svc.id }, value);
+                }
+            }
         }
         assert_view(&r, maps, &case);
-        if r.has_pending() {
+        if i % 2 == 1 && r.has_pending() {
             r.retry(maps);
             assert_view(&r, maps, &format!("{case}, retried"));
         }
@@ -181,6 +199,20 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
     let have: BTreeMap<_, _> = maps.members.iter().map(|(k, m)| (*k, m.state)).collect();
     assert_eq!(want, have, "{case}: member rows");
     assert_eq!(users, r.users, "{case}: users of backends");
+    // A published table names only active backends that are active members; but not a table
+    // whose removal failed midway (its rows may drain, its backends terminate: it goes, and until
+    // then new flows through it are dropped), which is pending or a removal, or restored and not
+    // yet synced (the agent's first sync after a restart settles it).
+    for (a, p) in &r.frontends {
+        let settled = p.frontend.is_some() && !r.removals.contains(a) && !r.pending.contains(a);
+        let Some(g) = p.region.filter(|_| settled) else { continue };
+        for slot in g.offset..g.offset + g.size {
+            let id = maps.maglev[&slot];
+            assert_eq!(maps.backends[&id].state, lb_common::BACKEND_STATE_ACTIVE, "{case}: {a}: slot {slot}");
+            let m = maps.members.get(&Lb4MemberKey { svc_id: p.id, backend_id: id }).map(|m| m.state);
+            assert_eq!(m, Some(lb_common::MEMBER_ACTIVE), "{case}: {a}: member {id}");
+        }
+    }
     // Each live frontend not waiting for a retry has the rows and the record of its table.
     for (a, p) in &r.frontends {
         let Some(fe) = &p.frontend else { continue };
@@ -188,7 +220,8 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
             continue;
         }
         let (rows, _) = r.rows_for(p.id, fe);
-        for (b, s) in &rows {
+        // (A kept endpoint without a backend id gets no row: no flow can name it.)
+        for (b, s) in rows.iter().filter(|(b, _)| r.backends.contains_key(b)) {
             assert_eq!(r.members[&p.id].get(b), Some(s), "{case}: {a}: row of {b}");
         }
         let size = maglev::table_size(fe.backends.len(), r.opts.max_table_size);
@@ -201,9 +234,10 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
 /// What the maps say, by address rather than id (ids may differ after a failure): each entry's
 /// table as backend addresses, member rows, backend states.
 type Decoded = (
-    BTreeMap<FrontendAddr, (bool, Vec<BackendAddr>)>,
+    BTreeMap<FrontendAddr, (bool, BTreeMap<BackendAddr, usize>)>,
     BTreeSet<(Option<FrontendAddr>, BackendAddr, u8)>,
     BTreeSet<(BackendAddr, u8)>,
+    BTreeSet<(FrontendAddr, Option<BackendAddr>)>,
 );
 
 fn decoded(maps: &MemoryMaps) -> Decoded {
@@ -215,9 +249,11 @@ fn decoded(maps: &MemoryMaps) -> Decoded {
         .map(|(k, s)| {
             let a = frontend_addr(k).expect("an address");
             at.insert(s.id, a);
-            let table = (s.maglev_offset..s.maglev_offset + s.maglev_size)
-                .map(|i| backend(&maps.maglev[&i]))
-                .collect();
+            // Slots per backend (a table is a function of its backends and size).
+            let mut table = BTreeMap::new();
+            for i in s.maglev_offset..s.maglev_offset + s.maglev_size {
+                *table.entry(backend(&maps.maglev[&i])).or_insert(0) += 1;
+            }
             (a, (s.flags & SVC_FLAG_TOMBSTONE != 0, table))
         })
         .collect();
@@ -232,7 +268,13 @@ fn decoded(maps: &MemoryMaps) -> Decoded {
         .filter(|b| b.state != BACKEND_STATE_FREE)
         .map(|b| (backend_addr(b).expect("a backend"), b.state))
         .collect();
-    (services, members, backends)
+    // The affinity written in the scenario is forgotten when its backend leaves.
+    let affinity = maps
+        .affinity
+        .iter()
+        .filter_map(|(k, a)| Some((*at.get(&k.svc_id)?, backend_addr(&maps.backends[&a.backend_id]))))
+        .collect();
+    (services, members, backends, affinity)
 }
 
 #[test]
@@ -240,7 +282,8 @@ fn whichever_write_fails_the_view_equals_the_maps_and_a_retry_completes_the_chan
     let mut clean = MemoryMaps::default();
     run(&mut clean, "no failure");
     let want = decoded(&clean);
-    assert_eq!(want.0.len(), 1, "the scenario ends with one Service: {:?}", want.0);
+    assert_eq!(want.0.len(), 2, "the scenario ends with two Services: {:?}", want.0);
+    assert!(clean.log.iter().any(|l| l.starts_with("forget affinity")), "affinity is forgotten");
     clean.assert_consistent();
     let writes = clean.writes;
     assert!(writes > 50, "the scenario writes {writes} times");
@@ -250,7 +293,11 @@ fn whichever_write_fails_the_view_equals_the_maps_and_a_retry_completes_the_chan
             let mut maps = MemoryMaps::default();
             (maps.fail_write, maps.fail_from) = (Some(n), fail_from);
             run(&mut maps, &case);
-            assert_eq!(decoded(&maps), want, "{case}: the maps after recovery");
+            let got = decoded(&maps);
+            assert_eq!(got.0, want.0, "{case}: service entries after recovery");
+            assert_eq!(got.1, want.1, "{case}: member rows after recovery");
+            assert_eq!(got.2, want.2, "{case}: backends after recovery");
+            assert_eq!(got.3, want.3, "{case}: affinity after recovery");
             maps.assert_consistent();
         }
     }

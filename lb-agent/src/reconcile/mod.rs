@@ -195,9 +195,11 @@ pub struct Reconciler {
     /// Frontends whose new table found no free region while freed regions were still in their
     /// grace period: [`Reconciler::retry`] tries them again once those are free.
     deferred: BTreeMap<FrontendAddr, Frontend>,
-    /// Frontends whose writes failed before their table was published (they keep what they
+    /// Frontends whose writes failed (before their table was published, they keep what they
     /// had): [`Reconciler::retry`] tries them again.
     unwritten: BTreeMap<FrontendAddr, Frontend>,
+    /// ClientIP affinity that failed to be forgotten: frontend id → backend ids that left it.
+    forget: BTreeMap<u32, BTreeSet<u32>>,
     /// Frontends no longer wanted whose removal failed: [`Reconciler::retry`] tries it again.
     removals: BTreeSet<FrontendAddr>,
     /// Set by a restore; cleared once its backends have been checked for users.
@@ -265,6 +267,7 @@ impl Reconciler {
             pending: BTreeSet::new(),
             deferred: BTreeMap::new(),
             unwritten: BTreeMap::new(),
+            forget: BTreeMap::new(),
             removals: BTreeSet::new(),
             restore_pending: false,
             pass: 0,
@@ -379,18 +382,21 @@ impl Reconciler {
         held: &BTreeSet<String>,
         w: &mut W,
     ) -> (SyncStats, Vec<SyncError>) {
+        // A removal that failed stays one unless the address is wanted again: a Service held now
+        // keeps what it has, not an address it had already let go of.
+        self.removals.retain(|a| !desired.contains_key(a));
         let gone: Vec<FrontendAddr> = self
             .frontends
             .iter()
-            .filter(|(a, p)| !desired.contains_key(a) && !held.iter().any(|s| p.is_of(s)))
+            .filter(|(a, p)| {
+                !desired.contains_key(a) && (self.removals.contains(a) || !held.iter().any(|s| p.is_of(s)))
+            })
             .map(|(a, _)| *a)
             .collect();
         // A table waiting for a free region is wanted no more if its address is not (unless its
         // Service is held: as through `apply`, it is published once a region is free).
         self.deferred.retain(|a, f| desired.contains_key(a) || held.contains(&f.service));
         self.unwritten.retain(|a, f| desired.contains_key(a) || held.contains(&f.service));
-        // What goes is listed whole here; failures are recorded again.
-        self.removals.clear();
         self.apply(desired.iter(), &gone, w)
     }
 
@@ -674,6 +680,15 @@ impl Reconciler {
             Some(region)
         };
         let existing = self.frontends.get(addr).map(|p| p.id);
+        // The backends its published table names (active rows; also after a restore, when the
+        // frontend it was built from is not known): affinity to those that leave is forgotten.
+        let was_active: Vec<BackendAddr> = existing
+            .and_then(|id| self.members.get(&id))
+            .into_iter()
+            .flatten()
+            .filter(|(b, s)| **s == BackendState::Active && !fe.backends.contains(b))
+            .map(|(b, _)| *b)
+            .collect();
         let id = match existing.or_else(|| self.frontend_ids.alloc()) {
             Some(id) => id,
             None => {
@@ -688,8 +703,14 @@ impl Reconciler {
         // without them is published: until then the old table may still give them new flows.
         let (rows, departures) = self.rows_for(id, fe);
         let (before, after) = self.split_downgrades(id, &rows);
-        let published =
-            self.write_rows(id, before, w).map_err(|e| write_err(object(), "member", e)).and_then(|()| {
+        // The record first names the frontend with no digest: should the agent stop before the
+        // digest is written after publishing, a restart knows whose the id is and rewrites the
+        // table rather than adopt one it does not know (an id may be another's recycled).
+        let published = w
+            .set_frontend_meta(id, &Lb4FrontendMeta::new(0, &frontend_name(fe)))
+            .map_err(|e| write_err(object(), "frontend name", e))
+            .and_then(|()| self.write_rows(id, before, w).map_err(|e| write_err(object(), "member", e)))
+            .and_then(|()| {
                 w.set_service(&service_key(addr), &service_value(id, fe, region))
                     .map_err(|e| write_err(object(), "service entry", e))
             });
@@ -723,6 +744,16 @@ impl Reconciler {
         }
         stats.frontends_written += 1;
         self.pending.insert(*addr);
+        // Clients pinned by affinity to a backend that left this frontend pick again (the
+        // datapath honours affinity only to active members meanwhile). Recorded now, so that a
+        // failure below leaves it for `retry`.
+        if fe.affinity_timeout_secs > 0 {
+            let left = was_active.iter().filter_map(|b| self.backends.get(b).map(|(id, _)| *id));
+            let left: BTreeSet<u32> = left.collect();
+            if !left.is_empty() {
+                self.forget.entry(id).or_default().extend(left);
+            }
+        }
         // What the published table was built from, once it is published: a restart adopts a
         // table only if this says it was built from the same inputs.
         w.set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
@@ -731,17 +762,11 @@ impl Reconciler {
             .and_then(|()| self.settle_departures(id, &rows, departures, w))
             .map_err(|e| write_err(object(), "member", e))?;
         self.pending.remove(addr);
-        // Clients pinned by affinity to a backend that left this frontend pick again (the
-        // datapath honours affinity only to active members meanwhile).
-        if fe.affinity_timeout_secs > 0 {
-            let left: Vec<u32> = old
-                .iter()
-                .flat_map(|o| o.backends.iter())
-                .filter(|b| !fe.backends.contains(b))
-                .filter_map(|b| self.backends.get(b).map(|(id, _)| *id))
-                .collect();
-            if !left.is_empty() {
-                w.remove_affinity(id, &left).map_err(|e| write_err(object(), "affinity entries", e))?;
+        if let Some(left) = self.forget.remove(&id) {
+            let ids: Vec<u32> = left.iter().copied().collect();
+            if let Err(e) = w.remove_affinity(id, &ids) {
+                self.forget.insert(id, left);
+                return Err(write_err(object(), "affinity entries", e));
             }
         }
         Ok(())
@@ -764,6 +789,7 @@ impl Reconciler {
             || !self.unwritten.is_empty()
             || !self.removals.is_empty()
             || !self.touched.is_empty()
+            || !self.forget.is_empty()
     }
 
     /// Writes again what failed: member rows and recorded names of published tables, tables that
@@ -793,11 +819,23 @@ impl Reconciler {
             waiting = self.deferred.clone();
         }
         let removals: Vec<FrontendAddr> = self.removals.iter().copied().collect();
-        let out = self.apply(todo.iter(), &removals, w);
+        let (stats, mut errors) = self.apply(todo.iter(), &removals, w);
         for (a, f) in waiting {
             self.deferred.entry(a).or_insert(f);
         }
-        out
+        // Affinity of a frontend id no longer live is the sweep's to remove (its id is stale).
+        let live: HashSet<u32> = self.frontends.values().map(|p| p.id).collect();
+        for (id, left) in std::mem::take(&mut self.forget) {
+            if !live.contains(&id) {
+                continue;
+            }
+            let ids: Vec<u32> = left.iter().copied().collect();
+            if let Err(e) = w.remove_affinity(id, &ids) {
+                errors.push(write_err(format!("frontend {id}"), "affinity entries", e));
+                self.forget.insert(id, left);
+            }
+        }
+        (stats, errors)
     }
 
     /// Starts sweep pass `pass`: tombstones and departures made from now on wait for the pass
@@ -1552,6 +1590,19 @@ mod tests {
         assert_eq!(at(80).map(|s| s.flags), Some(SVC_FLAG_TOMBSTONE));
         assert_eq!(at(81).map(|s| s.flags), Some(0));
         maps.assert_consistent();
+
+        // A removal that failed is not forgotten by a full sync in which its Service is held:
+        // the Service had let that address go.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+        r.apply([(&a.addr, &a)], &[], &mut maps);
+        maps.fail_services = true;
+        r.apply([], &[a.addr], &mut maps);
+        maps.fail_services = false;
+        r.sync(&BTreeMap::new(), &BTreeSet::from(["default/s".to_string()]), &mut maps);
+        let at = |port| maps.services.get(&service_key(&frontend(port, &[], &[], 0).addr)).copied();
+        assert_eq!(at(80).map(|s| s.flags), Some(SVC_FLAG_TOMBSTONE));
+        assert!(!r.has_pending());
     }
 
     #[test]
