@@ -1242,3 +1242,18 @@ fn tuple_clashes_get_another_source_port() {
         assert_eq!(check_packet(&out).src, (CLIENT, port), "the flows holding the ports keep them");
     }
 }
+
+/// Frontend records are sized with the services map: with `--max-services` above the built-in
+/// size, the highest frontend id still gets its record (the digest a restart adopts its table by,
+/// and its name), which is written before its entry.
+#[test]
+fn frontend_records_fit_every_frontend_id() {
+    use lb_agent::reconcile::MapWriter;
+    let pins = PinDir::new("fe-meta-size");
+    let mut config = test_config(pins.path());
+    config.caps.services = 70_000;
+    let (_dp, mut maps) = Datapath::load(&config, Mode::Tc).expect("load datapath");
+    let meta = lb_common::Lb4FrontendMeta::new(42, "ns/svc:http");
+    maps.set_frontend_meta(69_999, &meta).expect("the record of the highest id");
+    assert_eq!(maps.read_meta(69_999).map(|m| m.digest), Some(42));
+}

@@ -23,8 +23,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_MAGLEV,
-    MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
+    capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
+    MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
 };
 
 use self::pins::other_layouts;
@@ -296,6 +296,7 @@ impl Datapath {
             .default_map_pin_directory(&dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.caps.services)
             .map_max_entries(MAP_LB4_SVC_STATS, cfg.caps.services)
+            .map_max_entries(MAP_LB4_FE_META, cfg.caps.services)
             .map_max_entries(MAP_LB4_BACKENDS, cfg.caps.backends)
             .map_max_entries(MAP_LB4_MAGLEV, cfg.caps.maglev_slots.div_ceil(2))
             .map_max_entries(MAP_LB4_CT, cfg.caps.ct)

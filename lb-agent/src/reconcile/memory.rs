@@ -29,6 +29,8 @@ pub struct MemoryMaps {
     pub fail_services: bool,
     /// Tests: member row writes fail.
     pub fail_members: bool,
+    /// Tests: forgetting affinity fails.
+    pub fail_affinity: bool,
     /// Tests: the writes (of any kind) made so far, counted from 0.
     pub writes: usize,
     /// Tests: write number `n` fails (counted in `writes`), or every write from it on if
@@ -110,7 +112,7 @@ impl MapWriter for MemoryMaps {
         Ok(())
     }
     fn remove_affinity(&mut self, svc_id: u32, ids: &[u32]) -> Result<(), Self::Error> {
-        self.write(&format!("affinity of {svc_id}"), false)?;
+        self.write(&format!("affinity of {svc_id}"), self.fail_affinity)?;
         self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
         self.affinity.retain(|k, v| k.svc_id != svc_id || !ids.contains(&v.backend_id));
         Ok(())

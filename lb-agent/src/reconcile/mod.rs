@@ -480,6 +480,8 @@ impl Reconciler {
         }
         let p = self.frontends.remove(addr).expect("checked above");
         self.pending.remove(addr);
+        // Its affinity goes with its id (stale once the id is not live: the sweep removes it).
+        self.forget.remove(&id);
         if let Some(r) = p.region {
             self.regions.release(r, (self.clock)());
         }
@@ -706,9 +708,16 @@ impl Reconciler {
         // The record first names the frontend with no digest: should the agent stop before the
         // digest is written after publishing, a restart knows whose the id is and rewrites the
         // table rather than adopt one it does not know (an id may be another's recycled).
-        let published = w
+        let unknown = w
             .set_frontend_meta(id, &Lb4FrontendMeta::new(0, &frontend_name(fe)))
-            .map_err(|e| write_err(object(), "frontend name", e))
+            .map_err(|e| write_err(object(), "frontend name", e));
+        if unknown.is_ok() {
+            // A restored table is no longer known by the digest it was recorded with.
+            if let Some(p) = self.frontends.get_mut(addr) {
+                p.restored_digest = None;
+            }
+        }
+        let published = unknown
             .and_then(|()| self.write_rows(id, before, w).map_err(|e| write_err(object(), "member", e)))
             .and_then(|()| {
                 w.set_service(&service_key(addr), &service_value(id, fe, region))
@@ -747,6 +756,14 @@ impl Reconciler {
         // Clients pinned by affinity to a backend that left this frontend pick again (the
         // datapath honours affinity only to active members meanwhile). Recorded now, so that a
         // failure below leaves it for `retry`.
+        // Never a backend of the table just published (one that left, failed to be forgotten,
+        // and came back).
+        if let Some(f) = self.forget.get_mut(&id) {
+            f.retain(|b| !ids.contains(b));
+            if f.is_empty() {
+                self.forget.remove(&id);
+            }
+        }
         if fe.affinity_timeout_secs > 0 {
             let left = was_active.iter().filter_map(|b| self.backends.get(b).map(|(id, _)| *id));
             let left: BTreeSet<u32> = left.collect();
@@ -824,7 +841,11 @@ impl Reconciler {
             self.deferred.entry(a).or_insert(f);
         }
         // Affinity of a frontend id no longer live is the sweep's to remove (its id is stale).
-        let live: HashSet<u32> = self.frontends.values().map(|p| p.id).collect();
+        let live: HashSet<u32> = if self.forget.is_empty() {
+            HashSet::new()
+        } else {
+            self.frontends.values().map(|p| p.id).collect()
+        };
         for (id, left) in std::mem::take(&mut self.forget) {
             if !live.contains(&id) {
                 continue;
@@ -1603,6 +1624,31 @@ mod tests {
         let at = |port| maps.services.get(&service_key(&frontend(port, &[], &[], 0).addr)).copied();
         assert_eq!(at(80).map(|s| s.flags), Some(SVC_FLAG_TOMBSTONE));
         assert!(!r.has_pending());
+    }
+
+    /// Affinity that failed to be forgotten is forgotten by `retry`, but never for a backend
+    /// that is back in the table meanwhile.
+    #[test]
+    fn affinity_is_forgotten_by_retry_unless_its_backend_came_back() {
+        for back in [false, true] {
+            let mut maps = MemoryMaps::default();
+            let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+            sync(&mut r, &one(frontend(80, &[1, 2], &[], 30)), &mut maps);
+            let id = maps.services.values().next().expect("published").id;
+            let b2 = r.backends[&be(2)].0;
+            let key = lb_common::Lb4AffinityKey { client: 7, svc_id: id };
+            maps.affinity.insert(key, lb_common::Lb4Affinity { last_used_ns: 1, backend_id: b2, _pad: 0 });
+            maps.fail_affinity = true;
+            let (_, errors) = sync(&mut r, &one(frontend(80, &[1], &[], 30)), &mut maps);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            if back {
+                sync(&mut r, &one(frontend(80, &[1, 2], &[], 30)), &mut maps);
+            }
+            maps.fail_affinity = false;
+            r.retry(&mut maps);
+            assert_eq!(maps.affinity.contains_key(&key), back, "back in the table: {back}");
+            assert!(!r.has_pending());
+        }
     }
 
     #[test]
