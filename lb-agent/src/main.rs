@@ -245,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let pin_dir = cfg.datapath.pin_dir.clone();
+    // Before the datapath: a port that is taken leaves the node as it was.
+    let listeners = metrics::Listeners::bind(cfg.metrics_addr, cfg.healthz_addr)?;
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
     let caps = cfg.datapath.caps;
@@ -265,9 +267,7 @@ async fn main() -> anyhow::Result<()> {
     let mut agent = Agent::new(maps, reconciler, cfg.model).with_sweep(Sweeper::new(timeouts, SWEEP_BATCH));
     let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
     let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
-    metrics::serve(cfg.metrics_addr, cfg.healthz_addr, registry, agent.health.clone())
-        .await
-        .context("serving metrics and health")?;
+    metrics::serve(listeners, registry, agent.health.clone()).context("serving metrics and health")?;
 
     // Changes from the source arrive here; the first holds everything it knows.
     let (tx, mut changes) = source::channel();

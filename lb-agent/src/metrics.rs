@@ -403,18 +403,39 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Serves `/metrics` on `metrics_addr` and `/healthz`, `/readyz` on `health_addr`.
-pub async fn serve(
-    metrics_addr: SocketAddr,
-    health_addr: SocketAddr,
-    registry: Arc<Registry>,
-    health: Arc<Health>,
-) -> std::io::Result<()> {
-    let m = tokio::net::TcpListener::bind(metrics_addr).await?;
-    let h = tokio::net::TcpListener::bind(health_addr).await?;
+/// The metrics and health listeners, bound before anything else is done: a port that is taken
+/// (kube-proxy's, say) stops the agent before it touches the datapath.
+pub struct Listeners {
+    metrics: std::net::TcpListener,
+    health: std::net::TcpListener,
+}
+
+impl Listeners {
+    pub fn bind(metrics_addr: SocketAddr, health_addr: SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let bind = |addr: SocketAddr, flag: &str| {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("{flag} {addr}: cannot listen (is another process, kube-proxy say, using it? choose another port)"))?;
+            l.set_nonblocking(true)?;
+            anyhow::Ok(l)
+        };
+        Ok(Self {
+            metrics: bind(metrics_addr, "--metrics-bind-address")?,
+            health: bind(health_addr, "--healthz-bind-address")?,
+        })
+    }
+}
+
+/// Serves `/metrics`, and `/healthz`, `/livez`, `/readyz`, on the listeners.
+pub fn serve(listeners: Listeners, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
+    let m = tokio::net::TcpListener::from_std(listeners.metrics)?;
+    let h = tokio::net::TcpListener::from_std(listeners.health)?;
     let metrics = Router::new().route("/metrics", get(metrics_handler)).with_state(registry);
-    let health =
-        Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health);
+    let health = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health);
     tokio::spawn(async move { axum::serve(m, metrics).await });
     tokio::spawn(async move { axum::serve(h, health).await });
     Ok(())

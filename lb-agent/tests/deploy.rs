@@ -15,14 +15,40 @@ fn deploy() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-fn docs(file: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(deploy().join(file)).expect("manifest");
+/// The two ways to install: beside kube-proxy (deploy/) and in its place (the overlay).
+const INSTALLS: [&str; 2] = [".", "replace-kube-proxy"];
+
+/// What `kubectl kustomize` renders for `dir` (under deploy/), as text.
+fn render_text(dir: &str) -> String {
+    let out = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(deploy().join(dir))
+        .output()
+        .expect("kubectl not found: it renders the kustomizations (`kubectl kustomize`), install it");
+    assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn render(dir: &str) -> Vec<Value> {
+    let text = render_text(dir);
     serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("yaml")).collect()
 }
 
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// What both installs render is what is validated: against the Kubernetes schemas, strictly.
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
-    let mut files: Vec<PathBuf> = ["rbac.yaml", "daemonset.yaml"].iter().map(|f| deploy().join(f)).collect();
+    let dir = std::env::temp_dir().join(format!("lb-deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let mut files = Vec::new();
+    for install in INSTALLS {
+        let file = dir.join(format!("{}.yaml", install.replace('.', "base")));
+        std::fs::write(&file, render_text(install)).expect("write");
+        files.push(file);
+    }
     for e in std::fs::read_dir(deploy().join("examples")).expect("examples") {
         files.push(e.expect("entry").path());
     }
@@ -31,6 +57,7 @@ fn manifests_validate_against_the_kubernetes_schemas() {
         .args(&files)
         .output()
         .expect("kubernetes-validate not found: run `cargo xtask setup`");
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "kubernetes-validate failed:\n{}{}",
@@ -51,7 +78,8 @@ fn cluster_role_grants_exactly_what_the_watches_need() {
             want.insert((group.clone(), resource.clone(), verb.to_string()));
         }
     }
-    let role = docs("rbac.yaml").into_iter().find(|d| d["kind"] == "ClusterRole").expect("a ClusterRole");
+    let docs = render(".");
+    let role = find(&docs, "ClusterRole");
     let mut got = BTreeSet::new();
     for rule in role["rules"].as_sequence().expect("rules") {
         let list = |k: &str| -> Vec<String> {
@@ -66,44 +94,86 @@ fn cluster_role_grants_exactly_what_the_watches_need() {
         }
     }
     assert_eq!(got, want);
-    let binding = docs("rbac.yaml").into_iter().find(|d| d["kind"] == "ClusterRoleBinding").expect("binding");
+    let binding = find(&docs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     assert_eq!(binding["subjects"][0]["name"], "lb-agent");
 }
 
 #[test]
 fn daemonset_runs_like_kube_proxy_with_least_privilege() {
-    let ds = docs("daemonset.yaml").pop().expect("DaemonSet");
-    let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["priorityClassName"], "system-node-critical");
-    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
-    assert_eq!(pod["serviceAccountName"], "lb-agent");
-    let c = &pod["containers"][0];
-    let sc = &c["securityContext"];
-    assert_eq!(sc["privileged"], false);
-    assert_eq!(sc["capabilities"]["drop"], serde_yaml::from_str::<Value>("[ALL]").expect("yaml"));
-    assert_eq!(
-        sc["capabilities"]["add"],
-        serde_yaml::from_str::<Value>("[BPF, NET_ADMIN, PERFMON, SYS_RESOURCE]").expect("yaml")
-    );
-    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
-    assert!(
-        c["resources"]["requests"]["cpu"].is_string() && c["resources"]["requests"]["memory"].is_string()
-    );
-    let mounts = c["volumeMounts"].as_sequence().expect("mounts");
-    assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
-    let args: Vec<&str> = c["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
-    assert!(args.contains(&"--metrics-bind-address=127.0.0.1:10249"), "metrics stay on loopback");
-
-    let kustomization = docs("kustomization.yaml").pop().expect("kustomization");
-    let resources: Vec<&str> = kustomization["resources"]
-        .as_sequence()
-        .expect("resources")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert_eq!(resources, ["rbac.yaml", "daemonset.yaml"]);
+    for install in INSTALLS {
+        let docs = render(install);
+        let ds = find(&docs, "DaemonSet");
+        assert_eq!(ds["metadata"]["namespace"], "kube-system");
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true);
+        // Cluster DNS is behind a ClusterIP: the node's resolver.
+        assert_eq!(pod["dnsPolicy"], "Default", "{install}");
+        assert_eq!(pod["priorityClassName"], "system-node-critical");
+        assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+        assert_eq!(pod["serviceAccountName"], "lb-agent");
+        let c = &pod["containers"][0];
+        // As `cargo xtask image` tags it.
+        assert_eq!(c["image"], "lb-agent:latest", "{install}");
+        let sc = &c["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            sc["seccompProfile"]["type"], "Unconfined",
+            "bpf(2) needs it under the runtimes' defaults"
+        );
+        assert_eq!(sc["capabilities"]["drop"], serde_yaml::from_str::<Value>("[ALL]").expect("yaml"));
+        assert_eq!(
+            sc["capabilities"]["add"],
+            serde_yaml::from_str::<Value>("[BPF, NET_ADMIN, PERFMON, SYS_RESOURCE]").expect("yaml")
+        );
+        // Liveness on /livez: /healthz follows the node's eligibility.
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        let env = c["env"].as_sequence().expect("env");
+        assert_eq!(env[0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+        for (name, key) in
+            [("KUBERNETES_SERVICE_HOST", "api-server-host"), ("KUBERNETES_SERVICE_PORT", "api-server-port")]
+        {
+            let e = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{install}: no {name}"));
+            let r = &e["valueFrom"]["configMapKeyRef"];
+            assert_eq!(
+                (&r["name"], &r["key"]),
+                (&Value::from("lb-agent-config"), &Value::from(key)),
+                "{install}"
+            );
+        }
+        assert!(
+            c["resources"]["requests"]["cpu"].is_string() && c["resources"]["requests"]["memory"].is_string()
+        );
+        let mounts = c["volumeMounts"].as_sequence().expect("mounts");
+        assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
+        let args: Vec<&str> =
+            c["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
+        let health = c["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == "healthz")
+            .expect("healthz");
+        let config =
+            docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "lb-agent-config");
+        if install == "." {
+            // Beside kube-proxy: none of its ports; the API server as the kubelet says (its
+            // ClusterIP, which kube-proxy translates).
+            assert!(args.contains(&"--metrics-bind-address=127.0.0.1:9981"), "metrics stay on loopback");
+            assert!(args.contains(&"--healthz-bind-address=0.0.0.0:9980"));
+            assert_eq!(health["containerPort"], 9980);
+            assert!(config.is_none());
+        } else {
+            // In its place: kube-proxy's ports, and the API server given.
+            assert!(args.contains(&"--metrics-bind-address=127.0.0.1:10249"), "metrics stay on loopback");
+            assert!(args.contains(&"--healthz-bind-address=0.0.0.0:10256"));
+            assert_eq!(health["containerPort"], 10256);
+            assert_eq!(c["ports"].as_sequence().map(Vec::len), Some(1));
+            let data = &config.expect("the API server's address")["data"];
+            assert!(data["api-server-host"].is_string() && data["api-server-port"].is_string());
+        }
+    }
 }

@@ -87,3 +87,34 @@ fn ip_netns_exec_hides_bpffs_and_the_agent_says_so() {
     // /sys/fs/bpf exists there, but as a directory of the namespace's own sysfs.
     assert!(stderr.contains("(/sys/fs/bpf is on a file system of type 0x62656572)"), "{stderr}");
 }
+
+/// A health or metrics port that is taken (kube-proxy's 10256 and 10249, on a node where it still
+/// runs) stops the agent before it touches the datapath: the error names the flag and the
+/// address, and no pin is made.
+#[test]
+fn a_taken_port_stops_the_agent_before_anything_is_pinned() {
+    let s = scratch("port");
+    for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let addr = taken.local_addr().expect("address").to_string();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test/port-{}-{flag}", std::process::id()));
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let other = free.local_addr().expect("address").to_string();
+        drop(free);
+        let other_flag = if flag == "--healthz-bind-address" {
+            "--metrics-bind-address"
+        } else {
+            "--healthz-bind-address"
+        };
+        let out = Command::new(AGENT)
+            .args(agent_args(&pin_dir, &s.0.join("manifests")))
+            .args([flag, &addr, other_flag, &other])
+            .output()
+            .expect("run the agent");
+        assert!(!out.status.success(), "{flag}: the agent must not start");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("{flag} {addr}: cannot listen")), "{flag}: {stderr}");
+        assert!(!pin_dir.exists(), "{flag}: nothing is pinned");
+        drop(taken);
+    }
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 mod setup;
 mod soak;
 mod test;
@@ -20,6 +21,8 @@ enum Command {
     Demo(demo::Options),
     /// Set up, build, and run the benchmarks; writes BENCHMARKS.md.
     Bench(bench::Options),
+    /// Build the agent image with podman (no registry needed); `--save FILE` writes an OCI archive.
+    Image(image::Options),
     /// A long run of the hostile-packet fuzzer (the test suite runs a short one).
     Fuzz(fuzz::Options),
     /// A long run of the load test: 10,000 Services and 100 endpoint changes a second under traffic.
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(o) => test::run(&o),
         Command::Demo(o) => demo::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::Image(o) => image::run(&o),
         Command::Fuzz(o) => fuzz::run(&o),
         Command::Soak(o) => soak::run(&o),
     };

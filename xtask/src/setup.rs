@@ -19,6 +19,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting programs and maps"),
     ("ethtool", "turning checksum offload off in tests"),
     ("iptables", "the hairpin test's ctstate INVALID rule; kube-proxy's iptables mode in the benchmarks"),
+    ("podman", "building the agent image and running it as the DaemonSet does, with no registry"),
+    ("runc", "podman's runtime (crun refuses this host's cgroups)"),
 ];
 
 /// Debian packages only the benchmarks need: the load generator, the backends and kube-proxy's
@@ -168,6 +170,37 @@ fn cargo_deny() -> anyhow::Result<&'static str> {
     )
 }
 
+/// podman's settings for this machine kind: runc (crun refuses its hybrid cgroups) and limits
+/// root's containers can take (podman's default ulimits for root fail here).
+const CONTAINERS_CONF: &str = "/etc/containers/containers.conf.d/lb.conf";
+const CONTAINERS_CONF_TEXT: &str = "# Written by `cargo xtask setup` (lb).\n\
+[containers]\n\
+default_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
+[engine]\n\
+runtime = \"runc\"\n";
+
+fn containers_conf() -> anyhow::Result<&'static str> {
+    if std::fs::read_to_string(CONTAINERS_CONF).is_ok_and(|t| t == CONTAINERS_CONF_TEXT) {
+        return Ok("present");
+    }
+    let path = std::path::Path::new(CONTAINERS_CONF);
+    std::fs::create_dir_all(path.parent().expect("a directory"))
+        .and_then(|()| std::fs::write(path, CONTAINERS_CONF_TEXT))
+        .with_context(|| format!("writing {CONTAINERS_CONF} (run as root)"))?;
+    Ok("written")
+}
+
+/// `kubectl kustomize` renders the deploy/ installs in the tests. The machines lb is developed on
+/// have it; no registry these reach offers it, so it is checked, not installed.
+fn kubectl() -> anyhow::Result<&'static str> {
+    anyhow::ensure!(
+        output("kubectl", &["version", "--client"]).is_some(),
+        "kubectl not found: the deploy tests render the kustomizations with `kubectl kustomize`; \
+         install kubectl (https://kubernetes.io/docs/tasks/tools/)"
+    );
+    Ok("present")
+}
+
 fn bpffs() -> anyhow::Result<&'static str> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if mounts.lines().any(|l| {
@@ -185,6 +218,8 @@ pub fn run() -> anyhow::Result<()> {
     step("eBPF toolchain", nightly)?;
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
+    step("podman settings", containers_conf)?;
+    step("kubectl", kubectl)?;
     step("kubernetes-validate", kubernetes_validate)?;
     step("cargo-deny", cargo_deny)?;
     Ok(())

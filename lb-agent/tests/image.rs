@@ -1,0 +1,288 @@
+//! The agent image, run the way the DaemonSet runs it. The image is built with podman from this
+//! build's binaries and deploy/image/ (the layout `cargo xtask image` and deploy/Dockerfile use);
+//! each install (`kubectl kustomize deploy/` beside kube-proxy, and deploy/replace-kube-proxy)
+//! is rendered, and its container spec becomes podman's flags: the node's network namespace as
+//! the host network, `--cap-drop ALL` plus exactly the capabilities it adds, a read-only root,
+//! no-new-privileges, its seccomp choice, its volumes (the host's bpffs), its environment, its
+//! command and arguments. The source is a manifest folder (no API server can run here), mounted
+//! read-only. Beside kube-proxy, kube-proxy's ports 10249 and 10256 are taken first. The agent
+//! must become ready on its readiness probe, answer its liveness probe, balance a connection,
+//! stop on SIGTERM leaving the datapath serving, and `--cleanup` in the same image must leave
+//! nothing.
+
+mod support;
+
+use std::{
+    net::{SocketAddr, SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_testkit::lab::{http_get, in_netns, tcp_asks, wait_until, Lab, Node};
+use serde::Deserialize;
+use serde_yaml::Value;
+use support::{endpoint, who, VIP};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn podman(args: &[&str]) -> Command {
+    let mut c = Command::new("podman");
+    c.args(args);
+    c
+}
+
+/// The image and containers this test made, removed on drop (also when it fails).
+struct Made {
+    image: String,
+    containers: Vec<String>,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = podman(&["rm", "--force", "--time", "0", c]).output();
+        }
+        let _ = podman(&["rmi", "--force", &self.image]).output();
+        // The datapath of a run that failed midway.
+        let _ = Command::new(AGENT).arg("--cleanup").arg("--pin-dir").arg(&self.pin_dir).output();
+    }
+}
+
+/// Builds the image from this build's binaries, laid out as `cargo xtask image` lays it out.
+fn build_image(scratch: &Path, tag: &str) {
+    let context = scratch.join("image");
+    let lbctl = Path::new(AGENT).with_file_name("lbctl");
+    assert!(lbctl.exists(), "lbctl not built at {}", lbctl.display());
+    run(Command::new(root().join("deploy/image/rootfs.sh"))
+        .arg(context.join("rootfs"))
+        .arg(AGENT)
+        .arg(&lbctl));
+    std::fs::copy(root().join("deploy/image/Containerfile"), context.join("Containerfile"))
+        .expect("Containerfile");
+    run(podman(&["build", "--pull=never", "--quiet", "--tag", tag]).arg(&context));
+}
+
+/// The DaemonSet (and the ConfigMaps beside it) that `kubectl kustomize` renders for `install`.
+fn rendered(install: &str) -> Vec<Value> {
+    let text = run(Command::new("kubectl").arg("kustomize").arg(root().join("deploy").join(install)));
+    serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("yaml")).collect()
+}
+
+/// The DaemonSet's container as podman flags (before the image) and its arguments (after), run
+/// in `node`'s network namespace; `extra_mounts` and `extra_args` add the manifest folder.
+fn podman_run_args(docs: &[Value], node: &Node, extra_mounts: &[String], extra_args: &[&str]) -> Vec<String> {
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let mut flags = Vec::new();
+    assert_eq!(pod["hostNetwork"], true, "the test runs it in the node's network namespace");
+    flags.push(format!("--network=ns:/run/netns/{}", node.netns));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    if sc["capabilities"]["drop"] == serde_yaml::from_str::<Value>("[ALL]").expect("yaml") {
+        flags.push("--cap-drop=ALL".into());
+    }
+    for cap in sc["capabilities"]["add"].as_sequence().into_iter().flatten() {
+        flags.push(format!("--cap-add={}", cap.as_str().expect("a capability")));
+    }
+    if sc["readOnlyRootFilesystem"] == true {
+        // Exactly: no tmpfs on /tmp, /run and /var/tmp either (the kubelet adds none).
+        flags.extend(["--read-only".into(), "--read-only-tmpfs=false".into()]);
+    }
+    if sc["allowPrivilegeEscalation"] == false {
+        flags.push("--security-opt=no-new-privileges".into());
+    }
+    match sc["seccompProfile"]["type"].as_str() {
+        Some("Unconfined") => flags.push("--security-opt=seccomp=unconfined".into()),
+        Some("RuntimeDefault") | None => {}
+        Some(other) => panic!("seccomp profile {other}: not handled by this test"),
+    }
+    let volumes = pod["volumes"].as_sequence().expect("volumes");
+    for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).expect("the mount's volume");
+        let host = v["hostPath"]["path"].as_str().expect("a hostPath volume");
+        flags.push(format!("--volume={host}:{}", m["mountPath"].as_str().expect("mountPath")));
+    }
+    flags.extend(extra_mounts.iter().cloned());
+    let node_name = format!("node{}", node.index);
+    let mut env = Vec::new();
+    for e in c["env"].as_sequence().into_iter().flatten() {
+        let name = e["name"].as_str().expect("name");
+        let from = &e["valueFrom"];
+        let value = if from["fieldRef"]["fieldPath"] == "spec.nodeName" {
+            Some(node_name.clone())
+        } else if let Some(key) = from["configMapKeyRef"]["key"].as_str() {
+            let cm = docs.iter().find(|d| {
+                d["kind"] == "ConfigMap" && d["metadata"]["name"] == from["configMapKeyRef"]["name"]
+            });
+            cm.and_then(|cm| cm["data"][key].as_str()).map(String::from)
+        } else {
+            e["value"].as_str().map(String::from)
+        };
+        if let Some(v) = value {
+            flags.push(format!("--env={name}={v}"));
+            env.push((name.to_string(), v));
+        }
+    }
+    let command = c["command"].as_sequence().expect("command");
+    assert_eq!(command.len(), 1);
+    flags.push(format!("--entrypoint={}", command[0].as_str().expect("command")));
+    let mut args: Vec<String> = c["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| {
+            let mut a = a.as_str().expect("arg").to_string();
+            for (k, v) in &env {
+                a = a.replace(&format!("$({k})"), v);
+            }
+            a
+        })
+        .collect();
+    args.extend(extra_args.iter().map(ToString::to_string));
+    flags.push("--".into());
+    let mut all = flags;
+    all.push(String::new()); // the image goes here
+    all.extend(args);
+    all
+}
+
+fn arg_value<'a>(args: &'a [String], flag: &str) -> &'a str {
+    args.iter().find_map(|a| a.strip_prefix(&format!("{flag}="))).unwrap_or_else(|| panic!("no {flag}"))
+}
+
+/// The port a probe of the rendered container asks, resolved through the named container port.
+fn probe(docs: &[Value], which: &str) -> (String, u16) {
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    let get = &c[which]["httpGet"];
+    let port = match &get["port"] {
+        Value::Number(n) => n.as_u64().expect("port") as u16,
+        Value::String(name) => c["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == name.as_str())
+            .and_then(|p| p["containerPort"].as_u64())
+            .expect("the named port") as u16,
+        other => panic!("probe port {other:?}"),
+    };
+    (get["path"].as_str().expect("path").to_string(), port)
+}
+
+#[test]
+fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() {
+    let version = Command::new("podman").arg("--version").output();
+    assert!(
+        version.as_ref().is_ok_and(|o| o.status.success()),
+        "podman not found ({version:?}): `cargo xtask setup` installs it (this test is not skipped)"
+    );
+    let mut lab = Lab::new("img").expect("lab");
+    let node = lab.node(1).expect("node");
+    let client = lab.pod(&node, "c1", 10, true).expect("client");
+    let b1 = lab.pod(&node, "b1", 2, true).expect("backend");
+    lab.serve(&b1, 8080, 5353).expect("servers");
+    let manifests = lab.scratch().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("manifests");
+    std::fs::write(manifests.join("objects.yaml"), who("", &[endpoint(&b1, "ready: true")])).expect("write");
+
+    let tag = format!("localhost/lb-agent:test-{}", std::process::id());
+    let mut made = Made { image: tag.clone(), containers: Vec::new(), pin_dir: PathBuf::new() };
+    build_image(lab.scratch(), &tag);
+    let size = run(&mut podman(&["image", "inspect", "--format", "{{.Size}}", &tag]));
+    eprintln!(
+        "image: {:.1} MB (this build's binaries, stripped of debug information)",
+        size.trim().parse::<f64>().unwrap_or(0.0) / 1e6
+    );
+
+    for install in [".", "replace-kube-proxy"] {
+        let docs = rendered(install);
+        let mounts = [format!("--volume={}:/etc/lb/manifests:ro", manifests.display())];
+        let mut args = podman_run_args(&docs, &node, &mounts, &["--manifests=/etc/lb/manifests"]);
+        let pin_dir = PathBuf::from(arg_value(&args, "--pin-dir"));
+        made.pin_dir = pin_dir.clone();
+        let image_at = args.iter().position(String::is_empty).expect("image slot");
+        args[image_at] = tag.clone();
+        // Beside kube-proxy, its ports are taken (10249 on loopback, 10256 on every address).
+        let _kube_proxy = (install == ".").then(|| {
+            in_netns(&node.netns, || {
+                (
+                    TcpListener::bind("127.0.0.1:10249").expect("10249"),
+                    TcpListener::bind("0.0.0.0:10256").expect("10256"),
+                )
+            })
+            .expect("in the node")
+        });
+        let name = format!("lbimg{}-{}", std::process::id(), if install == "." { "base" } else { "replace" });
+        made.containers.push(name.clone());
+        let started = Instant::now();
+        let mut cmd = podman(&["run", "--detach", "--name", &name]);
+        let (flags, rest) = args.split_at(args.iter().position(|a| a == "--").expect("--"));
+        cmd.args(flags).args(&rest[1..]);
+        run(&mut cmd);
+        let logs = || {
+            let out = podman(&["logs", &name]).output().expect("podman logs");
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        };
+
+        let (ready_path, port) = probe(&docs, "readinessProbe");
+        let health = SocketAddr::from(([127, 0, 0, 1], port));
+        let ready =
+            wait_until(Duration::from_secs(60), || match http_get(&node.netns, health, &ready_path)? {
+                (200, _) => Ok(()),
+                (code, body) => Err(std::io::Error::other(format!("{code} {body}"))),
+            });
+        assert!(ready.is_ok(), "{install}: not ready on {health}{ready_path}: {ready:?}\n{}", logs());
+        eprintln!("{install}: ready {} ms after `podman run`", started.elapsed().as_millis());
+        let (live_path, live_port) = probe(&docs, "livenessProbe");
+        let live = http_get(&node.netns, SocketAddr::from(([127, 0, 0, 1], live_port)), &live_path);
+        assert_eq!(live.as_ref().map(|(c, _)| *c).ok(), Some(200), "{install}: liveness {live:?}");
+
+        let vip = SocketAddrV4::new(VIP, 80);
+        let answered = wait_until(Duration::from_secs(15), || tcp_asks(&client, vip, 1)?.pop().expect("one"));
+        assert_eq!(answered.ok().as_deref(), Some("b1"), "{install}: the Service answers\n{}", logs());
+        let answers = tcp_asks(&client, vip, 10).expect("asks");
+        assert!(answers.iter().all(|a| a.as_deref().ok() == Some("b1")), "{install}: {answers:?}");
+        // lbctl in the same image reads this node's datapath (as `kubectl exec ds/lb-agent -- lbctl`).
+        let services = run(&mut podman(&["exec", &name, "lbctl", "services"]));
+        assert!(services.contains("demo/who"), "{install}: lbctl services:\n{services}");
+        let memory = podman(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &name]).output();
+        if let Ok(m) = memory {
+            eprintln!("{install}: memory {}", String::from_utf8_lossy(&m.stdout).trim());
+        }
+
+        // SIGTERM: the agent stops; the datapath stays and keeps serving.
+        run(&mut podman(&["stop", "--time", "10", &name]));
+        let code = run(&mut podman(&["inspect", "--format", "{{.State.ExitCode}}", &name]));
+        assert_eq!(code.trim(), "0", "{install}: exit code\n{}", logs());
+        let answers = tcp_asks(&client, vip, 5).expect("asks");
+        assert!(
+            answers.iter().all(|a| a.as_deref().ok() == Some("b1")),
+            "{install}: after the stop: {answers:?}"
+        );
+
+        // `--cleanup` from the same image, with the same privileges, leaves nothing.
+        let mut cleanup = podman(&["run", "--rm"]);
+        cleanup.args(flags).arg(&tag).arg("--cleanup").arg(format!("--pin-dir={}", pin_dir.display()));
+        run(&mut cleanup);
+        assert!(!pin_dir.exists(), "{install}: {} is left", pin_dir.display());
+        let net = run(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .args(["bpftool", "-j", "net", "show"]));
+        assert!(!net.contains("lb4_"), "{install}: programs still attached: {net}");
+        let after = tcp_asks(&client, vip, 1).expect("asks");
+        assert!(after.iter().all(Result::is_err), "{install}: still translated after --cleanup: {after:?}");
+    }
+}
