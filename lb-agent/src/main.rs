@@ -56,6 +56,10 @@ struct Args {
     /// flows) and exit.
     #[arg(long)]
     cleanup: bool,
+    /// With --cleanup: then stay until stopped (SIGTERM), as a DaemonSet's container must
+    /// (deploy/cleanup/).
+    #[arg(long, requires = "cleanup")]
+    stay: bool,
     /// Directory on bpffs where maps are pinned; one per agent.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_dir: PathBuf,
@@ -218,10 +222,22 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
 
+    // One agent per pin directory: wait for the one that holds it (a rolling update's old pod)
+    // to exit. Before the ports are bound, which it holds too.
+    let _lock = hold_pin_dir(&args.pin_dir).await?;
     if args.cleanup {
         let n = datapath::cleanup(&args.pin_dir)
             .with_context(|| format!("removing pins under {}", args.pin_dir.display()))?;
         info!("removed {n} pinned objects under {}", args.pin_dir.display());
+        if args.stay {
+            info!("staying until stopped");
+            let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+            let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
         return Ok(());
     }
     let explicit_snat = args.snat_ports;
@@ -331,6 +347,27 @@ async fn main() -> anyhow::Result<()> {
     drop(source);
     info!("stopping; the datapath stays in place (pins under {})", pin_dir.display());
     Ok(())
+}
+
+/// Takes the hold on `pin_dir`, waiting while another agent has it (stopped by SIGTERM or SIGINT
+/// meanwhile, as everywhere else).
+async fn hold_pin_dir(pin_dir: &std::path::Path) -> anyhow::Result<datapath::PinLock> {
+    let mut said = false;
+    loop {
+        if let Some(lock) = datapath::try_lock(pin_dir)? {
+            if said {
+                info!(pin_dir = %pin_dir.display(), "the other agent is gone; going on");
+            }
+            return Ok(lock);
+        }
+        if !std::mem::replace(&mut said, true) {
+            warn!(
+                pin_dir = %pin_dir.display(),
+                "another lb-agent holds this pin directory (a rolling update's old pod?): waiting for it to exit"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Attaches to interfaces that match and are new; forgets those that vanished.

@@ -44,7 +44,7 @@ fn manifests_validate_against_the_kubernetes_schemas() {
     let dir = std::env::temp_dir().join(format!("lb-deploy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch");
     let mut files = Vec::new();
-    for install in INSTALLS {
+    for install in INSTALLS.iter().chain(&["cleanup"]) {
         let file = dir.join(format!("{}.yaml", install.replace('.', "base")));
         std::fs::write(&file, render_text(install)).expect("write");
         files.push(file);
@@ -176,4 +176,30 @@ fn daemonset_runs_like_kube_proxy_with_least_privilege() {
             assert!(data["api-server-host"].is_string() && data["api-server-port"].is_string());
         }
     }
+}
+
+/// The cleanup DaemonSet (uninstalling) runs on every node with the agent's image, pin directory
+/// and bpffs mount, and nothing else: no API access, no service account token.
+#[test]
+fn cleanup_daemonset_removes_what_the_agent_pinned() {
+    let agent = render(".");
+    let agent = &find(&agent, "DaemonSet")["spec"]["template"]["spec"];
+    let docs = render("cleanup");
+    assert_eq!(docs.len(), 1, "only the DaemonSet");
+    let ds = &docs[0];
+    assert_eq!(ds["metadata"]["namespace"], "kube-system");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["tolerations"], agent["tolerations"], "on every node the agent runs on");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let c = &pod["containers"][0];
+    let a = &agent["containers"][0];
+    assert_eq!(c["image"], a["image"]);
+    let args: Vec<&str> = c["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
+    let pin = |args: &[&str]| args.iter().find(|x| x.starts_with("--pin-dir=")).map(ToString::to_string);
+    let agent_args: Vec<&str> =
+        a["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
+    assert_eq!(pin(&args), pin(&agent_args), "the agent's pin directory");
+    assert!(args.contains(&"--cleanup") && args.contains(&"--stay"));
+    assert_eq!(c["volumeMounts"], a["volumeMounts"]);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], a["securityContext"]["capabilities"]["drop"]);
 }

@@ -6,9 +6,11 @@
 //! no-new-privileges, its seccomp choice, its volumes (the host's bpffs), its environment, its
 //! command and arguments. The source is a manifest folder (no API server can run here), mounted
 //! read-only. Beside kube-proxy, kube-proxy's ports 10249 and 10256 are taken first. The agent
-//! must become ready on its readiness probe, answer its liveness probe, balance a connection,
-//! stop on SIGTERM leaving the datapath serving, and `--cleanup` in the same image must leave
-//! nothing.
+//! must become ready on its readiness probe, answer its liveness probe, balance a connection, be
+//! read by lbctl in the same image, and stop on SIGTERM leaving the datapath serving. A second
+//! agent (a rolling update's surge) waits for the first and takes over; the cleanup DaemonSet
+//! (deploy/cleanup/), run as it renders, waits for a running agent, then leaves nothing, and
+//! stays until stopped.
 
 mod support;
 
@@ -182,6 +184,19 @@ fn probe(docs: &[Value], which: &str) -> (String, u16) {
     (get["path"].as_str().expect("path").to_string(), port)
 }
 
+/// A container's output.
+fn logs_of(container: &str) -> String {
+    let out = podman(&["logs", container]).output().expect("podman logs");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Stops a container with SIGTERM (as the kubelet does) and checks it exited cleanly.
+fn stop(container: &str, logs_of: &dyn Fn(&str) -> String) {
+    run(&mut podman(&["stop", "--time", "10", container]));
+    let code = run(&mut podman(&["inspect", "--format", "{{.State.ExitCode}}", container]));
+    assert_eq!(code.trim(), "0", "{container}: exit code\n{}", logs_of(container));
+}
+
 #[test]
 fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() {
     let version = Command::new("podman").arg("--version").output();
@@ -232,10 +247,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         let (flags, rest) = args.split_at(args.iter().position(|a| a == "--").expect("--"));
         cmd.args(flags).args(&rest[1..]);
         run(&mut cmd);
-        let logs = || {
-            let out = podman(&["logs", &name]).output().expect("podman logs");
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        };
+        let logs = || logs_of(&name);
 
         let (ready_path, port) = probe(&docs, "readinessProbe");
         let health = SocketAddr::from(([127, 0, 0, 1], port));
@@ -263,26 +275,93 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             eprintln!("{install}: memory {}", String::from_utf8_lossy(&m.stdout).trim());
         }
 
+        // A second agent on the node (a rolling update's surge): it waits while the first holds
+        // the pin directory, then takes over when the first exits; the Service answers all along.
+        let mut running = name.clone();
+        if install == "." {
+            let surge = format!("{name}-surge");
+            made.containers.push(surge.clone());
+            run(podman(&["run", "--detach", "--name", &surge]).args(flags).args(&rest[1..]));
+            let waits = wait_until(Duration::from_secs(30), || {
+                let l = logs_of(&surge);
+                if l.contains("another lb-agent holds this pin directory") {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(l))
+                }
+            });
+            assert!(waits.is_ok(), "the surge agent does not wait: {waits:?}");
+            assert!(!logs_of(&surge).contains("first full sync done"), "the surge agent went on");
+            stop(&name, &logs_of);
+            let took =
+                wait_until(Duration::from_secs(30), || match http_get(&node.netns, health, &ready_path)? {
+                    (200, _) if logs_of(&surge).contains("the other agent is gone") => Ok(()),
+                    (code, _) => Err(std::io::Error::other(format!("{code}"))),
+                });
+            assert!(took.is_ok(), "the surge agent never took over: {took:?}\n{}", logs_of(&surge));
+            let answers = tcp_asks(&client, vip, 5).expect("asks");
+            assert!(
+                answers.iter().all(|a| a.as_deref().ok() == Some("b1")),
+                "after the takeover: {answers:?}"
+            );
+            running = surge;
+        }
+
+        // Uninstall: the cleanup DaemonSet's container, as it renders. In place of kube-proxy it is
+        // started while the agent still runs (its DaemonSet just deleted): it waits for it.
+        let cleanup_docs = rendered("cleanup");
+        let mut cargs = podman_run_args(&cleanup_docs, &node, &[], &[]);
+        assert_eq!(
+            arg_value(&cargs, "--pin-dir"),
+            pin_dir.to_str().expect("utf-8"),
+            "the agent's pin directory"
+        );
+        let slot = cargs.iter().position(String::is_empty).expect("image slot");
+        cargs[slot] = tag.clone();
+        let (cflags, crest) = cargs.split_at(cargs.iter().position(|a| a == "--").expect("--"));
+        let cleanup = format!("{name}-cleanup");
+        made.containers.push(cleanup.clone());
+        let wait_log = |container: &str, what: &str| {
+            wait_until(Duration::from_secs(30), || {
+                let l = logs_of(container);
+                if l.contains(what) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(l))
+                }
+            })
+        };
+        if install != "." {
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(cflags).args(&crest[1..]));
+            let waits = wait_log(&cleanup, "another lb-agent holds this pin directory");
+            assert!(waits.is_ok(), "the cleanup does not wait for the agent: {waits:?}");
+            assert!(
+                pin_dir.join(format!("v{}", lb_common::PIN_LAYOUT_VERSION)).exists(),
+                "cleaned under a running agent"
+            );
+        }
         // SIGTERM: the agent stops; the datapath stays and keeps serving.
-        run(&mut podman(&["stop", "--time", "10", &name]));
-        let code = run(&mut podman(&["inspect", "--format", "{{.State.ExitCode}}", &name]));
-        assert_eq!(code.trim(), "0", "{install}: exit code\n{}", logs());
+        stop(&running, &logs_of);
         let answers = tcp_asks(&client, vip, 5).expect("asks");
         assert!(
             answers.iter().all(|a| a.as_deref().ok() == Some("b1")),
             "{install}: after the stop: {answers:?}"
         );
-
-        // `--cleanup` from the same image, with the same privileges, leaves nothing.
-        let mut cleanup = podman(&["run", "--rm"]);
-        cleanup.args(flags).arg(&tag).arg("--cleanup").arg(format!("--pin-dir={}", pin_dir.display()));
-        run(&mut cleanup);
+        if install == "." {
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(cflags).args(&crest[1..]));
+        }
+        let removed = wait_log(&cleanup, "pinned objects under");
+        assert!(removed.is_ok(), "{install}: the cleanup did not run: {removed:?}");
         assert!(!pin_dir.exists(), "{install}: {} is left", pin_dir.display());
         let net = run(Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", node.netns))
             .args(["bpftool", "-j", "net", "show"]));
         assert!(!net.contains("lb4_"), "{install}: programs still attached: {net}");
         let after = tcp_asks(&client, vip, 1).expect("asks");
-        assert!(after.iter().all(Result::is_err), "{install}: still translated after --cleanup: {after:?}");
+        assert!(after.iter().all(Result::is_err), "{install}: still translated after the cleanup: {after:?}");
+        // It stays (a DaemonSet's pod must) until stopped.
+        let state = run(&mut podman(&["inspect", "--format", "{{.State.Status}}", &cleanup]));
+        assert_eq!(state.trim(), "running", "{install}: the cleanup pod must stay");
+        stop(&cleanup, &logs_of);
     }
 }

@@ -39,6 +39,35 @@ pub(super) fn not_on_bpffs(pin_dir: &Path) -> Option<(PathBuf, i64)> {
     (kind != BPF_FS_MAGIC).then(|| (dir.to_path_buf(), kind))
 }
 
+/// An exclusive hold on `pin_dir` (an flock on the directory, which every container that mounts the
+/// host's bpffs sees): two agents (a rolling update's surge, one started by hand) never write the
+/// same maps at once, and `--cleanup` never removes what a running agent uses. Released when the
+/// process exits, however it exits.
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Takes the hold on `pin_dir` (made if missing); `Ok(None)` while another process has it.
+pub fn try_lock(pin_dir: &Path) -> Result<Option<PinLock>, super::DatapathError> {
+    use std::os::fd::AsRawFd as _;
+    if let Some((dir, kind)) = not_on_bpffs(pin_dir) {
+        return Err(super::DatapathError::NotBpffs { pin_dir: pin_dir.to_path_buf(), dir, kind });
+    }
+    let dir_err = |source| super::DatapathError::PinDir { path: pin_dir.to_path_buf(), source };
+    std::fs::create_dir_all(pin_dir).map_err(dir_err)?;
+    let dir = std::fs::File::open(pin_dir).map_err(dir_err)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(PinLock { _dir: dir }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(dir_err(e))
+    }
+}
+
 /// Other layout versions pinned under `pin_dir`.
 pub(super) fn other_layouts(pin_dir: &Path) -> Vec<String> {
     let ours = format!("v{PIN_LAYOUT_VERSION}");
