@@ -19,6 +19,11 @@ for bin in "$out/usr/local/bin/lb-agent" "$out/usr/local/bin/lbctl"; do
         cp -L "$lib" "$out$lib"
     done
 done
+# Names (the API server's, when given as one) resolve as on the node: /etc/hosts first, then DNS
+# (the runtime mounts both files). glibc's default without this file asks DNS first and does not
+# read /etc/hosts after a "no such name" answer. glibc 2.34 and later have files and dns built in.
+mkdir -p "$out/etc"
+echo 'hosts: files dns' > "$out/etc/nsswitch.conf"
 # The agent writes nothing but pins (bpffs, mounted); /tmp exists for libraries that expect it.
 mkdir -p "$out/tmp"
 chmod 1777 "$out/tmp"

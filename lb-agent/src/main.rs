@@ -50,15 +50,20 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     /// Interfaces to attach to (pods' host-side interfaces), as comma-separated globs.
-    #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',', required_unless_present = "cleanup")]
+    #[arg(
+        long,
+        value_name = "GLOB[,GLOB...]",
+        value_delimiter = ',',
+        required_unless_present_any = ["cleanup", "stay"]
+    )]
     interfaces: Vec<glob::Pattern>,
     /// Remove everything lb installed under --pin-dir (detaches the programs, drops tracked
     /// flows) and exit.
     #[arg(long)]
     cleanup: bool,
-    /// With --cleanup: then stay until stopped (SIGTERM), as a DaemonSet's container must
-    /// (deploy/cleanup/).
-    #[arg(long, requires = "cleanup")]
+    /// Do nothing more (after --cleanup, if given) and stay until stopped (SIGTERM), as a
+    /// DaemonSet's container must (deploy/cleanup/).
+    #[arg(long)]
     stay: bool,
     /// Directory on bpffs where maps are pinned; one per agent.
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
@@ -130,10 +135,10 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     flow_events: bool,
     /// Where /metrics is served (Prometheus).
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
     metrics_bind_address: std::net::SocketAddr,
-    /// Where /healthz and /readyz are served.
-    #[arg(long, default_value = "0.0.0.0:10256")]
+    /// Where /healthz, /livez and /readyz are served.
+    #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: std::net::SocketAddr,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
@@ -222,17 +227,18 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
 
+    // First: in a container the agent is PID 1, which the kernel spares signals it has no
+    // handler for, so a SIGTERM would go unheard until the kubelet's SIGKILL.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // One agent per pin directory: wait for the one that holds it (a rolling update's old pod)
     // to exit. Before the ports are bound, which it holds too.
-    let _lock = hold_pin_dir(&args.pin_dir).await?;
-    if args.cleanup {
-        let n = datapath::cleanup(&args.pin_dir)
-            .with_context(|| format!("removing pins under {}", args.pin_dir.display()))?;
-        info!("removed {n} pinned objects under {}", args.pin_dir.display());
+    if args.cleanup || args.stay {
+        if args.cleanup {
+            cleanup(&args.pin_dir, &mut term, &mut int).await?;
+        }
         if args.stay {
             info!("staying until stopped");
-            let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-            let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
@@ -240,6 +246,11 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let mut lock = tokio::select! {
+        lock = hold_pin_dir(&args.pin_dir) => lock?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
     let explicit_snat = args.snat_ports;
     let mut cfg = Config::from(args);
     let local = datapath::local_port_range().context("reading net.ipv4.ip_local_port_range")?;
@@ -290,15 +301,18 @@ async fn main() -> anyhow::Result<()> {
     let source = Source::start(&cfg.source, tx).await?;
     // Our view is rebuilt from the source before anything is reconciled: entries that are still
     // wanted are adopted, not rewritten.
-    let first = changes.recv().await.context("the source ended before its first change")?;
+    let first = tokio::select! {
+        first = changes.recv() => first.context("the source ended before its first change")?,
+        // Nothing is attached yet: the maps stay pinned for the next start.
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
     agent.apply(first);
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
     attach_matching(&mut dp, &cfg.interfaces);
     let mut links = LinkEvents::new().context("netlink link notifications")?;
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks: u64 = 0;
     loop {
@@ -332,6 +346,12 @@ async fn main() -> anyhow::Result<()> {
                         )
                     })?;
                     attach_matching(&mut dp, &cfg.interfaces);
+                    // The hold was on the directory that went: hold the new one.
+                    match datapath::try_lock(&pin_dir) {
+                        Ok(Some(l)) => lock = l,
+                        Ok(None) => error!(pin_dir = %pin_dir.display(), "another agent took the new pin directory"),
+                        Err(e) => error!(pin_dir = %pin_dir.display(), "holding the new pin directory: {e}"),
+                    }
                     info!("pins restored");
                 }
                 // Netlink wakes the scan on every link change; this is only a backstop.
@@ -345,7 +365,36 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(source);
+    // Held to the end: the next agent may go on once this one is gone.
+    drop(lock);
     info!("stopping; the datapath stays in place (pins under {})", pin_dir.display());
+    Ok(())
+}
+
+/// `--cleanup`: removes what lb pinned under `pin_dir`, once no agent holds it (waiting up to 30 s
+/// for one that is stopping: one that runs on is left alone, with an error). Nothing to do where
+/// `pin_dir` is not on bpffs (nothing can have been pinned there).
+async fn cleanup(
+    pin_dir: &std::path::Path,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    if !datapath::on_bpffs(pin_dir) {
+        info!(pin_dir = %pin_dir.display(), "not on bpffs: nothing lb pinned there");
+        return Ok(());
+    }
+    let _lock = tokio::select! {
+        lock = hold_pin_dir(pin_dir) => lock?,
+        _ = tokio::time::sleep(Duration::from_secs(30)) => anyhow::bail!(
+            "an lb-agent still holds {} (it runs on this node): stop it first (delete lb's DaemonSet), then clean up",
+            pin_dir.display()
+        ),
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
+    let n =
+        datapath::cleanup(pin_dir).with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+    info!("removed {n} pinned objects under {}", pin_dir.display());
     Ok(())
 }
 

@@ -347,8 +347,13 @@ impl Health {
         self.tick();
     }
 
-    /// `Ok` while the loop turns and no change waits too long.
+    /// `Ok` while the loop turns and no change waits too long. Before the first full sync the
+    /// agent waits for its source (a large cluster's first list, an API server not up yet),
+    /// which is no reason to restart it: `Ok` too (`/readyz` tells that it is not ready).
     pub fn healthy(&self) -> Result<(), String> {
+        if !self.ready() {
+            return Ok(());
+        }
         let now = self.now_ms();
         let tick = self.last_tick_ms.load(Ordering::Relaxed);
         if now.saturating_sub(tick) > MAX_STALL.as_millis() as u64 {

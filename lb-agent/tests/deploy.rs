@@ -99,6 +99,17 @@ fn cluster_role_grants_exactly_what_the_watches_need() {
     assert_eq!(binding["subjects"][0]["name"], "lb-agent");
 }
 
+/// The agent's arguments as deploy/base/daemonset.yaml has them.
+fn base_args() -> Vec<String> {
+    let text = std::fs::read_to_string(deploy().join("base/daemonset.yaml")).expect("daemonset.yaml");
+    let ds = Value::deserialize(serde_yaml::Deserializer::from_str(&text)).expect("yaml");
+    strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"])
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence().expect("a list").iter().map(|x| x.as_str().expect("a string").to_string()).collect()
+}
+
 #[test]
 fn daemonset_runs_like_kube_proxy_with_least_privilege() {
     for install in INSTALLS {
@@ -123,55 +134,58 @@ fn daemonset_runs_like_kube_proxy_with_least_privilege() {
             sc["seccompProfile"]["type"], "Unconfined",
             "bpf(2) needs it under the runtimes' defaults"
         );
-        assert_eq!(sc["capabilities"]["drop"], serde_yaml::from_str::<Value>("[ALL]").expect("yaml"));
-        assert_eq!(
-            sc["capabilities"]["add"],
-            serde_yaml::from_str::<Value>("[BPF, NET_ADMIN, PERFMON, SYS_RESOURCE]").expect("yaml")
-        );
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+        assert_eq!(strings(&sc["capabilities"]["add"]), ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
         // Liveness on /livez: /healthz follows the node's eligibility.
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         let env = c["env"].as_sequence().expect("env");
-        assert_eq!(env[0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+        let var = |name: &str| env.iter().find(|e| e["name"] == name);
+        assert_eq!(
+            var("NODE_NAME").expect("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.nodeName"
+        );
+        // The API server's address: from the ConfigMap if there is one (optional: beside
+        // kube-proxy there is none, and the kubelet's variables stand).
+        let mut config_name = None;
         for (name, key) in
             [("KUBERNETES_SERVICE_HOST", "api-server-host"), ("KUBERNETES_SERVICE_PORT", "api-server-port")]
         {
-            let e = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{install}: no {name}"));
-            let r = &e["valueFrom"]["configMapKeyRef"];
-            assert_eq!(
-                (&r["name"], &r["key"]),
-                (&Value::from("lb-agent-config"), &Value::from(key)),
-                "{install}"
-            );
+            let r =
+                &var(name).unwrap_or_else(|| panic!("{install}: no {name}"))["valueFrom"]["configMapKeyRef"];
+            let cm = r["name"].as_str().expect("a ConfigMap").to_string();
+            assert!(cm.starts_with("lb-agent-config"), "{install}: {cm}");
+            assert_eq!((&r["key"], &r["optional"]), (&Value::from(key), &Value::from(true)), "{install}");
+            config_name = Some(cm);
         }
+        let bind = |name: &str| {
+            var(name).and_then(|e| e["value"].as_str()).unwrap_or_else(|| panic!("{install}: no {name}"))
+        };
         assert!(
             c["resources"]["requests"]["cpu"].is_string() && c["resources"]["requests"]["memory"].is_string()
         );
         let mounts = c["volumeMounts"].as_sequence().expect("mounts");
         assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
-        let args: Vec<&str> =
-            c["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
-        let health = c["ports"]
-            .as_sequence()
-            .expect("ports")
+        // The overlay leaves the arguments (--interfaces, as the operator set them) alone.
+        assert_eq!(strings(&c["args"]), base_args(), "{install}");
+        let ports = c["ports"].as_sequence().expect("ports");
+        assert_eq!(ports.len(), 1, "{install}: {ports:?}");
+        assert_eq!(ports[0]["name"], "healthz");
+        let config = docs
             .iter()
-            .find(|p| p["name"] == "healthz")
-            .expect("healthz");
-        let config =
-            docs.iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "lb-agent-config");
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"].as_str() == config_name.as_deref());
         if install == "." {
             // Beside kube-proxy: none of its ports; the API server as the kubelet says (its
             // ClusterIP, which kube-proxy translates).
-            assert!(args.contains(&"--metrics-bind-address=127.0.0.1:9981"), "metrics stay on loopback");
-            assert!(args.contains(&"--healthz-bind-address=0.0.0.0:9980"));
-            assert_eq!(health["containerPort"], 9980);
+            assert_eq!(bind("LB_METRICS_BIND_ADDRESS"), "127.0.0.1:9981", "metrics stay on loopback");
+            assert_eq!(bind("LB_HEALTHZ_BIND_ADDRESS"), "0.0.0.0:9980");
+            assert_eq!(ports[0]["containerPort"], 9980);
             assert!(config.is_none());
         } else {
             // In its place: kube-proxy's ports, and the API server given.
-            assert!(args.contains(&"--metrics-bind-address=127.0.0.1:10249"), "metrics stay on loopback");
-            assert!(args.contains(&"--healthz-bind-address=0.0.0.0:10256"));
-            assert_eq!(health["containerPort"], 10256);
-            assert_eq!(c["ports"].as_sequence().map(Vec::len), Some(1));
+            assert_eq!(bind("LB_METRICS_BIND_ADDRESS"), "127.0.0.1:10249", "metrics stay on loopback");
+            assert_eq!(bind("LB_HEALTHZ_BIND_ADDRESS"), "0.0.0.0:10256");
+            assert_eq!(ports[0]["containerPort"], 10256);
             let data = &config.expect("the API server's address")["data"];
             assert!(data["api-server-host"].is_string() && data["api-server-port"].is_string());
         }
@@ -179,7 +193,8 @@ fn daemonset_runs_like_kube_proxy_with_least_privilege() {
 }
 
 /// The cleanup DaemonSet (uninstalling) runs on every node with the agent's image, pin directory
-/// and bpffs mount, and nothing else: no API access, no service account token.
+/// and bpffs mount: the cleanup in an init container (the pod is Ready only once it is done), then
+/// a container that only stays, with no capability; no API access, no service account token.
 #[test]
 fn cleanup_daemonset_removes_what_the_agent_pinned() {
     let agent = render(".");
@@ -191,15 +206,16 @@ fn cleanup_daemonset_removes_what_the_agent_pinned() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["tolerations"], agent["tolerations"], "on every node the agent runs on");
     assert_eq!(pod["automountServiceAccountToken"], false);
-    let c = &pod["containers"][0];
     let a = &agent["containers"][0];
-    assert_eq!(c["image"], a["image"]);
-    let args: Vec<&str> = c["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
-    let pin = |args: &[&str]| args.iter().find(|x| x.starts_with("--pin-dir=")).map(ToString::to_string);
-    let agent_args: Vec<&str> =
-        a["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
-    assert_eq!(pin(&args), pin(&agent_args), "the agent's pin directory");
-    assert!(args.contains(&"--cleanup") && args.contains(&"--stay"));
-    assert_eq!(c["volumeMounts"], a["volumeMounts"]);
-    assert_eq!(c["securityContext"]["capabilities"]["drop"], a["securityContext"]["capabilities"]["drop"]);
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["image"], a["image"]);
+    let pin = |args: &[String]| args.iter().find(|x| x.starts_with("--pin-dir=")).cloned();
+    let args = strings(&init["args"]);
+    assert_eq!(pin(&args), pin(&strings(&a["args"])), "the agent's pin directory");
+    assert!(args.contains(&"--cleanup".to_string()));
+    assert_eq!(init["volumeMounts"], a["volumeMounts"]);
+    assert_eq!(init["securityContext"]["capabilities"]["drop"], a["securityContext"]["capabilities"]["drop"]);
+    let stays = &pod["containers"][0];
+    assert_eq!(strings(&stays["args"]), ["--stay"]);
+    assert!(stays["securityContext"]["capabilities"]["add"].is_null(), "it needs no capability");
 }

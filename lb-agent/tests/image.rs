@@ -84,10 +84,16 @@ fn rendered(install: &str) -> Vec<Value> {
 
 /// The DaemonSet's container as podman flags (before the image) and its arguments (after), run
 /// in `node`'s network namespace; `extra_mounts` and `extra_args` add the manifest folder.
-fn podman_run_args(docs: &[Value], node: &Node, extra_mounts: &[String], extra_args: &[&str]) -> Vec<String> {
+fn podman_run_args(
+    docs: &[Value],
+    node: &Node,
+    container: (&str, usize),
+    extra_mounts: &[String],
+    extra_args: &[&str],
+) -> Vec<String> {
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
-    let c = &pod["containers"][0];
+    let c = &pod[container.0][container.1];
     let mut flags = Vec::new();
     assert_eq!(pod["hostNetwork"], true, "the test runs it in the node's network namespace");
     flags.push(format!("--network=ns:/run/netns/{}", node.netns));
@@ -184,6 +190,55 @@ fn probe(docs: &[Value], which: &str) -> (String, u16) {
     (get["path"].as_str().expect("path").to_string(), port)
 }
 
+/// Bytes in a size as podman (`176.9MB`, `1.2GB`, `512kB`) or Kubernetes (`192Mi`) writes it.
+fn parse_size(text: &str) -> f64 {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: f64 = n.parse().unwrap_or_else(|_| panic!("a size: {t:?}"));
+    let scale = match unit.trim() {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        other => panic!("unit {other:?} in {t:?}"),
+    };
+    n * scale
+}
+
+fn requested_memory(docs: &[Value]) -> &str {
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"]
+        .as_str()
+        .expect("a request")
+}
+
+/// A self-signed certificate for the fake service account (never used in a handshake here).
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBgTCCASegAwIBAgIUUaX0PD7v8i6Y5fMzdUvS1N9x7uMwCgYIKoZIzj0EAwIw\nFTETMBEGA1UEAwwKbGItdGVzdC1jYTAgFw0yNjEyMDIxMzUxMjFaGA8yMTI2MTEw\nODEzNTEyMVowFTETMBEGA1UEAwwKbGItdGVzdC1jYTBZMBMGByqGSM49AgEGCCqG\nSM49AwEHA0IABOUU8MwTqIBOGj2cVGRn7dXsuuWazwb0qXJ+YwezyL7XgI7sgwrb\nkNDl691WpuqZLeez1alr7fI4rYGzcHWllMejUzBRMB0GA1UdDgQWBBRByTix2OHa\nl7+hEGtKkz9HsJMF1jAfBgNVHSMEGDAWgBRByTix2OHal7+hEGtKkz9HsJMF1jAP\nBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCh7GhdEX4Zr7ITHVvx\najMer+zWS8y2uVOeUNaX1kLxZgIgBHU31b5VFCzpge2K0PPIKERV6ow+nm3tUWDW\nuSYRcnU=\n-----END CERTIFICATE-----\n";
+
+/// `podman run` arguments: the flags of `args` (from [`podman_run_args`]) and `more`, the image,
+/// then the agent's arguments.
+fn podman_run(tag: &str, args: &[String], more: &[String]) -> Vec<String> {
+    let dash = args.iter().position(|a| a == "--").expect("--");
+    let mut out: Vec<String> = args[..dash].to_vec();
+    out.extend(more.iter().cloned());
+    out.push(tag.to_string());
+    out.extend(args[dash + 2..].iter().cloned());
+    out
+}
+
+/// Runs a command; whether it succeeded, and its output.
+fn run_output(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
 /// A container's output.
 fn logs_of(container: &str) -> String {
     let out = podman(&["logs", container]).output().expect("podman logs");
@@ -225,7 +280,8 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
     for install in [".", "replace-kube-proxy"] {
         let docs = rendered(install);
         let mounts = [format!("--volume={}:/etc/lb/manifests:ro", manifests.display())];
-        let mut args = podman_run_args(&docs, &node, &mounts, &["--manifests=/etc/lb/manifests"]);
+        let mut args =
+            podman_run_args(&docs, &node, ("containers", 0), &mounts, &["--manifests=/etc/lb/manifests"]);
         let pin_dir = PathBuf::from(arg_value(&args, "--pin-dir"));
         made.pin_dir = pin_dir.clone();
         let image_at = args.iter().position(String::is_empty).expect("image slot");
@@ -270,10 +326,12 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         // lbctl in the same image reads this node's datapath (as `kubectl exec ds/lb-agent -- lbctl`).
         let services = run(&mut podman(&["exec", &name, "lbctl", "services"]));
         assert!(services.contains("demo/who"), "{install}: lbctl services:\n{services}");
-        let memory = podman(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &name]).output();
-        if let Ok(m) = memory {
-            eprintln!("{install}: memory {}", String::from_utf8_lossy(&m.stdout).trim());
-        }
+        // Below the DaemonSet's memory request (the maps' kernel memory is most of it).
+        let usage = run(&mut podman(&["stats", "--no-stream", "--format", "{{.MemUsage}}", &name]));
+        eprintln!("{install}: memory {}", usage.trim());
+        let used = parse_size(usage.split('/').next().expect("usage"));
+        let request = parse_size(requested_memory(&docs));
+        assert!(used > 0.0 && used < request, "{install}: using {used} bytes, the request is {request}");
 
         // A second agent on the node (a rolling update's surge): it waits while the first holds
         // the pin directory, then takes over when the first exits; the Service answers all along.
@@ -292,6 +350,21 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             });
             assert!(waits.is_ok(), "the surge agent does not wait: {waits:?}");
             assert!(!logs_of(&surge).contains("first full sync done"), "the surge agent went on");
+            // One that waits hears SIGTERM (as PID 1 it hears only signals it handles): it exits
+            // cleanly (code 0), not by the SIGKILL after the grace period (code 137).
+            let waiter = format!("{name}-waiter");
+            made.containers.push(waiter.clone());
+            run(podman(&["run", "--detach", "--name", &waiter]).args(flags).args(&rest[1..]));
+            let waits = wait_until(Duration::from_secs(30), || {
+                let l = logs_of(&waiter);
+                if l.contains("another lb-agent holds this pin directory") {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(l))
+                }
+            });
+            assert!(waits.is_ok(), "the second surge agent does not wait: {waits:?}");
+            stop(&waiter, &logs_of);
             stop(&name, &logs_of);
             let took =
                 wait_until(Duration::from_secs(30), || match http_get(&node.netns, health, &ready_path)? {
@@ -307,22 +380,28 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             running = surge;
         }
 
-        // Uninstall: the cleanup DaemonSet's container, as it renders. In place of kube-proxy it is
-        // started while the agent still runs (its DaemonSet just deleted): it waits for it.
+        // Uninstall: the cleanup DaemonSet's pod, as it renders: its init container cleans up,
+        // then its container stays. In place of kube-proxy the cleanup is started while the agent
+        // still runs (its DaemonSet just deleted): it waits for it.
         let cleanup_docs = rendered("cleanup");
-        let mut cargs = podman_run_args(&cleanup_docs, &node, &[], &[]);
+        let spec = |which: (&str, usize)| {
+            let mut a = podman_run_args(&cleanup_docs, &node, which, &[], &[]);
+            let slot = a.iter().position(String::is_empty).expect("image slot");
+            a[slot] = tag.clone();
+            let dash = a.iter().position(|x| x == "--").expect("--");
+            a.remove(dash);
+            a
+        };
+        let init = spec(("initContainers", 0));
         assert_eq!(
-            arg_value(&cargs, "--pin-dir"),
+            arg_value(&init, "--pin-dir"),
             pin_dir.to_str().expect("utf-8"),
             "the agent's pin directory"
         );
-        let slot = cargs.iter().position(String::is_empty).expect("image slot");
-        cargs[slot] = tag.clone();
-        let (cflags, crest) = cargs.split_at(cargs.iter().position(|a| a == "--").expect("--"));
         let cleanup = format!("{name}-cleanup");
         made.containers.push(cleanup.clone());
         let wait_log = |container: &str, what: &str| {
-            wait_until(Duration::from_secs(30), || {
+            wait_until(Duration::from_secs(45), || {
                 let l = logs_of(container);
                 if l.contains(what) {
                     Ok(())
@@ -332,13 +411,11 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             })
         };
         if install != "." {
-            run(podman(&["run", "--detach", "--name", &cleanup]).args(cflags).args(&crest[1..]));
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(&init));
             let waits = wait_log(&cleanup, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the cleanup does not wait for the agent: {waits:?}");
-            assert!(
-                pin_dir.join(format!("v{}", lb_common::PIN_LAYOUT_VERSION)).exists(),
-                "cleaned under a running agent"
-            );
+            let layout = pin_dir.join(format!("v{}", lb_common::PIN_LAYOUT_VERSION));
+            assert!(layout.exists(), "cleaned under a running agent");
         }
         // SIGTERM: the agent stops; the datapath stays and keeps serving.
         stop(&running, &logs_of);
@@ -348,10 +425,24 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             "{install}: after the stop: {answers:?}"
         );
         if install == "." {
-            run(podman(&["run", "--detach", "--name", &cleanup]).args(cflags).args(&crest[1..]));
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(&init));
         }
         let removed = wait_log(&cleanup, "pinned objects under");
         assert!(removed.is_ok(), "{install}: the cleanup did not run: {removed:?}");
+        let done = wait_until(Duration::from_secs(30), || {
+            let state =
+                run(&mut podman(&["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", &cleanup]));
+            if state.trim() == "exited 0" {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(state))
+            }
+        });
+        assert!(
+            done.is_ok(),
+            "{install}: the init container must end, with success: {done:?}\n{}",
+            logs_of(&cleanup)
+        );
         assert!(!pin_dir.exists(), "{install}: {} is left", pin_dir.display());
         let net = run(Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", node.netns))
@@ -359,9 +450,59 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         assert!(!net.contains("lb4_"), "{install}: programs still attached: {net}");
         let after = tcp_asks(&client, vip, 1).expect("asks");
         assert!(after.iter().all(Result::is_err), "{install}: still translated after the cleanup: {after:?}");
-        // It stays (a DaemonSet's pod must) until stopped.
-        let state = run(&mut podman(&["inspect", "--format", "{{.State.Status}}", &cleanup]));
-        assert_eq!(state.trim(), "running", "{install}: the cleanup pod must stay");
-        stop(&cleanup, &logs_of);
+        // Then the pod's container stays (a DaemonSet's pod must) until stopped.
+        let stays = format!("{name}-cleanup-done");
+        made.containers.push(stays.clone());
+        run(podman(&["run", "--detach", "--name", &stays]).args(spec(("containers", 0))));
+        let _ = wait_log(&stays, "staying until stopped");
+        let state = run(&mut podman(&["inspect", "--format", "{{.State.Status}}", &stays]));
+        assert_eq!(state.trim(), "running", "{install}: the cleanup pod must stay\n{}", logs_of(&stays));
+        stop(&stays, &logs_of);
     }
+
+    // In place of kube-proxy, with no manifest folder: the in-cluster configuration as the
+    // kubelet gives it (the service account's token and CA) and the API server named by the
+    // ConfigMap. Its placeholder stops the agent with an error that says what to set.
+    let mut docs = rendered("replace-kube-proxy");
+    let placeholder = podman_run_args(&docs, &node, ("containers", 0), &[], &[]);
+    let sa = lab.scratch().join("serviceaccount");
+    std::fs::create_dir_all(&sa).expect("serviceaccount");
+    std::fs::write(sa.join("token"), "test-token").expect("token");
+    std::fs::write(sa.join("ca.crt"), TEST_CA).expect("ca.crt");
+    std::fs::write(sa.join("namespace"), "kube-system").expect("namespace");
+    let sa_mount = format!("--volume={}:/var/run/secrets/kubernetes.io/serviceaccount:ro", sa.display());
+    let refused = podman_run(&tag, &placeholder, std::slice::from_ref(&sa_mount));
+    let out = run_output(podman(&["run", "--rm"]).args(&refused));
+    assert!(!out.0, "the placeholder must stop the agent");
+    assert!(out.1.contains("set api-server-host"), "the error says what to set: {}", out.1);
+    // A name the node resolves (here through /etc/hosts, which the runtime writes), at a port
+    // where nothing listens: the agent resolves it and is refused, waits alive (/livez 200) and
+    // not ready (/readyz 503), and a SIGTERM stops it cleanly.
+    for d in docs.iter_mut().filter(|d| d["kind"] == "ConfigMap") {
+        d["data"]["api-server-host"] = Value::from("api.lbtest.invalid");
+        d["data"]["api-server-port"] = Value::from("1");
+    }
+    let args = podman_run_args(&docs, &node, ("containers", 0), &[], &[]);
+    let pin_dir = PathBuf::from(arg_value(&args, "--pin-dir"));
+    made.pin_dir = pin_dir.clone();
+    let name = format!("lbimg{}-incluster", std::process::id());
+    made.containers.push(name.clone());
+    let hosts = "--add-host=api.lbtest.invalid:127.0.0.1".to_string();
+    run(podman(&["run", "--detach", "--name", &name]).args(podman_run(&tag, &args, &[sa_mount, hosts])));
+    let refused = wait_until(Duration::from_secs(30), || {
+        let l = logs_of(&name);
+        if l.contains("Connection refused") {
+            Ok(l)
+        } else {
+            Err(std::io::Error::other(l))
+        }
+    });
+    assert!(refused.is_ok(), "the API server's name did not resolve to a refused connection: {refused:?}");
+    assert!(!refused.expect("checked").contains("dns error"), "a lookup failed");
+    let (_, port) = probe(&docs, "livenessProbe");
+    let at = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(http_get(&node.netns, at, "/livez").map(|r| r.0).ok(), Some(200), "alive while it waits");
+    assert_eq!(http_get(&node.netns, at, "/readyz").map(|r| r.0).ok(), Some(503), "not ready before a sync");
+    stop(&name, &logs_of);
+    run(Command::new(AGENT).arg("--cleanup").arg(format!("--pin-dir={}", pin_dir.display())));
 }

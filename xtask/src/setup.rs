@@ -36,7 +36,7 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn step(name: &str, f: impl FnOnce() -> anyhow::Result<&'static str>) -> anyhow::Result<()> {
+pub fn step(name: &str, f: impl FnOnce() -> anyhow::Result<&'static str>) -> anyhow::Result<()> {
     match f() {
         Ok(what) => {
             println!("setup: {name}: {what}");
@@ -190,9 +190,10 @@ fn containers_conf() -> anyhow::Result<&'static str> {
     Ok("written")
 }
 
-/// `kubectl kustomize` renders the deploy/ installs in the tests. The machines lb is developed on
-/// have it; no registry these reach offers it, so it is checked, not installed.
-fn kubectl() -> anyhow::Result<&'static str> {
+/// `kubectl kustomize` renders the deploy/ installs in the tests (`cargo xtask test` checks it).
+/// The machines lb is developed on have it; no registry these reach offers it, so it is checked,
+/// not installed.
+pub fn kubectl() -> anyhow::Result<&'static str> {
     anyhow::ensure!(
         output("kubectl", &["version", "--client"]).is_some(),
         "kubectl not found: the deploy tests render the kustomizations with `kubectl kustomize`; \
@@ -219,7 +220,6 @@ pub fn run() -> anyhow::Result<()> {
     step("bpf-linker", bpf_linker)?;
     step("bpffs", bpffs)?;
     step("podman settings", containers_conf)?;
-    step("kubectl", kubectl)?;
     step("kubernetes-validate", kubernetes_validate)?;
     step("cargo-deny", cargo_deny)?;
     Ok(())

@@ -33,6 +33,7 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         return fresh(o);
     }
     setup::run()?;
+    setup::step("kubectl", setup::kubectl)?;
     anyhow::ensure!(
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() } == 0,

@@ -32,7 +32,7 @@ pub use self::{
     maglev_slots::MaglevSlots,
     maps::Maps,
     netlink::interfaces,
-    pins::{cleanup, layout_dir, try_lock, PinLock},
+    pins::{cleanup, layout_dir, on_bpffs, try_lock, PinLock},
 };
 
 /// The datapath object, built by `build.rs` from `lb-ebpf`.

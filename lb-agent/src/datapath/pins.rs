@@ -57,15 +57,24 @@ pub fn try_lock(pin_dir: &Path) -> Result<Option<PinLock>, super::DatapathError>
     std::fs::create_dir_all(pin_dir).map_err(dir_err)?;
     let dir = std::fs::File::open(pin_dir).map_err(dir_err)?;
     // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(PinLock { _dir: dir }));
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(dir_err(e)) };
     }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(None)
-    } else {
-        Err(dir_err(e))
+    // The hold counts only on the directory that is at the path now: one removed (by --cleanup,
+    // or by hand) after it was opened is not what the next agent will find.
+    use std::os::unix::fs::MetadataExt as _;
+    let held = dir.metadata().map_err(dir_err)?;
+    let now = std::fs::metadata(pin_dir).ok();
+    if held.nlink() == 0 || now.is_none_or(|m| (m.dev(), m.ino()) != (held.dev(), held.ino())) {
+        return Ok(None);
     }
+    Ok(Some(PinLock { _dir: dir }))
+}
+
+/// Whether `pin_dir` is (or would be made) on bpffs.
+pub fn on_bpffs(pin_dir: &Path) -> bool {
+    not_on_bpffs(pin_dir).is_none()
 }
 
 /// Other layout versions pinned under `pin_dir`.

@@ -37,7 +37,18 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, SourceError> {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(&e))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.map_err(|e| err(&e))?
         }
-        None => kube::Config::infer().await.map_err(|e| SourceError::NoConfig(e.to_string()))?,
+        None => {
+            // deploy/replace-kube-proxy ships a placeholder for the API server's address.
+            if let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") {
+                if host.starts_with("REPLACE-WITH") {
+                    return Err(SourceError::NoConfig(format!(
+                        "KUBERNETES_SERVICE_HOST is {host:?}: set api-server-host (and api-server-port) in \
+                         deploy/replace-kube-proxy/kustomization.yaml to your API server's address"
+                    )));
+                }
+            }
+            kube::Config::infer().await.map_err(|e| SourceError::NoConfig(e.to_string()))?
+        }
     };
     Client::try_from(config).map_err(|e| SourceError::Client(e.to_string()))
 }
@@ -233,7 +244,21 @@ async fn follow<K>(
             Ok(Event::InitApply(o)) => {
                 relist.insert(id(&o), key_of(&o));
             }
-            Err(e) => warn!(kind, "watch: {e}; retrying with backoff, keeping the last good view"),
+            Err(e) => {
+                // With its causes: "client error (Connect)" alone does not say whether the name did
+                // not resolve, the connection was refused, or the certificate did not match.
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    let more = c.to_string();
+                    if !text.contains(&more) {
+                        text.push_str(": ");
+                        text.push_str(&more);
+                    }
+                    cause = c.source();
+                }
+                warn!(kind, "watch: {text}; retrying with backoff, keeping the last good view");
+            }
         }
     }
 }
