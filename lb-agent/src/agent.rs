@@ -380,6 +380,18 @@ mod tests {
         assert_eq!(programmed(&a).map(|p| p.0), Some(3));
     }
 
+    /// What the source reports when zz's object cannot be read.
+    fn unreadable_zz() -> crate::source::ManifestError {
+        crate::source::ManifestError::Object {
+            path: "zz.yaml".into(),
+            kind: "Service".into(),
+            object: "default/zz".into(),
+            field: "spec.ports".into(),
+            reason: "not a list".into(),
+            service: Some("default/zz".into()),
+        }
+    }
+
     #[test]
     fn a_service_the_source_cannot_read_keeps_its_address() {
         let mut a = agent();
@@ -388,14 +400,7 @@ mod tests {
         // zz's object turns unreadable (the source reports it, naming zz) while aa asks for
         // its address: zz keeps it, aa is refused.
         let mut o = objects(&service("aa", 3));
-        o.errors.push(crate::source::ManifestError::Object {
-            path: "zz.yaml".into(),
-            kind: "Service".into(),
-            object: "default/zz".into(),
-            field: "spec.ports".into(),
-            reason: "not a list".into(),
-            service: Some("default/zz".into()),
-        });
+        o.errors.push(unreadable_zz());
         let report = a.apply(Change::all(o));
         assert_eq!(report.errors.len(), 2, "zz's object and aa's refusal: {:?}", report.errors);
         assert_eq!(programmed(&a), Some((4, id)));
@@ -435,14 +440,7 @@ mod tests {
                 "service" => objects(&bad_service),
                 _ => {
                     let mut o = Objects::default();
-                    o.errors.push(crate::source::ManifestError::Object {
-                        path: "zz.yaml".into(),
-                        kind: "Service".into(),
-                        object: "default/zz".into(),
-                        field: "spec.ports".into(),
-                        reason: "not a list".into(),
-                        service: Some("default/zz".into()),
-                    });
+                    o.errors.push(unreadable_zz());
                     o
                 }
             };

@@ -239,6 +239,18 @@ fn run_output(cmd: &mut Command) -> (bool, String) {
     )
 }
 
+/// Waits until `container`'s output contains `what`; returns the output.
+fn wait_log(container: &str, what: &str) -> std::io::Result<String> {
+    wait_until(Duration::from_secs(45), || {
+        let l = logs_of(container);
+        if l.contains(what) {
+            Ok(l)
+        } else {
+            Err(std::io::Error::other(l))
+        }
+    })
+}
+
 /// A container's output.
 fn logs_of(container: &str) -> String {
     let out = podman(&["logs", container]).output().expect("podman logs");
@@ -340,14 +352,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             let surge = format!("{name}-surge");
             made.containers.push(surge.clone());
             run(podman(&["run", "--detach", "--name", &surge]).args(flags).args(&rest[1..]));
-            let waits = wait_until(Duration::from_secs(30), || {
-                let l = logs_of(&surge);
-                if l.contains("another lb-agent holds this pin directory") {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(l))
-                }
-            });
+            let waits = wait_log(&surge, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the surge agent does not wait: {waits:?}");
             assert!(!logs_of(&surge).contains("first full sync done"), "the surge agent went on");
             // One that waits hears SIGTERM (as PID 1 it hears only signals it handles): it exits
@@ -355,14 +360,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             let waiter = format!("{name}-waiter");
             made.containers.push(waiter.clone());
             run(podman(&["run", "--detach", "--name", &waiter]).args(flags).args(&rest[1..]));
-            let waits = wait_until(Duration::from_secs(30), || {
-                let l = logs_of(&waiter);
-                if l.contains("another lb-agent holds this pin directory") {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(l))
-                }
-            });
+            let waits = wait_log(&waiter, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the second surge agent does not wait: {waits:?}");
             stop(&waiter, &logs_of);
             stop(&name, &logs_of);
@@ -400,16 +398,6 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         );
         let cleanup = format!("{name}-cleanup");
         made.containers.push(cleanup.clone());
-        let wait_log = |container: &str, what: &str| {
-            wait_until(Duration::from_secs(45), || {
-                let l = logs_of(container);
-                if l.contains(what) {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(l))
-                }
-            })
-        };
         if install != "." {
             run(podman(&["run", "--detach", "--name", &cleanup]).args(&init));
             let waits = wait_log(&cleanup, "another lb-agent holds this pin directory");
@@ -489,14 +477,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
     made.containers.push(name.clone());
     let hosts = "--add-host=api.lbtest.invalid:127.0.0.1".to_string();
     run(podman(&["run", "--detach", "--name", &name]).args(podman_run(&tag, &args, &[sa_mount, hosts])));
-    let refused = wait_until(Duration::from_secs(30), || {
-        let l = logs_of(&name);
-        if l.contains("Connection refused") {
-            Ok(l)
-        } else {
-            Err(std::io::Error::other(l))
-        }
-    });
+    let refused = wait_log(&name, "Connection refused");
     assert!(refused.is_ok(), "the API server's name did not resolve to a refused connection: {refused:?}");
     assert!(!refused.expect("checked").contains("dns error"), "a lookup failed");
     let (_, port) = probe(&docs, "livenessProbe");
