@@ -229,27 +229,22 @@ async fn main() -> anyhow::Result<()> {
 
     // First: in a container the agent is PID 1, which the kernel spares signals it has no
     // handler for, so a SIGTERM would go unheard until the kubelet's SIGKILL.
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    // One agent per pin directory: wait for the one that holds it (a rolling update's old pod)
-    // to exit. Before the ports are bound, which it holds too.
+    let mut stop = Stop::new()?;
     if args.cleanup || args.stay {
         if args.cleanup {
-            cleanup(&args.pin_dir, &mut term, &mut int).await?;
+            cleanup(&args.pin_dir, &mut stop).await?;
         }
         if args.stay {
             info!("staying until stopped");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+            stop.wait().await;
         }
         return Ok(());
     }
+    // One agent per pin directory: wait for the one that holds it (a rolling update's old pod)
+    // to exit. Before the ports are bound, which it holds too.
     let mut lock = tokio::select! {
         lock = hold_pin_dir(&args.pin_dir) => lock?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        () = stop.wait() => return Ok(()),
     };
     let explicit_snat = args.snat_ports;
     let mut cfg = Config::from(args);
@@ -304,8 +299,7 @@ async fn main() -> anyhow::Result<()> {
     let first = tokio::select! {
         first = changes.recv() => first.context("the source ended before its first change")?,
         // Nothing is attached yet: the maps stay pinned for the next start.
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        () = stop.wait() => return Ok(()),
     };
     agent.apply(first);
     info!(source = source.describe(), "first full sync done");
@@ -317,8 +311,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            () = stop.wait() => break,
             Some(change) = changes.recv() => {
                 agent.health.change_seen();
                 agent.apply(change);
@@ -371,14 +364,33 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGTERM (the kubelet, podman) and SIGINT (a terminal): the agent stops.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        })
+    }
+
+    /// Until either arrives.
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
 /// `--cleanup`: removes what lb pinned under `pin_dir`, once no agent holds it (waiting up to 30 s
 /// for one that is stopping: one that runs on is left alone, with an error). Nothing to do where
 /// `pin_dir` is not on bpffs (nothing can have been pinned there).
-async fn cleanup(
-    pin_dir: &std::path::Path,
-    term: &mut tokio::signal::unix::Signal,
-    int: &mut tokio::signal::unix::Signal,
-) -> anyhow::Result<()> {
+async fn cleanup(pin_dir: &std::path::Path, stop: &mut Stop) -> anyhow::Result<()> {
     if !datapath::on_bpffs(pin_dir) {
         info!(pin_dir = %pin_dir.display(), "not on bpffs: nothing lb pinned there");
         return Ok(());
@@ -389,8 +401,7 @@ async fn cleanup(
             "an lb-agent still holds {} (it runs on this node): stop it first (delete lb's DaemonSet), then clean up",
             pin_dir.display()
         ),
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+        () = stop.wait() => return Ok(()),
     };
     let n =
         datapath::cleanup(pin_dir).with_context(|| format!("removing pins under {}", pin_dir.display()))?;

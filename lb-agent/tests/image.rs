@@ -82,15 +82,40 @@ fn rendered(install: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("yaml")).collect()
 }
 
-/// The DaemonSet's container as podman flags (before the image) and its arguments (after), run
-/// in `node`'s network namespace; `extra_mounts` and `extra_args` add the manifest folder.
-fn podman_run_args(
+/// A container of a rendered DaemonSet as `podman run` takes it: flags before the image, the
+/// agent's arguments after it.
+struct Spec {
+    flags: Vec<String>,
+    args: Vec<String>,
+}
+
+impl Spec {
+    /// `podman run` arguments for it from image `tag`, with `more` flags.
+    fn command(&self, tag: &str, more: &[String]) -> Vec<String> {
+        let mut out = self.flags.clone();
+        out.extend(more.iter().cloned());
+        out.push(tag.to_string());
+        out.extend(self.args.iter().cloned());
+        out
+    }
+
+    fn arg(&self, flag: &str) -> &str {
+        self.args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+            .unwrap_or_else(|| panic!("no {flag}"))
+    }
+}
+
+/// The DaemonSet's container `container` (`("containers", 0)`, ...), run in `node`'s network
+/// namespace; `extra_mounts` and `extra_args` add the manifest folder.
+fn podman_spec(
     docs: &[Value],
     node: &Node,
     container: (&str, usize),
     extra_mounts: &[String],
     extra_args: &[&str],
-) -> Vec<String> {
+) -> Spec {
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     let c = &pod[container.0][container.1];
@@ -160,15 +185,7 @@ fn podman_run_args(
         })
         .collect();
     args.extend(extra_args.iter().map(ToString::to_string));
-    flags.push("--".into());
-    let mut all = flags;
-    all.push(String::new()); // the image goes here
-    all.extend(args);
-    all
-}
-
-fn arg_value<'a>(args: &'a [String], flag: &str) -> &'a str {
-    args.iter().find_map(|a| a.strip_prefix(&format!("{flag}="))).unwrap_or_else(|| panic!("no {flag}"))
+    Spec { flags, args }
 }
 
 /// The port a probe of the rendered container asks, resolved through the named container port.
@@ -218,17 +235,6 @@ fn requested_memory(docs: &[Value]) -> &str {
 
 /// A self-signed certificate for the fake service account (never used in a handshake here).
 const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBgTCCASegAwIBAgIUUaX0PD7v8i6Y5fMzdUvS1N9x7uMwCgYIKoZIzj0EAwIw\nFTETMBEGA1UEAwwKbGItdGVzdC1jYTAgFw0yNjEyMDIxMzUxMjFaGA8yMTI2MTEw\nODEzNTEyMVowFTETMBEGA1UEAwwKbGItdGVzdC1jYTBZMBMGByqGSM49AgEGCCqG\nSM49AwEHA0IABOUU8MwTqIBOGj2cVGRn7dXsuuWazwb0qXJ+YwezyL7XgI7sgwrb\nkNDl691WpuqZLeez1alr7fI4rYGzcHWllMejUzBRMB0GA1UdDgQWBBRByTix2OHa\nl7+hEGtKkz9HsJMF1jAfBgNVHSMEGDAWgBRByTix2OHal7+hEGtKkz9HsJMF1jAP\nBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIQCh7GhdEX4Zr7ITHVvx\najMer+zWS8y2uVOeUNaX1kLxZgIgBHU31b5VFCzpge2K0PPIKERV6ow+nm3tUWDW\nuSYRcnU=\n-----END CERTIFICATE-----\n";
-
-/// `podman run` arguments: the flags of `args` (from [`podman_run_args`]) and `more`, the image,
-/// then the agent's arguments.
-fn podman_run(tag: &str, args: &[String], more: &[String]) -> Vec<String> {
-    let dash = args.iter().position(|a| a == "--").expect("--");
-    let mut out: Vec<String> = args[..dash].to_vec();
-    out.extend(more.iter().cloned());
-    out.push(tag.to_string());
-    out.extend(args[dash + 2..].iter().cloned());
-    out
-}
 
 /// Runs a command; whether it succeeded, and its output.
 fn run_output(cmd: &mut Command) -> (bool, String) {
@@ -292,12 +298,10 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
     for install in [".", "replace-kube-proxy"] {
         let docs = rendered(install);
         let mounts = [format!("--volume={}:/etc/lb/manifests:ro", manifests.display())];
-        let mut args =
-            podman_run_args(&docs, &node, ("containers", 0), &mounts, &["--manifests=/etc/lb/manifests"]);
-        let pin_dir = PathBuf::from(arg_value(&args, "--pin-dir"));
+        let agent = podman_spec(&docs, &node, ("containers", 0), &mounts, &["--manifests=/etc/lb/manifests"]);
+        let pin_dir = PathBuf::from(agent.arg("--pin-dir"));
         made.pin_dir = pin_dir.clone();
-        let image_at = args.iter().position(String::is_empty).expect("image slot");
-        args[image_at] = tag.clone();
+        let agent = agent.command(&tag, &[]);
         // Beside kube-proxy, its ports are taken (10249 on loopback, 10256 on every address).
         let _kube_proxy = (install == ".").then(|| {
             in_netns(&node.netns, || {
@@ -311,10 +315,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         let name = format!("lbimg{}-{}", std::process::id(), if install == "." { "base" } else { "replace" });
         made.containers.push(name.clone());
         let started = Instant::now();
-        let mut cmd = podman(&["run", "--detach", "--name", &name]);
-        let (flags, rest) = args.split_at(args.iter().position(|a| a == "--").expect("--"));
-        cmd.args(flags).args(&rest[1..]);
-        run(&mut cmd);
+        run(podman(&["run", "--detach", "--name", &name]).args(&agent));
         let logs = || logs_of(&name);
 
         let (ready_path, port) = probe(&docs, "readinessProbe");
@@ -351,7 +352,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         if install == "." {
             let surge = format!("{name}-surge");
             made.containers.push(surge.clone());
-            run(podman(&["run", "--detach", "--name", &surge]).args(flags).args(&rest[1..]));
+            run(podman(&["run", "--detach", "--name", &surge]).args(&agent));
             let waits = wait_log(&surge, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the surge agent does not wait: {waits:?}");
             assert!(!logs_of(&surge).contains("first full sync done"), "the surge agent went on");
@@ -359,7 +360,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             // cleanly (code 0), not by the SIGKILL after the grace period (code 137).
             let waiter = format!("{name}-waiter");
             made.containers.push(waiter.clone());
-            run(podman(&["run", "--detach", "--name", &waiter]).args(flags).args(&rest[1..]));
+            run(podman(&["run", "--detach", "--name", &waiter]).args(&agent));
             let waits = wait_log(&waiter, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the second surge agent does not wait: {waits:?}");
             stop(&waiter, &logs_of);
@@ -382,24 +383,13 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         // then its container stays. In place of kube-proxy the cleanup is started while the agent
         // still runs (its DaemonSet just deleted): it waits for it.
         let cleanup_docs = rendered("cleanup");
-        let spec = |which: (&str, usize)| {
-            let mut a = podman_run_args(&cleanup_docs, &node, which, &[], &[]);
-            let slot = a.iter().position(String::is_empty).expect("image slot");
-            a[slot] = tag.clone();
-            let dash = a.iter().position(|x| x == "--").expect("--");
-            a.remove(dash);
-            a
-        };
+        let spec = |which: (&str, usize)| podman_spec(&cleanup_docs, &node, which, &[], &[]);
         let init = spec(("initContainers", 0));
-        assert_eq!(
-            arg_value(&init, "--pin-dir"),
-            pin_dir.to_str().expect("utf-8"),
-            "the agent's pin directory"
-        );
+        assert_eq!(init.arg("--pin-dir"), pin_dir.to_str().expect("utf-8"), "the agent's pin directory");
         let cleanup = format!("{name}-cleanup");
         made.containers.push(cleanup.clone());
         if install != "." {
-            run(podman(&["run", "--detach", "--name", &cleanup]).args(&init));
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(init.command(&tag, &[])));
             let waits = wait_log(&cleanup, "another lb-agent holds this pin directory");
             assert!(waits.is_ok(), "the cleanup does not wait for the agent: {waits:?}");
             let layout = pin_dir.join(format!("v{}", lb_common::PIN_LAYOUT_VERSION));
@@ -413,7 +403,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             "{install}: after the stop: {answers:?}"
         );
         if install == "." {
-            run(podman(&["run", "--detach", "--name", &cleanup]).args(&init));
+            run(podman(&["run", "--detach", "--name", &cleanup]).args(init.command(&tag, &[])));
         }
         let removed = wait_log(&cleanup, "pinned objects under");
         assert!(removed.is_ok(), "{install}: the cleanup did not run: {removed:?}");
@@ -441,7 +431,7 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         // Then the pod's container stays (a DaemonSet's pod must) until stopped.
         let stays = format!("{name}-cleanup-done");
         made.containers.push(stays.clone());
-        run(podman(&["run", "--detach", "--name", &stays]).args(spec(("containers", 0))));
+        run(podman(&["run", "--detach", "--name", &stays]).args(spec(("containers", 0)).command(&tag, &[])));
         let _ = wait_log(&stays, "staying until stopped");
         let state = run(&mut podman(&["inspect", "--format", "{{.State.Status}}", &stays]));
         assert_eq!(state.trim(), "running", "{install}: the cleanup pod must stay\n{}", logs_of(&stays));
@@ -452,14 +442,14 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
     // kubelet gives it (the service account's token and CA) and the API server named by the
     // ConfigMap. Its placeholder stops the agent with an error that says what to set.
     let mut docs = rendered("replace-kube-proxy");
-    let placeholder = podman_run_args(&docs, &node, ("containers", 0), &[], &[]);
+    let placeholder = podman_spec(&docs, &node, ("containers", 0), &[], &[]);
     let sa = lab.scratch().join("serviceaccount");
     std::fs::create_dir_all(&sa).expect("serviceaccount");
     std::fs::write(sa.join("token"), "test-token").expect("token");
     std::fs::write(sa.join("ca.crt"), TEST_CA).expect("ca.crt");
     std::fs::write(sa.join("namespace"), "kube-system").expect("namespace");
     let sa_mount = format!("--volume={}:/var/run/secrets/kubernetes.io/serviceaccount:ro", sa.display());
-    let refused = podman_run(&tag, &placeholder, std::slice::from_ref(&sa_mount));
+    let refused = placeholder.command(&tag, std::slice::from_ref(&sa_mount));
     let out = run_output(podman(&["run", "--rm"]).args(&refused));
     assert!(!out.0, "the placeholder must stop the agent");
     assert!(out.1.contains("set api-server-host"), "the error says what to set: {}", out.1);
@@ -470,13 +460,13 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         d["data"]["api-server-host"] = Value::from("api.lbtest.invalid");
         d["data"]["api-server-port"] = Value::from("1");
     }
-    let args = podman_run_args(&docs, &node, ("containers", 0), &[], &[]);
-    let pin_dir = PathBuf::from(arg_value(&args, "--pin-dir"));
+    let agent = podman_spec(&docs, &node, ("containers", 0), &[], &[]);
+    let pin_dir = PathBuf::from(agent.arg("--pin-dir"));
     made.pin_dir = pin_dir.clone();
     let name = format!("lbimg{}-incluster", std::process::id());
     made.containers.push(name.clone());
     let hosts = "--add-host=api.lbtest.invalid:127.0.0.1".to_string();
-    run(podman(&["run", "--detach", "--name", &name]).args(podman_run(&tag, &args, &[sa_mount, hosts])));
+    run(podman(&["run", "--detach", "--name", &name]).args(agent.command(&tag, &[sa_mount, hosts])));
     let refused = wait_log(&name, "Connection refused");
     assert!(refused.is_ok(), "the API server's name did not resolve to a refused connection: {refused:?}");
     assert!(!refused.expect("checked").contains("dns error"), "a lookup failed");

@@ -682,9 +682,10 @@ impl Reconciler {
             Some(region)
         };
         let existing = self.frontends.get(addr).map(|p| p.id);
-        // The backends its published table names (active rows; also after a restore, when the
-        // frontend it was built from is not known): affinity to those that leave is forgotten.
-        let was_active: Vec<BackendAddr> = existing
+        // With ClientIP affinity: the backends its published table names that leave it (active
+        // rows; also after a restore, when the frontend it was built from is not known).
+        let leaving: Vec<BackendAddr> = existing
+            .filter(|_| fe.affinity_timeout_secs > 0)
             .and_then(|id| self.members.get(&id))
             .into_iter()
             .flatten()
@@ -755,21 +756,13 @@ impl Reconciler {
         self.pending.insert(*addr);
         // Clients pinned by affinity to a backend that left this frontend pick again (the
         // datapath honours affinity only to active members meanwhile). Recorded now, so that a
-        // failure below leaves it for `retry`.
-        // Never a backend of the table just published (one that left, failed to be forgotten,
-        // and came back).
-        if let Some(f) = self.forget.get_mut(&id) {
-            f.retain(|b| !ids.contains(b));
-            if f.is_empty() {
-                self.forget.remove(&id);
-            }
-        }
-        if fe.affinity_timeout_secs > 0 {
-            let left = was_active.iter().filter_map(|b| self.backends.get(b).map(|(id, _)| *id));
-            let left: BTreeSet<u32> = left.collect();
-            if !left.is_empty() {
-                self.forget.entry(id).or_default().extend(left);
-            }
+        // failure below leaves it for `retry`; never for a backend of the table just published
+        // (one that left, failed to be forgotten, and came back).
+        let forget = self.forget.entry(id).or_default();
+        forget.retain(|b| !ids.contains(b));
+        forget.extend(leaving.iter().filter_map(|b| self.backends.get(b).map(|(bid, _)| *bid)));
+        if forget.is_empty() {
+            self.forget.remove(&id);
         }
         // What the published table was built from, once it is published: a restart adopts a
         // table only if this says it was built from the same inputs.
@@ -779,14 +772,16 @@ impl Reconciler {
             .and_then(|()| self.settle_departures(id, &rows, departures, w))
             .map_err(|e| write_err(object(), "member", e))?;
         self.pending.remove(addr);
-        if let Some(left) = self.forget.remove(&id) {
-            let ids: Vec<u32> = left.iter().copied().collect();
-            if let Err(e) = w.remove_affinity(id, &ids) {
-                self.forget.insert(id, left);
-                return Err(write_err(object(), "affinity entries", e));
-            }
-        }
-        Ok(())
+        self.forget_affinity(id, w).map_err(|e| write_err(object(), "affinity entries", e))
+    }
+
+    /// Forgets the affinity recorded in `forget` for frontend `id`; kept there if that fails.
+    fn forget_affinity<W: MapWriter>(&mut self, id: u32, w: &mut W) -> Result<(), W::Error> {
+        let Some(left) = self.forget.remove(&id) else { return Ok(()) };
+        let ids: Vec<u32> = left.iter().copied().collect();
+        w.remove_affinity(id, &ids).inspect_err(|_| {
+            self.forget.insert(id, left);
+        })
     }
 
     /// Splits `rows` of frontend `id` into those that may be written before its new table is
@@ -841,19 +836,14 @@ impl Reconciler {
             self.deferred.entry(a).or_insert(f);
         }
         // Affinity of a frontend id no longer live is the sweep's to remove (its id is stale).
-        let live: HashSet<u32> = if self.forget.is_empty() {
-            HashSet::new()
-        } else {
-            self.frontends.values().map(|p| p.id).collect()
-        };
-        for (id, left) in std::mem::take(&mut self.forget) {
-            if !live.contains(&id) {
-                continue;
-            }
-            let ids: Vec<u32> = left.iter().copied().collect();
-            if let Err(e) = w.remove_affinity(id, &ids) {
+        if !self.forget.is_empty() {
+            let live: HashSet<u32> = self.frontends.values().map(|p| p.id).collect();
+            self.forget.retain(|id, _| live.contains(id));
+        }
+        let ids: Vec<u32> = self.forget.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.forget_affinity(id, w) {
                 errors.push(write_err(format!("frontend {id}"), "affinity entries", e));
-                self.forget.insert(id, left);
             }
         }
         (stats, errors)
