@@ -271,6 +271,9 @@ async fn main() -> anyhow::Result<()> {
     let listeners = metrics::Listeners::bind(cfg.metrics_addr, cfg.healthz_addr)?;
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
+    // Another version's layout (a rolling update, or a rollback) keeps serving until our programs
+    // take over its links; what of its state we can read comes first.
+    let carried = take_over_state(&mut dp, &mut maps)?;
     let caps = cfg.datapath.caps;
     let restored = Restored {
         services: maps.read_services()?,
@@ -287,6 +290,9 @@ async fn main() -> anyhow::Result<()> {
         d.ct_timeout_udp_secs,
     );
     let mut agent = Agent::new(maps, reconciler, cfg.model).with_sweep(Sweeper::new(timeouts, SWEEP_BATCH));
+    if let Some((from, state)) = carried {
+        agent.metrics.layout_takeover(&from, state);
+    }
     let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
     let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
     metrics::serve(listeners, registry, agent.health.clone()).context("serving metrics and health")?;
@@ -304,7 +310,19 @@ async fn main() -> anyhow::Result<()> {
     agent.apply(first);
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
+    // The links of a layout whose state was carried move to our programs with its latest flows.
+    match dp.take_over_carried(&matching(&cfg.interfaces), &mut agent.maps) {
+        Some((Ok(c), held)) => info!(
+            flows = c.flows,
+            failed = c.failed,
+            held_packets = held,
+            "the links of the layout taken over hold our programs; its latest flows are copied"
+        ),
+        Some((Err(e), _)) => warn!("copying the latest flows of the layout taken over: {e}"),
+        None => {}
+    }
     attach_matching(&mut dp, &cfg.interfaces);
+    finish_take_over(&mut dp, &mut agent);
     let mut links = LinkEvents::new().context("netlink link notifications")?;
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -351,6 +369,7 @@ async fn main() -> anyhow::Result<()> {
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
                     attach_matching(&mut dp, &cfg.interfaces);
+                    finish_take_over(&mut dp, &mut agent);
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
@@ -428,6 +447,95 @@ async fn hold_pin_dir(pin_dir: &std::path::Path) -> anyhow::Result<datapath::Pin
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Carries the state of another layout version into ours, where this agent can read it (see
+/// `datapath::migrate`), and says what it does about each other layout: the layout and how it
+/// was taken over, for the metric. An error stops the agent with the other layout still serving.
+fn take_over_state(
+    dp: &mut Datapath,
+    maps: &mut datapath::Maps,
+) -> anyhow::Result<Option<(String, &'static str)>> {
+    use datapath::migrate::Outcome;
+    let others: Vec<String> = dp.other_layouts().iter().map(|l| l.name()).collect();
+    let ours = format!("v{}", lb_common::PIN_LAYOUT_VERSION);
+    let lost = "the maps are filled from the source and established flows are picked up on the same \
+                Maglev tables (session affinity, flows given another source port, and replies in flight \
+                at the swap are lost)";
+    let outcome = dp.carry_state(maps).with_context(|| {
+        format!("carrying the state of pin layout {others:?} into {ours}; it keeps serving")
+    })?;
+    Ok(match outcome {
+        Outcome::NoOther => None,
+        Outcome::Carried(from, c) => {
+            info!(
+                from = from.name(),
+                services = c.services,
+                backends = c.backends,
+                flows = c.flows,
+                affinity = c.affinity,
+                failed = c.failed,
+                "taking over from pin layout {} (this agent uses {ours}): its state is carried over; \
+                 its programs serve until ours replace them in its links",
+                from.name()
+            );
+            Some((from.name(), "carried"))
+        }
+        Outcome::TooSmall(from, small) => {
+            warn!(
+                "taking over from pin layout {} (this agent uses {ours}): its {} holds {} entries, ours {} \
+                 (lowered with the update): its state is not carried; {lost}",
+                from.name(),
+                small.map,
+                small.theirs,
+                small.ours
+            );
+            Some((from.name(), "rebuilt"))
+        }
+        Outcome::Unreadable => {
+            warn!(
+                "taking over from pin layout {others:?} (this agent uses {ours}): this agent cannot read its \
+                 state (a map format it does not know: a rollback across a format change, or a layout too old); {lost}"
+            );
+            Some((others[0].clone(), "rebuilt"))
+        }
+        Outcome::OursRan => {
+            warn!(
+                "pin layout {others:?} beside ours ({ours}), whose programs ran after it: ours is kept, and \
+                 its links are taken over"
+            );
+            Some((others[0].clone(), "ours_kept"))
+        }
+    })
+}
+
+/// Once the interfaces are attached: the flows other layouts' programs started meanwhile are
+/// copied again, and those layouts removed.
+fn finish_take_over(dp: &mut Datapath, agent: &mut Agent<datapath::Maps>) {
+    if dp.other_layouts().is_empty() {
+        return;
+    }
+    for (layout, r) in dp.finish_take_over(&mut agent.maps) {
+        match r {
+            Ok(c) => info!(
+                from = layout.name(),
+                flows = c.flows,
+                affinity = c.affinity,
+                failed = c.failed,
+                "took over from pin layout {}: its links hold our programs and it is removed",
+                layout.name()
+            ),
+            Err(e) => {
+                agent.metrics.layout_takeover(&layout.name(), "failed");
+                error!(from = layout.name(), "taking over from pin layout {}: {e}", layout.name());
+            }
+        }
+    }
+}
+
+/// The interfaces present that match `globs`.
+fn matching(globs: &[glob::Pattern]) -> Vec<String> {
+    datapath::interfaces().into_iter().filter(|n| globs.iter().any(|g| g.matches(n))).collect()
 }
 
 /// Attaches to interfaces that match and are new; forgets those that vanished.

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub swept: Family<Labels, Counter>,
     /// Sweep steps that failed (a map could not be read or written); the next step tries again.
     pub sweep_errors: Counter,
+    /// Take-overs from another pin layout version, by layout and outcome (`carried`: its state
+    /// was read; `rebuilt`: filled from the source; `failed`: a step failed, retried).
+    pub layout_takeovers: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -82,7 +85,14 @@ impl Metrics {
             sweep_passes: Counter::default(),
             swept: Family::default(),
             sweep_errors: Counter::default(),
+            layout_takeovers: Family::default(),
         }
+    }
+
+    pub fn layout_takeover(&self, from: &str, outcome: &str) {
+        self.layout_takeovers
+            .get_or_create(&vec![("from".into(), from.into()), ("outcome".into(), outcome.into())])
+            .inc();
     }
 
     pub fn config_error(&self, reason: &str) {
@@ -298,6 +308,11 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
         metrics.swept.clone(),
     );
     r.register("lb_flow_sweep_errors", "Flow sweep steps that failed", metrics.sweep_errors.clone());
+    r.register(
+        "lb_layout_takeovers",
+        "Take-overs from another pin layout version (an upgrade or a rollback), by layout and outcome",
+        metrics.layout_takeovers.clone(),
+    );
     r.register_collector(Box::new(collector));
     r
 }

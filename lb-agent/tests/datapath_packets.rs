@@ -1257,3 +1257,62 @@ fn frontend_records_fit_every_frontend_id() {
     maps.set_frontend_meta(69_999, &meta).expect("the record of the highest id");
     assert_eq!(maps.read_meta(69_999).map(|m| m.digest), Some(42));
 }
+
+/// While the agent takes over another layout's links (`LB_TAKEOVER[0]` set), a packet that would
+/// start a flow is dropped and counted there, whatever would have started it (a SYN, a TCP packet
+/// picked up mid-stream, a UDP datagram, a flow to a Service without endpoints), in TC and XDP;
+/// packets of known flows, replies, later fragments and other traffic are handled as always.
+#[test]
+fn new_flows_are_held_back_during_a_take_over() {
+    let (_pins, mut dp, mut xdp_maps) = load("held", Mode::Xdp);
+    let maps = &mut xdp_maps;
+    let flows = |maps: &Maps| maps.ct.keys().filter_map(Result::ok).count();
+    // A flow known before.
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 41_000), (VIP, 80), SYN).bytes());
+    assert_eq!(v, TC_OK);
+    let backend = check_packet(&out).dst;
+    let known = flows(maps);
+    let before = maps.read_counters().expect("counters");
+
+    dp.hold_new_flows(true);
+    let held = [
+        (Prog::TcForward, Pkt::new((CLIENT, 41_001), (VIP, 80), SYN).bytes(), TC_SHOT),
+        (Prog::TcForward, Pkt::new((CLIENT, 41_002), (VIP, 80), ACK).bytes(), TC_SHOT),
+        (Prog::TcForward, Pkt::new((CLIENT, 41_003), (VIP, 53), UDP).bytes(), TC_SHOT),
+        (Prog::TcForward, Pkt::new((CLIENT, 41_004), (VIP_EMPTY, 80), SYN).bytes(), TC_SHOT),
+        (Prog::Xdp, Pkt::new((CLIENT, 41_005), (VIP, 80), SYN).bytes(), XDP_DROP),
+    ];
+    for (i, (prog, p, verdict)) in held.iter().enumerate() {
+        let (v, _) = run(&dp, *prog, p);
+        assert_eq!(v, *verdict, "held row {i} ({prog:?})");
+    }
+    assert_eq!(dp.held_packets(), held.len() as u64);
+    assert_eq!(flows(maps), known, "a held packet starts no flow");
+    // The known flow goes on, both ways; other traffic passes.
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 41_000), (VIP, 80), ACK).bytes());
+    assert_eq!((v, check_packet(&out).dst), (TC_OK, backend));
+    let (v, out) = run(&dp, Prog::TcReply, &Pkt::new(backend, (CLIENT, 41_000), ACK).bytes());
+    assert_eq!((v, check_packet(&out).src), (TC_OK, (VIP, 80)));
+    let other = Pkt::new((CLIENT, 41_006), (Ipv4Addr::new(10, 244, 1, 2), 8080), SYN).bytes();
+    assert_eq!(run(&dp, Prog::TcForward, &other), (TC_OK, other.clone()));
+    let after = maps.read_counters().expect("counters");
+    let moved: Vec<(&str, u64)> = c::NAMES
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| a != b)
+        .map(|(n, (b, a))| (*n, a - b))
+        .collect();
+    assert_eq!(
+        moved,
+        [("rx_forward", 7), ("rx_reply", 1), ("pass_non_vip", 1), ("fwd_established", 1), ("rev_nat", 1)],
+        "held packets count only in LB_TAKEOVER"
+    );
+
+    // Released: the same packets start their flows.
+    dp.hold_new_flows(false);
+    let (v, out) = run(&dp, Prog::TcForward, &held[0].1);
+    assert_eq!(v, TC_OK);
+    assert_eq!(check_packet(&out).dst.1, 8080, "DNATed");
+    assert_eq!(flows(maps), known + 2, "a forward and a reply entry");
+    assert_eq!(dp.held_packets(), held.len() as u64);
+}

@@ -119,16 +119,6 @@ fn packets_lb_passes_go_on_to_the_tc_programs_after_it() {
     );
 }
 
-/// The names of the TCX programs at `at` on `interface` in `netns`, in the order they run.
-fn tcx_order(netns: &str, interface: &str, at: TcAttachType) -> Vec<String> {
-    let interface = interface.to_string();
-    in_netns(netns, move || {
-        let (_, programs) = SchedClassifier::query_tcx(&interface, at).expect("query TCX programs");
-        programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>()
-    })
-    .expect("enter the node's namespace")
-}
-
 #[test]
 fn lb_goes_before_the_tc_programs_already_on_an_interface() {
     let mut c = Cluster::new(
@@ -151,7 +141,7 @@ fn lb_goes_before_the_tc_programs_already_on_an_interface() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let iface = c.client1.host_if.clone();
     let gone = wait_until(Duration::from_secs(3), || {
-        let names = tcx_order(&n1.netns, &iface, TcAttachType::Ingress);
+        let names = support::tcx_programs(&n1.netns, &iface, TcAttachType::Ingress);
         if names.is_empty() {
             Ok(())
         } else {
@@ -164,8 +154,8 @@ fn lb_goes_before_the_tc_programs_already_on_an_interface() {
     c.lab.restart_agent(&n1).expect("agent again");
     // Had lb gone after them, their final verdict would keep it from ever seeing a packet.
     c.wait_reachable(&c.client1, 80);
-    assert_eq!(tcx_order(&n1.netns, &iface, TcAttachType::Ingress), [PROG_TC_FORWARD, "noop_tc"]);
-    assert_eq!(tcx_order(&n1.netns, &iface, TcAttachType::Egress), [PROG_TC_REPLY, "noop_tc"]);
+    assert_eq!(support::tcx_programs(&n1.netns, &iface, TcAttachType::Ingress), [PROG_TC_FORWARD, "noop_tc"]);
+    assert_eq!(support::tcx_programs(&n1.netns, &iface, TcAttachType::Egress), [PROG_TC_REPLY, "noop_tc"]);
     drop((ingress, egress));
 }
 

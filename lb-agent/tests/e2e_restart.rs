@@ -7,74 +7,15 @@ mod support;
 use std::{
     net::SocketAddrV4,
     path::Path,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use lb_agent::datapath::{layout_dir, Mode};
-use lb_testkit::lab::{http_get, in_netns, tcp_asks, Pod, Session};
-use support::{endpoint, who, Cluster, VIP};
-
-/// Traffic from a pod until stopped: new connections one after another, and a long-lived
-/// connection asked between them.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    handle: JoinHandle<Outcome>,
-}
-
-#[derive(Debug, Default)]
-struct Outcome {
-    new_ok: usize,
-    failures: Vec<String>,
-    long_lived_answers: Vec<String>,
-}
-
-impl Traffic {
-    fn start(pod: &Pod) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut session = Session::open(pod, SocketAddrV4::new(VIP, 80)).expect("long-lived connection");
-        let (s, netns) = (stop.clone(), pod.netns.clone());
-        let handle = std::thread::spawn(move || {
-            in_netns(&netns, move || {
-                let mut o = Outcome::default();
-                let to = SocketAddrV4::new(VIP, 80);
-                while !s.load(Ordering::Relaxed) {
-                    match Session::connect(to).and_then(|mut s| s.ask()) {
-                        Ok(_) => o.new_ok += 1,
-                        Err(e) => o.failures.push(format!("new connection: {e}")),
-                    }
-                    match session.ask() {
-                        Ok(a) => o.long_lived_answers.push(a),
-                        Err(e) => o.failures.push(format!("long-lived connection: {e}")),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                o
-            })
-            .expect("traffic thread in netns")
-        });
-        Self { stop, handle }
-    }
-
-    fn stop(self) -> Outcome {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().expect("traffic thread")
-    }
-}
+use lb_testkit::lab::{http_get, tcp_asks, Pod};
+use support::{assert_clean, endpoint, who, Cluster, Traffic, VIP};
 
 fn all_ready(c: &[Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
-}
-
-fn assert_clean(o: &Outcome, what: &str) {
-    assert!(o.failures.is_empty(), "{what}: {} failures, first: {:?}", o.failures.len(), o.failures.first());
-    assert!(o.new_ok > 20, "{what}: traffic ran ({} new connections)", o.new_ok);
-    let first = &o.long_lived_answers[0];
-    assert!(o.long_lived_answers.iter().all(|a| a == first), "{what}: the long-lived connection moved");
 }
 
 fn restart_with(signal: i32, tag: &str) {
@@ -185,7 +126,7 @@ fn a_pod_interface_created_later_is_attached_within_a_second() {
 }
 
 #[test]
-fn cleanup_removes_everything_and_other_layouts_are_refused() {
+fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
     let mut c = Cluster::new("clean", Mode::Tc, true, all_ready, &[]);
     c.wait_reachable(&c.client1, 80);
     let n1 = c.nodes[0].clone();
@@ -210,20 +151,38 @@ fn cleanup_removes_everything_and_other_layouts_are_refused() {
     });
     assert!(detached.is_ok(), "the datapath was not detached");
 
-    // A pin directory holding another layout version is refused with a clear message.
-    std::fs::create_dir_all(n1.pin_dir.join("v1")).expect("old layout dir");
-    let out = std::process::Command::new(agent)
+    // A pin directory holding a layout of another version that this agent cannot read (here an
+    // empty one) is taken over: the agent starts, says so, and removes it.
+    std::fs::create_dir_all(n1.pin_dir.join("v1").join("links")).expect("old layout dir");
+    let agent = std::process::Command::new(agent)
         .arg("--manifests")
         .arg(&c.manifests)
         .args(["--interfaces", "nothing*", "--pin-dir"])
         .arg(&n1.pin_dir)
-        .output()
+        .args(["--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("agent");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
+        if n1.pin_dir.join("v1").exists() {
+            Err(std::io::Error::other("v1 still there"))
+        } else {
+            Ok(())
+        }
+    });
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let out = agent.wait_with_output().expect("agent exits");
+    let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(gone.is_ok(), "layout v1 was not taken over:\n{err}");
+    assert!(out.status.success(), "{err}");
     assert!(
-        !out.status.success() && err.contains("holds pinned layout [\"v1\"]") && err.contains("--cleanup"),
+        err.contains("taking over from pin layout [\"v1\"]") && err.contains("cannot read its state"),
         "{err}"
     );
+    assert!(err.contains("took over from pin layout v1"), "{err}");
+    assert!(layout_dir(&n1.pin_dir).join("LB4_SERVICES").exists(), "our layout is pinned");
     let _ = std::fs::remove_dir_all(&n1.pin_dir);
     assert!(!Path::new(&n1.pin_dir).exists());
 }

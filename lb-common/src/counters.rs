@@ -82,6 +82,10 @@ pub const SNAT_PORT: u32 = 26;
 /// live flow keeps its tuple). The client's retransmission tries again.
 pub const DROP_SNAT_NO_PORT: u32 = 27;
 
+/// Not a counter: for a verdict counted elsewhere (`LB_TAKEOVER[1]`). Counting it does nothing
+/// (it is outside `LB_COUNTERS`).
+pub const UNCOUNTED: u32 = u32::MAX;
+
 /// Number of counters; the size of `LB_COUNTERS`.
 pub const COUNT: u32 = 28;
 

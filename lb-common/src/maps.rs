@@ -27,8 +27,44 @@ pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 /// Non-first IPv4 fragments → the ports of their datagram's first fragment.
 pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
 
+/// Not pinned (each load has its own, all zero): `[0]` non-zero while the agent takes over another
+/// layout's links with its flows carried (lb-agent's `datapath::migrate`): a packet that would
+/// start a flow is dropped instead (its sender retransmits), so that no flow is begun in one
+/// layout's table and answered from the other's; `[1]` counts those packets. Per CPU; the agent
+/// writes `[0]` on every CPU.
+pub const MAP_LB_TAKEOVER: &str = "LB_TAKEOVER";
+
+/// The format of each map whose state an agent carries from another layout version (lb-agent's
+/// `datapath::migrate`), written by the agent at load: `[i]` is the format of `formats::MAPS[i]`.
+/// An agent of another version compares them with its own to know what it can read.
+pub const MAP_LB_FORMATS: &str = "LB_FORMATS";
+
+/// Formats of the maps an agent carries across layout versions. A map's format is bumped with its
+/// key or value (and the layout version with it); an agent reads another layout's map only if its
+/// format is its own or one it has a converter for.
+pub mod formats {
+    use super::*;
+
+    /// Index in `LB_FORMATS` of each map's format. Fixed forever: new maps are only appended.
+    pub const MAPS: [&str; 8] = [
+        MAP_LB4_SERVICES,
+        MAP_LB4_BACKENDS,
+        MAP_LB4_MAGLEV,
+        MAP_LB4_MEMBERS,
+        MAP_LB4_FE_META,
+        MAP_LB4_SVC_STATS,
+        MAP_LB4_AFFINITY,
+        MAP_LB4_CT,
+    ];
+    /// This version's format of each of `MAPS`. `LB4_CT` 2: `created_s` and `snat_port`
+    /// (layout 7).
+    pub const CURRENT: [u32; 8] = [1, 1, 1, 1, 1, 1, 1, 2];
+    /// Entries of `LB_FORMATS` (room for maps to come).
+    pub const CAPACITY: u32 = 32;
+}
+
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -42,6 +78,7 @@ pub const PINNED_MAPS: [&str; 13] = [
     MAP_LB_MONITOR,
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
+    MAP_LB_FORMATS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.

@@ -12,7 +12,7 @@ use crate::{
     config::{flow_hash_seed, hairpin_addr},
     conntrack::{self, Chosen, CreateError, Lookup, ReplyLookup},
     ctx::PacketCtx,
-    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES},
+    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB_TAKEOVER},
     monitor,
     parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
     stats::{count, svc_update},
@@ -45,6 +45,19 @@ pub fn now_ns() -> u64 {
     // SAFETY: no preconditions. The coarse clock (a tick's resolution) is plenty for timeouts of
     // seconds and costs a fraction of bpf_ktime_get_ns.
     unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether the agent holds back new flows (`LB_TAKEOVER[0]`); counts the packet if so.
+#[inline(always)]
+fn held_for_takeover() -> bool {
+    if !LB_TAKEOVER.get(0).is_some_and(|on| *on != 0) {
+        return false;
+    }
+    if let Some(n) = LB_TAKEOVER.get_ptr_mut(1) {
+        // SAFETY: per-CPU value, only this CPU writes it while this program runs.
+        unsafe { *n += 1 };
+    }
+    true
 }
 
 #[inline(always)]
@@ -118,6 +131,9 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         }
         // A later fragment only follows its first one's flow; it never makes one.
         _ if f.later_fragment => return Action::Pass(counters::PASS_FRAGMENT),
+        // The agent is moving flows from another layout's table into ours: a flow begun now could
+        // be answered by that layout's reply program, which would not know it.
+        _ if held_for_takeover() => return Action::Drop(counters::UNCOUNTED),
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }

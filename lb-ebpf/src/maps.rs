@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    capacity, counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
+    capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
     LbMonitorBucket,
 };
@@ -108,3 +108,14 @@ pub static LB_MON_RATE: PerCpuArray<LbMonitorBucket> = PerCpuArray::pinned(1, 0)
 /// first fragment of a later datagram with the same identification overwrites the entry.
 #[map(name = "LB4_FRAGS")]
 pub static LB4_FRAGS: LruHashMap<Lb4FragKey, Lb4FragPorts> = LruHashMap::pinned(capacity::FRAGS, 0);
+
+/// The format of each map an agent carries across layout versions (`lb_common::formats`), written
+/// by the agent at load, read by agents of other versions. Pinned. No program reads it.
+#[map(name = "LB_FORMATS")]
+pub static LB_FORMATS: Array<u32> = Array::pinned(formats::CAPACITY, 0);
+
+/// While the agent takes over another layout's links: `[0]` non-zero holds back packets that would
+/// start a flow, `[1]` counts them (see `lb_common::MAP_LB_TAKEOVER`). Not pinned: every load
+/// starts with it off.
+#[map(name = "LB_TAKEOVER")]
+pub static LB_TAKEOVER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);

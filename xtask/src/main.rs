@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod image;
+mod previous;
 mod setup;
 mod soak;
 mod test;
@@ -23,6 +24,8 @@ enum Command {
     Bench(bench::Options),
     /// Build the agent image with podman (no registry needed); `--save FILE` writes an OCI archive.
     Image(image::Options),
+    /// Build the agent of the previous pin layout from the git history (the upgrade test's).
+    PreviousAgent,
     /// A long run of the hostile-packet fuzzer (the test suite runs a short one).
     Fuzz(fuzz::Options),
     /// A long run of the load test: 10,000 Services and 100 endpoint changes a second under traffic.
@@ -36,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(o) => demo::run(&o),
         Command::Bench(o) => bench::run(&o),
         Command::Image(o) => image::run(&o),
+        Command::PreviousAgent => previous::run(),
         Command::Fuzz(o) => fuzz::run(&o),
         Command::Soak(o) => soak::run(&o),
     };

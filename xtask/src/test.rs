@@ -40,7 +40,14 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         "the tests load eBPF programs and create network namespaces: run them as root"
     );
     policy()?;
-    run_cmd(Command::new("cargo").current_dir(root()).args(["test", "--locked"]).args(&o.args))
+    let previous = crate::previous::build()?;
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(root())
+            .env("LB_PREVIOUS_AGENT", previous)
+            .args(["test", "--locked"])
+            .args(&o.args),
+    )
 }
 
 /// The dependency policy (deny.toml): licenses, banned crates, sources. Advisories need the

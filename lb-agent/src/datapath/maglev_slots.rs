@@ -55,6 +55,22 @@ impl MaglevSlots {
         Ok(Self { data: writable.then_some(data), ptr, len, bytes, writable })
     }
 
+    /// Slots in the array.
+    pub(super) fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Copies every slot of `other` (no longer than this array) into this one: a layout's tables
+    /// carried into another's (see `migrate`), before any frontend points at them.
+    pub(super) fn copy_from(&mut self, other: &MaglevSlots) -> Result<(), MapError> {
+        let mut buf = vec![0u32; other.len as usize];
+        for (i, slot) in buf.iter_mut().enumerate() {
+            // SAFETY: in bounds of `other`'s mapping; volatile because the kernel shares it.
+            *slot = unsafe { other.ptr.as_ptr().add(i).read_volatile() };
+        }
+        self.write(0, &buf)
+    }
+
     /// The backend id in `slot`.
     pub fn get(&self, slot: u32) -> Option<u32> {
         // SAFETY: in bounds of the mapping; volatile because the kernel shares it.

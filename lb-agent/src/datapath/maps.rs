@@ -11,7 +11,7 @@ use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
     Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
     MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
-    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
+    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
 };
 
 use super::{
@@ -35,13 +35,13 @@ pub struct Maps {
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
-    /// the fragment map),
+    /// the fragment map, the formats written at load),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 3] = [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS];
+const UNTYPED_MAPS: [&str; 4] = [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS, MAP_LB_FORMATS];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }

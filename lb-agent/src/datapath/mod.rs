@@ -4,6 +4,7 @@
 
 mod maglev_slots;
 pub mod maps;
+pub mod migrate;
 pub mod netlink;
 pub mod pins;
 
@@ -24,10 +25,11 @@ use aya::{
 };
 use lb_common::{
     capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
-    MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, PIN_LAYOUT_VERSION,
+    MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_TAKEOVER,
+    PIN_LAYOUT_VERSION,
 };
 
-use self::pins::other_layouts;
+use self::migrate::Layout;
 pub use self::{
     maglev_slots::MaglevSlots,
     maps::Maps,
@@ -259,7 +261,30 @@ pub struct Datapath {
     attached: StdHashMap<String, Vec<PathBuf>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tc_order: TcOrder,
+    /// Layouts of other versions found at load, newest first, until they are removed: their
+    /// links are taken over interface by interface (see [`migrate`]).
+    others: Vec<Layout>,
+    /// Whether our layout had no link at load: our programs never ran, so our maps hold nothing
+    /// another layout's state should not replace.
+    never_ran: bool,
+    /// The layout whose state was carried into ours; its flows are copied again once the links
+    /// hold our programs.
+    carried_from: Option<Layout>,
+    /// `LB_TAKEOVER`: holds back new flows while another layout's links are taken over.
+    takeover: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
 }
+
+/// The name of a link's pin in a layout's `links/`: the same in every layout version (see
+/// [`migrate`]). bpffs refuses names with a '.', which interface names may have (VLANs); ':' is
+/// one character an interface name never has, so it stands in for it.
+fn link_pin_name(interface: &str, prog: &str) -> String {
+    format!("{}@{prog}", interface.replace('.', ":"))
+}
+
+/// Every program the datapath attaches, in the order an interface gets them: the TC programs
+/// before XDP, so that XDP's packets (which TC leaves alone) are never answered by an older
+/// layout's TC programs while links are taken over.
+const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD];
 
 impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
@@ -269,12 +294,11 @@ impl Datapath {
         if let Some((dir, kind)) = pins::not_on_bpffs(&cfg.pin_dir) {
             return Err(DatapathError::NotBpffs { pin_dir: cfg.pin_dir.clone(), dir, kind });
         }
-        let others = other_layouts(&cfg.pin_dir);
-        if !others.is_empty() {
-            return Err(DatapathError::OtherLayout { pin_dir: cfg.pin_dir.clone(), found: others });
-        }
+        // Other layouts keep serving until our programs take over their links.
+        let others = migrate::others(&cfg.pin_dir);
         let dir = layout_dir(&cfg.pin_dir);
         let links_dir = dir.join("links");
+        let never_ran = std::fs::read_dir(&links_dir).map_or(true, |mut d| d.next().is_none());
         std::fs::create_dir_all(&links_dir)
             .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
         // Pins are root's only.
@@ -317,6 +341,17 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         let logger = if cfg.bpf_log { aya_log::EbpfLogger::init(&mut ebpf).ok() } else { None };
+        // What agents of other versions read to know whether they can carry our state.
+        {
+            let err = maps::map_err(MAP_LB_FORMATS);
+            let map = ebpf.map_mut(MAP_LB_FORMATS).ok_or(DatapathError::MissingMap(MAP_LB_FORMATS))?;
+            let mut formats: aya::maps::Array<&mut aya::maps::MapData, u32> = map.try_into().map_err(&err)?;
+            for (i, f) in lb_common::formats::CURRENT.iter().enumerate() {
+                formats.set(i as u32, f, 0).map_err(&err)?;
+            }
+        }
+        let takeover = ebpf.take_map(MAP_LB_TAKEOVER).ok_or(DatapathError::MissingMap(MAP_LB_TAKEOVER))?;
+        let takeover = takeover.try_into().map_err(maps::map_err(MAP_LB_TAKEOVER))?;
         let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
         for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
             let prog: &mut SchedClassifier = ebpf
@@ -335,7 +370,121 @@ impl Datapath {
             prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
         }
         let tc_order = cfg.tc_order;
-        Ok((Self { ebpf, mode, links_dir, attached: StdHashMap::new(), logger, tc_order }, maps))
+        let attached = StdHashMap::new();
+        let (carried_from, logger) = (None, logger);
+        let dp = Self {
+            ebpf,
+            mode,
+            links_dir,
+            attached,
+            logger,
+            tc_order,
+            others,
+            never_ran,
+            carried_from,
+            takeover,
+        };
+        Ok((dp, maps))
+    }
+
+    /// Layouts of other versions still pinned beside ours, newest first.
+    pub fn other_layouts(&self) -> &[Layout] {
+        &self.others
+    }
+
+    /// Before the first sync: carries the state of the newest other layout this agent can read
+    /// into `maps` (see [`migrate`]), unless our programs ran before (our maps are then what
+    /// counts). An error leaves the other layout serving.
+    pub fn carry_state(&mut self, maps: &mut Maps) -> Result<migrate::Outcome, DatapathError> {
+        use migrate::Outcome;
+        if self.others.is_empty() {
+            return Ok(Outcome::NoOther);
+        }
+        if !self.never_ran {
+            return Ok(Outcome::OursRan);
+        }
+        let Some(from) = migrate::source(&self.others).cloned() else { return Ok(Outcome::Unreadable) };
+        Ok(match migrate::carry_state(&from, maps)? {
+            Ok(carried) => {
+                self.carried_from = Some(from.clone());
+                Outcome::Carried(from, carried)
+            }
+            Err(small) => Outcome::TooSmall(from, small),
+        })
+    }
+
+    /// With another layout's state carried: takes over its links on `interfaces` so that no flow
+    /// is begun in one layout's table and answered from the other's. New flows are held back
+    /// (their first packets dropped: senders retransmit) while its forward programs are replaced
+    /// by ours, its table (final then: nothing adds to it any more) is copied into ours, and its
+    /// reply programs are replaced. Flows already carried go on, unheld. `None` when no state was
+    /// carried; else what the copy gave and how many packets were held back.
+    pub fn take_over_carried(
+        &mut self,
+        interfaces: &[String],
+        maps: &mut Maps,
+    ) -> Option<(Result<migrate::Carried, DatapathError>, u64)> {
+        let from = self.carried_from.clone()?;
+        self.hold_new_flows(true);
+        for interface in interfaces {
+            for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
+                let Some(old) = from.link_pin(interface, prog) else { continue };
+                if self.wanted(prog) {
+                    let ours = self.link_pin(interface, prog);
+                    self.take_over(prog, &old, Some(&ours));
+                } else {
+                    let _ = std::fs::remove_file(old);
+                }
+            }
+        }
+        let copied = migrate::carry_flows(&from, maps);
+        for interface in interfaces {
+            if let Some(old) = from.link_pin(interface, PROG_TC_REPLY) {
+                let ours = self.link_pin(interface, PROG_TC_REPLY);
+                self.take_over(PROG_TC_REPLY, &old, Some(&ours));
+            }
+        }
+        self.hold_new_flows(false);
+        Some((copied, self.held_packets()))
+    }
+
+    /// Sets `LB_TAKEOVER[0]` on every CPU. A failure only logs: held, new flows would wait for
+    /// the next start; not held, a flow begun during the swap may lose a reply.
+    pub fn hold_new_flows(&mut self, on: bool) {
+        let Ok(cpus) = aya::util::nr_cpus() else { return };
+        let values = aya::maps::PerCpuValues::try_from(vec![u64::from(on); cpus]).expect("one value per CPU");
+        if let Err(e) = self.takeover.set(0, values, 0) {
+            tracing::warn!("LB_TAKEOVER: {e}");
+        }
+    }
+
+    /// Packets held back during take-overs, on all CPUs.
+    pub fn held_packets(&self) -> u64 {
+        self.takeover.get(&1, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Once every interface has been attached: copies again the flows the other layout's
+    /// programs started since its state was carried, and removes every other layout (their links
+    /// on interfaces we do not attach to go with them). What each removal gave; a layout that
+    /// could not be removed stays for the next call.
+    pub fn finish_take_over(&mut self, maps: &mut Maps) -> Vec<(Layout, Result<migrate::Carried, String>)> {
+        let mut done = Vec::new();
+        let carried_from = self.carried_from.take();
+        for l in std::mem::take(&mut self.others) {
+            let flows = if carried_from.as_ref() == Some(&l) {
+                migrate::carry_flows(&l, maps).map_err(|e| e.to_string())
+            } else {
+                Ok(migrate::Carried::default())
+            };
+            match migrate::remove(&l) {
+                Ok(()) => done.push((l, flows)),
+                Err(e) => {
+                    done.push((l.clone(), Err(format!("removing {}: {e}", l.dir.display()))));
+                    self.others.push(l);
+                }
+            }
+        }
+        done
     }
 
     /// The loaded program, for BPF_PROG_TEST_RUN.
@@ -362,32 +511,38 @@ impl Datapath {
         self.attached.keys().map(String::as_str)
     }
 
-    /// The programs attached on each interface in the current mode.
-    fn wanted(&self) -> &'static [&'static str] {
-        match self.mode {
-            Mode::Tc => &[PROG_TC_FORWARD, PROG_TC_REPLY],
-            Mode::Xdp => &[PROG_XDP_FORWARD, PROG_TC_FORWARD, PROG_TC_REPLY],
-        }
+    /// Whether the current mode attaches `prog` on each interface.
+    fn wanted(&self, prog: &str) -> bool {
+        self.mode == Mode::Xdp || prog != PROG_XDP_FORWARD
     }
 
     /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress), each
     /// through a link pinned under `links/`, so it stays attached while the agent is away. A link
     /// pinned by an earlier agent is taken over: the new program replaces the old one in it
-    /// atomically, and no packet goes unhandled.
+    /// atomically, and no packet goes unhandled. So is one of another layout version, whose pin
+    /// then moves into ours (see [`migrate`]).
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
         if self.is_attached(interface) {
             return Ok(());
         }
-        // Links of programs this mode does not use (the other --datapath) are removed.
-        for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
-            if !self.wanted().contains(&prog) {
-                let _ = std::fs::remove_file(self.link_pin(interface, prog));
+        // Links of programs this mode does not use (the other --datapath) are removed, other
+        // layouts' first: their remaining programs then handle every packet, as ours will.
+        for prog in PROGRAMS.into_iter().filter(|p| !self.wanted(p)) {
+            for l in &self.others {
+                if let Some(pin) = l.link_pin(interface, prog) {
+                    let _ = std::fs::remove_file(pin);
+                }
             }
+            let _ = std::fs::remove_file(self.link_pin(interface, prog));
         }
         let mut pins = Vec::new();
-        for &prog in self.wanted() {
+        let wanted: Vec<&'static str> = PROGRAMS.into_iter().filter(|p| self.wanted(p)).collect();
+        for prog in wanted {
             let pin = self.link_pin(interface, prog);
-            if !self.take_over(prog, &pin) {
+            let theirs = self.others.iter().find_map(|l| l.link_pin(interface, prog));
+            let taken = self.take_over(prog, &pin, None)
+                || theirs.as_ref().is_some_and(|old| self.take_over(prog, old, Some(&pin)));
+            if !taken {
                 // Not pinned, or pinned but defunct (its interface was recreated): attach anew.
                 let _ = std::fs::remove_file(&pin);
                 if let Err(e) = self.attach_new(interface, prog, &pin) {
@@ -399,32 +554,49 @@ impl Datapath {
             }
             pins.push(pin);
         }
+        // Whatever other layouts still have on this interface would run beside ours.
+        for l in &self.others {
+            for prog in PROGRAMS {
+                if let Some(pin) = l.link_pin(interface, prog) {
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
         self.attached.insert(interface.to_string(), pins);
         Ok(())
     }
 
-    /// bpffs refuses names with a '.', which interface names may have (VLANs); ':' is one
-    /// character an interface name never has, so it stands in for it.
     fn link_pin(&self, interface: &str, prog: &str) -> PathBuf {
-        self.links_dir.join(format!("{}@{prog}", interface.replace('.', ":")))
+        self.links_dir.join(link_pin_name(interface, prog))
     }
 
     /// Puts our program into the link pinned at `pin`. False if there is none or it is defunct.
-    fn take_over(&mut self, prog: &'static str, pin: &Path) -> bool {
+    /// With `move_to`, the link is pinned there too and its pin at `pin` removed (a link of
+    /// another layout moves into ours).
+    fn take_over(&mut self, prog: &'static str, pin: &Path, move_to: Option<&Path>) -> bool {
         let Ok(pinned) = PinnedLink::from_pin(pin) else { return false };
         let fd = FdLink::from(pinned);
         let program = self.ebpf.program_mut(prog).expect("object has the program");
-        let id = if prog == PROG_XDP_FORWARD {
+        let link: Option<FdLink> = if prog == PROG_XDP_FORWARD {
             let Ok(link) = XdpLink::try_from(fd) else { return false };
             let Ok(p) = <&mut Xdp>::try_from(program) else { return false };
-            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+            p.attach_to_link(link).ok().and_then(|id| p.take_link(id).ok()).and_then(|l| l.try_into().ok())
         } else {
             let Ok(link) = SchedClassifierLink::try_from(fd) else { return false };
             let Ok(p) = <&mut SchedClassifier>::try_from(program) else { return false };
-            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
+            p.attach_to_link(link).ok().and_then(|id| p.take_link(id).ok()).and_then(|l| l.try_into().ok())
         };
+        let Some(link) = link else { return false };
+        if let Some(to) = move_to {
+            // Pinned at ours before theirs goes: the link always has a pin.
+            let _ = std::fs::remove_file(to);
+            if link.pin(to).is_err() {
+                return false;
+            }
+            let _ = std::fs::remove_file(pin);
+        }
         // Dropping our handle leaves the link to its pin.
-        id.unwrap_or(false)
+        true
     }
 
     fn attach_new(&mut self, interface: &str, prog: &'static str, pin: &Path) -> Result<(), DatapathError> {

@@ -202,7 +202,8 @@ pub fn check_packet(bytes: &[u8]) -> Seen {
 
 /// The service address the end-to-end tests use.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+/// This version's agent.
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 
 /// Two nodes joined by an underlay, each with an agent; a client on each (c1, c2); backends b1
 /// and b2 on node 1 and b3 on node 2, each serving TCP 8080 and UDP 5353 (and b3 also TCP 9090).
@@ -218,6 +219,18 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(
         tag: &str,
+        mode: Mode,
+        tx_csum_offload: bool,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+    ) -> Self {
+        Self::with_agents(tag, [Path::new(AGENT); 2], mode, tx_csum_offload, yaml, agent_args)
+    }
+
+    /// As [`Cluster::new`], with the agent binary of each node given (another version's).
+    pub fn with_agents(
+        tag: &str,
+        agents: [&Path; 2],
         mode: Mode,
         tx_csum_offload: bool,
         yaml: impl FnOnce(&[Pod; 3]) -> String,
@@ -240,8 +253,8 @@ impl Cluster {
         std::fs::create_dir_all(&manifests).expect("manifest dir");
         let backends = [b1, b2, b3];
         std::fs::write(manifests.join("objects.yaml"), yaml(&backends)).expect("write manifests");
-        for n in [&n1, &n2] {
-            lab.start_agent(n, Path::new(AGENT), &manifests, mode, agent_args).expect("agent");
+        for (n, agent) in [&n1, &n2].into_iter().zip(agents) {
+            lab.start_agent(n, agent, &manifests, mode, agent_args).expect("agent");
         }
         Self { lab, nodes: [n1, n2], client1, client2, backends, manifests }
     }
@@ -383,4 +396,111 @@ pub fn check_icmp_error(bytes: &[u8]) -> SeenIcmp {
         dst: Ipv4Addr::from(ip.destination),
         quoted: check_packet(&quoted),
     }
+}
+
+/// Traffic from a pod until stopped: new TCP connections one after another, and a long-lived TCP
+/// connection and a connected UDP socket asked between them.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Outcome>,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub new_ok: usize,
+    pub failures: Vec<String>,
+    pub long_lived_answers: Vec<String>,
+    pub udp_answers: Vec<String>,
+}
+
+impl Traffic {
+    pub fn start(pod: &Pod) -> Self {
+        use lb_testkit::lab::{in_netns, Session};
+        use std::sync::{atomic::AtomicBool, Arc};
+        let stop = Arc::new(AtomicBool::new(false));
+        let to = std::net::SocketAddrV4::new(VIP, 80);
+        let mut session = Session::open(pod, to).expect("long-lived connection");
+        let udp_to = std::net::SocketAddrV4::new(VIP, 53);
+        let udp = in_netns(&pod.netns, move || -> std::io::Result<std::net::UdpSocket> {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(udp_to)?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            Ok(s)
+        })
+        .expect("enter the pod")
+        .expect("UDP socket");
+        let (s, netns) = (stop.clone(), pod.netns.clone());
+        let handle = std::thread::spawn(move || {
+            in_netns(&netns, move || {
+                let mut o = Outcome::default();
+                while !s.load(Ordering::Relaxed) {
+                    match Session::connect(to).and_then(|mut s| s.ask()) {
+                        Ok(_) => o.new_ok += 1,
+                        Err(e) => o.failures.push(format!("new connection: {e}")),
+                    }
+                    match session.ask() {
+                        Ok(a) => o.long_lived_answers.push(a),
+                        Err(e) => o.failures.push(format!("long-lived connection: {e}")),
+                    }
+                    let mut buf = [0u8; 64];
+                    match udp.send(b"who").and_then(|_| udp.recv(&mut buf)) {
+                        Ok(n) => o.udp_answers.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                        Err(e) => o.failures.push(format!("UDP: {e}")),
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                o
+            })
+            .expect("traffic thread in netns")
+        });
+        Self { stop, handle }
+    }
+
+    pub fn stop(self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("traffic thread")
+    }
+}
+
+/// No failure, traffic ran, and the long-lived connection and the UDP flow each kept one backend.
+pub fn assert_clean(o: &Outcome, what: &str) {
+    assert!(o.failures.is_empty(), "{what}: {} failures, first: {:?}", o.failures.len(), o.failures.first());
+    assert!(o.new_ok > 20, "{what}: traffic ran ({} new connections)", o.new_ok);
+    for (flow, answers) in [("long-lived connection", &o.long_lived_answers), ("UDP flow", &o.udp_answers)] {
+        let first = &answers[0];
+        assert!(answers.iter().all(|a| a == first), "{what}: the {flow} moved: {answers:?}");
+    }
+}
+
+/// The names of the TCX programs at `at` on `interface` in `netns`, in the order they run.
+pub fn tcx_programs(netns: &str, interface: &str, at: aya::programs::TcAttachType) -> Vec<String> {
+    use aya::programs::SchedClassifier;
+    let interface = interface.to_string();
+    lb_testkit::lab::in_netns(netns, move || {
+        let (_, programs) = SchedClassifier::query_tcx(&interface, at).expect("query TCX programs");
+        programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect::<Vec<_>>()
+    })
+    .expect("enter the node's namespace")
+}
+
+/// On failures in `o`: node `node`'s datapath counters, the flows it tracks and its agent's log,
+/// printed for the failure message to be read with.
+pub fn explain(c: &Cluster, node: usize, o: &Outcome) {
+    if o.failures.is_empty() {
+        return;
+    }
+    let counters = c.maps(node).read_counters().unwrap_or_default();
+    let named: Vec<String> = lb_common::counters::NAMES
+        .iter()
+        .zip(counters)
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    let ct: Vec<String> =
+        c.maps(node).ct.iter().filter_map(Result::ok).map(|(k, e)| format!("{k:?} {e:?}")).collect();
+    eprintln!(
+        "failures: {:?}\ncounters: {named:?}\nflows: {ct:#?}\nagent log:\n{}",
+        o.failures,
+        c.lab.agent_log(&c.nodes[node - 1])
+    );
 }

@@ -1,0 +1,261 @@
+//! Upgrades and rollbacks across a pin layout change, under traffic: the agent of the previous
+//! layout replaced by this one and back, and this one meeting a newer layout (a rollback from a
+//! later version). See `lb_agent::datapath::migrate`.
+//!
+//! The previous agent is built by `cargo xtask test` from the git history (the commit before the
+//! one that set this `PIN_LAYOUT_VERSION`) and named by `LB_PREVIOUS_AGENT`.
+
+mod support;
+
+use std::{path::PathBuf, time::Duration};
+
+use aya::programs::TcAttachType;
+use lb_agent::datapath::{layout_dir, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY};
+use lb_common::{CT_DIR_FORWARD, PIN_LAYOUT_VERSION};
+use lb_testkit::lab::{wait_until, Node};
+use support::{assert_clean, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
+
+fn previous_agent() -> PathBuf {
+    let path = std::env::var_os("LB_PREVIOUS_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "LB_PREVIOUS_AGENT is not set: `cargo xtask test` builds the agent of the previous pin layout \
+             from the git history and sets it (or run `cargo xtask previous-agent` and export what it prints)"
+        )
+    });
+    assert!(path.is_file(), "LB_PREVIOUS_AGENT={}: no such file", path.display());
+    path
+}
+
+fn all_ready(c: &[lb_testkit::lab::Pod; 3]) -> String {
+    who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
+}
+
+/// Exactly lb's two TC programs on each pod interface of `node`: never a second copy.
+fn assert_attached_once(c: &Cluster, node: &Node, what: &str) {
+    let pods = [&c.client1, &c.backends[0], &c.backends[1]];
+    for pod in pods.into_iter().filter(|p| p.node == node.index) {
+        let iface = &pod.host_if;
+        assert_eq!(
+            tcx_programs(&node.netns, iface, TcAttachType::Ingress),
+            [PROG_TC_FORWARD],
+            "{what}: {iface}"
+        );
+        assert_eq!(
+            tcx_programs(&node.netns, iface, TcAttachType::Egress),
+            [PROG_TC_REPLY],
+            "{what}: {iface}"
+        );
+    }
+}
+
+/// The layout directories under `node`'s pin directory.
+fn layouts(node: &Node) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&node.pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn wait_log(c: &Cluster, node: &Node, text: &str) {
+    let seen = wait_until(Duration::from_secs(20), || {
+        if c.lab.agent_log(node).contains(text) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not yet"))
+        }
+    });
+    assert!(seen.is_ok(), "never logged {text:?}:\n{}", c.lab.agent_log(node));
+}
+
+/// Forward flows of `client` in node's maps, with when each was created (seconds).
+fn client_flows(node: &Node, client: std::net::Ipv4Addr) -> Vec<u32> {
+    let maps = Maps::from_pins(&node.pin_dir).expect("our maps");
+    maps.ct
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.dir == CT_DIR_FORWARD && k.saddr.to_ne_bytes() == client.octets())
+        .map(|(_, e)| e.created_s)
+        .collect()
+}
+
+#[test]
+fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
+    let previous = previous_agent();
+    let mut c = Cluster::with_agents(
+        "upgrade",
+        [previous.as_path(), std::path::Path::new(AGENT)],
+        Mode::Tc,
+        true,
+        all_ready,
+        &[],
+    );
+    c.wait_reachable(&c.client1, 80);
+    let n1 = c.nodes[0].clone();
+    let ours = format!("v{PIN_LAYOUT_VERSION}");
+    let theirs = format!("v{}", PIN_LAYOUT_VERSION - 1);
+    assert_eq!(layouts(&n1), [theirs.as_str()], "the previous agent pins its own layout");
+    let traffic = Traffic::start(&c.client1);
+    // Long enough for the carried flows to be a whole second older than the new agent.
+    std::thread::sleep(Duration::from_millis(1_100));
+
+    // The upgrade, as a rolling update does it: the old agent is stopped, the new one started.
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = lb_agent::datapath::monotonic_ns() / 1_000_000_000;
+    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &[]).expect("agent");
+    wait_log(&c, &n1, &format!("took over from pin layout {theirs}"));
+    let log = c.lab.agent_log(&n1);
+    assert!(
+        log.contains(&format!("taking over from pin layout {theirs}"))
+            && log.contains("state is carried over"),
+        "{log}"
+    );
+    assert_eq!(layouts(&n1), [ours.as_str()], "the previous layout is removed");
+    assert_attached_once(&c, &n1, "after the upgrade");
+    assert_eq!(takeovers(&n1, &theirs, "carried"), Some(1));
+    // The flows were carried, not picked up again: the long-lived connection's entry is older
+    // than the new agent.
+    let created = client_flows(&n1, c.client1.ip);
+    assert!(
+        created.iter().any(|&s| u64::from(s) < before),
+        "no carried flow among {created:?} (agent started at {before} s)"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+
+    // The rollback to the previous version: it refuses the newer layout and exits, leaving it
+    // attached and serving; it never attaches its programs beside ours.
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    let log_before = c.lab.agent_log(&n1).len();
+    c.lab.start_agent(&n1, &previous, &c.manifests, Mode::Tc, &[]).expect("previous agent");
+    let refused = wait_until(Duration::from_secs(10), || match c.lab.agent_pid(&n1) {
+        Some(pid) if std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !zombie(pid) => {
+            Err(std::io::Error::other("still running"))
+        }
+        _ => Ok(()),
+    });
+    let log = c.lab.agent_log(&n1)[log_before..].to_string();
+    assert!(refused.is_ok() && log.contains(&format!("holds pinned layout [\"{ours}\"]")), "{log}");
+    assert_eq!(layouts(&n1), [ours.as_str()]);
+    assert_attached_once(&c, &n1, "with the previous agent refusing");
+    std::thread::sleep(Duration::from_millis(700));
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+
+    // And forward again: this version takes its own layout back as after a restart.
+    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &[]).expect("agent");
+    std::thread::sleep(Duration::from_millis(1_000));
+    let o = traffic.stop();
+    support::explain(&c, 1, &o);
+    assert_clean(&o, "upgrade and rollback");
+    assert_attached_once(&c, &n1, "at the end");
+    let log = c.lab.agent_log(&n1);
+    assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
+}
+
+/// Whether process `pid` has exited and waits to be reaped.
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Stops `node`'s agent and makes its layout look like a later version's: renamed to the next
+/// layout version, with `formats` (`LB_FORMATS`) changed by `change`.
+fn as_if_newer(c: &mut Cluster, node: &Node, change: impl FnOnce(&mut [u32; 8])) -> String {
+    c.lab.stop_agent(node, libc::SIGTERM);
+    let newer = format!("v{}", PIN_LAYOUT_VERSION + 1);
+    let dir = node.pin_dir.join(&newer);
+    std::fs::rename(layout_dir(&node.pin_dir), &dir).expect("rename the layout");
+    let mut formats = lb_common::formats::CURRENT;
+    change(&mut formats);
+    let data = aya::maps::MapData::from_pin(dir.join(lb_common::MAP_LB_FORMATS)).expect("LB_FORMATS");
+    let map = aya::maps::Map::from_map_data(data).expect("map");
+    let mut recorded: aya::maps::Array<_, u32> = map.try_into().expect("an array");
+    for (i, f) in formats.iter().enumerate() {
+        recorded.set(i as u32, f, 0).expect("write a format");
+    }
+    newer
+}
+
+#[test]
+fn a_rollback_from_a_newer_layout_of_the_same_formats_loses_no_connection() {
+    let mut c = Cluster::new("rollback", Mode::Tc, true, all_ready, &[]);
+    c.wait_reachable(&c.client1, 80);
+    let n1 = c.nodes[0].clone();
+    let traffic = Traffic::start(&c.client1);
+    std::thread::sleep(Duration::from_millis(500));
+    // What a later version that changed no map format leaves.
+    let newer = as_if_newer(&mut c, &n1, |_| {});
+    std::thread::sleep(Duration::from_millis(300));
+    c.lab.restart_agent(&n1).expect("agent");
+    wait_log(&c, &n1, &format!("took over from pin layout {newer}"));
+    let log = c.lab.agent_log(&n1);
+    assert!(
+        log.contains(&format!("taking over from pin layout {newer}"))
+            && log.contains("state is carried over"),
+        "{log}"
+    );
+    assert_eq!(layouts(&n1), [format!("v{PIN_LAYOUT_VERSION}")], "the newer layout is removed");
+    assert_attached_once(&c, &n1, "after the rollback");
+    assert_eq!(takeovers(&n1, &newer, "carried"), Some(1));
+    std::thread::sleep(Duration::from_millis(1_000));
+    let o = traffic.stop();
+    support::explain(&c, 1, &o);
+    assert_clean(&o, "rollback from a newer layout");
+    let log = c.lab.agent_log(&n1);
+    assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
+}
+
+#[test]
+fn a_rollback_across_a_format_change_picks_established_flows_up() {
+    use lb_testkit::lab::{in_netns, Session};
+    let mut c = Cluster::new("rollfmt", Mode::Tc, true, all_ready, &[]);
+    c.wait_reachable(&c.client1, 80);
+    let n1 = c.nodes[0].clone();
+    // A TCP connection and a UDP flow, asked before and after, idle while the agents change.
+    let mut tcp = Session::open(&c.client1, std::net::SocketAddrV4::new(support::VIP, 80)).expect("connect");
+    let udp = in_netns(&c.client1.netns, || -> std::io::Result<std::net::UdpSocket> {
+        let s = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect((support::VIP, 53))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })
+    .expect("enter the pod")
+    .expect("UDP socket");
+    let udp_ask = |s: &std::net::UdpSocket| -> String {
+        let mut buf = [0u8; 64];
+        s.send(b"who").expect("send");
+        let n = s.recv(&mut buf).expect("UDP answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (tcp_backend, udp_backend) = (tcp.ask().expect("ask"), udp_ask(&udp));
+    // A later version that changed the flow table's format.
+    let newer = as_if_newer(&mut c, &n1, |f| f[7] += 1);
+    c.lab.restart_agent(&n1).expect("agent");
+    wait_log(&c, &n1, &format!("took over from pin layout {newer}"));
+    let log = c.lab.agent_log(&n1);
+    assert!(log.contains("cannot read its") && log.contains(&format!("[\"{newer}\"]")), "{log}");
+    assert_eq!(layouts(&n1), [format!("v{PIN_LAYOUT_VERSION}")], "the newer layout is removed");
+    assert_attached_once(&c, &n1, "after the rollback");
+    assert!(client_flows(&n1, c.client1.ip).is_empty(), "nothing carried");
+    assert_eq!(takeovers(&n1, &newer, "rebuilt"), Some(1));
+    // Picked up on the same backends.
+    for _ in 0..5 {
+        assert_eq!(tcp.ask().expect("the connection survives"), tcp_backend);
+        assert_eq!(udp_ask(&udp), udp_backend);
+    }
+    c.wait_reachable(&c.client1, 80);
+    let log = c.lab.agent_log(&n1);
+    assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
+}
+
+/// `lb_layout_takeovers_total` of `node`'s agent for layout `from` and `outcome`.
+fn takeovers(node: &Node, from: &str, outcome: &str) -> Option<u64> {
+    let addr = "127.0.0.1:10249".parse().expect("addr");
+    let (_, body) = lb_testkit::lab::http_get(&node.netns, addr, "/metrics").expect("scrape");
+    let want = format!("lb_layout_takeovers_total{{from=\"{from}\",outcome=\"{outcome}\"}} ");
+    body.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().parse().expect("a count"))
+}
