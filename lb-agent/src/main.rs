@@ -311,18 +311,24 @@ async fn main() -> anyhow::Result<()> {
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
     // The links of a layout whose state was carried move to our programs with its latest flows.
-    match dp.take_over_carried(&matching(&cfg.interfaces), &mut agent.maps) {
-        Some((Ok(c), held)) => info!(
-            flows = c.flows,
-            failed = c.failed,
-            held_packets = held,
-            "the links of the layout taken over hold our programs; its latest flows are copied"
-        ),
-        Some((Err(e), _)) => warn!("copying the latest flows of the layout taken over: {e}"),
-        None => {}
+    if let Some((from, r, held)) = dp.take_over_carried(&matching(&cfg.interfaces), &mut agent.maps) {
+        agent.metrics.layout_takeover_held.inc_by(held);
+        match r {
+            Ok(c) => info!(
+                flows = c.flows,
+                affinity = c.affinity,
+                failed = c.failed,
+                held_packets = held,
+                "the links of the layout taken over hold our programs; its latest flows are copied"
+            ),
+            Err(e) => {
+                agent.metrics.layout_takeover(&from.name(), "failed");
+                error!(from = from.name(), "taking over the links of pin layout {}: {e}", from.name());
+            }
+        }
     }
     attach_matching(&mut dp, &cfg.interfaces);
-    finish_take_over(&mut dp, &mut agent);
+    finish_take_over(&mut dp, &cfg.interfaces, &agent);
     let mut links = LinkEvents::new().context("netlink link notifications")?;
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -369,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
                     attach_matching(&mut dp, &cfg.interfaces);
-                    finish_take_over(&mut dp, &mut agent);
+                    finish_take_over(&mut dp, &cfg.interfaces, &agent);
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
@@ -509,25 +515,26 @@ fn take_over_state(
     })
 }
 
-/// Once the interfaces are attached: the flows other layouts' programs started meanwhile are
-/// copied again, and those layouts removed.
-fn finish_take_over(dp: &mut Datapath, agent: &mut Agent<datapath::Maps>) {
+/// Once every matching interface is attached: other layouts are removed.
+fn finish_take_over(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>) {
     if dp.other_layouts().is_empty() {
         return;
     }
-    for (layout, r) in dp.finish_take_over(&mut agent.maps) {
+    for (layout, r) in dp.finish_take_over(&matching(globs)) {
         match r {
-            Ok(c) => info!(
+            Ok(()) => info!(
                 from = layout.name(),
-                flows = c.flows,
-                affinity = c.affinity,
-                failed = c.failed,
                 "took over from pin layout {}: its links hold our programs and it is removed",
                 layout.name()
             ),
             Err(e) => {
                 agent.metrics.layout_takeover(&layout.name(), "failed");
-                error!(from = layout.name(), "taking over from pin layout {}: {e}", layout.name());
+                error!(
+                    from = layout.name(),
+                    "removing pin layout {} ({}): {e}",
+                    layout.name(),
+                    layout.dir.display()
+                );
             }
         }
     }

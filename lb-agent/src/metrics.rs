@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Take-overs from another pin layout version, by layout and outcome (`carried`: its state
     /// was read; `rebuilt`: filled from the source; `failed`: a step failed, retried).
     pub layout_takeovers: Family<Labels, Counter>,
+    /// Packets that would have started a flow, dropped while another layout's links were taken
+    /// over (their senders retransmit).
+    pub layout_takeover_held: Counter,
 }
 
 impl Metrics {
@@ -86,6 +89,7 @@ impl Metrics {
             swept: Family::default(),
             sweep_errors: Counter::default(),
             layout_takeovers: Family::default(),
+            layout_takeover_held: Counter::default(),
         }
     }
 
@@ -312,6 +316,11 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
         "lb_layout_takeovers",
         "Take-overs from another pin layout version (an upgrade or a rollback), by layout and outcome",
         metrics.layout_takeovers.clone(),
+    );
+    r.register(
+        "lb_layout_takeover_held_packets",
+        "Packets that would have started a flow, dropped (and retransmitted by their senders) while another layout's links were taken over",
+        metrics.layout_takeover_held.clone(),
     );
     r.register_collector(Box::new(collector));
     r

@@ -1274,7 +1274,7 @@ fn new_flows_are_held_back_during_a_take_over() {
     let known = flows(maps);
     let before = maps.read_counters().expect("counters");
 
-    dp.hold_new_flows(true);
+    dp.hold_new_flows(true).expect("hold");
     let held = [
         (Prog::TcForward, Pkt::new((CLIENT, 41_001), (VIP, 80), SYN).bytes(), TC_SHOT),
         (Prog::TcForward, Pkt::new((CLIENT, 41_002), (VIP, 80), ACK).bytes(), TC_SHOT),
@@ -1308,11 +1308,17 @@ fn new_flows_are_held_back_during_a_take_over() {
         "held packets count only in LB_TAKEOVER"
     );
 
+    // A hold whose deadline passed (its agent died holding) holds nothing.
+    // (A second ago: the datapath reads the coarse clock, up to a tick behind.)
+    dp.hold_new_flows_until(lb_agent::datapath::monotonic_ns() - 1_000_000_000).expect("hold");
+    let (v, _) = run(&dp, Prog::TcForward, &Pkt::new((CLIENT, 41_007), (VIP, 80), SYN).bytes());
+    assert_eq!(v, TC_OK, "a lapsed hold");
+    assert_eq!(flows(maps), known + 2);
     // Released: the same packets start their flows.
-    dp.hold_new_flows(false);
+    dp.hold_new_flows(false).expect("release");
     let (v, out) = run(&dp, Prog::TcForward, &held[0].1);
     assert_eq!(v, TC_OK);
     assert_eq!(check_packet(&out).dst.1, 8080, "DNATed");
-    assert_eq!(flows(maps), known + 2, "a forward and a reply entry");
+    assert_eq!(flows(maps), known + 4, "a forward and a reply entry");
     assert_eq!(dp.held_packets(), held.len() as u64);
 }

@@ -12,7 +12,7 @@ use std::{
 
 use lb_agent::datapath::{layout_dir, Mode};
 use lb_testkit::lab::{http_get, tcp_asks, Pod};
-use support::{assert_clean, endpoint, who, Cluster, Traffic, VIP};
+use support::{assert_clean, assert_clean_udp_kept, endpoint, who, Cluster, Traffic, VIP};
 
 fn all_ready(c: &[Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
@@ -30,7 +30,7 @@ fn restart_with(signal: i32, tag: &str) {
     c.lab.restart_agent(&n1).expect("restart");
     std::thread::sleep(Duration::from_millis(1_000));
     let o = traffic.stop();
-    assert_clean(&o, tag);
+    assert_clean_udp_kept(&o, tag);
     let log = c.lab.agent_log(&n1);
     assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
 }

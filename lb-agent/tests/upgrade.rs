@@ -13,7 +13,7 @@ use aya::programs::TcAttachType;
 use lb_agent::datapath::{layout_dir, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY};
 use lb_common::{CT_DIR_FORWARD, PIN_LAYOUT_VERSION};
 use lb_testkit::lab::{wait_until, Node};
-use support::{assert_clean, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
+use support::{assert_clean_udp_kept, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
 
 fn previous_agent() -> PathBuf {
     let path = std::env::var_os("LB_PREVIOUS_AGENT").map(PathBuf::from).unwrap_or_else(|| {
@@ -84,11 +84,22 @@ fn client_flows(node: &Node, client: std::net::Ipv4Addr) -> Vec<u32> {
 
 #[test]
 fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
+    upgrade_and_rollback(Mode::Tc, "upgrade");
+}
+
+/// The previous layout's XDP mode had no TC forward program: ours goes in before its XDP program
+/// is replaced.
+#[test]
+fn an_upgrade_in_xdp_mode_and_a_rollback_lose_no_connection() {
+    upgrade_and_rollback(Mode::Xdp, "upxdp");
+}
+
+fn upgrade_and_rollback(mode: Mode, tag: &str) {
     let previous = previous_agent();
     let mut c = Cluster::with_agents(
-        "upgrade",
+        tag,
         [previous.as_path(), std::path::Path::new(AGENT)],
-        Mode::Tc,
+        mode,
         true,
         all_ready,
         &[],
@@ -106,7 +117,7 @@ fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
     c.lab.stop_agent(&n1, libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     let before = lb_agent::datapath::monotonic_ns() / 1_000_000_000;
-    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &[]).expect("agent");
+    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, mode, &[]).expect("agent");
     wait_log(&c, &n1, &format!("took over from pin layout {theirs}"));
     let log = c.lab.agent_log(&n1);
     assert!(
@@ -130,7 +141,7 @@ fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
     // attached and serving; it never attaches its programs beside ours.
     c.lab.stop_agent(&n1, libc::SIGTERM);
     let log_before = c.lab.agent_log(&n1).len();
-    c.lab.start_agent(&n1, &previous, &c.manifests, Mode::Tc, &[]).expect("previous agent");
+    c.lab.start_agent(&n1, &previous, &c.manifests, mode, &[]).expect("previous agent");
     let refused = wait_until(Duration::from_secs(10), || match c.lab.agent_pid(&n1) {
         Some(pid) if std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !zombie(pid) => {
             Err(std::io::Error::other("still running"))
@@ -145,11 +156,11 @@ fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
     c.lab.stop_agent(&n1, libc::SIGTERM);
 
     // And forward again: this version takes its own layout back as after a restart.
-    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &[]).expect("agent");
+    c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, mode, &[]).expect("agent");
     std::thread::sleep(Duration::from_millis(1_000));
     let o = traffic.stop();
     support::explain(&c, 1, &o);
-    assert_clean(&o, "upgrade and rollback");
+    assert_clean_udp_kept(&o, "upgrade and rollback");
     assert_attached_once(&c, &n1, "at the end");
     let log = c.lab.agent_log(&n1);
     assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
@@ -204,7 +215,7 @@ fn a_rollback_from_a_newer_layout_of_the_same_formats_loses_no_connection() {
     std::thread::sleep(Duration::from_millis(1_000));
     let o = traffic.stop();
     support::explain(&c, 1, &o);
-    assert_clean(&o, "rollback from a newer layout");
+    assert_clean_udp_kept(&o, "rollback from a newer layout");
     let log = c.lab.agent_log(&n1);
     assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
 }
@@ -258,4 +269,58 @@ fn takeovers(node: &Node, from: &str, outcome: &str) -> Option<u64> {
     let (_, body) = lb_testkit::lab::http_get(&node.netns, addr, "/metrics").expect("scrape");
     let want = format!("lb_layout_takeovers_total{{from=\"{from}\",outcome=\"{outcome}\"}} ");
     body.lines().find_map(|l| l.strip_prefix(&want)).map(|v| v.trim().parse().expect("a count"))
+}
+
+/// An agent that carried another layout's state and died before any link moved (after its first
+/// sync wrote over the copy) leaves our layout with no link: the next start makes our maps anew
+/// and carries the other layout's state again, rather than keep a mix of both.
+#[test]
+fn a_start_that_died_before_the_swap_carries_the_other_layout_again() {
+    use lb_agent::{datapath::migrate::Outcome, reconcile::MapWriter as _};
+    use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP};
+    let pins = support::PinDir::new("recarry");
+    let cfg = support::test_config(pins.path());
+    let key = |last: u8| Lb4ServiceKey::new([10, 96, 0, last], 80, IPPROTO_TCP);
+    let service = |id, offset| Lb4Service {
+        id,
+        backend_count: 1,
+        maglev_offset: offset,
+        maglev_size: 7,
+        ..Default::default()
+    };
+    {
+        // What a later version, which changed no format, left.
+        let (_dp, mut maps) = lb_agent::datapath::Datapath::load(&cfg, Mode::Tc).expect("load");
+        let b = Lb4Backend {
+            addr: u32::from_ne_bytes([10, 244, 1, 2]),
+            port: 8080u16.to_be(),
+            proto: IPPROTO_TCP,
+            state: BACKEND_STATE_ACTIVE,
+        };
+        maps.set_backend(3, &b).expect("backend");
+        maps.set_maglev(0, &[3; 7]).expect("table");
+        maps.set_service(&key(10), &service(1, 0)).expect("service");
+    }
+    let newer = pins.path().join(format!("v{}", PIN_LAYOUT_VERSION + 1));
+    std::fs::rename(layout_dir(pins.path()), &newer).expect("rename");
+    let carry = |what: &str| {
+        let (mut dp, mut maps) = lb_agent::datapath::Datapath::load(&cfg, Mode::Tc).expect("load");
+        let outcome = dp.carry_state(&mut maps).expect("carry");
+        assert!(
+            matches!(&outcome, Outcome::Carried(_, c) if c.services == 1 && c.backends == 1),
+            "{what}: {outcome:?}"
+        );
+        (dp, maps)
+    };
+    {
+        let (_dp, mut maps) = carry("first start");
+        // Its first sync: another Service, and the table's slots written over. Then it dies.
+        maps.set_maglev(0, &[5; 14]).expect("table");
+        maps.set_service(&key(11), &service(2, 7)).expect("service");
+    }
+    let (_dp, maps) = carry("second start");
+    let services = maps.read_services().expect("services");
+    assert_eq!(services, [(key(10), service(1, 0))], "only what the other layout holds");
+    assert_eq!((0..7).map(|i| maps.maglev.get(i)).collect::<Vec<_>>(), [Some(3); 7], "its table");
+    assert!(newer.exists(), "the other layout serves until its links move");
 }

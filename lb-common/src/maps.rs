@@ -27,11 +27,12 @@ pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 /// Non-first IPv4 fragments → the ports of their datagram's first fragment.
 pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
 
-/// Not pinned (each load has its own, all zero): `[0]` non-zero while the agent takes over another
-/// layout's links with its flows carried (lb-agent's `datapath::migrate`): a packet that would
-/// start a flow is dropped instead (its sender retransmits), so that no flow is begun in one
-/// layout's table and answered from the other's; `[1]` counts those packets. Per CPU; the agent
-/// writes `[0]` on every CPU.
+/// Not pinned (each load has its own, all zero): while the agent takes over another layout's
+/// links with its flows carried (lb-agent's `datapath::migrate`), `[0]` holds a deadline on the
+/// datapath's clock (CLOCK_MONOTONIC, ns) until which a packet that would start a flow is dropped
+/// instead (its sender retransmits), so that no flow is begun in one layout's table and answered
+/// from the other's; a deadline, so that an agent that dies holding releases anyway. `[1]`
+/// counts those packets. Per CPU; the agent writes `[0]` on every CPU.
 pub const MAP_LB_TAKEOVER: &str = "LB_TAKEOVER";
 
 /// The format of each map whose state an agent carries from another layout version (lb-agent's

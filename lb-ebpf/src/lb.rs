@@ -47,10 +47,11 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Whether the agent holds back new flows (`LB_TAKEOVER[0]`); counts the packet if so.
+/// Whether the agent holds back new flows (until `LB_TAKEOVER[0]`, a time on `now_ns`'s clock);
+/// counts the packet if so.
 #[inline(always)]
-fn held_for_takeover() -> bool {
-    if !LB_TAKEOVER.get(0).is_some_and(|on| *on != 0) {
+fn held_for_takeover(now: u64) -> bool {
+    if !LB_TAKEOVER.get(0).is_some_and(|until| now < *until) {
         return false;
     }
     if let Some(n) = LB_TAKEOVER.get_ptr_mut(1) {
@@ -133,7 +134,7 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         _ if f.later_fragment => return Action::Pass(counters::PASS_FRAGMENT),
         // The agent is moving flows from another layout's table into ours: a flow begun now could
         // be answered by that layout's reply program, which would not know it.
-        _ if held_for_takeover() => return Action::Drop(counters::UNCOUNTED),
+        _ if held_for_takeover(now) => return Action::Drop(counters::UNCOUNTED),
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }

@@ -70,8 +70,10 @@ pub fn build() -> anyhow::Result<PathBuf> {
         .spawn()
         .context("git archive")?;
     let tar = archive.stdout.take().context("git archive's output")?;
-    run_cmd(Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(tar))?;
-    anyhow::ensure!(archive.wait()?.success(), "git archive {rev} failed");
+    let unpacked = run_cmd(Command::new("tar").arg("-x").arg("-C").arg(&src).stdin(tar));
+    let archived = archive.wait()?;
+    unpacked?;
+    anyhow::ensure!(archived.success(), "git archive {rev} failed");
     run_cmd(
         Command::new("cargo")
             .current_dir(&src)

@@ -60,10 +60,13 @@ impl MaglevSlots {
         self.len
     }
 
-    /// Copies every slot of `other` (no longer than this array) into this one: a layout's tables
-    /// carried into another's (see `migrate`), before any frontend points at them.
-    pub(super) fn copy_from(&mut self, other: &MaglevSlots) -> Result<(), MapError> {
-        let mut buf = vec![0u32; other.len as usize];
+    /// Copies slots `0..end` of `other` into this one: a layout's tables carried into another's
+    /// (see `migrate`), before any frontend points at them.
+    pub(super) fn copy_from(&mut self, other: &MaglevSlots, end: u32) -> Result<(), MapError> {
+        if end > other.len {
+            return Err(MapError::OutOfBounds { index: end, max_entries: other.len });
+        }
+        let mut buf = vec![0u32; end as usize];
         for (i, slot) in buf.iter_mut().enumerate() {
             // SAFETY: in bounds of `other`'s mapping; volatile because the kernel shares it.
             *slot = unsafe { other.ptr.as_ptr().add(i).read_volatile() };

@@ -96,7 +96,9 @@ fn formats_of(dir: &Path, version: u32) -> Option<[u32; formats::MAPS.len()]> {
     for (i, slot) in f.iter_mut().enumerate() {
         *slot = recorded.get(&(i as u32), 0).ok()?;
     }
-    Some(f)
+    // A map of a later version that holds state we would not carry: not readable.
+    let more = (f.len() as u32..recorded.len()).any(|i| recorded.get(&i, 0).map_or(true, |v| v != 0));
+    (!more).then_some(f)
 }
 
 /// Every other layout under `pin_dir`, newest first.
@@ -194,8 +196,8 @@ fn max_entries(data: &MapData, name: &'static str) -> Result<u32, DatapathError>
     Ok(data.info().map_err(map_err(name))?.max_entries())
 }
 
-/// The maps indexed by id (frontend, backend, Maglev slot) are bigger in `from` than in ours: its
-/// ids may not fit. Its state is then not carried.
+/// What layout `from` holds does not fit our maps (capacities were lowered in the same update):
+/// in `map`, it needs `theirs` where ours has `ours`. Its state is then not carried.
 #[derive(Debug)]
 pub struct TooSmall {
     pub map: &'static str,
@@ -203,10 +205,9 @@ pub struct TooSmall {
     pub ours: u32,
 }
 
-/// Copies layout `from`'s state into `maps` (ours, whose programs have not run yet): everything
+/// Copies layout `from`'s state into `maps` (ours, new: our programs have not run): everything
 /// the reconciler restores from, and the flows and affinity the datapath keeps. `Ok(Err(_))` when
-/// one of our id-indexed maps is smaller than its (capacities were lowered in the same update):
-/// nothing is copied then.
+/// what it holds does not fit our maps: nothing is copied then.
 pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, TooSmall>, DatapathError> {
     debug_assert!(from.readable());
     let dir = &from.dir;
@@ -220,51 +221,59 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
         Map::Array(data) => MaglevSlots::map(data, false)?,
         _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
     };
-    let sizes = [
-        (
-            MAP_LB4_SERVICES,
-            max_entries(services.map(), MAP_LB4_SERVICES)?,
-            max_entries(maps.services.map(), MAP_LB4_SERVICES)?,
-        ),
-        (MAP_LB4_BACKENDS, backends.len(), maps.backends.len()),
-        (
-            MAP_LB4_MEMBERS,
-            max_entries(members.map(), MAP_LB4_MEMBERS)?,
-            max_entries(maps.members.map(), MAP_LB4_MEMBERS)?,
-        ),
-        (MAP_LB4_FE_META, meta.len(), maps.meta.len()),
-        (MAP_LB4_SVC_STATS, stats.len(), maps.svc_stats.len()),
-        (MAP_LB4_MAGLEV, maglev.len(), maps.maglev.len()),
+    let services: Vec<(Lb4ServiceKey, Lb4Service)> =
+        services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))?;
+    let members: Vec<(Lb4MemberKey, Lb4Member)> =
+        members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_MEMBERS))?;
+    let mut used_backends = Vec::new();
+    for id in 0..backends.len() {
+        let b = backends.get(&id, 0).map_err(map_err(MAP_LB4_BACKENDS))?;
+        if b.state != lb_common::BACKEND_STATE_FREE {
+            used_backends.push((id, b));
+        }
+    }
+    // What must fit: the entries of the hash maps, and the highest id in use of the arrays
+    // (capacities differ between layouts: frontend records followed --max-services only from
+    // layout 7).
+    let fe_ids = services.iter().map(|(_, s)| s.id).chain(members.iter().map(|(k, _)| k.svc_id));
+    let fe_end = fe_ids.max().map_or(0, |id| id + 1);
+    let be_end = used_backends.iter().map(|(id, _)| *id).chain(members.iter().map(|(k, _)| k.backend_id));
+    let be_end = be_end.max().map_or(0, |id| id + 1);
+    let slots_end = services.iter().map(|(_, s)| s.maglev_offset + s.maglev_size).max().unwrap_or(0);
+    let needs = [
+        (MAP_LB4_SERVICES, services.len() as u32, max_entries(maps.services.map(), MAP_LB4_SERVICES)?),
+        (MAP_LB4_MEMBERS, members.len() as u32, max_entries(maps.members.map(), MAP_LB4_MEMBERS)?),
+        (MAP_LB4_BACKENDS, be_end, maps.backends.len()),
+        (MAP_LB4_FE_META, fe_end, maps.meta.len()),
+        (MAP_LB4_SVC_STATS, fe_end, maps.svc_stats.len()),
+        (MAP_LB4_MAGLEV, slots_end, maps.maglev.len()),
     ];
-    if let Some((map, theirs, ours)) = sizes.into_iter().find(|(_, theirs, ours)| theirs > ours) {
+    if let Some((map, theirs, ours)) = needs.into_iter().find(|(_, theirs, ours)| theirs > ours) {
         return Ok(Err(TooSmall { map, theirs, ours }));
     }
     let mut carried = Carried::default();
     // The Maglev tables first and the frontends last, as the reconciler writes them.
-    maps.maglev.copy_from(&maglev).map_err(map_err(MAP_LB4_MAGLEV))?;
-    for id in 0..backends.len() {
-        let b = backends.get(&id, 0).map_err(map_err(MAP_LB4_BACKENDS))?;
-        if b.state != lb_common::BACKEND_STATE_FREE {
-            maps.backends.set(id, b, 0).map_err(map_err(MAP_LB4_BACKENDS))?;
-            carried.backends += 1;
-        }
+    maps.maglev.copy_from(&maglev, slots_end).map_err(map_err(MAP_LB4_MAGLEV))?;
+    for (id, b) in used_backends {
+        maps.backends.set(id, b, 0).map_err(map_err(MAP_LB4_BACKENDS))?;
+        carried.backends += 1;
     }
-    for entry in members.iter() {
-        let (k, v) = entry.map_err(map_err(MAP_LB4_MEMBERS))?;
+    for (k, v) in members {
         maps.members.insert(k, v, 0).map_err(map_err(MAP_LB4_MEMBERS))?;
     }
-    for id in 0..meta.len() {
+    for id in 0..fe_end.min(meta.len()) {
         let m = meta.get(&id, 0).map_err(map_err(MAP_LB4_FE_META))?;
         if m != Lb4FrontendMeta::default() {
             maps.meta.set(id, m, 0).map_err(map_err(MAP_LB4_FE_META))?;
         }
+    }
+    for id in 0..fe_end.min(stats.len()) {
         let s = stats.get(&id, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
         if s.iter().any(|s| *s != Lb4SvcStats::default()) {
             maps.svc_stats.set(id, s, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
         }
     }
-    for entry in services.iter() {
-        let (k, v) = entry.map_err(map_err(MAP_LB4_SERVICES))?;
+    for (k, v) in services {
         maps.services.insert(k, v, 0).map_err(map_err(MAP_LB4_SERVICES))?;
         carried.services += 1;
     }
@@ -275,48 +284,53 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
     Ok(Ok(carried))
 }
 
-/// Copies layout `from`'s tracked flows and session affinity into `maps`, converted, keeping
-/// every entry ours already has (our programs may have made or changed it).
+/// Copies layout `from`'s tracked flows and session affinity into `maps`, converted: each entry
+/// ours does not have, or has from longer ago (its last packet, or last use, older than theirs:
+/// the other layout's programs kept it going since it was copied).
 pub fn carry_flows(from: &Layout, maps: &mut Maps) -> Result<Carried, DatapathError> {
-    let mut carried = Carried::default();
+    let mut c = Carried::default();
+    let seen = |e: &Lb4CtEntry| e.last_seen_ns;
     match from.formats.map(|f| f[CT]) {
         Some(1) => {
             let ct: HashMap<MapData, Lb4CtKey, CtEntryV6> = open(&from.dir, MAP_LB4_CT)?;
-            copy_new(&ct, &mut maps.ct, Lb4CtEntry::from, &mut carried.flows, &mut carried.failed);
+            copy_newer(&ct, &mut maps.ct, Lb4CtEntry::from, seen, &mut c.flows, &mut c.failed);
         }
         _ => {
             let ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry> = open(&from.dir, MAP_LB4_CT)?;
-            copy_new(&ct, &mut maps.ct, |e| e, &mut carried.flows, &mut carried.failed);
+            copy_newer(&ct, &mut maps.ct, |e| e, seen, &mut c.flows, &mut c.failed);
         }
     }
     let affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity> = open(&from.dir, MAP_LB4_AFFINITY)?;
-    copy_new(&affinity, &mut maps.affinity, |a| a, &mut carried.affinity, &mut carried.failed);
-    Ok(carried)
+    copy_newer(&affinity, &mut maps.affinity, |a| a, |a| a.last_used_ns, &mut c.affinity, &mut c.failed);
+    // An LRU map evicts rather than refuse: what did not fit is gone from ours.
+    let room = |m: &MapData, name| max_entries(m, name).map(|n| n as usize);
+    c.failed += c.flows.saturating_sub(room(maps.ct.map(), MAP_LB4_CT)?);
+    c.failed += c.affinity.saturating_sub(room(maps.affinity.map(), MAP_LB4_AFFINITY)?);
+    Ok(c)
 }
 
-/// Copies every entry of `from` that `to` does not have, converted by `convert`; counts those
-/// copied and those `to` refused.
-fn copy_new<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
+/// Copies every entry of `from`, converted by `convert`, that `to` lacks or holds with an older
+/// `time`; counts those copied and those `to` refused.
+fn copy_newer<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
     from: &HashMap<MapData, K, V>,
     to: &mut HashMap<MapData, K, W>,
     convert: impl Fn(V) -> W,
+    time: impl Fn(&W) -> u64,
     copied: &mut usize,
     failed: &mut usize,
 ) {
-    const BPF_NOEXIST: u64 = 1;
     // Keys first: a map iterated while the datapath changes it may skip or repeat, never fail.
     for key in from.keys().filter_map(Result::ok).collect::<Vec<_>>() {
         let Ok(v) = from.get(&key, 0) else { continue };
-        match to.insert(key, convert(v), BPF_NOEXIST) {
+        let theirs = convert(v);
+        if to.get(&key, 0).is_ok_and(|ours| time(&ours) >= time(&theirs)) {
+            continue;
+        }
+        match to.insert(key, theirs, 0) {
             Ok(()) => *copied += 1,
-            Err(e) if exists(&e) => {}
             Err(_) => *failed += 1,
         }
     }
-}
-
-fn exists(e: &MapError) -> bool {
-    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
 /// Removes layout `l`: unpinning its links detaches whatever program they still hold; its maps go

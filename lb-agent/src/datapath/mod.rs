@@ -281,10 +281,15 @@ fn link_pin_name(interface: &str, prog: &str) -> String {
     format!("{}@{prog}", interface.replace('.', ":"))
 }
 
-/// Every program the datapath attaches, in the order an interface gets them: the TC programs
-/// before XDP, so that XDP's packets (which TC leaves alone) are never answered by an older
-/// layout's TC programs while links are taken over.
-const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD];
+/// Every program the datapath attaches, in the order an interface gets them. The TC forward
+/// program first: whatever is then removed or replaced in front of it (another layout's XDP
+/// program, or ours), it handles every packet to a Service that comes its way. The reply program
+/// last.
+const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_XDP_FORWARD, PROG_TC_REPLY];
+
+/// How long new flows may be held back during a take-over (`LB_TAKEOVER[0]` is a deadline on the
+/// datapath's clock, so an agent that dies holding them releases them anyway).
+const HOLD_LIMIT_NS: u64 = 5_000_000_000;
 
 impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
@@ -299,6 +304,16 @@ impl Datapath {
         let dir = layout_dir(&cfg.pin_dir);
         let links_dir = dir.join("links");
         let never_ran = std::fs::read_dir(&links_dir).map_or(true, |mut d| d.next().is_none());
+        if never_ran && migrate::source(&others).is_some() {
+            // Our programs never ran, so our maps hold nothing but an earlier start's copy of
+            // another layout's state and what its first sync wrote over it: they are made anew and
+            // the other layout's state is carried again.
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.path().is_file() || !e.path().is_dir() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         std::fs::create_dir_all(&links_dir)
             .map_err(|source| DatapathError::PinDir { path: links_dir.clone(), source })?;
         // Pins are root's only.
@@ -400,10 +415,13 @@ impl Datapath {
         if self.others.is_empty() {
             return Ok(Outcome::NoOther);
         }
+        let Some(from) = migrate::source(&self.others).cloned() else { return Ok(Outcome::Unreadable) };
         if !self.never_ran {
+            // An earlier start carried its state and moved some of its links: the rest move as
+            // then, with its latest flows.
+            self.carried_from = Some(from);
             return Ok(Outcome::OursRan);
         }
-        let Some(from) = migrate::source(&self.others).cloned() else { return Ok(Outcome::Unreadable) };
         Ok(match migrate::carry_state(&from, maps)? {
             Ok(carried) => {
                 self.carried_from = Some(from.clone());
@@ -418,25 +436,30 @@ impl Datapath {
     /// (their first packets dropped: senders retransmit) while its forward programs are replaced
     /// by ours, its table (final then: nothing adds to it any more) is copied into ours, and its
     /// reply programs are replaced. Flows already carried go on, unheld. `None` when no state was
-    /// carried; else what the copy gave and how many packets were held back.
+    /// carried; else the layout, what the copy gave and how many packets were held back.
     pub fn take_over_carried(
         &mut self,
         interfaces: &[String],
         maps: &mut Maps,
-    ) -> Option<(Result<migrate::Carried, DatapathError>, u64)> {
-        let from = self.carried_from.clone()?;
-        self.hold_new_flows(true);
+    ) -> Option<(Layout, Result<migrate::Carried, DatapathError>, u64)> {
+        let from = self.carried_from.take()?;
+        if let Err(e) = self.hold_new_flows(true) {
+            return Some((from, Err(e), 0));
+        }
+        // Forward programs: ours in its links, or beside them where it has none (layout 6's XDP
+        // mode had no TC forward program; ours goes in before its XDP program goes or is swapped).
         for interface in interfaces {
             for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
-                let Some(old) = from.link_pin(interface, prog) else { continue };
                 if self.wanted(prog) {
-                    let ours = self.link_pin(interface, prog);
-                    self.take_over(prog, &old, Some(&ours));
-                } else {
+                    if let Err(e) = self.place(interface, prog, Some(&from)) {
+                        tracing::warn!(interface, "{e}");
+                    }
+                } else if let Some(old) = from.link_pin(interface, prog) {
                     let _ = std::fs::remove_file(old);
                 }
             }
         }
+        // Its table is final now for these interfaces: nothing of theirs starts a flow.
         let copied = migrate::carry_flows(&from, maps);
         for interface in interfaces {
             if let Some(old) = from.link_pin(interface, PROG_TC_REPLY) {
@@ -444,18 +467,28 @@ impl Datapath {
                 self.take_over(PROG_TC_REPLY, &old, Some(&ours));
             }
         }
-        self.hold_new_flows(false);
-        Some((copied, self.held_packets()))
+        let released = self.hold_new_flows(false);
+        let held = self.held_packets();
+        let result = match (copied, released) {
+            (Ok(c), Ok(())) => Ok(c),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        Some((from, result, held))
     }
 
-    /// Sets `LB_TAKEOVER[0]` on every CPU. A failure only logs: held, new flows would wait for
-    /// the next start; not held, a flow begun during the swap may lose a reply.
-    pub fn hold_new_flows(&mut self, on: bool) {
-        let Ok(cpus) = aya::util::nr_cpus() else { return };
-        let values = aya::maps::PerCpuValues::try_from(vec![u64::from(on); cpus]).expect("one value per CPU");
-        if let Err(e) = self.takeover.set(0, values, 0) {
-            tracing::warn!("LB_TAKEOVER: {e}");
-        }
+    /// Holds back new flows (`LB_TAKEOVER[0]` set, on every CPU, to a deadline `HOLD_LIMIT_NS`
+    /// ahead) or lets them go (0).
+    pub fn hold_new_flows(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.hold_new_flows_until(if on { monotonic_ns() + HOLD_LIMIT_NS } else { 0 })
+    }
+
+    /// Holds back new flows until `deadline` ([`monotonic_ns`]'s clock).
+    pub fn hold_new_flows_until(&mut self, deadline: u64) -> Result<(), DatapathError> {
+        let err = |e| DatapathError::Map { map: MAP_LB_TAKEOVER, source: e };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| err(MapError::IoError(e)))?;
+        let values =
+            aya::maps::PerCpuValues::try_from(vec![deadline; cpus]).map_err(|e| err(MapError::IoError(e)))?;
+        self.takeover.set(0, values, 0).map_err(err)
     }
 
     /// Packets held back during take-overs, on all CPUs.
@@ -463,23 +496,19 @@ impl Datapath {
         self.takeover.get(&1, 0).map(|v| v.iter().sum()).unwrap_or(0)
     }
 
-    /// Once every interface has been attached: copies again the flows the other layout's
-    /// programs started since its state was carried, and removes every other layout (their links
-    /// on interfaces we do not attach to go with them). What each removal gave; a layout that
-    /// could not be removed stays for the next call.
-    pub fn finish_take_over(&mut self, maps: &mut Maps) -> Vec<(Layout, Result<migrate::Carried, String>)> {
+    /// Once every interface of `interfaces` (those that match) is attached: removes every other
+    /// layout (its links on interfaces we do not attach to go with it). Until then it stays,
+    /// serving where we do not. What each removal gave; one that failed is tried again next call.
+    pub fn finish_take_over(&mut self, interfaces: &[String]) -> Vec<(Layout, std::io::Result<()>)> {
+        if interfaces.iter().any(|i| !self.is_attached(i)) {
+            return Vec::new();
+        }
         let mut done = Vec::new();
-        let carried_from = self.carried_from.take();
         for l in std::mem::take(&mut self.others) {
-            let flows = if carried_from.as_ref() == Some(&l) {
-                migrate::carry_flows(&l, maps).map_err(|e| e.to_string())
-            } else {
-                Ok(migrate::Carried::default())
-            };
             match migrate::remove(&l) {
-                Ok(()) => done.push((l, flows)),
+                Ok(()) => done.push((l, Ok(()))),
                 Err(e) => {
-                    done.push((l.clone(), Err(format!("removing {}: {e}", l.dir.display()))));
+                    done.push((l.clone(), Err(e)));
                     self.others.push(l);
                 }
             }
@@ -525,34 +554,38 @@ impl Datapath {
         if self.is_attached(interface) {
             return Ok(());
         }
-        // Links of programs this mode does not use (the other --datapath) are removed, other
-        // layouts' first: their remaining programs then handle every packet, as ours will.
-        for prog in PROGRAMS.into_iter().filter(|p| !self.wanted(p)) {
-            for l in &self.others {
-                if let Some(pin) = l.link_pin(interface, prog) {
-                    let _ = std::fs::remove_file(pin);
-                }
-            }
-            let _ = std::fs::remove_file(self.link_pin(interface, prog));
-        }
         let mut pins = Vec::new();
-        let wanted: Vec<&'static str> = PROGRAMS.into_iter().filter(|p| self.wanted(p)).collect();
-        for prog in wanted {
-            let pin = self.link_pin(interface, prog);
-            let theirs = self.others.iter().find_map(|l| l.link_pin(interface, prog));
-            let taken = self.take_over(prog, &pin, None)
-                || theirs.as_ref().is_some_and(|old| self.take_over(prog, old, Some(&pin)));
-            if !taken {
-                // Not pinned, or pinned but defunct (its interface was recreated): attach anew.
-                let _ = std::fs::remove_file(&pin);
-                if let Err(e) = self.attach_new(interface, prog, &pin) {
-                    for p in &pins {
+        // Attached anew here: removed again if a later program fails (a link taken over stays:
+        // it served before, and now serves with our program).
+        let mut new = Vec::new();
+        for prog in PROGRAMS {
+            if !self.wanted(prog) {
+                // A program this mode does not use (the other --datapath; another layout's):
+                // removed once the TC forward program, which handles what it would, is ours.
+                for l in &self.others {
+                    if let Some(pin) = l.link_pin(interface, prog) {
+                        let _ = std::fs::remove_file(pin);
+                    }
+                }
+                let _ = std::fs::remove_file(self.link_pin(interface, prog));
+                continue;
+            }
+            let from = self.others.iter().find(|l| l.link_pin(interface, prog).is_some()).cloned();
+            match self.place(interface, prog, from.as_ref()) {
+                Ok(fresh) => {
+                    let pin = self.link_pin(interface, prog);
+                    if fresh {
+                        new.push(pin.clone());
+                    }
+                    pins.push(pin);
+                }
+                Err(e) => {
+                    for p in &new {
                         let _ = std::fs::remove_file(p);
                     }
                     return Err(e);
                 }
             }
-            pins.push(pin);
         }
         // Whatever other layouts still have on this interface would run beside ours.
         for l in &self.others {
@@ -564,6 +597,29 @@ impl Datapath {
         }
         self.attached.insert(interface.to_string(), pins);
         Ok(())
+    }
+
+    /// Puts our `prog` on `interface`: into our pinned link, else into `from`'s (another layout's,
+    /// whose pin then moves into ours), else in a new link. True when the link is new.
+    fn place(
+        &mut self,
+        interface: &str,
+        prog: &'static str,
+        from: Option<&Layout>,
+    ) -> Result<bool, DatapathError> {
+        let pin = self.link_pin(interface, prog);
+        if self.take_over(prog, &pin, None) {
+            return Ok(false);
+        }
+        if let Some(old) = from.and_then(|l| l.link_pin(interface, prog)) {
+            if self.take_over(prog, &old, Some(&pin)) {
+                return Ok(false);
+            }
+        }
+        // Not pinned, or pinned but defunct (its interface was recreated): attach anew.
+        let _ = std::fs::remove_file(&pin);
+        self.attach_new(interface, prog, &pin)?;
+        Ok(true)
     }
 
     fn link_pin(&self, interface: &str, prog: &str) -> PathBuf {
