@@ -311,7 +311,10 @@ async fn main() -> anyhow::Result<()> {
     info!(source = source.describe(), "first full sync done");
     dp.prune_links(&datapath::interfaces());
     // The links of a layout whose state was carried move to our programs with its latest flows.
-    if let Some((from, r, held)) = dp.take_over_carried(&matching(&cfg.interfaces), &mut agent.maps) {
+    let carried = dp
+        .take_over_carried(&matching(&cfg.interfaces), &mut agent.maps)
+        .context("holding new flows back to take over another pin layout's links; it keeps serving")?;
+    if let Some(datapath::migrate::TakeOver { from, copied: r, held }) = carried {
         agent.metrics.layout_takeover_held.inc_by(held);
         match r {
             Ok(c) => info!(
@@ -328,7 +331,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     attach_matching(&mut dp, &cfg.interfaces);
-    finish_take_over(&mut dp, &cfg.interfaces, &agent);
+    let mut waiting = Vec::new();
+    finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
     let mut links = LinkEvents::new().context("netlink link notifications")?;
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -375,7 +379,7 @@ async fn main() -> anyhow::Result<()> {
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
                     attach_matching(&mut dp, &cfg.interfaces);
-                    finish_take_over(&mut dp, &cfg.interfaces, &agent);
+                    finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
@@ -515,26 +519,42 @@ fn take_over_state(
     })
 }
 
-/// Once every matching interface is attached: other layouts are removed.
-fn finish_take_over(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>) {
+/// Once every matching interface is attached: other layouts are removed. Until then, says once
+/// which interfaces they wait for (`waiting`: what was said last).
+fn finish_take_over(
+    dp: &mut Datapath,
+    globs: &[glob::Pattern],
+    agent: &mut Agent<datapath::Maps>,
+    waiting: &mut Vec<String>,
+) {
     if dp.other_layouts().is_empty() {
         return;
     }
-    for (layout, r) in dp.finish_take_over(&matching(globs)) {
-        match r {
-            Ok(()) => info!(
-                from = layout.name(),
-                "took over from pin layout {}: its links hold our programs and it is removed",
-                layout.name()
-            ),
-            Err(e) => {
-                agent.metrics.layout_takeover(&layout.name(), "failed");
-                error!(
-                    from = layout.name(),
-                    "removing pin layout {} ({}): {e}",
-                    layout.name(),
-                    layout.dir.display()
+    match dp.finish_take_over(&matching(globs), &mut agent.maps) {
+        Err(w) => {
+            if w != *waiting {
+                warn!(
+                    interfaces = ?w,
+                    "pin layouts {:?} stay until these interfaces carry our programs: they serve them meanwhile, \
+                     from maps nothing updates",
+                    dp.other_layouts().iter().map(|l| l.name()).collect::<Vec<_>>()
                 );
+                *waiting = w;
+            }
+        }
+        Ok(done) => {
+            for (layout, r) in done {
+                match r {
+                    Ok(()) => info!(
+                        from = layout.name(),
+                        "took over from pin layout {}: its links hold our programs and it is removed",
+                        layout.name()
+                    ),
+                    Err(e) => {
+                        agent.metrics.layout_takeover(&layout.name(), "failed");
+                        error!(from = layout.name(), "pin layout {}: {e}", layout.name());
+                    }
+                }
             }
         }
     }

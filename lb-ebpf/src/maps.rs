@@ -114,8 +114,8 @@ pub static LB4_FRAGS: LruHashMap<Lb4FragKey, Lb4FragPorts> = LruHashMap::pinned(
 #[map(name = "LB_FORMATS")]
 pub static LB_FORMATS: Array<u32> = Array::pinned(formats::CAPACITY, 0);
 
-/// While the agent takes over another layout's links: `[0]` non-zero holds back packets that would
-/// start a flow, `[1]` counts them (see `lb_common::MAP_LB_TAKEOVER`). Not pinned: every load
+/// While the agent takes over another layout's links: until `[0]` (a deadline on the datapath's
+/// clock) packets that would start a flow are held back, `[1]` counts them (see `lb_common::MAP_LB_TAKEOVER`). Not pinned: every load
 /// starts with it off.
 #[map(name = "LB_TAKEOVER")]
 pub static LB_TAKEOVER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);

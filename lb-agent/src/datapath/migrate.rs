@@ -61,6 +61,11 @@ impl Layout {
         self.formats.is_some_and(|f| readable(&f))
     }
 
+    /// Whether any of its links is still pinned (serving).
+    pub fn has_links(&self) -> bool {
+        std::fs::read_dir(self.dir.join("links")).is_ok_and(|mut d| d.next().is_some())
+    }
+
     /// The pin of its link of `prog` on `interface`, if there is one.
     pub fn link_pin(&self, interface: &str, prog: &str) -> Option<PathBuf> {
         let pin = self.dir.join("links").join(super::link_pin_name(interface, prog));
@@ -176,6 +181,16 @@ pub enum Outcome {
     TooSmall(Layout, TooSmall),
 }
 
+/// A take-over of another layout's links with its flows (`Datapath::take_over_carried`).
+#[derive(Debug)]
+pub struct TakeOver {
+    pub from: Layout,
+    /// What its table's last copy gave.
+    pub copied: Result<Carried, DatapathError>,
+    /// Packets held back meanwhile (that would have started a flow).
+    pub held: u64,
+}
+
 /// What was carried from another layout, and what could not be.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Carried {
@@ -239,7 +254,8 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
     let fe_end = fe_ids.max().map_or(0, |id| id + 1);
     let be_end = used_backends.iter().map(|(id, _)| *id).chain(members.iter().map(|(k, _)| k.backend_id));
     let be_end = be_end.max().map_or(0, |id| id + 1);
-    let slots_end = services.iter().map(|(_, s)| s.maglev_offset + s.maglev_size).max().unwrap_or(0);
+    let slots_end =
+        services.iter().map(|(_, s)| s.maglev_offset.saturating_add(s.maglev_size)).max().unwrap_or(0);
     let needs = [
         (MAP_LB4_SERVICES, services.len() as u32, max_entries(maps.services.map(), MAP_LB4_SERVICES)?),
         (MAP_LB4_MEMBERS, members.len() as u32, max_entries(maps.members.map(), MAP_LB4_MEMBERS)?),

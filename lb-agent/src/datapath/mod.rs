@@ -281,11 +281,11 @@ fn link_pin_name(interface: &str, prog: &str) -> String {
     format!("{}@{prog}", interface.replace('.', ":"))
 }
 
-/// Every program the datapath attaches, in the order an interface gets them. The TC forward
-/// program first: whatever is then removed or replaced in front of it (another layout's XDP
-/// program, or ours), it handles every packet to a Service that comes its way. The reply program
-/// last.
-const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_XDP_FORWARD, PROG_TC_REPLY];
+/// Every program the datapath attaches, in the order an interface gets them: the TC programs
+/// first (the forward one first: whatever is then removed or replaced in front of it, another
+/// layout's XDP program or ours, it handles every packet to a Service that comes its way), XDP
+/// last, so that an XDP program that cannot attach leaves the interface whole in TC.
+const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD];
 
 /// How long new flows may be held back during a take-over (`LB_TAKEOVER[0]` is a deadline on the
 /// datapath's clock, so an agent that dies holding them releases them anyway).
@@ -304,10 +304,11 @@ impl Datapath {
         let dir = layout_dir(&cfg.pin_dir);
         let links_dir = dir.join("links");
         let never_ran = std::fs::read_dir(&links_dir).map_or(true, |mut d| d.next().is_none());
-        if never_ran && migrate::source(&others).is_some() {
-            // Our programs never ran, so our maps hold nothing but an earlier start's copy of
-            // another layout's state and what its first sync wrote over it: they are made anew and
-            // the other layout's state is carried again.
+        if never_ran && !others.is_empty() {
+            // Our programs never ran (a link is pinned in our layout before our program goes into
+            // it), so our maps hold nothing that serves: at most an earlier start's copy of another
+            // layout's state and what its first sync wrote over it. They are made anew, and the
+            // other layout's state is carried again (or rebuilt, if it cannot be read).
             for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 if e.path().is_file() || !e.path().is_dir() {
                     let _ = std::fs::remove_file(e.path());
@@ -415,13 +416,13 @@ impl Datapath {
         if self.others.is_empty() {
             return Ok(Outcome::NoOther);
         }
-        let Some(from) = migrate::source(&self.others).cloned() else { return Ok(Outcome::Unreadable) };
         if !self.never_ran {
             // An earlier start carried its state and moved some of its links: the rest move as
             // then, with its latest flows.
-            self.carried_from = Some(from);
+            self.carried_from = migrate::source(&self.others).filter(|l| l.has_links()).cloned();
             return Ok(Outcome::OursRan);
         }
+        let Some(from) = migrate::source(&self.others).cloned() else { return Ok(Outcome::Unreadable) };
         Ok(match migrate::carry_state(&from, maps)? {
             Ok(carried) => {
                 self.carried_from = Some(from.clone());
@@ -436,44 +437,59 @@ impl Datapath {
     /// (their first packets dropped: senders retransmit) while its forward programs are replaced
     /// by ours, its table (final then: nothing adds to it any more) is copied into ours, and its
     /// reply programs are replaced. Flows already carried go on, unheld. `None` when no state was
-    /// carried; else the layout, what the copy gave and how many packets were held back.
+    /// carried; else the layout, what the copy gave and how many packets were held back. `Err`
+    /// when new flows could not be held: nothing was done.
     pub fn take_over_carried(
         &mut self,
         interfaces: &[String],
         maps: &mut Maps,
-    ) -> Option<(Layout, Result<migrate::Carried, DatapathError>, u64)> {
-        let from = self.carried_from.take()?;
-        if let Err(e) = self.hold_new_flows(true) {
-            return Some((from, Err(e), 0));
-        }
+    ) -> Result<Option<migrate::TakeOver>, DatapathError> {
+        let Some(from) = self.carried_from.clone() else { return Ok(None) };
+        // Renewed before each step: a step never runs on a lapsed hold. Not held, nothing is done.
+        self.hold_new_flows(true)?;
+        self.carried_from = None;
         // Forward programs: ours in its links, or beside them where it has none (layout 6's XDP
-        // mode had no TC forward program; ours goes in before its XDP program goes or is swapped).
+        // mode had no TC forward program). An interface whose TC forward program cannot be ours
+        // stays wholly theirs, for `attach` to try again.
+        let mut ours = Vec::new();
         for interface in interfaces {
-            for prog in [PROG_TC_FORWARD, PROG_XDP_FORWARD] {
-                if self.wanted(prog) {
-                    if let Err(e) = self.place(interface, prog, Some(&from)) {
-                        tracing::warn!(interface, "{e}");
-                    }
-                } else if let Some(old) = from.link_pin(interface, prog) {
+            if let Err(e) = self.place(interface, PROG_TC_FORWARD, Some(&from)) {
+                tracing::warn!(interface, "{e}");
+                continue;
+            }
+            // Their XDP program, in front of ours, would start flows in their table: ours, or none.
+            let xdp_ours = self.wanted(PROG_XDP_FORWARD)
+                && self
+                    .place(interface, PROG_XDP_FORWARD, Some(&from))
+                    .map_err(|e| tracing::warn!(interface, "{e}"))
+                    .is_ok();
+            if !xdp_ours {
+                if let Some(old) = from.link_pin(interface, PROG_XDP_FORWARD) {
                     let _ = std::fs::remove_file(old);
                 }
             }
+            ours.push(interface);
         }
-        // Its table is final now for these interfaces: nothing of theirs starts a flow.
-        let copied = migrate::carry_flows(&from, maps);
-        for interface in interfaces {
+        // Its table is final now for these interfaces: nothing of theirs starts a flow there.
+        let held = self.hold_new_flows(true);
+        let copied = held.and_then(|()| migrate::carry_flows(&from, maps));
+        let _ = self.hold_new_flows(true);
+        for interface in ours {
             if let Some(old) = from.link_pin(interface, PROG_TC_REPLY) {
-                let ours = self.link_pin(interface, PROG_TC_REPLY);
-                self.take_over(PROG_TC_REPLY, &old, Some(&ours));
+                let pin = self.link_pin(interface, PROG_TC_REPLY);
+                self.take_over(PROG_TC_REPLY, &old, Some(&pin));
             }
         }
         let released = self.hold_new_flows(false);
-        let held = self.held_packets();
+        if copied.is_err() {
+            // Copied again before it is removed.
+            self.carried_from = Some(from.clone());
+        }
         let result = match (copied, released) {
             (Ok(c), Ok(())) => Ok(c),
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
-        Some((from, result, held))
+        Ok(Some(migrate::TakeOver { from, copied: result, held: self.held_packets() }))
     }
 
     /// Holds back new flows (`LB_TAKEOVER[0]` set, on every CPU, to a deadline `HOLD_LIMIT_NS`
@@ -497,23 +513,38 @@ impl Datapath {
     }
 
     /// Once every interface of `interfaces` (those that match) is attached: removes every other
-    /// layout (its links on interfaces we do not attach to go with it). Until then it stays,
-    /// serving where we do not. What each removal gave; one that failed is tried again next call.
-    pub fn finish_take_over(&mut self, interfaces: &[String]) -> Vec<(Layout, std::io::Result<()>)> {
-        if interfaces.iter().any(|i| !self.is_attached(i)) {
-            return Vec::new();
+    /// layout (its links on interfaces we do not attach to go with it), after copying its flows
+    /// again if the take-over's copy failed. Until then it stays, serving where we do not:
+    /// `Err` names the interfaces it waits for. What each removal gave; one that failed is tried
+    /// again next call.
+    #[allow(clippy::type_complexity, reason = "removals, or what they wait for")]
+    pub fn finish_take_over(
+        &mut self,
+        interfaces: &[String],
+        maps: &mut Maps,
+    ) -> Result<Vec<(Layout, Result<(), String>)>, Vec<String>> {
+        let waiting: Vec<String> = interfaces.iter().filter(|i| !self.is_attached(i)).cloned().collect();
+        if !waiting.is_empty() {
+            return Err(waiting);
         }
         let mut done = Vec::new();
+        if let Some(from) = self.carried_from.take() {
+            if let Err(e) = migrate::carry_flows(&from, maps) {
+                done.push((from.clone(), Err(format!("copying its flows: {e}"))));
+                self.carried_from = Some(from);
+                return Ok(done);
+            }
+        }
         for l in std::mem::take(&mut self.others) {
             match migrate::remove(&l) {
                 Ok(()) => done.push((l, Ok(()))),
                 Err(e) => {
-                    done.push((l.clone(), Err(e)));
+                    done.push((l.clone(), Err(format!("removing {}: {e}", l.dir.display()))));
                     self.others.push(l);
                 }
             }
         }
-        done
+        Ok(done)
     }
 
     /// The loaded program, for BPF_PROG_TEST_RUN.
@@ -583,6 +614,15 @@ impl Datapath {
                     for p in &new {
                         let _ = std::fs::remove_file(p);
                     }
+                    if prog == PROG_XDP_FORWARD {
+                        // Our TC programs are in place: another layout's XDP program in front of
+                        // them would start flows in its table.
+                        for l in &self.others {
+                            if let Some(pin) = l.link_pin(interface, prog) {
+                                let _ = std::fs::remove_file(pin);
+                            }
+                        }
+                    }
                     return Err(e);
                 }
             }
@@ -631,24 +671,34 @@ impl Datapath {
     /// another layout moves into ours).
     fn take_over(&mut self, prog: &'static str, pin: &Path, move_to: Option<&Path>) -> bool {
         let Ok(pinned) = PinnedLink::from_pin(pin) else { return false };
-        let fd = FdLink::from(pinned);
+        let mut fd = FdLink::from(pinned);
+        if let Some(to) = move_to {
+            // Pinned in our layout before our program goes in: whenever our program serves
+            // through a link, our layout holds it (a start that finds our links empty knows that
+            // nothing of ours runs).
+            let _ = std::fs::remove_file(to);
+            match fd.pin(to) {
+                Ok(pinned) => fd = FdLink::from(pinned),
+                Err(_) => return false,
+            }
+        }
         let program = self.ebpf.program_mut(prog).expect("object has the program");
-        let link: Option<FdLink> = if prog == PROG_XDP_FORWARD {
+        let swapped = if prog == PROG_XDP_FORWARD {
             let Ok(link) = XdpLink::try_from(fd) else { return false };
             let Ok(p) = <&mut Xdp>::try_from(program) else { return false };
-            p.attach_to_link(link).ok().and_then(|id| p.take_link(id).ok()).and_then(|l| l.try_into().ok())
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
         } else {
             let Ok(link) = SchedClassifierLink::try_from(fd) else { return false };
             let Ok(p) = <&mut SchedClassifier>::try_from(program) else { return false };
-            p.attach_to_link(link).ok().and_then(|id| p.take_link(id).ok()).and_then(|l| l.try_into().ok())
+            p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
         };
-        let Some(link) = link else { return false };
-        if let Some(to) = move_to {
-            // Pinned at ours before theirs goes: the link always has a pin.
-            let _ = std::fs::remove_file(to);
-            if link.pin(to).is_err() {
-                return false;
+        if swapped != Some(true) {
+            if let Some(to) = move_to {
+                let _ = std::fs::remove_file(to);
             }
+            return false;
+        }
+        if move_to.is_some() {
             let _ = std::fs::remove_file(pin);
         }
         // Dropping our handle leaves the link to its pin.
