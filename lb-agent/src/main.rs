@@ -293,6 +293,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some((from, state)) = carried {
         agent.metrics.layout_takeover(&from, state);
     }
+    for m in dp.kernel().missing() {
+        warn!(
+            feature = m.feature,
+            "this kernel lacks {} (Linux {} has it): {}", m.feature, m.since, m.instead
+        );
+        let labels = vec![
+            ("feature".to_string(), m.feature.to_string()),
+            ("since".to_string(), m.since.to_string()),
+            ("instead".to_string(), m.instead.to_string()),
+        ];
+        agent.metrics.kernel_missing.get_or_create(&labels).set(1);
+    }
     let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
     let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
     metrics::serve(listeners, registry, agent.health.clone()).context("serving metrics and health")?;

@@ -68,6 +68,8 @@ pub struct Metrics {
     /// Packets that would have started a flow, dropped while another layout's links were taken
     /// over (their senders retransmit).
     pub layout_takeover_held: Counter,
+    /// Kernel features lb would use that this kernel lacks (1 each), with what lb does instead.
+    pub kernel_missing: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -90,6 +92,7 @@ impl Metrics {
             sweep_errors: Counter::default(),
             layout_takeovers: Family::default(),
             layout_takeover_held: Counter::default(),
+            kernel_missing: Family::default(),
         }
     }
 
@@ -316,6 +319,11 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
         "lb_layout_takeovers",
         "Take-overs from another pin layout version (an upgrade or a rollback), by layout and outcome",
         metrics.layout_takeovers.clone(),
+    );
+    r.register(
+        "lb_kernel_feature_missing",
+        "Kernel features lb would use that this kernel lacks, with the kernel that has them and what lb does instead",
+        metrics.kernel_missing.clone(),
     );
     r.register(
         "lb_layout_takeover_held_packets",

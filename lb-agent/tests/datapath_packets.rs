@@ -531,10 +531,30 @@ fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
     (v, out, mark)
 }
 
+/// Whether this kernel's BPF_PROG_TEST_RUN hands back the metadata an XDP program leaves in front
+/// of a packet (Linux 5.14 and later), found by running one packet that XDP passes, marked.
+fn xdp_meta_returned(dp: &Datapath) -> bool {
+    static RETURNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RETURNED.get_or_init(|| {
+        let p = Pkt::new((CLIENT, 9), (Ipv4Addr::new(192, 0, 2, 1), 9), SYN).bytes();
+        let (v, out) = run(dp, Prog::Xdp, &p);
+        let returned = v == XDP_PASS && out.len() == p.len() + 8;
+        if !returned {
+            eprintln!(
+                "note: this kernel's BPF_PROG_TEST_RUN returns no XDP metadata (Linux 5.14 and later do): \
+                 XDP's marks for TC are not checked here, only end to end (e2e XDP tests)"
+            );
+        }
+        returned
+    })
+}
+
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
+    // First: the probe's packet counts too.
+    let check_mark = row.prog == Prog::Xdp && xdp_meta_returned(dp);
     let before = maps.read_counters().expect("counters");
     let (verdict, out, mark) = run_marked(dp, row.prog, &row.bytes);
-    if row.prog == Prog::Xdp {
+    if check_mark {
         // Passed: marked decided (TC leaves it alone) or left to TC; dropped: no mark.
         let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
         let want = match (verdict == XDP_PASS, to_tc) {

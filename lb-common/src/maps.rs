@@ -101,6 +101,11 @@ pub mod globals {
     /// (`Lb4CtEntry::snat_port`). Outside the node's `ip_local_port_range`.
     pub const SNAT_PORT_MIN: &str = "SNAT_PORT_MIN";
     pub const SNAT_PORT_MAX: &str = "SNAT_PORT_MAX";
+    /// `u32`: non-zero where the kernel has `bpf_ktime_get_coarse_ns` (5.11), which the datapath
+    /// then reads its clock with; else `bpf_ktime_get_ns` (the same CLOCK_MONOTONIC, to the
+    /// nanosecond, at a few more nanoseconds a call). A read-only global, so the verifier knows
+    /// it and never looks at the branch not taken, whose helper an older kernel would refuse.
+    pub const KTIME_COARSE: &str = "KTIME_COARSE";
 }
 
 /// Default SNAT port range: above the kernel's default `ip_local_port_range` (32768-60999) and

@@ -25,6 +25,8 @@ static HAIRPIN_ADDR: Global<u32> = Global::new(u32::from_ne_bytes(DEFAULT_HAIRPI
 static SNAT_PORT_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
 #[unsafe(no_mangle)]
 static SNAT_PORT_MAX: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.1 as u32);
+#[unsafe(no_mangle)]
+static KTIME_COARSE: Global<u32> = Global::new(1);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -54,4 +56,10 @@ pub fn hairpin_addr() -> u32 {
 #[inline(always)]
 pub fn snat_ports() -> (u32, u32) {
     (SNAT_PORT_MIN.load(), SNAT_PORT_MAX.load())
+}
+
+/// Whether the kernel has `bpf_ktime_get_coarse_ns` (see `lb_common::globals::KTIME_COARSE`).
+#[inline(always)]
+pub fn ktime_coarse() -> bool {
+    KTIME_COARSE.load() != 0
 }

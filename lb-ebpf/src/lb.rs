@@ -1,7 +1,7 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
 //! session affinity, Maglev selection, hairpin. It only decides; the pipeline rewrites the packet.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_log_ebpf::warn;
 use lb_common::{
     counters, hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service,
@@ -9,7 +9,7 @@ use lb_common::{
 };
 
 use crate::{
-    config::{flow_hash_seed, hairpin_addr},
+    config::{self, flow_hash_seed, hairpin_addr},
     conntrack::{self, Chosen, CreateError, Lookup, ReplyLookup},
     ctx::PacketCtx,
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB_TAKEOVER},
@@ -42,9 +42,15 @@ pub enum Action {
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: no preconditions. The coarse clock (a tick's resolution) is plenty for timeouts of
-    // seconds and costs a fraction of bpf_ktime_get_ns.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // The coarse clock (a tick's resolution) is plenty for timeouts of seconds and costs a
+    // fraction of bpf_ktime_get_ns; kernels before 5.11 lack it (a load-time choice).
+    if config::ktime_coarse() {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
 }
 
 /// Whether the agent holds back new flows (until `LB_TAKEOVER[0]`, a time on `now_ns`'s clock);

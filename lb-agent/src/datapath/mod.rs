@@ -7,6 +7,7 @@ pub mod maps;
 pub mod migrate;
 pub mod netlink;
 pub mod pins;
+pub mod probe;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -272,6 +273,8 @@ pub struct Datapath {
     carried_from: Option<Layout>,
     /// `LB_TAKEOVER`: holds back new flows while another layout's links are taken over.
     takeover: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    /// What the kernel can do.
+    kernel: probe::Kernel,
 }
 
 /// The name of a link's pin in a layout's `links/`: the same in every layout version (see
@@ -332,6 +335,8 @@ impl Datapath {
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
         let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
+        let kernel = probe::Kernel::probe();
+        let ktime_coarse = u32::from(kernel.ktime_coarse);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.caps.services)
@@ -350,6 +355,7 @@ impl Datapath {
             .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
             .override_global(globals::SNAT_PORT_MIN, &snat_min, true)
             .override_global(globals::SNAT_PORT_MAX, &snat_max, true)
+            .override_global(globals::KTIME_COARSE, &ktime_coarse, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -399,8 +405,14 @@ impl Datapath {
             never_ran,
             carried_from,
             takeover,
+            kernel,
         };
         Ok((dp, maps))
+    }
+
+    /// What the kernel can do, as found at load.
+    pub fn kernel(&self) -> probe::Kernel {
+        self.kernel
     }
 
     /// Layouts of other versions still pinned beside ours, newest first.
