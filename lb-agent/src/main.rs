@@ -38,6 +38,18 @@ enum TcPosition {
     Last,
 }
 
+/// `--tc-attach`: the flag's spelling of [`datapath::TcAttach`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TcAttachFlag {
+    /// TCX where the kernel has it (Linux 6.6), else clsact qdisc filters over netlink.
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// clsact qdisc filters over netlink only (direct-action cls_bpf, at a fixed priority and
+    /// handle).
+    Netlink,
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
 struct Args {
@@ -76,6 +88,9 @@ struct Args {
     /// programs after it, then to classic clsact filters.
     #[arg(long, value_enum, default_value = "first")]
     tc_position: TcPosition,
+    /// How the TC programs are attached.
+    #[arg(long, value_enum, default_value = "auto")]
+    tc_attach: TcAttachFlag,
     /// This node's name (internalTrafficPolicy Local, node topology hints).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -190,6 +205,11 @@ impl From<Args> for Config {
                 tc_order: match a.tc_position {
                     TcPosition::First => datapath::TcOrder::First,
                     TcPosition::Last => datapath::TcOrder::Last,
+                },
+                tc_attach: match a.tc_attach {
+                    TcAttachFlag::Auto => datapath::TcAttach::Auto,
+                    TcAttachFlag::Tcx => datapath::TcAttach::Tcx,
+                    TcAttachFlag::Netlink => datapath::TcAttach::Netlink,
                 },
             },
             mode: match a.datapath {

@@ -35,6 +35,33 @@ pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
 /// counts those packets. Per CPU; the agent writes `[0]` on every CPU.
 pub const MAP_LB_TAKEOVER: &str = "LB_TAKEOVER";
 
+/// Pinned: lb's TC filters (clsact qdisc filters attached over netlink, where the kernel has no
+/// TCX), so that a later agent knows which filters are lb's and `--cleanup` deletes exactly those.
+/// Written by the agent only.
+pub const MAP_LB_TC_FILTERS: &str = "LB_TC_FILTERS";
+
+/// Key of `LB_TC_FILTERS`: an interface and a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbTcFilterKey {
+    pub ifindex: u32,
+    /// 0: ingress; 1: egress.
+    pub egress: u32,
+}
+const _: () = assert!(size_of::<LbTcFilterKey>() == 8);
+
+/// Value of `LB_TC_FILTERS`: where lb's filter is, and the interface's name when it was attached
+/// (an index reused by another interface is not its).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbTcFilter {
+    pub priority: u32,
+    pub handle: u32,
+    /// NUL-padded.
+    pub ifname: [u8; 16],
+}
+const _: () = assert!(size_of::<LbTcFilter>() == 24);
+
 /// The format of each map whose state an agent carries from another layout version (lb-agent's
 /// `datapath::migrate`), written by the agent at load: `[i]` is the format of `formats::MAPS[i]`.
 /// An agent of another version compares them with its own to know what it can read.
@@ -65,7 +92,7 @@ pub mod formats {
 }
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -80,6 +107,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
     MAP_LB_FORMATS,
+    MAP_LB_TC_FILTERS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -539,6 +567,10 @@ mod pod {
     unsafe impl aya::Pod for Lb4FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4FragPorts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbTcFilterKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbTcFilter {}
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
-    LbMonitorBucket,
+    LbMonitorBucket, LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -119,3 +119,8 @@ pub static LB_FORMATS: Array<u32> = Array::pinned(formats::CAPACITY, 0);
 /// starts with it off.
 #[map(name = "LB_TAKEOVER")]
 pub static LB_TAKEOVER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// lb's TC filters, where the kernel has no TCX (see `lb_common::MAP_LB_TC_FILTERS`). Pinned;
+/// written by the agent; no program reads it.
+#[map(name = "LB_TC_FILTERS")]
+pub static LB_TC_FILTERS: HashMap<LbTcFilterKey, LbTcFilter> = HashMap::pinned(16_384, 0);

@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod image;
+mod kernels;
 mod previous;
 mod setup;
 mod soak;

@@ -50,7 +50,7 @@ fn apt_packages() -> anyhow::Result<&'static str> {
     apt_install(APT_PACKAGES)
 }
 
-fn apt_install(packages: &[(&str, &str)]) -> anyhow::Result<&'static str> {
+pub(crate) fn apt_install(packages: &[(&str, &str)]) -> anyhow::Result<&'static str> {
     let installed = |p: &str| {
         output("dpkg-query", &["-W", "-f=${Status}", p]).is_some_and(|s| s.trim() == "install ok installed")
     };

@@ -23,6 +23,10 @@ pub struct Options {
     /// With --fresh: keep the clone and its cargo home afterwards (to look at a failure).
     #[arg(long, requires = "fresh")]
     keep: bool,
+    /// Instead of the suite: the kernel matrix (Debian's 5.10, 6.1 and 6.12 kernels booted in
+    /// qemu, each running the packet tables and end-to-end tests).
+    #[arg(long, conflicts_with = "fresh")]
+    kernels: bool,
     /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
@@ -33,6 +37,9 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
         return fresh(o);
     }
     setup::run()?;
+    if o.kernels {
+        return crate::kernels::run();
+    }
     setup::step("kubectl", setup::kubectl)?;
     anyhow::ensure!(
         // SAFETY: geteuid has no preconditions.

@@ -11,7 +11,8 @@ use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
     Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
     MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
-    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, PINNED_MAPS,
+    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, MAP_LB_TC_FILTERS,
+    PINNED_MAPS,
 };
 
 use super::{
@@ -41,7 +42,8 @@ pub struct Maps {
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 4] = [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS, MAP_LB_FORMATS];
+const UNTYPED_MAPS: [&str; 5] =
+    [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS, MAP_LB_FORMATS, MAP_LB_TC_FILTERS];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }

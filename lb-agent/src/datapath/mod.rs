@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod netlink;
 pub mod pins;
 pub mod probe;
+pub mod tc_filters;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -82,6 +83,21 @@ pub struct Config {
     pub tc_order: TcOrder,
     /// First and last source port given to a flow whose tuple clashed (see `lb_common::Lb4CtKey`).
     pub snat_ports: (u16, u16),
+    /// How the TC programs are attached.
+    pub tc_attach: TcAttach,
+}
+
+/// How the TC programs are attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcAttach {
+    /// TCX where the kernel has it, else netlink filters.
+    #[default]
+    Auto,
+    /// TCX links (Linux 6.6), pinned.
+    Tcx,
+    /// Direct-action cls_bpf filters on a clsact qdisc, over netlink, recorded in
+    /// `LB_TC_FILTERS` (see [`tc_filters`]).
+    Netlink,
 }
 
 /// Checks SNAT port range `snat` against `local`, the node's `net.ipv4.ip_local_port_range`
@@ -275,6 +291,9 @@ pub struct Datapath {
     takeover: aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     /// What the kernel can do.
     kernel: probe::Kernel,
+    /// TC programs as netlink filters (no TCX), recorded in `tc_records`.
+    netlink: bool,
+    tc_records: tc_filters::Records,
 }
 
 /// The name of a link's pin in a layout's `links/`: the same in every layout version (see
@@ -393,6 +412,13 @@ impl Datapath {
         }
         let tc_order = cfg.tc_order;
         let attached = StdHashMap::new();
+        let netlink = match cfg.tc_attach {
+            TcAttach::Auto => !kernel.tcx,
+            TcAttach::Tcx => false,
+            TcAttach::Netlink => true,
+        };
+        let tc_records =
+            tc_filters::open(&dir).ok_or(DatapathError::MissingMap(lb_common::MAP_LB_TC_FILTERS))?;
         let (carried_from, logger) = (None, logger);
         let dp = Self {
             ebpf,
@@ -406,6 +432,8 @@ impl Datapath {
             carried_from,
             takeover,
             kernel,
+            netlink,
+            tc_records,
         };
         Ok((dp, maps))
     }
@@ -487,9 +515,8 @@ impl Datapath {
         let copied = held.and_then(|()| migrate::carry_flows(&from, maps));
         let _ = self.hold_new_flows(true);
         for interface in ours {
-            if let Some(old) = from.link_pin(interface, PROG_TC_REPLY) {
-                let pin = self.link_pin(interface, PROG_TC_REPLY);
-                self.take_over(PROG_TC_REPLY, &old, Some(&pin));
+            if let Err(e) = self.place(interface, PROG_TC_REPLY, Some(&from)) {
+                tracing::warn!(interface, "{e}");
             }
         }
         let released = self.hold_new_flows(false);
@@ -639,11 +666,26 @@ impl Datapath {
                 }
             }
         }
-        // Whatever other layouts still have on this interface would run beside ours.
+        // Whatever other layouts still have on this interface would run beside ours, and so
+        // would TC programs of the other kind (TCX links, or netlink filters: a kernel upgrade).
         for l in &self.others {
             for prog in PROGRAMS {
                 if let Some(pin) = l.link_pin(interface, prog) {
                     let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
+        if self.netlink {
+            for prog in [PROG_TC_FORWARD, PROG_TC_REPLY] {
+                let _ = std::fs::remove_file(self.link_pin(interface, prog));
+            }
+        } else {
+            for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+                tc_filters::detach(&mut self.tc_records, interface, at);
+                for l in &self.others {
+                    if let Some(mut r) = tc_filters::open(&l.dir) {
+                        tc_filters::detach(&mut r, interface, at);
+                    }
                 }
             }
         }
@@ -659,6 +701,19 @@ impl Datapath {
         prog: &'static str,
         from: Option<&Layout>,
     ) -> Result<bool, DatapathError> {
+        if self.netlink && prog != PROG_XDP_FORWARD {
+            let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let others: Vec<tc_filters::Records> =
+                self.others.iter().filter_map(|l| tc_filters::open(&l.dir)).collect();
+            let order = self.tc_order;
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: prog, source })?;
+            return tc_filters::attach(p, prog, interface, at, order, &mut self.tc_records, &others);
+        }
         let pin = self.link_pin(interface, prog);
         if self.take_over(prog, &pin, None) {
             return Ok(false);
@@ -775,6 +830,7 @@ impl Datapath {
         for pin in self.attached.remove(interface).unwrap_or_default() {
             let _ = std::fs::remove_file(pin);
         }
+        tc_filters::prune(&mut self.tc_records);
     }
 
     /// Removes pins of links on interfaces that no longer exist (left by an agent that was away
@@ -787,5 +843,6 @@ impl Datapath {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        tc_filters::prune(&mut self.tc_records);
     }
 }

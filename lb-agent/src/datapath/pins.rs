@@ -88,12 +88,17 @@ pub(super) fn other_layouts(pin_dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the programs;
-/// removing the maps drops them (and with them every tracked flow).
+/// Removes everything the agent pinned under `pin_dir`: unpinning the links detaches the programs
+/// (netlink filters are deleted as recorded); removing the maps drops them (and with them every
+/// tracked flow).
 pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(0) };
     for layout in entries.flatten() {
+        // Netlink filters are not pinned links: deleted as the layout recorded them.
+        if let Some(mut records) = super::tc_filters::open(&layout.path()) {
+            removed += super::tc_filters::detach_all(&mut records);
+        }
         let links = layout.path().join("links");
         for l in std::fs::read_dir(&links).into_iter().flatten().flatten() {
             std::fs::remove_file(l.path())?;

@@ -64,6 +64,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         bpf_log: false,
         tc_order: Default::default(),
+        tc_attach: Default::default(),
     }
 }
 

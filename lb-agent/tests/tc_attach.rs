@@ -1,0 +1,146 @@
+//! TC programs attached as clsact qdisc filters over netlink (`--tc-attach netlink`, what kernels
+//! without TCX get): one filter per direction whatever the restarts, taken over in place under
+//! traffic, other owners' filters untouched, a move to TCX and back removing the other kind, and
+//! `--cleanup` deleting exactly lb's filters.
+
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use aya::programs::TcAttachType;
+use lb_agent::datapath::Mode;
+use lb_testkit::lab::Node;
+use support::{assert_clean_udp_kept, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
+
+fn all_ready(c: &[lb_testkit::lab::Pod; 3]) -> String {
+    who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
+}
+
+/// `tc filter show dev IFACE DIR` in `node`'s namespace, one line per filter.
+fn filters(node: &Node, interface: &str, dir: &str) -> Vec<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .args(["tc", "filter", "show", "dev", interface, dir])
+        .output()
+        .expect("tc");
+    // `tc` prints a line per priority and kind, then one per filter (with its handle).
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("filter") && l.contains(" handle "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn tc(node: &Node, args: &[&str]) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg("tc")
+        .args(args)
+        .output()
+        .expect("tc");
+    assert!(out.status.success(), "tc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// lb's filters on `interface`: exactly one each way, lb's programs, at lb's priority and handle.
+fn assert_lb_filters(node: &Node, interface: &str, what: &str) {
+    for (dir, prog) in [("ingress", "lb4_tc_forward"), ("egress", "lb4_tc_reply")] {
+        let lb: Vec<String> =
+            filters(node, interface, dir).into_iter().filter(|l| l.contains("lb4_tc")).collect();
+        assert_eq!(lb.len(), 1, "{what}: {interface} {dir}: {lb:?}");
+        assert!(
+            lb[0].contains(prog) && lb[0].contains("pref 1 ") && lb[0].contains("handle 0x1b"),
+            "{what}: {lb:?}"
+        );
+    }
+    assert!(tcx_programs(&node.netns, interface, TcAttachType::Ingress).is_empty(), "{what}: no TCX program");
+}
+
+#[test]
+fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
+    let mut c = Cluster::new("nlf", Mode::Tc, true, all_ready, &["--tc-attach", "netlink"]);
+    c.wait_reachable(&c.client1, 80);
+    let n1 = c.nodes[0].clone();
+    let iface = c.client1.host_if.clone();
+    assert_lb_filters(&n1, &iface, "attached");
+    // Another owner's filter, after lb's: never touched.
+    // (classic BPF: its kernel module is the one lb needs anyway.)
+    let classic = [
+        "filter",
+        "add",
+        "dev",
+        &iface,
+        "ingress",
+        "pref",
+        "50",
+        "handle",
+        "7",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 4294967295,",
+    ];
+    tc(&n1, &classic);
+
+    let traffic = Traffic::start(&c.client1);
+    std::thread::sleep(Duration::from_millis(300));
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        c.lab.stop_agent(&n1, signal);
+        std::thread::sleep(Duration::from_millis(300));
+        c.lab.restart_agent(&n1).expect("restart");
+        std::thread::sleep(Duration::from_millis(1_000));
+        assert_lb_filters(&n1, &iface, "after a restart");
+    }
+    let o = traffic.stop();
+    support::explain(&c, 1, &o);
+    assert_clean_udp_kept(&o, "restarts with netlink filters");
+    let other =
+        |n: &Node| filters(n, &iface, "ingress").into_iter().filter(|l| l.contains("bytecode")).count();
+    assert_eq!(other(&n1), 1, "the other owner's filter stays");
+
+    // To TCX and back: the other kind goes.
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    c.lab
+        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "tcx"])
+        .expect("agent");
+    c.wait_reachable(&c.client1, 80);
+    let gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
+        if filters(&n1, &iface, "ingress").iter().any(|l| l.contains("lb4_tc")) {
+            Err(std::io::Error::other("lb's filter still there"))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(gone.is_ok(), "TCX took over, netlink filters removed: {:?}", filters(&n1, &iface, "ingress"));
+    assert_eq!(tcx_programs(&n1.netns, &iface, TcAttachType::Ingress), ["lb4_tc_forward"]);
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    c.lab
+        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
+        .expect("agent");
+    c.wait_reachable(&c.client1, 80);
+    let tcx_gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
+        if tcx_programs(&n1.netns, &iface, TcAttachType::Ingress).is_empty() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("TCX still there"))
+        }
+    });
+    assert!(tcx_gone.is_ok(), "back to netlink, TCX links removed");
+    assert_lb_filters(&n1, &iface, "back to netlink");
+
+    // --cleanup deletes lb's filters and nothing else.
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    // In the node's namespace, as the agent ran: filters are found by interface there.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n1.netns))
+        .args([AGENT, "--cleanup", "--pin-dir"])
+        .arg(&n1.pin_dir)
+        .output()
+        .expect("cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for dir in ["ingress", "egress"] {
+        assert!(
+            !filters(&n1, &iface, dir).iter().any(|l| l.contains("lb4_tc")),
+            "{dir}: lb's filter deleted"
+        );
+    }
+    assert_eq!(other(&n1), 1, "the other owner's filter stays");
+}
