@@ -362,7 +362,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    attach_matching(&mut dp, &cfg.interfaces);
+    attach_matching(&mut dp, &cfg.interfaces, &agent);
     let mut waiting = Vec::new();
     finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
     let mut links = LinkEvents::new().context("netlink link notifications")?;
@@ -380,7 +380,7 @@ async fn main() -> anyhow::Result<()> {
                 if let Err(e) = r {
                     warn!("netlink: {e}");
                 }
-                attach_matching(&mut dp, &cfg.interfaces);
+                attach_matching(&mut dp, &cfg.interfaces, &agent);
             }
             _ = tick.tick() => {
                 agent.health.tick();
@@ -398,7 +398,7 @@ async fn main() -> anyhow::Result<()> {
                             pin_dir.display()
                         )
                     })?;
-                    attach_matching(&mut dp, &cfg.interfaces);
+                    attach_matching(&mut dp, &cfg.interfaces, &agent);
                     // The hold was on the directory that went: hold the new one.
                     match datapath::try_lock(&pin_dir) {
                         Ok(Some(l)) => lock = l,
@@ -410,7 +410,7 @@ async fn main() -> anyhow::Result<()> {
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
-                    attach_matching(&mut dp, &cfg.interfaces);
+                    attach_matching(&mut dp, &cfg.interfaces, &agent);
                     finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
@@ -597,8 +597,10 @@ fn matching(globs: &[glob::Pattern]) -> Vec<String> {
     datapath::interfaces().into_iter().filter(|n| globs.iter().any(|g| g.matches(n))).collect()
 }
 
-/// Attaches to interfaces that match and are new; forgets those that vanished.
-fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
+/// Attaches to interfaces that match and are new; forgets those that vanished. What failed goes
+/// to the health (`/readyz`) and the metrics; each failure is logged when it first happens or
+/// changes.
+fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>) {
     let present = datapath::interfaces();
     let gone: Vec<String> =
         dp.attached().filter(|a| !present.iter().any(|p| p == a)).map(String::from).collect();
@@ -606,13 +608,26 @@ fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern]) {
         info!(interface = %name, "interface gone");
         dp.forget(&name);
     }
+    let before = agent.health.failing();
+    let mut failed = Vec::new();
     for name in present {
         if dp.is_attached(&name) || !globs.iter().any(|g| g.matches(&name)) {
             continue;
         }
         match dp.attach(&name) {
             Ok(()) => info!(interface = %name, "attached"),
-            Err(e) => warn!(interface = %name, "{e}"),
+            Err(e) => {
+                let e = e.to_string();
+                if before.get(&name) != Some(&e) {
+                    warn!(interface = %name, "{e}");
+                }
+                failed.push((name, e));
+            }
         }
+    }
+    agent.health.interfaces(&failed);
+    agent.metrics.attach_failed.clear();
+    for (name, _) in &failed {
+        agent.metrics.attach_failed.get_or_create(&vec![("interface".to_string(), name.clone())]).set(1);
     }
 }

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub layout_takeover_held: Counter,
     /// Kernel features lb would use that this kernel lacks (1 each), with what lb does instead.
     pub kernel_missing: Family<Labels, Gauge>,
+    /// Interfaces that match but could not be attached (1 each, while so).
+    pub attach_failed: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -93,6 +95,7 @@ impl Metrics {
             layout_takeovers: Family::default(),
             layout_takeover_held: Counter::default(),
             kernel_missing: Family::default(),
+            attach_failed: Family::default(),
         }
     }
 
@@ -326,6 +329,11 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
         metrics.kernel_missing.clone(),
     );
     r.register(
+        "lb_interface_attach_failed",
+        "Interfaces that match --interfaces but could not be attached (1 while so), by interface",
+        metrics.attach_failed.clone(),
+    );
+    r.register(
         "lb_layout_takeover_held_packets",
         "Packets that would have started a flow, dropped (and retransmitted by their senders) while another layout's links were taken over",
         metrics.layout_takeover_held.clone(),
@@ -343,7 +351,14 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     /// Milliseconds since `started` when an unapplied change was first seen; 0 = none.
     pending_since_ms: AtomicU64,
+    /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
+    /// `started`), and the last attach error.
+    unattached: std::sync::Mutex<std::collections::BTreeMap<String, (u64, Option<String>)>>,
 }
+
+/// How long an interface that just appeared may go without the programs before `/readyz` says so
+/// (the agent attaches on the netlink event, or at worst on its 5 s rescan).
+pub const ATTACH_GRACE: Duration = Duration::from_secs(10);
 
 /// A change not applied within this long makes the agent unhealthy.
 const MAX_PENDING: Duration = Duration::from_secs(30);
@@ -357,7 +372,35 @@ impl Health {
             synced_once: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
             pending_since_ms: AtomicU64::new(0),
+            unattached: Default::default(),
         }
+    }
+
+    /// What the last attach pass found: `failed` (interface, error) do not carry the programs;
+    /// every other matching interface does. Interfaces gone are forgotten.
+    pub fn interfaces(&self, failed: &[(String, String)]) {
+        let now = self.now_ms();
+        let mut u = self.unattached.lock().expect("not poisoned");
+        u.retain(|i, _| failed.iter().any(|(f, _)| f == i));
+        for (i, e) in failed {
+            u.entry(i.clone()).or_insert((now, None)).1 = Some(e.clone());
+        }
+    }
+
+    /// Every interface that failed to attach, with its last error.
+    pub fn failing(&self) -> std::collections::BTreeMap<String, String> {
+        let u = self.unattached.lock().expect("not poisoned");
+        u.iter().map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default())).collect()
+    }
+
+    /// Interfaces that have gone without the programs longer than [`ATTACH_GRACE`], with why.
+    pub fn not_attached(&self) -> Vec<(String, String)> {
+        let now = self.now_ms();
+        let u = self.unattached.lock().expect("not poisoned");
+        u.iter()
+            .filter(|(_, (since, _))| now.saturating_sub(*since) > ATTACH_GRACE.as_millis() as u64)
+            .map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default()))
+            .collect()
     }
 
     fn now_ms(&self) -> u64 {
@@ -432,12 +475,18 @@ async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
     }
 }
 
-async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if h.ready() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no full sync yet\n")
+/// Ready: synced once, and every interface that matches carries the programs (one that just
+/// appeared gets [`ATTACH_GRACE`]).
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    if !h.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no full sync yet\n".into());
     }
+    let missing = h.not_attached();
+    if !missing.is_empty() {
+        let lines: Vec<String> = missing.iter().map(|(i, e)| format!("{i}: not attached: {e}")).collect();
+        return (StatusCode::SERVICE_UNAVAILABLE, lines.join("\n") + "\n");
+    }
+    (StatusCode::OK, "ok\n".into())
 }
 
 /// The metrics and health listeners, bound before anything else is done: a port that is taken

@@ -532,16 +532,18 @@ fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
 }
 
 /// Whether this kernel's BPF_PROG_TEST_RUN hands back the metadata an XDP program leaves in front
-/// of a packet (Linux 5.14 and later), found by running one packet that XDP passes, marked.
-fn xdp_meta_returned(dp: &Datapath) -> bool {
+/// of a packet: Linux 5.14 and later (the XDP context in test runs). Decided by the kernel's
+/// release, not by our program's output, which is what is under test.
+fn xdp_meta_returned(_dp: &Datapath) -> bool {
     static RETURNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *RETURNED.get_or_init(|| {
-        let p = Pkt::new((CLIENT, 9), (Ipv4Addr::new(192, 0, 2, 1), 9), SYN).bytes();
-        let (v, out) = run(dp, Prog::Xdp, &p);
-        let returned = v == XDP_PASS && out.len() == p.len() + 8;
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+        let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let returned = (major, minor) >= (5, 14);
         if !returned {
             eprintln!(
-                "note: this kernel's BPF_PROG_TEST_RUN returns no XDP metadata (Linux 5.14 and later do): \
+                "note: Linux {major}.{minor}'s BPF_PROG_TEST_RUN returns no XDP metadata (5.14 and later do): \
                  XDP's marks for TC are not checked here, only end to end (e2e XDP tests)"
             );
         }
@@ -550,7 +552,6 @@ fn xdp_meta_returned(dp: &Datapath) -> bool {
 }
 
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
-    // First: the probe's packet counts too.
     let check_mark = row.prog == Prog::Xdp && xdp_meta_returned(dp);
     let before = maps.read_counters().expect("counters");
     let (verdict, out, mark) = run_marked(dp, row.prog, &row.bytes);

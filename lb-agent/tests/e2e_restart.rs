@@ -134,8 +134,11 @@ fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
     // Still served while the agent is away.
     assert!(tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 5).expect("asks").iter().all(Result::is_ok));
     let agent = env!("CARGO_BIN_EXE_lb-agent");
-    let out = std::process::Command::new(agent)
-        .args(["--cleanup", "--pin-dir"])
+    // In the node's network namespace, where the agent ran (its netlink filters, on kernels
+    // without TCX, are found by interface there).
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n1.netns))
+        .args([agent, "--cleanup", "--pin-dir"])
         .arg(&n1.pin_dir)
         .output()
         .expect("cleanup");

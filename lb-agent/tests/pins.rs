@@ -6,6 +6,8 @@ use std::{path::PathBuf, process::Command};
 
 use lb_testkit::lab::Lab;
 
+mod support;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 
 /// lbctl is built beside the agent (the workspace builds both).
@@ -122,4 +124,21 @@ fn a_taken_port_stops_the_agent_before_anything_is_pinned() {
         assert!(pinned.is_empty(), "{flag}: pinned {pinned:?}");
         drop(taken);
     }
+}
+
+/// A start whose datapath fails to load after some of its maps were pinned (here a conntrack table
+/// the kernel refuses, of no entries; on an old kernel, a program the verifier refuses) removes
+/// what it pinned: the next start, or `--cleanup`, finds nothing half made.
+#[test]
+fn a_failed_load_leaves_nothing_pinned() {
+    let pins = support::PinDir::new("failed-load");
+    let mut cfg = support::test_config(pins.path());
+    cfg.caps.ct = 0;
+    let err = lb_agent::datapath::Datapath::load(&cfg, lb_agent::datapath::Mode::Tc).err().expect("refused");
+    assert!(format!("{err:?}").contains("LB4_CT"), "{err:?}");
+    assert!(
+        !pins.path().exists(),
+        "left: {:?}",
+        std::fs::read_dir(pins.path()).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
 }

@@ -126,6 +126,61 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     assert!(tcx_gone.is_ok(), "back to netlink, TCX links removed");
     assert_lb_filters(&n1, &iface, "back to netlink");
 
+    // Ready means attached: an interface whose filter place another owner holds (a filter at
+    // lb's priority and handle that lb did not record) keeps /readyz at 503, naming it, until it
+    // can be attached.
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    let ip = |args: &[&str]| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", n1.netns))
+            .arg("ip")
+            .args(args)
+            .output();
+        assert!(out.expect("ip").status.success(), "ip {args:?}");
+    };
+    ip(&["link", "add", "lxcz0", "type", "veth", "peer", "name", "z1"]);
+    ip(&["link", "set", "lxcz0", "up"]);
+    tc(&n1, &["qdisc", "add", "dev", "lxcz0", "clsact"]);
+    let squatter = [
+        "filter",
+        "add",
+        "dev",
+        "lxcz0",
+        "ingress",
+        "pref",
+        "1",
+        "handle",
+        "0x1b",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 4294967295,",
+    ];
+    tc(&n1, &squatter);
+    c.lab
+        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
+        .expect("agent");
+    let readyz = |n: &Node| {
+        lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz")
+            .expect("readyz")
+    };
+    let refused = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1) {
+        (503, body) if body.contains("lxcz0: not attached") => Ok(body),
+        other => Err(std::io::Error::other(format!("{other:?}"))),
+    });
+    assert!(refused.is_ok(), "/readyz while lxcz0 cannot be attached: {refused:?}\n{}", c.lab.agent_log(&n1));
+    let metrics = lb_testkit::lab::http_get(&n1.netns, "127.0.0.1:10249".parse().expect("addr"), "/metrics")
+        .expect("scrape")
+        .1;
+    assert!(metrics.contains("lb_interface_attach_failed{interface=\"lxcz0\"} 1"), "{metrics}");
+    assert_eq!(filters(&n1, "lxcz0", "ingress").len(), 1, "the other owner's filter untouched");
+    tc(&n1, &["filter", "del", "dev", "lxcz0", "ingress", "pref", "1", "handle", "0x1b", "bpf"]);
+    let ready = lb_testkit::lab::wait_until(Duration::from_secs(15), || match readyz(&n1) {
+        (200, _) => Ok(()),
+        other => Err(std::io::Error::other(format!("{other:?}"))),
+    });
+    assert!(ready.is_ok(), "ready once attached: {ready:?}");
+    assert_lb_filters(&n1, "lxcz0", "attached after the other owner left");
+
     // --cleanup deletes lb's filters and nothing else.
     c.lab.stop_agent(&n1, libc::SIGTERM);
     // In the node's namespace, as the agent ran: filters are found by interface there.

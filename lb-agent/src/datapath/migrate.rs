@@ -352,6 +352,11 @@ fn copy_newer<K: aya::Pod, V: aya::Pod, W: aya::Pod>(
 /// Removes layout `l`: unpinning its links detaches whatever program they still hold; its maps go
 /// once no program uses them.
 pub fn remove(l: &Layout) -> std::io::Result<()> {
+    // Its netlink filters on interfaces we do not attach to (those we do are ours now, their
+    // records moved).
+    if let Some(mut records) = super::tc_filters::open(&l.dir) {
+        super::tc_filters::detach_all(&mut records).map_err(|left| std::io::Error::other(left.join("; ")))?;
+    }
     let links = l.dir.join("links");
     for e in std::fs::read_dir(&links).into_iter().flatten().flatten() {
         std::fs::remove_file(e.path())?;

@@ -296,6 +296,13 @@ pub struct Datapath {
     tc_records: tc_filters::Records,
 }
 
+/// Whether our programs ran from layout directory `dir`: a link is pinned in `links/` (before our
+/// program goes into it), or a netlink filter is recorded in `LB_TC_FILTERS` (when it is attached).
+fn ran_before(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("links")).is_ok_and(|mut d| d.next().is_some())
+        || tc_filters::open(dir).is_some_and(|r| r.keys().next().is_some())
+}
+
 /// The name of a link's pin in a layout's `links/`: the same in every layout version (see
 /// [`migrate`]). bpffs refuses names with a '.', which interface names may have (VLANs); ':' is
 /// one character an interface name never has, so it stands in for it.
@@ -317,6 +324,30 @@ impl Datapath {
     /// Loads the programs; maps already pinned under `cfg.pin_dir` are reused, others are
     /// created and pinned there.
     pub fn load(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
+        // Maps pinned by a start that then fails (a verifier that refuses a program) would be
+        // left behind: what this start pinned anew is removed again.
+        let dir = layout_dir(&cfg.pin_dir);
+        let never_ran = !ran_before(&dir);
+        let anew =
+            !dir.join(MAP_LB4_SERVICES).exists() || (never_ran && !migrate::others(&cfg.pin_dir).is_empty());
+        let pin_dir_existed = cfg.pin_dir.exists();
+        let loaded = Self::load_pinned(cfg, mode);
+        if loaded.is_err() && anew {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if !e.path().is_dir() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(dir.join("links"));
+            let _ = std::fs::remove_dir(&dir);
+            if !pin_dir_existed {
+                let _ = std::fs::remove_dir(&cfg.pin_dir);
+            }
+        }
+        loaded
+    }
+
+    fn load_pinned(cfg: &Config, mode: Mode) -> Result<(Self, Maps), DatapathError> {
         valid_snat_ports(cfg.snat_ports).map_err(DatapathError::SnatPorts)?;
         if let Some((dir, kind)) = pins::not_on_bpffs(&cfg.pin_dir) {
             return Err(DatapathError::NotBpffs { pin_dir: cfg.pin_dir.clone(), dir, kind });
@@ -325,7 +356,7 @@ impl Datapath {
         let others = migrate::others(&cfg.pin_dir);
         let dir = layout_dir(&cfg.pin_dir);
         let links_dir = dir.join("links");
-        let never_ran = std::fs::read_dir(&links_dir).map_or(true, |mut d| d.next().is_none());
+        let never_ran = !ran_before(&dir);
         if never_ran && !others.is_empty() {
             // Our programs never ran (a link is pinned in our layout before our program goes into
             // it), so our maps hold nothing that serves: at most an earlier start's copy of another
@@ -641,17 +672,30 @@ impl Datapath {
                 continue;
             }
             let from = self.others.iter().find(|l| l.link_pin(interface, prog).is_some()).cloned();
+            // A netlink filter has no pin: its record in LB_TC_FILTERS stands for it.
+            let filter = self.netlink && prog != PROG_XDP_FORWARD;
             match self.place(interface, prog, from.as_ref()) {
                 Ok(fresh) => {
                     let pin = self.link_pin(interface, prog);
                     if fresh {
-                        new.push(pin.clone());
+                        new.push(prog);
                     }
-                    pins.push(pin);
+                    if !filter {
+                        pins.push(pin);
+                    }
                 }
                 Err(e) => {
                     for p in &new {
-                        let _ = std::fs::remove_file(p);
+                        if self.netlink && *p != PROG_XDP_FORWARD {
+                            let at = if *p == PROG_TC_REPLY {
+                                TcAttachType::Egress
+                            } else {
+                                TcAttachType::Ingress
+                            };
+                            let _ = tc_filters::detach(&mut self.tc_records, interface, at);
+                        } else {
+                            let _ = std::fs::remove_file(self.link_pin(interface, p));
+                        }
                     }
                     if prog == PROG_XDP_FORWARD {
                         // Our TC programs are in place: another layout's XDP program in front of
@@ -681,10 +725,10 @@ impl Datapath {
             }
         } else {
             for at in [TcAttachType::Ingress, TcAttachType::Egress] {
-                tc_filters::detach(&mut self.tc_records, interface, at);
+                let _ = tc_filters::detach(&mut self.tc_records, interface, at);
                 for l in &self.others {
                     if let Some(mut r) = tc_filters::open(&l.dir) {
-                        tc_filters::detach(&mut r, interface, at);
+                        let _ = tc_filters::detach(&mut r, interface, at);
                     }
                 }
             }
@@ -703,7 +747,7 @@ impl Datapath {
     ) -> Result<bool, DatapathError> {
         if self.netlink && prog != PROG_XDP_FORWARD {
             let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
-            let others: Vec<tc_filters::Records> =
+            let mut others: Vec<tc_filters::Records> =
                 self.others.iter().filter_map(|l| tc_filters::open(&l.dir)).collect();
             let order = self.tc_order;
             let p: &mut SchedClassifier = self
@@ -712,7 +756,7 @@ impl Datapath {
                 .expect("object has the program")
                 .try_into()
                 .map_err(|source| DatapathError::Program { program: prog, source })?;
-            return tc_filters::attach(p, prog, interface, at, order, &mut self.tc_records, &others);
+            return tc_filters::attach(p, prog, interface, at, order, &mut self.tc_records, &mut others);
         }
         let pin = self.link_pin(interface, prog);
         if self.take_over(prog, &pin, None) {

@@ -95,9 +95,11 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     let Ok(entries) = std::fs::read_dir(pin_dir) else { return Ok(0) };
     for layout in entries.flatten() {
-        // Netlink filters are not pinned links: deleted as the layout recorded them.
+        // Netlink filters are not pinned links: deleted as the layout recorded them. One that
+        // cannot be deleted stops the cleanup with its record kept.
         if let Some(mut records) = super::tc_filters::open(&layout.path()) {
-            removed += super::tc_filters::detach_all(&mut records);
+            removed += super::tc_filters::detach_all(&mut records)
+                .map_err(|left| std::io::Error::other(left.join("; ")))?;
         }
         let links = layout.path().join("links");
         for l in std::fs::read_dir(&links).into_iter().flatten().flatten() {

@@ -63,8 +63,9 @@ pub fn recorded(records: &Records, interface: &str, at: TcAttachType) -> Option<
 }
 
 /// Puts `prog` on `interface` at `at` as lb's filter: in place of lb's filter there (recorded in
-/// `ours` or in one of `others`: an earlier agent's, of this layout or another), else as a new
-/// filter at lb's priority and handle. Recorded in `ours`. True when the filter is new.
+/// `ours` or in one of `others`: an earlier agent's, of this layout or another; a record taken
+/// from another layout leaves it), else as a new filter at lb's priority and handle. Recorded in
+/// `ours`. True when the filter is new.
 pub fn attach(
     prog: &mut SchedClassifier,
     name: &'static str,
@@ -72,92 +73,161 @@ pub fn attach(
     at: TcAttachType,
     order: TcOrder,
     ours: &mut Records,
-    others: &[Records],
+    others: &mut [Records],
 ) -> Result<bool, DatapathError> {
     let err = |source| DatapathError::Attach { program: name, interface: interface.to_string(), source };
     let io = |e: std::io::Error| err(tc::TcError::IoError(e).into());
     let index =
         ifindex(interface).ok_or_else(|| io(std::io::Error::other(format!("no interface {interface}"))))?;
-    let existing = std::iter::once(&*ours).chain(others).find_map(|r| recorded(r, interface, at));
-    let (fresh, priority, handle) = match existing {
-        Some(r) => {
-            let link = SchedClassifierLink::attached(
-                interface,
-                at,
-                r.priority as u16,
-                TcHandle::from(r.handle),
-                None,
-            )
-            .map_err(io)?;
-            let id = prog.attach_to_link(link).map_err(err)?;
-            // Ours to keep past this process: dropping a link deletes its filter.
-            std::mem::forget(prog.take_link(id).map_err(err)?);
-            (false, r.priority as u16, r.handle)
-        }
-        None => {
-            // The qdisc may be there already (ours from before, or another owner's).
-            let _ = tc::qdisc_add_clsact(interface);
-            let priority = match order {
-                TcOrder::First => PRIORITY_FIRST,
-                TcOrder::Last => PRIORITY_LAST,
-            };
-            let options = NlOptions { priority, handle: TcHandle::from(HANDLE), ..Default::default() };
-            let id =
-                prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options)).map_err(err)?;
-            std::mem::forget(prog.take_link(id).map_err(err)?);
-            (true, priority, HANDLE)
-        }
-    };
-    let record = LbTcFilter { priority: u32::from(priority), handle, ifname: ifname(interface) };
-    ours.insert(key(index, at), record, 0).map_err(map_err(MAP_LB_TC_FILTERS))?;
-    Ok(fresh)
-}
-
-/// Deletes lb's filter on `interface` at `at` as `records` has it, and its record.
-pub fn detach(records: &mut Records, interface: &str, at: TcAttachType) {
-    if let Some(r) = recorded(records, interface, at) {
-        if let Ok(link) =
-            SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
-        {
-            let _ = link.detach();
+    let mut existing = recorded(ours, interface, at);
+    if existing.is_none() {
+        for r in others.iter_mut() {
+            if let Some(found) = recorded(r, interface, at) {
+                let _ = r.remove(&key(index, at));
+                existing = Some(found);
+                break;
+            }
         }
     }
+    if let Some(r) = existing {
+        let link =
+            SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
+                .map_err(io)?;
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                // Ours to keep past this process: dropping a link deletes its filter.
+                std::mem::forget(prog.take_link(id).map_err(err)?);
+                ours.insert(key(index, at), r, 0).map_err(map_err(MAP_LB_TC_FILTERS))?;
+                record_namespace(ours)?;
+                return Ok(false);
+            }
+            // Deleted meanwhile (its qdisc too, maybe): attached anew below.
+            Err(_) => {
+                let _ = ours.remove(&key(index, at));
+            }
+        }
+    }
+    // The qdisc may be there already (ours from before, or another owner's).
+    let qdisc = tc::qdisc_add_clsact(interface).err();
+    let priority = match order {
+        TcOrder::First => PRIORITY_FIRST,
+        TcOrder::Last => PRIORITY_LAST,
+    };
+    let options = || NlOptions { priority, handle: TcHandle::from(HANDLE), ..Default::default() };
+    let attached = match prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options())) {
+        Ok(id) => Ok(id),
+        // Taken: lb's own filter whose record was lost (its program is named as ours) is
+        // replaced; another owner's is left alone, and attaching fails.
+        Err(first) => match tc::qdisc_detach_program(interface, at, name) {
+            Ok(()) => prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options())),
+            Err(_) => Err(first),
+        },
+    };
+    let id = attached.map_err(|e| match &qdisc {
+        Some(q) => io(std::io::Error::other(format!("{e} (adding the clsact qdisc: {q})"))),
+        None => err(e),
+    })?;
+    std::mem::forget(prog.take_link(id).map_err(err)?);
+    let record = LbTcFilter { priority: u32::from(priority), handle: HANDLE, ifname: ifname(interface) };
+    ours.insert(key(index, at), record, 0).map_err(map_err(MAP_LB_TC_FILTERS))?;
+    record_namespace(ours)?;
+    Ok(true)
+}
+
+/// Deletes lb's filter on `interface` at `at` as `records` has it, then its record. The record
+/// stays if the filter could not be deleted (for a later try, or `--cleanup`).
+pub fn detach(records: &mut Records, interface: &str, at: TcAttachType) -> Result<(), String> {
+    let Some(r) = recorded(records, interface, at) else { return Ok(()) };
+    delete(interface, at, &r)?;
     if let Some(i) = ifindex(interface) {
         let _ = records.remove(&key(i, at));
     }
+    Ok(())
 }
 
-/// Deletes every filter `records` has, and the records: `--cleanup`, or a move to TCX. Records
-/// of interfaces that are gone (their filters went with them) are dropped. How many filters.
-pub fn detach_all(records: &mut Records) -> usize {
+fn delete(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
+    let link =
+        SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
+            .map_err(|e| format!("{interface}: {e}"))?;
+    match link.detach() {
+        Ok(()) => Ok(()),
+        // Already gone (deleted by hand, or with its qdisc).
+        Err(e) if format!("{e:?}").contains("No such file") || format!("{e:?}").contains("ENOENT") => Ok(()),
+        Err(e) => Err(format!("{interface}: deleting lb's filter: {e}")),
+    }
+}
+
+fn name_of(r: &LbTcFilter) -> String {
+    r.ifname.iter().take_while(|b| **b != 0).map(|b| *b as char).collect()
+}
+
+/// Deletes every filter `records` has, and the records: `--cleanup`, or a layout being removed.
+/// Records of interfaces that are gone (their filters went with them) are dropped. `Err` names
+/// the filters that could not be deleted (their records stay): one on an interface this network
+/// namespace does not have under its index is one of them (run where the agent ran).
+pub fn detach_all(records: &mut Records) -> Result<usize, Vec<String>> {
+    let here = namespace();
+    if let Some(there) = recorded_namespace(records) {
+        if Some(there) != here {
+            return Err(vec![format!(
+                "lb's filters were recorded in another network namespace (inode {there}; this is {}): \
+                 run where the agent ran (the host's)",
+                here.map_or("unknown".to_string(), |h| h.to_string())
+            )]);
+        }
+    }
     let all: Vec<(LbTcFilterKey, LbTcFilter)> = records.iter().filter_map(Result::ok).collect();
-    let mut n = 0;
+    let (mut n, mut left) = (0, Vec::new());
     for (k, r) in all {
-        let name: String = r.ifname.iter().take_while(|b| **b != 0).map(|b| *b as char).collect();
+        let name = name_of(&r);
         let at = if k.egress != 0 { TcAttachType::Egress } else { TcAttachType::Ingress };
+        if k == NAMESPACE {
+            continue;
+        }
         if ifindex(&name) == Some(k.ifindex) {
-            if let Ok(link) =
-                SchedClassifierLink::attached(&name, at, r.priority as u16, TcHandle::from(r.handle), None)
-            {
-                if link.detach().is_ok() {
-                    n += 1;
-                }
+            if let Err(e) = delete(&name, at, &r) {
+                left.push(e);
+                continue;
             }
+            n += 1;
         }
         let _ = records.remove(&k);
     }
-    n
+    if left.is_empty() {
+        let _ = records.remove(&NAMESPACE);
+        Ok(n)
+    } else {
+        Err(left)
+    }
 }
 
+/// The reserved key under which the records say which network namespace their interface indexes
+/// belong to (its inode, in `priority` (high half) and `handle` (low half)).
+const NAMESPACE: LbTcFilterKey = LbTcFilterKey { ifindex: u32::MAX, egress: u32::MAX };
+
+/// This process's network namespace (its inode).
+fn namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino())
+}
+
+fn recorded_namespace(records: &Records) -> Option<u64> {
+    let r = records.get(&NAMESPACE, 0).ok()?;
+    Some((u64::from(r.priority) << 32) | u64::from(r.handle))
+}
+
+/// Records which network namespace the records' interface indexes belong to.
+fn record_namespace(records: &mut Records) -> Result<(), DatapathError> {
+    let Some(ns) = namespace() else { return Ok(()) };
+    let value = LbTcFilter { priority: (ns >> 32) as u32, handle: ns as u32, ifname: [0; 16] };
+    records.insert(NAMESPACE, value, 0).map_err(map_err(MAP_LB_TC_FILTERS))
+}
 /// Drops the records of interfaces that are gone.
 pub fn prune(records: &mut Records) {
     let stale: Vec<LbTcFilterKey> = records
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, r)| {
-            let name: String = r.ifname.iter().take_while(|b| **b != 0).map(|b| *b as char).collect();
-            ifindex(&name) != Some(k.ifindex)
-        })
+        .filter(|(k, r)| *k != NAMESPACE && ifindex(&name_of(r)) != Some(k.ifindex))
         .map(|(k, _)| k)
         .collect();
     for k in stale {
