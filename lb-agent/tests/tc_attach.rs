@@ -159,11 +159,10 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     c.lab
         .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
         .expect("agent");
-    let readyz = |n: &Node| {
-        lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz")
-            .expect("readyz")
-    };
-    let refused = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1) {
+    let readyz =
+        |n: &Node| lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz");
+    // (Refused while the agent starts: retried.)
+    let refused = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1)? {
         (503, body) if body.contains("lxcz0: not attached") => Ok(body),
         other => Err(std::io::Error::other(format!("{other:?}"))),
     });
@@ -174,7 +173,7 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     assert!(metrics.contains("lb_interface_attach_failed{interface=\"lxcz0\"} 1"), "{metrics}");
     assert_eq!(filters(&n1, "lxcz0", "ingress").len(), 1, "the other owner's filter untouched");
     tc(&n1, &["filter", "del", "dev", "lxcz0", "ingress", "pref", "1", "handle", "0x1b", "bpf"]);
-    let ready = lb_testkit::lab::wait_until(Duration::from_secs(15), || match readyz(&n1) {
+    let ready = lb_testkit::lab::wait_until(Duration::from_secs(15), || match readyz(&n1)? {
         (200, _) => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
     });
