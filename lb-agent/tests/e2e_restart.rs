@@ -167,7 +167,8 @@ fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("agent");
-    let gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
+    // (Generous: in the kernel matrix the agent loads emulated, in about ten seconds.)
+    let gone = lb_testkit::lab::wait_until(Duration::from_secs(60), || {
         if n1.pin_dir.join("v1").exists() {
             Err(std::io::Error::other("v1 still there"))
         } else {

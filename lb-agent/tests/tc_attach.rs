@@ -1,7 +1,8 @@
 //! TC programs attached as clsact qdisc filters over netlink (`--tc-attach netlink`, what kernels
 //! without TCX get): one filter per direction whatever the restarts, taken over in place under
 //! traffic, other owners' filters untouched, a move to TCX and back removing the other kind, and
-//! `--cleanup` deleting exactly lb's filters.
+//! `--cleanup` deleting exactly lb's filters. Its waits are generous: the kernel matrix runs it
+//! emulated, where an agent takes over ten seconds to load its programs.
 
 mod support;
 
@@ -52,7 +53,12 @@ fn assert_lb_filters(node: &Node, interface: &str, what: &str) {
             "{what}: {lb:?}"
         );
     }
-    assert!(tcx_programs(&node.netns, interface, TcAttachType::Ingress).is_empty(), "{what}: no TCX program");
+    if has_tcx() {
+        assert!(
+            tcx_programs(&node.netns, interface, TcAttachType::Ingress).is_empty(),
+            "{what}: no TCX program"
+        );
+    }
 }
 
 #[test]
@@ -96,35 +102,14 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         |n: &Node| filters(n, &iface, "ingress").into_iter().filter(|l| l.contains("bytecode")).count();
     assert_eq!(other(&n1), 1, "the other owner's filter stays");
 
-    // To TCX and back: the other kind goes.
-    c.lab.stop_agent(&n1, libc::SIGTERM);
-    c.lab
-        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "tcx"])
-        .expect("agent");
-    c.wait_reachable(&c.client1, 80);
-    let gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
-        if filters(&n1, &iface, "ingress").iter().any(|l| l.contains("lb4_tc")) {
-            Err(std::io::Error::other("lb's filter still there"))
-        } else {
-            Ok(())
-        }
-    });
-    assert!(gone.is_ok(), "TCX took over, netlink filters removed: {:?}", filters(&n1, &iface, "ingress"));
-    assert_eq!(tcx_programs(&n1.netns, &iface, TcAttachType::Ingress), ["lb4_tc_forward"]);
-    c.lab.stop_agent(&n1, libc::SIGTERM);
-    c.lab
-        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
-        .expect("agent");
-    c.wait_reachable(&c.client1, 80);
-    let tcx_gone = lb_testkit::lab::wait_until(Duration::from_secs(10), || {
-        if tcx_programs(&n1.netns, &iface, TcAttachType::Ingress).is_empty() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other("TCX still there"))
-        }
-    });
-    assert!(tcx_gone.is_ok(), "back to netlink, TCX links removed");
-    assert_lb_filters(&n1, &iface, "back to netlink");
+    // To TCX and back: the other kind goes (where the kernel has TCX).
+    if has_tcx() {
+        to_tcx_and_back(&mut c, &n1, &iface);
+    } else {
+        eprintln!(
+            "note: this kernel has no TCX: the move between TCX and netlink filters is not tested here"
+        );
+    }
 
     // Ready means attached: an interface whose filter place another owner holds (a filter at
     // lb's priority and handle that lb did not record) keeps /readyz at 503, naming it, until it
@@ -162,7 +147,7 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     let readyz =
         |n: &Node| lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz");
     // (Refused while the agent starts: retried.)
-    let refused = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1)? {
+    let refused = lb_testkit::lab::wait_until(Duration::from_secs(90), || match readyz(&n1)? {
         (503, body) if body.contains("lxcz0: not attached") => Ok(body),
         other => Err(std::io::Error::other(format!("{other:?}"))),
     });
@@ -173,7 +158,7 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     assert!(metrics.contains("lb_interface_attach_failed{interface=\"lxcz0\"} 1"), "{metrics}");
     assert_eq!(filters(&n1, "lxcz0", "ingress").len(), 1, "the other owner's filter untouched");
     tc(&n1, &["filter", "del", "dev", "lxcz0", "ingress", "pref", "1", "handle", "0x1b", "bpf"]);
-    let ready = lb_testkit::lab::wait_until(Duration::from_secs(15), || match readyz(&n1)? {
+    let ready = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1)? {
         (200, _) => Ok(()),
         other => Err(std::io::Error::other(format!("{other:?}"))),
     });
@@ -197,4 +182,41 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         );
     }
     assert_eq!(other(&n1), 1, "the other owner's filter stays");
+}
+
+/// Whether the running kernel has TCX (Linux 6.6).
+fn has_tcx() -> bool {
+    lb_agent::datapath::probe::Kernel::probe().tcx
+}
+
+/// Restarts `n1`'s agent with TCX, then with netlink filters again: each time the other kind goes.
+fn to_tcx_and_back(c: &mut Cluster, n1: &Node, iface: &str) {
+    c.lab.stop_agent(n1, libc::SIGTERM);
+    c.lab
+        .start_agent(n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "tcx"])
+        .expect("agent");
+    c.wait_reachable(&c.client1, 80);
+    let gone = lb_testkit::lab::wait_until(Duration::from_secs(60), || {
+        if filters(n1, iface, "ingress").iter().any(|l| l.contains("lb4_tc")) {
+            Err(std::io::Error::other("lb's filter still there"))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(gone.is_ok(), "TCX took over, netlink filters removed: {:?}", filters(n1, iface, "ingress"));
+    assert_eq!(tcx_programs(&n1.netns, iface, TcAttachType::Ingress), ["lb4_tc_forward"]);
+    c.lab.stop_agent(n1, libc::SIGTERM);
+    c.lab
+        .start_agent(n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
+        .expect("agent");
+    c.wait_reachable(&c.client1, 80);
+    let tcx_gone = lb_testkit::lab::wait_until(Duration::from_secs(60), || {
+        if tcx_programs(&n1.netns, iface, TcAttachType::Ingress).is_empty() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("TCX still there"))
+        }
+    });
+    assert!(tcx_gone.is_ok(), "back to netlink, TCX links removed");
+    assert_lb_filters(n1, iface, "back to netlink");
 }

@@ -263,7 +263,9 @@ impl Cluster {
     /// Waits until `client` gets an answer from `VIP:port`.
     pub fn wait_reachable(&self, client: &Pod, port: u16) {
         let node = &self.nodes[usize::from(client.node) - 1];
-        let ready = wait_until(std::time::Duration::from_secs(15), || {
+        // Generous: the kernel matrix runs this in an emulated machine, where loading the
+        // programs (the verifier) alone takes over ten seconds.
+        let ready = wait_until(std::time::Duration::from_secs(60), || {
             tcp_asks(client, std::net::SocketAddrV4::new(VIP, port), 1)?.pop().expect("one answer")
         });
         assert!(
