@@ -307,3 +307,106 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
         service: names.get(&e.svc_id).cloned().unwrap_or_default(),
     })
 }
+
+/// A BPF program on one of an interface's hooks.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HookView {
+    /// The program's name as the kernel has it.
+    pub program: String,
+    pub program_id: u32,
+    /// `tcx`; `filter` (a clsact qdisc filter, with its priority and handle); `xdp-native`,
+    /// `xdp-generic` or `xdp-offload`.
+    pub attach: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u32>,
+    /// One of lb's programs.
+    pub lb: bool,
+}
+
+/// What runs on an interface: every BPF program on its TC hooks (lb's and others', in the order
+/// they run) and XDP, read from the kernel.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct InterfaceView {
+    pub interface: String,
+    pub ingress: Vec<HookView>,
+    pub egress: Vec<HookView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<HookView>,
+    /// `attached` (lb's forward program, TC ingress or XDP, and its reply program on TC egress),
+    /// `partial` (one of them: an attach that failed half way, or is in progress) or `none`.
+    pub lb: String,
+}
+
+fn is_lb_program(name: &str) -> bool {
+    use crate::datapath::{PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD};
+    // The kernel keeps 15 bytes of a program's name.
+    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD].iter().any(|p| p.get(..15).unwrap_or(p) == name)
+}
+
+/// Every interface of the current network namespace and the BPF programs on its hooks (TCX, clsact
+/// filters, XDP), read from the kernel. Needs no pinned map: it shows what runs, whatever the
+/// agent believes.
+pub fn interfaces() -> std::io::Result<Vec<InterfaceView>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+
+    use crate::datapath::{netlink, PROG_TC_FORWARD, PROG_TC_REPLY};
+    let names: BTreeMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_string()))
+        .collect();
+    let hook = |program: String, program_id: u32, attach: &str| HookView {
+        lb: is_lb_program(&program),
+        program,
+        program_id,
+        attach: attach.to_string(),
+        priority: None,
+        handle: None,
+    };
+    let mut out = Vec::new();
+    for link in netlink::links()? {
+        let mut view = InterfaceView {
+            interface: link.name.clone(),
+            ingress: Vec::new(),
+            egress: Vec::new(),
+            xdp: link.xdp.map(|(id, mode)| {
+                hook(names.get(&id).cloned().unwrap_or_else(|| "?".into()), id, &format!("xdp-{mode}"))
+            }),
+            lb: String::new(),
+        };
+        for (at, hooks) in
+            [(TcAttachType::Ingress, &mut view.ingress), (TcAttachType::Egress, &mut view.egress)]
+        {
+            // TCX runs before the clsact filters. A kernel without TCX answers with an error.
+            if let Ok((_, programs)) = SchedClassifier::query_tcx(&link.name, at) {
+                for p in programs {
+                    hooks.push(hook(p.name_as_str().unwrap_or("?").to_string(), p.id(), "tcx"));
+                }
+            }
+            for f in netlink::filters(link.index, at == TcAttachType::Egress)? {
+                hooks.push(HookView {
+                    priority: Some(f.priority),
+                    handle: Some(f.handle),
+                    // A classic BPF filter has no program (and no name).
+                    ..hook(
+                        if f.program_id == 0 { "(classic bpf)".into() } else { f.name },
+                        f.program_id,
+                        "filter",
+                    )
+                });
+            }
+        }
+        let has = |hooks: &[HookView], name: &str| hooks.iter().any(|h| h.lb && name.starts_with(&h.program));
+        let forward = has(&view.ingress, PROG_TC_FORWARD) || view.xdp.as_ref().is_some_and(|x| x.lb);
+        let reply = has(&view.egress, PROG_TC_REPLY);
+        view.lb = match (forward, reply) {
+            (true, true) => "attached",
+            (false, false) => "none",
+            _ => "partial",
+        }
+        .into();
+        out.push(view);
+    }
+    Ok(out)
+}

@@ -112,4 +112,13 @@ fn xdp_two_nodes() {
     // Full checksums stay in XDP, but for the one in about 65,536 that equals its
     // pseudo-header sum by chance and goes to TC.
     assert!(v[c::XDP_PARTIAL_CSUM as usize] * 1_000 < decided, "full checksums stay in XDP");
+    // lbctl shows XDP in front of the TC programs, on the pod's interface and no other.
+    let view = support::lbctl_interfaces(&c.nodes[0]);
+    let pod = &view[&c.client1.host_if];
+    assert_eq!(pod["lb"], "attached", "{pod}");
+    assert_eq!(pod["xdp"]["program"], "lb4_xdp_forward", "{pod}");
+    assert!(pod["xdp"]["attach"].as_str().is_some_and(|a| a.starts_with("xdp-")), "{pod}");
+    assert_eq!(pod["ingress"][0]["program"], "lb4_tc_forward", "{pod}");
+    assert_eq!(pod["egress"][0]["program"], "lb4_tc_reply", "{pod}");
+    assert!(view.get("lo").is_some_and(|lo| lo["lb"] == "none" && lo["xdp"].is_null()), "{view:?}");
 }

@@ -40,7 +40,11 @@ fn wait_services(c: &Cluster, what: &str, want: impl Fn(&[(u8, u16, u32)]) -> bo
             Err(std::io::Error::other(format!("(proto, port, flags) {got:?}")))
         }
     });
-    assert!(got.is_ok(), "services map never held {what}: {got:?}\nagent log:\n{}", c.lab.agent_log(&c.nodes[0]));
+    assert!(
+        got.is_ok(),
+        "services map never held {what}: {got:?}\nagent log:\n{}",
+        c.lab.agent_log(&c.nodes[0])
+    );
 }
 
 #[test]

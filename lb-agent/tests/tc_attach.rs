@@ -11,7 +11,9 @@ use std::{process::Command, time::Duration};
 use aya::programs::TcAttachType;
 use lb_agent::datapath::Mode;
 use lb_testkit::lab::Node;
-use support::{assert_clean_udp_kept, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
+use support::{
+    assert_clean_udp_kept, endpoint, lbctl_interfaces, tcx_programs, who, Cluster, Traffic, AGENT,
+};
 
 fn all_ready(c: &[lb_testkit::lab::Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
@@ -85,6 +87,19 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         "1,6 0 0 4294967295,",
     ];
     tc(&n1, &classic);
+    // lbctl shows both, in the order they run, lb's marked; an interface lb does not match has
+    // nothing of lb's.
+    let view = lbctl_interfaces(&n1);
+    let v = &view[&iface];
+    assert_eq!(v["lb"], "attached", "{v}");
+    assert_eq!(
+        hook(v, "ingress", 0),
+        ("lb4_tc_forward".into(), "filter".into(), Some((1, 0x1b)), true),
+        "{v}"
+    );
+    assert_eq!(hook(v, "ingress", 1), ("(classic bpf)".into(), "filter".into(), Some((50, 7)), false), "{v}");
+    assert_eq!(hook(v, "egress", 0), ("lb4_tc_reply".into(), "filter".into(), Some((1, 0x1b)), true), "{v}");
+    assert_eq!(view["lo"]["lb"], "none", "{view:?}");
 
     let traffic = Traffic::start(&c.client1);
     std::thread::sleep(Duration::from_millis(300));
@@ -156,6 +171,16 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         .expect("scrape")
         .1;
     assert!(metrics.contains("lb_interface_attach_failed{interface=\"lxcz0\"} 1"), "{metrics}");
+    // lbctl shows it: nothing of lb's there (a half-done attach is undone), the other owner's
+    // filter in lb's place.
+    let v = &lbctl_interfaces(&n1)["lxcz0"];
+    assert_eq!(v["lb"], "none", "{v}");
+    assert_eq!(
+        hook(v, "ingress", 0),
+        ("(classic bpf)".into(), "filter".into(), Some((1, 0x1b)), false),
+        "{v}"
+    );
+    assert_eq!(v["egress"].as_array().map(Vec::len), Some(0), "{v}");
     assert_eq!(filters(&n1, "lxcz0", "ingress").len(), 1, "the other owner's filter untouched");
     tc(&n1, &["filter", "del", "dev", "lxcz0", "ingress", "pref", "1", "handle", "0x1b", "bpf"]);
     let ready = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1)? {
@@ -184,6 +209,18 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     assert_eq!(other(&n1), 1, "the other owner's filter stays");
 }
 
+/// Hook `i` of `dir` in an `lbctl interfaces` view: (program, attach, (priority, handle), lb's).
+fn hook(v: &serde_json::Value, dir: &str, i: usize) -> (String, String, Option<(u64, u64)>, bool) {
+    let h = &v[dir][i];
+    let place = h["priority"].as_u64().zip(h["handle"].as_u64());
+    (
+        h["program"].as_str().unwrap_or("(missing)").to_string(),
+        h["attach"].as_str().unwrap_or("(missing)").to_string(),
+        place,
+        h["lb"] == true,
+    )
+}
+
 /// Whether the running kernel has TCX (Linux 6.6).
 fn has_tcx() -> bool {
     lb_agent::datapath::probe::Kernel::probe().tcx
@@ -205,6 +242,12 @@ fn to_tcx_and_back(c: &mut Cluster, n1: &Node, iface: &str) {
     });
     assert!(gone.is_ok(), "TCX took over, netlink filters removed: {:?}", filters(n1, iface, "ingress"));
     assert_eq!(tcx_programs(&n1.netns, iface, TcAttachType::Ingress), ["lb4_tc_forward"]);
+    let v = &lbctl_interfaces(n1)[iface];
+    assert_eq!(
+        (&v["lb"], hook(v, "ingress", 0)),
+        (&"attached".into(), ("lb4_tc_forward".into(), "tcx".into(), None, true))
+    );
+    assert_eq!(hook(v, "egress", 0), ("lb4_tc_reply".into(), "tcx".into(), None, true), "{v}");
     c.lab.stop_agent(n1, libc::SIGTERM);
     c.lab
         .start_agent(n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])

@@ -51,6 +51,9 @@ enum Cmd {
     },
     /// Datapath counters and drop reasons, and per-Service statistics.
     Stats,
+    /// Every interface of this network namespace and the BPF programs on its hooks (TCX, clsact
+    /// filters, XDP), lb's and others', read from the kernel: where lb is attached, and where not.
+    Interfaces,
     /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
     /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
     /// default).
@@ -142,7 +145,46 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn interfaces(json: bool) -> anyhow::Result<()> {
+    let v = inspect::interfaces()?;
+    if json {
+        return print_json(&v);
+    }
+    let hooks = |hooks: &[inspect::HookView]| -> String {
+        let shown: Vec<String> = hooks
+            .iter()
+            .map(|h| match (h.priority, h.handle) {
+                (Some(p), Some(handle)) => {
+                    format!("{} ({} pref {p} handle {handle:#x})", h.program, h.attach)
+                }
+                _ => format!("{} ({})", h.program, h.attach),
+            })
+            .collect();
+        if shown.is_empty() {
+            "-".into()
+        } else {
+            shown.join("\n")
+        }
+    };
+    let mut t = table(&["INTERFACE", "LB", "TC INGRESS", "TC EGRESS", "XDP"]);
+    for i in &v {
+        t.add_row(vec![
+            i.interface.clone(),
+            i.lb.clone(),
+            hooks(&i.ingress),
+            hooks(&i.egress),
+            hooks(i.xdp.as_slice()),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
+    let json = matches!(args.output, Output::Json);
+    if let Cmd::Interfaces = args.command {
+        return interfaces(json);
+    }
     let maps = Maps::from_pins_read_only(&args.pin_dir).map_err(|e| match e {
         DatapathError::Map { source: aya::maps::MapError::IoError(ref io), .. }
             if io.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -154,8 +196,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         }
         other => other.into(),
     })?;
-    let json = matches!(args.output, Output::Json);
     match &args.command {
+        Cmd::Interfaces => unreachable!("answered above"),
         Cmd::Services => {
             let v = inspect::services(&maps)?;
             if json {

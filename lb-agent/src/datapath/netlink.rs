@@ -98,3 +98,196 @@ pub fn interfaces() -> Vec<String> {
     }
     out
 }
+
+/// Sends one dump request of type `kind` with `header` (the request's fixed part) on a new
+/// NETLINK_ROUTE socket and returns the answer's messages, each without its header.
+fn dump(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const NLMSG_HDRLEN: usize = 16;
+    // SAFETY: plain socket(2); the result is checked and owned at once.
+    let raw =
+        unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new, valid descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = NLMSG_HDRLEN + header.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&(len as u32).to_ne_bytes());
+    req.extend_from_slice(&kind.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
+    req.extend_from_slice(header);
+    // SAFETY: send(2) from a buffer we own, with its length.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: recv(2) into a buffer we own, with its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut rest = &buf[..n as usize];
+        while rest.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+            if len < NLMSG_HDRLEN || len > rest.len() {
+                return Err(std::io::Error::other("netlink: a truncated message"));
+            }
+            let body = &rest[NLMSG_HDRLEN..len];
+            match i32::from(kind) {
+                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_ERROR => {
+                    let code =
+                        body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    if code != 0 {
+                        return Err(std::io::Error::from_raw_os_error(-code));
+                    }
+                    return Ok(out);
+                }
+                _ => out.push(body.to_vec()),
+            }
+            rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        }
+    }
+}
+
+/// The attributes in `buf`: (type, payload).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff; // without NLA_F_NESTED/BYTEORDER
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+fn attr_u32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.get(0..4)?.try_into().ok()?))
+}
+
+fn attr_str(v: &[u8]) -> String {
+    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+}
+
+/// An interface and the XDP program on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// The XDP program's id and how it is attached (`native`, `generic`, `offload`).
+    pub xdp: Option<(u32, &'static str)>,
+}
+
+/// Every interface of the current network namespace, with its XDP program (RTM_GETLINK).
+pub fn links() -> std::io::Result<Vec<Link>> {
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_ATTACHED: u16 = 2;
+    const IFLA_XDP_PROG_ID: u16 = 4;
+    // struct ifinfomsg, all zero: every interface.
+    let messages = dump(libc::RTM_GETLINK, &[0u8; 16])?;
+    let mut out = Vec::new();
+    for m in messages {
+        let Some(index) = m.get(4..8).map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes"))) else {
+            continue;
+        };
+        let mut link = Link { index, name: String::new(), xdp: None };
+        for (kind, v) in attributes(m.get(16..).unwrap_or_default()) {
+            match kind {
+                IFLA_IFNAME => link.name = attr_str(v),
+                IFLA_XDP => {
+                    let (mut mode, mut id) = (0u8, None);
+                    for (k, v) in attributes(v) {
+                        match k {
+                            IFLA_XDP_ATTACHED => mode = v.first().copied().unwrap_or(0),
+                            IFLA_XDP_PROG_ID => id = attr_u32(v),
+                            _ => {}
+                        }
+                    }
+                    // XDP_ATTACHED_DRV 1, _SKB 2, _HW 3 (_MULTI 4: several, the driver's named).
+                    let mode = match mode {
+                        1 | 4 => "native",
+                        2 => "generic",
+                        3 => "offload",
+                        _ => continue,
+                    };
+                    link.xdp = id.filter(|id| *id != 0).map(|id| (id, mode));
+                }
+                _ => {}
+            }
+        }
+        out.push(link);
+    }
+    Ok(out)
+}
+
+/// A BPF filter on an interface's clsact qdisc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub priority: u16,
+    pub handle: u32,
+    /// The program's name as the filter has it, and its id.
+    pub name: String,
+    pub program_id: u32,
+}
+
+/// The BPF filters on interface `index`'s clsact qdisc, ingress or egress, in the order they run
+/// (RTM_GETTFILTER). Empty when there is no clsact qdisc.
+pub fn filters(index: u32, egress: bool) -> std::io::Result<Vec<Filter>> {
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_BPF_ID: u16 = 11;
+    // TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS or TC_H_MIN_EGRESS).
+    let parent: u32 = if egress { 0xffff_fff3 } else { 0xffff_fff2 };
+    // struct tcmsg: family, padding, ifindex, handle, parent, info.
+    let mut header = [0u8; 20];
+    header[4..8].copy_from_slice(&index.to_ne_bytes());
+    header[12..16].copy_from_slice(&parent.to_ne_bytes());
+    let messages = dump(libc::RTM_GETTFILTER, &header)?;
+    let mut out = Vec::new();
+    for m in messages {
+        let (Some(handle), Some(info)) = (m.get(8..12).and_then(attr_u32), m.get(16..20).and_then(attr_u32))
+        else {
+            continue;
+        };
+        // Each priority's chain head comes with handle 0 and no program.
+        if handle == 0 {
+            continue;
+        }
+        let mut kind = String::new();
+        let mut filter = Filter { priority: (info >> 16) as u16, handle, name: String::new(), program_id: 0 };
+        for (k, v) in attributes(m.get(20..).unwrap_or_default()) {
+            match k {
+                TCA_KIND => kind = attr_str(v),
+                TCA_OPTIONS => {
+                    for (k, v) in attributes(v) {
+                        match k {
+                            TCA_BPF_NAME => filter.name = attr_str(v),
+                            TCA_BPF_ID => filter.program_id = attr_u32(v).unwrap_or(0),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if kind == "bpf" {
+            out.push(filter);
+        }
+    }
+    Ok(out)
+}

@@ -515,3 +515,19 @@ pub fn explain(c: &Cluster, node: usize, o: &Outcome) {
         c.lab.agent_log(&c.nodes[node - 1])
     );
 }
+
+/// `lbctl -o json interfaces` in `node`'s network namespace: interface name → its view.
+pub fn lbctl_interfaces(
+    node: &lb_testkit::lab::Node,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let lbctl = std::path::Path::new(AGENT).with_file_name("lbctl");
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg(&lbctl)
+        .args(["-o", "json", "interfaces"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", lbctl.display()));
+    assert!(out.status.success(), "lbctl interfaces: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("lbctl interfaces: JSON");
+    v.into_iter().map(|i| (i["interface"].as_str().expect("a name").to_string(), i)).collect()
+}
