@@ -339,6 +339,7 @@ pub struct InterfaceView {
     pub lb: String,
 }
 
+/// One of lb's programs, by name (the kernel knows no owner): any version's, a stale one too.
 fn is_lb_program(name: &str) -> bool {
     use crate::datapath::{PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD};
     // The kernel keeps 15 bytes of a program's name.
@@ -384,7 +385,8 @@ pub fn interfaces() -> std::io::Result<Vec<InterfaceView>> {
                     hooks.push(hook(p.name_as_str().unwrap_or("?").to_string(), p.id(), "tcx"));
                 }
             }
-            for f in netlink::filters(link.index, at == TcAttachType::Egress)? {
+            // An interface gone since it was listed has no filters any more.
+            for f in netlink::filters(link.index, at == TcAttachType::Egress).unwrap_or_default() {
                 hooks.push(HookView {
                     priority: Some(f.priority),
                     handle: Some(f.handle),

@@ -410,6 +410,9 @@ async fn main() -> anyhow::Result<()> {
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
                 if ticks.is_multiple_of(20) {
+                    for i in dp.lost_filters() {
+                        warn!(interface = %i, "lb's filter is gone (deleted, or with its qdisc): attaching again");
+                    }
                     attach_matching(&mut dp, &cfg.interfaces, &agent);
                     finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
                 }

@@ -352,8 +352,10 @@ pub struct Health {
     /// Milliseconds since `started` when an unapplied change was first seen; 0 = none.
     pending_since_ms: AtomicU64,
     /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
-    /// `started`), and the last attach error.
+    /// `started`; 0: from the start, no grace), and the last attach error.
     unattached: std::sync::Mutex<std::collections::BTreeMap<String, (u64, Option<String>)>>,
+    /// The first attach pass is done (before it, nothing is known to be attached).
+    attach_pass_done: AtomicBool,
 }
 
 /// How long an interface that just appeared may go without the programs before `/readyz` says so
@@ -373,13 +375,16 @@ impl Health {
             last_tick_ms: AtomicU64::new(0),
             pending_since_ms: AtomicU64::new(0),
             unattached: Default::default(),
+            attach_pass_done: AtomicBool::new(false),
         }
     }
 
     /// What the last attach pass found: `failed` (interface, error) do not carry the programs;
-    /// every other matching interface does. Interfaces gone are forgotten.
+    /// every other matching interface does. Interfaces gone are forgotten. What fails in the
+    /// first pass (at start) gets no grace: only an interface that appears later does.
     pub fn interfaces(&self, failed: &[(String, String)]) {
-        let now = self.now_ms();
+        let first = !self.attach_pass_done.swap(true, Ordering::Relaxed);
+        let now = if first { 0 } else { self.now_ms() };
         let mut u = self.unattached.lock().expect("not poisoned");
         u.retain(|i, _| failed.iter().any(|(f, _)| f == i));
         for (i, e) in failed {
@@ -398,7 +403,9 @@ impl Health {
         let now = self.now_ms();
         let u = self.unattached.lock().expect("not poisoned");
         u.iter()
-            .filter(|(_, (since, _))| now.saturating_sub(*since) > ATTACH_GRACE.as_millis() as u64)
+            .filter(|(_, (since, _))| {
+                *since == 0 || now.saturating_sub(*since) > ATTACH_GRACE.as_millis() as u64
+            })
             .map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default()))
             .collect()
     }
@@ -441,8 +448,9 @@ impl Health {
         Ok(())
     }
 
+    /// A full sync is done, and the first attach pass.
     pub fn ready(&self) -> bool {
-        self.synced_once.load(Ordering::Relaxed)
+        self.synced_once.load(Ordering::Relaxed) && self.attach_pass_done.load(Ordering::Relaxed)
     }
 }
 
@@ -478,8 +486,11 @@ async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
 /// Ready: synced once, and every interface that matches carries the programs (one that just
 /// appeared gets [`ATTACH_GRACE`]).
 async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    if !h.ready() {
+    if !h.synced_once.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "no full sync yet\n".into());
+    }
+    if !h.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not attached yet\n".into());
     }
     let missing = h.not_attached();
     if !missing.is_empty() {

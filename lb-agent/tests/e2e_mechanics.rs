@@ -140,7 +140,7 @@ fn lb_goes_before_the_tc_programs_already_on_an_interface() {
         .expect("cleanup");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let iface = c.client1.host_if.clone();
-    let gone = wait_until(Duration::from_secs(3), || {
+    let gone = wait_until(Duration::from_secs(15), || {
         let names = support::tcx_programs(&n1.netns, &iface, TcAttachType::Ingress);
         if names.is_empty() {
             Ok(())
@@ -385,10 +385,10 @@ fn one_client_port_to_two_services_with_the_same_backend() {
     let answers = in_netns(&c.client1.netns, move || -> std::io::Result<Vec<String>> {
         use std::io::{BufRead as _, BufReader, Write as _};
         let mut got = Vec::new();
-        // TCP: two connections from port 40,000, asked in turns.
+        // TCP: two connections from port 31,000 (below the local port range: never taken by another), asked in turns.
         let streams: Vec<std::net::TcpStream> = [a, b]
             .into_iter()
-            .map(|to| shared_port_socket(libc::SOCK_STREAM, 40_000, to).map(std::net::TcpStream::from))
+            .map(|to| shared_port_socket(libc::SOCK_STREAM, 31_000, to).map(std::net::TcpStream::from))
             .collect::<Result<_, _>>()?;
         let mut readers: Vec<_> = streams
             .iter()
@@ -405,12 +405,12 @@ fn one_client_port_to_two_services_with_the_same_backend() {
                 got.push(format!("tcp {}", line.trim()));
             }
         }
-        // UDP: two connected sockets on port 40,001, asked in turns.
+        // UDP: two connected sockets on port 31,001, asked in turns.
         let udp_a = SocketAddrV4::new(VIP, 53);
         let udp_b = SocketAddrV4::new(VIP2, 53);
         let socks: Vec<UdpSocket> = [udp_a, udp_b]
             .into_iter()
-            .map(|to| shared_port_socket(libc::SOCK_DGRAM, 40_001, to).map(UdpSocket::from))
+            .map(|to| shared_port_socket(libc::SOCK_DGRAM, 31_001, to).map(UdpSocket::from))
             .collect::<Result<_, _>>()?;
         for _ in 0..5 {
             for s in &socks {

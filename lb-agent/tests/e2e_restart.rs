@@ -28,7 +28,9 @@ fn restart_with(signal: i32, tag: &str) {
     // The agent is away: the pinned datapath keeps serving, new connections included.
     std::thread::sleep(Duration::from_millis(700));
     c.lab.restart_agent(&n1).expect("restart");
-    std::thread::sleep(Duration::from_millis(1_000));
+    // Ready (loaded and attached), then traffic through the new agent's programs a while.
+    c.wait_ready(&n1);
+    std::thread::sleep(Duration::from_millis(500));
     let o = traffic.stop();
     assert_clean_udp_kept(&o, tag);
     let log = c.lab.agent_log(&n1);
@@ -75,10 +77,27 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
     let log = c.lab.agent_log(&c.nodes[0]);
     assert!(log.matches("maps synced").count() >= 15, "the updates reached the maps:\n{log}");
 
-    // The metrics endpoint shows the updates, their latency, and the traffic.
+    // The metrics endpoint shows the updates, their latency, and the traffic, once the last
+    // update is applied (the sync count stops moving; an idle agent does not sync: its own reads
+    // of the manifests are not changes).
     let ns = &c.nodes[0].netns;
-    let (status, body) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
-    assert_eq!(status, 200, "{body}");
+    let syncs = |body: &str| body.lines().find(|l| l.starts_with("lb_syncs_total ")).map(str::to_string);
+    let scrape = || http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
+    let mut last = None;
+    let settled = lb_testkit::lab::wait_until(Duration::from_secs(20), || {
+        let (status, body) = scrape();
+        let now = syncs(&body);
+        if status == 200 && now.is_some() && now == last {
+            Ok(body)
+        } else {
+            last = now;
+            std::thread::sleep(Duration::from_millis(1_000));
+            Err(std::io::Error::other(format!("{status}: {last:?}")))
+        }
+    });
+    let body = settled.expect("the sync count settles");
+    let (_, later) = scrape();
+    assert_eq!(syncs(&body), syncs(&later), "syncs while nothing changed");
     let value = |prefix: &str| -> f64 {
         body.lines()
             .find(|l| l.starts_with(prefix))
@@ -86,15 +105,8 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {prefix} in:\n{body}"))
     };
-    assert!(value("lb_syncs_total ") >= 20.0);
-    // An idle agent does not sync (its own reads of the manifests are not changes).
-    std::thread::sleep(Duration::from_millis(1500));
-    let (_, again) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
-    let syncs = |body: &str| body.lines().find(|l| l.starts_with("lb_syncs_total ")).map(str::to_string);
-    let settled = syncs(&again);
-    std::thread::sleep(Duration::from_secs(1));
-    let (_, later) = http_get(ns, "127.0.0.1:10249".parse().expect("addr"), "/metrics").expect("scrape");
-    assert_eq!(settled, syncs(&later), "syncs while nothing changed");
+    // 20 writes 150 ms apart: changes that came close together may be applied as one.
+    assert!(value("lb_syncs_total ") >= 15.0);
     assert!(value("lb_network_programming_duration_seconds_count ") >= 15.0);
     assert!(value("lb_datapath_packets_total{event=\"fwd_new_flow\"}") >= o.new_ok as f64);
     assert!(
@@ -110,15 +122,18 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
 }
 
 #[test]
-fn a_pod_interface_created_later_is_attached_within_a_second() {
+fn a_pod_interface_created_later_is_attached_on_its_link_notification() {
     let mut c = Cluster::new("late", Mode::Tc, true, all_ready, &[]);
     c.wait_reachable(&c.client1, 80);
     let n1 = c.nodes[0].clone();
-    let started = Instant::now();
     let pod = c.lab.pod(&n1, "c3", 11, true).expect("new pod");
+    // Counted from when the pod is wired: the link notification wakes the agent at once; its
+    // rescan without one comes every 5 s, so within 4 s (room for a busy machine) it was the
+    // notification.
+    let started = Instant::now();
     let pin = layout_dir(&n1.pin_dir).join("links").join(format!("{}@lb4_tc_forward", pod.host_if));
     while !pin.exists() {
-        assert!(started.elapsed() < Duration::from_secs(1), "not attached after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(4), "not attached after {:?}", started.elapsed());
         std::thread::sleep(Duration::from_millis(5));
     }
     let answers = tcp_asks(&pod, SocketAddrV4::new(VIP, 80), 10).expect("traffic from the new pod");
@@ -146,7 +161,7 @@ fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
     assert!(!n1.pin_dir.exists(), "pins removed");
     // The links went with their pins (the kernel releases an unpinned link from a workqueue, so
     // shortly after): nothing translates the service address any more.
-    let detached = lb_testkit::lab::wait_until(Duration::from_secs(3), || {
+    let detached = lb_testkit::lab::wait_until(Duration::from_secs(15), || {
         match tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 1)?.pop().expect("one") {
             Ok(_) => Err(std::io::Error::other("still answered")),
             Err(_) => Ok(()),
@@ -199,13 +214,21 @@ fn a_pin_directory_removed_under_the_agent_is_restored_with_its_flows() {
     std::thread::sleep(Duration::from_millis(300));
     let n1 = c.nodes[0].clone();
     let flows_before = c.maps(1).ct.keys().count();
-    // Every pin goes: the links (the programs' attachments) go with them.
-    std::fs::remove_dir_all(&n1.pin_dir).expect("remove the pin directory");
+    // Every pin goes: the links (the programs' attachments) go with them. (bpffs cannot rename a
+    // directory: an agent that notices half way and restores its pins makes the last steps of
+    // the removal find a directory not empty, or an entry gone; the rest is gone all the same.)
+    match std::fs::remove_dir_all(&n1.pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("the agent restored pins while they were removed: {e}")
+        }
+        Err(e) => panic!("remove the pin directory: {e}"),
+    }
     let removed = Instant::now();
     let layout = layout_dir(&n1.pin_dir);
     let link = layout.join("links").join(format!("{}@lb4_tc_forward", c.client1.host_if));
     while !(layout.join("LB4_SERVICES").exists() && link.exists()) {
-        assert!(removed.elapsed() < Duration::from_secs(3), "pins not restored:\n{}", c.lab.agent_log(&n1));
+        assert!(removed.elapsed() < Duration::from_secs(15), "pins not restored:\n{}", c.lab.agent_log(&n1));
         std::thread::sleep(Duration::from_millis(10));
     }
     let restored = removed.elapsed();

@@ -422,12 +422,21 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
             logs_of(&cleanup)
         );
         assert!(!pin_dir.exists(), "{install}: {} is left", pin_dir.display());
-        let net = run(Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.netns))
-            .args(["bpftool", "-j", "net", "show"]));
-        assert!(!net.contains("lb4_"), "{install}: programs still attached: {net}");
-        let after = tcp_asks(&client, vip, 1).expect("asks");
-        assert!(after.iter().all(Result::is_err), "{install}: still translated after the cleanup: {after:?}");
+        // The kernel releases an unpinned link from a workqueue: shortly after, not at once.
+        let detached = lb_testkit::lab::wait_until(Duration::from_secs(15), || {
+            let net = run(Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", node.netns))
+                .args(["bpftool", "-j", "net", "show"]));
+            let after = tcp_asks(&client, vip, 1)?;
+            if net.contains("lb4_") {
+                Err(std::io::Error::other(format!("programs still attached: {net}")))
+            } else if !after.iter().all(Result::is_err) {
+                Err(std::io::Error::other(format!("still translated after the cleanup: {after:?}")))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(detached.is_ok(), "{install}: {detached:?}");
         // Then the pod's container stays (a DaemonSet's pod must) until stopped.
         let stays = format!("{name}-cleanup-done");
         made.containers.push(stays.clone());

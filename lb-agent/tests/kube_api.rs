@@ -76,7 +76,8 @@ impl Harness {
 
     /// Applies changes as they arrive until `done(dump)` holds; panics after 10 s.
     async fn settle(&mut self, what: &str, done: impl Fn(&str) -> bool) {
-        self.settle_within(Duration::from_secs(10), what, done).await;
+        // Generous: a busy machine delays the watches' backoff and relists.
+        self.settle_within(Duration::from_secs(30), what, done).await;
     }
 
     async fn settle_within(&mut self, within: Duration, what: &str, done: impl Fn(&str) -> bool) {

@@ -48,7 +48,8 @@ fn lbctl_shows_what_the_agent_programmed() {
         Mode::Tc,
         true,
         |b| who(spec, &b.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>()),
-        &[],
+        // Closed flows stay while the views are compared (a sweep would change their number).
+        &["--ct-timeout-tcp-close", "600"],
     );
     c.wait_reachable(&c.client1, 80);
     let answers = tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 20).expect("traffic");
@@ -130,14 +131,22 @@ fn lbctl_shows_what_the_agent_programmed() {
         .arg(pins)
         .args(["-o", "json", "monitor", "--count", "4", "--timeout", "10"])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("lbctl monitor");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Events sent before it listens are history it skips: traffic once it says it listens.
+    let mut said = String::new();
+    let mut monitor = monitor;
+    // (Kept open until it ends: its later errors are written here.)
+    let mut stderr = std::io::BufReader::new(monitor.stderr.take().expect("stderr"));
+    std::io::BufRead::read_line(&mut stderr, &mut said).expect("monitor's stderr");
+    assert!(said.starts_with("listening"), "lbctl monitor: {said}");
     let _ = tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 3).expect("traffic");
     let dropped =
         tcp_asks(&c.client1, SocketAddrV4::new("10.96.0.20".parse().expect("ip"), 80), 1).expect("attempt");
     assert!(dropped[0].is_err());
     let out = monitor.wait_with_output().expect("monitor output");
+    drop(stderr);
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))

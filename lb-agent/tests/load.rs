@@ -99,7 +99,7 @@ async fn ten_thousand_services_and_churn_under_traffic_lose_no_connection() {
     let to = SocketAddrV4::new(VIP, 80);
     let (ns, log) = (client.netns.clone(), lab.agent_log_path(&n1));
     tokio::task::block_in_place(|| {
-        wait_until(Duration::from_secs(20), || lb_testkit::lab::tcp_asks(&client, to, 1)?.pop().expect("one"))
+        wait_until(Duration::from_secs(60), || lb_testkit::lab::tcp_asks(&client, to, 1)?.pop().expect("one"))
     })
     .unwrap_or_else(|e| {
         panic!("web unreachable: {e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())

@@ -103,12 +103,20 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
 
     let traffic = Traffic::start(&c.client1);
     std::thread::sleep(Duration::from_millis(300));
+    let program = |dir: &str| lbctl_interfaces(&n1)[&iface][dir][0]["program_id"].as_u64();
+    let mut ids = (program("ingress"), program("egress"));
     for signal in [libc::SIGTERM, libc::SIGKILL] {
         c.lab.stop_agent(&n1, signal);
         std::thread::sleep(Duration::from_millis(300));
         c.lab.restart_agent(&n1).expect("restart");
-        std::thread::sleep(Duration::from_millis(1_000));
+        // Ready (loaded and attached), then traffic through the new agent's programs a while.
+        c.wait_ready(&n1);
+        std::thread::sleep(Duration::from_millis(500));
         assert_lb_filters(&n1, &iface, "after a restart");
+        // The new agent's programs are in them.
+        let now = (program("ingress"), program("egress"));
+        assert!(now.0 != ids.0 && now.1 != ids.1, "the filters still run the old programs: {ids:?} {now:?}");
+        ids = now;
     }
     let o = traffic.stop();
     support::explain(&c, 1, &o);
@@ -156,6 +164,10 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         "1,6 0 0 4294967295,",
     ];
     tc(&n1, &squatter);
+    // And one with a legacy `ingress` qdisc: a filter for egress would land in its ingress block.
+    ip(&["link", "add", "lxcy0", "type", "veth", "peer", "name", "y1"]);
+    ip(&["link", "set", "lxcy0", "up"]);
+    tc(&n1, &["qdisc", "add", "dev", "lxcy0", "ingress"]);
     c.lab
         .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
         .expect("agent");
@@ -163,7 +175,9 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         |n: &Node| lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz");
     // (Refused while the agent starts: retried.)
     let refused = lb_testkit::lab::wait_until(Duration::from_secs(90), || match readyz(&n1)? {
-        (503, body) if body.contains("lxcz0: not attached") => Ok(body),
+        (503, body) if body.contains("lxcz0: not attached") && body.contains("lxcy0: not attached") => {
+            Ok(body)
+        }
         other => Err(std::io::Error::other(format!("{other:?}"))),
     });
     assert!(refused.is_ok(), "/readyz while lxcz0 cannot be attached: {refused:?}\n{}", c.lab.agent_log(&n1));
@@ -181,6 +195,10 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
         "{v}"
     );
     assert_eq!(v["egress"].as_array().map(Vec::len), Some(0), "{v}");
+    let body = readyz(&n1).expect("readyz").1;
+    assert!(body.contains("lxcy0 has a 'ingress' qdisc where lb needs clsact"), "{body}");
+    assert!(filters(&n1, "lxcy0", "ingress").is_empty(), "nothing of lb's in the legacy qdisc");
+    ip(&["link", "del", "lxcy0"]);
     assert_eq!(filters(&n1, "lxcz0", "ingress").len(), 1, "the other owner's filter untouched");
     tc(&n1, &["filter", "del", "dev", "lxcz0", "ingress", "pref", "1", "handle", "0x1b", "bpf"]);
     let ready = lb_testkit::lab::wait_until(Duration::from_secs(30), || match readyz(&n1)? {
@@ -189,6 +207,23 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     });
     assert!(ready.is_ok(), "ready once attached: {ready:?}");
     assert_lb_filters(&n1, "lxcz0", "attached after the other owner left");
+
+    // A filter of lb's deleted under the agent (by hand, or with its qdisc) is noticed at the
+    // next rescan and attached again.
+    tc(&n1, &["qdisc", "del", "dev", "lxcz0", "clsact"]);
+    let back = lb_testkit::lab::wait_until(Duration::from_secs(30), || {
+        let both = ["ingress", "egress"]
+            .iter()
+            .all(|d| filters(&n1, "lxcz0", d).iter().any(|l| l.contains("lb4_tc")));
+        if both {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not yet"))
+        }
+    });
+    assert!(back.is_ok(), "lb's filters on lxcz0 after its qdisc was deleted\n{}", c.lab.agent_log(&n1));
+    assert_lb_filters(&n1, "lxcz0", "attached again");
+    assert!(c.lab.agent_log(&n1).contains("lb's filter is gone"), "said");
 
     // --cleanup deletes lb's filters and nothing else.
     c.lab.stop_agent(&n1, libc::SIGTERM);

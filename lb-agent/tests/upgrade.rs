@@ -61,7 +61,8 @@ fn layouts(node: &Node) -> Vec<String> {
 }
 
 fn wait_log(c: &Cluster, node: &Node, text: &str) {
-    let seen = wait_until(Duration::from_secs(20), || {
+    // Generous: it includes a program load, which takes seconds on a busy machine.
+    let seen = wait_until(Duration::from_secs(60), || {
         if c.lab.agent_log(node).contains(text) {
             Ok(())
         } else {
@@ -142,7 +143,7 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
     c.lab.stop_agent(&n1, libc::SIGTERM);
     let log_before = c.lab.agent_log(&n1).len();
     c.lab.start_agent(&n1, &previous, &c.manifests, mode, &[]).expect("previous agent");
-    let refused = wait_until(Duration::from_secs(10), || match c.lab.agent_pid(&n1) {
+    let refused = wait_until(Duration::from_secs(30), || match c.lab.agent_pid(&n1) {
         Some(pid) if std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !zombie(pid) => {
             Err(std::io::Error::other("still running"))
         }
@@ -157,7 +158,8 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
 
     // And forward again: this version takes its own layout back as after a restart.
     c.lab.start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, mode, &[]).expect("agent");
-    std::thread::sleep(Duration::from_millis(1_000));
+    c.wait_ready(&n1);
+    std::thread::sleep(Duration::from_millis(500));
     let o = traffic.stop();
     support::explain(&c, 1, &o);
     assert_clean_udp_kept(&o, "upgrade and rollback");

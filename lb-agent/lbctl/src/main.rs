@@ -89,9 +89,8 @@ fn monitor(args: &Args, maps: &Maps, count: Option<usize>, timeout: Option<f64>)
     }
     let deadline = timeout.map(|t| std::time::Instant::now() + std::time::Duration::from_secs_f64(t));
     let json = matches!(args.output, Output::Json);
-    if !json {
-        eprintln!("listening for datapath events (Ctrl-C to stop)");
-    }
+    // On stderr in both formats: events from here on are shown (a script may wait for it).
+    eprintln!("listening for datapath events (Ctrl-C to stop)");
     let mut seen = 0usize;
     let result = (|| -> anyhow::Result<()> {
         loop {

@@ -61,9 +61,10 @@ impl Layout {
         self.formats.is_some_and(|f| readable(&f))
     }
 
-    /// Whether any of its links is still pinned (serving).
+    /// Whether any of its links is still pinned, or a netlink filter recorded (serving).
     pub fn has_links(&self) -> bool {
         std::fs::read_dir(self.dir.join("links")).is_ok_and(|mut d| d.next().is_some())
+            || super::tc_filters::any_recorded(&self.dir)
     }
 
     /// The pin of its link of `prog` on `interface`, if there is one.

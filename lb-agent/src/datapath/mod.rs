@@ -300,7 +300,7 @@ pub struct Datapath {
 /// program goes into it), or a netlink filter is recorded in `LB_TC_FILTERS` (when it is attached).
 fn ran_before(dir: &Path) -> bool {
     std::fs::read_dir(dir.join("links")).is_ok_and(|mut d| d.next().is_some())
-        || tc_filters::open(dir).is_some_and(|r| r.keys().next().is_some())
+        || tc_filters::any_recorded(dir)
 }
 
 /// The name of a link's pin in a layout's `links/`: the same in every layout version (see
@@ -867,6 +867,32 @@ impl Datapath {
         maps.pin_missing(&dir)?;
         self.attached.clear();
         Ok(())
+    }
+
+    /// Interfaces whose netlink filters are no longer ours in place (deleted by hand, or with
+    /// their qdisc: a CNI reinstalled, say): forgotten, for the caller to attach them again.
+    pub fn lost_filters(&mut self) -> Vec<String> {
+        if !self.netlink {
+            return Vec::new();
+        }
+        let id = |name: &str| self.tc_program(name).and_then(|p| p.info().ok()).map(|i| i.id());
+        let (Some(forward), Some(reply)) = (id(PROG_TC_FORWARD), id(PROG_TC_REPLY)) else {
+            return Vec::new();
+        };
+        let lost: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|i| {
+                [(TcAttachType::Ingress, forward), (TcAttachType::Egress, reply)]
+                    .into_iter()
+                    .any(|(at, id)| tc_filters::in_place(&self.tc_records, i, at, id) == Some(false))
+            })
+            .cloned()
+            .collect();
+        for i in &lost {
+            self.attached.remove(i);
+        }
+        lost
     }
 
     /// Forgets an interface that went away (its links went with it; their pins are removed).

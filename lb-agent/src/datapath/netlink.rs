@@ -100,8 +100,19 @@ pub fn interfaces() -> Vec<String> {
 }
 
 /// Sends one dump request of type `kind` with `header` (the request's fixed part) on a new
-/// NETLINK_ROUTE socket and returns the answer's messages, each without its header.
+/// NETLINK_ROUTE socket and returns the answer's messages, each without its header. A dump
+/// interrupted by a change is asked again (a few times).
 fn dump(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut tries = 0;
+    loop {
+        match dump_once(kind, header) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted && tries < 5 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+fn dump_once(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     const NLMSG_HDRLEN: usize = 16;
     // SAFETY: plain socket(2); the result is checked and owned at once.
@@ -136,12 +147,28 @@ fn dump(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
         while rest.len() >= NLMSG_HDRLEN {
             let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+            let flags = u16::from_ne_bytes(rest[6..8].try_into().expect("2 bytes"));
             if len < NLMSG_HDRLEN || len > rest.len() {
                 return Err(std::io::Error::other("netlink: a truncated message"));
             }
             let body = &rest[NLMSG_HDRLEN..len];
+            // The objects changed while they were dumped: what came is not one consistent view.
+            if flags & libc::NLM_F_DUMP_INTR as u16 != 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "netlink: dump interrupted",
+                ));
+            }
             match i32::from(kind) {
-                libc::NLMSG_DONE => return Ok(out),
+                libc::NLMSG_DONE => {
+                    // It may carry an error (a dump that failed part way).
+                    let code =
+                        body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    if code < 0 {
+                        return Err(std::io::Error::from_raw_os_error(-code));
+                    }
+                    return Ok(out);
+                }
                 libc::NLMSG_ERROR => {
                     let code =
                         body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
@@ -197,6 +224,10 @@ pub fn links() -> std::io::Result<Vec<Link>> {
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
     const IFLA_XDP_PROG_ID: u16 = 4;
+    // With several programs (XDP_ATTACHED_MULTI), each mode's own.
+    const IFLA_XDP_DRV_PROG_ID: u16 = 5;
+    const IFLA_XDP_SKB_PROG_ID: u16 = 6;
+    const IFLA_XDP_HW_PROG_ID: u16 = 7;
     // struct ifinfomsg, all zero: every interface.
     let messages = dump(libc::RTM_GETLINK, &[0u8; 16])?;
     let mut out = Vec::new();
@@ -209,22 +240,30 @@ pub fn links() -> std::io::Result<Vec<Link>> {
             match kind {
                 IFLA_IFNAME => link.name = attr_str(v),
                 IFLA_XDP => {
-                    let (mut mode, mut id) = (0u8, None);
+                    let (mut mode, mut id, mut by_mode) = (0u8, None, [None; 3]);
                     for (k, v) in attributes(v) {
                         match k {
                             IFLA_XDP_ATTACHED => mode = v.first().copied().unwrap_or(0),
                             IFLA_XDP_PROG_ID => id = attr_u32(v),
+                            IFLA_XDP_DRV_PROG_ID => by_mode[0] = attr_u32(v),
+                            IFLA_XDP_SKB_PROG_ID => by_mode[1] = attr_u32(v),
+                            IFLA_XDP_HW_PROG_ID => by_mode[2] = attr_u32(v),
                             _ => {}
                         }
                     }
-                    // XDP_ATTACHED_DRV 1, _SKB 2, _HW 3 (_MULTI 4: several, the driver's named).
-                    let mode = match mode {
-                        1 | 4 => "native",
-                        2 => "generic",
-                        3 => "offload",
-                        _ => continue,
-                    };
-                    link.xdp = id.filter(|id| *id != 0).map(|id| (id, mode));
+                    // XDP_ATTACHED_DRV 1, _SKB 2, _HW 3; _MULTI 4: several, each under its mode
+                    // (the driver's shown: the one a packet meets first).
+                    link.xdp = match mode {
+                        1 => id.map(|id| (id, "native")),
+                        2 => id.map(|id| (id, "generic")),
+                        3 => id.map(|id| (id, "offload")),
+                        4 => by_mode[0]
+                            .map(|id| (id, "native"))
+                            .or(by_mode[1].map(|id| (id, "generic")))
+                            .or(by_mode[2].map(|id| (id, "offload"))),
+                        _ => None,
+                    }
+                    .filter(|(id, _)| *id != 0);
                 }
                 _ => {}
             }
@@ -290,4 +329,27 @@ pub fn filters(index: u32, egress: bool) -> std::io::Result<Vec<Filter>> {
         }
     }
     Ok(out)
+}
+
+/// The kind of the qdisc in interface `index`'s ingress place (`clsact`, or a legacy `ingress`),
+/// if there is one (RTM_GETQDISC).
+pub fn qdisc_kind(index: u32) -> std::io::Result<Option<String>> {
+    const TCA_KIND: u16 = 1;
+    // TC_H_INGRESS (clsact sits there too).
+    const INGRESS: u32 = 0xffff_fff1;
+    let mut header = [0u8; 20];
+    header[4..8].copy_from_slice(&index.to_ne_bytes());
+    for m in dump(libc::RTM_GETQDISC, &header)? {
+        let (Some(i), Some(parent)) = (m.get(4..8).and_then(attr_u32), m.get(12..16).and_then(attr_u32))
+        else {
+            continue;
+        };
+        if i != index || parent != INGRESS {
+            continue;
+        }
+        return Ok(attributes(m.get(20..).unwrap_or_default())
+            .find(|(k, _)| *k == TCA_KIND)
+            .map(|(_, v)| attr_str(v)));
+    }
+    Ok(None)
 }

@@ -14,12 +14,16 @@ use aya::{
     maps::{HashMap, Map, MapData},
     programs::{
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
-        Link as _, SchedClassifier, TcAttachType,
+        Link as _, ProgramError, SchedClassifier, TcAttachType,
     },
 };
 use lb_common::{LbTcFilter, LbTcFilterKey, MAP_LB_TC_FILTERS};
 
-use super::{maps::map_err, DatapathError, TcOrder};
+use super::{
+    maps::map_err,
+    netlink::{filters, links, qdisc_kind, Filter},
+    DatapathError, TcOrder,
+};
 
 /// lb's filter handle (`tc filter … handle 0x1b`), at every priority.
 pub const HANDLE: u32 = 0x1b;
@@ -34,6 +38,31 @@ pub type Records = HashMap<MapData, LbTcFilterKey, LbTcFilter>;
 pub fn open(dir: &Path) -> Option<Records> {
     let data = MapData::from_pin(dir.join(MAP_LB_TC_FILTERS)).ok()?;
     Map::from_map_data(data).ok()?.try_into().ok()
+}
+
+/// Whether layout directory `dir` records any filter (its programs serve, or served, through it).
+pub fn any_recorded(dir: &Path) -> bool {
+    open(dir).is_some_and(|r| r.keys().filter_map(Result::ok).any(|k| k != NAMESPACE))
+}
+
+/// Whether `name` is one of lb's TC programs (as a filter names it: any layout version's).
+fn is_lb(name: &str) -> bool {
+    name.starts_with("lb4_tc_")
+}
+
+/// The BPF filter at `priority` and `handle` on interface `index`, `at`, as the kernel has it.
+fn filter_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> std::io::Result<Option<Filter>> {
+    Ok(filters(index, at == TcAttachType::Egress)?
+        .into_iter()
+        .find(|f| f.priority == priority && f.handle == handle))
+}
+
+/// Whether lb's filter of `program` recorded on `interface` at `at` is in place with this very
+/// program (`program_id`). `None` when that cannot be told (no record, or the dump failed).
+pub fn in_place(records: &Records, interface: &str, at: TcAttachType, program_id: u32) -> Option<bool> {
+    let r = recorded(records, interface, at)?;
+    let f = filter_at(ifindex(interface)?, at, r.priority as u16, r.handle).ok()?;
+    Some(f.is_some_and(|f| f.program_id == program_id))
 }
 
 fn key(ifindex: u32, at: TcAttachType) -> LbTcFilterKey {
@@ -80,6 +109,7 @@ pub fn attach(
     let index =
         ifindex(interface).ok_or_else(|| io(std::io::Error::other(format!("no interface {interface}"))))?;
     let mut existing = recorded(ours, interface, at);
+    let from_ours = existing.is_some();
     if existing.is_none() {
         for r in others.iter_mut() {
             if let Some(found) = recorded(r, interface, at) {
@@ -89,7 +119,15 @@ pub fn attach(
             }
         }
     }
-    if let Some(r) = existing {
+    // Replaced in place only while the filter there is still lb's (one deleted by hand whose place
+    // another owner took is not replaced, nor is a place found empty: attached anew below). A
+    // dump that fails tells nothing: the replace is tried.
+    let still_lb = |r: &LbTcFilter| match filter_at(index, at, r.priority as u16, r.handle) {
+        Ok(Some(f)) => is_lb(&f.name),
+        Ok(None) => false,
+        Err(_) => true,
+    };
+    if let Some(r) = existing.filter(still_lb) {
         let link =
             SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
                 .map_err(io)?;
@@ -106,9 +144,23 @@ pub fn attach(
                 let _ = ours.remove(&key(index, at));
             }
         }
+    } else if from_ours {
+        let _ = ours.remove(&key(index, at));
     }
-    // The qdisc may be there already (ours from before, or another owner's).
+    // The qdisc may be there already (ours from before, or another owner's). A legacy `ingress`
+    // qdisc in its place takes filters for either direction into its one (ingress) block: lb's
+    // reply program would run on arriving packets. Refused, saying what to do.
     let qdisc = tc::qdisc_add_clsact(interface).err();
+    if qdisc.is_some() {
+        if let Ok(Some(kind)) = qdisc_kind(index) {
+            if kind != "clsact" {
+                return Err(io(std::io::Error::other(format!(
+                    "{interface} has a '{kind}' qdisc where lb needs clsact (replace it: `tc qdisc del dev \
+                     {interface} {kind}; tc qdisc add dev {interface} clsact`, keeping its filters)"
+                ))));
+            }
+        }
+    }
     let priority = match order {
         TcOrder::First => PRIORITY_FIRST,
         TcOrder::Last => PRIORITY_LAST,
@@ -116,11 +168,15 @@ pub fn attach(
     let options = || NlOptions { priority, handle: TcHandle::from(HANDLE), ..Default::default() };
     let attached = match prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options())) {
         Ok(id) => Ok(id),
-        // Taken: lb's own filter whose record was lost (its program is named as ours) is
-        // replaced; another owner's is left alone, and attaching fails.
-        Err(first) => match tc::qdisc_detach_program(interface, at, name) {
-            Ok(()) => prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options())),
-            Err(_) => Err(first),
+        // Taken: lb's own filter whose record was lost (a program named as ours) is replaced in
+        // place; another owner's is left alone, and attaching fails.
+        Err(first) => match filter_at(index, at, priority, HANDLE) {
+            Ok(Some(f)) if is_lb(&f.name) => {
+                SchedClassifierLink::attached(interface, at, priority, TcHandle::from(HANDLE), None)
+                    .map_err(|e| ProgramError::from(tc::TcError::IoError(e)))
+                    .and_then(|link| prog.attach_to_link(link))
+            }
+            _ => Err(first),
         },
     };
     let id = attached.map_err(|e| match &qdisc {
@@ -146,6 +202,15 @@ pub fn detach(records: &mut Records, interface: &str, at: TcAttachType) -> Resul
 }
 
 fn delete(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
+    // Gone already (deleted by hand, or with its qdisc: then the kernel answers EINVAL, not
+    // ENOENT), or another owner's now: nothing of lb's to delete.
+    if let Some(index) = ifindex(interface) {
+        match filter_at(index, at, r.priority as u16, r.handle) {
+            Ok(None) => return Ok(()),
+            Ok(Some(f)) if !is_lb(&f.name) => return Ok(()),
+            _ => {}
+        }
+    }
     let link =
         SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
             .map_err(|e| format!("{interface}: {e}"))?;
@@ -222,6 +287,32 @@ fn record_namespace(records: &mut Records) -> Result<(), DatapathError> {
     let value = LbTcFilter { priority: (ns >> 32) as u32, handle: ns as u32, ifname: [0; 16] };
     records.insert(NAMESPACE, value, 0).map_err(map_err(MAP_LB_TC_FILTERS))
 }
+/// Deletes lb's filters that no record names (an agent killed between adding a filter and
+/// recording it): a program named as lb's at lb's priority and handle, on any interface of this
+/// network namespace. `--cleanup` only. The number deleted.
+pub fn delete_unrecorded() -> std::io::Result<usize> {
+    let mut n = 0;
+    for link in links()? {
+        for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+            for f in filters(link.index, at == TcAttachType::Egress)? {
+                if is_lb(&f.name)
+                    && f.handle == HANDLE
+                    && [PRIORITY_FIRST, PRIORITY_LAST].contains(&f.priority)
+                {
+                    let r = LbTcFilter {
+                        priority: u32::from(f.priority),
+                        handle: HANDLE,
+                        ifname: ifname(&link.name),
+                    };
+                    delete(&link.name, at, &r).map_err(std::io::Error::other)?;
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// Drops the records of interfaces that are gone.
 pub fn prune(records: &mut Records) {
     let stale: Vec<LbTcFilterKey> = records

@@ -276,6 +276,24 @@ impl Cluster {
         );
     }
 
+    /// Waits until `node`'s agent answers `/readyz` with 200: it loaded its programs, synced and
+    /// attached every interface (generous: the kernel matrix loads programs emulated).
+    pub fn wait_ready(&self, node: &Node) {
+        let ready = wait_until(std::time::Duration::from_secs(90), || {
+            match lb_testkit::lab::http_get(&node.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz")?
+            {
+                (200, _) => Ok(()),
+                other => Err(std::io::Error::other(format!("{other:?}"))),
+            }
+        });
+        assert!(
+            ready.is_ok(),
+            "{} never ready: {ready:?}\nagent log:\n{}",
+            node.netns,
+            self.lab.agent_log(node)
+        );
+    }
+
     /// Replaces the manifests (the agents pick the change up live).
     pub fn write(&self, yaml: &str) {
         let tmp = self.manifests.join(".objects.yaml.tmp");
@@ -288,8 +306,10 @@ impl Cluster {
     }
 
     /// Waits until node `node`'s backend map holds `ip:port` in `state` (`None`: not at all).
+    /// Generous: some states come by timers (a closing timeout, then sweep passes), which a busy
+    /// machine delays.
     pub fn wait_backend(&self, node: usize, ip: Ipv4Addr, port: u16, state: Option<u8>) {
-        let found = wait_until(std::time::Duration::from_secs(5), || {
+        let found = wait_until(std::time::Duration::from_secs(20), || {
             let got = self
                 .maps(node)
                 .read_backends()
