@@ -9,11 +9,10 @@ mod support;
 
 use std::{path::PathBuf, time::Duration};
 
-use aya::programs::TcAttachType;
 use lb_agent::datapath::{layout_dir, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY};
 use lb_common::{CT_DIR_FORWARD, PIN_LAYOUT_VERSION};
 use lb_testkit::lab::{wait_until, Node};
-use support::{assert_clean_udp_kept, endpoint, tcx_programs, who, Cluster, Traffic, AGENT};
+use support::{assert_clean_udp_kept, endpoint, lbctl_interfaces, who, Cluster, Traffic, AGENT};
 
 fn previous_agent() -> PathBuf {
     let path = std::env::var_os("LB_PREVIOUS_AGENT").map(PathBuf::from).unwrap_or_else(|| {
@@ -30,21 +29,24 @@ fn all_ready(c: &[lb_testkit::lab::Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
 }
 
-/// Exactly lb's two TC programs on each pod interface of `node`: never a second copy.
+/// Exactly lb's two TC programs on each pod interface of `node` (TCX links or netlink filters,
+/// as `lbctl interfaces` reads them from the kernel): never a second copy.
 fn assert_attached_once(c: &Cluster, node: &Node, what: &str) {
+    let view = lbctl_interfaces(node);
     let pods = [&c.client1, &c.backends[0], &c.backends[1]];
     for pod in pods.into_iter().filter(|p| p.node == node.index) {
         let iface = &pod.host_if;
-        assert_eq!(
-            tcx_programs(&node.netns, iface, TcAttachType::Ingress),
-            [PROG_TC_FORWARD],
-            "{what}: {iface}"
-        );
-        assert_eq!(
-            tcx_programs(&node.netns, iface, TcAttachType::Egress),
-            [PROG_TC_REPLY],
-            "{what}: {iface}"
-        );
+        let lb = |dir: &str| -> Vec<String> {
+            view[iface][dir]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|h| h["lb"] == true)
+                .map(|h| h["program"].as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+        assert_eq!(lb("ingress"), [PROG_TC_FORWARD], "{what}: {iface}: {}", view[iface]);
+        assert_eq!(lb("egress"), [PROG_TC_REPLY], "{what}: {iface}: {}", view[iface]);
     }
 }
 
@@ -195,7 +197,18 @@ fn as_if_newer(c: &mut Cluster, node: &Node, change: impl FnOnce(&mut [u32; 8]))
 
 #[test]
 fn a_rollback_from_a_newer_layout_of_the_same_formats_loses_no_connection() {
-    let mut c = Cluster::new("rollback", Mode::Tc, true, all_ready, &[]);
+    rollback_same_formats("rollback", &[]);
+}
+
+/// The same with netlink filters (what kernels without TCX get): the newer layout's recorded
+/// filters are replaced in place, its flows carried.
+#[test]
+fn a_rollback_with_netlink_filters_loses_no_connection() {
+    rollback_same_formats("rollnl", &["--tc-attach", "netlink"]);
+}
+
+fn rollback_same_formats(tag: &str, args: &[&str]) {
+    let mut c = Cluster::new(tag, Mode::Tc, true, all_ready, args);
     c.wait_reachable(&c.client1, 80);
     let n1 = c.nodes[0].clone();
     let traffic = Traffic::start(&c.client1);

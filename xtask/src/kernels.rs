@@ -76,6 +76,11 @@ const TESTS: &[(&str, &[&str], &str)] = &[
         "--cleanup",
     ),
     ("tc_attach", &[], "netlink filters: in place, other owners, /readyz, --cleanup"),
+    (
+        "upgrade",
+        &["--exact", "a_rollback_from_a_newer_layout_of_the_same_formats_loses_no_connection"],
+        "another layout taken over under traffic, its flows carried",
+    ),
 ];
 
 /// An unpacked kernel: its image, the root its modules are under, and its release.
