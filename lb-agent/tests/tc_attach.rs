@@ -168,9 +168,7 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     ip(&["link", "add", "lxcy0", "type", "veth", "peer", "name", "y1"]);
     ip(&["link", "set", "lxcy0", "up"]);
     tc(&n1, &["qdisc", "add", "dev", "lxcy0", "ingress"]);
-    c.lab
-        .start_agent(&n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
-        .expect("agent");
+    start_as(&mut c, &n1, "netlink");
     let readyz =
         |n: &Node| lb_testkit::lab::http_get(&n.netns, "127.0.0.1:10256".parse().expect("addr"), "/readyz");
     // (Refused while the agent starts: retried.)
@@ -256,6 +254,13 @@ fn hook(v: &serde_json::Value, dir: &str, i: usize) -> (String, String, Option<(
     )
 }
 
+/// Starts `node`'s agent with `--tc-attach attach`.
+fn start_as(c: &mut Cluster, node: &Node, attach: &str) {
+    c.lab
+        .start_agent(node, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", attach])
+        .expect("agent");
+}
+
 /// Whether the running kernel has TCX (Linux 6.6).
 fn has_tcx() -> bool {
     lb_agent::datapath::probe::Kernel::probe().tcx
@@ -264,9 +269,7 @@ fn has_tcx() -> bool {
 /// Restarts `n1`'s agent with TCX, then with netlink filters again: each time the other kind goes.
 fn to_tcx_and_back(c: &mut Cluster, n1: &Node, iface: &str) {
     c.lab.stop_agent(n1, libc::SIGTERM);
-    c.lab
-        .start_agent(n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "tcx"])
-        .expect("agent");
+    start_as(c, n1, "tcx");
     c.wait_reachable(&c.client1, 80);
     let gone = lb_testkit::lab::wait_until(Duration::from_secs(60), || {
         if filters(n1, iface, "ingress").iter().any(|l| l.contains("lb4_tc")) {
@@ -284,9 +287,7 @@ fn to_tcx_and_back(c: &mut Cluster, n1: &Node, iface: &str) {
     );
     assert_eq!(hook(v, "egress", 0), ("lb4_tc_reply".into(), "tcx".into(), None, true), "{v}");
     c.lab.stop_agent(n1, libc::SIGTERM);
-    c.lab
-        .start_agent(n1, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", "netlink"])
-        .expect("agent");
+    start_as(c, n1, "netlink");
     c.wait_reachable(&c.client1, 80);
     let tcx_gone = lb_testkit::lab::wait_until(Duration::from_secs(60), || {
         if tcx_programs(&n1.netns, iface, TcAttachType::Ingress).is_empty() {

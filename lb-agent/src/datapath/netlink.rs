@@ -160,19 +160,11 @@ fn dump_once(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
                 ));
             }
             match i32::from(kind) {
-                libc::NLMSG_DONE => {
-                    // It may carry an error (a dump that failed part way).
-                    let code =
-                        body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                // The end, or an error: both carry a (negative) error code, 0 for none (a dump
+                // may fail part way).
+                libc::NLMSG_DONE | libc::NLMSG_ERROR => {
+                    let code = attr_u32(body).map_or(0, |c| c as i32);
                     if code < 0 {
-                        return Err(std::io::Error::from_raw_os_error(-code));
-                    }
-                    return Ok(out);
-                }
-                libc::NLMSG_ERROR => {
-                    let code =
-                        body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                    if code != 0 {
                         return Err(std::io::Error::from_raw_os_error(-code));
                     }
                     return Ok(out);
@@ -232,7 +224,7 @@ pub fn links() -> std::io::Result<Vec<Link>> {
     let messages = dump(libc::RTM_GETLINK, &[0u8; 16])?;
     let mut out = Vec::new();
     for m in messages {
-        let Some(index) = m.get(4..8).map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes"))) else {
+        let Some(index) = m.get(4..8).and_then(attr_u32) else {
             continue;
         };
         let mut link = Link { index, name: String::new(), xdp: None };

@@ -57,6 +57,12 @@ fn filter_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> std::i
         .find(|f| f.priority == priority && f.handle == handle))
 }
 
+/// Whether the filter at `priority` and `handle` is lb's: `Some(false)` when there is none or it
+/// is another owner's, `None` when the dump failed (nothing can be told).
+fn lb_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> Option<bool> {
+    filter_at(index, at, priority, handle).ok().map(|f| f.is_some_and(|f| is_lb(&f.name)))
+}
+
 /// Whether lb's filter of `program` recorded on `interface` at `at` is in place with this very
 /// program (`program_id`). `None` when that cannot be told (no record, or the dump failed).
 pub fn in_place(records: &Records, interface: &str, at: TcAttachType, program_id: u32) -> Option<bool> {
@@ -122,12 +128,7 @@ pub fn attach(
     // Replaced in place only while the filter there is still lb's (one deleted by hand whose place
     // another owner took is not replaced, nor is a place found empty: attached anew below). A
     // dump that fails tells nothing: the replace is tried.
-    let still_lb = |r: &LbTcFilter| match filter_at(index, at, r.priority as u16, r.handle) {
-        Ok(Some(f)) => is_lb(&f.name),
-        Ok(None) => false,
-        Err(_) => true,
-    };
-    if let Some(r) = existing.filter(still_lb) {
+    if let Some(r) = existing.filter(|r| lb_at(index, at, r.priority as u16, r.handle) != Some(false)) {
         let link =
             SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
                 .map_err(io)?;
@@ -170,8 +171,8 @@ pub fn attach(
         Ok(id) => Ok(id),
         // Taken: lb's own filter whose record was lost (a program named as ours) is replaced in
         // place; another owner's is left alone, and attaching fails.
-        Err(first) => match filter_at(index, at, priority, HANDLE) {
-            Ok(Some(f)) if is_lb(&f.name) => {
+        Err(first) => match lb_at(index, at, priority, HANDLE) {
+            Some(true) => {
                 SchedClassifierLink::attached(interface, at, priority, TcHandle::from(HANDLE), None)
                     .map_err(|e| ProgramError::from(tc::TcError::IoError(e)))
                     .and_then(|link| prog.attach_to_link(link))
@@ -204,13 +205,14 @@ pub fn detach(records: &mut Records, interface: &str, at: TcAttachType) -> Resul
 fn delete(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
     // Gone already (deleted by hand, or with its qdisc: then the kernel answers EINVAL, not
     // ENOENT), or another owner's now: nothing of lb's to delete.
-    if let Some(index) = ifindex(interface) {
-        match filter_at(index, at, r.priority as u16, r.handle) {
-            Ok(None) => return Ok(()),
-            Ok(Some(f)) if !is_lb(&f.name) => return Ok(()),
-            _ => {}
-        }
+    if ifindex(interface).and_then(|i| lb_at(i, at, r.priority as u16, r.handle)) == Some(false) {
+        return Ok(());
     }
+    delete_at(interface, at, r)
+}
+
+/// Deletes the filter at `r`'s priority and handle on `interface`, whoever's it is.
+fn delete_at(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
     let link =
         SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
             .map_err(|e| format!("{interface}: {e}"))?;
@@ -304,7 +306,8 @@ pub fn delete_unrecorded() -> std::io::Result<usize> {
                         handle: HANDLE,
                         ifname: ifname(&link.name),
                     };
-                    delete(&link.name, at, &r).map_err(std::io::Error::other)?;
+                    // Just found as lb's: no need to look again.
+                    delete_at(&link.name, at, &r).map_err(std::io::Error::other)?;
                     n += 1;
                 }
             }
