@@ -254,7 +254,7 @@ fn hook(v: &serde_json::Value, dir: &str, i: usize) -> (String, String, Option<(
     )
 }
 
-/// Starts `node`'s agent with `--tc-attach attach`.
+/// Starts `node`'s agent with `--tc-attach` set to `attach`.
 fn start_as(c: &mut Cluster, node: &Node, attach: &str) {
     c.lab
         .start_agent(node, std::path::Path::new(AGENT), &c.manifests, Mode::Tc, &["--tc-attach", attach])

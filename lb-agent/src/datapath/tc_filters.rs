@@ -306,8 +306,8 @@ pub fn delete_unrecorded() -> std::io::Result<usize> {
                         handle: HANDLE,
                         ifname: ifname(&link.name),
                     };
-                    // Just found as lb's: no need to look again.
-                    delete_at(&link.name, at, &r).map_err(std::io::Error::other)?;
+                    // Looked at again just before: another owner may have taken the place since.
+                    delete(&link.name, at, &r).map_err(std::io::Error::other)?;
                     n += 1;
                 }
             }
