@@ -362,25 +362,22 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    attach_matching(&mut dp, &cfg.interfaces, &agent);
+    // Subscribed before the first pass: an interface that appears during it wakes the next one.
+    let mut links = LinkEvents::new().context("netlink link notifications")?;
+    attach_matching(&mut dp, &cfg.interfaces, &agent, "start");
     let mut waiting = Vec::new();
     finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
-    let mut links = LinkEvents::new().context("netlink link notifications")?;
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             () = stop.wait() => break,
-            Some(change) = changes.recv() => {
-                agent.health.change_seen();
-                agent.apply(change);
-            }
             r = links.changed() => {
                 if let Err(e) = r {
                     warn!("netlink: {e}");
                 }
-                attach_matching(&mut dp, &cfg.interfaces, &agent);
+                attach_matching(&mut dp, &cfg.interfaces, &agent, "link-notification");
             }
             _ = tick.tick() => {
                 agent.health.tick();
@@ -398,7 +395,7 @@ async fn main() -> anyhow::Result<()> {
                             pin_dir.display()
                         )
                     })?;
-                    attach_matching(&mut dp, &cfg.interfaces, &agent);
+                    attach_matching(&mut dp, &cfg.interfaces, &agent, "pins-restored");
                     // The hold was on the directory that went: hold the new one.
                     match datapath::try_lock(&pin_dir) {
                         Ok(Some(l)) => lock = l,
@@ -413,11 +410,15 @@ async fn main() -> anyhow::Result<()> {
                     for i in dp.lost_filters() {
                         warn!(interface = %i, "lb's filter is gone (deleted, or with its qdisc): attaching again");
                     }
-                    attach_matching(&mut dp, &cfg.interfaces, &agent);
+                    attach_matching(&mut dp, &cfg.interfaces, &agent, "rescan");
                     finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
+            }
+            Some(change) = changes.recv() => {
+                agent.health.change_seen();
+                agent.apply(change);
             }
         }
     }
@@ -602,12 +603,11 @@ fn matching(globs: &[glob::Pattern]) -> Vec<String> {
 
 /// Attaches to interfaces that match and are new; forgets those that vanished. What failed goes
 /// to the health (`/readyz`) and the metrics; each failure is logged when it first happens or
-/// changes.
-fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>) {
+/// changes. `cause`: what started this pass (`start`, `link-notification`, `pins-restored`,
+/// `rescan`), in the log.
+fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>, cause: &str) {
     let present = datapath::interfaces();
-    let gone: Vec<String> =
-        dp.attached().filter(|a| !present.iter().any(|p| p == a)).map(String::from).collect();
-    for name in gone {
+    for name in dp.gone(&present) {
         info!(interface = %name, "interface gone");
         dp.forget(&name);
     }
@@ -618,7 +618,7 @@ fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<dat
             continue;
         }
         match dp.attach(&name) {
-            Ok(()) => info!(interface = %name, "attached"),
+            Ok(()) => info!(interface = %name, cause = %cause, "attached"),
             Err(e) => {
                 let e = e.to_string();
                 if before.get(&name) != Some(&e) {

@@ -226,6 +226,8 @@ fn hairpin_past_invalid(mode: Mode) {
     let tag = if mode == Mode::Tc { "hairinv" } else { "hairinvx" };
     let c = Cluster::new(tag, mode, mode == Mode::Tc, |b| who("", &[endpoint(&b[0], "ready: true")]), &[]);
     c.wait_reachable(&c.client1, 80);
+    // Every pod interface attached (the client's may be before the backend's).
+    c.wait_ready(&c.nodes[0]);
     let node = &c.nodes[0].netns;
     run_in(node, "iptables", &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
     assert!(run_in(node, "iptables", &["-S", "FORWARD"]).contains("INVALID -j DROP"), "the rule is in place");

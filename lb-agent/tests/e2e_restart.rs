@@ -127,15 +127,21 @@ fn a_pod_interface_created_later_is_attached_on_its_link_notification() {
     c.wait_reachable(&c.client1, 80);
     let n1 = c.nodes[0].clone();
     let pod = c.lab.pod(&n1, "c3", 11, true).expect("new pod");
-    // Counted from when the pod is wired: the link notification wakes the agent at once; its
-    // rescan without one comes every 5 s, so within 4 s (room for a busy machine) it was the
-    // notification.
+    // The link notification wakes the agent at once; without it, the rescan every 5 s would attach
+    // the pod's interface. The agent says which pass attached it.
+    let said = |cause: &str| {
+        plain(&c.lab.agent_log(&n1)).lines().any(|l| {
+            l.contains("attached") && l.contains(&format!("interface={} ", pod.host_if)) && l.contains(cause)
+        })
+    };
     let started = Instant::now();
-    let pin = layout_dir(&n1.pin_dir).join("links").join(format!("{}@lb4_tc_forward", pod.host_if));
-    while !pin.exists() {
-        assert!(started.elapsed() < Duration::from_secs(4), "not attached after {:?}", started.elapsed());
-        std::thread::sleep(Duration::from_millis(5));
+    while !said("cause=") {
+        assert!(started.elapsed() < Duration::from_secs(15), "not attached after {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(said("cause=link-notification"), "attached by another pass:\n{}", c.lab.agent_log(&n1));
+    let pin = layout_dir(&n1.pin_dir).join("links").join(format!("{}@lb4_tc_forward", pod.host_if));
+    assert!(pin.exists(), "{} pinned", pin.display());
     let answers = tcp_asks(&pod, SocketAddrV4::new(VIP, 80), 10).expect("traffic from the new pod");
     assert!(answers.iter().all(Result::is_ok), "{answers:?}");
 }
@@ -249,4 +255,23 @@ fn a_pin_directory_removed_under_the_agent_is_restored_with_its_flows() {
         o.new_ok,
         o.failures.len()
     );
+}
+
+/// `log` without its colours (ANSI escapes).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

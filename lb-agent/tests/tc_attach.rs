@@ -242,6 +242,114 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
     assert_eq!(other(&n1), 1, "the other owner's filter stays");
 }
 
+#[test]
+fn a_changed_tc_position_moves_the_filters_and_cleanup_finds_unrecorded_ones() {
+    let mut c = Cluster::new("nlp", Mode::Tc, true, all_ready, &["--tc-attach", "netlink"]);
+    c.wait_reachable(&c.client1, 80);
+    let n1 = c.nodes[0].clone();
+    let iface = c.client1.host_if.clone();
+    assert_lb_filters(&n1, &iface, "attached");
+    // Restarted with `--tc-position last` under traffic: the filters move to priority 0xfff0 (the
+    // new one added before the old one goes: no packet meets neither), one each way.
+    let traffic = Traffic::start(&c.client1);
+    std::thread::sleep(Duration::from_millis(300));
+    c.lab.stop_agent(&n1, libc::SIGTERM);
+    c.lab
+        .start_agent(
+            &n1,
+            std::path::Path::new(AGENT),
+            &c.manifests,
+            Mode::Tc,
+            &["--tc-attach", "netlink", "--tc-position", "last"],
+        )
+        .expect("agent");
+    c.wait_ready(&n1);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = traffic.stop();
+    support::explain(&c, 1, &o);
+    assert_clean_udp_kept(&o, "a move to the last priority");
+    for (dir, prog) in [("ingress", "lb4_tc_forward"), ("egress", "lb4_tc_reply")] {
+        let lb: Vec<String> =
+            filters(&n1, &iface, dir).into_iter().filter(|l| l.contains("lb4_tc")).collect();
+        assert_eq!(lb.len(), 1, "{dir}: {lb:?}");
+        assert!(
+            lb[0].contains(prog) && lb[0].contains("pref 65520 ") && lb[0].contains("handle 0x1b"),
+            "{lb:?}"
+        );
+    }
+    let log = c.lab.agent_log(&n1);
+    assert!(log.contains("lb's filter moved to the priority --tc-position asks for"), "said:\n{log}");
+
+    // An agent killed between adding its filters and recording them: `--cleanup` finds them by
+    // program name at lb's place, on every interface of the namespace; another owner's filter at
+    // lb's place elsewhere stays.
+    c.lab.stop_agent(&n1, libc::SIGKILL);
+    let records = lb_agent::datapath::layout_dir(&n1.pin_dir).join(lb_common::MAP_LB_TC_FILTERS);
+    let mut r = lb_agent::datapath::tc_filters::open(records.parent().expect("layout")).expect("records");
+    let keys: Vec<_> = r.keys().filter_map(Result::ok).collect();
+    // Both of the client's, and the namespace they belong to (the other pods' besides).
+    assert!(keys.len() >= 3, "lb's filters were recorded: {keys:?}");
+    for k in keys {
+        r.remove(&k).expect("record removed");
+    }
+    drop(r);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n1.netns))
+        .args(["ip", "link", "add", "lxcw0", "type", "veth", "peer", "name", "w1"])
+        .output()
+        .expect("ip");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tc(&n1, &["qdisc", "add", "dev", "lxcw0", "clsact"]);
+    for (dir, pref) in [("ingress", "1"), ("egress", "65520")] {
+        tc(
+            &n1,
+            &[
+                "filter",
+                "add",
+                "dev",
+                "lxcw0",
+                dir,
+                "pref",
+                pref,
+                "handle",
+                "0x1b",
+                "bpf",
+                "bytecode",
+                "1,6 0 0 4294967295,",
+            ],
+        );
+    }
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n1.netns))
+        .args([AGENT, "--cleanup", "--pin-dir"])
+        .arg(&n1.pin_dir)
+        .output()
+        .expect("cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n1.netns))
+        .args(["ip", "-o", "link", "show"])
+        .output()
+        .expect("ip");
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_string()))
+        .collect();
+    assert!(names.contains(&iface), "{names:?}");
+    for dir in ["ingress", "egress"] {
+        for name in &names {
+            let left: Vec<String> =
+                filters(&n1, name, dir).into_iter().filter(|l| l.contains("lb4_tc")).collect();
+            assert!(left.is_empty(), "{name} {dir}: lb's unrecorded filter deleted: {left:?}");
+        }
+        assert_eq!(
+            filters(&n1, "lxcw0", dir).len(),
+            1,
+            "{dir}: the other owner's filter at lb's place stays"
+        );
+    }
+}
+
 /// Hook `i` of `dir` in an `lbctl interfaces` view: (program, attach, (priority, handle), lb's).
 fn hook(v: &serde_json::Value, dir: &str, i: usize) -> (String, String, Option<(u64, u64)>, bool) {
     let h = &v[dir][i];
@@ -298,4 +406,70 @@ fn to_tcx_and_back(c: &mut Cluster, n1: &Node, iface: &str) {
     });
     assert!(tcx_gone.is_ok(), "back to netlink, TCX links removed");
     assert_lb_filters(n1, iface, "back to netlink");
+}
+
+/// What lb reads of an interface's qdisc and filters over netlink, for each state its ingress
+/// place can be in: never used, clsact (filters each way), clsact deleted (the built-in `noop`
+/// left, which the kernel does not answer for), a legacy `ingress` qdisc (one block, answered for
+/// either direction: its filters are ingress filters only), and an interface that is gone (nothing:
+/// its filters went with it).
+#[test]
+fn netlink_reads_every_state_of_the_ingress_place() {
+    use lb_agent::datapath::netlink::{filters, qdisc_kind};
+    let mut lab = lb_testkit::lab::Lab::new("nlq").expect("lab");
+    let node = lab.node(1).expect("node");
+    let classic = "1,6 0 0 4294967295,";
+    for i in 0..4 {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .args(["ip", "link", "add", &format!("a{i}"), "type", "veth", "peer", "name", &format!("b{i}")])
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    tc(&node, &["qdisc", "add", "dev", "a1", "clsact"]);
+    tc(
+        &node,
+        &["filter", "add", "dev", "a1", "ingress", "pref", "5", "handle", "3", "bpf", "bytecode", classic],
+    );
+    tc(
+        &node,
+        &["filter", "add", "dev", "a1", "egress", "pref", "6", "handle", "4", "bpf", "bytecode", classic],
+    );
+    tc(&node, &["qdisc", "add", "dev", "a2", "clsact"]);
+    tc(&node, &["qdisc", "del", "dev", "a2", "clsact"]);
+    tc(&node, &["qdisc", "add", "dev", "a3", "ingress"]);
+    tc(
+        &node,
+        &["filter", "add", "dev", "a3", "ingress", "pref", "7", "handle", "5", "bpf", "bytecode", classic],
+    );
+    type Read = (Option<String>, Vec<(u16, u32)>, Vec<(u16, u32)>);
+    let read = |index: u32| -> std::io::Result<Read> {
+        let places = |egress| -> std::io::Result<Vec<(u16, u32)>> {
+            Ok(filters(index, egress)?.into_iter().map(|f| (f.priority, f.handle)).collect())
+        };
+        Ok((qdisc_kind(index)?, places(false)?, places(true)?))
+    };
+    let (got, gone) = lb_testkit::lab::in_netns(&node.netns, move || {
+        let got: Vec<std::io::Result<Read>> = (0..4)
+            .map(|i| {
+                let name = std::ffi::CString::new(format!("a{i}")).expect("name");
+                // SAFETY: a NUL-terminated name.
+                read(unsafe { libc::if_nametoindex(name.as_ptr()) })
+            })
+            .collect();
+        (got, read(999_999).map_err(|e| e.to_string()))
+    })
+    .expect("in the namespace");
+    let got: Vec<Read> = got.into_iter().map(|r| r.expect("read")).collect();
+    assert_eq!(
+        got,
+        [
+            (None, vec![], vec![]),
+            (Some("clsact".to_string()), vec![(5, 3)], vec![(6, 4)]),
+            (None, vec![], vec![]),
+            (Some("ingress".to_string()), vec![(7, 5)], vec![]),
+        ]
+    );
+    assert_eq!(gone, Ok((None, vec![], vec![])), "an interface that is gone");
 }

@@ -274,8 +274,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     mode: Mode,
     links_dir: PathBuf,
-    /// Interface name → the pins of the links this agent attached (or took over) there.
-    attached: StdHashMap<String, Vec<PathBuf>>,
+    /// Interface name → its index when attached (one made again under the name has another), and
+    /// the pins of the links this agent attached (or took over) there.
+    attached: StdHashMap<String, (u32, Vec<PathBuf>)>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tc_order: TcOrder,
     /// Layouts of other versions found at load, newest first, until they are removed: their
@@ -637,8 +638,17 @@ impl Datapath {
         self.attached.contains_key(interface)
     }
 
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
+    /// Attached interfaces that are gone: not in `present`, or made again under their name since
+    /// (another index: its links and filters went with the one attached). Both link notifications
+    /// may come in one wake-up.
+    pub fn gone(&self, present: &[String]) -> Vec<String> {
+        self.attached
+            .iter()
+            .filter(|(name, (index, _))| {
+                !present.contains(name) || tc_filters::ifindex(name).is_some_and(|i| i != *index)
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Whether the current mode attaches `prog` on each interface.
@@ -655,6 +665,16 @@ impl Datapath {
         if self.is_attached(interface) {
             return Ok(());
         }
+        // Taken before anything is attached: should the interface be made again meanwhile, the
+        // next pass finds the index changed and attaches to the new one.
+        let index = tc_filters::ifindex(interface).ok_or_else(|| DatapathError::Attach {
+            program: PROG_TC_FORWARD,
+            interface: interface.to_string(),
+            source: aya::programs::tc::TcError::IoError(std::io::Error::other(format!(
+                "no interface {interface}"
+            )))
+            .into(),
+        })?;
         let mut pins = Vec::new();
         // Attached anew here: removed again if a later program fails (a link taken over stays:
         // it served before, and now serves with our program).
@@ -733,7 +753,7 @@ impl Datapath {
                 }
             }
         }
-        self.attached.insert(interface.to_string(), pins);
+        self.attached.insert(interface.to_string(), (index, pins));
         Ok(())
     }
 
@@ -850,7 +870,7 @@ impl Datapath {
     /// detached then; the maps live on in this agent's handles.
     pub fn pins_present(&self) -> bool {
         self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
-            && self.attached.values().flatten().all(|p| p.exists())
+            && self.attached.values().flat_map(|(_, p)| p).all(|p| p.exists())
     }
 
     /// Pins every map again where it was and forgets every attachment (its link went with its
@@ -897,7 +917,7 @@ impl Datapath {
 
     /// Forgets an interface that went away (its links went with it; their pins are removed).
     pub fn forget(&mut self, interface: &str) {
-        for pin in self.attached.remove(interface).unwrap_or_default() {
+        for pin in self.attached.remove(interface).unwrap_or_default().1 {
             let _ = std::fs::remove_file(pin);
         }
         tc_filters::prune(&mut self.tc_records);

@@ -71,6 +71,8 @@ impl LinkEvents {
                 if e.raw_os_error() == Some(libc::ENOBUFS) {
                     continue;
                 }
+                // Not ready again until the socket says so: an error is not a loop.
+                guard.clear_ready();
                 return Err(e);
             }
         }
@@ -112,6 +114,10 @@ fn dump(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
     }
 }
 
+/// How long the agent waits for a part of an answer that does not come (a kernel that answers a
+/// request differently than asked): an error then, not a loop stuck for good.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn dump_once(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
     const NLMSG_HDRLEN: usize = 16;
@@ -123,11 +129,28 @@ fn dump_once(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
     }
     // SAFETY: `raw` is a new, valid descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let timeout = libc::timeval { tv_sec: ANSWER_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: setsockopt(2) with a timeval and its size.
+    if unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
     let len = NLMSG_HDRLEN + header.len();
+    // Dumps only: a get (RTM_GETQDISC, say) is answered through the change notifications, which
+    // would tell every listener (`tc monitor`, a CNI) of a change that did not happen.
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
     let mut req = Vec::with_capacity(len);
     req.extend_from_slice(&(len as u32).to_ne_bytes());
     req.extend_from_slice(&kind.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&(flags as u16).to_ne_bytes());
     req.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     req.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
     req.extend_from_slice(header);
@@ -141,7 +164,12 @@ fn dump_once(kind: u16, header: &[u8]) -> std::io::Result<Vec<Vec<u8>>> {
         // SAFETY: recv(2) into a buffer we own, with its length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            return Err(std::io::Error::last_os_error());
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "netlink: no answer within 2 s")
+            } else {
+                e
+            });
         }
         let mut rest = &buf[..n as usize];
         while rest.len() >= NLMSG_HDRLEN {
@@ -276,7 +304,9 @@ pub struct Filter {
 }
 
 /// The BPF filters on interface `index`'s clsact qdisc, ingress or egress, in the order they run
-/// (RTM_GETTFILTER). Empty when there is no clsact qdisc.
+/// (RTM_GETTFILTER). Empty when there is no clsact qdisc; a legacy `ingress` qdisc's filters are
+/// its ingress filters (it answers a dump of either direction with its one block, so an egress
+/// answer is checked against the qdisc's kind).
 pub fn filters(index: u32, egress: bool) -> std::io::Result<Vec<Filter>> {
     const TCA_KIND: u16 = 1;
     const TCA_OPTIONS: u16 = 2;
@@ -320,11 +350,14 @@ pub fn filters(index: u32, egress: bool) -> std::io::Result<Vec<Filter>> {
             out.push(filter);
         }
     }
+    if egress && !out.is_empty() && qdisc_kind(index)?.as_deref() != Some("clsact") {
+        return Ok(Vec::new());
+    }
     Ok(out)
 }
 
 /// The kind of the qdisc in interface `index`'s ingress place (`clsact`, or a legacy `ingress`),
-/// if there is one (RTM_GETQDISC).
+/// if there is one (RTM_GETQDISC: the kernel dumps every interface's, this one's is picked).
 pub fn qdisc_kind(index: u32) -> std::io::Result<Option<String>> {
     const TCA_KIND: u16 = 1;
     // TC_H_INGRESS (clsact sits there too).

@@ -114,7 +114,8 @@ pub fn cleanup(pin_dir: &Path) -> std::io::Result<usize> {
         std::fs::remove_dir(layout.path())?;
     }
     // lb's filters no record names (an agent killed between adding one and recording it).
-    removed += super::tc_filters::delete_unrecorded()?;
+    removed +=
+        super::tc_filters::delete_unrecorded().map_err(|left| std::io::Error::other(left.join("; ")))?;
     let _ = std::fs::remove_dir(pin_dir);
     Ok(removed)
 }

@@ -57,17 +57,20 @@ fn filter_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> std::i
         .find(|f| f.priority == priority && f.handle == handle))
 }
 
-/// Whether the filter at `priority` and `handle` is lb's: `Some(false)` when there is none or it
-/// is another owner's, `None` when the dump failed (nothing can be told).
-fn lb_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> Option<bool> {
-    filter_at(index, at, priority, handle).ok().map(|f| f.is_some_and(|f| is_lb(&f.name)))
+/// Whether the filter at `priority` and `handle` is lb's: false when there is none or it is
+/// another owner's. A failed dump tells nothing: its error.
+fn lb_at(index: u32, at: TcAttachType, priority: u16, handle: u32) -> std::io::Result<bool> {
+    Ok(filter_at(index, at, priority, handle)?.is_some_and(|f| is_lb(&f.name)))
 }
 
-/// Whether lb's filter of `program` recorded on `interface` at `at` is in place with this very
-/// program (`program_id`). `None` when that cannot be told (no record, or the dump failed).
+/// Whether lb's filter of `program` on `interface` at `at` is in place with this very program
+/// (`program_id`) and recorded under the interface's present index: false when it is not (no
+/// record: the interface was made again under its name, say), `None` when that cannot be told
+/// (the dump failed, or the interface is gone).
 pub fn in_place(records: &Records, interface: &str, at: TcAttachType, program_id: u32) -> Option<bool> {
-    let r = recorded(records, interface, at)?;
-    let f = filter_at(ifindex(interface)?, at, r.priority as u16, r.handle).ok()?;
+    let index = ifindex(interface)?;
+    let Some(r) = recorded(records, interface, at) else { return Some(false) };
+    let f = filter_at(index, at, r.priority as u16, r.handle).ok()?;
     Some(f.is_some_and(|f| f.program_id == program_id))
 }
 
@@ -75,7 +78,7 @@ fn key(ifindex: u32, at: TcAttachType) -> LbTcFilterKey {
     LbTcFilterKey { ifindex, egress: u32::from(at == TcAttachType::Egress) }
 }
 
-fn ifindex(interface: &str) -> Option<u32> {
+pub(super) fn ifindex(interface: &str) -> Option<u32> {
     let name = std::ffi::CString::new(interface).ok()?;
     // SAFETY: a NUL-terminated name.
     let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -97,10 +100,12 @@ pub fn recorded(records: &Records, interface: &str, at: TcAttachType) -> Option<
     (r.ifname == ifname(interface)).then_some(r)
 }
 
-/// Puts `prog` on `interface` at `at` as lb's filter: in place of lb's filter there (recorded in
-/// `ours` or in one of `others`: an earlier agent's, of this layout or another; a record taken
-/// from another layout leaves it), else as a new filter at lb's priority and handle. Recorded in
-/// `ours`. True when the filter is new.
+/// Puts `prog` on `interface` at `at` as lb's filter at the priority `order` asks for: in place
+/// of lb's filter there (recorded in `ours` or in one of `others`: an earlier agent's, of this
+/// layout or another; other layouts' records of it go), else as a new filter at lb's priority and
+/// handle. lb's filter at the other priority (`--tc-position` changed) is deleted once the new one
+/// is in place: no packet meets neither (a few meet both meanwhile). Recorded in `ours`. True when
+/// the interface had no filter of lb's before (a failure after it may delete it again).
 pub fn attach(
     prog: &mut SchedClassifier,
     name: &'static str,
@@ -112,67 +117,132 @@ pub fn attach(
 ) -> Result<bool, DatapathError> {
     let err = |source| DatapathError::Attach { program: name, interface: interface.to_string(), source };
     let io = |e: std::io::Error| err(tc::TcError::IoError(e).into());
+    let listing =
+        |e: std::io::Error| io(std::io::Error::other(format!("listing {interface}'s filters: {e}")));
     let index =
         ifindex(interface).ok_or_else(|| io(std::io::Error::other(format!("no interface {interface}"))))?;
-    let mut existing = recorded(ours, interface, at);
-    let from_ours = existing.is_some();
+    let (priority, other) = match order {
+        TcOrder::First => (PRIORITY_FIRST, PRIORITY_LAST),
+        TcOrder::Last => (PRIORITY_LAST, PRIORITY_FIRST),
+    };
+    // Which layout's record, if any: ours (None), or `others[i]` (Some(i)).
+    let mut existing = recorded(ours, interface, at).map(|r| (r, None));
     if existing.is_none() {
-        for r in others.iter_mut() {
-            if let Some(found) = recorded(r, interface, at) {
-                let _ = r.remove(&key(index, at));
-                existing = Some(found);
-                break;
-            }
-        }
+        existing = others.iter().enumerate().find_map(|(i, o)| Some((recorded(o, interface, at)?, Some(i))));
     }
-    // Replaced in place only while the filter there is still lb's (one deleted by hand whose place
-    // another owner took is not replaced, nor is a place found empty: attached anew below). A
-    // dump that fails tells nothing: the replace is tried.
-    if let Some(r) = existing.filter(|r| lb_at(index, at, r.priority as u16, r.handle) != Some(false)) {
-        let link =
-            SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
-                .map_err(io)?;
+    let record = LbTcFilter { priority: u32::from(priority), handle: HANDLE, ifname: ifname(interface) };
+    // lb's filter at the other priority: `--tc-position` changed since it was added (recorded, or
+    // its record lost). Looked for first: nothing is added when that cannot be told.
+    let moving = lb_at(index, at, other, HANDLE).map_err(listing)?;
+    // Replaced in place while the filter recorded at lb's place is still lb's (one deleted by
+    // hand whose place another owner took is not replaced, nor is a place found empty: attached
+    // anew below). A dump that fails tells nothing: attaching fails, the record stays.
+    let recorded_here = existing.is_some_and(|(r, _)| r.priority == record.priority && r.handle == HANDLE);
+    let mut replaced = false;
+    if recorded_here && lb_at(index, at, priority, HANDLE).map_err(listing)? {
+        let link = SchedClassifierLink::attached(interface, at, priority, TcHandle::from(HANDLE), None)
+            .map_err(io)?;
         match prog.attach_to_link(link) {
             Ok(id) => {
                 // Ours to keep past this process: dropping a link deletes its filter.
                 std::mem::forget(prog.take_link(id).map_err(err)?);
-                ours.insert(key(index, at), r, 0).map_err(map_err(MAP_LB_TC_FILTERS))?;
-                record_namespace(ours)?;
-                return Ok(false);
+                replaced = true;
             }
-            // Deleted meanwhile (its qdisc too, maybe): attached anew below.
-            Err(_) => {
-                let _ = ours.remove(&key(index, at));
+            // Deleted meanwhile (its qdisc too, maybe): attached anew below. Still there, it keeps
+            // serving with the program it has, and its record stays: the error, for a later try.
+            Err(e) => {
+                if lb_at(index, at, priority, HANDLE).map_err(listing)? {
+                    return Err(err(e));
+                }
             }
         }
-    } else if from_ours {
-        let _ = ours.remove(&key(index, at));
     }
+    if !replaced {
+        if recorded_here && existing.is_some_and(|(_, from)| from.is_none()) {
+            // Not lb's in place any more: the record goes, whether or not adding works.
+            let _ = ours.remove(&key(index, at));
+        }
+        // lb's own filter found there with its record lost counts as replaced.
+        replaced = add(prog, interface, index, at, priority).map_err(|e| e.into_error(name, interface))?;
+    }
+    let fresh = !replaced && !moving && existing.is_none();
+    let written = ours.insert(key(index, at), record, 0).map_err(map_err(MAP_LB_TC_FILTERS));
+    if let Err(e) = written.and_then(|()| record_namespace(ours)) {
+        // Not recorded, a filter added here would be no one's: it goes again.
+        if !replaced {
+            let _ = delete_at(interface, at, priority, HANDLE);
+            let _ = ours.remove(&key(index, at));
+        }
+        return Err(e);
+    }
+    // Ours stands for the filter now: no other layout's record may (removing that layout would
+    // delete it).
+    for o in others.iter_mut() {
+        let _ = o.remove(&key(index, at));
+    }
+    // The new one runs first or last now (both pass on what they do not translate, and the
+    // second finds nothing of a service in what the first translated); the old one goes. Until it
+    // is gone, attaching fails and is tried again (which finds the new one recorded in place).
+    if moving {
+        delete_at(interface, at, other, HANDLE).map_err(|e| io(std::io::Error::other(e)))?;
+        tracing::info!(
+            interface,
+            program = name,
+            from = other,
+            to = priority,
+            "lb's filter moved to the priority --tc-position asks for"
+        );
+    }
+    Ok(fresh)
+}
+
+/// Why adding a filter failed.
+enum AddError {
+    Io(std::io::Error),
+    Program(ProgramError),
+}
+
+impl AddError {
+    fn into_error(self, program: &'static str, interface: &str) -> DatapathError {
+        let source = match self {
+            AddError::Io(e) => tc::TcError::IoError(e).into(),
+            AddError::Program(e) => e,
+        };
+        DatapathError::Attach { program, interface: interface.to_string(), source }
+    }
+}
+
+/// Adds `prog` as a new filter at `priority` and lb's handle, creating the clsact qdisc where
+/// missing. A filter there that is lb's own with its record lost (a program named as ours) is
+/// replaced in place (true); another owner's is left alone, and adding fails.
+fn add(
+    prog: &mut SchedClassifier,
+    interface: &str,
+    index: u32,
+    at: TcAttachType,
+    priority: u16,
+) -> Result<bool, AddError> {
     // The qdisc may be there already (ours from before, or another owner's). A legacy `ingress`
     // qdisc in its place takes filters for either direction into its one (ingress) block: lb's
     // reply program would run on arriving packets. Refused, saying what to do.
     let qdisc = tc::qdisc_add_clsact(interface).err();
     if qdisc.is_some() {
-        if let Ok(Some(kind)) = qdisc_kind(index) {
+        if let Some(kind) = qdisc_kind(index).map_err(AddError::Io)? {
             if kind != "clsact" {
-                return Err(io(std::io::Error::other(format!(
+                return Err(AddError::Io(std::io::Error::other(format!(
                     "{interface} has a '{kind}' qdisc where lb needs clsact (replace it: `tc qdisc del dev \
                      {interface} {kind}; tc qdisc add dev {interface} clsact`, keeping its filters)"
                 ))));
             }
         }
     }
-    let priority = match order {
-        TcOrder::First => PRIORITY_FIRST,
-        TcOrder::Last => PRIORITY_LAST,
-    };
-    let options = || NlOptions { priority, handle: TcHandle::from(HANDLE), ..Default::default() };
-    let attached = match prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options())) {
+    let options = NlOptions { priority, handle: TcHandle::from(HANDLE), ..Default::default() };
+    let mut replaced = false;
+    let attached = match prog.attach_with_options(interface, at, TcAttachOptions::Netlink(options)) {
         Ok(id) => Ok(id),
-        // Taken: lb's own filter whose record was lost (a program named as ours) is replaced in
-        // place; another owner's is left alone, and attaching fails.
         Err(first) => match lb_at(index, at, priority, HANDLE) {
-            Some(true) => {
+            Ok(true) => {
+                replaced = true;
                 SchedClassifierLink::attached(interface, at, priority, TcHandle::from(HANDLE), None)
                     .map_err(|e| ProgramError::from(tc::TcError::IoError(e)))
                     .and_then(|link| prog.attach_to_link(link))
@@ -181,14 +251,12 @@ pub fn attach(
         },
     };
     let id = attached.map_err(|e| match &qdisc {
-        Some(q) => io(std::io::Error::other(format!("{e} (adding the clsact qdisc: {q})"))),
-        None => err(e),
+        Some(q) => AddError::Io(std::io::Error::other(format!("{e} (adding the clsact qdisc: {q})"))),
+        None => AddError::Program(e),
     })?;
-    std::mem::forget(prog.take_link(id).map_err(err)?);
-    let record = LbTcFilter { priority: u32::from(priority), handle: HANDLE, ifname: ifname(interface) };
-    ours.insert(key(index, at), record, 0).map_err(map_err(MAP_LB_TC_FILTERS))?;
-    record_namespace(ours)?;
-    Ok(true)
+    // Ours to keep past this process: dropping a link deletes its filter.
+    std::mem::forget(prog.take_link(id).map_err(AddError::Program)?);
+    Ok(replaced)
 }
 
 /// Deletes lb's filter on `interface` at `at` as `records` has it, then its record. The record
@@ -203,19 +271,21 @@ pub fn detach(records: &mut Records, interface: &str, at: TcAttachType) -> Resul
 }
 
 fn delete(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
-    // Gone already (deleted by hand, or with its qdisc: then the kernel answers EINVAL, not
-    // ENOENT), or another owner's now: nothing of lb's to delete.
-    if ifindex(interface).and_then(|i| lb_at(i, at, r.priority as u16, r.handle)) == Some(false) {
-        return Ok(());
+    // The interface is gone (its filters went with it), the filter is gone already (deleted by
+    // hand, or with its qdisc: then the kernel answers EINVAL, not ENOENT), or another owner's
+    // now: nothing of lb's to delete. A failed dump tells nothing: the record stays.
+    let Some(index) = ifindex(interface) else { return Ok(()) };
+    match lb_at(index, at, r.priority as u16, r.handle) {
+        Ok(true) => delete_at(interface, at, r.priority as u16, r.handle),
+        Ok(false) => Ok(()),
+        Err(e) => Err(format!("{interface}: listing its filters: {e}")),
     }
-    delete_at(interface, at, r)
 }
 
-/// Deletes the filter at `r`'s priority and handle on `interface`, whoever's it is.
-fn delete_at(interface: &str, at: TcAttachType, r: &LbTcFilter) -> Result<(), String> {
-    let link =
-        SchedClassifierLink::attached(interface, at, r.priority as u16, TcHandle::from(r.handle), None)
-            .map_err(|e| format!("{interface}: {e}"))?;
+/// Deletes the filter at `priority` and `handle` on `interface`, whoever's it is.
+fn delete_at(interface: &str, at: TcAttachType, priority: u16, handle: u32) -> Result<(), String> {
+    let link = SchedClassifierLink::attached(interface, at, priority, TcHandle::from(handle), None)
+        .map_err(|e| format!("{interface}: {e}"))?;
     match link.detach() {
         Ok(()) => Ok(()),
         // Already gone (deleted by hand, or with its qdisc).
@@ -291,12 +361,22 @@ fn record_namespace(records: &mut Records) -> Result<(), DatapathError> {
 }
 /// Deletes lb's filters that no record names (an agent killed between adding a filter and
 /// recording it): a program named as lb's at lb's priority and handle, on any interface of this
-/// network namespace. `--cleanup` only. The number deleted.
-pub fn delete_unrecorded() -> std::io::Result<usize> {
-    let mut n = 0;
-    for link in links()? {
+/// network namespace (the whole namespace: run `--cleanup` where the agent ran, the host's).
+/// `--cleanup` only. The number deleted, or what could not be deleted (the rest is done).
+pub fn delete_unrecorded() -> Result<usize, Vec<String>> {
+    let (mut n, mut left) = (0, Vec::new());
+    for link in links().map_err(|e| vec![format!("listing interfaces: {e}")])? {
         for at in [TcAttachType::Ingress, TcAttachType::Egress] {
-            for f in filters(link.index, at == TcAttachType::Egress)? {
+            let found = match filters(link.index, at == TcAttachType::Egress) {
+                Ok(f) => f,
+                // Gone since it was listed: its filters went with it.
+                Err(_) if ifindex(&link.name) != Some(link.index) => continue,
+                Err(e) => {
+                    left.push(format!("{}: listing its filters: {e}", link.name));
+                    continue;
+                }
+            };
+            for f in found {
                 if is_lb(&f.name)
                     && f.handle == HANDLE
                     && [PRIORITY_FIRST, PRIORITY_LAST].contains(&f.priority)
@@ -307,13 +387,19 @@ pub fn delete_unrecorded() -> std::io::Result<usize> {
                         ifname: ifname(&link.name),
                     };
                     // Looked at again just before: another owner may have taken the place since.
-                    delete(&link.name, at, &r).map_err(std::io::Error::other)?;
-                    n += 1;
+                    match delete(&link.name, at, &r) {
+                        Ok(()) => n += 1,
+                        Err(e) => left.push(e),
+                    }
                 }
             }
         }
     }
-    Ok(n)
+    if left.is_empty() {
+        Ok(n)
+    } else {
+        Err(left)
+    }
 }
 
 /// Drops the records of interfaces that are gone.
