@@ -144,6 +144,7 @@ fn fill_conntrack(maps: &mut Maps, count: u32) -> anyhow::Result<()> {
 fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
     let fe = |(vip, port): (Ipv4Addr, u16), (to, to_port): (Ipv4Addr, u16)| Frontend {
         addr: FrontendAddr { vip, port, proto: Protocol::Tcp },
+        kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("bench/{vip}"),
         port_name: String::new(),
         backends: vec![BackendAddr { ip: to, port: to_port, proto: Protocol::Tcp }],

@@ -341,6 +341,52 @@ mod tests {
     }
 
     #[test]
+    fn a_load_balancer_ip_follows_the_services_status_change_by_change() {
+        let lb = |ingress: &str, kind: &str| {
+            service("web", 2).replace(
+                "spec: {clusterIP: 10.96.5.1,",
+                &format!("status: {{loadBalancer: {{ingress: [{ingress}]}}}}\nspec: {{type: {kind}, clusterIP: 10.96.5.1,"),
+            )
+        };
+        let live = |a: &Agent<MemoryMaps>, ip: [u8; 4]| {
+            a.maps
+                .services
+                .get(&Lb4ServiceKey::new(ip, 80, IPPROTO_TCP))
+                .is_some_and(|s| s.flags & SVC_FLAG_TOMBSTONE == 0)
+        };
+        let mut a = agent();
+        a.apply(Change::all(objects(&lb("", "LoadBalancer"))));
+        assert!(programmed(&a).is_some() && !live(&a, [203, 0, 113, 10]), "no address assigned yet");
+        // The load balancer controller writes the status: its IP is answered, with the endpoint.
+        let report = a.apply(Change::now(What::Services(vec![change(
+            "default/web",
+            Some(lb("{ip: 203.0.113.10}", "LoadBalancer")),
+        )])));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(live(&a, [203, 0, 113, 10]), "the LoadBalancer IP is a frontend");
+        // Another address: the old one goes.
+        a.apply(Change::now(What::Services(vec![change(
+            "default/web",
+            Some(lb("{ip: 203.0.113.11}", "LoadBalancer")),
+        )])));
+        assert!(live(&a, [203, 0, 113, 11]) && !live(&a, [203, 0, 113, 10]));
+        // ipMode Proxy, then a ClusterIP Service (whatever its status says): none.
+        a.apply(Change::now(What::Services(vec![change(
+            "default/web",
+            Some(lb("{ip: 203.0.113.11, ipMode: Proxy}", "LoadBalancer")),
+        )])));
+        assert!(!live(&a, [203, 0, 113, 11]), "ipMode Proxy");
+        a.apply(Change::now(What::Services(vec![change(
+            "default/web",
+            Some(lb("{ip: 203.0.113.11}", "ClusterIP")),
+        )])));
+        assert!(
+            !live(&a, [203, 0, 113, 11]) && programmed(&a).is_some(),
+            "a ClusterIP Service keeps its cluster IP only"
+        );
+    }
+
+    #[test]
     fn one_batch_moves_an_address_from_a_deleted_service_to_a_new_one_whatever_their_names() {
         for (old, new) in [("zz-old", "aa-new"), ("aa-old", "zz-new")] {
             let mut a = agent();

@@ -32,6 +32,7 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
         (2..5).map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, proto: Protocol::Tcp });
     let fe = Frontend {
         addr: FrontendAddr { vip: VIP, port: 80, proto: Protocol::Tcp },
+        kind: lb_agent::model::FrontendKind::ClusterIp,
         service: "flood/web".into(),
         port_name: String::new(),
         backends: backends.collect(),

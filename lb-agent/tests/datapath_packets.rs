@@ -89,6 +89,7 @@ fn frontend_with(
     let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
     Frontend {
         addr: FrontendAddr { vip, port, proto },
+        kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
         backends: backends.iter().map(be).collect(),

@@ -1,10 +1,15 @@
 //! Service semantics end to end: draining, ClientIP affinity, internalTrafficPolicy Local across
-//! two nodes, hairpin, and a named targetPort that differs per endpoint. Manifests change while
+//! two nodes, hairpin, a named targetPort that differs per endpoint, and pods reaching LoadBalancer
+//! IPs. Manifests change while
 //! the agents run; the tests wait for the maps to show a change before relying on it.
 
 mod support;
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use lb_agent::datapath::Mode;
 use lb_common::{counters as c, BACKEND_STATE_TERMINATING};
@@ -193,4 +198,39 @@ fn named_target_port_that_differs_per_endpoint() {
     c.wait_reachable(&c.client1, 80);
     let got = answers(tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 300).expect("connections"));
     assert_eq!(names(&got), BTreeSet::from(["b1", "b2", "b3"]));
+}
+
+/// Rule: a pod reaches its Service's LoadBalancer IPs through lb, with every endpoint
+/// (kube-proxy's exception to externalTrafficPolicy Local for the cluster's own clients;
+/// internalTrafficPolicy narrows the cluster IP only), over TCP and UDP. The node has no route to
+/// those addresses: an answer means lb translated.
+#[test]
+fn pods_reach_load_balancer_ips_with_every_endpoint() {
+    let extra = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\nstatus:\n  \
+                 loadBalancer:\n    ingress:\n    - {ip: 203.0.113.10}\n    - {ip: 203.0.113.12, ipMode: VIP}\n    \
+                 - {ip: 203.0.113.11, ipMode: Proxy}";
+    let c = Cluster::new(
+        "lbip",
+        Mode::Tc,
+        true,
+        |b| who(extra, &[endpoint(&b[0], "ready: true"), endpoint(&b[2], "ready: true")]),
+        &[],
+    );
+    c.wait_reachable(&c.client1, 80);
+    let cluster = answers(tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 50).expect("cluster IP"));
+    assert_eq!(
+        names(&cluster),
+        BTreeSet::from(["b1"]),
+        "internalTrafficPolicy Local: the cluster IP is local"
+    );
+    for ip in ["203.0.113.10", "203.0.113.12"] {
+        let ip: Ipv4Addr = ip.parse().expect("ip");
+        let tcp = answers(tcp_asks(&c.client1, SocketAddrV4::new(ip, 80), 100).expect("tcp"));
+        assert_eq!(names(&tcp), BTreeSet::from(["b1", "b3"]), "{ip}: every endpoint");
+        let udp = answers(udp_asks(&c.client1, SocketAddrV4::new(ip, 53), 12_000, 60).expect("udp"));
+        assert_eq!(names(&udp), BTreeSet::from(["b1", "b3"]), "{ip}: every endpoint over UDP");
+    }
+    // ipMode Proxy: the load balancer must see the traffic; not translated (no route here).
+    let proxy = SocketAddrV4::new("203.0.113.11".parse().expect("ip"), 80);
+    assert!(tcp_asks(&c.client1, proxy, 1).expect("attempt")[0].is_err(), "ipMode Proxy is not translated");
 }

@@ -50,6 +50,7 @@ fn fe(
     let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
     Frontend {
         addr: FrontendAddr { vip, port, proto },
+        kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("default/{service}"),
         port_name: String::new(),
         backends: table.iter().map(be).collect(),

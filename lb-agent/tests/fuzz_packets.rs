@@ -53,6 +53,7 @@ impl Rng {
 fn program(maps: &mut Maps) {
     let fe = |vip, port, proto, bs: &[(Ipv4Addr, u16)]| Frontend {
         addr: FrontendAddr { vip, port, proto },
+        kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("fuzz/{vip}-{port}"),
         port_name: String::new(),
         backends: bs.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),

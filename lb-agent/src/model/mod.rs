@@ -97,6 +97,26 @@ impl fmt::Display for FrontendAddr {
     }
 }
 
+/// Which of its Service's addresses a frontend answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)`.
+    ClusterIp,
+    /// `status.loadBalancer.ingress[].ip` of a `type: LoadBalancer` Service (`ipMode` unset or
+    /// `VIP`).
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// The Service's field that holds addresses of this kind.
+    pub fn field(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "spec.clusterIP",
+            FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
+        }
+    }
+}
+
 /// What a frontend's flows may do with one of its endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BackendState {
@@ -112,6 +132,8 @@ pub enum BackendState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub addr: FrontendAddr,
+    /// Which of the Service's addresses `addr` is.
+    pub kind: FrontendKind,
     /// `namespace/name` of the Service.
     pub service: String,
     /// The Service port's name ("" when unnamed).
@@ -221,7 +243,7 @@ impl Addresses {
                 let e = ModelError::invalid(
                     "Service",
                     &fe.service,
-                    "spec.clusterIP".into(),
+                    fe.kind.field().into(),
                     format!("{addr} is already used by Service {other}"),
                 );
                 if *other != fe.service {
@@ -491,18 +513,29 @@ pub fn build_claiming(
             // kube-proxy drops traffic of an internalTrafficPolicy Local Service that has usable
             // endpoints only on other nodes, and rejects it when it has none anywhere.
             let local_only = spec.local_only && endpoints::any_usable(eps);
+            let fe = |vip: Ipv4Addr, kind, backends: &Vec<BackendAddr>, kept: &Vec<_>, local_only| Frontend {
+                addr: FrontendAddr { vip, port: p.port, proto: p.proto },
+                kind,
+                service: object.clone(),
+                port_name: p.name.clone(),
+                backends: backends.clone(),
+                kept: kept.clone(),
+                affinity_timeout_secs: spec.affinity_timeout_secs,
+                local_only,
+            };
             for vip in &spec.vips {
-                let addr = FrontendAddr { vip: *vip, port: p.port, proto: p.proto };
-                let fe = Frontend {
-                    addr,
-                    service: object.clone(),
-                    port_name: p.name.clone(),
-                    backends: backends.clone(),
-                    kept: kept.clone(),
-                    affinity_timeout_secs: spec.affinity_timeout_secs,
-                    local_only,
-                };
-                wanted.push(fe);
+                wanted.push(fe(*vip, FrontendKind::ClusterIp, &backends, &kept, local_only));
+            }
+            if spec.external.is_empty() {
+                continue;
+            }
+            // Pods reaching an external address use every endpoint, whatever the traffic policies
+            // say (internalTrafficPolicy is for the cluster IPs; for externalTrafficPolicy Local
+            // this is kube-proxy's exception for the cluster's own clients).
+            let (backends, kept) =
+                if spec.local_only { select(eps, p.proto, false, ctx) } else { (backends, kept) };
+            for (ip, kind) in &spec.external {
+                wanted.push(fe(*ip, *kind, &backends, &kept, false));
             }
         }
     }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::{Context, ModelError, Protocol, DEFAULT_AFFINITY_TIMEOUT_SECS};
+use super::{Context, FrontendKind, ModelError, Protocol, DEFAULT_AFFINITY_TIMEOUT_SECS};
 
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -50,6 +50,8 @@ pub(super) struct SvcPort {
 /// What a valid Service asks for.
 pub(super) struct SvcSpec {
     pub(super) vips: Vec<Ipv4Addr>,
+    /// LoadBalancer ingress IPs: answered for this cluster's pods.
+    pub(super) external: Vec<(Ipv4Addr, FrontendKind)>,
     pub(super) ports: Vec<SvcPort>,
     pub(super) affinity_timeout_secs: u32,
     pub(super) local_only: bool,
@@ -166,5 +168,59 @@ pub(super) fn service_spec(
     if vips.is_empty() || ports.is_empty() {
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
     }
-    SvcOutcome::Use(SvcSpec { vips, ports, affinity_timeout_secs, local_only })
+    let external = external_addresses(svc, object, &vips, errors);
+    SvcOutcome::Use(SvcSpec { vips, external, ports, affinity_timeout_secs, local_only })
+}
+
+/// The Service's external addresses answered for pods: for `type: LoadBalancer`, the ingress IPs
+/// in its status whose `ipMode` is unset or `VIP` (with `Proxy` the load balancer itself must see
+/// the traffic; hostnames are not addresses), as kube-proxy takes them. One that is not an IP
+/// address is reported and left out; one listed twice, or that is one of the Service's own
+/// cluster IPs (`vips`), is taken once. (`spec.externalIPs`, which anyone who may create a
+/// Service may set to any address, CVE-2020-8554, come with `--external-ips`.)
+fn external_addresses(
+    svc: &Service,
+    object: &str,
+    vips: &[Ipv4Addr],
+    errors: &mut Vec<ModelError>,
+) -> Vec<(Ipv4Addr, FrontendKind)> {
+    const KIND: &str = "Service";
+    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let mut out: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
+    let mut take = |ip: &str, field: String, kind: FrontendKind, errors: &mut Vec<ModelError>| match ip
+        .parse::<IpAddr>()
+    {
+        Ok(IpAddr::V4(v4)) => {
+            if !vips.contains(&v4) && !out.iter().any(|(a, _)| *a == v4) {
+                out.push((v4, kind));
+            }
+        }
+        Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
+        Err(_) => {
+            errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")))
+        }
+    };
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress =
+            svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ranges = spec.load_balancer_source_ranges.as_ref().is_some_and(|r| !r.is_empty());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(ip) = ing.ip.as_deref() else { continue };
+            if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
+                continue;
+            }
+            if ranges {
+                // Not enforced yet: translating the address would let every pod past them.
+                errors.push(ModelError::unsupported(
+                    KIND,
+                    object,
+                    "spec.loadBalancerSourceRanges".into(),
+                    "translating LoadBalancer IPs under source ranges (they are left untranslated)",
+                ));
+                break;
+            }
+            take(ip, format!("status.loadBalancer.ingress[{i}].ip"), FrontendKind::LoadBalancer, errors);
+        }
+    }
+    out
 }

@@ -20,6 +20,7 @@ fn be(last: u8) -> BackendAddr {
 fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
     Frontend {
         addr: FrontendAddr { vip: std::net::Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp },
+        kind: crate::model::FrontendKind::ClusterIp,
         service: format!("default/{service}"),
         port_name: String::new(),
         backends: last.iter().map(|l| be(*l)).collect(),

@@ -1076,6 +1076,7 @@ mod tests {
         let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp };
         Frontend {
             addr,
+            kind: crate::model::FrontendKind::ClusterIp,
             service: "default/s".into(),
             port_name: String::new(),
             backends: last.iter().map(|l| be(*l)).collect(),
