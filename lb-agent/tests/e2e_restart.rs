@@ -154,17 +154,9 @@ fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
     c.lab.stop_agent(&n1, libc::SIGTERM);
     // Still served while the agent is away.
     assert!(tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 5).expect("asks").iter().all(Result::is_ok));
-    let agent = env!("CARGO_BIN_EXE_lb-agent");
-    // In the node's network namespace, where the agent ran (its netlink filters, on kernels
-    // without TCX, are found by interface there).
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", n1.netns))
-        .args([agent, "--cleanup", "--pin-dir"])
-        .arg(&n1.pin_dir)
-        .output()
-        .expect("cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::cleanup(&n1);
     assert!(!n1.pin_dir.exists(), "pins removed");
+    let agent = env!("CARGO_BIN_EXE_lb-agent");
     // The links went with their pins (the kernel releases an unpinned link from a workqueue, so
     // shortly after): nothing translates the service address any more.
     let detached = lb_testkit::lab::wait_until(Duration::from_secs(15), || {

@@ -225,7 +225,7 @@ fn netlink_filters_are_replaced_in_place_and_cleaned_up_exactly() {
 
     // --cleanup deletes lb's filters and nothing else.
     c.lab.stop_agent(&n1, libc::SIGTERM);
-    cleanup(&n1);
+    support::cleanup(&n1);
     for dir in ["ingress", "egress"] {
         assert!(
             !filters(&n1, &iface, dir).iter().any(|l| l.contains("lb4_tc")),
@@ -312,7 +312,7 @@ fn a_changed_tc_position_moves_the_filters_and_cleanup_finds_unrecorded_ones() {
             ],
         );
     }
-    cleanup(&n1);
+    support::cleanup(&n1);
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", n1.netns))
         .args(["ip", "-o", "link", "show"])
@@ -335,18 +335,6 @@ fn a_changed_tc_position_moves_the_filters_and_cleanup_finds_unrecorded_ones() {
             "{dir}: the other owner's filter at lb's place stays"
         );
     }
-}
-
-/// `lb-agent --cleanup` for `node`, in its network namespace as the agent ran (filters are found
-/// by interface there).
-fn cleanup(node: &Node) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", node.netns))
-        .args([AGENT, "--cleanup", "--pin-dir"])
-        .arg(&node.pin_dir)
-        .output()
-        .expect("cleanup");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Hook `i` of `dir` in an `lbctl interfaces` view: (program, attach, (priority, handle), lb's).

@@ -382,36 +382,32 @@ pub fn run() -> anyhow::Result<()> {
     let mut table = vec!["| kernel | test | result | seconds |".to_string(), "|---|---|---|---|".to_string()];
     let mut failed = Vec::new();
     for k in &KERNELS {
+        // A kernel whose tests cannot run fails its row, saying why; the others still run.
+        let mut not_run = |release: &str, why: String| {
+            failed.push(format!("{} ({release}): {why}", k.name));
+            table.push(format!("| {} ({release}) | every test | not run: {why} | 0 |", k.name));
+        };
         let u = match fetch(k) {
             Ok(u) => u,
             Err(e) => {
-                failed.push(format!("{}: fetching its kernel: {e:#}", k.name));
-                table.push(format!("| {} | every test | not run: no kernel ({e}) | 0 |", k.name));
+                not_run("?", format!("fetching its kernel: {e:#}"));
                 continue;
             }
         };
         // The row names a kernel line: a distribution that moved past it is said, not tested
         // under the old name.
         if !u.release.starts_with(&format!("{}.", k.name)) {
-            failed.push(format!(
-                "{}'s kernel is now {}, not a {} kernel: update the matrix (xtask/src/kernels.rs)",
-                k.dist, u.release, k.name
-            ));
-            table.push(format!(
-                "| {} ({}) | every test | not run: another kernel line | 0 |",
-                k.name, u.release
-            ));
+            not_run(
+                &u.release,
+                format!("{} moved to another kernel line: update the matrix (xtask/src/kernels.rs)", k.dist),
+            );
             continue;
         }
         println!("kernels: booting {} ({}) in qemu", k.name, u.release);
         let o = match boot(k, &u, &binaries) {
             Ok(o) => o,
             Err(e) => {
-                failed.push(format!("{}: booting it: {e:#}", k.name));
-                table.push(format!(
-                    "| {} ({}) | every test | not run: did not boot ({e}) | 0 |",
-                    k.name, u.release
-                ));
+                not_run(&u.release, format!("booting it: {e:#}"));
                 continue;
             }
         };

@@ -131,15 +131,18 @@ pub fn attach(
         existing = others.iter().enumerate().find_map(|(i, o)| Some((recorded(o, interface, at)?, Some(i))));
     }
     let record = LbTcFilter { priority: u32::from(priority), handle: HANDLE, ifname: ifname(interface) };
-    // lb's filter at the other priority: `--tc-position` changed since it was added (recorded, or
-    // its record lost). Looked for first: nothing is added when that cannot be told.
-    let moving = lb_at(index, at, other, HANDLE).map_err(listing)?;
+    // One look at the filters, before anything is added (a dump that fails tells nothing:
+    // attaching fails, the record stays). lb's filter at the other priority: `--tc-position`
+    // changed since it was added (recorded, or its record lost).
+    let present = filters(index, at == TcAttachType::Egress).map_err(listing)?;
+    let lb_there = |p: u16| present.iter().any(|f| f.priority == p && f.handle == HANDLE && is_lb(&f.name));
+    let moving = lb_there(other);
     // Replaced in place while the filter recorded at lb's place is still lb's (one deleted by
     // hand whose place another owner took is not replaced, nor is a place found empty: attached
-    // anew below). A dump that fails tells nothing: attaching fails, the record stays.
+    // anew below).
     let recorded_here = existing.is_some_and(|(r, _)| r.priority == record.priority && r.handle == HANDLE);
     let mut replaced = false;
-    if recorded_here && lb_at(index, at, priority, HANDLE).map_err(listing)? {
+    if recorded_here && lb_there(priority) {
         let link = SchedClassifierLink::attached(interface, at, priority, TcHandle::from(HANDLE), None)
             .map_err(io)?;
         match prog.attach_to_link(link) {
@@ -163,7 +166,7 @@ pub fn attach(
             let _ = ours.remove(&key(index, at));
         }
         // lb's own filter found there with its record lost counts as replaced.
-        replaced = add(prog, interface, index, at, priority).map_err(|e| e.into_error(name, interface))?;
+        replaced = add(prog, name, interface, index, at, priority)?;
     }
     let fresh = !replaced && !moving && existing.is_none();
     let written = ours.insert(key(index, at), record, 0).map_err(map_err(MAP_LB_TC_FILTERS));
@@ -196,40 +199,27 @@ pub fn attach(
     Ok(fresh)
 }
 
-/// Why adding a filter failed.
-enum AddError {
-    Io(std::io::Error),
-    Program(ProgramError),
-}
-
-impl AddError {
-    fn into_error(self, program: &'static str, interface: &str) -> DatapathError {
-        let source = match self {
-            AddError::Io(e) => tc::TcError::IoError(e).into(),
-            AddError::Program(e) => e,
-        };
-        DatapathError::Attach { program, interface: interface.to_string(), source }
-    }
-}
-
 /// Adds `prog` as a new filter at `priority` and lb's handle, creating the clsact qdisc where
 /// missing. A filter there that is lb's own with its record lost (a program named as ours) is
 /// replaced in place (true); another owner's is left alone, and adding fails.
 fn add(
     prog: &mut SchedClassifier,
+    name: &'static str,
     interface: &str,
     index: u32,
     at: TcAttachType,
     priority: u16,
-) -> Result<bool, AddError> {
+) -> Result<bool, DatapathError> {
+    let err = |source| DatapathError::Attach { program: name, interface: interface.to_string(), source };
+    let io = |e: std::io::Error| err(tc::TcError::IoError(e).into());
     // The qdisc may be there already (ours from before, or another owner's). A legacy `ingress`
     // qdisc in its place takes filters for either direction into its one (ingress) block: lb's
     // reply program would run on arriving packets. Refused, saying what to do.
     let qdisc = tc::qdisc_add_clsact(interface).err();
     if qdisc.is_some() {
-        if let Some(kind) = qdisc_kind(index).map_err(AddError::Io)? {
+        if let Some(kind) = qdisc_kind(index).map_err(io)? {
             if kind != "clsact" {
-                return Err(AddError::Io(std::io::Error::other(format!(
+                return Err(io(std::io::Error::other(format!(
                     "{interface} has a '{kind}' qdisc where lb needs clsact (replace it: `tc qdisc del dev \
                      {interface} {kind}; tc qdisc add dev {interface} clsact`, keeping its filters)"
                 ))));
@@ -251,11 +241,11 @@ fn add(
         },
     };
     let id = attached.map_err(|e| match &qdisc {
-        Some(q) => AddError::Io(std::io::Error::other(format!("{e} (adding the clsact qdisc: {q})"))),
-        None => AddError::Program(e),
+        Some(q) => io(std::io::Error::other(format!("{e} (adding the clsact qdisc: {q})"))),
+        None => err(e),
     })?;
     // Ours to keep past this process: dropping a link deletes its filter.
-    std::mem::forget(prog.take_link(id).map_err(AddError::Program)?);
+    std::mem::forget(prog.take_link(id).map_err(err)?);
     Ok(replaced)
 }
 

@@ -331,6 +331,18 @@ impl Cluster {
     }
 }
 
+/// `lb-agent --cleanup` for `node`, in its network namespace, where the agent ran (its netlink
+/// filters, on kernels without TCX, are found by interface there).
+pub fn cleanup(node: &lb_testkit::lab::Node) {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .args([AGENT, "--cleanup", "--pin-dir"])
+        .arg(&node.pin_dir)
+        .output()
+        .expect("cleanup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A Service `who` (TCP 80 → 8080 as "tcp", UDP 53 → 5353 as "udp") with `spec_extra` appended
 /// to its spec, and one EndpointSlice with `endpoints` (YAML list items, each starting "- ").
 pub fn who(spec_extra: &str, endpoints: &[String]) -> String {
