@@ -135,7 +135,9 @@ pub fn attach(
     // attaching fails, the record stays). lb's filter at the other priority: `--tc-position`
     // changed since it was added (recorded, or its record lost).
     let present = filters(index, at == TcAttachType::Egress).map_err(listing)?;
-    let lb_there = |p: u16| present.iter().any(|f| f.priority == p && f.handle == HANDLE && is_lb(&f.name));
+    let lb_there = |p: u16| {
+        present.iter().find(|f| f.priority == p && f.handle == HANDLE).is_some_and(|f| is_lb(&f.name))
+    };
     let moving = lb_there(other);
     // Replaced in place while the filter recorded at lb's place is still lb's (one deleted by
     // hand whose place another owner took is not replaced, nor is a place found empty: attached
