@@ -143,7 +143,7 @@ fn fill_conntrack(maps: &mut Maps, count: u32) -> anyhow::Result<()> {
 /// C:80 → D:8080, D:8080 → C:80, the same with the port rewritten too.
 fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
     let fe = |(vip, port): (Ipv4Addr, u16), (to, to_port): (Ipv4Addr, u16)| Frontend {
-        addr: FrontendAddr { vip, port, proto: Protocol::Tcp },
+        addr: FrontendAddr::new(vip, port, Protocol::Tcp),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("bench/{vip}"),
         port_name: String::new(),
@@ -151,6 +151,7 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
+        two_scopes: false,
     };
     let desired: BTreeMap<_, _> =
         [fe((A, 80), (B, 80)), fe((B, 80), (A, 80)), fe((C, 80), (D, 8080)), fe((D, 8080), (C, 80))]

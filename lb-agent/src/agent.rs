@@ -37,6 +37,9 @@ pub struct Agent<W: MapWriter = Maps> {
     sweeper: Option<Sweeper>,
     /// The EndpointSlices' last good endpoints: a slice that turns bad is served as it was.
     last_good: model::LastGood,
+    /// `--nodeport-addresses`, and this node's local addresses it selects from.
+    nodeport_spec: model::node::NodePortAddresses,
+    local_addrs: Vec<std::net::Ipv4Addr>,
 }
 
 /// What one change did.
@@ -70,7 +73,33 @@ impl<W: MapWriter> Agent<W> {
             started: false,
             sweeper: None,
             last_good: model::LastGood::default(),
+            nodeport_spec: model::node::NodePortAddresses::default(),
+            local_addrs: Vec::new(),
         }
+    }
+
+    /// NodePorts listen on the addresses `spec` selects among this node's (`local`, and its Node
+    /// object's as the source gives it).
+    pub fn with_nodeport_addresses(
+        mut self,
+        spec: model::node::NodePortAddresses,
+        local: Vec<std::net::Ipv4Addr>,
+    ) -> Self {
+        self.nodeport_spec = spec;
+        self.local_addrs = local;
+        self
+    }
+
+    /// This node's local addresses now; true if they changed (the NodePorts follow at the next
+    /// full change).
+    pub fn set_local_addresses(&mut self, mut local: Vec<std::net::Ipv4Addr>) -> bool {
+        local.sort();
+        self.local_addrs.sort();
+        if local == self.local_addrs {
+            return false;
+        }
+        self.local_addrs = local;
+        true
     }
 
     /// Runs `sweeper` from [`Agent::sweep`]: expired flows are removed, and tombstones and
@@ -101,6 +130,8 @@ impl<W: MapWriter> Agent<W> {
         if let Some(node) = &objects.node {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
         }
+        self.ctx.nodeport_addresses =
+            model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
         // Objects the source could not read are held too: their Services keep what they had,
         // their addresses included.
         let held_by_source: BTreeSet<String> = objects.errors.iter().filter_map(|e| e.service()).collect();

@@ -39,6 +39,15 @@ pub struct ServiceView {
     /// 0 when the Service has no session affinity.
     pub affinity_timeout_seconds: u32,
     pub internal_traffic_local: bool,
+    /// Which of its Service's addresses the frontend is: `ClusterIP`, `LoadBalancer`, `NodePort`.
+    pub kind: String,
+    /// `external` (the entry every client uses, unless the address has an `internal` one too) or
+    /// `internal` (the entry this node's pods use instead).
+    pub scope: String,
+    /// The traffic policy its backends were chosen by: `Local` or `Cluster`
+    /// (internalTrafficPolicy for cluster IPs and internal entries, externalTrafficPolicy for the
+    /// external entries of external addresses).
+    pub policy: String,
     /// The Service is gone (deleted, or its address or port changed): the entry stays, with no
     /// backend, until the established flows made for it end.
     pub deleted: bool,
@@ -67,6 +76,8 @@ pub struct FlowView {
 pub struct ServiceStats {
     pub frontend: String,
     pub service: String,
+    /// `ClusterIP`, `LoadBalancer` or `NodePort`.
+    pub kind: String,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -108,7 +119,9 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
         .read_services()?
         .into_iter()
         .map(|(key, svc)| {
-            let frontend = endpoint(key.addr, key.port, key.proto);
+            // An address's internal entry is a frontend of its own.
+            let scope = if key.scope == lb_common::SCOPE_INTERNAL { " (internal)" } else { "" };
+            let frontend = format!("{}{scope}", endpoint(key.addr, key.port, key.proto));
             (svc.id, (frontend, maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default()))
         })
         .collect())
@@ -118,7 +131,7 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
 fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, DatapathError> {
     let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
     let mut services = maps.read_services()?;
-    services.sort_by_key(|(k, _)| (ip(k.addr), port(k.port), k.proto));
+    services.sort_by_key(|(k, _)| (ip(k.addr), port(k.port), k.proto, k.scope));
     let mut out = Vec::new();
     for (key, svc) in services {
         let (svc, table) = table_of(maps, &key, svc)?;
@@ -142,12 +155,29 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
             table_size: svc.maglev_size,
             affinity_timeout_seconds: svc.affinity_timeout_secs,
             internal_traffic_local: svc.flags & SVC_FLAG_LOCAL_ONLY != 0,
+            kind: kind_of(maps, svc.id).into(),
+            scope: if key.scope == lb_common::SCOPE_INTERNAL { "internal" } else { "external" }.into(),
+            policy: if svc.flags & (SVC_FLAG_LOCAL_ONLY | lb_common::SVC_FLAG_TWO_SCOPES) != 0 {
+                "Local"
+            } else {
+                "Cluster"
+            }
+            .into(),
             deleted: svc.flags & SVC_FLAG_TOMBSTONE != 0,
             backends,
         };
         out.push((view, table));
     }
     Ok(out)
+}
+
+/// Which of its Service's addresses frontend `id` is, as recorded beside the maps.
+fn kind_of(maps: &Maps, id: u32) -> &'static str {
+    match maps.read_meta(id).map(|m| m.kind) {
+        Some(lb_common::FRONTEND_KIND_LOAD_BALANCER) => "LoadBalancer",
+        Some(lb_common::FRONTEND_KIND_NODE_PORT) => "NodePort",
+        _ => "ClusterIP",
+    }
 }
 
 /// Every frontend with its backends and their shares.
@@ -256,6 +286,7 @@ pub fn stats(maps: &Maps) -> Result<StatsView, DatapathError> {
         services.push(ServiceStats {
             frontend,
             service,
+            kind: kind_of(maps, id).into(),
             packets: st.packets,
             bytes: st.bytes,
             new_flows: st.new_flows,
@@ -341,9 +372,13 @@ pub struct InterfaceView {
 
 /// One of lb's programs, by name (the kernel knows no owner): any version's, a stale one too.
 fn is_lb_program(name: &str) -> bool {
-    use crate::datapath::{PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD};
+    use crate::datapath::{
+        PROG_TC_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_TC_REPLY, PROG_XDP_FORWARD,
+    };
     // The kernel keeps 15 bytes of a program's name.
-    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD].iter().any(|p| p.get(..15).unwrap_or(p) == name)
+    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT]
+        .iter()
+        .any(|p| p.get(..15).unwrap_or(p) == name)
 }
 
 /// Every interface of the current network namespace and the BPF programs on its hooks (TCX, clsact
@@ -352,7 +387,7 @@ fn is_lb_program(name: &str) -> bool {
 pub fn interfaces() -> std::io::Result<Vec<InterfaceView>> {
     use aya::programs::{SchedClassifier, TcAttachType};
 
-    use crate::datapath::{netlink, PROG_TC_FORWARD, PROG_TC_REPLY};
+    use crate::datapath::{netlink, PROG_TC_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_TC_REPLY};
     let names: BTreeMap<u32, String> = aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_string()))
@@ -402,6 +437,12 @@ pub fn interfaces() -> std::io::Result<Vec<InterfaceView>> {
         let has = |hooks: &[HookView], name: &str| hooks.iter().any(|h| h.lb && name.starts_with(&h.program));
         let forward = has(&view.ingress, PROG_TC_FORWARD) || view.xdp.as_ref().is_some_and(|x| x.lb);
         let reply = has(&view.egress, PROG_TC_REPLY);
+        // A node interface: the node-side programs.
+        let (forward, reply) = if has(&view.ingress, PROG_TC_NODE_IN) || has(&view.egress, PROG_TC_NODE_OUT) {
+            (has(&view.ingress, PROG_TC_NODE_IN), has(&view.egress, PROG_TC_NODE_OUT))
+        } else {
+            (forward, reply)
+        };
         view.lb = match (forward, reply) {
             (true, true) => "attached",
             (false, false) => "none",

@@ -4,7 +4,8 @@
 //! [`model`] (pure: Kubernetes objects → frontends and Maglev tables) → [`reconcile`] (pure:
 //! desired state → ordered map writes, and the one encoder between model and map types) →
 //! [`datapath`] (the kernel: load, attach, pins, the maps). [`inspect`] reads the pinned maps for
-//! `lbctl` and the metrics; [`metrics`] serves them with the health endpoints.
+//! `lbctl` and the metrics; [`metrics`] serves them with the health endpoints. [`host`] reads this
+//! host's interface addresses (where NodePorts may listen).
 //!
 //! Without the `agent` feature (lbctl's build) the library has no source, agent or HTTP server:
 //! no Kubernetes client and no axum.
@@ -12,6 +13,7 @@
 #[cfg(feature = "agent")]
 pub mod agent;
 pub mod datapath;
+pub mod host;
 pub mod inspect;
 #[cfg(feature = "agent")]
 pub mod metrics;

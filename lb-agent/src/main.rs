@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use lb_agent::{
     agent::Agent,
-    datapath::{self, netlink::LinkEvents, Datapath, Mode},
+    datapath::{self, netlink::LinkEvents, Datapath, Mode, Role},
     metrics,
     model::{self, maglev},
     reconcile::{Options, Reconciler, Restored, Sweeper, Timeouts},
@@ -69,6 +69,17 @@ struct Args {
         required_unless_present_any = ["cleanup", "stay"]
     )]
     interfaces: Vec<glob::Pattern>,
+    /// This node's own interfaces that traffic from outside the cluster arrives on and replies
+    /// leave by (the underlay, and a CNI's tunnel device if replies from remote endpoints come
+    /// through it), as comma-separated globs: they carry the node-side programs that serve
+    /// NodePorts and LoadBalancer IPs. None by default: then only this node's pods reach them.
+    #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',')]
+    node_interfaces: Vec<glob::Pattern>,
+    /// Which of this node's addresses NodePorts listen on, as kube-proxy's flag: `primary` (the
+    /// Node object's InternalIP, else its ExternalIP) or comma-separated CIDRs selecting local
+    /// addresses. Loopback never.
+    #[arg(long, default_value = "primary")]
+    nodeport_addresses: model::node::NodePortAddresses,
     /// Remove everything lb installed under --pin-dir (detaches the programs, drops tracked
     /// flows) and exit.
     #[arg(long)]
@@ -171,7 +182,8 @@ fn port_range(s: &str) -> Result<(u16, u16), String> {
 struct Config {
     datapath: datapath::Config,
     mode: Mode,
-    interfaces: Vec<glob::Pattern>,
+    interfaces: Interfaces,
+    nodeport_addresses: model::node::NodePortAddresses,
     source: source::Config,
     reconcile: Options,
     model: model::Context,
@@ -216,9 +228,10 @@ impl From<Args> for Config {
                 DatapathMode::Tc => Mode::Tc,
                 DatapathMode::Xdp => Mode::Xdp,
             },
-            interfaces: a.interfaces,
+            interfaces: Interfaces { pods: a.interfaces, nodes: a.node_interfaces },
+            nodeport_addresses: a.nodeport_addresses,
             source: match a.manifests {
-                Some(dir) => source::Config::Files(dir),
+                Some(dir) => source::Config::Files { dir, node_name: a.node_name.clone() },
                 None => source::Config::Kube { kubeconfig: a.kubeconfig, node_name: a.node_name.clone() },
             },
             reconcile: Options { max_table_size: a.maglev_max_table_size, maglev_seed: 0 },
@@ -227,6 +240,7 @@ impl From<Args> for Config {
                 zone: a.zone,
                 service_proxy_name: a.service_proxy_name,
                 max_endpoints_per_service: a.max_endpoints_per_service,
+                nodeport_addresses: Vec::new(),
             },
             flow_events: a.flow_events,
             metrics_addr: a.metrics_bind_address,
@@ -309,7 +323,9 @@ async fn main() -> anyhow::Result<()> {
         d.ct_timeout_tcp_close_secs,
         d.ct_timeout_udp_secs,
     );
-    let mut agent = Agent::new(maps, reconciler, cfg.model).with_sweep(Sweeper::new(timeouts, SWEEP_BATCH));
+    let mut agent = Agent::new(maps, reconciler, cfg.model)
+        .with_sweep(Sweeper::new(timeouts, SWEEP_BATCH))
+        .with_nodeport_addresses(cfg.nodeport_addresses.clone(), addresses(&local_ipv4()));
     if let Some((from, state)) = carried {
         agent.metrics.layout_takeover(&from, state);
     }
@@ -344,7 +360,7 @@ async fn main() -> anyhow::Result<()> {
     dp.prune_links(&datapath::interfaces());
     // The links of a layout whose state was carried move to our programs with its latest flows.
     let carried = dp
-        .take_over_carried(&matching(&cfg.interfaces), &mut agent.maps)
+        .take_over_carried(&matching(&cfg.interfaces.pods), &mut agent.maps)
         .context("holding new flows back to take over another pin layout's links; it keeps serving")?;
     if let Some(datapath::migrate::TakeOver { from, copied: r, held }) = carried {
         agent.metrics.layout_takeover_held.inc_by(held);
@@ -366,7 +382,7 @@ async fn main() -> anyhow::Result<()> {
     let mut links = LinkEvents::new().context("netlink link notifications")?;
     attach_matching(&mut dp, &cfg.interfaces, &agent, "start");
     let mut waiting = Vec::new();
-    finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
+    finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
 
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks: u64 = 0;
@@ -411,7 +427,12 @@ async fn main() -> anyhow::Result<()> {
                         warn!(interface = %i, "lb's filter is gone (deleted, or with its qdisc): attaching again");
                     }
                     attach_matching(&mut dp, &cfg.interfaces, &agent, "rescan");
-                    finish_take_over(&mut dp, &cfg.interfaces, &mut agent, &mut waiting);
+                    // This node's addresses changed: the NodePorts follow (a full resync).
+                    if agent.set_local_addresses(addresses(&local_ipv4())) {
+                        info!("this node's addresses changed: NodePorts follow");
+                        source.resync();
+                    }
+                    finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
@@ -601,11 +622,44 @@ fn matching(globs: &[glob::Pattern]) -> Vec<String> {
     datapath::interfaces().into_iter().filter(|n| globs.iter().any(|g| g.matches(n))).collect()
 }
 
+fn addresses(addrs: &[lb_agent::host::InterfaceAddr]) -> Vec<std::net::Ipv4Addr> {
+    addrs.iter().map(|a| a.addr).collect()
+}
+
+/// Which interfaces lb attaches to, by role.
+struct Interfaces {
+    /// `--interfaces`: pods' host-side interfaces.
+    pods: Vec<glob::Pattern>,
+    /// `--node-interfaces`: this node's own.
+    nodes: Vec<glob::Pattern>,
+}
+
+impl Interfaces {
+    /// The role of interface `name`, if lb attaches to it (a pod's, where both match).
+    fn role(&self, name: &str) -> Option<Role> {
+        if self.pods.iter().any(|g| g.matches(name)) {
+            Some(Role::Pod)
+        } else if self.nodes.iter().any(|g| g.matches(name)) {
+            Some(Role::Node)
+        } else {
+            None
+        }
+    }
+}
+
+/// This node's IPv4 addresses (none if they cannot be read: said in the log).
+fn local_ipv4() -> Vec<lb_agent::host::InterfaceAddr> {
+    lb_agent::host::ipv4_addresses().unwrap_or_else(|e| {
+        warn!("reading this node's addresses: {e}");
+        Vec::new()
+    })
+}
+
 /// Attaches to interfaces that match and are new; forgets those that vanished. What failed goes
 /// to the health (`/readyz`) and the metrics; each failure is logged when it first happens or
 /// changes. `cause`: what started this pass (`start`, `link-notification`, `pins-restored`,
 /// `rescan`), in the log.
-fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<datapath::Maps>, cause: &str) {
+fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<datapath::Maps>, cause: &str) {
     let present = datapath::interfaces();
     for name in dp.gone(&present) {
         info!(interface = %name, "interface gone");
@@ -613,21 +667,44 @@ fn attach_matching(dp: &mut Datapath, globs: &[glob::Pattern], agent: &Agent<dat
     }
     let before = agent.health.failing();
     let mut failed = Vec::new();
+    let addrs = if interfaces.nodes.is_empty() { Vec::new() } else { local_ipv4() };
     for name in present {
-        if dp.is_attached(&name) || !globs.iter().any(|g| g.matches(&name)) {
-            continue;
-        }
-        match dp.attach(&name) {
-            Ok(()) => info!(interface = %name, cause = %cause, "attached"),
-            Err(e) => {
-                let e = e.to_string();
-                if before.get(&name) != Some(&e) {
-                    warn!(interface = %name, "{e}");
+        let Some(role) = interfaces.role(&name) else { continue };
+        if !dp.is_attached(&name) {
+            match dp.attach(&name, role) {
+                Ok(()) => info!(interface = %name, cause = %cause, role = ?role, "attached"),
+                Err(e) => {
+                    let e = e.to_string();
+                    if before.get(&name) != Some(&e) {
+                        warn!(interface = %name, "{e}");
+                    }
+                    failed.push((name, e));
+                    continue;
                 }
-                failed.push((name, e));
+            }
+        }
+        if role == Role::Node {
+            // Flows to remote endpoints leave with the interface's address (or, where it has
+            // none, a tunnel device say, with the first NodePort address).
+            let addr = lb_agent::host::primary_ipv4_of(&addrs, &name)
+                .or_else(|| agent.ctx.nodeport_addresses.first().copied());
+            match dp.set_node_address(&name, addr) {
+                Ok(false) => {}
+                Ok(true) => match addr {
+                    Some(a) => {
+                        info!(interface = %name, "flows from outside to remote endpoints leave it as {a}")
+                    }
+                    None => warn!(
+                        interface = %name,
+                        "no IPv4 address (and no NodePort address): flows from outside to remote endpoints \
+                         that would leave through it as this node have none to leave with, and are dropped"
+                    ),
+                },
+                Err(e) => failed.push((name, e.to_string())),
             }
         }
     }
+    dp.prune_interface_records();
     agent.health.interfaces(&failed);
     agent.metrics.attach_failed.clear();
     for (name, _) in &failed {

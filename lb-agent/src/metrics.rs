@@ -207,7 +207,8 @@ impl Collector for DatapathCollector {
         counter(&mut encoder, "lb_datapath_drops", "Packets dropped by the datapath, by reason", drops)?;
         let mut per = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for s in stats.map(|s| s.services).unwrap_or_default() {
-            let l: Labels = vec![("frontend".into(), s.frontend), ("service".into(), s.service)];
+            let l: Labels =
+                vec![("frontend".into(), s.frontend), ("service".into(), s.service), ("kind".into(), s.kind)];
             per[0].push((l.clone(), s.packets));
             per[1].push((l.clone(), s.bytes));
             per[2].push((l.clone(), s.new_flows));

@@ -31,7 +31,7 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
     let backends =
         (2..5).map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, proto: Protocol::Tcp });
     let fe = Frontend {
-        addr: FrontendAddr { vip: VIP, port: 80, proto: Protocol::Tcp },
+        addr: FrontendAddr::new(VIP, 80, Protocol::Tcp),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: "flood/web".into(),
         port_name: String::new(),
@@ -39,6 +39,7 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
+        two_scopes: false,
     };
     let caps = Capacities { services: 64, backends: 64, maglev_slots: 65_536, ..Capacities::default() };
     let opts = Options::default();

@@ -26,11 +26,6 @@ const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// Services whose only backend is `CLIENT`:8080, for hairpinned tuple clashes.
 const SELF_VIPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 96, 0, 30), Ipv4Addr::new(10, 96, 0, 31)];
 
-/// `TCX_NEXT` (-1): the packet goes on to the programs after lb.
-const TC_OK: u32 = u32::MAX;
-const TC_SHOT: u32 = 2;
-/// `TC_ACT_REDIRECT`: sent back out of the interface the packet came in on.
-const TC_REDIRECT: u32 = 7;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
@@ -88,7 +83,7 @@ fn frontend_with(
 ) -> Frontend {
     let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
     Frontend {
-        addr: FrontendAddr { vip, port, proto },
+        addr: FrontendAddr::new(vip, port, proto),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
@@ -96,6 +91,7 @@ fn frontend_with(
         kept: kept.iter().map(|b| (be(b), BackendState::Draining)).collect(),
         affinity_timeout_secs,
         local_only,
+        two_scopes: false,
     }
 }
 
@@ -568,15 +564,7 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     }
     let after = maps.read_counters().expect("counters");
     assert_eq!(verdict, row.verdict, "{}: verdict", row.desc);
-    let mut want = vec![0u64; before.len()];
-    for (i, d) in row.counters {
-        want[*i as usize] += d;
-    }
-    let got: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-    let named = |v: &[u64]| -> Vec<(&str, u64)> {
-        v.iter().enumerate().filter(|(_, d)| **d != 0).map(|(i, d)| (c::NAMES[i], *d)).collect()
-    };
-    assert_eq!(named(&got), named(&want), "{}: counter changes", row.desc);
+    assert_counter_changes(row.desc, &before, &after, row.counters);
     match row.out {
         Out::Unchanged => assert_eq!(out, row.bytes, "{}: bytes out", row.desc),
         Out::DnatByMaglev => {

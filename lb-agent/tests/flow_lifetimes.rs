@@ -49,7 +49,7 @@ fn fe(
 ) -> Frontend {
     let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
     Frontend {
-        addr: FrontendAddr { vip, port, proto },
+        addr: FrontendAddr::new(vip, port, proto),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("default/{service}"),
         port_name: String::new(),
@@ -57,6 +57,7 @@ fn fe(
         kept: kept.iter().map(|(b, s)| (be(b), *s)).collect(),
         affinity_timeout_secs: affinity,
         local_only: false,
+        two_scopes: false,
     }
 }
 

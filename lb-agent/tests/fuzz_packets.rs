@@ -52,7 +52,7 @@ impl Rng {
 
 fn program(maps: &mut Maps) {
     let fe = |vip, port, proto, bs: &[(Ipv4Addr, u16)]| Frontend {
-        addr: FrontendAddr { vip, port, proto },
+        addr: FrontendAddr::new(vip, port, proto),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("fuzz/{vip}-{port}"),
         port_name: String::new(),
@@ -60,6 +60,7 @@ fn program(maps: &mut Maps) {
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
+        two_scopes: false,
     };
     let desired: BTreeMap<_, _> = [
         fe(VIP, 80, Protocol::Tcp, &BACKENDS),

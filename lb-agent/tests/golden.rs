@@ -9,7 +9,7 @@ use lb_agent::{
     agent::Agent,
     model::{self, Context},
     reconcile::{Capacities, MemoryMaps, Options, Reconciler},
-    source::{files::read_bytes, Change, Objects},
+    source::{files::Reader, Change, Objects},
 };
 use lb_testkit::dump;
 
@@ -20,13 +20,18 @@ struct Node {
     zone: Option<String>,
     service_proxy_name: Option<String>,
     max_endpoints_per_service: Option<usize>,
+    /// `--nodeport-addresses`, in the flag's syntax (default `primary`).
+    nodeport_addresses: Option<String>,
+    /// This node's local addresses (that CIDRs of `nodeportAddresses` select from).
+    local_addresses: Option<Vec<std::net::Ipv4Addr>>,
 }
 
-fn read_objects(path: &Path) -> Objects {
-    let mut o = Objects::default();
+/// The objects of `path`, this node's Node (named `node_name`) among them.
+fn read_objects(path: &Path, node_name: Option<&str>) -> Objects {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    read_bytes(Path::new(path.file_name().expect("file name")), &bytes, &mut o);
-    o
+    let mut reader = Reader::new(node_name);
+    reader.read_bytes(Path::new(path.file_name().expect("file name")), &bytes);
+    reader.finish()
 }
 
 fn run_case(dir: &Path) -> String {
@@ -34,16 +39,21 @@ fn run_case(dir: &Path) -> String {
         Ok(s) => serde_yaml::from_str(&s).expect("node.yaml"),
         Err(_) => Node::default(),
     };
+    let node_name = node.node_name.clone();
     let ctx = Context {
         node_name: node.node_name,
         zone: node.zone,
         service_proxy_name: node.service_proxy_name,
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
+        nodeport_addresses: Vec::new(),
     };
+    let nodeports: model::node::NodePortAddresses =
+        node.nodeport_addresses.as_deref().unwrap_or("primary").parse().expect("nodeportAddresses");
     let caps = Capacities { services: 4096, backends: 4096, maglev_slots: 1 << 20, ..Capacities::default() };
     let opts = Options::default();
     // The real agent, as the binary drives it, over maps in memory.
-    let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx);
+    let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx)
+        .with_nodeport_addresses(nodeports, node.local_addresses.unwrap_or_default());
     let mut out = String::new();
     let mut steps = vec![];
     if dir.join("before.yaml").exists() {
@@ -51,7 +61,7 @@ fn run_case(dir: &Path) -> String {
     }
     steps.push(dir.join("objects.yaml"));
     for path in steps {
-        let report = agent.apply(Change::all(read_objects(&path)));
+        let report = agent.apply(Change::all(read_objects(&path, node_name.as_deref())));
         out.clear();
         for e in &report.errors {
             out.push_str(&format!("error {e}\n"));

@@ -70,7 +70,7 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         format!("{}---\n{}", service_yaml("victim", "10.96.0.11", PORT), slice_yaml("victim", &ips(2, 2))),
     );
     let mut a = agent();
-    a.apply(Change::all(manifests::read_dir(&dir).expect("read")));
+    a.apply(Change::all(manifests::read_dir(&dir, None).expect("read")));
     let before = dump::render(&a.maps);
     assert_eq!(backends_of(&before, "10.96.0.11:80/TCP"), Some(2), "{before}");
 
@@ -94,6 +94,15 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         ),
         ("empty.yaml", Vec::new()),
         ("separators.yaml", b"---\n---\n---\n".to_vec()),
+        // This node's Node, malformed; another node's, malformed too, is not ours and is skipped.
+        (
+            "node-bad.yaml",
+            b"apiVersion: v1\nkind: Node\nmetadata: {name: this-node}\nstatus: {addresses: 5}\n".to_vec(),
+        ),
+        (
+            "node-other.yaml",
+            b"apiVersion: v1\nkind: Node\nmetadata: {name: other-node}\nstatus: {addresses: 5}\n".to_vec(),
+        ),
     ];
     for (name, bytes) in &corpus {
         write(&dir, name, bytes);
@@ -124,7 +133,7 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         ),
     );
 
-    let objects = manifests::read_dir(&dir).expect("read");
+    let objects = manifests::read_dir(&dir, Some("this-node")).expect("read");
     let errors: Vec<String> = objects.errors.iter().map(ToString::to_string).collect();
     eprintln!("{}", errors.join("\n"));
     for name in [
@@ -140,11 +149,14 @@ fn hostile_files_are_rejected_one_by_one_and_nothing_else_is_lost() {
         "ports-string.yaml",
         "list-of-junk.json",
         "victim.yaml",
+        "node-bad.yaml: Node this-node: field status.addresses:",
     ] {
         assert!(errors.iter().any(|e| e.contains(name)), "no error names {name}: {errors:#?}");
     }
     assert!(
-        errors.iter().all(|e| !e.contains("empty.yaml") && !e.contains("separators.yaml")),
+        errors
+            .iter()
+            .all(|e| ["empty.yaml", "separators.yaml", "node-other.yaml"].iter().all(|n| !e.contains(n))),
         "{errors:#?}"
     );
     let report = a.apply(Change::all(objects));

@@ -46,7 +46,9 @@ pub const FIRST_FRAGMENT: u32 = 15;
 /// A tracked flow whose backend is gone or changed was given a new backend.
 pub const CT_RESELECTED: u32 = 16;
 
-/// `internalTrafficPolicy: Local` frontend with no endpoint on this node (kube-proxy drops too).
+/// `internalTrafficPolicy: Local` frontend, or an external address of an
+/// `externalTrafficPolicy: Local` Service reached from outside, with no endpoint on this node
+/// (kube-proxy drops too).
 pub const DROP_NO_LOCAL_BACKEND: u32 = 17;
 /// A new flow took its backend from ClientIP session affinity (counted in addition).
 pub const AFFINITY_HIT: u32 = 18;
@@ -86,8 +88,21 @@ pub const DROP_SNAT_NO_PORT: u32 = 27;
 /// (it is outside `LB_COUNTERS`).
 pub const UNCOUNTED: u32 = u32::MAX;
 
+/// Packets seen by the node-side ingress program (`lb4_tc_node_in`: traffic arriving on a node
+/// interface from outside this node).
+pub const RX_NODE_IN: u32 = 28;
+/// Packets seen by the node-side egress program (`lb4_tc_node_out`: traffic leaving this node).
+pub const RX_NODE_OUT: u32 = 29;
+/// A new flow from outside this node to a remote endpoint: its source was replaced by this
+/// node's address and a port of the SNAT range (counted in addition to its outcome).
+pub const NODE_SNAT: u32 = 30;
+/// A translated packet that must be forwarded by lb (its source is this node's address, so the
+/// stack would drop it as a martian) found no route (`bpf_fib_lookup`), or could not be
+/// redirected: dropped.
+pub const DROP_FIB: u32 = 31;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 32;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -119,11 +134,15 @@ pub const NAMES: [&str; COUNT as usize] = [
     "later_fragment",
     "snat_port",
     "drop_snat_no_port",
+    "rx_node_in",
+    "rx_node_out",
+    "node_snat",
+    "drop_fib",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
-/// their sum equals `RX_FORWARD + RX_REPLY`.
-pub const OUTCOMES: [u32; 19] = [
+/// their sum equals `RX_FORWARD + RX_REPLY + RX_NODE_IN + RX_NODE_OUT`.
+pub const OUTCOMES: [u32; 20] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -143,4 +162,5 @@ pub const OUTCOMES: [u32; 19] = [
     XDP_PARTIAL_CSUM,
     XDP_TO_TC,
     DROP_SNAT_NO_PORT,
+    DROP_FIB,
 ];

@@ -7,7 +7,7 @@
 use core::mem::size_of;
 
 /// Version of the pinned map layout. Bumped whenever a key, value or map changes shape.
-pub const PIN_LAYOUT_VERSION: u32 = 7;
+pub const PIN_LAYOUT_VERSION: u32 = 8;
 
 pub const MAP_LB4_SERVICES: &str = "LB4_SERVICES";
 pub const MAP_LB4_BACKENDS: &str = "LB4_BACKENDS";
@@ -26,6 +26,29 @@ pub const MAP_LB_MONITOR: &str = "LB_MONITOR";
 pub const MAP_LB_MON_RATE: &str = "LB_MON_RATE";
 /// Non-first IPv4 fragments → the ports of their datagram's first fragment.
 pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
+/// The interfaces lb attaches to: ifindex → `Lb4Interface` (a pod's, or one of this node's own
+/// with the address flows from outside leave it with). Written by the agent as it attaches;
+/// read by the node-side program for each new flow from outside, to tell a local endpoint (its
+/// route leaves through a pod's interface) from a remote one.
+pub const MAP_LB4_IFS: &str = "LB4_IFS";
+
+/// Value of `LB4_IFS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4Interface {
+    /// `IF_ROLE_*`.
+    pub role: u32,
+    /// A node interface's IPv4 address (network byte order): a flow from outside to a remote
+    /// endpoint is SNATed to it when it leaves through the interface, or came in through it and
+    /// leaves through an interface lb does not know (a CNI's tunnel device). 0: none.
+    pub snat_addr: u32,
+}
+const _: () = assert!(size_of::<Lb4Interface>() == 8);
+
+/// A pod's host-side interface (`--interfaces`): endpoints routed through it are this node's.
+pub const IF_ROLE_POD: u32 = 1;
+/// One of this node's own interfaces (`--node-interfaces`).
+pub const IF_ROLE_NODE: u32 = 2;
 
 /// Not pinned (each load has its own, all zero): while the agent takes over another layout's
 /// links with its flows carried (lb-agent's `datapath::migrate`), `[0]` holds a deadline on the
@@ -85,14 +108,16 @@ pub mod formats {
         MAP_LB4_CT,
     ];
     /// This version's format of each of `MAPS`. `LB4_CT` 2: `created_s` and `snat_port`
-    /// (layout 7).
-    pub const CURRENT: [u32; 8] = [1, 1, 1, 1, 1, 1, 1, 2];
+    /// (layout 7); 3: `snat_addr`, 40 bytes (layout 8). `LB4_SERVICES` 2: the key's `scope`
+    /// (layout 8; the same bytes, 0 where layout 7 had padding). `LB4_FE_META` 2: `kind` (layout
+    /// 8; where layout 7 had padding, 0: a cluster IP).
+    pub const CURRENT: [u32; 8] = [2, 1, 1, 1, 2, 1, 1, 3];
     /// Entries of `LB_FORMATS` (room for maps to come).
     pub const CAPACITY: u32 = 32;
 }
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -108,6 +133,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     MAP_LB4_FRAGS,
     MAP_LB_FORMATS,
     MAP_LB_TC_FILTERS,
+    MAP_LB4_IFS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -168,10 +194,19 @@ pub struct Lb4ServiceKey {
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub proto: u8,
-    /// Padding, always zero.
-    pub _pad: u8,
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
 }
 const _: () = assert!(size_of::<Lb4ServiceKey>() == 8);
+
+/// The entry every client of the address uses: the only one, unless the frontend is flagged
+/// `SVC_FLAG_TWO_SCOPES`.
+pub const SCOPE_EXTERNAL: u8 = 0;
+/// The entry this node's pods use instead, where the frontend is flagged `SVC_FLAG_TWO_SCOPES`:
+/// an external address of an `externalTrafficPolicy: Local` Service, which pods reach with every
+/// endpoint (kube-proxy's exception for the cluster's own clients) while clients from outside get
+/// only this node's.
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// Value of `LB4_SERVICES`.
 #[repr(C)]
@@ -202,6 +237,12 @@ pub const SVC_FLAG_LOCAL_ONLY: u32 = 1;
 /// backends as under netfilter conntrack. New flows are rejected, as to a Service without
 /// endpoints.
 pub const SVC_FLAG_TOMBSTONE: u32 = 2;
+/// An address clients outside the cluster reach (a NodePort on this node's address, a
+/// LoadBalancer IP): served by the node-side program too. Without it, the node-side program
+/// leaves the packet alone (a cluster IP is for the cluster's own clients).
+pub const SVC_FLAG_EXTERNAL: u32 = 4;
+/// This node's pods use the `SCOPE_INTERNAL` entry of the same address instead of this one.
+pub const SVC_FLAG_TWO_SCOPES: u32 = 8;
 
 /// Value of `LB4_BACKENDS`, indexed by backend id (0 is never a backend).
 #[repr(C)]
@@ -301,12 +342,20 @@ impl Lb4CtKey {
     /// The key of the forward entry of the flow that reply entry `self` (holding `e`) belongs
     /// to: the client's tuple towards the service address. The client is the reply's
     /// destination, or its source when the flow is hairpinned (the client is its own backend and
-    /// the reply goes to the hairpin address); its port is the reply's destination port, or the
+    /// the reply goes to the hairpin address), or the address the entry keeps when the flow was
+    /// SNATed to this node's address (`CT_FLAG_NODE_SNAT`); its port is the reply's destination port, or the
     /// one the entry keeps when the flow was given another source port.
     #[inline(always)]
     pub fn forward_of_reply(&self, e: &Lb4CtEntry) -> Self {
+        let saddr = if e.flags & CT_FLAG_NODE_SNAT != 0 {
+            e.snat_addr
+        } else if e.flags & CT_FLAG_HAIRPIN != 0 {
+            self.saddr
+        } else {
+            self.daddr
+        };
         Self {
-            saddr: if e.flags & CT_FLAG_HAIRPIN != 0 { self.saddr } else { self.daddr },
+            saddr,
             daddr: e.nat_addr,
             sport: if e.snat_port != 0 { e.snat_port } else { self.dport },
             dport: e.nat_port,
@@ -348,8 +397,14 @@ pub struct Lb4CtEntry {
     pub backend_id: u32,
     /// Frontend id of the service.
     pub svc_id: u32,
+    /// A flow SNATed to this node's address (`CT_FLAG_NODE_SNAT`). Forward entries: the address
+    /// the client's packets are rewritten to. Reply entries: the client's own address, which
+    /// replies are rewritten back to. 0 otherwise. Network byte order.
+    pub snat_addr: u32,
+    /// Padding, always zero.
+    pub _pad1: u32,
 }
-const _: () = assert!(size_of::<Lb4CtEntry>() == 32);
+const _: () = assert!(size_of::<Lb4CtEntry>() == 40);
 
 /// The client is its own backend: its packets are also SNATed to the hairpin address, and the
 /// reply entry is keyed by that address.
@@ -358,6 +413,12 @@ pub const CT_FLAG_HAIRPIN: u8 = 1;
 pub const CT_FLAG_FIN_CLIENT: u8 = 2;
 /// TCP: the backend sent a FIN (forward entries).
 pub const CT_FLAG_FIN_BACKEND: u8 = 4;
+/// The flow came from outside this node through a node interface (`lb4_tc_node_in`): the
+/// node-side egress program translates its replies, which leave through a node interface.
+pub const CT_FLAG_EXTERNAL: u8 = 8;
+/// The flow came from outside to a remote endpoint and was SNATed to this node's address
+/// (`snat_addr`, with a port of the SNAT range): its packets both ways are forwarded by lb.
+pub const CT_FLAG_NODE_SNAT: u8 = 16;
 
 /// TCP: only the client's SYN seen.
 pub const CT_STATE_SYN: u8 = 1;
@@ -429,16 +490,25 @@ pub struct Lb4FrontendMeta {
     pub digest: u64,
     /// Bytes used in `name`.
     pub name_len: u32,
+    /// `FRONTEND_KIND_*`: which of its Service's addresses the frontend is.
+    pub kind: u8,
     /// Padding, always zero.
-    pub _pad: u32,
+    pub _pad: [u8; 3],
     /// `namespace/name:port` of the Service, UTF-8, truncated to fit.
     pub name: [u8; 112],
 }
 const _: () = assert!(size_of::<Lb4FrontendMeta>() == 128);
 
+/// A cluster IP (0: what layouts before 8 recorded, when every frontend was one).
+pub const FRONTEND_KIND_CLUSTER_IP: u8 = 0;
+/// A LoadBalancer ingress IP.
+pub const FRONTEND_KIND_LOAD_BALANCER: u8 = 1;
+/// A NodePort on one of this node's addresses.
+pub const FRONTEND_KIND_NODE_PORT: u8 = 2;
+
 impl Default for Lb4FrontendMeta {
     fn default() -> Self {
-        Self { digest: 0, name_len: 0, _pad: 0, name: [0; 112] }
+        Self { digest: 0, name_len: 0, kind: FRONTEND_KIND_CLUSTER_IP, _pad: [0; 3], name: [0; 112] }
     }
 }
 
@@ -453,6 +523,11 @@ impl Lb4FrontendMeta {
         m.name[..n].copy_from_slice(&name.as_bytes()[..n]);
         m.name_len = n as u32;
         m
+    }
+
+    /// The same record for a frontend of `kind` (`FRONTEND_KIND_*`).
+    pub fn with_kind(self, kind: u8) -> Self {
+        Self { kind, ..self }
     }
 
     pub fn name(&self) -> &str {
@@ -522,7 +597,7 @@ const _: () = assert!(size_of::<Lb4SvcStats>() == 32);
 impl Lb4ServiceKey {
     /// Builds a key from host-order values.
     pub const fn new(addr: [u8; 4], port: u16, proto: u8) -> Self {
-        Self { addr: u32::from_ne_bytes(addr), port: port.to_be(), proto, _pad: 0 }
+        Self { addr: u32::from_ne_bytes(addr), port: port.to_be(), proto, scope: SCOPE_EXTERNAL }
     }
 }
 
@@ -571,6 +646,8 @@ mod pod {
     unsafe impl aya::Pod for LbTcFilterKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LbTcFilter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4Interface {}
 }
 
 #[cfg(test)]
@@ -635,6 +712,43 @@ mod tests {
                 _pad: 0,
             };
             assert_eq!(reply.forward_of_reply(&entry), fwd, "proto {proto} hairpin {hairpinned} snat {snat}");
+        }
+    }
+
+    /// A flow from outside SNATed to this node's address: its replies come to that address and a
+    /// port of the SNAT range; the reply entry keeps the client's address and port.
+    #[test]
+    fn forward_of_reply_finds_the_client_of_a_node_snat_flow() {
+        let ip = |a: [u8; 4]| u32::from_ne_bytes(a);
+        let (client, node, backend) = (ip([192, 0, 2, 7]), ip([172, 31, 0, 1]), ip([10, 244, 2, 3]));
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            let fwd = Lb4CtKey {
+                saddr: client,
+                daddr: node,
+                sport: 41_000u16.to_be(),
+                dport: 30_080u16.to_be(),
+                proto,
+                dir: CT_DIR_FORWARD,
+                _pad: 0,
+            };
+            let entry = Lb4CtEntry {
+                nat_addr: node,
+                nat_port: fwd.dport,
+                flags: CT_FLAG_NODE_SNAT | CT_FLAG_EXTERNAL,
+                snat_port: fwd.sport,
+                snat_addr: client,
+                ..Lb4CtEntry::default()
+            };
+            let reply = Lb4CtKey {
+                saddr: backend,
+                daddr: node,
+                sport: 8080u16.to_be(),
+                dport: 61_500u16.to_be(),
+                proto,
+                dir: CT_DIR_REPLY,
+                _pad: 0,
+            };
+            assert_eq!(reply.forward_of_reply(&entry), fwd, "proto {proto}");
         }
     }
 }

@@ -32,6 +32,7 @@ pub fn answerable(version_ihl: u8, src: [u8; 4]) -> bool {
 /// client sent to, back to the client, between the frame's Ethernet addresses swapped. Returns
 /// false, writing nothing useful, when the frame gets no answer (RFC 1122 §3.2.2): its IPv4 header
 /// has options (not quoted here), or its source is not a unicast address.
+#[inline(always)]
 pub fn port_unreachable(frame: &[u8; REJECT_IN], out: &mut [u8; REJECT_OUT]) -> bool {
     let ip = &frame[14..34];
     let src = [ip[12], ip[13], ip[14], ip[15]];

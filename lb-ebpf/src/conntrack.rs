@@ -3,9 +3,9 @@
 
 use lb_common::{
     counters, hash::lb4_flow_hash, Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_REFRESH_INTERVAL_NS,
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING,
-    MEMBER_SERVING,
+    CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN,
+    CT_FLAG_NODE_SNAT, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
+    IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
 };
 
 /// `BPF_NOEXIST`: insert only where no entry is.
@@ -139,8 +139,12 @@ pub struct Tracked {
     pub port: u16,
     pub svc_id: u32,
     pub hairpin: bool,
-    /// The source port the flow was given (its tuple clashed); 0: kept.
+    /// The source port the flow was given (its tuple clashed, or it was SNATed to this node's
+    /// address); 0: kept.
     pub snat_port: u16,
+    /// The address the flow was SNATed to (this node's, for a flow from outside to a remote
+    /// endpoint: its packets are forwarded by lb); 0: none.
+    pub snat_addr: u32,
 }
 
 pub enum Lookup {
@@ -180,15 +184,21 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
     advance(e, f.proto, f.tcp_flags, CT_FLAG_FIN_CLIENT, now);
     let hairpin = e.flags & CT_FLAG_HAIRPIN != 0;
     // Copied out before any insert: an LRU map reuses an evicted element's memory at once.
-    let tracked =
-        Tracked { addr: e.nat_addr, port: e.nat_port, svc_id: e.svc_id, hairpin, snat_port: e.snat_port };
+    let tracked = Tracked {
+        addr: e.nat_addr,
+        port: e.nat_port,
+        svc_id: e.svc_id,
+        hairpin,
+        snat_port: e.snat_port,
+        snat_addr: e.snat_addr,
+    };
     if refresh || e.state != state || e.flags != bits {
         // The reply entry's time, state and FIN bits follow the flow's, so that it never outlives its
         // forward entry by more than a refresh interval (a reply entry past its own timeout is
         // never used to rebuild the flow). Under table pressure it may have been evicted: put it
         // back, so the flow keeps working both ways. A lookup first: inserting into a full LRU
         // map evicts.
-        let client = if hairpin { hairpin_addr() } else { f.saddr };
+        let client = client_addr(e, f);
         let rev_key = reply_key(f, e.nat_addr, e.nat_port, client, client_port(e, f));
         match LB4_CT.get_ptr_mut(&rev_key) {
             Some(rev) => {
@@ -196,7 +206,12 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
                 let rev = unsafe { &mut *rev };
                 // Only this flow's (a stale one of another flow may still sit there).
                 let snat = if e.snat_port != 0 { f.sport } else { 0 };
-                if rev.nat_addr == f.daddr && rev.nat_port == f.dport && rev.snat_port == snat {
+                let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { 0 };
+                if rev.nat_addr == f.daddr
+                    && rev.nat_port == f.dport
+                    && rev.snat_port == snat
+                    && rev.snat_addr == snat_addr
+                {
                     rev.last_seen_ns = now;
                     rev.state = e.state;
                     rev.flags = e.flags;
@@ -209,6 +224,19 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
         }
     }
     Lookup::Hit(tracked)
+}
+
+/// The address the client of forward entry `e` (for packet `f`) is seen with by its backend: the
+/// hairpin address, this node's (a flow from outside SNATed to it), or its own.
+#[inline(always)]
+fn client_addr(e: &Lb4CtEntry, f: &Flow) -> u32 {
+    if e.flags & CT_FLAG_HAIRPIN != 0 {
+        hairpin_addr()
+    } else if e.flags & CT_FLAG_NODE_SNAT != 0 {
+        e.snat_addr
+    } else {
+        f.saddr
+    }
 }
 
 /// The port the client of forward entry `e` (for packet `f`) is seen with by its backend.
@@ -228,6 +256,7 @@ fn reply_entry(e: &Lb4CtEntry, f: &Flow) -> Lb4CtEntry {
         nat_addr: f.daddr,
         nat_port: f.dport,
         snat_port: if e.snat_port != 0 { f.sport } else { 0 },
+        snat_addr: if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { 0 },
         ..*e
     }
 }
@@ -240,6 +269,12 @@ pub struct Chosen {
     pub svc_id: u32,
     /// `Some(hairpin address)` when the client is its own backend.
     pub hairpin: Option<u32>,
+    /// The flow came from outside through a node interface (`CT_FLAG_EXTERNAL`).
+    pub external: bool,
+    /// `Some(this node's address)` for a flow from outside to a remote endpoint: SNATed to it,
+    /// always with a port of the SNAT range (a client's own port could be one a socket of this
+    /// node uses towards the same endpoint).
+    pub node_snat: Option<u32>,
 }
 
 /// Why a new flow could not be recorded.
@@ -336,8 +371,8 @@ fn snat_hash(fwd_key: &Lb4CtKey) -> u32 {
     lb4_flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17)
 }
 
-/// The source-port allocator for flows whose reply tuple clashed (the NodePort SNAT path is to
-/// use it too): the first port of the flow's sequence ([`snat_candidate`]) under which no other
+/// The source-port allocator for flows whose reply tuple clashed and for flows SNATed to this
+/// node's address: the first port of the flow's sequence ([`snat_candidate`]) under which no other
 /// live flow's reply entry lies, claimed with reply entry `rev` (its `snat_port` set). Ports come
 /// from the range the agent set, outside the node's `ip_local_port_range`. With `own_only`, only
 /// a port this flow already holds is taken (a flow picked up again mid-stream keeps its port).
@@ -359,7 +394,9 @@ fn alloc_port(
                 return Some(key.dport);
             }
         } else if claim(&key, fwd_key, rev, now) {
-            count(counters::SNAT_PORT);
+            if rev.flags & CT_FLAG_NODE_SNAT == 0 {
+                count(counters::SNAT_PORT);
+            }
             return Some(key.dport);
         }
     }
@@ -374,6 +411,13 @@ fn alloc_port(
 /// port, which UDP tolerates. Returns the source port given (0: the client's is kept).
 #[inline(always)]
 pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16, CreateError> {
+    let mut flags = if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 };
+    if c.external {
+        flags |= CT_FLAG_EXTERNAL;
+    }
+    if c.node_snat.is_some() {
+        flags |= CT_FLAG_NODE_SNAT;
+    }
     let mut fwd = Lb4CtEntry {
         last_seen_ns: now,
         created_s: (now / 1_000_000_000) as u32,
@@ -382,17 +426,29 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
         nat_addr: c.addr,
         nat_port: c.port,
         state: initial_state(f),
-        flags: if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 },
+        flags,
         backend_id: c.id,
         svc_id: c.svc_id,
+        snat_addr: c.node_snat.unwrap_or(0),
+        _pad1: 0,
     };
-    let rev_key = reply_key(f, c.addr, c.port, c.hairpin.unwrap_or(f.saddr), f.sport);
+    let client = c.hairpin.or(c.node_snat).unwrap_or(f.saddr);
+    let rev_key = reply_key(f, c.addr, c.port, client, f.sport);
     let plain = reply_entry(&fwd, f);
     // Reply entries of an SNATed flow keep the client's own port.
     let snat_rev = Lb4CtEntry { snat_port: f.sport, ..plain };
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
+    let port = if c.node_snat.is_some() {
+        // Always a port of the SNAT range (a client's own port could be one a socket of this node
+        // uses towards the same endpoint); a flow picked up mid-stream first looks for its own.
+        let h = snat_hash(fwd_key);
+        let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+        match own {
+            Some(p) => p,
+            None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+        }
     // The usual new flow: its reply key is free, taken by one insert (no lookup first).
-    let port = if !pickup && LB4_CT.insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
+    } else if !pickup && LB4_CT.insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
         0
     } else {
         let natural = slot(&rev_key, fwd_key, now);
@@ -426,6 +482,40 @@ pub struct Reply {
     pub hairpin: bool,
     /// The client's own port, when the flow was given another source port; 0: none.
     pub client_port: u16,
+    /// The client's own address, when the flow was SNATed to this node's; 0: none.
+    pub client_addr: u32,
+}
+
+impl Reply {
+    #[inline(always)]
+    fn of(e: &Lb4CtEntry) -> Self {
+        Self {
+            vip: e.nat_addr,
+            vport: e.nat_port,
+            hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
+            client_port: e.snat_port,
+            client_addr: e.snat_addr,
+        }
+    }
+}
+
+/// Which flows' replies a program translates, by their `CT_FLAG_EXTERNAL | CT_FLAG_NODE_SNAT`
+/// bits: a reply entry of another kind is left alone, untouched, to the program whose it is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Replies {
+    /// Flows of this node's pods (the pod-side reply program).
+    Pods = 0,
+    /// Flows from outside to a local endpoint, whose replies leave through a node interface.
+    External = CT_FLAG_EXTERNAL as isize,
+    /// Flows from outside SNATed to this node's address, whose replies come to it.
+    NodeSnat = (CT_FLAG_EXTERNAL | CT_FLAG_NODE_SNAT) as isize,
+}
+
+impl Replies {
+    #[inline(always)]
+    fn take(self, e: &Lb4CtEntry) -> bool {
+        e.flags & (CT_FLAG_EXTERNAL | CT_FLAG_NODE_SNAT) == self as u8
+    }
 }
 
 pub enum ReplyLookup {
@@ -441,10 +531,12 @@ pub enum ReplyLookup {
 #[inline(always)]
 fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, rev_snat: u16, now: u64) -> bool {
     let port = if rev_snat != 0 { key.dport } else { 0 };
+    let addr = if fwd.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { 0 };
     !expired(fwd, key.proto, now)
         && fwd.nat_addr == key.saddr
         && fwd.nat_port == key.sport
         && fwd.snat_port == port
+        && fwd.snat_addr == addr
 }
 
 /// Looks up a reply packet (backend → client). The reply entry is honoured only while its flow's
@@ -454,7 +546,7 @@ fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, rev_snat: u16, now: u64) -> bo
 /// its timeout and the backend is still a member that may keep the flow, so a server that
 /// streams to a silent client is not cut off.
 #[inline(always)]
-pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
+pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
     let key = Lb4CtKey {
         saddr: f.saddr,
         daddr: f.daddr,
@@ -469,12 +561,10 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
     };
     // SAFETY: as in lookup_forward.
     let e = unsafe { &mut *entry };
-    let r = Reply {
-        vip: e.nat_addr,
-        vport: e.nat_port,
-        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
-        client_port: e.snat_port,
-    };
+    if !replies.take(e) {
+        return ReplyLookup::None;
+    }
+    let r = Reply::of(e);
     let rev_snat = e.snat_port;
     let fwd_key = key.forward_of_reply(e);
     let mut rebuilt = false;
@@ -488,7 +578,8 @@ pub fn lookup_reply(f: &Flow, now: u64) -> ReplyLookup {
                 return ReplyLookup::Stale;
             }
             let snat_port = if e.snat_port != 0 { key.dport } else { 0 };
-            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, snat_port, ..*e };
+            let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { 0 };
+            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, snat_port, snat_addr, ..*e };
             // Only where no entry is: a new flow may have taken the tuple meanwhile.
             let _ = LB4_CT.insert(&fwd_key, &entry, BPF_NOEXIST);
             // The insert may have evicted the reply entry and reused its memory: `e` is not
@@ -531,12 +622,10 @@ pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, now
     let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
     // SAFETY: the values are copied out at once.
     let e = unsafe { LB4_CT.get(&key) }?;
-    let r = Reply {
-        vip: e.nat_addr,
-        vport: e.nat_port,
-        hairpin: e.flags & CT_FLAG_HAIRPIN != 0,
-        client_port: e.snat_port,
-    };
+    if !Replies::Pods.take(e) {
+        return None;
+    }
+    let r = Reply::of(e);
     // SAFETY: as above.
     let fwd = unsafe { LB4_CT.get(&key.forward_of_reply(e)) }?;
     serves_reply(fwd, &key, e.snat_port, now).then_some(r)

@@ -14,7 +14,9 @@ use aya_ebpf::{
 };
 use lb_common::counters;
 
+pub use crate::fib::Route;
 use crate::{
+    fib,
     nat::{self, Side},
     parse::{self, Flow, Parsed},
 };
@@ -68,6 +70,24 @@ pub trait PacketCtx: EbpfContext {
     /// Replaces the packet `f` by an ICMP port unreachable to its sender and bounces it; `Err`
     /// when it gets no answer (see `lb_common::reject`). TC only.
     fn reject(&self, f: &Flow) -> Result<Self::Ret, ()>;
+
+    /// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node,
+    /// or out of a node interface (with the address to SNAT it to). TC only.
+    fn route_to(&self, _f: &Flow, _backend: u32) -> Route {
+        Route::None
+    }
+
+    /// Whether the packet was addressed to this host at layer 2 (not a copy a promiscuous
+    /// interface received for another). TC only.
+    fn for_this_host(&self) -> bool {
+        true
+    }
+
+    /// Sends the packet, rewritten to `saddr` → `daddr`, out of the interface its route names;
+    /// `Err` when it cannot. TC only.
+    fn forward(&self, _f: &Flow, _saddr: u32, _daddr: u32) -> Result<Self::Ret, ()> {
+        Err(())
+    }
 
     /// XDP: marks a packet it lets pass, in the metadata in front of it (which the kernel hands
     /// on to the socket buffer), as `decided` (the TC forward program behind it leaves it alone)
@@ -166,6 +186,21 @@ impl PacketCtx for TcContext {
     #[inline(always)]
     fn reject(&self, _f: &Flow) -> Result<i32, ()> {
         nat::reject_tc(self)
+    }
+
+    #[inline(always)]
+    fn route_to(&self, f: &Flow, backend: u32) -> Route {
+        fib::route_to(self, f, backend)
+    }
+
+    #[inline(always)]
+    fn for_this_host(&self) -> bool {
+        fib::for_this_host(self)
+    }
+
+    #[inline(always)]
+    fn forward(&self, f: &Flow, saddr: u32, daddr: u32) -> Result<i32, ()> {
+        fib::forward(self, f, saddr, daddr)
     }
 }
 

@@ -5,13 +5,14 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_log_ebpf::warn;
 use lb_common::{
     counters, hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service,
-    Lb4ServiceKey, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SVC_FLAG_LOCAL_ONLY,
+    Lb4ServiceKey, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
-    config::{self, flow_hash_seed, hairpin_addr},
-    conntrack::{self, Chosen, CreateError, Lookup, ReplyLookup},
-    ctx::PacketCtx,
+    config::{self, flow_hash_seed, hairpin_addr, snat_ports},
+    conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
+    ctx::{PacketCtx, Route},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB_TAKEOVER},
     monitor,
     parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
@@ -35,6 +36,10 @@ pub enum Action {
     /// Rewrite the packet and send it back out of the interface it came in on (a hairpinned
     /// flow: the pod is its own backend), then count `counter`. TC only.
     Bounce { nat: Nat, counter: u32 },
+    /// Rewrite the packet and send it out of the interface its route names (a flow from outside
+    /// SNATed to this node's address, both ways: the stack would drop a packet with a local
+    /// source address as a martian), then count `counter`. TC only.
+    Forward { nat: Nat, counter: u32 },
     /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
     /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
     Reject { svc_id: u32 },
@@ -95,16 +100,84 @@ fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
     active_backend(id).map(|b| (id, b))
 }
 
+/// Where a packet to a frontend came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// One of this node's pods (the pod-side programs).
+    Pod,
+    /// Outside this node, through a node interface (`lb4_tc_node_in`). TC only.
+    Outside,
+}
+
+/// The frontend packet `f` is addressed to, as seen from `origin`: from outside, only the
+/// addresses clients outside reach (`SVC_FLAG_EXTERNAL`); from a pod, the address's internal
+/// entry where it has two.
+#[inline(always)]
+fn frontend(f: &Flow, origin: Origin) -> Option<Lb4Service> {
+    let mut key = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, scope: SCOPE_EXTERNAL };
+    // SAFETY: the value is copied out at once.
+    let svc = unsafe { LB4_SERVICES.get(&key) }.copied()?;
+    match origin {
+        Origin::Outside => (svc.flags & SVC_FLAG_EXTERNAL != 0).then_some(svc),
+        Origin::Pod if svc.flags & SVC_FLAG_TWO_SCOPES != 0 => {
+            key.scope = SCOPE_INTERNAL;
+            // SAFETY: as above. An internal entry that is gone (a Service turning to
+            // externalTrafficPolicy Cluster buries it before it rewrites the external one) is not
+            // used: the external entry serves until then.
+            let internal = unsafe { LB4_SERVICES.get(&key) }.copied();
+            Some(internal.filter(|i| i.flags & SVC_FLAG_TOMBSTONE == 0).unwrap_or(svc))
+        }
+        Origin::Pod => Some(svc),
+    }
+}
+
 /// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
-/// translate hairpinned replies (addressed to the hairpin address). A hook that cannot bounce or
-/// reject packets, or cannot tell a partial checksum (XDP), leaves the packets that need it to
-/// TC untouched, before anything is counted or stored for them.
+/// translate hairpinned replies (addressed to the hairpin address).
 #[inline(always)]
 pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
-    let svc_key = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, _pad: 0 };
-    // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { LB4_SERVICES.get(&svc_key) }).copied() else {
-        if f.daddr == hairpin_addr() {
+    lb4_new_or_tracked(ctx, f, pkt_len, Origin::Pod)
+}
+
+/// Traffic arriving on a node interface: replies of flows SNATed to this node's address go back
+/// to their clients; packets to an external address of a Service are load-balanced (a remote
+/// endpoint's flows SNATed to this node's address, a local endpoint's keeping the client's).
+#[inline(always)]
+pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
+    if !C::TC {
+        return Action::Pass(counters::XDP_TO_TC);
+    }
+    if !ctx.for_this_host() {
+        // A copy of a frame for another host (a flooded one, on a bridge port): that host
+        // translates it, or nobody.
+        return Action::Pass(counters::PASS_NON_VIP);
+    }
+    let (min, max) = snat_ports();
+    let port = u32::from(u16::from_be(f.dport));
+    if port >= min && port <= max {
+        match conntrack::lookup_reply(f, Replies::NodeSnat, now_ns()) {
+            ReplyLookup::Found(r) => {
+                return Action::Forward {
+                    nat: Nat {
+                        src: Some((r.vip, r.vport)),
+                        dst: Some((r.client_addr, reply_port(f, r.client_port))),
+                    },
+                    counter: counters::REV_NAT,
+                }
+            }
+            ReplyLookup::Stale => return Action::Pass(counters::PASS_STALE_REPLY_CT),
+            ReplyLookup::None => {}
+        }
+    }
+    lb4_new_or_tracked(ctx, f, pkt_len, Origin::Outside)
+}
+
+/// Load-balances a packet addressed to a service frontend (as `origin` sees them). A hook that
+/// cannot bounce or reject packets, or cannot tell a partial checksum (XDP), leaves the packets
+/// that need it to TC untouched, before anything is counted or stored for them.
+#[inline(always)]
+fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Origin) -> Action {
+    let Some(svc) = frontend(f, origin) else {
+        if origin == Origin::Pod && f.daddr == hairpin_addr() {
             if !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
             }
@@ -112,6 +185,11 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         }
         return Action::Pass(counters::PASS_NON_VIP);
     };
+    if origin == Origin::Outside && f.sport == 0 {
+        // Source port 0 cannot be answered, and a flow SNATed to this node could not be told
+        // from one that kept its port.
+        return Action::Drop(counters::DROP_MALFORMED);
+    }
     if !f.later_fragment && ctx.csum_maybe_partial(f) {
         return Action::Pass(counters::XDP_PARTIAL_CSUM);
     }
@@ -129,10 +207,14 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
                 s.packets += 1;
                 s.bytes += u64::from(pkt_len);
             });
-            let nat = Nat { src: client_nat(f, t.hairpin, t.snat_port), dst: Some((t.addr, t.port)) };
+            let nat =
+                Nat { src: client_nat(f, t.hairpin, t.snat_addr, t.snat_port), dst: Some((t.addr, t.port)) };
             let counter = counters::FWD_ESTABLISHED;
             if t.hairpin {
                 return Action::Bounce { nat, counter };
+            }
+            if t.snat_addr != 0 {
+                return Action::Forward { nat, counter };
             }
             return Action::Rewrite { nat, counter };
         }
@@ -151,8 +233,9 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     }
 
     if svc.backend_count == 0 || svc.maglev_size == 0 {
-        // internalTrafficPolicy Local with endpoints on other nodes only: dropped, as kube-proxy
-        // does. No endpoints at all (or a Service that is gone): rejected, as kube-proxy does.
+        // internalTrafficPolicy Local (or, from outside, externalTrafficPolicy Local) with
+        // endpoints on other nodes only: dropped, as kube-proxy does. No endpoints at all (or a
+        // Service that is gone): rejected, as kube-proxy does.
         let local_only = svc.flags & SVC_FLAG_LOCAL_ONLY != 0;
         if !local_only && !C::TC {
             return Action::Pass(counters::XDP_TO_TC);
@@ -175,13 +258,31 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     let sticky =
         if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, f.proto, now) } else { None };
     let Some((id, backend)) = sticky.or_else(|| maglev_backend(&svc, f)) else {
-        // The agent never publishes a table that points at a missing backend.
-        warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
+        // The agent never publishes a table that points at a missing backend. (Logged from the
+        // pod side only: a log call is a function call, whose frame the node-side program has
+        // no room for on Linux 5.10; the drop is counted either way.)
+        if origin == Origin::Pod {
+            warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
+        }
         svc_update(svc.id, |s| s.drops += 1);
         monitor::emit(f, EVENT_DROP, counters::DROP_NO_BACKEND, (0, 0), svc.id, now);
         return Action::Drop(counters::DROP_NO_BACKEND);
     };
-    let hairpinned = backend.addr == f.saddr;
+    // From outside, a remote endpoint's flow is SNATed to this node's address (its replies must
+    // come back here); a local endpoint's keeps the client's address.
+    let node_snat = match origin {
+        Origin::Pod => None,
+        Origin::Outside => match ctx.route_to(f, backend.addr) {
+            Route::Local => None,
+            Route::Remote(addr) => Some(addr),
+            Route::None => {
+                svc_update(svc.id, |s| s.drops += 1);
+                monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (0, 0), svc.id, now);
+                return Action::Drop(counters::DROP_FIB);
+            }
+        },
+    };
+    let hairpinned = origin == Origin::Pod && backend.addr == f.saddr;
     if hairpinned && !C::TC {
         return Action::Pass(counters::XDP_TO_TC);
     }
@@ -199,7 +300,15 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     } else {
         None
     };
-    let chosen = Chosen { id, addr: backend.addr, port: backend.port, svc_id: svc.id, hairpin };
+    let chosen = Chosen {
+        id,
+        addr: backend.addr,
+        port: backend.port,
+        svc_id: svc.id,
+        hairpin,
+        external: origin == Origin::Outside,
+        node_snat,
+    };
     let snat_port = match conntrack::create(&ct_key, f, &chosen, now) {
         Ok(port) => port,
         Err(CreateError::NoPort) => {
@@ -208,7 +317,9 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
             return Action::Drop(counters::DROP_SNAT_NO_PORT);
         }
         Err(CreateError::Insert(port)) => {
-            warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
+            if origin == Origin::Pod {
+                warn!(ctx, "lb: conntrack insert failed for frontend {}", svc.id);
+            }
             count(counters::CT_INSERT_FAILED);
             port
         }
@@ -219,22 +330,36 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         s.new_flows += 1;
     });
     monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
-    let nat = Nat { src: client_nat(f, hairpinned, snat_port), dst: Some((backend.addr, backend.port)) };
+    let snat_addr = node_snat.unwrap_or(0);
+    let nat =
+        Nat { src: client_nat(f, hairpinned, snat_addr, snat_port), dst: Some((backend.addr, backend.port)) };
     let counter = counters::FWD_NEW_FLOW;
     if hairpinned {
         return Action::Bounce { nat, counter };
+    }
+    if node_snat.is_some() {
+        count(counters::NODE_SNAT);
+        return Action::Forward { nat, counter };
     }
     Action::Rewrite { nat, counter }
 }
 
 /// The source a flow's packets leave with: the hairpin address when the client is its own
-/// backend, and the port the flow was given when its tuple clashed (`snat_port`, 0: none).
+/// backend, this node's address for a flow from outside to a remote endpoint (`snat_addr`, 0:
+/// none), and the port the flow was given when its tuple clashed or it was SNATed (`snat_port`,
+/// 0: none).
 #[inline(always)]
-fn client_nat(f: &Flow, hairpin: bool, snat_port: u16) -> Option<(u32, u16)> {
-    if !hairpin && snat_port == 0 {
+fn client_nat(f: &Flow, hairpin: bool, snat_addr: u32, snat_port: u16) -> Option<(u32, u16)> {
+    if !hairpin && snat_addr == 0 && snat_port == 0 {
         return None;
     }
-    let addr = if hairpin { hairpin_addr() } else { f.saddr };
+    let addr = if hairpin {
+        hairpin_addr()
+    } else if snat_addr != 0 {
+        snat_addr
+    } else {
+        f.saddr
+    };
     Some((addr, if snat_port != 0 { snat_port } else { f.sport }))
 }
 
@@ -253,7 +378,7 @@ fn reply_port(f: &Flow, client_port: u16) -> u16 {
 /// to the pod.
 #[inline(always)]
 fn hairpin_reply(f: &Flow) -> Action {
-    match conntrack::lookup_reply(f, now_ns()) {
+    match conntrack::lookup_reply(f, Replies::Pods, now_ns()) {
         ReplyLookup::Found(r) if r.hairpin => Action::Bounce {
             nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, reply_port(f, r.client_port))) },
             counter: counters::REV_NAT,
@@ -263,10 +388,12 @@ fn hairpin_reply(f: &Flow) -> Action {
     }
 }
 
-/// Reply direction (anything → pod): translate replies of load-balanced flows back to the service.
+/// Reply direction: translate replies of load-balanced flows back to the service, those of
+/// `replies` (anything → pod: this node's pods' flows; a node interface's egress: the replies of
+/// local endpoints to clients outside).
 #[inline(always)]
-pub fn lb4_reply(f: &Flow) -> Action {
-    match conntrack::lookup_reply(f, now_ns()) {
+pub fn lb4_reply(f: &Flow, replies: Replies) -> Action {
+    match conntrack::lookup_reply(f, replies, now_ns()) {
         ReplyLookup::Found(r) => Action::Rewrite {
             nat: Nat {
                 src: Some((r.vip, r.vport)),

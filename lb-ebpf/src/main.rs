@@ -5,12 +5,17 @@
 //! - `lb4_xdp_forward`: the same decision as an XDP program (`--datapath xdp`), in front of
 //!   `lb4_tc_forward`, which takes what XDP leaves to it and lets the rest go on.
 //! - `lb4_tc_reply`: TC egress of a pod's host-side interface (traffic towards the pod).
+//! - `lb4_tc_node_in`: TC ingress of a node interface (`--node-interfaces`: traffic from outside
+//!   this node to the external addresses of Services, and replies to flows SNATed to this node).
+//! - `lb4_tc_node_out`: TC egress of a node interface (replies of local endpoints to clients
+//!   outside).
 #![no_std]
 #![no_main]
 
 mod config;
 mod conntrack;
 mod ctx;
+mod fib;
 mod frags;
 mod lb;
 mod maps;
@@ -42,6 +47,18 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
     pipeline::lb4_reply(&ctx)
+}
+
+#[classifier]
+pub fn lb4_tc_node_in(ctx: TcContext) -> i32 {
+    count(counters::RX_NODE_IN);
+    pipeline::lb4_node_in(&ctx)
+}
+
+#[classifier]
+pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
+    count(counters::RX_NODE_OUT);
+    pipeline::lb4_node_out(&ctx)
 }
 
 #[xdp]

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
-    Lb4FragPorts, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats,
-    LbMonitorBucket, LbTcFilter, LbTcFilterKey,
+    Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
+    Lb4SvcStats, LbMonitorBucket, LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -124,3 +124,9 @@ pub static LB_TAKEOVER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 /// written by the agent; no program reads it.
 #[map(name = "LB_TC_FILTERS")]
 pub static LB_TC_FILTERS: HashMap<LbTcFilterKey, LbTcFilter> = HashMap::pinned(16_384, 0);
+
+/// The interfaces lb attaches to, pods' and this node's own (see `lb_common::MAP_LB4_IFS`).
+/// Pinned; written by the agent as it attaches; read by `lb4_tc_node_in` for each new flow from
+/// outside.
+#[map(name = "LB4_IFS")]
+pub static LB4_IFS: HashMap<u32, Lb4Interface> = HashMap::pinned(16_384, 0);

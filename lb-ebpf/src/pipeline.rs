@@ -6,6 +6,7 @@
 use lb_common::{counters, EVENT_DROP};
 
 use crate::{
+    conntrack::Replies,
     ctx::PacketCtx,
     frags,
     lb::{self, Action, Nat},
@@ -40,7 +41,23 @@ pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
         };
         return finish::<C>(action);
     }
-    verdict(ctx, parsed, lb::lb4_reply)
+    verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::Pods))
+}
+
+/// Node interface ingress (outside → this node): load-balance packets to the external addresses
+/// of Services, and send the replies of flows SNATed to this node's address back to their clients.
+#[inline(always)]
+pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse();
+    verdict(ctx, parsed, |f| lb::lb4_node_in(ctx, f, ctx.len()))
+}
+
+/// Node interface egress (this node → outside): translate the replies of local endpoints to
+/// clients outside back to the Service's address. ICMP errors pass untouched.
+#[inline(always)]
+pub fn lb4_node_out<C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse();
+    verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::External))
 }
 
 /// Decides what to do with a parsed packet, carries it out, counts the outcome and turns it into
@@ -63,6 +80,21 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             Ok(()) => {
                 frags::translated(&f);
                 Action::Pass(counter)
+            }
+            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+        },
+        Action::Forward { nat, counter } => match rewrite(ctx, &f, nat) {
+            Ok(()) => {
+                frags::translated(&f);
+                let saddr = nat.src.map_or(f.saddr, |(a, _)| a);
+                let daddr = nat.dst.map_or(f.daddr, |(a, _)| a);
+                match ctx.forward(&f, saddr, daddr) {
+                    Ok(ret) => {
+                        count(counter);
+                        return ret;
+                    }
+                    Err(()) => Action::Drop(counters::DROP_FIB),
+                }
             }
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
@@ -131,7 +163,10 @@ fn finish<C: PacketCtx>(action: Action) -> C::Ret {
             count(c);
             C::DROP
         }
-        Action::Pass(c) | Action::Rewrite { counter: c, .. } | Action::Bounce { counter: c, .. } => {
+        Action::Pass(c)
+        | Action::Rewrite { counter: c, .. }
+        | Action::Bounce { counter: c, .. }
+        | Action::Forward { counter: c, .. } => {
             count(c);
             C::PASS
         }

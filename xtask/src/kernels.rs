@@ -61,14 +61,22 @@ const KERNELS: [Kernel; 3] = [
 
 const CACHE: &str = "/var/cache/lb-kernels";
 
-/// Modules the guest loads (with what they depend on): the host share, veth pairs, TC.
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_ingress", "cls_bpf"];
+/// Modules the guest loads (with what they depend on, from modules.dep): the host share, veth
+/// pairs, TC, and the lab's underlay bridge (`bridge`, after `llc` and `stp`; Debian builds all
+/// three as modules, and `br_netfilter` is left out on purpose: the underlay filters nothing).
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_ingress", "cls_bpf", "bridge"];
 
 /// The tests each kernel runs: (test binary, filter arguments, what it shows).
 const TESTS: &[(&str, &[&str], &str)] = &[
     ("datapath_packets", &[], "packet tables (BPF_PROG_TEST_RUN)"),
     ("e2e", &["--exact", "tc_two_nodes"], "two nodes, TC"),
     ("e2e", &["--exact", "xdp_two_nodes"], "two nodes, XDP"),
+    ("nodeport_packets", &[], "node-side programs packet by packet (FIB lookup, redirect, SNAT)"),
+    (
+        "e2e_nodeport",
+        &["--exact", "nodeport_cluster_policy_reaches_every_endpoint_through_either_node"],
+        "NodePort from outside, externalTrafficPolicy Cluster (SNAT, bpf_redirect_neigh)",
+    ),
     ("e2e_restart", &["--exact", "sigterm_and_restart_lose_no_connection"], "restart under traffic"),
     (
         "e2e_restart",
@@ -280,7 +288,11 @@ fn job_script(binaries: &[(String, PathBuf)]) -> anyhow::Result<String> {
          ip link set lo up\n\
          run() { n=$1; shift; s=$(date +%s); \"$@\" > /tmp/job/$n.log 2>&1; rc=$?; echo \"$n $rc $(( $(date +%s) - s ))\" >> /tmp/job/results; }\n",
     );
-    for (i, (test, args, _)) in TESTS.iter().enumerate() {
+    // `LB_KERNEL_TESTS=nodeport_packets,e2e` runs only those test binaries' rows (while working on
+    // one kernel's failure); the others show as not run.
+    let only = std::env::var("LB_KERNEL_TESTS").ok();
+    let wanted = |test: &str| only.as_deref().is_none_or(|o| o.split(',').any(|t| t.trim() == test));
+    for (i, (test, args, _)) in TESTS.iter().enumerate().filter(|(_, (t, _, _))| wanted(t)) {
         let bin =
             &binaries.iter().find(|(n, _)| n == test).with_context(|| format!("no test binary {test}"))?.1;
         s += &format!("run t{i} {} --test-threads 1 {}\n", bin.display(), args.join(" "));
@@ -381,7 +393,11 @@ pub fn run() -> anyhow::Result<()> {
     let binaries = build_tests()?;
     let mut table = vec!["| kernel | test | result | seconds |".to_string(), "|---|---|---|---|".to_string()];
     let mut failed = Vec::new();
-    for k in &KERNELS {
+    // `LB_KERNELS=5.10,6.1` runs only those (while working on one kernel's failure); the
+    // matrix CI runs is all of them.
+    let only = std::env::var("LB_KERNELS").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|k| k.trim() == name));
+    for k in KERNELS.iter().filter(|k| wanted(k.name)) {
         // A kernel whose tests cannot run fails its row, saying why; the others still run.
         let mut not_run = |release: &str, why: String| {
             failed.push(format!("{} ({release}): {why}", k.name));
@@ -458,6 +474,21 @@ mod tests {
                 "kernel/fs/fscache/fscache.ko",
                 "kernel/fs/9p/9p.ko"
             ]
+        );
+    }
+
+    /// The bridge as Debian's kernels list it (5.10, 6.1 and 6.12 alike).
+    #[test]
+    fn the_bridge_loads_after_stp_and_llc() {
+        let deps = "kernel/net/802/stp.ko.xz: kernel/net/llc/llc.ko.xz\n\
+                    kernel/net/llc/llc.ko.xz:\n\
+                    kernel/net/bridge/bridge.ko.xz: kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz\n\
+                    kernel/net/bridge/br_netfilter.ko.xz: kernel/net/bridge/bridge.ko.xz \
+                    kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz\n";
+        let order = super::module_order(deps, super::MODULES).expect("order");
+        assert_eq!(
+            order,
+            ["kernel/net/llc/llc.ko.xz", "kernel/net/802/stp.ko.xz", "kernel/net/bridge/bridge.ko.xz"]
         );
     }
 }

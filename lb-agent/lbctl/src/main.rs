@@ -202,7 +202,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if json {
                 return print_json(&v);
             }
-            let mut t = table(&["FRONTEND", "SERVICE", "BACKENDS", "TABLE", "AFFINITY", "POLICY"]);
+            let mut t =
+                table(&["FRONTEND", "KIND", "SCOPE", "SERVICE", "BACKENDS", "TABLE", "AFFINITY", "POLICY"]);
             for s in &v {
                 let backends: Vec<String> = s
                     .backends
@@ -211,11 +212,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     .collect();
                 t.add_row(vec![
                     format!("{}:{}/{}", s.vip, s.port, s.protocol),
+                    s.kind.clone(),
+                    s.scope.clone(),
                     s.service.clone(),
                     if s.deleted {
                         "(Service deleted: kept until its flows end; new flows rejected)".into()
                     } else if backends.is_empty() {
-                        "(none: new flows rejected, or dropped under internalTrafficPolicy Local)".into()
+                        "(none: new flows rejected, or dropped under a traffic policy Local)".into()
                     } else {
                         backends.join("\n")
                     },
@@ -225,7 +228,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     } else {
                         "-".into()
                     },
-                    if s.internal_traffic_local { "Local".into() } else { "Cluster".into() },
+                    s.policy.clone(),
                 ]);
             }
             println!("{t}");

@@ -74,21 +74,30 @@ impl Layout {
     }
 }
 
-/// Where in `formats::MAPS` the tracked flows are.
+/// Where in `formats::MAPS` the frontends, their records and the tracked flows are.
+const SERVICES: usize = 0;
+const FE_META: usize = 4;
 const CT: usize = 7;
+const _: () = assert!(matches!(formats::MAPS[SERVICES].as_bytes(), b"LB4_SERVICES"));
+const _: () = assert!(matches!(formats::MAPS[FE_META].as_bytes(), b"LB4_FE_META"));
 const _: () = assert!(matches!(formats::MAPS[CT].as_bytes(), b"LB4_CT"));
 
-/// Whether every map in `theirs` is in our format or one converted here: `LB4_CT` format 1
-/// (layout 6). A format change adds its converter here.
+/// Whether every map in `theirs` is in our format or one converted here: `LB4_CT` formats 1
+/// (layout 6) and 2 (layout 7); `LB4_SERVICES` and `LB4_FE_META` format 1 (layouts 6 and 7:
+/// the key's `scope` and the record's `kind` were padding, always 0, which is `SCOPE_EXTERNAL`
+/// and `FRONTEND_KIND_CLUSTER_IP`: read as they are). A format change adds its converter here.
 pub fn readable(theirs: &[u32; formats::MAPS.len()]) -> bool {
-    theirs.iter().zip(formats::CURRENT).enumerate().all(|(i, (&t, ours))| t == ours || (i == CT && t == 1))
+    theirs.iter().zip(formats::CURRENT).enumerate().all(|(i, (&t, ours))| {
+        t == ours || (i == CT && (t == 1 || t == 2)) || ((i == SERVICES || i == FE_META) && t == 1)
+    })
 }
 
-/// The formats of layouts from before `LB_FORMATS`.
+/// The formats of layouts by version (those from before `LB_FORMATS` are known only so).
 fn known_formats(version: u32) -> Option<[u32; formats::MAPS.len()]> {
     match version {
         6 => Some([1, 1, 1, 1, 1, 1, 1, 1]),
         7 => Some([1, 1, 1, 1, 1, 1, 1, 2]),
+        8 => Some([2, 1, 1, 1, 2, 1, 1, 3]),
         _ => None,
     }
 }
@@ -148,7 +157,7 @@ const _: () = assert!(core::mem::size_of::<CtEntryV6>() == 32);
 // SAFETY: repr(C) of plain integers with no padding (asserted 32 bytes: 8+8+4+2+1+1+4+4).
 unsafe impl aya::Pod for CtEntryV6 {}
 
-impl From<CtEntryV6> for Lb4CtEntry {
+impl From<CtEntryV6> for CtEntryV7 {
     /// v6 flows never had another source port: 0 keeps the client's. Both versions' clocks are
     /// CLOCK_MONOTONIC (v7 reads it coarse), so times carry as they are.
     fn from(e: CtEntryV6) -> Self {
@@ -163,6 +172,51 @@ impl From<CtEntryV6> for Lb4CtEntry {
             flags: e.flags,
             backend_id: e.backend_id,
             svc_id: e.svc_id,
+        }
+    }
+}
+
+impl From<CtEntryV6> for Lb4CtEntry {
+    fn from(e: CtEntryV6) -> Self {
+        CtEntryV7::from(e).into()
+    }
+}
+
+/// Layout v7's tracked-flow entry: v8 added `snat_addr` (and grew to 40 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntryV7 {
+    pub last_seen_ns: u64,
+    pub created_s: u32,
+    pub snat_port: u16,
+    pub _pad: u16,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub state: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtEntryV7>() == 32);
+// SAFETY: repr(C) of plain integers with explicit padding (asserted 32 bytes: 8+4+2+2+4+2+1+1+4+4).
+unsafe impl aya::Pod for CtEntryV7 {}
+
+impl From<CtEntryV7> for Lb4CtEntry {
+    /// v7 flows all came from pods: none was SNATed to the node's address.
+    fn from(e: CtEntryV7) -> Self {
+        Self {
+            last_seen_ns: e.last_seen_ns,
+            created_s: e.created_s,
+            snat_port: e.snat_port,
+            _pad: 0,
+            nat_addr: e.nat_addr,
+            nat_port: e.nat_port,
+            state: e.state,
+            flags: e.flags,
+            backend_id: e.backend_id,
+            svc_id: e.svc_id,
+            snat_addr: 0,
+            _pad1: 0,
         }
     }
 }
@@ -312,6 +366,10 @@ pub fn carry_flows(from: &Layout, maps: &mut Maps) -> Result<Carried, DatapathEr
             let ct: HashMap<MapData, Lb4CtKey, CtEntryV6> = open(&from.dir, MAP_LB4_CT)?;
             copy_newer(&ct, &mut maps.ct, Lb4CtEntry::from, seen, &mut c.flows, &mut c.failed);
         }
+        Some(2) => {
+            let ct: HashMap<MapData, Lb4CtKey, CtEntryV7> = open(&from.dir, MAP_LB4_CT)?;
+            copy_newer(&ct, &mut maps.ct, Lb4CtEntry::from, seen, &mut c.flows, &mut c.failed);
+        }
         _ => {
             let ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry> = open(&from.dir, MAP_LB4_CT)?;
             copy_newer(&ct, &mut maps.ct, |e| e, seen, &mut c.flows, &mut c.failed);
@@ -391,6 +449,31 @@ mod tests {
         assert_eq!((new.snat_port, new._pad), (0, 0));
         assert_eq!((new.nat_addr, new.nat_port), (old.nat_addr, old.nat_port));
         assert_eq!((new.state, new.flags, new.backend_id, new.svc_id), (old.state, old.flags, 7, 3));
+        assert_eq!(new.snat_addr, 0);
+    }
+
+    #[test]
+    fn a_v7_flow_keeps_every_field_and_has_no_node_snat() {
+        let old = CtEntryV7 {
+            last_seen_ns: 5_678_000_000_123,
+            created_s: 1_234,
+            snat_port: 61_500u16.to_be(),
+            _pad: 0,
+            nat_addr: u32::from_ne_bytes([10, 244, 0, 9]),
+            nat_port: 8080u16.to_be(),
+            state: lb_common::CT_STATE_SYN,
+            flags: lb_common::CT_FLAG_FIN_CLIENT,
+            backend_id: 7,
+            svc_id: 3,
+        };
+        let new = Lb4CtEntry::from(old);
+        assert_eq!(
+            (new.last_seen_ns, new.created_s, new.snat_port),
+            (old.last_seen_ns, 1_234, old.snat_port)
+        );
+        assert_eq!((new.nat_addr, new.nat_port), (old.nat_addr, old.nat_port));
+        assert_eq!((new.state, new.flags, new.backend_id, new.svc_id), (old.state, old.flags, 7, 3));
+        assert_eq!((new.snat_addr, new._pad, new._pad1), (0, 0, 0));
     }
 
     #[test]
@@ -420,6 +503,7 @@ mod tests {
             "this version's formats are known by version too"
         );
         assert!(readable(&known_formats(6).expect("v6")));
+        assert!(readable(&known_formats(7).expect("v7")));
         for i in 0..ours.len() {
             let mut newer = ours;
             newer[i] += 1;

@@ -26,9 +26,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    capacity::Capacities, globals, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META,
-    MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_TAKEOVER,
-    PIN_LAYOUT_VERSION,
+    capacity::Capacities, globals, Lb4Interface, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_AFFINITY,
+    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_IFS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS,
+    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_TAKEOVER, PIN_LAYOUT_VERSION,
 };
 
 use self::migrate::Layout;
@@ -45,6 +45,37 @@ pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub const PROG_TC_FORWARD: &str = "lb4_tc_forward";
 pub const PROG_TC_REPLY: &str = "lb4_tc_reply";
 pub const PROG_XDP_FORWARD: &str = "lb4_xdp_forward";
+pub const PROG_TC_NODE_IN: &str = "lb4_tc_node_in";
+pub const PROG_TC_NODE_OUT: &str = "lb4_tc_node_out";
+
+/// What an interface is to lb, and so which programs it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A pod's host-side interface (`--interfaces`): the forward and reply programs.
+    Pod,
+    /// One of this node's own interfaces (`--node-interfaces`): the node-side programs, for
+    /// traffic from outside to the Services' external addresses.
+    Node,
+}
+
+impl Role {
+    /// The programs an interface of this role carries, in the order they are attached.
+    pub fn programs(self) -> &'static [&'static str] {
+        match self {
+            Role::Pod => &PROGRAMS,
+            Role::Node => &NODE_PROGRAMS,
+        }
+    }
+}
+
+/// Where a TC program is attached: the reply programs on egress, the others on ingress.
+pub fn direction(prog: &str) -> TcAttachType {
+    if prog == PROG_TC_REPLY || prog == PROG_TC_NODE_OUT {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
 
 /// The datapath's clock (`bpf_ktime_get_ns`: CLOCK_MONOTONIC), in nanoseconds.
 pub fn monotonic_ns() -> u64 {
@@ -274,9 +305,15 @@ pub struct Datapath {
     ebpf: Ebpf,
     mode: Mode,
     links_dir: PathBuf,
-    /// Interface name → its index when attached (one made again under the name has another), and
-    /// the pins of the links this agent attached (or took over) there.
-    attached: StdHashMap<String, (u32, Vec<PathBuf>)>,
+    /// Interface name → its index when attached (one made again under the name has another), the
+    /// pins of the links this agent attached (or took over) there, and its role.
+    attached: StdHashMap<String, (u32, Vec<PathBuf>, Role)>,
+    /// `LB4_IFS`: the interfaces attached, by role, node interfaces with their SNAT addresses;
+    /// and those addresses by interface name, as last set.
+    ifs: aya::maps::HashMap<aya::maps::MapData, u32, Lb4Interface>,
+    node_addrs: StdHashMap<String, Option<std::net::Ipv4Addr>>,
+    /// Whether the node-side programs are loaded (on the first node interface).
+    node_loaded: bool,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tc_order: TcOrder,
     /// Layouts of other versions found at load, newest first, until they are removed: their
@@ -316,6 +353,11 @@ fn link_pin_name(interface: &str, prog: &str) -> String {
 /// layout's XDP program or ours, it handles every packet to a Service that comes its way), XDP
 /// last, so that an XDP program that cannot attach leaves the interface whole in TC.
 const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD];
+/// The programs of a node interface, ingress first.
+const NODE_PROGRAMS: [&str; 2] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
+/// Every program lb attaches anywhere.
+const ALL_PROGRAMS: [&str; 5] =
+    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
 
 /// How long new flows may be held back during a take-over (`LB_TAKEOVER[0]` is a deadline on the
 /// datapath's clock, so an agent that dies holding them releases them anyway).
@@ -426,6 +468,14 @@ impl Datapath {
         let takeover = ebpf.take_map(MAP_LB_TAKEOVER).ok_or(DatapathError::MissingMap(MAP_LB_TAKEOVER))?;
         let takeover = takeover.try_into().map_err(maps::map_err(MAP_LB_TAKEOVER))?;
         let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        let ifs = {
+            let path = dir.join(MAP_LB4_IFS);
+            let err = maps::map_err(MAP_LB4_IFS);
+            let data = aya::maps::MapData::from_pin(&path).map_err(&err)?;
+            aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?
+        };
+        // The node-side programs load when a node interface is first attached
+        // (`load_node_programs`): verifying them is most of a load's time on older kernels.
         for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -457,6 +507,9 @@ impl Datapath {
             mode,
             links_dir,
             attached,
+            ifs,
+            node_addrs: StdHashMap::new(),
+            node_loaded: false,
             logger,
             tc_order,
             others,
@@ -644,7 +697,7 @@ impl Datapath {
     pub fn gone(&self, present: &[String]) -> Vec<String> {
         self.attached
             .iter()
-            .filter(|(name, (index, _))| {
+            .filter(|(name, (index, _, _))| {
                 !present.contains(name) || tc_filters::ifindex(name).is_some_and(|i| i != *index)
             })
             .map(|(name, _)| name.clone())
@@ -656,14 +709,18 @@ impl Datapath {
         self.mode == Mode::Xdp || prog != PROG_XDP_FORWARD
     }
 
-    /// Attaches the forward program (TC ingress or XDP) and the reply program (TC egress), each
-    /// through a link pinned under `links/`, so it stays attached while the agent is away. A link
-    /// pinned by an earlier agent is taken over: the new program replaces the old one in it
+    /// Attaches the programs of `role`: on a pod's interface the forward program (TC ingress or
+    /// XDP) and the reply program (TC egress); on a node interface the node-side programs. Each
+    /// goes through a link pinned under `links/`, so it stays attached while the agent is away. A
+    /// link pinned by an earlier agent is taken over: the new program replaces the old one in it
     /// atomically, and no packet goes unhandled. So is one of another layout version, whose pin
     /// then moves into ours (see [`migrate`]).
-    pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+    pub fn attach(&mut self, interface: &str, role: Role) -> Result<(), DatapathError> {
         if self.is_attached(interface) {
             return Ok(());
+        }
+        if role == Role::Node {
+            self.load_node_programs()?;
         }
         // Taken before anything is attached: should the interface be made again meanwhile, the
         // next pass finds the index changed and attaches to the new one.
@@ -679,7 +736,7 @@ impl Datapath {
         // Attached anew here: removed again if a later program fails (a link taken over stays:
         // it served before, and now serves with our program).
         let mut new = Vec::new();
-        for prog in PROGRAMS {
+        for &prog in role.programs() {
             if !self.wanted(prog) {
                 // A program this mode does not use (the other --datapath; another layout's):
                 // removed once the TC forward program, which handles what it would, is ours.
@@ -707,12 +764,7 @@ impl Datapath {
                 Err(e) => {
                     for p in &new {
                         if self.netlink && *p != PROG_XDP_FORWARD {
-                            let at = if *p == PROG_TC_REPLY {
-                                TcAttachType::Egress
-                            } else {
-                                TcAttachType::Ingress
-                            };
-                            let _ = tc_filters::detach(&mut self.tc_records, interface, at);
+                            let _ = tc_filters::detach(&mut self.tc_records, interface, direction(p));
                         } else {
                             let _ = std::fs::remove_file(self.link_pin(interface, p));
                         }
@@ -733,14 +785,14 @@ impl Datapath {
         // Whatever other layouts still have on this interface would run beside ours, and so
         // would TC programs of the other kind (TCX links, or netlink filters: a kernel upgrade).
         for l in &self.others {
-            for prog in PROGRAMS {
+            for prog in ALL_PROGRAMS {
                 if let Some(pin) = l.link_pin(interface, prog) {
                     let _ = std::fs::remove_file(pin);
                 }
             }
         }
         if self.netlink {
-            for prog in [PROG_TC_FORWARD, PROG_TC_REPLY] {
+            for &prog in role.programs().iter().filter(|p| **p != PROG_XDP_FORWARD) {
                 let _ = std::fs::remove_file(self.link_pin(interface, prog));
             }
         } else {
@@ -753,8 +805,73 @@ impl Datapath {
                 }
             }
         }
-        self.attached.insert(interface.to_string(), (index, pins));
+        // Programs of the other role, should the interface have changed role.
+        for prog in ALL_PROGRAMS.iter().filter(|p| !role.programs().contains(p)) {
+            let _ = std::fs::remove_file(self.link_pin(interface, prog));
+        }
+        // A node interface's record is written with its address (`set_node_address`).
+        if role == Role::Pod {
+            let pod = Lb4Interface { role: IF_ROLE_POD, snat_addr: 0 };
+            if self.ifs.get(&index, 0).ok() != Some(pod) {
+                self.ifs.insert(index, pod, 0).map_err(maps::map_err(MAP_LB4_IFS))?;
+            }
+        }
+        self.attached.insert(interface.to_string(), (index, pins, role));
         Ok(())
+    }
+
+    /// Removes the interface records (`LB4_IFS`) of interfaces not attached (gone while the agent
+    /// was away, or no longer matching its flags).
+    pub fn prune_interface_records(&mut self) {
+        let attached: std::collections::HashSet<u32> = self.attached.values().map(|(i, _, _)| *i).collect();
+        let stale: Vec<u32> =
+            self.ifs.keys().filter_map(Result::ok).filter(|i| !attached.contains(i)).collect();
+        for i in stale {
+            let _ = self.ifs.remove(&i);
+        }
+    }
+
+    /// Loads the node-side programs (once): when the first node interface is attached, or for a
+    /// test run.
+    pub fn load_node_programs(&mut self) -> Result<(), DatapathError> {
+        if self.node_loaded {
+            return Ok(());
+        }
+        for name in NODE_PROGRAMS {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
+        self.node_loaded = true;
+        Ok(())
+    }
+
+    /// Records node interface `interface` (attached) in `LB4_IFS` with the address flows from
+    /// outside to remote endpoints are SNATed to when they leave through it (or came in through
+    /// it and leave through an interface lb does not know), or without one (`None`: such flows
+    /// find no address and are dropped, `drop_fib`). Written only when it changed; true then (and
+    /// the first time).
+    pub fn set_node_address(
+        &mut self,
+        interface: &str,
+        addr: Option<std::net::Ipv4Addr>,
+    ) -> Result<bool, DatapathError> {
+        let Some((index, _, Role::Node)) = self.attached.get(interface) else { return Ok(false) };
+        let index = *index;
+        let value = Lb4Interface {
+            role: IF_ROLE_NODE,
+            snat_addr: addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+        };
+        if self.node_addrs.contains_key(interface) && self.ifs.get(&index, 0).ok() == Some(value) {
+            return Ok(false);
+        }
+        self.ifs.insert(index, value, 0).map_err(maps::map_err(MAP_LB4_IFS))?;
+        self.node_addrs.insert(interface.to_string(), addr);
+        Ok(true)
     }
 
     /// Puts our `prog` on `interface`: into our pinned link, else into `from`'s (another layout's,
@@ -766,7 +883,7 @@ impl Datapath {
         from: Option<&Layout>,
     ) -> Result<bool, DatapathError> {
         if self.netlink && prog != PROG_XDP_FORWARD {
-            let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let at = direction(prog);
             let mut others: Vec<tc_filters::Records> =
                 self.others.iter().filter_map(|l| tc_filters::open(&l.dir)).collect();
             let order = self.tc_order;
@@ -852,7 +969,7 @@ impl Datapath {
             p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
         } else {
             let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;
-            let at = if prog == PROG_TC_REPLY { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let at = direction(prog);
             let order = match self.tc_order {
                 TcOrder::First => LinkOrder::first(),
                 TcOrder::Last => LinkOrder::last(),
@@ -870,7 +987,7 @@ impl Datapath {
     /// detached then; the maps live on in this agent's handles.
     pub fn pins_present(&self) -> bool {
         self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
-            && self.attached.values().flat_map(|(_, p)| p).all(|p| p.exists())
+            && self.attached.values().flat_map(|(_, p, _)| p).all(|p| p.exists())
     }
 
     /// Pins every map again where it was and forgets every attachment (its link went with its
@@ -896,18 +1013,17 @@ impl Datapath {
             return Vec::new();
         }
         let id = |name: &str| self.tc_program(name).and_then(|p| p.info().ok()).map(|i| i.id());
-        let (Some(forward), Some(reply)) = (id(PROG_TC_FORWARD), id(PROG_TC_REPLY)) else {
-            return Vec::new();
-        };
         let lost: Vec<String> = self
             .attached
-            .keys()
-            .filter(|i| {
-                [(TcAttachType::Ingress, forward), (TcAttachType::Egress, reply)]
-                    .into_iter()
-                    .any(|(at, id)| tc_filters::in_place(&self.tc_records, i, at, id) == Some(false))
+            .iter()
+            .filter(|(i, (_, _, role))| {
+                role.programs().iter().filter(|p| **p != PROG_XDP_FORWARD).any(|p| {
+                    id(p).is_some_and(|id| {
+                        tc_filters::in_place(&self.tc_records, i, direction(p), id) == Some(false)
+                    })
+                })
             })
-            .cloned()
+            .map(|(i, _)| i.clone())
             .collect();
         for i in &lost {
             self.attached.remove(i);
@@ -917,8 +1033,13 @@ impl Datapath {
 
     /// Forgets an interface that went away (its links went with it; their pins are removed).
     pub fn forget(&mut self, interface: &str) {
-        for pin in self.attached.remove(interface).unwrap_or_default().1 {
+        let Some((index, pins, role)) = self.attached.remove(interface) else { return };
+        for pin in pins {
             let _ = std::fs::remove_file(pin);
+        }
+        let _ = self.ifs.remove(&index);
+        if role == Role::Node {
+            self.node_addrs.remove(interface);
         }
         tc_filters::prune(&mut self.tc_records);
     }

@@ -6,6 +6,7 @@
 
 mod endpoints;
 pub mod maglev;
+pub mod node;
 mod service;
 
 use std::{
@@ -83,17 +84,49 @@ impl fmt::Display for BackendAddr {
     }
 }
 
-/// A frontend address: VIP:port/protocol.
+/// A frontend address: VIP:port/protocol, and which of its clients the entry is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendAddr {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub proto: Protocol,
+    pub scope: Scope,
+}
+
+impl FrontendAddr {
+    /// The address's entry for every client (`Scope::External`).
+    pub fn new(vip: Ipv4Addr, port: u16, proto: Protocol) -> Self {
+        Self { vip, port, proto, scope: Scope::External }
+    }
 }
 
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)
+        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)?;
+        if self.scope == Scope::Internal {
+            f.write_str(" (internal)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Which clients a frontend entry is for. An address has one entry, for every client
+/// (`External`), unless its Service treats this node's pods apart from clients outside: an
+/// external address of an `externalTrafficPolicy: Local` Service has a second entry (`Internal`)
+/// with every endpoint, which this node's pods use (kube-proxy's exception for the cluster's own
+/// clients), while clients from outside get only this node's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    External,
+    Internal,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::External => "external",
+            Self::Internal => "internal",
+        })
     }
 }
 
@@ -105,6 +138,8 @@ pub enum FrontendKind {
     /// `status.loadBalancer.ingress[].ip` of a `type: LoadBalancer` Service (`ipMode` unset or
     /// `VIP`).
     LoadBalancer,
+    /// `spec.ports[].nodePort` on one of this node's addresses (`--nodeport-addresses`).
+    NodePort,
 }
 
 impl FrontendKind {
@@ -113,7 +148,24 @@ impl FrontendKind {
         match self {
             FrontendKind::ClusterIp => "spec.clusterIP",
             FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
+            FrontendKind::NodePort => "spec.ports[].nodePort",
         }
+    }
+
+    /// Whether clients outside the cluster reach addresses of this kind (through this node's
+    /// interfaces).
+    pub fn external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::NodePort => "NodePort",
+        })
     }
 }
 
@@ -145,10 +197,15 @@ pub struct Frontend {
     pub kept: Vec<(BackendAddr, BackendState)>,
     /// ClientIP session affinity timeout; 0 = none.
     pub affinity_timeout_secs: u32,
-    /// `internalTrafficPolicy: Local` with usable endpoints somewhere (this node or another):
-    /// with none here, new flows are dropped. With none anywhere it is false, and new flows are
-    /// rejected like those of any Service without endpoints (kube-proxy's REJECT).
+    /// The traffic policy that chose `backends` is `Local` (internalTrafficPolicy for cluster
+    /// IPs and internal entries, externalTrafficPolicy for external entries) and the Service has
+    /// usable endpoints somewhere (this node or another): with none here, new flows are dropped.
+    /// With none anywhere it is false, and new flows are rejected like those of any Service
+    /// without endpoints (kube-proxy's REJECT).
     pub local_only: bool,
+    /// This node's pods use the entry of the same address with `Scope::Internal` instead of this
+    /// one (an external address of an `externalTrafficPolicy: Local` Service).
+    pub two_scopes: bool,
 }
 
 /// Where this agent runs and what it answers for.
@@ -162,6 +219,8 @@ pub struct Context {
     pub service_proxy_name: Option<String>,
     /// A Service with more endpoints than this is rejected.
     pub max_endpoints_per_service: usize,
+    /// This node's addresses that NodePorts listen on (`--nodeport-addresses`).
+    pub nodeport_addresses: Vec<Ipv4Addr>,
 }
 
 impl Default for Context {
@@ -171,6 +230,7 @@ impl Default for Context {
             zone: None,
             service_proxy_name: None,
             max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
+            nodeport_addresses: Vec::new(),
         }
     }
 }
@@ -237,7 +297,16 @@ impl Addresses {
     /// the address and the error says who holds it.
     pub fn offer(&mut self, fe: Frontend) -> Result<Frontend, ModelError> {
         let addr = fe.addr;
-        match self.owner.get(&addr) {
+        // An address's internal entry goes with its external one: only the Service that holds
+        // that may have it (else a Service refused the address would still catch this node's
+        // pods reaching it, once its holder had two scopes).
+        let external = FrontendAddr { scope: Scope::External, ..addr };
+        let owner = if addr.scope == Scope::Internal && self.owner.get(&external) != Some(&fe.service) {
+            self.owner.get(&external).or(self.owner.get(&addr))
+        } else {
+            self.owner.get(&addr)
+        };
+        match owner {
             // Held already, even by this Service (a port or address listed twice).
             Some(other) => {
                 let e = ModelError::invalid(
@@ -509,33 +578,51 @@ pub fn build_claiming(
         }
         for p in &spec.ports {
             let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
-            let (backends, kept) = select(eps, p.proto, spec.local_only, ctx);
-            // kube-proxy drops traffic of an internalTrafficPolicy Local Service that has usable
-            // endpoints only on other nodes, and rejects it when it has none anywhere.
-            let local_only = spec.local_only && endpoints::any_usable(eps);
-            let fe = |vip: Ipv4Addr, kind, backends: &Vec<BackendAddr>, kept: &Vec<_>, local_only| Frontend {
-                addr: FrontendAddr { vip, port: p.port, proto: p.proto },
-                kind,
-                service: object.clone(),
-                port_name: p.name.clone(),
-                backends: backends.clone(),
-                kept: kept.clone(),
-                affinity_timeout_secs: spec.affinity_timeout_secs,
-                local_only,
+            // kube-proxy drops traffic of a traffic policy Local that has usable endpoints only on
+            // other nodes, and rejects it when it has none anywhere.
+            let usable = endpoints::any_usable(eps);
+            // Endpoints for new flows under each policy, the terminating fallback computed for
+            // each set apart (kube-proxy's CategorizeEndpoints).
+            let cluster = select(eps, p.proto, false, ctx);
+            let local = if spec.local_only || spec.external_local {
+                select(eps, p.proto, true, ctx)
+            } else {
+                cluster.clone()
             };
+            let fe = |addr: FrontendAddr, kind, (backends, kept): &(Vec<BackendAddr>, Vec<_>), local_only| {
+                Frontend {
+                    addr,
+                    kind,
+                    service: object.clone(),
+                    port_name: p.name.clone(),
+                    backends: backends.clone(),
+                    kept: kept.clone(),
+                    affinity_timeout_secs: spec.affinity_timeout_secs,
+                    local_only,
+                    two_scopes: false,
+                }
+            };
+            let internal = if spec.local_only { &local } else { &cluster };
             for vip in &spec.vips {
-                wanted.push(fe(*vip, FrontendKind::ClusterIp, &backends, &kept, local_only));
+                let addr = FrontendAddr::new(*vip, p.port, p.proto);
+                wanted.push(fe(addr, FrontendKind::ClusterIp, internal, spec.local_only && usable));
             }
-            if spec.external.is_empty() {
-                continue;
-            }
-            // Pods reaching an external address use every endpoint, whatever the traffic policies
-            // say (internalTrafficPolicy is for the cluster IPs; for externalTrafficPolicy Local
-            // this is kube-proxy's exception for the cluster's own clients).
-            let (backends, kept) =
-                if spec.local_only { select(eps, p.proto, false, ctx) } else { (backends, kept) };
-            for (ip, kind) in &spec.external {
-                wanted.push(fe(*ip, *kind, &backends, &kept, false));
+            let node_ports = p.node_port.into_iter().flat_map(|port| {
+                ctx.nodeport_addresses.iter().map(move |ip| (*ip, port, FrontendKind::NodePort))
+            });
+            let load_balancers = spec.external.iter().map(|(ip, kind)| (*ip, p.port, *kind));
+            for (ip, port, kind) in load_balancers.chain(node_ports) {
+                let addr = FrontendAddr::new(ip, port, p.proto);
+                if !spec.external_local {
+                    wanted.push(fe(addr, kind, &cluster, false));
+                    continue;
+                }
+                // Clients from outside get this node's endpoints; this node's pods every endpoint
+                // (internalTrafficPolicy is for the cluster IPs; this is kube-proxy's exception
+                // for the cluster's own clients).
+                wanted.push(Frontend { two_scopes: true, ..fe(addr, kind, &local, usable) });
+                let addr = FrontendAddr { scope: Scope::Internal, ..addr };
+                wanted.push(fe(addr, kind, &cluster, false));
             }
         }
     }
@@ -608,7 +695,7 @@ endpoints:
 "#;
 
     fn addr(vip: [u8; 4], port: u16, proto: Protocol) -> FrontendAddr {
-        FrontendAddr { vip: vip.into(), port, proto }
+        FrontendAddr::new(vip.into(), port, proto)
     }
 
     fn be(ip: [u8; 4], port: u16, proto: Protocol) -> BackendAddr {
@@ -822,7 +909,7 @@ mod last_good_tests {
     }
 
     fn backends(m: &Model, vip: [u8; 4]) -> Vec<String> {
-        let a = FrontendAddr { vip: vip.into(), port: 80, proto: Protocol::Tcp };
+        let a = FrontendAddr::new(vip.into(), 80, Protocol::Tcp);
         m.frontends.get(&a).map(|f| f.backends.iter().map(|b| b.ip.to_string()).collect()).unwrap_or_default()
     }
 

@@ -45,6 +45,9 @@ pub(super) struct SvcPort {
     pub(super) name: String,
     pub(super) port: u16,
     pub(super) proto: Protocol,
+    /// `nodePort`, for a Service of type NodePort or LoadBalancer that has one (none with
+    /// `allocateLoadBalancerNodePorts: false`, unless one was given).
+    pub(super) node_port: Option<u16>,
 }
 
 /// What a valid Service asks for.
@@ -55,6 +58,8 @@ pub(super) struct SvcSpec {
     pub(super) ports: Vec<SvcPort>,
     pub(super) affinity_timeout_secs: u32,
     pub(super) local_only: bool,
+    /// `externalTrafficPolicy: Local`: clients from outside reach only this node's endpoints.
+    pub(super) external_local: bool,
 }
 
 pub(super) enum SvcOutcome {
@@ -122,6 +127,9 @@ pub(super) fn service_spec(
         return SvcOutcome::Reject;
     }
     let mut ports = Vec::new();
+    // NodePorts are a Service's of type NodePort or LoadBalancer only (the API server clears them
+    // from the others).
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     for (i, p) in svc_ports.iter().enumerate() {
         let port = match parse_port(KIND, object, format!("spec.ports[{i}].port"), p.port) {
             Ok(port) => port,
@@ -130,8 +138,20 @@ pub(super) fn service_spec(
                 return SvcOutcome::Reject;
             }
         };
+        let node_port = match p.node_port.filter(|_| node_ports) {
+            None => None,
+            Some(n) => match parse_port(KIND, object, format!("spec.ports[{i}].nodePort"), n) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    errors.push(e);
+                    return SvcOutcome::Reject;
+                }
+            },
+        };
         match parse_protocol(KIND, object, || format!("spec.ports[{i}].protocol"), p.protocol.as_ref()) {
-            Ok(proto) => ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto }),
+            Ok(proto) => {
+                ports.push(SvcPort { name: p.name.clone().unwrap_or_default(), port, proto, node_port })
+            }
             // SCTP: that port is left out and reported; the others work.
             Err(e @ ModelError::Unsupported { .. }) => errors.push(e),
             Err(e) => {
@@ -165,14 +185,23 @@ pub(super) fn service_spec(
         }
     };
     let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            let field = "spec.externalTrafficPolicy".into();
+            errors.push(ModelError::invalid(KIND, object, field, format!("unknown value {other:?}")));
+            return SvcOutcome::Reject;
+        }
+    };
     if vips.is_empty() || ports.is_empty() {
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
     }
     let external = external_addresses(svc, object, &vips, errors);
-    SvcOutcome::Use(SvcSpec { vips, external, ports, affinity_timeout_secs, local_only })
+    SvcOutcome::Use(SvcSpec { vips, external, ports, affinity_timeout_secs, local_only, external_local })
 }
 
-/// The Service's external addresses answered for pods: for `type: LoadBalancer`, the ingress IPs
+/// The Service's LoadBalancer addresses: for `type: LoadBalancer`, the ingress IPs
 /// in its status whose `ipMode` is unset or `VIP` (with `Proxy` the load balancer itself must see
 /// the traffic; hostnames are not addresses), as kube-proxy takes them. One that is not an IP
 /// address is reported and left out; one listed twice, or that is one of the Service's own

@@ -7,22 +7,32 @@ use std::net::Ipv4Addr;
 
 use lb_common::{
     Lb4Backend, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING, SVC_FLAG_LOCAL_ONLY,
-    SVC_FLAG_TOMBSTONE,
+    BACKEND_STATE_TERMINATING, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_LOAD_BALANCER,
+    FRONTEND_KIND_NODE_PORT, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 use super::alloc::Region;
-use crate::model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol};
+use crate::model::{BackendAddr, BackendState, Frontend, FrontendAddr, FrontendKind, Protocol, Scope};
 
 /// The services-map key of a frontend.
 pub fn service_key(a: &FrontendAddr) -> Lb4ServiceKey {
-    Lb4ServiceKey::new(a.vip.octets(), a.port, a.proto.number())
+    let scope = match a.scope {
+        Scope::External => SCOPE_EXTERNAL,
+        Scope::Internal => SCOPE_INTERNAL,
+    };
+    Lb4ServiceKey { scope, ..Lb4ServiceKey::new(a.vip.octets(), a.port, a.proto.number()) }
 }
 
-/// The frontend a services-map key names (`None` for a protocol lb does not program).
+/// The frontend a services-map key names (`None` for a protocol or scope lb does not program).
 pub fn frontend_addr(k: &Lb4ServiceKey) -> Option<FrontendAddr> {
     let proto = Protocol::from_number(k.proto)?;
-    Some(FrontendAddr { vip: ipv4(k.addr), port: u16::from_be(k.port), proto })
+    let scope = match k.scope {
+        SCOPE_EXTERNAL => Scope::External,
+        SCOPE_INTERNAL => Scope::Internal,
+        _ => return None,
+    };
+    Some(FrontendAddr { scope, ..FrontendAddr::new(ipv4(k.addr), u16::from_be(k.port), proto) })
 }
 
 /// The services-map value that publishes frontend `id` with its table in `region`.
@@ -33,14 +43,31 @@ pub fn service_value(id: u32, fe: &Frontend, region: Option<Region>) -> Lb4Servi
         maglev_offset: region.map_or(0, |r| r.offset),
         maglev_size: region.map_or(0, |r| r.size),
         affinity_timeout_secs: fe.affinity_timeout_secs,
-        flags: if fe.local_only { SVC_FLAG_LOCAL_ONLY } else { 0 },
+        flags: [
+            (fe.local_only, SVC_FLAG_LOCAL_ONLY),
+            (fe.kind.external(), SVC_FLAG_EXTERNAL),
+            (fe.two_scopes, SVC_FLAG_TWO_SCOPES),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |flags, (_, flag)| flags | flag),
     }
 }
 
 /// The services-map value of frontend `id` once its Service is gone: no backend, no table, kept
-/// for the flows made for it.
-pub fn tombstone_value(id: u32) -> Lb4Service {
-    Lb4Service { id, flags: SVC_FLAG_TOMBSTONE, ..Lb4Service::default() }
+/// for the flows made for it (from outside too, for an `external` address).
+pub fn tombstone_value(id: u32, external: bool) -> Lb4Service {
+    let flags = SVC_FLAG_TOMBSTONE | if external { SVC_FLAG_EXTERNAL } else { 0 };
+    Lb4Service { id, flags, ..Lb4Service::default() }
+}
+
+/// The frontend record's kind of a frontend of `kind`.
+pub fn meta_kind(kind: FrontendKind) -> u8 {
+    match kind {
+        FrontendKind::ClusterIp => FRONTEND_KIND_CLUSTER_IP,
+        FrontendKind::LoadBalancer => FRONTEND_KIND_LOAD_BALANCER,
+        FrontendKind::NodePort => FRONTEND_KIND_NODE_PORT,
+    }
 }
 
 /// The table region a services-map value points at (`None` when it has no table).
@@ -149,7 +176,7 @@ mod tests {
 
     #[test]
     fn model_and_map_types_round_trip() {
-        let fe = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 10), port: 8080, proto: Protocol::Udp };
+        let fe = FrontendAddr::new(Ipv4Addr::new(10, 96, 0, 10), 8080, Protocol::Udp);
         let key = service_key(&fe);
         assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(key.port.to_ne_bytes(), [0x1f, 0x90]);

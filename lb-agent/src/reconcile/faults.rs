@@ -19,7 +19,7 @@ fn be(last: u8) -> BackendAddr {
 
 fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
     Frontend {
-        addr: FrontendAddr { vip: std::net::Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp },
+        addr: FrontendAddr::new(std::net::Ipv4Addr::new(10, 96, 0, 1), port, Protocol::Tcp),
         kind: crate::model::FrontendKind::ClusterIp,
         service: format!("default/{service}"),
         port_name: String::new(),
@@ -27,6 +27,7 @@ fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], 
         kept: kept.iter().map(|(l, s)| (be(*l), *s)).collect(),
         affinity_timeout_secs: affinity,
         local_only: false,
+        two_scopes: false,
     }
 }
 

@@ -29,14 +29,14 @@ mod memory;
 pub use lb_common::capacity::Capacities;
 use lb_common::{
     Lb4Backend, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE,
-    BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE,
+    BACKEND_STATE_FREE, SVC_FLAG_EXTERNAL, SVC_FLAG_TOMBSTONE,
 };
 
 use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
     encode::{
-        backend_addr, backend_state, backend_value, frontend_addr, member_backend_state, service_key,
-        service_region, service_value, tombstone_value,
+        backend_addr, backend_state, backend_value, frontend_addr, member_backend_state, meta_kind,
+        service_key, service_region, service_value, tombstone_value,
     },
 };
 pub use self::{
@@ -111,6 +111,8 @@ struct Programmed {
     restored_digest: Option<u64>,
     /// After a restore: the name recorded beside the maps (`namespace/name:port`, maybe cut).
     restored_name: Option<String>,
+    /// After a restore: whether its entry was flagged as an address clients outside reach.
+    restored_external: bool,
 }
 
 impl Programmed {
@@ -161,6 +163,8 @@ struct Tombstone {
     /// The sweep pass during which it was made: it goes at the end of a later pass that found no
     /// flow of it.
     since: u64,
+    /// Its address was one clients outside reach: its flows from outside keep finding it.
+    external: bool,
 }
 
 /// Counts of what a sync wrote.
@@ -229,6 +233,14 @@ fn monotonic_clock() -> Clock {
 fn digest(fe: &Frontend, table_size: u32, seed: u64) -> u64 {
     let mut text =
         format!("v1 {} {table_size} {seed} {} {}", fe.addr, fe.affinity_timeout_secs, fe.local_only);
+    // Only where not the default, so that a cluster IP's digest stays what earlier versions
+    // recorded (its table is adopted after an upgrade).
+    if fe.kind.external() {
+        text.push_str(" external");
+    }
+    if fe.two_scopes {
+        text.push_str(" two-scopes");
+    }
     for b in &fe.backends {
         text.push(' ');
         text.push_str(&b.to_string());
@@ -251,6 +263,8 @@ fn same_entry(a: &Frontend, b: &Frontend) -> bool {
     a.backends == b.backends
         && a.affinity_timeout_secs == b.affinity_timeout_secs
         && a.local_only == b.local_only
+        && a.kind.external() == b.kind.external()
+        && a.two_scopes == b.two_scopes
 }
 
 impl Reconciler {
@@ -305,7 +319,9 @@ impl Reconciler {
                 continue;
             }
             if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
-                r.tombstones.insert(svc.id, Tombstone { addr: Some(addr), origin: Some(addr), since: 0 });
+                let external = svc.flags & SVC_FLAG_EXTERNAL != 0;
+                r.tombstones
+                    .insert(svc.id, Tombstone { addr: Some(addr), origin: Some(addr), since: 0, external });
                 continue;
             }
             let region = service_region(&svc).filter(|r2| r.regions.reserve(*r2));
@@ -314,7 +330,14 @@ impl Reconciler {
             let restored_name = meta.map(|m| m.name().to_string()).filter(|n| !n.is_empty());
             r.frontends.insert(
                 addr,
-                Programmed { id: svc.id, frontend: None, region, restored_digest, restored_name },
+                Programmed {
+                    id: svc.id,
+                    frontend: None,
+                    region,
+                    restored_digest,
+                    restored_name,
+                    restored_external: svc.flags & SVC_FLAG_EXTERNAL != 0,
+                },
             );
         }
         let live: HashSet<u32> = r.frontends.values().map(|p| p.id).collect();
@@ -327,7 +350,8 @@ impl Reconciler {
                 if !r.frontend_ids.reserve(key.svc_id) {
                     continue;
                 }
-                r.tombstones.insert(key.svc_id, Tombstone { addr: None, origin: None, since: 0 });
+                r.tombstones
+                    .insert(key.svc_id, Tombstone { addr: None, origin: None, since: 0, external: false });
             }
             r.members.entry(key.svc_id).or_default().insert(*addr, state);
             r.users.entry(*addr).or_default().insert(key.svc_id, backend_state(state));
@@ -459,6 +483,7 @@ impl Reconciler {
         self.unwritten.remove(addr);
         let Some(p) = self.frontends.get(addr) else { return Ok(()) };
         let id = p.id;
+        let external = p.frontend.as_ref().map_or(p.restored_external, |f| f.kind.external());
         let object =
             p.frontend.as_ref().map_or_else(|| addr.to_string(), |f| format!("{addr} ({})", f.service));
         // Members drain first, so no new flow or SYN reaches them once the entry has no table.
@@ -469,7 +494,7 @@ impl Reconciler {
             .unwrap_or_default();
         let buried =
             self.write_rows(id, rows, w).map_err(|e| write_err(object.clone(), "member", e)).and_then(|()| {
-                w.set_service(&service_key(addr), &tombstone_value(id))
+                w.set_service(&service_key(addr), &tombstone_value(id, external))
                     .map_err(|e| write_err(object, "service entry", e))
             });
         if let Err(e) = buried {
@@ -487,7 +512,8 @@ impl Reconciler {
         }
         // Its members are no longer departures of a live frontend: they go with the tombstone.
         self.departed.retain(|(fid, _), _| *fid != id);
-        self.tombstones.insert(id, Tombstone { addr: Some(*addr), origin: Some(*addr), since: self.pass });
+        self.tombstones
+            .insert(id, Tombstone { addr: Some(*addr), origin: Some(*addr), since: self.pass, external });
         stats.frontends_removed += 1;
         Ok(())
     }
@@ -616,7 +642,8 @@ impl Reconciler {
                 if pending {
                     let size = maglev::table_size(fe.backends.len(), self.opts.max_table_size);
                     let meta =
-                        Lb4FrontendMeta::new(digest(fe, size, self.opts.maglev_seed), &frontend_name(fe));
+                        Lb4FrontendMeta::new(digest(fe, size, self.opts.maglev_seed), &frontend_name(fe))
+                            .with_kind(meta_kind(fe.kind));
                     w.set_frontend_meta(id, &meta).map_err(|e| write_err(object(), "frontend name", e))?;
                 }
                 let (rows, departures) = self.rows_for(id, fe);
@@ -710,7 +737,7 @@ impl Reconciler {
         // digest is written after publishing, a restart knows whose the id is and rewrites the
         // table rather than adopt one it does not know (an id may be another's recycled).
         let unknown = w
-            .set_frontend_meta(id, &Lb4FrontendMeta::new(0, &frontend_name(fe)))
+            .set_frontend_meta(id, &Lb4FrontendMeta::new(0, &frontend_name(fe)).with_kind(meta_kind(fe.kind)))
             .map_err(|e| write_err(object(), "frontend name", e));
         if unknown.is_ok() {
             // A restored table is no longer known by the digest it was recorded with.
@@ -737,7 +764,8 @@ impl Reconciler {
                 self.frontend_ids.release(id);
             } else {
                 // Rows were written for the new id: keep it as a tombstone until they go.
-                self.tombstones.insert(id, Tombstone { addr: None, origin: None, since: self.pass });
+                self.tombstones
+                    .insert(id, Tombstone { addr: None, origin: None, since: self.pass, external: false });
             }
             return Err(e);
         }
@@ -747,7 +775,14 @@ impl Reconciler {
         }
         let previous = self.frontends.insert(
             *addr,
-            Programmed { id, frontend: Some(fe.clone()), region, restored_digest: None, restored_name: None },
+            Programmed {
+                id,
+                frontend: Some(fe.clone()),
+                region,
+                restored_digest: None,
+                restored_name: None,
+                restored_external: false,
+            },
         );
         if let Some(r) = previous.and_then(|o| o.region) {
             self.regions.release(r, (self.clock)());
@@ -766,8 +801,11 @@ impl Reconciler {
         }
         // What the published table was built from, once it is published: a restart adopts a
         // table only if this says it was built from the same inputs.
-        w.set_frontend_meta(id, &Lb4FrontendMeta::new(digest, &frontend_name(fe)))
-            .map_err(|e| write_err(object(), "frontend name", e))?;
+        w.set_frontend_meta(
+            id,
+            &Lb4FrontendMeta::new(digest, &frontend_name(fe)).with_kind(meta_kind(fe.kind)),
+        )
+        .map_err(|e| write_err(object(), "frontend name", e))?;
         self.write_rows(id, after, w)
             .and_then(|()| self.settle_departures(id, &rows, departures, w))
             .map_err(|e| write_err(object(), "member", e))?;
@@ -918,8 +956,9 @@ impl Reconciler {
                         .min()
                 };
                 let heir = heir(Some(addr)).or_else(|| heir(None));
+                let ext = |h: u32| self.tombstones.get(&h).is_some_and(|t| t.external);
                 let done = match heir {
-                    Some(h) => w.set_service(&service_key(&addr), &tombstone_value(h)),
+                    Some(h) => w.set_service(&service_key(&addr), &tombstone_value(h, ext(h))),
                     None => w.remove_service(&service_key(&addr)),
                 };
                 if let Err(e) = done {
@@ -1073,7 +1112,7 @@ mod tests {
     }
 
     fn frontend(port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
-        let addr = FrontendAddr { vip: Ipv4Addr::new(10, 96, 0, 1), port, proto: Protocol::Tcp };
+        let addr = FrontendAddr::new(Ipv4Addr::new(10, 96, 0, 1), port, Protocol::Tcp);
         Frontend {
             addr,
             kind: crate::model::FrontendKind::ClusterIp,
@@ -1083,6 +1122,7 @@ mod tests {
             kept: kept.iter().map(|(l, s)| (be(*l), *s)).collect(),
             affinity_timeout_secs: affinity,
             local_only: false,
+            two_scopes: false,
         }
     }
 

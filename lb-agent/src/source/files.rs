@@ -1,5 +1,5 @@
-//! Standalone source: Services and EndpointSlices read from a directory of YAML and JSON files,
-//! the same objects an API server would serve, followed live.
+//! Standalone source: Services, EndpointSlices and this node's Node read from a directory of YAML
+//! and JSON files, the same objects an API server would serve, followed live.
 
 use std::{
     fs,
@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 use serde_yaml::Value;
 use tokio::sync::mpsc::Sender;
@@ -23,12 +26,14 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 pub struct FileSource {
     _watcher: notify::RecommendedWatcher,
     sender: tokio::task::JoinHandle<()>,
+    pending: Arc<Pending>,
 }
 
 impl FileSource {
     /// Reads `dir` (sending everything it holds as the first change), then follows it: each
     /// write, creation, rename or removal of a manifest sends the whole directory again.
-    pub fn start(dir: &Path, tx: Sender<Change>) -> Result<Self, SourceError> {
+    /// `node_name` picks this node's Node among the manifests (see [`Reader`]).
+    pub fn start(dir: &Path, node_name: Option<&str>, tx: Sender<Change>) -> Result<Self, SourceError> {
         let pending = Arc::new(Pending::default());
         // Watch the directory before the first read, so that no change slips between them.
         let p = pending.clone();
@@ -45,20 +50,30 @@ impl FileSource {
         .map_err(|e| SourceError::Watch { dir: dir.to_path_buf(), reason: e.to_string() })?;
         notify::Watcher::watch(&mut watcher, dir, notify::RecursiveMode::NonRecursive)
             .map_err(|e| SourceError::Watch { dir: dir.to_path_buf(), reason: e.to_string() })?;
-        let objects =
-            read_dir(dir).map_err(|source| SourceError::ReadDir { dir: dir.to_path_buf(), source })?;
+        let objects = read_dir(dir, node_name)
+            .map_err(|source| SourceError::ReadDir { dir: dir.to_path_buf(), source })?;
         // The channel is new and has room for this one.
         let _ = tx.try_send(Change::now(What::All(objects)));
         let d = dir.to_path_buf();
-        let sender = tokio::spawn(pending.send_changes(DEBOUNCE, tx, move |_| match read_dir(&d) {
-            Ok(objects) => Some(What::All(objects)),
-            // The directory itself is unreadable: keep serving the last good state.
-            Err(e) => {
-                error!("reading --manifests {}: {e}", d.display());
-                None
+        let node_name = node_name.map(str::to_string);
+        let p = pending.clone();
+        let sender = tokio::spawn(p.send_changes(DEBOUNCE, tx, move |_| {
+            match read_dir(&d, node_name.as_deref()) {
+                Ok(objects) => Some(What::All(objects)),
+                // The directory itself is unreadable: keep serving the last good state.
+                Err(e) => {
+                    error!("reading --manifests {}: {e}", d.display());
+                    None
+                }
             }
         }));
-        Ok(Self { _watcher: watcher, sender })
+        Ok(Self { _watcher: watcher, sender, pending })
+    }
+
+    /// Reads the directory again and sends everything (something the model depends on outside
+    /// the objects changed).
+    pub fn resync(&self) {
+        self.pending.mark_all();
     }
 }
 
@@ -73,91 +88,150 @@ pub fn is_manifest(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order.
-pub fn read_dir(dir: &Path) -> Result<Objects, std::io::Error> {
+/// Reads every `*.yaml`, `*.yml` and `*.json` file directly in `dir`, in name order, for the
+/// node `node_name` (see [`Reader`]).
+pub fn read_dir(dir: &Path, node_name: Option<&str>) -> Result<Objects, std::io::Error> {
     let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && is_manifest(p))
         .collect();
     paths.sort();
-    let mut objects = Objects::default();
+    let mut reader = Reader::new(node_name);
     for path in paths {
         match fs::read(&path) {
-            Ok(bytes) => read_bytes(&path, &bytes, &mut objects),
-            Err(e) => objects.errors.push(ManifestError::Read { path, reason: e.to_string() }),
+            Ok(bytes) => reader.read_bytes(&path, &bytes),
+            Err(e) => reader.objects.errors.push(ManifestError::Read { path, reason: e.to_string() }),
         }
     }
-    Ok(objects)
+    Ok(reader.finish())
 }
 
-/// Reads the objects of one file's contents (multi-document YAML, JSON, `kind: List`).
+/// Reads the objects of one file's contents into `out`, for no node in particular: Node objects
+/// are skipped (see [`Reader`]).
 pub fn read_bytes(path: &Path, bytes: &[u8], out: &mut Objects) {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            out.errors.push(ManifestError::Read { path: path.into(), reason: format!("not UTF-8: {e}") });
-            return;
-        }
-    };
-    for (doc, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        match Value::deserialize(de) {
-            Ok(Value::Null) => {}
-            Ok(v) => read_value(path, v, out),
-            Err(e) => {
-                out.errors.push(ManifestError::Syntax { path: path.into(), doc, reason: e.to_string() });
-                // A syntax error ends the stream: later documents cannot be located reliably.
-                return;
-            }
-        }
-    }
+    let mut reader = Reader::new(None);
+    reader.objects = std::mem::take(out);
+    reader.read_bytes(path, bytes);
+    *out = reader.finish();
 }
 
 fn str_at<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a str> {
     keys.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_str)
 }
 
-fn read_value(path: &Path, v: Value, out: &mut Objects) {
-    let kind = str_at(&v, &["kind"]).unwrap_or("").to_string();
-    let api = str_at(&v, &["apiVersion"]).unwrap_or("").to_string();
-    let namespace = str_at(&v, &["metadata", "namespace"]).unwrap_or("default");
-    let name = str_at(&v, &["metadata", "name"]);
-    let object = format!("{namespace}/{}", name.unwrap_or("<unnamed>"));
-    let service = match kind.as_str() {
-        "Service" => name.map(|n| format!("{namespace}/{n}")),
-        "EndpointSlice" => str_at(&v, &["metadata", "labels", crate::model::LABEL_SERVICE_NAME])
-            .map(|s| format!("{namespace}/{s}")),
-        _ => None,
-    };
-    let err = |field: String, reason: String| ManifestError::Object {
-        path: path.into(),
-        kind: if kind.is_empty() { "object".into() } else { kind.clone() },
-        object: object.clone(),
-        field,
-        reason,
-        service: service.clone(),
-    };
-    match (api.as_str(), kind.as_str()) {
-        ("v1", "List") => match v.get("items").and_then(Value::as_sequence) {
-            Some(items) => {
-                for item in items.clone() {
-                    read_value(path, item, out);
+/// One reading of manifests, file after file, for one node.
+///
+/// The Node named `node_name` (`--node-name`) becomes [`Objects::node`]; Nodes of other names,
+/// and every Node without a `node_name`, are skipped unread, as the API source watches only this
+/// node's. This node's Node listed twice is an error naming both files, and the first read stands
+/// (even when it was malformed, so that the outcome never depends on which copy is bad).
+#[derive(Debug)]
+pub struct Reader<'a> {
+    node_name: Option<&'a str>,
+    /// The file this node's Node was found in.
+    node_from: Option<PathBuf>,
+    objects: Objects,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(node_name: Option<&'a str>) -> Self {
+        Self { node_name, node_from: None, objects: Objects::default() }
+    }
+
+    /// Reads the objects of one file's contents (multi-document YAML, JSON, `kind: List`).
+    pub fn read_bytes(&mut self, path: &Path, bytes: &[u8]) {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                self.objects
+                    .errors
+                    .push(ManifestError::Read { path: path.into(), reason: format!("not UTF-8: {e}") });
+                return;
+            }
+        };
+        for (doc, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            match Value::deserialize(de) {
+                Ok(Value::Null) => {}
+                Ok(v) => self.read_value(path, v),
+                Err(e) => {
+                    self.objects.errors.push(ManifestError::Syntax {
+                        path: path.into(),
+                        doc,
+                        reason: e.to_string(),
+                    });
+                    // A syntax error ends the stream: later documents cannot be located reliably.
+                    return;
                 }
             }
-            None => out.errors.push(err("items".into(), "missing or not a list".into())),
-        },
-        ("v1", "Service") => match typed::<Service>(v) {
-            Ok(s) => out.services.push(s),
-            Err((field, reason)) => out.errors.push(err(field, reason)),
-        },
-        ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(v) {
-            Ok(s) => out.slices.push(s),
-            Err((field, reason)) => out.errors.push(err(field, reason)),
-        },
-        // Other kinds (Deployments, ConfigMaps, ...) may share the files; they are not ours.
-        (_, k) if !k.is_empty() && !api.is_empty() => {}
-        _ => out
-            .errors
-            .push(err(if api.is_empty() { "apiVersion".into() } else { "kind".into() }, "missing".into())),
+        }
+    }
+
+    /// Everything read.
+    pub fn finish(self) -> Objects {
+        self.objects
+    }
+
+    fn read_value(&mut self, path: &Path, v: Value) {
+        let kind = str_at(&v, &["kind"]).unwrap_or("").to_string();
+        let api = str_at(&v, &["apiVersion"]).unwrap_or("").to_string();
+        let namespace = str_at(&v, &["metadata", "namespace"]).unwrap_or("default");
+        let name = str_at(&v, &["metadata", "name"]);
+        let object = match kind.as_str() {
+            // Cluster-scoped.
+            "Node" => name.unwrap_or("<unnamed>").to_string(),
+            _ => format!("{namespace}/{}", name.unwrap_or("<unnamed>")),
+        };
+        let service = match kind.as_str() {
+            "Service" => name.map(|n| format!("{namespace}/{n}")),
+            "EndpointSlice" => str_at(&v, &["metadata", "labels", crate::model::LABEL_SERVICE_NAME])
+                .map(|s| format!("{namespace}/{s}")),
+            _ => None,
+        };
+        let err = |field: String, reason: String| ManifestError::Object {
+            path: path.into(),
+            kind: if kind.is_empty() { "object".into() } else { kind.clone() },
+            object: object.clone(),
+            field,
+            reason,
+            service: service.clone(),
+        };
+        match (api.as_str(), kind.as_str()) {
+            ("v1", "List") => match v.get("items").and_then(Value::as_sequence) {
+                Some(items) => {
+                    for item in items.clone() {
+                        self.read_value(path, item);
+                    }
+                }
+                None => self.objects.errors.push(err("items".into(), "missing or not a list".into())),
+            },
+            ("v1", "Service") => match typed::<Service>(v) {
+                Ok(s) => self.objects.services.push(s),
+                Err((field, reason)) => self.objects.errors.push(err(field, reason)),
+            },
+            ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(v) {
+                Ok(s) => self.objects.slices.push(s),
+                Err((field, reason)) => self.objects.errors.push(err(field, reason)),
+            },
+            ("v1", "Node") if name.is_some() && name == self.node_name => match &self.node_from {
+                Some(first) => self.objects.errors.push(err(
+                    "metadata.name".into(),
+                    format!("this node's Node again (the one in {} is used)", first.display()),
+                )),
+                None => {
+                    self.node_from = Some(path.into());
+                    match typed::<Node>(v) {
+                        Ok(n) => self.objects.node = Some(Box::new(n)),
+                        Err((field, reason)) => self.objects.errors.push(err(field, reason)),
+                    }
+                }
+            },
+            // Other kinds (Deployments, ConfigMaps, ...) may share the files; they are not ours.
+            (_, k) if !k.is_empty() && !api.is_empty() => {}
+            _ => self.objects.errors.push(err(
+                if api.is_empty() { "apiVersion".into() } else { "kind".into() },
+                "missing".into(),
+            )),
+        }
     }
 }
 
@@ -167,4 +241,103 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)
         let field = e.path().to_string();
         (if field == "." { "<root>".into() } else { field }, e.into_inner().to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, internal_ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: z-{name}}}}}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{internal_ip}\"}}]\n---\n"
+        )
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n";
+
+    fn read(node_name: Option<&str>, files: &[(&str, String)]) -> (Objects, Vec<String>) {
+        let mut r = Reader::new(node_name);
+        for (path, text) in files {
+            r.read_bytes(Path::new(path), text.as_bytes());
+        }
+        let o = r.finish();
+        let errors = o.errors.iter().map(ToString::to_string).collect();
+        (o, errors)
+    }
+
+    fn node_ip(o: &Objects) -> Option<String> {
+        let addrs = o.node.as_ref()?.status.as_ref()?.addresses.as_ref()?;
+        Some(addrs.first()?.address.clone())
+    }
+
+    #[test]
+    fn this_nodes_node_is_read_and_others_are_skipped() {
+        let files = [("a.yaml", format!("{}{SERVICE}{}", node("n2", "10.0.0.2"), node("n1", "10.0.0.1")))];
+        let (o, errors) = read(Some("n1"), &files);
+        assert_eq!(errors, Vec::<String>::new());
+        assert_eq!(node_ip(&o).as_deref(), Some("10.0.0.1"));
+        assert_eq!(o.services.len(), 1);
+        // Not this node's name, or no name at all: no Node.
+        for name in [Some("n3"), None] {
+            let (o, errors) = read(name, &files);
+            assert!(o.node.is_none() && errors.is_empty(), "{name:?}: {errors:?}");
+        }
+        // Inside a List, too.
+        let list =
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Node, metadata: {name: n1}}\n";
+        assert!(read(Some("n1"), &[("l.yaml", list.into())]).0.node.is_some());
+        // The shorthand reads for no node.
+        let mut o = Objects::default();
+        read_bytes(Path::new("a.yaml"), files[0].1.as_bytes(), &mut o);
+        assert!(o.node.is_none() && o.errors.is_empty() && o.services.len() == 1);
+    }
+
+    #[test]
+    fn a_malformed_node_is_reported_with_its_field_and_the_rest_is_read() {
+        let bad = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, address: 7}]}\n---\n";
+        let (o, errors) = read(Some("n1"), &[("a.yaml", format!("{bad}{SERVICE}"))]);
+        assert!(o.node.is_none());
+        assert_eq!(o.services.len(), 1, "the rest is read");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("a.yaml: Node n1: field status.addresses[0].address: invalid type"),
+            "{errors:?}"
+        );
+        assert_eq!(o.errors[0].service(), None);
+        // Another node's malformed Node is not ours: skipped unread.
+        let (_, errors) = read(Some("n2"), &[("a.yaml", bad.into())]);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+
+    #[test]
+    fn this_nodes_node_twice_is_an_error_naming_both_files_and_the_first_stands() {
+        let dir = std::env::temp_dir().join(format!("lb-files-nodes-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create the test folder");
+        fs::write(dir.join("b.yaml"), node("n1", "10.0.0.2")).expect("write b.yaml");
+        fs::write(dir.join("a.yaml"), node("n1", "10.0.0.1")).expect("write a.yaml");
+        fs::write(dir.join("c.yaml"), node("n2", "10.0.0.3")).expect("write c.yaml");
+        let o = read_dir(&dir, Some("n1")).expect("read the test folder");
+        let errors: Vec<String> = o.errors.iter().map(ToString::to_string).collect();
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(node_ip(&o).as_deref(), Some("10.0.0.1"), "the first by file name");
+        assert_eq!(
+            errors,
+            [format!(
+                "{}: Node n1: field metadata.name: this node's Node again (the one in {} is used)",
+                dir.join("b.yaml").display(),
+                dir.join("a.yaml").display()
+            )]
+        );
+        // In one file; and a malformed first copy still stands (the second is not used).
+        let bad = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: 5\n---\n";
+        let (o, errors) = read(Some("n1"), &[("a.yaml", format!("{bad}{}", node("n1", "10.0.0.1")))]);
+        assert!(o.node.is_none());
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("a.yaml: Node n1: field spec: invalid type"), "{errors:?}");
+        assert_eq!(
+            errors[1],
+            "a.yaml: Node n1: field metadata.name: this node's Node again (the one in a.yaml is used)"
+        );
+    }
 }

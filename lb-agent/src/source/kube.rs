@@ -64,6 +64,7 @@ pub struct Stores {
 pub struct KubeSource {
     stores: Stores,
     tasks: Vec<JoinHandle<()>>,
+    pending: Arc<Pending>,
 }
 
 /// Which Service an event is about.
@@ -100,13 +101,19 @@ impl KubeSource {
         });
         let stores = Stores { services, slices, node };
         let s = stores.clone();
+        let p = pending.clone();
         tasks.push(tokio::spawn(async move {
             info!("waiting for the first complete list of Services, EndpointSlices and this Node");
             s.wait_ready().await;
             // Bursts (a relist) are coalesced by the dirty set; there is nothing to wait for.
             pending.send_changes(Duration::ZERO, tx, move |dirty| Some(s.changes(dirty))).await;
         }));
-        Self { stores, tasks }
+        Self { stores, tasks, pending: p }
+    }
+
+    /// Sends everything again (something the model depends on outside the objects changed).
+    pub fn resync(&self) {
+        self.pending.mark_all();
     }
 
     /// Everything the stores hold now (for tests that look at the cache).

@@ -83,7 +83,7 @@ pub enum SourceError {
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
-    /// This node's Node object, when the source watches it.
+    /// This node's Node object, when the source knows this node's name and finds its Node.
     pub node: Option<Box<Node>>,
     pub errors: Vec<ManifestError>,
 }
@@ -200,8 +200,8 @@ pub fn channel() -> (Sender<Change>, tokio::sync::mpsc::Receiver<Change>) {
 /// Where the agent reads from.
 #[derive(Debug, Clone)]
 pub enum Config {
-    /// Standalone: a folder of manifests.
-    Files(PathBuf),
+    /// Standalone: a folder of manifests, and this node's name (which picks its Node there).
+    Files { dir: PathBuf, node_name: Option<String> },
     /// The API server (kube's inference when `kubeconfig` is `None`), and this node's name.
     Kube { kubeconfig: Option<PathBuf>, node_name: Option<String> },
 }
@@ -217,12 +217,23 @@ impl Source {
     /// everything.
     pub async fn start(config: &Config, tx: Sender<Change>) -> Result<Self, SourceError> {
         Ok(match config {
-            Config::Files(dir) => Self::Files(files::FileSource::start(dir, tx)?),
+            Config::Files { dir, node_name } => {
+                Self::Files(files::FileSource::start(dir, node_name.as_deref(), tx)?)
+            }
             Config::Kube { kubeconfig, node_name } => {
                 let client = kube::client(kubeconfig.as_deref()).await?;
                 Self::Kube(kube::KubeSource::start(client, node_name.as_deref(), tx))
             }
         })
+    }
+
+    /// Sends everything again: something the model depends on besides the objects (this node's
+    /// addresses) changed.
+    pub fn resync(&self) {
+        match self {
+            Self::Files(f) => f.resync(),
+            Self::Kube(k) => k.resync(),
+        }
     }
 
     pub fn describe(&self) -> &'static str {

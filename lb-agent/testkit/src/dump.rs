@@ -9,11 +9,15 @@ use lb_agent::reconcile::{
     MemoryMaps,
 };
 use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
+    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, FRONTEND_KIND_LOAD_BALANCER,
+    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
+    SVC_FLAG_TWO_SCOPES,
 };
 
+/// `VIP:port/PROTO`, and ` (internal)` for an address's internal entry.
 fn frontend_addr(k: &Lb4ServiceKey) -> String {
-    endpoint(k.addr, k.port, k.proto)
+    let scope = if k.scope == SCOPE_INTERNAL { " (internal)" } else { "" };
+    format!("{}{scope}", endpoint(k.addr, k.port, k.proto))
 }
 
 fn backend_addr(b: &Lb4Backend) -> String {
@@ -24,16 +28,33 @@ fn backend_addr(b: &Lb4Backend) -> String {
 pub fn render(maps: &MemoryMaps) -> String {
     let mut out = String::new();
     let mut services: Vec<(&Lb4ServiceKey, &Lb4Service)> = maps.services.iter().collect();
-    services.sort_by_key(|(k, _)| (ipv4(k.addr), port(k.port), k.proto));
+    services.sort_by_key(|(k, _)| (ipv4(k.addr), port(k.port), k.proto, k.scope));
     for (key, svc) in services {
         let name = maps.meta.get(&svc.id).map_or("?", |m| m.name());
+        // The kind, where not a cluster IP.
+        let name = match maps.meta.get(&svc.id).map(|m| m.kind) {
+            Some(FRONTEND_KIND_LOAD_BALANCER) => format!("{name} LoadBalancer"),
+            Some(FRONTEND_KIND_NODE_PORT) => format!("{name} NodePort"),
+            _ => name.to_string(),
+        };
         if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
-            let _ = writeln!(out, "deleted {} {name} (kept for its established flows)", frontend_addr(key));
+            let external = if svc.flags & SVC_FLAG_EXTERNAL != 0 { " external" } else { "" };
+            let _ = writeln!(
+                out,
+                "deleted {} {name}{external} (kept for its established flows)",
+                frontend_addr(key)
+            );
             continue;
         }
         let mut flags = Vec::new();
         if svc.flags & SVC_FLAG_LOCAL_ONLY != 0 {
             flags.push("local-only".to_string());
+        }
+        if svc.flags & SVC_FLAG_EXTERNAL != 0 {
+            flags.push("external".to_string());
+        }
+        if svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
+            flags.push("two-scopes".to_string());
         }
         if svc.affinity_timeout_secs > 0 {
             flags.push(format!("affinity={}s", svc.affinity_timeout_secs));

@@ -5,12 +5,19 @@
 //!
 //! Addressing: pod `k` on node `n` is `10.244.n.k/32`, reached from its node through the host-side
 //! veth; the pod's default route points at `169.254.1.1`, which every host-side veth carries.
-//! Nodes share the underlay `172.31.0.0/24` (node `n` is `172.31.0.n`).
+//! Nodes share the underlay `172.31.0.0/24` (node `n` is `172.31.0.n` on its `ul0`): a Linux
+//! bridge `br0` in a namespace of its own (`<prefix>-ul`), each linked node's `ul0` the far end
+//! of a veth whose near end (`n<index>`) is a port of the bridge. A client outside the cluster
+//! ([`Lab::outside`], [`OUTSIDE_IP`]) sits on the same bridge and reaches what a node announces
+//! through the routes [`Lab::route_via`] gives it, as a router in front of a cluster would.
+//!
+//! The servers answer each question with the pod's name; the question `peer` is answered with
+//! the name and the address the server's socket sees the client at (see [`PEER`]).
 
 use std::{
     fs::File,
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -28,6 +35,12 @@ use lb_agent::datapath::Mode;
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Host-side interfaces are named `lxc<pod>`; agents attach to this glob.
 pub const POD_IF_GLOB: &str = "lxc*";
+/// The address of the client outside the cluster ([`Lab::outside`]) on the underlay.
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 200);
+/// Every node's interface on the underlay.
+pub const UNDERLAY_IF: &str = "ul0";
+/// The underlay's bridge, in the underlay's namespace.
+const BRIDGE: &str = "br0";
 
 /// Runs `f` on a thread that has joined network namespace `netns`. Sockets created there stay in
 /// that namespace wherever they are used later.
@@ -61,8 +74,10 @@ fn ip(args: &[&str]) -> io::Result<()> {
     run("ip", args)
 }
 
-fn sysctl(netns: &str, setting: &str) -> io::Result<()> {
-    run("ip", &["netns", "exec", netns, "sysctl", "-qw", setting])
+fn sysctl(netns: &str, settings: &[&str]) -> io::Result<()> {
+    let mut args = vec!["netns", "exec", netns, "sysctl", "-qw"];
+    args.extend_from_slice(settings);
+    run("ip", &args)
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +91,39 @@ impl Node {
     pub fn underlay_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(172, 31, 0, self.index)
     }
+
+    /// The name its agent is given (`--node-name`) and its Node object has.
+    pub fn name(&self) -> String {
+        format!("node{}", self.index)
+    }
+}
+
+/// A client outside the cluster: a namespace on the underlay bridge, at [`OUTSIDE_IP`], with no
+/// route beyond the underlay but those [`Lab::route_via`] adds.
+#[derive(Debug, Clone)]
+pub struct Outside {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// A `v1` Node object for `node`, as the API server would hold it: named as its agent is
+/// (`node<index>`), its underlay address as `InternalIP`, its name as `Hostname`.
+pub fn node_manifest(node: &Node) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+status:
+  addresses:
+  - type: InternalIP
+    address: "{ip}"
+  - type: Hostname
+    address: {name}
+"#,
+        name = node.name(),
+        ip = node.underlay_ip()
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +152,11 @@ pub struct Lab {
     /// How each node's agent was started, for restarts.
     agent_specs: Vec<AgentSpec>,
     servers: Vec<Servers>,
+    /// The underlay's namespace, once a node has joined it.
+    underlay: Option<String>,
+    /// The nodes on the underlay bridge, by index.
+    on_underlay: Vec<u8>,
+    outside: Option<Outside>,
 }
 
 #[derive(Clone)]
@@ -131,6 +184,9 @@ impl Lab {
             agents: Vec::new(),
             agent_specs: Vec::new(),
             servers: Vec::new(),
+            underlay: None,
+            on_underlay: Vec::new(),
+            outside: None,
         })
     }
 
@@ -150,7 +206,13 @@ impl Lab {
 
     pub fn node(&mut self, index: u8) -> io::Result<Node> {
         let netns = self.netns(&format!("n{index}"))?;
-        sysctl(&netns, "net.ipv4.ip_forward=1")?;
+        // No reverse-path filter: traffic from outside the cluster may come in on one interface
+        // and its answers leave on another (NodePort to another node's endpoint). `default`
+        // covers the interfaces made later.
+        sysctl(
+            &netns,
+            &["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"],
+        )?;
         Ok(Node { index, netns, pin_dir: self.pin_root.join(format!("n{index}")) })
     }
 
@@ -188,18 +250,73 @@ impl Lab {
         Ok(Pod { name: name.into(), netns, ip: ip_addr, node: node.index, host_if })
     }
 
-    /// Joins two nodes with an underlay veth and routes each node's pod range over it.
+    /// Puts both nodes on the underlay bridge (each once, however many nodes it is linked to) and
+    /// routes each node's pod range via the other's underlay address.
     pub fn link_nodes(&mut self, a: &Node, b: &Node) -> io::Result<()> {
-        ip(&[
-            "-n", &a.netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &b.netns,
-        ])?;
+        for n in [a, b] {
+            if !self.on_underlay.contains(&n.index) {
+                self.plug(&n.netns, UNDERLAY_IF, &format!("n{}", n.index), n.underlay_ip())?;
+                sysctl(&n.netns, &[&format!("net.ipv4.conf.{UNDERLAY_IF}.rp_filter=0")])?;
+                self.on_underlay.push(n.index);
+            }
+        }
         for (n, peer) in [(a, b), (b, a)] {
-            ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.underlay_ip()), "dev", "ul0"])?;
-            ip(&["-n", &n.netns, "link", "set", "ul0", "up"])?;
             let range = format!("10.244.{}.0/24", peer.index);
-            ip(&["-n", &n.netns, "route", "add", &range, "via", &peer.underlay_ip().to_string()])?;
+            ip(&["-n", &n.netns, "route", "replace", &range, "via", &peer.underlay_ip().to_string()])?;
         }
         Ok(())
+    }
+
+    /// The client outside the cluster, on the underlay bridge (made on the first call).
+    pub fn outside(&mut self) -> io::Result<Outside> {
+        if let Some(out) = &self.outside {
+            return Ok(out.clone());
+        }
+        let netns = self.netns("out")?;
+        self.plug(&netns, "eth0", "out", OUTSIDE_IP)?;
+        let out = Outside { netns, ip: OUTSIDE_IP };
+        self.outside = Some(out.clone());
+        Ok(out)
+    }
+
+    /// Routes `dst` (a /32) from `out` via `node`'s underlay address, replacing any route `dst`
+    /// had: a router announcing a LoadBalancer IP or an external IP through that node.
+    pub fn route_via(&self, out: &Outside, dst: Ipv4Addr, node: &Node) -> io::Result<()> {
+        let (dst, via) = (format!("{dst}/32"), node.underlay_ip().to_string());
+        ip(&["-n", &out.netns, "route", "replace", &dst, "via", &via])
+    }
+
+    /// The underlay's namespace with its bridge, made on first use.
+    fn underlay(&mut self) -> io::Result<String> {
+        if let Some(ns) = &self.underlay {
+            return Ok(ns.clone());
+        }
+        let ns = self.netns("ul")?;
+        ip(&["-n", &ns, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", BRIDGE, "up"])?;
+        // Where the kernel has bridge netfilter (built in on some), bridged frames would pass
+        // the namespace's iptables and conntrack: the underlay is a plain switch, so not.
+        in_netns(&ns, || -> io::Result<()> {
+            for f in ["arptables", "iptables", "ip6tables"] {
+                let path = format!("/proc/sys/net/bridge/bridge-nf-call-{f}");
+                if Path::new(&path).exists() {
+                    std::fs::write(path, "0")?;
+                }
+            }
+            Ok(())
+        })??;
+        self.underlay = Some(ns.clone());
+        Ok(ns)
+    }
+
+    /// Plugs `netns` into the underlay bridge: interface `inner` there, with `addr/24`, on a veth
+    /// whose other end is the bridge port `port`.
+    fn plug(&mut self, netns: &str, inner: &str, port: &str, addr: Ipv4Addr) -> io::Result<()> {
+        let ul = self.underlay()?;
+        ip(&["-n", &ul, "link", "add", port, "type", "veth", "peer", "name", inner, "netns", netns])?;
+        ip(&["-n", &ul, "link", "set", port, "master", BRIDGE, "up"])?;
+        ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", inner])?;
+        ip(&["-n", netns, "link", "set", inner, "up"])
     }
 
     /// Starts TCP and UDP servers in `pod` that answer with the pod's name.
@@ -268,14 +385,7 @@ impl Lab {
         };
         let mut cmd = Command::new(agent);
         cmd.args(source)
-            .args([
-                "--interfaces",
-                POD_IF_GLOB,
-                "--datapath",
-                mode,
-                "--node-name",
-                &format!("node{}", node.index),
-            ])
+            .args(["--interfaces", POD_IF_GLOB, "--datapath", mode, "--node-name", &node.name()])
             .arg("--pin-dir")
             .arg(&node.pin_dir)
             .args(extra)
@@ -389,7 +499,7 @@ fn tcp_server(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
         if !readable(listener.as_raw_fd()) {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else { continue };
+        let Ok((stream, peer)) = listener.accept() else { continue };
         let (name, stop) = (name.to_string(), stop.clone());
         conns.push(std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
@@ -400,7 +510,12 @@ fn tcp_server(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
                 match r.read_line(&mut line) {
                     Ok(0) => break,
                     Ok(_) => {
-                        if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+                        let answer = if line.trim_end_matches(['\r', '\n']).as_bytes() == PEER {
+                            format!("{name} {peer}\n")
+                        } else {
+                            format!("{name}\n")
+                        };
+                        if w.write_all(answer.as_bytes()).is_err() {
                             break;
                         }
                         line.clear();
@@ -418,7 +533,8 @@ fn tcp_server(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
 }
 
 /// Answers each datagram with the pod's name; a datagram starting with [`ECHO`] is answered with
-/// the name followed by the rest of it, so that a large question gets an answer as large.
+/// the name followed by the rest of it, so that a large question gets an answer as large; the
+/// datagram [`PEER`] with the name and the address it came from.
 fn udp_server(sock: UdpSocket, name: &str, stop: &Arc<AtomicBool>) {
     let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = vec![0u8; 65_536];
@@ -428,6 +544,8 @@ fn udp_server(sock: UdpSocket, name: &str, stop: &Arc<AtomicBool>) {
             if let Some(rest) = buf[..n].strip_prefix(ECHO) {
                 answer.push(b':');
                 answer.extend_from_slice(rest);
+            } else if &buf[..n] == PEER {
+                answer.extend_from_slice(format!(" {peer}").as_bytes());
             }
             let _ = sock.send_to(&answer, peer);
         }
@@ -437,9 +555,24 @@ fn udp_server(sock: UdpSocket, name: &str, stop: &Arc<AtomicBool>) {
 /// A UDP question that the lab's servers echo after their name (see `udp_server`).
 pub const ECHO: &[u8] = b"echo:";
 
+/// The question (a TCP line, or a whole UDP datagram) that the lab's servers answer with
+/// `<pod name> <ip>:<port>`: the client's address as the server's socket sees it, that is after
+/// any translation on the way (the client's own address, or a node's after SNAT).
+/// [`Session::peer`], [`tcp_peer_from`] and [`udp_peer_from`] ask it.
+pub const PEER: &[u8] = b"peer";
+
+/// Splits a [`PEER`] answer into the pod's name and the address it saw.
+fn parse_peer(answer: &str) -> io::Result<(String, SocketAddrV4)> {
+    answer
+        .trim()
+        .split_once(' ')
+        .and_then(|(name, peer)| Some((name.to_string(), peer.parse().ok()?)))
+        .ok_or_else(|| io::Error::other(format!("not an answer to `peer`: {answer:?}")))
+}
+
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A TCP connection from a pod, kept open across questions.
+/// A TCP connection from a pod (or any namespace), kept open across questions.
 pub struct Session {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
@@ -447,7 +580,12 @@ pub struct Session {
 
 impl Session {
     pub fn open(pod: &Pod, to: SocketAddrV4) -> io::Result<Self> {
-        in_netns(&pod.netns, move || Self::connect(to))?
+        Self::open_in(&pod.netns, to)
+    }
+
+    /// Connects from network namespace `netns` (a pod's, a node's, the outside client's).
+    pub fn open_in(netns: &str, to: SocketAddrV4) -> io::Result<Self> {
+        in_netns(netns, move || Self::connect(to))?
     }
 
     /// Connects from the calling thread's network namespace.
@@ -459,7 +597,17 @@ impl Session {
 
     /// Asks who answers; returns the backend's name.
     pub fn ask(&mut self) -> io::Result<String> {
-        self.writer.write_all(b"who\n")?;
+        self.question(b"who")
+    }
+
+    /// Asks [`PEER`]; returns the backend's name and the address it sees this connection from.
+    pub fn peer(&mut self) -> io::Result<(String, SocketAddrV4)> {
+        parse_peer(&self.question(PEER)?)
+    }
+
+    /// Sends `q` as one line; returns the line answered, trimmed.
+    fn question(&mut self, q: &[u8]) -> io::Result<String> {
+        self.writer.write_all(&[q, b"\n"].concat())?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
@@ -471,7 +619,18 @@ impl Session {
 /// Runs `count` one-question TCP connections (each from a new source port) from `pod` to `to`;
 /// returns each answer.
 pub fn tcp_asks(pod: &Pod, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
-    in_netns(&pod.netns, move || (0..count).map(|_| Session::connect(to)?.ask()).collect())
+    tcp_asks_from(&pod.netns, to, count)
+}
+
+/// As [`tcp_asks`], from network namespace `netns`.
+pub fn tcp_asks_from(netns: &str, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
+    in_netns(netns, move || (0..count).map(|_| Session::connect(to)?.ask()).collect())
+}
+
+/// One TCP connection from `netns` to `to` that asks [`PEER`]: the backend's name and the address
+/// it sees the client at.
+pub fn tcp_peer_from(netns: &str, to: SocketAddrV4) -> io::Result<(String, SocketAddrV4)> {
+    Session::open_in(netns, to)?.peer()
 }
 
 /// Source ports for [`udp_asks`]: below the kernel's ephemeral range, so they never collide with
@@ -487,21 +646,37 @@ pub fn udp_asks(
     first_port: u16,
     count: usize,
 ) -> io::Result<Vec<io::Result<String>>> {
-    in_netns(&pod.netns, move || {
-        (0..count)
-            .map(|i| {
-                let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, first_port + i as u16))?;
-                sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-                sock.send_to(b"who", to)?;
-                let mut buf = [0u8; 256];
-                let (n, from) = sock.recv_from(&mut buf)?;
-                if from != to.into() {
-                    return Err(io::Error::other(format!("answer came from {from}, not {to}")));
-                }
-                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-            })
-            .collect()
-    })
+    udp_asks_from(&pod.netns, to, first_port, count)
+}
+
+/// As [`udp_asks`], from network namespace `netns`.
+pub fn udp_asks_from(
+    netns: &str,
+    to: SocketAddrV4,
+    first_port: u16,
+    count: usize,
+) -> io::Result<Vec<io::Result<String>>> {
+    in_netns(netns, move || (0..count).map(|i| udp_exchange(first_port + i as u16, to, b"who")).collect())
+}
+
+/// One UDP exchange from `netns`, from source port `port` (0: the kernel picks one), that asks
+/// [`PEER`]: the backend's name and the address it sees the client at.
+pub fn udp_peer_from(netns: &str, to: SocketAddrV4, port: u16) -> io::Result<(String, SocketAddrV4)> {
+    parse_peer(&in_netns(netns, move || udp_exchange(port, to, PEER))??)
+}
+
+/// Sends `question` from source port `port` to `to` and waits for the answer, which must come
+/// from `to` (run in the client's namespace).
+fn udp_exchange(port: u16, to: SocketAddrV4, question: &[u8]) -> io::Result<String> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    sock.send_to(question, to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    if from != SocketAddr::from(to) {
+        return Err(io::Error::other(format!("answer came from {from}, not {to}")));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 /// Retries `f` until it succeeds or `timeout` passes.

@@ -68,6 +68,27 @@ pub fn test_config(pin_dir: &Path) -> Config {
     }
 }
 
+/// TC verdicts: `TCX_NEXT` (-1, the packet goes on to the programs after lb), `TC_ACT_SHOT`,
+/// `TC_ACT_REDIRECT` (sent out of an interface by the program).
+pub const TC_OK: u32 = u32::MAX;
+pub const TC_SHOT: u32 = 2;
+pub const TC_REDIRECT: u32 = 7;
+
+/// Asserts that the datapath's counters went from `before` to `after` by exactly `want` (counter,
+/// change) pairs, naming the counters.
+pub fn assert_counter_changes(desc: &str, before: &[u64], after: &[u64], want: &[(u32, u64)]) {
+    use lb_common::counters::NAMES;
+    let mut wanted = vec![0u64; before.len()];
+    for (i, d) in want {
+        wanted[*i as usize] += d;
+    }
+    let got: Vec<u64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let named = |v: &[u64]| -> Vec<(&str, u64)> {
+        v.iter().enumerate().filter(|(_, d)| **d != 0).map(|(i, d)| (NAMES[i], *d)).collect()
+    };
+    assert_eq!(named(&got), named(&wanted), "{desc}: counter changes");
+}
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
@@ -433,8 +454,8 @@ pub fn check_icmp_error(bytes: &[u8]) -> SeenIcmp {
     }
 }
 
-/// Traffic from a pod until stopped: new TCP connections one after another, and a long-lived TCP
-/// connection and a connected UDP socket asked between them.
+/// Traffic from a pod (or any namespace) until stopped: new TCP connections one after another,
+/// and a long-lived TCP connection and a connected UDP socket asked between them.
 pub struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<Outcome>,
@@ -450,21 +471,27 @@ pub struct Outcome {
 
 impl Traffic {
     pub fn start(pod: &Pod) -> Self {
+        Self::start_from(&pod.netns, (VIP, 80), (VIP, 53))
+    }
+
+    /// Traffic from network namespace `netns` (a pod's, the outside client's) to TCP `tcp` and
+    /// UDP `udp`.
+    pub fn start_from(netns: &str, tcp: (Ipv4Addr, u16), udp: (Ipv4Addr, u16)) -> Self {
         use lb_testkit::lab::{in_netns, Session};
         use std::sync::{atomic::AtomicBool, Arc};
         let stop = Arc::new(AtomicBool::new(false));
-        let to = std::net::SocketAddrV4::new(VIP, 80);
-        let mut session = Session::open(pod, to).expect("long-lived connection");
-        let udp_to = std::net::SocketAddrV4::new(VIP, 53);
-        let udp = in_netns(&pod.netns, move || -> std::io::Result<std::net::UdpSocket> {
+        let to = std::net::SocketAddrV4::new(tcp.0, tcp.1);
+        let mut session = Session::open_in(netns, to).expect("long-lived connection");
+        let udp_to = std::net::SocketAddrV4::new(udp.0, udp.1);
+        let udp = in_netns(netns, move || -> std::io::Result<std::net::UdpSocket> {
             let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
             s.connect(udp_to)?;
             s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
             Ok(s)
         })
-        .expect("enter the pod")
+        .expect("enter the namespace")
         .expect("UDP socket");
-        let (s, netns) = (stop.clone(), pod.netns.clone());
+        let (s, netns) = (stop.clone(), netns.to_string());
         let handle = std::thread::spawn(move || {
             in_netns(&netns, move || {
                 let mut o = Outcome::default();

@@ -1,0 +1,125 @@
+//! This host as the agent sees it: its interface addresses, read with `getifaddrs(3)` in the
+//! calling thread's network namespace. The choice among them (`--nodeport-addresses`) is pure and
+//! lives in `model::node`.
+
+use std::{collections::HashMap, ffi::CStr, io, net::Ipv4Addr};
+
+/// One IPv4 address on one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddr {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// Frees a `getifaddrs` list on every way out.
+struct IfAddrs(*mut libc::ifaddrs);
+
+impl Drop for IfAddrs {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from a successful getifaddrs and is freed once, here.
+        unsafe { libc::freeifaddrs(self.0) }
+    }
+}
+
+/// Every IPv4 address of every interface in the calling thread's network namespace, in the
+/// kernel's order (by interface, and on each interface its primary address first). Entries
+/// without an IPv4 address (IPv6, link-layer) are skipped, and so are those of an interface that
+/// vanished while they were read.
+pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let list = IfAddrs(head);
+    let mut indexes: HashMap<String, u32> = HashMap::new();
+    let mut out = Vec::new();
+    let mut cur = list.0.cast_const();
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until `list` drops.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is null or a socket address from getifaddrs, alive with the list.
+        let Some(addr) = (unsafe { sockaddr_ipv4(ifa.ifa_addr) }) else { continue };
+        // A netmask that is not IPv4 (or none) counts as a host's.
+        // SAFETY: as ifa_addr.
+        let mask = unsafe { sockaddr_ipv4(ifa.ifa_netmask) };
+        let prefix_len = mask.map_or(32, |m| u32::from(m).leading_ones() as u8);
+        // SAFETY: a non-null ifa_name is a NUL-terminated string alive with the list.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) };
+        let ifname = name.to_string_lossy().into_owned();
+        let ifindex = match indexes.get(&ifname) {
+            Some(i) => *i,
+            None => {
+                // SAFETY: `name` is NUL-terminated.
+                let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                indexes.insert(ifname.clone(), i);
+                i
+            }
+        };
+        // 0: the interface is gone since getifaddrs listed it.
+        if ifindex != 0 {
+            out.push(InterfaceAddr { ifname, ifindex, addr, prefix_len });
+        }
+    }
+    Ok(out)
+}
+
+/// The IPv4 address in `sa`, when it is a non-null `AF_INET` socket address.
+///
+/// # Safety
+/// `sa` is null or points to a valid socket address as large as its family's (as getifaddrs
+/// gives them).
+unsafe fn sockaddr_ipv4(sa: *const libc::sockaddr) -> Option<Ipv4Addr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: `sa` points to a socket address (the caller's promise); sa_family is at the same
+    // place in all of them. Read unaligned: nothing promises sockaddr_in's alignment.
+    let family = unsafe { std::ptr::addr_of!((*sa).sa_family).read_unaligned() };
+    if i32::from(family) != libc::AF_INET {
+        return None;
+    }
+    // SAFETY: an AF_INET address is a sockaddr_in.
+    let sin = unsafe { sa.cast::<libc::sockaddr_in>().read_unaligned() };
+    Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+}
+
+/// The first IPv4 address listed on `ifname` (the kernel lists an interface's primary address
+/// before its secondaries).
+pub fn primary_ipv4_of(addrs: &[InterfaceAddr], ifname: &str) -> Option<Ipv4Addr> {
+    addrs.iter().find(|a| a.ifname == ifname).map(|a| a.addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_holds_127_0_0_1() {
+        let addrs = ipv4_addresses().expect("getifaddrs");
+        let lo = addrs.iter().find(|a| a.ifname == "lo").unwrap_or_else(|| panic!("no lo in {addrs:?}"));
+        assert_eq!(lo.addr, Ipv4Addr::LOCALHOST);
+        assert_eq!(lo.prefix_len, 8);
+        assert_eq!(lo.ifindex, 1, "lo is the first interface of a namespace");
+        assert_eq!(primary_ipv4_of(&addrs, "lo"), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(primary_ipv4_of(&addrs, "no-such-interface"), None);
+    }
+
+    #[test]
+    fn the_first_address_of_an_interface_is_its_primary() {
+        let a = |ifname: &str, addr: [u8; 4]| InterfaceAddr {
+            ifname: ifname.into(),
+            ifindex: 2,
+            addr: addr.into(),
+            prefix_len: 24,
+        };
+        let addrs = [a("eth0", [10, 0, 0, 5]), a("eth1", [10, 1, 0, 5]), a("eth1", [10, 1, 0, 6])];
+        assert_eq!(primary_ipv4_of(&addrs, "eth1"), Some(Ipv4Addr::new(10, 1, 0, 5)));
+    }
+}

@@ -1,0 +1,353 @@
+//! This node's addresses as Services see them: where NodePorts listen (`--nodeport-addresses`,
+//! kube-proxy's flag of the same name and syntax) and the node's primary IP. Pure: the host's
+//! interface addresses come in as a list (see `crate::host`).
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    str::FromStr,
+};
+
+use k8s_openapi::api::core::v1::Node;
+
+/// An IP network: an address with its host bits cleared, and a prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+/// Why a CIDR does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("no prefix length (write ADDRESS/LENGTH, e.g. 10.0.0.0/8)")]
+    NoPrefix,
+    #[error("{0:?} is not an IP address")]
+    Address(String),
+    #[error("{0:?} is not a prefix length")]
+    Prefix(String),
+    #[error("prefix length {len} is more than {max}")]
+    PrefixTooLong { len: u8, max: u8 },
+}
+
+impl Cidr {
+    /// The network of `addr` with `prefix_len` bits; host bits are cleared (Go's
+    /// `net.ParseCIDR`, which kube-proxy uses, accepts them too).
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self, CidrError> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix_len > max {
+            return Err(CidrError::PrefixTooLong { len: prefix_len, max });
+        }
+        Ok(Self { addr: mask(addr, prefix_len), prefix_len })
+    }
+
+    /// The network address (host bits clear).
+    pub const fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub const fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// Whether `ip` is in this network; an address of the other family never is.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
+    }
+}
+
+/// `addr` with all but its first `len` bits cleared (`len` at most the family's width).
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let (addr, len) = s.split_once('/').ok_or(CidrError::NoPrefix)?;
+        let addr: IpAddr = addr.parse().map_err(|_| CidrError::Address(addr.into()))?;
+        // Digits only: `u8::from_str` would take "+8".
+        let len = Some(len)
+            .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| CidrError::Prefix(len.into()))?;
+        Self::new(addr, len)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// Which of this node's addresses NodePorts listen on: `--nodeport-addresses`, with kube-proxy's
+/// syntax (`primary`, or a comma-separated list of CIDRs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary IP (see [`primary_ipv4`]): kube-proxy's default in nftables mode.
+    #[default]
+    Primary,
+    /// Every local interface address inside one of these networks. IPv6 networks are accepted,
+    /// as kube-proxy accepts them, but select nothing while lb is IPv4-only.
+    Cidrs(Vec<Cidr>),
+}
+
+/// Why `--nodeport-addresses` does not parse; names the item at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodePortAddressesError {
+    #[error("--nodeport-addresses: {item:?}: {reason}")]
+    Cidr { item: String, reason: CidrError },
+    #[error("--nodeport-addresses: {0:?}: an empty item")]
+    Empty(String),
+    #[error("--nodeport-addresses: {0:?}: \"primary\" cannot be mixed with CIDRs")]
+    PrimaryMixed(String),
+}
+
+/// The flag's word for [`NodePortAddresses::Primary`].
+const PRIMARY: &str = "primary";
+
+impl FromStr for NodePortAddresses {
+    type Err = NodePortAddressesError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let items: Vec<&str> = s.split(',').map(str::trim).collect();
+        if items.iter().any(|i| i.is_empty()) {
+            return Err(NodePortAddressesError::Empty(s.into()));
+        }
+        if items.contains(&PRIMARY) {
+            // kube-proxy's validation: "primary" stands alone.
+            return match items.len() {
+                1 => Ok(Self::Primary),
+                _ => Err(NodePortAddressesError::PrimaryMixed(s.into())),
+            };
+        }
+        items
+            .iter()
+            .map(|i| i.parse().map_err(|reason| NodePortAddressesError::Cidr { item: (*i).into(), reason }))
+            .collect::<Result<_, _>>()
+            .map(Self::Cidrs)
+    }
+}
+
+impl fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Primary => f.write_str(PRIMARY),
+            Self::Cidrs(cidrs) => {
+                for (i, c) in cidrs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{c}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The node's primary IPv4 address: the first IPv4 `InternalIP` in `status.addresses`, else the
+/// first IPv4 `ExternalIP` (kube-proxy's `GetNodeHostIPs`). Addresses that do not parse are
+/// skipped; an IPv4-mapped IPv6 address counts as IPv4, as Go's parser has it.
+pub fn primary_ipv4(node: &Node) -> Option<Ipv4Addr> {
+    let addrs = node.status.as_ref()?.addresses.as_deref()?;
+    let first = |kind: &str| {
+        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| match a.address.trim().parse().ok()? {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        })
+    };
+    first("InternalIP").or_else(|| first("ExternalIP"))
+}
+
+/// The IPv4 addresses NodePorts listen on, sorted and without duplicates.
+///
+/// - [`NodePortAddresses::Primary`]: the node's primary IPv4 ([`primary_ipv4`] of `node`), as the
+///   Node object gives it, whether or not it is in `local`: kube-proxy's nftables `primary` uses
+///   the node IP unchecked too (a node behind 1:1 NAT may list an address it does not hold).
+///   Without a Node object, none (kube-proxy would fall back to loopback; lb never listens
+///   there).
+/// - [`NodePortAddresses::Cidrs`]: every address of `local` (this host's interface addresses)
+///   inside one of the networks.
+///
+/// Never a loopback address (127.0.0.0/8: reaching it needs `route_localnet=1`,
+/// kubernetes#90259), even when a CIDR covers it, nor 0.0.0.0.
+pub fn nodeport_ipv4(spec: &NodePortAddresses, node: Option<&Node>, local: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = match spec {
+        NodePortAddresses::Primary => node.and_then(primary_ipv4).into_iter().collect(),
+        NodePortAddresses::Cidrs(cidrs) => {
+            local.iter().copied().filter(|a| cidrs.iter().any(|c| c.contains((*a).into()))).collect()
+        }
+    };
+    out.retain(|a| !a.is_loopback() && !a.is_unspecified());
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
+
+    use super::*;
+
+    fn node(addrs: &[(&str, &str)]) -> Node {
+        Node {
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addrs
+                        .iter()
+                        .map(|(t, a)| NodeAddress { type_: (*t).into(), address: (*a).into() })
+                        .collect(),
+                ),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn ips(s: &[&str]) -> Vec<Ipv4Addr> {
+        s.iter().map(|a| a.parse().expect("test address")).collect()
+    }
+
+    fn spec(s: &str) -> NodePortAddresses {
+        s.parse().expect("valid --nodeport-addresses")
+    }
+
+    fn parse_err(s: &str) -> String {
+        s.parse::<NodePortAddresses>().expect_err("invalid --nodeport-addresses").to_string()
+    }
+
+    #[test]
+    fn parses_and_displays_the_flag() {
+        assert_eq!(NodePortAddresses::default(), NodePortAddresses::Primary);
+        assert_eq!(spec("primary"), NodePortAddresses::Primary);
+        assert_eq!(spec("primary").to_string(), "primary");
+        let s = spec("10.0.0.0/8, 192.168.1.0/24,fd00::/64");
+        assert_eq!(s.to_string(), "10.0.0.0/8,192.168.1.0/24,fd00::/64");
+        assert_eq!(spec(&s.to_string()), s, "round trip");
+        // Host bits are cleared, as Go's ParseCIDR does.
+        assert_eq!(spec("10.1.2.3/8").to_string(), "10.0.0.0/8");
+        assert_eq!(spec("0.0.0.0/0").to_string(), "0.0.0.0/0");
+        assert_eq!(spec("10.1.2.3/32").to_string(), "10.1.2.3/32");
+    }
+
+    #[test]
+    fn parse_errors_name_the_item() {
+        assert_eq!(
+            parse_err("10.0.0.0/8,10.0.0.0/33"),
+            r#"--nodeport-addresses: "10.0.0.0/33": prefix length 33 is more than 32"#
+        );
+        assert_eq!(
+            parse_err("fd00::/129"),
+            r#"--nodeport-addresses: "fd00::/129": prefix length 129 is more than 128"#
+        );
+        assert_eq!(
+            parse_err("10.0.0.0"),
+            r#"--nodeport-addresses: "10.0.0.0": no prefix length (write ADDRESS/LENGTH, e.g. 10.0.0.0/8)"#
+        );
+        assert_eq!(
+            parse_err("10.0.0.256/8"),
+            r#"--nodeport-addresses: "10.0.0.256/8": "10.0.0.256" is not an IP address"#
+        );
+        assert_eq!(
+            parse_err("10.0.0.0/+8"),
+            r#"--nodeport-addresses: "10.0.0.0/+8": "+8" is not a prefix length"#
+        );
+        assert_eq!(parse_err("10.0.0.0/"), r#"--nodeport-addresses: "10.0.0.0/": "" is not a prefix length"#);
+        assert_eq!(parse_err(""), r#"--nodeport-addresses: "": an empty item"#);
+        assert_eq!(parse_err("10.0.0.0/8,"), r#"--nodeport-addresses: "10.0.0.0/8,": an empty item"#);
+        assert_eq!(
+            parse_err("primary,10.0.0.0/8"),
+            r#"--nodeport-addresses: "primary,10.0.0.0/8": "primary" cannot be mixed with CIDRs"#
+        );
+    }
+
+    #[test]
+    fn cidr_contains_only_its_own_family() {
+        let c: Cidr = "10.0.0.0/8".parse().expect("cidr");
+        assert!(c.contains("10.255.0.1".parse().expect("ip")));
+        assert!(!c.contains("11.0.0.1".parse().expect("ip")));
+        assert!(!c.contains("::ffff:10.0.0.1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("1.2.3.4".parse().expect("ip")));
+        let v6: Cidr = "fd00::/8".parse().expect("cidr");
+        assert!(v6.contains("fd12::1".parse().expect("ip")));
+        assert!(!v6.contains("10.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn primary_is_the_first_internal_ipv4_else_the_first_external() {
+        let n = node(&[
+            ("Hostname", "n1"),
+            ("ExternalIP", "203.0.113.5"),
+            ("InternalIP", "fd00::5"),
+            ("InternalIP", "not-an-ip"),
+            ("InternalIP", "10.0.0.5"),
+            ("InternalIP", "10.0.0.6"),
+        ]);
+        assert_eq!(primary_ipv4(&n), Some(Ipv4Addr::new(10, 0, 0, 5)));
+        let n = node(&[("InternalIP", "fd00::5"), ("ExternalIP", "fd00::6"), ("ExternalIP", "203.0.113.5")]);
+        assert_eq!(primary_ipv4(&n), Some(Ipv4Addr::new(203, 0, 113, 5)));
+        assert_eq!(primary_ipv4(&node(&[("Hostname", "10.0.0.5"), ("InternalIP", "fd00::5")])), None);
+        assert_eq!(primary_ipv4(&Node::default()), None);
+    }
+
+    #[test]
+    fn primary_selects_the_node_ip_as_given() {
+        let n = node(&[("InternalIP", "10.0.0.5")]);
+        let p = NodePortAddresses::Primary;
+        // Not among the local addresses: kept, as kube-proxy keeps it.
+        assert_eq!(nodeport_ipv4(&p, Some(&n), &ips(&["192.168.0.1"])), ips(&["10.0.0.5"]));
+        assert_eq!(nodeport_ipv4(&p, None, &ips(&["10.0.0.5"])), ips(&[]), "no Node object, no address");
+        assert_eq!(nodeport_ipv4(&p, Some(&Node::default()), &ips(&["10.0.0.5"])), ips(&[]));
+        let lo = node(&[("InternalIP", "127.0.0.1")]);
+        assert_eq!(nodeport_ipv4(&p, Some(&lo), &ips(&["127.0.0.1"])), ips(&[]), "never loopback");
+    }
+
+    #[test]
+    fn cidrs_select_local_addresses_only_never_loopback() {
+        let n = node(&[("InternalIP", "10.0.0.5")]);
+        let local = ips(&["127.0.0.1", "192.168.1.7", "10.0.0.5", "172.16.0.1", "10.9.9.9", "127.0.0.53"]);
+        assert_eq!(
+            nodeport_ipv4(&spec("10.0.0.0/8,192.168.1.0/24"), Some(&n), &local),
+            ips(&["10.0.0.5", "10.9.9.9", "192.168.1.7"])
+        );
+        // The Node's own address counts only when it is local.
+        assert_eq!(nodeport_ipv4(&spec("10.0.0.0/8"), Some(&n), &ips(&["192.168.1.7"])), ips(&[]));
+        assert_eq!(
+            nodeport_ipv4(&spec("0.0.0.0/0"), None, &local),
+            ips(&["10.0.0.5", "10.9.9.9", "172.16.0.1", "192.168.1.7"]),
+            "loopback even when a CIDR covers it: never"
+        );
+        assert_eq!(nodeport_ipv4(&spec("127.0.0.0/8"), None, &local), ips(&[]));
+    }
+
+    #[test]
+    fn ipv6_cidrs_select_nothing() {
+        let local = ips(&["10.0.0.5", "192.168.1.7"]);
+        assert_eq!(nodeport_ipv4(&spec("::/0"), None, &local), ips(&[]));
+        assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), ips(&[]));
+        assert_eq!(nodeport_ipv4(&spec("fd00::/8,10.0.0.0/8"), None, &local), ips(&["10.0.0.5"]));
+    }
+
+    #[test]
+    fn addresses_are_sorted_and_listed_once() {
+        let local = ips(&["10.0.0.9", "10.0.0.5", "10.0.0.9", "10.0.0.1"]);
+        assert_eq!(
+            nodeport_ipv4(&spec("10.0.0.0/24,10.0.0.0/8"), None, &local),
+            ips(&["10.0.0.1", "10.0.0.5", "10.0.0.9"])
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Traffic from outside the cluster, end to end: a client on the underlay (outside the cluster)
+//! reaches NodePorts on both nodes and LoadBalancer IPs routed through one node or the other, over
+//! real TCP and UDP, with both externalTrafficPolicy values. The agents find their NodePort
+//! addresses from their Node objects (`--nodeport-addresses primary`) and attach the node-side
+//! programs to the underlay (`--node-interfaces ul0`).
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use lb_agent::datapath::Mode;
+use lb_common::counters as c;
+use lb_testkit::lab::{
+    node_manifest, tcp_asks, tcp_asks_from, tcp_peer_from, udp_asks_from, udp_peer_from, wait_until, Outside,
+    Pod,
+};
+use support::{assert_clean, Cluster, Traffic, VIP};
+
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const NODE_ARGS: &[&str] = &["--node-interfaces", "ul0"];
+
+/// Service `who` of `type` with `policy` as its externalTrafficPolicy (TCP 80 → 8080 on NodePort
+/// 30080, UDP 53 → 5353 on NodePort 30053, LoadBalancer IP `LB_IP` when a LoadBalancer) and
+/// `endpoints` ready, plus both Node objects.
+fn service(c_nodes: &[lb_testkit::lab::Node; 2], kind: &str, policy: &str, endpoints: &[&Pod]) -> String {
+    let eps: Vec<String> =
+        endpoints.iter().map(|p| format!("- addresses: [{}]\n  nodeName: node{}", p.ip, p.node)).collect();
+    let status = if kind == "LoadBalancer" {
+        format!("status:\n  loadBalancer:\n    ingress:\n    - {{ip: {LB_IP}}}\n")
+    } else {
+        String::new()
+    };
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: who, namespace: demo}}
+spec:
+  type: {kind}
+  clusterIP: {VIP}
+  externalTrafficPolicy: {policy}
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}}
+  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}}
+{status}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: who-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: who}}
+addressType: IPv4
+ports:
+- {{name: tcp, port: 8080, protocol: TCP}}
+- {{name: udp, port: 5353, protocol: UDP}}
+endpoints:
+{}
+---
+{}---
+{}"#,
+        eps.join("\n"),
+        node_manifest(&c_nodes[0]),
+        node_manifest(&c_nodes[1]),
+    )
+}
+
+/// A cluster whose agents serve traffic from outside, with `yaml` written once the nodes exist.
+fn cluster(tag: &str, yaml: impl Fn(&Cluster) -> String) -> (Cluster, Outside) {
+    let mut c = Cluster::new(tag, Mode::Tc, true, |_| String::new(), NODE_ARGS);
+    let out = c.lab.outside().expect("the client outside");
+    c.write(&yaml(&c));
+    (c, out)
+}
+
+/// Waits until `to` answers a TCP question from `netns`.
+fn wait_answer(c: &Cluster, netns: &str, to: SocketAddrV4) {
+    // Generous: in the kernel matrix's emulated machines, verifying the node-side programs alone
+    // takes minutes on Linux 5.10.
+    let ready =
+        wait_until(Duration::from_secs(400), || tcp_asks_from(netns, to, 1)?.pop().expect("one answer"));
+    assert!(
+        ready.is_ok(),
+        "{to} never answered from {netns}: {ready:?}\nagent logs:\n{}\n{}",
+        c.lab.agent_log(&c.nodes[0]),
+        c.lab.agent_log(&c.nodes[1])
+    );
+}
+
+fn names(v: Vec<std::io::Result<String>>) -> BTreeSet<String> {
+    v.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|e| panic!("request #{i} failed: {e}"))).collect()
+}
+
+#[test]
+fn nodeport_cluster_policy_reaches_every_endpoint_through_either_node() {
+    let (c, out) = cluster("npc", |c| service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()));
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    for node in &c.nodes {
+        let (tcp, udp) =
+            (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
+        wait_answer(&c, &out.netns, tcp);
+        let got = names(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
+        assert_eq!(got, all, "TCP through {}: every endpoint", node.netns);
+        let got =
+            names(udp_asks_from(&out.netns, udp, 20_000 + 100 * u16::from(node.index), 60).expect("UDP"));
+        assert_eq!(got, all, "UDP through {}: every endpoint", node.netns);
+        // A local endpoint sees the client; a remote one the node it came through.
+        let mut seen = BTreeSet::new();
+        for i in 0..60u16 {
+            let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
+            let (uname, upeer) =
+                udp_peer_from(&out.netns, udp, 21_000 + 100 * u16::from(node.index) + i).expect("UDP peer");
+            for (name, peer) in [(name, peer), (uname, upeer)] {
+                let backend = c.backends.iter().find(|b| b.name == name).expect("a backend");
+                let want = if backend.node == node.index { out.ip } else { node.underlay_ip() };
+                assert_eq!(*peer.ip(), want, "{name} through {}: the address it sees", node.netns);
+                seen.insert(backend.node == node.index);
+            }
+        }
+        assert_eq!(seen.len(), 2, "through {}: both local and remote endpoints answered", node.netns);
+    }
+    // This node's pods reach the NodePort of their own node and of the other one.
+    for node in &c.nodes {
+        let got = names(tcp_asks(&c.client1, SocketAddrV4::new(node.underlay_ip(), 30080), 60).expect("pod"));
+        assert_eq!(got, all, "a pod through {}'s NodePort", node.netns);
+    }
+}
+
+#[test]
+fn local_policy_answers_only_where_an_endpoint_is_and_keeps_the_client_address() {
+    // One endpoint, on node 1 (b1): only node 1 answers from outside.
+    let (c, out) = cluster("npl", |c| service(&c.nodes, "LoadBalancer", "Local", &[&c.backends[0]]));
+    let b1 = &c.backends[0];
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let np1 = SocketAddrV4::new(n1.underlay_ip(), 30080);
+    wait_answer(&c, &out.netns, np1);
+    let (name, peer) = tcp_peer_from(&out.netns, np1).expect("NodePort on node 1");
+    assert_eq!((name.as_str(), *peer.ip()), (b1.name.as_str(), out.ip), "the endpoint sees the client");
+    let (name, peer) =
+        udp_peer_from(&out.netns, SocketAddrV4::new(n1.underlay_ip(), 30053), 22_000).expect("UDP");
+    assert_eq!((name.as_str(), *peer.ip()), (b1.name.as_str(), out.ip));
+    // Node 2 has no endpoint: dropped there, and counted. (Its pods reaching its NodePort show
+    // that its agent has programmed the Service.)
+    let np2 = SocketAddrV4::new(n2.underlay_ip(), 30080);
+    wait_answer(&c, &c.client2.netns, np2);
+    let before = c.maps(2).read_counters().expect("counters")[c::DROP_NO_LOCAL_BACKEND as usize];
+    assert!(tcp_peer_from(&out.netns, np2).is_err(), "node 2 has no local endpoint: no answer");
+    let after = c.maps(2).read_counters().expect("counters")[c::DROP_NO_LOCAL_BACKEND as usize];
+    assert!(after > before, "node 2 counted the drop ({before} → {after})");
+    // The LoadBalancer IP, routed through node 1: answered with the client's address; through
+    // node 2: dropped.
+    let lb = SocketAddrV4::new(LB_IP, 80);
+    c.lab.route_via(&out, LB_IP, n1).expect("route via node 1");
+    wait_answer(&c, &out.netns, lb);
+    let (name, peer) = tcp_peer_from(&out.netns, lb).expect("LB IP via node 1");
+    assert_eq!((name.as_str(), *peer.ip()), (b1.name.as_str(), out.ip));
+    c.lab.route_via(&out, LB_IP, n2).expect("route via node 2");
+    assert!(tcp_peer_from(&out.netns, lb).is_err(), "LB IP via node 2: no local endpoint, no answer");
+    // A pod on node 2, which has no endpoint, still reaches the Service through node 2's NodePort
+    // and the LoadBalancer IP (every endpoint, for the cluster's own clients).
+    for to in [np2, lb] {
+        let got = names(tcp_asks(&c.client2, to, 5).expect("pod on node 2"));
+        assert_eq!(got, BTreeSet::from([b1.name.clone()]), "pod on node 2 → {to}");
+    }
+}
+
+#[test]
+fn a_pod_reaches_itself_through_a_nodeport_of_either_node() {
+    // b1 is the only endpoint: through its own node's NodePort the flow is hairpinned; through
+    // the other node's it comes back SNATed to that node.
+    let (c, _out) = cluster("nph", |c| service(&c.nodes, "NodePort", "Cluster", &[&c.backends[0]]));
+    let b1 = &c.backends[0];
+    for node in &c.nodes {
+        let to = SocketAddrV4::new(node.underlay_ip(), 30080);
+        wait_answer(&c, &b1.netns, to);
+        let got = names(tcp_asks(b1, to, 10).expect("hairpin"));
+        assert_eq!(got, BTreeSet::from([b1.name.clone()]), "b1 → {to}");
+    }
+}
+
+#[test]
+fn agents_restart_under_traffic_from_outside_and_lose_no_connection() {
+    // Traffic from outside to node 1's NodePort, whose endpoints are on both nodes (SNATed and
+    // not), while node 1's agent stops (SIGTERM) and starts again, then node 2's.
+    let (mut c, out) = cluster("nprs", |c| service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()));
+    let n1 = c.nodes[0].clone();
+    let (tcp, udp) = ((n1.underlay_ip(), 30080), (n1.underlay_ip(), 30053));
+    wait_answer(&c, &out.netns, SocketAddrV4::new(tcp.0, tcp.1));
+    c.wait_ready(&c.nodes[1]);
+    let traffic = Traffic::start_from(&out.netns, tcp, udp);
+    std::thread::sleep(Duration::from_millis(300));
+    for node in c.nodes.clone() {
+        c.lab.stop_agent(&node, libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        c.lab.restart_agent(&node).expect("restart");
+        c.wait_ready(&node);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_clean(&traffic.stop(), "restarts under traffic from outside");
+}

@@ -1,0 +1,548 @@
+//! The node-side programs (`lb4_tc_node_in` on a node interface's ingress, `lb4_tc_node_out` on
+//! its egress), packet by packet through BPF_PROG_TEST_RUN: each row gives a packet, the program,
+//! the verdict, the bytes out (checksums verified from scratch) and the exact change of every
+//! counter. The rows run in a network namespace of their own whose routes say which endpoints are
+//! local (behind `lxc1`) and which remote (behind the node interface `ul0`), since the datapath
+//! asks the kernel's FIB.
+
+mod support;
+
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun, TestRunOptions},
+};
+use lb_agent::{
+    datapath::{layout_dir, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT},
+    model::{BackendAddr, Frontend, FrontendAddr, FrontendKind, Protocol, Scope},
+    reconcile::{Capacities, Options, Reconciler},
+};
+use lb_common::{counters as c, Lb4Interface, DEFAULT_SNAT_PORTS, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_IFS};
+use support::*;
+
+/// This node's address on `ul0`, which NodePorts listen on and remote flows are SNATed to.
+const NODE: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+/// The MAC of the next hop to the other node's pods (172.31.0.2, a known neighbour; the router
+/// to the outside, 172.31.0.254, is not known).
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 4);
+/// A pod of a third node, reached through a CNI's tunnel device lb does not know (`tun1`).
+const TUNNEL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 4);
+/// A pod of this node that is a client.
+const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+/// An address no route leads to.
+const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prog {
+    NodeIn,
+    NodeOut,
+    PodForward,
+}
+
+fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
+    let name = match prog {
+        Prog::NodeIn => PROG_TC_NODE_IN,
+        Prog::NodeOut => PROG_TC_NODE_OUT,
+        Prog::PodForward => PROG_TC_FORWARD,
+    };
+    let mut out = vec![0u8; input.len() + 256];
+    let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+    let res = dp.tc_program(name).expect("program").test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
+
+/// Runs `input` through `prog`; checks the verdict and that the counters changed by exactly
+/// `counters`; returns the packet out.
+fn expect(
+    dp: &Datapath,
+    maps: &Maps,
+    desc: &str,
+    prog: Prog,
+    input: &[u8],
+    verdict: u32,
+    counters: &[(u32, u64)],
+) -> Vec<u8> {
+    let before = maps.read_counters().expect("counters");
+    let (v, out) = run(dp, prog, input);
+    let after = maps.read_counters().expect("counters");
+    assert_eq!(v, verdict, "{desc}: verdict");
+    assert_counter_changes(desc, &before, &after, counters);
+    out
+}
+
+fn frontend(
+    vip: Ipv4Addr,
+    port: u16,
+    proto: Protocol,
+    kind: FrontendKind,
+    backends: &[(Ipv4Addr, u16)],
+) -> Frontend {
+    Frontend {
+        addr: FrontendAddr::new(vip, port, proto),
+        kind,
+        service: format!("default/{vip}-{port}"),
+        port_name: String::new(),
+        backends: backends.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),
+        kept: Vec::new(),
+        affinity_timeout_secs: 0,
+        local_only: false,
+        two_scopes: false,
+    }
+}
+
+/// Runs `f` in a new network namespace with this node's routes: pods of this node behind `lxc1`,
+/// the other node's behind `ul0` via a known neighbour, the rest of the world via a router whose
+/// address is not resolved yet; `NOWHERE` unreachable. Forwarding on.
+fn in_node_netns<T: Send + 'static>(tag: &str, f: impl FnOnce(Ifs) -> T + Send + 'static) -> T {
+    let ns = format!("lbnp{tag}{}", std::process::id());
+    let sh = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    sh(&["netns", "add", &ns]);
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _gone = Gone(ns.clone());
+    let peer_mac = PEER_MAC.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"],
+        vec!["link", "set", "ul0", "up"],
+        vec!["link", "set", "ul0p", "up"],
+        vec!["addr", "add", "172.31.0.1/24", "dev", "ul0"],
+        vec!["link", "add", "lxc1", "type", "veth", "peer", "name", "lxc1p"],
+        vec!["link", "set", "lxc1", "up"],
+        vec!["link", "set", "lxc1p", "up"],
+        vec!["route", "add", "10.244.1.0/24", "dev", "lxc1"],
+        vec!["link", "add", "tun1", "type", "veth", "peer", "name", "tun1p"],
+        vec!["link", "set", "tun1", "up"],
+        vec!["link", "set", "tun1p", "up"],
+        vec!["route", "add", "10.244.3.0/24", "dev", "tun1"],
+        vec!["neigh", "add", "172.31.0.2", "lladdr", &peer_mac, "dev", "ul0", "nud", "permanent"],
+        vec!["route", "add", "10.244.2.0/24", "via", "172.31.0.2", "dev", "ul0"],
+        vec!["route", "add", "default", "via", "172.31.0.254", "dev", "ul0"],
+        vec!["route", "add", "unreachable", "10.250.0.0/16"],
+    ] {
+        let mut a = vec!["-n", ns.as_str()];
+        a.extend(args);
+        sh(&a);
+    }
+    sh(&["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    lb_testkit::lab::in_netns(&ns, move || {
+        let index = |name: &str| {
+            let name = std::ffi::CString::new(name).expect("name");
+            // SAFETY: a NUL-terminated name.
+            let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(i, 0, "{name:?} exists");
+            i
+        };
+        f(Ifs { ul0: index("ul0"), lxc1: index("lxc1") })
+    })
+    .expect("in the node's namespace")
+}
+
+/// Records the interfaces as the agent would: `ul0` a node interface with address `NODE`, `lxc1`
+/// a pod's; `tun1` (a CNI's tunnel device) unknown to lb.
+fn record_interfaces(pins: &std::path::Path, ifs: &Ifs) {
+    let data = MapData::from_pin(layout_dir(pins).join(MAP_LB4_IFS)).expect("LB4_IFS pinned");
+    let mut map: HashMap<MapData, u32, Lb4Interface> =
+        Map::from_map_data(data).expect("map").try_into().expect("hash map");
+    map.insert(ifs.ul0, Lb4Interface { role: IF_ROLE_NODE, snat_addr: ip(NODE) }, 0).expect("ul0 recorded");
+    map.insert(ifs.lxc1, Lb4Interface { role: IF_ROLE_POD, snat_addr: 0 }, 0).expect("lxc1 recorded");
+}
+
+/// Records `lo`, the interface test runs take packets in on, as a node interface with address
+/// `NODE`.
+fn record_lo(pins: &std::path::Path) {
+    let data = MapData::from_pin(layout_dir(pins).join(MAP_LB4_IFS)).expect("LB4_IFS pinned");
+    let mut map: HashMap<MapData, u32, Lb4Interface> =
+        Map::from_map_data(data).expect("map").try_into().expect("hash map");
+    map.insert(1, Lb4Interface { role: IF_ROLE_NODE, snat_addr: ip(NODE) }, 0).expect("lo recorded");
+}
+
+/// Interface indexes in the node's namespace.
+struct Ifs {
+    ul0: u32,
+    lxc1: u32,
+}
+
+/// A packet addressed to this host: test runs take packets in on `lo`, whose Ethernet address is
+/// all zeros (a frame for another address is another host's, `PACKET_OTHERHOST`).
+fn pkt(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), l4: L4) -> Vec<u8> {
+    let mut b = Pkt::new(src, dst, l4).bytes();
+    b[..6].fill(0);
+    b
+}
+
+fn ip(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+fn in_snat_range(port: u16) -> bool {
+    (DEFAULT_SNAT_PORTS.0..=DEFAULT_SNAT_PORTS.1).contains(&port)
+}
+
+/// Every rule of the node-side programs, one row each, in an order where later rows rely on the
+/// flows earlier ones made (one load of the programs: verifying them takes minutes in the kernel
+/// matrix's emulated machines).
+#[test]
+fn node_side_rules_packet_by_packet() {
+    in_node_netns("rules", |ifs| {
+        let pins = PinDir::new("nodeport");
+        let (mut dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
+        dp.load_node_programs().expect("node-side programs");
+        record_interfaces(pins.path(), &ifs);
+        let (remote, local, host, empty, local_only, unroutable, tunnel) =
+            (30080, 30081, 30082, 30083, 30084, 30085, 30086);
+        let mut fes = vec![
+            frontend(NODE, remote, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]),
+            frontend(NODE, remote, Protocol::Udp, FrontendKind::NodePort, &[(REMOTE_POD, 5353)]),
+            frontend(NODE, local, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
+            frontend(NODE, host, Protocol::Tcp, FrontendKind::NodePort, &[(NODE, 9000)]),
+            frontend(NODE, empty, Protocol::Tcp, FrontendKind::NodePort, &[]),
+            frontend(NODE, unroutable, Protocol::Tcp, FrontendKind::NodePort, &[(NOWHERE, 8080)]),
+            frontend(NODE, tunnel, Protocol::Tcp, FrontendKind::NodePort, &[(TUNNEL_POD, 8080)]),
+            frontend(CLUSTER_IP, 80, Protocol::Tcp, FrontendKind::ClusterIp, &[(REMOTE_POD, 8080)]),
+        ];
+        // externalTrafficPolicy Local with endpoints only on the other node: outside clients are
+        // dropped; this node's pods use the internal entry, with every endpoint.
+        let mut ext = frontend(NODE, local_only, Protocol::Tcp, FrontendKind::NodePort, &[]);
+        (ext.local_only, ext.two_scopes) = (true, true);
+        let mut int =
+            frontend(NODE, local_only, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]);
+        int.addr.scope = Scope::Internal;
+        fes.extend([ext, int]);
+        fes.push(frontend(NODE, 30090, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]));
+        let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
+        let caps =
+            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
+        let mut r = Reconciler::new(caps, Options::default());
+        let (_, errors) = r.sync(&desired, &Default::default(), &mut maps);
+        assert!(errors.is_empty(), "sync errors: {errors:?}");
+
+        // A remote endpoint: DNAT, SNAT to this node's address with a port of the SNAT range,
+        // and out of ul0 to the known neighbour.
+        let syn = pkt((OUTSIDE, 40_000), (NODE, remote), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "SYN from outside, remote endpoint",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let seen = check_packet(&out);
+        assert_eq!(seen.dst, (REMOTE_POD, 8080), "DNAT to the endpoint");
+        assert_eq!(seen.src.0, NODE, "SNAT to this node's address");
+        let snat_port = seen.src.1;
+        assert!(in_snat_range(snat_port), "SNAT port {snat_port} in the SNAT range");
+        assert_eq!(out[..6], PEER_MAC, "to the next hop's MAC");
+        let ack = pkt((OUTSIDE, 40_000), (NODE, remote), ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "next packet: same translation",
+            Prog::NodeIn,
+            &ack,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+        );
+        assert_eq!(
+            check_packet(&out),
+            Seen { src: (NODE, snat_port), dst: (REMOTE_POD, 8080), udp_checksum: None }
+        );
+        // Its reply comes back to this node's address and goes back to the client, out by the
+        // route to it (the router's address is not resolved: through the neighbour subsystem).
+        let reply = pkt((REMOTE_POD, 8080), (NODE, snat_port), SYN_ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "reply of a SNATed flow",
+            Prog::NodeIn,
+            &reply,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
+        );
+        assert_eq!(
+            check_packet(&out),
+            Seen { src: (NODE, remote), dst: (OUTSIDE, 40_000), udp_checksum: None },
+            "back to the client, from the NodePort"
+        );
+        // Another client port gets another SNAT port; UDP too.
+        let udp = pkt((OUTSIDE, 40_001), (NODE, remote), UDP);
+        let out = expect(
+            &dp,
+            &maps,
+            "UDP from outside, remote endpoint",
+            Prog::NodeIn,
+            &udp,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let seen = check_packet(&out);
+        assert_eq!((seen.src.0, seen.dst), (NODE, (REMOTE_POD, 5353)));
+        assert!(in_snat_range(seen.src.1));
+        let reply = pkt((REMOTE_POD, 5353), seen.src, UDP);
+        let out = expect(
+            &dp,
+            &maps,
+            "UDP reply of a SNATed flow",
+            Prog::NodeIn,
+            &reply,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
+        );
+        assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 40_001)));
+
+        // A local endpoint: DNAT only (the endpoint sees the client), and the stack delivers it.
+        let syn = pkt((OUTSIDE, 40_002), (NODE, local), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "SYN from outside, local endpoint",
+            Prog::NodeIn,
+            &syn,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(
+            check_packet(&out),
+            Seen { src: (OUTSIDE, 40_002), dst: (LOCAL_POD, 8080), udp_checksum: None }
+        );
+        // Its reply leaves through the node interface: the egress program puts the NodePort back.
+        let reply = pkt((LOCAL_POD, 8080), (OUTSIDE, 40_002), SYN_ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "local endpoint's reply, leaving",
+            Prog::NodeOut,
+            &reply,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+        );
+        assert_eq!(
+            check_packet(&out),
+            Seen { src: (NODE, local), dst: (OUTSIDE, 40_002), udp_checksum: None }
+        );
+
+        // An endpoint on this node's own address (hostNetwork): delivered here.
+        let syn = pkt((OUTSIDE, 40_003), (NODE, host), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "SYN from outside, host-network endpoint",
+            Prog::NodeIn,
+            &syn,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(check_packet(&out).dst, (NODE, 9000));
+
+        // No endpoints at all: rejected, as kube-proxy does for every address of the Service.
+        let syn = pkt((OUTSIDE, 40_004), (NODE, empty), SYN);
+        expect(
+            &dp,
+            &maps,
+            "NodePort without endpoints: rejected",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::REJECT_NO_BACKEND, 1)],
+        );
+        // externalTrafficPolicy Local without a local endpoint: dropped from outside...
+        let syn = pkt((OUTSIDE, 40_005), (NODE, local_only), SYN);
+        expect(
+            &dp,
+            &maps,
+            "eTP Local, no local endpoint: dropped",
+            Prog::NodeIn,
+            &syn,
+            TC_SHOT,
+            &[(c::RX_NODE_IN, 1), (c::DROP_NO_LOCAL_BACKEND, 1)],
+        );
+        // ...while this node's pods reach it with every endpoint (the internal entry).
+        let syn = pkt((POD_CLIENT, 40_006), (NODE, local_only), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "eTP Local from a pod: every endpoint",
+            Prog::PodForward,
+            &syn,
+            TC_OK,
+            &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(
+            check_packet(&out),
+            Seen { src: (POD_CLIENT, 40_006), dst: (REMOTE_POD, 8080), udp_checksum: None }
+        );
+        // A pod's flow is none of the node-side programs' business, even when its reply leaves
+        // through a node interface.
+        let reply = pkt((REMOTE_POD, 8080), (POD_CLIENT, 40_006), SYN_ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "a pod flow's reply, leaving: untouched",
+            Prog::NodeOut,
+            &reply,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::PASS_NO_REPLY_CT, 1)],
+        );
+        assert_eq!(out, reply);
+
+        // No route to the endpoint: dropped, counted.
+        let syn = pkt((OUTSIDE, 40_007), (NODE, unroutable), SYN);
+        expect(
+            &dp,
+            &maps,
+            "endpoint without a route: dropped",
+            Prog::NodeIn,
+            &syn,
+            TC_SHOT,
+            &[(c::RX_NODE_IN, 1), (c::DROP_FIB, 1)],
+        );
+        // A remote endpoint behind an interface lb does not know (a CNI's tunnel device): SNATed to
+        // the address of the node interface the packet came in on (in a test run, `lo`); none
+        // there: dropped, counted.
+        let syn = pkt((OUTSIDE, 40_010), (NODE, tunnel), SYN);
+        expect(
+            &dp,
+            &maps,
+            "tunnel endpoint, no address to leave with",
+            Prog::NodeIn,
+            &syn,
+            TC_SHOT,
+            &[(c::RX_NODE_IN, 1), (c::DROP_FIB, 1)],
+        );
+        record_lo(pins.path());
+        let out = expect(
+            &dp,
+            &maps,
+            "tunnel endpoint: SNAT to the ingress's address",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let seen = check_packet(&out);
+        assert_eq!((seen.src.0, seen.dst), (NODE, (TUNNEL_POD, 8080)));
+        // Source port 0 cannot be answered: dropped.
+        let zero = pkt((OUTSIDE, 0), (NODE, remote), UDP);
+        expect(
+            &dp,
+            &maps,
+            "source port 0 from outside: dropped",
+            Prog::NodeIn,
+            &zero,
+            TC_SHOT,
+            &[(c::RX_NODE_IN, 1), (c::DROP_MALFORMED, 1)],
+        );
+        // A frame for another host (a flooded copy on a bridge port) is that host's.
+        let mut flooded = pkt((OUTSIDE, 40_011), (NODE, remote), SYN);
+        flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        let out = expect(
+            &dp,
+            &maps,
+            "a frame for another host: untouched",
+            Prog::NodeIn,
+            &flooded,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+        );
+        assert_eq!(out, flooded);
+        // A cluster IP is for the cluster's own clients: left alone from outside.
+        let syn = pkt((OUTSIDE, 40_008), (CLUSTER_IP, 80), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "cluster IP from outside: untouched",
+            Prog::NodeIn,
+            &syn,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+        );
+        assert_eq!(out, syn);
+        // Traffic to this node that is nothing of lb's, in the SNAT range too: untouched.
+        let other = pkt((OUTSIDE, 40_009), (NODE, 62_000), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "other traffic to the node: untouched",
+            Prog::NodeIn,
+            &other,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+        );
+        assert_eq!(out, other);
+        a_deleted_nodeport_keeps_its_flows_from_outside(&dp, &mut maps, &mut r, desired);
+        drop(dp);
+    });
+}
+
+/// A NodePort's flows from outside outlive their Service as a cluster IP's do: the tombstone keeps
+/// answering from outside (established flows go on, new ones are rejected). `desired` holds the
+/// NodePort `NODE:30090`, which goes.
+fn a_deleted_nodeport_keeps_its_flows_from_outside(
+    dp: &Datapath,
+    maps: &mut Maps,
+    r: &mut Reconciler,
+    mut desired: BTreeMap<FrontendAddr, Frontend>,
+) {
+    let syn = pkt((OUTSIDE, 41_000), (NODE, 30090), SYN);
+    let out = expect(
+        dp,
+        maps,
+        "SYN",
+        Prog::NodeIn,
+        &syn,
+        TC_REDIRECT,
+        &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+    );
+    let snat = check_packet(&out).src;
+    let ack = pkt((OUTSIDE, 41_000), (NODE, 30090), ACK);
+    expect(dp, maps, "ACK", Prog::NodeIn, &ack, TC_REDIRECT, &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)]);
+    desired.retain(|a, _| a.port != 30090);
+    let (_, errors) = r.sync(&desired, &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    let out = expect(
+        dp,
+        maps,
+        "after the Service went: the flow goes on",
+        Prog::NodeIn,
+        &ack,
+        TC_REDIRECT,
+        &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+    );
+    assert_eq!(check_packet(&out).src, snat);
+    let reply = pkt((REMOTE_POD, 8080), snat, ACK);
+    expect(
+        dp,
+        maps,
+        "and so do its replies",
+        Prog::NodeIn,
+        &reply,
+        TC_REDIRECT,
+        &[(c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
+    );
+    let syn = pkt((OUTSIDE, 41_001), (NODE, 30090), SYN);
+    expect(
+        dp,
+        maps,
+        "a new flow is rejected",
+        Prog::NodeIn,
+        &syn,
+        TC_REDIRECT,
+        &[(c::RX_NODE_IN, 1), (c::REJECT_NO_BACKEND, 1)],
+    );
+}

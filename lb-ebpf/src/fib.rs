@@ -1,0 +1,138 @@
+//! Routes for packets lb forwards itself: a flow from outside this node to a remote endpoint is
+//! SNATed to this node's address, and a packet with a local source address that the stack were
+//! given would be dropped as a martian. So lb looks the route up (`bpf_fib_lookup`) and sends the
+//! packet out of the interface it names: with the neighbour's address when the kernel knows it
+//! (`bpf_redirect`), else through the neighbour subsystem (`bpf_redirect_neigh`, Linux 5.10).
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    macros::map,
+    maps::PerCpuArray,
+    programs::TcContext,
+};
+
+use lb_common::{IF_ROLE_NODE, IF_ROLE_POD};
+
+use crate::{
+    maps::LB4_IFS,
+    parse::{ptr_at, EthHdr, Flow},
+};
+
+const AF_INET: u8 = 2;
+
+/// The route lookup's parameter block, per CPU: off the stack, which the rest of the node-side
+/// program fills (Linux 5.10 refuses a program whose calls together use more than 512 bytes).
+/// Not pinned; nothing outlives one lookup.
+#[map(name = "LB_FIB_PARAMS")]
+static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a flow from outside goes to reach an endpoint.
+pub enum Route {
+    /// To this node: the endpoint is one of its pods (its route leaves through a pod's
+    /// interface), or one of its own addresses. The stack delivers it.
+    Local,
+    /// Out of this node, to a remote endpoint: SNATed to the address given.
+    Remote(u32),
+    /// No route (or forwarding is off on the interface the packet came in on), or no address to
+    /// SNAT a remote endpoint's flow to.
+    None,
+}
+
+/// The SNAT address of interface `ifindex`, if it is a node interface that has one.
+#[inline(always)]
+fn snat_addr(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    let i = unsafe { LB4_IFS.get(&ifindex) }.copied()?;
+    (i.role == IF_ROLE_NODE && i.snat_addr != 0).then_some(i.snat_addr)
+}
+
+/// Looks up the route from `saddr` to `daddr` for packet `f`, as if it were forwarded from the
+/// interface it came in on. Returns the kernel's answer and the lookup's results (`None` if the
+/// parameter block cannot be had, which does not happen).
+#[inline(always)]
+fn lookup(ctx: &TcContext, f: &Flow, saddr: u32, daddr: u32) -> Option<(i64, &'static bpf_fib_lookup)> {
+    // SAFETY: this CPU's block, used by this program only while it runs.
+    let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0)? };
+    // SAFETY: a plain C struct of integers, for which all zeros is valid.
+    *p = unsafe { zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = f.proto;
+    p.sport = f.sport;
+    p.dport = f.dport;
+    // SAFETY: reading a context field.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: a valid socket buffer and a parameter block of the size given.
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    Some((rc, p))
+}
+
+/// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node when
+/// the route leaves through a pod's interface (or is local); else a remote endpoint, SNATed to the
+/// address of the node interface the route leaves through, or, when that is none lb knows (a
+/// CNI's tunnel device), to the address of the one the packet came in on.
+#[inline(always)]
+pub fn route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
+    let Some((rc, p)) = lookup(ctx, f, f.saddr, backend) else { return Route::None };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: the value is copied out at once.
+            if unsafe { LB4_IFS.get(&p.ifindex) }.is_some_and(|i| i.role == IF_ROLE_POD) {
+                return Route::Local;
+            }
+            // SAFETY: reading a context field.
+            let ingress = unsafe { (*ctx.skb.skb).ifindex };
+            match snat_addr(p.ifindex).or_else(|| snat_addr(ingress)) {
+                Some(addr) => Route::Remote(addr),
+                None => Route::None,
+            }
+        }
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        _ => Route::None,
+    }
+}
+
+/// Whether the packet was addressed to this host at layer 2: a frame a promiscuous interface
+/// (a bridge port) received for another host is not lb's to translate.
+#[inline(always)]
+pub fn for_this_host(ctx: &TcContext) -> bool {
+    // SAFETY: reading a context field. PACKET_HOST is 0.
+    unsafe { (*ctx.skb.skb).pkt_type == 0 }
+}
+
+/// Sends the packet (already rewritten to `saddr` → `daddr`) out of the interface its route
+/// names. `Err` when there is no route or the packet cannot be sent.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, f: &Flow, saddr: u32, daddr: u32) -> Result<i32, ()> {
+    let (rc, p) = lookup(ctx, f, saddr, daddr).ok_or(())?;
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
+            // SAFETY: bounds checked by ptr_at; no helper ran since.
+            unsafe {
+                (*eth).dst = p.dmac;
+                (*eth).src = p.smac;
+            }
+            // SAFETY: no preconditions.
+            Ok(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: no next hop given (the kernel looks the route up again and resolves its
+            // neighbour), so no parameter block.
+            let rc = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
+            // TC_ACT_REDIRECT, or TC_ACT_SHOT for bad arguments.
+            if rc == 7 {
+                Ok(7)
+            } else {
+                Err(())
+            }
+        }
+        _ => Err(()),
+    }
+}
