@@ -110,7 +110,7 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
     assert!(value("lb_network_programming_duration_seconds_count ") >= 15.0);
     assert!(value("lb_datapath_packets_total{event=\"fwd_new_flow\"}") >= o.new_ok as f64);
     assert!(
-        value("lb_service_new_flows_total{frontend=\"10.96.0.10:80/TCP\",service=\"demo/who:tcp\"}")
+        value("lb_service_new_flows_total{frontend=\"10.96.0.10:80/TCP\",service=\"demo/who:tcp\",kind=\"ClusterIP\"}")
             >= o.new_ok as f64
     );
     assert_eq!(value("lb_services_programmed "), 2.0);
