@@ -359,6 +359,19 @@ const NODE_PROGRAMS: [&str; 2] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
 const ALL_PROGRAMS: [&str; 5] =
     [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
 
+/// Loads the TC programs `names` of the object.
+fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), DatapathError> {
+    for &name in names {
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+        prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+    }
+    Ok(())
+}
+
 /// How long new flows may be held back during a take-over (`LB_TAKEOVER[0]` is a deadline on the
 /// datapath's clock, so an agent that dies holding them releases them anyway).
 const HOLD_LIMIT_NS: u64 = 5_000_000_000;
@@ -475,15 +488,8 @@ impl Datapath {
             aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?
         };
         // The node-side programs load when a node interface is first attached
-        // (`load_node_programs`): verifying them is most of a load's time on older kernels.
-        for name in [PROG_TC_FORWARD, PROG_TC_REPLY] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
-        }
+        // (`load_node_programs`): an agent without one never has the kernel verify them.
+        load_classifiers(&mut ebpf, &[PROG_TC_FORWARD, PROG_TC_REPLY])?;
         if mode == Mode::Xdp {
             let prog: &mut Xdp = ebpf
                 .program_mut(PROG_XDP_FORWARD)
@@ -837,15 +843,7 @@ impl Datapath {
         if self.node_loaded {
             return Ok(());
         }
-        for name in NODE_PROGRAMS {
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
-        }
+        load_classifiers(&mut self.ebpf, &NODE_PROGRAMS)?;
         self.node_loaded = true;
         Ok(())
     }
@@ -1033,14 +1031,12 @@ impl Datapath {
 
     /// Forgets an interface that went away (its links went with it; their pins are removed).
     pub fn forget(&mut self, interface: &str) {
-        let Some((index, pins, role)) = self.attached.remove(interface) else { return };
+        let Some((index, pins, _)) = self.attached.remove(interface) else { return };
         for pin in pins {
             let _ = std::fs::remove_file(pin);
         }
         let _ = self.ifs.remove(&index);
-        if role == Role::Node {
-            self.node_addrs.remove(interface);
-        }
+        self.node_addrs.remove(interface);
         tc_filters::prune(&mut self.tc_records);
     }
 
