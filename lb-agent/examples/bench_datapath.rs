@@ -152,6 +152,7 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
         affinity_timeout_secs: 0,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     };
     let desired: BTreeMap<_, _> =
         [fe((A, 80), (B, 80)), fe((B, 80), (A, 80)), fe((C, 80), (D, 8080)), fe((D, 8080), (C, 80))]

@@ -132,6 +132,7 @@ impl<W: MapWriter> Agent<W> {
         }
         self.ctx.nodeport_addresses =
             model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
+        self.ctx.node_ip = objects.node.as_deref().and_then(model::node::primary_ipv4);
         // Objects the source could not read are held too: their Services keep what they had,
         // their addresses included.
         let held_by_source: BTreeSet<String> = objects.errors.iter().filter_map(|e| e.service()).collect();

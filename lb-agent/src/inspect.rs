@@ -48,6 +48,9 @@ pub struct ServiceView {
     /// (internalTrafficPolicy for cluster IPs and internal entries, externalTrafficPolicy for the
     /// external entries of external addresses).
     pub policy: String,
+    /// `loadBalancerSourceRanges`: the networks whose clients may open flows to it (`None`: every
+    /// client; empty: none).
+    pub source_ranges: Option<Vec<String>>,
     /// The Service is gone (deleted, or its address or port changed): the entry stays, with no
     /// backend, until the established flows made for it end.
     pub deleted: bool,
@@ -132,6 +135,18 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
     let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
     let mut services = maps.read_services()?;
     services.sort_by_key(|(k, _)| (ip(k.addr), port(k.port), k.proto, k.scope));
+    // Source ranges by frontend (under its external key): the networks let in, once it has a
+    // deny entry.
+    let mut ranges: BTreeMap<(u32, u16, u8), (bool, Vec<String>)> = BTreeMap::new();
+    for e in maps.read_src_ranges()? {
+        let k = &e.key.frontend;
+        let r = ranges.entry((k.addr, k.port, k.proto)).or_default();
+        match e.prefix_len.checked_sub(lb_common::SRC_RANGE_FRONTEND_BITS) {
+            Some(0) => r.0 = true,
+            Some(len) => r.1.push(format!("{}/{len}", ip(e.key.src))),
+            None => {}
+        }
+    }
     let mut out = Vec::new();
     for (key, svc) in services {
         let (svc, table) = table_of(maps, &key, svc)?;
@@ -163,6 +178,10 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
                 "Cluster"
             }
             .into(),
+            source_ranges: ranges
+                .get(&(key.addr, key.port, key.proto))
+                .filter(|(deny, _)| *deny)
+                .map(|(_, allowed)| allowed.clone()),
             deleted: svc.flags & SVC_FLAG_TOMBSTONE != 0,
             backends,
         };

@@ -241,6 +241,7 @@ impl From<Args> for Config {
                 service_proxy_name: a.service_proxy_name,
                 max_endpoints_per_service: a.max_endpoints_per_service,
                 nodeport_addresses: Vec::new(),
+                node_ip: None,
             },
             flow_events: a.flow_events,
             metrics_addr: a.metrics_bind_address,
@@ -313,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         services: maps.read_services()?,
         backends: maps.read_backends()?,
         members: maps.read_members()?,
+        src_ranges: maps.read_src_ranges()?,
         meta: Box::new(|id| maps.read_meta(id)),
     };
     let reconciler = Reconciler::restore(caps, cfg.reconcile, restored);

@@ -40,6 +40,7 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
         affinity_timeout_secs: 0,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     };
     let caps = Capacities { services: 64, backends: 64, maglev_slots: 65_536, ..Capacities::default() };
     let opts = Options::default();

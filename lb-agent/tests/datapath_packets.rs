@@ -92,6 +92,7 @@ fn frontend_with(
         affinity_timeout_secs,
         local_only,
         two_scopes: false,
+        source_ranges: None,
     }
 }
 

@@ -200,3 +200,67 @@ fn agents_restart_under_traffic_from_outside_and_lose_no_connection() {
     std::thread::sleep(Duration::from_millis(300));
     assert_clean(&traffic.stop(), "restarts under traffic from outside");
 }
+
+/// `service` with `loadBalancerSourceRanges: ranges`.
+fn with_ranges(yaml: String, ranges: &[String]) -> String {
+    yaml.replacen(
+        "  externalTrafficPolicy:",
+        &format!("  loadBalancerSourceRanges: [{}]\n  externalTrafficPolicy:", ranges.join(", ")),
+        1,
+    )
+}
+
+#[test]
+fn source_ranges_let_only_their_clients_reach_a_load_balancer_ip() {
+    // The client outside is not in the ranges at first; the NodePort of the same Service takes
+    // it all the same.
+    let others = vec!["198.51.100.0/24".to_string()];
+    let (c, out) = cluster("npsr", |c| {
+        with_ranges(service(&c.nodes, "LoadBalancer", "Cluster", &c.backends.each_ref()), &others)
+    });
+    let n1 = &c.nodes[0];
+    let lb = SocketAddrV4::new(LB_IP, 80);
+    c.lab.route_via(&out, LB_IP, n1).expect("route via node 1");
+    wait_answer(&c, &out.netns, SocketAddrV4::new(n1.underlay_ip(), 30080));
+    let dropped = |node: usize| c.maps(node).read_counters().expect("counters")[c::DROP_SRC_RANGE as usize];
+    let before = dropped(1);
+    assert!(tcp_peer_from(&out.netns, lb).is_err(), "a client outside the ranges: no answer");
+    assert!(udp_peer_from(&out.netns, SocketAddrV4::new(LB_IP, 53), 23_000).is_err(), "nor over UDP");
+    // So is this node's pod (kube-proxy filters the cluster's own clients too).
+    assert!(
+        tcp_asks(&c.client1, lb, 1).expect("asked").pop().expect("one").is_err(),
+        "a pod outside the ranges"
+    );
+    let after = dropped(1);
+    assert!(after >= before + 3, "node 1 counted the drops ({before} → {after})");
+    // lbctl shows the ranges of the LoadBalancer address's frontends, and none on the NodePort's.
+    let ctl = std::process::Command::new(support::lbctl_path())
+        .args([
+            "--pin-dir".as_ref(),
+            n1.pin_dir.as_os_str(),
+            "-o".as_ref(),
+            "json".as_ref(),
+            "services".as_ref(),
+        ])
+        .output()
+        .expect("lbctl");
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&ctl.stdout).expect("lbctl services: JSON");
+    for s in &v {
+        let want = match s["kind"].as_str() {
+            Some("LoadBalancer") => serde_json::json!(["198.51.100.0/24"]),
+            _ => serde_json::Value::Null,
+        };
+        assert_eq!(s["source_ranges"], want, "{s:#}");
+    }
+    assert!(v.iter().any(|s| s["kind"] == "LoadBalancer"), "{v:#?}");
+    // Ranges holding the client outside and the pod: both are answered, by every endpoint.
+    let theirs = vec![format!("{}/32", out.ip), format!("{}/32", c.client1.ip)];
+    c.write(&with_ranges(service(&c.nodes, "LoadBalancer", "Cluster", &c.backends.each_ref()), &theirs));
+    wait_answer(&c, &out.netns, lb);
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    assert_eq!(names(tcp_asks_from(&out.netns, lb, 60).expect("TCP")), all, "the client outside, in range");
+    assert_eq!(names(udp_asks_from(&out.netns, SocketAddrV4::new(LB_IP, 53), 23_100, 60).expect("UDP")), all);
+    assert_eq!(names(tcp_asks(&c.client1, lb, 30).expect("pod")), all, "the pod, in range");
+    // The other pod (node 2) is still outside them.
+    assert!(tcp_asks(&c.client2, lb, 1).expect("asked").pop().expect("one").is_err(), "node 2's pod");
+}

@@ -58,6 +58,7 @@ fn fe(
         affinity_timeout_secs: affinity,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn program(maps: &mut Maps) {
         affinity_timeout_secs: 0,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     };
     let desired: BTreeMap<_, _> = [
         fe(VIP, 80, Protocol::Tcp, &BACKENDS),

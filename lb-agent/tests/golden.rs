@@ -46,6 +46,7 @@ fn run_case(dir: &Path) -> String {
         service_proxy_name: node.service_proxy_name,
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
         nodeport_addresses: Vec::new(),
+        node_ip: None,
     };
     let nodeports: model::node::NodePortAddresses =
         node.nodeport_addresses.as_deref().unwrap_or("primary").parse().expect("nodeportAddresses");

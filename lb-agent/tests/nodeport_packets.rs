@@ -93,6 +93,7 @@ fn frontend(
         affinity_timeout_secs: 0,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     }
 }
 
@@ -545,4 +546,151 @@ fn a_deleted_nodeport_keeps_its_flows_from_outside(
         TC_REDIRECT,
         &[(c::RX_NODE_IN, 1), (c::REJECT_NO_BACKEND, 1)],
     );
+}
+
+/// Rule: `loadBalancerSourceRanges` let only clients inside a range open flows to a LoadBalancer
+/// address, from outside and from this node's pods alike (both scopes of the address); the
+/// others are dropped and counted. The edges of a range are the range's; the Service's NodePort
+/// and cluster IP take every client; ranges that hold no IPv4 client shut every one out; a flow
+/// let in goes on when its client leaves the ranges (only new flows are checked, as under
+/// kube-proxy's rules), while that client's new flows are dropped; and a range added lets its
+/// clients in.
+#[test]
+fn source_ranges_packet_by_packet() {
+    in_node_netns("ranges", |ifs| {
+        let pins = PinDir::new("ranges");
+        let (mut dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
+        dp.load_node_programs().expect("node-side programs");
+        record_interfaces(pins.path(), &ifs);
+        let lb_ip = Ipv4Addr::new(203, 0, 113, 10);
+        let lb_local = Ipv4Addr::new(203, 0, 113, 11);
+        let ranged =
+            |fe: Frontend, ranges: &[(Ipv4Addr, u8)]| Frontend { source_ranges: Some(ranges.to_vec()), ..fe };
+        let net = (Ipv4Addr::new(192, 0, 2, 0), 24);
+        let fes = |ranges: &[(Ipv4Addr, u8)]| {
+            let mut fes = vec![
+                ranged(
+                    frontend(lb_ip, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080)]),
+                    ranges,
+                ),
+                // Ranges with no IPv4 network (the Service lists IPv6 ones only).
+                ranged(
+                    frontend(lb_ip, 53, Protocol::Udp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 5353)]),
+                    &[],
+                ),
+                frontend(NODE, 30080, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
+                frontend(CLUSTER_IP, 80, Protocol::Tcp, FrontendKind::ClusterIp, &[(LOCAL_POD, 8080)]),
+            ];
+            // externalTrafficPolicy Local: the internal entry (this node's pods) is filtered too.
+            let mut ext =
+                ranged(frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[]), ranges);
+            (ext.local_only, ext.two_scopes) = (true, true);
+            let mut int = ranged(
+                frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(REMOTE_POD, 8080)]),
+                ranges,
+            );
+            int.addr.scope = Scope::Internal;
+            fes.extend([ext, int]);
+            fes.into_iter().map(|f| (f.addr, f)).collect::<BTreeMap<_, _>>()
+        };
+        let caps =
+            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
+        let mut r = Reconciler::new(caps, Options::default());
+        let (_, errors) = r.sync(&fes(&[net]), &Default::default(), &mut maps);
+        assert!(errors.is_empty(), "sync errors: {errors:?}");
+
+        let new_flow = [(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)];
+        let denied = [(c::RX_NODE_IN, 1), (c::DROP_SRC_RANGE, 1)];
+        let port = |i: u16| 42_000 + i;
+        // Inside the range, its first and last addresses included: let in.
+        for (i, client) in [[192, 0, 2, 7], [192, 0, 2, 0], [192, 0, 2, 255]].into_iter().enumerate() {
+            let syn = pkt((client.into(), port(i as u16)), (lb_ip, 80), SYN);
+            let out =
+                expect(&dp, &maps, &format!("{client:?} in range"), Prog::NodeIn, &syn, TC_OK, &new_flow);
+            assert_eq!(check_packet(&out).dst, (LOCAL_POD, 8080));
+        }
+        // Just outside it, and far from it: dropped, UDP too; nothing is tracked for them.
+        for (i, client) in [[192, 0, 1, 255], [192, 0, 3, 0], [198, 51, 100, 9]].into_iter().enumerate() {
+            let syn = pkt((client.into(), port(10 + i as u16)), (lb_ip, 80), SYN);
+            let out =
+                expect(&dp, &maps, &format!("{client:?} out of range"), Prog::NodeIn, &syn, TC_SHOT, &denied);
+            assert_eq!(out, syn, "a dropped packet is not rewritten");
+            let again = expect(&dp, &maps, "its next packet", Prog::NodeIn, &syn, TC_SHOT, &denied);
+            assert_eq!(again, syn);
+        }
+        // No IPv4 range: every client is dropped.
+        let udp = pkt((Ipv4Addr::new(192, 0, 2, 7), port(20)), (lb_ip, 53), UDP);
+        expect(&dp, &maps, "no IPv4 range", Prog::NodeIn, &udp, TC_SHOT, &denied);
+        // The NodePort and the cluster IP of the same Service take any client.
+        let syn = pkt((Ipv4Addr::new(198, 51, 100, 9), port(21)), (NODE, 30080), SYN);
+        expect(&dp, &maps, "the NodePort", Prog::NodeIn, &syn, TC_OK, &new_flow);
+        let pod_new = [(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)];
+        let pod_denied = [(c::RX_FORWARD, 1), (c::DROP_SRC_RANGE, 1)];
+        let syn = pkt((POD_CLIENT, port(22)), (CLUSTER_IP, 80), SYN);
+        expect(&dp, &maps, "the cluster IP from a pod", Prog::PodForward, &syn, TC_OK, &pod_new);
+        // This node's pods are clients like any other (kube-proxy filters them too), through the
+        // internal entry of an externalTrafficPolicy Local address as well.
+        for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
+            let syn = pkt((POD_CLIENT, port(23 + i as u16)), (vip, 80), SYN);
+            expect(
+                &dp,
+                &maps,
+                &format!("a pod to {vip}, out of range"),
+                Prog::PodForward,
+                &syn,
+                TC_SHOT,
+                &pod_denied,
+            );
+        }
+        // An established flow from 192.0.2.7 outlives its client leaving the ranges; its new flows
+        // do not. A range added for the pods lets them in, through both scopes.
+        let ack = pkt((Ipv4Addr::new(192, 0, 2, 7), port(0)), (lb_ip, 80), ACK);
+        expect(
+            &dp,
+            &maps,
+            "established",
+            Prog::NodeIn,
+            &ack,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+        );
+        let pods = (Ipv4Addr::new(10, 244, 1, 0), 24);
+        let (_, errors) = r.sync(&fes(&[pods]), &Default::default(), &mut maps);
+        assert!(errors.is_empty(), "sync errors: {errors:?}");
+        expect(
+            &dp,
+            &maps,
+            "after the ranges changed",
+            Prog::NodeIn,
+            &ack,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+        );
+        let syn = pkt((Ipv4Addr::new(192, 0, 2, 7), port(30)), (lb_ip, 80), SYN);
+        expect(&dp, &maps, "a new flow of the client that left", Prog::NodeIn, &syn, TC_SHOT, &denied);
+        for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
+            let syn = pkt((POD_CLIENT, port(31 + i as u16)), (vip, 80), SYN);
+            let out = expect(
+                &dp,
+                &maps,
+                &format!("a pod to {vip}, in range"),
+                Prog::PodForward,
+                &syn,
+                TC_OK,
+                &pod_new,
+            );
+            assert_eq!(check_packet(&out).src, (POD_CLIENT, port(31 + i as u16)));
+        }
+        // No ranges any more: every client.
+        let mut open = fes(&[]);
+        for fe in open.values_mut() {
+            fe.source_ranges = None;
+        }
+        let (_, errors) = r.sync(&open, &Default::default(), &mut maps);
+        assert!(errors.is_empty(), "sync errors: {errors:?}");
+        assert!(maps.read_src_ranges().expect("ranges").is_empty(), "every entry removed");
+        expect(&dp, &maps, "ranges gone", Prog::NodeIn, &syn, TC_OK, &new_flow);
+        expect(&dp, &maps, "ranges gone, UDP", Prog::NodeIn, &udp, TC_OK, &new_flow);
+        drop(dp);
+    });
 }

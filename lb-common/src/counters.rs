@@ -100,9 +100,12 @@ pub const NODE_SNAT: u32 = 30;
 /// stack would drop it as a martian) found no route (`bpf_fib_lookup`), or could not be
 /// redirected: dropped.
 pub const DROP_FIB: u32 = 31;
+/// A new flow to a LoadBalancer address from a client outside its `loadBalancerSourceRanges`:
+/// dropped.
+pub const DROP_SRC_RANGE: u32 = 32;
 
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 32;
+pub const COUNT: u32 = 33;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -138,11 +141,12 @@ pub const NAMES: [&str; COUNT as usize] = [
     "rx_node_out",
     "node_snat",
     "drop_fib",
+    "drop_src_range",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY + RX_NODE_IN + RX_NODE_OUT`.
-pub const OUTCOMES: [u32; 20] = [
+pub const OUTCOMES: [u32; 21] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -163,4 +167,5 @@ pub const OUTCOMES: [u32; 20] = [
     XDP_TO_TC,
     DROP_SNAT_NO_PORT,
     DROP_FIB,
+    DROP_SRC_RANGE,
 ];

@@ -31,6 +31,31 @@ pub const MAP_LB4_FRAGS: &str = "LB4_FRAGS";
 /// read by the node-side program for each new flow from outside, to tell a local endpoint (its
 /// route leaves through a pod's interface) from a remote one.
 pub const MAP_LB4_IFS: &str = "LB4_IFS";
+/// `loadBalancerSourceRanges`: (frontend, client address prefix) → `SRC_RANGE_ALLOW` or
+/// `SRC_RANGE_DENY`, longest prefix first (see [`Lb4SrcRange`]). Written by the agent only; read
+/// for each new flow to an external frontend.
+pub const MAP_LB4_SRC_RANGES: &str = "LB4_SRC_RANGES";
+
+/// The data of an `LB4_SRC_RANGES` key (an LPM trie's: after its prefix length). A frontend with
+/// source ranges has one entry of prefix length 64 (its frontend key, any client):
+/// `SRC_RANGE_DENY`; and one per range, of prefix length 64 + the range's: `SRC_RANGE_ALLOW`. A
+/// client in a range matches its longer entry; any other client the frontend's deny; a frontend
+/// without source ranges has no entry, and every client gets through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4SrcRange {
+    pub frontend: Lb4ServiceKey,
+    /// The client address (prefix), network byte order.
+    pub src: u32,
+}
+const _: () = assert!(size_of::<Lb4SrcRange>() == 12);
+
+/// The prefix length of a frontend's deny entry in `LB4_SRC_RANGES` (its key's bits).
+pub const SRC_RANGE_FRONTEND_BITS: u32 = 64;
+/// `LB4_SRC_RANGES` value: the client may open flows to the frontend.
+pub const SRC_RANGE_ALLOW: u32 = 1;
+/// `LB4_SRC_RANGES` value: the client may not (dropped, `DROP_SRC_RANGE`).
+pub const SRC_RANGE_DENY: u32 = 0;
 
 /// Value of `LB4_IFS`.
 #[repr(C)]
@@ -117,7 +142,7 @@ pub mod formats {
 }
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -134,6 +159,7 @@ pub const PINNED_MAPS: [&str; 16] = [
     MAP_LB_FORMATS,
     MAP_LB_TC_FILTERS,
     MAP_LB4_IFS,
+    MAP_LB4_SRC_RANGES,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -648,6 +674,8 @@ mod pod {
     unsafe impl aya::Pod for LbTcFilter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Interface {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4SrcRange {}
 }
 
 #[cfg(test)]
@@ -775,6 +803,9 @@ pub mod capacity {
     /// entry lives only while its datagram's fragments pass, so this bounds datagrams in flight,
     /// not flows.
     pub const FRAGS: u32 = 8_192;
+    /// `loadBalancerSourceRanges` entries (one per frontend with ranges, and one per range of
+    /// each). Fixed.
+    pub const SRC_RANGES: u32 = 65_536;
 
     /// Every capacity the agent sets at load time, in one place: the flags fill it, the loader,
     /// the reconciler's allocators and the occupancy metrics read it.

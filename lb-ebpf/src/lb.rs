@@ -1,19 +1,23 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
 //! session affinity, Maglev selection, hairpin. It only decides; the pipeline rewrites the packet.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use aya_log_ebpf::warn;
 use lb_common::{
     counters, hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service,
-    Lb4ServiceKey, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    Lb4ServiceKey, Lb4SrcRange, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
     config::{self, flow_hash_seed, hairpin_addr, snat_ports},
     conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
     ctx::{PacketCtx, Route},
-    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB_TAKEOVER},
+    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, LB_TAKEOVER},
     monitor,
     parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
     stats::{count, svc_update},
@@ -131,6 +135,16 @@ fn frontend(f: &Flow, origin: Origin) -> Option<Lb4Service> {
     }
 }
 
+/// Whether the client of `f` may open a flow to its frontend: the frontend has no
+/// `loadBalancerSourceRanges`, or one of them holds the client (`LB4_SRC_RANGES`). Both scopes of
+/// an address share its ranges, under its external key.
+#[inline(always)]
+fn source_allowed(f: &Flow) -> bool {
+    let frontend = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, scope: SCOPE_EXTERNAL };
+    let key = Key::new(SRC_RANGE_FRONTEND_BITS + 32, Lb4SrcRange { frontend, src: f.saddr });
+    LB4_SRC_RANGES.get(&key).is_none_or(|v| *v != SRC_RANGE_DENY)
+}
+
 /// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
 /// translate hairpinned replies (addressed to the hairpin address).
 #[inline(always)]
@@ -225,6 +239,11 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         _ if held_for_takeover(now) => return Action::Drop(counters::UNCOUNTED),
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
+    }
+    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !source_allowed(f) {
+        svc_update(svc.id, |s| s.drops += 1);
+        monitor::emit(f, EVENT_DROP, counters::DROP_SRC_RANGE, (0, 0), svc.id, now);
+        return Action::Drop(counters::DROP_SRC_RANGE);
     }
     if f.proto == IPPROTO_TCP && f.tcp_flags & TCP_RST != 0 {
         // A reset of no tracked flow (or of one whose backend left) never opens a flow.

@@ -6,12 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
-    Lb4SvcStats, LbMonitorBucket, LbTcFilter, LbTcFilterKey,
+    Lb4SrcRange, Lb4SvcStats, LbMonitorBucket, LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -130,3 +130,10 @@ pub static LB_TC_FILTERS: HashMap<LbTcFilterKey, LbTcFilter> = HashMap::pinned(1
 /// outside.
 #[map(name = "LB4_IFS")]
 pub static LB4_IFS: HashMap<u32, Lb4Interface> = HashMap::pinned(16_384, 0);
+
+/// `loadBalancerSourceRanges` (see `lb_common::MAP_LB4_SRC_RANGES`). Written by the agent only;
+/// read for each new flow to an external frontend. An LPM trie (never preallocated): one lookup
+/// finds the longest of a frontend's ranges that holds the client, or its deny entry. The agent
+/// writes a frontend's ranges before its deny entry, and its deny entry before it publishes it.
+#[map(name = "LB4_SRC_RANGES")]
+pub static LB4_SRC_RANGES: LpmTrie<Lb4SrcRange, u32> = LpmTrie::pinned(capacity::SRC_RANGES, 0);

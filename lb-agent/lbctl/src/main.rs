@@ -202,8 +202,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             if json {
                 return print_json(&v);
             }
-            let mut t =
-                table(&["FRONTEND", "KIND", "SCOPE", "SERVICE", "BACKENDS", "TABLE", "AFFINITY", "POLICY"]);
+            let mut t = table(&[
+                "FRONTEND", "KIND", "SCOPE", "SERVICE", "BACKENDS", "TABLE", "AFFINITY", "POLICY", "SOURCES",
+            ]);
             for s in &v {
                 let backends: Vec<String> = s
                     .backends
@@ -229,6 +230,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
                         "-".into()
                     },
                     s.policy.clone(),
+                    match &s.source_ranges {
+                        None => "any".into(),
+                        Some(r) if r.is_empty() => "none".into(),
+                        Some(r) => r.join("\n"),
+                    },
                 ]);
             }
             println!("{t}");

@@ -6,13 +6,16 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+};
 use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
-    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
-    MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
-    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, MAP_LB_TC_FILTERS,
-    PINNED_MAPS,
+    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS,
+    MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES,
+    MAP_LB4_SRC_RANGES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR,
+    MAP_LB_MON_RATE, MAP_LB_TC_FILTERS, PINNED_MAPS,
 };
 
 use super::{
@@ -20,7 +23,7 @@ use super::{
     pins::{layout_dir, not_on_bpffs, obj_get_read_only, other_layouts},
     DatapathError,
 };
-use crate::reconcile::{FlowTable, MapWriter};
+use crate::reconcile::{FlowTable, MapWriter, SrcRangeEntry};
 
 /// Typed handles to every datapath map.
 pub struct Maps {
@@ -35,6 +38,7 @@ pub struct Maps {
     pub members: HashMap<MapData, Lb4MemberKey, Lb4Member>,
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
+    pub src_ranges: LpmTrie<MapData, Lb4SrcRange, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
     /// the fragment map, the formats written at load),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
@@ -85,6 +89,7 @@ impl Maps {
             meta: typed(take(MAP_LB4_FE_META), MAP_LB4_FE_META)?,
             members: typed(take(MAP_LB4_MEMBERS), MAP_LB4_MEMBERS)?,
             monitor: typed(take(MAP_LB_MONITOR), MAP_LB_MONITOR)?,
+            src_ranges: typed(take(MAP_LB4_SRC_RANGES), MAP_LB4_SRC_RANGES)?,
             others: Vec::new(),
         };
         Ok(Self { others: all.into_iter().collect(), ..maps })
@@ -100,7 +105,7 @@ impl Maps {
             }
             pin(&path).map_err(|e| DatapathError::PinMap { map: name, path, reason: e.to_string() })
         };
-        let data: [(&'static str, &MapData); 9] = [
+        let data: [(&'static str, &MapData); 10] = [
             (MAP_LB4_SERVICES, self.services.map()),
             (MAP_LB4_BACKENDS, self.backends.map()),
             (MAP_LB4_CT, self.ct.map()),
@@ -110,6 +115,7 @@ impl Maps {
             (MAP_LB4_FE_META, self.meta.map()),
             (MAP_LB4_MEMBERS, self.members.map()),
             (MAP_LB_MONITOR, self.monitor.map()),
+            (MAP_LB4_SRC_RANGES, self.src_ranges.map()),
         ];
         for (name, d) in data.into_iter().chain(self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d))) {
             pin(name, &|p| d.pin(p))?;
@@ -208,6 +214,15 @@ impl Maps {
         self.members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_MEMBERS))
     }
 
+    /// Every `loadBalancerSourceRanges` entry.
+    pub fn read_src_ranges(&self) -> Result<Vec<SrcRangeEntry>, DatapathError> {
+        self.src_ranges
+            .keys()
+            .map(|k| k.map(|k| SrcRangeEntry { key: k.data(), prefix_len: k.prefix_len() }))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_LB4_SRC_RANGES))
+    }
+
     /// Global counters summed over CPUs, indexed as `lb_common::counters`.
     pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
         (0..counters::COUNT)
@@ -272,6 +287,14 @@ impl MapWriter for Maps {
 
     fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), MapError> {
         absent_ok(self.members.remove(key))
+    }
+
+    fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), MapError> {
+        self.src_ranges.insert(&Key::new(e.prefix_len, e.key), e.verdict(), 0)
+    }
+
+    fn remove_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), MapError> {
+        absent_ok(self.src_ranges.remove(&Key::new(e.prefix_len, e.key)))
     }
 }
 

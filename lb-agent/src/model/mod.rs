@@ -206,7 +206,15 @@ pub struct Frontend {
     /// This node's pods use the entry of the same address with `Scope::Internal` instead of this
     /// one (an external address of an `externalTrafficPolicy: Local` Service).
     pub two_scopes: bool,
+    /// A LoadBalancer address's `loadBalancerSourceRanges` (IPv4 networks, sorted): only clients
+    /// inside one open flows to it, this cluster's pods included. `None`: every client; an empty
+    /// list: none (the Service lists IPv6 ranges only).
+    pub source_ranges: Option<Vec<SourceRange>>,
 }
+
+/// An IPv4 network clients may come from (`loadBalancerSourceRanges`): address (host bits clear)
+/// and prefix length.
+pub type SourceRange = (Ipv4Addr, u8);
 
 /// Where this agent runs and what it answers for.
 #[derive(Debug, Clone)]
@@ -221,6 +229,10 @@ pub struct Context {
     pub max_endpoints_per_service: usize,
     /// This node's addresses that NodePorts listen on (`--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// This node's primary IPv4 address: when a LoadBalancer's source ranges hold it, they admit
+    /// the LoadBalancer's own address as a client too (kube-proxy's rule for load balancers that
+    /// loop a node's request back with the address as its source).
+    pub node_ip: Option<Ipv4Addr>,
 }
 
 impl Default for Context {
@@ -231,6 +243,7 @@ impl Default for Context {
             service_proxy_name: None,
             max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
             nodeport_addresses: Vec::new(),
+            node_ip: None,
         }
     }
 }
@@ -600,6 +613,7 @@ pub fn build_claiming(
                     affinity_timeout_secs: spec.affinity_timeout_secs,
                     local_only,
                     two_scopes: false,
+                    source_ranges: None,
                 }
             };
             let internal = if spec.local_only { &local } else { &cluster };
@@ -613,16 +627,25 @@ pub fn build_claiming(
             let load_balancers = spec.external.iter().map(|(ip, kind)| (*ip, p.port, *kind));
             for (ip, port, kind) in load_balancers.chain(node_ports) {
                 let addr = FrontendAddr::new(ip, port, p.proto);
+                let source_ranges = spec
+                    .source_ranges
+                    .as_deref()
+                    .filter(|_| kind == FrontendKind::LoadBalancer)
+                    .map(|r| source_ranges(r, ip, ctx.node_ip));
+                let fe = |addr, backends, local_only| Frontend {
+                    source_ranges: source_ranges.clone(),
+                    ..fe(addr, kind, backends, local_only)
+                };
                 if !spec.external_local {
-                    wanted.push(fe(addr, kind, &cluster, false));
+                    wanted.push(fe(addr, &cluster, false));
                     continue;
                 }
                 // Clients from outside get this node's endpoints; this node's pods every endpoint
                 // (internalTrafficPolicy is for the cluster IPs; this is kube-proxy's exception
                 // for the cluster's own clients).
-                wanted.push(Frontend { two_scopes: true, ..fe(addr, kind, &local, usable) });
+                wanted.push(Frontend { two_scopes: true, ..fe(addr, &local, usable) });
                 let addr = FrontendAddr { scope: Scope::Internal, ..addr };
-                wanted.push(fe(addr, kind, &cluster, false));
+                wanted.push(fe(addr, &cluster, false));
             }
         }
     }
@@ -645,6 +668,22 @@ pub fn build_claiming(
         }
     }
     model
+}
+
+/// The source ranges of LoadBalancer address `lb_ip`: the Service's, and the address itself when
+/// one of them holds this node's IP (`node_ip`), as kube-proxy admits it.
+fn source_ranges(ranges: &[SourceRange], lb_ip: Ipv4Addr, node_ip: Option<Ipv4Addr>) -> Vec<SourceRange> {
+    let holds = |(net, len): &SourceRange, ip: Ipv4Addr| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(*net)
+    };
+    let mut out = ranges.to_vec();
+    if node_ip.is_some_and(|n| ranges.iter().any(|r| holds(r, n))) {
+        out.push((lb_ip, 32));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

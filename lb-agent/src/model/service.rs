@@ -3,9 +3,11 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
-use super::{Context, FrontendKind, ModelError, Protocol, DEFAULT_AFFINITY_TIMEOUT_SECS};
+use super::{
+    node::Cidr, Context, FrontendKind, ModelError, Protocol, SourceRange, DEFAULT_AFFINITY_TIMEOUT_SECS,
+};
 
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -60,6 +62,8 @@ pub(super) struct SvcSpec {
     pub(super) local_only: bool,
     /// `externalTrafficPolicy: Local`: clients from outside reach only this node's endpoints.
     pub(super) external_local: bool,
+    /// `loadBalancerSourceRanges` (IPv4 ones) of a LoadBalancer Service that lists any.
+    pub(super) source_ranges: Option<Vec<SourceRange>>,
 }
 
 pub(super) enum SvcOutcome {
@@ -194,11 +198,54 @@ pub(super) fn service_spec(
             return SvcOutcome::Reject;
         }
     };
+    let Ok(source_ranges) = source_ranges(spec, object, errors) else { return SvcOutcome::Reject };
     if vips.is_empty() || ports.is_empty() {
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
     }
     let external = external_addresses(svc, object, &vips, errors);
-    SvcOutcome::Use(SvcSpec { vips, external, ports, affinity_timeout_secs, local_only, external_local })
+    SvcOutcome::Use(SvcSpec {
+        vips,
+        external,
+        ports,
+        affinity_timeout_secs,
+        local_only,
+        external_local,
+        source_ranges,
+    })
+}
+
+/// The IPv4 networks of `spec.loadBalancerSourceRanges` of a LoadBalancer Service (`None` when it
+/// lists none; the field means nothing for other types). IPv6 ones are for IPv6 addresses, which
+/// lb does not serve yet: left out, so a Service listing only those lets no IPv4 client in. One
+/// that is not a network rejects the Service (it keeps what it had): dropping it would shut out
+/// the clients it names, ignoring all of them would let every client in. Spaces around one are
+/// allowed, as kube-proxy trims them.
+fn source_ranges(
+    spec: &ServiceSpec,
+    object: &str,
+    errors: &mut Vec<ModelError>,
+) -> Result<Option<Vec<SourceRange>>, ()> {
+    let listed = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
+    if spec.type_.as_deref() != Some("LoadBalancer") || listed.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for (i, r) in listed.iter().enumerate() {
+        match r.trim().parse::<Cidr>() {
+            Ok(c) => match c.addr() {
+                IpAddr::V4(a) => out.push((a, c.prefix_len())),
+                IpAddr::V6(_) => {}
+            },
+            Err(e) => {
+                let field = format!("spec.loadBalancerSourceRanges[{i}]");
+                errors.push(ModelError::invalid("Service", object, field, format!("{r:?}: {e}")));
+                return Err(());
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(Some(out))
 }
 
 /// The Service's LoadBalancer addresses: for `type: LoadBalancer`, the ingress IPs
@@ -232,21 +279,10 @@ fn external_addresses(
     if spec.type_.as_deref() == Some("LoadBalancer") {
         let ingress =
             svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-        let ranges = spec.load_balancer_source_ranges.as_ref().is_some_and(|r| !r.is_empty());
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
             let Some(ip) = ing.ip.as_deref() else { continue };
             if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
                 continue;
-            }
-            if ranges {
-                // Not enforced yet: translating the address would let every pod past them.
-                errors.push(ModelError::unsupported(
-                    KIND,
-                    object,
-                    "spec.loadBalancerSourceRanges".into(),
-                    "translating LoadBalancer IPs under source ranges (they are left untranslated)",
-                ));
-                break;
             }
             take(ip, format!("status.loadBalancer.ingress[{i}].ip"), FrontendKind::LoadBalancer, errors);
         }

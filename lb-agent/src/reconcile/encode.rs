@@ -6,14 +6,17 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    Lb4Backend, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE,
-    BACKEND_STATE_TERMINATING, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_LOAD_BALANCER,
+    Lb4Backend, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, BACKEND_STATE_ACTIVE,
+    BACKEND_STATE_FREE, BACKEND_STATE_TERMINATING, FRONTEND_KIND_CLUSTER_IP, FRONTEND_KIND_LOAD_BALANCER,
     FRONTEND_KIND_NODE_PORT, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    SRC_RANGE_ALLOW, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY,
+    SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 use super::alloc::Region;
-use crate::model::{BackendAddr, BackendState, Frontend, FrontendAddr, FrontendKind, Protocol, Scope};
+use crate::model::{
+    BackendAddr, BackendState, Frontend, FrontendAddr, FrontendKind, Protocol, Scope, SourceRange,
+};
 
 /// The services-map key of a frontend.
 pub fn service_key(a: &FrontendAddr) -> Lb4ServiceKey {
@@ -59,6 +62,40 @@ pub fn service_value(id: u32, fe: &Frontend, region: Option<Region>) -> Lb4Servi
 pub fn tombstone_value(id: u32, external: bool) -> Lb4Service {
     let flags = SVC_FLAG_TOMBSTONE | if external { SVC_FLAG_EXTERNAL } else { 0 };
     Lb4Service { id, flags, ..Lb4Service::default() }
+}
+
+/// One entry of `LB4_SRC_RANGES`: its key's data and prefix length (its verdict follows from the
+/// length: a frontend's whole key is its deny entry, a longer prefix one of its ranges).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeEntry {
+    pub key: Lb4SrcRange,
+    pub prefix_len: u32,
+}
+
+impl SrcRangeEntry {
+    /// `SRC_RANGE_DENY` for a frontend's own entry, `SRC_RANGE_ALLOW` for one of its ranges.
+    pub const fn verdict(&self) -> u32 {
+        if self.prefix_len == SRC_RANGE_FRONTEND_BITS {
+            SRC_RANGE_DENY
+        } else {
+            SRC_RANGE_ALLOW
+        }
+    }
+}
+
+/// The `LB4_SRC_RANGES` entries of the frontend at `addr` with source ranges `ranges`: one per
+/// range, then its deny entry (the order to write them in). Under the address's external key,
+/// which both scopes share.
+pub fn src_range_entries(addr: &FrontendAddr, ranges: &[SourceRange]) -> Vec<SrcRangeEntry> {
+    let frontend = service_key(&FrontendAddr { scope: Scope::External, ..*addr });
+    ranges
+        .iter()
+        .map(|(net, len)| SrcRangeEntry {
+            key: Lb4SrcRange { frontend, src: u32::from_ne_bytes(net.octets()) },
+            prefix_len: SRC_RANGE_FRONTEND_BITS + u32::from(*len),
+        })
+        .chain([SrcRangeEntry { key: Lb4SrcRange { frontend, src: 0 }, prefix_len: SRC_RANGE_FRONTEND_BITS }])
+        .collect()
 }
 
 /// The frontend record's kind of a frontend of `kind`.

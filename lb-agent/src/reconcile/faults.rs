@@ -28,6 +28,7 @@ fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], 
         affinity_timeout_secs: affinity,
         local_only: false,
         two_scopes: false,
+        source_ranges: None,
     }
 }
 

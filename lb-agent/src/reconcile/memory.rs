@@ -8,7 +8,7 @@ use lb_common::{
     Lb4Service, Lb4ServiceKey,
 };
 
-use super::{FlowTable, MapWriter, Restored};
+use super::{encode::SrcRangeEntry, FlowTable, MapWriter, Restored};
 
 /// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
 /// writes in order.
@@ -21,6 +21,8 @@ pub struct MemoryMaps {
     pub members: BTreeMap<Lb4MemberKey, Lb4Member>,
     pub ct: BTreeMap<Lb4CtKey, Lb4CtEntry>,
     pub affinity: BTreeMap<Lb4AffinityKey, Lb4Affinity>,
+    /// `LB4_SRC_RANGES`: entry → verdict.
+    pub src_ranges: BTreeMap<SrcRangeEntry, u32>,
     pub log: Vec<String>,
     /// Tests: `ct_get` sees every entry as last seen at this time (a packet refreshed it between
     /// the sweep's batch read and its removal).
@@ -49,6 +51,7 @@ impl MemoryMaps {
             services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             members: self.members.iter().map(|(k, v)| (*k, *v)).collect(),
+            src_ranges: self.src_ranges.keys().copied().collect(),
             meta: Box::new(|id| self.meta.get(&id).copied()),
         }
     }
@@ -128,6 +131,28 @@ impl MapWriter for MemoryMaps {
         self.log.push(format!("remove member {}/{}", key.svc_id, key.backend_id));
         self.members.remove(key);
         Ok(())
+    }
+    fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), Self::Error> {
+        self.write("source range", false)?;
+        self.log.push(format!("source range {} {}", src_range_name(e), e.verdict()));
+        self.src_ranges.insert(*e, e.verdict());
+        Ok(())
+    }
+    fn remove_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), Self::Error> {
+        self.write("source range removal", false)?;
+        self.log.push(format!("remove source range {}", src_range_name(e)));
+        self.src_ranges.remove(e);
+        Ok(())
+    }
+}
+
+/// `frontend from network/len`, or `frontend from any` for a deny entry.
+pub fn src_range_name(e: &SrcRangeEntry) -> String {
+    let k = &e.key.frontend;
+    let fe = super::encode::endpoint(k.addr, k.port, k.proto);
+    match e.prefix_len.checked_sub(lb_common::SRC_RANGE_FRONTEND_BITS) {
+        Some(0) | None => format!("{fe} from any"),
+        Some(len) => format!("{fe} from {}/{len}", super::encode::ipv4(e.key.src)),
     }
 }
 

@@ -36,10 +36,11 @@ use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
     encode::{
         backend_addr, backend_state, backend_value, frontend_addr, member_backend_state, meta_kind,
-        service_key, service_region, service_value, tombstone_value,
+        service_key, service_region, service_value, src_range_entries, tombstone_value,
     },
 };
 pub use self::{
+    encode::SrcRangeEntry,
     flows::{FlowCensus, FlowTable, Sweeper, Timeouts},
     memory::MemoryMaps,
 };
@@ -60,6 +61,10 @@ pub trait MapWriter {
     fn set_member(&mut self, key: &Lb4MemberKey, member: &Lb4Member) -> Result<(), Self::Error>;
     /// Removes a member row (absent is fine).
     fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error>;
+    /// Writes a `loadBalancerSourceRanges` entry with its verdict.
+    fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), Self::Error>;
+    /// Removes a `loadBalancerSourceRanges` entry (absent is fine).
+    fn remove_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +220,11 @@ pub struct Reconciler {
     regions: RegionAllocator,
     /// Milliseconds of a monotonic clock: when a freed table region may be written again.
     clock: Clock,
+    /// The `loadBalancerSourceRanges` entries written.
+    src_ranges: BTreeSet<SrcRangeEntry>,
+    /// Some of `src_ranges` are no longer wanted (their removal failed): [`Reconciler::retry`]
+    /// removes them.
+    src_ranges_stale: bool,
 }
 
 /// What a frontend's table is written into.
@@ -289,6 +299,8 @@ impl Reconciler {
             backend_ids: IdAllocator::new(caps.backends),
             regions: RegionAllocator::new(caps.maglev_slots),
             clock: monotonic_clock(),
+            src_ranges: BTreeSet::new(),
+            src_ranges_stale: false,
         }
     }
 
@@ -305,6 +317,7 @@ impl Reconciler {
     pub fn restore(caps: Capacities, opts: Options, maps: Restored<'_>) -> Self {
         let mut r = Self::new(caps, opts);
         r.restore_pending = true;
+        r.src_ranges = maps.src_ranges.into_iter().collect();
         let mut by_id = HashMap::new();
         for (id, b) in maps.backends {
             let Some(addr) = backend_addr(&b) else { continue };
@@ -466,7 +479,78 @@ impl Reconciler {
             }
         }
         self.sync_backend_states(w, &mut stats, &mut errors);
+        self.prune_src_ranges(w, &mut errors);
         (stats, errors)
+    }
+
+    /// Writes the `loadBalancerSourceRanges` entries frontend `fe` at `addr` lacks, before it is
+    /// published: its ranges, then its deny entry, so that no client is shut out meanwhile, and
+    /// none is let in once it is published. The ones it no longer has go afterwards
+    /// ([`Reconciler::prune_src_ranges`]).
+    fn write_src_ranges<W: MapWriter>(
+        &mut self,
+        addr: &FrontendAddr,
+        fe: &Frontend,
+        w: &mut W,
+    ) -> Result<(), SyncError> {
+        let Some(ranges) = &fe.source_ranges else { return Ok(()) };
+        for e in src_range_entries(addr, ranges) {
+            if self.src_ranges.contains(&e) {
+                continue;
+            }
+            w.set_src_range(&e)
+                .map_err(|err| write_err(format!("{addr} ({})", fe.service), "source range", err))?;
+            self.src_ranges.insert(e);
+        }
+        Ok(())
+    }
+
+    /// Removes the `loadBalancerSourceRanges` entries no programmed frontend has: deny entries
+    /// first, so a frontend that loses its ranges never shuts a client out. A restored frontend
+    /// not named yet keeps the entries at its address.
+    fn prune_src_ranges<W: MapWriter>(&mut self, w: &mut W, errors: &mut Vec<SyncError>) {
+        let mut wanted: HashSet<SrcRangeEntry> = HashSet::new();
+        let mut unknown: HashSet<Lb4ServiceKey> = HashSet::new();
+        for (addr, p) in &self.frontends {
+            match &p.frontend {
+                Some(fe) => {
+                    if let Some(ranges) = &fe.source_ranges {
+                        wanted.extend(src_range_entries(addr, ranges));
+                    }
+                }
+                None => {
+                    unknown.insert(src_range_entries(addr, &[])[0].key.frontend);
+                }
+            }
+        }
+        let mut stale: Vec<SrcRangeEntry> = self
+            .src_ranges
+            .iter()
+            .filter(|e| !wanted.contains(e) && !unknown.contains(&e.key.frontend))
+            .copied()
+            .collect();
+        stale.sort_by_key(|e| e.verdict() != lb_common::SRC_RANGE_DENY);
+        self.src_ranges_stale = false;
+        for e in stale {
+            match w.remove_src_range(&e) {
+                Ok(()) => {
+                    self.src_ranges.remove(&e);
+                }
+                Err(err) => {
+                    self.src_ranges_stale = true;
+                    let k = &e.key.frontend;
+                    errors.push(write_err(
+                        encode::endpoint(k.addr, k.port, k.proto),
+                        "source range removal",
+                        err,
+                    ));
+                    // The ranges it denies for stay until its deny entry goes.
+                    if e.verdict() == lb_common::SRC_RANGE_DENY {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// The frontend at `addr` is no longer wanted: its entry becomes a tombstone (no backend, no
@@ -628,6 +712,7 @@ impl Reconciler {
         if other_owner {
             self.bury(addr, w, stats)?;
         }
+        self.write_src_ranges(addr, fe, w)?;
         let object = || addr.to_string();
         let old = self.frontends.get(addr).and_then(|p| p.frontend.clone());
         if let Some(old) = &old {
@@ -840,6 +925,7 @@ impl Reconciler {
             || !self.removals.is_empty()
             || !self.touched.is_empty()
             || !self.forget.is_empty()
+            || self.src_ranges_stale
     }
 
     /// Writes again what failed: member rows and recorded names of published tables, tables that
@@ -1052,6 +1138,7 @@ pub struct Restored<'a> {
     pub services: Vec<(Lb4ServiceKey, Lb4Service)>,
     pub backends: Vec<(u32, Lb4Backend)>,
     pub members: Vec<(Lb4MemberKey, Lb4Member)>,
+    pub src_ranges: Vec<SrcRangeEntry>,
     pub meta: Box<dyn Fn(u32) -> Option<Lb4FrontendMeta> + 'a>,
 }
 
@@ -1123,6 +1210,7 @@ mod tests {
             affinity_timeout_secs: affinity,
             local_only: false,
             two_scopes: false,
+            source_ranges: None,
         }
     }
 
@@ -1149,6 +1237,111 @@ mod tests {
             c.record(*f, *b);
         }
         c
+    }
+
+    fn ranged(ranges: Option<&[(u8, u8)]>) -> Frontend {
+        Frontend {
+            kind: crate::model::FrontendKind::LoadBalancer,
+            source_ranges: ranges
+                .map(|r| r.iter().map(|(a, len)| (Ipv4Addr::new(*a, 0, 0, 0), *len)).collect()),
+            ..frontend(80, &[1], &[], 0)
+        }
+    }
+
+    /// The log lines of source range writes and service entries, in order.
+    fn range_log(m: &MemoryMaps) -> Vec<&str> {
+        m.log
+            .iter()
+            .map(String::as_str)
+            .filter(|l| l.contains("source range") || l.starts_with("service"))
+            .collect()
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_entry_and_go_deny_first() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+        // New, with ranges: its ranges, then its deny entry, then the entry: never published open.
+        let (_, e) = sync(&mut r, &one(ranged(Some(&[(10, 8), (192, 8)]))), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            range_log(&maps),
+            [
+                "source range 10.96.0.1:80/TCP from 10.0.0.0/8 1",
+                "source range 10.96.0.1:80/TCP from 192.0.0.0/8 1",
+                "source range 10.96.0.1:80/TCP from any 0",
+                "service 1 at 0+1021",
+            ]
+        );
+        // Other ranges: the new one in before the old one goes; the deny entry stays.
+        maps.log.clear();
+        let (_, e) = sync(&mut r, &one(ranged(Some(&[(10, 8), (172, 8)]))), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            range_log(&maps),
+            [
+                "source range 10.96.0.1:80/TCP from 172.0.0.0/8 1",
+                "remove source range 10.96.0.1:80/TCP from 192.0.0.0/8"
+            ]
+        );
+        // A restart adopts what the map holds and writes nothing.
+        let mut r2 = Reconciler::restore(CAPS, OPTS, maps.restored());
+        maps.log.clear();
+        let (_, e) = sync(&mut r2, &one(ranged(Some(&[(10, 8), (172, 8)]))), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(range_log(&maps), Vec::<&str>::new());
+        // No ranges any more: the deny entry goes first, so no client is shut out meanwhile.
+        maps.log.clear();
+        let (_, e) = sync(&mut r, &one(ranged(None)), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            range_log(&maps),
+            [
+                "remove source range 10.96.0.1:80/TCP from any",
+                "remove source range 10.96.0.1:80/TCP from 10.0.0.0/8",
+                "remove source range 10.96.0.1:80/TCP from 172.0.0.0/8",
+            ]
+        );
+        assert!(maps.src_ranges.is_empty());
+        // Ranges that hold no IPv4 client: the deny entry alone.
+        maps.log.clear();
+        let (_, e) = sync(&mut r, &one(ranged(Some(&[]))), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(range_log(&maps), ["source range 10.96.0.1:80/TCP from any 0"]);
+        // The Service goes: its entry becomes a tombstone, then its ranges go.
+        maps.log.clear();
+        let (_, e) = sync(&mut r, &BTreeMap::new(), &mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(range_log(&maps), ["remove source range 10.96.0.1:80/TCP from any"]);
+    }
+
+    #[test]
+    fn a_frontend_whose_ranges_fail_is_not_published_and_a_failed_removal_is_retried() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+        // The deny entry's write fails (the second write, after its range's).
+        maps.fail_write = Some(1);
+        let (_, e) = sync(&mut r, &one(ranged(Some(&[(10, 8)]))), &mut maps);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(maps.services.is_empty(), "published without its deny entry");
+        assert!(r.has_pending());
+        maps.fail_write = None;
+        let (_, e) = r.retry(&mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(maps.src_ranges.len(), 2);
+        assert_eq!(maps.services.len(), 1);
+        // Its ranges go, and the first removal (the deny entry) fails: the ranges it denies for
+        // stay with it, and the next retry removes both.
+        maps.fail_write = Some(maps.writes);
+        let (_, e) = sync(&mut r, &one(ranged(None)), &mut maps);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(maps.src_ranges.len(), 2);
+        assert!(r.has_pending());
+        maps.fail_write = None;
+        let (_, e) = r.retry(&mut maps);
+        assert!(e.is_empty(), "{e:?}");
+        assert!(maps.src_ranges.is_empty());
+        assert!(!r.has_pending());
     }
 
     #[test]

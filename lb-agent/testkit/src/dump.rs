@@ -10,14 +10,22 @@ use lb_agent::reconcile::{
 };
 use lb_common::{
     Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, FRONTEND_KIND_LOAD_BALANCER,
-    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
-    SVC_FLAG_TWO_SCOPES,
+    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 /// `VIP:port/PROTO`, and ` (internal)` for an address's internal entry.
 fn frontend_addr(k: &Lb4ServiceKey) -> String {
     let scope = if k.scope == SCOPE_INTERNAL { " (internal)" } else { "" };
     format!("{}{scope}", endpoint(k.addr, k.port, k.proto))
+}
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        SRC_RANGE_ALLOW => "allowed",
+        SRC_RANGE_DENY => "dropped",
+        _ => "unknown",
+    }
 }
 
 fn backend_addr(b: &Lb4Backend) -> String {
@@ -77,6 +85,17 @@ pub fn render(maps: &MemoryMaps) -> String {
         for (b, n) in shares {
             let _ = writeln!(out, "  -> {b} {n}/{}", svc.maglev_size);
         }
+    }
+    // Source ranges, by frontend: the networks let in, then whether the others are shut out.
+    for (e, verdict) in &maps.src_ranges {
+        let fe = frontend_addr(&e.key.frontend);
+        let _ = match e.prefix_len.checked_sub(SRC_RANGE_FRONTEND_BITS) {
+            Some(0) => writeln!(out, "source-ranges {fe} others {}", verdict_name(*verdict)),
+            Some(len) => {
+                writeln!(out, "source-ranges {fe} {}/{len} {}", ipv4(e.key.src), verdict_name(*verdict))
+            }
+            None => writeln!(out, "source-ranges {fe} malformed prefix {}", e.prefix_len),
+        };
     }
     let mut backends: Vec<(String, &'static str)> = maps
         .backends
