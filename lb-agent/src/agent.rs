@@ -40,6 +40,8 @@ pub struct Agent<W: MapWriter = Maps> {
     /// `--nodeport-addresses`, and this node's local addresses it selects from.
     nodeport_spec: model::node::NodePortAddresses,
     local_addrs: Vec<std::net::Ipv4Addr>,
+    /// A full resync is wanted (see [`Agent::take_resync`]).
+    resync: bool,
 }
 
 /// What one change did.
@@ -75,6 +77,7 @@ impl<W: MapWriter> Agent<W> {
             last_good: model::LastGood::default(),
             nodeport_spec: model::node::NodePortAddresses::default(),
             local_addrs: Vec::new(),
+            resync: false,
         }
     }
 
@@ -110,6 +113,12 @@ impl<W: MapWriter> Agent<W> {
         self
     }
 
+    /// Whether the source should send everything again (see `Addresses::take_displaced`); true
+    /// once per need.
+    pub fn take_resync(&mut self) -> bool {
+        std::mem::take(&mut self.resync)
+    }
+
     /// Programs a change.
     pub fn apply(&mut self, change: Change) -> Report {
         let report = match change.what {
@@ -133,6 +142,7 @@ impl<W: MapWriter> Agent<W> {
         self.ctx.nodeport_addresses =
             model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
         self.ctx.node_ip = objects.node.as_deref().and_then(model::node::primary_ipv4);
+        self.ctx.local_addresses.clone_from(&self.local_addrs);
         // Objects the source could not read are held too: their Services keep what they had,
         // their addresses included.
         let held_by_source: BTreeSet<String> = objects.errors.iter().filter_map(|e| e.service()).collect();
@@ -204,6 +214,7 @@ impl<W: MapWriter> Agent<W> {
             built.push((key, m.frontends));
         }
         let (upsert, removed) = self.addresses.reassign(built, &held, &mut errors);
+        self.resync |= !self.addresses.take_displaced().is_empty();
         let (stats, sync_errors) = self.reconciler.apply(upsert.iter(), &removed, &mut self.maps);
         for e in &errors {
             let m = e.to_string();
@@ -456,6 +467,54 @@ mod tests {
         // Once zz lets go, aa gets it.
         a.apply(Change::now(What::Services(vec![change("default/zz", None)])));
         assert_eq!(programmed(&a).map(|p| p.0), Some(3));
+    }
+
+    #[test]
+    fn a_cluster_ip_takes_its_address_from_an_external_ip_that_holds_it() {
+        // aa lists 10.96.5.1 (a cluster IP yet to be allocated) among its externalIPs, with
+        // externalTrafficPolicy Local (two entries there), before zz gets it as its cluster IP.
+        let capture = |last| {
+            service("aa", last).replace(
+                "spec: {clusterIP: 10.96.5.1,",
+                "spec: {clusterIP: 10.96.5.9, externalTrafficPolicy: Local, externalIPs: [10.96.5.1],",
+            )
+        };
+        let internal = Lb4ServiceKey {
+            scope: lb_common::SCOPE_INTERNAL,
+            ..Lb4ServiceKey::new([10, 96, 5, 1], 80, IPPROTO_TCP)
+        };
+        let mut a = agent();
+        a.apply(Change::all(objects(&capture(2))));
+        assert_eq!(programmed(&a).map(|p| p.0), Some(2), "aa holds the address");
+        assert!(a.maps.services.contains_key(&internal), "and its internal entry");
+        assert!(!a.take_resync());
+        // zz comes, in a batch of its own: its cluster IP is its, at once; aa's internal entry
+        // goes; aa is to be built again (a full resync), which refuses its externalIP.
+        let report = a.apply(Change::now(What::Services(vec![change("default/zz", Some(service("zz", 3)))])));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(programmed(&a).map(|p| p.0), Some(3), "zz's cluster IP goes to zz's endpoint");
+        let gone = a.maps.services.get(&internal).is_none_or(|s| s.flags & SVC_FLAG_TOMBSTONE != 0);
+        assert!(gone, "aa's internal entry at zz's cluster IP is gone");
+        assert!(a.take_resync(), "aa is built again");
+        assert!(!a.take_resync(), "once");
+        let both = format!("{}---\n{}", capture(2), service("zz", 3));
+        let report = a.apply(Change::all(objects(&both)));
+        assert_eq!(report.errors.len(), 2, "aa's externalIP is refused, both entries: {:?}", report.errors);
+        assert!(
+            report.errors.iter().all(|e| e.contains("default/aa") && e.contains("default/zz")),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(programmed(&a).map(|p| p.0), Some(3));
+        // In one batch too, whatever the order.
+        let mut a = agent();
+        let report = a.apply(Change::now(What::Services(vec![
+            change("default/aa", Some(capture(2))),
+            change("default/zz", Some(service("zz", 3))),
+        ])));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(programmed(&a).map(|p| p.0), Some(3));
+        assert!(a.maps.services.get(&internal).is_none_or(|s| s.flags & SVC_FLAG_TOMBSTONE != 0));
     }
 
     /// What the source reports when zz's object cannot be read.

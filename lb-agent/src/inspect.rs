@@ -195,6 +195,7 @@ fn kind_of(maps: &Maps, id: u32) -> &'static str {
     match maps.read_meta(id).map(|m| m.kind) {
         Some(lb_common::FRONTEND_KIND_LOAD_BALANCER) => "LoadBalancer",
         Some(lb_common::FRONTEND_KIND_NODE_PORT) => "NodePort",
+        Some(lb_common::FRONTEND_KIND_EXTERNAL_IP) => "ExternalIP",
         _ => "ClusterIP",
     }
 }

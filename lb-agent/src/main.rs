@@ -80,6 +80,11 @@ struct Args {
     /// addresses. Loopback never.
     #[arg(long, default_value = "primary")]
     nodeport_addresses: model::node::NodePortAddresses,
+    /// Which Services' `spec.externalIPs` are served: `all` (kube-proxy's behaviour),
+    /// `node-addresses` (only this node's own addresses) or `none`. Anyone who may create a
+    /// Service may list any address there and catch the cluster's traffic to it (CVE-2020-8554).
+    #[arg(long, default_value = "all", value_name = "all|node-addresses|none")]
+    external_ips: model::node::ExternalIps,
     /// Remove everything lb installed under --pin-dir (detaches the programs, drops tracked
     /// flows) and exit.
     #[arg(long)]
@@ -242,6 +247,8 @@ impl From<Args> for Config {
                 max_endpoints_per_service: a.max_endpoints_per_service,
                 nodeport_addresses: Vec::new(),
                 node_ip: None,
+                local_addresses: Vec::new(),
+                external_ips: a.external_ips,
             },
             flow_events: a.flow_events,
             metrics_addr: a.metrics_bind_address,
@@ -442,6 +449,11 @@ async fn main() -> anyhow::Result<()> {
             Some(change) = changes.recv() => {
                 agent.health.change_seen();
                 agent.apply(change);
+                if agent.take_resync() {
+                    // A cluster IP took an address from an external one: that Service is built
+                    // again, to wait for it.
+                    source.resync();
+                }
             }
         }
     }

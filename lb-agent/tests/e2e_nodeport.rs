@@ -264,3 +264,61 @@ fn source_ranges_let_only_their_clients_reach_a_load_balancer_ip() {
     // The other pod (node 2) is still outside them.
     assert!(tcp_asks(&c.client2, lb, 1).expect("asked").pop().expect("one").is_err(), "node 2's pod");
 }
+
+/// `service` with `spec.externalIPs: ips`.
+fn with_external_ips(yaml: String, ips: &[String]) -> String {
+    yaml.replacen("  ports:\n", &format!("  externalIPs: [{}]\n  ports:\n", ips.join(", ")), 1)
+}
+
+#[test]
+fn external_ips_are_served_like_kube_proxy_unless_told_otherwise() {
+    // --external-ips=all (the default): any address, routed through either node, and from pods.
+    let ext = Ipv4Addr::new(198, 51, 100, 50);
+    let (c, out) = cluster("npxa", |c| {
+        with_external_ips(
+            service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()),
+            &[ext.to_string()],
+        )
+    });
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    let to = SocketAddrV4::new(ext, 80);
+    for node in &c.nodes {
+        c.lab.route_via(&out, ext, node).expect("route");
+        wait_answer(&c, &out.netns, to);
+        assert_eq!(names(tcp_asks_from(&out.netns, to, 60).expect("TCP")), all, "through {}", node.netns);
+        let udp = SocketAddrV4::new(ext, 53);
+        let got =
+            names(udp_asks_from(&out.netns, udp, 24_000 + 100 * u16::from(node.index), 40).expect("UDP"));
+        assert_eq!(got, all, "UDP through {}", node.netns);
+    }
+    assert_eq!(names(tcp_asks(&c.client2, to, 30).expect("pod")), all, "a pod");
+    drop((c, out));
+
+    // --external-ips=node-addresses: node 1's own address is served on the Service's port; any
+    // other address is not translated (its traffic goes where it would without lb: here, nowhere).
+    let mut c = Cluster::new(
+        "npxn",
+        Mode::Tc,
+        true,
+        |_| String::new(),
+        &[NODE_ARGS[0], NODE_ARGS[1], "--external-ips", "node-addresses"],
+    );
+    let out = c.lab.outside().expect("the client outside");
+    let n1 = c.nodes[0].clone();
+    let own = SocketAddrV4::new(n1.underlay_ip(), 80);
+    c.write(&with_external_ips(
+        service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()),
+        &[n1.underlay_ip().to_string(), ext.to_string()],
+    ));
+    wait_answer(&c, &out.netns, own);
+    assert_eq!(names(tcp_asks_from(&out.netns, own, 60).expect("TCP")), all, "node 1's address");
+    c.lab.route_via(&out, ext, &n1).expect("route");
+    wait_answer(&c, &out.netns, SocketAddrV4::new(n1.underlay_ip(), 30080));
+    assert!(tcp_peer_from(&out.netns, to).is_err(), "another address: not served");
+    assert!(tcp_asks(&c.client1, to, 1).expect("asked").pop().expect("one").is_err(), "nor for pods");
+    let log = c.lab.agent_log(&n1);
+    assert!(
+        log.contains("spec.externalIPs[1]") && log.contains("--external-ips=node-addresses"),
+        "the refusal is logged:\n{log}"
+    );
+}

@@ -24,6 +24,8 @@ struct Node {
     nodeport_addresses: Option<String>,
     /// This node's local addresses (that CIDRs of `nodeportAddresses` select from).
     local_addresses: Option<Vec<std::net::Ipv4Addr>>,
+    /// `--external-ips` (default `all`).
+    external_ips: Option<String>,
 }
 
 /// The objects of `path`, this node's Node (named `node_name`) among them.
@@ -47,6 +49,8 @@ fn run_case(dir: &Path) -> String {
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
         nodeport_addresses: Vec::new(),
         node_ip: None,
+        local_addresses: Vec::new(),
+        external_ips: node.external_ips.as_deref().unwrap_or("all").parse().expect("externalIps"),
     };
     let nodeports: model::node::NodePortAddresses =
         node.nodeport_addresses.as_deref().unwrap_or("primary").parse().expect("nodeportAddresses");

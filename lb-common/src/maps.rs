@@ -531,6 +531,8 @@ pub const FRONTEND_KIND_CLUSTER_IP: u8 = 0;
 pub const FRONTEND_KIND_LOAD_BALANCER: u8 = 1;
 /// A NodePort on one of this node's addresses.
 pub const FRONTEND_KIND_NODE_PORT: u8 = 2;
+/// `spec.externalIPs`.
+pub const FRONTEND_KIND_EXTERNAL_IP: u8 = 3;
 
 impl Default for Lb4FrontendMeta {
     fn default() -> Self {

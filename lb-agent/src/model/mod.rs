@@ -10,7 +10,7 @@ pub mod node;
 mod service;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::Ipv4Addr,
 };
@@ -140,6 +140,8 @@ pub enum FrontendKind {
     LoadBalancer,
     /// `spec.ports[].nodePort` on one of this node's addresses (`--nodeport-addresses`).
     NodePort,
+    /// `spec.externalIPs` (as `--external-ips` allows them).
+    ExternalIp,
 }
 
 impl FrontendKind {
@@ -149,6 +151,7 @@ impl FrontendKind {
             FrontendKind::ClusterIp => "spec.clusterIP",
             FrontendKind::LoadBalancer => "status.loadBalancer.ingress",
             FrontendKind::NodePort => "spec.ports[].nodePort",
+            FrontendKind::ExternalIp => "spec.externalIPs",
         }
     }
 
@@ -165,6 +168,7 @@ impl fmt::Display for FrontendKind {
             Self::ClusterIp => "ClusterIP",
             Self::LoadBalancer => "LoadBalancer",
             Self::NodePort => "NodePort",
+            Self::ExternalIp => "ExternalIP",
         })
     }
 }
@@ -233,6 +237,10 @@ pub struct Context {
     /// the LoadBalancer's own address as a client too (kube-proxy's rule for load balancers that
     /// loop a node's request back with the address as its source).
     pub node_ip: Option<Ipv4Addr>,
+    /// Every IPv4 address of this node's interfaces.
+    pub local_addresses: Vec<Ipv4Addr>,
+    /// Which `spec.externalIPs` are served (`--external-ips`).
+    pub external_ips: node::ExternalIps,
 }
 
 impl Default for Context {
@@ -244,6 +252,8 @@ impl Default for Context {
             max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
             nodeport_addresses: Vec::new(),
             node_ip: None,
+            local_addresses: Vec::new(),
+            external_ips: node::ExternalIps::All,
         }
     }
 }
@@ -260,6 +270,9 @@ pub enum ModelError {
     Invalid { kind: &'static str, object: String, field: String, reason: String },
     #[error("{kind} {object}: field {field}: {what} is not supported yet")]
     Unsupported { kind: &'static str, object: String, field: String, what: String },
+    /// Valid, but this agent's settings leave it out (`--external-ips`).
+    #[error("{kind} {object}: field {field}: {reason}")]
+    Refused { kind: &'static str, object: String, field: String, reason: String },
 }
 
 impl ModelError {
@@ -271,11 +284,16 @@ impl ModelError {
         Self::Unsupported { kind, object: object.to_string(), field, what: what.into() }
     }
 
+    fn refused(kind: &'static str, object: &str, field: String, reason: impl Into<String>) -> Self {
+        Self::Refused { kind, object: object.to_string(), field, reason: reason.into() }
+    }
+
     /// The metric label for this error.
     pub const fn reason_label(&self) -> &'static str {
         match self {
             Self::Invalid { .. } => "invalid",
             Self::Unsupported { .. } => "unsupported",
+            Self::Refused { .. } => "refused",
         }
     }
 }
@@ -303,6 +321,14 @@ pub struct Addresses {
     by_service: BTreeMap<String, Vec<FrontendAddr>>,
     /// Frontends refused because another Service held their address.
     waiting: BTreeMap<FrontendAddr, BTreeMap<String, Frontend>>,
+    /// The addresses held by external frontends (not cluster IPs).
+    external: HashSet<FrontendAddr>,
+    /// Services that lost an address to a cluster IP since [`Addresses::take_displaced`]: they
+    /// must be built again to wait for it.
+    displaced: BTreeSet<String>,
+    /// Addresses the displaced Services held beside the one taken (an internal entry), no
+    /// Service's now.
+    dropped: Vec<FrontendAddr>,
 }
 
 impl Addresses {
@@ -320,6 +346,30 @@ impl Addresses {
             self.owner.get(&addr)
         };
         match owner {
+            // A cluster IP is the cluster's own: it takes its address from an external one (an
+            // externalIP, a LoadBalancer IP or a NodePort anyone who may create a Service can
+            // point there, CVE-2020-8554), which then waits for it.
+            Some(other)
+                if *other != fe.service
+                    && fe.kind == FrontendKind::ClusterIp
+                    && addr.scope == Scope::External
+                    && self.external.contains(&addr) =>
+            {
+                let other = other.clone();
+                let internal = FrontendAddr { scope: Scope::Internal, ..addr };
+                let theirs = self.by_service.entry(other.clone()).or_default();
+                theirs.retain(|a| *a != addr && *a != internal);
+                if self.owner.get(&internal) == Some(&other) {
+                    self.owner.remove(&internal);
+                    self.external.remove(&internal);
+                    self.dropped.push(internal);
+                }
+                self.displaced.insert(other);
+                self.external.remove(&addr);
+                self.owner.insert(addr, fe.service.clone());
+                self.by_service.entry(fe.service.clone()).or_default().push(addr);
+                Ok(fe)
+            }
             // Held already, even by this Service (a port or address listed twice).
             Some(other) => {
                 let e = ModelError::invalid(
@@ -334,11 +384,20 @@ impl Addresses {
                 Err(e)
             }
             None => {
+                if fe.kind.external() {
+                    self.external.insert(addr);
+                }
                 self.owner.insert(addr, fe.service.clone());
                 self.by_service.entry(fe.service.clone()).or_default().push(addr);
                 Ok(fe)
             }
         }
+    }
+
+    /// The Services that lost an address to a cluster IP since the last call: the agent builds
+    /// them again (a full resync), so that they wait for it and report why.
+    pub fn take_displaced(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.displaced)
     }
 
     /// Stops `service` waiting for addresses (its objects were rejected: what it asked for is no
@@ -372,6 +431,7 @@ impl Addresses {
         let old = self.by_service.remove(service).unwrap_or_default();
         for a in &old {
             self.owner.remove(a);
+            self.external.remove(a);
         }
         old
     }
@@ -406,6 +466,12 @@ impl Addresses {
         }
         for others in rest {
             claimed.extend(self.claim_all(others, errors));
+        }
+        // What displaced Services held beside the addresses taken goes too (claimed in this
+        // batch, or before).
+        for addr in self.dropped.drain(..) {
+            claimed.remove(&addr);
+            released.push(addr);
         }
         claimed.extend(self.hand_over(&released, held));
         let freed = released.into_iter().filter(|a| !claimed.contains_key(a)).collect();
@@ -657,9 +723,10 @@ pub fn build_claiming(
             model.addresses.by_service.entry(service.clone()).or_default().push(*addr);
         }
     }
-    let (again, others): (Vec<Frontend>, Vec<Frontend>) =
-        wanted.into_iter().partition(|fe| prior.holder(&fe.addr) == Some(fe.service.as_str()));
-    for fe in again.into_iter().chain(others) {
+    // Cluster IPs first (an external address never takes one, see `Addresses::offer`), each
+    // kind's addresses first to the Services that held them.
+    wanted.sort_by_key(|fe| (fe.kind.external(), prior.holder(&fe.addr) != Some(fe.service.as_str())));
+    for fe in wanted {
         match model.addresses.offer(fe) {
             Ok(fe) => {
                 model.frontends.insert(fe.addr, fe);
@@ -667,6 +734,10 @@ pub fn build_claiming(
             Err(e) => model.errors.push(e),
         }
     }
+    for addr in model.addresses.dropped.drain(..) {
+        model.frontends.remove(&addr);
+    }
+    model.addresses.displaced.clear();
     model
 }
 

@@ -157,6 +157,41 @@ impl fmt::Display for NodePortAddresses {
     }
 }
 
+/// Which `spec.externalIPs` lb serves (`--external-ips`). Anyone who may create a Service may
+/// list any address there, and catch the traffic of the cluster's pods (and of this node) to it
+/// (CVE-2020-8554): `all` is kube-proxy's behaviour; `node-addresses` serves only this node's own
+/// addresses (Cilium's default for its socket-level translation); `none` serves none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExternalIps {
+    #[default]
+    All,
+    NodeAddresses,
+    None,
+}
+
+impl FromStr for ExternalIps {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "node-addresses" => Ok(Self::NodeAddresses),
+            "none" => Ok(Self::None),
+            other => Err(format!("--external-ips: {other:?}: one of all, node-addresses, none")),
+        }
+    }
+}
+
+impl fmt::Display for ExternalIps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::All => "all",
+            Self::NodeAddresses => "node-addresses",
+            Self::None => "none",
+        })
+    }
+}
+
 /// The node's primary IPv4 address: the first IPv4 `InternalIP` in `status.addresses`, else the
 /// first IPv4 `ExternalIP` (kube-proxy's `GetNodeHostIPs`). Addresses that do not parse are
 /// skipped; an IPv4-mapped IPv6 address counts as IPv4, as Go's parser has it.

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
 use super::{
-    node::Cidr, Context, FrontendKind, ModelError, Protocol, SourceRange, DEFAULT_AFFINITY_TIMEOUT_SECS,
+    node::{Cidr, ExternalIps},
+    Context, FrontendKind, ModelError, Protocol, SourceRange, DEFAULT_AFFINITY_TIMEOUT_SECS,
 };
 
 const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
@@ -202,7 +203,7 @@ pub(super) fn service_spec(
     if vips.is_empty() || ports.is_empty() {
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
     }
-    let external = external_addresses(svc, object, &vips, errors);
+    let external = external_addresses(svc, object, &vips, ctx, errors);
     SvcOutcome::Use(SvcSpec {
         vips,
         external,
@@ -252,12 +253,14 @@ fn source_ranges(
 /// in its status whose `ipMode` is unset or `VIP` (with `Proxy` the load balancer itself must see
 /// the traffic; hostnames are not addresses), as kube-proxy takes them. One that is not an IP
 /// address is reported and left out; one listed twice, or that is one of the Service's own
-/// cluster IPs (`vips`), is taken once. (`spec.externalIPs`, which anyone who may create a
-/// Service may set to any address, CVE-2020-8554, come with `--external-ips`.)
+/// cluster IPs (`vips`), is taken once. Then its `spec.externalIPs`, of any type, as
+/// `--external-ips` allows them (anyone who may create a Service may list any address there,
+/// CVE-2020-8554): one left out is reported.
 fn external_addresses(
     svc: &Service,
     object: &str,
     vips: &[Ipv4Addr],
+    ctx: &Context,
     errors: &mut Vec<ModelError>,
 ) -> Vec<(Ipv4Addr, FrontendKind)> {
     const KIND: &str = "Service";
@@ -285,6 +288,25 @@ fn external_addresses(
                 continue;
             }
             take(ip, format!("status.loadBalancer.ingress[{i}].ip"), FrontendKind::LoadBalancer, errors);
+        }
+    }
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        let field = format!("spec.externalIPs[{i}]");
+        let allowed = match (ctx.external_ips, ip.parse::<Ipv4Addr>()) {
+            (ExternalIps::All, _) | (_, Err(_)) => Ok(()),
+            (ExternalIps::NodeAddresses, Ok(a))
+                if ctx.local_addresses.contains(&a) || ctx.node_ip == Some(a) =>
+            {
+                Ok(())
+            }
+            (ExternalIps::NodeAddresses, Ok(_)) => {
+                Err(format!("{ip} is not one of this node's addresses (--external-ips=node-addresses)"))
+            }
+            (ExternalIps::None, Ok(_)) => Err("externalIPs are not served (--external-ips=none)".into()),
+        };
+        match allowed {
+            Ok(()) => take(ip, field, FrontendKind::ExternalIp, errors),
+            Err(reason) => errors.push(ModelError::refused(KIND, object, field, reason)),
         }
     }
     out

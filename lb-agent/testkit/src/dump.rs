@@ -9,9 +9,9 @@ use lb_agent::reconcile::{
     MemoryMaps,
 };
 use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, FRONTEND_KIND_LOAD_BALANCER,
-    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS,
-    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, FRONTEND_KIND_EXTERNAL_IP,
+    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY,
+    SRC_RANGE_FRONTEND_BITS, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 /// `VIP:port/PROTO`, and ` (internal)` for an address's internal entry.
@@ -43,6 +43,7 @@ pub fn render(maps: &MemoryMaps) -> String {
         let name = match maps.meta.get(&svc.id).map(|m| m.kind) {
             Some(FRONTEND_KIND_LOAD_BALANCER) => format!("{name} LoadBalancer"),
             Some(FRONTEND_KIND_NODE_PORT) => format!("{name} NodePort"),
+            Some(FRONTEND_KIND_EXTERNAL_IP) => format!("{name} ExternalIP"),
             _ => name.to_string(),
         };
         if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
