@@ -694,3 +694,183 @@ fn source_ranges_packet_by_packet() {
         drop(dp);
     });
 }
+
+/// An ICMP error as a node interface receives it (addressed to this host at layer 2).
+fn icmp_in(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut b = icmp_error(src, dst, kind, code, rest, quoted);
+    b[..6].fill(0);
+    b
+}
+
+/// Rule: an ICMP error about a flow from outside reaches the host that sent the quoted packet, as
+/// if about a packet it sent itself, both ways and for both kinds of endpoint: a local endpoint's
+/// error to the client leaves from the NodePort (node egress); a router's "fragmentation needed"
+/// about a reply this node sent to the client goes to the endpoint, local (delivered) or remote
+/// (forwarded, to the SNAT address and port it replied to); a remote endpoint's error about a
+/// SNATed packet goes to the client (forwarded). Errors about no flow of lb's, or in a frame for
+/// another host, pass untouched.
+#[test]
+fn icmp_errors_about_flows_from_outside_packet_by_packet() {
+    in_node_netns("icmp", |ifs| {
+        let pins = PinDir::new("npicmp");
+        let (mut dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
+        dp.load_node_programs().expect("node-side programs");
+        record_interfaces(pins.path(), &ifs);
+        let (remote, local) = (30080, 30081);
+        let fes = [
+            frontend(NODE, remote, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]),
+            frontend(NODE, local, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
+        ];
+        let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
+        let caps =
+            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
+        let mut r = Reconciler::new(caps, Options::default());
+        let (_, errors) = r.sync(&desired, &Default::default(), &mut maps);
+        assert!(errors.is_empty(), "sync errors: {errors:?}");
+        let router = Ipv4Addr::new(172, 31, 0, 254);
+        let rev_in = [(c::RX_NODE_IN, 1), (c::REV_NAT, 1)];
+
+        // A local endpoint's flow: the client's SYN, and the endpoint's reply on its way out.
+        let syn = pkt((OUTSIDE, 40_000), (NODE, local), SYN);
+        let to_pod = expect(
+            &dp,
+            &maps,
+            "SYN, local",
+            Prog::NodeIn,
+            &syn,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        let reply = pkt((LOCAL_POD, 8080), (OUTSIDE, 40_000), SYN_ACK);
+        let reply_out = expect(
+            &dp,
+            &maps,
+            "reply, local",
+            Prog::NodeOut,
+            &reply,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+        );
+        assert_eq!(check_packet(&reply_out).src, (NODE, local));
+        // The endpoint's own error about the client's packet: from the NodePort, about a packet
+        // to it.
+        let err = icmp_error(LOCAL_POD, OUTSIDE, 3, 4, 1400, &to_pod[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "the endpoint's error",
+            Prog::NodeOut,
+            &err,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+        );
+        let seen = check_icmp_error(&out);
+        assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
+        assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 40_000), (NODE, local)));
+        // A router's "fragmentation needed" about the reply: to the endpoint, about its reply.
+        let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "a router's error about a local endpoint's reply",
+            Prog::NodeIn,
+            &err,
+            TC_OK,
+            &rev_in,
+        );
+        let seen = check_icmp_error(&out);
+        assert_eq!((seen.src, seen.dst), (router, LOCAL_POD));
+        assert_eq!((seen.quoted.src, seen.quoted.dst), ((LOCAL_POD, 8080), (OUTSIDE, 40_000)));
+
+        // A remote endpoint's flow, SNATed: the client's SYN, and the endpoint's reply.
+        let syn = pkt((OUTSIDE, 40_001), (NODE, remote), SYN);
+        let to_remote = expect(
+            &dp,
+            &maps,
+            "SYN, remote",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let snat = check_packet(&to_remote).src;
+        assert_eq!(snat.0, NODE);
+        let reply = pkt((REMOTE_POD, 8080), snat, SYN_ACK);
+        let reply_out = expect(&dp, &maps, "reply, remote", Prog::NodeIn, &reply, TC_REDIRECT, &rev_in);
+        assert_eq!(check_packet(&reply_out).src, (NODE, remote));
+        // The endpoint's error about the SNATed packet: to the client, from the NodePort, about
+        // the client's packet to it; forwarded.
+        let err = icmp_in(REMOTE_POD, NODE, 3, 3, 0, &to_remote[14..]);
+        let out = expect(&dp, &maps, "the remote endpoint's error", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
+        let seen = check_icmp_error(&out);
+        assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
+        assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 40_001), (NODE, remote)));
+        // A router on the way to it (not the endpoint): the error keeps its source.
+        let err = icmp_in(router, NODE, 11, 0, 0, &to_remote[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "a router's error about a SNATed packet",
+            Prog::NodeIn,
+            &err,
+            TC_REDIRECT,
+            &rev_in,
+        );
+        assert_eq!(check_icmp_error(&out).src, router);
+        // A router's "fragmentation needed" about the reply this node forwarded: to the remote
+        // endpoint, about its reply to this node's address and SNAT port; forwarded to it.
+        let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "a router's error about a remote endpoint's reply",
+            Prog::NodeIn,
+            &err,
+            TC_REDIRECT,
+            &rev_in,
+        );
+        let seen = check_icmp_error(&out);
+        assert_eq!((seen.src, seen.dst), (router, REMOTE_POD));
+        assert_eq!((seen.quoted.src, seen.quoted.dst), ((REMOTE_POD, 8080), snat));
+        assert_eq!(out[..6], PEER_MAC, "to the next hop towards the endpoint");
+
+        // About no flow of lb's: untouched, both ways.
+        let other = pkt((NODE, 22), (OUTSIDE, 50_000), ACK);
+        let err = icmp_in(router, NODE, 3, 4, 1280, &other[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "about another flow, in",
+            Prog::NodeIn,
+            &err,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+        );
+        assert_eq!(out, err);
+        let err = icmp_error(NODE, OUTSIDE, 3, 3, 0, &pkt((OUTSIDE, 50_001), (NODE, 9999), UDP)[14..]);
+        let out = expect(
+            &dp,
+            &maps,
+            "about another flow, out",
+            Prog::NodeOut,
+            &err,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::PASS_OTHER_PROTO, 1)],
+        );
+        assert_eq!(out, err);
+        // A copy of a frame for another host: not this node's to translate.
+        let mut flooded = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+        flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        let out = expect(
+            &dp,
+            &maps,
+            "for another host",
+            Prog::NodeIn,
+            &flooded,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+        );
+        assert_eq!(out, flooded);
+        drop(dp);
+    });
+}

@@ -207,6 +207,7 @@ pub mod default_timeouts {
 /// would write a shared cache line per packet.
 pub const CT_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

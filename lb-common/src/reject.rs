@@ -15,7 +15,7 @@ pub const REJECT_OUT: usize = 14 + 20 + 8 + 20 + 8;
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
-const IPPROTO_ICMP: u8 = 1;
+use crate::IPPROTO_ICMP;
 /// Precedence "internetwork control", as Linux's `icmp_send` sets it.
 const TOS_INTERNETCONTROL: u8 = 0xc0;
 

@@ -618,11 +618,19 @@ pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
 /// The reply entry of backend `saddr:sport` → client `daddr:dport`, if its flow is alive, read
 /// without touching either entry (an ICMP error is no sign of life).
 #[inline(always)]
-pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, now: u64) -> Option<Reply> {
+pub fn peek_reply(
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    replies: Replies,
+    now: u64,
+) -> Option<Reply> {
     let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
     // SAFETY: the values are copied out at once.
     let e = unsafe { LB4_CT.get(&key) }?;
-    if !Replies::Pods.take(e) {
+    if !replies.take(e) {
         return None;
     }
     let r = Reply::of(e);
@@ -636,4 +644,21 @@ pub fn peek_reply(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, now
 #[inline(always)]
 pub fn affinity_allowed(svc_id: u32, backend_id: u32) -> Option<Lb4Member> {
     member(svc_id, backend_id).filter(|m| m.state == MEMBER_ACTIVE)
+}
+
+/// The live forward entry of a flow from outside (client `saddr:sport` → VIP `daddr:dport`),
+/// copied, without touching it (an ICMP error quoting a reply of the flow looks it up).
+#[inline(always)]
+pub fn peek_external_forward(
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    now: u64,
+) -> Option<Lb4CtEntry> {
+    let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_FORWARD, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let e = unsafe { LB4_CT.get(&key) }.copied()?;
+    (e.flags & CT_FLAG_EXTERNAL != 0 && !expired(&e, proto, now)).then_some(e)
 }

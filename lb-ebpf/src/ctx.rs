@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use lb_common::counters;
 
-pub use crate::fib::Route;
+pub use crate::fib::{Hop, Route};
 use crate::{
     fib,
     nat::{self, Side},
@@ -83,9 +83,9 @@ pub trait PacketCtx: EbpfContext {
         true
     }
 
-    /// Sends the packet, rewritten to `saddr` → `daddr`, out of the interface its route names;
+    /// Sends the packet, rewritten to `hop`'s addresses, out of the interface its route names;
     /// `Err` when it cannot. TC only.
-    fn forward(&self, _f: &Flow, _saddr: u32, _daddr: u32) -> Result<Self::Ret, ()> {
+    fn forward(&self, _hop: &Hop) -> Result<Self::Ret, ()> {
         Err(())
     }
 
@@ -199,8 +199,8 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn forward(&self, f: &Flow, saddr: u32, daddr: u32) -> Result<i32, ()> {
-        fib::forward(self, f, saddr, daddr)
+    fn forward(&self, hop: &Hop) -> Result<i32, ()> {
+        fib::forward(self, hop)
     }
 }
 

@@ -43,6 +43,15 @@ pub enum Route {
     None,
 }
 
+/// What a route is looked up for: a packet's protocol, ports and addresses (network byte order).
+pub struct Hop {
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u32,
+    pub daddr: u32,
+}
+
 /// The SNAT address of interface `ifindex`, if it is a node interface that has one.
 #[inline(always)]
 fn snat_addr(ifindex: u32) -> Option<u32> {
@@ -55,19 +64,19 @@ fn snat_addr(ifindex: u32) -> Option<u32> {
 /// interface it came in on. Returns the kernel's answer and the lookup's results (`None` if the
 /// parameter block cannot be had, which does not happen).
 #[inline(always)]
-fn lookup(ctx: &TcContext, f: &Flow, saddr: u32, daddr: u32) -> Option<(i64, &'static bpf_fib_lookup)> {
+fn lookup(ctx: &TcContext, hop: &Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
     // SAFETY: this CPU's block, used by this program only while it runs.
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0)? };
     // SAFETY: a plain C struct of integers, for which all zeros is valid.
     *p = unsafe { zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = f.proto;
-    p.sport = f.sport;
-    p.dport = f.dport;
+    p.l4_protocol = hop.proto;
+    p.sport = hop.sport;
+    p.dport = hop.dport;
     // SAFETY: reading a context field.
     p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p.__bindgen_anon_3.ipv4_src = hop.saddr;
+    p.__bindgen_anon_4.ipv4_dst = hop.daddr;
     // SAFETY: a valid socket buffer and a parameter block of the size given.
     let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, size_of::<bpf_fib_lookup>() as i32, 0) };
     Some((rc, p))
@@ -79,7 +88,8 @@ fn lookup(ctx: &TcContext, f: &Flow, saddr: u32, daddr: u32) -> Option<(i64, &'s
 /// CNI's tunnel device), to the address of the one the packet came in on.
 #[inline(always)]
 pub fn route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
-    let Some((rc, p)) = lookup(ctx, f, f.saddr, backend) else { return Route::None };
+    let hop = Hop { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
+    let Some((rc, p)) = lookup(ctx, &hop) else { return Route::None };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the value is copied out at once.
@@ -106,11 +116,11 @@ pub fn for_this_host(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).pkt_type == 0 }
 }
 
-/// Sends the packet (already rewritten to `saddr` → `daddr`) out of the interface its route
+/// Sends the packet (already rewritten to `hop`'s addresses) out of the interface its route
 /// names. `Err` when there is no route or the packet cannot be sent.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, f: &Flow, saddr: u32, daddr: u32) -> Result<i32, ()> {
-    let (rc, p) = lookup(ctx, f, saddr, daddr).ok_or(())?;
+pub fn forward(ctx: &TcContext, hop: &Hop) -> Result<i32, ()> {
+    let (rc, p) = lookup(ctx, hop).ok_or(())?;
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;

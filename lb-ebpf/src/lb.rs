@@ -19,6 +19,7 @@ use crate::{
     ctx::{PacketCtx, Route},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, LB_TAKEOVER},
     monitor,
+    nat::IcmpNat,
     parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
     stats::{count, svc_update},
 };
@@ -425,15 +426,68 @@ pub fn lb4_reply(f: &Flow, replies: Replies) -> Action {
     }
 }
 
-/// Reply direction, ICMP errors: the VIP and port of the load-balanced flow the quoted packet
-/// belongs to (the quote is client → backend; its reply entry is backend → client), and the
-/// client's own port where the flow was given another (0: none), if the error goes to that
-/// client. Hairpinned flows are left alone.
+/// Reply direction, ICMP errors going to a client (of `replies`) about its packet to a backend
+/// (the quote is client → backend; its reply entry is backend → client): the quote becomes client
+/// → VIP, from the client's own port where the flow was given another; when the backend itself
+/// sent the error, it comes from the VIP. Hairpinned flows are left alone.
 #[inline(always)]
-pub fn lb4_reply_icmp(e: &IcmpError) -> Option<(u32, u16, u16)> {
+pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
     if e.outer_daddr != e.saddr {
         return None;
     }
-    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, now_ns())?;
-    (!r.hairpin).then_some((r.vip, r.vport, r.client_port))
+    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, replies, now_ns())?;
+    (!r.hairpin).then_some(IcmpNat {
+        quote_src: (r.client_port != 0).then_some((e.saddr, r.client_port)),
+        quote_dst: Some((r.vip, r.vport)),
+        outer_src: (e.outer_saddr == e.daddr).then_some(r.vip),
+        outer_dst: None,
+    })
+}
+
+/// ICMP errors arriving on a node interface about a flow from outside, and whether lb must
+/// forward the error itself (it goes out of this node, from an address the stack would take for
+/// a martian, or about a flow netfilter never saw). Two kinds:
+/// - about a reply this node sent to a client outside (the quote is VIP → client, the error goes
+///   to the VIP: "fragmentation needed" from a router on the way): it goes to the backend, as
+///   about its packet to the client (to this node's address and SNAT port, for a remote one);
+/// - about a packet this node sent to a remote endpoint, SNATed (the quote is this node's address
+///   and SNAT port → backend, the error goes to this node): it goes to the client, as about its
+///   packet to the VIP.
+#[inline(always)]
+pub fn lb4_node_in_icmp(e: &IcmpError) -> Option<(IcmpNat, bool)> {
+    if e.outer_daddr != e.saddr {
+        return None;
+    }
+    let now = now_ns();
+    if let Some(t) = conntrack::peek_external_forward(e.daddr, e.saddr, e.dport, e.sport, e.proto, now) {
+        // The backend's reply went to the client's address and port, or to this node's address
+        // and the SNAT port the flow was given.
+        let client = if t.snat_addr != 0 { t.snat_addr } else { e.daddr };
+        let client_port = if t.snat_port != 0 { t.snat_port } else { e.dport };
+        let nat = IcmpNat {
+            quote_src: Some((t.nat_addr, t.nat_port)),
+            quote_dst: Some((client, client_port)),
+            outer_src: None,
+            outer_dst: Some(t.nat_addr),
+        };
+        return Some((nat, t.snat_addr != 0));
+    }
+    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, Replies::NodeSnat, now)?;
+    let nat = IcmpNat {
+        quote_src: Some((r.client_addr, reply_port_of(e.sport, r.client_port))),
+        quote_dst: Some((r.vip, r.vport)),
+        outer_src: (e.outer_saddr == e.daddr).then_some(r.vip),
+        outer_dst: Some(r.client_addr),
+    };
+    Some((nat, true))
+}
+
+/// The client's port: its own where the flow was given another (`client_port`, 0: none).
+#[inline(always)]
+fn reply_port_of(port: u16, client_port: u16) -> u16 {
+    if client_port != 0 {
+        client_port
+    } else {
+        port
+    }
 }

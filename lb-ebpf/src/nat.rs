@@ -208,21 +208,24 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16)
     Ok(())
 }
 
-/// An ICMP error about a load-balanced flow, on its way to the client: the quoted packet (client →
-/// backend) becomes client → VIP again (from the client's own port, where the flow was given
-/// another), with its IPv4 and L4 checksums and the ICMP checksum
-/// updated; when the backend itself sent the error, its source becomes the VIP too. ICMP's
-/// checksum covers no pseudo-header, so every change is a plain incremental update, right for
-/// any socket-buffer checksum state (the covered bytes' sum does not change) and for XDP frames
-/// alike: no helper is needed, hence any [`PacketCtx`].
+/// What to rewrite in an ICMP error: the quoted packet's source and destination (address and
+/// port), and the error's own source and destination addresses.
+#[derive(Clone, Copy)]
+pub struct IcmpNat {
+    pub quote_src: Option<(u32, u16)>,
+    pub quote_dst: Option<(u32, u16)>,
+    pub outer_src: Option<u32>,
+    pub outer_dst: Option<u32>,
+}
+
+/// Rewrites ICMP error `e` about a load-balanced flow as `n` says, so that the host it goes to
+/// reads it as about a packet it sent itself: the quoted packet's addresses and ports with its
+/// IPv4 and L4 checksums (when the L4 one is in the quote), the ICMP checksum, and the outer
+/// addresses with the IPv4 checksum. ICMP's checksum covers no pseudo-header, so every change is a
+/// plain incremental update, right for any socket-buffer checksum state (the covered bytes' sum
+/// does not change) and for XDP frames alike: no helper is needed, hence any [`PacketCtx`].
 #[inline(always)]
-pub fn rewrite_icmp_error<C: PacketCtx>(
-    ctx: &C,
-    e: &IcmpError,
-    vip: u32,
-    vport: u16,
-    client_port: u16,
-) -> Result<(), i64> {
+pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, n: &IcmpNat) -> Result<(), i64> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
     let icmp = ptr_at::<IcmpHdr>(data, end, e.icmp_off).ok_or(-1i64)?;
@@ -231,21 +234,6 @@ pub fn rewrite_icmp_error<C: PacketCtx>(
     let tcp = if e.proto == IPPROTO_TCP { ptr_at::<TcpHdr>(data, end, e.inner_l4_off) } else { None };
     // SAFETY: every pointer was bounds-checked above; no helper runs in between.
     unsafe {
-        let (old_addr, old_port) = ((*inner).daddr, (*ports).dest);
-        let mut check = (*icmp).check;
-        let old_ip_check = (*inner).check;
-        let ip_check = csum::replace4(old_ip_check, old_addr, vip);
-        (*inner).daddr = vip;
-        (*inner).check = ip_check;
-        check = csum::replace4(check, old_addr, vip);
-        check = csum::replace2(check, old_ip_check, ip_check);
-        (*ports).dest = vport;
-        check = csum::replace2(check, old_port, vport);
-        // The client's own port, where the flow was given another source port.
-        let old_sport = (*ports).source;
-        let sport = if client_port != 0 { client_port } else { old_sport };
-        (*ports).source = sport;
-        check = csum::replace2(check, old_sport, sport);
         // The quoted L4 checksum (pseudo-header and ports), when it is in the quote.
         let l4_check: Option<*mut u16> = match tcp {
             Some(t) => Some(core::ptr::addr_of_mut!((*t).check)),
@@ -254,20 +242,40 @@ pub fn rewrite_icmp_error<C: PacketCtx>(
             }
             None => None,
         };
+        let old_l4 = l4_check.map_or(0, |p| *p);
+        let (mut l4, mut check) = (old_l4, (*icmp).check);
+        let old_ip_check = (*inner).check;
+        let mut ip_check = old_ip_check;
+        let sides = [
+            (n.quote_src, core::ptr::addr_of_mut!((*inner).saddr), core::ptr::addr_of_mut!((*ports).source)),
+            (n.quote_dst, core::ptr::addr_of_mut!((*inner).daddr), core::ptr::addr_of_mut!((*ports).dest)),
+        ];
+        for (to, addr, port) in sides {
+            let Some((a, p)) = to else { continue };
+            let (old_a, old_p) = (*addr, *port);
+            *addr = a;
+            *port = p;
+            ip_check = csum::replace4(ip_check, old_a, a);
+            check = csum::replace2(csum::replace4(check, old_a, a), old_p, p);
+            l4 = csum::replace2(csum::replace4(l4, old_a, a), old_p, p);
+        }
+        (*inner).check = ip_check;
+        check = csum::replace2(check, old_ip_check, ip_check);
         if let Some(p) = l4_check {
-            let old = *p;
-            let mut new = csum::replace2(csum::replace4(old, old_addr, vip), old_port, vport);
-            new = csum::replace2(new, old_sport, sport);
             if e.proto == IPPROTO_UDP {
-                new = csum::udp_fixup(old, new);
+                l4 = csum::udp_fixup(old_l4, l4);
             }
-            *p = new;
-            check = csum::replace2(check, old, new);
+            *p = l4;
+            check = csum::replace2(check, old_l4, l4);
         }
         (*icmp).check = check;
-        if e.outer_saddr == old_addr {
-            (*ip).check = csum::replace4((*ip).check, old_addr, vip);
-            (*ip).saddr = vip;
+        if let Some(a) = n.outer_src {
+            (*ip).check = csum::replace4((*ip).check, (*ip).saddr, a);
+            (*ip).saddr = a;
+        }
+        if let Some(a) = n.outer_dst {
+            (*ip).check = csum::replace4((*ip).check, (*ip).daddr, a);
+            (*ip).daddr = a;
         }
     }
     Ok(())

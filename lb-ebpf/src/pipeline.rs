@@ -3,16 +3,16 @@
 //! hook's [`PacketCtx`] and inlined into each entry point (no BPF-to-BPF calls), so each program
 //! is compiled for its own hook.
 
-use lb_common::{counters, EVENT_DROP};
+use lb_common::{counters, EVENT_DROP, IPPROTO_ICMP};
 
 use crate::{
     conntrack::Replies,
-    ctx::PacketCtx,
+    ctx::{Hop, PacketCtx},
     frags,
     lb::{self, Action, Nat},
     monitor,
     nat::{self, Side},
-    parse::{Flow, Parsed},
+    parse::{Flow, IcmpError, Parsed},
     stats::count,
 };
 
@@ -29,19 +29,23 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C) -> C::Ret {
 pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
     let parsed = ctx.parse();
     if let Parsed::IcmpError(e) = &parsed {
-        // An ICMP error about a load-balanced flow goes to the client as if about its packet to
-        // the VIP (counted as reverse NAT); any other ICMP passes.
-        let action = match lb::lb4_reply_icmp(e) {
-            Some((vip, vport, client_port)) => match nat::rewrite_icmp_error(ctx, e, vip, vport, client_port)
-            {
-                Ok(()) => Action::Pass(counters::REV_NAT),
-                Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
-            },
-            None => Action::Pass(counters::PASS_OTHER_PROTO),
-        };
-        return finish::<C>(action);
+        return reply_icmp(ctx, e, Replies::Pods);
     }
     verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::Pods))
+}
+
+/// An ICMP error about a load-balanced flow goes to the client (of `replies`) as if about its
+/// packet to the VIP (counted as reverse NAT); any other ICMP passes.
+#[inline(always)]
+fn reply_icmp<C: PacketCtx>(ctx: &C, e: &IcmpError, replies: Replies) -> C::Ret {
+    let action = match lb::lb4_reply_icmp(e, replies) {
+        Some(n) => match nat::rewrite_icmp_error(ctx, e, &n) {
+            Ok(()) => Action::Pass(counters::REV_NAT),
+            Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+        },
+        None => Action::Pass(counters::PASS_OTHER_PROTO),
+    };
+    finish::<C>(action)
 }
 
 /// Node interface ingress (outside → this node): load-balance packets to the external addresses
@@ -49,14 +53,43 @@ pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
 #[inline(always)]
 pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
     let parsed = ctx.parse();
+    if let Parsed::IcmpError(e) = &parsed {
+        // About a flow from outside: to its backend or its client, as if about a packet it sent
+        // itself (counted as reverse NAT); any other ICMP passes, as does a copy of a frame for
+        // another host.
+        let about = if ctx.for_this_host() { lb::lb4_node_in_icmp(e) } else { None };
+        let action = match about {
+            Some((n, forward)) => match nat::rewrite_icmp_error(ctx, e, &n) {
+                Ok(()) if forward => {
+                    let saddr = n.outer_src.unwrap_or(e.outer_saddr);
+                    let daddr = n.outer_dst.unwrap_or(e.outer_daddr);
+                    let hop = Hop { proto: IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
+                    match ctx.forward(&hop) {
+                        Ok(ret) => {
+                            count(counters::REV_NAT);
+                            return ret;
+                        }
+                        Err(()) => Action::Drop(counters::DROP_FIB),
+                    }
+                }
+                Ok(()) => Action::Pass(counters::REV_NAT),
+                Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+            },
+            None => Action::Pass(counters::PASS_OTHER_PROTO),
+        };
+        return finish::<C>(action);
+    }
     verdict(ctx, parsed, |f| lb::lb4_node_in(ctx, f, ctx.len()))
 }
 
 /// Node interface egress (this node → outside): translate the replies of local endpoints to
-/// clients outside back to the Service's address. ICMP errors pass untouched.
+/// clients outside back to the Service's address, and ICMP errors about their flows.
 #[inline(always)]
 pub fn lb4_node_out<C: PacketCtx>(ctx: &C) -> C::Ret {
     let parsed = ctx.parse();
+    if let Parsed::IcmpError(e) = &parsed {
+        return reply_icmp(ctx, e, Replies::External);
+    }
     verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::External))
 }
 
@@ -86,9 +119,9 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
         Action::Forward { nat, counter } => match rewrite(ctx, &f, nat) {
             Ok(()) => {
                 frags::translated(&f);
-                let saddr = nat.src.map_or(f.saddr, |(a, _)| a);
-                let daddr = nat.dst.map_or(f.daddr, |(a, _)| a);
-                match ctx.forward(&f, saddr, daddr) {
+                let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
+                let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
+                match ctx.forward(&Hop { proto: f.proto, sport, dport, saddr, daddr }) {
                     Ok(ret) => {
                         count(counter);
                         return ret;
