@@ -36,6 +36,8 @@ const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 /// An address no route leads to.
 const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The cluster IP of the Service with source ranges.
+const RANGED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prog {
@@ -486,6 +488,8 @@ fn node_side_rules_packet_by_packet() {
             &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
         );
         assert_eq!(out, other);
+        source_ranges(&dp, &mut maps, &mut r, &desired);
+        icmp_errors_about_flows_from_outside(&dp, &mut maps, &mut r, &desired);
         a_deleted_nodeport_keeps_its_flows_from_outside(&dp, &mut maps, &mut r, desired);
         drop(dp);
     });
@@ -551,148 +555,131 @@ fn a_deleted_nodeport_keeps_its_flows_from_outside(
 /// Rule: `loadBalancerSourceRanges` let only clients inside a range open flows to a LoadBalancer
 /// address, from outside and from this node's pods alike (both scopes of the address); the
 /// others are dropped and counted. The edges of a range are the range's; the Service's NodePort
-/// and cluster IP take every client; ranges that hold no IPv4 client shut every one out; a flow
+/// and cluster IP take every client; a deny entry alone shuts every client out; a flow
 /// let in goes on when its client leaves the ranges (only new flows are checked, as under
 /// kube-proxy's rules), while that client's new flows are dropped; and a range added lets its
 /// clients in.
-#[test]
-fn source_ranges_packet_by_packet() {
-    in_node_netns("ranges", |ifs| {
-        let pins = PinDir::new("ranges");
-        let (mut dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
-        dp.load_node_programs().expect("node-side programs");
-        record_interfaces(pins.path(), &ifs);
-        let lb_ip = Ipv4Addr::new(203, 0, 113, 10);
-        let lb_local = Ipv4Addr::new(203, 0, 113, 11);
-        let ranged =
-            |fe: Frontend, ranges: &[(Ipv4Addr, u8)]| Frontend { source_ranges: Some(ranges.to_vec()), ..fe };
-        let net = (Ipv4Addr::new(192, 0, 2, 0), 24);
-        let fes = |ranges: &[(Ipv4Addr, u8)]| {
-            let mut fes = vec![
-                ranged(
-                    frontend(lb_ip, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080)]),
-                    ranges,
-                ),
-                // Ranges with no IPv4 network (the Service lists IPv6 ones only).
-                ranged(
-                    frontend(lb_ip, 53, Protocol::Udp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 5353)]),
-                    &[],
-                ),
-                frontend(NODE, 30080, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
-                frontend(CLUSTER_IP, 80, Protocol::Tcp, FrontendKind::ClusterIp, &[(LOCAL_POD, 8080)]),
-            ];
-            // externalTrafficPolicy Local: the internal entry (this node's pods) is filtered too.
-            let mut ext =
-                ranged(frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[]), ranges);
-            (ext.local_only, ext.two_scopes) = (true, true);
-            let mut int = ranged(
-                frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(REMOTE_POD, 8080)]),
+fn source_ranges(
+    dp: &Datapath,
+    maps: &mut Maps,
+    r: &mut Reconciler,
+    base: &BTreeMap<FrontendAddr, Frontend>,
+) {
+    let lb_ip = Ipv4Addr::new(203, 0, 113, 10);
+    let lb_local = Ipv4Addr::new(203, 0, 113, 11);
+    let ranged =
+        |fe: Frontend, ranges: &[(Ipv4Addr, u8)]| Frontend { source_ranges: Some(ranges.to_vec()), ..fe };
+    let net = (Ipv4Addr::new(192, 0, 2, 0), 24);
+    let fes = |ranges: &[(Ipv4Addr, u8)]| {
+        let mut fes = vec![
+            ranged(
+                frontend(lb_ip, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080)]),
                 ranges,
-            );
-            int.addr.scope = Scope::Internal;
-            fes.extend([ext, int]);
-            fes.into_iter().map(|f| (f.addr, f)).collect::<BTreeMap<_, _>>()
-        };
-        let caps =
-            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-        let mut r = Reconciler::new(caps, Options::default());
-        let (_, errors) = r.sync(&fes(&[net]), &Default::default(), &mut maps);
-        assert!(errors.is_empty(), "sync errors: {errors:?}");
+            ),
+            // A deny entry alone: ranges that admit no client.
+            ranged(frontend(lb_ip, 53, Protocol::Udp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 5353)]), &[]),
+            frontend(NODE, 30095, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
+            frontend(RANGED_CLUSTER_IP, 80, Protocol::Tcp, FrontendKind::ClusterIp, &[(LOCAL_POD, 8080)]),
+        ];
+        // externalTrafficPolicy Local: the internal entry (this node's pods) is filtered too.
+        let mut ext = ranged(frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[]), ranges);
+        (ext.local_only, ext.two_scopes) = (true, true);
+        let mut int = ranged(
+            frontend(lb_local, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(REMOTE_POD, 8080)]),
+            ranges,
+        );
+        int.addr.scope = Scope::Internal;
+        fes.extend([ext, int]);
+        let mut all = base.clone();
+        all.extend(fes.into_iter().map(|f| (f.addr, f)));
+        all
+    };
+    let (_, errors) = r.sync(&fes(&[net]), &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
 
-        let new_flow = [(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)];
-        let denied = [(c::RX_NODE_IN, 1), (c::DROP_SRC_RANGE, 1)];
-        let port = |i: u16| 42_000 + i;
-        // Inside the range, its first and last addresses included: let in.
-        for (i, client) in [[192, 0, 2, 7], [192, 0, 2, 0], [192, 0, 2, 255]].into_iter().enumerate() {
-            let syn = pkt((client.into(), port(i as u16)), (lb_ip, 80), SYN);
-            let out =
-                expect(&dp, &maps, &format!("{client:?} in range"), Prog::NodeIn, &syn, TC_OK, &new_flow);
-            assert_eq!(check_packet(&out).dst, (LOCAL_POD, 8080));
-        }
-        // Just outside it, and far from it: dropped, UDP too; nothing is tracked for them.
-        for (i, client) in [[192, 0, 1, 255], [192, 0, 3, 0], [198, 51, 100, 9]].into_iter().enumerate() {
-            let syn = pkt((client.into(), port(10 + i as u16)), (lb_ip, 80), SYN);
-            let out =
-                expect(&dp, &maps, &format!("{client:?} out of range"), Prog::NodeIn, &syn, TC_SHOT, &denied);
-            assert_eq!(out, syn, "a dropped packet is not rewritten");
-            let again = expect(&dp, &maps, "its next packet", Prog::NodeIn, &syn, TC_SHOT, &denied);
-            assert_eq!(again, syn);
-        }
-        // No IPv4 range: every client is dropped.
-        let udp = pkt((Ipv4Addr::new(192, 0, 2, 7), port(20)), (lb_ip, 53), UDP);
-        expect(&dp, &maps, "no IPv4 range", Prog::NodeIn, &udp, TC_SHOT, &denied);
-        // The NodePort and the cluster IP of the same Service take any client.
-        let syn = pkt((Ipv4Addr::new(198, 51, 100, 9), port(21)), (NODE, 30080), SYN);
-        expect(&dp, &maps, "the NodePort", Prog::NodeIn, &syn, TC_OK, &new_flow);
-        let pod_new = [(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)];
-        let pod_denied = [(c::RX_FORWARD, 1), (c::DROP_SRC_RANGE, 1)];
-        let syn = pkt((POD_CLIENT, port(22)), (CLUSTER_IP, 80), SYN);
-        expect(&dp, &maps, "the cluster IP from a pod", Prog::PodForward, &syn, TC_OK, &pod_new);
-        // This node's pods are clients like any other (kube-proxy filters them too), through the
-        // internal entry of an externalTrafficPolicy Local address as well.
-        for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
-            let syn = pkt((POD_CLIENT, port(23 + i as u16)), (vip, 80), SYN);
-            expect(
-                &dp,
-                &maps,
-                &format!("a pod to {vip}, out of range"),
-                Prog::PodForward,
-                &syn,
-                TC_SHOT,
-                &pod_denied,
-            );
-        }
-        // An established flow from 192.0.2.7 outlives its client leaving the ranges; its new flows
-        // do not. A range added for the pods lets them in, through both scopes.
-        let ack = pkt((Ipv4Addr::new(192, 0, 2, 7), port(0)), (lb_ip, 80), ACK);
+    let new_flow = [(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)];
+    let denied = [(c::RX_NODE_IN, 1), (c::DROP_SRC_RANGE, 1)];
+    let port = |i: u16| 42_000 + i;
+    // Inside the range, its first and last addresses included: let in.
+    for (i, client) in [[192, 0, 2, 7], [192, 0, 2, 0], [192, 0, 2, 255]].into_iter().enumerate() {
+        let syn = pkt((client.into(), port(i as u16)), (lb_ip, 80), SYN);
+        let out = expect(dp, maps, &format!("{client:?} in range"), Prog::NodeIn, &syn, TC_OK, &new_flow);
+        assert_eq!(check_packet(&out).dst, (LOCAL_POD, 8080));
+    }
+    // Just outside it, and far from it: dropped, UDP too; nothing is tracked for them.
+    for (i, client) in [[192, 0, 1, 255], [192, 0, 3, 0], [198, 51, 100, 9]].into_iter().enumerate() {
+        let syn = pkt((client.into(), port(10 + i as u16)), (lb_ip, 80), SYN);
+        let out = expect(dp, maps, &format!("{client:?} out of range"), Prog::NodeIn, &syn, TC_SHOT, &denied);
+        assert_eq!(out, syn, "a dropped packet is not rewritten");
+        let again = expect(dp, maps, "its next packet", Prog::NodeIn, &syn, TC_SHOT, &denied);
+        assert_eq!(again, syn);
+    }
+    // Ranges that admit no client: every client is dropped.
+    let udp = pkt((Ipv4Addr::new(192, 0, 2, 7), port(20)), (lb_ip, 53), UDP);
+    expect(dp, maps, "ranges admitting none", Prog::NodeIn, &udp, TC_SHOT, &denied);
+    // The NodePort and the cluster IP of the same Service take any client.
+    let syn = pkt((Ipv4Addr::new(198, 51, 100, 9), port(21)), (NODE, 30095), SYN);
+    expect(dp, maps, "the NodePort", Prog::NodeIn, &syn, TC_OK, &new_flow);
+    let pod_new = [(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)];
+    let pod_denied = [(c::RX_FORWARD, 1), (c::DROP_SRC_RANGE, 1)];
+    let syn = pkt((POD_CLIENT, port(22)), (RANGED_CLUSTER_IP, 80), SYN);
+    expect(dp, maps, "the cluster IP from a pod", Prog::PodForward, &syn, TC_OK, &pod_new);
+    // This node's pods are clients like any other (kube-proxy filters them too), through the
+    // internal entry of an externalTrafficPolicy Local address as well.
+    for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
+        let syn = pkt((POD_CLIENT, port(23 + i as u16)), (vip, 80), SYN);
         expect(
-            &dp,
-            &maps,
-            "established",
-            Prog::NodeIn,
-            &ack,
-            TC_OK,
-            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+            dp,
+            maps,
+            &format!("a pod to {vip}, out of range"),
+            Prog::PodForward,
+            &syn,
+            TC_SHOT,
+            &pod_denied,
         );
-        let pods = (Ipv4Addr::new(10, 244, 1, 0), 24);
-        let (_, errors) = r.sync(&fes(&[pods]), &Default::default(), &mut maps);
-        assert!(errors.is_empty(), "sync errors: {errors:?}");
-        expect(
-            &dp,
-            &maps,
-            "after the ranges changed",
-            Prog::NodeIn,
-            &ack,
-            TC_OK,
-            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
-        );
-        let syn = pkt((Ipv4Addr::new(192, 0, 2, 7), port(30)), (lb_ip, 80), SYN);
-        expect(&dp, &maps, "a new flow of the client that left", Prog::NodeIn, &syn, TC_SHOT, &denied);
-        for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
-            let syn = pkt((POD_CLIENT, port(31 + i as u16)), (vip, 80), SYN);
-            let out = expect(
-                &dp,
-                &maps,
-                &format!("a pod to {vip}, in range"),
-                Prog::PodForward,
-                &syn,
-                TC_OK,
-                &pod_new,
-            );
-            assert_eq!(check_packet(&out).src, (POD_CLIENT, port(31 + i as u16)));
-        }
-        // No ranges any more: every client.
-        let mut open = fes(&[]);
-        for fe in open.values_mut() {
-            fe.source_ranges = None;
-        }
-        let (_, errors) = r.sync(&open, &Default::default(), &mut maps);
-        assert!(errors.is_empty(), "sync errors: {errors:?}");
-        assert!(maps.read_src_ranges().expect("ranges").is_empty(), "every entry removed");
-        expect(&dp, &maps, "ranges gone", Prog::NodeIn, &syn, TC_OK, &new_flow);
-        expect(&dp, &maps, "ranges gone, UDP", Prog::NodeIn, &udp, TC_OK, &new_flow);
-        drop(dp);
-    });
+    }
+    // An established flow from 192.0.2.7 outlives its client leaving the ranges; its new flows
+    // do not. A range added for the pods lets them in, through both scopes.
+    let ack = pkt((Ipv4Addr::new(192, 0, 2, 7), port(0)), (lb_ip, 80), ACK);
+    expect(
+        dp,
+        maps,
+        "established",
+        Prog::NodeIn,
+        &ack,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+    );
+    let pods = (Ipv4Addr::new(10, 244, 1, 0), 24);
+    let (_, errors) = r.sync(&fes(&[pods]), &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    expect(
+        dp,
+        maps,
+        "after the ranges changed",
+        Prog::NodeIn,
+        &ack,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+    );
+    let syn = pkt((Ipv4Addr::new(192, 0, 2, 7), port(30)), (lb_ip, 80), SYN);
+    expect(dp, maps, "a new flow of the client that left", Prog::NodeIn, &syn, TC_SHOT, &denied);
+    for (i, vip) in [lb_ip, lb_local].into_iter().enumerate() {
+        let syn = pkt((POD_CLIENT, port(31 + i as u16)), (vip, 80), SYN);
+        let out =
+            expect(dp, maps, &format!("a pod to {vip}, in range"), Prog::PodForward, &syn, TC_OK, &pod_new);
+        assert_eq!(check_packet(&out).src, (POD_CLIENT, port(31 + i as u16)));
+    }
+    // No ranges any more: every client.
+    let mut open = fes(&[]);
+    for fe in open.values_mut().filter(|f| !base.contains_key(&f.addr)) {
+        fe.source_ranges = None;
+    }
+    let (_, errors) = r.sync(&open, &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    assert!(maps.read_src_ranges().expect("ranges").is_empty(), "every entry removed");
+    expect(dp, maps, "ranges gone", Prog::NodeIn, &syn, TC_OK, &new_flow);
+    expect(dp, maps, "ranges gone, UDP", Prog::NodeIn, &udp, TC_OK, &new_flow);
 }
 
 /// An ICMP error as a node interface receives it (addressed to this host at layer 2).
@@ -709,168 +696,155 @@ fn icmp_in(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: u32, quoted: 
 /// (forwarded, to the SNAT address and port it replied to); a remote endpoint's error about a
 /// SNATed packet goes to the client (forwarded). Errors about no flow of lb's, or in a frame for
 /// another host, pass untouched.
-#[test]
-fn icmp_errors_about_flows_from_outside_packet_by_packet() {
-    in_node_netns("icmp", |ifs| {
-        let pins = PinDir::new("npicmp");
-        let (mut dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
-        dp.load_node_programs().expect("node-side programs");
-        record_interfaces(pins.path(), &ifs);
-        let (remote, local) = (30080, 30081);
-        let fes = [
-            frontend(NODE, remote, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]),
-            frontend(NODE, local, Protocol::Tcp, FrontendKind::NodePort, &[(LOCAL_POD, 8080)]),
-        ];
-        let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
-        let caps =
-            Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
-        let mut r = Reconciler::new(caps, Options::default());
-        let (_, errors) = r.sync(&desired, &Default::default(), &mut maps);
-        assert!(errors.is_empty(), "sync errors: {errors:?}");
-        let router = Ipv4Addr::new(172, 31, 0, 254);
-        let rev_in = [(c::RX_NODE_IN, 1), (c::REV_NAT, 1)];
+fn icmp_errors_about_flows_from_outside(
+    dp: &Datapath,
+    maps: &mut Maps,
+    r: &mut Reconciler,
+    base: &BTreeMap<FrontendAddr, Frontend>,
+) {
+    // The rules test's NodePorts: 30080 to a remote endpoint, 30081 to a local one.
+    let (remote, local) = (30080, 30081);
+    for (port, to) in [(remote, REMOTE_POD), (local, LOCAL_POD)] {
+        let fe = &base[&FrontendAddr::new(NODE, port, Protocol::Tcp)];
+        assert_eq!(fe.backends.iter().map(|b| b.ip).collect::<Vec<_>>(), [to]);
+    }
+    let (_, errors) = r.sync(base, &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    let router = Ipv4Addr::new(172, 31, 0, 254);
+    let rev_in = [(c::RX_NODE_IN, 1), (c::REV_NAT, 1)];
 
-        // A local endpoint's flow: the client's SYN, and the endpoint's reply on its way out.
-        let syn = pkt((OUTSIDE, 40_000), (NODE, local), SYN);
-        let to_pod = expect(
-            &dp,
-            &maps,
-            "SYN, local",
-            Prog::NodeIn,
-            &syn,
-            TC_OK,
-            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
-        );
-        let reply = pkt((LOCAL_POD, 8080), (OUTSIDE, 40_000), SYN_ACK);
-        let reply_out = expect(
-            &dp,
-            &maps,
-            "reply, local",
-            Prog::NodeOut,
-            &reply,
-            TC_OK,
-            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
-        );
-        assert_eq!(check_packet(&reply_out).src, (NODE, local));
-        // The endpoint's own error about the client's packet: from the NodePort, about a packet
-        // to it.
-        let err = icmp_error(LOCAL_POD, OUTSIDE, 3, 4, 1400, &to_pod[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "the endpoint's error",
-            Prog::NodeOut,
-            &err,
-            TC_OK,
-            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
-        );
-        let seen = check_icmp_error(&out);
-        assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
-        assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 40_000), (NODE, local)));
-        // A router's "fragmentation needed" about the reply: to the endpoint, about its reply.
-        let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "a router's error about a local endpoint's reply",
-            Prog::NodeIn,
-            &err,
-            TC_OK,
-            &rev_in,
-        );
-        let seen = check_icmp_error(&out);
-        assert_eq!((seen.src, seen.dst), (router, LOCAL_POD));
-        assert_eq!((seen.quoted.src, seen.quoted.dst), ((LOCAL_POD, 8080), (OUTSIDE, 40_000)));
+    // A local endpoint's flow: the client's SYN, and the endpoint's reply on its way out.
+    let syn = pkt((OUTSIDE, 43_000), (NODE, local), SYN);
+    let to_pod = expect(
+        dp,
+        maps,
+        "SYN, local",
+        Prog::NodeIn,
+        &syn,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+    );
+    let reply = pkt((LOCAL_POD, 8080), (OUTSIDE, 43_000), SYN_ACK);
+    let reply_out = expect(
+        dp,
+        maps,
+        "reply, local",
+        Prog::NodeOut,
+        &reply,
+        TC_OK,
+        &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+    );
+    assert_eq!(check_packet(&reply_out).src, (NODE, local));
+    // The endpoint's own error about the client's packet: from the NodePort, about a packet
+    // to it.
+    let err = icmp_error(LOCAL_POD, OUTSIDE, 3, 4, 1400, &to_pod[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "the endpoint's error",
+        Prog::NodeOut,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+    );
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 43_000), (NODE, local)));
+    // A router's "fragmentation needed" about the reply: to the endpoint, about its reply.
+    let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "a router's error about a local endpoint's reply",
+        Prog::NodeIn,
+        &err,
+        TC_OK,
+        &rev_in,
+    );
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (router, LOCAL_POD));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((LOCAL_POD, 8080), (OUTSIDE, 43_000)));
 
-        // A remote endpoint's flow, SNATed: the client's SYN, and the endpoint's reply.
-        let syn = pkt((OUTSIDE, 40_001), (NODE, remote), SYN);
-        let to_remote = expect(
-            &dp,
-            &maps,
-            "SYN, remote",
-            Prog::NodeIn,
-            &syn,
-            TC_REDIRECT,
-            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
-        );
-        let snat = check_packet(&to_remote).src;
-        assert_eq!(snat.0, NODE);
-        let reply = pkt((REMOTE_POD, 8080), snat, SYN_ACK);
-        let reply_out = expect(&dp, &maps, "reply, remote", Prog::NodeIn, &reply, TC_REDIRECT, &rev_in);
-        assert_eq!(check_packet(&reply_out).src, (NODE, remote));
-        // The endpoint's error about the SNATed packet: to the client, from the NodePort, about
-        // the client's packet to it; forwarded.
-        let err = icmp_in(REMOTE_POD, NODE, 3, 3, 0, &to_remote[14..]);
-        let out = expect(&dp, &maps, "the remote endpoint's error", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
-        let seen = check_icmp_error(&out);
-        assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
-        assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 40_001), (NODE, remote)));
-        // A router on the way to it (not the endpoint): the error keeps its source.
-        let err = icmp_in(router, NODE, 11, 0, 0, &to_remote[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "a router's error about a SNATed packet",
-            Prog::NodeIn,
-            &err,
-            TC_REDIRECT,
-            &rev_in,
-        );
-        assert_eq!(check_icmp_error(&out).src, router);
-        // A router's "fragmentation needed" about the reply this node forwarded: to the remote
-        // endpoint, about its reply to this node's address and SNAT port; forwarded to it.
-        let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "a router's error about a remote endpoint's reply",
-            Prog::NodeIn,
-            &err,
-            TC_REDIRECT,
-            &rev_in,
-        );
-        let seen = check_icmp_error(&out);
-        assert_eq!((seen.src, seen.dst), (router, REMOTE_POD));
-        assert_eq!((seen.quoted.src, seen.quoted.dst), ((REMOTE_POD, 8080), snat));
-        assert_eq!(out[..6], PEER_MAC, "to the next hop towards the endpoint");
+    // A remote endpoint's flow, SNATed: the client's SYN, and the endpoint's reply.
+    let syn = pkt((OUTSIDE, 43_001), (NODE, remote), SYN);
+    let to_remote = expect(
+        dp,
+        maps,
+        "SYN, remote",
+        Prog::NodeIn,
+        &syn,
+        TC_REDIRECT,
+        &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+    );
+    let snat = check_packet(&to_remote).src;
+    assert_eq!(snat.0, NODE);
+    let reply = pkt((REMOTE_POD, 8080), snat, SYN_ACK);
+    let reply_out = expect(dp, maps, "reply, remote", Prog::NodeIn, &reply, TC_REDIRECT, &rev_in);
+    assert_eq!(check_packet(&reply_out).src, (NODE, remote));
+    // The endpoint's error about the SNATed packet: to the client, from the NodePort, about
+    // the client's packet to it; forwarded.
+    let err = icmp_in(REMOTE_POD, NODE, 3, 3, 0, &to_remote[14..]);
+    let out = expect(dp, maps, "the remote endpoint's error", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 43_001), (NODE, remote)));
+    // A router on the way to it (not the endpoint): the error keeps its source.
+    let err = icmp_in(router, NODE, 11, 0, 0, &to_remote[14..]);
+    let out =
+        expect(dp, maps, "a router's error about a SNATed packet", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
+    assert_eq!(check_icmp_error(&out).src, router);
+    // A router's "fragmentation needed" about the reply this node forwarded: to the remote
+    // endpoint, about its reply to this node's address and SNAT port; forwarded to it.
+    let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "a router's error about a remote endpoint's reply",
+        Prog::NodeIn,
+        &err,
+        TC_REDIRECT,
+        &rev_in,
+    );
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (router, REMOTE_POD));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((REMOTE_POD, 8080), snat));
+    assert_eq!(out[..6], PEER_MAC, "to the next hop towards the endpoint");
 
-        // About no flow of lb's: untouched, both ways.
-        let other = pkt((NODE, 22), (OUTSIDE, 50_000), ACK);
-        let err = icmp_in(router, NODE, 3, 4, 1280, &other[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "about another flow, in",
-            Prog::NodeIn,
-            &err,
-            TC_OK,
-            &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
-        );
-        assert_eq!(out, err);
-        let err = icmp_error(NODE, OUTSIDE, 3, 3, 0, &pkt((OUTSIDE, 50_001), (NODE, 9999), UDP)[14..]);
-        let out = expect(
-            &dp,
-            &maps,
-            "about another flow, out",
-            Prog::NodeOut,
-            &err,
-            TC_OK,
-            &[(c::RX_NODE_OUT, 1), (c::PASS_OTHER_PROTO, 1)],
-        );
-        assert_eq!(out, err);
-        // A copy of a frame for another host: not this node's to translate.
-        let mut flooded = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
-        flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
-        let out = expect(
-            &dp,
-            &maps,
-            "for another host",
-            Prog::NodeIn,
-            &flooded,
-            TC_OK,
-            &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
-        );
-        assert_eq!(out, flooded);
-        drop(dp);
-    });
+    // About no flow of lb's: untouched, both ways.
+    let other = pkt((NODE, 22), (OUTSIDE, 50_000), ACK);
+    let err = icmp_in(router, NODE, 3, 4, 1280, &other[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "about another flow, in",
+        Prog::NodeIn,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+    );
+    assert_eq!(out, err);
+    let err = icmp_error(NODE, OUTSIDE, 3, 3, 0, &pkt((OUTSIDE, 50_001), (NODE, 9999), UDP)[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "about another flow, out",
+        Prog::NodeOut,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_OUT, 1), (c::PASS_OTHER_PROTO, 1)],
+    );
+    assert_eq!(out, err);
+    // A copy of a frame for another host: not this node's to translate.
+    let mut flooded = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+    flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    let out = expect(
+        dp,
+        maps,
+        "for another host",
+        Prog::NodeIn,
+        &flooded,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+    );
+    assert_eq!(out, flooded);
 }

@@ -178,7 +178,11 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
 
 /// Stops `node`'s agent and makes its layout look like a later version's: renamed to the next
 /// layout version, with `formats` (`LB_FORMATS`) changed by `change`.
-fn as_if_newer(c: &mut Cluster, node: &Node, change: impl FnOnce(&mut [u32; 8])) -> String {
+fn as_if_newer(
+    c: &mut Cluster,
+    node: &Node,
+    change: impl FnOnce(&mut [u32; lb_common::formats::MAPS.len()]),
+) -> String {
     c.lab.stop_agent(node, libc::SIGTERM);
     let newer = format!("v{}", PIN_LAYOUT_VERSION + 1);
     let dir = node.pin_dir.join(&newer);

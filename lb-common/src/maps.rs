@@ -122,7 +122,7 @@ pub mod formats {
     use super::*;
 
     /// Index in `LB_FORMATS` of each map's format. Fixed forever: new maps are only appended.
-    pub const MAPS: [&str; 8] = [
+    pub const MAPS: [&str; 9] = [
         MAP_LB4_SERVICES,
         MAP_LB4_BACKENDS,
         MAP_LB4_MAGLEV,
@@ -131,12 +131,14 @@ pub mod formats {
         MAP_LB4_SVC_STATS,
         MAP_LB4_AFFINITY,
         MAP_LB4_CT,
+        MAP_LB4_SRC_RANGES,
     ];
     /// This version's format of each of `MAPS`. `LB4_CT` 2: `created_s` and `snat_port`
     /// (layout 7); 3: `snat_addr`, 40 bytes (layout 8). `LB4_SERVICES` 2: the key's `scope`
     /// (layout 8; the same bytes, 0 where layout 7 had padding). `LB4_FE_META` 2: `kind` (layout
-    /// 8; where layout 7 had padding, 0: a cluster IP).
-    pub const CURRENT: [u32; 8] = [2, 1, 1, 1, 2, 1, 1, 3];
+    /// 8; where layout 7 had padding, 0: a cluster IP). `LB4_SRC_RANGES` 1 (layout 8; 0: a layout
+    /// without the map).
+    pub const CURRENT: [u32; 9] = [2, 1, 1, 1, 2, 1, 1, 3, 1];
     /// Entries of `LB_FORMATS` (room for maps to come).
     pub const CAPACITY: u32 = 32;
 }

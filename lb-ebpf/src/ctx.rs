@@ -85,7 +85,7 @@ pub trait PacketCtx: EbpfContext {
 
     /// Sends the packet, rewritten to `hop`'s addresses, out of the interface its route names;
     /// `Err` when it cannot. TC only.
-    fn forward(&self, _hop: &Hop) -> Result<Self::Ret, ()> {
+    fn forward(&self, _hop: Hop) -> Result<Self::Ret, ()> {
         Err(())
     }
 
@@ -199,7 +199,7 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn forward(&self, hop: &Hop) -> Result<i32, ()> {
+    fn forward(&self, hop: Hop) -> Result<i32, ()> {
         fib::forward(self, hop)
     }
 }

@@ -44,6 +44,7 @@ pub enum Route {
 }
 
 /// What a route is looked up for: a packet's protocol, ports and addresses (network byte order).
+#[derive(Clone, Copy)]
 pub struct Hop {
     pub proto: u8,
     pub sport: u16,
@@ -64,7 +65,7 @@ fn snat_addr(ifindex: u32) -> Option<u32> {
 /// interface it came in on. Returns the kernel's answer and the lookup's results (`None` if the
 /// parameter block cannot be had, which does not happen).
 #[inline(always)]
-fn lookup(ctx: &TcContext, hop: &Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
+fn lookup(ctx: &TcContext, hop: Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
     // SAFETY: this CPU's block, used by this program only while it runs.
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0)? };
     // SAFETY: a plain C struct of integers, for which all zeros is valid.
@@ -89,7 +90,7 @@ fn lookup(ctx: &TcContext, hop: &Hop) -> Option<(i64, &'static bpf_fib_lookup)> 
 #[inline(always)]
 pub fn route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
     let hop = Hop { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
-    let Some((rc, p)) = lookup(ctx, &hop) else { return Route::None };
+    let Some((rc, p)) = lookup(ctx, hop) else { return Route::None };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the value is copied out at once.
@@ -119,7 +120,7 @@ pub fn for_this_host(ctx: &TcContext) -> bool {
 /// Sends the packet (already rewritten to `hop`'s addresses) out of the interface its route
 /// names. `Err` when there is no route or the packet cannot be sent.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, hop: &Hop) -> Result<i32, ()> {
+pub fn forward(ctx: &TcContext, hop: Hop) -> Result<i32, ()> {
     let (rc, p) = lookup(ctx, hop).ok_or(())?;
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {

@@ -246,18 +246,20 @@ pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, n: &IcmpNat) -> 
         let (mut l4, mut check) = (old_l4, (*icmp).check);
         let old_ip_check = (*inner).check;
         let mut ip_check = old_ip_check;
-        let sides = [
-            (n.quote_src, core::ptr::addr_of_mut!((*inner).saddr), core::ptr::addr_of_mut!((*ports).source)),
-            (n.quote_dst, core::ptr::addr_of_mut!((*inner).daddr), core::ptr::addr_of_mut!((*ports).dest)),
-        ];
-        for (to, addr, port) in sides {
-            let Some((a, p)) = to else { continue };
+        // Each side in turn (no array of them: the node-side program has no stack to spare).
+        let mut side = |(a, p): (u32, u16), addr: *mut u32, port: *mut u16| {
             let (old_a, old_p) = (*addr, *port);
             *addr = a;
             *port = p;
             ip_check = csum::replace4(ip_check, old_a, a);
             check = csum::replace2(csum::replace4(check, old_a, a), old_p, p);
             l4 = csum::replace2(csum::replace4(l4, old_a, a), old_p, p);
+        };
+        if let Some(to) = n.quote_src {
+            side(to, core::ptr::addr_of_mut!((*inner).saddr), core::ptr::addr_of_mut!((*ports).source));
+        }
+        if let Some(to) = n.quote_dst {
+            side(to, core::ptr::addr_of_mut!((*inner).daddr), core::ptr::addr_of_mut!((*ports).dest));
         }
         (*inner).check = ip_check;
         check = csum::replace2(check, old_ip_check, ip_check);

@@ -64,7 +64,7 @@ pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
                     let saddr = n.outer_src.unwrap_or(e.outer_saddr);
                     let daddr = n.outer_dst.unwrap_or(e.outer_daddr);
                     let hop = Hop { proto: IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
-                    match ctx.forward(&hop) {
+                    match ctx.forward(hop) {
                         Ok(ret) => {
                             count(counters::REV_NAT);
                             return ret;
@@ -121,7 +121,7 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
                 frags::translated(&f);
                 let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
                 let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
-                match ctx.forward(&Hop { proto: f.proto, sport, dport, saddr, daddr }) {
+                match ctx.forward(Hop { proto: f.proto, sport, dport, saddr, daddr }) {
                     Ok(ret) => {
                         count(counter);
                         return ret;

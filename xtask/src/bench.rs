@@ -15,7 +15,10 @@ pub struct Options {
 }
 
 pub fn run(o: &Options) -> anyhow::Result<()> {
-    let release = setup_and_build_release("bench", &["bench_datapath", "bench_control", "bench_traffic"])?;
+    let release = setup_and_build_release(
+        "bench",
+        &["bench_datapath", "bench_control", "bench_traffic", "bench_nodeport"],
+    )?;
     crate::setup::bench()?;
     let markdown = root().join("BENCHMARKS.md");
     let mut cmd = Command::new(release.join("examples/bench_datapath"));
@@ -36,6 +39,13 @@ pub fn run(o: &Options) -> anyhow::Result<()> {
     cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
     if o.quick {
         cmd.args(["--services", "1,1000", "--reps", "1", "--seconds", "2"]);
+    }
+    run_cmd(&mut cmd)?;
+    println!("bench: NodePort traffic from outside the cluster against kube-proxy's dataplanes");
+    let mut cmd = Command::new(release.join("examples/bench_nodeport"));
+    cmd.arg("--agent").arg(release.join("lb-agent")).arg("--markdown").arg(&markdown);
+    if o.quick {
+        cmd.args(["--reps", "1", "--seconds", "2"]);
     }
     run_cmd(&mut cmd)
 }

@@ -11,8 +11,18 @@
 //!   `numgen random mod n vmap`, an `endpoint-*` chain per endpoint that DNATs, and the
 //!   filter-forward checks.
 //!
+//! NodePorts (`node_port`), as both modes write them: iptables' `KUBE-NODEPORTS` (reached from
+//! `KUBE-SERVICES` for local destinations) jumping to a `KUBE-EXT-*` chain per Service port, which
+//! masquerades and goes to the Service's chain (externalTrafficPolicy Cluster) or, for Local,
+//! sends pods and the node to the Service's chain and everyone else to `KUBE-SVL-*`, this node's
+//! endpoints; nftables' `service-nodeports` verdict map on the `nodeport-ips` set (the node's
+//! primary address, `--nodeport-addresses primary`) to an `external-*` chain doing the same.
+//!
 //! Chain names carry a hash of the Service port (and endpoint) as kube-proxy's do; the hash
 //! function differs (FNV here, SHA-256 there) but the names have the same length.
+
+// Shared by several benchmark programs, each using a part.
+#![allow(dead_code)]
 
 use std::{fmt::Write as _, net::Ipv4Addr};
 
@@ -24,7 +34,13 @@ pub struct ServicePort {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// A NodePort on this node, and its policy: `Some(local)` with this node's endpoints for
+    /// externalTrafficPolicy Local, `None` for Cluster.
+    pub node_port: Option<(u16, Option<Endpoints>)>,
 }
+
+/// Endpoints: address and port.
+pub type Endpoints = Vec<(Ipv4Addr, u16)>;
 
 /// Pod addresses: traffic from outside this range to a Service is masqueraded.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
@@ -51,6 +67,14 @@ fn hash_chars(s: &str, n: usize) -> String {
 
 fn svc_chain(s: &ServicePort) -> String {
     format!("KUBE-SVC-{}", hash_chars(&format!("{}tcp", s.name), 16))
+}
+
+fn ext_chain(s: &ServicePort) -> String {
+    format!("KUBE-EXT-{}", hash_chars(&format!("{}tcp", s.name), 16))
+}
+
+fn svl_chain(s: &ServicePort) -> String {
+    format!("KUBE-SVL-{}", hash_chars(&format!("{}tcp", s.name), 16))
 }
 
 fn sep_chain(s: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
@@ -84,6 +108,12 @@ pub fn iptables_full(services: &[ServicePort]) -> String {
     ));
     for s in services {
         let _ = writeln!(f, ":{} - [0:0]", svc_chain(s));
+        if let Some((_, local)) = &s.node_port {
+            let _ = writeln!(f, ":{} - [0:0]", ext_chain(s));
+            if local.is_some() {
+                let _ = writeln!(f, ":{} - [0:0]", svl_chain(s));
+            }
+        }
         for ep in &s.endpoints {
             let _ = writeln!(f, ":{} - [0:0]", sep_chain(s, *ep));
         }
@@ -110,9 +140,61 @@ pub fn iptables_full(services: &[ServicePort]) -> String {
     f.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
     for s in services {
         service_rules(&mut f, s, large);
+        nodeport_rules(&mut f, s);
     }
     f.push_str("COMMIT\n");
     f
+}
+
+/// A Service port's NodePort rules (iptables): `KUBE-NODEPORTS` to its `KUBE-EXT-*` chain.
+fn nodeport_rules(f: &mut String, s: &ServicePort) {
+    let Some((port, local)) = &s.node_port else { return };
+    let (ext, svc, name) = (ext_chain(s), svc_chain(s), &s.name);
+    let _ =
+        writeln!(f, "-A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport {port} -j {ext}");
+    let Some(local) = local else {
+        let _ = writeln!(
+            f,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(f, "-A {ext} -j {svc}");
+        return;
+    };
+    let _ = writeln!(
+        f,
+        "-A {ext} -s {CLUSTER_CIDR} -m comment --comment \"pod traffic for {name} external destinations\" -j {svc}"
+    );
+    let _ = writeln!(
+        f,
+        "-A {ext} -m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ"
+    );
+    let _ = writeln!(
+        f,
+        "-A {ext} -m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {svc}"
+    );
+    let svl = svl_chain(s);
+    let _ = writeln!(f, "-A {ext} -j {svl}");
+    let n = local.len();
+    for (i, ep) in local.iter().enumerate() {
+        if i + 1 < n {
+            let p = 1.0 / (n - i) as f64;
+            let _ = writeln!(
+                f,
+                "-A {svl} -m comment --comment \"{name} -> {}:{}\" -m statistic --mode random --probability {p:.10} -j {}",
+                ep.0,
+                ep.1,
+                sep_chain(s, *ep)
+            );
+        } else {
+            let _ = writeln!(
+                f,
+                "-A {svl} -m comment --comment \"{name} -> {}:{}\" -j {}",
+                ep.0,
+                ep.1,
+                sep_chain(s, *ep)
+            );
+        }
+    }
 }
 
 /// The rules of one Service port's chains (without the chain declarations).
@@ -182,8 +264,9 @@ fn nft_ep_chain(s: &ServicePort, ep: (Ipv4Addr, u16)) -> String {
 
 const NFT_TABLE: &str = "ip kube-proxy";
 
-/// The `nft -f` input for a full sync of kube-proxy's nftables mode.
-pub fn nft_full(services: &[ServicePort]) -> String {
+/// The `nft -f` input for a full sync of kube-proxy's nftables mode; NodePorts listen on
+/// `node_ip`.
+pub fn nft_full(services: &[ServicePort], node_ip: Ipv4Addr) -> String {
     let t = NFT_TABLE;
     let mut f = format!("add table {t} {{ comment \"rules for kube-proxy\" ; }}\n");
     for line in [
@@ -198,6 +281,9 @@ pub fn nft_full(services: &[ServicePort]) -> String {
         "add map T no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }",
         "add chain T services",
         "add rule T services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add set T nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "add map T service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }",
+        "add rule T services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         "add chain T service-endpoints-check",
         "add rule T service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
         "add chain T cluster-ips-check",
@@ -219,8 +305,10 @@ pub fn nft_full(services: &[ServicePort]) -> String {
         f.push_str(&line.replacen(" T ", &format!(" {t} "), 1));
         f.push('\n');
     }
+    let _ = writeln!(f, "add element {t} nodeport-ips {{ {node_ip} }}");
     for s in services {
         nft_service(&mut f, s);
+        nft_nodeport(&mut f, s);
         let _ = writeln!(f, "add element {t} cluster-ips {{ {} }}", s.vip);
         let _ = writeln!(
             f,
@@ -263,6 +351,41 @@ fn nft_service(f: &mut String, s: &ServicePort) {
     );
 }
 
+fn nft_ext_chain(s: &ServicePort) -> String {
+    let (ns_name, port) = s.name.split_once(':').unwrap_or((&s.name, ""));
+    format!("external-{}-{ns_name}/tcp/{port}", hash_chars(&format!("{}tcp", s.name), 8))
+}
+
+/// A Service port's NodePort (nftables): its `external-*` chain and `service-nodeports` element.
+fn nft_nodeport(f: &mut String, s: &ServicePort) {
+    let Some((port, local)) = &s.node_port else { return };
+    let (t, ext, svc) = (NFT_TABLE, nft_ext_chain(s), nft_svc_chain(s));
+    let _ = writeln!(f, "add chain {t} {ext}");
+    match local {
+        None => {
+            let _ = writeln!(f, "add rule {t} {ext} jump mark-for-masquerade");
+            let _ = writeln!(f, "add rule {t} {ext} goto {svc}");
+        }
+        Some(local) => {
+            let _ = writeln!(f, "add rule {t} {ext} ip saddr {CLUSTER_CIDR} goto {svc}");
+            let _ = writeln!(f, "add rule {t} {ext} fib saddr type local jump mark-for-masquerade");
+            let _ = writeln!(f, "add rule {t} {ext} fib saddr type local goto {svc}");
+            let targets: Vec<String> = local
+                .iter()
+                .enumerate()
+                .map(|(i, ep)| format!("{i} : goto {}", nft_ep_chain(s, *ep)))
+                .collect();
+            let _ = writeln!(
+                f,
+                "add rule {t} {ext} numgen random mod {} vmap {{ {} }}",
+                local.len(),
+                targets.join(" , ")
+            );
+        }
+    }
+    let _ = writeln!(f, "add element {t} service-nodeports {{ tcp . {port} : goto {ext} }}");
+}
+
 /// kube-proxy's nftables transaction after one Service port's endpoints changed from `old` to
 /// `new`: the service chain flushed and rewritten, new endpoint chains added, departed ones deleted.
 pub fn nft_change(old: &ServicePort, new: &ServicePort) -> String {
@@ -300,7 +423,7 @@ pub fn services(count: u32, endpoints: u32, measured: &[(Ipv4Addr, u16)]) -> Vec
                     .map(|j| (Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 16 + j), 80))
                     .collect()
             };
-            ServicePort { name: format!("bench/s{i}:http"), vip, port: 80, endpoints }
+            ServicePort { name: format!("bench/s{i}:http"), vip, port: 80, endpoints, node_port: None }
         })
         .collect()
 }
@@ -318,10 +441,19 @@ pub fn manifests(services: &[ServicePort]) -> serde_json::Value {
             "spec": {"clusterIP": s.vip.to_string(), "clusterIPs": [s.vip.to_string()],
                 "ports": [{"name": port_name, "port": s.port, "targetPort": target, "protocol": "TCP"}]}}),
         );
+        if let (Some((node_port, local)), Some(svc)) = (&s.node_port, items.last_mut()) {
+            svc["spec"]["type"] = json!("NodePort");
+            svc["spec"]["ports"][0]["nodePort"] = json!(node_port);
+            svc["spec"]["externalTrafficPolicy"] = json!(if local.is_some() { "Local" } else { "Cluster" });
+        }
+        // The node an endpoint is on, where the bench says (10.244.N.x is node N's).
         let eps: Vec<_> = s
             .endpoints
             .iter()
-            .map(|e| json!({"addresses": [e.0.to_string()], "conditions": {"ready": true}}))
+            .map(|e| {
+                let node = format!("node{}", e.0.octets()[2]);
+                json!({"addresses": [e.0.to_string()], "conditions": {"ready": true}, "nodeName": node})
+            })
             .collect();
         items.push(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"name": format!("{name}-1"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},

@@ -31,12 +31,12 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
     formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
-    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
-    MAP_LB4_FE_META, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS,
-    PIN_LAYOUT_VERSION,
+    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS,
+    MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SRC_RANGES,
+    MAP_LB4_SVC_STATS, MAP_LB_FORMATS, PIN_LAYOUT_VERSION,
 };
 
 use super::{maglev_slots::MaglevSlots, maps::map_err, DatapathError, Maps};
@@ -78,26 +78,33 @@ impl Layout {
 const SERVICES: usize = 0;
 const FE_META: usize = 4;
 const CT: usize = 7;
+const SRC_RANGES: usize = 8;
 const _: () = assert!(matches!(formats::MAPS[SERVICES].as_bytes(), b"LB4_SERVICES"));
 const _: () = assert!(matches!(formats::MAPS[FE_META].as_bytes(), b"LB4_FE_META"));
 const _: () = assert!(matches!(formats::MAPS[CT].as_bytes(), b"LB4_CT"));
+const _: () = assert!(matches!(formats::MAPS[SRC_RANGES].as_bytes(), b"LB4_SRC_RANGES"));
 
 /// Whether every map in `theirs` is in our format or one converted here: `LB4_CT` formats 1
 /// (layout 6) and 2 (layout 7); `LB4_SERVICES` and `LB4_FE_META` format 1 (layouts 6 and 7:
 /// the key's `scope` and the record's `kind` were padding, always 0, which is `SCOPE_EXTERNAL`
-/// and `FRONTEND_KIND_CLUSTER_IP`: read as they are). A format change adds its converter here.
+/// and `FRONTEND_KIND_CLUSTER_IP`: read as they are); no `LB4_SRC_RANGES` (0: layouts before 8,
+/// which left LoadBalancer IPs with source ranges untranslated). A format change adds its
+/// converter here.
 pub fn readable(theirs: &[u32; formats::MAPS.len()]) -> bool {
     theirs.iter().zip(formats::CURRENT).enumerate().all(|(i, (&t, ours))| {
-        t == ours || (i == CT && (t == 1 || t == 2)) || ((i == SERVICES || i == FE_META) && t == 1)
+        t == ours
+            || (i == CT && (t == 1 || t == 2))
+            || ((i == SERVICES || i == FE_META) && t == 1)
+            || (i == SRC_RANGES && t == 0)
     })
 }
 
 /// The formats of layouts by version (those from before `LB_FORMATS` are known only so).
 fn known_formats(version: u32) -> Option<[u32; formats::MAPS.len()]> {
     match version {
-        6 => Some([1, 1, 1, 1, 1, 1, 1, 1]),
-        7 => Some([1, 1, 1, 1, 1, 1, 1, 2]),
-        8 => Some([2, 1, 1, 1, 2, 1, 1, 3]),
+        6 => Some([1, 1, 1, 1, 1, 1, 1, 1, 0]),
+        7 => Some([1, 1, 1, 1, 1, 1, 1, 2, 0]),
+        8 => Some([2, 1, 1, 1, 2, 1, 1, 3, 1]),
         _ => None,
     }
 }
@@ -342,6 +349,15 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
         let s = stats.get(&id, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
         if s.iter().any(|s| *s != Lb4SvcStats::default()) {
             maps.svc_stats.set(id, s, 0).map_err(map_err(MAP_LB4_SVC_STATS))?;
+        }
+    }
+    // Source ranges before the frontends they filter.
+    if from.formats.is_some_and(|f| f[SRC_RANGES] == formats::CURRENT[SRC_RANGES]) {
+        let theirs: LpmTrie<MapData, Lb4SrcRange, u32> = open(dir, MAP_LB4_SRC_RANGES)?;
+        for k in theirs.keys() {
+            let k = k.map_err(map_err(MAP_LB4_SRC_RANGES))?;
+            let v = theirs.get(&k, 0).map_err(map_err(MAP_LB4_SRC_RANGES))?;
+            maps.src_ranges.insert(&k, v, 0).map_err(map_err(MAP_LB4_SRC_RANGES))?;
         }
     }
     for (k, v) in services {

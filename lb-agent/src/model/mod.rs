@@ -509,7 +509,12 @@ impl Addresses {
                 continue;
             }
             let Some(w) = self.waiting.get_mut(addr) else { continue };
-            let Some(first) = w.keys().find(|s| !skip.contains(*s)).cloned() else { continue };
+            // A cluster IP first (see `offer`), then the first by name.
+            let eligible = || w.iter().filter(|(s, _)| !skip.contains(*s));
+            let cluster_ip = eligible().find(|(_, f)| f.kind == FrontendKind::ClusterIp);
+            let Some(first) = cluster_ip.or_else(|| eligible().next()).map(|(s, _)| s.clone()) else {
+                continue;
+            };
             let fe = w.remove(&first).expect("listed");
             if w.is_empty() {
                 self.waiting.remove(addr);
@@ -693,11 +698,7 @@ pub fn build_claiming(
             let load_balancers = spec.external.iter().map(|(ip, kind)| (*ip, p.port, *kind));
             for (ip, port, kind) in load_balancers.chain(node_ports) {
                 let addr = FrontendAddr::new(ip, port, p.proto);
-                let source_ranges = spec
-                    .source_ranges
-                    .as_deref()
-                    .filter(|_| kind == FrontendKind::LoadBalancer)
-                    .map(|r| source_ranges(r, ip, ctx.node_ip));
+                let source_ranges = spec.source_ranges.clone().filter(|_| kind == FrontendKind::LoadBalancer);
                 let fe = |addr, backends, local_only| Frontend {
                     source_ranges: source_ranges.clone(),
                     ..fe(addr, kind, backends, local_only)
@@ -719,6 +720,9 @@ pub fn build_claiming(
     // once: a Service may be held for both reasons).
     for service in model.held.union(held_by_source) {
         for addr in prior.by_service.get(service).into_iter().flatten() {
+            if prior.external.contains(addr) {
+                model.addresses.external.insert(*addr);
+            }
             model.addresses.owner.insert(*addr, service.clone());
             model.addresses.by_service.entry(service.clone()).or_default().push(*addr);
         }
@@ -739,22 +743,6 @@ pub fn build_claiming(
     }
     model.addresses.displaced.clear();
     model
-}
-
-/// The source ranges of LoadBalancer address `lb_ip`: the Service's, and the address itself when
-/// one of them holds this node's IP (`node_ip`), as kube-proxy admits it.
-fn source_ranges(ranges: &[SourceRange], lb_ip: Ipv4Addr, node_ip: Option<Ipv4Addr>) -> Vec<SourceRange> {
-    let holds = |(net, len): &SourceRange, ip: Ipv4Addr| {
-        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-        u32::from(ip) & mask == u32::from(*net)
-    };
-    let mut out = ranges.to_vec();
-    if node_ip.is_some_and(|n| ranges.iter().any(|r| holds(r, n))) {
-        out.push((lb_ip, 32));
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 #[cfg(test)]

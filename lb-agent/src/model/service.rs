@@ -204,6 +204,12 @@ pub(super) fn service_spec(
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
     }
     let external = external_addresses(svc, object, &vips, ctx, errors);
+    // kube-proxy admits every one of the Service's LoadBalancer IPs as a client when a range
+    // holds this node's IP.
+    let source_ranges = source_ranges.map(|r| {
+        let lbs = external.iter().filter(|(_, k)| *k == FrontendKind::LoadBalancer).map(|(ip, _)| *ip);
+        with_node_rule(r, lbs, ctx.node_ip)
+    });
     SvcOutcome::Use(SvcSpec {
         vips,
         external,
@@ -215,12 +221,32 @@ pub(super) fn service_spec(
     })
 }
 
-/// The IPv4 networks of `spec.loadBalancerSourceRanges` of a LoadBalancer Service (`None` when it
-/// lists none; the field means nothing for other types). IPv6 ones are for IPv6 addresses, which
-/// lb does not serve yet: left out, so a Service listing only those lets no IPv4 client in. One
-/// that is not a network rejects the Service (it keeps what it had): dropping it would shut out
-/// the clients it names, ignoring all of them would let every client in. Spaces around one are
-/// allowed, as kube-proxy trims them.
+/// `ranges` and, when one of them holds this node's IP (`node_ip`), each of `lbs` (the Service's
+/// LoadBalancer IPs) as a client too: kube-proxy's rule for load balancers that loop a node's
+/// request back with the address as its source.
+fn with_node_rule(
+    mut ranges: Vec<SourceRange>,
+    lbs: impl Iterator<Item = Ipv4Addr>,
+    node_ip: Option<Ipv4Addr>,
+) -> Vec<SourceRange> {
+    let holds = |(net, len): &SourceRange, ip: Ipv4Addr| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(*net)
+    };
+    if node_ip.is_some_and(|n| ranges.iter().any(|r| holds(r, n))) {
+        ranges.extend(lbs.map(|ip| (ip, 32)));
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
+}
+
+/// The IPv4 networks of `spec.loadBalancerSourceRanges` of a LoadBalancer Service: `None` (every
+/// client) when it lists none (the field means nothing for other types), when one is
+/// `0.0.0.0/0`, or when it lists IPv6 ones only (those are for IPv6 addresses; kube-proxy filters
+/// each family by its own ranges, and none means no filter). One that is not a network rejects
+/// the Service (it keeps what it had): dropping it would shut out the clients it names, ignoring
+/// all of them would let every client in. Spaces around one are allowed, as kube-proxy trims them.
 fn source_ranges(
     spec: &ServiceSpec,
     object: &str,
@@ -244,6 +270,9 @@ fn source_ranges(
             }
         }
     }
+    if out.is_empty() || out.iter().any(|(_, len)| *len == 0) {
+        return Ok(None);
+    }
     out.sort_unstable();
     out.dedup();
     Ok(Some(out))
@@ -266,9 +295,11 @@ fn external_addresses(
     const KIND: &str = "Service";
     let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
     let mut out: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
-    let mut take = |ip: &str, field: String, kind: FrontendKind, errors: &mut Vec<ModelError>| match ip
-        .parse::<IpAddr>()
-    {
+    let take = |out: &mut Vec<(Ipv4Addr, FrontendKind)>,
+                ip: &str,
+                field: String,
+                kind: FrontendKind,
+                errors: &mut Vec<ModelError>| match ip.parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) => {
             if !vips.contains(&v4) && !out.iter().any(|(a, _)| *a == v4) {
                 out.push((v4, kind));
@@ -287,13 +318,21 @@ fn external_addresses(
             if ing.ip_mode.as_deref().is_some_and(|m| m != "VIP") {
                 continue;
             }
-            take(ip, format!("status.loadBalancer.ingress[{i}].ip"), FrontendKind::LoadBalancer, errors);
+            take(
+                &mut out,
+                ip,
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                FrontendKind::LoadBalancer,
+                errors,
+            );
         }
     }
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
         let allowed = match (ctx.external_ips, ip.parse::<Ipv4Addr>()) {
             (ExternalIps::All, _) | (_, Err(_)) => Ok(()),
+            // One of the Service's own addresses already: taken once, whatever the setting.
+            (_, Ok(a)) if vips.contains(&a) || out.iter().any(|(o, _)| *o == a) => Ok(()),
             (ExternalIps::NodeAddresses, Ok(a))
                 if ctx.local_addresses.contains(&a) || ctx.node_ip == Some(a) =>
             {
@@ -305,7 +344,7 @@ fn external_addresses(
             (ExternalIps::None, Ok(_)) => Err("externalIPs are not served (--external-ips=none)".into()),
         };
         match allowed {
-            Ok(()) => take(ip, field, FrontendKind::ExternalIp, errors),
+            Ok(()) => take(&mut out, ip, field, FrontendKind::ExternalIp, errors),
             Err(reason) => errors.push(ModelError::refused(KIND, object, field, reason)),
         }
     }

@@ -88,8 +88,10 @@ impl SrcRangeEntry {
 /// which both scopes share.
 pub fn src_range_entries(addr: &FrontendAddr, ranges: &[SourceRange]) -> Vec<SrcRangeEntry> {
     let frontend = service_key(&FrontendAddr { scope: Scope::External, ..*addr });
+    // A `/0` range (which the model turns into no ranges at all) would be the deny entry itself.
     ranges
         .iter()
+        .filter(|(_, len)| *len > 0)
         .map(|(net, len)| SrcRangeEntry {
             key: Lb4SrcRange { frontend, src: u32::from_ne_bytes(net.octets()) },
             prefix_len: SRC_RANGE_FRONTEND_BITS + u32::from(*len),

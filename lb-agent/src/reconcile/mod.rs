@@ -273,7 +273,7 @@ fn same_entry(a: &Frontend, b: &Frontend) -> bool {
     a.backends == b.backends
         && a.affinity_timeout_secs == b.affinity_timeout_secs
         && a.local_only == b.local_only
-        && a.kind.external() == b.kind.external()
+        && a.kind == b.kind
         && a.two_scopes == b.two_scopes
 }
 
@@ -494,13 +494,27 @@ impl Reconciler {
         w: &mut W,
     ) -> Result<(), SyncError> {
         let Some(ranges) = &fe.source_ranges else { return Ok(()) };
-        for e in src_range_entries(addr, ranges) {
-            if self.src_ranges.contains(&e) {
+        let object = || format!("{addr} ({})", fe.service);
+        let wanted = src_range_entries(addr, ranges);
+        for e in &wanted {
+            if self.src_ranges.contains(e) {
                 continue;
             }
-            w.set_src_range(&e)
-                .map_err(|err| write_err(format!("{addr} ({})", fe.service), "source range", err))?;
-            self.src_ranges.insert(e);
+            w.set_src_range(e).map_err(|err| write_err(object(), "source range", err))?;
+            self.src_ranges.insert(*e);
+        }
+        // Ranges it no longer has (or another Service's, at an address it takes) go before it is
+        // published; its deny entry stays.
+        let key = wanted[wanted.len() - 1].key.frontend;
+        let stale: Vec<SrcRangeEntry> = self
+            .src_ranges
+            .iter()
+            .filter(|e| e.key.frontend == key && !wanted.contains(e))
+            .copied()
+            .collect();
+        for e in stale {
+            w.remove_src_range(&e).map_err(|err| write_err(object(), "source range removal", err))?;
+            self.src_ranges.remove(&e);
         }
         Ok(())
     }
@@ -509,6 +523,9 @@ impl Reconciler {
     /// first, so a frontend that loses its ranges never shuts a client out. A restored frontend
     /// not named yet keeps the entries at its address.
     fn prune_src_ranges<W: MapWriter>(&mut self, w: &mut W, errors: &mut Vec<SyncError>) {
+        if self.src_ranges.is_empty() {
+            return;
+        }
         let mut wanted: HashSet<SrcRangeEntry> = HashSet::new();
         let mut unknown: HashSet<Lb4ServiceKey> = HashSet::new();
         for (addr, p) in &self.frontends {
@@ -531,7 +548,12 @@ impl Reconciler {
             .collect();
         stale.sort_by_key(|e| e.verdict() != lb_common::SRC_RANGE_DENY);
         self.src_ranges_stale = false;
+        // Frontends whose deny entry failed to go keep their ranges with it.
+        let mut blocked: HashSet<Lb4ServiceKey> = HashSet::new();
         for e in stale {
+            if blocked.contains(&e.key.frontend) {
+                continue;
+            }
             match w.remove_src_range(&e) {
                 Ok(()) => {
                     self.src_ranges.remove(&e);
@@ -546,7 +568,7 @@ impl Reconciler {
                     ));
                     // The ranges it denies for stay until its deny entry goes.
                     if e.verdict() == lb_common::SRC_RANGE_DENY {
-                        break;
+                        blocked.insert(e.key.frontend);
                     }
                 }
             }

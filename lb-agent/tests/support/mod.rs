@@ -575,12 +575,12 @@ pub fn explain(c: &Cluster, node: usize, o: &Outcome) {
     );
 }
 
-/// `lbctl -o json interfaces` in `node`'s network namespace: interface name → its view.
 /// The `lbctl` built beside the agent.
 pub fn lbctl_path() -> std::path::PathBuf {
     std::path::Path::new(AGENT).with_file_name("lbctl")
 }
 
+/// `lbctl -o json interfaces` in `node`'s network namespace: interface name → its view.
 pub fn lbctl_interfaces(
     node: &lb_testkit::lab::Node,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
