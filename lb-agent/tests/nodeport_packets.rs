@@ -788,11 +788,11 @@ fn icmp_errors_about_flows_from_outside(
     let seen = check_icmp_error(&out);
     assert_eq!((seen.src, seen.dst), (NODE, OUTSIDE));
     assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 43_001), (NODE, remote)));
-    // A router on the way to it (not the endpoint): the error keeps its source.
+    // A router on the way to it (not the endpoint): from the NodePort all the same.
     let err = icmp_in(router, NODE, 11, 0, 0, &to_remote[14..]);
     let out =
         expect(dp, maps, "a router's error about a SNATed packet", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
-    assert_eq!(check_icmp_error(&out).src, router);
+    assert_eq!(check_icmp_error(&out).src, NODE);
     // A router's "fragmentation needed" about the reply this node forwarded: to the remote
     // endpoint, about its reply to this node's address and SNAT port; forwarded to it.
     let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
@@ -806,9 +806,104 @@ fn icmp_errors_about_flows_from_outside(
         &rev_in,
     );
     let seen = check_icmp_error(&out);
-    assert_eq!((seen.src, seen.dst), (router, REMOTE_POD));
+    assert_eq!((seen.src, seen.dst), (NODE, REMOTE_POD), "from this node's address, as the flow there");
     assert_eq!((seen.quoted.src, seen.quoted.dst), ((REMOTE_POD, 8080), snat));
     assert_eq!(out[..6], PEER_MAC, "to the next hop towards the endpoint");
+
+    // A LoadBalancer IP, which is not this node's address: the same rules, each address where it
+    // belongs.
+    let vip = Ipv4Addr::new(203, 0, 113, 20);
+    let mut with_lb = base.clone();
+    for (port, to) in [(80, REMOTE_POD), (81, LOCAL_POD)] {
+        let fe = frontend(vip, port, Protocol::Tcp, FrontendKind::LoadBalancer, &[(to, 8080)]);
+        with_lb.insert(fe.addr, fe);
+    }
+    let (_, errors) = r.sync(&with_lb, &Default::default(), maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    let syn = pkt((OUTSIDE, 43_010), (vip, 80), SYN);
+    let new_remote = [(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)];
+    let to_remote =
+        expect(dp, maps, "SYN to the LB IP, remote", Prog::NodeIn, &syn, TC_REDIRECT, &new_remote);
+    let snat = check_packet(&to_remote).src;
+    let reply = pkt((REMOTE_POD, 8080), snat, SYN_ACK);
+    let reply_out = expect(dp, maps, "reply, LB IP, remote", Prog::NodeIn, &reply, TC_REDIRECT, &rev_in);
+    assert_eq!(check_packet(&reply_out).src, (vip, 80));
+    // An error from inside the cluster about the SNATed packet: to the client, from the LB IP.
+    let err = icmp_in(Ipv4Addr::new(10, 244, 2, 1), NODE, 3, 1, 0, &to_remote[14..]);
+    let out =
+        expect(dp, maps, "an error about a SNATed packet, LB IP", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (vip, OUTSIDE));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 43_010), (vip, 80)));
+    // A router's error about the reply, sent to the LB IP: to the remote endpoint, from this node.
+    let err = icmp_in(router, vip, 3, 4, 1280, &reply_out[14..]);
+    let out =
+        expect(dp, maps, "a router's error about a reply, LB IP", Prog::NodeIn, &err, TC_REDIRECT, &rev_in);
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (NODE, REMOTE_POD));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((REMOTE_POD, 8080), snat));
+    // The same error sent to this node's address instead (not the reply's source): not about a
+    // packet this node sent from there; untouched.
+    let err = icmp_in(router, NODE, 3, 4, 1280, &reply_out[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "an error to another address than the quote's source",
+        Prog::NodeIn,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+    );
+    assert_eq!(out, err);
+    // A local endpoint's flow to the LB IP, and an error this node's own stack sends the client
+    // about its packet (the node's address as source): from the LB IP.
+    let syn = pkt((OUTSIDE, 43_011), (vip, 81), SYN);
+    let to_pod = expect(
+        dp,
+        maps,
+        "SYN to the LB IP, local",
+        Prog::NodeIn,
+        &syn,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+    );
+    let err = icmp_error(NODE, OUTSIDE, 3, 4, 1400, &to_pod[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "the node's error about a local flow, LB IP",
+        Prog::NodeOut,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+    );
+    let seen = check_icmp_error(&out);
+    assert_eq!((seen.src, seen.dst), (vip, OUTSIDE));
+    assert_eq!((seen.quoted.src, seen.quoted.dst), ((OUTSIDE, 43_011), (vip, 81)));
+    // A flow of this node's pod to the LB IP is no flow from outside: an error quoting its reply
+    // (LB IP → pod) that comes in on the node interface is left alone.
+    let syn = pkt((POD_CLIENT, 43_012), (vip, 81), SYN);
+    expect(
+        dp,
+        maps,
+        "a pod's SYN to the LB IP",
+        Prog::PodForward,
+        &syn,
+        TC_OK,
+        &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+    );
+    let pod_reply = pkt((vip, 81), (POD_CLIENT, 43_012), SYN_ACK);
+    let err = icmp_in(router, vip, 3, 4, 1280, &pod_reply[14..]);
+    let out = expect(
+        dp,
+        maps,
+        "an error about a pod's flow",
+        Prog::NodeIn,
+        &err,
+        TC_OK,
+        &[(c::RX_NODE_IN, 1), (c::PASS_OTHER_PROTO, 1)],
+    );
+    assert_eq!(out, err);
 
     // About no flow of lb's: untouched, both ways.
     let other = pkt((NODE, 22), (OUTSIDE, 50_000), ACK);

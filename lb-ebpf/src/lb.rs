@@ -428,8 +428,10 @@ pub fn lb4_reply(f: &Flow, replies: Replies) -> Action {
 
 /// Reply direction, ICMP errors going to a client (of `replies`) about its packet to a backend
 /// (the quote is client → backend; its reply entry is backend → client): the quote becomes client
-/// → VIP, from the client's own port where the flow was given another; when the backend itself
-/// sent the error, it comes from the VIP. Hairpinned flows are left alone.
+/// → VIP, from the client's own port where the flow was given another. An error to a client
+/// outside comes from the VIP whoever sent it (as netfilter's NAT rewrites it: a node's or a
+/// pod's address is nothing the client knows, and may not leave the cluster); to a pod, when the
+/// backend itself sent it. Hairpinned flows are left alone.
 #[inline(always)]
 pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
     if e.outer_daddr != e.saddr {
@@ -439,7 +441,7 @@ pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
     (!r.hairpin).then_some(IcmpNat {
         quote_src: (r.client_port != 0).then_some((e.saddr, r.client_port)),
         quote_dst: Some((r.vip, r.vport)),
-        outer_src: (e.outer_saddr == e.daddr).then_some(r.vip),
+        outer_src: (matches!(replies, Replies::External) || e.outer_saddr == e.daddr).then_some(r.vip),
         outer_dst: None,
     })
 }
@@ -451,8 +453,8 @@ pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
 ///   to the VIP: "fragmentation needed" from a router on the way): it goes to the backend, as
 ///   about its packet to the client (to this node's address and SNAT port, for a remote one);
 /// - about a packet this node sent to a remote endpoint, SNATed (the quote is this node's address
-///   and SNAT port → backend, the error goes to this node): it goes to the client, as about its
-///   packet to the VIP.
+///   and SNAT port → backend, the error goes to this node): it goes to the client, from the VIP,
+///   as about its packet to the VIP.
 #[inline(always)]
 pub fn lb4_node_in_icmp(e: &IcmpError) -> Option<(IcmpNat, bool)> {
     if e.outer_daddr != e.saddr {
@@ -464,10 +466,12 @@ pub fn lb4_node_in_icmp(e: &IcmpError) -> Option<(IcmpNat, bool)> {
         // and the SNAT port the flow was given.
         let client = if t.snat_addr != 0 { t.snat_addr } else { e.daddr };
         let client_port = if t.snat_port != 0 { t.snat_port } else { e.dport };
+        // Forwarded to a remote endpoint, it comes from this node's address (the flow's, there):
+        // as under netfilter's masquerade, and no outside address is relayed into the cluster.
         let nat = IcmpNat {
             quote_src: Some((t.nat_addr, t.nat_port)),
             quote_dst: Some((client, client_port)),
-            outer_src: None,
+            outer_src: (t.snat_addr != 0).then_some(t.snat_addr),
             outer_dst: Some(t.nat_addr),
         };
         return Some((nat, t.snat_addr != 0));
@@ -476,7 +480,8 @@ pub fn lb4_node_in_icmp(e: &IcmpError) -> Option<(IcmpNat, bool)> {
     let nat = IcmpNat {
         quote_src: Some((r.client_addr, reply_port_of(e.sport, r.client_port))),
         quote_dst: Some((r.vip, r.vport)),
-        outer_src: (e.outer_saddr == e.daddr).then_some(r.vip),
+        // From the VIP, whoever sent it (see `lb4_reply_icmp`).
+        outer_src: Some(r.vip),
         outer_dst: Some(r.client_addr),
     };
     Some((nat, true))
