@@ -55,6 +55,12 @@ struct Args {
     /// Write the results into this Markdown file (replacing the NodePort section).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// More lb-agent flags (for example `--snat-ports=1024-29999`).
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+    lb_args: Vec<String>,
+    /// The section of the Markdown file the results replace.
+    #[arg(long, default_value = "nodeport")]
+    section: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -115,6 +121,7 @@ struct Bed {
 fn bed(tag: &str, case: Case) -> anyhow::Result<(Bed, Vec<Pod>)> {
     let mut lab = Lab::new(tag)?;
     let nodes = [lab.node(1)?, lab.node(2)?];
+    lab.link_nodes(&nodes[0], &nodes[1])?;
     let out = lab.outside()?;
     sysctl(&out.netns, "net.ipv4.ip_local_port_range=1024 65535")?;
     sysctl(&out.netns, "net.ipv4.tcp_tw_reuse=1")?;
@@ -176,7 +183,17 @@ fn set_up(c: Contender, case: Case, args: &Args) -> anyhow::Result<(Bed, String)
                 dir.join("nodes.yaml"),
                 format!("{}---\n{}", node_manifest(&b.nodes[0]), node_manifest(&b.nodes[1])),
             )?;
-            let extra = ["--metrics-bind-address", "127.0.0.1:0", "--node-interfaces", "ul0"];
+            // Closed flows go after 1 s, as netfilter's TIME_WAIT entries do in kube-proxy's
+            // labs here: a SNATed flow's port is free again once its entry goes.
+            let extra = [
+                "--metrics-bind-address",
+                "127.0.0.1:0",
+                "--node-interfaces",
+                "ul0",
+                "--ct-timeout-tcp-close",
+                "1",
+            ];
+            let extra: Vec<&str> = extra.into_iter().chain(args.lb_args.iter().map(String::as_str)).collect();
             b.lab.start_agent(&n1, &args.agent, &dir, Mode::Tc, &extra)?;
             SocketAddr::from((n1.underlay_ip(), NODE_PORT))
         }
@@ -246,13 +263,19 @@ fn report(args: &Args, results: &Results) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let flags = if args.lb_args.is_empty() {
+        String::new()
+    } else {
+        format!(", lb-agent with `{}`", args.lb_args.join(" "))
+    };
     let mut md = format!(
-        "## NodePort from outside the cluster (network namespaces)\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
+        "## NodePort from outside the cluster (network namespaces{flags})\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
          a client outside the cluster (wrk 4.1, `-t1`, pinned to CPU 0) → node 1's NodePort; 3 nginx backends (one worker each, pinned to CPU 1) \
          on node 1 (`local`: externalTrafficPolicy Local) or node 2 (`remote`: externalTrafficPolicy Cluster, every flow SNATed to node 1's address \
          and forwarded); {} runs of {} s after a 1 s warm-up, the contenders taking turns; median (min–max). `direct`: the client reaches one \
          backend through node 1 by plain routing (no load balancer). lb runs its node-side TC programs on node 1's underlay interface; \
-         kube-proxy's rules (`kube_proxy.rs`) are loaded into node 1.\n\n",
+         kube-proxy's rules (`kube_proxy.rs`) are loaded into node 1. Closed TCP flows are forgotten after 1 s by every contender \
+         (netfilter's TIME_WAIT timeout, lb's `--ct-timeout-tcp-close`), so a SNATed flow's port is soon free again.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         host.trim(),
         args.reps,
@@ -311,7 +334,7 @@ fn main() -> anyhow::Result<()> {
     }
     let md = report(&args, &results);
     if let Some(path) = &args.markdown {
-        report::write_section(path, "nodeport", &md)?;
+        report::write_section(path, &args.section, &md)?;
         println!("results written to {}", path.display());
     } else {
         println!("{md}");

@@ -125,7 +125,7 @@ struct Args {
     /// Source ports given to a new flow whose reply tuple belongs to another live flow (the same
     /// client port to another Service address with the same backend), as netfilter's NAT does:
     /// FIRST-LAST, best outside this node's net.ipv4.ip_local_port_range (a warning otherwise).
-    /// Default: 61000-65535, or where that meets the node's range, the largest run of at least
+    /// Default: 1024-29999, or where that meets the node's range, the largest run of at least
     /// 1,000 ports outside it and the NodePort range.
     #[arg(long, value_parser = port_range)]
     snat_ports: Option<(u16, u16)>,

@@ -75,12 +75,22 @@ fn cluster(tag: &str, yaml: impl Fn(&Cluster) -> String) -> (Cluster, Outside) {
     (c, out)
 }
 
-/// Waits until `to` answers a TCP question from `netns`.
+/// Waits until both agents are ready (their programs attached, their interface records written:
+/// until then a flow to a remote endpoint finds no address to be SNATed to) and `to` answers a TCP
+/// question from `netns`.
 fn wait_answer(c: &Cluster, netns: &str, to: SocketAddrV4) {
     // Generous: in the kernel matrix's emulated machines, verifying the node-side programs alone
     // takes minutes on Linux 5.10.
-    let ready =
-        wait_until(Duration::from_secs(400), || tcp_asks_from(netns, to, 1)?.pop().expect("one answer"));
+    let limit = Duration::from_secs(400);
+    for node in &c.nodes {
+        let healthz = "127.0.0.1:10256".parse().expect("addr");
+        let ready = wait_until(limit, || match lb_testkit::lab::http_get(&node.netns, healthz, "/readyz")? {
+            (200, _) => Ok(()),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        });
+        assert!(ready.is_ok(), "{} never ready: {ready:?}\n{}", node.netns, c.lab.agent_log(node));
+    }
+    let ready = wait_until(limit, || tcp_asks_from(netns, to, 1)?.pop().expect("one answer"));
     assert!(
         ready.is_ok(),
         "{to} never answered from {netns}: {ready:?}\nagent logs:\n{}\n{}",

@@ -309,6 +309,72 @@ fn node_side_rules_packet_by_packet() {
         );
         assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 40_001)));
 
+        // A client port inside the SNAT range: the flow gets a port of the range all the same, and
+        // its replies come back to the client's own port (UDP and TCP).
+        for (i, l4) in [UDP, SYN].into_iter().enumerate() {
+            let cport = DEFAULT_SNAT_PORTS.0 + 100 + i as u16;
+            let first = pkt((OUTSIDE, cport), (NODE, remote), l4);
+            let out = expect(
+                &dp,
+                &maps,
+                "a client port in the SNAT range",
+                Prog::NodeIn,
+                &first,
+                TC_REDIRECT,
+                &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+            );
+            let seen = check_packet(&out);
+            assert!(seen.src.0 == NODE && in_snat_range(seen.src.1), "{seen:?}");
+            let reply_l4 = if i == 0 { UDP } else { SYN_ACK };
+            let reply = pkt(seen.dst, seen.src, reply_l4);
+            let out = expect(
+                &dp,
+                &maps,
+                "its reply",
+                Prog::NodeIn,
+                &reply,
+                TC_REDIRECT,
+                &[(c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
+            );
+            let back = check_packet(&out);
+            assert_eq!((back.src, back.dst), ((NODE, remote), (OUTSIDE, cport)));
+        }
+
+        // The same to a local endpoint: DNAT only, the reply leaves from the NodePort.
+        let cport = DEFAULT_SNAT_PORTS.0 + 110;
+        let first = pkt((OUTSIDE, cport), (NODE, local), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "a client port in the SNAT range, local",
+            Prog::NodeIn,
+            &first,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(check_packet(&out).dst, (LOCAL_POD, 8080));
+        let reply = pkt((LOCAL_POD, 8080), (OUTSIDE, cport), SYN_ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "its reply, local",
+            Prog::NodeOut,
+            &reply,
+            TC_OK,
+            &[(c::RX_NODE_OUT, 1), (c::REV_NAT, 1)],
+        );
+        assert_eq!(check_packet(&out).src, (NODE, local));
+        let ack = pkt((OUTSIDE, cport), (NODE, local), ACK);
+        expect(
+            &dp,
+            &maps,
+            "its next packet, local",
+            Prog::NodeIn,
+            &ack,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+        );
+
         // A local endpoint: DNAT only (the endpoint sees the client), and the stack delivers it.
         let syn = pkt((OUTSIDE, 40_002), (NODE, local), SYN);
         let out = expect(

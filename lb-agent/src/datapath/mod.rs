@@ -240,12 +240,12 @@ mod tests {
     fn the_default_snat_range_moves_out_of_a_wide_local_range() {
         use super::choose_snat_ports as choose;
         let range = |explicit, local| choose(explicit, local).expect("a range");
-        assert_eq!(range(None, (32_768, 60_999)), ((61_000, 65_535), None));
+        assert_eq!(range(None, (32_768, 60_999)), ((1_024, 29_999), None));
         // 1024-64000: what is left above it, 64001-65535, is enough.
         assert_eq!(range(None, (1_024, 64_000)), ((64_001, 65_535), None));
         // 1024-65000: nothing is: the default, with a warning.
         let (r, w) = range(None, (1_024, 65_000));
-        assert_eq!(r, (61_000, 65_535));
+        assert_eq!(r, (1_024, 29_999));
         assert!(w.expect("a warning").contains("set --snat-ports"));
         // 10000-65535 (common tuning): 1024-9999 is the largest free run.
         assert_eq!(range(None, (10_000, 65_535)), ((1_024, 9_999), None));
