@@ -30,7 +30,6 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::Command,
     time::Duration,
 };
 
@@ -39,7 +38,9 @@ use clap::Parser;
 use kube_proxy::ServicePort;
 use lb_agent::datapath::Mode;
 use lb_testkit::lab::{http_get, node_manifest, wait_until, Lab, Node, Outside, Pod};
-use traffic::{netns_cmd, run_with_input, start_nginx, sysctl, wrk, Load, Measured, Nginx, Stat};
+use traffic::{
+    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk, Load, Measured, Nginx,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -248,21 +249,9 @@ fn run_case(case: Case, args: &Args, results: &mut Results) -> anyhow::Result<()
     Ok(())
 }
 
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "–".into()
-    }
-}
-
 fn report(args: &Args, results: &Results) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = today();
     let flags = if args.lb_args.is_empty() {
         String::new()
     } else {
@@ -281,9 +270,6 @@ fn report(args: &Args, results: &Results) -> String {
         args.reps,
         args.seconds
     );
-    let cell = |s: Stat, digits: usize| {
-        format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max)
-    };
     let get = |case: Case, c: Contender, load: Load| results.get(&(case, c)).and_then(|m| m.get(&load));
     type Figure = (&'static str, Load, fn(&traffic::WrkResult) -> f64, usize);
     let figures: [Figure; 3] = [
@@ -302,22 +288,13 @@ fn report(args: &Args, results: &Results) -> String {
             "### {title}\n\n| case | contender | value | ÷ direct | ÷ nftables | ÷ iptables-nft | ÷ iptables-legacy | errors |\n|---|---|---:|---:|---:|---:|---:|---:|"
         );
         for case in [Case::Local, Case::Remote] {
+            let base = |c: Contender| get(case, c, load).map_or(0.0, |m| m.of(f).median);
+            let bases =
+                [Contender::Direct, Contender::Nftables, Contender::IptablesNft, Contender::IptablesLegacy]
+                    .map(base);
             for c in Contender::ALL {
                 let Some(m) = get(case, c, load) else { continue };
-                let v = m.of(f).median;
-                let base = |c: Contender| get(case, c, load).map_or(0.0, |m| m.of(f).median);
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                    case.name(),
-                    c.name(),
-                    cell(m.of(f), digits),
-                    ratio(v, base(Contender::Direct)),
-                    ratio(v, base(Contender::Nftables)),
-                    ratio(v, base(Contender::IptablesNft)),
-                    ratio(v, base(Contender::IptablesLegacy)),
-                    m.errors()
-                );
+                let _ = writeln!(md, "{}", figure_row(case.name(), c.name(), m, f, digits, bases));
             }
         }
         md.push('\n');

@@ -30,7 +30,6 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -39,7 +38,9 @@ use clap::Parser;
 use kube_proxy::ServicePort;
 use lb_agent::datapath::Mode;
 use lb_testkit::lab::{http_get, wait_until, Lab, Node, Pod};
-use traffic::{netns_cmd, run_with_input, start_nginx, sysctl, wrk, Load, Measured, Nginx, Stat, WrkResult};
+use traffic::{
+    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk, Load, Measured, Nginx, WrkResult,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -332,21 +333,9 @@ fn ruleset_times(n: u32, e: u32) -> anyhow::Result<String> {
     Ok(md)
 }
 
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "–".into()
-    }
-}
-
 fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], rulesets: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = today();
     let mut md = format!(
         "## Real traffic (network namespaces)\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
          load generator: wrk 4.1 (Debian), `-t1`, pinned to CPU 0; backends: nginx, one worker each, pinned to CPU 1; \
@@ -359,9 +348,6 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
         args.seconds
     );
     let get = |n: u32, c: Contender, load: Load| results.get(&(n, c)).and_then(|m| m.get(&load));
-    let cell = |s: Stat, digits: usize| {
-        format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max)
-    };
     type Figure = (&'static str, Load, fn(&WrkResult) -> f64, usize, bool);
     let figures: [Figure; 5] = [
         ("new connections/s (`-c50`, Connection: close)", Load::NewConnections, |r| r.rps, 0, true),
@@ -376,21 +362,13 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
             "### {title}\n\n| Services | contender | value | ÷ direct | ÷ nftables | ÷ iptables-nft | ÷ iptables-legacy | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
         );
         for &n in &args.services {
+            let base = |c: Contender| get(n, c, load).map_or(0.0, |m| m.of(f).median);
+            let bases =
+                [Contender::Direct, Contender::Nftables, Contender::IptablesNft, Contender::IptablesLegacy]
+                    .map(base);
             for c in Contender::ALL {
                 let Some(m) = get(n, c, load) else { continue };
-                let v = m.of(f).median;
-                let base = |c: Contender| get(n, c, load).map_or(0.0, |m| m.of(f).median);
-                let _ = writeln!(
-                    md,
-                    "| {n} | {} | {} | {} | {} | {} | {} | {} |",
-                    c.name(),
-                    cell(m.of(f), digits),
-                    ratio(v, base(Contender::Direct)),
-                    ratio(v, base(Contender::Nftables)),
-                    ratio(v, base(Contender::IptablesNft)),
-                    ratio(v, base(Contender::IptablesLegacy)),
-                    m.errors()
-                );
+                let _ = writeln!(md, "{}", figure_row(&n.to_string(), c.name(), m, f, digits, bases));
             }
         }
         md.push('\n');

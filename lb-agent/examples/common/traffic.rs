@@ -254,3 +254,47 @@ impl Measured {
         self.runs.iter().map(|r| r.errors).sum()
     }
 }
+
+/// `a / b` to two places, or a dash when there is nothing to divide by.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+/// Today's date (`YYYY-MM-DD`), for the reports.
+pub fn today() -> String {
+    Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// One row of a figure's table: `label`, the contender, the median (min–max) of figure `f` over
+/// `m`'s runs with `digits` places, its ratio to each of `bases` (the same figure's medians for
+/// direct, nftables, iptables-nft and iptables-legacy), and the errors.
+pub fn figure_row(
+    label: &str,
+    contender: &str,
+    m: &Measured,
+    f: impl Fn(&WrkResult) -> f64,
+    digits: usize,
+    bases: [f64; 4],
+) -> String {
+    let s = m.of(&f);
+    let ratios: Vec<String> = bases.iter().map(|b| ratio(s.median, *b)).collect();
+    format!(
+        "| {label} | {contender} | {:.*} ({:.*}–{:.*}) | {} | {} |",
+        digits,
+        s.median,
+        digits,
+        s.min,
+        digits,
+        s.max,
+        ratios.join(" | "),
+        m.errors()
+    )
+}
