@@ -29,7 +29,7 @@ use aya::{
 };
 use clap::Parser;
 use lb_agent::{
-    datapath::{Config, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
+    datapath::{Config, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD},
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
@@ -106,6 +106,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
         bpf_log: false,
         tc_order: Default::default(),
         tc_attach: Default::default(),
+        node_xdp: false,
     }
 }
 
@@ -279,9 +280,9 @@ fn main() -> anyhow::Result<()> {
     let reply = packet(x, rc);
     let tc_fwd = dp.tc_program(PROG_TC_FORWARD).context("tc forward")?;
     let tc_rep = dp.tc_program(PROG_TC_REPLY).context("tc reply")?;
-    let xdp = dp.xdp_program().context("xdp")?;
+    let xdp = dp.xdp_program(PROG_XDP_FORWARD).context("xdp")?;
     let tc_fwd_new = dp_new.tc_program(PROG_TC_FORWARD).context("tc forward")?;
-    let xdp_new = dp_new.xdp_program().context("xdp")?;
+    let xdp_new = dp_new.xdp_program(PROG_XDP_FORWARD).context("xdp")?;
 
     println!("per-packet cost, ns (BPF_PROG_TEST_RUN, repeat {repeat}, {rounds} rounds: min / median / max)");
     let mut rows: Vec<(String, &str, Stat)> = Vec::new();

@@ -392,13 +392,8 @@ pub struct InterfaceView {
 
 /// One of lb's programs, by name (the kernel knows no owner): any version's, a stale one too.
 fn is_lb_program(name: &str) -> bool {
-    use crate::datapath::{
-        PROG_TC_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_TC_REPLY, PROG_XDP_FORWARD,
-    };
     // The kernel keeps 15 bytes of a program's name.
-    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT]
-        .iter()
-        .any(|p| p.get(..15).unwrap_or(p) == name)
+    crate::datapath::ALL_PROGRAMS.iter().any(|p| p.get(..15).unwrap_or(p) == name)
 }
 
 /// Every interface of the current network namespace and the BPF programs on its hooks (TCX, clsact

@@ -99,6 +99,13 @@ struct Args {
     /// Where the pod → service direction runs.
     #[arg(long, value_enum, default_value = "tc")]
     datapath: DatapathMode,
+    /// Where traffic from outside arriving on a node interface (`--node-interfaces`) is decided:
+    /// `tc` (TC ingress), or `xdp` (an XDP program in front of it, which drops, translates and
+    /// sends back out what it can and leaves the rest to TC: rejects, ICMP errors, packets whose
+    /// neighbour is not known yet or whose route leaves through an interface that is not a node
+    /// interface).
+    #[arg(long, value_enum, default_value = "tc")]
+    node_datapath: DatapathMode,
     /// Where lb's TC programs go among the TCX programs already on an interface when it attaches
     /// (a CNI's policy, observability tools). Either way, packets lb does not drop go on to the
     /// programs after it, then to classic clsact filters.
@@ -228,6 +235,7 @@ impl From<Args> for Config {
                     TcAttachFlag::Tcx => datapath::TcAttach::Tcx,
                     TcAttachFlag::Netlink => datapath::TcAttach::Netlink,
                 },
+                node_xdp: matches!(a.node_datapath, DatapathMode::Xdp),
             },
             mode: match a.datapath {
                 DatapathMode::Tc => Mode::Tc,

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::Ipv4Header;
 use lb_agent::{
-    datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
+    datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD},
     model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
@@ -491,7 +491,7 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     let res = match prog {
         Prog::TcForward => dp.tc_program(PROG_TC_FORWARD).expect("tc forward").test_run(opts),
         Prog::TcReply => dp.tc_program(PROG_TC_REPLY).expect("tc reply").test_run(opts),
-        Prog::Xdp => dp.xdp_program().expect("xdp").test_run(opts),
+        Prog::Xdp => dp.xdp_program(PROG_XDP_FORWARD).expect("xdp").test_run(opts),
     }
     .expect("BPF_PROG_TEST_RUN");
     out.truncate(res.data_size_out as usize);
@@ -535,9 +535,7 @@ fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
 fn xdp_meta_returned(_dp: &Datapath) -> bool {
     static RETURNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *RETURNED.get_or_init(|| {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
-        let mut v = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let (major, minor) = kernel_release();
         let returned = (major, minor) >= (5, 14);
         if !returned {
             eprintln!(

@@ -69,7 +69,12 @@ endpoints:
 
 /// A cluster whose agents serve traffic from outside, with `yaml` written once the nodes exist.
 fn cluster(tag: &str, yaml: impl Fn(&Cluster) -> String) -> (Cluster, Outside) {
-    let mut c = Cluster::new(tag, Mode::Tc, true, |_| String::new(), NODE_ARGS);
+    cluster_with(tag, NODE_ARGS, yaml)
+}
+
+/// The same, with the agents' node-side flags `args`.
+fn cluster_with(tag: &str, args: &[&str], yaml: impl Fn(&Cluster) -> String) -> (Cluster, Outside) {
+    let mut c = Cluster::new(tag, Mode::Tc, true, |_| String::new(), args);
     let out = c.lab.outside().expect("the client outside");
     c.write(&yaml(&c));
     (c, out)
@@ -135,6 +140,48 @@ fn nodeport_cluster_policy_reaches_every_endpoint_through_either_node() {
     for node in &c.nodes {
         let got = names(tcp_asks(&c.client1, SocketAddrV4::new(node.underlay_ip(), 30080), 60).expect("pod"));
         assert_eq!(got, all, "a pod through {}'s NodePort", node.netns);
+    }
+}
+
+#[test]
+fn xdp_on_the_node_interface_serves_nodeports_through_either_node() {
+    // The XDP node program in front of TC (generic XDP: ul0 is a veth): it sends the SNATed flows
+    // to remote endpoints and their replies itself, and passes local endpoints' flows DNATed.
+    let args = ["--node-interfaces", "ul0", "--node-datapath", "xdp"];
+    let (c, out) =
+        cluster_with("npx", &args, |c| service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()));
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    for node in &c.nodes {
+        let (tcp, udp) =
+            (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
+        wait_answer(&c, &out.netns, tcp);
+        let sent =
+            || c.maps(usize::from(node.index)).read_counters().expect("counters")[c::XDP_SENT as usize];
+        let before = sent();
+        let got = names(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
+        assert_eq!(got, all, "TCP through {}: every endpoint", node.netns);
+        let got =
+            names(udp_asks_from(&out.netns, udp, 23_000 + 100 * u16::from(node.index), 60).expect("UDP"));
+        assert_eq!(got, all, "UDP through {}: every endpoint", node.netns);
+        let mut seen = BTreeSet::new();
+        for i in 0..30u16 {
+            let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
+            let (uname, upeer) =
+                udp_peer_from(&out.netns, udp, 24_000 + 100 * u16::from(node.index) + i).expect("UDP peer");
+            for (name, peer) in [(name, peer), (uname, upeer)] {
+                let backend = c.backends.iter().find(|b| b.name == name).expect("a backend");
+                let want = if backend.node == node.index { out.ip } else { node.underlay_ip() };
+                assert_eq!(*peer.ip(), want, "{name} through {}: the address it sees", node.netns);
+                seen.insert(backend.node == node.index);
+            }
+        }
+        assert_eq!(seen.len(), 2, "through {}: both local and remote endpoints answered", node.netns);
+        let after = sent();
+        assert!(
+            after > before,
+            "{}: XDP sent the SNATed flows' packets itself ({before} → {after})",
+            node.netns
+        );
     }
 }
 

@@ -19,7 +19,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use lb_agent::{
-    datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
+    datapath::{Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD},
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
@@ -208,7 +208,7 @@ fn hostile_packets() {
             let res = match name {
                 "tc-forward" => dp.tc_program(PROG_TC_FORWARD).expect("prog").test_run(opts),
                 "tc-reply" => dp.tc_program(PROG_TC_REPLY).expect("prog").test_run(opts),
-                _ => dp.xdp_program().expect("prog").test_run(opts),
+                _ => dp.xdp_program(PROG_XDP_FORWARD).expect("prog").test_run(opts),
             };
             // The skb test-run refuses some malformed packets outright (EINVAL): nothing ran.
             let Ok(res) = res else { continue };

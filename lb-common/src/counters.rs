@@ -103,9 +103,13 @@ pub const DROP_FIB: u32 = 31;
 /// A new flow to a LoadBalancer address from a client outside its `loadBalancerSourceRanges`:
 /// dropped.
 pub const DROP_SRC_RANGE: u32 = 32;
+/// XDP (`--node-datapath xdp`) sent a translated packet out itself: back out of the interface it
+/// came in on (`XDP_TX`) or redirected to another node interface (counted in addition to its
+/// outcome).
+pub const XDP_SENT: u32 = 33;
 
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 33;
+pub const COUNT: u32 = 34;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -142,6 +146,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "node_snat",
     "drop_fib",
     "drop_src_range",
+    "xdp_sent",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so

@@ -70,6 +70,21 @@ pub struct Lb4Interface {
 }
 const _: () = assert!(size_of::<Lb4Interface>() == 8);
 
+/// Not pinned (each load's agent writes it as it attaches): the Ethernet address of each node
+/// interface the XDP node program (`--node-datapath xdp`) is on, by interface index. XDP has no
+/// packet type: a frame to another address (a promiscuous interface's copy of another host's) is
+/// not this node's to translate. An interface missing from it has its packets left to TC.
+pub const MAP_LB_NODE_MACS: &str = "LB_NODE_MACS";
+
+/// Value of `LB_NODE_MACS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbNodeMac {
+    pub addr: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<LbNodeMac>() == 8);
+
 /// A pod's host-side interface (`--interfaces`): endpoints routed through it are this node's.
 pub const IF_ROLE_POD: u32 = 1;
 /// One of this node's own interfaces (`--node-interfaces`).
@@ -683,6 +698,8 @@ mod pod {
     unsafe impl aya::Pod for LbTcFilter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Interface {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbNodeMac {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4SrcRange {}
 }

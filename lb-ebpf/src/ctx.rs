@@ -72,22 +72,23 @@ pub trait PacketCtx: EbpfContext {
     fn reject(&self, f: &Flow) -> Result<Self::Ret, ()>;
 
     /// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node,
-    /// or out of a node interface (with the address to SNAT it to). TC only.
-    fn route_to(&self, _f: &Flow, _backend: u32) -> Route {
-        Route::None
-    }
+    /// or out of a node interface (with the address to SNAT it to).
+    fn route_to(&self, f: &Flow, backend: u32) -> Route;
 
     /// Whether the packet was addressed to this host at layer 2 (not a copy a promiscuous
-    /// interface received for another). TC only.
-    fn for_this_host(&self) -> bool {
+    /// interface received for another).
+    fn for_this_host(&self) -> bool;
+
+    /// Before a packet is rewritten to `hop`'s addresses and forwarded: whether this hook can
+    /// send it out (TC always; XDP where the neighbour is known and the route leaves through a
+    /// node interface). A packet it cannot send is left to TC untouched.
+    fn can_forward(&self, _hop: Hop) -> bool {
         true
     }
 
     /// Sends the packet, rewritten to `hop`'s addresses, out of the interface its route names;
-    /// `Err` when it cannot. TC only.
-    fn forward(&self, _hop: Hop) -> Result<Self::Ret, ()> {
-        Err(())
-    }
+    /// `Err` when it cannot.
+    fn forward(&self, hop: Hop) -> Result<Self::Ret, ()>;
 
     /// XDP: marks a packet it lets pass, in the metadata in front of it (which the kernel hands
     /// on to the socket buffer), as `decided` (the TC forward program behind it leaves it alone)
@@ -190,7 +191,7 @@ impl PacketCtx for TcContext {
 
     #[inline(always)]
     fn route_to(&self, f: &Flow, backend: u32) -> Route {
-        fib::route_to(self, f, backend)
+        fib::tc_route_to(self, f, backend)
     }
 
     #[inline(always)]
@@ -259,6 +260,26 @@ impl PacketCtx for XdpContext {
     #[inline(always)]
     fn reject(&self, _f: &Flow) -> Result<u32, ()> {
         Err(())
+    }
+
+    #[inline(always)]
+    fn route_to(&self, f: &Flow, backend: u32) -> Route {
+        fib::xdp_route_to(self, f, backend)
+    }
+
+    #[inline(always)]
+    fn for_this_host(&self) -> bool {
+        fib::xdp_for_this_host(self)
+    }
+
+    #[inline(always)]
+    fn can_forward(&self, hop: Hop) -> bool {
+        fib::xdp_can_forward(self, hop)
+    }
+
+    #[inline(always)]
+    fn forward(&self, _hop: Hop) -> Result<u32, ()> {
+        fib::xdp_forward(self)
     }
 
     #[inline(always)]

@@ -3,20 +3,26 @@
 //! given would be dropped as a martian. So lb looks the route up (`bpf_fib_lookup`) and sends the
 //! packet out of the interface it names: with the neighbour's address when the kernel knows it
 //! (`bpf_redirect`), else through the neighbour subsystem (`bpf_redirect_neigh`, Linux 5.10).
+//!
+//! XDP (`lb4_xdp_node_in`) forwards only where the neighbour is known: out of the interface the
+//! packet came in on (`XDP_TX`), or out of another node interface (`bpf_redirect`); anything else
+//! it leaves to TC before touching the packet.
 
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::map,
-    maps::PerCpuArray,
-    programs::TcContext,
+    maps::{HashMap, PerCpuArray},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
 };
 
-use lb_common::{IF_ROLE_NODE, IF_ROLE_POD};
+use lb_common::{LbNodeMac, IF_ROLE_NODE, IF_ROLE_POD};
 
 use crate::{
     maps::LB4_IFS,
@@ -31,6 +37,12 @@ const AF_INET: u8 = 2;
 #[map(name = "LB_FIB_PARAMS")]
 static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
+/// The Ethernet address of each node interface the XDP node program is on (see
+/// `lb_common::MAP_LB_NODE_MACS`). Not pinned: each load's agent writes it as it attaches; an
+/// interface missing from it has its packets left to TC.
+#[map(name = "LB_NODE_MACS")]
+static NODE_MACS: HashMap<u32, LbNodeMac> = HashMap::with_max_entries(256, 0);
+
 /// Where a flow from outside goes to reach an endpoint.
 pub enum Route {
     /// To this node: the endpoint is one of its pods (its route leaves through a pod's
@@ -41,6 +53,9 @@ pub enum Route {
     /// No route (or forwarding is off on the interface the packet came in on), or no address to
     /// SNAT a remote endpoint's flow to.
     None,
+    /// XDP: a remote endpoint XDP cannot send the packet to (the neighbour is not known, or the
+    /// route leaves through an interface that is not a node interface): left to TC.
+    ToTc,
 }
 
 /// What a route is looked up for: a packet's protocol, ports and addresses (network byte order).
@@ -61,11 +76,12 @@ fn snat_addr(ifindex: u32) -> Option<u32> {
     (i.role == IF_ROLE_NODE && i.snat_addr != 0).then_some(i.snat_addr)
 }
 
-/// Looks up the route from `saddr` to `daddr` for packet `f`, as if it were forwarded from the
-/// interface it came in on. Returns the kernel's answer and the lookup's results (`None` if the
-/// parameter block cannot be had, which does not happen).
+/// Looks up the route from `saddr` to `daddr` for packet `f`, as if it were forwarded from
+/// interface `ingress`, the one it came in on (the program's context is `raw`). Returns the
+/// kernel's answer and the lookup's results (`None` if the parameter block cannot be had, which
+/// does not happen).
 #[inline(always)]
-fn lookup(ctx: &TcContext, hop: Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
+fn lookup(raw: *mut core::ffi::c_void, ingress: u32, hop: Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
     // SAFETY: this CPU's block, used by this program only while it runs.
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0)? };
     // SAFETY: a plain C struct of integers, for which all zeros is valid.
@@ -74,31 +90,60 @@ fn lookup(ctx: &TcContext, hop: Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
     p.l4_protocol = hop.proto;
     p.sport = hop.sport;
     p.dport = hop.dport;
-    // SAFETY: reading a context field.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.ifindex = ingress;
     p.__bindgen_anon_3.ipv4_src = hop.saddr;
     p.__bindgen_anon_4.ipv4_dst = hop.daddr;
-    // SAFETY: a valid socket buffer and a parameter block of the size given.
-    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, size_of::<bpf_fib_lookup>() as i32, 0) };
+    // SAFETY: a valid program context and a parameter block of the size given.
+    let rc = unsafe { fib_lookup(raw, p, size_of::<bpf_fib_lookup>() as i32, 0) };
     Some((rc, p))
+}
+
+/// The interface a TC program's packet came in on.
+#[inline(always)]
+fn tc_ingress(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a context field.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// The interface an XDP program's packet came in on.
+#[inline(always)]
+fn xdp_ingress(ctx: &XdpContext) -> u32 {
+    // SAFETY: reading a context field.
+    unsafe { (*ctx.ctx).ingress_ifindex }
+}
+
+/// Whether the route the last lookup found (`p`) is one XDP can send a packet on: the neighbour
+/// known, out of the interface it came in on or another node interface.
+#[inline(always)]
+fn xdp_sendable(rc: i64, p: &bpf_fib_lookup, ingress: u32) -> bool {
+    rc as u32 == BPF_FIB_LKUP_RET_SUCCESS && (p.ifindex == ingress || is_node(p.ifindex))
+}
+
+/// Whether `ifindex` is a node interface.
+#[inline(always)]
+fn is_node(ifindex: u32) -> bool {
+    // SAFETY: the value is copied out at once.
+    unsafe { LB4_IFS.get(&ifindex) }.is_some_and(|i| i.role == IF_ROLE_NODE)
 }
 
 /// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node when
 /// the route leaves through a pod's interface (or is local); else a remote endpoint, SNATed to the
 /// address of the node interface the route leaves through, or, when that is none lb knows (a
 /// CNI's tunnel device), to the address of the one the packet came in on.
+/// XDP: the same, but a remote endpoint XDP cannot send the packet to is `Route::ToTc`.
 #[inline(always)]
-pub fn route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
+pub fn route_to<const XDP: bool>(raw: *mut core::ffi::c_void, ingress: u32, f: &Flow, backend: u32) -> Route {
     let hop = Hop { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
-    let Some((rc, p)) = lookup(ctx, hop) else { return Route::None };
+    let Some((rc, p)) = lookup(raw, ingress, hop) else { return Route::None };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the value is copied out at once.
             if unsafe { LB4_IFS.get(&p.ifindex) }.is_some_and(|i| i.role == IF_ROLE_POD) {
                 return Route::Local;
             }
-            // SAFETY: reading a context field.
-            let ingress = unsafe { (*ctx.skb.skb).ifindex };
+            if XDP && !xdp_sendable(rc, p, ingress) {
+                return Route::ToTc;
+            }
             match snat_addr(p.ifindex).or_else(|| snat_addr(ingress)) {
                 Some(addr) => Route::Remote(addr),
                 None => Route::None,
@@ -109,6 +154,18 @@ pub fn route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
     }
 }
 
+/// TC: where a new flow from outside goes (see [`route_to`]).
+#[inline(always)]
+pub fn tc_route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
+    route_to::<false>(ctx.as_ptr(), tc_ingress(ctx), f, backend)
+}
+
+/// XDP: where a new flow from outside goes (see [`route_to`]).
+#[inline(always)]
+pub fn xdp_route_to(ctx: &XdpContext, f: &Flow, backend: u32) -> Route {
+    route_to::<true>(ctx.as_ptr(), xdp_ingress(ctx), f, backend)
+}
+
 /// Whether the packet was addressed to this host at layer 2: a frame a promiscuous interface
 /// (a bridge port) received for another host is not lb's to translate.
 #[inline(always)]
@@ -117,11 +174,51 @@ pub fn for_this_host(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).pkt_type == 0 }
 }
 
+/// XDP: whether the frame is addressed to the Ethernet address of the interface it came in on
+/// (`LB_NODE_MACS`); false where that is not known (the packet is then left to TC).
+#[inline(always)]
+pub fn xdp_for_this_host(ctx: &XdpContext) -> bool {
+    // SAFETY: the value is read at once.
+    let Some(mac) = (unsafe { NODE_MACS.get(&xdp_ingress(ctx)) }) else { return false };
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { (*eth).dst == mac.addr }
+}
+
+/// XDP: looks up the route for a packet about to be rewritten to `hop`'s addresses; true when
+/// XDP can send it (see [`xdp_forward`], which uses this lookup's results): else the packet is
+/// left to TC, untouched.
+#[inline(always)]
+pub fn xdp_can_forward(ctx: &XdpContext, hop: Hop) -> bool {
+    let ingress = xdp_ingress(ctx);
+    lookup(ctx.as_ptr(), ingress, hop).is_some_and(|(rc, p)| xdp_sendable(rc, p, ingress))
+}
+
+/// XDP: sends the packet (rewritten to the addresses [`xdp_can_forward`] looked the route up
+/// for, in this run of the program) out of the interface the route names: back out of the one it
+/// came in on (`XDP_TX`), or redirected to another node interface.
+#[inline(always)]
+pub fn xdp_forward(ctx: &XdpContext) -> Result<u32, ()> {
+    // SAFETY: this CPU's block, filled by `xdp_can_forward` in this run of the program.
+    let p = unsafe { &*FIB_PARAMS.get_ptr(0).ok_or(())? };
+    let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst = p.dmac;
+        (*eth).src = p.smac;
+    }
+    if p.ifindex == xdp_ingress(ctx) {
+        return Ok(xdp_action::XDP_TX);
+    }
+    // SAFETY: no preconditions.
+    Ok(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
+}
+
 /// Sends the packet (already rewritten to `hop`'s addresses) out of the interface its route
 /// names. `Err` when there is no route or the packet cannot be sent.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, hop: Hop) -> Result<i32, ()> {
-    let (rc, p) = lookup(ctx, hop).ok_or(())?;
+    let (rc, p) = lookup(ctx.as_ptr(), tc_ingress(ctx), hop).ok_or(())?;
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;

@@ -43,7 +43,8 @@ pub enum Action {
     Bounce { nat: Nat, counter: u32 },
     /// Rewrite the packet and send it out of the interface its route names (a flow from outside
     /// SNATed to this node's address, both ways: the stack would drop a packet with a local
-    /// source address as a martian), then count `counter`. TC only.
+    /// source address as a martian), then count `counter`. XDP leaves to TC a packet it cannot
+    /// send (`PacketCtx::can_forward`).
     Forward { nat: Nat, counter: u32 },
     /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
     /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
@@ -110,7 +111,7 @@ fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
 pub enum Origin {
     /// One of this node's pods (the pod-side programs).
     Pod,
-    /// Outside this node, through a node interface (`lb4_tc_node_in`). TC only.
+    /// Outside this node, through a node interface (`lb4_tc_node_in`, `lb4_xdp_node_in`).
     Outside,
 }
 
@@ -158,12 +159,12 @@ pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
 /// endpoint's flows SNATed to this node's address, a local endpoint's keeping the client's).
 #[inline(always)]
 pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
-    if !C::TC {
-        return Action::Pass(counters::XDP_TO_TC);
-    }
     if !ctx.for_this_host() {
         // A copy of a frame for another host (a flooded one, on a bridge port): that host
-        // translates it, or nobody.
+        // translates it, or nobody. XDP, which cannot always tell, leaves it to TC.
+        if !C::TC {
+            return Action::Pass(counters::XDP_TO_TC);
+        }
         return Action::Pass(counters::PASS_NON_VIP);
     }
     let (min, max) = snat_ports();
@@ -295,6 +296,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         Origin::Outside => match ctx.route_to(f, backend.addr) {
             Route::Local => None,
             Route::Remote(addr) => Some(addr),
+            Route::ToTc => return Action::Pass(counters::XDP_TO_TC),
             Route::None => {
                 svc_update(svc.id, |s| s.drops += 1);
                 monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (0, 0), svc.id, now);

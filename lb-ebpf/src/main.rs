@@ -9,6 +9,8 @@
 //!   this node to the external addresses of Services, and replies to flows SNATed to this node).
 //! - `lb4_tc_node_out`: TC egress of a node interface (replies of local endpoints to clients
 //!   outside).
+//! - `lb4_xdp_node_in`: the node interface's ingress decision as an XDP program
+//!   (`--node-datapath xdp`), in front of `lb4_tc_node_in`, which takes what XDP leaves to it.
 #![no_std]
 #![no_main]
 
@@ -51,6 +53,10 @@ pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn lb4_tc_node_in(ctx: TcContext) -> i32 {
+    // Behind the XDP node program: what it decided goes on, uncounted here.
+    if ctx::decided_by_xdp(&ctx) {
+        return ctx::TC_NEXT;
+    }
     count(counters::RX_NODE_IN);
     pipeline::lb4_node_in(&ctx)
 }
@@ -65,6 +71,12 @@ pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
 pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
     pipeline::lb4_forward(&ctx)
+}
+
+#[xdp]
+pub fn lb4_xdp_node_in(ctx: XdpContext) -> u32 {
+    count(counters::RX_NODE_IN);
+    pipeline::lb4_node_in(&ctx)
 }
 
 #[cfg(not(test))]

@@ -54,6 +54,9 @@ fn reply_icmp<C: PacketCtx>(ctx: &C, e: &IcmpError, replies: Replies) -> C::Ret 
 pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
     let parsed = ctx.parse();
     if let Parsed::IcmpError(e) = &parsed {
+        if !C::TC {
+            return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC));
+        }
         // About a flow from outside: to its backend or its client, as if about a packet it sent
         // itself (counted as reverse NAT); any other ICMP passes, as does a copy of a frame for
         // another host.
@@ -116,21 +119,31 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             }
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
-        Action::Forward { nat, counter } => match rewrite(ctx, &f, nat) {
-            Ok(()) => {
-                frags::translated(&f);
-                let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
-                let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
-                match ctx.forward(Hop { proto: f.proto, sport, dport, saddr, daddr }) {
-                    Ok(ret) => {
-                        count(counter);
-                        return ret;
-                    }
-                    Err(()) => Action::Drop(counters::DROP_FIB),
-                }
+        Action::Forward { nat, counter } => {
+            let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
+            let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
+            let hop = Hop { proto: f.proto, sport, dport, saddr, daddr };
+            if !ctx.can_forward(hop) {
+                // XDP: the flow stands; TC sends this packet.
+                return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC));
             }
-            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
-        },
+            match rewrite(ctx, &f, nat) {
+                Ok(()) => {
+                    frags::translated(&f);
+                    match ctx.forward(hop) {
+                        Ok(ret) => {
+                            if !C::TC {
+                                count(counters::XDP_SENT);
+                            }
+                            count(counter);
+                            return ret;
+                        }
+                        Err(()) => Action::Drop(counters::DROP_FIB),
+                    }
+                }
+                Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+            }
+        }
         Action::Bounce { nat, counter } => match rewrite(ctx, &f, nat) {
             Ok(()) => {
                 frags::translated(&f);

@@ -26,9 +26,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    capacity::Capacities, globals, Lb4Interface, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_AFFINITY,
+    capacity::Capacities, globals, Lb4Interface, LbNodeMac, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_AFFINITY,
     MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_IFS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS,
-    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_TAKEOVER, PIN_LAYOUT_VERSION,
+    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_NODE_MACS, MAP_LB_TAKEOVER,
+    PIN_LAYOUT_VERSION,
 };
 
 use self::migrate::Layout;
@@ -47,6 +48,12 @@ pub const PROG_TC_REPLY: &str = "lb4_tc_reply";
 pub const PROG_XDP_FORWARD: &str = "lb4_xdp_forward";
 pub const PROG_TC_NODE_IN: &str = "lb4_tc_node_in";
 pub const PROG_TC_NODE_OUT: &str = "lb4_tc_node_out";
+pub const PROG_XDP_NODE_IN: &str = "lb4_xdp_node_in";
+
+/// Whether `prog` is one of the XDP programs (attached through XDP links, never netlink filters).
+fn is_xdp(prog: &str) -> bool {
+    prog == PROG_XDP_FORWARD || prog == PROG_XDP_NODE_IN
+}
 
 /// What an interface is to lb, and so which programs it carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +123,9 @@ pub struct Config {
     pub snat_ports: (u16, u16),
     /// How the TC programs are attached.
     pub tc_attach: TcAttach,
+    /// Whether node interfaces carry the XDP node program (`--node-datapath xdp`) in front of
+    /// their TC ingress program.
+    pub node_xdp: bool,
 }
 
 /// How the TC programs are attached to an interface.
@@ -314,6 +324,11 @@ pub struct Datapath {
     node_addrs: StdHashMap<String, Option<std::net::Ipv4Addr>>,
     /// Whether the node-side programs are loaded (on the first node interface).
     node_loaded: bool,
+    /// Whether node interfaces carry the XDP node program.
+    node_xdp: bool,
+    /// `LB_NODE_MACS` (this load's): the Ethernet address of each node interface, for the XDP
+    /// node program.
+    node_macs: aya::maps::HashMap<aya::maps::MapData, u32, LbNodeMac>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     tc_order: TcOrder,
     /// Layouts of other versions found at load, newest first, until they are removed: their
@@ -353,11 +368,40 @@ fn link_pin_name(interface: &str, prog: &str) -> String {
 /// layout's XDP program or ours, it handles every packet to a Service that comes its way), XDP
 /// last, so that an XDP program that cannot attach leaves the interface whole in TC.
 const PROGRAMS: [&str; 3] = [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD];
-/// The programs of a node interface, ingress first.
-const NODE_PROGRAMS: [&str; 2] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
+/// The programs of a node interface, ingress first, XDP last (as on a pod's interface).
+const NODE_PROGRAMS: [&str; 3] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NODE_IN];
 /// Every program lb attaches anywhere.
-const ALL_PROGRAMS: [&str; 5] =
-    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT];
+pub const ALL_PROGRAMS: [&str; 6] =
+    [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NODE_IN];
+
+/// How XDP program `prog` attaches to `interface`: the driver's own XDP where the kernel has it,
+/// except the node program on a virtual device (a veth, a bond, a VLAN...), which gets generic
+/// XDP: a veth's driver sends what XDP sends back out (`XDP_TX`) or redirects only to a peer that
+/// runs an XDP program itself (or, from Linux 5.13, has GRO on), and drops it otherwise; generic
+/// XDP sends through the device's queue like any packet.
+fn xdp_mode(interface: &str, prog: &str) -> XdpMode {
+    let virtual_device = || {
+        netlink::links()
+            .ok()
+            .and_then(|l| l.into_iter().find(|l| l.name == interface))
+            .is_some_and(|l| l.kind.is_some())
+    };
+    if prog == PROG_XDP_NODE_IN && virtual_device() {
+        XdpMode::Skb
+    } else {
+        XdpMode::Default
+    }
+}
+
+/// Loads XDP program `name` of the object.
+fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .expect("object has the program")
+        .try_into()
+        .map_err(|source| DatapathError::Program { program: name, source })?;
+    prog.load().map_err(|source| DatapathError::Program { program: name, source })
+}
 
 /// Loads the TC programs `names` of the object.
 fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), DatapathError> {
@@ -491,13 +535,10 @@ impl Datapath {
         // (`load_node_programs`): an agent without one never has the kernel verify them.
         load_classifiers(&mut ebpf, &[PROG_TC_FORWARD, PROG_TC_REPLY])?;
         if mode == Mode::Xdp {
-            let prog: &mut Xdp = ebpf
-                .program_mut(PROG_XDP_FORWARD)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
-            prog.load().map_err(|source| DatapathError::Program { program: PROG_XDP_FORWARD, source })?;
+            load_xdp(&mut ebpf, PROG_XDP_FORWARD)?;
         }
+        let node_macs = ebpf.take_map(MAP_LB_NODE_MACS).ok_or(DatapathError::MissingMap(MAP_LB_NODE_MACS))?;
+        let node_macs = node_macs.try_into().map_err(maps::map_err(MAP_LB_NODE_MACS))?;
         let tc_order = cfg.tc_order;
         let attached = StdHashMap::new();
         let netlink = match cfg.tc_attach {
@@ -516,6 +557,8 @@ impl Datapath {
             ifs,
             node_addrs: StdHashMap::new(),
             node_loaded: false,
+            node_xdp: cfg.node_xdp,
+            node_macs,
             logger,
             tc_order,
             others,
@@ -682,8 +725,9 @@ impl Datapath {
         self.ebpf.program(name).and_then(|p| p.try_into().ok())
     }
 
-    pub fn xdp_program(&self) -> Option<&Xdp> {
-        self.ebpf.program(PROG_XDP_FORWARD).and_then(|p| p.try_into().ok())
+    /// The loaded XDP program `name`, for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&self, name: &str) -> Option<&Xdp> {
+        self.ebpf.program(name).and_then(|p| p.try_into().ok())
     }
 
     /// Forwards pending kernel-side log records (only with `bpf_log`).
@@ -710,9 +754,13 @@ impl Datapath {
             .collect()
     }
 
-    /// Whether the current mode attaches `prog` on each interface.
+    /// Whether the current modes attach `prog` on each interface of its role.
     fn wanted(&self, prog: &str) -> bool {
-        self.mode == Mode::Xdp || prog != PROG_XDP_FORWARD
+        match prog {
+            PROG_XDP_FORWARD => self.mode == Mode::Xdp,
+            PROG_XDP_NODE_IN => self.node_xdp,
+            _ => true,
+        }
     }
 
     /// Attaches the programs of `role`: on a pod's interface the forward program (TC ingress or
@@ -756,7 +804,7 @@ impl Datapath {
             }
             let from = self.others.iter().find(|l| l.link_pin(interface, prog).is_some()).cloned();
             // A netlink filter has no pin: its record in LB_TC_FILTERS stands for it.
-            let filter = self.netlink && prog != PROG_XDP_FORWARD;
+            let filter = self.netlink && !is_xdp(prog);
             match self.place(interface, prog, from.as_ref()) {
                 Ok(fresh) => {
                     let pin = self.link_pin(interface, prog);
@@ -769,13 +817,13 @@ impl Datapath {
                 }
                 Err(e) => {
                     for p in &new {
-                        if self.netlink && *p != PROG_XDP_FORWARD {
+                        if self.netlink && !is_xdp(p) {
                             let _ = tc_filters::detach(&mut self.tc_records, interface, direction(p));
                         } else {
                             let _ = std::fs::remove_file(self.link_pin(interface, p));
                         }
                     }
-                    if prog == PROG_XDP_FORWARD {
+                    if is_xdp(prog) {
                         // Our TC programs are in place: another layout's XDP program in front of
                         // them would start flows in its table.
                         for l in &self.others {
@@ -798,7 +846,7 @@ impl Datapath {
             }
         }
         if self.netlink {
-            for &prog in role.programs().iter().filter(|p| **p != PROG_XDP_FORWARD) {
+            for &prog in role.programs().iter().filter(|p| !is_xdp(p)) {
                 let _ = std::fs::remove_file(self.link_pin(interface, prog));
             }
         } else {
@@ -843,7 +891,10 @@ impl Datapath {
         if self.node_loaded {
             return Ok(());
         }
-        load_classifiers(&mut self.ebpf, &NODE_PROGRAMS)?;
+        load_classifiers(&mut self.ebpf, &[PROG_TC_NODE_IN, PROG_TC_NODE_OUT])?;
+        if self.node_xdp {
+            load_xdp(&mut self.ebpf, PROG_XDP_NODE_IN)?;
+        }
         self.node_loaded = true;
         Ok(())
     }
@@ -864,12 +915,44 @@ impl Datapath {
             role: IF_ROLE_NODE,
             snat_addr: addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         };
+        if self.node_xdp {
+            self.record_mac(index)?;
+        }
         if self.node_addrs.contains_key(interface) && self.ifs.get(&index, 0).ok() == Some(value) {
             return Ok(false);
         }
         self.ifs.insert(index, value, 0).map_err(maps::map_err(MAP_LB4_IFS))?;
         self.node_addrs.insert(interface.to_string(), addr);
         Ok(true)
+    }
+
+    /// Records the Ethernet address of node interface `index` in
+    /// `LB_NODE_MACS` for the XDP node program, where it changed (or is new). An interface
+    /// without one (not Ethernet) is removed: XDP leaves its packets to TC. (Read over netlink:
+    /// `/sys/class/net` shows the interfaces of the network namespace that mounted it.)
+    fn record_mac(&mut self, index: u32) -> Result<(), DatapathError> {
+        let link = netlink::links().ok().and_then(|l| l.into_iter().find(|l| l.index == index));
+        let mac = link.and_then(|l| l.mac).filter(|m| *m != [0; 6]);
+        let err = maps::map_err(MAP_LB_NODE_MACS);
+        match mac {
+            Some(addr) => {
+                let value = LbNodeMac { addr, _pad: [0; 2] };
+                if self.node_macs.get(&index, 0).ok() != Some(value) {
+                    self.node_macs.insert(index, value, 0).map_err(err)?;
+                }
+            }
+            None => {
+                let _ = self.node_macs.remove(&index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `mac` as the Ethernet address of interface `index` for the XDP node program (a
+    /// test run takes packets in on `lo`, which the agent never records).
+    pub fn set_node_mac(&mut self, index: u32, mac: [u8; 6]) -> Result<(), DatapathError> {
+        let value = LbNodeMac { addr: mac, _pad: [0; 2] };
+        self.node_macs.insert(index, value, 0).map_err(maps::map_err(MAP_LB_NODE_MACS))
     }
 
     /// Puts our `prog` on `interface`: into our pinned link, else into `from`'s (another layout's,
@@ -880,7 +963,7 @@ impl Datapath {
         prog: &'static str,
         from: Option<&Layout>,
     ) -> Result<bool, DatapathError> {
-        if self.netlink && prog != PROG_XDP_FORWARD {
+        if self.netlink && !is_xdp(prog) {
             let at = direction(prog);
             let mut others: Vec<tc_filters::Records> =
                 self.others.iter().filter_map(|l| tc_filters::open(&l.dir)).collect();
@@ -929,7 +1012,7 @@ impl Datapath {
             }
         }
         let program = self.ebpf.program_mut(prog).expect("object has the program");
-        let swapped = if prog == PROG_XDP_FORWARD {
+        let swapped = if is_xdp(prog) {
             let Ok(link) = XdpLink::try_from(fd) else { return false };
             let Ok(p) = <&mut Xdp>::try_from(program) else { return false };
             p.attach_to_link(link).ok().map(|id| p.take_link(id).map(drop).is_ok())
@@ -961,9 +1044,9 @@ impl Datapath {
             reason,
         };
         let program = self.ebpf.program_mut(prog).expect("object has the program");
-        let fd: FdLink = if prog == PROG_XDP_FORWARD {
+        let fd: FdLink = if is_xdp(prog) {
             let p: &mut Xdp = program.try_into().map_err(attach_err)?;
-            let id = p.attach(interface, XdpMode::Default).map_err(attach_err)?;
+            let id = p.attach(interface, xdp_mode(interface, prog)).map_err(attach_err)?;
             p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
         } else {
             let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;
@@ -1015,7 +1098,7 @@ impl Datapath {
             .attached
             .iter()
             .filter(|(i, (_, _, role))| {
-                role.programs().iter().filter(|p| **p != PROG_XDP_FORWARD).any(|p| {
+                role.programs().iter().filter(|p| !is_xdp(p)).any(|p| {
                     id(p).is_some_and(|id| {
                         tc_filters::in_place(&self.tc_records, i, direction(p), id) == Some(false)
                     })
@@ -1036,6 +1119,7 @@ impl Datapath {
             let _ = std::fs::remove_file(pin);
         }
         let _ = self.ifs.remove(&index);
+        let _ = self.node_macs.remove(&index);
         self.node_addrs.remove(interface);
         tc_filters::prune(&mut self.tc_records);
     }

@@ -236,11 +236,18 @@ pub struct Link {
     pub name: String,
     /// The XDP program's id and how it is attached (`native`, `generic`, `offload`).
     pub xdp: Option<(u32, &'static str)>,
+    /// Its Ethernet address, if it has one.
+    pub mac: Option<[u8; 6]>,
+    /// Its kind (`veth`, `bridge`, `vxlan`...), if it is a virtual device; none for a NIC.
+    pub kind: Option<String>,
 }
 
 /// Every interface of the current network namespace, with its XDP program (RTM_GETLINK).
 pub fn links() -> std::io::Result<Vec<Link>> {
+    const IFLA_ADDRESS: u16 = 1;
     const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_ATTACHED: u16 = 2;
     const IFLA_XDP_PROG_ID: u16 = 4;
@@ -255,10 +262,14 @@ pub fn links() -> std::io::Result<Vec<Link>> {
         let Some(index) = m.get(4..8).and_then(attr_u32) else {
             continue;
         };
-        let mut link = Link { index, name: String::new(), xdp: None };
+        let mut link = Link { index, name: String::new(), xdp: None, mac: None, kind: None };
         for (kind, v) in attributes(m.get(16..).unwrap_or_default()) {
             match kind {
                 IFLA_IFNAME => link.name = attr_str(v),
+                IFLA_ADDRESS => link.mac = v.try_into().ok(),
+                IFLA_LINKINFO => {
+                    link.kind = attributes(v).find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| attr_str(v));
+                }
                 IFLA_XDP => {
                     let (mut mode, mut id, mut by_mode) = (0u8, None, [None; 3]);
                     for (k, v) in attributes(v) {

@@ -65,6 +65,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         bpf_log: false,
         tc_order: Default::default(),
         tc_attach: Default::default(),
+        node_xdp: false,
     }
 }
 
@@ -594,4 +595,11 @@ pub fn lbctl_interfaces(
     assert!(out.status.success(), "lbctl interfaces: {}", String::from_utf8_lossy(&out.stderr));
     let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("lbctl interfaces: JSON");
     v.into_iter().map(|i| (i["interface"].as_str().expect("a name").to_string(), i)).collect()
+}
+
+/// The running kernel's major and minor version.
+pub fn kernel_release() -> (u32, u32) {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    let mut v = r.trim().split(['.', '-']).map(|n| n.parse().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0))
 }
