@@ -13,7 +13,8 @@
 //!
 //! Contenders, each in a fresh lab: `direct` (the client reaches the backends through node 1 by
 //! plain routing: the floor), `lb-tc` (lb-agent, release build, standalone, its node-side
-//! programs on the underlay interface), `nftables`, `iptables-nft` and `iptables-legacy`
+//! programs on the underlay interface), `lb-xdp` (the same with `--node-datapath xdp`: generic
+//! XDP, the underlay being a veth), `nftables`, `iptables-nft` and `iptables-legacy`
 //! (kube-proxy's rules, `kube_proxy.rs`, loaded into node 1). Each runs two loads, a warm-up then
 //! `--reps` runs of `--seconds` each, the contenders taking turns: new connections (`wrk -t1 -c50`,
 //! `Connection: close`) and kept-alive requests (`-c50`). CPU time per request from /proc/stat.
@@ -68,15 +69,17 @@ struct Args {
 enum Contender {
     Direct,
     LbTc,
+    LbXdp,
     Nftables,
     IptablesNft,
     IptablesLegacy,
 }
 
 impl Contender {
-    const ALL: [Contender; 5] = [
+    const ALL: [Contender; 6] = [
         Contender::Direct,
         Contender::LbTc,
+        Contender::LbXdp,
         Contender::Nftables,
         Contender::IptablesNft,
         Contender::IptablesLegacy,
@@ -86,6 +89,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::LbTc => "lb-tc",
+            Contender::LbXdp => "lb-xdp",
             Contender::Nftables => "nftables",
             Contender::IptablesNft => "iptables-nft",
             Contender::IptablesLegacy => "iptables-legacy",
@@ -173,7 +177,7 @@ fn set_up(c: Contender, case: Case, args: &Args) -> anyhow::Result<(Bed, String)
             b.lab.route_via(&b.out, eps[0].0, &n1)?;
             SocketAddr::from((eps[0].0, 80))
         }
-        Contender::LbTc => {
+        Contender::LbTc | Contender::LbXdp => {
             let dir = b.lab.scratch().join("manifests");
             std::fs::create_dir_all(&dir)?;
             std::fs::write(
@@ -194,7 +198,12 @@ fn set_up(c: Contender, case: Case, args: &Args) -> anyhow::Result<(Bed, String)
                 "--ct-timeout-tcp-close",
                 "1",
             ];
-            let extra: Vec<&str> = extra.into_iter().chain(args.lb_args.iter().map(String::as_str)).collect();
+            let xdp: &[&str] = if c == Contender::LbXdp { &["--node-datapath", "xdp"] } else { &[] };
+            let extra: Vec<&str> = extra
+                .into_iter()
+                .chain(xdp.iter().copied())
+                .chain(args.lb_args.iter().map(String::as_str))
+                .collect();
             b.lab.start_agent(&n1, &args.agent, &dir, Mode::Tc, &extra)?;
             SocketAddr::from((n1.underlay_ip(), NODE_PORT))
         }
@@ -262,7 +271,9 @@ fn report(args: &Args, results: &Results) -> String {
          a client outside the cluster (wrk 4.1, `-t1`, pinned to CPU 0) → node 1's NodePort; 3 nginx backends (one worker each, pinned to CPU 1) \
          on node 1 (`local`: externalTrafficPolicy Local) or node 2 (`remote`: externalTrafficPolicy Cluster, every flow SNATed to node 1's address \
          and forwarded); {} runs of {} s after a 1 s warm-up, the contenders taking turns; median (min–max). `direct`: the client reaches one \
-         backend through node 1 by plain routing (no load balancer). lb runs its node-side TC programs on node 1's underlay interface; \
+         backend through node 1 by plain routing (no load balancer). lb runs its node-side TC programs on node 1's underlay interface (`lb-tc`), \
+         or its XDP node program in front of them (`lb-xdp`, `--node-datapath xdp`: generic XDP, the underlay being a veth; a NIC's driver \
+         runs native XDP, which this machine has none to measure); \
          kube-proxy's rules (`kube_proxy.rs`) are loaded into node 1. Closed TCP flows are forgotten after 1 s by every contender \
          (netfilter's TIME_WAIT timeout, lb's `--ct-timeout-tcp-close`), so a SNATed flow's port is soon free again.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -53,7 +53,6 @@ enum Prog {
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     run_in(dp, prog, input, None)
@@ -107,7 +106,7 @@ fn expect(
     if prog == Prog::XdpNodeIn && kernel_release() >= (5, 14) {
         // The test run hands back the metadata in front of the packet (Linux 5.14): a packet XDP
         // passes is marked for TC, decided or left to it; one it sends or drops is not.
-        let left = counters.iter().any(|(i, _)| *i == c::XDP_TO_TC);
+        let left = counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
         let want = match (v == XDP_PASS, left) {
             (false, _) => None,
             (true, false) => Some(XDP_DECIDED_MARK),
@@ -613,56 +612,167 @@ fn node_side_rules_packet_by_packet() {
     });
 }
 
-/// The XDP node program (`--node-datapath xdp`), on the frontends of `node_side_rules_packet_by_packet`
-/// (`lo`, where test runs take packets in, recorded as a node interface with address `NODE`): what
-/// it decides itself (drops, DNAT to a local endpoint, DNAT + SNAT to a remote one and the replies,
-/// sent where the neighbour is known: redirected to another node interface, or back out of the
-/// one they came in on) and what it leaves to TC untouched, counted `xdp_to_tc`.
+/// The XDP node program (`--node-datapath xdp`), on the frontends of
+/// `node_side_rules_packet_by_packet`: what it decides itself (drops; DNAT to a local endpoint,
+/// passed marked decided; DNAT + SNAT to a remote endpoint and the replies, sent back out of the
+/// interface they came in on, `XDP_TX`, where the next hop is known) and what it leaves to TC
+/// untouched, before anything is counted or stored, counted `xdp_to_tc`. Test runs take packets in
+/// on `lo` (recorded as a node interface with address `NODE`), from which every route to a remote
+/// endpoint leaves through another interface; from Linux 5.15 a test run can take them in on `ul0`,
+/// which the `XDP_TX` rows need.
 fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
     let (remote, local, host, empty, local_only, unroutable, tunnel) =
         (30080, 30081, 30082, 30083, 30084, 30085, 30086);
+    let left = &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)];
     let xdp = |dp: &Datapath, desc: &str, input: &[u8], verdict: u32, counters: &[(u32, u64)]| {
         expect(dp, maps, desc, Prog::XdpNodeIn, input, verdict, counters)
     };
     // Without lo's Ethernet address on record, XDP cannot tell a frame for this host: TC decides.
-    let syn = pkt((OUTSIDE, 41_000), (NODE, remote), SYN);
-    let out =
-        xdp(dp, "no address on record: left to TC", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)]);
+    let syn = pkt((OUTSIDE, 41_000), (NODE, local), SYN);
+    let out = xdp(dp, "no address on record: left to TC", &syn, XDP_PASS, left);
     assert_eq!(out, syn, "untouched");
     dp.set_node_mac(1, [0; 6]).expect("lo's address recorded");
     let mut flooded = syn.clone();
     flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
-    let out = xdp(
-        dp,
-        "a frame for another host: left to TC",
-        &flooded,
-        XDP_PASS,
-        &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)],
-    );
+    let out = xdp(dp, "a frame for another host: left to TC", &flooded, XDP_PASS, left);
     assert_eq!(out, flooded);
 
-    // A remote endpoint whose next hop is known, out of another node interface (ul0): DNAT, SNAT,
-    // redirected with the next hop's address.
+    // A local endpoint: DNAT, and the stack delivers it (marked decided: TC lets it by).
+    let out = xdp(dp, "local endpoint", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)]);
+    assert_eq!(
+        check_packet(&out),
+        Seen { src: (OUTSIDE, 41_000), dst: (LOCAL_POD, 8080), udp_checksum: None }
+    );
+    let ack = pkt((OUTSIDE, 41_000), (NODE, local), ACK);
     let out = xdp(
         dp,
-        "SYN from outside, remote endpoint",
-        &syn,
-        XDP_REDIRECT,
-        &[(c::XDP_SENT, 1), (c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        "local endpoint, next packet",
+        &ack,
+        XDP_PASS,
+        &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
     );
+    assert_eq!(check_packet(&out).dst, (LOCAL_POD, 8080));
+    let syn = pkt((OUTSIDE, 41_001), (NODE, host), SYN);
+    let out = xdp(dp, "host-network endpoint", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)]);
+    assert_eq!(check_packet(&out).dst, (NODE, 9000));
+    // A partial checksum, which XDP cannot tell from a full one: TC's.
+    let part = partial(&Pkt::new((OUTSIDE, 41_002), (NODE, local), SYN));
+    let mut part_in = part.clone();
+    part_in[..6].fill(0);
+    let out = xdp(
+        dp,
+        "partial checksum: left to TC",
+        &part_in,
+        XDP_PASS,
+        &[(c::RX_NODE_IN, 1), (c::XDP_PARTIAL_CSUM, 1)],
+    );
+    assert_eq!(out, part_in);
+
+    // Drops are XDP's; rejects TC's.
+    let syn = pkt((OUTSIDE, 41_003), (NODE, local_only), SYN);
+    xdp(
+        dp,
+        "eTP Local, no local endpoint: dropped",
+        &syn,
+        XDP_DROP,
+        &[(c::RX_NODE_IN, 1), (c::DROP_NO_LOCAL_BACKEND, 1)],
+    );
+    let syn = pkt((OUTSIDE, 41_004), (NODE, unroutable), SYN);
+    xdp(dp, "no route: dropped", &syn, XDP_DROP, &[(c::RX_NODE_IN, 1), (c::DROP_FIB, 1)]);
+    let zero = pkt((OUTSIDE, 0), (NODE, remote), UDP);
+    xdp(dp, "source port 0: dropped", &zero, XDP_DROP, &[(c::RX_NODE_IN, 1), (c::DROP_MALFORMED, 1)]);
+    let syn = pkt((OUTSIDE, 41_005), (NODE, empty), SYN);
+    let out = xdp(dp, "no endpoints: the reject left to TC", &syn, XDP_PASS, left);
+    assert_eq!(out, syn);
+
+    // A remote endpoint whose route leaves through another interface than the packet came in on
+    // (lo → ul0), or through a tunnel device: TC's, with nothing stored or counted (TC makes the
+    // flow); and so are the flow's next packets, before they are counted to the Service.
+    for (port, cport, desc) in [(remote, 41_006, "another interface"), (tunnel, 41_007, "a tunnel device")] {
+        let syn = pkt((OUTSIDE, cport), (NODE, port), SYN);
+        let out = xdp(dp, &format!("remote endpoint through {desc}: left to TC"), &syn, XDP_PASS, left);
+        assert_eq!(out, syn);
+        let packets = || {
+            let (_, svc) = maps
+                .read_services()
+                .expect("services")
+                .into_iter()
+                .find(|(k, _)| {
+                    k.addr == ip(NODE) && k.port == port.to_be() && k.scope == lb_common::SCOPE_EXTERNAL
+                })
+                .expect("the frontend");
+            maps.read_svc_stats(svc.id).expect("stats").packets
+        };
+        let before = packets();
+        expect(
+            dp,
+            maps,
+            "...which TC forwards",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let ack = pkt((OUTSIDE, cport), (NODE, port), ACK);
+        let out = xdp(dp, "its next packet: left to TC", &ack, XDP_PASS, left);
+        assert_eq!(out, ack);
+        assert_eq!(packets(), before + 1, "only TC's packet counted to the Service");
+    }
+    // A later fragment whose first fragment XDP has not seen: TC, which takes packets in order,
+    // may have it yet.
+    let mut later = Pkt::new((OUTSIDE, 41_008), (NODE, local), UDP);
+    later.fragment_offset = 185;
+    let mut later = later.bytes();
+    later[..6].fill(0);
+    let out = xdp(dp, "a later fragment without its ports: left to TC", &later, XDP_PASS, left);
+    assert_eq!(out, later);
+    // ICMP errors are TC's; anything not lb's XDP passes as it is.
+    let quoted = pkt((NODE, remote), (OUTSIDE, 41_000), SYN_ACK);
+    let err = icmp_in(Ipv4Addr::new(198, 51, 100, 1), NODE, 3, 4, 1400, &quoted[14..]);
+    let out = xdp(dp, "ICMP error: left to TC", &err, XDP_PASS, left);
+    assert_eq!(out, err);
+    let syn = pkt((OUTSIDE, 41_009), (CLUSTER_IP, 80), SYN);
+    let out = xdp(
+        dp,
+        "cluster IP from outside: untouched",
+        &syn,
+        XDP_PASS,
+        &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+    );
+    assert_eq!(out, syn);
+
+    let release = kernel_release();
+    if release < (5, 15) {
+        eprintln!("note: Linux {release:?}: a test run cannot name its ingress (5.15): XDP_TX is tested end to end only");
+        return;
+    }
+    // In and out of ul0: XDP sends them itself.
+    dp.set_node_mac(ifs.ul0, [0; 6]).expect("ul0's address, as the test packets have it");
+    let on_ul0 = |dp: &Datapath, desc: &str, input: &[u8], verdict: u32, counters: &[(u32, u64)]| {
+        let before = maps.read_counters().expect("counters");
+        let (v, out) = run_in(dp, Prog::XdpNodeIn, input, Some(ifs.ul0));
+        let after = maps.read_counters().expect("counters");
+        assert_eq!(v, verdict, "{desc}: verdict");
+        assert_counter_changes(desc, &before, &after, counters);
+        // No metadata: sent or dropped, or passed on a kernel that hands none back.
+        if out.len() == input.len() + 8 {
+            out[8..].to_vec()
+        } else {
+            out
+        }
+    };
+    let sent = |c1: u32| vec![(c::RX_NODE_IN, 1), (c1, 1), (c::XDP_SENT, 1)];
+    let mut sent_new = sent(c::FWD_NEW_FLOW);
+    sent_new.push((c::NODE_SNAT, 1));
+    let syn = pkt((OUTSIDE, 41_010), (NODE, remote), SYN);
+    let out = on_ul0(dp, "SYN from outside, remote endpoint", &syn, XDP_TX, &sent_new);
     let seen = check_packet(&out);
     assert_eq!((seen.src.0, seen.dst), (NODE, (REMOTE_POD, 8080)));
     let snat_port = seen.src.1;
     assert!(in_snat_range(snat_port), "SNAT port {snat_port}");
     assert_eq!(out[..6], PEER_MAC, "to the next hop's MAC");
-    let ack = pkt((OUTSIDE, 41_000), (NODE, remote), ACK);
-    let out = xdp(
-        dp,
-        "its next packet",
-        &ack,
-        XDP_REDIRECT,
-        &[(c::XDP_SENT, 1), (c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
-    );
+    let ack = pkt((OUTSIDE, 41_010), (NODE, remote), ACK);
+    let out = on_ul0(dp, "its next packet", &ack, XDP_TX, &sent(c::FWD_ESTABLISHED));
     assert_eq!(
         check_packet(&out),
         Seen { src: (NODE, snat_port), dst: (REMOTE_POD, 8080), udp_checksum: None }
@@ -670,13 +780,7 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
     // Its reply goes to the client through a router whose address is not resolved yet: TC (which
     // has the neighbour subsystem resolve it) sends it, untouched by XDP.
     let reply = pkt((REMOTE_POD, 8080), (NODE, snat_port), SYN_ACK);
-    let out = xdp(
-        dp,
-        "reply, next hop unknown: left to TC",
-        &reply,
-        XDP_PASS,
-        &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)],
-    );
+    let out = on_ul0(dp, "reply, next hop unknown: left to TC", &reply, XDP_PASS, left);
     assert_eq!(out, reply);
     let out = expect(
         dp,
@@ -687,9 +791,19 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
         TC_REDIRECT,
         &[(c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
     );
-    assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 41_000)));
+    assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 41_010)));
+    // A reply with a partial checksum (merged by GRO): TC's.
+    let mut part = partial(&Pkt::new((REMOTE_POD, 8080), (NODE, snat_port), ACK));
+    part[..6].fill(0);
+    let out = on_ul0(
+        dp,
+        "reply with a partial checksum: left to TC",
+        &part,
+        XDP_PASS,
+        &[(c::RX_NODE_IN, 1), (c::XDP_PARTIAL_CSUM, 1)],
+    );
+    assert_eq!(out, part);
     // Once the router is known, XDP sends the replies itself.
-    let router_mac = [0x02, 0, 0, 0, 0, 0xfe];
     let status = Command::new("ip")
         .args([
             "neigh",
@@ -705,122 +819,16 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
         .status()
         .expect("ip neigh");
     assert!(status.success());
-    let out = xdp(
-        dp,
-        "reply, next hop known",
-        &reply,
-        XDP_REDIRECT,
-        &[(c::XDP_SENT, 1), (c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
-    );
-    assert_eq!(check_packet(&out), Seen { src: (NODE, remote), dst: (OUTSIDE, 41_000), udp_checksum: None });
-    assert_eq!(out[..6], router_mac);
+    let out = on_ul0(dp, "reply, next hop known", &reply, XDP_TX, &sent(c::REV_NAT));
+    assert_eq!(check_packet(&out), Seen { src: (NODE, remote), dst: (OUTSIDE, 41_010), udp_checksum: None });
+    assert_eq!(out[..6], [0x02, 0, 0, 0, 0, 0xfe], "to the router's MAC");
     // UDP the same way.
-    let udp = pkt((OUTSIDE, 41_001), (NODE, remote), UDP);
-    let out = xdp(
-        dp,
-        "UDP, remote endpoint",
-        &udp,
-        XDP_REDIRECT,
-        &[(c::XDP_SENT, 1), (c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
-    );
+    let udp = pkt((OUTSIDE, 41_011), (NODE, remote), UDP);
+    let out = on_ul0(dp, "UDP, remote endpoint", &udp, XDP_TX, &sent_new);
     let seen = check_packet(&out);
     assert_eq!((seen.src.0, seen.dst), (NODE, (REMOTE_POD, 5353)));
-    assert!(seen.udp_checksum.is_some(), "UDP checksum kept");
-    let out = xdp(
-        dp,
-        "UDP reply",
-        &pkt((REMOTE_POD, 5353), seen.src, UDP),
-        XDP_REDIRECT,
-        &[(c::XDP_SENT, 1), (c::RX_NODE_IN, 1), (c::REV_NAT, 1)],
-    );
-    assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 41_001)));
-
-    // Out of the interface it came in on: XDP_TX. A test run names its ingress from Linux 5.15.
-    let release = kernel_release();
-    let syn = pkt((OUTSIDE, 41_002), (NODE, remote), SYN);
-    if release >= (5, 15) {
-        dp.set_node_mac(ifs.ul0, [0; 6]).expect("ul0's address, as the test packets have it");
-        let before = maps.read_counters().expect("counters");
-        let (v, out) = run_in(dp, Prog::XdpNodeIn, &syn, Some(ifs.ul0));
-        let after = maps.read_counters().expect("counters");
-        assert_eq!(v, XDP_TX, "in and out of ul0: XDP_TX");
-        assert_counter_changes(
-            "XDP_TX",
-            &before,
-            &after,
-            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1), (c::XDP_SENT, 1)],
-        );
-        let seen = check_packet(&out);
-        assert_eq!((seen.src.0, seen.dst), (NODE, (REMOTE_POD, 8080)));
-        assert_eq!(out[..6], PEER_MAC);
-    } else {
-        eprintln!(
-            "Linux {release:?}: a test run cannot name its ingress (5.15): XDP_TX is tested end to end only"
-        );
-    }
-
-    // A local endpoint: DNAT, and the stack delivers it (marked decided: TC lets it by).
-    let syn = pkt((OUTSIDE, 41_003), (NODE, local), SYN);
-    let out = xdp(dp, "local endpoint", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)]);
-    assert_eq!(
-        check_packet(&out),
-        Seen { src: (OUTSIDE, 41_003), dst: (LOCAL_POD, 8080), udp_checksum: None }
-    );
-    let syn = pkt((OUTSIDE, 41_004), (NODE, host), SYN);
-    let out = xdp(dp, "host-network endpoint", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)]);
-    assert_eq!(check_packet(&out).dst, (NODE, 9000));
-
-    // Drops are XDP's; rejects TC's.
-    let syn = pkt((OUTSIDE, 41_005), (NODE, local_only), SYN);
-    xdp(
-        dp,
-        "eTP Local, no local endpoint: dropped",
-        &syn,
-        XDP_DROP,
-        &[(c::RX_NODE_IN, 1), (c::DROP_NO_LOCAL_BACKEND, 1)],
-    );
-    let syn = pkt((OUTSIDE, 41_006), (NODE, unroutable), SYN);
-    xdp(dp, "no route: dropped", &syn, XDP_DROP, &[(c::RX_NODE_IN, 1), (c::DROP_FIB, 1)]);
-    let zero = pkt((OUTSIDE, 0), (NODE, remote), UDP);
-    xdp(dp, "source port 0: dropped", &zero, XDP_DROP, &[(c::RX_NODE_IN, 1), (c::DROP_MALFORMED, 1)]);
-    let syn = pkt((OUTSIDE, 41_007), (NODE, empty), SYN);
-    let out = xdp(
-        dp,
-        "no endpoints: the reject left to TC",
-        &syn,
-        XDP_PASS,
-        &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)],
-    );
-    assert_eq!(out, syn);
-    // A remote endpoint behind an interface that is no node interface (a tunnel device): TC,
-    // with nothing stored (TC makes the flow).
-    let syn = pkt((OUTSIDE, 41_008), (NODE, tunnel), SYN);
-    let out =
-        xdp(dp, "tunnel endpoint: left to TC", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)]);
-    assert_eq!(out, syn);
-    expect(
-        dp,
-        maps,
-        "...which TC forwards",
-        Prog::NodeIn,
-        &syn,
-        TC_REDIRECT,
-        &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
-    );
-    // ICMP errors are TC's; so is anything not lb's, which XDP passes as it is.
-    let quoted = pkt((NODE, remote), (OUTSIDE, 41_000), SYN_ACK);
-    let err = icmp_in(Ipv4Addr::new(198, 51, 100, 1), NODE, 3, 4, 1400, &quoted[14..]);
-    let out = xdp(dp, "ICMP error: left to TC", &err, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::XDP_TO_TC, 1)]);
-    assert_eq!(out, err);
-    let syn = pkt((OUTSIDE, 41_009), (CLUSTER_IP, 80), SYN);
-    let out = xdp(
-        dp,
-        "cluster IP from outside: untouched",
-        &syn,
-        XDP_PASS,
-        &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
-    );
-    assert_eq!(out, syn);
+    let out = on_ul0(dp, "UDP reply", &pkt((REMOTE_POD, 5353), seen.src, UDP), XDP_TX, &sent(c::REV_NAT));
+    assert_eq!((check_packet(&out).src, check_packet(&out).dst), ((NODE, remote), (OUTSIDE, 41_011)));
 }
 
 /// A NodePort's flows from outside outlive their Service as a cluster IP's do: the tombstone keeps

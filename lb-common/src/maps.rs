@@ -198,6 +198,12 @@ pub mod globals {
     /// (`Lb4CtEntry::snat_port`). Outside the node's `ip_local_port_range`.
     pub const SNAT_PORT_MIN: &str = "SNAT_PORT_MIN";
     pub const SNAT_PORT_MAX: &str = "SNAT_PORT_MAX";
+    /// `u32`, host order: the first and last port a reply of a flow SNATed to this node's
+    /// address may come back to: the SNAT ports, widened to hold those of the flows an earlier
+    /// agent SNATed with another range (a changed `--snat-ports` or `ip_local_port_range`), so
+    /// that they go on. A packet to a port outside is no such reply.
+    pub const SNAT_REPLY_MIN: &str = "SNAT_REPLY_MIN";
+    pub const SNAT_REPLY_MAX: &str = "SNAT_REPLY_MAX";
     /// `u32`: non-zero where the kernel has `bpf_ktime_get_coarse_ns` (5.11), which the datapath
     /// then reads its clock with; else `bpf_ktime_get_ns` (the same CLOCK_MONOTONIC, to the
     /// nanosecond, at a few more nanoseconds a call). A read-only global, so the verifier knows

@@ -26,6 +26,10 @@ static SNAT_PORT_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
 #[unsafe(no_mangle)]
 static SNAT_PORT_MAX: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.1 as u32);
 #[unsafe(no_mangle)]
+static SNAT_REPLY_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
+#[unsafe(no_mangle)]
+static SNAT_REPLY_MAX: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.1 as u32);
+#[unsafe(no_mangle)]
 static KTIME_COARSE: Global<u32> = Global::new(1);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
@@ -56,6 +60,13 @@ pub fn hairpin_addr() -> u32 {
 #[inline(always)]
 pub fn snat_ports() -> (u32, u32) {
     (SNAT_PORT_MIN.load(), SNAT_PORT_MAX.load())
+}
+
+/// The ports replies of flows SNATed to this node's address may come back to: first and last,
+/// host order (see `lb_common::globals::SNAT_REPLY_MIN`).
+#[inline(always)]
+pub fn snat_reply_ports() -> (u32, u32) {
+    (SNAT_REPLY_MIN.load(), SNAT_REPLY_MAX.load())
 }
 
 /// Whether the kernel has `bpf_ktime_get_coarse_ns` (see `lb_common::globals::KTIME_COARSE`).

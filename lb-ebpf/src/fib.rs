@@ -4,9 +4,10 @@
 //! packet out of the interface it names: with the neighbour's address when the kernel knows it
 //! (`bpf_redirect`), else through the neighbour subsystem (`bpf_redirect_neigh`, Linux 5.10).
 //!
-//! XDP (`lb4_xdp_node_in`) forwards only where the neighbour is known: out of the interface the
-//! packet came in on (`XDP_TX`), or out of another node interface (`bpf_redirect`); anything else
-//! it leaves to TC before touching the packet.
+//! XDP (`lb4_xdp_node_in`) forwards only where the neighbour is known and the route leaves through
+//! the interface the packet came in on (`XDP_TX`, which every driver with XDP has, and generic
+//! XDP too); anything else it leaves to TC before touching the packet (a redirect to another
+//! interface needs that driver's XDP transmit, which fails silently where it is missing).
 
 use core::mem::{size_of, zeroed};
 
@@ -54,7 +55,7 @@ pub enum Route {
     /// SNAT a remote endpoint's flow to.
     None,
     /// XDP: a remote endpoint XDP cannot send the packet to (the neighbour is not known, or the
-    /// route leaves through an interface that is not a node interface): left to TC.
+    /// route leaves through another interface than the packet came in on): left to TC.
     ToTc,
 }
 
@@ -113,17 +114,10 @@ fn xdp_ingress(ctx: &XdpContext) -> u32 {
 }
 
 /// Whether the route the last lookup found (`p`) is one XDP can send a packet on: the neighbour
-/// known, out of the interface it came in on or another node interface.
+/// known, out of the interface it came in on.
 #[inline(always)]
 fn xdp_sendable(rc: i64, p: &bpf_fib_lookup, ingress: u32) -> bool {
-    rc as u32 == BPF_FIB_LKUP_RET_SUCCESS && (p.ifindex == ingress || is_node(p.ifindex))
-}
-
-/// Whether `ifindex` is a node interface.
-#[inline(always)]
-fn is_node(ifindex: u32) -> bool {
-    // SAFETY: the value is copied out at once.
-    unsafe { LB4_IFS.get(&ifindex) }.is_some_and(|i| i.role == IF_ROLE_NODE)
+    rc as u32 == BPF_FIB_LKUP_RET_SUCCESS && p.ifindex == ingress
 }
 
 /// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node when
@@ -187,31 +181,31 @@ pub fn xdp_for_this_host(ctx: &XdpContext) -> bool {
 
 /// XDP: looks up the route for a packet about to be rewritten to `hop`'s addresses; true when
 /// XDP can send it (see [`xdp_forward`], which uses this lookup's results): else the packet is
-/// left to TC, untouched.
+/// to be left to TC, untouched.
 #[inline(always)]
 pub fn xdp_can_forward(ctx: &XdpContext, hop: Hop) -> bool {
     let ingress = xdp_ingress(ctx);
     lookup(ctx.as_ptr(), ingress, hop).is_some_and(|(rc, p)| xdp_sendable(rc, p, ingress))
 }
 
-/// XDP: sends the packet (rewritten to the addresses [`xdp_can_forward`] looked the route up
-/// for, in this run of the program) out of the interface the route names: back out of the one it
-/// came in on (`XDP_TX`), or redirected to another node interface.
+/// XDP: sends the packet back out of the interface it came in on (`XDP_TX`), to the next hop of
+/// the route looked up in this run of the program for the addresses it was rewritten to
+/// ([`xdp_can_forward`], or [`xdp_route_to`] for a new flow: the decision returns `Forward` only
+/// after one of them found the route sendable). `Err` if that route is not at hand.
 #[inline(always)]
 pub fn xdp_forward(ctx: &XdpContext) -> Result<u32, ()> {
-    // SAFETY: this CPU's block, filled by `xdp_can_forward` in this run of the program.
+    // SAFETY: this CPU's block, filled by a lookup in this run of the program.
     let p = unsafe { &*FIB_PARAMS.get_ptr(0).ok_or(())? };
+    if p.ifindex != xdp_ingress(ctx) {
+        return Err(());
+    }
     let eth = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0).ok_or(())?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
         (*eth).dst = p.dmac;
         (*eth).src = p.smac;
     }
-    if p.ifindex == xdp_ingress(ctx) {
-        return Ok(xdp_action::XDP_TX);
-    }
-    // SAFETY: no preconditions.
-    Ok(unsafe { bpf_redirect(p.ifindex, 0) } as u32)
+    Ok(xdp_action::XDP_TX)
 }
 
 /// Sends the packet (already rewritten to `hop`'s addresses) out of the interface its route

@@ -14,9 +14,9 @@ use lb_common::{
 };
 
 use crate::{
-    config::{self, flow_hash_seed, hairpin_addr, snat_ports},
+    config::{self, flow_hash_seed, hairpin_addr, snat_reply_ports},
     conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
-    ctx::{PacketCtx, Route},
+    ctx::{Hop, PacketCtx, Route},
     maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, LB_TAKEOVER},
     monitor,
     nat::IcmpNat,
@@ -43,8 +43,9 @@ pub enum Action {
     Bounce { nat: Nat, counter: u32 },
     /// Rewrite the packet and send it out of the interface its route names (a flow from outside
     /// SNATed to this node's address, both ways: the stack would drop a packet with a local
-    /// source address as a martian), then count `counter`. XDP leaves to TC a packet it cannot
-    /// send (`PacketCtx::can_forward`).
+    /// source address as a martian), then count `counter`. XDP returns it only once a route
+    /// lookup in this run found the packet sendable (`PacketCtx::can_forward`, or `route_to` for
+    /// a new flow); it leaves the others to TC.
     Forward { nat: Nat, counter: u32 },
     /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
     /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
@@ -167,18 +168,28 @@ pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
         }
         return Action::Pass(counters::PASS_NON_VIP);
     }
-    let (min, max) = snat_ports();
+    let (min, max) = snat_reply_ports();
     let port = u32::from(u16::from_be(f.dport));
     if port >= min && port <= max {
         match conntrack::lookup_reply(f, Replies::NodeSnat, now_ns()) {
             ReplyLookup::Found(r) => {
-                return Action::Forward {
-                    nat: Nat {
-                        src: Some((r.vip, r.vport)),
-                        dst: Some((r.client_addr, reply_port(f, r.client_port))),
-                    },
-                    counter: counters::REV_NAT,
+                let dst = (r.client_addr, reply_port(f, r.client_port));
+                if !C::TC {
+                    // XDP: a partial checksum (a GRO-merged reply) and a route it cannot send
+                    // by are TC's.
+                    if !f.later_fragment && ctx.csum_maybe_partial(f) {
+                        return Action::Pass(counters::XDP_PARTIAL_CSUM);
+                    }
+                    let hop =
+                        Hop { proto: f.proto, sport: r.vport, dport: dst.1, saddr: r.vip, daddr: dst.0 };
+                    if !ctx.can_forward(hop) {
+                        return Action::Pass(counters::XDP_TO_TC);
+                    }
                 }
+                return Action::Forward {
+                    nat: Nat { src: Some((r.vip, r.vport)), dst: Some(dst) },
+                    counter: counters::REV_NAT,
+                };
             }
             ReplyLookup::Stale => return Action::Pass(counters::PASS_STALE_REPLY_CT),
             ReplyLookup::None => {}
@@ -218,6 +229,14 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         Lookup::Hit(t) => {
             if t.hairpin && !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
+            }
+            if t.snat_addr != 0 && !C::TC {
+                // XDP: a route it cannot send by is TC's, before anything is counted.
+                let sport = if t.snat_port != 0 { t.snat_port } else { f.sport };
+                let hop = Hop { proto: f.proto, sport, dport: t.port, saddr: t.snat_addr, daddr: t.addr };
+                if !ctx.can_forward(hop) {
+                    return Action::Pass(counters::XDP_TO_TC);
+                }
             }
             svc_update(t.svc_id, |s| {
                 s.packets += 1;

@@ -105,6 +105,9 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
         Parsed::Flow(f) => f,
         Parsed::Fragment(frag) => match frags::ports(&frag) {
             Some(p) => frag.flow(p.sport, p.dport),
+            // XDP may see a batch of frames before TC sees the first of them: TC, which takes
+            // packets in order, may yet learn the ports from a first fragment XDP left to it.
+            None if !C::TC => return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC)),
             None => return finish_marked(ctx, Action::Pass(counters::PASS_FRAGMENT)),
         },
         Parsed::IcmpError(_) => return finish_marked(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
@@ -123,10 +126,6 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
             let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
             let hop = Hop { proto: f.proto, sport, dport, saddr, daddr };
-            if !ctx.can_forward(hop) {
-                // XDP: the flow stands; TC sends this packet.
-                return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC));
-            }
             match rewrite(ctx, &f, nat) {
                 Ok(()) => {
                     frags::translated(&f);

@@ -77,6 +77,11 @@ const TESTS: &[(&str, &[&str], &str)] = &[
         &["--exact", "nodeport_cluster_policy_reaches_every_endpoint_through_either_node"],
         "NodePort from outside, externalTrafficPolicy Cluster (SNAT, bpf_redirect_neigh)",
     ),
+    (
+        "e2e_nodeport",
+        &["--exact", "xdp_on_the_node_interface_serves_nodeports_through_either_node"],
+        "NodePort from outside through the XDP node program (generic XDP, XDP_TX)",
+    ),
     ("e2e_restart", &["--exact", "sigterm_and_restart_lose_no_connection"], "restart under traffic"),
     (
         "e2e_restart",

@@ -352,7 +352,7 @@ impl FlowTable for Maps {
 /// or removed meanwhile never make a pass start over (as `get_next_key` does when its key is
 /// gone). aya has no batch operations yet. The kernel copies whole buckets: one that holds more
 /// than `max` entries fails with ENOSPC, and the read is tried again with room for more.
-fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
     cursor: Option<u32>,
     max: u32,

@@ -26,10 +26,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    capacity::Capacities, globals, Lb4Interface, LbNodeMac, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_AFFINITY,
-    MAP_LB4_BACKENDS, MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_IFS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS,
-    MAP_LB4_SERVICES, MAP_LB4_SVC_STATS, MAP_LB_FORMATS, MAP_LB_NODE_MACS, MAP_LB_TAKEOVER,
-    PIN_LAYOUT_VERSION,
+    capacity::Capacities, globals, Lb4CtEntry, Lb4CtKey, Lb4Interface, LbNodeMac, CT_DIR_REPLY,
+    CT_FLAG_NODE_SNAT, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
+    MAP_LB4_FE_META, MAP_LB4_IFS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SVC_STATS,
+    MAP_LB_FORMATS, MAP_LB_NODE_MACS, MAP_LB_TAKEOVER, PIN_LAYOUT_VERSION,
 };
 
 use self::migrate::Layout;
@@ -374,6 +374,30 @@ const NODE_PROGRAMS: [&str; 3] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NO
 pub const ALL_PROGRAMS: [&str; 6] =
     [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NODE_IN];
 
+/// The ports replies of flows SNATed to this node's address may come back to (see
+/// `lb_common::globals::SNAT_REPLY_MIN`): `snat`, widened to hold the SNAT port of every such flow
+/// in the table pinned in layout directory `dir` (an earlier agent's, which may have SNATed with
+/// another range: its flows go on). Host order.
+pub fn snat_reply_ports(dir: &Path, snat: (u16, u16)) -> (u32, u32) {
+    let (mut first, mut last) = (u32::from(snat.0), u32::from(snat.1));
+    let Ok(map) = aya::maps::MapData::from_pin(dir.join(MAP_LB4_CT)) else { return (first, last) };
+    let (mut cursor, mut batch) = (None, Vec::new());
+    loop {
+        batch.clear();
+        let next = maps::lookup_batch::<Lb4CtKey, Lb4CtEntry>(&map, cursor, 4096, &mut batch);
+        for (k, e) in &batch {
+            if k.dir == CT_DIR_REPLY && e.flags & CT_FLAG_NODE_SNAT != 0 {
+                let port = u32::from(u16::from_be(k.dport));
+                (first, last) = (first.min(port), last.max(port));
+            }
+        }
+        match next {
+            Ok(Some(c)) => cursor = Some(c),
+            _ => return (first, last),
+        }
+    }
+}
+
 /// How XDP program `prog` attaches to `interface`: the driver's own XDP where the kernel has it,
 /// except the node program on a virtual device (a veth, a bond, a VLAN...), which gets generic
 /// XDP: a veth's driver sends what XDP sends back out (`XDP_TX`) or redirects only to a peer that
@@ -485,6 +509,7 @@ impl Datapath {
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
         let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
+        let (reply_min, reply_max) = snat_reply_ports(&dir, cfg.snat_ports);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
         let mut ebpf = EbpfLoader::new()
@@ -505,6 +530,8 @@ impl Datapath {
             .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
             .override_global(globals::SNAT_PORT_MIN, &snat_min, true)
             .override_global(globals::SNAT_PORT_MAX, &snat_max, true)
+            .override_global(globals::SNAT_REPLY_MIN, &reply_min, true)
+            .override_global(globals::SNAT_REPLY_MAX, &reply_max, true)
             .override_global(globals::KTIME_COARSE, &ktime_coarse, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
@@ -1046,7 +1073,16 @@ impl Datapath {
         let program = self.ebpf.program_mut(prog).expect("object has the program");
         let fd: FdLink = if is_xdp(prog) {
             let p: &mut Xdp = program.try_into().map_err(attach_err)?;
-            let id = p.attach(interface, xdp_mode(interface, prog)).map_err(attach_err)?;
+            let mode = xdp_mode(interface, prog);
+            let id = match p.attach(interface, mode) {
+                // A driver that refuses its own XDP (an MTU too large for it, say): the node
+                // program goes generic rather than leave the interface without NodePorts.
+                Err(_) if prog == PROG_XDP_NODE_IN && mode != XdpMode::Skb => {
+                    p.attach(interface, XdpMode::Skb)
+                }
+                r => r,
+            }
+            .map_err(attach_err)?;
             p.take_link(id).map_err(attach_err)?.try_into().map_err(|e| pin_err(format!("{e}")))?
         } else {
             let p: &mut SchedClassifier = program.try_into().map_err(attach_err)?;

@@ -430,13 +430,19 @@ impl Lab {
 
     /// Starts `node`'s agent again, as it was started before.
     pub fn restart_agent(&mut self, node: &Node) -> io::Result<()> {
+        self.restart_agent_adding(node, &[])
+    }
+
+    /// Starts `node`'s agent again, as it was started before but with flags `more` after the
+    /// others (a later one of a flag wins).
+    pub fn restart_agent_adding(&mut self, node: &Node, more: &[&str]) -> io::Result<()> {
         let spec = self
             .agent_specs
             .iter()
             .find(|s| s.node.netns == node.netns)
             .cloned()
             .ok_or_else(|| io::Error::other("no agent started on that node"))?;
-        let extra: Vec<&str> = spec.extra.iter().map(String::as_str).collect();
+        let extra: Vec<&str> = spec.extra.iter().map(String::as_str).chain(more.iter().copied()).collect();
         self.start_agent_with(&spec.node, &spec.agent, &spec.source, spec.mode, &extra)
     }
 

@@ -603,3 +603,18 @@ pub fn kernel_release() -> (u32, u32) {
     let mut v = r.trim().split(['.', '-']).map(|n| n.parse().unwrap_or(0));
     (v.next().unwrap_or(0), v.next().unwrap_or(0))
 }
+
+/// `p` with its L4 checksum replaced by the pseudo-header sum, as a sender that leaves the
+/// checksum to the device (`CHECKSUM_PARTIAL`) hands it over.
+pub fn partial(p: &Pkt) -> Vec<u8> {
+    let mut b = p.bytes();
+    let l4 = 14 + usize::from(b[14] & 0x0f) * 4;
+    let len = (b.len() - l4) as u16;
+    let mut pseudo = b[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, b[14 + 9]]);
+    pseudo.extend_from_slice(&len.to_be_bytes());
+    let seed = !internet_checksum(&pseudo);
+    let at = l4 + if b[14 + 9] == 6 { 16 } else { 6 };
+    b[at..at + 2].copy_from_slice(&seed.to_be_bytes());
+    b
+}
