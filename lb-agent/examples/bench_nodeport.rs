@@ -11,6 +11,10 @@
 //!   node 1's address and forwarded (lb: `bpf_fib_lookup` + redirect; kube-proxy: DNAT, routing
 //!   and masquerade, with conntrack both ways).
 //!
+//! The client's and the nodes' underlay interfaces send complete checksums (transmit checksum
+//! offload off), as NICs put them on the wire: a veth would hand on a sender's partial checksum,
+//! which lb's XDP program leaves to TC.
+//!
 //! Contenders, each in a fresh lab: `direct` (the client reaches the backends through node 1 by
 //! plain routing: the floor), `lb-tc` (lb-agent, release build, standalone, its node-side
 //! programs on the underlay interface), `lb-xdp` (the same with `--node-datapath xdp`: generic
@@ -128,6 +132,13 @@ fn bed(tag: &str, case: Case) -> anyhow::Result<(Bed, Vec<Pod>)> {
     let nodes = [lab.node(1)?, lab.node(2)?];
     lab.link_nodes(&nodes[0], &nodes[1])?;
     let out = lab.outside()?;
+    // Checksums complete on the wire, as a NIC sends them (a veth keeps a sender's partial
+    // checksum, which lb's XDP program leaves to TC): transmit checksum offload off on the
+    // client's and the nodes' underlay interfaces, for every contender.
+    for (netns, interface) in [(&out.netns, "eth0"), (&nodes[0].netns, "ul0"), (&nodes[1].netns, "ul0")] {
+        let st = netns_cmd(netns, None, "ethtool").args(["-K", interface, "tx", "off"]).status()?;
+        anyhow::ensure!(st.success(), "ethtool -K {interface} tx off in {netns} failed");
+    }
     sysctl(&out.netns, "net.ipv4.ip_local_port_range=1024 65535")?;
     sysctl(&out.netns, "net.ipv4.tcp_tw_reuse=1")?;
     let on = if case == Case::Local { &nodes[0] } else { &nodes[1] };
@@ -209,6 +220,9 @@ fn set_up(c: Contender, case: Case, args: &Args) -> anyhow::Result<(Bed, String)
         }
         _ => {
             load_rules(c, &n1, &service)?;
+            // The checksums a NIC's receive offload would have verified: conntrack does not check
+            // them again in software (the veths hand on complete checksums, unverified).
+            sysctl(&n1.netns, "net.netfilter.nf_conntrack_checksum=0")?;
             SocketAddr::from((n1.underlay_ip(), NODE_PORT))
         }
     };
@@ -274,7 +288,9 @@ fn report(args: &Args, results: &Results) -> String {
          backend through node 1 by plain routing (no load balancer). lb runs its node-side TC programs on node 1's underlay interface (`lb-tc`), \
          or its XDP node program in front of them (`lb-xdp`, `--node-datapath xdp`: generic XDP, the underlay being a veth; a NIC's driver \
          runs native XDP, which this machine has none to measure); \
-         kube-proxy's rules (`kube_proxy.rs`) are loaded into node 1. Closed TCP flows are forgotten after 1 s by every contender \
+         kube-proxy's rules (`kube_proxy.rs`) are loaded into node 1. The client's and the nodes' underlay interfaces have transmit checksum \
+         offload off (checksums complete on the wire, as from a NIC), and conntrack does not verify them again (`nf_conntrack_checksum=0`, \
+         as for packets a NIC verified). Closed TCP flows are forgotten after 1 s by every contender \
          (netfilter's TIME_WAIT timeout, lb's `--ct-timeout-tcp-close`), so a SNATed flow's port is soon free again.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         host.trim(),

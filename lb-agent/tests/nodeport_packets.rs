@@ -1279,3 +1279,37 @@ fn icmp_errors_about_flows_from_outside(
     );
     assert_eq!(out, flooded);
 }
+
+/// Rule: replies of flows SNATed to this node's address are looked for on every port an agent of
+/// this layout may have given one: the SNAT range, the ranges agents before it served with (the
+/// one before may give out ports of its range until the new one takes its links over) and the
+/// ports of the SNATed flows in the table. (End to end: `e2e_nodeport`'s restart with another
+/// range under traffic.)
+#[test]
+fn the_reply_gate_holds_the_ports_of_earlier_snat_ranges_and_of_the_flows_in_the_table() {
+    let pins = PinDir::new("replygate");
+    let load = |range: (u16, u16)| {
+        let cfg = lb_agent::datapath::Config { snat_ports: range, ..test_config(pins.path()) };
+        Datapath::load(&cfg, Mode::Tc).expect("load datapath")
+    };
+    let (dp, _) = load(DEFAULT_SNAT_PORTS);
+    assert_eq!(dp.snat_reply_ports(), (1024, 29_999), "the first agent: its range");
+    drop(dp);
+    let (dp, mut maps) = load((40_000, 40_999));
+    assert_eq!(dp.snat_reply_ports(), (1024, 40_999), "another range: the one before kept");
+    // A flow SNATed to this node's address on port 50,000 (an agent's of long ago).
+    let key = lb_common::Lb4CtKey {
+        saddr: ip(REMOTE_POD),
+        daddr: ip(NODE),
+        sport: 8080u16.to_be(),
+        dport: 50_000u16.to_be(),
+        proto: 6,
+        dir: lb_common::CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let entry = lb_common::Lb4CtEntry { flags: lb_common::CT_FLAG_NODE_SNAT, ..Default::default() };
+    maps.ct.insert(key, entry, 0).expect("a reply entry");
+    drop((dp, maps));
+    let (dp, _) = load((40_000, 40_999));
+    assert_eq!(dp.snat_reply_ports(), (1024, 50_000), "the same range again: the flows' ports too");
+}

@@ -158,8 +158,17 @@ pub mod formats {
     pub const CAPACITY: u32 = 32;
 }
 
+/// Pinned: the SNAT port ranges (`--snat-ports`) agents of this layout served with, newest first,
+/// as `first << 16 | last`; 0: none. Written by the agent at load (its own range first), read by
+/// the next one, which keeps answering the replies of flows SNATed with any of them (the gate of
+/// `globals::SNAT_REPLY_MIN`): an agent restarted with another range finds the ports the one
+/// before may still have given out while it started. No program reads it.
+pub const MAP_LB_SNAT_RANGES: &str = "LB_SNAT_RANGES";
+/// Entries of `LB_SNAT_RANGES`.
+pub const SNAT_RANGES_KEPT: u32 = 4;
+
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -177,6 +186,7 @@ pub const PINNED_MAPS: [&str; 17] = [
     MAP_LB_TC_FILTERS,
     MAP_LB4_IFS,
     MAP_LB4_SRC_RANGES,
+    MAP_LB_SNAT_RANGES,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.

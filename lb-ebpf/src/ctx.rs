@@ -82,13 +82,13 @@ pub trait PacketCtx: EbpfContext {
     /// Before a packet is rewritten to `hop`'s addresses and forwarded: whether this hook can
     /// send it out (TC always; XDP where the neighbour is known and the route leaves through the
     /// interface the packet came in on). A packet it cannot send is left to TC untouched. XDP
-    /// sends a packet by the route this looked up (or `route_to`, for a new flow).
+    /// sends a packet by the route this looked up.
     fn can_forward(&self, _hop: Hop) -> bool {
         true
     }
 
     /// Sends the packet, rewritten to `hop`'s addresses, out of the interface its route names;
-    /// `Err` when it cannot. (XDP: by the route `can_forward` or `route_to` found in this run.)
+    /// `Err` when it cannot. (XDP: by the route `can_forward` found in this run.)
     fn forward(&self, hop: Hop) -> Result<Self::Ret, ()>;
 
     /// XDP: marks a packet it lets pass, in the metadata in front of it (which the kernel hands

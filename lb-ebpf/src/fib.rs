@@ -190,8 +190,8 @@ pub fn xdp_can_forward(ctx: &XdpContext, hop: Hop) -> bool {
 
 /// XDP: sends the packet back out of the interface it came in on (`XDP_TX`), to the next hop of
 /// the route looked up in this run of the program for the addresses it was rewritten to
-/// ([`xdp_can_forward`], or [`xdp_route_to`] for a new flow: the decision returns `Forward` only
-/// after one of them found the route sendable). `Err` if that route is not at hand.
+/// ([`xdp_can_forward`]: the decision returns `Forward` only after it found the route sendable).
+/// `Err` if that route is not at hand.
 #[inline(always)]
 pub fn xdp_forward(ctx: &XdpContext) -> Result<u32, ()> {
     // SAFETY: this CPU's block, filled by a lookup in this run of the program.

@@ -44,8 +44,8 @@ pub enum Action {
     /// Rewrite the packet and send it out of the interface its route names (a flow from outside
     /// SNATed to this node's address, both ways: the stack would drop a packet with a local
     /// source address as a martian), then count `counter`. XDP returns it only once a route
-    /// lookup in this run found the packet sendable (`PacketCtx::can_forward`, or `route_to` for
-    /// a new flow); it leaves the others to TC.
+    /// lookup in this run found the packet sendable (`PacketCtx::can_forward`); it leaves the
+    /// others to TC.
     Forward { nat: Nat, counter: u32 },
     /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
     /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
@@ -365,6 +365,16 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             port
         }
     };
+    if let (Some(addr), false) = (node_snat, C::TC) {
+        // XDP sends the packet by the route it leaves with (from this node's address and port,
+        // which ECMP or a source route may send another way than the client's): where it cannot,
+        // TC does, finding the flow made.
+        let sport = if snat_port != 0 { snat_port } else { f.sport };
+        let hop = Hop { proto: f.proto, sport, dport: backend.port, saddr: addr, daddr: backend.addr };
+        if !ctx.can_forward(hop) {
+            return Action::Pass(counters::XDP_TO_TC);
+        }
+    }
     svc_update(svc.id, |s| {
         s.packets += 1;
         s.bytes += u64::from(pkt_len);

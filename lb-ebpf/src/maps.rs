@@ -120,6 +120,11 @@ pub static LB_FORMATS: Array<u32> = Array::pinned(formats::CAPACITY, 0);
 #[map(name = "LB_TAKEOVER")]
 pub static LB_TAKEOVER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
+/// The SNAT port ranges agents of this layout served with (see `lb_common::MAP_LB_SNAT_RANGES`).
+/// Pinned; written by the agent; no program reads it.
+#[map(name = "LB_SNAT_RANGES")]
+pub static LB_SNAT_RANGES: Array<u32> = Array::pinned(lb_common::SNAT_RANGES_KEPT, 0);
+
 /// lb's TC filters, where the kernel has no TCX (see `lb_common::MAP_LB_TC_FILTERS`). Pinned;
 /// written by the agent; no program reads it.
 #[map(name = "LB_TC_FILTERS")]

@@ -40,14 +40,20 @@ pub struct Maps {
     pub monitor: Array<MapData, u32>,
     pub src_ranges: LpmTrie<MapData, Lb4SrcRange, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
-    /// the fragment map, the formats written at load),
+    /// the fragment map, the formats and SNAT ranges written at load),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 5] =
-    [MAP_LB_EVENTS, MAP_LB_MON_RATE, MAP_LB4_FRAGS, MAP_LB_FORMATS, MAP_LB_TC_FILTERS];
+const UNTYPED_MAPS: [&str; 6] = [
+    MAP_LB_EVENTS,
+    MAP_LB_MON_RATE,
+    MAP_LB4_FRAGS,
+    MAP_LB_FORMATS,
+    MAP_LB_TC_FILTERS,
+    lb_common::MAP_LB_SNAT_RANGES,
+];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }

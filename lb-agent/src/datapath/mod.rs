@@ -326,6 +326,8 @@ pub struct Datapath {
     node_loaded: bool,
     /// Whether node interfaces carry the XDP node program.
     node_xdp: bool,
+    /// The ports replies of flows SNATed to this node's address are looked for on (first, last).
+    snat_reply_ports: (u32, u32),
     /// `LB_NODE_MACS` (this load's): the Ethernet address of each node interface, for the XDP
     /// node program.
     node_macs: aya::maps::HashMap<aya::maps::MapData, u32, LbNodeMac>,
@@ -374,13 +376,48 @@ const NODE_PROGRAMS: [&str; 3] = [PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NO
 pub const ALL_PROGRAMS: [&str; 6] =
     [PROG_TC_FORWARD, PROG_TC_REPLY, PROG_XDP_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NODE_IN];
 
+/// The SNAT port ranges recorded in layout directory `dir` (`LB_SNAT_RANGES`: those agents of
+/// this layout served with, newest first); none where it is not pinned yet.
+fn recorded_snat_ranges(dir: &Path) -> Vec<(u16, u16)> {
+    let Ok(data) = aya::maps::MapData::from_pin(dir.join(lb_common::MAP_LB_SNAT_RANGES)) else {
+        return Vec::new();
+    };
+    let Ok(map) = aya::maps::Array::<_, u32>::try_from(aya::maps::Map::Array(data)) else {
+        return Vec::new();
+    };
+    (0..lb_common::SNAT_RANGES_KEPT)
+        .filter_map(|i| map.get(&i, 0).ok())
+        .filter(|v| *v != 0)
+        .map(|v| ((v >> 16) as u16, v as u16))
+        .collect()
+}
+
 /// The ports replies of flows SNATed to this node's address may come back to (see
-/// `lb_common::globals::SNAT_REPLY_MIN`): `snat`, widened to hold the SNAT port of every such flow
-/// in the table pinned in layout directory `dir` (an earlier agent's, which may have SNATed with
-/// another range: its flows go on). Host order.
-pub fn snat_reply_ports(dir: &Path, snat: (u16, u16)) -> (u32, u32) {
+/// `lb_common::globals::SNAT_REPLY_MIN`): the hull of `snat`, the ranges agents of this layout
+/// served with (`recorded`: the one before may have SNATed flows with its range until our
+/// programs took its links over) and the SNAT port of every such flow in the table pinned in
+/// layout directory `dir`. Host order. A table that cannot be read opens the gate wide (every
+/// port: a lookup more per packet, no flow lost), with a warning.
+pub fn snat_reply_ports(dir: &Path, snat: (u16, u16), recorded: &[(u16, u16)]) -> (u32, u32) {
     let (mut first, mut last) = (u32::from(snat.0), u32::from(snat.1));
-    let Ok(map) = aya::maps::MapData::from_pin(dir.join(MAP_LB4_CT)) else { return (first, last) };
+    for (a, b) in recorded {
+        (first, last) = (first.min(u32::from(*a)), last.max(u32::from(*b)));
+    }
+    let path = dir.join(MAP_LB4_CT);
+    if !path.exists() {
+        return (first, last);
+    }
+    let wide = |e: String| {
+        tracing::warn!(
+            "reading {}: {e}: replies to SNATed flows are looked for on every port",
+            path.display()
+        );
+        (1, 65_535)
+    };
+    let map = match aya::maps::MapData::from_pin(&path) {
+        Ok(m) => m,
+        Err(e) => return wide(e.to_string()),
+    };
     let (mut cursor, mut batch) = (None, Vec::new());
     loop {
         batch.clear();
@@ -393,7 +430,8 @@ pub fn snat_reply_ports(dir: &Path, snat: (u16, u16)) -> (u32, u32) {
         }
         match next {
             Ok(Some(c)) => cursor = Some(c),
-            _ => return (first, last),
+            Ok(None) => return (first, last),
+            Err(e) => return wide(e.to_string()),
         }
     }
 }
@@ -509,7 +547,8 @@ impl Datapath {
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
         let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
-        let (reply_min, reply_max) = snat_reply_ports(&dir, cfg.snat_ports);
+        let recorded = recorded_snat_ranges(&dir);
+        let (reply_min, reply_max) = snat_reply_ports(&dir, cfg.snat_ports, &recorded);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
         let mut ebpf = EbpfLoader::new()
@@ -549,6 +588,18 @@ impl Datapath {
                 formats.set(i as u32, f, 0).map_err(&err)?;
             }
         }
+        // Our SNAT range first, then those before it (see `snat_reply_ports`).
+        {
+            let name = lb_common::MAP_LB_SNAT_RANGES;
+            let err = maps::map_err(name);
+            let map = ebpf.map_mut(name).ok_or(DatapathError::MissingMap(name))?;
+            let mut ranges: aya::maps::Array<&mut aya::maps::MapData, u32> = map.try_into().map_err(&err)?;
+            let ours = cfg.snat_ports;
+            let kept = std::iter::once(ours).chain(recorded.iter().copied().filter(|r| *r != ours));
+            for (i, (a, b)) in kept.take(lb_common::SNAT_RANGES_KEPT as usize).enumerate() {
+                ranges.set(i as u32, u32::from(a) << 16 | u32::from(b), 0).map_err(&err)?;
+            }
+        }
         let takeover = ebpf.take_map(MAP_LB_TAKEOVER).ok_or(DatapathError::MissingMap(MAP_LB_TAKEOVER))?;
         let takeover = takeover.try_into().map_err(maps::map_err(MAP_LB_TAKEOVER))?;
         let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
@@ -585,6 +636,7 @@ impl Datapath {
             node_addrs: StdHashMap::new(),
             node_loaded: false,
             node_xdp: cfg.node_xdp,
+            snat_reply_ports: (reply_min, reply_max),
             node_macs,
             logger,
             tc_order,
@@ -597,6 +649,12 @@ impl Datapath {
             tc_records,
         };
         Ok((dp, maps))
+    }
+
+    /// The ports replies of flows SNATed to this node's address are looked for on, first and last
+    /// (see [`snat_reply_ports`]).
+    pub fn snat_reply_ports(&self) -> (u32, u32) {
+        self.snat_reply_ports
     }
 
     /// What the kernel can do, as found at load.
@@ -1077,7 +1135,11 @@ impl Datapath {
             let id = match p.attach(interface, mode) {
                 // A driver that refuses its own XDP (an MTU too large for it, say): the node
                 // program goes generic rather than leave the interface without NodePorts.
-                Err(_) if prog == PROG_XDP_NODE_IN && mode != XdpMode::Skb => {
+                Err(e) if prog == PROG_XDP_NODE_IN && mode != XdpMode::Skb => {
+                    tracing::warn!(
+                        interface,
+                        "native XDP refused ({e}): the XDP node program runs as generic XDP"
+                    );
                     p.attach(interface, XdpMode::Skb)
                 }
                 r => r,
