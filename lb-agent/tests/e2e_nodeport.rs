@@ -108,33 +108,44 @@ fn names(v: Vec<std::io::Result<String>>) -> BTreeSet<String> {
     v.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|e| panic!("request #{i} failed: {e}"))).collect()
 }
 
+/// Through `node`'s NodePorts (TCP 30080, UDP 30053) from the client outside: every endpoint
+/// answers over TCP and UDP (UDP from client ports `udp_ports` on), and each sees the client (a
+/// local endpoint) or the node (a remote one, SNATed), over `peers` TCP and UDP exchanges.
+fn every_endpoint_through(
+    c: &Cluster,
+    out: &Outside,
+    node: &lb_testkit::lab::Node,
+    udp_ports: u16,
+    peers: u16,
+) {
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    let (tcp, udp) =
+        (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
+    let got = names(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
+    assert_eq!(got, all, "TCP through {}: every endpoint", node.netns);
+    let got = names(udp_asks_from(&out.netns, udp, udp_ports, 60).expect("UDP"));
+    assert_eq!(got, all, "UDP through {}: every endpoint", node.netns);
+    let mut seen = BTreeSet::new();
+    for i in 0..peers {
+        let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
+        let (uname, upeer) = udp_peer_from(&out.netns, udp, udp_ports + 1_000 + i).expect("UDP peer");
+        for (name, peer) in [(name, peer), (uname, upeer)] {
+            let backend = c.backends.iter().find(|b| b.name == name).expect("a backend");
+            let want = if backend.node == node.index { out.ip } else { node.underlay_ip() };
+            assert_eq!(*peer.ip(), want, "{name} through {}: the address it sees", node.netns);
+            seen.insert(backend.node == node.index);
+        }
+    }
+    assert_eq!(seen.len(), 2, "through {}: both local and remote endpoints answered", node.netns);
+}
+
 #[test]
 fn nodeport_cluster_policy_reaches_every_endpoint_through_either_node() {
     let (c, out) = cluster("npc", |c| service(&c.nodes, "NodePort", "Cluster", &c.backends.each_ref()));
     let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
     for node in &c.nodes {
-        let (tcp, udp) =
-            (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
-        wait_answer(&c, &out.netns, tcp);
-        let got = names(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
-        assert_eq!(got, all, "TCP through {}: every endpoint", node.netns);
-        let got =
-            names(udp_asks_from(&out.netns, udp, 20_000 + 100 * u16::from(node.index), 60).expect("UDP"));
-        assert_eq!(got, all, "UDP through {}: every endpoint", node.netns);
-        // A local endpoint sees the client; a remote one the node it came through.
-        let mut seen = BTreeSet::new();
-        for i in 0..60u16 {
-            let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
-            let (uname, upeer) =
-                udp_peer_from(&out.netns, udp, 21_000 + 100 * u16::from(node.index) + i).expect("UDP peer");
-            for (name, peer) in [(name, peer), (uname, upeer)] {
-                let backend = c.backends.iter().find(|b| b.name == name).expect("a backend");
-                let want = if backend.node == node.index { out.ip } else { node.underlay_ip() };
-                assert_eq!(*peer.ip(), want, "{name} through {}: the address it sees", node.netns);
-                seen.insert(backend.node == node.index);
-            }
-        }
-        assert_eq!(seen.len(), 2, "through {}: both local and remote endpoints answered", node.netns);
+        wait_answer(&c, &out.netns, SocketAddrV4::new(node.underlay_ip(), 30080));
+        every_endpoint_through(&c, &out, node, 20_000 + 2_000 * u16::from(node.index), 60);
     }
     // This node's pods reach the NodePort of their own node and of the other one.
     for node in &c.nodes {
@@ -161,32 +172,12 @@ fn xdp_on_the_node_interface_serves_nodeports_through_either_node() {
             .expect("ethtool (cargo xtask setup installs it)");
         assert!(done.success(), "ethtool -K {interface} tx off in {netns}");
     }
-    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
     for node in &c.nodes {
-        let (tcp, udp) =
-            (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
-        wait_answer(&c, &out.netns, tcp);
+        wait_answer(&c, &out.netns, SocketAddrV4::new(node.underlay_ip(), 30080));
         let sent =
             || c.maps(usize::from(node.index)).read_counters().expect("counters")[c::XDP_SENT as usize];
         let before = sent();
-        let got = names(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
-        assert_eq!(got, all, "TCP through {}: every endpoint", node.netns);
-        let got =
-            names(udp_asks_from(&out.netns, udp, 23_000 + 100 * u16::from(node.index), 60).expect("UDP"));
-        assert_eq!(got, all, "UDP through {}: every endpoint", node.netns);
-        let mut seen = BTreeSet::new();
-        for i in 0..30u16 {
-            let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
-            let (uname, upeer) =
-                udp_peer_from(&out.netns, udp, 24_000 + 100 * u16::from(node.index) + i).expect("UDP peer");
-            for (name, peer) in [(name, peer), (uname, upeer)] {
-                let backend = c.backends.iter().find(|b| b.name == name).expect("a backend");
-                let want = if backend.node == node.index { out.ip } else { node.underlay_ip() };
-                assert_eq!(*peer.ip(), want, "{name} through {}: the address it sees", node.netns);
-                seen.insert(backend.node == node.index);
-            }
-        }
-        assert_eq!(seen.len(), 2, "through {}: both local and remote endpoints answered", node.netns);
+        every_endpoint_through(&c, &out, node, 30_000 + 2_000 * u16::from(node.index), 30);
         // Every packet both ways of the SNATed flows but those sent before the next hops were
         // known: some 30 TCP flows of 5 packets or more each way, and 30 UDP exchanges.
         let after = sent();
