@@ -698,7 +698,8 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
                 .expect("services")
                 .into_iter()
                 .find(|(k, _)| {
-                    k.addr == ip(NODE) && k.port == port.to_be() && k.scope == lb_common::SCOPE_EXTERNAL
+                    (k.addr, k.port, k.proto, k.scope)
+                        == (ip(NODE), port.to_be(), 6, lb_common::SCOPE_EXTERNAL)
                 })
                 .expect("the frontend");
             maps.read_svc_stats(svc.id).expect("stats").packets
