@@ -101,9 +101,9 @@ struct Args {
     datapath: DatapathMode,
     /// Where traffic from outside arriving on a node interface (`--node-interfaces`) is decided:
     /// `tc` (TC ingress), or `xdp` (an XDP program in front of it, which drops, translates and
-    /// sends back out what it can and leaves the rest to TC: rejects, ICMP errors, packets whose
-    /// neighbour is not known yet or whose route leaves through an interface that is not a node
-    /// interface).
+    /// sends back out what it can and leaves the rest to TC: rejects, ICMP errors, partial
+    /// checksums, packets whose neighbour is not known yet or whose route leaves through another
+    /// interface than they came in on).
     #[arg(long, value_enum, default_value = "tc")]
     node_datapath: DatapathMode,
     /// Where lb's TC programs go among the TCX programs already on an interface when it attaches

@@ -31,6 +31,24 @@ pub struct Nat {
     pub dst: Option<(u32, u16)>,
 }
 
+impl Nat {
+    /// What packet `f` becomes once rewritten: the route a forwarded packet is looked up by.
+    #[inline(always)]
+    pub fn hop(&self, f: &Flow) -> Hop {
+        let (saddr, sport) = self.src.unwrap_or((f.saddr, f.sport));
+        let (daddr, dport) = self.dst.unwrap_or((f.daddr, f.dport));
+        Hop { proto: f.proto, sport, dport, saddr, daddr }
+    }
+}
+
+/// Whether the hook can send `f`, rewritten by `nat`, itself: TC always; XDP where a route lookup
+/// (whose results its `forward` then uses) finds the next hop known, out of the interface the
+/// packet came in on. A packet XDP cannot send is left to TC, untouched.
+#[inline(always)]
+fn sendable<C: PacketCtx>(ctx: &C, f: &Flow, nat: &Nat) -> bool {
+    C::TC || ctx.can_forward(nat.hop(f))
+}
+
 pub enum Action {
     /// Leave the packet as it is; the counter says why.
     Pass(u32),
@@ -173,23 +191,18 @@ pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
     if port >= min && port <= max {
         match conntrack::lookup_reply(f, Replies::NodeSnat, now_ns()) {
             ReplyLookup::Found(r) => {
-                let dst = (r.client_addr, reply_port(f, r.client_port));
-                if !C::TC {
-                    // XDP: a partial checksum (a GRO-merged reply) and a route it cannot send
-                    // by are TC's.
-                    if !f.later_fragment && ctx.csum_maybe_partial(f) {
-                        return Action::Pass(counters::XDP_PARTIAL_CSUM);
-                    }
-                    let hop =
-                        Hop { proto: f.proto, sport: r.vport, dport: dst.1, saddr: r.vip, daddr: dst.0 };
-                    if !ctx.can_forward(hop) {
-                        return Action::Pass(counters::XDP_TO_TC);
-                    }
-                }
-                return Action::Forward {
-                    nat: Nat { src: Some((r.vip, r.vport)), dst: Some(dst) },
-                    counter: counters::REV_NAT,
+                let nat = Nat {
+                    src: Some((r.vip, r.vport)),
+                    dst: Some((r.client_addr, reply_port(f, r.client_port))),
                 };
+                // XDP: a partial checksum (a GRO-merged reply) is TC's.
+                if !f.later_fragment && ctx.csum_maybe_partial(f) {
+                    return Action::Pass(counters::XDP_PARTIAL_CSUM);
+                }
+                if !sendable(ctx, f, &nat) {
+                    return Action::Pass(counters::XDP_TO_TC);
+                }
+                return Action::Forward { nat, counter: counters::REV_NAT };
             }
             ReplyLookup::Stale => return Action::Pass(counters::PASS_STALE_REPLY_CT),
             ReplyLookup::None => {}
@@ -230,20 +243,16 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             if t.hairpin && !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
             }
-            if t.snat_addr != 0 && !C::TC {
-                // XDP: a route it cannot send by is TC's, before anything is counted.
-                let sport = if t.snat_port != 0 { t.snat_port } else { f.sport };
-                let hop = Hop { proto: f.proto, sport, dport: t.port, saddr: t.snat_addr, daddr: t.addr };
-                if !ctx.can_forward(hop) {
-                    return Action::Pass(counters::XDP_TO_TC);
-                }
+            let nat =
+                Nat { src: client_nat(f, t.hairpin, t.snat_addr, t.snat_port), dst: Some((t.addr, t.port)) };
+            // XDP: a route it cannot send by is TC's, before anything is counted.
+            if t.snat_addr != 0 && !sendable(ctx, f, &nat) {
+                return Action::Pass(counters::XDP_TO_TC);
             }
             svc_update(t.svc_id, |s| {
                 s.packets += 1;
                 s.bytes += u64::from(pkt_len);
             });
-            let nat =
-                Nat { src: client_nat(f, t.hairpin, t.snat_addr, t.snat_port), dst: Some((t.addr, t.port)) };
             let counter = counters::FWD_ESTABLISHED;
             if t.hairpin {
                 return Action::Bounce { nat, counter };
@@ -365,15 +374,14 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             port
         }
     };
-    if let (Some(addr), false) = (node_snat, C::TC) {
-        // XDP sends the packet by the route it leaves with (from this node's address and port,
-        // which ECMP or a source route may send another way than the client's): where it cannot,
-        // TC does, finding the flow made.
-        let sport = if snat_port != 0 { snat_port } else { f.sport };
-        let hop = Hop { proto: f.proto, sport, dport: backend.port, saddr: addr, daddr: backend.addr };
-        if !ctx.can_forward(hop) {
-            return Action::Pass(counters::XDP_TO_TC);
-        }
+    let snat_addr = node_snat.unwrap_or(0);
+    let nat =
+        Nat { src: client_nat(f, hairpinned, snat_addr, snat_port), dst: Some((backend.addr, backend.port)) };
+    // XDP sends the packet by the route it leaves with (from this node's address and port, which
+    // ECMP or a source route may send another way than the client's): where it cannot, TC does,
+    // finding the flow made.
+    if node_snat.is_some() && !sendable(ctx, f, &nat) {
+        return Action::Pass(counters::XDP_TO_TC);
     }
     svc_update(svc.id, |s| {
         s.packets += 1;
@@ -381,9 +389,6 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         s.new_flows += 1;
     });
     monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
-    let snat_addr = node_snat.unwrap_or(0);
-    let nat =
-        Nat { src: client_nat(f, hairpinned, snat_addr, snat_port), dst: Some((backend.addr, backend.port)) };
     let counter = counters::FWD_NEW_FLOW;
     if hairpinned {
         return Action::Bounce { nat, counter };

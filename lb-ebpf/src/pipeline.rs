@@ -123,9 +123,7 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
         Action::Forward { nat, counter } => {
-            let (saddr, sport) = nat.src.unwrap_or((f.saddr, f.sport));
-            let (daddr, dport) = nat.dst.unwrap_or((f.daddr, f.dport));
-            let hop = Hop { proto: f.proto, sport, dport, saddr, daddr };
+            let hop = nat.hop(&f);
             match rewrite(ctx, &f, nat) {
                 Ok(()) => {
                     frags::translated(&f);

@@ -1001,7 +1001,7 @@ impl Datapath {
             snat_addr: addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
         };
         if self.node_xdp {
-            self.record_mac(index)?;
+            self.record_mac(interface, index)?;
         }
         if self.node_addrs.contains_key(interface) && self.ifs.get(&index, 0).ok() == Some(value) {
             return Ok(false);
@@ -1011,13 +1011,11 @@ impl Datapath {
         Ok(true)
     }
 
-    /// Records the Ethernet address of node interface `index` in
+    /// Records the Ethernet address of node interface `interface` (index `index`) in
     /// `LB_NODE_MACS` for the XDP node program, where it changed (or is new). An interface
-    /// without one (not Ethernet) is removed: XDP leaves its packets to TC. (Read over netlink:
-    /// `/sys/class/net` shows the interfaces of the network namespace that mounted it.)
-    fn record_mac(&mut self, index: u32) -> Result<(), DatapathError> {
-        let link = netlink::links().ok().and_then(|l| l.into_iter().find(|l| l.index == index));
-        let mac = link.and_then(|l| l.mac).filter(|m| *m != [0; 6]);
+    /// without one (not Ethernet) is removed: XDP leaves its packets to TC.
+    fn record_mac(&mut self, interface: &str, index: u32) -> Result<(), DatapathError> {
+        let mac = netlink::ethernet_address(interface).filter(|m| *m != [0; 6]);
         let err = maps::map_err(MAP_LB_NODE_MACS);
         match mac {
             Some(addr) => {

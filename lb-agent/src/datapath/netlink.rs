@@ -229,6 +229,42 @@ fn attr_str(v: &[u8]) -> String {
     String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
 }
 
+/// The Ethernet address of interface `name` in this network namespace (SIOCGIFHWADDR; not
+/// `/sys/class/net`, which shows the interfaces of the namespace that mounted it); `None` for an
+/// interface without one.
+pub fn ethernet_address(name: &str) -> Option<[u8; 6]> {
+    const ARPHRD_ETHER: u16 = 1;
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: ifreq is plain data, for which all zeros is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes_with_nul();
+    if bytes.len() > req.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a datagram socket only for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a valid socket and an ifreq naming the interface; the kernel fills ifru_hwaddr.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: our socket.
+    unsafe { libc::close(fd) };
+    // SAFETY: filled by the call above when it succeeded.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if rc != 0 || hw.sa_family != ARPHRD_ETHER {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (d, s) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Some(mac)
+}
+
 /// An interface and the XDP program on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -236,15 +272,12 @@ pub struct Link {
     pub name: String,
     /// The XDP program's id and how it is attached (`native`, `generic`, `offload`).
     pub xdp: Option<(u32, &'static str)>,
-    /// Its Ethernet address, if it has one.
-    pub mac: Option<[u8; 6]>,
     /// Its kind (`veth`, `bridge`, `vxlan`...), if it is a virtual device; none for a NIC.
     pub kind: Option<String>,
 }
 
 /// Every interface of the current network namespace, with its XDP program (RTM_GETLINK).
 pub fn links() -> std::io::Result<Vec<Link>> {
-    const IFLA_ADDRESS: u16 = 1;
     const IFLA_IFNAME: u16 = 3;
     const IFLA_LINKINFO: u16 = 18;
     const IFLA_INFO_KIND: u16 = 1;
@@ -262,11 +295,10 @@ pub fn links() -> std::io::Result<Vec<Link>> {
         let Some(index) = m.get(4..8).and_then(attr_u32) else {
             continue;
         };
-        let mut link = Link { index, name: String::new(), xdp: None, mac: None, kind: None };
+        let mut link = Link { index, name: String::new(), xdp: None, kind: None };
         for (kind, v) in attributes(m.get(16..).unwrap_or_default()) {
             match kind {
                 IFLA_IFNAME => link.name = attr_str(v),
-                IFLA_ADDRESS => link.mac = v.try_into().ok(),
                 IFLA_LINKINFO => {
                     link.kind = attributes(v).find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| attr_str(v));
                 }
