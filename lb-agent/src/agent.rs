@@ -12,8 +12,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::Maps,
-    metrics::{Health, Metrics},
-    model::{self, Addresses, Context},
+    health::{Health, HealthCheckServers},
+    metrics::Metrics,
+    model::{self, Addresses, Context, ServiceHealth},
     reconcile::{FlowTable, MapWriter, Reconciler, Sweeper, SyncStats},
     source::{Change, Objects, ServiceObjects, What},
 };
@@ -42,6 +43,12 @@ pub struct Agent<W: MapWriter = Maps> {
     local_addrs: Vec<std::net::Ipv4Addr>,
     /// A full resync is wanted (see [`Agent::take_resync`]).
     resync: bool,
+    /// The health-check node ports, by Service (a held Service keeps its own).
+    health_checks: std::collections::BTreeMap<String, ServiceHealth>,
+    health_servers: HealthCheckServers,
+    /// A Node object for this node came from the source once: if it goes, the node is not
+    /// eligible for load balancer traffic.
+    node_seen: bool,
 }
 
 /// What one change did.
@@ -63,6 +70,7 @@ impl<W: MapWriter> Agent<W> {
         for (addr, service) in reconciler.holders() {
             addresses.seed(addr, service);
         }
+        let health = Arc::new(Health::new());
         Self {
             maps,
             reconciler,
@@ -70,7 +78,8 @@ impl<W: MapWriter> Agent<W> {
             ctx,
             reported: BTreeSet::new(),
             metrics: Arc::new(Metrics::new()),
-            health: Arc::new(Health::new()),
+            health_servers: HealthCheckServers::new(health.clone(), false),
+            health,
             addresses,
             started: false,
             sweeper: None,
@@ -78,7 +87,29 @@ impl<W: MapWriter> Agent<W> {
             nodeport_spec: model::node::NodePortAddresses::default(),
             local_addrs: Vec::new(),
             resync: false,
+            health_checks: Default::default(),
+            node_seen: false,
         }
+    }
+
+    /// Listens on the health-check node ports (`--health-check-node-ports=on`; without it what they
+    /// would answer is still worked out, for `lbctl health`). The agent then needs a Tokio
+    /// runtime to apply changes.
+    pub fn with_health_check_node_ports(mut self, listen: bool) -> Self {
+        self.health_servers = HealthCheckServers::new(self.health.clone(), listen);
+        self
+    }
+
+    /// The health-check node ports, by Service, with their local endpoints.
+    pub fn health_checks(&self) -> &std::collections::BTreeMap<String, ServiceHealth> {
+        &self.health_checks
+    }
+
+    /// Serves the health-check node ports as they are wanted now; a port that could not be listened
+    /// on before is tried again. Returns what cannot be served (each naming its Service).
+    pub fn serve_health_checks(&mut self) -> Vec<String> {
+        let errors = self.health_servers.sync(&self.health_checks, &self.ctx.nodeport_addresses);
+        errors.iter().map(ToString::to_string).collect()
     }
 
     /// NodePorts listen on the addresses `spec` selects among this node's (`local`, and its Node
@@ -121,10 +152,15 @@ impl<W: MapWriter> Agent<W> {
 
     /// Programs a change.
     pub fn apply(&mut self, change: Change) -> Report {
-        let report = match change.what {
+        self.health.change_seen(change.seen);
+        let mut report = match change.what {
             What::All(objects) => self.apply_all(objects),
             What::Services(changed) => self.apply_services(changed),
         };
+        if !self.reconciler.has_pending() {
+            self.health.applied();
+        }
+        report.errors.extend(self.serve_health_checks());
         if std::mem::replace(&mut self.started, true) {
             let latency = change.seen.elapsed();
             self.metrics.programming_latency.observe(latency.as_secs_f64());
@@ -138,6 +174,10 @@ impl<W: MapWriter> Agent<W> {
         let started = Instant::now();
         if let Some(node) = &objects.node {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
+            self.health.set_node_eligible(model::node::eligible(node));
+            self.node_seen = true;
+        } else if self.node_seen {
+            self.health.set_node_eligible(Err("this node's Node object is gone".into()));
         }
         self.ctx.nodeport_addresses =
             model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
@@ -166,6 +206,13 @@ impl<W: MapWriter> Agent<W> {
         let config_errors = messages.len();
         let mut held = model.held.clone();
         held.extend(held_by_source);
+        let mut checks = model.health_checks.clone();
+        for service in &held {
+            if let Some(h) = self.health_checks.get(service) {
+                checks.insert(service.clone(), *h);
+            }
+        }
+        self.health_checks = checks;
         let (stats, sync_errors) = self.reconciler.sync(&model.frontends, &held, &mut self.maps);
         for e in &sync_errors {
             self.metrics.sync_error(e.reason_label());
@@ -211,6 +258,10 @@ impl<W: MapWriter> Agent<W> {
                 held.insert(key);
                 continue;
             }
+            match m.health_checks.get(&key) {
+                Some(h) => self.health_checks.insert(key.clone(), *h),
+                None => self.health_checks.remove(&key),
+            };
             built.push((key, m.frontends));
         }
         let (upsert, removed) = self.addresses.reassign(built, &held, &mut errors);
@@ -286,6 +337,9 @@ impl<W: MapWriter + FlowTable> Agent<W> {
                 if self.reported.insert(e.to_string()) {
                     warn!(reason = e.reason_label(), "{e}");
                 }
+            }
+            if !self.reconciler.has_pending() {
+                self.health.applied();
             }
         }
         self.update_gauges();

@@ -468,3 +468,85 @@ pub fn interfaces() -> std::io::Result<Vec<InterfaceView>> {
     }
     Ok(out)
 }
+
+/// One answer of the agent's health endpoints: 200 or 503, and why not 200.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ProbeView {
+    pub code: u16,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+}
+
+/// A Service's health-check node port on this node: what it answers and where it listens.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct HealthCheckView {
+    /// `namespace/name`.
+    pub service: String,
+    pub port: u16,
+    /// This node's ready endpoints of the Service (distinct addresses).
+    pub local_endpoints: u64,
+    /// What the port answers: 200 with a local endpoint while the agent is healthy, else 503.
+    pub code: u16,
+    /// The addresses it listens on (none with `--health-check-node-ports=off`).
+    pub listening: Vec<String>,
+    /// Why it is not served (another Service has the port, or the listen failed).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// What the port answered when `lbctl health` asked it (on its first address): code 0 and the
+    /// error when it could not. The agent leaves it out.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub probed: Option<ProbeView>,
+}
+
+/// The agent's health (its `/health-checks` endpoint): what `/livez`, `/healthz` and `/readyz`
+/// answer, and every health-check node port.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct HealthView {
+    pub livez: ProbeView,
+    pub healthz: ProbeView,
+    pub readyz: ProbeView,
+    pub node_eligible: bool,
+    /// `--health-check-node-ports`.
+    pub health_check_node_ports: bool,
+    pub services: Vec<HealthCheckView>,
+}
+
+/// An HTTP answer: status code, headers (names in lower case) and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The first header named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over HTTP/1.0 (the agent's health endpoints, a health-check node port).
+pub fn http_get(
+    to: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<HttpAnswer> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&to, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok());
+    let Some(status) = status else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {head:?}")));
+    };
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpAnswer { status, headers, body: body.to_string() })
+}

@@ -175,12 +175,38 @@ struct Args {
     /// Where /metrics is served (Prometheus).
     #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
     metrics_bind_address: std::net::SocketAddr,
-    /// Where /healthz, /livez and /readyz are served.
+    /// Where /healthz, /livez, /readyz and /health-checks are served.
     #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: std::net::SocketAddr,
+    /// /livez and /healthz answer 503 once a change has waited this long to be applied (its map
+    /// writes failing), or the agent's loop has stalled this long: kube-proxy's 2 x sync period.
+    #[arg(long, value_parser = seconds, default_value = "60s", value_name = "DURATION")]
+    healthz_stale_after: Duration,
+    /// Serve the health-check node ports of LoadBalancer Services with externalTrafficPolicy Local
+    /// (on this node's NodePort addresses). `off` while kube-proxy runs beside lb: it holds them.
+    #[arg(long, env = "LB_HEALTH_CHECK_NODE_PORTS", default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
+    health_check_node_ports: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// A duration in whole seconds: `60s` or `60`.
+fn seconds(s: &str) -> Result<Duration, String> {
+    let n = s.strip_suffix('s').unwrap_or(s);
+    match n.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err(format!("{s:?}: want a number of seconds above 0, as 60s")),
+    }
+}
+
+/// `on` or `off`.
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: want on or off")),
+    }
 }
 
 /// `FIRST-LAST`, two ports.
@@ -202,6 +228,8 @@ struct Config {
     flow_events: bool,
     metrics_addr: std::net::SocketAddr,
     healthz_addr: std::net::SocketAddr,
+    healthz_stale_after: Duration,
+    health_check_node_ports: bool,
 }
 
 impl From<Args> for Config {
@@ -261,6 +289,8 @@ impl From<Args> for Config {
             flow_events: a.flow_events,
             metrics_addr: a.metrics_bind_address,
             healthz_addr: a.healthz_bind_address,
+            healthz_stale_after: a.healthz_stale_after,
+            health_check_node_ports: a.health_check_node_ports,
         }
     }
 }
@@ -342,7 +372,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut agent = Agent::new(maps, reconciler, cfg.model)
         .with_sweep(Sweeper::new(timeouts, SWEEP_BATCH))
-        .with_nodeport_addresses(cfg.nodeport_addresses.clone(), addresses(&local_ipv4()));
+        .with_nodeport_addresses(cfg.nodeport_addresses.clone(), addresses(&local_ipv4()))
+        .with_health_check_node_ports(cfg.health_check_node_ports);
+    agent.health.set_stale_after(cfg.healthz_stale_after);
     if let Some((from, state)) = carried {
         agent.metrics.layout_takeover(&from, state);
     }
@@ -359,7 +391,7 @@ async fn main() -> anyhow::Result<()> {
         agent.metrics.kernel_missing.get_or_create(&labels).set(1);
     }
     let collector = metrics::DatapathCollector::new(pin_dir.clone(), caps, agent.metrics.clone());
-    let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), collector));
+    let registry = std::sync::Arc::new(metrics::registry(agent.metrics.clone(), &agent.health, collector));
     metrics::serve(listeners, registry, agent.health.clone()).context("serving metrics and health")?;
 
     // Changes from the source arrive here; the first holds everything it knows.
@@ -450,12 +482,13 @@ async fn main() -> anyhow::Result<()> {
                         source.resync();
                     }
                     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
+                    // A health-check node port that could not be listened on is tried again.
+                    agent.serve_health_checks();
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();
             }
             Some(change) = changes.recv() => {
-                agent.health.change_seen();
                 agent.apply(change);
                 if agent.take_resync() {
                     // A cluster IP took an address from an external one: that Service is built

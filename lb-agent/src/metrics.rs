@@ -1,4 +1,4 @@
-//! Prometheus metrics and health endpoints.
+//! Prometheus metrics, and the listeners of the metrics and health endpoints.
 //!
 //! Agent-side metrics are updated as the agent works: sync duration and network programming
 //! latency (histograms in the spirit of kube-proxy's `sync_proxy_rules_duration_seconds` and
@@ -10,10 +10,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -32,7 +29,7 @@ use prometheus_client::{
 
 use lb_common::capacity::Capacities;
 
-use crate::{datapath::Maps, reconcile::encode::state_name};
+use crate::{datapath::Maps, health::Health, reconcile::encode::state_name};
 
 type Labels = Vec<(String, String)>;
 
@@ -272,8 +269,29 @@ impl Collector for DatapathCollector {
 }
 
 /// Builds the registry: the agent's metrics and the datapath collector.
-pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry {
+pub fn registry(metrics: Arc<Metrics>, health: &Health, collector: DatapathCollector) -> Registry {
     let mut r = Registry::default();
+    let h = &health.metrics;
+    r.register(
+        "lb_proxy_health_answers",
+        "Answers of /healthz, /livez and /readyz, by path and code",
+        h.proxy.clone(),
+    );
+    r.register(
+        "lb_health_check_node_port_answers",
+        "Answers of the health-check node ports, by Service and code",
+        h.service.clone(),
+    );
+    r.register(
+        "lb_health_check_node_port_failures",
+        "Health-check node ports that could not be served (another Service's port, or the listen failed), once per failure, by Service",
+        h.failures.clone(),
+    );
+    r.register(
+        "lb_health_check_node_port_listeners",
+        "Sockets listening for health-check node ports",
+        h.listeners.clone(),
+    );
     r.register(
         "lb_network_programming_duration_seconds",
         "From a change seen (file or watch event) to the maps written",
@@ -343,124 +361,6 @@ pub fn registry(metrics: Arc<Metrics>, collector: DatapathCollector) -> Registry
     r
 }
 
-/// What `/healthz` and `/readyz` answer from.
-#[derive(Debug)]
-pub struct Health {
-    started: Instant,
-    synced_once: AtomicBool,
-    /// Milliseconds since `started` of the main loop's last turn.
-    last_tick_ms: AtomicU64,
-    /// Milliseconds since `started` when an unapplied change was first seen; 0 = none.
-    pending_since_ms: AtomicU64,
-    /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
-    /// `started`; 0: from the start, no grace), and the last attach error.
-    unattached: std::sync::Mutex<std::collections::BTreeMap<String, (u64, Option<String>)>>,
-    /// The first attach pass is done (before it, nothing is known to be attached).
-    attach_pass_done: AtomicBool,
-}
-
-/// How long an interface that just appeared may go without the programs before `/readyz` says so
-/// (the agent attaches on the netlink event, or at worst on its 5 s rescan).
-pub const ATTACH_GRACE: Duration = Duration::from_secs(10);
-
-/// A change not applied within this long makes the agent unhealthy.
-const MAX_PENDING: Duration = Duration::from_secs(30);
-/// The main loop not turning for this long makes the agent unhealthy.
-const MAX_STALL: Duration = Duration::from_secs(10);
-
-impl Health {
-    pub fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            synced_once: AtomicBool::new(false),
-            last_tick_ms: AtomicU64::new(0),
-            pending_since_ms: AtomicU64::new(0),
-            unattached: Default::default(),
-            attach_pass_done: AtomicBool::new(false),
-        }
-    }
-
-    /// What the last attach pass found: `failed` (interface, error) do not carry the programs;
-    /// every other matching interface does. Interfaces gone are forgotten. What fails in the
-    /// first pass (at start) gets no grace: only an interface that appears later does.
-    pub fn interfaces(&self, failed: &[(String, String)]) {
-        let first = !self.attach_pass_done.swap(true, Ordering::Relaxed);
-        let now = if first { 0 } else { self.now_ms() };
-        let mut u = self.unattached.lock().expect("not poisoned");
-        u.retain(|i, _| failed.iter().any(|(f, _)| f == i));
-        for (i, e) in failed {
-            u.entry(i.clone()).or_insert((now, None)).1 = Some(e.clone());
-        }
-    }
-
-    /// Every interface that failed to attach, with its last error.
-    pub fn failing(&self) -> std::collections::BTreeMap<String, String> {
-        let u = self.unattached.lock().expect("not poisoned");
-        u.iter().map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default())).collect()
-    }
-
-    /// Interfaces that have gone without the programs longer than [`ATTACH_GRACE`], with why.
-    pub fn not_attached(&self) -> Vec<(String, String)> {
-        let now = self.now_ms();
-        let u = self.unattached.lock().expect("not poisoned");
-        u.iter()
-            .filter(|(_, (since, _))| {
-                *since == 0 || now.saturating_sub(*since) > ATTACH_GRACE.as_millis() as u64
-            })
-            .map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default()))
-            .collect()
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64 + 1
-    }
-
-    pub fn tick(&self) {
-        self.last_tick_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    pub fn change_seen(&self) {
-        let _ =
-            self.pending_since_ms.compare_exchange(0, self.now_ms(), Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    pub fn synced(&self) {
-        self.synced_once.store(true, Ordering::Relaxed);
-        self.pending_since_ms.store(0, Ordering::Relaxed);
-        self.tick();
-    }
-
-    /// `Ok` while the loop turns and no change waits too long. Before the first full sync the
-    /// agent waits for its source (a large cluster's first list, an API server not up yet),
-    /// which is no reason to restart it: `Ok` too (`/readyz` tells that it is not ready).
-    pub fn healthy(&self) -> Result<(), String> {
-        if !self.ready() {
-            return Ok(());
-        }
-        let now = self.now_ms();
-        let tick = self.last_tick_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(tick) > MAX_STALL.as_millis() as u64 {
-            return Err(format!("main loop stalled for {} ms", now - tick));
-        }
-        let pending = self.pending_since_ms.load(Ordering::Relaxed);
-        if pending != 0 && now.saturating_sub(pending) > MAX_PENDING.as_millis() as u64 {
-            return Err(format!("a change has waited {} ms to be applied", now - pending));
-        }
-        Ok(())
-    }
-
-    /// A full sync is done, and the first attach pass.
-    pub fn ready(&self) -> bool {
-        self.synced_once.load(Ordering::Relaxed) && self.attach_pass_done.load(Ordering::Relaxed)
-    }
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 async fn metrics_handler(
     State(r): State<Arc<Registry>>,
 ) -> (StatusCode, [(&'static str, &'static str); 1], String) {
@@ -475,30 +375,6 @@ async fn metrics_handler(
             (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], "encoding failed\n".into())
         }
     }
-}
-
-async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    match h.healthy() {
-        Ok(()) => (StatusCode::OK, "ok\n".into()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-    }
-}
-
-/// Ready: synced once, and every interface that matches carries the programs (one that just
-/// appeared gets [`ATTACH_GRACE`]).
-async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
-    if !h.synced_once.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no full sync yet\n".into());
-    }
-    if !h.ready() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "not attached yet\n".into());
-    }
-    let missing = h.not_attached();
-    if !missing.is_empty() {
-        let lines: Vec<String> = missing.iter().map(|(i, e)| format!("{i}: not attached: {e}")).collect();
-        return (StatusCode::SERVICE_UNAVAILABLE, lines.join("\n") + "\n");
-    }
-    (StatusCode::OK, "ok\n".into())
 }
 
 /// The metrics and health listeners, bound before anything else is done: a port that is taken
@@ -524,16 +400,12 @@ impl Listeners {
     }
 }
 
-/// Serves `/metrics`, and `/healthz`, `/livez`, `/readyz`, on the listeners.
+/// Serves `/metrics`, and the health endpoints (`crate::health::router`), on the listeners.
 pub fn serve(listeners: Listeners, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     let m = tokio::net::TcpListener::from_std(listeners.metrics)?;
     let h = tokio::net::TcpListener::from_std(listeners.health)?;
     let metrics = Router::new().route("/metrics", get(metrics_handler)).with_state(registry);
-    let health = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(health);
+    let health = crate::health::router(health);
     tokio::spawn(async move { axum::serve(m, metrics).await });
     tokio::spawn(async move { axum::serve(h, health).await });
     Ok(())

@@ -180,12 +180,14 @@ fn daemonset_runs_like_kube_proxy_with_least_privilege() {
             assert_eq!(bind("LB_METRICS_BIND_ADDRESS"), "127.0.0.1:9981", "metrics stay on loopback");
             assert_eq!(bind("LB_HEALTHZ_BIND_ADDRESS"), "0.0.0.0:9980");
             assert_eq!(ports[0]["containerPort"], 9980);
+            assert_eq!(bind("LB_HEALTH_CHECK_NODE_PORTS"), "off", "kube-proxy serves them");
             assert!(config.is_none());
         } else {
             // In its place: kube-proxy's ports, and the API server given.
             assert_eq!(bind("LB_METRICS_BIND_ADDRESS"), "127.0.0.1:10249", "metrics stay on loopback");
             assert_eq!(bind("LB_HEALTHZ_BIND_ADDRESS"), "0.0.0.0:10256");
             assert_eq!(ports[0]["containerPort"], 10256);
+            assert_eq!(bind("LB_HEALTH_CHECK_NODE_PORTS"), "on", "kube-proxy's health-check node ports");
             let data = &config.expect("the API server's address")["data"];
             assert!(data["api-server-host"].is_string() && data["api-server-port"].is_string());
         }

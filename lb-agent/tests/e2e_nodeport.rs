@@ -22,15 +22,23 @@ use support::{assert_clean, Cluster, Traffic, VIP};
 
 const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const NODE_ARGS: &[&str] = &["--node-interfaces", "ul0"];
+/// Service `who`'s health-check node port (a LoadBalancer with externalTrafficPolicy Local).
+const HEALTH_PORT: u16 = 32100;
 
 /// Service `who` of `type` with `policy` as its externalTrafficPolicy (TCP 80 → 8080 on NodePort
-/// 30080, UDP 53 → 5353 on NodePort 30053, LoadBalancer IP `LB_IP` when a LoadBalancer) and
-/// `endpoints` ready, plus both Node objects.
+/// 30080, UDP 53 → 5353 on NodePort 30053, LoadBalancer IP `LB_IP` and health-check node port
+/// `HEALTH_PORT` when a LoadBalancer) and `endpoints` ready, plus both Node objects.
 fn service(c_nodes: &[lb_testkit::lab::Node; 2], kind: &str, policy: &str, endpoints: &[&Pod]) -> String {
     let eps: Vec<String> =
         endpoints.iter().map(|p| format!("- addresses: [{}]\n  nodeName: node{}", p.ip, p.node)).collect();
     let status = if kind == "LoadBalancer" {
         format!("status:\n  loadBalancer:\n    ingress:\n    - {{ip: {LB_IP}}}\n")
+    } else {
+        String::new()
+    };
+    // The API server allocates one to a LoadBalancer Service with externalTrafficPolicy Local.
+    let health_check = if kind == "LoadBalancer" && policy == "Local" {
+        format!("  healthCheckNodePort: {HEALTH_PORT}\n")
     } else {
         String::new()
     };
@@ -42,7 +50,7 @@ spec:
   type: {kind}
   clusterIP: {VIP}
   externalTrafficPolicy: {policy}
-  ports:
+{health_check}  ports:
   - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}}
   - {{name: udp, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}}
 {status}---
@@ -406,5 +414,225 @@ fn external_ips_are_served_like_kube_proxy_unless_told_otherwise() {
     assert!(
         log.contains("spec.externalIPs[1]") && log.contains("--external-ips=node-addresses"),
         "the refusal is logged:\n{log}"
+    );
+}
+
+/// Service `other`: a LoadBalancer with externalTrafficPolicy Local (cluster IP 10.96.0.11, TCP 80
+/// → 8080 on NodePort 30081, health-check node port 32101), `endpoints` ready.
+fn other_service(endpoints: &[&Pod]) -> String {
+    let eps: Vec<String> =
+        endpoints.iter().map(|p| format!("- addresses: [{}]\n  nodeName: node{}", p.ip, p.node)).collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: other, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.11
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32101
+  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30081}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: other}}
+addressType: IPv4
+ports:
+- {{name: tcp, port: 8080, protocol: TCP}}
+endpoints:
+{}
+---
+"#,
+        eps.join("\n")
+    )
+}
+
+/// What `to` answers over HTTP from the client outside, once it answers `code` with
+/// `localEndpoints` `count` (generous: the agents pick manifests up within a second, and retry a
+/// port they could not listen on every 5 s).
+fn health_answer(out: &Outside, to: SocketAddrV4, code: u16, count: u64) -> serde_json::Value {
+    let mut last = None;
+    let got = wait_until(Duration::from_secs(30), || {
+        let a = lb_testkit::lab::http_answer(&out.netns, to.into(), "/")?;
+        let body: serde_json::Value = serde_json::from_str(&a.body).map_err(std::io::Error::other)?;
+        let ok = a.status == code && body["localEndpoints"] == count;
+        if ok {
+            // kube-proxy's headers, the weight being the count.
+            assert_eq!(a.header("content-type"), Some("application/json"), "{a:?}");
+            assert_eq!(a.header("x-content-type-options"), Some("nosniff"), "{a:?}");
+            assert_eq!(
+                a.header("x-load-balancing-endpoint-weight"),
+                Some(count.to_string().as_str()),
+                "{a:?}"
+            );
+        }
+        last = Some(a);
+        if ok {
+            Ok(body)
+        } else {
+            Err(std::io::Error::other("not yet"))
+        }
+    });
+    got.unwrap_or_else(|e| {
+        panic!("{to} never answered {code} with {count} local endpoints: {e}; last: {last:?}")
+    })
+}
+
+/// `lbctl -o json health` in `node`'s namespace.
+fn lbctl_health(node: &lb_testkit::lab::Node) -> serde_json::Value {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.netns))
+        .arg(support::lbctl_path())
+        .args(["-o", "json", "health"])
+        .output()
+        .expect("run lbctl");
+    assert!(out.status.success(), "lbctl health: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("lbctl health: JSON")
+}
+
+/// kube-proxy's health-check node ports, asked from outside as a cloud load balancer does: 200 with
+/// the count of local ready endpoints on a node that has some, 503 on the other; they follow the
+/// endpoints and the Service; a port another process holds is an error naming the Service (counted;
+/// the other ports work) until it is free; `--health-check-node-ports=off` listens nowhere. And
+/// `/healthz` on kube-proxy's port, asked from outside, drains a node tainted for deletion.
+#[test]
+fn health_check_node_ports_tell_load_balancers_which_nodes_have_endpoints() {
+    let mut c = Cluster::new("nphc", Mode::Tc, true, |_| String::new(), NODE_ARGS);
+    let out = c.lab.outside().expect("the client outside");
+    let (n1, n2) = (c.nodes[0].clone(), c.nodes[1].clone());
+    // Another process on node 2 holds `other`'s port there.
+    let taken = SocketAddrV4::new(n2.underlay_ip(), 32101);
+    let blocker = lb_testkit::lab::in_netns(&n2.netns, move || std::net::TcpListener::bind(taken))
+        .expect("netns")
+        .expect("hold node 2's port 32101");
+    let (nodes, [b1, b2, b3]) = (c.nodes.clone(), c.backends.clone());
+    let yaml = |who: &[&Pod], kind: &str| {
+        format!("{}{}", other_service(&[&b3]), service(&nodes, kind, "Local", who))
+    };
+    c.write(&yaml(&[&b1, &b2], "LoadBalancer"));
+    wait_answer(&c, &out.netns, SocketAddrV4::new(n1.underlay_ip(), 30080));
+    let (h1, h2) =
+        (SocketAddrV4::new(n1.underlay_ip(), HEALTH_PORT), SocketAddrV4::new(n2.underlay_ip(), HEALTH_PORT));
+    let body = health_answer(&out, h1, 200, 2);
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "demo", "name": "who"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+    );
+    health_answer(&out, h2, 503, 0);
+    // `other`: node 1 has no endpoint of it; node 2 cannot listen, and says which Service.
+    health_answer(&out, SocketAddrV4::new(n1.underlay_ip(), 32101), 503, 0);
+    let v = lbctl_health(&n2);
+    let row = |v: &serde_json::Value, s: &str| {
+        v["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["service"] == s)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let err = row(&v, "demo/other")["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.starts_with(&format!("Service demo/other: health-check node port {taken}: cannot listen")),
+        "{v}"
+    );
+    let who = row(&v, "demo/who");
+    assert_eq!(
+        (who["port"].clone(), who["local_endpoints"].clone(), who["code"].clone()),
+        (HEALTH_PORT.into(), 0.into(), 503.into()),
+        "{v}"
+    );
+    assert_eq!(who["probed"]["code"], 503, "lbctl asked the port itself: {v}");
+    // The table names both, with the error.
+    let out2 = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", n2.netns))
+        .arg(support::lbctl_path())
+        .arg("health")
+        .output()
+        .expect("run lbctl");
+    let table = String::from_utf8_lossy(&out2.stdout);
+    assert!(
+        out2.status.success() && table.contains("demo/who") && table.contains("Address already in use"),
+        "{table}"
+    );
+    println!("lbctl health on node 2:\n{table}");
+    let metrics = lb_testkit::lab::http_get(&n2.netns, "127.0.0.1:10249".parse().expect("addr"), "/metrics")
+        .expect("metrics");
+    assert!(
+        metrics.1.contains(r#"lb_health_check_node_port_failures_total{service="demo/other"} 1"#),
+        "{}",
+        metrics.1
+    );
+    assert!(c.lab.agent_log(&n2).contains("Service demo/other: health-check node port"), "logged");
+    // The port comes free: node 2's agent takes it (its endpoint b3 is local there).
+    drop(blocker);
+    health_answer(&out, taken, 200, 1);
+    // who's endpoints move to node 2.
+    c.write(&yaml(&[&b3], "LoadBalancer"));
+    health_answer(&out, h1, 503, 0);
+    health_answer(&out, h2, 200, 1);
+    let metrics = lb_testkit::lab::http_get(&n2.netns, "127.0.0.1:10249".parse().expect("addr"), "/metrics")
+        .expect("metrics");
+    assert!(
+        metrics.1.contains(r#"lb_health_check_node_port_answers_total{service="demo/who",code="200"}"#),
+        "{}",
+        metrics.1
+    );
+
+    // /healthz where cloud load balancers look (kube-proxy's port), from outside: node 1 is
+    // eligible until its Node is tainted for deletion; /livez stays 200.
+    let (healthz, livez) = (SocketAddrV4::new(n1.underlay_ip(), 10256), "/livez");
+    let ask = |path: &str| lb_testkit::lab::http_answer(&out.netns, healthz.into(), path).expect("answer");
+    let a = ask("/healthz");
+    assert!(a.status == 200 && a.body.contains(r#""nodeEligible":true"#), "{a:?}");
+    let node1 = node_manifest(&n1);
+    let tainted = node1.replace(
+        "status:\n",
+        "spec:\n  taints:\n  - {key: ToBeDeletedByClusterAutoscaler, value: \"1733250000\", effect: NoSchedule}\nstatus:\n",
+    );
+    assert_ne!(node1, tainted);
+    c.write(&yaml(&[&b3], "LoadBalancer").replace(&node1, &tainted));
+    let drained = wait_until(Duration::from_secs(30), || match ask("/healthz") {
+        a if a.status == 503 && a.body.contains(r#""nodeEligible":false"#) => Ok(()),
+        a => Err(std::io::Error::other(format!("{a:?}"))),
+    });
+    assert!(drained.is_ok(), "node 1 never drained: {drained:?}");
+    assert_eq!(ask(livez).status, 200, "live while draining");
+    c.write(&yaml(&[&b3], "LoadBalancer"));
+
+    // who becomes a NodePort Service: its health-check port closes on both nodes.
+    c.write(&yaml(&[&b3], "NodePort"));
+    for to in [h1, h2] {
+        let closed = wait_until(Duration::from_secs(30), || {
+            match lb_testkit::lab::http_answer(&out.netns, to.into(), "/") {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                other => Err(std::io::Error::other(format!("{other:?}"))),
+            }
+        });
+        assert!(closed.is_ok(), "{to} still answers: {closed:?}");
+    }
+    health_answer(&out, taken, 200, 1);
+    // Off (kube-proxy beside lb holds the ports): node 2 listens nowhere, and tells what it would
+    // answer.
+    c.lab.stop_agent(&n2, libc::SIGTERM);
+    c.lab.restart_agent_adding(&n2, &["--health-check-node-ports=off"]).expect("restart node 2");
+    c.wait_ready(&n2);
+    let refused = wait_until(Duration::from_secs(30), || {
+        match lb_testkit::lab::http_answer(&out.netns, taken.into(), "/") {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    });
+    assert!(refused.is_ok(), "node 2 still listens with --health-check-node-ports=off: {refused:?}");
+    let v = lbctl_health(&n2);
+    assert_eq!(v["health_check_node_ports"], false, "{v}");
+    assert_eq!(
+        (row(&v, "demo/other")["code"].clone(), row(&v, "demo/other")["listening"].clone()),
+        (200.into(), serde_json::json!([])),
+        "{v}"
     );
 }

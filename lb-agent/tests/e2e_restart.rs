@@ -115,10 +115,14 @@ fn endpoint_updates_under_traffic_lose_no_connection() {
     );
     assert_eq!(value("lb_services_programmed "), 2.0);
     assert!(value("lb_map_capacity{map=\"conntrack\"}") > 0.0);
-    for path in ["/healthz", "/readyz"] {
-        let (status, body) = http_get(ns, "127.0.0.1:10256".parse().expect("addr"), path).expect("health");
-        assert_eq!((status, body.trim()), (200, "ok"), "{path}");
-    }
+    let (status, body) = http_get(ns, "127.0.0.1:10256".parse().expect("addr"), "/readyz").expect("health");
+    assert_eq!((status, body.trim()), (200, "ok"), "/readyz");
+    // kube-proxy's JSON (standalone, with no Node object: eligible).
+    let (status, body) = http_get(ns, "127.0.0.1:10256".parse().expect("addr"), "/healthz").expect("health");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(status == 200 && v["nodeEligible"] == true && v["lastUpdated"] == v["currentTime"], "{body}");
+    let (_, after) = scrape();
+    assert!(after.contains("lb_proxy_health_answers_total{path=\"/healthz\",code=\"200\"} "), "{after}");
 }
 
 #[test]

@@ -206,7 +206,7 @@ fn named_target_port_that_differs_per_endpoint() {
 /// those addresses: an answer means lb translated.
 #[test]
 fn pods_reach_load_balancer_ips_with_every_endpoint() {
-    let extra = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\nstatus:\n  \
+    let extra = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32190\n  internalTrafficPolicy: Local\nstatus:\n  \
                  loadBalancer:\n    ingress:\n    - {ip: 203.0.113.10}\n    - {ip: 203.0.113.12, ipMode: VIP}\n    \
                  - {ip: 203.0.113.11, ipMode: Proxy}";
     let c = Cluster::new(

@@ -1,6 +1,6 @@
 //! Golden tests for the Kubernetes model, through the real agent and reconciler: each folder under `testdata/golden` holds Services and
 //! EndpointSlices (`objects.yaml`, optionally `before.yaml` applied first), the node's context
-//! (`node.yaml`), and the expected dump of the maps (`expected.txt`). Run with
+//! (`node.yaml`), and the expected dump of the maps and health-check node ports (`expected.txt`). Run with
 //! `UPDATE_GOLDEN=1` to rewrite the expected files, then review the diff.
 
 use std::path::{Path, PathBuf};
@@ -76,6 +76,12 @@ fn run_case(dir: &Path) -> String {
         }
     }
     out.push_str(&dump::render(&agent.maps));
+    for (service, h) in agent.health_checks() {
+        out.push_str(&format!(
+            "health-check {service} port={} local-endpoints={}\n",
+            h.port, h.local_endpoints
+        ));
+    }
     out
 }
 

@@ -57,6 +57,13 @@ enum Cmd {
     /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
     /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
     /// default).
+    /// The agent's health (/livez, /healthz, /readyz) and every health-check node port on this
+    /// node: its Service, local endpoints and answer, asked of the agent and of the port itself.
+    Health {
+        /// The agent's --healthz-bind-address (an unspecified address is asked on loopback).
+        #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "127.0.0.1:10256")]
+        healthz_address: std::net::SocketAddr,
+    },
     Monitor {
         /// Stop after this many events.
         #[arg(long)]
@@ -179,10 +186,68 @@ fn interfaces(json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `lbctl health`: the agent's view, each health-check node port asked too.
+fn health(mut agent: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+    if agent.ip().is_unspecified() {
+        agent.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let answer = inspect::http_get(agent, "/health-checks", TIMEOUT).with_context(|| {
+        format!("asking the agent at {agent} (its --healthz-bind-address; is it running?)")
+    })?;
+    anyhow::ensure!(answer.status == 200, "the agent at {agent} answered {}: {}", answer.status, answer.body);
+    let mut v: inspect::HealthView = serde_json::from_str(&answer.body)
+        .with_context(|| format!("the agent at {agent} answered /health-checks with {:?}", answer.body))?;
+    for s in &mut v.services {
+        let Some(addr) = s.listening.first().and_then(|a| a.parse().ok()) else { continue };
+        s.probed = Some(match inspect::http_get(addr, "/", TIMEOUT) {
+            Ok(a) => inspect::ProbeView { code: a.status, reason: None },
+            Err(e) => inspect::ProbeView { code: 0, reason: Some(e.to_string()) },
+        });
+    }
+    if json {
+        return print_json(&v);
+    }
+    let probe = |name: &str, p: &inspect::ProbeView| match &p.reason {
+        None => format!("{name} {}", p.code),
+        Some(r) => format!("{name} {} ({r})", p.code),
+    };
+    println!("{}", probe("livez", &v.livez));
+    println!("{}{}", probe("healthz", &v.healthz), if v.node_eligible { "" } else { " [node not eligible]" });
+    println!("{}", probe("readyz", &v.readyz));
+    if !v.health_check_node_ports {
+        println!(
+            "health-check node ports: not served (--health-check-node-ports=off); what they would answer:"
+        );
+    }
+    let mut t = table(&["SERVICE", "PORT", "LOCAL ENDPOINTS", "ANSWER", "LISTENING", "ASKED", "ERROR"]);
+    for s in &v.services {
+        t.add_row(vec![
+            s.service.clone(),
+            s.port.to_string(),
+            s.local_endpoints.to_string(),
+            // Not listening by mistake: it answers nothing (off: what it would answer).
+            if s.error.is_some() { "-".into() } else { s.code.to_string() },
+            if s.listening.is_empty() { "-".into() } else { s.listening.join("\n") },
+            match &s.probed {
+                None => "-".into(),
+                Some(p) if p.code == 0 => format!("failed: {}", p.reason.as_deref().unwrap_or("?")),
+                Some(p) => p.code.to_string(),
+            },
+            s.error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 fn run(args: &Args) -> anyhow::Result<()> {
     let json = matches!(args.output, Output::Json);
-    if let Cmd::Interfaces = args.command {
-        return interfaces(json);
+    match args.command {
+        Cmd::Interfaces => return interfaces(json),
+        Cmd::Health { healthz_address } => return health(healthz_address, json),
+        _ => {}
     }
     let maps = Maps::from_pins_read_only(&args.pin_dir).map_err(|e| match e {
         DatapathError::Map { source: aya::maps::MapError::IoError(ref io), .. }
@@ -196,7 +261,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         other => other.into(),
     })?;
     match &args.command {
-        Cmd::Interfaces => unreachable!("answered above"),
+        Cmd::Interfaces | Cmd::Health { .. } => unreachable!("answered above"),
         Cmd::Services => {
             let v = inspect::services(&maps)?;
             if json {

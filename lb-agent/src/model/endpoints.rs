@@ -148,6 +148,16 @@ pub(super) fn any_usable(eps: &[EndpointPort]) -> bool {
     eps.iter().any(|e| e.ready || (e.serving && e.terminating))
 }
 
+/// How many distinct addresses this node's ready endpoints have, over every port (terminating ones
+/// do not count): kube-proxy's `LocalReadyEndpoints`, what a Service's health-check node port
+/// reports. None without a node name.
+pub(super) fn local_ready(endpoints: &EndpointsByPort, ctx: &Context) -> usize {
+    let Some(node) = &ctx.node_name else { return 0 };
+    let local =
+        endpoints.values().flatten().filter(|e| e.ready && !e.terminating && e.node.as_ref() == Some(node));
+    local.map(|e| e.ip).collect::<BTreeSet<_>>().len()
+}
+
 /// Picks the endpoints for new flows as kube-proxy's `CategorizeEndpoints` does; the other listed
 /// endpoints are kept for their established flows.
 pub(super) fn select(

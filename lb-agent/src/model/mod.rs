@@ -309,6 +309,17 @@ pub struct Model {
     pub held: BTreeSet<String>,
     /// Which Service holds each address of `frontends`.
     pub addresses: Addresses,
+    /// The health-check node ports of the Services built (not held), by Service.
+    pub health_checks: BTreeMap<String, ServiceHealth>,
+}
+
+/// A Service's health-check node port (a LoadBalancer Service with externalTrafficPolicy Local):
+/// the port its load balancer asks each node on, and what it reports on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceHealth {
+    pub port: u16,
+    /// Distinct addresses of this node's ready endpoints (terminating ones do not count).
+    pub local_endpoints: usize,
 }
 
 /// Which Service holds each frontend address: the one rule for two Services asking for the same
@@ -659,6 +670,10 @@ pub fn build_claiming(
         if rejected {
             model.held.insert(object);
             continue;
+        }
+        if let Some(port) = spec.health_check_port {
+            let local_endpoints = endpoints::local_ready(&endpoints, ctx);
+            model.health_checks.insert(object.clone(), ServiceHealth { port, local_endpoints });
         }
         for p in &spec.ports {
             let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
@@ -1108,5 +1123,95 @@ mod last_good_tests {
         let bad = format!("{}{}", service("web", "10.96.0.1"), slice("web-1", "web", "10.244.0.999"));
         let m = run(&bad, &Addresses::default(), &mut lg);
         assert!(backends(&m, [10, 96, 0, 1]).is_empty(), "an old good version stood in");
+    }
+
+    /// A LoadBalancer Service with externalTrafficPolicy Local (`policy`, `kind` and the port line
+    /// given), its endpoints over two slices and two ports.
+    fn health_checked(kind: &str, policy: &str, port_line: &str) -> String {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: shop}}
+spec:
+  type: {kind}
+  clusterIP: 10.96.0.30
+  externalTrafficPolicy: {policy}
+  {port_line}
+  ports: [{{name: http, port: 80, nodePort: 30080}}, {{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-a, namespace: shop, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints:
+- {{addresses: [10.244.1.1], nodeName: node1}}
+- {{addresses: [10.244.1.2], nodeName: node1, conditions: {{ready: false, serving: true, terminating: true}}}}
+- {{addresses: [10.244.1.3], nodeName: node1, conditions: {{ready: false}}}}
+- {{addresses: [10.244.2.4], nodeName: node2, conditions: {{ready: true}}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: lb-b, namespace: shop, labels: {{kubernetes.io/service-name: lb}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.244.1.1], nodeName: node1}}
+- {{addresses: [10.244.1.5], nodeName: node1, conditions: {{ready: true, terminating: false}}}}
+"#
+        )
+    }
+
+    /// kube-proxy's count for a health-check node port: distinct addresses of this node's ready
+    /// endpoints over every port and slice; not-ready and terminating ones (serving or not) and
+    /// other nodes' do not count.
+    #[test]
+    fn a_health_check_node_port_counts_this_nodes_ready_endpoints_by_address() {
+        let yaml = health_checked("LoadBalancer", "Local", "healthCheckNodePort: 32100");
+        let o = objects(&yaml);
+        for (node, want) in [(Some("node1"), 2), (Some("node2"), 1), (Some("node3"), 0), (None, 0)] {
+            let ctx = Context { node_name: node.map(Into::into), ..Context::default() };
+            let m = build(&o.services, &o.slices, &ctx);
+            assert!(m.errors.is_empty(), "{:?}", m.errors);
+            let got = m.health_checks.get("shop/lb").copied();
+            assert_eq!(got, Some(ServiceHealth { port: 32100, local_endpoints: want }), "{node:?}");
+        }
+    }
+
+    /// Only a LoadBalancer Service with externalTrafficPolicy Local has one; one that lacks its port
+    /// or has a bad one is reported, naming the field, and is served without it.
+    #[test]
+    fn only_load_balancers_with_a_local_policy_have_a_health_check_node_port() {
+        let ctx = Context { node_name: Some("node1".into()), ..Context::default() };
+        for (kind, policy, line) in [
+            ("LoadBalancer", "Cluster", "healthCheckNodePort: 32100"),
+            ("NodePort", "Local", "healthCheckNodePort: 32100"),
+        ] {
+            let o = objects(&health_checked(kind, policy, line));
+            let m = build(&o.services, &o.slices, &ctx);
+            assert!(m.health_checks.is_empty() && m.errors.is_empty(), "{kind} {policy}: {m:?}");
+        }
+        for (line, why) in [("", "missing"), ("healthCheckNodePort: 70000", "70000 is not in 1-65535")] {
+            let o = objects(&health_checked("LoadBalancer", "Local", line));
+            let m = build(&o.services, &o.slices, &ctx);
+            assert!(m.health_checks.is_empty(), "{line:?}");
+            assert_eq!(m.errors.len(), 1, "{line:?}: {:?}", m.errors);
+            let e = m.errors[0].to_string();
+            assert!(e.contains("Service shop/lb: field spec.healthCheckNodePort") && e.contains(why), "{e}");
+            assert!(
+                m.frontends.contains_key(&FrontendAddr::new([10, 96, 0, 30].into(), 80, Protocol::Tcp)),
+                "still served"
+            );
+        }
+        // A Service held (a bad field elsewhere) reports no health check of its own: the agent
+        // keeps the one it had.
+        let o = objects(&health_checked(
+            "LoadBalancer",
+            "Local",
+            "healthCheckNodePort: 32100\n  sessionAffinity: Bogus",
+        ));
+        let m = build(&o.services, &o.slices, &ctx);
+        assert!(m.held.contains("shop/lb") && m.health_checks.is_empty(), "{m:?}");
     }
 }

@@ -10,6 +10,25 @@ use std::{
 
 use k8s_openapi::api::core::v1::Node;
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether load balancers should go on sending this node traffic (kube-proxy's `nodeEligible`,
+/// KEP-3836): not once its Node object is being deleted, nor once the cluster autoscaler has
+/// tainted it for deletion. `Err` says why not.
+pub fn eligible(node: &Node) -> Result<(), String> {
+    if let Some(t) = &node.metadata.deletion_timestamp {
+        return Err(format!("the Node is being deleted (deletionTimestamp {})", t.0));
+    }
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_ref());
+    if taints.into_iter().flatten().any(|t| t.key == TAINT_TO_BE_DELETED) {
+        return Err(format!(
+            "the Node has the taint {TAINT_TO_BE_DELETED} (the cluster autoscaler removes it)"
+        ));
+    }
+    Ok(())
+}
+
 /// An IP network: an address with its host bits cleared, and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
@@ -384,5 +403,37 @@ mod tests {
             nodeport_ipv4(&spec("10.0.0.0/24,10.0.0.0/8"), None, &local),
             ips(&["10.0.0.1", "10.0.0.5", "10.0.0.9"])
         );
+    }
+
+    /// KEP-3836: a Node being deleted, or tainted by the cluster autoscaler for deletion, is not
+    /// eligible; other taints (NoSchedule, NoExecute) leave it so.
+    #[test]
+    fn a_node_going_away_is_not_eligible() {
+        let taint = |key: &str, effect: &str| k8s_openapi::api::core::v1::Taint {
+            key: key.into(),
+            effect: effect.into(),
+            ..Default::default()
+        };
+        let mut n = node(&[("InternalIP", "192.0.2.1")]);
+        assert_eq!(eligible(&n), Ok(()));
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![
+                taint("node.kubernetes.io/unschedulable", "NoSchedule"),
+                taint("node.kubernetes.io/not-ready", "NoExecute"),
+            ]),
+            ..Default::default()
+        });
+        assert_eq!(eligible(&n), Ok(()), "cordoned or not ready: still eligible");
+        n.spec
+            .as_mut()
+            .and_then(|s| s.taints.as_mut())
+            .expect("taints")
+            .push(taint(TAINT_TO_BE_DELETED, "NoSchedule"));
+        assert!(eligible(&n).expect_err("to be deleted").contains(TAINT_TO_BE_DELETED));
+        let mut n = node(&[]);
+        n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-03T20:00:00Z".parse().expect("time"),
+        ));
+        assert!(eligible(&n).expect_err("deleted").contains("being deleted"));
     }
 }

@@ -65,6 +65,8 @@ pub(super) struct SvcSpec {
     pub(super) external_local: bool,
     /// `loadBalancerSourceRanges` (IPv4 ones) of a LoadBalancer Service that lists any.
     pub(super) source_ranges: Option<Vec<SourceRange>>,
+    /// `healthCheckNodePort` of a LoadBalancer Service with externalTrafficPolicy Local.
+    pub(super) health_check_port: Option<u16>,
 }
 
 pub(super) enum SvcOutcome {
@@ -199,6 +201,7 @@ pub(super) fn service_spec(
             return SvcOutcome::Reject;
         }
     };
+    let health_check_port = health_check_port(spec, external_local, object, errors);
     let Ok(source_ranges) = source_ranges(spec, object, errors) else { return SvcOutcome::Reject };
     if vips.is_empty() || ports.is_empty() {
         return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
@@ -218,7 +221,30 @@ pub(super) fn service_spec(
         local_only,
         external_local,
         source_ranges,
+        health_check_port,
     })
+}
+
+/// The port a LoadBalancer Service with externalTrafficPolicy Local has its load balancer ask each
+/// node on (kube-proxy's `NeedsHealthCheck`; the API server allocates it): `spec.healthCheckNodePort`.
+/// One missing or out of range is reported, and the Service is served without it (its traffic
+/// does not depend on it).
+fn health_check_port(
+    spec: &ServiceSpec,
+    external_local: bool,
+    object: &str,
+    errors: &mut Vec<ModelError>,
+) -> Option<u16> {
+    if spec.type_.as_deref() != Some("LoadBalancer") || !external_local {
+        return None;
+    }
+    let field = "spec.healthCheckNodePort".to_string();
+    let Some(port) = spec.health_check_node_port else {
+        let reason = "missing (the API server allocates one to a LoadBalancer Service with externalTrafficPolicy Local)";
+        errors.push(ModelError::invalid("Service", object, field, reason));
+        return None;
+    };
+    parse_port("Service", object, field, port).map_err(|e| errors.push(e)).ok()
 }
 
 /// `ranges` and, when one of them holds this node's IP (`node_ip`), each of `lbs` (the Service's

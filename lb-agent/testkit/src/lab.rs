@@ -699,16 +699,15 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> io::Result<T>) ->
 
 /// `GET path` over HTTP/1.0 from inside `netns`; returns the status code and the body.
 pub fn http_get(netns: &str, to: std::net::SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    use std::io::Read as _;
+    http_answer(netns, to, path).map(|a| (a.status, a.body))
+}
+
+/// `GET path` over HTTP/1.0 from inside `netns`: status, headers and body.
+pub fn http_answer(
+    netns: &str,
+    to: std::net::SocketAddr,
+    path: &str,
+) -> io::Result<lb_agent::inspect::HttpAnswer> {
     let path = path.to_string();
-    in_netns(netns, move || -> io::Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&to, CLIENT_TIMEOUT)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").as_bytes())?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
-        Ok((status, body))
-    })?
+    in_netns(netns, move || lb_agent::inspect::http_get(to, &path, Duration::from_secs(10)))?
 }

@@ -1,0 +1,718 @@
+//! Health as kubelets and cloud load balancers ask for it, with kube-proxy's contracts
+//! (../shared/KUBE-PROXY-PARITY.md §2):
+//! - the agent's own, on `--healthz-bind-address`: `/livez` (healthy: no change has waited
+//!   unapplied longer than `--healthz-stale-after`), `/healthz` (healthy, and this node eligible
+//!   for load balancer traffic: a node that is going away is drained), `/readyz` (synced once, the
+//!   programs attached), and `/health-checks` (what `lbctl health` prints);
+//! - the health-check node ports ([`HealthCheckServers`]): a LoadBalancer Service with
+//!   externalTrafficPolicy Local has its load balancer ask every node, on that port, whether it
+//!   has a ready endpoint of the Service.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{
+    extract::State,
+    http::{header, HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use tracing::{info, warn};
+
+use crate::{
+    inspect::{HealthCheckView, HealthView, ProbeView},
+    model::ServiceHealth,
+};
+
+type Labels = Vec<(String, String)>;
+
+/// `--healthz-stale-after`'s default: kube-proxy's, twice its 30 s sync period.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
+
+/// How long an interface that just appeared may go without the programs before `/readyz` says so
+/// (the agent attaches on the netlink event, or at worst on its 5 s rescan).
+pub const ATTACH_GRACE: Duration = Duration::from_secs(10);
+
+/// What the health endpoints answer from.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// `--healthz-stale-after`, in milliseconds.
+    stale_after_ms: AtomicU64,
+    synced_once: AtomicBool,
+    /// Milliseconds since `started` of the main loop's last turn.
+    last_tick_ms: AtomicU64,
+    /// Milliseconds since `started` when the oldest change not yet wholly in the maps was first
+    /// seen by the source; 0 = none.
+    pending_since_ms: AtomicU64,
+    /// The last time nothing waited to be applied (kube-proxy's `lastUpdated`).
+    last_updated: Mutex<SystemTime>,
+    /// Whether this node is eligible for load balancer traffic, and why not.
+    node: Mutex<Result<(), String>>,
+    /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
+    /// `started`; 0: from the start, no grace), and the last attach error.
+    unattached: Mutex<BTreeMap<String, (u64, Option<String>)>>,
+    /// The first attach pass is done (before it, nothing is known to be attached).
+    attach_pass_done: AtomicBool,
+    /// The health-check node ports, as [`HealthCheckServers`] last set them up.
+    checks: RwLock<Checks>,
+    pub metrics: HealthMetrics,
+}
+
+/// Every answer the health endpoints give, counted.
+#[derive(Debug, Default)]
+pub struct HealthMetrics {
+    /// Answers of `/healthz`, `/livez` and `/readyz`, by path and code.
+    pub proxy: Family<Labels, Counter>,
+    /// Answers of the health-check node ports, by Service and code.
+    pub service: Family<Labels, Counter>,
+    /// Times a health-check node port could not be served (taken by another Service, or the
+    /// listen failed; counted once per failure, not per retry), by Service.
+    pub failures: Family<Labels, Counter>,
+    /// Sockets listening for health-check node ports.
+    pub listeners: Gauge,
+}
+
+#[derive(Debug, Default)]
+struct Checks {
+    /// `--health-check-node-ports`.
+    serving: bool,
+    by_service: BTreeMap<String, CheckState>,
+    /// Port → the Service that answers on it.
+    by_port: BTreeMap<u16, String>,
+}
+
+#[derive(Debug, Clone)]
+struct CheckState {
+    port: u16,
+    local_endpoints: usize,
+    listening: Vec<SocketAddrV4>,
+    error: Option<String>,
+}
+
+impl Health {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            stale_after_ms: AtomicU64::new(DEFAULT_STALE_AFTER.as_millis() as u64),
+            synced_once: AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
+            pending_since_ms: AtomicU64::new(0),
+            last_updated: Mutex::new(SystemTime::now()),
+            node: Mutex::new(Ok(())),
+            unattached: Mutex::default(),
+            attach_pass_done: AtomicBool::new(false),
+            checks: RwLock::default(),
+            metrics: HealthMetrics::default(),
+        }
+    }
+
+    /// `--healthz-stale-after`: how long a change may wait to be applied before the agent is
+    /// unhealthy.
+    pub fn set_stale_after(&self, limit: Duration) {
+        self.stale_after_ms.store(limit.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// What the last attach pass found: `failed` (interface, error) do not carry the programs;
+    /// every other matching interface does. Interfaces gone are forgotten. What fails in the
+    /// first pass (at start) gets no grace: only an interface that appears later does.
+    pub fn interfaces(&self, failed: &[(String, String)]) {
+        let first = !self.attach_pass_done.swap(true, Ordering::Relaxed);
+        let now = if first { 0 } else { self.now_ms() };
+        let mut u = self.unattached.lock().expect("not poisoned");
+        u.retain(|i, _| failed.iter().any(|(f, _)| f == i));
+        for (i, e) in failed {
+            u.entry(i.clone()).or_insert((now, None)).1 = Some(e.clone());
+        }
+    }
+
+    /// Every interface that failed to attach, with its last error.
+    pub fn failing(&self) -> BTreeMap<String, String> {
+        let u = self.unattached.lock().expect("not poisoned");
+        u.iter().map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default())).collect()
+    }
+
+    /// Interfaces that have gone without the programs longer than [`ATTACH_GRACE`], with why.
+    pub fn not_attached(&self) -> Vec<(String, String)> {
+        let now = self.now_ms();
+        let u = self.unattached.lock().expect("not poisoned");
+        u.iter()
+            .filter(|(_, (since, _))| {
+                *since == 0 || now.saturating_sub(*since) > ATTACH_GRACE.as_millis() as u64
+            })
+            .map(|(i, (_, e))| (i.clone(), e.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The main loop turned.
+    pub fn tick(&self) {
+        self.last_tick_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A change the source first saw at `seen` is about to be applied: it waits until
+    /// [`Health::applied`].
+    pub fn change_seen(&self, seen: Instant) {
+        let at = seen.saturating_duration_since(self.started).as_millis() as u64 + 1;
+        let before = self
+            .pending_since_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| (p == 0 || at < p).then_some(at));
+        if before == Ok(0) {
+            // Everything was applied until this change came.
+            *self.last_updated.lock().expect("not poisoned") = SystemTime::now() - seen.elapsed();
+        }
+    }
+
+    /// Every change seen is wholly in the maps (no write waits to be retried).
+    pub fn applied(&self) {
+        self.pending_since_ms.store(0, Ordering::Relaxed);
+        *self.last_updated.lock().expect("not poisoned") = SystemTime::now();
+    }
+
+    /// A sync (whole or partial) ran.
+    pub fn synced(&self) {
+        self.synced_once.store(true, Ordering::Relaxed);
+        self.tick();
+    }
+
+    /// This node's eligibility for load balancer traffic, from its Node object.
+    pub fn set_node_eligible(&self, eligible: Result<(), String>) {
+        let mut n = self.node.lock().expect("not poisoned");
+        if *n != eligible {
+            match &eligible {
+                Ok(()) => {
+                    info!("this node is eligible for load balancer traffic again: /healthz answers 200")
+                }
+                Err(why) => warn!("{why}: /healthz answers 503, so that load balancers drain this node"),
+            }
+        }
+        *n = eligible;
+    }
+
+    pub fn node_eligible(&self) -> Result<(), String> {
+        self.node.lock().expect("not poisoned").clone()
+    }
+
+    /// `Ok` while the main loop turns and no change has waited longer than
+    /// `--healthz-stale-after` to be applied. Before the first sync the agent waits for its source
+    /// (a large cluster's first list, an API server not up yet), which is no reason to restart it:
+    /// `Ok` too (`/readyz` tells that it is not ready).
+    pub fn healthy(&self) -> Result<(), String> {
+        if !self.synced_once.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let limit = self.stale_after_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        let tick = self.last_tick_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(tick) > limit {
+            return Err(format!(
+                "the main loop has not turned for {} ms (--healthz-stale-after {limit} ms)",
+                now - tick
+            ));
+        }
+        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        if pending != 0 && now.saturating_sub(pending) > limit {
+            return Err(format!(
+                "a change has waited {} ms to be applied (--healthz-stale-after {limit} ms)",
+                now - pending
+            ));
+        }
+        Ok(())
+    }
+
+    /// A full sync is done, and the first attach pass.
+    pub fn ready(&self) -> bool {
+        self.synced_once.load(Ordering::Relaxed) && self.attach_pass_done.load(Ordering::Relaxed)
+    }
+
+    /// `/readyz`: synced once, and every interface that matches carries the programs (one that
+    /// just appeared gets [`ATTACH_GRACE`]).
+    fn readiness(&self) -> Result<(), String> {
+        if !self.synced_once.load(Ordering::Relaxed) {
+            return Err("no full sync yet".into());
+        }
+        if !self.ready() {
+            return Err("not attached yet".into());
+        }
+        let missing = self.not_attached();
+        if !missing.is_empty() {
+            let lines: Vec<String> = missing.iter().map(|(i, e)| format!("{i}: not attached: {e}")).collect();
+            return Err(lines.join("\n"));
+        }
+        Ok(())
+    }
+
+    /// What a health-check node port answers for the Service on `port`: the Service
+    /// (`namespace/name`), its local endpoints, and whether the agent is healthy.
+    fn service_answer(&self, port: u16) -> (String, usize, bool) {
+        let (service, n) = {
+            let c = self.checks.read().expect("not poisoned");
+            let service = c.by_port.get(&port).cloned().unwrap_or_default();
+            let n = c.by_service.get(&service).map_or(0, |s| s.local_endpoints);
+            (service, n)
+        };
+        (service, n, self.healthy().is_ok())
+    }
+
+    /// The view `/health-checks` serves and `lbctl health` prints.
+    pub fn view(&self) -> HealthView {
+        let probe =
+            |r: Result<(), String>| ProbeView { code: if r.is_ok() { 200 } else { 503 }, reason: r.err() };
+        let healthy = self.healthy();
+        let eligible = self.node_eligible();
+        let healthz = healthy.clone().and(eligible.clone());
+        let c = self.checks.read().expect("not poisoned");
+        let services = c
+            .by_service
+            .iter()
+            .map(|(service, s)| HealthCheckView {
+                service: service.clone(),
+                port: s.port,
+                local_endpoints: s.local_endpoints as u64,
+                code: if s.local_endpoints > 0 && healthy.is_ok() { 200 } else { 503 },
+                listening: s.listening.iter().map(ToString::to_string).collect(),
+                error: s.error.clone(),
+                probed: None,
+            })
+            .collect();
+        HealthView {
+            livez: probe(healthy),
+            healthz: probe(healthz),
+            readyz: probe(self.readiness()),
+            node_eligible: eligible.is_ok(),
+            health_check_node_ports: c.serving,
+            services,
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// kube-proxy's JSON answer: `body` with its headers (and `extra`).
+fn json(code: StatusCode, body: &serde_json::Value, extra: Option<(HeaderName, usize)>) -> Response {
+    let mut r = (code, body.to_string()).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if let Some((name, n)) = extra {
+        h.insert(name, HeaderValue::from(n));
+    }
+    r
+}
+
+fn timestamp(t: SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn count(h: &Health, path: &str, code: StatusCode) {
+    let labels =
+        vec![("path".to_string(), path.to_string()), ("code".to_string(), code.as_u16().to_string())];
+    h.metrics.proxy.get_or_create(&labels).inc();
+}
+
+/// `/healthz` and `/livez`: 200 or 503, with kube-proxy's fields (`lastUpdated`, `currentTime`,
+/// and `nodeEligible` for `/healthz`), and `reason` on a 503. As kube-proxy, a 200 gives the
+/// current time as `lastUpdated`.
+fn proxy_answer(h: &Health, path: &str) -> Response {
+    let eligible = h.node_eligible();
+    let mut verdict = h.healthy();
+    if path == "/healthz" {
+        verdict = verdict.and(eligible.clone());
+    }
+    let now = SystemTime::now();
+    let (code, last) = match &verdict {
+        Ok(()) => (StatusCode::OK, now),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, *h.last_updated.lock().expect("not poisoned")),
+    };
+    let mut body = serde_json::json!({"lastUpdated": timestamp(last), "currentTime": timestamp(now)});
+    if path == "/healthz" {
+        body["nodeEligible"] = eligible.is_ok().into();
+    }
+    if let Err(why) = verdict {
+        body["reason"] = why.into();
+    }
+    count(h, path, code);
+    json(code, &body, None)
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> Response {
+    proxy_answer(&h, "/healthz")
+}
+
+async fn livez(State(h): State<Arc<Health>>) -> Response {
+    proxy_answer(&h, "/livez")
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    let (code, text) = match h.readiness() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    };
+    count(&h, "/readyz", code);
+    (code, text + "\n")
+}
+
+async fn health_checks(State(h): State<Arc<Health>>) -> Response {
+    let body = serde_json::to_value(h.view()).unwrap_or_default();
+    json(StatusCode::OK, &body, None)
+}
+
+/// The agent's health endpoints, served on `--healthz-bind-address`.
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/health-checks", get(health_checks))
+        .with_state(health)
+}
+
+/// kube-proxy's answer on a health-check node port, whatever the path and method: 200 when this
+/// node has a ready endpoint of the Service and the agent is healthy, else 503.
+async fn service_answer(State((h, port)): State<(Arc<Health>, u16)>) -> Response {
+    let (service, n, healthy) = h.service_answer(port);
+    let (namespace, name) = service.split_once('/').unwrap_or(("", &service));
+    let code = if n > 0 && healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "service": {"namespace": namespace, "name": name},
+        "localEndpoints": n,
+        "serviceProxyHealthy": healthy,
+    });
+    let labels =
+        vec![("service".to_string(), service.clone()), ("code".to_string(), code.as_u16().to_string())];
+    h.metrics.service.get_or_create(&labels).inc();
+    json(code, &body, Some((HeaderName::from_static("x-load-balancing-endpoint-weight"), n)))
+}
+
+/// Why a health-check node port is not served; each names the Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
+pub enum HealthCheckError {
+    #[error(
+        "Service {service}: field spec.healthCheckNodePort: port {port} is already Service {holder}'s health-check node port"
+    )]
+    Taken { service: String, port: u16, holder: String },
+    #[error("Service {service}: health-check node port {addr}: cannot listen: {reason}")]
+    Listen { service: String, addr: SocketAddrV4, reason: String },
+}
+
+/// The health-check node ports: one listener for each port and NodePort address of this node,
+/// answering for the Service that has the port. Listeners come and go with the Services; a port
+/// that cannot be listened on is reported (naming the Service), counted, and tried again on the
+/// next [`HealthCheckServers::sync`], while the others work.
+pub struct HealthCheckServers {
+    health: Arc<Health>,
+    /// `--health-check-node-ports`: without it, what the ports would answer is still worked out
+    /// (for `lbctl health`), but nothing listens.
+    listen: bool,
+    listeners: BTreeMap<SocketAddrV4, tokio::task::JoinHandle<()>>,
+    /// Errors already logged and counted, so that a retry that fails the same way is quiet.
+    reported: BTreeSet<HealthCheckError>,
+}
+
+impl std::fmt::Debug for HealthCheckServers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthCheckServers").field("listen", &self.listen).finish_non_exhaustive()
+    }
+}
+
+impl HealthCheckServers {
+    pub fn new(health: Arc<Health>, listen: bool) -> Self {
+        health.checks.write().expect("not poisoned").serving = listen;
+        Self { health, listen, listeners: BTreeMap::new(), reported: BTreeSet::new() }
+    }
+
+    /// Serves `wanted` (Service → its port and local endpoints) on each of `addresses`: opens the
+    /// listeners that are missing, closes those no longer wanted, and updates what the others
+    /// answer. Two Services with one port: the first by name has it. Needs a Tokio runtime when
+    /// listening.
+    pub fn sync(
+        &mut self,
+        wanted: &BTreeMap<String, ServiceHealth>,
+        addresses: &[Ipv4Addr],
+    ) -> Vec<HealthCheckError> {
+        let mut errors = Vec::new();
+        let mut by_port: BTreeMap<u16, String> = BTreeMap::new();
+        let mut states: BTreeMap<String, CheckState> = BTreeMap::new();
+        for (service, h) in wanted {
+            let mut state = CheckState {
+                port: h.port,
+                local_endpoints: h.local_endpoints,
+                listening: Vec::new(),
+                error: None,
+            };
+            match by_port.get(&h.port) {
+                Some(holder) => {
+                    let e = HealthCheckError::Taken {
+                        service: service.clone(),
+                        port: h.port,
+                        holder: holder.clone(),
+                    };
+                    state.error = Some(e.to_string());
+                    errors.push(e);
+                }
+                None => {
+                    by_port.insert(h.port, service.clone());
+                }
+            }
+            states.insert(service.clone(), state);
+        }
+        let want: BTreeSet<SocketAddrV4> = if self.listen {
+            by_port.keys().flat_map(|p| addresses.iter().map(|a| SocketAddrV4::new(*a, *p))).collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.listeners.retain(|a, task| {
+            let keep = want.contains(a) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for addr in &want {
+            let service = &by_port[&addr.port()];
+            if !self.listeners.contains_key(addr) {
+                match self.listen_on(*addr) {
+                    Ok(task) => {
+                        info!(service, %addr, "serving the health-check node port");
+                        self.listeners.insert(*addr, task);
+                    }
+                    Err(e) => {
+                        let e = HealthCheckError::Listen {
+                            service: service.clone(),
+                            addr: *addr,
+                            reason: e.to_string(),
+                        };
+                        states.get_mut(service).expect("a state per Service").error = Some(e.to_string());
+                        errors.push(e);
+                        continue;
+                    }
+                }
+            }
+            states.get_mut(service).expect("a state per Service").listening.push(*addr);
+        }
+        // Each failure is logged and counted once, until it clears.
+        let now: BTreeSet<HealthCheckError> = errors.iter().cloned().collect();
+        for e in now.difference(&self.reported) {
+            let service = match e {
+                HealthCheckError::Taken { service, .. } | HealthCheckError::Listen { service, .. } => service,
+            };
+            warn!("{e}");
+            self.health.metrics.failures.get_or_create(&vec![("service".into(), service.clone())]).inc();
+        }
+        self.reported = now;
+        self.health.metrics.listeners.set(self.listeners.len() as i64);
+        let mut c = self.health.checks.write().expect("not poisoned");
+        c.by_port = by_port;
+        c.by_service = states;
+        errors
+    }
+
+    fn listen_on(&self, addr: SocketAddrV4) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let l = std::net::TcpListener::bind(SocketAddr::V4(addr))?;
+        l.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(l)?;
+        let app = Router::new().fallback(service_answer).with_state((self.health.clone(), addr.port()));
+        Ok(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                warn!(%addr, "health-check node port: {e}");
+            }
+        }))
+    }
+}
+
+impl Drop for HealthCheckServers {
+    fn drop(&mut self) {
+        for task in self.listeners.values() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::{http_get, HttpAnswer};
+
+    const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+    /// A port free on loopback now.
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind((LOCALHOST, 0)).expect("bind").local_addr().expect("addr").port()
+    }
+
+    async fn get(port: u16, path: &str) -> std::io::Result<HttpAnswer> {
+        let (to, path) = (SocketAddr::from((LOCALHOST, port)), path.to_string());
+        tokio::task::spawn_blocking(move || http_get(to, &path, Duration::from_secs(5))).await.expect("join")
+    }
+
+    fn wanted(list: &[(&str, u16, usize)]) -> BTreeMap<String, ServiceHealth> {
+        list.iter()
+            .map(|(s, port, n)| (s.to_string(), ServiceHealth { port: *port, local_endpoints: *n }))
+            .collect()
+    }
+
+    fn counted(family: &Family<Labels, Counter>, labels: &[(&str, &str)]) -> u64 {
+        let labels: Labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        family.get_or_create(&labels).get()
+    }
+
+    /// kube-proxy's answer on a health-check node port, any path: 200 with local endpoints while
+    /// healthy, 503 without; its headers and JSON; the count follows the Service; the port closes
+    /// when the Service goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_health_check_node_port_answers_as_kube_proxy_and_follows_its_service() {
+        let health = Arc::new(Health::new());
+        health.synced();
+        let mut servers = HealthCheckServers::new(health.clone(), true);
+        let (p1, p2) = (free_port(), free_port());
+        let errors = servers.sync(&wanted(&[("shop/web", p1, 2), ("shop/api", p2, 0)]), &[LOCALHOST]);
+        assert!(errors.is_empty(), "{errors:?}");
+        for path in ["/", "/healthz", "/anything/at/all?x=1"] {
+            let a = get(p1, path).await.expect("web's port");
+            assert_eq!(a.status, 200, "{path}: {a:?}");
+            assert_eq!(a.header("content-type"), Some("application/json"));
+            assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
+            assert_eq!(a.header("x-load-balancing-endpoint-weight"), Some("2"));
+            let body: serde_json::Value = serde_json::from_str(&a.body).expect("JSON");
+            assert_eq!(
+                body,
+                serde_json::json!({"service": {"namespace": "shop", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+            );
+        }
+        let a = get(p2, "/").await.expect("api's port");
+        assert_eq!((a.status, a.header("x-load-balancing-endpoint-weight")), (503, Some("0")), "{a:?}");
+        assert!(a.body.contains(r#""localEndpoints":0"#) && a.body.contains(r#""name":"api""#), "{}", a.body);
+        // web's endpoints leave this node; api gets one.
+        servers.sync(&wanted(&[("shop/web", p1, 0), ("shop/api", p2, 1)]), &[LOCALHOST]);
+        assert_eq!(get(p1, "/").await.expect("web").status, 503);
+        assert_eq!(get(p2, "/").await.expect("api").status, 200);
+        assert_eq!(counted(&health.metrics.service, &[("service", "shop/web"), ("code", "200")]), 3);
+        assert_eq!(counted(&health.metrics.service, &[("service", "shop/web"), ("code", "503")]), 1);
+        // web goes: its port closes; api's stays.
+        servers.sync(&wanted(&[("shop/api", p2, 1)]), &[LOCALHOST]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let gone = get(p1, "/").await.expect_err("web's port is closed");
+        assert_eq!(gone.kind(), std::io::ErrorKind::ConnectionRefused, "{gone}");
+        assert_eq!(get(p2, "/").await.expect("api").status, 200);
+        assert_eq!(health.metrics.listeners.get(), 1);
+    }
+
+    /// The agent unhealthy (a change held back past the limit): every port answers 503 with
+    /// `serviceProxyHealthy: false`, local endpoints or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unhealthy_agent_fails_every_health_check() {
+        let health = Arc::new(Health::new());
+        health.set_stale_after(Duration::from_millis(200));
+        health.synced();
+        health.change_seen(Instant::now());
+        let mut servers = HealthCheckServers::new(health.clone(), true);
+        let port = free_port();
+        servers.sync(&wanted(&[("shop/web", port, 3)]), &[LOCALHOST]);
+        std::thread::sleep(Duration::from_millis(300));
+        health.tick();
+        let a = get(port, "/").await.expect("answer");
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(
+            a.body.contains(r#""serviceProxyHealthy":false"#) && a.body.contains(r#""localEndpoints":3"#)
+        );
+        health.applied();
+        assert_eq!(get(port, "/").await.expect("answer").status, 200);
+    }
+
+    /// A port taken (by another process, or another Service) is an error naming the Service,
+    /// counted once however many times it is retried; the other ports work; once free, the next
+    /// sync listens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_port_that_cannot_be_served_names_its_service_and_the_rest_works() {
+        let health = Arc::new(Health::new());
+        health.synced();
+        let mut servers = HealthCheckServers::new(health.clone(), true);
+        let blocker = std::net::TcpListener::bind((LOCALHOST, 0)).expect("bind");
+        let (taken, free) = (blocker.local_addr().expect("addr").port(), free_port());
+        let want = wanted(&[("shop/a", taken, 1), ("shop/b", free, 1), ("shop/c", free, 1)]);
+        for _ in 0..3 {
+            let mut errors: Vec<String> =
+                servers.sync(&want, &[LOCALHOST]).iter().map(ToString::to_string).collect();
+            errors.sort();
+            assert_eq!(errors.len(), 2, "{errors:?}");
+            assert!(
+                errors[0].starts_with(&format!(
+                    "Service shop/a: health-check node port 127.0.0.1:{taken}: cannot listen"
+                )),
+                "{errors:?}"
+            );
+            assert_eq!(
+                errors[1],
+                format!("Service shop/c: field spec.healthCheckNodePort: port {free} is already Service shop/b's health-check node port")
+            );
+        }
+        for s in ["shop/a", "shop/c"] {
+            assert_eq!(counted(&health.metrics.failures, &[("service", s)]), 1, "{s}: once");
+        }
+        assert_eq!(get(free, "/").await.expect("b's port").status, 200);
+        let view = health.view();
+        let row = |s: &str| view.services.iter().find(|r| r.service == s).cloned().expect("a row");
+        assert!(
+            row("shop/a").error.is_some_and(|e| e.contains("cannot listen"))
+                && row("shop/a").listening.is_empty()
+        );
+        assert_eq!(row("shop/b").listening, vec![format!("127.0.0.1:{free}")]);
+        assert!(row("shop/c").error.is_some_and(|e| e.contains("shop/b's")));
+        drop(blocker);
+        assert_eq!(servers.sync(&want, &[LOCALHOST]).len(), 1, "a listens now; c still clashes");
+        assert_eq!(get(taken, "/").await.expect("a's port").status, 200);
+    }
+
+    /// `--health-check-node-ports=off`: nothing listens, but what each port would answer is known.
+    #[test]
+    fn off_listens_nowhere_and_still_tells_what_would_be_answered() {
+        let health = Arc::new(Health::new());
+        let mut servers = HealthCheckServers::new(health.clone(), false);
+        let port = free_port();
+        assert!(servers.sync(&wanted(&[("shop/web", port, 1)]), &[LOCALHOST]).is_empty());
+        assert!(std::net::TcpStream::connect((LOCALHOST, port)).is_err(), "nothing listens");
+        let v = health.view();
+        assert!(!v.health_check_node_ports);
+        assert_eq!((v.services.len(), v.services[0].code, v.services[0].listening.len()), (1, 200, 0));
+    }
+
+    /// Healthy while a change waits less than the limit; not once it waits longer, or the main loop
+    /// stalls that long; healthy again once applied. The oldest change counts.
+    #[test]
+    fn healthy_means_no_change_waits_longer_than_the_limit() {
+        let h = Health::new();
+        h.set_stale_after(Duration::from_millis(300));
+        let old = Instant::now();
+        h.change_seen(old);
+        assert!(h.healthy().is_ok(), "before the first sync: starting");
+        h.synced();
+        assert!(h.healthy().is_ok());
+        std::thread::sleep(Duration::from_millis(200));
+        h.tick();
+        h.change_seen(Instant::now());
+        std::thread::sleep(Duration::from_millis(200));
+        h.tick();
+        let e = h.healthy().expect_err("the first change has waited 400 ms");
+        assert!(e.contains("a change has waited") && e.contains("--healthz-stale-after 300 ms"), "{e}");
+        h.applied();
+        assert!(h.healthy().is_ok());
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(h.healthy().expect_err("stalled").contains("main loop"));
+    }
+}
