@@ -45,6 +45,9 @@ pub struct Agent<W: MapWriter = Maps> {
     resync: bool,
     /// The health-check node ports, by Service (a held Service keeps its own).
     health_checks: std::collections::BTreeMap<String, ServiceHealth>,
+    /// Services of `health_checks` whose objects are rejected now: they serve what they had, and
+    /// yield a port another Service has since been given.
+    health_held: BTreeSet<String>,
     health_servers: HealthCheckServers,
     /// A Node object for this node came from the source once: if it goes, the node is not
     /// eligible for load balancer traffic.
@@ -88,6 +91,7 @@ impl<W: MapWriter> Agent<W> {
             local_addrs: Vec::new(),
             resync: false,
             health_checks: Default::default(),
+            health_held: BTreeSet::new(),
             node_seen: false,
         }
     }
@@ -108,7 +112,15 @@ impl<W: MapWriter> Agent<W> {
     /// Serves the health-check node ports as they are wanted now; a port that could not be listened
     /// on before is tried again. Returns what cannot be served (each naming its Service).
     pub fn serve_health_checks(&mut self) -> Vec<String> {
-        let errors = self.health_servers.sync(&self.health_checks, &self.ctx.nodeport_addresses);
+        // With `--nodeport-addresses primary` (the default) on every address, as kube-proxy with
+        // none given: some cloud load balancers ask on the load balancer's IP, which the node
+        // takes for its own (GCE). With CIDRs, on the addresses they select, as kube-proxy.
+        let all = [std::net::Ipv4Addr::UNSPECIFIED];
+        let addresses = match self.nodeport_spec {
+            model::node::NodePortAddresses::Primary => &all[..],
+            model::node::NodePortAddresses::Cidrs(_) => &self.ctx.nodeport_addresses[..],
+        };
+        let errors = self.health_servers.sync(&self.health_checks, &self.health_held, addresses);
         errors.iter().map(ToString::to_string).collect()
     }
 
@@ -157,7 +169,7 @@ impl<W: MapWriter> Agent<W> {
             What::All(objects) => self.apply_all(objects),
             What::Services(changed) => self.apply_services(changed),
         };
-        if !self.reconciler.has_pending() {
+        if !self.reconciler.has_failed_writes() {
             self.health.applied();
         }
         report.errors.extend(self.serve_health_checks());
@@ -176,7 +188,9 @@ impl<W: MapWriter> Agent<W> {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
             self.health.set_node_eligible(model::node::eligible(node));
             self.node_seen = true;
-        } else if self.node_seen {
+        } else if self.node_seen && objects.errors.is_empty() {
+            // Gone (a source that could not read everything may have missed it: eligibility
+            // stays as it was).
             self.health.set_node_eligible(Err("this node's Node object is gone".into()));
         }
         self.ctx.nodeport_addresses =
@@ -207,9 +221,11 @@ impl<W: MapWriter> Agent<W> {
         let mut held = model.held.clone();
         held.extend(held_by_source);
         let mut checks = model.health_checks.clone();
+        self.health_held.clear();
         for service in &held {
             if let Some(h) = self.health_checks.get(service) {
                 checks.insert(service.clone(), *h);
+                self.health_held.insert(service.clone());
             }
         }
         self.health_checks = checks;
@@ -255,9 +271,13 @@ impl<W: MapWriter> Agent<W> {
             if m.held.contains(&key) {
                 // Rejected: it keeps what it had, and waits for nothing more.
                 self.addresses.stop_waiting(&key);
+                if self.health_checks.contains_key(&key) {
+                    self.health_held.insert(key.clone());
+                }
                 held.insert(key);
                 continue;
             }
+            self.health_held.remove(&key);
             match m.health_checks.get(&key) {
                 Some(h) => self.health_checks.insert(key.clone(), *h),
                 None => self.health_checks.remove(&key),
@@ -338,7 +358,7 @@ impl<W: MapWriter + FlowTable> Agent<W> {
                     warn!(reason = e.reason_label(), "{e}");
                 }
             }
-            if !self.reconciler.has_pending() {
+            if !self.reconciler.has_failed_writes() {
                 self.health.applied();
             }
         }
@@ -695,5 +715,33 @@ mod tests {
         // Only aa is in this batch (deleted): bb, refused before, takes the address.
         a.apply(Change::now(What::Services(vec![change("default/aa", None)])));
         assert_eq!(programmed(&a).map(|p| p.0), Some(3), "bb got the address");
+    }
+
+    /// A Node tainted for deletion makes the node ineligible; a source that could not read
+    /// everything (the Node's file among what failed, perhaps) leaves eligibility as it was; a Node
+    /// gone from a source that read everything makes it ineligible.
+    #[test]
+    fn node_eligibility_follows_the_node_and_survives_a_read_error() {
+        let mut a = agent();
+        let node = |taint: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1}}\nspec: {{taints: [{taint}]}}\n")
+        };
+        let with_node = |yaml: &str| {
+            let mut reader = crate::source::files::Reader::new(Some("node1"));
+            reader.read_bytes(Path::new("n.yaml"), yaml.as_bytes());
+            reader.finish()
+        };
+        a.apply(Change::all(with_node(&node(""))));
+        assert_eq!(a.health.node_eligible(), Ok(()));
+        a.apply(Change::all(with_node(&node("{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}"))));
+        assert!(a.health.node_eligible().is_err());
+        a.apply(Change::all(with_node(&node(""))));
+        assert_eq!(a.health.node_eligible(), Ok(()));
+        let mut unreadable = Objects::default();
+        unreadable.errors.push(unreadable_zz());
+        a.apply(Change::all(unreadable));
+        assert_eq!(a.health.node_eligible(), Ok(()), "a read error is no proof the Node went");
+        a.apply(Change::all(Objects::default()));
+        assert!(a.health.node_eligible().is_err_and(|e| e.contains("gone")));
     }
 }

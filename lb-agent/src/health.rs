@@ -3,7 +3,7 @@
 //! - the agent's own, on `--healthz-bind-address`: `/livez` (healthy: no change has waited
 //!   unapplied longer than `--healthz-stale-after`), `/healthz` (healthy, and this node eligible
 //!   for load balancer traffic: a node that is going away is drained), `/readyz` (synced once, the
-//!   programs attached), and `/health-checks` (what `lbctl health` prints);
+//!   programs attached); and `/health-checks` (what `lbctl health` prints) on the metrics listener;
 //! - the health-check node ports ([`HealthCheckServers`]): a LoadBalancer Service with
 //!   externalTrafficPolicy Local has its load balancer ask every node, on that port, whether it
 //!   has a ready endpoint of the Service.
@@ -22,7 +22,7 @@ use axum::{
     extract::State,
     http::{header, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{any, get},
     Router,
 };
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -49,6 +49,9 @@ pub struct Health {
     /// `--healthz-stale-after`, in milliseconds.
     stale_after_ms: AtomicU64,
     synced_once: AtomicBool,
+    /// A change was once wholly applied: until then the agent counts as starting, and healthy
+    /// (kube-proxy is healthy until its first successful sync).
+    applied_once: AtomicBool,
     /// Milliseconds since `started` of the main loop's last turn.
     last_tick_ms: AtomicU64,
     /// Milliseconds since `started` when the oldest change not yet wholly in the maps was first
@@ -105,6 +108,7 @@ impl Health {
             started: Instant::now(),
             stale_after_ms: AtomicU64::new(DEFAULT_STALE_AFTER.as_millis() as u64),
             synced_once: AtomicBool::new(false),
+            applied_once: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
             pending_since_ms: AtomicU64::new(0),
             last_updated: Mutex::new(SystemTime::now()),
@@ -162,8 +166,8 @@ impl Health {
         self.last_tick_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// A change the source first saw at `seen` is about to be applied: it waits until
-    /// [`Health::applied`].
+    /// A change the source first saw at `seen` waits (held by the source, or about to be applied)
+    /// until [`Health::applied`].
     pub fn change_seen(&self, seen: Instant) {
         let at = seen.saturating_duration_since(self.started).as_millis() as u64 + 1;
         let before = self
@@ -177,6 +181,7 @@ impl Health {
 
     /// Every change seen is wholly in the maps (no write waits to be retried).
     pub fn applied(&self) {
+        self.applied_once.store(true, Ordering::Relaxed);
         self.pending_since_ms.store(0, Ordering::Relaxed);
         *self.last_updated.lock().expect("not poisoned") = SystemTime::now();
     }
@@ -206,11 +211,11 @@ impl Health {
     }
 
     /// `Ok` while the main loop turns and no change has waited longer than
-    /// `--healthz-stale-after` to be applied. Before the first sync the agent waits for its source
-    /// (a large cluster's first list, an API server not up yet), which is no reason to restart it:
-    /// `Ok` too (`/readyz` tells that it is not ready).
+    /// `--healthz-stale-after` to be applied. Until a change was first wholly applied the agent
+    /// waits for its source (a large cluster's first list, an API server not up yet), which is no
+    /// reason to restart it: `Ok` too, as kube-proxy (`/readyz` tells that it is not ready).
     pub fn healthy(&self) -> Result<(), String> {
-        if !self.synced_once.load(Ordering::Relaxed) {
+        if !self.applied_once.load(Ordering::Relaxed) {
             return Ok(());
         }
         let limit = self.stale_after_ms.load(Ordering::Relaxed);
@@ -252,6 +257,15 @@ impl Health {
             return Err(lines.join("\n"));
         }
         Ok(())
+    }
+
+    /// kube-proxy's `lastUpdated`: the last time every change seen had reached the maps (now,
+    /// when none waits).
+    fn last_updated(&self) -> SystemTime {
+        if self.pending_since_ms.load(Ordering::Relaxed) == 0 {
+            return SystemTime::now();
+        }
+        *self.last_updated.lock().expect("not poisoned")
     }
 
     /// What a health-check node port answers for the Service on `port`: the Service
@@ -305,7 +319,7 @@ impl Default for Health {
 }
 
 /// kube-proxy's JSON answer: `body` with its headers (and `extra`).
-fn json(code: StatusCode, body: &serde_json::Value, extra: Option<(HeaderName, usize)>) -> Response {
+fn json(code: StatusCode, body: &str, extra: Option<(HeaderName, usize)>) -> Response {
     let mut r = (code, body.to_string()).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -326,9 +340,22 @@ fn count(h: &Health, path: &str, code: StatusCode) {
     h.metrics.proxy.get_or_create(&labels).inc();
 }
 
-/// `/healthz` and `/livez`: 200 or 503, with kube-proxy's fields (`lastUpdated`, `currentTime`,
-/// and `nodeEligible` for `/healthz`), and `reason` on a 503. As kube-proxy, a 200 gives the
-/// current time as `lastUpdated`.
+/// The body of `/healthz` and `/livez`, in kube-proxy's order.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyBody {
+    last_updated: String,
+    current_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+    /// Why a 503 (lb's addition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// `/healthz` and `/livez`, any method: 200 or 503, with kube-proxy's fields (`lastUpdated`,
+/// `currentTime`, and `nodeEligible` for `/healthz`), and `reason` on a 503. As kube-proxy, a 200
+/// gives the current time as `lastUpdated`.
 fn proxy_answer(h: &Health, path: &str) -> Response {
     let eligible = h.node_eligible();
     let mut verdict = h.healthy();
@@ -338,17 +365,16 @@ fn proxy_answer(h: &Health, path: &str) -> Response {
     let now = SystemTime::now();
     let (code, last) = match &verdict {
         Ok(()) => (StatusCode::OK, now),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, *h.last_updated.lock().expect("not poisoned")),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, h.last_updated()),
     };
-    let mut body = serde_json::json!({"lastUpdated": timestamp(last), "currentTime": timestamp(now)});
-    if path == "/healthz" {
-        body["nodeEligible"] = eligible.is_ok().into();
-    }
-    if let Err(why) = verdict {
-        body["reason"] = why.into();
-    }
+    let body = ProxyBody {
+        last_updated: timestamp(last),
+        current_time: timestamp(now),
+        node_eligible: (path == "/healthz").then_some(eligible.is_ok()),
+        reason: verdict.err(),
+    };
     count(h, path, code);
-    json(code, &body, None)
+    json(code, &serde_json::to_string(&body).unwrap_or_default(), None)
 }
 
 async fn healthz(State(h): State<Arc<Health>>) -> Response {
@@ -369,34 +395,53 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
 }
 
 async fn health_checks(State(h): State<Arc<Health>>) -> Response {
-    let body = serde_json::to_value(h.view()).unwrap_or_default();
-    json(StatusCode::OK, &body, None)
+    json(StatusCode::OK, &serde_json::to_string(&h.view()).unwrap_or_default(), None)
 }
 
-/// The agent's health endpoints, served on `--healthz-bind-address`.
+/// The agent's health endpoints, served on `--healthz-bind-address` (where load balancers ask:
+/// nothing there names a Service).
 pub fn router(health: Arc<Health>) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/livez", get(livez))
+        .route("/healthz", any(healthz))
+        .route("/livez", any(livez))
         .route("/readyz", get(readyz))
-        .route("/health-checks", get(health_checks))
         .with_state(health)
+}
+
+/// `/health-checks`, what `lbctl health` prints (every health-check node port with its Service):
+/// served on the metrics listener, loopback by default.
+pub fn status_router(health: Arc<Health>) -> Router {
+    Router::new().route("/health-checks", get(health_checks)).with_state(health)
 }
 
 /// kube-proxy's answer on a health-check node port, whatever the path and method: 200 when this
 /// node has a ready endpoint of the Service and the agent is healthy, else 503.
 async fn service_answer(State((h, port)): State<(Arc<Health>, u16)>) -> Response {
+    #[derive(serde::Serialize)]
+    struct Name<'a> {
+        namespace: &'a str,
+        name: &'a str,
+    }
+    /// kube-proxy's body, in its order.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        service: Name<'a>,
+        local_endpoints: usize,
+        service_proxy_healthy: bool,
+    }
     let (service, n, healthy) = h.service_answer(port);
     let (namespace, name) = service.split_once('/').unwrap_or(("", &service));
     let code = if n > 0 && healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = serde_json::json!({
-        "service": {"namespace": namespace, "name": name},
-        "localEndpoints": n,
-        "serviceProxyHealthy": healthy,
-    });
-    let labels =
-        vec![("service".to_string(), service.clone()), ("code".to_string(), code.as_u16().to_string())];
-    h.metrics.service.get_or_create(&labels).inc();
+    let body = Body { service: Name { namespace, name }, local_endpoints: n, service_proxy_healthy: healthy };
+    // A port whose Service just went (a connection kept alive while its listener closes) is
+    // not counted.
+    if !service.is_empty() {
+        let labels =
+            vec![("service".to_string(), service.clone()), ("code".to_string(), code.as_u16().to_string())];
+        h.metrics.service.get_or_create(&labels).inc();
+    }
+    let body = serde_json::to_string(&body).unwrap_or_default();
     json(code, &body, Some((HeaderName::from_static("x-load-balancing-endpoint-weight"), n)))
 }
 
@@ -409,6 +454,8 @@ pub enum HealthCheckError {
     Taken { service: String, port: u16, holder: String },
     #[error("Service {service}: health-check node port {addr}: cannot listen: {reason}")]
     Listen { service: String, addr: SocketAddrV4, reason: String },
+    #[error("Service {service}: health-check node port {port}: --nodeport-addresses selects none of this node's addresses")]
+    NoAddress { service: String, port: u16 },
 }
 
 /// The health-check node ports: one listener for each port and NodePort address of this node,
@@ -420,7 +467,9 @@ pub struct HealthCheckServers {
     /// `--health-check-node-ports`: without it, what the ports would answer is still worked out
     /// (for `lbctl health`), but nothing listens.
     listen: bool,
-    listeners: BTreeMap<SocketAddrV4, tokio::task::JoinHandle<()>>,
+    /// Each listener's server, and the sender whose drop shuts it down gracefully (keep-alive
+    /// connections close too).
+    listeners: BTreeMap<SocketAddrV4, (tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
     /// Errors already logged and counted, so that a retry that fails the same way is quiet.
     reported: BTreeSet<HealthCheckError>,
 }
@@ -437,19 +486,22 @@ impl HealthCheckServers {
         Self { health, listen, listeners: BTreeMap::new(), reported: BTreeSet::new() }
     }
 
-    /// Serves `wanted` (Service → its port and local endpoints) on each of `addresses`: opens the
-    /// listeners that are missing, closes those no longer wanted, and updates what the others
-    /// answer. Two Services with one port: the first by name has it. Needs a Tokio runtime when
-    /// listening.
+    /// Serves `wanted` (Service → its port and local endpoints) on each of `addresses`
+    /// (`0.0.0.0`: all of this node's): opens the listeners that are missing, closes those no
+    /// longer wanted, and updates what the others answer. Two Services with one port: the first
+    /// by name has it, one whose objects are rejected now (`held`, serving what it had) last.
+    /// Needs a Tokio runtime when listening.
     pub fn sync(
         &mut self,
         wanted: &BTreeMap<String, ServiceHealth>,
+        held: &BTreeSet<String>,
         addresses: &[Ipv4Addr],
     ) -> Vec<HealthCheckError> {
         let mut errors = Vec::new();
         let mut by_port: BTreeMap<u16, String> = BTreeMap::new();
         let mut states: BTreeMap<String, CheckState> = BTreeMap::new();
-        for (service, h) in wanted {
+        let (current, kept): (Vec<_>, Vec<_>) = wanted.iter().partition(|(s, _)| !held.contains(*s));
+        for (service, h) in current.into_iter().chain(kept) {
             let mut state = CheckState {
                 port: h.port,
                 local_endpoints: h.local_endpoints,
@@ -477,20 +529,22 @@ impl HealthCheckServers {
         } else {
             BTreeSet::new()
         };
-        self.listeners.retain(|a, task| {
-            let keep = want.contains(a) && !task.is_finished();
-            if !keep {
-                task.abort();
+        if self.listen && addresses.is_empty() {
+            for (port, service) in &by_port {
+                let e = HealthCheckError::NoAddress { service: service.clone(), port: *port };
+                states.get_mut(service).expect("a state per Service").error = Some(e.to_string());
+                errors.push(e);
             }
-            keep
-        });
+        }
+        // Dropping a listener's sender shuts its server down.
+        self.listeners.retain(|a, (task, _)| want.contains(a) && !task.is_finished());
         for addr in &want {
             let service = &by_port[&addr.port()];
             if !self.listeners.contains_key(addr) {
                 match self.listen_on(*addr) {
-                    Ok(task) => {
+                    Ok(server) => {
                         info!(service, %addr, "serving the health-check node port");
-                        self.listeners.insert(*addr, task);
+                        self.listeners.insert(*addr, server);
                     }
                     Err(e) => {
                         let e = HealthCheckError::Listen {
@@ -510,7 +564,9 @@ impl HealthCheckServers {
         let now: BTreeSet<HealthCheckError> = errors.iter().cloned().collect();
         for e in now.difference(&self.reported) {
             let service = match e {
-                HealthCheckError::Taken { service, .. } | HealthCheckError::Listen { service, .. } => service,
+                HealthCheckError::Taken { service, .. }
+                | HealthCheckError::Listen { service, .. }
+                | HealthCheckError::NoAddress { service, .. } => service,
             };
             warn!("{e}");
             self.health.metrics.failures.get_or_create(&vec![("service".into(), service.clone())]).inc();
@@ -523,24 +579,24 @@ impl HealthCheckServers {
         errors
     }
 
-    fn listen_on(&self, addr: SocketAddrV4) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    fn listen_on(
+        &self,
+        addr: SocketAddrV4,
+    ) -> std::io::Result<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)> {
         let l = std::net::TcpListener::bind(SocketAddr::V4(addr))?;
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let app = Router::new().fallback(service_answer).with_state((self.health.clone(), addr.port()));
-        Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(l, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
                 warn!(%addr, "health-check node port: {e}");
             }
-        }))
-    }
-}
-
-impl Drop for HealthCheckServers {
-    fn drop(&mut self) {
-        for task in self.listeners.values() {
-            task.abort();
-        }
+        });
+        Ok((task, stop))
     }
 }
 
@@ -561,6 +617,18 @@ mod tests {
         tokio::task::spawn_blocking(move || http_get(to, &path, Duration::from_secs(5))).await.expect("join")
     }
 
+    /// Waits (up to 10 s) until nothing listens on `port`.
+    async fn closed(port: u16) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match get(port, "/").await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        false
+    }
+
     fn wanted(list: &[(&str, u16, usize)]) -> BTreeMap<String, ServiceHealth> {
         list.iter()
             .map(|(s, port, n)| (s.to_string(), ServiceHealth { port: *port, local_endpoints: *n }))
@@ -572,16 +640,26 @@ mod tests {
         family.get_or_create(&labels).get()
     }
 
-    /// kube-proxy's answer on a health-check node port, any path: 200 with local endpoints while
-    /// healthy, 503 without; its headers and JSON; the count follows the Service; the port closes
-    /// when the Service goes.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_health_check_node_port_answers_as_kube_proxy_and_follows_its_service() {
+    /// A healthy agent: a change applied, the loop turning.
+    fn healthy() -> Arc<Health> {
         let health = Arc::new(Health::new());
         health.synced();
+        health.applied();
+        health
+    }
+
+    const NONE_HELD: &BTreeSet<String> = &BTreeSet::new();
+
+    /// kube-proxy's answer on a health-check node port, any path: 200 with local endpoints while
+    /// healthy, 503 without; its headers and JSON (kube-proxy's field order); the count follows
+    /// the Service; the port closes when the Service goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_health_check_node_port_answers_as_kube_proxy_and_follows_its_service() {
+        let health = healthy();
         let mut servers = HealthCheckServers::new(health.clone(), true);
         let (p1, p2) = (free_port(), free_port());
-        let errors = servers.sync(&wanted(&[("shop/web", p1, 2), ("shop/api", p2, 0)]), &[LOCALHOST]);
+        let errors =
+            servers.sync(&wanted(&[("shop/web", p1, 2), ("shop/api", p2, 0)]), NONE_HELD, &[LOCALHOST]);
         assert!(errors.is_empty(), "{errors:?}");
         for path in ["/", "/healthz", "/anything/at/all?x=1"] {
             let a = get(p1, path).await.expect("web's port");
@@ -589,42 +667,47 @@ mod tests {
             assert_eq!(a.header("content-type"), Some("application/json"));
             assert_eq!(a.header("x-content-type-options"), Some("nosniff"));
             assert_eq!(a.header("x-load-balancing-endpoint-weight"), Some("2"));
-            let body: serde_json::Value = serde_json::from_str(&a.body).expect("JSON");
             assert_eq!(
-                body,
-                serde_json::json!({"service": {"namespace": "shop", "name": "web"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+                a.body,
+                r#"{"service":{"namespace":"shop","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
             );
         }
         let a = get(p2, "/").await.expect("api's port");
         assert_eq!((a.status, a.header("x-load-balancing-endpoint-weight")), (503, Some("0")), "{a:?}");
         assert!(a.body.contains(r#""localEndpoints":0"#) && a.body.contains(r#""name":"api""#), "{}", a.body);
         // web's endpoints leave this node; api gets one.
-        servers.sync(&wanted(&[("shop/web", p1, 0), ("shop/api", p2, 1)]), &[LOCALHOST]);
+        servers.sync(&wanted(&[("shop/web", p1, 0), ("shop/api", p2, 1)]), NONE_HELD, &[LOCALHOST]);
         assert_eq!(get(p1, "/").await.expect("web").status, 503);
         assert_eq!(get(p2, "/").await.expect("api").status, 200);
         assert_eq!(counted(&health.metrics.service, &[("service", "shop/web"), ("code", "200")]), 3);
         assert_eq!(counted(&health.metrics.service, &[("service", "shop/web"), ("code", "503")]), 1);
         // web goes: its port closes; api's stays.
-        servers.sync(&wanted(&[("shop/api", p2, 1)]), &[LOCALHOST]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let gone = get(p1, "/").await.expect_err("web's port is closed");
-        assert_eq!(gone.kind(), std::io::ErrorKind::ConnectionRefused, "{gone}");
+        servers.sync(&wanted(&[("shop/api", p2, 1)]), NONE_HELD, &[LOCALHOST]);
+        assert!(closed(p1).await, "web's port is closed");
         assert_eq!(get(p2, "/").await.expect("api").status, 200);
         assert_eq!(health.metrics.listeners.get(), 1);
+        // Every address (`--nodeport-addresses primary`): answered on loopback too.
+        let p3 = free_port();
+        let errors = servers.sync(&wanted(&[("shop/all", p3, 1)]), NONE_HELD, &[Ipv4Addr::UNSPECIFIED]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(get(p3, "/").await.expect("all").status, 200);
+        let view = health.view();
+        assert_eq!(view.services.len(), 1);
+        assert_eq!(view.services[0].listening, vec![format!("0.0.0.0:{p3}")]);
+        assert!(closed(p2).await, "api's port is closed");
     }
 
     /// The agent unhealthy (a change held back past the limit): every port answers 503 with
     /// `serviceProxyHealthy: false`, local endpoints or not.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unhealthy_agent_fails_every_health_check() {
-        let health = Arc::new(Health::new());
-        health.set_stale_after(Duration::from_millis(200));
-        health.synced();
+        let health = healthy();
+        health.set_stale_after(Duration::from_secs(1));
         health.change_seen(Instant::now());
         let mut servers = HealthCheckServers::new(health.clone(), true);
         let port = free_port();
-        servers.sync(&wanted(&[("shop/web", port, 3)]), &[LOCALHOST]);
-        std::thread::sleep(Duration::from_millis(300));
+        servers.sync(&wanted(&[("shop/web", port, 3)]), NONE_HELD, &[LOCALHOST]);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
         health.tick();
         let a = get(port, "/").await.expect("answer");
         assert_eq!(a.status, 503, "{a:?}");
@@ -632,6 +715,7 @@ mod tests {
             a.body.contains(r#""serviceProxyHealthy":false"#) && a.body.contains(r#""localEndpoints":3"#)
         );
         health.applied();
+        health.tick();
         assert_eq!(get(port, "/").await.expect("answer").status, 200);
     }
 
@@ -640,15 +724,14 @@ mod tests {
     /// sync listens.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_port_that_cannot_be_served_names_its_service_and_the_rest_works() {
-        let health = Arc::new(Health::new());
-        health.synced();
+        let health = healthy();
         let mut servers = HealthCheckServers::new(health.clone(), true);
         let blocker = std::net::TcpListener::bind((LOCALHOST, 0)).expect("bind");
         let (taken, free) = (blocker.local_addr().expect("addr").port(), free_port());
         let want = wanted(&[("shop/a", taken, 1), ("shop/b", free, 1), ("shop/c", free, 1)]);
         for _ in 0..3 {
             let mut errors: Vec<String> =
-                servers.sync(&want, &[LOCALHOST]).iter().map(ToString::to_string).collect();
+                servers.sync(&want, NONE_HELD, &[LOCALHOST]).iter().map(ToString::to_string).collect();
             errors.sort();
             assert_eq!(errors.len(), 2, "{errors:?}");
             assert!(
@@ -675,38 +758,58 @@ mod tests {
         assert_eq!(row("shop/b").listening, vec![format!("127.0.0.1:{free}")]);
         assert!(row("shop/c").error.is_some_and(|e| e.contains("shop/b's")));
         drop(blocker);
-        assert_eq!(servers.sync(&want, &[LOCALHOST]).len(), 1, "a listens now; c still clashes");
+        assert_eq!(servers.sync(&want, NONE_HELD, &[LOCALHOST]).len(), 1, "a listens now; c still clashes");
         assert_eq!(get(taken, "/").await.expect("a's port").status, 200);
+        // b's objects are rejected now (it serves what it had): c, built anew with the port, has
+        // it.
+        let held = BTreeSet::from(["shop/b".to_string()]);
+        let errors = servers.sync(&want, &held, &[LOCALHOST]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].to_string().starts_with("Service shop/b: field spec.healthCheckNodePort"),
+            "{errors:?}"
+        );
+        let a = get(free, "/").await.expect("c's port");
+        assert!(a.body.contains(r#""name":"c""#), "{a:?}");
+        // --nodeport-addresses selecting none of this node's addresses: each Service says so.
+        let errors = servers.sync(&wanted(&[("shop/a", taken, 1)]), NONE_HELD, &[]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].to_string().contains("--nodeport-addresses selects none"), "{errors:?}");
+        assert!(closed(taken).await && closed(free).await);
     }
 
     /// `--health-check-node-ports=off`: nothing listens, but what each port would answer is known.
     #[test]
     fn off_listens_nowhere_and_still_tells_what_would_be_answered() {
-        let health = Arc::new(Health::new());
+        let health = healthy();
         let mut servers = HealthCheckServers::new(health.clone(), false);
         let port = free_port();
-        assert!(servers.sync(&wanted(&[("shop/web", port, 1)]), &[LOCALHOST]).is_empty());
+        assert!(servers.sync(&wanted(&[("shop/web", port, 1)]), NONE_HELD, &[LOCALHOST]).is_empty());
         assert!(std::net::TcpStream::connect((LOCALHOST, port)).is_err(), "nothing listens");
         let v = health.view();
         assert!(!v.health_check_node_ports);
         assert_eq!((v.services.len(), v.services[0].code, v.services[0].listening.len()), (1, 200, 0));
     }
 
-    /// Healthy while a change waits less than the limit; not once it waits longer, or the main loop
-    /// stalls that long; healthy again once applied. The oldest change counts.
+    /// Healthy until a change was first wholly applied (starting, as kube-proxy); then while a
+    /// change waits less than the limit, not once it waits longer or the main loop stalls that
+    /// long; healthy again once applied. The oldest change counts.
     #[test]
     fn healthy_means_no_change_waits_longer_than_the_limit() {
         let h = Health::new();
         h.set_stale_after(Duration::from_millis(300));
-        let old = Instant::now();
-        h.change_seen(old);
-        assert!(h.healthy().is_ok(), "before the first sync: starting");
-        h.synced();
-        assert!(h.healthy().is_ok());
-        std::thread::sleep(Duration::from_millis(200));
-        h.tick();
         h.change_seen(Instant::now());
-        std::thread::sleep(Duration::from_millis(200));
+        h.synced();
+        std::thread::sleep(Duration::from_millis(400));
+        h.tick();
+        assert!(h.healthy().is_ok(), "nothing wholly applied yet: starting");
+        h.applied();
+        assert!(h.healthy().is_ok());
+        let first = Instant::now();
+        h.change_seen(first);
+        h.change_seen(first + Duration::from_millis(200));
+        assert!(h.healthy().is_ok(), "a change may wait less than the limit");
+        std::thread::sleep(Duration::from_millis(400));
         h.tick();
         let e = h.healthy().expect_err("the first change has waited 400 ms");
         assert!(e.contains("a change has waited") && e.contains("--healthz-stale-after 300 ms"), "{e}");

@@ -172,15 +172,16 @@ struct Args {
     /// `lbctl monitor`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     flow_events: bool,
-    /// Where /metrics is served (Prometheus).
+    /// Where /metrics (Prometheus) and /health-checks (for `lbctl health`) are served.
     #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
     metrics_bind_address: std::net::SocketAddr,
-    /// Where /healthz, /livez, /readyz and /health-checks are served.
+    /// Where /healthz, /livez and /readyz are served.
     #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "0.0.0.0:10256")]
     healthz_bind_address: std::net::SocketAddr,
     /// /livez and /healthz answer 503 once a change has waited this long to be applied (its map
     /// writes failing), or the agent's loop has stalled this long: kube-proxy's 2 x sync period.
-    #[arg(long, value_parser = seconds, default_value = "60s", value_name = "DURATION")]
+    /// Seconds (60s) or minutes (2m).
+    #[arg(long, env = "LB_HEALTHZ_STALE_AFTER", value_parser = seconds, default_value = "60s", value_name = "DURATION")]
     healthz_stale_after: Duration,
     /// Serve the health-check node ports of LoadBalancer Services with externalTrafficPolicy Local
     /// (on this node's NodePort addresses). `off` while kube-proxy runs beside lb: it holds them.
@@ -191,12 +192,16 @@ struct Args {
     log_level: String,
 }
 
-/// A duration in whole seconds: `60s` or `60`.
+/// A duration above 0 in whole seconds or minutes: `60s`, `2m`, or `60` (seconds).
 fn seconds(s: &str) -> Result<Duration, String> {
-    let n = s.strip_suffix('s').unwrap_or(s);
+    let (n, unit) = match (s.strip_suffix('m'), s.strip_suffix('s')) {
+        (Some(n), _) => (n, 60),
+        (None, Some(n)) => (n, 1),
+        (None, None) => (s, 1),
+    };
     match n.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-        _ => Err(format!("{s:?}: want a number of seconds above 0, as 60s")),
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n * unit)),
+        _ => Err(format!("{s:?}: want a duration above 0, as 60s or 2m")),
     }
 }
 
@@ -446,6 +451,11 @@ async fn main() -> anyhow::Result<()> {
             }
             _ = tick.tick() => {
                 agent.health.tick();
+                // A change the source holds counts from when it was seen (kube-proxy counts from
+                // the event).
+                if let Some(seen) = source.oldest_unsent() {
+                    agent.health.change_seen(seen);
+                }
                 if !dp.pins_present() {
                     // Someone removed the pin directory or unmounted bpffs: the links (and so the
                     // programs' attachments) went with their pins; the maps live on here.

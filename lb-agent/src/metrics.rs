@@ -400,11 +400,15 @@ impl Listeners {
     }
 }
 
-/// Serves `/metrics`, and the health endpoints (`crate::health::router`), on the listeners.
+/// Serves `/metrics` and `/health-checks` on the metrics listener, and the health endpoints
+/// (`crate::health::router`) on the health listener.
 pub fn serve(listeners: Listeners, registry: Arc<Registry>, health: Arc<Health>) -> std::io::Result<()> {
     let m = tokio::net::TcpListener::from_std(listeners.metrics)?;
     let h = tokio::net::TcpListener::from_std(listeners.health)?;
-    let metrics = Router::new().route("/metrics", get(metrics_handler)).with_state(registry);
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(registry)
+        .merge(crate::health::status_router(health.clone()));
     let health = crate::health::router(health);
     tokio::spawn(async move { axum::serve(m, metrics).await });
     tokio::spawn(async move { axum::serve(h, health).await });

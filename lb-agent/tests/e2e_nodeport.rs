@@ -537,7 +537,7 @@ fn health_check_node_ports_tell_load_balancers_which_nodes_have_endpoints() {
     };
     let err = row(&v, "demo/other")["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        err.starts_with(&format!("Service demo/other: health-check node port {taken}: cannot listen")),
+        err.starts_with("Service demo/other: health-check node port 0.0.0.0:32101: cannot listen"),
         "{v}"
     );
     let who = row(&v, "demo/who");
@@ -568,6 +568,8 @@ fn health_check_node_ports_tell_load_balancers_which_nodes_have_endpoints() {
         metrics.1
     );
     assert!(c.lab.agent_log(&n2).contains("Service demo/other: health-check node port"), "logged");
+    // On every address (`--nodeport-addresses primary`, as kube-proxy with none given).
+    assert_eq!(who["listening"], serde_json::json!([format!("0.0.0.0:{HEALTH_PORT}")]), "{v}");
     // The port comes free: node 2's agent takes it (its endpoint b3 is local there).
     drop(blocker);
     health_answer(&out, taken, 200, 1);

@@ -99,6 +99,16 @@ impl Harness {
         (a, body)
     }
 
+    /// Runs the loop until the first change is applied (Service `web` programmed); until then
+    /// the agent counts as starting, and healthy.
+    async fn until_synced(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.agent.maps.services.is_empty() {
+            assert!(Instant::now() < deadline, "the first change never came");
+            self.run_for(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs the loop until `path` answers `code`; panics after 30 s (the watch's relist backoff
     /// on a busy machine). Returns the answer's body.
     async fn until(&mut self, path: &str, code: u16, what: &str) -> Value {
@@ -136,6 +146,7 @@ async fn healthz_follows_the_nodes_eligibility_and_livez_does_not() {
     api.apply(service("web", "10.96.0.10"));
     api.apply(slice("web-1", "web", "10.244.1.2"));
     let mut h = Harness::start(api).await;
+    h.until_synced().await;
     let body = h.until("/healthz", 200, "start").await;
     assert_eq!(body["nodeEligible"], true, "{body}");
     assert_eq!(timestamp(&body, "lastUpdated"), timestamp(&body, "currentTime"), "as kube-proxy: {body}");
@@ -184,14 +195,18 @@ async fn a_change_held_back_past_the_limit_fails_livez_and_healthz_until_it_is_a
     api.apply(service("web", "10.96.0.10"));
     api.apply(slice("web-1", "web", "10.244.1.2"));
     let mut h = Harness::start(api).await;
+    h.until_synced().await;
     h.until("/livez", 200, "start").await;
     // The maps refuse the next Service's entry: its change waits, retried on every tick.
     h.agent.maps.fail_services = true;
     let held_at = Instant::now();
     h.api.apply(service("api", "10.96.0.11"));
     h.api.apply(slice("api-1", "api", "10.244.1.3"));
-    h.run_for(Duration::from_millis(500)).await;
-    assert!(h.agent.reconciler.has_pending(), "the write failed and waits to be retried");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.agent.reconciler.has_failed_writes() {
+        assert!(Instant::now() < deadline, "the change never came");
+        h.run_for(Duration::from_millis(50)).await;
+    }
     let (a, _) = h.get("/livez").await;
     if held_at.elapsed() < STALE_AFTER {
         assert_eq!(a.status, 200, "a change may wait less than --healthz-stale-after: {}", a.body);
@@ -209,5 +224,5 @@ async fn a_change_held_back_past_the_limit_fails_livez_and_healthz_until_it_is_a
     h.agent.maps.fail_services = false;
     h.until("/livez", 200, "applied").await;
     h.until("/healthz", 200, "applied").await;
-    assert!(!h.agent.reconciler.has_pending());
+    assert!(!h.agent.reconciler.has_failed_writes());
 }

@@ -54,16 +54,17 @@ enum Cmd {
     /// Every interface of this network namespace and the BPF programs on its hooks (TCX, clsact
     /// filters, XDP), lb's and others', read from the kernel: where lb is attached, and where not.
     Interfaces,
-    /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
-    /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
-    /// default).
     /// The agent's health (/livez, /healthz, /readyz) and every health-check node port on this
     /// node: its Service, local endpoints and answer, asked of the agent and of the port itself.
     Health {
-        /// The agent's --healthz-bind-address (an unspecified address is asked on loopback).
-        #[arg(long, env = "LB_HEALTHZ_BIND_ADDRESS", default_value = "127.0.0.1:10256")]
-        healthz_address: std::net::SocketAddr,
+        /// The agent's --metrics-bind-address, where it serves /health-checks (an unspecified
+        /// address is asked on loopback).
+        #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
+        metrics_address: std::net::SocketAddr,
     },
+    /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
+    /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
+    /// default).
     Monitor {
         /// Stop after this many events.
         #[arg(long)]
@@ -194,13 +195,18 @@ fn health(mut agent: std::net::SocketAddr, json: bool) -> anyhow::Result<()> {
         agent.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let answer = inspect::http_get(agent, "/health-checks", TIMEOUT).with_context(|| {
-        format!("asking the agent at {agent} (its --healthz-bind-address; is it running?)")
+        format!("asking the agent at {agent} (its --metrics-bind-address; is it running?)")
     })?;
     anyhow::ensure!(answer.status == 200, "the agent at {agent} answered {}: {}", answer.status, answer.body);
     let mut v: inspect::HealthView = serde_json::from_str(&answer.body)
         .with_context(|| format!("the agent at {agent} answered /health-checks with {:?}", answer.body))?;
     for s in &mut v.services {
-        let Some(addr) = s.listening.first().and_then(|a| a.parse().ok()) else { continue };
+        let Some(mut addr) = s.listening.first().and_then(|a| a.parse::<std::net::SocketAddr>().ok()) else {
+            continue;
+        };
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         s.probed = Some(match inspect::http_get(addr, "/", TIMEOUT) {
             Ok(a) => inspect::ProbeView { code: a.status, reason: None },
             Err(e) => inspect::ProbeView { code: 0, reason: Some(e.to_string()) },
@@ -246,7 +252,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let json = matches!(args.output, Output::Json);
     match args.command {
         Cmd::Interfaces => return interfaces(json),
-        Cmd::Health { healthz_address } => return health(healthz_address, json),
+        Cmd::Health { metrics_address } => return health(metrics_address, json),
         _ => {}
     }
     let maps = Maps::from_pins_read_only(&args.pin_dir).map_err(|e| match e {

@@ -939,6 +939,18 @@ impl Reconciler {
         })
     }
 
+    /// Whether some writes failed and wait for [`Reconciler::retry`]: what a change wanted is not
+    /// all in the maps. Tables waiting for a freed region to cool are not counted: they are not
+    /// failures, and under steady churn some region may always be cooling.
+    pub fn has_failed_writes(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.unwritten.is_empty()
+            || !self.removals.is_empty()
+            || !self.touched.is_empty()
+            || !self.forget.is_empty()
+            || self.src_ranges_stale
+    }
+
     /// Whether some writes wait for [`Reconciler::retry`].
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()

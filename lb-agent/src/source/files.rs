@@ -26,7 +26,7 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 pub struct FileSource {
     _watcher: notify::RecommendedWatcher,
     sender: tokio::task::JoinHandle<()>,
-    pending: Arc<Pending>,
+    pub(super) pending: Arc<Pending>,
 }
 
 impl FileSource {

@@ -64,7 +64,7 @@ pub struct Stores {
 pub struct KubeSource {
     stores: Stores,
     tasks: Vec<JoinHandle<()>>,
-    pending: Arc<Pending>,
+    pub(super) pending: Arc<Pending>,
 }
 
 /// Which Service an event is about.

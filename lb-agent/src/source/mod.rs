@@ -163,6 +163,11 @@ impl Pending {
         self.wake.notify_one();
     }
 
+    /// When the oldest change not yet sent was first seen, if one waits.
+    pub fn oldest_unsent(&self) -> Option<Instant> {
+        self.state.lock().expect("pending set").1
+    }
+
     /// What changed and when it was first seen, if anything did.
     pub fn take(&self) -> Option<(Dirty, Instant)> {
         let (dirty, seen) = std::mem::take(&mut *self.state.lock().expect("pending set"));
@@ -233,6 +238,15 @@ impl Source {
         match self {
             Self::Files(f) => f.resync(),
             Self::Kube(k) => k.resync(),
+        }
+    }
+
+    /// When the oldest change the source holds, not yet sent, was first seen (kube-proxy counts
+    /// a change from its event, not from when it is applied).
+    pub fn oldest_unsent(&self) -> Option<Instant> {
+        match self {
+            Self::Files(f) => f.pending.oldest_unsent(),
+            Self::Kube(k) => k.pending.oldest_unsent(),
         }
     }
 
