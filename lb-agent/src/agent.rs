@@ -16,7 +16,7 @@ use crate::{
     metrics::Metrics,
     model::{self, Addresses, Context, ServiceHealth},
     reconcile::{FlowTable, MapWriter, Reconciler, Sweeper, SyncStats},
-    source::{Change, Objects, ServiceObjects, What},
+    source::{Change, ManifestError, Objects, ServiceObjects, What},
 };
 
 pub struct Agent<W: MapWriter = Maps> {
@@ -104,6 +104,12 @@ impl<W: MapWriter> Agent<W> {
         self
     }
 
+    /// Whether some health-check node port could not be served (the main loop tries again on its
+    /// next tick).
+    pub fn health_checks_failing(&self) -> bool {
+        self.health_servers.failing()
+    }
+
     /// The health-check node ports, by Service, with their local endpoints.
     pub fn health_checks(&self) -> &std::collections::BTreeMap<String, ServiceHealth> {
         &self.health_checks
@@ -112,13 +118,19 @@ impl<W: MapWriter> Agent<W> {
     /// Serves the health-check node ports as they are wanted now; a port that could not be listened
     /// on before is tried again. Returns what cannot be served (each naming its Service).
     pub fn serve_health_checks(&mut self) -> Vec<String> {
-        // With `--nodeport-addresses primary` (the default) on every address, as kube-proxy with
-        // none given: some cloud load balancers ask on the load balancer's IP, which the node
-        // takes for its own (GCE). With CIDRs, on the addresses they select, as kube-proxy.
+        // With `--nodeport-addresses primary` (the default) or `0.0.0.0/0`, on every address, as
+        // kube-proxy with none given: some cloud load balancers ask on the load balancer's IP,
+        // which the node takes for its own (GCE). With other CIDRs, on the addresses they select,
+        // as kube-proxy.
         let all = [std::net::Ipv4Addr::UNSPECIFIED];
-        let addresses = match self.nodeport_spec {
-            model::node::NodePortAddresses::Primary => &all[..],
-            model::node::NodePortAddresses::Cidrs(_) => &self.ctx.nodeport_addresses[..],
+        let addresses = match &self.nodeport_spec {
+            model::node::NodePortAddresses::Cidrs(c)
+                if !c.iter().any(|c| c.prefix_len() == 0 && c.addr().is_ipv4()) =>
+            {
+                &self.ctx.nodeport_addresses[..]
+            }
+            // `primary`, or `0.0.0.0/0` (kube-proxy's match-all).
+            _ => &all[..],
         };
         let errors = self.health_servers.sync(&self.health_checks, &self.health_held, addresses);
         errors.iter().map(ToString::to_string).collect()
@@ -188,8 +200,8 @@ impl<W: MapWriter> Agent<W> {
             self.ctx.zone = self.zone_flag.clone().or_else(|| model::node_zone(node));
             self.health.set_node_eligible(model::node::eligible(node));
             self.node_seen = true;
-        } else if self.node_seen && objects.errors.is_empty() {
-            // Gone (a source that could not read everything may have missed it: eligibility
+        } else if self.node_seen && !objects.errors.iter().any(ManifestError::may_hide_a_node) {
+            // Gone (unless the source could not read what may have held it: then eligibility
             // stays as it was).
             self.health.set_node_eligible(Err("this node's Node object is gone".into()));
         }
@@ -345,6 +357,16 @@ impl<W: MapWriter> Agent<W> {
 }
 
 impl<W: MapWriter + FlowTable> Agent<W> {
+    /// Health after writes outside a change (retries, the sweep's releases): failed writes wait
+    /// (from now, if nothing waited before); none left, what waited is applied.
+    fn note_failed_writes(&self) {
+        if self.reconciler.has_failed_writes() {
+            self.health.change_seen(Instant::now());
+        } else {
+            self.health.settled();
+        }
+    }
+
     /// One bounded step of the flow sweep at monotonic time `now_ns` (the datapath's clock). At
     /// the end of a pass, tombstones and departed members it found no flow of are let go.
     pub fn sweep(&mut self, now_ns: u64) {
@@ -358,9 +380,7 @@ impl<W: MapWriter + FlowTable> Agent<W> {
                     warn!(reason = e.reason_label(), "{e}");
                 }
             }
-            if !self.reconciler.has_failed_writes() {
-                self.health.applied();
-            }
+            self.note_failed_writes();
         }
         self.update_gauges();
         let Some(sweeper) = &mut self.sweeper else { return };
@@ -394,6 +414,7 @@ impl<W: MapWriter + FlowTable> Agent<W> {
         let started = Instant::now();
         let (stats, errors) = self.reconciler.release_idle(&census, &mut self.maps);
         self.reconciler.begin_pass(next);
+        self.note_failed_writes();
         for e in &errors {
             self.metrics.sync_error(e.reason_label());
             warn!("{e}");
@@ -738,10 +759,13 @@ mod tests {
         a.apply(Change::all(with_node(&node(""))));
         assert_eq!(a.health.node_eligible(), Ok(()));
         let mut unreadable = Objects::default();
-        unreadable.errors.push(unreadable_zz());
+        unreadable.errors.push(ManifestError::Syntax { path: "n.yaml".into(), doc: 1, reason: "bad".into() });
         a.apply(Change::all(unreadable));
-        assert_eq!(a.health.node_eligible(), Ok(()), "a read error is no proof the Node went");
-        a.apply(Change::all(Objects::default()));
+        assert_eq!(a.health.node_eligible(), Ok(()), "a file that cannot be read is no proof the Node went");
+        // A bad Service object hides no Node: the Node is gone.
+        let mut bad_service = Objects::default();
+        bad_service.errors.push(unreadable_zz());
+        a.apply(Change::all(bad_service));
         assert!(a.health.node_eligible().is_err_and(|e| e.contains("gone")));
     }
 }

@@ -54,9 +54,12 @@ pub struct Health {
     applied_once: AtomicBool,
     /// Milliseconds since `started` of the main loop's last turn.
     last_tick_ms: AtomicU64,
-    /// Milliseconds since `started` when the oldest change not yet wholly in the maps was first
-    /// seen by the source; 0 = none.
+    /// Milliseconds since `started` when the oldest change taken from the source but not yet
+    /// wholly in the maps was first seen by the source; 0 = none.
     pending_since_ms: AtomicU64,
+    /// The same for the oldest change the source still holds (not sent yet), as the main loop
+    /// last read it; 0 = none.
+    source_since_ms: AtomicU64,
     /// The last time nothing waited to be applied (kube-proxy's `lastUpdated`).
     last_updated: Mutex<SystemTime>,
     /// Whether this node is eligible for load balancer traffic, and why not.
@@ -111,6 +114,7 @@ impl Health {
             applied_once: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
             pending_since_ms: AtomicU64::new(0),
+            source_since_ms: AtomicU64::new(0),
             last_updated: Mutex::new(SystemTime::now()),
             node: Mutex::new(Ok(())),
             unattached: Mutex::default(),
@@ -166,16 +170,33 @@ impl Health {
         self.last_tick_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// A change the source first saw at `seen` waits (held by the source, or about to be applied)
-    /// until [`Health::applied`].
+    fn since_ms(&self, seen: Instant) -> u64 {
+        seen.saturating_duration_since(self.started).as_millis() as u64 + 1
+    }
+
+    /// The oldest change the source holds, not yet sent (`None`: none), read on the main loop's
+    /// tick: it counts from when the source saw it.
+    pub fn source_waiting(&self, seen: Option<Instant>) {
+        self.source_since_ms.store(seen.map_or(0, |s| self.since_ms(s)), Ordering::Relaxed);
+    }
+
+    /// A change the source first saw at `seen` is being applied (or writes failed at `seen`): it
+    /// waits until [`Health::applied`].
     pub fn change_seen(&self, seen: Instant) {
-        let at = seen.saturating_duration_since(self.started).as_millis() as u64 + 1;
+        let at = self.since_ms(seen);
         let before = self
             .pending_since_ms
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| (p == 0 || at < p).then_some(at));
         if before == Ok(0) {
             // Everything was applied until this change came.
             *self.last_updated.lock().expect("not poisoned") = SystemTime::now() - seen.elapsed();
+        }
+    }
+
+    /// Failed writes were retried, and none is left: what waited is applied.
+    pub fn settled(&self) {
+        if self.pending_since_ms.load(Ordering::Relaxed) != 0 {
+            self.applied();
         }
     }
 
@@ -227,7 +248,7 @@ impl Health {
                 now - tick
             ));
         }
-        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        let pending = self.oldest_waiting();
         if pending != 0 && now.saturating_sub(pending) > limit {
             return Err(format!(
                 "a change has waited {} ms to be applied (--healthz-stale-after {limit} ms)",
@@ -259,13 +280,32 @@ impl Health {
         Ok(())
     }
 
+    /// When the oldest change not yet in the maps was seen (ms since `started`); 0: none waits.
+    fn oldest_waiting(&self) -> u64 {
+        let (a, b) =
+            (self.pending_since_ms.load(Ordering::Relaxed), self.source_since_ms.load(Ordering::Relaxed));
+        match (a, b) {
+            (0, b) => b,
+            (a, 0) => a,
+            (a, b) => a.min(b),
+        }
+    }
+
     /// kube-proxy's `lastUpdated`: the last time every change seen had reached the maps (now,
     /// when none waits).
     fn last_updated(&self) -> SystemTime {
-        if self.pending_since_ms.load(Ordering::Relaxed) == 0 {
-            return SystemTime::now();
+        let (pending, source) =
+            (self.pending_since_ms.load(Ordering::Relaxed), self.source_since_ms.load(Ordering::Relaxed));
+        let before_source = || {
+            let ago = Duration::from_millis(self.now_ms().saturating_sub(source));
+            SystemTime::now() - ago
+        };
+        match (pending, source) {
+            (0, 0) => SystemTime::now(),
+            (0, _) => before_source(),
+            (p, s) if s != 0 && s < p => before_source(),
+            _ => *self.last_updated.lock().expect("not poisoned"),
         }
-        *self.last_updated.lock().expect("not poisoned")
     }
 
     /// What a health-check node port answers for the Service on `port`: the Service
@@ -472,6 +512,8 @@ pub struct HealthCheckServers {
     listeners: BTreeMap<SocketAddrV4, (tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
     /// Errors already logged and counted, so that a retry that fails the same way is quiet.
     reported: BTreeSet<HealthCheckError>,
+    /// Some listener could not be opened at the last sync.
+    failing: bool,
 }
 
 impl std::fmt::Debug for HealthCheckServers {
@@ -483,7 +525,12 @@ impl std::fmt::Debug for HealthCheckServers {
 impl HealthCheckServers {
     pub fn new(health: Arc<Health>, listen: bool) -> Self {
         health.checks.write().expect("not poisoned").serving = listen;
-        Self { health, listen, listeners: BTreeMap::new(), reported: BTreeSet::new() }
+        Self { health, listen, listeners: BTreeMap::new(), reported: BTreeSet::new(), failing: false }
+    }
+
+    /// Some listener could not be opened at the last [`HealthCheckServers::sync`].
+    pub fn failing(&self) -> bool {
+        self.failing
     }
 
     /// Serves `wanted` (Service → its port and local endpoints) on each of `addresses`
@@ -571,6 +618,7 @@ impl HealthCheckServers {
             warn!("{e}");
             self.health.metrics.failures.get_or_create(&vec![("service".into(), service.clone())]).inc();
         }
+        self.failing = errors.iter().any(|e| matches!(e, HealthCheckError::Listen { .. }));
         self.reported = now;
         self.health.metrics.listeners.set(self.listeners.len() as i64);
         let mut c = self.health.checks.write().expect("not poisoned");
@@ -583,9 +631,14 @@ impl HealthCheckServers {
         &self,
         addr: SocketAddrV4,
     ) -> std::io::Result<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)> {
-        let l = std::net::TcpListener::bind(SocketAddr::V4(addr))?;
-        l.set_nonblocking(true)?;
-        let l = tokio::net::TcpListener::from_std(l)?;
+        // SO_REUSEPORT: a listener of ours still closing (its server stops asynchronously) does
+        // not keep the port from the next one. Another process's socket still does, unless it
+        // asked for SO_REUSEPORT itself.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(SocketAddr::V4(addr))?;
+        let l = socket.listen(1024)?;
         let app = Router::new().fallback(service_answer).with_state((self.health.clone(), addr.port()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -702,18 +755,21 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unhealthy_agent_fails_every_health_check() {
         let health = healthy();
-        health.set_stale_after(Duration::from_secs(1));
+        health.set_stale_after(Duration::from_millis(200));
         health.change_seen(Instant::now());
         let mut servers = HealthCheckServers::new(health.clone(), true);
         let port = free_port();
         servers.sync(&wanted(&[("shop/web", port, 3)]), NONE_HELD, &[LOCALHOST]);
-        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         health.tick();
+        // 503 whatever the machine's pace: the change has waited past the limit (and, later, the
+        // loop too).
         let a = get(port, "/").await.expect("answer");
         assert_eq!(a.status, 503, "{a:?}");
         assert!(
             a.body.contains(r#""serviceProxyHealthy":false"#) && a.body.contains(r#""localEndpoints":3"#)
         );
+        health.set_stale_after(Duration::from_secs(60));
         health.applied();
         health.tick();
         assert_eq!(get(port, "/").await.expect("answer").status, 200);
@@ -817,5 +873,36 @@ mod tests {
         assert!(h.healthy().is_ok());
         std::thread::sleep(Duration::from_millis(400));
         assert!(h.healthy().expect_err("stalled").contains("main loop"));
+        h.tick();
+        // Failed writes retried by the sweep: they wait from when they failed, until retried.
+        h.change_seen(Instant::now());
+        h.settled();
+        assert!(h.healthy().is_ok() && h.pending_since_ms.load(Ordering::Relaxed) == 0);
+    }
+
+    /// A change the source still holds counts from when it was seen, as long as the source holds
+    /// it; once the source holds nothing (sent, or dropped as nothing to send) it no longer counts.
+    #[test]
+    fn a_change_the_source_holds_counts_while_it_holds_it() {
+        let h = Health::new();
+        h.set_stale_after(Duration::from_millis(300));
+        h.synced();
+        h.applied();
+        let seen = Instant::now();
+        h.source_waiting(Some(seen));
+        assert!(h.healthy().is_ok());
+        std::thread::sleep(Duration::from_millis(400));
+        h.tick();
+        h.source_waiting(Some(seen));
+        assert!(h.healthy().expect_err("held too long").contains("a change has waited"));
+        let last = h.last_updated();
+        assert!(
+            SystemTime::now().duration_since(last).is_ok_and(|d| d >= Duration::from_millis(350)),
+            "lastUpdated is from before the change"
+        );
+        h.source_waiting(None);
+        assert!(h.healthy().is_ok(), "nothing held: no change waits");
+        let last = h.last_updated();
+        assert!(last.elapsed().is_ok_and(|d| d < Duration::from_millis(100)), "now, when nothing waits");
     }
 }

@@ -184,7 +184,8 @@ struct Args {
     #[arg(long, env = "LB_HEALTHZ_STALE_AFTER", value_parser = seconds, default_value = "60s", value_name = "DURATION")]
     healthz_stale_after: Duration,
     /// Serve the health-check node ports of LoadBalancer Services with externalTrafficPolicy Local
-    /// (on this node's NodePort addresses). `off` while kube-proxy runs beside lb: it holds them.
+    /// (on every address with --nodeport-addresses primary or 0.0.0.0/0, else on the addresses
+    /// it selects). `off` while kube-proxy runs beside lb: it holds them.
     #[arg(long, env = "LB_HEALTH_CHECK_NODE_PORTS", default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     health_check_node_ports: bool,
     /// Log filter (tracing EnvFilter syntax).
@@ -453,8 +454,10 @@ async fn main() -> anyhow::Result<()> {
                 agent.health.tick();
                 // A change the source holds counts from when it was seen (kube-proxy counts from
                 // the event).
-                if let Some(seen) = source.oldest_unsent() {
-                    agent.health.change_seen(seen);
+                agent.health.source_waiting(source.oldest_unsent());
+                // A health-check node port that could not be listened on is tried again.
+                if agent.health_checks_failing() {
+                    agent.serve_health_checks();
                 }
                 if !dp.pins_present() {
                     // Someone removed the pin directory or unmounted bpffs: the links (and so the
@@ -492,8 +495,6 @@ async fn main() -> anyhow::Result<()> {
                         source.resync();
                     }
                     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
-                    // A health-check node port that could not be listened on is tried again.
-                    agent.serve_health_checks();
                 }
                 agent.sweep(datapath::monotonic_ns());
                 dp.flush_logs();

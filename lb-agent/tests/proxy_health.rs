@@ -17,7 +17,7 @@ use lb_testkit::api::MockApi;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
 
-const STALE_AFTER: Duration = Duration::from_secs(3);
+const STALE_AFTER: Duration = Duration::from_secs(5);
 
 fn node(extra: Value) -> Value {
     let mut n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}});

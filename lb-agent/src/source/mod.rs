@@ -115,6 +115,16 @@ impl ManifestError {
         }
     }
 
+    /// Whether this object may be this node's Node, unread: a file that could not be read or
+    /// parsed, or a Node object (or one whose kind is unknown) with a bad field.
+    pub fn may_hide_a_node(&self) -> bool {
+        match self {
+            Self::Read { .. } | Self::Syntax { .. } => true,
+            // "object": a document whose kind could not be told.
+            Self::Object { kind, .. } => kind == "Node" || kind == "object",
+        }
+    }
+
     pub const fn reason_label(&self) -> &'static str {
         match self {
             Self::Read { .. } => "read",
