@@ -99,6 +99,17 @@ impl Harness {
         (a, body)
     }
 
+    /// An agent on node1 with Service `web`, its first change applied.
+    async fn synced() -> Self {
+        let api = MockApi::start().await;
+        api.apply(node(json!({})));
+        api.apply(service("web", "10.96.0.10"));
+        api.apply(slice("web-1", "web", "10.244.1.2"));
+        let mut h = Self::start(api).await;
+        h.until_synced().await;
+        h
+    }
+
     /// Runs the loop until the first change is applied (Service `web` programmed); until then
     /// the agent counts as starting, and healthy.
     async fn until_synced(&mut self) {
@@ -141,12 +152,7 @@ fn timestamp(v: &Value, field: &str) -> k8s_openapi::jiff::Timestamp {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_follows_the_nodes_eligibility_and_livez_does_not() {
-    let api = MockApi::start().await;
-    api.apply(node(json!({})));
-    api.apply(service("web", "10.96.0.10"));
-    api.apply(slice("web-1", "web", "10.244.1.2"));
-    let mut h = Harness::start(api).await;
-    h.until_synced().await;
+    let mut h = Harness::synced().await;
     let body = h.until("/healthz", 200, "start").await;
     assert_eq!(body["nodeEligible"], true, "{body}");
     assert_eq!(timestamp(&body, "lastUpdated"), timestamp(&body, "currentTime"), "as kube-proxy: {body}");
@@ -190,12 +196,7 @@ async fn healthz_follows_the_nodes_eligibility_and_livez_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_held_back_past_the_limit_fails_livez_and_healthz_until_it_is_applied() {
-    let api = MockApi::start().await;
-    api.apply(node(json!({})));
-    api.apply(service("web", "10.96.0.10"));
-    api.apply(slice("web-1", "web", "10.244.1.2"));
-    let mut h = Harness::start(api).await;
-    h.until_synced().await;
+    let mut h = Harness::synced().await;
     h.until("/livez", 200, "start").await;
     // The maps refuse the next Service's entry: its change waits, retried on every tick.
     h.agent.maps.fail_services = true;

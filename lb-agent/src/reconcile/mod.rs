@@ -951,15 +951,10 @@ impl Reconciler {
             || self.src_ranges_stale
     }
 
-    /// Whether some writes wait for [`Reconciler::retry`].
+    /// Whether some writes wait for [`Reconciler::retry`]: failed ones, or tables waiting for a
+    /// region.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-            || !self.deferred.is_empty()
-            || !self.unwritten.is_empty()
-            || !self.removals.is_empty()
-            || !self.touched.is_empty()
-            || !self.forget.is_empty()
-            || self.src_ranges_stale
+        self.has_failed_writes() || !self.deferred.is_empty()
     }
 
     /// Writes again what failed: member rows and recorded names of published tables, tables that
