@@ -29,6 +29,20 @@ enum DatapathMode {
     Xdp,
 }
 
+/// `--socket-lb`: the flag's spelling of [`datapath::SocketLb`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SocketLbFlag {
+    /// No socket-level load balancing: processes on the node and hostNetwork pods reach no
+    /// Service (kube-proxy, if it still runs beside lb, serves them).
+    Off,
+    /// Sockets in the agent's own network namespace (the host's): processes on the node and
+    /// hostNetwork pods. Pods keep packet-level translation.
+    Host,
+    /// Every socket under --cgroup-root, pods' too (no per-packet translation for their
+    /// connections; a service mesh reading SO_ORIGINAL_DST then sees the backend).
+    All,
+}
+
 /// `--tc-position`: the flag's spelling of [`datapath::TcOrder`].
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum TcPosition {
@@ -51,7 +65,12 @@ enum TcAttachFlag {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "lb-agent", version, about = "eBPF ClusterIP load balancer: per-node agent")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF ClusterIP load balancer: per-node agent",
+    args_override_self = true
+)]
 struct Args {
     /// Standalone mode: read Services and EndpointSlices from the YAML/JSON files in DIR, and
     /// follow changes. Without it, the agent watches the API server.
@@ -66,7 +85,7 @@ struct Args {
         long,
         value_name = "GLOB[,GLOB...]",
         value_delimiter = ',',
-        required_unless_present_any = ["cleanup", "stay"]
+        required_unless_present_any = ["cleanup", "stay", "mount_cgroup"]
     )]
     interfaces: Vec<glob::Pattern>,
     /// This node's own interfaces that traffic from outside the cluster arrives on and replies
@@ -188,6 +207,21 @@ struct Args {
     /// it selects). `off` while kube-proxy runs beside lb: it holds them.
     #[arg(long, env = "LB_HEALTH_CHECK_NODE_PORTS", default_value = "on", value_name = "on|off", value_parser = on_off, action = clap::ArgAction::Set)]
     health_check_node_ports: bool,
+    /// Socket-level load balancing (cgroup v2 programs at --cgroup-root): which sockets are sent
+    /// to a backend when they connect to (or send to) a Service address.
+    #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value = "off")]
+    socket_lb: SocketLbFlag,
+    /// The cgroup v2 hierarchy (its root, on a node) the socket programs attach to.
+    #[arg(long, env = "LB_CGROUP_ROOT", default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    cgroup_root: PathBuf,
+    /// Mount a cgroup v2 hierarchy at --cgroup-root in the host's mount namespace, seen from the
+    /// host's cgroup namespace (both entered through --host-namespaces), unless one is there;
+    /// then exit. The DaemonSet's init container does this (needs CAP_SYS_ADMIN).
+    #[arg(long)]
+    mount_cgroup: bool,
+    /// The host's namespace files (its PID 1's /proc/1/ns), for --mount-cgroup.
+    #[arg(long, default_value = "/hostproc/1/ns", value_name = "DIR")]
+    host_namespaces: PathBuf,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -236,6 +270,7 @@ struct Config {
     healthz_addr: std::net::SocketAddr,
     healthz_stale_after: Duration,
     health_check_node_ports: bool,
+    cgroup_root: PathBuf,
 }
 
 impl From<Args> for Config {
@@ -270,6 +305,11 @@ impl From<Args> for Config {
                     TcAttachFlag::Netlink => datapath::TcAttach::Netlink,
                 },
                 node_xdp: matches!(a.node_datapath, DatapathMode::Xdp),
+                socket_lb: match a.socket_lb {
+                    SocketLbFlag::Off => datapath::SocketLb::Off,
+                    SocketLbFlag::Host => datapath::SocketLb::Host,
+                    SocketLbFlag::All => datapath::SocketLb::All,
+                },
             },
             mode: match a.datapath {
                 DatapathMode::Tc => Mode::Tc,
@@ -297,6 +337,7 @@ impl From<Args> for Config {
             healthz_addr: a.healthz_bind_address,
             healthz_stale_after: a.healthz_stale_after,
             health_check_node_ports: a.health_check_node_ports,
+            cgroup_root: a.cgroup_root,
         }
     }
 }
@@ -313,6 +354,16 @@ async fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
 
+    if args.mount_cgroup {
+        // Before anything could start a second thread.
+        let root = &args.cgroup_root;
+        match datapath::sockets::mount_cgroup2(root, &args.host_namespaces) {
+            Ok(true) => info!(cgroup = %root.display(), "mounted a cgroup v2 hierarchy"),
+            Ok(false) => info!(cgroup = %root.display(), "a cgroup v2 hierarchy is mounted there already"),
+            Err(e) => anyhow::bail!("--mount-cgroup: {e}"),
+        }
+        return Ok(());
+    }
     // First: in a container the agent is PID 1, which the kernel spares signals it has no
     // handler for, so a SIGTERM would go unheard until the kubelet's SIGKILL.
     let mut stop = Stop::new()?;
@@ -436,9 +487,14 @@ async fn main() -> anyhow::Result<()> {
     // Subscribed before the first pass: an interface that appears during it wakes the next one.
     let mut links = LinkEvents::new().context("netlink link notifications")?;
     attach_matching(&mut dp, &cfg.interfaces, &agent, "start");
+    attach_sockets(&mut dp, cfg.datapath.socket_lb, &cfg.cgroup_root)?;
     let mut waiting = Vec::new();
     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
 
+    // Whether a change was applied since connected UDP sockets whose backend left were last
+    // aborted (at most once a tick; first after the first sync: backends may have left while the
+    // agent was away), and whether that failed last time (said once until it works again).
+    let (mut abort_due, mut abort_failing) = (true, false);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks: u64 = 0;
     loop {
@@ -474,6 +530,7 @@ async fn main() -> anyhow::Result<()> {
                         )
                     })?;
                     attach_matching(&mut dp, &cfg.interfaces, &agent, "pins-restored");
+                    attach_sockets(&mut dp, cfg.datapath.socket_lb, &cfg.cgroup_root)?;
                     // The hold was on the directory that went: hold the new one.
                     match datapath::try_lock(&pin_dir) {
                         Ok(Some(l)) => lock = l,
@@ -497,10 +554,14 @@ async fn main() -> anyhow::Result<()> {
                     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
+                if std::mem::take(&mut abort_due) && cfg.datapath.socket_lb != datapath::SocketLb::Off {
+                    abort_stale_udp(&dp, &agent, &mut abort_failing);
+                }
                 dp.flush_logs();
             }
             Some(change) = changes.recv() => {
                 agent.apply(change);
+                abort_due = true;
                 if agent.take_resync() {
                     // A cluster IP took an address from an external one: that Service is built
                     // again, to wait for it.
@@ -725,6 +786,41 @@ fn local_ipv4() -> Vec<lb_agent::host::InterfaceAddr> {
 /// to the health (`/readyz`) and the metrics; each failure is logged when it first happens or
 /// changes. `cause`: what started this pass (`start`, `link-notification`, `pins-restored`,
 /// `rescan`), in the log.
+/// Aborts the connected UDP sockets whose backend left their Service (see
+/// `Datapath::abort_stale_udp`), counted; a failure is logged once until it works again.
+fn abort_stale_udp(dp: &Datapath, agent: &Agent<datapath::Maps>, failing: &mut bool) {
+    match dp.abort_stale_udp(&agent.maps.members) {
+        Ok(n) => {
+            if n > 0 {
+                info!(sockets = n, "aborted connected UDP sockets whose backend left");
+                agent.metrics.socket_udp_aborted.inc_by(n as u64);
+            }
+            *failing = false;
+        }
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                warn!(
+                    "aborting connected UDP sockets whose backend left: {e} (a kernel without \
+                     CONFIG_INET_DIAG_DESTROY cannot: they keep their backend until they reconnect)"
+                );
+            }
+        }
+    }
+}
+
+/// Attaches the socket programs to --cgroup-root (`--socket-lb host|all`), or detaches those an
+/// earlier agent left (`off`). A root that cannot take them stops the agent: the operator asked
+/// for socket-level load balancing.
+fn attach_sockets(dp: &mut Datapath, mode: datapath::SocketLb, root: &std::path::Path) -> anyhow::Result<()> {
+    if mode == datapath::SocketLb::Off {
+        dp.detach_sockets();
+        return Ok(());
+    }
+    dp.attach_sockets(root).context("--socket-lb")?;
+    info!(cgroup = %root.display(), mode = ?mode, "socket-level load balancing attached");
+    Ok(())
+}
+
 fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<datapath::Maps>, cause: &str) {
     let present = datapath::interfaces();
     for name in dp.gone(&present) {

@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Packets that would have started a flow, dropped while another layout's links were taken
     /// over (their senders retransmit).
     pub layout_takeover_held: Counter,
+    /// Connected UDP sockets aborted because the backend the socket programs sent them to left
+    /// their Service.
+    pub socket_udp_aborted: Counter,
     /// Kernel features lb would use that this kernel lacks (1 each), with what lb does instead.
     pub kernel_missing: Family<Labels, Gauge>,
     /// Interfaces that match but could not be attached (1 each, while so).
@@ -91,6 +94,7 @@ impl Metrics {
             sweep_errors: Counter::default(),
             layout_takeovers: Family::default(),
             layout_takeover_held: Counter::default(),
+            socket_udp_aborted: Counter::default(),
             kernel_missing: Family::default(),
             attach_failed: Family::default(),
         }
@@ -356,6 +360,11 @@ pub fn registry(metrics: Arc<Metrics>, health: &Health, collector: DatapathColle
         "lb_layout_takeover_held_packets",
         "Packets that would have started a flow, dropped (and retransmitted by their senders) while another layout's links were taken over",
         metrics.layout_takeover_held.clone(),
+    );
+    r.register(
+        "lb_socket_udp_aborted",
+        "Connected UDP sockets aborted (ECONNABORTED) because the backend socket-level load balancing sent them to left their Service",
+        metrics.socket_udp_aborted.clone(),
     );
     r.register_collector(Box::new(collector));
     r

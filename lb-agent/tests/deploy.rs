@@ -166,6 +166,33 @@ fn daemonset_runs_like_kube_proxy_with_least_privilege() {
         );
         let mounts = c["volumeMounts"].as_sequence().expect("mounts");
         assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/fs/bpf"));
+        // Socket-level load balancing for the host's processes, at the hierarchy the init
+        // container mounts, from the host's namespaces, with what mounting takes and no more.
+        assert_eq!(bind("LB_SOCKET_LB"), "host", "{install}");
+        assert_eq!(bind("LB_CGROUP_ROOT"), "/run/lb/cgroupv2", "{install}");
+        let cgroup = mounts.iter().find(|m| m["mountPath"] == "/run/lb/cgroupv2").expect("the cgroup mount");
+        assert_eq!(cgroup["readOnly"], true);
+        let volume = |name: &Value| {
+            pod["volumes"].as_sequence().expect("volumes").iter().find(|v| &v["name"] == name).cloned()
+        };
+        assert_eq!(volume(&cgroup["name"]).expect("its volume")["hostPath"]["path"], "/run/lb/cgroupv2");
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["name"], "mount-cgroup");
+        assert_eq!(init["image"], c["image"]);
+        assert_eq!(
+            strings(&init["args"]),
+            ["--mount-cgroup", "--cgroup-root=/run/lb/cgroupv2", "--host-namespaces=/hostproc/1/ns"]
+        );
+        let isc = &init["securityContext"];
+        assert_eq!(isc["privileged"], false);
+        assert_eq!(strings(&isc["capabilities"]["drop"]), ["ALL"]);
+        assert_eq!(strings(&isc["capabilities"]["add"]), ["SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE"]);
+        let hostproc = &init["volumeMounts"][0];
+        assert_eq!(
+            (&hostproc["mountPath"], &hostproc["readOnly"]),
+            (&Value::from("/hostproc"), &Value::from(true))
+        );
+        assert_eq!(volume(&hostproc["name"]).expect("hostproc")["hostPath"]["path"], "/proc");
         // The overlay leaves the arguments (--interfaces, as the operator set them) alone.
         assert_eq!(strings(&c["args"]), base_args(), "{install}");
         let ports = c["ports"].as_sequence().expect("ports");

@@ -142,3 +142,65 @@ fn a_failed_load_leaves_nothing_pinned() {
         std::fs::read_dir(pins.path()).map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
     );
 }
+
+/// Counters added within a pin layout (the socket programs'): a pinned counter array of the old
+/// size is made anew at load, since the loader would reuse it as it is and the new counters would
+/// count nowhere.
+#[test]
+fn a_pinned_counter_array_of_another_size_is_made_anew() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let pins = support::PinDir::new("counters");
+    let dir = lb_agent::datapath::layout_dir(pins.path());
+    std::fs::create_dir_all(&dir).expect("layout dir");
+    let path = dir.join(lb_common::MAP_LB_COUNTERS);
+    // BPF_MAP_CREATE a per-CPU array of the size before (34 u64 counters), then BPF_OBJ_PIN it
+    // where the agent pins its counters.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        _rest: [u8; 56],
+    }
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let create = MapCreate {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 34,
+        _rest: [0; 56],
+    };
+    // SAFETY: a valid bpf_attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, 0, &create as *const MapCreate, size_of::<MapCreate>() as u32)
+    };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _rest: [u8; 112],
+    }
+    let pin = ObjPin { pathname: c_path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0, _rest: [0; 112] };
+    // SAFETY: as above; the path outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &pin as *const ObjPin, size_of::<ObjPin>() as u32) };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor; the pin holds the map.
+    unsafe { libc::close(fd as i32) };
+    let size = |p: &std::path::Path| {
+        aya::maps::MapData::from_pin(p).expect("pinned").info().expect("info").max_entries()
+    };
+    assert_eq!(size(&path), 34);
+
+    let (_dp, maps) =
+        lb_agent::datapath::Datapath::load(&support::test_config(pins.path()), lb_agent::datapath::Mode::Tc)
+            .expect("load");
+    assert_eq!(size(&path), lb_common::counters::COUNT, "made anew at the current size");
+    assert_eq!(
+        maps.read_counters().expect("every counter readable").len(),
+        lb_common::counters::COUNT as usize
+    );
+}

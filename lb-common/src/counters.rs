@@ -108,8 +108,22 @@ pub const DROP_SRC_RANGE: u32 = 32;
 /// outcome).
 pub const XDP_SENT: u32 = 33;
 
+/// Socket-level load balancing (not packets: these count system calls, and no outcome counter
+/// moves with them). A `connect` (TCP, connected UDP) to a Service address was sent to a backend.
+pub const SOCK_CONNECT: u32 = 34;
+/// A `sendmsg` of unconnected UDP to a Service address was sent to a backend.
+pub const SOCK_SENDMSG: u32 = 35;
+/// A UDP datagram received from a backend was given the Service address as its source
+/// (`recvmsg`).
+pub const SOCK_RECVMSG: u32 = 36;
+/// `getpeername` gave the Service address for a backend.
+pub const SOCK_GETPEERNAME: u32 = 37;
+/// A `connect` or `sendmsg` to a Service with no endpoints (or none for this node's
+/// `internalTrafficPolicy: Local`) was refused: ECONNREFUSED, or EPERM before Linux 5.18.
+pub const SOCK_REFUSED: u32 = 38;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 34;
+pub const COUNT: u32 = 39;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -147,6 +161,11 @@ pub const NAMES: [&str; COUNT as usize] = [
     "drop_fib",
     "drop_src_range",
     "xdp_sent",
+    "sock_connect",
+    "sock_sendmsg",
+    "sock_recvmsg",
+    "sock_getpeername",
+    "sock_refused",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so

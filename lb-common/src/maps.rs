@@ -167,8 +167,26 @@ pub const MAP_LB_SNAT_RANGES: &str = "LB_SNAT_RANGES";
 /// Entries of `LB_SNAT_RANGES`.
 pub const SNAT_RANGES_KEPT: u32 = 4;
 
+/// Pinned: socket-level load balancing's reverse translations, (socket cookie, backend address
+/// and port) → the Service address the socket asked for (`Lb4SockRevKey` → `Lb4SockRev`). Written
+/// by the `connect4` and `sendmsg4` programs when they translate; read by `recvmsg4` and
+/// `getpeername4`, which make the backend read as the Service. LRU: a socket leaves no trace when
+/// it closes, so the oldest translations are forgotten first.
+pub const MAP_LB4_SOCK_REV: &str = "LB4_SOCK_REV";
+/// Pinned: socket-level load balancing's choices, (socket cookie, Service address, port,
+/// protocol) → the backend id given (`Lb4SockFwdKey` → `u32`). Written by `connect4` and
+/// `sendmsg4` when they choose; read by them first, so that a socket that sends to the Service
+/// again (every datagram of unconnected UDP) keeps its backend while that stays a member that is
+/// not draining, as a flow keeps its conntrack entry on the packet path. LRU.
+pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
+/// Pinned: ClientIP session affinity for sockets, (network namespace cookie, frontend) → backend
+/// (`LbSockAffinityKey` → `Lb4Affinity`): at `connect` the client's address is not known yet, so
+/// the namespace stands for it (every process of a node is one client, as under kube-proxy, where
+/// they share the node's address). LRU.
+pub const MAP_LB4_SOCK_AFFINITY: &str = "LB4_SOCK_AFFINITY";
+
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 18] = [
+pub const PINNED_MAPS: [&str; 21] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -187,6 +205,9 @@ pub const PINNED_MAPS: [&str; 18] = [
     MAP_LB4_IFS,
     MAP_LB4_SRC_RANGES,
     MAP_LB_SNAT_RANGES,
+    MAP_LB4_SOCK_REV,
+    MAP_LB4_SOCK_FWD,
+    MAP_LB4_SOCK_AFFINITY,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -219,7 +240,25 @@ pub mod globals {
     /// nanosecond, at a few more nanoseconds a call). A read-only global, so the verifier knows
     /// it and never looks at the branch not taken, whose helper an older kernel would refuse.
     pub const KTIME_COARSE: &str = "KTIME_COARSE";
+    /// `u32`: which sockets the socket programs translate (`SOCK_SCOPE_*`).
+    pub const SOCK_SCOPE: &str = "SOCK_SCOPE";
+    /// `u64`: with `SOCK_SCOPE_NETNS`, the cookie of the network namespace whose sockets are
+    /// translated (the agent's own, from `SO_NETNS_COOKIE`).
+    pub const SOCK_NETNS_COOKIE: &str = "SOCK_NETNS_COOKIE";
+    /// `u32`: non-zero where the kernel has `bpf_set_retval` for cgroup programs (5.18): a
+    /// `connect` or `sendmsg` to a Service without endpoints then fails with ECONNREFUSED;
+    /// else with EPERM (what a cgroup program's refusal gives). Read-only, like `KTIME_COARSE`.
+    pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
 }
+
+/// `globals::SOCK_SCOPE`: every socket (`--socket-lb all`).
+pub const SOCK_SCOPE_ALL: u32 = 0;
+/// `globals::SOCK_SCOPE`: sockets of the network namespace `globals::SOCK_NETNS_COOKIE` names
+/// (`--socket-lb host` where the kernel has `SO_NETNS_COOKIE`, 5.14).
+pub const SOCK_SCOPE_NETNS: u32 = 1;
+/// `globals::SOCK_SCOPE`: sockets of the initial network namespace (`--socket-lb host` below
+/// 5.14, whose agent cannot learn its own namespace's cookie).
+pub const SOCK_SCOPE_INIT_NETNS: u32 = 2;
 
 /// Default SNAT port range: below the default NodePort range (30000-32767) and the kernel's
 /// default `ip_local_port_range` (32768-60999). 28,976 ports: a node SNATing the flows from
@@ -544,6 +583,69 @@ pub struct Lb4Affinity {
 }
 const _: () = assert!(size_of::<Lb4Affinity>() == 16);
 
+/// Key of `LB4_SOCK_REV` (see `MAP_LB4_SOCK_REV`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// The backend the socket was sent to, network byte order.
+    pub addr: u32,
+    /// Its port, network byte order.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Lb4SockRevKey>() == 16);
+
+/// Value of `LB4_SOCK_REV`: the Service address and port the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4SockRev {
+    /// Network byte order.
+    pub vip: u32,
+    /// Network byte order.
+    pub vport: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+    /// The frontend translated.
+    pub svc_id: u32,
+    /// The backend given: while (`svc_id`, `backend_id`) is a member of the frontend that is not
+    /// draining, the socket may go on with it (the agent aborts connected UDP sockets whose
+    /// backend left).
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<Lb4SockRev>() == 16);
+
+/// Key of `LB4_SOCK_FWD` (see `MAP_LB4_SOCK_FWD`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb4SockFwdKey {
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// The Service address, network byte order.
+    pub vip: u32,
+    /// Its port, network byte order.
+    pub vport: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Lb4SockFwdKey>() == 16);
+
+/// Key of `LB4_SOCK_AFFINITY` (see `MAP_LB4_SOCK_AFFINITY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbSockAffinityKey {
+    /// The client socket's network namespace cookie.
+    pub netns: u64,
+    pub svc_id: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<LbSockAffinityKey>() == 16);
+
 /// Value of `LB4_FE_META`, indexed by frontend id: what the agent knows of a frontend, kept beside
 /// the maps for `lbctl` and for a restarted agent. Never read by the datapath.
 #[repr(C)]
@@ -694,6 +796,14 @@ mod pod {
     unsafe impl aya::Pod for Lb4AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4Affinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4SockRevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4SockRev {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LbSockAffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4SockFwdKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4FrontendMeta {}
     // SAFETY: as above.
@@ -848,6 +958,12 @@ pub mod capacity {
     /// `loadBalancerSourceRanges` entries (one per frontend with ranges, and one per range of
     /// each). Fixed.
     pub const SRC_RANGES: u32 = 65_536;
+    /// Socket-level reverse translations (a socket and the backend it was sent to). Fixed.
+    pub const SOCK_REV: u32 = 65_536;
+    /// Socket-level choices (a socket and the Service address it sends to). Fixed.
+    pub const SOCK_FWD: u32 = 65_536;
+    /// Socket-level session affinity entries (network namespace, frontend). Fixed.
+    pub const SOCK_AFFINITY: u32 = 16_384;
 
     /// Every capacity the agent sets at load time, in one place: the flags fill it, the loader,
     /// the reconciler's allocators and the occupancy metrics read it.

@@ -31,6 +31,12 @@ static SNAT_REPLY_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
 static SNAT_REPLY_MAX: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.1 as u32);
 #[unsafe(no_mangle)]
 static KTIME_COARSE: Global<u32> = Global::new(1);
+#[unsafe(no_mangle)]
+static SOCK_SCOPE: Global<u32> = Global::new(lb_common::SOCK_SCOPE_INIT_NETNS);
+#[unsafe(no_mangle)]
+static SOCK_NETNS_COOKIE: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static SOCK_SET_RETVAL: Global<u32> = Global::new(0);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -73,4 +79,23 @@ pub fn snat_reply_ports() -> (u32, u32) {
 #[inline(always)]
 pub fn ktime_coarse() -> bool {
     KTIME_COARSE.load() != 0
+}
+
+/// Which sockets the socket programs translate (`lb_common::SOCK_SCOPE_*`).
+#[inline(always)]
+pub fn sock_scope() -> u32 {
+    SOCK_SCOPE.load()
+}
+
+/// The network namespace whose sockets are translated, with `SOCK_SCOPE_NETNS`.
+#[inline(always)]
+pub fn sock_netns_cookie() -> u64 {
+    SOCK_NETNS_COOKIE.load()
+}
+
+/// Whether the kernel has `bpf_set_retval` for cgroup programs (see
+/// `lb_common::globals::SOCK_SET_RETVAL`).
+#[inline(always)]
+pub fn sock_set_retval() -> bool {
+    SOCK_SET_RETVAL.load() != 0
 }

@@ -98,7 +98,7 @@ fn held_for_takeover(now: u64) -> bool {
 }
 
 #[inline(always)]
-fn active_backend(id: u32) -> Option<Lb4Backend> {
+pub fn active_backend(id: u32) -> Option<Lb4Backend> {
     LB4_BACKENDS.get(id).copied().filter(|b| b.state == BACKEND_STATE_ACTIVE)
 }
 
@@ -119,7 +119,12 @@ fn affinity_backend(svc: &Lb4Service, client: u32, proto: u8, now: u64) -> Optio
 
 #[inline(always)]
 fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
-    let hash = lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed());
+    maglev_pick(svc, lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed()))
+}
+
+/// The backend in the slot of `svc`'s Maglev table that `hash` falls on, if active.
+#[inline(always)]
+pub fn maglev_pick(svc: &Lb4Service, hash: u32) -> Option<(u32, Lb4Backend)> {
     let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
     let id = LB4_MAGLEV.get(slot >> 1)?[(slot & 1) as usize];
     active_backend(id).map(|b| (id, b))
@@ -139,7 +144,14 @@ pub enum Origin {
 /// entry where it has two.
 #[inline(always)]
 fn frontend(f: &Flow, origin: Origin) -> Option<Lb4Service> {
-    let mut key = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, scope: SCOPE_EXTERNAL };
+    frontend_at(f.daddr, f.dport, f.proto, origin)
+}
+
+/// The frontend at `addr:port` (network byte order) for `proto`, as `origin` sees them (see
+/// `frontend`).
+#[inline(always)]
+pub fn frontend_at(addr: u32, port: u16, proto: u8, origin: Origin) -> Option<Lb4Service> {
+    let mut key = Lb4ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL };
     // SAFETY: the value is copied out at once.
     let svc = unsafe { LB4_SERVICES.get(&key) }.copied()?;
     match origin {
@@ -161,8 +173,14 @@ fn frontend(f: &Flow, origin: Origin) -> Option<Lb4Service> {
 /// an address share its ranges, under its external key.
 #[inline(always)]
 fn source_allowed(f: &Flow) -> bool {
-    let frontend = Lb4ServiceKey { addr: f.daddr, port: f.dport, proto: f.proto, scope: SCOPE_EXTERNAL };
-    let key = Key::new(SRC_RANGE_FRONTEND_BITS + 32, Lb4SrcRange { frontend, src: f.saddr });
+    source_allowed_at(f.daddr, f.dport, f.proto, f.saddr)
+}
+
+/// Whether client `src` may open a flow to frontend `addr:port`/`proto` (see `source_allowed`).
+#[inline(always)]
+pub fn source_allowed_at(addr: u32, port: u16, proto: u8, src: u32) -> bool {
+    let frontend = Lb4ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL };
+    let key = Key::new(SRC_RANGE_FRONTEND_BITS + 32, Lb4SrcRange { frontend, src });
     LB4_SRC_RANGES.get(&key).is_none_or(|v| *v != SRC_RANGE_DENY)
 }
 

@@ -11,6 +11,9 @@
 //!   outside).
 //! - `lb4_xdp_node_in`: the node interface's ingress decision as an XDP program
 //!   (`--node-datapath xdp`), in front of `lb4_tc_node_in`, which takes what XDP leaves to it.
+//! - `lb4_sock_connect`, `lb4_sock_sendmsg`, `lb4_sock_recvmsg`, `lb4_sock_getpeername`: cgroup v2
+//!   socket programs (`--socket-lb`): sockets are sent to a backend when they connect or send to
+//!   a Service address, and read the Service address back (`sock`).
 #![no_std]
 #![no_main]
 
@@ -25,11 +28,12 @@ mod monitor;
 mod nat;
 mod parse;
 mod pipeline;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::counters;
 
@@ -77,6 +81,26 @@ pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
 pub fn lb4_xdp_node_in(ctx: XdpContext) -> u32 {
     count(counters::RX_NODE_IN);
     pipeline::lb4_node_in(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb4_sock_connect(ctx: SockAddrContext) -> i32 {
+    sock::sock4_forward(&ctx, counters::SOCK_CONNECT)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb4_sock_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::sock4_forward(&ctx, counters::SOCK_SENDMSG)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb4_sock_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::sock4_reverse(&ctx, counters::SOCK_RECVMSG)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb4_sock_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::sock4_reverse(&ctx, counters::SOCK_GETPEERNAME)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,8 @@ use aya_ebpf::{
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
-    Lb4SrcRange, Lb4SvcStats, LbMonitorBucket, LbTcFilter, LbTcFilterKey,
+    Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, LbMonitorBucket, LbSockAffinityKey,
+    LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -142,3 +143,25 @@ pub static LB4_IFS: HashMap<u32, Lb4Interface> = HashMap::pinned(16_384, 0);
 /// writes a frontend's ranges before its deny entry, and its deny entry before it publishes it.
 #[map(name = "LB4_SRC_RANGES")]
 pub static LB4_SRC_RANGES: LpmTrie<Lb4SrcRange, u32> = LpmTrie::pinned(capacity::SRC_RANGES, 0);
+
+/// Socket-level load balancing: (socket cookie, backend) → the Service address the socket asked
+/// for (see `lb_common::MAP_LB4_SOCK_REV`). Written by `lb4_sock_connect` and `lb4_sock_sendmsg`
+/// as they translate; read by `lb4_sock_recvmsg` and `lb4_sock_getpeername`. LRU: nothing tells a
+/// program that a socket closed, so the oldest entries make room. Pinned, so that sockets
+/// translated before a restart still read as talking to their Service.
+#[map(name = "LB4_SOCK_REV")]
+pub static LB4_SOCK_REV: LruHashMap<Lb4SockRevKey, Lb4SockRev> = LruHashMap::pinned(capacity::SOCK_REV, 0);
+
+/// Socket-level choices: (socket cookie, Service address) → backend id (see
+/// `lb_common::MAP_LB4_SOCK_FWD`). Written and read by `lb4_sock_connect` and
+/// `lb4_sock_sendmsg`; honoured while the backend is a member that is not draining. LRU.
+#[map(name = "LB4_SOCK_FWD")]
+pub static LB4_SOCK_FWD: LruHashMap<Lb4SockFwdKey, u32> = LruHashMap::pinned(capacity::SOCK_FWD, 0);
+
+/// ClientIP session affinity of sockets: (network namespace, frontend) → backend (see
+/// `lb_common::MAP_LB4_SOCK_AFFINITY`). Written and read by `lb4_sock_connect` and
+/// `lb4_sock_sendmsg`; an entry is honoured only while its backend is an active member of the
+/// frontend, as in `LB4_AFFINITY`. LRU.
+#[map(name = "LB4_SOCK_AFFINITY")]
+pub static LB4_SOCK_AFFINITY: LruHashMap<LbSockAffinityKey, Lb4Affinity> =
+    LruHashMap::pinned(capacity::SOCK_AFFINITY, 0);

@@ -82,6 +82,16 @@ const TESTS: &[(&str, &[&str], &str)] = &[
         &["--exact", "xdp_on_the_node_interface_serves_nodeports_through_either_node"],
         "NodePort from outside through the XDP node program (generic XDP, XDP_TX)",
     ),
+    (
+        "e2e_sockets",
+        &["--exact", "all_mode_translates_sockets_on_this_kernel"],
+        "socket-level load balancing (cgroup connect4, sendmsg4, recvmsg4, getpeername4; EPERM before bpf_set_retval)",
+    ),
+    (
+        "e2e_sockets",
+        &["--exact", "host_mode_is_the_agents_namespace_or_the_initial_one"],
+        "--socket-lb host: the agent's namespace (SO_NETNS_COOKIE), else the initial one",
+    ),
     ("e2e_restart", &["--exact", "sigterm_and_restart_lose_no_connection"], "restart under traffic"),
     (
         "e2e_restart",

@@ -40,19 +40,22 @@ pub struct Maps {
     pub monitor: Array<MapData, u32>,
     pub src_ranges: LpmTrie<MapData, Lb4SrcRange, u32>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
-    /// the fragment map, the formats and SNAT ranges written at load),
+    /// the fragment map, the formats and SNAT ranges written at load, the socket programs' maps),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 6] = [
+const UNTYPED_MAPS: [&str; 9] = [
     MAP_LB_EVENTS,
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
     MAP_LB_FORMATS,
     MAP_LB_TC_FILTERS,
     lb_common::MAP_LB_SNAT_RANGES,
+    lb_common::MAP_LB4_SOCK_REV,
+    lb_common::MAP_LB4_SOCK_FWD,
+    lb_common::MAP_LB4_SOCK_AFFINITY,
 ];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod netlink;
 pub mod pins;
 pub mod probe;
+pub mod sockets;
 pub mod tc_filters;
 
 use std::{
@@ -38,6 +39,7 @@ pub use self::{
     maps::Maps,
     netlink::interfaces,
     pins::{cleanup, layout_dir, on_bpffs, try_lock, PinLock},
+    sockets::SocketLb,
 };
 
 /// The datapath object, built by `build.rs` from `lb-ebpf`.
@@ -126,6 +128,8 @@ pub struct Config {
     /// Whether node interfaces carry the XDP node program (`--node-datapath xdp`) in front of
     /// their TC ingress program.
     pub node_xdp: bool,
+    /// Which sockets the socket programs translate, once attached ([`Datapath::attach_sockets`]).
+    pub socket_lb: SocketLb,
 }
 
 /// How the TC programs are attached to an interface.
@@ -308,6 +312,10 @@ pub enum DatapathError {
     NotBpffs { pin_dir: PathBuf, dir: PathBuf, kind: i64 },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("{0}")]
+    CgroupRoot(String),
+    #[error("--socket-lb: learning this network namespace's cookie: {0}")]
+    NetnsCookie(std::io::Error),
 }
 
 /// The loaded programs and their attachments.
@@ -349,6 +357,10 @@ pub struct Datapath {
     /// TC programs as netlink filters (no TCX), recorded in `tc_records`.
     netlink: bool,
     tc_records: tc_filters::Records,
+    /// The cgroup the socket programs are attached to, and their links' pins.
+    sockets: Option<(PathBuf, Vec<PathBuf>)>,
+    /// `LB4_SOCK_REV`, once the socket programs are attached: what each socket was sent to.
+    sock_rev: Option<aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev>>,
 }
 
 /// Whether our programs ran from layout directory `dir`: a link is pinned in `links/` (before our
@@ -549,8 +561,19 @@ impl Datapath {
         let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
         let recorded = recorded_snat_ranges(&dir);
         let (reply_min, reply_max) = snat_reply_ports(&dir, cfg.snat_ports, &recorded);
+        // Counters added within this layout (the socket programs'): a pinned counter array of
+        // another size is made anew (the counts start again), since the loader would reuse it as
+        // it is, and the new counters would count nowhere.
+        let counters_pin = dir.join(lb_common::MAP_LB_COUNTERS);
+        let counters_size = aya::maps::MapData::from_pin(&counters_pin).ok().and_then(|d| d.info().ok());
+        if counters_size.is_some_and(|i| i.max_entries() != lb_common::counters::COUNT) {
+            tracing::info!("the pinned counters have another size: made anew, counting from zero");
+            let _ = std::fs::remove_file(&counters_pin);
+        }
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
+        let set_retval = u32::from(kernel.sock_set_retval);
+        let scope = sockets::Scope::of(cfg.socket_lb).map_err(DatapathError::NetnsCookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(MAP_LB4_SERVICES, cfg.caps.services)
@@ -572,6 +595,9 @@ impl Datapath {
             .override_global(globals::SNAT_REPLY_MIN, &reply_min, true)
             .override_global(globals::SNAT_REPLY_MAX, &reply_max, true)
             .override_global(globals::KTIME_COARSE, &ktime_coarse, true)
+            .override_global(globals::SOCK_SCOPE, &scope.scope, true)
+            .override_global(globals::SOCK_NETNS_COOKIE, &scope.netns_cookie, true)
+            .override_global(globals::SOCK_SET_RETVAL, &set_retval, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -647,6 +673,8 @@ impl Datapath {
             kernel,
             netlink,
             tc_records,
+            sockets: None,
+            sock_rev: None,
         };
         Ok((dp, maps))
     }
@@ -1165,6 +1193,7 @@ impl Datapath {
     pub fn pins_present(&self) -> bool {
         self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
             && self.attached.values().flat_map(|(_, p, _)| p).all(|p| p.exists())
+            && self.sockets.iter().flat_map(|(_, p)| p).all(|p| p.exists())
     }
 
     /// Pins every map again where it was and forgets every attachment (its link went with its
@@ -1180,6 +1209,7 @@ impl Datapath {
         }
         maps.pin_missing(&dir)?;
         self.attached.clear();
+        self.sockets = None;
         Ok(())
     }
 
@@ -1225,6 +1255,9 @@ impl Datapath {
     pub fn prune_links(&mut self, present: &[String]) {
         for e in std::fs::read_dir(&self.links_dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
+            if sockets::is_socket_pin(&name) {
+                continue;
+            }
             let iface = name.rsplit_once('@').map_or(name.as_str(), |(i, _)| i).replace(':', ".");
             if !present.contains(&iface) {
                 let _ = std::fs::remove_file(e.path());

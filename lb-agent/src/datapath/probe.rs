@@ -10,6 +10,12 @@ pub struct Kernel {
     pub tcx: bool,
     /// `bpf_ktime_get_coarse_ns` (5.11): else `bpf_ktime_get_ns`.
     pub ktime_coarse: bool,
+    /// `bpf_set_retval` in cgroup programs (5.18): a socket refused for want of endpoints gets
+    /// ECONNREFUSED; else EPERM.
+    pub sock_set_retval: bool,
+    /// `SO_NETNS_COOKIE` (5.14): `--socket-lb host` is the agent's own network namespace; else
+    /// the initial one.
+    pub netns_cookie: bool,
 }
 
 /// A feature this kernel lacks: its name, the kernel that has it, and what lb does instead.
@@ -22,6 +28,11 @@ pub struct Missing {
 
 /// `bpf_ktime_get_coarse_ns`'s helper number.
 const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
+/// `bpf_set_retval`'s helper number.
+const BPF_FUNC_SET_RETVAL: i32 = 187;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 
 impl Kernel {
     /// Asks the running kernel.
@@ -30,7 +41,13 @@ impl Kernel {
             // A query of the TCX attachments of the loopback interface (there is one in every
             // network namespace): kernels without TCX refuse the attach type.
             tcx: SchedClassifier::query_tcx("lo", TcAttachType::Ingress).is_ok(),
-            ktime_coarse: helper_loads(BPF_FUNC_KTIME_GET_COARSE_NS),
+            ktime_coarse: helper_loads(BPF_PROG_TYPE_SCHED_CLS, 0, BPF_FUNC_KTIME_GET_COARSE_NS),
+            sock_set_retval: helper_loads(
+                BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                BPF_CGROUP_INET4_CONNECT,
+                BPF_FUNC_SET_RETVAL,
+            ),
+            netns_cookie: super::sockets::netns_cookie().is_ok_and(|c| c.is_some()),
         }
     }
 
@@ -51,35 +68,57 @@ impl Kernel {
                 instead: "the datapath reads its clock with bpf_ktime_get_ns",
             });
         }
+        if !self.sock_set_retval {
+            m.push(Missing {
+                feature: "bpf_set_retval",
+                since: "5.18",
+                instead: "with --socket-lb, a connect or sendmsg to a Service without endpoints fails with EPERM, not ECONNREFUSED",
+            });
+        }
+        if !self.netns_cookie {
+            m.push(Missing {
+                feature: "SO_NETNS_COOKIE",
+                since: "5.14",
+                instead: "--socket-lb host translates the sockets of the initial network namespace, wherever the agent runs",
+            });
+        }
         m
     }
 }
 
-/// Whether a TC program calling helper `id` (and nothing else) loads: the kernel's verifier
-/// refuses helpers it does not know.
-fn helper_loads(id: i32) -> bool {
+/// Whether a program of type `prog_type` (expected attach type `attach_type`) calling helper `id`
+/// (with r1 = 0, and nothing else) loads: the kernel's verifier refuses helpers it does not know,
+/// or does not give that program type.
+fn helper_loads(prog_type: u32, attach_type: u32, id: i32) -> bool {
     const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    // call id; r0 = 0; exit (struct bpf_insn: code, dst:4|src:4, off, imm).
-    let insn = |code: u8, imm: i32| -> u64 { u64::from(code) | (u64::from(imm as u32) << 32) };
-    let insns = [insn(0x85, id), insn(0xb7, 0), insn(0x95, 0)];
+    // r1 = 0; call id; r0 = 1; exit (struct bpf_insn: code, dst:4|src:4, off, imm). 1: a cgroup
+    // socket program may return only 0 or 1.
+    let insn = |code: u8, dst: u8, imm: i32| -> u64 {
+        u64::from(code) | (u64::from(dst) << 8) | (u64::from(imm as u32) << 32)
+    };
+    let insns = [insn(0xb7, 1, 0), insn(0x85, 0, id), insn(0xb7, 0, 1), insn(0x95, 0, 0)];
     let license = c"GPL";
-    // union bpf_attr, BPF_PROG_LOAD variant: prog_type, insn_cnt, insns, license, then zeroes
-    // (no log, no name, no attach type).
+    // union bpf_attr, BPF_PROG_LOAD variant: prog_type, insn_cnt, insns, license, no log
+    // (level, size, buffer), kern_version, prog_flags, prog_name, prog_ifindex, then
+    // expected_attach_type, and zeroes.
     #[repr(C)]
     struct ProgLoad {
         prog_type: u32,
         insn_cnt: u32,
         insns: u64,
         license: u64,
-        _rest: [u8; 128],
+        _log_and_more: [u8; 44],
+        expected_attach_type: u32,
+        _rest: [u8; 80],
     }
     let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        _rest: [0; 128],
+        _log_and_more: [0; 44],
+        expected_attach_type: attach_type,
+        _rest: [0; 80],
     };
     // SAFETY: a valid bpf_attr of the size passed; the instructions and license outlive the call.
     let fd = unsafe {
@@ -98,7 +137,14 @@ mod tests {
     #[test]
     fn an_unknown_helper_is_refused_and_a_known_one_loads() {
         // bpf_ktime_get_ns (5): every kernel lb runs on has it. 100,000: no kernel has it.
-        assert!(super::helper_loads(5), "run as root: loading BPF programs needs CAP_BPF");
-        assert!(!super::helper_loads(100_000));
+        use super::*;
+        let cls = BPF_PROG_TYPE_SCHED_CLS;
+        assert!(helper_loads(cls, 0, 5), "run as root: loading BPF programs needs CAP_BPF");
+        assert!(!helper_loads(cls, 0, 100_000));
+        // bpf_ktime_get_ns in a connect4 program: the expected attach type is passed right.
+        let sock = BPF_PROG_TYPE_CGROUP_SOCK_ADDR;
+        assert!(helper_loads(sock, BPF_CGROUP_INET4_CONNECT, 5));
+        // bpf_set_retval is the cgroup programs' only: never a TC program's.
+        assert!(!helper_loads(cls, 0, BPF_FUNC_SET_RETVAL));
     }
 }

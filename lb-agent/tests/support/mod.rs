@@ -66,6 +66,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         tc_order: Default::default(),
         tc_attach: Default::default(),
         node_xdp: false,
+        socket_lb: lb_agent::datapath::SocketLb::Off,
     }
 }
 

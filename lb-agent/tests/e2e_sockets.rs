@@ -1,0 +1,442 @@
+//! Socket-level load balancing end to end (`--socket-lb`): processes on a node (the node's
+//! network namespace stands for the host's) reach Services through the cgroup programs, which the
+//! agents attach to a child cgroup of the test's own cgroup v2 hierarchy, where the clients run.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use lb_agent::datapath::Mode;
+use lb_common::counters as c;
+use lb_testkit::{
+    lab::{node_manifest, wait_until, Pod},
+    sockets::{Cgroup2, SockClient},
+};
+use support::{Cluster, VIP};
+
+/// A Service without endpoints.
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// A Service with ClientIP session affinity over the same endpoints.
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+
+/// Service `who` (TCP 80 → 8080, UDP 53 → 5353, NodePorts 30080 and 30053) over `endpoints`,
+/// `sticky` (the same with ClientIP affinity), `empty` (no endpoints), and both Node objects.
+fn objects(nodes: &[lb_testkit::lab::Node; 2], endpoints: &[&Pod]) -> String {
+    let eps: Vec<String> =
+        endpoints.iter().map(|p| format!("- addresses: [{}]\n  nodeName: node{}", p.ip, p.node)).collect();
+    let eps = format!("\n{}", eps.join("\n"));
+    let service = |name: &str, vip: Ipv4Addr, extra: &str, eps: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  clusterIP: {vip}
+{extra}  ports:
+  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}
+  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: tcp, port: 8080, protocol: TCP}}
+- {{name: udp, port: 5353, protocol: UDP}}
+endpoints:{eps}
+---
+"#
+        )
+    };
+    let who = service("who", VIP, "  type: NodePort\n", &eps).replace(
+        "protocol: TCP}\n  - {name: udp, port: 53, targetPort: 5353, protocol: UDP}",
+        "protocol: TCP, nodePort: 30080}\n  - {name: udp, port: 53, targetPort: 5353, protocol: UDP, nodePort: 30053}",
+    );
+    let sticky = service("sticky", STICKY_VIP, "  sessionAffinity: ClientIP\n", &eps);
+    let empty = service("empty", EMPTY_VIP, "", " []");
+    format!("{who}{sticky}{empty}{}---\n{}", node_manifest(&nodes[0]), node_manifest(&nodes[1]))
+}
+
+/// A two-node cluster whose agents load-balance the sockets of their node's namespace (`mode`:
+/// host or all), each attached to a child cgroup of its own; every backend an endpoint.
+fn cluster(tag: &str, mode: &str) -> (Cluster, [Cgroup2; 2]) {
+    let cgroups = [
+        Cgroup2::new(&format!("{tag}1")).expect("a cgroup v2 hierarchy for node 1"),
+        Cgroup2::new(&format!("{tag}2")).expect("a cgroup v2 hierarchy for node 2"),
+    ];
+    let roots = cgroups.each_ref().map(|g| g.path().display().to_string());
+    let mut c = Cluster::new(tag, Mode::Tc, true, |_| String::new(), &[]);
+    // Each node's agent with its own cgroup: started again with the flags (the cluster's first
+    // start had none, and wrote no objects yet).
+    for (i, root) in roots.iter().enumerate() {
+        let node = c.nodes[i].clone();
+        c.lab.stop_agent(&node, libc::SIGTERM);
+        let args = ["--node-interfaces", "ul0", "--socket-lb", mode, "--cgroup-root", root.as_str()];
+        c.lab.restart_agent_adding(&node, &args).expect("agent with socket-level load balancing");
+    }
+    let backends: Vec<&Pod> = c.backends.iter().collect();
+    c.write(&objects(&c.nodes, &backends));
+    for node in &c.nodes {
+        c.wait_ready(node);
+    }
+    (c, cgroups)
+}
+
+/// The counters of node `node`'s datapath.
+fn counters(c: &Cluster, node: usize) -> Vec<u64> {
+    c.maps(node).read_counters().expect("counters")
+}
+
+/// Waits until `client` reaches `to` over TCP (the agent has synced and attached).
+fn wait_answer(c: &Cluster, client: &mut SockClient, to: SocketAddrV4) {
+    let ok = wait_until(Duration::from_secs(90), || client.tcp(to));
+    assert!(
+        ok.is_ok(),
+        "{to} never answered: {ok:?}\nagent logs:\n{}\n{}",
+        c.lab.agent_log(&c.nodes[0]),
+        c.lab.agent_log(&c.nodes[1])
+    );
+}
+
+/// The counters of node 1 and what moved since `before`, for failure messages.
+fn show_counters(c: &Cluster) -> String {
+    (1..=2)
+        .map(|n| {
+            let moved: Vec<String> = c::NAMES
+                .iter()
+                .zip(counters(c, n))
+                .filter(|(_, v)| *v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("node{n}: {}", moved.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// From `client` (in node 1's cgroup, translated by its programs): TCP and unconnected UDP to
+/// the ClusterIP reach every endpoint and read the Service address back (getpeername; the
+/// source of the replies), a connected UDP socket too and keeps its backend, the packet path
+/// has nothing to do, and a Service without endpoints is refused at once (ECONNREFUSED, or EPERM
+/// where the kernel lacks `bpf_set_retval`).
+fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
+    let (tcp, udp) = (SocketAddrV4::new(VIP, 80), SocketAddrV4::new(VIP, 53));
+    wait_answer(c, client, tcp);
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    let before = counters(c, 1);
+
+    // TCP: spread over every endpoint, each connection's peer the Service address.
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let a = client.tcp(tcp).expect("TCP to the ClusterIP");
+        assert_eq!(a.peer, tcp.to_string(), "getpeername gives the Service address");
+        assert_ne!(a.seen.split(':').next(), Some(VIP.to_string().as_str()));
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "TCP reaches every endpoint");
+
+    // Unconnected UDP: each reply reads as coming from the Service address.
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let a = client.udp(udp).expect("UDP sendto/recvfrom to the ClusterIP");
+        assert_eq!(a.peer, udp.to_string(), "the reply's source is the Service address");
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "unconnected UDP reaches every endpoint");
+
+    // Connected UDP: its peer is the Service address, and it keeps its backend.
+    let open = client.call(&format!("udp-open u1 {VIP} 53")).expect("udp-open");
+    assert_eq!(open["peer"], udp.to_string(), "{open}");
+    let first = client.call("udp-ask u1").expect("udp-ask");
+    assert!(first.get("error").is_none(), "{first}");
+    for _ in 0..5 {
+        assert_eq!(client.call("udp-ask u1").expect("udp-ask")["name"], first["name"]);
+    }
+    client.call("close u1").expect("close");
+
+    let after = counters(c, 1);
+    let moved = |i: u32| after[i as usize] - before[i as usize];
+    assert!(moved(c::SOCK_CONNECT) >= 41, "connects translated: {}", show_counters(c));
+    assert!(moved(c::SOCK_SENDMSG) >= 40, "sendmsg translated: {}", show_counters(c));
+    assert!(moved(c::SOCK_RECVMSG) >= 40, "replies read from the Service: {}", show_counters(c));
+    assert!(moved(c::SOCK_GETPEERNAME) >= 41, "getpeername: {}", show_counters(c));
+    // Translated at the socket: nothing for the packet path to do.
+    assert_eq!(moved(c::FWD_NEW_FLOW), 0, "no packet-level new flow: {}", show_counters(c));
+
+    // A Service without endpoints: refused at once. The kernels tested are Debian's, which did
+    // not backport `bpf_set_retval` (5.18): the release says which error, independently of the
+    // agent's probe, which must agree.
+    let set_retval = support::kernel_release() >= (5, 18);
+    assert_eq!(lb_agent::datapath::probe::Kernel::probe().sock_set_retval, set_retval);
+    let want = if set_retval { "ECONNREFUSED" } else { "EPERM" };
+    let refused = client.tcp(SocketAddrV4::new(EMPTY_VIP, 80)).expect_err("no endpoints");
+    assert_eq!(refused.to_string(), want, "connect to a Service without endpoints");
+    let refused = client.udp(SocketAddrV4::new(EMPTY_VIP, 53)).expect_err("no endpoints");
+    assert_eq!(refused.to_string(), want, "sendto to a Service without endpoints");
+    assert!(counters(c, 1)[c::SOCK_REFUSED as usize] >= 2, "{}", show_counters(c));
+}
+
+#[test]
+fn host_processes_reach_services_through_their_sockets() {
+    let (c, cgroups) = cluster("sk", "host");
+    let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
+    reaches_services_at_the_socket(&c, &mut host);
+
+    // Session affinity: every connection from this node's processes to the same backend.
+    let sticky = SocketAddrV4::new(STICKY_VIP, 80);
+    let names: BTreeSet<String> =
+        (0..10).map(|_| host.tcp(sticky).expect("TCP to the sticky Service").name).collect();
+    assert_eq!(names.len(), 1, "ClientIP affinity from the host: {names:?}");
+
+    // A NodePort on this node's address is translated here, at the socket.
+    let own = SocketAddrV4::new(c.nodes[0].underlay_ip(), 30080);
+    let before = counters(&c, 1)[c::SOCK_CONNECT as usize];
+    let a = host.tcp(own).unwrap_or_else(|e| panic!("this node's NodePort: {e}\n{}", show_counters(&c)));
+    assert_eq!(a.peer, own.to_string());
+    assert!(counters(&c, 1)[c::SOCK_CONNECT as usize] > before, "translated at the socket");
+    // Another node's NodePort is that node's to translate: its packets leave untouched.
+    let other = SocketAddrV4::new(c.nodes[1].underlay_ip(), 30080);
+    let before = (counters(&c, 1)[c::SOCK_CONNECT as usize], counters(&c, 2)[c::FWD_NEW_FLOW as usize]);
+    let a =
+        host.tcp(other).unwrap_or_else(|e| panic!("the other node's NodePort: {e}\n{}", show_counters(&c)));
+    assert_eq!(a.peer, other.to_string());
+    assert_eq!(counters(&c, 1)[c::SOCK_CONNECT as usize], before.0, "not translated on node 1");
+    assert!(counters(&c, 2)[c::FWD_NEW_FLOW as usize] > before.1, "translated by node 2");
+}
+
+#[test]
+fn host_mode_leaves_pods_to_the_packet_path_and_all_mode_translates_them() {
+    let (mut c, cgroups) = cluster("sm", "host");
+    let tcp = SocketAddrV4::new(VIP, 80);
+    let mut pod = SockClient::start(&c.client1.netns, cgroups[0].path()).expect("a client in pod c1");
+    wait_answer(&c, &mut pod, tcp);
+    let before = counters(&c, 1);
+    for _ in 0..10 {
+        let a = pod.tcp(tcp).expect("TCP from the pod");
+        assert_eq!(a.peer, tcp.to_string());
+    }
+    let after = counters(&c, 1);
+    let moved = |a: &[u64], b: &[u64], i: u32| a[i as usize] - b[i as usize];
+    assert_eq!(moved(&after, &before, c::SOCK_CONNECT), 0, "host mode: the pod's sockets are left alone");
+    assert!(moved(&after, &before, c::FWD_NEW_FLOW) >= 10, "the packet path translated them");
+
+    // `all`: the pod's connections are translated at connect, and read the Service back.
+    let node = c.nodes[0].clone();
+    c.lab.stop_agent(&node, libc::SIGTERM);
+    c.lab.restart_agent_adding(&node, &["--socket-lb", "all"]).expect("agent with --socket-lb all");
+    let ok = wait_until(Duration::from_secs(90), || {
+        let before = counters(&c, 1)[c::SOCK_CONNECT as usize];
+        pod.tcp(tcp)?;
+        if counters(&c, 1)[c::SOCK_CONNECT as usize] > before {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not translated at the socket yet"))
+        }
+    });
+    assert!(ok.is_ok(), "{ok:?}\n{}", c.lab.agent_log(&node));
+    let before = counters(&c, 1);
+    for _ in 0..10 {
+        let a = pod.tcp(tcp).expect("TCP from the pod");
+        assert_eq!(a.peer, tcp.to_string(), "getpeername gives the Service address");
+    }
+    let after = counters(&c, 1);
+    assert!(moved(&after, &before, c::SOCK_CONNECT) >= 10, "all mode: translated at connect");
+    assert_eq!(moved(&after, &before, c::FWD_NEW_FLOW), 0, "no per-packet translation");
+}
+
+/// The socket programs' link pins in `node`'s layout (`links/`).
+fn socket_pins(node: &lb_testkit::lab::Node) -> Vec<String> {
+    let links = lb_agent::datapath::layout_dir(&node.pin_dir).join("links");
+    let mut pins: Vec<String> = std::fs::read_dir(links)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("@lb4_sock_"))
+        .collect();
+    pins.sort();
+    pins
+}
+
+#[test]
+fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
+    let (mut c, cgroups) = cluster("sr", "host");
+    let tcp = SocketAddrV4::new(VIP, 80);
+    let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
+    wait_answer(&c, &mut host, tcp);
+    let first = socket_pins(&c.nodes[0]);
+    assert_eq!(first.len(), 4, "one pinned link per socket program: {first:?}");
+
+    // Connections all along, while the agent stops and starts again.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let traffic = std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            match host.tcp(tcp) {
+                Ok(a) if a.peer == tcp.to_string() => ok += 1,
+                Ok(a) => failed.push(format!("peer {}", a.peer)),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed, host)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let node = c.nodes[0].clone();
+    c.lab.stop_agent(&node, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    c.lab.restart_agent(&node).expect("agent again");
+    c.wait_ready(&node);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed, mut host) = traffic.join().expect("traffic");
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed across the restart: {:?}",
+        failed.len(),
+        ok,
+        failed.first()
+    );
+    assert!(ok > 20, "traffic ran: {ok} connections");
+    let second = socket_pins(&node);
+    assert_eq!(second.len(), 4, "the restarted agent's links replaced the earlier ones: {second:?}");
+    assert!(second.iter().all(|p| !first.contains(p)), "{first:?} → {second:?}");
+
+    // --cleanup unpins them: the host's sockets are left alone again.
+    c.lab.stop_agent(&node, libc::SIGTERM);
+    support::cleanup(&node);
+    assert!(socket_pins(&node).is_empty());
+    assert!(lb_agent::datapath::Maps::from_pins(&node.pin_dir).is_err(), "the maps went with the cleanup");
+    assert!(host.tcp(tcp).is_err(), "without lb nothing answers for the Service address from the host");
+}
+
+/// `--socket-lb all` translates every socket in the cgroup, whatever its network namespace: what
+/// the kernel matrix runs on every kernel (below 5.14 `host` means the initial namespace, which a
+/// lab's node namespace is not).
+#[test]
+fn all_mode_translates_sockets_on_this_kernel() {
+    let (c, cgroups) = cluster("sa", "all");
+    let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
+    reaches_services_at_the_socket(&c, &mut host);
+}
+
+/// `--mount-cgroup` (the DaemonSet's init container): mounts a cgroup v2 hierarchy where there is
+/// none, and leaves one that is there alone. Here the "host's" namespaces are the test's own.
+#[test]
+fn mount_cgroup_mounts_a_cgroup2_hierarchy_once() {
+    let dir = std::env::temp_dir().join(format!("lb-mount-cgroup-{}", std::process::id()));
+    let mounts = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(dir.to_str().expect("utf-8")))
+            .count()
+    };
+    let run = || {
+        let out = std::process::Command::new(support::AGENT)
+            .args(["--mount-cgroup", "--cgroup-root"])
+            .arg(&dir)
+            .arg("--host-namespaces")
+            .arg(format!("/proc/{}/ns", std::process::id()))
+            .output()
+            .expect("lb-agent --mount-cgroup");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            while std::process::Command::new("umount").arg(&self.0).output().is_ok_and(|o| o.status.success())
+            {
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let (ok, log) = run();
+    assert!(ok, "{log}");
+    assert!(log.contains("mounted a cgroup v2 hierarchy"), "{log}");
+    assert_eq!(mounts(), 1, "{log}");
+    lb_agent::datapath::sockets::check_cgroup2(&dir).expect("a cgroup v2 hierarchy");
+    let (ok, log) = run();
+    assert!(ok, "{log}");
+    assert!(log.contains("mounted there already"), "{log}");
+    assert_eq!(mounts(), 1, "mounted once: {log}");
+}
+
+/// A connected UDP socket whose backend leaves its Service is aborted: the application sees
+/// ECONNABORTED, and its reconnect reaches a live backend. Unconnected UDP goes on (each datagram
+/// is translated anew).
+#[test]
+fn a_connected_udp_socket_whose_backend_leaves_is_aborted() {
+    let (c, cgroups) = cluster("su", "host");
+    let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
+    wait_answer(&c, &mut host, SocketAddrV4::new(VIP, 80));
+    let open = host.call(&format!("udp-open u1 {VIP} 53")).expect("udp-open");
+    assert!(open.get("error").is_none(), "{open}");
+    let first = host.call("udp-ask u1").expect("udp-ask");
+    let gone = first["name"].as_str().unwrap_or_else(|| panic!("{first}")).to_string();
+    // Its backend leaves the Service (the pod still runs and would answer).
+    let rest: Vec<&Pod> = c.backends.iter().filter(|b| b.name != gone).collect();
+    c.write(&objects(&c.nodes, &rest));
+    let aborted = wait_until(Duration::from_secs(30), || {
+        let e = host.call("udp-error u1")?;
+        match e["pending"].as_str() {
+            Some("ECONNABORTED") => Ok(()),
+            _ => Err(std::io::Error::other(format!("{e}"))),
+        }
+    });
+    assert!(aborted.is_ok(), "{aborted:?}\n{}", c.lab.agent_log(&c.nodes[0]));
+    let after = host.call("udp-ask u1").expect("udp-ask");
+    assert!(after.get("error").is_some(), "the aborted socket reaches nobody: {after}");
+    host.call("close u1").expect("close");
+    for i in 0..10 {
+        let open = host.call(&format!("udp-open v{i} {VIP} 53")).expect("udp-open");
+        assert!(open.get("error").is_none(), "{open}");
+        let a = host.call(&format!("udp-ask v{i}")).expect("udp-ask");
+        let name = a["name"].as_str().unwrap_or_else(|| panic!("{a}"));
+        assert_ne!(name, gone, "a new connected socket reaches a live backend");
+    }
+    let udp = SocketAddrV4::new(VIP, 53);
+    for _ in 0..10 {
+        assert_ne!(host.udp(udp).expect("unconnected UDP").name, gone);
+    }
+}
+
+/// `--socket-lb host` where the agent can learn its own network namespace (`SO_NETNS_COOKIE`,
+/// 5.14): that namespace's sockets are translated. Below, it means the initial namespace: the
+/// node namespace's sockets are left alone and the initial one's (the test's own, in the kernel
+/// matrix's machines) are translated. The kernel matrix runs this on every kernel.
+#[test]
+fn host_mode_is_the_agents_namespace_or_the_initial_one() {
+    let (c, cgroups) = cluster("sh", "host");
+    let tcp = SocketAddrV4::new(VIP, 80);
+    let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
+    let knows_its_own = support::kernel_release() >= (5, 14);
+    assert_eq!(lb_agent::datapath::probe::Kernel::probe().netns_cookie, knows_its_own);
+    if knows_its_own {
+        wait_answer(&c, &mut host, tcp);
+        let a = host.tcp(tcp).expect("TCP from the node");
+        assert_eq!(a.peer, tcp.to_string());
+        assert!(counters(&c, 1)[c::SOCK_CONNECT as usize] > 0, "{}", show_counters(&c));
+        return;
+    }
+    // The node's namespace is not the initial one: untranslated, its connection finds no route
+    // to the Service address.
+    assert!(host.tcp(tcp).is_err());
+    assert_eq!(counters(&c, 1)[c::SOCK_CONNECT as usize], 0, "{}", show_counters(&c));
+    // The initial namespace's sockets are: the connect is translated (and finds no route to the
+    // lab's pods from there, which the counter does not care about).
+    let mut initial = SockClient::start_here(cgroups[0].path()).expect("a client in the initial namespace");
+    let _ = initial.tcp(tcp);
+    assert!(counters(&c, 1)[c::SOCK_CONNECT as usize] > 0, "{}", show_counters(&c));
+}

@@ -1,0 +1,190 @@
+//! Socket-level load balancing (cgroup v2 `connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`):
+//! a socket that asks for a Service address is given a backend's before any packet exists, so
+//! processes on the node (and hostNetwork pods), whose packets never pass a pod's interface, reach
+//! Services, and their flows need no per-packet translation. The choice is the packet path's: the
+//! same frontends (as a pod on this node sees them: `internalTrafficPolicy`, and all endpoints for
+//! this node's external addresses, kube-proxy's exception for local traffic), the same Maglev
+//! tables and members, the same session affinity rules.
+//!
+//! What a socket is translated to is recorded by its cookie (`LB4_SOCK_REV`), so that the
+//! datagrams it receives from the backend, and `getpeername`, read as coming from the Service.
+
+use core::ptr;
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use lb_common::{
+    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwdKey, Lb4SockRev,
+    Lb4SockRevKey, LbSockAffinityKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, MEMBER_DRAINING,
+    SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
+};
+
+use crate::{
+    config, conntrack,
+    lb::{self, Origin},
+    maps::{LB4_SOCK_AFFINITY, LB4_SOCK_FWD, LB4_SOCK_REV},
+    stats::{count, svc_update},
+};
+
+/// What a cgroup socket program returns to let the call go on.
+const PROCEED: i32 = 1;
+/// What it returns to refuse the call (EPERM, or the error `bpf_set_retval` set).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// Whether the socket of `ctx` is one lb translates (`--socket-lb`): every socket, or those of
+/// one network namespace (the agent's; or, where the kernel cannot tell the agent its own, the
+/// initial one).
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    let scope = config::sock_scope();
+    if scope == SOCK_SCOPE_ALL {
+        return true;
+    }
+    // SAFETY: a valid context; no other preconditions.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if scope == SOCK_SCOPE_NETNS {
+        return netns == config::sock_netns_cookie();
+    }
+    // SAFETY: a null context asks for the initial namespace's cookie.
+    netns == unsafe { bpf_get_netns_cookie(ptr::null_mut()) }
+}
+
+/// The backend this namespace's sockets were given recently, if still an active member.
+#[inline(always)]
+fn affinity_backend(
+    svc: &Lb4Service,
+    key: &LbSockAffinityKey,
+    proto: u8,
+    now: u64,
+) -> Option<(u32, Lb4Backend)> {
+    // SAFETY: the value is copied out at once.
+    let a = unsafe { LB4_SOCK_AFFINITY.get(key) }.copied()?;
+    let timeout = u64::from(svc.affinity_timeout_secs) * 1_000_000_000;
+    if now.saturating_sub(a.last_used_ns) >= timeout {
+        return None;
+    }
+    let m = conntrack::affinity_allowed(svc.id, a.backend_id)?;
+    Some((a.backend_id, Lb4Backend { addr: m.addr, port: m.port, proto, state: BACKEND_STATE_ACTIVE }))
+}
+
+/// `connect4` and `sendmsg4`: a socket sending to a Service address is sent to a backend
+/// instead (counted as `counter`); to a Service without endpoints, refused. Anything else goes on
+/// untouched.
+#[inline(always)]
+pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; these fields are readable in every
+    // `sock_addr` program.
+    let (proto, addr, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    let Some(svc) = lb::frontend_at(addr, port, proto, Origin::Pod) else { return PROCEED };
+    if !in_scope(ctx) {
+        return PROCEED;
+    }
+    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !lb::source_allowed_at(addr, port, proto, 0) {
+        // `loadBalancerSourceRanges` that do not admit every source: the socket's own address is
+        // not known yet, so the packets go their way (to the load balancer, and back in through a
+        // node interface, where the ranges are checked against this node's address).
+        return PROCEED;
+    }
+    if svc.backend_count == 0 || svc.maglev_size == 0 {
+        return refuse(svc.id);
+    }
+    // SAFETY: a valid context; no other preconditions.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // This socket's earlier choice for this address, while its backend is still a member that
+    // is not draining (a terminating endpoint that still serves keeps its flows): each datagram
+    // of unconnected UDP stays with the backend the first went to, as a flow with its conntrack
+    // entry on the packet path.
+    let fwd_key = Lb4SockFwdKey { cookie, vip: addr, vport: port, proto, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let earlier = unsafe { LB4_SOCK_FWD.get(&fwd_key) }.copied();
+    if let Some(id) = earlier {
+        if let Some(m) = conntrack::member(svc.id, id).filter(|m| m.state != MEMBER_DRAINING) {
+            // SAFETY: as below.
+            unsafe {
+                (*sa).user_ip4 = m.addr;
+                (*sa).user_port = u32::from(m.port);
+            }
+            count(counter);
+            return PROCEED;
+        }
+    }
+    let now = lb::now_ns();
+    let affinity = svc.affinity_timeout_secs != 0;
+    let key = LbSockAffinityKey {
+        // SAFETY: as above.
+        netns: if affinity { unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } } else { 0 },
+        svc_id: svc.id,
+        _pad: 0,
+    };
+    let sticky = if affinity { affinity_backend(&svc, &key, proto, now) } else { None };
+    // One socket, one backend while the table stands (so an unconnected socket's datagrams go on
+    // to where its first went).
+    let hash =
+        lb4_flow_hash(cookie as u32, addr, (cookie >> 32) as u16, port, proto, config::flow_hash_seed());
+    let Some((id, backend)) = sticky.or_else(|| lb::maglev_pick(&svc, hash)) else {
+        // The agent never publishes a table that points at a missing backend.
+        return refuse(svc.id);
+    };
+    if sticky.is_some() {
+        count(counters::AFFINITY_HIT);
+    }
+    if affinity {
+        let _ =
+            LB4_SOCK_AFFINITY.insert(&key, &Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 }, 0);
+    }
+    let _ = LB4_SOCK_FWD.insert(&fwd_key, &id, 0);
+    let rev_key = Lb4SockRevKey { cookie, addr: backend.addr, port: backend.port, _pad: 0 };
+    let rev = Lb4SockRev { vip: addr, vport: port, _pad: 0, svc_id: svc.id, backend_id: id };
+    let _ = LB4_SOCK_REV.insert(&rev_key, &rev, 0);
+    // SAFETY: as above; both fields are writable in `connect4` and `sendmsg4`.
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = u32::from(backend.port);
+    }
+    count(counter);
+    svc_update(svc.id, |s| s.new_flows += 1);
+    PROCEED
+}
+
+/// Refuses a `connect` or `sendmsg` to frontend `svc_id`, which has no endpoint for this client.
+#[inline(always)]
+fn refuse(svc_id: u32) -> i32 {
+    count(counters::SOCK_REFUSED);
+    svc_update(svc_id, |s| s.drops += 1);
+    if config::sock_set_retval() {
+        // SAFETY: no preconditions; the verifier sees this call only where the kernel has it
+        // (a read-only global).
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
+    REFUSE
+}
+
+/// `recvmsg4` and `getpeername4`: a backend this socket was sent to by `sock4_forward` reads as
+/// the Service address it asked for (counted as `counter`).
+#[inline(always)]
+pub fn sock4_reverse(ctx: &SockAddrContext, counter: u32) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `sock4_forward`.
+    let (addr, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    // SAFETY: a valid context; no other preconditions.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = Lb4SockRevKey { cookie, addr, port, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    if let Some(r) = unsafe { LB4_SOCK_REV.get(&key) }.copied() {
+        // SAFETY: as above; both fields are writable in `recvmsg4` and `getpeername4`.
+        unsafe {
+            (*sa).user_ip4 = r.vip;
+            (*sa).user_port = u32::from(r.vport);
+        }
+        count(counter);
+    }
+    PROCEED
+}
