@@ -486,8 +486,10 @@ async fn main() -> anyhow::Result<()> {
     }
     // Subscribed before the first pass: an interface that appears during it wakes the next one.
     let mut links = LinkEvents::new().context("netlink link notifications")?;
-    attach_matching(&mut dp, &cfg.interfaces, &agent, "start");
+    // Before the interfaces, whose attachment makes the agent ready: ready means the sockets are
+    // translated too.
     attach_sockets(&mut dp, cfg.datapath.socket_lb, &cfg.cgroup_root)?;
+    attach_matching(&mut dp, &cfg.interfaces, &agent, "start");
     let mut waiting = Vec::new();
     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
 
@@ -554,7 +556,10 @@ async fn main() -> anyhow::Result<()> {
                     finish_take_over(&mut dp, &cfg.interfaces.pods, &mut agent, &mut waiting);
                 }
                 agent.sweep(datapath::monotonic_ns());
-                if std::mem::take(&mut abort_due) && cfg.datapath.socket_lb != datapath::SocketLb::Off {
+                // After a change, and every second besides: a backend may also leave with a write
+                // the sweep retries (a table that waited for its region, a failed write).
+                let due = std::mem::take(&mut abort_due) || ticks.is_multiple_of(4);
+                if due && cfg.datapath.socket_lb != datapath::SocketLb::Off {
                     abort_stale_udp(&dp, &agent, &mut abort_failing);
                 }
                 dp.flush_logs();
@@ -787,9 +792,10 @@ fn local_ipv4() -> Vec<lb_agent::host::InterfaceAddr> {
 /// changes. `cause`: what started this pass (`start`, `link-notification`, `pins-restored`,
 /// `rescan`), in the log.
 /// Aborts the connected UDP sockets whose backend left their Service (see
-/// `Datapath::abort_stale_udp`), counted; a failure is logged once until it works again.
+/// `Datapath::abort_stale_udp`), counted; a failure is logged once until it works again (it is
+/// tried again within a second).
 fn abort_stale_udp(dp: &Datapath, agent: &Agent<datapath::Maps>, failing: &mut bool) {
-    match dp.abort_stale_udp(&agent.maps.members) {
+    match dp.abort_stale_udp(&agent.maps) {
         Ok(n) => {
             if n > 0 {
                 info!(sockets = n, "aborted connected UDP sockets whose backend left");

@@ -373,42 +373,101 @@ fn mount_cgroup_mounts_a_cgroup2_hierarchy_once() {
     assert_eq!(mounts(), 1, "mounted once: {log}");
 }
 
-/// A connected UDP socket whose backend leaves its Service is aborted: the application sees
-/// ECONNABORTED, and its reconnect reaches a live backend. Unconnected UDP goes on (each datagram
-/// is translated anew).
+/// The backend a kept unconnected socket `id` reaches (its replies must come from `to`).
+fn kept(host: &mut SockClient, id: &str, to: SocketAddrV4) -> String {
+    let a = host.call(&format!("udp-keep {id} {} {}", to.ip(), to.port())).expect("udp-keep");
+    assert_eq!(a["src"], to.to_string(), "replies from the Service address: {a}");
+    a["name"].as_str().unwrap_or_else(|| panic!("{a}")).to_string()
+}
+
+/// Sockets keep their backend while it stays, as flows do on the packet path: unconnected UDP
+/// sockets across a change of the Service's Maglev table (an endpoint added). A backend that
+/// leaves: the connected UDP sockets sent to it are aborted (ECONNABORTED) and reconnect to a
+/// live one, those sent to others are left alone, and unconnected sockets go on to a live one.
 #[test]
-fn a_connected_udp_socket_whose_backend_leaves_is_aborted() {
+fn sockets_keep_their_backend_until_it_leaves_and_connected_udp_is_then_aborted() {
     let (c, cgroups) = cluster("su", "host");
+    let udp = SocketAddrV4::new(VIP, 53);
+    let [b1, b2, b3] = &c.backends;
+    c.write(&objects(&c.nodes, &[b1, b2]));
     let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
-    wait_answer(&c, &mut host, SocketAddrV4::new(VIP, 80));
-    let open = host.call(&format!("udp-open u1 {VIP} 53")).expect("udp-open");
-    assert!(open.get("error").is_none(), "{open}");
-    let first = host.call("udp-ask u1").expect("udp-ask");
-    let gone = first["name"].as_str().unwrap_or_else(|| panic!("{first}")).to_string();
+    // Until b3 is out of the table.
+    let two = wait_until(Duration::from_secs(30), || {
+        let names: BTreeSet<String> =
+            (0..20).map(|_| host.udp(udp).map(|a| a.name)).collect::<Result<_, _>>()?;
+        if names.contains(&b3.name) {
+            Err(std::io::Error::other("b3 still chosen"))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(two.is_ok(), "{two:?}");
+    let before: Vec<String> = (0..12).map(|i| kept(&mut host, &format!("k{i}"), udp)).collect();
+    // b3 joins: the table changes, and a third of its slots move to b3; the kept sockets stay.
+    c.write(&objects(&c.nodes, &[b1, b2, b3]));
+    let three = wait_until(Duration::from_secs(30), || {
+        let names: BTreeSet<String> =
+            (0..20).map(|_| host.udp(udp).map(|a| a.name)).collect::<Result<_, _>>()?;
+        if names.contains(&b3.name) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("b3 not chosen yet"))
+        }
+    });
+    assert!(three.is_ok(), "{three:?}");
+    for (i, name) in before.iter().enumerate() {
+        assert_eq!(&kept(&mut host, &format!("k{i}"), udp), name, "kept socket k{i} moved");
+    }
+
+    // Connected sockets on at least two backends.
+    let mut connected: Vec<(String, String)> = Vec::new();
+    for i in 0..30 {
+        let id = format!("u{i}");
+        let open = host.call(&format!("udp-open {id} {VIP} 53")).expect("udp-open");
+        assert!(open.get("error").is_none(), "{open}");
+        let a = host.call(&format!("udp-ask {id}")).expect("udp-ask");
+        connected.push((id, a["name"].as_str().unwrap_or_else(|| panic!("{a}")).to_string()));
+    }
+    let gone = connected[0].1.clone();
+    assert!(
+        connected.iter().any(|(_, n)| *n != gone),
+        "connected sockets on one backend only: {connected:?}"
+    );
     // Its backend leaves the Service (the pod still runs and would answer).
     let rest: Vec<&Pod> = c.backends.iter().filter(|b| b.name != gone).collect();
     c.write(&objects(&c.nodes, &rest));
     let aborted = wait_until(Duration::from_secs(30), || {
-        let e = host.call("udp-error u1")?;
+        let e = host.call(&format!("udp-error {}", connected[0].0))?;
         match e["pending"].as_str() {
             Some("ECONNABORTED") => Ok(()),
             _ => Err(std::io::Error::other(format!("{e}"))),
         }
     });
     assert!(aborted.is_ok(), "{aborted:?}\n{}", c.lab.agent_log(&c.nodes[0]));
-    let after = host.call("udp-ask u1").expect("udp-ask");
-    assert!(after.get("error").is_some(), "the aborted socket reaches nobody: {after}");
-    host.call("close u1").expect("close");
+    for (id, name) in &connected {
+        let e = host.call(&format!("udp-error {id}")).expect("udp-error");
+        if *name == gone {
+            assert!(e["pending"] == "ECONNABORTED" || e["pending"] == "", "{id} ({name}) aborted once: {e}");
+            let after = host.call(&format!("udp-ask {id}")).expect("udp-ask");
+            assert!(after.get("error").is_some(), "{id}, aborted, reaches nobody: {after}");
+        } else {
+            assert_eq!(e["pending"], "", "{id} on {name}, which stays, is left alone");
+            assert_eq!(host.call(&format!("udp-ask {id}")).expect("udp-ask")["name"], name.as_str());
+        }
+    }
+    // Reconnected, they reach a live backend; kept unconnected sockets go on to one.
     for i in 0..10 {
         let open = host.call(&format!("udp-open v{i} {VIP} 53")).expect("udp-open");
         assert!(open.get("error").is_none(), "{open}");
         let a = host.call(&format!("udp-ask v{i}")).expect("udp-ask");
-        let name = a["name"].as_str().unwrap_or_else(|| panic!("{a}"));
-        assert_ne!(name, gone, "a new connected socket reaches a live backend");
+        assert_ne!(a["name"], gone.as_str(), "a new connected socket reaches a live backend");
     }
-    let udp = SocketAddrV4::new(VIP, 53);
-    for _ in 0..10 {
-        assert_ne!(host.udp(udp).expect("unconnected UDP").name, gone);
+    for (i, name) in before.iter().enumerate() {
+        let now = kept(&mut host, &format!("k{i}"), udp);
+        assert_ne!(now, gone, "kept socket k{i} moved off the backend that left");
+        if *name != gone {
+            assert_eq!(&now, name, "kept socket k{i} stays on its backend");
+        }
     }
 }
 

@@ -174,7 +174,7 @@ pub const SNAT_RANGES_KEPT: u32 = 4;
 /// it closes, so the oldest translations are forgotten first.
 pub const MAP_LB4_SOCK_REV: &str = "LB4_SOCK_REV";
 /// Pinned: socket-level load balancing's choices, (socket cookie, Service address, port,
-/// protocol) → the backend id given (`Lb4SockFwdKey` → `u32`). Written by `connect4` and
+/// protocol) → the backend given (`Lb4SockFwdKey` → `Lb4SockFwd`). Written by `connect4` and
 /// `sendmsg4` when they choose; read by them first, so that a socket that sends to the Service
 /// again (every datagram of unconnected UDP) keeps its backend while that stays a member that is
 /// not draining, as a flow keeps its conntrack entry on the packet path. LRU.
@@ -634,6 +634,22 @@ pub struct Lb4SockFwdKey {
 }
 const _: () = assert!(size_of::<Lb4SockFwdKey>() == 16);
 
+/// Value of `LB4_SOCK_FWD`: the backend a socket was given for a Service address, honoured while
+/// (frontend, `backend_id`) is a member at this address and port (an id freed and given to
+/// another endpoint is not the same backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb4SockFwd {
+    pub backend_id: u32,
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Lb4SockFwd>() == 12);
+
 /// Key of `LB4_SOCK_AFFINITY` (see `MAP_LB4_SOCK_AFFINITY`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -804,6 +820,8 @@ mod pod {
     unsafe impl aya::Pod for LbSockAffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4SockFwdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb4SockFwd {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb4FrontendMeta {}
     // SAFETY: as above.

@@ -11,8 +11,8 @@ use aya_ebpf::{
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
-    Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, LbMonitorBucket, LbSockAffinityKey,
-    LbTcFilter, LbTcFilterKey,
+    Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, LbMonitorBucket,
+    LbSockAffinityKey, LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -154,9 +154,10 @@ pub static LB4_SOCK_REV: LruHashMap<Lb4SockRevKey, Lb4SockRev> = LruHashMap::pin
 
 /// Socket-level choices: (socket cookie, Service address) → backend id (see
 /// `lb_common::MAP_LB4_SOCK_FWD`). Written and read by `lb4_sock_connect` and
-/// `lb4_sock_sendmsg`; honoured while the backend is a member that is not draining. LRU.
+/// `lb4_sock_sendmsg`; honoured while the backend is a member at that address that is not
+/// draining (active, for a TCP connect). LRU.
 #[map(name = "LB4_SOCK_FWD")]
-pub static LB4_SOCK_FWD: LruHashMap<Lb4SockFwdKey, u32> = LruHashMap::pinned(capacity::SOCK_FWD, 0);
+pub static LB4_SOCK_FWD: LruHashMap<Lb4SockFwdKey, Lb4SockFwd> = LruHashMap::pinned(capacity::SOCK_FWD, 0);
 
 /// ClientIP session affinity of sockets: (network namespace, frontend) → backend (see
 /// `lb_common::MAP_LB4_SOCK_AFFINITY`). Written and read by `lb4_sock_connect` and

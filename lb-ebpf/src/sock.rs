@@ -17,9 +17,9 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use lb_common::{
-    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwdKey, Lb4SockRev,
-    Lb4SockRevKey, LbSockAffinityKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, MEMBER_DRAINING,
-    SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
+    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwd, Lb4SockFwdKey,
+    Lb4SockRev, Lb4SockRevKey, LbSockAffinityKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP,
+    MEMBER_ACTIVE, MEMBER_DRAINING, SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
 };
 
 use crate::{
@@ -93,28 +93,36 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
         // node interface, where the ranges are checked against this node's address).
         return PROCEED;
     }
-    if svc.backend_count == 0 || svc.maglev_size == 0 {
-        return refuse(svc.id);
-    }
     // SAFETY: a valid context; no other preconditions.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // This socket's earlier choice for this address, while its backend is still a member that
-    // is not draining (a terminating endpoint that still serves keeps its flows): each datagram
-    // of unconnected UDP stays with the backend the first went to, as a flow with its conntrack
-    // entry on the packet path.
+    // This socket's earlier choice for this address, while its backend is still a member there
+    // (the same address and port: an id freed and given to another endpoint is another backend)
+    // that is not draining (a terminating endpoint that still serves keeps its flows; a TCP
+    // connect, a new connection, only to an active one): each datagram of unconnected UDP stays
+    // with the backend the first went to, as a flow with its conntrack entry on the packet path,
+    // even once the Service has no ready endpoint left.
     let fwd_key = Lb4SockFwdKey { cookie, vip: addr, vport: port, proto, _pad: 0 };
     // SAFETY: the value is copied out at once.
-    let earlier = unsafe { LB4_SOCK_FWD.get(&fwd_key) }.copied();
-    if let Some(id) = earlier {
-        if let Some(m) = conntrack::member(svc.id, id).filter(|m| m.state != MEMBER_DRAINING) {
+    if let Some(e) = unsafe { LB4_SOCK_FWD.get(&fwd_key) }.copied() {
+        let kept = conntrack::member(svc.id, e.backend_id).filter(|m| {
+            m.addr == e.addr
+                && m.port == e.port
+                && m.state != MEMBER_DRAINING
+                && (proto != IPPROTO_TCP || m.state == MEMBER_ACTIVE)
+        });
+        if kept.is_some() {
+            remember_reverse(cookie, (e.addr, e.port), (addr, port), svc.id, e.backend_id);
             // SAFETY: as below.
             unsafe {
-                (*sa).user_ip4 = m.addr;
-                (*sa).user_port = u32::from(m.port);
+                (*sa).user_ip4 = e.addr;
+                (*sa).user_port = u32::from(e.port);
             }
             count(counter);
             return PROCEED;
         }
+    }
+    if svc.backend_count == 0 || svc.maglev_size == 0 {
+        return refuse(svc.id);
     }
     let now = lb::now_ns();
     let affinity = svc.affinity_timeout_secs != 0;
@@ -140,10 +148,9 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
         let _ =
             LB4_SOCK_AFFINITY.insert(&key, &Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 }, 0);
     }
-    let _ = LB4_SOCK_FWD.insert(&fwd_key, &id, 0);
-    let rev_key = Lb4SockRevKey { cookie, addr: backend.addr, port: backend.port, _pad: 0 };
-    let rev = Lb4SockRev { vip: addr, vport: port, _pad: 0, svc_id: svc.id, backend_id: id };
-    let _ = LB4_SOCK_REV.insert(&rev_key, &rev, 0);
+    let fwd = Lb4SockFwd { backend_id: id, addr: backend.addr, port: backend.port, _pad: 0 };
+    let _ = LB4_SOCK_FWD.insert(&fwd_key, &fwd, 0);
+    remember_reverse(cookie, (backend.addr, backend.port), (addr, port), svc.id, id);
     // SAFETY: as above; both fields are writable in `connect4` and `sendmsg4`.
     unsafe {
         (*sa).user_ip4 = backend.addr;
@@ -152,6 +159,19 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     count(counter);
     svc_update(svc.id, |s| s.new_flows += 1);
     PROCEED
+}
+
+/// Records that socket `cookie` was sent to `backend` (id `backend_id`) for Service address `vip`
+/// of frontend `svc_id`, unless it is recorded so already (an entry the LRU evicted, or one of
+/// another Service with the same backend, is written again).
+#[inline(always)]
+fn remember_reverse(cookie: u64, backend: (u32, u16), vip: (u32, u16), svc_id: u32, backend_id: u32) {
+    let key = Lb4SockRevKey { cookie, addr: backend.0, port: backend.1, _pad: 0 };
+    let rev = Lb4SockRev { vip: vip.0, vport: vip.1, _pad: 0, svc_id, backend_id };
+    // SAFETY: the value is copied out at once.
+    if unsafe { LB4_SOCK_REV.get(&key) }.copied() != Some(rev) {
+        let _ = LB4_SOCK_REV.insert(&key, &rev, 0);
+    }
 }
 
 /// Refuses a `connect` or `sendmsg` to frontend `svc_id`, which has no endpoint for this client.

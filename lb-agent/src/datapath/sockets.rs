@@ -122,6 +122,29 @@ pub fn check_cgroup2(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The id of the frontend a UDP socket of this node sending to `vip:vport` gets now, as the socket
+/// programs find it (as a pod on this node: an address's internal entry where it has two).
+fn current_frontend(
+    services: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4ServiceKey, lb_common::Lb4Service>,
+    vip: u32,
+    vport: u16,
+) -> Option<u32> {
+    use lb_common::{
+        Lb4ServiceKey, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    };
+    let key = Lb4ServiceKey { addr: vip, port: vport, proto: IPPROTO_UDP, scope: SCOPE_EXTERNAL };
+    let svc = services.get(&key, 0).ok()?;
+    if svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        let internal = Lb4ServiceKey { scope: SCOPE_INTERNAL, ..key };
+        if let Ok(i) = services.get(&internal, 0) {
+            if i.flags & SVC_FLAG_TOMBSTONE == 0 {
+                return Some(i.id);
+            }
+        }
+    }
+    Some(svc.id)
+}
+
 /// The two names a socket program's link is pinned under in `links/`, taken in turn so that a
 /// restarted agent pins its link before it unpins the one it replaces. No interface's: those are
 /// `<interface>@<program>`, and no interface program is called `lb4_sock_*`.
@@ -200,18 +223,18 @@ impl Datapath {
     /// is translated anew), and TCP connections are left to fail as under kube-proxy. How many
     /// were aborted; `Err` when the sockets cannot be listed, or one cannot be aborted (a kernel
     /// without `CONFIG_INET_DIAG_DESTROY`).
-    pub fn abort_stale_udp(
-        &self,
-        members: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4MemberKey, lb_common::Lb4Member>,
-    ) -> io::Result<usize> {
+    pub fn abort_stale_udp(&self, maps: &super::Maps) -> io::Result<usize> {
         let Some(rev) = &self.sock_rev else { return Ok(0) };
-        let mut aborted = 0;
+        let (mut aborted, mut failed) = (0, None);
         for sock in connected_udp_sockets()? {
             let (addr, port) = sock.destination();
             let key = lb_common::Lb4SockRevKey { cookie: sock.cookie(), addr, port, _pad: 0 };
             let Ok(r) = rev.get(&key, 0) else { continue };
+            // Judged by the frontend at the Service address now, as the socket would be sent
+            // again (a Service whose traffic policy changed has another), else the one it was.
+            let svc_id = current_frontend(&maps.services, r.vip, r.vport).unwrap_or(r.svc_id);
             let member =
-                members.get(&lb_common::Lb4MemberKey { svc_id: r.svc_id, backend_id: r.backend_id }, 0).ok();
+                maps.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
             let live = member
                 .is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING);
             if live {
@@ -221,10 +244,14 @@ impl Datapath {
                 Ok(()) => aborted += 1,
                 // Closed meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                // The others are still tried.
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
-        Ok(aborted)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(aborted),
+        }
     }
 
     /// Detaches the socket programs (`--socket-lb off`, or an earlier agent's): their pins are
@@ -338,6 +365,18 @@ fn diag_socket(request: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: a new descriptor nothing else owns.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // The agent's loop waits for the answer: never longer than this.
+    let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
+    // SAFETY: a valid descriptor and a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
     // SAFETY: a buffer of the length given; the kernel is the destination of an unbound socket.
     let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
     if sent < 0 {
@@ -366,7 +405,14 @@ fn diag_read(fd: &std::os::fd::OwnedFd, ack: bool, mut each: impl FnMut(u16, &[u
             }
             let payload = &rest[16..len];
             match kind {
-                NLMSG_DONE => return Ok(()),
+                // A dump cut short says so in its end.
+                NLMSG_DONE => {
+                    let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    if code < 0 {
+                        return Err(io::Error::from_raw_os_error(-code));
+                    }
+                    return Ok(());
+                }
                 NLMSG_ERROR => {
                     let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                     if code != 0 {

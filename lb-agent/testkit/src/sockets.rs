@@ -109,6 +109,17 @@ for line in sys.stdin:
             s.send(b"peer")
             said = s.recv(2048).decode().split()
             answer(name=said[0], seen=said[1])
+        elif op == "udp-keep":
+            # udp-keep ID HOST PORT: an unconnected socket kept as ID, and one sendto/recvfrom
+            # (again on later calls with the same ID).
+            if words[1] not in socks:
+                socks[words[1]] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks[words[1]].settimeout(2)
+            s = socks[words[1]]
+            s.sendto(b"peer", (words[2], int(words[3])))
+            data, src = s.recvfrom(2048)
+            said = data.decode().split()
+            answer(name=said[0], seen=said[1], src=addr(src))
         elif op == "udp-error":
             # udp-error ID: the socket's pending error (SO_ERROR), taken.
             e = socks[words[1]].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
