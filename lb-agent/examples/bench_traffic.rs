@@ -8,6 +8,9 @@
 //!
 //! - `direct`: the client connects to a backend's address (no load balancer: the floor);
 //! - `lb-tc`, `lb-xdp`: lb-agent (release build) in standalone mode, TC or XDP forward path;
+//! - `lb-sock-all`: lb-agent in TC mode with `--socket-lb all`, its socket programs attached to a
+//!   child cgroup of a cgroup v2 hierarchy mounted for the run, where wrk runs: connections are
+//!   sent to a backend at `connect`, and no packet is translated;
 //! - `iptables-nft`, `iptables-legacy`: kube-proxy's iptables-mode rules (see `kube_proxy.rs`)
 //!   loaded with iptables-restore, with the nf_tables and the legacy backend;
 //! - `nftables`: kube-proxy's nftables-mode ruleset loaded with `nft -f`.
@@ -37,9 +40,13 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use kube_proxy::ServicePort;
 use lb_agent::datapath::Mode;
-use lb_testkit::lab::{http_get, wait_until, Lab, Node, Pod};
+use lb_testkit::{
+    lab::{http_get, wait_until, Lab, Node, Pod},
+    sockets::Cgroup2,
+};
 use traffic::{
-    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk, Load, Measured, Nginx, WrkResult,
+    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk_in, Load, Measured, Nginx,
+    WrkResult,
 };
 
 #[derive(Parser)]
@@ -78,13 +85,15 @@ enum Contender {
     IptablesNft,
     IptablesLegacy,
     Nftables,
+    LbSockAll,
 }
 
 impl Contender {
-    const ALL: [Contender; 6] = [
+    const ALL: [Contender; 7] = [
         Contender::Direct,
         Contender::LbTc,
         Contender::LbXdp,
+        Contender::LbSockAll,
         Contender::Nftables,
         Contender::IptablesNft,
         Contender::IptablesLegacy,
@@ -98,6 +107,7 @@ impl Contender {
             Contender::IptablesNft => "iptables-nft",
             Contender::IptablesLegacy => "iptables-legacy",
             Contender::Nftables => "nftables",
+            Contender::LbSockAll => "lb-sock-all",
         }
     }
 }
@@ -110,6 +120,8 @@ struct Bed {
     backends: Vec<Pod>,
     node: Node,
     lab: Lab,
+    /// Where wrk runs, for `lb-sock-all` (after the lab: its links go with the lab's pins).
+    cgroup: Option<Cgroup2>,
 }
 
 fn bed(tag: &str) -> anyhow::Result<Bed> {
@@ -121,7 +133,7 @@ fn bed(tag: &str) -> anyhow::Result<Bed> {
     let backends =
         (1..=3).map(|i| lab.pod(&node, &format!("be{i}"), i, true)).collect::<Result<Vec<_>, _>>()?;
     let nginx = start_nginx(lab.scratch(), &backends)?;
-    Ok(Bed { _nginx: nginx, client, backends, node, lab })
+    Ok(Bed { _nginx: nginx, client, backends, node, lab, cgroup: None })
 }
 
 /// The iptables-restore of contender `c`'s backend.
@@ -160,6 +172,7 @@ fn start_lb(
     mode: Mode,
     services: &[ServicePort],
     n: u32,
+    extra: &[&str],
 ) -> anyhow::Result<Duration> {
     let dir = b.lab.scratch().join(format!("manifests-{n}"));
     std::fs::create_dir_all(&dir)?;
@@ -167,7 +180,9 @@ fn start_lb(
     let syncs = |lab: &Lab, node: &Node| lab.agent_log(node).matches("first full sync done").count();
     let before = syncs(&b.lab, &b.node);
     let started = Instant::now();
-    b.lab.start_agent(&b.node, agent, &dir, mode, &["--metrics-bind-address", "127.0.0.1:0"])?;
+    let args: Vec<&str> =
+        ["--metrics-bind-address", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()).collect();
+    b.lab.start_agent(&b.node, agent, &dir, mode, &args)?;
     let (lab, node) = (&b.lab, &b.node);
     wait_until(Duration::from_secs(60), || {
         if syncs(lab, node) > before {
@@ -198,8 +213,21 @@ fn set_up(
     let target = if c == Contender::Direct { backends[0].0 } else { vip };
     let took = match c {
         Contender::Direct => Duration::ZERO,
-        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n)?,
-        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n)?,
+        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n, &[])?,
+        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n, &[])?,
+        Contender::LbSockAll => {
+            let cgroup = Cgroup2::new(&format!("bt{n}"))?;
+            let root = cgroup.path().display().to_string();
+            b.cgroup = Some(cgroup);
+            start_lb(
+                &mut b,
+                &args.agent,
+                Mode::Tc,
+                &services,
+                n,
+                &["--socket-lb", "all", "--cgroup-root", &root],
+            )?
+        }
         _ => {
             let took = load_rules(c, &b.node, &services)?;
             sysctl(&b.node.netns, "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")?;
@@ -263,13 +291,14 @@ fn run_count(
     }
     for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
         for (_, (b, url, _)) in &beds {
-            wrk(&b.client.netns, url, load, 1)?;
+            wrk_in(&b.client.netns, b.cgroup.as_ref().map(|g| g.path()), url, load, 1)?;
         }
         for _ in 0..args.reps {
             for (c, (b, url, _)) in &beds {
                 // Let the previous run's TIME_WAIT sockets and conntrack entries go.
                 std::thread::sleep(Duration::from_millis(1200));
-                let r = wrk(&b.client.netns, url, load, args.seconds)?;
+                let r =
+                    wrk_in(&b.client.netns, b.cgroup.as_ref().map(|g| g.path()), url, load, args.seconds)?;
                 results.entry((n, *c)).or_default().entry(load).or_default().runs.push(r);
             }
         }

@@ -499,3 +499,75 @@ fn host_mode_is_the_agents_namespace_or_the_initial_one() {
     let _ = initial.tcp(tcp);
     assert!(counters(&c, 1)[c::SOCK_CONNECT as usize] > 0, "{}", show_counters(&c));
 }
+
+/// A Service whose endpoint is host-networked (the `kubernetes` Service, whose endpoint is an API
+/// server on node 1's own address: the classic case) is reached from processes on both nodes (at
+/// the socket), from pods on both (the packet path) and from the client outside through either
+/// node's NodePort.
+#[test]
+fn a_host_networked_endpoint_is_reached_from_hosts_pods_and_outside() {
+    let (mut c, cgroups) = cluster("sn", "host");
+    let n1 = c.nodes[0].clone();
+    let api = Pod {
+        name: "apiserver".into(),
+        netns: n1.netns.clone(),
+        ip: n1.underlay_ip(),
+        node: 1,
+        host_if: String::new(),
+    };
+    c.lab.serve_tcp(&api, 6443).expect("an API server on node 1's address");
+    let kubernetes = format!(
+        r#"---
+apiVersion: v1
+kind: Service
+metadata: {{name: kubernetes, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.1
+  ports:
+  - {{name: https, port: 443, targetPort: 6443, protocol: TCP, nodePort: 30443}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels: {{kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+ports:
+- {{name: https, port: 6443, protocol: TCP}}
+endpoints:
+- addresses: ["{}"]
+  nodeName: node1
+"#,
+        n1.underlay_ip()
+    );
+    let backends: Vec<&Pod> = c.backends.iter().collect();
+    c.write(&(objects(&c.nodes, &backends) + &kubernetes));
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+    for (i, node) in c.nodes.iter().enumerate() {
+        let mut host = SockClient::start(&node.netns, cgroups[i].path()).expect("a client on the node");
+        let a = wait_until(Duration::from_secs(30), || host.tcp(to));
+        let a = a.unwrap_or_else(|e| panic!("from {}: {e}\n{}", node.netns, show_counters(&c)));
+        assert_eq!(
+            (a.name.as_str(), a.peer),
+            ("apiserver", to.to_string()),
+            "from the host of {}",
+            node.netns
+        );
+    }
+    for pod in [&c.client1, &c.client2] {
+        let got = lb_testkit::lab::tcp_asks(pod, to, 3).expect("from a pod");
+        for a in got {
+            assert_eq!(a.expect("an answer"), "apiserver", "from pod {}", pod.name);
+        }
+    }
+    let out = c.lab.outside().expect("the client outside");
+    for node in &c.nodes {
+        let port = SocketAddrV4::new(node.underlay_ip(), 30443);
+        let got = wait_until(Duration::from_secs(30), || {
+            lb_testkit::lab::tcp_asks_from(&out.netns, port, 1)?.pop().expect("one answer")
+        });
+        assert_eq!(got.expect("from outside"), "apiserver", "through {}", node.netns);
+    }
+}

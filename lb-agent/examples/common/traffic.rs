@@ -207,7 +207,37 @@ pub enum Load {
 }
 
 pub fn wrk(netns: &str, url: &str, load: Load, seconds: u32) -> anyhow::Result<WrkResult> {
+    wrk_in(netns, None, url, load, seconds)
+}
+
+/// As [`wrk`], with wrk in cgroup `cgroup` (a directory of a cgroup v2 hierarchy) if given: where
+/// socket-level load balancing's programs are attached.
+pub fn wrk_in(
+    netns: &str,
+    cgroup: Option<&Path>,
+    url: &str,
+    load: Load,
+    seconds: u32,
+) -> anyhow::Result<WrkResult> {
     let mut cmd = netns_cmd(netns, Some(0), "wrk");
+    let procs = match cgroup {
+        Some(g) => Some(std::fs::OpenOptions::new().write(true).open(g.join("cgroup.procs"))?),
+        None => None,
+    };
+    if let Some(procs) = &procs {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let fd = procs.as_raw_fd();
+        // SAFETY: only write(2), async-signal-safe, between fork and exec: "0" moves the child
+        // itself, and what it runs after, into the cgroup.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(["-t1", "--timeout", "5s", "-d", &format!("{seconds}s")]);
     match load {
         Load::NewConnections => cmd.args(["-c50", "-H", "Connection: close", url]),
