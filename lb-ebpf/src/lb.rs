@@ -109,6 +109,18 @@ fn affinity_backend(svc: &Lb4Service, client: u32, proto: u8, now: u64) -> Optio
     let key = Lb4AffinityKey { client, svc_id: svc.id };
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_AFFINITY.get(&key) }.copied()?;
+    affinity_honoured(svc, &a, proto, now)
+}
+
+/// The backend of affinity entry `a` of frontend `svc`, unless it is past the Service's timeout
+/// or no longer an active member (the packet path's entries and the socket programs' alike).
+#[inline(always)]
+pub fn affinity_honoured(
+    svc: &Lb4Service,
+    a: &Lb4Affinity,
+    proto: u8,
+    now: u64,
+) -> Option<(u32, Lb4Backend)> {
     let timeout = u64::from(svc.affinity_timeout_secs) * 1_000_000_000;
     if now.saturating_sub(a.last_used_ns) >= timeout {
         return None;

@@ -18,8 +18,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwd, Lb4SockFwdKey,
-    Lb4SockRev, Lb4SockRevKey, LbSockAffinityKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP,
-    MEMBER_ACTIVE, MEMBER_DRAINING, SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
+    Lb4SockRev, Lb4SockRevKey, LbSockAffinityKey, IPPROTO_TCP, IPPROTO_UDP, MEMBER_ACTIVE, MEMBER_DRAINING,
+    SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
 };
 
 use crate::{
@@ -63,12 +63,7 @@ fn affinity_backend(
 ) -> Option<(u32, Lb4Backend)> {
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_SOCK_AFFINITY.get(key) }.copied()?;
-    let timeout = u64::from(svc.affinity_timeout_secs) * 1_000_000_000;
-    if now.saturating_sub(a.last_used_ns) >= timeout {
-        return None;
-    }
-    let m = conntrack::affinity_allowed(svc.id, a.backend_id)?;
-    Some((a.backend_id, Lb4Backend { addr: m.addr, port: m.port, proto, state: BACKEND_STATE_ACTIVE }))
+    lb::affinity_honoured(svc, &a, proto, now)
 }
 
 /// `connect4` and `sendmsg4`: a socket sending to a Service address is sent to a backend
