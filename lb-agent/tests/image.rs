@@ -10,7 +10,12 @@
 //! read by lbctl in the same image, and stop on SIGTERM leaving the datapath serving. A second
 //! agent (a rolling update's surge) waits for the first and takes over; the cleanup DaemonSet
 //! (deploy/cleanup/), run as it renders, waits for a running agent, then leaves nothing, and
-//! stays until stopped.
+//! stays until stopped. The cgroup v2 hierarchy the DaemonSet's init container mounts on the host
+//! (`/run/lb/cgroupv2`) is, here, a child cgroup of the test's own hierarchy: the agent attaches its
+//! socket programs there (never to a root other processes share), and a process of the node in
+//! that cgroup reaches the Service through them. The init container itself is not run (it would
+//! mount on the machine's own root namespace): its mount is tested directly
+//! (`e2e_sockets::mount_cgroup_mounts_a_cgroup2_hierarchy_once`), its privileges in `deploy.rs`.
 
 mod support;
 
@@ -109,6 +114,11 @@ impl Spec {
 
 /// The DaemonSet's container `container` (`("containers", 0)`, ...), run in `node`'s network
 /// namespace; `extra_mounts` and `extra_args` add the manifest folder.
+/// The host's cgroup v2 hierarchy as the DaemonSet mounts it, and the test's child cgroup that
+/// stands for it.
+const HOST_CGROUP: &str = "/run/lb/cgroupv2";
+static CGROUP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn podman_spec(
     docs: &[Value],
     node: &Node,
@@ -145,7 +155,10 @@ fn podman_spec(
     let volumes = pod["volumes"].as_sequence().expect("volumes");
     for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
         let v = volumes.iter().find(|v| v["name"] == m["name"]).expect("the mount's volume");
-        let host = v["hostPath"]["path"].as_str().expect("a hostPath volume");
+        let mut host = v["hostPath"]["path"].as_str().expect("a hostPath volume").to_string();
+        if host == HOST_CGROUP {
+            host = CGROUP.get().expect("the test's cgroup").display().to_string();
+        }
         flags.push(format!("--volume={host}:{}", m["mountPath"].as_str().expect("mountPath")));
     }
     flags.extend(extra_mounts.iter().cloned());
@@ -277,6 +290,8 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         version.as_ref().is_ok_and(|o| o.status.success()),
         "podman not found ({version:?}): `cargo xtask setup` installs it (this test is not skipped)"
     );
+    let cgroup = lb_testkit::sockets::Cgroup2::new("img").expect("a cgroup v2 hierarchy of the test's own");
+    CGROUP.set(cgroup.path().to_path_buf()).expect("set once");
     let mut lab = Lab::new("img").expect("lab");
     let node = lab.node(1).expect("node");
     let client = lab.pod(&node, "c1", 10, true).expect("client");
@@ -336,6 +351,12 @@ fn the_image_runs_as_the_daemonset_runs_it_beside_kube_proxy_and_in_its_place() 
         assert_eq!(answered.ok().as_deref(), Some("b1"), "{install}: the Service answers\n{}", logs());
         let answers = tcp_asks(&client, vip, 10).expect("asks");
         assert!(answers.iter().all(|a| a.as_deref().ok() == Some("b1")), "{install}: {answers:?}");
+        // A process of the node (its namespace stands for the host's) reaches it at the socket.
+        let mut host =
+            lb_testkit::sockets::SockClient::start(&node.netns, cgroup.path()).expect("a node process");
+        let a = host.tcp(vip).unwrap_or_else(|e| panic!("{install}: from the node: {e}\n{}", logs()));
+        assert_eq!((a.name.as_str(), a.peer), ("b1", vip.to_string()), "{install}: from the node");
+        drop(host);
         // lbctl in the same image reads this node's datapath (as `kubectl exec ds/lb-agent -- lbctl`).
         let services = run(&mut podman(&["exec", &name, "lbctl", "services"]));
         assert!(services.contains("demo/who"), "{install}: lbctl services:\n{services}");
