@@ -357,8 +357,8 @@ pub struct Datapath {
     /// TC programs as netlink filters (no TCX), recorded in `tc_records`.
     netlink: bool,
     tc_records: tc_filters::Records,
-    /// The cgroup the socket programs are attached to, and their links' pins.
-    sockets: Option<(PathBuf, Vec<PathBuf>)>,
+    /// The pins of the socket programs' links, once attached.
+    sockets: Option<Vec<PathBuf>>,
     /// `LB4_SOCK_REV`, once the socket programs are attached: what each socket was sent to.
     sock_rev: Option<aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev>>,
 }
@@ -1193,7 +1193,7 @@ impl Datapath {
     pub fn pins_present(&self) -> bool {
         self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
             && self.attached.values().flat_map(|(_, p, _)| p).all(|p| p.exists())
-            && self.sockets.iter().flat_map(|(_, p)| p).all(|p| p.exists())
+            && self.sockets.iter().flatten().all(|p| p.exists())
     }
 
     /// Pins every map again where it was and forgets every attachment (its link went with its

@@ -19,24 +19,29 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// its file system type. `None` when that directory is on bpffs (or cannot be looked at: the
 /// caller's own error then says what went wrong).
 pub(super) fn not_on_bpffs(pin_dir: &Path) -> Option<(PathBuf, i64)> {
-    use std::os::unix::ffi::OsStrExt as _;
     let absolute = std::path::absolute(pin_dir).ok()?;
     let mut dir = absolute.as_path();
     // A directory that cannot be looked at stops the walk: its own error says why.
     while !dir.try_exists().ok()? {
         dir = dir.parent()?;
     }
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let kind = fs_type(dir).ok()?;
+    (kind != BPF_FS_MAGIC).then(|| (dir.to_path_buf(), kind))
+}
+
+/// The type (magic number) of the file system `path` is on (statfs).
+pub(super) fn fs_type(path: &Path) -> std::io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: statfs is plain integers, for which all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a NUL-terminated path and a statfs buffer to fill.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
-    // f_type is signed on some targets: compare its low 32 bits, which hold the magic.
+    // f_type is signed on some targets: its low 32 bits hold the magic.
     #[allow(clippy::unnecessary_cast, reason = "f_type's type differs between C libraries")]
-    let kind = i64::from(st.f_type as u32);
-    (kind != BPF_FS_MAGIC).then(|| (dir.to_path_buf(), kind))
+    Ok(i64::from(st.f_type as u32))
 }
 
 /// An exclusive hold on `pin_dir` (an flock on the directory, which every container that mounts the

@@ -5,10 +5,7 @@
 //! second finds a backend's address, which is no Service's, and lets it be; no socket goes
 //! untranslated.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::{io, path::Path};
 
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
 use lb_common::{SOCK_SCOPE_ALL, SOCK_SCOPE_INIT_NETNS, SOCK_SCOPE_NETNS};
@@ -101,16 +98,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// `Err` (saying what to do) unless `root` is a directory of a cgroup v2 hierarchy.
 pub fn check_cgroup2(root: &Path) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(root.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: statfs is plain integers, for which all zeroes is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a statfs buffer to fill.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut st) } != 0 {
-        return Err(format!("--cgroup-root {}: {}", root.display(), io::Error::last_os_error()));
-    }
-    #[allow(clippy::unnecessary_cast, reason = "f_type's type differs between C libraries")]
-    let kind = i64::from(st.f_type as u32);
+    let kind = super::pins::fs_type(root).map_err(|e| format!("--cgroup-root {}: {e}", root.display()))?;
     if kind != CGROUP2_SUPER_MAGIC {
         return Err(format!(
             "--cgroup-root {} is not a cgroup v2 hierarchy (file system type {kind:#x}): socket-level load \
@@ -203,7 +191,7 @@ impl Datapath {
             let _ = std::fs::remove_file(&old);
             pins.push(new);
         }
-        self.sockets = Some((root.to_path_buf(), pins));
+        self.sockets = Some(pins);
         if self.sock_rev.is_none() {
             let name = lb_common::MAP_LB4_SOCK_REV;
             let err = super::maps::map_err(name);
@@ -263,11 +251,6 @@ impl Datapath {
             }
         }
         self.sockets = None;
-    }
-
-    /// The cgroup the socket programs are attached to, if they are.
-    pub fn sockets_attached(&self) -> Option<&PathBuf> {
-        self.sockets.as_ref().map(|(root, _)| root)
     }
 }
 
