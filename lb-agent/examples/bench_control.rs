@@ -72,6 +72,7 @@ impl Agent {
         let _ = std::fs::remove_dir_all(pin_dir);
         let started = Instant::now();
         let child = Command::new(bin)
+            .env("LB_SOCKET_LB", "off")
             .args(source)
             .args(["--interfaces", "lbbench-none*", "--max-backends", "262144", "--maglev-slots", "33554432"])
             .args(["--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"])

@@ -209,7 +209,7 @@ struct Args {
     health_check_node_ports: bool,
     /// Socket-level load balancing (cgroup v2 programs at --cgroup-root): which sockets are sent
     /// to a backend when they connect to (or send to) a Service address.
-    #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value = "off")]
+    #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value = "host")]
     socket_lb: SocketLbFlag,
     /// The cgroup v2 hierarchy (its root, on a node) the socket programs attach to.
     #[arg(long, env = "LB_CGROUP_ROOT", default_value = "/sys/fs/cgroup", value_name = "DIR")]

@@ -175,6 +175,7 @@ fn cleanup_removes_everything_and_an_unknown_layout_is_taken_over() {
     // empty one) is taken over: the agent starts, says so, and removes it.
     std::fs::create_dir_all(n1.pin_dir.join("v1").join("links")).expect("old layout dir");
     let agent = std::process::Command::new(agent)
+        .env("LB_SOCKET_LB", "off")
         .arg("--manifests")
         .arg(&c.manifests)
         .args(["--interfaces", "nothing*", "--pin-dir"])

@@ -571,3 +571,92 @@ endpoints:
         assert_eq!(got.expect("from outside"), "apiserver", "through {}", node.netns);
     }
 }
+
+/// The agent without kube-proxy: a process on the node (a hostNetwork pod) reaches the API server
+/// through the `kubernetes` Service's ClusterIP, and so does the agent itself once it runs. Its
+/// first start reaches the API server at its explicit address (the bootstrap path); started again
+/// with the ClusterIP as its API server (what the kubelet gives a pod), it lists and watches
+/// through its own socket programs, which stayed attached with the maps it left.
+#[test]
+fn the_agent_and_host_processes_reach_the_api_server_through_the_kubernetes_service() {
+    use lb_testkit::{api::MockApi, lab::Lab};
+    use serde_json::json;
+
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let mut lab = Lab::new("ka").expect("lab");
+    let (n1, n2) = (lab.node(1).expect("node 1"), lab.node(2).expect("node 2"));
+    lab.link_nodes(&n1, &n2).expect("underlay");
+    let cgroup = Cgroup2::new("ka").expect("a cgroup v2 hierarchy");
+    let at = SocketAddrV4::new(n1.underlay_ip(), 6443);
+    let listener = lb_testkit::lab::in_netns(&n1.netns, move || std::net::TcpListener::bind(at))
+        .expect("netns")
+        .expect("an API server on node 1's address");
+    let api = rt.block_on(MockApi::start_on(listener));
+    let kubernetes = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"}}));
+    api.apply(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default"},
+        "spec": {"clusterIP": kubernetes.ip().to_string(), "clusterIPs": [kubernetes.ip().to_string()],
+            "ports": [{"name": "https", "port": 443, "targetPort": 6443, "protocol": "TCP"}]}}));
+    api.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4", "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [at.ip().to_string()], "conditions": {"ready": true}}]}));
+    let direct = lab.scratch().join("kubeconfig-direct");
+    std::fs::write(&direct, api.kubeconfig()).expect("kubeconfig");
+    let through = lab.scratch().join("kubeconfig-service");
+    std::fs::write(&through, api.kubeconfig().replace(&at.to_string(), &kubernetes.to_string()))
+        .expect("kubeconfig");
+    let source = |p: &std::path::Path| ["--kubeconfig".to_string(), p.display().to_string()];
+    let root = cgroup.path().display().to_string();
+    let flags = ["--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let agent = std::path::Path::new(support::AGENT);
+    lab.start_agent_in_cgroup(&n1, agent, &source(&direct), &flags, cgroup.path()).expect("agent");
+
+    // A hostNetwork pod asks the API server through the Service.
+    let mut host = SockClient::start(&n1.netns, cgroup.path()).expect("a process on the node");
+    let asked = wait_until(Duration::from_secs(60), || {
+        let a = host.call(&format!("http {} {} /api/v1/nodes", kubernetes.ip(), kubernetes.port()))?;
+        if a["status"] == 200 {
+            Ok(a)
+        } else {
+            Err(std::io::Error::other(a.to_string()))
+        }
+    });
+    let asked = asked.unwrap_or_else(|e| panic!("kubernetes.default: {e}\n{}", lab.agent_log(&n1)));
+    assert_eq!(asked["peer"], kubernetes.to_string(), "getpeername gives the Service");
+
+    // The agent again, with the ClusterIP as its API server.
+    lab.stop_agent(&n1, libc::SIGTERM);
+    let (lists, watches) = api.requests();
+    let connects = || {
+        lb_agent::datapath::Maps::from_pins_read_only(&n1.pin_dir)
+            .expect("maps")
+            .read_counters()
+            .expect("counters")[c::SOCK_CONNECT as usize]
+    };
+    let before = connects();
+    lab.start_agent_in_cgroup(&n1, agent, &source(&through), &flags, cgroup.path()).expect("agent");
+    let later = Ipv4Addr::new(10, 96, 0, 50);
+    api.apply(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "later", "namespace": "default"},
+        "spec": {"clusterIP": later.to_string(), "clusterIPs": [later.to_string()],
+            "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}}),
+    );
+    let key = lb_common::Lb4ServiceKey::new(later.octets(), 80, 6);
+    let programmed = wait_until(Duration::from_secs(60), || {
+        let maps =
+            lb_agent::datapath::Maps::from_pins_read_only(&n1.pin_dir).map_err(std::io::Error::other)?;
+        maps.services.get(&key, 0).map_err(std::io::Error::other)
+    });
+    programmed.unwrap_or_else(|e| {
+        panic!("a Service written after the restart never reached the maps: {e}\n{}", lab.agent_log(&n1))
+    });
+    let (lists_after, watches_after) = api.requests();
+    assert!(lists_after > lists && watches_after > watches, "the agent listed and watched again");
+    assert!(connects() > before, "the agent's connections went through its socket programs");
+    lab.stop_agents();
+    drop(host);
+}

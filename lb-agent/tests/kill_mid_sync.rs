@@ -38,6 +38,7 @@ fn objects() -> Value {
 
 fn start(manifests: &Path, pins: &Path) -> Child {
     Command::new(AGENT)
+        .env("LB_SOCKET_LB", "off")
         .arg("--manifests")
         .arg(manifests)
         .args(["--interfaces", "lbkill-none*", "--metrics-bind-address", "127.0.0.1:0"])

@@ -59,6 +59,7 @@ fn a_pin_dir_that_is_not_on_bpffs_is_explained() {
     let s = scratch("plain");
     let pin_dir = s.0.join("pins");
     let out = Command::new(AGENT)
+        .env("LB_SOCKET_LB", "off")
         .args(agent_args(&pin_dir, &s.0.join("manifests")))
         .output()
         .expect("run the agent");
@@ -80,6 +81,7 @@ fn ip_netns_exec_hides_bpffs_and_the_agent_says_so() {
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/lb-test/netnsexec-{}", std::process::id()));
     let out = Command::new("ip")
         .args(["netns", "exec", &node.netns, AGENT])
+        .env("LB_SOCKET_LB", "off")
         .args(agent_args(&pin_dir, &s.0.join("manifests")))
         .output()
         .expect("run the agent under ip netns exec");
@@ -109,6 +111,7 @@ fn a_taken_port_stops_the_agent_before_anything_is_pinned() {
             "--healthz-bind-address"
         };
         let out = Command::new(AGENT)
+            .env("LB_SOCKET_LB", "off")
             .args(agent_args(&pin_dir, &s.0.join("manifests")))
             .args([flag, &addr, other_flag, &other])
             .output()

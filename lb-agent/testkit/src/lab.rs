@@ -167,6 +167,9 @@ struct AgentSpec {
     source: Vec<String>,
     mode: Mode,
     extra: Vec<String>,
+    /// The cgroup (a directory of a cgroup v2 hierarchy) the agent process runs in, if not the
+    /// test's.
+    cgroup: Option<PathBuf>,
 }
 
 impl Lab {
@@ -369,41 +372,84 @@ impl Lab {
         mode: Mode,
         extra: &[&str],
     ) -> io::Result<()> {
-        self.agent_specs.retain(|s| s.node.netns != node.netns);
-        self.agent_specs.push(AgentSpec {
+        let spec = AgentSpec {
             node: node.clone(),
             agent: agent.into(),
             source: source.to_vec(),
             mode,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        });
+            cgroup: None,
+        };
+        self.start_agent_spec(spec)
+    }
+
+    /// Starts `lb-agent` as [`Lab::start_agent_with`] does, its process in `cgroup` (a directory
+    /// of a cgroup v2 hierarchy), as an agent on a node runs in the cgroup its socket programs
+    /// attach to; restarts keep it there.
+    pub fn start_agent_in_cgroup(
+        &mut self,
+        node: &Node,
+        agent: &Path,
+        source: &[String],
+        extra: &[&str],
+        cgroup: &Path,
+    ) -> io::Result<()> {
+        let spec = AgentSpec {
+            node: node.clone(),
+            agent: agent.into(),
+            source: source.to_vec(),
+            mode: Mode::Tc,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            cgroup: Some(cgroup.into()),
+        };
+        self.start_agent_spec(spec)
+    }
+
+    fn start_agent_spec(&mut self, spec: AgentSpec) -> io::Result<()> {
+        let AgentSpec { node, agent, source, mode, extra, cgroup } = spec.clone();
+        self.agent_specs.retain(|s| s.node.netns != node.netns);
+        self.agent_specs.push(spec);
         let netns = File::open(format!("/run/netns/{}", node.netns))?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.agent_log_path(node))?;
+        let procs = match &cgroup {
+            Some(dir) => Some(std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?),
+            None => None,
+        };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.agent_log_path(&node))?;
         let mode = match mode {
             Mode::Tc => "tc",
             Mode::Xdp => "xdp",
         };
         let mut cmd = Command::new(agent);
-        cmd.args(source)
+        // The socket programs attach only where a test gives its own cgroup (`--socket-lb` in
+        // `extra` overrides this), never to the machine's hierarchy.
+        cmd.env("LB_SOCKET_LB", "off")
+            .args(&source)
             .args(["--interfaces", POD_IF_GLOB, "--datapath", mode, "--node-name", &node.name()])
             .arg("--pin-dir")
             .arg(&node.pin_dir)
-            .args(extra)
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         let fd = netns.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setns) between fork and exec.
+        let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: only async-signal-safe calls (setns, write) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // "0": the writing process itself.
+                if let Some(p) = procs_fd {
+                    if libc::write(p, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let child = cmd.spawn()?;
-        drop(netns);
+        drop((netns, procs));
         self.agents.push((node.netns.clone(), child));
         Ok(())
     }
@@ -442,8 +488,9 @@ impl Lab {
             .find(|s| s.node.netns == node.netns)
             .cloned()
             .ok_or_else(|| io::Error::other("no agent started on that node"))?;
-        let extra: Vec<&str> = spec.extra.iter().map(String::as_str).chain(more.iter().copied()).collect();
-        self.start_agent_with(&spec.node, &spec.agent, &spec.source, spec.mode, &extra)
+        let mut spec = spec;
+        spec.extra.extend(more.iter().map(|s| s.to_string()));
+        self.start_agent_spec(spec)
     }
 
     /// Stops the agents (SIGTERM, then SIGKILL after 5 s).

@@ -124,6 +124,14 @@ for line in sys.stdin:
             # udp-error ID: the socket's pending error (SO_ERROR), taken.
             e = socks[words[1]].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             answer(pending=errno.errorcode.get(e, str(e)) if e else "")
+        elif op == "http":
+            # http HOST PORT PATH: GET over HTTP/1.0; the status and getpeername.
+            s = socket.create_connection((words[1], int(words[2])), timeout=2)
+            peer = s.getpeername()
+            s.sendall(("GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (words[3], words[1])).encode())
+            status = s.makefile("rb").readline().split()
+            s.close()
+            answer(status=int(status[1]), peer=addr(peer))
         elif op == "close":
             socks.pop(words[1]).close()
             answer()
