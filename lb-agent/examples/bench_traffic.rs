@@ -13,7 +13,12 @@
 //!   sent to a backend at `connect`, and no packet is translated;
 //! - `iptables-nft`, `iptables-legacy`: kube-proxy's iptables-mode rules (see `kube_proxy.rs`)
 //!   loaded with iptables-restore, with the nf_tables and the legacy backend;
-//! - `nftables`: kube-proxy's nftables-mode ruleset loaded with `nft -f`.
+//! - `nftables`: kube-proxy's nftables-mode ruleset loaded with `nft -f`;
+//! - `host-direct`, `host-lb-sock`, `host-nftables`: the client is a process on the node (wrk in
+//!   the node's namespace, as a hostNetwork pod): to a backend's address; through lb-agent with
+//!   `--socket-lb host`, wrk in the child cgroup its socket programs attach to; through
+//!   kube-proxy's nftables ruleset, whose `nat-output` chain catches the node's own connections
+//!   (kube-proxy's nat OUTPUT path). Their ratios are to `host-direct` and `host-nftables`.
 //!
 //! Each contender and Service count runs three loads, each a warm-up then `--reps` runs of
 //! `--seconds`: new connections (`wrk -t1 -c50`, `Connection: close`), kept-alive requests
@@ -86,10 +91,13 @@ enum Contender {
     IptablesLegacy,
     Nftables,
     LbSockAll,
+    HostDirect,
+    HostLbSock,
+    HostNftables,
 }
 
 impl Contender {
-    const ALL: [Contender; 7] = [
+    const ALL: [Contender; 10] = [
         Contender::Direct,
         Contender::LbTc,
         Contender::LbXdp,
@@ -97,7 +105,30 @@ impl Contender {
         Contender::Nftables,
         Contender::IptablesNft,
         Contender::IptablesLegacy,
+        Contender::HostDirect,
+        Contender::HostLbSock,
+        Contender::HostNftables,
     ];
+
+    /// Whether the client is a process on the node rather than a pod.
+    fn client_on_host(self) -> bool {
+        matches!(self, Contender::HostDirect | Contender::HostLbSock | Contender::HostNftables)
+    }
+
+    /// The contenders a row's ratios are to: no load balancer, then kube-proxy's modes, each with
+    /// a client of the same kind (none measured: "–").
+    fn references(self) -> [Option<Contender>; 4] {
+        if self.client_on_host() {
+            [Some(Contender::HostDirect), Some(Contender::HostNftables), None, None]
+        } else {
+            [
+                Some(Contender::Direct),
+                Some(Contender::Nftables),
+                Some(Contender::IptablesNft),
+                Some(Contender::IptablesLegacy),
+            ]
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -108,6 +139,9 @@ impl Contender {
             Contender::IptablesLegacy => "iptables-legacy",
             Contender::Nftables => "nftables",
             Contender::LbSockAll => "lb-sock-all",
+            Contender::HostDirect => "host-direct",
+            Contender::HostLbSock => "host-lb-sock",
+            Contender::HostNftables => "host-nftables",
         }
     }
 }
@@ -117,6 +151,8 @@ struct Bed {
     // Field order is drop order: nginx stops before the lab removes the namespaces.
     _nginx: Nginx,
     client: Pod,
+    /// Where wrk runs: the client pod's namespace, or the node's for the `host-*` contenders.
+    client_ns: String,
     backends: Vec<Pod>,
     node: Node,
     lab: Lab,
@@ -124,16 +160,17 @@ struct Bed {
     cgroup: Option<Cgroup2>,
 }
 
-fn bed(tag: &str) -> anyhow::Result<Bed> {
+fn bed(tag: &str, from_host: bool) -> anyhow::Result<Bed> {
     let mut lab = Lab::new(tag)?;
     let node = lab.node(1)?;
     let client = lab.pod(&node, "client", 100, true)?;
-    sysctl(&client.netns, "net.ipv4.ip_local_port_range=1024 65535")?;
-    sysctl(&client.netns, "net.ipv4.tcp_tw_reuse=1")?;
+    let client_ns = if from_host { node.netns.clone() } else { client.netns.clone() };
+    sysctl(&client_ns, "net.ipv4.ip_local_port_range=1024 65535")?;
+    sysctl(&client_ns, "net.ipv4.tcp_tw_reuse=1")?;
     let backends =
         (1..=3).map(|i| lab.pod(&node, &format!("be{i}"), i, true)).collect::<Result<Vec<_>, _>>()?;
     let nginx = start_nginx(lab.scratch(), &backends)?;
-    Ok(Bed { _nginx: nginx, client, backends, node, lab, cgroup: None })
+    Ok(Bed { _nginx: nginx, client, client_ns, backends, node, lab, cgroup: None })
 }
 
 /// The iptables-restore of contender `c`'s backend.
@@ -153,7 +190,7 @@ fn load_rules(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Re
             netns_cmd(&node.netns, None, restore_program(c)),
             &kube_proxy::iptables_full(services),
         ),
-        Contender::Nftables => {
+        Contender::Nftables | Contender::HostNftables => {
             let _ =
                 netns_cmd(&node.netns, None, "nft").args(["delete", "table", "ip", "kube-proxy"]).output();
             let mut cmd = netns_cmd(&node.netns, None, "nft");
@@ -206,13 +243,14 @@ fn set_up(
     args: &Args,
     loads: &mut Vec<String>,
 ) -> anyhow::Result<(Bed, String, Vec<ServicePort>)> {
-    let mut b = bed(&format!("bt{}", c as u8))?;
+    let mut b = bed(&format!("bt{}", c as u8), c.client_on_host())?;
     let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
     let services = kube_proxy::services(n.max(1), 3, &backends);
     let vip = services.last().context("no service")?.vip;
-    let target = if c == Contender::Direct { backends[0].0 } else { vip };
+    let direct = matches!(c, Contender::Direct | Contender::HostDirect);
+    let target = if direct { backends[0].0 } else { vip };
     let took = match c {
-        Contender::Direct => Duration::ZERO,
+        Contender::Direct | Contender::HostDirect => Duration::ZERO,
         Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n, &[])?,
         Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n, &[])?,
         Contender::LbSockAll => {
@@ -228,15 +266,31 @@ fn set_up(
                 &["--socket-lb", "all", "--cgroup-root", &root],
             )?
         }
+        Contender::HostLbSock => {
+            let cgroup = Cgroup2::new(&format!("bh{n}"))?;
+            let root = cgroup.path().display().to_string();
+            b.cgroup = Some(cgroup);
+            start_lb(
+                &mut b,
+                &args.agent,
+                Mode::Tc,
+                &services,
+                n,
+                &["--socket-lb", "host", "--cgroup-root", &root],
+            )?
+        }
         _ => {
             let took = load_rules(c, &b.node, &services)?;
             sysctl(&b.node.netns, "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")?;
             took
         }
     };
-    if c != Contender::Direct {
+    if !direct {
         loads.push(format!("| {} | {n} × 3 | {:.2} s |", c.name(), took.as_secs_f64()));
     }
+    // Asked from the client pod (the packet path), also for the `host-*` contenders: the node's
+    // namespace outside wrk's cgroup has no translation under `host-lb-sock`. wrk's errors count
+    // what fails from where it runs.
     let (ns, to) = (b.client.netns.clone(), SocketAddr::from((target, 80)));
     wait_until(Duration::from_secs(30), || match http_get(&ns, to, "/")? {
         (200, _) => Ok(()),
@@ -258,7 +312,7 @@ fn change_times(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::
     let mut took = Vec::new();
     for (from, to) in [(&old, &new), (&new, &old)] {
         let t = match c {
-            Contender::Nftables => {
+            Contender::Nftables | Contender::HostNftables => {
                 let mut cmd = netns_cmd(&node.netns, None, "nft");
                 cmd.args(["-f", "-"]);
                 run_with_input(cmd, &kube_proxy::nft_change(from, to))?
@@ -291,14 +345,13 @@ fn run_count(
     }
     for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
         for (_, (b, url, _)) in &beds {
-            wrk_in(&b.client.netns, b.cgroup.as_ref().map(|g| g.path()), url, load, 1)?;
+            wrk_in(&b.client_ns, b.cgroup.as_ref().map(|g| g.path()), url, load, 1)?;
         }
         for _ in 0..args.reps {
             for (c, (b, url, _)) in &beds {
                 // Let the previous run's TIME_WAIT sockets and conntrack entries go.
                 std::thread::sleep(Duration::from_millis(1200));
-                let r =
-                    wrk_in(&b.client.netns, b.cgroup.as_ref().map(|g| g.path()), url, load, args.seconds)?;
+                let r = wrk_in(&b.client_ns, b.cgroup.as_ref().map(|g| g.path()), url, load, args.seconds)?;
                 results.entry((n, *c)).or_default().entry(load).or_default().runs.push(r);
             }
         }
@@ -370,7 +423,8 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
          load generator: wrk 4.1 (Debian), `-t1`, pinned to CPU 0; backends: nginx, one worker each, pinned to CPU 1; \
          3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max). \
          Every contender has a lab of its own, set up at once for each Service count; the runs of a load take the contenders in turn, \
-         so drifts of the shared machine hit all alike. `direct` (no load balancer) is measured beside them each time; ratios are to the same Service count's figures.\n\n",
+         so drifts of the shared machine hit all alike. `direct` (no load balancer) is measured beside them each time; ratios are to the same Service count's figures. \
+         The `host-*` rows have a process on the node as the client (wrk in the node's namespace): their ratios are to `host-direct` and `host-nftables` (kube-proxy's nat OUTPUT path).\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         host.trim(),
         args.reps,
@@ -391,12 +445,10 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
             "### {title}\n\n| Services | contender | value | ÷ direct | ÷ nftables | ÷ iptables-nft | ÷ iptables-legacy | errors |\n|---:|---|---:|---:|---:|---:|---:|---:|"
         );
         for &n in &args.services {
-            let base = |c: Contender| get(n, c, load).map_or(0.0, |m| m.of(f).median);
-            let bases =
-                [Contender::Direct, Contender::Nftables, Contender::IptablesNft, Contender::IptablesLegacy]
-                    .map(base);
+            let base = |c: Option<Contender>| c.and_then(|c| get(n, c, load)).map_or(0.0, |m| m.of(f).median);
             for c in Contender::ALL {
                 let Some(m) = get(n, c, load) else { continue };
+                let bases = c.references().map(base);
                 let _ = writeln!(md, "{}", figure_row(&n.to_string(), c.name(), m, f, digits, bases));
             }
         }

@@ -331,15 +331,42 @@ pub struct EventView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
     pub service: String,
+    /// Socket events: the process that called, where the kernel gives it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
-/// Decodes an event from the ring buffer; `names` maps frontend ids to Service names.
+/// Decodes an event from the ring buffer (of this layout or the one before `comm`); `names` maps
+/// frontend ids to Service names.
 pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
-    if bytes.len() < std::mem::size_of::<lb_common::LbEvent>() {
+    if bytes.len() < lb_common::LB_EVENT_BASE_LEN {
         return None;
     }
-    // SAFETY: the length was checked; LbEvent is plain integers, any bit pattern is valid.
-    let e: lb_common::LbEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let mut whole = [0u8; std::mem::size_of::<lb_common::LbEvent>()];
+    let n = bytes.len().min(whole.len());
+    whole[..n].copy_from_slice(&bytes[..n]);
+    // SAFETY: the buffer has the struct's size; LbEvent is plain integers, any bit pattern is
+    // valid.
+    let e: lb_common::LbEvent = unsafe { std::ptr::read_unaligned(whole.as_ptr().cast()) };
+    if e.kind == lb_common::EVENT_SOCK {
+        let reason = counters::NAMES.get(e.reason as usize).copied().unwrap_or("unknown");
+        let refused = e.reason == counters::SOCK_REFUSED;
+        let command = e.comm.split(|b| *b == 0).next().unwrap_or(&[]);
+        return Some(EventView {
+            // socket-connect, socket-sendmsg, socket-refused
+            kind: format!("socket-{}", reason.trim_start_matches("sock_")),
+            reason: None,
+            client: "-".into(),
+            vip: socket(e.daddr, e.dport),
+            protocol: proto_name(e.proto),
+            backend: (!refused).then(|| socket(e.backend_addr, e.backend_port)),
+            service: names.get(&e.svc_id).cloned().unwrap_or_default(),
+            pid: (e.pid != 0).then_some(e.pid),
+            command: (!command.is_empty()).then(|| String::from_utf8_lossy(command).into_owned()),
+        });
+    }
     let new_flow = e.kind == lb_common::EVENT_NEW_FLOW;
     let reason = counters::NAMES.get(e.reason as usize).copied().unwrap_or("unknown");
     let kind = match (new_flow, reason.strip_prefix("reject_")) {
@@ -356,6 +383,8 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
         protocol: proto_name(e.proto),
         backend: new_flow.then(|| socket(e.backend_addr, e.backend_port)),
         service: names.get(&e.svc_id).cloned().unwrap_or_default(),
+        pid: None,
+        command: None,
     })
 }
 

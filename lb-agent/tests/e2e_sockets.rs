@@ -167,6 +167,9 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
     assert!(moved(c::SOCK_SENDMSG) >= 40, "sendmsg translated: {}", show_counters(c));
     assert!(moved(c::SOCK_RECVMSG) >= 40, "replies read from the Service: {}", show_counters(c));
     assert!(moved(c::SOCK_GETPEERNAME) >= 41, "getpeername: {}", show_counters(c));
+    // Each closed connected socket (40 TCP, one UDP) took its entries along; the unconnected
+    // ones name no peer when they close, and leave theirs to the LRU.
+    assert_eq!(moved(c::SOCK_RELEASED), 41, "closed sockets' entries removed: {}", show_counters(c));
     // Translated at the socket: nothing for the packet path to do.
     assert_eq!(moved(c::FWD_NEW_FLOW), 0, "no packet-level new flow: {}", show_counters(c));
 
@@ -209,6 +212,56 @@ fn host_processes_reach_services_through_their_sockets() {
     assert_eq!(a.peer, other.to_string());
     assert_eq!(counters(&c, 1)[c::SOCK_CONNECT as usize], before.0, "not translated on node 1");
     assert!(counters(&c, 2)[c::FWD_NEW_FLOW as usize] > before.1, "translated by node 2");
+
+    monitor_shows_socket_translations(&c, &mut host);
+}
+
+/// `lbctl monitor` shows each socket translated (at `connect`, at an unconnected socket's first
+/// `sendmsg`) and refused, with the process (its id and command name), which every kernel tested
+/// (Debian's 5.10, 6.1, 6.12) gives cgroup programs.
+fn monitor_shows_socket_translations(c: &Cluster, host: &mut SockClient) {
+    let mut monitor = std::process::Command::new(support::lbctl_path())
+        .arg("--pin-dir")
+        .arg(&c.nodes[0].pin_dir)
+        .args(["-o", "json", "monitor", "--count", "3", "--timeout", "10"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl monitor");
+    let mut stderr = std::io::BufReader::new(monitor.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut said).expect("monitor's stderr");
+    assert!(said.starts_with("listening"), "lbctl monitor: {said}");
+    host.tcp(SocketAddrV4::new(VIP, 80)).expect("TCP to the ClusterIP");
+    host.udp(SocketAddrV4::new(VIP, 53)).expect("UDP to the ClusterIP");
+    host.tcp(SocketAddrV4::new(EMPTY_VIP, 80)).expect_err("no endpoints");
+    let out = monitor.wait_with_output().expect("monitor output");
+    drop(stderr);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert!(lb_agent::datapath::probe::Kernel::probe().sock_process, "the probe finds the process helpers");
+    let want = [
+        ("socket-connect", "10.96.0.10:80", "demo/who:tcp", true),
+        ("socket-sendmsg", "10.96.0.10:53", "demo/who:udp", true),
+        ("socket-refused", "10.96.0.20:80", "demo/empty:tcp", false),
+    ];
+    assert_eq!(events.len(), want.len(), "{events:?}");
+    for (e, (kind, vip, service, backend)) in events.iter().zip(want) {
+        assert_eq!(
+            (e["kind"].as_str(), e["vip"].as_str(), e["service"].as_str()),
+            (Some(kind), Some(vip), Some(service)),
+            "{e}"
+        );
+        let b = e["backend"].as_str().unwrap_or("");
+        assert_eq!(c.backends.iter().any(|p| b.starts_with(&format!("{}:", p.ip))), backend, "{e}");
+        assert_eq!(
+            (e["pid"].as_u64(), e["command"].as_str()),
+            (Some(u64::from(host.pid())), Some("python3")),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -272,7 +325,11 @@ fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
     let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
     wait_answer(&c, &mut host, tcp);
     let first = socket_pins(&c.nodes[0]);
-    assert_eq!(first.len(), 4, "one pinned link per socket program: {first:?}");
+    assert_eq!(
+        first.len(),
+        lb_agent::datapath::sockets::SOCK_PROGRAMS.len(),
+        "one pinned link per socket program: {first:?}"
+    );
 
     // Connections all along, while the agent stops and starts again.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -306,7 +363,11 @@ fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
     );
     assert!(ok > 20, "traffic ran: {ok} connections");
     let second = socket_pins(&node);
-    assert_eq!(second.len(), 4, "the restarted agent's links replaced the earlier ones: {second:?}");
+    assert_eq!(
+        second.len(),
+        lb_agent::datapath::sockets::SOCK_PROGRAMS.len(),
+        "the restarted agent's links replaced the earlier ones: {second:?}"
+    );
     assert!(second.iter().all(|p| !first.contains(p)), "{first:?} → {second:?}");
 
     // --cleanup unpins them: the host's sockets are left alone again.
@@ -325,6 +386,7 @@ fn all_mode_translates_sockets_on_this_kernel() {
     let (c, cgroups) = cluster("sa", "all");
     let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
     reaches_services_at_the_socket(&c, &mut host);
+    monitor_shows_socket_translations(&c, &mut host);
 }
 
 /// `--mount-cgroup` (the DaemonSet's init container): mounts a cgroup v2 hierarchy where there is

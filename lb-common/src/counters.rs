@@ -121,9 +121,12 @@ pub const SOCK_GETPEERNAME: u32 = 37;
 /// A `connect` or `sendmsg` to a Service with no endpoints (or none for this node's
 /// `internalTrafficPolicy: Local`) was refused: ECONNREFUSED, or EPERM before Linux 5.18.
 pub const SOCK_REFUSED: u32 = 38;
+/// A socket the socket programs had sent to a backend closed, and its entries went with it
+/// (`sock_release`).
+pub const SOCK_RELEASED: u32 = 39;
 
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 39;
+pub const COUNT: u32 = 40;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -166,6 +169,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "sock_recvmsg",
     "sock_getpeername",
     "sock_refused",
+    "sock_released",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so

@@ -249,6 +249,11 @@ pub mod globals {
     /// `connect` or `sendmsg` to a Service without endpoints then fails with ECONNREFUSED;
     /// else with EPERM (what a cgroup program's refusal gives). Read-only, like `KTIME_COARSE`.
     pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
+    /// `u32`: non-zero where cgroup socket programs may call `bpf_get_current_pid_tgid` and
+    /// `bpf_get_current_comm` (every kernel tested, from 5.10): socket events then name their
+    /// process.
+    /// Read-only, like `KTIME_COARSE`.
+    pub const SOCK_PROCESS: &str = "SOCK_PROCESS";
 }
 
 /// `globals::SOCK_SCOPE`: every socket (`--socket-lb all`).
@@ -741,14 +746,24 @@ pub struct LbEvent {
     pub _pad2: u16,
     /// Frontend id (0 when unknown).
     pub svc_id: u32,
-    pub _pad3: u32,
+    /// Socket events: the process (thread group id) that called, where the kernel gives cgroup
+    /// programs `bpf_get_current_pid_tgid` (0 otherwise, and for packet events).
+    pub pid: u32,
     /// Coarse monotonic time of the event.
     pub ts_ns: u64,
+    /// Socket events: the calling thread's command name (NUL-padded), where the kernel gives
+    /// `bpf_get_current_comm`. An event of an earlier layout ends before it (48 bytes).
+    pub comm: [u8; 16],
 }
-const _: () = assert!(size_of::<LbEvent>() == 48);
+const _: () = assert!(size_of::<LbEvent>() == 64);
+/// The length of an event of the layout without `comm` (agents before socket events).
+pub const LB_EVENT_BASE_LEN: usize = 48;
 
 pub const EVENT_NEW_FLOW: u32 = 1;
 pub const EVENT_DROP: u32 = 2;
+/// A socket translated at `connect` or at its first `sendmsg` to a Service address, or refused
+/// (`reason`: `counters::SOCK_CONNECT`, `SOCK_SENDMSG` or `SOCK_REFUSED`).
+pub const EVENT_SOCK: u32 = 3;
 
 /// Events per second each CPU may send to `lbctl monitor`, and the burst allowed.
 pub const MONITOR_RATE_PER_SEC: u64 = 2_000;

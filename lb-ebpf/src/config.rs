@@ -37,6 +37,8 @@ static SOCK_SCOPE: Global<u32> = Global::new(lb_common::SOCK_SCOPE_INIT_NETNS);
 static SOCK_NETNS_COOKIE: Global<u64> = Global::new(0);
 #[unsafe(no_mangle)]
 static SOCK_SET_RETVAL: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SOCK_PROCESS: Global<u32> = Global::new(0);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -98,4 +100,11 @@ pub fn sock_netns_cookie() -> u64 {
 #[inline(always)]
 pub fn sock_set_retval() -> bool {
     SOCK_SET_RETVAL.load() != 0
+}
+
+/// Whether cgroup socket programs may ask for the current process (see
+/// `lb_common::globals::SOCK_PROCESS`).
+#[inline(always)]
+pub fn sock_process() -> bool {
+    SOCK_PROCESS.load() != 0
 }

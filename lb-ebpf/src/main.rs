@@ -13,7 +13,8 @@
 //!   (`--node-datapath xdp`), in front of `lb4_tc_node_in`, which takes what XDP leaves to it.
 //! - `lb4_sock_connect`, `lb4_sock_sendmsg`, `lb4_sock_recvmsg`, `lb4_sock_getpeername`: cgroup v2
 //!   socket programs (`--socket-lb`): sockets are sent to a backend when they connect or send to
-//!   a Service address, and read the Service address back (`sock`).
+//!   a Service address, and read the Service address back (`sock`); `lb4_sock_release` drops a
+//!   closing socket's entries.
 #![no_std]
 #![no_main]
 
@@ -32,8 +33,8 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier, xdp},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb_common::counters;
 
@@ -101,6 +102,11 @@ pub fn lb4_sock_recvmsg(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb4_sock_getpeername(ctx: SockAddrContext) -> i32 {
     sock::sock4_reverse(&ctx, counters::SOCK_GETPEERNAME)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn lb4_sock_release(ctx: SockContext) -> i32 {
+    sock::sock4_release(&ctx)
 }
 
 #[cfg(not(test))]

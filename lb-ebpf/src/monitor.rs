@@ -2,9 +2,11 @@
 //! and rate-limited per CPU, so that the cost is bounded on new flows and drops (and nothing on
 //! established packets); with events off it is one array read.
 
-use lb_common::{LbEvent, MONITOR_BURST, MONITOR_RATE_PER_SEC};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid};
+use lb_common::{LbEvent, EVENT_SOCK, MONITOR_BURST, MONITOR_RATE_PER_SEC};
 
 use crate::{
+    config,
     maps::{LB_EVENTS, LB_MONITOR, LB_MON_RATE},
     parse::Flow,
 };
@@ -55,8 +57,37 @@ pub fn emit(f: &Flow, kind: u32, reason: u32, backend: (u32, u16), svc_id: u32, 
         backend_port: backend.1,
         _pad2: 0,
         svc_id,
-        _pad3: 0,
+        pid: 0,
         ts_ns: now,
+        comm: [0; 16],
     };
+    let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
+}
+
+/// Sends a socket event (`EVENT_SOCK`, `reason` the counter of the hook or of the refusal) about
+/// a socket of the current process asking for `vip` of `proto` (`backend` the one it was given),
+/// if events are on and the rate allows; with the process where the kernel gives it.
+#[inline(always)]
+pub fn emit_sock(reason: u32, vip: (u32, u16), proto: u8, backend: (u32, u16), svc_id: u32, now: u64) {
+    if !events_on() || !allowed(now) {
+        return;
+    }
+    let mut e = LbEvent {
+        kind: EVENT_SOCK,
+        reason,
+        daddr: vip.0,
+        dport: vip.1,
+        proto,
+        backend_addr: backend.0,
+        backend_port: backend.1,
+        svc_id,
+        ts_ns: now,
+        ..LbEvent::default()
+    };
+    if config::sock_process() {
+        // The thread group id: the process, as `ps` shows it.
+        e.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        e.comm = bpf_get_current_comm().unwrap_or_default();
+    }
     let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
 }

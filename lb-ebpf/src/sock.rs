@@ -13,7 +13,7 @@ use core::ptr;
 
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
 use lb_common::{
@@ -26,6 +26,7 @@ use crate::{
     config, conntrack,
     lb::{self, Origin},
     maps::{LB4_SOCK_AFFINITY, LB4_SOCK_FWD, LB4_SOCK_REV},
+    monitor,
     stats::{count, svc_update},
 };
 
@@ -117,7 +118,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
         }
     }
     if svc.backend_count == 0 || svc.maglev_size == 0 {
-        return refuse(svc.id);
+        return refuse(svc.id, (addr, port), proto);
     }
     let now = lb::now_ns();
     let affinity = svc.affinity_timeout_secs != 0;
@@ -134,7 +135,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
         lb4_flow_hash(cookie as u32, addr, (cookie >> 32) as u16, port, proto, config::flow_hash_seed());
     let Some((id, backend)) = sticky.or_else(|| lb::maglev_pick(&svc, hash)) else {
         // The agent never publishes a table that points at a missing backend.
-        return refuse(svc.id);
+        return refuse(svc.id, (addr, port), proto);
     };
     if sticky.is_some() {
         count(counters::AFFINITY_HIT);
@@ -153,6 +154,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     }
     count(counter);
     svc_update(svc.id, |s| s.new_flows += 1);
+    monitor::emit_sock(counter, (addr, port), proto, (backend.addr, backend.port), svc.id, now);
     PROCEED
 }
 
@@ -169,11 +171,13 @@ fn remember_reverse(cookie: u64, backend: (u32, u16), vip: (u32, u16), svc_id: u
     }
 }
 
-/// Refuses a `connect` or `sendmsg` to frontend `svc_id`, which has no endpoint for this client.
+/// Refuses a `connect` or `sendmsg` to frontend `svc_id` at `vip`, which has no endpoint for this
+/// client.
 #[inline(always)]
-fn refuse(svc_id: u32) -> i32 {
+fn refuse(svc_id: u32, vip: (u32, u16), proto: u8) -> i32 {
     count(counters::SOCK_REFUSED);
     svc_update(svc_id, |s| s.drops += 1);
+    monitor::emit_sock(counters::SOCK_REFUSED, vip, proto, (0, 0), svc_id, lb::now_ns());
     if config::sock_set_retval() {
         // SAFETY: no preconditions; the verifier sees this call only where the kernel has it
         // (a read-only global).
@@ -201,5 +205,39 @@ pub fn sock4_reverse(ctx: &SockAddrContext, counter: u32) -> i32 {
         }
         count(counter);
     }
+    PROCEED
+}
+
+/// `sock_release`: a closing socket that the socket programs sent to a backend takes its entries
+/// along (`LB4_SOCK_REV` for the backend it is connected to, and `LB4_SOCK_FWD` for the Service
+/// address it asked for), so that the LRU maps hold live sockets, not closed ones. An unconnected
+/// socket names no peer here: its entries are left to the LRU.
+#[inline(always)]
+pub fn sock4_release(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands a valid context, whose family, protocol and destination are
+    // readable in `sock_release`. The port is read as the 4 bytes every kernel accepts there
+    // (before 6.0 the field was a `u32`; since, a 16-bit field and 16 bits of zeroes): the port in
+    // network order in the low half.
+    let (family, proto, daddr, dport) = unsafe {
+        (
+            (*sk).family,
+            (*sk).protocol as u8,
+            (*sk).dst_ip4,
+            ptr::read_volatile(ptr::addr_of!((*sk).dst_port).cast::<u32>()) as u16,
+        )
+    };
+    const AF_INET: u32 = 2;
+    if family != AF_INET || daddr == 0 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return PROCEED;
+    }
+    // SAFETY: a valid context; no other preconditions.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = Lb4SockRevKey { cookie, addr: daddr, port: dport, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let Some(r) = unsafe { LB4_SOCK_REV.get(&key) }.copied() else { return PROCEED };
+    let _ = LB4_SOCK_FWD.remove(&Lb4SockFwdKey { cookie, vip: r.vip, vport: r.vport, proto, _pad: 0 });
+    let _ = LB4_SOCK_REV.remove(&key);
+    count(counters::SOCK_RELEASED);
     PROCEED
 }

@@ -85,7 +85,7 @@ const TESTS: &[(&str, &[&str], &str)] = &[
     (
         "e2e_sockets",
         &["--exact", "all_mode_translates_sockets_on_this_kernel"],
-        "socket-level load balancing (cgroup connect4, sendmsg4, recvmsg4, getpeername4; EPERM before bpf_set_retval)",
+        "socket-level load balancing (cgroup connect4, sendmsg4, recvmsg4, getpeername4; EPERM before bpf_set_retval; monitor events name the process)",
     ),
     (
         "e2e_sockets",

@@ -106,6 +106,17 @@ fn monitor(args: &Args, maps: &Maps, count: Option<usize>, timeout: Option<f64>)
                 let Some(e) = inspect::event(&item, &names) else { continue };
                 if json {
                     println!("{}", serde_json::to_string(&e)?);
+                } else if e.kind.starts_with("socket-") {
+                    let process = match (e.pid, &e.command) {
+                        (Some(pid), Some(c)) => format!("pid {pid} ({c})"),
+                        (Some(pid), None) => format!("pid {pid}"),
+                        _ => "a process".into(),
+                    };
+                    let to = e.backend.as_deref().map(|b| format!(" => {b}")).unwrap_or_default();
+                    println!(
+                        "{:<14} {process:<21} -> {:<21} {}{to}  {}",
+                        e.kind, e.vip, e.protocol, e.service
+                    );
                 } else {
                     match (&e.backend, &e.reason) {
                         (Some(b), _) => println!(

@@ -573,6 +573,7 @@ impl Datapath {
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
         let set_retval = u32::from(kernel.sock_set_retval);
+        let sock_process = u32::from(kernel.sock_process);
         let scope = sockets::Scope::of(cfg.socket_lb).map_err(DatapathError::NetnsCookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
@@ -598,6 +599,7 @@ impl Datapath {
             .override_global(globals::SOCK_SCOPE, &scope.scope, true)
             .override_global(globals::SOCK_NETNS_COOKIE, &scope.netns_cookie, true)
             .override_global(globals::SOCK_SET_RETVAL, &set_retval, true)
+            .override_global(globals::SOCK_PROCESS, &sock_process, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {

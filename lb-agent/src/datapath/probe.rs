@@ -16,6 +16,10 @@ pub struct Kernel {
     /// `SO_NETNS_COOKIE` (5.14): `--socket-lb host` is the agent's own network namespace; else
     /// the initial one.
     pub netns_cookie: bool,
+    /// `bpf_get_current_pid_tgid` and `bpf_get_current_comm` in cgroup socket programs (Debian's
+    /// 5.10, 6.1 and 6.12 have them): `lbctl monitor`'s socket events name the process; else they
+    /// do not.
+    pub sock_process: bool,
 }
 
 /// A feature this kernel lacks: its name, the kernel that has it, and what lb does instead.
@@ -30,6 +34,8 @@ pub struct Missing {
 const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
 /// `bpf_set_retval`'s helper number.
 const BPF_FUNC_SET_RETVAL: i32 = 187;
+const BPF_FUNC_GET_CURRENT_PID_TGID: i32 = 14;
+const BPF_FUNC_GET_CURRENT_COMM: i32 = 16;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
@@ -48,6 +54,21 @@ impl Kernel {
                 BPF_FUNC_SET_RETVAL,
             ),
             netns_cookie: super::sockets::netns_cookie().is_ok_and(|c| c.is_some()),
+            sock_process: helper_loads(
+                BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                BPF_CGROUP_INET4_CONNECT,
+                BPF_FUNC_GET_CURRENT_PID_TGID,
+            ) && loads(
+                BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                BPF_CGROUP_INET4_CONNECT,
+                // r1 = r10; r1 += -16; r2 = 16; call get_current_comm: a 16-byte stack buffer.
+                &[
+                    insn(0xbf, 1, 10, 0),
+                    insn(0x07, 1, 0, -16),
+                    insn(0xb7, 2, 0, 16),
+                    insn(0x85, 0, 0, BPF_FUNC_GET_CURRENT_COMM),
+                ],
+            ),
         }
     }
 
@@ -75,6 +96,13 @@ impl Kernel {
                 instead: "with --socket-lb, a connect or sendmsg to a Service without endpoints fails with EPERM, not ECONNREFUSED",
             });
         }
+        if !self.sock_process {
+            m.push(Missing {
+                feature: "bpf_get_current_pid_tgid in cgroup programs",
+                since: "5.10",
+                instead: "lbctl monitor's socket events do not name the process",
+            });
+        }
         if !self.netns_cookie {
             m.push(Missing {
                 feature: "SO_NETNS_COOKIE",
@@ -90,13 +118,20 @@ impl Kernel {
 /// (with r1 = 0, and nothing else) loads: the kernel's verifier refuses helpers it does not know,
 /// or does not give that program type.
 fn helper_loads(prog_type: u32, attach_type: u32, id: i32) -> bool {
+    loads(prog_type, attach_type, &[insn(0xb7, 1, 0, 0), insn(0x85, 0, 0, id)])
+}
+
+/// One `struct bpf_insn` (code, dst:4 | src:4, a zero offset, imm) as the kernel reads it.
+fn insn(code: u8, dst: u8, src: u8, imm: i32) -> u64 {
+    u64::from(code) | (u64::from(dst) << 8) | (u64::from(src) << 12) | (u64::from(imm as u32) << 32)
+}
+
+/// Whether a program of type `prog_type` (expected attach type `attach_type`) made of `body`,
+/// then `r0 = 1; exit`, loads (1: a cgroup socket program may return only 0 or 1).
+fn loads(prog_type: u32, attach_type: u32, body: &[u64]) -> bool {
     const BPF_PROG_LOAD: libc::c_long = 5;
-    // r1 = 0; call id; r0 = 1; exit (struct bpf_insn: code, dst:4|src:4, off, imm). 1: a cgroup
-    // socket program may return only 0 or 1.
-    let insn = |code: u8, dst: u8, imm: i32| -> u64 {
-        u64::from(code) | (u64::from(dst) << 8) | (u64::from(imm as u32) << 32)
-    };
-    let insns = [insn(0xb7, 1, 0), insn(0x85, 0, id), insn(0xb7, 0, 1), insn(0x95, 0, 0)];
+    let mut insns = body.to_vec();
+    insns.extend([insn(0xb7, 0, 0, 1), insn(0x95, 0, 0, 0)]);
     let license = c"GPL";
     // union bpf_attr, BPF_PROG_LOAD variant: prog_type, insn_cnt, insns, license, no log
     // (level, size, buffer), kern_version, prog_flags, prog_name, prog_ifindex, then
@@ -121,9 +156,20 @@ fn helper_loads(prog_type: u32, attach_type: u32, id: i32) -> bool {
         _rest: [0; 80],
     };
     // SAFETY: a valid bpf_attr of the size passed; the instructions and license outlive the call.
-    let fd = unsafe {
+    let load = || unsafe {
         libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const ProgLoad, size_of::<ProgLoad>() as u32)
     };
+    let mut fd = load();
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        // Before 5.11 the kernel charges BPF memory to RLIMIT_MEMLOCK, per user: the maps of
+        // every agent and test running as root count, and a small limit refuses even this
+        // program. Lift it, as aya does before its own loads, and ask again.
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+            fd = load();
+        }
+    }
     if fd < 0 {
         return false;
     }
@@ -146,5 +192,13 @@ mod tests {
         assert!(helper_loads(sock, BPF_CGROUP_INET4_CONNECT, 5));
         // bpf_set_retval is the cgroup programs' only: never a TC program's.
         assert!(!helper_loads(cls, 0, BPF_FUNC_SET_RETVAL));
+        // The process's name into a 16-byte stack buffer: the arguments the verifier checks are
+        // passed right (a wrong size or a pointer outside the stack is refused).
+        let comm = |size: i32, at: i32| {
+            [insn(0xbf, 1, 10, 0), insn(0x07, 1, 0, at), insn(0xb7, 2, 0, size), insn(0x85, 0, 0, 16)]
+        };
+        assert!(loads(sock, BPF_CGROUP_INET4_CONNECT, &comm(16, -16)));
+        assert!(!loads(sock, BPF_CGROUP_INET4_CONNECT, &comm(32, -16)));
+        assert!(!loads(sock, BPF_CGROUP_INET4_CONNECT, &comm(16, 16)));
     }
 }

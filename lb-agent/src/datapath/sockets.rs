@@ -7,7 +7,7 @@
 
 use std::{io, path::Path};
 
-use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use lb_common::{SOCK_SCOPE_ALL, SOCK_SCOPE_INIT_NETNS, SOCK_SCOPE_NETNS};
 
 use super::{Datapath, DatapathError};
@@ -16,10 +16,12 @@ pub const PROG_SOCK_CONNECT: &str = "lb4_sock_connect";
 pub const PROG_SOCK_SENDMSG: &str = "lb4_sock_sendmsg";
 pub const PROG_SOCK_RECVMSG: &str = "lb4_sock_recvmsg";
 pub const PROG_SOCK_GETPEERNAME: &str = "lb4_sock_getpeername";
+/// The `sock_release` program (a `CgroupSock`; the others are `CgroupSockAddr`).
+pub const PROG_SOCK_RELEASE: &str = "lb4_sock_release";
 /// The socket programs, in the order they are attached: the reverse ones first, so that a socket
 /// translated by a new `connect4` always finds a `recvmsg4` that reads its replies back.
-pub const SOCK_PROGRAMS: [&str; 4] =
-    [PROG_SOCK_RECVMSG, PROG_SOCK_GETPEERNAME, PROG_SOCK_CONNECT, PROG_SOCK_SENDMSG];
+pub const SOCK_PROGRAMS: [&str; 5] =
+    [PROG_SOCK_RELEASE, PROG_SOCK_RECVMSG, PROG_SOCK_GETPEERNAME, PROG_SOCK_CONNECT, PROG_SOCK_SENDMSG];
 
 /// `--socket-lb`: which sockets are load-balanced when they connect or send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,32 +162,39 @@ impl Datapath {
             .map_err(|e| DatapathError::CgroupRoot(format!("--cgroup-root {}: {e}", root.display())))?;
         let mut pins = Vec::new();
         for prog in SOCK_PROGRAMS {
-            let p: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(prog)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: prog, source })?;
-            if p.fd().is_err() {
-                p.load().map_err(|source| DatapathError::Program { program: prog, source })?;
-            }
             let [a, b] = pin_names(prog).map(|n| self.links_dir.join(n));
             let (new, old) = if a.exists() { (b, a) } else { (a, b) };
             let _ = std::fs::remove_file(&new);
-            // A link (Linux 5.7): its flags must be none, and links always run beside the other
-            // programs of the cgroup, in the order attached.
-            let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| attach_err(prog, e))?;
             let pin_err = |reason: String| DatapathError::PinLink {
                 program: prog,
                 interface: format!("cgroup {}", root.display()),
                 path: new.clone(),
                 reason,
             };
-            let link: FdLink = p
-                .take_link(id)
-                .map_err(|e| attach_err(prog, e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
+            // Loaded on first use, attached as a link (Linux 5.7): its flags must be none, and
+            // links always run beside the other programs of the cgroup, in the order attached.
+            macro_rules! attach_as {
+                ($ty:ty) => {{
+                    let p: &mut $ty = self
+                        .ebpf
+                        .program_mut(prog)
+                        .expect("object has the program")
+                        .try_into()
+                        .map_err(|source| DatapathError::Program { program: prog, source })?;
+                    if p.fd().is_err() {
+                        p.load().map_err(|source| DatapathError::Program { program: prog, source })?;
+                    }
+                    let id = p.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| attach_err(prog, e))?;
+                    let link: FdLink = p
+                        .take_link(id)
+                        .map_err(|e| attach_err(prog, e))?
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| pin_err(e.to_string()))?;
+                    link
+                }};
+            }
+            let link =
+                if prog == PROG_SOCK_RELEASE { attach_as!(CgroupSock) } else { attach_as!(CgroupSockAddr) };
             link.pin(&new).map_err(|e| pin_err(e.to_string()))?;
             // Ours runs now; the earlier one goes with its pin.
             let _ = std::fs::remove_file(&old);

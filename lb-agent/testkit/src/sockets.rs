@@ -193,6 +193,11 @@ impl SockClient {
         Ok(Self { child, stdin, stdout })
     }
 
+    /// The client's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs one command; its answer.
     pub fn call(&mut self, command: &str) -> io::Result<serde_json::Value> {
         writeln!(self.stdin, "{command}")?;
