@@ -579,3 +579,54 @@ pub fn http_get(
         .collect();
     Ok(HttpAnswer { status, headers, body: body.to_string() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: &lb_common::LbEvent) -> Vec<u8> {
+        // SAFETY: LbEvent is plain integers with explicit padding fields.
+        unsafe { std::slice::from_raw_parts((e as *const lb_common::LbEvent).cast::<u8>(), 64) }.to_vec()
+    }
+
+    #[test]
+    fn socket_events_name_their_process_and_earlier_layouts_still_decode() {
+        let names = BTreeMap::from([(7, "demo/who:tcp".to_string())]);
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let sock = lb_common::LbEvent {
+            kind: lb_common::EVENT_SOCK,
+            reason: counters::SOCK_CONNECT,
+            daddr: u32::from_ne_bytes([10, 96, 0, 10]),
+            dport: 80u16.to_be(),
+            proto: 6,
+            backend_addr: u32::from_ne_bytes([10, 244, 1, 3]),
+            backend_port: 8080u16.to_be(),
+            svc_id: 7,
+            pid: 4242,
+            comm,
+            ..Default::default()
+        };
+        let e = event(&bytes(&sock), &names).expect("decoded");
+        assert_eq!(
+            (e.kind.as_str(), e.vip.as_str(), e.backend.as_deref(), e.service.as_str()),
+            ("socket-connect", "10.96.0.10:80", Some("10.244.1.3:8080"), "demo/who:tcp")
+        );
+        assert_eq!((e.pid, e.command.as_deref()), (Some(4242), Some("curl")));
+
+        // Refused: no backend. A kernel that gives no process: neither field.
+        let refused = lb_common::LbEvent { reason: counters::SOCK_REFUSED, pid: 0, comm: [0; 16], ..sock };
+        let e = event(&bytes(&refused), &names).expect("decoded");
+        assert_eq!((e.kind.as_str(), e.backend, e.pid, e.command), ("socket-refused", None, None, None));
+
+        // An agent of the layout before `comm` sends 48 bytes: decoded, no process.
+        let flow = lb_common::LbEvent { kind: lb_common::EVENT_NEW_FLOW, reason: 0, pid: 0, ..sock };
+        let e = event(&bytes(&flow)[..lb_common::LB_EVENT_BASE_LEN], &names).expect("48 bytes decode");
+        assert_eq!(
+            (e.kind.as_str(), e.backend.as_deref(), e.pid),
+            ("new-flow", Some("10.244.1.3:8080"), None)
+        );
+        // Shorter than any layout: nothing.
+        assert!(event(&bytes(&flow)[..lb_common::LB_EVENT_BASE_LEN - 1], &names).is_none());
+    }
+}

@@ -348,7 +348,12 @@ const SWEEP_BATCH: u32 = 4096;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let args = <Args as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // `--socket-lb host` by default, unless this machine cannot take it (see below); asked for,
+    // it is tried and its failure stops the agent.
+    let socket_lb_defaulted =
+        matches.value_source("socket_lb") == Some(clap::parser::ValueSource::DefaultValue);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?)
         .with_target(false)
@@ -385,6 +390,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let explicit_snat = args.snat_ports;
     let mut cfg = Config::from(args);
+    if socket_lb_defaulted && cfg.datapath.socket_lb == datapath::SocketLb::Host {
+        if let Some(why) = datapath::sockets::default_host_unfit(&cfg.cgroup_root) {
+            warn!("socket-level load balancing off: {why}; give --socket-lb host (or LB_SOCKET_LB=host) to insist");
+            cfg.datapath.socket_lb = datapath::SocketLb::Off;
+        }
+    }
     let local = datapath::local_port_range().context("reading net.ipv4.ip_local_port_range")?;
     let (snat_ports, warning) =
         datapath::choose_snat_ports(explicit_snat, local).map_err(anyhow::Error::msg)?;

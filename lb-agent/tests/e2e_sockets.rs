@@ -223,7 +223,7 @@ fn monitor_shows_socket_translations(c: &Cluster, host: &mut SockClient) {
     let mut monitor = std::process::Command::new(support::lbctl_path())
         .arg("--pin-dir")
         .arg(&c.nodes[0].pin_dir)
-        .args(["-o", "json", "monitor", "--count", "3", "--timeout", "10"])
+        .args(["-o", "json", "monitor", "--timeout", "5"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -237,9 +237,11 @@ fn monitor_shows_socket_translations(c: &Cluster, host: &mut SockClient) {
     host.tcp(SocketAddrV4::new(EMPTY_VIP, 80)).expect_err("no endpoints");
     let out = monitor.wait_with_output().expect("monitor output");
     drop(stderr);
+    // The socket events (packet events of other traffic may come between).
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("socket-")))
         .collect();
     assert!(lb_agent::datapath::probe::Kernel::probe().sock_process, "the probe finds the process helpers");
     let want = [
@@ -721,4 +723,96 @@ fn the_agent_and_host_processes_reach_the_api_server_through_the_kubernetes_serv
     assert!(connects() > before, "the agent's connections went through its socket programs");
     lab.stop_agents();
     drop(host);
+}
+
+/// `--socket-lb host` is the default, but one this machine cannot take (here `--cgroup-root` is a
+/// plain directory, as on a host with cgroup v1 only) turns itself off with a warning, and the
+/// agent serves; asked for (the flag, or `LB_SOCKET_LB`), the same stops the agent, naming the
+/// flag and the directory.
+#[test]
+fn the_default_host_mode_turns_itself_off_where_it_cannot_attach_and_an_asked_one_stops_the_agent() {
+    let scratch = std::env::temp_dir().join(format!("lb-sock-default-{}", std::process::id()));
+    let (manifests, plain) = (scratch.join("manifests"), scratch.join("not-a-cgroup"));
+    std::fs::create_dir_all(&manifests).expect("manifests dir");
+    std::fs::create_dir_all(&plain).expect("plain dir");
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test/sockdefault-{}", std::process::id()));
+    struct Cleanup(std::path::PathBuf, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new(support::AGENT)
+                .arg("--cleanup")
+                .arg("--pin-dir")
+                .arg(&self.1)
+                .output();
+            let _ = std::fs::remove_dir_all(&self.1);
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(scratch.clone(), pin_dir.clone());
+    let agent = |setting: Option<(&str, &str)>| {
+        let mut cmd = std::process::Command::new(support::AGENT);
+        cmd.env_remove("LB_SOCKET_LB")
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--interfaces", "lbsockdef-none*", "--pin-dir"])
+            .arg(&pin_dir)
+            .arg("--cgroup-root")
+            .arg(&plain)
+            .args(["--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        match setting {
+            Some(("flag", v)) => {
+                cmd.args(["--socket-lb", v]);
+            }
+            Some((_, v)) => {
+                cmd.env("LB_SOCKET_LB", v);
+            }
+            None => {}
+        }
+        cmd
+    };
+
+    // The default: serves without socket programs, and says why.
+    let mut child = agent(None).spawn().expect("agent");
+    let ready = wait_until(Duration::from_secs(60), || {
+        let attached = lb_agent::datapath::layout_dir(&pin_dir).join("links").is_dir();
+        if attached {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not started yet"))
+        }
+    });
+    // A moment for a wrong attach to show.
+    std::thread::sleep(Duration::from_secs(1));
+    let still_running = child.try_wait().expect("wait").is_none();
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("agent exits");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(ready.is_ok() && still_running, "the agent serves:\n{log}");
+    assert!(
+        log.contains("socket-level load balancing off")
+            && log.contains(&format!("--cgroup-root {} is not a cgroup v2 hierarchy", plain.display())),
+        "{log}"
+    );
+    let pins: Vec<_> = std::fs::read_dir(lb_agent::datapath::layout_dir(&pin_dir).join("links"))
+        .expect("links")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("@lb4_sock_"))
+        .collect();
+    assert!(pins.is_empty(), "no socket program attached: {pins:?}");
+
+    // Asked for, by the flag or the environment: the agent stops, saying what to do.
+    for setting in [("flag", "host"), ("env", "host"), ("flag", "all")] {
+        let out = agent(Some(setting)).output().expect("agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{setting:?}: the agent must stop");
+        assert!(
+            err.contains("--socket-lb")
+                && err.contains(&format!("{} is not a cgroup v2 hierarchy", plain.display())),
+            "{setting:?}: {err}"
+        );
+    }
 }

@@ -250,8 +250,7 @@ pub mod globals {
     /// else with EPERM (what a cgroup program's refusal gives). Read-only, like `KTIME_COARSE`.
     pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
     /// `u32`: non-zero where cgroup socket programs may call `bpf_get_current_pid_tgid` and
-    /// `bpf_get_current_comm` (every kernel tested, from 5.10): socket events then name their
-    /// process.
+    /// `bpf_get_current_comm` (5.7): socket events then name their process.
     /// Read-only, like `KTIME_COARSE`.
     pub const SOCK_PROCESS: &str = "SOCK_PROCESS";
 }

@@ -34,7 +34,9 @@ fn allowed(now: u64) -> bool {
     if b.tokens == 0 {
         return false;
     }
-    b.tokens -= 1;
+    // Saturating: a TC program in a softirq may take the last token between the check and here
+    // (the cgroup programs run in process context on the same CPU's bucket).
+    b.tokens = b.tokens.saturating_sub(1);
     true
 }
 

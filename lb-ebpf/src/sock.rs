@@ -14,7 +14,7 @@ use core::ptr;
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::{SockAddrContext, SockContext},
-    EbpfContext as _,
+    EbpfContext,
 };
 use lb_common::{
     counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwd, Lb4SockFwdKey,
@@ -35,12 +35,13 @@ const PROCEED: i32 = 1;
 /// What it returns to refuse the call (EPERM, or the error `bpf_set_retval` set).
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const AF_INET: u32 = 2;
 
-/// Whether the socket of `ctx` is one lb translates (`--socket-lb`): every socket, or those of
-/// one network namespace (the agent's; or, where the kernel cannot tell the agent its own, the
-/// initial one).
+/// Whether the socket of `ctx` (a `sock_addr` or a `sock` context) is one lb translates
+/// (`--socket-lb`): every socket, or those of one network namespace (the agent's; or, where the
+/// kernel cannot tell the agent its own, the initial one).
 #[inline(always)]
-fn in_scope(ctx: &SockAddrContext) -> bool {
+fn in_scope(ctx: &impl EbpfContext) -> bool {
     let scope = config::sock_scope();
     if scope == SOCK_SCOPE_ALL {
         return true;
@@ -75,8 +76,12 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; these fields are readable in every
     // `sock_addr` program.
-    let (proto, addr, port) = unsafe { ((*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let (family, proto, addr, port) =
+        unsafe { ((*sa).family, (*sa).protocol as u8, (*sa).user_ip4, (*sa).user_port as u16) };
+    // An IPv6 socket sending to an IPv4-mapped address reaches the IPv4 hooks too (UDP's
+    // `sendmsg`), but reads its replies through the IPv6 ones, which lb has not yet: left alone
+    // whole, rather than sent to a backend whose replies it would not recognise.
+    if family != AF_INET || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
         return PROCEED;
     }
     let Some(svc) = lb::frontend_at(addr, port, proto, Origin::Pod) else { return PROCEED };
@@ -227,8 +232,11 @@ pub fn sock4_release(ctx: &SockContext) -> i32 {
             ptr::read_volatile(ptr::addr_of!((*sk).dst_port).cast::<u32>()) as u16,
         )
     };
-    const AF_INET: u32 = 2;
     if family != AF_INET || daddr == 0 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return PROCEED;
+    }
+    // Only sockets the programs could have translated: no cookie is made for the others.
+    if !in_scope(ctx) {
         return PROCEED;
     }
     // SAFETY: a valid context; no other preconditions.

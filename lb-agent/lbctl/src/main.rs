@@ -62,7 +62,8 @@ enum Cmd {
         #[arg(long, env = "LB_METRICS_BIND_ADDRESS", default_value = "127.0.0.1:10249")]
         metrics_address: std::net::SocketAddr,
     },
-    /// Streams datapath events (new flows, drops and rejects with their reason) as they happen. The datapath
+    /// Streams datapath events (new flows, drops and rejects with their reason; sockets sent to a
+    /// backend or refused by the socket programs, with their process) as they happen. The datapath
     /// sends at most 2,000 a second per CPU, while the agent runs with `--flow-events` (the
     /// default).
     Monitor {

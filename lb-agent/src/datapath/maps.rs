@@ -234,8 +234,15 @@ impl Maps {
 
     /// Global counters summed over CPUs, indexed as `lb_common::counters`.
     pub fn read_counters(&self) -> Result<Vec<u64>, DatapathError> {
+        // An agent of an earlier version may have pinned fewer (those it did not know read 0).
+        let pinned = self.counters.len();
         (0..counters::COUNT)
-            .map(|i| self.counters.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(MAP_LB_COUNTERS)))
+            .map(|i| {
+                if i >= pinned {
+                    return Ok(0);
+                }
+                self.counters.get(&i, 0).map(|v| v.iter().sum()).map_err(map_err(MAP_LB_COUNTERS))
+            })
             .collect()
     }
 

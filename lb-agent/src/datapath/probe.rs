@@ -16,9 +16,9 @@ pub struct Kernel {
     /// `SO_NETNS_COOKIE` (5.14): `--socket-lb host` is the agent's own network namespace; else
     /// the initial one.
     pub netns_cookie: bool,
-    /// `bpf_get_current_pid_tgid` and `bpf_get_current_comm` in cgroup socket programs (Debian's
-    /// 5.10, 6.1 and 6.12 have them): `lbctl monitor`'s socket events name the process; else they
-    /// do not.
+    /// `bpf_get_current_pid_tgid` and `bpf_get_current_comm` in cgroup socket programs (5.7; every
+    /// kernel lb runs on should have them): `lbctl monitor`'s socket events name the process;
+    /// else they do not.
     pub sock_process: bool,
 }
 
@@ -99,7 +99,7 @@ impl Kernel {
         if !self.sock_process {
             m.push(Missing {
                 feature: "bpf_get_current_pid_tgid in cgroup programs",
-                since: "5.10",
+                since: "5.7",
                 instead: "lbctl monitor's socket events do not name the process",
             });
         }

@@ -112,6 +112,28 @@ pub fn check_cgroup2(root: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Why `--socket-lb host`, when not asked for (the default), does not fit here, if it does not: no
+/// cgroup v2 hierarchy at `root` (a host with cgroup v1, or a container without the host's), or a
+/// kernel without `SO_NETNS_COOKIE` (before 5.14), where `host` would mean the initial network
+/// namespace, while the agent runs in another (a test or a trial by hand, whose sockets it would
+/// not translate while translating the machine's).
+pub fn default_host_unfit(root: &Path) -> Option<String> {
+    if let Err(e) = check_cgroup2(root) {
+        return Some(e);
+    }
+    let own = std::fs::metadata("/proc/self/ns/net").ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let init = std::fs::metadata("/proc/1/ns/net").ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let cookie = netns_cookie().ok().flatten();
+    if cookie.is_none() && own != init {
+        return Some(
+            "this kernel has no SO_NETNS_COOKIE (5.14), so `host` would translate the initial network \
+             namespace's sockets, and the agent runs in another"
+                .into(),
+        );
+    }
+    None
+}
+
 /// The id of the frontend a UDP socket of this node sending to `vip:vport` gets now, as the socket
 /// programs find it (as a pod on this node: an address's internal entry where it has two).
 fn current_frontend(
@@ -193,8 +215,21 @@ impl Datapath {
                     link
                 }};
             }
-            let link =
-                if prog == PROG_SOCK_RELEASE { attach_as!(CgroupSock) } else { attach_as!(CgroupSockAddr) };
+            let link = if prog == PROG_SOCK_RELEASE {
+                // Housekeeping only (closed sockets' entries are otherwise left to the LRU maps):
+                // a kernel that refuses it costs no translation.
+                match (|| -> Result<FdLink, DatapathError> { Ok(attach_as!(CgroupSock)) })() {
+                    Ok(link) => link,
+                    Err(e) => {
+                        tracing::warn!(
+                            "{prog}: {e}; closed sockets' entries are left to the LRU maps (counter sock_released stays 0)"
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                attach_as!(CgroupSockAddr)
+            };
             link.pin(&new).map_err(|e| pin_err(e.to_string()))?;
             // Ours runs now; the earlier one goes with its pin.
             let _ = std::fs::remove_file(&old);
