@@ -165,6 +165,19 @@ fn bed(tag: &str, from_host: bool) -> anyhow::Result<Bed> {
     let node = lab.node(1)?;
     let client = lab.pod(&node, "client", 100, true)?;
     let client_ns = if from_host { node.netns.clone() } else { client.netns.clone() };
+    if from_host {
+        // A node has a route for Service addresses (its default route): a connect to one needs it
+        // before kube-proxy's nat OUTPUT rewrites the packet (lb's socket programs rewrite before
+        // the lookup). Here: towards a pod's interface, as good as any.
+        let out = netns_cmd(&node.netns, None, "ip")
+            .args(["route", "add", "10.96.0.0/12", "dev", &client.host_if])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "a route for Service addresses: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     sysctl(&client_ns, "net.ipv4.ip_local_port_range=1024 65535")?;
     sysctl(&client_ns, "net.ipv4.tcp_tw_reuse=1")?;
     let backends =
@@ -253,8 +266,9 @@ fn set_up(
         Contender::Direct | Contender::HostDirect => Duration::ZERO,
         Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n, &[])?,
         Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n, &[])?,
-        Contender::LbSockAll => {
-            let cgroup = Cgroup2::new(&format!("bt{n}"))?;
+        Contender::LbSockAll | Contender::HostLbSock => {
+            let (tag, mode) = if c == Contender::LbSockAll { ("bt", "all") } else { ("bh", "host") };
+            let cgroup = Cgroup2::new(&format!("{tag}{n}"))?;
             let root = cgroup.path().display().to_string();
             b.cgroup = Some(cgroup);
             start_lb(
@@ -263,20 +277,7 @@ fn set_up(
                 Mode::Tc,
                 &services,
                 n,
-                &["--socket-lb", "all", "--cgroup-root", &root],
-            )?
-        }
-        Contender::HostLbSock => {
-            let cgroup = Cgroup2::new(&format!("bh{n}"))?;
-            let root = cgroup.path().display().to_string();
-            b.cgroup = Some(cgroup);
-            start_lb(
-                &mut b,
-                &args.agent,
-                Mode::Tc,
-                &services,
-                n,
-                &["--socket-lb", "host", "--cgroup-root", &root],
+                &["--socket-lb", mode, "--cgroup-root", &root],
             )?
         }
         _ => {

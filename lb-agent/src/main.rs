@@ -816,9 +816,16 @@ fn abort_stale_udp(dp: &Datapath, agent: &Agent<datapath::Maps>, failing: &mut b
         }
         Err(e) => {
             if !std::mem::replace(failing, true) {
+                // What sock_diag answers: no handler for UDP (the udp_diag module is not loaded
+                // and cannot be), or no SOCK_DESTROY (a kernel without CONFIG_INET_DIAG_DESTROY).
+                let why = match e.raw_os_error() {
+                    Some(libc::ENOENT) => "this kernel has no sock_diag for UDP (load the udp_diag module)",
+                    Some(libc::EOPNOTSUPP) => "this kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY)",
+                    _ => "sock_diag refused",
+                };
                 warn!(
-                    "aborting connected UDP sockets whose backend left: {e} (a kernel without \
-                     CONFIG_INET_DIAG_DESTROY cannot: they keep their backend until they reconnect)"
+                    "aborting connected UDP sockets whose backend left: {e}: {why}; until it can, they keep \
+                     their backend until they reconnect"
                 );
             }
         }

@@ -131,6 +131,14 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
     wait_answer(c, client, tcp);
     let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
     let before = counters(c, 1);
+    let remembered = || {
+        let pin = lb_agent::datapath::layout_dir(&c.nodes[0].pin_dir).join(lb_common::MAP_LB4_SOCK_REV);
+        let data = aya::maps::MapData::from_pin(pin).expect("LB4_SOCK_REV pinned");
+        let map: aya::maps::HashMap<_, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev> =
+            aya::maps::Map::from_map_data(data).expect("a map").try_into().expect("a hash map");
+        map.keys().count()
+    };
+    let remembered_before = remembered();
 
     // TCP: spread over every endpoint, each connection's peer the Service address.
     let mut seen = BTreeSet::new();
@@ -141,6 +149,8 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
         seen.insert(a.name);
     }
     assert_eq!(seen, all, "TCP reaches every endpoint");
+    // Each closed connection took its reverse entry along.
+    assert_eq!(remembered(), remembered_before, "closed TCP sockets leave nothing in LB4_SOCK_REV");
 
     // Unconnected UDP: each reply reads as coming from the Service address.
     let mut seen = BTreeSet::new();

@@ -294,7 +294,10 @@ pub fn nft_full(services: &[ServicePort], node_ip: Ipv4Addr) -> String {
         "add rule T filter-forward ct state new jump cluster-ips-check",
         "add chain T filter-output { type filter hook output priority -110 ; }",
         "add rule T filter-output ct state new jump service-endpoints-check",
-        "add rule T filter-output ct state new jump cluster-ips-check",
+        // After nat-output's DNAT, as kube-proxy has it: only what was not sent to an endpoint
+        // is still addressed to a ClusterIP.
+        "add chain T filter-output-post-dnat { type filter hook output priority -90 ; }",
+        "add rule T filter-output-post-dnat ct state new jump cluster-ips-check",
         "add chain T nat-prerouting { type nat hook prerouting priority -100 ; }",
         "add rule T nat-prerouting jump services",
         "add chain T nat-output { type nat hook output priority -100 ; }",
