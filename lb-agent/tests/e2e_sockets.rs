@@ -316,9 +316,9 @@ fn host_mode_leaves_pods_to_the_packet_path_and_all_mode_translates_them() {
     assert_eq!(moved(&after, &before, c::FWD_NEW_FLOW), 0, "no per-packet translation");
 }
 
-/// The socket programs' link pins in `node`'s layout (`links/`).
-fn socket_pins(node: &lb_testkit::lab::Node) -> Vec<String> {
-    let links = lb_agent::datapath::layout_dir(&node.pin_dir).join("links");
+/// The socket programs' link pins in the layout under `pin_dir` (`links/`).
+fn socket_pins(pin_dir: &std::path::Path) -> Vec<String> {
+    let links = lb_agent::datapath::layout_dir(pin_dir).join("links");
     let mut pins: Vec<String> = std::fs::read_dir(links)
         .into_iter()
         .flatten()
@@ -336,7 +336,7 @@ fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
     let tcp = SocketAddrV4::new(VIP, 80);
     let mut host = SockClient::start(&c.nodes[0].netns, cgroups[0].path()).expect("a client on node 1");
     wait_answer(&c, &mut host, tcp);
-    let first = socket_pins(&c.nodes[0]);
+    let first = socket_pins(&c.nodes[0].pin_dir);
     assert_eq!(
         first.len(),
         lb_agent::datapath::sockets::SOCK_PROGRAMS.len(),
@@ -374,7 +374,7 @@ fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
         failed.first()
     );
     assert!(ok > 20, "traffic ran: {ok} connections");
-    let second = socket_pins(&node);
+    let second = socket_pins(&node.pin_dir);
     assert_eq!(
         second.len(),
         lb_agent::datapath::sockets::SOCK_PROGRAMS.len(),
@@ -385,7 +385,7 @@ fn host_sockets_keep_working_across_a_restart_and_cleanup_detaches_them() {
     // --cleanup unpins them: the host's sockets are left alone again.
     c.lab.stop_agent(&node, libc::SIGTERM);
     support::cleanup(&node);
-    assert!(socket_pins(&node).is_empty());
+    assert!(socket_pins(&node.pin_dir).is_empty());
     assert!(lb_agent::datapath::Maps::from_pins(&node.pin_dir).is_err(), "the maps went with the cleanup");
     assert!(host.tcp(tcp).is_err(), "without lb nothing answers for the Service address from the host");
 }
@@ -806,12 +806,7 @@ fn the_default_host_mode_turns_itself_off_where_it_cannot_attach_and_an_asked_on
             && log.contains(&format!("--cgroup-root {} is not a cgroup v2 hierarchy", plain.display())),
         "{log}"
     );
-    let pins: Vec<_> = std::fs::read_dir(lb_agent::datapath::layout_dir(&pin_dir).join("links"))
-        .expect("links")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("@lb4_sock_"))
-        .collect();
+    let pins = socket_pins(&pin_dir);
     assert!(pins.is_empty(), "no socket program attached: {pins:?}");
 
     // Asked for, by the flag or the environment: the agent stops, saying what to do.
