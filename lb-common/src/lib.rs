@@ -10,6 +10,8 @@ pub mod counters;
 pub mod csum;
 pub mod hash;
 pub mod maps;
+pub mod maps6;
 pub mod reject;
 
 pub use maps::*;
+pub use maps6::*;

@@ -186,7 +186,7 @@ pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
 pub const MAP_LB4_SOCK_AFFINITY: &str = "LB4_SOCK_AFFINITY";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 21] = [
+pub const PINNED_MAPS: [&str; 27] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -208,6 +208,12 @@ pub const PINNED_MAPS: [&str; 21] = [
     MAP_LB4_SOCK_REV,
     MAP_LB4_SOCK_FWD,
     MAP_LB4_SOCK_AFFINITY,
+    crate::maps6::MAP_LB6_SERVICES,
+    crate::maps6::MAP_LB6_BACKENDS,
+    crate::maps6::MAP_LB6_MEMBERS,
+    crate::maps6::MAP_LB6_CT,
+    crate::maps6::MAP_LB6_AFFINITY,
+    crate::maps6::MAP_LB6_FRAGS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.

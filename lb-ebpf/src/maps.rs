@@ -11,7 +11,8 @@ use aya_ebpf::{
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
-    Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, LbMonitorBucket,
+    Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, Lb6AffinityKey,
+    Lb6Backend, Lb6CtEntry, Lb6CtKey, Lb6FragKey, Lb6Member, Lb6MemberKey, Lb6ServiceKey, LbMonitorBucket,
     LbSockAffinityKey, LbTcFilter, LbTcFilterKey,
 };
 
@@ -166,3 +167,31 @@ pub static LB4_SOCK_FWD: LruHashMap<Lb4SockFwdKey, Lb4SockFwd> = LruHashMap::pin
 #[map(name = "LB4_SOCK_AFFINITY")]
 pub static LB4_SOCK_AFFINITY: LruHashMap<LbSockAffinityKey, Lb4Affinity> =
     LruHashMap::pinned(capacity::SOCK_AFFINITY, 0);
+
+// The IPv6 twins of the maps that hold an address (`lb_common::maps6`). Frontend and backend ids
+// are one space for both families: `LB4_MAGLEV`, `LB4_SVC_STATS` and `LB4_FE_META` serve IPv6
+// frontends too. Each has the shape and the writers and readers of its IPv4 twin above.
+
+/// IPv6 frontends (see `LB4_SERVICES`).
+#[map(name = "LB6_SERVICES")]
+pub static LB6_SERVICES: HashMap<Lb6ServiceKey, Lb4Service> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// IPv6 backends by id (see `LB4_BACKENDS`).
+#[map(name = "LB6_BACKENDS")]
+pub static LB6_BACKENDS: Array<Lb6Backend> = Array::pinned(capacity::BACKENDS, 0);
+
+/// Members of IPv6 frontends (see `LB4_MEMBERS`).
+#[map(name = "LB6_MEMBERS")]
+pub static LB6_MEMBERS: HashMap<Lb6MemberKey, Lb6Member> = HashMap::pinned(capacity::MEMBERS, 0);
+
+/// Connection tracking of IPv6 flows (see `LB4_CT`).
+#[map(name = "LB6_CT")]
+pub static LB6_CT: LruHashMap<Lb6CtKey, Lb6CtEntry> = LruHashMap::pinned(capacity::CT, 0);
+
+/// ClientIP session affinity of IPv6 clients (see `LB4_AFFINITY`).
+#[map(name = "LB6_AFFINITY")]
+pub static LB6_AFFINITY: LruHashMap<Lb6AffinityKey, Lb4Affinity> = LruHashMap::pinned(capacity::AFFINITY, 0);
+
+/// IPv6 datagrams in fragments (see `LB4_FRAGS`).
+#[map(name = "LB6_FRAGS")]
+pub static LB6_FRAGS: LruHashMap<Lb6FragKey, Lb4FragPorts> = LruHashMap::pinned(capacity::FRAGS, 0);

@@ -46,7 +46,7 @@ pub struct Maps {
 }
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 9] = [
+const UNTYPED_MAPS: [&str; 15] = [
     MAP_LB_EVENTS,
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
@@ -56,6 +56,12 @@ const UNTYPED_MAPS: [&str; 9] = [
     lb_common::MAP_LB4_SOCK_REV,
     lb_common::MAP_LB4_SOCK_FWD,
     lb_common::MAP_LB4_SOCK_AFFINITY,
+    lb_common::MAP_LB6_SERVICES,
+    lb_common::MAP_LB6_BACKENDS,
+    lb_common::MAP_LB6_MEMBERS,
+    lb_common::MAP_LB6_CT,
+    lb_common::MAP_LB6_AFFINITY,
+    lb_common::MAP_LB6_FRAGS,
 ];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

@@ -1,0 +1,212 @@
+//! The IPv6 maps' names, keys and values (`lb6_*`), beside the IPv4 ones in [`crate::maps`].
+//!
+//! Only the maps that hold an address have an IPv6 twin. Frontend ids and backend ids are one
+//! space for both families (the agent allocates them), so the maps indexed by id alone serve
+//! both: `LB4_MAGLEV` (table slots are backend ids), `LB4_SVC_STATS` and `LB4_FE_META` (by
+//! frontend id). Their names keep the `LB4_` of the layout they were pinned under.
+//!
+//! An IPv6 address is kept as `[u32; 4]` in network byte order (the 16 bytes exactly as in the
+//! packet, read four at a time), so that it compares in four loads and keys stay 4-byte aligned.
+
+use core::mem::size_of;
+
+use crate::maps::{Lb4MemberKey, SCOPE_EXTERNAL};
+
+/// Frontends of IPv6 addresses: `Lb6ServiceKey` → `Lb4Service` (the value holds no address).
+pub const MAP_LB6_SERVICES: &str = "LB6_SERVICES";
+/// IPv6 backends by id (`Lb6Backend`); an id is in this map or in `LB4_BACKENDS`, never both.
+pub const MAP_LB6_BACKENDS: &str = "LB6_BACKENDS";
+/// (Frontend id, backend id) → `Lb6Member`, for IPv6 frontends.
+pub const MAP_LB6_MEMBERS: &str = "LB6_MEMBERS";
+/// Connection tracking of IPv6 flows (`Lb6CtKey` → `Lb6CtEntry`).
+pub const MAP_LB6_CT: &str = "LB6_CT";
+/// ClientIP session affinity of IPv6 clients (`Lb6AffinityKey` → `Lb4Affinity`).
+pub const MAP_LB6_AFFINITY: &str = "LB6_AFFINITY";
+/// Non-first IPv6 fragments → the ports of their datagram's first fragment.
+pub const MAP_LB6_FRAGS: &str = "LB6_FRAGS";
+
+/// An IPv6 address as the maps hold it: the 16 bytes in packet order, four at a time.
+pub type Addr6 = [u32; 4];
+
+/// The map form of the 16 bytes of an IPv6 address in packet order.
+pub const fn addr6(octets: [u8; 16]) -> Addr6 {
+    let o = octets;
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The 16 bytes in packet order of an address in map form.
+pub const fn octets6(a: Addr6) -> [u8; 16] {
+    let (w, x, y, z) = (a[0].to_ne_bytes(), a[1].to_ne_bytes(), a[2].to_ne_bytes(), a[3].to_ne_bytes());
+    [w[0], w[1], w[2], w[3], x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3], z[0], z[1], z[2], z[3]]
+}
+
+/// Key of `LB6_SERVICES`: a frontend, [VIP]:port/protocol (as `Lb4ServiceKey`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6ServiceKey {
+    /// Service IPv6 address, network byte order.
+    pub addr: Addr6,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `SCOPE_EXTERNAL` or `SCOPE_INTERNAL`.
+    pub scope: u8,
+}
+const _: () = assert!(size_of::<Lb6ServiceKey>() == 20);
+
+impl Lb6ServiceKey {
+    /// Builds a key from host-order values.
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8) -> Self {
+        Self { addr: addr6(addr), port: port.to_be(), proto, scope: SCOPE_EXTERNAL }
+    }
+}
+
+/// Value of `LB6_BACKENDS`, indexed by backend id (as `Lb4Backend`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb6Backend {
+    /// Backend IPv6 address, network byte order.
+    pub addr: Addr6,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `BACKEND_STATE_*`.
+    pub state: u8,
+}
+const _: () = assert!(size_of::<Lb6Backend>() == 20);
+
+impl Lb6Backend {
+    /// Builds a backend from host-order values.
+    pub const fn new(addr: [u8; 16], port: u16, proto: u8, state: u8) -> Self {
+        Self { addr: addr6(addr), port: port.to_be(), proto, state }
+    }
+}
+
+/// Key of `LB6_MEMBERS`: the same pair as `LB4_MEMBERS`'.
+pub type Lb6MemberKey = Lb4MemberKey;
+
+/// Value of `LB6_MEMBERS` (as `Lb4Member`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb6Member {
+    /// Backend IPv6 address, network byte order.
+    pub addr: Addr6,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `MEMBER_*`.
+    pub state: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Lb6Member>() == 20);
+
+/// Key of `LB6_CT` (as `Lb4CtKey`, whose documentation holds for both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6CtKey {
+    /// Source address, network byte order.
+    pub saddr: Addr6,
+    /// Destination address, network byte order.
+    pub daddr: Addr6,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// `CT_DIR_FORWARD` or `CT_DIR_REPLY`.
+    pub dir: u8,
+    /// Padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Lb6CtKey>() == 40);
+
+/// Value of `LB6_CT` (as `Lb4CtEntry`, field for field, with IPv6 addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb6CtEntry {
+    pub last_seen_ns: u64,
+    pub created_s: u32,
+    pub snat_port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+    pub nat_addr: Addr6,
+    pub nat_port: u16,
+    pub state: u8,
+    pub flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub snat_addr: Addr6,
+    /// Padding, always zero.
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<Lb6CtEntry>() == 64);
+
+/// Key of `LB6_AFFINITY`: ClientIP session affinity, per client address and frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6AffinityKey {
+    /// Client IPv6 address, network byte order.
+    pub client: Addr6,
+    /// Frontend id.
+    pub svc_id: u32,
+}
+const _: () = assert!(size_of::<Lb6AffinityKey>() == 20);
+
+/// Key of `LB6_FRAGS`: one IPv6 datagram in fragments (RFC 8200 §4.5: source, destination and
+/// the Fragment header's identification; the protocol after it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6FragKey {
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    /// Identification, network byte order.
+    pub id: u32,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Lb6FragKey>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: #[repr(C)], made only of integers, with explicit padding fields, so every bit
+    // pattern is valid and no byte is uninitialised. The same holds for the types below.
+    unsafe impl aya::Pod for Lb6ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6Member {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6CtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6CtEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6FragKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_keep_packet_order() {
+        let o = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        let a = addr6(o);
+        assert_eq!(octets6(a), o);
+        assert_eq!(a[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
+        let k = Lb6ServiceKey::new(o, 443, 6);
+        assert_eq!(k.port.to_ne_bytes(), [0x01, 0xbb]);
+    }
+}
