@@ -149,7 +149,7 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("bench/{vip}"),
         port_name: String::new(),
-        backends: vec![BackendAddr { ip: to, port: to_port, proto: Protocol::Tcp }],
+        backends: vec![BackendAddr { ip: to.into(), port: to_port, proto: Protocol::Tcp }],
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,

@@ -15,7 +15,7 @@ use crate::{
     health::{Health, HealthCheckServers},
     metrics::Metrics,
     model::{self, Addresses, Context, ServiceHealth},
-    reconcile::{FlowTable, MapWriter, Reconciler, Sweeper, SyncStats},
+    reconcile::{FlowTables, MapWriter, Reconciler, Sweeper, SyncStats},
     source::{Change, ManifestError, Objects, ServiceObjects, What},
 };
 
@@ -356,7 +356,7 @@ impl<W: MapWriter> Agent<W> {
     }
 }
 
-impl<W: MapWriter + FlowTable> Agent<W> {
+impl<W: MapWriter + FlowTables> Agent<W> {
     /// Health after writes outside a change (retries, the sweep's releases): failed writes wait
     /// (from now, if nothing waited before); none left, what waited is applied.
     fn note_failed_writes(&self) {
@@ -436,7 +436,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        reconcile::{Capacities, MemoryMaps, Options},
+        reconcile::{Capacities, MemoryMaps, Options, ServiceKey},
         source::files::read_bytes,
     };
 
@@ -470,12 +470,14 @@ mod tests {
 
     /// The backend new flows to 10.96.5.1:80 go to (the last octet), and the frontend's id.
     fn programmed(a: &Agent<MemoryMaps>) -> Option<(u8, u32)> {
-        let svc = a.maps.services.get(&Lb4ServiceKey::new([10, 96, 5, 1], 80, IPPROTO_TCP))?;
+        let svc =
+            a.maps.services.get(&ServiceKey::V4(Lb4ServiceKey::new([10, 96, 5, 1], 80, IPPROTO_TCP)))?;
         if svc.flags & SVC_FLAG_TOMBSTONE != 0 {
             return None;
         }
         let id = a.maps.maglev[&svc.maglev_offset];
-        Some((a.maps.backends[&id].addr.to_ne_bytes()[3], svc.id))
+        let std::net::IpAddr::V4(ip) = a.maps.backends[&id].parts().0 else { return None };
+        Some((ip.octets()[3], svc.id))
     }
 
     #[test]
@@ -489,7 +491,7 @@ mod tests {
         let live = |a: &Agent<MemoryMaps>, ip: [u8; 4]| {
             a.maps
                 .services
-                .get(&Lb4ServiceKey::new(ip, 80, IPPROTO_TCP))
+                .get(&ServiceKey::V4(Lb4ServiceKey::new(ip, 80, IPPROTO_TCP)))
                 .is_some_and(|s| s.flags & SVC_FLAG_TOMBSTONE == 0)
         };
         let mut a = agent();
@@ -574,10 +576,10 @@ mod tests {
                 "spec: {clusterIP: 10.96.5.9, externalTrafficPolicy: Local, externalIPs: [10.96.5.1],",
             )
         };
-        let internal = Lb4ServiceKey {
+        let internal = ServiceKey::V4(Lb4ServiceKey {
             scope: lb_common::SCOPE_INTERNAL,
             ..Lb4ServiceKey::new([10, 96, 5, 1], 80, IPPROTO_TCP)
-        };
+        });
         let mut a = agent();
         a.apply(Change::all(objects(&capture(2))));
         assert_eq!(programmed(&a).map(|p| p.0), Some(2), "aa holds the address");

@@ -1,17 +1,21 @@
 //! What the kernel will do, read from the pinned maps: the views `lbctl` prints. Read-only; works
 //! while the agent is down. Field names are stable: `lbctl -o json` prints these structs.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{
-    counters, Lb4CtEntry, Lb4Service, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
+    counters, Lb4Service, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
     SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::{DatapathError, Maps},
-    reconcile::encode::{endpoint, ipv4 as ip, port, proto_name, socket, state_name},
+    reconcile::{
+        encode::{endpoint_of, ipv4 as ip, ipv6, port, proto_name, socket, socket6, state_name},
+        flows::EntryView,
+        BackendValue, CtKey, ServiceKey,
+    },
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -98,14 +102,21 @@ pub struct StatsView {
 /// read (another region), read again.
 fn table_of(
     maps: &Maps,
-    key: &lb_common::Lb4ServiceKey,
+    key: &ServiceKey,
     mut svc: Lb4Service,
 ) -> Result<(Lb4Service, Vec<u32>), DatapathError> {
     for _ in 0..10 {
         let table: Vec<u32> = (svc.maglev_offset..svc.maglev_offset + svc.maglev_size)
             .filter_map(|s| maps.maglev.get(s))
             .collect();
-        match maps.services.get(key, 0) {
+        let now = match key {
+            ServiceKey::V4(k) => maps.services.get(k, 0),
+            ServiceKey::V6(k) => match &maps.v6 {
+                Some(m) => m.services.get(k, 0),
+                None => return Ok((svc, table)),
+            },
+        };
+        match now {
             Ok(now) if now == svc => return Ok((svc, table)),
             Ok(now) => svc = now,
             // Removed meanwhile: what was read is what was there.
@@ -123,8 +134,9 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
         .into_iter()
         .map(|(key, svc)| {
             // An address's internal entry is a frontend of its own.
-            let scope = if key.scope == lb_common::SCOPE_INTERNAL { " (internal)" } else { "" };
-            let frontend = format!("{}{scope}", endpoint(key.addr, key.port, key.proto));
+            let (vip, port, proto, scope) = key.parts();
+            let scope = if scope == lb_common::SCOPE_INTERNAL { " (internal)" } else { "" };
+            let frontend = format!("{}{scope}", endpoint_of(vip, port, proto));
             (svc.id, (frontend, maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default()))
         })
         .collect())
@@ -132,15 +144,15 @@ pub fn frontend_names(maps: &Maps) -> Result<BTreeMap<u32, (String, String)>, Da
 
 /// Every frontend with its table, in address order.
 fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, DatapathError> {
-    let backends: BTreeMap<u32, lb_common::Lb4Backend> = maps.read_backends()?.into_iter().collect();
+    let backends: BTreeMap<u32, BackendValue> = maps.read_backends()?.into_iter().collect();
     let mut services = maps.read_services()?;
-    services.sort_by_key(|(k, _)| (ip(k.addr), port(k.port), k.proto, k.scope));
+    services.sort_by_key(|(k, _)| k.parts());
     // Source ranges by frontend (under its external key): the networks let in, once it has a
     // deny entry.
-    let mut ranges: BTreeMap<(u32, u16, u8), (bool, Vec<String>)> = BTreeMap::new();
+    let mut ranges: BTreeMap<(std::net::IpAddr, u16, u8), (bool, Vec<String>)> = BTreeMap::new();
     for e in maps.read_src_ranges()? {
         let k = &e.key.frontend;
-        let r = ranges.entry((k.addr, k.port, k.proto)).or_default();
+        let r = ranges.entry((ip(k.addr).into(), port(k.port), k.proto)).or_default();
         match e.prefix_len.checked_sub(lb_common::SRC_RANGE_FRONTEND_BITS) {
             Some(0) => r.0 = true,
             Some(len) => r.1.push(format!("{}/{len}", ip(e.key.src))),
@@ -150,6 +162,7 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
     let mut out = Vec::new();
     for (key, svc) in services {
         let (svc, table) = table_of(maps, &key, svc)?;
+        let (vip, vport, proto, scope) = key.parts();
         let mut shares: BTreeMap<u32, u32> = BTreeMap::new();
         for id in &table {
             *shares.entry(*id).or_default() += 1;
@@ -158,20 +171,20 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
             .into_iter()
             .map(|(id, n)| BackendView {
                 slots: Some(n),
-                ..backend_view(id, backends.get(&id).copied().unwrap_or_default())
+                ..backend_view(id, backends.get(&id).copied().unwrap_or(BackendValue::V4(Default::default())))
             })
             .collect();
         let view = ServiceView {
             id: svc.id,
-            vip: ip(key.addr).to_string(),
-            port: port(key.port),
-            protocol: proto_name(key.proto),
+            vip: vip.to_string(),
+            port: vport,
+            protocol: proto_name(proto),
             service: maps.read_meta(svc.id).map(|m| m.name().to_string()).unwrap_or_default(),
             table_size: svc.maglev_size,
             affinity_timeout_seconds: svc.affinity_timeout_secs,
             internal_traffic_local: svc.flags & SVC_FLAG_LOCAL_ONLY != 0,
             kind: kind_of(maps, svc.id).into(),
-            scope: if key.scope == lb_common::SCOPE_INTERNAL { "internal" } else { "external" }.into(),
+            scope: if scope == lb_common::SCOPE_INTERNAL { "internal" } else { "external" }.into(),
             policy: if svc.flags & (SVC_FLAG_LOCAL_ONLY | lb_common::SVC_FLAG_TWO_SCOPES) != 0 {
                 "Local"
             } else {
@@ -179,7 +192,7 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
             }
             .into(),
             source_ranges: ranges
-                .get(&(key.addr, key.port, key.proto))
+                .get(&(vip, vport, proto))
                 .filter(|(deny, _)| *deny)
                 .map(|(_, allowed)| allowed.clone()),
             deleted: svc.flags & SVC_FLAG_TOMBSTONE != 0,
@@ -205,13 +218,14 @@ pub fn services(maps: &Maps) -> Result<Vec<ServiceView>, DatapathError> {
     Ok(services_with_tables(maps)?.into_iter().map(|(v, _)| v).collect())
 }
 
-fn backend_view(id: u32, b: lb_common::Lb4Backend) -> BackendView {
+fn backend_view(id: u32, b: BackendValue) -> BackendView {
+    let (addr, port, proto, state) = b.parts();
     BackendView {
         id,
-        ip: ip(b.addr).to_string(),
-        port: port(b.port),
-        protocol: proto_name(b.proto),
-        state: state_name(b.state).into(),
+        ip: addr.to_string(),
+        port,
+        protocol: proto_name(proto),
+        state: state_name(state).into(),
         slots: None,
     }
 }
@@ -232,7 +246,16 @@ pub fn query_matches(frontend: &str, service: &str, query: &str) -> bool {
 
 /// Whether `query` names this frontend (see [`query_matches`]).
 pub fn matches(s: &ServiceView, query: &str) -> bool {
-    query_matches(&format!("{}:{}/{}", s.vip, s.port, s.protocol), &s.service, query)
+    query_matches(&format!("{}/{}", host_port(&s.vip, s.port), s.protocol), &s.service, query)
+}
+
+/// `IP:port`, or `[IP]:port` for an IPv6 address (as a view holds them: address text and port).
+pub fn host_port(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// One frontend's table: its backends' shares, and the slots.
@@ -248,8 +271,8 @@ fn coarse_now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn ct_state(e: &Lb4CtEntry) -> &'static str {
-    match e.state {
+fn ct_state(state: u8) -> &'static str {
+    match state {
         CT_STATE_SYN => "syn",
         CT_STATE_ESTABLISHED => "established",
         CT_STATE_CLOSING => "closing",
@@ -257,36 +280,58 @@ fn ct_state(e: &Lb4CtEntry) -> &'static str {
     }
 }
 
-/// Tracked flows (their forward entries), optionally only those of a frontend or to a backend.
+/// Tracked flows (their forward entries) of both families, optionally only those of a frontend
+/// or to a backend.
 pub fn conntrack(
     maps: &Maps,
     service: Option<&str>,
-    backend: Option<Ipv4Addr>,
+    backend: Option<IpAddr>,
 ) -> Result<Vec<FlowView>, DatapathError> {
     let names = frontend_names(maps)?;
     let now = coarse_now_ns();
+    // (client, VIP, backend, protocol) as text and the entry's view, whatever the family.
+    let mut rows: Vec<(String, String, String, IpAddr, u8, EntryView)> = Vec::new();
+    for (k, e) in maps.ct.iter().flatten().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
+        let (client, vip, be) =
+            (socket(k.saddr, k.sport), socket(k.daddr, k.dport), socket(e.nat_addr, e.nat_port));
+        rows.push((
+            client,
+            vip,
+            be,
+            ip(e.nat_addr).into(),
+            k.proto,
+            <lb_common::Lb4CtKey as CtKey>::view(&e),
+        ));
+    }
+    for (k, e) in maps.v6.iter().flat_map(|m| m.ct.iter().flatten()).filter(|(k, _)| k.dir == CT_DIR_FORWARD)
+    {
+        let (client, vip, be) =
+            (socket6(k.saddr, k.sport), socket6(k.daddr, k.dport), socket6(e.nat_addr, e.nat_port));
+        rows.push((
+            client,
+            vip,
+            be,
+            ipv6(e.nat_addr).into(),
+            k.proto,
+            <lb_common::Lb6CtKey as CtKey>::view(&e),
+        ));
+    }
     let mut out = Vec::new();
-    for entry in maps.ct.iter() {
-        let Ok((k, e)) = entry else { continue };
-        if k.dir != CT_DIR_FORWARD {
-            continue;
-        }
-        if backend.is_some_and(|b| b != ip(e.nat_addr)) {
+    for (client, vip, backend_name, backend_ip, proto, e) in rows {
+        if backend.is_some_and(|b| b != backend_ip) {
             continue;
         }
         let (frontend, name) = names.get(&e.svc_id).cloned().unwrap_or_default();
-        let protocol = proto_name(k.proto);
-        let vip = socket(k.daddr, k.dport);
         if service.is_some_and(|q| !query_matches(&frontend, &name, q)) {
             continue;
         }
         out.push(FlowView {
-            client: socket(k.saddr, k.sport),
+            client,
             snat_port: (e.snat_port != 0).then(|| u16::from_be(e.snat_port)),
             vip,
-            backend: socket(e.nat_addr, e.nat_port),
-            protocol,
-            state: ct_state(&e).into(),
+            backend: backend_name,
+            protocol: proto_name(proto),
+            state: ct_state(e.state).into(),
             service: name,
             age_seconds: (now / 1_000_000_000).saturating_sub(u64::from(e.created_s)) as f64,
             idle_seconds: now.saturating_sub(e.last_seen_ns) as f64 / 1e9,

@@ -224,7 +224,7 @@ impl Collector for DatapathCollector {
         let backends = maps.read_backends().unwrap_or_default();
         let mut by_state = std::collections::BTreeMap::<&str, i64>::new();
         for (_, b) in &backends {
-            *by_state.entry(state_name(b.state)).or_default() += 1;
+            *by_state.entry(state_name(b.state())).or_default() += 1;
         }
         gauge(
             &mut encoder,

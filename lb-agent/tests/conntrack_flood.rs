@@ -28,8 +28,11 @@ fn setup(test: &str) -> (PinDir, Datapath, Maps) {
     let mut config = test_config(pins.path());
     config.caps.ct = TABLE;
     let (dp, mut maps) = Datapath::load(&config, Mode::Tc).expect("load datapath");
-    let backends =
-        (2..5).map(|i| BackendAddr { ip: Ipv4Addr::new(10, 244, 1, i), port: 8080, proto: Protocol::Tcp });
+    let backends = (2..5).map(|i| BackendAddr {
+        ip: Ipv4Addr::new(10, 244, 1, i).into(),
+        port: 8080,
+        proto: Protocol::Tcp,
+    });
     let fe = Frontend {
         addr: FrontendAddr::new(VIP, 80, Protocol::Tcp),
         kind: lb_agent::model::FrontendKind::ClusterIp,

@@ -81,7 +81,7 @@ fn frontend_with(
     affinity_timeout_secs: u32,
     local_only: bool,
 ) -> Frontend {
-    let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
+    let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: (*ip).into(), port: *port, proto };
     Frontend {
         addr: FrontendAddr::new(vip, port, proto),
         kind: lb_agent::model::FrontendKind::ClusterIp,
@@ -1034,6 +1034,7 @@ fn read_only_handles_read_everything_and_the_kernel_refuses_their_writes() {
         maps.maglev.get(value.maglev_offset),
         "Maglev slots readable"
     );
+    let lb_agent::reconcile::ServiceKey::V4(key) = key else { panic!("an IPv4 frontend first") };
     let err = ro.services.insert(key, value, 0).expect_err("a write through a read-only handle");
     assert!(
         format!("{err:?}").contains("PermissionDenied") || format!("{err:?}").contains("EPERM"),

@@ -24,7 +24,7 @@ fn services(c: &Cluster) -> std::io::Result<Vec<(u8, u16, u32)>> {
         .read_services()
         .map_err(std::io::Error::other)?
         .iter()
-        .map(|(k, s)| (k.proto, u16::from_be(k.port), s.flags))
+        .map(|(k, s)| (k.parts().2, k.parts().1, s.flags))
         .collect();
     got.sort_unstable();
     Ok(got)

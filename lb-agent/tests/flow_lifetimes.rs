@@ -14,7 +14,10 @@ use aya::programs::{TestRun, TestRunOptions};
 use lb_agent::{
     datapath::{monotonic_ns, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY},
     model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
-    reconcile::{Capacities, FlowCensus, FlowTable, MapWriter, Options, Reconciler, Sweeper, Timeouts},
+    reconcile::{
+        Capacities, FlowCensus, FlowTable, MapWriter, MemberKey, Options, Reconciler, ServiceKey, Sweeper,
+        Timeouts,
+    },
 };
 use lb_common::{counters as c, Lb4CtKey, CT_DIR_FORWARD, CT_DIR_REPLY};
 use support::*;
@@ -47,7 +50,7 @@ fn fe(
     kept: &[((Ipv4Addr, u16), BackendState)],
     affinity: u32,
 ) -> Frontend {
-    let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: *ip, port: *port, proto };
+    let be = |(ip, port): &(Ipv4Addr, u16)| BackendAddr { ip: (*ip).into(), port: *port, proto };
     Frontend {
         addr: FrontendAddr::new(vip, port, proto),
         kind: lb_agent::model::FrontendKind::ClusterIp,
@@ -596,9 +599,27 @@ fn the_sweep_reads_and_cleans_the_real_maps() {
     // Removing what is already gone is no failure (the datapath or the LRU may be first).
     let gone = key((CLIENT, 10_001), (vip, 53), UDP_P, CT_DIR_FORWARD);
     lab.maps.ct_remove(&gone).expect("absent conntrack entry");
+    FlowTable::<lb_common::Lb4CtKey>::affinity_remove(
+        &mut lab.maps,
+        &lb_common::Lb4AffinityKey { client: 1, svc_id: 3 },
+    )
+    .expect("absent affinity entry");
+    lab.maps.ct_remove(&lb_common::Lb6CtKey { sport: 7, ..Default::default() }).expect("absent IPv6 entry");
+    FlowTable::<lb_common::Lb6CtKey>::affinity_remove(
+        &mut lab.maps,
+        &lb_common::Lb6AffinityKey { client: [0, 0, 0, 1], svc_id: 3 },
+    )
+    .expect("absent IPv6 affinity entry");
     lab.maps
-        .affinity_remove(&lb_common::Lb4AffinityKey { client: 1, svc_id: 3 })
-        .expect("absent affinity entry");
-    lab.maps.remove_member(&lb_common::Lb4MemberKey { svc_id: 3, backend_id: 7 }).expect("absent member");
-    lab.maps.remove_service(&lb_common::Lb4ServiceKey::new([10, 96, 9, 9], 80, TCP)).expect("absent service");
+        .remove_member(&MemberKey::V4(lb_common::Lb4MemberKey { svc_id: 3, backend_id: 7 }))
+        .expect("absent member");
+    lab.maps
+        .remove_member(&MemberKey::V6(lb_common::Lb4MemberKey { svc_id: 3, backend_id: 7 }))
+        .expect("absent IPv6 member");
+    lab.maps
+        .remove_service(&ServiceKey::V4(lb_common::Lb4ServiceKey::new([10, 96, 9, 9], 80, TCP)))
+        .expect("absent service");
+    let v6 =
+        lb_common::Lb6ServiceKey::new("fd00::9".parse::<std::net::Ipv6Addr>().unwrap().octets(), 80, TCP);
+    lab.maps.remove_service(&ServiceKey::V6(v6)).expect("absent IPv6 service");
 }

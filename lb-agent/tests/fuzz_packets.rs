@@ -56,7 +56,7 @@ fn program(maps: &mut Maps) {
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("fuzz/{vip}-{port}"),
         port_name: String::new(),
-        backends: bs.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),
+        backends: bs.iter().map(|(ip, port)| BackendAddr { ip: (*ip).into(), port: *port, proto }).collect(),
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,

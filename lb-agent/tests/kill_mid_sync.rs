@@ -56,7 +56,7 @@ fn check_whole(pins: &Path) -> usize {
     let maps = Maps::from_pins_read_only(pins).expect("maps");
     let services = maps.read_services().expect("services");
     let backends: std::collections::HashMap<u32, u8> =
-        maps.read_backends().expect("backends").into_iter().map(|(id, b)| (id, b.state)).collect();
+        maps.read_backends().expect("backends").into_iter().map(|(id, b)| (id, b.state())).collect();
     for (key, svc) in &services {
         let mut ids = BTreeSet::new();
         for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {

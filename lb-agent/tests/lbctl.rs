@@ -167,9 +167,41 @@ fn lbctl_shows_what_the_agent_programmed() {
     // Events stay on (the agent's switch); lbctl wrote nothing (its maps are read-only handles).
     assert!(c.maps(1).flow_events(), "flow events on");
 
+    // An IPv6 Service: the agent writes it to the lb6 maps, and every view shows it in brackets.
+    let six = "---\napiVersion: v1\nkind: Service\nmetadata: {name: six, namespace: demo}\nspec: {clusterIPs: [\"fd00:10:96::10\"], ipFamilies: [IPv6], ports: [{name: tcp, port: 80}]}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: six-1, namespace: demo, labels: {kubernetes.io/service-name: six}}\naddressType: IPv6\nports: [{name: tcp, port: 8080}]\nendpoints: [{addresses: [\"fd00:10:244:1::2\"]}, {addresses: [\"fd00:10:244:2::4\"]}]\n";
+    c.write(&format!("{}{empty}{six}", who(spec, &eps)));
+    lb_testkit::lab::wait_until(std::time::Duration::from_secs(5), || {
+        let v = json(pins, &["services"]);
+        if v.as_array().is_some_and(|a| a.len() == 4) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("not yet"))
+        }
+    })
+    .expect("the IPv6 Service programmed");
+    let v = json(pins, &["services"]);
+    let six = v.as_array().expect("frontends").iter().find(|s| s["service"] == "demo/six:tcp").expect("IPv6");
+    assert_eq!((six["vip"].as_str(), six["port"].as_u64()), (Some("fd00:10:96::10"), Some(80)), "{six:#}");
+    let mut ips: Vec<&str> =
+        six["backends"].as_array().expect("backends").iter().map(|b| b["ip"].as_str().expect("ip")).collect();
+    ips.sort();
+    assert_eq!(ips, ["fd00:10:244:1::2", "fd00:10:244:2::4"]);
+    let (ok, out, _) = lbctl(pins, &["services"]);
+    assert!(
+        ok && out.contains("[fd00:10:96::10]:80/TCP") && out.contains("[fd00:10:244:1::2]:8080"),
+        "{out}"
+    );
+    let (ok, out, _) = lbctl(pins, &["backends"]);
+    assert!(ok && out.contains("[fd00:10:244:2::4]:8080/TCP"), "{out}");
+    let (ok, out, err) = lbctl(pins, &["maglev", "[fd00:10:96::10]:80/TCP"]);
+    assert!(
+        ok && out.contains("[fd00:10:96::10]:80/TCP demo/six:tcp") && out.contains("SHARE"),
+        "{out}{err}"
+    );
+
     // lbctl works while the agent is down.
     let mut c = c;
     let n1 = c.nodes[0].clone();
     c.lab.stop_agent(&n1, libc::SIGTERM);
-    assert_eq!(json(&n1.pin_dir, &["services"]).as_array().map(Vec::len), Some(3));
+    assert_eq!(json(&n1.pin_dir, &["services"]).as_array().map(Vec::len), Some(4));
 }

@@ -138,7 +138,10 @@ fn frontend(
         kind,
         service: format!("default/{vip}-{port}"),
         port_name: String::new(),
-        backends: backends.iter().map(|(ip, port)| BackendAddr { ip: *ip, port: *port, proto }).collect(),
+        backends: backends
+            .iter()
+            .map(|(ip, port)| BackendAddr { ip: (*ip).into(), port: *port, proto })
+            .collect(),
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
@@ -698,8 +701,12 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
                 .expect("services")
                 .into_iter()
                 .find(|(k, _)| {
-                    (k.addr, k.port, k.proto, k.scope)
-                        == (ip(NODE), port.to_be(), 6, lb_common::SCOPE_EXTERNAL)
+                    *k == lb_agent::reconcile::ServiceKey::V4(lb_common::Lb4ServiceKey {
+                        addr: ip(NODE),
+                        port: port.to_be(),
+                        proto: 6,
+                        scope: lb_common::SCOPE_EXTERNAL,
+                    })
                 })
                 .expect("the frontend");
             maps.read_svc_stats(svc.id).expect("stats").packets

@@ -294,11 +294,14 @@ fn takeovers(node: &Node, from: &str, outcome: &str) -> Option<u64> {
 /// and carries the other layout's state again, rather than keep a mix of both.
 #[test]
 fn a_start_that_died_before_the_swap_carries_the_other_layout_again() {
-    use lb_agent::{datapath::migrate::Outcome, reconcile::MapWriter as _};
+    use lb_agent::{
+        datapath::migrate::Outcome,
+        reconcile::{BackendValue, MapWriter as _, ServiceKey},
+    };
     use lb_common::{Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, IPPROTO_TCP};
     let pins = support::PinDir::new("recarry");
     let cfg = support::test_config(pins.path());
-    let key = |last: u8| Lb4ServiceKey::new([10, 96, 0, last], 80, IPPROTO_TCP);
+    let key = |last: u8| ServiceKey::V4(Lb4ServiceKey::new([10, 96, 0, last], 80, IPPROTO_TCP));
     let service = |id, offset| Lb4Service {
         id,
         backend_count: 1,
@@ -315,7 +318,7 @@ fn a_start_that_died_before_the_swap_carries_the_other_layout_again() {
             proto: IPPROTO_TCP,
             state: BACKEND_STATE_ACTIVE,
         };
-        maps.set_backend(3, &b).expect("backend");
+        maps.set_backend(3, &BackendValue::V4(b)).expect("backend");
         maps.set_maglev(0, &[3; 7]).expect("table");
         maps.set_service(&key(10), &service(1, 0)).expect("service");
     }

@@ -10,7 +10,7 @@
 
 use core::mem::size_of;
 
-use crate::maps::{Lb4MemberKey, SCOPE_EXTERNAL};
+use crate::maps::{Lb4MemberKey, CT_DIR_FORWARD, CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, SCOPE_EXTERNAL};
 
 /// Frontends of IPv6 addresses: `Lb6ServiceKey` → `Lb4Service` (the value holds no address).
 pub const MAP_LB6_SERVICES: &str = "LB6_SERVICES";
@@ -127,6 +127,30 @@ pub struct Lb6CtKey {
     pub _pad: u16,
 }
 const _: () = assert!(size_of::<Lb6CtKey>() == 40);
+
+impl Lb6CtKey {
+    /// The key of the forward entry of the flow that reply entry `self` (holding `e`) belongs
+    /// to (as `Lb4CtKey::forward_of_reply`).
+    #[inline(always)]
+    pub fn forward_of_reply(&self, e: &Lb6CtEntry) -> Self {
+        let saddr = if e.flags & CT_FLAG_NODE_SNAT != 0 {
+            e.snat_addr
+        } else if e.flags & CT_FLAG_HAIRPIN != 0 {
+            self.saddr
+        } else {
+            self.daddr
+        };
+        Self {
+            saddr,
+            daddr: e.nat_addr,
+            sport: if e.snat_port != 0 { e.snat_port } else { self.dport },
+            dport: e.nat_port,
+            proto: self.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+}
 
 /// Value of `LB6_CT` (as `Lb4CtEntry`, field for field, with IPv6 addresses).
 #[repr(C)]

@@ -1,7 +1,7 @@
 //! lbctl: shows what the lb datapath will do, read from the pinned maps. Read-only; works while
 //! the agent is down and needs no API access.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
@@ -47,7 +47,7 @@ enum Cmd {
         #[arg(long)]
         service: Option<String>,
         #[arg(long)]
-        backend: Option<Ipv4Addr>,
+        backend: Option<IpAddr>,
     },
     /// Datapath counters and drop reasons, and per-Service statistics.
     Stats,
@@ -292,10 +292,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 let backends: Vec<String> = s
                     .backends
                     .iter()
-                    .map(|b| format!("{}:{} {} ({} slots)", b.ip, b.port, b.state, b.slots.unwrap_or(0)))
+                    .map(|b| {
+                        format!(
+                            "{} {} ({} slots)",
+                            inspect::host_port(&b.ip, b.port),
+                            b.state,
+                            b.slots.unwrap_or(0)
+                        )
+                    })
                     .collect();
                 t.add_row(vec![
-                    format!("{}:{}/{}", s.vip, s.port, s.protocol),
+                    format!("{}/{}", inspect::host_port(&s.vip, s.port), s.protocol),
                     s.kind.clone(),
                     s.scope.clone(),
                     s.service.clone(),
@@ -331,7 +338,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             for b in &v {
                 t.add_row(vec![
                     b.id.to_string(),
-                    format!("{}:{}/{}", b.ip, b.port, b.protocol),
+                    format!("{}/{}", inspect::host_port(&b.ip, b.port), b.protocol),
                     b.state.clone(),
                 ]);
             }
@@ -351,14 +358,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 return print_json(&Out { service: &view, slots: raw.then_some(&slots[..]) });
             }
             println!(
-                "{}:{}/{} {} ({} slots)",
-                view.vip, view.port, view.protocol, view.service, view.table_size
+                "{}/{} {} ({} slots)",
+                inspect::host_port(&view.vip, view.port),
+                view.protocol,
+                view.service,
+                view.table_size
             );
             let mut t = table(&["BACKEND", "ID", "STATE", "SLOTS", "SHARE"]);
             for b in &view.backends {
                 let n = b.slots.unwrap_or(0);
                 t.add_row(vec![
-                    format!("{}:{}", b.ip, b.port),
+                    inspect::host_port(&b.ip, b.port),
                     b.id.to_string(),
                     b.state.clone(),
                     n.to_string(),

@@ -12,10 +12,12 @@ use aya::maps::{
 };
 use lb_common::{
     counters, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member,
-    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb4SvcStats, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS,
-    MAP_LB4_CT, MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES,
-    MAP_LB4_SRC_RANGES, MAP_LB4_SVC_STATS, MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR,
-    MAP_LB_MON_RATE, MAP_LB_TC_FILTERS, PINNED_MAPS,
+    Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb4SvcStats, Lb6AffinityKey, Lb6Backend,
+    Lb6CtEntry, Lb6CtKey, Lb6Member, Lb6ServiceKey, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
+    MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SRC_RANGES,
+    MAP_LB4_SVC_STATS, MAP_LB6_AFFINITY, MAP_LB6_BACKENDS, MAP_LB6_CT, MAP_LB6_MEMBERS, MAP_LB6_SERVICES,
+    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, MAP_LB_TC_FILTERS,
+    PINNED_MAPS,
 };
 
 use super::{
@@ -23,7 +25,9 @@ use super::{
     pins::{layout_dir, not_on_bpffs, obj_get_read_only, other_layouts},
     DatapathError,
 };
-use crate::reconcile::{FlowTable, MapWriter, SrcRangeEntry};
+use crate::reconcile::{
+    BackendValue, FlowTable, MapWriter, MemberKey, MemberValue, ServiceKey, SrcRangeEntry,
+};
 
 /// Typed handles to every datapath map.
 pub struct Maps {
@@ -39,14 +43,30 @@ pub struct Maps {
     /// `[0]`: non-zero while the datapath sends flow events (`--flow-events`).
     pub monitor: Array<MapData, u32>,
     pub src_ranges: LpmTrie<MapData, Lb4SrcRange, u32>,
+    /// The IPv6 maps (`lb_common::maps6`). A reader of pins an agent before them left has none;
+    /// an agent's own handles always have them.
+    pub v6: Option<Maps6>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
     /// the fragment map, the formats and SNAT ranges written at load, the socket programs' maps),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
     others: Vec<(&'static str, Map)>,
 }
 
+/// Typed handles to the IPv6 maps that hold an address.
+pub struct Maps6 {
+    pub services: HashMap<MapData, Lb6ServiceKey, Lb4Service>,
+    pub backends: Array<MapData, Lb6Backend>,
+    pub members: HashMap<MapData, Lb4MemberKey, Lb6Member>,
+    pub ct: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
+    pub affinity: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
+}
+
+/// The IPv6 maps with a typed handle (`Maps::v6`).
+const TYPED_MAPS6: [&str; 5] =
+    [MAP_LB6_SERVICES, MAP_LB6_BACKENDS, MAP_LB6_MEMBERS, MAP_LB6_CT, MAP_LB6_AFFINITY];
+
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 15] = [
+const UNTYPED_MAPS: [&str; 10] = [
     MAP_LB_EVENTS,
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
@@ -56,11 +76,6 @@ const UNTYPED_MAPS: [&str; 15] = [
     lb_common::MAP_LB4_SOCK_REV,
     lb_common::MAP_LB4_SOCK_FWD,
     lb_common::MAP_LB4_SOCK_AFFINITY,
-    lb_common::MAP_LB6_SERVICES,
-    lb_common::MAP_LB6_BACKENDS,
-    lb_common::MAP_LB6_MEMBERS,
-    lb_common::MAP_LB6_CT,
-    lb_common::MAP_LB6_AFFINITY,
     lb_common::MAP_LB6_FRAGS,
 ];
 
@@ -78,7 +93,12 @@ impl Maps {
     ) -> Result<Self, DatapathError> {
         let mut all = BTreeMap::new();
         for name in PINNED_MAPS {
-            if writable || !UNTYPED_MAPS.contains(&name) {
+            if TYPED_MAPS6.contains(&name) && !writable {
+                // A reader of an earlier agent's pins finds no IPv6 maps: it shows none.
+                if let Ok(m) = get(name) {
+                    all.insert(name, m);
+                }
+            } else if writable || !UNTYPED_MAPS.contains(&name) {
                 all.insert(name, get(name)?);
             }
         }
@@ -93,7 +113,21 @@ impl Maps {
             Map::Array(data) => MaglevSlots::map(data, writable)?,
             _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
         };
+        let v6 = if TYPED_MAPS6.iter().all(|n| all.contains_key(n)) {
+            let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
+            Some(Maps6 {
+                services: typed(take(MAP_LB6_SERVICES), MAP_LB6_SERVICES)?,
+                backends: typed(take(MAP_LB6_BACKENDS), MAP_LB6_BACKENDS)?,
+                members: typed(take(MAP_LB6_MEMBERS), MAP_LB6_MEMBERS)?,
+                ct: typed(take(MAP_LB6_CT), MAP_LB6_CT)?,
+                affinity: typed(take(MAP_LB6_AFFINITY), MAP_LB6_AFFINITY)?,
+            })
+        } else {
+            None
+        };
+        let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
         let maps = Self {
+            v6,
             services: typed(take(MAP_LB4_SERVICES), MAP_LB4_SERVICES)?,
             backends: typed(take(MAP_LB4_BACKENDS), MAP_LB4_BACKENDS)?,
             maglev,
@@ -132,7 +166,17 @@ impl Maps {
             (MAP_LB_MONITOR, self.monitor.map()),
             (MAP_LB4_SRC_RANGES, self.src_ranges.map()),
         ];
-        for (name, d) in data.into_iter().chain(self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d))) {
+        let data6 = self.v6.iter().flat_map(|m| {
+            [
+                (MAP_LB6_SERVICES, m.services.map()),
+                (MAP_LB6_BACKENDS, m.backends.map()),
+                (MAP_LB6_MEMBERS, m.members.map()),
+                (MAP_LB6_CT, m.ct.map()),
+                (MAP_LB6_AFFINITY, m.affinity.map()),
+            ]
+        });
+        let maglev = self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d));
+        for (name, d) in data.into_iter().chain(data6).chain(maglev) {
             pin(name, &|p| d.pin(p))?;
         }
         for (name, m) in &self.others {
@@ -184,9 +228,28 @@ impl Maps {
         Self::from_maps(open, !read_only)
     }
 
-    /// Every frontend in the map.
-    pub fn read_services(&self) -> Result<Vec<(Lb4ServiceKey, Lb4Service)>, DatapathError> {
-        self.services.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_SERVICES))
+    /// Every frontend in the services maps (IPv4, then IPv6).
+    pub fn read_services(&self) -> Result<Vec<(ServiceKey, Lb4Service)>, DatapathError> {
+        let mut out: Vec<(ServiceKey, Lb4Service)> = Vec::new();
+        for e in self.services.iter() {
+            let (k, v) = e.map_err(map_err(MAP_LB4_SERVICES))?;
+            out.push((ServiceKey::V4(k), v));
+        }
+        for e in self.v6.iter().flat_map(|m| m.services.iter()) {
+            let (k, v) = e.map_err(map_err(MAP_LB6_SERVICES))?;
+            out.push((ServiceKey::V6(k), v));
+        }
+        Ok(out)
+    }
+
+    /// The IPv6 handles, or the error that says they are not there.
+    fn v6_mut(&mut self) -> Result<&mut Maps6, MapError> {
+        self.v6.as_mut().ok_or_else(|| {
+            MapError::IoError(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the IPv6 maps are not pinned",
+            ))
+        })
     }
 
     /// Opens the pinned event ring buffer (for `lbctl monitor`).
@@ -212,21 +275,37 @@ impl Maps {
         self.meta.get(&id, 0).ok()
     }
 
-    /// Every backend slot that is in use.
-    pub fn read_backends(&self) -> Result<Vec<(u32, Lb4Backend)>, DatapathError> {
+    /// Every backend slot that is in use, of both families (by id).
+    pub fn read_backends(&self) -> Result<Vec<(u32, BackendValue)>, DatapathError> {
         let mut out = Vec::new();
         for (id, b) in self.backends.iter().enumerate() {
             let b = b.map_err(map_err(MAP_LB4_BACKENDS))?;
             if b.state != lb_common::BACKEND_STATE_FREE {
-                out.push((id as u32, b));
+                out.push((id as u32, BackendValue::V4(b)));
             }
         }
+        for (id, b) in self.v6.iter().flat_map(|m| m.backends.iter().enumerate()) {
+            let b = b.map_err(map_err(MAP_LB6_BACKENDS))?;
+            if b.state != lb_common::BACKEND_STATE_FREE {
+                out.push((id as u32, BackendValue::V6(b)));
+            }
+        }
+        out.sort_by_key(|(id, _)| *id);
         Ok(out)
     }
 
-    /// Every member row.
-    pub fn read_members(&self) -> Result<Vec<(Lb4MemberKey, Lb4Member)>, DatapathError> {
-        self.members.iter().collect::<Result<_, _>>().map_err(map_err(MAP_LB4_MEMBERS))
+    /// Every member row, of both families.
+    pub fn read_members(&self) -> Result<Vec<(MemberKey, MemberValue)>, DatapathError> {
+        let mut out = Vec::new();
+        for e in self.members.iter() {
+            let (k, v) = e.map_err(map_err(MAP_LB4_MEMBERS))?;
+            out.push((MemberKey::V4(k), MemberValue::V4(v)));
+        }
+        for e in self.v6.iter().flat_map(|m| m.members.iter()) {
+            let (k, v) = e.map_err(map_err(MAP_LB6_MEMBERS))?;
+            out.push((MemberKey::V6(k), MemberValue::V6(v)));
+        }
+        Ok(out)
     }
 
     /// Every `loadBalancerSourceRanges` entry.
@@ -268,24 +347,33 @@ impl Maps {
 impl MapWriter for Maps {
     type Error = MapError;
 
-    fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), MapError> {
-        self.backends.set(id, backend, 0)
+    fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), MapError> {
+        match backend {
+            BackendValue::V4(b) => self.backends.set(id, b, 0),
+            BackendValue::V6(b) => self.v6_mut()?.backends.set(id, b, 0),
+        }
     }
 
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), MapError> {
         self.maglev.write(offset, table)
     }
 
-    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
-        self.services.insert(key, svc, 0)
+    fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
+        match key {
+            ServiceKey::V4(k) => self.services.insert(k, svc, 0),
+            ServiceKey::V6(k) => self.v6_mut()?.services.insert(k, svc, 0),
+        }
     }
 
     fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), MapError> {
         self.meta.set(id, meta, 0)
     }
 
-    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), MapError> {
-        absent_ok(self.services.remove(key))
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match key {
+            ServiceKey::V4(k) => absent_ok(self.services.remove(k)),
+            ServiceKey::V6(k) => absent_ok(self.v6_mut()?.services.remove(k)),
+        }
     }
 
     fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), MapError> {
@@ -300,15 +388,37 @@ impl MapWriter for Maps {
         for k in stale {
             absent_ok(self.affinity.remove(&k))?;
         }
+        if let Some(m) = self.v6.as_mut() {
+            let stale: Vec<Lb6AffinityKey> = m
+                .affinity
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| k.svc_id == svc_id && backend_ids.contains(&v.backend_id))
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                absent_ok(m.affinity.remove(&k))?;
+            }
+        }
         Ok(())
     }
 
-    fn set_member(&mut self, key: &Lb4MemberKey, member: &Lb4Member) -> Result<(), MapError> {
-        self.members.insert(key, member, 0)
+    fn set_member(&mut self, key: &MemberKey, member: &MemberValue) -> Result<(), MapError> {
+        match (key, member) {
+            (MemberKey::V4(k), MemberValue::V4(m)) => self.members.insert(k, m, 0),
+            (MemberKey::V6(k), MemberValue::V6(m)) => self.v6_mut()?.members.insert(k, m, 0),
+            _ => Err(MapError::IoError(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a member row of one family with the key of the other",
+            ))),
+        }
     }
 
-    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), MapError> {
-        absent_ok(self.members.remove(key))
+    fn remove_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
+        match key {
+            MemberKey::V4(k) => absent_ok(self.members.remove(k)),
+            MemberKey::V6(k) => absent_ok(self.v6_mut()?.members.remove(k)),
+        }
     }
 
     fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), MapError> {
@@ -455,4 +565,49 @@ fn lookup_batch_once<K: aya::Pod, V: aya::Pod>(
         unsafe { (k.assume_init(), v.assume_init()) }
     }));
     Ok((!done).then_some(out_batch))
+}
+
+/// The IPv6 flow maps. A reader without them (pins of an agent before them) reads none.
+impl FlowTable<Lb6CtKey> for Maps {
+    type Error = DatapathError;
+
+    fn ct_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb6CtKey, Lb6CtEntry)>,
+    ) -> Result<Option<u32>, DatapathError> {
+        let Some(m) = &self.v6 else { return Ok(None) };
+        lookup_batch(m.ct.map(), cursor, max, out).map_err(|e| map_err(MAP_LB6_CT)(MapError::IoError(e)))
+    }
+
+    fn ct_get(&self, key: &Lb6CtKey) -> Result<Option<Lb6CtEntry>, DatapathError> {
+        let Some(m) = &self.v6 else { return Ok(None) };
+        match m.ct.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_LB6_CT)(e)),
+        }
+    }
+
+    fn ct_remove(&mut self, key: &Lb6CtKey) -> Result<(), DatapathError> {
+        let Some(m) = &mut self.v6 else { return Ok(()) };
+        absent_ok(m.ct.remove(key)).map_err(map_err(MAP_LB6_CT))
+    }
+
+    fn affinity_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb6AffinityKey, Lb4Affinity)>,
+    ) -> Result<Option<u32>, DatapathError> {
+        let Some(m) = &self.v6 else { return Ok(None) };
+        lookup_batch(m.affinity.map(), cursor, max, out)
+            .map_err(|e| map_err(MAP_LB6_AFFINITY)(MapError::IoError(e)))
+    }
+
+    fn affinity_remove(&mut self, key: &Lb6AffinityKey) -> Result<(), DatapathError> {
+        let Some(m) = &mut self.v6 else { return Ok(()) };
+        absent_ok(m.affinity.remove(key)).map_err(map_err(MAP_LB6_AFFINITY))
+    }
 }

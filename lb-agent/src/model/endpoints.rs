@@ -1,10 +1,11 @@
 //! EndpointSlices: which endpoints serve each Service port, and which of them take new flows
 //! (readiness, terminating fallback, topology hints, internalTrafficPolicy), as kube-proxy's
-//! `CategorizeEndpoints` decides.
+//! `CategorizeEndpoints` decides. A slice lists addresses of one family (`addressType`); each
+//! family of a Service uses only the slices of its own, as kube-proxy's proxier of that family.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -17,7 +18,7 @@ use super::{
 /// One endpoint serving one Service port.
 #[derive(Clone)]
 pub(super) struct EndpointPort {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     ready: bool,
     serving: bool,
@@ -37,9 +38,10 @@ pub(super) fn slice_endpoints(
     out: &mut EndpointsByPort,
 ) -> Result<(), ModelError> {
     const KIND: &str = "EndpointSlice";
-    match slice.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" | "FQDN" => return Ok(()),
+    let v6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        "FQDN" => return Ok(()),
         other => {
             return Err(ModelError::invalid(
                 KIND,
@@ -48,7 +50,7 @@ pub(super) fn slice_endpoints(
                 format!("unknown address type {other:?}"),
             ));
         }
-    }
+    };
     let mut ports = Vec::new();
     for (i, p) in slice.ports.iter().flatten().enumerate() {
         let proto = match parse_protocol(KIND, object, || format!("ports[{i}].protocol"), p.protocol.as_ref())
@@ -75,14 +77,20 @@ pub(super) fn slice_endpoints(
         let Some(addr) = ep.addresses.first() else {
             return Err(ModelError::invalid(KIND, object, format!("endpoints[{i}].addresses"), "empty"));
         };
-        let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
-            ModelError::invalid(
+        let ip = if v6 {
+            addr.parse::<Ipv6Addr>().map(IpAddr::V6).ok()
+        } else {
+            addr.parse::<Ipv4Addr>().map(IpAddr::V4).ok()
+        };
+        let Some(ip) = ip else {
+            let family = if v6 { "IPv6" } else { "IPv4" };
+            return Err(ModelError::invalid(
                 KIND,
                 object,
                 format!("endpoints[{i}].addresses[0]"),
-                format!("{addr:?} is not an IPv4 address"),
-            )
-        })?;
+                format!("{addr:?} is not an {family} address (addressType {family})"),
+            ));
+        };
         let hints = ep.hints.as_ref();
         let zone_hints =
             hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect();
@@ -141,6 +149,11 @@ fn available(e: &EndpointPort, mode: Topology, ctx: &Context) -> bool {
     }
 }
 
+/// The endpoints of one family (IPv6 or not): those a frontend of that family uses.
+pub(super) fn of_family(eps: &[EndpointPort], v6: bool) -> Vec<EndpointPort> {
+    eps.iter().filter(|e| e.ip.is_ipv6() == v6).cloned().collect()
+}
+
 /// Whether any endpoint, on any node, could take new flows (ready, or serving while terminating):
 /// kube-proxy's `hasAnyEndpoints`, which decides between dropping (internalTrafficPolicy Local
 /// without a local one) and rejecting (none at all).
@@ -150,11 +163,14 @@ pub(super) fn any_usable(eps: &[EndpointPort]) -> bool {
 
 /// How many distinct addresses this node's ready endpoints have, over every port (terminating ones
 /// do not count): kube-proxy's `LocalReadyEndpoints`, what a Service's health-check node port
-/// reports. None without a node name.
-pub(super) fn local_ready(endpoints: &EndpointsByPort, ctx: &Context) -> usize {
+/// reports, for the Service's primary family (`v6`: kube-proxy's proxier of one family counts the
+/// endpoints of its slices only). None without a node name.
+pub(super) fn local_ready(endpoints: &EndpointsByPort, ctx: &Context, v6: bool) -> usize {
     let Some(node) = &ctx.node_name else { return 0 };
-    let local =
-        endpoints.values().flatten().filter(|e| e.ready && !e.terminating && e.node.as_ref() == Some(node));
+    let local = endpoints
+        .values()
+        .flatten()
+        .filter(|e| e.ready && !e.terminating && e.node.as_ref() == Some(node) && e.ip.is_ipv6() == v6);
     local.map(|e| e.ip).collect::<BTreeSet<_>>().len()
 }
 
@@ -167,7 +183,7 @@ pub(super) fn select(
     ctx: &Context,
 ) -> (Vec<BackendAddr>, Vec<(BackendAddr, BackendState)>) {
     // Merge duplicates (the same address and port in two slices): ready if any copy is.
-    let mut merged: BTreeMap<(Ipv4Addr, u16), EndpointPort> = BTreeMap::new();
+    let mut merged: BTreeMap<(IpAddr, u16), EndpointPort> = BTreeMap::new();
     for e in eps {
         merged
             .entry((e.ip, e.port))

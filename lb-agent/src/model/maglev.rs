@@ -256,6 +256,34 @@ mod tests {
         assert_eq!(got, want.trim());
     }
 
+    /// IPv6 backends are named in RFC 5952's text form (lower case, the longest run of zero
+    /// groups as `::`), in brackets: however an EndpointSlice spells an address, every node hashes
+    /// the same name and computes this table.
+    #[test]
+    fn ipv6_backends_have_one_name_and_the_checked_in_table() {
+        use crate::model::{BackendAddr, Protocol};
+        let spelled =
+            ["FD00:10:244:1:0:0:0:2", "fd00:10:244:1::3", "fd00:0010:0244:0002:0000:0000:0000:0004"];
+        let names: Vec<String> = spelled
+            .iter()
+            .map(|s| {
+                BackendAddr { ip: s.parse().expect("an address"), port: 8080, proto: Protocol::Tcp }
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["[fd00:10:244:1::2]:8080/TCP", "[fd00:10:244:1::3]:8080/TCP", "[fd00:10:244:2::4]:8080/TCP"]
+        );
+        let got = rle(&build(&backends(&names), 307, 0));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/maglev/three-ipv6-backends-307.rle");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(path, format!("{got}\n")).expect("write rle");
+        }
+        let want = std::fs::read_to_string(path).expect("checked-in table");
+        assert_eq!(got, want.trim());
+    }
+
     #[test]
     fn table_size_follows_backend_count_in_tiers() {
         let size = |n| table_size(n, DEFAULT_MAX_TABLE_SIZE);

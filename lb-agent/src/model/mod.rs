@@ -12,7 +12,7 @@ mod service;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use k8s_openapi::api::{
@@ -69,25 +69,26 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A backend: where a frontend's traffic may go. Its display form, `IP:port/protocol`, is the
-/// stable name Maglev hashes.
+/// A backend: where a frontend's traffic may go. Its display form, `IP:port/protocol` (an IPv6
+/// address in brackets, in RFC 5952's text form: `[2001:db8::a]:80/TCP`), is the stable name
+/// Maglev hashes, the same on every node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.proto)
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.ip, self.port), self.proto)
     }
 }
 
 /// A frontend address: VIP:port/protocol, and which of its clients the entry is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FrontendAddr {
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: Protocol,
     pub scope: Scope,
@@ -95,14 +96,14 @@ pub struct FrontendAddr {
 
 impl FrontendAddr {
     /// The address's entry for every client (`Scope::External`).
-    pub fn new(vip: Ipv4Addr, port: u16, proto: Protocol) -> Self {
-        Self { vip, port, proto, scope: Scope::External }
+    pub fn new(vip: impl Into<IpAddr>, port: u16, proto: Protocol) -> Self {
+        Self { vip: vip.into(), port, proto, scope: Scope::External }
     }
 }
 
 impl fmt::Display for FrontendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.vip, self.port, self.proto)?;
+        write!(f, "{}/{}", std::net::SocketAddr::new(self.vip, self.port), self.proto)?;
         if self.scope == Scope::Internal {
             f.write_str(" (internal)")?;
         }
@@ -672,11 +673,18 @@ pub fn build_claiming(
             continue;
         }
         if let Some(port) = spec.health_check_port {
-            let local_endpoints = endpoints::local_ready(&endpoints, ctx);
+            let primary_v6 = spec.vips.first().is_some_and(IpAddr::is_ipv6);
+            let local_endpoints = endpoints::local_ready(&endpoints, ctx, primary_v6);
             model.health_checks.insert(object.clone(), ServiceHealth { port, local_endpoints });
         }
-        for p in &spec.ports {
-            let eps = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
+        // Each family's frontends use the endpoints of that family's slices only.
+        for (p, v6) in spec.ports.iter().flat_map(|p| [(p, false), (p, true)]) {
+            let family = |ip: &IpAddr| ip.is_ipv6() == v6;
+            if !spec.vips.iter().any(family) && !spec.external.iter().any(|(ip, _)| family(ip)) {
+                continue;
+            }
+            let all = endpoints.get(&(p.name.clone(), p.proto)).map(Vec::as_slice).unwrap_or_default();
+            let eps = &endpoints::of_family(all, v6);
             // kube-proxy drops traffic of a traffic policy Local that has usable endpoints only on
             // other nodes, and rejects it when it has none anywhere.
             let usable = endpoints::any_usable(eps);
@@ -703,14 +711,16 @@ pub fn build_claiming(
                 }
             };
             let internal = if spec.local_only { &local } else { &cluster };
-            for vip in &spec.vips {
+            for vip in spec.vips.iter().filter(|ip| family(ip)) {
                 let addr = FrontendAddr::new(*vip, p.port, p.proto);
                 wanted.push(fe(addr, FrontendKind::ClusterIp, internal, spec.local_only && usable));
             }
-            let node_ports = p.node_port.into_iter().flat_map(|port| {
-                ctx.nodeport_addresses.iter().map(move |ip| (*ip, port, FrontendKind::NodePort))
+            // NodePorts listen on this node's IPv4 addresses (IPv6 ones: not yet).
+            let node_ports = p.node_port.into_iter().filter(|_| !v6).flat_map(|port| {
+                ctx.nodeport_addresses.iter().map(move |ip| (IpAddr::V4(*ip), port, FrontendKind::NodePort))
             });
-            let load_balancers = spec.external.iter().map(|(ip, kind)| (*ip, p.port, *kind));
+            let load_balancers =
+                spec.external.iter().filter(|(ip, _)| family(ip)).map(|(ip, kind)| (*ip, p.port, *kind));
             for (ip, port, kind) in load_balancers.chain(node_ports) {
                 let addr = FrontendAddr::new(ip, port, p.proto);
                 let source_ranges = spec.source_ranges.clone().filter(|_| kind == FrontendKind::LoadBalancer);
@@ -808,7 +818,7 @@ endpoints:
 "#;
 
     fn addr(vip: [u8; 4], port: u16, proto: Protocol) -> FrontendAddr {
-        FrontendAddr::new(vip.into(), port, proto)
+        FrontendAddr::new(vip, port, proto)
     }
 
     fn be(ip: [u8; 4], port: u16, proto: Protocol) -> BackendAddr {
@@ -893,14 +903,14 @@ endpoints:
         );
         let fe = &m.frontends[&addr([10, 96, 0, 20], 80, Protocol::Tcp)];
         assert_eq!(fe.backends, vec![be([10, 244, 1, 6], 8080, Protocol::Tcp)]);
-        let kept: BTreeMap<Ipv4Addr, BackendState> = fe.kept.iter().map(|(b, s)| (b.ip, *s)).collect();
+        let kept: BTreeMap<IpAddr, BackendState> = fe.kept.iter().map(|(b, s)| (b.ip, *s)).collect();
         assert_eq!(
             kept,
             BTreeMap::from([
-                (Ipv4Addr::new(10, 244, 1, 7), BackendState::Serving),
-                (Ipv4Addr::new(10, 244, 1, 8), BackendState::Draining),
-                (Ipv4Addr::new(10, 244, 1, 9), BackendState::Serving),
-                (Ipv4Addr::new(10, 244, 1, 10), BackendState::Draining),
+                (Ipv4Addr::new(10, 244, 1, 7).into(), BackendState::Serving),
+                (Ipv4Addr::new(10, 244, 1, 8).into(), BackendState::Draining),
+                (Ipv4Addr::new(10, 244, 1, 9).into(), BackendState::Serving),
+                (Ipv4Addr::new(10, 244, 1, 10).into(), BackendState::Draining),
             ])
         );
     }
@@ -1022,7 +1032,7 @@ mod last_good_tests {
     }
 
     fn backends(m: &Model, vip: [u8; 4]) -> Vec<String> {
-        let a = FrontendAddr::new(vip.into(), 80, Protocol::Tcp);
+        let a = FrontendAddr::new(vip, 80, Protocol::Tcp);
         m.frontends.get(&a).map(|f| f.backends.iter().map(|b| b.ip.to_string()).collect()).unwrap_or_default()
     }
 
@@ -1200,7 +1210,7 @@ endpoints:
             let e = m.errors[0].to_string();
             assert!(e.contains("Service shop/lb: field spec.healthCheckNodePort") && e.contains(why), "{e}");
             assert!(
-                m.frontends.contains_key(&FrontendAddr::new([10, 96, 0, 30].into(), 80, Protocol::Tcp)),
+                m.frontends.contains_key(&FrontendAddr::new([10, 96, 0, 30], 80, Protocol::Tcp)),
                 "still served"
             );
         }

@@ -55,9 +55,10 @@ pub(super) struct SvcPort {
 
 /// What a valid Service asks for.
 pub(super) struct SvcSpec {
-    pub(super) vips: Vec<Ipv4Addr>,
-    /// LoadBalancer ingress IPs: answered for this cluster's pods.
-    pub(super) external: Vec<(Ipv4Addr, FrontendKind)>,
+    /// The cluster IPs, one per family, primary first (`spec.clusterIPs`).
+    pub(super) vips: Vec<IpAddr>,
+    /// LoadBalancer ingress IPs and externalIPs.
+    pub(super) external: Vec<(IpAddr, FrontendKind)>,
     pub(super) ports: Vec<SvcPort>,
     pub(super) affinity_timeout_secs: u32,
     pub(super) local_only: bool,
@@ -112,22 +113,7 @@ pub(super) fn service_spec(
     if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
         return SvcOutcome::Skip; // headless
     }
-    let mut vips = Vec::new();
-    for (i, ip) in ips.iter().enumerate() {
-        let field = if spec.cluster_ips.is_some() {
-            format!("spec.clusterIPs[{i}]")
-        } else {
-            "spec.clusterIP".into()
-        };
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => vips.push(v4),
-            Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
-            Err(_) => {
-                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")));
-                return SvcOutcome::Reject;
-            }
-        }
-    }
+    let Ok(vips) = cluster_ips(spec, &ips, object, errors) else { return SvcOutcome::Reject };
     let svc_ports = spec.ports.as_deref().unwrap_or_default();
     if svc_ports.is_empty() {
         errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
@@ -204,13 +190,19 @@ pub(super) fn service_spec(
     let health_check_port = health_check_port(spec, external_local, object, errors);
     let Ok(source_ranges) = source_ranges(spec, object, errors) else { return SvcOutcome::Reject };
     if vips.is_empty() || ports.is_empty() {
-        return SvcOutcome::Skip; // only unsupported parts (IPv6, SCTP), reported above
+        return SvcOutcome::Skip; // only unsupported parts (SCTP), reported above
     }
     let external = external_addresses(svc, object, &vips, ctx, errors);
     // kube-proxy admits every one of the Service's LoadBalancer IPs as a client when a range
     // holds this node's IP.
     let source_ranges = source_ranges.map(|r| {
-        let lbs = external.iter().filter(|(_, k)| *k == FrontendKind::LoadBalancer).map(|(ip, _)| *ip);
+        let lbs =
+            external.iter().filter(|(_, k)| *k == FrontendKind::LoadBalancer).filter_map(
+                |(ip, _)| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                },
+            );
         with_node_rule(r, lbs, ctx.node_ip)
     });
     SvcOutcome::Use(SvcSpec {
@@ -223,6 +215,73 @@ pub(super) fn service_spec(
         source_ranges,
         health_check_port,
     })
+}
+
+/// The cluster IPs of a Service, one per family, primary first, as the API server keeps them:
+/// `spec.clusterIPs` (or `spec.clusterIP` alone), in the order of `spec.ipFamilies` where that is
+/// given, with one address for `SingleStack` and at most two, of two families, otherwise
+/// (`PreferDualStack` may have one or two; `RequireDualStack` two). An address that is not one,
+/// or a list that breaks these rules, rejects the Service (it keeps what it had), naming the field.
+fn cluster_ips(
+    spec: &ServiceSpec,
+    ips: &[&String],
+    object: &str,
+    errors: &mut Vec<ModelError>,
+) -> Result<Vec<IpAddr>, ()> {
+    const KIND: &str = "Service";
+    let field = |i: usize| {
+        if spec.cluster_ips.is_some() {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".into()
+        }
+    };
+    let mut invalid = |field: String, reason: String| {
+        errors.push(ModelError::invalid(KIND, object, field, reason));
+        Err(())
+    };
+    let mut vips = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => vips.push(ip),
+            Err(_) => return invalid(field(i), format!("{ip:?} is not an IP address")),
+        }
+    }
+    if vips.len() > 2 {
+        return invalid(
+            "spec.clusterIPs".into(),
+            format!("{} addresses: at most one per family", vips.len()),
+        );
+    }
+    if vips.len() == 2 && vips[0].is_ipv6() == vips[1].is_ipv6() {
+        return invalid(field(1), format!("{} is of the same family as {}", vips[1], vips[0]));
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (i, family) in families.iter().enumerate() {
+        let v6 = match family.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            other => return invalid(format!("spec.ipFamilies[{i}]"), format!("unknown family {other:?}")),
+        };
+        if let Some(ip) = vips.get(i).filter(|ip| ip.is_ipv6() != v6) {
+            return invalid(field(i), format!("{ip} is not of spec.ipFamilies[{i}] ({family})"));
+        }
+    }
+    match spec.ip_family_policy.as_deref() {
+        None | Some("PreferDualStack") => {}
+        Some("SingleStack") if vips.len() > 1 => {
+            return invalid("spec.clusterIPs".into(), "two addresses under ipFamilyPolicy SingleStack".into())
+        }
+        Some("RequireDualStack") if vips.len() < 2 => {
+            return invalid(
+                "spec.clusterIPs".into(),
+                "one address under ipFamilyPolicy RequireDualStack".into(),
+            )
+        }
+        Some("SingleStack" | "RequireDualStack") => {}
+        Some(other) => return invalid("spec.ipFamilyPolicy".into(), format!("unknown value {other:?}")),
+    }
+    Ok(vips)
 }
 
 /// The port a LoadBalancer Service with externalTrafficPolicy Local has its load balancer ask each
@@ -314,12 +373,14 @@ fn source_ranges(
 fn external_addresses(
     svc: &Service,
     object: &str,
-    vips: &[Ipv4Addr],
+    vips: &[IpAddr],
     ctx: &Context,
     errors: &mut Vec<ModelError>,
-) -> Vec<(Ipv4Addr, FrontendKind)> {
+) -> Vec<(IpAddr, FrontendKind)> {
     const KIND: &str = "Service";
     let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let vips: Vec<Ipv4Addr> =
+        vips.iter().filter_map(|ip| if let IpAddr::V4(v4) = ip { Some(*v4) } else { None }).collect();
     let mut out: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
     let take = |out: &mut Vec<(Ipv4Addr, FrontendKind)>,
                 ip: &str,
@@ -374,5 +435,5 @@ fn external_addresses(
             Err(reason) => errors.push(ModelError::refused(KIND, object, field, reason)),
         }
     }
-    out
+    out.into_iter().map(|(ip, kind)| (IpAddr::V4(ip), kind)).collect()
 }

@@ -4,7 +4,7 @@
 //! would have with no failure.
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Lb4Affinity, Lb4AffinityKey, Lb4ServiceKey, BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE};
+use lb_common::{Lb4Affinity, Lb4AffinityKey, BACKEND_STATE_FREE, SVC_FLAG_TOMBSTONE};
 
 use super::{
     alloc::REGION_GRACE_MS,
@@ -14,7 +14,7 @@ use super::{
 use crate::model::Protocol;
 
 fn be(last: u8) -> BackendAddr {
-    BackendAddr { ip: std::net::Ipv4Addr::new(10, 244, 0, last), port: 8080, proto: Protocol::Tcp }
+    BackendAddr { ip: std::net::Ipv4Addr::new(10, 244, 0, last).into(), port: 8080, proto: Protocol::Tcp }
 }
 
 fn frontend(service: &str, port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
@@ -146,7 +146,7 @@ fn run(maps: &mut MemoryMaps, case: &str) -> Reconciler {
 /// The reconciler's view equals the maps.
 fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
     // Service entries: live frontends and the tombstones that have an address, nothing else.
-    let mut want: BTreeMap<Lb4ServiceKey, (u32, bool, Option<Region>)> = BTreeMap::new();
+    let mut want: BTreeMap<ServiceKey, (u32, bool, Option<Region>)> = BTreeMap::new();
     for (a, p) in &r.frontends {
         want.insert(service_key(a), (p.id, false, p.region));
     }
@@ -156,7 +156,7 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
             assert!(clash.is_none(), "{case}: tombstone {id} and {clash:?} at {a}");
         }
     }
-    let have: BTreeMap<Lb4ServiceKey, (u32, bool, Option<Region>)> = maps
+    let have: BTreeMap<ServiceKey, (u32, bool, Option<Region>)> = maps
         .services
         .iter()
         .map(|(k, s)| {
@@ -178,8 +178,8 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
     let have: BTreeMap<u32, (BackendAddr, u8)> = maps
         .backends
         .iter()
-        .filter(|(_, b)| b.state != BACKEND_STATE_FREE)
-        .map(|(id, b)| (*id, (backend_addr(b).expect("an address"), b.state)))
+        .filter(|(_, b)| b.state() != BACKEND_STATE_FREE)
+        .map(|(id, b)| (*id, (backend_addr(b).expect("an address"), b.state())))
         .collect();
     assert_eq!(want, have, "{case}: backends");
     assert_eq!(r.backend_ids.in_use(), r.backends.len(), "{case}: backend ids leaked or lost");
@@ -192,14 +192,11 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
     for (id, rows) in &r.members {
         for (b, state) in rows {
             let bid = r.backends[b].0;
-            want.insert(
-                Lb4MemberKey { svc_id: *id, backend_id: bid },
-                encode::member(*id, bid, b, *state).1.state,
-            );
+            want.insert(MemberKey::of(*id, bid, b), encode::member(*id, bid, b, *state).1.state());
             users.entry(*b).or_default().insert(*id, backend_state(*state));
         }
     }
-    let have: BTreeMap<_, _> = maps.members.iter().map(|(k, m)| (*k, m.state)).collect();
+    let have: BTreeMap<_, _> = maps.members.iter().map(|(k, m)| (*k, m.state())).collect();
     assert_eq!(want, have, "{case}: member rows");
     assert_eq!(users, r.users, "{case}: users of backends");
     // A published table names only active backends that are active members; but not a table
@@ -211,8 +208,20 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
         let Some(g) = p.region.filter(|_| settled) else { continue };
         for slot in g.offset..g.offset + g.size {
             let id = maps.maglev[&slot];
-            assert_eq!(maps.backends[&id].state, lb_common::BACKEND_STATE_ACTIVE, "{case}: {a}: slot {slot}");
-            let m = maps.members.get(&Lb4MemberKey { svc_id: p.id, backend_id: id }).map(|m| m.state);
+            assert_eq!(
+                maps.backends[&id].state(),
+                lb_common::BACKEND_STATE_ACTIVE,
+                "{case}: {a}: slot {slot}"
+            );
+            let key = match a.vip {
+                std::net::IpAddr::V4(_) => {
+                    MemberKey::V4(lb_common::Lb4MemberKey { svc_id: p.id, backend_id: id })
+                }
+                std::net::IpAddr::V6(_) => {
+                    MemberKey::V6(lb_common::Lb4MemberKey { svc_id: p.id, backend_id: id })
+                }
+            };
+            let m = maps.members.get(&key).map(|m| m.state());
             assert_eq!(m, Some(lb_common::MEMBER_ACTIVE), "{case}: {a}: member {id}");
         }
     }
@@ -263,13 +272,13 @@ fn decoded(maps: &MemoryMaps) -> Decoded {
     let members = maps
         .members
         .iter()
-        .map(|(k, m)| (at.get(&k.svc_id).copied(), backend(&k.backend_id), m.state))
+        .map(|(k, m)| (at.get(&k.pair().svc_id).copied(), backend(&k.pair().backend_id), m.state()))
         .collect();
     let backends = maps
         .backends
         .values()
-        .filter(|b| b.state != BACKEND_STATE_FREE)
-        .map(|b| (backend_addr(b).expect("a backend"), b.state))
+        .filter(|b| b.state() != BACKEND_STATE_FREE)
+        .map(|b| (backend_addr(b).expect("a backend"), b.state()))
         .collect();
     // The affinity written in the scenario is forgotten when its backend leaves.
     let affinity = maps

@@ -11,16 +11,18 @@
 //! one batched
 //! read and removes what it found (an entry is read again just before it is removed, so a packet
 //! that refreshed it in between keeps it). Pure: the maps are reached through [`FlowTable`].
+//! Each pass sweeps both families' maps (IPv4, then IPv6), with one rule written once over
+//! [`CtKey`].
 
 use std::collections::HashMap;
 
 use lb_common::{
-    Lb4Affinity, Lb4AffinityKey, Lb4CtEntry, Lb4CtKey, CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_SYN,
-    IPPROTO_UDP,
+    Lb4Affinity, Lb4AffinityKey, Lb4CtEntry, Lb4CtKey, Lb6AffinityKey, Lb6CtEntry, Lb6CtKey, CT_DIR_FORWARD,
+    CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_UDP,
 };
 
-/// Batched access to the flow maps.
-pub trait FlowTable {
+/// Batched access to one family's flow maps (conntrack and affinity), by its conntrack key type.
+pub trait FlowTable<K: CtKey = Lb4CtKey> {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Appends up to `max` conntrack entries to `out`, starting at `cursor` (`None`: the start).
     /// Returns where to go on, or `None` once the end of the table was read.
@@ -28,20 +30,127 @@ pub trait FlowTable {
         &mut self,
         cursor: Option<u32>,
         max: u32,
-        out: &mut Vec<(Lb4CtKey, Lb4CtEntry)>,
+        out: &mut Vec<(K, K::Entry)>,
     ) -> Result<Option<u32>, Self::Error>;
-    fn ct_get(&self, key: &Lb4CtKey) -> Result<Option<Lb4CtEntry>, Self::Error>;
+    fn ct_get(&self, key: &K) -> Result<Option<K::Entry>, Self::Error>;
     /// Removes an entry (absent is fine).
-    fn ct_remove(&mut self, key: &Lb4CtKey) -> Result<(), Self::Error>;
+    fn ct_remove(&mut self, key: &K) -> Result<(), Self::Error>;
     /// As `ct_batch`, for the affinity map.
     fn affinity_batch(
         &mut self,
         cursor: Option<u32>,
         max: u32,
-        out: &mut Vec<(Lb4AffinityKey, Lb4Affinity)>,
+        out: &mut Vec<(K::AffinityKey, Lb4Affinity)>,
     ) -> Result<Option<u32>, Self::Error>;
     /// Removes an entry (absent is fine).
-    fn affinity_remove(&mut self, key: &Lb4AffinityKey) -> Result<(), Self::Error>;
+    fn affinity_remove(&mut self, key: &K::AffinityKey) -> Result<(), Self::Error>;
+}
+
+/// Both families' flow maps, with one error type: what the sweep works on.
+pub trait FlowTables:
+    FlowTable<Lb4CtKey> + FlowTable<Lb6CtKey, Error = <Self as FlowTable<Lb4CtKey>>::Error>
+{
+}
+
+impl<T> FlowTables for T where
+    T: FlowTable<Lb4CtKey> + FlowTable<Lb6CtKey, Error = <T as FlowTable<Lb4CtKey>>::Error>
+{
+}
+
+/// The error of a [`FlowTables`].
+pub type FlowError<T> = <T as FlowTable<Lb4CtKey>>::Error;
+
+/// What the sweep reads of a conntrack entry, whatever its family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryView {
+    pub last_seen_ns: u64,
+    pub created_s: u32,
+    pub snat_port: u16,
+    pub state: u8,
+    pub svc_id: u32,
+    pub backend_id: u32,
+}
+
+/// A conntrack key of one family, with its entry and affinity key types: what the sweep's rule
+/// needs of them.
+pub trait CtKey: Copy + Ord + std::fmt::Debug {
+    type Entry: Copy + std::fmt::Debug;
+    type AffinityKey: Copy + Ord + std::fmt::Debug;
+    fn dir(&self) -> u8;
+    fn proto(&self) -> u8;
+    fn dport(&self) -> u16;
+    /// The forward entry's key of the flow reply entry `self` (holding `e`) belongs to.
+    fn forward_of_reply(&self, e: &Self::Entry) -> Self;
+    /// Whether forward entry `fwd` still names the backend this reply key is from.
+    fn names_backend_of(&self, fwd: &Self::Entry) -> bool;
+    fn view(e: &Self::Entry) -> EntryView;
+    fn affinity_svc(k: &Self::AffinityKey) -> u32;
+}
+
+impl CtKey for Lb4CtKey {
+    type Entry = Lb4CtEntry;
+    type AffinityKey = Lb4AffinityKey;
+    fn dir(&self) -> u8 {
+        self.dir
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    fn forward_of_reply(&self, e: &Lb4CtEntry) -> Self {
+        Lb4CtKey::forward_of_reply(self, e)
+    }
+    fn names_backend_of(&self, fwd: &Lb4CtEntry) -> bool {
+        fwd.nat_addr == self.saddr && fwd.nat_port == self.sport
+    }
+    fn view(e: &Lb4CtEntry) -> EntryView {
+        EntryView {
+            last_seen_ns: e.last_seen_ns,
+            created_s: e.created_s,
+            snat_port: e.snat_port,
+            state: e.state,
+            svc_id: e.svc_id,
+            backend_id: e.backend_id,
+        }
+    }
+    fn affinity_svc(k: &Lb4AffinityKey) -> u32 {
+        k.svc_id
+    }
+}
+
+impl CtKey for Lb6CtKey {
+    type Entry = Lb6CtEntry;
+    type AffinityKey = Lb6AffinityKey;
+    fn dir(&self) -> u8 {
+        self.dir
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    fn dport(&self) -> u16 {
+        self.dport
+    }
+    fn forward_of_reply(&self, e: &Lb6CtEntry) -> Self {
+        Lb6CtKey::forward_of_reply(self, e)
+    }
+    fn names_backend_of(&self, fwd: &Lb6CtEntry) -> bool {
+        fwd.nat_addr == self.saddr && fwd.nat_port == self.sport
+    }
+    fn view(e: &Lb6CtEntry) -> EntryView {
+        EntryView {
+            last_seen_ns: e.last_seen_ns,
+            created_s: e.created_s,
+            snat_port: e.snat_port,
+            state: e.state,
+            svc_id: e.svc_id,
+            backend_id: e.backend_id,
+        }
+    }
+    fn affinity_svc(k: &Lb6AffinityKey) -> u32 {
+        k.svc_id
+    }
 }
 
 /// The datapath's conntrack timeouts, in nanoseconds.
@@ -76,8 +185,9 @@ impl Timeouts {
         }
     }
 
-    fn expired(&self, key: &Lb4CtKey, e: &Lb4CtEntry, now: u64) -> bool {
-        now.saturating_sub(e.last_seen_ns) >= self.of(key.proto, e.state)
+    fn expired<K: CtKey>(&self, key: &K, e: &K::Entry, now: u64) -> bool {
+        let e = K::view(e);
+        now.saturating_sub(e.last_seen_ns) >= self.of(key.proto(), e.state)
     }
 }
 
@@ -139,8 +249,10 @@ pub struct SweepStats {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Ct,
-    Affinity,
+    Ct4,
+    Ct6,
+    Affinity4,
+    Affinity6,
 }
 
 /// A reply entry idle this long is checked against its forward entry (a lookup each): most reply
@@ -155,7 +267,9 @@ pub struct Sweeper {
     cursor: Option<u32>,
     census: FlowCensus,
     ct: Vec<(Lb4CtKey, Lb4CtEntry)>,
+    ct6: Vec<(Lb6CtKey, Lb6CtEntry)>,
     affinity: Vec<(Lb4AffinityKey, Lb4Affinity)>,
+    affinity6: Vec<(Lb6AffinityKey, Lb4Affinity)>,
     pub stats: SweepStats,
 }
 
@@ -166,11 +280,13 @@ impl Sweeper {
             timeouts,
             budget: budget.max(1),
             pass: 1,
-            phase: Phase::Ct,
+            phase: Phase::Ct4,
             cursor: None,
             census: FlowCensus::new(1),
             ct: Vec::new(),
+            ct6: Vec::new(),
             affinity: Vec::new(),
+            affinity6: Vec::new(),
             stats: SweepStats::default(),
         }
     }
@@ -182,71 +298,107 @@ impl Sweeper {
 
     /// Whether the next step reads the affinity map (and so needs the affinity timeouts).
     pub fn in_affinity_phase(&self) -> bool {
-        self.phase == Phase::Affinity
+        matches!(self.phase, Phase::Affinity4 | Phase::Affinity6)
     }
 
     /// One bounded step at monotonic time `now` (ns, the clock of `bpf_ktime_get_ns`);
     /// `affinity_timeout` gives a live frontend's affinity timeout in seconds. Returns the census
     /// of the pass when this step ended it (the next pass starts with the next step).
-    pub fn step<T: FlowTable>(
+    pub fn step<T: FlowTables>(
         &mut self,
         t: &mut T,
         now: u64,
         affinity_timeout: impl Fn(u32) -> Option<u32>,
-    ) -> Result<Option<FlowCensus>, T::Error> {
-        match self.phase {
-            Phase::Ct => {
-                self.ct.clear();
-                let next = t.ct_batch(self.cursor, self.budget, &mut self.ct)?;
-                let batch = std::mem::take(&mut self.ct);
-                for (key, e) in &batch {
-                    self.visit_ct(t, key, e, now)?;
-                }
+    ) -> Result<Option<FlowCensus>, FlowError<T>> {
+        let (next, then) = match self.phase {
+            Phase::Ct4 => {
+                let mut batch = std::mem::take(&mut self.ct);
+                let next = self.ct_step(t, &mut batch, now);
                 self.ct = batch;
-                self.cursor = next;
-                if next.is_none() {
-                    self.phase = Phase::Affinity;
-                }
-                Ok(None)
+                (next?, Phase::Ct6)
             }
-            Phase::Affinity => {
-                self.affinity.clear();
-                let next = t.affinity_batch(self.cursor, self.budget, &mut self.affinity)?;
-                for (key, a) in &self.affinity {
-                    self.stats.visited += 1;
-                    let live = affinity_timeout(key.svc_id).is_some_and(|secs| {
-                        now.saturating_sub(a.last_used_ns) < u64::from(secs).saturating_mul(1_000_000_000)
-                    });
-                    if !live {
-                        t.affinity_remove(key)?;
-                        self.stats.affinity += 1;
-                    }
-                }
-                self.cursor = next;
-                if next.is_some() {
-                    return Ok(None);
-                }
-                self.phase = Phase::Ct;
-                self.stats.passes += 1;
-                self.pass += 1;
-                let done = std::mem::replace(
-                    &mut self.census,
-                    FlowCensus { pass: self.pass, ..FlowCensus::default() },
-                );
-                Ok(Some(done))
+            Phase::Ct6 => {
+                let mut batch = std::mem::take(&mut self.ct6);
+                let next = self.ct_step(t, &mut batch, now);
+                self.ct6 = batch;
+                (next?, Phase::Affinity4)
             }
+            Phase::Affinity4 => {
+                let mut batch = std::mem::take(&mut self.affinity);
+                let next = self.affinity_step::<_, Lb4CtKey>(t, &mut batch, now, &affinity_timeout);
+                self.affinity = batch;
+                (next?, Phase::Affinity6)
+            }
+            Phase::Affinity6 => {
+                let mut batch = std::mem::take(&mut self.affinity6);
+                let next = self.affinity_step::<_, Lb6CtKey>(t, &mut batch, now, &affinity_timeout);
+                self.affinity6 = batch;
+                (next?, Phase::Ct4)
+            }
+        };
+        self.cursor = next;
+        if next.is_some() {
+            return Ok(None);
         }
+        self.phase = then;
+        if then != Phase::Ct4 {
+            return Ok(None);
+        }
+        self.stats.passes += 1;
+        self.pass += 1;
+        let done =
+            std::mem::replace(&mut self.census, FlowCensus { pass: self.pass, ..FlowCensus::default() });
+        Ok(Some(done))
     }
 
-    fn visit_ct<T: FlowTable>(
+    /// One batch of one family's conntrack map; where to go on.
+    fn ct_step<T: FlowTable<K>, K: CtKey>(
         &mut self,
         t: &mut T,
-        key: &Lb4CtKey,
-        e: &Lb4CtEntry,
+        batch: &mut Vec<(K, K::Entry)>,
+        now: u64,
+    ) -> Result<Option<u32>, T::Error> {
+        batch.clear();
+        let next = t.ct_batch(self.cursor, self.budget, batch)?;
+        for (key, e) in batch.iter() {
+            self.visit_ct(t, key, e, now)?;
+        }
+        Ok(next)
+    }
+
+    /// One batch of one family's affinity map; where to go on.
+    fn affinity_step<T: FlowTable<K>, K: CtKey>(
+        &mut self,
+        t: &mut T,
+        batch: &mut Vec<(K::AffinityKey, Lb4Affinity)>,
+        now: u64,
+        affinity_timeout: &impl Fn(u32) -> Option<u32>,
+    ) -> Result<Option<u32>, T::Error> {
+        batch.clear();
+        let next = t.affinity_batch(self.cursor, self.budget, batch)?;
+        for (key, a) in batch.iter() {
+            self.stats.visited += 1;
+            let live = affinity_timeout(K::affinity_svc(key)).is_some_and(|secs| {
+                now.saturating_sub(a.last_used_ns) < u64::from(secs).saturating_mul(1_000_000_000)
+            });
+            if !live {
+                t.affinity_remove(key)?;
+                self.stats.affinity += 1;
+            }
+        }
+        Ok(next)
+    }
+
+    fn visit_ct<T: FlowTable<K>, K: CtKey>(
+        &mut self,
+        t: &mut T,
+        key: &K,
+        e: &K::Entry,
         now: u64,
     ) -> Result<(), T::Error> {
         self.stats.visited += 1;
-        if key.dir == CT_DIR_FORWARD {
+        let v = K::view(e);
+        if key.dir() == CT_DIR_FORWARD {
             // Read again before removing: a packet may have refreshed it since the batch was read,
             // or a new flow taken the tuple.
             if self.timeouts.expired(key, e, now)
@@ -255,15 +407,15 @@ impl Sweeper {
                 t.ct_remove(key)?;
                 self.stats.expired += 1;
             } else {
-                self.census.record(e.svc_id, e.backend_id);
+                self.census.record(v.svc_id, v.backend_id);
             }
             return Ok(());
         }
         // A reply entry lives by its flow, never by its own clock alone: a client that streams to
         // a silent server keeps both. Most are refreshed with their flow and never cost a lookup.
-        if now.saturating_sub(e.last_seen_ns) < REPLY_CHECK_AFTER_NS {
+        if now.saturating_sub(v.last_seen_ns) < REPLY_CHECK_AFTER_NS {
             if !self.timeouts.expired(key, e, now) {
-                self.census.record_use(e.svc_id, e.backend_id);
+                self.census.record_use(v.svc_id, v.backend_id);
             }
             return Ok(());
         }
@@ -272,22 +424,22 @@ impl Sweeper {
             // The datapath honours a reply entry only while its forward entry is alive and names
             // its backend and the client port it goes to.
             Some(f) => {
-                let snat_port = if e.snat_port != 0 { key.dport } else { 0 };
+                let snat_port = if v.snat_port != 0 { key.dport() } else { 0 };
                 self.timeouts.expired(&fwd_key, &f, now)
-                    || f.nat_addr != key.saddr
-                    || f.nat_port != key.sport
-                    || f.snat_port != snat_port
+                    || !key.names_backend_of(&f)
+                    || K::view(&f).snat_port != snat_port
             }
             // Evicted (the datapath rebuilds it from a reply within the timeout), or gone.
             None => self.timeouts.expired(key, e, now),
         };
         if !garbage {
-            self.census.record_use(e.svc_id, e.backend_id);
+            self.census.record_use(v.svc_id, v.backend_id);
             return Ok(());
         }
         // Only the entry that was judged: a new flow on the same tuple has another creation time.
         if t.ct_get(key)?
-            .is_some_and(|now_e| now_e.created_s == e.created_s && now_e.last_seen_ns == e.last_seen_ns)
+            .map(|e| K::view(&e))
+            .is_some_and(|now_e| now_e.created_s == v.created_s && now_e.last_seen_ns == v.last_seen_ns)
         {
             t.ct_remove(key)?;
             self.stats.stale_replies += 1;
@@ -487,6 +639,83 @@ mod tests {
         run_pass(&mut s, &mut m, now);
         assert!(m.ct.contains_key(&fk) && m.ct.contains_key(&rk2), "{:?}", m.ct);
         assert_eq!((s.stats.expired, s.stats.stale_replies), (0, 0));
+    }
+
+    /// An IPv6 flow as `flow` makes an IPv4 one, on frontend `svc_id` and backend 8.
+    fn flow6(proto: u8, state: u8, seen: u64, svc_id: u32) -> [(Lb6CtKey, Lb6CtEntry); 2] {
+        let ip = |s: &str| lb_common::addr6(s.parse::<std::net::Ipv6Addr>().expect("an address").octets());
+        let fwd_key = Lb6CtKey {
+            saddr: ip("fd00:10:244:1::1"),
+            daddr: ip("fd00:10:96::1"),
+            sport: 1000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        };
+        let fwd = Lb6CtEntry {
+            last_seen_ns: seen,
+            nat_addr: ip("fd00:10:244:2::2"),
+            nat_port: 8080u16.to_be(),
+            state,
+            backend_id: 8,
+            svc_id,
+            ..Lb6CtEntry::default()
+        };
+        let rev_key = Lb6CtKey {
+            saddr: fwd.nat_addr,
+            daddr: fwd_key.saddr,
+            sport: fwd.nat_port,
+            dport: fwd_key.sport,
+            proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let rev = Lb6CtEntry { nat_addr: fwd_key.daddr, nat_port: fwd_key.dport, ..fwd };
+        [(fwd_key, fwd), (rev_key, rev)]
+    }
+
+    #[test]
+    fn one_pass_sweeps_both_families_with_the_same_rule() {
+        let mut m = MemoryMaps::default();
+        let now = 100_000 * S;
+        let v4 = flow(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 1000 * S);
+        // IPv6: a live TCP flow of frontend 3, an expired UDP one, and a reply entry whose
+        // forward entry names another backend port now (stale).
+        let live6 = flow6(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 1000 * S, 3);
+        let mut udp6 = flow6(IPPROTO_UDP, CT_STATE_ESTABLISHED, now - 61 * S, 4);
+        udp6[0].0.sport = 2000u16.to_be();
+        udp6[1].0.dport = 2000u16.to_be();
+        let mut moved6 = flow6(IPPROTO_TCP, CT_STATE_ESTABLISHED, now - 40 * S, 5);
+        moved6[0].0.sport = 3000u16.to_be();
+        moved6[1].0.dport = 3000u16.to_be();
+        moved6[0].1.nat_port = 9090u16.to_be();
+        moved6[0].1.last_seen_ns = now;
+        assert_eq!(moved6[1].0.forward_of_reply(&moved6[1].1), moved6[0].0, "the reply leads to its flow");
+        for (k, v) in &v4 {
+            m.ct.insert(*k, *v);
+        }
+        for (k, v) in live6.iter().chain(&udp6).chain(&moved6) {
+            m.ct6.insert(*k, *v);
+        }
+        let aff = |svc_id, used| {
+            let client = live6[0].0.saddr;
+            (Lb6AffinityKey { client, svc_id }, Lb4Affinity { last_used_ns: used, backend_id: 8, _pad: 0 })
+        };
+        for (k, v) in [aff(3, now - 10 * S), aff(4, now)] {
+            m.affinity6.insert(k, v);
+        }
+        let mut s = Sweeper::new(timeouts(), 1);
+        let c = run_pass(&mut s, &mut m, now);
+        let left: BTreeSet<_> = m.ct6.keys().copied().collect();
+        assert_eq!(left, BTreeSet::from([live6[0].0, live6[1].0, moved6[0].0]));
+        assert_eq!(m.ct.len(), 2, "the IPv4 flow lives");
+        assert_eq!((s.stats.expired, s.stats.stale_replies), (1, 2));
+        // Flows: the IPv4 one, the live IPv6 one, the moved one by its forward entry.
+        assert_eq!(c.flows(), 3);
+        assert_eq!((c.member_flows(3, 7), c.member_flows(3, 8), c.member_flows(5, 8)), (2, 2, 1));
+        let left: Vec<_> = m.affinity6.keys().map(|k| k.svc_id).collect();
+        assert_eq!(left, [3], "frontend 4 is not live");
     }
 
     #[test]

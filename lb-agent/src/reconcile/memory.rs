@@ -4,23 +4,31 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Member, Lb4MemberKey,
-    Lb4Service, Lb4ServiceKey,
+    Lb4Affinity, Lb4AffinityKey, Lb4CtEntry, Lb4CtKey, Lb4FrontendMeta, Lb4Service, Lb6AffinityKey,
+    Lb6CtEntry, Lb6CtKey,
 };
 
-use super::{encode::SrcRangeEntry, FlowTable, MapWriter, Restored};
+use super::{
+    encode::{BackendValue, MemberKey, MemberValue, ServiceKey, SrcRangeEntry},
+    FlowTable, MapWriter, Restored,
+};
 
 /// Maps in memory: what the reconciler would write, for tests and golden dumps, with a log of the
 /// writes in order.
 #[derive(Debug, Default)]
 pub struct MemoryMaps {
-    pub services: BTreeMap<Lb4ServiceKey, Lb4Service>,
+    /// Both families' services maps (IPv4 keys first).
+    pub services: BTreeMap<ServiceKey, Lb4Service>,
     pub meta: BTreeMap<u32, Lb4FrontendMeta>,
-    pub backends: BTreeMap<u32, Lb4Backend>,
+    /// Both families' backends maps: an id is in one of them (as the datapath's, where a freed id
+    /// stays a free slot in its family's map: the last value written).
+    pub backends: BTreeMap<u32, BackendValue>,
     pub maglev: BTreeMap<u32, u32>,
-    pub members: BTreeMap<Lb4MemberKey, Lb4Member>,
+    pub members: BTreeMap<MemberKey, MemberValue>,
     pub ct: BTreeMap<Lb4CtKey, Lb4CtEntry>,
     pub affinity: BTreeMap<Lb4AffinityKey, Lb4Affinity>,
+    pub ct6: BTreeMap<Lb6CtKey, Lb6CtEntry>,
+    pub affinity6: BTreeMap<Lb6AffinityKey, Lb4Affinity>,
     /// `LB4_SRC_RANGES`: entry → verdict.
     pub src_ranges: BTreeMap<SrcRangeEntry, u32>,
     pub log: Vec<String>,
@@ -42,6 +50,8 @@ pub struct MemoryMaps {
     /// Where the batches go on: after these keys (entries removed meanwhile move nothing).
     ct_after: Option<Lb4CtKey>,
     affinity_after: Option<Lb4AffinityKey>,
+    ct6_after: Option<Lb6CtKey>,
+    affinity6_after: Option<Lb6AffinityKey>,
 }
 
 impl MemoryMaps {
@@ -79,9 +89,9 @@ impl MemoryMaps {
 
 impl MapWriter for MemoryMaps {
     type Error = Refused;
-    fn set_backend(&mut self, id: u32, b: &Lb4Backend) -> Result<(), Self::Error> {
+    fn set_backend(&mut self, id: u32, b: &BackendValue) -> Result<(), Self::Error> {
         self.write(&format!("backend {id}"), false)?;
-        self.log.push(format!("backend {id} state {}", b.state));
+        self.log.push(format!("backend {id} state {}", b.state()));
         self.backends.insert(id, *b);
         Ok(())
     }
@@ -93,7 +103,7 @@ impl MapWriter for MemoryMaps {
         }
         Ok(())
     }
-    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
+    fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
         self.write(&format!("service {}", svc.id), self.fail_services)?;
         if svc.flags & lb_common::SVC_FLAG_TOMBSTONE != 0 {
             self.log.push(format!("tombstone {}", svc.id));
@@ -108,7 +118,7 @@ impl MapWriter for MemoryMaps {
         self.meta.insert(id, *meta);
         Ok(())
     }
-    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error> {
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error> {
         self.write("service removal", false)?;
         self.log.push("remove service".into());
         self.services.remove(key);
@@ -118,17 +128,20 @@ impl MapWriter for MemoryMaps {
         self.write(&format!("affinity of {svc_id}"), self.fail_affinity)?;
         self.log.push(format!("forget affinity of {svc_id} to {ids:?}"));
         self.affinity.retain(|k, v| k.svc_id != svc_id || !ids.contains(&v.backend_id));
+        self.affinity6.retain(|k, v| k.svc_id != svc_id || !ids.contains(&v.backend_id));
         Ok(())
     }
-    fn set_member(&mut self, key: &Lb4MemberKey, m: &Lb4Member) -> Result<(), Self::Error> {
-        self.write(&format!("member {}/{}", key.svc_id, key.backend_id), self.fail_members)?;
-        self.log.push(format!("member {}/{} state {}", key.svc_id, key.backend_id, m.state));
+    fn set_member(&mut self, key: &MemberKey, m: &MemberValue) -> Result<(), Self::Error> {
+        let k = key.pair();
+        self.write(&format!("member {}/{}", k.svc_id, k.backend_id), self.fail_members)?;
+        self.log.push(format!("member {}/{} state {}", k.svc_id, k.backend_id, m.state()));
         self.members.insert(*key, *m);
         Ok(())
     }
-    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error> {
-        self.write(&format!("member removal {}/{}", key.svc_id, key.backend_id), false)?;
-        self.log.push(format!("remove member {}/{}", key.svc_id, key.backend_id));
+    fn remove_member(&mut self, key: &MemberKey) -> Result<(), Self::Error> {
+        let k = key.pair();
+        self.write(&format!("member removal {}/{}", k.svc_id, k.backend_id), false)?;
+        self.log.push(format!("remove member {}/{}", k.svc_id, k.backend_id));
         self.members.remove(key);
         Ok(())
     }
@@ -206,6 +219,40 @@ impl FlowTable for MemoryMaps {
     }
     fn affinity_remove(&mut self, key: &Lb4AffinityKey) -> Result<(), Self::Error> {
         self.affinity.remove(key);
+        Ok(())
+    }
+}
+
+impl FlowTable<Lb6CtKey> for MemoryMaps {
+    type Error = std::convert::Infallible;
+    fn ct_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb6CtKey, Lb6CtEntry)>,
+    ) -> Result<Option<u32>, Self::Error> {
+        Ok(batch(&self.ct6, &mut self.ct6_after, cursor, max, out))
+    }
+    fn ct_get(&self, key: &Lb6CtKey) -> Result<Option<Lb6CtEntry>, Self::Error> {
+        Ok(self.ct6.get(key).map(|e| match self.refresh_on_get {
+            Some(t) => Lb6CtEntry { last_seen_ns: t, ..*e },
+            None => *e,
+        }))
+    }
+    fn ct_remove(&mut self, key: &Lb6CtKey) -> Result<(), Self::Error> {
+        self.ct6.remove(key);
+        Ok(())
+    }
+    fn affinity_batch(
+        &mut self,
+        cursor: Option<u32>,
+        max: u32,
+        out: &mut Vec<(Lb6AffinityKey, Lb4Affinity)>,
+    ) -> Result<Option<u32>, Self::Error> {
+        Ok(batch(&self.affinity6, &mut self.affinity6_after, cursor, max, out))
+    }
+    fn affinity_remove(&mut self, key: &Lb6AffinityKey) -> Result<(), Self::Error> {
+        self.affinity6.remove(key);
         Ok(())
     }
 }

@@ -28,20 +28,21 @@ mod memory;
 
 pub use lb_common::capacity::Capacities;
 use lb_common::{
-    Lb4Backend, Lb4FrontendMeta, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE,
-    BACKEND_STATE_FREE, SVC_FLAG_EXTERNAL, SVC_FLAG_TOMBSTONE,
+    Lb4FrontendMeta, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_TOMBSTONE,
 };
 
 use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
     encode::{
-        backend_addr, backend_state, backend_value, frontend_addr, member_backend_state, meta_kind,
-        service_key, service_region, service_value, src_range_entries, tombstone_value,
+        backend_addr, backend_free, backend_state, backend_value, frontend_addr, member_backend_state,
+        meta_kind, service_key, service_key4, service_region, service_value, src_range_entries,
+        tombstone_value,
     },
 };
 pub use self::{
-    encode::SrcRangeEntry,
-    flows::{FlowCensus, FlowTable, Sweeper, Timeouts},
+    encode::{BackendValue, MemberKey, MemberValue, ServiceKey, SrcRangeEntry},
+    flows::{CtKey, FlowCensus, FlowError, FlowTable, FlowTables, Sweeper, Timeouts},
     memory::MemoryMaps,
 };
 use crate::model::{maglev, BackendAddr, BackendState, Frontend, FrontendAddr};
@@ -49,18 +50,20 @@ use crate::model::{maglev, BackendAddr, BackendState, Frontend, FrontendAddr};
 /// Writes to the datapath maps.
 pub trait MapWriter {
     type Error: std::error::Error + Send + Sync + 'static;
-    fn set_backend(&mut self, id: u32, backend: &Lb4Backend) -> Result<(), Self::Error>;
+    /// Writes backend `id` into the backends map of its family.
+    fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), Self::Error>;
     fn set_maglev(&mut self, offset: u32, table: &[u32]) -> Result<(), Self::Error>;
-    fn set_service(&mut self, key: &Lb4ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error>;
+    fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error>;
     /// Records what frontend `id` was built from (its name, a digest), once it is published.
     fn set_frontend_meta(&mut self, id: u32, meta: &Lb4FrontendMeta) -> Result<(), Self::Error>;
-    fn remove_service(&mut self, key: &Lb4ServiceKey) -> Result<(), Self::Error>;
-    /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it).
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    /// Forgets ClientIP affinity of frontend `svc_id` to the listed backends (they left it), in
+    /// both families' affinity maps.
     fn remove_affinity(&mut self, svc_id: u32, backend_ids: &[u32]) -> Result<(), Self::Error>;
     /// Writes a (frontend, backend) member row.
-    fn set_member(&mut self, key: &Lb4MemberKey, member: &Lb4Member) -> Result<(), Self::Error>;
+    fn set_member(&mut self, key: &MemberKey, member: &MemberValue) -> Result<(), Self::Error>;
     /// Removes a member row (absent is fine).
-    fn remove_member(&mut self, key: &Lb4MemberKey) -> Result<(), Self::Error>;
+    fn remove_member(&mut self, key: &MemberKey) -> Result<(), Self::Error>;
     /// Writes a `loadBalancerSourceRanges` entry with its verdict.
     fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), Self::Error>;
     /// Removes a `loadBalancerSourceRanges` entry (absent is fine).
@@ -322,7 +325,7 @@ impl Reconciler {
         for (id, b) in maps.backends {
             let Some(addr) = backend_addr(&b) else { continue };
             if !r.backends.contains_key(&addr) && r.backend_ids.reserve(id) {
-                r.backends.insert(addr, (id, b.state));
+                r.backends.insert(addr, (id, b.state()));
                 by_id.insert(id, addr);
             }
         }
@@ -355,7 +358,8 @@ impl Reconciler {
         }
         let live: HashSet<u32> = r.frontends.values().map(|p| p.id).collect();
         for (key, m) in maps.members {
-            let (Some(addr), Some(state)) = (by_id.get(&key.backend_id), member_backend_state(m.state))
+            let key = key.pair();
+            let (Some(addr), Some(state)) = (by_id.get(&key.backend_id), member_backend_state(m.state()))
             else {
                 continue;
             };
@@ -536,7 +540,10 @@ impl Reconciler {
                     }
                 }
                 None => {
-                    unknown.insert(src_range_entries(addr, &[])[0].key.frontend);
+                    unknown.extend(service_key4(&FrontendAddr {
+                        scope: crate::model::Scope::External,
+                        ..*addr
+                    }));
                 }
             }
         }
@@ -1098,7 +1105,7 @@ impl Reconciler {
 
     fn remove_row<W: MapWriter>(&mut self, id: u32, b: &BackendAddr, w: &mut W) -> Result<(), W::Error> {
         if let Some((bid, _)) = self.backends.get(b).copied() {
-            w.remove_member(&Lb4MemberKey { svc_id: id, backend_id: bid })?;
+            w.remove_member(&MemberKey::of(id, bid, b))?;
         }
         if let Some(m) = self.members.get_mut(&id) {
             m.remove(b);
@@ -1142,7 +1149,7 @@ impl Reconciler {
             if target == state && !free {
                 continue;
             }
-            let value = if free { Lb4Backend::default() } else { backend_value(&addr, target) };
+            let value = if free { backend_free(&addr) } else { backend_value(&addr, target) };
             match w.set_backend(id, &value) {
                 Ok(()) if free => {
                     self.backends.remove(&addr);
@@ -1164,9 +1171,9 @@ impl Reconciler {
 
 /// What a restarted agent reads back from the pinned maps.
 pub struct Restored<'a> {
-    pub services: Vec<(Lb4ServiceKey, Lb4Service)>,
-    pub backends: Vec<(u32, Lb4Backend)>,
-    pub members: Vec<(Lb4MemberKey, Lb4Member)>,
+    pub services: Vec<(ServiceKey, Lb4Service)>,
+    pub backends: Vec<(u32, BackendValue)>,
+    pub members: Vec<(MemberKey, MemberValue)>,
     pub src_ranges: Vec<SrcRangeEntry>,
     pub meta: Box<dyn Fn(u32) -> Option<Lb4FrontendMeta> + 'a>,
 }
@@ -1208,15 +1215,17 @@ mod tests {
             for svc in self.services.values() {
                 for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
                     let id = self.maglev[&slot];
-                    assert_eq!(self.backends[&id].state, BACKEND_STATE_ACTIVE, "slot {slot} -> {id}");
-                    let m = self.members[&Lb4MemberKey { svc_id: svc.id, backend_id: id }];
-                    assert_eq!(m.state, MEMBER_ACTIVE, "member {}/{id}", svc.id);
+                    assert_eq!(self.backends[&id].state(), BACKEND_STATE_ACTIVE, "slot {slot} -> {id}");
+                    let m = self.member_state(svc.id, id);
+                    assert_eq!(m, Some(MEMBER_ACTIVE), "member {}/{id}", svc.id);
                 }
             }
         }
 
+        /// The state of the row of (`svc_id`, `backend_id`), in either family's map.
         fn member_state(&self, svc_id: u32, backend_id: u32) -> Option<u8> {
-            self.members.get(&Lb4MemberKey { svc_id, backend_id }).map(|m| m.state)
+            let k = lb_common::Lb4MemberKey { svc_id, backend_id };
+            self.members.get(&MemberKey::V4(k)).or(self.members.get(&MemberKey::V6(k))).map(|m| m.state())
         }
     }
 
@@ -1224,7 +1233,7 @@ mod tests {
     const OPTS: Options = Options { max_table_size: maglev::DEFAULT_MAX_TABLE_SIZE, maglev_seed: 0 };
 
     fn be(last: u8) -> BackendAddr {
-        BackendAddr { ip: Ipv4Addr::new(10, 244, 0, last), port: 8080, proto: Protocol::Tcp }
+        BackendAddr { ip: Ipv4Addr::new(10, 244, 0, last).into(), port: 8080, proto: Protocol::Tcp }
     }
 
     fn frontend(port: u16, last: &[u8], kept: &[(u8, BackendState)], affinity: u32) -> Frontend {
@@ -1541,7 +1550,7 @@ mod tests {
         sync(&mut r, &fe(&[1, 2]), &mut maps);
         sync(&mut r, &fe(&[1]), &mut maps);
         assert_eq!(maps.member_state(1, 2), Some(MEMBER_DRAINING));
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_TERMINATING);
         assert_eq!(r.departed(), 1);
         // Pass 1 began before it left: it proves nothing, even with no flow seen.
         maps.log.clear();
@@ -1556,7 +1565,7 @@ mod tests {
         let (s, _) = r.release_idle(&census(3, &[(1, 1)]), &mut maps);
         assert_eq!(maps.log, ["remove member 1/2", "backend 2 state 0"]);
         assert_eq!((s.backends_removed, r.departed()), (1, 0));
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_FREE);
 
         // A departed member that comes back is active again before any table names it.
         let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
@@ -1588,7 +1597,7 @@ mod tests {
         r.begin_pass(2);
         r.release_idle(&census(2, &[]), &mut maps);
         assert_eq!(maps.member_state(1, 2), Some(MEMBER_ACTIVE), "a pass without flows frees nothing in use");
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_ACTIVE);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_ACTIVE);
         maps.assert_consistent();
         // Once it is published, 2 departs.
         maps.fail_services = false;
@@ -1647,7 +1656,7 @@ mod tests {
         r.begin_pass(2);
         r.release_idle(&census(2, &[]), &mut maps);
         assert_eq!(maps.member_state(1, 2), None);
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_FREE);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_FREE);
         maps.assert_consistent();
     }
 
@@ -1713,7 +1722,7 @@ mod tests {
         maps.assert_consistent();
         // 2 is terminating but serving (still listed): its flows stay, it is no departure.
         sync(&mut r, &one(frontend(80, &[1], &[(2, BackendState::Serving)], 0)), &mut maps);
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_TERMINATING);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_TERMINATING);
         assert_eq!(maps.member_state(1, 2), Some(MEMBER_SERVING));
         assert_eq!(r.departed(), 0);
         // Then not serving.
@@ -1724,7 +1733,7 @@ mod tests {
         let mut both = one(frontend(80, &[1], &[(2, BackendState::Draining)], 0));
         both.extend(one(frontend(81, &[2], &[], 0)));
         sync(&mut r, &both, &mut maps);
-        assert_eq!(maps.backends[&2].state, BACKEND_STATE_ACTIVE);
+        assert_eq!(maps.backends[&2].state(), BACKEND_STATE_ACTIVE);
         assert_eq!(
             (maps.member_state(1, 2), maps.member_state(2, 2)),
             (Some(MEMBER_DRAINING), Some(MEMBER_ACTIVE))
@@ -1953,7 +1962,7 @@ mod tests {
         let (s, _) = sync(&mut r3, &BTreeMap::new(), &mut maps);
         assert_eq!(s.frontends_removed, 1);
         assert!(maps.services.values().all(|s| s.flags == SVC_FLAG_TOMBSTONE));
-        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_TERMINATING), "draining");
+        assert!(maps.backends.values().all(|b| b.state() == BACKEND_STATE_TERMINATING), "draining");
         assert_eq!(r3.slots_used(), 0);
 
         // A restart finds the tombstone as it was, and lets it go after a pass without flows.
@@ -1963,7 +1972,73 @@ mod tests {
         r4.begin_pass(1);
         r4.release_idle(&census(1, &[]), &mut maps);
         assert!(maps.services.is_empty() && maps.members.is_empty());
-        assert!(maps.backends.values().all(|b| b.state == BACKEND_STATE_FREE));
+        assert!(maps.backends.values().all(|b| b.state() == BACKEND_STATE_FREE));
+    }
+
+    /// A frontend per family of one dual-stack Service: each family's rows go to its own maps,
+    /// ids are one space, a restart adopts both, and a backend freed is freed in its family's map.
+    #[test]
+    fn both_families_are_written_to_their_maps_restored_and_released() {
+        let v6 = |last: u16| BackendAddr {
+            ip: std::net::Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, last).into(),
+            port: 8080,
+            proto: Protocol::Tcp,
+        };
+        let six = |backends: &[u16]| {
+            let addr = FrontendAddr::new(
+                std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 1),
+                80,
+                Protocol::Tcp,
+            );
+            Frontend {
+                addr,
+                backends: backends.iter().map(|l| v6(*l)).collect(),
+                ..frontend(80, &[], &[], 0)
+            }
+        };
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(CAPS, OPTS).with_clock(leaping_clock());
+        let mut both = fe(&[1, 2]);
+        both.extend(one(six(&[1, 2])));
+        let (_, errors) = sync(&mut r, &both, &mut maps);
+        assert!(errors.is_empty(), "{errors:?}");
+        maps.assert_consistent();
+        let families: Vec<bool> = maps.services.keys().map(|k| matches!(k, ServiceKey::V6(_))).collect();
+        assert_eq!(families, [false, true], "one entry in each services map");
+        let ids: BTreeSet<u32> = maps.services.values().map(|s| s.id).collect();
+        assert_eq!(ids.len(), 2, "two frontend ids");
+        let v6_backends: Vec<u32> = maps
+            .backends
+            .iter()
+            .filter(|(_, b)| matches!(b, BackendValue::V6(_)))
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(v6_backends.len(), 2);
+        assert!(maps.members.keys().filter(|k| matches!(k, MemberKey::V6(_))).count() == 2);
+
+        // A restart adopts both families' frontends and backends: nothing is written.
+        let before = maps.backends.clone();
+        let mut r2 = restore(&maps, true);
+        maps.log.clear();
+        sync(&mut r2, &both, &mut maps);
+        assert!(maps.log.is_empty(), "{:?}", maps.log);
+        assert_eq!(maps.backends, before);
+
+        // The IPv6 frontend goes, and after a pass without flows its backends are freed in the
+        // IPv6 map; the ids go back to the one pool and serve IPv4 backends next.
+        sync(&mut r2, &fe(&[1, 2]), &mut maps);
+        r2.begin_pass(1);
+        r2.release_idle(&census(1, &[]), &mut maps);
+        for id in &v6_backends {
+            assert_eq!(
+                maps.backends[id],
+                BackendValue::V6(lb_common::Lb6Backend::default()),
+                "freed in its map"
+            );
+        }
+        assert!(maps.members.keys().all(|k| matches!(k, MemberKey::V4(_))));
+        assert_eq!(r2.backends_programmed(), 2, "the IPv6 backends' ids went back to the pool");
+        maps.assert_consistent();
     }
 
     #[test]

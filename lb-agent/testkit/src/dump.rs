@@ -5,19 +5,21 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use lb_agent::reconcile::{
-    encode::{endpoint, ipv4, port, state_name},
-    MemoryMaps,
+    encode::{endpoint_of, ipv4, state_name},
+    BackendValue, MemoryMaps, ServiceKey,
 };
 use lb_common::{
-    Lb4Backend, Lb4Service, Lb4ServiceKey, BACKEND_STATE_FREE, FRONTEND_KIND_EXTERNAL_IP,
-    FRONTEND_KIND_LOAD_BALANCER, FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY,
-    SRC_RANGE_FRONTEND_BITS, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    Lb4Service, BACKEND_STATE_FREE, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
+    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS,
+    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
-/// `VIP:port/PROTO`, and ` (internal)` for an address's internal entry.
-fn frontend_addr(k: &Lb4ServiceKey) -> String {
-    let scope = if k.scope == SCOPE_INTERNAL { " (internal)" } else { "" };
-    format!("{}{scope}", endpoint(k.addr, k.port, k.proto))
+/// `VIP:port/PROTO` (`[VIP]:port/PROTO` for IPv6), and ` (internal)` for an address's internal
+/// entry.
+fn frontend_addr(k: &ServiceKey) -> String {
+    let (vip, port, proto, scope) = k.parts();
+    let scope = if scope == SCOPE_INTERNAL { " (internal)" } else { "" };
+    format!("{}{scope}", endpoint_of(vip, port, proto))
 }
 
 fn verdict_name(v: u32) -> &'static str {
@@ -28,15 +30,16 @@ fn verdict_name(v: u32) -> &'static str {
     }
 }
 
-fn backend_addr(b: &Lb4Backend) -> String {
-    endpoint(b.addr, b.port, b.proto)
+fn backend_addr(b: &BackendValue) -> String {
+    let (ip, port, proto, _) = b.parts();
+    endpoint_of(ip, port, proto)
 }
 
 /// Renders `maps`, each frontend with the `namespace/name:port` the agent recorded beside it.
 pub fn render(maps: &MemoryMaps) -> String {
     let mut out = String::new();
-    let mut services: Vec<(&Lb4ServiceKey, &Lb4Service)> = maps.services.iter().collect();
-    services.sort_by_key(|(k, _)| (ipv4(k.addr), port(k.port), k.proto, k.scope));
+    let mut services: Vec<(&ServiceKey, &Lb4Service)> = maps.services.iter().collect();
+    services.sort_by_key(|(k, _)| k.parts());
     for (key, svc) in services {
         let name = maps.meta.get(&svc.id).map_or("?", |m| m.name());
         // The kind, where not a cluster IP.
@@ -89,7 +92,7 @@ pub fn render(maps: &MemoryMaps) -> String {
     }
     // Source ranges, by frontend: the networks let in, then whether the others are shut out.
     for (e, verdict) in &maps.src_ranges {
-        let fe = frontend_addr(&e.key.frontend);
+        let fe = frontend_addr(&ServiceKey::V4(e.key.frontend));
         let _ = match e.prefix_len.checked_sub(SRC_RANGE_FRONTEND_BITS) {
             Some(0) => writeln!(out, "source-ranges {fe} others {}", verdict_name(*verdict)),
             Some(len) => {
@@ -101,8 +104,8 @@ pub fn render(maps: &MemoryMaps) -> String {
     let mut backends: Vec<(String, &'static str)> = maps
         .backends
         .values()
-        .filter(|b| b.state != BACKEND_STATE_FREE)
-        .map(|b| (backend_addr(b), state_name(b.state)))
+        .filter(|b| b.state() != BACKEND_STATE_FREE)
+        .map(|b| (backend_addr(b), state_name(b.state())))
         .collect();
     backends.sort();
     for (b, state) in backends {

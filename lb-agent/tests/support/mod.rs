@@ -338,8 +338,8 @@ impl Cluster {
                 .read_backends()
                 .map_err(std::io::Error::other)?
                 .into_iter()
-                .find(|(_, b)| b.addr.to_ne_bytes() == ip.octets() && u16::from_be(b.port) == port)
-                .map(|(_, b)| b.state);
+                .find(|(_, b)| b.parts().0 == ip && b.parts().1 == port)
+                .map(|(_, b)| b.state());
             if got == state {
                 Ok(())
             } else {
