@@ -586,6 +586,7 @@ fn a_host_networked_endpoint_is_reached_from_hosts_pods_and_outside() {
         name: "apiserver".into(),
         netns: n1.netns.clone(),
         ip: n1.underlay_ip(),
+        ip6: None,
         node: 1,
         host_if: String::new(),
     };

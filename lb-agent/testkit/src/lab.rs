@@ -13,11 +13,17 @@
 //!
 //! The servers answer each question with the pod's name; the question `peer` is answered with
 //! the name and the address the server's socket sees the client at (see [`PEER`]).
+//!
+//! A dual-stack lab ([`Lab::dual_stack`]) gives everything an IPv6 address too: pod `k` on node
+//! `n` is `fd00:10:244:n::k/128` with its default route via `fe80::1` (every host-side veth
+//! carries it), node `n` is `fd00:172:31::n` on the underlay (`/64`), the outside client
+//! `fd00:172:31::c8`; the servers listen on both addresses. Addresses skip duplicate address
+//! detection, so they work at once.
 
 use std::{
     fs::File,
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -37,6 +43,15 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const POD_IF_GLOB: &str = "lxc*";
 /// The address of the client outside the cluster ([`Lab::outside`]) on the underlay.
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 200);
+/// Gateway address of every pod in a dual-stack lab (link-local, on each host-side veth).
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The outside client's IPv6 address on the underlay, in a dual-stack lab.
+pub const OUTSIDE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, 0xc8);
+
+/// Pod `host`'s IPv6 address on node `node` in a dual-stack lab: `fd00:10:244:<node>::<host>`.
+pub const fn pod_ip6(node: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, node as u16, 0, 0, 0, host as u16)
+}
 /// Every node's interface on the underlay.
 pub const UNDERLAY_IF: &str = "ul0";
 /// The underlay's bridge, in the underlay's namespace.
@@ -92,6 +107,11 @@ impl Node {
         Ipv4Addr::new(172, 31, 0, self.index)
     }
 
+    /// Its underlay IPv6 address, in a dual-stack lab.
+    pub fn underlay_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, u16::from(self.index))
+    }
+
     /// The name its agent is given (`--node-name`) and its Node object has.
     pub fn name(&self) -> String {
         format!("node{}", self.index)
@@ -104,6 +124,8 @@ impl Node {
 pub struct Outside {
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// In a dual-stack lab, [`OUTSIDE_IP6`].
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A `v1` Node object for `node`, as the API server would hold it: named as its agent is
@@ -131,6 +153,8 @@ pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack lab.
+    pub ip6: Option<Ipv6Addr>,
     pub node: u8,
     /// Host-side interface in the node's namespace.
     pub host_if: String,
@@ -157,6 +181,8 @@ pub struct Lab {
     /// The nodes on the underlay bridge, by index.
     on_underlay: Vec<u8>,
     outside: Option<Outside>,
+    /// Everything gets an IPv6 address too ([`Lab::dual_stack`]).
+    dual_stack: bool,
 }
 
 #[derive(Clone)]
@@ -190,7 +216,14 @@ impl Lab {
             underlay: None,
             on_underlay: Vec::new(),
             outside: None,
+            dual_stack: false,
         })
+    }
+
+    /// Makes the nodes, pods and outside client made from now on dual-stack (see the module
+    /// documentation for their IPv6 addresses).
+    pub fn dual_stack(&mut self) {
+        self.dual_stack = true;
     }
 
     /// A directory that lives as long as the lab (manifests, logs).
@@ -203,6 +236,11 @@ impl Lab {
         let _ = ip(&["netns", "del", &ns]);
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
+        if self.dual_stack {
+            // No duplicate address detection, on the link-local addresses the kernel gives each
+            // interface either: until it ends, an interface answers no neighbour solicitation.
+            sysctl(&ns, &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+        }
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -216,6 +254,9 @@ impl Lab {
             &netns,
             &["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"],
         )?;
+        if self.dual_stack {
+            sysctl(&netns, &["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.forwarding=1"])?;
+        }
         Ok(Node { index, netns, pin_dir: self.pin_root.join(format!("n{index}")) })
     }
 
@@ -250,7 +291,15 @@ impl Lab {
         if !tx_csum_offload {
             run("ip", &["netns", "exec", &netns, "ethtool", "-K", "eth0", "tx", "off"])?;
         }
-        Ok(Pod { name: name.into(), netns, ip: ip_addr, node: node.index, host_if })
+        let ip6 = self.dual_stack.then(|| pod_ip6(node.index, host));
+        if let Some(a) = ip6 {
+            let (pod_ip6, gw6) = (format!("{a}/128"), POD_GATEWAY6.to_string());
+            ip(&["-n", &node.netns, "-6", "addr", "add", &format!("{gw6}/64"), "dev", &host_if, "nodad"])?;
+            ip(&["-n", &node.netns, "-6", "route", "add", &pod_ip6, "dev", &host_if])?;
+            ip(&["-n", &netns, "-6", "addr", "add", &pod_ip6, "dev", "eth0", "nodad"])?;
+            ip(&["-n", &netns, "-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        }
+        Ok(Pod { name: name.into(), netns, ip: ip_addr, ip6, node: node.index, host_if })
     }
 
     /// Puts both nodes on the underlay bridge (each once, however many nodes it is linked to) and
@@ -258,7 +307,8 @@ impl Lab {
     pub fn link_nodes(&mut self, a: &Node, b: &Node) -> io::Result<()> {
         for n in [a, b] {
             if !self.on_underlay.contains(&n.index) {
-                self.plug(&n.netns, UNDERLAY_IF, &format!("n{}", n.index), n.underlay_ip())?;
+                let ip6 = self.dual_stack.then(|| n.underlay_ip6());
+                self.plug(&n.netns, UNDERLAY_IF, &format!("n{}", n.index), n.underlay_ip(), ip6)?;
                 sysctl(&n.netns, &[&format!("net.ipv4.conf.{UNDERLAY_IF}.rp_filter=0")])?;
                 self.on_underlay.push(n.index);
             }
@@ -266,6 +316,11 @@ impl Lab {
         for (n, peer) in [(a, b), (b, a)] {
             let range = format!("10.244.{}.0/24", peer.index);
             ip(&["-n", &n.netns, "route", "replace", &range, "via", &peer.underlay_ip().to_string()])?;
+            if self.dual_stack {
+                let range = format!("{}/64", pod_ip6(peer.index, 0));
+                let via = peer.underlay_ip6().to_string();
+                ip(&["-n", &n.netns, "-6", "route", "replace", &range, "via", &via])?;
+            }
         }
         Ok(())
     }
@@ -276,17 +331,26 @@ impl Lab {
             return Ok(out.clone());
         }
         let netns = self.netns("out")?;
-        self.plug(&netns, "eth0", "out", OUTSIDE_IP)?;
-        let out = Outside { netns, ip: OUTSIDE_IP };
+        let ip6 = self.dual_stack.then_some(OUTSIDE_IP6);
+        self.plug(&netns, "eth0", "out", OUTSIDE_IP, ip6)?;
+        let out = Outside { netns, ip: OUTSIDE_IP, ip6 };
         self.outside = Some(out.clone());
         Ok(out)
     }
 
     /// Routes `dst` (a /32) from `out` via `node`'s underlay address, replacing any route `dst`
     /// had: a router announcing a LoadBalancer IP or an external IP through that node.
-    pub fn route_via(&self, out: &Outside, dst: Ipv4Addr, node: &Node) -> io::Result<()> {
-        let (dst, via) = (format!("{dst}/32"), node.underlay_ip().to_string());
-        ip(&["-n", &out.netns, "route", "replace", &dst, "via", &via])
+    pub fn route_via(&self, out: &Outside, dst: impl Into<IpAddr>, node: &Node) -> io::Result<()> {
+        match dst.into() {
+            IpAddr::V4(dst) => {
+                let (dst, via) = (format!("{dst}/32"), node.underlay_ip().to_string());
+                ip(&["-n", &out.netns, "route", "replace", &dst, "via", &via])
+            }
+            IpAddr::V6(dst) => {
+                let (dst, via) = (format!("{dst}/128"), node.underlay_ip6().to_string());
+                ip(&["-n", &out.netns, "-6", "route", "replace", &dst, "via", &via])
+            }
+        }
     }
 
     /// The underlay's namespace with its bridge, made on first use.
@@ -312,29 +376,41 @@ impl Lab {
         Ok(ns)
     }
 
-    /// Plugs `netns` into the underlay bridge: interface `inner` there, with `addr/24`, on a veth
-    /// whose other end is the bridge port `port`.
-    fn plug(&mut self, netns: &str, inner: &str, port: &str, addr: Ipv4Addr) -> io::Result<()> {
+    /// Plugs `netns` into the underlay bridge: interface `inner` there, with `addr/24` (and
+    /// `addr6/64`), on a veth whose other end is the bridge port `port`.
+    fn plug(
+        &mut self,
+        netns: &str,
+        inner: &str,
+        port: &str,
+        addr: Ipv4Addr,
+        addr6: Option<Ipv6Addr>,
+    ) -> io::Result<()> {
         let ul = self.underlay()?;
         ip(&["-n", &ul, "link", "add", port, "type", "veth", "peer", "name", inner, "netns", netns])?;
         ip(&["-n", &ul, "link", "set", port, "master", BRIDGE, "up"])?;
         ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", inner])?;
+        if let Some(a) = addr6 {
+            ip(&["-n", netns, "-6", "addr", "add", &format!("{a}/64"), "dev", inner, "nodad"])?;
+        }
         ip(&["-n", netns, "link", "set", inner, "up"])
     }
 
-    /// Starts TCP and UDP servers in `pod` that answer with the pod's name.
+    /// Starts TCP and UDP servers in `pod` that answer with the pod's name (on each of its
+    /// addresses).
     pub fn serve(&mut self, pod: &Pod, tcp_port: u16, udp_port: u16) -> io::Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
-        let name = pod.name.clone();
-        let addr = pod.ip;
-        let (tcp, udp) = in_netns(&pod.netns, move || -> io::Result<_> {
-            Ok((TcpListener::bind((addr, tcp_port))?, UdpSocket::bind((addr, udp_port))?))
-        })??;
         let mut threads = Vec::new();
-        let (s, n) = (stop.clone(), name.clone());
-        threads.push(std::thread::spawn(move || tcp_server(tcp, &n, &s)));
-        let (s, n) = (stop.clone(), name);
-        threads.push(std::thread::spawn(move || udp_server(udp, &n, &s)));
+        let addrs: Vec<IpAddr> = std::iter::once(IpAddr::V4(pod.ip)).chain(pod.ip6.map(IpAddr::V6)).collect();
+        for addr in addrs {
+            let (tcp, udp) = in_netns(&pod.netns, move || -> io::Result<_> {
+                Ok((TcpListener::bind((addr, tcp_port))?, UdpSocket::bind((addr, udp_port))?))
+            })??;
+            let (s, n) = (stop.clone(), pod.name.clone());
+            threads.push(std::thread::spawn(move || tcp_server(tcp, &n, &s)));
+            let (s, n) = (stop.clone(), pod.name.clone());
+            threads.push(std::thread::spawn(move || udp_server(udp, &n, &s)));
+        }
         self.servers.push(Servers { stop, threads });
         Ok(())
     }
@@ -614,8 +690,8 @@ pub const ECHO: &[u8] = b"echo:";
 /// [`Session::peer`], [`tcp_peer_from`] and [`udp_peer_from`] ask it.
 pub const PEER: &[u8] = b"peer";
 
-/// Splits a [`PEER`] answer into the pod's name and the address it saw.
-fn parse_peer(answer: &str) -> io::Result<(String, SocketAddrV4)> {
+/// Splits a [`PEER`] answer into the pod's name and the address it saw (IPv4 or IPv6, as `A`).
+fn parse_peer<A: std::str::FromStr>(answer: &str) -> io::Result<(String, A)> {
     answer
         .trim()
         .split_once(' ')
@@ -632,17 +708,18 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(pod: &Pod, to: SocketAddrV4) -> io::Result<Self> {
+    pub fn open(pod: &Pod, to: impl Into<SocketAddr>) -> io::Result<Self> {
         Self::open_in(&pod.netns, to)
     }
 
     /// Connects from network namespace `netns` (a pod's, a node's, the outside client's).
-    pub fn open_in(netns: &str, to: SocketAddrV4) -> io::Result<Self> {
+    pub fn open_in(netns: &str, to: impl Into<SocketAddr>) -> io::Result<Self> {
+        let to = to.into();
         in_netns(netns, move || Self::connect(to))?
     }
 
     /// Connects from the calling thread's network namespace.
-    pub fn connect(to: SocketAddrV4) -> io::Result<Self> {
+    pub fn connect(to: impl Into<SocketAddr>) -> io::Result<Self> {
         let stream = TcpStream::connect_timeout(&to.into(), CLIENT_TIMEOUT)?;
         stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
         Ok(Self { writer: stream.try_clone()?, reader: BufReader::new(stream) })
@@ -655,6 +732,11 @@ impl Session {
 
     /// Asks [`PEER`]; returns the backend's name and the address it sees this connection from.
     pub fn peer(&mut self) -> io::Result<(String, SocketAddrV4)> {
+        parse_peer(&self.question(PEER)?)
+    }
+
+    /// As [`Session::peer`], for a connection of either family.
+    pub fn peer_addr(&mut self) -> io::Result<(String, SocketAddr)> {
         parse_peer(&self.question(PEER)?)
     }
 
@@ -671,12 +753,17 @@ impl Session {
 
 /// Runs `count` one-question TCP connections (each from a new source port) from `pod` to `to`;
 /// returns each answer.
-pub fn tcp_asks(pod: &Pod, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
+pub fn tcp_asks(pod: &Pod, to: impl Into<SocketAddr>, count: usize) -> io::Result<Vec<io::Result<String>>> {
     tcp_asks_from(&pod.netns, to, count)
 }
 
 /// As [`tcp_asks`], from network namespace `netns`.
-pub fn tcp_asks_from(netns: &str, to: SocketAddrV4, count: usize) -> io::Result<Vec<io::Result<String>>> {
+pub fn tcp_asks_from(
+    netns: &str,
+    to: impl Into<SocketAddr>,
+    count: usize,
+) -> io::Result<Vec<io::Result<String>>> {
+    let to = to.into();
     in_netns(netns, move || (0..count).map(|_| Session::connect(to)?.ask()).collect())
 }
 
@@ -684,6 +771,11 @@ pub fn tcp_asks_from(netns: &str, to: SocketAddrV4, count: usize) -> io::Result<
 /// it sees the client at.
 pub fn tcp_peer_from(netns: &str, to: SocketAddrV4) -> io::Result<(String, SocketAddrV4)> {
     Session::open_in(netns, to)?.peer()
+}
+
+/// As [`tcp_peer_from`], to an address of either family.
+pub fn tcp_peer_any(netns: &str, to: SocketAddr) -> io::Result<(String, SocketAddr)> {
+    Session::open_in(netns, to)?.peer_addr()
 }
 
 /// Source ports for [`udp_asks`]: below the kernel's ephemeral range, so they never collide with
@@ -695,7 +787,7 @@ pub const UDP_CLIENT_PORTS: std::ops::Range<u16> = 10_000..30_000;
 /// the first exchange; the others follow it.
 pub fn udp_asks(
     pod: &Pod,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     first_port: u16,
     count: usize,
 ) -> io::Result<Vec<io::Result<String>>> {
@@ -705,28 +797,35 @@ pub fn udp_asks(
 /// As [`udp_asks`], from network namespace `netns`.
 pub fn udp_asks_from(
     netns: &str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     first_port: u16,
     count: usize,
 ) -> io::Result<Vec<io::Result<String>>> {
+    let to = to.into();
     in_netns(netns, move || (0..count).map(|i| udp_exchange(first_port + i as u16, to, b"who")).collect())
 }
 
 /// One UDP exchange from `netns`, from source port `port` (0: the kernel picks one), that asks
 /// [`PEER`]: the backend's name and the address it sees the client at.
 pub fn udp_peer_from(netns: &str, to: SocketAddrV4, port: u16) -> io::Result<(String, SocketAddrV4)> {
+    parse_peer(&in_netns(netns, move || udp_exchange(port, to.into(), PEER))??)
+}
+
+/// As [`udp_peer_from`], to an address of either family.
+pub fn udp_peer_any(netns: &str, to: SocketAddr, port: u16) -> io::Result<(String, SocketAddr)> {
     parse_peer(&in_netns(netns, move || udp_exchange(port, to, PEER))??)
 }
 
 /// Sends `question` from source port `port` to `to` and waits for the answer, which must come
 /// from `to` (run in the client's namespace).
-fn udp_exchange(port: u16, to: SocketAddrV4, question: &[u8]) -> io::Result<String> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+fn udp_exchange(port: u16, to: SocketAddr, question: &[u8]) -> io::Result<String> {
+    let any: IpAddr = if to.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+    let sock = UdpSocket::bind((any, port))?;
     sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     sock.send_to(question, to)?;
     let mut buf = [0u8; 256];
     let (n, from) = sock.recv_from(&mut buf)?;
-    if from != SocketAddr::from(to) {
+    if from != to {
         return Err(io::Error::other(format!("answer came from {from}, not {to}")));
     }
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
