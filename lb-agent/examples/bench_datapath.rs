@@ -108,6 +108,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
         tc_attach: Default::default(),
         node_xdp: false,
         socket_lb: lb_agent::datapath::SocketLb::Off,
+        ipv6: true,
     }
 }
 

@@ -70,6 +70,41 @@ pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddr>> {
     Ok(out)
 }
 
+/// Whether an interface in the calling thread's network namespace has a global IPv6 address (not
+/// loopback, link-local or multicast; unique local addresses count): where a node takes part in
+/// IPv6, as kube-proxy's detection of a node's IP families has it.
+pub fn has_global_ipv6() -> io::Result<bool> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let list = IfAddrs(head);
+    let mut cur = list.0.cast_const();
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until `list` drops.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        let sa = ifa.ifa_addr;
+        if sa.is_null() {
+            continue;
+        }
+        // SAFETY: a socket address from getifaddrs; sa_family is at the same place in all.
+        let family = unsafe { std::ptr::addr_of!((*sa).sa_family).read_unaligned() };
+        if i32::from(family) != libc::AF_INET6 {
+            continue;
+        }
+        // SAFETY: an AF_INET6 address is a sockaddr_in6.
+        let sin6 = unsafe { sa.cast::<libc::sockaddr_in6>().read_unaligned() };
+        let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+        let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+        if !a.is_loopback() && !a.is_unspecified() && !a.is_multicast() && !link_local {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The IPv4 address in `sa`, when it is a non-null `AF_INET` socket address.
 ///
 /// # Safety

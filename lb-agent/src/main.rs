@@ -29,6 +29,14 @@ enum DatapathMode {
     Xdp,
 }
 
+/// `--ipv6`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Ipv6Flag {
+    Auto,
+    On,
+    Off,
+}
+
 /// `--socket-lb`: the flag's spelling of [`datapath::SocketLb`].
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum SocketLbFlag {
@@ -145,6 +153,11 @@ struct Args {
     /// Reject Services with more endpoints than this.
     #[arg(long, default_value_t = model::DEFAULT_MAX_ENDPOINTS)]
     max_endpoints_per_service: usize,
+    /// IPv6 Services: `on` programs their IPv6 addresses and sizes the lb6 maps as the IPv4 ones,
+    /// `off` leaves them out (reported) and keeps the lb6 maps to one entry each (their kernel
+    /// memory), `auto` is `on` where this node has a global IPv6 address.
+    #[arg(long, env = "LB_IPV6", value_enum, default_value = "auto")]
+    ipv6: Ipv6Flag,
     /// Source address for hairpinned flows (a pod reaching itself through a Service).
     #[arg(long, default_value_t = std::net::Ipv4Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR))]
     hairpin_addr: std::net::Ipv4Addr,
@@ -310,6 +323,7 @@ impl From<Args> for Config {
                     SocketLbFlag::Host => datapath::SocketLb::Host,
                     SocketLbFlag::All => datapath::SocketLb::All,
                 },
+                ipv6: true,
             },
             mode: match a.datapath {
                 DatapathMode::Tc => Mode::Tc,
@@ -331,6 +345,7 @@ impl From<Args> for Config {
                 node_ip: None,
                 local_addresses: Vec::new(),
                 external_ips: a.external_ips,
+                ipv6: true,
             },
             flow_events: a.flow_events,
             metrics_addr: a.metrics_bind_address,
@@ -389,7 +404,23 @@ async fn main() -> anyhow::Result<()> {
         () = stop.wait() => return Ok(()),
     };
     let explicit_snat = args.snat_ports;
+    let ipv6 = match args.ipv6 {
+        Ipv6Flag::On => true,
+        Ipv6Flag::Off => false,
+        Ipv6Flag::Auto => {
+            let found =
+                lb_agent::host::has_global_ipv6().context("--ipv6 auto: listing this node's addresses")?;
+            info!(
+                "IPv6 Services {}: this node has {} global IPv6 address (--ipv6 auto)",
+                if found { "on" } else { "off" },
+                if found { "a" } else { "no" }
+            );
+            found
+        }
+    };
     let mut cfg = Config::from(args);
+    cfg.datapath.ipv6 = ipv6;
+    cfg.model.ipv6 = ipv6;
     if socket_lb_defaulted && cfg.datapath.socket_lb == datapath::SocketLb::Host {
         if let Some(why) = datapath::sockets::default_host_unfit(&cfg.cgroup_root) {
             warn!("socket-level load balancing off: {why}; give --socket-lb host (or LB_SOCKET_LB=host) to insist");

@@ -52,3 +52,36 @@ fn the_ipv6_test_packets_are_what_they_say() {
     let seen = check_icmp6_error(&e, true);
     assert_eq!((seen.kind, seen.quoted), (2, ((VIP6, 80), (CLIENT, 40_000))));
 }
+
+/// `--ipv6 off` keeps each lb6 map to one entry (their kernel memory); turned on, the maps are
+/// made anew at the IPv4 maps' capacities, and kept across restarts at that setting.
+#[test]
+fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
+    use lb_agent::{
+        datapath::{Config, Datapath, Mode},
+        reconcile::{MapWriter as _, ServiceKey},
+    };
+    use aya::maps::IterableMap as _;
+    let pins = support::PinDir::new("ipv6-off");
+    let size = |m: &aya::maps::MapData| m.info().expect("map info").max_entries();
+    let off = Config { ipv6: false, ..support::test_config(pins.path()) };
+    {
+        let (_dp, maps) = Datapath::load(&off, Mode::Tc).expect("load with IPv6 off");
+        let m6 = maps.v6.as_ref().expect("the IPv6 handles");
+        assert_eq!((size(m6.ct.map()), size(m6.services.map()), size(m6.members.map())), (1, 1, 1));
+        assert_eq!((size(m6.affinity.map()), size(m6.backends.map())), (1, 1));
+    }
+    let on = support::test_config(pins.path());
+    let key = ServiceKey::V6(lb_common::Lb6ServiceKey::new(VIP6.octets(), 80, 6));
+    {
+        let (_dp, mut maps) = Datapath::load(&on, Mode::Tc).expect("load with IPv6 on");
+        let m6 = maps.v6.as_ref().expect("the IPv6 handles");
+        assert_eq!((size(m6.ct.map()), size(m6.services.map())), (on.caps.ct, on.caps.services));
+        assert_eq!((size(m6.members.map()), size(m6.backends.map())), (on.caps.members, on.caps.backends));
+        maps.set_service(&key, &lb_common::Lb4Service { id: 5, ..Default::default() })
+            .expect("an IPv6 entry");
+    }
+    let (_dp, maps) = Datapath::load(&on, Mode::Tc).expect("load again");
+    let services = maps.read_services().expect("services");
+    assert!(services.iter().any(|(k, s)| *k == key && s.id == 5), "kept across a restart: {services:?}");
+}

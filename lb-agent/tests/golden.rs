@@ -26,6 +26,8 @@ struct Node {
     local_addresses: Option<Vec<std::net::Ipv4Addr>>,
     /// `--external-ips` (default `all`).
     external_ips: Option<String>,
+    /// `--ipv6` on or off (default on).
+    ipv6: Option<bool>,
 }
 
 /// The objects of `path`, this node's Node (named `node_name`) among them.
@@ -51,6 +53,7 @@ fn run_case(dir: &Path) -> String {
         node_ip: None,
         local_addresses: Vec::new(),
         external_ips: node.external_ips.as_deref().unwrap_or("all").parse().expect("externalIps"),
+        ipv6: node.ipv6.unwrap_or(true),
     };
     let nodeports: model::node::NodePortAddresses =
         node.nodeport_addresses.as_deref().unwrap_or("primary").parse().expect("nodeportAddresses");

@@ -130,6 +130,9 @@ pub struct Config {
     pub node_xdp: bool,
     /// Which sockets the socket programs translate, once attached ([`Datapath::attach_sockets`]).
     pub socket_lb: SocketLb,
+    /// IPv6 Services are served (`--ipv6`): the lb6 maps get the IPv4 maps' capacities; else
+    /// one entry each.
+    pub ipv6: bool,
 }
 
 /// How the TC programs are attached to an interface.
@@ -570,6 +573,8 @@ impl Datapath {
             tracing::info!("the pinned counters have another size: made anew, counting from zero");
             let _ = std::fs::remove_file(&counters_pin);
         }
+        let caps6 = Caps6::of(cfg);
+        caps6.drop_other_sizes(&dir);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
         let set_retval = u32::from(kernel.sock_set_retval);
@@ -585,11 +590,12 @@ impl Datapath {
             .map_max_entries(MAP_LB4_CT, cfg.caps.ct)
             .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
             .map_max_entries(MAP_LB4_MEMBERS, cfg.caps.members)
-            .map_max_entries(lb_common::MAP_LB6_SERVICES, cfg.caps.services)
-            .map_max_entries(lb_common::MAP_LB6_BACKENDS, cfg.caps.backends)
-            .map_max_entries(lb_common::MAP_LB6_CT, cfg.caps.ct)
-            .map_max_entries(lb_common::MAP_LB6_AFFINITY, cfg.caps.affinity)
-            .map_max_entries(lb_common::MAP_LB6_MEMBERS, cfg.caps.members)
+            .map_max_entries(lb_common::MAP_LB6_SERVICES, caps6.services)
+            .map_max_entries(lb_common::MAP_LB6_BACKENDS, caps6.backends)
+            .map_max_entries(lb_common::MAP_LB6_CT, caps6.ct)
+            .map_max_entries(lb_common::MAP_LB6_AFFINITY, caps6.affinity)
+            .map_max_entries(lb_common::MAP_LB6_MEMBERS, caps6.members)
+            .map_max_entries(lb_common::MAP_LB6_FRAGS, caps6.frags)
             .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
             .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
             .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)
@@ -1271,5 +1277,62 @@ impl Datapath {
             }
         }
         tc_filters::prune(&mut self.tc_records);
+    }
+}
+
+/// The capacities of the lb6 maps: the IPv4 maps' with `--ipv6` on, one entry each with it off
+/// (no IPv6 frontend is written then, and an LRU or preallocated hash costs its capacity in
+/// kernel memory whether used or not).
+struct Caps6 {
+    services: u32,
+    backends: u32,
+    ct: u32,
+    affinity: u32,
+    members: u32,
+    frags: u32,
+}
+
+impl Caps6 {
+    fn of(cfg: &Config) -> Self {
+        if cfg.ipv6 {
+            let c = &cfg.caps;
+            Self {
+                services: c.services,
+                backends: c.backends,
+                ct: c.ct,
+                affinity: c.affinity,
+                members: c.members,
+                frags: lb_common::capacity::FRAGS,
+            }
+        } else {
+            Self { services: 1, backends: 1, ct: 1, affinity: 1, members: 1, frags: 1 }
+        }
+    }
+
+    /// Removes the pins of lb6 maps of another capacity under `dir` (`--ipv6` changed since they
+    /// were made): the loader would reuse them as they are, so they are made anew (IPv6 state of
+    /// the earlier setting is dropped with them).
+    fn drop_other_sizes(&self, dir: &std::path::Path) {
+        let want = [
+            (lb_common::MAP_LB6_SERVICES, self.services),
+            (lb_common::MAP_LB6_BACKENDS, self.backends),
+            (lb_common::MAP_LB6_CT, self.ct),
+            (lb_common::MAP_LB6_AFFINITY, self.affinity),
+            (lb_common::MAP_LB6_MEMBERS, self.members),
+            (lb_common::MAP_LB6_FRAGS, self.frags),
+        ];
+        for (name, n) in want {
+            let pin = dir.join(name);
+            let pinned = aya::maps::MapData::from_pin(&pin).ok().and_then(|d| d.info().ok());
+            if let Some(info) = pinned.filter(|i| i.max_entries() != n) {
+                tracing::info!(
+                    map = name,
+                    pinned = info.max_entries(),
+                    now = n,
+                    "made anew for --ipv6's capacity"
+                );
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
     }
 }

@@ -242,6 +242,9 @@ pub struct Context {
     pub local_addresses: Vec<Ipv4Addr>,
     /// Which `spec.externalIPs` are served (`--external-ips`).
     pub external_ips: node::ExternalIps,
+    /// IPv6 Services are served (`--ipv6`); without it their IPv6 addresses are left out,
+    /// reported.
+    pub ipv6: bool,
 }
 
 impl Default for Context {
@@ -255,6 +258,7 @@ impl Default for Context {
             node_ip: None,
             local_addresses: Vec::new(),
             external_ips: node::ExternalIps::All,
+            ipv6: true,
         }
     }
 }

@@ -113,7 +113,19 @@ pub(super) fn service_spec(
     if ips.iter().any(|ip| ip.as_str() == "None" || ip.is_empty()) {
         return SvcOutcome::Skip; // headless
     }
-    let Ok(vips) = cluster_ips(spec, &ips, object, errors) else { return SvcOutcome::Reject };
+    let Ok(mut vips) = cluster_ips(spec, &ips, object, errors) else { return SvcOutcome::Reject };
+    if !ctx.ipv6 {
+        if let Some(i) = vips.iter().position(IpAddr::is_ipv6) {
+            let field = if spec.cluster_ips.is_some() {
+                format!("spec.clusterIPs[{i}]")
+            } else {
+                "spec.clusterIP".into()
+            };
+            let reason = format!("{} left out: IPv6 is off on this node (--ipv6)", vips[i]);
+            errors.push(ModelError::refused(KIND, object, field, reason));
+            vips.remove(i);
+        }
+    }
     let svc_ports = spec.ports.as_deref().unwrap_or_default();
     if svc_ports.is_empty() {
         errors.push(ModelError::invalid(KIND, object, "spec.ports".into(), "no ports"));
@@ -190,7 +202,7 @@ pub(super) fn service_spec(
     let health_check_port = health_check_port(spec, external_local, object, errors);
     let Ok(source_ranges) = source_ranges(spec, object, errors) else { return SvcOutcome::Reject };
     if vips.is_empty() || ports.is_empty() {
-        return SvcOutcome::Skip; // only unsupported parts (SCTP), reported above
+        return SvcOutcome::Skip; // only parts left out (SCTP, IPv6 when off), reported above
     }
     let external = external_addresses(svc, object, &vips, ctx, errors);
     // kube-proxy admits every one of the Service's LoadBalancer IPs as a client when a range

@@ -69,6 +69,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         tc_attach: Default::default(),
         node_xdp: false,
         socket_lb: lb_agent::datapath::SocketLb::Off,
+        ipv6: true,
     }
 }
 
