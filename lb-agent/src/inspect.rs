@@ -389,6 +389,10 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
     if bytes.len() < lb_common::LB_EVENT_BASE_LEN {
         return None;
     }
+    let kind = u32::from_ne_bytes(bytes[..4].try_into().ok()?);
+    if kind & lb_common::EVENT_IPV6 != 0 {
+        return event6(bytes, names);
+    }
     let mut whole = [0u8; std::mem::size_of::<lb_common::LbEvent>()];
     let n = bytes.len().min(whole.len());
     whole[..n].copy_from_slice(&bytes[..n]);
@@ -431,6 +435,39 @@ pub fn event(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
         pid: None,
         command: None,
     })
+}
+
+/// An IPv6 event ([`lb_common::LbEvent6`]), decoded as [`event`] decodes an IPv4 one.
+fn event6(bytes: &[u8], names: &BTreeMap<u32, String>) -> Option<EventView> {
+    if bytes.len() < std::mem::size_of::<lb_common::LbEvent6>() {
+        return None;
+    }
+    // SAFETY: the slice holds the whole struct; LbEvent6 is plain integers, any bit pattern is
+    // valid.
+    let e: lb_common::LbEvent6 = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let v4 = lb_common::LbEvent {
+        kind: e.kind & !lb_common::EVENT_IPV6,
+        reason: e.reason,
+        proto: e.proto,
+        svc_id: e.svc_id,
+        pid: e.pid,
+        comm: e.comm,
+        ..Default::default()
+    };
+    // The IPv4 decoding of the same event, its addresses then put right.
+    // SAFETY: LbEvent is plain integers with explicit padding fields.
+    let raw = unsafe {
+        std::slice::from_raw_parts((&raw const v4).cast::<u8>(), std::mem::size_of::<lb_common::LbEvent>())
+    };
+    let mut view = event(raw, names)?;
+    if view.client != "-" {
+        view.client = socket6(e.saddr, e.sport);
+    }
+    view.vip = socket6(e.daddr, e.dport);
+    if view.backend.is_some() {
+        view.backend = Some(socket6(e.backend_addr, e.backend_port));
+    }
+    Some(view)
 }
 
 /// A BPF program on one of an interface's hooks.
@@ -673,5 +710,56 @@ mod tests {
         );
         // Shorter than any layout: nothing.
         assert!(event(&bytes(&flow)[..lb_common::LB_EVENT_BASE_LEN - 1], &names).is_none());
+    }
+
+    #[test]
+    fn ipv6_events_decode_with_bracketed_addresses() {
+        let names = BTreeMap::from([(9, "demo/six:tcp".to_string())]);
+        let a = |s: &str| lb_common::addr6(s.parse::<std::net::Ipv6Addr>().expect("address").octets());
+        let e6 = lb_common::LbEvent6 {
+            kind: lb_common::EVENT_NEW_FLOW | lb_common::EVENT_IPV6,
+            saddr: a("fd00:10:244:1::2"),
+            daddr: a("fd00:10:96::10"),
+            sport: 40_000u16.to_be(),
+            dport: 80u16.to_be(),
+            proto: 6,
+            backend_addr: a("fd00:10:244:2::4"),
+            backend_port: 8080u16.to_be(),
+            svc_id: 9,
+            ..Default::default()
+        };
+        // SAFETY: LbEvent6 is plain integers with explicit padding fields.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const e6).cast::<u8>(),
+                std::mem::size_of::<lb_common::LbEvent6>(),
+            )
+        };
+        let e = event(raw, &names).expect("decoded");
+        assert_eq!(
+            (e.kind.as_str(), e.client.as_str(), e.vip.as_str(), e.backend.as_deref(), e.service.as_str()),
+            (
+                "new-flow",
+                "[fd00:10:244:1::2]:40000",
+                "[fd00:10:96::10]:80",
+                Some("[fd00:10:244:2::4]:8080"),
+                "demo/six:tcp"
+            )
+        );
+        let drop = lb_common::LbEvent6 {
+            kind: lb_common::EVENT_DROP | lb_common::EVENT_IPV6,
+            reason: counters::REJECT_NO_BACKEND,
+            ..e6
+        };
+        // SAFETY: as above.
+        let raw = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const drop).cast::<u8>(),
+                std::mem::size_of::<lb_common::LbEvent6>(),
+            )
+        };
+        let e = event(raw, &names).expect("decoded");
+        assert_eq!((e.kind.as_str(), e.reason.as_deref(), e.backend), ("reject", Some("no_backend"), None));
+        assert!(event(&raw[..100], &names).is_none(), "a cut IPv6 record decodes to nothing");
     }
 }

@@ -57,11 +57,11 @@ fn the_ipv6_test_packets_are_what_they_say() {
 /// made anew at the IPv4 maps' capacities, and kept across restarts at that setting.
 #[test]
 fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
+    use aya::maps::IterableMap as _;
     use lb_agent::{
         datapath::{Config, Datapath, Mode},
         reconcile::{MapWriter as _, ServiceKey},
     };
-    use aya::maps::IterableMap as _;
     let pins = support::PinDir::new("ipv6-off");
     let size = |m: &aya::maps::MapData| m.info().expect("map info").max_entries();
     let off = Config { ipv6: false, ..support::test_config(pins.path()) };

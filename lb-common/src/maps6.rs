@@ -200,6 +200,35 @@ pub struct Lb6FragKey {
 }
 const _: () = assert!(size_of::<Lb6FragKey>() == 40);
 
+/// Set in `kind` (`EVENT_NEW_FLOW`, `EVENT_DROP`, `EVENT_SOCK`) of an event about IPv6: the
+/// record is an [`LbEvent6`], not an `LbEvent`.
+pub const EVENT_IPV6: u32 = 0x100;
+
+/// A datapath event about IPv6 for `lbctl monitor` (`kind` has [`EVENT_IPV6`]): `LbEvent`'s
+/// fields with IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbEvent6 {
+    pub kind: u32,
+    pub reason: u32,
+    pub saddr: Addr6,
+    pub daddr: Addr6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+    pub backend_addr: Addr6,
+    pub backend_port: u16,
+    pub _pad2: u16,
+    pub svc_id: u32,
+    pub pid: u32,
+    /// Padding, always zero.
+    pub _pad3: u32,
+    pub ts_ns: u64,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<LbEvent6>() == 104);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
