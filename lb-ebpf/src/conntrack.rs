@@ -1,26 +1,27 @@
 //! Connection tracking: the flow → backend memory that keeps every packet of a connection on one
-//! backend, and the reply entries that reverse NAT uses.
+//! backend, and the reply entries that reverse NAT uses. Generic over the address family: its
+//! conntrack map (`LB4_CT`, `LB6_CT`, read as [`CtKey`] and [`CtEntry`]) and members map
+//! (`LB4_MEMBERS`, `LB6_MEMBERS`).
 
 use lb_common::{
-    counters, hash::lb4_flow_hash, Lb4CtEntry, Lb4CtKey, Lb4Member, Lb4MemberKey, CT_DIR_FORWARD,
-    CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_FIN_BACKEND, CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN,
-    CT_FLAG_NODE_SNAT, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_SYN,
-    IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
+    counters, Lb4MemberKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_FIN_BACKEND,
+    CT_FLAG_FIN_CLIENT, CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, CT_REFRESH_INTERVAL_NS, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_SYN, IPPROTO_TCP, MEMBER_ACTIVE, MEMBER_DRAINING, MEMBER_SERVING,
 };
 
 /// `BPF_NOEXIST`: insert only where no entry is.
 const BPF_NOEXIST: u64 = 1;
 
 use crate::{
-    config::{ct_timeout_ns, hairpin_addr, snat_ports},
-    maps::{LB4_CT, LB4_MEMBERS},
+    config::{ct_timeout_ns, snat_ports},
+    family::{Address, CtEntry, CtKey, Family, Member},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
 
 #[inline(always)]
-pub fn forward_key(f: &Flow) -> Lb4CtKey {
-    Lb4CtKey {
+pub fn forward_key<F: Family>(f: &Flow<F>) -> CtKey<F::Addr> {
+    CtKey {
         saddr: f.saddr,
         daddr: f.daddr,
         sport: f.sport,
@@ -35,14 +36,14 @@ pub fn forward_key(f: &Flow) -> Lb4CtKey {
 /// the hairpin address when the client is its own backend), at the client's port (or the one the
 /// flow was given when its tuple clashed).
 #[inline(always)]
-pub fn reply_key(
-    f: &Flow,
-    backend_addr: u32,
+pub fn reply_key<F: Family>(
+    f: &Flow<F>,
+    backend_addr: F::Addr,
     backend_port: u16,
-    client_addr: u32,
+    client_addr: F::Addr,
     client_port: u16,
-) -> Lb4CtKey {
-    Lb4CtKey {
+) -> CtKey<F::Addr> {
+    CtKey {
         saddr: backend_addr,
         daddr: client_addr,
         sport: backend_port,
@@ -55,13 +56,13 @@ pub fn reply_key(
 
 /// A TCP packet that opens a connection: SYN without ACK.
 #[inline(always)]
-pub fn syn_only(f: &Flow) -> bool {
+pub fn syn_only<F: Family>(f: &Flow<F>) -> bool {
     f.proto == IPPROTO_TCP && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// The state a new flow starts in.
 #[inline(always)]
-fn initial_state(f: &Flow) -> u8 {
+fn initial_state<F: Family>(f: &Flow<F>) -> u8 {
     if syn_only(f) {
         CT_STATE_SYN
     } else {
@@ -75,7 +76,7 @@ fn initial_state(f: &Flow) -> u8 {
 /// send for long, as after `shutdown(SHUT_WR)`); a FIN each way or an RST closes it. The time is
 /// written at most every `CT_REFRESH_INTERVAL_NS` unless the state changed.
 #[inline(always)]
-fn advance(e: &mut Lb4CtEntry, proto: u8, flags: u8, fin_bit: u8, now: u64) {
+fn advance<A>(e: &mut CtEntry<A>, proto: u8, flags: u8, fin_bit: u8, now: u64) {
     let mut state = e.state;
     let mut bits = e.flags;
     if proto != IPPROTO_TCP {
@@ -103,24 +104,34 @@ const FIN_BOTH: u8 = CT_FLAG_FIN_CLIENT | CT_FLAG_FIN_BACKEND;
 
 /// Idle for at least its timeout (a timeout of 0 never keeps an entry).
 #[inline(always)]
-fn expired(e: &Lb4CtEntry, proto: u8, now: u64) -> bool {
+fn expired<A>(e: &CtEntry<A>, proto: u8, now: u64) -> bool {
     now.saturating_sub(e.last_seen_ns) >= ct_timeout_ns(proto, e.state)
 }
 
 /// Backend `backend_id` as a member of frontend `svc_id`, if it is one.
 #[inline(always)]
-pub fn member(svc_id: u32, backend_id: u32) -> Option<Lb4Member> {
+pub fn member<F: Family>(svc_id: u32, backend_id: u32) -> Option<Member<F::Addr>> {
     let key = Lb4MemberKey { svc_id, backend_id };
     // SAFETY: the value is copied out at once.
-    unsafe { LB4_MEMBERS.get(&key) }.copied()
+    unsafe { F::members().get(&key) }.copied()
 }
 
 /// Whether a tracked flow of frontend `svc_id` to backend `backend_id` at `addr:port` may go on:
 /// the pair is still a member with that address; a SYN (a new connection on an old tuple) only to
 /// an active member; UDP only to a serving one (kube-proxy's conntrack cleanup), TCP to any.
 #[inline(always)]
-fn flow_allowed(svc_id: u32, backend_id: u32, addr: u32, port: u16, proto: u8, syn: bool) -> bool {
-    let Some(m) = member(svc_id, backend_id) else {
+fn flow_allowed<F: Family>(
+    svc_id: u32,
+    backend_id: u32,
+    addr: F::Addr,
+    port: u16,
+    proto: u8,
+    syn: bool,
+) -> bool {
+    let key = Lb4MemberKey { svc_id, backend_id };
+    // SAFETY: the fields are read at once. (Read in place: a copied row of a generic family
+    // compiles to one packed value, which costs instructions and stack.)
+    let Some(m) = (unsafe { F::members().get(&key) }) else {
         return false;
     };
     if m.addr != addr || m.port != port {
@@ -134,8 +145,8 @@ fn flow_allowed(svc_id: u32, backend_id: u32, addr: u32, port: u16, proto: u8, s
     }
 }
 
-pub struct Tracked {
-    pub addr: u32,
+pub struct Tracked<F: Family> {
+    pub addr: F::Addr,
     pub port: u16,
     pub svc_id: u32,
     pub hairpin: bool,
@@ -143,16 +154,16 @@ pub struct Tracked {
     /// address); 0: kept.
     pub snat_port: u16,
     /// The address the flow was SNATed to (this node's, for a flow from outside to a remote
-    /// endpoint: its packets are forwarded by lb); 0: none.
-    pub snat_addr: u32,
+    /// endpoint: its packets are forwarded by lb); `Address::ZERO`: none.
+    pub snat_addr: F::Addr,
 }
 
-pub enum Lookup {
+pub enum Lookup<F: Family> {
     /// No usable entry: the flow is new (or its entry expired, or a SYN starts a new connection
     /// on a tuple that was closed or made for another frontend).
     Miss,
     /// The flow is tracked and may stay on its backend.
-    Hit(Tracked),
+    Hit(Tracked<F>),
     /// The flow is tracked but its backend left its frontend (or is not active, for a SYN; or
     /// not serving, for UDP): pick again.
     BackendGone,
@@ -161,8 +172,8 @@ pub enum Lookup {
 /// Looks up a forward packet's flow towards frontend `svc_id`, and advances its state and
 /// last-seen time. A refresh also rebuilds the flow's reply entry if it was evicted.
 #[inline(always)]
-pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup {
-    let Some(entry) = LB4_CT.get_ptr_mut(key) else {
+pub fn lookup_forward<F: Family>(key: &CtKey<F::Addr>, f: &Flow<F>, svc_id: u32, now: u64) -> Lookup<F> {
+    let Some(entry) = F::ct().get_ptr_mut(key) else {
         return Lookup::Miss;
     };
     // SAFETY: a valid map value pointer; concurrent updates of these plain fields are benign.
@@ -176,7 +187,7 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
         // made for the Service that had this address before: a new flow.
         return Lookup::Miss;
     }
-    if !flow_allowed(e.svc_id, e.backend_id, e.nat_addr, e.nat_port, f.proto, syn) {
+    if !flow_allowed::<F>(e.svc_id, e.backend_id, e.nat_addr, e.nat_port, f.proto, syn) {
         return Lookup::BackendGone;
     }
     let (refresh, state, bits) =
@@ -200,13 +211,13 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
         // map evicts.
         let client = client_addr(e, f);
         let rev_key = reply_key(f, e.nat_addr, e.nat_port, client, client_port(e, f));
-        match LB4_CT.get_ptr_mut(&rev_key) {
+        match F::ct().get_ptr_mut(&rev_key) {
             Some(rev) => {
                 // SAFETY: a valid map value pointer.
                 let rev = unsafe { &mut *rev };
                 // Only this flow's (a stale one of another flow may still sit there).
                 let snat = if e.snat_port != 0 { f.sport } else { 0 };
-                let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { 0 };
+                let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { F::Addr::ZERO };
                 if rev.nat_addr == f.daddr
                     && rev.nat_port == f.dport
                     && rev.snat_port == snat
@@ -219,7 +230,7 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
             }
             None => {
                 let rev = reply_entry(e, f);
-                let _ = LB4_CT.insert(&rev_key, &rev, 0);
+                let _ = F::ct().insert(&rev_key, &rev, 0);
             }
         }
     }
@@ -229,9 +240,9 @@ pub fn lookup_forward(key: &Lb4CtKey, f: &Flow, svc_id: u32, now: u64) -> Lookup
 /// The address the client of forward entry `e` (for packet `f`) is seen with by its backend: the
 /// hairpin address, this node's (a flow from outside SNATed to it), or its own.
 #[inline(always)]
-fn client_addr(e: &Lb4CtEntry, f: &Flow) -> u32 {
+fn client_addr<F: Family>(e: &CtEntry<F::Addr>, f: &Flow<F>) -> F::Addr {
     if e.flags & CT_FLAG_HAIRPIN != 0 {
-        hairpin_addr()
+        F::hairpin_addr()
     } else if e.flags & CT_FLAG_NODE_SNAT != 0 {
         e.snat_addr
     } else {
@@ -241,7 +252,7 @@ fn client_addr(e: &Lb4CtEntry, f: &Flow) -> u32 {
 
 /// The port the client of forward entry `e` (for packet `f`) is seen with by its backend.
 #[inline(always)]
-fn client_port(e: &Lb4CtEntry, f: &Flow) -> u16 {
+fn client_port<F: Family>(e: &CtEntry<F::Addr>, f: &Flow<F>) -> u16 {
     if e.snat_port != 0 {
         e.snat_port
     } else {
@@ -251,30 +262,30 @@ fn client_port(e: &Lb4CtEntry, f: &Flow) -> u16 {
 
 /// The reply entry of forward entry `e`, made by packet `f` (client → service).
 #[inline(always)]
-fn reply_entry(e: &Lb4CtEntry, f: &Flow) -> Lb4CtEntry {
-    Lb4CtEntry {
+fn reply_entry<F: Family>(e: &CtEntry<F::Addr>, f: &Flow<F>) -> CtEntry<F::Addr> {
+    CtEntry {
         nat_addr: f.daddr,
         nat_port: f.dport,
         snat_port: if e.snat_port != 0 { f.sport } else { 0 },
-        snat_addr: if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { 0 },
+        snat_addr: if e.flags & CT_FLAG_NODE_SNAT != 0 { f.saddr } else { F::Addr::ZERO },
         ..*e
     }
 }
 
 /// The backend chosen for a new flow.
-pub struct Chosen {
+pub struct Chosen<F: Family> {
     pub id: u32,
-    pub addr: u32,
+    pub addr: F::Addr,
     pub port: u16,
     pub svc_id: u32,
     /// `Some(hairpin address)` when the client is its own backend.
-    pub hairpin: Option<u32>,
+    pub hairpin: Option<F::Addr>,
     /// The flow came from outside through a node interface (`CT_FLAG_EXTERNAL`).
     pub external: bool,
     /// `Some(this node's address)` for a flow from outside to a remote endpoint: SNATed to it,
     /// always with a port of the SNAT range (a client's own port could be one a socket of this
     /// node uses towards the same endpoint).
-    pub node_snat: Option<u32>,
+    pub node_snat: Option<F::Addr>,
 }
 
 /// Why a new flow could not be recorded.
@@ -301,18 +312,19 @@ enum Slot {
 }
 
 #[inline(always)]
-fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
+fn slot<F: Family>(key: &CtKey<F::Addr>, fwd_key: &CtKey<F::Addr>, now: u64) -> Slot {
     // SAFETY: the values are copied out at once.
-    let Some(e) = (unsafe { LB4_CT.get(key) }).copied() else {
+    let Some(e) = (unsafe { F::ct().get(key) }).copied() else {
         return Slot::Empty;
     };
     let owner = key.forward_of_reply(&e);
-    if owner == *fwd_key {
+    // Both are forward keys (their direction and padding are the same): the tuple decides.
+    if owner.same_tuple(fwd_key) {
         // An expired one is a connection of this tuple that ended: no port to keep.
         return if expired(&e, key.proto, now) { Slot::Stale } else { Slot::Own };
     }
     // SAFETY: as above.
-    let live = match unsafe { LB4_CT.get(&owner) } {
+    let live = match unsafe { F::ct().get(&owner) } {
         Some(fwd) => serves_reply(fwd, key, e.snat_port, now),
         // Evicted: the datapath rebuilds it from a reply while the reply entry is in time.
         None => !expired(&e, key.proto, now),
@@ -327,17 +339,30 @@ fn slot(key: &Lb4CtKey, fwd_key: &Lb4CtKey, now: u64) -> Slot {
 /// Stores reply entry `rev` under `key` unless the key belongs to another live flow; an empty
 /// key only if no other CPU took it meanwhile.
 #[inline(always)]
-fn claim(key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
-    claim_slot(slot(key, fwd_key, now), key, fwd_key, rev, now)
+fn claim<F: Family>(
+    key: &CtKey<F::Addr>,
+    fwd_key: &CtKey<F::Addr>,
+    rev: &CtEntry<F::Addr>,
+    now: u64,
+) -> bool {
+    claim_slot::<F>(slot::<F>(key, fwd_key, now), key, fwd_key, rev, now)
 }
 
 /// [`claim`] where what `key` holds (`s`) is already known.
 #[inline(always)]
-fn claim_slot(s: Slot, key: &Lb4CtKey, fwd_key: &Lb4CtKey, rev: &Lb4CtEntry, now: u64) -> bool {
+fn claim_slot<F: Family>(
+    s: Slot,
+    key: &CtKey<F::Addr>,
+    fwd_key: &CtKey<F::Addr>,
+    rev: &CtEntry<F::Addr>,
+    now: u64,
+) -> bool {
     match s {
         // Lost to another CPU: fine if that CPU made this very flow.
-        Slot::Empty => LB4_CT.insert(key, rev, BPF_NOEXIST).is_ok() || slot(key, fwd_key, now) == Slot::Own,
-        Slot::Own | Slot::Stale => LB4_CT.insert(key, rev, 0).is_ok(),
+        Slot::Empty => {
+            F::ct().insert(key, rev, BPF_NOEXIST).is_ok() || slot::<F>(key, fwd_key, now) == Slot::Own
+        }
+        Slot::Own | Slot::Stale => F::ct().insert(key, rev, 0).is_ok(),
         Slot::Taken => false,
     }
 }
@@ -367,8 +392,8 @@ fn snat_range() -> Option<(u32, u32)> {
 
 /// The hash that orders a flow's SNAT candidates (seeded apart from the Maglev hash).
 #[inline(always)]
-fn snat_hash(fwd_key: &Lb4CtKey) -> u32 {
-    lb4_flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17)
+fn snat_hash<F: Family>(fwd_key: &CtKey<F::Addr>) -> u32 {
+    F::flow_hash(fwd_key.saddr, fwd_key.daddr, fwd_key.sport, fwd_key.dport, fwd_key.proto, 0x5a17)
 }
 
 /// The source-port allocator for flows whose reply tuple clashed and for flows SNATed to this
@@ -377,11 +402,11 @@ fn snat_hash(fwd_key: &Lb4CtKey) -> u32 {
 /// from the range the agent set, outside the node's `ip_local_port_range`. With `own_only`, only
 /// a port this flow already holds is taken (a flow picked up again mid-stream keeps its port).
 #[inline(always)]
-fn alloc_port(
-    rev_key: &Lb4CtKey,
-    fwd_key: &Lb4CtKey,
+fn alloc_port<F: Family>(
+    rev_key: &CtKey<F::Addr>,
+    fwd_key: &CtKey<F::Addr>,
     h: u32,
-    rev: &Lb4CtEntry,
+    rev: &CtEntry<F::Addr>,
     now: u64,
     own_only: bool,
 ) -> Option<u16> {
@@ -390,10 +415,10 @@ fn alloc_port(
     for i in 0..SNAT_TRIES {
         key.dport = snat_candidate(h, i, range);
         if own_only {
-            if slot(&key, fwd_key, now) == Slot::Own && LB4_CT.insert(&key, rev, 0).is_ok() {
+            if slot::<F>(&key, fwd_key, now) == Slot::Own && F::ct().insert(&key, rev, 0).is_ok() {
                 return Some(key.dport);
             }
-        } else if claim(&key, fwd_key, rev, now) {
+        } else if claim::<F>(&key, fwd_key, rev, now) {
             if rev.flags & CT_FLAG_NODE_SNAT == 0 {
                 count(counters::SNAT_PORT);
             }
@@ -410,7 +435,12 @@ fn alloc_port(
 /// UDP flow does not (every new UDP flow would pay for the search), and may come back on another
 /// port, which UDP tolerates. Returns the source port given (0: the client's is kept).
 #[inline(always)]
-pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16, CreateError> {
+pub fn create<F: Family>(
+    fwd_key: &CtKey<F::Addr>,
+    f: &Flow<F>,
+    c: &Chosen<F>,
+    now: u64,
+) -> Result<u16, CreateError> {
     let mut flags = if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 };
     if c.external {
         flags |= CT_FLAG_EXTERNAL;
@@ -418,7 +448,7 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
     if c.node_snat.is_some() {
         flags |= CT_FLAG_NODE_SNAT;
     }
-    let mut fwd = Lb4CtEntry {
+    let mut fwd = CtEntry {
         last_seen_ns: now,
         created_s: (now / 1_000_000_000) as u32,
         snat_port: 0,
@@ -429,46 +459,50 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
         flags,
         backend_id: c.id,
         svc_id: c.svc_id,
-        snat_addr: c.node_snat.unwrap_or(0),
+        snat_addr: c.node_snat.unwrap_or(F::Addr::ZERO),
         _pad1: 0,
     };
     let client = c.hairpin.or(c.node_snat).unwrap_or(f.saddr);
     let rev_key = reply_key(f, c.addr, c.port, client, f.sport);
     let plain = reply_entry(&fwd, f);
     // Reply entries of an SNATed flow keep the client's own port.
-    let snat_rev = Lb4CtEntry { snat_port: f.sport, ..plain };
+    let snat_rev = CtEntry { snat_port: f.sport, ..plain };
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
     let port = if c.node_snat.is_some() {
         // Always a port of the SNAT range (a client's own port could be one a socket of this node
         // uses towards the same endpoint); a flow picked up mid-stream first looks for its own.
-        let h = snat_hash(fwd_key);
-        let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+        let h = snat_hash::<F>(fwd_key);
+        let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
         match own {
             Some(p) => p,
-            None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+            None => {
+                alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?
+            }
         }
     // The usual new flow: its reply key is free, taken by one insert (no lookup first).
-    } else if !pickup && LB4_CT.insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
+    } else if !pickup && F::ct().insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
         0
     } else {
-        let natural = slot(&rev_key, fwd_key, now);
+        let natural = slot::<F>(&rev_key, fwd_key, now);
         // This flow's own (made again, or picked up without another port), or a dead flow's
         // that a new connection may take over at once.
         if natural == Slot::Own || (natural == Slot::Stale && !pickup) {
-            let _ = LB4_CT.insert(&rev_key, &plain, 0);
+            let _ = F::ct().insert(&rev_key, &plain, 0);
             0
         } else {
-            let h = snat_hash(fwd_key);
-            let own = if pickup { alloc_port(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+            let h = snat_hash::<F>(fwd_key);
+            let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
             match own {
                 Some(p) => p,
-                None if claim_slot(natural, &rev_key, fwd_key, &plain, now) => 0,
-                None => alloc_port(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?,
+                None if claim_slot::<F>(natural, &rev_key, fwd_key, &plain, now) => 0,
+                None => {
+                    alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?
+                }
             }
         }
     };
     fwd.snat_port = port;
-    if LB4_CT.insert(fwd_key, &fwd, 0).is_ok() {
+    if F::ct().insert(fwd_key, &fwd, 0).is_ok() {
         Ok(port)
     } else {
         Err(CreateError::Insert(port))
@@ -476,19 +510,19 @@ pub fn create(fwd_key: &Lb4CtKey, f: &Flow, c: &Chosen, now: u64) -> Result<u16,
 }
 
 /// A tracked reply: the service address to rewrite the source to.
-pub struct Reply {
-    pub vip: u32,
+pub struct Reply<F: Family> {
+    pub vip: F::Addr,
     pub vport: u16,
     pub hairpin: bool,
     /// The client's own port, when the flow was given another source port; 0: none.
     pub client_port: u16,
-    /// The client's own address, when the flow was SNATed to this node's; 0: none.
-    pub client_addr: u32,
+    /// The client's own address, when the flow was SNATed to this node's; `Address::ZERO`: none.
+    pub client_addr: F::Addr,
 }
 
-impl Reply {
+impl<F: Family> Reply<F> {
     #[inline(always)]
-    fn of(e: &Lb4CtEntry) -> Self {
+    fn of(e: &CtEntry<F::Addr>) -> Self {
         Self {
             vip: e.nat_addr,
             vport: e.nat_port,
@@ -513,25 +547,25 @@ pub enum Replies {
 
 impl Replies {
     #[inline(always)]
-    fn take(self, e: &Lb4CtEntry) -> bool {
+    fn take<A>(self, e: &CtEntry<A>) -> bool {
         e.flags & (CT_FLAG_EXTERNAL | CT_FLAG_NODE_SNAT) == self as u8
     }
 }
 
-pub enum ReplyLookup {
+pub enum ReplyLookup<F: Family> {
     /// No reply entry: not a load-balanced flow.
     None,
     /// A reply entry whose flow is gone (removed now).
     Stale,
-    Found(Reply),
+    Found(Reply<F>),
 }
 
 /// Whether forward entry `fwd` is alive and names backend `key.saddr:key.sport` of reply `key`,
 /// and the client port the reply goes to (`rev_snat` is the reply entry's `snat_port`).
 #[inline(always)]
-fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, rev_snat: u16, now: u64) -> bool {
+fn serves_reply<A: Address>(fwd: &CtEntry<A>, key: &CtKey<A>, rev_snat: u16, now: u64) -> bool {
     let port = if rev_snat != 0 { key.dport } else { 0 };
-    let addr = if fwd.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { 0 };
+    let addr = if fwd.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { A::ZERO };
     !expired(fwd, key.proto, now)
         && fwd.nat_addr == key.saddr
         && fwd.nat_port == key.sport
@@ -546,8 +580,8 @@ fn serves_reply(fwd: &Lb4CtEntry, key: &Lb4CtKey, rev_snat: u16, now: u64) -> bo
 /// its timeout and the backend is still a member that may keep the flow, so a server that
 /// streams to a silent client is not cut off.
 #[inline(always)]
-pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
-    let key = Lb4CtKey {
+pub fn lookup_reply<F: Family>(f: &Flow<F>, replies: Replies, now: u64) -> ReplyLookup<F> {
+    let key = CtKey {
         saddr: f.saddr,
         daddr: f.daddr,
         sport: f.sport,
@@ -556,7 +590,7 @@ pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
         dir: CT_DIR_REPLY,
         _pad: 0,
     };
-    let Some(entry) = LB4_CT.get_ptr_mut(&key) else {
+    let Some(entry) = F::ct().get_ptr_mut(&key) else {
         return ReplyLookup::None;
     };
     // SAFETY: as in lookup_forward.
@@ -568,24 +602,24 @@ pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
     let rev_snat = e.snat_port;
     let fwd_key = key.forward_of_reply(e);
     let mut rebuilt = false;
-    let fwd = match LB4_CT.get_ptr_mut(&fwd_key) {
+    let fwd = match F::ct().get_ptr_mut(&fwd_key) {
         Some(fwd) => fwd,
         None => {
             if expired(e, f.proto, now)
-                || !flow_allowed(e.svc_id, e.backend_id, key.saddr, key.sport, f.proto, false)
+                || !flow_allowed::<F>(e.svc_id, e.backend_id, key.saddr, key.sport, f.proto, false)
             {
-                let _ = LB4_CT.remove(&key);
+                let _ = F::ct().remove(&key);
                 return ReplyLookup::Stale;
             }
             let snat_port = if e.snat_port != 0 { key.dport } else { 0 };
-            let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { 0 };
-            let entry = Lb4CtEntry { nat_addr: key.saddr, nat_port: key.sport, snat_port, snat_addr, ..*e };
+            let snat_addr = if e.flags & CT_FLAG_NODE_SNAT != 0 { key.daddr } else { F::Addr::ZERO };
+            let entry = CtEntry { nat_addr: key.saddr, nat_port: key.sport, snat_port, snat_addr, ..*e };
             // Only where no entry is: a new flow may have taken the tuple meanwhile.
-            let _ = LB4_CT.insert(&fwd_key, &entry, BPF_NOEXIST);
+            let _ = F::ct().insert(&fwd_key, &entry, BPF_NOEXIST);
             // The insert may have evicted the reply entry and reused its memory: `e` is not
             // written again in this call (the next reply refreshes it).
             rebuilt = true;
-            match LB4_CT.get_ptr_mut(&fwd_key) {
+            match F::ct().get_ptr_mut(&fwd_key) {
                 Some(fwd) => fwd,
                 None => return ReplyLookup::Found(r),
             }
@@ -597,7 +631,7 @@ pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
     // direct one to the pod from the same client port, not the Service's.
     let reopened = f.tcp_flags & TCP_SYN != 0 && (fwd.state == CT_STATE_CLOSING || fwd.flags & FIN_BOTH != 0);
     if reopened || !serves_reply(fwd, &key, rev_snat, now) {
-        let _ = LB4_CT.remove(&key);
+        let _ = F::ct().remove(&key);
         return ReplyLookup::Stale;
     }
     advance(fwd, f.proto, f.tcp_flags, CT_FLAG_FIN_BACKEND, now);
@@ -618,47 +652,49 @@ pub fn lookup_reply(f: &Flow, replies: Replies, now: u64) -> ReplyLookup {
 /// The reply entry of backend `saddr:sport` → client `daddr:dport`, if its flow is alive, read
 /// without touching either entry (an ICMP error is no sign of life).
 #[inline(always)]
-pub fn peek_reply(
-    saddr: u32,
-    daddr: u32,
+pub fn peek_reply<F: Family>(
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
     proto: u8,
     replies: Replies,
     now: u64,
-) -> Option<Reply> {
-    let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
+) -> Option<Reply<F>> {
+    let key = CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_REPLY, _pad: 0 };
     // SAFETY: the values are copied out at once.
-    let e = unsafe { LB4_CT.get(&key) }?;
+    let e = unsafe { F::ct().get(&key) }?;
     if !replies.take(e) {
         return None;
     }
     let r = Reply::of(e);
     // SAFETY: as above.
-    let fwd = unsafe { LB4_CT.get(&key.forward_of_reply(e)) }?;
+    let fwd = unsafe { F::ct().get(&key.forward_of_reply(e)) }?;
     serves_reply(fwd, &key, e.snat_port, now).then_some(r)
 }
 
 /// Backend `backend_id` of frontend `svc_id`, if a new flow may take it from an affinity entry:
 /// it must still be an active member.
 #[inline(always)]
-pub fn affinity_allowed(svc_id: u32, backend_id: u32) -> Option<Lb4Member> {
-    member(svc_id, backend_id).filter(|m| m.state == MEMBER_ACTIVE)
+pub fn affinity_allowed<F: Family>(svc_id: u32, backend_id: u32) -> Option<Member<F::Addr>> {
+    let key = Lb4MemberKey { svc_id, backend_id };
+    // SAFETY: the value is copied out at once, once checked (see `flow_allowed`).
+    unsafe { F::members().get(&key) }.filter(|m| m.state == MEMBER_ACTIVE).copied()
 }
 
 /// The live forward entry of a flow from outside (client `saddr:sport` → VIP `daddr:dport`),
 /// copied, without touching it (an ICMP error quoting a reply of the flow looks it up).
 #[inline(always)]
-pub fn peek_external_forward(
-    saddr: u32,
-    daddr: u32,
+pub fn peek_external_forward<F: Family>(
+    saddr: F::Addr,
+    daddr: F::Addr,
     sport: u16,
     dport: u16,
     proto: u8,
     now: u64,
-) -> Option<Lb4CtEntry> {
-    let key = Lb4CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_FORWARD, _pad: 0 };
+) -> Option<CtEntry<F::Addr>> {
+    let key = CtKey { saddr, daddr, sport, dport, proto, dir: CT_DIR_FORWARD, _pad: 0 };
     // SAFETY: the value is copied out at once.
-    let e = unsafe { LB4_CT.get(&key) }.copied()?;
+    let e = unsafe { F::ct().get(&key) }.copied()?;
     (e.flags & CT_FLAG_EXTERNAL != 0 && !expired(&e, proto, now)).then_some(e)
 }

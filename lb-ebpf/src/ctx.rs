@@ -16,19 +16,15 @@ use lb_common::counters;
 
 pub use crate::fib::{Hop, Route};
 use crate::{
+    family::Family,
     fib,
     nat::{self, Side},
     parse::{self, Flow, Parsed},
 };
 
-/// Linear bytes that hold the headers of almost every packet: Ethernet, IPv4 without options and
-/// a TCP header (a UDP header is shorter).
-const COMMON_HEADERS: u32 = 14 + 20 + 20;
-/// Linear bytes for the largest headers lb reads: Ethernet, IPv4 with options, and an ICMP error
-/// quoting an IPv4 header with options and a TCP header.
-const MAX_HEADERS: u32 = 14 + 60 + 8 + 60 + 20;
-
-/// A packet as a program hook presents it.
+/// A packet as a program hook presents it. The methods that take a packet or an address are
+/// generic over the address family: the hook does its part (helpers or direct writes), the
+/// family (`F`) its own (headers, checksums, route lookups).
 pub trait PacketCtx: EbpfContext {
     /// The program's return value.
     type Ret;
@@ -47,12 +43,12 @@ pub trait PacketCtx: EbpfContext {
     /// Parses the packet. By default its headers are readable as they are (all of an XDP frame
     /// is); a hook whose packet may be partly non-linear makes them readable first.
     #[inline(always)]
-    fn parse(&self) -> Parsed {
-        parse::parse(self.data(), self.data_end())
+    fn parse<F: Family>(&self) -> Parsed<F> {
+        F::parse(self.data(), self.data_end())
     }
 
-    /// Writes `addr` and `port` into one side of `f`, keeping the IPv4 and L4 checksums right.
-    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()>;
+    /// Writes `addr` and `port` into one side of `f`, keeping the IP and L4 checksums right.
+    fn rewrite<F: Family>(&self, f: &Flow<F>, side: Side, addr: F::Addr, port: u16) -> Result<(), ()>;
 
     /// Whether this hook can send a packet back out of the interface it came in on and rebuild
     /// packets (TC). XDP leaves packets that need either to the TC program (`XDP_TO_TC`).
@@ -60,7 +56,7 @@ pub trait PacketCtx: EbpfContext {
 
     /// Whether the L4 checksum of `f` may be partial, which a hook that rewrites checksums
     /// incrementally cannot tell from a full one (XDP); false where the kernel's helpers know.
-    fn csum_maybe_partial(&self, f: &Flow) -> bool;
+    fn csum_maybe_partial<F: Family>(&self, f: &Flow<F>) -> bool;
 
     /// Sends the (rewritten) packet back out of the interface it came in on, to the pod that sent
     /// it, its Ethernet addresses swapped: hairpinned packets go from a pod to itself without
@@ -69,11 +65,11 @@ pub trait PacketCtx: EbpfContext {
 
     /// Replaces the packet `f` by an ICMP port unreachable to its sender and bounces it; `Err`
     /// when it gets no answer (see `lb_common::reject`). TC only.
-    fn reject(&self, f: &Flow) -> Result<Self::Ret, ()>;
+    fn reject<F: Family>(&self, f: &Flow<F>) -> Result<Self::Ret, ()>;
 
     /// Where a new flow from outside (packet `f`) goes to reach endpoint `backend`: this node,
     /// or out of a node interface (with the address to SNAT it to).
-    fn route_to(&self, f: &Flow, backend: u32) -> Route;
+    fn route_to<F: Family>(&self, f: &Flow<F>, backend: F::Addr) -> Route<F>;
 
     /// Whether the packet was addressed to this host at layer 2 (not a copy a promiscuous
     /// interface received for another).
@@ -83,13 +79,13 @@ pub trait PacketCtx: EbpfContext {
     /// send it out (TC always; XDP where the neighbour is known and the route leaves through the
     /// interface the packet came in on). A packet it cannot send is left to TC untouched. XDP
     /// sends a packet by the route this looked up.
-    fn can_forward(&self, _hop: Hop) -> bool {
+    fn can_forward<F: Family>(&self, _hop: Hop<F>) -> bool {
         true
     }
 
     /// Sends the packet, rewritten to `hop`'s addresses, out of the interface its route names;
     /// `Err` when it cannot. (XDP: by the route `can_forward` found in this run.)
-    fn forward(&self, hop: Hop) -> Result<Self::Ret, ()>;
+    fn forward<F: Family>(&self, hop: Hop<F>) -> Result<Self::Ret, ()>;
 
     /// XDP: marks a packet it lets pass, in the metadata in front of it (which the kernel hands
     /// on to the socket buffer), as `decided` (the TC forward program behind it leaves it alone)
@@ -155,28 +151,28 @@ impl PacketCtx for TcContext {
     }
 
     /// Parses with the common headers linear (no copy for the usual packet), and again with up to
-    /// [`MAX_HEADERS`] linear when that was not enough (IP options, ICMP errors in paged data).
+    /// `F::MAX_HEADERS` linear when that was not enough (IP options, ICMP errors in paged data).
     #[inline(always)]
-    fn parse(&self) -> Parsed {
-        tc_linearise(self, COMMON_HEADERS);
-        let parsed = parse::parse(TcContext::data(self), TcContext::data_end(self));
+    fn parse<F: Family>(&self) -> Parsed<F> {
+        tc_linearise(self, F::COMMON_HEADERS);
+        let parsed = F::parse(TcContext::data(self), TcContext::data_end(self));
         let short = matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO));
-        if short && tc_linearise(self, MAX_HEADERS) {
-            return parse::parse(TcContext::data(self), TcContext::data_end(self));
+        if short && tc_linearise(self, F::MAX_HEADERS) {
+            return F::parse(TcContext::data(self), TcContext::data_end(self));
         }
         parsed
     }
 
     #[inline(always)]
-    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
-        nat::rewrite_tc(self, f, side, addr, port).map_err(|_| ())
+    fn rewrite<F: Family>(&self, f: &Flow<F>, side: Side, addr: F::Addr, port: u16) -> Result<(), ()> {
+        F::rewrite_tc(self, f, side, addr, port)
     }
 
     const TC: bool = true;
 
     /// The helpers know the socket buffer's checksum state.
     #[inline(always)]
-    fn csum_maybe_partial(&self, _f: &Flow) -> bool {
+    fn csum_maybe_partial<F: Family>(&self, _f: &Flow<F>) -> bool {
         false
     }
 
@@ -186,12 +182,12 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn reject(&self, _f: &Flow) -> Result<i32, ()> {
-        nat::reject_tc(self)
+    fn reject<F: Family>(&self, _f: &Flow<F>) -> Result<i32, ()> {
+        F::reject_tc(self)
     }
 
     #[inline(always)]
-    fn route_to(&self, f: &Flow, backend: u32) -> Route {
+    fn route_to<F: Family>(&self, f: &Flow<F>, backend: F::Addr) -> Route<F> {
         fib::tc_route_to(self, f, backend)
     }
 
@@ -201,7 +197,7 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn forward(&self, hop: Hop) -> Result<i32, ()> {
+    fn forward<F: Family>(&self, hop: Hop<F>) -> Result<i32, ()> {
         fib::forward(self, hop)
     }
 }
@@ -240,15 +236,15 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn rewrite(&self, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
-        nat::rewrite_xdp(self, f, side, addr, port)
+    fn rewrite<F: Family>(&self, f: &Flow<F>, side: Side, addr: F::Addr, port: u16) -> Result<(), ()> {
+        F::rewrite_xdp(self, f, side, addr, port)
     }
 
     const TC: bool = false;
 
     #[inline(always)]
-    fn csum_maybe_partial(&self, f: &Flow) -> bool {
-        nat::csum_maybe_partial(XdpContext::data(self), XdpContext::data_end(self), f)
+    fn csum_maybe_partial<F: Family>(&self, f: &Flow<F>) -> bool {
+        F::csum_maybe_partial(XdpContext::data(self), XdpContext::data_end(self), f)
     }
 
     /// Never called: the pipeline leaves such packets to TC.
@@ -259,12 +255,12 @@ impl PacketCtx for XdpContext {
 
     /// Never called: the pipeline leaves such packets to TC.
     #[inline(always)]
-    fn reject(&self, _f: &Flow) -> Result<u32, ()> {
+    fn reject<F: Family>(&self, _f: &Flow<F>) -> Result<u32, ()> {
         Err(())
     }
 
     #[inline(always)]
-    fn route_to(&self, f: &Flow, backend: u32) -> Route {
+    fn route_to<F: Family>(&self, f: &Flow<F>, backend: F::Addr) -> Route<F> {
         fib::xdp_route_to(self, f, backend)
     }
 
@@ -274,12 +270,12 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn can_forward(&self, hop: Hop) -> bool {
+    fn can_forward<F: Family>(&self, hop: Hop<F>) -> bool {
         fib::xdp_can_forward(self, hop)
     }
 
     #[inline(always)]
-    fn forward(&self, _hop: Hop) -> Result<u32, ()> {
+    fn forward<F: Family>(&self, _hop: Hop<F>) -> Result<u32, ()> {
         fib::xdp_forward(self)
     }
 

@@ -23,14 +23,13 @@ use aya_ebpf::{
     EbpfContext,
 };
 
-use lb_common::{LbNodeMac, IF_ROLE_NODE, IF_ROLE_POD};
+use lb_common::{LbNodeMac, IF_ROLE_POD};
 
 use crate::{
+    family::Family,
     maps::LB4_IFS,
     parse::{ptr_at, EthHdr, Flow},
 };
-
-const AF_INET: u8 = 2;
 
 /// The route lookup's parameter block, per CPU: off the stack, which the rest of the node-side
 /// program fills (Linux 5.10 refuses a program whose calls together use more than 512 bytes).
@@ -45,12 +44,12 @@ static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1
 static NODE_MACS: HashMap<u32, LbNodeMac> = HashMap::with_max_entries(256, 0);
 
 /// Where a flow from outside goes to reach an endpoint.
-pub enum Route {
+pub enum Route<F: Family> {
     /// To this node: the endpoint is one of its pods (its route leaves through a pod's
     /// interface), or one of its own addresses. The stack delivers it.
     Local,
     /// Out of this node, to a remote endpoint: SNATed to the address given.
-    Remote(u32),
+    Remote(F::Addr),
     /// No route (or forwarding is off on the interface the packet came in on), or no address to
     /// SNAT a remote endpoint's flow to.
     None,
@@ -61,39 +60,34 @@ pub enum Route {
 
 /// What a route is looked up for: a packet's protocol, ports and addresses (network byte order).
 #[derive(Clone, Copy)]
-pub struct Hop {
+pub struct Hop<F: Family> {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
 }
 
-/// The SNAT address of interface `ifindex`, if it is a node interface that has one.
-#[inline(always)]
-fn snat_addr(ifindex: u32) -> Option<u32> {
-    // SAFETY: the value is copied out at once.
-    let i = unsafe { LB4_IFS.get(&ifindex) }.copied()?;
-    (i.role == IF_ROLE_NODE && i.snat_addr != 0).then_some(i.snat_addr)
-}
-
-/// Looks up the route from `saddr` to `daddr` for packet `f`, as if it were forwarded from
-/// interface `ingress`, the one it came in on (the program's context is `raw`). Returns the
+/// Looks up the route from `saddr` to `daddr` for packet `f` (the family sets the addresses), as
+/// if it were forwarded from interface `ingress`, the one it came in on (the program's context is `raw`). Returns the
 /// kernel's answer and the lookup's results (`None` if the parameter block cannot be had, which
 /// does not happen).
 #[inline(always)]
-fn lookup(raw: *mut core::ffi::c_void, ingress: u32, hop: Hop) -> Option<(i64, &'static bpf_fib_lookup)> {
+fn lookup<F: Family>(
+    raw: *mut core::ffi::c_void,
+    ingress: u32,
+    hop: Hop<F>,
+) -> Option<(i64, &'static bpf_fib_lookup)> {
     // SAFETY: this CPU's block, used by this program only while it runs.
     let p = unsafe { &mut *FIB_PARAMS.get_ptr_mut(0)? };
     // SAFETY: a plain C struct of integers, for which all zeros is valid.
     *p = unsafe { zeroed() };
-    p.family = AF_INET;
+    p.family = F::AF;
     p.l4_protocol = hop.proto;
     p.sport = hop.sport;
     p.dport = hop.dport;
     p.ifindex = ingress;
-    p.__bindgen_anon_3.ipv4_src = hop.saddr;
-    p.__bindgen_anon_4.ipv4_dst = hop.daddr;
+    F::fib_addrs(p, hop.saddr, hop.daddr);
     // SAFETY: a valid program context and a parameter block of the size given.
     let rc = unsafe { fib_lookup(raw, p, size_of::<bpf_fib_lookup>() as i32, 0) };
     Some((rc, p))
@@ -126,8 +120,13 @@ fn xdp_sendable(rc: i64, p: &bpf_fib_lookup, ingress: u32) -> bool {
 /// CNI's tunnel device), to the address of the one the packet came in on.
 /// XDP: the same, but a remote endpoint XDP cannot send the packet to is `Route::ToTc`.
 #[inline(always)]
-pub fn route_to<const XDP: bool>(raw: *mut core::ffi::c_void, ingress: u32, f: &Flow, backend: u32) -> Route {
-    let hop = Hop { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
+pub fn route_to<F: Family, const XDP: bool>(
+    raw: *mut core::ffi::c_void,
+    ingress: u32,
+    f: &Flow<F>,
+    backend: F::Addr,
+) -> Route<F> {
+    let hop = Hop::<F> { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
     let Some((rc, p)) = lookup(raw, ingress, hop) else { return Route::None };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
@@ -138,7 +137,7 @@ pub fn route_to<const XDP: bool>(raw: *mut core::ffi::c_void, ingress: u32, f: &
             if XDP && !xdp_sendable(rc, p, ingress) {
                 return Route::ToTc;
             }
-            match snat_addr(p.ifindex).or_else(|| snat_addr(ingress)) {
+            match F::if_snat_addr(p.ifindex).or_else(|| F::if_snat_addr(ingress)) {
                 Some(addr) => Route::Remote(addr),
                 None => Route::None,
             }
@@ -150,14 +149,14 @@ pub fn route_to<const XDP: bool>(raw: *mut core::ffi::c_void, ingress: u32, f: &
 
 /// TC: where a new flow from outside goes (see [`route_to`]).
 #[inline(always)]
-pub fn tc_route_to(ctx: &TcContext, f: &Flow, backend: u32) -> Route {
-    route_to::<false>(ctx.as_ptr(), tc_ingress(ctx), f, backend)
+pub fn tc_route_to<F: Family>(ctx: &TcContext, f: &Flow<F>, backend: F::Addr) -> Route<F> {
+    route_to::<F, false>(ctx.as_ptr(), tc_ingress(ctx), f, backend)
 }
 
 /// XDP: where a new flow from outside goes (see [`route_to`]).
 #[inline(always)]
-pub fn xdp_route_to(ctx: &XdpContext, f: &Flow, backend: u32) -> Route {
-    route_to::<true>(ctx.as_ptr(), xdp_ingress(ctx), f, backend)
+pub fn xdp_route_to<F: Family>(ctx: &XdpContext, f: &Flow<F>, backend: F::Addr) -> Route<F> {
+    route_to::<F, true>(ctx.as_ptr(), xdp_ingress(ctx), f, backend)
 }
 
 /// Whether the packet was addressed to this host at layer 2: a frame a promiscuous interface
@@ -183,7 +182,7 @@ pub fn xdp_for_this_host(ctx: &XdpContext) -> bool {
 /// XDP can send it (see [`xdp_forward`], which uses this lookup's results): else the packet is
 /// to be left to TC, untouched.
 #[inline(always)]
-pub fn xdp_can_forward(ctx: &XdpContext, hop: Hop) -> bool {
+pub fn xdp_can_forward<F: Family>(ctx: &XdpContext, hop: Hop<F>) -> bool {
     let ingress = xdp_ingress(ctx);
     lookup(ctx.as_ptr(), ingress, hop).is_some_and(|(rc, p)| xdp_sendable(rc, p, ingress))
 }
@@ -211,7 +210,7 @@ pub fn xdp_forward(ctx: &XdpContext) -> Result<u32, ()> {
 /// Sends the packet (already rewritten to `hop`'s addresses) out of the interface its route
 /// names. `Err` when there is no route or the packet cannot be sent.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, hop: Hop) -> Result<i32, ()> {
+pub fn forward<F: Family>(ctx: &TcContext, hop: Hop<F>) -> Result<i32, ()> {
     let (rc, p) = lookup(ctx.as_ptr(), tc_ingress(ctx), hop).ok_or(())?;
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {

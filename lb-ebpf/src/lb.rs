@@ -1,40 +1,38 @@
 //! The load-balancing decision, shared by the TC and XDP programs: frontend lookup, conntrack,
 //! session affinity, Maglev selection, hairpin. It only decides; the pipeline rewrites the packet.
+//! Generic over the address family: one decision for IPv4 and IPv6 alike.
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-};
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_log_ebpf::warn;
 use lb_common::{
-    counters, hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4Service,
-    Lb4ServiceKey, Lb4SrcRange, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS, SVC_FLAG_EXTERNAL,
-    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    counters, Lb4Affinity, Lb4Service, BACKEND_STATE_ACTIVE, EVENT_DROP, EVENT_NEW_FLOW, IPPROTO_TCP,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE,
+    SVC_FLAG_TWO_SCOPES,
 };
 
 use crate::{
-    config::{self, flow_hash_seed, hairpin_addr, snat_reply_ports},
+    config::{self, flow_hash_seed, snat_reply_ports},
     conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
     ctx::{Hop, PacketCtx, Route},
-    maps::{LB4_AFFINITY, LB4_BACKENDS, LB4_MAGLEV, LB4_SERVICES, LB4_SRC_RANGES, LB_TAKEOVER},
+    family::{Address, AffinityKey, Backend, Family, SvcKey},
+    maps::{LB4_MAGLEV, LB_TAKEOVER},
     monitor,
     nat::IcmpNat,
-    parse::{Flow, IcmpError, ETH_HLEN, TCP_RST},
+    parse::{Flow, IcmpError, TCP_RST},
     stats::{count, svc_update},
 };
 
 /// Addresses and ports to write into a packet.
 #[derive(Clone, Copy)]
-pub struct Nat {
-    pub src: Option<(u32, u16)>,
-    pub dst: Option<(u32, u16)>,
+pub struct Nat<F: Family> {
+    pub src: Option<(F::Addr, u16)>,
+    pub dst: Option<(F::Addr, u16)>,
 }
 
-impl Nat {
+impl<F: Family> Nat<F> {
     /// What packet `f` becomes once rewritten: the route a forwarded packet is looked up by.
     #[inline(always)]
-    pub fn hop(&self, f: &Flow) -> Hop {
+    pub fn hop(&self, f: &Flow<F>) -> Hop<F> {
         let (saddr, sport) = self.src.unwrap_or((f.saddr, f.sport));
         let (daddr, dport) = self.dst.unwrap_or((f.daddr, f.dport));
         Hop { proto: f.proto, sport, dport, saddr, daddr }
@@ -45,26 +43,26 @@ impl Nat {
 /// (whose results its `forward` then uses) finds the next hop known, out of the interface the
 /// packet came in on. A packet XDP cannot send is left to TC, untouched.
 #[inline(always)]
-fn sendable<C: PacketCtx>(ctx: &C, f: &Flow, nat: &Nat) -> bool {
+fn sendable<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, nat: &Nat<F>) -> bool {
     C::TC || ctx.can_forward(nat.hop(f))
 }
 
-pub enum Action {
+pub enum Action<F: Family> {
     /// Leave the packet as it is; the counter says why.
     Pass(u32),
     /// Drop the packet; the counter is the drop reason.
     Drop(u32),
     /// Rewrite the packet, then count `counter`.
-    Rewrite { nat: Nat, counter: u32 },
+    Rewrite { nat: Nat<F>, counter: u32 },
     /// Rewrite the packet and send it back out of the interface it came in on (a hairpinned
     /// flow: the pod is its own backend), then count `counter`. TC only.
-    Bounce { nat: Nat, counter: u32 },
+    Bounce { nat: Nat<F>, counter: u32 },
     /// Rewrite the packet and send it out of the interface its route names (a flow from outside
     /// SNATed to this node's address, both ways: the stack would drop a packet with a local
     /// source address as a martian), then count `counter`. XDP returns it only once a route
     /// lookup in this run found the packet sendable (`PacketCtx::can_forward`); it leaves the
     /// others to TC.
-    Forward { nat: Nat, counter: u32 },
+    Forward { nat: Nat<F>, counter: u32 },
     /// Answer with an ICMP port unreachable (`REJECT_NO_BACKEND`, or `DROP_NO_BACKEND` when the
     /// answer cannot be made) and send the event, for frontend `svc_id`. TC only.
     Reject { svc_id: u32 },
@@ -98,48 +96,55 @@ fn held_for_takeover(now: u64) -> bool {
 }
 
 #[inline(always)]
-pub fn active_backend(id: u32) -> Option<Lb4Backend> {
-    LB4_BACKENDS.get(id).copied().filter(|b| b.state == BACKEND_STATE_ACTIVE)
+pub fn active_backend<F: Family>(id: u32) -> Option<Backend<F::Addr>> {
+    // Checked in place, then copied (see `conntrack::flow_allowed`).
+    F::backends().get(id).filter(|b| b.state == BACKEND_STATE_ACTIVE).copied()
 }
 
 /// ClientIP session affinity: the backend this client used recently, if still an active member
 /// of the frontend.
 #[inline(always)]
-fn affinity_backend(svc: &Lb4Service, client: u32, proto: u8, now: u64) -> Option<(u32, Lb4Backend)> {
-    let key = Lb4AffinityKey { client, svc_id: svc.id };
+fn affinity_backend<F: Family>(
+    svc: &Lb4Service,
+    client: F::Addr,
+    proto: u8,
+    now: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
+    let key = AffinityKey { client, svc_id: svc.id };
     // SAFETY: the value is copied out at once.
-    let a = unsafe { LB4_AFFINITY.get(&key) }.copied()?;
-    affinity_honoured(svc, &a, proto, now)
+    let a = unsafe { F::affinity().get(&key) }.copied()?;
+    affinity_honoured::<F>(svc, &a, proto, now)
 }
 
 /// The backend of affinity entry `a` of frontend `svc`, unless it is past the Service's timeout
 /// or no longer an active member (the packet path's entries and the socket programs' alike).
 #[inline(always)]
-pub fn affinity_honoured(
+pub fn affinity_honoured<F: Family>(
     svc: &Lb4Service,
     a: &Lb4Affinity,
     proto: u8,
     now: u64,
-) -> Option<(u32, Lb4Backend)> {
+) -> Option<(u32, Backend<F::Addr>)> {
     let timeout = u64::from(svc.affinity_timeout_secs) * 1_000_000_000;
     if now.saturating_sub(a.last_used_ns) >= timeout {
         return None;
     }
-    let m = conntrack::affinity_allowed(svc.id, a.backend_id)?;
-    Some((a.backend_id, Lb4Backend { addr: m.addr, port: m.port, proto, state: BACKEND_STATE_ACTIVE }))
+    let m = conntrack::affinity_allowed::<F>(svc.id, a.backend_id)?;
+    Some((a.backend_id, Backend { addr: m.addr, port: m.port, proto, state: BACKEND_STATE_ACTIVE }))
 }
 
 #[inline(always)]
-fn maglev_backend(svc: &Lb4Service, f: &Flow) -> Option<(u32, Lb4Backend)> {
-    maglev_pick(svc, lb4_flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed()))
+fn maglev_backend<F: Family>(svc: &Lb4Service, f: &Flow<F>) -> Option<(u32, Backend<F::Addr>)> {
+    maglev_pick::<F>(svc, F::flow_hash(f.saddr, f.daddr, f.sport, f.dport, f.proto, flow_hash_seed()))
 }
 
 /// The backend in the slot of `svc`'s Maglev table that `hash` falls on, if active.
 #[inline(always)]
-pub fn maglev_pick(svc: &Lb4Service, hash: u32) -> Option<(u32, Lb4Backend)> {
+pub fn maglev_pick<F: Family>(svc: &Lb4Service, hash: u32) -> Option<(u32, Backend<F::Addr>)> {
     let slot = svc.maglev_offset.wrapping_add(hash % svc.maglev_size);
+    // One Maglev array for both families: backend ids are one space.
     let id = LB4_MAGLEV.get(slot >> 1)?[(slot & 1) as usize];
-    active_backend(id).map(|b| (id, b))
+    active_backend::<F>(id).map(|b| (id, b))
 }
 
 /// Where a packet to a frontend came from.
@@ -155,17 +160,17 @@ pub enum Origin {
 /// addresses clients outside reach (`SVC_FLAG_EXTERNAL`); from a pod, the address's internal
 /// entry where it has two.
 #[inline(always)]
-fn frontend(f: &Flow, origin: Origin) -> Option<Lb4Service> {
-    frontend_at(f.daddr, f.dport, f.proto, origin)
+fn frontend<F: Family>(f: &Flow<F>, origin: Origin) -> Option<Lb4Service> {
+    frontend_at::<F>(f.daddr, f.dport, f.proto, origin)
 }
 
 /// The frontend at `addr:port` (network byte order) for `proto`, as `origin` sees them (see
 /// `frontend`).
 #[inline(always)]
-pub fn frontend_at(addr: u32, port: u16, proto: u8, origin: Origin) -> Option<Lb4Service> {
-    let mut key = Lb4ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL };
+pub fn frontend_at<F: Family>(addr: F::Addr, port: u16, proto: u8, origin: Origin) -> Option<Lb4Service> {
+    let mut key = SvcKey { addr, port, proto, scope: SCOPE_EXTERNAL };
     // SAFETY: the value is copied out at once.
-    let svc = unsafe { LB4_SERVICES.get(&key) }.copied()?;
+    let svc = unsafe { F::services().get(&key) }.copied()?;
     match origin {
         Origin::Outside => (svc.flags & SVC_FLAG_EXTERNAL != 0).then_some(svc),
         Origin::Pod if svc.flags & SVC_FLAG_TWO_SCOPES != 0 => {
@@ -173,7 +178,7 @@ pub fn frontend_at(addr: u32, port: u16, proto: u8, origin: Origin) -> Option<Lb
             // SAFETY: as above. An internal entry that is gone (a Service turning to
             // externalTrafficPolicy Cluster buries it before it rewrites the external one) is not
             // used: the external entry serves until then.
-            let internal = unsafe { LB4_SERVICES.get(&key) }.copied();
+            let internal = unsafe { F::services().get(&key) }.copied();
             Some(internal.filter(|i| i.flags & SVC_FLAG_TOMBSTONE == 0).unwrap_or(svc))
         }
         Origin::Pod => Some(svc),
@@ -184,30 +189,22 @@ pub fn frontend_at(addr: u32, port: u16, proto: u8, origin: Origin) -> Option<Lb
 /// `loadBalancerSourceRanges`, or one of them holds the client (`LB4_SRC_RANGES`). Both scopes of
 /// an address share its ranges, under its external key.
 #[inline(always)]
-fn source_allowed(f: &Flow) -> bool {
-    source_allowed_at(f.daddr, f.dport, f.proto, f.saddr)
-}
-
-/// Whether client `src` may open a flow to frontend `addr:port`/`proto` (see `source_allowed`).
-#[inline(always)]
-pub fn source_allowed_at(addr: u32, port: u16, proto: u8, src: u32) -> bool {
-    let frontend = Lb4ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL };
-    let key = Key::new(SRC_RANGE_FRONTEND_BITS + 32, Lb4SrcRange { frontend, src });
-    LB4_SRC_RANGES.get(&key).is_none_or(|v| *v != SRC_RANGE_DENY)
+fn source_allowed<F: Family>(f: &Flow<F>) -> bool {
+    F::source_allowed(f.daddr, f.dport, f.proto, f.saddr)
 }
 
 /// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
 /// translate hairpinned replies (addressed to the hairpin address).
 #[inline(always)]
-pub fn lb4_forward<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
-    lb4_new_or_tracked(ctx, f, pkt_len, Origin::Pod)
+pub fn forward<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> Action<F> {
+    new_or_tracked(ctx, f, pkt_len, Origin::Pod)
 }
 
 /// Traffic arriving on a node interface: replies of flows SNATed to this node's address go back
 /// to their clients; packets to an external address of a Service are load-balanced (a remote
 /// endpoint's flows SNATed to this node's address, a local endpoint's keeping the client's).
 #[inline(always)]
-pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
+pub fn node_in<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> Action<F> {
     if !ctx.for_this_host() {
         // A copy of a frame for another host (a flooded one, on a bridge port): that host
         // translates it, or nobody. XDP, which cannot always tell, leaves it to TC.
@@ -238,16 +235,16 @@ pub fn lb4_node_in<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32) -> Action {
             ReplyLookup::None => {}
         }
     }
-    lb4_new_or_tracked(ctx, f, pkt_len, Origin::Outside)
+    new_or_tracked(ctx, f, pkt_len, Origin::Outside)
 }
 
 /// Load-balances a packet addressed to a service frontend (as `origin` sees them). A hook that
 /// cannot bounce or reject packets, or cannot tell a partial checksum (XDP), leaves the packets
 /// that need it to TC untouched, before anything is counted or stored for them.
 #[inline(always)]
-fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Origin) -> Action {
+fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, origin: Origin) -> Action<F> {
     let Some(svc) = frontend(f, origin) else {
-        if origin == Origin::Pod && f.daddr == hairpin_addr() {
+        if origin == Origin::Pod && f.daddr == F::hairpin_addr() {
             if !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
             }
@@ -276,7 +273,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             let nat =
                 Nat { src: client_nat(f, t.hairpin, t.snat_addr, t.snat_port), dst: Some((t.addr, t.port)) };
             // XDP: a route it cannot send by is TC's, before anything is counted.
-            if t.snat_addr != 0 && !sendable(ctx, f, &nat) {
+            if t.snat_addr != F::Addr::ZERO && !sendable(ctx, f, &nat) {
                 return Action::Pass(counters::XDP_TO_TC);
             }
             svc_update(t.svc_id, |s| {
@@ -287,7 +284,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             if t.hairpin {
                 return Action::Bounce { nat, counter };
             }
-            if t.snat_addr != 0 {
+            if t.snat_addr != F::Addr::ZERO {
                 return Action::Forward { nat, counter };
             }
             return Action::Rewrite { nat, counter };
@@ -302,12 +299,12 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
     }
     if svc.flags & SVC_FLAG_EXTERNAL != 0 && !source_allowed(f) {
         svc_update(svc.id, |s| s.drops += 1);
-        monitor::emit(f, EVENT_DROP, counters::DROP_SRC_RANGE, (0, 0), svc.id, now);
+        monitor::emit(f, EVENT_DROP, counters::DROP_SRC_RANGE, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(counters::DROP_SRC_RANGE);
     }
     if f.proto == IPPROTO_TCP && f.tcp_flags & TCP_RST != 0 {
         // A reset of no tracked flow (or of one whose backend left) never opens a flow.
-        monitor::emit(f, EVENT_DROP, counters::DROP_RST_NO_FLOW, (0, 0), svc.id, now);
+        monitor::emit(f, EVENT_DROP, counters::DROP_RST_NO_FLOW, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(counters::DROP_RST_NO_FLOW);
     }
 
@@ -321,7 +318,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         }
         svc_update(svc.id, |s| s.drops += 1);
         // An answer only where RFC 1122 allows one, and for headers the reject quotes whole.
-        let answerable = f.l4_off == ETH_HLEN + 20 && reject::answerable(0x45, f.saddr.to_ne_bytes());
+        let answerable = F::reject_answerable(f);
         let reason = match (local_only, answerable) {
             (true, _) => counters::DROP_NO_LOCAL_BACKEND,
             (false, true) => counters::REJECT_NO_BACKEND,
@@ -331,11 +328,14 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             // Its event follows once the answer is made (or not).
             return Action::Reject { svc_id: svc.id };
         }
-        monitor::emit(f, EVENT_DROP, reason, (0, 0), svc.id, now);
+        monitor::emit(f, EVENT_DROP, reason, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(reason);
     }
-    let sticky =
-        if svc.affinity_timeout_secs != 0 { affinity_backend(&svc, f.saddr, f.proto, now) } else { None };
+    let sticky = if svc.affinity_timeout_secs != 0 {
+        affinity_backend::<F>(&svc, f.saddr, f.proto, now)
+    } else {
+        None
+    };
     let Some((id, backend)) = sticky.or_else(|| maglev_backend(&svc, f)) else {
         // The agent never publishes a table that points at a missing backend. (Logged from the
         // pod side only: a log call is a function call, whose frame the node-side program has
@@ -344,7 +344,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             warn!(ctx, "lb: maglev table of frontend {} names an inactive backend", svc.id);
         }
         svc_update(svc.id, |s| s.drops += 1);
-        monitor::emit(f, EVENT_DROP, counters::DROP_NO_BACKEND, (0, 0), svc.id, now);
+        monitor::emit(f, EVENT_DROP, counters::DROP_NO_BACKEND, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(counters::DROP_NO_BACKEND);
     };
     // From outside, a remote endpoint's flow is SNATed to this node's address (its replies must
@@ -357,7 +357,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             Route::ToTc => return Action::Pass(counters::XDP_TO_TC),
             Route::None => {
                 svc_update(svc.id, |s| s.drops += 1);
-                monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (0, 0), svc.id, now);
+                monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (F::Addr::ZERO, 0), svc.id, now);
                 return Action::Drop(counters::DROP_FIB);
             }
         },
@@ -370,13 +370,13 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         count(counters::AFFINITY_HIT);
     }
     if svc.affinity_timeout_secs != 0 {
-        let key = Lb4AffinityKey { client: f.saddr, svc_id: svc.id };
+        let key = AffinityKey { client: f.saddr, svc_id: svc.id };
         let value = Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 };
-        let _ = LB4_AFFINITY.insert(&key, &value, 0);
+        let _ = F::affinity().insert(&key, &value, 0);
     }
     let hairpin = if hairpinned {
         count(counters::HAIRPIN);
-        Some(hairpin_addr())
+        Some(F::hairpin_addr())
     } else {
         None
     };
@@ -393,7 +393,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
         Ok(port) => port,
         Err(CreateError::NoPort) => {
             svc_update(svc.id, |s| s.drops += 1);
-            monitor::emit(f, EVENT_DROP, counters::DROP_SNAT_NO_PORT, (0, 0), svc.id, now);
+            monitor::emit(f, EVENT_DROP, counters::DROP_SNAT_NO_PORT, (F::Addr::ZERO, 0), svc.id, now);
             return Action::Drop(counters::DROP_SNAT_NO_PORT);
         }
         Err(CreateError::Insert(port)) => {
@@ -404,7 +404,7 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
             port
         }
     };
-    let snat_addr = node_snat.unwrap_or(0);
+    let snat_addr = node_snat.unwrap_or(F::Addr::ZERO);
     let nat =
         Nat { src: client_nat(f, hairpinned, snat_addr, snat_port), dst: Some((backend.addr, backend.port)) };
     // XDP sends the packet by the route it leaves with (from this node's address and port, which
@@ -431,17 +431,22 @@ fn lb4_new_or_tracked<C: PacketCtx>(ctx: &C, f: &Flow, pkt_len: u32, origin: Ori
 }
 
 /// The source a flow's packets leave with: the hairpin address when the client is its own
-/// backend, this node's address for a flow from outside to a remote endpoint (`snat_addr`, 0:
-/// none), and the port the flow was given when its tuple clashed or it was SNATed (`snat_port`,
-/// 0: none).
+/// backend, this node's address for a flow from outside to a remote endpoint (`snat_addr`,
+/// `Address::ZERO`: none), and the port the flow was given when its tuple clashed or it was
+/// SNATed (`snat_port`, 0: none).
 #[inline(always)]
-fn client_nat(f: &Flow, hairpin: bool, snat_addr: u32, snat_port: u16) -> Option<(u32, u16)> {
-    if !hairpin && snat_addr == 0 && snat_port == 0 {
+fn client_nat<F: Family>(
+    f: &Flow<F>,
+    hairpin: bool,
+    snat_addr: F::Addr,
+    snat_port: u16,
+) -> Option<(F::Addr, u16)> {
+    if !hairpin && snat_addr == F::Addr::ZERO && snat_port == 0 {
         return None;
     }
     let addr = if hairpin {
-        hairpin_addr()
-    } else if snat_addr != 0 {
+        F::hairpin_addr()
+    } else if snat_addr != F::Addr::ZERO {
         snat_addr
     } else {
         f.saddr
@@ -451,7 +456,7 @@ fn client_nat(f: &Flow, hairpin: bool, snat_addr: u32, snat_port: u16) -> Option
 
 /// The client port a reply goes back to: its own, where the flow was given another.
 #[inline(always)]
-fn reply_port(f: &Flow, client_port: u16) -> u16 {
+fn reply_port<F: Family>(f: &Flow<F>, client_port: u16) -> u16 {
     if client_port != 0 {
         client_port
     } else {
@@ -463,7 +468,7 @@ fn reply_port(f: &Flow, client_port: u16) -> u16 {
 /// source goes back to the service, its destination back to the pod, and it goes straight back
 /// to the pod.
 #[inline(always)]
-fn hairpin_reply(f: &Flow) -> Action {
+fn hairpin_reply<F: Family>(f: &Flow<F>) -> Action<F> {
     match conntrack::lookup_reply(f, Replies::Pods, now_ns()) {
         ReplyLookup::Found(r) if r.hairpin => Action::Bounce {
             nat: Nat { src: Some((r.vip, r.vport)), dst: Some((f.saddr, reply_port(f, r.client_port))) },
@@ -478,7 +483,7 @@ fn hairpin_reply(f: &Flow) -> Action {
 /// `replies` (anything → pod: this node's pods' flows; a node interface's egress: the replies of
 /// local endpoints to clients outside).
 #[inline(always)]
-pub fn lb4_reply(f: &Flow, replies: Replies) -> Action {
+pub fn reply<F: Family>(f: &Flow<F>, replies: Replies) -> Action<F> {
     match conntrack::lookup_reply(f, replies, now_ns()) {
         ReplyLookup::Found(r) => Action::Rewrite {
             nat: Nat {
@@ -499,11 +504,11 @@ pub fn lb4_reply(f: &Flow, replies: Replies) -> Action {
 /// pod's address is nothing the client knows, and may not leave the cluster); to a pod, when the
 /// backend itself sent it. Hairpinned flows are left alone.
 #[inline(always)]
-pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
+pub fn reply_icmp<F: Family>(e: &IcmpError<F>, replies: Replies) -> Option<IcmpNat<F>> {
     if e.outer_daddr != e.saddr {
         return None;
     }
-    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, replies, now_ns())?;
+    let r = conntrack::peek_reply::<F>(e.daddr, e.saddr, e.dport, e.sport, e.proto, replies, now_ns())?;
     (!r.hairpin).then_some(IcmpNat {
         quote_src: (r.client_port != 0).then_some((e.saddr, r.client_port)),
         quote_dst: Some((r.vip, r.vport)),
@@ -522,31 +527,31 @@ pub fn lb4_reply_icmp(e: &IcmpError, replies: Replies) -> Option<IcmpNat> {
 ///   and SNAT port → backend, the error goes to this node): it goes to the client, from the VIP,
 ///   as about its packet to the VIP.
 #[inline(always)]
-pub fn lb4_node_in_icmp(e: &IcmpError) -> Option<(IcmpNat, bool)> {
+pub fn node_in_icmp<F: Family>(e: &IcmpError<F>) -> Option<(IcmpNat<F>, bool)> {
     if e.outer_daddr != e.saddr {
         return None;
     }
     let now = now_ns();
-    if let Some(t) = conntrack::peek_external_forward(e.daddr, e.saddr, e.dport, e.sport, e.proto, now) {
+    if let Some(t) = conntrack::peek_external_forward::<F>(e.daddr, e.saddr, e.dport, e.sport, e.proto, now) {
         // The backend's reply went to the client's address and port, or to this node's address
         // and the SNAT port the flow was given.
-        let client = if t.snat_addr != 0 { t.snat_addr } else { e.daddr };
+        let client = if t.snat_addr != F::Addr::ZERO { t.snat_addr } else { e.daddr };
         let client_port = if t.snat_port != 0 { t.snat_port } else { e.dport };
         // Forwarded to a remote endpoint, it comes from this node's address (the flow's, there):
         // as under netfilter's masquerade, and no outside address is relayed into the cluster.
         let nat = IcmpNat {
             quote_src: Some((t.nat_addr, t.nat_port)),
             quote_dst: Some((client, client_port)),
-            outer_src: (t.snat_addr != 0).then_some(t.snat_addr),
+            outer_src: (t.snat_addr != F::Addr::ZERO).then_some(t.snat_addr),
             outer_dst: Some(t.nat_addr),
         };
-        return Some((nat, t.snat_addr != 0));
+        return Some((nat, t.snat_addr != F::Addr::ZERO));
     }
-    let r = conntrack::peek_reply(e.daddr, e.saddr, e.dport, e.sport, e.proto, Replies::NodeSnat, now)?;
+    let r = conntrack::peek_reply::<F>(e.daddr, e.saddr, e.dport, e.sport, e.proto, Replies::NodeSnat, now)?;
     let nat = IcmpNat {
         quote_src: Some((r.client_addr, reply_port_of(e.sport, r.client_port))),
         quote_dst: Some((r.vip, r.vport)),
-        // From the VIP, whoever sent it (see `lb4_reply_icmp`).
+        // From the VIP, whoever sent it (see `reply_icmp`).
         outer_src: Some(r.vip),
         outer_dst: Some(r.client_addr),
     };

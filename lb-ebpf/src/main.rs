@@ -21,6 +21,7 @@
 mod config;
 mod conntrack;
 mod ctx;
+mod family;
 mod fib;
 mod frags;
 mod lb;
@@ -38,7 +39,7 @@ use aya_ebpf::{
 };
 use lb_common::counters;
 
-use crate::stats::count;
+use crate::{family::V4, stats::count};
 
 #[classifier]
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
@@ -47,13 +48,13 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_FORWARD);
-    pipeline::lb4_forward(&ctx)
+    pipeline::forward::<V4, _>(&ctx)
 }
 
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
-    pipeline::lb4_reply(&ctx)
+    pipeline::reply::<V4, _>(&ctx)
 }
 
 #[classifier]
@@ -63,25 +64,25 @@ pub fn lb4_tc_node_in(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_NODE_IN);
-    pipeline::lb4_node_in(&ctx)
+    pipeline::node_in::<V4, _>(&ctx)
 }
 
 #[classifier]
 pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
     count(counters::RX_NODE_OUT);
-    pipeline::lb4_node_out(&ctx)
+    pipeline::node_out::<V4, _>(&ctx)
 }
 
 #[xdp]
 pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
-    pipeline::lb4_forward(&ctx)
+    pipeline::forward::<V4, _>(&ctx)
 }
 
 #[xdp]
 pub fn lb4_xdp_node_in(ctx: XdpContext) -> u32 {
     count(counters::RX_NODE_IN);
-    pipeline::lb4_node_in(&ctx)
+    pipeline::node_in::<V4, _>(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

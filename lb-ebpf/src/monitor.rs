@@ -7,6 +7,7 @@ use lb_common::{LbEvent, EVENT_SOCK, MONITOR_BURST, MONITOR_RATE_PER_SEC};
 
 use crate::{
     config,
+    family::Family,
     maps::{LB_EVENTS, LB_MONITOR, LB_MON_RATE},
     parse::Flow,
 };
@@ -42,20 +43,33 @@ fn allowed(now: u64) -> bool {
 
 /// Sends an event about `f` if events are on and the rate allows.
 #[inline(always)]
-pub fn emit(f: &Flow, kind: u32, reason: u32, backend: (u32, u16), svc_id: u32, now: u64) {
+pub fn emit<F: Family>(f: &Flow<F>, kind: u32, reason: u32, backend: (F::Addr, u16), svc_id: u32, now: u64) {
+    emit_tuple::<F>((f.saddr, f.daddr, f.sport, f.dport, f.proto), kind, reason, backend, svc_id, now);
+}
+
+/// [`emit`] for a flow given by its tuple: source, destination, ports, protocol.
+#[inline(always)]
+pub fn emit_tuple<F: Family>(
+    (saddr, daddr, sport, dport, proto): (F::Addr, F::Addr, u16, u16, u8),
+    kind: u32,
+    reason: u32,
+    backend: (F::Addr, u16),
+    svc_id: u32,
+    now: u64,
+) {
     if !events_on() || !allowed(now) {
         return;
     }
     let e = LbEvent {
         kind,
         reason,
-        saddr: f.saddr,
-        daddr: f.daddr,
-        sport: f.sport,
-        dport: f.dport,
-        proto: f.proto,
+        saddr: F::event_addr(saddr),
+        daddr: F::event_addr(daddr),
+        sport,
+        dport,
+        proto,
         _pad: [0; 3],
-        backend_addr: backend.0,
+        backend_addr: F::event_addr(backend.0),
         backend_port: backend.1,
         _pad2: 0,
         svc_id,

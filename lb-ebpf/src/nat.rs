@@ -1,5 +1,7 @@
 //! Packet rewriting: the destination of forward packets (DNAT to the backend) or the source of
-//! replies (back to the service address), with IPv4 and L4 checksums kept right.
+//! replies (back to the service address), with IPv4 and L4 checksums kept right. The functions
+//! here are IPv4's (`V4`'s header rewriting in `crate::family`); [`Side`] and [`IcmpNat`] are
+//! every family's.
 //!
 //! TC uses the kernel's checksum helpers, which also handle socket buffers whose checksum is still
 //! partial (veth, local traffic) or complete. XDP has no such helpers and no such state: frames
@@ -18,6 +20,7 @@ use lb_common::{
 
 use crate::{
     ctx::PacketCtx,
+    family::{Family, V4},
     parse::{
         ptr_at, EthHdr, Flow, IcmpError, IcmpHdr, Ipv4Hdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF,
         UDP_CHECK_OFF,
@@ -42,7 +45,7 @@ struct Fields {
 }
 
 #[inline(always)]
-fn fields(data: usize, end: usize, f: &Flow, side: Side) -> Option<Fields> {
+fn fields(data: usize, end: usize, f: &Flow<V4>, side: Side) -> Option<Fields> {
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN)?;
     let l4: *mut u8 = if f.proto == IPPROTO_TCP {
         ptr_at::<TcpHdr>(data, end, f.l4_off)?.cast()
@@ -66,7 +69,7 @@ fn fields(data: usize, end: usize, f: &Flow, side: Side) -> Option<Fields> {
 /// (only pseudo-header changes apply), complete (`skb->csum` follows) or absent. Two helper calls
 /// instead of five, one when the port stays.
 #[inline(always)]
-pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), i64> {
+pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u16) -> Result<(), i64> {
     let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(-1i64)?;
     // SAFETY: pointers from `fields`; helpers that may move packet data are called only after the
     // last direct access.
@@ -98,7 +101,7 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow, side: Side, addr: u32, port: u16) -
 /// only a receiver behind a device that completes it (a NIC, or a device without checksum
 /// offload) notices. UDP without a checksum (0) is never partial.
 #[inline(always)]
-pub fn csum_maybe_partial(data: usize, end: usize, f: &Flow) -> bool {
+pub fn csum_maybe_partial(data: usize, end: usize, f: &Flow<V4>) -> bool {
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN) else { return true };
     let check = if f.proto == IPPROTO_TCP {
         match ptr_at::<TcpHdr>(data, end, f.l4_off) {
@@ -189,7 +192,7 @@ pub fn rewrite_ip(data: usize, end: usize, side: Side, addr: u32) -> Result<(), 
 
 /// XDP: everything is written directly, the checksums updated incrementally.
 #[inline(always)]
-pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16) -> Result<(), ()> {
+pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow<V4>, side: Side, addr: u32, port: u16) -> Result<(), ()> {
     let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(())?;
     // SAFETY: pointers from `fields`, inside the packet.
     unsafe {
@@ -211,11 +214,11 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow, side: Side, addr: u32, port: u16)
 /// What to rewrite in an ICMP error: the quoted packet's source and destination (address and
 /// port), and the error's own source and destination addresses.
 #[derive(Clone, Copy)]
-pub struct IcmpNat {
-    pub quote_src: Option<(u32, u16)>,
-    pub quote_dst: Option<(u32, u16)>,
-    pub outer_src: Option<u32>,
-    pub outer_dst: Option<u32>,
+pub struct IcmpNat<F: Family> {
+    pub quote_src: Option<(F::Addr, u16)>,
+    pub quote_dst: Option<(F::Addr, u16)>,
+    pub outer_src: Option<F::Addr>,
+    pub outer_dst: Option<F::Addr>,
 }
 
 /// Rewrites ICMP error `e` about a load-balanced flow as `n` says, so that the host it goes to
@@ -225,7 +228,7 @@ pub struct IcmpNat {
 /// plain incremental update, right for any socket-buffer checksum state (the covered bytes' sum
 /// does not change) and for XDP frames alike: no helper is needed, hence any [`PacketCtx`].
 #[inline(always)]
-pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError, n: &IcmpNat) -> Result<(), i64> {
+pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError<V4>, n: &IcmpNat<V4>) -> Result<(), i64> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let ip = ptr_at::<Ipv4Hdr>(data, end, ETH_HLEN).ok_or(-1i64)?;
     let icmp = ptr_at::<IcmpHdr>(data, end, e.icmp_off).ok_or(-1i64)?;

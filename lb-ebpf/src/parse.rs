@@ -1,4 +1,6 @@
-//! Header parsing with a bounds check before every access. IPv4 header length is taken from IHL
+//! Header parsing with a bounds check before every access. The packet as the shared code sees it
+//! ([`Flow`], [`Fragment`], [`IcmpError`]: generic over the address family), and the IPv4 parser
+//! ([`parse`]). IPv4 header length is taken from IHL
 //! (options allowed); fragments, truncated headers and other protocols get a defined outcome.
 //! ICMP errors (destination unreachable, time exceeded, parameter problem) that quote a TCP or
 //! UDP packet are parsed down to the quoted tuple, for the reply program to translate.
@@ -6,6 +8,8 @@
 use core::mem::size_of;
 
 use lb_common::{counters, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::family::{Family, V4};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -77,11 +81,11 @@ pub struct UdpHdr {
 pub const TCP_CHECK_OFF: usize = 16;
 pub const UDP_CHECK_OFF: usize = 6;
 
-/// An IPv4 TCP or UDP packet, as far as lb needs to know it.
-pub struct Flow {
+/// A TCP or UDP packet of family `F`, as far as lb needs to know it.
+pub struct Flow<F: Family> {
     pub l4_off: usize,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -91,11 +95,11 @@ pub struct Flow {
     /// A non-first fragment: no L4 header; the ports are its first fragment's (`LB4_FRAGS`).
     /// Only addresses are rewritten.
     pub later_fragment: bool,
-    /// IPv4 identification, network byte order (fragments of one datagram share it).
-    pub ip_id: u16,
+    /// The identification the fragments of one datagram share, network byte order.
+    pub frag_id: F::FragId,
 }
 
-impl Flow {
+impl<F: Family> Flow<F> {
     #[inline(always)]
     pub fn l4_check_off(&self) -> usize {
         self.l4_off + if self.proto == IPPROTO_TCP { TCP_CHECK_OFF } else { UDP_CHECK_OFF }
@@ -103,36 +107,36 @@ impl Flow {
 }
 
 /// An ICMP error about a TCP or UDP packet: where its parts are and the quoted packet's tuple.
-pub struct IcmpError {
+pub struct IcmpError<F: Family> {
     /// The ICMP header.
     pub icmp_off: usize,
-    /// The quoted IPv4 header.
+    /// The quoted IP header.
     pub inner_off: usize,
     /// The quoted TCP or UDP header, of which at least 8 bytes (ports; UDP's checksum) are there.
     pub inner_l4_off: usize,
-    pub outer_saddr: u32,
-    pub outer_daddr: u32,
+    pub outer_saddr: F::Addr,
+    pub outer_daddr: F::Addr,
     /// The quoted packet: source, destination, protocol.
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
 }
 
-/// A non-first IPv4 fragment of a TCP or UDP datagram: what finds its first fragment's ports.
-pub struct Fragment {
+/// A non-first fragment of a TCP or UDP datagram: what finds its first fragment's ports.
+pub struct Fragment<F: Family> {
     pub l4_off: usize,
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: F::Addr,
+    pub daddr: F::Addr,
     pub proto: u8,
-    pub ip_id: u16,
+    pub frag_id: F::FragId,
 }
 
-impl Fragment {
+impl<F: Family> Fragment<F> {
     /// The fragment as a flow, with its first fragment's ports.
     #[inline(always)]
-    pub fn flow(&self, sport: u16, dport: u16) -> Flow {
+    pub fn flow(&self, sport: u16, dport: u16) -> Flow<F> {
         Flow {
             l4_off: self.l4_off,
             saddr: self.saddr,
@@ -143,16 +147,16 @@ impl Fragment {
             tcp_flags: 0,
             first_fragment: false,
             later_fragment: true,
-            ip_id: self.ip_id,
+            frag_id: self.frag_id,
         }
     }
 }
 
-pub enum Parsed {
-    Flow(Flow),
+pub enum Parsed<F: Family> {
+    Flow(Flow<F>),
     /// A non-first fragment of a TCP or UDP datagram.
-    Fragment(Fragment),
-    IcmpError(IcmpError),
+    Fragment(Fragment<F>),
+    IcmpError(IcmpError<F>),
     /// Not for lb: pass untouched and count.
     Pass(u32),
     /// Malformed: drop and count.
@@ -169,8 +173,9 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
     Some(start as *mut T)
 }
 
+/// The IPv4 parser ([`V4`]'s `Family::parse`).
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Parsed {
+pub fn parse(data: usize, data_end: usize) -> Parsed<V4> {
     let Some(eth) = ptr_at::<EthHdr>(data, data_end, 0) else {
         return Parsed::Drop(counters::DROP_MALFORMED);
     };
@@ -201,7 +206,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
             return Parsed::Pass(counters::PASS_FRAGMENT);
         }
-        return Parsed::Fragment(Fragment { l4_off, saddr, daddr, proto, ip_id });
+        return Parsed::Fragment(Fragment { l4_off, saddr, daddr, proto, frag_id: ip_id });
     }
     // Each header is read through the one pointer that was bounds-checked for it: the verifier
     // loses track of a check made on a recomputed pointer.
@@ -229,7 +234,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed {
         tcp_flags,
         first_fragment: frag_off & IP_MF != 0,
         later_fragment: false,
-        ip_id,
+        frag_id: ip_id,
     })
 }
 
@@ -242,7 +247,7 @@ fn parse_icmp_error(
     icmp_off: usize,
     outer_saddr: u32,
     outer_daddr: u32,
-) -> Parsed {
+) -> Parsed<V4> {
     let other = Parsed::Pass(counters::PASS_OTHER_PROTO);
     let Some(icmp) = ptr_at::<IcmpHdr>(data, data_end, icmp_off) else { return other };
     // SAFETY: bounds checked by ptr_at.

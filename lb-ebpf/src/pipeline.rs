@@ -1,72 +1,75 @@
 //! The steps every program runs, whatever its hook: parse, decide (`lb`), rewrite both sides of
 //! the flow (destination, then source), count the outcome, return the verdict. Generic over the
-//! hook's [`PacketCtx`] and inlined into each entry point (no BPF-to-BPF calls), so each program
-//! is compiled for its own hook.
+//! hook's [`PacketCtx`] and the address [`Family`], and inlined into each entry point (no
+//! BPF-to-BPF calls), so each program is compiled for its own hook and family (`lb4_*`: [`V4`]).
+//!
+//! [`V4`]: crate::family::V4
 
-use lb_common::{counters, EVENT_DROP, IPPROTO_ICMP};
+use lb_common::{counters, EVENT_DROP};
 
 use crate::{
     conntrack::Replies,
     ctx::{Hop, PacketCtx},
+    family::{Address, Family},
     frags,
     lb::{self, Action, Nat},
     monitor,
-    nat::{self, Side},
+    nat::Side,
     parse::{Flow, IcmpError, Parsed},
     stats::count,
 };
 
 /// Forward direction (pod → anything): load-balance packets to service frontends.
 #[inline(always)]
-pub fn lb4_forward<C: PacketCtx>(ctx: &C) -> C::Ret {
-    let parsed = ctx.parse();
-    verdict(ctx, parsed, |f| lb::lb4_forward(ctx, f, ctx.len()))
+pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse::<F>();
+    verdict(ctx, parsed, |f| lb::forward(ctx, f, ctx.len()))
 }
 
 /// Reply direction (anything → pod): translate replies of load-balanced flows back to the
 /// service, and ICMP errors about them.
 #[inline(always)]
-pub fn lb4_reply<C: PacketCtx>(ctx: &C) -> C::Ret {
-    let parsed = ctx.parse();
+pub fn reply<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse::<F>();
     if let Parsed::IcmpError(e) = &parsed {
         return reply_icmp(ctx, e, Replies::Pods);
     }
-    verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::Pods))
+    verdict(ctx, parsed, |f| lb::reply(f, Replies::Pods))
 }
 
 /// An ICMP error about a load-balanced flow goes to the client (of `replies`) as if about its
 /// packet to the VIP (counted as reverse NAT); any other ICMP passes.
 #[inline(always)]
-fn reply_icmp<C: PacketCtx>(ctx: &C, e: &IcmpError, replies: Replies) -> C::Ret {
-    let action = match lb::lb4_reply_icmp(e, replies) {
-        Some(n) => match nat::rewrite_icmp_error(ctx, e, &n) {
-            Ok(()) => Action::Pass(counters::REV_NAT),
-            Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+fn reply_icmp<F: Family, C: PacketCtx>(ctx: &C, e: &IcmpError<F>, replies: Replies) -> C::Ret {
+    let action = match lb::reply_icmp(e, replies) {
+        Some(n) => match F::rewrite_icmp_error(ctx, e, &n) {
+            Ok(()) => Action::<F>::Pass(counters::REV_NAT),
+            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
         None => Action::Pass(counters::PASS_OTHER_PROTO),
     };
-    finish::<C>(action)
+    finish::<F, C>(action)
 }
 
 /// Node interface ingress (outside → this node): load-balance packets to the external addresses
 /// of Services, and send the replies of flows SNATed to this node's address back to their clients.
 #[inline(always)]
-pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
-    let parsed = ctx.parse();
+pub fn node_in<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse::<F>();
     if let Parsed::IcmpError(e) = &parsed {
         if !C::TC {
-            return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC));
+            return finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC));
         }
         // About a flow from outside: to its backend or its client, as if about a packet it sent
         // itself (counted as reverse NAT); any other ICMP passes, as does a copy of a frame for
         // another host.
-        let about = if ctx.for_this_host() { lb::lb4_node_in_icmp(e) } else { None };
+        let about = if ctx.for_this_host() { lb::node_in_icmp(e) } else { None };
         let action = match about {
-            Some((n, forward)) => match nat::rewrite_icmp_error(ctx, e, &n) {
+            Some((n, forward)) => match F::rewrite_icmp_error(ctx, e, &n) {
                 Ok(()) if forward => {
                     let saddr = n.outer_src.unwrap_or(e.outer_saddr);
                     let daddr = n.outer_dst.unwrap_or(e.outer_daddr);
-                    let hop = Hop { proto: IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
+                    let hop = Hop::<F> { proto: F::IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
                     match ctx.forward(hop) {
                         Ok(ret) => {
                             count(counters::REV_NAT);
@@ -76,43 +79,47 @@ pub fn lb4_node_in<C: PacketCtx>(ctx: &C) -> C::Ret {
                     }
                 }
                 Ok(()) => Action::Pass(counters::REV_NAT),
-                Err(_) => Action::Drop(counters::DROP_REWRITE_FAILED),
+                Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
             },
             None => Action::Pass(counters::PASS_OTHER_PROTO),
         };
-        return finish::<C>(action);
+        return finish::<F, C>(action);
     }
-    verdict(ctx, parsed, |f| lb::lb4_node_in(ctx, f, ctx.len()))
+    verdict(ctx, parsed, |f| lb::node_in(ctx, f, ctx.len()))
 }
 
 /// Node interface egress (this node → outside): translate the replies of local endpoints to
 /// clients outside back to the Service's address, and ICMP errors about their flows.
 #[inline(always)]
-pub fn lb4_node_out<C: PacketCtx>(ctx: &C) -> C::Ret {
-    let parsed = ctx.parse();
+pub fn node_out<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let parsed = ctx.parse::<F>();
     if let Parsed::IcmpError(e) = &parsed {
         return reply_icmp(ctx, e, Replies::External);
     }
-    verdict(ctx, parsed, |f| lb::lb4_reply(f, Replies::External))
+    verdict(ctx, parsed, |f| lb::reply(f, Replies::External))
 }
 
 /// Decides what to do with a parsed packet, carries it out, counts the outcome and turns it into
 /// the hook's verdict. A non-first fragment is decided as its datagram's first fragment was, with
 /// the ports that fragment left in `LB4_FRAGS`.
 #[inline(always)]
-fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> Action) -> C::Ret {
+fn verdict<F: Family, C: PacketCtx>(
+    ctx: &C,
+    parsed: Parsed<F>,
+    decide: impl FnOnce(&Flow<F>) -> Action<F>,
+) -> C::Ret {
     let f = match parsed {
         Parsed::Flow(f) => f,
         Parsed::Fragment(frag) => match frags::ports(&frag) {
             Some(p) => frag.flow(p.sport, p.dport),
             // XDP may see a batch of frames before TC sees the first of them: TC, which takes
             // packets in order, may yet learn the ports from a first fragment XDP left to it.
-            None if !C::TC => return finish_marked(ctx, Action::Pass(counters::XDP_TO_TC)),
-            None => return finish_marked(ctx, Action::Pass(counters::PASS_FRAGMENT)),
+            None if !C::TC => return finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC)),
+            None => return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_FRAGMENT)),
         },
-        Parsed::IcmpError(_) => return finish_marked(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
-        Parsed::Pass(c) => return finish_marked(ctx, Action::Pass(c)),
-        Parsed::Drop(c) => return finish_marked(ctx, Action::Drop(c)),
+        Parsed::IcmpError(_) => return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
+        Parsed::Pass(c) => return finish_marked::<F, C>(ctx, Action::Pass(c)),
+        Parsed::Drop(c) => return finish_marked::<F, C>(ctx, Action::Drop(c)),
     };
     let action = match decide(&f) {
         Action::Rewrite { nat, counter } => match rewrite(ctx, &f, nat) {
@@ -150,9 +157,11 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
         Action::Reject { svc_id } => {
+            // The tuple is taken before the packet becomes the answer (and `f` is not kept).
+            let tuple = (f.saddr, f.daddr, f.sport, f.dport, f.proto);
             let made = ctx.reject(&f);
             let reason = if made.is_ok() { counters::REJECT_NO_BACKEND } else { counters::DROP_NO_BACKEND };
-            monitor::emit(&f, EVENT_DROP, reason, (0, 0), svc_id, lb::now_ns());
+            monitor::emit_tuple::<F>(tuple, EVENT_DROP, reason, (F::Addr::ZERO, 0), svc_id, lb::now_ns());
             match made {
                 Ok(ret) => {
                     count(reason);
@@ -163,19 +172,19 @@ fn verdict<C: PacketCtx>(ctx: &C, parsed: Parsed, decide: impl FnOnce(&Flow) -> 
         }
         other => other,
     };
-    finish_marked(ctx, action)
+    finish_marked::<F, C>(ctx, action)
 }
 
 /// Rewrites the destination, then the source; stops at the first failure. A non-first fragment
 /// has no L4 header: only its addresses change.
 #[inline(always)]
-fn rewrite<C: PacketCtx>(ctx: &C, f: &Flow, nat: Nat) -> Result<(), ()> {
+fn rewrite<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, nat: Nat<F>) -> Result<(), ()> {
     if f.later_fragment {
         if let Some((addr, _)) = nat.dst {
-            nat::rewrite_ip(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
         }
         if let Some((addr, _)) = nat.src {
-            nat::rewrite_ip(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
         }
         return Ok(());
     }
@@ -191,16 +200,16 @@ fn rewrite<C: PacketCtx>(ctx: &C, f: &Flow, nat: Nat) -> Result<(), ()> {
 /// Counts the outcome and returns the hook's verdict for it. A packet XDP lets pass is marked:
 /// decided, or left to TC.
 #[inline(always)]
-fn finish_marked<C: PacketCtx>(ctx: &C, action: Action) -> C::Ret {
+fn finish_marked<F: Family, C: PacketCtx>(ctx: &C, action: Action<F>) -> C::Ret {
     if let Action::Pass(c) = action {
         ctx.mark(c != counters::XDP_TO_TC && c != counters::XDP_PARTIAL_CSUM);
     }
-    finish::<C>(action)
+    finish::<F, C>(action)
 }
 
 /// Counts the outcome and returns the hook's verdict for it.
 #[inline(always)]
-fn finish<C: PacketCtx>(action: Action) -> C::Ret {
+fn finish<F: Family, C: PacketCtx>(action: Action<F>) -> C::Ret {
     match action {
         Action::Drop(c) => {
             count(c);

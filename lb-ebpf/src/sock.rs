@@ -6,6 +6,9 @@
 //! this node's external addresses, kube-proxy's exception for local traffic), the same Maglev
 //! tables and members, the same session affinity rules.
 //!
+//! IPv4 only (the `LB4_SOCK_*` maps and `user_ip4`), over the [`V4`] family's selection; IPv6
+//! (`connect6`, ...) would be the same steps over `V6` with `user_ip6` and its own socket maps.
+//!
 //! What a socket is translated to is recorded by its cookie (`LB4_SOCK_REV`), so that the
 //! datagrams it receives from the backend, and `getpeername`, read as coming from the Service.
 
@@ -17,13 +20,14 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Backend, Lb4Service, Lb4SockFwd, Lb4SockFwdKey,
-    Lb4SockRev, Lb4SockRevKey, LbSockAffinityKey, IPPROTO_TCP, IPPROTO_UDP, MEMBER_ACTIVE, MEMBER_DRAINING,
+    counters, hash::lb4_flow_hash, Lb4Affinity, Lb4Service, Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev,
+    Lb4SockRevKey, LbSockAffinityKey, IPPROTO_TCP, IPPROTO_UDP, MEMBER_ACTIVE, MEMBER_DRAINING,
     SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
 };
 
 use crate::{
     config, conntrack,
+    family::{Backend, Family, V4},
     lb::{self, Origin},
     maps::{LB4_SOCK_AFFINITY, LB4_SOCK_FWD, LB4_SOCK_REV},
     monitor,
@@ -62,10 +66,10 @@ fn affinity_backend(
     key: &LbSockAffinityKey,
     proto: u8,
     now: u64,
-) -> Option<(u32, Lb4Backend)> {
+) -> Option<(u32, Backend<u32>)> {
     // SAFETY: the value is copied out at once.
     let a = unsafe { LB4_SOCK_AFFINITY.get(key) }.copied()?;
-    lb::affinity_honoured(svc, &a, proto, now)
+    lb::affinity_honoured::<V4>(svc, &a, proto, now)
 }
 
 /// `connect4` and `sendmsg4`: a socket sending to a Service address is sent to a backend
@@ -84,11 +88,11 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     if family != AF_INET || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
         return PROCEED;
     }
-    let Some(svc) = lb::frontend_at(addr, port, proto, Origin::Pod) else { return PROCEED };
+    let Some(svc) = lb::frontend_at::<V4>(addr, port, proto, Origin::Pod) else { return PROCEED };
     if !in_scope(ctx) {
         return PROCEED;
     }
-    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !lb::source_allowed_at(addr, port, proto, 0) {
+    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !V4::source_allowed(addr, port, proto, 0) {
         // `loadBalancerSourceRanges` that do not admit every source: the socket's own address is
         // not known yet, so the packets go their way (to the load balancer, and back in through a
         // node interface, where the ranges are checked against this node's address).
@@ -105,7 +109,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     let fwd_key = Lb4SockFwdKey { cookie, vip: addr, vport: port, proto, _pad: 0 };
     // SAFETY: the value is copied out at once.
     if let Some(e) = unsafe { LB4_SOCK_FWD.get(&fwd_key) }.copied() {
-        let kept = conntrack::member(svc.id, e.backend_id).filter(|m| {
+        let kept = conntrack::member::<V4>(svc.id, e.backend_id).filter(|m| {
             m.addr == e.addr
                 && m.port == e.port
                 && m.state != MEMBER_DRAINING
@@ -138,7 +142,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     // to where its first went).
     let hash =
         lb4_flow_hash(cookie as u32, addr, (cookie >> 32) as u16, port, proto, config::flow_hash_seed());
-    let Some((id, backend)) = sticky.or_else(|| lb::maglev_pick(&svc, hash)) else {
+    let Some((id, backend)) = sticky.or_else(|| lb::maglev_pick::<V4>(&svc, hash)) else {
         // The agent never publishes a table that points at a missing backend.
         return refuse(svc.id, (addr, port), proto);
     };
