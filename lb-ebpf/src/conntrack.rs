@@ -278,14 +278,16 @@ pub struct Chosen<F: Family> {
     pub addr: F::Addr,
     pub port: u16,
     pub svc_id: u32,
-    /// `Some(hairpin address)` when the client is its own backend.
-    pub hairpin: Option<F::Addr>,
+    /// The client is its own backend: its packets are SNATed to the hairpin address.
+    pub hairpin: bool,
     /// The flow came from outside through a node interface (`CT_FLAG_EXTERNAL`).
     pub external: bool,
-    /// `Some(this node's address)` for a flow from outside to a remote endpoint: SNATed to it,
-    /// always with a port of the SNAT range (a client's own port could be one a socket of this
-    /// node uses towards the same endpoint).
-    pub node_snat: Option<F::Addr>,
+    /// This node's address for a flow from outside to a remote endpoint (`F::Addr::ZERO`: none):
+    /// SNATed to it, always with a port of the SNAT range (a client's own port could be one a
+    /// socket of this node uses towards the same endpoint). Not an `Option`: LLVM may load the
+    /// payload of a `None` it then ignores, and Linux 5.10's verifier refuses a read of stack
+    /// never written.
+    pub node_snat: F::Addr,
 }
 
 /// Why a new flow could not be recorded.
@@ -441,11 +443,12 @@ pub fn create<F: Family>(
     c: &Chosen<F>,
     now: u64,
 ) -> Result<u16, CreateError> {
-    let mut flags = if c.hairpin.is_some() { CT_FLAG_HAIRPIN } else { 0 };
+    let node_snat = c.node_snat != F::Addr::ZERO;
+    let mut flags = if c.hairpin { CT_FLAG_HAIRPIN } else { 0 };
     if c.external {
         flags |= CT_FLAG_EXTERNAL;
     }
-    if c.node_snat.is_some() {
+    if node_snat {
         flags |= CT_FLAG_NODE_SNAT;
     }
     let mut fwd = CtEntry {
@@ -459,16 +462,22 @@ pub fn create<F: Family>(
         flags,
         backend_id: c.id,
         svc_id: c.svc_id,
-        snat_addr: c.node_snat.unwrap_or(F::Addr::ZERO),
+        snat_addr: c.node_snat,
         _pad1: 0,
     };
-    let client = c.hairpin.or(c.node_snat).unwrap_or(f.saddr);
+    let client = if c.hairpin {
+        F::hairpin_addr()
+    } else if node_snat {
+        c.node_snat
+    } else {
+        f.saddr
+    };
     let rev_key = reply_key(f, c.addr, c.port, client, f.sport);
     let plain = reply_entry(&fwd, f);
     // Reply entries of an SNATed flow keep the client's own port.
     let snat_rev = CtEntry { snat_port: f.sport, ..plain };
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
-    let port = if c.node_snat.is_some() {
+    let port = if node_snat {
         // Always a port of the SNAT range (a client's own port could be one a socket of this node
         // uses towards the same endpoint); a flow picked up mid-stream first looks for its own.
         let h = snat_hash::<F>(fwd_key);

@@ -349,11 +349,12 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
     };
     // From outside, a remote endpoint's flow is SNATed to this node's address (its replies must
     // come back here); a local endpoint's keeps the client's address.
+    // (`F::Addr::ZERO`: none; see `Chosen::node_snat`.)
     let node_snat = match origin {
-        Origin::Pod => None,
+        Origin::Pod => F::Addr::ZERO,
         Origin::Outside => match ctx.route_to(f, backend.addr) {
-            Route::Local => None,
-            Route::Remote(addr) => Some(addr),
+            Route::Local => F::Addr::ZERO,
+            Route::Remote(addr) => addr,
             Route::ToTc => return Action::Pass(counters::XDP_TO_TC),
             Route::None => {
                 svc_update(svc.id, |s| s.drops += 1);
@@ -374,18 +375,15 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
         let value = Lb4Affinity { last_used_ns: now, backend_id: id, _pad: 0 };
         let _ = F::affinity().insert(&key, &value, 0);
     }
-    let hairpin = if hairpinned {
+    if hairpinned {
         count(counters::HAIRPIN);
-        Some(F::hairpin_addr())
-    } else {
-        None
-    };
+    }
     let chosen = Chosen {
         id,
         addr: backend.addr,
         port: backend.port,
         svc_id: svc.id,
-        hairpin,
+        hairpin: hairpinned,
         external: origin == Origin::Outside,
         node_snat,
     };
@@ -404,13 +402,12 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
             port
         }
     };
-    let snat_addr = node_snat.unwrap_or(F::Addr::ZERO);
     let nat =
-        Nat { src: client_nat(f, hairpinned, snat_addr, snat_port), dst: Some((backend.addr, backend.port)) };
+        Nat { src: client_nat(f, hairpinned, node_snat, snat_port), dst: Some((backend.addr, backend.port)) };
     // XDP sends the packet by the route it leaves with (from this node's address and port, which
     // ECMP or a source route may send another way than the client's): where it cannot, TC does,
     // finding the flow made.
-    if node_snat.is_some() && !sendable(ctx, f, &nat) {
+    if node_snat != F::Addr::ZERO && !sendable(ctx, f, &nat) {
         return Action::Pass(counters::XDP_TO_TC);
     }
     svc_update(svc.id, |s| {
@@ -423,7 +420,7 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
     if hairpinned {
         return Action::Bounce { nat, counter };
     }
-    if node_snat.is_some() {
+    if node_snat != F::Addr::ZERO {
         count(counters::NODE_SNAT);
         return Action::Forward { nat, counter };
     }
