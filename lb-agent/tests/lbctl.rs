@@ -49,7 +49,9 @@ fn lbctl_shows_what_the_agent_programmed() {
         true,
         |b| who(spec, &b.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>()),
         // Closed flows stay while the views are compared (a sweep would change their number).
-        &["--ct-timeout-tcp-close", "600"],
+        // IPv6 on: the lab's nodes have no global IPv6 address, so `auto` would refuse the IPv6
+        // Service below.
+        &["--ct-timeout-tcp-close", "600", "--ipv6", "on"],
     );
     c.wait_reachable(&c.client1, 80);
     let answers = tcp_asks(&c.client1, SocketAddrV4::new(VIP, 80), 20).expect("traffic");
