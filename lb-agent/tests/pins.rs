@@ -130,7 +130,7 @@ fn a_taken_port_stops_the_agent_before_anything_is_pinned() {
 }
 
 /// A start whose datapath fails to load after some of its maps were pinned (here a conntrack table
-/// the kernel refuses, of no entries; on an old kernel, a program the verifier refuses) removes
+/// the kernel refuses, of no entries, whichever is made first; on an old kernel, a program the verifier refuses) removes
 /// what it pinned: the next start, or `--cleanup`, finds nothing half made.
 #[test]
 fn a_failed_load_leaves_nothing_pinned() {
@@ -138,7 +138,10 @@ fn a_failed_load_leaves_nothing_pinned() {
     let mut cfg = support::test_config(pins.path());
     cfg.caps.ct = 0;
     let err = lb_agent::datapath::Datapath::load(&cfg, lb_agent::datapath::Mode::Tc).err().expect("refused");
-    assert!(format!("{err:?}").contains("LB4_CT"), "{err:?}");
+    // Either family's conntrack table (both are sized 0 here; the loader makes maps in no fixed
+    // order).
+    let err = format!("{err:?}");
+    assert!(err.contains("LB4_CT") || err.contains("LB6_CT"), "{err}");
     assert!(
         !pins.path().exists(),
         "left: {:?}",
