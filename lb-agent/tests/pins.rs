@@ -130,8 +130,9 @@ fn a_taken_port_stops_the_agent_before_anything_is_pinned() {
 }
 
 /// A start whose datapath fails to load after some of its maps were pinned (here a conntrack table
-/// the kernel refuses, of no entries, whichever is made first; on an old kernel, a program the verifier refuses) removes
-/// what it pinned: the next start, or `--cleanup`, finds nothing half made.
+/// the kernel refuses, of no entries, whichever is made first; on an old kernel, a program the
+/// verifier refuses) removes what it pinned: the next start, or `--cleanup`, finds nothing half
+/// made.
 #[test]
 fn a_failed_load_leaves_nothing_pinned() {
     let pins = support::PinDir::new("failed-load");
