@@ -102,6 +102,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
         ct_timeout_udp_secs: ct_timeouts_secs,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
+        hairpin_addr6: lb_common::DEFAULT_HAIRPIN_ADDR6.into(),
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         bpf_log: false,
         tc_order: Default::default(),

@@ -156,7 +156,8 @@ impl PacketCtx for TcContext {
     fn parse<F: Family>(&self) -> Parsed<F> {
         tc_linearise(self, F::COMMON_HEADERS);
         let parsed = F::parse(TcContext::data(self), TcContext::data_end(self));
-        let short = matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO));
+        let short =
+            matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO) | Parsed::TooDeep(_));
         if short && tc_linearise(self, F::MAX_HEADERS) {
             return F::parse(TcContext::data(self), TcContext::data_end(self));
         }

@@ -1,6 +1,9 @@
 //! lb datapath programs. Each entry point is thin: it counts the packet and runs the pipeline
 //! (`pipeline`: parse, decide (`lb`), rewrite (`nat`), count) for its hook (`ctx`).
 //!
+//! - `lb4_tc_forward`, `lb4_tc_reply`, `lb4_xdp_forward` hand IPv6 packets to `lb6_tc_forward`,
+//!   `lb6_tc_reply`, `lb6_xdp_forward` (the same pipeline for `V6`) by tail call, through the
+//!   program arrays `LB_TAIL_TC` and `LB_TAIL_XDP` the agent fills when it serves IPv6.
 //! - `lb4_tc_forward`: TC ingress of a pod's host-side interface (traffic leaving the pod).
 //! - `lb4_xdp_forward`: the same decision as an XDP program (`--datapath xdp`), in front of
 //!   `lb4_tc_forward`, which takes what XDP leaves to it and lets the rest go on.
@@ -28,7 +31,9 @@ mod lb;
 mod maps;
 mod monitor;
 mod nat;
+mod nat6;
 mod parse;
+mod parse6;
 mod pipeline;
 mod sock;
 mod stats;
@@ -39,7 +44,26 @@ use aya_ebpf::{
 };
 use lb_common::counters;
 
-use crate::{family::V4, stats::count};
+use crate::{
+    ctx::PacketCtx,
+    family::{V4, V6},
+    maps::{LB_TAIL_TC, LB_TAIL_XDP},
+    stats::count,
+};
+
+/// An IPv6 packet goes on in the IPv6 program in `slot` of `programs` (a tail call: it does not
+/// come back). Where the slot is empty (`--ipv6 off`) it passes untouched, counted. `None` for
+/// any other packet.
+#[inline(always)]
+fn to_ipv6<C: PacketCtx>(ctx: &C, programs: &aya_ebpf::maps::ProgramArray, slot: u32) -> Option<C::Ret> {
+    if !parse::is_ipv6(ctx.data(), ctx.data_end()) {
+        return None;
+    }
+    // SAFETY: a valid context; the programs in the array are of this program's type.
+    unsafe { programs.tail_call(ctx, slot) };
+    count(counters::PASS_IPV6);
+    Some(C::PASS)
+}
 
 #[classifier]
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
@@ -48,13 +72,38 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_FORWARD);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_FORWARD) {
+        return ret;
+    }
     pipeline::forward::<V4, _>(&ctx)
 }
 
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_REPLY) {
+        return ret;
+    }
     pipeline::reply::<V4, _>(&ctx)
+}
+
+/// `lb4_tc_forward` for IPv6 packets (tail-called, `LB_TAIL_TC[TAIL_FORWARD]`; the packet was
+/// counted there).
+#[classifier]
+pub fn lb6_tc_forward(ctx: TcContext) -> i32 {
+    pipeline::reply::<V6, _>(&ctx)
+}
+
+/// `lb4_tc_reply` for IPv6 packets (`LB_TAIL_TC[TAIL_REPLY]`).
+#[classifier]
+pub fn lb6_tc_reply(ctx: TcContext) -> i32 {
+    pipeline::reply::<V6, _>(&ctx)
+}
+
+/// `lb4_xdp_forward` for IPv6 packets (`LB_TAIL_XDP[TAIL_FORWARD]`).
+#[xdp]
+pub fn lb6_xdp_forward(ctx: XdpContext) -> u32 {
+    pipeline::forward::<V6, _>(&ctx)
 }
 
 #[classifier]
@@ -76,6 +125,12 @@ pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_XDP, lb_common::TAIL_FORWARD) {
+        // Marked as decided: the TC program behind leaves it alone (XDP left it to IPv6's
+        // XDP program, which marks what it passes; an empty slot passes it untouched).
+        ctx.mark(true);
+        return ret;
+    }
     pipeline::forward::<V4, _>(&ctx)
 }
 

@@ -120,6 +120,14 @@ fn verdict<F: Family, C: PacketCtx>(
         Parsed::IcmpError(_) => return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
         Parsed::Pass(c) => return finish_marked::<F, C>(ctx, Action::Pass(c)),
         Parsed::Drop(c) => return finish_marked::<F, C>(ctx, Action::Drop(c)),
+        Parsed::TooDeep(daddr) => {
+            let action = if F::is_frontend_addr(daddr) {
+                Action::Drop(counters::DROP_EXT_HEADERS)
+            } else {
+                Action::Pass(counters::PASS_OTHER_PROTO)
+            };
+            return finish_marked::<F, C>(ctx, action);
+        }
     };
     let action = match decide(&f) {
         Action::Rewrite { nat, counter } => match rewrite(ctx, &f, nat) {

@@ -59,11 +59,13 @@ pub struct Maps6 {
     pub members: HashMap<MapData, Lb4MemberKey, Lb6Member>,
     pub ct: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub affinity: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
+    /// The addresses of `services`' keys (`LB6_VIPS`), kept with them.
+    pub vips: HashMap<MapData, [u32; 4], u32>,
 }
 
 /// The IPv6 maps with a typed handle (`Maps::v6`).
-const TYPED_MAPS6: [&str; 5] =
-    [MAP_LB6_SERVICES, MAP_LB6_BACKENDS, MAP_LB6_MEMBERS, MAP_LB6_CT, MAP_LB6_AFFINITY];
+const TYPED_MAPS6: [&str; 6] =
+    [MAP_LB6_SERVICES, MAP_LB6_BACKENDS, MAP_LB6_MEMBERS, MAP_LB6_CT, MAP_LB6_AFFINITY, lb_common::MAP_LB6_VIPS];
 
 /// The maps without a typed handle here (see `Maps::others`).
 const UNTYPED_MAPS: [&str; 10] = [
@@ -121,6 +123,7 @@ impl Maps {
                 members: typed(take(MAP_LB6_MEMBERS), MAP_LB6_MEMBERS)?,
                 ct: typed(take(MAP_LB6_CT), MAP_LB6_CT)?,
                 affinity: typed(take(MAP_LB6_AFFINITY), MAP_LB6_AFFINITY)?,
+                vips: typed(take(lb_common::MAP_LB6_VIPS), lb_common::MAP_LB6_VIPS)?,
             })
         } else {
             None
@@ -361,7 +364,11 @@ impl MapWriter for Maps {
     fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
         match key {
             ServiceKey::V4(k) => self.services.insert(k, svc, 0),
-            ServiceKey::V6(k) => self.v6_mut()?.services.insert(k, svc, 0),
+            ServiceKey::V6(k) => {
+                let v6 = self.v6_mut()?;
+                v6.services.insert(k, svc, 0)?;
+                v6.vips.insert(k.addr, 1, 0)
+            }
         }
     }
 
@@ -372,7 +379,17 @@ impl MapWriter for Maps {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         match key {
             ServiceKey::V4(k) => absent_ok(self.services.remove(k)),
-            ServiceKey::V6(k) => absent_ok(self.v6_mut()?.services.remove(k)),
+            ServiceKey::V6(k) => {
+                let v6 = self.v6_mut()?;
+                absent_ok(v6.services.remove(k))?;
+                // The address stays a Service address while another frontend has it.
+                let shared = v6.services.keys().any(|other| other.is_ok_and(|o| o.addr == k.addr));
+                if shared {
+                    Ok(())
+                } else {
+                    absent_ok(v6.vips.remove(&k.addr))
+                }
+            }
         }
     }
 

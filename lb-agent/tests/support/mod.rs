@@ -63,6 +63,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         ct_timeout_udp_secs: 60,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
+        hairpin_addr6: lb_common::DEFAULT_HAIRPIN_ADDR6.into(),
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         bpf_log: false,
         tc_order: Default::default(),
