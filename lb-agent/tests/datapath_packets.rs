@@ -311,12 +311,12 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
             counters: &[(c::RX_FORWARD, 1), (c::PASS_NON_IP, 1)],
         },
         Row {
-            desc: "IPv6: passed untouched",
+            desc: "IPv6 (of a protocol lb does not balance): on to the IPv6 program, which passes it",
             prog,
             bytes: ether(0x86dd, &[0x60; 48]),
             verdict: ok,
             out: Out::Unchanged,
-            counters: &[(c::RX_FORWARD, 1), (c::PASS_IPV6, 1)],
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_OTHER_PROTO, 1)],
         },
         Row {
             desc: "truncated inside the TCP header: dropped",

@@ -225,6 +225,22 @@ pub struct Scratch {
     /// The reply key a new flow tries source ports with (`conntrack::alloc_port`; `CtKey<[u32;
     /// 4]>`: 40 bytes, 4-aligned).
     pub key: [u64; 5],
+    /// A value passed through memory the verifier does not follow ([`opaque`]).
+    pub opaque: u64,
+}
+
+/// `v` as the verifier sees a value read from a map: any number, bounded here by `mask`. The
+/// IPv6 parser passes what it found in the extension headers through it (`parse6`). `None` if the
+/// scratch map is missing (it never is).
+#[inline(always)]
+pub fn opaque(v: usize, mask: usize) -> Option<usize> {
+    // SAFETY: the one per-CPU value of an array; nothing else holds a reference into it across
+    // this function (programs do not nest on a CPU for one hook).
+    unsafe {
+        let s = LB_SCRATCH.get_ptr_mut(0)?;
+        core::ptr::write_volatile(&raw mut (*s).opaque, v as u64);
+        Some(core::ptr::read_volatile(&raw const (*s).opaque) as usize & mask)
+    }
 }
 
 const _: () = assert!(

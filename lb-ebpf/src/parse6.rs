@@ -17,6 +17,7 @@ use lb_common::{counters, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     family::V6,
+    maps::opaque,
     parse::{ptr_at, EthHdr, Flow, Fragment, IcmpError, IcmpHdr, Parsed, TcpHdr, UdpHdr, ETH_HLEN},
 };
 
@@ -88,7 +89,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
     }
     let mut l4_off = ETH_HLEN + size_of::<Ipv6Hdr>();
     // The Fragment header's offset-and-flags and identification, if there is one.
-    let mut frag: Option<(u16, u32)> = None;
+    let (mut has_frag, mut frag_off, mut frag_id) = (false, 0u16, 0u32);
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
         if !is_ext(next) {
@@ -98,10 +99,10 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
             return Parsed::Drop(counters::DROP_MALFORMED);
         };
         // SAFETY: bounds checked by ptr_at.
-        let (n, len, frag_off, id) = unsafe { ((*h).next, (*h).len, (*h).frag_off, (*h).id) };
+        let (n, len, off, id) = unsafe { ((*h).next, (*h).len, (*h).frag_off, (*h).id) };
         l4_off += match next {
             NEXT_FRAGMENT => {
-                frag = Some((u16::from_be(frag_off), id));
+                (has_frag, frag_off, frag_id) = (true, u16::from_be(off), id);
                 8
             }
             NEXT_AH => (usize::from(len) + 2) * 4,
@@ -113,13 +114,21 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
     if is_ext(next) {
         return Parsed::TooDeep(daddr);
     }
-    if let Some((off, id)) = frag {
-        if off & IP6_OFFSET != 0 {
-            if next != IPPROTO_TCP && next != IPPROTO_UDP {
-                return Parsed::Pass(counters::PASS_FRAGMENT);
-            }
-            return Parsed::Fragment(Fragment { l4_off, saddr, daddr, proto: next, frag_id: id });
+    // Every path through the extension headers (each kind and length its own known offset) meets
+    // here in one verifier state: the offset and the fragment fields are passed through memory
+    // the verifier does not follow. Otherwise the pipeline after the parser is verified once per
+    // path, past the verifier's 1M-instruction limit. The offset is at most 54 + 4 × 2048.
+    let packed = usize::from(has_frag) << 31 | usize::from(frag_off) << 14 | l4_off;
+    let (Some(packed), Some(id)) = (opaque(packed, 0xffff_ffff), opaque(frag_id as usize, 0xffff_ffff)) else {
+        return Parsed::Drop(counters::DROP_MALFORMED);
+    };
+    let (has_frag, frag_off, frag_id) = (packed >> 31 != 0, (packed >> 14) as u16, id as u32);
+    let l4_off = packed & 0x3fff;
+    if has_frag && frag_off & IP6_OFFSET != 0 {
+        if next != IPPROTO_TCP && next != IPPROTO_UDP {
+            return Parsed::Pass(counters::PASS_FRAGMENT);
         }
+        return Parsed::Fragment(Fragment { l4_off, saddr, daddr, proto: next, frag_id });
     }
     let (sport, dport, tcp_flags, udp_no_csum) = match next {
         IPPROTO_TCP => match ptr_at::<TcpHdr>(data, data_end, l4_off) {
@@ -132,13 +141,10 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
             Some(u) => unsafe { ((*u).source, (*u).dest, 0, (*u).check == 0) },
             None => return Parsed::Drop(counters::DROP_MALFORMED),
         },
-        IPPROTO_ICMPV6 if frag.is_none() => return parse_icmp6_error(data, data_end, l4_off, saddr, daddr),
+        IPPROTO_ICMPV6 if !has_frag => return parse_icmp6_error(data, data_end, l4_off, saddr, daddr),
         _ => return Parsed::Pass(counters::PASS_OTHER_PROTO),
     };
-    let (first_fragment, frag_id) = match frag {
-        Some((off, id)) => (off & IP6_MF != 0, id),
-        None => (false, 0),
-    };
+    let first_fragment = has_frag && frag_off & IP6_MF != 0;
     Parsed::Flow(Flow {
         l4_off,
         saddr,
