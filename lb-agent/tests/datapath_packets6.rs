@@ -751,3 +751,37 @@ fn ipv6_off_passes_ipv6_untouched() {
         drop((dp, maps));
     }
 }
+
+
+/// Rule: every program stays well within the verifier's 1M-instruction limit on this kernel
+/// (half of it), so that older kernels, which prune fewer states, still take them: the IPv6
+/// forward program is two (`lb6_*_forward`, `lb6_*_forward_decided`) for this reason. Linux 5.16
+/// and later report the count; on older kernels the kernel matrix's load of every program is the
+/// check, and this test says so.
+#[test]
+fn every_program_verifies_within_half_the_limit() {
+    let pins = PinDir::new("verified");
+    // Every lb program loaded on this host (tests running beside this one load the same ones).
+    let mut seen = Vec::new();
+    for mode in [Mode::Tc, Mode::Xdp] {
+        let (dp, _maps) = Datapath::load(&support::test_config(pins.path()), mode).expect("load");
+        for p in aya::programs::loaded_programs() {
+            let p = p.expect("program info");
+            let name = p.name_as_str().unwrap_or_default().to_string();
+            if name.starts_with("lb4_") || name.starts_with("lb6_") {
+                seen.push((name, p.verified_instruction_count()));
+            }
+        }
+        drop(dp);
+    }
+    eprintln!("instructions verified per program: {seen:?}");
+    // Program names are cut to 15 bytes: both halves of the IPv6 forward programs are there.
+    assert!(seen.iter().filter(|(n, _)| n.starts_with("lb6_tc_forward")).count() >= 2, "{seen:?}");
+    assert!(seen.iter().filter(|(n, _)| n.starts_with("lb6_xdp_forward")).count() >= 2, "{seen:?}");
+    if seen.iter().all(|(_, n)| n.is_none()) {
+        eprintln!("note: this kernel does not report verified instructions (5.16 and later do); loading was the check");
+        return;
+    }
+    let over: Vec<_> = seen.iter().filter(|(_, n)| n.is_some_and(|n| n > 500_000)).collect();
+    assert!(over.is_empty(), "programs verified in more than 500,000 instructions: {over:?}");
+}

@@ -210,6 +210,9 @@ pub const TAIL_SLOTS: u32 = 4;
 /// `LB_TAIL_TC`: `lb6_tc_forward`, `lb6_tc_reply`; `LB_TAIL_XDP`: `lb6_xdp_forward`.
 pub const TAIL_FORWARD: u32 = 0;
 pub const TAIL_REPLY: u32 = 1;
+/// `LB_TAIL_TC`: `lb6_tc_forward_decided`; `LB_TAIL_XDP`: `lb6_xdp_forward_decided` (the second
+/// half of the forward program, tail-called from the first).
+pub const TAIL_FORWARD_DECIDED: u32 = 2;
 
 /// Set in `kind` (`EVENT_NEW_FLOW`, `EVENT_DROP`, `EVENT_SOCK`) of an event about IPv6: the
 /// record is an [`LbEvent6`], not an `LbEvent`.

@@ -94,7 +94,17 @@ pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn lb6_tc_forward(ctx: TcContext) -> i32 {
-    pipeline::forward::<V6, _>(&ctx)
+    // SAFETY: a valid context; the array holds programs of this type.
+    pipeline::forward_parsed::<V6, _>(&ctx, || unsafe {
+        let _ = LB_TAIL_TC.tail_call(&ctx, lb_common::TAIL_FORWARD_DECIDED);
+    })
+}
+
+/// The second half of `lb6_tc_forward` (`LB_TAIL_TC[TAIL_FORWARD_DECIDED]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_forward_decided(ctx: TcContext) -> i32 {
+    pipeline::forward_decided::<V6, _>(&ctx)
 }
 
 /// `lb4_tc_reply` for IPv6 packets (`LB_TAIL_TC[TAIL_REPLY]`).
@@ -108,7 +118,17 @@ pub fn lb6_tc_reply(ctx: TcContext) -> i32 {
 #[xdp]
 #[inline(always)]
 pub fn lb6_xdp_forward(ctx: XdpContext) -> u32 {
-    pipeline::forward::<V6, _>(&ctx)
+    // SAFETY: a valid context; the array holds programs of this type.
+    pipeline::forward_parsed::<V6, _>(&ctx, || unsafe {
+        let _ = LB_TAIL_XDP.tail_call(&ctx, lb_common::TAIL_FORWARD_DECIDED);
+    })
+}
+
+/// The second half of `lb6_xdp_forward` (`LB_TAIL_XDP[TAIL_FORWARD_DECIDED]`).
+#[xdp]
+#[inline(always)]
+pub fn lb6_xdp_forward_decided(ctx: XdpContext) -> u32 {
+    pipeline::forward_decided::<V6, _>(&ctx)
 }
 
 #[classifier]

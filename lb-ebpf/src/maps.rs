@@ -227,6 +227,8 @@ pub struct Scratch {
     pub key: [u64; 5],
     /// A value passed through memory the verifier does not follow ([`opaque`]).
     pub opaque: u64,
+    /// The flow `pipeline::forward_parsed` leaves for `pipeline::forward_decided`.
+    pub flow: [u64; 8],
 }
 
 /// `v` as the verifier sees a value read from a map: any number, bounded here by `mask`. The

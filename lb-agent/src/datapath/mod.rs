@@ -500,6 +500,8 @@ fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), Datap
 const PROG6_TC_FORWARD: &str = "lb6_tc_forward";
 const PROG6_TC_REPLY: &str = "lb6_tc_reply";
 const PROG6_XDP_FORWARD: &str = "lb6_xdp_forward";
+const PROG6_TC_FORWARD_DECIDED: &str = "lb6_tc_forward_decided";
+const PROG6_XDP_FORWARD_DECIDED: &str = "lb6_xdp_forward_decided";
 
 /// Serving IPv6: loads the IPv6 programs and puts them in the program arrays the IPv4 entry points
 /// tail-call (`LB_TAIL_TC`, and `LB_TAIL_XDP` in XDP mode). Not serving it (`--ipv6 off`): empties
@@ -507,15 +509,18 @@ const PROG6_XDP_FORWARD: &str = "lb6_xdp_forward";
 /// filled would stay).
 fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), DatapathError> {
     use aya::maps::ProgramArray;
-    use lb_common::{MAP_LB_TAIL_TC, MAP_LB_TAIL_XDP, TAIL_FORWARD, TAIL_REPLY};
+    use lb_common::{MAP_LB_TAIL_TC, MAP_LB_TAIL_XDP, TAIL_FORWARD, TAIL_FORWARD_DECIDED, TAIL_REPLY};
     let tc = ebpf.take_map(MAP_LB_TAIL_TC).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_TC))?;
     let mut tc = ProgramArray::try_from(tc).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
     let xdp = ebpf.take_map(MAP_LB_TAIL_XDP).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_XDP))?;
     let mut xdp = ProgramArray::try_from(xdp).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
     let xdp_on = ipv6 && mode == Mode::Xdp;
+    // The second half of a forward program first: its first half never finds its slot empty.
+    let tc_slots =
+        [(TAIL_FORWARD_DECIDED, PROG6_TC_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_TC_FORWARD), (TAIL_REPLY, PROG6_TC_REPLY)];
     if ipv6 {
-        load_classifiers(ebpf, &[PROG6_TC_FORWARD, PROG6_TC_REPLY])?;
-        for (slot, name) in [(TAIL_FORWARD, PROG6_TC_FORWARD), (TAIL_REPLY, PROG6_TC_REPLY)] {
+        load_classifiers(ebpf, &tc_slots.map(|(_, name)| name))?;
+        for (slot, name) in tc_slots {
             let prog: &SchedClassifier = ebpf
                 .program(name)
                 .expect("object has the program")
@@ -525,21 +530,27 @@ fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), Datapa
             tc.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
         }
     } else {
-        for slot in [TAIL_FORWARD, TAIL_REPLY] {
+        // The entry points' slots first: nothing reaches a second half any more.
+        for slot in [TAIL_FORWARD, TAIL_REPLY, TAIL_FORWARD_DECIDED] {
             absent_ok(tc.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
         }
     }
+    let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
     if xdp_on {
-        load_xdp(ebpf, PROG6_XDP_FORWARD)?;
-        let prog: &Xdp = ebpf
-            .program(PROG6_XDP_FORWARD)
-            .expect("object has the program")
-            .try_into()
-            .map_err(|source| DatapathError::Program { program: PROG6_XDP_FORWARD, source })?;
-        let fd = prog.fd().map_err(|source| DatapathError::Program { program: PROG6_XDP_FORWARD, source })?;
-        xdp.set(TAIL_FORWARD, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        for (slot, name) in xdp_slots {
+            load_xdp(ebpf, name)?;
+            let prog: &Xdp = ebpf
+                .program(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            let fd = prog.fd().map_err(|source| DatapathError::Program { program: name, source })?;
+            xdp.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        }
     } else {
-        absent_ok(xdp.clear_index(&TAIL_FORWARD)).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        for slot in [TAIL_FORWARD, TAIL_FORWARD_DECIDED] {
+            absent_ok(xdp.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        }
     }
     Ok(())
 }
