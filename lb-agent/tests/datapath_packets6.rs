@@ -108,7 +108,6 @@ fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
     assert!(services.iter().any(|(k, s)| *k == key && s.id == 5), "kept across a restart: {services:?}");
 }
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prog {
     TcForward,
@@ -201,7 +200,6 @@ fn maglev_choice(maps: &Maps, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), proto:
     (Ipv6Addr::from(<[u8; 16]>::try_from(o).expect("16 bytes")), u16::from_be(be.port))
 }
 
-
 /// A frame of `ethertype` carrying `body`.
 fn ether(ethertype: u16, body: &[u8]) -> Vec<u8> {
     let mut f = Pkt6::new((CLIENT, 1), (VIP6, 1), UDP).bytes()[..12].to_vec();
@@ -212,7 +210,17 @@ fn ether(ethertype: u16, body: &[u8]) -> Vec<u8> {
 
 /// `n` extension headers (Hop-by-Hop first, as RFC 8200 orders them, then Destination Options).
 fn exts(n: usize) -> Vec<Ext> {
-    (0..n).map(|i| if i == 0 { Ext::HopByHop { len8: 0 } } else { Ext::DestOpts { len8: (i % 2) as u8 } }).collect()
+    (0..n)
+        .map(|i| if i == 0 { Ext::HopByHop { len8: 0 } } else { Ext::DestOpts { len8: (i % 2) as u8 } })
+        .collect()
+}
+
+/// `p` behind a Hop-by-Hop header cut short after 6 of its 8 bytes.
+fn cut_ext(p: Pkt6) -> Vec<u8> {
+    let mut b = p.with_ext(&[Ext::HopByHop { len8: 0 }]).bytes();
+    b.truncate(14 + 40 + 6);
+    b[18..20].copy_from_slice(&6u16.to_be_bytes());
+    b
 }
 
 fn fragment(p: Pkt6, offset: u16, more: bool, id: u32) -> Pkt6 {
@@ -326,17 +334,52 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
             counters: &[(c::RX_FORWARD, 1), (c::PASS_OTHER_PROTO, 1)],
         },
         Row {
-            desc: "an extension header cut short: dropped",
+            desc: "an extension header out of reach (cut short, or past what TC pulled in), to a Service \
+                   address: its ports unseen, dropped",
+            prog,
+            bytes: cut_ext(Pkt6::new(cl(9), (VIP6, 80), SYN)),
+            verdict: drop,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_EXT_HEADERS, 1)],
+        },
+        Row {
+            desc: "an extension header out of reach, to any other address: passed untouched",
+            prog,
+            bytes: cut_ext(Pkt6::new(cl(9), (OTHER, 80), SYN)),
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_OTHER_PROTO, 1)],
+        },
+        Row {
+            desc: "a transport header out of reach behind an extension header, to a Service address: dropped",
             prog,
             bytes: {
                 let mut b = Pkt6::new(cl(9), (VIP6, 80), SYN).with_ext(&[Ext::HopByHop { len8: 0 }]).bytes();
-                b.truncate(14 + 40 + 6);
-                b[18..20].copy_from_slice(&6u16.to_be_bytes());
+                b.truncate(14 + 40 + 8 + 10);
+                b[18..20].copy_from_slice(&18u16.to_be_bytes());
                 b
             },
             verdict: drop,
             out: Out::Unchanged,
-            counters: &[(c::RX_FORWARD, 1), (c::DROP_MALFORMED, 1)],
+            counters: &[(c::RX_FORWARD, 1), (c::DROP_EXT_HEADERS, 1)],
+        },
+        Row {
+            desc: "non-first fragment whose Fragment header names another header: the rest is payload, \
+                   passed untouched (XDP too: nothing to find)",
+            prog,
+            bytes: {
+                // Payload that reads as a Destination Options header too long for the packet.
+                let mut p = fragment(Pkt6::new(cl(9), (VIP6, 53), UDP), 2, false, 99);
+                p.payload = vec![NEXT_DEST_OPTS, 0xff, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+                let mut b = p.bytes();
+                let frag = 14 + 40;
+                assert_eq!(b[20], NEXT_FRAGMENT, "the Fragment header first");
+                b[frag] = NEXT_DEST_OPTS;
+                b
+            },
+            verdict: ok,
+            out: Out::Unchanged,
+            counters: &[(c::RX_FORWARD, 1), (c::PASS_FRAGMENT, 1)],
         },
         Row {
             desc: "first fragment (Fragment header, offset 0, more) to a Service address: balanced, counted",
@@ -500,8 +543,9 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
 
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     let before = maps.read_counters().expect("counters");
-    let (verdict, out) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(dp, row.prog, &row.bytes)))
-        .unwrap_or_else(|_| panic!("{}: the test run failed", row.desc));
+    let (verdict, out) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(dp, row.prog, &row.bytes)))
+            .unwrap_or_else(|_| panic!("{}: the test run failed", row.desc));
     let after = maps.read_counters().expect("counters");
     assert_eq!(verdict, row.verdict, "{}: verdict", row.desc);
     assert_counter_changes(row.desc, &before, &after, row.counters);
@@ -600,7 +644,9 @@ fn tc_forward_and_reply_table6() {
         Row {
             desc: "reply behind a Destination Options header: source back to the Service address",
             prog: Prog::TcReply,
-            bytes: Pkt6::new(ext_backend, (CLIENT, 40_005), ACK).with_ext(&[Ext::DestOpts { len8: 1 }]).bytes(),
+            bytes: Pkt6::new(ext_backend, (CLIENT, 40_005), ACK)
+                .with_ext(&[Ext::DestOpts { len8: 1 }])
+                .bytes(),
             verdict: TC_OK,
             out: Out::Snat(VIP6, 80),
             counters: &[(c::RX_REPLY, 1), (c::REV_NAT, 1)],
@@ -729,6 +775,194 @@ fn icmp6_errors_about_a_flow_are_translated_back_to_the_service() {
     }
 }
 
+/// Rule: a received packet's sum (`CHECKSUM_COMPLETE`, what a NIC hands up) still matches the
+/// packet after every TC rewrite: the address write with the pseudo-header's checksum change
+/// (which the kernel's helper takes out of the sum as if for IPv4), port changes, replies, ICMPv6
+/// errors, hairpin bounces and rejects. A wrong sum makes the receive path warn ("hw csum
+/// failure") and check the packet again in software. A reject whose answer is longer or shorter
+/// than the packet is not among them: changing the length turns the sum off (`CHECKSUM_NONE`,
+/// the stack checks the answer in software), which the test run cannot tell from a wrong sum.
+/// Linux 6.16 and later can make such test runs; on older kernels this test says so and checks
+/// nothing.
+#[test]
+fn a_received_packets_sum_still_matches_after_every_rewrite() {
+    let (_pins, dp, maps) = load("csum-complete6", Mode::Tc);
+    let forward = dp.tc_program(PROG_TC_FORWARD).expect("tc forward");
+    let reply = dp.tc_program(PROG_TC_REPLY).expect("tc reply");
+    let backend = |src: (Ipv6Addr, u16), port: u16, proto: u8| maglev_choice(&maps, src, (VIP6, port), proto);
+    let cl = |port: u16| (CLIENT, 44_000 + port);
+    let mut checked = 0;
+    let rows: Vec<(&str, &aya::programs::SchedClassifier, Vec<u8>, u32)> = vec![
+        ("TCP SYN to a Service: DNAT", forward, Pkt6::new(cl(1), (VIP6, 80), SYN).bytes(), c::FWD_NEW_FLOW),
+        ("its ACK: conntrack hit", forward, Pkt6::new(cl(1), (VIP6, 80), ACK).bytes(), c::FWD_ESTABLISHED),
+        (
+            "UDP to a Service: DNAT, port changed",
+            forward,
+            Pkt6::new(cl(2), (VIP6, 53), UDP).bytes(),
+            c::FWD_NEW_FLOW,
+        ),
+        (
+            "behind extension headers: DNAT",
+            forward,
+            Pkt6::new(cl(3), (VIP6, 80), SYN).with_ext(&exts(2)).bytes(),
+            c::FWD_NEW_FLOW,
+        ),
+        (
+            "TCP reply: source back to the Service",
+            reply,
+            Pkt6::new(backend(cl(1), 80, 6), cl(1), SYN_ACK).bytes(),
+            c::REV_NAT,
+        ),
+        (
+            "UDP reply: source and port back",
+            reply,
+            Pkt6::new(backend(cl(2), 53, 17), cl(2), UDP).bytes(),
+            c::REV_NAT,
+        ),
+        (
+            "hairpinned reply: bounced from the Service",
+            forward,
+            Pkt6::new((CLIENT, 8080), (HAIRPIN6, 44_014), SYN_ACK).bytes(),
+            c::REV_NAT,
+        ),
+        (
+            "a SYN as long as its answer to a Service with no backends: rejected",
+            forward,
+            Pkt6 {
+                payload: vec![7; lb_common::reject::REJECT6_OUT - 14 - 40 - 20],
+                ..Pkt6::new(cl(5), (VIP6_EMPTY, 80), SYN)
+            }
+            .bytes(),
+            c::REJECT_NO_BACKEND,
+        ),
+    ];
+    // The hairpinned reply needs its flow: the pod to its own Service.
+    let (v, _) = run(&dp, Prog::TcForward, &Pkt6::new((CLIENT, 44_014), (VIP6_SELF, 80), SYN).bytes());
+    assert_eq!(v, TC_REDIRECT, "the hairpin flow: bounced to the pod itself");
+    for (desc, prog, input, counter) in rows {
+        let before = maps.read_counters().expect("counters")[counter as usize];
+        match support::test_run_checksum_complete(prog, &input) {
+            support::CompleteRun::Ran(_, out) => {
+                assert_ne!(out, input, "{desc}: rewritten");
+                checked += 1;
+            }
+            support::CompleteRun::SumWrong => {
+                panic!("{desc}: the packet's sum no longer matches it (EBADMSG)")
+            }
+            support::CompleteRun::Unsupported => {
+                let (major, minor) = kernel_release();
+                assert!(
+                    (major, minor) < (6, 16),
+                    "Linux {major}.{minor} refused a CHECKSUM_COMPLETE test run"
+                );
+                eprintln!("NOTE: Linux {major}.{minor} cannot make CHECKSUM_COMPLETE test runs (6.16 and later): not checked here");
+                return;
+            }
+        }
+        let after = maps.read_counters().expect("counters")[counter as usize];
+        assert_eq!(after, before + 1, "{desc}: counted as {}", c::NAMES[counter as usize]);
+    }
+    assert_eq!(checked, 8);
+}
+
+/// Rule: the second half of an IPv6 forward program applies only a flow its first half left for
+/// this very packet. Run alone (as when an agent restart pairs one load's first half with another
+/// load's second, each with its own scratch map), or a second time after a packet went through,
+/// it finds none: the packet is dropped, counted, never sent with another packet's flow.
+#[test]
+fn the_second_half_takes_only_the_flow_left_for_its_packet() {
+    for mode in [Mode::Tc, Mode::Xdp] {
+        let (_pins, dp, maps) = load(&format!("split6-{mode:?}").to_lowercase(), mode);
+        let syn = Pkt6::new((CLIENT, 45_000), (VIP6, 80), SYN).bytes();
+        let (name, entry, drop) = match mode {
+            Mode::Tc => ("lb6_tc_forward_decided", Prog::TcForward, TC_SHOT),
+            _ => ("lb6_xdp_forward_decided", Prog::Xdp, XDP_DROP),
+        };
+        let alone = |input: &[u8]| -> (u32, Vec<u8>) {
+            let mut out = vec![0u8; input.len() + 256];
+            let opts =
+                TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
+            let res = match mode {
+                Mode::Tc => dp.tc_program(name).expect(name).test_run(opts),
+                _ => dp.xdp_program(name).expect(name).test_run(opts),
+            }
+            .expect("test run");
+            out.truncate(res.data_size_out as usize);
+            (res.return_value, out)
+        };
+        let before = maps.read_counters().expect("counters");
+        let (v, out) = alone(&syn);
+        let after = maps.read_counters().expect("counters");
+        assert_eq!((v, &out), (drop, &syn), "{mode:?}: the second half alone drops, untouched");
+        assert_counter_changes("second half alone", &before, &after, &[(c::DROP_SPLIT_MISMATCH, 1)]);
+        // Through the entry point: both halves, the flow balanced.
+        let (v, out) = run(&dp, entry, &syn);
+        assert_ne!(v, drop, "{mode:?}: through both halves");
+        assert_eq!(check_packet6(&out).dst, maglev_choice(&maps, (CLIENT, 45_000), (VIP6, 80), 6));
+        // The flow was taken: the second half again finds nothing, even for the same packet.
+        let before = maps.read_counters().expect("counters");
+        let (v, _) = alone(&syn);
+        let after = maps.read_counters().expect("counters");
+        assert_eq!(v, drop, "{mode:?}: the flow is taken once");
+        assert_counter_changes("second half again", &before, &after, &[(c::DROP_SPLIT_MISMATCH, 1)]);
+    }
+}
+
+/// Rule: `LB6_VIPS` counts the frontends of each IPv6 Service address (a packet whose ports lb
+/// cannot see is dropped to such an address): an address stays while any frontend has it, and a
+/// load rebuilds the count from the pinned Services (pins of an agent that kept no count).
+#[test]
+fn service_addresses_are_counted_and_rebuilt_from_the_pins() {
+    use lb_agent::reconcile::{MapWriter, ServiceKey};
+    let pins = PinDir::new("vips6");
+    let cfg = support::test_config(pins.path());
+    let words = |a: Ipv6Addr| lb_common::addr6(a.octets());
+    let vips = |maps: &Maps| -> BTreeMap<Ipv6Addr, u32> {
+        let m6 = maps.v6.as_ref().expect("the IPv6 handles");
+        m6.vips
+            .iter()
+            .map(|e| e.expect("an entry"))
+            .map(|(a, n)| {
+                let o: Vec<u8> = a.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                (Ipv6Addr::from(<[u8; 16]>::try_from(o).expect("16 bytes")), n)
+            })
+            .collect()
+    };
+    let want = BTreeMap::from([(VIP6, 2), (VIP6_EMPTY, 1), (VIP6_SELF, 1)]);
+    {
+        let (_dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load");
+        program_state(&mut maps);
+        assert_eq!(vips(&maps), want, "one count per frontend");
+        // What an agent that kept no count leaves: the address gone, another stale.
+        let m6 = maps.v6.as_mut().expect("the IPv6 handles");
+        m6.vips.remove(&words(VIP6)).expect("remove");
+        m6.vips.insert(words(OTHER), 1, 0).expect("insert");
+    }
+    let (dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load again");
+    assert_eq!(vips(&maps), want, "rebuilt from the pinned Services");
+    let before = maps.read_counters().expect("counters");
+    let (v, _) =
+        run(&dp, Prog::TcForward, &Pkt6::new((CLIENT, 46_000), (VIP6, 80), SYN).with_ext(&exts(5)).bytes());
+    let after = maps.read_counters().expect("counters");
+    assert_eq!(v, TC_SHOT, "too deep to a Service address");
+    assert_counter_changes("too deep", &before, &after, &[(c::RX_FORWARD, 1), (c::DROP_EXT_HEADERS, 1)]);
+    let keys: Vec<_> = maps
+        .v6
+        .as_ref()
+        .expect("the IPv6 handles")
+        .services
+        .keys()
+        .map(|k| k.expect("a key"))
+        .filter(|k| k.addr == words(VIP6))
+        .collect();
+    assert_eq!(keys.len(), 2);
+    maps.remove_service(&ServiceKey::V6(keys[0])).expect("remove one");
+    maps.remove_service(&ServiceKey::V6(keys[0])).expect("remove it again: nothing");
+    assert_eq!(vips(&maps).get(&VIP6), Some(&1), "the address stays with the other frontend");
+    maps.remove_service(&ServiceKey::V6(keys[1])).expect("remove the other");
+    assert_eq!(vips(&maps).get(&VIP6), None, "the address goes with the last frontend");
+}
+
 /// `--ipv6 off`: the lb4 programs pass IPv6 untouched, counted (`PASS_IPV6`), even to an address
 /// a Service had (the lb6 program slots are empty).
 #[test]
@@ -746,12 +980,13 @@ fn ipv6_off_passes_ipv6_untouched() {
             let after = maps.read_counters().expect("counters");
             let ok = if prog == Prog::TcReply { TC_OK } else { ok };
             assert_eq!((v, &out), (ok, &syn), "{mode:?} {prog:?}: passed untouched");
-            assert_counter_changes("IPv6 off", &before, &after, &[(rx, 1), (c::PASS_IPV6, 1)]);
+            // XDP leaves it to the TC program behind, which passes it.
+            let outcome = if prog == Prog::Xdp { c::XDP_TO_TC } else { c::PASS_IPV6 };
+            assert_counter_changes("IPv6 off", &before, &after, &[(rx, 1), (outcome, 1)]);
         }
         drop((dp, maps));
     }
 }
-
 
 /// Rule: every program stays well within the verifier's 1M-instruction limit on this kernel
 /// (half of it), so that older kernels, which prune fewer states, still take them: the IPv6

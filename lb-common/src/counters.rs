@@ -132,9 +132,13 @@ pub const DROP_EXT_HEADERS: u32 = 40;
 /// UDP over IPv6 with a zero checksum (no checksum: malformed over IPv6, RFC 8200 §8.1) to a
 /// Service address: dropped. To any other address it passes untouched (tunnels, RFC 6935).
 pub const DROP_UDP_ZERO_CSUM: u32 = 41;
+/// IPv6: the second half of a forward program (`lb6_*_forward_decided`) found no flow left by
+/// the first: the two halves came from different agent loads, for the moment an agent restart
+/// swaps them. Dropped (the sender sends again); never a flow applied to another packet.
+pub const DROP_SPLIT_MISMATCH: u32 = 42;
 
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 42;
+pub const COUNT: u32 = 43;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -180,11 +184,12 @@ pub const NAMES: [&str; COUNT as usize] = [
     "sock_released",
     "drop_ext_headers",
     "drop_udp_zero_csum",
+    "drop_split_mismatch",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY + RX_NODE_IN + RX_NODE_OUT`.
-pub const OUTCOMES: [u32; 23] = [
+pub const OUTCOMES: [u32; 24] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -208,4 +213,5 @@ pub const OUTCOMES: [u32; 23] = [
     DROP_SRC_RANGE,
     DROP_EXT_HEADERS,
     DROP_UDP_ZERO_CSUM,
+    DROP_SPLIT_MISMATCH,
 ];

@@ -4,8 +4,7 @@
 use aya_ebpf::Global;
 use lb_common::{
     addr6, default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, DEFAULT_HAIRPIN_ADDR6,
-    DEFAULT_SNAT_PORTS,
-    IPPROTO_UDP,
+    DEFAULT_SNAT_PORTS, IPPROTO_UDP,
 };
 
 const NS: u64 = 1_000_000_000;

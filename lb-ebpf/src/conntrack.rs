@@ -14,8 +14,8 @@ const BPF_NOEXIST: u64 = 1;
 
 use crate::{
     config::{ct_timeout_ns, snat_ports},
-    maps::LB_SCRATCH,
     family::{Address, CtEntry, CtKey, Family, Member},
+    maps::LB_SCRATCH,
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -507,9 +507,7 @@ pub fn create<F: Family>(
         let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) } else { None };
         match own {
             Some(p) => p,
-            None => {
-                alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?
-            }
+            None => alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?,
         }
     // The usual new flow: its reply key is free, taken by one insert (no lookup first).
     } else if !pickup && F::ct().insert(&rev_key, plain, BPF_NOEXIST).is_ok() {

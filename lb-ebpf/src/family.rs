@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     hash::{lb4_flow_hash, lb6_flow_hash},
-    reject, Lb6FragKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
-    Lb4FragPorts, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, CT_DIR_FORWARD,
+    reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey, Lb4FragPorts,
+    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb6FragKey, CT_DIR_FORWARD,
     CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, IF_ROLE_NODE, SCOPE_EXTERNAL, SRC_RANGE_DENY,
     SRC_RANGE_FRONTEND_BITS,
 };
@@ -39,9 +39,10 @@ use crate::{
         LB4_AFFINITY, LB4_BACKENDS, LB4_CT, LB4_FRAGS, LB4_IFS, LB4_MEMBERS, LB4_SERVICES, LB4_SRC_RANGES,
         LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_MEMBERS, LB6_SERVICES, LB6_VIPS,
     },
-    nat6, parse6,
     nat::{self, IcmpNat, Side},
+    nat6,
     parse::{self, Flow, IcmpError, Parsed, ETH_HLEN},
+    parse6,
 };
 
 /// An address as packets and maps hold it (network byte order).

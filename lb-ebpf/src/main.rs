@@ -52,16 +52,21 @@ use crate::{
 };
 
 /// An IPv6 packet goes on in the IPv6 program in `slot` of `programs` (a tail call: it does not
-/// come back). Where the slot is empty (`--ipv6 off`) it passes untouched, counted. `None` for
-/// any other packet.
+/// come back). Where the slot is empty (`--ipv6 off`) it passes untouched, counted as `empty`.
+/// `None` for any other packet.
 #[inline(always)]
-fn to_ipv6<C: PacketCtx>(ctx: &C, programs: &aya_ebpf::maps::ProgramArray, slot: u32) -> Option<C::Ret> {
+fn to_ipv6<C: PacketCtx>(
+    ctx: &C,
+    programs: &aya_ebpf::maps::ProgramArray,
+    slot: u32,
+    empty: u32,
+) -> Option<C::Ret> {
     if !parse::is_ipv6(ctx.data(), ctx.data_end()) {
         return None;
     }
     // SAFETY: a valid context; the programs in the array are of this program's type.
     unsafe { programs.tail_call(ctx, slot) };
-    count(counters::PASS_IPV6);
+    count(empty);
     Some(C::PASS)
 }
 
@@ -72,7 +77,7 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_FORWARD);
-    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_FORWARD) {
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_FORWARD, counters::PASS_IPV6) {
         return ret;
     }
     pipeline::forward::<V4, _>(&ctx)
@@ -81,7 +86,7 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
-    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_REPLY) {
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_REPLY, counters::PASS_IPV6) {
         return ret;
     }
     pipeline::reply::<V4, _>(&ctx)
@@ -150,10 +155,11 @@ pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
-    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_XDP, lb_common::TAIL_FORWARD) {
-        // Marked as decided: the TC program behind leaves it alone (XDP left it to IPv6's
-        // XDP program, which marks what it passes; an empty slot passes it untouched).
-        ctx.mark(true);
+    // An empty slot (no IPv6 XDP program) leaves the packet to the TC program behind, which
+    // hands it to its own IPv6 program or passes it (`PASS_IPV6`); IPv6's XDP program marks what
+    // it decides itself.
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_XDP, lb_common::TAIL_FORWARD, counters::XDP_TO_TC) {
+        ctx.mark(false);
         return ret;
     }
     pipeline::forward::<V4, _>(&ctx)

@@ -4,11 +4,12 @@
 //! IPv6 has no header checksum: an address change touches only the L4 checksum, through its
 //! pseudo-header. TC: one `bpf_csum_diff` over the 16-byte addresses, one `bpf_l4_csum_replace`
 //! of that difference with `BPF_F_PSEUDO_HDR` (the kernel knows whether the checksum is partial,
-//! complete or absent), and one for the port when it changes. XDP: incremental updates (RFC 1624).
+//! complete or absent; a received packet's sum is put back as it was, `bpf_csum_update`), and one
+//! for the port when it changes. XDP: incremental updates (RFC 1624).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{bpf_csum_diff, bpf_csum_update, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -19,8 +20,8 @@ use lb_common::{
 
 use crate::{
     ctx::PacketCtx,
-    maps::LB_SCRATCH,
     family::V6,
+    maps::LB_SCRATCH,
     nat::{IcmpNat, Side},
     parse::{ptr_at, Flow, IcmpError, IcmpHdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF},
     parse6::Ipv6Hdr,
@@ -77,6 +78,13 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], por
     let mangled0 = if f.proto == IPPROTO_UDP { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
     // Size 0: `to` is a checksum difference.
     ctx.l4_csum_replace(l4_check, 0, diff as u64, mangled0 | u64::from(BPF_F_PSEUDO_HDR)).map_err(|_| ())?;
+    // A received packet's sum (CHECKSUM_COMPLETE) covers the addresses written above, which the
+    // checksum's change offsets: it stays as it was. The helper takes the pseudo-header change
+    // out of it all the same (right for IPv4, whose header checksum offsets the addresses; for
+    // IPv6 only with `BPF_F_IPV6`, Linux 6.16 and later): put back, on every kernel. Any other
+    // packet: nothing to do (the helper says so, ignored).
+    // SAFETY: a valid context.
+    unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2).map_err(|_| ())?;
     }
@@ -159,7 +167,9 @@ pub fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError<V6>, n: &IcmpNat<
     unsafe {
         let l4_check: Option<*mut u16> = match tcp {
             Some(t) => Some(core::ptr::addr_of_mut!((*t).check)),
-            None if e.proto == IPPROTO_UDP && (*ports).check != 0 => Some(core::ptr::addr_of_mut!((*ports).check)),
+            None if e.proto == IPPROTO_UDP && (*ports).check != 0 => {
+                Some(core::ptr::addr_of_mut!((*ports).check))
+            }
             None => None,
         };
         let old_l4 = l4_check.map_or(0, |p| *p);
@@ -222,7 +232,7 @@ pub fn reject_tc(ctx: &TcContext) -> Result<i32, ()> {
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, REJECT6_OUT as u32, 0) } != 0 {
         return Err(());
     }
-    ctx.store(0, &s.reject_out, 0).map_err(|_| ())?;
+    crate::nat::store_answer(ctx, &s.reject_out)?;
     // SAFETY: the context's ifindex is the interface the packet came in on.
     Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
 }

@@ -83,7 +83,8 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
         return Parsed::Drop(counters::DROP_MALFORMED);
     };
     // SAFETY: bounds checked by ptr_at.
-    let (first, mut next, saddr, daddr) = unsafe { ((*ip).vtc_flow[0], (*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
+    let (first, mut next, saddr, daddr) =
+        unsafe { ((*ip).vtc_flow[0], (*ip).nexthdr, (*ip).saddr, (*ip).daddr) };
     if first >> 4 != 6 {
         return Parsed::Drop(counters::DROP_MALFORMED);
     }
@@ -95,8 +96,10 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
         if !is_ext(next) {
             break;
         }
+        // Out of reach: cut short, or past what the hook pulled in (TC: `MAX_HEADERS`), which
+        // long options headers can be. Either way a packet whose ports lb cannot see.
         let Some(h) = ptr_at::<ExtHdr>(data, data_end, l4_off) else {
-            return Parsed::Drop(counters::DROP_MALFORMED);
+            return Parsed::TooDeep(daddr);
         };
         // SAFETY: bounds checked by ptr_at.
         let (n, len, off, id) = unsafe { ((*h).next, (*h).len, (*h).frag_off, (*h).id) };
@@ -110,8 +113,16 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
         };
         next = n;
         i += 1;
+        // A non-first fragment: what follows its Fragment header is payload, whatever `next`
+        // names (a header in the first fragment).
+        if has_frag && frag_off & IP6_OFFSET != 0 {
+            break;
+        }
     }
     if is_ext(next) {
+        if has_frag && frag_off & IP6_OFFSET != 0 {
+            return Parsed::Pass(counters::PASS_FRAGMENT);
+        }
         return Parsed::TooDeep(daddr);
     }
     // Every path through the extension headers (each kind and length its own known offset) meets
@@ -119,7 +130,8 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
     // the verifier does not follow. Otherwise the pipeline after the parser is verified once per
     // path, past the verifier's 1M-instruction limit. The offset is at most 54 + 4 × 2048.
     let packed = usize::from(has_frag) << 31 | usize::from(frag_off) << 14 | l4_off;
-    let (Some(packed), Some(id)) = (opaque(packed, 0xffff_ffff), opaque(frag_id as usize, 0xffff_ffff)) else {
+    let (Some(packed), Some(id)) = (opaque(packed, 0xffff_ffff), opaque(frag_id as usize, 0xffff_ffff))
+    else {
         return Parsed::Drop(counters::DROP_MALFORMED);
     };
     let (has_frag, frag_off, frag_id) = (packed >> 31 != 0, (packed >> 14) as u16, id as u32);
@@ -134,12 +146,12 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
         IPPROTO_TCP => match ptr_at::<TcpHdr>(data, data_end, l4_off) {
             // SAFETY: bounds checked by ptr_at.
             Some(t) => unsafe { ((*t).source, (*t).dest, (*t).flags, false) },
-            None => return Parsed::Drop(counters::DROP_MALFORMED),
+            None => return short_l4(l4_off, daddr),
         },
         IPPROTO_UDP => match ptr_at::<UdpHdr>(data, data_end, l4_off) {
             // SAFETY: bounds checked by ptr_at.
             Some(u) => unsafe { ((*u).source, (*u).dest, 0, (*u).check == 0) },
-            None => return Parsed::Drop(counters::DROP_MALFORMED),
+            None => return short_l4(l4_off, daddr),
         },
         IPPROTO_ICMPV6 if !has_frag => return parse_icmp6_error(data, data_end, l4_off, saddr, daddr),
         _ => return Parsed::Pass(counters::PASS_OTHER_PROTO),
@@ -158,6 +170,17 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V6> {
         frag_id,
         udp_no_csum,
     })
+}
+
+/// A transport header out of reach: right after the IPv6 header, a packet cut short; behind
+/// extension headers, possibly past what the hook pulled in (`Parsed::TooDeep`).
+#[inline(always)]
+fn short_l4(l4_off: usize, daddr: [u32; 4]) -> Parsed<V6> {
+    if l4_off > ETH_HLEN + size_of::<Ipv6Hdr>() {
+        Parsed::TooDeep(daddr)
+    } else {
+        Parsed::Drop(counters::DROP_MALFORMED)
+    }
 }
 
 /// An ICMPv6 error quoting TCP or UDP (right after the quoted IPv6 header), or (anything else: ND,

@@ -44,6 +44,9 @@ pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()
     };
     *slot = StoredFlow::from(&f);
     tail_call();
+    // The slot is empty (`--ipv6 off` being set, or the agent between loads): nothing is left
+    // for a second half to find later.
+    slot.ready = 0;
     finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6))
 }
 
@@ -53,6 +56,12 @@ pub fn forward_decided<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
     let Some(slot) = stored_flow::<F>() else {
         return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
     };
+    // Taken once: a first half of another agent load (its own scratch map, for the moment a
+    // restart swaps the programs) leaves nothing here, and what is here was left for this packet.
+    if slot.ready != READY {
+        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
+    }
+    slot.ready = 0;
     let f = slot.flow();
     apply(ctx, &f, lb::forward(ctx, &f, ctx.len()))
 }
@@ -71,8 +80,13 @@ pub struct StoredFlow<F: Family> {
     tcp_flags: u8,
     /// `FLAG_*`.
     flags: u8,
+    /// [`READY`] from the first half until the second takes the flow (or the tail call fails).
+    ready: u8,
     frag_id: F::FragId,
 }
+
+/// [`StoredFlow::ready`] while a flow waits for the second half.
+const READY: u8 = 0xa5;
 
 const FLAG_FIRST_FRAGMENT: u8 = 1;
 const FLAG_LATER_FRAGMENT: u8 = 2;
@@ -97,6 +111,7 @@ impl<F: Family> StoredFlow<F> {
             flags: flag(f.first_fragment, FLAG_FIRST_FRAGMENT)
                 | flag(f.later_fragment, FLAG_LATER_FRAGMENT)
                 | flag(f.udp_no_csum, FLAG_UDP_NO_CSUM),
+            ready: READY,
             frag_id: f.frag_id,
         }
     }
@@ -251,7 +266,9 @@ fn flow_of<F: Family, C: PacketCtx>(ctx: &C, parsed: Parsed<F>) -> Result<Flow<F
             None if !C::TC => return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC))),
             None => return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_FRAGMENT))),
         },
-        Parsed::IcmpError(_) => return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO))),
+        Parsed::IcmpError(_) => {
+            return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO)))
+        }
         Parsed::Pass(c) => return Err(finish_marked::<F, C>(ctx, Action::Pass(c))),
         Parsed::Drop(c) => return Err(finish_marked::<F, C>(ctx, Action::Drop(c))),
         Parsed::TooDeep(daddr) => {

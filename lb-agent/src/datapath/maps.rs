@@ -64,8 +64,14 @@ pub struct Maps6 {
 }
 
 /// The IPv6 maps with a typed handle (`Maps::v6`).
-const TYPED_MAPS6: [&str; 6] =
-    [MAP_LB6_SERVICES, MAP_LB6_BACKENDS, MAP_LB6_MEMBERS, MAP_LB6_CT, MAP_LB6_AFFINITY, lb_common::MAP_LB6_VIPS];
+const TYPED_MAPS6: [&str; 6] = [
+    MAP_LB6_SERVICES,
+    MAP_LB6_BACKENDS,
+    MAP_LB6_MEMBERS,
+    MAP_LB6_CT,
+    MAP_LB6_AFFINITY,
+    lb_common::MAP_LB6_VIPS,
+];
 
 /// The maps without a typed handle here (see `Maps::others`).
 const UNTYPED_MAPS: [&str; 10] = [
@@ -245,6 +251,27 @@ impl Maps {
         Ok(out)
     }
 
+    /// Makes `LB6_VIPS` count the frontends `LB6_SERVICES` holds per address: at start-up, since
+    /// pins of an agent that kept no such count (or a count gone wrong) may be there.
+    pub fn rebuild_vips6(&mut self) -> Result<(), MapError> {
+        let Some(v6) = self.v6.as_mut() else { return Ok(()) };
+        let mut want: std::collections::HashMap<[u32; 4], u32> = std::collections::HashMap::new();
+        for k in v6.services.keys() {
+            *want.entry(k?.addr).or_default() += 1;
+        }
+        let stale: Vec<[u32; 4]> =
+            v6.vips.keys().filter_map(Result::ok).filter(|a| !want.contains_key(a)).collect();
+        for a in stale {
+            absent_ok(v6.vips.remove(&a))?;
+        }
+        for (a, n) in want {
+            if v6.vips.get(&a, 0).ok() != Some(n) {
+                v6.vips.insert(a, n, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The IPv6 handles, or the error that says they are not there.
     fn v6_mut(&mut self) -> Result<&mut Maps6, MapError> {
         self.v6.as_mut().ok_or_else(|| {
@@ -366,8 +393,13 @@ impl MapWriter for Maps {
             ServiceKey::V4(k) => self.services.insert(k, svc, 0),
             ServiceKey::V6(k) => {
                 let v6 = self.v6_mut()?;
+                let new = v6.services.get(k, 0).is_err();
                 v6.services.insert(k, svc, 0)?;
-                v6.vips.insert(k.addr, 1, 0)
+                if new {
+                    let n = v6.vips.get(&k.addr, 0).unwrap_or(0);
+                    v6.vips.insert(k.addr, n + 1, 0)?;
+                }
+                Ok(())
             }
         }
     }
@@ -381,13 +413,14 @@ impl MapWriter for Maps {
             ServiceKey::V4(k) => absent_ok(self.services.remove(k)),
             ServiceKey::V6(k) => {
                 let v6 = self.v6_mut()?;
+                if v6.services.get(k, 0).is_err() {
+                    return Ok(());
+                }
                 absent_ok(v6.services.remove(k))?;
                 // The address stays a Service address while another frontend has it.
-                let shared = v6.services.keys().any(|other| other.is_ok_and(|o| o.addr == k.addr));
-                if shared {
-                    Ok(())
-                } else {
-                    absent_ok(v6.vips.remove(&k.addr))
+                match v6.vips.get(&k.addr, 0).unwrap_or(0) {
+                    0 | 1 => absent_ok(v6.vips.remove(&k.addr)),
+                    n => v6.vips.insert(k.addr, n - 1, 0),
                 }
             }
         }

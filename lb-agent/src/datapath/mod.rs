@@ -516,8 +516,11 @@ fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), Datapa
     let mut xdp = ProgramArray::try_from(xdp).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
     let xdp_on = ipv6 && mode == Mode::Xdp;
     // The second half of a forward program first: its first half never finds its slot empty.
-    let tc_slots =
-        [(TAIL_FORWARD_DECIDED, PROG6_TC_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_TC_FORWARD), (TAIL_REPLY, PROG6_TC_REPLY)];
+    let tc_slots = [
+        (TAIL_FORWARD_DECIDED, PROG6_TC_FORWARD_DECIDED),
+        (TAIL_FORWARD, PROG6_TC_FORWARD),
+        (TAIL_REPLY, PROG6_TC_REPLY),
+    ];
     if ipv6 {
         load_classifiers(ebpf, &tc_slots.map(|(_, name)| name))?;
         for (slot, name) in tc_slots {
@@ -714,7 +717,9 @@ impl Datapath {
         }
         let takeover = ebpf.take_map(MAP_LB_TAKEOVER).ok_or(DatapathError::MissingMap(MAP_LB_TAKEOVER))?;
         let takeover = takeover.try_into().map_err(maps::map_err(MAP_LB_TAKEOVER))?;
-        let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        let mut maps =
+            Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        maps.rebuild_vips6().map_err(maps::map_err(lb_common::MAP_LB6_VIPS))?;
         let ifs = {
             let path = dir.join(MAP_LB4_IFS);
             let err = maps::map_err(MAP_LB4_IFS);
