@@ -302,7 +302,9 @@ pub trait Family: Copy + 'static {
         port: u16,
     ) -> Result<(), ()>;
     /// A non-first fragment: writes `addr` into one side of its IP header (it has no L4 header).
-    fn rewrite_addr(data: usize, end: usize, side: Side, addr: Self::Addr) -> Result<(), ()>;
+    /// Returns how much the sum of the bytes after the Ethernet header changed (a received
+    /// packet's sum follows it: `PacketCtx::sum_changed`): 0 where a header checksum offsets it.
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: Self::Addr) -> Result<u16, ()>;
     /// XDP: whether the L4 checksum of `f` may be partial (see `nat::csum_maybe_partial`).
     fn csum_maybe_partial(data: usize, end: usize, f: &Flow<Self>) -> bool;
     /// Rewrites ICMP error `e` as `n` says, its checksums kept right.
@@ -416,8 +418,9 @@ impl Family for V4 {
         nat::rewrite_xdp(ctx, f, side, addr, port)
     }
     #[inline(always)]
-    fn rewrite_addr(data: usize, end: usize, side: Side, addr: u32) -> Result<(), ()> {
-        nat::rewrite_ip(data, end, side, addr)
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: u32) -> Result<u16, ()> {
+        // The IPv4 header checksum offsets the address.
+        nat::rewrite_ip(data, end, side, addr).map(|()| 0)
     }
     #[inline(always)]
     fn csum_maybe_partial(data: usize, end: usize, f: &Flow<V4>) -> bool {
@@ -542,7 +545,7 @@ impl Family for V6 {
         nat6::rewrite_xdp(ctx, f, side, addr, port)
     }
     #[inline(always)]
-    fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Result<(), ()> {
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Result<u16, ()> {
         nat6::rewrite_addr(data, end, side, addr)
     }
     #[inline(always)]

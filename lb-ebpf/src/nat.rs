@@ -73,8 +73,8 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
     let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(-1i64)?;
     // SAFETY: pointers from `fields`; helpers that may move packet data are called only after the
     // last direct access.
-    let (old_addr, old_port) = unsafe {
-        let old = (*x.addr, *x.port);
+    let (old_addr, old_port, no_csum) = unsafe {
+        let old = (*x.addr, *x.port, f.proto == IPPROTO_UDP && *x.l4_check == 0);
         (*x.ip).check = csum::replace4((*x.ip).check, old.0, addr);
         *x.addr = addr;
         *x.port = port;
@@ -91,6 +91,11 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
     // A Service whose targetPort is its port keeps the port: no second helper call.
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
+        // UDP without a checksum: none offsets the port, and the helper leaves a received
+        // packet's sum as it was.
+        if no_csum {
+            ctx.sum_changed(!csum::replace2(0xffff, old_port, port));
+        }
     }
     Ok(())
 }

@@ -63,8 +63,8 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], por
     let mut new = addr;
     // SAFETY: pointers from `fields`; helpers that may move packet data are called only after the
     // last direct access.
-    let (mut old, old_port) = unsafe {
-        let old = (*x.addr, *x.port);
+    let (mut old, old_port, no_csum) = unsafe {
+        let old = (*x.addr, *x.port, f.proto == IPPROTO_UDP && *x.l4_check == 0);
         *x.addr = addr;
         *x.port = port;
         old
@@ -87,6 +87,11 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], por
     unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2).map_err(|_| ())?;
+        // UDP without a checksum (a reply; to a Service address it is dropped): none offsets
+        // the port, and the helper leaves a received packet's sum as it was.
+        if no_csum {
+            ctx.sum_changed(!csum::replace2(0xffff, old_port, port));
+        }
     }
     Ok(())
 }
@@ -112,18 +117,19 @@ pub fn rewrite_xdp(ctx: &XdpContext, f: &Flow<V6>, side: Side, addr: [u32; 4], p
 }
 
 /// A non-first fragment: writes `addr` into one side of its IPv6 header (no checksum covers it;
-/// its datagram's L4 checksum is in the first fragment).
+/// its datagram's L4 checksum is in the first fragment). Returns the change of the packet's sum.
 #[inline(always)]
-pub fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Result<(), ()> {
+pub fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Result<u16, ()> {
     let ip = ptr_at::<Ipv6Hdr>(data, end, ETH_HLEN).ok_or(())?;
     // SAFETY: bounds checked by ptr_at.
-    unsafe {
+    let old = unsafe {
         match side {
-            Side::Source => (*ip).saddr = addr,
-            Side::Destination => (*ip).daddr = addr,
+            Side::Source => core::mem::replace(&mut (*ip).saddr, addr),
+            Side::Destination => core::mem::replace(&mut (*ip).daddr, addr),
         }
-    }
-    Ok(())
+    };
+    // The sum of `new - old`: what a checksum over the field would change by, negated.
+    Ok(!csum::replace16(0xffff, old, addr))
 }
 
 /// XDP: whether the L4 checksum of `f` may be partial (see `nat::csum_maybe_partial`).

@@ -32,22 +32,27 @@ pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
 /// decision, leaves the flow in the per-CPU scratch map and goes on by `tail_call` into the
 /// second, [`forward_decided`], which verifies the decision once, from a flow read from memory.
 /// Should the tail call fail (the slot emptied under it), the packet passes untouched, counted
-/// `PASS_IPV6`.
+/// `PASS_IPV6` (XDP: left to TC, `XDP_TO_TC`). The second half takes the flow only if it was
+/// left for this packet, on this CPU, in this run (`StoredFlow::ready`): programs of one hook do
+/// not nest on a CPU (kernels with `PREEMPT_RT`, whose softirqs can be preempted, are not
+/// supported).
 #[inline(always)]
 pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()) -> C::Ret {
     let f = match flow_of(ctx, ctx.parse::<F>()) {
         Ok(f) => f,
         Err(ret) => return ret,
     };
+    // No second half (its slot empty while the agent sets `--ipv6 off`): passed untouched, as
+    // with no IPv6 programs at all; XDP leaves it to TC, which has its own.
+    let unserved = if C::TC { counters::PASS_IPV6 } else { counters::XDP_TO_TC };
     let Some(slot) = stored_flow::<F>() else {
-        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
+        return finish_marked::<F, C>(ctx, Action::Pass(unserved));
     };
     *slot = StoredFlow::from(&f);
     tail_call();
-    // The slot is empty (`--ipv6 off` being set, or the agent between loads): nothing is left
-    // for a second half to find later.
+    // Nothing is left for a second half to find later.
     slot.ready = 0;
-    finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6))
+    finish_marked::<F, C>(ctx, Action::Pass(unserved))
 }
 
 /// The second program of [`forward_parsed`]: decides the flow the first left in the scratch map.
@@ -346,10 +351,12 @@ fn apply<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, action: Action<F>) -> C:
 fn rewrite<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, nat: Nat<F>) -> Result<(), ()> {
     if f.later_fragment {
         if let Some((addr, _)) = nat.dst {
-            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+            let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+            ctx.sum_changed(changed);
         }
         if let Some((addr, _)) = nat.src {
-            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+            let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+            ctx.sum_changed(changed);
         }
         return Ok(());
     }

@@ -72,6 +72,7 @@ const TESTS: &[(&str, &[&str], &str)] = &[
     ("datapath_packets6", &[], "lb6 packet tables (BPF_PROG_TEST_RUN), IPv6 on and off"),
     ("e2e", &["--exact", "tc_two_nodes"], "two nodes, TC"),
     ("e2e", &["--exact", "xdp_two_nodes"], "two nodes, XDP"),
+    ("e2e_ipv6", &["--exact", "tc_dual_stack_service"], "dual-stack Service over IPv6, two nodes, TC"),
     ("nodeport_packets", &[], "node-side programs packet by packet (FIB lookup, redirect, SNAT)"),
     (
         "e2e_nodeport",

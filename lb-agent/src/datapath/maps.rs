@@ -393,13 +393,16 @@ impl MapWriter for Maps {
             ServiceKey::V4(k) => self.services.insert(k, svc, 0),
             ServiceKey::V6(k) => {
                 let v6 = self.v6_mut()?;
-                let new = v6.services.get(k, 0).is_err();
-                v6.services.insert(k, svc, 0)?;
-                if new {
-                    let n = v6.vips.get(&k.addr, 0).unwrap_or(0);
-                    v6.vips.insert(k.addr, n + 1, 0)?;
+                if present(v6.services.get(k, 0))?.is_some() {
+                    return v6.services.insert(k, svc, 0);
                 }
-                Ok(())
+                // A new frontend: its address counted first, taken back if the frontend cannot
+                // be written (a retry counts it again).
+                let n = present(v6.vips.get(&k.addr, 0))?.unwrap_or(0);
+                v6.vips.insert(k.addr, n + 1, 0)?;
+                v6.services.insert(k, svc, 0).inspect_err(|_| {
+                    let _ = if n == 0 { v6.vips.remove(&k.addr) } else { v6.vips.insert(k.addr, n, 0) };
+                })
             }
         }
     }
@@ -413,12 +416,12 @@ impl MapWriter for Maps {
             ServiceKey::V4(k) => absent_ok(self.services.remove(k)),
             ServiceKey::V6(k) => {
                 let v6 = self.v6_mut()?;
-                if v6.services.get(k, 0).is_err() {
+                if present(v6.services.get(k, 0))?.is_none() {
                     return Ok(());
                 }
                 absent_ok(v6.services.remove(k))?;
                 // The address stays a Service address while another frontend has it.
-                match v6.vips.get(&k.addr, 0).unwrap_or(0) {
+                match present(v6.vips.get(&k.addr, 0))?.unwrap_or(0) {
                     0 | 1 => absent_ok(v6.vips.remove(&k.addr)),
                     n => v6.vips.insert(k.addr, n - 1, 0),
                 }
@@ -482,6 +485,16 @@ impl MapWriter for Maps {
 
 /// A removal of an entry that is not there (aya reports the kernel's ENOENT as a failed system
 /// call) is no failure: the datapath or the LRU may have removed it first.
+/// A lookup's value, `None` when the key is not there; any other failure stays one.
+fn present<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),

@@ -540,8 +540,12 @@ fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), Datapa
     }
     let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
     if xdp_on {
-        for (slot, name) in xdp_slots {
+        // Both verified before either slot changes: the old first half would otherwise hand
+        // packets to the new second half for as long as the verifier takes on the new first.
+        for (_, name) in xdp_slots {
             load_xdp(ebpf, name)?;
+        }
+        for (slot, name) in xdp_slots {
             let prog: &Xdp = ebpf
                 .program(name)
                 .expect("object has the program")

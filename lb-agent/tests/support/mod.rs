@@ -264,7 +264,33 @@ impl Cluster {
         yaml: impl FnOnce(&[Pod; 3]) -> String,
         agent_args: &[&str],
     ) -> Self {
+        Self::build(tag, agents, mode, tx_csum_offload, yaml, agent_args, false)
+    }
+
+    /// As [`Cluster::new`] in a dual-stack lab (`Lab::dual_stack`): every pod has an IPv6
+    /// address too.
+    pub fn dual_stack(
+        tag: &str,
+        mode: Mode,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+    ) -> Self {
+        Self::build(tag, [Path::new(AGENT); 2], mode, false, yaml, agent_args, true)
+    }
+
+    fn build(
+        tag: &str,
+        agents: [&Path; 2],
+        mode: Mode,
+        tx_csum_offload: bool,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+        dual_stack: bool,
+    ) -> Self {
         let mut lab = Lab::new(tag).expect("lab");
+        if dual_stack {
+            lab.dual_stack();
+        }
         let n1 = lab.node(1).expect("node 1");
         let n2 = lab.node(2).expect("node 2");
         lab.link_nodes(&n1, &n2).expect("underlay");
@@ -624,7 +650,7 @@ pub fn partial(p: &Pkt) -> Vec<u8> {
     b
 }
 
-/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (Linux 6.16): the test run hands the program a received
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (Linux 6.11): the test run hands the program a received
 /// packet's sum (`CHECKSUM_COMPLETE`) and, after it, checks that the sum still matches the
 /// packet's bytes (`EBADMSG` otherwise), as the receive path would.
 const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
@@ -657,7 +683,7 @@ pub enum CompleteRun {
     Ran(u32, Vec<u8>),
     /// The program left a sum that does not match the bytes it left (`EBADMSG`).
     SumWrong,
-    /// This kernel cannot make such test runs (before Linux 6.16: `EINVAL`).
+    /// This kernel cannot make such test runs (before Linux 6.11: `EINVAL`).
     Unsupported,
 }
 
