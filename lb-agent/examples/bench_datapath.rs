@@ -11,14 +11,16 @@
 //!   tuple clash: up to 8 more lookups);
 //! - reply: two reply entries whose translations alternate (X → C becomes V → C and back), each
 //!   with the live forward entry of its flow (a reply is translated only while its flow lives);
-//! - non-VIP: a packet to no service, left as it is.
+//! - non-VIP: a packet to no service, left as it is;
+//! - IPv6: the same established, new-flow and non-VIP paths over IPv6 (A6 ↔ B6), through the
+//!   same entry programs, which hand IPv6 to the lb6 programs by tail call.
 
 #[path = "common/report.rs"]
 mod report;
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -61,6 +63,28 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const C: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 3);
 const D: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 4);
 
+/// IPv6 Services pointing at each other, as A and B.
+const A6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 1);
+const B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 10);
+
+/// Ethernet + IPv6 + TCP (ACK) + 8 bytes, as [`packet`].
+fn packet6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 40 + 20 + 8];
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&28u16.to_be_bytes());
+    p[20] = 6;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&src.0.octets());
+    p[38..54].copy_from_slice(&dst.0.octets());
+    p[54..56].copy_from_slice(&src.1.to_be_bytes());
+    p[56..58].copy_from_slice(&dst.1.to_be_bytes());
+    p[66] = 0x50;
+    p[67] = 0x10; // ACK
+    p
+}
+
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
     // Ethernet + IPv4 + TCP (ACK) + 8 bytes; checksums are not checked by the programs.
     let mut p = vec![0u8; 14 + 20 + 20 + 8];
@@ -102,6 +126,7 @@ fn config(pin_dir: &Path, ct_timeouts_secs: u64, ct_fill: u32) -> Config {
         ct_timeout_udp_secs: ct_timeouts_secs,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
+        hairpin_addr6: lb_common::DEFAULT_HAIRPIN_ADDR6.into(),
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         bpf_log: false,
         tc_order: Default::default(),
@@ -145,23 +170,31 @@ fn fill_conntrack(maps: &mut Maps, count: u32) -> anyhow::Result<()> {
 /// A:80 → B:80 and B:80 → A:80, so that rewrites ping-pong between two established flows; and
 /// C:80 → D:8080, D:8080 → C:80, the same with the port rewritten too.
 fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
-    let fe = |(vip, port): (Ipv4Addr, u16), (to, to_port): (Ipv4Addr, u16)| Frontend {
+    let fe = |(vip, port): (IpAddr, u16), (to, to_port): (IpAddr, u16)| Frontend {
         addr: FrontendAddr::new(vip, port, Protocol::Tcp),
         kind: lb_agent::model::FrontendKind::ClusterIp,
         service: format!("bench/{vip}"),
         port_name: String::new(),
-        backends: vec![BackendAddr { ip: to.into(), port: to_port, proto: Protocol::Tcp }],
+        backends: vec![BackendAddr { ip: to, port: to_port, proto: Protocol::Tcp }],
         kept: Vec::new(),
         affinity_timeout_secs: 0,
         local_only: false,
         two_scopes: false,
         source_ranges: None,
     };
-    let desired: BTreeMap<_, _> =
-        [fe((A, 80), (B, 80)), fe((B, 80), (A, 80)), fe((C, 80), (D, 8080)), fe((D, 8080), (C, 80))]
-            .into_iter()
-            .map(|f| (f.addr, f))
-            .collect();
+    let v4 = |a: Ipv4Addr| IpAddr::V4(a);
+    let v6 = |a: Ipv6Addr| IpAddr::V6(a);
+    let desired: BTreeMap<_, _> = [
+        fe((v4(A), 80), (v4(B), 80)),
+        fe((v4(B), 80), (v4(A), 80)),
+        fe((v4(C), 80), (v4(D), 8080)),
+        fe((v4(D), 8080), (v4(C), 80)),
+        fe((v6(A6), 80), (v6(B6), 80)),
+        fe((v6(B6), 80), (v6(A6), 80)),
+    ]
+    .into_iter()
+    .map(|f| (f.addr, f))
+    .collect();
     let caps =
         Capacities { services: 131_072, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
     let mut r = Reconciler::new(caps, Options::default());
@@ -323,6 +356,19 @@ fn main() -> anyhow::Result<()> {
         format!("established flow, port rewritten too, {} services", args.services.last().unwrap_or(&1));
     add(&label, "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &to_c, r))?);
     add(&label, "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &to_c, r))?);
+    // IPv6, through the same entry programs (a tail call to the lb6 programs; the forward one is
+    // two, a second tail call).
+    let c6 = (CLIENT6, 40_000u16);
+    let to_a6 = packet6(c6, (A6, 80));
+    let mut syn_a6 = to_a6.clone();
+    syn_a6[67] = 0x02;
+    let non_vip6 = packet6(c6, (Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 5), 80));
+    add("IPv6: non-VIP packet", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &non_vip6, r))?);
+    add("IPv6: non-VIP packet", "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &non_vip6, r))?);
+    add("IPv6: new flow (SYN)", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd_new, &syn_a6, r))?);
+    add("IPv6: new flow (SYN)", "XDP", measure(rounds, repeat, |r| xdp_run(xdp_new, &syn_a6, r))?);
+    add("IPv6: established flow", "TC", measure(rounds, repeat, |r| tc_run(tc_fwd, &to_a6, r))?);
+    add("IPv6: established flow", "XDP", measure(rounds, repeat, |r| xdp_run(xdp, &to_a6, r))?);
     drop(maps_new);
 
     let maglev = maglev_figures(if args.quick { 3 } else { 11 });

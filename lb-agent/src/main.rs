@@ -161,6 +161,10 @@ struct Args {
     /// Source address for hairpinned flows (a pod reaching itself through a Service).
     #[arg(long, default_value_t = std::net::Ipv4Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR))]
     hairpin_addr: std::net::Ipv4Addr,
+    /// Source address for hairpinned IPv6 flows: in the discard-only prefix 100::/64 (RFC 6666),
+    /// nobody's address, which a pod reaches by its default route.
+    #[arg(long, default_value_t = std::net::Ipv6Addr::from(lb_common::DEFAULT_HAIRPIN_ADDR6))]
+    hairpin_addr6: std::net::Ipv6Addr,
     /// Source ports given to a new flow whose reply tuple belongs to another live flow (the same
     /// client port to another Service address with the same backend), as netfilter's NAT does:
     /// FIRST-LAST, best outside this node's net.ipv4.ip_local_port_range (a warning otherwise).
@@ -306,6 +310,7 @@ impl From<Args> for Config {
                 ct_timeout_udp_secs: a.ct_timeout_udp,
                 flow_hash_seed: DEFAULT_FLOW_HASH_SEED,
                 hairpin_addr: a.hairpin_addr,
+                hairpin_addr6: a.hairpin_addr6,
                 snat_ports: a.snat_ports.unwrap_or(lb_common::DEFAULT_SNAT_PORTS),
                 bpf_log: a.bpf_log,
                 tc_order: match a.tc_position {

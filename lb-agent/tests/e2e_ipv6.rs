@@ -1,8 +1,147 @@
-//! IPv6 end to end, in a dual-stack lab (`Lab::dual_stack`).
+//! IPv6 end to end, in a dual-stack lab (`Lab::dual_stack`): two nodes, each with its own agent
+//! (`--ipv6 on`), backends on both, a dual-stack Service (one cluster IP per family).
 
-use std::net::{SocketAddr, SocketAddrV6};
+mod support;
 
-use lb_testkit::lab::{tcp_peer_any, udp_peer_any, Lab};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+};
+
+use lb_agent::datapath::Mode;
+use lb_common::counters as c;
+use lb_testkit::lab::{tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session};
+use support::{Cluster, VIP};
+
+/// The Service's IPv6 cluster IP.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// New flows per family and protocol from node 1: a third is 600 per backend, with a standard
+/// deviation of 20, so the ±15 % band (±90) is 4.5 standard deviations wide.
+const FLOWS: usize = 1_800;
+
+/// The dual-stack Service `who` (TCP 80 → 8080, UDP 53 → 5353) and one EndpointSlice per family
+/// with the three backends.
+fn dual_stack_who(b: &[Pod; 3]) -> String {
+    let slice = |family: &str, addr: &dyn Fn(&Pod) -> String| {
+        let endpoints: Vec<String> = b
+            .iter()
+            .map(|p| {
+                format!(
+                    "- addresses: ['{}']\n  nodeName: node{}\n  conditions: {{ready: true}}",
+                    addr(p),
+                    p.node
+                )
+            })
+            .collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-{}\n  \
+             namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: {family}\nports:\n\
+             - {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 5353, protocol: UDP}}\nendpoints:\n{}\n",
+            family.to_lowercase(),
+            endpoints.join("\n")
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: who, namespace: demo}}\nspec:\n  clusterIP: {VIP}\n  \
+         clusterIPs: ['{VIP}', '{VIP6}']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports:\n  \
+         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n{}{}",
+        slice("IPv4", &|p| p.ip.to_string()),
+        slice("IPv6", &|p| p.ip6.expect("a dual-stack pod").to_string()),
+    )
+}
+
+fn tally(answers: Vec<std::io::Result<String>>, what: &str) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        let name = a.unwrap_or_else(|e| panic!("{what} #{i} failed: {e}"));
+        *t.entry(name).or_default() += 1;
+    }
+    t
+}
+
+fn assert_fair(t: &BTreeMap<String, usize>, total: usize, what: &str) {
+    assert_eq!(t.keys().map(String::as_str).collect::<Vec<_>>(), ["b1", "b2", "b3"], "{what}: {t:?}");
+    let fair = total as f64 / 3.0;
+    for (b, n) in t {
+        let off = (*n as f64 - fair).abs() / fair;
+        assert!(off <= 0.15, "{what}: {b} got {n} of {total} ({:.1}% off fair)", off * 100.0);
+    }
+}
+
+/// Rule: pods reach a dual-stack Service over both families: IPv6 flows spread over the backends
+/// by Maglev, within 15 % of fair, over TCP and UDP; a long connection stays with its backend
+/// while new flows come; the backend sees the client's own IPv6 address; the other node's agent
+/// balances its pods' flows across the underlay; IPv4 to the same Service works beside it.
+fn dual_stack_service(tag: &str, mode: Mode) {
+    let cl = Cluster::dual_stack(tag, mode, dual_stack_who, &["--ipv6", "on"]);
+    let tcp = SocketAddr::V6(SocketAddrV6::new(VIP6, 80, 0, 0));
+    let udp = SocketAddr::V6(SocketAddrV6::new(VIP6, 53, 0, 0));
+    // Generous: the kernel matrix loads the programs emulated.
+    let ready = wait_until(std::time::Duration::from_secs(90), || {
+        tcp_asks(&cl.client1, tcp, 1)?.pop().expect("one answer")
+    });
+    assert!(
+        ready.is_ok(),
+        "IPv6 cluster IP unreachable: {ready:?}\nagent log:\n{}",
+        cl.lab.agent_log(&cl.nodes[0])
+    );
+
+    let mut session = Session::open(&cl.client1, tcp).expect("long-lived connection over IPv6");
+    let (first, seen) = session.peer_addr().expect("first answer");
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V6(cl.client1.ip6.expect("client 1's IPv6 address")),
+        "the backend sees the client"
+    );
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        answers.extend(tcp_asks(&cl.client1, tcp, FLOWS / 6).expect("tcp clients"));
+        assert_eq!(session.peer_addr().expect("long-lived answer").0, first, "long-lived connection moved");
+    }
+    assert_fair(&tally(answers, "TCP over IPv6"), FLOWS, "TCP over IPv6 from node 1");
+    let answers = udp_asks(&cl.client1, udp, 20_000, FLOWS).expect("udp clients");
+    assert_fair(&tally(answers, "UDP over IPv6"), FLOWS, "UDP over IPv6 from node 1");
+    let (_, seen) = udp_peer_any(&cl.client1.netns, udp, 0).expect("UDP peer");
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V6(cl.client1.ip6.expect("client 1's IPv6 address")),
+        "UDP: the backend sees the client"
+    );
+
+    // From the other node: its own agent, across the underlay both ways.
+    let t = tally(tcp_asks(&cl.client2, tcp, 300).expect("tcp from node 2"), "TCP from node 2");
+    assert_eq!(t.len(), 3, "node 2 reaches every backend over IPv6: {t:?}");
+    let t = tally(udp_asks(&cl.client2, udp, 20_000, 300).expect("udp from node 2"), "UDP from node 2");
+    assert_eq!(t.len(), 3, "node 2 reaches every backend over IPv6 UDP: {t:?}");
+
+    // The same Service over IPv4, beside it.
+    let t = tally(
+        tcp_asks(&cl.client1, SocketAddrV4::new(VIP, 80), 300).expect("tcp over IPv4"),
+        "TCP over IPv4",
+    );
+    assert_eq!(t.len(), 3, "IPv4 to the same Service: {t:?}");
+    assert_eq!(session.peer_addr().expect("long-lived answer").0, first, "long-lived connection moved");
+
+    let v = cl.maps(1).read_counters().expect("counters");
+    assert!(v[c::FWD_NEW_FLOW as usize] >= 2 * FLOWS as u64, "new flows: {}", v[c::FWD_NEW_FLOW as usize]);
+    assert!(v[c::REV_NAT as usize] >= 2 * FLOWS as u64, "reverse NAT: {}", v[c::REV_NAT as usize]);
+    for bad in
+        [c::DROP_NO_BACKEND, c::DROP_REWRITE_FAILED, c::DROP_MALFORMED, c::DROP_SPLIT_MISMATCH, c::PASS_IPV6]
+    {
+        assert_eq!(v[bad as usize], 0, "{}", c::NAMES[bad as usize]);
+    }
+}
+
+#[test]
+fn tc_dual_stack_service() {
+    dual_stack_service("v6tc", Mode::Tc);
+}
+
+#[test]
+fn xdp_dual_stack_service() {
+    dual_stack_service("v6xdp", Mode::Xdp);
+}
 
 /// The dual-stack lab itself, without lb: pods on two nodes and the outside client reach each
 /// other over IPv6 through the nodes' routes and the underlay, and see each other's own

@@ -12,7 +12,7 @@ pub const RX_REPLY: u32 = 1;
 
 /// Not IPv4 and not IPv6 (ARP, LLDP, ...): passed untouched.
 pub const PASS_NON_IP: u32 = 2;
-/// IPv6: passed untouched (not load-balanced yet).
+/// IPv6 where lb serves no IPv6 (`--ipv6 off`): passed untouched.
 pub const PASS_IPV6: u32 = 3;
 /// A non-first IPv4 fragment of no datagram lb translated (or whose first fragment it has not
 /// seen, or whose flow is gone): passed untouched.
@@ -125,8 +125,20 @@ pub const SOCK_REFUSED: u32 = 38;
 /// (`sock_release`).
 pub const SOCK_RELEASED: u32 = 39;
 
+/// IPv6: more extension headers in front of the transport header than the parser follows
+/// (`lb6`: 4), to a Service address: dropped (lb cannot see its ports; to any other address such
+/// a packet passes, counted as `PASS_OTHER_PROTO`).
+pub const DROP_EXT_HEADERS: u32 = 40;
+/// UDP over IPv6 with a zero checksum (no checksum: malformed over IPv6, RFC 8200 §8.1) to a
+/// Service address: dropped. To any other address it passes untouched (tunnels, RFC 6935).
+pub const DROP_UDP_ZERO_CSUM: u32 = 41;
+/// IPv6: the second half of a forward program (`lb6_*_forward_decided`) found no flow left by
+/// the first: the two halves came from different agent loads, for the moment an agent restart
+/// swaps them. Dropped (the sender sends again); never a flow applied to another packet.
+pub const DROP_SPLIT_MISMATCH: u32 = 42;
+
 /// Number of counters; the size of `LB_COUNTERS`.
-pub const COUNT: u32 = 40;
+pub const COUNT: u32 = 43;
 
 /// Stable names, indexed by counter. Used for metrics and `lbctl stats`.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -170,11 +182,14 @@ pub const NAMES: [&str; COUNT as usize] = [
     "sock_getpeername",
     "sock_refused",
     "sock_released",
+    "drop_ext_headers",
+    "drop_udp_zero_csum",
+    "drop_split_mismatch",
 ];
 
 /// The outcome counters. Every packet seen by any lb program increments exactly one of them, so
 /// their sum equals `RX_FORWARD + RX_REPLY + RX_NODE_IN + RX_NODE_OUT`.
-pub const OUTCOMES: [u32; 21] = [
+pub const OUTCOMES: [u32; 24] = [
     PASS_NON_IP,
     PASS_IPV6,
     PASS_FRAGMENT,
@@ -196,4 +211,7 @@ pub const OUTCOMES: [u32; 21] = [
     DROP_SNAT_NO_PORT,
     DROP_FIB,
     DROP_SRC_RANGE,
+    DROP_EXT_HEADERS,
+    DROP_UDP_ZERO_CSUM,
+    DROP_SPLIT_MISMATCH,
 ];

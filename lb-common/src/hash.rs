@@ -44,6 +44,20 @@ pub fn lb4_flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, 
     jhash_3words(saddr, daddr, ports, seed ^ u32::from(proto))
 }
 
+/// One word of an IPv6 address's four (network-order words as read from the packet): every bit
+/// of the address changes it.
+#[inline(always)]
+pub fn fold6(a: [u32; 4]) -> u32 {
+    jhash_3words(a[0], a[1], a[2], a[3])
+}
+
+/// Hash of an IPv6 5-tuple as the datapath computes it: [`lb4_flow_hash`] of the folded
+/// addresses ([`fold6`]).
+#[inline(always)]
+pub fn lb6_flow_hash(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+    lb4_flow_hash(fold6(saddr), fold6(daddr), sport, dport, proto, seed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

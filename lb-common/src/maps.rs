@@ -186,7 +186,7 @@ pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
 pub const MAP_LB4_SOCK_AFFINITY: &str = "LB4_SOCK_AFFINITY";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 27] = [
+pub const PINNED_MAPS: [&str; 28] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -214,6 +214,7 @@ pub const PINNED_MAPS: [&str; 27] = [
     crate::maps6::MAP_LB6_CT,
     crate::maps6::MAP_LB6_AFFINITY,
     crate::maps6::MAP_LB6_FRAGS,
+    crate::maps6::MAP_LB6_VIPS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.
@@ -231,6 +232,8 @@ pub mod globals {
     /// `u32`, network byte order: source address of hairpinned flows (a pod reaching itself
     /// through a service is SNATed to it, so its reply comes back through lb).
     pub const HAIRPIN_ADDR: &str = "HAIRPIN_ADDR";
+    /// `[u32; 4]`, network byte order: source address of hairpinned IPv6 flows.
+    pub const HAIRPIN_ADDR6: &str = "HAIRPIN_ADDR6";
     /// `u32`, host order: the first and last source port given to a flow whose tuple clashed
     /// (`Lb4CtEntry::snat_port`). Outside the node's `ip_local_port_range`.
     pub const SNAT_PORT_MIN: &str = "SNAT_PORT_MIN";
@@ -280,6 +283,13 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1_024, 29_999);
 
 /// Default hairpin source address (Cilium uses the same link-local address).
 pub const DEFAULT_HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// Default hairpin source address of IPv6 flows: `100::a9fe:2a01`, in the discard-only prefix
+/// `100::/64` (RFC 6666), so it is nobody's address and no route leads anywhere real; the pod
+/// sends its replies to it by its default route, through lb. (Not link-local, which a pod would
+/// look for on its own link with Neighbour Discovery, and nobody would answer.) The last 32 bits
+/// are the IPv4 default's.
+pub const DEFAULT_HAIRPIN_ADDR6: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 42, 1];
 
 /// Default conntrack timeouts, in seconds (the values Cilium uses).
 pub mod default_timeouts {

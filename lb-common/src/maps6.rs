@@ -200,6 +200,20 @@ pub struct Lb6FragKey {
 }
 const _: () = assert!(size_of::<Lb6FragKey>() == 40);
 
+/// The map of the IPv6 Service addresses (see `lb-ebpf`'s `LB6_VIPS`).
+pub const MAP_LB6_VIPS: &str = "LB6_VIPS";
+/// The program arrays the IPv4 entry points tail-call the IPv6 programs through.
+pub const MAP_LB_TAIL_TC: &str = "LB_TAIL_TC";
+pub const MAP_LB_TAIL_XDP: &str = "LB_TAIL_XDP";
+/// Slots of the program arrays.
+pub const TAIL_SLOTS: u32 = 4;
+/// `LB_TAIL_TC`: `lb6_tc_forward`, `lb6_tc_reply`; `LB_TAIL_XDP`: `lb6_xdp_forward`.
+pub const TAIL_FORWARD: u32 = 0;
+pub const TAIL_REPLY: u32 = 1;
+/// `LB_TAIL_TC`: `lb6_tc_forward_decided`; `LB_TAIL_XDP`: `lb6_xdp_forward_decided` (the second
+/// half of the forward program, tail-called from the first).
+pub const TAIL_FORWARD_DECIDED: u32 = 2;
+
 /// Set in `kind` (`EVENT_NEW_FLOW`, `EVENT_DROP`, `EVENT_SOCK`) of an event about IPv6: the
 /// record is an [`LbEvent6`], not an `LbEvent`.
 pub const EVENT_IPV6: u32 = 0x100;

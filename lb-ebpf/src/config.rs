@@ -3,8 +3,8 @@
 
 use aya_ebpf::Global;
 use lb_common::{
-    default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, DEFAULT_SNAT_PORTS,
-    IPPROTO_UDP,
+    addr6, default_timeouts as d, hash::DEFAULT_FLOW_HASH_SEED, DEFAULT_HAIRPIN_ADDR, DEFAULT_HAIRPIN_ADDR6,
+    DEFAULT_SNAT_PORTS, IPPROTO_UDP,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -21,6 +21,8 @@ static CT_TIMEOUT_UDP_NS: Global<u64> = Global::new(d::UDP_SECS * NS);
 static FLOW_HASH_SEED: Global<u32> = Global::new(DEFAULT_FLOW_HASH_SEED);
 #[unsafe(no_mangle)]
 static HAIRPIN_ADDR: Global<u32> = Global::new(u32::from_ne_bytes(DEFAULT_HAIRPIN_ADDR));
+#[unsafe(no_mangle)]
+static HAIRPIN_ADDR6: Global<[u32; 4]> = Global::new(addr6(DEFAULT_HAIRPIN_ADDR6));
 #[unsafe(no_mangle)]
 static SNAT_PORT_MIN: Global<u32> = Global::new(DEFAULT_SNAT_PORTS.0 as u32);
 #[unsafe(no_mangle)]
@@ -62,6 +64,22 @@ pub fn flow_hash_seed() -> u32 {
 #[inline(always)]
 pub fn hairpin_addr() -> u32 {
     HAIRPIN_ADDR.load()
+}
+
+/// Source address of hairpinned IPv6 flows, network byte order.
+#[inline(always)]
+pub fn hairpin_addr6() -> [u32; 4] {
+    // Word by word: a volatile 16-byte load is a memcpy that LLVM's BPF backend fails to expand.
+    let p = core::ptr::addr_of!(HAIRPIN_ADDR6).cast::<u32>();
+    // SAFETY: `Global<[u32; 4]>` is the array itself (a transparent wrapper), four aligned words.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
 }
 
 /// The source ports given to flows whose tuple clashed: first and last, host order.

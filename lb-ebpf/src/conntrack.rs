@@ -15,6 +15,7 @@ const BPF_NOEXIST: u64 = 1;
 use crate::{
     config::{ct_timeout_ns, snat_ports},
     family::{Address, CtEntry, CtKey, Family, Member},
+    maps::LB_SCRATCH,
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -315,15 +316,16 @@ enum Slot {
 
 #[inline(always)]
 fn slot<F: Family>(key: &CtKey<F::Addr>, fwd_key: &CtKey<F::Addr>, now: u64) -> Slot {
-    // SAFETY: the values are copied out at once.
-    let Some(e) = (unsafe { F::ct().get(key) }).copied() else {
+    // SAFETY: read in place (a copy would cost an IPv6 program 64 bytes of its stack); a field
+    // another CPU changes meanwhile is read either way, as with a copy.
+    let Some(e) = (unsafe { F::ct().get(key) }) else {
         return Slot::Empty;
     };
-    let owner = key.forward_of_reply(&e);
+    let owner = key.forward_of_reply(e);
     // Both are forward keys (their direction and padding are the same): the tuple decides.
     if owner.same_tuple(fwd_key) {
         // An expired one is a connection of this tuple that ended: no port to keep.
-        return if expired(&e, key.proto, now) { Slot::Stale } else { Slot::Own };
+        return if expired(e, key.proto, now) { Slot::Stale } else { Slot::Own };
     }
     // SAFETY: as above.
     let live = match unsafe { F::ct().get(&owner) } {
@@ -413,14 +415,20 @@ fn alloc_port<F: Family>(
     own_only: bool,
 ) -> Option<u16> {
     let range = snat_range()?;
-    let mut key = *rev_key;
+    // The key tried is built in this CPU's scratch buffer (see `create`).
+    // SAFETY: as in `create`; the key slot is as large and as aligned as a key of either family.
+    let key = unsafe {
+        let s = &mut *LB_SCRATCH.get_ptr_mut(0)?;
+        &mut *(&mut s.key as *mut [u64; 5]).cast::<CtKey<F::Addr>>()
+    };
+    *key = *rev_key;
     for i in 0..SNAT_TRIES {
         key.dport = snat_candidate(h, i, range);
         if own_only {
-            if slot::<F>(&key, fwd_key, now) == Slot::Own && F::ct().insert(&key, rev, 0).is_ok() {
+            if slot::<F>(&*key, fwd_key, now) == Slot::Own && F::ct().insert(&*key, rev, 0).is_ok() {
                 return Some(key.dport);
             }
-        } else if claim::<F>(&key, fwd_key, rev, now) {
+        } else if claim::<F>(&*key, fwd_key, rev, now) {
             if rev.flags & CT_FLAG_NODE_SNAT == 0 {
                 count(counters::SNAT_PORT);
             }
@@ -451,7 +459,20 @@ pub fn create<F: Family>(
     if node_snat {
         flags |= CT_FLAG_NODE_SNAT;
     }
-    let mut fwd = CtEntry {
+    // The three entries are built in this CPU's scratch buffer: on the stack they would take the
+    // IPv6 programs past BPF's 512 bytes.
+    // SAFETY: this CPU's buffer, used by this program only while it runs; each slot is as large
+    // and as aligned as an entry of either family (`maps::Scratch`).
+    let (fwd, plain, snat_rev) = unsafe {
+        let s = &mut *LB_SCRATCH.get_ptr_mut(0).ok_or(CreateError::Insert(0))?;
+        let [a, b, c] = &mut s.ct;
+        (
+            &mut *(a as *mut [u64; 8]).cast::<CtEntry<F::Addr>>(),
+            &mut *(b as *mut [u64; 8]).cast::<CtEntry<F::Addr>>(),
+            &mut *(c as *mut [u64; 8]).cast::<CtEntry<F::Addr>>(),
+        )
+    };
+    *fwd = CtEntry {
         last_seen_ns: now,
         created_s: (now / 1_000_000_000) as u32,
         snat_port: 0,
@@ -473,45 +494,45 @@ pub fn create<F: Family>(
         f.saddr
     };
     let rev_key = reply_key(f, c.addr, c.port, client, f.sport);
-    let plain = reply_entry(&fwd, f);
+    *plain = reply_entry(fwd, f);
     // Reply entries of an SNATed flow keep the client's own port.
-    let snat_rev = CtEntry { snat_port: f.sport, ..plain };
+    *snat_rev = reply_entry(fwd, f);
+    snat_rev.snat_port = f.sport;
+    let (plain, snat_rev) = (&*plain, &*snat_rev);
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
     let port = if node_snat {
         // Always a port of the SNAT range (a client's own port could be one a socket of this node
         // uses towards the same endpoint); a flow picked up mid-stream first looks for its own.
         let h = snat_hash::<F>(fwd_key);
-        let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+        let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) } else { None };
         match own {
             Some(p) => p,
-            None => {
-                alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?
-            }
+            None => alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?,
         }
     // The usual new flow: its reply key is free, taken by one insert (no lookup first).
-    } else if !pickup && F::ct().insert(&rev_key, &plain, BPF_NOEXIST).is_ok() {
+    } else if !pickup && F::ct().insert(&rev_key, plain, BPF_NOEXIST).is_ok() {
         0
     } else {
         let natural = slot::<F>(&rev_key, fwd_key, now);
         // This flow's own (made again, or picked up without another port), or a dead flow's
         // that a new connection may take over at once.
         if natural == Slot::Own || (natural == Slot::Stale && !pickup) {
-            let _ = F::ct().insert(&rev_key, &plain, 0);
+            let _ = F::ct().insert(&rev_key, plain, 0);
             0
         } else {
             let h = snat_hash::<F>(fwd_key);
-            let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, true) } else { None };
+            let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) } else { None };
             match own {
                 Some(p) => p,
-                None if claim_slot::<F>(natural, &rev_key, fwd_key, &plain, now) => 0,
+                None if claim_slot::<F>(natural, &rev_key, fwd_key, plain, now) => 0,
                 None => {
-                    alloc_port::<F>(&rev_key, fwd_key, h, &snat_rev, now, false).ok_or(CreateError::NoPort)?
+                    alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?
                 }
             }
         }
     };
     fwd.snat_port = port;
-    if F::ct().insert(fwd_key, &fwd, 0).is_ok() {
+    if F::ct().insert(fwd_key, fwd, 0).is_ok() {
         Ok(port)
     } else {
         Err(CreateError::Insert(port))

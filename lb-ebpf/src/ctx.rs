@@ -93,6 +93,11 @@ pub trait PacketCtx: EbpfContext {
     /// (metadata stays with a reused buffer) is read as this one's. A no-op where nothing runs
     /// behind (TC).
     fn mark(&self, _decided: bool) {}
+
+    /// After a direct write that changed the sum of the bytes after the Ethernet header by
+    /// `diff` with nothing offsetting it (an IPv6 address outside any checksum): a received
+    /// packet's sum (`CHECKSUM_COMPLETE`, TC) follows. A no-op where there is none (XDP).
+    fn sum_changed(&self, _diff: u16) {}
 }
 
 /// The mark XDP leaves in the metadata of a packet it decided ("LBXD"), followed by the index of
@@ -156,7 +161,8 @@ impl PacketCtx for TcContext {
     fn parse<F: Family>(&self) -> Parsed<F> {
         tc_linearise(self, F::COMMON_HEADERS);
         let parsed = F::parse(TcContext::data(self), TcContext::data_end(self));
-        let short = matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO));
+        let short =
+            matches!(parsed, Parsed::Drop(_) | Parsed::Pass(counters::PASS_OTHER_PROTO) | Parsed::TooDeep(_));
         if short && tc_linearise(self, F::MAX_HEADERS) {
             return F::parse(TcContext::data(self), TcContext::data_end(self));
         }
@@ -184,6 +190,15 @@ impl PacketCtx for TcContext {
     #[inline(always)]
     fn reject<F: Family>(&self, _f: &Flow<F>) -> Result<i32, ()> {
         F::reject_tc(self)
+    }
+
+    #[inline(always)]
+    fn sum_changed(&self, diff: u16) {
+        if diff != 0 {
+            // SAFETY: a valid context. Any packet without a received sum: nothing to do (the
+            // helper says so, ignored).
+            unsafe { aya_ebpf::helpers::bpf_csum_update(self.skb.skb, u32::from(diff)) };
+        }
     }
 
     #[inline(always)]

@@ -25,8 +25,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    hash::lb4_flow_hash, reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
-    Lb4FragPorts, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, CT_DIR_FORWARD,
+    hash::{lb4_flow_hash, lb6_flow_hash},
+    reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey, Lb4FragPorts,
+    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb6FragKey, CT_DIR_FORWARD,
     CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, IF_ROLE_NODE, SCOPE_EXTERNAL, SRC_RANGE_DENY,
     SRC_RANGE_FRONTEND_BITS,
 };
@@ -36,9 +37,12 @@ use crate::{
     ctx::PacketCtx,
     maps::{
         LB4_AFFINITY, LB4_BACKENDS, LB4_CT, LB4_FRAGS, LB4_IFS, LB4_MEMBERS, LB4_SERVICES, LB4_SRC_RANGES,
+        LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_MEMBERS, LB6_SERVICES, LB6_VIPS,
     },
     nat::{self, IcmpNat, Side},
+    nat6,
     parse::{self, Flow, IcmpError, Parsed, ETH_HLEN},
+    parse6,
 };
 
 /// An address as packets and maps hold it (network byte order).
@@ -269,9 +273,19 @@ pub trait Family: Copy + 'static {
     /// Whether client `src` may open a flow to external frontend `addr:port`/`proto`
     /// (`loadBalancerSourceRanges`).
     fn source_allowed(addr: Self::Addr, port: u16, proto: u8, src: Self::Addr) -> bool;
-    /// An address as a monitor event carries it (`LbEvent`: IPv4-sized; IPv6 needs a wider
-    /// event).
-    fn event_addr(a: Self::Addr) -> u32;
+    /// Sends a flow event of the family's record (`LbEvent`, `LbEvent6`); the caller checked
+    /// that events are on and the rate allows.
+    fn output_event(
+        t: (Self::Addr, Self::Addr, u16, u16, u8),
+        kind: u32,
+        reason: u32,
+        backend: (Self::Addr, u16),
+        svc_id: u32,
+        now: u64,
+    );
+    /// Whether `addr` is the address of a Service frontend, whatever its port (for a packet
+    /// whose ports lb cannot see).
+    fn is_frontend_addr(addr: Self::Addr) -> bool;
 
     // Headers: parsing and rewriting are the family's own.
     /// Parses the packet at `data..end` (its Ethernet header first).
@@ -288,7 +302,9 @@ pub trait Family: Copy + 'static {
         port: u16,
     ) -> Result<(), ()>;
     /// A non-first fragment: writes `addr` into one side of its IP header (it has no L4 header).
-    fn rewrite_addr(data: usize, end: usize, side: Side, addr: Self::Addr) -> Result<(), ()>;
+    /// Returns how much the sum of the bytes after the Ethernet header changed (a received
+    /// packet's sum follows it: `PacketCtx::sum_changed`): 0 where a header checksum offsets it.
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: Self::Addr) -> Result<u16, ()>;
     /// XDP: whether the L4 checksum of `f` may be partial (see `nat::csum_maybe_partial`).
     fn csum_maybe_partial(data: usize, end: usize, f: &Flow<Self>) -> bool;
     /// Rewrites ICMP error `e` as `n` says, its checksums kept right.
@@ -373,8 +389,20 @@ impl Family for V4 {
         LB4_SRC_RANGES.get(&key).is_none_or(|v| *v != SRC_RANGE_DENY)
     }
     #[inline(always)]
-    fn event_addr(a: u32) -> u32 {
-        a
+    fn output_event(
+        t: (u32, u32, u16, u16, u8),
+        kind: u32,
+        reason: u32,
+        backend: (u32, u16),
+        svc_id: u32,
+        now: u64,
+    ) {
+        crate::monitor::output4(t, kind, reason, backend, svc_id, now);
+    }
+    /// Never asked: the IPv4 parser always finds the ports.
+    #[inline(always)]
+    fn is_frontend_addr(_addr: u32) -> bool {
+        false
     }
 
     #[inline(always)]
@@ -390,8 +418,9 @@ impl Family for V4 {
         nat::rewrite_xdp(ctx, f, side, addr, port)
     }
     #[inline(always)]
-    fn rewrite_addr(data: usize, end: usize, side: Side, addr: u32) -> Result<(), ()> {
-        nat::rewrite_ip(data, end, side, addr)
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: u32) -> Result<u16, ()> {
+        // The IPv4 header checksum offsets the address.
+        nat::rewrite_ip(data, end, side, addr).map(|()| 0)
     }
     #[inline(always)]
     fn csum_maybe_partial(data: usize, end: usize, f: &Flow<V4>) -> bool {
@@ -422,5 +451,130 @@ impl Family for V4 {
         // SAFETY: the value is copied out at once.
         let i = unsafe { LB4_IFS.get(&ifindex) }.copied()?;
         (i.role == IF_ROLE_NODE && i.snat_addr != 0).then_some(i.snat_addr)
+    }
+}
+
+/// IPv6: the `LB6_*` maps, `crate::parse6` and `crate::nat6`.
+#[derive(Clone, Copy)]
+pub struct V6;
+
+impl Family for V6 {
+    type Addr = [u32; 4];
+    type FragId = u32;
+    type FragKey = Lb6FragKey;
+
+    const IPPROTO_ICMP: u8 = parse6::IPPROTO_ICMPV6;
+    /// `AF_INET6`.
+    const AF: u8 = 10;
+    /// Ethernet, IPv6 and a TCP header.
+    const COMMON_HEADERS: u32 = 14 + 40 + 20;
+    /// Ethernet, IPv6, extension headers (up to `parse6::MAX_EXT_HEADERS`, here as long as 392
+    /// bytes together) and a TCP header; this also holds an ICMPv6 error's quote.
+    const MAX_HEADERS: u32 = 14 + 40 + 392 + 20;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<SvcKey<[u32; 4]>, Lb4Service> {
+        map_as!(LB6_SERVICES, HashMap<SvcKey<[u32; 4]>, Lb4Service>)
+    }
+    #[inline(always)]
+    fn backends() -> &'static Array<Backend<[u32; 4]>> {
+        map_as!(LB6_BACKENDS, Array<Backend<[u32; 4]>>)
+    }
+    #[inline(always)]
+    fn members() -> &'static HashMap<Lb4MemberKey, Member<[u32; 4]>> {
+        map_as!(LB6_MEMBERS, HashMap<Lb4MemberKey, Member<[u32; 4]>>)
+    }
+    #[inline(always)]
+    fn ct() -> &'static LruHashMap<CtKey<[u32; 4]>, CtEntry<[u32; 4]>> {
+        map_as!(LB6_CT, LruHashMap<CtKey<[u32; 4]>, CtEntry<[u32; 4]>>)
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<[u32; 4]>, Lb4Affinity> {
+        map_as!(LB6_AFFINITY, LruHashMap<AffinityKey<[u32; 4]>, Lb4Affinity>)
+    }
+    #[inline(always)]
+    fn frags() -> &'static LruHashMap<Lb6FragKey, Lb4FragPorts> {
+        &LB6_FRAGS
+    }
+
+    #[inline(always)]
+    fn frag_key(saddr: [u32; 4], daddr: [u32; 4], id: u32, proto: u8) -> Lb6FragKey {
+        Lb6FragKey { saddr, daddr, id, proto, _pad: [0; 3] }
+    }
+
+    #[inline(always)]
+    fn hairpin_addr() -> [u32; 4] {
+        config::hairpin_addr6()
+    }
+    #[inline(always)]
+    fn flow_hash(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
+        lb6_flow_hash(saddr, daddr, sport, dport, proto, seed)
+    }
+    /// IPv6 has no external frontends yet (ClusterIPs only): nothing to refuse.
+    #[inline(always)]
+    fn source_allowed(_addr: [u32; 4], _port: u16, _proto: u8, _src: [u32; 4]) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn output_event(
+        t: ([u32; 4], [u32; 4], u16, u16, u8),
+        kind: u32,
+        reason: u32,
+        backend: ([u32; 4], u16),
+        svc_id: u32,
+        now: u64,
+    ) {
+        crate::monitor::output6(t, kind, reason, backend, svc_id, now);
+    }
+    #[inline(always)]
+    fn is_frontend_addr(addr: [u32; 4]) -> bool {
+        // SAFETY: only whether there is a value.
+        unsafe { LB6_VIPS.get(&addr) }.is_some()
+    }
+
+    #[inline(always)]
+    fn parse(data: usize, end: usize) -> Parsed<V6> {
+        parse6::parse(data, end)
+    }
+    #[inline(always)]
+    fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], port: u16) -> Result<(), ()> {
+        nat6::rewrite_tc(ctx, f, side, addr, port)
+    }
+    #[inline(always)]
+    fn rewrite_xdp(ctx: &XdpContext, f: &Flow<V6>, side: Side, addr: [u32; 4], port: u16) -> Result<(), ()> {
+        nat6::rewrite_xdp(ctx, f, side, addr, port)
+    }
+    #[inline(always)]
+    fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Result<u16, ()> {
+        nat6::rewrite_addr(data, end, side, addr)
+    }
+    #[inline(always)]
+    fn csum_maybe_partial(data: usize, end: usize, f: &Flow<V6>) -> bool {
+        nat6::csum_maybe_partial(data, end, f)
+    }
+    #[inline(always)]
+    fn rewrite_icmp_error<C: PacketCtx>(ctx: &C, e: &IcmpError<V6>, n: &IcmpNat<V6>) -> Result<(), ()> {
+        nat6::rewrite_icmp_error(ctx, e, n)
+    }
+    /// Only where RFC 4443 allows one, and for a transport header right after the IPv6 header
+    /// (the answer quotes it whole).
+    #[inline(always)]
+    fn reject_answerable(f: &Flow<V6>) -> bool {
+        f.l4_off == ETH_HLEN + 40 && reject::answerable6(0x60, f.proto, &lb_common::octets6(f.saddr))
+    }
+    #[inline(always)]
+    fn reject_tc(ctx: &TcContext) -> Result<i32, ()> {
+        nat6::reject_tc(ctx)
+    }
+
+    #[inline(always)]
+    fn fib_addrs(p: &mut bpf_fib_lookup, saddr: [u32; 4], daddr: [u32; 4]) {
+        p.__bindgen_anon_3.ipv6_src = saddr;
+        p.__bindgen_anon_4.ipv6_dst = daddr;
+    }
+    /// No IPv6 node interface addresses yet (external frontends are IPv4 only).
+    #[inline(always)]
+    fn if_snat_addr(_ifindex: u32) -> Option<[u32; 4]> {
+        None
     }
 }

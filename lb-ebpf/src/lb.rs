@@ -252,6 +252,10 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
         }
         return Action::Pass(counters::PASS_NON_VIP);
     };
+    if f.udp_no_csum {
+        // UDP over IPv6 without a checksum, to a Service address: malformed (RFC 8200 §8.1).
+        return Action::Drop(counters::DROP_UDP_ZERO_CSUM);
+    }
     if origin == Origin::Outside && f.sport == 0 {
         // Source port 0 cannot be answered, and a flow SNATed to this node could not be told
         // from one that kept its port.

@@ -1,6 +1,9 @@
 //! lb datapath programs. Each entry point is thin: it counts the packet and runs the pipeline
 //! (`pipeline`: parse, decide (`lb`), rewrite (`nat`), count) for its hook (`ctx`).
 //!
+//! - `lb4_tc_forward`, `lb4_tc_reply`, `lb4_xdp_forward` hand IPv6 packets to `lb6_tc_forward`,
+//!   `lb6_tc_reply`, `lb6_xdp_forward` (the same pipeline for `V6`) by tail call, through the
+//!   program arrays `LB_TAIL_TC` and `LB_TAIL_XDP` the agent fills when it serves IPv6.
 //! - `lb4_tc_forward`: TC ingress of a pod's host-side interface (traffic leaving the pod).
 //! - `lb4_xdp_forward`: the same decision as an XDP program (`--datapath xdp`), in front of
 //!   `lb4_tc_forward`, which takes what XDP leaves to it and lets the rest go on.
@@ -28,7 +31,9 @@ mod lb;
 mod maps;
 mod monitor;
 mod nat;
+mod nat6;
 mod parse;
+mod parse6;
 mod pipeline;
 mod sock;
 mod stats;
@@ -39,7 +44,31 @@ use aya_ebpf::{
 };
 use lb_common::counters;
 
-use crate::{family::V4, stats::count};
+use crate::{
+    ctx::PacketCtx,
+    family::{V4, V6},
+    maps::{LB_TAIL_TC, LB_TAIL_XDP},
+    stats::count,
+};
+
+/// An IPv6 packet goes on in the IPv6 program in `slot` of `programs` (a tail call: it does not
+/// come back). Where the slot is empty (`--ipv6 off`) it passes untouched, counted as `empty`.
+/// `None` for any other packet.
+#[inline(always)]
+fn to_ipv6<C: PacketCtx>(
+    ctx: &C,
+    programs: &aya_ebpf::maps::ProgramArray,
+    slot: u32,
+    empty: u32,
+) -> Option<C::Ret> {
+    if !parse::is_ipv6(ctx.data(), ctx.data_end()) {
+        return None;
+    }
+    // SAFETY: a valid context; the programs in the array are of this program's type.
+    unsafe { programs.tail_call(ctx, slot) };
+    count(empty);
+    Some(C::PASS)
+}
 
 #[classifier]
 pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
@@ -48,13 +77,63 @@ pub fn lb4_tc_forward(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_FORWARD);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_FORWARD, counters::PASS_IPV6) {
+        return ret;
+    }
     pipeline::forward::<V4, _>(&ctx)
 }
 
 #[classifier]
 pub fn lb4_tc_reply(ctx: TcContext) -> i32 {
     count(counters::RX_REPLY);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_TC, lb_common::TAIL_REPLY, counters::PASS_IPV6) {
+        return ret;
+    }
     pipeline::reply::<V4, _>(&ctx)
+}
+
+/// `lb4_tc_forward` for IPv6 packets (tail-called, `LB_TAIL_TC[TAIL_FORWARD]`; the packet was
+/// counted there). The lb6 bodies are inlined into their entry points (`inline(always)` goes to
+/// the function the attribute macro wraps): a wrapper's frame would count against the 512 bytes of
+/// stack a chain of calls shares (`tests/stack.rs`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_forward(ctx: TcContext) -> i32 {
+    // SAFETY: a valid context; the array holds programs of this type.
+    pipeline::forward_parsed::<V6, _>(&ctx, || unsafe {
+        let _ = LB_TAIL_TC.tail_call(&ctx, lb_common::TAIL_FORWARD_DECIDED);
+    })
+}
+
+/// The second half of `lb6_tc_forward` (`LB_TAIL_TC[TAIL_FORWARD_DECIDED]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_forward_decided(ctx: TcContext) -> i32 {
+    pipeline::forward_decided::<V6, _>(&ctx)
+}
+
+/// `lb4_tc_reply` for IPv6 packets (`LB_TAIL_TC[TAIL_REPLY]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_reply(ctx: TcContext) -> i32 {
+    pipeline::reply::<V6, _>(&ctx)
+}
+
+/// `lb4_xdp_forward` for IPv6 packets (`LB_TAIL_XDP[TAIL_FORWARD]`).
+#[xdp]
+#[inline(always)]
+pub fn lb6_xdp_forward(ctx: XdpContext) -> u32 {
+    // SAFETY: a valid context; the array holds programs of this type.
+    pipeline::forward_parsed::<V6, _>(&ctx, || unsafe {
+        let _ = LB_TAIL_XDP.tail_call(&ctx, lb_common::TAIL_FORWARD_DECIDED);
+    })
+}
+
+/// The second half of `lb6_xdp_forward` (`LB_TAIL_XDP[TAIL_FORWARD_DECIDED]`).
+#[xdp]
+#[inline(always)]
+pub fn lb6_xdp_forward_decided(ctx: XdpContext) -> u32 {
+    pipeline::forward_decided::<V6, _>(&ctx)
 }
 
 #[classifier]
@@ -76,6 +155,13 @@ pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
     count(counters::RX_FORWARD);
+    // An empty slot (no IPv6 XDP program) leaves the packet to the TC program behind, which
+    // hands it to its own IPv6 program or passes it (`PASS_IPV6`); IPv6's XDP program marks what
+    // it decides itself.
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_XDP, lb_common::TAIL_FORWARD, counters::XDP_TO_TC) {
+        ctx.mark(false);
+        return ret;
+    }
     pipeline::forward::<V4, _>(&ctx)
 }
 

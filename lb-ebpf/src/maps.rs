@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
@@ -193,5 +193,62 @@ pub static LB6_CT: LruHashMap<Lb6CtKey, Lb6CtEntry> = LruHashMap::pinned(capacit
 pub static LB6_AFFINITY: LruHashMap<Lb6AffinityKey, Lb4Affinity> = LruHashMap::pinned(capacity::AFFINITY, 0);
 
 /// IPv6 datagrams in fragments (see `LB4_FRAGS`).
+/// The IPv6 addresses of Service frontends → how many frontends have it. Written by the agent
+/// only; read for a packet whose ports lb cannot see (more extension headers than it follows),
+/// which is dropped to a Service address and passes to any other.
+#[map(name = "LB6_VIPS")]
+pub static LB6_VIPS: HashMap<[u32; 4], u32> = HashMap::pinned(capacity::SERVICES, 0);
+
+/// The IPv6 programs the IPv4 entry points hand IPv6 packets to (`bpf_tail_call`), by `TAIL_*`
+/// index: `LB_TAIL_TC` for the TC programs, `LB_TAIL_XDP` for XDP (a program array holds
+/// programs of one type). Filled by the agent when it serves IPv6; an empty slot (`--ipv6 off`)
+/// lets IPv6 pass untouched (`PASS_IPV6`). Pinned, so that the programs stay in it while the
+/// agent is away.
+#[map(name = "LB_TAIL_TC")]
+pub static LB_TAIL_TC: ProgramArray = ProgramArray::pinned(lb_common::TAIL_SLOTS, 0);
+#[map(name = "LB_TAIL_XDP")]
+pub static LB_TAIL_XDP: ProgramArray = ProgramArray::pinned(lb_common::TAIL_SLOTS, 0);
+
+/// Per-CPU room for what would not fit on a program's stack (BPF's 512 bytes): an IPv6 reject's
+/// frame and answer. Not pinned: nothing outlives the program run that uses it.
+#[map(name = "LB_SCRATCH")]
+pub static LB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// [`LB_SCRATCH`]'s one value.
+#[repr(C)]
+pub struct Scratch {
+    pub reject_in: [u8; lb_common::reject::REJECT6_IN],
+    pub reject_out: [u8; lb_common::reject::REJECT6_OUT],
+    /// A new flow's forward entry, reply entry and SNATed reply entry (`conntrack::create`), of
+    /// either family (`CtEntry<[u32; 4]>`: 64 bytes, 8-aligned).
+    pub ct: [[u64; 8]; 3],
+    /// The reply key a new flow tries source ports with (`conntrack::alloc_port`; `CtKey<[u32;
+    /// 4]>`: 40 bytes, 4-aligned).
+    pub key: [u64; 5],
+    /// A value passed through memory the verifier does not follow ([`opaque`]).
+    pub opaque: u64,
+    /// The flow `pipeline::forward_parsed` leaves for `pipeline::forward_decided`.
+    pub flow: [u64; 8],
+}
+
+/// `v` as the verifier sees a value read from a map: any number, bounded here by `mask`. The
+/// IPv6 parser passes what it found in the extension headers through it (`parse6`). `None` if the
+/// scratch map is missing (it never is).
+#[inline(always)]
+pub fn opaque(v: usize, mask: usize) -> Option<usize> {
+    // SAFETY: the one per-CPU value of an array; nothing else holds a reference into it across
+    // this function (programs do not nest on a CPU for one hook).
+    unsafe {
+        let s = LB_SCRATCH.get_ptr_mut(0)?;
+        core::ptr::write_volatile(&raw mut (*s).opaque, v as u64);
+        Some(core::ptr::read_volatile(&raw const (*s).opaque) as usize & mask)
+    }
+}
+
+const _: () = assert!(
+    core::mem::size_of::<crate::family::CtEntry<[u32; 4]>>() <= 64
+        && core::mem::align_of::<crate::family::CtEntry<[u32; 4]>>() <= 8
+);
+
 #[map(name = "LB6_FRAGS")]
 pub static LB6_FRAGS: LruHashMap<Lb6FragKey, Lb4FragPorts> = LruHashMap::pinned(capacity::FRAGS, 0);

@@ -8,8 +8,8 @@
 //! carry full checksums, updated here incrementally (RFC 1624).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT},
-    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -73,8 +73,8 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
     let x = fields(ctx.data(), ctx.data_end(), f, side).ok_or(-1i64)?;
     // SAFETY: pointers from `fields`; helpers that may move packet data are called only after the
     // last direct access.
-    let (old_addr, old_port) = unsafe {
-        let old = (*x.addr, *x.port);
+    let (old_addr, old_port, no_csum) = unsafe {
+        let old = (*x.addr, *x.port, f.proto == IPPROTO_UDP && *x.l4_check == 0);
         (*x.ip).check = csum::replace4((*x.ip).check, old.0, addr);
         *x.addr = addr;
         *x.port = port;
@@ -91,6 +91,11 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
     // A Service whose targetPort is its port keeps the port: no second helper call.
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
+        // UDP without a checksum: none offsets the port, and the helper leaves a received
+        // packet's sum as it was.
+        if no_csum {
+            ctx.sum_changed(!csum::replace2(0xffff, old_port, port));
+        }
     }
     Ok(())
 }
@@ -167,9 +172,35 @@ pub fn reject_tc(ctx: &TcContext) -> Result<i32, ()> {
         return Err(());
     }
     // From here the packet is the answer or nothing: a failed store drops it (counted as a drop).
-    ctx.store(0, &out, 0).map_err(|_| ())?;
+    store_answer(ctx, &out)?;
     // SAFETY: as in bounce_tc.
     Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 })
+}
+
+/// TC: writes `answer` over the whole packet (already of its length). A received packet's sum
+/// (`CHECKSUM_COMPLETE`, which covers what follows the Ethernet header) follows the bytes after
+/// the Ethernet header (`BPF_F_RECOMPUTE_CSUM`); any other packet's state is left as it is.
+#[inline(always)]
+pub fn store_answer<const N: usize>(ctx: &TcContext, answer: &[u8; N]) -> Result<(), ()> {
+    const { assert!(N > ETH_HLEN) };
+    let p = answer.as_ptr();
+    // SAFETY: a valid socket buffer; the two parts of a buffer of `N` bytes, of the lengths given.
+    let (eth, rest) = unsafe {
+        (
+            bpf_skb_store_bytes(ctx.skb.skb, 0, p.cast(), ETH_HLEN as u32, 0),
+            bpf_skb_store_bytes(
+                ctx.skb.skb,
+                ETH_HLEN as u32,
+                p.add(ETH_HLEN).cast(),
+                (N - ETH_HLEN) as u32,
+                u64::from(BPF_F_RECOMPUTE_CSUM),
+            ),
+        )
+    };
+    if eth != 0 || rest != 0 {
+        return Err(());
+    }
+    Ok(())
 }
 
 /// A non-first fragment: writes `addr` into one side of its IPv4 header, the header checksum

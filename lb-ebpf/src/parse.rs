@@ -97,6 +97,9 @@ pub struct Flow<F: Family> {
     pub later_fragment: bool,
     /// The identification the fragments of one datagram share, network byte order.
     pub frag_id: F::FragId,
+    /// UDP over IPv6 without a checksum (0): malformed to a Service address (RFC 8200 §8.1),
+    /// passed untouched to any other (tunnels, RFC 6935). Never set for IPv4, where 0 is "none".
+    pub udp_no_csum: bool,
 }
 
 impl<F: Family> Flow<F> {
@@ -148,6 +151,7 @@ impl<F: Family> Fragment<F> {
             first_fragment: false,
             later_fragment: true,
             frag_id: self.frag_id,
+            udp_no_csum: false,
         }
     }
 }
@@ -159,6 +163,9 @@ pub enum Parsed<F: Family> {
     IcmpError(IcmpError<F>),
     /// Not for lb: pass untouched and count.
     Pass(u32),
+    /// More IPv6 extension headers than lb follows, to this destination: dropped if it is a
+    /// Service address, else passed (`crate::parse6`).
+    TooDeep(F::Addr),
     /// Malformed: drop and count.
     Drop(u32),
 }
@@ -171,6 +178,16 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
         return None;
     }
     Some(start as *mut T)
+}
+
+/// Whether the frame is IPv6 (its Ethernet type).
+#[inline(always)]
+pub fn is_ipv6(data: usize, data_end: usize) -> bool {
+    match ptr_at::<EthHdr>(data, data_end, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => u16::from_be(unsafe { (*eth).proto }) == ETH_P_IPV6,
+        None => false,
+    }
 }
 
 /// The IPv4 parser ([`V4`]'s `Family::parse`).
@@ -235,6 +252,7 @@ pub fn parse(data: usize, data_end: usize) -> Parsed<V4> {
         first_fragment: frag_off & IP_MF != 0,
         later_fragment: false,
         frag_id: ip_id,
+        udp_no_csum: false,
     })
 }
 

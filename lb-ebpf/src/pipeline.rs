@@ -26,6 +26,132 @@ pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
     verdict(ctx, parsed, |f| lb::forward(ctx, f, ctx.len()))
 }
 
+/// [`forward`] in two programs, for a family whose whole pipeline is more than the verifier
+/// takes in one (IPv6: every path through the extension headers would verify the decision
+/// again; Linux 5.10 stops at 1M instructions). The first parses and settles what needs no
+/// decision, leaves the flow in the per-CPU scratch map and goes on by `tail_call` into the
+/// second, [`forward_decided`], which verifies the decision once, from a flow read from memory.
+/// Should the tail call fail (the slot emptied under it), the packet passes untouched, counted
+/// `PASS_IPV6` (XDP: left to TC, `XDP_TO_TC`). The second half takes the flow only if it was
+/// left for this packet, on this CPU, in this run (`StoredFlow::ready`): programs of one hook do
+/// not nest on a CPU (kernels with `PREEMPT_RT`, whose softirqs can be preempted, are not
+/// supported).
+#[inline(always)]
+pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()) -> C::Ret {
+    let f = match flow_of(ctx, ctx.parse::<F>()) {
+        Ok(f) => f,
+        Err(ret) => return ret,
+    };
+    // No second half (its slot empty while the agent sets `--ipv6 off`): passed untouched, as
+    // with no IPv6 programs at all; XDP leaves it to TC, which has its own.
+    let unserved = if C::TC { counters::PASS_IPV6 } else { counters::XDP_TO_TC };
+    let Some(slot) = stored_flow::<F>() else {
+        return finish_marked::<F, C>(ctx, Action::Pass(unserved));
+    };
+    *slot = StoredFlow::from(&f);
+    tail_call();
+    // Nothing is left for a second half to find later.
+    slot.ready = 0;
+    finish_marked::<F, C>(ctx, Action::Pass(unserved))
+}
+
+/// The second program of [`forward_parsed`]: decides the flow the first left in the scratch map.
+#[inline(always)]
+pub fn forward_decided<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let Some(slot) = stored_flow::<F>() else {
+        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
+    };
+    // Taken once: a first half of another agent load (its own scratch map, for the moment a
+    // restart swaps the programs) leaves nothing here, and what is here was left for this packet.
+    if slot.ready != READY {
+        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
+    }
+    slot.ready = 0;
+    let f = slot.flow();
+    apply(ctx, &f, lb::forward(ctx, &f, ctx.len()))
+}
+
+/// A [`Flow`] as one program leaves it for the next in the per-CPU scratch map: plain integers
+/// (flags in one byte), so whatever is read back is a valid value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StoredFlow<F: Family> {
+    l4_off: u64,
+    saddr: F::Addr,
+    daddr: F::Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    tcp_flags: u8,
+    /// `FLAG_*`.
+    flags: u8,
+    /// [`READY`] from the first half until the second takes the flow (or the tail call fails).
+    ready: u8,
+    frag_id: F::FragId,
+}
+
+/// [`StoredFlow::ready`] while a flow waits for the second half.
+const READY: u8 = 0xa5;
+
+const FLAG_FIRST_FRAGMENT: u8 = 1;
+const FLAG_LATER_FRAGMENT: u8 = 2;
+const FLAG_UDP_NO_CSUM: u8 = 4;
+
+/// The largest L4 offset a parser gives (IPv6: 54 + 4 extension headers of at most 2048 bytes),
+/// and the mask a stored offset is read back with (the verifier must see it bounded).
+const L4_OFF_MASK: u64 = 0x3fff;
+
+impl<F: Family> StoredFlow<F> {
+    #[inline(always)]
+    fn from(f: &Flow<F>) -> Self {
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        Self {
+            l4_off: f.l4_off as u64,
+            saddr: f.saddr,
+            daddr: f.daddr,
+            sport: f.sport,
+            dport: f.dport,
+            proto: f.proto,
+            tcp_flags: f.tcp_flags,
+            flags: flag(f.first_fragment, FLAG_FIRST_FRAGMENT)
+                | flag(f.later_fragment, FLAG_LATER_FRAGMENT)
+                | flag(f.udp_no_csum, FLAG_UDP_NO_CSUM),
+            ready: READY,
+            frag_id: f.frag_id,
+        }
+    }
+
+    #[inline(always)]
+    fn flow(&self) -> Flow<F> {
+        Flow {
+            l4_off: (self.l4_off & L4_OFF_MASK) as usize,
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            tcp_flags: self.tcp_flags,
+            first_fragment: self.flags & FLAG_FIRST_FRAGMENT != 0,
+            later_fragment: self.flags & FLAG_LATER_FRAGMENT != 0,
+            frag_id: self.frag_id,
+            udp_no_csum: self.flags & FLAG_UDP_NO_CSUM != 0,
+        }
+    }
+}
+
+/// The scratch map's flow slot, viewed as a stored flow of family `F`.
+#[inline(always)]
+fn stored_flow<F: Family>() -> Option<&'static mut StoredFlow<F>> {
+    const { assert!(core::mem::size_of::<StoredFlow<crate::family::V6>>() <= 64) };
+    // SAFETY: the one per-CPU value of an array map, 8-aligned; the flow slot is as large as a
+    // stored flow of either family (asserted above) and only `forward_parsed` and
+    // `forward_decided` use it, one after the other on one CPU (a tail call does not return).
+    unsafe {
+        let s = crate::maps::LB_SCRATCH.get_ptr_mut(0)?;
+        Some(&mut *(&raw mut (*s).flow).cast::<StoredFlow<F>>())
+    }
+}
+
 /// Reply direction (anything → pod): translate replies of load-balanced flows back to the
 /// service, and ICMP errors about them.
 #[inline(always)]
@@ -120,20 +246,64 @@ fn verdict<F: Family, C: PacketCtx>(
         Parsed::IcmpError(_) => return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO)),
         Parsed::Pass(c) => return finish_marked::<F, C>(ctx, Action::Pass(c)),
         Parsed::Drop(c) => return finish_marked::<F, C>(ctx, Action::Drop(c)),
+        Parsed::TooDeep(daddr) => {
+            let action = if F::is_frontend_addr(daddr) {
+                Action::Drop(counters::DROP_EXT_HEADERS)
+            } else {
+                Action::Pass(counters::PASS_OTHER_PROTO)
+            };
+            return finish_marked::<F, C>(ctx, action);
+        }
     };
-    let action = match decide(&f) {
-        Action::Rewrite { nat, counter } => match rewrite(ctx, &f, nat) {
+    apply(ctx, &f, decide(&f))
+}
+
+/// The flow a parsed packet is decided as, or (`Err`) the verdict for a packet that needs no
+/// decision, counted.
+#[inline(always)]
+fn flow_of<F: Family, C: PacketCtx>(ctx: &C, parsed: Parsed<F>) -> Result<Flow<F>, C::Ret> {
+    let f = match parsed {
+        Parsed::Flow(f) => f,
+        Parsed::Fragment(frag) => match frags::ports(&frag) {
+            Some(p) => frag.flow(p.sport, p.dport),
+            // XDP may see a batch of frames before TC sees the first of them: TC, which takes
+            // packets in order, may yet learn the ports from a first fragment XDP left to it.
+            None if !C::TC => return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC))),
+            None => return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_FRAGMENT))),
+        },
+        Parsed::IcmpError(_) => {
+            return Err(finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_OTHER_PROTO)))
+        }
+        Parsed::Pass(c) => return Err(finish_marked::<F, C>(ctx, Action::Pass(c))),
+        Parsed::Drop(c) => return Err(finish_marked::<F, C>(ctx, Action::Drop(c))),
+        Parsed::TooDeep(daddr) => {
+            let action = if F::is_frontend_addr(daddr) {
+                Action::Drop(counters::DROP_EXT_HEADERS)
+            } else {
+                Action::Pass(counters::PASS_OTHER_PROTO)
+            };
+            return Err(finish_marked::<F, C>(ctx, action));
+        }
+    };
+    Ok(f)
+}
+
+/// Carries out what was decided for flow `f`, counts the outcome and returns the hook's verdict.
+#[inline(always)]
+fn apply<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, action: Action<F>) -> C::Ret {
+    let action = match action {
+        Action::Rewrite { nat, counter } => match rewrite(ctx, f, nat) {
             Ok(()) => {
-                frags::translated(&f);
+                frags::translated(f);
                 Action::Pass(counter)
             }
             Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
         },
         Action::Forward { nat, counter } => {
-            let hop = nat.hop(&f);
-            match rewrite(ctx, &f, nat) {
+            let hop = nat.hop(f);
+            match rewrite(ctx, f, nat) {
                 Ok(()) => {
-                    frags::translated(&f);
+                    frags::translated(f);
                     match ctx.forward(hop) {
                         Ok(ret) => {
                             if !C::TC {
@@ -148,9 +318,9 @@ fn verdict<F: Family, C: PacketCtx>(
                 Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
             }
         }
-        Action::Bounce { nat, counter } => match rewrite(ctx, &f, nat) {
+        Action::Bounce { nat, counter } => match rewrite(ctx, f, nat) {
             Ok(()) => {
-                frags::translated(&f);
+                frags::translated(f);
                 count(counter);
                 return ctx.bounce();
             }
@@ -159,7 +329,7 @@ fn verdict<F: Family, C: PacketCtx>(
         Action::Reject { svc_id } => {
             // The tuple is taken before the packet becomes the answer (and `f` is not kept).
             let tuple = (f.saddr, f.daddr, f.sport, f.dport, f.proto);
-            let made = ctx.reject(&f);
+            let made = ctx.reject(f);
             let reason = if made.is_ok() { counters::REJECT_NO_BACKEND } else { counters::DROP_NO_BACKEND };
             monitor::emit_tuple::<F>(tuple, EVENT_DROP, reason, (F::Addr::ZERO, 0), svc_id, lb::now_ns());
             match made {
@@ -181,10 +351,12 @@ fn verdict<F: Family, C: PacketCtx>(
 fn rewrite<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, nat: Nat<F>) -> Result<(), ()> {
     if f.later_fragment {
         if let Some((addr, _)) = nat.dst {
-            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+            let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
+            ctx.sum_changed(changed);
         }
         if let Some((addr, _)) = nat.src {
-            F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+            let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
+            ctx.sum_changed(changed);
         }
         return Ok(());
     }

@@ -69,8 +69,10 @@ const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_ingr
 /// The tests each kernel runs: (test binary, filter arguments, what it shows).
 const TESTS: &[(&str, &[&str], &str)] = &[
     ("datapath_packets", &[], "packet tables (BPF_PROG_TEST_RUN)"),
+    ("datapath_packets6", &[], "lb6 packet tables (BPF_PROG_TEST_RUN), IPv6 on and off"),
     ("e2e", &["--exact", "tc_two_nodes"], "two nodes, TC"),
     ("e2e", &["--exact", "xdp_two_nodes"], "two nodes, XDP"),
+    ("e2e_ipv6", &["--exact", "tc_dual_stack_service"], "dual-stack Service over IPv6, two nodes, TC"),
     ("nodeport_packets", &[], "node-side programs packet by packet (FIB lookup, redirect, SNAT)"),
     (
         "e2e_nodeport",

@@ -59,11 +59,19 @@ pub struct Maps6 {
     pub members: HashMap<MapData, Lb4MemberKey, Lb6Member>,
     pub ct: HashMap<MapData, Lb6CtKey, Lb6CtEntry>,
     pub affinity: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
+    /// The addresses of `services`' keys (`LB6_VIPS`), kept with them.
+    pub vips: HashMap<MapData, [u32; 4], u32>,
 }
 
 /// The IPv6 maps with a typed handle (`Maps::v6`).
-const TYPED_MAPS6: [&str; 5] =
-    [MAP_LB6_SERVICES, MAP_LB6_BACKENDS, MAP_LB6_MEMBERS, MAP_LB6_CT, MAP_LB6_AFFINITY];
+const TYPED_MAPS6: [&str; 6] = [
+    MAP_LB6_SERVICES,
+    MAP_LB6_BACKENDS,
+    MAP_LB6_MEMBERS,
+    MAP_LB6_CT,
+    MAP_LB6_AFFINITY,
+    lb_common::MAP_LB6_VIPS,
+];
 
 /// The maps without a typed handle here (see `Maps::others`).
 const UNTYPED_MAPS: [&str; 10] = [
@@ -121,6 +129,7 @@ impl Maps {
                 members: typed(take(MAP_LB6_MEMBERS), MAP_LB6_MEMBERS)?,
                 ct: typed(take(MAP_LB6_CT), MAP_LB6_CT)?,
                 affinity: typed(take(MAP_LB6_AFFINITY), MAP_LB6_AFFINITY)?,
+                vips: typed(take(lb_common::MAP_LB6_VIPS), lb_common::MAP_LB6_VIPS)?,
             })
         } else {
             None
@@ -242,6 +251,27 @@ impl Maps {
         Ok(out)
     }
 
+    /// Makes `LB6_VIPS` count the frontends `LB6_SERVICES` holds per address: at start-up, since
+    /// pins of an agent that kept no such count (or a count gone wrong) may be there.
+    pub fn rebuild_vips6(&mut self) -> Result<(), MapError> {
+        let Some(v6) = self.v6.as_mut() else { return Ok(()) };
+        let mut want: std::collections::HashMap<[u32; 4], u32> = std::collections::HashMap::new();
+        for k in v6.services.keys() {
+            *want.entry(k?.addr).or_default() += 1;
+        }
+        let stale: Vec<[u32; 4]> =
+            v6.vips.keys().filter_map(Result::ok).filter(|a| !want.contains_key(a)).collect();
+        for a in stale {
+            absent_ok(v6.vips.remove(&a))?;
+        }
+        for (a, n) in want {
+            if v6.vips.get(&a, 0).ok() != Some(n) {
+                v6.vips.insert(a, n, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The IPv6 handles, or the error that says they are not there.
     fn v6_mut(&mut self) -> Result<&mut Maps6, MapError> {
         self.v6.as_mut().ok_or_else(|| {
@@ -361,7 +391,19 @@ impl MapWriter for Maps {
     fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
         match key {
             ServiceKey::V4(k) => self.services.insert(k, svc, 0),
-            ServiceKey::V6(k) => self.v6_mut()?.services.insert(k, svc, 0),
+            ServiceKey::V6(k) => {
+                let v6 = self.v6_mut()?;
+                if present(v6.services.get(k, 0))?.is_some() {
+                    return v6.services.insert(k, svc, 0);
+                }
+                // A new frontend: its address counted first, taken back if the frontend cannot
+                // be written (a retry counts it again).
+                let n = present(v6.vips.get(&k.addr, 0))?.unwrap_or(0);
+                v6.vips.insert(k.addr, n + 1, 0)?;
+                v6.services.insert(k, svc, 0).inspect_err(|_| {
+                    let _ = if n == 0 { v6.vips.remove(&k.addr) } else { v6.vips.insert(k.addr, n, 0) };
+                })
+            }
         }
     }
 
@@ -372,7 +414,18 @@ impl MapWriter for Maps {
     fn remove_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         match key {
             ServiceKey::V4(k) => absent_ok(self.services.remove(k)),
-            ServiceKey::V6(k) => absent_ok(self.v6_mut()?.services.remove(k)),
+            ServiceKey::V6(k) => {
+                let v6 = self.v6_mut()?;
+                if present(v6.services.get(k, 0))?.is_none() {
+                    return Ok(());
+                }
+                absent_ok(v6.services.remove(k))?;
+                // The address stays a Service address while another frontend has it.
+                match present(v6.vips.get(&k.addr, 0))?.unwrap_or(0) {
+                    0 | 1 => absent_ok(v6.vips.remove(&k.addr)),
+                    n => v6.vips.insert(k.addr, n - 1, 0),
+                }
+            }
         }
     }
 
@@ -432,6 +485,16 @@ impl MapWriter for Maps {
 
 /// A removal of an entry that is not there (aya reports the kernel's ENOENT as a failed system
 /// call) is no failure: the datapath or the LRU may have removed it first.
+/// A lookup's value, `None` when the key is not there; any other failure stays one.
+fn present<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),

@@ -117,6 +117,8 @@ pub struct Config {
     pub flow_hash_seed: u32,
     /// Source address of hairpinned flows.
     pub hairpin_addr: std::net::Ipv4Addr,
+    /// Source address of hairpinned IPv6 flows.
+    pub hairpin_addr6: std::net::Ipv6Addr,
     /// Kernel-side aya-log on (true) or compiled in but silent (false).
     pub bpf_log: bool,
     /// Where the TC programs go among the TCX programs already on an interface.
@@ -493,6 +495,81 @@ fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), Datap
     Ok(())
 }
 
+/// The IPv6 programs the IPv4 entry points hand IPv6 packets to (tail calls), by program array
+/// and slot.
+const PROG6_TC_FORWARD: &str = "lb6_tc_forward";
+const PROG6_TC_REPLY: &str = "lb6_tc_reply";
+const PROG6_XDP_FORWARD: &str = "lb6_xdp_forward";
+const PROG6_TC_FORWARD_DECIDED: &str = "lb6_tc_forward_decided";
+const PROG6_XDP_FORWARD_DECIDED: &str = "lb6_xdp_forward_decided";
+
+/// Serving IPv6: loads the IPv6 programs and puts them in the program arrays the IPv4 entry points
+/// tail-call (`LB_TAIL_TC`, and `LB_TAIL_XDP` in XDP mode). Not serving it (`--ipv6 off`): empties
+/// the slots, so that IPv6 passes untouched (the arrays are pinned: a slot an earlier agent
+/// filled would stay).
+fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), DatapathError> {
+    use aya::maps::ProgramArray;
+    use lb_common::{MAP_LB_TAIL_TC, MAP_LB_TAIL_XDP, TAIL_FORWARD, TAIL_FORWARD_DECIDED, TAIL_REPLY};
+    let tc = ebpf.take_map(MAP_LB_TAIL_TC).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_TC))?;
+    let mut tc = ProgramArray::try_from(tc).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
+    let xdp = ebpf.take_map(MAP_LB_TAIL_XDP).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_XDP))?;
+    let mut xdp = ProgramArray::try_from(xdp).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+    let xdp_on = ipv6 && mode == Mode::Xdp;
+    // The second half of a forward program first: its first half never finds its slot empty.
+    let tc_slots = [
+        (TAIL_FORWARD_DECIDED, PROG6_TC_FORWARD_DECIDED),
+        (TAIL_FORWARD, PROG6_TC_FORWARD),
+        (TAIL_REPLY, PROG6_TC_REPLY),
+    ];
+    if ipv6 {
+        load_classifiers(ebpf, &tc_slots.map(|(_, name)| name))?;
+        for (slot, name) in tc_slots {
+            let prog: &SchedClassifier = ebpf
+                .program(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            let fd = prog.fd().map_err(|source| DatapathError::Program { program: name, source })?;
+            tc.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
+        }
+    } else {
+        // The entry points' slots first: nothing reaches a second half any more.
+        for slot in [TAIL_FORWARD, TAIL_REPLY, TAIL_FORWARD_DECIDED] {
+            absent_ok(tc.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
+        }
+    }
+    let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
+    if xdp_on {
+        // Both verified before either slot changes: the old first half would otherwise hand
+        // packets to the new second half for as long as the verifier takes on the new first.
+        for (_, name) in xdp_slots {
+            load_xdp(ebpf, name)?;
+        }
+        for (slot, name) in xdp_slots {
+            let prog: &Xdp = ebpf
+                .program(name)
+                .expect("object has the program")
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            let fd = prog.fd().map_err(|source| DatapathError::Program { program: name, source })?;
+            xdp.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        }
+    } else {
+        for slot in [TAIL_FORWARD, TAIL_FORWARD_DECIDED] {
+            absent_ok(xdp.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        }
+    }
+    Ok(())
+}
+
+/// A removal of what is not there is no error.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
 /// How long new flows may be held back during a take-over (`LB_TAKEOVER[0]` is a deadline on the
 /// datapath's clock, so an agent that dies holding them releases them anyway).
 const HOLD_LIMIT_NS: u64 = 5_000_000_000;
@@ -561,6 +638,7 @@ impl Datapath {
         );
         let log_level: u8 = if cfg.bpf_log { 0xff } else { 0 };
         let hairpin = u32::from_ne_bytes(cfg.hairpin_addr.octets());
+        let hairpin6 = lb_common::addr6(cfg.hairpin_addr6.octets());
         let (snat_min, snat_max) = (u32::from(cfg.snat_ports.0), u32::from(cfg.snat_ports.1));
         let recorded = recorded_snat_ranges(&dir);
         let (reply_min, reply_max) = snat_reply_ports(&dir, cfg.snat_ports, &recorded);
@@ -591,6 +669,7 @@ impl Datapath {
             .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
             .map_max_entries(MAP_LB4_MEMBERS, cfg.caps.members)
             .map_max_entries(lb_common::MAP_LB6_SERVICES, caps6.services)
+            .map_max_entries(lb_common::MAP_LB6_VIPS, caps6.services)
             .map_max_entries(lb_common::MAP_LB6_BACKENDS, caps6.backends)
             .map_max_entries(lb_common::MAP_LB6_CT, caps6.ct)
             .map_max_entries(lb_common::MAP_LB6_AFFINITY, caps6.affinity)
@@ -602,6 +681,7 @@ impl Datapath {
             .override_global(globals::CT_TIMEOUT_UDP_NS, &udp, true)
             .override_global(globals::FLOW_HASH_SEED, &cfg.flow_hash_seed, true)
             .override_global(globals::HAIRPIN_ADDR, &hairpin, true)
+            .override_global(globals::HAIRPIN_ADDR6, &hairpin6, true)
             .override_global(globals::SNAT_PORT_MIN, &snat_min, true)
             .override_global(globals::SNAT_PORT_MAX, &snat_max, true)
             .override_global(globals::SNAT_REPLY_MIN, &reply_min, true)
@@ -641,7 +721,9 @@ impl Datapath {
         }
         let takeover = ebpf.take_map(MAP_LB_TAKEOVER).ok_or(DatapathError::MissingMap(MAP_LB_TAKEOVER))?;
         let takeover = takeover.try_into().map_err(maps::map_err(MAP_LB_TAKEOVER))?;
-        let maps = Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        let mut maps =
+            Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
+        maps.rebuild_vips6().map_err(maps::map_err(lb_common::MAP_LB6_VIPS))?;
         let ifs = {
             let path = dir.join(MAP_LB4_IFS);
             let err = maps::map_err(MAP_LB4_IFS);
@@ -654,6 +736,7 @@ impl Datapath {
         if mode == Mode::Xdp {
             load_xdp(&mut ebpf, PROG_XDP_FORWARD)?;
         }
+        fill_tail_calls(&mut ebpf, cfg.ipv6, mode)?;
         let node_macs = ebpf.take_map(MAP_LB_NODE_MACS).ok_or(DatapathError::MissingMap(MAP_LB_NODE_MACS))?;
         let node_macs = node_macs.try_into().map_err(maps::map_err(MAP_LB_NODE_MACS))?;
         let tc_order = cfg.tc_order;
@@ -1315,6 +1398,7 @@ impl Caps6 {
     fn drop_other_sizes(&self, dir: &std::path::Path) {
         let want = [
             (lb_common::MAP_LB6_SERVICES, self.services),
+            (lb_common::MAP_LB6_VIPS, self.services),
             (lb_common::MAP_LB6_BACKENDS, self.backends),
             (lb_common::MAP_LB6_CT, self.ct),
             (lb_common::MAP_LB6_AFFINITY, self.affinity),

@@ -63,6 +63,7 @@ pub fn test_config(pin_dir: &Path) -> Config {
         ct_timeout_udp_secs: 60,
         flow_hash_seed: lb_common::hash::DEFAULT_FLOW_HASH_SEED,
         hairpin_addr: lb_common::DEFAULT_HAIRPIN_ADDR.into(),
+        hairpin_addr6: lb_common::DEFAULT_HAIRPIN_ADDR6.into(),
         snat_ports: lb_common::DEFAULT_SNAT_PORTS,
         bpf_log: false,
         tc_order: Default::default(),
@@ -263,7 +264,33 @@ impl Cluster {
         yaml: impl FnOnce(&[Pod; 3]) -> String,
         agent_args: &[&str],
     ) -> Self {
+        Self::build(tag, agents, mode, tx_csum_offload, yaml, agent_args, false)
+    }
+
+    /// As [`Cluster::new`] in a dual-stack lab (`Lab::dual_stack`): every pod has an IPv6
+    /// address too.
+    pub fn dual_stack(
+        tag: &str,
+        mode: Mode,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+    ) -> Self {
+        Self::build(tag, [Path::new(AGENT); 2], mode, false, yaml, agent_args, true)
+    }
+
+    fn build(
+        tag: &str,
+        agents: [&Path; 2],
+        mode: Mode,
+        tx_csum_offload: bool,
+        yaml: impl FnOnce(&[Pod; 3]) -> String,
+        agent_args: &[&str],
+        dual_stack: bool,
+    ) -> Self {
         let mut lab = Lab::new(tag).expect("lab");
+        if dual_stack {
+            lab.dual_stack();
+        }
         let n1 = lab.node(1).expect("node 1");
         let n2 = lab.node(2).expect("node 2");
         lab.link_nodes(&n1, &n2).expect("underlay");
@@ -621,4 +648,78 @@ pub fn partial(p: &Pkt) -> Vec<u8> {
     let at = l4 + if b[14 + 9] == 6 { 16 } else { 6 };
     b[at..at + 2].copy_from_slice(&seed.to_be_bytes());
     b
+}
+
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE` (Linux 6.11): the test run hands the program a received
+/// packet's sum (`CHECKSUM_COMPLETE`) and, after it, checks that the sum still matches the
+/// packet's bytes (`EBADMSG` otherwise), as the receive path would.
+const BPF_F_TEST_SKB_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// The test-run part of `union bpf_attr` (`BPF_PROG_TEST_RUN`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// What a test run with a received packet's sum gives.
+pub enum CompleteRun {
+    /// The verdict and the bytes out; the sum matched them.
+    Ran(u32, Vec<u8>),
+    /// The program left a sum that does not match the bytes it left (`EBADMSG`).
+    SumWrong,
+    /// This kernel cannot make such test runs (before Linux 6.11: `EINVAL`).
+    Unsupported,
+}
+
+/// Runs the TC program `prog` on `input` as a received packet with its sum (`CHECKSUM_COMPLETE`).
+/// aya's test run has no flags for it: the syscall is made here.
+pub fn test_run_checksum_complete(prog: &aya::programs::SchedClassifier, input: &[u8]) -> CompleteRun {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = prog.fd().expect("a loaded program");
+    let mut out = vec![0u8; input.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: fd.as_fd().as_raw_fd() as u32,
+        data_size_in: input.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: input.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        flags: BPF_F_TEST_SKB_CHECKSUM_COMPLETE,
+        ..TestRunAttr::default()
+    };
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // SAFETY: a test-run attribute of its size; its buffers outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &raw mut attr,
+            std::mem::size_of::<TestRunAttr>() as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        out.truncate(attr.data_size_out as usize);
+        return CompleteRun::Ran(attr.retval, out);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EBADMSG) => CompleteRun::SumWrong,
+        Some(libc::EINVAL) => CompleteRun::Unsupported,
+        e => panic!("BPF_PROG_TEST_RUN with CHECKSUM_COMPLETE: errno {e:?}"),
+    }
 }
