@@ -1343,7 +1343,7 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
     let (_, dnated) = run(&dp, Prog::TcForward, &Pkt::new(cl(7), (VIP, 80), SYN).bytes());
     let to = check_packet(&dnated).dst;
     let unreachable = icmp_error(to.0, CLIENT, 3, 3, 0, &dnated[14..]);
-    let rows: Vec<(&str, &aya::programs::SchedClassifier, Vec<u8>, u32)> = vec![
+    let rows: Vec<support::CompleteRow<'_>> = vec![
         (
             "TCP SYN to a Service: DNAT, port changed",
             forward,
@@ -1384,27 +1384,7 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
             c::REJECT_NO_BACKEND,
         ),
     ];
-    let mut checked = 0;
-    for (desc, prog, input, counter) in rows {
-        let before = maps.read_counters().expect("counters")[counter as usize];
-        match test_run_checksum_complete(prog, &input) {
-            CompleteRun::Ran(_, out) => {
-                assert_ne!(out, input, "{desc}: rewritten");
-                checked += 1;
-            }
-            CompleteRun::SumWrong => panic!("{desc}: the packet's sum no longer matches it (EBADMSG)"),
-            CompleteRun::Unsupported => {
-                let (major, minor) = kernel_release();
-                assert!(
-                    (major, minor) < (6, 11),
-                    "Linux {major}.{minor} refused a CHECKSUM_COMPLETE test run"
-                );
-                eprintln!("NOTE: Linux {major}.{minor} cannot make CHECKSUM_COMPLETE test runs (6.11 and later): not checked here");
-                return;
-            }
-        }
-        let after = maps.read_counters().expect("counters")[counter as usize];
-        assert_eq!(after, before + 1, "{desc}: counted as {}", c::NAMES[counter as usize]);
+    if let Some(checked) = support::check_complete_rows(&maps, rows) {
+        assert_eq!(checked, 9);
     }
-    assert_eq!(checked, 9);
 }

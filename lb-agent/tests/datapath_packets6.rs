@@ -791,8 +791,7 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
     let reply = dp.tc_program(PROG_TC_REPLY).expect("tc reply");
     let backend = |src: (Ipv6Addr, u16), port: u16, proto: u8| maglev_choice(&maps, src, (VIP6, port), proto);
     let cl = |port: u16| (CLIENT, 44_000 + port);
-    let mut checked = 0;
-    let mut rows: Vec<(&str, &aya::programs::SchedClassifier, Vec<u8>, u32)> = vec![
+    let mut rows: Vec<support::CompleteRow<'_>> = vec![
         ("TCP SYN to a Service: DNAT", forward, Pkt6::new(cl(1), (VIP6, 80), SYN).bytes(), c::FWD_NEW_FLOW),
         ("its ACK: conntrack hit", forward, Pkt6::new(cl(1), (VIP6, 80), ACK).bytes(), c::FWD_ESTABLISHED),
         (
@@ -858,30 +857,9 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
     // The hairpinned reply needs its flow: the pod to its own Service.
     let (v, _) = run(&dp, Prog::TcForward, &Pkt6::new((CLIENT, 44_014), (VIP6_SELF, 80), SYN).bytes());
     assert_eq!(v, TC_REDIRECT, "the hairpin flow: bounced to the pod itself");
-    for (desc, prog, input, counter) in rows {
-        let before = maps.read_counters().expect("counters")[counter as usize];
-        match support::test_run_checksum_complete(prog, &input) {
-            support::CompleteRun::Ran(_, out) => {
-                assert_ne!(out, input, "{desc}: rewritten");
-                checked += 1;
-            }
-            support::CompleteRun::SumWrong => {
-                panic!("{desc}: the packet's sum no longer matches it (EBADMSG)")
-            }
-            support::CompleteRun::Unsupported => {
-                let (major, minor) = kernel_release();
-                assert!(
-                    (major, minor) < (6, 11),
-                    "Linux {major}.{minor} refused a CHECKSUM_COMPLETE test run"
-                );
-                eprintln!("NOTE: Linux {major}.{minor} cannot make CHECKSUM_COMPLETE test runs (6.11 and later): not checked here");
-                return;
-            }
-        }
-        let after = maps.read_counters().expect("counters")[counter as usize];
-        assert_eq!(after, before + 1, "{desc}: counted as {}", c::NAMES[counter as usize]);
+    if let Some(checked) = support::check_complete_rows(&maps, rows) {
+        assert_eq!(checked, 10);
     }
-    assert_eq!(checked, 10);
 }
 
 /// Rule: the second half of an IPv6 forward program applies only a flow its first half left for

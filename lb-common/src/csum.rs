@@ -12,6 +12,19 @@ fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
+/// How much the sum of some data changes when a 16-bit word of it goes from `old` to `new`
+/// (what a received packet's sum must follow where no checksum offsets the change).
+#[inline(always)]
+pub fn diff2(old: u16, new: u16) -> u16 {
+    !replace2(0xffff, old, new)
+}
+
+/// As [`diff2`], for a 128-bit field (an IPv6 address), words as read from the packet.
+#[inline(always)]
+pub fn diff16(old: [u32; 4], new: [u32; 4]) -> u16 {
+    !replace16(0xffff, old, new)
+}
+
 /// The checksum after a 16-bit word of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace2(check: u16, old: u16, new: u16) -> u16 {

@@ -94,10 +94,11 @@ pub trait PacketCtx: EbpfContext {
     /// behind (TC).
     fn mark(&self, _decided: bool) {}
 
-    /// After a direct write that changed the sum of the bytes after the Ethernet header by
-    /// `diff` with nothing offsetting it (an IPv6 address outside any checksum): a received
-    /// packet's sum (`CHECKSUM_COMPLETE`, TC) follows. A no-op where there is none (XDP).
-    fn sum_changed(&self, _diff: u16) {}
+    /// After a write that changed the sum of the bytes after the Ethernet header by `diff` (a
+    /// ones'-complement sum, `__wsum`) with nothing offsetting it (an IPv6 address outside any
+    /// checksum): a received packet's sum (`CHECKSUM_COMPLETE`, TC) follows. A no-op where there
+    /// is none (XDP).
+    fn sum_changed(&self, _diff: u32) {}
 }
 
 /// The mark XDP leaves in the metadata of a packet it decided ("LBXD"), followed by the index of
@@ -193,11 +194,11 @@ impl PacketCtx for TcContext {
     }
 
     #[inline(always)]
-    fn sum_changed(&self, diff: u16) {
+    fn sum_changed(&self, diff: u32) {
         if diff != 0 {
             // SAFETY: a valid context. Any packet without a received sum: nothing to do (the
             // helper says so, ignored).
-            unsafe { aya_ebpf::helpers::bpf_csum_update(self.skb.skb, u32::from(diff)) };
+            unsafe { aya_ebpf::helpers::bpf_csum_update(self.skb.skb, diff) };
         }
     }
 

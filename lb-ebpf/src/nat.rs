@@ -94,7 +94,7 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
         // UDP without a checksum: none offsets the port, and the helper leaves a received
         // packet's sum as it was.
         if no_csum {
-            ctx.sum_changed(!csum::replace2(0xffff, old_port, port));
+            ctx.sum_changed(u32::from(csum::diff2(old_port, port)));
         }
     }
     Ok(())

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::{bpf_csum_diff, bpf_csum_update, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
@@ -83,14 +83,13 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], por
     // out of it all the same (right for IPv4, whose header checksum offsets the addresses; for
     // IPv6 only with `BPF_F_IPV6`, Linux 6.16 and later): put back, on every kernel. Any other
     // packet: nothing to do (the helper says so, ignored).
-    // SAFETY: a valid context.
-    unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+    ctx.sum_changed(diff as u32);
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2).map_err(|_| ())?;
         // UDP without a checksum (a reply; to a Service address it is dropped): none offsets
         // the port, and the helper leaves a received packet's sum as it was.
         if no_csum {
-            ctx.sum_changed(!csum::replace2(0xffff, old_port, port));
+            ctx.sum_changed(u32::from(csum::diff2(old_port, port)));
         }
     }
     Ok(())
@@ -128,8 +127,7 @@ pub fn rewrite_addr(data: usize, end: usize, side: Side, addr: [u32; 4]) -> Resu
             Side::Destination => core::mem::replace(&mut (*ip).daddr, addr),
         }
     };
-    // The sum of `new - old`: what a checksum over the field would change by, negated.
-    Ok(!csum::replace16(0xffff, old, addr))
+    Ok(csum::diff16(old, addr))
 }
 
 /// XDP: whether the L4 checksum of `f` may be partial (see `nat::csum_maybe_partial`).

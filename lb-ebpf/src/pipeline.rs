@@ -352,11 +352,11 @@ fn rewrite<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, nat: Nat<F>) -> Result
     if f.later_fragment {
         if let Some((addr, _)) = nat.dst {
             let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Destination, addr)?;
-            ctx.sum_changed(changed);
+            ctx.sum_changed(u32::from(changed));
         }
         if let Some((addr, _)) = nat.src {
             let changed = F::rewrite_addr(ctx.data(), ctx.data_end(), Side::Source, addr)?;
-            ctx.sum_changed(changed);
+            ctx.sum_changed(u32::from(changed));
         }
         return Ok(());
     }

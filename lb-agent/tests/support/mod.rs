@@ -723,3 +723,39 @@ pub fn test_run_checksum_complete(prog: &aya::programs::SchedClassifier, input: 
         e => panic!("BPF_PROG_TEST_RUN with CHECKSUM_COMPLETE: errno {e:?}"),
     }
 }
+
+/// A row of a CHECKSUM_COMPLETE table: what it is, the TC program, the packet, the counter its
+/// outcome adds one to.
+pub type CompleteRow<'a> = (&'a str, &'a aya::programs::SchedClassifier, Vec<u8>, u32);
+
+/// Runs each row as a received packet with its sum ([`test_run_checksum_complete`]) and checks
+/// that the packet was rewritten, its sum still matches it and its outcome was counted. Returns
+/// how many rows ran, or `None` (said on stderr) on a kernel that cannot make such runs (before
+/// Linux 6.11).
+pub fn check_complete_rows(maps: &Maps, rows: Vec<CompleteRow<'_>>) -> Option<usize> {
+    let mut checked = 0;
+    for (desc, prog, input, counter) in rows {
+        let before = maps.read_counters().expect("counters")[counter as usize];
+        match test_run_checksum_complete(prog, &input) {
+            CompleteRun::Ran(_, out) => {
+                assert_ne!(out, input, "{desc}: rewritten");
+                checked += 1;
+            }
+            CompleteRun::SumWrong => panic!("{desc}: the packet's sum no longer matches it (EBADMSG)"),
+            CompleteRun::Unsupported => {
+                let (major, minor) = kernel_release();
+                assert!(
+                    (major, minor) < (6, 11),
+                    "Linux {major}.{minor} refused a CHECKSUM_COMPLETE test run"
+                );
+                eprintln!(
+                    "NOTE: Linux {major}.{minor} cannot make CHECKSUM_COMPLETE test runs (6.11 and later): not checked here"
+                );
+                return None;
+            }
+        }
+        let after = maps.read_counters().expect("counters")[counter as usize];
+        assert_eq!(after, before + 1, "{desc}: counted as {}", lb_common::counters::NAMES[counter as usize]);
+    }
+    Some(checked)
+}
