@@ -175,13 +175,15 @@ impl Maps {
             (MAP_LB_MONITOR, self.monitor.map()),
             (MAP_LB4_SRC_RANGES, self.src_ranges.map()),
         ];
-        let data6 = self.v6.iter().flat_map(|m| {
+        // Destructured whole: a map added to `Maps6` cannot be left out of its pinning.
+        let data6 = self.v6.iter().flat_map(|Maps6 { services, backends, members, ct, affinity, vips }| {
             [
-                (MAP_LB6_SERVICES, m.services.map()),
-                (MAP_LB6_BACKENDS, m.backends.map()),
-                (MAP_LB6_MEMBERS, m.members.map()),
-                (MAP_LB6_CT, m.ct.map()),
-                (MAP_LB6_AFFINITY, m.affinity.map()),
+                (MAP_LB6_SERVICES, services.map()),
+                (MAP_LB6_BACKENDS, backends.map()),
+                (MAP_LB6_MEMBERS, members.map()),
+                (MAP_LB6_CT, ct.map()),
+                (MAP_LB6_AFFINITY, affinity.map()),
+                (lb_common::MAP_LB6_VIPS, vips.map()),
             ]
         });
         let maglev = self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d));
@@ -191,7 +193,19 @@ impl Maps {
         for (name, m) in &self.others {
             pin(name, &|p| m.pin(p))?;
         }
-        Ok(())
+        // Every map of the table is back (the IPv6 ones when this agent has them).
+        let missing = PINNED_MAPS
+            .into_iter()
+            .filter(|n| self.v6.is_some() || !TYPED_MAPS6.contains(n))
+            .find(|n| !dir.join(n).exists());
+        match missing {
+            None => Ok(()),
+            Some(name) => Err(DatapathError::PinMap {
+                map: name,
+                path: dir.join(name),
+                reason: "no handle to pin it from".into(),
+            }),
+        }
     }
 
     /// Opens the maps pinned under `pin_dir` for reading and writing (tests, benchmarks).
