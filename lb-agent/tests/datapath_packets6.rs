@@ -819,6 +819,12 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
             c::REV_NAT,
         ),
         (
+            "UDP reply without a checksum: source and port back",
+            reply,
+            Pkt6::new(backend(cl(2), 53, 17), cl(2), UDP_NOCSUM).bytes(),
+            c::REV_NAT,
+        ),
+        (
             "hairpinned reply: bounced from the Service",
             forward,
             Pkt6::new((CLIENT, 8080), (HAIRPIN6, 44_014), SYN_ACK).bytes(),
@@ -858,7 +864,7 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
     let (v, _) = run(&dp, Prog::TcForward, &Pkt6::new((CLIENT, 44_014), (VIP6_SELF, 80), SYN).bytes());
     assert_eq!(v, TC_REDIRECT, "the hairpin flow: bounced to the pod itself");
     if let Some(checked) = support::check_complete_rows(&maps, rows) {
-        assert_eq!(checked, 10);
+        assert_eq!(checked, 11);
     }
 }
 
@@ -870,14 +876,18 @@ fn a_received_packets_sum_still_matches_after_every_rewrite() {
 fn the_second_half_takes_only_the_flow_left_for_its_packet() {
     // The flow waits in a per-CPU map: every run on one CPU, or a run on another would find
     // nothing there whatever the program does.
+    // The CPU this thread runs on now, which its affinity (a cgroup's cpuset, say) allows.
     // SAFETY: a zeroed CPU set with one CPU set, for this thread.
     unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu as usize, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
             0,
-            "pinned to CPU 0"
+            "pinned to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
         );
     }
     for mode in [Mode::Tc, Mode::Xdp] {
@@ -1080,4 +1090,25 @@ fn every_program_verifies_within_half_the_limit() {
     }
     let over: Vec<_> = seen.iter().filter(|(_, n)| n.is_some_and(|n| n > 500_000)).collect();
     assert!(over.is_empty(), "programs verified in more than 500,000 instructions: {over:?}");
+}
+
+/// Rule: a pin directory removed under the agent takes the tail calls' program arrays' pins
+/// with it, but not their programs: the agent holds the arrays open (the kernel empties one whose
+/// last pin and handle go) and pins them again with the maps, so IPv6 is still translated.
+#[test]
+fn the_tail_calls_outlive_a_removed_pin_directory() {
+    let (pins, mut dp, maps) = load("tail-repin6", Mode::Tc);
+    let read = |i: u32| maps.read_counters().expect("counters")[i as usize];
+    let dir = lb_agent::datapath::pins::layout_dir(pins.path());
+    std::fs::remove_dir_all(&dir).expect("remove the pin directory");
+    assert!(!dir.join(lb_common::MAP_LB_TAIL_TC).exists());
+    dp.repin(&maps).expect("repin");
+    for name in [lb_common::MAP_LB_TAIL_TC, lb_common::MAP_LB_TAIL_XDP, lb_common::MAP_LB6_VIPS] {
+        assert!(dir.join(name).exists(), "{name} pinned again");
+    }
+    let (new, passed) = (read(c::FWD_NEW_FLOW), read(c::PASS_IPV6));
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt6::new((CLIENT, 46_000), (VIP6, 80), SYN).bytes());
+    assert_eq!(v, TC_OK, "verdict");
+    assert_eq!((read(c::FWD_NEW_FLOW), read(c::PASS_IPV6)), (new + 1, passed), "translated, not passed");
+    assert_ne!(&out[38..54], &VIP6.octets(), "sent to a backend");
 }

@@ -87,6 +87,9 @@ fn dual_stack_service(tag: &str, mode: Mode) {
         cl.lab.agent_log(&cl.nodes[0])
     );
 
+    // Counted from when every program is attached (TC may meet the first ones before XDP is).
+    cl.wait_ready(&cl.nodes[0]);
+    let before = cl.maps(1).read_counters().expect("counters");
     let mut session = Session::open(&cl.client1, tcp).expect("long-lived connection over IPv6");
     let (first, seen) = session.peer_addr().expect("first answer");
     assert_eq!(
@@ -108,6 +111,38 @@ fn dual_stack_service(tag: &str, mode: Mode) {
         std::net::IpAddr::V6(cl.client1.ip6.expect("client 1's IPv6 address")),
         "UDP: the backend sees the client"
     );
+
+    if mode == Mode::Xdp {
+        // XDP decided node 1's IPv6 packets, and TC behind it left them alone: were XDP to leave
+        // them to TC, `xdp_to_tc` would count each; were TC to look at XDP's packets again,
+        // every packet XDP forwarded (then addressed to a backend) would pass as no Service.
+        let after = cl.maps(1).read_counters().expect("counters");
+        let counted = |i: u32| after[i as usize] - before[i as usize];
+        let decided = counted(c::FWD_NEW_FLOW) + counted(c::FWD_ESTABLISHED);
+        assert!(decided >= 2 * FLOWS as u64, "forwarded over IPv6: {decided}");
+        if lb_agent::datapath::probe::Kernel::probe().xdp_meta {
+            assert!(
+                counted(c::PASS_NON_VIP) < decided,
+                "TC saw XDP's IPv6 packets again: {} passed as no Service, {decided} forwarded",
+                counted(c::PASS_NON_VIP)
+            );
+        } else {
+            // No mark on this kernel: TC looks at every packet XDP passed, addressed to a backend.
+            assert!(
+                counted(c::PASS_NON_VIP) >= decided,
+                "without XDP's marks TC passes XDP's IPv6 packets as no Service: {} of {decided}",
+                counted(c::PASS_NON_VIP)
+            );
+        }
+        for left in [c::XDP_TO_TC, c::XDP_PARTIAL_CSUM] {
+            assert!(
+                counted(left) * 1_000 < decided,
+                "{}: {} of {decided}",
+                c::NAMES[left as usize],
+                counted(left)
+            );
+        }
+    }
 
     // From the other node: its own agent, across the underlay both ways.
     let t = tally(tcp_asks(&cl.client2, tcp, 300).expect("tcp from node 2"), "TCP from node 2");

@@ -262,6 +262,11 @@ pub mod globals {
     /// `bpf_get_current_comm` (5.7): socket events then name their process.
     /// Read-only, like `KTIME_COARSE`.
     pub const SOCK_PROCESS: &str = "SOCK_PROCESS";
+    /// `u32`: non-zero where XDP programs may call `bpf_xdp_adjust_meta` (every kernel since 4.15
+    /// should, but some builds refuse it): XDP then marks the packets it passes for the TC
+    /// forward program behind it (`decided` or left to TC); else it leaves no mark and TC looks
+    /// at each again. Read-only, like `KTIME_COARSE`.
+    pub const XDP_META: &str = "XDP_META";
 }
 
 /// `globals::SOCK_SCOPE`: every socket (`--socket-lb all`).

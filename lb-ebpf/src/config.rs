@@ -41,6 +41,8 @@ static SOCK_NETNS_COOKIE: Global<u64> = Global::new(0);
 static SOCK_SET_RETVAL: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static SOCK_PROCESS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static XDP_META: Global<u32> = Global::new(0);
 
 /// How long a flow in `state` may stay idle before a new packet starts a new flow.
 #[inline(always)]
@@ -125,4 +127,11 @@ pub fn sock_set_retval() -> bool {
 #[inline(always)]
 pub fn sock_process() -> bool {
     SOCK_PROCESS.load() != 0
+}
+
+/// Whether XDP programs may leave metadata in front of a packet (see
+/// `lb_common::globals::XDP_META`).
+#[inline(always)]
+pub fn xdp_meta() -> bool {
+    XDP_META.load() != 0
 }

@@ -297,6 +297,10 @@ impl PacketCtx for XdpContext {
 
     #[inline(always)]
     fn mark(&self, decided: bool) {
+        if !crate::config::xdp_meta() {
+            // This kernel refuses the helper (known at load: the verifier never looks here).
+            return;
+        }
         let len = size_of::<XdpMark>();
         // Room made once: a test run that repeats the program on one buffer reuses it.
         if XdpContext::data(self) - self.metadata() < len

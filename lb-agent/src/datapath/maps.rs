@@ -433,12 +433,19 @@ impl MapWriter for Maps {
                 if present(v6.services.get(k, 0))?.is_none() {
                     return Ok(());
                 }
-                absent_ok(v6.services.remove(k))?;
-                // The address stays a Service address while another frontend has it.
-                match present(v6.vips.get(&k.addr, 0))?.unwrap_or(0) {
-                    0 | 1 => absent_ok(v6.vips.remove(&k.addr)),
-                    n => v6.vips.insert(k.addr, n - 1, 0),
+                // Its address counted out first, counted back if the frontend cannot be removed
+                // (a retry counts it out again), as `set_service` counts in. The address stays a
+                // Service address while another frontend has it.
+                let n = present(v6.vips.get(&k.addr, 0))?.unwrap_or(0);
+                match n {
+                    0 | 1 => absent_ok(v6.vips.remove(&k.addr))?,
+                    n => v6.vips.insert(k.addr, n - 1, 0)?,
                 }
+                absent_ok(v6.services.remove(k)).inspect_err(|_| {
+                    if n > 0 {
+                        let _ = v6.vips.insert(k.addr, n, 0);
+                    }
+                })
             }
         }
     }
@@ -497,8 +504,6 @@ impl MapWriter for Maps {
     }
 }
 
-/// A removal of an entry that is not there (aya reports the kernel's ENOENT as a failed system
-/// call) is no failure: the datapath or the LRU may have removed it first.
 /// A lookup's value, `None` when the key is not there; any other failure stays one.
 fn present<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
     match r {
@@ -509,6 +514,8 @@ fn present<V>(r: Result<V, MapError>) -> Result<Option<V>, MapError> {
     }
 }
 
+/// A removal of an entry that is not there (aya reports the kernel's ENOENT as a failed system
+/// call) is no failure: the datapath or the LRU may have removed it first.
 fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),

@@ -326,6 +326,8 @@ pub enum DatapathError {
 /// The loaded programs and their attachments.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The pinned program arrays of the tail calls (`LB_TAIL_TC`, `LB_TAIL_XDP`), held open.
+    tail_arrays: Vec<(&'static str, aya::maps::MapData)>,
     mode: Mode,
     links_dir: PathBuf,
     /// Interface name → its index when attached (one made again under the name has another), the
@@ -521,8 +523,19 @@ fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), Datapa
         (TAIL_FORWARD, PROG6_TC_FORWARD),
         (TAIL_REPLY, PROG6_TC_REPLY),
     ];
+    let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
+    // Every program verified before any slot changes: a slot set before a later program fails
+    // its verifier would leave a new half beside an old one for as long as the verifier takes,
+    // and a start that then fails would leave the new one in place.
     if ipv6 {
         load_classifiers(ebpf, &tc_slots.map(|(_, name)| name))?;
+    }
+    if xdp_on {
+        for (_, name) in xdp_slots {
+            load_xdp(ebpf, name)?;
+        }
+    }
+    if ipv6 {
         for (slot, name) in tc_slots {
             let prog: &SchedClassifier = ebpf
                 .program(name)
@@ -538,13 +551,7 @@ fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), Datapa
             absent_ok(tc.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
         }
     }
-    let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
     if xdp_on {
-        // Both verified before either slot changes: the old first half would otherwise hand
-        // packets to the new second half for as long as the verifier takes on the new first.
-        for (_, name) in xdp_slots {
-            load_xdp(ebpf, name)?;
-        }
         for (slot, name) in xdp_slots {
             let prog: &Xdp = ebpf
                 .program(name)
@@ -657,6 +664,7 @@ impl Datapath {
         let ktime_coarse = u32::from(kernel.ktime_coarse);
         let set_retval = u32::from(kernel.sock_set_retval);
         let sock_process = u32::from(kernel.sock_process);
+        let xdp_meta = u32::from(kernel.xdp_meta);
         let scope = sockets::Scope::of(cfg.socket_lb).map_err(DatapathError::NetnsCookie)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
@@ -691,6 +699,7 @@ impl Datapath {
             .override_global(globals::SOCK_NETNS_COOKIE, &scope.netns_cookie, true)
             .override_global(globals::SOCK_SET_RETVAL, &set_retval, true)
             .override_global(globals::SOCK_PROCESS, &sock_process, true)
+            .override_global(globals::XDP_META, &xdp_meta, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(LB_OBJECT)
             .map_err(|source| DatapathError::Load {
@@ -737,6 +746,14 @@ impl Datapath {
             load_xdp(&mut ebpf, PROG_XDP_FORWARD)?;
         }
         fill_tail_calls(&mut ebpf, cfg.ipv6, mode)?;
+        // Held open: a program array whose last pin and handle go is emptied by the kernel (a
+        // pin directory removed under the agent would leave IPv6 untranslated), and pinned
+        // again by `repin`.
+        let mut tail_arrays = Vec::new();
+        for name in [lb_common::MAP_LB_TAIL_TC, lb_common::MAP_LB_TAIL_XDP] {
+            let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(maps::map_err(name))?;
+            tail_arrays.push((name, data));
+        }
         let node_macs = ebpf.take_map(MAP_LB_NODE_MACS).ok_or(DatapathError::MissingMap(MAP_LB_NODE_MACS))?;
         let node_macs = node_macs.try_into().map_err(maps::map_err(MAP_LB_NODE_MACS))?;
         let tc_order = cfg.tc_order;
@@ -771,6 +788,7 @@ impl Datapath {
             tc_records,
             sockets: None,
             sock_rev: None,
+            tail_arrays,
         };
         Ok((dp, maps))
     }
@@ -1304,6 +1322,16 @@ impl Datapath {
             let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
         }
         maps.pin_missing(&dir)?;
+        for (name, data) in &self.tail_arrays {
+            let path = dir.join(name);
+            if !path.exists() {
+                data.pin(&path).map_err(|e| DatapathError::PinMap {
+                    map: name,
+                    path,
+                    reason: e.to_string(),
+                })?;
+            }
+        }
         self.attached.clear();
         self.sockets = None;
         Ok(())

@@ -20,6 +20,9 @@ pub struct Kernel {
     /// kernel lb runs on should have them): `lbctl monitor`'s socket events name the process;
     /// else they do not.
     pub sock_process: bool,
+    /// `bpf_xdp_adjust_meta` in XDP programs (4.15, but some builds refuse it): XDP marks the
+    /// packets it passes for the TC forward program behind it; else TC looks at each again.
+    pub xdp_meta: bool,
 }
 
 /// A feature this kernel lacks: its name, the kernel that has it, and what lb does instead.
@@ -36,7 +39,9 @@ const BPF_FUNC_KTIME_GET_COARSE_NS: i32 = 160;
 const BPF_FUNC_SET_RETVAL: i32 = 187;
 const BPF_FUNC_GET_CURRENT_PID_TGID: i32 = 14;
 const BPF_FUNC_GET_CURRENT_COMM: i32 = 16;
+const BPF_FUNC_XDP_ADJUST_META: i32 = 54;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 
@@ -68,6 +73,12 @@ impl Kernel {
                     insn(0xb7, 2, 0, 16),
                     insn(0x85, 0, 0, BPF_FUNC_GET_CURRENT_COMM),
                 ],
+            ),
+            // r1 is the context at entry; r2 = 0: a zero-length move of the metadata's start.
+            xdp_meta: loads(
+                BPF_PROG_TYPE_XDP,
+                0,
+                &[insn(0xb7, 2, 0, 0), insn(0x85, 0, 0, BPF_FUNC_XDP_ADJUST_META)],
             ),
         }
     }
@@ -101,6 +112,13 @@ impl Kernel {
                 feature: "bpf_get_current_pid_tgid in cgroup programs",
                 since: "5.7",
                 instead: "lbctl monitor's socket events do not name the process",
+            });
+        }
+        if !self.xdp_meta {
+            m.push(Missing {
+                feature: "bpf_xdp_adjust_meta",
+                since: "4.15 (this kernel's build refuses it)",
+                instead: "with XDP, the TC forward program looks again at every packet XDP passed (one more lookup each)",
             });
         }
         if !self.netns_cookie {
