@@ -552,21 +552,6 @@ fn xdp_meta_returned(_dp: &Datapath) -> bool {
     })
 }
 
-/// Whether this kernel lets XDP programs leave metadata (`bpf_xdp_adjust_meta`; some builds
-/// refuse it, and the XDP programs then leave no mark).
-fn xdp_meta() -> bool {
-    static META: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *META.get_or_init(|| {
-        let meta = lb_agent::datapath::probe::Kernel::probe().xdp_meta;
-        if !meta {
-            eprintln!(
-                "note: this kernel refuses bpf_xdp_adjust_meta: XDP's packets are checked to carry no mark"
-            );
-        }
-        meta
-    })
-}
-
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     let check_mark = row.prog == Prog::Xdp && xdp_meta_returned(dp);
     let before = maps.read_counters().expect("counters");
@@ -575,7 +560,7 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
         // Passed: marked decided (TC leaves it alone) or left to TC; dropped: no mark.
         let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
         // A kernel that refuses XDP metadata: no mark, TC looks at the packet again.
-        let want = match (verdict == XDP_PASS && xdp_meta(), to_tc) {
+        let want = match (verdict == XDP_PASS && support::xdp_meta(), to_tc) {
             (false, _) => Mark::None,
             (true, false) => Mark::Decided,
             (true, true) => Mark::Left,

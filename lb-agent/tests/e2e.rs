@@ -104,7 +104,7 @@ fn xdp_two_nodes() {
     // answer another.
     let v = c.maps(1).read_counters().expect("counters");
     let decided = v[c::FWD_NEW_FLOW as usize] + v[c::FWD_ESTABLISHED as usize];
-    if lb_agent::datapath::probe::Kernel::probe().xdp_meta {
+    if support::xdp_meta() {
         assert!(
             v[c::PASS_NON_VIP as usize] < decided,
             "TC saw XDP's packets again: {} passed as no Service, {decided} forwarded",

@@ -120,7 +120,7 @@ fn dual_stack_service(tag: &str, mode: Mode) {
         let counted = |i: u32| after[i as usize] - before[i as usize];
         let decided = counted(c::FWD_NEW_FLOW) + counted(c::FWD_ESTABLISHED);
         assert!(decided >= 2 * FLOWS as u64, "forwarded over IPv6: {decided}");
-        if lb_agent::datapath::probe::Kernel::probe().xdp_meta {
+        if support::xdp_meta() {
             assert!(
                 counted(c::PASS_NON_VIP) < decided,
                 "TC saw XDP's IPv6 packets again: {} passed as no Service, {decided} forwarded",

@@ -198,7 +198,7 @@ fn hostile_packets() {
     let mut rewritten = 0u64;
     let mut icmp_rewritten = 0u64;
     let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
-    let xdp_meta = lb_agent::datapath::probe::Kernel::probe().xdp_meta;
+    let xdp_meta = support::xdp_meta();
     for i in 0..count {
         let base = if r.chance(5) { icmp_template(&mut r) } else { template(&mut r).bytes() };
         let input = mutate(&mut r, base);

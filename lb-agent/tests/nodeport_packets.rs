@@ -108,7 +108,7 @@ fn expect(
         // passes is marked for TC, decided or left to it; one it sends or drops is not.
         let left = counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
         // A kernel that refuses XDP metadata: no mark, TC looks at the packet again.
-        let meta = lb_agent::datapath::probe::Kernel::probe().xdp_meta;
+        let meta = support::xdp_meta();
         let want = match (v == XDP_PASS && meta, left) {
             (false, _) => None,
             (true, false) => Some(XDP_DECIDED_MARK),

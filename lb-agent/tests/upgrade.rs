@@ -94,7 +94,7 @@ fn an_upgrade_from_the_previous_layout_and_a_rollback_lose_no_connection() {
 /// is replaced.
 #[test]
 fn an_upgrade_in_xdp_mode_and_a_rollback_lose_no_connection() {
-    if !lb_agent::datapath::probe::Kernel::probe().xdp_meta {
+    if !support::xdp_meta() {
         // The previous agent's XDP program calls bpf_xdp_adjust_meta unconditionally: a kernel
         // build that refuses the helper refuses that program, so there is no previous XDP
         // datapath to upgrade from here. Said, not hidden; the TC upgrade test still runs.

@@ -759,3 +759,17 @@ pub fn check_complete_rows(maps: &Maps, rows: Vec<CompleteRow<'_>>) -> Option<us
     }
     Some(checked)
 }
+
+/// Whether this kernel lets XDP programs leave metadata (`bpf_xdp_adjust_meta`; some builds
+/// refuse it, and the XDP programs then leave no mark for TC). Asked once per test binary.
+#[allow(dead_code)]
+pub fn xdp_meta() -> bool {
+    static META: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *META.get_or_init(|| {
+        let meta = lb_agent::datapath::probe::Kernel::probe().xdp_meta;
+        if !meta {
+            eprintln!("note: this kernel refuses bpf_xdp_adjust_meta: XDP leaves no mark for TC here");
+        }
+        meta
+    })
+}
