@@ -22,6 +22,8 @@ const VIP_EMPTY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 /// A Service whose only backend is `CLIENT`: its flows from `CLIENT` are hairpinned.
 const VIP_SELF: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+/// A Service whose one endpoint is another Service's address (`VIP:80`).
+const VIP_CHAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 13);
 const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// Services whose only backend is `CLIENT`:8080, for hairpinned tuple clashes.
 const SELF_VIPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 96, 0, 30), Ipv4Addr::new(10, 96, 0, 31)];
@@ -104,6 +106,7 @@ fn program_state(maps: &mut Maps) {
         frontend(VIP_EMPTY, 80, Protocol::Tcp, &[]),
         frontend(VIP_EMPTY, 53, Protocol::Udp, &[]),
         frontend(VIP_SELF, 80, Protocol::Tcp, &[(CLIENT, 8080)]),
+        frontend(VIP_CHAIN, 80, Protocol::Tcp, &[(VIP, 80)]),
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
@@ -346,6 +349,7 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
     .into_iter()
     .chain((prog == Prog::Xdp).then(|| short_ipv4_rows(prog, &syn, &options, drop)).into_iter().flatten())
     .chain((prog == Prog::Xdp).then(|| xdp_leaves_to_tc_rows(port_base)).into_iter().flatten())
+    .chain(chained_rows(prog, port_base))
     .chain((prog == Prog::TcForward).then(|| reject_rows(port_base)).into_iter().flatten())
     .collect()
 }
@@ -405,6 +409,65 @@ fn reject_rows(port_base: u16) -> Vec<Row> {
             verdict: TC_REDIRECT,
             out: Out::Bounced { src: (HAIRPIN, port_base + 24), dst: (CLIENT, 8080) },
             counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1), (c::HAIRPIN, 1)],
+        },
+    ]
+}
+/// A Service whose endpoint is another Service's address (`VIP_CHAIN` → `VIP:80`): translated
+/// once. XDP on a kernel without metadata cannot tell TC that a packet was decided, so it leaves
+/// such a flow to TC, new and tracked alike (TC would otherwise translate XDP's packet again):
+/// TC makes the flow here, and XDP still leaves its next packet to TC.
+fn chained_rows(prog: Prog, port_base: u16) -> Vec<Row> {
+    let cl = (CLIENT, port_base + 34);
+    let syn = Pkt::new(cl, (VIP_CHAIN, 80), SYN).bytes();
+    let ack = Pkt::new(cl, (VIP_CHAIN, 80), ACK).bytes();
+    let to_tc: &'static [(u32, u64)] = &[(c::RX_FORWARD, 1), (c::XDP_TO_TC, 1)];
+    if prog == Prog::Xdp && !support::xdp_meta() {
+        let row =
+            |desc, prog, bytes, verdict, out, counters| Row { desc, prog, bytes, verdict, out, counters };
+        return vec![
+            row(
+                "to a Service whose endpoint is another Service's address, XDP without metadata: left to TC",
+                prog,
+                syn.clone(),
+                XDP_PASS,
+                Out::Unchanged,
+                to_tc,
+            ),
+            row(
+                "the same SYN through TC: a new flow, translated once",
+                Prog::TcForward,
+                syn,
+                TC_OK,
+                Out::DnatByMaglev,
+                &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+            ),
+            row(
+                "its next packet, tracked, XDP without metadata: left to TC",
+                prog,
+                ack,
+                XDP_PASS,
+                Out::Unchanged,
+                to_tc,
+            ),
+        ];
+    }
+    let ok = if prog == Prog::Xdp { XDP_PASS } else { TC_OK };
+    vec![
+        Row {
+            desc: "to a Service whose endpoint is another Service's address: a new flow, translated once",
+            prog,
+            bytes: syn,
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "its next packet: tracked, translated once",
+            prog,
+            bytes: ack,
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
         },
     ]
 }

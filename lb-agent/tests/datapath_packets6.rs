@@ -30,6 +30,8 @@ const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 const VIP6_EMPTY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x11);
 /// A Service whose only backend is `CLIENT`: its flows from `CLIENT` are hairpinned.
 const VIP6_SELF: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x12);
+/// A Service whose one endpoint is another Service's address (`VIP6:80`).
+const VIP6_CHAIN: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x13);
 /// No Service's address.
 const OTHER: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 9);
 /// `--hairpin-addr6`'s default.
@@ -169,6 +171,7 @@ fn program_state(maps: &mut Maps) {
         frontend(VIP6, 53, Protocol::Udp, &[(pod(1, 3), 5353), (pod(1, 4), 5353)]),
         frontend(VIP6_EMPTY, 80, Protocol::Tcp, &[]),
         frontend(VIP6_SELF, 80, Protocol::Tcp, &[(CLIENT, 8080)]),
+        frontend(VIP6_CHAIN, 80, Protocol::Tcp, &[(VIP6, 80)]),
     ];
     let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
     let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
@@ -520,7 +523,68 @@ fn forward_rows(prog: Prog, port_base: u16) -> Vec<Row> {
             },
         ]);
     }
+    rows.extend(chained_rows(prog, port_base));
     rows
+}
+
+/// A Service whose endpoint is another Service's address (`VIP6_CHAIN` → `VIP6:80`): translated
+/// once. XDP on a kernel without metadata cannot tell TC that a packet was decided, so it leaves
+/// such a flow to TC, new and tracked alike (TC would otherwise translate XDP's packet again):
+/// TC makes the flow here, and XDP still leaves its next packet to TC.
+fn chained_rows(prog: Prog, port_base: u16) -> Vec<Row> {
+    let cl = (CLIENT, port_base + 33);
+    let syn = Pkt6::new(cl, (VIP6_CHAIN, 80), SYN).bytes();
+    let ack = Pkt6::new(cl, (VIP6_CHAIN, 80), ACK).bytes();
+    let to_tc: &'static [(u32, u64)] = &[(c::RX_FORWARD, 1), (c::XDP_TO_TC, 1)];
+    if prog == Prog::Xdp && !support::xdp_meta() {
+        let row =
+            |desc, prog, bytes, verdict, out, counters| Row { desc, prog, bytes, verdict, out, counters };
+        return vec![
+            row(
+                "to a Service whose endpoint is another Service's address, XDP without metadata: left to TC",
+                prog,
+                syn.clone(),
+                XDP_PASS,
+                Out::Unchanged,
+                to_tc,
+            ),
+            row(
+                "the same SYN through TC: a new flow, translated once",
+                Prog::TcForward,
+                syn,
+                TC_OK,
+                Out::DnatByMaglev,
+                &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+            ),
+            row(
+                "its next packet, tracked, XDP without metadata: left to TC",
+                prog,
+                ack,
+                XDP_PASS,
+                Out::Unchanged,
+                to_tc,
+            ),
+        ];
+    }
+    let ok = if prog == Prog::Xdp { XDP_PASS } else { TC_OK };
+    vec![
+        Row {
+            desc: "to a Service whose endpoint is another Service's address: a new flow, translated once",
+            prog,
+            bytes: syn,
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)],
+        },
+        Row {
+            desc: "its next packet: tracked, translated once",
+            prog,
+            bytes: ack,
+            verdict: ok,
+            out: Out::DnatByMaglev,
+            counters: &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
+        },
+    ]
 }
 
 fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
@@ -947,7 +1011,7 @@ fn service_addresses_are_counted_and_rebuilt_from_the_pins() {
             })
             .collect()
     };
-    let want = BTreeMap::from([(VIP6, 2), (VIP6_EMPTY, 1), (VIP6_SELF, 1)]);
+    let want = BTreeMap::from([(VIP6, 2), (VIP6_EMPTY, 1), (VIP6_SELF, 1), (VIP6_CHAIN, 1)]);
     {
         let (_dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load");
         program_state(&mut maps);
