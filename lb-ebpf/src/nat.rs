@@ -88,11 +88,24 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V4>, side: Side, addr: u32, port: u1
         u64::from(addr),
         mangled0 | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )?;
-    // A Service whose targetPort is its port keeps the port: no second helper call.
+    replace_port_tc(ctx, l4_check, old_port, port, mangled0, no_csum)
+}
+
+/// TC, after a port of the packet's L4 header was rewritten: the checksum at `l4_check` follows
+/// (`mangled0`: UDP's 0 stays 0). UDP without a checksum (`no_csum`): none offsets the port, and
+/// the helper leaves a received packet's sum (`CHECKSUM_COMPLETE`) as it was: it is made to follow.
+/// IPv4 and IPv6 alike. A Service whose targetPort is its port keeps the port: no helper call.
+#[inline(always)]
+pub fn replace_port_tc(
+    ctx: &TcContext,
+    l4_check: usize,
+    old_port: u16,
+    port: u16,
+    mangled0: u64,
+    no_csum: bool,
+) -> Result<(), i64> {
     if old_port != port {
         ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2)?;
-        // UDP without a checksum: none offsets the port, and the helper leaves a received
-        // packet's sum as it was.
         if no_csum {
             ctx.sum_changed(u32::from(csum::diff2(old_port, port)));
         }

@@ -22,7 +22,7 @@ use crate::{
     ctx::PacketCtx,
     family::V6,
     maps::LB_SCRATCH,
-    nat::{IcmpNat, Side},
+    nat::{replace_port_tc, IcmpNat, Side},
     parse::{ptr_at, Flow, IcmpError, IcmpHdr, TcpHdr, UdpHdr, ETH_HLEN, TCP_CHECK_OFF, UDP_CHECK_OFF},
     parse6::Ipv6Hdr,
 };
@@ -84,15 +84,8 @@ pub fn rewrite_tc(ctx: &TcContext, f: &Flow<V6>, side: Side, addr: [u32; 4], por
     // IPv6 only with `BPF_F_IPV6`, Linux 6.16 and later): put back, on every kernel. Any other
     // packet: nothing to do (the helper says so, ignored).
     ctx.sum_changed(diff as u32);
-    if old_port != port {
-        ctx.l4_csum_replace(l4_check, u64::from(old_port), u64::from(port), mangled0 | 2).map_err(|_| ())?;
-        // UDP without a checksum (a reply; to a Service address it is dropped): none offsets
-        // the port, and the helper leaves a received packet's sum as it was.
-        if no_csum {
-            ctx.sum_changed(u32::from(csum::diff2(old_port, port)));
-        }
-    }
-    Ok(())
+    // UDP without a checksum here is a reply (to a Service address it is dropped).
+    replace_port_tc(ctx, l4_check, old_port, port, mangled0, no_csum).map_err(|_| ())
 }
 
 /// XDP: everything written directly, the L4 checksum updated incrementally.
