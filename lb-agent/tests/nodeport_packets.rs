@@ -282,6 +282,8 @@ fn node_side_rules_packet_by_packet() {
         int.addr.scope = Scope::Internal;
         fes.extend([ext, int]);
         fes.push(frontend(NODE, 30090, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]));
+        // A NodePort whose one endpoint is a host-network one at another NodePort of this node.
+        fes.push(frontend(NODE, CHAINED, Protocol::Tcp, FrontendKind::NodePort, &[(NODE, remote)]));
         let desired: BTreeMap<_, _> = fes.into_iter().map(|f| (f.addr, f)).collect();
         let caps =
             Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
@@ -473,6 +475,18 @@ fn node_side_rules_packet_by_packet() {
             &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
         );
         assert_eq!(check_packet(&out).dst, (NODE, 9000));
+        // A host-network endpoint at another NodePort: translated once (delivered to the stack).
+        let syn = pkt((OUTSIDE, 40_020), (NODE, CHAINED), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "SYN from outside, endpoint at another NodePort of this node",
+            Prog::NodeIn,
+            &syn,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(check_packet(&out).dst, (NODE, remote));
 
         // No endpoints at all: rejected, as kube-proxy does for every address of the Service.
         let syn = pkt((OUTSIDE, 40_004), (NODE, empty), SYN);
@@ -625,6 +639,9 @@ fn node_side_rules_packet_by_packet() {
 /// on `lo` (recorded as a node interface with address `NODE`), from which every route to a remote
 /// endpoint leaves through another interface; from Linux 5.15 a test run can take them in on `ul0`,
 /// which the `XDP_TX` rows need.
+/// A NodePort whose endpoint is this node's address at the `remote` NodePort (30080).
+const CHAINED: u16 = 30087;
+
 fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
     let (remote, local, host, empty, local_only, unroutable, tunnel) =
         (30080, 30081, 30082, 30083, 30084, 30085, 30086);
@@ -660,6 +677,23 @@ fn xdp_node_rules(dp: &mut Datapath, maps: &Maps, ifs: &Ifs) {
     let syn = pkt((OUTSIDE, 41_001), (NODE, host), SYN);
     let out = xdp(dp, "host-network endpoint", &syn, XDP_PASS, &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)]);
     assert_eq!(check_packet(&out).dst, (NODE, 9000));
+    // A host-network endpoint at another NodePort: translated in place where XDP can mark it
+    // decided; where it cannot (no metadata), TC would translate XDP's packet again: TC's.
+    let syn = pkt((OUTSIDE, 41_020), (NODE, CHAINED), SYN);
+    if support::xdp_meta() {
+        let out = xdp(
+            dp,
+            "endpoint at another NodePort",
+            &syn,
+            XDP_PASS,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1)],
+        );
+        assert_eq!(check_packet(&out).dst, (NODE, remote));
+    } else {
+        let out =
+            xdp(dp, "endpoint at another NodePort, XDP without metadata: left to TC", &syn, XDP_PASS, left);
+        assert_eq!(out, syn, "untouched");
+    }
     // A partial checksum, which XDP cannot tell from a full one: TC's.
     let part = partial(&Pkt::new((OUTSIDE, 41_002), (NODE, local), SYN));
     let mut part_in = part.clone();

@@ -94,6 +94,14 @@ pub trait PacketCtx: EbpfContext {
     /// behind (TC).
     fn mark(&self, _decided: bool) {}
 
+    /// XDP: whether a packet it passes can carry its mark for TC: the kernel allows metadata
+    /// (`config::xdp_meta`, known at load) and this packet has room for it, made here (a driver
+    /// without metadata support refuses it per packet). Invalidates packet pointers. TC: true
+    /// (nothing runs behind it).
+    fn can_mark(&self) -> bool {
+        true
+    }
+
     /// After a write that changed the sum of the bytes after the Ethernet header by `diff` (a
     /// ones'-complement sum, `__wsum`) with nothing offsetting it (an IPv6 address outside any
     /// checksum): a received packet's sum (`CHECKSUM_COMPLETE`, TC) follows. A no-op where there
@@ -296,18 +304,24 @@ impl PacketCtx for XdpContext {
     }
 
     #[inline(always)]
-    fn mark(&self, decided: bool) {
+    fn can_mark(&self) -> bool {
         if !crate::config::xdp_meta() {
             // This kernel refuses the helper (known at load: the verifier never looks here).
-            return;
+            return false;
         }
         let len = size_of::<XdpMark>();
-        // Room made once: a test run that repeats the program on one buffer reuses it.
-        if XdpContext::data(self) - self.metadata() < len
+        // Room made once: a test run that repeats the program on one buffer reuses it, and
+        // `mark` after `can_mark` finds it made.
+        XdpContext::data(self) - self.metadata() >= len
             // SAFETY: a valid XDP context; the helper only moves the metadata's start.
-            && unsafe { bpf_xdp_adjust_meta(self.ctx, -(len as i32)) } != 0
-        {
-            // No room or no metadata support in this driver: TC looks at the packet again.
+            || unsafe { bpf_xdp_adjust_meta(self.ctx, -(len as i32)) } == 0
+    }
+
+    #[inline(always)]
+    fn mark(&self, decided: bool) {
+        if !self.can_mark() {
+            // No room or no metadata support in this kernel or driver: TC looks at the packet
+            // again.
             return;
         }
         if let Some(m) = parse::ptr_at::<XdpMark>(self.metadata(), XdpContext::data(self), 0) {

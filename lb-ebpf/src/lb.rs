@@ -274,7 +274,8 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
             if t.hairpin && !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
             }
-            if t.snat_addr == F::Addr::ZERO && translated_again::<F, C>(t.addr, t.port, f.proto, origin) {
+            if t.snat_addr == F::Addr::ZERO && translated_again::<F, C>(ctx, t.addr, t.port, f.proto, origin)
+            {
                 return Action::Pass(counters::XDP_TO_TC);
             }
             let nat =
@@ -374,7 +375,9 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
     if hairpinned && !C::TC {
         return Action::Pass(counters::XDP_TO_TC);
     }
-    if node_snat == F::Addr::ZERO && translated_again::<F, C>(backend.addr, backend.port, f.proto, origin) {
+    if node_snat == F::Addr::ZERO
+        && translated_again::<F, C>(ctx, backend.addr, backend.port, f.proto, origin)
+    {
         return Action::Pass(counters::XDP_TO_TC);
     }
     if sticky.is_some() {
@@ -437,14 +440,21 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
     Action::Rewrite { nat, counter }
 }
 
-/// XDP on a kernel that refuses it metadata (`config::xdp_meta`) cannot mark a packet it passes
-/// as decided, so TC behind it looks at the packet again: one rewritten in place to a backend
-/// that is itself a frontend (an endpoint at another Service's address) would be translated a
-/// second time. Such a packet is TC's from the start. A packet XDP sends (`Forward`) never
-/// reaches TC; with metadata, TC leaves a decided packet alone.
+/// XDP that cannot mark a packet it passes as decided (a kernel that refuses it metadata,
+/// `config::xdp_meta`, or a driver without room for it: `PacketCtx::can_mark`) leaves the TC
+/// program behind it to look at the packet again: one rewritten in place to a backend that is
+/// itself a frontend as TC sees it (an endpoint at another Service's address, a hostNetwork
+/// endpoint at a node address and port that is also a frontend) would be translated a second
+/// time. Such a packet is TC's from the start. A packet XDP sends (`Forward`) never reaches TC.
 #[inline(always)]
-fn translated_again<F: Family, C: PacketCtx>(addr: F::Addr, port: u16, proto: u8, origin: Origin) -> bool {
-    !C::TC && !config::xdp_meta() && frontend_at::<F>(addr, port, proto, origin).is_some()
+fn translated_again<F: Family, C: PacketCtx>(
+    ctx: &C,
+    addr: F::Addr,
+    port: u16,
+    proto: u8,
+    origin: Origin,
+) -> bool {
+    !C::TC && !ctx.can_mark() && frontend_at::<F>(addr, port, proto, origin).is_some()
 }
 
 /// The source a flow's packets leave with: the hairpin address when the client is its own
