@@ -5,12 +5,16 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
+    time::Duration,
 };
 
 use lb_agent::datapath::Mode;
 use lb_common::counters as c;
-use lb_testkit::lab::{tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session};
+use lb_testkit::lab::{
+    in_netns, tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session,
+};
 use support::{Cluster, VIP};
 
 /// The Service's IPv6 cluster IP.
@@ -21,8 +25,8 @@ const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 const FLOWS: usize = 1_800;
 
 /// The dual-stack Service `who` (TCP 80 → 8080, UDP 53 → 5353) and one EndpointSlice per family
-/// with the three backends.
-fn dual_stack_who(b: &[Pod; 3]) -> String {
+/// with the backends `b` (all three, or fewer).
+fn dual_stack_who(b: &[Pod]) -> String {
     let slice = |family: &str, addr: &dyn Fn(&Pod) -> String| {
         let endpoints: Vec<String> = b
             .iter()
@@ -74,7 +78,7 @@ fn assert_fair(t: &BTreeMap<String, usize>, total: usize, what: &str) {
 /// while new flows come; the backend sees the client's own IPv6 address; the other node's agent
 /// balances its pods' flows across the underlay; IPv4 to the same Service works beside it.
 fn dual_stack_service(tag: &str, mode: Mode) {
-    let cl = Cluster::dual_stack(tag, mode, dual_stack_who, &["--ipv6", "on"]);
+    let cl = Cluster::dual_stack(tag, mode, |b: &[Pod; 3]| dual_stack_who(b), &["--ipv6", "on"]);
     let tcp = SocketAddr::V6(SocketAddrV6::new(VIP6, 80, 0, 0));
     let udp = SocketAddr::V6(SocketAddrV6::new(VIP6, 53, 0, 0));
     // Generous: the kernel matrix loads the programs emulated.
@@ -176,6 +180,97 @@ fn tc_dual_stack_service() {
 #[test]
 fn xdp_dual_stack_service() {
     dual_stack_service("v6xdp", Mode::Xdp);
+}
+
+/// Rule: TCP path MTU discovery works through an IPv6 cluster IP whose backend sits behind a
+/// smaller MTU. Only b1, behind a 1280-byte MTU (IPv6's minimum) on its node-side link, the rest
+/// 1500: b1 advertises an MSS of 1440 (its own link is 1500), so the client's full-sized segments
+/// (1500 bytes, to b1 after DNAT) are too big for node 1 to forward, and node 1 answers each with
+/// an ICMPv6 "packet too big" (MTU 1280) quoting client → b1:8080. lb's reply program turns the
+/// quote into client → VIP6:80 (ICMPv6 checksum updated): only then does the client's kernel find
+/// its socket, lower its path MTU to the VIP and send again; untranslated, the connection stalls.
+///
+/// TC only: XDP is on the forward path only, and the "packet too big" travels on the reply path,
+/// which is the same TC egress program in either mode.
+#[test]
+fn path_mtu_discovery_works_through_an_ipv6_vip() {
+    let cl =
+        Cluster::dual_stack("v6pmtu", Mode::Tc, |b: &[Pod; 3]| dual_stack_who(&b[..1]), &["--ipv6", "on"]);
+    let to = SocketAddr::V6(SocketAddrV6::new(VIP6, 80, 0, 0));
+    let ready = wait_until(std::time::Duration::from_secs(90), || {
+        tcp_asks(&cl.client1, to, 1)?.pop().expect("one answer")
+    });
+    assert!(
+        ready.is_ok(),
+        "IPv6 cluster IP unreachable: {ready:?}\nagent log:\n{}",
+        cl.lab.agent_log(&cl.nodes[0])
+    );
+    cl.wait_ready(&cl.nodes[0]);
+    let (b1, c1) = (&cl.backends[0], &cl.client1);
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    ip(&["-n", &cl.nodes[0].netns, "link", "set", &b1.host_if, "mtu", "1280"]);
+
+    let before = cl.maps(1).read_counters().expect("counters");
+    let (node_before, client_before) = (snmp6(&cl.nodes[0].netns), snmp6(&c1.netns));
+    let answer = in_netns(&c1.netns, move || -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = "x".repeat(20_000);
+        line.push('\n');
+        s.write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer)?;
+        Ok(answer.trim().to_string())
+    })
+    .expect("client thread");
+    let after = cl.maps(1).read_counters().expect("counters");
+    let (node_after, client_after) = (snmp6(&cl.nodes[0].netns), snmp6(&c1.netns));
+    let mut counted: Vec<String> =
+        [c::REV_NAT, c::PASS_OTHER_PROTO, c::DROP_REWRITE_FAILED, c::DROP_MALFORMED]
+            .into_iter()
+            .map(|i| format!("{} {}", c::NAMES[i as usize], after[i as usize] - before[i as usize]))
+            .collect();
+    let sent = node_after["Icmp6OutPktTooBigs"] - node_before["Icmp6OutPktTooBigs"];
+    counted.push(format!("node 1 sent Icmp6OutPktTooBigs {sent}"));
+    for k in ["Icmp6InPktTooBigs", "Icmp6InCsumErrors", "Icmp6InErrors"] {
+        counted.push(format!("client got {k} {}", client_after[k] - client_before[k]));
+    }
+    // No counter of lb's tells translated ICMPv6 errors apart (they count as reverse NAT, with
+    // b1's replies): the kernels' ICMPv6 statistics and the client's route say what happened
+    // (veth passes a full checksum on unchecked: the client checks the ICMPv6 checksum).
+    // What the client's kernel learnt about the path to the VIP (a cached route with its MTU).
+    let route = ip(&["-n", &c1.netns, "-6", "route", "get", &VIP6.to_string()]);
+    let why = format!("during the exchange: {}; the client's route: {route}", counted.join(", "));
+    assert!(sent > 0, "node 1 sent no \"packet too big\": the test did not test ({why})");
+    assert_eq!(
+        answer.as_deref().ok(),
+        Some("b1"),
+        "20 kB through an IPv6 VIP with a 1280-byte MTU to the backend: {answer:?} ({why})"
+    );
+    assert!(route.contains("mtu 1280"), "the client learnt the path MTU to the VIP ({why})");
+    for bad in [c::DROP_REWRITE_FAILED, c::DROP_MALFORMED] {
+        assert_eq!(after[bad as usize], before[bad as usize], "{} ({why})", c::NAMES[bad as usize]);
+    }
+}
+
+/// The IPv6 statistics of network namespace `netns` (`/proc/net/snmp6`: `Icmp6InPktTooBigs`, ...).
+fn snmp6(netns: &str) -> BTreeMap<String, u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/snmp6"])
+        .output()
+        .expect("ip netns exec");
+    assert!(out.status.success(), "snmp6 of {netns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(char::is_whitespace)?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// The dual-stack lab itself, without lb: pods on two nodes and the outside client reach each
