@@ -259,10 +259,10 @@ fn path_mtu_discovery_works_through_an_ipv6_vip() {
 
 /// The IPv6 statistics of network namespace `netns` (`/proc/net/snmp6`: `Icmp6InPktTooBigs`, ...).
 fn snmp6(netns: &str) -> BTreeMap<String, u64> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, "cat", "/proc/net/snmp6"])
+    let out = std::process::Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{netns}"), "cat", "/proc/net/snmp6"])
         .output()
-        .expect("ip netns exec");
+        .expect("nsenter");
     assert!(out.status.success(), "snmp6 of {netns}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
