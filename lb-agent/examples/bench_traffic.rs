@@ -19,6 +19,15 @@
 //!   `--socket-lb host`, wrk in the child cgroup its socket programs attach to; through
 //!   kube-proxy's nftables ruleset, whose `nat-output` chain catches the node's own connections
 //!   (kube-proxy's nat OUTPUT path). Their ratios are to `host-direct` and `host-nftables`.
+//! - `direct6`, `lb6`: the same over IPv6, in a dual-stack lab (`Lab::dual_stack`: every pod has
+//!   an IPv6 address too, and nginx listens on it): the client connects to a backend's IPv6
+//!   address, or to an IPv6 ClusterIP through lb-agent in TC mode with `--ipv6 on`. Their
+//!   Services are the IPv4 ones as single-stack IPv6 Services (see [`manifests6`]). Their ratio
+//!   is to `direct6`. To keep the run's length, they run only the new-connection load (the
+//!   per-connection cost, where an IPv6 lookup and rewrite would show) and only at the smallest
+//!   Service count asked for (lb's lookups do not grow with the count; 1 by default), beside the
+//!   IPv4 contenders of that count, so `lb6 ÷ direct6` and `lb-tc ÷ direct` come from the same
+//!   runs.
 //!
 //! Each contender and Service count runs three loads, each a warm-up then `--reps` runs of
 //! `--seconds`: new connections (`wrk -t1 -c50`, `Connection: close`), kept-alive requests
@@ -36,7 +45,7 @@ mod traffic;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -50,7 +59,7 @@ use lb_testkit::{
     sockets::Cgroup2,
 };
 use traffic::{
-    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk_in, Load, Measured, Nginx,
+    figure_row, netns_cmd, ratio, run_with_input, start_nginx, sysctl, today, wrk_in, Load, Measured, Nginx,
     WrkResult,
 };
 
@@ -94,10 +103,12 @@ enum Contender {
     HostDirect,
     HostLbSock,
     HostNftables,
+    Direct6,
+    Lb6,
 }
 
 impl Contender {
-    const ALL: [Contender; 10] = [
+    const ALL: [Contender; 12] = [
         Contender::Direct,
         Contender::LbTc,
         Contender::LbXdp,
@@ -108,7 +119,24 @@ impl Contender {
         Contender::HostDirect,
         Contender::HostLbSock,
         Contender::HostNftables,
+        Contender::Direct6,
+        Contender::Lb6,
     ];
+
+    /// Whether it runs over IPv6 (in a dual-stack lab).
+    fn ipv6(self) -> bool {
+        matches!(self, Contender::Direct6 | Contender::Lb6)
+    }
+
+    /// The loads it runs: the IPv6 contenders only new connections (see the module
+    /// documentation).
+    fn loads(self) -> &'static [Load] {
+        if self.ipv6() {
+            &[Load::NewConnections]
+        } else {
+            &[Load::NewConnections, Load::KeptAlive, Load::Bulk]
+        }
+    }
 
     /// Whether the client is a process on the node rather than a pod.
     fn client_on_host(self) -> bool {
@@ -120,6 +148,8 @@ impl Contender {
     fn references(self) -> [Option<Contender>; 4] {
         if self.client_on_host() {
             [Some(Contender::HostDirect), Some(Contender::HostNftables), None, None]
+        } else if self.ipv6() {
+            [Some(Contender::Direct6), None, None, None]
         } else {
             [
                 Some(Contender::Direct),
@@ -142,6 +172,8 @@ impl Contender {
             Contender::HostDirect => "host-direct",
             Contender::HostLbSock => "host-lb-sock",
             Contender::HostNftables => "host-nftables",
+            Contender::Direct6 => "direct6",
+            Contender::Lb6 => "lb6",
         }
     }
 }
@@ -160,8 +192,12 @@ struct Bed {
     cgroup: Option<Cgroup2>,
 }
 
-fn bed(tag: &str, from_host: bool) -> anyhow::Result<Bed> {
+/// A bed; `dual_stack`: its pods have IPv6 addresses too, where nginx listens as well.
+fn bed(tag: &str, from_host: bool, dual_stack: bool) -> anyhow::Result<Bed> {
     let mut lab = Lab::new(tag)?;
+    if dual_stack {
+        lab.dual_stack();
+    }
     let node = lab.node(1)?;
     let client = lab.pod(&node, "client", 100, true)?;
     let client_ns = if from_host { node.netns.clone() } else { client.netns.clone() };
@@ -214,19 +250,19 @@ fn load_rules(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Re
     }
 }
 
-/// Starts lb-agent on the node with `services`; returns when its first full sync
-/// is done.
+/// Starts lb-agent on the node with `manifests` (its Services and EndpointSlices, a JSON List);
+/// returns when its first full sync is done.
 fn start_lb(
     b: &mut Bed,
     agent: &Path,
     mode: Mode,
-    services: &[ServicePort],
+    manifests: &serde_json::Value,
     n: u32,
     extra: &[&str],
 ) -> anyhow::Result<Duration> {
     let dir = b.lab.scratch().join(format!("manifests-{n}"));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("services.json"), serde_json::to_vec(&kube_proxy::manifests(services))?)?;
+    std::fs::write(dir.join("services.json"), serde_json::to_vec(manifests)?)?;
     let syncs = |lab: &Lab, node: &Node| lab.agent_log(node).matches("first full sync done").count();
     let before = syncs(&b.lab, &b.node);
     let started = Instant::now();
@@ -245,6 +281,49 @@ fn start_lb(
     Ok(started.elapsed())
 }
 
+/// The IPv6 address standing for the IPv4 address `10.b.c.d` in lb6's Services:
+/// `fd00:10:<b>:<c>::<d>`, `b` written with the digits of its decimal writing (96, 128, 244) as
+/// the lab writes its addresses. A pod's is its address in the dual-stack lab
+/// ([`lb_testkit::lab::pod_ip6`]); the ClusterIP `10.96.0.10` becomes `fd00:10:96::a`, the
+/// addresses of the unmeasured Services' endpoints (`10.128.c.d`) ones that exist nowhere.
+fn ipv6_of(a: Ipv4Addr) -> Ipv6Addr {
+    let [_, b, c, d] = a.octets();
+    let b = u16::from_str_radix(&b.to_string(), 16).expect("decimal digits are hexadecimal ones");
+    Ipv6Addr::new(0xfd00, 0x10, b, c.into(), 0, 0, 0, d.into())
+}
+
+/// `services` as lb6's Services: [`kube_proxy::manifests`] with each address replaced by the one
+/// [`ipv6_of`] gives, the Services single-stack IPv6 (`ipFamilies: [IPv6]`), the EndpointSlices
+/// of `addressType: IPv6`.
+fn manifests6(services: &[ServicePort]) -> anyhow::Result<serde_json::Value> {
+    use serde_json::{json, Value};
+    let v6 = |v: &Value| -> anyhow::Result<Value> {
+        let a: Ipv4Addr = v.as_str().context("an address")?.parse()?;
+        Ok(ipv6_of(a).to_string().into())
+    };
+    let mut m = kube_proxy::manifests(services);
+    for item in m["items"].as_array_mut().context("a List")? {
+        match item["kind"].as_str() {
+            Some("Service") => {
+                let spec = &mut item["spec"];
+                let vip = v6(&spec["clusterIP"])?;
+                spec["clusterIPs"] = json!([vip]);
+                spec["clusterIP"] = vip;
+                spec["ipFamilies"] = json!(["IPv6"]);
+                spec["ipFamilyPolicy"] = json!("SingleStack");
+            }
+            Some("EndpointSlice") => {
+                item["addressType"] = json!("IPv6");
+                for ep in item["endpoints"].as_array_mut().context("endpoints")? {
+                    ep["addresses"] = json!([v6(&ep["addresses"][0])?]);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
 type Results = BTreeMap<(u32, Contender), BTreeMap<Load, Measured>>;
 
 /// Sets up contender `c` with `n` Services in a fresh lab; returns the lab and the URL to load.
@@ -256,16 +335,31 @@ fn set_up(
     args: &Args,
     loads: &mut Vec<String>,
 ) -> anyhow::Result<(Bed, String, Vec<ServicePort>)> {
-    let mut b = bed(&format!("bt{}", c as u8), c.client_on_host())?;
+    let mut b = bed(&format!("bt{}", c as u8), c.client_on_host(), c.ipv6())?;
     let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
     let services = kube_proxy::services(n.max(1), 3, &backends);
     let vip = services.last().context("no service")?.vip;
-    let direct = matches!(c, Contender::Direct | Contender::HostDirect);
-    let target = if direct { backends[0].0 } else { vip };
+    let direct = matches!(c, Contender::Direct | Contender::HostDirect | Contender::Direct6);
+    let target: IpAddr = match (c.ipv6(), direct) {
+        (false, true) => backends[0].0.into(),
+        (false, false) => vip.into(),
+        (true, true) => b.backends[0].ip6.context("a dual-stack backend")?.into(),
+        (true, false) => ipv6_of(vip).into(),
+    };
+    if c.ipv6() {
+        // lb6's EndpointSlices name the backends by `ipv6_of` their IPv4 addresses.
+        for p in &b.backends {
+            anyhow::ensure!(p.ip6 == Some(ipv6_of(p.ip)), "{}: IPv6 address {:?}", p.name, p.ip6);
+        }
+    }
+    let manifests = || kube_proxy::manifests(&services);
     let took = match c {
-        Contender::Direct | Contender::HostDirect => Duration::ZERO,
-        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &services, n, &[])?,
-        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &services, n, &[])?,
+        Contender::Direct | Contender::HostDirect | Contender::Direct6 => Duration::ZERO,
+        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &manifests(), n, &[])?,
+        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &manifests(), n, &[])?,
+        Contender::Lb6 => {
+            start_lb(&mut b, &args.agent, Mode::Tc, &manifests6(&services)?, n, &["--ipv6", "on"])?
+        }
         Contender::LbSockAll | Contender::HostLbSock => {
             let (tag, mode) = if c == Contender::LbSockAll { ("bt", "all") } else { ("bh", "host") };
             let cgroup = Cgroup2::new(&format!("{tag}{n}"))?;
@@ -275,7 +369,7 @@ fn set_up(
                 &mut b,
                 &args.agent,
                 Mode::Tc,
-                &services,
+                &manifests(),
                 n,
                 &["--socket-lb", mode, "--cgroup-root", &root],
             )?
@@ -299,7 +393,12 @@ fn set_up(
     })
     .with_context(|| format!("{}: {to} never answered", c.name()))?;
     println!("  {} with {n} services ({:.2} s to set up)", c.name(), took.as_secs_f64());
-    Ok((b, format!("http://{target}/"), services))
+    // wrk takes an IPv6 address in brackets.
+    let url = match target {
+        IpAddr::V4(a) => format!("http://{a}/"),
+        IpAddr::V6(a) => format!("http://[{a}]/"),
+    };
+    Ok((b, url, services))
 }
 
 /// The time kube-proxy's dataplane `c` takes to apply one Service's change (one endpoint removed,
@@ -345,11 +444,11 @@ fn run_count(
         beds.push((c, set_up(c, n, args, loads)?));
     }
     for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
-        for (_, (b, url, _)) in &beds {
+        for (_, (b, url, _)) in beds.iter().filter(|(c, _)| c.loads().contains(&load)) {
             wrk_in(&b.client_ns, b.cgroup.as_ref().map(|g| g.path()), url, load, 1)?;
         }
         for _ in 0..args.reps {
-            for (c, (b, url, _)) in &beds {
+            for (c, (b, url, _)) in beds.iter().filter(|(c, _)| c.loads().contains(&load)) {
                 // Let the previous run's TIME_WAIT sockets and conntrack entries go.
                 std::thread::sleep(Duration::from_millis(1200));
                 let r = wrk_in(&b.client_ns, b.cgroup.as_ref().map(|g| g.path()), url, load, args.seconds)?;
@@ -425,7 +524,9 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
          3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max). \
          Every contender has a lab of its own, set up at once for each Service count; the runs of a load take the contenders in turn, \
          so drifts of the shared machine hit all alike. `direct` (no load balancer) is measured beside them each time; ratios are to the same Service count's figures. \
-         The `host-*` rows have a process on the node as the client (wrk in the node's namespace): their ratios are to `host-direct` and `host-nftables` (kube-proxy's nat OUTPUT path).\n\n",
+         The `host-*` rows have a process on the node as the client (wrk in the node's namespace): their ratios are to `host-direct` and `host-nftables` (kube-proxy's nat OUTPUT path). \
+         The `direct6` and `lb6` rows are over IPv6 in a dual-stack lab (to a backend's IPv6 address; to a single-stack IPv6 ClusterIP through lb-agent in TC mode, `--ipv6 on`), \
+         new connections only and at the smallest Service count only, in the same runs as the others: their ratio (÷ direct) is to `direct6`.\n\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         host.trim(),
         args.reps,
@@ -455,11 +556,30 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
         }
         md.push('\n');
     }
+    if let Some(n) = args.services.iter().copied().min() {
+        let rps = |c: Contender| get(n, c, Load::NewConnections).map(|m| m.of(|r| r.rps).median);
+        if let (Some(lb6), Some(direct6)) = (rps(Contender::Lb6), rps(Contender::Direct6)) {
+            let v4 = match (rps(Contender::LbTc), rps(Contender::Direct)) {
+                (Some(lb), Some(direct)) => {
+                    format!("; over IPv4 in the same runs, lb-tc ÷ direct = {}", ratio(lb, direct))
+                }
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "IPv6, new connections/s at {n} Services: lb6 {lb6:.0} ÷ direct6 {direct6:.0} = {}{v4}.\n",
+                ratio(lb6, direct6)
+            );
+        }
+    }
     md.push_str("### CPU time per request (all CPUs: user + system + softirq, from /proc/stat), µs\n\n| Services | contender | new connection | of which softirq | kept-alive request | of which softirq |\n|---:|---|---:|---:|---:|---:|\n");
     let cpu_row = |label: String, name: &str, m: &BTreeMap<Load, Measured>| {
-        let g = |load: Load, f: fn(&WrkResult) -> f64| m.get(&load).map_or(0.0, |m| m.of(f).median);
+        // A dash for a load the contender does not run (the IPv6 ones: kept-alive).
+        let g = |load: Load, f: fn(&WrkResult) -> f64| {
+            m.get(&load).map_or_else(|| "–".to_string(), |m| format!("{:.1}", m.of(f).median))
+        };
         format!(
-            "| {label} | {name} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {label} | {name} | {} | {} | {} | {} |\n",
             g(Load::NewConnections, |r| r.cpu_us_per_req),
             g(Load::NewConnections, |r| r.softirq_us_per_req),
             g(Load::KeptAlive, |r| r.cpu_us_per_req),
@@ -496,9 +616,13 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(|c| args.only.is_empty() || args.only.iter().any(|o| o == c.name()))
         .collect();
+    // The IPv6 contenders run at the smallest count only (see the module documentation).
+    let smallest = args.services.iter().copied().min();
     for &n in &args.services {
         println!("traffic: {n} services");
-        run_count(n, &contenders, &args, &mut results, &mut loads, &mut changes)?;
+        let here: Vec<Contender> =
+            contenders.iter().copied().filter(|c| !c.ipv6() || Some(n) == smallest).collect();
+        run_count(n, &here, &args, &mut results, &mut loads, &mut changes)?;
     }
     let rulesets = if args.ruleset_services > 0 {
         println!("rulesets: {} services x {} endpoints", args.ruleset_services, args.ruleset_endpoints);

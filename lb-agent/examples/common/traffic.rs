@@ -6,7 +6,7 @@
 
 use std::{
     io::Write as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -69,6 +69,8 @@ impl Drop for Nginx {
 
 pub const BIG_FILE_MIB: usize = 64;
 
+/// Starts nginx in each of `pods`, listening on port 80 of its IPv4 address and, in a dual-stack
+/// lab, of its IPv6 address too; returns when each answers on every address.
 pub fn start_nginx(scratch: &Path, pods: &[Pod]) -> anyhow::Result<Nginx> {
     let www = scratch.join("www");
     std::fs::create_dir_all(&www)?;
@@ -80,6 +82,7 @@ pub fn start_nginx(scratch: &Path, pods: &[Pod]) -> anyhow::Result<Nginx> {
         let conf = scratch.join(format!("nginx-{}.conf", p.name));
         let tmp = scratch.join(format!("nginx-tmp-{}", p.name));
         std::fs::create_dir_all(&tmp)?;
+        let listen6 = p.ip6.map(|a| format!(" listen [{a}]:80 backlog=4096 reuseport;")).unwrap_or_default();
         std::fs::write(
             &conf,
             format!(
@@ -88,7 +91,7 @@ pub fn start_nginx(scratch: &Path, pods: &[Pod]) -> anyhow::Result<Nginx> {
                  http {{\n access_log off;\n sendfile on;\n tcp_nopush on;\n keepalive_requests 1000000000;\n\
                  client_body_temp_path {t}/body;\n proxy_temp_path {t}/proxy;\n fastcgi_temp_path {t}/fcgi;\n\
                  uwsgi_temp_path {t}/uwsgi;\n scgi_temp_path {t}/scgi;\n\
-                 server {{ listen {ip}:80 backlog=4096 reuseport; root {www}; }}\n}}\n",
+                 server {{ listen {ip}:80 backlog=4096 reuseport;{listen6} root {www}; }}\n}}\n",
                 s = scratch.display(),
                 n = p.name,
                 t = tmp.display(),
@@ -109,13 +112,15 @@ pub fn start_nginx(scratch: &Path, pods: &[Pod]) -> anyhow::Result<Nginx> {
         children.0.push(child);
     }
     for p in pods {
-        let to = SocketAddr::from((p.ip, 80));
-        let ns = p.netns.clone();
-        wait_until(Duration::from_secs(10), || match http_get(&ns, to, "/")? {
-            (200, _) => Ok(()),
-            (code, _) => Err(std::io::Error::other(format!("nginx answered {code}"))),
-        })
-        .with_context(|| format!("nginx in {} never answered", p.name))?;
+        let addrs = std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6));
+        for to in addrs.map(|a| SocketAddr::from((a, 80))) {
+            let ns = p.netns.clone();
+            wait_until(Duration::from_secs(10), || match http_get(&ns, to, "/")? {
+                (200, _) => Ok(()),
+                (code, _) => Err(std::io::Error::other(format!("nginx answered {code}"))),
+            })
+            .with_context(|| format!("nginx in {} never answered on {to}", p.name))?;
+        }
     }
     Ok(children)
 }
