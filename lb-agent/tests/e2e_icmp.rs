@@ -5,8 +5,7 @@
 mod support;
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddrV4, UdpSocket},
     time::Duration,
 };
 
@@ -60,17 +59,7 @@ fn path_mtu_discovery_works_through_a_vip() {
         .status()
         .expect("ip");
     assert!(status.success());
-    let answer = in_netns(&c.client1.netns, || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&SocketAddrV4::new(VIP, 80).into(), Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut line = "x".repeat(20_000);
-        line.push('\n');
-        s.write_all(line.as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer)?;
-        Ok(answer.trim().to_string())
-    })
-    .expect("client thread");
+    let answer = support::send_long_line(&c.client1.netns, SocketAddrV4::new(VIP, 80).into());
     let stats = c.maps(1).read_counters().expect("counters");
     assert_eq!(
         answer.as_deref().ok(),

@@ -5,16 +5,12 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
-    time::Duration,
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use lb_agent::datapath::Mode;
 use lb_common::counters as c;
-use lb_testkit::lab::{
-    in_netns, tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session,
-};
+use lb_testkit::lab::{tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session};
 use support::{Cluster, VIP};
 
 /// The Service's IPv6 cluster IP.
@@ -216,17 +212,7 @@ fn path_mtu_discovery_works_through_an_ipv6_vip() {
 
     let before = cl.maps(1).read_counters().expect("counters");
     let (node_before, client_before) = (snmp6(&cl.nodes[0].netns), snmp6(&c1.netns));
-    let answer = in_netns(&c1.netns, move || -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut line = "x".repeat(20_000);
-        line.push('\n');
-        s.write_all(line.as_bytes())?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer)?;
-        Ok(answer.trim().to_string())
-    })
-    .expect("client thread");
+    let answer = support::send_long_line(&c1.netns, to);
     let after = cl.maps(1).read_counters().expect("counters");
     let (node_after, client_after) = (snmp6(&cl.nodes[0].netns), snmp6(&c1.netns));
     let mut counted: Vec<String> =

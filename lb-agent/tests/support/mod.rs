@@ -773,3 +773,21 @@ pub fn xdp_meta() -> bool {
         meta
     })
 }
+
+/// From network namespace `netns`: connects to `to` (TCP), sends a 20 kB line, in segments as
+/// large as the client's path MTU allows, and reads the one-line answer (the backend's name).
+/// What path MTU discovery through a Service address is tested with.
+pub fn send_long_line(netns: &str, to: std::net::SocketAddr) -> std::io::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    lb_testkit::lab::in_netns(netns, move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(3))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut line = "x".repeat(20_000);
+        line.push('\n');
+        s.write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer)?;
+        Ok(answer.trim().to_string())
+    })
+    .expect("client thread")
+}
