@@ -589,6 +589,10 @@ fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
     }
     let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
     out.drain(..8);
+    if v != XDP_PASS {
+        // Room made for a mark before the packet was dropped: nothing in it, nothing handed on.
+        return (v, out, Mark::None);
+    }
     let mark = match magic {
         XDP_DECIDED => Mark::Decided,
         XDP_LEFT => Mark::Left,

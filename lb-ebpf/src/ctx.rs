@@ -312,7 +312,9 @@ impl PacketCtx for XdpContext {
         let len = size_of::<XdpMark>();
         // Room made once: a test run that repeats the program on one buffer reuses it, and
         // `mark` after `can_mark` finds it made.
-        XdpContext::data(self) - self.metadata() >= len
+        // (A driver without metadata gives a start past the packet's: no room, whatever the
+        // difference would wrap to; the helper then says why.)
+        self.metadata() + len <= XdpContext::data(self)
             // SAFETY: a valid XDP context; the helper only moves the metadata's start.
             || unsafe { bpf_xdp_adjust_meta(self.ctx, -(len as i32)) } == 0
     }
