@@ -588,6 +588,18 @@ fn chained_rows(prog: Prog, port_base: u16) -> Vec<Row> {
 }
 
 fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
+    let (v, out, _) = run_marked(dp, prog, input);
+    (v, out)
+}
+
+/// XDP's marks for the TC program behind it (as `datapath_packets`): decided, or left to TC.
+const XDP_DECIDED: u32 = 0x4c42_5844;
+const XDP_LEFT: u32 = 0x4c42_5854;
+
+/// Runs `input` through `prog`; for XDP on Linux 5.14 and later, the test run hands back the
+/// metadata in front of a packet (8 bytes: a mark for TC and the interface): taken off, and the
+/// mark of a packet XDP passed returned beside (room made before a drop holds none).
+fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Option<u32>) {
     let mut out = vec![0u8; input.len() + 256];
     let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
     let res = match prog {
@@ -597,21 +609,33 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     }
     .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes: {e}", input.len()));
     out.truncate(res.data_size_out as usize);
-    // Linux 5.14 and later hand back the metadata XDP leaves in front of a packet it passes (8
-    // bytes: a mark for TC and the interface): taken off, checked by `datapath_packets` for lb4.
+    let mut mark = None;
     if prog == Prog::Xdp && out.len() == input.len() + 8 && kernel_release() >= (5, 14) {
+        let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
         out.drain(..8);
+        mark = (res.return_value == XDP_PASS).then_some(magic);
     }
-    (res.return_value, out)
+    (res.return_value, out, mark)
 }
 
 fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     let before = maps.read_counters().expect("counters");
-    let (verdict, out) =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(dp, row.prog, &row.bytes)))
+    let (verdict, out, mark) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_marked(dp, row.prog, &row.bytes)))
             .unwrap_or_else(|_| panic!("{}: the test run failed", row.desc));
     let after = maps.read_counters().expect("counters");
     assert_eq!(verdict, row.verdict, "{}: verdict", row.desc);
+    if row.prog == Prog::Xdp && kernel_release() >= (5, 14) {
+        // A packet XDP passes is marked decided (TC leaves it alone) or left to TC; one it drops,
+        // or any on a kernel that refuses XDP metadata, carries no mark.
+        let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
+        let want = match (verdict == XDP_PASS && support::xdp_meta(), to_tc) {
+            (false, _) => None,
+            (true, false) => Some(XDP_DECIDED),
+            (true, true) => Some(XDP_LEFT),
+        };
+        assert_eq!(mark, want, "{}: XDP's mark for TC (decided {XDP_DECIDED:#x}, left {XDP_LEFT:#x})", row.desc);
+    }
     assert_counter_changes(row.desc, &before, &after, row.counters);
     match row.out {
         Out::Unchanged => assert_eq!(out, row.bytes, "{}: bytes out", row.desc),
