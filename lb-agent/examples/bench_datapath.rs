@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
     EbpfLoader,
 };
 use clap::Parser;
@@ -252,20 +252,6 @@ fn tc_run(p: &SchedClassifier, pkt: &[u8], repeat: u32) -> anyhow::Result<f64> {
     Ok(r.duration.as_nanos() as f64)
 }
 
-/// Checks that one run of the reply program rewrites `pkt`'s source to `to`, so that the row
-/// measures a translation and not a packet passed untouched.
-fn translated_reply6(p: &SchedClassifier, pkt: &[u8], to: Ipv6Addr) -> anyhow::Result<()> {
-    let mut out = vec![0u8; pkt.len() + 64];
-    let r = p.test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })?;
-    let src = out.get(22..38).context("reply output too short")?;
-    anyhow::ensure!(
-        src == to.octets(),
-        "the IPv6 reply was not translated (verdict {}, source {src:02x?})",
-        r.return_value
-    );
-    Ok(())
-}
-
 fn xdp_run(p: &Xdp, pkt: &[u8], repeat: u32) -> anyhow::Result<f64> {
     let r = p.test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })?;
     Ok(r.duration.as_nanos() as f64)
@@ -280,13 +266,17 @@ fn xdp_each(p: &Xdp, pkt: &[u8], calls: u32) -> anyhow::Result<f64> {
     Ok(total / f64::from(calls))
 }
 
-/// Checks that one run of XDP program `p` rewrites `pkt`'s destination address (bytes `dst` of
-/// the packet) to `to`, so that a row measures a translation and not a packet left to TC.
-fn xdp_translates(p: &Xdp, pkt: &[u8], dst: std::ops::Range<usize>, to: &[u8]) -> anyhow::Result<()> {
+/// Checks that one run of program `p` rewrites the address at bytes `at` of `pkt` to `to`, so
+/// that a row measures a translation and not a packet passed on untouched (or left to TC).
+fn translates<P>(p: &P, pkt: &[u8], at: std::ops::Range<usize>, to: &[u8]) -> anyhow::Result<()>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut out = vec![0u8; pkt.len() + 64];
-    let r = p.test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })?;
-    let got = out.get(dst).context("XDP output too short")?;
-    anyhow::ensure!(got == to, "XDP did not translate (verdict {}, destination {got:02x?})", r.return_value);
+    let r =
+        p.test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })?;
+    let got = out.get(at).context("test run output too short")?;
+    anyhow::ensure!(got == to, "not translated (verdict {}, address {got:02x?})", r.return_value);
     Ok(())
 }
 
@@ -429,10 +419,10 @@ fn main() -> anyhow::Result<()> {
         println!("this kernel refuses bpf_xdp_adjust_meta: XDP rows that translate run one packet a call");
         add("no-op program", each, measure(rounds, calls, |n| xdp_each(noop_xdp, &to_a, n))?);
         for (p, pkt) in [(xdp_new, &syn_e), (xdp_new, &to_e), (xdp, &to_e)] {
-            xdp_translates(p, pkt, 30..34, &F.octets())?;
+            translates(p, pkt, 30..34, &F.octets())?;
         }
         for (p, pkt) in [(xdp_new, &syn_e6), (xdp, &to_e6)] {
-            xdp_translates(p, pkt, 38..54, &F6.octets())?;
+            translates(p, pkt, 38..54, &F6.octets())?;
         }
     }
     let xdp_row = |p: &Xdp, ping_pong: &[u8], single: &[u8]| -> anyhow::Result<(&'static str, Stat)> {
@@ -488,7 +478,7 @@ fn main() -> anyhow::Result<()> {
     let (g, st) = xdp_row(xdp, &to_a6, &to_e6)?;
     add("IPv6: established flow", g, st);
     let reply6 = packet6(x6, rc6);
-    translated_reply6(tc_rep, &reply6, A6)?;
+    translates(tc_rep, &reply6, 22..38, &A6.octets())?; // the source, rewritten
     add("IPv6: reply (reverse NAT)", "TC", measure(rounds, repeat, |r| tc_run(tc_rep, &reply6, r))?);
     drop(maps_new);
 

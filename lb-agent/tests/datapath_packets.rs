@@ -14,7 +14,7 @@ use lb_agent::{
     model::{BackendAddr, BackendState, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
-use lb_common::{counters as c, hash::lb4_flow_hash, Lb4CtKey, Lb4ServiceKey};
+use lb_common::{counters as c, hash::lb4_flow_hash, Lb4CtKey, Lb4ServiceKey, XDP_DECIDED, XDP_LEFT};
 use support::*;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -566,12 +566,6 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     (res.return_value, out)
 }
 
-/// The marks the XDP program leaves in the metadata in front of a packet it lets pass, for the
-/// TC forward program behind it: decided ("LBXD") or left to TC ("LBXT"), each followed by the
-/// interface index (native-endian u32s).
-const XDP_DECIDED: u32 = 0x4c42_5844;
-const XDP_LEFT: u32 = 0x4c42_5854;
-
 /// What the XDP program marked a packet it let pass.
 #[derive(Debug, PartialEq, Eq)]
 enum Mark {
@@ -584,19 +578,12 @@ enum Mark {
 /// packet: it is taken off, and the mark it holds returned beside.
 fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Mark) {
     let (v, mut out) = run(dp, prog, input);
-    if prog != Prog::Xdp || out.len() != input.len() + 8 {
-        return (v, out, Mark::None);
-    }
-    let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
-    out.drain(..8);
-    if v != XDP_PASS {
-        // Room made for a mark before the packet was dropped: nothing in it, nothing handed on.
-        return (v, out, Mark::None);
-    }
+    let magic = if prog == Prog::Xdp { take_xdp_mark(v, input.len(), &mut out) } else { None };
     let mark = match magic {
-        XDP_DECIDED => Mark::Decided,
-        XDP_LEFT => Mark::Left,
-        other => panic!("unknown XDP mark {other:#x}"),
+        None => Mark::None,
+        Some(XDP_DECIDED) => Mark::Decided,
+        Some(XDP_LEFT) => Mark::Left,
+        Some(other) => panic!("unknown XDP mark {other:#x}"),
     };
     (v, out, mark)
 }

@@ -14,14 +14,14 @@ use lb_agent::{
     model::{BackendAddr, Frontend, FrontendAddr, Protocol},
     reconcile::{Capacities, Options, Reconciler},
 };
-use lb_common::{counters as c, hash::lb6_flow_hash, Lb6ServiceKey};
+use lb_common::{counters as c, hash::lb6_flow_hash, Lb6ServiceKey, XDP_DECIDED, XDP_LEFT};
 use support::{
-    assert_counter_changes, kernel_release,
+    assert_counter_changes, kernel_release, take_xdp_mark,
     v6::{
         check_icmp6_error, check_packet6, icmp6, icmp6_error, neighbour_solicitation, Ext, Pkt6,
         NEXT_DEST_OPTS, NEXT_FRAGMENT, NEXT_HOP_BY_HOP,
     },
-    PinDir, ACK, SYN, SYN_ACK, TC_OK, TC_REDIRECT, TC_SHOT, UDP, UDP_NOCSUM,
+    want_xdp_mark, PinDir, ACK, SYN, SYN_ACK, TC_OK, TC_REDIRECT, TC_SHOT, UDP, UDP_NOCSUM,
 };
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 2);
@@ -592,13 +592,8 @@ fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
     (v, out)
 }
 
-/// XDP's marks for the TC program behind it (as `datapath_packets`): decided, or left to TC.
-const XDP_DECIDED: u32 = 0x4c42_5844;
-const XDP_LEFT: u32 = 0x4c42_5854;
-
-/// Runs `input` through `prog`; for XDP on Linux 5.14 and later, the test run hands back the
-/// metadata in front of a packet (8 bytes: a mark for TC and the interface): taken off, and the
-/// mark of a packet XDP passed returned beside (room made before a drop holds none).
+/// Runs `input` through `prog`; for XDP, the metadata the test run hands back in front of the
+/// packet is taken off and the mark it holds returned beside (`support::take_xdp_mark`).
 fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Option<u32>) {
     let mut out = vec![0u8; input.len() + 256];
     let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
@@ -609,12 +604,7 @@ fn run_marked(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>, Option<
     }
     .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes: {e}", input.len()));
     out.truncate(res.data_size_out as usize);
-    let mut mark = None;
-    if prog == Prog::Xdp && out.len() == input.len() + 8 && kernel_release() >= (5, 14) {
-        let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
-        out.drain(..8);
-        mark = (res.return_value == XDP_PASS).then_some(magic);
-    }
+    let mark = if prog == Prog::Xdp { take_xdp_mark(res.return_value, input.len(), &mut out) } else { None };
     (res.return_value, out, mark)
 }
 
@@ -628,13 +618,12 @@ fn check_row(dp: &Datapath, maps: &Maps, row: &Row) -> Vec<u8> {
     if row.prog == Prog::Xdp && kernel_release() >= (5, 14) {
         // A packet XDP passes is marked decided (TC leaves it alone) or left to TC; one it drops,
         // or any on a kernel that refuses XDP metadata, carries no mark.
-        let to_tc = row.counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
-        let want = match (verdict == XDP_PASS && support::xdp_meta(), to_tc) {
-            (false, _) => None,
-            (true, false) => Some(XDP_DECIDED),
-            (true, true) => Some(XDP_LEFT),
-        };
-        assert_eq!(mark, want, "{}: XDP's mark for TC (decided {XDP_DECIDED:#x}, left {XDP_LEFT:#x})", row.desc);
+        let want = want_xdp_mark(verdict, row.counters);
+        assert_eq!(
+            mark, want,
+            "{}: XDP's mark for TC (decided {XDP_DECIDED:#x}, left {XDP_LEFT:#x})",
+            row.desc
+        );
     }
     assert_counter_changes(row.desc, &before, &after, row.counters);
     match row.out {

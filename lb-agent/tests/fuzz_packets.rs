@@ -474,7 +474,7 @@ fn hostile_packets() {
                 // This kernel refuses XDP metadata: no mark, the packet as it was sent on.
                 assert_eq!(out.len(), input.len(), "xdp: a passed packet with something in front");
             } else if name == "xdp" && res.return_value == 2 {
-                let marks = [0x4c42_5844u32.to_ne_bytes(), 0x4c42_5854u32.to_ne_bytes()];
+                let marks = [lb_common::XDP_DECIDED.to_ne_bytes(), lb_common::XDP_LEFT.to_ne_bytes()];
                 assert!(
                     out.len() == input.len() + 8 && marks.iter().any(|m| out[..4] == *m),
                     "xdp: a passed packet without its mark for TC"

@@ -105,29 +105,13 @@ fn expect(
     assert_counter_changes(desc, &before, &after, counters);
     if prog == Prog::XdpNodeIn && kernel_release() >= (5, 14) {
         // The test run hands back the metadata in front of the packet (Linux 5.14): a packet XDP
-        // passes is marked for TC, decided or left to it; one it sends or drops is not.
-        let left = counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
-        // A kernel that refuses XDP metadata: no mark, TC looks at the packet again.
-        let meta = support::xdp_meta();
-        let want = match (v == XDP_PASS && meta, left) {
-            (false, _) => None,
-            (true, false) => Some(XDP_DECIDED_MARK),
-            (true, true) => Some(XDP_LEFT_MARK),
-        };
-        // Room made before a drop comes back too, holding no mark.
-        let room = out.len() == input.len() + 8;
-        let mark = (room && v == XDP_PASS).then(|| u32::from_ne_bytes(out[..4].try_into().expect("4")));
-        assert_eq!(mark, want, "{desc}: XDP's mark for TC");
-        if room {
-            out.drain(..8);
-        }
+        // passes is marked for TC, decided or left to it; one it sends or drops is not, nor any on
+        // a kernel that refuses XDP metadata (TC looks at the packet again).
+        let mark = take_xdp_mark(v, input.len(), &mut out);
+        assert_eq!(mark, want_xdp_mark(v, counters), "{desc}: XDP's mark for TC");
     }
     out
 }
-
-/// The marks XDP leaves in front of a packet it passes: decided ("LBXD"), left to TC ("LBXT").
-const XDP_DECIDED_MARK: u32 = 0x4c42_5844;
-const XDP_LEFT_MARK: u32 = 0x4c42_5854;
 
 fn frontend(
     vip: Ipv4Addr,
@@ -632,10 +616,10 @@ fn node_side_rules_packet_by_packet() {
     });
 }
 
-/// The XDP node program (`--node-datapath xdp`), on the frontends of
 /// A NodePort whose endpoint is this node's address at the `remote` NodePort (30080).
 const CHAINED: u16 = 30087;
 
+/// The XDP node program (`--node-datapath xdp`), on the frontends of
 /// `node_side_rules_packet_by_packet`: what it decides itself (drops; DNAT to a local endpoint,
 /// passed marked decided; DNAT + SNAT to a remote endpoint and the replies, sent back out of the
 /// interface they came in on, `XDP_TX`, where the next hop is known) and what it leaves to TC

@@ -15,3 +15,9 @@ pub mod reject;
 
 pub use maps::*;
 pub use maps6::*;
+
+/// The mark XDP leaves in the metadata in front of a packet it decided ("LBXD"), followed by the
+/// index of the interface it came in on (native-endian u32s), for the TC forward program behind it.
+pub const XDP_DECIDED: u32 = 0x4c42_5844;
+/// The mark of a packet XDP left to TC ("LBXT").
+pub const XDP_LEFT: u32 = 0x4c42_5854;

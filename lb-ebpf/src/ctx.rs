@@ -13,6 +13,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::counters;
+pub use lb_common::{XDP_DECIDED, XDP_LEFT};
 
 pub use crate::fib::{Hop, Route};
 use crate::{
@@ -108,12 +109,6 @@ pub trait PacketCtx: EbpfContext {
     /// is none (XDP).
     fn sum_changed(&self, _diff: u32) {}
 }
-
-/// The mark XDP leaves in the metadata of a packet it decided ("LBXD"), followed by the index of
-/// the interface it came in on.
-pub const XDP_DECIDED: u32 = 0x4c42_5844;
-/// The mark of a packet XDP left to TC ("LBXT").
-pub const XDP_LEFT: u32 = 0x4c42_5854;
 
 /// The metadata XDP writes in front of a packet.
 #[repr(C)]

@@ -774,6 +774,35 @@ pub fn xdp_meta() -> bool {
     })
 }
 
+/// An XDP program's verdict letting a packet pass.
+const XDP_PASS: u32 = 2;
+
+/// Takes off the metadata a test run of an XDP program hands back in front of a packet (Linux
+/// 5.14 and later: 8 bytes, a mark for TC and the interface) and returns the mark of a packet XDP
+/// passed (`XDP_PASS`); room made before a drop comes back too, holding no mark.
+#[allow(dead_code)]
+pub fn take_xdp_mark(verdict: u32, input_len: usize, out: &mut Vec<u8>) -> Option<u32> {
+    if kernel_release() < (5, 14) || out.len() != input_len + 8 {
+        return None;
+    }
+    let magic = u32::from_ne_bytes(out[..4].try_into().expect("4 bytes"));
+    out.drain(..8);
+    (verdict == XDP_PASS).then_some(magic)
+}
+
+/// The mark XDP should leave on a packet given its verdict and the counters it moved: decided, or
+/// left to TC (`xdp_to_tc`, `xdp_partial_csum`); none for a packet it did not pass, or on a kernel
+/// that refuses XDP metadata.
+#[allow(dead_code)]
+pub fn want_xdp_mark(verdict: u32, counters: &[(u32, u64)]) -> Option<u32> {
+    use lb_common::counters as c;
+    if verdict != XDP_PASS || !xdp_meta() {
+        return None;
+    }
+    let left = counters.iter().any(|(i, _)| *i == c::XDP_TO_TC || *i == c::XDP_PARTIAL_CSUM);
+    Some(if left { lb_common::XDP_LEFT } else { lb_common::XDP_DECIDED })
+}
+
 /// From network namespace `netns`: connects to `to` (TCP), sends a 20 kB line, in segments as
 /// large as the client's path MTU allows, and reads the one-line answer (the backend's name).
 /// What path MTU discovery through a Service address is tested with.
