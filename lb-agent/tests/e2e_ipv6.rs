@@ -289,3 +289,247 @@ fn the_dual_stack_lab_routes_ipv6_between_pods_nodes_and_outside() {
         tcp_peer_any(&out.netns, SocketAddr::V6(SocketAddrV6::new(b6, 8080, 0, 0))).expect("outside");
     assert_eq!((name.as_str(), seen.ip()), ("b", out.ip6.expect("outside's IPv6").into()));
 }
+
+/// An IPv6 Service without endpoints.
+const EMPTY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+
+/// The number of entries of node 1's socket map `name` (`LB4_SOCK_REV` or `LB6_SOCK_REV`).
+fn sock_rev_entries(cl: &Cluster, name: &str) -> usize {
+    let pin = lb_agent::datapath::layout_dir(&cl.nodes[0].pin_dir).join(name);
+    let data = aya::maps::MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
+    let map = aya::maps::Map::from_map_data(data).expect("a map");
+    if name == lb_common::MAP_LB6_SOCK_REV {
+        let m: aya::maps::HashMap<_, lb_common::Lb6SockRevKey, lb_common::Lb6SockRev> =
+            map.try_into().expect("a hash map");
+        m.keys().count()
+    } else {
+        let m: aya::maps::HashMap<_, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev> =
+            map.try_into().expect("a hash map");
+        m.keys().count()
+    }
+}
+
+/// Rule: with `--socket-lb`, processes on the node reach an IPv6 cluster IP through their
+/// sockets, as over IPv4: TCP (`connect6`) and unconnected UDP (`sendmsg6`) spread over every
+/// endpoint, `getpeername` and the replies' source (`recvmsg6`) read as the Service address, a
+/// connected UDP socket keeps its backend, closed connected sockets take their `LB6_SOCK_REV`
+/// entries along (`sock_release`), no packet is left for the packet path, and a Service without
+/// endpoints is refused at once. An IPv6 socket asking for an IPv4-mapped Service address
+/// (`::ffff:10.96.0.10`) is translated through the IPv4 path (TCP at `connect6`; unconnected UDP
+/// at `sendmsg4`, where the kernel sends it) and reads the mapped Service address back.
+/// `lbctl monitor` shows the IPv6 socket events. A backend that leaves: the connected UDP sockets
+/// sent to it, IPv6 and IPv4-mapped, are aborted, the others left alone. Node 1's agent runs with
+/// `--socket-lb all` on a cgroup of its own, where only the client runs (`host` means node 1's
+/// namespace only where the kernel has `SO_NETNS_COOKIE`, 5.14: the kernel matrix runs this on
+/// 5.10 too; the scope is one check for both families, tested in `e2e_sockets`).
+#[test]
+fn host_sockets_reach_ipv6_and_ipv4_mapped_service_addresses() {
+    use lb_testkit::sockets::{Cgroup2, SockClient};
+    let cgroup = Cgroup2::new("s6").expect("a cgroup v2 hierarchy");
+    let root = cgroup.path().display().to_string();
+    let empty = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: empty6, namespace: demo}}\nspec:\n  \
+         clusterIP: '{EMPTY6}'\n  clusterIPs: ['{EMPTY6}']\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  \
+         ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  \
+         - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n"
+    );
+    let mut cl =
+        Cluster::dual_stack("s6", Mode::Tc, |b| format!("{}{empty}", dual_stack_who(b)), &["--ipv6", "on"]);
+    let node = cl.nodes[0].clone();
+    let mut host = SockClient::start(&node.netns, cgroup.path()).expect("a client on node 1");
+    // Before the socket programs are attached: a UDP socket connected to the IPv4-mapped Service
+    // address (a route to it for the connect, towards node 2, which forwards nowhere), untranslated.
+    let via = cl.nodes[1].underlay_ip().to_string();
+    let route = std::process::Command::new("ip")
+        .args(["-n", &node.netns, "route", "add", &format!("{VIP}/32"), "via", &via])
+        .status()
+        .expect("ip route");
+    assert!(route.success(), "a route to {VIP} in {}", node.netns);
+    let early = host.call(&format!("udp-open early {} 53", VIP.to_ipv6_mapped())).expect("udp-open");
+    assert!(early.get("error").is_none(), "{early}");
+    cl.lab.stop_agent(&node, libc::SIGTERM);
+    cl.lab
+        .restart_agent_adding(&node, &["--socket-lb", "all", "--cgroup-root", &root])
+        .expect("agent with socket-level load balancing");
+    cl.wait_ready(&node);
+    let counters = || cl.maps(1).read_counters().expect("counters");
+    let all: std::collections::BTreeSet<String> = cl.backends.iter().map(|b| b.name.clone()).collect();
+    let (tcp, udp) = (SocketAddrV6::new(VIP6, 80, 0, 0), SocketAddrV6::new(VIP6, 53, 0, 0));
+    let ok = wait_until(std::time::Duration::from_secs(90), || host.tcp(tcp));
+    assert!(ok.is_ok(), "{tcp} never answered: {ok:?}\n{}", cl.lab.agent_log(&node));
+
+    let before = counters();
+    let rev6 = sock_rev_entries(&cl, lb_common::MAP_LB6_SOCK_REV);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let a = host.tcp(tcp).expect("TCP to the IPv6 cluster IP");
+        assert_eq!(a.peer, tcp.to_string(), "getpeername gives the Service address");
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "TCP over IPv6 reaches every endpoint");
+    assert_eq!(sock_rev_entries(&cl, lb_common::MAP_LB6_SOCK_REV), rev6, "closed sockets leave no entry");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let a = host.udp(udp).expect("UDP sendto/recvfrom to the IPv6 cluster IP");
+        assert_eq!(a.peer, udp.to_string(), "the reply's source is the Service address");
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "unconnected UDP over IPv6 reaches every endpoint");
+    let open = host.call(&format!("udp-open u1 {VIP6} 53")).expect("udp-open");
+    assert_eq!(open["peer"], udp.to_string(), "{open}");
+    let first = host.call("udp-ask u1").expect("udp-ask");
+    assert!(first.get("error").is_none(), "{first}");
+    for _ in 0..5 {
+        assert_eq!(host.call("udp-ask u1").expect("udp-ask")["name"], first["name"]);
+    }
+    host.call("close u1").expect("close");
+    let after = counters();
+    let moved = |i: u32| after[i as usize] - before[i as usize];
+    assert!(moved(c::SOCK_CONNECT) >= 41, "connect6 translated: {}", moved(c::SOCK_CONNECT));
+    assert!(moved(c::SOCK_SENDMSG) >= 40, "sendmsg6 translated: {}", moved(c::SOCK_SENDMSG));
+    assert!(moved(c::SOCK_RECVMSG) >= 40, "recvmsg6: {}", moved(c::SOCK_RECVMSG));
+    assert!(moved(c::SOCK_GETPEERNAME) >= 41, "getpeername6: {}", moved(c::SOCK_GETPEERNAME));
+    assert_eq!(moved(c::SOCK_RELEASED), 41, "closed connected sockets' entries removed");
+    assert_eq!(moved(c::FWD_NEW_FLOW), 0, "no packet-level new flow");
+
+    // IPv4-mapped: an IPv6 socket to ::ffff:10.96.0.10, through the IPv4 path.
+    let mapped = |port| SocketAddrV6::new(VIP.to_ipv6_mapped(), port, 0, 0);
+    let before = counters();
+    let rev4 = sock_rev_entries(&cl, lb_common::MAP_LB4_SOCK_REV);
+    // The socket connected before the programs came: the kernel hands each of its datagrams to
+    // `sendmsg4` with its peer as the destination, and it is left as it was connected (its
+    // replies are matched against that peer): not translated, no entry (it reaches nobody here).
+    let e = host.call("udp-ask early").expect("udp-ask");
+    assert!(e.get("error").is_some(), "{e}");
+    let moved = counters()[c::SOCK_SENDMSG as usize] - before[c::SOCK_SENDMSG as usize];
+    assert_eq!(moved, 0, "a connected socket's datagram translated at sendmsg4");
+    assert_eq!(sock_rev_entries(&cl, lb_common::MAP_LB4_SOCK_REV), rev4);
+    host.call("close early").expect("close");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let a = host.tcp(mapped(80)).expect("TCP to the IPv4-mapped cluster IP");
+        assert_eq!(a.peer, mapped(80).to_string(), "getpeername gives the mapped Service address");
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "IPv4-mapped TCP reaches every endpoint");
+    assert_eq!(
+        sock_rev_entries(&cl, lb_common::MAP_LB4_SOCK_REV),
+        rev4,
+        "closed mapped sockets leave no entry"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let a = host.udp(mapped(53)).expect("UDP to the IPv4-mapped cluster IP");
+        assert_eq!(a.peer, mapped(53).to_string(), "the reply's source is the mapped Service address");
+        seen.insert(a.name);
+    }
+    assert_eq!(seen, all, "IPv4-mapped unconnected UDP reaches every endpoint");
+    let open = host.call(&format!("udp-open m1 {} 53", VIP.to_ipv6_mapped())).expect("udp-open");
+    assert_eq!(open["peer"], mapped(53).to_string(), "{open}");
+    let first = host.call("udp-ask m1").expect("udp-ask");
+    assert!(first.get("error").is_none(), "{first}");
+    assert_eq!(host.call("udp-ask m1").expect("udp-ask")["name"], first["name"]);
+    host.call("close m1").expect("close");
+    let after = counters();
+    let moved = |i: u32| after[i as usize] - before[i as usize];
+    assert!(moved(c::SOCK_CONNECT) >= 41, "mapped connects translated: {}", moved(c::SOCK_CONNECT));
+    assert!(moved(c::SOCK_SENDMSG) >= 40, "mapped sendmsg translated: {}", moved(c::SOCK_SENDMSG));
+    assert!(moved(c::SOCK_RECVMSG) >= 40, "mapped replies read back: {}", moved(c::SOCK_RECVMSG));
+    assert_eq!(moved(c::SOCK_RELEASED), 41, "closed mapped sockets' entries removed");
+    assert_eq!(moved(c::FWD_NEW_FLOW), 0, "no packet-level new flow");
+
+    // No endpoints: refused at once (ECONNREFUSED from 5.18's bpf_set_retval, else EPERM).
+    let want = if support::kernel_release() >= (5, 18) { "ECONNREFUSED" } else { "EPERM" };
+    let refused = host.tcp(SocketAddrV6::new(EMPTY6, 80, 0, 0)).expect_err("no endpoints");
+    assert_eq!(refused.to_string(), want, "connect to an IPv6 Service without endpoints");
+    let refused = host.udp(SocketAddrV6::new(EMPTY6, 53, 0, 0)).expect_err("no endpoints");
+    assert_eq!(refused.to_string(), want, "sendto to an IPv6 Service without endpoints");
+
+    // lbctl monitor shows them, with the process.
+    let mut monitor = std::process::Command::new(support::lbctl_path())
+        .arg("--pin-dir")
+        .arg(&node.pin_dir)
+        .args(["-o", "json", "monitor", "--timeout", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("lbctl monitor");
+    let mut stderr = std::io::BufReader::new(monitor.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut said).expect("monitor's stderr");
+    assert!(said.starts_with("listening"), "lbctl monitor: {said}");
+    host.tcp(tcp).expect("TCP to the IPv6 cluster IP");
+    host.udp(udp).expect("UDP to the IPv6 cluster IP");
+    host.tcp(SocketAddrV6::new(EMPTY6, 80, 0, 0)).expect_err("no endpoints");
+    let out = monitor.wait_with_output().expect("monitor output");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("socket-")))
+        .collect();
+    let want = [
+        ("socket-connect", tcp.to_string(), "demo/who:tcp", true),
+        ("socket-sendmsg", udp.to_string(), "demo/who:udp", true),
+        ("socket-refused", SocketAddrV6::new(EMPTY6, 80, 0, 0).to_string(), "demo/empty6:tcp", false),
+    ];
+    assert_eq!(events.len(), want.len(), "{events:?}");
+    for (e, (kind, vip, service, backend)) in events.iter().zip(want) {
+        assert_eq!(
+            (e["kind"].as_str(), e["vip"].as_str(), e["service"].as_str()),
+            (Some(kind), Some(vip.as_str()), Some(service)),
+            "{e}"
+        );
+        let b = e["backend"].as_str().unwrap_or("");
+        let ours = cl.backends.iter().any(|p| b.starts_with(&format!("[{}]:", p.ip6.expect("IPv6"))));
+        assert_eq!(ours, backend, "{e}");
+        assert_eq!(e["pid"].as_u64(), Some(u64::from(host.pid())), "{e}");
+    }
+
+    // A backend leaves the Service: the connected UDP sockets sent to it, IPv6 and IPv4-mapped,
+    // are aborted (ECONNABORTED); the others are left alone.
+    let mut connected: Vec<(String, String)> = Vec::new();
+    for i in 0..20 {
+        for (tag, to) in [("s", VIP6.to_string()), ("m", VIP.to_ipv6_mapped().to_string())] {
+            let id = format!("{tag}{i}");
+            let open = host.call(&format!("udp-open {id} {to} 53")).expect("udp-open");
+            assert!(open.get("error").is_none(), "{open}");
+            let a = host.call(&format!("udp-ask {id}")).expect("udp-ask");
+            connected.push((id, a["name"].as_str().unwrap_or_else(|| panic!("{a}")).to_string()));
+        }
+    }
+    // A backend with sockets of both kinds (each kind misses a given backend with probability
+    // (2/3)^20).
+    let on = |tag: &str, b: &str| {
+        connected.iter().find(|(id, n)| id.starts_with(tag) && n == b).map(|(id, _)| id.clone())
+    };
+    let gone = cl
+        .backends
+        .iter()
+        .map(|b| b.name.clone())
+        .find(|b| on("s", b).is_some() && on("m", b).is_some())
+        .unwrap_or_else(|| panic!("no backend with sockets of both kinds: {connected:?}"));
+    let (s_gone, m_gone) = (on("s", &gone), on("m", &gone));
+    let rest: Vec<Pod> = cl.backends.iter().filter(|b| b.name != gone).cloned().collect();
+    cl.write(&format!("{}{empty}", dual_stack_who(&rest)));
+    for id in [s_gone.expect("IPv6"), m_gone.expect("mapped")] {
+        let aborted = wait_until(std::time::Duration::from_secs(30), || {
+            let e = host.call(&format!("udp-error {id}"))?;
+            match e["pending"].as_str() {
+                Some("ECONNABORTED") => Ok(()),
+                _ => Err(std::io::Error::other(format!("{e}"))),
+            }
+        });
+        assert!(aborted.is_ok(), "{id} on {gone}: {aborted:?}\n{}", cl.lab.agent_log(&node));
+    }
+    for (id, name) in &connected {
+        let e = host.call(&format!("udp-error {id}")).expect("udp-error");
+        if *name == gone {
+            assert!(e["pending"] == "ECONNABORTED" || e["pending"] == "", "{id} ({name}) aborted once: {e}");
+            let after = host.call(&format!("udp-ask {id}")).expect("udp-ask");
+            assert!(after.get("error").is_some(), "{id}, aborted, reaches nobody: {after}");
+        } else {
+            assert_eq!(e["pending"], "", "{id} on {name}, which stays, is left alone");
+            assert_eq!(host.call(&format!("udp-ask {id}")).expect("udp-ask")["name"], name.as_str(), "{id}");
+        }
+    }
+}

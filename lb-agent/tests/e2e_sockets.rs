@@ -324,7 +324,7 @@ fn socket_pins(pin_dir: &std::path::Path) -> Vec<String> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("@lb4_sock_"))
+        .filter(|n| n.contains("@lb4_sock_") || n.contains("@lb6_sock_"))
         .collect();
     pins.sort();
     pins

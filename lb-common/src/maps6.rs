@@ -200,6 +200,96 @@ pub struct Lb6FragKey {
 }
 const _: () = assert!(size_of::<Lb6FragKey>() == 40);
 
+/// Pinned: socket-level load balancing's reverse translations for IPv6 sockets, as
+/// `LB4_SOCK_REV` (`Lb6SockRevKey` → `Lb6SockRev`): written by `connect6` and `sendmsg6`, read by
+/// `recvmsg6` and `getpeername6`. An IPv6 socket that asks for an IPv4-mapped address
+/// (`::ffff:a.b.c.d`) is translated through the IPv4 path and its entries are `LB4_SOCK_*`'s.
+/// Session affinity for sockets of both families is `LB4_SOCK_AFFINITY`'s (keyed by frontend id,
+/// one space for both).
+pub const MAP_LB6_SOCK_REV: &str = "LB6_SOCK_REV";
+/// Pinned: socket-level load balancing's choices for IPv6 sockets, as `LB4_SOCK_FWD`
+/// (`Lb6SockFwdKey` → `Lb6SockFwd`).
+pub const MAP_LB6_SOCK_FWD: &str = "LB6_SOCK_FWD";
+
+/// Key of `LB6_SOCK_REV` (as `Lb4SockRevKey`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6SockRevKey {
+    /// The socket's cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// The backend the socket was sent to.
+    pub addr: Addr6,
+    /// Its port, network byte order.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<Lb6SockRevKey>() == 32);
+
+/// Value of `LB6_SOCK_REV` (as `Lb4SockRev`): the Service address and port the socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb6SockRev {
+    pub vip: Addr6,
+    /// Network byte order.
+    pub vport: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+    /// The frontend translated.
+    pub svc_id: u32,
+    /// The backend given.
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<Lb6SockRev>() == 28);
+
+/// Key of `LB6_SOCK_FWD` (as `Lb4SockFwdKey`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Lb6SockFwdKey {
+    /// The socket's cookie.
+    pub cookie: u64,
+    /// The Service address.
+    pub vip: Addr6,
+    /// Its port, network byte order.
+    pub vport: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<Lb6SockFwdKey>() == 32);
+
+/// Value of `LB6_SOCK_FWD` (as `Lb4SockFwd`): the backend a socket was given for a Service
+/// address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lb6SockFwd {
+    pub backend_id: u32,
+    pub addr: Addr6,
+    /// Network byte order.
+    pub port: u16,
+    /// Padding, always zero.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<Lb6SockFwd>() == 24);
+
+/// Whether `a` is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291 §2.5.5.2); its IPv4
+/// address (network byte order) if so.
+#[inline(always)]
+pub const fn v4_mapped(a: Addr6) -> Option<u32> {
+    if a[0] == 0 && a[1] == 0 && a[2] == u32::from_be(0x0000_ffff) {
+        Some(a[3])
+    } else {
+        None
+    }
+}
+
+/// The IPv4-mapped IPv6 address of `v4` (network byte order).
+#[inline(always)]
+pub const fn mapped6(v4: u32) -> Addr6 {
+    [0, 0, u32::from_be(0x0000_ffff), v4]
+}
+
 /// The map of the IPv6 Service addresses (see `lb-ebpf`'s `LB6_VIPS`).
 pub const MAP_LB6_VIPS: &str = "LB6_VIPS";
 /// The program arrays the IPv4 entry points tail-call the IPv6 programs through.
@@ -261,6 +351,14 @@ mod pod {
     unsafe impl aya::Pod for Lb6AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb6FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6SockRevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6SockRev {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6SockFwdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6SockFwd {}
 }
 
 #[cfg(test)]
@@ -275,5 +373,25 @@ mod tests {
         assert_eq!(a[0].to_ne_bytes(), [0x20, 0x01, 0x0d, 0xb8]);
         let k = Lb6ServiceKey::new(o, 443, 6);
         assert_eq!(k.port.to_ne_bytes(), [0x01, 0xbb]);
+    }
+
+    #[test]
+    fn only_the_ipv4_mapped_prefix_is_mapped() {
+        let v4 = u32::from_ne_bytes([10, 96, 0, 10]);
+        let mapped = addr6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]);
+        assert_eq!(mapped6(v4), mapped);
+        assert_eq!(v4_mapped(mapped), Some(v4));
+        // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::a.b.c.d), SIIT (::ffff:0:a.b.c.d),
+        // fd00::ffff:a.b.c.d, ::1: not mapped.
+        let others: [[u8; 16]; 5] = [
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10],
+            [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, 10, 96, 0, 10],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 10, 96, 0, 10],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ];
+        for o in others {
+            assert_eq!(v4_mapped(addr6(o)), None, "{o:?}");
+        }
     }
 }

@@ -16,8 +16,10 @@
 //!   (`--node-datapath xdp`), in front of `lb4_tc_node_in`, which takes what XDP leaves to it.
 //! - `lb4_sock_connect`, `lb4_sock_sendmsg`, `lb4_sock_recvmsg`, `lb4_sock_getpeername`: cgroup v2
 //!   socket programs (`--socket-lb`): sockets are sent to a backend when they connect or send to
-//!   a Service address, and read the Service address back (`sock`); `lb4_sock_release` drops a
-//!   closing socket's entries.
+//!   a Service address, and read the Service address back (`sock`); `lb6_sock_connect`,
+//!   `lb6_sock_sendmsg`, `lb6_sock_recvmsg`, `lb6_sock_getpeername` the same for IPv6 sockets
+//!   (IPv4-mapped destinations through the IPv4 path); `lb4_sock_release` drops a closing
+//!   socket's entries, of either family.
 #![no_std]
 #![no_main]
 
@@ -191,9 +193,30 @@ pub fn lb4_sock_getpeername(ctx: SockAddrContext) -> i32 {
     sock::sock4_reverse(&ctx, counters::SOCK_GETPEERNAME)
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn lb6_sock_connect(ctx: SockAddrContext) -> i32 {
+    sock::sock6_forward::<true>(&ctx, counters::SOCK_CONNECT)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb6_sock_sendmsg(ctx: SockAddrContext) -> i32 {
+    sock::sock6_forward::<false>(&ctx, counters::SOCK_SENDMSG)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb6_sock_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::sock6_reverse(&ctx, counters::SOCK_RECVMSG)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb6_sock_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::sock6_reverse(&ctx, counters::SOCK_GETPEERNAME)
+}
+
+/// Both families' sockets (the name keeps the `lb4_` its pins were made under).
 #[cgroup_sock(sock_release)]
 pub fn lb4_sock_release(ctx: SockContext) -> i32 {
-    sock::sock4_release(&ctx)
+    sock::sock_release(&ctx)
 }
 
 #[cfg(not(test))]

@@ -12,8 +12,8 @@ use lb_common::{
     capacity, counters, formats, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey,
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
     Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, Lb6AffinityKey,
-    Lb6Backend, Lb6CtEntry, Lb6CtKey, Lb6FragKey, Lb6Member, Lb6MemberKey, Lb6ServiceKey, LbMonitorBucket,
-    LbSockAffinityKey, LbTcFilter, LbTcFilterKey,
+    Lb6Backend, Lb6CtEntry, Lb6CtKey, Lb6FragKey, Lb6Member, Lb6MemberKey, Lb6ServiceKey, Lb6SockFwd,
+    Lb6SockFwdKey, Lb6SockRev, Lb6SockRevKey, LbMonitorBucket, LbSockAffinityKey, LbTcFilter, LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -171,6 +171,17 @@ pub static LB4_SOCK_AFFINITY: LruHashMap<LbSockAffinityKey, Lb4Affinity> =
 // The IPv6 twins of the maps that hold an address (`lb_common::maps6`). Frontend and backend ids
 // are one space for both families: `LB4_MAGLEV`, `LB4_SVC_STATS` and `LB4_FE_META` serve IPv6
 // frontends too. Each has the shape and the writers and readers of its IPv4 twin above.
+
+/// Socket-level reverse translations of IPv6 sockets (see `LB4_SOCK_REV`; written by
+/// `lb6_sock_connect` and `lb6_sock_sendmsg`, read by `lb6_sock_recvmsg` and
+/// `lb6_sock_getpeername`). IPv4-mapped destinations use `LB4_SOCK_REV`.
+#[map(name = "LB6_SOCK_REV")]
+pub static LB6_SOCK_REV: LruHashMap<Lb6SockRevKey, Lb6SockRev> = LruHashMap::pinned(capacity::SOCK_REV, 0);
+
+/// Socket-level choices of IPv6 sockets (see `LB4_SOCK_FWD`). Session affinity for sockets of
+/// both families is `LB4_SOCK_AFFINITY` (keyed by frontend id).
+#[map(name = "LB6_SOCK_FWD")]
+pub static LB6_SOCK_FWD: LruHashMap<Lb6SockFwdKey, Lb6SockFwd> = LruHashMap::pinned(capacity::SOCK_FWD, 0);
 
 /// IPv6 frontends (see `LB4_SERVICES`).
 #[map(name = "LB6_SERVICES")]

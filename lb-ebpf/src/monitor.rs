@@ -149,3 +149,39 @@ pub fn emit_sock(reason: u32, vip: (u32, u16), proto: u8, backend: (u32, u16), s
     }
     let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
 }
+
+/// [`emit_sock`] for an IPv6 socket ([`LbEvent6`], its kind flagged `EVENT_IPV6`).
+#[inline(always)]
+pub fn emit_sock6(
+    reason: u32,
+    vip: ([u32; 4], u16),
+    proto: u8,
+    backend: ([u32; 4], u16),
+    svc_id: u32,
+    now: u64,
+) {
+    if !events_on() || !allowed(now) {
+        return;
+    }
+    let Some(mut entry) = LB_EVENTS.reserve::<LbEvent6>(0) else { return };
+    let (pid, comm) = if config::sock_process() {
+        ((bpf_get_current_pid_tgid() >> 32) as u32, bpf_get_current_comm().unwrap_or_default())
+    } else {
+        (0, [0; 16])
+    };
+    entry.write(LbEvent6 {
+        kind: EVENT_SOCK | EVENT_IPV6,
+        reason,
+        daddr: vip.0,
+        dport: vip.1,
+        proto,
+        backend_addr: backend.0,
+        backend_port: backend.1,
+        svc_id,
+        pid,
+        comm,
+        ts_ns: now,
+        ..LbEvent6::default()
+    });
+    entry.submit(0);
+}

@@ -62,9 +62,12 @@ const KERNELS: [Kernel; 3] = [
 const CACHE: &str = "/var/cache/lb-kernels";
 
 /// Modules the guest loads (with what they depend on, from modules.dep): the host share, veth
-/// pairs, TC, and the lab's underlay bridge (`bridge`, after `llc` and `stp`; Debian builds all
-/// three as modules, and `br_netfilter` is left out on purpose: the underlay filters nothing).
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_ingress", "cls_bpf", "bridge"];
+/// pairs, TC, the lab's underlay bridge (`bridge`, after `llc` and `stp`; Debian builds all
+/// three as modules, and `br_netfilter` is left out on purpose: the underlay filters nothing), and
+/// sock_diag for UDP (`udp_diag`, after `inet_diag`), which a node's kernel loads on demand and
+/// the agent uses to abort connected UDP sockets whose backend left.
+const MODULES: &[&str] =
+    &["virtio_pci", "9pnet_virtio", "9p", "veth", "sch_ingress", "cls_bpf", "bridge", "udp_diag"];
 
 /// The tests each kernel runs: (test binary, filter arguments, what it shows).
 const TESTS: &[(&str, &[&str], &str)] = &[
@@ -88,6 +91,11 @@ const TESTS: &[(&str, &[&str], &str)] = &[
         "e2e_sockets",
         &["--exact", "all_mode_translates_sockets_on_this_kernel"],
         "socket-level load balancing (cgroup connect4, sendmsg4, recvmsg4, getpeername4; EPERM before bpf_set_retval; monitor events name the process)",
+    ),
+    (
+        "e2e_ipv6",
+        &["--exact", "host_sockets_reach_ipv6_and_ipv4_mapped_service_addresses"],
+        "socket-level load balancing over IPv6 (connect6, sendmsg6, recvmsg6, getpeername6), IPv4-mapped addresses through the IPv4 path, connected UDP aborted over IPv6",
     ),
     (
         "e2e_sockets",
@@ -305,11 +313,14 @@ fn job_script(binaries: &[(String, PathBuf)]) -> anyhow::Result<String> {
          ip link set lo up\n\
          run() { n=$1; shift; s=$(date +%s); \"$@\" > /tmp/job/$n.log 2>&1; rc=$?; echo \"$n $rc $(( $(date +%s) - s ))\" >> /tmp/job/results; }\n",
     );
-    // `LB_KERNEL_TESTS=nodeport_packets,e2e` runs only those test binaries' rows (while working on
-    // one kernel's failure); the others show as not run.
+    // `LB_KERNEL_TESTS=nodeport_packets,e2e` runs only those test binaries' rows, and a test's own
+    // name only its row (while working on one kernel's failure); the others show as not run.
     let only = std::env::var("LB_KERNEL_TESTS").ok();
-    let wanted = |test: &str| only.as_deref().is_none_or(|o| o.split(',').any(|t| t.trim() == test));
-    for (i, (test, args, _)) in TESTS.iter().enumerate().filter(|(_, (t, _, _))| wanted(t)) {
+    let wanted = |test: &str, args: &[&str]| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').map(str::trim).any(|t| t == test || args.last() == Some(&t)))
+    };
+    for (i, (test, args, _)) in TESTS.iter().enumerate().filter(|(_, (t, a, _))| wanted(t, a)) {
         let bin =
             &binaries.iter().find(|(n, _)| n == test).with_context(|| format!("no test binary {test}"))?.1;
         s += &format!("run t{i} {} --test-threads 1 {}\n", bin.display(), args.join(" "));

@@ -74,7 +74,7 @@ const TYPED_MAPS6: [&str; 6] = [
 ];
 
 /// The maps without a typed handle here (see `Maps::others`).
-const UNTYPED_MAPS: [&str; 10] = [
+const UNTYPED_MAPS: [&str; 12] = [
     MAP_LB_EVENTS,
     MAP_LB_MON_RATE,
     MAP_LB4_FRAGS,
@@ -85,6 +85,8 @@ const UNTYPED_MAPS: [&str; 10] = [
     lb_common::MAP_LB4_SOCK_FWD,
     lb_common::MAP_LB4_SOCK_AFFINITY,
     lb_common::MAP_LB6_FRAGS,
+    lb_common::MAP_LB6_SOCK_REV,
+    lb_common::MAP_LB6_SOCK_FWD,
 ];
 
 pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {

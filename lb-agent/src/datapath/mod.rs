@@ -368,6 +368,9 @@ pub struct Datapath {
     sockets: Option<Vec<PathBuf>>,
     /// `LB4_SOCK_REV`, once the socket programs are attached: what each socket was sent to.
     sock_rev: Option<aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev>>,
+    /// `LB6_SOCK_REV`, likewise.
+    sock_rev6:
+        Option<aya::maps::HashMap<aya::maps::MapData, lb_common::Lb6SockRevKey, lb_common::Lb6SockRev>>,
 }
 
 /// Whether our programs ran from layout directory `dir`: a link is pinned in `links/` (before our
@@ -683,6 +686,8 @@ impl Datapath {
             .map_max_entries(lb_common::MAP_LB6_AFFINITY, caps6.affinity)
             .map_max_entries(lb_common::MAP_LB6_MEMBERS, caps6.members)
             .map_max_entries(lb_common::MAP_LB6_FRAGS, caps6.frags)
+            .map_max_entries(lb_common::MAP_LB6_SOCK_REV, caps6.sock_rev)
+            .map_max_entries(lb_common::MAP_LB6_SOCK_FWD, caps6.sock_fwd)
             .override_global(globals::CT_TIMEOUT_TCP_SYN_NS, &syn, true)
             .override_global(globals::CT_TIMEOUT_TCP_EST_NS, &est, true)
             .override_global(globals::CT_TIMEOUT_TCP_CLOSE_NS, &close, true)
@@ -788,6 +793,7 @@ impl Datapath {
             tc_records,
             sockets: None,
             sock_rev: None,
+            sock_rev6: None,
             tail_arrays,
         };
         Ok((dp, maps))
@@ -1401,6 +1407,8 @@ struct Caps6 {
     affinity: u32,
     members: u32,
     frags: u32,
+    sock_rev: u32,
+    sock_fwd: u32,
 }
 
 impl Caps6 {
@@ -1414,9 +1422,22 @@ impl Caps6 {
                 affinity: c.affinity,
                 members: c.members,
                 frags: lb_common::capacity::FRAGS,
+                sock_rev: lb_common::capacity::SOCK_REV,
+                sock_fwd: lb_common::capacity::SOCK_FWD,
             }
         } else {
-            Self { services: 1, backends: 1, ct: 1, affinity: 1, members: 1, frags: 1 }
+            // IPv4-mapped destinations of IPv6 sockets are the IPv4 maps': with no IPv6 Service,
+            // no entry is ever written to `LB6_SOCK_*`.
+            Self {
+                services: 1,
+                backends: 1,
+                ct: 1,
+                affinity: 1,
+                members: 1,
+                frags: 1,
+                sock_rev: 1,
+                sock_fwd: 1,
+            }
         }
     }
 
@@ -1432,6 +1453,8 @@ impl Caps6 {
             (lb_common::MAP_LB6_AFFINITY, self.affinity),
             (lb_common::MAP_LB6_MEMBERS, self.members),
             (lb_common::MAP_LB6_FRAGS, self.frags),
+            (lb_common::MAP_LB6_SOCK_REV, self.sock_rev),
+            (lb_common::MAP_LB6_SOCK_FWD, self.sock_fwd),
         ];
         for (name, n) in want {
             let pin = dir.join(name);

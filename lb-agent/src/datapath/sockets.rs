@@ -16,12 +16,27 @@ pub const PROG_SOCK_CONNECT: &str = "lb4_sock_connect";
 pub const PROG_SOCK_SENDMSG: &str = "lb4_sock_sendmsg";
 pub const PROG_SOCK_RECVMSG: &str = "lb4_sock_recvmsg";
 pub const PROG_SOCK_GETPEERNAME: &str = "lb4_sock_getpeername";
-/// The `sock_release` program (a `CgroupSock`; the others are `CgroupSockAddr`).
+pub const PROG_SOCK6_CONNECT: &str = "lb6_sock_connect";
+pub const PROG_SOCK6_SENDMSG: &str = "lb6_sock_sendmsg";
+pub const PROG_SOCK6_RECVMSG: &str = "lb6_sock_recvmsg";
+pub const PROG_SOCK6_GETPEERNAME: &str = "lb6_sock_getpeername";
+/// The `sock_release` program, both families' (a `CgroupSock`; the others are `CgroupSockAddr`).
 pub const PROG_SOCK_RELEASE: &str = "lb4_sock_release";
 /// The socket programs, in the order they are attached: the reverse ones first, so that a socket
-/// translated by a new `connect4` always finds a `recvmsg4` that reads its replies back.
-pub const SOCK_PROGRAMS: [&str; 5] =
-    [PROG_SOCK_RELEASE, PROG_SOCK_RECVMSG, PROG_SOCK_GETPEERNAME, PROG_SOCK_CONNECT, PROG_SOCK_SENDMSG];
+/// translated by a new `connect4` or `connect6` always finds a `recvmsg4` or `recvmsg6` that reads
+/// its replies back (an IPv6 socket sending to an IPv4-mapped address is translated by the IPv4
+/// programs and read back by the IPv6 ones).
+pub const SOCK_PROGRAMS: [&str; 9] = [
+    PROG_SOCK_RELEASE,
+    PROG_SOCK_RECVMSG,
+    PROG_SOCK_GETPEERNAME,
+    PROG_SOCK6_RECVMSG,
+    PROG_SOCK6_GETPEERNAME,
+    PROG_SOCK_CONNECT,
+    PROG_SOCK_SENDMSG,
+    PROG_SOCK6_CONNECT,
+    PROG_SOCK6_SENDMSG,
+];
 
 /// `--socket-lb`: which sockets are load-balanced when they connect or send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -157,9 +172,62 @@ fn current_frontend(
     Some(svc.id)
 }
 
+/// [`current_frontend`] for an IPv6 Service address.
+fn current_frontend6(
+    services: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb6ServiceKey, lb_common::Lb4Service>,
+    vip: lb_common::Addr6,
+    vport: u16,
+) -> Option<u32> {
+    use lb_common::{
+        Lb6ServiceKey, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    };
+    let key = Lb6ServiceKey { addr: vip, port: vport, proto: IPPROTO_UDP, scope: SCOPE_EXTERNAL };
+    let svc = services.get(&key, 0).ok()?;
+    if svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
+        let internal = Lb6ServiceKey { scope: SCOPE_INTERNAL, ..key };
+        if let Ok(i) = services.get(&internal, 0) {
+            if i.flags & SVC_FLAG_TOMBSTONE == 0 {
+                return Some(i.id);
+            }
+        }
+    }
+    Some(svc.id)
+}
+
+/// Whether the backend `addr:port` that socket `cookie` was sent to (`LB4_SOCK_REV`) is still a
+/// member of its frontend that is not draining; `None` when the programs did not translate it.
+/// Judged by the frontend at the Service address now, as the socket would be sent again (a
+/// Service whose traffic policy changed has another), else the one it was.
+fn live4(
+    rev: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev>,
+    maps: &super::Maps,
+    cookie: u64,
+    addr: u32,
+    port: u16,
+) -> Option<bool> {
+    let r = rev.get(&lb_common::Lb4SockRevKey { cookie, addr, port, _pad: 0 }, 0).ok()?;
+    let svc_id = current_frontend(&maps.services, r.vip, r.vport).unwrap_or(r.svc_id);
+    let member = maps.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
+    Some(member.is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING))
+}
+
+/// [`live4`] for an IPv6 socket sent to an IPv6 backend (`LB6_SOCK_REV`).
+fn live6(
+    rev: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb6SockRevKey, lb_common::Lb6SockRev>,
+    v6: &super::maps::Maps6,
+    cookie: u64,
+    addr: lb_common::Addr6,
+    port: u16,
+) -> Option<bool> {
+    let r = rev.get(&lb_common::Lb6SockRevKey { cookie, addr, port, _pad: [0; 3] }, 0).ok()?;
+    let svc_id = current_frontend6(&v6.services, r.vip, r.vport).unwrap_or(r.svc_id);
+    let member = v6.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
+    Some(member.is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING))
+}
+
 /// The two names a socket program's link is pinned under in `links/`, taken in turn so that a
 /// restarted agent pins its link before it unpins the one it replaces. No interface's: those are
-/// `<interface>@<program>`, and no interface program is called `lb4_sock_*`.
+/// `<interface>@<program>`, and no interface program is called `lb4_sock_*` or `lb6_sock_*`.
 fn pin_names(prog: &str) -> [String; 2] {
     [format!("cgroup-a@{prog}"), format!("cgroup-b@{prog}")]
 }
@@ -244,6 +312,14 @@ impl Datapath {
             self.sock_rev =
                 Some(aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?);
         }
+        if self.sock_rev6.is_none() {
+            let name = lb_common::MAP_LB6_SOCK_REV;
+            let err = super::maps::map_err(name);
+            let path = self.links_dir.parent().expect("the layout directory").join(name);
+            let data = aya::maps::MapData::from_pin(&path).map_err(&err)?;
+            self.sock_rev6 =
+                Some(aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?);
+        }
         Ok(())
     }
 
@@ -252,24 +328,26 @@ impl Datapath {
     /// `members` has it): their next call fails with ECONNABORTED, and their reconnect goes to a
     /// live backend. kube-proxy removes such flows' conntrack entries; a connected socket would
     /// otherwise keep sending to the gone backend. Unconnected UDP needs nothing (each `sendmsg`
-    /// is translated anew), and TCP connections are left to fail as under kube-proxy. How many
-    /// were aborted; `Err` when the sockets cannot be listed, or one cannot be aborted (a kernel
-    /// without `CONFIG_INET_DIAG_DESTROY`).
+    /// is translated anew), and TCP connections are left to fail as under kube-proxy. Both
+    /// families: IPv6 sockets connected to an IPv4-mapped address are judged by the IPv4 maps, as
+    /// they were translated. How many were aborted; `Err` when the sockets cannot be listed, or
+    /// one cannot be aborted (a kernel without `CONFIG_INET_DIAG_DESTROY`).
     pub fn abort_stale_udp(&self, maps: &super::Maps) -> io::Result<usize> {
         let Some(rev) = &self.sock_rev else { return Ok(0) };
         let (mut aborted, mut failed) = (0, None);
-        for sock in connected_udp_sockets()? {
-            let (addr, port) = sock.destination();
-            let key = lb_common::Lb4SockRevKey { cookie: sock.cookie(), addr, port, _pad: 0 };
-            let Ok(r) = rev.get(&key, 0) else { continue };
-            // Judged by the frontend at the Service address now, as the socket would be sent
-            // again (a Service whose traffic policy changed has another), else the one it was.
-            let svc_id = current_frontend(&maps.services, r.vip, r.vport).unwrap_or(r.svc_id);
-            let member =
-                maps.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
-            let live = member
-                .is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING);
-            if live {
+        let mut socks = connected_udp_sockets(libc::AF_INET as u8)?;
+        socks.extend(connected_udp_sockets(libc::AF_INET6 as u8)?);
+        for sock in socks {
+            let cookie = sock.cookie();
+            let live = match sock.destination() {
+                Destination::V4(addr, port) => live4(rev, maps, cookie, addr, port),
+                Destination::V6(addr, port) => match (&self.sock_rev6, &maps.v6) {
+                    (Some(rev6), Some(v6)) => live6(rev6, v6, cookie, addr, port),
+                    _ => None,
+                },
+            };
+            // Not one the programs translated, or its backend is still there.
+            if live != Some(false) {
                 continue;
             }
             match abort(&sock) {
@@ -337,16 +415,35 @@ pub fn mount_cgroup2(root: &Path, host_ns: &Path) -> Result<bool, String> {
 /// A connected UDP socket of this network namespace, as sock_diag names it.
 #[derive(Clone, Copy, Debug)]
 pub struct UdpSock {
+    /// `AF_INET` or `AF_INET6`.
+    family: u8,
     /// `struct inet_diag_sockid` as the kernel gave it (ports, addresses, interface, cookie):
     /// what `SOCK_DESTROY` is asked with.
     id: [u8; 48],
 }
 
+/// Where a connected socket sends, network byte order (as the maps hold it): an IPv6 socket
+/// connected to an IPv4-mapped address sends over IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    V4(u32, u16),
+    V6(lb_common::Addr6, u16),
+}
+
 impl UdpSock {
-    /// Its destination address and port, network byte order (as the maps hold them).
-    pub fn destination(&self) -> (u32, u16) {
+    /// Its destination address and port.
+    pub fn destination(&self) -> Destination {
         let port = u16::from_ne_bytes([self.id[2], self.id[3]]);
-        (u32::from_ne_bytes([self.id[20], self.id[21], self.id[22], self.id[23]]), port)
+        let word =
+            |i: usize| u32::from_ne_bytes([self.id[i], self.id[i + 1], self.id[i + 2], self.id[i + 3]]);
+        if self.family != libc::AF_INET6 as u8 {
+            return Destination::V4(word(20), port);
+        }
+        let addr = [word(20), word(24), word(28), word(32)];
+        match lb_common::v4_mapped(addr) {
+            Some(v4) => Destination::V4(v4, port),
+            None => Destination::V6(addr, port),
+        }
     }
 
     /// Its cookie (`bpf_get_socket_cookie`'s).
@@ -365,9 +462,10 @@ const NLMSG_DONE: u16 = 3;
 /// `TCP_ESTABLISHED`: the state of a connected UDP socket.
 const TCP_ESTABLISHED: u32 = 1;
 
-/// A sock_diag request for IPv4 UDP sockets (`struct nlmsghdr` + `struct inet_diag_req_v2`):
-/// message `kind` with `flags`, for the connected sockets (a dump), or the one `id` names.
-fn diag_request(kind: u16, flags: u16, id: &[u8; 48]) -> Vec<u8> {
+/// A sock_diag request for UDP sockets of `family` (`struct nlmsghdr` + `struct
+/// inet_diag_req_v2`): message `kind` with `flags`, for the connected sockets (a dump), or the
+/// one `id` names.
+fn diag_request(family: u8, kind: u16, flags: u16, id: &[u8; 48]) -> Vec<u8> {
     let len: u32 = 16 + 56;
     let mut m = Vec::with_capacity(len as usize);
     m.extend_from_slice(&len.to_ne_bytes());
@@ -375,7 +473,7 @@ fn diag_request(kind: u16, flags: u16, id: &[u8; 48]) -> Vec<u8> {
     m.extend_from_slice(&flags.to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_UDP as u8, 0, 0]);
+    m.extend_from_slice(&[family, libc::IPPROTO_UDP as u8, 0, 0]);
     m.extend_from_slice(&(1u32 << TCP_ESTABLISHED).to_ne_bytes());
     m.extend_from_slice(id);
     m
@@ -456,18 +554,19 @@ fn diag_read(fd: &std::os::fd::OwnedFd, ack: bool, mut each: impl FnMut(u16, &[u
     }
 }
 
-/// The connected IPv4 UDP sockets of this network namespace (sock_diag).
-pub fn connected_udp_sockets() -> io::Result<Vec<UdpSock>> {
+/// The connected UDP sockets of `family` (`AF_INET`, `AF_INET6`) of this network namespace
+/// (sock_diag).
+pub fn connected_udp_sockets(family: u8) -> io::Result<Vec<UdpSock>> {
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_DUMP: u16 = 0x300;
-    let fd = diag_socket(&diag_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &[0; 48]))?;
+    let fd = diag_socket(&diag_request(family, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &[0; 48]))?;
     let mut found = Vec::new();
     diag_read(&fd, false, |kind, payload| {
         // struct inet_diag_msg: family, state, timer, retrans, then the id.
         if kind == SOCK_DIAG_BY_FAMILY && payload.len() >= 52 {
             let mut id = [0u8; 48];
             id.copy_from_slice(&payload[4..52]);
-            found.push(UdpSock { id });
+            found.push(UdpSock { family, id });
         }
     })?;
     Ok(found)
@@ -479,6 +578,6 @@ pub fn connected_udp_sockets() -> io::Result<Vec<UdpSock>> {
 pub fn abort(sock: &UdpSock) -> io::Result<()> {
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_ACK: u16 = 4;
-    let fd = diag_socket(&diag_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &sock.id))?;
+    let fd = diag_socket(&diag_request(sock.family, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &sock.id))?;
     diag_read(&fd, true, |_, _| {})
 }

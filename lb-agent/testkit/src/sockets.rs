@@ -69,7 +69,11 @@ socks = {}
 def answer(**kw):
     sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
 def addr(a):
-    return "%s:%d" % (a[0], a[1])
+    # IPv6 (and IPv4-mapped) as Rust's SocketAddr prints them: [addr]:port.
+    return ("[%s]:%d" if ":" in a[0] else "%s:%d") % (a[0], a[1])
+def family(host):
+    # An IPv6 socket for an IPv6 or IPv4-mapped address (`::ffff:a.b.c.d`).
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 for line in sys.stdin:
     words = line.split()
     if not words:
@@ -79,7 +83,7 @@ for line in sys.stdin:
         if op == "tcp":
             # tcp HOST PORT: connect, getpeername, ask `peer` (the server says who it is and whom
             # it sees).
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(family(words[1]), socket.SOCK_STREAM)
             s.settimeout(2)
             s.connect((words[1], int(words[2])))
             peer = s.getpeername()
@@ -89,7 +93,7 @@ for line in sys.stdin:
             answer(name=said[0], seen=said[1], peer=addr(peer))
         elif op == "udp":
             # udp HOST PORT: unconnected sendto, recvfrom.
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family(words[1]), socket.SOCK_DGRAM)
             s.settimeout(2)
             s.sendto(b"peer", (words[1], int(words[2])))
             data, src = s.recvfrom(2048)
@@ -98,7 +102,7 @@ for line in sys.stdin:
             answer(name=said[0], seen=said[1], src=addr(src))
         elif op == "udp-open":
             # udp-open ID HOST PORT: a connected UDP socket, kept as ID.
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(family(words[2]), socket.SOCK_DGRAM)
             s.settimeout(2)
             s.connect((words[2], int(words[3])))
             socks[words[1]] = s
@@ -113,7 +117,7 @@ for line in sys.stdin:
             # udp-keep ID HOST PORT: an unconnected socket kept as ID, and one sendto/recvfrom
             # (again on later calls with the same ID).
             if words[1] not in socks:
-                socks[words[1]] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks[words[1]] = socket.socket(family(words[2]), socket.SOCK_DGRAM)
                 socks[words[1]].settimeout(2)
             s = socks[words[1]]
             s.sendto(b"peer", (words[2], int(words[3])))
@@ -210,13 +214,15 @@ impl SockClient {
 
     /// `tcp HOST PORT`: the backend's name, the address it saw the client at, and what
     /// `getpeername` gave; `Err` with the errno name when the connection failed.
-    pub fn tcp(&mut self, to: std::net::SocketAddrV4) -> io::Result<Answer> {
+    pub fn tcp(&mut self, to: impl Into<std::net::SocketAddr>) -> io::Result<Answer> {
+        let to = to.into();
         Answer::from(self.call(&format!("tcp {} {}", to.ip(), to.port()))?)
     }
 
     /// `udp HOST PORT` (unconnected): the backend's name, the address it saw, and the source the
     /// answer was received from.
-    pub fn udp(&mut self, to: std::net::SocketAddrV4) -> io::Result<Answer> {
+    pub fn udp(&mut self, to: impl Into<std::net::SocketAddr>) -> io::Result<Answer> {
+        let to = to.into();
         Answer::from(self.call(&format!("udp {} {}", to.ip(), to.port()))?)
     }
 }
