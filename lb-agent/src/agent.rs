@@ -41,6 +41,8 @@ pub struct Agent<W: MapWriter = Maps> {
     /// `--nodeport-addresses`, and this node's local addresses it selects from.
     nodeport_spec: model::node::NodePortAddresses,
     local_addrs: Vec<std::net::Ipv4Addr>,
+    /// This node's global IPv6 addresses.
+    local_addrs6: Vec<std::net::Ipv6Addr>,
     /// A full resync is wanted (see [`Agent::take_resync`]).
     resync: bool,
     /// The health-check node ports, by Service (a held Service keeps its own).
@@ -89,6 +91,7 @@ impl<W: MapWriter> Agent<W> {
             last_good: model::LastGood::default(),
             nodeport_spec: model::node::NodePortAddresses::default(),
             local_addrs: Vec::new(),
+            local_addrs6: Vec::new(),
             resync: false,
             health_checks: Default::default(),
             health_held: BTreeSet::new(),
@@ -122,17 +125,27 @@ impl<W: MapWriter> Agent<W> {
         // kube-proxy with none given: some cloud load balancers ask on the load balancer's IP,
         // which the node takes for its own (GCE). With other CIDRs, on the addresses they select,
         // as kube-proxy.
-        let all = [std::net::Ipv4Addr::UNSPECIFIED];
-        let addresses = match &self.nodeport_spec {
-            model::node::NodePortAddresses::Cidrs(c)
-                if !c.iter().any(|c| c.prefix_len() == 0 && c.addr().is_ipv4()) =>
-            {
-                &self.ctx.nodeport_addresses[..]
+        // Each family apart (with `--ipv6`, IPv6 too): `primary`, or a match-all CIDR of the
+        // family (`0.0.0.0/0`, `::/0`), listens on all of the family's addresses.
+        let match_all = |v6: bool| match &self.nodeport_spec {
+            model::node::NodePortAddresses::Cidrs(c) => {
+                c.iter().any(|c| c.prefix_len() == 0 && c.addr().is_ipv6() == v6)
             }
-            // `primary`, or `0.0.0.0/0` (kube-proxy's match-all).
-            _ => &all[..],
+            model::node::NodePortAddresses::Primary => true,
         };
-        let errors = self.health_servers.sync(&self.health_checks, &self.health_held, addresses);
+        let mut addresses: Vec<std::net::IpAddr> = if match_all(false) {
+            vec![std::net::Ipv4Addr::UNSPECIFIED.into()]
+        } else {
+            self.ctx.nodeport_addresses.iter().map(|a| (*a).into()).collect()
+        };
+        if self.ctx.ipv6 {
+            if match_all(true) {
+                addresses.push(std::net::Ipv6Addr::UNSPECIFIED.into());
+            } else {
+                addresses.extend(self.ctx.nodeport_addresses6.iter().map(|a| std::net::IpAddr::from(*a)));
+            }
+        }
+        let errors = self.health_servers.sync(&self.health_checks, &self.health_held, &addresses);
         errors.iter().map(ToString::to_string).collect()
     }
 
@@ -146,6 +159,24 @@ impl<W: MapWriter> Agent<W> {
         self.nodeport_spec = spec;
         self.local_addrs = local;
         self
+    }
+
+    /// This node's global IPv6 addresses (`--nodeport-addresses` CIDRs select among them).
+    pub fn with_local_ipv6(mut self, local: Vec<std::net::Ipv6Addr>) -> Self {
+        self.local_addrs6 = local;
+        self
+    }
+
+    /// This node's global IPv6 addresses now; true if they changed (as
+    /// [`Agent::set_local_addresses`]).
+    pub fn set_local_ipv6(&mut self, mut local: Vec<std::net::Ipv6Addr>) -> bool {
+        local.sort();
+        self.local_addrs6.sort();
+        if local == self.local_addrs6 {
+            return false;
+        }
+        self.local_addrs6 = local;
+        true
     }
 
     /// This node's local addresses now; true if they changed (the NodePorts follow at the next
@@ -207,6 +238,11 @@ impl<W: MapWriter> Agent<W> {
         }
         self.ctx.nodeport_addresses =
             model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
+        self.ctx.nodeport_addresses6 = if self.ctx.ipv6 {
+            model::node::nodeport_ipv6(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs6)
+        } else {
+            Vec::new()
+        };
         self.ctx.node_ip = objects.node.as_deref().and_then(model::node::primary_ipv4);
         self.ctx.local_addresses.clone_from(&self.local_addrs);
         // Objects the source could not read are held too: their Services keep what they had,

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, RwLock,
@@ -101,7 +101,7 @@ struct Checks {
 struct CheckState {
     port: u16,
     local_endpoints: usize,
-    listening: Vec<SocketAddrV4>,
+    listening: Vec<SocketAddr>,
     error: Option<String>,
 }
 
@@ -493,7 +493,7 @@ pub enum HealthCheckError {
     )]
     Taken { service: String, port: u16, holder: String },
     #[error("Service {service}: health-check node port {addr}: cannot listen: {reason}")]
-    Listen { service: String, addr: SocketAddrV4, reason: String },
+    Listen { service: String, addr: SocketAddr, reason: String },
     #[error("Service {service}: health-check node port {port}: --nodeport-addresses selects none of this node's addresses")]
     NoAddress { service: String, port: u16 },
 }
@@ -509,7 +509,7 @@ pub struct HealthCheckServers {
     listen: bool,
     /// Each listener's server, and the sender whose drop shuts it down gracefully (keep-alive
     /// connections close too).
-    listeners: BTreeMap<SocketAddrV4, (tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
+    listeners: BTreeMap<SocketAddr, (tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
     /// Errors already logged and counted, so that a retry that fails the same way is quiet.
     reported: BTreeSet<HealthCheckError>,
     /// Some listener could not be opened at the last sync.
@@ -534,7 +534,7 @@ impl HealthCheckServers {
     }
 
     /// Serves `wanted` (Service → its port and local endpoints) on each of `addresses`
-    /// (`0.0.0.0`: all of this node's): opens the listeners that are missing, closes those no
+    /// (`0.0.0.0`: all of this node's IPv4 addresses; `::`, all of its IPv6 ones): opens the listeners that are missing, closes those no
     /// longer wanted, and updates what the others answer. Two Services with one port: the first
     /// by name has it, one whose objects are rejected now (`held`, serving what it had) last.
     /// Needs a Tokio runtime when listening.
@@ -542,7 +542,7 @@ impl HealthCheckServers {
         &mut self,
         wanted: &BTreeMap<String, ServiceHealth>,
         held: &BTreeSet<String>,
-        addresses: &[Ipv4Addr],
+        addresses: &[IpAddr],
     ) -> Vec<HealthCheckError> {
         let mut errors = Vec::new();
         let mut by_port: BTreeMap<u16, String> = BTreeMap::new();
@@ -571,8 +571,8 @@ impl HealthCheckServers {
             }
             states.insert(service.clone(), state);
         }
-        let want: BTreeSet<SocketAddrV4> = if self.listen {
-            by_port.keys().flat_map(|p| addresses.iter().map(|a| SocketAddrV4::new(*a, *p))).collect()
+        let want: BTreeSet<SocketAddr> = if self.listen {
+            by_port.keys().flat_map(|p| addresses.iter().map(|a| SocketAddr::new(*a, *p))).collect()
         } else {
             BTreeSet::new()
         };
@@ -629,15 +629,23 @@ impl HealthCheckServers {
 
     fn listen_on(
         &self,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
     ) -> std::io::Result<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)> {
         // SO_REUSEPORT: a listener of ours still closing (its server stops asynchronously) does
         // not keep the port from the next one. Another process's socket still does, unless it
         // asked for SO_REUSEPORT itself.
-        let socket = tokio::net::TcpSocket::new_v4()?;
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => {
+                let s = tokio::net::TcpSocket::new_v6()?;
+                // IPv6 only: `::` beside `0.0.0.0` on one port, each family its own listener.
+                set_v6_only(&s)?;
+                s
+            }
+        };
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
-        socket.bind(SocketAddr::V4(addr))?;
+        socket.bind(addr)?;
         let l = socket.listen(1024)?;
         let app = Router::new().fallback(service_answer).with_state((self.health.clone(), addr.port()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -653,12 +661,33 @@ impl HealthCheckServers {
     }
 }
 
+/// `IPV6_V6ONLY` on `socket`: it takes IPv6 only, so that the same port's IPv4 listener is
+/// another socket.
+fn set_v6_only(socket: &tokio::net::TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid descriptor and an int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::inspect::{http_get, HttpAnswer};
 
-    const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     /// A port free on loopback now.
     fn free_port() -> u16 {
@@ -666,7 +695,11 @@ mod tests {
     }
 
     async fn get(port: u16, path: &str) -> std::io::Result<HttpAnswer> {
-        let (to, path) = (SocketAddr::from((LOCALHOST, port)), path.to_string());
+        get_at(SocketAddr::from((LOCALHOST, port)), path).await
+    }
+
+    async fn get_at(to: SocketAddr, path: &str) -> std::io::Result<HttpAnswer> {
+        let path = path.to_string();
         tokio::task::spawn_blocking(move || http_get(to, &path, Duration::from_secs(5))).await.expect("join")
     }
 
@@ -741,13 +774,46 @@ mod tests {
         assert_eq!(health.metrics.listeners.get(), 1);
         // Every address (`--nodeport-addresses primary`): answered on loopback too.
         let p3 = free_port();
-        let errors = servers.sync(&wanted(&[("shop/all", p3, 1)]), NONE_HELD, &[Ipv4Addr::UNSPECIFIED]);
+        let errors = servers.sync(
+            &wanted(&[("shop/all", p3, 1)]),
+            NONE_HELD,
+            &[std::net::Ipv4Addr::UNSPECIFIED.into()],
+        );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(get(p3, "/").await.expect("all").status, 200);
         let view = health.view();
         assert_eq!(view.services.len(), 1);
         assert_eq!(view.services[0].listening, vec![format!("0.0.0.0:{p3}")]);
         assert!(closed(p2).await, "api's port is closed");
+    }
+
+    /// Both families on one port: `0.0.0.0` and `::` (IPv6 only) are two listeners, each
+    /// answering its own family; an IPv6 address alone answers over IPv6 only; the addresses
+    /// changing moves the listeners.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_health_check_node_port_answers_over_ipv4_and_ipv6() {
+        let v6_loopback = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+        let health = healthy();
+        let mut servers = HealthCheckServers::new(health.clone(), true);
+        let port = free_port();
+        let both = [std::net::Ipv4Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::UNSPECIFIED.into()];
+        let errors = servers.sync(&wanted(&[("shop/web", port, 2)]), NONE_HELD, &both);
+        assert!(errors.is_empty(), "{errors:?}");
+        for at in [LOCALHOST, v6_loopback] {
+            let a = get_at(SocketAddr::new(at, port), "/").await.unwrap_or_else(|e| panic!("{at}: {e}"));
+            assert_eq!(a.status, 200, "{at}: {a:?}");
+            assert!(a.body.contains(r#""localEndpoints":2"#), "{at}: {}", a.body);
+        }
+        let view = health.view();
+        assert_eq!(view.services[0].listening, vec![format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
+        assert_eq!(health.metrics.listeners.get(), 2);
+        // An IPv6 node address alone (here ::1): IPv4 is refused, IPv6 answers.
+        let errors = servers.sync(&wanted(&[("shop/web", port, 0)]), NONE_HELD, &[v6_loopback]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(closed(port).await, "the IPv4 listener closed");
+        let a = get_at(SocketAddr::new(v6_loopback, port), "/").await.expect("over IPv6");
+        assert_eq!(a.status, 503, "{a:?}");
+        assert_eq!(health.view().services[0].listening, vec![format!("[::1]:{port}")]);
     }
 
     /// The agent unhealthy (a change held back past the limit): every port answers 503 with

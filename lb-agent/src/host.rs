@@ -74,12 +74,20 @@ pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddr>> {
 /// loopback, link-local or multicast; unique local addresses count): where a node takes part in
 /// IPv6, as kube-proxy's detection of a node's IP families has it.
 pub fn has_global_ipv6() -> io::Result<bool> {
+    Ok(!global_ipv6_addresses()?.is_empty())
+}
+
+/// The global IPv6 addresses (as [`has_global_ipv6`] counts them) of every interface in the
+/// calling thread's network namespace, in the kernel's order: those a NodePort or a health-check
+/// node port can listen on without naming an interface.
+pub fn global_ipv6_addresses() -> io::Result<Vec<std::net::Ipv6Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let list = IfAddrs(head);
+    let mut out = Vec::new();
     let mut cur = list.0.cast_const();
     while !cur.is_null() {
         // SAFETY: `cur` is a node of the list getifaddrs returned, alive until `list` drops.
@@ -97,12 +105,21 @@ pub fn has_global_ipv6() -> io::Result<bool> {
         // SAFETY: an AF_INET6 address is a sockaddr_in6.
         let sin6 = unsafe { sa.cast::<libc::sockaddr_in6>().read_unaligned() };
         let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
-        if !a.is_loopback() && !a.is_unspecified() && !a.is_multicast() && !link_local {
-            return Ok(true);
+        if is_global6(a) && !out.contains(&a) {
+            out.push(a);
         }
     }
-    Ok(false)
+    Ok(out)
+}
+
+/// Not loopback, unspecified, multicast or link-local (fe80::/10), nor IPv4-mapped.
+pub fn is_global6(a: std::net::Ipv6Addr) -> bool {
+    let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+    !a.is_loopback()
+        && !a.is_unspecified()
+        && !a.is_multicast()
+        && !link_local
+        && a.to_ipv4_mapped().is_none()
 }
 
 /// The IPv4 address in `sa`, when it is a non-null `AF_INET` socket address.

@@ -347,6 +347,7 @@ impl From<Args> for Config {
                 service_proxy_name: a.service_proxy_name,
                 max_endpoints_per_service: a.max_endpoints_per_service,
                 nodeport_addresses: Vec::new(),
+                nodeport_addresses6: Vec::new(),
                 node_ip: None,
                 local_addresses: Vec::new(),
                 external_ips: a.external_ips,
@@ -477,6 +478,7 @@ async fn main() -> anyhow::Result<()> {
     let mut agent = Agent::new(maps, reconciler, cfg.model)
         .with_sweep(Sweeper::new(timeouts, SWEEP_BATCH))
         .with_nodeport_addresses(cfg.nodeport_addresses.clone(), addresses(&local_ipv4()))
+        .with_local_ipv6(local_ipv6())
         .with_health_check_node_ports(cfg.health_check_node_ports);
     agent.health.set_stale_after(cfg.healthz_stale_after);
     if let Some((from, state)) = carried {
@@ -596,7 +598,8 @@ async fn main() -> anyhow::Result<()> {
                     }
                     attach_matching(&mut dp, &cfg.interfaces, &agent, "rescan");
                     // This node's addresses changed: the NodePorts follow (a full resync).
-                    if agent.set_local_addresses(addresses(&local_ipv4())) {
+                    let changed6 = agent.set_local_ipv6(local_ipv6());
+                    if agent.set_local_addresses(addresses(&local_ipv4())) | changed6 {
                         info!("this node's addresses changed: NodePorts follow");
                         source.resync();
                     }
@@ -824,6 +827,14 @@ impl Interfaces {
             None
         }
     }
+}
+
+/// This node's global IPv6 addresses (none if they cannot be read: said in the log).
+fn local_ipv6() -> Vec<std::net::Ipv6Addr> {
+    lb_agent::host::global_ipv6_addresses().unwrap_or_else(|e| {
+        warn!("reading this node's IPv6 addresses: {e}");
+        Vec::new()
+    })
 }
 
 /// This node's IPv4 addresses (none if they cannot be read: said in the log).

@@ -8,7 +8,7 @@ mod support;
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -454,10 +454,11 @@ endpoints:
 /// What `to` answers over HTTP from the client outside, once it answers `code` with
 /// `localEndpoints` `count` (generous: the agents pick manifests up within a second, and retry a
 /// port they could not listen on every 5 s).
-fn health_answer(out: &Outside, to: SocketAddrV4, code: u16, count: u64) -> serde_json::Value {
+fn health_answer(out: &Outside, to: impl Into<SocketAddr>, code: u16, count: u64) -> serde_json::Value {
+    let to: SocketAddr = to.into();
     let mut last = None;
     let got = wait_until(Duration::from_secs(30), || {
-        let a = lb_testkit::lab::http_answer(&out.netns, to.into(), "/")?;
+        let a = lb_testkit::lab::http_answer(&out.netns, to, "/")?;
         let body: serde_json::Value = serde_json::from_str(&a.body).map_err(std::io::Error::other)?;
         let ok = a.status == code && body["localEndpoints"] == count;
         if ok {
@@ -635,6 +636,66 @@ fn health_check_node_ports_tell_load_balancers_which_nodes_have_endpoints() {
     assert_eq!(
         (row(&v, "demo/other")["code"].clone(), row(&v, "demo/other")["listening"].clone()),
         (200.into(), serde_json::json!([])),
+        "{v}"
+    );
+}
+
+/// Health-check node ports over IPv6, asked from outside on the nodes' IPv6 underlay addresses
+/// (a dual-stack lab, `--ipv6 on`): the same answers as over IPv4 on the same port (200 and the
+/// count where the Service has local endpoints, 503 elsewhere), from a listener of each family
+/// (`0.0.0.0` and `::`, with `--nodeport-addresses primary`), which `lbctl health` lists.
+#[test]
+fn health_check_node_ports_answer_over_ipv6() {
+    let yaml = |b: &[Pod; 3]| {
+        let slice = |family: &str, addr: &dyn Fn(&Pod) -> String| {
+            let eps: Vec<String> = b[..2]
+                .iter()
+                .map(|p| {
+                    format!(
+                        "- addresses: ['{}']\n  nodeName: node{}\n  conditions: {{ready: true}}",
+                        addr(p),
+                        p.node
+                    )
+                })
+                .collect();
+            format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-{}\n  \
+                 namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: {family}\nports:\n\
+                 - {{name: tcp, port: 8080, protocol: TCP}}\nendpoints:\n{}\n",
+                family.to_lowercase(),
+                eps.join("\n")
+            )
+        };
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: who, namespace: demo}}\nspec:\n  type: LoadBalancer\n  \
+             externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n  clusterIP: {VIP}\n  \
+             clusterIPs: ['{VIP}', 'fd00:10:96::10']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  \
+             ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}}\n{}{}",
+            slice("IPv4", &|p| p.ip.to_string()),
+            slice("IPv6", &|p| p.ip6.expect("a dual-stack pod").to_string()),
+        )
+    };
+    let args = ["--node-interfaces", "ul0", "--ipv6", "on"];
+    let mut c = Cluster::dual_stack("nph6", Mode::Tc, yaml, &args);
+    let out = c.lab.outside().expect("the client outside");
+    let (n1, n2) = (c.nodes[0].clone(), c.nodes[1].clone());
+    // b1 and b2, the endpoints, are on node 1.
+    let h1 = SocketAddrV6::new(n1.underlay_ip6(), HEALTH_PORT, 0, 0);
+    let body = health_answer(&out, h1, 200, 2);
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "demo", "name": "who"}, "localEndpoints": 2, "serviceProxyHealthy": true})
+    );
+    health_answer(&out, SocketAddrV6::new(n2.underlay_ip6(), HEALTH_PORT, 0, 0), 503, 0);
+    // The same port over IPv4.
+    health_answer(&out, SocketAddrV4::new(n1.underlay_ip(), HEALTH_PORT), 200, 2);
+    health_answer(&out, SocketAddrV4::new(n2.underlay_ip(), HEALTH_PORT), 503, 0);
+    let v = lbctl_health(&n1);
+    let who = v["services"].as_array().into_iter().flatten().find(|r| r["service"] == "demo/who").cloned();
+    let who = who.unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(
+        who["listening"],
+        serde_json::json!([format!("0.0.0.0:{HEALTH_PORT}"), format!("[::]:{HEALTH_PORT}")]),
         "{v}"
     );
 }

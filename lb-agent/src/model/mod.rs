@@ -234,6 +234,9 @@ pub struct Context {
     pub max_endpoints_per_service: usize,
     /// This node's addresses that NodePorts listen on (`--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
+    /// This node's IPv6 addresses `--nodeport-addresses` selects (with `--ipv6`): where
+    /// health-check node ports listen over IPv6.
+    pub nodeport_addresses6: Vec<std::net::Ipv6Addr>,
     /// This node's primary IPv4 address: when a LoadBalancer's source ranges hold it, they admit
     /// the LoadBalancer's own address as a client too (kube-proxy's rule for load balancers that
     /// loop a node's request back with the address as its source).
@@ -255,6 +258,7 @@ impl Default for Context {
             service_proxy_name: None,
             max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
             nodeport_addresses: Vec::new(),
+            nodeport_addresses6: Vec::new(),
             node_ip: None,
             local_addresses: Vec::new(),
             external_ips: node::ExternalIps::All,

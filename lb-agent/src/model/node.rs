@@ -117,8 +117,7 @@ pub enum NodePortAddresses {
     /// The node's primary IP (see [`primary_ipv4`]): kube-proxy's default in nftables mode.
     #[default]
     Primary,
-    /// Every local interface address inside one of these networks. IPv6 networks are accepted,
-    /// as kube-proxy accepts them, but select nothing while lb is IPv4-only.
+    /// Every local interface address inside one of these networks, of either family.
     Cidrs(Vec<Cidr>),
 }
 
@@ -223,6 +222,45 @@ pub fn primary_ipv4(node: &Node) -> Option<Ipv4Addr> {
         })
     };
     first("InternalIP").or_else(|| first("ExternalIP"))
+}
+
+/// The node's primary IPv6 address: the first IPv6 `InternalIP` in `status.addresses`, else the
+/// first IPv6 `ExternalIP` (kube-proxy's `GetNodeHostIPs` for the other family). An IPv4-mapped
+/// address is IPv4's ([`primary_ipv4`]), not this.
+pub fn primary_ipv6(node: &Node) -> Option<std::net::Ipv6Addr> {
+    let addrs = node.status.as_ref()?.addresses.as_deref()?;
+    let first = |kind: &str| {
+        addrs.iter().filter(|a| a.type_ == kind).find_map(|a| match a.address.trim().parse().ok()? {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Some(v6),
+            _ => None,
+        })
+    };
+    first("InternalIP").or_else(|| first("ExternalIP"))
+}
+
+/// The IPv6 addresses health-check node ports (and, to come, NodePorts) listen on, sorted and
+/// without duplicates: [`nodeport_ipv4`]'s rules for the other family ([`primary_ipv6`]; or
+/// every address of `local`, this host's global IPv6 addresses, inside one of the networks).
+/// Never loopback, unspecified, link-local (which needs an interface to be reached) or
+/// IPv4-mapped.
+pub fn nodeport_ipv6(
+    spec: &NodePortAddresses,
+    node: Option<&Node>,
+    local: &[std::net::Ipv6Addr],
+) -> Vec<std::net::Ipv6Addr> {
+    let mut out: Vec<std::net::Ipv6Addr> = match spec {
+        NodePortAddresses::Primary => node.and_then(primary_ipv6).into_iter().collect(),
+        NodePortAddresses::Cidrs(cidrs) => {
+            local.iter().copied().filter(|a| cidrs.iter().any(|c| c.contains((*a).into()))).collect()
+        }
+    };
+    out.retain(|a| {
+        let link_local = a.segments()[0] & 0xffc0 == 0xfe80;
+        !a.is_loopback() && !a.is_unspecified() && !link_local && a.to_ipv4_mapped().is_none()
+    });
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The IPv4 addresses NodePorts listen on, sorted and without duplicates.
@@ -388,8 +426,42 @@ mod tests {
         assert_eq!(nodeport_ipv4(&spec("127.0.0.0/8"), None, &local), ips(&[]));
     }
 
+    fn ips6(list: &[&str]) -> Vec<std::net::Ipv6Addr> {
+        list.iter().map(|a| a.parse().expect("an IPv6 address")).collect()
+    }
+
+    /// IPv6's rules are IPv4's for the other family: the primary IPv6 (InternalIP, else
+    /// ExternalIP; never an IPv4-mapped one), or the local addresses inside an IPv6 CIDR; never
+    /// loopback, link-local or mapped; sorted, once each.
     #[test]
-    fn ipv6_cidrs_select_nothing() {
+    fn ipv6_addresses_follow_the_same_rules_for_their_family() {
+        let n = node(&[
+            ("ExternalIP", "2001:db8::5"),
+            ("InternalIP", "10.0.0.5"),
+            ("InternalIP", "::ffff:10.0.0.6"),
+            ("InternalIP", "fd00::5"),
+            ("InternalIP", "fd00::6"),
+        ]);
+        assert_eq!(primary_ipv6(&n), Some("fd00::5".parse().expect("addr")));
+        let n2 = node(&[("InternalIP", "10.0.0.5"), ("ExternalIP", "2001:db8::5")]);
+        assert_eq!(primary_ipv6(&n2), Some("2001:db8::5".parse().expect("addr")));
+        assert_eq!(primary_ipv6(&node(&[("InternalIP", "10.0.0.5")])), None);
+        let p = NodePortAddresses::Primary;
+        assert_eq!(nodeport_ipv6(&p, Some(&n), &ips6(&["fd00::9"])), ips6(&["fd00::5"]), "as given");
+        assert_eq!(nodeport_ipv6(&p, None, &ips6(&["fd00::9"])), ips6(&[]));
+        let local = ips6(&["fd00::9", "::1", "fe80::1", "2001:db8::7", "fd00::1", "fd00::9"]);
+        assert_eq!(nodeport_ipv6(&spec("fd00::/8"), Some(&n), &local), ips6(&["fd00::1", "fd00::9"]));
+        assert_eq!(
+            nodeport_ipv6(&spec("::/0"), None, &local),
+            ips6(&["2001:db8::7", "fd00::1", "fd00::9"]),
+            "never loopback or link-local, even when a CIDR covers them"
+        );
+        assert_eq!(nodeport_ipv6(&spec("10.0.0.0/8"), None, &local), ips6(&[]), "IPv4 CIDRs select no IPv6");
+        assert_eq!(nodeport_ipv6(&spec("fd00::/8,10.0.0.0/8"), None, &local), ips6(&["fd00::1", "fd00::9"]));
+    }
+
+    #[test]
+    fn ipv6_cidrs_select_no_ipv4_address() {
         let local = ips(&["10.0.0.5", "192.168.1.7"]);
         assert_eq!(nodeport_ipv4(&spec("::/0"), None, &local), ips(&[]));
         assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), ips(&[]));
