@@ -244,6 +244,8 @@ impl<W: MapWriter> Agent<W> {
             Vec::new()
         };
         self.ctx.node_ip = objects.node.as_deref().and_then(model::node::primary_ipv4);
+        self.ctx.node_ip6 = objects.node.as_deref().and_then(model::node::primary_ipv6);
+        self.ctx.local_addresses6.clone_from(&self.local_addrs6);
         self.ctx.local_addresses.clone_from(&self.local_addrs);
         // Objects the source could not read are held too: their Services keep what they had,
         // their addresses included.

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::{
     datapath::{DatapathError, Maps},
     reconcile::{
-        encode::{endpoint_of, ipv4 as ip, ipv6, port, proto_name, socket, socket6, state_name},
+        encode::{endpoint_of, ipv4 as ip, ipv6, proto_name, socket, socket6, state_name},
         flows::EntryView,
         BackendValue, CtKey, ServiceKey,
     },
@@ -151,12 +151,11 @@ fn services_with_tables(maps: &Maps) -> Result<Vec<(ServiceView, Vec<u32>)>, Dat
     // deny entry.
     let mut ranges: BTreeMap<(std::net::IpAddr, u16, u8), (bool, Vec<String>)> = BTreeMap::new();
     for e in maps.read_src_ranges()? {
-        let k = &e.key.frontend;
-        let r = ranges.entry((ip(k.addr).into(), port(k.port), k.proto)).or_default();
-        match e.prefix_len.checked_sub(lb_common::SRC_RANGE_FRONTEND_BITS) {
-            Some(0) => r.0 = true,
-            Some(len) => r.1.push(format!("{}/{len}", ip(e.key.src))),
-            None => {}
+        let (vip, port, proto, range) = e.parts();
+        let r = ranges.entry((vip, port, proto)).or_default();
+        match range {
+            None => r.0 = true,
+            Some((net, len)) => r.1.push(format!("{net}/{len}")),
         }
     }
     let mut out = Vec::new();

@@ -348,6 +348,8 @@ impl From<Args> for Config {
                 max_endpoints_per_service: a.max_endpoints_per_service,
                 nodeport_addresses: Vec::new(),
                 nodeport_addresses6: Vec::new(),
+                node_ip6: None,
+                local_addresses6: Vec::new(),
                 node_ip: None,
                 local_addresses: Vec::new(),
                 external_ips: a.external_ips,

@@ -1189,3 +1189,124 @@ fn the_tail_calls_outlive_a_removed_pin_directory() {
     assert_eq!((read(c::FWD_NEW_FLOW), read(c::PASS_IPV6)), (new + 1, passed), "translated, not passed");
     assert_ne!(&out[38..54], &VIP6.octets(), "sent to a backend");
 }
+
+/// Rule: an IPv6 LoadBalancer address's `loadBalancerSourceRanges` (`LB6_SRC_RANGES`, written by
+/// the reconciler) let only clients inside one of its IPv6 ranges open flows, this node's pods
+/// included (kube-proxy filters them too), over TCP and UDP, in TC and in XDP: a range's first
+/// and last addresses are in, the addresses either side of it out; a client outside is dropped
+/// untouched and counted (`drop_src_range`); an allowed client's flow goes on. The Service's
+/// cluster IP, and an IPv6 LoadBalancer address without ranges, take any client. Ranges removed:
+/// every client gets in.
+#[test]
+fn ipv6_source_ranges_let_only_their_clients_reach_a_load_balancer_address() {
+    let pins = PinDir::new("ranges6");
+    let (dp, mut maps) =
+        Datapath::load(&support::test_config(pins.path()), Mode::Xdp).expect("load datapath");
+    let lb = Ipv6Addr::new(0x2001, 0xdb8, 0x40, 0, 0, 0, 0, 1);
+    let open = Ipv6Addr::new(0x2001, 0xdb8, 0x40, 0, 0, 0, 0, 2);
+    let backends = [(pod(1, 3), 8080), (pod(1, 4), 8080)];
+    let net = |s: &str, len: u8| (s.parse::<Ipv6Addr>().expect("a network").into(), len);
+    let ranged = |ranges: Option<Vec<(std::net::IpAddr, u8)>>| {
+        let mut fes = Vec::new();
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let mut f = frontend(lb, 80, proto, &backends);
+            f.kind = lb_agent::model::FrontendKind::LoadBalancer;
+            f.source_ranges = ranges.clone();
+            fes.push(f);
+            let mut o = frontend(open, 80, proto, &backends);
+            o.kind = lb_agent::model::FrontendKind::LoadBalancer;
+            fes.push(o);
+            fes.push(frontend(VIP6, 80, proto, &backends));
+        }
+        fes.into_iter().map(|f| (f.addr, f)).collect::<BTreeMap<_, _>>()
+    };
+    let caps = Capacities { services: 1024, backends: 1024, maglev_slots: 65_536, ..Capacities::default() };
+    let mut r = Reconciler::new(caps, Options::default());
+    let ranges = vec![net("fd00:10:244:1::", 64), net("2001:db8:aaaa::", 48)];
+    let (_, errors) = r.sync(&ranged(Some(ranges)), &Default::default(), &mut maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+
+    let inside: [Ipv6Addr; 4] = [
+        "fd00:10:244:1::".parse().expect("addr"),
+        "fd00:10:244:1:ffff:ffff:ffff:ffff".parse().expect("addr"),
+        pod(1, 2),
+        "2001:db8:aaaa:7::5".parse().expect("addr"),
+    ];
+    let outside: [Ipv6Addr; 4] = [
+        "fd00:10:244:0:ffff:ffff:ffff:ffff".parse().expect("addr"),
+        "fd00:10:244:2::".parse().expect("addr"),
+        pod(2, 9),
+        "2001:db8:aaab::5".parse().expect("addr"),
+    ];
+    let new_flow = [(c::RX_FORWARD, 1), (c::FWD_NEW_FLOW, 1)];
+    let denied = [(c::RX_FORWARD, 1), (c::DROP_SRC_RANGE, 1)];
+    fn ask_with(
+        (dp, maps): (&Datapath, &Maps),
+        prog: Prog,
+        src: (Ipv6Addr, u16),
+        dst: Ipv6Addr,
+        l4: support::L4,
+        counters: &[(u32, u64)],
+        desc: &str,
+    ) -> (u32, Vec<u8>, Vec<u8>) {
+        let input = Pkt6::new(src, (dst, 80), l4).bytes();
+        let before = maps.read_counters().expect("counters");
+        let (v, out) = run(dp, prog, &input);
+        let after = maps.read_counters().expect("counters");
+        assert_counter_changes(desc, &before, &after, counters);
+        (v, out, input)
+    }
+    macro_rules! ask {
+        ($($a:expr),*) => { ask_with((&dp, &maps), $($a),*) };
+    }
+    let mut port = 43_000u16;
+    for (prog, ok, shot) in [(Prog::TcForward, TC_OK, TC_SHOT), (Prog::Xdp, XDP_PASS, XDP_DROP)] {
+        for l4 in [SYN, UDP] {
+            for client in inside {
+                port += 1;
+                let desc = format!("{prog:?} {l4:?} from {client} (in a range)");
+                let (v, out, _) = ask!(prog, (client, port), lb, l4, &new_flow, &desc);
+                assert_eq!(v, ok, "{desc}");
+                let seen = check_packet6(&out);
+                assert_eq!(
+                    seen.dst,
+                    maglev_choice(&maps, (client, port), (lb, 80), proto_of_bytes(&out)),
+                    "{desc}"
+                );
+                assert_eq!(seen.src, (client, port), "{desc}: the client's address kept");
+            }
+            for client in outside {
+                port += 1;
+                let desc = format!("{prog:?} {l4:?} from {client} (in no range)");
+                let (v, out, input) = ask!(prog, (client, port), lb, l4, &denied, &desc);
+                assert_eq!((v, out), (shot, input), "{desc}: dropped untouched");
+                // The cluster IP and the address without ranges take it.
+                for to in [VIP6, open] {
+                    port += 1;
+                    let desc = format!("{prog:?} {l4:?} from {client} to {to}");
+                    let (v, _, _) = ask!(prog, (client, port), to, l4, &new_flow, &desc);
+                    assert_eq!(v, ok, "{desc}");
+                }
+            }
+        }
+    }
+    // An allowed client's flow goes on (TC: its next packet finds the flow).
+    let client = pod(1, 2);
+    let (v, _, _) = ask!(Prog::TcForward, (client, 44_000), lb, SYN, &new_flow, "a flow opens");
+    assert_eq!(v, TC_OK);
+    let (v, _, _) = ask!(
+        Prog::TcForward,
+        (client, 44_000),
+        lb,
+        ACK,
+        &[(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)],
+        "and goes on"
+    );
+    assert_eq!(v, TC_OK);
+    // The ranges go: every client gets in; their map entries go with them.
+    let (_, errors) = r.sync(&ranged(None), &Default::default(), &mut maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    assert!(maps.read_src_ranges().expect("ranges").is_empty(), "LB6_SRC_RANGES emptied");
+    let (v, _, _) = ask!(Prog::TcForward, (outside[2], 45_000), lb, SYN, &new_flow, "no ranges: in");
+    assert_eq!(v, TC_OK);
+}

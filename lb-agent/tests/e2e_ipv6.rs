@@ -533,3 +533,70 @@ fn host_sockets_reach_ipv6_and_ipv4_mapped_service_addresses() {
         }
     }
 }
+
+/// Rule: an IPv6 LoadBalancer address of a dual-stack Service is answered for the cluster's pods
+/// (TCP and UDP, spread over the IPv6 endpoints) and for processes on the node at the socket, as
+/// its IPv4 one is; its IPv6 `loadBalancerSourceRanges` let only their clients in (client 2,
+/// listed, reaches it; client 1, not listed, is dropped, counted), while the IPv4 address, whose
+/// ranges are IPv4 ones, and the cluster IPs take both.
+#[test]
+fn pods_reach_an_ipv6_load_balancer_address_within_its_source_ranges() {
+    use lb_testkit::sockets::{Cgroup2, SockClient};
+    let lb6 = Ipv6Addr::new(0x2001, 0xdb8, 0x40, 0, 0, 0, 0, 1);
+    let lb4 = std::net::Ipv4Addr::new(203, 0, 113, 40);
+    let cgroup = Cgroup2::new("lb6").expect("a cgroup v2 hierarchy");
+    let root = cgroup.path().display().to_string();
+    let with_status = |b: &[Pod; 3], ranges: &str| {
+        let who = dual_stack_who(b);
+        let (svc, slices) = who.split_once("---\n").expect("the Service, then its slices");
+        let svc = svc.replacen(
+            "spec:\n",
+            &format!("spec:\n  type: LoadBalancer\n  loadBalancerSourceRanges: [{ranges}]\n"),
+            1,
+        );
+        format!("{svc}status:\n  loadBalancer:\n    ingress:\n    - {{ip: '{lb6}'}}\n    - {{ip: {lb4}}}\n---\n{slices}")
+    };
+    let mut cl = Cluster::dual_stack("lb6", Mode::Tc, |_| String::new(), &["--ipv6", "on"]);
+    let c2 = cl.client2.ip6.expect("client 2's IPv6 address");
+    let ranges = format!("'{c2}/128', 192.0.2.0/24, 172.31.0.0/16, 10.244.0.0/16");
+    cl.write(&with_status(&cl.backends, &ranges));
+    let tcp = SocketAddr::V6(SocketAddrV6::new(lb6, 80, 0, 0));
+    let udp = SocketAddr::V6(SocketAddrV6::new(lb6, 53, 0, 0));
+    let ok =
+        wait_until(std::time::Duration::from_secs(90), || tcp_asks(&cl.client2, tcp, 1)?.pop().expect("one"));
+    assert!(ok.is_ok(), "{tcp} unreachable from client 2: {ok:?}\n{}", cl.lab.agent_log(&cl.nodes[1]));
+    let t = tally(tcp_asks(&cl.client2, tcp, 150).expect("tcp"), "TCP to the IPv6 LoadBalancer IP");
+    assert_eq!(t.len(), 3, "every IPv6 endpoint: {t:?}");
+    let t = tally(udp_asks(&cl.client2, udp, 21_000, 150).expect("udp"), "UDP to the IPv6 LoadBalancer IP");
+    assert_eq!(t.len(), 3, "every IPv6 endpoint over UDP: {t:?}");
+    // Client 1 is in no IPv6 range: dropped, counted on its node.
+    let before = cl.maps(1).read_counters().expect("counters")[c::DROP_SRC_RANGE as usize];
+    let denied = tcp_asks(&cl.client1, tcp, 1).expect("tcp");
+    assert!(denied[0].is_err(), "client 1 reached {tcp}: {denied:?}");
+    let after = cl.maps(1).read_counters().expect("counters")[c::DROP_SRC_RANGE as usize];
+    assert!(after > before, "drop_src_range counted on node 1 ({before} → {after})");
+    // The IPv4 address (IPv4 ranges hold the pods' 10.244.0.0/16) and the IPv6 cluster IP take it.
+    let t =
+        tally(tcp_asks(&cl.client1, SocketAddrV4::new(lb4, 80), 30).expect("tcp"), "TCP to the IPv4 LB IP");
+    assert!(!t.is_empty(), "{t:?}");
+    let t = tally(tcp_asks(&cl.client1, SocketAddrV6::new(VIP6, 80, 0, 0), 30).expect("tcp"), "TCP to VIP6");
+    assert!(!t.is_empty(), "{t:?}");
+    // Ranges that admit every IPv6 client (::/0): client 1 gets in.
+    cl.write(&with_status(&cl.backends, "'::/0', 10.244.0.0/16"));
+    let ok =
+        wait_until(std::time::Duration::from_secs(30), || tcp_asks(&cl.client1, tcp, 1)?.pop().expect("one"));
+    assert!(ok.is_ok(), "client 1 with ::/0: {ok:?}");
+
+    // A process on node 1 reaches the IPv6 LoadBalancer address at its socket (the source is not
+    // known at connect, so only ranges admitting everyone let it be translated there).
+    let node = cl.nodes[0].clone();
+    cl.lab.stop_agent(&node, libc::SIGTERM);
+    cl.lab
+        .restart_agent_adding(&node, &["--socket-lb", "all", "--cgroup-root", &root])
+        .expect("agent with socket-level load balancing");
+    cl.wait_ready(&node);
+    let mut host = SockClient::start(&node.netns, cgroup.path()).expect("a client on node 1");
+    let ok = wait_until(std::time::Duration::from_secs(60), || host.tcp(tcp));
+    let a = ok.unwrap_or_else(|e| panic!("{tcp} from node 1's process: {e}\n{}", cl.lab.agent_log(&node)));
+    assert_eq!(a.peer, tcp.to_string(), "getpeername gives the LoadBalancer address");
+}

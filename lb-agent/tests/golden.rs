@@ -51,6 +51,8 @@ fn run_case(dir: &Path) -> String {
         max_endpoints_per_service: node.max_endpoints_per_service.unwrap_or(model::DEFAULT_MAX_ENDPOINTS),
         nodeport_addresses: Vec::new(),
         nodeport_addresses6: Vec::new(),
+        node_ip6: None,
+        local_addresses6: Vec::new(),
         node_ip: None,
         local_addresses: Vec::new(),
         external_ips: node.external_ips.as_deref().unwrap_or("all").parse().expect("externalIps"),

@@ -932,8 +932,10 @@ fn source_ranges(
 ) {
     let lb_ip = Ipv4Addr::new(203, 0, 113, 10);
     let lb_local = Ipv4Addr::new(203, 0, 113, 11);
-    let ranged =
-        |fe: Frontend, ranges: &[(Ipv4Addr, u8)]| Frontend { source_ranges: Some(ranges.to_vec()), ..fe };
+    let ranged = |fe: Frontend, ranges: &[(Ipv4Addr, u8)]| Frontend {
+        source_ranges: Some(ranges.iter().map(|(a, l)| ((*a).into(), *l)).collect()),
+        ..fe
+    };
     let net = (Ipv4Addr::new(192, 0, 2, 0), 24);
     let fes = |ranges: &[(Ipv4Addr, u8)]| {
         let mut fes = vec![

@@ -200,6 +200,28 @@ pub struct Lb6FragKey {
 }
 const _: () = assert!(size_of::<Lb6FragKey>() == 40);
 
+/// `loadBalancerSourceRanges` of IPv6 frontends (`Lb6SrcRange` → `SRC_RANGE_ALLOW` or
+/// `SRC_RANGE_DENY`), as `LB4_SRC_RANGES` for IPv4 ones.
+pub const MAP_LB6_SRC_RANGES: &str = "LB6_SRC_RANGES";
+
+/// The data of an `LB6_SRC_RANGES` key (as `Lb4SrcRange`): a frontend's deny entry has prefix
+/// length [`SRC_RANGE_FRONTEND_BITS6`], each of its ranges that plus the range's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6SrcRange {
+    pub frontend: Lb6ServiceKey,
+    /// The client address (prefix).
+    pub src: Addr6,
+}
+const _: () = assert!(size_of::<Lb6SrcRange>() == 36);
+
+/// `[0]` (`u32`): non-zero while `LB6_SRC_RANGES` may hold an entry; the lb6 forward program
+/// looks a client up there only then.
+pub const MAP_LB6_RANGES_ON: &str = "LB6_RANGES_ON";
+
+/// The prefix length of a frontend's deny entry in `LB6_SRC_RANGES` (its key's bits).
+pub const SRC_RANGE_FRONTEND_BITS6: u32 = 160;
+
 /// Pinned: socket-level load balancing's reverse translations for IPv6 sockets, as
 /// `LB4_SOCK_REV` (`Lb6SockRevKey` → `Lb6SockRev`): written by `connect6` and `sendmsg6`, read by
 /// `recvmsg6` and `getpeername6`. An IPv6 socket that asks for an IPv4-mapped address
@@ -351,6 +373,8 @@ mod pod {
     unsafe impl aya::Pod for Lb6AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb6FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Lb6SrcRange {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Lb6SockRevKey {}
     // SAFETY: as above.

@@ -27,9 +27,9 @@ use aya_ebpf::{
 use lb_common::{
     hash::{lb4_flow_hash, lb6_flow_hash},
     reject, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4CtEntry, Lb4CtKey, Lb4FragKey, Lb4FragPorts,
-    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb6FragKey, CT_DIR_FORWARD,
-    CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, IF_ROLE_NODE, SCOPE_EXTERNAL, SRC_RANGE_DENY,
-    SRC_RANGE_FRONTEND_BITS,
+    Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey, Lb4SrcRange, Lb6FragKey, Lb6ServiceKey, Lb6SrcRange,
+    CT_DIR_FORWARD, CT_FLAG_HAIRPIN, CT_FLAG_NODE_SNAT, IF_ROLE_NODE, SCOPE_EXTERNAL, SRC_RANGE_DENY,
+    SRC_RANGE_FRONTEND_BITS, SRC_RANGE_FRONTEND_BITS6,
 };
 
 use crate::{
@@ -37,7 +37,7 @@ use crate::{
     ctx::PacketCtx,
     maps::{
         LB4_AFFINITY, LB4_BACKENDS, LB4_CT, LB4_FRAGS, LB4_IFS, LB4_MEMBERS, LB4_SERVICES, LB4_SRC_RANGES,
-        LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_MEMBERS, LB6_SERVICES, LB6_VIPS,
+        LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_MEMBERS, LB6_SERVICES, LB6_SRC_RANGES, LB6_VIPS,
     },
     nat::{self, IcmpNat, Side},
     nat6,
@@ -273,6 +273,9 @@ pub trait Family: Copy + 'static {
     /// Whether client `src` may open a flow to external frontend `addr:port`/`proto`
     /// (`loadBalancerSourceRanges`).
     fn source_allowed(addr: Self::Addr, port: u16, proto: u8, src: Self::Addr) -> bool;
+    /// [`Family::source_allowed`] for a new flow `f` from one of this node's pods, in the pod-side
+    /// forward program (where IPv6's verdict was found before the decision).
+    fn pod_source_allowed(f: &Flow<Self>) -> bool;
     /// Sends a flow event of the family's record (`LbEvent`, `LbEvent6`); the caller checked
     /// that events are on and the rate allows.
     fn output_event(
@@ -380,6 +383,10 @@ impl Family for V4 {
     #[inline(always)]
     fn flow_hash(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
         lb4_flow_hash(saddr, daddr, sport, dport, proto, seed)
+    }
+    #[inline(always)]
+    fn pod_source_allowed(f: &Flow<V4>) -> bool {
+        Self::source_allowed(f.daddr, f.dport, f.proto, f.saddr)
     }
     /// `LB4_SRC_RANGES`: both scopes of an address share its ranges, under its external key.
     #[inline(always)]
@@ -510,10 +517,19 @@ impl Family for V6 {
     fn flow_hash(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
         lb6_flow_hash(saddr, daddr, sport, dport, proto, seed)
     }
-    /// IPv6 has no external frontends yet (ClusterIPs only): nothing to refuse.
+    /// The verdict the first half of the forward program found for the flow it left
+    /// (`pipeline::forward_parsed`): looked up there, once per packet, rather than on every path
+    /// the verifier walks through the decision (which would take it past half its limit).
     #[inline(always)]
-    fn source_allowed(_addr: [u32; 4], _port: u16, _proto: u8, _src: [u32; 4]) -> bool {
-        true
+    fn pod_source_allowed(_f: &Flow<V6>) -> bool {
+        !crate::pipeline::stored_source_denied::<V6>()
+    }
+    /// `LB6_SRC_RANGES`, as `LB4_SRC_RANGES` for IPv4.
+    #[inline(always)]
+    fn source_allowed(addr: [u32; 4], port: u16, proto: u8, src: [u32; 4]) -> bool {
+        let frontend = Lb6ServiceKey { addr, port, proto, scope: SCOPE_EXTERNAL };
+        let key = Key::new(SRC_RANGE_FRONTEND_BITS6 + 128, Lb6SrcRange { frontend, src });
+        LB6_SRC_RANGES.get(&key).is_none_or(|v| *v != SRC_RANGE_DENY)
     }
     #[inline(always)]
     fn output_event(

@@ -305,7 +305,11 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }
-    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !source_allowed(f) {
+    let allowed = || match origin {
+        Origin::Pod => F::pod_source_allowed(f),
+        Origin::Outside => source_allowed(f),
+    };
+    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !allowed() {
         svc_update(svc.id, |s| s.drops += 1);
         monitor::emit(f, EVENT_DROP, counters::DROP_SRC_RANGE, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(counters::DROP_SRC_RANGE);

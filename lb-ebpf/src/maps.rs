@@ -13,7 +13,8 @@ use lb_common::{
     Lb4FragPorts, Lb4FrontendMeta, Lb4Interface, Lb4Member, Lb4MemberKey, Lb4Service, Lb4ServiceKey,
     Lb4SockFwd, Lb4SockFwdKey, Lb4SockRev, Lb4SockRevKey, Lb4SrcRange, Lb4SvcStats, Lb6AffinityKey,
     Lb6Backend, Lb6CtEntry, Lb6CtKey, Lb6FragKey, Lb6Member, Lb6MemberKey, Lb6ServiceKey, Lb6SockFwd,
-    Lb6SockFwdKey, Lb6SockRev, Lb6SockRevKey, LbMonitorBucket, LbSockAffinityKey, LbTcFilter, LbTcFilterKey,
+    Lb6SockFwdKey, Lb6SockRev, Lb6SockRevKey, Lb6SrcRange, LbMonitorBucket, LbSockAffinityKey, LbTcFilter,
+    LbTcFilterKey,
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
@@ -171,6 +172,16 @@ pub static LB4_SOCK_AFFINITY: LruHashMap<LbSockAffinityKey, Lb4Affinity> =
 // The IPv6 twins of the maps that hold an address (`lb_common::maps6`). Frontend and backend ids
 // are one space for both families: `LB4_MAGLEV`, `LB4_SVC_STATS` and `LB4_FE_META` serve IPv6
 // frontends too. Each has the shape and the writers and readers of its IPv4 twin above.
+
+/// `loadBalancerSourceRanges` of IPv6 frontends (see `LB4_SRC_RANGES`).
+#[map(name = "LB6_SRC_RANGES")]
+pub static LB6_SRC_RANGES: LpmTrie<Lb6SrcRange, u32> = LpmTrie::pinned(capacity::SRC_RANGES, 0);
+
+/// `[0]`: non-zero while `LB6_SRC_RANGES` may hold an entry (the agent sets it before it writes
+/// the first, and clears it once none is left), so that IPv6 packets pay for no trie lookup on
+/// nodes whose IPv6 frontends have no `loadBalancerSourceRanges`.
+#[map(name = "LB6_RANGES_ON")]
+pub static LB6_RANGES_ON: Array<u32> = Array::pinned(1, 0);
 
 /// Socket-level reverse translations of IPv6 sockets (see `LB4_SOCK_REV`; written by
 /// `lb6_sock_connect` and `lb6_sock_sendmsg`, read by `lb6_sock_recvmsg` and

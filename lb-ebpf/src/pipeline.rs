@@ -49,6 +49,9 @@ pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()
         return finish_marked::<F, C>(ctx, Action::Pass(unserved));
     };
     *slot = StoredFlow::from(&f);
+    if ranges_on::<F>() && !F::source_allowed(f.daddr, f.dport, f.proto, f.saddr) {
+        slot.flags |= FLAG_SOURCE_DENIED;
+    }
     tail_call();
     // Nothing is left for a second half to find later.
     slot.ready = 0;
@@ -96,6 +99,9 @@ const READY: u8 = 0xa5;
 const FLAG_FIRST_FRAGMENT: u8 = 1;
 const FLAG_LATER_FRAGMENT: u8 = 2;
 const FLAG_UDP_NO_CSUM: u8 = 4;
+/// The client may not open a flow to the destination (`loadBalancerSourceRanges`, looked up by
+/// the first half: [`Family::pod_source_allowed`]).
+const FLAG_SOURCE_DENIED: u8 = 8;
 
 /// The largest L4 offset a parser gives (IPv6: 54 + 4 extension headers of at most 2048 bytes),
 /// and the mask a stored offset is read back with (the verifier must see it bounded).
@@ -137,6 +143,20 @@ impl<F: Family> StoredFlow<F> {
             udp_no_csum: self.flags & FLAG_UDP_NO_CSUM != 0,
         }
     }
+}
+
+/// Whether `loadBalancerSourceRanges` of family `F` may be programmed (IPv6: `LB6_RANGES_ON`),
+/// so that the first half looks the client up.
+#[inline(always)]
+fn ranges_on<F: Family>() -> bool {
+    F::AF == crate::family::V6::AF && crate::maps::LB6_RANGES_ON.get(0).is_some_and(|n| *n != 0)
+}
+
+/// Whether the first half found that the client of the flow it left may not open a flow to its
+/// destination. Only in `forward_decided`, whose flow it is.
+#[inline(always)]
+pub fn stored_source_denied<F: Family>() -> bool {
+    stored_flow::<F>().is_some_and(|s| s.flags & FLAG_SOURCE_DENIED != 0)
 }
 
 /// The scratch map's flow slot, viewed as a stored flow of family `F`.

@@ -26,7 +26,7 @@ use super::{
     DatapathError,
 };
 use crate::reconcile::{
-    BackendValue, FlowTable, MapWriter, MemberKey, MemberValue, ServiceKey, SrcRangeEntry,
+    BackendValue, FlowTable, MapWriter, MemberKey, MemberValue, ServiceKey, SrcRangeEntry, SrcRangeKey,
 };
 
 /// Typed handles to every datapath map.
@@ -61,7 +61,15 @@ pub struct Maps6 {
     pub affinity: HashMap<MapData, Lb6AffinityKey, Lb4Affinity>,
     /// The addresses of `services`' keys (`LB6_VIPS`), kept with them.
     pub vips: HashMap<MapData, [u32; 4], u32>,
+    /// `LB6_SRC_RANGES` (a reader of pins an agent before it left has none).
+    pub src_ranges: Option<LpmTrie<MapData, lb_common::Lb6SrcRange, u32>>,
+    /// `LB6_RANGES_ON`, likewise.
+    pub ranges_on: Option<Array<MapData, u32>>,
 }
+
+/// The IPv6 maps added after the others: a reader of an earlier agent's pins goes on without
+/// them.
+const LATER_MAPS6: [&str; 2] = [lb_common::MAP_LB6_SRC_RANGES, lb_common::MAP_LB6_RANGES_ON];
 
 /// The IPv6 maps with a typed handle (`Maps::v6`).
 const TYPED_MAPS6: [&str; 6] = [
@@ -103,7 +111,7 @@ impl Maps {
     ) -> Result<Self, DatapathError> {
         let mut all = BTreeMap::new();
         for name in PINNED_MAPS {
-            if TYPED_MAPS6.contains(&name) && !writable {
+            if (TYPED_MAPS6.contains(&name) || LATER_MAPS6.contains(&name)) && !writable {
                 // A reader of an earlier agent's pins finds no IPv6 maps: it shows none.
                 if let Ok(m) = get(name) {
                     all.insert(name, m);
@@ -132,6 +140,16 @@ impl Maps {
                 ct: typed(take(MAP_LB6_CT), MAP_LB6_CT)?,
                 affinity: typed(take(MAP_LB6_AFFINITY), MAP_LB6_AFFINITY)?,
                 vips: typed(take(lb_common::MAP_LB6_VIPS), lb_common::MAP_LB6_VIPS)?,
+                src_ranges: match take(lb_common::MAP_LB6_SRC_RANGES) {
+                    Ok(m) => Some(typed(Ok(m), lb_common::MAP_LB6_SRC_RANGES)?),
+                    Err(_) if !writable => None,
+                    Err(e) => return Err(e),
+                },
+                ranges_on: match take(lb_common::MAP_LB6_RANGES_ON) {
+                    Ok(m) => Some(typed(Ok(m), lb_common::MAP_LB6_RANGES_ON)?),
+                    Err(_) if !writable => None,
+                    Err(e) => return Err(e),
+                },
             })
         } else {
             None
@@ -178,16 +196,21 @@ impl Maps {
             (MAP_LB4_SRC_RANGES, self.src_ranges.map()),
         ];
         // Destructured whole: a map added to `Maps6` cannot be left out of its pinning.
-        let data6 = self.v6.iter().flat_map(|Maps6 { services, backends, members, ct, affinity, vips }| {
-            [
-                (MAP_LB6_SERVICES, services.map()),
-                (MAP_LB6_BACKENDS, backends.map()),
-                (MAP_LB6_MEMBERS, members.map()),
-                (MAP_LB6_CT, ct.map()),
-                (MAP_LB6_AFFINITY, affinity.map()),
-                (lb_common::MAP_LB6_VIPS, vips.map()),
-            ]
-        });
+        let data6 = self.v6.iter().flat_map(
+            |Maps6 { services, backends, members, ct, affinity, vips, src_ranges, ranges_on }| {
+                [
+                    (MAP_LB6_SERVICES, services.map()),
+                    (MAP_LB6_BACKENDS, backends.map()),
+                    (MAP_LB6_MEMBERS, members.map()),
+                    (MAP_LB6_CT, ct.map()),
+                    (MAP_LB6_AFFINITY, affinity.map()),
+                    (lb_common::MAP_LB6_VIPS, vips.map()),
+                ]
+                .into_iter()
+                .chain(src_ranges.iter().map(|t| (lb_common::MAP_LB6_SRC_RANGES, t.map())))
+                .chain(ranges_on.iter().map(|a| (lb_common::MAP_LB6_RANGES_ON, a.map())))
+            },
+        );
         let maglev = self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d));
         for (name, d) in data.into_iter().chain(data6).chain(maglev) {
             pin(name, &|p| d.pin(p))?;
@@ -198,7 +221,7 @@ impl Maps {
         // Every map of the table is back (the IPv6 ones when this agent has them).
         let missing = PINNED_MAPS
             .into_iter()
-            .filter(|n| self.v6.is_some() || !TYPED_MAPS6.contains(n))
+            .filter(|n| self.v6.is_some() || !(TYPED_MAPS6.contains(n) || LATER_MAPS6.contains(n)))
             .find(|n| !dir.join(n).exists());
         match missing {
             None => Ok(()),
@@ -288,6 +311,11 @@ impl Maps {
         Ok(())
     }
 
+    /// `LB6_SRC_RANGES`, or the error that says it is not there.
+    fn src_ranges6(&mut self) -> Result<&mut LpmTrie<MapData, lb_common::Lb6SrcRange, u32>, MapError> {
+        self.v6_mut()?.src_ranges.as_mut().ok_or_else(|| missing(lb_common::MAP_LB6_SRC_RANGES))
+    }
+
     /// The IPv6 handles, or the error that says they are not there.
     fn v6_mut(&mut self) -> Result<&mut Maps6, MapError> {
         self.v6.as_mut().ok_or_else(|| {
@@ -356,11 +384,17 @@ impl Maps {
 
     /// Every `loadBalancerSourceRanges` entry.
     pub fn read_src_ranges(&self) -> Result<Vec<SrcRangeEntry>, DatapathError> {
-        self.src_ranges
+        let mut out: Vec<SrcRangeEntry> = self
+            .src_ranges
             .keys()
-            .map(|k| k.map(|k| SrcRangeEntry { key: k.data(), prefix_len: k.prefix_len() }))
+            .map(|k| k.map(|k| SrcRangeEntry { key: SrcRangeKey::V4(k.data()), prefix_len: k.prefix_len() }))
             .collect::<Result<_, _>>()
-            .map_err(map_err(MAP_LB4_SRC_RANGES))
+            .map_err(map_err(MAP_LB4_SRC_RANGES))?;
+        for k in self.v6.iter().flat_map(|m| m.src_ranges.iter()).flat_map(|t| t.keys()) {
+            let k = k.map_err(map_err(lb_common::MAP_LB6_SRC_RANGES))?;
+            out.push(SrcRangeEntry { key: SrcRangeKey::V6(k.data()), prefix_len: k.prefix_len() });
+        }
+        Ok(out)
     }
 
     /// Global counters summed over CPUs, indexed as `lb_common::counters`.
@@ -498,12 +532,41 @@ impl MapWriter for Maps {
     }
 
     fn set_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), MapError> {
-        self.src_ranges.insert(&Key::new(e.prefix_len, e.key), e.verdict(), 0)
+        match e.key {
+            SrcRangeKey::V4(k) => self.src_ranges.insert(&Key::new(e.prefix_len, k), e.verdict(), 0),
+            SrcRangeKey::V6(k) => {
+                // The forward program looks IPv6 clients up only while this says so: on before
+                // the first entry.
+                let on =
+                    self.v6_mut()?.ranges_on.as_mut().ok_or_else(|| missing(lb_common::MAP_LB6_RANGES_ON))?;
+                if on.get(&0, 0)? == 0 {
+                    on.set(0, 1, 0)?;
+                }
+                self.src_ranges6()?.insert(&Key::new(e.prefix_len, k), e.verdict(), 0)
+            }
+        }
     }
 
     fn remove_src_range(&mut self, e: &SrcRangeEntry) -> Result<(), MapError> {
-        absent_ok(self.src_ranges.remove(&Key::new(e.prefix_len, e.key)))
+        match e.key {
+            SrcRangeKey::V4(k) => absent_ok(self.src_ranges.remove(&Key::new(e.prefix_len, k))),
+            SrcRangeKey::V6(k) => {
+                absent_ok(self.src_ranges6()?.remove(&Key::new(e.prefix_len, k)))?;
+                // Off once none is left.
+                if self.src_ranges6()?.keys().next().is_none() {
+                    if let Some(on) = self.v6_mut()?.ranges_on.as_mut() {
+                        on.set(0, 0, 0)?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
+}
+
+/// The error for a map this handle lacks.
+fn missing(name: &str) -> MapError {
+    MapError::IoError(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} is not pinned")))
 }
 
 /// A lookup's value, `None` when the key is not there; any other failure stays one.

@@ -211,15 +211,15 @@ pub struct Frontend {
     /// This node's pods use the entry of the same address with `Scope::Internal` instead of this
     /// one (an external address of an `externalTrafficPolicy: Local` Service).
     pub two_scopes: bool,
-    /// A LoadBalancer address's `loadBalancerSourceRanges` (IPv4 networks, sorted): only clients
-    /// inside one open flows to it, this cluster's pods included. `None`: every client; an empty
-    /// list: none (the Service lists IPv6 ranges only).
+    /// A LoadBalancer address's `loadBalancerSourceRanges` (networks of its family, sorted):
+    /// only clients inside one open flows to it, this cluster's pods included. `None`: every
+    /// client.
     pub source_ranges: Option<Vec<SourceRange>>,
 }
 
-/// An IPv4 network clients may come from (`loadBalancerSourceRanges`): address (host bits clear)
-/// and prefix length.
-pub type SourceRange = (Ipv4Addr, u8);
+/// A network clients may come from (`loadBalancerSourceRanges`): address (host bits clear) and
+/// prefix length.
+pub type SourceRange = (IpAddr, u8);
 
 /// Where this agent runs and what it answers for.
 #[derive(Debug, Clone)]
@@ -237,6 +237,10 @@ pub struct Context {
     /// This node's IPv6 addresses `--nodeport-addresses` selects (with `--ipv6`): where
     /// health-check node ports listen over IPv6.
     pub nodeport_addresses6: Vec<std::net::Ipv6Addr>,
+    /// This node's primary IPv6 address (`loadBalancerSourceRanges`' node rule, as `node_ip`).
+    pub node_ip6: Option<std::net::Ipv6Addr>,
+    /// Every global IPv6 address of this node's interfaces (`--external-ips node-addresses`).
+    pub local_addresses6: Vec<std::net::Ipv6Addr>,
     /// This node's primary IPv4 address: when a LoadBalancer's source ranges hold it, they admit
     /// the LoadBalancer's own address as a client too (kube-proxy's rule for load balancers that
     /// loop a node's request back with the address as its source).
@@ -259,6 +263,8 @@ impl Default for Context {
             max_endpoints_per_service: DEFAULT_MAX_ENDPOINTS,
             nodeport_addresses: Vec::new(),
             nodeport_addresses6: Vec::new(),
+            node_ip6: None,
+            local_addresses6: Vec::new(),
             node_ip: None,
             local_addresses: Vec::new(),
             external_ips: node::ExternalIps::All,
@@ -731,7 +737,11 @@ pub fn build_claiming(
                 spec.external.iter().filter(|(ip, _)| family(ip)).map(|(ip, kind)| (*ip, p.port, *kind));
             for (ip, port, kind) in load_balancers.chain(node_ports) {
                 let addr = FrontendAddr::new(ip, port, p.proto);
-                let source_ranges = spec.source_ranges.clone().filter(|_| kind == FrontendKind::LoadBalancer);
+                let source_ranges = spec
+                    .source_ranges
+                    .as_deref()
+                    .filter(|_| kind == FrontendKind::LoadBalancer)
+                    .and_then(|r| service::ranges_of_family(r, ip));
                 let fe = |addr, backends, local_only| Frontend {
                     source_ranges: source_ranges.clone(),
                     ..fe(addr, kind, backends, local_only)

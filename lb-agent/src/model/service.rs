@@ -1,7 +1,7 @@
 //! Services: which ones lb answers for, and what each asks for (addresses, ports, affinity,
 //! traffic policy). kube-proxy's rules for skipping a Service live here.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -208,14 +208,10 @@ pub(super) fn service_spec(
     // kube-proxy admits every one of the Service's LoadBalancer IPs as a client when a range
     // holds this node's IP.
     let source_ranges = source_ranges.map(|r| {
-        let lbs =
-            external.iter().filter(|(_, k)| *k == FrontendKind::LoadBalancer).filter_map(
-                |(ip, _)| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                },
-            );
-        with_node_rule(r, lbs, ctx.node_ip)
+        let lbs = external.iter().filter(|(_, k)| *k == FrontendKind::LoadBalancer).map(|(ip, _)| *ip);
+        let node_ips: Vec<IpAddr> =
+            ctx.node_ip.map(IpAddr::V4).into_iter().chain(ctx.node_ip6.map(IpAddr::V6)).collect();
+        with_node_rule(r, lbs, &node_ips)
     });
     SvcOutcome::Use(SvcSpec {
         vips,
@@ -318,30 +314,56 @@ fn health_check_port(
     parse_port("Service", object, field, port).map_err(|e| errors.push(e)).ok()
 }
 
-/// `ranges` and, when one of them holds this node's IP (`node_ip`), each of `lbs` (the Service's
-/// LoadBalancer IPs) as a client too: kube-proxy's rule for load balancers that loop a node's
-/// request back with the address as its source.
+/// Whether network `(net, len)` holds `ip` (of the same family).
+fn range_holds((net, len): &SourceRange, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(*n)
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(*n)
+        }
+        _ => false,
+    }
+}
+
+/// `ranges` and, when one of them holds one of this node's IPs (`node_ips`, its primary of each
+/// family), each of `lbs` (the Service's LoadBalancer IPs) of that family as a client too:
+/// kube-proxy's rule for load balancers that loop a node's request back with the address as its
+/// source.
 fn with_node_rule(
     mut ranges: Vec<SourceRange>,
-    lbs: impl Iterator<Item = Ipv4Addr>,
-    node_ip: Option<Ipv4Addr>,
+    lbs: impl Iterator<Item = IpAddr>,
+    node_ips: &[IpAddr],
 ) -> Vec<SourceRange> {
-    let holds = |(net, len): &SourceRange, ip: Ipv4Addr| {
-        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
-        u32::from(ip) & mask == u32::from(*net)
-    };
-    if node_ip.is_some_and(|n| ranges.iter().any(|r| holds(r, n))) {
-        ranges.extend(lbs.map(|ip| (ip, 32)));
-    }
+    let holding: Vec<bool> = [false, true]
+        .iter()
+        .map(|v6| node_ips.iter().any(|n| n.is_ipv6() == *v6 && ranges.iter().any(|r| range_holds(r, *n))))
+        .collect();
+    ranges.extend(
+        lbs.filter(|ip| holding[usize::from(ip.is_ipv6())])
+            .map(|ip| (ip, if ip.is_ipv6() { 128 } else { 32 })),
+    );
     ranges.sort_unstable();
     ranges.dedup();
     ranges
 }
 
-/// The IPv4 networks of `spec.loadBalancerSourceRanges` of a LoadBalancer Service: `None` (every
-/// client) when it lists none (the field means nothing for other types), when one is
-/// `0.0.0.0/0`, or when it lists IPv6 ones only (those are for IPv6 addresses; kube-proxy filters
-/// each family by its own ranges, and none means no filter). One that is not a network rejects
+/// The ranges of `ranges` of the family of `addr`, as a frontend at `addr` takes them: `None`
+/// (every client) when there are none of that family (kube-proxy filters each family by its own
+/// ranges, and none means no filter), or when one is the family's whole space (`0.0.0.0/0`,
+/// `::/0`).
+pub(super) fn ranges_of_family(ranges: &[SourceRange], addr: IpAddr) -> Option<Vec<SourceRange>> {
+    let mine: Vec<SourceRange> =
+        ranges.iter().filter(|(n, _)| n.is_ipv6() == addr.is_ipv6()).copied().collect();
+    (!mine.is_empty() && !mine.iter().any(|(_, len)| *len == 0)).then_some(mine)
+}
+
+/// The networks of `spec.loadBalancerSourceRanges` of a LoadBalancer Service, of both families
+/// (each frontend takes its own family's: [`ranges_of_family`]): `None` (every client) when it
+/// lists none (the field means nothing for other types). One that is not a network rejects
 /// the Service (it keeps what it had): dropping it would shut out the clients it names, ignoring
 /// all of them would let every client in. Spaces around one are allowed, as kube-proxy trims them.
 fn source_ranges(
@@ -356,19 +378,13 @@ fn source_ranges(
     let mut out = Vec::new();
     for (i, r) in listed.iter().enumerate() {
         match r.trim().parse::<Cidr>() {
-            Ok(c) => match c.addr() {
-                IpAddr::V4(a) => out.push((a, c.prefix_len())),
-                IpAddr::V6(_) => {}
-            },
+            Ok(c) => out.push((c.addr(), c.prefix_len())),
             Err(e) => {
                 let field = format!("spec.loadBalancerSourceRanges[{i}]");
                 errors.push(ModelError::invalid("Service", object, field, format!("{r:?}: {e}")));
                 return Err(());
             }
         }
-    }
-    if out.is_empty() || out.iter().any(|(_, len)| *len == 0) {
-        return Ok(None);
     }
     out.sort_unstable();
     out.dedup();
@@ -391,24 +407,30 @@ fn external_addresses(
 ) -> Vec<(IpAddr, FrontendKind)> {
     const KIND: &str = "Service";
     let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
-    let vips: Vec<Ipv4Addr> =
-        vips.iter().filter_map(|ip| if let IpAddr::V4(v4) = ip { Some(*v4) } else { None }).collect();
-    let mut out: Vec<(Ipv4Addr, FrontendKind)> = Vec::new();
-    let take = |out: &mut Vec<(Ipv4Addr, FrontendKind)>,
-                ip: &str,
-                field: String,
-                kind: FrontendKind,
-                errors: &mut Vec<ModelError>| match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => {
-            if !vips.contains(&v4) && !out.iter().any(|(a, _)| *a == v4) {
-                out.push((v4, kind));
+    let mut out: Vec<(IpAddr, FrontendKind)> = Vec::new();
+    // An address of a family the Service has no cluster IP of is left out, as kube-proxy's
+    // proxier of each family leaves it (the Service has no endpoints of that family either); an
+    // IPv4-mapped IPv6 address is the IPv4 one, as Go's parser has it.
+    let take =
+        |out: &mut Vec<(IpAddr, FrontendKind)>,
+         ip: &str,
+         field: String,
+         kind: FrontendKind,
+         errors: &mut Vec<ModelError>| match ip.trim().parse::<IpAddr>().map(|a| a.to_canonical()) {
+            Ok(a) if !vips.iter().any(|v| v.is_ipv6() == a.is_ipv6()) => {
+                let family = if a.is_ipv6() { "IPv6" } else { "IPv4" };
+                let reason = format!("{a} left out: the Service has no {family} cluster IP");
+                errors.push(ModelError::refused(KIND, object, field, reason));
             }
-        }
-        Ok(IpAddr::V6(_)) => errors.push(ModelError::unsupported(KIND, object, field, "IPv6")),
-        Err(_) => {
-            errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")))
-        }
-    };
+            Ok(a) => {
+                if !vips.contains(&a) && !out.iter().any(|(o, _)| *o == a) {
+                    out.push((a, kind));
+                }
+            }
+            Err(_) => {
+                errors.push(ModelError::invalid(KIND, object, field, format!("{ip:?} is not an IP address")))
+            }
+        };
     if spec.type_.as_deref() == Some("LoadBalancer") {
         let ingress =
             svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
@@ -428,12 +450,17 @@ fn external_addresses(
     }
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
-        let allowed = match (ctx.external_ips, ip.parse::<Ipv4Addr>()) {
+        let allowed = match (ctx.external_ips, ip.trim().parse::<IpAddr>().map(|a| a.to_canonical())) {
             (ExternalIps::All, _) | (_, Err(_)) => Ok(()),
             // One of the Service's own addresses already: taken once, whatever the setting.
             (_, Ok(a)) if vips.contains(&a) || out.iter().any(|(o, _)| *o == a) => Ok(()),
-            (ExternalIps::NodeAddresses, Ok(a))
+            (ExternalIps::NodeAddresses, Ok(IpAddr::V4(a)))
                 if ctx.local_addresses.contains(&a) || ctx.node_ip == Some(a) =>
+            {
+                Ok(())
+            }
+            (ExternalIps::NodeAddresses, Ok(IpAddr::V6(a)))
+                if ctx.local_addresses6.contains(&a) || ctx.node_ip6 == Some(a) =>
             {
                 Ok(())
             }
@@ -447,5 +474,5 @@ fn external_addresses(
             Err(reason) => errors.push(ModelError::refused(KIND, object, field, reason)),
         }
     }
-    out.into_iter().map(|(ip, kind)| (IpAddr::V4(ip), kind)).collect()
+    out
 }

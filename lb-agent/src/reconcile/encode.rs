@@ -185,43 +185,103 @@ pub fn tombstone_value(id: u32, external: bool) -> Lb4Service {
     Lb4Service { id, flags, ..Lb4Service::default() }
 }
 
-/// One entry of `LB4_SRC_RANGES`: its key's data and prefix length (its verdict follows from the
-/// length: a frontend's whole key is its deny entry, a longer prefix one of its ranges).
+/// The key data of a source-range entry, of the frontend's family (`LB4_SRC_RANGES`,
+/// `LB6_SRC_RANGES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SrcRangeKey {
+    V4(Lb4SrcRange),
+    V6(lb_common::Lb6SrcRange),
+}
+
+/// One entry of `LB4_SRC_RANGES` or `LB6_SRC_RANGES`: its key's data and prefix length (its
+/// verdict follows from the length: a frontend's whole key is its deny entry, a longer prefix
+/// one of its ranges).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SrcRangeEntry {
-    pub key: Lb4SrcRange,
+    pub key: SrcRangeKey,
     pub prefix_len: u32,
 }
 
+impl SrcRangeKey {
+    /// The frontend's (external) key.
+    pub const fn frontend(&self) -> ServiceKey {
+        match self {
+            Self::V4(k) => ServiceKey::V4(k.frontend),
+            Self::V6(k) => ServiceKey::V6(k.frontend),
+        }
+    }
+}
+
 impl SrcRangeEntry {
+    /// The prefix length of its frontend's deny entry (the bits of a frontend key of its family).
+    pub const fn frontend_bits(&self) -> u32 {
+        match self.key {
+            SrcRangeKey::V4(_) => SRC_RANGE_FRONTEND_BITS,
+            SrcRangeKey::V6(_) => lb_common::SRC_RANGE_FRONTEND_BITS6,
+        }
+    }
+
     /// `SRC_RANGE_DENY` for a frontend's own entry, `SRC_RANGE_ALLOW` for one of its ranges.
     pub const fn verdict(&self) -> u32 {
-        if self.prefix_len == SRC_RANGE_FRONTEND_BITS {
+        if self.prefix_len == self.frontend_bits() {
             SRC_RANGE_DENY
         } else {
             SRC_RANGE_ALLOW
         }
     }
+
+    /// The frontend's address, port and protocol, and the range (`None`: the deny entry).
+    pub fn parts(&self) -> (IpAddr, u16, u8, Option<(IpAddr, u8)>) {
+        let len = self.prefix_len.saturating_sub(self.frontend_bits()) as u8;
+        let (vip, port, proto, src): (IpAddr, _, _, IpAddr) = match self.key {
+            SrcRangeKey::V4(k) => {
+                (ipv4(k.frontend.addr).into(), k.frontend.port, k.frontend.proto, ipv4(k.src).into())
+            }
+            SrcRangeKey::V6(k) => {
+                (ipv6(k.frontend.addr).into(), k.frontend.port, k.frontend.proto, ipv6(k.src).into())
+            }
+        };
+        (vip, u16::from_be(port), proto, (len > 0).then_some((src, len)))
+    }
 }
 
-/// The `LB4_SRC_RANGES` entries of the frontend at `addr` with source ranges `ranges`: one per
-/// range, then its deny entry (the order to write them in). Under the address's external key,
-/// which both scopes share.
-/// An IPv6 address has none (its ranges are not programmed yet: the model gives it none).
+/// The source-range entries of the frontend at `addr` with source ranges `ranges` (of its
+/// family; the model gives each frontend its own family's): one per range, then its deny entry
+/// (the order to write them in). Under the address's external key, which both scopes share.
 pub fn src_range_entries(addr: &FrontendAddr, ranges: &[SourceRange]) -> Vec<SrcRangeEntry> {
-    let Some(frontend) = service_key4(&FrontendAddr { scope: Scope::External, ..*addr }) else {
-        return Vec::new();
-    };
     // A `/0` range (which the model turns into no ranges at all) would be the deny entry itself.
-    ranges
-        .iter()
-        .filter(|(_, len)| *len > 0)
-        .map(|(net, len)| SrcRangeEntry {
-            key: Lb4SrcRange { frontend, src: u32::from_ne_bytes(net.octets()) },
-            prefix_len: SRC_RANGE_FRONTEND_BITS + u32::from(*len),
-        })
-        .chain([SrcRangeEntry { key: Lb4SrcRange { frontend, src: 0 }, prefix_len: SRC_RANGE_FRONTEND_BITS }])
-        .collect()
+    let ranges = ranges.iter().filter(|(_, len)| *len > 0);
+    match service_key(&FrontendAddr { scope: Scope::External, ..*addr }) {
+        ServiceKey::V4(frontend) => ranges
+            .filter_map(|(net, len)| match net {
+                IpAddr::V4(n) => Some(SrcRangeEntry {
+                    key: SrcRangeKey::V4(Lb4SrcRange { frontend, src: u32::from_ne_bytes(n.octets()) }),
+                    prefix_len: SRC_RANGE_FRONTEND_BITS + u32::from(*len),
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .chain([SrcRangeEntry {
+                key: SrcRangeKey::V4(Lb4SrcRange { frontend, src: 0 }),
+                prefix_len: SRC_RANGE_FRONTEND_BITS,
+            }])
+            .collect(),
+        ServiceKey::V6(frontend) => ranges
+            .filter_map(|(net, len)| match net {
+                IpAddr::V6(n) => Some(SrcRangeEntry {
+                    key: SrcRangeKey::V6(lb_common::Lb6SrcRange {
+                        frontend,
+                        src: lb_common::addr6(n.octets()),
+                    }),
+                    prefix_len: lb_common::SRC_RANGE_FRONTEND_BITS6 + u32::from(*len),
+                }),
+                IpAddr::V4(_) => None,
+            })
+            .chain([SrcRangeEntry {
+                key: SrcRangeKey::V6(lb_common::Lb6SrcRange { frontend, src: [0; 4] }),
+                prefix_len: lb_common::SRC_RANGE_FRONTEND_BITS6,
+            }])
+            .collect(),
+    }
 }
 
 /// The frontend record's kind of a frontend of `kind`.
@@ -421,6 +481,22 @@ mod tests {
         assert_eq!(m.socket(), (be.ip, 8080));
         assert_eq!(m.state(), MEMBER_SERVING);
         assert_eq!(be.to_string(), "[fd00:10:244:1::2]:8080/UDP", "RFC 5952 text in brackets");
-        assert!(src_range_entries(&fe, &[(Ipv4Addr::new(10, 0, 0, 0), 8)]).is_empty());
+        // Its source ranges go to `LB6_SRC_RANGES`: one per range (160 bits of frontend and the
+        // range's), then its deny entry.
+        let net: IpAddr = "fd00:1::".parse::<Ipv6Addr>().expect("addr").into();
+        let e = src_range_entries(&fe, &[(net, 32)]);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            matches!(e[0].key, SrcRangeKey::V6(k) if k.src == addr6([0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+        );
+        assert_eq!(
+            (e[0].prefix_len, e[0].verdict()),
+            (lb_common::SRC_RANGE_FRONTEND_BITS6 + 32, SRC_RANGE_ALLOW)
+        );
+        assert_eq!((e[1].prefix_len, e[1].verdict()), (lb_common::SRC_RANGE_FRONTEND_BITS6, SRC_RANGE_DENY));
+        assert_eq!(e[0].parts().3, Some((net, 32)));
+        assert_eq!(e[1].parts().3, None);
+        // Under the address's external key, whatever the frontend's scope.
+        assert_eq!(e[0].key.frontend(), service_key(&FrontendAddr { scope: Scope::External, ..fe }));
     }
 }

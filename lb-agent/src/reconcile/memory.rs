@@ -161,11 +161,11 @@ impl MapWriter for MemoryMaps {
 
 /// `frontend from network/len`, or `frontend from any` for a deny entry.
 pub fn src_range_name(e: &SrcRangeEntry) -> String {
-    let k = &e.key.frontend;
-    let fe = super::encode::endpoint(k.addr, k.port, k.proto);
-    match e.prefix_len.checked_sub(lb_common::SRC_RANGE_FRONTEND_BITS) {
-        Some(0) | None => format!("{fe} from any"),
-        Some(len) => format!("{fe} from {}/{len}", super::encode::ipv4(e.key.src)),
+    let (vip, port, proto, range) = e.parts();
+    let fe = format!("{}/{}", std::net::SocketAddr::new(vip, port), super::encode::proto_name(proto));
+    match range {
+        None => format!("{fe} from any"),
+        Some((net, len)) => format!("{fe} from {net}/{len}"),
     }
 }
 

@@ -28,7 +28,7 @@ mod memory;
 
 pub use lb_common::capacity::Capacities;
 use lb_common::{
-    Lb4FrontendMeta, Lb4Service, Lb4ServiceKey, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, SVC_FLAG_EXTERNAL,
+    Lb4FrontendMeta, Lb4Service, BACKEND_STATE_ACTIVE, BACKEND_STATE_FREE, SVC_FLAG_EXTERNAL,
     SVC_FLAG_TOMBSTONE,
 };
 
@@ -36,12 +36,11 @@ use self::{
     alloc::{IdAllocator, Region, RegionAllocator},
     encode::{
         backend_addr, backend_free, backend_state, backend_value, frontend_addr, member_backend_state,
-        meta_kind, service_key, service_key4, service_region, service_value, src_range_entries,
-        tombstone_value,
+        meta_kind, service_key, service_region, service_value, src_range_entries, tombstone_value,
     },
 };
 pub use self::{
-    encode::{BackendValue, MemberKey, MemberValue, ServiceKey, SrcRangeEntry},
+    encode::{BackendValue, MemberKey, MemberValue, ServiceKey, SrcRangeEntry, SrcRangeKey},
     flows::{CtKey, FlowCensus, FlowError, FlowTable, FlowTables, Sweeper, Timeouts},
     memory::MemoryMaps,
 };
@@ -509,11 +508,11 @@ impl Reconciler {
         }
         // Ranges it no longer has (or another Service's, at an address it takes) go before it is
         // published; its deny entry stays.
-        let key = wanted[wanted.len() - 1].key.frontend;
+        let key = wanted[wanted.len() - 1].key.frontend();
         let stale: Vec<SrcRangeEntry> = self
             .src_ranges
             .iter()
-            .filter(|e| e.key.frontend == key && !wanted.contains(e))
+            .filter(|e| e.key.frontend() == key && !wanted.contains(e))
             .copied()
             .collect();
         for e in stale {
@@ -531,7 +530,7 @@ impl Reconciler {
             return;
         }
         let mut wanted: HashSet<SrcRangeEntry> = HashSet::new();
-        let mut unknown: HashSet<Lb4ServiceKey> = HashSet::new();
+        let mut unknown: HashSet<ServiceKey> = HashSet::new();
         for (addr, p) in &self.frontends {
             match &p.frontend {
                 Some(fe) => {
@@ -540,25 +539,23 @@ impl Reconciler {
                     }
                 }
                 None => {
-                    unknown.extend(service_key4(&FrontendAddr {
-                        scope: crate::model::Scope::External,
-                        ..*addr
-                    }));
+                    unknown
+                        .insert(service_key(&FrontendAddr { scope: crate::model::Scope::External, ..*addr }));
                 }
             }
         }
         let mut stale: Vec<SrcRangeEntry> = self
             .src_ranges
             .iter()
-            .filter(|e| !wanted.contains(e) && !unknown.contains(&e.key.frontend))
+            .filter(|e| !wanted.contains(e) && !unknown.contains(&e.key.frontend()))
             .copied()
             .collect();
         stale.sort_by_key(|e| e.verdict() != lb_common::SRC_RANGE_DENY);
         self.src_ranges_stale = false;
         // Frontends whose deny entry failed to go keep their ranges with it.
-        let mut blocked: HashSet<Lb4ServiceKey> = HashSet::new();
+        let mut blocked: HashSet<ServiceKey> = HashSet::new();
         for e in stale {
-            if blocked.contains(&e.key.frontend) {
+            if blocked.contains(&e.key.frontend()) {
                 continue;
             }
             match w.remove_src_range(&e) {
@@ -567,15 +564,13 @@ impl Reconciler {
                 }
                 Err(err) => {
                     self.src_ranges_stale = true;
-                    let k = &e.key.frontend;
-                    errors.push(write_err(
-                        encode::endpoint(k.addr, k.port, k.proto),
-                        "source range removal",
-                        err,
-                    ));
+                    let (vip, port, proto, _) = e.parts();
+                    let name =
+                        format!("{}/{}", std::net::SocketAddr::new(vip, port), encode::proto_name(proto));
+                    errors.push(write_err(name, "source range removal", err));
                     // The ranges it denies for stay until its deny entry goes.
                     if e.verdict() == lb_common::SRC_RANGE_DENY {
-                        blocked.insert(e.key.frontend);
+                        blocked.insert(e.key.frontend());
                     }
                 }
             }
@@ -1281,7 +1276,7 @@ mod tests {
         Frontend {
             kind: crate::model::FrontendKind::LoadBalancer,
             source_ranges: ranges
-                .map(|r| r.iter().map(|(a, len)| (Ipv4Addr::new(*a, 0, 0, 0), *len)).collect()),
+                .map(|r| r.iter().map(|(a, len)| (Ipv4Addr::new(*a, 0, 0, 0).into(), *len)).collect()),
             ..frontend(80, &[1], &[], 0)
         }
     }

@@ -5,13 +5,13 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use lb_agent::reconcile::{
-    encode::{endpoint_of, ipv4, state_name},
+    encode::{endpoint_of, state_name},
     BackendValue, MemoryMaps, ServiceKey,
 };
 use lb_common::{
     Lb4Service, BACKEND_STATE_FREE, FRONTEND_KIND_EXTERNAL_IP, FRONTEND_KIND_LOAD_BALANCER,
-    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY, SRC_RANGE_FRONTEND_BITS,
-    SVC_FLAG_EXTERNAL, SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
+    FRONTEND_KIND_NODE_PORT, SCOPE_INTERNAL, SRC_RANGE_ALLOW, SRC_RANGE_DENY, SVC_FLAG_EXTERNAL,
+    SVC_FLAG_LOCAL_ONLY, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
 };
 
 /// `VIP:port/PROTO` (`[VIP]:port/PROTO` for IPv6), and ` (internal)` for an address's internal
@@ -92,13 +92,13 @@ pub fn render(maps: &MemoryMaps) -> String {
     }
     // Source ranges, by frontend: the networks let in, then whether the others are shut out.
     for (e, verdict) in &maps.src_ranges {
-        let fe = frontend_addr(&ServiceKey::V4(e.key.frontend));
-        let _ = match e.prefix_len.checked_sub(SRC_RANGE_FRONTEND_BITS) {
-            Some(0) => writeln!(out, "source-ranges {fe} others {}", verdict_name(*verdict)),
-            Some(len) => {
-                writeln!(out, "source-ranges {fe} {}/{len} {}", ipv4(e.key.src), verdict_name(*verdict))
+        let fe = frontend_addr(&e.key.frontend());
+        let _ = match (e.prefix_len.checked_sub(e.frontend_bits()), e.parts().3) {
+            (Some(0), _) => writeln!(out, "source-ranges {fe} others {}", verdict_name(*verdict)),
+            (Some(_), Some((net, len))) => {
+                writeln!(out, "source-ranges {fe} {net}/{len} {}", verdict_name(*verdict))
             }
-            None => writeln!(out, "source-ranges {fe} malformed prefix {}", e.prefix_len),
+            _ => writeln!(out, "source-ranges {fe} malformed prefix {}", e.prefix_len),
         };
     }
     let mut backends: Vec<(String, &'static str)> = maps
