@@ -121,30 +121,7 @@ impl<W: MapWriter> Agent<W> {
     /// Serves the health-check node ports as they are wanted now; a port that could not be listened
     /// on before is tried again. Returns what cannot be served (each naming its Service).
     pub fn serve_health_checks(&mut self) -> Vec<String> {
-        // With `--nodeport-addresses primary` (the default) or `0.0.0.0/0`, on every address, as
-        // kube-proxy with none given: some cloud load balancers ask on the load balancer's IP,
-        // which the node takes for its own (GCE). With other CIDRs, on the addresses they select,
-        // as kube-proxy.
-        // Each family apart (with `--ipv6`, IPv6 too): `primary`, or a match-all CIDR of the
-        // family (`0.0.0.0/0`, `::/0`), listens on all of the family's addresses.
-        let match_all = |v6: bool| match &self.nodeport_spec {
-            model::node::NodePortAddresses::Cidrs(c) => {
-                c.iter().any(|c| c.prefix_len() == 0 && c.addr().is_ipv6() == v6)
-            }
-            model::node::NodePortAddresses::Primary => true,
-        };
-        let mut addresses: Vec<std::net::IpAddr> = if match_all(false) {
-            vec![std::net::Ipv4Addr::UNSPECIFIED.into()]
-        } else {
-            self.ctx.nodeport_addresses.iter().map(|a| (*a).into()).collect()
-        };
-        if self.ctx.ipv6 {
-            if match_all(true) {
-                addresses.push(std::net::Ipv6Addr::UNSPECIFIED.into());
-            } else {
-                addresses.extend(self.ctx.nodeport_addresses6.iter().map(|a| std::net::IpAddr::from(*a)));
-            }
-        }
+        let addresses = health_check_addresses(&self.nodeport_spec, &self.ctx);
         let errors = self.health_servers.sync(&self.health_checks, &self.health_held, &addresses);
         errors.iter().map(ToString::to_string).collect()
     }
@@ -466,8 +443,67 @@ impl<W: MapWriter + FlowTables> Agent<W> {
     }
 }
 
+/// Where the health-check node ports listen. With `--nodeport-addresses primary` (the default) or
+/// `0.0.0.0/0`, on every address, as kube-proxy with none given: some cloud load balancers ask on
+/// the load balancer's IP, which the node takes for its own (GCE). With other CIDRs, on the
+/// addresses they select, as kube-proxy. Each family apart (with `--ipv6`, IPv6 too): `primary`,
+/// a match-all CIDR of the family (`0.0.0.0/0`, `::/0`), or no CIDR of the family at all
+/// (kube-proxy's `NewNodePortAddresses` gives such a family its zero CIDR) listens on all of the
+/// family's addresses.
+fn health_check_addresses(
+    spec: &model::node::NodePortAddresses,
+    ctx: &model::Context,
+) -> Vec<std::net::IpAddr> {
+    let match_all = |v6: bool| match spec {
+        model::node::NodePortAddresses::Cidrs(c) => {
+            let mine: Vec<_> = c.iter().filter(|c| c.addr().is_ipv6() == v6).collect();
+            mine.is_empty() || mine.iter().any(|c| c.prefix_len() == 0)
+        }
+        model::node::NodePortAddresses::Primary => true,
+    };
+    let mut addresses: Vec<std::net::IpAddr> = if match_all(false) {
+        vec![std::net::Ipv4Addr::UNSPECIFIED.into()]
+    } else {
+        ctx.nodeport_addresses.iter().map(|a| (*a).into()).collect()
+    };
+    if ctx.ipv6 {
+        if match_all(true) {
+            addresses.push(std::net::Ipv6Addr::UNSPECIFIED.into());
+        } else {
+            addresses.extend(ctx.nodeport_addresses6.iter().map(|a| std::net::IpAddr::from(*a)));
+        }
+    }
+    addresses
+}
+
 #[cfg(test)]
 mod tests {
+    /// Health-check node ports listen per family: everywhere with `primary`, with the family's
+    /// zero CIDR, or with no CIDR of the family; else on the family's selected addresses (none:
+    /// none, which the servers report); IPv6 only with `--ipv6`.
+    #[test]
+    fn health_check_node_ports_listen_per_family() {
+        use std::net::IpAddr;
+        let ctx = |ipv6: bool| crate::model::Context {
+            nodeport_addresses: vec!["10.0.0.5".parse().expect("addr")],
+            nodeport_addresses6: vec!["fd00::5".parse().expect("addr")],
+            ipv6,
+            ..crate::model::Context::default()
+        };
+        let at = |spec: &str, ipv6: bool| -> Vec<String> {
+            let spec: crate::model::node::NodePortAddresses = spec.parse().expect("a spec");
+            super::health_check_addresses(&spec, &ctx(ipv6)).iter().map(IpAddr::to_string).collect()
+        };
+        assert_eq!(at("primary", true), ["0.0.0.0", "::"]);
+        assert_eq!(at("primary", false), ["0.0.0.0"]);
+        assert_eq!(at("10.0.0.0/8", true), ["10.0.0.5", "::"], "no IPv6 CIDR: every IPv6 address");
+        assert_eq!(at("fd00::/8", true), ["0.0.0.0", "fd00::5"], "no IPv4 CIDR: every IPv4 address");
+        assert_eq!(at("10.0.0.0/8,fd00::/8", true), ["10.0.0.5", "fd00::5"]);
+        assert_eq!(at("0.0.0.0/0,fd00::/8", true), ["0.0.0.0", "fd00::5"]);
+        assert_eq!(at("10.0.0.0/8,::/0", true), ["10.0.0.5", "::"]);
+        assert_eq!(at("10.0.0.0/8,fd00::/8", false), ["10.0.0.5"]);
+    }
+
     use std::path::Path;
 
     use lb_common::{Lb4ServiceKey, IPPROTO_TCP, SVC_FLAG_TOMBSTONE};

@@ -814,6 +814,17 @@ mod tests {
         let a = get_at(SocketAddr::new(v6_loopback, port), "/").await.expect("over IPv6");
         assert_eq!(a.status, 503, "{a:?}");
         assert_eq!(health.view().services[0].listening, vec![format!("[::1]:{port}")]);
+        // `::` alone takes IPv6 only (IPV6_V6ONLY): IPv4 is refused, not answered by it.
+        let only6 = free_port();
+        let errors = servers.sync(
+            &wanted(&[("shop/web", only6, 1)]),
+            NONE_HELD,
+            &[std::net::Ipv6Addr::UNSPECIFIED.into()],
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let a = get_at(SocketAddr::new(v6_loopback, only6), "/").await.expect("over IPv6");
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(closed(only6).await, "IPv4 is not served by the IPv6 listener");
     }
 
     /// The agent unhealthy (a change held back past the limit): every port answers 503 with

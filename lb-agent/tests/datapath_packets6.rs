@@ -1309,4 +1309,18 @@ fn ipv6_source_ranges_let_only_their_clients_reach_a_load_balancer_address() {
     assert!(maps.read_src_ranges().expect("ranges").is_empty(), "LB6_SRC_RANGES emptied");
     let (v, _, _) = ask!(Prog::TcForward, (outside[2], 45_000), lb, SYN, &new_flow, "no ranges: in");
     assert_eq!(v, TC_OK);
+    let on = |maps: &Maps| {
+        let m6 = maps.v6.as_ref().expect("the IPv6 handles");
+        m6.ranges_on.as_ref().expect("LB6_RANGES_ON").get(&0, 0).expect("LB6_RANGES_ON[0]")
+    };
+    assert_eq!(on(&maps), 0, "the forward program looks no client up while no range is left");
+    // Ranges come back: that flow, open before them, goes on; a new one from the client is dropped.
+    let (_, errors) = r.sync(&ranged(Some(vec![net("2001:db8:aaaa::", 48)])), &Default::default(), &mut maps);
+    assert!(errors.is_empty(), "sync errors: {errors:?}");
+    assert_eq!(on(&maps), 1);
+    let est = [(c::RX_FORWARD, 1), (c::FWD_ESTABLISHED, 1)];
+    let (v, _, _) = ask!(Prog::TcForward, (outside[2], 45_000), lb, ACK, &est, "open before the ranges");
+    assert_eq!(v, TC_OK);
+    let (v, _, _) = ask!(Prog::TcForward, (outside[2], 45_001), lb, SYN, &denied, "a new flow after them");
+    assert_eq!(v, TC_SHOT);
 }

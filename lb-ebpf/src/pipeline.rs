@@ -19,9 +19,12 @@ use crate::{
     stats::count,
 };
 
-/// Forward direction (pod → anything): load-balance packets to service frontends.
+/// Forward direction (pod → anything): load-balance packets to service frontends. IPv4 only:
+/// IPv6 runs [`forward_parsed`] and [`forward_decided`], whose first half finds what the second's
+/// decision reads (`Family::pod_source_allowed`).
 #[inline(always)]
 pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    const { assert!(F::AF == crate::family::V4::AF) };
     let parsed = ctx.parse::<F>();
     verdict(ctx, parsed, |f| lb::forward(ctx, f, ctx.len()))
 }
@@ -49,7 +52,14 @@ pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()
         return finish_marked::<F, C>(ctx, Action::Pass(unserved));
     };
     *slot = StoredFlow::from(&f);
-    if ranges_on::<F>() && !F::source_allowed(f.daddr, f.dport, f.proto, f.saddr) {
+    // Only where some IPv6 frontend has ranges, and only towards a Service address (a hash
+    // lookup before the trie's). The agent writes a frontend's ranges before it publishes the
+    // frontend, but this reads them before the decision reads the frontend: a packet racing the
+    // frontend's first publication may open one flow unchecked (IPv4 reads the other way round).
+    if ranges_on::<F>()
+        && F::is_frontend_addr(f.daddr)
+        && !F::source_allowed(f.daddr, f.dport, f.proto, f.saddr)
+    {
         slot.flags |= FLAG_SOURCE_DENIED;
     }
     tail_call();

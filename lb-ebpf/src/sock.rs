@@ -303,7 +303,8 @@ fn forward<F: SockFamily>(
     if svc.flags & SVC_FLAG_EXTERNAL != 0 && !F::source_allowed(addr, port, proto, F::Addr::ZERO) {
         // `loadBalancerSourceRanges` that do not admit every source: the socket's own address is
         // not known yet, so the packets go their way (to the load balancer, and back in through a
-        // node interface, where the ranges are checked against this node's address).
+        // node interface, where the ranges are checked against this node's address; over IPv6
+        // the node-side programs translate nothing yet, so such an address is not reached).
         return Outcome::Untouched;
     }
     // SAFETY: a valid context; no other preconditions.

@@ -417,6 +417,10 @@ fn external_addresses(
          field: String,
          kind: FrontendKind,
          errors: &mut Vec<ModelError>| match ip.trim().parse::<IpAddr>().map(|a| a.to_canonical()) {
+            Ok(a) if a.is_ipv6() && !ctx.ipv6 => {
+                let reason = format!("{a} left out: IPv6 is off on this node (--ipv6)");
+                errors.push(ModelError::refused(KIND, object, field, reason));
+            }
             Ok(a) if !vips.iter().any(|v| v.is_ipv6() == a.is_ipv6()) => {
                 let family = if a.is_ipv6() { "IPv6" } else { "IPv4" };
                 let reason = format!("{a} left out: the Service has no {family} cluster IP");
