@@ -146,26 +146,14 @@ impl<W: MapWriter> Agent<W> {
 
     /// This node's global IPv6 addresses now; true if they changed (as
     /// [`Agent::set_local_addresses`]).
-    pub fn set_local_ipv6(&mut self, mut local: Vec<std::net::Ipv6Addr>) -> bool {
-        local.sort();
-        self.local_addrs6.sort();
-        if local == self.local_addrs6 {
-            return false;
-        }
-        self.local_addrs6 = local;
-        true
+    pub fn set_local_ipv6(&mut self, local: Vec<std::net::Ipv6Addr>) -> bool {
+        replace_unordered(&mut self.local_addrs6, local)
     }
 
     /// This node's local addresses now; true if they changed (the NodePorts follow at the next
     /// full change).
-    pub fn set_local_addresses(&mut self, mut local: Vec<std::net::Ipv4Addr>) -> bool {
-        local.sort();
-        self.local_addrs.sort();
-        if local == self.local_addrs {
-            return false;
-        }
-        self.local_addrs = local;
-        true
+    pub fn set_local_addresses(&mut self, local: Vec<std::net::Ipv4Addr>) -> bool {
+        replace_unordered(&mut self.local_addrs, local)
     }
 
     /// Runs `sweeper` from [`Agent::sweep`]: expired flows are removed, and tombstones and
@@ -441,6 +429,17 @@ impl<W: MapWriter + FlowTables> Agent<W> {
             self.update_gauges();
         }
     }
+}
+
+/// Puts `new` in `old`'s place unless both hold the same items, in any order; true if it did.
+fn replace_unordered<T: Ord>(old: &mut Vec<T>, mut new: Vec<T>) -> bool {
+    new.sort();
+    old.sort();
+    if new == *old {
+        return false;
+    }
+    *old = new;
+    true
 }
 
 /// Where the health-check node ports listen. With `--nodeport-addresses primary` (the default) or

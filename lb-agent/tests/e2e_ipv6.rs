@@ -11,45 +11,16 @@ use std::{
 use lb_agent::datapath::Mode;
 use lb_common::counters as c;
 use lb_testkit::lab::{tcp_asks, tcp_peer_any, udp_asks, udp_peer_any, wait_until, Lab, Pod, Session};
-use support::{Cluster, VIP};
+use support::{
+    v6::{dual_stack_who, VIP6},
+    Cluster, VIP,
+};
 
 /// The Service's IPv6 cluster IP.
-const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 
 /// New flows per family and protocol from node 1: a third is 600 per backend, with a standard
 /// deviation of 20, so the ±15 % band (±90) is 4.5 standard deviations wide.
 const FLOWS: usize = 1_800;
-
-/// The dual-stack Service `who` (TCP 80 → 8080, UDP 53 → 5353) and one EndpointSlice per family
-/// with the backends `b` (all three, or fewer).
-fn dual_stack_who(b: &[Pod]) -> String {
-    let slice = |family: &str, addr: &dyn Fn(&Pod) -> String| {
-        let endpoints: Vec<String> = b
-            .iter()
-            .map(|p| {
-                format!(
-                    "- addresses: ['{}']\n  nodeName: node{}\n  conditions: {{ready: true}}",
-                    addr(p),
-                    p.node
-                )
-            })
-            .collect();
-        format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-{}\n  \
-             namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: {family}\nports:\n\
-             - {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 5353, protocol: UDP}}\nendpoints:\n{}\n",
-            family.to_lowercase(),
-            endpoints.join("\n")
-        )
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: who, namespace: demo}}\nspec:\n  clusterIP: {VIP}\n  \
-         clusterIPs: ['{VIP}', '{VIP6}']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports:\n  \
-         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n{}{}",
-        slice("IPv4", &|p| p.ip.to_string()),
-        slice("IPv6", &|p| p.ip6.expect("a dual-stack pod").to_string()),
-    )
-}
 
 fn tally(answers: Vec<std::io::Result<String>>, what: &str) -> BTreeMap<String, usize> {
     let mut t = BTreeMap::new();

@@ -646,34 +646,17 @@ fn health_check_node_ports_tell_load_balancers_which_nodes_have_endpoints() {
 /// (`0.0.0.0` and `::`, with `--nodeport-addresses primary`), which `lbctl health` lists.
 #[test]
 fn health_check_node_ports_answer_over_ipv6() {
+    // Service `who`, dual-stack, with b1 and b2 (node 1) as its endpoints.
     let yaml = |b: &[Pod; 3]| {
-        let slice = |family: &str, addr: &dyn Fn(&Pod) -> String| {
-            let eps: Vec<String> = b[..2]
-                .iter()
-                .map(|p| {
-                    format!(
-                        "- addresses: ['{}']\n  nodeName: node{}\n  conditions: {{ready: true}}",
-                        addr(p),
-                        p.node
-                    )
-                })
-                .collect();
-            format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-{}\n  \
-                 namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: {family}\nports:\n\
-                 - {{name: tcp, port: 8080, protocol: TCP}}\nendpoints:\n{}\n",
-                family.to_lowercase(),
-                eps.join("\n")
+        support::v6::dual_stack_who(&b[..2])
+            .replacen(
+                "spec:\n",
+                &format!(
+                    "spec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n"
+                ),
+                1,
             )
-        };
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: who, namespace: demo}}\nspec:\n  type: LoadBalancer\n  \
-             externalTrafficPolicy: Local\n  healthCheckNodePort: {HEALTH_PORT}\n  clusterIP: {VIP}\n  \
-             clusterIPs: ['{VIP}', 'fd00:10:96::10']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  \
-             ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}}\n{}{}",
-            slice("IPv4", &|p| p.ip.to_string()),
-            slice("IPv6", &|p| p.ip6.expect("a dual-stack pod").to_string()),
-        )
+            .replacen("protocol: TCP}", "protocol: TCP, nodePort: 30080}", 1)
     };
     let args = ["--node-interfaces", "ul0", "--ipv6", "on"];
     let mut c = Cluster::dual_stack("nph6", Mode::Tc, yaml, &args);

@@ -142,12 +142,19 @@ pub fn emit_sock(reason: u32, vip: (u32, u16), proto: u8, backend: (u32, u16), s
         ts_ns: now,
         ..LbEvent::default()
     };
-    if config::sock_process() {
-        // The thread group id: the process, as `ps` shows it.
-        e.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        e.comm = bpf_get_current_comm().unwrap_or_default();
-    }
+    (e.pid, e.comm) = process();
     let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
+}
+
+/// The calling process's id (the thread group's: the process, as `ps` shows it) and command
+/// name, where the kernel gives cgroup programs them; else nothing.
+#[inline(always)]
+fn process() -> (u32, [u8; 16]) {
+    if config::sock_process() {
+        ((bpf_get_current_pid_tgid() >> 32) as u32, bpf_get_current_comm().unwrap_or_default())
+    } else {
+        (0, [0; 16])
+    }
 }
 
 /// [`emit_sock`] for an IPv6 socket ([`LbEvent6`], its kind flagged `EVENT_IPV6`).
@@ -164,11 +171,7 @@ pub fn emit_sock6(
         return;
     }
     let Some(mut entry) = LB_EVENTS.reserve::<LbEvent6>(0) else { return };
-    let (pid, comm) = if config::sock_process() {
-        ((bpf_get_current_pid_tgid() >> 32) as u32, bpf_get_current_comm().unwrap_or_default())
-    } else {
-        (0, [0; 16])
-    };
+    let (pid, comm) = process();
     entry.write(LbEvent6 {
         kind: EVENT_SOCK | EVENT_IPV6,
         reason,

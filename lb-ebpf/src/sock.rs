@@ -285,6 +285,21 @@ enum Outcome<A> {
     Refused,
 }
 
+impl<A> Outcome<A> {
+    /// The call's verdict, with the backend written into the context by `write` when there is one.
+    #[inline(always)]
+    fn apply(self, write: impl FnOnce((A, u16))) -> i32 {
+        match self {
+            Self::Untouched => PROCEED,
+            Self::To(a, p) => {
+                write((a, p));
+                PROCEED
+            }
+            Self::Refused => REFUSE,
+        }
+    }
+}
+
 /// `connect` and `sendmsg` of family `F` to `addr:port` over `proto`: a socket sending to a
 /// Service address is given a backend (counted as `counter`); to a Service without endpoints,
 /// refused.
@@ -452,14 +467,7 @@ pub fn sock4_forward(ctx: &SockAddrContext, counter: u32) -> i32 {
     {
         return PROCEED;
     }
-    match forward::<V4>(ctx, addr, port, proto, counter) {
-        Outcome::Untouched => PROCEED,
-        Outcome::To(a, p) => {
-            set_user4(sa, a, p);
-            PROCEED
-        }
-        Outcome::Refused => REFUSE,
-    }
+    forward::<V4>(ctx, addr, port, proto, counter).apply(|(a, p)| set_user4(sa, a, p))
 }
 
 /// `connect6` and `sendmsg6`: as [`sock4_forward`] for IPv6 Service addresses. With `MAPPED`
@@ -480,23 +488,9 @@ pub fn sock6_forward<const MAPPED: bool>(ctx: &SockAddrContext, counter: u32) ->
     let port = unsafe { (*sa).user_port } as u16;
     let mapped = if MAPPED { v4_mapped(addr) } else { None };
     if let Some(v4) = mapped {
-        return match forward::<V4>(ctx, v4, port, proto, counter) {
-            Outcome::Untouched => PROCEED,
-            Outcome::To(a, p) => {
-                set_user6(sa, mapped6(a), p);
-                PROCEED
-            }
-            Outcome::Refused => REFUSE,
-        };
+        return forward::<V4>(ctx, v4, port, proto, counter).apply(|(a, p)| set_user6(sa, mapped6(a), p));
     }
-    match forward::<V6>(ctx, addr, port, proto, counter) {
-        Outcome::Untouched => PROCEED,
-        Outcome::To(a, p) => {
-            set_user6(sa, a, p);
-            PROCEED
-        }
-        Outcome::Refused => REFUSE,
-    }
+    forward::<V6>(ctx, addr, port, proto, counter).apply(|(a, p)| set_user6(sa, a, p))
 }
 
 /// `recvmsg4` and `getpeername4`: a backend this socket was sent to reads as the Service address

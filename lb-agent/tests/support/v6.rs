@@ -291,3 +291,38 @@ pub fn check_icmp6_error(bytes: &[u8], quoted_whole: bool) -> SeenIcmp6 {
     };
     SeenIcmp6 { src, dst, kind: icmp[0], quoted: q }
 }
+
+/// The Service's IPv6 cluster IP in the dual-stack labs' objects ([`dual_stack_who`]).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// The dual-stack Service `who` (cluster IPs `VIP` and [`VIP6`]; TCP 80 → 8080, UDP 53 → 5353)
+/// and one EndpointSlice per family with the backends `b` (all three, or fewer).
+pub fn dual_stack_who(b: &[lb_testkit::lab::Pod]) -> String {
+    let slice = |family: &str, addr: &dyn Fn(&lb_testkit::lab::Pod) -> String| {
+        let endpoints: Vec<String> = b
+            .iter()
+            .map(|p| {
+                format!(
+                    "- addresses: ['{}']\n  nodeName: node{}\n  conditions: {{ready: true}}",
+                    addr(p),
+                    p.node
+                )
+            })
+            .collect();
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: who-{}\n  \
+             namespace: demo\n  labels: {{kubernetes.io/service-name: who}}\naddressType: {family}\nports:\n\
+             - {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 5353, protocol: UDP}}\nendpoints:\n{}\n",
+            family.to_lowercase(),
+            endpoints.join("\n")
+        )
+    };
+    let vip = super::VIP;
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: who, namespace: demo}}\nspec:\n  clusterIP: {vip}\n  \
+         clusterIPs: ['{vip}', '{VIP6}']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports:\n  \
+         - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n{}{}",
+        slice("IPv4", &|p| p.ip.to_string()),
+        slice("IPv6", &|p| p.ip6.expect("a dual-stack pod").to_string()),
+    )
+}
