@@ -16,8 +16,6 @@ use support::{
     Cluster, VIP,
 };
 
-/// The Service's IPv6 cluster IP.
-
 /// New flows per family and protocol from node 1: a third is 600 per backend, with a standard
 /// deviation of 20, so the ±15 % band (±90) is 4.5 standard deviations wide.
 const FLOWS: usize = 1_800;
