@@ -276,8 +276,9 @@ pub trait Family: Copy + 'static {
     /// [`Family::source_allowed`] for a new flow `f` from one of this node's pods, in the pod-side
     /// forward program (where IPv6's verdict was found before the decision).
     fn pod_source_allowed(f: &Flow<Self>) -> bool;
-    /// Sends a flow event of the family's record (`LbEvent`, `LbEvent6`); the caller checked
-    /// that events are on and the rate allows.
+    /// Sends a flow or socket event of the family's record (`LbEvent`, `LbEvent6`), with the
+    /// calling process (socket events; zeroes for packets); the caller checked that events are on
+    /// and the rate allows.
     fn output_event(
         t: (Self::Addr, Self::Addr, u16, u16, u8),
         kind: u32,
@@ -285,6 +286,7 @@ pub trait Family: Copy + 'static {
         backend: (Self::Addr, u16),
         svc_id: u32,
         now: u64,
+        process: (u32, [u8; 16]),
     );
     /// Whether `addr` is the address of a Service frontend, whatever its port (for a packet
     /// whose ports lb cannot see).
@@ -403,8 +405,9 @@ impl Family for V4 {
         backend: (u32, u16),
         svc_id: u32,
         now: u64,
+        process: (u32, [u8; 16]),
     ) {
-        crate::monitor::output4(t, kind, reason, backend, svc_id, now);
+        crate::monitor::output4(t, kind, reason, backend, svc_id, now, process);
     }
     /// Never asked: the IPv4 parser always finds the ports.
     #[inline(always)]
@@ -539,8 +542,9 @@ impl Family for V6 {
         backend: ([u32; 4], u16),
         svc_id: u32,
         now: u64,
+        process: (u32, [u8; 16]),
     ) {
-        crate::monitor::output6(t, kind, reason, backend, svc_id, now);
+        crate::monitor::output6(t, kind, reason, backend, svc_id, now, process);
     }
     #[inline(always)]
     fn is_frontend_addr(addr: [u32; 4]) -> bool {

@@ -7,7 +7,7 @@ use lb_common::{LbEvent, LbEvent6, EVENT_IPV6, EVENT_SOCK, MONITOR_BURST, MONITO
 
 use crate::{
     config,
-    family::Family,
+    family::{Address, Family},
     maps::{LB_EVENTS, LB_MONITOR, LB_MON_RATE},
     parse::Flow,
 };
@@ -60,7 +60,7 @@ pub fn emit_tuple<F: Family>(
     if !events_on() || !allowed(now) {
         return;
     }
-    F::output_event((saddr, daddr, sport, dport, proto), kind, reason, backend, svc_id, now);
+    F::output_event((saddr, daddr, sport, dport, proto), kind, reason, backend, svc_id, now, (0, [0; 16]));
 }
 
 /// Sends an IPv4 flow event ([`LbEvent`]).
@@ -72,6 +72,7 @@ pub fn output4(
     backend: (u32, u16),
     svc_id: u32,
     now: u64,
+    (pid, comm): (u32, [u8; 16]),
 ) {
     let e = LbEvent {
         kind,
@@ -86,9 +87,9 @@ pub fn output4(
         backend_port: backend.1,
         _pad2: 0,
         svc_id,
-        pid: 0,
+        pid,
         ts_ns: now,
-        comm: [0; 16],
+        comm,
     };
     let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
 }
@@ -103,6 +104,7 @@ pub fn output6(
     backend: ([u32; 4], u16),
     svc_id: u32,
     now: u64,
+    (pid, comm): (u32, [u8; 16]),
 ) {
     let Some(mut entry) = LB_EVENTS.reserve::<LbEvent6>(0) else { return };
     entry.write(LbEvent6 {
@@ -116,6 +118,8 @@ pub fn output6(
         backend_addr: backend.0,
         backend_port: backend.1,
         svc_id,
+        pid,
+        comm,
         ts_ns: now,
         ..LbEvent6::default()
     });
@@ -124,26 +128,22 @@ pub fn output6(
 
 /// Sends a socket event (`EVENT_SOCK`, `reason` the counter of the hook or of the refusal) about
 /// a socket of the current process asking for `vip` of `proto` (`backend` the one it was given),
-/// if events are on and the rate allows; with the process where the kernel gives it.
+/// if events are on and the rate allows; with the process where the kernel gives it. The family's
+/// record, as flow events (no client: its address is not known at the socket).
 #[inline(always)]
-pub fn emit_sock(reason: u32, vip: (u32, u16), proto: u8, backend: (u32, u16), svc_id: u32, now: u64) {
+pub fn emit_sock<F: Family>(
+    reason: u32,
+    vip: (F::Addr, u16),
+    proto: u8,
+    backend: (F::Addr, u16),
+    svc_id: u32,
+    now: u64,
+) {
     if !events_on() || !allowed(now) {
         return;
     }
-    let mut e = LbEvent {
-        kind: EVENT_SOCK,
-        reason,
-        daddr: vip.0,
-        dport: vip.1,
-        proto,
-        backend_addr: backend.0,
-        backend_port: backend.1,
-        svc_id,
-        ts_ns: now,
-        ..LbEvent::default()
-    };
-    (e.pid, e.comm) = process();
-    let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
+    let t = (F::Addr::ZERO, vip.0, 0, vip.1, proto);
+    F::output_event(t, EVENT_SOCK, reason, backend, svc_id, now, process());
 }
 
 /// The calling process's id (the thread group's: the process, as `ps` shows it) and command
@@ -155,36 +155,4 @@ fn process() -> (u32, [u8; 16]) {
     } else {
         (0, [0; 16])
     }
-}
-
-/// [`emit_sock`] for an IPv6 socket ([`LbEvent6`], its kind flagged `EVENT_IPV6`).
-#[inline(always)]
-pub fn emit_sock6(
-    reason: u32,
-    vip: ([u32; 4], u16),
-    proto: u8,
-    backend: ([u32; 4], u16),
-    svc_id: u32,
-    now: u64,
-) {
-    if !events_on() || !allowed(now) {
-        return;
-    }
-    let Some(mut entry) = LB_EVENTS.reserve::<LbEvent6>(0) else { return };
-    let (pid, comm) = process();
-    entry.write(LbEvent6 {
-        kind: EVENT_SOCK | EVENT_IPV6,
-        reason,
-        daddr: vip.0,
-        dport: vip.1,
-        proto,
-        backend_addr: backend.0,
-        backend_port: backend.1,
-        svc_id,
-        pid,
-        comm,
-        ts_ns: now,
-        ..LbEvent6::default()
-    });
-    entry.submit(0);
 }

@@ -65,8 +65,8 @@ pub struct Translation<A> {
 }
 
 /// What socket-level load balancing needs of an address family beyond [`Family`]: the family's
-/// socket maps (their keys have explicit padding, so each family has its own types), the hash a
-/// socket is placed with, and its socket event.
+/// socket maps (their keys have explicit padding, so each family has its own types) and the hash
+/// a socket is placed with.
 pub trait SockFamily: Family {
     /// The backend `LB*_SOCK_FWD` holds for socket `cookie` at Service address `vip`:
     /// (backend id, address, port).
@@ -81,15 +81,6 @@ pub trait SockFamily: Family {
     fn rev_remove(cookie: u64, addr: Self::Addr, port: u16);
     /// Where in the frontend's Maglev table socket `cookie` is placed for `vip:vport`.
     fn sock_hash(cookie: u64, vip: Self::Addr, vport: u16, proto: u8) -> u32;
-    /// `monitor::emit_sock` for the family's event record.
-    fn emit(
-        reason: u32,
-        vip: (Self::Addr, u16),
-        proto: u8,
-        backend: (Self::Addr, u16),
-        svc_id: u32,
-        now: u64,
-    );
 }
 
 impl SockFamily for V4 {
@@ -139,10 +130,6 @@ impl SockFamily for V4 {
     #[inline(always)]
     fn sock_hash(cookie: u64, vip: u32, vport: u16, proto: u8) -> u32 {
         lb4_flow_hash(cookie as u32, vip, (cookie >> 32) as u16, vport, proto, config::flow_hash_seed())
-    }
-    #[inline(always)]
-    fn emit(reason: u32, vip: (u32, u16), proto: u8, backend: (u32, u16), svc_id: u32, now: u64) {
-        monitor::emit_sock(reason, vip, proto, backend, svc_id, now);
     }
 }
 
@@ -194,10 +181,6 @@ impl SockFamily for V6 {
     fn sock_hash(cookie: u64, vip: [u32; 4], vport: u16, proto: u8) -> u32 {
         let c = [cookie as u32, (cookie >> 32) as u32, 0, 0];
         V6::flow_hash(c, vip, 0, vport, proto, config::flow_hash_seed())
-    }
-    #[inline(always)]
-    fn emit(reason: u32, vip: ([u32; 4], u16), proto: u8, backend: ([u32; 4], u16), svc_id: u32, now: u64) {
-        monitor::emit_sock6(reason, vip, proto, backend, svc_id, now);
     }
 }
 
@@ -389,7 +372,7 @@ fn forward<F: SockFamily>(
     F::rev_set(cookie, &t);
     count(counter);
     svc_update(svc.id, |s| s.new_flows += 1);
-    F::emit(counter, (addr, port), proto, (backend.addr, backend.port), svc.id, now);
+    monitor::emit_sock::<F>(counter, (addr, port), proto, (backend.addr, backend.port), svc.id, now);
     Outcome::To(backend.addr, backend.port)
 }
 
@@ -399,7 +382,7 @@ fn forward<F: SockFamily>(
 fn refuse<F: SockFamily>(svc_id: u32, vip: (F::Addr, u16), proto: u8) -> Outcome<F::Addr> {
     count(counters::SOCK_REFUSED);
     svc_update(svc_id, |s| s.drops += 1);
-    F::emit(counters::SOCK_REFUSED, vip, proto, (F::Addr::ZERO, 0), svc_id, lb::now_ns());
+    monitor::emit_sock::<F>(counters::SOCK_REFUSED, vip, proto, (F::Addr::ZERO, 0), svc_id, lb::now_ns());
     if config::sock_set_retval() {
         // SAFETY: no preconditions; the verifier sees this call only where the kernel has it
         // (a read-only global).

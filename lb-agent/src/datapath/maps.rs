@@ -131,6 +131,18 @@ impl Maps {
             Map::Array(data) => MaglevSlots::map(data, writable)?,
             _ => return Err(DatapathError::MissingMap(MAP_LB4_MAGLEV)),
         };
+        // One of `LATER_MAPS6`: a reader of older pins goes on without it; an agent has it.
+        fn later<T: TryFrom<Map, Error = MapError>>(
+            map: Result<Map, DatapathError>,
+            name: &'static str,
+            writable: bool,
+        ) -> Result<Option<T>, DatapathError> {
+            match map {
+                Ok(m) => typed(Ok(m), name).map(Some),
+                Err(_) if !writable => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
         let v6 = if TYPED_MAPS6.iter().all(|n| all.contains_key(n)) {
             let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
             Some(Maps6 {
@@ -140,16 +152,12 @@ impl Maps {
                 ct: typed(take(MAP_LB6_CT), MAP_LB6_CT)?,
                 affinity: typed(take(MAP_LB6_AFFINITY), MAP_LB6_AFFINITY)?,
                 vips: typed(take(lb_common::MAP_LB6_VIPS), lb_common::MAP_LB6_VIPS)?,
-                src_ranges: match take(lb_common::MAP_LB6_SRC_RANGES) {
-                    Ok(m) => Some(typed(Ok(m), lb_common::MAP_LB6_SRC_RANGES)?),
-                    Err(_) if !writable => None,
-                    Err(e) => return Err(e),
-                },
-                ranges_on: match take(lb_common::MAP_LB6_RANGES_ON) {
-                    Ok(m) => Some(typed(Ok(m), lb_common::MAP_LB6_RANGES_ON)?),
-                    Err(_) if !writable => None,
-                    Err(e) => return Err(e),
-                },
+                src_ranges: later(
+                    take(lb_common::MAP_LB6_SRC_RANGES),
+                    lb_common::MAP_LB6_SRC_RANGES,
+                    writable,
+                )?,
+                ranges_on: later(take(lb_common::MAP_LB6_RANGES_ON), lb_common::MAP_LB6_RANGES_ON, writable)?,
             })
         } else {
             None

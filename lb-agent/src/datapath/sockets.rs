@@ -149,46 +149,15 @@ pub fn default_host_unfit(root: &Path) -> Option<String> {
     None
 }
 
-/// The id of the frontend a UDP socket of this node sending to `vip:vport` gets now, as the socket
-/// programs find it (as a pod on this node: an address's internal entry where it has two).
-fn current_frontend(
-    services: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb4ServiceKey, lb_common::Lb4Service>,
-    vip: u32,
-    vport: u16,
-) -> Option<u32> {
-    use lb_common::{
-        Lb4ServiceKey, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
-    };
-    let key = Lb4ServiceKey { addr: vip, port: vport, proto: IPPROTO_UDP, scope: SCOPE_EXTERNAL };
-    let svc = services.get(&key, 0).ok()?;
+/// The id of the frontend a UDP socket of this node sending to a Service address gets now, as the
+/// socket programs find it (as a pod on this node: an address's internal entry where it has two);
+/// `get` reads the address's entry of a scope from its family's services map.
+fn current_frontend(get: impl Fn(u8) -> Option<lb_common::Lb4Service>) -> Option<u32> {
+    use lb_common::{SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES};
+    let svc = get(SCOPE_EXTERNAL)?;
     if svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
-        let internal = Lb4ServiceKey { scope: SCOPE_INTERNAL, ..key };
-        if let Ok(i) = services.get(&internal, 0) {
-            if i.flags & SVC_FLAG_TOMBSTONE == 0 {
-                return Some(i.id);
-            }
-        }
-    }
-    Some(svc.id)
-}
-
-/// [`current_frontend`] for an IPv6 Service address.
-fn current_frontend6(
-    services: &aya::maps::HashMap<aya::maps::MapData, lb_common::Lb6ServiceKey, lb_common::Lb4Service>,
-    vip: lb_common::Addr6,
-    vport: u16,
-) -> Option<u32> {
-    use lb_common::{
-        Lb6ServiceKey, IPPROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_TOMBSTONE, SVC_FLAG_TWO_SCOPES,
-    };
-    let key = Lb6ServiceKey { addr: vip, port: vport, proto: IPPROTO_UDP, scope: SCOPE_EXTERNAL };
-    let svc = services.get(&key, 0).ok()?;
-    if svc.flags & SVC_FLAG_TWO_SCOPES != 0 {
-        let internal = Lb6ServiceKey { scope: SCOPE_INTERNAL, ..key };
-        if let Ok(i) = services.get(&internal, 0) {
-            if i.flags & SVC_FLAG_TOMBSTONE == 0 {
-                return Some(i.id);
-            }
+        if let Some(i) = get(SCOPE_INTERNAL).filter(|i| i.flags & SVC_FLAG_TOMBSTONE == 0) {
+            return Some(i.id);
         }
     }
     Some(svc.id)
@@ -206,7 +175,9 @@ fn live4(
     port: u16,
 ) -> Option<bool> {
     let r = rev.get(&lb_common::Lb4SockRevKey { cookie, addr, port, _pad: 0 }, 0).ok()?;
-    let svc_id = current_frontend(&maps.services, r.vip, r.vport).unwrap_or(r.svc_id);
+    let key =
+        |scope| lb_common::Lb4ServiceKey { addr: r.vip, port: r.vport, proto: lb_common::IPPROTO_UDP, scope };
+    let svc_id = current_frontend(|scope| maps.services.get(&key(scope), 0).ok()).unwrap_or(r.svc_id);
     let member = maps.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
     Some(member.is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING))
 }
@@ -220,7 +191,9 @@ fn live6(
     port: u16,
 ) -> Option<bool> {
     let r = rev.get(&lb_common::Lb6SockRevKey { cookie, addr, port, _pad: [0; 3] }, 0).ok()?;
-    let svc_id = current_frontend6(&v6.services, r.vip, r.vport).unwrap_or(r.svc_id);
+    let key =
+        |scope| lb_common::Lb6ServiceKey { addr: r.vip, port: r.vport, proto: lb_common::IPPROTO_UDP, scope };
+    let svc_id = current_frontend(|scope| v6.services.get(&key(scope), 0).ok()).unwrap_or(r.svc_id);
     let member = v6.members.get(&lb_common::Lb4MemberKey { svc_id, backend_id: r.backend_id }, 0).ok();
     Some(member.is_some_and(|m| m.addr == addr && m.port == port && m.state != lb_common::MEMBER_DRAINING))
 }
