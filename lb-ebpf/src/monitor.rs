@@ -63,7 +63,7 @@ pub fn emit_tuple<F: Family>(
     F::output_event((saddr, daddr, sport, dport, proto), kind, reason, backend, svc_id, now, (0, [0; 16]));
 }
 
-/// Sends an IPv4 flow event ([`LbEvent`]).
+/// Sends an IPv4 flow or socket event ([`LbEvent`]).
 #[inline(always)]
 pub fn output4(
     (saddr, daddr, sport, dport, proto): (u32, u32, u16, u16, u8),
@@ -94,7 +94,7 @@ pub fn output4(
     let _ = LB_EVENTS.output::<LbEvent>(&e, 0);
 }
 
-/// Sends an IPv6 flow event ([`LbEvent6`], its kind flagged `EVENT_IPV6`), written in place in
+/// Sends an IPv6 flow or socket event ([`LbEvent6`], its kind flagged `EVENT_IPV6`), written in place in
 /// the ring buffer (104 bytes: no stack copy).
 #[inline(always)]
 pub fn output6(
