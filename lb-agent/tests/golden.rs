@@ -24,6 +24,8 @@ struct Node {
     nodeport_addresses: Option<String>,
     /// This node's local addresses (that CIDRs of `nodeportAddresses` select from).
     local_addresses: Option<Vec<std::net::Ipv4Addr>>,
+    /// This node's global IPv6 addresses (likewise, for IPv6).
+    local_addresses6: Option<Vec<std::net::Ipv6Addr>>,
     /// `--external-ips` (default `all`).
     external_ips: Option<String>,
     /// `--ipv6` on or off (default on).
@@ -64,7 +66,8 @@ fn run_case(dir: &Path) -> String {
     let opts = Options::default();
     // The real agent, as the binary drives it, over maps in memory.
     let mut agent = Agent::new(MemoryMaps::default(), Reconciler::new(caps, opts), ctx)
-        .with_nodeport_addresses(nodeports, node.local_addresses.unwrap_or_default());
+        .with_nodeport_addresses(nodeports, node.local_addresses.unwrap_or_default())
+        .with_local_ipv6(node.local_addresses6.unwrap_or_default());
     let mut out = String::new();
     let mut steps = vec![];
     if dir.join("before.yaml").exists() {

@@ -234,8 +234,8 @@ pub struct Context {
     pub max_endpoints_per_service: usize,
     /// This node's addresses that NodePorts listen on (`--nodeport-addresses`).
     pub nodeport_addresses: Vec<Ipv4Addr>,
-    /// This node's IPv6 addresses `--nodeport-addresses` selects (with `--ipv6`): where
-    /// health-check node ports listen over IPv6.
+    /// This node's IPv6 addresses `--nodeport-addresses` selects (with `--ipv6`): where NodePorts
+    /// and health-check node ports listen over IPv6.
     pub nodeport_addresses6: Vec<std::net::Ipv6Addr>,
     /// This node's primary IPv6 address (`loadBalancerSourceRanges`' node rule, as `node_ip`).
     pub node_ip6: Option<std::net::Ipv6Addr>,
@@ -729,9 +729,17 @@ pub fn build_claiming(
                 let addr = FrontendAddr::new(*vip, p.port, p.proto);
                 wanted.push(fe(addr, FrontendKind::ClusterIp, internal, spec.local_only && usable));
             }
-            // NodePorts listen on this node's IPv4 addresses (IPv6 ones: not yet).
-            let node_ports = p.node_port.into_iter().filter(|_| !v6).flat_map(|port| {
-                ctx.nodeport_addresses.iter().map(move |ip| (IpAddr::V4(*ip), port, FrontendKind::NodePort))
+            // NodePorts listen on this node's addresses of the family (IPv6 with `--ipv6`; a
+            // Service's family needs a cluster IP of it, as kube-proxy's per-family proxiers).
+            let node_addrs: Vec<IpAddr> = if !spec.vips.iter().any(family) {
+                Vec::new()
+            } else if v6 {
+                ctx.nodeport_addresses6.iter().map(|ip| IpAddr::V6(*ip)).collect()
+            } else {
+                ctx.nodeport_addresses.iter().map(|ip| IpAddr::V4(*ip)).collect()
+            };
+            let node_ports = p.node_port.into_iter().flat_map(|port| {
+                node_addrs.iter().map(move |ip| (*ip, port, FrontendKind::NodePort)).collect::<Vec<_>>()
             });
             let load_balancers =
                 spec.external.iter().filter(|(ip, _)| family(ip)).map(|(ip, kind)| (*ip, p.port, *kind));

@@ -251,7 +251,7 @@ pub fn nodeport_ipv6(
     let mut out: Vec<std::net::Ipv6Addr> = match spec {
         NodePortAddresses::Primary => node.and_then(primary_ipv6).into_iter().collect(),
         NodePortAddresses::Cidrs(cidrs) => {
-            local.iter().copied().filter(|a| cidrs.iter().any(|c| c.contains((*a).into()))).collect()
+            local.iter().copied().filter(|a| cidrs_select(cidrs, (*a).into())).collect()
         }
     };
     out.retain(|a| {
@@ -261,6 +261,14 @@ pub fn nodeport_ipv6(
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// Whether `--nodeport-addresses` CIDRs `cidrs` select local address `a`: one of them holds it,
+/// or none is of its family (kube-proxy's `NewNodePortAddresses` gives a family without a CIDR
+/// its zero CIDR: every address of the family).
+fn cidrs_select(cidrs: &[Cidr], a: IpAddr) -> bool {
+    let mut mine = cidrs.iter().filter(|c| c.addr.is_ipv6() == a.is_ipv6()).peekable();
+    mine.peek().is_none() || mine.any(|c| c.contains(a))
 }
 
 /// The IPv4 addresses NodePorts listen on, sorted and without duplicates.
@@ -279,7 +287,7 @@ pub fn nodeport_ipv4(spec: &NodePortAddresses, node: Option<&Node>, local: &[Ipv
     let mut out: Vec<Ipv4Addr> = match spec {
         NodePortAddresses::Primary => node.and_then(primary_ipv4).into_iter().collect(),
         NodePortAddresses::Cidrs(cidrs) => {
-            local.iter().copied().filter(|a| cidrs.iter().any(|c| c.contains((*a).into()))).collect()
+            local.iter().copied().filter(|a| cidrs_select(cidrs, (*a).into())).collect()
         }
     };
     out.retain(|a| !a.is_loopback() && !a.is_unspecified());
@@ -456,16 +464,24 @@ mod tests {
             ips6(&["2001:db8::7", "fd00::1", "fd00::9"]),
             "never loopback or link-local, even when a CIDR covers them"
         );
-        assert_eq!(nodeport_ipv6(&spec("10.0.0.0/8"), None, &local), ips6(&[]), "IPv4 CIDRs select no IPv6");
+        assert_eq!(
+            nodeport_ipv6(&spec("10.0.0.0/8"), None, &local),
+            ips6(&["2001:db8::7", "fd00::1", "fd00::9"]),
+            "no IPv6 CIDR: every IPv6 address (the family's zero CIDR)"
+        );
         assert_eq!(nodeport_ipv6(&spec("fd00::/8,10.0.0.0/8"), None, &local), ips6(&["fd00::1", "fd00::9"]));
     }
 
+    /// kube-proxy's `NewNodePortAddresses`: a family no CIDR is of gets its zero CIDR (every
+    /// address of the family); IPv6 CIDRs never select an IPv4 address.
     #[test]
-    fn ipv6_cidrs_select_no_ipv4_address() {
-        let local = ips(&["10.0.0.5", "192.168.1.7"]);
-        assert_eq!(nodeport_ipv4(&spec("::/0"), None, &local), ips(&[]));
-        assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), ips(&[]));
+    fn a_family_without_a_cidr_listens_on_all_its_addresses() {
+        let local = ips(&["10.0.0.5", "192.168.1.7", "127.0.0.1"]);
+        let all = ips(&["10.0.0.5", "192.168.1.7"]);
+        assert_eq!(nodeport_ipv4(&spec("::/0"), None, &local), all);
+        assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), all, "a mapped CIDR is IPv6");
         assert_eq!(nodeport_ipv4(&spec("fd00::/8,10.0.0.0/8"), None, &local), ips(&["10.0.0.5"]));
+        assert_eq!(nodeport_ipv4(&spec("fd00::/8,172.16.0.0/12"), None, &local), ips(&[]));
     }
 
     #[test]
