@@ -81,6 +81,23 @@ pub fn has_global_ipv6() -> io::Result<bool> {
 /// calling thread's network namespace, in the kernel's order: those a NodePort or a health-check
 /// node port can listen on without naming an interface.
 pub fn global_ipv6_addresses() -> io::Result<Vec<std::net::Ipv6Addr>> {
+    let mut out = Vec::new();
+    for (_, a) in global_ipv6_by_interface()? {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    Ok(out)
+}
+
+/// The first global IPv6 address of interface `name` in `addrs` ([`global_ipv6_by_interface`]):
+/// the address IPv6 flows from outside leave it with when lb SNATs them to this node.
+pub fn primary_ipv6_of(addrs: &[(String, std::net::Ipv6Addr)], name: &str) -> Option<std::net::Ipv6Addr> {
+    addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+}
+
+/// [`global_ipv6_addresses`] with the name of each address's interface.
+pub fn global_ipv6_by_interface() -> io::Result<Vec<(String, std::net::Ipv6Addr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -105,8 +122,12 @@ pub fn global_ipv6_addresses() -> io::Result<Vec<std::net::Ipv6Addr>> {
         // SAFETY: an AF_INET6 address is a sockaddr_in6.
         let sin6 = unsafe { sa.cast::<libc::sockaddr_in6>().read_unaligned() };
         let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        if is_global6(a) && !out.contains(&a) {
-            out.push(a);
+        if is_global6(a) && !ifa.ifa_name.is_null() {
+            // SAFETY: a NUL-terminated interface name from getifaddrs, alive until `list` drops.
+            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+            if !out.contains(&(name.clone(), a)) {
+                out.push((name, a));
+            }
         }
     }
     Ok(out)

@@ -903,6 +903,15 @@ fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<dat
     let before = agent.health.failing();
     let mut failed = Vec::new();
     let addrs = if interfaces.nodes.is_empty() { Vec::new() } else { local_ipv4() };
+    let ipv6 = agent.ctx.ipv6 && !interfaces.nodes.is_empty();
+    let addrs6 = if ipv6 {
+        lb_agent::host::global_ipv6_by_interface().unwrap_or_else(|e| {
+            warn!("reading this node's IPv6 addresses: {e}");
+            Vec::new()
+        })
+    } else {
+        Vec::new()
+    };
     for name in present {
         let Some(role) = interfaces.role(&name) else { continue };
         if !dp.is_attached(&name) {
@@ -923,18 +932,36 @@ fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<dat
             // none, a tunnel device say, with the first NodePort address).
             let addr = lb_agent::host::primary_ipv4_of(&addrs, &name)
                 .or_else(|| agent.ctx.nodeport_addresses.first().copied());
-            match dp.set_node_address(&name, addr) {
+            let addr6 = lb_agent::host::primary_ipv6_of(&addrs6, &name)
+                .or_else(|| agent.ctx.nodeport_addresses6.first().copied())
+                .filter(|_| ipv6);
+            match dp.set_node_address(&name, addr, addr6) {
                 Ok(false) => {}
-                Ok(true) => match addr {
-                    Some(a) => {
-                        info!(interface = %name, "flows from outside to remote endpoints leave it as {a}")
+                Ok(true) => {
+                    match addr {
+                        Some(a) => {
+                            info!(interface = %name, "flows from outside to remote endpoints leave it as {a}")
+                        }
+                        None => warn!(
+                            interface = %name,
+                            "no IPv4 address (and no NodePort address): flows from outside to remote \
+                             endpoints that would leave through it as this node have none to leave with, \
+                             and are dropped"
+                        ),
                     }
-                    None => warn!(
-                        interface = %name,
-                        "no IPv4 address (and no NodePort address): flows from outside to remote endpoints \
-                         that would leave through it as this node have none to leave with, and are dropped"
-                    ),
-                },
+                    match addr6 {
+                        Some(a) => info!(
+                            interface = %name,
+                            "IPv6 flows from outside to remote endpoints leave it as {a}"
+                        ),
+                        None if ipv6 => warn!(
+                            interface = %name,
+                            "no global IPv6 address (and no IPv6 NodePort address): IPv6 flows from outside \
+                             to remote endpoints that would leave through it as this node are dropped"
+                        ),
+                        None => {}
+                    }
+                }
                 Err(e) => failed.push((name, e.to_string())),
             }
         }

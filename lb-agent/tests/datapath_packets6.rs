@@ -1147,7 +1147,9 @@ fn every_program_verifies_within_half_the_limit() {
     // Every lb program loaded on this host (tests running beside this one load the same ones).
     let mut seen = Vec::new();
     for mode in [Mode::Tc, Mode::Xdp] {
-        let (dp, _maps) = Datapath::load(&support::test_config(pins.path()), mode).expect("load");
+        let cfg = lb_agent::datapath::Config { node_xdp: true, ..support::test_config(pins.path()) };
+        let (mut dp, _maps) = Datapath::load(&cfg, mode).expect("load");
+        dp.load_node_programs().expect("node-side programs");
         for p in aya::programs::loaded_programs() {
             let p = p.expect("program info");
             let name = p.name_as_str().unwrap_or_default().to_string();
@@ -1161,6 +1163,9 @@ fn every_program_verifies_within_half_the_limit() {
     // Program names are cut to 15 bytes: both halves of the IPv6 forward programs are there.
     assert!(seen.iter().filter(|(n, _)| n.starts_with("lb6_tc_forward")).count() >= 2, "{seen:?}");
     assert!(seen.iter().filter(|(n, _)| n.starts_with("lb6_xdp_forward")).count() >= 2, "{seen:?}");
+    // The three IPv6 node-side ingress programs and the egress one.
+    assert!(seen.iter().filter(|(n, _)| n.starts_with("lb6_tc_node_in")).count() >= 3, "{seen:?}");
+    assert!(seen.iter().any(|(n, _)| n.starts_with("lb6_tc_node_out")), "{seen:?}");
     if seen.iter().all(|(_, n)| n.is_none()) {
         eprintln!("note: this kernel does not report verified instructions (5.16 and later do); loading was the check");
         return;
@@ -1180,7 +1185,13 @@ fn the_tail_calls_outlive_a_removed_pin_directory() {
     std::fs::remove_dir_all(&dir).expect("remove the pin directory");
     assert!(!dir.join(lb_common::MAP_LB_TAIL_TC).exists());
     dp.repin(&maps).expect("repin");
-    for name in [lb_common::MAP_LB_TAIL_TC, lb_common::MAP_LB_TAIL_XDP, lb_common::MAP_LB6_VIPS] {
+    for name in [
+        lb_common::MAP_LB_TAIL_TC,
+        lb_common::MAP_LB_TAIL_XDP,
+        lb_common::MAP_LB_TAIL_NODE_TC,
+        lb_common::MAP_LB6_VIPS,
+        lb_common::MAP_LB6_IFS,
+    ] {
         assert!(dir.join(name).exists(), "{name} pinned again");
     }
     let (new, passed) = (read(c::FWD_NEW_FLOW), read(c::PASS_IPV6));

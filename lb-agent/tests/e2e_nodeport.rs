@@ -682,3 +682,150 @@ fn health_check_node_ports_answer_over_ipv6() {
         "{v}"
     );
 }
+
+/// The LoadBalancer IPv6 address of the dual-stack Service in
+/// `nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6`.
+const LB_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x40, 0, 0, 0, 0, 0x10);
+
+/// Dual-stack `who` as a LoadBalancer (NodePorts 30080/TCP and 30053/UDP, ingress `LB_IP` and
+/// `LB_IP6`) under externalTrafficPolicy `policy`, endpoints `b`.
+fn dual_stack_load_balancer(b: &[Pod], policy: &str) -> String {
+    let health =
+        if policy == "Local" { format!("  healthCheckNodePort: {HEALTH_PORT}\n") } else { String::new() };
+    support::v6::dual_stack_who(b)
+        .replacen(
+            "spec:\n",
+            &format!("spec:\n  type: LoadBalancer\n  externalTrafficPolicy: {policy}\n{health}"),
+            1,
+        )
+        .replacen("protocol: TCP}", "protocol: TCP, nodePort: 30080}", 1)
+        .replacen("protocol: UDP}", "protocol: UDP, nodePort: 30053}", 1)
+        .replacen(
+            "---\n",
+            &format!("status:\n  loadBalancer:\n    ingress:\n    - {{ip: {LB_IP}}}\n    - {{ip: '{LB_IP6}'}}\n---\n"),
+            1,
+        )
+}
+
+/// From the client outside over IPv6, through `via` (an IPv6 NodePort or the LoadBalancer IPv6
+/// address routed through a node), TCP and UDP reach exactly the endpoints `want`, and each sees
+/// the client's address (`out_ip6`: a local endpoint, or any under Local) or the node's (a remote
+/// one, SNATed under Cluster).
+fn ipv6_endpoints_through(
+    c: &Cluster,
+    out: &Outside,
+    node: &lb_testkit::lab::Node,
+    via: std::net::Ipv6Addr,
+    (tcp_port, udp_port): (u16, u16),
+    want: &BTreeSet<String>,
+    udp_ports: u16,
+) {
+    let tcp = SocketAddr::from(SocketAddrV6::new(via, tcp_port, 0, 0));
+    let udp = SocketAddr::from(SocketAddrV6::new(via, udp_port, 0, 0));
+    let got = names(tcp_asks_from(&out.netns, tcp, 40).expect("TCP from outside"));
+    assert_eq!(&got, want, "TCP to {tcp} through {}", node.netns);
+    let got = names(udp_asks_from(&out.netns, udp, udp_ports, 40).expect("UDP from outside"));
+    assert_eq!(&got, want, "UDP to {udp} through {}", node.netns);
+    let client = out.ip6.expect("a dual-stack outside client");
+    let mut kinds = BTreeSet::new();
+    for i in 0..12 {
+        let (name, peer) = lb_testkit::lab::tcp_peer_any(&out.netns, tcp).expect("TCP peer");
+        let (uname, upeer) =
+            lb_testkit::lab::udp_peer_any(&out.netns, udp, udp_ports + 1_000 + i).expect("UDP peer");
+        for (name, peer) in [(name, peer), (uname, upeer)] {
+            let b = c.backends.iter().find(|b| b.name == name).expect("a backend");
+            let local = b.node == node.index;
+            let want_ip = if local { client } else { node.underlay_ip6() };
+            assert_eq!(
+                peer.ip(),
+                std::net::IpAddr::V6(want_ip),
+                "{name} through {}: the address it sees",
+                node.netns
+            );
+            kinds.insert(local);
+        }
+    }
+    let both = want.iter().any(|n| c.backends.iter().any(|b| &b.name == n && b.node != node.index));
+    assert_eq!(
+        kinds.len(),
+        if both { 2 } else { 1 },
+        "through {}: local and remote endpoints seen",
+        node.netns
+    );
+}
+
+#[test]
+fn nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6() {
+    let args = [
+        "--node-interfaces",
+        "ul0",
+        "--ipv6",
+        "on",
+        "--nodeport-addresses",
+        "172.31.0.0/24,fd00:172:31::/64",
+    ];
+    let mut c = Cluster::dual_stack("np6", Mode::Tc, |b| dual_stack_load_balancer(b, "Cluster"), &args);
+    let out = c.lab.outside().expect("the client outside");
+    let (n1, n2) = (c.nodes[0].clone(), c.nodes[1].clone());
+    // b1 and b2 on node 1, b3 on node 2.
+    let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
+    let np1 = SocketAddr::from(SocketAddrV6::new(n1.underlay_ip6(), 30080, 0, 0));
+    let ready =
+        wait_until(Duration::from_secs(900), || tcp_asks_from(&out.netns, np1, 1)?.pop().expect("one"));
+    assert!(ready.is_ok(), "{np1} never answered: {ready:?}\n{}", c.lab.agent_log(&n1));
+    // externalTrafficPolicy Cluster: every endpoint through either node's IPv6 NodePorts, remote
+    // ones SNATed to the node's IPv6 address.
+    ipv6_endpoints_through(&c, &out, &n1, n1.underlay_ip6(), (30080, 30053), &all, 20_000);
+    ipv6_endpoints_through(&c, &out, &n2, n2.underlay_ip6(), (30080, 30053), &all, 21_000);
+    // The LoadBalancer IPv6 address, routed through node 2.
+    c.lab.route_via(&out, LB_IP6, &n2).expect("route via node 2");
+    ipv6_endpoints_through(&c, &out, &n2, LB_IP6, (80, 53), &all, 22_000);
+    // Counted as flows from outside SNATed to the node, and the IPv4 NodePort still serves.
+    let counters = c.maps(2).read_counters().expect("counters");
+    assert!(counters[c::NODE_SNAT as usize] > 0, "node 2 SNATed IPv6 flows to its remote endpoints");
+    let np4 = SocketAddrV4::new(n1.underlay_ip(), 30080);
+    assert_eq!(names(tcp_asks_from(&out.netns, np4, 20).expect("IPv4 NodePort")), all);
+
+    // externalTrafficPolicy Local: each node's own endpoints only, the client's address kept.
+    let backends = c.backends.clone();
+    c.write(&dual_stack_load_balancer(&backends, "Local"));
+    let on = |n: u8| -> BTreeSet<String> {
+        backends.iter().filter(|b| b.node == n).map(|b| b.name.clone()).collect()
+    };
+    let np2 = SocketAddr::from(SocketAddrV6::new(n2.underlay_ip6(), 30080, 0, 0));
+    let settled = wait_until(Duration::from_secs(60), || {
+        let got = names(tcp_asks_from(&out.netns, np2, 10)?);
+        if got == on(2) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{got:?}")))
+        }
+    });
+    assert!(settled.is_ok(), "node 2 under Local: {settled:?}");
+    ipv6_endpoints_through(&c, &out, &n1, n1.underlay_ip6(), (30080, 30053), &on(1), 23_000);
+    ipv6_endpoints_through(&c, &out, &n2, n2.underlay_ip6(), (30080, 30053), &on(2), 24_000);
+    c.lab.route_via(&out, LB_IP6, &n1).expect("route via node 1");
+    ipv6_endpoints_through(&c, &out, &n1, LB_IP6, (80, 53), &on(1), 25_000);
+    // The health-check node port tells a load balancer over IPv6 which node has endpoints.
+    health_answer(&out, SocketAddrV6::new(n1.underlay_ip6(), HEALTH_PORT, 0, 0), 200, 2);
+    health_answer(&out, SocketAddrV6::new(n2.underlay_ip6(), HEALTH_PORT, 0, 0), 200, 1);
+    // `lbctl` lists the IPv6 NodePort and LoadBalancer frontends.
+    let ctl = std::process::Command::new(support::lbctl_path())
+        .args([
+            "--pin-dir".as_ref(),
+            n1.pin_dir.as_os_str(),
+            "-o".as_ref(),
+            "json".as_ref(),
+            "services".as_ref(),
+        ])
+        .output()
+        .expect("lbctl");
+    assert!(ctl.status.success(), "lbctl services: {}", String::from_utf8_lossy(&ctl.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&ctl.stdout).expect("lbctl services: JSON");
+    for (vip, port, kind) in [(n1.underlay_ip6(), 30080, "NodePort"), (LB_IP6, 80, "LoadBalancer")] {
+        let found = listed.iter().any(|s| {
+            s["vip"] == vip.to_string() && s["port"] == port && s["kind"] == kind && s["scope"] == "external"
+        });
+        assert!(found, "lbctl services lists [{vip}]:{port} ({kind}): {listed:?}");
+    }
+}

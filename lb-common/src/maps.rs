@@ -186,7 +186,7 @@ pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
 pub const MAP_LB4_SOCK_AFFINITY: &str = "LB4_SOCK_AFFINITY";
 
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 32] = [
+pub const PINNED_MAPS: [&str; 33] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -219,6 +219,7 @@ pub const PINNED_MAPS: [&str; 32] = [
     crate::maps6::MAP_LB6_SOCK_FWD,
     crate::maps6::MAP_LB6_SRC_RANGES,
     crate::maps6::MAP_LB6_RANGES_ON,
+    crate::maps6::MAP_LB6_IFS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.

@@ -326,6 +326,30 @@ pub const TAIL_REPLY: u32 = 1;
 /// half of the forward program, tail-called from the first).
 pub const TAIL_FORWARD_DECIDED: u32 = 2;
 
+/// The program array the IPv4 TC node-side entry points (`lb4_tc_node_in`, `lb4_tc_node_out`)
+/// tail-call the IPv6 ones through: a map of its own, since the pod-side arrays are pinned with
+/// [`TAIL_SLOTS`] slots by earlier agents of this layout. (The XDP node program leaves IPv6 to
+/// TC.)
+pub const MAP_LB_TAIL_NODE_TC: &str = "LB_TAIL_NODE_TC";
+/// Slots of the node-side program array.
+pub const NODE_TAIL_SLOTS: u32 = 4;
+/// `lb6_tc_node_in`.
+pub const TAIL_NODE_IN: u32 = 0;
+/// `lb6_tc_node_in_decided` (the last program, tail-called from the first or from the reply
+/// program).
+pub const TAIL_NODE_IN_DECIDED: u32 = 1;
+/// `lb6_tc_node_out`.
+pub const TAIL_NODE_OUT: u32 = 2;
+/// `lb6_tc_node_in_reply` (replies of flows SNATed to this node, tail-called from the first
+/// program before the last).
+pub const TAIL_NODE_IN_REPLY: u32 = 3;
+
+/// Node interfaces' IPv6 addresses: ifindex → the address (`Addr6`) a flow from outside to a
+/// remote endpoint is SNATed to when it leaves through that interface (as `Lb4Interface`'s
+/// `snat_addr` for IPv4; the interface's role is in `LB4_IFS`). Written by the agent as it
+/// attaches node interfaces; an interface without an entry has no IPv6 address to SNAT to.
+pub const MAP_LB6_IFS: &str = "LB6_IFS";
+
 /// Set in `kind` (`EVENT_NEW_FLOW`, `EVENT_DROP`, `EVENT_SOCK`) of an event about IPv6: the
 /// record is an [`LbEvent6`], not an `LbEvent`.
 pub const EVENT_IPV6: u32 = 0x100;

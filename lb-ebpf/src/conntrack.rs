@@ -500,36 +500,41 @@ pub fn create<F: Family>(
     snat_rev.snat_port = f.sport;
     let (plain, snat_rev) = (&*plain, &*snat_rev);
     let pickup = f.proto == IPPROTO_TCP && !syn_only(f);
-    let port = if node_snat {
-        // Always a port of the SNAT range (a client's own port could be one a socket of this node
-        // uses towards the same endpoint); a flow picked up mid-stream first looks for its own.
-        let h = snat_hash::<F>(fwd_key);
-        let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) } else { None };
-        match own {
-            Some(p) => p,
-            None => alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?,
+    // Each allocation below is written once (every copy of `alloc_port` is a loop the verifier
+    // walks again): the node-SNAT flow goes straight to them, the usual one first tries its
+    // client's own port.
+    let port = 'port: {
+        // What the client's own reply key holds, once it was found taken (the usual flow).
+        let mut natural = None;
+        if !node_snat {
+            // The usual new flow: its reply key is free, taken by one insert (no lookup first).
+            if !pickup && F::ct().insert(&rev_key, plain, BPF_NOEXIST).is_ok() {
+                break 'port 0;
+            }
+            let n = slot::<F>(&rev_key, fwd_key, now);
+            // This flow's own (made again, or picked up without another port), or a dead flow's
+            // that a new connection may take over at once.
+            if n == Slot::Own || (n == Slot::Stale && !pickup) {
+                let _ = F::ct().insert(&rev_key, plain, 0);
+                break 'port 0;
+            }
+            natural = Some(n);
         }
-    // The usual new flow: its reply key is free, taken by one insert (no lookup first).
-    } else if !pickup && F::ct().insert(&rev_key, plain, BPF_NOEXIST).is_ok() {
-        0
-    } else {
-        let natural = slot::<F>(&rev_key, fwd_key, now);
-        // This flow's own (made again, or picked up without another port), or a dead flow's
-        // that a new connection may take over at once.
-        if natural == Slot::Own || (natural == Slot::Stale && !pickup) {
-            let _ = F::ct().insert(&rev_key, plain, 0);
-            0
-        } else {
-            let h = snat_hash::<F>(fwd_key);
-            let own = if pickup { alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) } else { None };
-            match own {
-                Some(p) => p,
-                None if claim_slot::<F>(natural, &rev_key, fwd_key, plain, now) => 0,
-                None => {
-                    alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?
-                }
+        // A node-SNAT flow always gets a port of the SNAT range (a client's own port could be one
+        // a socket of this node uses towards the same endpoint); a flow picked up mid-stream first
+        // looks for its own.
+        let h = snat_hash::<F>(fwd_key);
+        if pickup {
+            if let Some(p) = alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, true) {
+                break 'port p;
             }
         }
+        if let Some(n) = natural {
+            if claim_slot::<F>(n, &rev_key, fwd_key, plain, now) {
+                break 'port 0;
+            }
+        }
+        alloc_port::<F>(&rev_key, fwd_key, h, snat_rev, now, false).ok_or(CreateError::NoPort)?
     };
     fwd.snat_port = port;
     if F::ct().insert(fwd_key, fwd, 0).is_ok() {

@@ -37,7 +37,8 @@ use crate::{
     ctx::PacketCtx,
     maps::{
         LB4_AFFINITY, LB4_BACKENDS, LB4_CT, LB4_FRAGS, LB4_IFS, LB4_MEMBERS, LB4_SERVICES, LB4_SRC_RANGES,
-        LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_MEMBERS, LB6_SERVICES, LB6_SRC_RANGES, LB6_VIPS,
+        LB6_AFFINITY, LB6_BACKENDS, LB6_CT, LB6_FRAGS, LB6_IFS, LB6_MEMBERS, LB6_SERVICES, LB6_SRC_RANGES,
+        LB6_VIPS,
     },
     nat::{self, IcmpNat, Side},
     nat6,
@@ -273,9 +274,9 @@ pub trait Family: Copy + 'static {
     /// Whether client `src` may open a flow to external frontend `addr:port`/`proto`
     /// (`loadBalancerSourceRanges`).
     fn source_allowed(addr: Self::Addr, port: u16, proto: u8, src: Self::Addr) -> bool;
-    /// [`Family::source_allowed`] for a new flow `f` from one of this node's pods, in the pod-side
-    /// forward program (where IPv6's verdict was found before the decision).
-    fn pod_source_allowed(f: &Flow<Self>) -> bool;
+    /// [`Family::source_allowed`] for a new flow `f`, in the decision of a forward or node-side
+    /// program (IPv6: the verdict the program's first half found before the decision).
+    fn decided_source_allowed(f: &Flow<Self>) -> bool;
     /// Sends a flow or socket event of the family's record (`LbEvent`, `LbEvent6`), with the
     /// calling process (socket events; zeroes for packets); the caller checked that events are on
     /// and the rate allows.
@@ -387,7 +388,7 @@ impl Family for V4 {
         lb4_flow_hash(saddr, daddr, sport, dport, proto, seed)
     }
     #[inline(always)]
-    fn pod_source_allowed(f: &Flow<V4>) -> bool {
+    fn decided_source_allowed(f: &Flow<V4>) -> bool {
         Self::source_allowed(f.daddr, f.dport, f.proto, f.saddr)
     }
     /// `LB4_SRC_RANGES`: both scopes of an address share its ranges, under its external key.
@@ -520,11 +521,12 @@ impl Family for V6 {
     fn flow_hash(saddr: [u32; 4], daddr: [u32; 4], sport: u16, dport: u16, proto: u8, seed: u32) -> u32 {
         lb6_flow_hash(saddr, daddr, sport, dport, proto, seed)
     }
-    /// The verdict the first half of the forward program found for the flow it left
-    /// (`pipeline::forward_parsed`): looked up there, once per packet, rather than on every path
-    /// the verifier walks through the decision (which would take it past half its limit).
+    /// The verdict the first half of the forward or node-side program found for the flow it left
+    /// (`pipeline::forward_parsed`, `pipeline::node_in_parsed`): looked up there, once per packet,
+    /// rather than on every path the verifier walks through the decision (which would take it past
+    /// half its limit).
     #[inline(always)]
-    fn pod_source_allowed(_f: &Flow<V6>) -> bool {
+    fn decided_source_allowed(_f: &Flow<V6>) -> bool {
         !crate::pipeline::stored_source_denied::<V6>()
     }
     /// `LB6_SRC_RANGES`, as `LB4_SRC_RANGES` for IPv4.
@@ -592,9 +594,10 @@ impl Family for V6 {
         p.__bindgen_anon_3.ipv6_src = saddr;
         p.__bindgen_anon_4.ipv6_dst = daddr;
     }
-    /// No IPv6 node interface addresses yet (external frontends are IPv4 only).
+    /// A node interface's IPv6 address (`LB6_IFS`; none: no entry).
     #[inline(always)]
-    fn if_snat_addr(_ifindex: u32) -> Option<[u32; 4]> {
-        None
+    fn if_snat_addr(ifindex: u32) -> Option<[u32; 4]> {
+        // SAFETY: the value is copied out at once.
+        unsafe { LB6_IFS.get(&ifindex) }.copied().filter(|a| *a != [0; 4])
     }
 }

@@ -185,19 +185,11 @@ pub fn frontend_at<F: Family>(addr: F::Addr, port: u16, proto: u8, origin: Origi
     }
 }
 
-/// Whether the client of `f` may open a flow to its frontend: the frontend has no
-/// `loadBalancerSourceRanges`, or one of them holds the client (`LB4_SRC_RANGES`). Both scopes of
-/// an address share its ranges, under its external key.
-#[inline(always)]
-fn source_allowed<F: Family>(f: &Flow<F>) -> bool {
-    F::source_allowed(f.daddr, f.dport, f.proto, f.saddr)
-}
-
 /// Forward direction (pod → anything): load-balance packets addressed to a service frontend, and
 /// translate hairpinned replies (addressed to the hairpin address).
 #[inline(always)]
 pub fn forward<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> Action<F> {
-    new_or_tracked(ctx, f, pkt_len, Origin::Pod)
+    new_or_tracked::<F, C, false>(ctx, f, pkt_len)
 }
 
 /// Traffic arriving on a node interface: replies of flows SNATed to this node's address go back
@@ -205,44 +197,82 @@ pub fn forward<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> A
 /// endpoint's flows SNATed to this node's address, a local endpoint's keeping the client's).
 #[inline(always)]
 pub fn node_in<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> Action<F> {
-    if !ctx.for_this_host() {
-        // A copy of a frame for another host (a flooded one, on a bridge port): that host
-        // translates it, or nobody. XDP, which cannot always tell, leaves it to TC.
-        if !C::TC {
-            return Action::Pass(counters::XDP_TO_TC);
-        }
-        return Action::Pass(counters::PASS_NON_VIP);
+    if let Some(action) = node_in_reply(ctx, f) {
+        return action;
     }
+    new_or_tracked::<F, C, true>(ctx, f, pkt_len)
+}
+
+/// [`node_in`] for a packet that is no reply of a flow SNATed to this node (IPv6's third program,
+/// after [`node_in_reply`] found none).
+#[inline(always)]
+pub fn node_in_new<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32) -> Action<F> {
+    if let Some(action) = not_for_this_host::<F, C>(ctx) {
+        return action;
+    }
+    new_or_tracked::<F, C, true>(ctx, f, pkt_len)
+}
+
+/// Whether destination port `port` (network byte order) may be that of a reply of a flow
+/// SNATed to this node (see `config::snat_reply_ports`).
+#[inline(always)]
+pub fn snat_reply_port(port: u16) -> bool {
     let (min, max) = snat_reply_ports();
-    let port = u32::from(u16::from_be(f.dport));
-    if port >= min && port <= max {
-        match conntrack::lookup_reply(f, Replies::NodeSnat, now_ns()) {
-            ReplyLookup::Found(r) => {
-                let nat = Nat {
-                    src: Some((r.vip, r.vport)),
-                    dst: Some((r.client_addr, reply_port(f, r.client_port))),
-                };
-                // XDP: a partial checksum (a GRO-merged reply) is TC's.
-                if !f.later_fragment && ctx.csum_maybe_partial(f) {
-                    return Action::Pass(counters::XDP_PARTIAL_CSUM);
-                }
-                if !sendable(ctx, f, &nat) {
-                    return Action::Pass(counters::XDP_TO_TC);
-                }
-                return Action::Forward { nat, counter: counters::REV_NAT };
-            }
-            ReplyLookup::Stale => return Action::Pass(counters::PASS_STALE_REPLY_CT),
-            ReplyLookup::None => {}
-        }
+    let port = u32::from(u16::from_be(port));
+    port >= min && port <= max
+}
+
+/// The first part of [`node_in`]: what a copy of a frame for another host, or a reply of a flow
+/// SNATed to this node, becomes; `None` for any other packet.
+#[inline(always)]
+pub fn node_in_reply<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>) -> Option<Action<F>> {
+    if let Some(action) = not_for_this_host::<F, C>(ctx) {
+        return Some(action);
     }
-    new_or_tracked(ctx, f, pkt_len, Origin::Outside)
+    if !snat_reply_port(f.dport) {
+        return None;
+    }
+    match conntrack::lookup_reply(f, Replies::NodeSnat, now_ns()) {
+        ReplyLookup::Found(r) => {
+            let nat =
+                Nat { src: Some((r.vip, r.vport)), dst: Some((r.client_addr, reply_port(f, r.client_port))) };
+            // XDP: a partial checksum (a GRO-merged reply) is TC's.
+            if !f.later_fragment && ctx.csum_maybe_partial(f) {
+                return Some(Action::Pass(counters::XDP_PARTIAL_CSUM));
+            }
+            if !sendable(ctx, f, &nat) {
+                return Some(Action::Pass(counters::XDP_TO_TC));
+            }
+            Some(Action::Forward { nat, counter: counters::REV_NAT })
+        }
+        ReplyLookup::Stale => Some(Action::Pass(counters::PASS_STALE_REPLY_CT)),
+        ReplyLookup::None => None,
+    }
+}
+
+/// A copy of a frame for another host (a flooded one, on a bridge port): that host translates
+/// it, or nobody. XDP, which cannot always tell, leaves it to TC.
+#[inline(always)]
+fn not_for_this_host<F: Family, C: PacketCtx>(ctx: &C) -> Option<Action<F>> {
+    if ctx.for_this_host() {
+        return None;
+    }
+    Some(Action::Pass(if C::TC { counters::PASS_NON_VIP } else { counters::XDP_TO_TC }))
 }
 
 /// Load-balances a packet addressed to a service frontend (as `origin` sees them). A hook that
 /// cannot bounce or reject packets, or cannot tell a partial checksum (XDP), leaves the packets
 /// that need it to TC untouched, before anything is counted or stored for them.
 #[inline(always)]
-fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, origin: Origin) -> Action<F> {
+fn new_or_tracked<F: Family, C: PacketCtx, const OUTSIDE: bool>(
+    ctx: &C,
+    f: &Flow<F>,
+    pkt_len: u32,
+) -> Action<F> {
+    // A constant of each instance, not an argument: a program with both (IPv6's node-side one
+    // beside the pod-side one) would otherwise leave the optimiser one body for both origins,
+    // whose frame is more than Linux allows (`tests/stack.rs`).
+    let origin = if OUTSIDE { Origin::Outside } else { Origin::Pod };
     let Some(svc) = frontend(f, origin) else {
         if origin == Origin::Pod && f.daddr == F::hairpin_addr() {
             if !C::TC {
@@ -305,11 +335,9 @@ fn new_or_tracked<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, pkt_len: u32, o
         Lookup::BackendGone => count(counters::CT_RESELECTED),
         Lookup::Miss => {}
     }
-    let allowed = || match origin {
-        Origin::Pod => F::pod_source_allowed(f),
-        Origin::Outside => source_allowed(f),
-    };
-    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !allowed() {
+    // `loadBalancerSourceRanges`: both scopes of an address share its ranges, under its external
+    // key.
+    if svc.flags & SVC_FLAG_EXTERNAL != 0 && !F::decided_source_allowed(f) {
         svc_update(svc.id, |s| s.drops += 1);
         monitor::emit(f, EVENT_DROP, counters::DROP_SRC_RANGE, (F::Addr::ZERO, 0), svc.id, now);
         return Action::Drop(counters::DROP_SRC_RANGE);

@@ -14,6 +14,8 @@
 //!   outside).
 //! - `lb4_xdp_node_in`: the node interface's ingress decision as an XDP program
 //!   (`--node-datapath xdp`), in front of `lb4_tc_node_in`, which takes what XDP leaves to it.
+//! - The TC node-side entry points hand IPv6 packets to `lb6_tc_node_in` and `lb6_tc_node_out`
+//!   through `LB_TAIL_NODE_TC`; the XDP one leaves IPv6 to TC.
 //! - `lb4_sock_connect`, `lb4_sock_sendmsg`, `lb4_sock_recvmsg`, `lb4_sock_getpeername`: cgroup v2
 //!   socket programs (`--socket-lb`): sockets are sent to a backend when they connect or send to
 //!   a Service address, and read the Service address back (`sock`); `lb6_sock_connect`,
@@ -49,7 +51,7 @@ use lb_common::counters;
 use crate::{
     ctx::PacketCtx,
     family::{V4, V6},
-    maps::{LB_TAIL_TC, LB_TAIL_XDP},
+    maps::{LB_TAIL_NODE_TC, LB_TAIL_TC, LB_TAIL_XDP},
     stats::count,
 };
 
@@ -145,13 +147,55 @@ pub fn lb4_tc_node_in(ctx: TcContext) -> i32 {
         return ctx::TC_NEXT;
     }
     count(counters::RX_NODE_IN);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_NODE_TC, lb_common::TAIL_NODE_IN, counters::PASS_IPV6) {
+        return ret;
+    }
     pipeline::node_in::<V4, _>(&ctx)
 }
 
 #[classifier]
 pub fn lb4_tc_node_out(ctx: TcContext) -> i32 {
     count(counters::RX_NODE_OUT);
+    if let Some(ret) = to_ipv6(&ctx, &LB_TAIL_NODE_TC, lb_common::TAIL_NODE_OUT, counters::PASS_IPV6) {
+        return ret;
+    }
     pipeline::node_out::<V4, _>(&ctx)
+}
+
+/// `lb4_tc_node_in` for IPv6 packets (`LB_TAIL_NODE_TC[TAIL_NODE_IN]`), in three programs (see
+/// `pipeline::node_in_parsed`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_node_in(ctx: TcContext) -> i32 {
+    // SAFETY: a valid context; the array holds programs of this type.
+    pipeline::node_in_parsed::<V6, _>(&ctx, |reply| unsafe {
+        let next = if reply { lb_common::TAIL_NODE_IN_REPLY } else { lb_common::TAIL_NODE_IN_DECIDED };
+        let _ = LB_TAIL_NODE_TC.tail_call(&ctx, next);
+    })
+}
+
+/// Replies of flows SNATed to this node (`LB_TAIL_NODE_TC[TAIL_NODE_IN_REPLY]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_node_in_reply(ctx: TcContext) -> i32 {
+    // SAFETY: as above.
+    pipeline::node_in_reply::<V6, _>(&ctx, || unsafe {
+        let _ = LB_TAIL_NODE_TC.tail_call(&ctx, lb_common::TAIL_NODE_IN_DECIDED);
+    })
+}
+
+/// The rest of `lb6_tc_node_in` (`LB_TAIL_NODE_TC[TAIL_NODE_IN_DECIDED]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_node_in_decided(ctx: TcContext) -> i32 {
+    pipeline::node_in_decided::<V6, _>(&ctx)
+}
+
+/// `lb4_tc_node_out` for IPv6 packets (`LB_TAIL_NODE_TC[TAIL_NODE_OUT]`).
+#[classifier]
+#[inline(always)]
+pub fn lb6_tc_node_out(ctx: TcContext) -> i32 {
+    pipeline::node_out::<V6, _>(&ctx)
 }
 
 #[xdp]
@@ -170,6 +214,12 @@ pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb4_xdp_node_in(ctx: XdpContext) -> u32 {
     count(counters::RX_NODE_IN);
+    // IPv6 from outside is TC's (`lb6_tc_node_in`): left to it untouched, unmarked.
+    if parse::is_ipv6(ctx.data(), ctx.data_end()) {
+        count(counters::XDP_TO_TC);
+        ctx.mark(false);
+        return aya_ebpf::bindings::xdp_action::XDP_PASS;
+    }
     pipeline::node_in::<V4, _>(&ctx)
 }
 

@@ -231,6 +231,16 @@ pub static LB_TAIL_TC: ProgramArray = ProgramArray::pinned(lb_common::TAIL_SLOTS
 #[map(name = "LB_TAIL_XDP")]
 pub static LB_TAIL_XDP: ProgramArray = ProgramArray::pinned(lb_common::TAIL_SLOTS, 0);
 
+/// The IPv6 node-side programs the IPv4 TC node-side entry points hand IPv6 packets to, by
+/// `TAIL_NODE_*` index, as the arrays above for the pod side. Filled when the node-side programs
+/// load and the agent serves IPv6.
+#[map(name = "LB_TAIL_NODE_TC")]
+pub static LB_TAIL_NODE_TC: ProgramArray = ProgramArray::pinned(lb_common::NODE_TAIL_SLOTS, 0);
+
+/// Node interfaces' IPv6 addresses, by interface index (see `lb_common::MAP_LB6_IFS`).
+#[map(name = "LB6_IFS")]
+pub static LB6_IFS: HashMap<u32, [u32; 4]> = HashMap::pinned(256, 0);
+
 /// Per-CPU room for what would not fit on a program's stack (BPF's 512 bytes): an IPv6 reject's
 /// frame and answer. Not pinned: nothing outlives the program run that uses it.
 #[map(name = "LB_SCRATCH")]

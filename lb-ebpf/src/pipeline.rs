@@ -21,7 +21,7 @@ use crate::{
 
 /// Forward direction (pod → anything): load-balance packets to service frontends. IPv4 only:
 /// IPv6 runs [`forward_parsed`] and [`forward_decided`], whose first half finds what the second's
-/// decision reads (`Family::pod_source_allowed`).
+/// decision reads (`Family::decided_source_allowed`).
 #[inline(always)]
 pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
     const { assert!(F::AF == crate::family::V4::AF) };
@@ -41,17 +41,98 @@ pub fn forward<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
 /// supported).
 #[inline(always)]
 pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()) -> C::Ret {
-    let f = match flow_of(ctx, ctx.parse::<F>()) {
-        Ok(f) => f,
-        Err(ret) => return ret,
+    match flow_of(ctx, ctx.parse::<F>()) {
+        Ok(f) => leave_flow(ctx, &f, tail_call),
+        Err(ret) => ret,
+    }
+}
+
+/// The second program of [`forward_parsed`]: decides the flow the first left in the scratch map.
+#[inline(always)]
+pub fn forward_decided<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let Some(slot) = stored_flow::<F>() else {
+        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
     };
+    // Taken once: a first half of another agent load (its own scratch map, for the moment a
+    // restart swaps the programs) leaves nothing here, and what is here was left for this packet.
+    // (Written out in each second half: through a helper returning the flow or the verdict, the
+    // verifier walked 90,000 more instructions.)
+    if slot.ready != READY {
+        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
+    }
+    slot.ready = 0;
+    let f = slot.flow();
+    apply(ctx, &f, lb::forward(ctx, &f, ctx.len()))
+}
+
+/// [`node_in`] in three programs, as [`forward_parsed`] splits [`forward`] (IPv6's whole
+/// decision, with this node's SNAT, is more than one program's 512 bytes of stack): the first
+/// settles ICMP errors (as `node_in` does) and what needs no decision, and goes on with
+/// `tail_call(reply)`: `reply` true, into [`node_in_reply`], for a packet to a port replies of
+/// flows SNATed to this node come back to; else into [`node_in_decided`].
+#[inline(always)]
+pub fn node_in_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce(bool)) -> C::Ret {
+    let parsed = ctx.parse::<F>();
+    if let Parsed::IcmpError(e) = &parsed {
+        return node_in_icmp(ctx, e);
+    }
+    match flow_of(ctx, parsed) {
+        Ok(f) => {
+            let reply = lb::snat_reply_port(f.dport);
+            leave_flow(ctx, &f, || tail_call(reply))
+        }
+        Err(ret) => ret,
+    }
+}
+
+/// The second program of [`node_in_parsed`] for a packet that may be a reply of a flow SNATed to
+/// this node: sends it back to its client if it is one; else leaves the flow where it is and
+/// goes on with `tail_call` into [`node_in_decided`].
+#[inline(always)]
+pub fn node_in_reply<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()) -> C::Ret {
+    let Some(slot) = stored_flow::<F>() else {
+        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
+    };
+    if slot.ready != READY {
+        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
+    }
+    let f = slot.flow();
+    if let Some(action) = lb::node_in_reply(ctx, &f) {
+        slot.ready = 0;
+        return apply(ctx, &f, action);
+    }
+    tail_call();
+    slot.ready = 0;
+    let unserved = if C::TC { counters::PASS_IPV6 } else { counters::XDP_TO_TC };
+    finish_marked::<F, C>(ctx, Action::Pass(unserved))
+}
+
+/// The last program of [`node_in_parsed`]: a packet that is no reply of a flow SNATed to this
+/// node.
+#[inline(always)]
+pub fn node_in_decided<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    let Some(slot) = stored_flow::<F>() else {
+        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
+    };
+    if slot.ready != READY {
+        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
+    }
+    slot.ready = 0;
+    let f = slot.flow();
+    apply(ctx, &f, lb::node_in_new(ctx, &f, ctx.len()))
+}
+
+/// The end of a first half: leaves flow `f` in the scratch map (with the client's verdict under
+/// the family's source ranges) and goes on into the second half.
+#[inline(always)]
+fn leave_flow<F: Family, C: PacketCtx>(ctx: &C, f: &Flow<F>, tail_call: impl FnOnce()) -> C::Ret {
     // No second half (its slot empty while the agent sets `--ipv6 off`): passed untouched, as
     // with no IPv6 programs at all; XDP leaves it to TC, which has its own.
     let unserved = if C::TC { counters::PASS_IPV6 } else { counters::XDP_TO_TC };
     let Some(slot) = stored_flow::<F>() else {
         return finish_marked::<F, C>(ctx, Action::Pass(unserved));
     };
-    *slot = StoredFlow::from(&f);
+    *slot = StoredFlow::from(f);
     // Only where some IPv6 frontend has ranges, and only towards a Service address (a hash
     // lookup before the trie's). The agent writes a frontend's ranges before it publishes the
     // frontend, but this reads them before the decision reads the frontend: a packet racing the
@@ -66,22 +147,6 @@ pub fn forward_parsed<F: Family, C: PacketCtx>(ctx: &C, tail_call: impl FnOnce()
     // Nothing is left for a second half to find later.
     slot.ready = 0;
     finish_marked::<F, C>(ctx, Action::Pass(unserved))
-}
-
-/// The second program of [`forward_parsed`]: decides the flow the first left in the scratch map.
-#[inline(always)]
-pub fn forward_decided<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
-    let Some(slot) = stored_flow::<F>() else {
-        return finish_marked::<F, C>(ctx, Action::Pass(counters::PASS_IPV6));
-    };
-    // Taken once: a first half of another agent load (its own scratch map, for the moment a
-    // restart swaps the programs) leaves nothing here, and what is here was left for this packet.
-    if slot.ready != READY {
-        return finish_marked::<F, C>(ctx, Action::Drop(counters::DROP_SPLIT_MISMATCH));
-    }
-    slot.ready = 0;
-    let f = slot.flow();
-    apply(ctx, &f, lb::forward(ctx, &f, ctx.len()))
 }
 
 /// A [`Flow`] as one program leaves it for the next in the per-CPU scratch map: plain integers
@@ -110,7 +175,7 @@ const FLAG_FIRST_FRAGMENT: u8 = 1;
 const FLAG_LATER_FRAGMENT: u8 = 2;
 const FLAG_UDP_NO_CSUM: u8 = 4;
 /// The client may not open a flow to the destination (`loadBalancerSourceRanges`, looked up by
-/// the first half: [`Family::pod_source_allowed`]).
+/// the first half: [`Family::decided_source_allowed`]).
 const FLAG_SOURCE_DENIED: u8 = 8;
 
 /// The largest L4 offset a parser gives (IPv6: 54 + 4 extension headers of at most 2048 bytes),
@@ -163,7 +228,7 @@ fn ranges_on<F: Family>() -> bool {
 }
 
 /// Whether the first half found that the client of the flow it left may not open a flow to its
-/// destination. Only in `forward_decided`, whose flow it is.
+/// destination. Only in a second half (`forward_decided`, `node_in_decided`), whose flow it is.
 #[inline(always)]
 pub fn stored_source_denied<F: Family>() -> bool {
     stored_flow::<F>().is_some_and(|s| s.flags & FLAG_SOURCE_DENIED != 0)
@@ -174,8 +239,8 @@ pub fn stored_source_denied<F: Family>() -> bool {
 fn stored_flow<F: Family>() -> Option<&'static mut StoredFlow<F>> {
     const { assert!(core::mem::size_of::<StoredFlow<crate::family::V6>>() <= 64) };
     // SAFETY: the one per-CPU value of an array map, 8-aligned; the flow slot is as large as a
-    // stored flow of either family (asserted above) and only `forward_parsed` and
-    // `forward_decided` use it, one after the other on one CPU (a tail call does not return).
+    // stored flow of either family (asserted above) and only a first half and its second half
+    // use it, one after the other on one CPU (a tail call does not return).
     unsafe {
         let s = crate::maps::LB_SCRATCH.get_ptr_mut(0)?;
         Some(&mut *(&raw mut (*s).flow).cast::<StoredFlow<F>>())
@@ -209,39 +274,46 @@ fn reply_icmp<F: Family, C: PacketCtx>(ctx: &C, e: &IcmpError<F>, replies: Repli
 
 /// Node interface ingress (outside → this node): load-balance packets to the external addresses
 /// of Services, and send the replies of flows SNATed to this node's address back to their clients.
+/// IPv4 only: IPv6 runs [`node_in_parsed`] and [`node_in_decided`].
 #[inline(always)]
 pub fn node_in<F: Family, C: PacketCtx>(ctx: &C) -> C::Ret {
+    const { assert!(F::AF == crate::family::V4::AF) };
     let parsed = ctx.parse::<F>();
     if let Parsed::IcmpError(e) = &parsed {
-        if !C::TC {
-            return finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC));
-        }
-        // About a flow from outside: to its backend or its client, as if about a packet it sent
-        // itself (counted as reverse NAT); any other ICMP passes, as does a copy of a frame for
-        // another host.
-        let about = if ctx.for_this_host() { lb::node_in_icmp(e) } else { None };
-        let action = match about {
-            Some((n, forward)) => match F::rewrite_icmp_error(ctx, e, &n) {
-                Ok(()) if forward => {
-                    let saddr = n.outer_src.unwrap_or(e.outer_saddr);
-                    let daddr = n.outer_dst.unwrap_or(e.outer_daddr);
-                    let hop = Hop::<F> { proto: F::IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
-                    match ctx.forward(hop) {
-                        Ok(ret) => {
-                            count(counters::REV_NAT);
-                            return ret;
-                        }
-                        Err(()) => Action::Drop(counters::DROP_FIB),
-                    }
-                }
-                Ok(()) => Action::Pass(counters::REV_NAT),
-                Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
-            },
-            None => Action::Pass(counters::PASS_OTHER_PROTO),
-        };
-        return finish::<F, C>(action);
+        return node_in_icmp(ctx, e);
     }
     verdict(ctx, parsed, |f| lb::node_in(ctx, f, ctx.len()))
+}
+
+/// An ICMP error arriving on a node interface: about a flow from outside, it goes to the flow's
+/// backend or client as if about a packet it sent itself (counted as reverse NAT); any other
+/// passes, as does a copy of a frame for another host. XDP leaves them to TC.
+#[inline(always)]
+fn node_in_icmp<F: Family, C: PacketCtx>(ctx: &C, e: &IcmpError<F>) -> C::Ret {
+    if !C::TC {
+        return finish_marked::<F, C>(ctx, Action::Pass(counters::XDP_TO_TC));
+    }
+    let about = if ctx.for_this_host() { lb::node_in_icmp(e) } else { None };
+    let action = match about {
+        Some((n, forward)) => match F::rewrite_icmp_error(ctx, e, &n) {
+            Ok(()) if forward => {
+                let saddr = n.outer_src.unwrap_or(e.outer_saddr);
+                let daddr = n.outer_dst.unwrap_or(e.outer_daddr);
+                let hop = Hop::<F> { proto: F::IPPROTO_ICMP, sport: 0, dport: 0, saddr, daddr };
+                match ctx.forward(hop) {
+                    Ok(ret) => {
+                        count(counters::REV_NAT);
+                        return ret;
+                    }
+                    Err(()) => Action::Drop(counters::DROP_FIB),
+                }
+            }
+            Ok(()) => Action::Pass(counters::REV_NAT),
+            Err(()) => Action::Drop(counters::DROP_REWRITE_FAILED),
+        },
+        None => Action::Pass(counters::PASS_OTHER_PROTO),
+    };
+    finish::<F, C>(action)
 }
 
 /// Node interface egress (this node → outside): translate the replies of local endpoints to

@@ -77,6 +77,12 @@ const TESTS: &[(&str, &[&str], &str)] = &[
     ("e2e", &["--exact", "xdp_two_nodes"], "two nodes, XDP"),
     ("e2e_ipv6", &["--exact", "tc_dual_stack_service"], "dual-stack Service over IPv6, two nodes, TC"),
     ("nodeport_packets", &[], "node-side programs packet by packet (FIB lookup, redirect, SNAT)"),
+    ("nodeport_packets6", &[], "IPv6 node-side programs packet by packet (three tail-called programs, IPv6 SNAT, FIB)"),
+    (
+        "e2e_nodeport",
+        &["--exact", "nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6"],
+        "IPv6 NodePorts and LoadBalancer IPs from outside, Cluster (IPv6 SNAT) and Local (client kept)",
+    ),
     (
         "e2e_nodeport",
         &["--exact", "nodeport_cluster_policy_reaches_every_endpoint_through_either_node"],

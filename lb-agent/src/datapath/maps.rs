@@ -69,7 +69,8 @@ pub struct Maps6 {
 
 /// The IPv6 maps added after the others: a reader of an earlier agent's pins goes on without
 /// them.
-const LATER_MAPS6: [&str; 2] = [lb_common::MAP_LB6_SRC_RANGES, lb_common::MAP_LB6_RANGES_ON];
+const LATER_MAPS6: [&str; 3] =
+    [lb_common::MAP_LB6_SRC_RANGES, lb_common::MAP_LB6_RANGES_ON, lb_common::MAP_LB6_IFS];
 
 /// The IPv6 maps with a typed handle (`Maps::v6`).
 const TYPED_MAPS6: [&str; 6] = [

@@ -336,11 +336,15 @@ pub struct Datapath {
     /// `LB4_IFS`: the interfaces attached, by role, node interfaces with their SNAT addresses;
     /// and those addresses by interface name, as last set.
     ifs: aya::maps::HashMap<aya::maps::MapData, u32, Lb4Interface>,
-    node_addrs: StdHashMap<String, Option<std::net::Ipv4Addr>>,
+    /// `LB6_IFS`: node interfaces' IPv6 addresses.
+    ifs6: aya::maps::HashMap<aya::maps::MapData, u32, [u32; 4]>,
+    node_addrs: StdHashMap<String, (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>)>,
     /// Whether the node-side programs are loaded (on the first node interface).
     node_loaded: bool,
     /// Whether node interfaces carry the XDP node program.
     node_xdp: bool,
+    /// Whether IPv6 is served (`--ipv6`): the node-side programs hand it to theirs.
+    ipv6: bool,
     /// The ports replies of flows SNATed to this node's address are looked for on (first, last).
     snat_reply_ports: (u32, u32),
     /// `LB_NODE_MACS` (this load's): the Ethernet address of each node interface, for the XDP
@@ -501,73 +505,82 @@ fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), Datap
 }
 
 /// The IPv6 programs the IPv4 entry points hand IPv6 packets to (tail calls), by program array
-/// and slot.
-const PROG6_TC_FORWARD: &str = "lb6_tc_forward";
-const PROG6_TC_REPLY: &str = "lb6_tc_reply";
-const PROG6_XDP_FORWARD: &str = "lb6_xdp_forward";
-const PROG6_TC_FORWARD_DECIDED: &str = "lb6_tc_forward_decided";
-const PROG6_XDP_FORWARD_DECIDED: &str = "lb6_xdp_forward_decided";
+/// and slot, the later programs of a split one before the earlier (an earlier one never finds a
+/// later one's slot empty).
+type Slots = &'static [(u32, &'static str)];
+const TAIL_TC_SLOTS: Slots = &[
+    (lb_common::TAIL_FORWARD_DECIDED, "lb6_tc_forward_decided"),
+    (lb_common::TAIL_FORWARD, "lb6_tc_forward"),
+    (lb_common::TAIL_REPLY, "lb6_tc_reply"),
+];
+const TAIL_XDP_SLOTS: Slots = &[
+    (lb_common::TAIL_FORWARD_DECIDED, "lb6_xdp_forward_decided"),
+    (lb_common::TAIL_FORWARD, "lb6_xdp_forward"),
+];
+const TAIL_NODE_TC_SLOTS: Slots = &[
+    (lb_common::TAIL_NODE_IN_DECIDED, "lb6_tc_node_in_decided"),
+    (lb_common::TAIL_NODE_IN_REPLY, "lb6_tc_node_in_reply"),
+    (lb_common::TAIL_NODE_IN, "lb6_tc_node_in"),
+    (lb_common::TAIL_NODE_OUT, "lb6_tc_node_out"),
+];
+/// The pinned program arrays, held open by the agent.
+const TAIL_ARRAYS: [&str; 3] =
+    [lb_common::MAP_LB_TAIL_TC, lb_common::MAP_LB_TAIL_XDP, lb_common::MAP_LB_TAIL_NODE_TC];
 
-/// Serving IPv6: loads the IPv6 programs and puts them in the program arrays the IPv4 entry points
-/// tail-call (`LB_TAIL_TC`, and `LB_TAIL_XDP` in XDP mode). Not serving it (`--ipv6 off`): empties
-/// the slots, so that IPv6 passes untouched (the arrays are pinned: a slot an earlier agent
-/// filled would stay).
-fn fill_tail_calls(ebpf: &mut Ebpf, ipv6: bool, mode: Mode) -> Result<(), DatapathError> {
-    use aya::maps::ProgramArray;
-    use lb_common::{MAP_LB_TAIL_TC, MAP_LB_TAIL_XDP, TAIL_FORWARD, TAIL_FORWARD_DECIDED, TAIL_REPLY};
-    let tc = ebpf.take_map(MAP_LB_TAIL_TC).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_TC))?;
-    let mut tc = ProgramArray::try_from(tc).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
-    let xdp = ebpf.take_map(MAP_LB_TAIL_XDP).ok_or(DatapathError::MissingMap(MAP_LB_TAIL_XDP))?;
-    let mut xdp = ProgramArray::try_from(xdp).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+/// Serving IPv6: loads the pod-side IPv6 programs and puts them in the program arrays the IPv4
+/// entry points tail-call (`LB_TAIL_TC`, and `LB_TAIL_XDP` in XDP mode). Not serving it (`--ipv6
+/// off`): empties the slots, the node-side arrays' too, so that IPv6 passes untouched (the arrays
+/// are pinned: a slot an earlier agent filled would stay). The node-side IPv6 programs go in with
+/// the node-side programs (`Datapath::load_node_programs`).
+fn fill_tail_calls(ebpf: &mut Ebpf, dir: &Path, ipv6: bool, mode: Mode) -> Result<(), DatapathError> {
     let xdp_on = ipv6 && mode == Mode::Xdp;
-    // The second half of a forward program first: its first half never finds its slot empty.
-    let tc_slots = [
-        (TAIL_FORWARD_DECIDED, PROG6_TC_FORWARD_DECIDED),
-        (TAIL_FORWARD, PROG6_TC_FORWARD),
-        (TAIL_REPLY, PROG6_TC_REPLY),
-    ];
-    let xdp_slots = [(TAIL_FORWARD_DECIDED, PROG6_XDP_FORWARD_DECIDED), (TAIL_FORWARD, PROG6_XDP_FORWARD)];
     // Every program verified before any slot changes: a slot set before a later program fails
     // its verifier would leave a new half beside an old one for as long as the verifier takes,
     // and a start that then fails would leave the new one in place.
     if ipv6 {
-        load_classifiers(ebpf, &tc_slots.map(|(_, name)| name))?;
+        load_classifiers(ebpf, &TAIL_TC_SLOTS.iter().map(|(_, n)| *n).collect::<Vec<_>>())?;
     }
     if xdp_on {
-        for (_, name) in xdp_slots {
+        for (_, name) in TAIL_XDP_SLOTS {
             load_xdp(ebpf, name)?;
         }
     }
-    if ipv6 {
-        for (slot, name) in tc_slots {
-            let prog: &SchedClassifier = ebpf
-                .program(name)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: name, source })?;
-            let fd = prog.fd().map_err(|source| DatapathError::Program { program: name, source })?;
-            tc.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
-        }
-    } else {
-        // The entry points' slots first: nothing reaches a second half any more.
-        for slot in [TAIL_FORWARD, TAIL_REPLY, TAIL_FORWARD_DECIDED] {
-            absent_ok(tc.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_TC))?;
-        }
+    fill_slots(ebpf, dir, lb_common::MAP_LB_TAIL_TC, TAIL_TC_SLOTS, ipv6)?;
+    fill_slots(ebpf, dir, lb_common::MAP_LB_TAIL_XDP, TAIL_XDP_SLOTS, xdp_on)?;
+    if !ipv6 {
+        fill_slots(ebpf, dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, false)?;
     }
-    if xdp_on {
-        for (slot, name) in xdp_slots {
-            let prog: &Xdp = ebpf
-                .program(name)
-                .expect("object has the program")
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: name, source })?;
-            let fd = prog.fd().map_err(|source| DatapathError::Program { program: name, source })?;
-            xdp.set(slot, fd, 0).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+    Ok(())
+}
+
+/// Puts the (loaded) programs of `slots` into the pinned program array `name` of layout `dir`,
+/// or (`on` false) empties those slots, the entry points' first (nothing then reaches a second
+/// half any more).
+fn fill_slots(
+    ebpf: &Ebpf,
+    dir: &Path,
+    name: &'static str,
+    slots: Slots,
+    on: bool,
+) -> Result<(), DatapathError> {
+    let err = maps::map_err(name);
+    let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(&err)?;
+    let mut array = aya::maps::ProgramArray::try_from(aya::maps::Map::from_map_data(data).map_err(&err)?)
+        .map_err(&err)?;
+    if !on {
+        for (slot, _) in slots.iter().rev() {
+            absent_ok(array.clear_index(slot)).map_err(&err)?;
         }
-    } else {
-        for slot in [TAIL_FORWARD, TAIL_FORWARD_DECIDED] {
-            absent_ok(xdp.clear_index(&slot)).map_err(maps::map_err(MAP_LB_TAIL_XDP))?;
+        return Ok(());
+    }
+    for &(slot, program) in slots {
+        let fd = match ebpf.program(program).expect("object has the program") {
+            aya::programs::Program::SchedClassifier(p) => p.fd(),
+            aya::programs::Program::Xdp(p) => p.fd(),
+            _ => unreachable!("tail-called programs are TC or XDP programs"),
         }
+        .map_err(|source| DatapathError::Program { program, source })?;
+        array.set(slot, fd, 0).map_err(&err)?;
     }
     Ok(())
 }
@@ -744,18 +757,24 @@ impl Datapath {
             let data = aya::maps::MapData::from_pin(&path).map_err(&err)?;
             aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?
         };
+        let ifs6 = {
+            let name = lb_common::MAP_LB6_IFS;
+            let err = maps::map_err(name);
+            let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(&err)?;
+            aya::maps::Map::from_map_data(data).map_err(&err)?.try_into().map_err(&err)?
+        };
         // The node-side programs load when a node interface is first attached
         // (`load_node_programs`): an agent without one never has the kernel verify them.
         load_classifiers(&mut ebpf, &[PROG_TC_FORWARD, PROG_TC_REPLY])?;
         if mode == Mode::Xdp {
             load_xdp(&mut ebpf, PROG_XDP_FORWARD)?;
         }
-        fill_tail_calls(&mut ebpf, cfg.ipv6, mode)?;
+        fill_tail_calls(&mut ebpf, &dir, cfg.ipv6, mode)?;
         // Held open: a program array whose last pin and handle go is emptied by the kernel (a
         // pin directory removed under the agent would leave IPv6 untranslated), and pinned
         // again by `repin`.
         let mut tail_arrays = Vec::new();
-        for name in [lb_common::MAP_LB_TAIL_TC, lb_common::MAP_LB_TAIL_XDP] {
+        for name in TAIL_ARRAYS {
             let data = aya::maps::MapData::from_pin(dir.join(name)).map_err(maps::map_err(name))?;
             tail_arrays.push((name, data));
         }
@@ -777,9 +796,11 @@ impl Datapath {
             links_dir,
             attached,
             ifs,
+            ifs6,
             node_addrs: StdHashMap::new(),
             node_loaded: false,
             node_xdp: cfg.node_xdp,
+            ipv6: cfg.ipv6,
             snat_reply_ports: (reply_min, reply_max),
             node_macs,
             logger,
@@ -1116,6 +1137,12 @@ impl Datapath {
         for i in stale {
             let _ = self.ifs.remove(&i);
         }
+        // IPv6 addresses of node interfaces only.
+        let node = |i: &u32| self.attached.values().any(|(n, _, r)| n == i && *r == Role::Node);
+        let stale: Vec<u32> = self.ifs6.keys().filter_map(Result::ok).filter(|i| !node(i)).collect();
+        for i in stale {
+            let _ = self.ifs6.remove(&i);
+        }
     }
 
     /// Loads the node-side programs (once): when the first node interface is attached, or for a
@@ -1128,6 +1155,16 @@ impl Datapath {
         if self.node_xdp {
             load_xdp(&mut self.ebpf, PROG_XDP_NODE_IN)?;
         }
+        // Their IPv6 programs (TC: the XDP node program leaves IPv6 to TC), each verified before
+        // any slot changes (see `fill_tail_calls`).
+        if self.ipv6 {
+            load_classifiers(
+                &mut self.ebpf,
+                &TAIL_NODE_TC_SLOTS.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            )?;
+            let dir = self.links_dir.parent().expect("the layout directory").to_path_buf();
+            fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, true)?;
+        }
         self.node_loaded = true;
         Ok(())
     }
@@ -1135,12 +1172,14 @@ impl Datapath {
     /// Records node interface `interface` (attached) in `LB4_IFS` with the address flows from
     /// outside to remote endpoints are SNATed to when they leave through it (or came in through
     /// it and leave through an interface lb does not know), or without one (`None`: such flows
-    /// find no address and are dropped, `drop_fib`). Written only when it changed; true then (and
-    /// the first time).
+    /// find no address and are dropped, `drop_fib`); and in `LB6_IFS` with its IPv6 address for
+    /// IPv6 flows (`addr6`; `None`: no entry). Written only when it changed; true then (and the
+    /// first time).
     pub fn set_node_address(
         &mut self,
         interface: &str,
         addr: Option<std::net::Ipv4Addr>,
+        addr6: Option<std::net::Ipv6Addr>,
     ) -> Result<bool, DatapathError> {
         let Some((index, _, Role::Node)) = self.attached.get(interface) else { return Ok(false) };
         let index = *index;
@@ -1151,11 +1190,19 @@ impl Datapath {
         if self.node_xdp {
             self.record_mac(interface, index)?;
         }
-        if self.node_addrs.contains_key(interface) && self.ifs.get(&index, 0).ok() == Some(value) {
+        if self.node_addrs.get(interface) == Some(&(addr, addr6))
+            && self.ifs.get(&index, 0).ok() == Some(value)
+            && self.ifs6.get(&index, 0).ok() == addr6.map(|a| lb_common::addr6(a.octets()))
+        {
             return Ok(false);
         }
         self.ifs.insert(index, value, 0).map_err(maps::map_err(MAP_LB4_IFS))?;
-        self.node_addrs.insert(interface.to_string(), addr);
+        match addr6 {
+            Some(a) => self.ifs6.insert(index, lb_common::addr6(a.octets()), 0),
+            None => absent_ok(self.ifs6.remove(&index)),
+        }
+        .map_err(maps::map_err(lb_common::MAP_LB6_IFS))?;
+        self.node_addrs.insert(interface.to_string(), (addr, addr6));
         Ok(true)
     }
 
