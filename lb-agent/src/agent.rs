@@ -76,6 +76,7 @@ impl<W: MapWriter> Agent<W> {
             addresses.seed(addr, service);
         }
         let health = Arc::new(Health::new());
+        health.set_ipv6(ctx.ipv6);
         Self {
             maps,
             reconciler,
@@ -177,8 +178,9 @@ impl<W: MapWriter> Agent<W> {
             What::All(objects) => self.apply_all(objects),
             What::Services(changed) => self.apply_services(changed),
         };
-        if !self.reconciler.has_failed_writes() {
-            self.health.applied();
+        match self.reconciler.families_behind() {
+            0 => self.health.applied(),
+            behind => self.health.writes_failed(behind),
         }
         report.errors.extend(self.serve_health_checks());
         if std::mem::replace(&mut self.started, true) {
@@ -201,6 +203,7 @@ impl<W: MapWriter> Agent<W> {
             // stays as it was).
             self.health.set_node_eligible(Err("this node's Node object is gone".into()));
         }
+        let nodeports = (self.ctx.nodeport_addresses.clone(), self.ctx.nodeport_addresses6.clone());
         self.ctx.nodeport_addresses =
             model::node::nodeport_ipv4(&self.nodeport_spec, objects.node.as_deref(), &self.local_addrs);
         self.ctx.nodeport_addresses6 = if self.ctx.ipv6 {
@@ -208,6 +211,13 @@ impl<W: MapWriter> Agent<W> {
         } else {
             Vec::new()
         };
+        if nodeports != (self.ctx.nodeport_addresses.clone(), self.ctx.nodeport_addresses6.clone()) {
+            // Which addresses NodePorts open on (a family no CIDR names gets all of its own).
+            let all: Vec<String> = (self.ctx.nodeport_addresses.iter().map(ToString::to_string))
+                .chain(self.ctx.nodeport_addresses6.iter().map(ToString::to_string))
+                .collect();
+            info!(spec = %self.nodeport_spec, "NodePorts listen on: {}", if all.is_empty() { "no address".into() } else { all.join(", ") });
+        }
         self.ctx.node_ip = objects.node.as_deref().and_then(model::node::primary_ipv4);
         self.ctx.node_ip6 = objects.node.as_deref().and_then(model::node::primary_ipv6);
         self.ctx.local_addresses6.clone_from(&self.local_addrs6);
@@ -363,10 +373,12 @@ impl<W: MapWriter + FlowTables> Agent<W> {
     /// Health after writes outside a change (retries, the sweep's releases): failed writes wait
     /// (from now, if nothing waited before); none left, what waited is applied.
     fn note_failed_writes(&self) {
-        if self.reconciler.has_failed_writes() {
-            self.health.change_seen(Instant::now());
-        } else {
-            self.health.settled();
+        match self.reconciler.families_behind() {
+            0 => self.health.settled(),
+            behind => {
+                self.health.change_seen(Instant::now());
+                self.health.writes_failed(behind);
+            }
         }
     }
 
@@ -455,7 +467,7 @@ fn health_check_addresses(
 ) -> Vec<std::net::IpAddr> {
     let match_all = |v6: bool| match spec {
         model::node::NodePortAddresses::Cidrs(c) => {
-            let mine: Vec<_> = c.iter().filter(|c| c.addr().is_ipv6() == v6).collect();
+            let mine: Vec<_> = c.iter().filter(|c| c.is_ipv4_family() != v6).collect();
             mine.is_empty() || mine.iter().any(|c| c.prefix_len() == 0)
         }
         model::node::NodePortAddresses::Primary => true,

@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, RwLock,
     },
     time::{Duration, Instant, SystemTime},
@@ -42,6 +42,11 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(60);
 /// (the agent attaches on the netlink event, or at worst on its 5 s rescan).
 pub const ATTACH_GRACE: Duration = Duration::from_secs(10);
 
+/// IPv4, as a bit of a family mask (kube-proxy's proxier per family).
+pub const IPV4: u8 = 1;
+/// IPv6, likewise.
+pub const IPV6: u8 = 2;
+
 /// What the health endpoints answer from.
 #[derive(Debug)]
 pub struct Health {
@@ -62,6 +67,14 @@ pub struct Health {
     source_since_ms: AtomicU64,
     /// The last time nothing waited to be applied (kube-proxy's `lastUpdated`).
     last_updated: Mutex<SystemTime>,
+    /// The families served ([`IPV4`], and [`IPV6`] with `--ipv6`): kube-proxy reports each
+    /// one's health apart (`status`).
+    families: AtomicU8,
+    /// The families a change waits for (a change being applied: every family; then those whose
+    /// writes failed).
+    behind: AtomicU8,
+    /// Per family (IPv4, IPv6): the last time nothing of it waited to be applied.
+    family_updated: Mutex<[SystemTime; 2]>,
     /// Whether this node is eligible for load balancer traffic, and why not.
     node: Mutex<Result<(), String>>,
     /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
@@ -116,6 +129,9 @@ impl Health {
             pending_since_ms: AtomicU64::new(0),
             source_since_ms: AtomicU64::new(0),
             last_updated: Mutex::new(SystemTime::now()),
+            families: AtomicU8::new(IPV4),
+            behind: AtomicU8::new(0),
+            family_updated: Mutex::new([SystemTime::now(); 2]),
             node: Mutex::new(Ok(())),
             unattached: Mutex::default(),
             attach_pass_done: AtomicBool::new(false),
@@ -180,16 +196,42 @@ impl Health {
         self.source_since_ms.store(seen.map_or(0, |s| self.since_ms(s)), Ordering::Relaxed);
     }
 
+    /// Which families are served: IPv4, and IPv6 with `ipv6`.
+    pub fn set_ipv6(&self, ipv6: bool) {
+        self.families.store(if ipv6 { IPV4 | IPV6 } else { IPV4 }, Ordering::Relaxed);
+    }
+
     /// A change the source first saw at `seen` is being applied (or writes failed at `seen`): it
-    /// waits until [`Health::applied`].
+    /// waits until [`Health::applied`], for every family until [`Health::writes_failed`] says
+    /// which.
     pub fn change_seen(&self, seen: Instant) {
         let at = self.since_ms(seen);
         let before = self
             .pending_since_ms
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| (p == 0 || at < p).then_some(at));
+        let then = SystemTime::now() - seen.elapsed();
         if before == Ok(0) {
             // Everything was applied until this change came.
-            *self.last_updated.lock().expect("not poisoned") = SystemTime::now() - seen.elapsed();
+            *self.last_updated.lock().expect("not poisoned") = then;
+        }
+        let was = self.behind.swap(IPV4 | IPV6, Ordering::Relaxed);
+        let mut updated = self.family_updated.lock().expect("not poisoned");
+        for (i, bit) in [IPV4, IPV6].into_iter().enumerate() {
+            if was & bit == 0 {
+                updated[i] = then;
+            }
+        }
+    }
+
+    /// Writes of the families in `behind` failed and wait to be retried; the others' are all in
+    /// the maps.
+    pub fn writes_failed(&self, behind: u8) {
+        self.behind.store(behind, Ordering::Relaxed);
+        let mut updated = self.family_updated.lock().expect("not poisoned");
+        for (i, bit) in [IPV4, IPV6].into_iter().enumerate() {
+            if behind & bit == 0 {
+                updated[i] = SystemTime::now();
+            }
         }
     }
 
@@ -204,7 +246,10 @@ impl Health {
     pub fn applied(&self) {
         self.applied_once.store(true, Ordering::Relaxed);
         self.pending_since_ms.store(0, Ordering::Relaxed);
-        *self.last_updated.lock().expect("not poisoned") = SystemTime::now();
+        self.behind.store(0, Ordering::Relaxed);
+        let now = SystemTime::now();
+        *self.last_updated.lock().expect("not poisoned") = now;
+        *self.family_updated.lock().expect("not poisoned") = [now; 2];
     }
 
     /// A sync (whole or partial) ran.
@@ -249,13 +294,59 @@ impl Health {
             ));
         }
         let pending = self.oldest_waiting();
-        if pending != 0 && now.saturating_sub(pending) > limit {
+        let late = self.late_families();
+        if late != 0 {
+            let names: Vec<&str> =
+                FAMILIES.iter().filter(|(bit, _)| late & bit != 0).map(|(_, name)| *name).collect();
             return Err(format!(
-                "a change has waited {} ms to be applied (--healthz-stale-after {limit} ms)",
-                now - pending
+                "a change has waited {} ms to be applied ({}; --healthz-stale-after {limit} ms)",
+                now - pending,
+                names.join(", ")
             ));
         }
         Ok(())
+    }
+
+    /// The families served whose changes have waited longer than `--healthz-stale-after` (all of
+    /// them when the main loop does not turn, or a change still waits in the source).
+    fn late_families(&self) -> u8 {
+        let served = self.families.load(Ordering::Relaxed);
+        if !self.applied_once.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let limit = self.stale_after_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        let late = |since: u64| since != 0 && now.saturating_sub(since) > limit;
+        let tick = self.last_tick_ms.load(Ordering::Relaxed).max(1);
+        if late(tick) || late(self.source_since_ms.load(Ordering::Relaxed)) {
+            return served;
+        }
+        if late(self.pending_since_ms.load(Ordering::Relaxed)) {
+            return served & self.behind.load(Ordering::Relaxed);
+        }
+        0
+    }
+
+    /// Each family served, as kube-proxy's `status`: its name, the last time nothing of it
+    /// waited to be applied (now, when nothing does), and whether it is healthy.
+    fn family_status(&self) -> Vec<(&'static str, SystemTime, bool)> {
+        let (served, late) = (self.families.load(Ordering::Relaxed), self.late_families());
+        let waiting = self.oldest_waiting() != 0;
+        let behind = if self.source_since_ms.load(Ordering::Relaxed) != 0 {
+            IPV4 | IPV6
+        } else {
+            self.behind.load(Ordering::Relaxed)
+        };
+        let updated = *self.family_updated.lock().expect("not poisoned");
+        FAMILIES
+            .iter()
+            .enumerate()
+            .filter(|(_, (bit, _))| served & bit != 0)
+            .map(|(i, (bit, name))| {
+                let last = if waiting && behind & bit != 0 { updated[i] } else { SystemTime::now() };
+                (*name, last, late & bit == 0)
+            })
+            .collect()
     }
 
     /// A full sync is done, and the first attach pass.
@@ -380,6 +471,17 @@ fn count(h: &Health, path: &str, code: StatusCode) {
     h.metrics.proxy.get_or_create(&labels).inc();
 }
 
+/// The families by bit and by kube-proxy's name (`v1.IPFamily`).
+const FAMILIES: [(u8, &str); 2] = [(IPV4, "IPv4"), (IPV6, "IPv6")];
+
+/// One family's health in the body of `/healthz` and `/livez` (kube-proxy's `ProxierHealth`).
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FamilyBody {
+    last_updated: String,
+    healthy: bool,
+}
+
 /// The body of `/healthz` and `/livez`, in kube-proxy's order.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -388,6 +490,10 @@ struct ProxyBody {
     current_time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     node_eligible: Option<bool>,
+    /// Whether every family is healthy (`nodeEligible` aside).
+    healthy: bool,
+    /// Each family served.
+    status: BTreeMap<&'static str, FamilyBody>,
     /// Why a 503 (lb's addition).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -407,10 +513,17 @@ fn proxy_answer(h: &Health, path: &str) -> Response {
         Ok(()) => (StatusCode::OK, now),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, h.last_updated()),
     };
+    let status: BTreeMap<&'static str, FamilyBody> = h
+        .family_status()
+        .into_iter()
+        .map(|(name, last, healthy)| (name, FamilyBody { last_updated: timestamp(last), healthy }))
+        .collect();
     let body = ProxyBody {
         last_updated: timestamp(last),
         current_time: timestamp(now),
         node_eligible: (path == "/healthz").then_some(eligible.is_ok()),
+        healthy: h.healthy().is_ok(),
+        status,
         reason: verdict.err(),
     };
     count(h, path, code);

@@ -81,23 +81,6 @@ pub fn has_global_ipv6() -> io::Result<bool> {
 /// calling thread's network namespace, in the kernel's order: those a NodePort or a health-check
 /// node port can listen on without naming an interface.
 pub fn global_ipv6_addresses() -> io::Result<Vec<std::net::Ipv6Addr>> {
-    let mut out = Vec::new();
-    for (_, a) in global_ipv6_by_interface()? {
-        if !out.contains(&a) {
-            out.push(a);
-        }
-    }
-    Ok(out)
-}
-
-/// The first global IPv6 address of interface `name` in `addrs` ([`global_ipv6_by_interface`]):
-/// the address IPv6 flows from outside leave it with when lb SNATs them to this node.
-pub fn primary_ipv6_of(addrs: &[(String, std::net::Ipv6Addr)], name: &str) -> Option<std::net::Ipv6Addr> {
-    addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
-}
-
-/// [`global_ipv6_addresses`] with the name of each address's interface.
-pub fn global_ipv6_by_interface() -> io::Result<Vec<(String, std::net::Ipv6Addr)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -122,15 +105,71 @@ pub fn global_ipv6_by_interface() -> io::Result<Vec<(String, std::net::Ipv6Addr)
         // SAFETY: an AF_INET6 address is a sockaddr_in6.
         let sin6 = unsafe { sa.cast::<libc::sockaddr_in6>().read_unaligned() };
         let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        if is_global6(a) && !ifa.ifa_name.is_null() {
-            // SAFETY: a NUL-terminated interface name from getifaddrs, alive until `list` drops.
-            let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
-            if !out.contains(&(name.clone(), a)) {
-                out.push((name, a));
-            }
+        if is_global6(a) && !out.contains(&a) {
+            out.push(a);
         }
     }
     Ok(out)
+}
+
+/// An IPv6 address of an interface as `/proc/net/if_inet6` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipv6IfAddr {
+    pub ifname: String,
+    pub addr: std::net::Ipv6Addr,
+    pub prefix_len: u8,
+    /// `IFA_F_*`.
+    pub flags: u32,
+}
+
+/// `IFA_F_TEMPORARY`, `IFA_F_DADFAILED`, `IFA_F_DEPRECATED`, `IFA_F_TENTATIVE`: an address a
+/// flow should not be given as its source (a privacy address that changes, one that failed or
+/// has not finished duplicate address detection, one being retired).
+const IFA_F_UNFIT: u32 = 0x01 | 0x08 | 0x20 | 0x40;
+
+/// The IPv6 addresses of the calling thread's network namespace, with their flags (what
+/// `getifaddrs` does not give).
+pub fn ipv6_interface_addresses() -> io::Result<Vec<Ipv6IfAddr>> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/if_inet6")?;
+    Ok(parse_if_inet6(&text))
+}
+
+/// `/proc/net/if_inet6`: per line the address (32 hex digits), interface index, prefix length,
+/// scope and flags (hex), and the interface's name. Lines that do not read so are skipped.
+fn parse_if_inet6(text: &str) -> Vec<Ipv6IfAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [hex, _index, prefix, _scope, flags, name] = f.as_slice() else { return None };
+            let addr = u128::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 32)?;
+            Some(Ipv6IfAddr {
+                ifname: (*name).to_string(),
+                addr: std::net::Ipv6Addr::from(addr),
+                prefix_len: u8::from_str_radix(prefix, 16).ok()?,
+                flags: u32::from_str_radix(flags, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The IPv6 address flows from outside leave node interface `name` with when lb SNATs them to
+/// this node: `prefer` (the node's primary IPv6 address) when the interface has it, else its
+/// lowest of its global addresses that is not a single host's (`/128`: a floating address a
+/// failover may move), else its lowest `/128`. Never a temporary, deprecated, tentative or failed address.
+pub fn snat_ipv6_of(
+    addrs: &[Ipv6IfAddr],
+    name: &str,
+    prefer: Option<std::net::Ipv6Addr>,
+) -> Option<std::net::Ipv6Addr> {
+    let mut fit: Vec<&Ipv6IfAddr> = addrs
+        .iter()
+        .filter(|a| a.ifname == name && is_global6(a.addr) && a.flags & IFA_F_UNFIT == 0)
+        .collect();
+    if let Some(p) = prefer.filter(|p| fit.iter().any(|a| a.addr == *p)) {
+        return Some(p);
+    }
+    fit.sort_by_key(|a| (a.prefix_len == 128, a.addr));
+    fit.first().map(|a| a.addr)
 }
 
 /// Not loopback, unspecified, multicast or link-local (fe80::/10), nor IPv4-mapped.
@@ -172,6 +211,53 @@ pub fn primary_ipv4_of(addrs: &[InterfaceAddr], ifname: &str) -> Option<Ipv4Addr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SNAT address of a node interface over IPv6: the node's primary address where the
+    /// interface has it; else its lowest global address with a prefix, then a `/128`; never a
+    /// temporary, deprecated, tentative or failed one, nor another interface's, link-local or
+    /// loopback. Read from `/proc/net/if_inet6` (this host's parses, `lo`'s `::1` among them).
+    #[test]
+    fn ipv6_snat_addresses_skip_unfit_and_floating_ones() {
+        let text = "\
+fd000172003100000000000000000009 03 40 00 80     eth0
+fd00017200310000000000000000fffe 03 80 00 80     eth0
+fd000172003100000000000000000005 03 40 00 01     eth0
+fd000172003100000000000000000004 03 40 00 20     eth0
+fd000172003100000000000000000003 03 40 00 40     eth0
+fd000172003100000000000000000002 03 40 00 88     eth0
+fe800000000000000000000000000001 03 40 20 80     eth0
+fd000172003100000000000000000001 04 40 00 80     eth1
+00000000000000000000000000000001 01 80 10 80       lo
+bogus line
+";
+        let addrs = parse_if_inet6(text);
+        assert_eq!(addrs.len(), 9, "{addrs:?}");
+        let a = |s: &str| -> std::net::Ipv6Addr { s.parse().expect("addr") };
+        assert_eq!(
+            addrs[0],
+            Ipv6IfAddr { ifname: "eth0".into(), addr: a("fd00:172:31::9"), prefix_len: 64, flags: 0x80 }
+        );
+        assert_eq!(snat_ipv6_of(&addrs, "eth0", None), Some(a("fd00:172:31::9")), "the /64, not the /128");
+        assert_eq!(snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::fffe"))), Some(a("fd00:172:31::fffe")));
+        assert_eq!(
+            snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::5"))),
+            Some(a("fd00:172:31::9")),
+            "temporary"
+        );
+        assert_eq!(
+            snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::1"))),
+            Some(a("fd00:172:31::9")),
+            "eth1's"
+        );
+        let only_floating: Vec<Ipv6IfAddr> = addrs.iter().filter(|x| x.prefix_len == 128).cloned().collect();
+        assert_eq!(snat_ipv6_of(&only_floating, "eth0", None), Some(a("fd00:172:31::fffe")));
+        assert_eq!(snat_ipv6_of(&addrs, "lo", None), None, "loopback");
+        assert_eq!(snat_ipv6_of(&addrs, "eth2", None), None);
+        let live = ipv6_interface_addresses().expect("/proc/thread-self/net/if_inet6");
+        if let Some(lo) = live.iter().find(|x| x.ifname == "lo") {
+            assert_eq!((lo.addr, lo.prefix_len), (std::net::Ipv6Addr::LOCALHOST, 128));
+        }
+    }
 
     #[test]
     fn loopback_holds_127_0_0_1() {

@@ -905,7 +905,7 @@ fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<dat
     let addrs = if interfaces.nodes.is_empty() { Vec::new() } else { local_ipv4() };
     let ipv6 = agent.ctx.ipv6 && !interfaces.nodes.is_empty();
     let addrs6 = if ipv6 {
-        lb_agent::host::global_ipv6_by_interface().unwrap_or_else(|e| {
+        lb_agent::host::ipv6_interface_addresses().unwrap_or_else(|e| {
             warn!("reading this node's IPv6 addresses: {e}");
             Vec::new()
         })
@@ -932,7 +932,7 @@ fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<dat
             // none, a tunnel device say, with the first NodePort address).
             let addr = lb_agent::host::primary_ipv4_of(&addrs, &name)
                 .or_else(|| agent.ctx.nodeport_addresses.first().copied());
-            let addr6 = lb_agent::host::primary_ipv6_of(&addrs6, &name)
+            let addr6 = lb_agent::host::snat_ipv6_of(&addrs6, &name, agent.ctx.node_ip6)
                 .or_else(|| agent.ctx.nodeport_addresses6.first().copied())
                 .filter(|_| ipv6);
             match dp.set_node_address(&name, addr, addr6) {

@@ -1341,6 +1341,21 @@ fn the_reply_gate_holds_the_ports_of_earlier_snat_ranges_and_of_the_flows_in_the
     let entry = lb_common::Lb4CtEntry { flags: lb_common::CT_FLAG_NODE_SNAT, ..Default::default() };
     maps.ct.insert(key, entry, 0).expect("a reply entry");
     drop((dp, maps));
-    let (dp, _) = load((40_000, 40_999));
+    let (dp, mut maps) = load((40_000, 40_999));
     assert_eq!(dp.snat_reply_ports(), (1024, 50_000), "the same range again: the flows' ports too");
+    // An IPv6 flow SNATed to this node on port 60,000: its table counts too.
+    let key6 = lb_common::Lb6CtKey {
+        saddr: [1, 2, 3, 4],
+        daddr: [5, 6, 7, 8],
+        sport: 8080u16.to_be(),
+        dport: 60_000u16.to_be(),
+        proto: 6,
+        dir: lb_common::CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let entry6 = lb_common::Lb6CtEntry { flags: lb_common::CT_FLAG_NODE_SNAT, ..Default::default() };
+    maps.v6.as_mut().expect("IPv6 maps").ct.insert(key6, entry6, 0).expect("an IPv6 reply entry");
+    drop((dp, maps));
+    let (dp, _) = load((40_000, 40_999));
+    assert_eq!(dp.snat_reply_ports(), (1024, 60_000), "the IPv6 flows' ports too");
 }

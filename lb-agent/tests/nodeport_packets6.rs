@@ -261,6 +261,11 @@ fn ipv6_node_side_rules_packet_by_packet() {
                 source_ranges: Some(vec![(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0).into(), 48)]),
                 ..frontend(LB_IP, 80, Protocol::Tcp, FrontendKind::LoadBalancer, &[(LOCAL_POD, 8080)])
             },
+            // A port inside the SNAT reply range: its packets go through all three programs.
+            Frontend {
+                source_ranges: Some(vec![(Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0).into(), 48)]),
+                ..frontend(LB_IP, 8443, Protocol::Tcp, FrontendKind::LoadBalancer, &[(REMOTE_POD, 8443)])
+            },
         ];
         // externalTrafficPolicy Local with endpoints only on the other node: outside clients are
         // dropped.
@@ -519,6 +524,70 @@ fn ipv6_node_side_rules_packet_by_packet() {
             &[(c::RX_NODE_IN, 1), (c::DROP_SRC_RANGE, 1)],
         );
         assert_eq!(out, syn, "untouched");
+
+        // A destination port inside the SNAT reply range that is no reply: the first program
+        // hands it to the reply program, which finds none and hands it to the decision, the
+        // client's range verdict kept through both tail calls.
+        assert!(in_snat_range(8443));
+        let syn = pkt((OUTSIDE, 40_014), (LB_IP, 8443), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "a Service port in the reply range, client inside the ranges: SNAT to the remote endpoint",
+            Prog::NodeIn,
+            &syn,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_NEW_FLOW, 1), (c::NODE_SNAT, 1)],
+        );
+        let s = check_packet6(&out);
+        assert_eq!((s.src.0, s.dst), (NODE, (REMOTE_POD, 8443)));
+        let ack = pkt((OUTSIDE, 40_014), (LB_IP, 8443), ACK);
+        let out = expect(
+            &dp,
+            &maps,
+            "...its next packet",
+            Prog::NodeIn,
+            &ack,
+            TC_REDIRECT,
+            &[(c::RX_NODE_IN, 1), (c::FWD_ESTABLISHED, 1)],
+        );
+        assert_eq!(check_packet6(&out), seen(s.src, (REMOTE_POD, 8443)));
+        let syn = pkt((STRANGER, 40_015), (LB_IP, 8443), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "a Service port in the reply range, client outside the ranges: dropped",
+            Prog::NodeIn,
+            &syn,
+            TC_SHOT,
+            &[(c::RX_NODE_IN, 1), (c::DROP_SRC_RANGE, 1)],
+        );
+        assert_eq!(out, syn);
+        // The node's own traffic on a port of that range (the kubelet's), and a frame for another
+        // host to one: untouched.
+        let kubelet = pkt((OUTSIDE, 40_016), (NODE, 10_250), SYN);
+        let out = expect(
+            &dp,
+            &maps,
+            "to the node's port 10250: untouched",
+            Prog::NodeIn,
+            &kubelet,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+        );
+        assert_eq!(out, kubelet);
+        let mut flooded = pkt((REMOTE_POD, 8080), (NODE, snat_port), ACK);
+        flooded[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        let out = expect(
+            &dp,
+            &maps,
+            "a reply-range frame for another host: untouched",
+            Prog::NodeIn,
+            &flooded,
+            TC_OK,
+            &[(c::RX_NODE_IN, 1), (c::PASS_NON_VIP, 1)],
+        );
+        assert_eq!(out, flooded);
 
         xdp_node_rules(&mut dp, &maps, &ifs, remote, local, local_only);
         drop(dp);

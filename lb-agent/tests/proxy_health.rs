@@ -227,3 +227,49 @@ async fn a_change_held_back_past_the_limit_fails_livez_and_healthz_until_it_is_a
     h.until("/healthz", 200, "applied").await;
     assert!(!h.agent.reconciler.has_failed_writes());
 }
+
+/// kube-proxy's proxy health per family (`status`, its proxier per family): a change whose
+/// IPv6 writes are held back past the limit makes the IPv6 family unhealthy and `/livez` fail,
+/// naming the family, while the IPv4 family, whose writes went in, stays healthy with a current
+/// `lastUpdated`; applied, both are healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_health_is_reported_per_family() {
+    let mut h = Harness::synced().await;
+    let (a, body) = h.get("/livez").await;
+    assert_eq!(a.status, 200, "{body}");
+    assert_eq!(body["healthy"], true, "{body}");
+    for family in ["IPv4", "IPv6"] {
+        assert_eq!(body["status"][family]["healthy"], true, "{family}: {body}");
+    }
+    // The maps refuse IPv6 Service entries: a dual-stack Service's IPv6 frontend waits.
+    h.agent.maps.fail_services6 = true;
+    let held_at = Instant::now();
+    let mut dual = service("both", "10.96.0.12");
+    dual["spec"]["clusterIPs"] = json!(["10.96.0.12", "fd00:10:96::12"]);
+    dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    dual["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    h.api.apply(dual);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.agent.reconciler.families_behind() == 0 {
+        assert!(Instant::now() < deadline, "the change never came");
+        h.run_for(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h.agent.reconciler.families_behind(), lb_agent::health::IPV6, "only IPv6 writes wait");
+    let body = h.until("/livez", 503, "IPv6 held back").await;
+    assert!(held_at.elapsed() >= STALE_AFTER, "failed before the limit: {body}");
+    assert_eq!(body["healthy"], false, "{body}");
+    assert_eq!(body["status"]["IPv6"]["healthy"], false, "{body}");
+    assert_eq!(body["status"]["IPv4"]["healthy"], true, "{body}");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("(IPv6;")), "the family is named: {body}");
+    let now = timestamp(&body, "currentTime");
+    let ipv6 = now.duration_since(timestamp(&body["status"]["IPv6"], "lastUpdated")).as_secs_f64();
+    let ipv4 = now.duration_since(timestamp(&body["status"]["IPv4"], "lastUpdated")).as_secs_f64();
+    assert!(ipv6 >= STALE_AFTER.as_secs_f64(), "IPv6 last updated before the change: {body}");
+    assert!(ipv4 < STALE_AFTER.as_secs_f64(), "IPv4 is up to date: {body}");
+    h.agent.maps.fail_services6 = false;
+    let body = h.until("/livez", 200, "applied").await;
+    assert_eq!(
+        (body["status"]["IPv4"]["healthy"].clone(), body["status"]["IPv6"]["healthy"].clone()),
+        (json!(true), json!(true))
+    );
+}

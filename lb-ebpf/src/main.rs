@@ -214,7 +214,7 @@ pub fn lb4_xdp_forward(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb4_xdp_node_in(ctx: XdpContext) -> u32 {
     count(counters::RX_NODE_IN);
-    // IPv6 from outside is TC's (`lb6_tc_node_in`): left to it untouched, unmarked.
+    // IPv6 from outside is TC's (`lb6_tc_node_in`): left to it untouched, marked as left to TC.
     if parse::is_ipv6(ctx.data(), ctx.data_end()) {
         count(counters::XDP_TO_TC);
         ctx.mark(false);

@@ -423,41 +423,56 @@ fn recorded_snat_ranges(dir: &Path) -> Vec<(u16, u16)> {
 /// served with (`recorded`: the one before may have SNATed flows with its range until our
 /// programs took its links over) and the SNAT port of every such flow in the table pinned in
 /// layout directory `dir`. Host order. A table that cannot be read opens the gate wide (every
-/// port: a lookup more per packet, no flow lost), with a warning.
+/// port: a lookup more per packet, no flow lost), with a warning. Both families' tables count.
 pub fn snat_reply_ports(dir: &Path, snat: (u16, u16), recorded: &[(u16, u16)]) -> (u32, u32) {
     let (mut first, mut last) = (u32::from(snat.0), u32::from(snat.1));
     for (a, b) in recorded {
         (first, last) = (first.min(u32::from(*a)), last.max(u32::from(*b)));
     }
-    let path = dir.join(MAP_LB4_CT);
-    if !path.exists() {
-        return (first, last);
-    }
-    let wide = |e: String| {
-        tracing::warn!(
-            "reading {}: {e}: replies to SNATed flows are looked for on every port",
-            path.display()
-        );
-        (1, 65_535)
-    };
-    let map = match aya::maps::MapData::from_pin(&path) {
-        Ok(m) => m,
-        Err(e) => return wide(e.to_string()),
-    };
-    let (mut cursor, mut batch) = (None, Vec::new());
-    loop {
-        batch.clear();
-        let next = maps::lookup_batch::<Lb4CtKey, Lb4CtEntry>(&map, cursor, 4096, &mut batch);
-        for (k, e) in &batch {
-            if k.dir == CT_DIR_REPLY && e.flags & CT_FLAG_NODE_SNAT != 0 {
-                let port = u32::from(u16::from_be(k.dport));
-                (first, last) = (first.min(port), last.max(port));
+    // The reply entries of flows SNATed to this node, of both families.
+    let v4 = node_snat_ports::<Lb4CtKey, Lb4CtEntry>(&dir.join(MAP_LB4_CT), |k, e| {
+        (k.dir == CT_DIR_REPLY && e.flags & CT_FLAG_NODE_SNAT != 0).then_some(k.dport)
+    });
+    let v6 = node_snat_ports::<lb_common::Lb6CtKey, lb_common::Lb6CtEntry>(
+        &dir.join(lb_common::MAP_LB6_CT),
+        |k, e| (k.dir == CT_DIR_REPLY && e.flags & CT_FLAG_NODE_SNAT != 0).then_some(k.dport),
+    );
+    for ports in [v4, v6] {
+        match ports {
+            Ok(ports) => {
+                for port in ports {
+                    let port = u32::from(u16::from_be(port));
+                    (first, last) = (first.min(port), last.max(port));
+                }
+            }
+            Err(e) => {
+                tracing::warn!("{e}: replies to SNATed flows are looked for on every port");
+                return (1, 65_535);
             }
         }
+    }
+    (first, last)
+}
+
+/// The ports (network byte order) `port_of` finds in the entries of the conntrack map pinned at
+/// `path` (none if it is not pinned).
+fn node_snat_ports<K: aya::Pod, V: aya::Pod>(
+    path: &Path,
+    port_of: impl Fn(&K, &V) -> Option<u16>,
+) -> Result<Vec<u16>, String> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let map = aya::maps::MapData::from_pin(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let (mut cursor, mut batch, mut ports) = (None, Vec::new(), Vec::new());
+    loop {
+        batch.clear();
+        let next = maps::lookup_batch::<K, V>(&map, cursor, 4096, &mut batch);
+        ports.extend(batch.iter().filter_map(|(k, e)| port_of(k, e)));
         match next {
             Ok(Some(c)) => cursor = Some(c),
-            Ok(None) => return (first, last),
-            Err(e) => return wide(e.to_string()),
+            Ok(None) => return Ok(ports),
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
         }
     }
 }
@@ -488,10 +503,14 @@ fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DatapathError> {
         .expect("object has the program")
         .try_into()
         .map_err(|source| DatapathError::Program { program: name, source })?;
+    // Loaded already (a load an earlier call began and a later program failed): kept.
+    if prog.fd().is_ok() {
+        return Ok(());
+    }
     prog.load().map_err(|source| DatapathError::Program { program: name, source })
 }
 
-/// Loads the TC programs `names` of the object.
+/// Loads the TC programs `names` of the object (those not loaded yet).
 fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), DatapathError> {
     for &name in names {
         let prog: &mut SchedClassifier =
@@ -499,7 +518,9 @@ fn load_classifiers(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), Datap
                 .expect("object has the program")
                 .try_into()
                 .map_err(|source| DatapathError::Program { program: name, source })?;
-        prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DatapathError::Program { program: name, source })?;
+        }
     }
     Ok(())
 }
@@ -1156,14 +1177,23 @@ impl Datapath {
             load_xdp(&mut self.ebpf, PROG_XDP_NODE_IN)?;
         }
         // Their IPv6 programs (TC: the XDP node program leaves IPv6 to TC), each verified before
-        // any slot changes (see `fill_tail_calls`).
+        // any slot changes (see `fill_tail_calls`). A kernel that refuses them still gets IPv4
+        // from outside served: IPv6 from outside then passes untranslated (`pass_ipv6`), said in
+        // the log.
         if self.ipv6 {
-            load_classifiers(
-                &mut self.ebpf,
-                &TAIL_NODE_TC_SLOTS.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
-            )?;
             let dir = self.links_dir.parent().expect("the layout directory").to_path_buf();
-            fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, true)?;
+            let names: Vec<&'static str> = TAIL_NODE_TC_SLOTS.iter().map(|(_, n)| *n).collect();
+            let filled = load_classifiers(&mut self.ebpf, &names).and_then(|()| {
+                fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, true)
+            });
+            if let Err(e) = filled {
+                tracing::warn!(
+                    "the IPv6 node-side programs could not be loaded: {e}; IPv6 from outside passes \
+                     untranslated (pass_ipv6), IPv4 is served"
+                );
+                let _ =
+                    fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, false);
+            }
         }
         self.node_loaded = true;
         Ok(())

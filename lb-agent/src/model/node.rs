@@ -73,6 +73,21 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
     }
+
+    /// Whether kube-proxy takes this CIDR for IPv4 (Go's `netutils`: an address with a 4-byte
+    /// form, so an IPv4-mapped network such as `::ffff:0:0/96` too).
+    pub fn is_ipv4_family(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(a) => a.to_ipv4_mapped().is_some(),
+        }
+    }
+
+    /// Whether local address `ip` is in this network as kube-proxy matches it: [`Cidr::contains`],
+    /// or an IPv4 address by its mapped form in an IPv4-mapped network.
+    fn holds(&self, ip: IpAddr) -> bool {
+        self.contains(ip) || matches!(ip, IpAddr::V4(v) if self.contains(IpAddr::V6(v.to_ipv6_mapped())))
+    }
 }
 
 /// `addr` with all but its first `len` bits cleared (`len` at most the family's width).
@@ -267,8 +282,8 @@ pub fn nodeport_ipv6(
 /// or none is of its family (kube-proxy's `NewNodePortAddresses` gives a family without a CIDR
 /// its zero CIDR: every address of the family).
 fn cidrs_select(cidrs: &[Cidr], a: IpAddr) -> bool {
-    let mut mine = cidrs.iter().filter(|c| c.addr.is_ipv6() == a.is_ipv6()).peekable();
-    mine.peek().is_none() || mine.any(|c| c.contains(a))
+    let mut mine = cidrs.iter().filter(|c| c.is_ipv4_family() == a.is_ipv4()).peekable();
+    mine.peek().is_none() || mine.any(|c| c.holds(a))
 }
 
 /// The IPv4 addresses NodePorts listen on, sorted and without duplicates.
@@ -479,7 +494,12 @@ mod tests {
         let local = ips(&["10.0.0.5", "192.168.1.7", "127.0.0.1"]);
         let all = ips(&["10.0.0.5", "192.168.1.7"]);
         assert_eq!(nodeport_ipv4(&spec("::/0"), None, &local), all);
-        assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), all, "a mapped CIDR is IPv6");
+        // An IPv4-mapped network is IPv4's (as Go's netutils has it), holding IPv4 addresses by
+        // their mapped form; IPv6 then has no CIDR: all of its addresses.
+        assert_eq!(nodeport_ipv4(&spec("::ffff:0:0/96"), None, &local), all);
+        assert_eq!(nodeport_ipv4(&spec("::ffff:10.0.0.0/104"), None, &local), ips(&["10.0.0.5"]));
+        let local6: Vec<std::net::Ipv6Addr> = vec!["fd00::1".parse().expect("addr")];
+        assert_eq!(nodeport_ipv6(&spec("::ffff:0:0/96"), None, &local6), local6);
         assert_eq!(nodeport_ipv4(&spec("fd00::/8,10.0.0.0/8"), None, &local), ips(&["10.0.0.5"]));
         assert_eq!(nodeport_ipv4(&spec("fd00::/8,172.16.0.0/12"), None, &local), ips(&[]));
     }

@@ -37,6 +37,8 @@ pub struct MemoryMaps {
     pub refresh_on_get: Option<u64>,
     /// Tests: service entry writes fail (a frontend cannot be published).
     pub fail_services: bool,
+    /// Tests: IPv6 service entry writes fail.
+    pub fail_services6: bool,
     /// Tests: member row writes fail.
     pub fail_members: bool,
     /// Tests: forgetting affinity fails.
@@ -104,7 +106,8 @@ impl MapWriter for MemoryMaps {
         Ok(())
     }
     fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), Self::Error> {
-        self.write(&format!("service {}", svc.id), self.fail_services)?;
+        let refuse = self.fail_services || (self.fail_services6 && matches!(key, ServiceKey::V6(_)));
+        self.write(&format!("service {}", svc.id), refuse)?;
         if svc.flags & lb_common::SVC_FLAG_TOMBSTONE != 0 {
             self.log.push(format!("tombstone {}", svc.id));
         } else {

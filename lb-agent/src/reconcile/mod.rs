@@ -953,6 +953,26 @@ impl Reconciler {
             || self.src_ranges_stale
     }
 
+    /// The families whose failed writes wait for [`Reconciler::retry`] ([`crate::health::IPV4`],
+    /// [`crate::health::IPV6`]): those of the frontends and backends concerned. Affinity to forget
+    /// and stale source ranges are counted to both (their rows name no address here). Empty
+    /// exactly when [`Reconciler::has_failed_writes`] is false.
+    pub fn families_behind(&self) -> u8 {
+        use crate::health::{IPV4, IPV6};
+        let of = |ip: &std::net::IpAddr| if ip.is_ipv6() { IPV6 } else { IPV4 };
+        let mut mask = 0;
+        for addr in self.pending.iter().chain(self.unwritten.keys()).chain(self.removals.iter()) {
+            mask |= of(&addr.vip);
+        }
+        for b in &self.touched {
+            mask |= of(&b.ip);
+        }
+        if !self.forget.is_empty() || self.src_ranges_stale {
+            mask |= IPV4 | IPV6;
+        }
+        mask
+    }
+
     /// Whether some writes wait for [`Reconciler::retry`]: failed ones, or tables waiting for a
     /// region.
     pub fn has_pending(&self) -> bool {
