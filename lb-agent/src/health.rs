@@ -70,11 +70,8 @@ pub struct Health {
     /// The families served ([`IPV4`], and [`IPV6`] with `--ipv6`): kube-proxy reports each
     /// one's health apart (`status`).
     families: AtomicU8,
-    /// The families a change waits for (a change being applied: every family; then those whose
-    /// writes failed).
-    behind: AtomicU8,
-    /// Per family (IPv4, IPv6): the last time nothing of it waited to be applied.
-    family_updated: Mutex<[SystemTime; 2]>,
+    /// Each family's own wait (kube-proxy's `oldestPendingQueuedMap` and `lastUpdatedMap`).
+    by_family: Mutex<ByFamily>,
     /// Whether this node is eligible for load balancer traffic, and why not.
     node: Mutex<Result<(), String>>,
     /// Interfaces that match `--interfaces` but do not carry the programs: since when (ms since
@@ -130,8 +127,7 @@ impl Health {
             source_since_ms: AtomicU64::new(0),
             last_updated: Mutex::new(SystemTime::now()),
             families: AtomicU8::new(IPV4),
-            behind: AtomicU8::new(0),
-            family_updated: Mutex::new([SystemTime::now(); 2]),
+            by_family: Mutex::new(ByFamily { pending_ms: [0; 2], updated: [SystemTime::now(); 2] }),
             node: Mutex::new(Ok(())),
             unattached: Mutex::default(),
             attach_pass_done: AtomicBool::new(false),
@@ -202,7 +198,7 @@ impl Health {
     }
 
     /// A change the source first saw at `seen` is being applied (or writes failed at `seen`): it
-    /// waits until [`Health::applied`], for every family until [`Health::writes_failed`] says
+    /// waits until [`Health::applied`], in every family until [`Health::writes_failed`] says
     /// which.
     pub fn change_seen(&self, seen: Instant) {
         let at = self.since_ms(seen);
@@ -214,25 +210,29 @@ impl Health {
             // Everything was applied until this change came.
             *self.last_updated.lock().expect("not poisoned") = then;
         }
-        let was = self.behind.swap(IPV4 | IPV6, Ordering::Relaxed);
-        let mut updated = self.family_updated.lock().expect("not poisoned");
-        for (i, bit) in [IPV4, IPV6].into_iter().enumerate() {
-            if was & bit == 0 {
-                updated[i] = then;
+        let mut f = self.by_family.lock().expect("not poisoned");
+        for i in 0..2 {
+            if f.pending_ms[i] == 0 {
+                // Everything of this family was applied until this change came.
+                (f.pending_ms[i], f.updated[i]) = (at, then);
+            } else {
+                f.pending_ms[i] = f.pending_ms[i].min(at);
             }
         }
     }
 
-    /// Writes of the families in `behind` failed and wait to be retried; the others' are all in
-    /// the maps.
+    /// Writes of the families in `behind` failed and wait to be retried; the other family's are
+    /// all in the maps (its wait ends).
     pub fn writes_failed(&self, behind: u8) {
-        self.behind.store(behind, Ordering::Relaxed);
-        let mut updated = self.family_updated.lock().expect("not poisoned");
-        for (i, bit) in [IPV4, IPV6].into_iter().enumerate() {
+        let mut f = self.by_family.lock().expect("not poisoned");
+        for (i, (bit, _)) in FAMILIES.iter().enumerate() {
             if behind & bit == 0 {
-                updated[i] = SystemTime::now();
+                (f.pending_ms[i], f.updated[i]) = (0, SystemTime::now());
             }
         }
+        // What waits overall is what the families still wait for.
+        let oldest = f.pending_ms.iter().copied().filter(|p| *p != 0).min().unwrap_or(0);
+        self.pending_since_ms.store(oldest, Ordering::Relaxed);
     }
 
     /// Failed writes were retried, and none is left: what waited is applied.
@@ -246,10 +246,9 @@ impl Health {
     pub fn applied(&self) {
         self.applied_once.store(true, Ordering::Relaxed);
         self.pending_since_ms.store(0, Ordering::Relaxed);
-        self.behind.store(0, Ordering::Relaxed);
         let now = SystemTime::now();
         *self.last_updated.lock().expect("not poisoned") = now;
-        *self.family_updated.lock().expect("not poisoned") = [now; 2];
+        *self.by_family.lock().expect("not poisoned") = ByFamily { pending_ms: [0; 2], updated: [now; 2] };
     }
 
     /// A sync (whole or partial) ran.
@@ -281,72 +280,69 @@ impl Health {
     /// waits for its source (a large cluster's first list, an API server not up yet), which is no
     /// reason to restart it: `Ok` too, as kube-proxy (`/readyz` tells that it is not ready).
     pub fn healthy(&self) -> Result<(), String> {
+        self.judge().verdict
+    }
+
+    /// The verdict and each family's health, from one reading of the state (an answer's code,
+    /// `healthy`, `reason` and `status` always agree).
+    fn judge(&self) -> Judgement {
+        let served = self.families.load(Ordering::Relaxed);
+        let f = *self.by_family.lock().expect("not poisoned");
+        let (now, wall) = (self.now_ms(), SystemTime::now());
+        let source = self.source_since_ms.load(Ordering::Relaxed);
+        // A family's last update: before its own wait, or before the change its source holds.
+        let at = |ms: u64| wall - Duration::from_millis(now.saturating_sub(ms));
+        let status = |late: u8| -> Vec<(&'static str, SystemTime, bool)> {
+            FAMILIES
+                .iter()
+                .enumerate()
+                .filter(|(_, (bit, _))| served & bit != 0)
+                .map(|(i, (bit, name))| {
+                    let mut last = if f.pending_ms[i] != 0 { f.updated[i] } else { wall };
+                    if source != 0 {
+                        last = last.min(at(source));
+                    }
+                    (*name, last, late & bit == 0)
+                })
+                .collect()
+        };
         if !self.applied_once.load(Ordering::Relaxed) {
-            return Ok(());
+            return Judgement { verdict: Ok(()), status: status(0) };
         }
         let limit = self.stale_after_ms.load(Ordering::Relaxed);
-        let now = self.now_ms();
+        let waited = |since: u64| if since == 0 { 0 } else { now.saturating_sub(since) };
         let tick = self.last_tick_ms.load(Ordering::Relaxed);
         if now.saturating_sub(tick) > limit {
-            return Err(format!(
+            let verdict = Err(format!(
                 "the main loop has not turned for {} ms (--healthz-stale-after {limit} ms)",
-                now - tick
+                now.saturating_sub(tick)
             ));
+            return Judgement { verdict, status: status(served) };
         }
-        let pending = self.oldest_waiting();
-        let late = self.late_families();
-        if late != 0 {
-            let names: Vec<&str> =
-                FAMILIES.iter().filter(|(bit, _)| late & bit != 0).map(|(_, name)| *name).collect();
-            return Err(format!(
-                "a change has waited {} ms to be applied ({}; --healthz-stale-after {limit} ms)",
-                now - pending,
-                names.join(", ")
-            ));
+        // The source's change waits for every family; a family's own writes for it alone (one
+        // not served any more, for every family served).
+        let mut late = 0;
+        let mut longest = 0;
+        if waited(source) > limit {
+            (late, longest) = (served, waited(source));
         }
-        Ok(())
-    }
-
-    /// The families served whose changes have waited longer than `--healthz-stale-after` (all of
-    /// them when the main loop does not turn, or a change still waits in the source).
-    fn late_families(&self) -> u8 {
-        let served = self.families.load(Ordering::Relaxed);
-        if !self.applied_once.load(Ordering::Relaxed) {
-            return 0;
+        for (i, (bit, _)) in FAMILIES.iter().enumerate() {
+            if waited(f.pending_ms[i]) > limit {
+                late |= if served & bit != 0 { *bit } else { served };
+                longest = longest.max(waited(f.pending_ms[i]));
+            }
         }
-        let limit = self.stale_after_ms.load(Ordering::Relaxed);
-        let now = self.now_ms();
-        let late = |since: u64| since != 0 && now.saturating_sub(since) > limit;
-        let tick = self.last_tick_ms.load(Ordering::Relaxed).max(1);
-        if late(tick) || late(self.source_since_ms.load(Ordering::Relaxed)) {
-            return served;
-        }
-        if late(self.pending_since_ms.load(Ordering::Relaxed)) {
-            return served & self.behind.load(Ordering::Relaxed);
-        }
-        0
-    }
-
-    /// Each family served, as kube-proxy's `status`: its name, the last time nothing of it
-    /// waited to be applied (now, when nothing does), and whether it is healthy.
-    fn family_status(&self) -> Vec<(&'static str, SystemTime, bool)> {
-        let (served, late) = (self.families.load(Ordering::Relaxed), self.late_families());
-        let waiting = self.oldest_waiting() != 0;
-        let behind = if self.source_since_ms.load(Ordering::Relaxed) != 0 {
-            IPV4 | IPV6
+        let verdict = if late == 0 {
+            Ok(())
         } else {
-            self.behind.load(Ordering::Relaxed)
+            let names: Vec<&str> =
+                FAMILIES.iter().filter(|(bit, _)| late & bit != 0).map(|(_, n)| *n).collect();
+            Err(format!(
+                "a change has waited {longest} ms to be applied ({}; --healthz-stale-after {limit} ms)",
+                names.join(", ")
+            ))
         };
-        let updated = *self.family_updated.lock().expect("not poisoned");
-        FAMILIES
-            .iter()
-            .enumerate()
-            .filter(|(_, (bit, _))| served & bit != 0)
-            .map(|(i, (bit, name))| {
-                let last = if waiting && behind & bit != 0 { updated[i] } else { SystemTime::now() };
-                (*name, last, late & bit == 0)
-            })
-            .collect()
+        Judgement { verdict, status: status(late) }
     }
 
     /// A full sync is done, and the first attach pass.
@@ -369,17 +365,6 @@ impl Health {
             return Err(lines.join("\n"));
         }
         Ok(())
-    }
-
-    /// When the oldest change not yet in the maps was seen (ms since `started`); 0: none waits.
-    fn oldest_waiting(&self) -> u64 {
-        let (a, b) =
-            (self.pending_since_ms.load(Ordering::Relaxed), self.source_since_ms.load(Ordering::Relaxed));
-        match (a, b) {
-            (0, b) => b,
-            (a, 0) => a,
-            (a, b) => a.min(b),
-        }
     }
 
     /// kube-proxy's `lastUpdated`: the last time every change seen had reached the maps (now,
@@ -474,6 +459,21 @@ fn count(h: &Health, path: &str, code: StatusCode) {
 /// The families by bit and by kube-proxy's name (`v1.IPFamily`).
 const FAMILIES: [(u8, &str); 2] = [(IPV4, "IPv4"), (IPV6, "IPv6")];
 
+/// Each family's wait: since when a change waits for it (ms since `started`; 0: none), and the
+/// last time nothing of it waited.
+#[derive(Debug, Clone, Copy)]
+struct ByFamily {
+    pending_ms: [u64; 2],
+    updated: [SystemTime; 2],
+}
+
+/// What [`Health::judge`] found.
+struct Judgement {
+    verdict: Result<(), String>,
+    /// Each family served: its name, last update and health.
+    status: Vec<(&'static str, SystemTime, bool)>,
+}
+
 /// One family's health in the body of `/healthz` and `/livez` (kube-proxy's `ProxierHealth`).
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -504,7 +504,9 @@ struct ProxyBody {
 /// gives the current time as `lastUpdated`.
 fn proxy_answer(h: &Health, path: &str) -> Response {
     let eligible = h.node_eligible();
-    let mut verdict = h.healthy();
+    let judged = h.judge();
+    let healthy = judged.verdict.is_ok();
+    let mut verdict = judged.verdict;
     if path == "/healthz" {
         verdict = verdict.and(eligible.clone());
     }
@@ -513,8 +515,8 @@ fn proxy_answer(h: &Health, path: &str) -> Response {
         Ok(()) => (StatusCode::OK, now),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, h.last_updated()),
     };
-    let status: BTreeMap<&'static str, FamilyBody> = h
-        .family_status()
+    let status: BTreeMap<&'static str, FamilyBody> = judged
+        .status
         .into_iter()
         .map(|(name, last, healthy)| (name, FamilyBody { last_updated: timestamp(last), healthy }))
         .collect();
@@ -522,7 +524,7 @@ fn proxy_answer(h: &Health, path: &str) -> Response {
         last_updated: timestamp(last),
         current_time: timestamp(now),
         node_eligible: (path == "/healthz").then_some(eligible.is_ok()),
-        healthy: h.healthy().is_ok(),
+        healthy,
         status,
         reason: verdict.err(),
     };
@@ -1068,6 +1070,43 @@ mod tests {
         h.change_seen(Instant::now());
         h.settled();
         assert!(h.healthy().is_ok() && h.pending_since_ms.load(Ordering::Relaxed) == 0);
+    }
+
+    /// Each family waits from its own oldest failed change (kube-proxy's
+    /// `oldestPendingQueuedMap`): one that is late does not make the other's fresh failure late,
+    /// nor keep the agent unhealthy once its own writes went in; a family no longer served that
+    /// waits counts against those served.
+    #[test]
+    fn each_family_waits_from_its_own_oldest_change() {
+        let h = Health::new();
+        h.set_ipv6(true);
+        h.set_stale_after(Duration::from_millis(300));
+        h.synced();
+        h.applied();
+        let status = |h: &Health| -> Vec<(&str, bool)> {
+            h.judge().status.iter().map(|(n, _, ok)| (*n, *ok)).collect()
+        };
+        // IPv4's writes fail, and stay failed past the limit.
+        h.change_seen(Instant::now());
+        h.writes_failed(IPV4);
+        std::thread::sleep(Duration::from_millis(400));
+        h.tick();
+        assert_eq!(status(&h), [("IPv4", false), ("IPv6", true)]);
+        assert!(h.healthy().expect_err("IPv4 late").contains("(IPv4;"));
+        // A new change fails its IPv6 writes while IPv4's retry goes in: IPv6 waits from now.
+        h.change_seen(Instant::now());
+        h.writes_failed(IPV6);
+        assert_eq!(status(&h), [("IPv4", true), ("IPv6", true)]);
+        assert!(h.healthy().is_ok(), "IPv6 has waited less than the limit");
+        std::thread::sleep(Duration::from_millis(400));
+        h.tick();
+        assert_eq!(status(&h), [("IPv4", true), ("IPv6", false)]);
+        // IPv6 no longer served while its writes wait: every family served counts it.
+        h.set_ipv6(false);
+        assert_eq!(status(&h), [("IPv4", false)]);
+        assert!(h.healthy().is_err());
+        h.applied();
+        assert_eq!(status(&h), [("IPv4", true)]);
     }
 
     /// A change the source still holds counts from when it was seen, as long as the source holds

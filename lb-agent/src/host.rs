@@ -122,10 +122,13 @@ pub struct Ipv6IfAddr {
     pub flags: u32,
 }
 
-/// `IFA_F_TEMPORARY`, `IFA_F_DADFAILED`, `IFA_F_DEPRECATED`, `IFA_F_TENTATIVE`: an address a
-/// flow should not be given as its source (a privacy address that changes, one that failed or
-/// has not finished duplicate address detection, one being retired).
-const IFA_F_UNFIT: u32 = 0x01 | 0x08 | 0x20 | 0x40;
+/// `IFA_F_TEMPORARY`, `IFA_F_DADFAILED`, `IFA_F_TENTATIVE`: an address a flow should not be
+/// given as its source (a privacy address that changes, one that failed or has not finished
+/// duplicate address detection).
+const IFA_F_UNFIT: u32 = 0x01 | 0x08 | 0x40;
+/// `IFA_F_DEPRECATED`: an address being retired, used last (as the kernel's source address
+/// selection does).
+const IFA_F_DEPRECATED: u32 = 0x20;
 
 /// The IPv6 addresses of the calling thread's network namespace, with their flags (what
 /// `getifaddrs` does not give).
@@ -152,23 +155,23 @@ fn parse_if_inet6(text: &str) -> Vec<Ipv6IfAddr> {
         .collect()
 }
 
-/// The IPv6 address flows from outside leave node interface `name` with when lb SNATs them to
-/// this node: `prefer` (the node's primary IPv6 address) when the interface has it, else its
-/// lowest of its global addresses that is not a single host's (`/128`: a floating address a
-/// failover may move), else its lowest `/128`. Never a temporary, deprecated, tentative or failed address.
+/// The IPv6 address flows from outside leave node interface `name` (`None`: any interface)
+/// with when lb SNATs them to this node: `prefer` (the node's primary IPv6 address) when the
+/// interface has it, else its lowest global address that is not a single host's (`/128`: a
+/// floating address a failover may move), else its lowest `/128`; deprecated ones after all
+/// others. Never a temporary, tentative or failed address.
 pub fn snat_ipv6_of(
     addrs: &[Ipv6IfAddr],
-    name: &str,
+    name: Option<&str>,
     prefer: Option<std::net::Ipv6Addr>,
 ) -> Option<std::net::Ipv6Addr> {
     let mut fit: Vec<&Ipv6IfAddr> = addrs
         .iter()
-        .filter(|a| a.ifname == name && is_global6(a.addr) && a.flags & IFA_F_UNFIT == 0)
+        .filter(|a| name.is_none_or(|n| a.ifname == n) && is_global6(a.addr) && a.flags & IFA_F_UNFIT == 0)
         .collect();
-    if let Some(p) = prefer.filter(|p| fit.iter().any(|a| a.addr == *p)) {
-        return Some(p);
-    }
-    fit.sort_by_key(|a| (a.prefix_len == 128, a.addr));
+    fit.sort_by_key(|a| {
+        (a.flags & IFA_F_DEPRECATED != 0, Some(a.addr) != prefer, a.prefix_len == 128, a.addr)
+    });
     fit.first().map(|a| a.addr)
 }
 
@@ -213,9 +216,9 @@ mod tests {
     use super::*;
 
     /// The SNAT address of a node interface over IPv6: the node's primary address where the
-    /// interface has it; else its lowest global address with a prefix, then a `/128`; never a
-    /// temporary, deprecated, tentative or failed one, nor another interface's, link-local or
-    /// loopback. Read from `/proc/net/if_inet6` (this host's parses, `lo`'s `::1` among them).
+    /// interface has it; else its lowest global address with a prefix, then a `/128`, deprecated
+    /// ones last; never a temporary, tentative or failed one, nor another interface's, link-local
+    /// or loopback. Read from `/proc/net/if_inet6` (this host's parses, `lo`'s `::1` among them).
     #[test]
     fn ipv6_snat_addresses_skip_unfit_and_floating_ones() {
         let text = "\
@@ -237,26 +240,50 @@ bogus line
             addrs[0],
             Ipv6IfAddr { ifname: "eth0".into(), addr: a("fd00:172:31::9"), prefix_len: 64, flags: 0x80 }
         );
-        assert_eq!(snat_ipv6_of(&addrs, "eth0", None), Some(a("fd00:172:31::9")), "the /64, not the /128");
-        assert_eq!(snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::fffe"))), Some(a("fd00:172:31::fffe")));
+        let eth0 = Some("eth0");
+        assert_eq!(snat_ipv6_of(&addrs, eth0, None), Some(a("fd00:172:31::9")), "the /64, not the /128");
+        assert_eq!(snat_ipv6_of(&addrs, eth0, Some(a("fd00:172:31::fffe"))), Some(a("fd00:172:31::fffe")));
         assert_eq!(
-            snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::5"))),
+            snat_ipv6_of(&addrs, eth0, Some(a("fd00:172:31::5"))),
             Some(a("fd00:172:31::9")),
             "temporary"
         );
         assert_eq!(
-            snat_ipv6_of(&addrs, "eth0", Some(a("fd00:172:31::1"))),
+            snat_ipv6_of(&addrs, eth0, Some(a("fd00:172:31::3"))),
+            Some(a("fd00:172:31::9")),
+            "tentative"
+        );
+        assert_eq!(
+            snat_ipv6_of(&addrs, eth0, Some(a("fd00:172:31::2"))),
+            Some(a("fd00:172:31::9")),
+            "failed"
+        );
+        assert_eq!(
+            snat_ipv6_of(&addrs, eth0, Some(a("fd00:172:31::1"))),
             Some(a("fd00:172:31::9")),
             "eth1's"
         );
+        assert_eq!(
+            snat_ipv6_of(&addrs, None, Some(a("fd00:172:31::1"))),
+            Some(a("fd00:172:31::1")),
+            "any interface"
+        );
         let only_floating: Vec<Ipv6IfAddr> = addrs.iter().filter(|x| x.prefix_len == 128).cloned().collect();
-        assert_eq!(snat_ipv6_of(&only_floating, "eth0", None), Some(a("fd00:172:31::fffe")));
-        assert_eq!(snat_ipv6_of(&addrs, "lo", None), None, "loopback");
-        assert_eq!(snat_ipv6_of(&addrs, "eth2", None), None);
+        assert_eq!(snat_ipv6_of(&only_floating, eth0, None), Some(a("fd00:172:31::fffe")));
+        // A deprecated address only when nothing else is left.
+        let retiring: Vec<Ipv6IfAddr> =
+            addrs.iter().filter(|x| x.flags & 0x20 != 0 || x.prefix_len == 128).cloned().collect();
+        assert_eq!(snat_ipv6_of(&retiring, eth0, None), Some(a("fd00:172:31::fffe")));
+        let deprecated: Vec<Ipv6IfAddr> = addrs.iter().filter(|x| x.flags & 0x20 != 0).cloned().collect();
+        assert_eq!(snat_ipv6_of(&deprecated, eth0, None), Some(a("fd00:172:31::4")));
+        assert_eq!(snat_ipv6_of(&addrs, Some("lo"), None), None, "loopback");
+        assert_eq!(snat_ipv6_of(&addrs, Some("eth2"), None), None);
+        // This host's own: `lo` holds ::1/128.
         let live = ipv6_interface_addresses().expect("/proc/thread-self/net/if_inet6");
-        if let Some(lo) = live.iter().find(|x| x.ifname == "lo") {
-            assert_eq!((lo.addr, lo.prefix_len), (std::net::Ipv6Addr::LOCALHOST, 128));
-        }
+        let lo = |x: &Ipv6IfAddr| {
+            x.ifname == "lo" && x.addr == std::net::Ipv6Addr::LOCALHOST && x.prefix_len == 128
+        };
+        assert!(live.iter().any(lo), "{live:?}");
     }
 
     #[test]

@@ -932,8 +932,16 @@ fn attach_matching(dp: &mut Datapath, interfaces: &Interfaces, agent: &Agent<dat
             // none, a tunnel device say, with the first NodePort address).
             let addr = lb_agent::host::primary_ipv4_of(&addrs, &name)
                 .or_else(|| agent.ctx.nodeport_addresses.first().copied());
-            let addr6 = lb_agent::host::snat_ipv6_of(&addrs6, &name, agent.ctx.node_ip6)
-                .or_else(|| agent.ctx.nodeport_addresses6.first().copied())
+            // (Or, where it has none, a tunnel device say, the best IPv6 NodePort address.)
+            let addr6 = lb_agent::host::snat_ipv6_of(&addrs6, Some(&name), agent.ctx.node_ip6)
+                .or_else(|| {
+                    let nodeports: Vec<lb_agent::host::Ipv6IfAddr> = addrs6
+                        .iter()
+                        .filter(|a| agent.ctx.nodeport_addresses6.contains(&a.addr))
+                        .cloned()
+                        .collect();
+                    lb_agent::host::snat_ipv6_of(&nodeports, None, agent.ctx.node_ip6)
+                })
                 .filter(|_| ipv6);
             match dp.set_node_address(&name, addr, addr6) {
                 Ok(false) => {}

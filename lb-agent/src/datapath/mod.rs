@@ -1191,8 +1191,11 @@ impl Datapath {
                     "the IPv6 node-side programs could not be loaded: {e}; IPv6 from outside passes \
                      untranslated (pass_ipv6), IPv4 is served"
                 );
-                let _ =
+                let emptied =
                     fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, false);
+                if let Err(e) = emptied {
+                    tracing::warn!("emptying the IPv6 node-side program slots: {e}");
+                }
             }
         }
         self.node_loaded = true;
