@@ -248,6 +248,7 @@ fn ipv6_node_side_rules_packet_by_packet() {
         let cfg = lb_agent::datapath::Config { node_xdp: true, ..support::test_config(pins.path()) };
         let (mut dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load datapath");
         dp.load_node_programs().expect("node-side programs");
+        assert_eq!(dp.ipv6_node_error(), None, "the IPv6 node-side programs load");
         record_interfaces(&mut dp, pins.path(), &ifs);
         let (remote, local, empty, local_only, unroutable) = (30080, 30081, 30083, 30084, 30085);
         let mut fes = vec![

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use lb_common::counters;
 pub use lb_common::{XDP_DECIDED, XDP_LEFT};
 
-pub use crate::fib::{Hop, Route};
+pub use crate::fib::{Hop, Route, RouteKind};
 use crate::{
     family::Family,
     fib,

@@ -327,8 +327,10 @@ pub trait Family: Copy + 'static {
     /// Fills the addresses of a route lookup.
     fn fib_addrs(p: &mut bpf_fib_lookup, saddr: Self::Addr, daddr: Self::Addr);
     /// The address a flow from outside is SNATed to when it leaves through node interface
-    /// `ifindex` (`LB4_IFS`), if it has one.
-    fn if_snat_addr(ifindex: u32) -> Option<Self::Addr>;
+    /// `ifindex` (`LB4_IFS`, `LB6_IFS`); `Address::ZERO` if it has none. (An address, not an
+    /// `Option`: Linux 5.10's verifier refuses the IPv6 node program where the optimiser reads an
+    /// `Option<[u32; 4]>`'s payload on the path where it was never written.)
+    fn if_snat_addr(ifindex: u32) -> Self::Addr;
 }
 
 /// IPv4.
@@ -458,10 +460,12 @@ impl Family for V4 {
     }
     /// A node interface's IPv4 address (`Lb4Interface::snat_addr`; 0: none).
     #[inline(always)]
-    fn if_snat_addr(ifindex: u32) -> Option<u32> {
+    fn if_snat_addr(ifindex: u32) -> u32 {
         // SAFETY: the value is copied out at once.
-        let i = unsafe { LB4_IFS.get(&ifindex) }.copied()?;
-        (i.role == IF_ROLE_NODE && i.snat_addr != 0).then_some(i.snat_addr)
+        match unsafe { LB4_IFS.get(&ifindex) } {
+            Some(i) if i.role == IF_ROLE_NODE => i.snat_addr,
+            _ => 0,
+        }
     }
 }
 
@@ -596,8 +600,11 @@ impl Family for V6 {
     }
     /// A node interface's IPv6 address (`LB6_IFS`; none: no entry).
     #[inline(always)]
-    fn if_snat_addr(ifindex: u32) -> Option<[u32; 4]> {
+    fn if_snat_addr(ifindex: u32) -> [u32; 4] {
         // SAFETY: the value is copied out at once.
-        unsafe { LB6_IFS.get(&ifindex) }.copied().filter(|a| *a != [0; 4])
+        match unsafe { LB6_IFS.get(&ifindex) } {
+            Some(a) => *a,
+            None => [0; 4],
+        }
     }
 }

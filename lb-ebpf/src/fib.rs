@@ -26,7 +26,7 @@ use aya_ebpf::{
 use lb_common::{LbNodeMac, IF_ROLE_POD};
 
 use crate::{
-    family::Family,
+    family::{Address, Family},
     maps::LB4_IFS,
     parse::{ptr_at, EthHdr, Flow},
 };
@@ -44,18 +44,35 @@ static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1
 static NODE_MACS: HashMap<u32, LbNodeMac> = HashMap::with_max_entries(256, 0);
 
 /// Where a flow from outside goes to reach an endpoint.
-pub enum Route<F: Family> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
     /// To this node: the endpoint is one of its pods (its route leaves through a pod's
     /// interface), or one of its own addresses. The stack delivers it.
     Local,
-    /// Out of this node, to a remote endpoint: SNATed to the address given.
-    Remote(F::Addr),
+    /// Out of this node, to a remote endpoint: SNATed to `Route::snat`.
+    Remote,
     /// No route (or forwarding is off on the interface the packet came in on), or no address to
     /// SNAT a remote endpoint's flow to.
     None,
     /// XDP: a remote endpoint XDP cannot send the packet to (the neighbour is not known, or the
     /// route leaves through another interface than the packet came in on): left to TC.
     ToTc,
+}
+
+/// A [`RouteKind`] and, for `Remote`, the address to SNAT to (else `Address::ZERO`): written
+/// whole on every path (an enum's payload left unwritten on some is what Linux 5.10's verifier
+/// refuses to see read).
+#[derive(Clone, Copy)]
+pub struct Route<F: Family> {
+    pub kind: RouteKind,
+    pub snat: F::Addr,
+}
+
+impl<F: Family> Route<F> {
+    #[inline(always)]
+    fn of(kind: RouteKind) -> Self {
+        Self { kind, snat: F::Addr::ZERO }
+    }
 }
 
 /// What a route is looked up for: a packet's protocol, ports and addresses (network byte order).
@@ -127,23 +144,27 @@ pub fn route_to<F: Family, const XDP: bool>(
     backend: F::Addr,
 ) -> Route<F> {
     let hop = Hop::<F> { proto: f.proto, sport: f.sport, dport: f.dport, saddr: f.saddr, daddr: backend };
-    let Some((rc, p)) = lookup(raw, ingress, hop) else { return Route::None };
+    let Some((rc, p)) = lookup(raw, ingress, hop) else { return Route::of(RouteKind::None) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => {
             // SAFETY: the value is copied out at once.
             if unsafe { LB4_IFS.get(&p.ifindex) }.is_some_and(|i| i.role == IF_ROLE_POD) {
-                return Route::Local;
+                return Route::of(RouteKind::Local);
             }
             if XDP && !xdp_sendable(rc, p, ingress) {
-                return Route::ToTc;
+                return Route::of(RouteKind::ToTc);
             }
-            match F::if_snat_addr(p.ifindex).or_else(|| F::if_snat_addr(ingress)) {
-                Some(addr) => Route::Remote(addr),
-                None => Route::None,
+            let mut snat = F::if_snat_addr(p.ifindex);
+            if snat == F::Addr::ZERO {
+                snat = F::if_snat_addr(ingress);
             }
+            if snat == F::Addr::ZERO {
+                return Route::of(RouteKind::None);
+            }
+            Route { kind: RouteKind::Remote, snat }
         }
-        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
-        _ => Route::None,
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::of(RouteKind::Local),
+        _ => Route::of(RouteKind::None),
     }
 }
 

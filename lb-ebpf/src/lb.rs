@@ -13,7 +13,7 @@ use lb_common::{
 use crate::{
     config::{self, flow_hash_seed, snat_reply_ports},
     conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
-    ctx::{Hop, PacketCtx, Route},
+    ctx::{Hop, PacketCtx, RouteKind},
     family::{Address, AffinityKey, Backend, Family, SvcKey},
     maps::{LB4_MAGLEV, LB_TAKEOVER},
     monitor,
@@ -308,22 +308,28 @@ fn new_or_tracked<F: Family, C: PacketCtx, const OUTSIDE: bool>(
             {
                 return Action::Pass(counters::XDP_TO_TC);
             }
-            let nat =
-                Nat { src: client_nat(f, t.hairpin, t.snat_addr, t.snat_port), dst: Some((t.addr, t.port)) };
-            // XDP: a route it cannot send by is TC's, before anything is counted.
-            if t.snat_addr != F::Addr::ZERO && !sendable(ctx, f, &nat) {
-                return Action::Pass(counters::XDP_TO_TC);
+            let counter = counters::FWD_ESTABLISHED;
+            // SNATed to this node (flows from outside only: a pod's are never): its rewrite made
+            // within the one branch that sends it (see `node_snat_nat`).
+            if OUTSIDE && t.snat_addr != F::Addr::ZERO {
+                let nat = node_snat_nat(f, t.snat_addr, t.snat_port, (t.addr, t.port));
+                // XDP: a route it cannot send by is TC's, before anything is counted.
+                if !sendable(ctx, f, &nat) {
+                    return Action::Pass(counters::XDP_TO_TC);
+                }
+                svc_update(t.svc_id, |s| {
+                    s.packets += 1;
+                    s.bytes += u64::from(pkt_len);
+                });
+                return Action::Forward { nat, counter };
             }
+            let nat = Nat { src: client_nat(f, t.hairpin, t.snat_port), dst: Some((t.addr, t.port)) };
             svc_update(t.svc_id, |s| {
                 s.packets += 1;
                 s.bytes += u64::from(pkt_len);
             });
-            let counter = counters::FWD_ESTABLISHED;
             if t.hairpin {
                 return Action::Bounce { nat, counter };
-            }
-            if t.snat_addr != F::Addr::ZERO {
-                return Action::Forward { nat, counter };
             }
             return Action::Rewrite { nat, counter };
         }
@@ -392,16 +398,19 @@ fn new_or_tracked<F: Family, C: PacketCtx, const OUTSIDE: bool>(
     // (`F::Addr::ZERO`: none; see `Chosen::node_snat`.)
     let node_snat = match origin {
         Origin::Pod => F::Addr::ZERO,
-        Origin::Outside => match ctx.route_to(f, backend.addr) {
-            Route::Local => F::Addr::ZERO,
-            Route::Remote(addr) => addr,
-            Route::ToTc => return Action::Pass(counters::XDP_TO_TC),
-            Route::None => {
-                svc_update(svc.id, |s| s.drops += 1);
-                monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (F::Addr::ZERO, 0), svc.id, now);
-                return Action::Drop(counters::DROP_FIB);
+        Origin::Outside => {
+            let route = ctx.route_to(f, backend.addr);
+            match route.kind {
+                RouteKind::Local => F::Addr::ZERO,
+                RouteKind::Remote => route.snat,
+                RouteKind::ToTc => return Action::Pass(counters::XDP_TO_TC),
+                RouteKind::None => {
+                    svc_update(svc.id, |s| s.drops += 1);
+                    monitor::emit(f, EVENT_DROP, counters::DROP_FIB, (F::Addr::ZERO, 0), svc.id, now);
+                    return Action::Drop(counters::DROP_FIB);
+                }
             }
-        },
+        }
     };
     let hairpinned = origin == Origin::Pod && backend.addr == f.saddr;
     if hairpinned && !C::TC {
@@ -447,29 +456,45 @@ fn new_or_tracked<F: Family, C: PacketCtx, const OUTSIDE: bool>(
             port
         }
     };
-    let nat =
-        Nat { src: client_nat(f, hairpinned, node_snat, snat_port), dst: Some((backend.addr, backend.port)) };
-    // XDP sends the packet by the route it leaves with (from this node's address and port, which
-    // ECMP or a source route may send another way than the client's): where it cannot, TC does,
-    // finding the flow made.
-    if node_snat != F::Addr::ZERO && !sendable(ctx, f, &nat) {
-        return Action::Pass(counters::XDP_TO_TC);
+    let counter = counters::FWD_NEW_FLOW;
+    if node_snat != F::Addr::ZERO {
+        let nat = node_snat_nat(f, node_snat, snat_port, (backend.addr, backend.port));
+        // XDP sends the packet by the route it leaves with (from this node's address and port,
+        // which ECMP or a source route may send another way than the client's): where it cannot,
+        // TC does, finding the flow made.
+        if !sendable(ctx, f, &nat) {
+            return Action::Pass(counters::XDP_TO_TC);
+        }
+        svc_update(svc.id, |s| {
+            s.packets += 1;
+            s.bytes += u64::from(pkt_len);
+            s.new_flows += 1;
+        });
+        monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
+        count(counters::NODE_SNAT);
+        return Action::Forward { nat, counter };
     }
+    let nat = Nat { src: client_nat(f, hairpinned, snat_port), dst: Some((backend.addr, backend.port)) };
     svc_update(svc.id, |s| {
         s.packets += 1;
         s.bytes += u64::from(pkt_len);
         s.new_flows += 1;
     });
     monitor::emit(f, EVENT_NEW_FLOW, 0, (backend.addr, backend.port), svc.id, now);
-    let counter = counters::FWD_NEW_FLOW;
     if hairpinned {
         return Action::Bounce { nat, counter };
     }
-    if node_snat != F::Addr::ZERO {
-        count(counters::NODE_SNAT);
-        return Action::Forward { nat, counter };
-    }
     Action::Rewrite { nat, counter }
+}
+
+/// The rewrite of a flow from outside SNATed to this node's address `snat_addr` (its source port
+/// `snat_port`, or the client's where 0), to `dst`. Built in the branch that returns it, both
+/// sides written: where it came from `client_nat` before a second test of the address, Linux
+/// 5.10's verifier (which cannot tell the two tests of a 16-byte address agree) walked a path with
+/// no source written and refused the IPv6 node program.
+#[inline(always)]
+fn node_snat_nat<F: Family>(f: &Flow<F>, snat_addr: F::Addr, snat_port: u16, dst: (F::Addr, u16)) -> Nat<F> {
+    Nat { src: Some((snat_addr, if snat_port != 0 { snat_port } else { f.sport })), dst: Some(dst) }
 }
 
 /// XDP that cannot mark a packet it passes as decided (a kernel that refuses it metadata,
@@ -489,27 +514,15 @@ fn translated_again<F: Family, C: PacketCtx>(
     !C::TC && !ctx.can_mark() && frontend_at::<F>(addr, port, proto, origin).is_some()
 }
 
-/// The source a flow's packets leave with: the hairpin address when the client is its own
-/// backend, this node's address for a flow from outside to a remote endpoint (`snat_addr`,
-/// `Address::ZERO`: none), and the port the flow was given when its tuple clashed or it was
-/// SNATed (`snat_port`, 0: none).
+/// The source a flow's packets leave with (not SNATed to this node: see `node_snat_nat`): the
+/// hairpin address when the client is its own backend, and the port the flow was given when its
+/// tuple clashed (`snat_port`, 0: none).
 #[inline(always)]
-fn client_nat<F: Family>(
-    f: &Flow<F>,
-    hairpin: bool,
-    snat_addr: F::Addr,
-    snat_port: u16,
-) -> Option<(F::Addr, u16)> {
-    if !hairpin && snat_addr == F::Addr::ZERO && snat_port == 0 {
+fn client_nat<F: Family>(f: &Flow<F>, hairpin: bool, snat_port: u16) -> Option<(F::Addr, u16)> {
+    if !hairpin && snat_port == 0 {
         return None;
     }
-    let addr = if hairpin {
-        F::hairpin_addr()
-    } else if snat_addr != F::Addr::ZERO {
-        snat_addr
-    } else {
-        f.saddr
-    };
+    let addr = if hairpin { F::hairpin_addr() } else { f.saddr };
     Some((addr, if snat_port != 0 { snat_port } else { f.sport }))
 }
 

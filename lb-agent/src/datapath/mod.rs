@@ -345,6 +345,8 @@ pub struct Datapath {
     node_xdp: bool,
     /// Whether IPv6 is served (`--ipv6`): the node-side programs hand it to theirs.
     ipv6: bool,
+    /// Why the IPv6 node-side programs could not be loaded, if they could not.
+    node6_error: Option<String>,
     /// The ports replies of flows SNATed to this node's address are looked for on (first, last).
     snat_reply_ports: (u32, u32),
     /// `LB_NODE_MACS` (this load's): the Ethernet address of each node interface, for the XDP
@@ -822,6 +824,7 @@ impl Datapath {
             node_loaded: false,
             node_xdp: cfg.node_xdp,
             ipv6: cfg.ipv6,
+            node6_error: None,
             snat_reply_ports: (reply_min, reply_max),
             node_macs,
             logger,
@@ -1187,6 +1190,7 @@ impl Datapath {
                 fill_slots(&self.ebpf, &dir, lb_common::MAP_LB_TAIL_NODE_TC, TAIL_NODE_TC_SLOTS, true)
             });
             if let Err(e) = filled {
+                self.node6_error = Some(e.to_string());
                 tracing::warn!(
                     "the IPv6 node-side programs could not be loaded: {e}; IPv6 from outside passes \
                      untranslated (pass_ipv6), IPv4 is served"
@@ -1200,6 +1204,12 @@ impl Datapath {
         }
         self.node_loaded = true;
         Ok(())
+    }
+
+    /// Why the IPv6 node-side programs could not be loaded (IPv6 from outside then passes
+    /// untranslated), if they could not.
+    pub fn ipv6_node_error(&self) -> Option<&str> {
+        self.node6_error.as_deref()
     }
 
     /// Records node interface `interface` (attached) in `LB4_IFS` with the address flows from
