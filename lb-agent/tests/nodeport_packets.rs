@@ -9,20 +9,16 @@ mod support;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions},
-};
 use lb_agent::{
-    datapath::{
-        layout_dir, Datapath, Maps, Mode, PROG_TC_FORWARD, PROG_TC_NODE_IN, PROG_TC_NODE_OUT,
-        PROG_XDP_NODE_IN,
-    },
+    datapath::{Datapath, Maps, Mode},
     model::{BackendAddr, Frontend, FrontendAddr, FrontendKind, Protocol, Scope},
     reconcile::{Capacities, Options, Reconciler},
 };
-use lb_common::{counters as c, Lb4Interface, DEFAULT_SNAT_PORTS, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_IFS};
-use support::*;
+use lb_common::{counters as c, DEFAULT_SNAT_PORTS};
+use support::{
+    node::{expect, record_interface, run_in, Ifs, Prog, XDP_DROP, XDP_PASS, XDP_TX},
+    *,
+};
 
 /// This node's address on `ul0`, which NodePorts listen on and remote flows are SNATed to.
 const NODE: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
@@ -41,77 +37,6 @@ const NOWHERE: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The cluster IP of the Service with source ranges.
 const RANGED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prog {
-    NodeIn,
-    NodeOut,
-    PodForward,
-    XdpNodeIn,
-}
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-fn run(dp: &Datapath, prog: Prog, input: &[u8]) -> (u32, Vec<u8>) {
-    run_in(dp, prog, input, None)
-}
-
-/// Runs `input` through `prog`; an XDP program takes it in on interface `ingress` (Linux 5.15),
-/// else on `lo`.
-fn run_in(dp: &Datapath, prog: Prog, input: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
-    let name = match prog {
-        Prog::NodeIn => PROG_TC_NODE_IN,
-        Prog::NodeOut => PROG_TC_NODE_OUT,
-        Prog::PodForward => PROG_TC_FORWARD,
-        Prog::XdpNodeIn => PROG_XDP_NODE_IN,
-    };
-    let mut out = vec![0u8; input.len() + 256];
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let md: Vec<u8> =
-        [0, input.len() as u32, 0, ingress.unwrap_or(0), 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let opts = TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        ctx_in: ingress.map(|_| md.as_slice()),
-        ..Default::default()
-    };
-    let res = if prog == Prog::XdpNodeIn {
-        dp.xdp_program(name).expect("program").test_run(opts)
-    } else {
-        dp.tc_program(name).expect("program").test_run(opts)
-    }
-    .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
-/// Runs `input` through `prog`; checks the verdict and that the counters changed by exactly
-/// `counters`; returns the packet out.
-fn expect(
-    dp: &Datapath,
-    maps: &Maps,
-    desc: &str,
-    prog: Prog,
-    input: &[u8],
-    verdict: u32,
-    counters: &[(u32, u64)],
-) -> Vec<u8> {
-    let before = maps.read_counters().expect("counters");
-    let (v, mut out) = run(dp, prog, input);
-    let after = maps.read_counters().expect("counters");
-    assert_eq!(v, verdict, "{desc}: verdict");
-    assert_counter_changes(desc, &before, &after, counters);
-    if prog == Prog::XdpNodeIn && kernel_release() >= (5, 14) {
-        // The test run hands back the metadata in front of the packet (Linux 5.14): a packet XDP
-        // passes is marked for TC, decided or left to it; one it sends or drops is not, nor any on
-        // a kernel that refuses XDP metadata (TC looks at the packet again).
-        let mark = take_xdp_mark(v, input.len(), &mut out);
-        assert_eq!(mark, want_xdp_mark(v, counters), "{desc}: XDP's mark for TC");
-    }
-    out
-}
 
 fn frontend(
     vip: Ipv4Addr,
@@ -138,33 +63,13 @@ fn frontend(
 }
 
 /// Runs `f` in a new network namespace with this node's routes: pods of this node behind `lxc1`,
-/// the other node's behind `ul0` via a known neighbour, the rest of the world via a router whose
-/// address is not resolved yet; `NOWHERE` unreachable. Forwarding on.
+/// the other node's behind `ul0` via a known neighbour, a third node's behind `tun1` (a CNI's
+/// tunnel device lb does not know), the rest of the world via a router whose address is not
+/// resolved yet; `NOWHERE` unreachable. Forwarding on.
 fn in_node_netns<T: Send + 'static>(tag: &str, f: impl FnOnce(Ifs) -> T + Send + 'static) -> T {
-    let ns = format!("lbnp{tag}{}", std::process::id());
-    let sh = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    sh(&["netns", "add", &ns]);
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-        }
-    }
-    let _gone = Gone(ns.clone());
     let peer_mac = PEER_MAC.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    for args in [
-        vec!["link", "set", "lo", "up"],
-        vec!["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"],
-        vec!["link", "set", "ul0", "up"],
-        vec!["link", "set", "ul0p", "up"],
+    let setup = [
         vec!["addr", "add", "172.31.0.1/24", "dev", "ul0"],
-        vec!["link", "add", "lxc1", "type", "veth", "peer", "name", "lxc1p"],
-        vec!["link", "set", "lxc1", "up"],
-        vec!["link", "set", "lxc1p", "up"],
         vec!["route", "add", "10.244.1.0/24", "dev", "lxc1"],
         vec!["link", "add", "tun1", "type", "veth", "peer", "name", "tun1p"],
         vec!["link", "set", "tun1", "up"],
@@ -174,48 +79,21 @@ fn in_node_netns<T: Send + 'static>(tag: &str, f: impl FnOnce(Ifs) -> T + Send +
         vec!["route", "add", "10.244.2.0/24", "via", "172.31.0.2", "dev", "ul0"],
         vec!["route", "add", "default", "via", "172.31.0.254", "dev", "ul0"],
         vec!["route", "add", "unreachable", "10.250.0.0/16"],
-    ] {
-        let mut a = vec!["-n", ns.as_str()];
-        a.extend(args);
-        sh(&a);
-    }
-    sh(&["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    lb_testkit::lab::in_netns(&ns, move || {
-        let index = |name: &str| {
-            let name = std::ffi::CString::new(name).expect("name");
-            // SAFETY: a NUL-terminated name.
-            let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(i, 0, "{name:?} exists");
-            i
-        };
-        f(Ifs { ul0: index("ul0"), lxc1: index("lxc1") })
-    })
-    .expect("in the node's namespace")
+    ];
+    support::node::in_node_netns(&format!("lbnp{tag}"), &setup, "net.ipv4.ip_forward=1", f)
 }
 
 /// Records the interfaces as the agent would: `ul0` a node interface with address `NODE`, `lxc1`
 /// a pod's; `tun1` (a CNI's tunnel device) unknown to lb.
 fn record_interfaces(pins: &std::path::Path, ifs: &Ifs) {
-    let data = MapData::from_pin(layout_dir(pins).join(MAP_LB4_IFS)).expect("LB4_IFS pinned");
-    let mut map: HashMap<MapData, u32, Lb4Interface> =
-        Map::from_map_data(data).expect("map").try_into().expect("hash map");
-    map.insert(ifs.ul0, Lb4Interface { role: IF_ROLE_NODE, snat_addr: ip(NODE) }, 0).expect("ul0 recorded");
-    map.insert(ifs.lxc1, Lb4Interface { role: IF_ROLE_POD, snat_addr: 0 }, 0).expect("lxc1 recorded");
+    record_interface(pins, ifs.ul0, true, ip(NODE));
+    record_interface(pins, ifs.lxc1, false, 0);
 }
 
 /// Records `lo`, the interface test runs take packets in on, as a node interface with address
 /// `NODE`.
 fn record_lo(pins: &std::path::Path) {
-    let data = MapData::from_pin(layout_dir(pins).join(MAP_LB4_IFS)).expect("LB4_IFS pinned");
-    let mut map: HashMap<MapData, u32, Lb4Interface> =
-        Map::from_map_data(data).expect("map").try_into().expect("hash map");
-    map.insert(1, Lb4Interface { role: IF_ROLE_NODE, snat_addr: ip(NODE) }, 0).expect("lo recorded");
-}
-
-/// Interface indexes in the node's namespace.
-struct Ifs {
-    ul0: u32,
-    lxc1: u32,
+    record_interface(pins, 1, true, ip(NODE));
 }
 
 /// A packet addressed to this host: test runs take packets in on `lo`, whose Ethernet address is

@@ -8,22 +8,20 @@
 
 mod support;
 
-use std::{collections::BTreeMap, net::Ipv6Addr, process::Command};
+use std::{collections::BTreeMap, net::Ipv6Addr};
 
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{HashMap, Map, MapData};
 use lb_agent::{
-    datapath::{layout_dir, Datapath, Maps, Mode, PROG_TC_NODE_IN, PROG_TC_NODE_OUT, PROG_XDP_NODE_IN},
+    datapath::{layout_dir, Datapath, Maps, Mode},
     model::{BackendAddr, Frontend, FrontendAddr, FrontendKind, Protocol, Scope},
     reconcile::{Capacities, Options, Reconciler},
 };
-use lb_common::{counters as c, Lb4Interface, DEFAULT_SNAT_PORTS, IF_ROLE_NODE, IF_ROLE_POD, MAP_LB4_IFS};
+use lb_common::{counters as c, DEFAULT_SNAT_PORTS};
 use support::{
-    assert_counter_changes, kernel_release, take_xdp_mark,
+    kernel_release,
+    node::{expect, expect_in, record_interface, Ifs, Prog, XDP_PASS},
     v6::{check_icmp6_error, check_packet6, icmp6_error, neighbour_solicitation, Pkt6, Seen6},
-    want_xdp_mark, PinDir, ACK, SYN, SYN_ACK, TC_OK, TC_REDIRECT, TC_SHOT, UDP,
+    PinDir, ACK, SYN, SYN_ACK, TC_OK, TC_REDIRECT, TC_SHOT, UDP,
 };
 
 /// This node's IPv6 address on `ul0`: NodePorts listen on it, remote flows are SNATed to it.
@@ -40,80 +38,6 @@ const REMOTE_POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 4);
 const NOWHERE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x250, 0, 0, 0, 0, 1);
 const CLUSTER_IP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 const LB_IP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x40, 0, 0, 0, 0, 1);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prog {
-    NodeIn,
-    NodeOut,
-    XdpNodeIn,
-}
-
-const XDP_PASS: u32 = 2;
-
-/// Runs `input` through `prog`; an XDP program takes it in on interface `ingress` (Linux 5.15),
-/// else on `lo`.
-fn run_in(dp: &Datapath, prog: Prog, input: &[u8], ingress: Option<u32>) -> (u32, Vec<u8>) {
-    let name = match prog {
-        Prog::NodeIn => PROG_TC_NODE_IN,
-        Prog::NodeOut => PROG_TC_NODE_OUT,
-        Prog::XdpNodeIn => PROG_XDP_NODE_IN,
-    };
-    let mut out = vec![0u8; input.len() + 256];
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let md: Vec<u8> =
-        [0, input.len() as u32, 0, ingress.unwrap_or(0), 0, 0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-    let opts = TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        ctx_in: ingress.map(|_| md.as_slice()),
-        ..Default::default()
-    };
-    let res = if prog == Prog::XdpNodeIn {
-        dp.xdp_program(name).expect("program").test_run(opts)
-    } else {
-        dp.tc_program(name).expect("program").test_run(opts)
-    }
-    .expect("BPF_PROG_TEST_RUN");
-    out.truncate(res.data_size_out as usize);
-    (res.return_value, out)
-}
-
-/// Runs `input` through `prog` (taken in on `ingress`, XDP only); checks the verdict and that the
-/// counters changed by exactly `counters`; returns the packet out.
-#[allow(clippy::too_many_arguments)]
-fn expect_in(
-    dp: &Datapath,
-    maps: &Maps,
-    desc: &str,
-    prog: Prog,
-    input: &[u8],
-    ingress: Option<u32>,
-    verdict: u32,
-    counters: &[(u32, u64)],
-) -> Vec<u8> {
-    let before = maps.read_counters().expect("counters");
-    let (v, mut out) = run_in(dp, prog, input, ingress);
-    let after = maps.read_counters().expect("counters");
-    assert_eq!(v, verdict, "{desc}: verdict");
-    assert_counter_changes(desc, &before, &after, counters);
-    if prog == Prog::XdpNodeIn && kernel_release() >= (5, 14) {
-        let mark = take_xdp_mark(v, input.len(), &mut out);
-        assert_eq!(mark, want_xdp_mark(v, counters), "{desc}: XDP's mark for TC");
-    }
-    out
-}
-
-fn expect(
-    dp: &Datapath,
-    maps: &Maps,
-    desc: &str,
-    prog: Prog,
-    input: &[u8],
-    verdict: u32,
-    counters: &[(u32, u64)],
-) -> Vec<u8> {
-    expect_in(dp, maps, desc, prog, input, None, verdict, counters)
-}
 
 fn frontend(
     vip: Ipv6Addr,
@@ -139,75 +63,29 @@ fn frontend(
     }
 }
 
-/// Interface indexes in the node's namespace.
-struct Ifs {
-    ul0: u32,
-    lxc1: u32,
-}
-
 /// Runs `f` in a new network namespace with this node's IPv6 routes: pods of this node behind
 /// `lxc1`, the other node's behind `ul0` via a known neighbour, the rest of the world via a
 /// router whose address is not resolved yet; `NOWHERE` unreachable. Forwarding on.
 fn in_node_netns<T: Send + 'static>(tag: &str, f: impl FnOnce(Ifs) -> T + Send + 'static) -> T {
-    let ns = format!("lbnp6{tag}{}", std::process::id());
-    let sh = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("ip");
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-    sh(&["netns", "add", &ns]);
-    struct Gone(String);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-        }
-    }
-    let _gone = Gone(ns.clone());
     let peer_mac = PEER_MAC.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let (node, peer) = (format!("{NODE}/64"), PEER.to_string());
-    for args in [
-        vec!["link", "set", "lo", "up"],
-        vec!["link", "add", "ul0", "type", "veth", "peer", "name", "ul0p"],
-        vec!["link", "set", "ul0", "up"],
-        vec!["link", "set", "ul0p", "up"],
+    let setup = [
         vec!["-6", "addr", "add", &node, "dev", "ul0", "nodad"],
-        vec!["link", "add", "lxc1", "type", "veth", "peer", "name", "lxc1p"],
-        vec!["link", "set", "lxc1", "up"],
-        vec!["link", "set", "lxc1p", "up"],
         vec!["-6", "route", "add", "fd00:10:244:1::/64", "dev", "lxc1"],
         vec!["-6", "neigh", "add", &peer, "lladdr", &peer_mac, "dev", "ul0", "nud", "permanent"],
         vec!["-6", "route", "add", "fd00:10:244:2::/64", "via", &peer, "dev", "ul0"],
         vec!["-6", "route", "add", "default", "via", "fd00:172:31::fe", "dev", "ul0"],
         vec!["-6", "route", "add", "unreachable", "fd00:10:250::/48"],
-    ] {
-        let mut a = vec!["-n", ns.as_str()];
-        a.extend(args);
-        sh(&a);
-    }
-    sh(&["netns", "exec", &ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
-    lb_testkit::lab::in_netns(&ns, move || {
-        let index = |name: &str| {
-            let name = std::ffi::CString::new(name).expect("name");
-            // SAFETY: a NUL-terminated name.
-            let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(i, 0, "{name:?} exists");
-            i
-        };
-        f(Ifs { ul0: index("ul0"), lxc1: index("lxc1") })
-    })
-    .expect("in the node's namespace")
+    ];
+    support::node::in_node_netns(&format!("lbnp6{tag}"), &setup, "net.ipv6.conf.all.forwarding=1", f)
 }
 
 /// Records the interfaces as the agent would: `ul0` a node interface (IPv4 address none here,
 /// IPv6 address `NODE` in `LB6_IFS`), `lxc1` a pod's.
-fn record_interfaces(dp: &mut Datapath, pins: &std::path::Path, ifs: &Ifs) {
-    let data = MapData::from_pin(layout_dir(pins).join(MAP_LB4_IFS)).expect("LB4_IFS pinned");
-    let mut map: HashMap<MapData, u32, Lb4Interface> =
-        Map::from_map_data(data).expect("map").try_into().expect("hash map");
-    map.insert(ifs.ul0, Lb4Interface { role: IF_ROLE_NODE, snat_addr: 0 }, 0).expect("ul0 recorded");
-    map.insert(ifs.lxc1, Lb4Interface { role: IF_ROLE_POD, snat_addr: 0 }, 0).expect("lxc1 recorded");
+fn record_interfaces(pins: &std::path::Path, ifs: &Ifs) {
+    record_interface(pins, ifs.ul0, true, 0);
+    record_interface(pins, ifs.lxc1, false, 0);
     set_node_address6(pins, ifs.ul0, Some(NODE));
-    let _ = dp;
 }
 
 /// Writes (or removes) interface `index`'s IPv6 address in `LB6_IFS`.
@@ -249,7 +127,7 @@ fn ipv6_node_side_rules_packet_by_packet() {
         let (mut dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load datapath");
         dp.load_node_programs().expect("node-side programs");
         assert_eq!(dp.ipv6_node_error(), None, "the IPv6 node-side programs load");
-        record_interfaces(&mut dp, pins.path(), &ifs);
+        record_interfaces(pins.path(), &ifs);
         let (remote, local, empty, local_only, unroutable) = (30080, 30081, 30083, 30084, 30085);
         let mut fes = vec![
             frontend(NODE, remote, Protocol::Tcp, FrontendKind::NodePort, &[(REMOTE_POD, 8080)]),
@@ -660,7 +538,7 @@ fn without_ipv6_the_node_side_programs_pass_it_untouched() {
                 lb_agent::datapath::Config { node_xdp: true, ipv6, ..support::test_config(pins.path()) };
             let (mut dp, mut maps) = Datapath::load(&cfg, Mode::Tc).expect("load datapath");
             dp.load_node_programs().expect("node-side programs");
-            record_interfaces(&mut dp, pins.path(), &ifs);
+            record_interfaces(pins.path(), &ifs);
             dp.set_node_mac(1, [0; 6]).expect("lo's address recorded");
             let caps = Capacities { services: 64, backends: 64, maglev_slots: 4096, ..Capacities::default() };
             let mut r = Reconciler::new(caps, Options::default());

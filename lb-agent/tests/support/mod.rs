@@ -13,6 +13,7 @@ use lb_agent::datapath::{Config, Maps, Mode};
 use lb_common::capacity::Capacities;
 use lb_testkit::lab::{tcp_asks, wait_until, Lab, Node, Pod};
 
+pub mod node;
 pub mod v6;
 
 /// A directory on bpffs, unique to this test, removed (with its pins) on drop.
