@@ -328,17 +328,7 @@ fn source_ranges_let_only_their_clients_reach_a_load_balancer_ip() {
     let after = dropped(1);
     assert!(after >= before + 3, "node 1 counted the drops ({before} → {after})");
     // lbctl shows the ranges of the LoadBalancer address's frontends, and none on the NodePort's.
-    let ctl = std::process::Command::new(support::lbctl_path())
-        .args([
-            "--pin-dir".as_ref(),
-            n1.pin_dir.as_os_str(),
-            "-o".as_ref(),
-            "json".as_ref(),
-            "services".as_ref(),
-        ])
-        .output()
-        .expect("lbctl");
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&ctl.stdout).expect("lbctl services: JSON");
+    let v = lbctl_services(&n1);
     for s in &v {
         let want = match s["kind"].as_str() {
             Some("LoadBalancer") => serde_json::json!(["198.51.100.0/24"]),
@@ -493,6 +483,22 @@ fn lbctl_health(node: &lb_testkit::lab::Node) -> serde_json::Value {
         .expect("run lbctl");
     assert!(out.status.success(), "lbctl health: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("lbctl health: JSON")
+}
+
+/// `lbctl -o json services` over `node`'s pins.
+fn lbctl_services(node: &lb_testkit::lab::Node) -> Vec<serde_json::Value> {
+    let ctl = std::process::Command::new(support::lbctl_path())
+        .args([
+            "--pin-dir".as_ref(),
+            node.pin_dir.as_os_str(),
+            "-o".as_ref(),
+            "json".as_ref(),
+            "services".as_ref(),
+        ])
+        .output()
+        .expect("lbctl");
+    assert!(ctl.status.success(), "lbctl services: {}", String::from_utf8_lossy(&ctl.stderr));
+    serde_json::from_slice(&ctl.stdout).expect("lbctl services: JSON")
 }
 
 /// kube-proxy's health-check node ports, asked from outside as a cloud load balancer does: 200 with
@@ -792,16 +798,21 @@ fn nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6() {
     let on = |n: u8| -> BTreeSet<String> {
         backends.iter().filter(|b| b.node == n).map(|b| b.name.clone()).collect()
     };
-    let np2 = SocketAddr::from(SocketAddrV6::new(n2.underlay_ip6(), 30080, 0, 0));
-    let settled = wait_until(Duration::from_secs(60), || {
-        let got = names(tcp_asks_from(&out.netns, np2, 10)?);
-        if got == on(2) {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("{got:?}")))
-        }
-    });
-    assert!(settled.is_ok(), "node 2 under Local: {settled:?}");
+    // Each agent applies the change at its own pace: both nodes settled.
+    for n in [&n1, &n2] {
+        let np = SocketAddr::from(SocketAddrV6::new(n.underlay_ip6(), 30080, 0, 0));
+        let settled = wait_until(Duration::from_secs(120), || {
+            // (A request may fail while the agent moves to Local: not settled yet.)
+            let answers = tcp_asks_from(&out.netns, np, 10)?;
+            let got: BTreeSet<String> = answers.into_iter().collect::<std::io::Result<_>>()?;
+            if got == on(n.index) {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!("{got:?}")))
+            }
+        });
+        assert!(settled.is_ok(), "{} under Local: {settled:?}", n.netns);
+    }
     ipv6_endpoints_through(&c, &out, &n1, n1.underlay_ip6(), (30080, 30053), &on(1), 23_000);
     ipv6_endpoints_through(&c, &out, &n2, n2.underlay_ip6(), (30080, 30053), &on(2), 24_000);
     c.lab.route_via(&out, LB_IP6, &n1).expect("route via node 1");
@@ -810,18 +821,7 @@ fn nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6() {
     health_answer(&out, SocketAddrV6::new(n1.underlay_ip6(), HEALTH_PORT, 0, 0), 200, 2);
     health_answer(&out, SocketAddrV6::new(n2.underlay_ip6(), HEALTH_PORT, 0, 0), 200, 1);
     // `lbctl` lists the IPv6 NodePort and LoadBalancer frontends.
-    let ctl = std::process::Command::new(support::lbctl_path())
-        .args([
-            "--pin-dir".as_ref(),
-            n1.pin_dir.as_os_str(),
-            "-o".as_ref(),
-            "json".as_ref(),
-            "services".as_ref(),
-        ])
-        .output()
-        .expect("lbctl");
-    assert!(ctl.status.success(), "lbctl services: {}", String::from_utf8_lossy(&ctl.stderr));
-    let listed: Vec<serde_json::Value> = serde_json::from_slice(&ctl.stdout).expect("lbctl services: JSON");
+    let listed = lbctl_services(&n1);
     for (vip, port, kind) in [(n1.underlay_ip6(), 30080, "NodePort"), (LB_IP6, 80, "LoadBalancer")] {
         let found = listed.iter().any(|s| {
             s["vip"] == vip.to_string() && s["port"] == port && s["kind"] == kind && s["scope"] == "external"
