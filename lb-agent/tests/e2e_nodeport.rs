@@ -328,7 +328,7 @@ fn source_ranges_let_only_their_clients_reach_a_load_balancer_ip() {
     let after = dropped(1);
     assert!(after >= before + 3, "node 1 counted the drops ({before} → {after})");
     // lbctl shows the ranges of the LoadBalancer address's frontends, and none on the NodePort's.
-    let v = lbctl_services(&n1);
+    let v = lbctl_services(n1);
     for s in &v {
         let want = match s["kind"].as_str() {
             Some("LoadBalancer") => serde_json::json!(["198.51.100.0/24"]),
