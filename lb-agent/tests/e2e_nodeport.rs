@@ -91,7 +91,8 @@ fn cluster_with(tag: &str, args: &[&str], yaml: impl Fn(&Cluster) -> String) -> 
 /// Waits until both agents are ready (their programs attached, their interface records written:
 /// until then a flow to a remote endpoint finds no address to be SNATed to) and `to` answers a TCP
 /// question from `netns`.
-fn wait_answer(c: &Cluster, netns: &str, to: SocketAddrV4) {
+fn wait_answer(c: &Cluster, netns: &str, to: impl Into<SocketAddr>) {
+    let to = to.into();
     // Generous: in the kernel matrix's emulated machines, verifying the node-side programs alone
     // takes minutes on Linux 5.10 (over 3 each, the XDP node program with them).
     let limit = Duration::from_secs(900);
@@ -775,10 +776,10 @@ fn nodeports_and_load_balancer_ips_serve_clients_outside_over_ipv6() {
     let (n1, n2) = (c.nodes[0].clone(), c.nodes[1].clone());
     // b1 and b2 on node 1, b3 on node 2.
     let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
-    let np1 = SocketAddr::from(SocketAddrV6::new(n1.underlay_ip6(), 30080, 0, 0));
-    let ready =
-        wait_until(Duration::from_secs(900), || tcp_asks_from(&out.netns, np1, 1)?.pop().expect("one"));
-    assert!(ready.is_ok(), "{np1} never answered: {ready:?}\n{}", c.lab.agent_log(&n1));
+    // Both agents ready first: until node 1's interface records are written, a flow to the
+    // endpoint on node 2 finds no IPv6 address to be SNATed to (CI once saw the first such flow
+    // time out after a local endpoint had answered).
+    wait_answer(&c, &out.netns, SocketAddrV6::new(n1.underlay_ip6(), 30080, 0, 0));
     // externalTrafficPolicy Cluster: every endpoint through either node's IPv6 NodePorts, remote
     // ones SNATed to the node's IPv6 address.
     ipv6_endpoints_through(&c, &out, &n1, n1.underlay_ip6(), (30080, 30053), &all, 20_000);
