@@ -106,9 +106,10 @@ fn table_of(
     mut svc: Lb4Service,
 ) -> Result<(Lb4Service, Vec<u32>), DatapathError> {
     for _ in 0..10 {
-        let table: Vec<u32> = (svc.maglev_offset..svc.maglev_offset + svc.maglev_size)
-            .filter_map(|s| maps.maglev.get(s))
-            .collect();
+        let table = maps
+            .maglev
+            .read(svc.maglev_offset, svc.maglev_size)
+            .map_err(crate::datapath::maps::map_err(lb_common::MAP_LB4_MAGLEV))?;
         let now = match key {
             ServiceKey::V4(k) => maps.services.get(k, 0),
             ServiceKey::V6(k) => match &maps.v6 {

@@ -1099,6 +1099,60 @@ fn read_only_handles_read_everything_and_the_kernel_refuses_their_writes() {
     assert!(ro.ct.remove(&lb_common::Lb4CtKey::default()).is_err());
 }
 
+/// Maglev tables go in through a mapping of just the pages they cover, unmapped after the write
+/// (the kernel maps every page of an array at `mmap`, so a mapping of the whole array would keep
+/// it resident in the agent: 64 MiB of RSS at the default size), and read back from any slot,
+/// over any range, through the agent's handle and a read-only one; what lies beside a table is
+/// left as it was, and nothing past the array's end is read or written.
+#[test]
+fn maglev_tables_are_written_through_a_passing_window_and_read_from_any_slot() {
+    use lb_agent::reconcile::MapWriter;
+    let (pins, _dp, mut maps) = load("maglev-window", Mode::Tc);
+    let len = maps.maglev.slots();
+    let page = 1024; // Slots in a 4 KiB page.
+                     // Odd offsets and lengths, inside a page, across pages, many pages, and the last slots.
+    let cases = [(1, 3), (page - 1, 5), (2 * page + 7, 1601), (10 * page + 2, 4 * page), (len - 3, 3)];
+    let table =
+        |n: usize, count: u32| -> Vec<u32> { (0..count).map(|i| 1_000_000 * (n as u32 + 1) + i).collect() };
+    let around = |m: &Maps, offset: u32, count: u32| {
+        (m.maglev.get(offset.wrapping_sub(1)), m.maglev.get(offset + count))
+    };
+    for (n, &(offset, count)) in cases.iter().enumerate() {
+        let beside = around(&maps, offset, count);
+        maps.set_maglev(offset, &table(n, count)).expect("write");
+        assert_eq!(around(&maps, offset, count), beside, "the slots beside table {n} untouched");
+    }
+    let ro = Maps::from_pins_read_only(pins.path()).expect("read-only maps");
+    for (n, &(offset, count)) in cases.iter().enumerate() {
+        let want = table(n, count);
+        for m in [&maps, &ro] {
+            assert_eq!(m.maglev.read(offset, count).expect("read"), want, "table {n}");
+            assert_eq!(
+                m.maglev.read(offset + 1, count - 1).expect("read"),
+                want[1..],
+                "table {n} from its 2nd slot"
+            );
+            for (i, id) in want.iter().enumerate().step_by(97) {
+                assert_eq!(m.maglev.get(offset + i as u32), Some(*id), "table {n}, slot {i}");
+            }
+        }
+    }
+    assert!(maps.maglev.read(len - 1, 2).is_err(), "a read past the end");
+    assert!(maps.set_maglev(len - 1, &[1, 2]).is_err(), "a write past the end");
+    assert_eq!(maps.maglev.get(len), None);
+    let mut ro = ro;
+    assert!(ro.set_maglev(1, &[1]).is_err(), "no write through the read-only handle");
+    // No mapping as large as the array stays in this process (once the writes are done).
+    let maps_file = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    let big = maps_file.lines().filter(|l| l.contains("bpf-map")).find(|l| {
+        let range = l.split_whitespace().next().unwrap_or("");
+        let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+        let size = u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0);
+        size >= u64::from(len) * 4 / 2
+    });
+    assert_eq!(big, None, "the Maglev array is not kept mapped");
+}
+
 #[test]
 fn icmp_errors_about_a_flow_are_translated_back_to_the_vip() {
     let (_pins, dp, maps) = load("icmp", Mode::Tc);

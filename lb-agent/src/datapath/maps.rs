@@ -98,7 +98,7 @@ const UNTYPED_MAPS: [&str; 12] = [
     lb_common::MAP_LB6_SOCK_FWD,
 ];
 
-pub(super) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+pub(crate) fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
@@ -220,7 +220,7 @@ impl Maps {
                 .chain(ranges_on.iter().map(|a| (lb_common::MAP_LB6_RANGES_ON, a.map())))
             },
         );
-        let maglev = self.maglev.data.as_ref().map(|d| (MAP_LB4_MAGLEV, d));
+        let maglev = [(MAP_LB4_MAGLEV, &self.maglev.data)];
         for (name, d) in data.into_iter().chain(data6).chain(maglev) {
             pin(name, &|p| d.pin(p))?;
         }
@@ -271,9 +271,7 @@ impl Maps {
             return Err(DatapathError::NotPinned(pin_dir.into()));
         }
         let open = |name: &'static str| -> Result<Map, DatapathError> {
-            // mmap needs a descriptor opened for writing (the kernel refuses to share-map a
-            // read-only one); the read-only mapping then drops it.
-            let data = if read_only && name != MAP_LB4_MAGLEV {
+            let data = if read_only {
                 let fd =
                     obj_get_read_only(&dir.join(name)).map_err(|e| map_err(name)(MapError::IoError(e)))?;
                 MapData::from_fd(fd).map_err(map_err(name))?
@@ -637,8 +635,8 @@ impl FlowTable for Maps {
     }
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+, hash and LRU hash maps): up to `max` entries in one
-/// system call, from bucket `cursor` on. The kernel's cursor is a bucket index, so entries added
+/// `BPF_MAP_LOOKUP_BATCH` (kernel 5.6+, hash and LRU hash maps; arrays, whose cursor is the
+/// last index read): up to `max` entries in one system call, from bucket `cursor` on. The kernel's cursor is a bucket index, so entries added
 /// or removed meanwhile never make a pass start over (as `get_next_key` does when its key is
 /// gone). aya has no batch operations yet. The kernel copies whole buckets: one that holds more
 /// than `max` entries fails with ENOSPC, and the read is tried again with room for more.

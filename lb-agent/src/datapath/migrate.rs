@@ -324,7 +324,7 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
         (MAP_LB4_BACKENDS, be_end, maps.backends.len()),
         (MAP_LB4_FE_META, fe_end, maps.meta.len()),
         (MAP_LB4_SVC_STATS, fe_end, maps.svc_stats.len()),
-        (MAP_LB4_MAGLEV, slots_end, maps.maglev.len()),
+        (MAP_LB4_MAGLEV, slots_end, maps.maglev.slots()),
     ];
     if let Some((map, theirs, ours)) = needs.into_iter().find(|(_, theirs, ours)| theirs > ours) {
         return Ok(Err(TooSmall { map, theirs, ours }));
