@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -556,15 +557,15 @@ impl Addresses {
 /// Translates Services and EndpointSlices into frontends. Invalid objects are reported in
 /// `Model::errors`; a Service whose objects are invalid is listed in `Model::held`. Two Services
 /// asking for one address: the first by name gets it.
-pub fn build(services: &[Service], slices: &[EndpointSlice], ctx: &Context) -> Model {
+pub fn build(services: &[Arc<Service>], slices: &[Arc<EndpointSlice>], ctx: &Context) -> Model {
     build_with(services, slices, ctx, &Addresses::default(), &mut LastGood::default())
 }
 
 /// As [`build`], with what is programmed (`prior`) and the EndpointSlices' last good endpoints
 /// (`last_good`, see [`LastGood`]).
 pub fn build_with(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
     ctx: &Context,
     prior: &Addresses,
     last_good: &mut LastGood,
@@ -604,8 +605,8 @@ impl LastGood {
 /// objects are rejected now (here, or by the source: `held_by_source`), stays with it, whatever
 /// the names: a full resync moves no address that changes one by one would not.
 pub fn build_claiming(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
     ctx: &Context,
     prior: &Addresses,
     held_by_source: &BTreeSet<String>,
@@ -621,7 +622,7 @@ pub fn build_claiming(
             by_service.entry((ns, svc.clone())).or_default().push(s);
         }
     }
-    let mut services: Vec<&Service> = services.iter().collect();
+    let mut services: Vec<&Service> = services.iter().map(|s| &**s).collect();
     services.sort_by_key(|s| object_name(s.metadata.namespace.as_ref(), s.metadata.name.as_ref()));
     for svc in services {
         let object = object_name(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());

@@ -258,11 +258,11 @@ impl<'a> Reader<'a> {
                 }
             }
             ("v1", "Service") => match typed::<Service>(v) {
-                Ok(s) => self.objects.services.push(s),
+                Ok(s) => self.objects.services.push(Arc::new(s)),
                 Err((field, reason)) => self.objects.errors.push(err(field, reason)),
             },
             ("discovery.k8s.io/v1", "EndpointSlice") => match typed::<EndpointSlice>(v) {
-                Ok(s) => self.objects.slices.push(s),
+                Ok(s) => self.objects.slices.push(Arc::new(s)),
                 Err((field, reason)) => self.objects.errors.push(err(field, reason)),
             },
             ("v1", "Node") if name.is_some() && name == self.node_name => match &self.node_from {

@@ -135,8 +135,8 @@ impl Stores {
     /// Everything the stores hold now.
     fn objects(&self) -> Objects {
         Objects {
-            services: self.services.state().iter().map(|s| Service::clone(s)).collect(),
-            slices: self.slices.state().iter().map(|s| EndpointSlice::clone(s)).collect(),
+            services: self.services.state(),
+            slices: self.slices.state(),
             node: self.node.as_ref().and_then(|n| n.state().first().map(|n| Box::new(Node::clone(n)))),
             errors: Vec::new(),
         }
@@ -154,7 +154,7 @@ impl Stores {
         if dirty.services.len() <= 16 {
             return What::Services(dirty.services.into_iter().map(|key| self.service_objects(key)).collect());
         }
-        let mut slices: HashMap<String, HashMap<String, Vec<EndpointSlice>>> = HashMap::new();
+        let mut slices: HashMap<String, HashMap<String, Vec<Arc<EndpointSlice>>>> = HashMap::new();
         for key in &dirty.services {
             let (ns, name) = key.split_once('/').unwrap_or(("", key));
             slices.entry(ns.to_string()).or_default().insert(name.to_string(), Vec::new());
@@ -163,7 +163,7 @@ impl Stores {
             let Some(service) = s.labels().get(LABEL_SERVICE_NAME) else { continue };
             let ns = s.metadata.namespace.as_deref().unwrap_or_default();
             if let Some(v) = slices.get_mut(ns).and_then(|m| m.get_mut(service.as_str())) {
-                v.push(EndpointSlice::clone(&s));
+                v.push(s);
             }
         }
         What::Services(
@@ -173,7 +173,7 @@ impl Stores {
                 .map(|key| {
                     let (ns, name) = key.split_once('/').unwrap_or(("", &key));
                     let service =
-                        self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
+                        self.services.get(&ObjectRef::new(name).within(ns));
                     let slices = slices.get_mut(ns).and_then(|m| m.remove(name)).unwrap_or_default();
                     ServiceObjects { key, service, slices }
                 })
@@ -184,7 +184,7 @@ impl Stores {
     /// One Service (if it exists) and its EndpointSlices, as the stores hold them now.
     fn service_objects(&self, key: String) -> ServiceObjects {
         let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-        let svc = self.services.get(&ObjectRef::new(name).within(ns)).map(|s| Service::clone(&s));
+        let svc = self.services.get(&ObjectRef::new(name).within(ns));
         let slices = self
             .slices
             .state()
@@ -193,7 +193,7 @@ impl Stores {
                 s.namespace().as_deref() == Some(ns)
                     && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name)
             })
-            .map(|s| EndpointSlice::clone(s))
+            .cloned()
             .collect();
         ServiceObjects { key, service: svc, slices }
     }

@@ -45,8 +45,8 @@ pub struct ServiceObjects {
     /// `namespace/name`.
     pub key: String,
     /// `None`: deleted.
-    pub service: Option<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub service: Option<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
 }
 
 impl Change {
@@ -80,9 +80,12 @@ pub enum SourceError {
 /// Everything a source knows: Services, EndpointSlices, this node (from the API server), and what
 /// could not be read (files). One bad object never hides the others.
 #[derive(Debug, Default, Clone)]
+///
+/// Objects are shared (`Arc`) with the API source's stores, which hold them anyway: a full sync
+/// copies none of them.
 pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<Arc<EndpointSlice>>,
     /// This node's Node object, when the source knows this node's name and finds its Node.
     pub node: Option<Box<Node>>,
     pub errors: Vec<ManifestError>,
