@@ -106,9 +106,11 @@ fn table_of(
     mut svc: Lb4Service,
 ) -> Result<(Lb4Service, Vec<u32>), DatapathError> {
     for _ in 0..10 {
+        // (A table said to run past the array is shown as far as the array goes.)
+        let end = svc.maglev_offset.saturating_add(svc.maglev_size).min(maps.maglev.slots());
         let table = maps
             .maglev
-            .read(svc.maglev_offset, svc.maglev_size)
+            .read(svc.maglev_offset.min(end), end - svc.maglev_offset.min(end))
             .map_err(crate::datapath::maps::map_err(lb_common::MAP_LB4_MAGLEV))?;
         let now = match key {
             ServiceKey::V4(k) => maps.services.get(k, 0),

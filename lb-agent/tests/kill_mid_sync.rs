@@ -59,8 +59,8 @@ fn check_whole(pins: &Path) -> usize {
         maps.read_backends().expect("backends").into_iter().map(|(id, b)| (id, b.state())).collect();
     for (key, svc) in &services {
         let mut ids = BTreeSet::new();
-        for slot in svc.maglev_offset..svc.maglev_offset + svc.maglev_size {
-            let id = maps.maglev.get(slot).expect("slot in range");
+        let table = maps.maglev.read(svc.maglev_offset, svc.maglev_size).expect("table in range");
+        for (slot, id) in (svc.maglev_offset..).zip(table) {
             let state = backends.get(&id).copied();
             assert_eq!(
                 state,

@@ -53,7 +53,8 @@ impl MaglevSlots {
         Ok(())
     }
 
-    /// The backend id in `slot`.
+    /// The backend id in `slot` (`None` past the end, or when the lookup fails): one system
+    /// call; [`MaglevSlots::read`] reads a table in a few.
     pub fn get(&self, slot: u32) -> Option<u32> {
         self.read(slot, 1).ok()?.first().copied()
     }

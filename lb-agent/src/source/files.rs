@@ -172,45 +172,58 @@ impl<'a> Reader<'a> {
     /// Reads a file of one JSON object without the YAML loader, which holds all the events of a
     /// document at once (for a 10 MB List of 10,000 Services and their slices, 200 MB of them
     /// beside a 170 MB tree of values), and a `kind: List` one item at a time, each kept as its
-    /// text until it is read. False when the text is not one JSON object (YAML, several
-    /// documents, a syntax error): the YAML reader reads it then, and reports what it finds.
+    /// text until it is read. JSON is read as JSON, as `kubectl` reads it (`1e400` is out of
+    /// range, `-0` is a float, a surrogate-pair escape is one character). All or nothing: false,
+    /// with nothing read, when the text is not one JSON object this way can read whole (YAML,
+    /// several documents, a syntax error, a key twice in any object, a number out of range): the
+    /// YAML reader reads the file then, and reports what it finds.
     fn read_json(&mut self, path: &Path, text: &str) -> bool {
-        #[derive(Deserialize)]
-        struct List<'a> {
-            #[serde(rename = "apiVersion")]
-            api_version: Option<String>,
-            kind: Option<String>,
-            #[serde(borrow)]
-            items: Option<Vec<&'a serde_json::value::RawValue>>,
-        }
+        use serde_json::value::RawValue;
         if !text.trim_start_matches('\u{feff}').trim_start().starts_with('{') {
             return false;
         }
-        match serde_json::from_str::<List>(text) {
-            Ok(List { api_version: Some(api), kind: Some(kind), items: Some(items) })
-                if api == "v1" && kind == "List" =>
-            {
-                for item in items {
-                    match serde_json::from_str::<Value>(item.get()) {
-                        Ok(v) => self.read_value(path, v),
-                        // (Valid JSON already: unreachable but for nesting too deep.)
-                        Err(e) => self.objects.errors.push(ManifestError::Syntax {
-                            path: path.into(),
-                            doc: 0,
-                            reason: e.to_string(),
-                        }),
-                    }
-                }
-                true
-            }
-            _ => match serde_json::from_str::<Value>(text) {
-                Ok(v) => {
-                    self.read_value(path, v);
-                    true
-                }
-                Err(_) => false,
-            },
+        // The top level's members, unparsed: a List's items are parsed one by one.
+        let Ok(head) = serde_json::from_str::<Members>(text) else { return false };
+        let field = |name: &str| head.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+        let string = |v: Option<&RawValue>| v.and_then(|v| serde_json::from_str::<String>(v.get()).ok());
+        let mut keys: Vec<&str> = head.0.iter().map(|(k, _)| k.as_str()).collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return false;
         }
+        let list = string(field("apiVersion")).as_deref() == Some("v1")
+            && string(field("kind")).as_deref() == Some("List");
+        let items = field("items").and_then(|v| serde_json::from_str::<Vec<&RawValue>>(v.get()).ok());
+        let values: Box<dyn Iterator<Item = &str>> = match items {
+            Some(items) if list => Box::new(items.into_iter().map(RawValue::get)),
+            _ => Box::new(std::iter::once(text)),
+        };
+        let before = (
+            self.objects.services.len(),
+            self.objects.slices.len(),
+            self.objects.errors.len(),
+            self.objects.node.is_some(),
+            self.node_from.is_some(),
+        );
+        for value in values {
+            match serde_json::from_str::<Value>(value) {
+                Ok(v) => self.read_value(path, v),
+                Err(_) => {
+                    // Undo what this file added: the YAML reader reads it whole.
+                    self.objects.services.truncate(before.0);
+                    self.objects.slices.truncate(before.1);
+                    self.objects.errors.truncate(before.2);
+                    if !before.3 {
+                        self.objects.node = None;
+                    }
+                    if !before.4 {
+                        self.node_from = None;
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Everything read.
@@ -244,8 +257,9 @@ impl<'a> Reader<'a> {
         };
         match (api.as_str(), kind.as_str()) {
             ("v1", "List") => {
-                let items = match v {
-                    Value::Mapping(mut m) => m.remove("items"),
+                // (Tags, `!x`, are looked through, as `str_at` does.)
+                let items = match untag(v) {
+                    Value::Mapping(mut m) => m.remove("items").map(untag),
                     _ => None,
                 };
                 match items {
@@ -285,6 +299,37 @@ impl<'a> Reader<'a> {
                 "missing".into(),
             )),
         }
+    }
+}
+
+/// `v` without its tags (`!x`).
+fn untag(v: Value) -> Value {
+    match v {
+        Value::Tagged(t) => untag(t.value),
+        v => v,
+    }
+}
+
+/// A JSON object's members in order, values unparsed (keys may repeat: the caller checks).
+struct Members<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members<'a>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry::<String, &'de serde_json::value::RawValue>()? {
+                    out.push(entry);
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 
@@ -381,13 +426,48 @@ mod tests {
             r#"{"apiVersion": "v1", "kind": "List"}"#.to_string(),
             service.to_string(),
             format!("  \n{bad}\n"),
+            // What JSON cannot read whole goes to the YAML reader, whole: a key twice in an
+            // item, or at the top, a number out of range.
+            list(&format!(
+                "{service}, {}",
+                slice.replacen("\"addressType\"", "\"kind\": \"EndpointSlice\", \"addressType\"", 1)
+            )),
+            format!(
+                r#"{{"apiVersion": "v1", "kind": "List", "metadata": {{}}, "metadata": {{}}, "items": [{service}]}}"#
+            ),
+            list(&format!("{service}, {}", service.replacen("\"web\"", "\"big\", \"x\": 1e400", 1))),
         ];
+        // Positions are left out of the comparison (the YAML reading's are a line further on).
+        fn unplaced(e: &str) -> String {
+            let Some(i) = e.find(" at line ") else { return e.to_string() };
+            let rest = &e[i + " at line ".len()..];
+            let digits = |s: &str| s.chars().take_while(char::is_ascii_digit).count();
+            let mut after = digits(rest);
+            if rest[after..].starts_with(" column ") {
+                after += " column ".len() + digits(&rest[after + " column ".len()..]);
+            }
+            format!("{}{}", &e[..i], unplaced(&rest[after..]))
+        }
+        let unplaced_all =
+            |errors: Vec<String>| -> Vec<String> { errors.iter().map(|e| unplaced(e)).collect() };
         for text in texts {
             let (json, json_errors) = read(Some("n1"), &[("f.json", text.clone())]);
             let (yaml, yaml_errors) = read(Some("n1"), &[("f.json", format!("# YAML\n{text}"))]);
-            assert_eq!(json_errors, yaml_errors, "{text}");
-            assert_eq!(format!("{json:?}"), format!("{yaml:?}"), "{text}");
+            assert_eq!(unplaced_all(json_errors), unplaced_all(yaml_errors), "{text}");
+            assert_eq!(unplaced(&format!("{json:?}")), unplaced(&format!("{yaml:?}")), "{text}");
         }
+        // A key twice in one item: nothing of the file is read (as the YAML reader does).
+        let twice = list(&format!(
+            "{service}, {}",
+            service.replacen("\"kind\"", "\"kind\": \"Service\", \"kind\"", 1)
+        ));
+        let (o, errors) = read(None, &[("f.json", twice)]);
+        assert!(o.services.is_empty(), "{o:?}");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        // A tagged YAML List is read through its tags.
+        let tagged = "--- !x\napiVersion: v1\nkind: List\nitems: !y\n- {apiVersion: v1, kind: Service, metadata: {name: t}, spec: {clusterIP: 10.96.0.3}}\n";
+        let (o, errors) = read(None, &[("t.yaml", tagged.into())]);
+        assert_eq!((o.services.len(), errors.len()), (1, 0), "{errors:?}");
         // The first: everything read, the malformed item reported with its field.
         let (o, errors) =
             read(Some("n1"), &[("f.json", list(&format!("{service}, {bad}, {slice}, {node}")))]);

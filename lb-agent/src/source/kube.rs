@@ -172,8 +172,7 @@ impl Stores {
                 .into_iter()
                 .map(|key| {
                     let (ns, name) = key.split_once('/').unwrap_or(("", &key));
-                    let service =
-                        self.services.get(&ObjectRef::new(name).within(ns));
+                    let service = self.services.get(&ObjectRef::new(name).within(ns));
                     let slices = slices.get_mut(ns).and_then(|m| m.remove(name)).unwrap_or_default();
                     ServiceObjects { key, service, slices }
                 })
