@@ -144,8 +144,14 @@ async fn main() -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("lb-bench-control-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let pins = PathBuf::from(format!("/sys/fs/bpf/lb-bench-control-{}", std::process::id()));
-    let mut md = String::from(
-        "## Control plane\n\nCommand: `cargo xtask bench` (`bench_control`: the release agent binary as a process, changes observed through its pinned maps).\n\n",
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mut md = format!(
+        "## Control plane\n\nCommand: `cargo xtask bench` (`bench_control`: the release agent binary as a process, changes observed through its pinned maps) · date: {date} · machine: {}\n\n",
+        report::machine()
     );
     let (n, e) = (args.services, args.endpoints);
 

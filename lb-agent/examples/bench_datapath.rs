@@ -590,24 +590,6 @@ fn scaling_figures(names: &[String]) -> String {
     md
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::process::Command::new("uname")
-        .arg("-r")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, kernel {kernel}")
-}
-
 fn write_markdown(
     path: &Path,
     rows: &[(String, &str, Stat)],
@@ -628,7 +610,7 @@ fn write_markdown(
     s.push_str(&format!(
         "Command: `cargo xtask bench{}` · date: {date} · machine: {}\n\n",
         if quick { " --quick" } else { "" },
-        machine()
+        report::machine()
     ));
     s.push_str(&format!("Each figure is the kernel's average over `repeat` = {repeat} runs; {rounds} rounds give min / median / max. \"Over no-op\" is the median minus the no-op program's median of the same type, measured in the same run.\n\n"));
     s.push_str(

@@ -16,3 +16,23 @@ pub fn write_section(path: &Path, name: &str, body: &str) -> anyhow::Result<()> 
     std::fs::write(path, new)?;
     Ok(())
 }
+
+/// The machine a figure was measured on: CPU model, cores, kernel.
+#[allow(dead_code)] // (the traffic benchmarks name theirs in their notes)
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, kernel {kernel}")
+}
