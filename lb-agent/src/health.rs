@@ -59,13 +59,11 @@ pub struct Health {
     applied_once: AtomicBool,
     /// Milliseconds since `started` of the main loop's last turn.
     last_tick_ms: AtomicU64,
-    /// Milliseconds since `started` when the oldest change taken from the source but not yet
-    /// wholly in the maps was first seen by the source; 0 = none.
-    pending_since_ms: AtomicU64,
     /// The same for the oldest change the source still holds (not sent yet), as the main loop
     /// last read it; 0 = none.
     source_since_ms: AtomicU64,
-    /// The last time nothing waited to be applied (kube-proxy's `lastUpdated`).
+    /// The last time nothing waited to be applied (kube-proxy's `lastUpdated`). What waits now is
+    /// [`Health::pending_since_ms`], from the families' waits.
     last_updated: Mutex<SystemTime>,
     /// The families served ([`IPV4`], and [`IPV6`] with `--ipv6`): kube-proxy reports each
     /// one's health apart (`status`).
@@ -123,7 +121,6 @@ impl Health {
             synced_once: AtomicBool::new(false),
             applied_once: AtomicBool::new(false),
             last_tick_ms: AtomicU64::new(0),
-            pending_since_ms: AtomicU64::new(0),
             source_since_ms: AtomicU64::new(0),
             last_updated: Mutex::new(SystemTime::now()),
             families: AtomicU8::new(IPV4),
@@ -202,15 +199,12 @@ impl Health {
     /// which.
     pub fn change_seen(&self, seen: Instant) {
         let at = self.since_ms(seen);
-        let before = self
-            .pending_since_ms
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| (p == 0 || at < p).then_some(at));
         let then = SystemTime::now() - seen.elapsed();
-        if before == Ok(0) {
+        let mut f = self.by_family.lock().expect("not poisoned");
+        if f.pending_ms == [0; 2] {
             // Everything was applied until this change came.
             *self.last_updated.lock().expect("not poisoned") = then;
         }
-        let mut f = self.by_family.lock().expect("not poisoned");
         for i in 0..2 {
             if f.pending_ms[i] == 0 {
                 // Everything of this family was applied until this change came.
@@ -230,14 +224,18 @@ impl Health {
                 (f.pending_ms[i], f.updated[i]) = (0, SystemTime::now());
             }
         }
-        // What waits overall is what the families still wait for.
-        let oldest = f.pending_ms.iter().copied().filter(|p| *p != 0).min().unwrap_or(0);
-        self.pending_since_ms.store(oldest, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since `started` when the oldest change taken from the source but not yet
+    /// wholly in the maps was first seen by the source (the oldest wait of a family); 0 = none.
+    fn pending_since_ms(&self) -> u64 {
+        let f = self.by_family.lock().expect("not poisoned");
+        f.pending_ms.iter().copied().filter(|p| *p != 0).min().unwrap_or(0)
     }
 
     /// Failed writes were retried, and none is left: what waited is applied.
     pub fn settled(&self) {
-        if self.pending_since_ms.load(Ordering::Relaxed) != 0 {
+        if self.pending_since_ms() != 0 {
             self.applied();
         }
     }
@@ -245,7 +243,6 @@ impl Health {
     /// Every change seen is wholly in the maps (no write waits to be retried).
     pub fn applied(&self) {
         self.applied_once.store(true, Ordering::Relaxed);
-        self.pending_since_ms.store(0, Ordering::Relaxed);
         let now = SystemTime::now();
         *self.last_updated.lock().expect("not poisoned") = now;
         *self.by_family.lock().expect("not poisoned") = ByFamily { pending_ms: [0; 2], updated: [now; 2] };
@@ -370,8 +367,7 @@ impl Health {
     /// kube-proxy's `lastUpdated`: the last time every change seen had reached the maps (now,
     /// when none waits).
     fn last_updated(&self) -> SystemTime {
-        let (pending, source) =
-            (self.pending_since_ms.load(Ordering::Relaxed), self.source_since_ms.load(Ordering::Relaxed));
+        let (pending, source) = (self.pending_since_ms(), self.source_since_ms.load(Ordering::Relaxed));
         let before_source = || {
             let ago = Duration::from_millis(self.now_ms().saturating_sub(source));
             SystemTime::now() - ago
@@ -1069,7 +1065,7 @@ mod tests {
         // Failed writes retried by the sweep: they wait from when they failed, until retried.
         h.change_seen(Instant::now());
         h.settled();
-        assert!(h.healthy().is_ok() && h.pending_since_ms.load(Ordering::Relaxed) == 0);
+        assert!(h.healthy().is_ok() && h.pending_since_ms() == 0);
     }
 
     /// Each family waits from its own oldest failed change (kube-proxy's
