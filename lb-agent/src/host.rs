@@ -79,37 +79,21 @@ pub fn has_global_ipv6() -> io::Result<bool> {
 
 /// The global IPv6 addresses (as [`has_global_ipv6`] counts them) of every interface in the
 /// calling thread's network namespace, in the kernel's order: those a NodePort or a health-check
-/// node port can listen on without naming an interface.
+/// node port can listen on without naming an interface. From [`ipv6_interface_addresses`], which
+/// the SNAT address is chosen from too.
 pub fn global_ipv6_addresses() -> io::Result<Vec<std::net::Ipv6Addr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs only writes the list's head to `head`, a valid pointer.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let list = IfAddrs(head);
+    Ok(global_ipv6_of(&ipv6_interface_addresses()?))
+}
+
+/// The global addresses of `addrs`, each once, in their order.
+fn global_ipv6_of(addrs: &[Ipv6IfAddr]) -> Vec<std::net::Ipv6Addr> {
     let mut out = Vec::new();
-    let mut cur = list.0.cast_const();
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until `list` drops.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        let sa = ifa.ifa_addr;
-        if sa.is_null() {
-            continue;
-        }
-        // SAFETY: a socket address from getifaddrs; sa_family is at the same place in all.
-        let family = unsafe { std::ptr::addr_of!((*sa).sa_family).read_unaligned() };
-        if i32::from(family) != libc::AF_INET6 {
-            continue;
-        }
-        // SAFETY: an AF_INET6 address is a sockaddr_in6.
-        let sin6 = unsafe { sa.cast::<libc::sockaddr_in6>().read_unaligned() };
-        let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        if is_global6(a) && !out.contains(&a) {
+    for a in addrs.iter().map(|a| a.addr).filter(|a| is_global6(*a)) {
+        if !out.contains(&a) {
             out.push(a);
         }
     }
-    Ok(out)
+    out
 }
 
 /// An IPv6 address of an interface as `/proc/net/if_inet6` lists it.
@@ -278,6 +262,13 @@ bogus line
         assert_eq!(snat_ipv6_of(&deprecated, eth0, None), Some(a("fd00:172:31::4")));
         assert_eq!(snat_ipv6_of(&addrs, Some("lo"), None), None, "loopback");
         assert_eq!(snat_ipv6_of(&addrs, Some("eth2"), None), None);
+        // NodePorts listen on every global address, once, in the kernel's order (unlike SNAT,
+        // which a flow keeps, a listener may take a tentative or temporary one).
+        let global: Vec<std::net::Ipv6Addr> = ["::9", "::fffe", "::5", "::4", "::3", "::2", "::1"]
+            .iter()
+            .map(|x| a(&format!("fd00:172:31{x}")))
+            .collect();
+        assert_eq!(global_ipv6_of(&addrs), global);
         // This host's own: `lo` holds ::1/128.
         let live = ipv6_interface_addresses().expect("/proc/thread-self/net/if_inet6");
         let lo = |x: &Ipv6IfAddr| {
