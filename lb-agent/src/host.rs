@@ -1,5 +1,6 @@
-//! This host as the agent sees it: its interface addresses, read with `getifaddrs(3)` in the
-//! calling thread's network namespace. The choice among them (`--nodeport-addresses`) is pure and
+//! This host as the agent sees it: its interface addresses in the calling thread's network
+//! namespace, IPv4 read with `getifaddrs(3)`, IPv6 from `/proc/net/if_inet6` (with the flags
+//! `getifaddrs` lacks). The choice among them (`--nodeport-addresses`) is pure and
 //! lives in `model::node`.
 
 use std::{collections::HashMap, ffi::CStr, io, net::Ipv4Addr};
@@ -115,10 +116,14 @@ const IFA_F_UNFIT: u32 = 0x01 | 0x08 | 0x40;
 const IFA_F_DEPRECATED: u32 = 0x20;
 
 /// The IPv6 addresses of the calling thread's network namespace, with their flags (what
-/// `getifaddrs` does not give).
+/// `getifaddrs` does not give). None on a kernel without IPv6 (`ipv6.disable=1`, or no IPv6
+/// module), which has no `if_inet6`.
 pub fn ipv6_interface_addresses() -> io::Result<Vec<Ipv6IfAddr>> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/if_inet6")?;
-    Ok(parse_if_inet6(&text))
+    match std::fs::read_to_string("/proc/thread-self/net/if_inet6") {
+        Ok(text) => Ok(parse_if_inet6(&text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// `/proc/net/if_inet6`: per line the address (32 hex digits), interface index, prefix length,
