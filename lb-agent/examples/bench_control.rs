@@ -69,12 +69,18 @@ struct Agent {
 
 impl Agent {
     fn start(bin: &Path, pin_dir: &Path, source: &[String]) -> anyhow::Result<Self> {
+        Self::start_with(bin, pin_dir, source, &["--max-backends", "262144", "--maglev-slots", "33554432"])
+    }
+
+    /// As `start`, with `caps` (capacity flags; none: the defaults).
+    fn start_with(bin: &Path, pin_dir: &Path, source: &[String], caps: &[&str]) -> anyhow::Result<Self> {
         let _ = std::fs::remove_dir_all(pin_dir);
         let started = Instant::now();
         let child = Command::new(bin)
             .env("LB_SOCKET_LB", "off")
             .args(source)
-            .args(["--interfaces", "lbbench-none*", "--max-backends", "262144", "--maglev-slots", "33554432"])
+            .args(["--interfaces", "lbbench-none*"])
+            .args(caps)
             .args(["--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"])
             .arg("--pin-dir")
             .arg(pin_dir)
@@ -113,6 +119,47 @@ impl Drop for Agent {
     }
 }
 
+/// The kernel memory of every map pinned under `pin_dir` (the `memlock` of its fdinfo: what the
+/// kernel charges for it), by map name, largest first. Since Linux 6.4 a hash map that is not
+/// preallocated reports what its entries use (a lower bound: slab rounding and per-CPU caches
+/// aside); before, every map reports its full capacity, so the figures mean something only on
+/// 6.4 or later (the machine line gives the kernel).
+fn map_memory(pin_dir: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut out = Vec::new();
+    let mut dirs = vec![pin_dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let path = e?.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            // Links and programs are pinned too, and open here as well: only what the kernel
+            // describes as a map (`map_type` in its fdinfo) is counted.
+            let Ok(data) = aya::maps::MapData::from_pin(&path) else { continue };
+            let fd = data.fd().as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+            if !info.lines().any(|l| l.starts_with("map_type:")) {
+                continue;
+            }
+            let bytes = info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .with_context(|| format!("no memlock in the fdinfo of {}", path.display()))?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push((name, bytes));
+        }
+    }
+    out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(out)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Polls the pinned service entry of frontend `i` until it has `backends` backends.
 fn wait_backends(maps: &Maps, i: u32, backends: u32) -> anyhow::Result<()> {
     let key = Lb4ServiceKey::new(vip(i).octets(), 80, 6);
@@ -144,11 +191,7 @@ async fn main() -> anyhow::Result<()> {
     let tmp = std::env::temp_dir().join(format!("lb-bench-control-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let pins = PathBuf::from(format!("/sys/fs/bpf/lb-bench-control-{}", std::process::id()));
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = report::today();
     let mut md = format!(
         "## Control plane\n\nCommand: `cargo xtask bench` (`bench_control`: the release agent binary as a process, changes observed through its pinned maps) · date: {date} · machine: {}\n\n",
         report::machine()
@@ -174,6 +217,26 @@ async fn main() -> anyhow::Result<()> {
         t_files.as_secs_f64()
     );
 
+    drop(agent);
+
+    // Kernel memory of the maps at the default capacities, with the same Services loaded: on a
+    // node without IPv6 (`--ipv6 off`: the lb6 maps keep one entry) and on a dual-stack one.
+    let mut map_mem = Vec::new();
+    for ipv6 in ["off", "on"] {
+        let mut agent = Agent::start_with(
+            &args.agent,
+            &pins,
+            &["--manifests".into(), dir.display().to_string()],
+            &["--ipv6", ipv6],
+        )?;
+        agent.wait_first_sync()?;
+        let maps = map_memory(&pins)?;
+        let total: u64 = maps.iter().map(|m| m.1).sum();
+        println!("map kernel memory at the default capacities, {n} services x {e} endpoints, --ipv6 {ipv6}: {:.1} MiB", mib(total));
+        map_mem.push((ipv6, total, maps));
+        drop(agent);
+    }
+
     // File edits: one Service's endpoints alternate between e and e - 1.
     let small = tmp.join("small");
     std::fs::create_dir_all(&small)?;
@@ -184,7 +247,6 @@ async fn main() -> anyhow::Result<()> {
         std::fs::rename(&t, small.join("objects.json"))?;
         Ok(())
     };
-    drop(agent);
     write_small(e)?;
     let mut agent = Agent::start(&args.agent, &pins, &["--manifests".into(), small.display().to_string()])?;
     agent.wait_first_sync()?;
@@ -259,6 +321,21 @@ async fn main() -> anyhow::Result<()> {
         args.changes
     ));
     md.push_str(&format!("| watch event → maps written, {} changes, {n} Services loaded | p50 {ap50:.2} ms, p99 {ap99:.2} ms, max {amax:.2} ms |\n", args.changes));
+    for (ipv6, total, _) in &map_mem {
+        md.push_str(&format!(
+            "| kernel memory of the maps at the default capacities, {n} Services × {e} endpoints loaded, `--ipv6 {ipv6}` | {:.1} MiB |\n",
+            mib(*total)
+        ));
+    }
+    if let Some((_, total, maps)) = map_mem.first() {
+        md.push_str(&format!(
+            "\nKernel memory of each map (`memlock` in its fdinfo; a hash map that is not preallocated reports its entries' use from Linux 6.4, before that its capacity), `--ipv6 off`, the maps that take 1 % or more of the {:.1} MiB:\n\n| map | MiB |\n|---|---:|\n",
+            mib(*total)
+        ));
+        for (name, bytes) in maps.iter().filter(|m| m.1 * 100 >= *total) {
+            md.push_str(&format!("| {name} | {:.1} |\n", mib(*bytes)));
+        }
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&pins);
     if let Some(path) = args.markdown {

@@ -600,11 +600,7 @@ fn write_markdown(
     let noop = |prog: &str| {
         rows.iter().find(|(p, g, _)| p == "no-op program" && *g == prog).map_or(0.0, |r| r.2.median)
     };
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = report::today();
     let mut s = String::new();
     s.push_str("## Per-packet cost (BPF_PROG_TEST_RUN)\n\n");
     s.push_str(&format!(

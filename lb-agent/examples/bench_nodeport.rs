@@ -43,9 +43,7 @@ use clap::Parser;
 use kube_proxy::ServicePort;
 use lb_agent::datapath::Mode;
 use lb_testkit::lab::{http_get, node_manifest, wait_until, Lab, Node, Outside, Pod};
-use traffic::{
-    figure_row, netns_cmd, run_with_input, start_nginx, sysctl, today, wrk, Load, Measured, Nginx,
-};
+use traffic::{figure_row, netns_cmd, run_with_input, start_nginx, sysctl, wrk, Load, Measured, Nginx};
 
 #[derive(Parser)]
 struct Args {
@@ -274,7 +272,7 @@ fn run_case(case: Case, args: &Args, results: &mut Results) -> anyhow::Result<()
 
 fn report(args: &Args, results: &Results) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = today();
+    let date = report::today();
     let flags = if args.lb_args.is_empty() {
         String::new()
     } else {

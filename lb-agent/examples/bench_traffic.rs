@@ -59,7 +59,7 @@ use lb_testkit::{
     sockets::Cgroup2,
 };
 use traffic::{
-    figure_row, netns_cmd, ratio, run_with_input, start_nginx, sysctl, today, wrk_in, Load, Measured, Nginx,
+    figure_row, netns_cmd, ratio, run_with_input, start_nginx, sysctl, wrk_in, Load, Measured, Nginx,
     WrkResult,
 };
 
@@ -517,7 +517,7 @@ fn ruleset_times(n: u32, e: u32) -> anyhow::Result<String> {
 
 fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], rulesets: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let date = today();
+    let date = report::today();
     let mut md = format!(
         "## Real traffic (network namespaces)\n\nCommand: `cargo xtask bench` · date: {date} · machine: {} CPUs, kernel {} · \
          load generator: wrk 4.1 (Debian), `-t1`, pinned to CPU 0; backends: nginx, one worker each, pinned to CPU 1; \

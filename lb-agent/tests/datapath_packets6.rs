@@ -110,6 +110,58 @@ fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
     assert!(services.iter().any(|(k, s)| *k == key && s.id == 5), "kept across a restart: {services:?}");
 }
 
+/// The hash maps only the agent writes (frontends, members, interfaces, IPv6 addresses, TC filter
+/// records) are made without preallocation (their kernel memory follows their entries), but for
+/// `LB6_VIPS`, whose counts the agent must be able to take back; the maps the datapath writes
+/// (conntrack, affinity, fragments, sockets: LRU) and the arrays are preallocated, as they must be. A map without preallocation still holds its full capacity and
+/// refuses the entry past it, as a preallocated one does.
+#[test]
+fn agent_written_hash_maps_are_not_preallocated_and_still_hold_their_capacity() {
+    use aya::maps::{HashMap, MapData};
+    use lb_agent::datapath::{Datapath, Mode};
+    const NO_PREALLOC: u32 = 1; // BPF_F_NO_PREALLOC
+    const LEAN: [&str; 7] =
+        ["LB4_SERVICES", "LB4_MEMBERS", "LB4_IFS", "LB_TC_FILTERS", "LB6_SERVICES", "LB6_MEMBERS", "LB6_IFS"];
+    let pins = support::PinDir::new("no-prealloc");
+    let cfg = support::test_config(pins.path());
+    let (_dp, _maps) = Datapath::load(&cfg, Mode::Tc).expect("load");
+    let dir = lb_agent::datapath::layout_dir(pins.path());
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&dir).expect("layout dir").flatten() {
+        let Ok(data) = MapData::from_pin(e.path()) else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        let info = data.info().expect("map info");
+        let lean = info.map_flags() & NO_PREALLOC != 0;
+        // An LPM trie is never preallocated (the kernel requires the flag).
+        let trie = name.ends_with("_SRC_RANGES");
+        assert_eq!(lean, trie || LEAN.contains(&name.as_str()), "{name}: map flags {:#x}", info.map_flags());
+        seen.push(name);
+    }
+    for name in LEAN {
+        assert!(seen.iter().any(|s| s == name), "{name} pinned (seen: {seen:?})");
+    }
+    for lru in ["LB4_CT", "LB6_CT", "LB4_AFFINITY", "LB4_MAGLEV", "LB4_BACKENDS", "LB6_VIPS"] {
+        assert!(seen.iter().any(|s| s == lru), "{lru} pinned");
+    }
+    // Capacity: fill the frontend map (the test's capacity) to the last entry; one more is refused.
+    let data = MapData::from_pin(dir.join("LB4_SERVICES")).expect("services pin");
+    let cap = data.info().expect("info").max_entries();
+    assert_eq!(cap, cfg.caps.services);
+    let mut services: HashMap<MapData, lb_common::Lb4ServiceKey, lb_common::Lb4Service> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).expect("services map");
+    let key = |i: u32| lb_common::Lb4ServiceKey::new([10, 200, (i >> 8) as u8, i as u8], 80, 6);
+    for i in 0..cap {
+        services.insert(key(i), lb_common::Lb4Service { id: i + 1, ..Default::default() }, 0).expect("room");
+    }
+    let past = services.insert(key(cap), lb_common::Lb4Service::default(), 0);
+    assert!(past.is_err(), "the entry past the capacity is refused");
+    // Replacing an entry of a full map succeeds (a replacement needs no room of its own).
+    services
+        .insert(key(7), lb_common::Lb4Service { id: 99, ..Default::default() }, 0)
+        .expect("replace in a full map");
+    assert_eq!(services.get(&key(7), 0).expect("replaced").id, 99);
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prog {
     TcForward,

@@ -4,7 +4,7 @@
 //! agent and a restarted agent reuses them.
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
@@ -18,13 +18,19 @@ use lb_common::{
 };
 
 /// Frontends: VIP:port/protocol → service. Written by the agent only; read by the forward
-/// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key, read-mostly,
-/// preallocated so the agent's updates never fail for lack of memory at run time. (A hash map
-/// may hand the element an update replaced to the next update at once, preallocated or not since
-/// Linux 6.1, so a CPU copying an entry while two updates land could read parts of both: a known
-/// gap, to be closed by checking the table's choice against the member rows.)
+/// programs on every IPv4 TCP/UDP packet. A plain hash: exact match on an 8-byte key, read-mostly.
+/// Not preallocated (`BPF_F_NO_PREALLOC`, Cilium's default for its service maps too): its kernel
+/// memory follows the frontends there are, not the capacity (6 MiB at the default capacity
+/// preallocated; about 1 MiB for 10,000 frontends). The price: an agent update can fail for lack
+/// of kernel memory, which the agent counts and retries like any failed write; the programs only
+/// read it. The same holds for the agent-written hash maps below (but `LB6_VIPS`). Maps pinned by
+/// an earlier version keep their preallocation until they are made anew. (A hash map may hand the
+/// element an update replaced to the next update at once, preallocated or not since Linux 6.1,
+/// so a CPU copying an entry while two updates land could read parts of both: a known gap, to be
+/// closed by checking the table's choice against the member rows.)
 #[map(name = "LB4_SERVICES")]
-pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> =
+    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 /// Backends by id. Written by the agent only; read by the forward programs (new flows, and to
 /// check that a tracked flow's backend still exists). An array: ids are dense and allocated by
@@ -48,10 +54,11 @@ pub static LB4_MAGLEV: Array<[u32; 2]> = Array::pinned(capacity::MAGLEV_SLOTS / 
 /// that left it while flows to them live, and, for a Service that is gone, its last endpoints
 /// until its flows end. Read by the forward programs for every tracked flow and affinity entry,
 /// which are honoured only while their pair is a member (the check Cilium makes with its
-/// reverse-NAT index and affinity-match map). A hash: pairs are sparse; preallocated like the
-/// service map.
+/// reverse-NAT index and affinity-match map). A hash: pairs are sparse; not preallocated, like the
+/// service map (20 MiB at the default capacity preallocated; about 6 MiB for 100,000 pairs).
 #[map(name = "LB4_MEMBERS")]
-pub static LB4_MEMBERS: HashMap<Lb4MemberKey, Lb4Member> = HashMap::pinned(capacity::MEMBERS, 0);
+pub static LB4_MEMBERS: HashMap<Lb4MemberKey, Lb4Member> =
+    HashMap::pinned(capacity::MEMBERS, BPF_F_NO_PREALLOC);
 
 /// Connection tracking: two entries per flow (forward and reply). Written by the datapath
 /// (create, state, last-seen; it removes a reply entry whose flow is gone) and by the agent (its
@@ -131,13 +138,13 @@ pub static LB_SNAT_RANGES: Array<u32> = Array::pinned(lb_common::SNAT_RANGES_KEP
 /// lb's TC filters, where the kernel has no TCX (see `lb_common::MAP_LB_TC_FILTERS`). Pinned;
 /// written by the agent; no program reads it.
 #[map(name = "LB_TC_FILTERS")]
-pub static LB_TC_FILTERS: HashMap<LbTcFilterKey, LbTcFilter> = HashMap::pinned(16_384, 0);
+pub static LB_TC_FILTERS: HashMap<LbTcFilterKey, LbTcFilter> = HashMap::pinned(16_384, BPF_F_NO_PREALLOC);
 
 /// The interfaces lb attaches to, pods' and this node's own (see `lb_common::MAP_LB4_IFS`).
 /// Pinned; written by the agent as it attaches; read by `lb4_tc_node_in` for each new flow from
 /// outside.
 #[map(name = "LB4_IFS")]
-pub static LB4_IFS: HashMap<u32, Lb4Interface> = HashMap::pinned(16_384, 0);
+pub static LB4_IFS: HashMap<u32, Lb4Interface> = HashMap::pinned(16_384, BPF_F_NO_PREALLOC);
 
 /// `loadBalancerSourceRanges` (see `lb_common::MAP_LB4_SRC_RANGES`). Written by the agent only;
 /// read for each new flow to an external frontend. An LPM trie (never preallocated): one lookup
@@ -196,7 +203,8 @@ pub static LB6_SOCK_FWD: LruHashMap<Lb6SockFwdKey, Lb6SockFwd> = LruHashMap::pin
 
 /// IPv6 frontends (see `LB4_SERVICES`).
 #[map(name = "LB6_SERVICES")]
-pub static LB6_SERVICES: HashMap<Lb6ServiceKey, Lb4Service> = HashMap::pinned(capacity::SERVICES, 0);
+pub static LB6_SERVICES: HashMap<Lb6ServiceKey, Lb4Service> =
+    HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
 /// IPv6 backends by id (see `LB4_BACKENDS`).
 #[map(name = "LB6_BACKENDS")]
@@ -204,7 +212,8 @@ pub static LB6_BACKENDS: Array<Lb6Backend> = Array::pinned(capacity::BACKENDS, 0
 
 /// Members of IPv6 frontends (see `LB4_MEMBERS`).
 #[map(name = "LB6_MEMBERS")]
-pub static LB6_MEMBERS: HashMap<Lb6MemberKey, Lb6Member> = HashMap::pinned(capacity::MEMBERS, 0);
+pub static LB6_MEMBERS: HashMap<Lb6MemberKey, Lb6Member> =
+    HashMap::pinned(capacity::MEMBERS, BPF_F_NO_PREALLOC);
 
 /// Connection tracking of IPv6 flows (see `LB4_CT`).
 #[map(name = "LB6_CT")]
@@ -217,7 +226,10 @@ pub static LB6_AFFINITY: LruHashMap<Lb6AffinityKey, Lb4Affinity> = LruHashMap::p
 /// IPv6 datagrams in fragments (see `LB4_FRAGS`).
 /// The IPv6 addresses of Service frontends → how many frontends have it. Written by the agent
 /// only; read for a packet whose ports lb cannot see (more extension headers than it follows),
-/// which is dropped to a Service address and passes to any other.
+/// which is dropped to a Service address and passes to any other. Preallocated, unlike the other
+/// agent-written hashes: the agent counts an address in before it writes the frontend and takes
+/// the count back if that write fails, and a replacement in a preallocated map never needs memory,
+/// so the taking back cannot fail for the lack of memory that failed the write.
 #[map(name = "LB6_VIPS")]
 pub static LB6_VIPS: HashMap<[u32; 4], u32> = HashMap::pinned(capacity::SERVICES, 0);
 
@@ -239,7 +251,7 @@ pub static LB_TAIL_NODE_TC: ProgramArray = ProgramArray::pinned(lb_common::NODE_
 
 /// Node interfaces' IPv6 addresses, by interface index (see `lb_common::MAP_LB6_IFS`).
 #[map(name = "LB6_IFS")]
-pub static LB6_IFS: HashMap<u32, [u32; 4]> = HashMap::pinned(256, 0);
+pub static LB6_IFS: HashMap<u32, [u32; 4]> = HashMap::pinned(256, BPF_F_NO_PREALLOC);
 
 /// Per-CPU room for what would not fit on a program's stack (BPF's 512 bytes): an IPv6 reject's
 /// frame and answer. Not pinned: nothing outlives the program run that uses it.

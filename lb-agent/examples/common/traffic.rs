@@ -299,15 +299,6 @@ pub fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// Today's date (`YYYY-MM-DD`), for the reports.
-pub fn today() -> String {
-    Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 /// One row of a figure's table: `label`, the contender, the median (min–max) of figure `f` over
 /// `m`'s runs with `digits` places, its ratio to each of `bases` (the same figure's medians for
 /// direct, nftables, iptables-nft and iptables-legacy), and the errors.

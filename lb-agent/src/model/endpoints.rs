@@ -8,10 +8,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use super::{
     service::{parse_port, parse_protocol},
+    slice::EndpointSlice,
     BackendAddr, BackendState, Context, ModelError, Protocol,
 };
 

@@ -188,7 +188,7 @@ fn assert_view(r: &Reconciler, maps: &MemoryMaps, case: &str) {
     }
     // Member rows, and who uses each backend.
     let mut want = BTreeMap::new();
-    let mut users: HashMap<BackendAddr, HashMap<u32, u8>> = HashMap::new();
+    let mut users: HashMap<BackendAddr, super::Users> = HashMap::new();
     for (id, rows) in &r.members {
         for (b, state) in rows {
             let bid = r.backends[b].0;

@@ -184,6 +184,35 @@ pub struct SyncStats {
     pub slots_written: usize,
 }
 
+/// The frontends a backend is a member of, each with the backends-map state it asks for: a list
+/// sorted by frontend id. A backend has a few (its Service's cluster IPs, NodePorts, load-balancer
+/// addresses); a hash map for each of 100,000 backends cost twice the memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Users(Vec<(u32, u8)>);
+
+impl Users {
+    pub(crate) fn insert(&mut self, id: u32, state: u8) {
+        match self.0.binary_search_by_key(&id, |u| u.0) {
+            Ok(i) => self.0[i].1 = state,
+            Err(i) => self.0.insert(i, (id, state)),
+        }
+    }
+
+    fn remove(&mut self, id: &u32) {
+        if let Ok(i) = self.0.binary_search_by_key(id, |u| u.0) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &u8> {
+        self.0.iter().map(|u| &u.1)
+    }
+}
+
 pub struct Reconciler {
     opts: Options,
     frontends: HashMap<FrontendAddr, Programmed>,
@@ -197,7 +226,7 @@ pub struct Reconciler {
     tombstones: HashMap<u32, Tombstone>,
     /// Backend → the frontend ids it is a member of, with the backends-map state each asks for
     /// (ACTIVE wins). A backend with no member row is freed.
-    users: HashMap<BackendAddr, HashMap<u32, u8>>,
+    users: HashMap<BackendAddr, Users>,
     /// Backends whose wanted state may have changed since states were last written.
     touched: HashSet<BackendAddr>,
     /// Frontends whose member rows are not yet those of their published table (a write failed):

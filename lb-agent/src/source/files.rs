@@ -8,14 +8,13 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use serde::Deserialize;
 use serde_yaml::Value;
 use tokio::sync::mpsc::Sender;
 use tracing::error;
+
+use crate::model::EndpointSlice;
 
 use super::{Change, ManifestError, Objects, Pending, SourceError, What};
 

@@ -7,10 +7,7 @@
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::{
     runtime::{
         reflector::{self, ObjectRef, Store},
@@ -23,7 +20,7 @@ use tokio::{sync::mpsc::Sender, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{Change, Dirty, Objects, Pending, ServiceObjects, SourceError, What};
-use crate::model::LABEL_SERVICE_NAME;
+use crate::model::EndpointSlice;
 
 /// A client for the API server: from `kubeconfig`, or kube's inference (in-cluster service
 /// account, then `$KUBECONFIG`, then `~/.kube/config`).
@@ -75,7 +72,7 @@ fn service_key(s: &Service) -> Option<String> {
 }
 
 fn slice_key(s: &EndpointSlice) -> Option<String> {
-    let svc = s.labels().get(LABEL_SERVICE_NAME)?;
+    let svc = s.service.as_ref()?;
     Some(format!("{}/{svc}", s.namespace().unwrap_or_default()))
 }
 
@@ -160,7 +157,7 @@ impl Stores {
             slices.entry(ns.to_string()).or_default().insert(name.to_string(), Vec::new());
         }
         for s in self.slices.state() {
-            let Some(service) = s.labels().get(LABEL_SERVICE_NAME) else { continue };
+            let Some(service) = &s.service else { continue };
             let ns = s.metadata.namespace.as_deref().unwrap_or_default();
             if let Some(v) = slices.get_mut(ns).and_then(|m| m.get_mut(service.as_str())) {
                 v.push(s);
@@ -188,10 +185,7 @@ impl Stores {
             .slices
             .state()
             .iter()
-            .filter(|s| {
-                s.namespace().as_deref() == Some(ns)
-                    && s.labels().get(LABEL_SERVICE_NAME).map(String::as_str) == Some(name)
-            })
+            .filter(|s| s.namespace().as_deref() == Some(ns) && s.service.as_deref() == Some(name))
             .cloned()
             .collect();
         ServiceObjects { key, service: svc, slices }
@@ -279,5 +273,36 @@ fn mark(pending: &Pending, key: Option<String>, before: Option<Option<String>>) 
         if Some(&b) != key.as_ref() {
             pending.mark_service(b);
         }
+    }
+}
+
+/// lb's EndpointSlice (the fields it reads) is watched as the API's `discovery.k8s.io/v1`
+/// EndpointSlice: the same list and watch requests, each object read into the smaller type.
+impl Resource for EndpointSlice {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "EndpointSlice".into()
+    }
+
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "discovery.k8s.io".into()
+    }
+
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "endpointslices".into()
+    }
+
+    fn meta(&self) -> &kube::core::ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+        &mut self.metadata
     }
 }

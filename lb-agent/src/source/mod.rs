@@ -17,11 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use tokio::sync::{mpsc::Sender, Notify};
+
+use crate::model::EndpointSlice;
 
 /// A change to apply, with the time it was first seen.
 #[derive(Debug)]
