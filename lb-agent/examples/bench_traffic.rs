@@ -80,6 +80,9 @@ struct Args {
     /// Contenders to run (default: all).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only the new-connection load (for a profile of it; not with `--markdown`).
+    #[arg(long, conflicts_with = "markdown")]
+    new_connections_only: bool,
     /// Services × endpoints for separate ruleset load times (0, the default, skips them; the
     /// traffic runs time their own ruleset loads and one change).
     #[arg(long, default_value_t = 0)]
@@ -443,7 +446,9 @@ fn run_count(
     for &c in contenders {
         beds.push((c, set_up(c, n, args, loads)?));
     }
-    for load in [Load::NewConnections, Load::KeptAlive, Load::Bulk] {
+    let all = [Load::NewConnections, Load::KeptAlive, Load::Bulk];
+    let run = if args.new_connections_only { &all[..1] } else { &all[..] };
+    for &load in run {
         for (_, (b, url, _)) in beds.iter().filter(|(c, _)| c.loads().contains(&load)) {
             wrk_in(&b.client_ns, b.cgroup.as_ref().map(|g| g.path()), url, load, 1)?;
         }
