@@ -56,7 +56,7 @@ fn deleting_a_service_keeps_its_established_connections_until_they_end() {
         |b| who("", &all(&b[..2], "ready: true")),
         &["--ct-timeout-tcp-close", "1"],
     );
-    c.wait_reachable(&c.client1, 80);
+    c.wait_settled(&c.client1, 80);
     let tcp = SocketAddrV4::new(VIP, 80);
     let mut session = Session::open(&c.client1, tcp).expect("long-lived connection");
     let pinned = session.ask().expect("first answer");

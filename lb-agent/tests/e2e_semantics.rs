@@ -82,7 +82,7 @@ fn a_backend_that_left_is_freed_once_no_flow_uses_it() {
         |b| who("", &[endpoint(&b[0], "ready: true"), endpoint(&b[1], "ready: true")]),
         &["--ct-timeout-tcp-close", "1"],
     );
-    c.wait_reachable(&c.client1, 80);
+    c.wait_settled(&c.client1, 80);
     let mut session = Session::open(&c.client1, SocketAddrV4::new(VIP, 80)).expect("connection");
     let pinned = session.ask().expect("answer");
     let (gone, stays) = if c.backends[0].name == pinned { (0, 1) } else { (1, 0) };

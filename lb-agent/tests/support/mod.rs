@@ -330,6 +330,16 @@ impl Cluster {
         );
     }
 
+    /// As [`Cluster::wait_reachable`], once the client's agent is ready (every interface
+    /// attached) before the first probe: for tests that wait for a frontend or member to be let
+    /// go. A probe sent while the client's interface had its program and a backend's not yet was
+    /// load-balanced but its SYN-ACK went by untranslated, so the client never completed it; its
+    /// flow then lives out the SYN timeout and keeps what it uses for that long.
+    pub fn wait_settled(&self, client: &Pod, port: u16) {
+        self.wait_ready(&self.nodes[usize::from(client.node) - 1]);
+        self.wait_reachable(client, port);
+    }
+
     /// Waits until `node`'s agent answers `/readyz` with 200: it loaded its programs, synced and
     /// attached every interface (generous: the kernel matrix loads programs emulated).
     pub fn wait_ready(&self, node: &Node) {
