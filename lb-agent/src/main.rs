@@ -726,6 +726,7 @@ fn take_over_state(
                 flows = c.flows,
                 affinity = c.affinity,
                 failed = c.failed,
+                retried = c.retried,
                 "taking over from pin layout {} (this agent uses {ours}): its state is carried over; \
                  its programs serve until ours replace them in its links",
                 from.name()

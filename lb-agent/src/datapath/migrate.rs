@@ -262,6 +262,34 @@ pub struct Carried {
     pub affinity: usize,
     /// Entries that could not be written (our map refused them); the datapath recomputes them.
     pub failed: usize,
+    /// Writes tried again because the kernel had no memory for a new element at that moment.
+    pub retried: usize,
+}
+
+/// How many times a write that failed for lack of memory is tried in all.
+const ENOMEM_TRIES: u32 = 6;
+
+/// Runs `write`, and again while it fails with ENOMEM, up to [`ENOMEM_TRIES`] times, pausing 1, 2,
+/// 4 ... ms between; counts the retries in `retried`. The hash maps only the agent writes are not
+/// preallocated: since Linux 6.1 their elements come from a per-CPU cache that is refilled in the
+/// background without reclaim, so a burst of inserts (as here, thousands in a row) can find it
+/// empty for a moment. Any other error, or the last ENOMEM, is returned as it came.
+fn retry_enomem<T>(
+    retried: &mut usize,
+    mut write: impl FnMut() -> Result<T, MapError>,
+) -> Result<T, MapError> {
+    let mut pause = std::time::Duration::from_millis(1);
+    for _ in 1..ENOMEM_TRIES {
+        match write() {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOMEM) => {
+                *retried += 1;
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            done => return done,
+        }
+    }
+    write()
 }
 
 fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, DatapathError> {
@@ -337,7 +365,8 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
         carried.backends += 1;
     }
     for (k, v) in members {
-        maps.members.insert(k, v, 0).map_err(map_err(MAP_LB4_MEMBERS))?;
+        retry_enomem(&mut carried.retried, || maps.members.insert(k, v, 0))
+            .map_err(map_err(MAP_LB4_MEMBERS))?;
     }
     for id in 0..fe_end.min(meta.len()) {
         let m = meta.get(&id, 0).map_err(map_err(MAP_LB4_FE_META))?;
@@ -357,11 +386,13 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
         for k in theirs.keys() {
             let k = k.map_err(map_err(MAP_LB4_SRC_RANGES))?;
             let v = theirs.get(&k, 0).map_err(map_err(MAP_LB4_SRC_RANGES))?;
-            maps.src_ranges.insert(&k, v, 0).map_err(map_err(MAP_LB4_SRC_RANGES))?;
+            retry_enomem(&mut carried.retried, || maps.src_ranges.insert(&k, v, 0))
+                .map_err(map_err(MAP_LB4_SRC_RANGES))?;
         }
     }
     for (k, v) in services {
-        maps.services.insert(k, v, 0).map_err(map_err(MAP_LB4_SERVICES))?;
+        retry_enomem(&mut carried.retried, || maps.services.insert(k, v, 0))
+            .map_err(map_err(MAP_LB4_SERVICES))?;
         carried.services += 1;
     }
     let flows = carry_flows(from, maps)?;
@@ -446,6 +477,52 @@ pub fn remove(l: &Layout) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failed(errno: i32) -> MapError {
+        aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        }
+        .into()
+    }
+
+    #[test]
+    fn a_write_short_of_memory_is_tried_again_and_any_other_error_is_not() {
+        // Short of memory twice, then written.
+        let (mut retried, mut calls) = (0, 0);
+        let done = retry_enomem(&mut retried, || {
+            calls += 1;
+            if calls <= 2 {
+                Err(failed(libc::ENOMEM))
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!((done.ok(), retried), (Some(3), 2));
+
+        // Short of memory every time: tried ENOMEM_TRIES times, the last error returned.
+        let (mut retried, mut calls) = (0, 0);
+        let done: Result<(), _> = retry_enomem(&mut retried, || {
+            calls += 1;
+            Err(failed(libc::ENOMEM))
+        });
+        assert!(
+            matches!(&done, Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOMEM)),
+            "{done:?}"
+        );
+        assert_eq!((calls, retried), (ENOMEM_TRIES, ENOMEM_TRIES as usize - 1));
+
+        // Any other error at once, not counted.
+        for errno in [libc::E2BIG, libc::EEXIST, libc::EPERM] {
+            let (mut retried, mut calls) = (0, 0);
+            let done: Result<(), _> = retry_enomem(&mut retried, || {
+                calls += 1;
+                Err(failed(errno))
+            });
+            assert!(done.is_err());
+            assert_eq!((calls, retried), (1, 0), "errno {errno}");
+        }
+    }
 
     #[test]
     fn a_v6_flow_keeps_its_backend_times_and_state() {
