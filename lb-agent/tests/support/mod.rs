@@ -330,11 +330,12 @@ impl Cluster {
         );
     }
 
-    /// As [`Cluster::wait_reachable`], once the client's agent is ready (every interface
-    /// attached) before the first probe: for tests that wait for a frontend or member to be let
-    /// go. A probe sent while the client's interface had its program and a backend's not yet was
-    /// load-balanced but its SYN-ACK went by untranslated, so the client never completed it; its
-    /// flow then lives out the SYN timeout and keeps what it uses for that long.
+    /// As [`Cluster::wait_reachable`], once the client's agent is ready (both programs on every
+    /// interface) before the first probe: for tests that wait for a frontend or member to be let
+    /// go. A probe sent while the agent was placing its programs (the client's forward program
+    /// placed before its reply program) could be load-balanced and yet not answered through lb;
+    /// a conntrack dump at such a failure showed its flow left in the SYN state, made at that
+    /// moment, which keeps what it uses for the SYN timeout (60 s).
     pub fn wait_settled(&self, client: &Pod, port: u16) {
         self.wait_ready(&self.nodes[usize::from(client.node) - 1]);
         self.wait_reachable(client, port);
