@@ -46,7 +46,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -92,6 +92,10 @@ struct Args {
     /// Write the results into this Markdown file (replacing the traffic and ruleset sections).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// One more argument for every lb contender's agent, e.g. `--agent-arg=--ct-entries=131072`
+    /// (repeatable; for experiments, so not with `--markdown`, whose runs are at the defaults).
+    #[arg(long, allow_hyphen_values = true, conflicts_with = "markdown")]
+    agent_arg: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -257,7 +261,7 @@ fn load_rules(c: Contender, node: &Node, services: &[ServicePort]) -> anyhow::Re
 /// returns when its first full sync is done.
 fn start_lb(
     b: &mut Bed,
-    agent: &Path,
+    args: &Args,
     mode: Mode,
     manifests: &serde_json::Value,
     n: u32,
@@ -269,9 +273,12 @@ fn start_lb(
     let syncs = |lab: &Lab, node: &Node| lab.agent_log(node).matches("first full sync done").count();
     let before = syncs(&b.lab, &b.node);
     let started = Instant::now();
-    let args: Vec<&str> =
-        ["--metrics-bind-address", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()).collect();
-    b.lab.start_agent(&b.node, agent, &dir, mode, &args)?;
+    let agent_args: Vec<&str> = ["--metrics-bind-address", "127.0.0.1:0"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .chain(args.agent_arg.iter().map(String::as_str))
+        .collect();
+    b.lab.start_agent(&b.node, &args.agent, &dir, mode, &agent_args)?;
     let (lab, node) = (&b.lab, &b.node);
     wait_until(Duration::from_secs(60), || {
         if syncs(lab, node) > before {
@@ -358,24 +365,15 @@ fn set_up(
     let manifests = || kube_proxy::manifests(&services);
     let took = match c {
         Contender::Direct | Contender::HostDirect | Contender::Direct6 => Duration::ZERO,
-        Contender::LbTc => start_lb(&mut b, &args.agent, Mode::Tc, &manifests(), n, &[])?,
-        Contender::LbXdp => start_lb(&mut b, &args.agent, Mode::Xdp, &manifests(), n, &[])?,
-        Contender::Lb6 => {
-            start_lb(&mut b, &args.agent, Mode::Tc, &manifests6(&services)?, n, &["--ipv6", "on"])?
-        }
+        Contender::LbTc => start_lb(&mut b, args, Mode::Tc, &manifests(), n, &[])?,
+        Contender::LbXdp => start_lb(&mut b, args, Mode::Xdp, &manifests(), n, &[])?,
+        Contender::Lb6 => start_lb(&mut b, args, Mode::Tc, &manifests6(&services)?, n, &["--ipv6", "on"])?,
         Contender::LbSockAll | Contender::HostLbSock => {
             let (tag, mode) = if c == Contender::LbSockAll { ("bt", "all") } else { ("bh", "host") };
             let cgroup = Cgroup2::new(&format!("{tag}{n}"))?;
             let root = cgroup.path().display().to_string();
             b.cgroup = Some(cgroup);
-            start_lb(
-                &mut b,
-                &args.agent,
-                Mode::Tc,
-                &manifests(),
-                n,
-                &["--socket-lb", mode, "--cgroup-root", &root],
-            )?
+            start_lb(&mut b, args, Mode::Tc, &manifests(), n, &["--socket-lb", mode, "--cgroup-root", &root])?
         }
         _ => {
             let took = load_rules(c, &b.node, &services)?;
