@@ -334,8 +334,15 @@ fn job_script(binaries: &[(String, PathBuf)]) -> anyhow::Result<String> {
     Ok(s)
 }
 
-/// Builds the test binaries; their names and paths.
+/// Builds the test binaries (and `lbctl`, which tests run from beside the agent: a plain `cargo
+/// test` builds it, `--no-run -p lb-agent` does not); their names and paths.
 fn build_tests() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let out = Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--locked", "-p", "lbctl"])
+        .output()
+        .context("cargo build -p lbctl")?;
+    anyhow::ensure!(out.status.success(), "building lbctl failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let mut names: Vec<&str> = TESTS.iter().map(|(t, _, _)| *t).collect();
     names.dedup();
     let mut cmd = Command::new("cargo");

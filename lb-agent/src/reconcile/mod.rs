@@ -985,7 +985,9 @@ impl Reconciler {
     /// The families whose failed writes wait for [`Reconciler::retry`] ([`crate::health::IPV4`],
     /// [`crate::health::IPV6`]): those of the frontends and backends concerned. Affinity to forget
     /// and stale source ranges are counted to both (their rows name no address here). Empty
-    /// exactly when [`Reconciler::has_failed_writes`] is false.
+    /// exactly when [`Reconciler::has_failed_writes`] is false. (The agent's: the masks are
+    /// [`crate::health`]'s, which lbctl's build of the library does not have.)
+    #[cfg(feature = "agent")]
     pub fn families_behind(&self) -> u8 {
         use crate::health::{IPV4, IPV6};
         let of = |ip: &std::net::IpAddr| if ip.is_ipv6() { IPV6 } else { IPV4 };
