@@ -480,11 +480,12 @@ pub fn run() -> anyhow::Result<()> {
             println!("kernels: {} {} {}: {result} in {secs} s", k.name, test, args.last().unwrap_or(&""));
             table.push(format!("| {} ({}) | {what} | {result} | {secs} |", k.name, u.release));
             if rc != 0 {
-                failed.push(format!(
-                    "{} {what}: see {}",
-                    k.name,
-                    root().join("target/kernels").join(k.name).join(format!("job/t{i}.log")).display()
-                ));
+                let log = root().join("target/kernels").join(k.name).join(format!("job/t{i}.log"));
+                // The log's end is printed too: CI keeps only what the matrix printed, not the tree.
+                if rc > 0 {
+                    println!("kernels: {} {test}: the end of its log:\n{}", k.name, log_tail(&log, 60));
+                }
+                failed.push(format!("{} {what}: see {}", k.name, log.display()));
             }
         }
         println!("kernels: {} took {} s", k.name, o.took.as_secs());
@@ -496,8 +497,34 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The last `lines` lines of a test's log (where a failed test says why), or why it cannot be read.
+fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_failed_rows_log_end_is_what_is_printed() {
+        let dir = std::env::temp_dir().join(format!("lb-log-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("t0.log");
+        let text: String = (1..=100).map(|n| format!("line {n}\n")).collect();
+        std::fs::write(&log, text).expect("log");
+        assert_eq!(super::log_tail(&log, 3), "line 98\nline 99\nline 100");
+        assert_eq!(super::log_tail(&log, 500).lines().count(), 100);
+        let missing = super::log_tail(&dir.join("t1.log"), 3);
+        assert!(missing.starts_with("(cannot read ") && missing.contains("t1.log"), "{missing}");
+        std::fs::remove_dir_all(&dir).expect("remove");
+    }
+
     #[test]
     fn modules_load_after_what_they_depend_on() {
         let deps = "kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko kernel/fs/fscache/fscache.ko\n\
