@@ -71,8 +71,9 @@ struct Args {
     /// Service counts.
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
     services: Vec<u32>,
-    /// Measured runs per load (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    /// Measured runs per load (after one warm-up); each figure is their median (five: the
+    /// least that the new-connection goals are judged on).
+    #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Seconds per run.
     #[arg(long, default_value_t = 2)]
