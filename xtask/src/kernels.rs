@@ -464,6 +464,8 @@ pub fn run() -> anyhow::Result<()> {
         let o = match boot(k, &u, &binaries) {
             Ok(o) => o,
             Err(e) => {
+                let console = root().join("target/kernels").join(k.name).join("console.log");
+                println!("kernels: {}: the end of the guest's console:\n{}", k.name, log_tail(&console, 30));
                 not_run(&u.release, format!("booting it: {e:#}"));
                 continue;
             }
@@ -481,9 +483,11 @@ pub fn run() -> anyhow::Result<()> {
             table.push(format!("| {} ({}) | {what} | {result} | {secs} |", k.name, u.release));
             if rc != 0 {
                 let log = root().join("target/kernels").join(k.name).join(format!("job/t{i}.log"));
-                // The log's end is printed too: CI keeps only what the matrix printed, not the tree.
-                if rc > 0 {
-                    println!("kernels: {} {test}: the end of its log:\n{}", k.name, log_tail(&log, 60));
+                // What the row's log says is printed too (CI keeps only what the matrix printed,
+                // not the tree): a row that failed, found no test, or started and never finished
+                // (a guest that hung or died). A row filtered out has no log.
+                if log.exists() {
+                    println!("kernels: {} {what}: from its log:\n{}", k.name, log_excerpt(&log));
                 }
                 failed.push(format!("{} {what}: see {}", k.name, log.display()));
             }
@@ -497,7 +501,28 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The last `lines` lines of a test's log (where a failed test says why), or why it cannot be read.
+/// What a test's log says of a failure: from libtest's first "---- <test> stdout ----" section
+/// (the panic, what the test printed) when there is one, else its end; long excerpts keep their
+/// first 80 and last 40 lines.
+fn log_excerpt(path: &Path) -> String {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => return format!("(cannot read {}: {e})", path.display()),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    let from = all.iter().position(|l| l.starts_with("---- ")).unwrap_or(all.len().saturating_sub(60));
+    let part = &all[from..];
+    if part.is_empty() {
+        return "(empty)".to_string();
+    }
+    if part.len() <= 120 {
+        return part.join("\n");
+    }
+    let skipped = part.len() - 120;
+    format!("{}\n[... {skipped} lines ...]\n{}", part[..80].join("\n"), part[part.len() - 40..].join("\n"))
+}
+
+/// The last `lines` lines of a file, or why it cannot be read.
 fn log_tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {
         Ok(bytes) => {
@@ -512,16 +537,35 @@ fn log_tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_failed_rows_log_end_is_what_is_printed() {
-        let dir = std::env::temp_dir().join(format!("lb-log-tail-{}", std::process::id()));
+    fn a_failed_rows_log_is_excerpted_from_its_failure() {
+        let dir = std::env::temp_dir().join(format!("lb-log-excerpt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let log = dir.join("t0.log");
-        let text: String = (1..=100).map(|n| format!("line {n}\n")).collect();
-        std::fs::write(&log, text).expect("log");
-        assert_eq!(super::log_tail(&log, 3), "line 98\nline 99\nline 100");
-        assert_eq!(super::log_tail(&log, 500).lines().count(), 100);
-        let missing = super::log_tail(&dir.join("t1.log"), 3);
+        let write = |text: String| std::fs::write(&log, text).expect("log");
+        // No failure section: the last 60 lines.
+        write((1..=100).map(|n| format!("line {n}\n")).collect());
+        let got = super::log_excerpt(&log);
+        assert!(got.starts_with("line 41\n") && got.ends_with("line 100"), "{got}");
+        // From libtest's failure section on.
+        write("running 1 test\ntest t ... FAILED\n\nfailures:\n\n---- t stdout ----\npanicked: why\n".into());
+        assert_eq!(super::log_excerpt(&log), "---- t stdout ----\npanicked: why");
+        // A long one keeps its first 80 and last 40 lines.
+        write(
+            std::iter::once("---- t stdout ----\n".to_string())
+                .chain((1..=200).map(|n| format!("{n}\n")))
+                .collect(),
+        );
+        let got = super::log_excerpt(&log);
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(
+            (lines.len(), lines[79], lines[80], lines[81], lines[120]),
+            (121, "79", "[... 81 lines ...]", "161", "200")
+        );
+        write(String::new());
+        assert_eq!(super::log_excerpt(&log), "(empty)");
+        let missing = super::log_excerpt(&dir.join("t1.log"));
         assert!(missing.starts_with("(cannot read ") && missing.contains("t1.log"), "{missing}");
+        assert_eq!(super::log_tail(&log, 3), "");
         std::fs::remove_dir_all(&dir).expect("remove");
     }
 
