@@ -138,23 +138,21 @@ fn every_endpoint_through(
         |name: &str| c.backends.iter().find(|b| b.name == name).expect("a backend").node != node.index;
     let (tcp, udp) =
         (SocketAddrV4::new(node.underlay_ip(), 30080), SocketAddrV4::new(node.underlay_ip(), 30053));
-    let mut remote = Remote::default();
-    let answered = answers(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside"));
-    remote.tcp += answered.iter().filter(|n| remote_of(n)).count();
-    assert_eq!(
-        answered.into_iter().collect::<BTreeSet<_>>(),
-        all,
-        "TCP through {}: every endpoint",
-        node.netns
-    );
-    let answered = answers(udp_asks_from(&out.netns, udp, udp_ports, 60).expect("UDP"));
-    remote.udp += answered.iter().filter(|n| remote_of(n)).count();
-    assert_eq!(
-        answered.into_iter().collect::<BTreeSet<_>>(),
-        all,
-        "UDP through {}: every endpoint",
-        node.netns
-    );
+    // Every endpoint answered `what`'s exchanges; how many of them went to a remote one.
+    let every_endpoint = |answered: Vec<String>, what: &str| {
+        let remote = answered.iter().filter(|n| remote_of(n)).count();
+        assert_eq!(
+            answered.into_iter().collect::<BTreeSet<_>>(),
+            all,
+            "{what} through {}: every endpoint",
+            node.netns
+        );
+        remote
+    };
+    let mut remote = Remote {
+        tcp: every_endpoint(answers(tcp_asks_from(&out.netns, tcp, 60).expect("TCP from outside")), "TCP"),
+        udp: every_endpoint(answers(udp_asks_from(&out.netns, udp, udp_ports, 60).expect("UDP")), "UDP"),
+    };
     let mut seen = BTreeSet::new();
     for i in 0..peers {
         let (name, peer) = tcp_peer_from(&out.netns, tcp).expect("TCP peer");
@@ -173,7 +171,6 @@ fn every_endpoint_through(
 }
 
 /// How many exchanges of [`every_endpoint_through`] went to a remote endpoint (SNATed).
-#[derive(Default)]
 struct Remote {
     tcp: usize,
     udp: usize,
