@@ -311,6 +311,15 @@ echo "guest: done"
 poweroff -f
 "#;
 
+/// Whether a row runs: `LB_KERNEL_TESTS=nodeport_packets,e2e` runs only those test binaries'
+/// rows, and a test's own name only its row (while working on one kernel's failure); the others
+/// show as not run.
+fn selected(test: &str, args: &[&str]) -> bool {
+    std::env::var("LB_KERNEL_TESTS")
+        .ok()
+        .is_none_or(|o| o.split(',').map(str::trim).any(|t| t == test || args.last() == Some(&t)))
+}
+
 /// The job: each test, its log, its exit code and seconds in `results`.
 fn job_script(binaries: &[(String, PathBuf)]) -> anyhow::Result<String> {
     let mut s = String::from(
@@ -319,14 +328,7 @@ fn job_script(binaries: &[(String, PathBuf)]) -> anyhow::Result<String> {
          ip link set lo up\n\
          run() { n=$1; shift; s=$(date +%s); \"$@\" > /tmp/job/$n.log 2>&1; rc=$?; echo \"$n $rc $(( $(date +%s) - s ))\" >> /tmp/job/results; }\n",
     );
-    // `LB_KERNEL_TESTS=nodeport_packets,e2e` runs only those test binaries' rows, and a test's own
-    // name only its row (while working on one kernel's failure); the others show as not run.
-    let only = std::env::var("LB_KERNEL_TESTS").ok();
-    let wanted = |test: &str, args: &[&str]| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').map(str::trim).any(|t| t == test || args.last() == Some(&t)))
-    };
-    for (i, (test, args, _)) in TESTS.iter().enumerate().filter(|(_, (t, a, _))| wanted(t, a)) {
+    for (i, (test, args, _)) in TESTS.iter().enumerate().filter(|(_, (t, a, _))| selected(t, a)) {
         let bin =
             &binaries.iter().find(|(n, _)| n == test).with_context(|| format!("no test binary {test}"))?.1;
         s += &format!("run t{i} {} --test-threads 1 {}\n", bin.display(), args.join(" "));
@@ -368,6 +370,28 @@ fn build_tests() -> anyhow::Result<Vec<(String, PathBuf)>> {
 struct Outcome {
     results: Vec<(usize, i32, u64)>,
     took: Duration,
+    /// Whether any row started (has a log).
+    started: bool,
+}
+
+/// Boots `k` and runs the job; boots it once more when the guest ran none of the rows that were
+/// to run: no test started, so no program of lb's was loaded, and the emulated machine, not lb,
+/// is what failed (its console says how). A second such boot leaves the rows as not run.
+fn boot_and_run(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> anyhow::Result<Outcome> {
+    let o = boot(k, u, binaries)?;
+    if o.started || !TESTS.iter().any(|(t, a, _)| selected(t, a)) {
+        return Ok(o);
+    }
+    let dir = root().join("target/kernels").join(k.name);
+    println!(
+        "kernels: {}: the guest ran none of its tests in {} s; the end of its console:\n{}\nof its job's output:\n{}\nkernels: booting {} again",
+        k.name,
+        o.took.as_secs(),
+        log_tail(&dir.join("console.log"), 30),
+        log_tail(&dir.join("job/job.log"), 20),
+        k.name
+    );
+    boot(k, u, binaries)
 }
 
 fn boot(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> anyhow::Result<Outcome> {
@@ -426,7 +450,12 @@ fn boot(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> anyhow::Res
             Some((i, rc, it.next()?.parse().ok()?))
         })
         .collect();
-    Ok(Outcome { results, took: started.elapsed() })
+    let began = std::fs::read_dir(&job)?.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with('t') && name.ends_with(".log")
+    });
+    Ok(Outcome { results, took: started.elapsed(), started: began })
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -461,7 +490,7 @@ pub fn run() -> anyhow::Result<()> {
             continue;
         }
         println!("kernels: booting {} ({}) in qemu", k.name, u.release);
-        let o = match boot(k, &u, &binaries) {
+        let o = match boot_and_run(k, &u, &binaries) {
             Ok(o) => o,
             Err(e) => {
                 let console = root().join("target/kernels").join(k.name).join("console.log");
