@@ -382,7 +382,7 @@ fn boot_and_run(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> any
     if o.started || !TESTS.iter().any(|(t, a, _)| selected(t, a)) {
         return Ok(o);
     }
-    let dir = root().join("target/kernels").join(k.name);
+    let dir = kernel_dir(k);
     println!(
         "kernels: {}: the guest ran none of its tests in {} s; the end of its console:\n{}\nof its job's output:\n{}\nkernels: booting {} again",
         k.name,
@@ -394,8 +394,13 @@ fn boot_and_run(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> any
     boot(k, u, binaries)
 }
 
+/// Where a kernel's run keeps its initramfs, console and job (`job/t<row>.log`, `job/results`).
+fn kernel_dir(k: &Kernel) -> PathBuf {
+    root().join("target/kernels").join(k.name)
+}
+
 fn boot(k: &Kernel, u: &Unpacked, binaries: &[(String, PathBuf)]) -> anyhow::Result<Outcome> {
-    let dir = root().join("target/kernels").join(k.name);
+    let dir = kernel_dir(k);
     let _ = std::fs::remove_dir_all(&dir);
     let job = dir.join("job");
     std::fs::create_dir_all(&job)?;
@@ -493,7 +498,7 @@ pub fn run() -> anyhow::Result<()> {
         let o = match boot_and_run(k, &u, &binaries) {
             Ok(o) => o,
             Err(e) => {
-                let console = root().join("target/kernels").join(k.name).join("console.log");
+                let console = kernel_dir(k).join("console.log");
                 println!("kernels: {}: the end of the guest's console:\n{}", k.name, log_tail(&console, 30));
                 not_run(&u.release, format!("booting it: {e:#}"));
                 continue;
@@ -511,7 +516,7 @@ pub fn run() -> anyhow::Result<()> {
             println!("kernels: {} {} {}: {result} in {secs} s", k.name, test, args.last().unwrap_or(&""));
             table.push(format!("| {} ({}) | {what} | {result} | {secs} |", k.name, u.release));
             if rc != 0 {
-                let log = root().join("target/kernels").join(k.name).join(format!("job/t{i}.log"));
+                let log = kernel_dir(k).join(format!("job/t{i}.log"));
                 // What the row's log says is printed too (CI keeps only what the matrix printed,
                 // not the tree): a row that failed, found no test, or started and never finished
                 // (a guest that hung or died). A row filtered out has no log.
@@ -531,19 +536,19 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// What a test's log says of a failure: from libtest's first "---- <test> stdout ----" section
-/// (the panic, what the test printed) when there is one, else its end; long excerpts keep their
-/// first 80 and last 40 lines.
+/// (the panic, what the test printed) when there is one, else its last 60 lines; long excerpts
+/// keep their first 80 and last 40 lines.
 fn log_excerpt(path: &Path) -> String {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-        Err(e) => return format!("(cannot read {}: {e})", path.display()),
+    let text = match read_log(path) {
+        Ok(text) => text,
+        Err(why) => return why,
     };
     let all: Vec<&str> = text.lines().collect();
-    let from = all.iter().position(|l| l.starts_with("---- ")).unwrap_or(all.len().saturating_sub(60));
-    let part = &all[from..];
-    if part.is_empty() {
+    if all.is_empty() {
         return "(empty)".to_string();
     }
+    let Some(from) = all.iter().position(|l| l.starts_with("---- ")) else { return tail(&all, 60) };
+    let part = &all[from..];
     if part.len() <= 120 {
         return part.join("\n");
     }
@@ -553,14 +558,19 @@ fn log_excerpt(path: &Path) -> String {
 
 /// The last `lines` lines of a file, or why it cannot be read.
 fn log_tail(path: &Path, lines: usize) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
-    }
+    read_log(path).map_or_else(|why| why, |text| tail(&text.lines().collect::<Vec<_>>(), lines))
+}
+
+/// A log's text (read lossily: a test may print anything), or why it cannot be read.
+fn read_log(path: &Path) -> Result<String, String> {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .map_err(|e| format!("(cannot read {}: {e})", path.display()))
+}
+
+/// The last `n` of `lines`, joined.
+fn tail(lines: &[&str], n: usize) -> String {
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]
