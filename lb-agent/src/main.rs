@@ -184,9 +184,11 @@ struct Args {
     /// Largest Maglev table of one frontend (a prime from the built-in list is used).
     #[arg(long, default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE)]
     maglev_max_table_size: u32,
-    /// Conntrack entries (two per flow).
-    #[arg(long, default_value_t = capacity::CT)]
-    ct_entries: u32,
+    /// Conntrack entries (two per flow). Default: two for each flow kube-proxy would have
+    /// netfilter track on this node, max(131,072, 32,768 × online CPUs) (262,144 entries up to 4
+    /// CPUs).
+    #[arg(long)]
+    ct_entries: Option<u32>,
     /// ClientIP session affinity entries.
     #[arg(long, default_value_t = capacity::AFFINITY)]
     affinity_entries: u32,
@@ -296,7 +298,7 @@ impl From<Args> for Config {
             services: a.max_services,
             backends: a.max_backends,
             maglev_slots: a.maglev_slots,
-            ct: a.ct_entries,
+            ct: a.ct_entries.unwrap_or(capacity::CT),
             affinity: a.affinity_entries,
             members: a.member_entries,
         };
@@ -365,8 +367,9 @@ impl From<Args> for Config {
     }
 }
 
-/// Conntrack and affinity entries the flow sweep reads per tick (250 ms): the default 524,288
-/// conntrack entries take about 32 s a pass, with one batched read per tick.
+/// Conntrack and affinity entries the flow sweep reads per tick (250 ms): the default 262,144
+/// conntrack entries of a node of up to 4 CPUs take about 16 s a pass, with one batched read per
+/// tick.
 const SWEEP_BATCH: u32 = 4096;
 
 #[tokio::main(flavor = "current_thread")]
@@ -426,7 +429,20 @@ async fn main() -> anyhow::Result<()> {
             found
         }
     };
+    let ct_defaulted = args.ct_entries.is_none();
     let mut cfg = Config::from(args);
+    if ct_defaulted {
+        let cpus = aya::util::online_cpus()
+            .map_err(|(path, e)| {
+                anyhow::anyhow!("reading {path} to size the conntrack table: {e} (or give --ct-entries)")
+            })?
+            .len();
+        cfg.datapath.caps.ct = capacity::ct_for_cpus(u32::try_from(cpus).unwrap_or(u32::MAX));
+        info!(
+            "conntrack table: {} entries, two per flow for max(131072, 32768 × {cpus} online CPUs) flows as kube-proxy's nf_conntrack_max (--ct-entries to change)",
+            cfg.datapath.caps.ct
+        );
+    }
     cfg.datapath.ipv6 = ipv6;
     cfg.model.ipv6 = ipv6;
     if socket_lb_defaulted && cfg.datapath.socket_lb == datapath::SocketLb::Host {
@@ -458,6 +474,16 @@ async fn main() -> anyhow::Result<()> {
     let listeners = metrics::Listeners::bind(cfg.metrics_addr, cfg.healthz_addr)?;
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
+    // The pinned maps are reused as they are, flows and all: a conntrack table an earlier agent
+    // made keeps its size (`lb-agent --cleanup` lets the next start make it anew).
+    let ct = maps.ct_capacity().context("reading the conntrack table's size")?;
+    if ct != cfg.datapath.caps.ct {
+        info!(
+            "conntrack table: the pinned one keeps its {ct} entries ({} asked for); it is made anew after lb-agent --cleanup",
+            cfg.datapath.caps.ct
+        );
+        cfg.datapath.caps.ct = ct;
+    }
     // Another version's layout (a rolling update, or a rollback) keeps serving until our programs
     // take over its links; what of its state we can read comes first.
     let carried = take_over_state(&mut dp, &mut maps)?;

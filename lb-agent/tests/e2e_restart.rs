@@ -18,8 +18,9 @@ fn all_ready(c: &[Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
 }
 
-fn restart_with(signal: i32, tag: &str) {
-    let mut c = Cluster::new(tag, Mode::Tc, true, all_ready, &[]);
+/// The agent stopped with `signal` under traffic and started again, as it was plus `more`.
+fn restart_with(signal: i32, tag: &str, args: &[&str], more: &[&str]) -> Cluster {
+    let mut c = Cluster::new(tag, Mode::Tc, true, all_ready, args);
     c.wait_reachable(&c.client1, 80);
     let traffic = Traffic::start(&c.client1);
     std::thread::sleep(Duration::from_millis(300));
@@ -27,7 +28,7 @@ fn restart_with(signal: i32, tag: &str) {
     c.lab.stop_agent(&n1, signal);
     // The agent is away: the pinned datapath keeps serving, new connections included.
     std::thread::sleep(Duration::from_millis(700));
-    c.lab.restart_agent(&n1).expect("restart");
+    c.lab.restart_agent_adding(&n1, more).expect("restart");
     // Ready (loaded and attached), then traffic through the new agent's programs a while.
     c.wait_ready(&n1);
     std::thread::sleep(Duration::from_millis(500));
@@ -35,16 +36,39 @@ fn restart_with(signal: i32, tag: &str) {
     assert_clean_udp_kept(&o, tag);
     let log = c.lab.agent_log(&n1);
     assert!(!log.contains("ERROR"), "agent log has errors:\n{log}");
+    c
 }
 
 #[test]
 fn sigkill_and_restart_lose_no_connection() {
-    restart_with(libc::SIGKILL, "kill");
+    restart_with(libc::SIGKILL, "kill", &[], &[]);
 }
 
+/// Also: the conntrack tables are sized by kube-proxy's rule for this node's CPUs by default, and
+/// a restart asking for another size keeps the pinned tables, IPv4's and IPv6's, as they are
+/// (the same maps, flows and all), and says so.
 #[test]
 fn sigterm_and_restart_lose_no_connection() {
-    restart_with(libc::SIGTERM, "term");
+    let c = restart_with(libc::SIGTERM, "term", &["--ipv6", "on"], &["--ct-entries", "4096"]);
+    let cpus = aya::util::online_cpus().expect("online CPUs").len();
+    let default = lb_common::capacity::ct_for_cpus(u32::try_from(cpus).expect("CPUs"));
+    let dir = layout_dir(&c.nodes[0].pin_dir);
+    for name in [lb_common::MAP_LB4_CT, lb_common::MAP_LB6_CT] {
+        let info = aya::maps::MapData::from_pin(dir.join(name)).and_then(|d| d.info()).expect("pinned");
+        assert_eq!(info.max_entries(), default, "{name}");
+    }
+    let log = plain(&c.lab.agent_log(&c.nodes[0]));
+    assert!(
+        log.contains(&format!(
+            "conntrack table: {default} entries, two per flow for max(131072, 32768 × {cpus} online CPUs)"
+        )),
+        "the first start's default:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("the pinned one keeps its {default} entries (4096 asked for)")),
+        "the restart says the table kept its size:\n{log}"
+    );
+    assert!(!log.contains("made anew for --ipv6's capacity"), "no lb6 map made anew:\n{log}");
 }
 
 #[test]

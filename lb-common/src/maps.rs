@@ -900,6 +900,20 @@ mod tests {
         assert_eq!(key.proto, 6);
     }
 
+    /// The default conntrack table holds two entries for each flow kube-proxy has netfilter
+    /// track on a node of that many CPUs: `--conntrack-min` 131,072 up to 4 CPUs, 32,768 per CPU
+    /// above; a count past u32 saturates rather than wrapping to a small table.
+    #[test]
+    fn conntrack_default_follows_kube_proxys_per_cpu_rule() {
+        for (cpus, flows) in
+            [(0, 131_072u64), (1, 131_072), (4, 131_072), (5, 163_840), (16, 524_288), (96, 3_145_728)]
+        {
+            assert_eq!(u64::from(capacity::ct_for_cpus(cpus)), 2 * flows, "{cpus} CPUs");
+        }
+        assert_eq!(capacity::CT, 262_144);
+        assert_eq!(capacity::ct_for_cpus(200_000), u32::MAX);
+    }
+
     #[test]
     fn backend_holds_network_order_bytes() {
         let be = Lb4Backend::new([10, 244, 1, 3], 53, IPPROTO_UDP, BACKEND_STATE_ACTIVE);
@@ -1003,8 +1017,23 @@ pub mod capacity {
     /// take 16.0 million (1,601 slots each), which leaves room for about 480 tables a second to
     /// be republished (a freed table's region waits 1 s before it is written again).
     pub const MAGLEV_SLOTS: u32 = 16_777_216;
-    /// Conntrack entries (two per load-balanced flow).
-    pub const CT: u32 = 524_288;
+    /// Conntrack entries (two per load-balanced flow) by default on a node of one CPU (and up to
+    /// four): [`ct_for_cpus`]`(1)`, 262,144. The agent sizes the table by the node's CPUs.
+    pub const CT: u32 = ct_for_cpus(1);
+    /// The flows kube-proxy has netfilter track at least (`--conntrack-min`).
+    pub const CT_FLOWS_MIN: u32 = 131_072;
+    /// The flows kube-proxy has netfilter track per CPU (`--conntrack-max-per-core`).
+    pub const CT_FLOWS_PER_CPU: u32 = 32_768;
+
+    /// Conntrack entries by default on a node of `cpus` CPUs: two per flow, for as many flows as
+    /// kube-proxy sets `nf_conntrack_max` to on that node, max(131,072, 32,768 × CPUs), so that
+    /// the node tracks as many Service flows as it did under kube-proxy (262,144 entries up to 4
+    /// CPUs, 1,048,576 at 16).
+    pub const fn ct_for_cpus(cpus: u32) -> u32 {
+        let per_cpu = CT_FLOWS_PER_CPU.saturating_mul(cpus);
+        let flows = if per_cpu > CT_FLOWS_MIN { per_cpu } else { CT_FLOWS_MIN };
+        flows.saturating_mul(2)
+    }
     /// ClientIP session affinity entries (client, frontend).
     pub const AFFINITY: u32 = 65_536;
     /// (frontend, backend) memberships, those of Services gone but with live flows included.

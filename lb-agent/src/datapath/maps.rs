@@ -341,6 +341,12 @@ impl Maps {
             .map_err(map_err(MAP_LB_EVENTS))
     }
 
+    /// The entries `LB4_CT` holds: a pinned table an earlier agent made keeps its size, whatever
+    /// this agent was asked for.
+    pub fn ct_capacity(&self) -> Result<u32, DatapathError> {
+        Ok(self.ct.map().info().map_err(map_err(MAP_LB4_CT))?.max_entries())
+    }
+
     /// Turns the datapath's flow events (for `lbctl monitor`) on or off.
     pub fn set_flow_events(&mut self, on: bool) -> Result<(), DatapathError> {
         self.monitor.set(0, u32::from(on), 0).map_err(map_err(MAP_LB_MONITOR))

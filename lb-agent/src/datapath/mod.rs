@@ -692,12 +692,11 @@ impl Datapath {
         // another size is made anew (the counts start again), since the loader would reuse it as
         // it is, and the new counters would count nowhere.
         let counters_pin = dir.join(lb_common::MAP_LB_COUNTERS);
-        let counters_size = aya::maps::MapData::from_pin(&counters_pin).ok().and_then(|d| d.info().ok());
-        if counters_size.is_some_and(|i| i.max_entries() != lb_common::counters::COUNT) {
+        if pinned_entries(&counters_pin).is_some_and(|n| n != lb_common::counters::COUNT) {
             tracing::info!("the pinned counters have another size: made anew, counting from zero");
             let _ = std::fs::remove_file(&counters_pin);
         }
-        let caps6 = Caps6::of(cfg);
+        let caps6 = Caps6::of(cfg, &dir);
         caps6.drop_other_sizes(&dir);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
@@ -1487,6 +1486,11 @@ impl Datapath {
     }
 }
 
+/// The capacity of the map pinned at `pin`, if one is.
+fn pinned_entries(pin: &std::path::Path) -> Option<u32> {
+    aya::maps::MapData::from_pin(pin).ok().and_then(|d| d.info().ok()).map(|i| i.max_entries())
+}
+
 /// The capacities of the lb6 maps: the IPv4 maps' with `--ipv6` on, one entry each with it off
 /// (no IPv6 frontend is written then, and an LRU or preallocated hash costs its capacity in
 /// kernel memory whether used or not).
@@ -1502,15 +1506,19 @@ struct Caps6 {
 }
 
 impl Caps6 {
-    fn of(cfg: &Config) -> Self {
+    /// With `--ipv6` on, the IPv4 maps' sizes as they will be under `dir`: a pinned map is reused
+    /// with the size it was made with (by an earlier agent's flags or defaults: `--ct-entries`'
+    /// follows the node's CPUs), and the lb6 maps follow it, so they are kept too, flows and all.
+    fn of(cfg: &Config, dir: &std::path::Path) -> Self {
         if cfg.ipv6 {
             let c = &cfg.caps;
+            let v4 = |name: &str, asked: u32| pinned_entries(&dir.join(name)).unwrap_or(asked);
             Self {
-                services: c.services,
-                backends: c.backends,
-                ct: c.ct,
-                affinity: c.affinity,
-                members: c.members,
+                services: v4(MAP_LB4_SERVICES, c.services),
+                backends: v4(MAP_LB4_BACKENDS, c.backends),
+                ct: v4(MAP_LB4_CT, c.ct),
+                affinity: v4(MAP_LB4_AFFINITY, c.affinity),
+                members: v4(MAP_LB4_MEMBERS, c.members),
                 frags: lb_common::capacity::FRAGS,
                 sock_rev: lb_common::capacity::SOCK_REV,
                 sock_fwd: lb_common::capacity::SOCK_FWD,
@@ -1548,14 +1556,8 @@ impl Caps6 {
         ];
         for (name, n) in want {
             let pin = dir.join(name);
-            let pinned = aya::maps::MapData::from_pin(&pin).ok().and_then(|d| d.info().ok());
-            if let Some(info) = pinned.filter(|i| i.max_entries() != n) {
-                tracing::info!(
-                    map = name,
-                    pinned = info.max_entries(),
-                    now = n,
-                    "made anew for --ipv6's capacity"
-                );
+            if let Some(pinned) = pinned_entries(&pin).filter(|p| *p != n) {
+                tracing::info!(map = name, pinned, now = n, "made anew for --ipv6's capacity");
                 let _ = std::fs::remove_file(&pin);
             }
         }
