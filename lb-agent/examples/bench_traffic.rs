@@ -7,6 +7,9 @@
 //! with 3 endpoints, and comes last in every chain. Contenders, each in a fresh lab:
 //!
 //! - `direct`: the client connects to a backend's address (no load balancer: the floor);
+//! - `tc-noop`: the same connections with a TC program that does nothing (lb-ebpf's no-op) where
+//!   lb's forward and reply programs go, ingress and egress of every pod's host-side interface:
+//!   the floor of any TC datapath at those hooks, which `lb-tc` and `lb-sock-all` cannot beat;
 //! - `lb-tc`, `lb-xdp`: lb-agent (release build) in standalone mode, TC or XDP forward path;
 //! - `lb-sock-all`: lb-agent in TC mode with `--socket-lb all`, its socket programs attached to a
 //!   child cgroup of a cgroup v2 hierarchy mounted for the run, where wrk runs: connections are
@@ -55,8 +58,9 @@ use clap::Parser;
 use kube_proxy::ServicePort;
 use lb_agent::datapath::Mode;
 use lb_testkit::{
-    lab::{http_get, wait_until, Lab, Node, Pod},
+    lab::{http_get, in_netns, wait_until, Lab, Node, Pod},
     sockets::Cgroup2,
+    NOOP_OBJECT,
 };
 use traffic::{
     figure_row, netns_cmd, ratio, run_with_input, start_nginx, sysctl, wrk_in, Load, Measured, Nginx,
@@ -102,6 +106,7 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Contender {
     Direct,
+    TcNoop,
     LbTc,
     LbXdp,
     IptablesNft,
@@ -116,8 +121,9 @@ enum Contender {
 }
 
 impl Contender {
-    const ALL: [Contender; 12] = [
+    const ALL: [Contender; 13] = [
         Contender::Direct,
+        Contender::TcNoop,
         Contender::LbTc,
         Contender::LbXdp,
         Contender::LbSockAll,
@@ -171,6 +177,7 @@ impl Contender {
     fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::TcNoop => "tc-noop",
             Contender::LbTc => "lb-tc",
             Contender::LbXdp => "lb-xdp",
             Contender::IptablesNft => "iptables-nft",
@@ -198,6 +205,8 @@ struct Bed {
     lab: Lab,
     /// Where wrk runs, for `lb-sock-all` (after the lab: its links go with the lab's pins).
     cgroup: Option<Cgroup2>,
+    /// `tc-noop`'s programs, detached when dropped.
+    noop: Option<aya::Ebpf>,
 }
 
 /// A bed; `dual_stack`: its pods have IPv6 addresses too, where nginx listens as well.
@@ -227,7 +236,7 @@ fn bed(tag: &str, from_host: bool, dual_stack: bool) -> anyhow::Result<Bed> {
     let backends =
         (1..=3).map(|i| lab.pod(&node, &format!("be{i}"), i, true)).collect::<Result<Vec<_>, _>>()?;
     let nginx = start_nginx(lab.scratch(), &backends)?;
-    Ok(Bed { _nginx: nginx, client, client_ns, backends, node, lab, cgroup: None })
+    Ok(Bed { _nginx: nginx, client, client_ns, backends, node, lab, cgroup: None, noop: None })
 }
 
 /// The iptables-restore of contender `c`'s backend.
@@ -292,6 +301,27 @@ fn start_lb(
     Ok(started.elapsed())
 }
 
+/// `tc-noop`: lb-ebpf's no-op TC program on ingress and egress of every pod's host-side
+/// interface, where lb attaches its forward and reply programs (`--interfaces`), attached as lb
+/// attaches (TCX where the kernel has it).
+fn attach_noop(b: &Bed) -> anyhow::Result<aya::Ebpf> {
+    use aya::programs::{tc, SchedClassifier, TcAttachType};
+    let ifs: Vec<String> = std::iter::once(&b.client).chain(&b.backends).map(|p| p.host_if.clone()).collect();
+    in_netns(&b.node.netns, move || -> anyhow::Result<aya::Ebpf> {
+        let mut ebpf = aya::EbpfLoader::new().load(NOOP_OBJECT).context("loading the no-op programs")?;
+        let prog: &mut SchedClassifier = ebpf.program_mut("noop_tc").context("noop_tc")?.try_into()?;
+        prog.load()?;
+        for i in &ifs {
+            // Only where the kernel lacks TCX (netlink attachment); already there is fine.
+            let _ = tc::qdisc_add_clsact(i);
+            for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+                prog.attach(i, at).with_context(|| format!("attaching the no-op program to {i} ({at:?})"))?;
+            }
+        }
+        Ok(ebpf)
+    })?
+}
+
 /// The IPv6 address standing for the IPv4 address `10.b.c.d` in lb6's Services:
 /// `fd00:10:<b>:<c>::<d>`, `b` written with the digits of its decimal writing (96, 128, 244) as
 /// the lab writes its addresses. A pod's is its address in the dual-stack lab
@@ -350,7 +380,9 @@ fn set_up(
     let backends: Vec<(Ipv4Addr, u16)> = b.backends.iter().map(|p| (p.ip, 80)).collect();
     let services = kube_proxy::services(n.max(1), 3, &backends);
     let vip = services.last().context("no service")?.vip;
-    let direct = matches!(c, Contender::Direct | Contender::HostDirect | Contender::Direct6);
+    // `tc-noop` connects to a backend too: its programs translate nothing.
+    let direct =
+        matches!(c, Contender::Direct | Contender::TcNoop | Contender::HostDirect | Contender::Direct6);
     let target: IpAddr = match (c.ipv6(), direct) {
         (false, true) => backends[0].0.into(),
         (false, false) => vip.into(),
@@ -366,6 +398,10 @@ fn set_up(
     let manifests = || kube_proxy::manifests(&services);
     let took = match c {
         Contender::Direct | Contender::HostDirect | Contender::Direct6 => Duration::ZERO,
+        Contender::TcNoop => {
+            b.noop = Some(attach_noop(&b)?);
+            Duration::ZERO
+        }
         Contender::LbTc => start_lb(&mut b, args, Mode::Tc, &manifests(), n, &[])?,
         Contender::LbXdp => start_lb(&mut b, args, Mode::Xdp, &manifests(), n, &[])?,
         Contender::Lb6 => start_lb(&mut b, args, Mode::Tc, &manifests6(&services)?, n, &["--ipv6", "on"])?,
@@ -528,6 +564,7 @@ fn report(args: &Args, results: &Results, loads: &[String], changes: &[String], 
          3 endpoints per Service, the measured Service last in every chain; {} runs of {} s after a 1 s warm-up; median (min–max). \
          Every contender has a lab of its own, set up at once for each Service count; the runs of a load take the contenders in turn, \
          so drifts of the shared machine hit all alike. `direct` (no load balancer) is measured beside them each time; ratios are to the same Service count's figures. \
+         `tc-noop` is `direct` with a TC program that does nothing on ingress and egress of every pod's host-side interface, where lb's forward and reply programs go: the floor of a TC datapath at those hooks. \
          The `host-*` rows have a process on the node as the client (wrk in the node's namespace): their ratios are to `host-direct` and `host-nftables` (kube-proxy's nat OUTPUT path). \
          The `direct6` and `lb6` rows are over IPv6 in a dual-stack lab (to a backend's IPv6 address; to a single-stack IPv6 ClusterIP through lb-agent in TC mode, `--ipv6 on`), \
          new connections only and at the smallest Service count only, in the same runs as the others: their ratio (÷ direct) is to `direct6`.\n\n",
