@@ -185,8 +185,10 @@ struct Args {
     #[arg(long, default_value_t = maglev::DEFAULT_MAX_TABLE_SIZE)]
     maglev_max_table_size: u32,
     /// Conntrack entries (two per flow). Default: two for each flow kube-proxy would have
-    /// netfilter track on this node, max(131,072, 32,768 × online CPUs) (262,144 entries up to 4
-    /// CPUs).
+    /// netfilter track on this node, max(131,072, 32,768 × online CPUs), at most 524,288
+    /// (262,144 entries up to 4 CPUs). A table already pinned keeps its size, flows and all (and
+    /// a new one beside another layout whose flows it takes over is at least that one's size):
+    /// the size asked for comes with a node started fresh or after `lb-agent --cleanup`.
     #[arg(long)]
     ct_entries: Option<u32>,
     /// ClientIP session affinity entries.
@@ -368,8 +370,8 @@ impl From<Args> for Config {
 }
 
 /// Conntrack and affinity entries the flow sweep reads per tick (250 ms): the default 262,144
-/// conntrack entries of a node of up to 4 CPUs take about 16 s a pass, with one batched read per
-/// tick.
+/// conntrack entries of a node of up to 4 CPUs take about 16 s a pass, the largest default
+/// (524,288) about 32 s, with one batched read per tick.
 const SWEEP_BATCH: u32 = 4096;
 
 #[tokio::main(flavor = "current_thread")]
@@ -439,8 +441,9 @@ async fn main() -> anyhow::Result<()> {
             .len();
         cfg.datapath.caps.ct = capacity::ct_for_cpus(u32::try_from(cpus).unwrap_or(u32::MAX));
         info!(
-            "conntrack table: {} entries, two per flow for max(131072, 32768 × {cpus} online CPUs) flows as kube-proxy's nf_conntrack_max (--ct-entries to change)",
-            cfg.datapath.caps.ct
+            "conntrack table: {} entries, two per flow for max(131072, 32768 × {cpus} online CPUs) flows as kube-proxy's nf_conntrack_max, at most {} (--ct-entries to change)",
+            cfg.datapath.caps.ct,
+            capacity::CT_DEFAULT_MAX
         );
     }
     cfg.datapath.ipv6 = ipv6;
@@ -475,13 +478,18 @@ async fn main() -> anyhow::Result<()> {
     let (mut dp, mut maps) = Datapath::load(&cfg.datapath, cfg.mode).context("loading the datapath")?;
     maps.set_flow_events(cfg.flow_events).context("--flow-events")?;
     // The pinned maps are reused as they are, flows and all: a conntrack table an earlier agent
-    // made keeps its size (`lb-agent --cleanup` lets the next start make it anew).
+    // made keeps its size (see `Datapath::load`).
     let ct = maps.ct_capacity().context("reading the conntrack table's size")?;
     if ct != cfg.datapath.caps.ct {
-        info!(
-            "conntrack table: the pinned one keeps its {ct} entries ({} asked for); it is made anew after lb-agent --cleanup",
+        let what = format!(
+            "conntrack table: the pinned one keeps its {ct} entries, flows and all ({} asked for); a node started fresh or lb-agent --cleanup (which drops every flow) makes it anew",
             cfg.datapath.caps.ct
         );
+        if ct_defaulted {
+            info!("{what}");
+        } else {
+            warn!("{what}");
+        }
         cfg.datapath.caps.ct = ct;
     }
     // Another version's layout (a rolling update, or a rollback) keeps serving until our programs

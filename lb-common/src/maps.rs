@@ -901,17 +901,26 @@ mod tests {
     }
 
     /// The default conntrack table holds two entries for each flow kube-proxy has netfilter
-    /// track on a node of that many CPUs: `--conntrack-min` 131,072 up to 4 CPUs, 32,768 per CPU
-    /// above; a count past u32 saturates rather than wrapping to a small table.
+    /// track on a node of that many CPUs (`--conntrack-min` 131,072 up to 4 CPUs, 32,768 per CPU
+    /// above), up to the cap of 524,288 entries from 8 CPUs on, also where the product would pass
+    /// u32 (no wrap to a small table).
     #[test]
-    fn conntrack_default_follows_kube_proxys_per_cpu_rule() {
-        for (cpus, flows) in
-            [(0, 131_072u64), (1, 131_072), (4, 131_072), (5, 163_840), (16, 524_288), (96, 3_145_728)]
-        {
-            assert_eq!(u64::from(capacity::ct_for_cpus(cpus)), 2 * flows, "{cpus} CPUs");
+    fn conntrack_default_follows_kube_proxys_per_cpu_rule_up_to_its_cap() {
+        for (cpus, entries) in [
+            (0, 262_144),
+            (1, 262_144),
+            (4, 262_144),
+            (5, 327_680),
+            (6, 393_216),
+            (7, 458_752),
+            (8, 524_288),
+            (96, 524_288),
+            (200_000, 524_288),
+            (u32::MAX, 524_288),
+        ] {
+            assert_eq!(capacity::ct_for_cpus(cpus), entries, "{cpus} CPUs");
         }
         assert_eq!(capacity::CT, 262_144);
-        assert_eq!(capacity::ct_for_cpus(200_000), u32::MAX);
     }
 
     #[test]
@@ -1025,14 +1034,25 @@ pub mod capacity {
     /// The flows kube-proxy has netfilter track per CPU (`--conntrack-max-per-core`).
     pub const CT_FLOWS_PER_CPU: u32 = 32_768;
 
+    /// The most conntrack entries the default gives (a node of 8 CPUs or more): Cilium's default
+    /// for TCP flows (`bpf-ct-global-tcp-max`), and lb's fixed default before. The table is
+    /// preallocated, its kernel memory charged to the agent's pod whether used or not, where
+    /// kube-proxy's figure only bounds what netfilter allocates as flows come.
+    pub const CT_DEFAULT_MAX: u32 = 524_288;
+
     /// Conntrack entries by default on a node of `cpus` CPUs: two per flow, for as many flows as
     /// kube-proxy sets `nf_conntrack_max` to on that node, max(131,072, 32,768 × CPUs), so that
-    /// the node tracks as many Service flows as it did under kube-proxy (262,144 entries up to 4
-    /// CPUs, 1,048,576 at 16).
+    /// the node tracks as many Service flows as it did under kube-proxy; at most
+    /// [`CT_DEFAULT_MAX`] (262,144 entries up to 4 CPUs, 393,216 at 6, 524,288 from 8 on).
     pub const fn ct_for_cpus(cpus: u32) -> u32 {
         let per_cpu = CT_FLOWS_PER_CPU.saturating_mul(cpus);
         let flows = if per_cpu > CT_FLOWS_MIN { per_cpu } else { CT_FLOWS_MIN };
-        flows.saturating_mul(2)
+        let entries = flows.saturating_mul(2);
+        if entries < CT_DEFAULT_MAX {
+            entries
+        } else {
+            CT_DEFAULT_MAX
+        }
     }
     /// ClientIP session affinity entries (client, frontend).
     pub const AFFINITY: u32 = 65_536;

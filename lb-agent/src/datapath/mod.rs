@@ -696,7 +696,14 @@ impl Datapath {
             tracing::info!("the pinned counters have another size: made anew, counting from zero");
             let _ = std::fs::remove_file(&counters_pin);
         }
-        let caps6 = Caps6::of(cfg, &dir);
+        // A pinned conntrack table is reused, flows and all, at the size it was made with (an
+        // earlier agent's default or `--ct-entries`); one made beside another layout whose flows
+        // it takes over is at least that layout's size, so that every flow carried fits.
+        let mut caps = cfg.caps;
+        let source_ct = || migrate::source(&others).and_then(|l| pinned_entries(&l.dir.join(MAP_LB4_CT)));
+        caps.ct = pinned_entries(&dir.join(MAP_LB4_CT))
+            .unwrap_or_else(|| source_ct().map_or(caps.ct, |n| n.max(caps.ct)));
+        let caps6 = Caps6::of(cfg.ipv6, &caps);
         caps6.drop_other_sizes(&dir);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
@@ -711,7 +718,7 @@ impl Datapath {
             .map_max_entries(MAP_LB4_FE_META, cfg.caps.services)
             .map_max_entries(MAP_LB4_BACKENDS, cfg.caps.backends)
             .map_max_entries(MAP_LB4_MAGLEV, cfg.caps.maglev_slots.div_ceil(2))
-            .map_max_entries(MAP_LB4_CT, cfg.caps.ct)
+            .map_max_entries(MAP_LB4_CT, caps.ct)
             .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
             .map_max_entries(MAP_LB4_MEMBERS, cfg.caps.members)
             .map_max_entries(lb_common::MAP_LB6_SERVICES, caps6.services)
@@ -1506,19 +1513,14 @@ struct Caps6 {
 }
 
 impl Caps6 {
-    /// With `--ipv6` on, the IPv4 maps' sizes as they will be under `dir`: a pinned map is reused
-    /// with the size it was made with (by an earlier agent's flags or defaults: `--ct-entries`'
-    /// follows the node's CPUs), and the lb6 maps follow it, so they are kept too, flows and all.
-    fn of(cfg: &Config, dir: &std::path::Path) -> Self {
-        if cfg.ipv6 {
-            let c = &cfg.caps;
-            let v4 = |name: &str, asked: u32| pinned_entries(&dir.join(name)).unwrap_or(asked);
+    fn of(ipv6: bool, c: &Capacities) -> Self {
+        if ipv6 {
             Self {
-                services: v4(MAP_LB4_SERVICES, c.services),
-                backends: v4(MAP_LB4_BACKENDS, c.backends),
-                ct: v4(MAP_LB4_CT, c.ct),
-                affinity: v4(MAP_LB4_AFFINITY, c.affinity),
-                members: v4(MAP_LB4_MEMBERS, c.members),
+                services: c.services,
+                backends: c.backends,
+                ct: c.ct,
+                affinity: c.affinity,
+                members: c.members,
                 frags: lb_common::capacity::FRAGS,
                 sock_rev: lb_common::capacity::SOCK_REV,
                 sock_fwd: lb_common::capacity::SOCK_FWD,
@@ -1539,9 +1541,11 @@ impl Caps6 {
         }
     }
 
-    /// Removes the pins of lb6 maps of another capacity under `dir` (`--ipv6` changed since they
-    /// were made): the loader would reuse them as they are, so they are made anew (IPv6 state of
-    /// the earlier setting is dropped with them).
+    /// Removes the pins of lb6 maps under `dir` made under the other `--ipv6` setting (one entry
+    /// each with it off, full size with it on): the loader would reuse them as they are, so they
+    /// are made anew (IPv6 state of the earlier setting is dropped with them). A pinned lb6 map of
+    /// another full size (an earlier agent's capacities or defaults) is kept, flows and all, as
+    /// the IPv4 maps are.
     fn drop_other_sizes(&self, dir: &std::path::Path) {
         let want = [
             (lb_common::MAP_LB6_SERVICES, self.services),
@@ -1556,7 +1560,7 @@ impl Caps6 {
         ];
         for (name, n) in want {
             let pin = dir.join(name);
-            if let Some(pinned) = pinned_entries(&pin).filter(|p| *p != n) {
+            if let Some(pinned) = pinned_entries(&pin).filter(|p| (*p == 1) != (n == 1)) {
                 tracing::info!(map = name, pinned, now = n, "made anew for --ipv6's capacity");
                 let _ = std::fs::remove_file(&pin);
             }
