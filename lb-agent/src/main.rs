@@ -434,17 +434,21 @@ async fn main() -> anyhow::Result<()> {
     let ct_defaulted = args.ct_entries.is_none();
     let mut cfg = Config::from(args);
     if ct_defaulted {
-        let cpus = aya::util::online_cpus()
-            .map_err(|(path, e)| {
-                anyhow::anyhow!("reading {path} to size the conntrack table: {e} (or give --ct-entries)")
-            })?
-            .len();
-        cfg.datapath.caps.ct = capacity::ct_for_cpus(u32::try_from(cpus).unwrap_or(u32::MAX));
-        info!(
+        match aya::util::online_cpus() {
+            Ok(cpus) => {
+                let cpus = cpus.len();
+                cfg.datapath.caps.ct = capacity::ct_for_cpus(u32::try_from(cpus).unwrap_or(u32::MAX));
+                info!(
             "conntrack table: {} entries, two per flow for max(131072, 32768 × {cpus} online CPUs) flows as kube-proxy's nf_conntrack_max, at most {} (--ct-entries to change)",
-            cfg.datapath.caps.ct,
-            capacity::CT_DEFAULT_MAX
-        );
+                    cfg.datapath.caps.ct,
+                    capacity::CT_DEFAULT_MAX
+                );
+            }
+            Err((path, e)) => warn!(
+                "conntrack table: {} entries, the default of a node of up to 4 CPUs: reading {path} for this node's CPUs: {e} (--ct-entries to change)",
+                cfg.datapath.caps.ct
+            ),
+        }
     }
     cfg.datapath.ipv6 = ipv6;
     cfg.model.ipv6 = ipv6;
@@ -482,7 +486,7 @@ async fn main() -> anyhow::Result<()> {
     let ct = maps.ct_capacity().context("reading the conntrack table's size")?;
     if ct != cfg.datapath.caps.ct {
         let what = format!(
-            "conntrack table: the pinned one keeps its {ct} entries, flows and all ({} asked for); a node started fresh or lb-agent --cleanup (which drops every flow) makes it anew",
+            "conntrack table: {ct} entries ({} asked for): a pinned table keeps its size, flows and all, and one that takes over another layout's flows is at least that one's size; a node started fresh or lb-agent --cleanup (which drops every flow) makes it anew",
             cfg.datapath.caps.ct
         );
         if ct_defaulted {

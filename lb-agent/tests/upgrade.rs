@@ -121,6 +121,11 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
     let ours = format!("v{PIN_LAYOUT_VERSION}");
     let theirs = format!("v{}", PIN_LAYOUT_VERSION - 1);
     assert_eq!(layouts(&n1), [theirs.as_str()], "the previous agent pins its own layout");
+    let ct_size = |dir: std::path::PathBuf| {
+        let pin = dir.join(lb_common::MAP_LB4_CT);
+        aya::maps::MapData::from_pin(&pin).and_then(|d| d.info()).map(|i| i.max_entries()).expect("LB4_CT")
+    };
+    let theirs_ct = ct_size(n1.pin_dir.join(&theirs));
     let traffic = Traffic::start(&c.client1);
     // Long enough for the carried flows to be a whole second older than the new agent.
     std::thread::sleep(Duration::from_millis(1_100));
@@ -138,6 +143,9 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
         "{log}"
     );
     assert_eq!(layouts(&n1), [ours.as_str()], "the previous layout is removed");
+    // The table the flows were carried into holds at least as many as the one they left.
+    let cpus = u32::try_from(aya::util::online_cpus().expect("online CPUs").len()).expect("CPUs");
+    assert_eq!(ct_size(layout_dir(&n1.pin_dir)), theirs_ct.max(lb_common::capacity::ct_for_cpus(cpus)));
     assert_attached_once(&c, &n1, "after the upgrade");
     assert_eq!(takeovers(&n1, &theirs, "carried"), Some(1));
     // The flows were carried, not picked up again: the long-lived connection's entry is older

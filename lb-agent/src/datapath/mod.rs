@@ -699,11 +699,12 @@ impl Datapath {
         // A pinned conntrack table is reused, flows and all, at the size it was made with (an
         // earlier agent's default or `--ct-entries`); one made beside another layout whose flows
         // it takes over is at least that layout's size, so that every flow carried fits.
-        let mut caps = cfg.caps;
         let source_ct = || migrate::source(&others).and_then(|l| pinned_entries(&l.dir.join(MAP_LB4_CT)));
-        caps.ct = pinned_entries(&dir.join(MAP_LB4_CT))
-            .unwrap_or_else(|| source_ct().map_or(caps.ct, |n| n.max(caps.ct)));
-        let caps6 = Caps6::of(cfg.ipv6, &caps);
+        let ct = pinned_entries(&dir.join(MAP_LB4_CT))
+            .unwrap_or_else(|| source_ct().map_or(cfg.caps.ct, |n| n.max(cfg.caps.ct)));
+        // The lb6 maps at the sizes asked for: a pinned one is kept at its own (see
+        // `drop_other_sizes`), and no other layout's IPv6 flows are carried.
+        let caps6 = Caps6::of(cfg.ipv6, &cfg.caps);
         caps6.drop_other_sizes(&dir);
         let kernel = probe::Kernel::probe();
         let ktime_coarse = u32::from(kernel.ktime_coarse);
@@ -718,7 +719,7 @@ impl Datapath {
             .map_max_entries(MAP_LB4_FE_META, cfg.caps.services)
             .map_max_entries(MAP_LB4_BACKENDS, cfg.caps.backends)
             .map_max_entries(MAP_LB4_MAGLEV, cfg.caps.maglev_slots.div_ceil(2))
-            .map_max_entries(MAP_LB4_CT, caps.ct)
+            .map_max_entries(MAP_LB4_CT, ct)
             .map_max_entries(MAP_LB4_AFFINITY, cfg.caps.affinity)
             .map_max_entries(MAP_LB4_MEMBERS, cfg.caps.members)
             .map_max_entries(lb_common::MAP_LB6_SERVICES, caps6.services)
