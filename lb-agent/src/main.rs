@@ -374,6 +374,29 @@ impl From<Args> for Config {
 /// (524,288) about 32 s, with one batched read per tick.
 const SWEEP_BATCH: u32 = 4096;
 
+/// `--ct-entries`' default on this node ([`capacity::ct_for_cpus`] of its online CPUs), said in
+/// the log; the default of a node of up to 4 CPUs if they cannot be read.
+fn default_ct_entries() -> u32 {
+    match aya::util::online_cpus() {
+        Ok(cpus) => {
+            let n = capacity::ct_for_cpus(u32::try_from(cpus.len()).unwrap_or(u32::MAX));
+            info!(
+                "conntrack table: {n} entries, two per flow for max(131072, 32768 × {} online CPUs) flows as kube-proxy's nf_conntrack_max, at most {} (--ct-entries to change)",
+                cpus.len(),
+                capacity::CT_DEFAULT_MAX
+            );
+            n
+        }
+        Err((path, e)) => {
+            warn!(
+                "conntrack table: {} entries, the default of a node of up to 4 CPUs: reading {path} for this node's CPUs: {e} (--ct-entries to change)",
+                capacity::CT
+            );
+            capacity::CT
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let matches = <Args as clap::CommandFactory>::command().get_matches();
@@ -434,21 +457,7 @@ async fn main() -> anyhow::Result<()> {
     let ct_defaulted = args.ct_entries.is_none();
     let mut cfg = Config::from(args);
     if ct_defaulted {
-        match aya::util::online_cpus() {
-            Ok(cpus) => {
-                let cpus = cpus.len();
-                cfg.datapath.caps.ct = capacity::ct_for_cpus(u32::try_from(cpus).unwrap_or(u32::MAX));
-                info!(
-            "conntrack table: {} entries, two per flow for max(131072, 32768 × {cpus} online CPUs) flows as kube-proxy's nf_conntrack_max, at most {} (--ct-entries to change)",
-                    cfg.datapath.caps.ct,
-                    capacity::CT_DEFAULT_MAX
-                );
-            }
-            Err((path, e)) => warn!(
-                "conntrack table: {} entries, the default of a node of up to 4 CPUs: reading {path} for this node's CPUs: {e} (--ct-entries to change)",
-                cfg.datapath.caps.ct
-            ),
-        }
+        cfg.datapath.caps.ct = default_ct_entries();
     }
     cfg.datapath.ipv6 = ipv6;
     cfg.model.ipv6 = ipv6;

@@ -12,7 +12,9 @@ use std::{
 
 use lb_agent::datapath::{layout_dir, Mode};
 use lb_testkit::lab::{http_get, tcp_asks, Pod};
-use support::{assert_clean, assert_clean_udp_kept, endpoint, who, Cluster, Traffic, VIP};
+use support::{
+    assert_clean, assert_clean_udp_kept, default_ct_entries, endpoint, pinned_map, who, Cluster, Traffic, VIP,
+};
 
 fn all_ready(c: &[Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
@@ -56,13 +58,12 @@ fn a_restart_asking_another_conntrack_size_keeps_the_pinned_tables() {
     let mut c = Cluster::new("ctsize", Mode::Tc, true, all_ready, &["--ipv6", "on"]);
     c.wait_reachable(&c.client1, 80);
     let n1 = c.nodes[0].clone();
-    let cpus = aya::util::online_cpus().expect("online CPUs").len();
-    let default = lb_common::capacity::ct_for_cpus(u32::try_from(cpus).expect("CPUs"));
+    let (cpus, default) = default_ct_entries();
     let dir = layout_dir(&n1.pin_dir);
     let tables = || {
         [lb_common::MAP_LB4_CT, lb_common::MAP_LB6_CT].map(|name| {
-            let info = aya::maps::MapData::from_pin(dir.join(name)).and_then(|d| d.info()).expect(name);
-            (name, info.id(), info.max_entries())
+            let (id, size) = pinned_map(&dir.join(name));
+            (name, id, size)
         })
     };
     let before = tables();

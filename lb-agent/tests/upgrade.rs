@@ -12,7 +12,10 @@ use std::{path::PathBuf, time::Duration};
 use lb_agent::datapath::{layout_dir, Maps, Mode, PROG_TC_FORWARD, PROG_TC_REPLY};
 use lb_common::{CT_DIR_FORWARD, PIN_LAYOUT_VERSION};
 use lb_testkit::lab::{wait_until, Node};
-use support::{assert_clean_udp_kept, endpoint, lbctl_interfaces, who, Cluster, Traffic, AGENT};
+use support::{
+    assert_clean_udp_kept, default_ct_entries, endpoint, lbctl_interfaces, pinned_map, who, Cluster, Traffic,
+    AGENT,
+};
 
 fn previous_agent() -> PathBuf {
     let path = std::env::var_os("LB_PREVIOUS_AGENT").map(PathBuf::from).unwrap_or_else(|| {
@@ -121,10 +124,7 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
     let ours = format!("v{PIN_LAYOUT_VERSION}");
     let theirs = format!("v{}", PIN_LAYOUT_VERSION - 1);
     assert_eq!(layouts(&n1), [theirs.as_str()], "the previous agent pins its own layout");
-    let ct_size = |dir: std::path::PathBuf| {
-        let pin = dir.join(lb_common::MAP_LB4_CT);
-        aya::maps::MapData::from_pin(&pin).and_then(|d| d.info()).map(|i| i.max_entries()).expect("LB4_CT")
-    };
+    let ct_size = |dir: std::path::PathBuf| pinned_map(&dir.join(lb_common::MAP_LB4_CT)).1;
     let theirs_ct = ct_size(n1.pin_dir.join(&theirs));
     let traffic = Traffic::start(&c.client1);
     // Long enough for the carried flows to be a whole second older than the new agent.
@@ -144,8 +144,7 @@ fn upgrade_and_rollback(mode: Mode, tag: &str) {
     );
     assert_eq!(layouts(&n1), [ours.as_str()], "the previous layout is removed");
     // The table the flows were carried into holds at least as many as the one they left.
-    let cpus = u32::try_from(aya::util::online_cpus().expect("online CPUs").len()).expect("CPUs");
-    assert_eq!(ct_size(layout_dir(&n1.pin_dir)), theirs_ct.max(lb_common::capacity::ct_for_cpus(cpus)));
+    assert_eq!(ct_size(layout_dir(&n1.pin_dir)), theirs_ct.max(default_ct_entries().1));
     assert_attached_once(&c, &n1, "after the upgrade");
     assert_eq!(takeovers(&n1, &theirs, "carried"), Some(1));
     // The flows were carried, not picked up again: the long-lived connection's entry is older

@@ -575,6 +575,22 @@ pub fn assert_clean(o: &Outcome, what: &str) {
     assert_kept(&o.long_lived_answers, what, "long-lived connection");
 }
 
+/// This machine's online CPUs and the conntrack entries the agent takes for them by default.
+#[allow(dead_code)]
+pub fn default_ct_entries() -> (u32, u32) {
+    let cpus = u32::try_from(aya::util::online_cpus().expect("online CPUs").len()).expect("CPUs");
+    (cpus, lb_common::capacity::ct_for_cpus(cpus))
+}
+
+/// The map pinned at `pin`: its id and capacity.
+#[allow(dead_code)]
+pub fn pinned_map(pin: &Path) -> (u32, u32) {
+    let info = aya::maps::MapData::from_pin(pin)
+        .and_then(|d| d.info())
+        .unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    (info.id(), info.max_entries())
+}
+
 /// As [`assert_clean`], and the UDP flow kept its backend too (nothing removed its endpoint).
 pub fn assert_clean_udp_kept(o: &Outcome, what: &str) {
     assert_clean(o, what);
