@@ -217,6 +217,12 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agent's start-up step: the programs' port filter knows the rows' ports and is armed.
+fn arm_port_filter(maps: &mut Maps) -> anyhow::Result<()> {
+    let (services, backends) = (maps.read_services()?, maps.read_backends()?);
+    Ok(maps.note_ports(&services, &backends)?)
+}
+
 /// Adds filler services until the map holds `total` (sharing A's table; never matched).
 fn fill_services(maps: &mut Maps, total: u32) -> anyhow::Result<()> {
     let a = maps.services.get(&Lb4ServiceKey::new(A.octets(), 80, 6), 0)?;
@@ -300,9 +306,11 @@ fn main() -> anyhow::Result<()> {
     let (dp, mut maps) = Datapath::load(&config(&base.join("est"), 3600, ct_fill), Mode::Xdp)?;
     fill_conntrack(&mut maps, ct_fill)?;
     ping_pong(&mut maps)?;
+    arm_port_filter(&mut maps)?;
     let (dp_new, mut maps_new) = Datapath::load(&config(&base.join("new"), 0, ct_fill), Mode::Xdp)?;
     fill_conntrack(&mut maps_new, ct_fill)?;
     ping_pong(&mut maps_new)?;
+    arm_port_filter(&mut maps_new)?;
     // Reply entries that alternate: X → C becomes A → C, and A → C becomes X → C.
     let x = (Ipv4Addr::new(10, 244, 2, 4), 8080u16);
     let c = (CLIENT, 40_000u16);

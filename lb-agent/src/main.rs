@@ -509,9 +509,13 @@ async fn main() -> anyhow::Result<()> {
     // take over its links; what of its state we can read comes first.
     let carried = take_over_state(&mut dp, &mut maps)?;
     let caps = cfg.datapath.caps;
+    let (services, backends) = (maps.read_services()?, maps.read_backends()?);
+    // Before our programs are attached: their port filter, off since the load, knows every port
+    // these rows and the flows have, and is armed.
+    maps.note_ports(&services, &backends)?;
     let restored = Restored {
-        services: maps.read_services()?,
-        backends: maps.read_backends()?,
+        services,
+        backends,
         members: maps.read_members()?,
         src_ranges: maps.read_src_ranges()?,
         meta: Box::new(|id| maps.read_meta(id)),

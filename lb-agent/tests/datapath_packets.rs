@@ -1432,6 +1432,112 @@ fn new_flows_are_held_back_during_a_take_over() {
     assert_eq!(dp.held_packets(), held.len() as u64);
 }
 
+/// The set bits of `LB_PORTS`' bitmap beginning at `set`: the ports (host order) it holds.
+fn ports_in(words: &aya::maps::Array<aya::maps::MapData, u64>, set: u32) -> Vec<u16> {
+    let mut out: Vec<u16> = (0..=u16::MAX)
+        .filter(|p| {
+            let (word, bit) = lb_common::port_bit(set, p.to_be());
+            words.get(&word, 0).expect("LB_PORTS word") & bit != 0
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Rule: once armed, the programs look a packet up only when its port is one a row has: the
+/// forward program a destination port of a frontend (the hairpin address's replies still go
+/// through), the reply program a source port of a backend. The agent sets a port's bit when it
+/// writes the row, so every row it wrote is covered, and nothing else; a load disarms the filter
+/// (every port looked up) until the agent's start-up has noted the rows it found and armed it. A
+/// port left out of the armed bitmap (as an agent without it would leave one) passes its packets
+/// untouched, so the agent's bits are what make the flows work: tested both ways on the same
+/// flows, and with the filter disarmed.
+#[test]
+fn packets_are_looked_up_only_on_ports_a_frontend_or_backend_has() {
+    let (pins, dp, mut maps) = load("ports", Mode::Tc);
+    let pin = lb_agent::datapath::layout_dir(pins.path()).join(lb_common::MAP_LB_PORTS);
+    let data = aya::maps::MapData::from_pin(&pin).expect("LB_PORTS pinned");
+    let mut words: aya::maps::Array<_, u64> =
+        aya::maps::Map::from_map_data(data).expect("map").try_into().expect("an array of u64");
+    let armed = lb_common::PORTS_ARMED;
+    assert_eq!(words.get(&armed, 0).expect("armed word"), 0, "disarmed by the load");
+    // Every port of `program_state`'s rows, and no other.
+    assert_eq!(ports_in(&words, lb_common::PORTS_FRONTEND), [53, 80], "frontend ports");
+    assert_eq!(ports_in(&words, lb_common::PORTS_BACKEND), [80, 5353, 8080], "backend ports");
+    let (services, backends) =
+        (maps.read_services().expect("services"), maps.read_backends().expect("backends"));
+    maps.note_ports(&services, &backends).expect("the agent's start-up step");
+    assert_eq!(words.get(&armed, 0).expect("armed word"), 1, "armed by the start-up");
+
+    fn set_bit(words: &mut aya::maps::Array<aya::maps::MapData, u64>, set: u32, port: u16, on: bool) {
+        let (word, bit) = lb_common::port_bit(set, port.to_be());
+        let w = words.get(&word, 0).expect("word");
+        words.set(word, if on { w | bit } else { w & !bit }, 0).expect("write LB_PORTS");
+    }
+    let client = (CLIENT, 41_100);
+    let (v, out) = run(&dp, Prog::TcForward, &Pkt::new(client, (VIP, 80), SYN).bytes());
+    let backend = check_packet(&out).dst;
+    assert_eq!((v, backend.1), (TC_OK, 8080), "a new flow");
+    let reply = Pkt::new(backend, client, SYN_ACK).bytes();
+    let ack = Pkt::new(client, (VIP, 80), ACK).bytes();
+    let hairpin_syn = Pkt::new((CLIENT, 41_101), (VIP_SELF, 80), SYN).bytes();
+    let (v, _) = run(&dp, Prog::TcForward, &hairpin_syn);
+    assert_eq!(v, TC_REDIRECT, "a hairpinned flow");
+    let hairpin_reply = Pkt::new((CLIENT, 8080), (HAIRPIN, 41_101), SYN_ACK).bytes();
+    // A reply entry of a flow whose backend left (made here on a port no row has): a start-up
+    // notes its port too.
+    let gone = (Ipv4Addr::new(10, 244, 1, 77), 7777u16);
+    let mut entry = maps
+        .ct
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(k, _)| k.dir == lb_common::CT_DIR_REPLY)
+        .expect("a reply entry");
+    entry.0.saddr = u32::from_ne_bytes(gone.0.octets());
+    entry.0.sport = gone.1.to_be();
+    maps.ct.insert(entry.0, entry.1, 0).expect("a reply entry on a port no row has");
+    maps.note_ports(&[], &[]).expect("start-up step");
+    assert_eq!(ports_in(&words, lb_common::PORTS_BACKEND), [80, 5353, 7777, 8080], "a flow's reply port");
+    let passed = |maps: &Maps, before: &[u64], counter: u32| {
+        maps.read_counters().expect("counters")[counter as usize] - before[counter as usize]
+    };
+
+    // Translated while the ports are in.
+    let (v, out) = run(&dp, Prog::TcReply, &reply);
+    assert_eq!((v, check_packet(&out).src), (TC_OK, (VIP, 80)), "the reply, its port in");
+    let (v, out) = run(&dp, Prog::TcForward, &ack);
+    assert_eq!((v, check_packet(&out).dst), (TC_OK, backend), "the next packet, its port in");
+
+    // Out of the bitmap: passed untouched, counted as no flow's, the flows kept.
+    set_bit(&mut words, lb_common::PORTS_BACKEND, 8080, false);
+    set_bit(&mut words, lb_common::PORTS_FRONTEND, 80, false);
+    let before = maps.read_counters().expect("counters");
+    assert_eq!(run(&dp, Prog::TcReply, &reply), (TC_OK, reply.clone()), "the reply, its port out");
+    assert_eq!(passed(&maps, &before, c::PASS_NO_REPLY_CT), 1);
+    assert_eq!(run(&dp, Prog::TcForward, &ack), (TC_OK, ack.clone()), "the next packet, its port out");
+    assert_eq!(passed(&maps, &before, c::PASS_NON_VIP), 1);
+    // The hairpin address's replies are to a client's port: looked up whatever the bitmap says.
+    let (v, out) = run(&dp, Prog::TcForward, &hairpin_reply);
+    let seen = check_packet(&out);
+    assert_eq!((v, seen.src, seen.dst), (TC_REDIRECT, (VIP_SELF, 80), (CLIENT, 41_101)), "hairpin reply");
+
+    // Disarmed (an agent loading), the same packets are looked up whatever the bitmap says.
+    words.set(armed, 0, 0).expect("disarm");
+    let (v, out) = run(&dp, Prog::TcReply, &reply);
+    assert_eq!((v, check_packet(&out).src), (TC_OK, (VIP, 80)), "the reply, disarmed");
+    let (v, out) = run(&dp, Prog::TcForward, &ack);
+    assert_eq!((v, check_packet(&out).dst), (TC_OK, backend), "the next packet, disarmed");
+    words.set(armed, 1, 0).expect("arm");
+
+    // Back in: the same flows are translated again.
+    set_bit(&mut words, lb_common::PORTS_BACKEND, 8080, true);
+    set_bit(&mut words, lb_common::PORTS_FRONTEND, 80, true);
+    let (v, out) = run(&dp, Prog::TcReply, &reply);
+    assert_eq!((v, check_packet(&out).src), (TC_OK, (VIP, 80)), "the reply, its port back");
+    let (v, out) = run(&dp, Prog::TcForward, &ack);
+    assert_eq!((v, check_packet(&out).dst), (TC_OK, backend), "the next packet, its port back");
+}
+
 /// Rule: a received packet's sum (`CHECKSUM_COMPLETE`) still matches the packet after every TC
 /// rewrite: DNAT with and without a port change, a conntrack hit, the reply, a non-first
 /// fragment, a hairpin bounce and a reject of the packet's own length (a reject that changes the

@@ -20,13 +20,14 @@ fn all_ready(c: &[Pod; 3]) -> String {
     who("", &c.iter().map(|p| endpoint(p, "ready: true")).collect::<Vec<_>>())
 }
 
-fn restart_with(signal: i32, tag: &str) {
+fn restart_with(signal: i32, tag: &str, while_away: impl FnOnce(&Path)) {
     let mut c = Cluster::new(tag, Mode::Tc, true, all_ready, &[]);
     c.wait_reachable(&c.client1, 80);
     let traffic = Traffic::start(&c.client1);
     std::thread::sleep(Duration::from_millis(300));
     let n1 = c.nodes[0].clone();
     c.lab.stop_agent(&n1, signal);
+    while_away(&n1.pin_dir);
     // The agent is away: the pinned datapath keeps serving, new connections included.
     std::thread::sleep(Duration::from_millis(700));
     c.lab.restart_agent(&n1).expect("restart");
@@ -41,12 +42,24 @@ fn restart_with(signal: i32, tag: &str) {
 
 #[test]
 fn sigkill_and_restart_lose_no_connection() {
-    restart_with(libc::SIGKILL, "kill");
+    restart_with(libc::SIGKILL, "kill", |_| ());
 }
 
 #[test]
 fn sigterm_and_restart_lose_no_connection() {
-    restart_with(libc::SIGTERM, "term");
+    restart_with(libc::SIGTERM, "term", |_| ());
+}
+
+/// Rule: an agent that finds no `LB_PORTS` pinned (an agent before the port filter served, or
+/// one rolled back to) sets the bits of every frontend and backend the pinned maps hold before
+/// its programs replace the running ones: the flows begun before go on both ways, though the
+/// restart writes no row (nothing changed).
+#[test]
+fn a_restart_over_pins_without_the_port_filter_loses_no_connection() {
+    restart_with(libc::SIGKILL, "noports", |pin_dir| {
+        let pin = layout_dir(pin_dir).join(lb_common::MAP_LB_PORTS);
+        std::fs::remove_file(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    });
 }
 
 /// Rule: the conntrack tables are sized by kube-proxy's rule for this node's online CPUs by

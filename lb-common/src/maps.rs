@@ -185,8 +185,39 @@ pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
 /// they share the node's address). LRU.
 pub const MAP_LB4_SOCK_AFFINITY: &str = "LB4_SOCK_AFFINITY";
 
+/// Pinned: two bitmaps of port numbers (as the maps hold them, network byte order), 64 to a
+/// word: from [`PORTS_FRONTEND`], every port a frontend key of `LB4_SERVICES` or `LB6_SERVICES`
+/// has; from [`PORTS_BACKEND`], every port a backend of `LB4_BACKENDS` or `LB6_BACKENDS` has.
+/// Written by the agent only, a port's bit before the first row that has the port, and never
+/// cleared while the map lives (so a flow's backend port stays in, whatever left the maps since).
+/// Read by the programs before any hash lookup, while [`PORTS_ARMED`] is non-zero: a packet
+/// whose destination port is no frontend's is no new flow to one, one whose source port is no
+/// backend's no reply of a load-balanced flow.
+///
+/// The word at [`PORTS_ARMED`] says the bitmaps hold every port the maps need. A loading agent
+/// clears it before any program of its own can run (the pinned tail-call arrays hand packets to
+/// its programs at once); it sets the bits of every frontend, backend and conntrack reply entry
+/// it finds (rows an agent without `LB_PORTS`, or one rolled back to, wrote) and then sets it.
+/// While it is 0, every port is looked up, as before the filter.
+pub const MAP_LB_PORTS: &str = "LB_PORTS";
+/// The first word of `LB_PORTS`' frontend ports.
+pub const PORTS_FRONTEND: u32 = 0;
+/// The first word of `LB_PORTS`' backend ports.
+pub const PORTS_BACKEND: u32 = 1024;
+/// The `LB_PORTS` word that is non-zero while the bitmaps are complete.
+pub const PORTS_ARMED: u32 = 2048;
+/// Entries (words) of `LB_PORTS`.
+pub const PORTS_WORDS: u32 = 2049;
+
+/// The `LB_PORTS` word that holds `port` in the bitmap beginning at `set` ([`PORTS_FRONTEND`]
+/// or [`PORTS_BACKEND`]), and the port's bit in it.
+#[inline(always)]
+pub const fn port_bit(set: u32, port: u16) -> (u32, u64) {
+    (set + (port >> 6) as u32, 1 << (port & 63))
+}
+
 /// Every map the agent pins, in a fixed order.
-pub const PINNED_MAPS: [&str; 33] = [
+pub const PINNED_MAPS: [&str; 34] = [
     MAP_LB4_SERVICES,
     MAP_LB4_BACKENDS,
     MAP_LB4_MAGLEV,
@@ -220,6 +251,7 @@ pub const PINNED_MAPS: [&str; 33] = [
     crate::maps6::MAP_LB6_SRC_RANGES,
     crate::maps6::MAP_LB6_RANGES_ON,
     crate::maps6::MAP_LB6_IFS,
+    MAP_LB_PORTS,
 ];
 
 /// Names of the load-time settings (global variables) of the datapath.

@@ -15,7 +15,7 @@ use crate::{
     conntrack::{self, Chosen, CreateError, Lookup, Replies, ReplyLookup},
     ctx::{Hop, PacketCtx, RouteKind},
     family::{Address, AffinityKey, Backend, Family, SvcKey},
-    maps::{LB4_MAGLEV, LB_TAKEOVER},
+    maps::{LB4_MAGLEV, LB_PORTS, LB_TAKEOVER},
     monitor,
     nat::IcmpNat,
     parse::{Flow, IcmpError, TCP_RST},
@@ -164,6 +164,16 @@ fn frontend<F: Family>(f: &Flow<F>, origin: Origin) -> Option<Lb4Service> {
     frontend_at::<F>(f.daddr, f.dport, f.proto, origin)
 }
 
+/// Whether `port` (as the maps hold it) may be in `LB_PORTS`' bitmap beginning at `set`: one array
+/// read before any hash lookup, a second where the bit is not set (every port is, while the agent
+/// has not armed the bitmaps). A word that cannot be read counts as all ports.
+#[inline(always)]
+fn port_known(set: u32, port: u16) -> bool {
+    let (word, bit) = lb_common::port_bit(set, port);
+    LB_PORTS.get(word).is_none_or(|w| *w & bit != 0)
+        || LB_PORTS.get(lb_common::PORTS_ARMED).is_none_or(|armed| *armed == 0)
+}
+
 /// The frontend at `addr:port` (network byte order) for `proto`, as `origin` sees them (see
 /// `frontend`).
 #[inline(always)]
@@ -273,7 +283,9 @@ fn new_or_tracked<F: Family, C: PacketCtx, const OUTSIDE: bool>(
     // beside the pod-side one) would otherwise leave the optimiser one body for both origins,
     // whose frame is more than Linux allows (`tests/stack.rs`).
     let origin = if OUTSIDE { Origin::Outside } else { Origin::Pod };
-    let Some(svc) = frontend(f, origin) else {
+    // A destination port no frontend has is no frontend's, at the cost of one array read.
+    let svc = if port_known(lb_common::PORTS_FRONTEND, f.dport) { frontend(f, origin) } else { None };
+    let Some(svc) = svc else {
         if origin == Origin::Pod && f.daddr == F::hairpin_addr() {
             if !C::TC {
                 return Action::Pass(counters::XDP_TO_TC);
@@ -556,6 +568,10 @@ fn hairpin_reply<F: Family>(f: &Flow<F>) -> Action<F> {
 /// local endpoints to clients outside).
 #[inline(always)]
 pub fn reply<F: Family>(f: &Flow<F>, replies: Replies) -> Action<F> {
+    // Replies come from a backend's port: from any other, no lookup.
+    if !port_known(lb_common::PORTS_BACKEND, f.sport) {
+        return Action::Pass(counters::PASS_NO_REPLY_CT);
+    }
     match conntrack::lookup_reply(f, replies, now_ns()) {
         ReplyLookup::Found(r) => Action::Rewrite {
             nat: Nat {

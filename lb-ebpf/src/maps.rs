@@ -32,6 +32,14 @@ use lb_common::{
 pub static LB4_SERVICES: HashMap<Lb4ServiceKey, Lb4Service> =
     HashMap::pinned(capacity::SERVICES, BPF_F_NO_PREALLOC);
 
+/// The ports frontends and backends have (`lb_common::MAP_LB_PORTS`, two bitmaps). Written by
+/// the agent only, a port before its first row, never cleared; read by the pod-side and node-side
+/// programs before their first hash lookup, so that the packets of flows that are not lb's (the
+/// half of a pod's traffic that goes the other way, a node's own) cost one array read. An array:
+/// the verifier inlines its lookups.
+#[map(name = "LB_PORTS")]
+pub static LB_PORTS: Array<u64> = Array::pinned(lb_common::PORTS_WORDS, 0);
+
 /// Backends by id. Written by the agent only; read by the forward programs (new flows, and to
 /// check that a tracked flow's backend still exists). An array: ids are dense and allocated by
 /// the agent, and an array lookup is the cheapest there is.

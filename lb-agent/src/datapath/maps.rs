@@ -16,8 +16,8 @@ use lb_common::{
     Lb6CtEntry, Lb6CtKey, Lb6Member, Lb6ServiceKey, MAP_LB4_AFFINITY, MAP_LB4_BACKENDS, MAP_LB4_CT,
     MAP_LB4_FE_META, MAP_LB4_FRAGS, MAP_LB4_MAGLEV, MAP_LB4_MEMBERS, MAP_LB4_SERVICES, MAP_LB4_SRC_RANGES,
     MAP_LB4_SVC_STATS, MAP_LB6_AFFINITY, MAP_LB6_BACKENDS, MAP_LB6_CT, MAP_LB6_MEMBERS, MAP_LB6_SERVICES,
-    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, MAP_LB_TC_FILTERS,
-    PINNED_MAPS,
+    MAP_LB_COUNTERS, MAP_LB_EVENTS, MAP_LB_FORMATS, MAP_LB_MONITOR, MAP_LB_MON_RATE, MAP_LB_PORTS,
+    MAP_LB_TC_FILTERS, PINNED_MAPS, PORTS_ARMED, PORTS_BACKEND, PORTS_FRONTEND,
 };
 
 use super::{
@@ -46,6 +46,8 @@ pub struct Maps {
     /// The IPv6 maps (`lb_common::maps6`). A reader of pins an agent before them left has none;
     /// an agent's own handles always have them.
     pub v6: Option<Maps6>,
+    /// `LB_PORTS`, with the words it holds (an agent's handles; readers have none).
+    ports: Option<Ports>,
     /// The maps userspace never reads or writes here (the event ring, the monitor's rate buckets,
     /// the fragment map, the formats and SNAT ranges written at load, the socket programs' maps),
     /// kept so that they can be pinned again. Read-only handles leave them closed.
@@ -65,6 +67,36 @@ pub struct Maps6 {
     pub src_ranges: Option<LpmTrie<MapData, lb_common::Lb6SrcRange, u32>>,
     /// `LB6_RANGES_ON`, likewise.
     pub ranges_on: Option<Array<MapData, u32>>,
+}
+
+/// `LB_PORTS` and the bits this handle has seen set: a port's bit is written once, the first time
+/// a row has it (read from the map first: bits set through another handle stay).
+struct Ports {
+    map: Array<MapData, u64>,
+    seen: Vec<u64>,
+}
+
+impl Ports {
+    fn new(map: Array<MapData, u64>) -> Self {
+        Self { map, seen: vec![0; PORTS_ARMED as usize] }
+    }
+
+    /// Sets `port`'s bit in the bitmap beginning at `set`, where it is not yet.
+    fn note(&mut self, set: u32, port: u16) -> Result<(), MapError> {
+        let (word, bit) = lb_common::port_bit(set, port);
+        // In bounds: a set begins at most at 1024, and a port has 1024 words.
+        let seen = &mut self.seen[word as usize];
+        if *seen & bit == 0 {
+            let w = self.map.get(&word, 0)? | bit;
+            self.map.set(word, w, 0)?;
+            *seen = w;
+        }
+        Ok(())
+    }
+
+    fn arm(&mut self, on: bool) -> Result<(), MapError> {
+        self.map.set(PORTS_ARMED, u64::from(on), 0)
+    }
 }
 
 /// The IPv6 maps added after the others: a reader of an earlier agent's pins goes on without
@@ -112,6 +144,10 @@ impl Maps {
     ) -> Result<Self, DatapathError> {
         let mut all = BTreeMap::new();
         for name in PINNED_MAPS {
+            if name == MAP_LB_PORTS && !writable {
+                // Only the agent writes it; a reader of an earlier agent's pins finds none.
+                continue;
+            }
             if (TYPED_MAPS6.contains(&name) || LATER_MAPS6.contains(&name)) && !writable {
                 // A reader of an earlier agent's pins finds no IPv6 maps: it shows none.
                 if let Ok(m) = get(name) {
@@ -164,8 +200,10 @@ impl Maps {
             None
         };
         let mut take = |name: &'static str| all.remove(name).ok_or(DatapathError::MissingMap(name));
+        let ports = if writable { Some(Ports::new(typed(take(MAP_LB_PORTS), MAP_LB_PORTS)?)) } else { None };
         let maps = Self {
             v6,
+            ports,
             services: typed(take(MAP_LB4_SERVICES), MAP_LB4_SERVICES)?,
             backends: typed(take(MAP_LB4_BACKENDS), MAP_LB4_BACKENDS)?,
             maglev,
@@ -221,7 +259,8 @@ impl Maps {
             },
         );
         let maglev = [(MAP_LB4_MAGLEV, &self.maglev.data)];
-        for (name, d) in data.into_iter().chain(data6).chain(maglev) {
+        let ports = self.ports.iter().map(|p| (MAP_LB_PORTS, p.map.map()));
+        for (name, d) in data.into_iter().chain(data6).chain(maglev).chain(ports) {
             pin(name, &|p| d.pin(p))?;
         }
         for (name, m) in &self.others {
@@ -231,6 +270,7 @@ impl Maps {
         let missing = PINNED_MAPS
             .into_iter()
             .filter(|n| self.v6.is_some() || !(TYPED_MAPS6.contains(n) || LATER_MAPS6.contains(n)))
+            .filter(|n| self.ports.is_some() || *n != MAP_LB_PORTS)
             .find(|n| !dir.join(n).exists());
         match missing {
             None => Ok(()),
@@ -347,6 +387,70 @@ impl Maps {
         Ok(self.ct.map().info().map_err(map_err(MAP_LB4_CT))?.max_entries())
     }
 
+    /// Turns the programs' port filter off (`LB_PORTS`' armed word): every port is looked up
+    /// until [`Maps::note_ports`] arms it. Done at load, before any program of this agent can run.
+    pub(super) fn disarm_ports(&mut self) -> Result<(), DatapathError> {
+        self.ports.as_mut().map_or(Ok(()), |p| p.arm(false)).map_err(map_err(MAP_LB_PORTS))
+    }
+
+    /// Sets the `LB_PORTS` bits of every frontend of `services`, backend of `backends` and
+    /// conntrack reply entry (a flow whose backend has left may still be answered), as the pinned
+    /// maps hold them at start-up (an agent without `LB_PORTS`, or one rolled back to, may have
+    /// written them), then arms the programs' port filter.
+    pub fn note_ports(
+        &mut self,
+        services: &[(ServiceKey, Lb4Service)],
+        backends: &[(u32, BackendValue)],
+    ) -> Result<(), DatapathError> {
+        let err = map_err(MAP_LB_PORTS);
+        for (k, _) in services {
+            self.note_frontend_port(k).map_err(&err)?;
+        }
+        for (_, b) in backends {
+            self.note_backend_port(b).map_err(&err)?;
+        }
+        // A walk of a table that changes under it may see a key twice or miss one made meanwhile
+        // (made by a program that finds its backend's bit set); it ends, bounded by the capacity.
+        let reply = |dir: u8| dir == lb_common::CT_DIR_REPLY;
+        let limit = |m: &MapData| m.info().map(|i| 2 * i.max_entries() as usize).unwrap_or(usize::MAX);
+        let mut ports: Vec<u16> = (self.ct.keys().take(limit(self.ct.map())).filter_map(Result::ok))
+            .filter(|k| reply(k.dir))
+            .map(|k| k.sport)
+            .collect();
+        if let Some(m) = &self.v6 {
+            let keys = m.ct.keys().take(limit(m.ct.map())).filter_map(Result::ok);
+            ports.extend(keys.filter(|k| reply(k.dir)).map(|k| k.sport));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        if let Some(p) = self.ports.as_mut() {
+            for port in ports {
+                p.note(PORTS_BACKEND, port).map_err(&err)?;
+            }
+            p.arm(true).map_err(&err)?;
+        }
+        Ok(())
+    }
+
+    fn note_frontend_port(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        let port = match key {
+            ServiceKey::V4(k) => k.port,
+            ServiceKey::V6(k) => k.port,
+        };
+        self.ports.as_mut().map_or(Ok(()), |p| p.note(PORTS_FRONTEND, port))
+    }
+
+    fn note_backend_port(&mut self, backend: &BackendValue) -> Result<(), MapError> {
+        let (port, state) = match backend {
+            BackendValue::V4(b) => (b.port, b.state),
+            BackendValue::V6(b) => (b.port, b.state),
+        };
+        if state == lb_common::BACKEND_STATE_FREE {
+            return Ok(());
+        }
+        self.ports.as_mut().map_or(Ok(()), |p| p.note(PORTS_BACKEND, port))
+    }
+
     /// Turns the datapath's flow events (for `lbctl monitor`) on or off.
     pub fn set_flow_events(&mut self, on: bool) -> Result<(), DatapathError> {
         self.monitor.set(0, u32::from(on), 0).map_err(map_err(MAP_LB_MONITOR))
@@ -441,6 +545,7 @@ impl MapWriter for Maps {
     type Error = MapError;
 
     fn set_backend(&mut self, id: u32, backend: &BackendValue) -> Result<(), MapError> {
+        self.note_backend_port(backend)?;
         match backend {
             BackendValue::V4(b) => self.backends.set(id, b, 0),
             BackendValue::V6(b) => self.v6_mut()?.backends.set(id, b, 0),
@@ -452,6 +557,7 @@ impl MapWriter for Maps {
     }
 
     fn set_service(&mut self, key: &ServiceKey, svc: &Lb4Service) -> Result<(), MapError> {
+        self.note_frontend_port(key)?;
         match key {
             ServiceKey::V4(k) => self.services.insert(k, svc, 0),
             ServiceKey::V6(k) => {

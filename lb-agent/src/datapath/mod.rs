@@ -781,6 +781,9 @@ impl Datapath {
         let mut maps =
             Maps::from_maps(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)), true)?;
         maps.rebuild_vips6().map_err(maps::map_err(lb_common::MAP_LB6_VIPS))?;
+        // Before `fill_tail_calls` hands the running programs' IPv6 packets to ours: the port
+        // filter is off until the agent has noted every port the pinned maps hold.
+        maps.disarm_ports()?;
         let ifs = {
             let path = dir.join(MAP_LB4_IFS);
             let err = maps::map_err(MAP_LB4_IFS);
