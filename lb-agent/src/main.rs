@@ -512,7 +512,11 @@ async fn main() -> anyhow::Result<()> {
     let (services, backends) = (maps.read_services()?, maps.read_backends()?);
     // Before our programs are attached: their port filter, off since the load, knows every port
     // these rows and the flows have, and is armed.
-    maps.note_ports(&services, &backends)?;
+    if !maps.note_ports(&services, &backends)? {
+        warn!(
+            "the programs' port filter stays off (every packet is looked up, as before it): a walk of the conntrack tables for the ports of their flows failed or did not end; the next start tries again"
+        );
+    }
     let restored = Restored {
         services,
         backends,
@@ -679,6 +683,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(source);
+    // The next agent may not know the port filter (a rollback) and write rows without their
+    // ports' bits while our programs still serve: they look every packet up until it arms it.
+    if let Err(e) = agent.maps.disarm_ports() {
+        warn!("turning the programs' port filter off for the next agent: {e}");
+    }
     // Held to the end: the next agent may go on once this one is gone.
     drop(lock);
     info!("stopping; the datapath stays in place (pins under {})", pin_dir.display());

@@ -699,6 +699,7 @@ fn load(test: &str, mode: Mode) -> (PinDir, Datapath, Maps) {
     let pins = PinDir::new(test);
     let (dp, mut maps) = Datapath::load(&test_config(pins.path()), mode).expect("load datapath");
     program_state(&mut maps);
+    arm_port_filter(&mut maps);
     (pins, dp, maps)
 }
 
@@ -1454,20 +1455,24 @@ fn ports_in(words: &aya::maps::Array<aya::maps::MapData, u64>, set: u32) -> Vec<
 /// flows, and with the filter disarmed.
 #[test]
 fn packets_are_looked_up_only_on_ports_a_frontend_or_backend_has() {
-    let (pins, dp, mut maps) = load("ports", Mode::Tc);
+    let pins = PinDir::new("ports");
+    let (_dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load datapath");
+    program_state(&mut maps);
     let pin = lb_agent::datapath::layout_dir(pins.path()).join(lb_common::MAP_LB_PORTS);
     let data = aya::maps::MapData::from_pin(&pin).expect("LB_PORTS pinned");
     let mut words: aya::maps::Array<_, u64> =
         aya::maps::Map::from_map_data(data).expect("map").try_into().expect("an array of u64");
     let armed = lb_common::PORTS_ARMED;
-    assert_eq!(words.get(&armed, 0).expect("armed word"), 0, "disarmed by the load");
     // Every port of `program_state`'s rows, and no other.
     assert_eq!(ports_in(&words, lb_common::PORTS_FRONTEND), [53, 80], "frontend ports");
     assert_eq!(ports_in(&words, lb_common::PORTS_BACKEND), [80, 5353, 8080], "backend ports");
-    let (services, backends) =
-        (maps.read_services().expect("services"), maps.read_backends().expect("backends"));
-    maps.note_ports(&services, &backends).expect("the agent's start-up step");
+    arm_port_filter(&mut maps);
     assert_eq!(words.get(&armed, 0).expect("armed word"), 1, "armed by the start-up");
+    // A load over armed pins (the next agent's) disarms it before its programs can run.
+    let (dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Tc).expect("load again");
+    assert_eq!(words.get(&armed, 0).expect("armed word"), 0, "disarmed by the load");
+    assert_eq!(ports_in(&words, lb_common::PORTS_BACKEND), [80, 5353, 8080], "the bits kept");
+    arm_port_filter(&mut maps);
 
     fn set_bit(words: &mut aya::maps::Array<aya::maps::MapData, u64>, set: u32, port: u16, on: bool) {
         let (word, bit) = lb_common::port_bit(set, port.to_be());
@@ -1496,7 +1501,7 @@ fn packets_are_looked_up_only_on_ports_a_frontend_or_backend_has() {
     entry.0.saddr = u32::from_ne_bytes(gone.0.octets());
     entry.0.sport = gone.1.to_be();
     maps.ct.insert(entry.0, entry.1, 0).expect("a reply entry on a port no row has");
-    maps.note_ports(&[], &[]).expect("start-up step");
+    arm_port_filter(&mut maps);
     assert_eq!(ports_in(&words, lb_common::PORTS_BACKEND), [80, 5353, 7777, 8080], "a flow's reply port");
     let passed = |maps: &Maps, before: &[u64], counter: u32| {
         maps.read_counters().expect("counters")[counter as usize] - before[counter as usize]

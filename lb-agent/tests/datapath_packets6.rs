@@ -741,6 +741,7 @@ fn load(test: &str, mode: Mode) -> (PinDir, Datapath, Maps) {
     let pins = PinDir::new(test);
     let (dp, mut maps) = Datapath::load(&support::test_config(pins.path()), mode).expect("load datapath");
     program_state(&mut maps);
+    support::arm_port_filter(&mut maps);
     (pins, dp, maps)
 }
 

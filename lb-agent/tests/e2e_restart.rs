@@ -13,7 +13,8 @@ use std::{
 use lb_agent::datapath::{layout_dir, Mode};
 use lb_testkit::lab::{http_get, tcp_asks, Pod};
 use support::{
-    assert_clean, assert_clean_udp_kept, default_ct_entries, endpoint, pinned_map, who, Cluster, Traffic, VIP,
+    assert_clean, assert_clean_udp_kept, default_ct_entries, endpoint, pinned_map, port_filter_armed, who,
+    Cluster, Traffic, VIP,
 };
 
 fn all_ready(c: &[Pod; 3]) -> String {
@@ -33,6 +34,7 @@ fn restart_with(signal: i32, tag: &str, while_away: impl FnOnce(&Path)) {
     c.lab.restart_agent(&n1).expect("restart");
     // Ready (loaded and attached), then traffic through the new agent's programs a while.
     c.wait_ready(&n1);
+    assert_eq!(port_filter_armed(&n1.pin_dir), 1, "{tag}: the port filter armed by the start-up");
     std::thread::sleep(Duration::from_millis(500));
     let o = traffic.stop();
     assert_clean_udp_kept(&o, tag);
@@ -47,7 +49,10 @@ fn sigkill_and_restart_lose_no_connection() {
 
 #[test]
 fn sigterm_and_restart_lose_no_connection() {
-    restart_with(libc::SIGTERM, "term", |_| ());
+    // A stopping agent turns the port filter off: the next may be one that does not know it.
+    restart_with(libc::SIGTERM, "term", |pin_dir| {
+        assert_eq!(port_filter_armed(pin_dir), 0, "off while away")
+    });
 }
 
 /// Rule: an agent that finds no `LB_PORTS` pinned (an agent before the port filter served, or

@@ -436,6 +436,7 @@ fn hostile_packets() {
     let pins = PinDir::new("fuzz");
     let (dp, mut maps) = Datapath::load(&test_config(pins.path()), Mode::Xdp).expect("load datapath");
     program(&mut maps);
+    arm_port_filter(&mut maps);
     let before = maps.read_counters().expect("counters");
     let mut r = Rng(seed | 1);
     let mut rewritten = 0u64;

@@ -160,6 +160,8 @@ fn ipv6_node_side_rules_packet_by_packet() {
         let mut r = Reconciler::new(caps, Options::default());
         let (_, errors) = r.sync(&desired, &Default::default(), &mut maps);
         assert!(errors.is_empty(), "sync errors: {errors:?}");
+        // As on a running node: the node-side programs' rows run with the port filter on.
+        support::arm_port_filter(&mut maps);
 
         // A remote endpoint: DNAT, SNAT to this node's IPv6 address with a port of the SNAT
         // range, and out of ul0 to the known neighbour.

@@ -99,6 +99,47 @@ impl Ports {
     }
 }
 
+/// Adds the source port of every reply entry of conntrack table `ct` to `out` (sorted, once
+/// each); whether the walk went through the whole table. It stops at an error, and after twice
+/// the table's size: an LRU table that evicts the key under the walk sends it back to the start.
+pub(crate) fn reply_ports<K: CtKeyPorts, V: aya::Pod>(
+    ct: &HashMap<MapData, K, V>,
+    out: &mut Vec<u16>,
+) -> bool {
+    let limit = ct.map().info().map_or(0, |i| 2 * i.max_entries() as usize);
+    let mut walked = 0;
+    for key in ct.keys() {
+        let Ok(key) = key else { return false };
+        walked += 1;
+        if walked > limit {
+            return false;
+        }
+        if let Some(port) = key.reply_sport() {
+            out.push(port);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    true
+}
+
+/// A conntrack key of either family: its source port where it is a reply entry's.
+pub(crate) trait CtKeyPorts: aya::Pod {
+    fn reply_sport(&self) -> Option<u16>;
+}
+
+impl CtKeyPorts for Lb4CtKey {
+    fn reply_sport(&self) -> Option<u16> {
+        (self.dir == lb_common::CT_DIR_REPLY).then_some(self.sport)
+    }
+}
+
+impl CtKeyPorts for Lb6CtKey {
+    fn reply_sport(&self) -> Option<u16> {
+        (self.dir == lb_common::CT_DIR_REPLY).then_some(self.sport)
+    }
+}
+
 /// The IPv6 maps added after the others: a reader of an earlier agent's pins goes on without
 /// them.
 const LATER_MAPS6: [&str; 3] =
@@ -388,20 +429,24 @@ impl Maps {
     }
 
     /// Turns the programs' port filter off (`LB_PORTS`' armed word): every port is looked up
-    /// until [`Maps::note_ports`] arms it. Done at load, before any program of this agent can run.
-    pub(super) fn disarm_ports(&mut self) -> Result<(), DatapathError> {
+    /// until [`Maps::note_ports`] arms it. Done at load, before any program of this agent can
+    /// run, and when the agent stops (the agent that comes next may be one that does not know the
+    /// filter: a rollback).
+    pub fn disarm_ports(&mut self) -> Result<(), DatapathError> {
         self.ports.as_mut().map_or(Ok(()), |p| p.arm(false)).map_err(map_err(MAP_LB_PORTS))
     }
 
-    /// Sets the `LB_PORTS` bits of every frontend of `services`, backend of `backends` and
-    /// conntrack reply entry (a flow whose backend has left may still be answered), as the pinned
-    /// maps hold them at start-up (an agent without `LB_PORTS`, or one rolled back to, may have
-    /// written them), then arms the programs' port filter.
+    /// Sets the `LB_PORTS` bits of every frontend of `services` and backend of `backends`, and of
+    /// every conntrack reply entry (a flow whose backend has left may still be answered), as the
+    /// pinned maps hold them at start-up (an agent without `LB_PORTS`, or one rolled back to, may
+    /// have written them), then arms the programs' port filter. Whether it armed it: a walk of a
+    /// conntrack table that failed, or that a table changing under it kept going past twice its
+    /// size, may have missed a flow, and the filter stays off.
     pub fn note_ports(
         &mut self,
         services: &[(ServiceKey, Lb4Service)],
         backends: &[(u32, BackendValue)],
-    ) -> Result<(), DatapathError> {
+    ) -> Result<bool, DatapathError> {
         let err = map_err(MAP_LB_PORTS);
         for (k, _) in services {
             self.note_frontend_port(k).map_err(&err)?;
@@ -409,25 +454,27 @@ impl Maps {
         for (_, b) in backends {
             self.note_backend_port(b).map_err(&err)?;
         }
-        // A walk of a table that changes under it may see a key twice or miss one made meanwhile
-        // (made by a program that finds its backend's bit set); it ends, bounded by the capacity.
-        let reply = |dir: u8| dir == lb_common::CT_DIR_REPLY;
-        let limit = |m: &MapData| m.info().map(|i| 2 * i.max_entries() as usize).unwrap_or(usize::MAX);
-        let mut ports: Vec<u16> = (self.ct.keys().take(limit(self.ct.map())).filter_map(Result::ok))
-            .filter(|k| reply(k.dir))
-            .map(|k| k.sport)
-            .collect();
+        let mut ports = Vec::new();
+        let mut whole = reply_ports(&self.ct, &mut ports);
         if let Some(m) = &self.v6 {
-            let keys = m.ct.keys().take(limit(m.ct.map())).filter_map(Result::ok);
-            ports.extend(keys.filter(|k| reply(k.dir)).map(|k| k.sport));
+            whole &= reply_ports(&m.ct, &mut ports);
         }
-        ports.sort_unstable();
-        ports.dedup();
-        if let Some(p) = self.ports.as_mut() {
-            for port in ports {
-                p.note(PORTS_BACKEND, port).map_err(&err)?;
-            }
-            p.arm(true).map_err(&err)?;
+        self.note_reply_ports(ports)?;
+        if whole {
+            self.ports.as_mut().map_or(Ok(()), |p| p.arm(true)).map_err(&err)?;
+        }
+        Ok(whole)
+    }
+
+    /// Sets the `LB_PORTS` bits of `ports`, the source ports of conntrack reply entries (a
+    /// backend's), before those entries are written.
+    pub(crate) fn note_reply_ports(
+        &mut self,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Result<(), DatapathError> {
+        let Some(p) = self.ports.as_mut() else { return Ok(()) };
+        for port in ports {
+            p.note(PORTS_BACKEND, port).map_err(map_err(MAP_LB_PORTS))?;
         }
         Ok(())
     }

@@ -39,7 +39,11 @@ use lb_common::{
     MAP_LB4_SVC_STATS, MAP_LB_FORMATS, PIN_LAYOUT_VERSION,
 };
 
-use super::{maglev_slots::MaglevSlots, maps::map_err, DatapathError, Maps};
+use super::{
+    maglev_slots::MaglevSlots,
+    maps::{map_err, reply_ports},
+    DatapathError, Maps,
+};
 
 /// A layout of another version found under the pin directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -418,17 +422,33 @@ pub fn carry_state(from: &Layout, maps: &mut Maps) -> Result<Result<Carried, Too
 pub fn carry_flows(from: &Layout, maps: &mut Maps) -> Result<Carried, DatapathError> {
     let mut c = Carried::default();
     let seen = |e: &Lb4CtEntry| e.last_seen_ns;
+    // The reply entries' backend ports go into our port filter before the entries: a flow
+    // whose backend has left has no row that put its port there.
+    fn note<V: aya::Pod>(ct: &HashMap<MapData, Lb4CtKey, V>, maps: &mut Maps) -> Result<(), DatapathError> {
+        let mut ports = Vec::new();
+        let whole = reply_ports(ct, &mut ports);
+        maps.note_reply_ports(ports)?;
+        // A walk that may have missed one: the filter is off until the next start.
+        if whole {
+            Ok(())
+        } else {
+            maps.disarm_ports()
+        }
+    }
     match from.formats.map(|f| f[CT]) {
         Some(1) => {
             let ct: HashMap<MapData, Lb4CtKey, CtEntryV6> = open(&from.dir, MAP_LB4_CT)?;
+            note(&ct, maps)?;
             copy_newer(&ct, &mut maps.ct, Lb4CtEntry::from, seen, &mut c.flows, &mut c.failed);
         }
         Some(2) => {
             let ct: HashMap<MapData, Lb4CtKey, CtEntryV7> = open(&from.dir, MAP_LB4_CT)?;
+            note(&ct, maps)?;
             copy_newer(&ct, &mut maps.ct, Lb4CtEntry::from, seen, &mut c.flows, &mut c.failed);
         }
         _ => {
             let ct: HashMap<MapData, Lb4CtKey, Lb4CtEntry> = open(&from.dir, MAP_LB4_CT)?;
+            note(&ct, maps)?;
             copy_newer(&ct, &mut maps.ct, |e| e, seen, &mut c.flows, &mut c.failed);
         }
     }

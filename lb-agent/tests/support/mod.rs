@@ -582,6 +582,25 @@ pub fn default_ct_entries() -> (u32, u32) {
     (cpus, lb_common::capacity::ct_for_cpus(cpus))
 }
 
+/// The agent's start-up step over `maps`: the programs' port filter knows the pinned rows' and
+/// flows' ports, and is armed, as it is on a running node.
+#[allow(dead_code)]
+pub fn arm_port_filter(maps: &mut Maps) {
+    let (services, backends) =
+        (maps.read_services().expect("services"), maps.read_backends().expect("backends"));
+    assert!(maps.note_ports(&services, &backends).expect("LB_PORTS"), "the port filter armed");
+}
+
+/// `LB_PORTS`' armed word under `pin_dir`: non-zero while the programs' port filter is on.
+#[allow(dead_code)]
+pub fn port_filter_armed(pin_dir: &Path) -> u64 {
+    let pin = lb_agent::datapath::layout_dir(pin_dir).join(lb_common::MAP_LB_PORTS);
+    let data = aya::maps::MapData::from_pin(&pin).unwrap_or_else(|e| panic!("{}: {e}", pin.display()));
+    let words: aya::maps::Array<_, u64> =
+        aya::maps::Map::from_map_data(data).expect("map").try_into().expect("an array of u64");
+    words.get(&lb_common::PORTS_ARMED, 0).expect("the armed word")
+}
+
 /// The map pinned at `pin`: its id and capacity.
 #[allow(dead_code)]
 pub fn pinned_map(pin: &Path) -> (u32, u32) {
