@@ -26,7 +26,7 @@ use super::{
     DatapathError,
 };
 use crate::reconcile::{
-    BackendValue, FlowTable, MapWriter, MemberKey, MemberValue, ServiceKey, SrcRangeEntry, SrcRangeKey,
+    BackendValue, CtKey, FlowTable, MapWriter, MemberKey, MemberValue, ServiceKey, SrcRangeEntry, SrcRangeKey,
 };
 
 /// Typed handles to every datapath map.
@@ -102,7 +102,7 @@ impl Ports {
 /// Adds the source port of every reply entry of conntrack table `ct` to `out` (sorted, once
 /// each); whether the walk went through the whole table. It stops at an error, and after twice
 /// the table's size: an LRU table that evicts the key under the walk sends it back to the start.
-pub(crate) fn reply_ports<K: CtKeyPorts, V: aya::Pod>(
+pub(crate) fn reply_ports<K: CtKey + aya::Pod, V: aya::Pod>(
     ct: &HashMap<MapData, K, V>,
     out: &mut Vec<u16>,
 ) -> bool {
@@ -114,30 +114,13 @@ pub(crate) fn reply_ports<K: CtKeyPorts, V: aya::Pod>(
         if walked > limit {
             return false;
         }
-        if let Some(port) = key.reply_sport() {
-            out.push(port);
+        if key.dir() == lb_common::CT_DIR_REPLY {
+            out.push(key.sport());
         }
     }
     out.sort_unstable();
     out.dedup();
     true
-}
-
-/// A conntrack key of either family: its source port where it is a reply entry's.
-pub(crate) trait CtKeyPorts: aya::Pod {
-    fn reply_sport(&self) -> Option<u16>;
-}
-
-impl CtKeyPorts for Lb4CtKey {
-    fn reply_sport(&self) -> Option<u16> {
-        (self.dir == lb_common::CT_DIR_REPLY).then_some(self.sport)
-    }
-}
-
-impl CtKeyPorts for Lb6CtKey {
-    fn reply_sport(&self) -> Option<u16> {
-        (self.dir == lb_common::CT_DIR_REPLY).then_some(self.sport)
-    }
 }
 
 /// The IPv6 maps added after the others: a reader of an earlier agent's pins goes on without
@@ -480,21 +463,16 @@ impl Maps {
     }
 
     fn note_frontend_port(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        let port = match key {
-            ServiceKey::V4(k) => k.port,
-            ServiceKey::V6(k) => k.port,
-        };
+        // The bitmaps are over the ports as the maps hold them (network byte order).
+        let port = key.parts().1.to_be();
         self.ports.as_mut().map_or(Ok(()), |p| p.note(PORTS_FRONTEND, port))
     }
 
     fn note_backend_port(&mut self, backend: &BackendValue) -> Result<(), MapError> {
-        let (port, state) = match backend {
-            BackendValue::V4(b) => (b.port, b.state),
-            BackendValue::V6(b) => (b.port, b.state),
-        };
-        if state == lb_common::BACKEND_STATE_FREE {
+        if backend.state() == lb_common::BACKEND_STATE_FREE {
             return Ok(());
         }
+        let port = backend.parts().1.to_be();
         self.ports.as_mut().map_or(Ok(()), |p| p.note(PORTS_BACKEND, port))
     }
 

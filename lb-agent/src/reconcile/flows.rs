@@ -79,6 +79,7 @@ pub trait CtKey: Copy + Ord + std::fmt::Debug {
     fn dir(&self) -> u8;
     fn proto(&self) -> u8;
     fn dport(&self) -> u16;
+    fn sport(&self) -> u16;
     /// The forward entry's key of the flow reply entry `self` (holding `e`) belongs to.
     fn forward_of_reply(&self, e: &Self::Entry) -> Self;
     /// Whether forward entry `fwd` still names the backend this reply key is from.
@@ -98,6 +99,9 @@ impl CtKey for Lb4CtKey {
     }
     fn dport(&self) -> u16 {
         self.dport
+    }
+    fn sport(&self) -> u16 {
+        self.sport
     }
     fn forward_of_reply(&self, e: &Lb4CtEntry) -> Self {
         Lb4CtKey::forward_of_reply(self, e)
@@ -131,6 +135,9 @@ impl CtKey for Lb6CtKey {
     }
     fn dport(&self) -> u16 {
         self.dport
+    }
+    fn sport(&self) -> u16 {
+        self.sport
     }
     fn forward_of_reply(&self, e: &Lb6CtEntry) -> Self {
         Lb6CtKey::forward_of_reply(self, e)
