@@ -623,7 +623,7 @@ async fn main() -> anyhow::Result<()> {
                 if agent.health_checks_failing() {
                     agent.serve_health_checks();
                 }
-                if !dp.pins_present() {
+                if !dp.pins_present(&agent.maps) {
                     // Someone removed the pin directory or unmounted bpffs: the links (and so the
                     // programs' attachments) went with their pins; the maps live on here.
                     error!(

@@ -90,7 +90,10 @@ fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
     let size = |m: &aya::maps::MapData| m.info().expect("map info").max_entries();
     let off = Config { ipv6: false, ..support::test_config(pins.path()) };
     {
-        let (_dp, maps) = Datapath::load(&off, Mode::Tc).expect("load with IPv6 off");
+        let (dp, maps) = Datapath::load(&off, Mode::Tc).expect("load with IPv6 off");
+        // Every pin a running agent looks for is there after a load (else it would pin again at
+        // every tick).
+        assert!(dp.pins_present(&maps), "pins present after a load with IPv6 off");
         let m6 = maps.v6.as_ref().expect("the IPv6 handles");
         assert_eq!((size(m6.ct.map()), size(m6.services.map()), size(m6.members.map())), (1, 1, 1));
         assert_eq!((size(m6.affinity.map()), size(m6.backends.map())), (1, 1));
@@ -98,7 +101,8 @@ fn ipv6_off_keeps_the_lb6_maps_to_one_entry_and_on_makes_them_anew() {
     let on = support::test_config(pins.path());
     let key = ServiceKey::V6(lb_common::Lb6ServiceKey::new(VIP6.octets(), 80, 6));
     {
-        let (_dp, mut maps) = Datapath::load(&on, Mode::Tc).expect("load with IPv6 on");
+        let (dp, mut maps) = Datapath::load(&on, Mode::Tc).expect("load with IPv6 on");
+        assert!(dp.pins_present(&maps), "pins present after a load with IPv6 on");
         let m6 = maps.v6.as_ref().expect("the IPv6 handles");
         assert_eq!((size(m6.ct.map()), size(m6.services.map())), (on.caps.ct, on.caps.services));
         assert_eq!((size(m6.members.map()), size(m6.backends.map())), (on.caps.members, on.caps.backends));

@@ -291,12 +291,7 @@ impl Maps {
             pin(name, &|p| m.pin(p))?;
         }
         // Every map of the table is back (the IPv6 ones when this agent has them).
-        let missing = PINNED_MAPS
-            .into_iter()
-            .filter(|n| self.v6.is_some() || !(TYPED_MAPS6.contains(n) || LATER_MAPS6.contains(n)))
-            .filter(|n| self.ports.is_some() || *n != MAP_LB_PORTS)
-            .find(|n| !dir.join(n).exists());
-        match missing {
+        match self.missing_pin(dir) {
             None => Ok(()),
             Some(name) => Err(DatapathError::PinMap {
                 map: name,
@@ -304,6 +299,16 @@ impl Maps {
                 reason: "no handle to pin it from".into(),
             }),
         }
+    }
+
+    /// The first map this agent has a handle to whose pin is not under `dir` (the IPv6 ones only
+    /// when it has them).
+    pub(super) fn missing_pin(&self, dir: &Path) -> Option<&'static str> {
+        PINNED_MAPS
+            .into_iter()
+            .filter(|n| self.v6.is_some() || !(TYPED_MAPS6.contains(n) || LATER_MAPS6.contains(n)))
+            .filter(|n| self.ports.is_some() || *n != MAP_LB_PORTS)
+            .find(|n| !dir.join(n).exists())
     }
 
     /// Opens the maps pinned under `pin_dir` for reading and writing (tests, benchmarks).

@@ -1409,9 +1409,13 @@ impl Datapath {
 
     /// Whether this agent's pins are all in place: the pin directory can be removed, or bpffs
     /// unmounted, under a running agent. The links live only in their pins, so the programs are
-    /// detached then; the maps live on in this agent's handles.
-    pub fn pins_present(&self) -> bool {
-        self.links_dir.parent().is_some_and(|d| d.join(MAP_LB4_SERVICES).exists())
+    /// detached then; the maps live on in this agent's handles. Every pin counts, and the links'
+    /// directory: a removal the agent noticed half way may go on to take what it restored.
+    pub fn pins_present(&self, maps: &Maps) -> bool {
+        let Some(dir) = self.links_dir.parent() else { return false };
+        self.links_dir.is_dir()
+            && maps.missing_pin(dir).is_none()
+            && self.tail_arrays.iter().all(|(name, _)| dir.join(name).exists())
             && self.attached.values().flat_map(|(_, p, _)| p).all(|p| p.exists())
             && self.sockets.iter().flatten().all(|p| p.exists())
     }
