@@ -605,6 +605,8 @@ async fn main() -> anyhow::Result<()> {
     let (mut abort_due, mut abort_failing) = (true, false);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks: u64 = 0;
+    // Ticks in a row whose restore of the pins failed.
+    let mut restore_failures = 0;
     loop {
         tokio::select! {
             () = stop.wait() => break,
@@ -623,29 +625,36 @@ async fn main() -> anyhow::Result<()> {
                 if agent.health_checks_failing() {
                     agent.serve_health_checks();
                 }
-                if !dp.pins_present(&agent.maps) {
-                    // Someone removed the pin directory or unmounted bpffs: the links (and so the
-                    // programs' attachments) went with their pins; the maps live on here.
-                    error!(
-                        pin_dir = %pin_dir.display(),
-                        "pins are gone (directory removed, or bpffs unmounted): pinning the maps again and \
-                         re-attaching; tracked flows are kept"
-                    );
-                    dp.repin(&agent.maps).with_context(|| {
-                        format!(
-                            "cannot restore the pins under {}; exiting (is bpffs mounted at /sys/fs/bpf?)",
-                            pin_dir.display()
-                        )
-                    })?;
-                    attach_matching(&mut dp, &cfg.interfaces, &agent, "pins-restored");
-                    attach_sockets(&mut dp, cfg.datapath.socket_lb, &cfg.cgroup_root)?;
-                    // The hold was on the directory that went: hold the new one.
-                    match datapath::try_lock(&pin_dir) {
-                        Ok(Some(l)) => lock = l,
-                        Ok(None) => error!(pin_dir = %pin_dir.display(), "another agent took the new pin directory"),
-                        Err(e) => error!(pin_dir = %pin_dir.display(), "holding the new pin directory: {e}"),
+                if restore_failures > 0 || !dp.pins_present(&agent.maps) {
+                    if restore_failures == 0 {
+                        // Someone removed the pin directory or unmounted bpffs: the links (and so
+                        // the programs' attachments) went with their pins; the maps live on here.
+                        error!(
+                            pin_dir = %pin_dir.display(),
+                            "pins are gone (directory removed, or bpffs unmounted): pinning the maps again \
+                             and re-attaching; tracked flows are kept"
+                        );
                     }
-                    info!("pins restored");
+                    let attach = (&cfg.interfaces, cfg.datapath.socket_lb, cfg.cgroup_root.as_path());
+                    match restore_pins(&mut dp, attach, &agent, &pin_dir, &mut lock) {
+                        Ok(()) => {
+                            restore_failures = 0;
+                            info!("pins restored");
+                        }
+                        // A removal still going on can take what was just pinned: the next tick
+                        // tries again, for a while.
+                        Err(e) if restore_failures < RESTORE_TRIES => {
+                            restore_failures += 1;
+                            warn!("restoring the pins, tried again at the next tick: {e:#}");
+                        }
+                        Err(e) => {
+                            return Err(e.context(format!(
+                                "cannot restore the pins under {} ({RESTORE_TRIES} ticks in a row); exiting (is \
+                                 bpffs mounted at /sys/fs/bpf?)",
+                                pin_dir.display()
+                            )))
+                        }
+                    }
                 }
                 // Netlink wakes the scan on every link change; this is only a backstop.
                 ticks += 1;
@@ -945,6 +954,29 @@ fn abort_stale_udp(dp: &Datapath, agent: &Agent<datapath::Maps>, failing: &mut b
 /// Attaches the socket programs to --cgroup-root (`--socket-lb host|all`), or detaches those an
 /// earlier agent left (`off`). A root that cannot take them stops the agent: the operator asked
 /// for socket-level load balancing.
+/// How many ticks in a row a restore of the pins may fail before the agent gives up.
+const RESTORE_TRIES: u32 = 20;
+
+/// Pins every map again, attaches afresh and holds the pin directory (again, if it is a new one).
+fn restore_pins(
+    dp: &mut Datapath,
+    (interfaces, socket_lb, cgroup_root): (&Interfaces, datapath::SocketLb, &std::path::Path),
+    agent: &Agent<datapath::Maps>,
+    pin_dir: &std::path::Path,
+    lock: &mut datapath::PinLock,
+) -> anyhow::Result<()> {
+    dp.repin(&agent.maps)?;
+    attach_matching(dp, interfaces, agent, "pins-restored");
+    attach_sockets(dp, socket_lb, cgroup_root)?;
+    if !lock.holds(pin_dir) {
+        match datapath::try_lock(pin_dir)? {
+            Some(l) => *lock = l,
+            None => error!(pin_dir = %pin_dir.display(), "another agent took the new pin directory"),
+        }
+    }
+    Ok(())
+}
+
 fn attach_sockets(dp: &mut Datapath, mode: datapath::SocketLb, root: &std::path::Path) -> anyhow::Result<()> {
     if mode == datapath::SocketLb::Off {
         dp.detach_sockets();

@@ -52,6 +52,15 @@ pub struct PinLock {
     _dir: std::fs::File,
 }
 
+impl PinLock {
+    /// Whether the held directory is still the one at `pin_dir` (not removed, nor replaced).
+    pub fn holds(&self, pin_dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let (Ok(held), Ok(now)) = (self._dir.metadata(), std::fs::metadata(pin_dir)) else { return false };
+        held.nlink() > 0 && (now.dev(), now.ino()) == (held.dev(), held.ino())
+    }
+}
+
 /// Takes the hold on `pin_dir` (made if missing); `Ok(None)` while another process has it.
 pub fn try_lock(pin_dir: &Path) -> Result<Option<PinLock>, super::DatapathError> {
     use std::os::fd::AsRawFd as _;
