@@ -131,14 +131,31 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
     wait_answer(c, client, tcp);
     let all: BTreeSet<String> = c.backends.iter().map(|b| b.name.clone()).collect();
     let before = counters(c, 1);
+    let map = |name: &str| {
+        let pin = lb_agent::datapath::layout_dir(&c.nodes[0].pin_dir).join(name);
+        let data = aya::maps::MapData::from_pin(pin).unwrap_or_else(|e| panic!("{name} pinned: {e}"));
+        aya::maps::Map::from_map_data(data).expect("a map")
+    };
     let remembered = || {
-        let pin = lb_agent::datapath::layout_dir(&c.nodes[0].pin_dir).join(lb_common::MAP_LB4_SOCK_REV);
-        let data = aya::maps::MapData::from_pin(pin).expect("LB4_SOCK_REV pinned");
         let map: aya::maps::HashMap<_, lb_common::Lb4SockRevKey, lb_common::Lb4SockRev> =
-            aya::maps::Map::from_map_data(data).expect("a map").try_into().expect("a hash map");
+            map(lb_common::MAP_LB4_SOCK_REV).try_into().expect("a hash map");
         map.keys().count()
     };
+    // The sockets' choices kept for protocol `proto` (`LB4_SOCK_FWD`).
+    let choices = |proto: u8| {
+        let map: aya::maps::HashMap<_, lb_common::Lb4SockFwdKey, lb_common::Lb4SockFwd> =
+            map(lb_common::MAP_LB4_SOCK_FWD).try_into().expect("a hash map");
+        map.keys().filter(|k| k.as_ref().is_ok_and(|k| k.proto == proto)).count()
+    };
     let remembered_before = remembered();
+
+    // An open TCP connection has its reverse entry (for `getpeername`) and no kept choice: its
+    // connect hook runs once, so there is nothing to keep (one map write a connection).
+    let open = client.call(&format!("tcp-open t1 {VIP} 80")).expect("tcp-open");
+    assert_eq!(open["peer"], tcp.to_string(), "{open}");
+    assert_eq!(remembered(), remembered_before + 1, "an open TCP socket's LB4_SOCK_REV entry");
+    assert_eq!(choices(lb_common::IPPROTO_TCP), 0, "no LB4_SOCK_FWD entry for TCP");
+    client.call("close t1").expect("close");
 
     // TCP: spread over every endpoint, each connection's peer the Service address.
     let mut seen = BTreeSet::new();
@@ -162,8 +179,10 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
     assert_eq!(seen, all, "unconnected UDP reaches every endpoint");
 
     // Connected UDP: its peer is the Service address, and it keeps its backend.
+    let udp_choices = choices(lb_common::IPPROTO_UDP);
     let open = client.call(&format!("udp-open u1 {VIP} 53")).expect("udp-open");
     assert_eq!(open["peer"], udp.to_string(), "{open}");
+    assert_eq!(choices(lb_common::IPPROTO_UDP), udp_choices + 1, "a connected UDP socket's kept choice");
     let first = client.call("udp-ask u1").expect("udp-ask");
     assert!(first.get("error").is_none(), "{first}");
     for _ in 0..5 {
@@ -173,13 +192,13 @@ fn reaches_services_at_the_socket(c: &Cluster, client: &mut SockClient) {
 
     let after = counters(c, 1);
     let moved = |i: u32| after[i as usize] - before[i as usize];
-    assert!(moved(c::SOCK_CONNECT) >= 41, "connects translated: {}", show_counters(c));
+    assert!(moved(c::SOCK_CONNECT) >= 42, "connects translated: {}", show_counters(c));
     assert!(moved(c::SOCK_SENDMSG) >= 40, "sendmsg translated: {}", show_counters(c));
     assert!(moved(c::SOCK_RECVMSG) >= 40, "replies read from the Service: {}", show_counters(c));
     assert!(moved(c::SOCK_GETPEERNAME) >= 41, "getpeername: {}", show_counters(c));
-    // Each closed connected socket (40 TCP, one UDP) took its entries along; the unconnected
+    // Each closed connected socket (41 TCP, one UDP) took its entries along; the unconnected
     // ones name no peer when they close, and leave theirs to the LRU.
-    assert_eq!(moved(c::SOCK_RELEASED), 41, "closed sockets' entries removed: {}", show_counters(c));
+    assert_eq!(moved(c::SOCK_RELEASED), 42, "closed sockets' entries removed: {}", show_counters(c));
     // Translated at the socket: nothing for the packet path to do.
     assert_eq!(moved(c::FWD_NEW_FLOW), 0, "no packet-level new flow: {}", show_counters(c));
 

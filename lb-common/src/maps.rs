@@ -177,7 +177,8 @@ pub const MAP_LB4_SOCK_REV: &str = "LB4_SOCK_REV";
 /// protocol) → the backend given (`Lb4SockFwdKey` → `Lb4SockFwd`). Written by `connect4` and
 /// `sendmsg4` when they choose; read by them first, so that a socket that sends to the Service
 /// again (every datagram of unconnected UDP) keeps its backend while that stays a member that is
-/// not draining, as a flow keeps its conntrack entry on the packet path. LRU.
+/// not draining, as a flow keeps its conntrack entry on the packet path. UDP sockets only: the
+/// kernel runs a TCP socket's connect hook only while it is unconnected. LRU.
 pub const MAP_LB4_SOCK_FWD: &str = "LB4_SOCK_FWD";
 /// Pinned: ClientIP session affinity for sockets, (network namespace cookie, frontend) → backend
 /// (`LbSockAffinityKey` → `Lb4Affinity`): at `connect` the client's address is not known yet, so

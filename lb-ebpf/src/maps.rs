@@ -170,9 +170,9 @@ pub static LB4_SRC_RANGES: LpmTrie<Lb4SrcRange, u32> = LpmTrie::pinned(capacity:
 pub static LB4_SOCK_REV: LruHashMap<Lb4SockRevKey, Lb4SockRev> = LruHashMap::pinned(capacity::SOCK_REV, 0);
 
 /// Socket-level choices: (socket cookie, Service address) → backend id (see
-/// `lb_common::MAP_LB4_SOCK_FWD`). Written and read by `lb4_sock_connect` and
-/// `lb4_sock_sendmsg`; honoured while the backend is a member at that address that is not
-/// draining (active, for a TCP connect). LRU.
+/// `lb_common::MAP_LB4_SOCK_FWD`). UDP sockets only (a TCP socket's connect hook runs once a
+/// connection). Written and read by `lb4_sock_connect` and `lb4_sock_sendmsg`; honoured while the
+/// backend is a member at that address that is not draining. LRU.
 #[map(name = "LB4_SOCK_FWD")]
 pub static LB4_SOCK_FWD: LruHashMap<Lb4SockFwdKey, Lb4SockFwd> = LruHashMap::pinned(capacity::SOCK_FWD, 0);
 

@@ -30,8 +30,7 @@ use aya_ebpf::{
 use lb_common::{
     counters, hash::lb4_flow_hash, mapped6, v4_mapped, Lb4Affinity, Lb4Service, Lb4SockFwd, Lb4SockFwdKey,
     Lb4SockRev, Lb4SockRevKey, Lb6SockFwd, Lb6SockFwdKey, Lb6SockRev, Lb6SockRevKey, LbSockAffinityKey,
-    IPPROTO_TCP, IPPROTO_UDP, MEMBER_ACTIVE, MEMBER_DRAINING, SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS,
-    SVC_FLAG_EXTERNAL,
+    IPPROTO_TCP, IPPROTO_UDP, MEMBER_DRAINING, SOCK_SCOPE_ALL, SOCK_SCOPE_NETNS, SVC_FLAG_EXTERNAL,
 };
 
 use crate::{
@@ -76,8 +75,9 @@ pub trait SockFamily: Family {
     /// The translation `LB*_SOCK_REV` holds for socket `cookie` sent to backend `addr:port`.
     fn rev_get(cookie: u64, addr: Self::Addr, port: u16) -> Option<Translation<Self::Addr>>;
     /// Records `t` for socket `cookie`, unless it is recorded so already (an entry the LRU
-    /// evicted, or one of another Service with the same backend, is written again).
-    fn rev_set(cookie: u64, t: &Translation<Self::Addr>);
+    /// evicted, or one of another Service with the same backend, is written again); `fresh`: the
+    /// socket has no entry to compare with (a TCP socket's connect), so it is written at once.
+    fn rev_set(cookie: u64, t: &Translation<Self::Addr>, fresh: bool);
     fn rev_remove(cookie: u64, addr: Self::Addr, port: u16);
     /// Where in the frontend's Maglev table socket `cookie` is placed for `vip:vport`.
     fn sock_hash(cookie: u64, vip: Self::Addr, vport: u16, proto: u8) -> u32;
@@ -114,12 +114,12 @@ impl SockFamily for V4 {
         })
     }
     #[inline(always)]
-    fn rev_set(cookie: u64, t: &Translation<u32>) {
+    fn rev_set(cookie: u64, t: &Translation<u32>, fresh: bool) {
         let key = Lb4SockRevKey { cookie, addr: t.addr, port: t.port, _pad: 0 };
         let rev =
             Lb4SockRev { vip: t.vip, vport: t.vport, _pad: 0, svc_id: t.svc_id, backend_id: t.backend_id };
         // SAFETY: the value is copied out at once.
-        if unsafe { LB4_SOCK_REV.get(&key) }.copied() != Some(rev) {
+        if fresh || unsafe { LB4_SOCK_REV.get(&key) }.copied() != Some(rev) {
             let _ = LB4_SOCK_REV.insert(&key, &rev, 0);
         }
     }
@@ -164,12 +164,12 @@ impl SockFamily for V6 {
         })
     }
     #[inline(always)]
-    fn rev_set(cookie: u64, t: &Translation<[u32; 4]>) {
+    fn rev_set(cookie: u64, t: &Translation<[u32; 4]>, fresh: bool) {
         let key = Lb6SockRevKey { cookie, addr: t.addr, port: t.port, _pad: [0; 3] };
         let rev =
             Lb6SockRev { vip: t.vip, vport: t.vport, _pad: 0, svc_id: t.svc_id, backend_id: t.backend_id };
         // SAFETY: the value is copied out at once.
-        if unsafe { LB6_SOCK_REV.get(&key) }.copied() != Some(rev) {
+        if fresh || unsafe { LB6_SOCK_REV.get(&key) }.copied() != Some(rev) {
             let _ = LB6_SOCK_REV.insert(&key, &rev, 0);
         }
     }
@@ -307,19 +307,20 @@ fn forward<F: SockFamily>(
     }
     // SAFETY: a valid context; no other preconditions.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // This socket's earlier choice for this address, while its backend is still a member there
-    // (the same address and port: an id freed and given to another endpoint is another backend)
-    // that is not draining (a terminating endpoint that still serves keeps its flows; a TCP
-    // connect, a new connection, only to an active one): each datagram of unconnected UDP stays
-    // with the backend the first went to, as a flow with its conntrack entry on the packet path,
-    // even once the Service has no ready endpoint left.
-    if let Some((backend_id, b_addr, b_port)) = F::fwd_get(cookie, addr, port, proto) {
-        let kept = conntrack::member::<F>(svc.id, backend_id).filter(|m| {
-            m.addr == b_addr
-                && m.port == b_port
-                && m.state != MEMBER_DRAINING
-                && (proto != IPPROTO_TCP || m.state == MEMBER_ACTIVE)
-        });
+    // This UDP socket's earlier choice for this address, while its backend is still a member
+    // there (the same address and port: an id freed and given to another endpoint is another
+    // backend) that is not draining (a terminating endpoint that still serves keeps its flows):
+    // each datagram of unconnected UDP stays with the backend the first went to, as a flow with
+    // its conntrack entry on the packet path, even once the Service has no ready endpoint left.
+    // A TCP socket has no such entry: the kernel runs its connect hook only while it is
+    // unconnected (once a connection, and again only after a connect that failed, when a new
+    // choice is as good: by the same hash, the same backend while the table stands), so a
+    // connection costs one map write, not two, and one removal.
+    let tcp = proto == IPPROTO_TCP;
+    let earlier = if tcp { None } else { F::fwd_get(cookie, addr, port, proto) };
+    if let Some((backend_id, b_addr, b_port)) = earlier {
+        let kept = conntrack::member::<F>(svc.id, backend_id)
+            .filter(|m| m.addr == b_addr && m.port == b_port && m.state != MEMBER_DRAINING);
         if kept.is_some() {
             let t = Translation {
                 vip: addr,
@@ -329,7 +330,7 @@ fn forward<F: SockFamily>(
                 addr: b_addr,
                 port: b_port,
             };
-            F::rev_set(cookie, &t);
+            F::rev_set(cookie, &t, false);
             count(counter);
             return Outcome::To(b_addr, b_port);
         }
@@ -368,8 +369,10 @@ fn forward<F: SockFamily>(
         addr: backend.addr,
         port: backend.port,
     };
-    F::fwd_set(cookie, proto, &t);
-    F::rev_set(cookie, &t);
+    if !tcp {
+        F::fwd_set(cookie, proto, &t);
+    }
+    F::rev_set(cookie, &t, tcp);
     count(counter);
     svc_update(svc.id, |s| s.new_flows += 1);
     monitor::emit_sock::<F>(counter, (addr, port), proto, (backend.addr, backend.port), svc.id, now);
@@ -518,7 +521,9 @@ pub fn sock6_reverse(ctx: &SockAddrContext, counter: u32) -> i32 {
 #[inline(always)]
 fn release<F: SockFamily>(cookie: u64, addr: F::Addr, port: u16, proto: u8) -> bool {
     let Some(t) = F::rev_get(cookie, addr, port) else { return false };
-    F::fwd_remove(cookie, t.vip, t.vport, proto);
+    if proto != IPPROTO_TCP {
+        F::fwd_remove(cookie, t.vip, t.vport, proto);
+    }
     F::rev_remove(cookie, addr, port);
     true
 }

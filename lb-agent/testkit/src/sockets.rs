@@ -107,6 +107,13 @@ for line in sys.stdin:
             s.connect((words[2], int(words[3])))
             socks[words[1]] = s
             answer(peer=addr(s.getpeername()))
+        elif op == "tcp-open":
+            # tcp-open ID HOST PORT: a TCP connection, kept open as ID.
+            s = socket.socket(family(words[2]), socket.SOCK_STREAM)
+            s.settimeout(2)
+            s.connect((words[2], int(words[3])))
+            socks[words[1]] = s
+            answer(peer=addr(s.getpeername()))
         elif op == "udp-ask":
             # udp-ask ID: send on the connected socket, receive.
             s = socks[words[1]]
