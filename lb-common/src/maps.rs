@@ -690,7 +690,7 @@ pub struct Lb4SockFwdKey {
     pub vip: u32,
     /// Its port, network byte order.
     pub vport: u16,
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    /// `IPPROTO_UDP` (written by programs before 2026-12-08 for TCP too; nothing reads those).
     pub proto: u8,
     /// Padding, always zero.
     pub _pad: u8,
