@@ -951,9 +951,6 @@ fn abort_stale_udp(dp: &Datapath, agent: &Agent<datapath::Maps>, failing: &mut b
     }
 }
 
-/// Attaches the socket programs to --cgroup-root (`--socket-lb host|all`), or detaches those an
-/// earlier agent left (`off`). A root that cannot take them stops the agent: the operator asked
-/// for socket-level load balancing.
 /// How many ticks in a row a restore of the pins may fail before the agent gives up.
 const RESTORE_TRIES: u32 = 20;
 
@@ -977,6 +974,9 @@ fn restore_pins(
     Ok(())
 }
 
+/// Attaches the socket programs to --cgroup-root (`--socket-lb host|all`), or detaches those an
+/// earlier agent left (`off`). A root that cannot take them stops the agent: the operator asked
+/// for socket-level load balancing.
 fn attach_sockets(dp: &mut Datapath, mode: datapath::SocketLb, root: &std::path::Path) -> anyhow::Result<()> {
     if mode == datapath::SocketLb::Off {
         dp.detach_sockets();
