@@ -219,8 +219,7 @@ fn ping_pong(maps: &mut Maps) -> anyhow::Result<()> {
 
 /// The agent's start-up step: the programs' port filter knows the rows' ports and is armed.
 fn arm_port_filter(maps: &mut Maps) -> anyhow::Result<()> {
-    let (services, backends) = (maps.read_services()?, maps.read_backends()?);
-    anyhow::ensure!(maps.note_ports(&services, &backends)?, "the port filter did not arm");
+    anyhow::ensure!(maps.note_pinned_ports()?, "the port filter did not arm");
     Ok(())
 }
 

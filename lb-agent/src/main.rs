@@ -635,8 +635,8 @@ async fn main() -> anyhow::Result<()> {
                              and re-attaching; tracked flows are kept"
                         );
                     }
-                    let attach = (&cfg.interfaces, cfg.datapath.socket_lb, cfg.cgroup_root.as_path());
-                    match restore_pins(&mut dp, attach, &agent, &pin_dir, &mut lock) {
+                    let (interfaces, socket_lb) = (&cfg.interfaces, cfg.datapath.socket_lb);
+                    match restore_pins(&mut dp, interfaces, socket_lb, &cfg.cgroup_root, &agent, &pin_dir, &mut lock) {
                         Ok(()) => {
                             restore_failures = 0;
                             info!("pins restored");
@@ -957,7 +957,9 @@ const RESTORE_TRIES: u32 = 20;
 /// Pins every map again, attaches afresh and holds the pin directory (again, if it is a new one).
 fn restore_pins(
     dp: &mut Datapath,
-    (interfaces, socket_lb, cgroup_root): (&Interfaces, datapath::SocketLb, &std::path::Path),
+    interfaces: &Interfaces,
+    socket_lb: datapath::SocketLb,
+    cgroup_root: &std::path::Path,
     agent: &Agent<datapath::Maps>,
     pin_dir: &std::path::Path,
     lock: &mut datapath::PinLock,

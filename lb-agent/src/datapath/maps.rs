@@ -454,6 +454,13 @@ impl Maps {
         Ok(whole)
     }
 
+    /// [`Maps::note_ports`] over the rows the pinned maps hold now (tests and benchmarks; the
+    /// agent's start-up passes the rows it reads anyway).
+    pub fn note_pinned_ports(&mut self) -> Result<bool, DatapathError> {
+        let (services, backends) = (self.read_services()?, self.read_backends()?);
+        self.note_ports(&services, &backends)
+    }
+
     /// Sets the `LB_PORTS` bits of `ports`, the source ports of conntrack reply entries (a
     /// backend's), before those entries are written.
     pub(crate) fn note_reply_ports(

@@ -586,9 +586,7 @@ pub fn default_ct_entries() -> (u32, u32) {
 /// flows' ports, and is armed, as it is on a running node.
 #[allow(dead_code)]
 pub fn arm_port_filter(maps: &mut Maps) {
-    let (services, backends) =
-        (maps.read_services().expect("services"), maps.read_backends().expect("backends"));
-    assert!(maps.note_ports(&services, &backends).expect("LB_PORTS"), "the port filter armed");
+    assert!(maps.note_pinned_ports().expect("LB_PORTS"), "the port filter armed");
 }
 
 /// `LB_PORTS`' armed word under `pin_dir`: non-zero while the programs' port filter is on.
